@@ -1,0 +1,1 @@
+"""Quality and cost scoring of candidate blocks (installed as `puzzle.scoring`)."""
