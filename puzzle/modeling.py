@@ -75,10 +75,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids (B, T) -> cos, sin (B, T, D)
+        if self.inv_freq.dtype != torch.float32:  # model.to(bf16) cast the table: rebuild it in fp32
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -1,0 +1,271 @@
+"""Command line: `puzzle <stage> ...` and `puzzle run` for the whole pipeline.
+
+Every stage command works on a run directory (`--out DIR`) and reads what earlier stages wrote
+there. Errors the user can fix print one line and exit with status 2 (`--debug` shows the
+traceback); Ctrl-C exits with 130 and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .architecture import ArchitectureError
+from .errors import PuzzleError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# shared flags
+
+
+def _add_common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--out", type=Path, required=out_required, metavar="DIR",
+                   help="run directory: every stage reads and writes its files here")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (a preset, then flags on top; saved to DIR/config.json)")
+    g.add_argument("--preset", help="packaged preset name (smollm2-demo, tiny) or a .toml file; default: the "
+                                    "configuration saved in DIR, else smollm2-demo")
+    g.add_argument("--parent", metavar="PATH", help="parent model: HF folder with safetensors, a .gguf file, a "
+                                                    "nemotron-nas folder, asset:<name>, or 'tiny'")
+    g.add_argument("--calib", nargs="+", metavar="FILE", help="calibration/scoring text: .txt, .jsonl(.gz), "
+                                                              "Wikipedia .xml.bz2, HF save_to_disk folder, asset:<name>")
+    g.add_argument("--eval", nargs="+", metavar="FILE", help="held-out evaluation text (same formats)")
+    g.add_argument("--device", help="target device to measure costs on: cpu or cuda[:N]")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype for cost measurement")
+    g.add_argument("--batch-size", type=int, help="workload batch size B")
+    g.add_argument("--prompt-len", type=int, help="workload prompt length P (tokens)")
+    g.add_argument("--gen-len", type=int, help="workload generated tokens G per sequence")
+    g.add_argument("--bld-tokens", type=int, help="calibration tokens each subblock trains on")
+    g.add_argument("--score-tokens", type=int, help="tokens for replace-1-block scoring")
+    g.add_argument("--seed", type=int, help="seed for data splits and BLD")
+
+
+def _add_budget_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budgets (fractions of the parent's totals, or absolute with units)")
+    g.add_argument("--speedup", type=float, help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
+    g.add_argument("--max-runtime", metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
+    g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
+    g.add_argument("--vllm-compatible", action="store_true", help="leave out variants vLLM cannot serve (linear replacements)")
+    g.add_argument("--front-speedups", metavar="S,S,...", help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
+
+
+def _resolve_config(args, out: Path):
+    """The preset (or saved config), with the command-line flags applied."""
+    from .config import load_preset, load_run_config
+
+    if args.preset:
+        config = load_preset(args.preset)
+    elif (out / "config.json").is_file():
+        config = load_run_config(out)
+    else:
+        config = load_preset("smollm2-demo")
+    changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
+    flag = lambda name: getattr(args, name, None)  # noqa: E731
+    if flag("parent"):
+        changes["parent"]["path"] = args.parent
+    if flag("calib"):
+        changes["data"]["calib_sources"] = tuple(args.calib)
+    if flag("eval"):
+        changes["data"]["eval_sources"] = tuple(args.eval)
+    for name, section, key in [("device", "target", "device"), ("dtype", "target", "dtype"),
+                               ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
+                               ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"),
+                               ("score_tokens", "score", "tokens")]:
+        if flag(name) is not None:
+            changes[section][key] = flag(name)
+    if flag("seed") is not None:
+        changes["data"]["seed"] = args.seed
+        changes["bld"]["seed"] = args.seed
+    if flag("speedup") is not None or flag("max_runtime") or flag("max_memory"):
+        changes["search"].update(speedup=flag("speedup"), max_runtime=flag("max_runtime"), max_memory=flag("max_memory"))
+    if flag("vllm_compatible"):
+        changes["search"]["vllm_compatible"] = True
+    if flag("front_speedups"):
+        try:
+            changes["search"]["front_speedups"] = tuple(float(s) for s in args.front_speedups.split(","))
+        except ValueError:
+            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: give numbers separated by commas, e.g. 1.25,1.5,2")
+    return config.replace(**changes)
+
+
+def _run_for(args, need_config: bool = True):
+    from .config import load_run_config
+    from .pipeline import Run
+
+    config = _resolve_config(args, args.out) if need_config else load_run_config(args.out)
+    return Run(args.out, config, progress=not args.no_progress, log=_log)
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_all
+
+    run = _run_for(args)
+    run_all(run)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .pipeline import stage_data
+
+    stage_data(_run_for(args))
+    return 0
+
+
+def cmd_bld(args) -> int:
+    import os
+
+    from .pipeline import stage_bld
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stage_bld(_run_for(args), rank=rank, world_size=world)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .pipeline import stage_score
+
+    stage_score(_run_for(args))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .search import search_main
+
+    if args.library is not None:
+        return search_main(args)
+    from .pipeline import stage_search
+
+    stage_search(_run_for(args), json_out=args.json)
+    return 0
+
+
+def cmd_realize(args) -> int:
+    from .pipeline import stage_realize
+
+    stage_realize(_run_for(args), args.name, stage=args.stage)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .pipeline import stage_export
+
+    stage_export(_run_for(args), args.name, dest=args.dest)
+    return 0
+
+
+def cmd_front(args) -> int:
+    from .pipeline import stage_front
+
+    stage_front(_run_for(args))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import generate_answers
+
+    for prompt, answer in generate_answers(args.model, args.prompt, args.max_new_tokens):
+        print(f"> {prompt}\n{answer}\n")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="puzzle",
+        description="Turn a Llama-family parent LLM into a faster child for a hardware budget: blockwise local "
+                    "distillation (bld), replace-1-block scoring (score), mixed-integer search (search), "
+                    "assembly and measurement (realize), export, and the accuracy-throughput front.")
+    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+
+    p = sub.add_parser("run", help="the whole pipeline: data, bld, score, search, realize, export, front, report")
+    _add_common(p)
+    _add_config_flags(p)
+    _add_budget_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    for name, func, text in [("data", cmd_data, "tokenize and split the calibration, scoring and evaluation text"),
+                             ("bld", cmd_bld, "build the block library by blockwise local distillation "
+                                              "(torchrun shards it: RANK/WORLD_SIZE)"),
+                             ("score", cmd_score, "replace-1-block quality and measured cost of every library entry")]:
+        p = sub.add_parser(name, help=text)
+        _add_common(p)
+        _add_config_flags(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("search", help="solve the mixed-integer program for the budgets (or --library PATH alone)")
+    _add_common(p, out_required=False)
+    _add_config_flags(p)
+    _add_budget_flags(p)
+    from .search import add_search_arguments
+
+    add_search_arguments(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("realize", help="assemble a searched child, evaluate and measure it")
+    _add_common(p)
+    p.add_argument("--name", required=True, help="architecture name from DIR/search/<name>.json")
+    p.add_argument("--stage", choices=["bld", "init"], default=None, help="library entries to use (default: the search's)")
+    p.set_defaults(func=cmd_realize)
+
+    p = sub.add_parser("export", help="write a child as an HF folder (nemotron-nas config with block_configs)")
+    _add_common(p)
+    p.add_argument("--name", required=True, help="architecture name from DIR/search/<name>.json")
+    p.add_argument("--dest", type=Path, help="folder to write (default DIR/export/<name>)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("front", help="sweep speed-up targets: front.csv and front.png (quality vs measured throughput)")
+    _add_common(p)
+    _add_budget_flags(p)
+    p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser("generate", help="greedy chat answers from a model folder (export, HF or GGUF parent)")
+    p.add_argument("model", help="model path")
+    p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("presets", help="list the packaged presets")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        if not args.debug:
+            warnings.filterwarnings("ignore", category=FutureWarning)
+        return args.func(args)
+    except (PuzzleError, ArchitectureError) as e:
+        if args.debug:
+            raise
+        print(f"puzzle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("puzzle: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        return 130

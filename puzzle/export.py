@@ -1,0 +1,231 @@
+"""Export a child as a Hugging Face folder in the nemotron-nas (DeciLM) format.
+
+The folder loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and needs
+only torch and transformers: it carries its modeling code (verbatim copies of `architecture.py`,
+`modeling.py`, `configuration_decilm.py` and `modeling_decilm.py`). What vLLM, TensorRT-LLM and
+Megatron read is the config.json: Llama fields plus `block_configs` (DESIGN.md, "Export format").
+
+    model.safetensors        weights, Puzzle/HF-Llama names; a tied LM head is stored once (as the embedding)
+    config.json              model_type "nemotron-nas", architectures, auto_map, block_configs, dtype
+    generation_config.json   bos / eos / pad token ids
+    tokenizer files          tokenizer.save_pretrained
+    *.py                     the four code files
+    README.md                what it is, a per-layer table, how to load it, the export warnings
+
+Writing is atomic: everything goes to a temporary folder beside `out_dir`, renamed into place at
+the end, so an interrupted export leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from . import __version__
+from .architecture import ModelConfig, ffn_mult_to_intermediate_size, intermediate_size_to_ffn_mult
+from .configuration_decilm import config_dict_from_model_config
+from .errors import PuzzleError
+from .modeling import PuzzleForCausalLM
+
+CODE_FILES = ("architecture.py", "modeling.py", "configuration_decilm.py", "modeling_decilm.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_decilm.DeciLMConfig",
+    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the checkpoint went and what a user should know about it (one sentence per warning)."""
+
+    path: Path
+    warnings: tuple[str, ...]
+
+
+def export_warnings(config: ModelConfig) -> list[str]:
+    """Warnings for a child's export: layers vLLM cannot serve, and FFN widths ffn_mult cannot express.
+
+    vLLM's DeciLM implementation does not serve `replace_with_linear` subblocks. Tools that read only
+    `ffn_mult` rebuild the width with the DeciLM rule (`architecture.ffn_mult_to_intermediate_size`),
+    so a width that rule cannot give back would be built wrong by them; our entries also store the
+    exact `intermediate_size`.
+    """
+    out = []
+    linear_attn = [i for i, b in enumerate(config.blocks) if b.attention.kind == "linear"]
+    linear_ffn = [i for i, b in enumerate(config.blocks) if b.ffn.kind == "linear"]
+    if linear_attn or linear_ffn:
+        out.append(
+            f"replace_with_linear subblocks (attention in layers {linear_attn}, ffn in layers {linear_ffn}): "
+            "vLLM cannot serve this checkpoint (transformers with trust_remote_code=True can); "
+            "search with --vllm-compatible to leave linear variants out")
+    inexact: dict[int, list[int]] = {}
+    for i, b in enumerate(config.blocks):
+        if b.ffn.kind == "swiglu" and not intermediate_size_to_ffn_mult(b.ffn.intermediate_size, config.hidden_size)[1]:
+            inexact.setdefault(b.ffn.intermediate_size, []).append(i)
+    for width, layers in sorted(inexact.items()):
+        mult, _ = intermediate_size_to_ffn_mult(width, config.hidden_size)
+        rebuilt = ffn_mult_to_intermediate_size(mult, config.hidden_size)
+        out.append(
+            f"FFN width {width} (layers {layers}) cannot be written as ffn_mult (ffn_mult={mult} gives {rebuilt}); "
+            f"the entries store intermediate_size={width}, but tools that read only ffn_mult (vLLM, TensorRT-LLM) "
+            "would build the wrong width; use widths that are multiples of 256 for those tools")
+    return out
+
+
+def _resolve_dtype(model: PuzzleForCausalLM, dtype) -> torch.dtype:
+    if dtype is None:
+        return next(model.parameters()).dtype
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise PuzzleError(f"export dtype {dtype!r} is not a torch floating dtype; use float32, bfloat16 or float16")
+    return resolved
+
+
+def _state_dict(model: PuzzleForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Weights by their HF names in `dtype`; a tied LM head is left out (loaders tie it back)."""
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        if sd["lm_head.weight"].data_ptr() != sd["model.embed_tokens.weight"].data_ptr():
+            raise PuzzleError("config says tie_word_embeddings but lm_head.weight is not the embedding tensor; "
+                              "re-tie them (lm_head.weight = model.embed_tokens.weight) or untie the config")
+        del sd["lm_head.weight"]
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+
+
+def _config_json(config: ModelConfig, dtype: torch.dtype, extra_info: dict | None) -> dict:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["DeciLMForCausalLM"],
+        "auto_map": dict(AUTO_MAP),
+        **config_dict_from_model_config(config),
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+        "transformers_version": transformers.__version__,
+        "puzzle": {"version": __version__, "source": dict(config.extra), **(extra_info or {})},
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _generation_config_json(config: ModelConfig) -> dict:
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id, "transformers_version": transformers.__version__}
+
+
+def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_parameters: int) -> str:
+    H, C = config.num_attention_heads, config.hidden_size
+    rows = []
+    for i, b in enumerate(config.blocks):
+        a, f = b.attention, b.ffn
+        if a.kind == "gqa":
+            attn = f"GQA, {a.num_kv_heads} KV head{'s' if a.num_kv_heads != 1 else ''}"
+        else:
+            attn = "linear (replace_with_linear)" if a.kind == "linear" else "removed (no_op)"
+        if f.kind == "swiglu":
+            mult, _ = intermediate_size_to_ffn_mult(f.intermediate_size, C)
+            ffn = f"SwiGLU, width {f.intermediate_size} (ffn_mult {mult:g})"
+        else:
+            ffn = "linear (replace_with_linear)" if f.kind == "linear" else "removed (no_op)"
+        rows.append(f"| {i} | {attn} | {ffn} |")
+    lines = [
+        "# Puzzle child (nemotron-nas / DeciLM format)",
+        "",
+        "A Llama-family decoder whose layers differ, found by Puzzle (distillation-based neural architecture search).",
+        f"{config.num_hidden_layers} layers, hidden size {C}, {H} query heads of dim {config.head_dim}, "
+        f"vocabulary {config.vocab_size}, {num_parameters / 1e6:.1f}M parameters, stored as {str(dtype).removeprefix('torch.')}.",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
+        "```",
+        "",
+        "(transformers 5 reads config.json for the tokenizer as well, hence the flag there too.)",
+        "",
+        "The modeling code in this folder needs only torch and transformers. `config.json` has one",
+        "`block_configs` entry per layer (attention: no_op / replace_with_linear / n_heads_in_group;",
+        "ffn: no_op / replace_with_linear / ffn_mult, plus the exact `intermediate_size`).",
+        "",
+        "## Layers",
+        "",
+        "| layer | attention | FFN |",
+        "|---|---|---|",
+        *rows,
+    ]
+    if warnings:
+        lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
+    return "\n".join(lines) + "\n"
+
+
+def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
+                      extra_info: dict | None = None, overwrite: bool = False) -> ExportResult:
+    """Write `model` as an HF folder in the nemotron-nas format (see the module docstring for the files).
+
+    Args:
+        model: the child; its `config.blocks` become `block_configs`; `num_key_value_heads` and
+            `intermediate_size` in config.json are its config's (the parent's).
+        tokenizer: an HF tokenizer (`save_pretrained` is called), or None to write none (warned).
+        out_dir: the folder to create; it must not exist or be empty unless overwrite=True.
+        dtype: weight dtype (torch.dtype or name such as "bfloat16"); default the model's.
+        extra_info: JSON-ready provenance stored under config.json's "puzzle" key.
+        overwrite: replace an existing non-empty out_dir.
+
+    Returns:
+        ExportResult(path, warnings): see `export_warnings`; nothing is printed.
+
+    Raises:
+        PuzzleError: out_dir is a file, or a non-empty folder without overwrite=True; a bad dtype;
+            a tied config whose LM head is not the embedding.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PuzzleError(f"export target {out_dir} is a file; choose a folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
+    config = model.config
+    torch_dtype = _resolve_dtype(model, dtype)
+    warnings = export_warnings(config)
+    if tokenizer is None:
+        warnings.append("no tokenizer was given: the folder has none; copy the parent's tokenizer files into it")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should read like any folder
+        save_file(_state_dict(model, torch_dtype), tmp / "model.safetensors", metadata={"format": "pt"})
+        _write_json(tmp / "config.json", _config_json(config, torch_dtype, extra_info))
+        _write_json(tmp / "generation_config.json", _generation_config_json(config))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        here = Path(__file__).parent
+        for name in CODE_FILES:
+            shutil.copyfile(here / name, tmp / name)
+        (tmp / "README.md").write_text(_readme(config, torch_dtype, warnings, model.num_parameters()), encoding="utf-8")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, tuple(warnings))
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp folder to out_dir; an existing out_dir is moved aside first, then deleted."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+    os.replace(out_dir, old / "previous")
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""Atomic file writes and tidy tables with JSON sidecars.
+
+Every long stage writes through these helpers so an interrupted run never leaves a half-written
+file that a rerun would trust: data goes to a temporary file in the same folder, is flushed and
+fsynced, then renamed over the target (rename is atomic on POSIX file systems).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import PuzzleError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file + fsync + rename); creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """safetensors.torch.save_file, atomically. Tensors are made contiguous; metadata values become strings."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()},
+                metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return atomic_write_bytes(path, data)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON file; PuzzleError names the file when it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise PuzzleError(f"{path} does not exist; run the stage that writes it first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and rerun the stage that writes it") from e
+
+
+def save_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
+    """Write a tidy table as CSV plus a JSON sidecar (`<path>.json`) holding `meta` and the columns."""
+    path = Path(path)
+    atomic_write_text(path, df.to_csv(index=False))
+    atomic_write_json(path.with_suffix(path.suffix + ".json"), {**meta, "columns": list(df.columns), "rows": len(df)})
+    return path
+
+
+def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Read a table written by `save_table` and check it.
+
+    Args:
+        required_columns: columns that must be present.
+        expect: sidecar entries that must equal these values (e.g. the device and workload the
+            caller plans for); a table measured for another device or workload is refused.
+
+    Raises:
+        PuzzleError: missing file or sidecar, missing columns, or a sidecar that disagrees with `expect`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PuzzleError(f"table {path} does not exist; run the stage that writes it first")
+    meta = read_json(path.with_suffix(path.suffix + ".json"))
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PuzzleError(f"table {path} cannot be read ({e}); delete it and rerun the stage that writes it") from e
+    missing = [c for c in required_columns if c not in df.columns]
+    if missing:
+        raise PuzzleError(f"table {path} lacks columns {missing}; it was written by another version, rerun its stage")
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise PuzzleError(
+                f"table {path} was made for {key}={meta.get(key)!r}, but {key}={want!r} was requested; "
+                f"rerun its stage for this {key} or request the same {key}")
+    return df, meta

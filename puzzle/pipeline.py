@@ -1,0 +1,663 @@
+"""The main job, stage by stage, on a run directory. Every stage reads the previous stage's files.
+
+    DIR/config.json                 resolved configuration (all stages)
+    DIR/parent.json                 the parent's resolved ModelConfig and source
+    DIR/data/                       packed token splits + manifest (puzzle.data)
+    DIR/library/                    block library (puzzle.library)
+    DIR/score/quality_{bld,init}.jsonl   replace-1-block results, appended as they finish
+    DIR/score/cost.csv(.json)       measured cost per variant and the non-block costs
+    DIR/score/score_table.csv(.json)       the contract for the search (trained entries)
+    DIR/score/score_table_init.csv(.json)  the same for init-only entries
+    DIR/search/<name>.json          a chosen architecture and its predicted totals
+    DIR/children/<name>.json        measured quality and speed of a realized model
+    DIR/export/<name>/              HF folder (nemotron-nas) of each chosen child
+    DIR/summary.csv, front.csv, front.png, report.md
+
+A rerun skips finished work: the data stage reloads matching splits, BLD keeps complete library
+entries, scoring resumes from its result logs, children with up-to-date measurements are reused.
+Library code: nothing here prints; progress goes to tqdm bars when `progress` is on and stage
+messages to the `log` callback.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .architecture import BlockConfig
+from .config import RunConfig, save_run_config
+from .errors import PuzzleError
+from .io import atomic_write_json, atomic_write_text, load_table, read_json, save_table
+from .library import Library
+from .space import build_space
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCORE_COLUMNS = ["layer", "subblock", "variant", "is_parent", "kl_nats", "lm_loss", "top1_agree", "cosine",
+                 "prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"]
+
+
+@dataclass
+class Run:
+    """A run directory with its configuration and lazily loaded parent and tokens."""
+
+    out: Path
+    config: RunConfig
+    progress: bool = True
+    log: object = None
+    _parent: object = field(default=None, repr=False)
+    _tokens: object = field(default=None, repr=False)
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_run_config(self.config, self.out)
+        path = self.out / "timings.json"
+        if path.is_file():
+            try:
+                self.timings = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                self.timings = {}
+
+    def say(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
+
+    def timed(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
+        atomic_write_json(self.out / "timings.json", self.timings)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    @property
+    def parent(self):
+        """The parent as a LoadedModel (model, tokenizer, config), loaded once."""
+        if self._parent is None:
+            t0 = time.perf_counter()
+            path = self.config.parent.path
+            if path == "tiny":
+                from .tiny import tiny_parent
+
+                loaded = tiny_parent()
+            else:
+                from .parent import load_parent
+
+                if path.startswith("asset:"):
+                    from .assets import asset_path
+
+                    path = str(asset_path(path[len("asset:"):], progress=self.progress))
+                loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
+            for p in loaded.model.parameters():
+                p.requires_grad_(False)
+            self._parent = loaded
+            atomic_write_json(self.out / "parent.json", {"source": loaded.source, "config": loaded.config.to_dict(),
+                                                         "fingerprint": fingerprint(loaded.model)})
+            self.timed("parent_load_s", time.perf_counter() - t0)
+        return self._parent
+
+    @property
+    def tokens(self):
+        """Packed token splits (calib, score, eval), prepared or reloaded from DIR/data."""
+        if self._tokens is None:
+            from .data import prepare_data
+
+            t0 = time.perf_counter()
+            self._tokens = prepare_data(self.config.data, self.parent.tokenizer, self.out / "data")
+            self.timed("data_s", time.perf_counter() - t0)
+        return self._tokens
+
+    @property
+    def library(self) -> Library:
+        return Library(self.out / "library")
+
+    def space(self):
+        return build_space(self.parent.config, self.config.space)
+
+    def workload(self):
+        from .scoring.cost import Workload
+
+        t = self.config.target
+        return Workload(batch_size=t.batch_size, prompt_len=t.prompt_len, gen_len=t.gen_len, dtype=t.dtype, device=t.device)
+
+
+def fingerprint(model) -> str:
+    """A short hash of a model's config and of every RMSNorm weight (cheap, and changes with the weights)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# data and BLD
+
+
+def stage_data(run: Run):
+    """Tokenize and split the corpora (or reload the splits)."""
+    tokens = run.tokens
+    run.say(f"data: calib {tuple(tokens.calib.shape)}, score {tuple(tokens.score.shape)}, eval {tuple(tokens.eval.shape)} (sequences x tokens)")
+    return tokens
+
+
+def library_meta(run: Run) -> dict:
+    """What a library depends on: the parent, the calibration tokens, the space and the BLD settings."""
+    from dataclasses import asdict
+
+    calib = run.tokens.calib
+    return {"parent": fingerprint(run.parent.model), "calib_sha": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
+            "space": asdict(run.config.space), "bld": asdict(run.config.bld)}
+
+
+def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
+    """Build (or resume) the block library; returns its index."""
+    from .bld import build_library
+
+    lib = run.library
+    lib.check_meta(library_meta(run))
+    t0 = time.perf_counter()
+    result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
+                           progress=run.progress, rank=rank, world_size=world_size)
+    run.timed("bld_s", time.perf_counter() - t0)
+    index = lib.write_index()
+    run.say(f"bld: {result['trained']} subblocks trained, {result['skipped']} already in the library, "
+            f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
+    return index
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring: quality (replace-1-block) and cost
+
+
+def _candidate_module(run: Run, layer: int, subblock: str, variant, stage: str):
+    """The library subblock as an attention-only / ffn-only DecoderBlock (None for no_op)."""
+    from .init import attention_subblock, ffn_subblock
+
+    if variant.kind == "no_op":
+        return None
+    cfg = run.parent.config
+    sub = attention_subblock(cfg, variant, layer) if subblock == "attention" else ffn_subblock(cfg, variant, layer)
+    sub.load_state_dict(run.library.load(layer, variant.id, stage), strict=True)
+    return sub.to(next(run.parent.model.parameters()).dtype).eval()
+
+
+def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
+    """Replace-1-subblock quality of every non-parent variant of every layer (resumable).
+
+    Returns a table with layer, subblock, variant, is_parent and the METRICS of scoring/quality.py.
+    """
+    from .scoring.quality import ParentCache, ResultLog, parent_cache, replace_one_score
+
+    cfg = run.config.score
+    ids = run.tokens.score
+    n = max(1, min(ids.shape[0], cfg.tokens // ids.shape[1]))
+    ids = ids[:n]
+    log = ResultLog(run.out / "score" / f"quality_{stage}.jsonl")
+    done = log.read()
+    space = run.space()
+    jobs = []
+    for ls in space:
+        for subblock, variants in (("attention", ls.attention), ("ffn", ls.ffn)):
+            for k, v in enumerate(variants):
+                if k == 0:
+                    continue
+                # no_op has no weights: its score does not depend on the library stage
+                key = f"{ls.layer}:{subblock}:{v.id}:{'any' if v.kind == 'no_op' else stage}"
+                jobs.append((key, ls.layer, subblock, v))
+    bld_log = ResultLog(run.out / "score" / "quality_bld.jsonl").read() if stage != "bld" else {}
+    todo = [j for j in jobs if j[0] not in done and j[0] not in bld_log]
+    cache: ParentCache | None = None
+    if todo or not (run.out / "score" / "parent_quality.json").is_file():
+        cache = parent_cache(run.parent.model, ids, chunk=cfg.chunk)
+        atomic_write_json(run.out / "score" / "parent_quality.json", {"lm_loss": cache.lm_loss, "tokens": ids.numel()})
+    parent_loss = read_json(run.out / "score" / "parent_quality.json")["lm_loss"]
+    t0 = time.perf_counter()
+    bar = None
+    if todo and run.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"score ({stage})", unit="cand")
+    for key, layer, subblock, v in todo:
+        sub = _candidate_module(run, layer, subblock, v, stage)
+        metrics = replace_one_score(run.parent.model, cache, layer, subblock, sub, chunk=cfg.chunk)
+        log.append({"key": key, "layer": layer, "subblock": subblock, "variant": v.id, **metrics})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if todo:
+        run.timed(f"score_{stage}_s", time.perf_counter() - t0)
+    done = {**bld_log, **log.read()}
+    rows = []
+    for ls in space:
+        for subblock, variants in (("attention", ls.attention), ("ffn", ls.ffn)):
+            for k, v in enumerate(variants):
+                if k == 0:
+                    rows.append({"layer": ls.layer, "subblock": subblock, "variant": v.id, "is_parent": True,
+                                 "kl_nats": 0.0, "lm_loss": parent_loss, "top1_agree": 1.0, "cosine": 1.0})
+                    continue
+                key = f"{ls.layer}:{subblock}:{v.id}:{'any' if v.kind == 'no_op' else stage}"
+                r = done[key]
+                rows.append({"layer": ls.layer, "subblock": subblock, "variant": v.id, "is_parent": False,
+                             **{m: r[m] for m in ("kl_nats", "lm_loss", "top1_agree", "cosine")}})
+    return pd.DataFrame(rows)
+
+
+def cost_meta(run: Run) -> dict:
+    w = run.workload()
+    return {"device": w.device, "dtype": w.dtype, "batch_size": w.batch_size, "prompt_len": w.prompt_len,
+            "gen_len": w.gen_len}
+
+
+def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
+    """Measured cost of every variant and of the non-block part (reused when measured for this workload)."""
+    from .scoring.cost import measure_non_block_costs, measure_subblock_costs
+
+    path = run.out / "score" / "cost.csv"
+    expect = cost_meta(run)
+    if path.is_file():
+        try:
+            df, meta = load_table(path, expect=expect)
+            return df, meta["non_block"]
+        except PuzzleError:
+            pass  # measured for another workload: measure again
+    space = run.space()
+    attn = sorted({v for ls in space for v in ls.attention}, key=lambda v: v.id)
+    ffn = sorted({v for ls in space for v in ls.ffn}, key=lambda v: v.id)
+    t0 = time.perf_counter()
+    w = run.workload()
+    df = measure_subblock_costs(run.parent.config, attn, ffn, w, repeats=run.config.score.cost_repeats,
+                                progress=run.progress)
+    non_block = measure_non_block_costs(run.parent.config, w, repeats=run.config.score.cost_repeats)
+    run.timed("cost_s", time.perf_counter() - t0)
+    save_table(df, path, {**expect, **w.meta(), "non_block": non_block})
+    return df, non_block
+
+
+def stage_score(run: Run) -> dict[str, pd.DataFrame]:
+    """Quality and cost → the score tables (trained entries, and init-only entries when configured)."""
+    costs, non_block = stage_cost(run)
+    tables = {}
+    for stage in (("bld", "init") if run.config.score.score_init else ("bld",)):
+        quality = score_quality(run, stage)
+        table = quality.merge(costs, on=["subblock", "variant"], how="left", validate="many_to_one")
+        if table["runtime_ms"].isna().any():
+            missing = table.loc[table["runtime_ms"].isna(), "variant"].unique()
+            raise PuzzleError(f"no cost measured for variants {list(missing)}; delete {run.out / 'score' / 'cost.csv'} and rerun `puzzle score`")
+        nb = {"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
+              "lm_loss": float("nan"), "top1_agree": float("nan"), "cosine": float("nan"),
+              **{k: non_block[k] for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")}}
+        table = pd.concat([table, pd.DataFrame([nb])], ignore_index=True)[SCORE_COLUMNS]
+        name = "score_table.csv" if stage == "bld" else f"score_table_{stage}.csv"
+        save_table(table, run.out / "score" / name, {**cost_meta(run), "library_stage": stage,
+                                                       "score_tokens": int(run.config.score.tokens)})
+        tables[stage] = table
+    run.say(f"score: {len(tables['bld']) - 1} rows per table; tables in {run.out / 'score'}")
+    return tables
+
+
+# ------------------------------------------------------------------------------------------------
+# search
+
+
+def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
+    name = "score_table.csv" if stage == "bld" else f"score_table_{stage}.csv"
+    from .search import REQUIRED_COLUMNS
+
+    return load_table(run.out / "score" / name, required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
+
+
+def main_budget_request(run: Run):
+    """The user's budgets for the main child and its name."""
+    from .budgets import BudgetRequest
+
+    s = run.config.search
+    if s.speedup is None and not s.max_runtime and not s.max_memory:
+        raise PuzzleError("no budget given: pass --speedup S, --max-runtime F or --max-memory F")
+    request = BudgetRequest(max_runtime=s.max_runtime, max_memory=s.max_memory,
+                            speedup=None if s.speedup is None else str(s.speedup))
+    if s.speedup is not None and not s.max_runtime and not s.max_memory:
+        name = f"child-{s.speedup:g}x"
+    else:
+        parts = ([f"{s.speedup:g}x"] if s.speedup else []) + ([f"rt{s.max_runtime}"] if s.max_runtime else []) + \
+                ([f"mem{s.max_memory}"] if s.max_memory else [])
+        name = "child-" + "-".join(p.replace("/", "_") for p in parts)
+    return request, name
+
+
+def _solve_and_save(run: Run, name: str, request, stage: str) -> dict:
+    from .search import parent_totals, solve
+
+    table, meta = load_score_table(run, stage)
+    budgets = request.resolve(parent_totals(table), meta)
+    s = run.config.search
+    solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
+    record = {"name": name, "library_stage": stage, **solution.to_dict(),
+              "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v}}
+    atomic_write_json(run.out / "search" / f"{name}.json", record)
+    return record
+
+
+def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
+    """Solve the main budget (on trained and, when scored, on init-only entries) and the front sweep.
+
+    Writes DIR/search/<name>.json per architecture; returns {name: record}.
+    """
+    from .budgets import BudgetRequest
+
+    t0 = time.perf_counter()
+    request, main = main_budget_request(run)
+    records = {main: _solve_and_save(run, main, request, "bld")}
+    if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
+        records[f"{main}-init"] = _solve_and_save(run, f"{main}-init", request, "init")
+    for s in run.config.search.front_speedups:
+        name = f"child-{s:g}x"
+        if name in records:
+            continue
+        req = BudgetRequest(speedup=str(s), max_memory=run.config.search.max_memory)
+        try:
+            records[name] = _solve_and_save(run, name, req, "bld")
+        except PuzzleError as e:
+            run.say(f"search: front point {s:g}x skipped: {e}")
+    run.timed("search_s", time.perf_counter() - t0)
+    atomic_write_json(run.out / "search" / "chosen.json", {"main": main, "names": list(records)})
+    for name, r in records.items():
+        run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, "
+                f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s")
+    if json_out:
+        print(json.dumps(records[main]))
+    return records
+
+
+def read_architecture(run: Run, name: str) -> dict:
+    """DIR/search/<name>.json, with a hint when it is missing."""
+    path = run.out / "search" / f"{name}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in (run.out / "search").glob("child-*.json")) if (run.out / "search").is_dir() else []
+        raise PuzzleError(f"no architecture named {name!r} in {run.out / 'search'}; "
+                          + (f"choose one of {have}" if have else "run `puzzle search` first"))
+    return read_json(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# realize, evaluate, measure, export
+
+
+def build_child(run: Run, record: dict, stage: str | None = None):
+    from .realize import realize_child
+
+    blocks = [BlockConfig.from_id(b) for b in record["choice"]]
+    return realize_child(run.parent.model, run.library, blocks, stage or record.get("library_stage", "bld"))
+
+
+_EVAL_LOGP: dict = {}
+
+
+def parent_eval_logprobs(run: Run) -> torch.Tensor:
+    """Parent log-probabilities on the evaluation split (computed once per process)."""
+    from .scoring.quality import parent_logprobs
+
+    key = (str(run.out), fingerprint(run.parent.model))
+    if key not in _EVAL_LOGP:
+        _EVAL_LOGP.clear()
+        _EVAL_LOGP[key] = parent_logprobs(run.parent.model, run.tokens.eval, chunk=run.config.score.chunk)
+    return _EVAL_LOGP[key]
+
+
+def evaluate(run: Run, model, name: str) -> dict:
+    """Evaluation KL to the parent and LM loss on the evaluation split (cached in DIR/children/<name>.json)."""
+    from .scoring.quality import evaluate_model
+
+    path = run.out / "children" / f"{name}.quality.json"
+    arch = [b.id for b in model.config.blocks]
+    if path.is_file():
+        cached = read_json(path)
+        if cached.get("architecture") == arch and cached.get("fingerprint") == fingerprint(model):
+            return cached["metrics"]
+    t0 = time.perf_counter()
+    metrics = evaluate_model(model, run.tokens.eval, parent_eval_logprobs(run), chunk=run.config.score.chunk)
+    atomic_write_json(path, {"architecture": arch, "fingerprint": fingerprint(model), "metrics": metrics})
+    run.timed("evaluate_s", time.perf_counter() - t0)
+    return metrics
+
+
+def chat_answers(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
+    """Greedy answers of `model` to each user prompt, rendered with the tokenizer's chat template."""
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def generate_answers(model_path: str, prompts, max_new_tokens: int):
+    """(prompt, answer) pairs from a model folder or file loaded as a parent."""
+    from .parent import load_parent
+
+    loaded = load_parent(model_path)
+    return list(zip(prompts, chat_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens)))
+
+
+def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
+    """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`)."""
+    from .export import export_checkpoint
+
+    record = read_architecture(run, name)
+    model = model if model is not None else build_child(run, record)
+    t0 = time.perf_counter()
+    result = export_checkpoint(model, run.parent.tokenizer, dest or run.out / "export" / name, overwrite=True,
+                               extra_info={"name": name, "parent": run.parent.source,
+                                           "library_stage": record.get("library_stage"),
+                                           "predicted_speedup": record.get("speedup")})
+    run.timed("export_s", time.perf_counter() - t0)
+    for w in result.warnings:
+        run.say(f"export {name}: warning: {w}")
+    return result
+
+
+def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
+    """Assemble child `name`, evaluate it and measure it next to the parent; writes DIR/children/<name>.json."""
+    from .scoring.cost import measure_models
+
+    record = read_architecture(run, name)
+    child = build_child(run, record, stage)
+    quality = evaluate(run, child, name)
+    measured = measure_models({"parent": run.parent.model, name: child}, run.workload(), repeats=3,
+                              progress=run.progress).set_index("name")
+    row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"])
+    atomic_write_json(run.out / "children" / f"{name}.json", row)
+    run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
+            f"eval KL {row['kl_nats']:.4f} nats")
+    return row
+
+
+def _summary_row(name: str, record: dict | None, quality: dict, measured, parent_measured) -> dict:
+    row = {"name": name, "params": int(measured["params"]), "memory_mib": float(measured["memory_mib"]),
+           "prefill_tok_s": float(measured["prefill_tok_s"]), "decode_tok_s": float(measured["decode_tok_s"]),
+           "kl_nats": float(quality.get("kl_nats", 0.0)), "lm_loss": float(quality["lm_loss"]),
+           "throughput_tok_s": float(measured["throughput_tok_s"]), "runtime_ms": float(measured["runtime_ms"]),
+           "speedup": float(parent_measured["runtime_ms"] / measured["runtime_ms"]),
+           "top1_agree": float(quality.get("top1_agree", 1.0))}
+    if record is not None:
+        row.update(predicted_runtime_ms=record["runtime_ms"], predicted_speedup=record["speedup"],
+                   runtime_error=record["runtime_ms"] / row["runtime_ms"] - 1, predicted_kl_nats=record["kl_nats"],
+                   library_stage=record.get("library_stage", "bld"), architecture=compact_architecture(record["choice"]))
+    else:
+        row.update(predicted_runtime_ms=float("nan"), predicted_speedup=1.0, runtime_error=float("nan"),
+                   predicted_kl_nats=0.0, library_stage="parent", architecture="parent")
+    return row
+
+
+def compact_architecture(choice) -> str:
+    """Per-layer block ids in a short form: 'kv3/1536 kv1/768 noop/linear ...'."""
+    short = lambda v: v.replace("attn-", "").replace("ffn-", "")  # noqa: E731
+    return " ".join("/".join(short(p) for p in b.split("+")) for b in choice)
+
+
+# ------------------------------------------------------------------------------------------------
+# front, summary, report
+
+
+SUMMARY_COLUMNS = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss",
+                   "throughput_tok_s", "runtime_ms", "speedup", "predicted_runtime_ms", "predicted_speedup",
+                   "runtime_error", "predicted_kl_nats", "top1_agree", "library_stage", "architecture"]
+
+
+def realize_and_measure(run: Run, records: dict[str, dict]) -> pd.DataFrame:
+    """Build every chosen child, evaluate all models and measure them together with the parent.
+
+    All models are timed in one interleaved session (scoring/cost.py `measure_models`), so they
+    share the machine's noise. Returns the summary table, parent first.
+    """
+    from .scoring.cost import measure_models
+
+    children = {name: build_child(run, rec) for name, rec in records.items()}
+    quality = {"parent": evaluate(run, run.parent.model, "parent")}
+    bar = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(children), desc="evaluate", unit="model")
+    for name, child in children.items():
+        quality[name] = evaluate(run, child, name)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    t0 = time.perf_counter()
+    measured = measure_models({"parent": run.parent.model, **children}, run.workload(), repeats=3,
+                              progress=run.progress).set_index("name")
+    run.timed("measure_s", time.perf_counter() - t0)
+    rows = [_summary_row("parent", None, quality["parent"], measured.loc["parent"], measured.loc["parent"])]
+    order = sorted(records, key=lambda n: (records[n]["speedup"], records[n].get("library_stage") != "bld"))
+    for name in order:
+        row = _summary_row(name, records[name], quality[name], measured.loc[name], measured.loc["parent"])
+        atomic_write_json(run.out / "children" / f"{name}.json", row)
+        rows.append(row)
+    summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
+    atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
+    return summary, children
+
+
+def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
+    """front.csv and front.png: evaluation KL vs measured throughput, parent marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = summary[summary["library_stage"].isin(["parent", "bld"])].copy()
+    front.insert(1, "target_speedup", [1.0 if n == "parent" else float(r) for n, r in
+                                       zip(front["name"], [1.0] + list(front["predicted_speedup"][1:]))])
+    cols = ["name", "target_speedup", "predicted_speedup", "speedup", "throughput_tok_s", "runtime_ms",
+            "predicted_runtime_ms", "runtime_error", "kl_nats", "predicted_kl_nats", "lm_loss", "params", "memory_mib"]
+    front = front[cols].sort_values("throughput_tok_s")
+    atomic_write_text(run.out / "front.csv", front.to_csv(index=False))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    kids = front[front["name"] != "parent"]
+    ax.plot(kids["throughput_tok_s"], kids["kl_nats"], "o-", color="tab:blue", label="children (BLD library, MIP)")
+    for r in kids.itertuples():
+        ax.annotate(f"{r.speedup:.2f}x", (r.throughput_tok_s, r.kl_nats), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    p = front[front["name"] == "parent"].iloc[0]
+    ax.plot([p["throughput_tok_s"]], [p["kl_nats"]], "*", color="black", markersize=12, label="parent")
+    init = summary[summary["library_stage"] == "init"]
+    if len(init):
+        ax.plot(init["throughput_tok_s"], init["kl_nats"], "s", color="tab:red", label="child from init-only entries")
+    ax.set_xlabel(f"measured throughput (generated tok/s, {run.workload().device}, B={run.config.target.batch_size}, "
+                  f"P={run.config.target.prompt_len}, G={run.config.target.gen_len})", fontsize=8)
+    ax.set_ylabel("evaluation KL(parent || child), nats/token")
+    ax.set_title(f"Accuracy-throughput front: {Path(str(run.parent.source)).name}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = run.out / ".front.png.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(run.out / "front.png")
+    return front
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def run_all(run: Run) -> pd.DataFrame:
+    """The main job: data → BLD → scoring → search → realize, evaluate, measure → export → front → report."""
+    t_start = time.perf_counter()
+    stage_data(run)
+    stage_bld(run)
+    stage_score(run)
+    records = stage_search(run)
+    main = read_json(run.out / "search" / "chosen.json")["main"]
+    summary, children = realize_and_measure(run, records)
+    exported = {}
+    for name, rec in records.items():
+        if rec.get("library_stage") == "bld":
+            exported[name] = stage_export(run, name, model=children[name])
+    write_front(run, summary, main)
+    t0 = time.perf_counter()
+    cfg = run.config.report
+    models = {"parent": run.parent.model, **children}
+    answers = {name: chat_answers(m, run.parent.tokenizer, cfg.prompts, cfg.max_new_tokens) for name, m in models.items()}
+    run.timed("chat_s", time.perf_counter() - t0)
+    run.timed("total_s", time.perf_counter() - t_start)
+    write_report(run, summary, answers, exported, main)
+    return summary
+
+
+def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict, main: str) -> None:
+    """report.md: the summary table, predicted vs measured, BLD vs init-only, chat answers, timings."""
+    w = run.workload()
+    lines = [f"# Puzzle run: {run.out}", "",
+             f"Parent: {run.parent.source}. Workload: {w.device} ({w.meta().get('device_name', '')}), {w.dtype}, "
+             f"batch {w.batch_size}, prompt {w.prompt_len}, generate {w.gen_len}. Evaluation text: "
+             f"{', '.join(run.config.data.eval_sources)}; calibration/scoring text: {', '.join(run.config.data.calib_sources)}.",
+             "", "## Summary", "",
+             _markdown_table(summary[["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats",
+                                      "lm_loss", "speedup", "predicted_speedup", "runtime_error", "library_stage"]]),
+             "", "`speedup` is measured (parent runtime / child runtime for the workload, same session); "
+                 "`runtime_error` = predicted / measured runtime - 1.", ""]
+    init_name = f"{main}-init"
+    if init_name in set(summary["name"]):
+        a, b = summary.set_index("name").loc[main], summary.set_index("name").loc[init_name]
+        lines += ["## Does BLD matter?", "",
+                  f"Same search and budget, library entries trained by BLD vs init-only: evaluation KL "
+                  f"{a['kl_nats']:.4f} vs {b['kl_nats']:.4f} nats/token (LM loss {a['lm_loss']:.4f} vs {b['lm_loss']:.4f}).", ""]
+    lines += ["## Architectures", ""]
+    for r in summary.itertuples():
+        lines.append(f"- **{r.name}**: {r.architecture}")
+    lines += ["", "## Greedy chat answers", ""]
+    prompts = run.config.report.prompts
+    for i, prompt in enumerate(prompts):
+        lines += [f"### {prompt}", ""]
+        for name, ans in answers.items():
+            lines.append(f"- **{name}**: {ans[i]!r}")
+        lines.append("")
+    if exported:
+        lines += ["## Exported", ""]
+        for name, res in exported.items():
+            lines.append(f"- {name}: `{res.path}`" + (f" — warnings: {'; '.join(res.warnings)}" if res.warnings else ""))
+        lines.append("")
+    lines += ["## Time per stage (s)", "", json.dumps(run.timings, indent=1), ""]
+    atomic_write_text(run.out / "report.md", "\n".join(lines))
+
+
+def stage_front(run: Run) -> pd.DataFrame:
+    """Solve every front budget, realize, evaluate and measure the children, write front.csv/png."""
+    records = stage_search(run)
+    main = read_json(run.out / "search" / "chosen.json")["main"]
+    summary, _ = realize_and_measure(run, records)
+    return write_front(run, summary, main)

@@ -1,0 +1,200 @@
+"""Quality of candidate subblocks (replace-1-block) and of whole models, measured against the parent.
+
+Replace-1-block (Puzzle, Bercovich et al. 2024, Sec. 4.1): the parent with exactly one subblock
+swapped for a library candidate is run on held-out scoring text; the candidate's score is the KL
+divergence KL(p_parent || p_child) of the next-token distributions, in nats per token (the paper
+found KL a better guide than LM loss or downstream scores). Also reported: LM loss of the swapped
+model (nats per token), top-1 agreement with the parent, and the cosine similarity of the final
+hidden states.
+
+Only layers from the swapped one onward change, so the parent's residual stream at every layer
+input (and after every attention subblock) is computed once and cached (`ParentCache`); a candidate
+at layer i costs the remaining L - i layers plus the LM head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("kl_nats", "lm_loss", "top1_agree", "cosine")
+
+
+def token_metrics(child_logits: torch.Tensor, parent_logp: torch.Tensor, targets: torch.Tensor | None) -> dict:
+    """Summed per-token metrics of one chunk (divide by `tokens` to average).
+
+    Args:
+        child_logits: (B, T, V) any float dtype.
+        parent_logp: (B, T, V) fp32 parent log-probabilities.
+        targets: (B, T) next-token ids, -100 where none (the LM loss skips them); None skips the loss.
+
+    Returns:
+        dict with kl_nats, lm_loss, top1_agree sums and the token counts (`tokens`, `lm_tokens`).
+    """
+    logq = F.log_softmax(child_logits.float(), dim=-1)
+    kl = (parent_logp.exp() * (parent_logp - logq)).sum(-1)  # (B, T)
+    out = {"kl_nats": float(kl.sum()), "top1_agree": float((logq.argmax(-1) == parent_logp.argmax(-1)).sum()),
+           "tokens": kl.numel()}
+    if targets is not None:
+        valid = targets != -100
+        nll = F.nll_loss(logq.reshape(-1, logq.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+        out.update(lm_loss=float(nll), lm_tokens=int(valid.sum()))
+    return out
+
+
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T) targets: ids shifted left by one, -100 at the last position."""
+    t = torch.full_like(ids, -100)
+    t[:, :-1] = ids[:, 1:]
+    return t
+
+
+@dataclass
+class ParentCache:
+    """The parent's activations on the scoring tokens.
+
+    Attributes:
+        ids: (N, T) int64 tokens.
+        h: list of L+1 tensors (N, T, C): residual stream at each layer input (h[L] = final).
+        h_mid: list of L tensors (N, T, C): after each layer's attention subblock.
+        logp: (N, T, V) fp32 parent log-probabilities.
+        cos, sin: (N, T, D) rotary tables.
+        lm_loss: the parent's LM loss (nats/token).
+    """
+
+    ids: torch.Tensor
+    h: list
+    h_mid: list
+    logp: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    lm_loss: float
+
+
+@torch.no_grad()
+def parent_cache(parent, ids: torch.Tensor, chunk: int = 4) -> ParentCache:
+    """Run the parent once over (N, T) ids and keep what replace-1-block scoring reuses."""
+    parent.eval()
+    h = parent.model.embed_tokens(ids)  # (N, T, C)
+    cos, sin = parent.rope(parent.positions(ids.shape, 0, ids.device), h.dtype)
+    hs, mids = [h], []
+    for layer in parent.model.layers:
+        mid = torch.empty_like(h)
+        out = torch.empty_like(h)
+        for s in range(0, ids.shape[0], chunk):
+            e = s + chunk
+            mid[s:e] = h[s:e] + layer.attention_delta(h[s:e], cos[s:e], sin[s:e])
+            out[s:e] = mid[s:e] + layer.ffn_delta(mid[s:e])
+        mids.append(mid)
+        hs.append(out)
+        h = out
+    logp = torch.cat([F.log_softmax(parent.head(h[s:s + chunk]).float(), -1) for s in range(0, ids.shape[0], chunk)])
+    targets = next_token_targets(ids)
+    nll = F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return ParentCache(ids, hs, mids, logp, cos, sin, float(nll))
+
+
+@torch.no_grad()
+def replace_one_score(parent, cache: ParentCache, layer_idx: int, subblock: str, sub, chunk: int = 4) -> dict:
+    """Metrics of the parent with one subblock of `layer_idx` replaced by `sub`.
+
+    Args:
+        subblock: "attention" or "ffn".
+        sub: a DecoderBlock holding only that subblock (init.attention_subblock / ffn_subblock
+            layout), or None for no_op.
+
+    Returns:
+        {"kl_nats", "lm_loss", "top1_agree", "cosine"} averaged per token.
+    """
+    layer = parent.model.layers[layer_idx]
+    targets = next_token_targets(cache.ids)
+    sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0}
+    for s in range(0, cache.ids.shape[0], chunk):
+        e = s + chunk
+        cos, sin = cache.cos[s:e], cache.sin[s:e]
+        if subblock == "attention":
+            h = cache.h[layer_idx][s:e]
+            mid = h + (sub.attention_delta(h, cos, sin) if sub is not None else 0)
+            h = mid + layer.ffn_delta(mid)
+        else:
+            mid = cache.h_mid[layer_idx][s:e]
+            h = mid + (sub.ffn_delta(mid) if sub is not None else 0)
+        h = parent.run_layers(h, cos, sin, start=layer_idx + 1)
+        m = token_metrics(parent.head(h), cache.logp[s:e], targets[s:e])
+        for k in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens"):
+            sums[k] += m[k]
+        sums["cosine"] += float(F.cosine_similarity(h.float(), cache.h[-1][s:e].float(), dim=-1).sum())
+    n = sums["tokens"]
+    return {"kl_nats": sums["kl_nats"] / n, "lm_loss": sums["lm_loss"] / max(1, sums["lm_tokens"]),
+            "top1_agree": sums["top1_agree"] / n, "cosine": sums["cosine"] / n}
+
+
+@torch.no_grad()
+def parent_logprobs(parent, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """(N, T) ids -> (N, T, V) fp32 parent log-probabilities, computed chunk by chunk."""
+    parent.eval()
+    return torch.cat([F.log_softmax(parent(ids[s:s + chunk]).float(), -1) for s in range(0, ids.shape[0], chunk)])
+
+
+@torch.no_grad()
+def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = None, chunk: int = 4) -> dict:
+    """Whole-model quality on (N, T) ids: lm_loss (nats/token) and, given the parent's (N, T, V)
+    log-probabilities, kl_nats (KL(parent || model), nats/token) and top1_agree."""
+    model.eval()
+    targets = next_token_targets(ids)
+    sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "tokens": 0, "lm_tokens": 0}
+    for s in range(0, ids.shape[0], chunk):
+        logits = model(ids[s:s + chunk])
+        if parent_logp is None:
+            logq = F.log_softmax(logits.float(), -1)
+            sums["lm_loss"] += float(F.nll_loss(logq.reshape(-1, logq.shape[-1]), targets[s:s + chunk].reshape(-1),
+                                                ignore_index=-100, reduction="sum"))
+            sums["lm_tokens"] += int((targets[s:s + chunk] != -100).sum())
+            sums["tokens"] += logits.shape[0] * logits.shape[1]
+            continue
+        m = token_metrics(logits, parent_logp[s:s + chunk], targets[s:s + chunk])
+        for k in sums:
+            sums[k] += m[k]
+    out = {"lm_loss": sums["lm_loss"] / max(1, sums["lm_tokens"]), "tokens": sums["tokens"]}
+    if parent_logp is not None:
+        out["kl_nats"] = sums["kl_nats"] / sums["tokens"]
+        out["top1_agree"] = sums["top1_agree"] / sums["tokens"]
+    return out
+
+
+class ResultLog:
+    """Append-only JSON-lines log of finished candidates, so scoring resumes after an interruption.
+
+    Each line is flushed and fsynced; a torn last line (killed mid-write) is ignored on reading.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def read(self) -> dict:
+        done = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[row["key"]] = row
+        return done
+
+    def append(self, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

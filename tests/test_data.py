@@ -1,0 +1,290 @@
+"""Data stage: readers, wiki markup stripping, splitting, packing, prepare_data resume. No downloads."""
+
+import bz2
+import gzip
+import json
+import os
+
+import pytest
+import torch
+
+from puzzle.data import (DataConfig, Document, byte_tokenizer, load_token_splits, pack_documents, packaged_text_path,
+                         prepare_data, read_documents, split_documents, strip_wiki_markup)
+from puzzle.errors import PuzzleError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+# ---------------------------------------------------------------- wiki markup
+
+
+def test_strip_wiki_markup_removes_nested_templates_tables_refs_and_files():
+    src = (
+        "{{Infobox country|name=X|map={{Location map|lat={{coord|1|2}}}}}}\n"
+        "'''Foo''' is a ''small'' [[town|village]] in [[France]]<ref name=\"a\">Cite {{cite web|url=x}}</ref>"
+        " near the [[River Bar]]s.<ref name=b/> It has {{convert|3|km}} of road.<!-- hidden note -->\n"
+        "{| class=\"wikitable\"\n|-\n! Year !! People\n|-\n| 1900 || {{n/a}}\n{| \n| nested\n|}\n|}\n"
+        "[[File:Foo.jpg|thumb|The [[church]] of Foo [1905]]]\n"
+        "== History ==\n"
+        "* Founded in 1066 by [http://example.org the abbot]&nbsp;&amp; monks.\n"
+        "<math>x^2</math>See <small>also</small> [[:Category:Towns]].\n"
+        "== References ==\n{{reflist}}\n* a book\n"
+        "[[Category:Towns in France]]\n[[de:Foo]]\n"
+    )
+    out = strip_wiki_markup(src)
+    assert out.startswith("Foo is a small village in France near the River Bars. It has 3 km of road.")
+    assert "History\n\nFounded in 1066 by the abbot & monks." in out
+    assert "See also Category:Towns." in out
+    for gone in ("{", "}", "[", "]", "|", "<", "'''", "Cite", "hidden", "1900", "nested", "church", "thumb",
+                 "x^2", "a book", "Towns in France", "de:Foo", "References", "&amp;", "&nbsp;"):
+        assert gone not in out, gone
+
+
+def test_strip_wiki_markup_keeps_plain_prose_unchanged():
+    prose = "The river flows north.\n\nIt is 40 km long, and (mostly) navigable."
+    assert strip_wiki_markup(prose) == prose
+
+
+def _write_dump(path, pages):
+    redirect = '<redirect title="X" />'
+    body = "".join(
+        f"<page><title>{t}</title><ns>{ns}</ns><id>{i}</id>{redirect if red else ''}"
+        f"<revision><id>9{i}</id><text xml:space=\"preserve\">{text}</text></revision></page>"
+        for i, (t, ns, red, text) in enumerate(pages, start=10))
+    xml = f'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">{body}</mediawiki>'
+    path.write_bytes(bz2.compress(xml.encode()))
+
+
+def test_wiki_dump_reader_skips_redirects_short_pages_and_other_namespaces(tmp_path):
+    long_text = "'''Alpha''' is a letter. " * 20 + "&lt;ref&gt;note&lt;/ref&gt;"
+    _write_dump(tmp_path / "enwiki-pages-articles.xml.bz2", [
+        ("Alpha", 0, False, long_text),
+        ("Beta", 0, True, "#REDIRECT [[Alpha]]"),
+        ("Gamma", 0, False, "Too short."),
+        ("Talk:Alpha", 1, False, long_text),
+        ("Delta", 0, False, "#redirect [[Alpha]] " + "x" * 300),
+    ])
+    docs = read_documents(str(tmp_path / "enwiki-pages-articles.xml.bz2"))
+    assert [d.doc_id for d in docs] == ["10"]
+    assert docs[0].text.startswith("Alpha is a letter.") and "note" not in docs[0].text
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_text_reader_modes(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one line\nsecond line\n\n\nnext block\n  \nlast\n")
+    assert [d.text for d in read_documents(str(f))] == ["one line\nsecond line", "next block", "last"]
+    assert len(read_documents(str(f), txt_mode="line")) == 4
+    assert len(read_documents(str(f), txt_mode="file")) == 1
+    assert read_documents(str(f))[1] == Document("next block", "1", str(f))
+
+
+def test_jsonl_reader_text_messages_turns_and_gz(tmp_path):
+    f = tmp_path / "a.jsonl.gz"
+    rows = [{"text": "plain", "id": "p1"},
+            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+            {"question_id": 81, "turns": ["Write a poem.", "Shorter."]}]
+    with gzip.open(f, "wt") as g:
+        g.write("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    docs = read_documents(str(f))
+    assert [d.doc_id for d in docs] == ["p1", "1", "81"]
+    assert docs[1].text == "User: Hi?\n\nAssistant: Hello."
+    assert docs[2].text == "Write a poem.\n\nShorter."
+    g = tmp_path / "b.jsonl"
+    g.write_text(json.dumps({"body": "x"}) + "\n")
+    assert read_documents(str(g), text_field="body")[0].text == "x"
+    with pytest.raises(PuzzleError, match="no 'text' field"):
+        read_documents(str(g))
+
+
+def test_oe_eval_requests_become_passages_deduplicated(tmp_path):
+    def req(doc_id, ctx, cont):
+        return {"request_type": "loglikelihood", "doc_id": doc_id, "request": {"context": ctx, "continuation": cont}}
+
+    f = tmp_path / "requests.jsonl.gz"
+    with gzip.open(f, "wt") as g:
+        for r in [req(3, "He opened the", " door"), req(3, "He opened the", " door"),
+                  req(1_000_003, "He opened the", " door"), req(5, "She sang a", " song")]:
+            g.write(json.dumps(r) + "\n")
+    docs = read_documents(str(f))
+    assert [(d.doc_id, d.text) for d in docs] == [("3", "He opened the door"), ("5", "She sang a song")]
+
+
+def test_lee_cor_is_one_document_per_line(tmp_path):
+    f = tmp_path / "news.cor"
+    f.write_text("First article here.\n\nSecond article.\n")
+    assert [d.text for d in read_documents(str(f), txt_mode="paragraph")] == ["First article here.", "Second article."]
+
+
+def test_parquet_and_save_to_disk_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["alpha doc", "", "beta doc"], "n": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert [d.text for d in read_documents(str(tmp_path / "t.parquet"))] == ["alpha doc", "beta doc"]
+    ds = tmp_path / "ds" / "train"
+    ds.mkdir(parents=True)
+    with pa.ipc.new_stream(ds / "data-00000-of-00001.arrow", table.schema) as w:
+        w.write_table(table)
+    (ds / "state.json").write_text("{}")
+    (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    assert [d.doc_id for d in read_documents(str(tmp_path / "ds"))] == ["0", "2"]
+
+
+def test_folder_of_files_and_packaged_text(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("A one.\n\nA two.")
+    (tmp_path / "sub" / "b.txt").write_text("B one.")
+    docs = read_documents(str(tmp_path))
+    assert [d.doc_id for d in docs] == ["a.txt:0", "a.txt:1", "sub/b.txt:0"]
+    assert {d.source for d in docs} == {str(tmp_path)}
+    tiny = read_documents("package:tiny_corpus.txt")
+    assert len(tiny) >= 10 and packaged_text_path("tiny_eval.txt").stat().st_size > 2000
+    with pytest.raises(PuzzleError, match="no packaged text"):
+        packaged_text_path("nope.txt")
+
+
+def test_missing_and_empty_sources_raise(tmp_path):
+    with pytest.raises(PuzzleError, match="does not exist"):
+        read_documents(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n\n")
+    with pytest.raises(PuzzleError, match="is empty: give a file with text"):
+        read_documents(str(tmp_path / "empty.txt"))
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(PuzzleError, match="not UTF-8"):
+        read_documents(str(tmp_path / "bin.txt"))
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _docs(n, source="s"):
+    return [Document(f"document number {i} about topic {i * 7 % 13}", str(i), source) for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_stable_under_additions():
+    calib, ev = _docs(200), _docs(30, "e")
+    ev = [Document("eval " + d.text, d.doc_id, "e") for d in ev]
+    a = split_documents(calib, ev, score_fraction=0.25, seed=1)
+    b = split_documents(list(reversed(calib)), ev, score_fraction=0.25, seed=1)
+    assert [d.text for d in a["calib"]] == [d.text for d in b["calib"]]
+    texts = {k: {d.text for d in v} for k, v in a.items()}
+    assert not texts["calib"] & texts["score"] and not (texts["calib"] | texts["score"]) & texts["eval"]
+    assert len(texts["calib"]) + len(texts["score"]) == 200
+    assert 25 <= len(texts["score"]) <= 75  # about a quarter
+    extra = [Document(f"an added document {i}", str(i), "added.txt") for i in range(50)]
+    more = split_documents(calib + extra, ev, score_fraction=0.25, seed=1)
+    assert texts["score"] <= {d.text for d in more["score"]}  # old documents stay in their split
+    other_seed = split_documents(calib, ev, score_fraction=0.25, seed=2)
+    assert {d.text for d in other_seed["score"]} != texts["score"]
+
+
+def test_split_drops_duplicates_and_eval_texts_and_fills_tiny_score_split():
+    calib = [Document("a", "0", "c"), Document("a", "1", "c"), Document("b", "2", "c"), Document("held", "3", "c")]
+    ev = [Document("held", "0", "e")]
+    s = split_documents(calib, ev, score_fraction=0.01, seed=0)
+    assert len(s["score"]) == 1 and len(s["calib"]) == 1  # one of "a"/"b" moved to score
+    assert {d.text for d in s["calib"] + s["score"]} == {"a", "b"}
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_pack_shapes_eos_and_budget(tok):
+    docs = [Document("abc", "0", "s"), Document("defgh", "1", "s"), Document("ij", "2", "s")]
+    tokens, used = pack_documents(docs, tok, seq_len=4, max_tokens=10)
+    assert tokens.shape == (2, 4) and tokens.dtype == torch.int64
+    assert tokens.flatten().tolist() == list(b"abc") + [256] + list(b"defg")
+    assert [d.doc_id for d in used] == ["0", "1"]
+    tokens, used = pack_documents(docs, tok, seq_len=3, max_tokens=1000)  # 13 tokens -> 4 sequences
+    assert tokens.shape == (4, 3) and (tokens == 256).sum() == 2 and len(used) == 3  # last EOS is in the tail
+    tokens, used = pack_documents(docs, tok, seq_len=2, max_tokens=100, max_doc_tokens=2)  # "ab" "de" "ij"
+    assert tokens.flatten().tolist() == list(b"ab") + [256] + list(b"de") + [256] + list(b"ij")
+    with pytest.raises(PuzzleError, match="fewer than one sequence"):
+        pack_documents(docs[:1], tok, seq_len=64, max_tokens=128)
+
+
+def test_pack_tokenizes_only_what_the_budget_needs(tok):
+    calls = []
+
+    class Counting:
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, texts, **kw):
+            calls.append(len(texts))
+            return tok(texts, **kw)
+
+    docs = [Document("x" * 99, str(i), "s") for i in range(1000)]
+    tokens, used = pack_documents(docs, Counting(), seq_len=50, max_tokens=400)
+    assert tokens.shape == (8, 50) and len(used) == 4 and sum(calls) <= 8
+
+
+# ---------------------------------------------------------------- prepare_data
+
+
+def _config(tmp_path, **kw):
+    return DataConfig(calib_sources=("package:tiny_corpus.txt",), eval_sources=("package:tiny_eval.txt",),
+                      seq_len=64, calib_tokens=2048, score_tokens=512, eval_tokens=1024, score_fraction=0.25,
+                      **kw)
+
+
+def test_prepare_data_writes_manifest_and_resumes(tmp_path, tok):
+    out = tmp_path / "data"
+    splits = prepare_data(_config(tmp_path), tok, out)
+    assert splits.calib.shape == (2048 // 64, 64) and splits.eval.shape == (1024 // 64, 64)
+    assert 1 <= splits.score.shape[0] <= 512 // 64
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["settings"]["seq_len"] == 64 and m["settings"]["seed"] == 0
+    assert {s["spec"]: s["role"] for s in m["sources"]} == {"package:tiny_corpus.txt": "calib",
+                                                            "package:tiny_eval.txt": "eval"}
+    assert all(len(s["sha256"]) == 64 for s in m["sources"])
+    ids = {k: set(m["splits"][k]["doc_ids"].get("package:tiny_corpus.txt", [])) for k in ("calib", "score")}
+    assert ids["calib"] and ids["score"] and not ids["calib"] & ids["score"]
+    assert m["splits"]["eval"]["tokens"] == splits.eval.numel()
+
+    stamp = (out / "tokens.safetensors").stat().st_mtime_ns
+    again = prepare_data(_config(tmp_path), tok, out)
+    assert (out / "tokens.safetensors").stat().st_mtime_ns == stamp  # loaded, not rewritten
+    assert torch.equal(again.calib, splits.calib) and again.manifest == m
+
+    changed = prepare_data(_config(tmp_path, seed=3), tok, out)
+    assert (out / "tokens.safetensors").stat().st_mtime_ns != stamp
+    assert changed.manifest["settings"]["seed"] == 3
+
+    (out / "tokens.safetensors").write_bytes(b"half a file")  # an interrupted write is redone
+    with pytest.raises(PuzzleError, match="cannot be read"):
+        load_token_splits(out)
+    assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).calib, changed.calib)
+    assert torch.equal(load_token_splits(out).score, changed.score)
+
+
+def test_prepare_data_errors(tmp_path, tok):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(PuzzleError, match="is empty"):
+        prepare_data(DataConfig(calib_sources=(str(empty),), eval_sources=("package:tiny_eval.txt",),
+                                seq_len=16, calib_tokens=64, score_tokens=64, eval_tokens=64), tok, tmp_path / "o")
+    with pytest.raises(PuzzleError, match="does not exist"):
+        prepare_data(DataConfig(calib_sources=(str(tmp_path / "nope.txt"),), seq_len=16, calib_tokens=64,
+                                score_tokens=64, eval_tokens=64), tok, tmp_path / "o")
+    with pytest.raises(PuzzleError, match="both calibration and evaluation"):
+        DataConfig(calib_sources=("a.txt",), eval_sources=["a.txt"])
+    with pytest.raises(PuzzleError, match="below seq_len"):
+        DataConfig(seq_len=512, eval_tokens=100)
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+def test_corrupt_files_raise_puzzle_errors(tmp_path):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    for name, pattern in [("bad.jsonl.gz", "cannot be read"), ("bad.parquet", "cannot be read"),
+                          ("list.jsonl", "not a JSON object")]:
+        with pytest.raises(PuzzleError, match=pattern):
+            read_documents(str(tmp_path / name))

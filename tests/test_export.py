@@ -1,0 +1,235 @@
+"""Export: an HF folder that AutoModelForCausalLM loads with the in-memory child's logits and generations."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
+from transformers.dynamic_module_utils import get_imports
+
+from puzzle.architecture import (AttentionConfig, BlockConfig, FFNConfig, ModelConfig, block_config_entry,
+                                 block_from_entry, ffn_mult_to_intermediate_size)
+from puzzle.configuration_decilm import DeciLMConfig
+from puzzle.errors import PuzzleError
+from puzzle.export import CODE_FILES, export_checkpoint
+from puzzle.modeling import PuzzleForCausalLM
+from puzzle.modeling_decilm import DeciLMCache, DeciLMForCausalLM
+
+VOCAB, BOS, EOS = 128, 1, 2  # padding uses EOS, so a finished row looks the same in HF's and our generate
+
+
+def block(attn: str, ffn: str) -> BlockConfig:
+    """'kv2' / 'linear' / 'noop' and '256' / 'linear' / 'noop' -> BlockConfig."""
+    a = AttentionConfig("gqa", int(attn[2:])) if attn.startswith("kv") else AttentionConfig("no_op" if attn == "noop" else attn)
+    f = FFNConfig("swiglu", int(ffn)) if ffn.isdigit() else FFNConfig("no_op" if ffn == "noop" else ffn)
+    return BlockConfig(a, f)
+
+
+# Layer 0 without attention, tied embeddings: the case where a cache that reads layer 0 goes wrong.
+TIED_NOOP0 = dict(blocks=[block("noop", "256"), block("kv1", "96"), block("kv2", "linear"),
+                          block("linear", "noop"), block("kv2", "256"), block("kv1", "128")],
+                  head_dim=16, tie_word_embeddings=True)
+# Untied, biases, explicit head_dim != hidden / heads, Llama-3 RoPE scaling.
+UNTIED_BIAS = dict(blocks=[block("kv2", "256"), block("linear", "96"), block("noop", "linear"), block("kv1", "noop")],
+                   head_dim=32, attention_bias=True, mlp_bias=True,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+VARIANTS = {"tied_noop0": TIED_NOOP0, "untied_bias_llama3": UNTIED_BIAS}
+
+
+def tiny_child(blocks, seed: int = 0, **overrides) -> PuzzleForCausalLM:
+    """hidden 64, 4 heads, parent 2 KV heads and width 256; weights scaled so every layer moves the logits."""
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=256, blocks=tuple(blocks), bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=EOS, **{"head_dim": 16, **overrides})
+    torch.manual_seed(seed)
+    model = PuzzleForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed_tokens" not in name:
+                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over 'w3' ... 'w127', left padding with EOS."""
+    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", padding_side="left")
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def exported(request, tmp_path_factory):
+    """(child, tokenizer, export result, loaded HF model) for one variant, exported once per module."""
+    child = tiny_child(**VARIANTS[request.param])
+    tokenizer = tiny_tokenizer()
+    result = export_checkpoint(child, tokenizer, tmp_path_factory.mktemp(request.param) / "child")
+    hf = AutoModelForCausalLM.from_pretrained(result.path, trust_remote_code=True).eval()
+    return child, tokenizer, result, hf
+
+
+def prompt(*ids) -> torch.Tensor:
+    return torch.tensor([ids])
+
+
+def continuation_matches(row: torch.Tensor, alone: torch.Tensor) -> bool:
+    """A batch row's new tokens equal the single run's, then only EOS (the batch ran on after it stopped)."""
+    n = alone.numel()
+    return torch.equal(row[:n], alone) and bool((row[n:] == EOS).all())
+
+
+# -- loading and numerics ---------------------------------------------------------------------
+
+def test_loads_with_remote_code_and_matches_logits(exported):
+    child, _, _, hf = exported
+    assert type(hf).__module__.startswith("transformers_modules.")  # the folder's code, not the package
+    x = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = child(x)
+        got = hf(x).logits
+        got_masked = hf(x, attention_mask=torch.ones_like(x)).logits
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (got_masked - want).abs().max().item() <= 1e-4
+
+
+def test_greedy_generate_matches_puzzle_generate(exported):
+    child, _, _, hf = exported
+    for p in (prompt(5, 17, 99, 42), prompt(64, 3, 77, 120, 8, 31, 19)):
+        want = child.generate(p, 12, eos_token_id=EOS)
+        got = hf.generate(p, max_new_tokens=12, do_sample=False)
+        assert torch.equal(got, want)
+
+
+def test_left_padded_batch_matches_each_prompt_alone(exported):
+    _, tokenizer, _, hf = exported
+    texts = ["w5 w17 w99", "w64 w3 w77 w120 w8 w31 w19 w44"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # left padded
+    out = hf.generate(**batch, max_new_tokens=12, do_sample=False)
+    P = batch["input_ids"].shape[1]
+    for i, text in enumerate(texts):
+        alone = tokenizer(text, return_tensors="pt")
+        single = hf.generate(**alone, max_new_tokens=12, do_sample=False)
+        assert continuation_matches(out[i, P:], single[0, alone["input_ids"].shape[1]:])
+
+
+def test_generate_continues_from_its_cache_when_layer0_has_no_attention():
+    child = tiny_child(**TIED_NOOP0)
+    hf = DeciLMForCausalLM(DeciLMConfig.from_model_config(child.config)).eval()
+    hf.load_state_dict(child.state_dict())
+    p = prompt(64, 3, 77, 120, 8, 31, 19)
+    first = hf.generate(p, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(first.cache, DeciLMCache)
+    assert first.cache.get_seq_length() == first.sequences.shape[1] - 1  # the last token is not fed yet
+    resumed = hf.generate(first.sequences, cache=first.cache, max_new_tokens=7, do_sample=False)
+    assert torch.equal(resumed, child.generate(p, 12, eos_token_id=EOS))
+
+
+def test_cache_length_comes_from_an_attention_layer():
+    child = tiny_child(**TIED_NOOP0)
+    hf = DeciLMForCausalLM(DeciLMConfig.from_model_config(child.config)).eval()
+    hf.load_state_dict(child.state_dict())
+    x = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    nxt = torch.tensor([[9]])
+    with torch.no_grad():
+        want = child(torch.cat([x, nxt], 1))[:, -1]
+        ours = DeciLMCache(hf.config)
+        plain = DynamicCache()
+        hf(x, cache=ours)
+        hf(x, cache=plain)
+        assert ours.get_seq_length() == 7
+        assert plain.get_seq_length() == 0  # layer 0 never stores keys: HF's default reads it anyway
+        for cache in (ours, plain):  # forward itself reads the length from the first attention layer
+            got = hf(nxt, cache=cache).logits[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)  # cached decode: fp32 rounding only
+
+
+def test_model_without_any_attention_generates():
+    child = tiny_child([block("noop", "256"), block("linear", "linear"), block("noop", "96")])
+    hf = DeciLMForCausalLM(DeciLMConfig.from_model_config(child.config)).eval()
+    hf.load_state_dict(child.state_dict())
+    p = prompt(5, 17, 99, 42)
+    assert torch.equal(hf.generate(p, max_new_tokens=12, do_sample=False), child.generate(p, 12, eos_token_id=EOS))
+
+
+# -- the written folder -----------------------------------------------------------------------
+
+def test_config_json_has_block_configs_and_the_ffn_mult_rule(exported):
+    child, _, result, hf = exported
+    cfg = child.config
+    written = json.loads((result.path / "config.json").read_text())
+    assert written["model_type"] == "nemotron-nas"
+    assert written["architectures"] == ["DeciLMForCausalLM"]
+    assert written["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                                   "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
+    assert written["num_key_value_heads"] == 2 and written["intermediate_size"] == 256
+    assert written["head_dim"] == cfg.head_dim and written["hidden_act"] == "silu"
+    assert written["rope_scaling"] == cfg.rope_scaling and written["rope_theta"] == cfg.rope_theta
+    assert written["attention_bias"] == cfg.attention_bias and written["mlp_bias"] == cfg.mlp_bias
+    assert written["tie_word_embeddings"] == cfg.tie_word_embeddings
+    assert written["torch_dtype"] == "float32" and written["eos_token_id"] == EOS
+    entries = written["block_configs"]
+    assert entries == [block_config_entry(b, 4, 64) for b in cfg.blocks]
+    assert [block_from_entry(e, 4, 64) for e in entries] == list(cfg.blocks)
+    assert hf.config.block_configs[1].attention.n_heads_in_group == entries[1]["attention"]["n_heads_in_group"]
+    for i, (b, e) in enumerate(zip(cfg.blocks, entries)):
+        if b.ffn.kind != "swiglu":
+            assert e["ffn"]["ffn_mult"] is None
+            continue
+        rebuilt = ffn_mult_to_intermediate_size(e["ffn"]["ffn_mult"], 64)
+        assert e["ffn"]["intermediate_size"] == b.ffn.intermediate_size
+        flagged = any(w.startswith(f"FFN width {b.ffn.intermediate_size} (layers [") and f"{i}" in w.split("layers ")[1].split("]")[0]
+                      for w in result.warnings)
+        if b.ffn.intermediate_size % 256 == 0:
+            assert rebuilt == b.ffn.intermediate_size and not flagged  # 256 -> ffn_mult 6.0 -> 256
+        else:
+            assert rebuilt != b.ffn.intermediate_size and flagged  # 96 / 128 -> 256 by the rule
+    assert sum("replace_with_linear" in w and "vLLM" in w for w in result.warnings) == 1
+    gen = json.loads((result.path / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (BOS, EOS, EOS)
+
+
+def test_folder_is_self_contained(exported):
+    child, tokenizer, result, _ = exported
+    names = {p.name for p in result.path.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "README.md", *CODE_FILES} <= names
+    assert not [n for n in names if n.startswith(".")]
+    assert not [p.name for p in result.path.parent.iterdir() if p.name != "child"]  # no temp leftovers
+    for name in CODE_FILES:
+        assert set(get_imports(result.path / name)) <= {"__future__", "dataclasses", "math", "torch", "transformers"}
+    weights = load_file(result.path / "model.safetensors")
+    assert ("lm_head.weight" in weights) != child.config.tie_word_embeddings  # a tied head is stored once
+    assert set(weights) | ({"lm_head.weight"} if child.config.tie_word_embeddings else set()) == set(child.state_dict())
+    readme = (result.path / "README.md").read_text()
+    assert "trust_remote_code=True" in readme and f"| {len(child.config.blocks) - 1} |" in readme
+    reloaded = AutoTokenizer.from_pretrained(result.path, trust_remote_code=True)  # transformers 5 reads config.json too
+    assert reloaded("w5 w17 w99")["input_ids"] == tokenizer("w5 w17 w99")["input_ids"] == [5, 17, 99]
+
+
+def test_refuses_a_non_empty_folder_and_overwrites_on_request(tmp_path):
+    child = tiny_child([block("kv2", "256"), block("kv1", "512")])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(PuzzleError, match="not empty"):
+        export_checkpoint(child, None, out)
+    assert (out / "stale.txt").exists()
+    result = export_checkpoint(child, tiny_tokenizer(), out, dtype="bfloat16", overwrite=True, extra_info={"run": "t"})
+    assert not (out / "stale.txt").exists()
+    assert result.warnings == ()  # no linear layers, every width a multiple of 256, a tokenizer
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    written = json.loads((out / "config.json").read_text())
+    assert written["torch_dtype"] == "bfloat16" and written["puzzle"]["run"] == "t"
+    with pytest.raises(PuzzleError, match="not a torch floating dtype"):
+        export_checkpoint(child, None, tmp_path / "other", dtype="int8")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
