@@ -65,11 +65,14 @@ class ScoreConfig:
     """Replace-1-block scoring and cost measurement.
 
     tokens: scoring tokens (capped by the data stage's scoring split).
+    position_stride: the LM head scores every n-th position only (the layers see all of them);
+        1 scores every position.
     score_init: also score the untrained (init-only) entries, so a search can be run on them for comparison.
     cost_repeats: timing repeats per variant.
     """
 
     tokens: int = 1024
+    position_stride: int = 1
     chunk: int = 4
     score_init: bool = True
     cost_repeats: int = 5

@@ -38,6 +38,27 @@ def ffn_subblock(config: ModelConfig, variant: FFNConfig, layer_idx: int) -> Dec
 
 
 @torch.no_grad()
+def ffn_with_activation_stats(parent_layer: DecoderBlock, h_mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parent's FFN output and the summed |activation| of each SwiGLU channel.
+
+    Args:
+        h_mid: (n, T, C) FFN subblock input (residual stream after attention).
+
+    Returns:
+        ffn output (n, T, C) and (F,) fp32 sums of |silu(gate(x)) * up(x)| over the n*T tokens.
+    """
+    mlp = parent_layer.mlp
+    x = parent_layer.post_attention_layernorm(h_mid)
+    act = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # (n, T, F)
+    return mlp.down_proj(act), act.abs().float().sum(dim=(0, 1))
+
+
+def channel_scores_from_sums(parent_layer: DecoderBlock, abs_sums: torch.Tensor, tokens: int) -> torch.Tensor:
+    """C_i = mean |x_i| * ||W_down[:, i]||_2 from summed |activations| over `tokens` tokens: (F,) fp32."""
+    return abs_sums / max(tokens, 1) * parent_layer.mlp.down_proj.weight.float().norm(dim=0)
+
+
+@torch.no_grad()
 def ffn_channel_scores(parent_layer: DecoderBlock, h_mid: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """Channel contribution of the parent's SwiGLU channels on calibration activations.
 
@@ -48,15 +69,8 @@ def ffn_channel_scores(parent_layer: DecoderBlock, h_mid: torch.Tensor, chunk: i
     Returns:
         (F,) fp32 scores C_i = mean |x_i| * ||W_down[:, i]||_2.
     """
-    mlp = parent_layer.mlp
-    total = torch.zeros(mlp.down_proj.in_features)
-    count = 0
-    for start in range(0, h_mid.shape[0], chunk):
-        x = parent_layer.post_attention_layernorm(h_mid[start:start + chunk])
-        act = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # (n, T, F)
-        total += act.abs().float().sum(dim=(0, 1))
-        count += act.shape[0] * act.shape[1]
-    return total / max(count, 1) * mlp.down_proj.weight.float().norm(dim=0)
+    total = sum(ffn_with_activation_stats(parent_layer, h_mid[s:s + chunk])[1] for s in range(0, h_mid.shape[0], chunk))
+    return channel_scores_from_sums(parent_layer, total, h_mid.shape[0] * h_mid.shape[1])
 
 
 @torch.no_grad()
@@ -141,8 +155,8 @@ def init_attention(config: ModelConfig, parent_layer: DecoderBlock, variant: Att
 
 def ridge_lstsq(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """W (C_out, C_in) minimising ||x W^T - y||^2 + ridge * tr(x^T x)/C_in * ||W||^2; x (n, C_in), y (n, C_out)."""
-    x, y = x.double(), y.double()
-    xtx = x.T @ x
+    # Gram matrices in fp32 (the n-long reductions are the expensive part), the solve in fp64
+    xtx, xty = (x.float().T @ x.float()).double(), (x.float().T @ y.float()).double()  # (C_in, C_in), (C_in, C_out)
     lam = ridge * xtx.diagonal().mean()
-    w_t = torch.linalg.solve(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype), x.T @ y)  # (C_in, C_out)
+    w_t = torch.linalg.solve(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype), xty)  # (C_in, C_out)
     return w_t.T.float()

@@ -214,7 +214,7 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     todo = [j for j in jobs if j[0] not in done and j[0] not in bld_log]
     cache: ParentCache | None = None
     if todo or not (run.out / "score" / "parent_quality.json").is_file():
-        cache = parent_cache(run.parent.model, ids, chunk=cfg.chunk)
+        cache = parent_cache(run.parent.model, ids, chunk=cfg.chunk, stride=cfg.position_stride)
         atomic_write_json(run.out / "score" / "parent_quality.json", {"lm_loss": cache.lm_loss, "tokens": ids.numel()})
     parent_loss = read_json(run.out / "score" / "parent_quality.json")["lm_loss"]
     t0 = time.perf_counter()

@@ -7,6 +7,10 @@ found KL a better guide than LM loss or downstream scores). Also reported: LM lo
 model (nats per token), top-1 agreement with the parent, and the cosine similarity of the final
 hidden states.
 
+With `stride` > 1 the LM head (the costliest single matmul of a small model) runs on every
+stride-th position only, starting at the last one; the layers still see every position, so the
+metrics are exact averages over that subset of positions.
+
 Only layers from the swapped one onward change, so the parent's residual stream at every layer
 input (and after every attention subblock) is computed once and cached (`ParentCache`); a candidate
 at layer i costs the remaining L - i layers plus the LM head.
@@ -62,7 +66,8 @@ class ParentCache:
         ids: (N, T) int64 tokens.
         h: list of L+1 tensors (N, T, C): residual stream at each layer input (h[L] = final).
         h_mid: list of L tensors (N, T, C): after each layer's attention subblock.
-        logp: (N, T, V) fp32 parent log-probabilities.
+        logp: (N, T', V) fp32 parent log-probabilities at the scored positions.
+        positions: (T',) positions the LM head scores (every `stride`-th, ending at the last).
         cos, sin: (N, T, D) rotary tables.
         lm_loss: the parent's LM loss (nats/token).
     """
@@ -71,13 +76,20 @@ class ParentCache:
     h: list
     h_mid: list
     logp: torch.Tensor
+    positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     lm_loss: float
 
 
 @torch.no_grad()
-def parent_cache(parent, ids: torch.Tensor, chunk: int = 4) -> ParentCache:
+def scored_positions(seq_len: int, stride: int) -> torch.Tensor:
+    """Every `stride`-th position of a sequence, ending at the last one: (T',) int64."""
+    return torch.arange(seq_len - 1, -1, -max(1, stride)).flip(0)
+
+
+@torch.no_grad()
+def parent_cache(parent, ids: torch.Tensor, chunk: int = 4, stride: int = 1) -> ParentCache:
     """Run the parent once over (N, T) ids and keep what replace-1-block scoring reuses."""
     parent.eval()
     h = parent.model.embed_tokens(ids)  # (N, T, C)
@@ -93,10 +105,11 @@ def parent_cache(parent, ids: torch.Tensor, chunk: int = 4) -> ParentCache:
         mids.append(mid)
         hs.append(out)
         h = out
-    logp = torch.cat([F.log_softmax(parent.head(h[s:s + chunk]).float(), -1) for s in range(0, ids.shape[0], chunk)])
-    targets = next_token_targets(ids)
+    pos = scored_positions(ids.shape[1], stride)
+    logp = torch.cat([F.log_softmax(parent.head(h[s:s + chunk, pos]).float(), -1) for s in range(0, ids.shape[0], chunk)])
+    targets = next_token_targets(ids)[:, pos]
     nll = F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), ignore_index=-100)
-    return ParentCache(ids, hs, mids, logp, cos, sin, float(nll))
+    return ParentCache(ids, hs, mids, logp, pos, cos, sin, float(nll))
 
 
 @torch.no_grad()
@@ -112,7 +125,8 @@ def replace_one_score(parent, cache: ParentCache, layer_idx: int, subblock: str,
         {"kl_nats", "lm_loss", "top1_agree", "cosine"} averaged per token.
     """
     layer = parent.model.layers[layer_idx]
-    targets = next_token_targets(cache.ids)
+    pos = cache.positions
+    targets = next_token_targets(cache.ids)[:, pos]
     sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0}
     for s in range(0, cache.ids.shape[0], chunk):
         e = s + chunk
@@ -125,10 +139,11 @@ def replace_one_score(parent, cache: ParentCache, layer_idx: int, subblock: str,
             mid = cache.h_mid[layer_idx][s:e]
             h = mid + (sub.ffn_delta(mid) if sub is not None else 0)
         h = parent.run_layers(h, cos, sin, start=layer_idx + 1)
+        h = h[:, pos]
         m = token_metrics(parent.head(h), cache.logp[s:e], targets[s:e])
         for k in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens"):
             sums[k] += m[k]
-        sums["cosine"] += float(F.cosine_similarity(h.float(), cache.h[-1][s:e].float(), dim=-1).sum())
+        sums["cosine"] += float(F.cosine_similarity(h.float(), cache.h[-1][s:e, pos].float(), dim=-1).sum())
     n = sums["tokens"]
     return {"kl_nats": sums["kl_nats"] / n, "lm_loss": sums["lm_loss"] / max(1, sums["lm_tokens"]),
             "top1_agree": sums["top1_agree"] / n, "cosine": sums["cosine"] / n}

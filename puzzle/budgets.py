@@ -1,0 +1,251 @@
+"""Budgets for the search: what the user asks for, and the absolute bounds it means for one parent.
+
+A budget is written as a fraction of the parent's total ("0.67", "67%", "1/1.5") or as an absolute
+value with a unit. Fractions need the parent's totals (the parent's rows of the score table plus the
+non-block row), so the user's strings live in a `BudgetRequest` until `resolve` turns them into a
+`Budgets` of absolute values that the solver reads.
+
+    flag              fraction of           absolute forms
+    --max-runtime     parent runtime_ms     250ms, 1.5s, 800us
+    --max-prefill     parent prefill_ms     (same)
+    --max-decode      parent decode_ms      (same)
+    --max-memory      parent memory_mib     2GiB, 512MiB, 300MB, 1.5GB, 4096KiB
+    --max-params      parent params         60M, 1.2B, 500K
+    --speedup S       (shorthand for --max-runtime 1/S)   1.5, 1.5x
+    --min-throughput  (generated tokens/s at the workload's batch)  1200tok/s, or 1.5x the parent
+
+Runtime is the whole model's latency for the declared workload (prefill of the prompt plus the
+decode steps, embedding and LM head included), so a throughput bound R (generated tokens per
+second) is the latency bound  runtime_ms <= 1000 * batch_size * gen_len / R  (DESIGN.md, "Mixed-
+integer program": throughput is linear once rewritten as a latency bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from .errors import PuzzleError
+
+# column of the score table -> the flag that bounds it (used in messages)
+BUDGET_FLAGS = {
+    "runtime_ms": "--max-runtime",
+    "prefill_ms": "--max-prefill",
+    "decode_ms": "--max-decode",
+    "memory_mib": "--max-memory",
+    "params": "--max-params",
+}
+
+MAX_FRACTION = 10.0  # a bare number above this is almost surely an absolute value missing its unit
+
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+_TIME_UNITS_MS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "sec": 1e3, "min": 6e4}
+_MEMORY_UNITS_MIB = {
+    "b": 1 / 2**20, "kib": 1 / 2**10, "mib": 1.0, "gib": 2**10, "tib": 2**20,
+    "kb": 1e3 / 2**20, "mb": 1e6 / 2**20, "gb": 1e9 / 2**20, "tb": 1e12 / 2**20,
+}
+_COUNT_UNITS = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+_FORMS = {
+    "time": "a fraction of the parent's (0.67, 67%, 1/1.5) or a time with a unit (250ms, 1.5s, 800us)",
+    "memory": "a fraction of the parent's (0.5, 50%) or a size with a unit (2GiB, 512MiB, 300MB)",
+    "params": "a fraction of the parent's (0.5, 50%) or a count with a unit (60M, 1.2B, 500K)",
+    "speedup": "a factor above 0 (1.5 or 1.5x)",
+    "throughput": "generated tokens per second (1200tok/s) or a multiple of the parent's (1.5x)",
+}
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Absolute upper bounds on the child's predicted totals (None: unbounded).
+
+    Totals include the non-block costs (embedding, final norm, LM head). Units are those of the
+    score table columns: milliseconds for the workload, MiB, parameter count.
+    """
+
+    max_runtime_ms: float | None = None
+    max_prefill_ms: float | None = None
+    max_decode_ms: float | None = None
+    max_memory_mib: float | None = None
+    max_params: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise PuzzleError(f"budget {f.name}={value!r} must be a positive finite number")
+
+    def limits(self) -> dict[str, float]:
+        """{score-table column: bound} for the bounds that are set, e.g. {"runtime_ms": 412.0}."""
+        return {f.name[len("max_"):]: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def describe(self) -> str:
+        """'max_runtime_ms=412.0, max_memory_mib=2048.0' (or 'no budget')."""
+        parts = [f"max_{column}={bound:.6g}" for column, bound in self.limits().items()]
+        return ", ".join(parts) if parts else "no budget"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Budgets":
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """The budgets as the user wrote them (strings as on the command line; None: not given).
+
+    `resolve` turns them into absolute `Budgets` for one parent and workload. Several bounds on
+    runtime (--max-runtime, --speedup, --min-throughput) all hold: the tightest one wins.
+    """
+
+    max_runtime: str | None = None
+    max_prefill: str | None = None
+    max_decode: str | None = None
+    max_memory: str | None = None
+    max_params: str | None = None
+    speedup: str | None = None
+    min_throughput: str | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) in (None, "") for f in dataclasses.fields(self))
+
+    def resolve(self, parent_totals: Mapping[str, float], workload: Mapping | None = None) -> Budgets:
+        """Absolute bounds for a parent whose totals are `parent_totals`.
+
+        Args:
+            parent_totals: {"runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params"} of the
+                parent (its rows plus the non-block row); only the ones a fraction refers to are needed.
+            workload: the score table's sidecar meta; `batch_size` and `gen_len` are read for an
+                absolute --min-throughput.
+
+        Raises:
+            PuzzleError: a malformed string (the message lists the accepted forms), a fraction of a
+                total the table does not have, or a throughput bound without the workload it needs.
+        """
+        workload = dict(workload or {})
+
+        def parent(column: str, flag: str) -> float:
+            value = parent_totals.get(column)
+            if value is None or not math.isfinite(float(value)) or value <= 0:
+                raise PuzzleError(f"{flag} given as a fraction, but the table has no parent {column} total; "
+                                  f"give an absolute value with a unit")
+            return float(value)
+
+        runtime_bounds = []
+        if self.max_runtime not in (None, ""):
+            runtime_bounds.append(parse_time_ms(self.max_runtime, lambda: parent("runtime_ms", "--max-runtime"), "--max-runtime"))
+        if self.speedup not in (None, ""):
+            runtime_bounds.append(parent("runtime_ms", "--speedup") / parse_speedup(self.speedup))
+        if self.min_throughput not in (None, ""):
+            runtime_bounds.append(throughput_to_runtime_ms(
+                self.min_throughput, lambda: parent("runtime_ms", "--min-throughput"), workload))
+        return Budgets(
+            max_runtime_ms=min(runtime_bounds) if runtime_bounds else None,
+            max_prefill_ms=None if self.max_prefill in (None, "") else
+            parse_time_ms(self.max_prefill, lambda: parent("prefill_ms", "--max-prefill"), "--max-prefill"),
+            max_decode_ms=None if self.max_decode in (None, "") else
+            parse_time_ms(self.max_decode, lambda: parent("decode_ms", "--max-decode"), "--max-decode"),
+            max_memory_mib=None if self.max_memory in (None, "") else
+            parse_memory_mib(self.max_memory, lambda: parent("memory_mib", "--max-memory"), "--max-memory"),
+            max_params=None if self.max_params in (None, "") else
+            parse_params(self.max_params, lambda: parent("params", "--max-params"), "--max-params"),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing one string
+
+
+def parse_fraction(text: str) -> float | None:
+    """'0.67' -> 0.67, '67%' -> 0.67, '1/1.5' -> 0.667; None if `text` is not a bare fraction."""
+    s = str(text).strip().replace(" ", "")
+    if m := re.fullmatch(_NUMBER + "%", s):
+        return float(m.group(1)) / 100
+    if m := re.fullmatch(_NUMBER + "/" + _NUMBER, s):
+        return float(m.group(1)) / float(m.group(2)) if float(m.group(2)) > 0 else None
+    if m := re.fullmatch(_NUMBER, s):
+        return float(m.group(1))
+    return None
+
+
+def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float], case_sensitive=False) -> float:
+    """Shared rule: a bare fraction of `parent_total()` or a number with one of `units`."""
+    s = str(text).strip()
+    fraction = parse_fraction(s)
+    if fraction is not None:
+        if not 0 < fraction <= MAX_FRACTION:
+            raise PuzzleError(f"{flag} {text!r}: a bare number is a fraction of the parent's total and must be in "
+                              f"(0, {MAX_FRACTION:g}]; for an absolute value add a unit. Accepted: {_FORMS[kind]}")
+        return fraction * parent_total()
+    m = re.fullmatch(_NUMBER + r"\s*([A-Za-zµ]+)", s)
+    unit = None if m is None else (m.group(2) if case_sensitive else m.group(2).lower())
+    if m is None or unit not in units:
+        raise PuzzleError(f"{flag} {text!r} is not a budget this tool reads. Accepted: {_FORMS[kind]}")
+    value = float(m.group(1)) * units[unit]
+    if value <= 0:
+        raise PuzzleError(f"{flag} {text!r} must be above zero")
+    return value
+
+
+def parse_time_ms(text: str, parent_ms, flag: str = "--max-runtime") -> float:
+    """A latency bound in ms. `parent_ms` is a number or a zero-argument callable (called only for a fraction).
+
+    Raises PuzzleError naming `flag` and the accepted forms for anything else.
+    """
+    return _parse(text, parent_ms if callable(parent_ms) else (lambda: float(parent_ms)), flag, "time", _TIME_UNITS_MS)
+
+
+def parse_memory_mib(text: str, parent_mib, flag: str = "--max-memory") -> float:
+    """A memory bound in MiB: a fraction, or bytes with a binary (KiB, MiB, GiB) or decimal (KB, MB, GB) unit."""
+    return _parse(text, parent_mib if callable(parent_mib) else (lambda: float(parent_mib)), flag, "memory", _MEMORY_UNITS_MIB)
+
+
+def parse_params(text: str, parent_params, flag: str = "--max-params") -> float:
+    """A parameter-count bound: a fraction, or a count with K, M, B (=G) or T."""
+    return _parse(text, parent_params if callable(parent_params) else (lambda: float(parent_params)), flag, "params", _COUNT_UNITS)
+
+
+def parse_speedup(text) -> float:
+    """'1.5' or '1.5x' -> 1.5. Raises PuzzleError for anything that is not a positive factor."""
+    m = re.fullmatch(_NUMBER + r"\s*[xX×]?", str(text).strip())
+    if m is None or float(m.group(1)) <= 0:
+        raise PuzzleError(f"--speedup {text!r} is not a speed-up. Accepted: {_FORMS['speedup']}")
+    return float(m.group(1))
+
+
+def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) -> float:
+    """A minimum throughput rewritten as a maximum runtime (ms) for the workload.
+
+    '1.5x' means 1.5 times the parent's throughput: runtime <= parent runtime / 1.5.
+    'R tok/s' means R generated tokens per second: runtime_ms <= 1000 * batch_size * gen_len / R,
+    with batch_size and gen_len from the table's workload.
+
+    Raises:
+        PuzzleError: a malformed string, or an absolute rate on a table whose workload lacks
+            batch_size or gen_len (use --max-runtime or the 'x' form there).
+    """
+    s = str(text).strip()
+    if m := re.fullmatch(_NUMBER + r"\s*[xX×]", s):
+        factor = float(m.group(1))
+        if factor <= 0:
+            raise PuzzleError(f"--min-throughput {text!r} must be above zero")
+        return (parent_runtime_ms() if callable(parent_runtime_ms) else float(parent_runtime_ms)) / factor
+    m = re.fullmatch(_NUMBER + r"\s*(?:tok/s|tokens/s|tok_s)", s, flags=re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise PuzzleError(f"--min-throughput {text!r} is not a throughput. Accepted: {_FORMS['throughput']}")
+    batch, gen = workload.get("batch_size"), workload.get("gen_len")
+    if not batch or not gen:
+        raise PuzzleError(f"--min-throughput {text!r}: the table's workload does not say batch_size and gen_len "
+                          f"(got {batch!r}, {gen!r}); give --max-runtime or a multiple of the parent's rate (1.5x)")
+    return 1000.0 * float(batch) * float(gen) / float(m.group(1))
+
+
+def suggest_fraction(needed: float, parent_total: float) -> float:
+    """The smallest fraction with 3 decimals whose bound admits `needed` (rounded up, never down)."""
+    fraction = needed / parent_total * (1 + 1e-7)  # a hair of room: the solver rounds costs up
+    return math.ceil(fraction * 1000) / 1000

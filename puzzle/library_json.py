@@ -1,0 +1,133 @@
+"""Adapter: the Puzzle authors' published block library (block_library.json) as a score table.
+
+The file (NVlabs/puzzle, examples/data/<model>/block_library.json) maps `layer_<i>` to variants
+named like
+
+    "attention = 8 kv heads (parent * 100%)\\t&&\\tffn = intermediate size 22e3 (parent * 75%)"
+    "attention = no_op (parent * 0%)\\t&&\\tffn = no_op (parent * 0%)"
+
+each with `stats` (runtime_ms, memory_mib, num_params, num_kv_heads, ffn_intermediate_size, and
+attention_* / ffn_* breakdowns) and `metrics` (kl_div, lm_loss of replace-1-block scoring). A
+removed subblock is written "no_op" and has 0 KV heads or width 0; a linear replacement would be
+written "linear" (the Llama-3.3-70B library has none). The names are read for the kind, the stats
+for the sizes, so the rounded "22e3" in a name never becomes a width.
+
+Each variant becomes one coupled `block` row (runtime_ms, memory_mib, params from the stats;
+kl_nats from kl_div; lm_loss). The file has no prefill/decode split (those columns are NaN) and no
+embedding or LM-head costs: the non-block row has zero costs and `meta["non_block"]` says so, so
+fractions of "the parent" are fractions of the parent's blocks. The optional sibling files
+measurement_info.json (device, dtype, batch size, sequence length) and parent_block_stats.json
+(the parent block) fill the sidecar meta and the `is_parent` flags.
+
+The data is under NVIDIA's non-commercial licence: read it where it lies, never copy it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .architecture import AttentionConfig, BlockConfig, FFNConfig
+from .errors import PuzzleError
+
+COLUMNS = ["layer", "subblock", "variant", "is_parent", "kl_nats", "lm_loss", "prefill_ms", "decode_ms",
+           "runtime_ms", "memory_mib", "params"]
+
+
+def _subblock(part: str, size: int, kind: str, name: str, layer: str):
+    """One half of a variant name ('attention = 8 kv heads (...)') -> AttentionConfig or FFNConfig."""
+    text = part.split("=", 1)[-1].strip().lower()
+    if text.startswith("no_op") or text.startswith("noop"):
+        return AttentionConfig("no_op") if kind == "attention" else FFNConfig("no_op")
+    if text.startswith("linear") or "replace_with_linear" in text:
+        return AttentionConfig("linear") if kind == "attention" else FFNConfig("linear")
+    if size <= 0:
+        raise PuzzleError(f"{layer} variant {name!r}: {kind} is neither no_op nor linear but has size {size}")
+    return AttentionConfig("gqa", int(size)) if kind == "attention" else FFNConfig("swiglu", int(size))
+
+
+def variant_block(name: str, stats: dict, layer: str = "?") -> BlockConfig:
+    """The BlockConfig a block_library.json variant stands for.
+
+    Raises:
+        PuzzleError: a name that is not 'attention = ... && ffn = ...' or sizes that contradict it.
+    """
+    parts = [p.strip() for p in re.split(r"&&", name)]
+    if len(parts) != 2 or not parts[0].lower().startswith("attention") or not parts[1].lower().startswith("ffn"):
+        raise PuzzleError(f"{layer}: variant name {name!r} is not 'attention = ... && ffn = ...'")
+    try:
+        kv, width = int(stats["num_kv_heads"]), int(stats["ffn_intermediate_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PuzzleError(f"{layer} variant {name!r}: stats lack num_kv_heads / ffn_intermediate_size") from e
+    return BlockConfig(_subblock(parts[0], kv, "attention", name, layer), _subblock(parts[1], width, "ffn", name, layer))
+
+
+def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """Read block_library.json (or the folder holding it) as a coupled score table.
+
+    Returns:
+        (table, meta): one `block` row per (layer, variant) with the columns of `COLUMNS`, plus one
+        `non_block` row (layer -1, zero costs); meta with the device, dtype, batch_size,
+        sequence_length (measurement_info.json), source path and a note on non-block costs.
+
+    Raises:
+        PuzzleError: a missing or unreadable file, or a variant that cannot be mapped.
+    """
+    path = Path(path)
+    folder, file = (path, path / "block_library.json") if path.is_dir() else (path.parent, path)
+    if not file.is_file():
+        raise PuzzleError(f"{file} does not exist; point --library at block_library.json or its folder")
+    try:
+        library = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PuzzleError(f"{file} is not valid JSON ({e})") from e
+    layer_keys = sorted((k for k in library if re.fullmatch(r"layer_\d+", k)), key=lambda k: int(k[6:]))
+    if not layer_keys or [int(k[6:]) for k in layer_keys] != list(range(len(layer_keys))):
+        raise PuzzleError(f"{file} must map layer_0 ... layer_<L-1> to variants")
+    info = _optional_json(folder / "measurement_info.json")
+    parent_stats = _optional_json(folder / "parent_block_stats.json").get("stats", {})
+
+    rows = []
+    for key in layer_keys:
+        variants = library[key]
+        blocks = {name: variant_block(name, v.get("stats", {}), key) for name, v in variants.items()}
+        if parent_stats:
+            parent = BlockConfig(AttentionConfig("gqa", int(parent_stats["num_kv_heads"])),
+                                 FFNConfig("swiglu", int(parent_stats["ffn_intermediate_size"])))
+        else:  # the widest block: most KV heads, then the widest FFN
+            parent = max(blocks.values(), key=lambda b: (b.attention.num_kv_heads or 0, b.ffn.intermediate_size or 0))
+        for name, v in variants.items():
+            stats, metrics = v.get("stats", {}), v.get("metrics", {})
+            rows.append({"layer": int(key[6:]), "subblock": "block", "variant": blocks[name].id,
+                         "is_parent": blocks[name] == parent, "kl_nats": _number(metrics.get("kl_div")),
+                         "lm_loss": _number(metrics.get("lm_loss")), "prefill_ms": math.nan, "decode_ms": math.nan,
+                         "runtime_ms": _number(stats.get("runtime_ms")), "memory_mib": _number(stats.get("memory_mib")),
+                         "params": _number(stats.get("num_params"))})
+    rows.append({"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
+                 "lm_loss": math.nan, "prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0, "memory_mib": 0.0,
+                 "params": 0.0})
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    meta = {"source": str(file), "format": "puzzle-authors-block-library",
+            "device": info.get("gpu"), "dtype": info.get("dtype"), "batch_size": info.get("batch_size"),
+            "sequence_length": info.get("sequence_length"), "prompt_len": None, "gen_len": None,
+            "non_block": "not in the file: zero costs (fractions are of the parent's blocks only)",
+            "prefill_decode": "not in the file: runtime_ms is the block's whole measured runtime"}
+    return table, meta
+
+
+def _optional_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PuzzleError(f"{path} is not valid JSON ({e})") from e
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)

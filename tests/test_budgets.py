@@ -1,0 +1,110 @@
+"""Budget strings: fractions of the parent, absolute values with units, and clear errors."""
+
+import math
+
+import pytest
+
+from puzzle.budgets import (BudgetRequest, Budgets, parse_fraction, parse_memory_mib, parse_params, parse_speedup,
+                            parse_time_ms, suggest_fraction, throughput_to_runtime_ms)
+from puzzle.errors import PuzzleError
+
+PARENT = {"runtime_ms": 400.0, "prefill_ms": 100.0, "decode_ms": 3.0, "memory_mib": 2048.0, "params": 1.0e9}
+
+
+@pytest.mark.parametrize("text, value", [("0.67", 0.67), ("67%", 0.67), ("1/1.5", 1 / 1.5), (" 0.5 ", 0.5), ("2e-1", 0.2)])
+def test_fractions(text, value):
+    assert parse_fraction(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text, ms", [("0.5", 200.0), ("250ms", 250.0), ("1.5s", 1500.0), ("800us", 0.8), ("250 ms", 250.0)])
+def test_time(text, ms):
+    assert parse_time_ms(text, PARENT["runtime_ms"]) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("text, mib", [("0.25", 512.0), ("2GiB", 2048.0), ("512MiB", 512.0), ("300MB", 300e6 / 2**20),
+                                       ("1.5GB", 1.5e9 / 2**20), ("4096KiB", 4.0), ("2gib", 2048.0)])
+def test_memory(text, mib):
+    assert parse_memory_mib(text, PARENT["memory_mib"]) == pytest.approx(mib)
+
+
+@pytest.mark.parametrize("text, count", [("0.5", 5e8), ("60M", 6e7), ("1.2B", 1.2e9), ("500K", 5e5), ("2g", 2e9)])
+def test_params(text, count):
+    assert parse_params(text, PARENT["params"]) == pytest.approx(count)
+
+
+@pytest.mark.parametrize("parse, text", [
+    (parse_time_ms, "fast"), (parse_time_ms, "2 parsecs"), (parse_time_ms, "0"), (parse_time_ms, "-1"),
+    (parse_time_ms, "150"), (parse_memory_mib, "2 GiBs"), (parse_memory_mib, "2ms"), (parse_params, "60X"),
+    (parse_params, "")])
+def test_malformed_budget_names_flag_and_forms(parse, text):
+    with pytest.raises(PuzzleError) as e:
+        parse(text, 100.0, "--the-flag")
+    assert "--the-flag" in str(e.value) and "Accepted" in str(e.value)
+
+
+def test_bare_number_above_limit_asks_for_a_unit():
+    with pytest.raises(PuzzleError, match="add a unit"):
+        parse_time_ms("250", 400.0)
+
+
+def test_fraction_is_computed_only_when_needed():
+    def parent():
+        raise AssertionError("parent total read for an absolute budget")
+    assert parse_time_ms("250ms", parent) == 250.0
+
+
+@pytest.mark.parametrize("text, value", [("1.5", 1.5), ("2x", 2.0), ("1.25 X", 1.25)])
+def test_speedup(text, value):
+    assert parse_speedup(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "fast", "-2", "1.5y"])
+def test_bad_speedup(text):
+    with pytest.raises(PuzzleError, match="speed-up"):
+        parse_speedup(text)
+
+
+def test_throughput_becomes_a_latency_bound():
+    workload = {"batch_size": 8, "gen_len": 64}
+    # 8 * 64 tokens in 250 ms is 2048 tok/s
+    assert throughput_to_runtime_ms("2048tok/s", 400.0, workload) == pytest.approx(250.0)
+    assert throughput_to_runtime_ms("2x", 400.0, workload) == pytest.approx(200.0)
+    with pytest.raises(PuzzleError, match="gen_len"):
+        throughput_to_runtime_ms("2048tok/s", 400.0, {"batch_size": 8})
+    with pytest.raises(PuzzleError, match="throughput"):
+        throughput_to_runtime_ms("2048", 400.0, workload)
+
+
+def test_request_resolves_against_parent_and_tightest_runtime_wins():
+    budgets = BudgetRequest(max_runtime="0.8", speedup="2", max_memory="1GiB", max_params="0.5",
+                            max_prefill="50ms", max_decode="0.5").resolve(PARENT)
+    assert budgets.max_runtime_ms == pytest.approx(200.0)  # speed-up 2 beats 0.8
+    assert budgets.max_memory_mib == pytest.approx(1024.0)
+    assert budgets.max_params == pytest.approx(5e8)
+    assert budgets.max_prefill_ms == pytest.approx(50.0) and budgets.max_decode_ms == pytest.approx(1.5)
+    assert set(budgets.limits()) == {"runtime_ms", "memory_mib", "params", "prefill_ms", "decode_ms"}
+    throughput = BudgetRequest(max_runtime="0.9", min_throughput="1000tok/s").resolve(PARENT, {"batch_size": 4, "gen_len": 50})
+    assert throughput.max_runtime_ms == pytest.approx(200.0)  # 4 * 50 tokens / 1000 tok/s
+    assert BudgetRequest().is_empty() and BudgetRequest().resolve(PARENT).limits() == {}
+
+
+def test_fraction_of_a_total_the_table_lacks_is_refused():
+    with pytest.raises(PuzzleError, match="no parent prefill_ms"):
+        BudgetRequest(max_prefill="0.5").resolve({**PARENT, "prefill_ms": math.nan})
+    assert BudgetRequest(max_prefill="40ms").resolve({**PARENT, "prefill_ms": math.nan}).max_prefill_ms == 40.0
+
+
+def test_budgets_validate_and_round_trip():
+    b = Budgets(max_runtime_ms=120.0, max_params=3e8)
+    assert Budgets.from_dict(b.to_dict()) == b
+    assert "max_runtime_ms=120" in b.describe() and Budgets().describe() == "no budget"
+    with pytest.raises(PuzzleError):
+        Budgets(max_memory_mib=-1.0)
+    with pytest.raises(PuzzleError):
+        Budgets(max_runtime_ms=math.inf)
+
+
+def test_suggested_fraction_rounds_up():
+    assert suggest_fraction(143.2, 298.0) == 0.481  # 0.48054 -> never rounded down
+    assert suggest_fraction(0.48 * 300.0, 300.0) >= 0.48
+    assert suggest_fraction(100.0, 300.0) * 300.0 >= 100.0

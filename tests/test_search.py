@@ -1,0 +1,363 @@
+"""The search: optimality against brute force, infeasibility messages, diversity, verification, the
+Puzzle authors' library, sweeps, the greedy baseline and the `puzzle search` command."""
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from puzzle import search
+from puzzle.budgets import Budgets
+from puzzle.errors import PuzzleError
+from puzzle.io import save_table
+from puzzle.search import (Solution, VerificationError, add_search_arguments, build_choices, greedy, parent_totals,
+                           search_main, solve, sweep, verify)
+
+FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "puzzle-llama-3.3-70b-instruct"
+ATTENTION = ["attn-kv4", "attn-kv2", "attn-kv1", "attn-linear", "attn-noop"]  # the parent's first
+FFN = ["ffn-64", "ffn-48", "ffn-32", "ffn-linear", "ffn-noop"]
+COSTS = ["runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params"]
+
+
+def _row(layer, subblock, variant, parent, rng, scale):
+    """One row whose costs shrink and KL grows with `scale` in [0, 1] (1 = the parent's size)."""
+    noise = rng.uniform(0.7, 1.3, 6)
+    return {"layer": layer, "subblock": subblock, "variant": variant, "is_parent": parent,
+            "kl_nats": 0.0 if parent else (1.05 - scale) * noise[0] * rng.uniform(0.1, 1.0),
+            "lm_loss": 2.0 + (0.0 if parent else (1 - scale) * noise[1]),
+            "prefill_ms": 10 * scale * noise[2], "decode_ms": scale * noise[3] / 4,
+            "runtime_ms": 10 * scale * noise[2] + 8 * scale * noise[3] / 4,
+            "memory_mib": 100 * scale * noise[4], "params": float(int(1e6 * scale * noise[5]))}
+
+
+def random_table(seed, layers=3, kind="decoupled", n_attn=3, n_ffn=3, shared_costs=False):
+    """A small score table: decoupled (attention + ffn rows), coupled (block rows) or mixed (both)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(layers):
+        rng_costs = np.random.default_rng(seed) if shared_costs else rng  # same costs in every layer
+        attn = [(v, 1.0 - k / n_attn) for k, v in enumerate(ATTENTION[:n_attn])]
+        ffn = [(v, 1.0 - k / n_ffn) for k, v in enumerate(FFN[:n_ffn])]
+        if kind in ("decoupled", "mixed"):
+            rows += [_row(i, "attention", v, k == 0, rng_costs, s) for k, (v, s) in enumerate(attn)]
+            rows += [_row(i, "ffn", v, k == 0, rng_costs, s) for k, (v, s) in enumerate(ffn)]
+        if kind == "coupled" or (kind == "mixed" and i % 2 == 0):
+            for (a, sa), (f, sf) in itertools.product(attn, ffn):
+                row = _row(i, "block", f"{a}+{f}", a == attn[0][0] and f == ffn[0][0], rng_costs, (sa + sf) / 2)
+                rows.append(row)
+    rows.append({"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
+                 "lm_loss": np.nan, "prefill_ms": 3.0, "decode_ms": 0.2, "runtime_ms": 4.6, "memory_mib": 50.0,
+                 "params": 2e5})
+    return pd.DataFrame(rows)
+
+
+def brute_force(table, budgets, objective="kl_nats", exclude_linear=False):
+    """Every architecture, enumerated straight from the rows: (best objective, its block ids) or None."""
+    nb = table[table["subblock"] == "non_block"].iloc[0]
+    per_layer = []
+    for layer in sorted(table.loc[table["layer"] >= 0, "layer"].unique()):
+        rows = table[table["layer"] == layer].to_dict("records")
+        kind = lambda k: [r for r in rows if r["subblock"] == k]  # noqa: E731
+        blocks = {r["variant"]: [r] for r in kind("block")}
+        for a, f in itertools.product(kind("attention"), kind("ffn")):
+            blocks.setdefault(f"{a['variant']}+{f['variant']}", [a, f])  # a block row wins over the pair
+        per_layer.append([(k, v) for k, v in blocks.items() if not (exclude_linear and "linear" in k)])
+    base = table.loc[table["is_parent"] & (table["layer"] >= 0), "lm_loss"].median()
+    best = None
+    for combo in itertools.product(*per_layer):
+        rows = [r for _, rs in combo for r in rs]
+        totals = {c: sum(r[c] for r in rows) + nb[c] for c in COSTS}
+        if any(totals[c] > b for c, b in budgets.limits().items()):
+            continue
+        value = sum(r["kl_nats"] for r in rows) if objective == "kl_nats" else base + sum(r["lm_loss"] - base for r in rows)
+        if best is None or value < best[0] - 1e-12:
+            best = (value, [k for k, _ in combo])
+    return best
+
+
+def fraction_budgets(table, **fractions):
+    parent = parent_totals(table)
+    return Budgets(**{f"max_{c}": f * parent[c] for c, f in fractions.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimality
+
+
+@pytest.mark.parametrize("kind", ["decoupled", "coupled", "mixed"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_solve_matches_brute_force(kind, seed):
+    table = random_table(seed, layers=4 if kind == "decoupled" else 3, kind=kind)
+    for fractions in [dict(runtime_ms=0.8), dict(runtime_ms=0.55), dict(runtime_ms=0.7, memory_mib=0.6),
+                      dict(params=0.5, decode_ms=0.7)]:
+        budgets = fraction_budgets(table, **fractions)
+        expected = brute_force(table, budgets)
+        if expected is None:
+            with pytest.raises(PuzzleError, match="no architecture"):
+                solve(table, budgets)
+            continue
+        (s,) = solve(table, budgets)
+        assert s.optimal
+        assert s.objective == pytest.approx(expected[0], rel=1e-9, abs=1e-12)
+        assert s.kl_nats == pytest.approx(s.objective)
+        verify(s, table)
+
+
+def test_cp_sat_fallback_matches_brute_force(monkeypatch):
+    monkeypatch.setattr(search, "DP_MAX_STATES", 0)  # every exact solve goes to CP-SAT
+    table = random_table(5, layers=4, kind="decoupled")
+    for fractions in [dict(runtime_ms=0.6), dict(runtime_ms=0.75, memory_mib=0.7)]:
+        budgets = fraction_budgets(table, **fractions)
+        (s,) = solve(table, budgets, num_workers=1)
+        assert s.optimal and s.objective == pytest.approx(brute_force(table, budgets)[0], rel=1e-9)
+
+
+def test_shared_costs_and_lm_loss_objective():
+    table = random_table(3, layers=4, kind="coupled", shared_costs=True)  # costs identical per variant, as measured
+    budgets = fraction_budgets(table, runtime_ms=0.6)
+    (s,) = solve(table, budgets, objective="lm_loss")
+    assert s.objective == pytest.approx(brute_force(table, budgets, objective="lm_loss")[0], rel=1e-9)
+    assert s.lm_loss == pytest.approx(s.objective)
+    weighted, = solve(table, budgets, objective={"kl_nats": 1.0, "lm_loss": 0.0})
+    assert weighted.objective == pytest.approx(brute_force(table, budgets)[0], rel=1e-9)
+
+
+def test_ties_go_to_the_faster_child():
+    table = random_table(0, layers=2, kind="coupled")
+    table.loc[table["layer"] >= 0, "kl_nats"] = 0.0  # every architecture scores the same
+    (s,) = solve(table, fraction_budgets(table, memory_mib=2.0))
+    assert s.runtime_ms == pytest.approx(min(
+        sum(r) + 4.6 for r in itertools.product(*[table.loc[table["layer"] == i, "runtime_ms"] for i in (0, 1)])))
+
+
+def test_block_row_replaces_the_pair_of_the_same_block():
+    table = random_table(1, layers=2, kind="mixed")
+    choices = build_choices(table)
+    ids = [b.id for b in choices.blocks[0]]
+    assert len(ids) == len(set(ids)) == 9  # 9 block rows; the 9 pairs of layer 0 build the same blocks
+    assert all(len(rows) == 1 for rows in choices.rows[0]) and all(len(rows) == 2 for rows in choices.rows[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Infeasible budgets
+
+
+def test_infeasible_budget_names_resource_and_smallest_value():
+    table = random_table(2, layers=3)
+    parent = parent_totals(table)
+    fastest = brute_force_min(table, "runtime_ms")
+    with pytest.raises(PuzzleError) as e:
+        solve(table, Budgets(max_runtime_ms=0.9 * fastest))
+    message = str(e.value)
+    assert "max_runtime_ms" in message and f"{fastest:.6g} ms" in message and "--max-runtime" in message
+    suggested = float(message.rsplit("at least", 1)[1])
+    assert suggested * parent["runtime_ms"] >= fastest
+    solve(table, Budgets(max_runtime_ms=suggested * parent["runtime_ms"]))  # the advice works
+
+
+def test_budget_equal_to_the_least_total_is_met(monkeypatch):
+    table = random_table(3, layers=3)
+    fastest = brute_force_min(table, "runtime_ms")
+    for cap in (search.DP_MAX_STATES, 0):  # the dynamic program, then CP-SAT
+        monkeypatch.setattr(search, "DP_MAX_STATES", cap)
+        (s,) = solve(table, Budgets(max_runtime_ms=fastest), num_workers=1)
+        assert s.optimal and s.runtime_ms == pytest.approx(fastest, rel=1e-12)
+
+
+def test_unreadable_library_path_is_refused(tmp_path):
+    with pytest.raises(PuzzleError, match="score_table.csv"):
+        search.load_search_table(tmp_path)
+
+
+def brute_force_min(table, column):
+    nb = table[table["subblock"] == "non_block"].iloc[0][column]
+    return nb + sum(min(
+        [r[column] for _, r in table[(table["layer"] == i) & (table["subblock"] == "block")].iterrows()] +
+        [a + f for a in table.loc[(table["layer"] == i) & (table["subblock"] == "attention"), column]
+         for f in table.loc[(table["layer"] == i) & (table["subblock"] == "ffn"), column]])
+        for i in sorted(table.loc[table["layer"] >= 0, "layer"].unique()))
+
+
+def test_budgets_reachable_alone_but_not_together():
+    # per layer: the parent, a fast-but-large block and a small-but-slow block
+    rows = [{"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
+             "lm_loss": np.nan, "prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 1.0, "memory_mib": 1.0, "params": 10.0}]
+    for i in range(3):
+        for variant, parent, runtime, params in [("attn-kv4+ffn-64", True, 10.0, 100.0), ("attn-noop+ffn-64", False, 2.0, 90.0),
+                                                 ("attn-kv4+ffn-noop", False, 9.0, 20.0)]:
+            rows.append({"layer": i, "subblock": "block", "variant": variant, "is_parent": parent,
+                         "kl_nats": 0.0 if parent else 0.1, "lm_loss": 2.0, "prefill_ms": runtime / 2,
+                         "decode_ms": runtime / 20, "runtime_ms": runtime, "memory_mib": params / 10, "params": params})
+    table = pd.DataFrame(rows)
+    budgets = Budgets(max_runtime_ms=1.0 + 3 * 2.0 + 1.0, max_params=10.0 + 3 * 20.0 + 5.0)  # each alone: reachable
+    assert brute_force(table, budgets) is None
+    with pytest.raises(PuzzleError) as e:
+        solve(table, budgets)
+    assert "under the other budgets" in str(e.value) and "together with" in str(e.value)
+    assert "no architecture" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diversity, filters, verification
+
+
+def test_diverse_solutions_differ_in_d_layers_and_are_each_optimal():
+    table = random_table(7, layers=4, kind="decoupled")
+    budgets = fraction_budgets(table, runtime_ms=0.7)
+    solutions = solve(table, budgets, num_solutions=3, min_layers_differ=2)
+    assert len(solutions) == 3
+    for a, b in itertools.combinations(solutions, 2):
+        assert sum(x != y for x, y in zip(a.choice, b.choice)) >= 2
+    assert solutions[0].objective <= solutions[1].objective <= solutions[2].objective
+    # the second is the best among the architectures that differ from the first in >= 2 layers
+    first, nb = solutions[0].choice, table[table["subblock"] == "non_block"].iloc[0]
+    value = {(r["layer"], r["variant"]): r for r in table.to_dict("records")}
+    best_second = math.inf
+    for combo in itertools.product(*[[b.id for b in layer] for layer in build_choices(table).blocks]):
+        rows = [value[(i, v)] for i, block in enumerate(combo) for v in block.split("+")]
+        if sum(x != y for x, y in zip(combo, first)) >= 2 and sum(r["runtime_ms"] for r in rows) + nb["runtime_ms"] \
+                <= budgets.max_runtime_ms:
+            best_second = min(best_second, sum(r["kl_nats"] for r in rows))
+    assert solutions[1].objective == pytest.approx(best_second, rel=1e-9)
+
+
+def test_vllm_compatible_and_exclude_leave_variants_out():
+    table = random_table(8, layers=3, n_attn=5, n_ffn=5)
+    table.loc[table["variant"].str.contains("linear"), ["kl_nats"]] = 0.0  # make linear irresistible
+    budgets = fraction_budgets(table, runtime_ms=0.6)
+    (free,) = solve(table, budgets)
+    assert any("linear" in b for b in free.choice)
+    (served,) = solve(table, budgets, vllm_compatible=True)
+    assert not any("linear" in b for b in served.choice)
+    assert served.objective == pytest.approx(brute_force(table, budgets, exclude_linear=True)[0], rel=1e-9)
+    (no_noop,) = solve(table, budgets, exclude=("attn-noop", "ffn-noop"))
+    assert not any("noop" in b for b in no_noop.choice)
+    (layer_rule,) = solve(table, budgets, exclude=[(0, "attn-linear"), (0, "ffn-linear")])
+    assert "linear" not in layer_rule.choice[0]
+
+
+def test_verify_catches_tampering():
+    table = random_table(9, layers=3)
+    budgets = fraction_budgets(table, runtime_ms=0.7)
+    (s,) = solve(table, budgets)
+    verify(s, table)
+    other_layer_rows = tuple(tuple(r) for r in [s.rows[1], s.rows[1], s.rows[2]])
+    for tampered in [
+        Solution(**{**s.__dict__, "rows": other_layer_rows}),  # layer 0 uses layer 1's rows
+        Solution(**{**s.__dict__, "runtime_ms": s.runtime_ms * 0.5}),  # wrong total
+        Solution(**{**s.__dict__, "objective": s.objective - 0.1}),
+        Solution(**{**s.__dict__, "rows": s.rows[:2], "blocks": s.blocks[:2]}),  # a layer missing
+        Solution(**{**s.__dict__, "blocks": (s.blocks[1], s.blocks[0], s.blocks[2])}) if s.blocks[0] != s.blocks[1]
+        else Solution(**{**s.__dict__, "rows": ((s.rows[0][0],),) + s.rows[1:]}),  # blocks disagree with rows
+    ]:
+        with pytest.raises(VerificationError):
+            verify(tampered, table)
+    with pytest.raises(VerificationError, match="breaks the budget"):
+        verify(s, table, Budgets(max_runtime_ms=s.runtime_ms * 0.99))
+
+
+def test_solution_round_trips_through_json():
+    table = random_table(10, layers=3)
+    (s,) = solve(table, fraction_budgets(table, runtime_ms=0.7, memory_mib=0.8))
+    again = Solution.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again.choice == s.choice and again.rows == s.rows and again.budgets == s.budgets
+    assert again.objective == s.objective and again.speedup == pytest.approx(s.speedup)
+    verify(again, table)
+
+
+def test_sweep_agrees_with_single_solves_and_skips_infeasible():
+    table = random_table(11, layers=4)
+    budget_list = [fraction_budgets(table, runtime_ms=f) for f in (0.9, 0.6, 0.75)] + [Budgets(max_runtime_ms=1e-3)]
+    results = sweep(table, budget_list, on_infeasible="skip")
+    assert results[-1] == []
+    for budgets, (s,) in zip(budget_list, results[:-1]):
+        assert s.objective == pytest.approx(solve(table, budgets)[0].objective, rel=1e-12)
+    with pytest.raises(PuzzleError):
+        sweep(table, budget_list)
+
+
+def test_greedy_meets_the_budget_and_never_beats_the_optimum():
+    table = random_table(12, layers=4)
+    for f in (0.5, 0.7, 0.9):
+        budgets = fraction_budgets(table, runtime_ms=f)
+        g = greedy(table, budgets)
+        assert g.runtime_ms <= budgets.max_runtime_ms and g.method == "greedy" and not g.optimal
+        assert g.objective >= solve(table, budgets)[0].objective - 1e-12
+
+
+def test_malformed_tables_are_refused():
+    table = random_table(13, layers=2)
+    with pytest.raises(PuzzleError, match="non_block"):
+        build_choices(table[table["subblock"] != "non_block"])
+    with pytest.raises(PuzzleError, match="no ffn rows"):
+        build_choices(table[~((table["layer"] == 1) & (table["subblock"] == "ffn"))])
+    with pytest.raises(PuzzleError, match="lacks columns"):
+        build_choices(table.drop(columns=["memory_mib"]))
+    broken = table.copy()
+    broken.loc[broken["variant"] == "attn-kv2", "variant"] = "attn-fancy"
+    with pytest.raises(PuzzleError, match="unknown attention variant"):
+        build_choices(broken)
+    no_prefill = table.copy()
+    no_prefill.loc[no_prefill["layer"] == 0, "prefill_ms"] = np.nan
+    with pytest.raises(PuzzleError, match="prefill_ms"):
+        solve(no_prefill, Budgets(max_prefill_ms=100.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The Puzzle authors' library and the command
+
+
+needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"{FIXTURE} not present")
+
+
+@needs_fixture
+def test_puzzle_library_solves_to_optimality():
+    from puzzle.library_json import read_puzzle_library
+
+    table, meta = read_puzzle_library(FIXTURE)
+    assert len(table) == 80 * 16 + 1 and meta["batch_size"] == 256 and "zero" in meta["non_block"]
+    assert table["is_parent"].sum() == 81 and set(table.loc[table["layer"] == 0, "variant"]) >= {
+        "attn-kv8+ffn-28672", "attn-noop+ffn-noop", "attn-kv8+ffn-noop", "attn-noop+ffn-2816"}
+    parent = parent_totals(table)
+    results = sweep(table, [Budgets(max_runtime_ms=f * parent["runtime_ms"]) for f in (0.5, 0.7, 0.9)])
+    for f, (s,) in zip((0.5, 0.7, 0.9), results):
+        assert s.optimal and s.runtime_ms <= f * parent["runtime_ms"] and s.speedup >= 1 / f
+        verify(s, table)
+    # cross-checked with SCIP (OR-Tools MIP backend, gap 0) on the plain formulation
+    assert results[0][0].objective == pytest.approx(14.032297166151693, rel=1e-9)
+
+
+@needs_fixture
+def test_search_command_prints_one_json_object(capsys):
+    parser = argparse.ArgumentParser()
+    add_search_arguments(parser)
+    args = parser.parse_args(["--library", str(FIXTURE / "block_library.json"), "--max-runtime", "0.7",
+                              "--max-memory", "0.8", "--json"])
+    assert search_main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["choice"]) == 80 and record["optimal"]
+    assert record["runtime_ms"] <= 0.7 * record["parent"]["runtime_ms"]
+    assert record["memory_mib"] <= 0.8 * record["parent"]["memory_mib"]
+    assert record["objective"] == pytest.approx(record["kl_nats"])
+
+
+def test_search_command_reads_a_run_directory(tmp_path, capsys):
+    table = random_table(14, layers=3)
+    save_table(table, tmp_path / "score" / "score_table.csv", {"device": "cpu", "batch_size": 1, "gen_len": 8})
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--speedup", type=float)  # the main CLI adds the shared budget flags itself
+    add_search_arguments(parser)
+    args = parser.parse_args(["--library", str(tmp_path), "--speedup", "1.25", "--num-solutions", "2",
+                              "--json", "--output", str(tmp_path / "search.json")])
+    assert search_main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["speedup"] >= 1.25 and len(record["alternatives"]) == 1
+    assert json.loads((tmp_path / "search.json").read_text())["choice"] == record["choice"]
+    args = parser.parse_args(["--library", str(tmp_path), "--max-runtime", "1ms"])
+    with pytest.raises(PuzzleError, match="raise --max-runtime"):
+        search_main(args)
