@@ -123,7 +123,8 @@ class Run:
         from .scoring.cost import Workload
 
         t = self.config.target
-        return Workload(batch_size=t.batch_size, prompt_len=t.prompt_len, gen_len=t.gen_len, dtype=t.dtype, device=t.device)
+        return Workload(batch_size=t.batch_size, prompt_len=t.prompt_len, gen_len=t.gen_len, dtype=t.dtype, device=t.device,
+                        num_threads=t.threads)
 
 
 def fingerprint(model) -> str:

@@ -1,0 +1,786 @@
+"""Measured hardware cost of candidate subblocks and of whole models, for a declared workload.
+
+A *workload* is (device, dtype, batch size B, prompt length P, generated tokens G). Its runtime is
+the latency of one request: a prefill of the (B, P) prompt followed by G greedy decode steps,
+embedding, final norm, LM head and argmax included (issue 2). Per subblock variant:
+
+    prefill_ms   latency of the subblock, RMSNorm and residual add included, on a (B, P, C) input
+                 (GQA attention also writes its keys and values into a KVCache)
+    decode_ms    latency of one decode step on (B, 1, C); GQA attends over a KVCache holding
+                 C_ctx = P + G // 2 positions, the mean context over the G steps (attention cost is
+                 linear in the context, so the mean context gives the mean step)
+    runtime_ms   prefill_ms + G * decode_ms
+    memory_mib   parameter bytes + KV cache at (B, P + G), both in the workload dtype (memory.py)
+    params       parameters, RMSNorm included; a no_op variant costs 0 everywhere
+
+The non-block part (embedding lookup, RoPE tables, cache bookkeeping, per-layer dispatch, final
+norm, LM head on the last position only, argmax) is measured once. A child's predicted cost is the
+non-block cost plus the sum of its subblocks' rows (`select_rows`, `predict_totals`);
+`measure_model` measures the real child and `additivity_report` compares the two.
+
+Why the sum of parts matches the whole. Every timed piece runs the code the model runs:
+`DecoderBlock.forward` evaluates `h + attn(input_layernorm(h), cos, sin, cache)` and
+`h + mlp(post_attention_layernorm(h))`, and that expression, on modules built by
+`puzzle.modeling` (GQAAttention with a real KVCache, SwiGLU, LinearAttention, LinearFFN,
+RMSNorm), is what a subblock sample times. The non-block cost is `PuzzleForCausalLM.forward` (with
+`logits_to_keep=1`) plus the argmax, run on a model of the same depth whose layers are all no_op:
+it holds everything the forward does around the subblocks, including the loop over the layers and
+each layer's module call, so these are counted once and not once per subblock. What remains
+outside the sum is a few hundred nanoseconds per layer of the `if` tests in `DecoderBlock.forward`.
+
+Python overhead is therefore included, on purpose and in the same amount as in the model: a
+GQA subblock is about 35 ATen ops (projections, RoPE, cache writes, repeat_interleave, SDPA,
+RMSNorm, residual) and SwiGLU about 12, each with its Python and dispatch cost. On the 2-core
+development VM a tiny model's decode step (where that overhead is all there is) measured
+~0.45 ms per GQA subblock and ~0.17 ms per SwiGLU; leaving it out would make cheap variants look
+cheaper than they are in the model. In that Python-bound regime the sum of parts still runs
+~15-25% under the whole model: a subblock called in a tight loop keeps the interpreter's and the
+branch predictor's state warm, which the long, varied forward of a real model does not. Where the
+subblocks do real work (a SmolLM2-sized parent: milliseconds per subblock) this is a few percent.
+
+Cache effects. A decode step streams every layer's weights once, so in the model each subblock
+finds its weights cold in the last-level cache. A subblock timed alone in a loop would find them
+hot and look faster than it is. Decode samples therefore cycle through copies of the subblock (each
+with its own KV cache) whose weights together exceed twice the last-level cache (L3 on a CPU, L2
+on a GPU); the sample is the mean over the copies. Prefill reuses each weight B*P times, is
+compute bound, and is timed on one copy at a time (rotating), with its input read just before, as
+the model's input was just written by the previous subblock.
+
+Allocator. glibc's malloc, left to itself, gives the free top of its heap back to the OS and
+page-faults it in again on the next large activation. In a whole-model prefill this happens over
+and over (5-25% extra time on a SmolLM2-sized parent, depending on the order of allocations), while
+a subblock timed alone reuses its freed buffers and never faults. Measurements therefore pin the
+allocator first (`steady_allocator`), so that both the parts and the whole run fault-free.
+
+Noise. Shared machines are noisy, so samples of all variants are interleaved: every repeat runs
+one sample of each variant in a fresh random order, and the reported figure is the median over the
+repeats, with the interquartile range as the spread (`*_iqr_ms`). Threads are fixed with
+`torch.set_num_threads` while measuring and restored afterwards. On CUDA, samples are timed with
+CUDA events after a synchronize. On a CPU two clocks are offered:
+
+    clock="wall"  time.perf_counter: the latency a user sees (the default).
+    clock="cpu"   time.process_time of this process, with one thread only: the time the work took
+                  on the core, without the time the OS gave to other processes. On a loaded,
+                  shared machine it estimates the latency of an idle one far more steadily than
+                  the wall clock; it still includes memory-bandwidth and cache contention.
+
+Compare a prediction only with a measurement taken with the same clock and threads.
+
+What was measured (2-vCPU shared VM, SmolLM2-sized random parent, B=4, P=256, G=64, fp32; the
+whole space of 3 attention and 6 FFN variants takes 4-13 s at the default 5 repeats). Timed in
+one process, side by side, a subblock alone and the same subblock inside the real model agree
+within 5-9% (decode step of the parent: 292 ms predicted, 278 ms measured). End to end, over 15
+child measurements in 3 sessions, the runtime error was 0-12.5% (median 3.7%, 12 of 15 within
+10%), and it was dominated by the machine's own drift between the table and the whole-model runs
+(the same child measured 15-20% apart minutes later), not by the method. On such a machine,
+measure the parent with the children (`measure_models`) and read `ratio_error` in
+`additivity_report`. Not yet measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import dataclasses
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from puzzle.architecture import ArchitectureError, AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.errors import PuzzleError
+from puzzle.modeling import DecoderBlock, KVCache, PuzzleForCausalLM, RotaryEmbedding
+
+from . import memory
+
+COST_COLUMNS = ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")
+TABLE_COLUMNS = ("subblock", "variant", *COST_COLUMNS, "prefill_iqr_ms", "decode_iqr_ms")
+RUNNABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CLOCKS = ("wall", "cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# The workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the child is built for: a request is a prefill of (B, P) tokens, then G decode steps.
+
+    Attributes:
+        batch_size: B sequences per request.
+        prompt_len: P prompt tokens per sequence.
+        gen_len: G generated tokens (decode steps) per sequence.
+        dtype: weights, activations and KV cache: "float32", "bfloat16" or "float16" (fp32/bf16/fp16
+            accepted and stored canonically).
+        device: "cpu", "cuda" or "cuda:N". CUDA availability is checked when measuring, so a
+            workload for another machine can still be declared (to read or check its tables).
+        num_threads: CPU threads while measuring; None uses torch's current setting.
+
+    Raises:
+        PuzzleError: a size below 1, an unknown dtype or device, or fp8 (a storage format in
+            `memory.py`, not a dtype the model runs in).
+    """
+
+    batch_size: int
+    prompt_len: int
+    gen_len: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "prompt_len", "gen_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise PuzzleError(f"workload {name} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        dtype = memory.canonical_dtype(self.dtype)
+        if dtype not in RUNNABLE_DTYPES:
+            raise PuzzleError(f"workload dtype {self.dtype!r} is a storage format only; measure in one of "
+                              f"{', '.join(RUNNABLE_DTYPES)} and use scoring.memory for {dtype} weights or KV cache")
+        object.__setattr__(self, "dtype", dtype)
+        device = str(self.device)
+        if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise PuzzleError(f"workload device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        object.__setattr__(self, "device", device)
+        if self.num_threads is not None:
+            if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, (int, np.integer)) or self.num_threads < 1:
+                raise PuzzleError(f"workload num_threads must be an integer >= 1 or None, got {self.num_threads!r}")
+            object.__setattr__(self, "num_threads", int(self.num_threads))
+
+    @property
+    def decode_context(self) -> int:
+        """C_ctx = P + G // 2: the cached positions of the mean decode step."""
+        return self.prompt_len + self.gen_len // 2
+
+    @property
+    def kv_len(self) -> int:
+        """P + G: the positions the KV cache holds at the end of the request (memory is sized for it)."""
+        return self.prompt_len + self.gen_len
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return RUNNABLE_DTYPES[self.dtype]
+
+    def threads(self) -> int:
+        """The CPU thread count used while measuring."""
+        return int(self.num_threads) if self.num_threads is not None else torch.get_num_threads()
+
+    def meta(self) -> dict:
+        """JSON-ready sidecar for a cost table: the workload, the device's name and the software.
+
+        device_name is None for a CUDA device on a machine without CUDA.
+        """
+        return {
+            "device": self.device, "device_name": device_name(self.device), "dtype": self.dtype,
+            "batch_size": self.batch_size, "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+            "decode_context": self.decode_context, "num_threads": self.threads(), "cpu_count": os.cpu_count(),
+            "torch_version": torch.__version__, "cuda_version": torch.version.cuda,
+            "python_version": platform.python_version(),
+        }
+
+    def check_meta(self, meta: Mapping) -> None:
+        """Raise PuzzleError unless a table's sidecar `meta` was measured for this workload on this device.
+
+        Compared: device name, dtype, B, P, G and (on a CPU) the thread count.
+        """
+        mine = self.meta()
+        keys = ["device", "dtype", "batch_size", "prompt_len", "gen_len"]
+        if mine["device_name"] is not None:  # None: a GPU target checked on a machine without it
+            keys.append("device_name")
+        if self.device == "cpu":
+            keys.append("num_threads")
+        diff = [f"{k}: table {meta.get(k)!r}, wanted {mine[k]!r}" for k in keys if meta.get(k) != mine[k]]
+        if diff:
+            raise PuzzleError("cost table was measured for another device or workload (" + "; ".join(diff)
+                              + "); measure it again for this target")
+
+
+def device_name(device: str) -> str | None:
+    """A readable name: the CPU model from /proc/cpuinfo (or platform), torch.cuda.get_device_name,
+    or None for a CUDA device on a machine without CUDA."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+
+class Stopwatch:
+    """Milliseconds between `start()` and `stop()` with the clock the workload calls for.
+
+    CUDA: events recorded on the current stream after a synchronize. CPU: time.perf_counter
+    ("wall") or time.process_time ("cpu", one thread only).
+    """
+
+    def __init__(self, device: str, clock: str = "wall"):
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            self.device = torch.device(device)
+            with torch.cuda.device(self.device):
+                self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.begin.record(torch.cuda.current_stream(self.device))
+        else:
+            self.t0 = self.now()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record(torch.cuda.current_stream(self.device))
+            self.end.synchronize()
+            return float(self.begin.elapsed_time(self.end))
+        return (self.now() - self.t0) * 1e3
+
+
+def _check_target(workload: Workload, clock: str, pin_allocator: bool) -> str:
+    """Raise PuzzleError for a clock unknown or unfit for the device, or a CUDA workload without CUDA.
+
+    Pins the allocator for a CPU workload when asked; returns the allocator's name for the sidecar.
+    """
+    if clock not in CLOCKS:
+        raise PuzzleError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if workload.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PuzzleError(f"workload device {workload.device!r} needs CUDA, which this machine does not have; use device='cpu'")
+        if clock != "wall":
+            raise PuzzleError("clock='cpu' is for CPU workloads; CUDA timings use CUDA events (clock='wall')")
+    elif clock == "cpu" and workload.threads() != 1:
+        raise PuzzleError(f"clock='cpu' sums the CPU time of all threads, which is not a latency with {workload.threads()} threads; "
+                          "use num_threads=1 or clock='wall'")
+    if workload.device == "cpu" and pin_allocator and steady_allocator():
+        return "glibc-pinned"
+    return "glibc-pinned" if _allocator_pinned else "default"
+
+
+class _fixed_threads:
+    """Context: the workload's thread count (restored on exit) and inference mode."""
+
+    def __init__(self, workload: Workload):
+        self.workload = workload
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.workload.threads())
+        self.mode = torch.inference_mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        torch.set_num_threads(self.saved)
+        return False
+
+
+@dataclass
+class _Task:
+    """One timed piece: `prepare()` runs untimed before each sample, `run()` is timed, and the
+    elapsed time is divided by `per_sample` (the number of calls `run` makes)."""
+
+    name: str
+    prepare: Callable[[], None]
+    run: Callable[[], object]
+    per_sample: int = 1
+
+
+def _time_interleaved(tasks: Sequence[_Task], workload: Workload, clock: str, repeats: int, warmup: int,
+                      seed: int, progress: bool, desc: str) -> dict[str, np.ndarray]:
+    """Per task, `repeats` samples in ms; each repeat runs every task once in a new random order."""
+    if repeats < 1 or warmup < 0:
+        raise PuzzleError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    rng = np.random.default_rng(seed)
+    watch = Stopwatch(workload.device, clock)
+    samples = {t.name: [] for t in tasks}
+    rounds = range(warmup + repeats)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc=desc, unit="round")
+    for r in rounds:
+        for i in rng.permutation(len(tasks)):
+            task = tasks[i]
+            task.prepare()
+            watch.start()
+            task.run()
+            ms = watch.stop()
+            if r >= warmup:
+                samples[task.name].append(ms / task.per_sample)
+    return {k: np.asarray(v) for k, v in samples.items()}
+
+
+def _median_iqr(x: np.ndarray) -> tuple[float, float]:
+    q1, med, q3 = np.percentile(x, [25, 50, 75])
+    return float(med), float(q3 - q1)
+
+
+def last_level_cache_bytes(device: str) -> int:
+    """L2 size of a CUDA device, else the largest CPU cache in sysfs (L3); 32 MiB when unknown."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.get_device_properties(torch.device(device)).L2_cache_size)
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            if entry.startswith("index"):
+                with open(f"{base}/{entry}/size") as f:
+                    text = f.read().strip().upper()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+                best = max(best, int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return best or 32 * memory.MIB
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+_allocator_pinned = False
+
+
+def steady_allocator(trim_mib: int = 512, mmap_mib: int = 32) -> bool:
+    """Pin glibc malloc's thresholds so that freed activations stay in the process; True if pinned.
+
+    By default glibc adapts its mmap threshold and returns the free top of the heap to the OS
+    (trim), so the next large activation page-faults its memory back: on a SmolLM2-sized prefill
+    this added 5-25% of system time to the whole model, by amounts that depend on the order of
+    allocations, and that a subblock timed alone (which reuses its freed buffers) never saw. With
+    the thresholds fixed (M_TRIM_THRESHOLD = trim_mib, M_MMAP_THRESHOLD = mmap_mib, the largest
+    glibc allows), allocations up to 32 MiB are served from the heap without faults in both cases;
+    larger ones are mmapped, and fault, in both alike.
+
+    Process-wide and for the rest of the process (glibc has no way to read the previous values):
+    up to `trim_mib` of freed memory is kept instead of being given back. A no-op returning False
+    where the C library is not glibc. Called by every measure_* function on a CPU workload (their
+    `steady_allocator=True` default); serving with the same settings (MALLOC_TRIM_THRESHOLD_,
+    MALLOC_MMAP_THRESHOLD_ environment variables) or with jemalloc/tcmalloc gives the same effect.
+    """
+    global _allocator_pinned
+    if _allocator_pinned:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    _allocator_pinned = (mallopt(_M_TRIM_THRESHOLD, int(trim_mib) * memory.MIB) == 1
+                         and mallopt(_M_MMAP_THRESHOLD, int(mmap_mib) * memory.MIB) == 1)
+    return _allocator_pinned
+
+
+# ------------------------------------------------------------------------------------------------
+# Subblocks
+
+
+def _as_variants(variants: Iterable, kind: type) -> list:
+    """Unique variants, in the given order, from configs or ids."""
+    out = []
+    for v in variants:
+        if isinstance(v, str):
+            try:
+                v = kind.from_id(v)
+            except ArchitectureError as e:
+                raise PuzzleError(str(e)) from None
+        if not isinstance(v, kind):
+            raise PuzzleError(f"expected {kind.__name__} variants (or their ids), got {v!r}")
+        if v not in out:
+            out.append(v)
+    return out
+
+
+class _SubblockBench:
+    """Copies of one subblock variant with their inputs, KV caches and RoPE tables, ready to time.
+
+    The timed expression is the one DecoderBlock.forward evaluates for the subblock:
+    attention `h + self_attn(input_layernorm(h), cos, sin, cache)`, FFN `h + mlp(post_attention_layernorm(h))`.
+    """
+
+    def __init__(self, config: ModelConfig, variant, workload: Workload, working_set_bytes: int):
+        self.variant = variant
+        self.is_attention = isinstance(variant, AttentionConfig)
+        block = (BlockConfig(variant, FFNConfig("no_op")) if self.is_attention
+                 else BlockConfig(AttentionConfig("no_op"), variant))
+        one_layer = dataclasses.replace(config, blocks=(block,))
+        B, P, ctx = workload.batch_size, workload.prompt_len, workload.decode_context
+        device, dtype = torch.device(workload.device), workload.torch_dtype
+        per_copy = memory.subblock_memory_bytes(one_layer, variant, B, ctx, workload.dtype)  # what a decode step touches
+        n = max(1, min(config.num_hidden_layers, math.ceil(working_set_bytes / max(per_copy, 1))))
+        first = DecoderBlock(one_layer, block, 0).to(device=device, dtype=dtype).eval()
+        self.copies = [first] + [copy.deepcopy(first) for _ in range(n - 1)]
+        # sized like the model's cache (P + G positions), so that the cached keys are the same strided views
+        self.caches = [KVCache(one_layer, B, workload.kv_len, dtype, device) if variant.kind == "gqa" else None
+                       for _ in range(n)]
+        C = config.hidden_size
+        self.h_prefill = torch.randn(B, P, C).to(device=device, dtype=dtype)  # (B, P, C)
+        self.h_decode = torch.randn(B, 1, C).to(device=device, dtype=dtype)  # (B, 1, C)
+        rope = RotaryEmbedding(one_layer).to(device)
+        self.rope_prefill = rope(torch.arange(P, device=device).expand(B, P), dtype)  # cos, sin (B, P, D)
+        self.rope_decode = rope(torch.full((B, 1), ctx, device=device), dtype)  # cos, sin (B, 1, D)
+        self.context = ctx
+        self.k = 0
+
+    def _apply(self, i: int, h: torch.Tensor, rope) -> torch.Tensor:
+        block = self.copies[i]
+        if self.is_attention:
+            return h + block.self_attn(block.input_layernorm(h), rope[0], rope[1], self.caches[i])
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def prepare_prefill(self) -> None:
+        self.k = (self.k + 1) % len(self.copies)
+        if self.caches[self.k] is not None:
+            self.caches[self.k].lengths[0] = 0
+        self.h_prefill.sum()  # in the model the input was just written by the previous subblock: cache-hot
+
+    def prefill(self) -> torch.Tensor:
+        return self._apply(self.k, self.h_prefill, self.rope_prefill)  # (B, P, C)
+
+    def prepare_decode(self) -> None:
+        for cache in self.caches:
+            if cache is not None:
+                cache.lengths[0] = self.context
+
+    def decode(self) -> None:
+        for i in range(len(self.copies)):
+            self._apply(i, self.h_decode, self.rope_decode)  # (B, 1, C)
+
+
+def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ffn_variants: Iterable,
+                           workload: Workload, *, repeats: int = 5, warmup: int = 1, clock: str = "wall",
+                           working_set_mib: float | None = None, pin_allocator: bool = True, seed: int = 0,
+                           progress: bool = False) -> pd.DataFrame:
+    """Measured cost of each subblock variant for `workload` (one row per unique variant).
+
+    Each variant is built once as a `puzzle.modeling.DecoderBlock` with random weights and the
+    other subblock no_op, and timed as described in the module docstring (prefill on (B, P, C);
+    one decode step on (B, 1, C) at context P + G // 2; medians over interleaved repeats).
+    Costs do not depend on the layer: all layers of a model have the same sizes.
+
+    Args:
+        config: the parent (sizes, biases, RoPE); its blocks only set the layer count, which caps
+            the number of copies used for decode.
+        attention_variants, ffn_variants: AttentionConfig / FFNConfig objects or their ids.
+        workload: device, dtype, B, P, G and threads.
+        repeats, warmup: timed and untimed rounds (each round samples every variant once).
+        clock: "wall" or "cpu" (CPU only, one thread); see the module docstring.
+        working_set_mib: bytes of decode copies to cycle through; default twice the last-level cache.
+        pin_allocator: call `steady_allocator()` first (CPU workloads; see there).
+        seed: fixes the random weights, inputs and the order of samples.
+        progress: show a tqdm bar over the rounds.
+
+    Returns:
+        DataFrame with columns subblock ("attention" | "ffn"), variant (id), prefill_ms, decode_ms,
+        runtime_ms (= prefill_ms + G * decode_ms), memory_mib (params + KV at (B, P + G)), params,
+        prefill_iqr_ms, decode_iqr_ms; no_op rows are all zero. `df.attrs` holds `workload.meta()`
+        plus the clock, allocator, repeats and warmup.
+
+    Raises:
+        PuzzleError: a variant that is not valid for `config` (e.g. KV heads that do not divide the
+            query heads), a CUDA workload without CUDA, or a bad clock / repeats.
+    """
+    attention = _as_variants(attention_variants, AttentionConfig)
+    ffn = _as_variants(ffn_variants, FFNConfig)
+    variants = [("attention", v) for v in attention] + [("ffn", v) for v in ffn]
+    working_set = int((working_set_mib * memory.MIB) if working_set_mib is not None
+                      else 2 * last_level_cache_bytes(workload.device))
+    allocator = _check_target(workload, clock, pin_allocator)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        tasks = []
+        for subblock, v in variants:
+            if v.kind == "no_op":
+                continue
+            try:
+                bench = _SubblockBench(config, v, workload, working_set)
+            except ArchitectureError as e:
+                raise PuzzleError(f"{subblock} variant {v.id} does not fit this model: {e}") from None
+            tasks.append(_Task(f"{v.id}/prefill", bench.prepare_prefill, bench.prefill))
+            tasks.append(_Task(f"{v.id}/decode", bench.prepare_decode, bench.decode, len(bench.copies)))
+    with _fixed_threads(workload):
+        samples = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, progress, "subblock costs")
+    rows = []
+    for subblock, v in variants:
+        row = {"subblock": subblock, "variant": v.id}
+        if v.kind == "no_op":
+            row.update({c: 0.0 for c in TABLE_COLUMNS[2:]}, params=0)
+        else:
+            prefill, prefill_iqr = _median_iqr(samples[f"{v.id}/prefill"])
+            decode, decode_iqr = _median_iqr(samples[f"{v.id}/decode"])
+            nbytes = memory.subblock_memory_bytes(config, v, workload.batch_size, workload.kv_len, workload.dtype)
+            row.update(prefill_ms=prefill, decode_ms=decode, runtime_ms=prefill + workload.gen_len * decode,
+                       memory_mib=nbytes / memory.MIB, params=memory.subblock_params(config, v),
+                       prefill_iqr_ms=prefill_iqr, decode_iqr_ms=decode_iqr)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS)).astype({"params": "int64"})
+    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-block part
+
+
+def _empty_like(config: ModelConfig) -> ModelConfig:
+    """The same sizes and depth with every layer no_op: what the forward does around the subblocks."""
+    empty = BlockConfig(AttentionConfig("no_op"), FFNConfig("no_op"))
+    return config.with_blocks([empty] * config.num_hidden_layers)
+
+
+def _check_model(model: PuzzleForCausalLM, workload: Workload) -> None:
+    p = next(model.parameters())
+    if p.dtype != workload.torch_dtype or p.device != torch.device(workload.device):
+        raise PuzzleError(f"model is {str(p.dtype).removeprefix('torch.')} on {p.device} but the workload is "
+                          f"{workload.dtype} on {workload.device}; move it with model.to(device, dtype) first")
+
+
+def measure_non_block_costs(config: ModelConfig, workload: Workload, *, repeats: int = 5, warmup: int = 1,
+                            clock: str = "wall", pin_allocator: bool = True, seed: int = 0) -> dict:
+    """Measured cost of everything outside the subblocks, for `workload`.
+
+    Runs the real `PuzzleForCausalLM.forward(ids, cache=KVCache, logits_to_keep=1)` and the argmax
+    of the last logits on a model of `config`'s sizes and depth whose layers are all no_op:
+    prefill on (B, P) ids (logits of the last position only, as generation does), decode on (B, 1).
+
+    Returns:
+        {"prefill_ms", "decode_ms", "runtime_ms" (= prefill + G * decode), "memory_mib" (embedding,
+        final norm, LM head when untied, in the workload dtype), "params", "prefill_iqr_ms",
+        "decode_iqr_ms"}: plain floats and ints, JSON-ready.
+
+    Raises:
+        PuzzleError: a CUDA workload without CUDA, or a bad clock / repeats.
+    """
+    _check_target(workload, clock, pin_allocator)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        empty = _empty_like(config)
+        device = torch.device(workload.device)
+        model = PuzzleForCausalLM(empty).to(device=device, dtype=workload.torch_dtype).eval()
+        B, P = workload.batch_size, workload.prompt_len
+        cache = KVCache(empty, B, workload.kv_len, workload.torch_dtype, device)  # holds nothing: no gqa layer
+        prompt = torch.randint(config.vocab_size, (B, P)).to(device)  # (B, P)
+        token = torch.randint(config.vocab_size, (B, 1)).to(device)  # (B, 1)
+
+    def step(ids):
+        return model(ids, cache=cache, logits_to_keep=1)[:, -1].argmax(-1)  # (B, 1, V) -> (B,)
+
+    tasks = [_Task("prefill", lambda: None, lambda: step(prompt)), _Task("decode", lambda: None, lambda: step(token))]
+    with _fixed_threads(workload):
+        samples = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, "non-block costs")
+    prefill, prefill_iqr = _median_iqr(samples["prefill"])
+    decode, decode_iqr = _median_iqr(samples["decode"])
+    return {"prefill_ms": prefill, "decode_ms": decode, "runtime_ms": prefill + workload.gen_len * decode,
+            "memory_mib": memory.non_block_memory_bytes(config, workload.dtype) / memory.MIB,
+            "params": memory.non_block_params(config), "prefill_iqr_ms": prefill_iqr, "decode_iqr_ms": decode_iqr}
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole models
+
+
+def throughputs(workload: Workload, prefill_ms: float, decode_ms: float, runtime_ms: float) -> dict:
+    """Tokens per second derived from the latencies of one request:
+
+        prefill_tok_s    = B * P / prefill time        prompt tokens processed per second
+        decode_tok_s     = B / decode step time        tokens generated per second while decoding
+        throughput_tok_s = B * G / runtime             generated tokens per second of the whole request
+    """
+    B, P, G = workload.batch_size, workload.prompt_len, workload.gen_len
+    rate = lambda n, ms: n / (ms / 1e3) if ms > 0 else float("inf")
+    return {"prefill_tok_s": rate(B * P, prefill_ms), "decode_tok_s": rate(B, decode_ms),
+            "throughput_tok_s": rate(B * G, runtime_ms)}
+
+
+def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, *, repeats: int = 3,
+                   warmup: int = 1, clock: str = "wall", pin_allocator: bool = True, seed: int = 0,
+                   progress: bool = False) -> pd.DataFrame:
+    """Measure several whole models the way they run, interleaved so that they share the machine's noise.
+
+    One sample of a model: a fresh KVCache for (B, P + G) positions (allocated before the clock
+    starts, as a server preallocates it), a prefill `forward(ids (B, P), cache, logits_to_keep=1)`
+    with the argmax of the last logits, then G greedy decode steps on the real KV-cache path, each
+    a forward of the previous tokens (B, 1) and an argmax. Token ids are random. Every repeat
+    samples every model once, in a new random order; the warmup is one prefill and two decode steps.
+
+    Args:
+        models: name -> model, already on the workload's device and dtype, in eval mode.
+        workload, repeats, warmup, clock, pin_allocator, seed, progress: as in `measure_subblock_costs`.
+
+    Returns:
+        DataFrame, one row per model: name, prefill_ms (median), decode_ms (median over repeats of
+        the mean step), runtime_ms (median over repeats of prefill + all G steps), prefill_tok_s,
+        decode_tok_s, throughput_tok_s (see `throughputs`), memory_mib (parameter bytes of the
+        model + the bytes of its KV cache at (B, P + G)), params, prefill_iqr_ms, decode_iqr_ms,
+        runtime_iqr_ms.
+
+    Raises:
+        PuzzleError: a model on another device or dtype than the workload, no models, a CUDA
+            workload without CUDA, or a bad clock / repeats.
+    """
+    allocator = _check_target(workload, clock, pin_allocator)
+    if not models:
+        raise PuzzleError("measure_models needs at least one model")
+    if repeats < 1 or warmup < 0:
+        raise PuzzleError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for model in models.values():
+        _check_model(model, workload)
+    B, P, G = workload.batch_size, workload.prompt_len, workload.gen_len
+    device, dtype = torch.device(workload.device), workload.torch_dtype
+    names = list(models)
+    times = {n: {"prefill": [], "decode": [], "runtime": []} for n in names}
+    with _fixed_threads(workload), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        prompt = torch.randint(min(m.config.vocab_size for m in models.values()), (B, P)).to(device)  # (B, P)
+        watch = Stopwatch(workload.device, clock)
+
+        def sample(model, steps):
+            cache = KVCache(model.config, B, P + G, dtype, device)
+            watch.start()
+            token = model(prompt, cache=cache, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
+            prefill = watch.stop()
+            watch.start()
+            for _ in range(steps):
+                token = model(token[:, None], cache=cache, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
+            return prefill, watch.stop()
+
+        rounds = range(warmup + repeats)
+        if progress:
+            from tqdm.auto import tqdm
+
+            rounds = tqdm(rounds, desc="whole models", unit="round")
+        for r in rounds:
+            for i in rng.permutation(len(names)):
+                name = names[i]
+                if r < warmup:
+                    sample(models[name], min(G, 2))
+                    continue
+                prefill, decode = sample(models[name], G)
+                times[name]["prefill"].append(prefill)
+                times[name]["decode"].append(decode / G)
+                times[name]["runtime"].append(prefill + decode)
+    rows = []
+    for name in names:
+        model, t = models[name], {k: np.asarray(v) for k, v in times[name].items()}
+        (prefill, prefill_iqr), (decode, decode_iqr), (runtime, runtime_iqr) = (
+            _median_iqr(t["prefill"]), _median_iqr(t["decode"]), _median_iqr(t["runtime"]))
+        params = {id(p): p for p in model.parameters()}.values()
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        nbytes += KVCache(model.config, B, workload.kv_len, dtype, "meta").nbytes()
+        rows.append({"name": name, "prefill_ms": prefill, "decode_ms": decode, "runtime_ms": runtime,
+                     **throughputs(workload, prefill, decode, runtime), "memory_mib": nbytes / memory.MIB,
+                     "params": model.num_parameters(), "prefill_iqr_ms": prefill_iqr, "decode_iqr_ms": decode_iqr,
+                     "runtime_iqr_ms": runtime_iqr})
+    df = pd.DataFrame(rows)
+    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup)
+    return df
+
+
+def measure_model(model: PuzzleForCausalLM, workload: Workload, *, repeats: int = 3, warmup: int = 1,
+                  clock: str = "wall", pin_allocator: bool = True, seed: int = 0) -> dict:
+    """One model measured as in `measure_models`; returns that row as a dict (without the name)."""
+    row = measure_models({"model": model}, workload, repeats=repeats, warmup=warmup, clock=clock,
+                         pin_allocator=pin_allocator, seed=seed).iloc[0]
+    return {k: (int(v) if k == "params" else float(v)) for k, v in row.items() if k != "name"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction and the additivity check
+
+
+def select_rows(table: pd.DataFrame, config: ModelConfig) -> pd.DataFrame:
+    """The cost rows of a child: for every layer, its attention row and its FFN row.
+
+    `table` is a cost table (subblock, variant, costs) or a per-layer score table with a `layer`
+    column (matched on layer too). A no_op variant missing from the table counts as zero.
+
+    Returns:
+        DataFrame with 2 * L rows: layer, subblock, variant and the cost columns.
+
+    Raises:
+        PuzzleError: a variant the table does not hold, or a table without the cost columns.
+    """
+    missing_cols = [c for c in ("subblock", "variant", *COST_COLUMNS) if c not in table.columns]
+    if missing_cols:
+        raise PuzzleError(f"cost table lacks the columns {missing_cols}")
+    by_layer = "layer" in table.columns
+    index = {((int(r.layer),) if by_layer else ()) + (r.subblock, r.variant): r for r in table.itertuples(index=False)}
+    rows = []
+    for layer, block in enumerate(config.blocks):
+        for subblock, variant in (("attention", block.attention), ("ffn", block.ffn)):
+            key = ((layer,) if by_layer else ()) + (subblock, variant.id)
+            r = index.get(key)
+            if r is None and variant.kind != "no_op":
+                where = f"layer {layer} " if by_layer else ""
+                raise PuzzleError(f"cost table has no row for {where}{subblock} variant {variant.id}; measure it first")
+            costs = {c: (getattr(r, c) if r is not None else 0) for c in COST_COLUMNS}
+            rows.append({"layer": layer, "subblock": subblock, "variant": variant.id, **costs})
+    return pd.DataFrame(rows)
+
+
+def predict_totals(table_rows, non_block: Mapping, workload: Workload | None = None) -> dict:
+    """Predicted whole-model cost: the sum of a child's subblock rows plus the non-block costs.
+
+    Args:
+        table_rows: the child's rows (a DataFrame as from `select_rows`, or an iterable of
+            mappings) with prefill_ms, decode_ms, runtime_ms, memory_mib, params.
+        non_block: the dict from `measure_non_block_costs` (the same keys).
+        workload: when given, adds prefill_tok_s, decode_tok_s, throughput_tok_s (`throughputs`).
+
+    Returns:
+        {"prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"[, tok_s keys]}.
+    """
+    rows = pd.DataFrame(list(table_rows) if not isinstance(table_rows, pd.DataFrame) else table_rows)
+    totals = {}
+    for c in COST_COLUMNS:
+        part = float(rows[c].sum()) if c in rows.columns and len(rows) else 0.0
+        totals[c] = part + float(non_block[c])
+    totals["params"] = int(round(totals["params"]))
+    if workload is not None:
+        totals.update(throughputs(workload, totals["prefill_ms"], totals["decode_ms"], totals["runtime_ms"]))
+    return totals
+
+
+def additivity_report(predicted: Mapping, measured: Mapping, quantities: Sequence[str] | None = None,
+                      reference: tuple[Mapping, Mapping] | None = None) -> pd.DataFrame:
+    """Predicted vs measured, one row per quantity: quantity, predicted, measured, rel_error.
+
+    rel_error = predicted / measured - 1 (positive: the sum of parts overestimates). By default the
+    quantities are those of COST_COLUMNS and the tok_s figures that both mappings hold.
+
+    With `reference` = (predicted, measured) of another model (the parent), measured in the same
+    session, a ratio_error column is added: (predicted / predicted_ref) / (measured / measured_ref) - 1,
+    the error of the predicted speed-up. A machine that drifts between the cost table and the
+    measurement (shared CPUs, clocks) shifts both models alike, and this error cancels that drift.
+    """
+    if quantities is None:
+        candidates = (*COST_COLUMNS, "prefill_tok_s", "decode_tok_s", "throughput_tok_s")
+        quantities = [q for q in candidates if q in predicted and q in measured]
+    rows = []
+    for q in quantities:
+        p, m = float(predicted[q]), float(measured[q])
+        row = {"quantity": q, "predicted": p, "measured": m, "rel_error": p / m - 1 if m else float("nan")}
+        if reference is not None:
+            p_ref, m_ref = float(reference[0][q]), float(reference[1][q])
+            row["ratio_error"] = (p / p_ref) / (m / m_ref) - 1 if m and p_ref and m_ref else float("nan")
+        rows.append(row)
+    columns = ["quantity", "predicted", "measured", "rel_error"] + (["ratio_error"] if reference is not None else [])
+    return pd.DataFrame(rows, columns=columns)

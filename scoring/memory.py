@@ -1,0 +1,137 @@
+"""Memory model: parameter bytes and KV-cache bytes per subblock and per model.
+
+Memory is computed, not measured: it is exact arithmetic on the shapes that `puzzle.modeling`
+allocates, so the sum over a child's subblocks plus the non-block parameters equals the bytes of
+the real model's parameters and of its preallocated `KVCache` (tests check this to the byte).
+
+Parameters (C hidden, H query heads, G KV heads of the layer, D head dim, F FFN width, V vocab):
+
+    attention gqa      C (input_layernorm) + C·H·D (q) + 2·C·G·D (k, v) + H·D·C (o)
+                       + H·D + 2·G·D + C          with attention_bias
+    attention linear   C (input_layernorm) + C·C
+    ffn swiglu         C (post_attention_layernorm) + 3·C·F (gate, up, down)
+                       + 2·F + C                  with mlp_bias
+    ffn linear         C (post_attention_layernorm) + C·C
+    no_op              0 (a removed subblock keeps neither weights nor its norm)
+    non-block          V·C (embed_tokens) + C (final norm) + V·C (lm_head, 0 when tied)
+
+KV cache of one gqa layer holding S positions for a batch of B (DESIGN.md, Scoring):
+
+    kv_bytes = 2 · G · D · bytes(kv_dtype) · S · B        (2: keys and values)
+
+Linear and no_op attention hold no cache. Memory of a subblock = parameter bytes (weight dtype)
++ its KV cache; memory of a model = non-block parameter bytes + the sum over its subblocks.
+Activations and framework workspace are not modelled: at the batch sizes and lengths of a
+decode workload they are small next to the weights and the cache.
+
+Dtypes: "float32" (fp32, 4 bytes), "bfloat16" (bf16, 2), "float16" (fp16, 2), "float8" (fp8, 1;
+e4m3 and e5m2 alike). fp8 is a storage format here (weights or KV cache quantized to one byte);
+the model itself runs in the other three.
+"""
+
+from __future__ import annotations
+
+from puzzle.architecture import AttentionConfig, FFNConfig, ModelConfig
+from puzzle.errors import PuzzleError
+
+MIB = 2**20
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+
+_DTYPE_ALIASES = {
+    "fp32": "float32", "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16", "half": "float16",
+    "fp8": "float8", "float8_e4m3fn": "float8", "float8_e4m3": "float8", "float8_e5m2": "float8",
+}
+
+
+def canonical_dtype(dtype) -> str:
+    """The canonical name ("float32", "bfloat16", "float16", "float8") of a dtype name or torch.dtype.
+
+    Accepts "fp32", "bf16", "fp16", "fp8", "torch.bfloat16", torch.float16, ...
+    Raises PuzzleError for anything else.
+    """
+    name = str(dtype).removeprefix("torch.").lower()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_BYTES:
+        raise PuzzleError(f"dtype {dtype!r} is not supported; use one of fp32, bf16, fp16, fp8 ({', '.join(DTYPE_BYTES)})")
+    return name
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype name or torch.dtype (see `canonical_dtype`)."""
+    return DTYPE_BYTES[canonical_dtype(dtype)]
+
+
+def subblock_params(config: ModelConfig, variant: AttentionConfig | FFNConfig) -> int:
+    """Parameters of one subblock variant, its RMSNorm included (formula in the module docstring)."""
+    C, H, D = config.hidden_size, config.num_attention_heads, config.head_dim
+    if isinstance(variant, AttentionConfig):
+        if variant.kind == "gqa":
+            G = variant.num_kv_heads
+            weights = C * H * D + 2 * C * G * D + H * D * C
+            bias = H * D + 2 * G * D + C if config.attention_bias else 0
+            return C + weights + bias
+        return C + C * C if variant.kind == "linear" else 0
+    if isinstance(variant, FFNConfig):
+        if variant.kind == "swiglu":
+            F = variant.intermediate_size
+            bias = 2 * F + C if config.mlp_bias else 0
+            return C + 3 * C * F + bias
+        return C + C * C if variant.kind == "linear" else 0
+    raise PuzzleError(f"expected an AttentionConfig or FFNConfig, got {type(variant).__name__}")
+
+
+def non_block_params(config: ModelConfig) -> int:
+    """Parameters outside the blocks: embedding, final norm, LM head (counted once when tied)."""
+    V, C = config.vocab_size, config.hidden_size
+    return V * C + C + (0 if config.tie_word_embeddings else V * C)
+
+
+def model_params(config: ModelConfig) -> int:
+    """Distinct parameters of the whole model (equals `PuzzleForCausalLM(config).num_parameters()`)."""
+    blocks = sum(subblock_params(config, b.attention) + subblock_params(config, b.ffn) for b in config.blocks)
+    return non_block_params(config) + blocks
+
+
+def kv_cache_bytes(config: ModelConfig, attention: AttentionConfig, batch_size: int, seq_len: int,
+                   kv_dtype="float32") -> int:
+    """KV-cache bytes of one attention subblock: 2 · G · D · bytes · S · B (0 unless gqa).
+
+    Args:
+        batch_size: B sequences.
+        seq_len: S cached positions per sequence (prompt + generated tokens).
+        kv_dtype: storage dtype of the cache.
+    """
+    if attention.kind != "gqa":
+        return 0
+    return 2 * attention.num_kv_heads * config.head_dim * dtype_bytes(kv_dtype) * seq_len * batch_size
+
+
+def subblock_memory_bytes(config: ModelConfig, variant: AttentionConfig | FFNConfig, batch_size: int, seq_len: int,
+                          weight_dtype="float32", kv_dtype=None) -> int:
+    """Parameter bytes (weight dtype) + KV-cache bytes at (B, S) (kv dtype, default: the weight dtype)."""
+    kv_dtype = weight_dtype if kv_dtype is None else kv_dtype
+    weights = subblock_params(config, variant) * dtype_bytes(weight_dtype)
+    if isinstance(variant, AttentionConfig):
+        return weights + kv_cache_bytes(config, variant, batch_size, seq_len, kv_dtype)
+    return weights
+
+
+def non_block_memory_bytes(config: ModelConfig, weight_dtype="float32") -> int:
+    """Bytes of the embedding, final norm and (untied) LM head."""
+    return non_block_params(config) * dtype_bytes(weight_dtype)
+
+
+def model_memory_bytes(config: ModelConfig, batch_size: int, seq_len: int, weight_dtype="float32",
+                       kv_dtype=None) -> int:
+    """Whole-model bytes: all parameters + the KV cache of every gqa layer at (B, S).
+
+    Equals the parameter bytes of `PuzzleForCausalLM(config)` in `weight_dtype` plus
+    `KVCache(config, B, S, kv_dtype).nbytes()`.
+    """
+    blocks = sum(subblock_memory_bytes(config, b.attention, batch_size, seq_len, weight_dtype, kv_dtype)
+                 + subblock_memory_bytes(config, b.ffn, batch_size, seq_len, weight_dtype, kv_dtype)
+                 for b in config.blocks)
+    return non_block_memory_bytes(config, weight_dtype) + blocks

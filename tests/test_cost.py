@@ -1,0 +1,240 @@
+"""Measured cost tables (scoring/cost.py) and the memory model (scoring/memory.py), on tiny models."""
+
+import platform
+
+import pandas as pd
+import pytest
+import torch
+
+from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.errors import PuzzleError
+from puzzle.modeling import DecoderBlock, KVCache, PuzzleForCausalLM
+from puzzle.scoring import memory
+from puzzle.scoring.cost import (
+    TABLE_COLUMNS, Workload, additivity_report, measure_model, measure_models, measure_non_block_costs,
+    measure_subblock_costs, predict_totals, select_rows,
+)
+
+A, F = AttentionConfig.from_id, FFNConfig.from_id
+
+
+def tiny_config(layers=4, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=128, **kw) -> ModelConfig:
+    parent = BlockConfig(AttentionConfig("gqa", kv_heads), FFNConfig("swiglu", ffn))
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, intermediate_size=ffn, blocks=(parent,) * layers, **kw)
+
+
+def mixed_child(config: ModelConfig) -> ModelConfig:
+    blocks = [BlockConfig(A("attn-kv2"), F("ffn-128")), BlockConfig(A("attn-linear"), F("ffn-64")),
+              BlockConfig(A("attn-noop"), F("ffn-noop")), BlockConfig(A("attn-kv1"), F("ffn-linear"))]
+    return config.with_blocks(blocks)
+
+
+FAST = dict(repeats=2, warmup=1)
+W = Workload(batch_size=2, prompt_len=8, gen_len=4, num_threads=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Workload
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=0, prompt_len=8, gen_len=4), "batch_size"),
+    (dict(batch_size=2, prompt_len=-1, gen_len=4), "prompt_len"),
+    (dict(batch_size=2, prompt_len=8, gen_len=1.5), "gen_len"),
+    (dict(batch_size=True, prompt_len=8, gen_len=4), "batch_size"),
+    (dict(batch_size=2, prompt_len=8, gen_len=4, dtype="int8"), "dtype"),
+    (dict(batch_size=2, prompt_len=8, gen_len=4, dtype="fp8"), "storage format"),
+    (dict(batch_size=2, prompt_len=8, gen_len=4, device="tpu"), "device"),
+    (dict(batch_size=2, prompt_len=8, gen_len=4, num_threads=0), "num_threads"),
+])
+def test_workload_rejects_bad_values(kwargs, match):
+    with pytest.raises(PuzzleError, match=match):
+        Workload(**kwargs)
+
+
+def test_workload_derived_sizes_and_aliases():
+    w = Workload(4, 256, 64, dtype="bf16")
+    assert w.dtype == "bfloat16" and w.torch_dtype == torch.bfloat16
+    assert w.decode_context == 256 + 32 and w.kv_len == 320
+    meta = w.meta()
+    assert meta["device_name"] and meta["torch_version"] == torch.__version__ and meta["batch_size"] == 4
+    w.check_meta(meta)
+    with pytest.raises(PuzzleError, match="batch_size"):
+        Workload(8, 256, 64, dtype="bf16").check_meta(meta)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_cuda_workload_without_cuda():
+    w = Workload(1, 4, 2, device="cuda", dtype="bf16")  # declaring one is fine: its tables can be read and checked
+    measured_elsewhere = {**w.meta(), "device_name": "NVIDIA H200"}
+    w.check_meta(measured_elsewhere)
+    with pytest.raises(PuzzleError, match="device"):
+        Workload(1, 4, 2, dtype="bf16").check_meta(measured_elsewhere)
+    with pytest.raises(PuzzleError, match="CUDA"):
+        measure_non_block_costs(tiny_config(), w)
+
+
+def test_clock_must_fit_threads():
+    with pytest.raises(PuzzleError, match="num_threads=1"):
+        measure_non_block_costs(tiny_config(), Workload(1, 4, 2, num_threads=2), clock="cpu")
+    with pytest.raises(PuzzleError, match="clock"):
+        measure_non_block_costs(tiny_config(), W, clock="sundial")
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory model
+
+
+@pytest.mark.parametrize("bias, tied", [(False, False), (True, True)])
+def test_subblock_params_match_the_modules(bias, tied):
+    config = tiny_config(attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied)
+    for v in (A("attn-kv2"), A("attn-kv1"), A("attn-linear"), A("attn-noop")):
+        block = DecoderBlock(config, BlockConfig(v, F("ffn-noop")), 0)
+        assert memory.subblock_params(config, v) == sum(p.numel() for p in block.parameters()), v.id
+    for v in (F("ffn-128"), F("ffn-96"), F("ffn-linear"), F("ffn-noop")):
+        block = DecoderBlock(config, BlockConfig(A("attn-noop"), v), 0)
+        assert memory.subblock_params(config, v) == sum(p.numel() for p in block.parameters()), v.id
+    child = mixed_child(config)
+    assert memory.model_params(child) == PuzzleForCausalLM(child).num_parameters()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_model_memory_equals_real_parameters_and_cache(dtype):
+    child = mixed_child(tiny_config())
+    model = PuzzleForCausalLM(child).to(getattr(torch, dtype))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = KVCache(child, batch_size=3, max_len=20, dtype=getattr(torch, dtype))
+    assert memory.model_memory_bytes(child, 3, 20, dtype) == param_bytes + cache.nbytes()
+
+
+def test_kv_cache_formula_and_dtypes():
+    config = tiny_config()  # head_dim 16
+    kv = lambda d: memory.kv_cache_bytes(config, A("attn-kv2"), batch_size=3, seq_len=10, kv_dtype=d)
+    assert kv("fp32") == 2 * 2 * 16 * 4 * 10 * 3
+    assert kv("bf16") == kv("fp16") == kv("fp32") // 2 and kv("fp8") == kv("fp32") // 4
+    assert memory.kv_cache_bytes(config, A("attn-linear"), 3, 10) == 0
+    # weights and cache in different dtypes: fp8 cache beside bf16 weights
+    mixed = memory.subblock_memory_bytes(config, A("attn-kv2"), 3, 10, "bf16", kv_dtype="fp8")
+    assert mixed == memory.subblock_params(config, A("attn-kv2")) * 2 + kv("fp8")
+    assert memory.dtype_bytes(torch.bfloat16) == 2
+    with pytest.raises(PuzzleError, match="int4"):
+        memory.dtype_bytes("int4")
+
+
+# ------------------------------------------------------------------------------------------------
+# Subblock and non-block tables
+
+
+def test_subblock_table_has_one_row_per_variant_and_zero_no_op():
+    config = tiny_config()
+    attention = [A("attn-kv2"), "attn-kv1", "attn-linear", "attn-noop", "attn-kv2"]  # a duplicate, ids and configs
+    ffn = ["ffn-128", "ffn-64", "ffn-linear", "ffn-noop"]
+    threads = torch.get_num_threads()
+    df = measure_subblock_costs(config, attention, ffn, W, **FAST)
+    assert torch.get_num_threads() == threads  # restored after measuring
+    assert list(df.columns) == list(TABLE_COLUMNS)
+    assert list(df["variant"]) == ["attn-kv2", "attn-kv1", "attn-linear", "attn-noop",
+                                   "ffn-128", "ffn-64", "ffn-linear", "ffn-noop"]
+    assert list(df["subblock"]) == ["attention"] * 4 + ["ffn"] * 4
+    noop = df[df["variant"].str.endswith("noop")]
+    assert (noop[list(TABLE_COLUMNS[2:])] == 0).all().all()
+    real = df[~df["variant"].str.endswith("noop")]
+    assert (real["prefill_ms"] > 0).all() and (real["decode_ms"] > 0).all()
+    assert real["runtime_ms"].tolist() == pytest.approx((real["prefill_ms"] + W.gen_len * real["decode_ms"]).tolist())
+    kv2 = df.set_index("variant").loc["attn-kv2"]
+    assert kv2["params"] == memory.subblock_params(config, A("attn-kv2"))
+    assert kv2["memory_mib"] * memory.MIB == memory.subblock_memory_bytes(config, A("attn-kv2"), 2, 8 + 4)
+    assert df.attrs["clock"] == "wall" and df.attrs["num_threads"] == 1
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert df.attrs["allocator"] == "glibc-pinned"
+
+
+def test_invalid_variant_is_a_clear_error():
+    with pytest.raises(PuzzleError, match="attn-kv3"):
+        measure_subblock_costs(tiny_config(), ["attn-kv3"], [], W, **FAST)  # 3 does not divide 4 heads
+    with pytest.raises(PuzzleError, match="unknown"):
+        measure_subblock_costs(tiny_config(), ["attn-kv"], [], W, **FAST)
+
+
+def test_wider_ffn_costs_more():
+    # 64x the work: far beyond any noise of a shared machine, at a size still timed in well under a second
+    config = tiny_config(layers=2, hidden=256, heads=4, kv_heads=2, ffn=4096)
+    w = Workload(batch_size=1, prompt_len=128, gen_len=4, num_threads=1)
+    df = measure_subblock_costs(config, [], ["ffn-4096", "ffn-64"], w, repeats=3, warmup=1).set_index("variant")
+    assert df.loc["ffn-4096", "prefill_ms"] > 2 * df.loc["ffn-64", "prefill_ms"]
+    assert df.loc["ffn-4096", "decode_ms"] > 2 * df.loc["ffn-64", "decode_ms"]
+
+
+def test_cpu_clock_runs_single_threaded():
+    df = measure_subblock_costs(tiny_config(), ["attn-kv2"], ["ffn-128"], W, clock="cpu", **FAST)
+    assert (df["decode_ms"] > 0).all() and df.attrs["clock"] == "cpu"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_non_block_costs(tied):
+    config = tiny_config(tie_word_embeddings=tied)
+    nb = measure_non_block_costs(config, W, **FAST)
+    assert nb["params"] == 128 * 64 * (1 if tied else 2) + 64
+    assert nb["memory_mib"] * memory.MIB == nb["params"] * 4
+    assert nb["prefill_ms"] > 0 and nb["decode_ms"] > 0
+    assert nb["runtime_ms"] == pytest.approx(nb["prefill_ms"] + W.gen_len * nb["decode_ms"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole models and prediction
+
+
+def test_measure_model_runs_a_heterogeneous_child():
+    child = mixed_child(tiny_config())
+    model = PuzzleForCausalLM(child).eval()
+    m = measure_model(model, W, **FAST)
+    B, P, G = W.batch_size, W.prompt_len, W.gen_len
+    assert m["params"] == model.num_parameters() == memory.model_params(child)
+    assert m["memory_mib"] * memory.MIB == memory.model_memory_bytes(child, B, P + G)
+    assert m["prefill_tok_s"] == pytest.approx(B * P / m["prefill_ms"] * 1e3)
+    assert m["decode_tok_s"] == pytest.approx(B / m["decode_ms"] * 1e3)
+    assert m["throughput_tok_s"] == pytest.approx(B * G / m["runtime_ms"] * 1e3)
+    assert m["runtime_ms"] > m["prefill_ms"] > 0
+
+
+def test_measure_models_keeps_order_and_checks_dtype():
+    config = tiny_config()
+    models = {"child": PuzzleForCausalLM(mixed_child(config)).eval(), "parent": PuzzleForCausalLM(config).eval()}
+    df = measure_models(models, W, **FAST)
+    assert list(df["name"]) == ["child", "parent"]
+    assert df.set_index("name").loc["parent", "params"] > df.set_index("name").loc["child", "params"]
+    with pytest.raises(PuzzleError, match="bfloat16"):
+        measure_model(PuzzleForCausalLM(config).to(torch.bfloat16), W)
+
+
+def test_prediction_sums_the_child_rows_exactly():
+    config = tiny_config()
+    child = mixed_child(config)
+    variants = [("attention", "attn-kv2", 1.0), ("attention", "attn-kv1", 2.0), ("attention", "attn-linear", 4.0),
+                ("ffn", "ffn-128", 8.0), ("ffn", "ffn-64", 16.0), ("ffn", "ffn-linear", 32.0)]
+    table = pd.DataFrame([{"subblock": s, "variant": v, "prefill_ms": x, "decode_ms": x / 10, "runtime_ms": 3 * x,
+                           "memory_mib": x, "params": int(x)} for s, v, x in variants])
+    non_block = {"prefill_ms": 100.0, "decode_ms": 10.0, "runtime_ms": 300.0, "memory_mib": 100.0, "params": 100}
+    rows = select_rows(table, child)  # no_op absent from the table: counted as zero
+    assert len(rows) == 8 and list(rows["layer"]) == [0, 0, 1, 1, 2, 2, 3, 3]
+    pred = predict_totals(rows, non_block, W)
+    used = 1 + 8 + 4 + 16 + 2 + 32
+    assert pred["prefill_ms"] == 100 + used and pred["runtime_ms"] == 300 + 3 * used and pred["params"] == 100 + used
+    assert pred["throughput_tok_s"] == pytest.approx(W.batch_size * W.gen_len / pred["runtime_ms"] * 1e3)
+
+    per_layer = pd.concat([table.assign(layer=i) for i in range(4)], ignore_index=True)
+    per_layer.loc[(per_layer["layer"] == 0) & (per_layer["variant"] == "attn-kv2"), "prefill_ms"] = 50.0
+    assert predict_totals(select_rows(per_layer, child), non_block)["prefill_ms"] == 100 + used + 49
+
+    with pytest.raises(PuzzleError, match="ffn-96"):
+        select_rows(table, config.with_blocks([BlockConfig(A("attn-kv2"), F("ffn-96"))] * 4))
+
+    report = additivity_report(pred, {**pred, "prefill_ms": pred["prefill_ms"] / 2})
+    assert report.set_index("quantity").loc["prefill_ms", "rel_error"] == pytest.approx(1.0)
+    assert report.set_index("quantity").loc["params", "rel_error"] == 0
+    parent_pred = {**pred, "runtime_ms": 2 * pred["runtime_ms"]}
+    parent_meas = {**pred, "runtime_ms": 4 * pred["runtime_ms"]}  # the machine ran 2x slower when measuring
+    drift = additivity_report(pred, {**pred, "runtime_ms": 2 * pred["runtime_ms"]}, ["runtime_ms"],
+                              reference=(parent_pred, parent_meas)).iloc[0]
+    assert drift["rel_error"] == pytest.approx(-0.5) and drift["ratio_error"] == pytest.approx(0.0)
