@@ -114,7 +114,11 @@ def cmd_run(args) -> int:
     from .pipeline import run_all
 
     run = _run_for(args)
-    run_all(run)
+    summary = run_all(run)
+    cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss", "speedup",
+            "predicted_speedup"]
+    _log("\n" + summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _log(f"\nsummary: {args.out / 'summary.csv'}   front: {args.out / 'front.png'}   report: {args.out / 'report.md'}")
     return 0
 
 

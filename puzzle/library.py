@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from .errors import PuzzleError
 from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text
@@ -112,7 +112,8 @@ class Library:
         if not self.has(layer, variant, stage):
             raise PuzzleError(f"library entry layer {layer} {variant} ({stage}) is missing or corrupt in {self.root}; "
                               f"run `puzzle bld` on this directory to (re)build it")
-        return load_file(self.weights_path(layer, variant, stage))
+        # read into memory (not mmap): the tensors stay valid whatever happens to the file later
+        return load_safetensors(self.weights_path(layer, variant, stage).read_bytes())
 
     def index(self) -> pd.DataFrame:
         """All entries' info as a table (rebuilt from the info files), sorted by layer and variant."""

@@ -107,8 +107,9 @@ class Run:
         if self._tokens is None:
             from .data import prepare_data
 
+            tokenizer = self.parent.tokenizer
             t0 = time.perf_counter()
-            self._tokens = prepare_data(self.config.data, self.parent.tokenizer, self.out / "data")
+            self._tokens = prepare_data(self.config.data, tokenizer, self.out / "data", progress=self.progress)
             self.timed("data_s", time.perf_counter() - t0)
         return self._tokens
 

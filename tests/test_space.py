@@ -1,0 +1,40 @@
+"""The per-layer search space."""
+
+import pytest
+
+from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import PuzzleError
+from puzzle.space import SpaceConfig, attention_variants, build_space, ffn_variants, ffn_widths
+from puzzle.tiny import tiny_parent
+
+
+def test_smollm2_shaped_space():
+    from puzzle.architecture import ModelConfig
+
+    block = BlockConfig(AttentionConfig("gqa", 3), FFNConfig("swiglu", 1536))
+    cfg = ModelConfig(vocab_size=10, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                      intermediate_size=1536, blocks=[block] * 2)
+    space = SpaceConfig(ffn_fractions=(2 / 3, 0.5, 1 / 3), ffn_multiple=256)
+    assert [a.id for a in attention_variants(cfg, space)] == ["attn-kv3", "attn-kv1", "attn-linear", "attn-noop"]
+    assert [f.id for f in ffn_variants(cfg, space)] == ["ffn-1536", "ffn-1024", "ffn-768", "ffn-512", "ffn-linear", "ffn-noop"]
+
+
+def test_kv_heads_must_divide_the_parents():
+    cfg = tiny_parent().config  # 4 heads, 2 KV heads
+    assert [a.id for a in attention_variants(cfg, SpaceConfig())][:2] == ["attn-kv2", "attn-kv1"]
+    with pytest.raises(PuzzleError, match="divisor"):
+        attention_variants(cfg, SpaceConfig(kv_heads=(3,)))
+
+
+def test_widths_round_and_never_reach_zero_or_the_parent():
+    assert ffn_widths(1536, (0.75, 0.5, 0.01, 0.99), 256) == [1280, 768, 256]
+    with pytest.raises(PuzzleError):
+        SpaceConfig(ffn_fractions=(1.5,))
+
+
+def test_a_child_searched_again_offers_only_cheaper_variants():
+    parent = tiny_parent().config
+    child = parent.with_blocks([BlockConfig(AttentionConfig("linear"), FFNConfig("swiglu", 64))] + list(parent.blocks[1:]))
+    layer0 = build_space(child, SpaceConfig(ffn_fractions=(0.5, 0.25), ffn_multiple=16))[0]
+    assert [a.id for a in layer0.attention] == ["attn-linear", "attn-noop"]
+    assert [f.id for f in layer0.ffn] == ["ffn-64", "ffn-32", "ffn-linear", "ffn-noop"]
