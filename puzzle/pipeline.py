@@ -128,6 +128,12 @@ class Run:
                         num_threads=t.threads)
 
 
+def fingerprint_config(config) -> str:
+    """A short hash of a model config's sizes and blocks (what costs depend on)."""
+    d = {k: v for k, v in config.to_dict().items() if k != "extra"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fingerprint(model) -> str:
     """A short hash of a model's config and of every RMSNorm weight (cheap, and changes with the weights)."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -189,6 +195,40 @@ def _candidate_module(run: Run, layer: int, subblock: str, variant, stage: str):
     return sub.to(next(run.parent.model.parameters()).dtype).eval()
 
 
+def _tensor_sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def scoring_ids(run: Run) -> torch.Tensor:
+    """The (n, T) scoring sequences used for replace-1-block scores."""
+    ids = run.tokens.score
+    return ids[:max(1, min(ids.shape[0], run.config.score.tokens // ids.shape[1]))]
+
+
+def check_score_meta(run: Run) -> None:
+    """Forget replace-1-block results computed for another library, scoring text or scoring settings.
+
+    The result logs are resumable caches keyed by candidate; this keeps them from being reused
+    silently after the inputs they depend on changed.
+    """
+    meta = {"library": library_meta(run), "score_tokens_sha": _tensor_sha(scoring_ids(run)),
+            "position_stride": run.config.score.position_stride}
+    meta = json.loads(json.dumps(meta, default=str))
+    path = run.out / "score" / "quality_meta.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old == meta:
+            return
+        stale = list((run.out / "score").glob("quality_*.jsonl")) + [run.out / "score" / "parent_quality.json"]
+        for f in stale:
+            f.unlink(missing_ok=True)
+        run.say("score: the library, the scoring text or the scoring settings changed; earlier replace-1-block results were discarded")
+    atomic_write_json(path, meta)
+
+
 def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     """Replace-1-subblock quality of every non-parent variant of every layer (resumable).
 
@@ -197,9 +237,8 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     from .scoring.quality import ParentCache, ResultLog, parent_cache, replace_one_score
 
     cfg = run.config.score
-    ids = run.tokens.score
-    n = max(1, min(ids.shape[0], cfg.tokens // ids.shape[1]))
-    ids = ids[:n]
+    check_score_meta(run)
+    ids = scoring_ids(run)
     log = ResultLog(run.out / "score" / f"quality_{stage}.jsonl")
     done = log.read()
     space = run.space()
@@ -263,15 +302,17 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
 
     path = run.out / "score" / "cost.csv"
     expect = cost_meta(run)
-    if path.is_file():
-        try:
-            df, meta = load_table(path, expect=expect)
-            return df, meta["non_block"]
-        except PuzzleError:
-            pass  # measured for another workload: measure again
     space = run.space()
     attn = sorted({v for ls in space for v in ls.attention}, key=lambda v: v.id)
     ffn = sorted({v for ls in space for v in ls.ffn}, key=lambda v: v.id)
+    expect["config"] = fingerprint_config(run.parent.config)
+    if path.is_file():
+        try:
+            df, meta = load_table(path, expect=expect)
+            if {v.id for v in attn + ffn} <= set(df["variant"]):
+                return df, meta["non_block"]
+        except PuzzleError:
+            pass  # measured for another workload, model or space: measure again
     t0 = time.perf_counter()
     w = run.workload()
     df = measure_subblock_costs(run.parent.config, attn, ffn, w, repeats=run.config.score.cost_repeats,
@@ -417,14 +458,15 @@ def evaluate(run: Run, model, name: str) -> dict:
     from .scoring.quality import evaluate_model
 
     path = run.out / "children" / f"{name}.quality.json"
-    arch = [b.id for b in model.config.blocks]
+    key = {"architecture": [b.id for b in model.config.blocks], "fingerprint": fingerprint(model),
+           "parent": fingerprint(run.parent.model), "eval_sha": _tensor_sha(run.tokens.eval)}
     if path.is_file():
         cached = read_json(path)
-        if cached.get("architecture") == arch and cached.get("fingerprint") == fingerprint(model):
+        if all(cached.get(k) == v for k, v in key.items()):
             return cached["metrics"]
     t0 = time.perf_counter()
     metrics = evaluate_model(model, run.tokens.eval, parent_eval_logprobs(run), chunk=run.config.score.chunk)
-    atomic_write_json(path, {"architecture": arch, "fingerprint": fingerprint(model), "metrics": metrics})
+    atomic_write_json(path, {**key, "metrics": metrics})
     run.timed("evaluate_s", time.perf_counter() - t0)
     return metrics
 

@@ -79,7 +79,7 @@ def _cli(*args):
 
 
 def test_infeasible_budget_names_the_smallest_achievable_value(run_dir):
-    out = _cli("search", "--out", str(run_dir), "--speedup", "100")
+    out = _cli("search", "--out", str(run_dir), "--speedup", "1000000")
     assert out.returncode == 2
     err = out.stderr.strip()
     assert err.startswith("puzzle: error:") and "Traceback" not in err and len(err.splitlines()) == 1
