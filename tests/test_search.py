@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from puzzle import search
+from puzzle import mip, search
 from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
 from puzzle.io import save_table
@@ -109,7 +109,7 @@ def test_solve_matches_brute_force(kind, seed):
 
 
 def test_cp_sat_fallback_matches_brute_force(monkeypatch):
-    monkeypatch.setattr(search, "DP_MAX_STATES", 0)  # every exact solve goes to CP-SAT
+    monkeypatch.setattr(mip, "DP_MAX_STATES", 0)  # every exact solve goes to CP-SAT
     table = random_table(5, layers=4, kind="decoupled")
     for fractions in [dict(runtime_ms=0.6), dict(runtime_ms=0.75, memory_mib=0.7)]:
         budgets = fraction_budgets(table, **fractions)
@@ -163,8 +163,8 @@ def test_infeasible_budget_names_resource_and_smallest_value():
 def test_budget_equal_to_the_least_total_is_met(monkeypatch):
     table = random_table(3, layers=3)
     fastest = brute_force_min(table, "runtime_ms")
-    for cap in (search.DP_MAX_STATES, 0):  # the dynamic program, then CP-SAT
-        monkeypatch.setattr(search, "DP_MAX_STATES", cap)
+    for cap in (mip.DP_MAX_STATES, 0):  # the dynamic program, then CP-SAT
+        monkeypatch.setattr(mip, "DP_MAX_STATES", cap)
         (s,) = solve(table, Budgets(max_runtime_ms=fastest), num_workers=1)
         assert s.optimal and s.runtime_ms == pytest.approx(fastest, rel=1e-12)
 
@@ -224,6 +224,51 @@ def test_diverse_solutions_differ_in_d_layers_and_are_each_optimal():
                 <= budgets.max_runtime_ms:
             best_second = min(best_second, sum(r["kl_nats"] for r in rows))
     assert solutions[1].objective == pytest.approx(best_second, rel=1e-9)
+
+
+def _all_architectures(table):
+    """(block ids, rows) of every architecture the table builds, with the rows a block row replaces dropped."""
+    value = {(r["layer"], r["variant"]): r for r in table.to_dict("records")}
+    for combo in itertools.product(*[[b.id for b in layer] for layer in build_choices(table).blocks]):
+        rows = [value[(i, b)] if (i, b) in value else None for i, b in enumerate(combo)]
+        rows = [r if r is not None else [value[(i, v)] for v in b.split("+")] for i, (b, r) in enumerate(zip(combo, rows))]
+        yield combo, [x for r in rows for x in (r if isinstance(r, list) else [r])]
+
+
+def test_trust_region_keeps_the_child_near_the_anchor_and_is_optimal():
+    table = random_table(17, layers=4, kind="decoupled")
+    budgets = fraction_budgets(table, runtime_ms=0.7)
+    (start,) = solve(table, fraction_budgets(table, runtime_ms=0.6))  # a feasible anchor, far from the optimum
+    nb = table[table["subblock"] == "non_block"].iloc[0]
+    for r in (0, 1, 2):
+        (s,) = solve(table, budgets, anchor=start.blocks, max_changes=r)
+        assert s.optimal and sum(a != b for a, b in zip(s.choice, start.choice)) <= r
+        best = min(sum(x["kl_nats"] for x in rows) for combo, rows in _all_architectures(table)
+                   if sum(a != b for a, b in zip(combo, start.choice)) <= r
+                   and sum(x["runtime_ms"] for x in rows) + nb["runtime_ms"] <= budgets.max_runtime_ms)
+        assert s.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    with pytest.raises(PuzzleError, match="not in the score table"):
+        solve(table, budgets, anchor=["attn-kv4+ffn-64"] * 3 + ["attn-kv1+ffn-16"], max_changes=1)
+
+
+def test_cosine_objective_is_maximised_and_weights_combine():
+    table = random_table(18, layers=3, kind="decoupled")
+    rng = np.random.default_rng(0)
+    table["cosine"] = np.where(table["is_parent"], 1.0, 1.0 - rng.uniform(0.0, 0.2, len(table)))
+    budgets = fraction_budgets(table, runtime_ms=0.7)
+    nb = table[table["subblock"] == "non_block"].iloc[0]
+    feasible = [(combo, rows) for combo, rows in _all_architectures(table)
+                if sum(x["runtime_ms"] for x in rows) + nb["runtime_ms"] <= budgets.max_runtime_ms]
+    (s,) = solve(table, budgets, "cosine")
+    best = max(sum(x["cosine"] - 1.0 for x in rows) for _, rows in feasible)
+    assert dict(s.objective_weights) == {"cosine": -1.0}
+    assert s.objective == pytest.approx(-(1.0 + best), rel=1e-9)
+    verify(s, table)
+    (mixed,) = solve(table, budgets, "kl_nats=1,cosine=2")
+    best_mixed = min(sum(x["kl_nats"] - 2 * (x["cosine"] - 1.0) for x in rows) for _, rows in feasible)
+    assert mixed.objective == pytest.approx(best_mixed - 2.0, rel=1e-9)
+    with pytest.raises(PuzzleError, match=">= 0"):
+        solve(table, budgets, "kl_nats=1,cosine=-1")
 
 
 def test_vllm_compatible_and_exclude_leave_variants_out():

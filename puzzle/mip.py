@@ -1,0 +1,659 @@
+"""The mixed-integer program behind `puzzle.search`: a score table as per-layer choice arrays, and
+an exact solver over them.
+
+The program (Puzzle, Bercovich et al. 2024; DESIGN.md "Mixed-integer program"):
+
+    minimise    Σ_ij score(i,j) · x_ij
+    subject to  Σ_j x_ij = 1                                  for every layer i
+                Σ_ij cost_k(i,j) · x_ij ≤ B_k − nonblock_k      for every budgeted resource k
+                Σ_i x_(i, y_i) ≤ L − d                         for every earlier solution y (diversity)
+                Σ_i (1 − x_(i, a_i)) ≤ r                       optional trust region around an anchor a
+                x_ij ∈ {0, 1}
+
+A choice j of layer i is one block row of the score table, or one attention row plus one FFN row
+of that layer (their costs and scores add; a block row replaces the pair that builds the same block,
+since the coupled measurement is the better one). Costs add the non-block row; score columns are
+summed as differences to the parent's value, so the summed KL of the parent is 0.
+
+Solved to proven optimality (gap 0), fast, in four exact steps; none of them loses an optimum:
+  1. Dominance: a choice whose score, runtime and every budgeted cost are no better than those of
+     another choice of the same layer is dropped. With k diverse solutions, a choice is dropped only
+     when k others dominate it (then one of them is always free to replace it).
+  2. Lagrangian bound: the LP relaxation (GLOP) gives multipliers λ ≥ 0 for the budget rows; then
+     LB = Σ_i min_j (c_ij + λ·g_ij) − λ·b is a lower bound and red_ij ≥ 0 the reduced costs, with
+     score(x) = LB + Σ red·x + Σ_k λ_k·slack_k(x) ≥ LB + Σ red·x for every feasible x.
+  3. Reduced-cost fixing against a threshold T (first: Lagrangian rounding + local search with
+     one- and two-layer moves): a choice with LB + red_ij > T is in no solution scoring ≤ T. What
+     is left is solved exactly; if that optimum scores ≤ T it is the global optimum, else T grows.
+  4. The exact solve of what is left: a dynamic program over layers whose states are partial
+     solutions with integer costs (merged when equal, pruned by the same Lagrangian bounds) —
+     milliseconds on real libraries, whose costs are shared per variant. When the states outgrow a
+     cap, CP-SAT (OR-Tools) solves it instead, with the cut Σ red·x ≤ T − LB, restarting whenever it
+     finds a clearly better solution. Diverse solutions add "shares at most L − d layers with y"
+     rows to either; a trust region is one more cost row (1 for every slot but the anchor's) whose
+     multiplier is 0. Costs are rounded *up* and budgets *down* to integers (2^-44 of the costs'
+     range in the DP, 1e-12 in CP-SAT), after widening each budget by BUDGET_RTOL = 5e-10 relative:
+     every solution meets its budgets to that tolerance (`search.verify` allows 1e-9), and a budget
+     equal to the least achievable total stays reachable. Ties in score go to the lower runtime
+     (CP-SAT compares scores rounded to 1e-9 of their range; the DP compares them exactly).
+The first solve of the paper's Llama-3.3-70B library (80 layers x 16 variants) takes well under a
+second; see benchmarks/search.py for measured times.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .architecture import ArchitectureError, AttentionConfig, BlockConfig, FFNConfig
+from .errors import PuzzleError
+
+COST_COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
+SCORE_COLUMNS = ("kl_nats", "lm_loss")
+REQUIRED_COLUMNS = ("layer", "subblock", "variant", "is_parent", *SCORE_COLUMNS, *COST_COLUMNS)
+SUBBLOCKS = ("attention", "ffn", "block", "non_block")
+TIE_BREAK = "runtime_ms"  # among equally scored solutions, the faster one wins
+RESTART = 0.7  # restart CP-SAT once a solution closes 30% of the gap to the bound
+_SCALE = 1e9  # integer resolution of scores inside CP-SAT (relative to their range)
+_COST_SCALE = 1e12  # integer resolution of costs inside CP-SAT
+BUDGET_RTOL = 5e-10  # a budget B holds when the total is at most B·(1 + BUDGET_RTOL); verify allows 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# The choices of every layer, as dense (L, V) arrays
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Every choice a child can make per layer; V is the most choices any layer has.
+
+    Attributes:
+        valid: (L, V) bool, False on padding slots.
+        is_parent: (L, V) bool, the parent's own block.
+        blocks / rows: [i][j] the BlockConfig of slot j of layer i and its table index labels.
+        values: column -> (L, V) float64: cost columns summed over the slot's rows, other numeric
+            columns summed as differences to `base` (NaN on padding).
+        base: column -> the non-block cost, or the parent's value of a score column (its KL is 0).
+        parent_slot: (L,) int, the slot of the parent's block.
+    """
+
+    valid: np.ndarray
+    is_parent: np.ndarray
+    blocks: tuple
+    rows: tuple
+    values: Mapping[str, np.ndarray]
+    base: Mapping[str, float]
+    parent_slot: np.ndarray
+
+    @property
+    def num_layers(self) -> int:
+        return self.valid.shape[0]
+
+    def totals(self, slots: np.ndarray) -> dict[str, float]:
+        """Predicted totals of the child choosing `slots` ((L,) int): every column, incl. non-block costs."""
+        layers = np.arange(self.num_layers)
+        return {c: float(self.base[c] + v[layers, slots].sum()) for c, v in self.values.items()}
+
+
+def as_bool(series: pd.Series) -> np.ndarray:
+    if series.dtype == bool:
+        return series.to_numpy()
+    return series.map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).to_numpy()
+
+
+def build_choices(table: pd.DataFrame) -> Choices:
+    """The per-layer choices of a score table (coupled block rows, decoupled pairs, or both).
+
+    Raises:
+        PuzzleError: missing columns, no or several non-block rows, layers not numbered 0..L-1, a
+            layer with attention rows but no FFN rows (or the reverse), an unknown variant id, or a
+            layer without the parent's block.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise PuzzleError(f"the score table lacks columns {missing}; it needs {list(REQUIRED_COLUMNS)}")
+    bad = sorted(set(table["subblock"]) - set(SUBBLOCKS))
+    if bad:
+        raise PuzzleError(f"the score table has unknown subblock kinds {bad}; expected {SUBBLOCKS}")
+    numeric = [c for c in table.columns if c not in ("layer", "subblock", "variant", "is_parent")
+               and pd.api.types.is_numeric_dtype(table[c])]
+    is_parent = as_bool(table["is_parent"])
+    non_block = table[table["subblock"] == "non_block"]
+    if len(non_block) != 1:
+        raise PuzzleError(f"the score table must have exactly one non_block row (embedding, final norm, LM head); "
+                          f"it has {len(non_block)}: rerun `puzzle score`")
+    body = table[table["subblock"] != "non_block"]
+    layers = sorted(int(v) for v in body["layer"].unique())
+    if layers != list(range(len(layers))) or not layers:
+        raise PuzzleError(f"score table layers must be 0..L-1; found {layers[:5]}...{layers[-3:]} ({len(layers)} layers)")
+    parent_rows = table[is_parent & (table["subblock"] != "non_block").to_numpy()]
+    base = {c: float(non_block[c].iloc[0]) if c in COST_COLUMNS else float(np.nanmedian(parent_rows[c]))
+            if parent_rows[c].notna().any() else math.nan for c in numeric}
+    delta = {c: (table[c] - base[c]).to_numpy(float) if c not in COST_COLUMNS else table[c].to_numpy(float)
+             for c in numeric}
+    labels = table.index.tolist()
+    kind_of, variant_of = table["subblock"].astype(str).tolist(), table["variant"].astype(str).tolist()
+    by_layer: dict[int, dict[str, list[int]]] = {i: {"block": [], "attention": [], "ffn": []} for i in layers}
+    for k, (layer, kind) in enumerate(zip(table["layer"].tolist(), kind_of)):
+        if kind != "non_block":
+            by_layer[int(layer)][kind].append(k)
+
+    parsed: dict = {}
+    parse = lambda cls, v: parsed.get((cls, v)) or parsed.setdefault((cls, v), cls.from_id(v))  # noqa: E731
+    per_layer = []  # per layer: [(block, (row positions), is_parent)]
+    for layer, kinds in by_layer.items():
+        if bool(kinds["attention"]) != bool(kinds["ffn"]):
+            have, lack = ("attention", "ffn") if kinds["attention"] else ("ffn", "attention")
+            raise PuzzleError(f"layer {layer} has {have} rows but no {lack} rows: a decoupled layer needs both kinds")
+        try:
+            slots = [(parse(BlockConfig, variant_of[k]), (k,), bool(is_parent[k])) for k in kinds["block"]]
+            coupled = {s[0].id for s in slots}
+            if len(coupled) != len(slots):
+                raise PuzzleError(f"layer {layer} lists the same block variant twice")
+            attention = [(parse(AttentionConfig, variant_of[k]), k) for k in kinds["attention"]]
+            ffn = [(parse(FFNConfig, variant_of[k]), k) for k in kinds["ffn"]]
+        except ArchitectureError as e:
+            raise PuzzleError(f"layer {layer}: {e}") from e
+        for a, ka in attention:
+            for f, kf in ffn:
+                if (block := BlockConfig(a, f)).id not in coupled:
+                    slots.append((block, (ka, kf), bool(is_parent[ka] and is_parent[kf])))
+        if not any(s[2] for s in slots):
+            raise PuzzleError(f"layer {layer} has no row with is_parent=True (the parent's own block); "
+                              f"the budgets' fractions and the speed-up need it")
+        slots.sort(key=lambda s: not s[2])  # stable: the parent first (it wins exact ties), block rows before pairs
+        per_layer.append(slots)
+
+    num_layers, width = len(per_layer), max(len(s) for s in per_layer)
+    valid = np.zeros((num_layers, width), bool)
+    parent = np.zeros((num_layers, width), bool)
+    first = np.zeros((num_layers, width), int)  # row position of the slot's (first) row
+    second = np.full((num_layers, width), -1)  # the FFN row of a pair, else -1
+    for i, slots in enumerate(per_layer):
+        for j, (_, rows, par) in enumerate(slots):
+            valid[i, j], parent[i, j], first[i, j] = True, par, rows[0]
+            second[i, j] = rows[1] if len(rows) > 1 else -1
+    values = {}
+    for c in numeric:
+        v = delta[c][first] + np.where(second >= 0, delta[c][np.maximum(second, 0)], 0.0)
+        values[c] = np.where(valid, v, np.nan)  # (L, V)
+    return Choices(valid=valid, is_parent=parent, blocks=tuple(tuple(s[0] for s in sl) for sl in per_layer),
+                   rows=tuple(tuple(tuple(labels[k] for k in s[1]) for s in sl) for sl in per_layer),
+                   values=values, base=base, parent_slot=np.zeros(num_layers, int))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: filters and dominance
+
+
+def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) -> np.ndarray:
+    """(L, V) mask of the slots the user allows. `exclude`: variant ids (block, attention or FFN),
+    or (layer, id) pairs for one layer only."""
+    if not vllm_compatible and not exclude:
+        return choices.valid.copy()
+    everywhere = {e for e in exclude if isinstance(e, str)}
+    per_layer = {(int(e[0]), str(e[1])) for e in exclude if not isinstance(e, str)}
+    mask = choices.valid.copy()
+    for i, blocks in enumerate(choices.blocks):
+        for j, b in enumerate(blocks):
+            ids = {b.id, b.attention.id, b.ffn.id}
+            if (vllm_compatible and "linear" in (b.attention.kind, b.ffn.kind)) or ids & everywhere \
+                    or any((i, v) in per_layer for v in ids):
+                mask[i, j] = False
+    empty = np.flatnonzero(~mask.any(1))
+    if len(empty):
+        raise PuzzleError(f"layers {empty.tolist()} have no choice left after --vllm-compatible/--exclude; "
+                          f"allow at least one of their variants")
+    return mask
+
+
+def prune_dominated(dims: Sequence[np.ndarray], alive: np.ndarray, k: int = 1) -> np.ndarray:
+    """Drop choices dominated by at least k others of the same layer.
+
+    Args:
+        dims: (L, V) arrays, lower is better in each (score, runtime, every budgeted cost).
+        alive: (L, V) bool, the slots still in play.
+        k: the number of diverse solutions wanted: a slot dominated by k others can always be
+            replaced by one that no earlier solution uses in that layer, so no optimum is lost.
+    Returns:
+        (L, V) bool, a subset of `alive`. Exact ties: the lower slot index dominates.
+    """
+    x = np.stack([np.where(alive, d, np.inf) for d in dims], -1)  # (L, V, D)
+    a_le_b = (x[:, :, None, :] <= x[:, None, :, :]).all(-1)  # (L, Va, Vb)
+    a_lt_b = (x[:, :, None, :] < x[:, None, :, :]).any(-1)
+    width = x.shape[1]
+    first = np.arange(width)[:, None] < np.arange(width)[None, :]
+    dominates = a_le_b & (a_lt_b | first) & alive[:, :, None] & alive[:, None, :]
+    return alive & (dominates.sum(1) < k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 2: Lagrangian bound from the LP relaxation
+
+
+class DualLP:
+    """The LP relaxation over the alive slots, kept for a sweep: only the budget right-hand sides change."""
+
+    def __init__(self, objective: np.ndarray, costs: Sequence[np.ndarray], alive: np.ndarray):
+        from ortools.linear_solver import pywraplp
+
+        self.cells = np.argwhere(alive)  # (N, 2)
+        self.obj_scale = max(float(np.nanmax(np.abs(objective[alive]))), 1e-12)
+        self.cost_scales = [max(float(np.nanmax(np.abs(g[alive]))), 1e-12) for g in costs]
+        self.solver = pywraplp.Solver.CreateSolver("GLOP")
+        inf = self.solver.infinity()
+        layer_rows = [self.solver.Constraint(1.0, 1.0) for _ in range(alive.shape[0])]
+        self.rows = [self.solver.Constraint(-inf, inf) for _ in costs]
+        obj = self.solver.Objective()
+        for i, j in self.cells:
+            x = self.solver.NumVar(0.0, inf, "")
+            layer_rows[i].SetCoefficient(x, 1.0)
+            obj.SetCoefficient(x, float(objective[i, j]) / self.obj_scale)
+            for row, g, s in zip(self.rows, costs, self.cost_scales):
+                row.SetCoefficient(x, float(g[i, j]) / s)
+        obj.SetMinimization()
+
+    def multipliers(self, rhs: Sequence[float]) -> np.ndarray | None:
+        """λ ≥ 0 per budget row in the problem's own units; None when the LP is infeasible."""
+        from ortools.linear_solver import pywraplp
+
+        for row, b, s in zip(self.rows, rhs, self.cost_scales):
+            row.SetBounds(-self.solver.infinity(), b / s if math.isfinite(b) else self.solver.infinity())
+        status = self.solver.Solve()
+        if status == pywraplp.Solver.INFEASIBLE:
+            return None
+        if status != pywraplp.Solver.OPTIMAL:
+            return np.zeros(len(self.rows))  # λ = 0 still gives a valid (weaker) bound
+        return np.array([max(0.0, -row.dual_value()) * self.obj_scale / s for row, s in zip(self.rows, self.cost_scales)])
+
+
+def lagrangian(objective, costs, rhs, alive, lam) -> tuple[float, np.ndarray]:
+    """LB = Σ_i min_j (c + λ·g) − λ·b and red = (c + λ·g) − row minimum ≥ 0 (inf where not alive).
+
+    score(x) ≥ LB + Σ red·x holds for every x meeting the budgets (weak duality), for any λ ≥ 0.
+    """
+    penalised = objective + sum(l * g for l, g in zip(lam, costs) if l > 0) if len(lam) else objective.copy()
+    penalised = np.where(alive, penalised, np.inf)
+    row_min = penalised.min(1)
+    finite_rhs = sum(l * b for l, b in zip(lam, rhs) if l > 0)
+    return float(row_min.sum() - finite_rhs), penalised - row_min[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 3: a good first solution (Lagrangian rounding, then single-layer improvements)
+
+
+def _feasible(slots, costs, rhs) -> bool:
+    layers = np.arange(len(slots))
+    return all(g[layers, slots].sum() <= b for g, b in zip(costs, rhs))
+
+
+def _improve(slots, objective, costs, rhs, alive, max_pair_moves: int = 600) -> np.ndarray:
+    """Best-improvement local search: change one layer, or two layers at once (one trades cost to
+    the other), keeping every budget. Pair moves are drawn from the `max_pair_moves` single-layer
+    changes that cost the least score per unit of cost saved or gain the most per unit spent."""
+    slots, layers = slots.copy(), np.arange(len(slots))
+    for _ in range(alive.size):
+        current = objective[layers, slots]
+        eps = 1e-13 * max(1.0, abs(current.sum()))
+        d_obj = np.where(alive, objective - current[:, None], np.inf)  # (L, V)
+        d_cost = [g - g[layers, slots][:, None] for g in costs]  # (L, V) each
+        room = [b - g[layers, slots].sum() for g, b in zip(costs, rhs)]
+        ok = alive & np.logical_and.reduce([d <= r for d, r in zip(d_cost, room)]) if costs else alive
+        single = np.where(ok, d_obj, np.inf)
+        i, j = np.unravel_index(np.argmin(single), single.shape)
+        best, move = single[i, j], ((i, j),)
+        moves = np.argwhere(alive & (np.arange(alive.shape[1])[None, :] != slots[:, None]))
+        if costs and len(moves) > 1:
+            scale = [max(abs(r) + np.abs(d[alive]).max(), 1e-30) for d, r in zip(d_cost, room)]
+            spend = sum(d[moves[:, 0], moves[:, 1]] / s for d, s in zip(d_cost, scale))
+            delta = d_obj[moves[:, 0], moves[:, 1]]
+            # score change per unit of cost spent (spend > 0) or saved (spend <= 0): lower is better
+            rate = delta / np.maximum(np.abs(spend), 1e-30)
+            up, down = np.flatnonzero(spend > 0), np.flatnonzero(spend <= 0)
+            half = max_pair_moves // 2
+            moves = np.concatenate([moves[up[np.argsort(rate[up])[:half]]], moves[down[np.argsort(rate[down])[:half]]]])
+            m_obj = d_obj[moves[:, 0], moves[:, 1]]
+            total = m_obj[:, None] + m_obj[None, :]  # (M, M)
+            fits = moves[:, 0][:, None] != moves[:, 0][None, :]
+            for d, r in zip(d_cost, room):
+                m = d[moves[:, 0], moves[:, 1]]
+                fits &= m[:, None] + m[None, :] <= r
+            total = np.where(fits, total, np.inf)
+            a, c = np.unravel_index(np.argmin(total), total.shape)
+            if total[a, c] < best:
+                best, move = total[a, c], (tuple(moves[a]), tuple(moves[c]))
+        if not best < -eps:
+            break
+        for i, j in move:
+            slots[i] = j
+    return slots
+
+
+def repair(slots, objective, costs, rhs, alive, totals_scale) -> np.ndarray | None:
+    """Greedy: while a budget is broken, apply the single-layer change with the smallest score
+    increase per unit of (scaled) broken-budget cost saved, among the changes that raise no broken
+    budget's cost and break no met budget (so the total overrun falls at every step). None when
+    no change helps."""
+    slots, layers = slots.copy(), np.arange(len(slots))
+    current = [g[layers, slots] for g in costs]  # (L,) each
+    totals = [float(c.sum()) for c in current]
+    for _ in range(alive.size):
+        over = [k for k, (total, b) in enumerate(zip(totals, rhs)) if total > b]
+        if not over:
+            return slots
+        saved = sum((current[k][:, None] - costs[k]) / totals_scale[k] for k in over)  # (L, V)
+        worse = objective - objective[layers, slots][:, None]
+        useful = alive & (saved > 0)
+        for k, g in enumerate(costs):
+            change = g - current[k][:, None]
+            useful &= change <= 0 if k in over else totals[k] + change <= rhs[k]
+        ratio = np.where(useful, np.maximum(worse, 0) / np.where(useful, saved, 1) + np.minimum(worse, 0), np.inf)
+        i, j = np.unravel_index(np.argmin(ratio), ratio.shape)
+        if not math.isfinite(ratio[i, j]):
+            return None
+        slots[i] = j
+        for k, g in enumerate(costs):
+            totals[k] += float(g[i, j] - current[k][i])
+            current[k][i] = g[i, j]
+    return None
+
+
+def _first_solution(objective, costs, rhs, alive, lam, totals_scale, starts=()) -> np.ndarray | None:
+    """A good feasible (L,) slot choice to set the first threshold: the best of an earlier solution
+    (a sweep's other budgets), the Lagrangian choice with λ scaled up until it fits (or a greedy
+    repair), each improved by local search. None if none is found."""
+    layers = np.arange(alive.shape[0])
+    usable = [s for s in starts if s is not None and alive[layers, s].all() and _feasible(s, costs, rhs)]
+    candidates = [min(usable, key=lambda s: objective[layers, s].sum())] if usable else []  # the best earlier one
+    for factor in (1.0, 1.001, 1.01, 1.05, 1.2, 1.5, 2.0, 4.0, 10.0):
+        penalised = objective + sum(factor * l * g for l, g in zip(lam, costs))
+        slots = np.where(alive, penalised, np.inf).argmin(1)
+        if _feasible(slots, costs, rhs):
+            candidates.append(slots)
+            break
+    if not candidates:  # Lagrangian rounding failed: repair the best-scoring choice greedily
+        repaired = repair(np.where(alive, objective, np.inf).argmin(1), objective, costs, rhs, alive, totals_scale)
+        if repaired is not None:
+            candidates.append(repaired)
+    improved = [_improve(s, objective, costs, rhs, alive) for s in candidates]
+    return min(improved, key=lambda s: objective[layers, s].sum(), default=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 4a: exact dynamic program over layers (the main prover)
+
+DP_MAX_STATES = 400_000  # partial solutions kept after a layer; beyond this CP-SAT takes over
+_DP_SCALE = 2.0**44  # integer resolution of costs in the dynamic program (relative to their range)
+
+
+def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, tie, deadline=math.inf,
+              max_states=None):
+    """The best slot choice among `keep` meeting every budget, by dynamic programming over layers.
+
+    A state is a partial solution of layers 0..i: its budgeted costs (integers, rounded up, so
+    every state meets the float budgets), its score, its reduced-cost sum R and, per earlier
+    solution, how many layers it shares with it (diversity rows are budgets on those counts).
+    States with equal costs merge (the better score survives: exact, and strong when costs are
+    shared per variant, as in measured libraries); with one budget the (cost, score) Pareto front
+    is kept. A state is dropped when no completion can meet a budget, or when a lower bound on
+    score − LB exceeds `gap` (the caller's T − LB), using score − LB = R + red_rest +
+    Σ_k λ_k·slack_k: R + λ·(slack no completion can fill) and R + λ·(b − C) + Σ_rest min_j
+    (c − (c + λ·g)) (the best-scoring completion, budgets ignored) are both lower bounds.
+
+    Returns ("OPTIMAL" | "INFEASIBLE" | "TOO_BIG", (L,) slots or None, bound); "TOO_BIG" when the
+    states outgrow `max_states` or time passes `deadline` (time.perf_counter()).
+    """
+    max_states = DP_MAX_STATES if max_states is None else max_states
+    num_layers = keep.shape[0]
+    cells = [np.flatnonzero(keep[i]) for i in range(num_layers)]
+    if any(len(js) == 0 for js in cells):
+        return "INFEASIBLE", None, math.inf
+    sequence = np.argsort([len(js) for js in cells], kind="stable")  # narrow layers first: bounds are tightest at the end
+    keep, red, objective = keep[sequence], red[sequence], objective[sequence]
+    costs, cells = [g[sequence] for g in costs], [cells[i] for i in sequence]
+    others = [np.asarray(o)[sequence] for o in others]
+    tie = None if tie is None else tie[sequence]
+    dims, limits, units = [], [], []  # integer (L, V) cost arrays, limits, real units per integer step
+    for g, b, l in zip(costs, rhs, lam if len(lam) else [0.0] * len(costs)):
+        if not math.isfinite(b) or sum(float(g[i, js].max()) for i, js in enumerate(cells)) <= b:
+            continue  # redundant over the slots kept: every choice meets it
+        span = sum(float(np.abs(g[i, js]).max()) for i, js in enumerate(cells)) or 1.0
+        scale = _DP_SCALE / span
+        dims.append(np.ceil(np.where(keep, g, 0.0) * scale).astype(np.int64))
+        limits.append(math.floor(b * scale))
+        units.append(l / scale)  # λ per integer unit
+    for other in others:  # shares at most L - d layers with each earlier solution
+        dims.append((np.arange(keep.shape[1])[None, :] == np.asarray(other)[:, None]).astype(np.int64))
+        limits.append(num_layers - min_differ)
+        units.append(0.0)
+
+    m = len(dims)
+    big = np.iinfo(np.int64).max // 4
+    cost = np.stack(dims, -1) if m else np.zeros(keep.shape + (0,), np.int64)  # (L, V, m)
+    low = np.where(keep[..., None], cost, big).min(1)  # (L, m) cheapest choice per layer
+    high = np.where(keep[..., None], cost, -big).max(1)
+    after = lambda a: np.concatenate([np.cumsum(a[::-1], 0)[::-1][1:], np.zeros((1, m), np.int64)])  # noqa: E731
+    low_rest, high_rest = after(low), after(high)  # (L, m) over layers i+1..L-1
+    limits, units = np.array(limits, np.int64), np.array(units)
+    penalised = objective + sum(l * g for l, g in zip(lam, costs) if l > 0) if len(lam) else objective
+    drift = np.where(keep, objective, np.inf).min(1) - np.where(keep, penalised, np.inf).min(1)  # (L,) ≤ 0
+    drift_rest = np.concatenate([np.cumsum(drift[::-1])[::-1][1:], [0.0]])
+    tie = np.zeros(keep.shape) if tie is None else np.where(keep, tie, 0.0)
+
+    state_cost = np.zeros((1, m), np.int64)  # (S, m)
+    state_score, state_red, state_tie = np.zeros(1), np.zeros(1), np.zeros(1)
+    back = []  # per layer: (parent state, slot) of each surviving state
+    slack_tol = 1e-12 * max(1.0, abs(gap)) if math.isfinite(gap) else 0.0
+    for i, js in enumerate(cells):
+        n = len(js)
+        c = (state_cost[:, None, :] + cost[i, js][None, :, :]).reshape(len(state_score) * n, m)  # (S*n, m)
+        v = (state_score[:, None] + objective[i, js][None, :]).reshape(-1)
+        r = (state_red[:, None] + red[i, js][None, :]).reshape(-1)
+        t = (state_tie[:, None] + tie[i, js][None, :]).reshape(-1)
+        ok = (c + low_rest[i] <= limits).all(1)
+        if math.isfinite(gap):
+            slack_low = np.maximum(limits - c - high_rest[i], 0) @ units  # budget no completion can use
+            ok &= (r + slack_low <= gap + slack_tol) & (r + (limits - c) @ units + drift_rest[i] <= gap + slack_tol)
+        parent, slot = np.divmod(np.flatnonzero(ok), n)
+        c, v, r, t = c[ok], v[ok], r[ok], t[ok]
+        if len(v) == 0:
+            return "INFEASIBLE", None, math.inf
+        order = np.lexsort((t, v) + tuple(c.T[::-1]))  # by cost vector, then score, then runtime
+        c, v, r, t, parent, slot = c[order], v[order], r[order], t[order], parent[order], slot[order]
+        first = np.ones(len(v), bool)
+        if m == 0:  # nothing budgeted: the best partial solution is all that matters
+            first[1:] = False
+        elif m == 1:  # Pareto front of (cost, score): keep a state only if it beats every cheaper one
+            first[1:] = v[1:] < np.minimum.accumulate(v)[:-1]
+        elif m:
+            first[1:] = (c[1:] != c[:-1]).any(1)
+        c, v, r, t, parent, slot = c[first], v[first], r[first], t[first], parent[first], slot[first]
+        if len(v) > max_states or time.perf_counter() > deadline:
+            return "TOO_BIG", None, -math.inf
+        back.append((parent, js[slot]))
+        state_cost, state_score, state_red, state_tie = c, v, r, t
+    best = np.lexsort((state_tie, state_score))[0]
+    slots = np.zeros(num_layers, int)
+    for i in range(num_layers - 1, -1, -1):
+        parent, chosen = back[i]
+        slots[sequence[i]], best = chosen[best], parent[best]
+    return "OPTIMAL", slots, float(state_score.min())
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 4b: CP-SAT on the reduced problem (when the dynamic program's states outgrow their cap)
+
+
+def _cp_solve(objective, costs, rhs, keep, red, cut, others, min_differ, hint, tie, time_limit, workers,
+              restart_below=-math.inf):
+    """Solve min Σ obj·x over the slots in `keep` with integer coefficients.
+
+    cut: None or the gap T − LB: adds Σ red·x ≤ gap (valid for every solution scoring ≤ T).
+    others: earlier solutions ((L,) slots) to differ from in at least `min_differ` layers.
+    tie: (L, V) values minimised among the optimal set, or None.
+    restart_below: stop as soon as a solution scores below this (status "RESTART"), so that the
+    caller can shrink the problem around it.
+    Returns (status name, (L,) slots or None, lower bound on the objective).
+    """
+    from ortools.sat.python import cp_model
+
+    num_layers = keep.shape[0]
+    if not keep.any(1).all():
+        return "INFEASIBLE", None, math.inf
+    model = cp_model.CpModel()
+    cells = [np.flatnonzero(keep[i]) for i in range(num_layers)]
+    xs = [[model.new_bool_var(f"x{i}_{j}") for j in js] for i, js in enumerate(cells)]
+    for row in xs:
+        model.add_exactly_one(row)
+
+    def integer_terms(values: np.ndarray, rounding, resolution=_SCALE):
+        """Per-layer shifted, scaled, rounded coefficients; returns (coeffs per layer, shift, scale)."""
+        shift = [float(values[i, js].min()) for i, js in enumerate(cells)]
+        span = sum(float(values[i, js].max()) - s for (i, js), s in zip(enumerate(cells), shift))
+        scale = resolution / span if span > 0 else 1.0
+        return [[int(rounding((values[i, j] - shift[i]) * scale)) for j in js] for i, js in enumerate(cells)], sum(shift), scale
+
+    def expr(coeffs):
+        return cp_model.LinearExpr.weighted_sum([x for row in xs for x in row], [c for row in coeffs for c in row])
+
+    for k, (g, b) in enumerate(zip(costs, rhs)):
+        if not math.isfinite(b):
+            continue
+        coeffs, shift, scale = integer_terms(g, math.ceil, _COST_SCALE)  # costs up, budget down: conservative
+        if b - shift < 0:
+            return "INFEASIBLE", None, math.inf
+        limit = math.floor((b - shift) * scale)
+        if sum(max(row) for row in coeffs) > limit:
+            model.add(expr(coeffs) <= limit)
+    obj_coeffs, obj_shift, obj_scale = integer_terms(objective, round)
+    if cut is not None:
+        red_coeffs = [[int(math.floor(red[i, j] * obj_scale)) for j in js] for i, js in enumerate(cells)]
+        model.add(expr(red_coeffs) <= math.ceil(cut * obj_scale) + num_layers)
+    for other in others:
+        same = [xs[i][int(np.flatnonzero(js == other[i])[0])] for i, js in enumerate(cells) if other[i] in js]
+        if len(same) > num_layers - min_differ:
+            model.add(sum(same) <= num_layers - min_differ)
+    objective_expr = expr(obj_coeffs)
+    model.minimize(objective_expr)
+    if hint is not None:
+        for i, js in enumerate(cells):
+            for x, j in zip(xs[i], js):
+                model.add_hint(x, bool(j == hint[i]))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = workers
+    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+    start = time.perf_counter()
+
+    class Restart(cp_model.CpSolverSolutionCallback):
+        def __init__(self):
+            super().__init__()
+            self.stopped = None
+
+        def on_solution_callback(self):
+            if obj_shift + self.objective_value / obj_scale < restart_below:
+                self.stopped = np.array([js[[self.value(x) for x in xs[i]].index(1)] for i, js in enumerate(cells)])
+                self.stop_search()
+
+    callback = Restart()
+    status = solver.solve(model, callback)
+    name = solver.status_name(status)
+    if callback.stopped is not None and name != "OPTIMAL":
+        return "RESTART", callback.stopped, obj_shift + solver.best_objective_bound / obj_scale
+    if name not in ("OPTIMAL", "FEASIBLE"):
+        return name, None, math.inf
+    pick = lambda: np.array([js[[solver.value(x) for x in xs[i]].index(1)] for i, js in enumerate(cells)])  # noqa: E731
+    slots, bound = pick(), obj_shift + solver.best_objective_bound / obj_scale
+    if name == "OPTIMAL" and tie is not None:  # second pass: fastest among the optimal set
+        best = int(round(solver.objective_value))
+        model.add(objective_expr <= best)
+        tie_coeffs, _, _ = integer_terms(np.where(keep, tie, 0.0), round)
+        model.minimize(expr(tie_coeffs))
+        model.clear_hints()
+        for i, js in enumerate(cells):
+            for x, j in zip(xs[i], js):
+                model.add_hint(x, bool(j == slots[i]))
+        solver.parameters.max_time_in_seconds = max(time_limit - (time.perf_counter() - start), 0.01)
+        if solver.status_name(solver.solve(model)) in ("OPTIMAL", "FEASIBLE"):
+            slots = pick()
+    return name, slots, bound
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps 2-4 together
+
+
+def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit, *, tie=None, workers=1,
+               scales=None, starts=()):
+    """Steps 2-4: the best slot choice over the `alive` slots meeting every cost row.
+
+    Args:
+        objective: (L, V) float, minimised (inf or anything where not alive).
+        costs, rhs: (L, V) cost arrays and their bounds (Σ_i costs[k][i, x_i] ≤ rhs[k]); the first
+            len(lam) rows are the LP's budget rows, any further rows (e.g. a trust region) have λ = 0.
+        lam: λ ≥ 0 from `DualLP.multipliers` (padded with zeros to len(costs) here).
+        alive: (L, V) bool slots in play.
+        others, min_differ: earlier solutions ((L,) slots) to differ from in ≥ min_differ layers.
+        time_limit: seconds for this solve.
+        tie: (L, V) values minimised among equally scored solutions (runtime), or None.
+        workers: CP-SAT threads. scales: per cost row, the size of a typical total (for greedy
+            repair ratios). starts: earlier solutions offered as first solutions.
+
+    Returns:
+        ((L,) int slots, or None when no slot choice meets the rows; proven optimal; lower bound).
+
+    Raises:
+        PuzzleError: no solution found within `time_limit`.
+    """
+    lam = np.concatenate([np.asarray(lam, float), np.zeros(len(costs) - len(lam))])
+    deadline = time.perf_counter() + time_limit
+    layers = np.arange(alive.shape[0])
+    lower, red = lagrangian(objective, costs, rhs, alive, lam)
+    value = lambda s: float(objective[layers, s].sum())  # noqa: E731
+    scales = [1.0] * len(costs) if scales is None else scales
+    first = None if others else _first_solution(objective, costs, rhs, alive, lam, scales, starts)
+    tol = 1e-9 * max(1.0, abs(lower)) * (len(layers) + 1)
+    if first is not None:
+        threshold = value(first)
+    else:
+        previous = max((value(s) for s in others), default=lower)
+        threshold = previous + max(previous - lower, 1e-6 * max(1.0, abs(lower)))
+    full = float(np.where(alive, red, 0.0).max(1).sum())  # beyond this gap the threshold removes nothing
+    while True:
+        complete = threshold - lower > full
+        keep = alive if complete else alive & (red <= threshold - lower + tol)
+        gap = math.inf if complete else threshold - lower + tol
+        dp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())  # the rest for CP-SAT
+        status, slots, bound = _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, tie,
+                                         dp_deadline)
+        if status == "TOO_BIG":
+            left = deadline - time.perf_counter()
+            restart = -math.inf if complete else lower + RESTART * (threshold - lower)
+            status, slots, bound = _cp_solve(objective, costs, rhs, keep, red, None if complete else gap, others,
+                                             min_differ, first, tie, left, workers, restart)
+        if status == "RESTART":  # a clearly better solution: shrink the problem around it
+            threshold, first = value(slots), slots
+            continue
+        if status == "INFEASIBLE":
+            if complete:
+                return None, True, math.inf
+            threshold = lower + max(4 * (threshold - lower), 1e-6 * max(1.0, abs(lower)))  # always grows
+            continue
+        if status == "OPTIMAL":
+            if complete or value(slots) <= threshold + tol:
+                return slots, True, value(slots)
+            threshold, first = value(slots), slots
+            continue
+        if status == "FEASIBLE":  # out of time: the best found, and a bound valid for all solutions
+            return slots, False, bound if complete else min(bound, threshold)
+        if first is not None:
+            return first, False, lower
+        raise PuzzleError(f"the search found no solution within {time_limit:.3g} s; raise --time-limit")
