@@ -4,18 +4,25 @@ Layout (under the run directory's `library/`):
 
     meta.json                              parent fingerprint, space and BLD settings
     entries/L{layer:03d}/{variant}.{stage}.safetensors   weights, named as in the layer
-    entries/L{layer:03d}/{variant}.{stage}.json          info: tokens seen, normalized MSE, sha256, ...
+    entries/L{layer:03d}/{variant}.{stage}.json          info: tokens seen, normalized MSE, sha256,
+                                                         loss curve, status, ...
+    entries/L{layer:03d}/{variant}.bld.partial.pt        training checkpoint of an unfinished entry
     index.csv                              one row per entry, rebuilt from the info files
 
+`variant` is a subblock id ("attn-kv1", "ffn-768"; kind "attention" / "ffn", decoupled BLD) or a
+block id ("attn-kv1+ffn-768"; kind "block", coupled BLD, whose file holds both subblocks).
 `stage` is "init" (initialised from the parent, untrained) or "bld" (after blockwise local
 distillation). Each entry is written atomically and carries the sha256 of its weights file, so a
 rerun trusts exactly the complete, intact entries and redoes the rest (a corrupt file is reported
-and retrained). Info files instead of one shared index keep concurrent writers (ranks) safe.
+and retrained). Info files instead of one shared index keep concurrent writers (ranks) safe. A
+subblock in training is checkpointed now and then (weights, optimizer state, step); a rerun after a
+crash continues from the checkpoint and ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -25,11 +32,28 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from .errors import PuzzleError
-from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 STAGES = ("init", "bld")
-INDEX_COLUMNS = ["layer", "subblock", "variant", "stage", "init", "tokens", "init_nmse", "final_nmse", "params",
-                 "train_s", "file", "sha256"]
+KINDS = ("attention", "ffn", "block")
+INDEX_COLUMNS = ["layer", "subblock", "variant", "stage", "init", "tokens", "init_nmse", "final_nmse", "status",
+                 "lr", "params", "train_s", "file", "sha256"]
+# BLD settings that change where and how fast a library is built, never its entries: a rerun may change them
+RESOURCE_SETTINGS = ("checkpoint_s", "layers_per_group", "coupled_top_k", "coupled_tokens")
+
+
+def kind_of(variant: str) -> str:
+    """"block" for a block id ('attn-kv1+ffn-768'), else "attention" or "ffn" from the id's prefix."""
+    if "+" in variant:
+        return "block"
+    return "attention" if variant.startswith("attn-") else "ffn"
+
+
+def _comparable(meta: dict) -> dict:
+    meta = json.loads(json.dumps(meta, default=str))
+    if isinstance(meta.get("bld"), dict):
+        meta["bld"] = {k: v for k, v in meta["bld"].items() if k not in RESOURCE_SETTINGS}
+    return meta
 
 
 def sha256_file(path: Path) -> str:
@@ -58,18 +82,24 @@ class Library:
     def info_path(self, layer: int, variant: str, stage: str) -> Path:
         return self._stem(layer, variant, stage).with_suffix(f".{stage}.json")
 
+    def partial_path(self, layer: int, variant: str) -> Path:
+        return self._stem(layer, variant, "bld").with_suffix(".bld.partial.pt")
+
     # -- meta ------------------------------------------------------------------------------------
     def check_meta(self, meta: dict) -> None:
         """Write meta.json on first use; refuse a library built for another parent or settings.
+
+        BLD settings in RESOURCE_SETTINGS (checkpointing, layer groups, the coupled stage's size) may
+        differ between runs: they do not change the entries.
 
         Raises:
             PuzzleError: meta.json exists and differs from `meta`.
         """
         path = self.root / "meta.json"
         if path.is_file():
-            old = json.loads(path.read_text())
-            if old != json.loads(json.dumps(meta, default=str)):
-                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != json.loads(json.dumps(meta.get(k), default=str)))
+            old, new = _comparable(json.loads(path.read_text())), _comparable(meta)
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise PuzzleError(
                     f"the library in {self.root} was built with other settings ({', '.join(diff)} differ); "
                     f"use another --out directory or delete {self.root} to rebuild it")
@@ -95,13 +125,45 @@ class Library:
             return False
         return True
 
+    def info(self, layer: int, variant: str, stage: str) -> dict:
+        """The entry's info (tokens, normalized MSEs, status, loss curve, ...).
+
+        Raises:
+            PuzzleError: the entry is missing or corrupt.
+        """
+        if not self.has(layer, variant, stage):
+            raise PuzzleError(f"library entry layer {layer} {variant} ({stage}) is missing or corrupt in {self.root}; "
+                              f"run `puzzle bld` on this directory to (re)build it")
+        return json.loads(self.info_path(layer, variant, stage).read_text())
+
     def save(self, layer: int, subblock: str, variant: str, stage: str, state: dict[str, torch.Tensor], info: dict) -> None:
-        """Write one entry's weights, then its info (with the weights' sha256) last."""
-        weights = atomic_save_safetensors(state, self.weights_path(layer, variant, stage))
+        """Write one entry's weights, then its info (with the weights' sha256) last; drop its checkpoint."""
+        weights = atomic_save_safetensors({k: v.detach().cpu() for k, v in state.items()},
+                                          self.weights_path(layer, variant, stage))
         params = sum(t.numel() for t in state.values())
         atomic_write_json(self.info_path(layer, variant, stage), {
             "layer": layer, "subblock": subblock, "variant": variant, "stage": stage, "params": params,
             **info, "file": str(weights.relative_to(self.root)), "sha256": sha256_file(weights)})
+        if stage == "bld":
+            self.partial_path(layer, variant).unlink(missing_ok=True)
+
+    # -- training checkpoints --------------------------------------------------------------------
+    def save_partial(self, layer: int, variant: str, checkpoint: dict) -> None:
+        """Atomically write a training checkpoint (tensors, numbers, lists; read back by `load_partial`)."""
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        atomic_write_bytes(self.partial_path(layer, variant), buf.getvalue())
+
+    def load_partial(self, layer: int, variant: str) -> dict | None:
+        """The entry's training checkpoint, or None (none, or unreadable: warned about and ignored)."""
+        path = self.partial_path(layer, variant)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is redone from the start
+            warnings.warn(f"training checkpoint {path} cannot be read ({type(e).__name__}); that entry restarts")
+            return None
 
     def load(self, layer: int, variant: str, stage: str) -> dict[str, torch.Tensor]:
         """The entry's weights (names as inside the layer, e.g. 'self_attn.k_proj.weight').
@@ -109,11 +171,17 @@ class Library:
         Raises:
             PuzzleError: the entry is missing or corrupt (rerun `puzzle bld` to rebuild it).
         """
-        if not self.has(layer, variant, stage):
+        # read into memory (not mmap) once, check that copy: the tensors stay valid whatever happens to the file
+        info_path, weights = self.info_path(layer, variant, stage), self.weights_path(layer, variant, stage)
+        try:
+            sha = json.loads(info_path.read_text()).get("sha256")
+            data = weights.read_bytes()
+        except (OSError, json.JSONDecodeError):
+            sha, data = None, b""
+        if sha is None or hashlib.sha256(data).hexdigest() != sha:
             raise PuzzleError(f"library entry layer {layer} {variant} ({stage}) is missing or corrupt in {self.root}; "
                               f"run `puzzle bld` on this directory to (re)build it")
-        # read into memory (not mmap): the tensors stay valid whatever happens to the file later
-        return load_safetensors(self.weights_path(layer, variant, stage).read_bytes())
+        return load_safetensors(data)
 
     def index(self) -> pd.DataFrame:
         """All entries' info as a table (rebuilt from the info files), sorted by layer and variant."""

@@ -157,3 +157,243 @@ def test_bad_bld_settings_are_refused():
         BLDConfig(linear_init="magic")
     with pytest.raises(PuzzleError, match="positive"):
         BLDConfig(lr=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-entry learning rates, curves, divergence, inits chosen in the config
+
+
+def test_lr_scales_pick_the_most_specific_key():
+    from puzzle.architecture import BlockConfig
+    from puzzle.bld import Job, subblock_lr
+
+    cfg = BLDConfig(lr=1.0, lr_scales={"attn-kv1": 3.0, "gqa": 2.0, "linear": 0.5, "block": 0.25})
+    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 1))) == 3.0
+    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 2))) == 2.0
+    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("linear"))) == 0.5
+    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("swiglu", 64))) == 1.0
+    assert subblock_lr(cfg, Job(0, "block", BlockConfig.from_id("attn-kv1+ffn-64"))) == 0.25
+    with pytest.raises(PuzzleError, match="lr_scales key"):
+        BLDConfig(lr_scales={"attention-ish": 1.0})
+    with pytest.raises(PuzzleError, match="positive"):
+        BLDConfig(lr_scales={"ffn": -1.0})
+
+
+def test_a_diverging_entry_stops_alone_with_a_message(parent, calib, tmp_path):
+    lib = Library(tmp_path)
+    cfg = BLDConfig(tokens=256, batch_size=2, lr=1e-3, lr_scales={"ffn-64": 1e30})
+    with pytest.warns(UserWarning, match="non-finite"):
+        result = build_library(parent, calib, _space(parent), cfg, lib)
+    assert sorted(result["diverged"]) == ["0:ffn-64", "1:ffn-64"] and result["trained"] == 8
+    info = lib.info(0, "ffn-64", "bld")
+    assert info["status"] == "diverged" and "bld.lr_scales" in info["message"]
+    init = lib.load(0, "ffn-64", "init")
+    for k, v in lib.load(0, "ffn-64", "bld").items():  # the init weights are kept
+        torch.testing.assert_close(v, init[k])
+    ok = lib.info(0, "attn-kv1", "bld")
+    assert ok["status"] == "ok" and ok["final_nmse"] < ok["init_nmse"]
+    assert set(lib.write_index()["status"]) == {"ok", "diverged"}
+
+
+def test_entries_record_loss_and_probe_curves(parent, calib, tmp_path):
+    lib = Library(tmp_path)
+    build_library(parent, calib, _space(parent)[:1], BLDConfig(tokens=512, batch_size=2, lr=1e-3, curve_points=5), lib)
+    info = lib.info(0, "attn-kv1", "bld")
+    tokens = [t for t, _ in info["loss_curve"]]
+    assert len(tokens) == 5 and tokens[-1] == 512 and tokens == sorted(tokens)
+    probe_tokens = [t for t, _ in info["probe_curve"]]
+    assert probe_tokens == [64, 128, 256, 512]  # every doubling of the tokens seen, and the end
+    assert info["probe_curve"][-1][1] == pytest.approx(info["final_nmse"])
+
+
+def test_inits_are_selectable_in_the_config(parent, calib, tmp_path):
+    lib = Library(tmp_path)
+    cfg = BLDConfig(tokens=128, batch_size=2, ffn_init="iterative", kv_init="top_groups", linear_init="lstsq",
+                    init_tokens=256, train=False)
+    build_library(parent, calib, _space(parent)[:1], cfg, lib)
+    index = lib.index().set_index("variant")
+    assert index.loc["attn-kv1", "init"] == "kv_top_groups" and index.loc["ffn-64", "init"] == "ffn_iterative"
+    assert index.loc["attn-linear", "init"] == "linear_lstsq"
+    plain = Library(tmp_path / "plain")
+    build_library(parent, calib, _space(parent)[:1], BLDConfig(tokens=128, batch_size=2, init_tokens=256, train=False), plain)
+    plain_index = plain.index().set_index("variant")
+    for v in ("ffn-64", "attn-linear"):  # on the calibration data they were chosen on, the stronger inits lose less
+        assert index.loc[v, "init_nmse"] <= plain_index.loc[v, "init_nmse"] + 1e-6, v
+
+
+# ------------------------------------------------------------------------------------------------
+# coupled BLD
+
+
+def test_coupled_blocks_train_from_their_decoupled_entries(parent, calib, tmp_path):
+    from puzzle.architecture import BlockConfig
+    from puzzle.coupled import block_module, build_coupled_library, realize_child_coupled, replace_block_score
+    from puzzle.scoring.quality import parent_cache
+
+    lib = Library(tmp_path)
+    cfg = BLDConfig(tokens=256, batch_size=2, lr=1e-3)
+    build_library(parent, calib, _space(parent), cfg, lib)
+    blocks = {1: [BlockConfig.from_id("attn-kv1+ffn-64"), BlockConfig.from_id("attn-noop+ffn-linear")]}
+    result = build_coupled_library(parent, calib, blocks, cfg, lib)
+    assert result["trained"] == 2
+    info = lib.info(1, "attn-kv1+ffn-64", "bld")
+    assert info["subblock"] == "block" and info["init"] == "compose(bld,bld)"
+    assert info["final_nmse"] < info["init_nmse"]
+    assert not lib.info_path(1, "attn-kv1+ffn-64", "init").exists()  # blocks have no init-only entry
+    assert build_coupled_library(parent, calib, blocks, cfg, lib)["trained"] == 0  # resumes
+    # scoring: the parent's own layer as a "block" changes nothing
+    cache = parent_cache(parent, calib[:2, :16], chunk=2)
+    same = replace_block_score(parent, cache, 1, parent.model.layers[1], chunk=2)
+    assert same["kl_nats"] == pytest.approx(0.0, abs=1e-6) and same["top1_agree"] == 1.0
+    trained = replace_block_score(parent, cache, 1, block_module(parent.config, lib, 1, blocks[1][0]), chunk=2)
+    assert trained["kl_nats"] > 0
+    # a child with that block takes the coupled entry (not the decoupled pair)
+    arch = list(parent.config.blocks)
+    arch[1] = blocks[1][0]
+    child = realize_child_coupled(parent, lib, arch)
+    state = lib.load(1, blocks[1][0].id, "bld")
+    torch.testing.assert_close(child.model.layers[1].mlp.down_proj.weight, state["mlp.down_proj.weight"])
+
+
+def _synthetic_table():
+    import pandas as pd
+
+    rows = []
+    for layer in range(3):
+        for sub, variants in (("attention", [("attn-kv2", 0.0, 10.0), ("attn-kv1", 0.1 * (layer + 1), 8.0),
+                                             ("attn-noop", 1.0, 0.0)]),
+                              ("ffn", [("ffn-128", 0.0, 20.0), ("ffn-64", 0.2, 11.0), ("ffn-noop", 2.0, 0.0)])):
+            for k, (v, kl, ms) in enumerate(variants):
+                rows.append({"layer": layer, "subblock": sub, "variant": v, "is_parent": k == 0, "kl_nats": kl,
+                             "lm_loss": 3.0 + kl, "prefill_ms": ms, "decode_ms": ms / 10, "runtime_ms": ms,
+                             "memory_mib": ms, "params": ms * 100})
+    rows.append({"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
+                 "lm_loss": float("nan"), "prefill_ms": 5.0, "decode_ms": 0.5, "runtime_ms": 5.0, "memory_mib": 5.0,
+                 "params": 500.0})
+    return pd.DataFrame(rows)
+
+
+def test_narrowing_keeps_the_blocks_of_the_top_solutions_and_block_rows_add_costs():
+    import pandas as pd
+
+    from puzzle.budgets import Budgets
+    from puzzle.coupled import block_rows, narrow_blocks
+    from puzzle.search import solve
+
+    table = _synthetic_table()
+    budgets = Budgets(max_runtime_ms=80.0)
+    blocks = narrow_blocks(table, [budgets], top_k=3)
+    used = {(i, b.id) for sol in solve(table, budgets, num_solutions=3) for i, b in enumerate(sol.blocks)}
+    got = {(i, b.id) for i, bs in blocks.items() for b in bs}
+    assert got == {(i, b) for i, b in used if b != "attn-kv2+ffn-128" and b != "attn-noop+ffn-noop"} and got
+    quality = pd.DataFrame([{"layer": 0, "subblock": "block", "variant": "attn-kv1+ffn-64", "is_parent": False,
+                             "kl_nats": 0.25, "lm_loss": 3.2, "top1_agree": 0.9, "cosine": 0.99}])
+    costs = table[table["layer"] == 0][["subblock", "variant", "prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"]]
+    row = block_rows(quality, costs).iloc[0]
+    assert row["runtime_ms"] == 19.0 and row["params"] == 1900.0 and row["kl_nats"] == 0.25
+    # the search takes the block row in place of the pair of rows that builds the same block
+    full = pd.concat([table, block_rows(quality, costs)], ignore_index=True)
+    best = solve(full, budgets)[0]
+    assert best.kl_nats <= solve(table, budgets)[0].kl_nats
+
+
+# ------------------------------------------------------------------------------------------------
+# a parent read layer by layer from safetensors
+
+
+def test_a_parent_read_layer_by_layer_gives_the_same_library(parent, calib, tmp_path):
+    from safetensors.torch import save_file
+
+    from puzzle.offload import SafetensorsParent
+
+    folder = tmp_path / "parent"
+    folder.mkdir()
+    cfg_hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": parent.config.vocab_size,
+              "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 2048, "tie_word_embeddings": True, "hidden_act": "silu"}
+    (folder / "config.json").write_text(json.dumps(cfg_hf))
+    state = {k: v.contiguous() for k, v in parent.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = BLDConfig(tokens=128, batch_size=2, lr=1e-3, layers_per_group=1)
+    source = SafetensorsParent(folder)
+    lazy = build_library(source, calib, _space(parent), cfg, Library(tmp_path / "lazy"))
+    eager = build_library(parent, calib, _space(parent), cfg, Library(tmp_path / "eager"))
+    assert lazy["trained"] == eager["trained"] == 8
+    per_layer = sum(v.numel() * 4 for k, v in state.items() if k.startswith("model.layers.0."))
+    assert lazy["peak_parent_mib"] * 2**20 == per_layer  # one layer's weights at a time
+    for layer, variant in ((0, "attn-kv1"), (1, "ffn-64"), (1, "attn-linear")):
+        a, b = Library(tmp_path / "lazy").load(layer, variant, "bld"), Library(tmp_path / "eager").load(layer, variant, "bld")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_training_forwards_equal_the_models_own(parent):
+    """BLD trains through fused forwards (precomputed RMS statistics, one qkv matmul, SDPA grouping the heads)."""
+    import dataclasses
+
+    from puzzle.architecture import BlockConfig
+    from puzzle.bld import Job, _train_forward, rms_normalize
+    from puzzle.modeling import DecoderBlock
+
+    config = dataclasses.replace(parent.config, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 64)
+    cos, sin = _rope(parent, 2, 9)
+    xhat = rms_normalize(h, 1e-5)
+    for job in (Job(0, "attention", AttentionConfig("gqa", 1)), Job(0, "attention", AttentionConfig("gqa", 4)),
+                Job(0, "attention", AttentionConfig("linear")), Job(0, "ffn", FFNConfig("swiglu", 48)),
+                Job(0, "ffn", FFNConfig("linear"))):
+        none = AttentionConfig("no_op") if job.kind == "ffn" else FFNConfig("no_op")
+        block = BlockConfig(job.variant, none) if job.kind == "attention" else BlockConfig(none, job.variant)
+        sub = DecoderBlock(config, block, 0)
+        with torch.no_grad():
+            for p in sub.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        forward, normed = _train_forward(job)
+        assert normed
+        want = sub.attention_delta(h, cos, sin) if job.kind == "attention" else sub.ffn_delta(h)
+        torch.testing.assert_close(forward(sub, xhat, cos, sin), want, atol=1e-6, rtol=1e-5)
+
+
+def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
+    """The hybrid flow on a tiny run directory: decoupled BLD and scores, then narrowed coupled blocks."""
+    from puzzle.config import load_preset
+    from puzzle.coupled import realize_child_coupled, stage_coupled
+    from puzzle.pipeline import Run, load_score_table, stage_bld, stage_score
+    from puzzle.search import solve
+
+    config = load_preset("tiny").replace(bld={"tokens": 256, "coupled_top_k": 2}, score={"tokens": 128, "score_init": False,
+                                                                                          "cost_repeats": 1})
+    run = Run(tmp_path, config, progress=False)
+    stage_bld(run)
+    stage_score(run)
+    table = stage_coupled(run)
+    blocks = table[table["subblock"] == "block"]
+    assert len(blocks) > 0 and (tmp_path / "score" / "score_table_decoupled.csv").is_file()
+    reread, meta = load_score_table(run, "bld")
+    assert meta["coupled_blocks"] == len(blocks) and (reread["subblock"] == "block").sum() == len(blocks)
+    for r in blocks.itertuples():  # each block row costs what its two subblocks cost together
+        a, f = r.variant.split("+")
+        parts = table[(table["layer"] == r.layer) & table["variant"].isin([a, f])]
+        assert r.runtime_ms == pytest.approx(parts["runtime_ms"].sum())
+        assert run.library.has(r.layer, r.variant, "bld")
+    sol = solve(reread, __import__("puzzle.budgets", fromlist=["Budgets"]).Budgets(
+        max_runtime_ms=0.8 * float(table[table["is_parent"]]["runtime_ms"].sum())))[0]
+    child = realize_child_coupled(run.parent.model, run.library, list(sol.blocks))
+    assert child(torch.randint(3, 200, (1, 8))).shape[-1] == run.parent.config.vocab_size
+
+
+def test_sharding_balances_the_work_and_covers_every_job_once(parent):
+    from puzzle.bld import decoupled_jobs, job_cost, shard
+
+    space = build_space(parent.config, SpaceConfig(ffn_fractions=(0.5, 0.25), ffn_multiple=16))
+    jobs = decoupled_jobs(space)
+    cfg = BLDConfig()
+    cost = lambda j: job_cost(parent.config, j, cfg)  # noqa: E731
+    parts = [shard(jobs, r, 3, cost) for r in range(3)]
+    assert sorted((j.layer, j.id) for p in parts for j in p) == sorted((j.layer, j.id) for j in jobs)
+    loads = [sum(cost(j) for j in p) for p in parts]
+    assert max(loads) - min(loads) <= max(cost(j) for j in jobs)  # LPT: within one job of each other
+    round_robin = [sum(cost(j) for j in shard(jobs, r, 3)) for r in range(3)]
+    assert max(loads) <= max(round_robin)

@@ -1,0 +1,287 @@
+"""Coupled BLD: whole blocks trained together, on a space narrowed by a first decoupled search.
+
+Decoupled BLD trains m attention and n FFN variants per layer and composes them; coupled BLD
+trains a block (attention variant + FFN variant) as one unit on the layer's whole output, which
+is more accurate (the FFN sees the child attention's output, not the parent's) but m·n blocks per
+layer are too many. Puzzle's hybrid flow (Bercovich et al. 2024, Sec. 3) narrows first:
+
+1. decoupled BLD, scoring and a search give a score table of attention and FFN rows;
+2. `narrow_blocks`: for every budget of interest, the k best diverse solutions of the MIP; per
+   layer, the blocks those solutions use (minus the parent's own block and the empty block);
+3. `build_coupled_library`: each such block is composed from its trained decoupled subblocks
+   (the parent's weights for a parent part) and trained on the layer's delta h_out - h_in with the
+   normalized MSE (bld.py, kind "block"; library entries `attn-kv1+ffn-768.bld`);
+4. `score_blocks`: replace-1-block with the whole layer replaced, in the same metrics as the
+   decoupled rows; `block_rows` adds the costs (attention row + FFN row of the cost table);
+5. the search runs again on the table with both kinds: a block row replaces the pair of rows that
+   builds the same block (search.py);
+6. `realize_child_coupled`: a layer whose block has a coupled entry takes it.
+
+`stage_coupled` runs steps 2-5 on a pipeline run directory (see its docstring for the wiring).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .architecture import BlockConfig
+from .bld import BLDConfig, Job, run_jobs
+from .library import Library
+from .modeling import DecoderBlock, PuzzleForCausalLM
+
+COST_COLUMNS = ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")
+
+
+def narrow_blocks(table: pd.DataFrame, budgets_list: Sequence, top_k: int, objective="kl_nats", *,
+                  vllm_compatible: bool = False, time_limit_s: float = 60.0) -> dict[int, list[BlockConfig]]:
+    """The blocks used by the top-k decoupled solutions of each budget, per layer.
+
+    Args:
+        table: a decoupled score table (search.REQUIRED_COLUMNS).
+        budgets_list: budgets.Budgets to solve (e.g. the main budget and the front's).
+        top_k: diverse solutions per budget (search.solve num_solutions).
+
+    Returns:
+        {layer: [BlockConfig, ...]} sorted by id; the parent's block and no_op+no_op are left out
+        (nothing to train). Budgets no child meets are skipped.
+    """
+    from .errors import PuzzleError
+    from .search import solve
+
+    parent = {}
+    for r in table[(table["subblock"].isin(["attention", "ffn"])) & table["is_parent"].astype(bool)].itertuples():
+        parent.setdefault(int(r.layer), {})[r.subblock] = r.variant
+    chosen: dict[int, set] = {}
+    for budgets in budgets_list:
+        try:
+            solutions = solve(table, budgets, objective, vllm_compatible=vllm_compatible, num_solutions=top_k,
+                              time_limit_s=time_limit_s)
+        except PuzzleError:
+            continue
+        for sol in solutions:
+            for i, block in enumerate(sol.blocks):
+                chosen.setdefault(i, set()).add(block)
+    out = {}
+    for i, blocks in sorted(chosen.items()):
+        keep = [b for b in blocks if trainable_block(b) and
+                (b.attention.id, b.ffn.id) != (parent.get(i, {}).get("attention"), parent.get(i, {}).get("ffn"))]
+        if keep:
+            out[i] = sorted(keep, key=lambda b: b.id)
+    return out
+
+
+def trainable_block(block: BlockConfig) -> bool:
+    """A block with weights (not no_op + no_op)."""
+    return block.attention.kind != "no_op" or block.ffn.kind != "no_op"
+
+
+def coupled_jobs(blocks: dict[int, list[BlockConfig]]) -> list[Job]:
+    """BLD jobs (kind "block") for the narrowed blocks."""
+    return [Job(i, "block", b) for i, bs in sorted(blocks.items()) for b in bs if trainable_block(b)]
+
+
+def build_coupled_library(parent, calib: torch.Tensor, blocks: dict[int, list[BlockConfig]], cfg: BLDConfig,
+                          library: Library, progress: bool = False, rank: int = 0, world_size: int = 1,
+                          device=None) -> dict:
+    """Train (or resume) the coupled block entries; the same walk, sharding and resume as bld.build_library.
+
+    Each block starts from its decoupled "bld" entries (when present) and trains on
+    cfg.coupled_tokens (or cfg.tokens) calibration tokens. Returns run_jobs' summary.
+    """
+    from . import distributed
+
+    if not cfg.train:  # coupled entries exist only trained
+        return {"trained": 0, "skipped": 0, "diverged": [], "seconds": 0.0, "tokens_per_subblock": 0,
+                "peak_parent_mib": 0.0}
+    with distributed.process_group(rank, world_size):
+        return run_jobs(parent, calib, coupled_jobs(blocks), cfg, library, progress, rank, world_size, device,
+                        tokens=cfg.coupled_tokens or cfg.tokens)
+
+
+def block_module(config, library: Library, layer: int, block: BlockConfig, stage: str = "bld") -> DecoderBlock:
+    """The coupled library entry of a block as a DecoderBlock (eval mode, fp32).
+
+    Raises:
+        PuzzleError: the entry is missing or corrupt.
+    """
+    sub = DecoderBlock(config, block, layer)
+    sub.load_state_dict(library.load(layer, block.id, stage), strict=True)
+    return sub.eval()
+
+
+@torch.no_grad()
+def replace_block_score(parent: PuzzleForCausalLM, cache, layer_idx: int, block: DecoderBlock | None,
+                        chunk: int = 4) -> dict:
+    """Metrics of the parent with the whole layer `layer_idx` replaced by `block` (None: both parts no_op).
+
+    Args:
+        cache: scoring.quality.ParentCache of the scoring tokens.
+
+    Returns:
+        {"kl_nats", "lm_loss", "top1_agree", "cosine"} per token, as scoring.quality.replace_one_score.
+    """
+    from .scoring.quality import next_token_targets, token_metrics
+
+    pos = cache.positions
+    targets = next_token_targets(cache.ids)[:, pos]
+    sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0}
+    for s in range(0, cache.ids.shape[0], chunk):
+        e = s + chunk
+        cos, sin = cache.cos[s:e], cache.sin[s:e]
+        h = cache.h[layer_idx][s:e]
+        if block is not None:
+            h = block(h, cos, sin)
+        h = parent.run_layers(h, cos, sin, start=layer_idx + 1)[:, pos]
+        m = token_metrics(parent.head(h), cache.logp[s:e], targets[s:e])
+        for k in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens"):
+            sums[k] += m[k]
+        sums["cosine"] += float(F.cosine_similarity(h.float(), cache.h[-1][s:e, pos].float(), dim=-1).sum())
+    n = sums["tokens"]
+    return {"kl_nats": sums["kl_nats"] / n, "lm_loss": sums["lm_loss"] / max(1, sums["lm_tokens"]),
+            "top1_agree": sums["top1_agree"] / n, "cosine": sums["cosine"] / n}
+
+
+def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dict[int, list[BlockConfig]],
+                 stage: str = "bld", chunk: int = 4, log=None, progress: bool = False) -> pd.DataFrame:
+    """Replace-1-block quality of every coupled entry (resumable through `log`, a scoring.quality.ResultLog).
+
+    Returns:
+        One row per block: layer, subblock="block", variant (block id), is_parent=False and the metrics.
+    """
+    done = log.read() if log is not None else {}
+    dtype = next(parent.parameters()).dtype
+    items = [(i, b) for i, bs in sorted(blocks.items()) for b in bs if trainable_block(b)]
+    bar = None
+    if progress and items:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="score (blocks)", unit="block")
+    rows = []
+    for i, b in items:
+        key = f"{i}:block:{b.id}:{stage}"
+        if key not in done:
+            module = block_module(parent.config, library, i, b, stage).to(dtype)
+            done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id,
+                         **replace_block_score(parent, cache, i, module, chunk)}
+            if log is not None:
+                log.append(done[key])
+        r = done[key]
+        rows.append({"layer": i, "subblock": "block", "variant": b.id, "is_parent": False,
+                     **{m: r[m] for m in ("kl_nats", "lm_loss", "top1_agree", "cosine")}})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return pd.DataFrame(rows)
+
+
+def block_rows(quality: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
+    """Score-table rows of blocks: their quality plus the summed cost rows of their two subblocks.
+
+    Args:
+        quality: from `score_blocks`.
+        costs: the measured subblock cost table (subblock, variant, prefill_ms, decode_ms,
+            runtime_ms, memory_mib, params; no_op rows are zero).
+
+    Raises:
+        KeyError: a subblock variant without a cost row.
+    """
+    by_id = costs.set_index("variant")
+    rows = []
+    for r in quality.to_dict("records"):
+        b = BlockConfig.from_id(r["variant"])
+        a, f = by_id.loc[b.attention.id], by_id.loc[b.ffn.id]
+        rows.append({**r, **{c: float(a[c]) + float(f[c]) for c in COST_COLUMNS}})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembling children that use coupled entries
+
+
+@torch.no_grad()
+def realize_child_coupled(parent: PuzzleForCausalLM, library: Library | None, blocks: Sequence[BlockConfig],
+                          stage: str = "bld") -> PuzzleForCausalLM:
+    """realize.realize_child, then every layer whose block has a coupled `stage` entry takes that entry.
+
+    Identical to realize_child when the library holds no block entries.
+    """
+    from .realize import realize_child
+
+    child = realize_child(parent, library, blocks, stage)
+    if library is None:
+        return child
+    dtype = next(child.parameters()).dtype
+    for i, block in enumerate(blocks):
+        if "+" in block.id and library.has(i, block.id, stage):
+            state = library.load(i, block.id, stage)
+            child.model.layers[i].load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return child.eval()
+
+
+def coupled_layers(library: Library, blocks: Sequence[BlockConfig], stage: str = "bld") -> list[int]:
+    """The layers of a child that take a coupled entry."""
+    return [i for i, b in enumerate(blocks) if library.has(i, b.id, stage)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage on a pipeline run directory
+
+
+def stage_coupled(run) -> pd.DataFrame:
+    """Hybrid flow on a run directory after `stage_score`: narrow, coupled BLD, score blocks, extend the table.
+
+    Reads DIR/score/score_table.csv (decoupled), keeps a copy as score_table_decoupled.csv, and
+    rewrites score_table.csv with the block rows appended (sidecar: "coupled_blocks"). Budgets:
+    the main request and every front speed-up. Block scores resume from
+    DIR/score/quality_blocks.jsonl. Does nothing when run.config.bld.coupled_top_k is 0.
+
+    Wiring in pipeline.run_all: call it between stage_score and stage_search, and build children
+    with `realize_child_coupled` instead of `realize_child` (pipeline.build_child).
+
+    Returns:
+        The score table the search should use.
+    """
+    from .budgets import BudgetRequest
+    from .io import save_table
+    from .pipeline import SCORE_COLUMNS, cost_meta, load_score_table, main_budget_request, stage_cost
+    from .scoring.quality import ResultLog, parent_cache
+    from .search import parent_totals
+
+    cfg = run.config.bld
+    table, meta = load_score_table(run, "bld")
+    if not cfg.coupled_top_k:
+        return table
+    decoupled = table[table["subblock"] != "block"].reset_index(drop=True)
+    save_table(decoupled, run.out / "score" / "score_table_decoupled.csv", {**meta, "coupled_blocks": 0})
+    t0 = time.perf_counter()
+    request, _ = main_budget_request(run)
+    requests = [request] + [BudgetRequest(speedup=str(s), max_memory=run.config.search.max_memory)
+                            for s in run.config.search.front_speedups]
+    totals = parent_totals(decoupled)
+    budgets = [r.resolve(totals, meta) for r in requests]
+    blocks = narrow_blocks(decoupled, budgets, cfg.coupled_top_k, run.config.search.objective,
+                           vllm_compatible=run.config.search.vllm_compatible)
+    result = build_coupled_library(run.parent.model, run.tokens.calib, blocks, cfg, run.library, progress=run.progress)
+    run.timed("bld_coupled_s", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    sc = run.config.score
+    ids = run.tokens.score
+    ids = ids[:max(1, min(ids.shape[0], sc.tokens // ids.shape[1]))]
+    cache = parent_cache(run.parent.model, ids, chunk=sc.chunk, stride=sc.position_stride)
+    quality = score_blocks(run.parent.model, run.library, cache, blocks, chunk=sc.chunk,
+                           log=ResultLog(run.out / "score" / "quality_blocks.jsonl"), progress=run.progress)
+    costs, _ = stage_cost(run)
+    rows = block_rows(quality, costs) if len(quality) else pd.DataFrame(columns=SCORE_COLUMNS)
+    combined = pd.concat([decoupled, rows[SCORE_COLUMNS]], ignore_index=True)[SCORE_COLUMNS]
+    save_table(combined, run.out / "score" / "score_table.csv", {**cost_meta(run), **{k: v for k, v in meta.items()
+               if k not in ("columns", "rows")}, "coupled_blocks": len(rows)})
+    run.timed("score_blocks_s", time.perf_counter() - t0)
+    run.say(f"coupled BLD: {len(rows)} blocks over {len(blocks)} layers ({result['trained']} trained now); "
+            f"score table extended")
+    return combined

@@ -1,0 +1,84 @@
+"""BLD on many processes: torchrun's environment, the process group, and each rank's device.
+
+BLD's work is a list of independent (layer, variant) entries (bld.py); `bld.shard` gives rank r
+every world_size-th of them, each rank runs the parent forward itself and writes its own entries
+(atomic files, one per entry), and after a barrier rank 0 writes the library index. An entry's
+weights depend only on the parent, the calibration tokens, the settings and the seed, so any
+number of ranks builds the same library as one process.
+
+One node, N processes (gloo on CPUs, NCCL on GPUs; rank r uses cuda:LOCAL_RANK):
+
+    puzzle data --out DIR --preset smollm2-demo            # once, before the ranks start
+    torchrun --nproc_per_node N -m puzzle bld --out DIR
+
+Several nodes: the run directory must be on a file system every node sees. Start the same
+command on every node with torchrun's c10d rendezvous (any free port on the first node):
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+             --rdzv_id puzzle-bld -m puzzle bld --out DIR
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `process_group` creates
+the default group from them when none exists (and destroys it after), so `puzzle bld` needs no
+other flag. Without MASTER_ADDR no group is made: rank and world size then only select a shard
+(several single processes can split the work by hand) and there is no barrier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# ranks wait at the final barrier for the slowest one; a BLD shard may take hours
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def local_device() -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env_rank_world()[2] % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for GPUs, gloo for CPUs."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def process_group(rank: int, world_size: int, device=None):
+    """Create the default process group from torchrun's environment for the duration of the block.
+
+    Nothing happens when world_size is 1, when a group already exists (the caller owns it), or
+    outside torchrun (no MASTER_ADDR).
+    """
+    created = False
+    if world_size > 1 and dist.is_available() and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
+        device = torch.device(device) if device is not None else local_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(device), rank=rank, world_size=world_size, timeout=BARRIER_TIMEOUT)
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def barrier_if_group(world_size: int, device=None) -> None:
+    """Wait for every rank, when there is a process group of more than one rank."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        device = torch.device(device) if device is not None else local_device()
+        if dist.get_backend() == "nccl" and device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
