@@ -415,20 +415,23 @@ class _SubblockBench:
     attention `h + self_attn(input_layernorm(h), cos, sin, cache)`, FFN `h + mlp(post_attention_layernorm(h))`.
     """
 
-    def __init__(self, config: ModelConfig, variant, workload: Workload, working_set_bytes: int):
+    def __init__(self, config: ModelConfig, variant, workload: Workload, working_set_bytes: int,
+                 context: int | None = None):
         self.variant = variant
         self.is_attention = isinstance(variant, AttentionConfig)
         block = (BlockConfig(variant, FFNConfig("no_op")) if self.is_attention
                  else BlockConfig(AttentionConfig("no_op"), variant))
         one_layer = dataclasses.replace(config, blocks=(block,))
-        B, P, ctx = workload.batch_size, workload.prompt_len, workload.decode_context
+        B, P = workload.batch_size, workload.prompt_len
+        ctx = workload.decode_context if context is None else int(context)  # cached positions of the decode step
         device, dtype = torch.device(workload.device), workload.torch_dtype
         per_copy = memory.subblock_memory_bytes(one_layer, variant, B, ctx, workload.dtype)  # what a decode step touches
         n = max(1, min(config.num_hidden_layers, math.ceil(working_set_bytes / max(per_copy, 1))))
         first = DecoderBlock(one_layer, block, 0).to(device=device, dtype=dtype).eval()
         self.copies = [first] + [copy.deepcopy(first) for _ in range(n - 1)]
         # sized like the model's cache (P + G positions), so that the cached keys are the same strided views
-        self.caches = [KVCache(one_layer, B, workload.kv_len, dtype, device) if variant.kind == "gqa" else None
+        cache_len = max(workload.kv_len, ctx + 1)
+        self.caches = [KVCache(one_layer, B, cache_len, dtype, device) if variant.kind == "gqa" else None
                        for _ in range(n)]
         C = config.hidden_size
         self.h_prefill = torch.randn(B, P, C).to(device=device, dtype=dtype)  # (B, P, C)
@@ -784,3 +787,187 @@ def additivity_report(predicted: Mapping, measured: Mapping, quantities: Sequenc
         rows.append(row)
     columns = ["quantity", "predicted", "measured", "rel_error"] + (["ratio_error"] if reference is not None else [])
     return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost on a grid of workloads: prefill at (B, P), decode at (B, C)
+
+GRID_COLUMNS = ("subblock", "variant", "batch_size", "prompt_len", "context_len", "prefill_ms", "decode_ms",
+                "prefill_iqr_ms", "decode_iqr_ms", "params", "weight_dtype", "kv_dtype", "weight_mib", "kv_mib",
+                "memory_mib")
+
+
+def grid_points(batch_sizes: Iterable[int], prompt_lens: Iterable[int], contexts: Iterable[int]) -> list[tuple[int, int, int]]:
+    """Every (B, P, C) of the cross product, in order."""
+    return [(int(b), int(p), int(c)) for b in batch_sizes for p in prompt_lens for c in contexts]
+
+
+def _check_points(points) -> list[tuple[int, int, int]]:
+    out = []
+    for pt in points:
+        try:
+            b, p, c = (int(x) for x in pt)
+        except (TypeError, ValueError):
+            raise PuzzleError(f"grid point {pt!r} is not (batch_size, prompt_len, context_len)") from None
+        if min(b, p, c) < 1:
+            raise PuzzleError(f"grid point {pt!r}: B, P and C must all be >= 1")
+        if (b, p, c) not in out:
+            out.append((b, p, c))
+    if not out:
+        raise PuzzleError("the cost grid needs at least one (B, P, C) point")
+    return out
+
+
+def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_variants: Iterable, points,
+                      *, dtype: str = "float32", device: str = "cpu", num_threads: int | None = None,
+                      weight_dtype: str | None = None, kv_dtype: str | None = None, repeats: int = 5,
+                      warmup: int = 1, clock: str = "wall", working_set_mib: float | None = None,
+                      pin_allocator: bool = True, seed: int = 0, non_block: bool = True,
+                      progress: bool = False) -> pd.DataFrame:
+    """Per-subblock prefill and decode latency on a grid of workloads, one row per (variant, B, P, C).
+
+    prefill_ms is the subblock's latency on a (B, P, C_hidden) prompt and decode_ms one decode step
+    of B sequences attending over C cached positions, both timed as in `measure_subblock_costs`.
+    Prefill is measured once per distinct (B, P) and decode once per distinct (B, C), all variants
+    of one (B, P) or (B, C) interleaved (so ratios between variants share the machine's noise);
+    the rows join them. With `non_block`, rows with subblock "non_block" hold the cost outside the
+    subblocks (`measure_non_block_costs`; its decode does not depend on C).
+
+    Memory (scoring/memory.py): weight_mib = parameters in `weight_dtype` (default: `dtype`),
+    kv_mib = the KV cache of max(P, C) positions for B sequences in `kv_dtype` (default: `dtype`;
+    "float8" is allowed here as a storage format), memory_mib = their sum. Timings always run in
+    `dtype`.
+
+    Args:
+        points: (B, P, C) tuples (see `grid_points`).
+        dtype, device, num_threads: what runs (as in `Workload`).
+        Other arguments as in `measure_subblock_costs`.
+
+    Returns:
+        DataFrame with GRID_COLUMNS; `df.attrs` holds the sidecar (`grid_meta`): device, its name,
+        dtypes, threads, the points, clock and software versions.
+
+    Raises:
+        PuzzleError: bad points, variants that do not fit `config`, an unknown dtype, CUDA missing.
+    """
+    points = _check_points(points)
+    weight_dtype = memory.canonical_dtype(weight_dtype or dtype)
+    kv_dtype = memory.canonical_dtype(kv_dtype or dtype)
+    attention = _as_variants(attention_variants, AttentionConfig)
+    ffn = _as_variants(ffn_variants, FFNConfig)
+    variants = [("attention", v) for v in attention] + [("ffn", v) for v in ffn]
+    timed = [(s, v) for s, v in variants if v.kind != "no_op"]
+    base = Workload(points[0][0], points[0][1], 1, dtype, device, num_threads)
+    allocator = _check_target(base, clock, pin_allocator)
+    working_set = int((working_set_mib * memory.MIB) if working_set_mib is not None
+                      else 2 * last_level_cache_bytes(device))
+    prefill_keys = sorted({(b, p) for b, p, _ in points})
+    decode_keys = sorted({(b, c) for b, _, c in points})
+    groups = [("prefill", k) for k in prefill_keys] + [("decode", k) for k in decode_keys]
+    if progress:
+        from tqdm.auto import tqdm
+
+        groups = tqdm(groups, desc="cost grid", unit="group")
+    measured: dict = {}
+    for phase, (b, n) in groups:
+        workload = Workload(b, n if phase == "prefill" else 1, 1, dtype, device, num_threads)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            tasks = []
+            for subblock, v in timed:
+                try:
+                    bench = _SubblockBench(config, v, workload, working_set, context=n if phase == "decode" else 1)
+                except ArchitectureError as e:
+                    raise PuzzleError(f"{subblock} variant {v.id} does not fit this model: {e}") from None
+                if phase == "prefill":
+                    tasks.append(_Task(v.id, bench.prepare_prefill, bench.prefill))
+                else:
+                    tasks.append(_Task(v.id, bench.prepare_decode, bench.decode, len(bench.copies)))
+        with _fixed_threads(workload):
+            samples = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, phase)
+        for vid, x in samples.items():
+            measured[(phase, b, n, vid)] = _median_iqr(x)
+        del tasks
+    non_block_rows = {}
+    if non_block:
+        for b, p in prefill_keys:
+            nb = measure_non_block_costs(config, Workload(b, p, 1, dtype, device, num_threads), repeats=repeats,
+                                         warmup=warmup, clock=clock, pin_allocator=pin_allocator, seed=seed)
+            non_block_rows[(b, p)] = nb
+    rows = []
+    for b, p, c in points:
+        s = max(p, c)
+        for subblock, v in variants:
+            params = memory.subblock_params(config, v)
+            weight = params * memory.dtype_bytes(weight_dtype)
+            kv = memory.kv_cache_bytes(config, v, b, s, kv_dtype) if subblock == "attention" else 0
+            if v.kind == "no_op":
+                pre, dec = (0.0, 0.0), (0.0, 0.0)
+            else:
+                pre, dec = measured[("prefill", b, p, v.id)], measured[("decode", b, c, v.id)]
+            rows.append({"subblock": subblock, "variant": v.id, "batch_size": b, "prompt_len": p, "context_len": c,
+                         "prefill_ms": pre[0], "decode_ms": dec[0], "prefill_iqr_ms": pre[1], "decode_iqr_ms": dec[1],
+                         "params": params, "weight_dtype": weight_dtype, "kv_dtype": kv_dtype,
+                         "weight_mib": weight / memory.MIB, "kv_mib": kv / memory.MIB,
+                         "memory_mib": (weight + kv) / memory.MIB})
+        if non_block:
+            nb = non_block_rows[(b, p)]
+            weight = memory.non_block_params(config) * memory.dtype_bytes(weight_dtype)
+            rows.append({"subblock": "non_block", "variant": "non_block", "batch_size": b, "prompt_len": p,
+                         "context_len": c, "prefill_ms": nb["prefill_ms"], "decode_ms": nb["decode_ms"],
+                         "prefill_iqr_ms": nb["prefill_iqr_ms"], "decode_iqr_ms": nb["decode_iqr_ms"],
+                         "params": nb["params"], "weight_dtype": weight_dtype, "kv_dtype": kv_dtype,
+                         "weight_mib": weight / memory.MIB, "kv_mib": 0.0, "memory_mib": weight / memory.MIB})
+    df = pd.DataFrame(rows, columns=list(GRID_COLUMNS)).astype({"params": "int64"})
+    df.attrs.update(grid_meta(base, points, weight_dtype, kv_dtype), clock=clock, allocator=allocator,
+                    repeats=repeats, warmup=warmup)
+    return df
+
+
+def grid_meta(workload: Workload, points, weight_dtype: str, kv_dtype: str) -> dict:
+    """Sidecar of a grid table: the device, dtypes, thread count, points and software (JSON-ready)."""
+    meta = workload.meta()
+    for key in ("batch_size", "prompt_len", "gen_len", "decode_context"):
+        meta.pop(key)
+    points = [list(p) for p in points]
+    meta.update(weight_dtype=weight_dtype, kv_dtype=kv_dtype, points=points,
+                batch_sizes=sorted({p[0] for p in points}), prompt_lens=sorted({p[1] for p in points}),
+                context_lens=sorted({p[2] for p in points}))
+    return meta
+
+
+def load_cost_grid(path, *, device: str | None = None, dtype: str | None = None, num_threads: int | None = None,
+                   points=None) -> tuple[pd.DataFrame, dict]:
+    """Read a grid table written with puzzle.io.save_table(df, path, df.attrs) and check it fits the request.
+
+    Args:
+        device: "cpu" / "cuda[:N]": the table's device must match, and so must its device name when
+            this machine has that device (a table from another CPU or GPU model is refused).
+        dtype: the compute dtype the table must have been measured in.
+        num_threads: CPU threads it must have been measured with.
+        points: (B, P, C) points that must all be in the table.
+
+    Raises:
+        PuzzleError: missing file or columns, or a table measured on another device, dtype,
+            thread count, or without a requested point.
+    """
+    from puzzle.io import load_table
+
+    expect = {}
+    if device is not None:
+        expect["device"] = device
+        name = device_name(device)
+        if name is not None:
+            expect["device_name"] = name
+    if dtype is not None:
+        expect["dtype"] = memory.canonical_dtype(dtype)
+    if num_threads is not None:
+        expect["num_threads"] = int(num_threads)
+    df, meta = load_table(path, required_columns=GRID_COLUMNS, expect=expect)
+    if points is not None:
+        have = {tuple(p) for p in meta.get("points", [])}
+        missing = [p for p in _check_points(points) if p not in have]
+        if missing:
+            raise PuzzleError(f"cost grid {path} was measured for (B, P, C) points {sorted(have)}, not for {missing}; "
+                              "measure the grid again with these points")
+    return df, meta

@@ -135,3 +135,40 @@ def model_memory_bytes(config: ModelConfig, batch_size: int, seq_len: int, weigh
                  + subblock_memory_bytes(config, b.ffn, batch_size, seq_len, weight_dtype, kv_dtype)
                  for b in config.blocks)
     return non_block_memory_bytes(config, weight_dtype) + blocks
+
+
+def memory_table(config: ModelConfig, variants, batch_size: int, seq_len: int,
+                 weight_dtypes=("float32", "bfloat16", "float8"), kv_dtypes=("float32", "bfloat16", "float8")):
+    """Tidy memory table: every subblock variant (and the non-block part) for every weight and KV dtype.
+
+    Args:
+        variants: AttentionConfig / FFNConfig objects (no_op rows are all zero).
+        batch_size, seq_len: B sequences holding S cached positions each.
+        weight_dtypes, kv_dtypes: dtype names (fp32, bf16, fp16, fp8 and aliases).
+
+    Returns:
+        pandas DataFrame with subblock ("attention" | "ffn" | "non_block"), variant, weight_dtype,
+        kv_dtype, params, weight_mib, kv_mib, memory_mib, batch_size, seq_len.
+
+    Raises:
+        PuzzleError: an unknown dtype or variant type.
+    """
+    import pandas as pd
+
+    rows = []
+    for wd in (canonical_dtype(d) for d in weight_dtypes):
+        for kd in (canonical_dtype(d) for d in kv_dtypes):
+            for v in variants:
+                subblock = "attention" if isinstance(v, AttentionConfig) else "ffn"
+                params = subblock_params(config, v)
+                kv = kv_cache_bytes(config, v, batch_size, seq_len, kd) if subblock == "attention" else 0
+                rows.append({"subblock": subblock, "variant": v.id, "weight_dtype": wd, "kv_dtype": kd, "params": params,
+                             "weight_mib": params * dtype_bytes(wd) / MIB, "kv_mib": kv / MIB,
+                             "memory_mib": (params * dtype_bytes(wd) + kv) / MIB})
+            nb = non_block_params(config)
+            rows.append({"subblock": "non_block", "variant": "non_block", "weight_dtype": wd, "kv_dtype": kd,
+                         "params": nb, "weight_mib": nb * dtype_bytes(wd) / MIB, "kv_mib": 0.0,
+                         "memory_mib": nb * dtype_bytes(wd) / MIB})
+    df = pd.DataFrame(rows)
+    df["batch_size"], df["seq_len"] = int(batch_size), int(seq_len)
+    return df

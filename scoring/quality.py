@@ -14,6 +14,11 @@ metrics are exact averages over that subset of positions.
 Only layers from the swapped one onward change, so the parent's residual stream at every layer
 input (and after every attention subblock) is computed once and cached (`ParentCache`); a candidate
 at layer i costs the remaining L - i layers plus the LM head.
+
+Coupled scoring (subblock "block", `replace_block_score`) swaps a whole layer, attention and FFN
+variant together, for the coupled BLD entries of a narrowed space. `replace_one_scores` scores
+several candidates of one layer in one stacked forward. Sharding across processes (torchrun) and
+resuming per candidate: scoring/parallel.py.
 """
 
 from __future__ import annotations
@@ -112,41 +117,98 @@ def parent_cache(parent, ids: torch.Tensor, chunk: int = 4, stride: int = 1) -> 
     return ParentCache(ids, hs, mids, logp, pos, cos, sin, float(nll))
 
 
+SUBBLOCKS = ("attention", "ffn", "block")
+
+
+def _swapped_output(parent, cache: ParentCache, layer_idx: int, subblock: str, sub, s: int, e: int) -> torch.Tensor:
+    """Residual stream after layer `layer_idx` with `sub` in place of one subblock or the whole block.
+
+    Sequences s:e of the cache; returns (e - s, T, C).
+    """
+    layer = parent.model.layers[layer_idx]
+    cos, sin = cache.cos[s:e], cache.sin[s:e]
+    if subblock == "attention":
+        h = cache.h[layer_idx][s:e]
+        mid = h + (sub.attention_delta(h, cos, sin) if sub is not None else 0)
+        return mid + layer.ffn_delta(mid)
+    if subblock == "ffn":
+        mid = cache.h_mid[layer_idx][s:e]
+        return mid + (sub.ffn_delta(mid) if sub is not None else 0)
+    if subblock == "block":  # coupled: attention and FFN variant together; None removes the layer
+        h = cache.h[layer_idx][s:e]
+        if sub is None:
+            return h
+        mid = h + sub.attention_delta(h, cos, sin)
+        return mid + sub.ffn_delta(mid)
+    raise ValueError(f"subblock must be one of {SUBBLOCKS}, got {subblock!r}")
+
+
+@torch.no_grad()
+def replace_one_scores(parent, cache: ParentCache, layer_idx: int, subblock: str, subs, chunk: int = 4) -> list[dict]:
+    """`replace_one_score` for several candidates of the same layer and subblock at once.
+
+    The candidates' swapped residual streams are stacked along the batch, so the remaining
+    L - layer_idx - 1 layers and the LM head run once on k * chunk sequences instead of k times
+    on chunk sequences (fewer, larger matmuls; memory grows k-fold: pass a smaller chunk).
+
+    Args:
+        subblock: "attention", "ffn" or "block" (a whole DecoderBlock, coupled scoring).
+        subs: candidates as for `replace_one_score` (None = no_op).
+
+    Returns:
+        One metrics dict per candidate, in order (the same values as `replace_one_score`, up to
+        floating-point summation order).
+
+    Raises:
+        ValueError: an unknown subblock.
+    """
+    subs = list(subs)
+    if subblock not in SUBBLOCKS:
+        raise ValueError(f"subblock must be one of {SUBBLOCKS}, got {subblock!r}")
+    k = len(subs)
+    pos = cache.positions
+    targets = next_token_targets(cache.ids)[:, pos]
+    sums = [{"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0} for _ in subs]
+    for s in range(0, cache.ids.shape[0], chunk):
+        e = min(s + chunk, cache.ids.shape[0])
+        n = e - s
+        h = torch.cat([_swapped_output(parent, cache, layer_idx, subblock, sub, s, e) for sub in subs])  # (k*n, T, C)
+        cos, sin = cache.cos[s:e].repeat(k, 1, 1), cache.sin[s:e].repeat(k, 1, 1)  # (k*n, T, D)
+        h = parent.run_layers(h, cos, sin, start=layer_idx + 1)
+        h = h[:, pos]  # (k*n, T', C)
+        logits = parent.head(h)  # (k*n, T', V)
+        final = cache.h[-1][s:e, pos].float()
+        for j in range(k):
+            part = slice(j * n, (j + 1) * n)
+            m = token_metrics(logits[part], cache.logp[s:e], targets[s:e])
+            for key in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens"):
+                sums[j][key] += m[key]
+            sums[j]["cosine"] += float(F.cosine_similarity(h[part].float(), final, dim=-1).sum())
+    return [{"kl_nats": t["kl_nats"] / t["tokens"], "lm_loss": t["lm_loss"] / max(1, t["lm_tokens"]),
+             "top1_agree": t["top1_agree"] / t["tokens"], "cosine": t["cosine"] / t["tokens"]} for t in sums]
+
+
 @torch.no_grad()
 def replace_one_score(parent, cache: ParentCache, layer_idx: int, subblock: str, sub, chunk: int = 4) -> dict:
     """Metrics of the parent with one subblock of `layer_idx` replaced by `sub`.
 
     Args:
-        subblock: "attention" or "ffn".
+        subblock: "attention" or "ffn"; or "block" for a whole block (coupled: attention and FFN
+            variant together, `sub` a full DecoderBlock as from init.compose_block).
         sub: a DecoderBlock holding only that subblock (init.attention_subblock / ffn_subblock
-            layout), or None for no_op.
+            layout), or None for no_op (for "block": the layer removed).
 
     Returns:
         {"kl_nats", "lm_loss", "top1_agree", "cosine"} averaged per token.
     """
-    layer = parent.model.layers[layer_idx]
-    pos = cache.positions
-    targets = next_token_targets(cache.ids)[:, pos]
-    sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0}
-    for s in range(0, cache.ids.shape[0], chunk):
-        e = s + chunk
-        cos, sin = cache.cos[s:e], cache.sin[s:e]
-        if subblock == "attention":
-            h = cache.h[layer_idx][s:e]
-            mid = h + (sub.attention_delta(h, cos, sin) if sub is not None else 0)
-            h = mid + layer.ffn_delta(mid)
-        else:
-            mid = cache.h_mid[layer_idx][s:e]
-            h = mid + (sub.ffn_delta(mid) if sub is not None else 0)
-        h = parent.run_layers(h, cos, sin, start=layer_idx + 1)
-        h = h[:, pos]
-        m = token_metrics(parent.head(h), cache.logp[s:e], targets[s:e])
-        for k in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens"):
-            sums[k] += m[k]
-        sums["cosine"] += float(F.cosine_similarity(h.float(), cache.h[-1][s:e, pos].float(), dim=-1).sum())
-    n = sums["tokens"]
-    return {"kl_nats": sums["kl_nats"] / n, "lm_loss": sums["lm_loss"] / max(1, sums["lm_tokens"]),
-            "top1_agree": sums["top1_agree"] / n, "cosine": sums["cosine"] / n}
+    return replace_one_scores(parent, cache, layer_idx, subblock, [sub], chunk)[0]
+
+
+def replace_block_score(parent, cache: ParentCache, layer_idx: int, block, chunk: int = 4) -> dict:
+    """Coupled replace-1-block: the parent with its whole layer `layer_idx` replaced by `block`
+    (a DecoderBlock holding an attention and an FFN variant, e.g. init.compose_block; None removes
+    the layer). Same metrics as `replace_one_score`."""
+    return replace_one_score(parent, cache, layer_idx, "block", block, chunk)
 
 
 @torch.no_grad()

