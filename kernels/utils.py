@@ -18,6 +18,9 @@ import os
 
 import torch
 import triton
+import triton.language as tl
+from triton.language import core as tl_core  # noqa: F401  (read by _patch_lang through this module's globals)
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -33,19 +36,43 @@ def interpreter_twin(kernel) -> InterpretedFunction:
     return _twins[kernel.fn]
 
 
+def _lang_anchor():
+    """Never called: its globals (this module's) hold both `triton.language` and `triton.language.core`."""
+
+
 @contextlib.contextmanager
 def _device_calls_interpreted():
-    """While active, a compiled-mode jit function called from interpreted code runs through its twin."""
-    original = JITFunction.__call__
+    """While active, jit functions called from interpreted code run through their twins, without re-patching.
+
+    Triton's interpreter swaps `triton.language` for numpy-backed versions around a launch, and again at every
+    device-function call (`tl.sum`, `tl.max`, `tl.sigmoid`, ... are jit functions): about 10 ms per call, which
+    dominated interpreted runs, and it never restores what a device call patched (`triton.language.core` stayed
+    patched after the launch, which breaks a later compiled launch in the same process). Here both language
+    modules are patched once for the whole launch and restored afterwards; device calls skip the patching.
+    Falls back to triton's own behaviour where its interpreter internals differ (other triton versions).
+    """
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    scope = patch_lang(_lang_anchor) if patch_lang is not None else None
+    originals = (JITFunction.__call__, InterpretedFunction.__call__)
+    fast = scope is not None and hasattr(scope, "restore")
 
     def call_twin(self, *args, **kwargs):
-        return interpreter_twin(self)(*args, **kwargs)
+        twin = interpreter_twin(self)
+        if not fast:
+            return originals[1](twin, *args, **kwargs)
+        try:
+            return twin.rewrite()(*args, **kwargs)
+        except Exception as e:  # the same wrapping as InterpretedFunction.__call__
+            raise interpreter.InterpreterError(repr(e)) from e
 
     JITFunction.__call__ = call_twin
+    InterpretedFunction.__call__ = call_twin
     try:
         yield
     finally:
-        JITFunction.__call__ = original
+        JITFunction.__call__, InterpretedFunction.__call__ = originals
+        if fast:
+            scope.restore()
 
 
 def launch_interpreted(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:

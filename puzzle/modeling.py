@@ -150,7 +150,11 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len
 
     Every query keeps its own position visible so a padded row never softmaxes over nothing.
     Returns None when plain causal attention (`is_causal`) or no mask at all is enough.
+    A 4-D `attention_mask` (B or 1, 1, T, S) is already the whole mask (True = attend; e.g. the
+    block-diagonal causal mask of packed samples, puzzle.sft.block_causal_mask) and is used as given.
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
     if attention_mask is None and (q_len == 1 or q_len == kv_len):
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # (T, 1)
@@ -323,7 +327,8 @@ class PuzzleForCausalLM(nn.Module):
         """input_ids (B, T) int64 -> logits (B, T, V) (or the last `logits_to_keep` positions).
 
         With a cache, positions continue after the cached ones. `attention_mask` (B, S) marks
-        real (1) and padding (0) tokens over cached + new positions.
+        real (1) and padding (0) tokens over cached + new positions; a (B, 1, T, S) boolean mask
+        is used as given (`build_attention_mask`).
         """
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
