@@ -1,0 +1,236 @@
+"""Benchmark: our front against the baselines on a finished run, and what non-additive search and FFN Fusion add.
+
+    python benchmarks/front.py --run DIR --phase plan        # baselines: block influence, costs, BLD of extra widths
+    python benchmarks/front.py --run DIR --phase baselines   # realize, evaluate, measure, export the baselines
+    python benchmarks/front.py --run DIR --phase refine      # k diverse + in-context refinement of child-<s>x
+    python benchmarks/front.py --run DIR --phase ours        # realize, evaluate, measure our children
+    python benchmarks/front.py --run DIR --phase fusion      # FFN Fusion on our children: KL and speed, interleaved
+    python benchmarks/front.py --run DIR --phase report --out benchmarks/front_results
+
+DIR is a run directory after `puzzle run` (e.g. a copy of the smollm2-demo run). Every phase resumes
+from what earlier invocations wrote (rows per model under DIR/baselines/rows and DIR/front_rows), so
+each invocation can be kept short (`--max-groups`): measurement groups hold the parent and up to 4
+children, measured interleaved (scoring/cost.py `measure_models`), so every speed-up is a ratio
+taken in one session on this shared, noisy machine. Selection (uniform width's KV count, the k
+diverse solutions, refinement) uses the scoring split; the evaluation split is only reported.
+
+The report writes: front.csv (every model), front.png (measured throughput vs evaluation KL),
+architectures.png (per-layer map of our children), ratios.csv (our evaluation KL / each baseline's
+at matched measured speed-up, interpolated), refine.csv, fusion.csv and summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from puzzle.baselines import (Candidate, baseline_library, open_run, plan_baselines, realize_all, select_uniform)
+from puzzle.budgets import Budgets
+from puzzle.io import atomic_write_json, atomic_write_text, read_json
+
+
+def load_plan(run) -> list[Candidate]:
+    path = run.out / "baselines" / "plan_selected.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run --phase plan first")
+    return [Candidate.from_dict(d) for d in json.loads(path.read_text())]
+
+
+def phase_plan(run, speedups, measure_costs: bool) -> None:
+    t0 = time.perf_counter()
+    plan = plan_baselines(run, speedups, measure_costs=measure_costs)
+    library = baseline_library(run, [c.blocks for c in plan], progress=False)
+    chosen = select_uniform(run, plan, library)
+    atomic_write_json(run.out / "baselines" / "plan_selected.json", [c.to_dict() for c in chosen])
+    print(f"plan: {len(chosen)} baseline children, {time.perf_counter() - t0:.0f} s")
+
+
+def phase_baselines(run, max_groups) -> None:
+    from puzzle.baselines import LibraryChain
+    from puzzle.library import Library
+
+    plan = load_plan(run)
+    library = LibraryChain(run.library, Library(run.out / "baselines" / "library"))
+    table = realize_all(run, plan, library, export=True, max_groups=max_groups)
+    atomic_write_text(run.out / "baselines" / "baselines.csv", table.to_csv(index=False))
+    print(table[["name", "training", "speedup", "kl_nats", "score_kl_nats"]].to_string(index=False))
+
+
+def our_candidates(run) -> list[Candidate]:
+    """Our children: the plain MIP choice per front speed-up, and the diverse / refined ones that exist."""
+    out = []
+    for path in sorted((run.out / "search").glob("child-*.json")):
+        rec = read_json(path)
+        name = rec.get("name", path.stem)
+        if name.endswith("-init"):
+            method, training = "mip", "init"
+        else:
+            method = rec.get("method", "mip") if rec.get("method") in ("mip-diverse", "mip-refined") else "mip"
+            training = rec.get("library_stage", "bld")
+        from puzzle.architecture import BlockConfig
+
+        out.append(Candidate(name, method, training, tuple(BlockConfig.from_id(b) for b in rec["choice"]),
+                             float(rec["parent"]["runtime_ms"] / Budgets.from_dict(rec["budgets"]).max_runtime_ms)
+                             if rec.get("budgets", {}).get("max_runtime_ms") else float(rec["speedup"]),
+                             float(rec["runtime_ms"]), float(rec["speedup"]), float(rec["kl_nats"]), rec.get("method", "mip")))
+    return out
+
+
+def phase_ours(run, max_groups) -> None:
+    table = realize_all(run, our_candidates(run), export=False, rows_dir=run.out / "front_rows", max_groups=max_groups)
+    print(table[["name", "speedup", "kl_nats", "score_kl_nats", "predicted_kl_nats"]].to_string(index=False))
+
+
+def phase_refine(run, name, k, refine_k, max_changes, rounds) -> None:
+    from puzzle.refine import improve_child
+
+    df = improve_child(run, name, k=k, refine_k=refine_k, max_changes=max_changes, max_rounds=rounds)
+    print(df.to_string(index=False))
+
+
+def phase_fusion(run, names) -> None:
+    """FFN Fusion of each named child: evaluation KL (fused as is, and after local distillation of the fused
+    blocks on calibration text) and measured speed, unfused vs fused, interleaved."""
+    from puzzle.architecture import BlockConfig
+    from puzzle.fusion import distill_fused, ffn_runs, fuse_ffn_runs
+    from puzzle.pipeline import evaluate
+    from puzzle.realize import realize_child
+    from puzzle.scoring.cost import measure_models
+
+    rows = []
+    for name in names:
+        rec = read_json(run.out / "search" / f"{name}.json")
+        child = realize_child(run.parent.model, run.library, [BlockConfig.from_id(b) for b in rec["choice"]],
+                              rec.get("library_stage", "bld"))
+        for leading in (False, True):
+            runs = ffn_runs(child.config, include_leading=leading)
+            if not runs:
+                continue
+            fused = fuse_ffn_runs(child, runs)
+            tag = f"{name}-fused" + ("-lead" if leading else "")
+            q0, q1 = evaluate(run, child, name), evaluate_fused(run, fused, tag)
+            t0 = time.perf_counter()
+            distilled = fuse_ffn_runs(child, runs)  # the same blocks, then BLD-style local distillation on calibration text
+            local = distill_fused(child, distilled, run.tokens.calib, lr=run.config.bld.lr / 2,
+                                  batch_size=run.config.bld.batch_size)
+            distill_s = time.perf_counter() - t0
+            q2 = evaluate_fused(run, distilled, tag + "-distilled")
+            del distilled
+            m = measure_models({"parent": run.parent.model, name: child, tag: fused}, run.workload(),
+                               repeats=3).set_index("name")
+            rows.append({"child": name, "fused": tag, "include_leading": leading, "runs": str(runs),
+                         "fused_ffns": sum(e - s for s, e in runs), "kl_nats": q0["kl_nats"], "fused_kl_nats": q1["kl_nats"],
+                         "fused_distilled_kl_nats": q2["kl_nats"], "distill_s": distill_s,
+                         "local_nmse": json.dumps([(r["nmse_before"], r["nmse_after"]) for r in local]),
+                         "speedup": m.loc["parent", "runtime_ms"] / m.loc[name, "runtime_ms"],
+                         "fused_speedup": m.loc["parent", "runtime_ms"] / m.loc[tag, "runtime_ms"],
+                         "fused_vs_unfused_runtime": m.loc[tag, "runtime_ms"] / m.loc[name, "runtime_ms"],
+                         "params": int(m.loc[name, "params"]), "fused_params": int(m.loc[tag, "params"])})
+            print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    path = run.out / "fusion.csv"
+    if path.is_file():  # keep the rows of children fused by earlier invocations
+        old = pd.read_csv(path)
+        df = pd.concat([old[~old["child"].isin(names)], df], ignore_index=True)
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def evaluate_fused(run, model, name) -> dict:
+    """Evaluation-split quality of a fused model (not cached: its layer list differs from its config)."""
+    from puzzle.pipeline import parent_eval_logprobs
+    from puzzle.scoring.quality import evaluate_model
+
+    return evaluate_model(model, run.tokens.eval, parent_eval_logprobs(run), chunk=run.config.score.chunk)
+
+
+def phase_report(run, out: Path, speedups) -> None:
+    from puzzle.plots import architecture_map, front_plot, matched_ratios
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for path in (run.out / "front_rows", run.out / "baselines" / "rows"):
+        if path.is_dir():
+            parts += [read_json(p) for p in sorted(path.glob("*.json"))]
+    rows = pd.DataFrame(parts).drop_duplicates("name")
+    parent_tok_s = float(rows.loc[rows["name"] == "parent", "throughput_tok_s"].iloc[0])
+    rows["throughput_tok_s"] = parent_tok_s * rows["speedup"]
+    rows = rows.sort_values(["method", "training", "speedup"])
+    atomic_write_text(out / "front.csv", rows.drop(columns=["group_parent_runtime_ms"], errors="ignore").to_csv(index=False))
+    w = run.workload()
+    front_plot(rows[rows["training"] != "init"], out / "front.png", title=f"{Path(str(run.parent.source)).name}: "
+               f"our children vs baselines (after BLD where trainable)",
+               xlabel=f"measured throughput, generated tok/s ({w.device}, B={w.batch_size}, P={w.prompt_len}, G={w.gen_len})")
+    front_plot(rows, out / "front_with_init.png", title="the same, with init-only variants (dashed, hollow)",
+               xlabel=f"measured throughput, generated tok/s ({w.device}, B={w.batch_size}, P={w.prompt_len}, G={w.gen_len})")
+    base = rows[~rows["method"].str.startswith("mip")]
+    ours_plain = rows[(rows["method"] == "mip") & (rows["training"] == "bld")]
+    ours_best = rows[rows["method"].str.startswith("mip") & (rows["training"] == "bld")].assign(method="mip")
+    ratios = pd.concat([matched_ratios(pd.concat([ours_plain, base]), speedups).assign(ours="plain MIP"),
+                        matched_ratios(pd.concat([ours_best, base]), speedups).assign(ours="best of plain, diverse, refined")],
+                       ignore_index=True)
+    atomic_write_text(out / "ratios.csv", ratios.to_csv(index=False))
+    ours = {p.stem: read_json(p)["choice"] for p in sorted((run.out / "search").glob("child-*.json"))
+            if not p.stem.endswith("-init")}
+    ours = dict(sorted(ours.items(), key=lambda kv: read_json(run.out / "search" / f"{kv[0]}.json")["speedup"]))
+    architecture_map(ours, out / "architectures.png", parent_block=run.parent.config.parent_block,
+                     title="our children: attention (blue: KV heads) above FFN (green: width); orange linear, grey removed")
+    plan = run.out / "baselines" / "plan_selected.json"
+    if plan.is_file():
+        base = {d["name"]: d["blocks"] for d in json.loads(plan.read_text()) if d["training"] != "init"}
+        architecture_map(base, out / "baseline_architectures.png", parent_block=run.parent.config.parent_block,
+                         title="baselines")
+    for name in ("fusion.csv",):
+        if (run.out / name).is_file():
+            atomic_write_text(out / name, (run.out / name).read_text())
+    for path in sorted((run.out / "refine").glob("*.csv")) if (run.out / "refine").is_dir() else []:
+        atomic_write_text(out / f"refine_{path.name}", path.read_text())
+    print(ratios.to_string(index=False))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True, help="run directory (after `puzzle run`)")
+    p.add_argument("--phase", required=True, choices=["plan", "baselines", "refine", "ours", "fusion", "report"],
+                   help="which part to run (see the module docstring)")
+    p.add_argument("--speedups", default="1.25,1.5,2", help="speed-up targets")
+    p.add_argument("--interpolate-costs", action="store_true",
+                   help="interpolate the runtime of FFN widths the score table lacks instead of measuring them "
+                        "(for a machine too loaded to time subblocks)")
+    p.add_argument("--max-groups", type=int, default=None, help="measurement groups per invocation")
+    p.add_argument("--name", default="child-1.5x", help="child to refine")
+    p.add_argument("--k", type=int, default=8, help="diverse solutions")
+    p.add_argument("--refine-k", type=int, default=4, help="children realized per refinement round")
+    p.add_argument("--max-changes", type=int, default=6, help="trust region of a refinement round (layers)")
+    p.add_argument("--rounds", type=int, default=3, help="refinement rounds")
+    p.add_argument("--fuse", default="child-2x,child-1.5x-refined", help="children to fuse")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "front_results", help="report folder")
+    args = p.parse_args()
+    speedups = tuple(float(s) for s in args.speedups.split(","))
+    run = open_run(args.run, progress=False)
+    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    if args.phase == "plan":
+        phase_plan(run, speedups, not args.interpolate_costs)
+    elif args.phase == "baselines":
+        phase_baselines(run, args.max_groups)
+    elif args.phase == "refine":
+        phase_refine(run, args.name, args.k, args.refine_k, args.max_changes, args.rounds)
+    elif args.phase == "ours":
+        phase_ours(run, args.max_groups)
+    elif args.phase == "fusion":
+        phase_fusion(run, [n for n in args.fuse.split(",") if (run.out / "search" / f"{n}.json").is_file()])
+    else:
+        phase_report(run, args.out, speedups)
+    print(f"phase {args.phase}: {time.perf_counter() - t0:.0f} s, load average {load:.1f} -> {os.getloadavg()[0]:.1f}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

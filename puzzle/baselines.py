@@ -1,0 +1,556 @@
+"""Baselines for the front: other ways to make the same parent faster, realized and measured like our children.
+
+Each baseline meets the same runtime budget (predicted runtime ≤ parent runtime / speed-up, from the
+same kind of measured cost table) and is then realized, evaluated on the same evaluation split and
+measured next to the parent, like the MIP's children:
+
+    greedy             the same library and score table as the MIP; from the parent, repeatedly the
+                       single-layer change with the smallest KL increase per unit of runtime saved
+                       (`search.greedy`), on BLD-trained and on init-only entries
+    layer_removal      ShortGPT (Men et al. 2024): block influence BI_i = 1 − E_tokens cos(h_i, h_{i+1})
+                       on calibration text; the fewest layers of lowest BI whose removal meets the budget
+    attention_removal  "What Matters in Transformers? Not All Attention is Needed" (He et al. 2024):
+                       drop the attention subblocks whose output changes the residual least,
+                       1 − E cos(h_i, h_i + attn_i(h_i)) lowest first, at the speed-ups this reaches
+    uniform_width      Minitron-style width pruning (Muralidharan et al. 2024): the same FFN width in
+                       every layer (channels kept by contribution, puzzle.init) and the same KV-head
+                       count (mean-pooled groups); per KV-head count the widest FFN that meets the budget,
+                       the candidate with the lower KL on the scoring split is kept
+
+Fairness (issue 5): a baseline with trainable parts is realized both as initialised ("init") and
+after blockwise local distillation with the run's own BLD settings, i.e. the same token budget per
+subblock as our library ("bld"). Widths the run's library lacks are trained by `puzzle.bld` on a
+restricted space into DIR/baselines/library. Layer and attention removal have nothing to train
+("none"). Each row of the result says which.
+
+Files: DIR/baselines/cost.csv (extra FFN widths, measured), DIR/baselines/influence.csv,
+DIR/baselines/plan.json, DIR/baselines/baselines.csv (realized and measured), DIR/export/<name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from .budgets import Budgets
+from .errors import PuzzleError
+from .io import atomic_write_json, atomic_write_text
+from .library import Library
+from .space import LayerSpace
+
+METHODS = {"mip": "ours: MIP over the BLD library", "greedy": "greedy from the same library",
+           "layer_removal": "layer removal (ShortGPT, block influence)",
+           "attention_removal": "attention removal (similarity)", "uniform_width": "uniform width (Minitron-style)"}
+NOOP_BLOCK = BlockConfig(AttentionConfig("no_op"), FFNConfig("no_op"))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One child to realize: how it was made and what it is predicted to cost.
+
+    training: "bld" (library entries after BLD), "init" (initialised only) or "none" (nothing to train).
+    stage: the library stage its entries come from ("bld" or "init").
+    """
+
+    name: str
+    method: str
+    training: str
+    blocks: tuple[BlockConfig, ...]
+    target_speedup: float
+    predicted_runtime_ms: float
+    predicted_speedup: float
+    predicted_kl_nats: float = math.nan
+    note: str = ""
+
+    @property
+    def stage(self) -> str:
+        return "init" if self.training == "init" else "bld"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["blocks"] = [b.id for b in self.blocks]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(**{**d, "blocks": tuple(BlockConfig.from_id(b) for b in d["blocks"])})
+
+
+# ------------------------------------------------------------------------------------------------
+# Block influence (ShortGPT) and attention similarity
+
+
+@torch.no_grad()
+def block_influence(model, ids: torch.Tensor, chunk: int = 4) -> pd.DataFrame:
+    """Per layer, how much it changes the residual stream on (N, T) calibration ids.
+
+    Returns:
+        DataFrame with layer, layer_bi = 1 − mean cos(h_i, h_{i+1}) (ShortGPT's block influence,
+        Men et al. 2024, Eq. 1), attention_bi = 1 − mean cos(h_i, h_i + attn_i) (He et al. 2024) and
+        ffn_bi = 1 − mean cos(m_i, m_i + ffn_i(m_i)); means over all N·T tokens. A no_op subblock has 0.
+    """
+    model.eval()
+    sums = torch.zeros(model.config.num_hidden_layers, 3, dtype=torch.float64)
+    for s in range(0, ids.shape[0], chunk):
+        x = ids[s:s + chunk]
+        h = model.model.embed_tokens(x)  # (n, T, C)
+        cos, sin = model.rope(model.positions(x.shape, 0, x.device), h.dtype)
+        for i, layer in enumerate(model.model.layers):
+            mid = h + layer.attention_delta(h, cos, sin)
+            out = mid + layer.ffn_delta(mid)
+            for k, (a, b) in enumerate([(h, out), (h, mid), (mid, out)]):
+                sums[i, k] += float((1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).sum())
+            h = out
+    sums /= ids.numel()
+    return pd.DataFrame({"layer": range(len(sums)), "layer_bi": sums[:, 0].numpy(), "attention_bi": sums[:, 1].numpy(),
+                         "ffn_bi": sums[:, 2].numpy()})
+
+
+def layer_removal(parent: ModelConfig, order, n: int) -> tuple[BlockConfig, ...]:
+    """The parent's blocks with the first `n` layers of `order` removed (both subblocks no_op)."""
+    drop = set(list(order)[:n])
+    return tuple(NOOP_BLOCK if i in drop else b for i, b in enumerate(parent.blocks))
+
+
+def attention_removal(parent: ModelConfig, order, n: int) -> tuple[BlockConfig, ...]:
+    """The parent's blocks with the attention of the first `n` layers of `order` removed."""
+    drop = set(list(order)[:n])
+    return tuple(BlockConfig(AttentionConfig("no_op"), b.ffn) if i in drop else b for i, b in enumerate(parent.blocks))
+
+
+def uniform_width(parent: ModelConfig, ffn_width: int, kv_heads: int) -> tuple[BlockConfig, ...]:
+    """Every layer with the same FFN width and KV-head count."""
+    return tuple(BlockConfig(AttentionConfig("gqa", kv_heads), FFNConfig("swiglu", ffn_width)) for _ in parent.blocks)
+
+
+# ------------------------------------------------------------------------------------------------
+# Predicted runtime from a measured cost table
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted whole-model runtime: the non-block runtime plus each subblock's row (scoring/cost.py)."""
+
+    costs: pd.DataFrame  # subblock, variant, runtime_ms, ...
+    non_block_runtime_ms: float
+
+    def runtime_ms(self, blocks) -> float:
+        """Raises PuzzleError for a variant the table lacks (measure it first)."""
+        index = {(r.subblock, r.variant): float(r.runtime_ms) for r in self.costs.itertuples()}
+        total = self.non_block_runtime_ms
+        for block in blocks:
+            for subblock, variant in (("attention", block.attention), ("ffn", block.ffn)):
+                if variant.kind == "no_op":
+                    continue
+                if (subblock, variant.id) not in index:
+                    raise PuzzleError(f"no measured cost for {subblock} variant {variant.id}; measure it first")
+                total += index[(subblock, variant.id)]
+        return total
+
+
+def fewest_removals(order, make, cost: CostModel, budget_ms: float) -> int | None:
+    """The smallest n for which make(order, n) meets the runtime budget (None: not even n = all)."""
+    for n in range(len(order) + 1):
+        if cost.runtime_ms(make(order, n)) <= budget_ms:
+            return n
+    return None
+
+
+def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
+    """The costs the MIP used (the run's score table: one row per variant, and the non-block row),
+    plus any extra FFN widths.
+
+    An extra width is measured now (measure=True) together with the parent's FFN, and scaled by
+    (the table's parent FFN runtime / the parent FFN runtime measured now), so both sessions' rows
+    share one scale on a machine whose speed drifts; cached in DIR/baselines/cost.csv. With
+    measure=False (a machine too loaded to time anything), its runtime is interpolated linearly in
+    the width through the table's SwiGLU rows (extrapolated beyond them), and the row says so.
+
+    Raises:
+        PuzzleError: no score table, or measure=False with fewer than two SwiGLU widths in it.
+    """
+    import numpy as np
+
+    from .pipeline import load_score_table
+    from .scoring.cost import measure_subblock_costs
+
+    table, _ = load_score_table(run, "bld")
+    body = table[table["subblock"].isin(["attention", "ffn"])].drop_duplicates(["subblock", "variant"])
+    columns = ["subblock", "variant", "prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"]
+    costs = body[columns].assign(source="score table")
+    non_block = float(table.loc[table["subblock"] == "non_block", "runtime_ms"].iloc[0])
+    have = set(costs["variant"])
+    todo = sorted({int(w) for w in extra_ffn_widths if f"ffn-{w}" not in have}, reverse=True)
+    path = run.out / "baselines" / "cost.csv"
+    old = pd.read_csv(path) if path.is_file() else None
+    if old is not None:
+        todo = [w for w in todo if f"ffn-{w}" not in set(old["variant"])]
+        costs = pd.concat([costs, old[~old["variant"].isin(have)]], ignore_index=True)
+    if not todo:
+        return CostModel(costs, non_block)
+    parent_ffn = FFNConfig("swiglu", run.parent.config.intermediate_size)
+    stored = costs[costs["variant"] == parent_ffn.id].iloc[0]
+    if measure:
+        measured = measure_subblock_costs(run.parent.config, [], [parent_ffn] + [FFNConfig("swiglu", w) for w in todo],
+                                          run.workload(), repeats=run.config.score.cost_repeats)
+        now = measured[measured["variant"] == parent_ffn.id].iloc[0]
+        new = measured[measured["variant"] != parent_ffn.id].copy()
+        for c in ("prefill_ms", "decode_ms", "runtime_ms"):
+            new[c] = new[c] * float(stored[c]) / float(now[c])
+        new = new.assign(source="measured, scaled to the table's parent FFN")
+    else:
+        swiglu = costs[costs["subblock"].eq("ffn") & costs["variant"].str.fullmatch(r"ffn-\d+")]
+        widths = swiglu["variant"].str[4:].astype(int).to_numpy()
+        if len(widths) < 2:
+            raise PuzzleError("interpolating FFN costs needs at least two SwiGLU widths in the score table")
+        rows = []
+        for w in todo:
+            row = {"subblock": "ffn", "variant": f"ffn-{w}", "source": "interpolated in width from the score table"}
+            for c in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"):
+                slope, intercept = np.polyfit(widths, swiglu[c].to_numpy(float), 1)
+                row[c] = max(0.0, intercept + slope * w)
+            rows.append(row)
+        new = pd.DataFrame(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, pd.concat([old, new], ignore_index=True).to_csv(index=False))
+    return CostModel(pd.concat([costs, new], ignore_index=True), non_block)
+
+
+# ------------------------------------------------------------------------------------------------
+# Libraries: the run's, and the baselines' extra widths trained with the same BLD settings
+
+
+class LibraryChain:
+    """Looks an entry up in several libraries in turn (duck-types `Library.load` for `realize_child`)."""
+
+    def __init__(self, *libraries: Library):
+        self.libraries = libraries
+
+    def has(self, layer: int, variant: str, stage: str) -> bool:
+        return any(lib.has(layer, variant, stage) for lib in self.libraries)
+
+    def load(self, layer: int, variant: str, stage: str) -> dict:
+        for lib in self.libraries:
+            if lib.has(layer, variant, stage):
+                return lib.load(layer, variant, stage)
+        return self.libraries[0].load(layer, variant, stage)  # raises the usual PuzzleError
+
+
+def baseline_library(run, blocks_list, progress: bool = False) -> LibraryChain:
+    """The run's library, plus BLD (and init) entries for every variant of `blocks_list` it lacks.
+
+    Missing entries are built by `puzzle.bld.build_library` with the run's BLD settings (the same
+    calibration tokens and token budget per subblock) into DIR/baselines/library.
+    """
+    from .bld import build_library
+
+    parent = run.parent.config
+    main, extra = run.library, Library(run.out / "baselines" / "library")
+    chain = LibraryChain(main, extra)
+    need: dict[int, dict[str, set]] = {}
+    for blocks in blocks_list:
+        for i, (b, p) in enumerate(zip(blocks, parent.blocks)):
+            for kind, v, pv in (("attention", b.attention, p.attention), ("ffn", b.ffn, p.ffn)):
+                if v != pv and v.kind != "no_op" and not (chain.has(i, v.id, "bld") and chain.has(i, v.id, "init")):
+                    need.setdefault(i, {"attention": set(), "ffn": set()})[kind].add(v)
+    if need:
+        space = [LayerSpace(i, (p.attention, *sorted(need.get(i, {}).get("attention", ()), key=lambda v: v.id)),
+                            (p.ffn, *sorted(need.get(i, {}).get("ffn", ()), key=lambda v: v.id)))
+                 for i, p in enumerate(parent.blocks)]
+        t0 = time.perf_counter()
+        build_library(run.parent.model, run.tokens.calib, space, run.config.bld, extra, progress=progress)
+        run.timed("baselines_bld_s", time.perf_counter() - t0)
+    return chain
+
+
+def realize(run, candidate: Candidate, library=None):
+    """The candidate as a PuzzleForCausalLM (entries from `library`, default the run's)."""
+    from .realize import realize_child
+
+    return realize_child(run.parent.model, library or run.library, candidate.blocks, candidate.stage)
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: which child each baseline builds for each speed-up
+
+
+def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None, attention_speedups=None,
+                   influence_tokens: int = 4096, measure_costs: bool = True) -> list[Candidate]:
+    """Every baseline child for each speed-up target (runtime ≤ parent / s), before realizing.
+
+    Args:
+        speedups: targets, e.g. (1.25, 1.5, 2.0).
+        uniform_kv_heads: KV-head counts for uniform width (default: the parent's and the space's).
+        uniform_widths: FFN widths to consider (default: multiples of space.ffn_multiple below the parent's).
+        attention_speedups: targets for attention removal (default: `speedups`; a target it cannot
+            reach is replaced by the largest speed-up it reaches, once).
+        influence_tokens: calibration tokens for block influence.
+        measure_costs: measure FFN widths the score table lacks (else interpolate; see `cost_model`).
+
+    Returns:
+        Candidates: greedy (bld, init), layer_removal, attention_removal, uniform_width (one per KV
+        count; `select_uniform` keeps the better), each named '<method>-<s>x[-init][-kvN]'.
+    """
+    from .pipeline import load_score_table
+    from .search import greedy, parent_totals
+    from .space import attention_variants
+
+    parent = run.parent.config
+    calib = run.tokens.calib
+    n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
+    influence = block_influence(run.parent.model, calib[:n], chunk=run.config.score.chunk)
+    (run.out / "baselines").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.out / "baselines" / "influence.csv", influence.to_csv(index=False))
+    layer_order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
+    attn_order = influence.sort_values("attention_bi", kind="stable")["layer"].tolist()
+
+    step = run.config.space.ffn_multiple
+    widths = sorted(uniform_widths or range(step, parent.intermediate_size, step), reverse=True)
+    kv_heads = uniform_kv_heads or sorted({a.num_kv_heads for a in attention_variants(parent, run.config.space)
+                                           if a.kind == "gqa"}, reverse=True)
+    cost = cost_model(run, widths, measure=measure_costs)
+    parent_ms = cost.runtime_ms(parent.blocks)
+    out: list[Candidate] = []
+
+    def add(name, method, training, blocks, s, note="", kl=math.nan):
+        ms = cost.runtime_ms(blocks)
+        out.append(Candidate(name, method, training, tuple(blocks), float(s), ms, parent_ms / ms, kl, note))
+
+    for s in speedups:
+        budget = parent_ms / s
+        for stage in ("bld", "init"):
+            try:
+                table, _ = load_score_table(run, stage)
+                g = greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / s))
+            except PuzzleError:  # no init-only table in this run, or a budget greedy cannot reach
+                continue
+            add(f"greedy-{s:g}x" + ("-init" if stage == "init" else ""), "greedy", stage, g.blocks, s,
+                "score table of the run's library", g.kl_nats)
+        k = fewest_removals(layer_order, lambda o, m: layer_removal(parent, o, m), cost, budget)
+        if k is not None:
+            add(f"layers-{s:g}x", "layer_removal", "none", layer_removal(parent, layer_order, k), s,
+                f"{k} layers removed: {sorted(layer_order[:k])}")
+        for kv in kv_heads:
+            fits = [w for w in widths + [parent.intermediate_size]
+                    if cost.runtime_ms(uniform_width(parent, w, kv)) <= budget]
+            if fits:
+                w = max(fits)
+                for stage in ("bld", "init"):
+                    add(f"uniform-{s:g}x" + ("-init" if stage == "init" else "") + f"-kv{kv}", "uniform_width", stage,
+                        uniform_width(parent, w, kv), s, f"FFN {w}, {kv} KV heads in every layer")
+    reachable = parent_ms / cost.runtime_ms(attention_removal(parent, attn_order, len(attn_order)))
+    targets = attention_speedups or speedups
+    seen = set()
+    for s in targets:
+        s_eff = min(s, math.floor(reachable * 100) / 100)
+        if s_eff in seen or s_eff <= 1.0:
+            continue
+        seen.add(s_eff)
+        k = fewest_removals(attn_order, lambda o, m: attention_removal(parent, o, m), cost, parent_ms / s_eff)
+        if k is not None:
+            add(f"attn-drop-{s_eff:g}x", "attention_removal", "none", attention_removal(parent, attn_order, k), s_eff,
+                f"attention removed in {k} layers: {sorted(attn_order[:k])}")
+    atomic_write_json(run.out / "baselines" / "plan.json", [c.to_dict() for c in out])
+    return out
+
+
+def select_uniform(run, candidates: list[Candidate], library) -> list[Candidate]:
+    """Per (speed-up, training), the uniform-width candidate with the lowest KL on the scoring split.
+
+    The other candidates pass through unchanged; the kept one loses its '-kvN' name suffix.
+    """
+    from .refine import selection_kl
+
+    groups: dict[tuple, list[Candidate]] = {}
+    rest = []
+    for c in candidates:
+        if c.method == "uniform_width":
+            groups.setdefault((c.target_speedup, c.training), []).append(c)
+        else:
+            rest.append(c)
+    for group in groups.values():
+        scored = [(selection_kl(run, realize(run, c, library)), c) for c in group]
+        kl, best = min(scored, key=lambda t: t[0])
+        name = best.name.rsplit("-kv", 1)[0]
+        note = best.note + "; chosen on the scoring split among " + ", ".join(
+            f"{c.note.split(' in ')[0]} (KL {k:.3f})" for k, c in scored)
+        rest.append(dataclasses.replace(best, name=name, note=note))
+    return rest
+
+
+# ------------------------------------------------------------------------------------------------
+# Realize, evaluate, measure next to the parent, export
+
+
+def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int = 3) -> pd.DataFrame:
+    """Whole-model measurements, in groups of `group_size` models each interleaved with the parent.
+
+    Speed-ups are per group (child runtime vs the parent's runtime in the same group), so a machine
+    whose load changes between groups still gives fair ratios; groups bound the memory held at once.
+
+    Returns:
+        One row per model (parent first, its figures from the first group): name, speedup,
+        throughput_tok_s (the parent's throughput from the first group × speedup), runtime_ms,
+        prefill_tok_s, decode_tok_s, memory_mib, params, group.
+    """
+    from .scoring.cost import measure_models
+
+    keep = ("runtime_ms", "prefill_tok_s", "decode_tok_s", "memory_mib", "params")
+    names = list(models)
+    rows, parent_tok_s, parent_row = [], None, None
+    for g, start in enumerate(range(0, max(len(names), 1), group_size)):
+        group = {"parent": run.parent.model, **{n: models[n] for n in names[start:start + group_size]}}
+        df = measure_models(group, run.workload(), repeats=repeats).set_index("name")
+        p = df.loc["parent"]
+        if parent_row is None:
+            parent_tok_s = float(p["throughput_tok_s"])
+            parent_row = {"name": "parent", "speedup": 1.0, "throughput_tok_s": parent_tok_s, "group": g,
+                          **{c: float(p[c]) for c in keep}}
+        for n in names[start:start + group_size]:
+            r = df.loc[n]
+            speedup = float(p["runtime_ms"] / r["runtime_ms"])
+            rows.append({"name": n, "speedup": speedup, "throughput_tok_s": parent_tok_s * speedup, "group": g,
+                         **{c: float(r[c]) for c in keep}})
+    return pd.DataFrame([parent_row] + rows)
+
+
+ROW_COLUMNS = ["name", "method", "training", "target_speedup", "predicted_speedup", "speedup", "throughput_tok_s",
+               "kl_nats", "score_kl_nats", "predicted_kl_nats", "lm_loss", "top1_agree", "params", "memory_mib",
+               "runtime_ms", "note", "architecture"]
+
+
+def realize_all(run, candidates: list[Candidate], library=None, export: bool = True, group_size: int = 4,
+                rows_dir: Path | None = None, max_groups: int | None = None) -> pd.DataFrame:
+    """Realize, evaluate (evaluation split), score (scoring split), measure and export every candidate.
+
+    Models are built group by group (memory), evaluated with `pipeline.evaluate` (cached in
+    DIR/children/) and measured next to the parent (`measure_against_parent`). Each finished row is
+    written to `rows_dir` (default DIR/baselines/rows/<name>.json) and reused on a rerun, so a long
+    sweep can be run `max_groups` groups at a time.
+
+    Returns:
+        One row per finished model (ROW_COLUMNS), parent first. throughput_tok_s is the parent's
+        throughput in the first group times the child's speed-up (measured against the parent in its
+        own group).
+    """
+    from .io import read_json
+    from .pipeline import compact_architecture, evaluate
+    from .refine import selection_kl
+
+    rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in candidates if not (rows_dir / f"{c.name}.json").is_file()]
+    groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)][:max_groups]
+    for group in groups:
+        models = {c.name: realize(run, c, library) for c in group}
+        quality = {}
+        for c in group:
+            q = evaluate(run, models[c.name], c.name)
+            quality[c.name] = {"kl_nats": q["kl_nats"], "lm_loss": q["lm_loss"],
+                               "top1_agree": q.get("top1_agree", math.nan),
+                               "score_kl_nats": selection_kl(run, models[c.name])}
+            if export:
+                _export(run, c, models[c.name])
+        measured = measure_against_parent(run, models, group_size=len(models)).set_index("name")
+        if not (rows_dir / "parent.json").is_file():
+            p = measured.loc["parent"]
+            parent_q = evaluate(run, run.parent.model, "parent")
+            atomic_write_json(rows_dir / "parent.json", {
+                "name": "parent", "method": "parent", "training": "none", "target_speedup": 1.0, "predicted_speedup": 1.0,
+                "speedup": 1.0, "throughput_tok_s": float(p["throughput_tok_s"]), "kl_nats": 0.0, "score_kl_nats": 0.0,
+                "predicted_kl_nats": 0.0, "lm_loss": parent_q["lm_loss"], "top1_agree": 1.0, "params": float(p["params"]),
+                "memory_mib": float(p["memory_mib"]), "runtime_ms": float(p["runtime_ms"]), "note": "",
+                "architecture": "parent"})
+        for c in group:
+            m = measured.loc[c.name]
+            atomic_write_json(rows_dir / f"{c.name}.json", {
+                "name": c.name, "method": c.method, "training": c.training, "target_speedup": c.target_speedup,
+                "predicted_speedup": c.predicted_speedup, "speedup": float(m["speedup"]), **quality[c.name],
+                "predicted_kl_nats": c.predicted_kl_nats, "params": float(m["params"]),
+                "memory_mib": float(m["memory_mib"]), "runtime_ms": float(m["runtime_ms"]), "note": c.note,
+                "group_parent_runtime_ms": float(m["runtime_ms"] * m["speedup"]),
+                "architecture": compact_architecture([b.id for b in c.blocks])})
+        del models
+    if not (rows_dir / "parent.json").is_file():
+        return pd.DataFrame(columns=ROW_COLUMNS)
+    parent = read_json(rows_dir / "parent.json")
+    done = [c for c in candidates if (rows_dir / f"{c.name}.json").is_file()]
+    rows = [parent] + [read_json(rows_dir / f"{c.name}.json") for c in done]
+    table = pd.DataFrame(rows)
+    table["throughput_tok_s"] = parent["throughput_tok_s"] * table["speedup"]
+    return table[ROW_COLUMNS]
+
+
+def _export(run, candidate: Candidate, model) -> None:
+    from .export import export_checkpoint
+
+    export_checkpoint(model, run.parent.tokenizer, run.out / "export" / candidate.name, overwrite=True,
+                      extra_info={"name": candidate.name, "parent": run.parent.source, "baseline": candidate.method,
+                                  "training": candidate.training, "note": candidate.note,
+                                  "predicted_speedup": candidate.predicted_speedup})
+
+
+def run_baselines(run, speedups=None, export: bool = True, progress: bool = False) -> pd.DataFrame:
+    """Plan, train what the plan needs, choose the uniform widths, realize, evaluate, measure, export.
+
+    Writes DIR/baselines/baselines.csv and returns it (parent first).
+    """
+    speedups = tuple(speedups or run.config.search.front_speedups)
+    t0 = time.perf_counter()
+    plan = plan_baselines(run, speedups)
+    library = baseline_library(run, [c.blocks for c in plan], progress=progress)
+    plan = select_uniform(run, plan, library)
+    table = realize_all(run, plan, library, export=export)
+    atomic_write_text(run.out / "baselines" / "baselines.csv", table.to_csv(index=False))
+    run.timed("baselines_s", time.perf_counter() - t0)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# `puzzle baselines --out DIR`
+
+
+def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `puzzle baselines`: realize and measure the baselines on a run directory."""
+    p = subparsers.add_parser("baselines", help="greedy, layer removal, attention removal and uniform width children "
+                                                "at the front's speed-ups, realized, evaluated, measured and exported")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle score`)")
+    p.add_argument("--speedups", metavar="S,S,...", default=None,
+                   help="speed-up targets (default: the run's front speed-ups)")
+    p.add_argument("--no-export", action="store_true", help="do not write DIR/export/<name> folders")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=baselines_main)
+    return p
+
+
+def open_run(out: Path, progress: bool = True):
+    """The `Run` of an existing run directory (its saved configuration), logging to stderr."""
+    from .config import load_run_config
+    from .pipeline import Run
+
+    return Run(out, load_run_config(out), progress=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def baselines_main(args) -> int:
+    """Run the baselines and print the table. Raises PuzzleError for a malformed --speedups."""
+    try:
+        speedups = None if not args.speedups else tuple(float(s) for s in args.speedups.split(","))
+    except ValueError:
+        raise PuzzleError(f"--speedups {args.speedups!r}: give numbers separated by commas, e.g. 1.25,1.5,2") from None
+    run = open_run(args.out, progress=not args.no_progress)
+    table = run_baselines(run, speedups, export=not args.no_export, progress=not args.no_progress)
+    cols = ["name", "training", "speedup", "kl_nats", "lm_loss", "params"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {args.out / 'baselines' / 'baselines.csv'}", file=sys.stderr)
+    return 0

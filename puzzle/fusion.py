@@ -1,0 +1,316 @@
+"""FFN Fusion: consecutive FFN subblocks with no attention between them, run in parallel as one wide FFN.
+
+Once attention is removed from layers i+1..j-1 of a child, the FFNs of layers i..j-1 follow each
+other directly in the residual stream:
+
+    h_{k+1} = h_k + FFN_k(norm_k(h_k))            k = i..j-1   (sequential, what the child computes)
+    h_j    ≈ h_i + Σ_k FFN_k(norm_k(h_i))                      (parallel: every FFN reads h_i)
+
+(FFN Fusion, Bercovich et al. 2025, used for Llama-Nemotron-Ultra; DESIGN.md "FFN Fusion"). The
+parallel form is an approximation of the sequential one (the later FFNs no longer see the earlier
+ones' outputs; distillation recovers the difference), but it is *exactly* one wide SwiGLU:
+norm_k(h) = w_k ⊙ u with u = h / rms(h), so each layer's RMSNorm weight w_k folds into the columns of
+its gate and up projections, W_gate_k · diag(w_k); the folded gate/up rows of all layers stack, and
+their down projections concatenate along the width:
+
+    gate = [W_gate_i diag(w_i); ...; W_gate_{j-1} diag(w_{j-1})]      (ΣF_k, C)
+    up   = [W_up_i   diag(w_i); ...]                                  (ΣF_k, C)
+    down = [W_down_i, ..., W_down_{j-1}]                              (C, ΣF_k)
+    Σ_k down_k(silu(gate_k u) ⊙ up_k u) = down(silu(gate u) ⊙ up u)
+
+Linear FFN replacements fold the same way and add up: Σ_k W_k diag(w_k) is one (C, C) matrix;
+no_op FFNs contribute nothing. Down-projection biases add up.
+
+`FusedFFNBlock` holds the attention subblock of the run's first layer (if any), a weightless
+RMSNorm, the wide SwiGLU (or the summed linear map when the run has no SwiGLU) and, for a run that
+mixes SwiGLU and linear FFNs, the summed linear map beside it. `fuse_ffn_runs` replaces runs of a
+`PuzzleForCausalLM` with such blocks (modeling.py is unchanged: the new model keeps its config, its
+attention layers keep their layer index for the KV cache, and `forward`/`generate` simply walk the
+shorter layer list). When no run mixes SwiGLU with linear FFNs, `to_plain_model` turns the result
+into an ordinary, shallower `PuzzleForCausalLM` (each fused run is one block: the first layer's
+attention and an FFN of width ΣF_k), which `puzzle.export` writes in the nemotron-nas format.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from .errors import PuzzleError
+from .modeling import DecoderBlock, LinearFFN, PuzzleForCausalLM, RMSNorm, SwiGLU, build_attention
+
+
+def ffn_runs(config: ModelConfig, include_leading: bool = True, min_ffns: int = 2) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of layers whose FFNs follow each other with no attention between them.
+
+    A run is layers start+1..end-1 with no_op attention, plus layer `start`, whose own attention
+    (if any) runs before the fused FFN (include_leading=True); with include_leading=False every
+    layer of a run has no_op attention. Runs with fewer than `min_ffns` FFNs that are not no_op
+    are left out (nothing to fuse).
+
+    Returns:
+        [(start, end), ...] in layer order, non-overlapping.
+    """
+    runs, start = [], None
+    blocks = config.blocks
+    for i, block in enumerate(list(blocks) + [None]):
+        opens_run = block is None or block.attention.kind != "no_op" or start is None
+        if opens_run:
+            if start is not None and sum(b.ffn.kind != "no_op" for b in blocks[start:i]) >= min_ffns:
+                runs.append((start, i))
+            start = None
+            if block is not None and (include_leading or block.attention.kind == "no_op"):
+                start = i
+    return runs
+
+
+class FusedFFNBlock(nn.Module):
+    """One attention subblock (optional) followed by several FFN subblocks run in parallel.
+
+    forward: h (B, T, C) -> h' = h + attn(norm_a(h)), then h' + wide(u) + linear(u), u = h'/rms(h').
+    Parameter names follow DecoderBlock's (self_attn.*, input_layernorm, post_attention_layernorm,
+    mlp.*), so a block without the extra linear part loads into a plain DecoderBlock.
+
+    Attributes:
+        layers: the original layer indices this block replaces.
+        extra_linear: (C, C) summed linear FFNs, only when the run mixes SwiGLU and linear FFNs.
+    """
+
+    def __init__(self, config: ModelConfig, attention: AttentionConfig, intermediate_size: int, linear: bool,
+                 layer_idx: int, layers: Sequence[int]):
+        super().__init__()
+        self.layer_idx, self.layers = layer_idx, tuple(layers)
+        self.attention_config = attention
+        self.self_attn = build_attention(config, attention, layer_idx)
+        if self.self_attn is not None:
+            self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if intermediate_size:
+            self.mlp = SwiGLU(config, intermediate_size)
+        else:
+            self.mlp = LinearFFN(config) if linear else None
+        both = intermediate_size and linear
+        self.extra_linear = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if both else None
+        if self.mlp is not None:  # weightless in effect: every layer's norm weight is folded into its columns
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def block_config(self) -> BlockConfig | None:
+        """The plain block this is (first layer's attention + one FFN), or None with an extra linear part."""
+        if self.extra_linear is not None:
+            return None
+        if isinstance(self.mlp, SwiGLU):
+            ffn = FFNConfig("swiglu", self.mlp.gate_proj.out_features)
+        else:
+            ffn = FFNConfig("linear") if self.mlp is not None else FFNConfig("no_op")
+        return BlockConfig(self.attention_config, ffn)
+
+    def forward(self, h, cos=None, sin=None, cache=None, attention_mask=None):  # (B, T, C) -> (B, T, C)
+        if self.self_attn is not None:
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, attention_mask)
+        if self.mlp is None:
+            return h
+        u = self.post_attention_layernorm(h)  # (B, T, C): h / rms(h)
+        out = h + self.mlp(u)
+        if self.extra_linear is not None:
+            out = out + self.extra_linear(u)
+        return out
+
+
+@torch.no_grad()
+def fuse_layers(config: ModelConfig, layers: Sequence[DecoderBlock]) -> FusedFFNBlock:
+    """The FusedFFNBlock of consecutive decoder blocks (see the module docstring for the folding).
+
+    Args:
+        layers: blocks of one run; every block after the first must have no_op attention.
+
+    Raises:
+        PuzzleError: a block after the first has attention, or the RMSNorm epsilons differ.
+    """
+    if any(layer.self_attn is not None for layer in layers[1:]):
+        bad = [layer.layer_idx for layer in layers[1:] if layer.self_attn is not None]
+        raise PuzzleError(f"layers {bad} have attention: only FFNs with no attention between them can be fused")
+    first = layers[0]
+    gates, ups, downs, down_bias, linear = [], [], [], None, None
+    for layer in layers:
+        if layer.mlp is None:
+            continue
+        if layer.post_attention_layernorm.eps != config.rms_norm_eps:
+            raise PuzzleError(f"layer {layer.layer_idx}: RMSNorm eps {layer.post_attention_layernorm.eps} differs from "
+                              f"the model's {config.rms_norm_eps}; its norm cannot be folded")
+        w = layer.post_attention_layernorm.weight  # (C,)
+        if isinstance(layer.mlp, SwiGLU):
+            m = layer.mlp
+            gates.append((m.gate_proj.weight * w, m.gate_proj.bias))  # (F_k, C): W diag(w)
+            ups.append((m.up_proj.weight * w, m.up_proj.bias))
+            downs.append(m.down_proj.weight)  # (C, F_k)
+            if m.down_proj.bias is not None:
+                down_bias = m.down_proj.bias.clone() if down_bias is None else down_bias + m.down_proj.bias
+        else:
+            folded = layer.mlp.linear_mlp.weight * w  # (C, C)
+            linear = folded if linear is None else linear + folded
+    width = sum(g.shape[0] for g, _ in gates)
+    fused = FusedFFNBlock(config, first.block_config.attention, width, linear is not None, first.layer_idx,
+                          [layer.layer_idx for layer in layers])
+    fused = fused.to(next((p.dtype for layer in layers for p in layer.parameters()), torch.float32))
+    if first.self_attn is not None:
+        fused.self_attn.load_state_dict(first.self_attn.state_dict())
+        fused.input_layernorm.load_state_dict(first.input_layernorm.state_dict())
+    if width:
+        m = fused.mlp
+        m.gate_proj.weight.copy_(torch.cat([g for g, _ in gates]))  # (ΣF, C)
+        m.up_proj.weight.copy_(torch.cat([u for u, _ in ups]))
+        m.down_proj.weight.copy_(torch.cat(downs, dim=1))  # (C, ΣF)
+        if m.gate_proj.bias is not None:
+            m.gate_proj.bias.copy_(torch.cat([b for _, b in gates]))
+            m.up_proj.bias.copy_(torch.cat([b for _, b in ups]))
+            m.down_proj.bias.copy_(down_bias)
+        if linear is not None:
+            fused.extra_linear.weight.copy_(linear)
+    elif linear is not None:
+        fused.mlp.linear_mlp.weight.copy_(linear)
+    return fused.eval()
+
+
+def fuse_ffn_runs(model: PuzzleForCausalLM, runs: Sequence[tuple[int, int]] | None = None,
+                  include_leading: bool = True) -> PuzzleForCausalLM:
+    """A copy of `model` whose runs of consecutive FFNs are fused (the parallel approximation).
+
+    Args:
+        runs: [(start, end), ...] layer ranges (each as from `ffn_runs`); None fuses every run
+            `ffn_runs(model.config, include_leading)` finds.
+
+    Returns:
+        A new PuzzleForCausalLM (weights copied) whose `model.layers` holds a FusedFFNBlock per run
+        and the other blocks unchanged; `config` is the unfused child's (its KV-cache layout).
+        With no runs, an unchanged copy.
+
+    Raises:
+        PuzzleError: overlapping or out-of-range runs, or a run with attention after its first layer.
+    """
+    runs = ffn_runs(model.config, include_leading) if runs is None else sorted(runs)
+    last = 0
+    for start, end in runs:
+        if not (last <= start < end <= model.config.num_hidden_layers):
+            raise PuzzleError(f"fusion runs {runs} overlap or leave layers 0..{model.config.num_hidden_layers - 1}")
+        last = end
+    fused = copy.deepcopy(model)
+    layers, i = [], 0
+    starts = dict(runs)
+    while i < len(fused.model.layers):
+        if i in starts:
+            layers.append(fuse_layers(fused.config, list(fused.model.layers[i:starts[i]])))
+            i = starts[i]
+        else:
+            layers.append(fused.model.layers[i])
+            i += 1
+    fused.model.layers = nn.ModuleList(layers)
+    return fused.eval()
+
+
+def to_plain_model(fused: PuzzleForCausalLM) -> PuzzleForCausalLM:
+    """The fused model as an ordinary, shallower PuzzleForCausalLM (exportable), with the same outputs.
+
+    Raises:
+        PuzzleError: a fused run mixes SwiGLU and linear FFNs (no single block represents it).
+    """
+    blocks = []
+    for i, layer in enumerate(fused.model.layers):
+        if isinstance(layer, FusedFFNBlock):
+            block = layer.block_config()
+            if block is None:
+                raise PuzzleError(f"the fused run of layers {list(layer.layers)} mixes SwiGLU and linear FFNs: "
+                                  f"no single nemotron-nas block represents it; fuse without the linear layers")
+            blocks.append(block)
+        else:
+            blocks.append(layer.block_config)
+    config = dataclasses.replace(fused.config, blocks=tuple(blocks))
+    plain = PuzzleForCausalLM(config).to(next(fused.parameters()).dtype)
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    if config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    return plain.eval()
+
+
+def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch.Tensor, *, lr: float = 1e-3,
+                  batch_size: int = 4, chunk: int = 4) -> list[dict]:
+    """Blockwise local distillation of every FusedFFNBlock of `fused` toward the sequential run it replaces.
+
+    Teacher forcing, as in BLD (Puzzle, Bercovich et al. 2024, Sec. 3): a fused block receives the
+    unfused `model`'s hidden state before its run, h_s (B, T, C), and learns the unfused hidden state
+    after it, h_e, with the normalized MSE of the residual update,
+    MSE(Δ_fused, h_e − h_s) / MSE(h_e − h_s, 0). One pass of AdamW over `ids` (linear warmup over 10%
+    of the steps, then cosine decay to 10% of `lr`); only the FFN parts of the fused block train
+    (its attention, when the run starts with one, keeps the parent's weights). `fused` is changed
+    in place.
+
+    Args:
+        model: the unfused child (teacher), unchanged.
+        fused: `fuse_ffn_runs(model, ...)`.
+        ids: (N, T) int64 calibration tokens (never the evaluation split).
+
+    Returns:
+        One dict per fused block: layers, nmse_before and nmse_after on the last batch-size
+        sequences of `ids` (held out of training when N > batch_size), steps.
+    """
+    import math
+
+    blocks = [m for m in fused.model.layers if isinstance(m, FusedFFNBlock)]
+    if not blocks:
+        return []
+    wanted = {b.layers[0] for b in blocks} | {b.layers[-1] + 1 for b in blocks}
+    states: dict[int, list] = {i: [] for i in wanted}
+    with torch.no_grad():  # the teacher's hidden states at every run boundary: (N, T, C) each
+        for s in range(0, ids.shape[0], chunk):
+            x = ids[s:s + chunk]
+            h = model.model.embed_tokens(x)
+            cos, sin = model.rope(model.positions(x.shape, 0, x.device), h.dtype)
+            for i, layer in enumerate(model.model.layers):
+                if i in states:
+                    states[i].append(h)
+                h = layer(h, cos, sin)
+            if len(model.model.layers) in states:
+                states[len(model.model.layers)].append(h)
+    states = {i: torch.cat(v) for i, v in states.items()}
+    cos, sin = model.rope(model.positions(ids.shape, 0, ids.device), states[min(states)].dtype)
+    n_train = ids.shape[0] - batch_size if ids.shape[0] > batch_size else ids.shape[0]
+    probe = slice(n_train, ids.shape[0]) if n_train < ids.shape[0] else slice(0, ids.shape[0])
+    results = []
+
+    def nmse(block, sl):
+        h_s, h_e = states[block.layers[0]][sl], states[block.layers[-1] + 1][sl]
+        out = block(h_s, cos[sl], sin[sl])
+        return ((out - h_e).float().pow(2).mean() / (h_e - h_s).float().pow(2).mean().clamp_min(1e-20))
+
+    for block in blocks:
+        params = [p for name, p in block.named_parameters() if not name.startswith(("self_attn.", "input_layernorm."))]
+        with torch.no_grad():
+            before = float(nmse(block, probe))
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        steps = math.ceil(n_train / batch_size)
+        warm = max(1, steps // 10)
+        block.train()
+        for step in range(steps):
+            progress = (step - warm) / max(1, steps - warm)
+            scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            loss = nmse(block, slice(step * batch_size, min(n_train, (step + 1) * batch_size)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        block.eval()
+        for p in block.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            results.append({"layers": list(block.layers), "nmse_before": before, "nmse_after": float(nmse(block, probe)),
+                            "steps": steps})
+    return results

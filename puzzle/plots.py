@@ -1,0 +1,291 @@
+"""Pictures: the accuracy-throughput front with baselines, and per-layer architecture maps of children.
+
+Both functions take plain tables (what DIR/front.csv, DIR/baselines/baselines.csv and
+DIR/search/*.json hold), draw with matplotlib's Agg backend (no display needed), write a PNG
+atomically and return its path. Notebooks call them too; nothing here computes a figure's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .architecture import BlockConfig
+
+# (method, training) -> legend label; methods as in puzzle.baselines.METHODS
+STYLE = {
+    "mip": ("tab:blue", "o", "-"),
+    "mip-diverse": ("tab:cyan", "D", "none"),
+    "mip-refined": ("navy", "P", "none"),
+    "greedy": ("tab:orange", "s", "-"),
+    "layer_removal": ("tab:red", "v", "-"),
+    "attention_removal": ("tab:purple", "^", "-"),
+    "uniform_width": ("tab:green", "d", "-"),
+    "ffn_fusion": ("tab:olive", "X", "none"),
+}
+LABELS = {
+    "mip": "ours (MIP, BLD library)", "mip-diverse": "ours, best of k diverse", "mip-refined": "ours, refined in context",
+    "greedy": "greedy, same library", "layer_removal": "layer removal (ShortGPT)",
+    "attention_removal": "attention removal", "uniform_width": "uniform width (Minitron-style)",
+    "ffn_fusion": "ours + FFN Fusion",
+}
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok_s", y: str = "kl_nats",
+               title: str | None = None, xlabel: str | None = None, log_y: bool = True) -> Path:
+    """Our front and the baselines' on one plot: `y` against measured `x`, one series per method and training.
+
+    Args:
+        rows: one row per model with name, method ("parent", "mip", "greedy", "layer_removal",
+            "attention_removal", "uniform_width", ...), training ("bld", "init", "none"), `x`, `y`.
+            Series are drawn in order of `x`; init-only series dashed with hollow markers.
+        path: the PNG to write.
+        log_y: a log scale for KL (rows with y <= 0 other than the parent are left out).
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        KeyError: rows lack name, method, training, `x` or `y`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[["name", "method", "training", x, y]].dropna(subset=[x, y])
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    parent = rows[rows["method"] == "parent"]
+    for (method, training), part in rows[rows["method"] != "parent"].groupby(["method", "training"], sort=False):
+        color, marker, line = STYLE.get(method, ("tab:gray", "o", "-"))
+        init = training == "init"
+        if log_y:
+            part = part[part[y] > 0]
+        part = part.sort_values(x)
+        label = LABELS.get(method, method) + (", init only" if init else ", after BLD" if training == "bld" and method
+                                               not in ("mip", "mip-diverse", "mip-refined", "ffn_fusion") else "")
+        ax.plot(part[x], part[y], marker=marker, linestyle="--" if init and line != "none" else line, color=color,
+                markerfacecolor="none" if init else color, label=label, alpha=0.9)
+    if len(parent):
+        ax.axvline(float(parent[x].iloc[0]), color="black", linewidth=0.8, linestyle=":")
+        ax.annotate("parent", (float(parent[x].iloc[0]), 0.98), xycoords=("data", "axes fraction"), fontsize=8,
+                    ha="right", va="top", rotation=90)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel("evaluation KL(parent || child), nats/token" if y == "kl_nats" else y)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def kind_is_attention(variant) -> bool:
+    from .architecture import AttentionConfig
+
+    return isinstance(variant, AttentionConfig)
+
+
+def _cell_color(variant, parent_size: int | None):
+    """Color of one subblock: darker = closer to the parent's size; linear orange; no_op light grey."""
+    from matplotlib import colormaps
+
+    kind = variant.kind
+    if kind == "no_op":
+        return (0.93, 0.93, 0.93, 1.0)
+    if kind == "linear":
+        return (0.93, 0.5, 0.1, 1.0) if kind_is_attention(variant) else (1.0, 0.72, 0.35, 1.0)
+    size = variant.num_kv_heads if kind == "gqa" else variant.intermediate_size
+    share = size / parent_size if parent_size else 1.0
+    cmap = colormaps["Blues" if kind == "gqa" else "Greens"]
+    return cmap(0.3 + 0.65 * min(1.0, share))
+
+
+def architecture_map(choices: Mapping[str, Sequence], path: str | Path, *, parent_block: BlockConfig | None = None,
+                     title: str | None = None) -> Path:
+    """A per-layer map of children: one row per child, one column per layer, attention above FFN.
+
+    Args:
+        choices: child name -> its blocks (BlockConfig or block ids), all of the same depth.
+        parent_block: the parent's block (sets the darkest shade); default the largest sizes seen.
+        path: the PNG to write.
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        ValueError: no children, or children of different depths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    blocks = {n: [b if isinstance(b, BlockConfig) else BlockConfig.from_id(b) for b in bs] for n, bs in choices.items()}
+    if not blocks or len({len(bs) for bs in blocks.values()}) != 1:
+        raise ValueError("architecture_map needs at least one child, all of the same depth")
+    all_blocks = [b for bs in blocks.values() for b in bs]
+    if parent_block is not None:
+        kv, width = parent_block.attention.num_kv_heads, parent_block.ffn.intermediate_size
+    else:
+        kv = max((b.attention.num_kv_heads or 0 for b in all_blocks), default=0) or None
+        width = max((b.ffn.intermediate_size or 0 for b in all_blocks), default=0) or None
+    depth, names = len(next(iter(blocks.values()))), list(blocks)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.24 * depth + 2.5), 0.55 * len(names) + 1.6), dpi=120)
+    for r, name in enumerate(names):
+        y0 = len(names) - 1 - r
+        for i, b in enumerate(blocks[name]):
+            ax.add_patch(Rectangle((i, y0 + 0.5), 0.95, 0.42, color=_cell_color(b.attention, kv)))
+            ax.add_patch(Rectangle((i, y0 + 0.05), 0.95, 0.42, color=_cell_color(b.ffn, width)))
+    ax.set_xlim(0, depth)
+    ax.set_ylim(0, len(names))
+    ax.set_yticks([len(names) - 1 - r + 0.5 for r in range(len(names))], names, fontsize=8)
+    step = 1 if depth <= 32 else 5
+    ax.set_xticks([i + 0.47 for i in range(0, depth, step)], [str(i) for i in range(0, depth, step)], fontsize=7)
+    ax.set_xlabel("layer (each cell: attention above, FFN below)", fontsize=8)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    kinds = sorted({b.attention.id for b in all_blocks} | {b.ffn.id for b in all_blocks}, key=_legend_order)
+    handles = []
+    for vid in kinds:
+        from .architecture import AttentionConfig, FFNConfig
+
+        v = AttentionConfig.from_id(vid) if vid.startswith("attn-") else FFNConfig.from_id(vid)
+        handles.append(Patch(color=_cell_color(v, kv if vid.startswith("attn-") else width), label=vid))
+    ax.legend(handles=handles, fontsize=7, ncol=min(len(handles), 5), loc="upper center",
+              bbox_to_anchor=(0.5, -0.18 if len(names) > 2 else -0.35), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _legend_order(vid: str):
+    kind = 0 if vid.startswith("attn-") else 1
+    tail = vid.split("-", 1)[1]
+    size = int("".join(ch for ch in tail if ch.isdigit()) or 0)
+    return (kind, -size if size else (1 if "linear" in tail else 2) * 10**9)
+
+
+def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "mip", y: str = "kl_nats") -> pd.DataFrame:
+    """Our `y` divided by each baseline's at matched measured speed-up (linear interpolation).
+
+    Each (method, training) front is the parent (speed-up 1, y 0) plus its measured points, sorted
+    by speed-up and made monotone (the best y reached at or above each speed-up); its y at speed-up
+    s is interpolated linearly between neighbours. A method is compared at s only where its points
+    reach s (no extrapolation).
+
+    Returns:
+        One row per (speedup, method, training) with ours_<y>, baseline_<y> and ratio.
+    """
+    def curve(part):
+        pts = sorted(zip(part["speedup"], part[y]))
+        pts = [(1.0, 0.0)] + [p for p in pts if p[0] > 1.0]
+        best, out = math.inf, []
+        for s, v in reversed(pts):  # the best y at or above each speed-up
+            best = min(best, v)
+            out.append((s, best))
+        return out[::-1]
+
+    def at(points, s):
+        if not points or points[-1][0] < s:
+            return math.nan
+        for (s0, v0), (s1, v1) in zip(points, points[1:]):
+            if s0 <= s <= s1:
+                return v0 + (v1 - v0) * (s - s0) / (s1 - s0) if s1 > s0 else min(v0, v1)
+        return points[-1][1]
+
+    body = rows[rows["method"] != "parent"]
+    mine = curve(body[body["method"] == ours])
+    out = []
+    for (method, training), part in body[body["method"] != ours].groupby(["method", "training"], sort=False):
+        theirs = curve(part)
+        for s in speedups:
+            a, b = at(mine, s), at(theirs, s)
+            out.append({"speedup": s, "method": method, "training": training, f"ours_{y}": a, f"baseline_{y}": b,
+                        "ratio": a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan})
+    return pd.DataFrame(out)
+
+
+def front_rows(run_dir: str | Path) -> pd.DataFrame:
+    """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
+
+    Reads DIR/front.csv (the pipeline's children: method "mip", training "bld"), DIR/front_rows/*.json
+    and DIR/baselines/rows/*.json (written by `baselines.realize_all`: our diverse and refined
+    children, the baselines), whichever exist. A model listed twice keeps its first row. Speed-ups
+    are measured against the parent in the same session; throughput_tok_s is rescaled to the
+    parent's throughput of the first source, so all rows share one axis.
+
+    Returns:
+        DataFrame with name, method, training, speedup, throughput_tok_s, kl_nats, predicted_kl_nats,
+        lm_loss, params, source (the file it came from); parent first.
+
+    Raises:
+        FileNotFoundError: the directory holds none of these files.
+    """
+    import json
+
+    run_dir = Path(run_dir)
+    parts = []
+    if (run_dir / "front.csv").is_file():
+        df = pd.read_csv(run_dir / "front.csv")
+        df["method"] = ["parent" if n == "parent" else "mip" for n in df["name"]]
+        df["training"] = ["none" if n == "parent" else "bld" for n in df["name"]]
+        parts.append(df.assign(source="front.csv"))
+    for sub in ("front_rows", "baselines/rows"):
+        files = sorted((run_dir / sub).glob("*.json")) if (run_dir / sub).is_dir() else []
+        if files:
+            parts.append(pd.DataFrame([json.loads(p.read_text()) for p in files]).assign(source=sub))
+    if not parts:
+        raise FileNotFoundError(f"{run_dir} has no front.csv, front_rows/ or baselines/rows/: run `puzzle front` first")
+    scaled = []
+    reference = None
+    for part in parts:
+        parent = part[part["name"] == "parent"]
+        if reference is None and len(parent):
+            reference = float(parent["throughput_tok_s"].iloc[0])
+        if reference is not None and len(parent):
+            part = part.assign(throughput_tok_s=reference * part["speedup"])
+        scaled.append(part)
+    rows = pd.concat(scaled, ignore_index=True).drop_duplicates("name")
+    columns = ["name", "method", "training", "speedup", "throughput_tok_s", "kl_nats", "predicted_kl_nats", "lm_loss",
+               "params", "source"]
+    rows = rows.reindex(columns=columns)
+    order = rows["name"].ne("parent")
+    return rows.assign(_o=order).sort_values(["_o", "method", "training", "speedup"], kind="stable").drop(columns="_o") \
+        .reset_index(drop=True)
+
+
+def write_front_all(run_dir: str | Path, title: str | None = None) -> pd.DataFrame:
+    """DIR/front_all.csv and DIR/front_all.png: every realized model of the run (our children and,
+    where `puzzle baselines` / `puzzle refine` ran, theirs), measured throughput vs evaluation KL.
+
+    Returns the rows (`front_rows`). Raises FileNotFoundError when the run has no front yet.
+    """
+    from .io import atomic_write_text
+
+    run_dir = Path(run_dir)
+    rows = front_rows(run_dir)
+    atomic_write_text(run_dir / "front_all.csv", rows.to_csv(index=False))
+    front_plot(rows, run_dir / "front_all.png", title=title or f"front of {run_dir.name}: our children and baselines",
+               xlabel="measured throughput (generated tokens/s at the run's workload)")
+    return rows

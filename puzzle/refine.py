@@ -1,0 +1,360 @@
+"""Quality is not additive: choose children by their realized quality, and re-score in the child's context.
+
+The MIP minimises the *summed* replace-1-block KL, each candidate scored in the parent with only
+that one subblock swapped. Realized children lose more than that sum (removals compound; issue 5).
+Two steps search past the proxy, both choosing on the *scoring* split (never the evaluation split):
+
+1. k diverse solutions (`diverse_candidates`): the MIP's k best children that pairwise differ in at
+   least d layers (`search.solve(num_solutions=k, min_layers_differ=d)`), each realized; the one with
+   the lowest realized KL on the scoring split is kept.
+2. Refinement in context (`refine`): score every candidate subblock *in the current child* instead
+   of the parent — replace-1 relative to the child: KL(p_parent || p_child with one subblock of layer
+   i swapped), minus the child's own KL — and re-solve the MIP with these first-order deltas, inside
+   a trust region of at most r changed layers around the child (`search.solve(anchor=, max_changes=)`).
+   The k best re-solved children are realized; the best replaces the child if its realized KL on the
+   scoring split is lower. Repeat until it stops improving.
+
+In-context scores use the same scoring tokens and LM-head position stride as `puzzle score`; the
+child's residual stream is computed once per round and only layers from the swapped one onward are
+rerun (scoring/quality.py). Every step records what it predicted, what it realized, and its seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .architecture import BlockConfig
+from .budgets import Budgets
+from .errors import PuzzleError
+from .io import atomic_write_json, atomic_write_text
+
+_SELECTION_LOGP: dict = {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Realized KL on the scoring split (the selection set)
+
+
+def selection_ids(run, tokens: int | None = None) -> torch.Tensor:
+    """(N, T) int64: the first sequences of the scoring split, `tokens` in all (default 2048, capped)."""
+    ids = run.tokens.score
+    tokens = 2048 if tokens is None else tokens
+    return ids[:max(1, min(ids.shape[0], tokens // ids.shape[1]))]
+
+
+def selection_kl(run, model, tokens: int | None = None) -> float:
+    """KL(p_parent || p_model) in nats/token on the scoring split: what the steps here choose by."""
+    from .pipeline import fingerprint
+    from .scoring.quality import evaluate_model, parent_logprobs
+
+    ids = selection_ids(run, tokens)
+    key = (str(run.out), fingerprint(run.parent.model), tuple(ids.shape))
+    if key not in _SELECTION_LOGP:
+        _SELECTION_LOGP.clear()
+        _SELECTION_LOGP[key] = parent_logprobs(run.parent.model, ids, chunk=run.config.score.chunk)
+    return float(evaluate_model(model, ids, _SELECTION_LOGP[key], chunk=run.config.score.chunk)["kl_nats"])
+
+
+def realize_blocks(run, blocks, stage: str = "bld"):
+    from .realize import realize_child
+
+    return realize_child(run.parent.model, run.library, blocks, stage)
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 1: k diverse solutions, realized, the best by realized KL kept
+
+
+def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, min_layers_differ: int = 2,
+                       stage: str = "bld", objective: str = "kl_nats", tokens: int | None = None) -> pd.DataFrame:
+    """The MIP's k best mutually diverse children under `budgets`, each realized and scored.
+
+    Returns:
+        One row per solution, MIP order (rank 0 is the plain MIP choice): rank, predicted_kl_nats
+        (summed replace-1 KL), score_kl_nats (realized, scoring split), predicted_speedup,
+        solve_s, realize_s, choice (tuple of block ids); `attrs["best"]` is the row index with the
+        lowest score_kl_nats.
+    """
+    from .search import solve
+
+    t0 = time.perf_counter()
+    solutions = solve(table, budgets, objective, num_solutions=k, min_layers_differ=min_layers_differ)
+    solve_s = time.perf_counter() - t0
+    rows = []
+    for rank, s in enumerate(solutions):
+        t1 = time.perf_counter()
+        kl = selection_kl(run, realize_blocks(run, s.blocks, stage), tokens)
+        rows.append({"rank": rank, "predicted_kl_nats": s.kl_nats, "score_kl_nats": kl, "predicted_speedup": s.speedup,
+                     "solve_s": solve_s if rank == 0 else 0.0, "realize_s": time.perf_counter() - t1,
+                     "choice": s.choice})
+    df = pd.DataFrame(rows)
+    df.attrs["best"] = int(df["score_kl_nats"].idxmin())
+    return df
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 2: replace-1 in the context of the current child, and the refinement loop
+
+
+def _subblock(run, layer: int, subblock: str, variant, stage: str):
+    """The (layer, variant) subblock as an attention-only / FFN-only DecoderBlock (None for no_op)."""
+    from .init import attention_subblock, ffn_subblock
+    from .realize import ATTN_PREFIXES, FFN_PREFIXES
+
+    if variant.kind == "no_op":
+        return None
+    cfg = run.parent.config
+    parent_block = cfg.blocks[layer]
+    if subblock == "attention":
+        sub, prefixes = attention_subblock(cfg, variant, layer), ATTN_PREFIXES
+        is_parent = variant == parent_block.attention
+    else:
+        sub, prefixes, is_parent = ffn_subblock(cfg, variant, layer), FFN_PREFIXES, variant == parent_block.ffn
+    if is_parent:
+        state = {k: v for k, v in run.parent.model.model.layers[layer].state_dict().items() if k.startswith(prefixes)}
+    else:
+        state = run.library.load(layer, variant.id, stage)
+    sub.load_state_dict(state, strict=True)
+    return sub.to(next(run.parent.model.parameters()).dtype).eval()
+
+
+@torch.no_grad()
+def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
+                  progress: bool = False) -> tuple[pd.DataFrame, float]:
+    """The score table re-scored in the context of the child `blocks` (replace-1 relative to the child).
+
+    For every attention and FFN row of every layer: d = KL(parent || child with that subblock in
+    that layer) − KL(parent || child), on the run's scoring tokens (d = 0 for the child's own
+    subblocks). The returned table keeps every cost column of `table` and sets
+        context_kl_nats = d,   kl_nats = d − d(parent's variant of that layer and subblock)
+    (the parent's rows at 0, as `search` expects; per layer a constant shift, so the MIP's optimum is
+    unchanged), and likewise context_lm_loss / lm_loss. Block (coupled) rows are not supported.
+
+    Returns:
+        (table, KL of the child itself in nats/token on those tokens).
+
+    Raises:
+        PuzzleError: a coupled score table, or a child layer whose variant the table lacks.
+    """
+    from .scoring.quality import parent_cache, replace_one_score, token_metrics
+
+    if (table["subblock"] == "block").any():
+        raise PuzzleError("in-context re-scoring needs a decoupled score table (attention and ffn rows)")
+    cfg = run.config.score
+    ids = run.tokens.score
+    ids = ids[:max(1, min(ids.shape[0], cfg.tokens // ids.shape[1]))]
+    child = realize_blocks(run, blocks, stage)
+    cache = parent_cache(child, ids, chunk=cfg.chunk, stride=cfg.position_stride)  # the child's activations
+    ref = parent_cache(run.parent.model, ids, chunk=cfg.chunk, stride=cfg.position_stride)
+    cache = dataclasses.replace(cache, logp=ref.logp, lm_loss=ref.lm_loss)  # KL to the parent, not to the child
+    from .scoring.quality import next_token_targets
+
+    targets = next_token_targets(ids)[:, cache.positions]
+    sums = token_metrics(child.head(cache.h[-1][:, cache.positions]), cache.logp, targets)
+    base_kl, base_loss = sums["kl_nats"] / sums["tokens"], sums["lm_loss"] / max(1, sums["lm_tokens"])
+    out = table.copy()
+    out["context_kl_nats"], out["context_lm_loss"] = 0.0, 0.0
+    body = out.index[out["subblock"].isin(["attention", "ffn"])]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(body), desc="in-context scores", unit="cand")
+    for label in body:
+        row = out.loc[label]
+        layer, subblock = int(row["layer"]), str(row["subblock"])
+        current = blocks[layer].attention if subblock == "attention" else blocks[layer].ffn
+        if row["variant"] != current.id:
+            variant = type(current).from_id(row["variant"])
+            m = replace_one_score(child, cache, layer, subblock, _subblock(run, layer, subblock, variant, stage),
+                                  chunk=cfg.chunk)
+            out.loc[label, ["context_kl_nats", "context_lm_loss"]] = [m["kl_nats"] - base_kl, m["lm_loss"] - base_loss]
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    is_parent = out["is_parent"].astype(str).str.lower().isin(["true", "1"]) & out.index.isin(body)
+    ref_rows = out[is_parent].set_index(["layer", "subblock"])
+    for col, ctx in (("kl_nats", "context_kl_nats"), ("lm_loss", "context_lm_loss")):
+        shift = out.loc[body].apply(lambda r: ref_rows.loc[(r["layer"], r["subblock"]), ctx], axis=1)
+        out.loc[body, col] = out.loc[body, ctx] - shift
+    out.loc[~out.index.isin(body), "lm_loss"] = np.nan
+    for col in ("top1_agree", "cosine"):
+        if col in out.columns:
+            out[col] = np.nan
+    return out, float(base_kl)
+
+
+def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max_changes: int = 6,
+           max_rounds: int = 5, min_gain: float = 1e-3, stage: str = "bld", tokens: int | None = None,
+           progress: bool = False) -> pd.DataFrame:
+    """Improve the child `start` by rounds of in-context re-scoring and re-solving (module docstring).
+
+    Each round: `context_table` for the current child; the k best children within `max_changes`
+    layers of it under `budgets` (the current child itself excluded); each realized and scored on
+    the scoring split; the best is accepted if it lowers the realized KL by more than `min_gain`
+    nats, else the loop stops.
+
+    Returns:
+        One row per candidate tried, plus round 0 (the start): round, accepted, predicted_kl_nats
+        (in-context first-order prediction; the start's is its realized KL), score_kl_nats,
+        changed_layers, context_s (re-scoring), solve_s, realize_s, choice. attrs["best"] is the
+        choice kept.
+    """
+    from .search import solve
+
+    current = tuple(b if isinstance(b, BlockConfig) else BlockConfig.from_id(b) for b in start)
+    t0 = time.perf_counter()
+    current_kl = selection_kl(run, realize_blocks(run, current, stage), tokens)
+    rows = [{"round": 0, "accepted": True, "predicted_kl_nats": current_kl, "score_kl_nats": current_kl,
+             "changed_layers": 0, "context_s": 0.0, "solve_s": 0.0, "realize_s": time.perf_counter() - t0,
+             "choice": tuple(b.id for b in current)}]
+    for r in range(1, max_rounds + 1):
+        t0 = time.perf_counter()
+        ctx, child_kl = context_table(run, current, table, stage, progress)
+        context_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            solutions = solve(ctx, budgets, "kl_nats", num_solutions=k + 1, anchor=current, max_changes=max_changes)
+        except PuzzleError:
+            break
+        solve_s = time.perf_counter() - t0
+        tried = []
+        for s in solutions:
+            if s.choice == tuple(b.id for b in current):
+                continue
+            t1 = time.perf_counter()
+            predicted = child_kl + float(ctx.loc[[lab for rows_ in s.rows for lab in rows_], "context_kl_nats"].sum())
+            kl = selection_kl(run, realize_blocks(run, s.blocks, stage), tokens)
+            tried.append({"round": r, "accepted": False, "predicted_kl_nats": predicted, "score_kl_nats": kl,
+                          "changed_layers": sum(a != b for a, b in zip(s.blocks, current)), "context_s": context_s,
+                          "solve_s": solve_s, "realize_s": time.perf_counter() - t1, "choice": s.choice})
+            context_s = solve_s = 0.0  # counted once per round
+            if len(tried) == k:
+                break
+        if not tried:
+            break
+        best = min(range(len(tried)), key=lambda j: tried[j]["score_kl_nats"])
+        improved = tried[best]["score_kl_nats"] < current_kl - min_gain
+        tried[best]["accepted"] = improved
+        rows.extend(tried)
+        if not improved:
+            break
+        current, current_kl = tuple(BlockConfig.from_id(b) for b in tried[best]["choice"]), tried[best]["score_kl_nats"]
+    df = pd.DataFrame(rows)
+    df.attrs["best"] = tuple(b.id for b in current)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------
+# Both steps for one searched child, with records the pipeline can realize and export
+
+
+def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str) -> dict:
+    """A DIR/search/<name>.json record for a given architecture: predicted totals from the score table."""
+    from .pipeline import load_score_table
+    from .search import anchor_slots, build_choices, parent_totals
+
+    table, _ = load_score_table(run, stage)
+    choices = build_choices(table)
+    totals = choices.totals(anchor_slots(choices, list(choice)))
+    parent = parent_totals(table)
+    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    return {"name": name, "library_stage": stage, "method": method, "choice": list(choice),
+            **{c: clean(v) for c, v in totals.items()}, "speedup": parent["runtime_ms"] / totals["runtime_ms"],
+            "budgets": budgets.to_dict(), "parent": {c: clean(v) for c, v in parent.items()}}
+
+
+def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
+                  max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None) -> pd.DataFrame:
+    """Plain MIP → best of k diverse → refined in context, for the searched child `name`.
+
+    Writes DIR/search/<name>-diverse.json and <name>-refined.json (realizable and exportable like
+    any searched child) and DIR/refine/<name>.csv (every candidate tried, with its step).
+
+    Returns:
+        Per step (plain, diverse, refined): name, predicted_kl_nats (summed replace-1), score_kl_nats,
+        kl_nats (evaluation split; reported, never used to choose), gain over the plain choice on
+        both splits, seconds spent by the step, changed layers vs the plain choice.
+    """
+    from .pipeline import evaluate, load_score_table, read_architecture
+
+    record = read_architecture(run, name)
+    stage = record.get("library_stage", "bld")
+    budgets = Budgets.from_dict(record["budgets"])
+    table, _ = load_score_table(run, stage)
+    t0 = time.perf_counter()
+    diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective, tokens)
+    diverse_s = time.perf_counter() - t0
+    best = diverse.loc[diverse.attrs["best"], "choice"]
+    t0 = time.perf_counter()
+    history = refine(run, table, budgets, best, k=refine_k, max_changes=max_changes, max_rounds=max_rounds, stage=stage,
+                     tokens=tokens, progress=run.progress)
+    refine_s = time.perf_counter() - t0
+    log = pd.concat([diverse.assign(step="diverse"), history.assign(step="refine")], ignore_index=True)
+    (run.out / "refine").mkdir(parents=True, exist_ok=True)
+    log = log.assign(choice=log["choice"].map(" ".join))
+    atomic_write_text(run.out / "refine" / f"{name}.csv", log.to_csv(index=False))
+    steps = [("plain", name, tuple(record["choice"]), 0.0),
+             ("diverse", f"{name}-diverse", tuple(best), diverse_s),
+             ("refined", f"{name}-refined", tuple(history.attrs["best"]), refine_s)]
+    out = []
+    for step, child_name, choice, seconds in steps:
+        rec = record if step == "plain" else record_for(run, child_name, choice, stage, budgets, f"mip-{step}")
+        if step != "plain":
+            atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
+        model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage)
+        out.append({"step": step, "name": child_name, "predicted_kl_nats": rec["kl_nats"],
+                    "score_kl_nats": selection_kl(run, model, tokens),
+                    "kl_nats": evaluate(run, model, child_name)["kl_nats"],
+                    "predicted_speedup": rec["speedup"], "seconds": seconds,
+                    "changed_layers": sum(a != b for a, b in zip(choice, record["choice"]))})
+    df = pd.DataFrame(out)
+    for col in ("score_kl_nats", "kl_nats"):
+        df[f"gain_{col}"] = df[col].iloc[0] - df[col]
+    atomic_write_text(run.out / "refine" / f"{name}.summary.csv", df.to_csv(index=False))
+    return df
+
+
+# ------------------------------------------------------------------------------------------------
+# `puzzle refine --out DIR --name NAME`
+
+
+def add_refine_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `puzzle refine`: k diverse solutions and in-context refinement for one searched child."""
+    p = subparsers.add_parser("refine", help="choose among k diverse MIP solutions by realized KL on the scoring "
+                                             "split, then refine in the child's context until it stops improving")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
+    p.add_argument("--name", required=True, help="searched child to improve (DIR/search/<name>.json)")
+    p.add_argument("--k", type=int, default=8, help="diverse MIP solutions to realize (default 8)")
+    p.add_argument("--min-layers-differ", type=int, default=2, help="layers each diverse solution changes (default 2)")
+    p.add_argument("--refine-k", type=int, default=4, help="children realized per refinement round (default 4)")
+    p.add_argument("--max-changes", type=int, default=6, help="trust region: layers a round may change (default 6)")
+    p.add_argument("--rounds", type=int, default=4, help="most refinement rounds (default 4)")
+    p.add_argument("--select-tokens", type=int, default=None, help="scoring-split tokens to choose by (default 2048)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=refine_main)
+    return p
+
+
+def refine_main(args) -> int:
+    """Run `improve_child` and print its step table."""
+    from .baselines import open_run
+
+    for flag in ("k", "refine_k", "rounds", "min_layers_differ"):
+        if getattr(args, flag) < 1:
+            raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    run = open_run(args.out, progress=not args.no_progress)
+    df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
+                       max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0

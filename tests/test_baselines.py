@@ -1,0 +1,132 @@
+"""Baselines: block influence, removal orders, budgets met, realized and measured rows, plots of the front."""
+
+import argparse
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.baselines import (CostModel, LibraryChain, add_baselines_parser, attention_removal, baselines_main,
+                              block_influence, fewest_removals, layer_removal, plan_baselines, realize_all, uniform_width)
+from puzzle.errors import PuzzleError
+from puzzle.library import Library
+from puzzle.plots import architecture_map, front_plot, matched_ratios
+from puzzle.tiny import tiny_parent
+
+
+def tiny_run_dir(tmp_path_factory):
+    """A tiny run after data, BLD, scoring and search, shared by the issue-5 test files of one session."""
+    from puzzle.config import load_preset
+    from puzzle.pipeline import Run, stage_bld, stage_data, stage_score, stage_search
+
+    root = tmp_path_factory.getbasetemp() / "issue5-tiny-run"
+    if not (root / "search" / "chosen.json").is_file():
+        config = load_preset("tiny").replace(space={"ffn_fractions": (0.5,)}, bld={"tokens": 512},
+                                             score={"tokens": 128, "cost_repeats": 1},
+                                             search={"front_speedups": (1.25, 1.5)})
+        run = Run(root, config, progress=False)
+        stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
+    return root
+
+
+def test_block_influence_ranks_a_layer_that_changes_nothing_first():
+    model = tiny_parent().model
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()  # layer 2 adds nothing to the residual stream
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    ids = torch.randint(3, 200, (3, 16))
+    bi = block_influence(model, ids, chunk=2)
+    assert list(bi.columns) == ["layer", "layer_bi", "attention_bi", "ffn_bi"] and len(bi) == 4
+    assert bi.loc[2, ["layer_bi", "attention_bi", "ffn_bi"]].abs().max() < 1e-6
+    assert bi.sort_values("layer_bi")["layer"].iloc[0] == 2 and (bi.drop(index=2)["layer_bi"] > 1e-6).all()
+    assert ((bi[["layer_bi", "attention_bi"]] >= -1e-6) & (bi[["layer_bi", "attention_bi"]] <= 2)).all().all()
+
+
+def test_removal_and_uniform_blocks_and_the_fewest_removals_meeting_a_budget():
+    parent = tiny_parent().config
+    gqa, noop = parent.parent_block.attention, AttentionConfig("no_op")
+    assert layer_removal(parent, [3, 1, 0, 2], 2) == (parent.parent_block, BlockConfig(noop, FFNConfig("no_op")),
+                                                       parent.parent_block, BlockConfig(noop, FFNConfig("no_op")))
+    assert [b.attention for b in attention_removal(parent, [2, 0], 1)] == [gqa, gqa, noop, gqa]
+    assert set(uniform_width(parent, 64, 1)) == {BlockConfig(AttentionConfig("gqa", 1), FFNConfig("swiglu", 64))}
+    costs = pd.DataFrame({"subblock": ["attention", "ffn"], "variant": [gqa.id, parent.parent_block.ffn.id],
+                          "runtime_ms": [3.0, 7.0]})
+    cost = CostModel(costs, non_block_runtime_ms=2.0)
+    assert cost.runtime_ms(parent.blocks) == pytest.approx(42.0)
+    order = [3, 1, 0, 2]
+    assert fewest_removals(order, lambda o, n: layer_removal(parent, o, n), cost, 42.0 / 1.5) == 2  # 22 <= 28 < 32
+    assert fewest_removals(order, lambda o, n: attention_removal(parent, o, n), cost, 42.0 / 1.5) is None  # 30 > 28
+    with pytest.raises(PuzzleError, match="no measured cost"):
+        cost.runtime_ms(uniform_width(parent, 64, 1))
+
+
+def test_library_chain_prefers_the_first_library_that_has_the_entry(tmp_path):
+    a, b = Library(tmp_path / "a"), Library(tmp_path / "b")
+    a.save(0, "ffn", "ffn-8", "bld", {"w": torch.zeros(2)}, {})
+    b.save(0, "ffn", "ffn-8", "bld", {"w": torch.ones(2)}, {})
+    b.save(1, "ffn", "ffn-8", "bld", {"w": torch.ones(3)}, {})
+    chain = LibraryChain(a, b)
+    assert chain.load(0, "ffn-8", "bld")["w"].sum() == 0 and chain.load(1, "ffn-8", "bld")["w"].numel() == 3
+    with pytest.raises(PuzzleError, match="missing"):
+        chain.load(2, "ffn-8", "bld")
+
+
+def test_plan_meets_every_budget_and_realized_rows_are_measured(tmp_path_factory):
+    from puzzle.baselines import baseline_library, open_run
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    plan = plan_baselines(run, (1.25, 1.5), influence_tokens=256)
+    methods = {(c.method, c.training) for c in plan}
+    assert {("greedy", "bld"), ("greedy", "init"), ("layer_removal", "none"), ("attention_removal", "none")} <= methods
+    for c in plan:
+        assert c.predicted_speedup >= c.target_speedup * (1 - 1e-9), c.name
+    layers = next(c for c in plan if c.method == "layer_removal" and c.target_speedup == 1.5)
+    uniform = [c for c in plan if c.method == "uniform_width" and c.training == "bld"]
+    library = baseline_library(run, [c.blocks for c in uniform[:1]])
+    picked = [layers] + uniform[:1]
+    table = realize_all(run, picked, library, export=True, rows_dir=run.out / "test_rows")
+    assert list(table["name"]) == ["parent"] + [c.name for c in picked]
+    assert table["speedup"].iloc[0] == 1.0 and (table["speedup"] > 0).all() and (table["kl_nats"].iloc[1:] > 0).all()
+    assert (run.out / "export" / layers.name / "config.json").is_file()
+    again = realize_all(run, picked, library, export=False, rows_dir=run.out / "test_rows")  # reused, not remeasured
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_matched_ratios_interpolate_and_never_extrapolate():
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0},
+        {"name": "a", "method": "mip", "training": "bld", "speedup": 1.5, "kl_nats": 0.3},
+        {"name": "b", "method": "mip", "training": "bld", "speedup": 2.0, "kl_nats": 0.6},
+        {"name": "c", "method": "layer_removal", "training": "none", "speedup": 1.4, "kl_nats": 0.8},
+        {"name": "d", "method": "layer_removal", "training": "none", "speedup": 1.6, "kl_nats": 1.2},
+    ])
+    r = matched_ratios(rows, (1.25, 1.5, 2.0)).set_index("speedup")
+    assert r.loc[1.5, "baseline_kl_nats"] == pytest.approx(1.0) and r.loc[1.5, "ratio"] == pytest.approx(0.3)
+    assert r.loc[1.25, "ours_kl_nats"] == pytest.approx(0.15) and r.loc[1.25, "baseline_kl_nats"] == pytest.approx(0.8 * 0.25 / 0.4)
+    assert math.isnan(r.loc[2.0, "ratio"])  # the baseline never reaches 2x
+
+
+def test_front_plot_and_architecture_map_write_pngs(tmp_path):
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "throughput_tok_s": 10.0, "kl_nats": 0.0},
+        {"name": "a", "method": "mip", "training": "bld", "throughput_tok_s": 15.0, "kl_nats": 0.3},
+        {"name": "b", "method": "uniform_width", "training": "init", "throughput_tok_s": 14.0, "kl_nats": 0.9},
+        {"name": "c", "method": "uniform_width", "training": "bld", "throughput_tok_s": 14.0, "kl_nats": 0.7},
+    ])
+    assert front_plot(rows, tmp_path / "front.png").stat().st_size > 10_000
+    parent = tiny_parent().config
+    choices = {"a": parent.blocks, "b": attention_removal(parent, [0, 1], 2), "c": [b.id for b in uniform_width(parent, 64, 1)]}
+    assert architecture_map(choices, tmp_path / "arch.png", parent_block=parent.parent_block).stat().st_size > 5_000
+    with pytest.raises(ValueError, match="same depth"):
+        architecture_map({"a": parent.blocks, "b": parent.blocks[:2]}, tmp_path / "bad.png")
+
+
+def test_baselines_command_parses_and_refuses_bad_speedups(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_baselines_parser(parser.add_subparsers())
+    args = parser.parse_args(["baselines", "--out", str(tmp_path), "--speedups", "1.5,two"])
+    assert args.func is baselines_main
+    with pytest.raises(PuzzleError, match="--speedups"):
+        args.func(args)

@@ -1,0 +1,111 @@
+"""FFN Fusion: the fused wide FFN is exactly the sum of the per-layer FFNs on one input; fused models run."""
+
+import pytest
+import torch
+
+from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.errors import PuzzleError
+from puzzle.fusion import FusedFFNBlock, ffn_runs, fuse_ffn_runs, fuse_layers, to_plain_model
+from puzzle.modeling import PuzzleForCausalLM
+
+KV, NOOP, LIN = AttentionConfig("gqa", 2), AttentionConfig("no_op"), AttentionConfig("linear")
+
+
+def ffn(width):
+    return FFNConfig("swiglu", width) if isinstance(width, int) else FFNConfig(width)
+
+
+def make_model(blocks, seed=0, bias=False):
+    config = ModelConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         intermediate_size=48, blocks=tuple(BlockConfig(a, ffn(f)) for a, f in blocks),
+                         tie_word_embeddings=True, mlp_bias=bias)
+    torch.manual_seed(seed)
+    model = PuzzleForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(torch.rand_like(p) + 0.5)  # non-trivial norm weights: folding must be exercised
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_wide_swiglu_equals_the_sum_of_the_layer_ffns_on_one_input(bias):
+    model = make_model([(NOOP, 48), (NOOP, 16), (NOOP, "no_op"), (NOOP, 32)], bias=bias)
+    layers = list(model.model.layers)
+    fused = fuse_layers(model.config, layers)
+    assert fused.mlp.gate_proj.out_features == 48 + 16 + 32 and fused.extra_linear is None
+    h = torch.randn(3, 7, 32)  # (B, T, C)
+    with torch.no_grad():
+        expected = h + sum(layer.ffn_delta(h) for layer in layers)  # parallel: every FFN reads h
+        torch.testing.assert_close(fused(h), expected, atol=1e-5, rtol=1e-5)
+        sequential = model.run_layers(h, None, None)
+    assert (fused(h) - sequential).abs().max() > 1e-4  # the parallel form is an approximation of the sequence
+
+
+def test_linear_ffns_fold_and_sum_beside_the_wide_swiglu():
+    model = make_model([(KV, 48), (NOOP, "linear"), (NOOP, 16), (NOOP, "linear")])
+    layers = list(model.model.layers)
+    fused = fuse_layers(model.config, layers)
+    assert fused.extra_linear is not None and fused.block_config() is None
+    h = torch.randn(2, 5, 32)
+    cos, sin = model.rope(model.positions((2, 5), 0, "cpu"), h.dtype)
+    with torch.no_grad():
+        mid = h + layers[0].attention_delta(h, cos, sin)
+        expected = mid + sum(layer.ffn_delta(mid) for layer in layers)
+        torch.testing.assert_close(fused(h, cos, sin), expected, atol=1e-5, rtol=1e-5)
+    only_linear = fuse_layers(model.config, [layers[1], layers[3]])
+    assert only_linear.block_config() == BlockConfig(NOOP, FFNConfig("linear"))
+    with pytest.raises(PuzzleError, match="have attention"):
+        fuse_layers(model.config, [layers[1], layers[0]])
+
+
+def test_runs_are_the_ffns_with_no_attention_between_them():
+    blocks = [(KV, 48), (NOOP, 32), (NOOP, 16), (KV, 48), (NOOP, "no_op"), (LIN, 48), (NOOP, 48), (NOOP, "linear")]
+    config = make_model(blocks).config
+    assert ffn_runs(config) == [(0, 3), (5, 8)]
+    assert ffn_runs(config, include_leading=False) == [(1, 3), (6, 8)]
+    assert ffn_runs(config, include_leading=False, min_ffns=3) == []
+
+
+def test_fused_model_decodes_like_its_full_forward_and_becomes_a_plain_shallower_model():
+    model = make_model([(KV, 48), (NOOP, 32), (NOOP, 16), (KV, 32), (NOOP, 48), (KV, 16)])
+    fused = fuse_ffn_runs(model)
+    assert [type(m).__name__ for m in fused.model.layers] == ["FusedFFNBlock", "FusedFFNBlock", "DecoderBlock"]
+    assert fused.num_parameters() < model.num_parameters()  # two norms per run folded away
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        logits = fused(ids)
+        out = fused.generate(ids[:, :5], max_new_tokens=4)  # KV cache laid out by the unfused config
+        step = fused(out[:, :-1])[:, 4:].argmax(-1)
+    assert torch.equal(out[:, 5:], step)
+    plain = to_plain_model(fused)
+    assert plain.config.num_hidden_layers == 3
+    assert plain.config.blocks[0] == BlockConfig(KV, FFNConfig("swiglu", 48 + 32 + 16))
+    torch.testing.assert_close(plain(ids), logits, atol=1e-5, rtol=1e-5)
+    assert model.model.layers[1].mlp is not None  # the original is untouched
+
+
+def test_mixed_runs_cannot_become_plain_blocks():
+    model = make_model([(KV, 48), (NOOP, "linear"), (KV, 48)])
+    fused = fuse_ffn_runs(model)
+    assert isinstance(fused.model.layers[0], FusedFFNBlock)
+    with pytest.raises(PuzzleError, match="mixes SwiGLU and linear"):
+        to_plain_model(fused)
+    with pytest.raises(PuzzleError, match="overlap"):
+        fuse_ffn_runs(model, runs=[(0, 2), (1, 3)])
+
+
+def test_local_distillation_brings_the_fused_block_closer_to_the_sequential_run():
+    from puzzle.fusion import distill_fused
+
+    model = make_model([(KV, 48), (NOOP, 48), (NOOP, 32), (KV, 16)], seed=3)
+    fused = fuse_ffn_runs(model, runs=[(1, 3)])
+    ids = torch.randint(3, 97, (36, 12))
+    before = [p.detach().clone() for p in fused.model.layers[1].parameters()]
+    (result,) = distill_fused(model, fused, ids, lr=1e-3, batch_size=4)
+    assert result["layers"] == [1, 2] and result["steps"] == 8
+    assert result["nmse_after"] < result["nmse_before"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, fused.model.layers[1].parameters()))
+    assert torch.equal(fused.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)

@@ -1,0 +1,47 @@
+"""The notebook under notebooks/ runs top to bottom on a tiny run directory and draws its figures."""
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "fronts.ipynb"
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+
+def tiny_run_dir(tmp_path_factory):
+    """A tiny run after data, BLD, scoring and search, shared by the issue-5 test files of one session."""
+    from puzzle.config import load_preset
+    from puzzle.pipeline import Run, stage_bld, stage_data, stage_score, stage_search
+
+    root = tmp_path_factory.getbasetemp() / "issue5-tiny-run"
+    if not (root / "search" / "chosen.json").is_file():
+        config = load_preset("tiny").replace(space={"ffn_fractions": (0.5,)}, bld={"tokens": 512},
+                                             score={"tokens": 128, "cost_repeats": 1},
+                                             search={"front_speedups": (1.25, 1.5)})
+        run = Run(root, config, progress=False)
+        stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
+    return root
+
+
+def test_notebook_draws_the_front_and_the_architecture_map(tmp_path_factory, monkeypatch):
+    from puzzle.baselines import open_run
+    from puzzle.io import read_json
+    from puzzle.pipeline import read_architecture, realize_and_measure, write_front
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    if not (run.out / "front.csv").is_file():
+        names = read_json(run.out / "search" / "chosen.json")["names"]
+        summary, _ = realize_and_measure(run, {n: read_architecture(run, n) for n in names})
+        write_front(run, summary, names[0])
+    monkeypatch.setenv("PUZZLE_RUN", str(run.out))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run.out)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the front and the architecture map
+    tables = [o["data"]["text/plain"] for o in outputs if "text/plain" in o.get("data", {})]
+    assert any("child-1.5x" in t for t in tables)

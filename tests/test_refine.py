@@ -1,0 +1,122 @@
+"""Non-additive quality: in-context replace-1 scores, k diverse solutions chosen by realized KL, refinement."""
+
+import argparse
+
+import pandas as pd
+import pytest
+import torch
+
+from puzzle.architecture import BlockConfig
+from puzzle.budgets import Budgets
+from puzzle.errors import PuzzleError
+from puzzle.refine import (add_refine_parser, context_table, diverse_candidates, improve_child, record_for, refine,
+                           refine_main)
+
+
+def tiny_run_dir(tmp_path_factory):
+    """A tiny run after data, BLD, scoring and search, shared by the issue-5 test files of one session."""
+    from puzzle.config import load_preset
+    from puzzle.pipeline import Run, stage_bld, stage_data, stage_score, stage_search
+
+    root = tmp_path_factory.getbasetemp() / "issue5-tiny-run"
+    if not (root / "search" / "chosen.json").is_file():
+        config = load_preset("tiny").replace(space={"ffn_fractions": (0.5,)}, bld={"tokens": 512},
+                                             score={"tokens": 128, "cost_repeats": 1},
+                                             search={"front_speedups": (1.25, 1.5)})
+        run = Run(root, config, progress=False)
+        stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from puzzle.baselines import open_run
+
+    return open_run(tiny_run_dir(tmp_path_factory), progress=False)
+
+
+@pytest.fixture(scope="module")
+def table(run):
+    from puzzle.pipeline import load_score_table
+
+    return load_score_table(run, "bld")[0]
+
+
+def _child(run):
+    from puzzle.pipeline import read_architecture
+
+    record = read_architecture(run, "child-1.5x")
+    return tuple(BlockConfig.from_id(b) for b in record["choice"]), Budgets.from_dict(record["budgets"])
+
+
+def test_in_the_parent_context_the_scores_are_the_replace_one_scores(run, table):
+    ctx, base = context_table(run, run.parent.config.blocks, table)
+    assert abs(base) < 1e-6
+    body = table["subblock"].isin(["attention", "ffn"]) & ~table["is_parent"].astype(bool)
+    torch.testing.assert_close(torch.tensor(ctx.loc[body, "context_kl_nats"].to_numpy()),
+                               torch.tensor(table.loc[body, "kl_nats"].to_numpy()), atol=2e-6, rtol=1e-4)
+    assert (ctx.loc[~body & (table["subblock"] != "non_block"), "kl_nats"] == 0).all()
+    pd.testing.assert_series_equal(ctx["runtime_ms"], table["runtime_ms"])  # costs untouched
+
+
+def test_in_context_delta_is_the_realized_kl_of_the_swapped_child(run, table):
+    from puzzle.refine import realize_blocks
+    from puzzle.scoring.quality import next_token_targets, parent_cache, scored_positions, token_metrics
+
+    blocks, _ = _child(run)
+    ctx, base = context_table(run, blocks, table)
+    layer = next(i for i, b in enumerate(blocks) if b.ffn != run.parent.config.blocks[i].ffn)
+    row = ctx[(ctx["layer"] == layer) & (ctx["subblock"] == "ffn") & (ctx["variant"] == run.parent.config.blocks[layer].ffn.id)]
+    swapped = list(blocks)
+    swapped[layer] = BlockConfig(blocks[layer].attention, run.parent.config.blocks[layer].ffn)
+    cfg = run.config.score
+    ids = run.tokens.score[:max(1, cfg.tokens // run.tokens.score.shape[1])]
+    pos = scored_positions(ids.shape[1], cfg.position_stride)
+    ref = parent_cache(run.parent.model, ids, stride=cfg.position_stride)
+    with torch.no_grad():
+        m = token_metrics(realize_blocks(run, swapped)(ids)[:, pos], ref.logp, next_token_targets(ids)[:, pos])
+    assert base + float(row["context_kl_nats"].iloc[0]) == pytest.approx(m["kl_nats"] / m["tokens"], rel=1e-4, abs=1e-7)
+    coupled = pd.concat([table, table.head(1).assign(subblock="block", variant=blocks[0].id)], ignore_index=True)
+    with pytest.raises(PuzzleError, match="decoupled"):
+        context_table(run, blocks, coupled)
+
+
+def test_diverse_candidates_start_with_the_plain_choice_and_keep_the_best_realized(run, table):
+    from puzzle.search import solve
+
+    _, budgets = _child(run)
+    df = diverse_candidates(run, table, budgets, k=3, min_layers_differ=1, tokens=128)
+    assert len(df) == 3 and df.loc[0, "choice"] == solve(table, budgets)[0].choice
+    assert df.attrs["best"] == int(df["score_kl_nats"].idxmin())
+    assert (df["predicted_kl_nats"].diff().dropna() >= -1e-12).all()  # the MIP's order
+
+
+def test_refinement_stays_in_its_trust_region_meets_the_budget_and_only_accepts_gains(run, table):
+    blocks, budgets = _child(run)
+    history = refine(run, table, budgets, blocks, k=2, max_changes=1, max_rounds=2, tokens=128)
+    assert history.loc[0, "round"] == 0 and (history.loc[1:, "changed_layers"] <= 1).all()
+    accepted = history[history["accepted"]]["score_kl_nats"].tolist()
+    assert all(b < a for a, b in zip(accepted, accepted[1:]))
+    final = record_for(run, "x", history.attrs["best"], "bld", budgets, "test")
+    assert final["runtime_ms"] <= budgets.max_runtime_ms * (1 + 1e-9)
+
+
+def test_improve_child_writes_records_the_pipeline_realizes(run):
+    from puzzle.pipeline import build_child, read_architecture
+
+    df = improve_child(run, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
+    assert list(df["step"]) == ["plain", "diverse", "refined"]
+    assert df["score_kl_nats"].iloc[1] <= df["score_kl_nats"].iloc[0] + 1e-12  # the diverse pick includes the plain one
+    assert df["score_kl_nats"].iloc[2] <= df["score_kl_nats"].iloc[1] + 1e-12
+    assert (run.out / "refine" / "child-1.5x.csv").is_file()
+    child = build_child(run, read_architecture(run, "child-1.5x-refined"))
+    assert [b.id for b in child.config.blocks] == read_architecture(run, "child-1.5x-refined")["choice"]
+
+
+def test_refine_command_parses_and_checks_its_flags(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_refine_parser(parser.add_subparsers())
+    args = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--k", "0"])
+    assert args.func is refine_main
+    with pytest.raises(PuzzleError, match="--k"):
+        args.func(args)
