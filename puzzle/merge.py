@@ -1,0 +1,207 @@
+"""Checkpoint merging: the weighted average of checkpoints of one architecture.
+
+Llama-Nemotron's released models are weight averages of checkpoints from different post-training
+runs (SFT and preference-optimized). The merged weight is θ = Σ_i w_i θ_i with Σ_i w_i = 1
+(weights are normalised; all must be positive), computed in fp32 and stored in the first
+checkpoint's dtype. Only checkpoints of the same architecture can be averaged: the same
+per-layer blocks (kind, KV heads, FFN width), sizes, vocabulary, RoPE and tying, and the same
+tensor names and shapes. Anything else is refused with a PuzzleError that names the first
+difference.
+
+Inputs are model folders that `puzzle.parent.load_parent` reads (HF Llama, nemotron-nas exports,
+GGUF) or bare state dicts (.safetensors / .pt files of tensors, e.g. a training checkpoint's
+weights), not both kinds mixed. Folders give an exported folder (`puzzle.export`), state dicts a
+.safetensors file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from .architecture import ModelConfig
+from .errors import PuzzleError
+from .modeling import PuzzleForCausalLM
+
+
+def normalized_weights(weights, n: int) -> list[float]:
+    """n weights summing to 1 (equal weights when None). Raises PuzzleError for a wrong count or a weight <= 0."""
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise PuzzleError(f"{len(weights)} weights for {n} checkpoints; give one weight per checkpoint")
+    if any(not w > 0 for w in weights):
+        raise PuzzleError(f"merge weights must be positive, got {weights}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def architecture_difference(a: ModelConfig, b: ModelConfig) -> str | None:
+    """The first difference that stops two configs from being averaged, in words, or None.
+
+    Provenance (`extra`) and token ids are ignored; everything that shapes a tensor or the
+    computation is compared.
+    """
+    if a.num_hidden_layers != b.num_hidden_layers:
+        return f"{a.num_hidden_layers} vs {b.num_hidden_layers} layers"
+    for i, (x, y) in enumerate(zip(a.blocks, b.blocks)):
+        if x != y:
+            return f"layer {i} is {x.id} in one and {y.id} in the other"
+    skip = {"blocks", "extra", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings"}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in skip and getattr(a, f.name) != getattr(b, f.name):
+            return f"{f.name} is {getattr(a, f.name)!r} in one and {getattr(b, f.name)!r} in the other"
+    return None
+
+
+def merge_state_dicts(state_dicts: list[dict], weights=None, names=None) -> dict[str, torch.Tensor]:
+    """Σ_i w_i · state_dicts[i], tensor by tensor, in fp32, cast to the first's dtypes.
+
+    Args:
+        state_dicts: name -> tensor maps with the same names and shapes.
+        weights: one positive weight per state dict (normalised to sum 1; default equal).
+        names: what to call each input in errors.
+
+    Raises:
+        PuzzleError: fewer than two inputs, different tensor names or shapes, non-float tensors
+            that differ (integer buffers must be equal to be kept).
+    """
+    if len(state_dicts) < 2:
+        raise PuzzleError("merging needs at least two checkpoints")
+    names = names or [f"checkpoint {i}" for i in range(len(state_dicts))]
+    w = normalized_weights(weights, len(state_dicts))
+    first = state_dicts[0]
+    for sd, name in zip(state_dicts[1:], names[1:]):
+        missing, extra = sorted(set(first) - set(sd)), sorted(set(sd) - set(first))
+        if missing or extra:
+            raise PuzzleError(f"{name} has other tensors than {names[0]} (missing {missing[:3]}, extra {extra[:3]}): "
+                              "not the same architecture, so its weights cannot be averaged")
+        for k, v in first.items():
+            if tuple(sd[k].shape) != tuple(v.shape):
+                raise PuzzleError(f"{k} is {tuple(v.shape)} in {names[0]} but {tuple(sd[k].shape)} in {name}: "
+                                  "not the same architecture, so its weights cannot be averaged")
+    out = {}
+    for k, v in first.items():
+        if not v.is_floating_point():
+            if any(not torch.equal(sd[k], v) for sd in state_dicts[1:]):
+                raise PuzzleError(f"non-float tensor {k} differs between checkpoints; it cannot be averaged")
+            out[k] = v.clone()
+            continue
+        acc = torch.zeros(v.shape, dtype=torch.float32)
+        for wi, sd in zip(w, state_dicts):
+            acc += wi * sd[k].float()
+        out[k] = acc.to(v.dtype)
+    return out
+
+
+def merge_models(models: list[PuzzleForCausalLM], weights=None, names=None) -> PuzzleForCausalLM:
+    """A new model whose weights are the weighted average of `models` (same architecture).
+
+    Raises:
+        PuzzleError: architectures differ (the message names the first difference), or see
+            `merge_state_dicts`.
+    """
+    names = names or [f"model {i}" for i in range(len(models))]
+    for m, name in zip(models[1:], names[1:]):
+        diff = architecture_difference(models[0].config, m.config)
+        if diff:
+            raise PuzzleError(f"{names[0]} and {name} have different architectures ({diff}); only checkpoints of "
+                              "the same architecture can be merged")
+    from .parent import model_from_state_dict
+
+    merged = merge_state_dicts([m.state_dict() for m in models], weights, names)
+    dtype = next(models[0].parameters()).dtype
+    return model_from_state_dict(models[0].config, merged, dtype, what="merged checkpoint", copy=False)
+
+
+def _is_state_dict_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in (".safetensors", ".pt", ".bin")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, or of a .pt/.bin file holding a dict of tensors (weights_only),
+    or the "model" entry of a training checkpoint (puzzle.train_utils)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any reader failure is a bad file for the user)
+        raise PuzzleError(f"{path} cannot be read as a state dict ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PuzzleError(f"{path} does not hold a dict of tensors")
+    return sd
+
+
+def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
+    """Merge model folders into an exported folder, or state-dict files into a .safetensors file.
+
+    Args:
+        paths: two or more model folders (load_parent) or two or more state-dict files.
+        dest: the folder (or .safetensors file) to write; replaced if it exists.
+        weights: positive weights, one per input (normalised; default equal).
+        dtype: for folders, the stored dtype (default: the first model's).
+
+    Returns:
+        The written path.
+
+    Raises:
+        PuzzleError: mixed input kinds, a missing path, different architectures.
+    """
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.exists():
+            raise PuzzleError(f"{p} does not exist")
+    kinds = {_is_state_dict_file(p) for p in paths}
+    if len(kinds) > 1:
+        raise PuzzleError("give only model folders or only state-dict files, not both")
+    dest = Path(dest)
+    if kinds == {True}:
+        from .io import atomic_save_safetensors
+
+        merged = merge_state_dicts([read_state_dict(p) for p in paths], weights, [str(p) for p in paths])
+        if dest.suffix != ".safetensors":
+            raise PuzzleError(f"state dicts merge into a .safetensors file; got --dest {dest}")
+        atomic_save_safetensors(merged, dest, metadata={"merged_from": [str(p) for p in paths],
+                                                        "weights": normalized_weights(weights, len(paths))})
+        return dest
+    from .export import export_checkpoint
+    from .parent import load_parent
+
+    loaded = [load_parent(p) for p in paths]
+    merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
+    export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,
+                      extra_info={"merge": {"inputs": [str(p) for p in paths],
+                                            "weights": normalized_weights(weights, len(paths))}})
+    return dest
+
+
+def cmd_merge(args) -> int:
+    dest = merge_checkpoints(args.checkpoints, args.dest, args.weights, args.dtype)
+    w = normalized_weights(args.weights, len(args.checkpoints))
+    print(f"merged {len(args.checkpoints)} checkpoints with weights {[round(x, 4) for x in w]} -> {dest}",
+          file=sys.stderr)
+    return 0
+
+
+def add_merge_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `puzzle merge` to an argparse subparsers object; func(args) returns an exit code."""
+    p = subparsers.add_parser("merge", help="weighted average of checkpoints of the same architecture",
+                              description="Average model folders (HF, nemotron-nas exports, GGUF) into an exported "
+                                          "folder, or state-dict files into a .safetensors file. Architectures must "
+                                          "match exactly.")
+    p.add_argument("checkpoints", nargs="+", help="two or more model folders, or two or more .safetensors/.pt files")
+    p.add_argument("--weights", nargs="+", type=float, help="one positive weight per checkpoint (normalised; default equal)")
+    p.add_argument("--dest", type=Path, required=True, help="folder to write (or a .safetensors file for state dicts)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored dtype (default: the first's)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=cmd_merge)
+    return p

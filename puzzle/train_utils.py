@@ -1,0 +1,451 @@
+"""What the training stages (GKD, SFT) share: processes, learning-rate schedule, data order, checkpoints.
+
+    DistEnv / init_distributed   rank and world size from torchrun's environment; gloo on CPU, NCCL on CUDA
+    CausalLMForward              the module DDP / FSDP wrap: a PuzzleForCausalLM whose forward can also
+                                 return every layer's output (GKD compares them with the parent's)
+    lr_multiplier                linear warmup, then cosine decay to a floor
+    global_batch                 the sequences of step k: a seeded permutation per epoch, so the order
+                                 depends on (seed, step) only and a resumed run sees the same batches
+    train_loop                   AdamW steps with gradient clipping, checkpoints at intervals (atomic:
+                                 temp file + rename) holding the weights, the optimizer state, the step,
+                                 the RNG state and the loss history; a rerun resumes from the last one
+
+Data parallelism: each process takes an equal slice of every global batch and the gradients are
+averaged (DDP), so with equal token counts per slice a world of W processes takes the same steps
+as one process with the whole batch, up to float summation order. FSDP (`fsdp=True`,
+`torch.distributed.fsdp.fully_shard` on every decoder layer and on the whole) shards weights,
+gradients and optimizer state for a model that does not fit one device; checkpoints then hold
+the gathered full state (weights by name, optimizer state by parameter name), and a run resumes
+the way it started (with or without FSDP), with any number of processes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import PuzzleError
+from .io import atomic_write_bytes
+from .modeling import PuzzleForCausalLM
+
+CHECKPOINT_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a (possibly single-process) run.
+
+    Attributes:
+        rank, world_size, local_rank: as torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
+        device: where this process computes (cuda:LOCAL_RANK when CUDA is used, else cpu).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Read torchrun's environment and join its process group (gloo on CPU, NCCL on CUDA).
+
+    Args:
+        device: "cpu", "cuda" or "auto" (CUDA when available).
+
+    Returns:
+        DistEnv; a single process (no RANK/WORLD_SIZE set) gets rank 0 of 1 and no process group.
+
+    Raises:
+        PuzzleError: device "cuda" without CUDA.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise PuzzleError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistEnv(rank, world, local, dev)
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if env.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """The mean of each value over all processes (the values themselves for one process)."""
+    if not env.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+
+
+# ------------------------------------------------------------------------------------------------
+# the wrapped forward
+
+
+class CausalLMForward(nn.Module):
+    """A PuzzleForCausalLM as one module whose forward DDP and FSDP can hook.
+
+    forward(input_ids (B, T), position_ids (B, T) | None, attention_mask | None, hidden_states=False,
+    head=True) -> logits (B, T, V), or (logits, [L tensors (B, T, C)]) with each layer's output when
+    hidden_states=True (logits None when head=False: the LM head is skipped). `attention_mask` is what the model's layers accept: (B, S) keep-mask or a
+    (B, 1, T, S) boolean mask (puzzle.modeling.build_attention_mask).
+    """
+
+    def __init__(self, lm: PuzzleForCausalLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, hidden_states: bool = False, head: bool = True):
+        m = self.lm
+        if position_ids is None:
+            position_ids = m.positions(input_ids.shape, 0, input_ids.device)  # (B, T)
+        h = m.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = m.rope(position_ids, h.dtype)  # (B, T, D) each
+        outputs = []
+        for layer in m.model.layers:
+            h = layer(h, cos, sin, None, attention_mask)  # (B, T, C)
+            if hidden_states:
+                outputs.append(h)
+        logits = m.head(h) if head else None  # (B, T, V)
+        return (logits, outputs) if hidden_states else logits
+
+
+def wrap_for_training(model: PuzzleForCausalLM, env: DistEnv, fsdp: bool = False) -> nn.Module:
+    """CausalLMForward(model), data-parallel over the process group.
+
+    fsdp=False: DistributedDataParallel when world_size > 1 (the plain wrapper otherwise).
+    fsdp=True: fully_shard on every decoder layer, then on the whole (FSDP2); `model`'s parameters
+    become sharded DTensors in place, so read the trained weights back with `full_state_dict`.
+    """
+    wrapped = CausalLMForward(model.to(env.device))
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not env.distributed and not dist.is_initialized():
+            raise PuzzleError("FSDP needs a process group: start the command with torchrun (even --nproc_per_node 1)")
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(wrapped)
+        return wrapped
+    if env.distributed and any(p.requires_grad for p in model.parameters()):
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return wrapped
+
+
+def unwrap(wrapped: nn.Module) -> PuzzleForCausalLM:
+    inner = wrapped.module if hasattr(wrapped, "module") else wrapped
+    return inner.lm
+
+
+def full_state_dict(wrapped: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU under PuzzleForCausalLM names (a collective call under FSDP:
+    every rank must call it; with FSDP only rank 0 gets the tensors, the others an empty dict)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("lm."): v for k, v in sd.items()}
+    return {k: v.detach().to("cpu") for k, v in unwrap(wrapped).state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# schedule and data order
+
+
+def lr_multiplier(step: int, total: int, warmup_fraction: float, min_lr_fraction: float) -> float:
+    """Factor on the peak learning rate at 0-based `step` of `total`: linear warmup over
+    warmup_fraction of the steps (at least one), then cosine decay to min_lr_fraction."""
+    warm = max(1, int(round(warmup_fraction * total)))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return min_lr_fraction + (1 - min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def global_batch(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
+    """Item indices (batch_size,) int64 of 0-based `step`.
+
+    The items are walked epoch after epoch, each epoch in the order of a permutation seeded by
+    (seed, epoch); a batch that crosses an epoch boundary takes the rest from the next epoch. The
+    result depends only on (step, batch_size, num_items, seed).
+    """
+    if num_items < 1:
+        raise PuzzleError("no training sequences; give more training text")
+    start = step * batch_size
+    out, pos = [], start
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, num_items)
+        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(batch_size - len(out), num_items - offset)
+        out.extend(perm[offset:offset + take].tolist())
+        pos += take
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def rank_slice(batch: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """This rank's contiguous share of a global batch (the batch size must divide by the world size)."""
+    n = batch.shape[0]
+    if n % env.world_size:
+        raise PuzzleError(f"batch size {n} does not divide by {env.world_size} processes; choose a multiple")
+    per = n // env.world_size
+    return batch[env.rank * per:(env.rank + 1) * per]
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save(payload) to `path` atomically (temp file, fsync, rename)."""
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `save_checkpoint` (tensors and plain containers only: weights_only).
+
+    Raises:
+        PuzzleError: unreadable file or another format.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise PuzzleError(f"checkpoint {path} cannot be read ({e}); delete it to start over") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise PuzzleError(f"checkpoint {path} has another format; delete it to start over")
+    return ckpt
+
+
+def _check_meta(path: Path, saved: dict, meta: dict) -> None:
+    if saved != meta:
+        keys = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
+        raise PuzzleError(f"checkpoint {path} was made with other settings or inputs (differs in {keys}); "
+                          f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """AdamW and schedule: peak lr, warmup then cosine decay to min_lr_fraction · lr, decoupled
+    weight decay, global gradient-norm clip (0: off), betas."""
+
+    lr: float
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class TrainResult:
+    """What `train_loop` did.
+
+    Attributes:
+        model: the trained PuzzleForCausalLM with plain (unsharded) weights on CPU; on ranks other
+            than 0 after FSDP training, None.
+        history: one dict per step (step, lr, grad_norm and the step function's metrics, averaged
+            over processes), including the steps of earlier interrupted runs.
+        steps_done: optimizer steps taken in total; == total_steps when finished.
+        resumed_from: the step the run continued from (0 for a fresh start).
+        seconds: wall time of this call's steps.
+    """
+
+    model: PuzzleForCausalLM | None
+    history: list[dict]
+    steps_done: int
+    total_steps: int
+    resumed_from: int
+    seconds: float
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done >= self.total_steps
+
+
+def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: OptimSettings, env: DistEnv,
+               checkpoint_path: Path | None, meta: dict, checkpoint_every: int = 50, fsdp: bool = False,
+               progress: bool = False, desc: str = "train", on_step=None, stop_after_steps: int | None = None,
+               ) -> TrainResult:
+    """Train `model`'s parameters that require grad with AdamW, resuming from `checkpoint_path`.
+
+    Args:
+        model: the model to train (CPU); parameters with requires_grad=False stay frozen.
+        step_fn: step_fn(wrapped, step) runs forward and backward for 0-based `step` (its share of
+            the global batch on this rank; `wrapped` is what wrap_for_training returned) and returns
+            a dict of float metrics, including "loss".
+        total_steps: optimizer steps of the whole run.
+        checkpoint_path: where checkpoints go (None: never saved, never resumed). An existing
+            checkpoint made with the same `meta` is resumed; another `meta` is refused.
+        meta: JSON-like description of the settings and inputs; must match to resume.
+        checkpoint_every: save after every this many steps, and after the last one.
+        on_step: on_step(step_done, record) after each step and its checkpoint (an exception there
+            ends training, like a kill would).
+        stop_after_steps: stop (after a checkpoint) once this call has taken this many steps; the
+            next call continues. Results equal an uninterrupted run's.
+
+    Returns:
+        TrainResult.
+
+    Raises:
+        PuzzleError: a loss that is not finite (lower the learning rate), a checkpoint made with
+            other settings.
+    """
+    ckpt = None
+    if checkpoint_path is not None and Path(checkpoint_path).is_file():
+        ckpt = load_checkpoint(checkpoint_path)
+        _check_meta(checkpoint_path, ckpt["meta"], meta)
+        if bool(ckpt.get("fsdp")) != fsdp:
+            raise PuzzleError(f"checkpoint {checkpoint_path} was written {'with' if ckpt.get('fsdp') else 'without'} FSDP; "
+                              "its optimizer state is laid out for that: resume the same way, or delete it")
+        if ckpt["total_steps"] != total_steps:
+            raise PuzzleError(f"checkpoint {checkpoint_path} plans {ckpt['total_steps']} steps, this run {total_steps}; "
+                              "use the same settings or delete the checkpoint")
+        with torch.no_grad():
+            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if [k for k in missing if k != "lm_head.weight"] or unexpected:
+            raise PuzzleError(f"checkpoint {checkpoint_path} holds another model's weights; delete it to start over")
+    wrapped = wrap_for_training(model, env, fsdp)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    if not params:
+        raise PuzzleError("nothing to train: every parameter is frozen")
+    fused = not fsdp and env.device.type in ("cpu", "cuda")
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=fused)
+    start, history = 0, []
+    if ckpt is not None:
+        _load_optimizer(wrapped, opt, ckpt["optimizer"], fsdp)
+        set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        start, history = int(ckpt["step"]), list(ckpt["history"])
+
+    bar = None
+    if progress and env.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step")
+    t0, step = time.perf_counter(), start
+    wrapped.train()
+    while step < total_steps and (stop_after_steps is None or step - start < stop_after_steps):
+        mult = lr_multiplier(step, total_steps, optim.warmup_fraction, optim.min_lr_fraction)
+        for g in opt.param_groups:
+            g["lr"] = optim.lr * mult
+        opt.zero_grad(set_to_none=True)
+        metrics = step_fn(wrapped, step)
+        if not math.isfinite(metrics["loss"]):
+            raise PuzzleError(f"{desc}: the loss became {metrics['loss']} at step {step + 1}; lower the learning rate")
+        norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+            norm = norm.full_tensor()
+        opt.step()
+        step += 1
+        record = {"step": step, "lr": optim.lr * mult, "grad_norm": float(norm), **mean_over_ranks(metrics, env)}
+        history.append(record)
+        if checkpoint_path is not None and (step % max(1, checkpoint_every) == 0 or step == total_steps
+                                            or (stop_after_steps is not None and step - start == stop_after_steps)):
+            _save(checkpoint_path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if on_step is not None:
+            on_step(step, record)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    wrapped.eval()
+    if fsdp:
+        from .parent import model_from_state_dict
+
+        sd = full_state_dict(wrapped, fsdp=True)
+        trained = model_from_state_dict(model.config, sd, next(iter(sd.values())).dtype) if env.is_main else None
+    else:
+        trained = unwrap(wrapped).to("cpu")
+    return TrainResult(trained, history, step, total_steps, start, seconds)
+
+
+def _optimizer_state(wrapped, opt, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def _load_optimizer(wrapped, opt, state: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def _gather_rng(env: DistEnv) -> list:
+    if not env.distributed:
+        return [rng_state()]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def _save(path, wrapped, opt, step, total_steps, meta, history, env: DistEnv, fsdp: bool) -> None:
+    """Write a checkpoint from rank 0 (every rank takes part in gathering the state)."""
+    model_state = full_state_dict(wrapped, fsdp)
+    optimizer_state = _optimizer_state(wrapped, opt, fsdp)
+    rngs = _gather_rng(env)
+    if env.is_main:
+        save_checkpoint(Path(path), {"model": model_state, "optimizer": optimizer_state, "step": step,
+                                     "total_steps": total_steps, "meta": meta, "history": history, "rng": rngs,
+                                     "world_size": env.world_size, "fsdp": fsdp})
+    barrier(env)

@@ -1,0 +1,207 @@
+"""GKD: the loss terms, that training lowers the KL to the parent, exact resume after a kill, torchrun (DDP, FSDP)."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.distill import (GKDConfig, add_gkd_parser, distill, evaluate_against_parent, hidden_cosine_loss, kl_full,
+                            kl_topk, run_gkd_command)
+from puzzle.errors import PuzzleError
+from puzzle.export import export_checkpoint
+from puzzle.realize import realize_child
+from puzzle.scoring.quality import parent_logprobs
+from puzzle.tiny import tiny_parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sharp_parent(seed: int = 0):
+    """The tiny parent with larger weights, so its next-token distributions are far from uniform."""
+    lm = tiny_parent(seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if p.dim() == 2:
+                std = 0.3 if "embed" in name else 1.0 / p.shape[1] ** 0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return lm
+
+
+def child_of(parent):
+    """Layer 1 without attention, layer 2 without FFN; everything else the parent's weights."""
+    blocks = list(parent.config.blocks)
+    blocks[1] = BlockConfig(AttentionConfig("no_op"), blocks[1].ffn)
+    blocks[2] = BlockConfig(blocks[2].attention, FFNConfig("no_op"))
+    return realize_child(parent, None, blocks)
+
+
+def random_ids(n, t, seed):
+    return torch.randint(3, 299, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+FAST = dict(batch_size=4, lr=3e-3, warmup_fraction=0.1, checkpoint_every=2)
+
+
+def test_kl_topk_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
+    g = torch.Generator().manual_seed(0)
+    zp, zc = torch.randn(2, 5, 40, generator=g) * 2, torch.randn(2, 5, 40, generator=g) * 2
+    for tau in (1.0, 2.0):
+        full = kl_full(zp, zc, tau)
+        lse = torch.logsumexp(zp / tau, -1)
+        top = zp.topk(40, -1)
+        assert torch.allclose(kl_topk(top.values, top.indices, lse, zc, tau), full, atol=1e-5)
+        top8 = zp.topk(8, -1)
+        partial = kl_topk(top8.values, top8.indices, lse, zc, tau)
+        assert 0 < partial < full
+    assert float(kl_full(zp, zp)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hidden_cosine_loss_sums_layers():
+    g = torch.Generator().manual_seed(0)
+    hs = [torch.randn(2, 3, 8, generator=g) for _ in range(3)]
+    assert float(hidden_cosine_loss(hs, [2 * h for h in hs])) == pytest.approx(0.0, abs=1e-6)
+    assert float(hidden_cosine_loss(hs, [-h for h in hs])) == pytest.approx(6.0, abs=1e-5)  # 3 layers x (1 - (-1))
+    with pytest.raises(PuzzleError, match="layer by layer"):
+        hidden_cosine_loss(hs, hs[:2])
+
+
+def test_gkd_lowers_the_evaluation_kl(tmp_path):
+    parent = sharp_parent().model
+    child = child_of(parent)
+    train, held_out = random_ids(32, 32, 0), random_ids(8, 32, 1)
+    logp = parent_logprobs(parent, held_out)
+    before = evaluate_against_parent(child, held_out, logp)["kl_nats"]
+    result = distill(child, parent, train, GKDConfig(tokens=32 * 32 * 3, **FAST), tmp_path)
+    after = evaluate_against_parent(result.model, held_out, logp)["kl_nats"]
+    assert result.train.finished and result.tokens_trained == 24 * 4 * 32 and result.epochs == pytest.approx(3.0)
+    assert after < 0.85 * before, (before, after)
+    assert not parent.model.embed_tokens.weight.requires_grad  # the parent is left as it was
+    first, last = result.train.history[0], result.train.history[-1]
+    assert last["kl_nats"] < first["kl_nats"] and last["cosine_loss"] < first["cosine_loss"]
+    assert last["lm_loss"] == 0.0  # off by default, as in the paper
+
+
+def test_frozen_embeddings_stay_fixed_and_cache_teacher_matches_online(tmp_path):
+    parent = sharp_parent().model
+    train = random_ids(8, 16, 0)
+    cfg = GKDConfig(tokens=8 * 16, **FAST)
+    online = distill(child_of(parent), parent, train, cfg, tmp_path / "online").model
+    assert torch.equal(online.model.embed_tokens.weight, parent.model.embed_tokens.weight)
+    # with every logit kept, the cached KL is the full KL: the same training
+    cached = distill(child_of(parent), parent, train, GKDConfig(tokens=8 * 16, teacher="cache", top_k=10_000, **FAST),
+                     tmp_path / "cache").model
+    assert (tmp_path / "cache" / "teacher_cache.safetensors").is_file()
+    for (name, a), b in zip(online.state_dict().items(), cached.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    parent = sharp_parent().model
+    train = random_ids(12, 16, 0)
+    cfg = GKDConfig(tokens=12 * 16 * 2, **FAST)  # 6 steps, checkpoints after steps 2, 4, 6
+    whole = distill(child_of(parent), parent, train, cfg, tmp_path / "a")
+
+    def killed(step, record):
+        if step == 5:
+            raise KeyboardInterrupt  # step 5 is lost, as in a kill before its checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(child_of(parent), parent, train, cfg, tmp_path / "b", on_step=killed)
+    resumed = distill(child_of(parent), parent, train, cfg, tmp_path / "b")
+    assert resumed.train.resumed_from == 4 and resumed.train.finished
+    assert [h["loss"] for h in resumed.train.history] == [h["loss"] for h in whole.train.history]
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(PuzzleError, match="other settings"):
+        distill(child_of(parent), parent, train, GKDConfig(tokens=12 * 16 * 2, **{**FAST, "lr": 1e-3}), tmp_path / "b")
+
+
+def _folders(tmp_path):
+    """Exported tiny parent and child, training and evaluation text files."""
+    loaded = sharp_parent()
+    export_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "parent")
+    export_checkpoint(child_of(loaded.model), loaded.tokenizer, tmp_path / "child")
+    words = "the parent model is a trained language model and the child is the same depth".split()
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("calib.txt", 60), ("eval.txt", 12)):
+        paras = [" ".join(words[i] for i in torch.randint(0, len(words), (30,), generator=g).tolist()) for _ in range(n)]
+        (tmp_path / name).write_text("\n\n".join(paras) + "\n")
+    return tmp_path
+
+
+def _args(tmp_path, dest, *extra):
+    p = argparse.ArgumentParser()
+    add_gkd_parser(p.add_subparsers())
+    return p.parse_args(["gkd", "--child", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"),
+                         "--calib", str(tmp_path / "calib.txt"), "--dest", str(dest), "--seq-len", "32",
+                         "--tokens", "1024", "--lr", "3e-3", "--no-progress", *extra])
+
+
+def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
+    _folders(tmp_path)
+    summary = run_gkd_command(_args(tmp_path, tmp_path / "out", "--eval", str(tmp_path / "eval.txt")))
+    assert summary["after"]["kl_nats"] < summary["before"]["kl_nats"]
+    assert summary["recovery_fraction"] > 0
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out.gkd-work" / "gkd.json").is_file()
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["block_configs"][1]["attention"]["no_op"] and cfg["puzzle"]["gkd"]["tokens_trained"] == 1024
+    with pytest.raises(PuzzleError, match="never evaluate on training text"):
+        run_gkd_command(_args(tmp_path, tmp_path / "x", "--eval", str(tmp_path / "calib.txt")))
+
+
+WORKER = textwrap.dedent("""
+    import argparse, sys
+    from puzzle.distill import add_gkd_parser
+    p = argparse.ArgumentParser()
+    add_gkd_parser(p.add_subparsers())
+    args = p.parse_args(sys.argv[1:])
+    sys.exit(args.func(args))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, mode):
+    _folders(tmp_path)
+    run_gkd_command(_args(tmp_path, tmp_path / "one", "--no-eval"))
+    (tmp_path / "worker.py").write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "worker.py"), "gkd", "--child", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"),
+           "--calib", str(tmp_path / "calib.txt"), "--dest", str(tmp_path / "two"), "--seq-len", "32",
+           "--tokens", "1024", "--lr", "3e-3", "--no-progress", "--no-eval", "--device", "cpu"]
+    if mode == "fsdp":
+        cmd.append("--fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: no process outlives the test
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(tmp_path / "child" / "model.safetensors")
+    assert one.keys() == two.keys()
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    assert moved > 1e-3  # training changed the weights
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-4, rtol=1e-4), k
+    summary = json.loads((tmp_path / "two.gkd-work" / "gkd.json").read_text())
+    assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")

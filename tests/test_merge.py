@@ -1,0 +1,95 @@
+"""Checkpoint merging: weighted averages of the same architecture, refusals of different ones."""
+
+import argparse
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import PuzzleError
+from puzzle.export import export_checkpoint
+from puzzle.merge import add_merge_parser, merge_checkpoints, merge_models, merge_state_dicts
+from puzzle.parent import load_parent
+from puzzle.realize import realize_child
+from puzzle.tiny import tiny_parent
+
+
+def test_weighted_average_of_state_dicts():
+    a = {"w": torch.ones(2, 3), "b": torch.zeros(3, dtype=torch.bfloat16), "n": torch.tensor([7])}
+    b = {"w": 3 * torch.ones(2, 3), "b": torch.ones(3, dtype=torch.bfloat16), "n": torch.tensor([7])}
+    m = merge_state_dicts([a, b], [3, 1])  # normalised to 0.75, 0.25
+    assert torch.allclose(m["w"], torch.full((2, 3), 1.5)) and m["b"].dtype == torch.bfloat16
+    assert torch.allclose(m["b"].float(), torch.full((3,), 0.25)) and torch.equal(m["n"], a["n"])
+    assert torch.equal(merge_state_dicts([a, b])["w"], torch.full((2, 3), 2.0))
+    with pytest.raises(PuzzleError, match="positive"):
+        merge_state_dicts([a, b], [1, -1])
+    with pytest.raises(PuzzleError, match="one weight per checkpoint"):
+        merge_state_dicts([a, b], [1])
+    with pytest.raises(PuzzleError, match=r"\(2, 3\).*\(3, 2\)"):
+        merge_state_dicts([a, {**b, "w": torch.ones(3, 2)}])
+    with pytest.raises(PuzzleError, match="other tensors"):
+        merge_state_dicts([a, {"w": b["w"], "b": b["b"]}])
+
+
+def test_merged_model_is_the_average_and_runs():
+    m1, m2 = tiny_parent(seed=0).model, tiny_parent(seed=1).model
+    merged = merge_models([m1, m2], [0.25, 0.75])
+    for (name, p), p1, p2 in zip(merged.named_parameters(), m1.parameters(), m2.parameters()):
+        assert torch.allclose(p, 0.25 * p1 + 0.75 * p2, atol=1e-7), name
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # still tied
+    assert merged(torch.tensor([[1, 5, 9]])).shape == (1, 3, m1.config.vocab_size)
+
+
+def test_different_architectures_are_refused_with_the_first_difference():
+    parent = tiny_parent().model
+    blocks = list(parent.config.blocks)
+    blocks[2] = BlockConfig(AttentionConfig("no_op"), blocks[2].ffn)
+    child = realize_child(parent, None, blocks)
+    with pytest.raises(PuzzleError, match="layer 2 is attn-noop\\+ffn-128 in one and attn-kv2\\+ffn-128"):
+        merge_models([child, parent])
+    wide = tiny_parent(intermediate_size=192).model
+    with pytest.raises(PuzzleError, match="different architectures"):
+        merge_models([parent, wide])
+    with pytest.raises(PuzzleError, match="layer 0 is attn-kv2\\+ffn-128 in one and attn-kv2\\+ffn-64"):
+        merge_models([parent, _with_ffn(parent, 64)])
+
+
+def _with_ffn(parent, width):
+    """The parent with layer 0's FFN narrowed to its first `width` channels (a same-depth, other-width model)."""
+    from puzzle.modeling import PuzzleForCausalLM
+
+    blocks = list(parent.config.blocks)
+    blocks[0] = BlockConfig(blocks[0].attention, FFNConfig("swiglu", width))
+    m = PuzzleForCausalLM(parent.config.with_blocks(blocks))
+    sd = parent.state_dict()
+    for k in ("gate_proj", "up_proj"):
+        sd[f"model.layers.0.mlp.{k}.weight"] = sd[f"model.layers.0.mlp.{k}.weight"][:width]
+    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"][:, :width]
+    m.load_state_dict(sd)
+    return m
+
+
+def test_cli_merges_exported_folders_and_state_dict_files(tmp_path):
+    loaded = [tiny_parent(seed=s) for s in (0, 1)]
+    for i, lm in enumerate(loaded):
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"m{i}")
+    p = argparse.ArgumentParser()
+    add_merge_parser(p.add_subparsers())
+    args = p.parse_args(["merge", str(tmp_path / "m0"), str(tmp_path / "m1"), "--weights", "1", "3",
+                         "--dest", str(tmp_path / "merged")])
+    assert args.func(args) == 0
+    merged = load_parent(tmp_path / "merged").model
+    w0, w1 = loaded[0].model.model.norm.weight, loaded[1].model.model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(merged.model.layers[0].mlp.up_proj.weight,
+                          0.25 * loaded[0].model.model.layers[0].mlp.up_proj.weight + 0.75 * w1, atol=1e-7)
+    assert torch.allclose(merged.model.norm.weight, w0)  # both norms are ones
+    sd = [load_file(tmp_path / f"m{i}" / "model.safetensors") for i in (0, 1)]
+    for i, s in enumerate(sd):
+        save_file(s, tmp_path / f"s{i}.safetensors")
+    out = merge_checkpoints([tmp_path / "s0.safetensors", tmp_path / "s1.safetensors"], tmp_path / "avg.safetensors")
+    avg = load_file(out)
+    assert torch.allclose(avg["model.embed_tokens.weight"], (sd[0]["model.embed_tokens.weight"]
+                                                             + sd[1]["model.embed_tokens.weight"]) / 2)
+    with pytest.raises(PuzzleError, match="only model folders or only state-dict files"):
+        merge_checkpoints([tmp_path / "m0", tmp_path / "s1.safetensors"], tmp_path / "x")

@@ -1,0 +1,150 @@
+"""SFT: chat data forms, prompt masking, packing with isolated attention, the toggle demonstration set,
+the loss over processes, resume, and that a short SFT of the tiny model makes the toggle work."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from puzzle.errors import PuzzleError
+from puzzle.parent import load_parent
+from puzzle.sft import (DEMO_SPEC, IGNORE, REASONING_OFF, REASONING_ON, SFTConfig, _step_fn, add_sft_parser, block_causal_mask,
+                        conversation_from_record, pack_conversations, parse_think, prepare_sft_data,
+                        read_chat_jsonl, reasoning_toggle_examples, reasoning_toggle_heldout,
+                        supervised_finetune, tokenize_conversation, toggle_report, toggle_summary)
+from puzzle.tiny import tiny_parent
+from puzzle.train_utils import CausalLMForward, DistEnv
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_parent()
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And 2+2?"},
+        {"role": "assistant", "content": "4."}]
+
+
+def test_both_record_forms_and_clear_errors(tmp_path):
+    pair = conversation_from_record({"prompt": "Hi", "response": "Hello", "system": "S"}, "x")
+    assert pair == [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"}]
+    assert conversation_from_record({"messages": CHAT}, "x") == CHAT
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(PuzzleError, match="line 2: no assistant message"):
+        read_chat_jsonl(str(path))
+    with pytest.raises(PuzzleError, match="role in"):
+        conversation_from_record({"messages": [{"role": "bot", "content": "x"}]}, "x")
+    with pytest.raises(PuzzleError, match="'messages'.*'prompt' and 'response'"):
+        conversation_from_record({"text": "x"}, "x")
+
+
+def test_only_assistant_turns_are_learned(tiny):
+    tok = tiny.tokenizer
+    ids, labels = tokenize_conversation(tok, CHAT)
+    assert len(ids) == len(labels)
+    learned = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert learned == "Hello!<|im_end|>\n4.<|im_end|>\n"  # both answers with their end-of-turn token
+    assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))
+    _, everything = tokenize_conversation(tok, CHAT, train_on_prompt=True)
+    assert IGNORE not in everything
+
+
+def test_packed_rows_compute_what_each_conversation_alone_does(tiny):
+    tok, model = tiny.tokenizer, tiny.model
+    convs = [CHAT, [{"role": "user", "content": "Sort 3, 1, 2."}, {"role": "assistant", "content": "1, 2, 3."}],
+             [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]]
+    data = prepare_sft_data(tok, convs, seq_len=160)
+    assert data.input_ids.shape == (1, 160) and data.segments.max() == 3 and data.dropped == 0
+    mask = block_causal_mask(data.segments)
+    packed = CausalLMForward(model)(data.input_ids, position_ids=data.position_ids, attention_mask=mask)
+    plain = model(data.input_ids)  # no isolation, positions 0..T-1: what packing without the mask would compute
+    mismatched = 0
+    for s in (1, 2, 3):
+        where = (data.segments[0] == s).nonzero().flatten()
+        alone = model(data.input_ids[:, where])
+        assert torch.allclose(packed[0, where], alone[0], atol=1e-5)
+        mismatched += not torch.allclose(plain[0, where], alone[0], atol=1e-3)
+    assert mismatched == 2  # only the first conversation of the row is unaffected without isolation
+    assert data.position_ids[0, (data.segments[0] == 2).nonzero()[0]] == 0  # positions restart
+
+
+def test_block_causal_mask_and_packing_rules():
+    seg = torch.tensor([[1, 1, 2, 2, 0]])
+    m = block_causal_mask(seg)[0, 0]
+    assert m.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    examples = [([5] * 3, [5] * 3), ([6] * 4, [6] * 4), ([7] * 9, [7] * 9)]
+    packed = pack_conversations(examples, seq_len=8, pad_id=0)
+    assert packed.dropped == 1 and packed.input_ids.shape[0] == 1  # 3 + 4 tokens share a row; 9 > 8 is dropped
+    assert pack_conversations(examples[:2], seq_len=8, pad_id=0, pack=False).input_ids.shape[0] == 2
+    with pytest.raises(PuzzleError, match="longer than seq_len"):
+        pack_conversations(examples[2:], seq_len=8, pad_id=0)
+
+
+def test_loss_over_two_processes_is_the_loss_over_the_whole_batch(tiny):
+    """The step's loss is summed over its learned tokens and divided by their total, whichever
+    rank holds them; DDP's gradient average then equals the one-process gradient."""
+    data = prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(6, 0)], seq_len=200,
+                            pack=False)
+    cfg = SFTConfig(batch_size=4, seq_len=200)
+    grads = []
+    for world in (1, 2):
+        total = None
+        for rank in range(world):
+            model = tiny_parent().model.train()
+            metrics = _step_fn(data, cfg, DistEnv(rank, world))(CausalLMForward(model), 0)
+            g = torch.cat([p.grad.flatten() for p in model.parameters()]) / world  # DDP averages
+            total = g if total is None else total + g
+        grads.append(total)
+        assert metrics["loss"] > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
+    data = prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(3, 0)], seq_len=256)
+    cfg = SFTConfig(epochs=2, seq_len=256, batch_size=2, lr=1e-3, checkpoint_every=2)  # 3 rows: 3 steps
+    whole = supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "a")
+    assert whole.total_steps == 3
+    part = supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "b", stop_after_steps=2)
+    assert not part.finished
+    rest = supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "b")
+    assert rest.resumed_from == 2 and rest.finished
+    for a, b in zip(whole.model.parameters(), rest.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_demonstration_set_is_paired_and_held_out():
+    train = reasoning_toggle_examples()
+    assert train == reasoning_toggle_examples()  # deterministic: the same set on every machine
+    assert len(read_chat_jsonl(DEMO_SPEC)) == len(train)
+    held = reasoning_toggle_heldout()
+    by_question = {}
+    for r in train:
+        by_question.setdefault(r["messages"][1]["content"], set()).add(r["messages"][0]["content"])
+        reply = r["messages"][2]["content"]
+        parsed = parse_think(reply)
+        assert parsed["well_formed"] == r["thinking"] and parsed["has_think"] == r["thinking"]
+        assert r["value"] in parsed["answer"]
+    assert all(v == {REASONING_ON, REASONING_OFF} for v in by_question.values())
+    assert not {q["question"] for q in held} & set(by_question)
+    assert len({q["task"] for q in held}) == 7
+
+
+def test_parse_think():
+    assert parse_think("<think>\nadd them\n</think>\n42.")["well_formed"]
+    assert parse_think("<think>\nadd them\n</think>\n42.")["answer"] == "42."
+    for bad in ("<think></think> 42", "<think>x</think>", "42. <think>x</think> y", "<think>x<think>y</think> z"):
+        assert not parse_think(bad)["well_formed"], bad
+    assert not parse_think("42.")["has_think"]
