@@ -1,0 +1,960 @@
+"""Preference optimization of a child (`puzzle rpo`): data, reference log-probs, offline and online training.
+
+    data       jsonl/json/parquet records, either pairs {prompt, chosen, rejected[, chosen_reward,
+               rejected_reward]} or K-response groups {prompt, responses, rewards}; a prompt is a string
+               (used as is) or chat messages (rendered with the tokenizer's chat template, generation
+               prompt added). Only response tokens are scored; an EOS token ends every response.
+    reference  π_ref is a frozen copy of the starting model, or its log-probs precomputed once and
+               cached on disk (atomic safetensors file keyed by the data's tokens and the model's weights).
+    offline    `train_offline`: the losses of `puzzle.rpo` on fixed data.
+    online     `train_online`: each step samples K responses per prompt from the current policy
+               (`sample`, temperature sampling with a KV cache), scores them with a reward function
+               (`puzzle.rewards`), and optimises: pair losses on the best and worst of the K, rpo-multi
+               on all K, or RLOO.
+    evaluate   `evaluate_rewards` (reward of generated answers, with confidence intervals) and
+               `preference_accuracy` (implicit-reward accuracy on held-out pairs, with standard error).
+
+The model is any PuzzleForCausalLM, with or without adapters (`puzzle.adapters`): the trainers optimise
+whatever parameters require gradients. Library code: nothing prints; progress goes to tqdm when asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+import pandas as pd
+import torch
+
+from .errors import PuzzleError
+from .io import atomic_save_safetensors
+from .modeling import KVCache
+from .rpo import AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, preference_loss
+
+# ------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One prompt with K >= 2 responses and, optionally, one explicit reward per response.
+
+    Attributes:
+        prompt: text (used as is) or chat messages, a tuple of {"role", "content"} dicts.
+        responses: K response texts; for a pair, (chosen, rejected).
+        rewards: K floats, or None when the data has none.
+        is_pair: whether the record came from the {prompt, chosen, rejected} format.
+    """
+
+    prompt: object
+    responses: tuple[str, ...]
+    rewards: tuple[float, ...] | None = None
+    is_pair: bool = False
+
+
+def _messages(value, where: str) -> tuple[dict, ...]:
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise PuzzleError(f"{where}: chat messages must be objects with string 'role' and 'content'")
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def _response_text(value, where: str) -> tuple[tuple[dict, ...], str]:
+    """A response given as text, or as messages ending with the assistant's turn -> (prefix, text)."""
+    if isinstance(value, str):
+        return (), value
+    if isinstance(value, list) and value:
+        msgs = _messages(value, where)
+        if msgs[-1]["role"] != "assistant":
+            raise PuzzleError(f"{where}: a response given as messages must end with an assistant message")
+        return msgs[:-1], msgs[-1]["content"]
+    raise PuzzleError(f"{where}: a response must be a string or a list of chat messages")
+
+
+def _reward(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PuzzleError(f"{where}: rewards must be finite numbers, got {value!r}")
+    return float(value)
+
+
+def record_from_dict(d: dict, where: str = "record") -> PreferenceRecord:
+    """Parse one pair or group record (formats in the module docstring).
+
+    Pairs whose chosen/rejected are full conversations (messages ending with the assistant's reply)
+    may omit `prompt`: their shared prefix is the prompt. Raises PuzzleError naming `where` for a
+    record in neither format, a missing field, only one of the two pair rewards, or a rewards list
+    whose length differs from the responses'.
+    """
+    if not isinstance(d, dict):
+        raise PuzzleError(f"{where}: expected a JSON object")
+    if "chosen" in d or "rejected" in d:
+        if "chosen" not in d or "rejected" not in d:
+            raise PuzzleError(f"{where}: a pair needs both 'chosen' and 'rejected'")
+        pre_c, chosen = _response_text(d["chosen"], f"{where}, chosen")
+        pre_l, rejected = _response_text(d["rejected"], f"{where}, rejected")
+        if "prompt" in d:
+            prompt = d["prompt"]
+        elif pre_c and pre_c == pre_l:
+            prompt = list(pre_c)
+        else:
+            raise PuzzleError(f"{where}: no 'prompt' (and chosen/rejected are not conversations with the same prefix)")
+        has = ("chosen_reward" in d, "rejected_reward" in d)
+        if has[0] != has[1]:
+            raise PuzzleError(f"{where}: give both chosen_reward and rejected_reward, or neither")
+        rewards = (_reward(d["chosen_reward"], where), _reward(d["rejected_reward"], where)) if all(has) else None
+        responses, is_pair = (chosen, rejected), True
+    elif "responses" in d:
+        prompt = d.get("prompt")
+        if not isinstance(d["responses"], list) or len(d["responses"]) < 2:
+            raise PuzzleError(f"{where}: 'responses' must be a list of at least 2 responses")
+        responses = tuple(_response_text(r, f"{where}, response {i}")[1] for i, r in enumerate(d["responses"]))
+        rewards = d.get("rewards")
+        if rewards is not None:
+            if not isinstance(rewards, list) or len(rewards) != len(responses):
+                raise PuzzleError(f"{where}: 'rewards' must be a list with one number per response ({len(responses)})")
+            rewards = tuple(_reward(r, where) for r in rewards)
+        is_pair = False
+    else:
+        raise PuzzleError(f"{where}: expected a pair {{prompt, chosen, rejected}} or a group {{prompt, responses, rewards}}")
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, f"{where}, prompt")
+    elif not isinstance(prompt, str):
+        raise PuzzleError(f"{where}: 'prompt' must be a string or a list of chat messages")
+    return PreferenceRecord(prompt, tuple(responses), rewards, is_pair)
+
+
+def read_preference_data(path) -> list[PreferenceRecord]:
+    """Records from a .jsonl(.gz), a .json list or a .parquet file.
+
+    Raises:
+        PuzzleError: a missing file, an unknown extension, a bad line (named), or no records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PuzzleError(f"preference data {path} does not exist")
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        rows = []
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        rows.append((f"{path}, line {i + 1}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e})") from e
+    elif name.endswith(".json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise PuzzleError(f"{path}: a .json file must hold a list of records")
+        rows = [(f"{path}, record {i}", r) for i, r in enumerate(data)]
+    elif name.endswith(".parquet"):
+        df = pd.read_parquet(path)
+        rows = [(f"{path}, row {i}", json.loads(json.dumps(r, default=lambda o: o.tolist()))) for i, r in
+                enumerate(df.to_dict("records"))]
+    else:
+        raise PuzzleError(f"{path}: unknown preference data format; use .jsonl, .jsonl.gz, .json or .parquet")
+    records = [record_from_dict(r, where) for where, r in rows]
+    if not records:
+        raise PuzzleError(f"{path} holds no records")
+    return records
+
+
+def best_worst_pair(record: PreferenceRecord) -> PreferenceRecord | None:
+    """The highest- and lowest-reward responses of a rewarded group as a pair; None when all rewards tie."""
+    if record.rewards is None:
+        raise PuzzleError("best_worst_pair needs rewards")
+    hi = max(range(len(record.rewards)), key=lambda i: record.rewards[i])
+    lo = min(range(len(record.rewards)), key=lambda i: record.rewards[i])
+    if record.rewards[hi] == record.rewards[lo]:
+        return None
+    return PreferenceRecord(record.prompt, (record.responses[hi], record.responses[lo]),
+                            (record.rewards[hi], record.rewards[lo]), True)
+
+
+def hhh_alignment_records(sdist_path) -> list[PreferenceRecord]:
+    """The 221 BIG-bench HHH-alignment pairs (harmless, helpful, honest, other) from the bigbench 1.0.0 sdist.
+
+    Each example's input becomes one user message; its reply scored 1 is chosen, the one scored 0
+    rejected. Evaluation only: the files carry a "do not train on this" canary and 1/0 labels (no
+    graded reward), so the records have no rewards. Streams the members with tarfile (about 30 s).
+    """
+    import tarfile
+
+    path = Path(sdist_path)
+    if not path.is_file():
+        raise PuzzleError(f"{path} does not exist; `pip download --no-deps --no-binary :all: bigbench==1.0.0` "
+                          "fetches it (358 MB)")
+    records = []
+    with tarfile.open(path, "r:gz") as tf:
+        for member in tf:
+            if "/hhh_alignment/" not in member.name or not member.name.endswith("/task.json"):
+                continue
+            for ex in json.load(tf.extractfile(member))["examples"]:
+                scores = ex["target_scores"]
+                chosen = [t for t, s in scores.items() if s == 1]
+                rejected = [t for t, s in scores.items() if s == 0]
+                if len(chosen) == 1 and len(rejected) == 1:
+                    records.append(PreferenceRecord(({"role": "user", "content": ex["input"].strip()},),
+                                                    (chosen[0].strip(), rejected[0].strip()), None, True))
+    if not records:
+        raise PuzzleError(f"{path} holds no hhh_alignment tasks; is it the bigbench 1.0.0 sdist?")
+    return records
+
+
+# ------------------------------------------------------------------------------------------------
+# tokens
+
+
+@dataclass(frozen=True)
+class EncodedRecord:
+    """A record as token ids: prompt_ids (P,), K response id tuples, rewards or None."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[tuple[int, ...], ...]
+    rewards: tuple[float, ...] | None
+
+
+def encode_prompt(tokenizer, prompt, string_prompts: str = "raw") -> list[int]:
+    """Prompt token ids: chat messages through the chat template (generation prompt added); strings
+    as is (`string_prompts="raw"`) or as one user message (`"chat"`).
+
+    Raises PuzzleError when messages need a chat template the tokenizer lacks, or the prompt is empty.
+    """
+    if isinstance(prompt, str) and string_prompts == "chat":
+        prompt = ({"role": "user", "content": prompt},)
+    elif string_prompts not in ("raw", "chat"):
+        raise PuzzleError(f"string_prompts must be 'raw' or 'chat', got {string_prompts!r}")
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PuzzleError("the prompts are chat messages but the tokenizer has no chat template; "
+                              "give plain-text prompts or a tokenizer with a chat template")
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise PuzzleError("an empty prompt cannot condition a response; give every record a non-empty prompt")
+    return list(ids)
+
+
+def encode_response(tokenizer, text: str, append_eos: bool = True) -> list[int]:
+    """Response token ids, EOS appended (it is scored: ending the answer is part of the response)."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if append_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_records(tokenizer, records: list[PreferenceRecord], *, max_prompt_tokens: int = 512,
+                   max_response_tokens: int = 256, append_eos: bool = True,
+                   string_prompts: str = "raw") -> list[EncodedRecord]:
+    """Tokenize records; prompts keep their last `max_prompt_tokens`, responses their first `max_response_tokens`."""
+    out = []
+    for r in records:
+        prompt = encode_prompt(tokenizer, r.prompt, string_prompts)[-max_prompt_tokens:]
+        responses = tuple(tuple(encode_response(tokenizer, t, append_eos)[:max_response_tokens]) for t in r.responses)
+        if any(len(x) == 0 for x in responses):
+            raise PuzzleError("a response has no tokens; drop empty responses or keep append_eos=True")
+        out.append(EncodedRecord(tuple(prompt), responses, r.rewards))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# log-probabilities of responses
+
+
+def response_logprobs(model, prompts: list, responses: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log π(y|x) of each response given its prompt, scoring response tokens only.
+
+    Args:
+        model: a PuzzleForCausalLM (its `run_layers`/`head` pieces are used so that the LM head runs
+            on response positions only).
+        prompts, responses: N token-id sequences each (prompt non-empty).
+    Returns:
+        sum_logp (N,) in nats, in the model's dtype (fp32 at least; gradients flow when enabled),
+        and num_tokens (N,) int64.
+    """
+    N = len(prompts)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    T = max(lengths)
+    device = next(model.parameters()).device
+    ids = torch.zeros(N, T, dtype=torch.long)
+    sel = torch.zeros(N, T - 1, dtype=torch.bool)  # position t predicts token t + 1, a response token
+    for n, (p, r) in enumerate(zip(prompts, responses)):
+        if not p:
+            raise PuzzleError("an empty prompt cannot condition a response")
+        ids[n, :lengths[n]] = torch.tensor(list(p) + list(r))
+        sel[n, len(p) - 1:len(p) + len(r) - 1] = True
+    ids, sel = ids.to(device), sel.to(device)
+    h = model.model.embed_tokens(ids)  # (N, T, C)
+    cos, sin = model.rope(model.positions((N, T), 0, device), h.dtype)
+    h = model.run_layers(h, cos, sin)  # right padding only follows the real tokens: causal attention is enough
+    logits = model.head(h[:, :-1][sel])  # (M, V) for the M response tokens
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = ids[:, 1:][sel]  # (M,)
+    token_logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    rows = sel.nonzero()[:, 0]  # (M,) which response each token belongs to
+    sum_logp = torch.zeros(N, dtype=token_logp.dtype, device=device).index_add(0, rows, token_logp)
+    return sum_logp, sel.sum(1).cpu()
+
+
+def _flat(encoded: list[EncodedRecord]) -> tuple[list, list]:
+    prompts, responses = [], []
+    for r in encoded:
+        for y in r.response_ids:
+            prompts.append(r.prompt_ids)
+            responses.append(y)
+    return prompts, responses
+
+
+@torch.no_grad()
+def batched_logprobs(model, prompts: list, responses: list, batch_size: int = 8, progress: bool = False):
+    """`response_logprobs` over many responses in batches, without gradients -> (N,) float64, (N,) int64."""
+    from tqdm.auto import tqdm
+
+    sums, counts = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="reference log-probs", leave=False):
+        s, c = response_logprobs(model, prompts[i:i + batch_size], responses[i:i + batch_size])
+        sums.append(s.double().cpu())
+        counts.append(c)
+    return torch.cat(sums), torch.cat(counts)
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a model's config and every parameter and buffer, in name order (a cache key)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def frozen_copy(model):
+    """A deep copy of `model` in eval mode with no parameter requiring gradients (π_ref)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@dataclass(frozen=True)
+class ReferenceLogprobs:
+    """π_ref's summed log-probs of every response of a data set, flattened in record order.
+
+    Attributes:
+        sum_logp: (R,) float64 nats; num_tokens: (R,) int64; key: the cache key (data + model hash).
+    """
+
+    sum_logp: torch.Tensor
+    num_tokens: torch.Tensor
+    key: str
+
+
+def reference_logprobs(ref_model, encoded: list[EncodedRecord], cache_dir=None, batch_size: int = 8,
+                       progress: bool = False) -> ReferenceLogprobs:
+    """Reference log-probs of every response, read from `cache_dir` when cached, else computed (and cached).
+
+    The key hashes the token ids of every prompt and response and `weights_sha256(ref_model)`, so
+    other data or other weights never reuse a stale file. The file is written atomically.
+    """
+    prompts, responses = _flat(encoded)
+    h = hashlib.sha256(weights_sha256(ref_model).encode())
+    h.update(json.dumps([prompts, responses]).encode())
+    key = h.hexdigest()[:32]
+    path = Path(cache_dir) / f"ref_logprobs-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        if t["sum_logp"].shape[0] == len(prompts):
+            return ReferenceLogprobs(t["sum_logp"], t["num_tokens"], key)
+    sums, counts = batched_logprobs(ref_model, prompts, responses, batch_size, progress)
+    if path is not None:
+        atomic_save_safetensors({"sum_logp": sums, "num_tokens": counts}, path,
+                                {"key": key, "responses": len(prompts)})
+    return ReferenceLogprobs(sums, counts, key)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling from the policy
+
+
+@torch.no_grad()
+def sample(model, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+           eos_token_id=None, pad_token_id: int = 0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Sample a continuation of each prompt from `model` with a KV cache (temperature 0: greedy).
+
+    Prompts of different lengths are left-padded; the attention mask hides the padding and position
+    ids start at 0 on each prompt's first token, so every row decodes as if alone.
+
+    Args:
+        prompts: B token-id sequences (non-empty).
+        max_new_tokens: at most this many tokens per continuation.
+        temperature: softmax temperature; 0 picks the argmax.
+        top_k: keep the k most likely tokens before sampling (0: all).
+        eos_token_id: an id or list of ids that end a continuation (kept in the output).
+        generator: a torch.Generator for reproducible samples.
+    Returns:
+        B lists of new token ids, each ending at its first EOS (included) or after max_new_tokens.
+    """
+    if temperature < 0:
+        raise PuzzleError(f"temperature must be >= 0, got {temperature}")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    param = next(model.parameters())
+    device = param.device
+    ids = torch.full((B, P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p)
+        mask[b, P - len(p):] = 1  # generated positions are real too
+    ids, mask = ids.to(device), mask.to(device)
+    padded = any(len(p) != P for p in prompts)
+    positions = (mask[:, :P].cumsum(1) - 1).clamp(min=0)  # (B, P)
+    cache = KVCache(model.config, B, P + max_new_tokens, param.dtype, device)
+    eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])),
+                       dtype=torch.long, device=device)
+    logits = model(ids, position_ids=positions, cache=cache, attention_mask=mask[:, :P] if padded else None,
+                   logits_to_keep=1)[:, -1]  # (B, V)
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if temperature == 0:
+            nxt = logits.argmax(-1)  # (B,)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator).squeeze(-1).to(device)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        out.append(nxt)
+        done = done | torch.isin(nxt, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        positions = positions[:, -1:] + 1  # (B, 1)
+        logits = model(nxt[:, None], position_ids=positions, cache=cache,
+                       attention_mask=mask[:, :P + t + 1] if padded else None)[:, -1]
+    new = torch.stack(out, 1).cpu()  # (B, n)
+    result = []
+    for b in range(B):
+        row = new[b].tolist()
+        ends = [i for i, x in enumerate(row) if x in set(eos.tolist())]
+        result.append(row[:ends[0] + 1] if ends else row)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass(frozen=True)
+class RPOConfig:
+    """Settings of one preference-optimization run (offline or online).
+
+    Loss: `loss` (see puzzle.rpo.LOSSES), `beta` β, `eta` η, `gamma` SimPO's margin γ, `aggregate`
+    "sum" (summed token log-probs, default) or "mean" (length-averaged), `kl_coef` RLOO's KL penalty.
+    Optimisation: AdamW with `lr`, linear warmup over `warmup_steps`, then constant; gradient norm
+    clipped to `max_grad_norm`; `batch_size` prompts per step for `steps` steps.
+    Online: `k` samples per prompt of at most `max_new_tokens` tokens at `temperature` (`top_k`).
+    """
+
+    loss: str = "rpo-bwd-kl"
+    beta: float = 0.1
+    eta: float = 1.0
+    gamma: float = 0.5
+    aggregate: str = "sum"
+    kl_coef: float = 0.0
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 256
+    k: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        check_loss(self.loss)
+        if self.aggregate not in AGGREGATES:
+            raise PuzzleError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.beta <= 0 or self.eta <= 0:
+            raise PuzzleError(f"beta and eta must be > 0 (got beta={self.beta}, eta={self.eta})")
+        for name in ("steps", "batch_size", "max_prompt_tokens", "max_response_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise PuzzleError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k < 2:
+            raise PuzzleError(f"k must be >= 2 (responses to compare per prompt), got {self.k}")
+        if self.lr <= 0:
+            raise PuzzleError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def logprob_label(self) -> str:
+        """What the run's log-probs are, for reports: SimPO is always length-averaged."""
+        if self.loss == "simpo":
+            return "mean over response tokens (SimPO's definition)"
+        return "sum over response tokens" if self.aggregate == "sum" else "mean over response tokens"
+
+
+def _optimizer(model, config: RPOConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PuzzleError("the model has no trainable parameters (all have requires_grad=False)")
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    warm = max(config.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return params, opt, sched
+
+
+def _records_loss(model, batch: list[EncodedRecord], config: RPOConfig, ref_sum: torch.Tensor | None):
+    """Mean loss over a batch of records and per-batch metrics; ref_sum (R,) for the flattened responses."""
+    prompts, responses = _flat(batch)
+    sum_logp, counts = response_logprobs(model, prompts, responses)
+    dtype = sum_logp.dtype
+    losses, margins, correct, offset = [], [], [], 0
+    Ks = [len(r.response_ids) for r in batch]
+    same_k = len(set(Ks)) == 1
+    groups = [(0, len(batch))] if same_k else [(i, i + 1) for i in range(len(batch))]
+    for a, b in groups:
+        n = sum(Ks[a:b])
+        K = Ks[a]
+        pol = sum_logp[offset:offset + n].view(b - a, K)
+        cnt = counts[offset:offset + n].view(b - a, K).to(sum_logp.device)
+        ref = ref_sum[offset:offset + n].view(b - a, K).to(sum_logp.device, dtype) if ref_sum is not None else None
+        rewards = None
+        if batch[a].rewards is not None and all(r.rewards is not None for r in batch[a:b]):
+            rewards = torch.tensor([r.rewards for r in batch[a:b]], dtype=dtype, device=sum_logp.device)
+        out = preference_loss(config.loss, pol, cnt, ref, rewards, beta=config.beta, eta=config.eta,
+                              gamma=config.gamma, aggregate=config.aggregate, kl_coef=config.kl_coef)
+        losses.append(out.loss)
+        if K == 2:
+            m = out.implicit_rewards[:, 0] - out.implicit_rewards[:, 1]
+            margins.append(m)
+            correct.append((m > 0).to(dtype))
+        offset += n
+    loss = torch.cat(losses).mean()
+    metrics = {"loss": float(loss.detach()), "tokens": int(counts.sum())}
+    if margins:
+        metrics["margin"] = float(torch.cat(margins).mean())
+        metrics["accuracy"] = float(torch.cat(correct).mean())
+    return loss, metrics
+
+
+def _check_data(encoded: list[EncodedRecord], config: RPOConfig) -> None:
+    if not encoded:
+        raise PuzzleError("no preference records to train on")
+    if config.loss in PAIR_LOSSES and any(len(r.response_ids) != 2 for r in encoded):
+        raise PuzzleError(f"{config.loss} trains on pairs; this data has groups of K != 2 responses. Use rpo-multi "
+                          "or rloo, or turn each group into its best and worst responses (best_worst_pair)")
+    for r in encoded:
+        check_rewards(config.loss, None if r.rewards is None else torch.tensor(r.rewards))
+
+
+def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, reference=None,
+                  progress: bool = False) -> pd.DataFrame:
+    """Optimise `model` in place on fixed preference data.
+
+    Args:
+        model: a PuzzleForCausalLM; its parameters with requires_grad are trained (all of them, or
+            only adapters after `puzzle.adapters.apply_adapters`).
+        encoded: records from `encode_records`; pair losses need K = 2 (chosen first).
+        config: RPOConfig.
+        reference: a ReferenceLogprobs for exactly these records (`reference_logprobs`), a frozen
+            model (`frozen_copy`) evaluated on each batch, or None for losses without π_ref.
+    Returns:
+        History, one row per step: step, loss, margin (mean Δπ for pairs), accuracy (share of pairs
+        with Δπ > 0), lr, tokens, seconds.
+    Raises:
+        PuzzleError: pair loss on groups, missing rewards or reference, mismatched reference.
+    """
+    from tqdm.auto import tqdm
+
+    _check_data(encoded, config)
+    use_ref = needs_reference(config.loss, config.kl_coef)
+    offsets = [0]
+    for r in encoded:
+        offsets.append(offsets[-1] + len(r.response_ids))
+    if use_ref and reference is None:
+        raise PuzzleError(f"{config.loss} needs a reference: pass reference_logprobs(...) or frozen_copy(model)")
+    if isinstance(reference, ReferenceLogprobs) and reference.sum_logp.shape[0] != offsets[-1]:
+        raise PuzzleError(f"the reference log-probs cover {reference.sum_logp.shape[0]} responses, the data "
+                          f"{offsets[-1]}; compute them for this data")
+    params, opt, sched = _optimizer(model, config)
+    gen = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    rows = []
+    model.train()
+    for step in tqdm(range(config.steps), disable=not progress, desc=f"rpo {config.loss}"):
+        t0 = time.perf_counter()
+        while len(order) < config.batch_size:
+            order += torch.randperm(len(encoded), generator=gen).tolist()
+        idx, order = order[:config.batch_size], order[config.batch_size:]
+        batch = [encoded[i] for i in idx]
+        ref_sum = None
+        if use_ref and isinstance(reference, ReferenceLogprobs):
+            ref_sum = torch.cat([reference.sum_logp[offsets[i]:offsets[i + 1]] for i in idx])
+        elif use_ref:
+            with torch.no_grad():
+                ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
+        loss, metrics = _records_loss(model, batch, config, ref_sum)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+        sched.step()
+        rows.append({"step": step + 1, **metrics, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+def sample_groups(model, tokenizer, prompts: list, prompt_ids: list, reward_fn, k: int, max_new_tokens: int,
+                  temperature: float, top_k: int = 0, generator=None) -> tuple[list[PreferenceRecord], list[EncodedRecord]]:
+    """K sampled responses per prompt, scored: (records with texts and rewards, the same as token ids)."""
+    rep_ids = [p for p in prompt_ids for _ in range(k)]
+    new = sample(model, rep_ids, max_new_tokens, temperature, top_k, tokenizer.eos_token_id,
+                 tokenizer.pad_token_id or 0, generator)
+    texts = [tokenizer.decode(y, skip_special_tokens=True) for y in new]
+    rewards = [float(r) for r in reward_fn([p for p in prompts for _ in range(k)], texts)]
+    if len(rewards) != len(texts) or not all(math.isfinite(r) for r in rewards):
+        raise PuzzleError("the reward function must return one finite number per response")
+    records, encoded = [], []
+    for i, (p, ids) in enumerate(zip(prompts, prompt_ids)):
+        sl = slice(i * k, (i + 1) * k)
+        records.append(PreferenceRecord(p, tuple(texts[sl]), tuple(rewards[sl])))
+        encoded.append(EncodedRecord(tuple(ids), tuple(tuple(y) if y else (tokenizer.eos_token_id,) for y in new[sl]),
+                                     tuple(rewards[sl])))
+    return records, encoded
+
+
+def _pair_of(e: EncodedRecord) -> EncodedRecord | None:
+    hi = max(range(len(e.rewards)), key=lambda i: e.rewards[i])
+    lo = min(range(len(e.rewards)), key=lambda i: e.rewards[i])
+    if e.rewards[hi] == e.rewards[lo]:
+        return None
+    return EncodedRecord(e.prompt_ids, (e.response_ids[hi], e.response_ids[lo]), (e.rewards[hi], e.rewards[lo]))
+
+
+def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, reference=None,
+                 string_prompts: str = "raw", progress: bool = False) -> pd.DataFrame:
+    """Online preference optimization: sample, score, optimise, repeat.
+
+    Each step takes `batch_size` prompts, samples `k` responses per prompt from the current policy,
+    scores them with `reward_fn(prompts, texts) -> rewards`, and takes one optimiser step on: the
+    best-vs-worst pair of each prompt for a pair loss (prompts whose K rewards all tie are skipped),
+    all K responses for rpo-multi, or the RLOO policy gradient for rloo.
+
+    Args:
+        model: the policy (trained in place); reference: a frozen model (`frozen_copy`) or None for
+            losses without π_ref (simpo, rloo without kl_coef).
+        prompts: strings or chat messages; reward_fn: see `puzzle.rewards`.
+    Returns:
+        History per step: step, reward_mean, reward_std (of the sampled responses, before the
+        update), groups (prompts that contributed), loss, lr, seconds.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(reference, ReferenceLogprobs):
+        raise PuzzleError("online training samples new responses each step; pass a frozen reference model, not cached log-probs")
+    if needs_reference(config.loss, config.kl_coef) and reference is None:
+        raise PuzzleError(f"{config.loss} needs a reference model: pass frozen_copy(model)")
+    prompt_ids = [encode_prompt(tokenizer, p, string_prompts)[-config.max_prompt_tokens:] for p in prompts]
+    params, opt, sched = _optimizer(model, config)
+    gen = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    rows = []
+    for step in tqdm(range(config.steps), disable=not progress, desc=f"online {config.loss}"):
+        t0 = time.perf_counter()
+        while len(order) < config.batch_size:
+            order += torch.randperm(len(prompts), generator=gen).tolist()
+        idx, order = order[:config.batch_size], order[config.batch_size:]
+        model.eval()
+        _, groups = sample_groups(model, tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
+                                  reward_fn, config.k, config.max_new_tokens, config.temperature, config.top_k, gen)
+        all_rewards = torch.tensor([r for g in groups for r in g.rewards])
+        batch = [p for p in map(_pair_of, groups) if p is not None] if config.loss in PAIR_LOSSES else groups
+        row = {"step": step + 1, "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+               "groups": len(batch), "loss": float("nan")}
+        if batch:
+            model.train()
+            ref_sum = None
+            if needs_reference(config.loss, config.kl_coef):
+                with torch.no_grad():
+                    ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
+            loss, metrics = _records_loss(model, batch, config, ref_sum)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            opt.step()
+            sched.step()
+            row.update(metrics)
+        row.update({"lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+        rows.append(row)
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def mean_ci(values, level: float = 0.95) -> dict:
+    """Mean, standard error and a normal-approximation confidence interval of `values`.
+
+    Returns {"mean", "se", "ci_low", "ci_high", "n"}; se = sample std / sqrt(n) (0 for n = 1).
+    """
+    x = torch.as_tensor(list(values), dtype=torch.float64)
+    n = x.numel()
+    if n == 0:
+        raise PuzzleError("no values to summarise")
+    mean = float(x.mean())
+    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return {"mean": mean, "se": se, "ci_low": mean - z * se, "ci_high": mean + z * se, "n": n}
+
+
+@torch.no_grad()
+def evaluate_rewards(model, tokenizer, prompts: list, reward_fn, max_new_tokens: int, temperature: float = 0.0,
+                     samples: int = 1, batch_size: int = 16, seed: int = 0, string_prompts: str = "raw") -> pd.DataFrame:
+    """Reward of the model's answers: one row per (prompt, sample) with columns prompt_index, sample,
+    reward, response. Greedy answers by default (temperature 0, one sample per prompt)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = [encode_prompt(tokenizer, p, string_prompts) for p in prompts]
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(samples)]
+    rows = []
+    for a in range(0, len(jobs), batch_size):
+        chunk = jobs[a:a + batch_size]
+        new = sample(model, [ids[i] for i, _ in chunk], max_new_tokens, temperature, 0, tokenizer.eos_token_id,
+                     tokenizer.pad_token_id or 0, gen)
+        texts = [tokenizer.decode(y, skip_special_tokens=True) for y in new]
+        rewards = reward_fn([prompts[i] for i, _ in chunk], texts)
+        rows += [{"prompt_index": i, "sample": s, "reward": float(r), "response": t}
+                 for (i, s), r, t in zip(chunk, rewards, texts)]
+    return pd.DataFrame(rows)
+
+
+def _logprobs_of(source, prompts, responses, batch_size) -> torch.Tensor:
+    if isinstance(source, ReferenceLogprobs):
+        if source.sum_logp.shape[0] != len(prompts):
+            raise PuzzleError(f"precomputed log-probs cover {source.sum_logp.shape[0]} responses, the data {len(prompts)}")
+        return source.sum_logp
+    return batched_logprobs(source, prompts, responses, batch_size)[0]
+
+
+@torch.no_grad()
+def preference_accuracy(model, reference, encoded: list[EncodedRecord], beta: float = 0.1, aggregate: str = "sum",
+                        batch_size: int = 8) -> dict:
+    """How often the model prefers the chosen response of held-out pairs.
+
+    Implicit-reward accuracy: share of pairs with r_π(chosen) > r_π(rejected) (ties count 1/2; when the
+    policy equals the reference every pair ties and the accuracy is 0.5). Likelihood accuracy: share
+    with logπ(chosen) > logπ(rejected) (aggregated as `aggregate`), which needs no reference.
+
+    Args:
+        model: the policy, or its precomputed log-probs (a ReferenceLogprobs for these records).
+        reference: a frozen model, a ReferenceLogprobs for these records, or None (implicit skipped).
+    Returns:
+        {"pairs", "implicit_accuracy", "implicit_se", "ties", "mean_margin", "likelihood_accuracy",
+         "likelihood_se"}; standard errors are sqrt(p(1 − p)/n) over pairs (ties as 1/2 in p).
+    """
+    if any(len(r.response_ids) != 2 for r in encoded):
+        raise PuzzleError("preference accuracy needs pairs (chosen, rejected)")
+    prompts, responses = _flat(encoded)
+    counts = torch.tensor([len(y) for y in responses], dtype=torch.float64).view(-1, 2)
+    pol = _logprobs_of(model, prompts, responses, batch_size).view(-1, 2)
+    agg = (lambda s: s) if aggregate == "sum" else (lambda s: s / counts)  # noqa: E731
+    n = pol.shape[0]
+    out = {"pairs": n}
+    lik = (agg(pol)[:, 0] > agg(pol)[:, 1]).double() + 0.5 * (agg(pol)[:, 0] == agg(pol)[:, 1]).double()
+    out["likelihood_accuracy"] = float(lik.mean())
+    out["likelihood_se"] = math.sqrt(out["likelihood_accuracy"] * (1 - out["likelihood_accuracy"]) / n)
+    if reference is not None:
+        ref = _logprobs_of(reference, prompts, responses, batch_size).view(-1, 2)
+        implicit = beta * (agg(pol) - agg(ref))  # (n, 2)
+        margin = implicit[:, 0] - implicit[:, 1]
+        score = (margin > 0).double() + 0.5 * (margin == 0).double()
+        p = float(score.mean())
+        out.update({"implicit_accuracy": p, "implicit_se": math.sqrt(p * (1 - p) / n),
+                    "ties": int((margin == 0).sum()), "mean_margin": float(margin.mean())})
+    return out
+
+
+def config_record(config: RPOConfig) -> dict:
+    """The config as a JSON-ready dict, with the log-prob convention spelled out."""
+    return {**asdict(config), "logprobs": config.logprob_label, "losses_available": list(LOSSES)}
+
+
+# ------------------------------------------------------------------------------------------------
+# command line: `puzzle rpo`
+
+
+def add_rpo_parser(subparsers) -> None:
+    """Add `puzzle rpo` (offline from --data, or online from --task / --prompts) to an argparse subparsers."""
+    p = subparsers.add_parser("rpo", help="preference optimization of a child (DPO, IPO, SimPO, RPO family, RLOO), "
+                                          "offline on preference data or online with a reward")
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="model to train: an exported child (nemotron-nas folder), HF folder, .gguf, or 'tiny'")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder: rpo.json, history.csv, model/ (merged HF folder), adapters.safetensors")
+    src = p.add_argument_group("data (one of --data, --task, --prompts)")
+    src.add_argument("--data", type=Path, metavar="FILE", help="offline: preference records (.jsonl/.json/.parquet): "
+                     "{prompt, chosen, rejected[, chosen_reward, rejected_reward]} or {prompt, responses, rewards}")
+    src.add_argument("--task", help="online: a built-in graded task (count, repeat, reverse) gives prompts and reward")
+    src.add_argument("--prompts", type=Path, metavar="FILE", help="online: prompts (.jsonl with 'prompt' or 'messages')")
+    src.add_argument("--reward", help="online reward for --prompts: a task name (count, repeat, reverse) or "
+                                      "judge:PATH (that model's mean log-prob per response token)")
+    src.add_argument("--num-prompts", type=int, default=128, help="prompts drawn from --task (default 128)")
+    src.add_argument("--string-prompts", choices=["raw", "chat"], default="raw",
+                     help="plain-text prompts as is (raw) or as one user message (chat)")
+    lo = p.add_argument_group("loss")
+    lo.add_argument("--loss", default="rpo-bwd-kl", choices=list(LOSSES), help="loss (default rpo-bwd-kl)")
+    lo.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (default 0.1)")
+    lo.add_argument("--eta", type=float, default=1.0, help="η, scale of the explicit rewards (default 1)")
+    lo.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin γ (default 0.5)")
+    lo.add_argument("--aggregate", choices=list(AGGREGATES), default="sum",
+                    help="token log-probs summed (default) or averaged over the response")
+    lo.add_argument("--kl-coef", type=float, default=0.0, help="RLOO: KL penalty on the reward (default 0)")
+    lo.add_argument("--reference", choices=["cache", "copy"], default="cache",
+                    help="offline π_ref: log-probs precomputed and cached in DIR/ref_cache (default) or a frozen copy")
+    tr = p.add_argument_group("optimisation")
+    tr.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
+    tr.add_argument("--batch-size", type=int, default=4, help="prompts per step (default 4)")
+    tr.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
+    tr.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the data order and the samples")
+    tr.add_argument("--k", type=int, default=4, help="online: responses sampled per prompt (default 4)")
+    tr.add_argument("--max-new-tokens", type=int, default=48, help="online: tokens per sampled response (default 48)")
+    tr.add_argument("--temperature", type=float, default=1.0, help="online: sampling temperature (default 1)")
+    ad = p.add_argument_group("adapters (default: full fine-tuning)")
+    ad.add_argument("--adapters", metavar="SPEC", help="Tied-LoRA factors, e.g. vBuA, BA, vbua (uppercase trained)")
+    ad.add_argument("--rank", type=int, default=8, help="adapter rank r (default 8)")
+    ad.add_argument("--untied", action="store_true", help="one A, B per module and layer (plain LoRA with --adapters BA)")
+    p.add_argument("--eval-prompts", type=int, default=0,
+                   help="with --task: greedy reward on this many held-out prompts before and after (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=cmd_rpo)
+
+
+def _load_model(path: str):
+    if path == "tiny":
+        from .tiny import tiny_parent
+
+        return tiny_parent()
+    from .parent import load_parent
+
+    return load_parent(path)
+
+
+def _read_prompts(path: Path) -> list:
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e})") from e
+            value = d.get("prompt", d.get("messages")) if isinstance(d, dict) else None
+            if isinstance(value, list):
+                value = _messages(value, f"{path}, line {i + 1}")
+            if not isinstance(value, (str, tuple)):
+                raise PuzzleError(f"{path}, line {i + 1}: needs a 'prompt' string or 'messages' list")
+            prompts.append(value)
+    if not prompts:
+        raise PuzzleError(f"{path} holds no prompts")
+    return prompts
+
+
+def cmd_rpo(args) -> int:
+    """`puzzle rpo`: train, write DIR/{rpo.json, history.csv, model/, adapters.safetensors}; returns 0."""
+    import sys
+
+    from .export import export_checkpoint
+    from .io import atomic_write_json
+    from .rewards import LikelihoodJudge, get_task
+
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    sources = [x is not None for x in (args.data, args.task, args.prompts)]
+    if sum(sources) != 1:
+        raise PuzzleError("give exactly one of --data (offline), --task or --prompts (online)")
+    config = RPOConfig(loss=args.loss, beta=args.beta, eta=args.eta, gamma=args.gamma, aggregate=args.aggregate,
+                       kl_coef=args.kl_coef, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       warmup_steps=args.warmup_steps, seed=args.seed, k=args.k, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature)
+    progress = not args.no_progress
+    loaded = _load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    args.out.mkdir(parents=True, exist_ok=True)
+    handle = None
+    if args.adapters:
+        from .adapters import AdapterConfig, apply_adapters
+
+        handle = apply_adapters(model, AdapterConfig(spec=args.adapters, rank=args.rank, tied=not args.untied))
+        say(f"adapters {handle.config.name}: {handle.num_trainable():,} trainable parameters")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    uses_ref = needs_reference(config.loss, config.kl_coef)
+    summary: dict = {"model": loaded.source, "logprobs": config.logprob_label}
+    if args.data is not None:
+        records = read_preference_data(args.data)
+        encoded = encode_records(tokenizer, records, max_prompt_tokens=config.max_prompt_tokens,
+                                 max_response_tokens=config.max_response_tokens, string_prompts=args.string_prompts)
+        reference = None
+        if uses_ref:
+            ref_model = frozen_copy(model)
+            reference = (reference_logprobs(ref_model, encoded, args.out / "ref_cache", progress=progress)
+                         if args.reference == "cache" else ref_model)
+        say(f"offline {config.loss} on {len(encoded)} records from {args.data} ({config.logprob_label})")
+        history = train_offline(model, encoded, config, reference, progress=progress)
+        summary["data"] = str(args.data)
+    else:
+        if args.task:
+            task = get_task(args.task)
+            prompts, reward_fn = task.prompts(args.num_prompts, seed=args.seed), task
+            held_out = task.prompts(args.eval_prompts, seed=args.seed + 10_000) if args.eval_prompts else []
+        else:
+            if not args.reward:
+                raise PuzzleError("--prompts needs --reward (a task name or judge:PATH)")
+            prompts = _read_prompts(args.prompts)
+            reward_fn = (LikelihoodJudge(_load_model(args.reward[len("judge:"):]).model, tokenizer, args.string_prompts)
+                         if args.reward.startswith("judge:") else get_task(args.reward))
+            held_out = []
+        if held_out:
+            before = evaluate_rewards(model, tokenizer, held_out, reward_fn, config.max_new_tokens)
+            summary["reward_before"] = mean_ci(before.reward)
+        reference = frozen_copy(model) if uses_ref else None
+        say(f"online {config.loss}: {len(prompts)} prompts, k={config.k} ({config.logprob_label})")
+        history = train_online(model, tokenizer, prompts, reward_fn, config, reference, args.string_prompts, progress)
+        if held_out:
+            after = evaluate_rewards(model, tokenizer, held_out, reward_fn, config.max_new_tokens)
+            summary["reward_after"] = mean_ci(after.reward)
+            summary["reward_change"] = mean_ci(after.reward.to_numpy() - before.reward.to_numpy())
+            say(f"held-out reward: {summary['reward_before']['mean']:.3f} -> {summary['reward_after']['mean']:.3f}")
+    history.to_csv(args.out / "history.csv", index=False)
+    if handle is not None:
+        from .adapters import save_adapters
+
+        save_adapters(handle, args.out / "adapters.safetensors")
+        handle.merge()
+    export_checkpoint(model, tokenizer, args.out / "model", overwrite=True,
+                      extra_info={"stage": "rpo", "loss": config.loss, "source": loaded.source})
+    summary["final_loss"] = float(history["loss"].iloc[-1]) if len(history) else None
+    atomic_write_json(args.out / "rpo.json", {"config": config_record(config), "summary": summary,
+                                              "adapters": handle.config.to_dict() if handle is not None else None})
+    say(f"wrote {args.out / 'model'} and {args.out / 'history.csv'}")
+    return 0

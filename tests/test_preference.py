@@ -1,0 +1,203 @@
+"""Preference data, response log-probs, the reference cache, sampling, offline/online training, rewards, CLI."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from puzzle.adapters import AdapterConfig, apply_adapters
+from puzzle.errors import PuzzleError
+from puzzle.preference import (RPOConfig, add_rpo_parser, encode_records, evaluate_rewards, frozen_copy, mean_ci,
+                               preference_accuracy, read_preference_data, record_from_dict, reference_logprobs,
+                               response_logprobs, sample, train_offline, train_online)
+from puzzle.rewards import TASKS, LikelihoodJudge, positional_score, sequence_ratio
+from puzzle.tiny import tiny_parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
+
+
+PAIRS = [
+    {"prompt": "The parent", "chosen": " is a model.", "rejected": " zzz qqq", "chosen_reward": 0.9, "rejected_reward": 0.1},
+    {"prompt": [{"role": "user", "content": "Name a block."}], "chosen": "attention", "rejected": "banana",
+     "chosen_reward": 0.7, "rejected_reward": 0.4},
+    {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+     "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}],
+     "chosen_reward": 1.0, "rejected_reward": 0.0},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reads_pairs_groups_and_chat_prompts(tmp_path):
+    records = read_preference_data(write_jsonl(tmp_path / "p.jsonl", PAIRS))
+    assert [r.is_pair for r in records] == [True, True, True]
+    assert records[0].rewards == (0.9, 0.1) and records[1].prompt == ({"role": "user", "content": "Name a block."},)
+    assert records[2].prompt == ({"role": "user", "content": "Hi"},) and records[2].responses == ("Hello!", "Go away.")
+    group = record_from_dict({"prompt": "x", "responses": ["a", "b", "c"], "rewards": [0.1, 0.5, 0.2]})
+    assert len(group.responses) == 3 and group.rewards == (0.1, 0.5, 0.2)
+    assert record_from_dict({"prompt": "x", "chosen": "a", "rejected": "b"}).rewards is None
+    bad = [({"prompt": "x", "chosen": "a"}, "both 'chosen' and 'rejected'"),
+           ({"prompt": "x", "chosen": "a", "rejected": "b", "chosen_reward": 1}, "both chosen_reward"),
+           ({"prompt": "x", "responses": ["a", "b"], "rewards": [1.0]}, "one number per response"),
+           ({"prompt": "x", "responses": ["a", "b"], "rewards": [1.0, None]}, "finite numbers"),
+           ({"text": "x"}, "expected a pair")]
+    for d, msg in bad:
+        with pytest.raises(PuzzleError, match=msg):
+            record_from_dict(d)
+    (tmp_path / "bad.jsonl").write_text(json.dumps(PAIRS[0]) + "\n{oops\n")
+    with pytest.raises(PuzzleError, match="line 2"):
+        read_preference_data(tmp_path / "bad.jsonl")
+
+
+def test_only_response_tokens_are_scored(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    enc = encode_records(tok, read_preference_data_rows(PAIRS[1:2]))
+    prompt = list(enc[0].prompt_ids)
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")  # chat template with the generation prompt
+    assert enc[0].response_ids[0][-1] == tok.eos_token_id  # EOS ends (and is part of) the response
+    responses = [list(y) for y in enc[0].response_ids]
+    sums, counts = response_logprobs(model, [prompt, prompt], responses)
+    assert counts.tolist() == [len(y) for y in responses]
+    for y, s in zip(responses, sums):
+        ids = torch.tensor([prompt + y])
+        logp = torch.log_softmax(model(ids)[0, :-1].double(), -1)
+        manual = sum(float(logp[len(prompt) - 1 + j, t].detach()) for j, t in enumerate(y))
+        assert abs(manual - float(s)) < 1e-4
+    # batched with other lengths = alone (right padding never reaches the scored positions)
+    alone = response_logprobs(model, [prompt], [responses[1]])[0]
+    torch.testing.assert_close(alone[0], sums[1], atol=1e-5, rtol=0)
+
+
+def read_preference_data_rows(rows):
+    return [record_from_dict(r) for r in rows]
+
+
+def test_reference_cache_is_keyed_by_data_and_weights(tiny, tmp_path):
+    enc = encode_records(tiny.tokenizer, read_preference_data_rows(PAIRS))
+    ref = frozen_copy(tiny.model)
+    first = reference_logprobs(ref, enc, tmp_path)
+    files = list(tmp_path.glob("ref_logprobs-*.safetensors"))
+    assert len(files) == 1 and first.sum_logp.shape == (6,) and first.sum_logp.dtype == torch.float64
+    again = reference_logprobs(ref, enc, tmp_path)
+    assert again.key == first.key and torch.equal(again.sum_logp, first.sum_logp)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    reference_logprobs(ref, enc[:2], tmp_path)  # other data: another file
+    with torch.no_grad():
+        ref.model.norm.weight.mul_(1.5)
+    changed = reference_logprobs(ref, enc, tmp_path)  # other weights: another key, new values
+    assert changed.key != first.key and not torch.equal(changed.sum_logp, first.sum_logp)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sampling_greedy_matches_generate_and_padding_is_invisible(tiny):
+    model, eos = tiny.model, tiny.tokenizer.eos_token_id
+    prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62]]
+    batched = sample(model, prompts, 6, temperature=0.0, eos_token_id=eos)
+    for p, got in zip(prompts, batched):
+        alone = model.generate(torch.tensor([p]), max_new_tokens=6, eos_token_id=eos)[0, len(p):].tolist()
+        assert got == alone[:len(got)] and (len(got) == 6 or got[-1] == eos)
+    a = sample(model, prompts, 5, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = sample(model, prompts, 5, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    c = sample(model, prompts, 5, temperature=1.0, generator=torch.Generator().manual_seed(4))
+    assert a == b and a != c
+
+
+def test_offline_dpo_learns_the_preference_with_cache_or_copy(tiny):
+    enc = encode_records(tiny.tokenizer, read_preference_data_rows(PAIRS))
+    config = RPOConfig(loss="dpo", beta=0.5, steps=8, batch_size=3, lr=3e-3)
+    results = {}
+    for mode in ("cache", "copy"):
+        model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        ref = frozen_copy(model)
+        reference = reference_logprobs(ref, enc) if mode == "cache" else ref
+        history = train_offline(model, enc, config, reference)
+        results[mode] = history
+        assert history["loss"].iloc[0] == pytest.approx(0.6931, abs=1e-3)  # log 2 while π = π_ref
+        assert history["loss"].iloc[-1] < 0.5 and history["accuracy"].iloc[-1] == 1.0
+    torch.testing.assert_close(torch.tensor(results["cache"]["loss"].values), torch.tensor(results["copy"]["loss"].values),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(PuzzleError, match="needs explicit rewards"):
+        train_offline(tiny.model, encode_records(tiny.tokenizer, [record_from_dict({"prompt": "a", "chosen": "b",
+                                                                                   "rejected": "c"})]),
+                      RPOConfig(loss="rpo-sq"), frozen_copy(tiny.model))
+
+
+def test_online_rloo_and_rpo_with_adapters(tiny):
+    model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model
+    handle = apply_adapters(model, AdapterConfig(spec="vBuA", rank=4))
+    task = TASKS["repeat"]
+    prompts = task.prompts(4, seed=0)
+    for loss in ("rloo", "rpo-bwd-kl", "rpo-multi"):
+        config = RPOConfig(loss=loss, steps=2, batch_size=2, k=3, max_new_tokens=6, lr=1e-2)
+        history = train_online(model, tiny.tokenizer, prompts, task, config,
+                               reference=None if loss == "rloo" else frozen_copy(model))
+        assert list(history["step"]) == [1, 2] and history["reward_mean"].between(0, 1).all()
+    assert handle.num_trainable() > 0
+    with pytest.raises(PuzzleError, match="reference model"):
+        train_online(model, tiny.tokenizer, prompts, task, RPOConfig(loss="dpo", steps=1), None)
+
+
+def test_rewards_are_graded_and_verifiable(tiny):
+    count, repeat, reverse = TASKS["count"], TASKS["repeat"], TASKS["reverse"]
+    p = [{"role": "user", "content": "Count from 3 to 7. Write only the numbers, separated by commas."}]
+    assert count.score(p, "3, 4, 5, 6, 7") == 1.0
+    assert count.score(p, "3, 4, 5") == pytest.approx(3 / 5)
+    assert count.score(p, "3, 4, 5, 6, 7, 8, 9, 10") == pytest.approx(5 / 8)
+    assert count.score(p, "none") == 0.0
+    assert repeat.score("Repeat these words exactly, in the same order: cat dog sun", "Cat, dog, sun!") == 1.0
+    assert 0 < repeat.score("Repeat these words exactly, in the same order: cat dog sun", "cat sun") < 1
+    assert reverse.score("Write these words in reverse order: cat dog sun", "sun dog cat") == 1.0
+    assert positional_score([1, 2], [2, 1]) == 0.0 and sequence_ratio(["a"], ["a"]) == 1.0
+    assert count.prompts(3, seed=1) == count.prompts(3, seed=1) != count.prompts(3, seed=2)
+    with pytest.raises(PuzzleError):
+        count.score("Say hi", "hi")
+    judge = LikelihoodJudge(tiny.model, tiny.tokenizer)
+    scores = judge(["The parent", "The parent"], [" is a model.", " zzz"])
+    assert len(scores) == 2 and all(s < 0 for s in scores) and scores[0] != scores[1]
+
+
+def test_evaluation_helpers(tiny):
+    enc = encode_records(tiny.tokenizer, read_preference_data_rows(PAIRS))
+    acc = preference_accuracy(tiny.model, frozen_copy(tiny.model), enc)
+    assert acc["implicit_accuracy"] == 0.5 and acc["ties"] == 3 and acc["pairs"] == 3  # π = π_ref: all ties
+    assert 0 <= acc["likelihood_accuracy"] <= 1
+    s = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert s["mean"] == 2.5 and s["ci_low"] < 2.5 < s["ci_high"] and s["se"] == pytest.approx(0.6455, abs=1e-4)
+    df = evaluate_rewards(tiny.model, tiny.tokenizer, TASKS["count"].prompts(3), TASKS["count"], max_new_tokens=4)
+    assert list(df.columns) == ["prompt_index", "sample", "reward", "response"] and len(df) == 3
+
+
+def test_cli_offline_run_writes_the_model_and_history(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    parser = argparse.ArgumentParser()
+    add_rpo_parser(parser.add_subparsers())
+    args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "run"), "--data", str(data),
+                              "--loss", "rpo-bwd-kl", "--steps", "2", "--batch-size", "2", "--adapters", "vBuA",
+                              "--rank", "2", "--aggregate", "mean", "--no-progress"])
+    assert args.func(args) == 0
+    out = json.loads((tmp_path / "run" / "rpo.json").read_text())
+    assert out["config"]["loss"] == "rpo-bwd-kl" and out["config"]["logprobs"] == "mean over response tokens"
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert (tmp_path / "run" / "adapters.safetensors").is_file() and len(list((tmp_path / "run" / "ref_cache").iterdir())) == 1
+    assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 3
+    args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "x"), "--no-progress"])
+    with pytest.raises(PuzzleError, match="exactly one of"):
+        args.func(args)
