@@ -178,14 +178,6 @@ def cmd_front(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .pipeline import generate_answers
-
-    for prompt, answer in generate_answers(args.model, args.prompt, args.max_new_tokens):
-        print(f"> {prompt}\n{answer}\n")
-    return 0
-
-
 def cmd_presets(args) -> int:
     from .config import preset_names
 
@@ -242,12 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_flags(p)
     p.set_defaults(func=cmd_front)
 
-    p = sub.add_parser("generate", help="greedy chat answers from a model folder (export, HF or GGUF parent)")
-    p.add_argument("model", help="model path")
-    p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    p.set_defaults(func=cmd_generate)
+    # Later stages and tools; each module owns its parser (imports stay light: parsers only).
+    from .baselines import add_baselines_parser
+    from .distill import add_gkd_parser
+    from .merge import add_merge_parser
+    from .preference import add_rpo_parser
+    from .refine import add_refine_parser
+    from .runtime import add_generate_parser
+    from .scoring.harness import add_eval_parser
+    from .sft import add_sft_parser
+
+    for add in (add_refine_parser, add_baselines_parser, add_gkd_parser, add_sft_parser, add_rpo_parser,
+                add_merge_parser, add_eval_parser, add_generate_parser):
+        add(sub)
 
     p = sub.add_parser("presets", help="list the packaged presets")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

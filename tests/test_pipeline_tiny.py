@@ -110,5 +110,6 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 def test_help_lists_the_stages():
     out = _cli("--help")
-    for stage in ("run", "data", "bld", "score", "search", "realize", "export", "front", "generate"):
+    for stage in ("run", "data", "bld", "score", "search", "realize", "export", "front", "refine", "baselines", "gkd",
+                  "sft", "rpo", "merge", "eval", "generate"):
         assert stage in out.stdout
