@@ -172,16 +172,3 @@ def test_prefill_compiled_on_cuda(case, dtype):
 )
 def test_decode_compiled_on_cuda(case, dtype):
     _check_decode(case, dtype, device="cuda")
-
-
-@gpu
-def test_prefill_within_reach_of_sdpa_on_cuda():
-    import triton.testing
-
-    q = torch.randn(2, 32, 2048, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ours = triton.testing.do_bench(lambda: prefill_attention(q, k, v))
-    kx, vx = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
-    sdpa = triton.testing.do_bench(
-        lambda: torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True))
-    assert ours < 2 * sdpa, f"prefill {ours:.3f} ms vs SDPA {sdpa:.3f} ms"
