@@ -14,21 +14,7 @@ from puzzle.errors import PuzzleError
 from puzzle.library import Library
 from puzzle.plots import architecture_map, front_plot, matched_ratios
 from puzzle.tiny import tiny_parent
-
-
-def tiny_run_dir(tmp_path_factory):
-    """A tiny run after data, BLD, scoring and search, shared by the issue-5 test files of one session."""
-    from puzzle.config import load_preset
-    from puzzle.pipeline import Run, stage_bld, stage_data, stage_score, stage_search
-
-    root = tmp_path_factory.getbasetemp() / "issue5-tiny-run"
-    if not (root / "search" / "chosen.json").is_file():
-        config = load_preset("tiny").replace(space={"ffn_fractions": (0.5,)}, bld={"tokens": 512},
-                                             score={"tokens": 128, "cost_repeats": 1},
-                                             search={"front_speedups": (1.25, 1.5)})
-        run = Run(root, config, progress=False)
-        stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
-    return root
+from tiny_run import tiny_run_dir
 
 
 def test_block_influence_ranks_a_layer_that_changes_nothing_first():

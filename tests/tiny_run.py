@@ -1,0 +1,16 @@
+"""A tiny run directory after data, BLD, scoring and search, built once per test session."""
+
+
+def tiny_run_dir(tmp_path_factory):
+    """A tiny run after data, BLD, scoring and search, shared by the issue-5 test files of one session."""
+    from puzzle.config import load_preset
+    from puzzle.pipeline import Run, stage_bld, stage_data, stage_score, stage_search
+
+    root = tmp_path_factory.getbasetemp() / "issue5-tiny-run"
+    if not (root / "search" / "chosen.json").is_file():
+        config = load_preset("tiny").replace(space={"ffn_fractions": (0.5,)}, bld={"tokens": 512},
+                                             score={"tokens": 128, "cost_repeats": 1},
+                                             search={"front_speedups": (1.25, 1.5)})
+        run = Run(root, config, progress=False)
+        stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
+    return root
