@@ -148,3 +148,31 @@ def test_parse_think():
     for bad in ("<think></think> 42", "<think>x</think>", "42. <think>x</think> y", "<think>x<think>y</think> z"):
         assert not parse_think(bad)["well_formed"], bad
     assert not parse_think("42.")["has_think"]
+
+
+def test_short_sft_teaches_the_toggle_on_held_out_questions(tmp_path):
+    """~140 steps of SFT (about 10 s of one CPU thread) make a fresh tiny model open its greedy answer
+    with <think> when the system message says "detailed thinking on" and not when it says "off", on
+    questions it never saw. Kept fast by training on two short task types (subtraction and
+    multiplication, ~105 tokens a conversation; their answers start with a digit with the toggle off)
+    and by generating only the first 8 tokens, enough for "<think>\\n" (7 tokens): the toggle is decided
+    by the first tokens. The assertion has teeth: the untrained model never writes <think>, and around step 40
+    of this run the model writes it in both modes (it learns "think" before it learns the switch; the off
+    share reaches 0 by step 100). Deterministic: fixed model seed, data and batch order."""
+    tasks = {"sub", "mul"}
+    lm = tiny_parent()
+    train = [r for r in reasoning_toggle_examples(140, 0) if r["task"] in tasks]  # 20 questions a task, on and off
+    held = [q for q in reasoning_toggle_heldout(42) if q["task"] in tasks]  # 6 new questions a task
+    assert len(train) == 80 and len(held) == 12
+    assert not {q["question"] for q in held} & {r["messages"][1]["content"] for r in train}
+    before = toggle_summary(toggle_report(lm.model, lm.tokenizer, held, max_new_tokens=8)).set_index("mode")
+    assert before.think_fraction.max() == 0
+    data = prepare_sft_data(lm.tokenizer, [r["messages"] for r in train], seq_len=256)
+    cfg = SFTConfig(epochs=12, seq_len=256, batch_size=4, lr=3e-3, warmup_fraction=0.1, checkpoint_every=1000)
+    result = supervised_finetune(lm.model, data, cfg, tmp_path)
+    assert result.finished and result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
+    report = toggle_report(result.model, lm.tokenizer, held, max_new_tokens=8)
+    after = toggle_summary(report).set_index("mode")
+    replies = report.groupby("mode").reply.apply(list).to_dict()
+    assert after.loc["on", "think_fraction"] >= 0.8, replies  # measured: 1.0 (12 of 12)
+    assert after.loc["off", "think_fraction"] <= 0.2, replies  # measured: 0.0 (0 of 12)
