@@ -364,7 +364,16 @@ def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        # trust_remote_code=False: the tokenizer never needs the folder's code, and an exported folder's
+        # auto_map would otherwise make transformers stop and ask on the terminal
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # silence "model of type nemotron-nas" notes about the folder's config
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError, KeyError, TypeError) as e:
         if (folder / "tokenizer.json").is_file():  # AutoTokenizer may trip over a model_type it does not know
             try:
