@@ -63,7 +63,7 @@ def _resolve_config(args, out: Path):
     """The preset (or saved config), with the command-line flags applied."""
     from .config import load_preset, load_run_config
 
-    if args.preset:
+    if getattr(args, "preset", None):
         config = load_preset(args.preset)
     elif (out / "config.json").is_file():
         config = load_run_config(out)
@@ -174,7 +174,14 @@ def cmd_export(args) -> int:
 def cmd_front(args) -> int:
     from .pipeline import stage_front
 
-    stage_front(_run_for(args))
+    from .plots import write_front_all
+
+    run = _run_for(args)
+    stage_front(run)
+    if (run.out / "baselines" / "rows").is_dir() or (run.out / "front_rows").is_dir():
+        rows = write_front_all(run.out)  # our front and the baselines' (puzzle baselines / refine) on one plot
+        print(f"front with baselines: {len(rows)} models -> {run.out / 'front_all.csv'}, {run.out / 'front_all.png'}",
+              file=sys.stderr)
     return 0
 
 
@@ -229,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", type=Path, help="folder to write (default DIR/export/<name>)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("front", help="sweep speed-up targets: front.csv and front.png (quality vs measured throughput)")
+    p = sub.add_parser("front", help="sweep speed-up targets: front.csv and front.png (quality vs measured throughput); "
+                                      "with `puzzle baselines` done, also front_all.csv/png with the baselines")
     _add_common(p)
     _add_budget_flags(p)
     p.set_defaults(func=cmd_front)

@@ -116,3 +116,17 @@ def test_baselines_command_parses_and_refuses_bad_speedups(tmp_path):
     assert args.func is baselines_main
     with pytest.raises(PuzzleError, match="--speedups"):
         args.func(args)
+
+
+def test_front_command_draws_the_baselines_beside_our_front(tmp_path_factory, tmp_path):
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    rows = pd.read_csv(out / "front_all.csv")
+    assert "parent" in set(rows["name"]) and {"layer_removal", "greedy"} <= set(rows["method"])
+    assert (out / "front_all.png").stat().st_size > 0 and (out / "front.png").is_file()
