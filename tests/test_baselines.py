@@ -118,7 +118,7 @@ def test_baselines_command_parses_and_refuses_bad_speedups(tmp_path):
         args.func(args)
 
 
-def test_front_command_draws_the_baselines_beside_our_front(tmp_path_factory, tmp_path):
+def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_factory, tmp_path):
     import shutil
 
     from puzzle.cli import main
@@ -130,3 +130,7 @@ def test_front_command_draws_the_baselines_beside_our_front(tmp_path_factory, tm
     rows = pd.read_csv(out / "front_all.csv")
     assert "parent" in set(rows["name"]) and {"layer_removal", "greedy"} <= set(rows["method"])
     assert (out / "front_all.png").stat().st_size > 0 and (out / "front.png").is_file()
+    # the stage commands that read a run directory without a preset flag
+    assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 0
+    assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "exp"), "--no-progress"]) == 0
+    assert (tmp_path / "exp" / "config.json").is_file()
