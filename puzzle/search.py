@@ -487,6 +487,52 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
                       f"block_library.json (or its folder)")
 
 
+def roofline_table(table: pd.DataFrame, meta: dict, run_dir: str | os.PathLike, gpu: str,
+                   dtype: str = "bfloat16") -> tuple[pd.DataFrame, dict]:
+    """The score table of a run directory with its cost columns replaced by roofline estimates for `gpu`.
+
+    Quality columns are kept (they do not depend on the device); costs of every attention, FFN,
+    block (attention + FFN) and non-block row are estimated by `scoring.roofline` for the run's
+    batch size, prompt and generation lengths, in `dtype`. The estimates are lower bounds (peak
+    FLOP/s and bandwidth): use them to plan, and measure on the GPU before trusting absolute times.
+
+    Raises:
+        PuzzleError: `run_dir` is not a run directory (no parent.json), or an unknown GPU name.
+    """
+    from .architecture import ModelConfig
+    from .scoring.cost import Workload
+    from .scoring.roofline import estimate_non_block_costs, estimate_subblock_costs, gpu_spec
+
+    parent_json = Path(run_dir) / "parent.json"
+    if not parent_json.is_file():
+        raise PuzzleError(f"--roofline needs a run directory (with parent.json) for the parent's sizes; {run_dir} has none")
+    spec = gpu_spec(gpu)
+    config = ModelConfig.from_dict(json.loads(parent_json.read_text())["config"])
+    workload = Workload(batch_size=int(meta["batch_size"]), prompt_len=int(meta["prompt_len"]),
+                        gen_len=int(meta["gen_len"]), dtype=dtype, device="cuda")
+    parts = {}
+    for subblock in ("attention", "ffn"):
+        ids = sorted(set(table.loc[table["subblock"] == subblock, "variant"]))
+        for block_id in table.loc[table["subblock"] == "block", "variant"]:
+            ids.append(block_id.split("+")[0 if subblock == "attention" else 1])
+        parts[subblock] = sorted(set(ids))
+    est = estimate_subblock_costs(config, parts["attention"], parts["ffn"], workload, spec).set_index(["subblock", "variant"])
+    non_block = estimate_non_block_costs(config, workload, spec)
+    table = table.copy()
+    for i, row in table.iterrows():
+        if row["subblock"] in ("attention", "ffn"):
+            costs = {c: est.loc[(row["subblock"], row["variant"]), c] for c in COST_COLUMNS}
+        elif row["subblock"] == "block":
+            a, f = row["variant"].split("+")
+            costs = {c: est.loc[("attention", a), c] + est.loc[("ffn", f), c] for c in COST_COLUMNS}
+        else:
+            costs = {c: non_block[c] for c in COST_COLUMNS}
+        for c, v in costs.items():
+            table.at[i, c] = v
+    meta = {**meta, **est.attrs, "source_device": meta.get("device"), "device": "cuda", "device_name": spec.name}
+    return table, meta
+
+
 def _add_once(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
     """Add a flag unless the parser already has it (the main CLI adds the shared budget flags)."""
     try:
@@ -518,6 +564,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
               help="each further solution differs from every earlier one in at least D layers")
     _add_once(g, "--time-limit", type=float, default=60.0, metavar="S", help="solver time limit in seconds")
     _add_once(g, "--greedy", action="store_true", help="the greedy baseline instead of the MIP")
+    _add_once(g, "--roofline", metavar="GPU", default=None,
+              help="plan for a GPU you do not have: replace the measured costs of a run directory's table by roofline "
+                   "estimates for H100, H200, A100 or L40S (scoring/roofline.py) at the run's batch and lengths")
+    _add_once(g, "--roofline-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+              help="weights, activations and KV cache for --roofline (default bfloat16)")
     _add_once(g, "--json", action="store_true", help="print one JSON object (objective, choice, totals)")
     _add_once(g, "--output", metavar="FILE", default=None, help="also write the solutions as JSON to FILE")
 
@@ -527,6 +578,8 @@ def search_main(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
 
     table, meta = load_search_table(args.library)
+    if getattr(args, "roofline", None):
+        table, meta = roofline_table(table, meta, args.library, args.roofline, args.roofline_dtype)
     request = BudgetRequest(**{f: None if getattr(args, f, None) is None else str(getattr(args, f))
                                for f in ("max_runtime", "max_prefill", "max_decode", "max_memory", "max_params",
                                          "speedup", "min_throughput")})

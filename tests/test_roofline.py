@@ -2,7 +2,6 @@
 
 import pandas as pd
 import pytest
-import torch
 
 from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from puzzle.errors import PuzzleError
@@ -157,3 +156,28 @@ def test_memory_table_dtypes():
          + memory.subblock_memory_bytes(cfg, F("ffn-128"), 2, 10, "fp32")) / memory.MIB)
     with pytest.raises(PuzzleError, match="int4"):
         memory.memory_table(cfg, [A("attn-kv2")], 1, 1, ("int4",))
+
+
+def test_search_plans_for_a_gpu_from_a_cpu_run(tmp_path_factory, capsys):
+    import json
+
+    from tiny_run import tiny_run_dir
+
+    from puzzle.cli import main
+    from puzzle.search import load_search_table, roofline_table
+
+    run = tiny_run_dir(tmp_path_factory)
+    table, meta = load_search_table(run)
+    gpu_table, gpu_meta = roofline_table(table, meta, run, "H100")
+    assert gpu_meta["device_name"].startswith("NVIDIA H100") and gpu_meta["estimated"]
+    assert gpu_table[["kl_nats", "lm_loss"]].equals(table[["kl_nats", "lm_loss"]])  # quality is device-independent
+    config = ModelConfig.from_dict(json.loads((run / "parent.json").read_text())["config"])
+    w = Workload(batch_size=meta["batch_size"], prompt_len=meta["prompt_len"], gen_len=meta["gen_len"], dtype="bfloat16",
+                 device="cuda")
+    parent_rows = gpu_table[gpu_table["is_parent"].astype(bool)]
+    assert parent_rows["runtime_ms"].sum() == pytest.approx(estimate_model(config, w, "H100")["runtime_ms"], rel=1e-9)
+    assert main(["search", "--library", str(run), "--roofline", "h100", "--speedup", "1.25", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["runtime_ms"] <= record["parent"]["runtime_ms"] / 1.25 * (1 + 1e-9)
+    with pytest.raises(PuzzleError, match="run directory"):
+        roofline_table(table, meta, tmp_path_factory.mktemp("empty"), "H100")
