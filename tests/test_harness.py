@@ -160,6 +160,24 @@ def test_evaluate_tasks_table_and_paired_difference(tiny):
         evaluate_tasks(tiny.model, tiny.tokenizer, ["nope"], docs=docs)
 
 
+def test_finished_tasks_are_saved_and_reused_after_an_interruption(tiny, tmp_path, monkeypatch):
+    docs = _toy_docs()
+    kwargs = dict(limit=5, seed=0, docs=docs, parts_dir=tmp_path / "parts", parts_key={"model": "tiny"})
+    first = evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], **kwargs)
+    assert (tmp_path / "parts" / "arc_easy.csv").is_file() and (tmp_path / "parts" / "lambada.json").is_file()
+    import puzzle.scoring.harness as harness
+
+    def no_scoring(*a, **k):
+        raise AssertionError("a finished task was scored again")
+
+    monkeypatch.setattr(harness, "loglikelihoods", no_scoring)
+    again = evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], **kwargs)
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert again.meta["timing"]["arc_easy"]["reused"]
+    with pytest.raises(AssertionError, match="scored again"):  # another seed is another subset: not reused
+        evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy"], **{**kwargs, "seed": 1})
+
+
 # ------------------------------------------------------------------------------------------------
 # Models and the CLI
 
