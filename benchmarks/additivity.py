@@ -32,7 +32,7 @@ from puzzle.architecture import BlockConfig, ModelConfig
 from puzzle.budgets import Budgets
 from puzzle.io import load_table, read_json, save_table
 from puzzle.modeling import PuzzleForCausalLM
-from puzzle.scoring.cost import (COST_COLUMNS, Workload, measure_models, measure_non_block_costs,
+from puzzle.scoring.cost import (Workload, measure_models, measure_non_block_costs,
                                  measure_subblock_costs, predict_totals, select_rows)
 from puzzle.search import solve
 

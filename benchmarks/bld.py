@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -155,7 +154,7 @@ def cmd_throughput(args) -> None:
         bld_rows = index[index["stage"] == "bld"]
         useful = 0.0
         for job in jobs:
-            row = bld_rows[(bld_rows["layer"] == job.layer) & (bld_rows["variant"] == job.id)].iloc[0]
+            assert ((bld_rows["layer"] == job.layer) & (bld_rows["variant"] == job.id)).any(), job  # it was trained
             method = "lstsq" if job.variant.kind == "linear" and cfg.linear_train == "lstsq" else "adamw"
             useful += args.tokens * entry_train_flops(config, job, T, method)
         useful += args.tokens * len(layers) * parent_layer_flops(config, T)

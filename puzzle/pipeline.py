@@ -21,7 +21,6 @@ messages to the `log` callback.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import time

@@ -70,7 +70,6 @@ def test_init_leaves_the_model_unchanged(spec, frozen):
 
 
 def test_trainable_counts_match_the_formulas_on_a_heterogeneous_child():
-    model = hetero_child()
     r = 4
     # adapted modules (C = 32, head dim 8, 4 query heads):
     #   layer 0: q (32x32), k (16x32), v (16x32), o (32x32), gate/up (64x32), down (32x64)

@@ -8,7 +8,7 @@ import torch
 from puzzle.architecture import AttentionConfig, FFNConfig
 from puzzle.bld import BLDConfig, build_library, lr_at, normalized_mse
 from puzzle.errors import PuzzleError
-from puzzle.init import (attention_subblock, ffn_channel_scores, init_attention, init_ffn, ridge_lstsq)
+from puzzle.init import (ffn_channel_scores, init_attention, init_ffn, ridge_lstsq)
 from puzzle.library import Library
 from puzzle.space import SpaceConfig, build_space
 from puzzle.tiny import tiny_parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.architecture import BlockConfig, FFNConfig
 from puzzle.config import load_preset, save_run_config
 from puzzle.errors import PuzzleError
 from puzzle.scoring.harness import (LogLikelihood, add_eval_parser, doc_metrics, encode_pairs, evaluate_tasks,

@@ -8,7 +8,7 @@ import torch
 
 from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import PuzzleError
-from puzzle.init import attention_subblock, compose_block, ffn_subblock, init_attention, init_ffn
+from puzzle.init import compose_block, init_attention, init_ffn
 from puzzle.scoring.parallel import Candidate, merge_logs, read_logs, score_sharded, shard
 from puzzle.scoring.quality import ResultLog, parent_cache, replace_block_score, replace_one_score, replace_one_scores
 from puzzle.tiny import tiny_parent

@@ -1,15 +1,13 @@
 """SFT: chat data forms, prompt masking, packing with isolated attention, the toggle demonstration set,
 the loss over processes, resume, and that a short SFT of the tiny model makes the toggle work."""
 
-import argparse
 import json
 
 import pytest
 import torch
 
 from puzzle.errors import PuzzleError
-from puzzle.parent import load_parent
-from puzzle.sft import (DEMO_SPEC, IGNORE, REASONING_OFF, REASONING_ON, SFTConfig, _step_fn, add_sft_parser, block_causal_mask,
+from puzzle.sft import (DEMO_SPEC, IGNORE, REASONING_OFF, REASONING_ON, SFTConfig, _step_fn, block_causal_mask,
                         conversation_from_record, pack_conversations, parse_think, prepare_sft_data,
                         read_chat_jsonl, reasoning_toggle_examples, reasoning_toggle_heldout,
                         supervised_finetune, tokenize_conversation, toggle_report, toggle_summary)
