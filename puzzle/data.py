@@ -171,6 +171,24 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
 
 
+def iter_json_lines(path: Path):
+    """(line number, record) for every non-blank line of a JSON-lines file (optionally .gz).
+
+    Raises PuzzleError on a line that is not JSON or not a JSON object, naming the file and line.
+    """
+    with _open_text(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e}); give one JSON object per line") from e
+            if not isinstance(record, dict):
+                raise PuzzleError(f"{path}, line {i + 1}: not a JSON object; give one object per line")
+            yield i + 1, record
+
+
 def read_text_file(path: Path, source: str, mode: str = "paragraph") -> list[Document]:
     """Plain text: one document per blank-line-separated block ("paragraph"), per line ("line"),
     or the whole file ("file"). Raises PuzzleError for an unknown mode."""
@@ -215,29 +233,20 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
     Raises PuzzleError on a line that is not JSON or a record without text.
     """
     docs, seen = [], set()
-    with _open_text(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
+    for lineno, record in iter_json_lines(path):
+        if isinstance(record.get("request"), dict) and "context" in record["request"] and "doc_id" in record:
+            doc_id = int(record["doc_id"])
+            if doc_id >= 1_000_000 or doc_id in seen:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e}); give one JSON object per line") from e
-            if not isinstance(record, dict):
-                raise PuzzleError(f"{path}, line {i + 1}: not a JSON object; give one object per line")
-            if isinstance(record.get("request"), dict) and "context" in record["request"] and "doc_id" in record:
-                doc_id = int(record["doc_id"])
-                if doc_id >= 1_000_000 or doc_id in seen:
-                    continue
-                seen.add(doc_id)
-                docs.append(Document(_oe_eval_passage(record).strip(), str(doc_id), source))
-                continue
-            text = _record_text(record, text_field)
-            if text is None:
-                raise PuzzleError(f"{path}, line {i + 1}: no {text_field!r} field (nor 'messages' or 'turns'); "
-                                  f"name the text field with text_field")
-            doc_id = record.get("id", record.get("question_id", i))
-            docs.append(Document(text.strip(), str(doc_id), source))
+            seen.add(doc_id)
+            docs.append(Document(_oe_eval_passage(record).strip(), str(doc_id), source))
+            continue
+        text = _record_text(record, text_field)
+        if text is None:
+            raise PuzzleError(f"{path}, line {lineno}: no {text_field!r} field (nor 'messages' or 'turns'); "
+                              f"name the text field with text_field")
+        doc_id = record.get("id", record.get("question_id", lineno - 1))
+        docs.append(Document(text.strip(), str(doc_id), source))
     return docs
 
 

@@ -518,6 +518,17 @@ def _optimizer(model, config: RPOConfig):
     return params, opt, sched
 
 
+def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
+    """One optimiser step on `batch`: loss, backward, gradient clipping, AdamW and scheduler step. Returns the metrics."""
+    loss, metrics = _records_loss(model, batch, config, ref_sum)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    opt.step()
+    sched.step()
+    return metrics
+
+
 def _records_loss(model, batch: list[EncodedRecord], config: RPOConfig, ref_sum: torch.Tensor | None):
     """Mean loss over a batch of records and per-batch metrics; ref_sum (R,) for the flattened responses."""
     prompts, responses = _flat(batch)
@@ -608,12 +619,7 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         elif use_ref:
             with torch.no_grad():
                 ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
-        loss, metrics = _records_loss(model, batch, config, ref_sum)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        opt.step()
-        sched.step()
+        metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
         rows.append({"step": step + 1, **metrics, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
     model.eval()
     return pd.DataFrame(rows)
@@ -692,12 +698,7 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
             if needs_reference(config.loss, config.kl_coef):
                 with torch.no_grad():
                     ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
-            loss, metrics = _records_loss(model, batch, config, ref_sum)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            opt.step()
-            sched.step()
+            metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
             row.update(metrics)
         row.update({"lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
         rows.append(row)

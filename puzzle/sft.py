@@ -32,7 +32,6 @@ FSDP). The loss of a step is the mean over all its learned tokens, whichever pro
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import re
@@ -102,20 +101,10 @@ def read_chat_jsonl(spec: str) -> list[list[dict]]:
     demonstration set written in code for the spec `demo:reasoning-toggle`. Raises PuzzleError on bad lines."""
     if spec == DEMO_SPEC:
         return [conversation_from_record(r, DEMO_SPEC) for r in reasoning_toggle_examples()]
+    from .data import iter_json_lines
+
     path = resolve_data_path(spec)
-    opener = gzip.open if path.suffix == ".gz" else open
-    conversations = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e})") from e
-            if not isinstance(record, dict):
-                raise PuzzleError(f"{path}, line {i + 1}: not a JSON object")
-            conversations.append(conversation_from_record(record, f"{path}, line {i + 1}"))
+    conversations = [conversation_from_record(record, f"{path}, line {lineno}") for lineno, record in iter_json_lines(path)]
     if not conversations:
         raise PuzzleError(f"{path} holds no conversations")
     return conversations
