@@ -196,7 +196,7 @@ def hhh_alignment_records(sdist_path) -> list[PreferenceRecord]:
         for member in tf:
             if "/hhh_alignment/" not in member.name or not member.name.endswith("/task.json"):
                 continue
-            for ex in json.load(tf.extractfile(member))["examples"]:
+            for ex in json.load(tf.extractfile(member)).get("examples", ()):  # the parent task.json lists subtasks only
                 scores = ex["target_scores"]
                 chosen = [t for t, s in scores.items() if s == 1]
                 rejected = [t for t, s in scores.items() if s == 0]

@@ -201,3 +201,33 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
     args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "x"), "--no-progress"])
     with pytest.raises(PuzzleError, match="exactly one of"):
         args.func(args)
+
+
+def test_hhh_alignment_reader_takes_subtask_examples_and_skips_the_parent_task(tmp_path):
+    """The sdist's layout: hhh_alignment/task.json lists subtasks only (no "examples"); each subtask holds
+    examples with 1/0 target_scores. Only one-chosen/one-rejected examples become pairs, without rewards."""
+    import io
+    import tarfile
+
+    from puzzle.preference import hhh_alignment_records
+
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks/hhh_alignment"
+    files = {f"{root}/task.json": {"name": "hhh_alignment", "subtasks": ["harmless"]},
+             f"{root}/harmless/task.json": {"examples": [
+                 {"input": " Can you help? ", "target_scores": {" Yes, gladly.": 1, "No.": 0}},
+                 {"input": "Three replies", "target_scores": {"a": 1, "b": 0, "c": 0}}]},
+             "bigbench-1.0.0/bigbench/benchmark_tasks/other_task/task.json": {"examples": [
+                 {"input": "x", "target_scores": {"y": 1, "z": 0}}]}}
+    path = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, obj in files.items():
+            data = json.dumps(obj).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    records = hhh_alignment_records(path)
+    assert len(records) == 1
+    assert records[0].prompt == ({"role": "user", "content": "Can you help?"},)
+    assert records[0].responses == ("Yes, gladly.", "No.") and records[0].rewards is None
+    with pytest.raises(PuzzleError, match="does not exist"):
+        hhh_alignment_records(tmp_path / "missing.tar.gz")
