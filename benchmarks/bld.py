@@ -4,10 +4,10 @@
     python benchmarks/bld.py curves --out DIR [--layers 2,14,27] [--budgets 1024,...,65536] [--init-tokens 8192]
     python benchmarks/bld.py child --out DIR --run RUN_DIR [--name child-1.5x] [--budgets 2048,...,32768]
 
-throughput: BLD of every entry of the given layers (the parent forward included, as in a real
-    run) on `--tokens` calibration tokens; tokens/s = training tokens x layers / wall seconds
-    (the whole 30-layer library takes 30/len(layers) times as long). Useful FLOPs = the parent's
-    forward over the training tokens (projections, causal attention, FFN) + 3x the forward FLOPs
+throughput: BLD of every entry of the given layers (`--layers all`: the whole library; the parent
+    forward included, as in a real run) on `--tokens` calibration tokens; tokens/s = training tokens
+    x layers / wall seconds. Useful FLOPs = the parent's forward over the training tokens through
+    every layer up to the last distilled one (projections, causal attention, FFN) + 3x the forward FLOPs
     of every entry trained by AdamW (forward + backward) + the two Gram matrices of every linear
     entry fitted in closed form; efficiency = useful FLOP/s / fp32 matmul FLOP/s, the latter the
     best of a few matmuls timed before, between and after the BLD runs in the same process.
@@ -139,7 +139,8 @@ def cmd_throughput(args) -> None:
     n_train = args.tokens // T
     splits = token_splits(lm.tokenizer, Path(args.work), max(16896, args.tokens + 2 * T))
     calib = splits.calib[:n_train + 2]
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = (list(range(config.num_hidden_layers)) if args.layers == "all"
+              else [int(x) for x in args.layers.split(",")])
     space = [ls for ls in build_space(config, SPACES[args.space]) if ls.layer in layers]
     jobs = decoupled_jobs(space)
     cfg = BLDConfig(tokens=args.tokens, batch_size=4, lr=2e-3, probe_sequences=2)
@@ -157,7 +158,8 @@ def cmd_throughput(args) -> None:
             assert ((bld_rows["layer"] == job.layer) & (bld_rows["variant"] == job.id)).any(), job  # it was trained
             method = "lstsq" if job.variant.kind == "linear" and cfg.linear_train == "lstsq" else "adamw"
             useful += args.tokens * entry_train_flops(config, job, T, method)
-        useful += args.tokens * len(layers) * parent_layer_flops(config, T)
+        # the walk runs the parent through every layer up to the last one distilled (their outputs feed the next)
+        useful += args.tokens * (max(layers) + 1) * parent_layer_flops(config, T)
         runs.append({"rep": rep, "seconds": seconds, "cpu_s": cpu_s, "useful_gflop": useful / 1e9, "load_before": load0, "load_after": load(),
                      "entries_train_s": float(bld_rows["train_s"].sum())})
     peak = max(v for r in rates for k, v in r.items() if not k.endswith("_per_cpu_s"))
@@ -378,7 +380,7 @@ def main(argv=None) -> int:
     common.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "puzzle-bld-bench"),
                         help="folder for the tokenized data (reused between commands)")
     p = sub.add_parser("throughput", parents=[common], help="tokens/s and efficiency vs measured matmul FLOP/s")
-    p.add_argument("--layers", default="0,1,2", help="layers to distill (comma-separated)")
+    p.add_argument("--layers", default="0,1,2", help="layers to distill (comma-separated), or all (the whole library)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens per entry")
     p.add_argument("--space", choices=sorted(SPACES), default="demo", help="demo: the smollm2-demo preset's space")
     p.add_argument("--repeats", type=int, default=1, help="BLD runs (the fastest counts) and fused/model pairs")

@@ -5,6 +5,7 @@
     python benchmarks/front.py --run DIR --phase refine      # k diverse + in-context refinement of child-<s>x
     python benchmarks/front.py --run DIR --phase ours        # realize, evaluate, measure our children
     python benchmarks/front.py --run DIR --phase fusion      # FFN Fusion on our children: KL and speed, interleaved
+    python benchmarks/front.py --run DIR --phase remeasure   # every finished model's speed again, in one session
     python benchmarks/front.py --run DIR --phase report --out benchmarks/front_results
 
 DIR is a run directory after `puzzle run` (e.g. a copy of the smollm2-demo run). Every phase resumes
@@ -141,6 +142,58 @@ def phase_fusion(run, names) -> None:
     atomic_write_text(path, df.to_csv(index=False))
 
 
+def phase_remeasure(run, repeats: int) -> None:
+    """Measure every finished front model (ours and the baselines) again, all interleaved in one session.
+
+    The rows' speed-ups come from groups of up to 4 models measured with the parent, group after group;
+    on a shared machine whose load changes between groups, one architecture measured in two groups
+    can differ by 15% or more. Here every model is realized and measured in one `measure_models` call
+    (a new random order each round, `repeats` rounds, medians), and each row's speedup, runtime_ms and
+    throughput are replaced (the grouped figure is kept as speedup_grouped). Writes DIR/remeasure.csv.
+    """
+    from puzzle.baselines import LibraryChain, realize
+    from puzzle.library import Library
+    from puzzle.scoring.cost import measure_models
+
+    t0 = time.perf_counter()
+    baseline_rows = run.out / "baselines" / "rows"
+    cands = [(c, run.out / "front_rows") for c in our_candidates(run)]
+    if (run.out / "baselines" / "plan_selected.json").is_file():
+        cands += [(c, baseline_rows) for c in load_plan(run)]
+    cands = [(c, d) for c, d in cands if (d / f"{c.name}.json").is_file()]
+    chain = LibraryChain(run.library, Library(run.out / "baselines" / "library"))
+    models = {"parent": run.parent.model}
+    for c, d in cands:
+        models[c.name] = realize(run, c, chain if d == baseline_rows else None)
+    load0 = os.getloadavg()[0]
+    df = measure_models(models, run.workload(), repeats=repeats).set_index("name")
+    parent_ms = float(df.loc["parent", "runtime_ms"])
+    rows = []
+    for c, d in cands:
+        path = d / f"{c.name}.json"
+        row = read_json(path)
+        m = df.loc[c.name]
+        grouped = row.get("speedup_grouped", row["speedup"])
+        row.update({"speedup": parent_ms / float(m["runtime_ms"]), "speedup_grouped": grouped,
+                    "runtime_ms": float(m["runtime_ms"]), "runtime_iqr_ms": float(m["runtime_iqr_ms"]),
+                    "group_parent_runtime_ms": parent_ms, "remeasured_repeats": repeats})
+        atomic_write_json(path, row)
+        rows.append({"name": c.name, "method": c.method, "training": c.training, "speedup": row["speedup"],
+                     "speedup_grouped": grouped, "runtime_ms": row["runtime_ms"], "runtime_iqr_ms": row["runtime_iqr_ms"]})
+    for d in {d for _, d in cands}:  # the parent row: its throughput anchors the others
+        path = d / "parent.json"
+        if path.is_file():
+            prow = read_json(path)
+            prow.update({"runtime_ms": parent_ms, "throughput_tok_s": float(df.loc["parent", "throughput_tok_s"])})
+            atomic_write_json(path, prow)
+    out = pd.DataFrame([{"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "speedup_grouped": 1.0,
+                         "runtime_ms": parent_ms, "runtime_iqr_ms": float(df.loc["parent", "runtime_iqr_ms"])}] + rows)
+    out["load_before"], out["load_after"] = load0, os.getloadavg()[0]
+    atomic_write_text(run.out / "remeasure.csv", out.to_csv(index=False))
+    print(out.to_string(index=False))
+    print(f"{len(models)} models, {repeats} interleaved rounds, {time.perf_counter() - t0:.0f} s")
+
+
 def evaluate_fused(run, model, name) -> dict:
     """Evaluation-split quality of a fused model (not cached: its layer list differs from its config)."""
     from puzzle.pipeline import parent_eval_logprobs
@@ -185,7 +238,7 @@ def phase_report(run, out: Path, speedups) -> None:
         base = {d["name"]: d["blocks"] for d in json.loads(plan.read_text()) if d["training"] != "init"}
         architecture_map(base, out / "baseline_architectures.png", parent_block=run.parent.config.parent_block,
                          title="baselines")
-    for name in ("fusion.csv",):
+    for name in ("fusion.csv", "remeasure.csv"):
         if (run.out / name).is_file():
             atomic_write_text(out / name, (run.out / name).read_text())
     for path in sorted((run.out / "refine").glob("*.csv")) if (run.out / "refine").is_dir() else []:
@@ -196,7 +249,7 @@ def phase_report(run, out: Path, speedups) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="run directory (after `puzzle run`)")
-    p.add_argument("--phase", required=True, choices=["plan", "baselines", "refine", "ours", "fusion", "report"],
+    p.add_argument("--phase", required=True, choices=["plan", "baselines", "refine", "ours", "fusion", "remeasure", "report"],
                    help="which part to run (see the module docstring)")
     p.add_argument("--speedups", default="1.25,1.5,2", help="speed-up targets")
     p.add_argument("--interpolate-costs", action="store_true",
@@ -209,6 +262,7 @@ def main() -> int:
     p.add_argument("--max-changes", type=int, default=6, help="trust region of a refinement round (layers)")
     p.add_argument("--rounds", type=int, default=3, help="refinement rounds")
     p.add_argument("--fuse", default="child-2x,child-1.5x-refined", help="children to fuse")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds of --phase remeasure")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "front_results", help="report folder")
     args = p.parse_args()
     speedups = tuple(float(s) for s in args.speedups.split(","))
@@ -223,6 +277,8 @@ def main() -> int:
         phase_refine(run, args.name, args.k, args.refine_k, args.max_changes, args.rounds)
     elif args.phase == "ours":
         phase_ours(run, args.max_groups)
+    elif args.phase == "remeasure":
+        phase_remeasure(run, args.repeats)
     elif args.phase == "fusion":
         phase_fusion(run, [n for n in args.fuse.split(",") if (run.out / "search" / f"{n}.json").is_file()])
     else:

@@ -32,6 +32,7 @@ import torch
 from puzzle.adapters import AdapterConfig, apply_adapters
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.parent import load_parent
+from puzzle.pipeline import markdown_table
 from puzzle.preference import (RPOConfig, best_worst_pair, encode_records, evaluate_rewards, frozen_copy,
                                hhh_alignment_records, mean_ci, preference_accuracy, read_preference_data,
                                record_from_dict, reference_logprobs, sample_groups, train_offline, train_online)
@@ -182,7 +183,7 @@ def cmd_report(args) -> None:
         rows.append(row)
     df = pd.DataFrame(rows)
     df.to_csv(work / "rpo_demo.csv", index=False)
-    atomic_write_text(work / "rpo_demo.md", df.to_markdown(index=False) if hasattr(df, "to_markdown") else df.to_string())
+    atomic_write_text(work / "rpo_demo.md", markdown_table(df))
     print(df.to_string(index=False))
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from puzzle.adapters import AdapterConfig, apply_adapters
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.parent import load_parent
+from puzzle.pipeline import markdown_table
 from puzzle.sft import (IGNORE, block_causal_mask, prepare_sft_data, reasoning_toggle_examples,
                         reasoning_toggle_heldout, toggle_conversation)
 
@@ -153,7 +154,7 @@ def cmd_report(args) -> None:
     if len(lora):
         df["params_vs_lora"] = (df.trainable_params / int(lora.iloc[0])).round(4)
     df.to_csv(args.work / "tied_lora.csv", index=False)
-    atomic_write_text(args.work / "tied_lora.md", df.to_markdown(index=False))
+    atomic_write_text(args.work / "tied_lora.md", markdown_table(df))
     print(df.to_string(index=False))
 
 

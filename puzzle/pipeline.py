@@ -629,7 +629,8 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     return front
 
 
-def _markdown_table(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of `df` (floats to 4 significant digits)."""
     cols = list(df.columns)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -669,7 +670,7 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
              f"batch {w.batch_size}, prompt {w.prompt_len}, generate {w.gen_len}. Evaluation text: "
              f"{', '.join(run.config.data.eval_sources)}; calibration/scoring text: {', '.join(run.config.data.calib_sources)}.",
              "", "## Summary", "",
-             _markdown_table(summary[["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats",
+             markdown_table(summary[["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats",
                                       "lm_loss", "speedup", "predicted_speedup", "runtime_error", "library_stage"]]),
              "", "`speedup` is measured (parent runtime / child runtime for the workload, same session); "
                  "`runtime_error` = predicted / measured runtime - 1.", ""]
