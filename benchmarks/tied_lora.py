@@ -14,6 +14,7 @@ block_causal_mask); the loop here is a plain AdamW loop over the parameters that
 (`sft.supervised_finetune` turns every parameter trainable, so it cannot train adapters as is).
 
     python benchmarks/tied_lora.py run --work DIR --config NAME   one configuration (a process each)
+    python benchmarks/tied_lora.py run --work DIR --config NAME --lr 1e-2   the same at another learning rate
     python benchmarks/tied_lora.py report --work DIR              DIR/tied_lora.csv and .md
 """
 
@@ -49,6 +50,7 @@ CONFIGS = {
     "tied-vBuA": dict(spec="vBuA"),
     "vera-like": dict(spec="vBuA", frozen="AB"),
 }
+DEFAULT_LR = 2e-3
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -136,16 +138,24 @@ def cmd_run(args) -> None:
               "history": history, "train_seconds": train_s, "load": os.getloadavg()}
     result["held_out_loss_nats"] = held_out_loss(model, held)
     result["seconds"] = time.perf_counter() - t0
-    atomic_write_json(args.work / f"{args.config}.json", result)
+    atomic_write_json(args.work / result_name(args.config, args.lr), result)
+
+
+def result_name(config: str, lr: float) -> str:
+    """DIR/<config>.json at the default learning rate, DIR/<config>@lr<lr>.json for the others of a sweep."""
+    return f"{config}.json" if lr == DEFAULT_LR else f"{config}@lr{lr:g}.json"
 
 
 def cmd_report(args) -> None:
+    """tied_lora.csv: every run (configuration x learning rate); tied_lora.md: the table at the default
+    learning rate, and the best held-out loss of each configuration over the learning rates tried."""
     rows = []
     for name in CONFIGS:
-        path = args.work / f"{name}.json"
-        if path.is_file():
+        for path in sorted(args.work.glob(f"{name}*.json")):
             r = json.loads(path.read_text())
-            rows.append({"config": name, "trainable_params": r["trainable_params"], "steps": r["steps"],
+            if r["config"] != name:
+                continue
+            rows.append({"config": name, "lr": r["lr"], "trainable_params": r["trainable_params"], "steps": r["steps"],
                          "held_out_loss_nats": round(r["held_out_loss_nats"], 4),
                          "train_loss_last_nats": None if r["train_loss_last"] is None else round(r["train_loss_last"], 4),
                          "train_s": round(r["train_seconds"]), "load_1min": round(r["load"][0], 1)})
@@ -154,8 +164,16 @@ def cmd_report(args) -> None:
     if len(lora):
         df["params_vs_lora"] = (df.trainable_params / int(lora.iloc[0])).round(4)
     df.to_csv(args.work / "tied_lora.csv", index=False)
-    atomic_write_text(args.work / "tied_lora.md", markdown_table(df))
-    print(df.to_string(index=False))
+    at_default = df[(df.lr == DEFAULT_LR) | (df.config == "base")].drop_duplicates("config")
+    best = (df[df.config != "base"].sort_values("held_out_loss_nats").drop_duplicates("config")
+            .set_index("config").reindex([c for c in CONFIGS if c != "base"]).dropna(how="all").reset_index())
+    best = best.assign(lrs_tried=[", ".join(f"{v:g}" for v in sorted(df.loc[df.config == c, "lr"])) for c in best.config])
+    text = (f"Same steps, batches and data for every configuration; held-out loss in nats per assistant token.\n\n"
+            f"At the default learning rate ({DEFAULT_LR:g}):\n\n{markdown_table(at_default)}\n\n"
+            f"Best of the learning rates tried (chosen on the held-out loss itself, as a sweep would):\n\n"
+            f"{markdown_table(best[['config', 'lr', 'lrs_tried', 'trainable_params', 'held_out_loss_nats']])}\n")
+    atomic_write_text(args.work / "tied_lora.md", text)
+    print(text)
 
 
 def main(argv=None) -> int:
@@ -167,7 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40, help="optimiser steps (all configurations)")
     p.add_argument("--batch-size", type=int, default=2, help="packed rows per step")
     p.add_argument("--seq-len", type=int, default=192, help="tokens per packed row")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (all configurations)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (results of other rates are kept "
+                   "beside the default's, for a sweep)")
     p.add_argument("--questions", type=int, default=120, help="training questions (each with toggle on and off)")
     p.add_argument("--held-out", type=int, default=24, help="held-out questions (each with toggle on and off)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
