@@ -391,6 +391,56 @@ def _first_solution(objective, costs, rhs, alive, lam, totals_scale, starts=()) 
 
 DP_MAX_STATES = 400_000  # partial solutions kept after a layer; beyond this CP-SAT takes over
 _DP_SCALE = 2.0**44  # integer resolution of costs in the dynamic program (relative to their range)
+_DP_PARETO_LEVELS = 64  # with two cost rows, one of at most this many levels: Pareto pruning in the DP
+
+
+def _integral(values: np.ndarray, keep: np.ndarray) -> bool:
+    """Whether every kept value is a whole number (a count), which integer rows then represent exactly."""
+    kept = values[keep]
+    return bool(np.all(np.isfinite(kept)) and np.all(kept == np.round(kept)))
+
+
+def _pareto_2d(c: np.ndarray, v: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(S,) bool: the states no other state weakly dominates in (cost 0, cost 1, score), ties to the lower t.
+
+    c: (S, 2) int costs, one of whose columns takes few distinct values (a count of changed or shared
+    layers); v: (S,) scores; t: (S,) tie-break values. A state is dropped when another has both costs
+    and the score no larger (the DP stays exact: every completion of the dropped state is at least as
+    feasible and as good from the other). One pass per distinct value r of the small column: among the
+    states whose small cost is at most r, ordered by (big cost, score, small cost, t), a state with small
+    cost r survives iff its score beats every state before it.
+    """
+    small = int(len(np.unique(c[:, 1])) < len(np.unique(c[:, 0])))  # the column with fewer levels
+    big_c, small_c = c[:, 1 - small], c[:, small]
+    order = np.lexsort((t, small_c, v, big_c))
+    so, vo = small_c[order], v[order]
+    keep = np.zeros(len(v), bool)
+    for r in np.unique(so):
+        sel = np.flatnonzero(so <= r)
+        before = np.concatenate([[np.inf], np.minimum.accumulate(vo[sel])[:-1]])  # best score earlier in order
+        win = (so[sel] == r) & (vo[sel] < before)
+        keep[order[sel[win]]] = True
+    return keep
+
+
+def _pareto_grouped(c: np.ndarray, v: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(S,) bool: per group of states with equal costs in all but the most varied cost column, the
+    (cost in that column, score) Pareto front, ties to the lower t. Exact for the DP, as in `_pareto_2d`."""
+    b = int(np.argmax([len(np.unique(c[:, k])) for k in range(c.shape[1])]))
+    rest = [k for k in range(c.shape[1]) if k != b]
+    order = np.lexsort((t, v, c[:, b]) + tuple(c[:, k] for k in rest[::-1]))  # by group, big cost, score, t
+    grp = c[order][:, rest]
+    starts = np.ones(len(v), bool)
+    starts[1:] = (grp[1:] != grp[:-1]).any(1)
+    gid = np.cumsum(starts) - 1  # (S,) group of each state in `order`
+    rank = np.unique(v, return_inverse=True)[1].reshape(-1)[order].astype(np.int64)  # exact integer scores
+    n = len(v)
+    # a running minimum that restarts per group: earlier groups sit above every rank of later ones
+    lifted = rank + (gid[-1] - gid) * n
+    before = np.concatenate([[np.iinfo(np.int64).max], np.minimum.accumulate(lifted)[:-1]])
+    keep = np.zeros(n, bool)
+    keep[order[lifted < before]] = True
+    return keep
 
 
 def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, tie, deadline=math.inf,
@@ -425,7 +475,7 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
         if not math.isfinite(b) or sum(float(g[i, js].max()) for i, js in enumerate(cells)) <= b:
             continue  # redundant over the slots kept: every choice meets it
         span = sum(float(np.abs(g[i, js]).max()) for i, js in enumerate(cells)) or 1.0
-        scale = _DP_SCALE / span
+        scale = 1.0 if _integral(g, keep) and span <= _DP_SCALE else _DP_SCALE / span  # counts stay exact
         dims.append(np.ceil(np.where(keep, g, 0.0) * scale).astype(np.int64))
         limits.append(math.floor(b * scale))
         units.append(l / scale)  # λ per integer unit
@@ -457,6 +507,8 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
         v = (state_score[:, None] + objective[i, js][None, :]).reshape(-1)
         r = (state_red[:, None] + red[i, js][None, :]).reshape(-1)
         t = (state_tie[:, None] + tie[i, js][None, :]).reshape(-1)
+        if others:  # differing in d layers is all that counts: shared counts saturate at (layers so far) − d
+            c[:, m - len(others):] = np.maximum(c[:, m - len(others):], i + 1 - min_differ)
         ok = (c + low_rest[i] <= limits).all(1)
         if math.isfinite(gap):
             slack_low = np.maximum(limits - c - high_rest[i], 0) @ units  # budget no completion can use
@@ -472,8 +524,10 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
             first[1:] = False
         elif m == 1:  # Pareto front of (cost, score): keep a state only if it beats every cheaper one
             first[1:] = v[1:] < np.minimum.accumulate(v)[:-1]
+        elif m == 2 and min(len(np.unique(c[:, 0])), len(np.unique(c[:, 1]))) <= _DP_PARETO_LEVELS:
+            first = _pareto_2d(c, v, t)  # e.g. runtime + a trust-region or diversity count
         elif m:
-            first[1:] = (c[1:] != c[:-1]).any(1)
+            first = _pareto_grouped(c, v, t)
         c, v, r, t, parent, slot = c[first], v[first], r[first], t[first], parent[first], slot[first]
         if len(v) > max_states or time.perf_counter() > deadline:
             return "TOO_BIG", None, -math.inf
@@ -514,10 +568,13 @@ def _cp_solve(objective, costs, rhs, keep, red, cut, others, min_differ, hint, t
         model.add_exactly_one(row)
 
     def integer_terms(values: np.ndarray, rounding, resolution=_SCALE):
-        """Per-layer shifted, scaled, rounded coefficients; returns (coeffs per layer, shift, scale)."""
+        """Per-layer shifted, scaled, rounded coefficients; returns (coeffs per layer, shift, scale).
+        Integer values (counts of layers, parameters) keep scale 1, so no rounding can tighten a bound."""
         shift = [float(values[i, js].min()) for i, js in enumerate(cells)]
         span = sum(float(values[i, js].max()) - s for (i, js), s in zip(enumerate(cells), shift))
         scale = resolution / span if span > 0 else 1.0
+        if _integral(values, keep) and span <= resolution:
+            scale = 1.0
         return [[int(rounding((values[i, j] - shift[i]) * scale)) for j in js] for i, js in enumerate(cells)], sum(shift), scale
 
     def expr(coeffs):

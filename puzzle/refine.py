@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +225,8 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
         t0 = time.perf_counter()
         try:
             solutions = solve(ctx, budgets, "kl_nats", num_solutions=k + 1, anchor=current, max_changes=max_changes)
-        except PuzzleError:
+        except PuzzleError as e:
+            warnings.warn(f"refinement round {r} stopped: {e}")
             break
         solve_s = time.perf_counter() - t0
         tried = []

@@ -296,8 +296,15 @@ class _Search:
         found, results, begin = [], [], start
         for _ in range(num_solutions):
             remaining = time_limit_s - (time.perf_counter() - begin)
-            slots, optimal, bound = self._core(self.objective, costs, rhs, lam, alive, found, min_layers_differ,
-                                               remaining, starts)
+            if found and remaining <= 0:
+                break  # out of time: the solutions found so far (time_limit_s covers them all)
+            try:
+                slots, optimal, bound = self._core(self.objective, costs, rhs, lam, alive, found, min_layers_differ,
+                                                   remaining, starts)
+            except PuzzleError:
+                if not found:
+                    raise
+                break
             if slots is None:
                 if not found:
                     if anchor is not None:

@@ -251,6 +251,53 @@ def test_trust_region_keeps_the_child_near_the_anchor_and_is_optimal():
         solve(table, budgets, anchor=["attn-kv4+ffn-64"] * 3 + ["attn-kv1+ffn-16"], max_changes=1)
 
 
+@pytest.mark.parametrize("engine", ["dp", "cp-sat"])
+def test_trust_region_with_diverse_solutions_matches_brute_force(engine, monkeypatch):
+    """Both extra rows of the refinement's solve at once (the DP keeps per-group Pareto fronts and
+    saturates the diversity counts): each solution is the best within r layers of the anchor that
+    differs from the earlier ones in >= d layers. Five layers: the count rows must stay exact integers
+    (a scaled, rounded-up count once let r changes through as r - 1)."""
+    if engine == "cp-sat":
+        monkeypatch.setattr(mip, "DP_MAX_STATES", 0)
+    table = random_table(23, layers=5, kind="decoupled")
+    budgets = fraction_budgets(table, runtime_ms=0.7)
+    (start,) = solve(table, fraction_budgets(table, runtime_ms=0.6))
+    nb = table[table["subblock"] == "non_block"].iloc[0]
+    archs = [(combo, sum(x["kl_nats"] for x in rows)) for combo, rows in _all_architectures(table)
+             if sum(x["runtime_ms"] for x in rows) + nb["runtime_ms"] <= budgets.max_runtime_ms]
+    for r, d in ((2, 1), (3, 2)):
+        solutions = solve(table, budgets, num_solutions=3, min_layers_differ=d, anchor=start.blocks, max_changes=r)
+        found = []
+        for s in solutions:
+            best = min(kl for combo, kl in archs if sum(a != b for a, b in zip(combo, start.choice)) <= r
+                       and all(sum(a != b for a, b in zip(combo, f)) >= d for f in found))
+            assert s.optimal and s.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+            found.append(s.choice)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_pareto_pruning_keeps_the_best_state_under_every_budget(seed):
+    """Whatever the remaining budgets, the best score reachable among the kept states equals the best
+    among all states (what makes the pruning exact), for 2 cost rows and for 3 (grouped fronts)."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    for m, prune in ((2, mip._pareto_2d), (2, mip._pareto_grouped), (3, mip._pareto_grouped)):
+        c = np.stack([rng.integers(0, 50, n)] + [rng.integers(0, 4, n) for _ in range(m - 1)], 1)
+        v = rng.integers(0, 30, n).astype(float)  # ties on purpose
+        t = rng.uniform(size=n)
+        keep = prune(c, v, t)
+        assert keep.sum() < n
+        for _ in range(200):
+            b = np.array([rng.integers(0, 50)] + [rng.integers(0, 4) for _ in range(m - 1)])
+            fits = (c <= b).all(1)
+            best = v[fits].min() if fits.any() else math.inf
+            assert (v[fits & keep].min() if (fits & keep).any() else math.inf) == best
+        # among equal costs and scores, the lower tie-break value survives
+        for j in np.flatnonzero(keep):
+            same = (c == c[j]).all(1) & (v == v[j])
+            assert t[j] == t[same].min()
+
+
 def test_cosine_objective_is_maximised_and_weights_combine():
     table = random_table(18, layers=3, kind="decoupled")
     rng = np.random.default_rng(0)
