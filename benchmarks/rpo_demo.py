@@ -137,12 +137,13 @@ def cmd_train(args) -> None:
     config = RPOConfig(loss=args.loss, beta=args.beta, eta=args.eta, gamma=args.gamma, aggregate=args.aggregate,
                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, k=args.k,
                        max_new_tokens=args.max_new_tokens, temperature=1.0)
+    tag = "" if args.eta == 1.0 else f"-eta{args.eta:g}"  # runs of an η sweep sit beside the default's
     if args.online:
-        name = f"online-{args.loss}"
+        name = f"online-{args.loss}{tag}"
         history = train_online(model, tok, train_prompts(args), judge, config,
                                ref_model if args.loss != "rloo" else None)
     else:
-        name = f"offline-{args.loss}"
+        name = f"offline-{args.loss}{tag}"
         path = work / ("groups.jsonl" if args.loss in ("rpo-multi", "rloo") else "pairs.jsonl")
         encoded = encode_records(tok, read_preference_data(path))
         reference = reference_logprobs(ref_model, encoded, work / "ref_cache") if args.loss != "simpo" else None
@@ -174,6 +175,7 @@ def cmd_report(args) -> None:
             diff = mean_ci([a - b for a, b in zip(r["eval"]["judge"], before["eval"]["judge"])])
             row["judge_change_ci95"] = f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
             row["steps"] = r["config"]["steps"]
+            row["eta"] = r["config"]["eta"]
             row["train_s"] = round(r["train_seconds"])
         if "hhh" in r:
             h = r["hhh"]
