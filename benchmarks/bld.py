@@ -52,7 +52,7 @@ from puzzle.library import Library  # noqa: E402
 from puzzle.space import SpaceConfig, build_space  # noqa: E402
 
 SPACES = {"demo": SpaceConfig(ffn_fractions=(0.5,), ffn_multiple=256),  # the smollm2-demo preset's space
-          "default": SpaceConfig()}  # SpaceConfig's defaults: FFN 1152, 768, 384
+          "default": SpaceConfig()}  # its defaults: kv1; FFN 1280, 768, 512 (1536 x 3/4, 1/2, 1/4 in 256s)
 
 
 def load_smollm2():
