@@ -276,11 +276,15 @@ def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str
 
 
 def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
-                  max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None) -> pd.DataFrame:
+                  max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None,
+                  resume: bool = False) -> pd.DataFrame:
     """Plain MIP → best of k diverse → refined in context, for the searched child `name`.
 
     Writes DIR/search/<name>-diverse.json and <name>-refined.json (realizable and exportable like
     any searched child) and DIR/refine/<name>.csv (every candidate tried, with its step).
+    resume: continue an earlier call's refinement from <name>-refined for up to `max_rounds` more
+    rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up); without
+    those files it starts afresh.
 
     Returns:
         Per step (plain, diverse, refined): name, predicted_kl_nats (summed replace-1), score_kl_nats,
@@ -293,21 +297,39 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     stage = record.get("library_stage", "bld")
     budgets = Budgets.from_dict(record["budgets"])
     table, _ = load_score_table(run, stage)
+    log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
+    earlier = None
+    if resume and log_path.is_file() and summary_path.is_file() \
+            and (run.out / "search" / f"{name}-refined.json").is_file():
+        earlier = pd.read_csv(log_path)  # continue: the diverse step and the rounds so far are kept
+        spent = pd.read_csv(summary_path).set_index("step")["seconds"]
+        best = tuple(read_architecture(run, f"{name}-diverse")["choice"])
+        start, diverse_s = tuple(read_architecture(run, f"{name}-refined")["choice"]), float(spent["diverse"])
+    else:
+        t0 = time.perf_counter()
+        diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,
+                                     tokens)
+        diverse_s = time.perf_counter() - t0
+        best = start = diverse.loc[diverse.attrs["best"], "choice"]
     t0 = time.perf_counter()
-    diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective, tokens)
-    diverse_s = time.perf_counter() - t0
-    best = diverse.loc[diverse.attrs["best"], "choice"]
-    t0 = time.perf_counter()
-    history = refine(run, table, budgets, best, k=refine_k, max_changes=max_changes, max_rounds=max_rounds, stage=stage,
+    history = refine(run, table, budgets, start, k=refine_k, max_changes=max_changes, max_rounds=max_rounds, stage=stage,
                      tokens=tokens, progress=run.progress)
     refine_s = time.perf_counter() - t0
-    log = pd.concat([diverse.assign(step="diverse"), history.assign(step="refine")], ignore_index=True)
+    refined = tuple(history.attrs["best"])
+    history = history.assign(choice=history["choice"].map(" ".join), step="refine")
+    if earlier is not None:
+        done = earlier[earlier["step"] == "refine"]
+        history = history[history["round"] > 0].assign(round=lambda d: d["round"] + int(done["round"].max()))
+        refine_s += float(spent["refined"])
+        log = pd.concat([earlier, history], ignore_index=True)
+    else:
+        diverse = diverse.assign(choice=diverse["choice"].map(" ".join), step="diverse")
+        log = pd.concat([diverse, history], ignore_index=True)
     (run.out / "refine").mkdir(parents=True, exist_ok=True)
-    log = log.assign(choice=log["choice"].map(" ".join))
-    atomic_write_text(run.out / "refine" / f"{name}.csv", log.to_csv(index=False))
+    atomic_write_text(log_path, log.to_csv(index=False))
     steps = [("plain", name, tuple(record["choice"]), 0.0),
              ("diverse", f"{name}-diverse", tuple(best), diverse_s),
-             ("refined", f"{name}-refined", tuple(history.attrs["best"]), refine_s)]
+             ("refined", f"{name}-refined", refined, refine_s)]
     out = []
     for step, child_name, choice, seconds in steps:
         rec = record if step == "plain" else record_for(run, child_name, choice, stage, budgets, f"mip-{step}")
@@ -322,7 +344,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     df = pd.DataFrame(out)
     for col in ("score_kl_nats", "kl_nats"):
         df[f"gain_{col}"] = df[col].iloc[0] - df[col]
-    atomic_write_text(run.out / "refine" / f"{name}.summary.csv", df.to_csv(index=False))
+    atomic_write_text(summary_path, df.to_csv(index=False))
     return df
 
 
@@ -342,6 +364,8 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-changes", type=int, default=6, help="trust region: layers a round may change (default 6)")
     p.add_argument("--rounds", type=int, default=4, help="most refinement rounds (default 4)")
     p.add_argument("--select-tokens", type=int, default=None, help="scoring-split tokens to choose by (default 2048)")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="continue an earlier refinement of NAME from <name>-refined for --rounds more rounds")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=refine_main)
@@ -357,6 +381,7 @@ def refine_main(args) -> int:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     run = open_run(args.out, progress=not args.no_progress)
     df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
-                       max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens)
+                       max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
+                       resume=args.resume)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

@@ -99,6 +99,21 @@ def test_improve_child_writes_records_the_pipeline_realizes(run):
     assert [b.id for b in child.config.blocks] == read_architecture(run, "child-1.5x-refined")["choice"]
 
 
+def test_improve_child_continues_an_earlier_refinement(run):
+    from puzzle.pipeline import read_architecture
+
+    improve_child(run, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
+    before = read_architecture(run, "child-1.5x-refined")["choice"]
+    first = pd.read_csv(run.out / "refine" / "child-1.5x.csv")
+    df = improve_child(run, "child-1.5x", refine_k=1, max_changes=1, max_rounds=1, tokens=128, resume=True)
+    log = pd.read_csv(run.out / "refine" / "child-1.5x.csv")
+    assert len(log) >= len(first) and (log.iloc[:len(first)]["choice"] == first["choice"]).all()  # kept
+    new = log.iloc[len(first):]
+    assert (new["step"] == "refine").all() and (new["round"] > first["round"].max()).all()  # numbered on
+    # it started from the earlier refined child: its score cannot be worse than that child's
+    assert df["score_kl_nats"].iloc[2] <= float(first.loc[first["choice"] == " ".join(before), "score_kl_nats"].min()) + 1e-12
+
+
 def test_refine_command_parses_and_checks_its_flags(tmp_path):
     parser = argparse.ArgumentParser()
     add_refine_parser(parser.add_subparsers())
@@ -106,3 +121,5 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
     assert args.func is refine_main
     with pytest.raises(PuzzleError, match="--k"):
         args.func(args)
+    assert not args.resume
+    assert parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--continue"]).resume
