@@ -391,7 +391,6 @@ def _first_solution(objective, costs, rhs, alive, lam, totals_scale, starts=()) 
 
 DP_MAX_STATES = 400_000  # partial solutions kept after a layer; beyond this CP-SAT takes over
 _DP_SCALE = 2.0**44  # integer resolution of costs in the dynamic program (relative to their range)
-_DP_PARETO_LEVELS = 64  # with two cost rows, one of at most this many levels: Pareto pruning in the DP
 
 
 def _integral(values: np.ndarray, keep: np.ndarray) -> bool:
@@ -400,32 +399,15 @@ def _integral(values: np.ndarray, keep: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(kept)) and np.all(kept == np.round(kept)))
 
 
-def _pareto_2d(c: np.ndarray, v: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """(S,) bool: the states no other state weakly dominates in (cost 0, cost 1, score), ties to the lower t.
-
-    c: (S, 2) int costs, one of whose columns takes few distinct values (a count of changed or shared
-    layers); v: (S,) scores; t: (S,) tie-break values. A state is dropped when another has both costs
-    and the score no larger (the DP stays exact: every completion of the dropped state is at least as
-    feasible and as good from the other). One pass per distinct value r of the small column: among the
-    states whose small cost is at most r, ordered by (big cost, score, small cost, t), a state with small
-    cost r survives iff its score beats every state before it.
-    """
-    small = int(len(np.unique(c[:, 1])) < len(np.unique(c[:, 0])))  # the column with fewer levels
-    big_c, small_c = c[:, 1 - small], c[:, small]
-    order = np.lexsort((t, small_c, v, big_c))
-    so, vo = small_c[order], v[order]
-    keep = np.zeros(len(v), bool)
-    for r in np.unique(so):
-        sel = np.flatnonzero(so <= r)
-        before = np.concatenate([[np.inf], np.minimum.accumulate(vo[sel])[:-1]])  # best score earlier in order
-        win = (so[sel] == r) & (vo[sel] < before)
-        keep[order[sel[win]]] = True
-    return keep
-
-
 def _pareto_grouped(c: np.ndarray, v: np.ndarray, t: np.ndarray) -> np.ndarray:
     """(S,) bool: per group of states with equal costs in all but the most varied cost column, the
-    (cost in that column, score) Pareto front, ties to the lower t. Exact for the DP, as in `_pareto_2d`."""
+    (cost in that column, score) Pareto front, ties to the lower t.
+
+    c: (S, m) int costs (m >= 2; the other columns are typically counts of changed or shared layers
+    with few levels); v: (S,) scores; t: (S,) tie-break values. Exact for the DP: a dropped state has
+    a kept one with equal costs elsewhere, no larger cost in that column and no larger score, so every
+    completion of the dropped state is at least as feasible and as good from the kept one.
+    """
     b = int(np.argmax([len(np.unique(c[:, k])) for k in range(c.shape[1])]))
     rest = [k for k in range(c.shape[1]) if k != b]
     order = np.lexsort((t, v, c[:, b]) + tuple(c[:, k] for k in rest[::-1]))  # by group, big cost, score, t
@@ -452,7 +434,8 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
     solution, how many layers it shares with it (diversity rows are budgets on those counts).
     States with equal costs merge (the better score survives: exact, and strong when costs are
     shared per variant, as in measured libraries); with one budget the (cost, score) Pareto front
-    is kept. A state is dropped when no completion can meet a budget, or when a lower bound on
+    is kept, with several one front per group of equal other costs (`_pareto_grouped`); whole-number
+    rows (layer counts) keep scale 1, and shared-layer counts saturate once d layers differ. A state is dropped when no completion can meet a budget, or when a lower bound on
     score − LB exceeds `gap` (the caller's T − LB), using score − LB = R + red_rest +
     Σ_k λ_k·slack_k: R + λ·(slack no completion can fill) and R + λ·(b − C) + Σ_rest min_j
     (c − (c + λ·g)) (the best-scoring completion, budgets ignored) are both lower bounds.
@@ -524,9 +507,7 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
             first[1:] = False
         elif m == 1:  # Pareto front of (cost, score): keep a state only if it beats every cheaper one
             first[1:] = v[1:] < np.minimum.accumulate(v)[:-1]
-        elif m == 2 and min(len(np.unique(c[:, 0])), len(np.unique(c[:, 1]))) <= _DP_PARETO_LEVELS:
-            first = _pareto_2d(c, v, t)  # e.g. runtime + a trust-region or diversity count
-        elif m:
+        elif m:  # e.g. runtime + a trust-region or diversity count
             first = _pareto_grouped(c, v, t)
         c, v, r, t, parent, slot = c[first], v[first], r[first], t[first], parent[first], slot[first]
         if len(v) > max_states or time.perf_counter() > deadline:

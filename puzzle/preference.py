@@ -21,7 +21,6 @@ whatever parameters require gradients. Library code: nothing prints; progress go
 from __future__ import annotations
 
 import copy
-import gzip
 import hashlib
 import json
 import math
@@ -140,15 +139,9 @@ def read_preference_data(path) -> list[PreferenceRecord]:
         raise PuzzleError(f"preference data {path} does not exist")
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        rows = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append((f"{path}, line {i + 1}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e})") from e
+        from .data import iter_json_lines
+
+        rows = [(f"{path}, line {line}", record) for line, record in iter_json_lines(path)]
     elif name.endswith(".json"):
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):
@@ -860,21 +853,16 @@ def _load_model(path: str):
 
 
 def _read_prompts(path: Path) -> list:
+    from .data import iter_json_lines
+
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e})") from e
-            value = d.get("prompt", d.get("messages")) if isinstance(d, dict) else None
-            if isinstance(value, list):
-                value = _messages(value, f"{path}, line {i + 1}")
-            if not isinstance(value, (str, tuple)):
-                raise PuzzleError(f"{path}, line {i + 1}: needs a 'prompt' string or 'messages' list")
-            prompts.append(value)
+    for line, d in iter_json_lines(Path(path)):
+        value = d.get("prompt", d.get("messages"))
+        if isinstance(value, list):
+            value = _messages(value, f"{path}, line {line}")
+        if not isinstance(value, (str, tuple)):
+            raise PuzzleError(f"{path}, line {line}: needs a 'prompt' string or 'messages' list")
+        prompts.append(value)
     if not prompts:
         raise PuzzleError(f"{path} holds no prompts")
     return prompts
