@@ -2,7 +2,7 @@
 
 Layout (under the run directory's `library/`):
 
-    meta.json                              parent fingerprint, space and BLD settings
+    meta.json                              parent fingerprint, BLD settings, the space last built
     entries/L{layer:03d}/{variant}.{stage}.safetensors   weights, named as in the layer
     entries/L{layer:03d}/{variant}.{stage}.json          info: tokens seen, normalized MSE, sha256,
                                                          loss curve, status, ...
@@ -40,6 +40,10 @@ INDEX_COLUMNS = ["layer", "subblock", "variant", "stage", "init", "tokens", "ini
                  "lr", "params", "train_s", "file", "sha256"]
 # BLD settings that change where and how fast a library is built, never its entries: a rerun may change them
 RESOURCE_SETTINGS = ("checkpoint_s", "layers_per_group", "coupled_top_k", "coupled_tokens")
+# Meta keys that say which entries were asked for, not how an entry is made: an entry depends only on
+# the parent, the calibration tokens, the BLD settings and its own variant, so a rerun may widen or
+# narrow the space and keep every finished entry.
+INFORMATIONAL = ("space",)
 
 
 def kind_of(variant: str) -> str:
@@ -49,8 +53,8 @@ def kind_of(variant: str) -> str:
     return "attention" if variant.startswith("attn-") else "ffn"
 
 
-def _comparable(meta: dict) -> dict:
-    meta = json.loads(json.dumps(meta, default=str))
+def comparable_meta(meta: dict) -> dict:
+    meta = {k: v for k, v in json.loads(json.dumps(meta, default=str)).items() if k not in INFORMATIONAL}
     if isinstance(meta.get("bld"), dict):
         meta["bld"] = {k: v for k, v in meta["bld"].items() if k not in RESOURCE_SETTINGS}
     return meta
@@ -89,20 +93,23 @@ class Library:
     def check_meta(self, meta: dict) -> None:
         """Write meta.json on first use; refuse a library built for another parent or settings.
 
-        BLD settings in RESOURCE_SETTINGS (checkpointing, layer groups, the coupled stage's size) may
-        differ between runs: they do not change the entries.
+        BLD settings in RESOURCE_SETTINGS (checkpointing, layer groups, the coupled stage's size) and
+        the space (INFORMATIONAL) may differ between runs: they do not change the entries. meta.json
+        then records the latest of them.
 
         Raises:
             PuzzleError: meta.json exists and differs from `meta`.
         """
         path = self.root / "meta.json"
         if path.is_file():
-            old, new = _comparable(json.loads(path.read_text())), _comparable(meta)
+            old, new = comparable_meta(json.loads(path.read_text())), comparable_meta(meta)
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise PuzzleError(
                     f"the library in {self.root} was built with other settings ({', '.join(diff)} differ); "
                     f"use another --out directory or delete {self.root} to rebuild it")
+            if json.loads(path.read_text()) != json.loads(json.dumps(meta, default=str)):
+                atomic_write_json(path, meta)
         else:
             atomic_write_json(path, meta)
 

@@ -208,8 +208,11 @@ def check_score_meta(run: Run) -> None:
     """Forget replace-1-block results computed for another library, scoring text or scoring settings.
 
     The result logs are resumable caches keyed by candidate; this keeps them from being reused
-    silently after the inputs they depend on changed.
+    silently after the inputs they depend on changed. The space is not one of them: a widened
+    space keeps every result and scores only its new candidates.
     """
+    from .library import comparable_meta
+
     meta = {"library": library_meta(run), "score_tokens_sha": _tensor_sha(scoring_ids(run)),
             "position_stride": run.config.score.position_stride}
     meta = json.loads(json.dumps(meta, default=str))
@@ -220,6 +223,10 @@ def check_score_meta(run: Run) -> None:
         except json.JSONDecodeError:
             old = None
         if old == meta:
+            return
+        if isinstance(old, dict) and isinstance(old.get("library"), dict) and \
+                {**old, "library": comparable_meta(old["library"])} == {**meta, "library": comparable_meta(meta["library"])}:
+            atomic_write_json(path, meta)
             return
         stale = list((run.out / "score").glob("quality_*.jsonl")) + [run.out / "score" / "parent_quality.json"]
         for f in stale:

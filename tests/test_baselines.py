@@ -134,3 +134,33 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 0
     assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "exp"), "--no-progress"]) == 0
     assert (tmp_path / "exp" / "config.json").is_file()
+
+
+def test_a_widened_space_keeps_finished_entries_and_scores(tmp_path_factory, tmp_path):
+    """Adding an FFN width to a finished run trains and scores only the new variant."""
+    import json
+    import shutil
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, stage_bld, stage_score
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    entries = {p: p.stat().st_mtime_ns for p in (out / "library" / "entries").rglob("*.safetensors")}
+    scored = (out / "score" / "quality_bld.jsonl").read_text().splitlines()
+    config = load_run_config(out)
+    wide = config.replace(space={"ffn_fractions": (*config.space.ffn_fractions, 0.25)})
+    run = Run(out, wide, progress=False)
+    index = stage_bld(run)
+    new_width = {v.id for ls in run.space() for v in ls.ffn} - set(pd.read_csv(out / "score" / "score_table.csv")["variant"])
+    assert len(new_width) == 1
+    (width,) = new_width
+    layers = set(range(len(run.space())))
+    assert {p: p.stat().st_mtime_ns for p in entries} == entries  # nothing finished was rewritten
+    assert set(index.loc[(index["variant"] == width) & (index["stage"] == "bld"), "layer"]) == layers
+    tables = stage_score(run)
+    after = (out / "score" / "quality_bld.jsonl").read_text().splitlines()
+    assert after[:len(scored)] == scored and len(after) - len(scored) == len(layers)
+    assert {json.loads(line)["variant"] for line in after[len(scored):]} == {width}
+    assert set(tables["bld"].loc[tables["bld"]["variant"] == width, "layer"]) == layers
+    assert json.loads((out / "library" / "meta.json").read_text())["space"]["ffn_fractions"][-1] == 0.25
