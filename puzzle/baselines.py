@@ -436,7 +436,8 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     Models are built group by group (memory), evaluated with `pipeline.evaluate` (cached in
     DIR/children/) and measured next to the parent (`measure_against_parent`). Each finished row is
     written to `rows_dir` (default DIR/baselines/rows/<name>.json) and reused on a rerun, so a long
-    sweep can be run `max_groups` groups at a time.
+    sweep can be run `max_groups` groups at a time; a row whose architecture or library stage is not
+    the candidate's (a plan redone after the library or the costs changed) is redone.
 
     Returns:
         One row per finished model (ROW_COLUMNS), parent first. throughput_tok_s is the parent's
@@ -449,7 +450,16 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
 
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in candidates if not (rows_dir / f"{c.name}.json").is_file()]
+
+    def finished(c: Candidate) -> bool:
+        path = rows_dir / f"{c.name}.json"
+        if not path.is_file():
+            return False
+        row = read_json(path)
+        return (row.get("architecture") == compact_architecture([b.id for b in c.blocks])
+                and row.get("training") == c.training)
+
+    todo = [c for c in candidates if not finished(c)]
     groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)][:max_groups]
     for group in groups:
         models = {c.name: realize(run, c, library) for c in group}
@@ -484,7 +494,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     if not (rows_dir / "parent.json").is_file():
         return pd.DataFrame(columns=ROW_COLUMNS)
     parent = read_json(rows_dir / "parent.json")
-    done = [c for c in candidates if (rows_dir / f"{c.name}.json").is_file()]
+    done = [c for c in candidates if finished(c)]
     rows = [parent] + [read_json(rows_dir / f"{c.name}.json") for c in done]
     table = pd.DataFrame(rows)
     table["throughput_tok_s"] = parent["throughput_tok_s"] * table["speedup"]

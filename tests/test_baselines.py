@@ -78,6 +78,13 @@ def test_plan_meets_every_budget_and_realized_rows_are_measured(tmp_path_factory
     assert (run.out / "export" / layers.name / "config.json").is_file()
     again = realize_all(run, picked, library, export=False, rows_dir=run.out / "test_rows")  # reused, not remeasured
     pd.testing.assert_frame_equal(again, table)
+    # the same name with another architecture (a plan redone on a changed library) is realized again
+    import dataclasses
+
+    fewer = dataclasses.replace(layers, blocks=layer_removal(run.parent.config, list(range(4)), 1))
+    assert fewer.blocks != layers.blocks
+    redone = realize_all(run, [fewer], library, export=False, rows_dir=run.out / "test_rows").set_index("name")
+    assert redone.loc[layers.name, "kl_nats"] != table.set_index("name").loc[layers.name, "kl_nats"]
 
 
 def test_matched_ratios_interpolate_and_never_extrapolate():
