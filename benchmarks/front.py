@@ -17,7 +17,9 @@ diverse solutions, refinement) uses the scoring split; the evaluation split is o
 
 The report writes: front.csv (every model), front.png (measured throughput vs evaluation KL),
 architectures.png (per-layer map of our children), ratios.csv (our evaluation KL / each baseline's
-at matched measured speed-up, interpolated; one architecture measured twice gets the mean of both),
+at matched measured speed-up, interpolated; one architecture measured twice gets the mean of both;
+ours once as the plain MIP children, once as the child selected per speed-up target: the plain,
+diverse or refined one with the lowest scoring-split KL),
 ratios_predicted_speed.csv (the same at matched predicted speed-up), refine.csv, fusion.csv and
 remeasure.csv.
 """
@@ -232,16 +234,19 @@ def phase_report(run, out: Path, speedups) -> None:
                xlabel=f"measured throughput, generated tok/s ({w.device}, B={w.batch_size}, P={w.prompt_len}, G={w.gen_len})")
     base = rows[~rows["method"].str.startswith("mip")]
     ours_plain = rows[(rows["method"] == "mip") & (rows["training"] == "bld")]
-    ours_best = rows[rows["method"].str.startswith("mip") & (rows["training"] == "bld")].assign(method="mip")
+    # what a user gets per target: among the plain, diverse and refined children of one speed-up target,
+    # the one with the lowest KL on the scoring split (the selection set; the evaluation split is only reported)
+    ours_best = (rows[rows["method"].str.startswith("mip") & (rows["training"] == "bld")]
+                 .sort_values("score_kl_nats", kind="stable").groupby("target_speedup").head(1).assign(method="mip"))
     ratios = pd.concat([matched_ratios(pd.concat([ours_plain, base]), speedups).assign(ours="plain MIP"),
-                        matched_ratios(pd.concat([ours_best, base]), speedups).assign(ours="best of plain, diverse, refined")],
+                        matched_ratios(pd.concat([ours_best, base]), speedups).assign(ours="selected per target")],
                        ignore_index=True)
     atomic_write_text(out / "ratios.csv", ratios.to_csv(index=False))
     # the same at matched *predicted* speed-up (summed measured subblock costs): free of whole-model timing noise
     pred = lambda df: df.assign(speedup=df["predicted_speedup"])  # noqa: E731
     atomic_write_text(out / "ratios_predicted_speed.csv",
                       matched_ratios(pd.concat([pred(ours_best), pred(base)]), speedups)
-                      .assign(ours="best of plain, diverse, refined").to_csv(index=False))
+                      .assign(ours="selected per target").to_csv(index=False))
     ours = {p.stem: read_json(p)["choice"] for p in sorted((run.out / "search").glob("child-*.json"))
             if not p.stem.endswith("-init")}
     ours = dict(sorted(ours.items(), key=lambda kv: read_json(run.out / "search" / f"{kv[0]}.json")["speedup"]))
