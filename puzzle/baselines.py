@@ -451,15 +451,17 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
 
-    def finished(c: Candidate) -> bool:
+    def finished(c: Candidate) -> dict | None:
+        """The candidate's saved row, when there is one for its architecture and library stage."""
         path = rows_dir / f"{c.name}.json"
         if not path.is_file():
-            return False
+            return None
         row = read_json(path)
-        return (row.get("architecture") == compact_architecture([b.id for b in c.blocks])
+        same = (row.get("architecture") == compact_architecture([b.id for b in c.blocks])
                 and row.get("training") == c.training)
+        return row if same else None
 
-    todo = [c for c in candidates if not finished(c)]
+    todo = [c for c in candidates if finished(c) is None]
     groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)][:max_groups]
     for group in groups:
         models = {c.name: realize(run, c, library) for c in group}
@@ -494,8 +496,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     if not (rows_dir / "parent.json").is_file():
         return pd.DataFrame(columns=ROW_COLUMNS)
     parent = read_json(rows_dir / "parent.json")
-    done = [c for c in candidates if finished(c)]
-    rows = [parent] + [read_json(rows_dir / f"{c.name}.json") for c in done]
+    rows = [parent] + [row for row in map(finished, candidates) if row is not None]
     table = pd.DataFrame(rows)
     table["throughput_tok_s"] = parent["throughput_tok_s"] * table["speedup"]
     return table[ROW_COLUMNS]

@@ -102,16 +102,16 @@ class Library:
         """
         path = self.root / "meta.json"
         if path.is_file():
-            old, new = comparable_meta(json.loads(path.read_text())), comparable_meta(meta)
+            recorded = json.loads(path.read_text())
+            old, new = comparable_meta(recorded), comparable_meta(meta)
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise PuzzleError(
                     f"the library in {self.root} was built with other settings ({', '.join(diff)} differ); "
                     f"use another --out directory or delete {self.root} to rebuild it")
-            if json.loads(path.read_text()) != json.loads(json.dumps(meta, default=str)):
-                atomic_write_json(path, meta)
-        else:
-            atomic_write_json(path, meta)
+            if recorded == json.loads(json.dumps(meta, default=str)):
+                return
+        atomic_write_json(path, meta)
 
     # -- entries ---------------------------------------------------------------------------------
     def has(self, layer: int, variant: str, stage: str) -> bool:

@@ -222,11 +222,10 @@ def check_score_meta(run: Run) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             old = None
-        if old == meta:
-            return
-        if isinstance(old, dict) and isinstance(old.get("library"), dict) and \
-                {**old, "library": comparable_meta(old["library"])} == {**meta, "library": comparable_meta(meta["library"])}:
-            atomic_write_json(path, meta)
+        comparable = lambda m: {**m, "library": comparable_meta(m["library"])}  # noqa: E731
+        if isinstance(old, dict) and isinstance(old.get("library"), dict) and comparable(old) == comparable(meta):
+            if old != meta:  # only the space or resource settings changed: keep the results, record the new meta
+                atomic_write_json(path, meta)
             return
         stale = list((run.out / "score").glob("quality_*.jsonl")) + [run.out / "score" / "parent_quality.json"]
         for f in stale:
