@@ -6,6 +6,7 @@
     python benchmarks/front.py --run DIR --phase ours        # realize, evaluate, measure our children
     python benchmarks/front.py --run DIR --phase fusion      # FFN Fusion on our children: KL and speed, interleaved
     python benchmarks/front.py --run DIR --phase remeasure   # every finished model's speed again, in one session
+    python benchmarks/front.py --run DIR --phase downstream  # zero-shot accuracy of the front's models (harness)
     python benchmarks/front.py --run DIR --phase report --out benchmarks/front_results
 
 DIR is a run directory after `puzzle run` (e.g. a copy of the smollm2-demo run). Every phase resumes
@@ -20,8 +21,9 @@ architectures.png (per-layer map of our children), ratios.csv (our evaluation KL
 at matched measured speed-up, interpolated; one architecture measured twice gets the mean of both;
 ours once as the plain MIP children, once as the child selected per speed-up target: the plain,
 diverse or refined one with the lowest scoring-split KL),
-ratios_predicted_speed.csv (the same at matched predicted speed-up), refine.csv, fusion.csv and
-remeasure.csv.
+ratios_predicted_speed.csv (the same at matched predicted speed-up), accuracy_ratios.csv (after
+--phase downstream: the downstream accuracy lost against the parent, ours / each baseline's, at matched
+measured speed-up; front.png then has an accuracy panel), refine.csv, fusion.csv and remeasure.csv.
 """
 
 from __future__ import annotations
@@ -201,6 +203,19 @@ def phase_remeasure(run, repeats: int) -> None:
     print(f"{len(models)} models, {repeats} interleaved rounds, {time.perf_counter() - t0:.0f} s")
 
 
+def phase_downstream(run, tasks, limit, names) -> None:
+    """Downstream accuracy (zero-shot, lm-eval conventions) of the front's models: by default every model
+    except the init-only and the diverse ones (the refined children and the plain ones stay)."""
+    from puzzle.downstream import evaluate_front_downstream
+    from puzzle.plots import front_rows
+
+    if not names:
+        rows = front_rows(run.out, with_downstream=False)
+        names = [n for n, m, t in zip(rows["name"], rows["method"], rows["training"]) if t != "init" and m != "mip-diverse"]
+    df = evaluate_front_downstream(run, tasks, limit=limit, names=names, progress=False)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 def evaluate_fused(run, model, name) -> dict:
     """Evaluation-split quality of a fused model (not cached: its layer list differs from its config)."""
     from puzzle.pipeline import parent_eval_logprobs
@@ -218,6 +233,11 @@ def phase_report(run, out: Path, speedups) -> None:
         if path.is_dir():
             parts += [read_json(p) for p in sorted(path.glob("*.json"))]
     rows = pd.DataFrame(parts).drop_duplicates("name")
+    from puzzle.downstream import downstream_rows
+
+    acc = downstream_rows(run.out)
+    if len(acc):
+        rows = rows.merge(acc, on="name", how="left")
     # one architecture, one speed: models built twice (a baseline that picks our child) and measured
     # separately get the mean of their measurements
     rows["measurements"] = rows.groupby("architecture")["speedup"].transform("size")
@@ -244,6 +264,15 @@ def phase_report(run, out: Path, speedups) -> None:
     atomic_write_text(out / "ratios.csv", ratios.to_csv(index=False))
     # the same at matched *predicted* speed-up (summed measured subblock costs): free of whole-model timing noise
     pred = lambda df: df.assign(speedup=df["predicted_speedup"])  # noqa: E731
+    if "downstream_acc" in rows.columns and rows["downstream_acc"].notna().sum() > 1:
+        # downstream accuracy lost against the parent, ours / each baseline's at matched measured speed-up
+        # (the same interpolation as KL: lower is better); models without a downstream figure are left out
+        parent_acc = float(rows.loc[rows["name"] == "parent", "downstream_acc"].iloc[0])
+        lost = lambda df: df.dropna(subset=["downstream_acc"]).assign(acc_lost=parent_acc - df["downstream_acc"])  # noqa: E731
+        acc_ratios = matched_ratios(pd.concat([lost(ours_best), lost(base)]), speedups, y="acc_lost")
+        acc_ratios["parent_acc"] = parent_acc
+        atomic_write_text(out / "accuracy_ratios.csv", acc_ratios.assign(ours="selected per target").to_csv(index=False))
+        print(acc_ratios.to_string(index=False))
     atomic_write_text(out / "ratios_predicted_speed.csv",
                       matched_ratios(pd.concat([pred(ours_best), pred(base)]), speedups)
                       .assign(ours="selected per target").to_csv(index=False))
@@ -268,7 +297,7 @@ def phase_report(run, out: Path, speedups) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="run directory (after `puzzle run`)")
-    p.add_argument("--phase", required=True, choices=["plan", "baselines", "refine", "ours", "fusion", "remeasure", "report"],
+    p.add_argument("--phase", required=True, choices=["plan", "baselines", "refine", "ours", "fusion", "remeasure", "downstream", "report"],
                    help="which part to run (see the module docstring)")
     p.add_argument("--speedups", default="1.25,1.5,2", help="speed-up targets")
     p.add_argument("--interpolate-costs", action="store_true",
@@ -282,6 +311,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="refinement rounds")
     p.add_argument("--fuse", default="child-2x,child-1.5x-refined", help="children to fuse")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds of --phase remeasure")
+    p.add_argument("--tasks", default="lambada,arc_easy,piqa", help="downstream tasks (--phase downstream)")
+    p.add_argument("--limit", type=int, default=100, help="documents per downstream task (--phase downstream)")
+    p.add_argument("--names", default="", help="models for --phase downstream (default: all but init-only and diverse)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "front_results", help="report folder")
     args = p.parse_args()
     speedups = tuple(float(s) for s in args.speedups.split(","))
@@ -298,6 +330,10 @@ def main() -> int:
         phase_ours(run, args.max_groups)
     elif args.phase == "remeasure":
         phase_remeasure(run, args.repeats)
+    elif args.phase == "downstream":
+        from puzzle.downstream import parse_tasks
+
+        phase_downstream(run, parse_tasks(args.tasks), args.limit or None, [n for n in args.names.split(",") if n])
     elif args.phase == "fusion":
         phase_fusion(run, [n for n in args.fuse.split(",") if (run.out / "search" / f"{n}.json").is_file()])
     else:

@@ -176,9 +176,23 @@ def cmd_front(args) -> int:
 
     from .plots import write_front_all
 
+    tasks = None
+    if args.downstream:
+        from .downstream import parse_tasks
+
+        tasks = parse_tasks(args.downstream)  # bad task names fail before any work
+        if args.downstream_limit < 0:
+            raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
     run = _run_for(args)
     stage_front(run)
-    if (run.out / "baselines" / "rows").is_dir() or (run.out / "front_rows").is_dir():
+    if tasks:
+        from .downstream import evaluate_front_downstream
+
+        acc = evaluate_front_downstream(run, tasks, limit=args.downstream_limit or None, progress=run.progress)
+        cols = [c for c in ("name", "downstream_acc", "downstream_acc_stderr") if c in acc.columns] + \
+            [c for c in acc.columns if c.startswith("acc_")]
+        print(acc[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=sys.stderr)
+    if tasks or (run.out / "baselines" / "rows").is_dir() or (run.out / "front_rows").is_dir():
         rows = write_front_all(run.out)  # our front and the baselines' (puzzle baselines / refine) on one plot
         print(f"front with baselines: {len(rows)} models -> {run.out / 'front_all.csv'}, {run.out / 'front_all.png'}",
               file=sys.stderr)
@@ -240,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "with `puzzle baselines` done, also front_all.csv/png with the baselines")
     _add_common(p)
     _add_budget_flags(p)
+    p.add_argument("--downstream", metavar="TASK,TASK,...", nargs="?", const="lambada,arc_easy,piqa",
+                   help="also evaluate every front model zero-shot on these tasks (default when given alone: "
+                        "lambada,arc_easy,piqa) and draw accuracy vs throughput beside the KL front (front_all.png)")
+    p.add_argument("--downstream-limit", type=int, default=100, metavar="N",
+                   help="documents per task, the same fixed-seed subset for every model (0: all; default 100)")
     p.set_defaults(func=cmd_front)
 
     # Later stages and tools; each module owns its parser (imports stay light: parsers only).

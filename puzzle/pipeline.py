@@ -551,6 +551,23 @@ def compact_architecture(choice) -> str:
     return " ".join("/".join(short(p) for p in b.split("+")) for b in choice)
 
 
+def parse_compact_architecture(text: str) -> list[str]:
+    """Inverse of `compact_architecture`: 'kv3/1536 noop/linear' -> ['attn-kv3+ffn-1536', 'attn-noop+ffn-linear'].
+
+    Raises:
+        ArchitectureError: a layer that is not '<attention>/<ffn>' with known variant ids.
+    """
+    from .architecture import ArchitectureError, BlockConfig
+
+    ids = []
+    for layer, part in enumerate(str(text).split()):
+        attn, sep, ffn = part.partition("/")
+        if not sep or not attn or not ffn:
+            raise ArchitectureError(f"layer {layer}: {part!r} is not '<attention>/<ffn>' (e.g. 'kv3/1536', 'noop/linear')")
+        ids.append(BlockConfig.from_id(f"attn-{attn}+ffn-{ffn}").id)
+    return ids
+
+
 # ------------------------------------------------------------------------------------------------
 # front, summary, report
 

@@ -44,8 +44,13 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok_s", y: str = "kl_nats",
-               title: str | None = None, xlabel: str | None = None, log_y: bool = True) -> Path:
+               title: str | None = None, xlabel: str | None = None, log_y: bool = True,
+               accuracy: str | None = "downstream_acc") -> Path:
     """Our front and the baselines' on one plot: `y` against measured `x`, one series per method and training.
+
+    Where `rows` also hold a downstream accuracy for some models (column `accuracy`, a fraction, from
+    `puzzle front --downstream`), a second panel beside the first draws it against the same `x`, with
+    ± one standard error bars when an `<accuracy>_stderr` column exists.
 
     Args:
         rows: one row per model with name, method ("parent", "mip", "greedy", "layer_removal",
@@ -53,6 +58,7 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
             Series are drawn in order of `x`; init-only series dashed with hollow markers.
         path: the PNG to write.
         log_y: a log scale for KL (rows with y <= 0 other than the parent are left out).
+        accuracy: the downstream-accuracy column of the second panel (None: never draw it).
 
     Returns:
         The PNG's path.
@@ -65,8 +71,30 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = rows[["name", "method", "training", x, y]].dropna(subset=[x, y])
-    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    panels = [(y, log_y, "evaluation KL(parent || child), nats/token" if y == "kl_nats" else y)]
+    if accuracy and accuracy in rows.columns and rows[accuracy].notna().any():
+        tasks = rows["downstream_tasks"].dropna().iloc[0] if "downstream_tasks" in rows.columns else ""
+        panels.append((accuracy, False, f"downstream accuracy, mean over {tasks.replace(',', ', ')}" if tasks
+                       else "downstream accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 4.8), dpi=120, squeeze=False)
+    for ax, (col, log, ylabel) in zip(axes[0], panels):
+        err = f"{col}_stderr" if col != y and f"{col}_stderr" in rows.columns else None
+        _draw_series(ax, rows, x, col, log, err)
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=9) if len(panels) > 1 else axes[0][0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str | None) -> None:
+    """One line per (method, training) of `y` against `x` on `ax`, the parent as a dotted vertical line."""
+    rows = rows[["name", "method", "training", x, y] + ([err] if err else [])].dropna(subset=[x, y])
     parent = rows[rows["method"] == "parent"]
     for (method, training), part in rows[rows["method"] != "parent"].groupby(["method", "training"], sort=False):
         color, marker, line = STYLE.get(method, ("tab:gray", "o", "-"))
@@ -78,22 +106,18 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
                                                not in ("mip", "mip-diverse", "mip-refined", "ffn_fusion") else "")
         ax.plot(part[x], part[y], marker=marker, linestyle="--" if init and line != "none" else line, color=color,
                 markerfacecolor="none" if init else color, label=label, alpha=0.9)
+        if err:
+            ax.errorbar(part[x], part[y], yerr=part[err], fmt="none", ecolor=color, alpha=0.5, capsize=2)
     if len(parent):
-        ax.axvline(float(parent[x].iloc[0]), color="black", linewidth=0.8, linestyle=":")
-        ax.annotate("parent", (float(parent[x].iloc[0]), 0.98), xycoords=("data", "axes fraction"), fontsize=8,
-                    ha="right", va="top", rotation=90)
+        px = float(parent[x].iloc[0])
+        ax.axvline(px, color="black", linewidth=0.8, linestyle=":")
+        ax.annotate("parent", (px, 0.98), xycoords=("data", "axes fraction"), fontsize=8, ha="right", va="top",
+                    rotation=90)
+        if not log_y:  # accuracy: the parent's value is a point, not 0
+            ax.plot([px], [float(parent[y].iloc[0])], marker="*", color="black", markersize=10, linestyle="none",
+                    label="parent")
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel("evaluation KL(parent || child), nats/token" if y == "kl_nats" else y)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
 
 
 def kind_is_attention(variant) -> bool:
@@ -226,7 +250,7 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
     return pd.DataFrame(out)
 
 
-def front_rows(run_dir: str | Path) -> pd.DataFrame:
+def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFrame:
     """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
 
     Reads DIR/front.csv (the pipeline's children: method "mip", training "bld"), DIR/front_rows/*.json
@@ -237,7 +261,9 @@ def front_rows(run_dir: str | Path) -> pd.DataFrame:
 
     Returns:
         DataFrame with name, method, training, speedup, throughput_tok_s, kl_nats, predicted_kl_nats,
-        lm_loss, params, source (the file it came from); parent first.
+        lm_loss, params, architecture (compact form; empty for front.csv rows), source (the file it came
+        from); parent first. With `with_downstream` and DIR/downstream/ results (`puzzle front
+        --downstream`), also downstream_acc, downstream_acc_stderr, downstream_tasks and acc_<task>.
 
     Raises:
         FileNotFoundError: the directory holds none of these files.
@@ -268,8 +294,14 @@ def front_rows(run_dir: str | Path) -> pd.DataFrame:
         scaled.append(part)
     rows = pd.concat(scaled, ignore_index=True).drop_duplicates("name")
     columns = ["name", "method", "training", "speedup", "throughput_tok_s", "kl_nats", "predicted_kl_nats", "lm_loss",
-               "params", "source"]
+               "params", "architecture", "source"]
     rows = rows.reindex(columns=columns)
+    if with_downstream:
+        from .downstream import downstream_rows
+
+        acc = downstream_rows(run_dir)
+        if len(acc):
+            rows = rows.merge(acc, on="name", how="left")
     order = rows["name"].ne("parent")
     return rows.assign(_o=order).sort_values(["_o", "method", "training", "speedup"], kind="stable").drop(columns="_o") \
         .reset_index(drop=True)

