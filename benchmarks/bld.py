@@ -3,6 +3,7 @@
     python benchmarks/bld.py throughput --out DIR [--layers 0,1,2] [--tokens 16384] [--space demo|default]
     python benchmarks/bld.py curves --out DIR [--layers 2,14,27] [--budgets 1024,...,65536] [--init-tokens 8192]
     python benchmarks/bld.py child --out DIR --run RUN_DIR [--name child-1.5x] [--budgets 2048,...,32768]
+    python benchmarks/bld.py schedule --out DIR --run RUN_DIR [--layers 4,16,24] [--settings 4:2e-3,1:5e-3,...]
 
 throughput: BLD of every entry of the given layers (`--layers all`: the whole library; the parent
     forward included, as in a real run) on `--tokens` calibration tokens; tokens/s = training tokens
@@ -21,6 +22,8 @@ curves: for each layer and each token budget, the entries trained from scratch w
 child: the searched child of a finished run (its architecture fixed) rebuilt from entries trained
     with each token budget, and its evaluation KL against the parent on the run's evaluation
     tokens; reports the budget beyond which doubling improves the KL by less than 5%.
+schedule: at a run's BLD token budget and calibration data, the held-out normalized MSE of a few
+    entries (default 1 KV head, FFN 768 and 256 at layers 4, 16, 24) for each (batch size, lr).
 
 Every command writes CSV/JSON files under --out and prints a short summary. The machine's load
 (os.getloadavg) is recorded next to each figure: on a shared machine absolute times are inflated,
@@ -369,6 +372,48 @@ def cmd_child(args) -> None:
           if saturated else "no budget reached the < 5% criterion; extend --budgets")
 
 
+# ----------------------------------------------------------------------------------------------
+# schedule: (batch size, lr) at a run's fixed BLD token budget
+
+
+def cmd_schedule(args) -> None:
+    """Held-out normalized MSE of a few entries per (batch size, lr), the token budget and data of a finished run."""
+    torch.set_num_threads(args.threads)
+    from puzzle.baselines import open_run
+    from puzzle.bld import build_library
+    from puzzle.space import LayerSpace
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = open_run(Path(args.run), progress=False)
+    layers = [int(x) for x in args.layers.split(",")]
+    variants = set(args.variants.split(","))
+    space = []
+    for ls in run.space():  # the chosen variants at the chosen layers; elsewhere the parent's (nothing to train)
+        if ls.layer in layers:
+            space.append(LayerSpace(ls.layer, tuple(v for i, v in enumerate(ls.attention) if i == 0 or v.id in variants),
+                                    tuple(v for i, v in enumerate(ls.ffn) if i == 0 or v.id in variants)))
+        else:
+            space.append(LayerSpace(ls.layer, ls.attention[:1], ls.ffn[:1]))
+    rows = []
+    for setting in args.settings.split(","):
+        batch, lr = setting.split(":")
+        cfg = dataclasses.replace(run.config.bld, batch_size=int(batch), lr=float(lr), checkpoint_s=1e9)
+        with tempfile.TemporaryDirectory() as d:
+            lib = Library(d)
+            t0 = time.perf_counter()
+            build_library(run.parent.model, run.tokens.calib, space, cfg, lib)
+            index = lib.write_index()
+            for r in index[index.stage == "bld"].itertuples():
+                rows.append({"batch_size": int(batch), "lr": float(lr), "layer": r.layer, "variant": r.variant,
+                             "init_nmse": r.init_nmse, "final_nmse": r.final_nmse, "tokens": cfg.tokens,
+                             "seconds": time.perf_counter() - t0, "load": load()})
+        pd.DataFrame(rows).to_csv(out / "schedule.csv", index=False)
+        print(f"batch {batch}, lr {lr}: {time.perf_counter() - t0:.0f} s", flush=True)
+    df = pd.DataFrame(rows)
+    print(df.pivot_table(index=["batch_size", "lr"], columns="variant", values="final_nmse").round(4).to_string())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -396,6 +441,12 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="child-1.5x", help="the architecture to rebuild")
     p.add_argument("--budgets", default="2048,4096,8192,16384,32768", help="token budgets")
     p.set_defaults(func=cmd_child)
+    p = sub.add_parser("schedule", parents=[common], help="held-out NMSE per (batch size, lr) at a run's BLD budget")
+    p.add_argument("--run", required=True, help="a run directory after `puzzle data` (its data and BLD settings)")
+    p.add_argument("--layers", default="4,16,24", help="layers to distill")
+    p.add_argument("--variants", default="attn-kv1,ffn-768,ffn-256", help="variant ids to train at those layers")
+    p.add_argument("--settings", default="4:2e-3,1:2e-3,1:5e-3,2:5e-3,4:1e-2,1:1e-2,2:1e-2", help="batch:lr pairs")
+    p.set_defaults(func=cmd_schedule)
     args = parser.parse_args(argv)
     args.func(args)
     return 0
