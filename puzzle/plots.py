@@ -84,8 +84,10 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=9) if len(panels) > 1 else axes[0][0].set_title(title, fontsize=9)
+    if title and len(panels) > 1:
+        fig.suptitle(title, fontsize=9)
+    elif title:
+        axes[0][0].set_title(title, fontsize=9)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)
