@@ -264,6 +264,9 @@ def phase_report(run, out: Path, speedups) -> None:
     atomic_write_text(out / "ratios.csv", ratios.to_csv(index=False))
     # the same at matched *predicted* speed-up (summed measured subblock costs): free of whole-model timing noise
     pred = lambda df: df.assign(speedup=df["predicted_speedup"])  # noqa: E731
+    atomic_write_text(out / "ratios_predicted_speed.csv",
+                      matched_ratios(pd.concat([pred(ours_best), pred(base)]), speedups)
+                      .assign(ours="selected per target").to_csv(index=False))
     if "downstream_acc" in rows.columns and rows["downstream_acc"].notna().sum() > 1:
         # downstream accuracy lost against the parent, ours / each baseline's at matched measured speed-up
         # (the same interpolation as KL: lower is better); models without a downstream figure are left out
@@ -273,9 +276,6 @@ def phase_report(run, out: Path, speedups) -> None:
         acc_ratios["parent_acc"] = parent_acc
         atomic_write_text(out / "accuracy_ratios.csv", acc_ratios.assign(ours="selected per target").to_csv(index=False))
         print(acc_ratios.to_string(index=False))
-    atomic_write_text(out / "ratios_predicted_speed.csv",
-                      matched_ratios(pd.concat([pred(ours_best), pred(base)]), speedups)
-                      .assign(ours="selected per target").to_csv(index=False))
     ours = {p.stem: read_json(p)["choice"] for p in sorted((run.out / "search").glob("child-*.json"))
             if not p.stem.endswith("-init")}
     ours = dict(sorted(ours.items(), key=lambda kv: read_json(run.out / "search" / f"{kv[0]}.json")["speedup"]))

@@ -142,31 +142,22 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
     exclude = used_lambada_ids(run.out) if (run.out / "data" / "manifest.json").is_file() else set()
     key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": str(run.parent.source)}
 
-    def done(spec) -> bool:
-        path = out_dir / f"{spec['name']}.json"
-        if not path.is_file():
-            return False
-        saved = read_json(path)
-        return saved.get("key") == key and saved.get("architecture") == spec["architecture"] \
-            and saved.get("stage") == spec["stage"]
+    def same(result: dict, spec: dict) -> bool:
+        return result.get("key") == key and result.get("architecture") == spec["architecture"] \
+            and result.get("stage") == spec["stage"] and "downstream_acc" in result
 
-    def same_model(spec) -> dict | None:
-        """A saved result of the same architecture and stage under the same key (a baseline that picked our child)."""
-        for path in sorted(out_dir.glob("*.json")) if out_dir.is_dir() else []:
-            saved = read_json(path)
-            if saved.get("key") == key and saved.get("architecture") == spec["architecture"] \
-                    and saved.get("stage") == spec["stage"] and "downstream_acc" in saved:
-                return saved
-        return None
-
-    todo = [s for s in specs if not done(s)]
+    # every saved result of this setting, read once: a model is done when its own file matches, and a model
+    # with the architecture and stage of a finished one (a baseline that picked our child) copies its result
+    saved = {p.stem: read_json(p) for p in sorted(out_dir.glob("*.json"))} if out_dir.is_dir() else {}
+    todo = [s for s in specs if not (s["name"] in saved and same(saved[s["name"]], s))]
     library = _library(run) if any(s["blocks"] for s in todo) else None
     t_all = time.perf_counter()
     for i, spec in enumerate(todo, 1):
         t0 = time.perf_counter()
-        twin = same_model(spec)
+        twin = next((d for d in saved.values() if same(d, spec)), None)
         if twin is not None:
-            atomic_write_json(out_dir / f"{spec['name']}.json", {**twin, "name": spec["name"], "same_as": twin["name"]})
+            saved[spec["name"]] = {**twin, "name": spec["name"], "same_as": twin["name"]}
+            atomic_write_json(out_dir / f"{spec['name']}.json", saved[spec["name"]])
             continue
         if spec["blocks"] is None:
             model = run.parent.model
@@ -179,9 +170,9 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
                                 wheel=wheel, progress=progress, parts_dir=out_dir / "parts" / spec["name"],
                                 parts_key={**key, "architecture": spec["architecture"], "stage": spec["stage"]})
         summary = _summarize(result.table, tasks)
-        atomic_write_json(out_dir / f"{spec['name']}.json",
-                          {"name": spec["name"], "architecture": spec["architecture"], "stage": spec["stage"],
-                           "key": key, **summary, "seconds": round(time.perf_counter() - t0, 1)})
+        saved[spec["name"]] = {"name": spec["name"], "architecture": spec["architecture"], "stage": spec["stage"],
+                               "key": key, **summary, "seconds": round(time.perf_counter() - t0, 1)}
+        atomic_write_json(out_dir / f"{spec['name']}.json", saved[spec["name"]])
         del model
         print(f"downstream {i}/{len(todo)} {spec['name']}: acc {summary['downstream_acc']:.3f} "
               f"± {summary['downstream_acc_stderr']:.3f} ({time.perf_counter() - t0:.0f} s, "
