@@ -130,7 +130,7 @@ def phase_fusion(run, names) -> None:
             q2 = evaluate_fused(run, distilled, tag + "-distilled")
             del distilled
             m = measure_models({"parent": run.parent.model, name: child, tag: fused}, run.workload(),
-                               repeats=3).set_index("name")
+                               repeats=3, max_contention=run.config.score.max_contention).set_index("name")
             rows.append({"child": name, "fused": tag, "include_leading": leading, "runs": str(runs),
                          "fused_ffns": sum(e - s for s, e in runs), "kl_nats": q0["kl_nats"], "fused_kl_nats": q1["kl_nats"],
                          "fused_distilled_kl_nats": q2["kl_nats"], "distill_s": distill_s,
@@ -175,7 +175,8 @@ def phase_remeasure(run, repeats: int) -> None:
             measured_as[key] = c.name
             models[c.name] = realize(run, c, chain if d == baseline_rows else None)
     load0 = os.getloadavg()[0]
-    df = measure_models(models, run.workload(), repeats=repeats).set_index("name")
+    df = measure_models(models, run.workload(), repeats=repeats, progress=True,
+                        max_contention=run.config.score.max_contention).set_index("name")
     parent_ms = float(df.loc["parent", "runtime_ms"])
     rows = []
     for c, d in cands:
@@ -198,6 +199,7 @@ def phase_remeasure(run, repeats: int) -> None:
     out = pd.DataFrame([{"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "speedup_grouped": 1.0,
                          "runtime_ms": parent_ms, "runtime_iqr_ms": float(df.loc["parent", "runtime_iqr_ms"])}] + rows)
     out["load_before"], out["load_after"] = load0, os.getloadavg()[0]
+    out["contention_cores"], out["rounds_dropped"] = df.attrs["contention_cores"], df.attrs["rounds_dropped"]
     atomic_write_text(run.out / "remeasure.csv", out.to_csv(index=False))
     print(out.to_string(index=False))
     print(f"{len(models)} models, {repeats} interleaved rounds, {time.perf_counter() - t0:.0f} s")

@@ -202,7 +202,8 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
     stored = costs[costs["variant"] == parent_ffn.id].iloc[0]
     if measure:
         measured = measure_subblock_costs(run.parent.config, [], [parent_ffn] + [FFNConfig("swiglu", w) for w in todo],
-                                          run.workload(), repeats=run.config.score.cost_repeats)
+                                          run.workload(), repeats=run.config.score.cost_repeats,
+                                          max_contention=run.config.score.max_contention)
         now = measured[measured["variant"] == parent_ffn.id].iloc[0]
         new = measured[measured["variant"] != parent_ffn.id].copy()
         for c in ("prefill_ms", "decode_ms", "runtime_ms"):
@@ -410,7 +411,8 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
     rows, parent_tok_s, parent_row = [], None, None
     for g, start in enumerate(range(0, max(len(names), 1), group_size)):
         group = {"parent": run.parent.model, **{n: models[n] for n in names[start:start + group_size]}}
-        df = measure_models(group, run.workload(), repeats=repeats).set_index("name")
+        df = measure_models(group, run.workload(), repeats=repeats,
+                            max_contention=run.config.score.max_contention).set_index("name")
         p = df.loc["parent"]
         if parent_row is None:
             parent_tok_s = float(p["throughput_tok_s"])

@@ -69,6 +69,9 @@ class ScoreConfig:
         1 scores every position.
     score_init: also score the untrained (init-only) entries, so a search can be run on them for comparison.
     cost_repeats: timing repeats per variant.
+    max_contention: cores other processes may take from a CPU timing window before it is dropped
+        and timed again; after 3 such windows in a row the cost stage stops with an error
+        (scoring/cost.py, "Other processes"). `inf` measures regardless.
     """
 
     tokens: int = 1024
@@ -76,6 +79,13 @@ class ScoreConfig:
     chunk: int = 4
     score_init: bool = True
     cost_repeats: int = 5
+    max_contention: float = 0.25
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_contention, bool) or not isinstance(self.max_contention, (int, float)) \
+                or not self.max_contention >= 0:
+            raise PuzzleError(f"score.max_contention must be a number of cores >= 0 (inf to measure regardless), "
+                              f"got {self.max_contention!r}")
 
 
 @dataclass(frozen=True)

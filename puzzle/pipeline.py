@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,11 +321,15 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
             pass  # measured for another workload, model or space: measure again
     t0 = time.perf_counter()
     w = run.workload()
+    limit = run.config.score.max_contention
     df = measure_subblock_costs(run.parent.config, attn, ffn, w, repeats=run.config.score.cost_repeats,
-                                progress=run.progress)
-    non_block = measure_non_block_costs(run.parent.config, w, repeats=run.config.score.cost_repeats)
+                                progress=run.progress, max_contention=limit)
+    non_block = measure_non_block_costs(run.parent.config, w, repeats=run.config.score.cost_repeats,
+                                        max_contention=limit)
     run.timed("cost_s", time.perf_counter() - t0)
-    save_table(df, path, {**expect, **w.meta(), "non_block": non_block})
+    contention = df.attrs["contention_cores"]
+    save_table(df, path, {**expect, **w.meta(), "non_block": non_block, "rounds_dropped": df.attrs["rounds_dropped"],
+                          "contention_cores": None if math.isnan(contention) else round(contention, 3)})
     return df, non_block
 
 
@@ -520,7 +525,7 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     child = build_child(run, record, stage)
     quality = evaluate(run, child, name)
     measured = measure_models({"parent": run.parent.model, name: child}, run.workload(), repeats=3,
-                              progress=run.progress).set_index("name")
+                              progress=run.progress, max_contention=run.config.score.max_contention).set_index("name")
     row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"])
     atomic_write_json(run.out / "children" / f"{name}.json", row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
@@ -600,7 +605,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> pd.DataFrame:
         bar.close()
     t0 = time.perf_counter()
     measured = measure_models({"parent": run.parent.model, **children}, run.workload(), repeats=3,
-                              progress=run.progress).set_index("name")
+                              progress=run.progress, max_contention=run.config.score.max_contention).set_index("name")
     run.timed("measure_s", time.perf_counter() - t0)
     rows = [_summary_row("parent", None, quality["parent"], measured.loc["parent"], measured.loc["parent"])]
     order = sorted(records, key=lambda n: (records[n]["speedup"], records[n].get("library_stage") != "bld"))

@@ -66,6 +66,21 @@ CUDA events after a synchronize. On a CPU two clocks are offered:
 
 Compare a prediction only with a measurement taken with the same clock and threads.
 
+Other processes. Interleaving protects the *ratios* between variants from slow drift, not from
+another job that takes cores the measurement needs: then every variant runs slower, but not by
+the same factor (small, Python-bound pieces suffer more from a descheduled thread than long
+matrix products), and the table mispredicts. Measured on the 2-core VM: a cost table taken while
+two 1-thread BLD jobs ran predicted speed-ups of 1.25 / 1.5 / 2 / 3 for children that, measured
+alone, ran 1.08 / 1.33 / 1.68 / 2.07 times faster than the parent. So on Linux CPU workloads
+every timing window (one round, or consecutive rounds adding up to at least `MIN_WINDOW_S`) is
+checked with `Contention`: the CPU time the whole machine spent busy (/proc/stat, the hypervisor's
+steal time included) minus this process's own, per second, minus the cores the measurement leaves
+idle (CPUs - threads). A window whose contention exceeds `max_contention` cores (default 0.25)
+is dropped and measured again after a short pause; after `GIVE_UP_WINDOWS` contended windows in
+a row the measurement raises PuzzleError, saying what to stop. Shorter measurements than
+MIN_WINDOW_S (tiny models) are not judged: /proc/stat counts in 10 ms ticks. The contention of the
+kept windows (max) and the number of rounds dropped go into the table's attrs.
+
 What was measured (2-vCPU shared VM, SmolLM2-sized random parent, B=4, P=256, G=64, fp32; the
 whole space of 3 attention and 6 FFN variants takes 4-13 s at the default 5 repeats). Timed in
 one process, side by side, a subblock alone and the same subblock inside the real model agree
@@ -86,6 +101,7 @@ import dataclasses
 import math
 import os
 import platform
+import resource
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
@@ -255,6 +271,123 @@ class Stopwatch:
         return (self.now() - self.t0) * 1e3
 
 
+MIN_WINDOW_S = 0.5  # shortest timing window judged for contention (/proc/stat ticks are 10 ms)
+GIVE_UP_WINDOWS = 3  # contended windows in a row before a measurement gives up
+RETRY_PAUSE_S = 2.0  # pause before measuring a contended window again
+DEFAULT_MAX_CONTENTION = 0.25  # cores
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all cores spent busy since boot: user, nice, system, irq, softirq and steal of
+    /proc/stat's first line (guest time is already inside user). None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process, all its threads, user + system."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Contention:
+    """Cores that other processes took from a CPU measurement of `threads` threads, over a window.
+
+        contention = max(0, (busy_machine - busy_self) / wall - (CPUs - threads))     [cores]
+
+    busy_machine is every core's busy time in /proc/stat (steal included: a hypervisor running
+    another guest slows the measurement just the same), busy_self this process's CPU time
+    (getrusage). Cores the measurement leaves idle may be used freely: on 2 CPUs, a 1-thread
+    measurement tolerates one busy neighbour, a 2-thread one none. Measured on the 2-core VM: 0.00-0.03
+    over 0.5 s windows when idle; 0.7-0.9 for 2 threads next to one busy-looping process.
+
+    `stop()` returns (wall seconds, contention in cores); the contention is NaN off Linux.
+    """
+
+    def __init__(self, threads: int):
+        self.spare = max(0, (os.cpu_count() or 1) - int(threads))
+
+    def start(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s()
+
+    def stop(self) -> tuple[float, float]:
+        wall, busy = time.perf_counter() - self.t0, _machine_busy_s()
+        if busy is None or self.busy0 is None or wall <= 0:
+            return wall, float("nan")
+        others = (busy - self.busy0 - (_own_cpu_s() - self.own0)) / wall
+        return wall, max(0.0, others - self.spare)
+
+
+def _contention_error(contention: float, limit: float, workload: "Workload", what: str) -> PuzzleError:
+    return PuzzleError(
+        f"other processes kept {contention:.2f} of this machine's {os.cpu_count()} cores busy while {what} was timed "
+        f"with {workload.threads()} threads ({GIVE_UP_WINDOWS} windows in a row over the limit max_contention="
+        f"{limit:g}); timings taken so would mispredict speed-ups. Stop the other jobs (see `top`) and run the same "
+        "command again (finished stages are kept), or measure with fewer threads, or pass a larger max_contention "
+        "([score] max_contention in a run config) to accept a distorted table.")
+
+
+def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workload: "Workload", repeats: int,
+                    warmup: int, max_contention: float | None, what: str, bar=None) -> tuple[dict[str, list[float]], dict]:
+    """Run `warmup` untimed rounds, then timing rounds until `repeats` were kept in uncontended windows.
+
+    `run_round(timed)` runs one round and returns its samples (name -> list of ms). Rounds are
+    grouped into windows of at least MIN_WINDOW_S; a CPU window whose `Contention` exceeds
+    `max_contention` is dropped and run again after RETRY_PAUSE_S. None disables the check (and
+    CUDA workloads are not checked: their timings are device time).
+
+    Returns:
+        (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
+        windows that were judged (NaN if none), "rounds_dropped": int}.
+
+    Raises:
+        PuzzleError: GIVE_UP_WINDOWS contended windows in a row (see `_contention_error`).
+    """
+    for _ in range(warmup):
+        run_round(False)
+    guard = None if (max_contention is None or workload.device != "cpu") else Contention(workload.threads())
+    samples: dict[str, list[float]] = {}
+    kept = dropped = in_a_row = 0
+    worst = float("nan")
+    while kept < repeats:
+        pending: list[dict[str, list[float]]] = []
+        if guard is not None:
+            guard.start()
+        elapsed = time.perf_counter()
+        while kept + len(pending) < repeats:
+            pending.append(run_round(True))
+            if time.perf_counter() - elapsed >= MIN_WINDOW_S:
+                break
+        if guard is not None:
+            wall, contention = guard.stop()
+            if wall >= MIN_WINDOW_S and contention > max_contention:
+                dropped += len(pending)
+                in_a_row += 1
+                if in_a_row >= GIVE_UP_WINDOWS:
+                    raise _contention_error(contention, max_contention, workload, what)
+                if bar is not None:
+                    bar.set_postfix(dropped=dropped, contention=f"{contention:.2f}")
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            if wall >= MIN_WINDOW_S and not math.isnan(contention):
+                worst = contention if math.isnan(worst) else max(worst, contention)
+        in_a_row = 0
+        for part in pending:
+            for name, ms in part.items():
+                samples.setdefault(name, []).extend(ms)
+        kept += len(pending)
+        if bar is not None:
+            bar.update(len(pending))
+    return samples, {"contention_cores": worst, "rounds_dropped": dropped}
+
+
 def _check_target(workload: Workload, clock: str, pin_allocator: bool) -> str:
     """Raise PuzzleError for a clock unknown or unfit for the device, or a CUDA workload without CUDA.
 
@@ -306,28 +439,38 @@ class _Task:
 
 
 def _time_interleaved(tasks: Sequence[_Task], workload: Workload, clock: str, repeats: int, warmup: int,
-                      seed: int, progress: bool, desc: str) -> dict[str, np.ndarray]:
-    """Per task, `repeats` samples in ms; each repeat runs every task once in a new random order."""
+                      seed: int, progress: bool, desc: str,
+                      max_contention: float | None = DEFAULT_MAX_CONTENTION) -> tuple[dict[str, np.ndarray], dict]:
+    """Per task, `repeats` samples in ms; each round runs every task once in a new random order.
+
+    Rounds run in windows checked for contention (`_guarded_rounds`); returns (samples, info).
+    """
     if repeats < 1 or warmup < 0:
         raise PuzzleError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     rng = np.random.default_rng(seed)
     watch = Stopwatch(workload.device, clock)
-    samples = {t.name: [] for t in tasks}
-    rounds = range(warmup + repeats)
-    if progress:
-        from tqdm.auto import tqdm
 
-        rounds = tqdm(rounds, desc=desc, unit="round")
-    for r in rounds:
+    def run_round(timed: bool) -> dict[str, list[float]]:
+        out = {}
         for i in rng.permutation(len(tasks)):
             task = tasks[i]
             task.prepare()
             watch.start()
             task.run()
-            ms = watch.stop()
-            if r >= warmup:
-                samples[task.name].append(ms / task.per_sample)
-    return {k: np.asarray(v) for k, v in samples.items()}
+            out[task.name] = [watch.stop() / task.per_sample]
+        return out if timed else {}
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=repeats, desc=desc, unit="round")
+    try:
+        samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, desc, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {k: np.asarray(v) for k, v in samples.items()}, info
 
 
 def _median_iqr(x: np.ndarray) -> tuple[float, float]:
@@ -470,7 +613,8 @@ class _SubblockBench:
 def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ffn_variants: Iterable,
                            workload: Workload, *, repeats: int = 5, warmup: int = 1, clock: str = "wall",
                            working_set_mib: float | None = None, pin_allocator: bool = True, seed: int = 0,
-                           progress: bool = False) -> pd.DataFrame:
+                           progress: bool = False,
+                           max_contention: float | None = DEFAULT_MAX_CONTENTION) -> pd.DataFrame:
     """Measured cost of each subblock variant for `workload` (one row per unique variant).
 
     Each variant is built once as a `puzzle.modeling.DecoderBlock` with random weights and the
@@ -489,16 +633,21 @@ def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ff
         pin_allocator: call `steady_allocator()` first (CPU workloads; see there).
         seed: fixes the random weights, inputs and the order of samples.
         progress: show a tqdm bar over the rounds.
+        max_contention: cores other processes may take from the measurement before a timing
+            window is dropped and measured again (module docstring, "Other processes"); None
+            disables the check.
 
     Returns:
         DataFrame with columns subblock ("attention" | "ffn"), variant (id), prefill_ms, decode_ms,
         runtime_ms (= prefill_ms + G * decode_ms), memory_mib (params + KV at (B, P + G)), params,
         prefill_iqr_ms, decode_iqr_ms; no_op rows are all zero. `df.attrs` holds `workload.meta()`
-        plus the clock, allocator, repeats and warmup.
+        plus the clock, allocator, repeats, warmup, contention_cores (max over the kept windows,
+        NaN when not judged) and rounds_dropped.
 
     Raises:
         PuzzleError: a variant that is not valid for `config` (e.g. KV heads that do not divide the
-            query heads), a CUDA workload without CUDA, or a bad clock / repeats.
+            query heads), a CUDA workload without CUDA, a bad clock / repeats, or other processes
+            taking more than `max_contention` cores for GIVE_UP_WINDOWS windows in a row.
     """
     attention = _as_variants(attention_variants, AttentionConfig)
     ffn = _as_variants(ffn_variants, FFNConfig)
@@ -519,7 +668,8 @@ def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ff
             tasks.append(_Task(f"{v.id}/prefill", bench.prepare_prefill, bench.prefill))
             tasks.append(_Task(f"{v.id}/decode", bench.prepare_decode, bench.decode, len(bench.copies)))
     with _fixed_threads(workload):
-        samples = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, progress, "subblock costs")
+        samples, info = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, progress, "subblock costs",
+                                          max_contention)
     rows = []
     for subblock, v in variants:
         row = {"subblock": subblock, "variant": v.id}
@@ -534,7 +684,7 @@ def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ff
                        prefill_iqr_ms=prefill_iqr, decode_iqr_ms=decode_iqr)
         rows.append(row)
     df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS)).astype({"params": "int64"})
-    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup)
+    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup, **info)
     return df
 
 
@@ -556,7 +706,8 @@ def _check_model(model: PuzzleForCausalLM, workload: Workload) -> None:
 
 
 def measure_non_block_costs(config: ModelConfig, workload: Workload, *, repeats: int = 5, warmup: int = 1,
-                            clock: str = "wall", pin_allocator: bool = True, seed: int = 0) -> dict:
+                            clock: str = "wall", pin_allocator: bool = True, seed: int = 0,
+                            max_contention: float | None = DEFAULT_MAX_CONTENTION) -> dict:
     """Measured cost of everything outside the subblocks, for `workload`.
 
     Runs the real `PuzzleForCausalLM.forward(ids, cache=KVCache, logits_to_keep=1)` and the argmax
@@ -569,7 +720,8 @@ def measure_non_block_costs(config: ModelConfig, workload: Workload, *, repeats:
         "decode_iqr_ms"}: plain floats and ints, JSON-ready.
 
     Raises:
-        PuzzleError: a CUDA workload without CUDA, or a bad clock / repeats.
+        PuzzleError: a CUDA workload without CUDA, a bad clock / repeats, or other processes taking
+            more than `max_contention` cores (see `measure_subblock_costs`).
     """
     _check_target(workload, clock, pin_allocator)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -587,7 +739,8 @@ def measure_non_block_costs(config: ModelConfig, workload: Workload, *, repeats:
 
     tasks = [_Task("prefill", lambda: None, lambda: step(prompt)), _Task("decode", lambda: None, lambda: step(token))]
     with _fixed_threads(workload):
-        samples = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, "non-block costs")
+        samples, _ = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, "non-block costs",
+                                       max_contention)
     prefill, prefill_iqr = _median_iqr(samples["prefill"])
     decode, decode_iqr = _median_iqr(samples["decode"])
     return {"prefill_ms": prefill, "decode_ms": decode, "runtime_ms": prefill + workload.gen_len * decode,
@@ -614,7 +767,7 @@ def throughputs(workload: Workload, prefill_ms: float, decode_ms: float, runtime
 
 def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, *, repeats: int = 3,
                    warmup: int = 1, clock: str = "wall", pin_allocator: bool = True, seed: int = 0,
-                   progress: bool = False) -> pd.DataFrame:
+                   progress: bool = False, max_contention: float | None = DEFAULT_MAX_CONTENTION) -> pd.DataFrame:
     """Measure several whole models the way they run, interleaved so that they share the machine's noise.
 
     One sample of a model: a fresh KVCache for (B, P + G) positions (allocated before the clock
@@ -625,18 +778,19 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
 
     Args:
         models: name -> model, already on the workload's device and dtype, in eval mode.
-        workload, repeats, warmup, clock, pin_allocator, seed, progress: as in `measure_subblock_costs`.
+        workload, repeats, warmup, clock, pin_allocator, seed, progress, max_contention: as in
+            `measure_subblock_costs` (a contended round is dropped and measured again).
 
     Returns:
         DataFrame, one row per model: name, prefill_ms (median), decode_ms (median over repeats of
         the mean step), runtime_ms (median over repeats of prefill + all G steps), prefill_tok_s,
         decode_tok_s, throughput_tok_s (see `throughputs`), memory_mib (parameter bytes of the
         model + the bytes of its KV cache at (B, P + G)), params, prefill_iqr_ms, decode_iqr_ms,
-        runtime_iqr_ms.
+        runtime_iqr_ms. `df.attrs` as in `measure_subblock_costs`.
 
     Raises:
         PuzzleError: a model on another device or dtype than the workload, no models, a CUDA
-            workload without CUDA, or a bad clock / repeats.
+            workload without CUDA, a bad clock / repeats, or persistent contention.
     """
     allocator = _check_target(workload, clock, pin_allocator)
     if not models:
@@ -648,7 +802,6 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
     B, P, G = workload.batch_size, workload.prompt_len, workload.gen_len
     device, dtype = torch.device(workload.device), workload.torch_dtype
     names = list(models)
-    times = {n: {"prefill": [], "decode": [], "runtime": []} for n in names}
     with _fixed_threads(workload), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
@@ -665,21 +818,28 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
                 token = model(token[:, None], cache=cache, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
             return prefill, watch.stop()
 
-        rounds = range(warmup + repeats)
-        if progress:
-            from tqdm.auto import tqdm
-
-            rounds = tqdm(rounds, desc="whole models", unit="round")
-        for r in rounds:
+        def run_round(timed: bool) -> dict[str, list[float]]:
+            out = {}
             for i in rng.permutation(len(names)):
                 name = names[i]
-                if r < warmup:
+                if not timed:
                     sample(models[name], min(G, 2))
                     continue
                 prefill, decode = sample(models[name], G)
-                times[name]["prefill"].append(prefill)
-                times[name]["decode"].append(decode / G)
-                times[name]["runtime"].append(prefill + decode)
+                out[f"{name}/prefill"], out[f"{name}/decode"], out[f"{name}/runtime"] = [prefill], [decode / G], [prefill + decode]
+            return out
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=repeats, desc="whole models", unit="round")
+        try:
+            samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, "whole models", bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    times = {n: {k: samples[f"{n}/{k}"] for k in ("prefill", "decode", "runtime")} for n in names}
     rows = []
     for name in names:
         model, t = models[name], {k: np.asarray(v) for k, v in times[name].items()}
@@ -693,15 +853,16 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
                      "params": model.num_parameters(), "prefill_iqr_ms": prefill_iqr, "decode_iqr_ms": decode_iqr,
                      "runtime_iqr_ms": runtime_iqr})
     df = pd.DataFrame(rows)
-    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup)
+    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup, **info)
     return df
 
 
 def measure_model(model: PuzzleForCausalLM, workload: Workload, *, repeats: int = 3, warmup: int = 1,
-                  clock: str = "wall", pin_allocator: bool = True, seed: int = 0) -> dict:
+                  clock: str = "wall", pin_allocator: bool = True, seed: int = 0,
+                  max_contention: float | None = DEFAULT_MAX_CONTENTION) -> dict:
     """One model measured as in `measure_models`; returns that row as a dict (without the name)."""
     row = measure_models({"model": model}, workload, repeats=repeats, warmup=warmup, clock=clock,
-                         pin_allocator=pin_allocator, seed=seed).iloc[0]
+                         pin_allocator=pin_allocator, seed=seed, max_contention=max_contention).iloc[0]
     return {k: (int(v) if k == "params" else float(v)) for k, v in row.items() if k != "name"}
 
 
@@ -823,7 +984,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
                       weight_dtype: str | None = None, kv_dtype: str | None = None, repeats: int = 5,
                       warmup: int = 1, clock: str = "wall", working_set_mib: float | None = None,
                       pin_allocator: bool = True, seed: int = 0, non_block: bool = True,
-                      progress: bool = False) -> pd.DataFrame:
+                      progress: bool = False, max_contention: float | None = DEFAULT_MAX_CONTENTION) -> pd.DataFrame:
     """Per-subblock prefill and decode latency on a grid of workloads, one row per (variant, B, P, C).
 
     prefill_ms is the subblock's latency on a (B, P, C_hidden) prompt and decode_ms one decode step
@@ -869,6 +1030,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
 
         groups = tqdm(groups, desc="cost grid", unit="group")
     measured: dict = {}
+    dropped = 0
     for phase, (b, n) in groups:
         workload = Workload(b, n if phase == "prefill" else 1, 1, dtype, device, num_threads)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -884,7 +1046,9 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
                 else:
                     tasks.append(_Task(v.id, bench.prepare_decode, bench.decode, len(bench.copies)))
         with _fixed_threads(workload):
-            samples = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, phase)
+            samples, info = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, phase,
+                                              max_contention)
+        dropped += info["rounds_dropped"]
         for vid, x in samples.items():
             measured[(phase, b, n, vid)] = _median_iqr(x)
         del tasks
@@ -892,7 +1056,8 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
     if non_block:
         for b, p in prefill_keys:
             nb = measure_non_block_costs(config, Workload(b, p, 1, dtype, device, num_threads), repeats=repeats,
-                                         warmup=warmup, clock=clock, pin_allocator=pin_allocator, seed=seed)
+                                         warmup=warmup, clock=clock, pin_allocator=pin_allocator, seed=seed,
+                                         max_contention=max_contention)
             non_block_rows[(b, p)] = nb
     rows = []
     for b, p, c in points:
@@ -920,7 +1085,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
                          "weight_mib": weight / memory.MIB, "kv_mib": 0.0, "memory_mib": weight / memory.MIB})
     df = pd.DataFrame(rows, columns=list(GRID_COLUMNS)).astype({"params": "int64"})
     df.attrs.update(grid_meta(base, points, weight_dtype, kv_dtype), clock=clock, allocator=allocator,
-                    repeats=repeats, warmup=warmup)
+                    repeats=repeats, warmup=warmup, rounds_dropped=dropped)
     return df
 
 
