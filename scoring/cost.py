@@ -327,8 +327,8 @@ class Contention:
 
 def _contention_error(contention: float, limit: float, workload: "Workload", what: str) -> PuzzleError:
     return PuzzleError(
-        f"other processes kept {contention:.2f} of this machine's {os.cpu_count()} cores busy while {what} was timed "
-        f"with {workload.threads()} threads ({GIVE_UP_WINDOWS} windows in a row over the limit max_contention="
+        f"other processes took {contention:.2f} cores from the {workload.threads()} that timing {what} needs (this "
+        f"machine has {os.cpu_count()}), {GIVE_UP_WINDOWS} windows in a row over the limit (max_contention="
         f"{limit:g}); timings taken so would mispredict speed-ups. Stop the other jobs (see `top`) and run the same "
         "command again (finished stages are kept), or measure with fewer threads, or pass a larger max_contention "
         "([score] max_contention in a run config) to accept a distorted table.")

