@@ -21,7 +21,8 @@ architectures.png (per-layer map of our children), ratios.csv (our evaluation KL
 at matched measured speed-up, interpolated; one architecture measured twice gets the mean of both;
 ours once as the plain MIP children, once as the child selected per speed-up target: the plain,
 diverse or refined one with the lowest scoring-split KL),
-ratios_predicted_speed.csv (the same at matched predicted speed-up), accuracy_ratios.csv (after
+ratios_predicted_speed.csv (the same at matched predicted speed-up), speed_prediction.csv (predicted vs measured
+speed-up per model), accuracy_ratios.csv (after
 --phase downstream: the downstream accuracy lost against the parent, ours / each baseline's, at matched
 measured speed-up; front.png then has an accuracy panel), refine.csv, fusion.csv and remeasure.csv.
 """
@@ -269,6 +270,14 @@ def phase_report(run, out: Path, speedups) -> None:
     atomic_write_text(out / "ratios_predicted_speed.csv",
                       matched_ratios(pd.concat([pred(ours_best), pred(base)]), speedups)
                       .assign(ours="selected per target").to_csv(index=False))
+    # how well the cost table predicted the whole models' measured speed-ups (a table timed next to other
+    # jobs shows up here first)
+    speed = rows.loc[rows["name"] != "parent", ["name", "predicted_speedup", "speedup"]].drop_duplicates("name")
+    speed["error"] = speed["predicted_speedup"] / speed["speedup"] - 1
+    atomic_write_text(out / "speed_prediction.csv", speed.to_csv(index=False))
+    err = speed["error"].abs()
+    print(f"cost table vs measured speed-up, {len(speed)} models: median |error| {err.median():.1%}, "
+          f"max {err.max():.1%}, within 10%: {(err <= 0.1).sum()}/{len(speed)}")
     if "downstream_acc" in rows.columns and rows["downstream_acc"].notna().sum() > 1:
         # downstream accuracy lost against the parent, ours / each baseline's at matched measured speed-up
         # (the same interpolation as KL: lower is better); models without a downstream figure are left out
