@@ -48,6 +48,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bld-tokens", type=int, help="calibration tokens each subblock trains on")
     g.add_argument("--score-tokens", type=int, help="tokens for replace-1-block scoring")
     g.add_argument("--seed", type=int, help="seed for data splits and BLD")
+    g.add_argument("--max-contention", type=float, metavar="CORES",
+                   help="cores other processes may take from a timing before it is redone (default 0.25; "
+                        "'inf' measures regardless of other jobs)")
 
 
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -80,7 +83,7 @@ def _resolve_config(args, out: Path):
     for name, section, key in [("device", "target", "device"), ("dtype", "target", "dtype"),
                                ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
                                ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"),
-                               ("score_tokens", "score", "tokens")]:
+                               ("score_tokens", "score", "tokens"), ("max_contention", "score", "max_contention")]:
         if flag(name) is not None:
             changes[section][key] = flag(name)
     if flag("seed") is not None:

@@ -71,7 +71,7 @@ class ScoreConfig:
     cost_repeats: timing repeats per variant.
     max_contention: cores other processes may take from a CPU timing window before it is dropped
         and timed again; after 3 such windows in a row the cost stage stops with an error
-        (scoring/cost.py, "Other processes"). `inf` measures regardless.
+        (scoring/cost.py, "Other processes"). `inf` measures regardless. CLI: --max-contention.
     """
 
     tokens: int = 1024

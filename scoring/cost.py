@@ -330,8 +330,8 @@ def _contention_error(contention: float, limit: float, workload: "Workload", wha
         f"other processes took {contention:.2f} cores from the {workload.threads()} that timing {what} needs (this "
         f"machine has {os.cpu_count()}), {GIVE_UP_WINDOWS} windows in a row over the limit (max_contention="
         f"{limit:g}); timings taken so would mispredict speed-ups. Stop the other jobs (see `top`) and run the same "
-        "command again (finished stages are kept), or measure with fewer threads, or pass a larger max_contention "
-        "([score] max_contention in a run config) to accept a distorted table.")
+        "command again (finished stages are kept), or measure with fewer threads, or accept a distorted table with "
+        "`--max-contention inf` (the puzzle commands' flag; [score] max_contention in a preset).")
 
 
 def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workload: "Workload", repeats: int,

@@ -354,3 +354,15 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
         path.write_text(f"[score]\nmax_contention = {bad}\n")
         with pytest.raises(PuzzleError, match="score.max_contention must be a number of cores"):
             load_preset(str(path))
+
+
+def test_max_contention_flag_reaches_the_run_config(tmp_path):
+    import math
+
+    from puzzle.cli import _resolve_config, build_parser, main
+
+    args = build_parser().parse_args(["score", "--out", str(tmp_path), "--preset", "tiny", "--max-contention", "inf"])
+    assert math.isinf(_resolve_config(args, tmp_path).score.max_contention)
+    args = build_parser().parse_args(["score", "--out", str(tmp_path), "--preset", "tiny", "--max-contention", "0.5"])
+    assert _resolve_config(args, tmp_path).score.max_contention == 0.5
+    assert main(["score", "--out", str(tmp_path), "--preset", "tiny", "--max-contention", "-1"]) == 2
