@@ -83,8 +83,8 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_contention, bool) or not isinstance(self.max_contention, (int, float)) \
-                or not self.max_contention >= 0:
-            raise PuzzleError(f"score.max_contention must be a number of cores >= 0 (inf to measure regardless), "
+                or not self.max_contention > 0:
+            raise PuzzleError(f"score.max_contention must be a number of cores > 0 (inf to measure regardless), "
                               f"got {self.max_contention!r}")
 
 

@@ -302,6 +302,16 @@ def cost_meta(run: Run) -> dict:
             "gen_len": w.gen_len}
 
 
+def _stale_timing(meta: dict, threads: int, max_contention: float) -> str | None:
+    """Why a saved cost table must be timed again for these settings (None: it can be reused)."""
+    if meta.get("num_threads") not in (None, threads):
+        return f"timed with {meta['num_threads']} threads and the target now has {threads}"
+    contention = meta.get("contention_cores")
+    if contention is not None and contention > max_contention:
+        return f"timed while other jobs took {contention:g} cores, over the limit max_contention={max_contention:g}"
+    return None
+
+
 def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     """Measured cost of every variant and of the non-block part (reused when measured for this workload)."""
     from .scoring.cost import measure_non_block_costs, measure_subblock_costs
@@ -312,16 +322,19 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     attn = sorted({v for ls in space for v in ls.attention}, key=lambda v: v.id)
     ffn = sorted({v for ls in space for v in ls.ffn}, key=lambda v: v.id)
     expect["config"] = fingerprint_config(run.parent.config)
+    w = run.workload()
+    limit = run.config.score.max_contention
     if path.is_file():
         try:
             df, meta = load_table(path, expect=expect)
-            if {v.id for v in attn + ffn} <= set(df["variant"]):
+            stale = _stale_timing(meta, w.threads(), limit)
+            if stale:
+                run.say(f"score: the cost table was {stale}; timing it again")
+            elif {v.id for v in attn + ffn} <= set(df["variant"]):
                 return df, meta["non_block"]
         except PuzzleError:
             pass  # measured for another workload, model or space: measure again
     t0 = time.perf_counter()
-    w = run.workload()
-    limit = run.config.score.max_contention
     df = measure_subblock_costs(run.parent.config, attn, ffn, w, repeats=run.config.score.cost_repeats,
                                 progress=run.progress, max_contention=limit)
     non_block = measure_non_block_costs(run.parent.config, w, repeats=run.config.score.cost_repeats,

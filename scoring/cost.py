@@ -277,18 +277,31 @@ RETRY_PAUSE_S = 2.0  # pause before measuring a contended window again
 DEFAULT_MAX_CONTENTION = 0.25  # cores
 
 
-def _machine_busy_s() -> float | None:
-    """CPU seconds all cores spent busy since boot: user, nice, system, irq, softirq and steal of
-    /proc/stat's first line (guest time is already inside user). None where there is no /proc/stat."""
+def _allowed_cpus() -> set[int] | None:
+    """The CPUs this process may run on (its affinity: taskset, cgroup cpusets); None where unknown."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _machine_busy_s(cpus: set[int] | None = None) -> float | None:
+    """CPU seconds the CPUs in `cpus` (all when None) spent busy since boot: user, nice, system, irq,
+    softirq and steal of their /proc/stat lines (guest time is already inside user). None where
+    there is no /proc/stat."""
     try:
         with open("/proc/stat") as f:
-            fields = f.readline().split()
+            lines = [line.split() for line in f if line.startswith("cpu")]
     except OSError:
         return None
-    if len(fields) < 9 or fields[0] != "cpu":
+    wanted = [f for f in lines if (f[0] == "cpu" if cpus is None else f[0][3:].isdigit() and int(f[0][3:]) in cpus)]
+    if not wanted or any(len(f) < 9 for f in wanted):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for f in wanted:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[1:9])
+        busy += user + nice + system + irq + softirq + steal
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:
@@ -300,11 +313,12 @@ def _own_cpu_s() -> float:
 class Contention:
     """Cores that other processes took from a CPU measurement of `threads` threads, over a window.
 
-        contention = max(0, (busy_machine - busy_self) / wall - (CPUs - threads))     [cores]
+        contention = max(0, (busy_cpus - busy_self) / wall - (CPUs - threads))     [cores]
 
-    busy_machine is every core's busy time in /proc/stat (steal included: a hypervisor running
-    another guest slows the measurement just the same), busy_self this process's CPU time
-    (getrusage). Cores the measurement leaves idle may be used freely: on 2 CPUs, a 1-thread
+    CPUs are the ones this process may run on (its affinity; all of the machine's when unknown),
+    busy_cpus their busy time in /proc/stat (steal included: a hypervisor running another guest
+    slows the measurement just the same), busy_self this process's CPU time (getrusage). Cores
+    the measurement leaves idle may be used freely: on 2 CPUs, a 1-thread
     measurement tolerates one busy neighbour, a 2-thread one none. Measured on the 2-core VM: 0.00-0.03
     over 0.5 s windows when idle; 0.7-0.9 for 2 threads next to one busy-looping process.
 
@@ -312,17 +326,33 @@ class Contention:
     """
 
     def __init__(self, threads: int):
-        self.spare = max(0, (os.cpu_count() or 1) - int(threads))
+        self.cpus = _allowed_cpus()
+        self.spare = max(0, (len(self.cpus) if self.cpus else os.cpu_count() or 1) - int(threads))
 
     def start(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _own_cpu_s()
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(self.cpus), _own_cpu_s()
 
     def stop(self) -> tuple[float, float]:
-        wall, busy = time.perf_counter() - self.t0, _machine_busy_s()
+        wall, busy = time.perf_counter() - self.t0, _machine_busy_s(self.cpus)
         if busy is None or self.busy0 is None or wall <= 0:
             return wall, float("nan")
         others = (busy - self.busy0 - (_own_cpu_s() - self.own0)) / wall
         return wall, max(0.0, others - self.spare)
+
+
+def check_max_contention(value) -> float | None:
+    """`value` as a contention limit: None, or a number of cores > 0 (inf allowed).
+
+    Raises:
+        PuzzleError: anything else (0 or less, NaN, a string, a bool): idle machines read 0.01-0.04
+            cores of /proc/stat tick noise, so 0 would refuse every measurement.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PuzzleError(f"max_contention must be a number of cores > 0 (inf, or None, to measure regardless of other "
+                          f"jobs), got {value!r}")
+    return float(value)
 
 
 def _contention_error(contention: float, limit: float, workload: "Workload", what: str) -> PuzzleError:
@@ -339,7 +369,8 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     """Run `warmup` untimed rounds, then timing rounds until `repeats` were kept in uncontended windows.
 
     `run_round(timed)` runs one round and returns its samples (name -> list of ms). Rounds are
-    grouped into windows of at least MIN_WINDOW_S; a CPU window whose `Contention` exceeds
+    grouped into windows of at least MIN_WINDOW_S (a last window cut short by `repeats`, and a whole
+    measurement shorter than that, are not judged: /proc/stat's 10 ms ticks make them noise); a CPU window whose `Contention` exceeds
     `max_contention` is dropped and run again after RETRY_PAUSE_S. None disables the check (and
     CUDA workloads are not checked: their timings are device time).
 
@@ -348,8 +379,10 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
         windows that were judged (NaN if none), "rounds_dropped": int}.
 
     Raises:
-        PuzzleError: GIVE_UP_WINDOWS contended windows in a row (see `_contention_error`).
+        PuzzleError: GIVE_UP_WINDOWS contended windows in a row (see `_contention_error`), or a
+            `max_contention` that `check_max_contention` refuses.
     """
+    max_contention = check_max_contention(max_contention)
     for _ in range(warmup):
         run_round(False)
     guard = None if (max_contention is None or workload.device != "cpu") else Contention(workload.threads())
@@ -1030,7 +1063,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
 
         groups = tqdm(groups, desc="cost grid", unit="group")
     measured: dict = {}
-    dropped = 0
+    dropped, worst = 0, float("nan")
     for phase, (b, n) in groups:
         workload = Workload(b, n if phase == "prefill" else 1, 1, dtype, device, num_threads)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -1049,6 +1082,8 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
             samples, info = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, phase,
                                               max_contention)
         dropped += info["rounds_dropped"]
+        if not math.isnan(info["contention_cores"]):
+            worst = info["contention_cores"] if math.isnan(worst) else max(worst, info["contention_cores"])
         for vid, x in samples.items():
             measured[(phase, b, n, vid)] = _median_iqr(x)
         del tasks
@@ -1085,7 +1120,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
                          "weight_mib": weight / memory.MIB, "kv_mib": 0.0, "memory_mib": weight / memory.MIB})
     df = pd.DataFrame(rows, columns=list(GRID_COLUMNS)).astype({"params": "int64"})
     df.attrs.update(grid_meta(base, points, weight_dtype, kv_dtype), clock=clock, allocator=allocator,
-                    repeats=repeats, warmup=warmup, rounds_dropped=dropped)
+                    repeats=repeats, warmup=warmup, rounds_dropped=dropped, contention_cores=worst)
     return df
 
 

@@ -317,7 +317,8 @@ def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
     monkeypatch.setattr(cost, "MIN_WINDOW_S", 0.02)
     monkeypatch.setattr(cost, "RETRY_PAUSE_S", 0.0)
     others = {"busy": 0.0}
-    monkeypatch.setattr(cost, "_machine_busy_s", lambda: cost._own_cpu_s() + others["busy"])
+    monkeypatch.setattr(cost, "_machine_busy_s", lambda cpus=None: cost._own_cpu_s() + others["busy"])
+    monkeypatch.setattr(cost, "_allowed_cpus", lambda: None)
     monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
     loads = iter([0.0, 1.0, 0.9, 0.1, 0.0, 0.0])
     calls = []
@@ -350,7 +351,7 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text("[score]\nmax_contention = inf\n")
     assert math.isinf(load_preset(str(path)).score.max_contention)
-    for bad in ("-1", '"off"', "true"):
+    for bad in ("-1", "0", "nan", '"off"', "true"):
         path.write_text(f"[score]\nmax_contention = {bad}\n")
         with pytest.raises(PuzzleError, match="score.max_contention must be a number of cores"):
             load_preset(str(path))
@@ -366,3 +367,34 @@ def test_max_contention_flag_reaches_the_run_config(tmp_path):
     args = build_parser().parse_args(["score", "--out", str(tmp_path), "--preset", "tiny", "--max-contention", "0.5"])
     assert _resolve_config(args, tmp_path).score.max_contention == 0.5
     assert main(["score", "--out", str(tmp_path), "--preset", "tiny", "--max-contention", "-1"]) == 2
+
+
+def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
+    import math
+
+    from puzzle.pipeline import _stale_timing
+    from puzzle.scoring.cost import check_max_contention
+
+    assert check_max_contention(None) is None and math.isinf(check_max_contention(float("inf")))
+    for bad in (0, -1, float("nan"), "0.5", True):
+        with pytest.raises(PuzzleError, match="max_contention must be a number of cores > 0"):
+            check_max_contention(bad)
+    with pytest.raises(PuzzleError, match="max_contention"):  # refused before any timing, whatever the window length
+        measure_models({"m": PuzzleForCausalLM(tiny_config()).eval()}, W, repeats=1, max_contention=float("nan"))
+    ok = {"num_threads": 2, "contention_cores": 0.01}
+    assert _stale_timing(ok, 2, 0.25) is None and _stale_timing({"num_threads": 2}, 2, 0.25) is None
+    assert "2 threads" in _stale_timing(ok, 1, 0.25)
+    assert "0.7 cores" in _stale_timing({**ok, "contention_cores": 0.7}, 2, 0.25)  # accepted with inf, not at 0.25
+    assert _stale_timing({**ok, "contention_cores": 0.7}, 2, float("inf")) is None
+
+
+@linux_only
+def test_busy_time_of_the_allowed_cpus_adds_up_to_the_machine_total():
+    import os
+
+    from puzzle.scoring.cost import _machine_busy_s
+
+    every = set(range(os.cpu_count()))
+    per_cpu, total = _machine_busy_s(every), _machine_busy_s()
+    assert per_cpu == pytest.approx(total, abs=0.05 * os.cpu_count())  # a few ticks apart at most
+    assert _machine_busy_s({0}) <= per_cpu
