@@ -82,10 +82,11 @@ class ScoreConfig:
     max_contention: float = 0.25
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_contention, bool) or not isinstance(self.max_contention, (int, float)) \
-                or not self.max_contention > 0:
-            raise PuzzleError(f"score.max_contention must be a number of cores > 0 (inf to measure regardless), "
-                              f"got {self.max_contention!r}")
+        from .scoring.cost import check_max_contention
+
+        if self.max_contention is None:  # None is the API's "no check"; a run config says inf
+            raise PuzzleError("score.max_contention must be a number of cores > 0 (inf to measure regardless), got None")
+        check_max_contention(self.max_contention, "score.max_contention")
 
 
 @dataclass(frozen=True)

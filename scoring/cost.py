@@ -340,7 +340,12 @@ class Contention:
         return wall, max(0.0, others - self.spare)
 
 
-def check_max_contention(value) -> float | None:
+def _nanmax(a: float, b: float) -> float:
+    """The larger of a and b ignoring NaN (NaN only when both are)."""
+    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+
+
+def check_max_contention(value, name: str = "max_contention") -> float | None:
     """`value` as a contention limit: None, or a number of cores > 0 (inf allowed).
 
     Raises:
@@ -350,8 +355,8 @@ def check_max_contention(value) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise PuzzleError(f"max_contention must be a number of cores > 0 (inf, or None, to measure regardless of other "
-                          f"jobs), got {value!r}")
+        raise PuzzleError(f"{name} must be a number of cores > 0 (inf measures regardless of other jobs; the "
+                          f"Python API also takes None), got {value!r}")
     return float(value)
 
 
@@ -365,14 +370,16 @@ def _contention_error(contention: float, limit: float, workload: "Workload", wha
 
 
 def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workload: "Workload", repeats: int,
-                    warmup: int, max_contention: float | None, what: str, bar=None) -> tuple[dict[str, list[float]], dict]:
+                    warmup: int, max_contention: float | None, what: str,
+                    progress: bool = False) -> tuple[dict[str, list[float]], dict]:
     """Run `warmup` untimed rounds, then timing rounds until `repeats` were kept in uncontended windows.
 
     `run_round(timed)` runs one round and returns its samples (name -> list of ms). Rounds are
     grouped into windows of at least MIN_WINDOW_S (a last window cut short by `repeats`, and a whole
     measurement shorter than that, are not judged: /proc/stat's 10 ms ticks make them noise); a CPU window whose `Contention` exceeds
     `max_contention` is dropped and run again after RETRY_PAUSE_S. None disables the check (and
-    CUDA workloads are not checked: their timings are device time).
+    CUDA workloads are not checked: their timings are device time). `progress` shows a tqdm bar
+    over the kept rounds, named `what`, with the rounds dropped so far.
 
     Returns:
         (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
@@ -382,6 +389,8 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
         PuzzleError: GIVE_UP_WINDOWS contended windows in a row (see `_contention_error`), or a
             `max_contention` that `check_max_contention` refuses.
     """
+    from tqdm.auto import tqdm
+
     max_contention = check_max_contention(max_contention)
     for _ in range(warmup):
         run_round(False)
@@ -389,34 +398,33 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     samples: dict[str, list[float]] = {}
     kept = dropped = in_a_row = 0
     worst = float("nan")
-    while kept < repeats:
-        pending: list[dict[str, list[float]]] = []
-        if guard is not None:
-            guard.start()
-        elapsed = time.perf_counter()
-        while kept + len(pending) < repeats:
-            pending.append(run_round(True))
-            if time.perf_counter() - elapsed >= MIN_WINDOW_S:
-                break
-        if guard is not None:
-            wall, contention = guard.stop()
-            if wall >= MIN_WINDOW_S and contention > max_contention:
-                dropped += len(pending)
-                in_a_row += 1
-                if in_a_row >= GIVE_UP_WINDOWS:
-                    raise _contention_error(contention, max_contention, workload, what)
-                if bar is not None:
+    with tqdm(total=repeats, desc=what, unit="round", disable=not progress) as bar:
+        while kept < repeats:
+            pending: list[dict[str, list[float]]] = []
+            if guard is not None:
+                guard.start()
+            elapsed = time.perf_counter()
+            while kept + len(pending) < repeats:
+                pending.append(run_round(True))
+                if time.perf_counter() - elapsed >= MIN_WINDOW_S:
+                    break
+            if guard is not None:
+                wall, contention = guard.stop()
+                if wall >= MIN_WINDOW_S and contention > max_contention:
+                    dropped += len(pending)
+                    in_a_row += 1
+                    if in_a_row >= GIVE_UP_WINDOWS:
+                        raise _contention_error(contention, max_contention, workload, what)
                     bar.set_postfix(dropped=dropped, contention=f"{contention:.2f}")
-                time.sleep(RETRY_PAUSE_S)
-                continue
-            if wall >= MIN_WINDOW_S and not math.isnan(contention):
-                worst = contention if math.isnan(worst) else max(worst, contention)
-        in_a_row = 0
-        for part in pending:
-            for name, ms in part.items():
-                samples.setdefault(name, []).extend(ms)
-        kept += len(pending)
-        if bar is not None:
+                    time.sleep(RETRY_PAUSE_S)
+                    continue
+                if wall >= MIN_WINDOW_S:
+                    worst = _nanmax(worst, contention)
+            in_a_row = 0
+            for part in pending:
+                for name, ms in part.items():
+                    samples.setdefault(name, []).extend(ms)
+            kept += len(pending)
             bar.update(len(pending))
     return samples, {"contention_cores": worst, "rounds_dropped": dropped}
 
@@ -493,16 +501,7 @@ def _time_interleaved(tasks: Sequence[_Task], workload: Workload, clock: str, re
             out[task.name] = [watch.stop() / task.per_sample]
         return out if timed else {}
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=repeats, desc=desc, unit="round")
-    try:
-        samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, desc, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, desc, progress)
     return {k: np.asarray(v) for k, v in samples.items()}, info
 
 
@@ -862,16 +861,7 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
                 out[f"{name}/prefill"], out[f"{name}/decode"], out[f"{name}/runtime"] = [prefill], [decode / G], [prefill + decode]
             return out
 
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=repeats, desc="whole models", unit="round")
-        try:
-            samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, "whole models", bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, "whole models", progress)
     times = {n: {k: samples[f"{n}/{k}"] for k in ("prefill", "decode", "runtime")} for n in names}
     rows = []
     for name in names:
@@ -1082,8 +1072,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
             samples, info = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, phase,
                                               max_contention)
         dropped += info["rounds_dropped"]
-        if not math.isnan(info["contention_cores"]):
-            worst = info["contention_cores"] if math.isnan(worst) else max(worst, info["contention_cores"])
+        worst = _nanmax(worst, info["contention_cores"])
         for vid, x in samples.items():
             measured[(phase, b, n, vid)] = _median_iqr(x)
         del tasks
