@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -168,13 +169,39 @@ class RunConfig:
         return dataclasses.replace(self, **out)
 
 
+_NON_FINITE = ("inf", "-inf", "nan")  # how config.json spells the floats strict JSON has no literal for
+
+
+def _json_safe(obj):
+    """`obj` with non-finite floats written as the strings "inf", "-inf", "nan" (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _float_from_text(value, annotation: str):
+    """A float setting written as "inf" / "-inf" / "nan" (config.json, or quoted in TOML) -> float."""
+    if "float" not in str(annotation):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
+        return float(value)
+    if isinstance(value, list):
+        return [_float_from_text(v, annotation) for v in value]
+    return value
+
+
 def _section(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise PuzzleError(f"{where} must be a table of settings")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
-        raise PuzzleError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise PuzzleError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}")
+    values = {k: _float_from_text(v, fields[k]) for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as e:
@@ -211,7 +238,7 @@ def load_preset(name_or_path: str) -> RunConfig:
 def save_run_config(config: RunConfig, out_dir: Path) -> None:
     from .io import atomic_write_json
 
-    atomic_write_json(Path(out_dir) / "config.json", config.to_dict())
+    atomic_write_json(Path(out_dir) / "config.json", _json_safe(config.to_dict()))
 
 
 def load_run_config(out_dir: Path) -> RunConfig:

@@ -314,7 +314,7 @@ def _stale_timing(meta: dict, threads: int, max_contention: float) -> str | None
 
 def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     """Measured cost of every variant and of the non-block part (reused when measured for this workload)."""
-    from .scoring.cost import measure_non_block_costs, measure_subblock_costs
+    from .scoring.cost import max_ignoring_nan, measure_non_block_costs, measure_subblock_costs
 
     path = run.out / "score" / "cost.csv"
     expect = cost_meta(run)
@@ -340,8 +340,10 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     non_block = measure_non_block_costs(run.parent.config, w, repeats=run.config.score.cost_repeats,
                                         max_contention=limit)
     run.timed("cost_s", time.perf_counter() - t0)
-    contention = df.attrs["contention_cores"]
-    save_table(df, path, {**expect, **w.meta(), "non_block": non_block, "rounds_dropped": df.attrs["rounds_dropped"],
+    nb_contention = non_block["contention_cores"]
+    contention = max_ignoring_nan(df.attrs["contention_cores"], math.nan if nb_contention is None else nb_contention)
+    save_table(df, path, {**expect, **w.meta(), "non_block": non_block,
+                          "rounds_dropped": df.attrs["rounds_dropped"] + non_block["rounds_dropped"],
                           "contention_cores": None if math.isnan(contention) else round(contention, 3)})
     return df, non_block
 

@@ -1,5 +1,8 @@
 """Measured cost tables (scoring/cost.py) and the memory model (scoring/memory.py), on tiny models."""
 
+import json
+import math
+import os
 import platform
 
 import pandas as pd
@@ -260,7 +263,6 @@ linux_only = pytest.mark.skipif(not platform.system() == "Linux", reason="conten
 
 @linux_only
 def test_contention_sees_a_busy_neighbour_only_on_the_cores_the_measurement_needs():
-    import os
     import time
 
     from puzzle.scoring.cost import Contention
@@ -288,7 +290,6 @@ def test_contention_sees_a_busy_neighbour_only_on_the_cores_the_measurement_need
 
 @linux_only
 def test_persistent_contention_stops_the_measurement_and_none_measures_anyway(monkeypatch):
-    import os
 
     import puzzle.scoring.cost as cost
 
@@ -343,14 +344,54 @@ def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
     assert samples["x"] == [1.0] * 3 and info["rounds_dropped"] == 0
 
 
-def test_run_config_takes_max_contention_in_cores(tmp_path):
-    import math
+def test_short_windows_are_judged_with_their_tick_noise_and_the_error_quotes_the_worst(monkeypatch):
+    """Windows shorter than MIN_WINDOW_S (here: every one) are judged against the limit plus
+    CPUs * tick / wall; their readings are not recorded as the measurement's contention."""
+    import time
 
-    from puzzle.config import load_preset
+    import puzzle.scoring.cost as cost
+
+    monkeypatch.setattr(cost, "MIN_WINDOW_S", 10.0)
+    monkeypatch.setattr(cost, "RETRY_PAUSE_S", 0.0)
+    others = {"busy": 0.0}
+    monkeypatch.setattr(cost, "_machine_busy_s", lambda cpus=None: cost._own_cpu_s() + others["busy"])
+    monkeypatch.setattr(cost, "_allowed_cpus", lambda: None)
+    monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
+    tick_noise = cost.Contention(2).tick_noise(0.09)  # 3 rounds of 30 ms on 2 CPUs
+    assert tick_noise == pytest.approx(2 / os.sysconf("SC_CLK_TCK") / 0.09)
+
+    def run_round_with(loads):
+        def run_round(timed):
+            load = next(loads)
+            time.sleep(0.03)
+            others["busy"] += load * 0.03
+            return {"x": [load]}
+        return run_round
+
+    # 3 cores of others over the window: over 0.25 + noise, timed again; 0.1 core: within noise, kept
+    samples, info = cost._guarded_rounds(run_round_with(iter([3.0] * 3 + [0.1] * 3)), Workload(1, 4, 2, num_threads=2),
+                                         repeats=3, warmup=0, max_contention=0.25, what="test")
+    assert samples["x"] == [0.1] * 3 and info["rounds_dropped"] == 3 and math.isnan(info["contention_cores"])
+    # three contended windows in a row: the message quotes the worst of them, not the last
+    loads = iter([2.0] * 3 + [4.0] * 3 + [2.5] * 3)
+    with pytest.raises(PuzzleError, match=r"took up to 3\.\d\d cores .* 3 windows in a row"):
+        cost._guarded_rounds(run_round_with(loads), Workload(1, 4, 2, num_threads=2), repeats=3, warmup=0,
+                             max_contention=0.25, what="test")
+
+
+def test_run_config_takes_max_contention_in_cores(tmp_path):
+
+    from puzzle.config import load_preset, load_run_config, save_run_config
 
     path = tmp_path / "p.toml"
     path.write_text("[score]\nmax_contention = inf\n")
-    assert math.isinf(load_preset(str(path)).score.max_contention)
+    config = load_preset(str(path))
+    assert math.isinf(config.score.max_contention)
+    # the run's config.json stays strict JSON ("inf", not Infinity) and reads back as inf
+    save_run_config(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert saved["score"]["max_contention"] == "inf"
+    assert math.isinf(load_run_config(tmp_path).score.max_contention)
     for bad in ("-1", "0", "nan", '"off"', "true"):
         path.write_text(f"[score]\nmax_contention = {bad}\n")
         with pytest.raises(PuzzleError, match="score.max_contention must be a number of cores"):
@@ -358,7 +399,6 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
 
 
 def test_max_contention_flag_reaches_the_run_config(tmp_path):
-    import math
 
     from puzzle.cli import _resolve_config, build_parser, main
 
@@ -370,7 +410,6 @@ def test_max_contention_flag_reaches_the_run_config(tmp_path):
 
 
 def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
-    import math
 
     from puzzle.pipeline import _stale_timing
     from puzzle.scoring.cost import check_max_contention
@@ -390,7 +429,6 @@ def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
 
 @linux_only
 def test_busy_time_of_the_allowed_cpus_adds_up_to_the_machine_total():
-    import os
 
     from puzzle.scoring.cost import _machine_busy_s
 
