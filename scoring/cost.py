@@ -73,9 +73,9 @@ matrix products), and the table mispredicts. Measured on the 2-core VM: a cost t
 two 1-thread BLD jobs ran predicted speed-ups of 1.25 / 1.5 / 2 / 3 for children that, measured
 alone, ran 1.08 / 1.33 / 1.68 / 2.07 times faster than the parent. So on Linux CPU workloads
 every timing window (one round, or consecutive rounds adding up to at least `MIN_WINDOW_S`) is
-checked with `Contention`: the CPU time the whole machine spent busy (/proc/stat, the hypervisor's
-steal time included) minus this process's own, per second, minus the cores the measurement leaves
-idle (CPUs - threads). A window whose contention exceeds `max_contention` cores (default 0.25)
+checked with `Contention`: the CPU time the CPUs this process may use spent busy (/proc/stat, the
+hypervisor's steal time included) minus this process's own, per second, also on cores the
+measurement leaves idle (a neighbour there still takes cache and memory bandwidth). A window whose contention exceeds `max_contention` cores (default 0.25)
 is dropped and measured again after a short pause; after `GIVE_UP_WINDOWS` contended windows in
 a row the measurement raises PuzzleError, saying what to stop. /proc/stat counts in 10 ms ticks,
 so a window shorter than MIN_WINDOW_S (the last one, or all of a tiny model's) is judged against
@@ -312,23 +312,25 @@ def _own_cpu_s() -> float:
 
 
 class Contention:
-    """Cores that other processes took from a CPU measurement of `threads` threads, over a window.
+    """Cores that other processes kept busy, over a window, on the CPUs a measurement runs on.
 
-        contention = max(0, (busy_cpus - busy_self) / wall - (CPUs - threads))     [cores]
+        contention = max(0, (busy_cpus - busy_self) / wall)     [cores]
 
     CPUs are the ones this process may run on (its affinity; all of the machine's when unknown),
     busy_cpus their busy time in /proc/stat (steal included: a hypervisor running another guest
-    slows the measurement just the same), busy_self this process's CPU time (getrusage). Cores
-    the measurement leaves idle may be used freely: on 2 CPUs, a 1-thread
-    measurement tolerates one busy neighbour, a 2-thread one none. Measured on the 2-core VM: 0.00-0.03
-    over 0.5 s windows when idle; 0.7-0.9 for 2 threads next to one busy-looping process.
+    slows the measurement just the same), busy_self this process's CPU time (getrusage). A process
+    on a core the measurement leaves idle counts too: it shares the cache and the memory bandwidth.
+    Measured on the 2-core VM, 1-thread timings of a SmolLM2-sized SwiGLU stack (30 layers'
+    weights; decode B=4, prefill 1024 tokens) with the other core idle / running a busy loop /
+    running a memory-streaming loop (numpy copy of 512 MiB): decode 89-111 / 91-95 / 103-139 ms,
+    prefill 396-470 / 388-480 / 439-567 ms. Readings: 0.00-0.03 over 0.5 s windows when idle;
+    0.7-0.9 for a 2-thread measurement next to one busy-looping process, 1.0 for a 1-thread one.
 
     `stop()` returns (wall seconds, contention in cores); the contention is NaN off Linux.
     """
 
-    def __init__(self, threads: int):
+    def __init__(self):
         self.cpus = _allowed_cpus()
-        self.spare = max(0, (len(self.cpus) if self.cpus else os.cpu_count() or 1) - int(threads))
 
     def start(self) -> None:
         self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(self.cpus), _own_cpu_s()
@@ -337,8 +339,7 @@ class Contention:
         wall, busy = time.perf_counter() - self.t0, _machine_busy_s(self.cpus)
         if busy is None or self.busy0 is None or wall <= 0:
             return wall, float("nan")
-        others = (busy - self.busy0 - (_own_cpu_s() - self.own0)) / wall
-        return wall, max(0.0, others - self.spare)
+        return wall, max(0.0, (busy - self.busy0 - (_own_cpu_s() - self.own0)) / wall)
 
     def tick_noise(self, wall: float) -> float:
         """Cores a reading over `wall` seconds may be off by from /proc/stat's ticks alone.
@@ -378,11 +379,12 @@ def check_max_contention(value, name: str = "max_contention") -> float | None:
 def _contention_error(contention: float, limit: float, workload: "Workload", what: str) -> PuzzleError:
     """The error after GIVE_UP_WINDOWS contended windows in a row; `contention` is the worst of them."""
     return PuzzleError(
-        f"other processes took up to {contention:.2f} cores from the {workload.threads()} that timing {what} needs "
-        f"(this machine has {os.cpu_count()}), {GIVE_UP_WINDOWS} windows in a row over the limit (max_contention="
-        f"{limit:g}); timings taken so would mispredict speed-ups. Stop the other jobs (see `top`) and run the same "
-        "command again (finished stages are kept), or measure with fewer threads, or accept a distorted table with "
-        "`--max-contention inf` (the puzzle commands' flag; [score] max_contention in a preset).")
+        f"other processes kept up to {contention:.2f} cores busy on the {len(_allowed_cpus() or ()) or os.cpu_count()} "
+        f"CPUs that timing {what} ({workload.threads()} threads) runs on, {GIVE_UP_WINDOWS} windows in a row over the "
+        f"limit (max_contention={limit:g}); they share the cores, cache and memory bandwidth, so timings taken now "
+        "would mispredict speed-ups. Stop the other jobs (see `top`) and run the same command again (finished "
+        "stages are kept), or accept a distorted table with `--max-contention inf` (the puzzle commands' flag; "
+        "[score] max_contention in a preset).")
 
 
 def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workload: "Workload", repeats: int,
@@ -413,7 +415,7 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     max_contention = check_max_contention(max_contention)
     for _ in range(warmup):
         run_round(False)
-    guard = None if (max_contention is None or workload.device != "cpu") else Contention(workload.threads())
+    guard = None if (max_contention is None or workload.device != "cpu") else Contention()
     samples: dict[str, list[float]] = {}
     kept = dropped = in_a_row = 0
     worst = worst_in_a_row = float("nan")
