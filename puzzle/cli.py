@@ -49,8 +49,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-tokens", type=int, help="tokens for replace-1-block scoring")
     g.add_argument("--seed", type=int, help="seed for data splits and BLD")
     g.add_argument("--max-contention", type=float, metavar="CORES",
-                   help="cores other processes may take from a timing before it is redone (default 0.25; "
-                        "'inf' measures regardless of other jobs)")
+                   help="cores other processes may keep busy on this process's CPUs before a timing window is "
+                        "redone (default 0.25; 'inf' measures regardless of other jobs)")
 
 
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:

@@ -70,8 +70,8 @@ class ScoreConfig:
         1 scores every position.
     score_init: also score the untrained (init-only) entries, so a search can be run on them for comparison.
     cost_repeats: timing repeats per variant.
-    max_contention: cores other processes may take from a CPU timing window before it is dropped
-        and timed again; after 3 such windows in a row the cost stage stops with an error
+    max_contention: cores other processes may keep busy on this process's CPUs during a CPU timing
+        window before it is dropped and timed again; after 3 such windows in a row the cost stage stops with an error
         (scoring/cost.py, "Other processes"). `inf` measures regardless. CLI: --max-contention.
     """
 

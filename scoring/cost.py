@@ -688,7 +688,7 @@ def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ff
         pin_allocator: call `steady_allocator()` first (CPU workloads; see there).
         seed: fixes the random weights, inputs and the order of samples.
         progress: show a tqdm bar over the rounds.
-        max_contention: cores other processes may take from the measurement before a timing
+        max_contention: cores other processes may keep busy on the CPUs this process may use before a timing
             window is dropped and measured again (module docstring, "Other processes"); None
             disables the check.
 
