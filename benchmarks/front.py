@@ -20,7 +20,8 @@ The report writes: front.csv (every model), front.png (measured throughput vs ev
 architectures.png (per-layer map of our children), ratios.csv (our evaluation KL / each baseline's
 at matched measured speed-up, interpolated; one architecture measured twice gets the mean of both;
 ours once as the plain MIP children, once as the child selected per speed-up target: the plain,
-diverse or refined one with the lowest scoring-split KL),
+diverse or refined one with the lowest scoring-split KL), ratios_interval.csv (after --phase remeasure: the
+selected ratios with 5-95 % intervals from a bootstrap of the remeasured runtimes, `plots.matched_ratio_intervals`),
 ratios_predicted_speed.csv (the same at matched predicted speed-up), speed_prediction.csv (predicted vs measured
 speed-up per model), accuracy_ratios.csv (after
 --phase downstream: the downstream accuracy lost against the parent, ours / each baseline's, at matched
@@ -228,7 +229,7 @@ def evaluate_fused(run, model, name) -> dict:
 
 
 def phase_report(run, out: Path, speedups) -> None:
-    from puzzle.plots import architecture_map, front_plot, matched_ratios
+    from puzzle.plots import architecture_map, front_plot, matched_ratio_intervals, matched_ratios
 
     out.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -265,6 +266,19 @@ def phase_report(run, out: Path, speedups) -> None:
                         matched_ratios(pd.concat([ours_best, base]), speedups).assign(ours="selected per target")],
                        ignore_index=True)
     atomic_write_text(out / "ratios.csv", ratios.to_csv(index=False))
+    remeasured = run.out / "remeasure.csv"
+    if remeasured.is_file():
+        # how far the whole-model timing noise moves the ratios: the selected ratios with 90 % intervals from a
+        # bootstrap of the remeasured medians (each model's runtime IQR over its rounds)
+        again = pd.read_csv(remeasured).set_index("name")
+        timed = pd.concat([ours_best, base]).assign(
+            runtime_ms=lambda d: d["name"].map(again["runtime_ms"]), runtime_iqr_ms=lambda d: d["name"].map(again["runtime_iqr_ms"]))
+        timed = timed.dropna(subset=["runtime_ms", "runtime_iqr_ms"])
+        rounds = int(pd.to_numeric(rows["remeasured_repeats"], errors="coerce").max())
+        spread = matched_ratio_intervals(timed, speedups, rounds=rounds).assign(ours="selected per target")
+        atomic_write_text(out / "ratios_interval.csv", spread.to_csv(index=False))
+        print(spread[["speedup", "method", "training", "ratio", "ratio_lo", "ratio_hi", "reached"]]
+              .to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     # the same at matched *predicted* speed-up (summed measured subblock costs): free of whole-model timing noise
     pred = lambda df: df.assign(speedup=df["predicted_speedup"])  # noqa: E731
     atomic_write_text(out / "ratios_predicted_speed.csv",

@@ -7,6 +7,7 @@ atomically and return its path. Notebooks call them too; nothing here computes a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -250,6 +251,88 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
             out.append({"speedup": s, "method": method, "training": training, f"ours_{y}": a, f"baseline_{y}": b,
                         "ratio": a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan})
     return pd.DataFrame(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _median_se_per_iqr(rounds: int) -> float:
+    """Standard error of the median of `rounds` normal samples per unit of their expected sample IQR.
+
+    By simulation (200,000 draws, fixed seed; numpy's default, linearly interpolated quantiles, as
+    the timings use): for 7 rounds 0.41, where the large-sample formula sqrt(pi/2) / 1.349 / sqrt(7)
+    = 0.35 would understate it (a sample IQR of 7 values averages 0.82 of 1.349 sigma).
+    """
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((200_000, rounds))
+    q1, q3 = np.quantile(x, [0.25, 0.75], axis=1)
+    return float(np.median(x, axis=1).std() / (q3 - q1).mean())
+
+
+def median_rel_se(runtime_ms, iqr_ms, rounds: int):
+    """Relative standard error of a median runtime, from the IQR of the `rounds` samples behind it.
+
+        se / median = k(rounds) * IQR / median,   k from `_median_se_per_iqr` (normal noise)
+
+    Works on floats, numpy arrays and pandas Series. Raises ValueError for rounds < 2.
+    """
+    if rounds < 2:
+        raise ValueError(f"rounds must be >= 2 (an IQR needs two samples), got {rounds}")
+    return _median_se_per_iqr(int(rounds)) * iqr_ms / runtime_ms
+
+
+def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, rounds: int, ours: str = "mip",
+                            y: str = "kl_nats", draws: int = 1000, seed: int = 0,
+                            levels: tuple[float, float] = (0.05, 0.95)) -> pd.DataFrame:
+    """`matched_ratios` with the timing noise of the measured speed-ups carried through.
+
+    A parametric bootstrap: each draw multiplies every model's runtime by exp(N(0, se)), se its
+    `median_rel_se` (runtime_ms, runtime_iqr_ms, `rounds`), the parent's runtime by its own draw
+    (shared by all models of the draw), recomputes speed-up = parent / model, and the matched
+    ratios. Models with the same `architecture` (when the column exists) share a draw. `y` (the
+    evaluation figure) is held fixed: every model is evaluated on the same tokens.
+
+    Args:
+        rows: as for `matched_ratios`, plus runtime_ms and runtime_iqr_ms for every model and the
+            parent (row with method "parent").
+        rounds: timing rounds behind each median (benchmarks/front.py --phase remeasure: --repeats).
+
+    Returns:
+        `matched_ratios(rows)` plus ratio_lo / ratio_median / ratio_hi (the `levels` quantiles and
+        the median over the draws where both fronts reach the speed-up) and reached (the share of
+        draws where they do).
+
+    Raises:
+        ValueError: no parent row, or a model without runtime_ms / runtime_iqr_ms.
+    """
+    import numpy as np
+
+    parent = rows[rows["method"] == "parent"]
+    if len(parent) != 1:
+        raise ValueError(f"rows need exactly one parent row (method 'parent'), got {len(parent)}")
+    missing = rows[["runtime_ms", "runtime_iqr_ms"]].isna().any(axis=1)
+    if missing.any():
+        raise ValueError(f"runtime_ms / runtime_iqr_ms missing for {list(rows.loc[missing, 'name'])}: measure them "
+                         "(benchmarks/front.py --phase remeasure)")
+    se = np.asarray(median_rel_se(rows["runtime_ms"].to_numpy(float), rows["runtime_iqr_ms"].to_numpy(float), rounds))
+    key = rows["architecture"].fillna(rows["name"]) if "architecture" in rows else rows["name"]
+    groups = pd.factorize(key)[0]  # models of one architecture share their draw
+    is_parent = (rows["method"] == "parent").to_numpy()
+    runtime = rows["runtime_ms"].to_numpy(float)
+    rng = np.random.default_rng(seed)
+    base = matched_ratios(rows, speedups, ours, y)
+    samples = []
+    for _ in range(draws):
+        z = rng.standard_normal(groups.max() + 1)[groups]
+        drawn = runtime * np.exp(z * se)  # (models,)
+        parent_ms = float(drawn[is_parent][0])
+        r = matched_ratios(rows.assign(speedup=np.where(is_parent, 1.0, parent_ms / drawn)), speedups, ours, y)
+        samples.append(r["ratio"].to_numpy())
+    ratios = np.vstack(samples)  # (draws, rows of base)
+    ok = np.isfinite(ratios)
+    q = np.full((3, len(base)), np.nan)
+    for j in np.flatnonzero(ok.any(axis=0)):
+        q[:, j] = np.quantile(ratios[ok[:, j], j], (levels[0], 0.5, levels[1]))
+    return base.assign(ratio_lo=q[0], ratio_median=q[1], ratio_hi=q[2], reached=ok.mean(axis=0))
 
 
 def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFrame:

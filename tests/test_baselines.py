@@ -101,6 +101,39 @@ def test_matched_ratios_interpolate_and_never_extrapolate():
     assert math.isnan(r.loc[2.0, "ratio"])  # the baseline never reaches 2x
 
 
+def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
+    import numpy as np
+
+    from puzzle.plots import matched_ratio_intervals, median_rel_se
+
+    # the standard error of a median of 7 normal samples, from their IQR, against simulation
+    rng = np.random.default_rng(0)
+    x = rng.normal(100.0, 10.0, size=(20000, 7))
+    q1, q3 = np.quantile(x, [0.25, 0.75], axis=1)
+    predicted = median_rel_se(100.0, float(np.median(q3 - q1)), 7) * 100.0
+    assert predicted == pytest.approx(np.median(x, axis=1).std(), rel=0.05)
+
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "runtime_ms": 100.0, "kl_nats": 0.0},
+        {"name": "a", "method": "mip", "training": "bld", "runtime_ms": 100 / 1.5, "kl_nats": 0.3},
+        {"name": "b", "method": "mip", "training": "bld", "runtime_ms": 50.0, "kl_nats": 0.6},
+        {"name": "c", "method": "layer_removal", "training": "none", "runtime_ms": 100 / 1.4, "kl_nats": 0.8},
+        {"name": "d", "method": "layer_removal", "training": "none", "runtime_ms": 100 / 1.52, "kl_nats": 1.2},
+    ])
+    rows["speedup"] = 100.0 / rows["runtime_ms"]
+    exact = matched_ratio_intervals(rows.assign(runtime_iqr_ms=0.0), (1.25, 1.5), rounds=7, draws=20).set_index("speedup")
+    assert exact.loc[1.5, "ratio"] == pytest.approx(0.3 / (0.8 + 0.4 * 0.1 / 0.12))
+    assert (exact["ratio_lo"] == exact["ratio"]).all() and (exact["ratio_hi"] == exact["ratio"]).all()
+    assert (exact["reached"] == 1.0).all()
+    noisy = matched_ratio_intervals(rows.assign(runtime_iqr_ms=0.1 * rows["runtime_ms"]), (1.25, 1.5), rounds=7,
+                                    draws=400).set_index("speedup")
+    assert (noisy["ratio_lo"] < noisy["ratio_median"]).all() and (noisy["ratio_median"] < noisy["ratio_hi"]).all()
+    assert 0.2 < noisy.loc[1.5, "reached"] < 1.0  # the baseline's 1.52x point falls below 1.5x in some draws
+    assert noisy.loc[1.25, "reached"] == 1.0
+    with pytest.raises(ValueError, match="runtime_iqr_ms missing for"):
+        matched_ratio_intervals(rows.assign(runtime_iqr_ms=[1.0, 1.0, None, 1.0, 1.0]), rounds=7)
+
+
 def test_front_plot_and_architecture_map_write_pngs(tmp_path):
     rows = pd.DataFrame([
         {"name": "parent", "method": "parent", "training": "none", "throughput_tok_s": 10.0, "kl_nats": 0.0},
