@@ -108,10 +108,11 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "front_speedups", tuple(float(s) for s in self.front_speedups))
-        if self.speedup is not None and self.speedup <= 0:
-            raise PuzzleError(f"search.speedup must be positive, got {self.speedup}")
-        if any(s <= 0 for s in self.front_speedups):
-            raise PuzzleError(f"search.front_speedups must be positive, got {self.front_speedups}")
+        if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and 0 < self.speedup < math.inf):
+            raise PuzzleError(f"search.speedup must be a finite number > 0 (e.g. 1.5), got {self.speedup!r}")
+        if not all(0 < s < math.inf for s in self.front_speedups):
+            raise PuzzleError(f"search.front_speedups must be finite numbers > 0 (e.g. [1.25, 1.5, 2]), "
+                              f"got {self.front_speedups}")
 
 
 DEFAULT_PROMPTS = (
@@ -204,7 +205,7 @@ def _section(cls, values: dict, where: str):
     values = {k: _float_from_text(v, fields[k]) for k, v in values.items()}
     try:
         return cls(**values)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # a missing/extra argument, or a value float()/int() cannot read
         raise PuzzleError(f"{where}: {e}") from e
 
 

@@ -401,6 +401,12 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert saved["score"]["max_contention"] == "inf"
     assert math.isinf(load_run_config(tmp_path).score.max_contention)
+    # a speed-up must be finite: inf, NaN (TOML literals, or "inf" as config.json spells it) and words are refused
+    for section, bad in (("speedup", "inf"), ("speedup", "nan"), ("speedup", '"inf"'), ("front_speedups", "[1.5, nan]"),
+                         ("front_speedups", '["fast"]')):
+        path.write_text(f"[search]\n{section} = {bad}\n")
+        with pytest.raises(PuzzleError, match=f"(search.{section} must be (a )?finite|could not convert)"):
+            load_preset(str(path))
     for bad in ("-1", "0", "nan", '"off"', "true"):
         path.write_text(f"[score]\nmax_contention = {bad}\n")
         with pytest.raises(PuzzleError, match="score.max_contention must be a number of cores"):
