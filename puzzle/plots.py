@@ -282,7 +282,7 @@ def median_rel_se(runtime_ms, iqr_ms, rounds: int):
 
 def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, rounds: int, ours: str = "mip",
                             y: str = "kl_nats", draws: int = 1000, seed: int = 0,
-                            levels: tuple[float, float] = (0.05, 0.95)) -> pd.DataFrame:
+                            levels: tuple[float, float] = (0.05, 0.95), min_reached: float = 0.5) -> pd.DataFrame:
     """`matched_ratios` with the timing noise of the measured speed-ups carried through.
 
     A parametric bootstrap: each draw multiplies every model's runtime by exp(N(0, se)), se its
@@ -298,13 +298,17 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
 
     Returns:
         `matched_ratios(rows)` plus ratio_lo / ratio_median / ratio_hi (the `levels` quantiles and
-        the median over the draws where both fronts reach the speed-up) and reached (the share of
-        draws where they do).
+        the median over the draws where both fronts reach the speed-up; NaN where fewer than
+        `min_reached` of the draws do) and reached (the share of draws where they do).
 
     Raises:
-        ValueError: no parent row, or a model without runtime_ms / runtime_iqr_ms.
+        ValueError: no parent row, a model without runtime_ms / runtime_iqr_ms, draws < 1, or
+            rounds < 2.
     """
     import numpy as np
+
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
 
     parent = rows[rows["method"] == "parent"]
     if len(parent) != 1:
@@ -330,7 +334,7 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
     ratios = np.vstack(samples)  # (draws, rows of base)
     ok = np.isfinite(ratios)
     q = np.full((3, len(base)), np.nan)
-    for j in np.flatnonzero(ok.any(axis=0)):
+    for j in np.flatnonzero(ok.any(axis=0) & (ok.mean(axis=0) >= min_reached)):
         q[:, j] = np.quantile(ratios[ok[:, j], j], (levels[0], 0.5, levels[1]))
     return base.assign(ratio_lo=q[0], ratio_median=q[1], ratio_hi=q[2], reached=ok.mean(axis=0))
 

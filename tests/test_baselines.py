@@ -130,6 +130,9 @@ def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
     assert (noisy["ratio_lo"] < noisy["ratio_median"]).all() and (noisy["ratio_median"] < noisy["ratio_hi"]).all()
     assert 0.2 < noisy.loc[1.5, "reached"] < 1.0  # the baseline's 1.52x point falls below 1.5x in some draws
     assert noisy.loc[1.25, "reached"] == 1.0
+    strict = matched_ratio_intervals(rows.assign(runtime_iqr_ms=0.1 * rows["runtime_ms"]), (1.25, 1.5), rounds=7,
+                                     draws=400, min_reached=0.9).set_index("speedup")
+    assert math.isnan(strict.loc[1.5, "ratio_lo"]) and strict.loc[1.25, "ratio_lo"] == noisy.loc[1.25, "ratio_lo"]
     with pytest.raises(ValueError, match="runtime_iqr_ms missing for"):
         matched_ratio_intervals(rows.assign(runtime_iqr_ms=[1.0, 1.0, None, 1.0, 1.0]), rounds=7)
 
