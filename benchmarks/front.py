@@ -273,12 +273,19 @@ def phase_report(run, out: Path, speedups) -> None:
         again = pd.read_csv(remeasured).set_index("name")
         timed = pd.concat([ours_best, base]).assign(
             runtime_ms=lambda d: d["name"].map(again["runtime_ms"]), runtime_iqr_ms=lambda d: d["name"].map(again["runtime_iqr_ms"]))
-        timed = timed.dropna(subset=["runtime_ms", "runtime_iqr_ms"])
-        rounds = int(pd.to_numeric(rows["remeasured_repeats"], errors="coerce").max())
-        spread = matched_ratio_intervals(timed, speedups, rounds=rounds).assign(ours="selected per target")
-        atomic_write_text(out / "ratios_interval.csv", spread.to_csv(index=False))
-        print(spread[["speedup", "method", "training", "ratio", "ratio_lo", "ratio_hi", "reached"]]
-              .to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        unmeasured = timed.loc[timed[["runtime_ms", "runtime_iqr_ms"]].isna().any(axis=1), "name"].tolist()
+        if unmeasured:
+            print(f"ratios_interval.csv leaves out {unmeasured}: not in remeasure.csv (run --phase remeasure again)")
+        rounds = pd.to_numeric(rows.get("remeasured_repeats"), errors="coerce").max()
+        try:
+            spread = matched_ratio_intervals(timed.dropna(subset=["runtime_ms", "runtime_iqr_ms"]), speedups,
+                                             rounds=int(rounds) if rounds == rounds else 0)
+        except ValueError as e:
+            print(f"no ratios_interval.csv: {e}")
+        else:
+            atomic_write_text(out / "ratios_interval.csv", spread.assign(ours="selected per target").to_csv(index=False))
+            print(spread[["speedup", "method", "training", "ratio", "ratio_lo", "ratio_hi", "reached"]]
+                  .to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     # the same at matched *predicted* speed-up (summed measured subblock costs): free of whole-model timing noise
     pred = lambda df: df.assign(speedup=df["predicted_speedup"])  # noqa: E731
     atomic_write_text(out / "ratios_predicted_speed.csv",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -87,7 +88,7 @@ class ScoreConfig:
 
         if self.max_contention is None:  # None is the API's "no check"; a run config says inf
             raise PuzzleError("score.max_contention must be a number of cores > 0 (inf to measure regardless), got None")
-        check_max_contention(self.max_contention, "score.max_contention")
+        object.__setattr__(self, "max_contention", check_max_contention(self.max_contention, "score.max_contention"))
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,24 @@ class SearchConfig:
     front_speedups: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "front_speedups", tuple(float(s) for s in self.front_speedups))
-        if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and 0 < self.speedup < math.inf):
-            raise PuzzleError(f"search.speedup must be a finite number > 0 (e.g. 1.5), got {self.speedup!r}")
-        if not all(0 < s < math.inf for s in self.front_speedups):
-            raise PuzzleError(f"search.front_speedups must be finite numbers > 0 (e.g. [1.25, 1.5, 2]), "
-                              f"got {self.front_speedups}")
+        if self.speedup is not None:
+            object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number > 0 "
+                                                                        "(e.g. 1.5)"))
+        bad = "search.front_speedups must be a list of finite numbers > 0 (e.g. [1.25, 1.5, 2])"
+        if not isinstance(self.front_speedups, (list, tuple)):
+            raise PuzzleError(f"{bad}, got {self.front_speedups!r}")
+        object.__setattr__(self, "front_speedups", tuple(_speedup(s, bad) for s in self.front_speedups))
+
+
+def _speedup(value, message: str) -> float:
+    """`value` as a finite speed-up > 0 (any real number type but bool); PuzzleError(`message`) otherwise."""
+    try:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < float(value) < math.inf
+    except OverflowError:  # an int beyond float range
+        ok = False
+    if not ok:
+        raise PuzzleError(f"{message}, got {value!r}")
+    return float(value)
 
 
 DEFAULT_PROMPTS = (

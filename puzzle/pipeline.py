@@ -304,9 +304,13 @@ def cost_meta(run: Run) -> dict:
 
 def _stale_timing(meta: dict, threads: int, max_contention: float) -> str | None:
     """Why a saved cost table must be timed again for these settings (None: it can be reused)."""
-    if meta.get("num_threads") not in (None, threads):
-        return f"timed with {meta['num_threads']} threads and the target now has {threads}"
-    contention = meta.get("contention_cores")
+    recorded, contention = meta.get("num_threads"), meta.get("contention_cores")
+    if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int)):
+        return f"recorded with an unreadable thread count {recorded!r}"
+    if recorded not in (None, threads):
+        return f"timed with {recorded} threads and the target now has {threads}"
+    if contention is not None and (isinstance(contention, bool) or not isinstance(contention, (int, float))):
+        return f"recorded with an unreadable contention {contention!r}"
     if contention is not None and contention > max_contention:
         return f"timed while other jobs took {contention:g} cores, over the limit max_contention={max_contention:g}"
     return None

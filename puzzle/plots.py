@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -257,13 +258,13 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
 def _median_se_per_iqr(rounds: int) -> float:
     """Standard error of the median of `rounds` normal samples per unit of their expected sample IQR.
 
-    By simulation (200,000 draws, fixed seed; numpy's default, linearly interpolated quantiles, as
+    By simulation (2,000,000 / rounds draws, fixed seed; numpy's default, linearly interpolated quantiles, as
     the timings use): for 7 rounds 0.41, where the large-sample formula sqrt(pi/2) / 1.349 / sqrt(7)
     = 0.35 would understate it (a sample IQR of 7 values averages 0.82 of 1.349 sigma).
     """
     import numpy as np
 
-    x = np.random.default_rng(0).standard_normal((200_000, rounds))
+    x = np.random.default_rng(0).standard_normal((max(2_000, 2_000_000 // rounds), rounds))  # <= 16 MB
     q1, q3 = np.quantile(x, [0.25, 0.75], axis=1)
     return float(np.median(x, axis=1).std() / (q3 - q1).mean())
 
@@ -275,8 +276,9 @@ def median_rel_se(runtime_ms, iqr_ms, rounds: int):
 
     Works on floats, numpy arrays and pandas Series. Raises ValueError for rounds < 2.
     """
-    if rounds < 2:
-        raise ValueError(f"rounds must be >= 2 (an IQR needs two samples), got {rounds}")
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or not 2 <= rounds <= 1000:
+        raise ValueError(f"rounds must be a whole number of timing rounds from 2 (an IQR needs two samples) to 1000, "
+                         f"got {rounds!r}")
     return _median_se_per_iqr(int(rounds)) * iqr_ms / runtime_ms
 
 
@@ -293,7 +295,8 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
 
     Args:
         rows: as for `matched_ratios`, plus runtime_ms and runtime_iqr_ms for every model and the
-            parent (row with method "parent").
+            parent (row with method "parent"); speed-ups are taken as parent runtime / runtime_ms
+            (a `speedup` column is ignored).
         rounds: timing rounds behind each median (benchmarks/front.py --phase remeasure: --repeats).
 
     Returns:
@@ -302,13 +305,15 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
         `min_reached` of the draws do) and reached (the share of draws where they do).
 
     Raises:
-        ValueError: no parent row, a model without runtime_ms / runtime_iqr_ms, draws < 1, or
-            rounds < 2.
+        ValueError: no parent row, a runtime or IQR missing, not finite, <= 0 (runtime) or < 0
+            (IQR), nothing to compare, draws < 1, levels out of order, or rounds outside 2-1000.
     """
     import numpy as np
 
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
+    if not 0 < levels[0] < levels[1] < 1:
+        raise ValueError(f"levels must be two quantiles 0 < lo < hi < 1, got {levels}")
 
     parent = rows[rows["method"] == "parent"]
     if len(parent) != 1:
@@ -317,13 +322,21 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
     if missing.any():
         raise ValueError(f"runtime_ms / runtime_iqr_ms missing for {list(rows.loc[missing, 'name'])}: measure them "
                          "(benchmarks/front.py --phase remeasure)")
-    se = np.asarray(median_rel_se(rows["runtime_ms"].to_numpy(float), rows["runtime_iqr_ms"].to_numpy(float), rounds))
+    runtime, iqr = rows["runtime_ms"].to_numpy(float), rows["runtime_iqr_ms"].to_numpy(float)
+    bad = ~(np.isfinite(runtime) & (runtime > 0) & np.isfinite(iqr) & (iqr >= 0))
+    if bad.any():
+        raise ValueError(f"runtime_ms must be finite and > 0, runtime_iqr_ms finite and >= 0; not so for "
+                         f"{list(rows.loc[bad, 'name'])}")
+    se = np.asarray(median_rel_se(runtime, iqr, rounds))
     key = rows["architecture"].fillna(rows["name"]) if "architecture" in rows else rows["name"]
     groups = pd.factorize(key)[0]  # models of one architecture share their draw
     is_parent = (rows["method"] == "parent").to_numpy()
-    runtime = rows["runtime_ms"].to_numpy(float)
     rng = np.random.default_rng(seed)
-    base = matched_ratios(rows, speedups, ours, y)
+    # the point ratio from the same runtimes as the draws (a `speedup` column is replaced)
+    base = matched_ratios(rows.assign(speedup=float(runtime[is_parent][0]) / runtime), speedups, ours, y)
+    if base.empty:
+        raise ValueError(f"nothing to compare: rows need models of method {ours!r}, at least one baseline, and "
+                         "speed-up targets")
     samples = []
     for _ in range(draws):
         z = rng.standard_normal(groups.max() + 1)[groups]

@@ -100,6 +100,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import math
+import numbers
 import os
 import platform
 import resource
@@ -370,10 +371,13 @@ def check_max_contention(value, name: str = "max_contention") -> float | None:
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise PuzzleError(f"{name} must be a number of cores > 0 (inf measures regardless of other jobs; the "
                           f"Python API also takes None), got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range: no limit
+        return math.inf
 
 
 def _contention_error(contention: float, limit: float, workload: "Workload", what: str) -> PuzzleError:

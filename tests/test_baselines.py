@@ -135,6 +135,14 @@ def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
     assert math.isnan(strict.loc[1.5, "ratio_lo"]) and strict.loc[1.25, "ratio_lo"] == noisy.loc[1.25, "ratio_lo"]
     with pytest.raises(ValueError, match="runtime_iqr_ms missing for"):
         matched_ratio_intervals(rows.assign(runtime_iqr_ms=[1.0, 1.0, None, 1.0, 1.0]), rounds=7)
+    ok = rows.assign(runtime_iqr_ms=1.0)
+    for bad, match in ((dict(rows=ok.assign(runtime_ms=[100.0, -1.0, 50.0, 70.0, 66.0])), "must be finite and > 0"),
+                       (dict(rows=ok.assign(runtime_iqr_ms=-1.0)), "runtime_iqr_ms finite and >= 0"),
+                       (dict(rows=ok, rounds=1), "rounds must be"), (dict(rows=ok, rounds=2.9), "rounds must be"),
+                       (dict(rows=ok, rounds=10**6), "rounds must be"), (dict(rows=ok, levels=(0.95, 0.05)), "levels"),
+                       (dict(rows=ok[ok["method"] != "layer_removal"]), "nothing to compare")):
+        with pytest.raises(ValueError, match=match):
+            matched_ratio_intervals(**{"rounds": 7, **bad})
 
 
 def test_front_plot_and_architecture_map_write_pngs(tmp_path):
