@@ -317,6 +317,20 @@ def test_persistent_contention_stops_the_measurement_and_none_measures_anyway(mo
     assert df.attrs["rounds_dropped"] == 0 and df.loc[0, "runtime_ms"] > 0
 
 
+def _simulated_neighbours(monkeypatch, min_window_s: float) -> dict:
+    """2 CPUs whose busy time is this process's own plus others["busy"] seconds (add to it); no pause
+    before a window is timed again."""
+    import puzzle.scoring.cost as cost
+
+    monkeypatch.setattr(cost, "MIN_WINDOW_S", min_window_s)
+    monkeypatch.setattr(cost, "RETRY_PAUSE_S", 0.0)
+    others = {"busy": 0.0}
+    monkeypatch.setattr(cost, "_machine_busy_s", lambda cpus=None: cost._own_cpu_s() + others["busy"])
+    monkeypatch.setattr(cost, "_allowed_cpus", lambda: None)
+    monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
+    return others
+
+
 def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
     """Simulated neighbours (the machine's busy time is this process's own plus a chosen load): the
     first two windows are contended, so their rounds are timed again; three in a row stop."""
@@ -324,12 +338,7 @@ def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
 
     import puzzle.scoring.cost as cost
 
-    monkeypatch.setattr(cost, "MIN_WINDOW_S", 0.02)
-    monkeypatch.setattr(cost, "RETRY_PAUSE_S", 0.0)
-    others = {"busy": 0.0}
-    monkeypatch.setattr(cost, "_machine_busy_s", lambda cpus=None: cost._own_cpu_s() + others["busy"])
-    monkeypatch.setattr(cost, "_allowed_cpus", lambda: None)
-    monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
+    others = _simulated_neighbours(monkeypatch, min_window_s=0.02)
     loads = iter([0.0, 1.0, 0.9, 0.1, 0.0, 0.0])
     calls = []
 
@@ -360,12 +369,7 @@ def test_short_windows_are_judged_with_their_tick_noise_and_the_error_quotes_the
 
     import puzzle.scoring.cost as cost
 
-    monkeypatch.setattr(cost, "MIN_WINDOW_S", 10.0)
-    monkeypatch.setattr(cost, "RETRY_PAUSE_S", 0.0)
-    others = {"busy": 0.0}
-    monkeypatch.setattr(cost, "_machine_busy_s", lambda cpus=None: cost._own_cpu_s() + others["busy"])
-    monkeypatch.setattr(cost, "_allowed_cpus", lambda: None)
-    monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
+    others = _simulated_neighbours(monkeypatch, min_window_s=10.0)
     tick_noise = cost.Contention().tick_noise(0.09)  # 3 rounds of 30 ms on 2 CPUs
     assert tick_noise == pytest.approx(2 / os.sysconf("SC_CLK_TCK") / 0.09)
 
