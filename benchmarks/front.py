@@ -279,7 +279,7 @@ def phase_report(run, out: Path, speedups) -> None:
         rounds = pd.to_numeric(rows.get("remeasured_repeats"), errors="coerce").max()
         try:
             spread = matched_ratio_intervals(timed.dropna(subset=["runtime_ms", "runtime_iqr_ms"]), speedups,
-                                             rounds=int(rounds) if rounds == rounds else 0)
+                                             rounds=int(rounds) if pd.notna(rounds) else 0)
         except ValueError as e:
             print(f"no ratios_interval.csv: {e}")
         else:

@@ -344,8 +344,7 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     non_block = measure_non_block_costs(run.parent.config, w, repeats=run.config.score.cost_repeats,
                                         max_contention=limit)
     run.timed("cost_s", time.perf_counter() - t0)
-    nb_contention = non_block["contention_cores"]
-    contention = max_ignoring_nan(df.attrs["contention_cores"], math.nan if nb_contention is None else nb_contention)
+    contention = max_ignoring_nan(df.attrs["contention_cores"], non_block["contention_cores"])
     save_table(df, path, {**expect, **w.meta(), "non_block": non_block,
                           "rounds_dropped": df.attrs["rounds_dropped"] + non_block["rounds_dropped"],
                           "contention_cores": None if math.isnan(contention) else round(contention, 3)})

@@ -332,6 +332,7 @@ class Contention:
 
     def __init__(self):
         self.cpus = _allowed_cpus()
+        self.n_cpus = len(self.cpus) if self.cpus else os.cpu_count() or 1
 
     def start(self) -> None:
         self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(self.cpus), _own_cpu_s()
@@ -353,13 +354,12 @@ class Contention:
         1.0 / 0.4 / 0.2 / 0.1); next to a busy-looping process the median reading was 0.61 / 0.56 /
         0.67 / 0.74 cores.
         """
-        cpus = len(self.cpus) if self.cpus else os.cpu_count() or 1
-        return cpus / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else math.inf
+        return self.n_cpus / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else math.inf
 
 
-def max_ignoring_nan(a: float, b: float) -> float:
-    """The larger of a and b ignoring NaN (NaN only when both are)."""
-    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+def max_ignoring_nan(*values: float | None) -> float:
+    """The largest of `values` ignoring NaN and None (a contention not judged); NaN when none is left."""
+    return max((v for v in values if v is not None and not math.isnan(v)), default=math.nan)
 
 
 def check_max_contention(value, name: str = "max_contention") -> float | None:
@@ -380,10 +380,10 @@ def check_max_contention(value, name: str = "max_contention") -> float | None:
         return math.inf
 
 
-def _contention_error(contention: float, limit: float, workload: "Workload", what: str) -> PuzzleError:
+def _contention_error(contention: float, limit: float, workload: "Workload", what: str, n_cpus: int) -> PuzzleError:
     """The error after GIVE_UP_WINDOWS contended windows in a row; `contention` is the worst of them."""
     return PuzzleError(
-        f"other processes kept up to {contention:.2f} cores busy on the {len(_allowed_cpus() or ()) or os.cpu_count()} "
+        f"other processes kept up to {contention:.2f} cores busy on the {n_cpus} "
         f"CPUs that timing {what} ({workload.threads()} threads) runs on, {GIVE_UP_WINDOWS} windows in a row over the "
         f"limit (max_contention={limit:g}); they share the cores, cache and memory bandwidth, so timings taken now "
         "would mispredict speed-ups. Stop the other jobs (see `top`) and run the same command again (finished "
@@ -441,7 +441,7 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
                     in_a_row += 1
                     worst_in_a_row = max_ignoring_nan(worst_in_a_row, contention)
                     if in_a_row >= GIVE_UP_WINDOWS:
-                        raise _contention_error(worst_in_a_row, max_contention, workload, what)
+                        raise _contention_error(worst_in_a_row, max_contention, workload, what, guard.n_cpus)
                     bar.set_postfix(dropped=dropped, contention=f"{contention:.2f}")
                     time.sleep(RETRY_PAUSE_S)
                     continue
@@ -1114,7 +1114,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
                                          max_contention=max_contention)
             non_block_rows[(b, p)] = nb
             dropped += nb["rounds_dropped"]
-            worst = max_ignoring_nan(worst, math.nan if nb["contention_cores"] is None else nb["contention_cores"])
+            worst = max_ignoring_nan(worst, nb["contention_cores"])
     rows = []
     for b, p, c in points:
         s = max(p, c)

@@ -299,7 +299,6 @@ def test_contention_counts_a_busy_neighbour_on_any_of_the_cpus_the_measurement_m
 
 @linux_only
 def test_persistent_contention_stops_the_measurement_and_none_measures_anyway(monkeypatch):
-
     import puzzle.scoring.cost as cost
 
     monkeypatch.setattr(cost, "MIN_WINDOW_S", 0.2)
@@ -393,7 +392,6 @@ def test_short_windows_are_judged_with_their_tick_noise_and_the_error_quotes_the
 
 
 def test_run_config_takes_max_contention_in_cores(tmp_path):
-
     from puzzle.config import load_preset, load_run_config, save_run_config
 
     path = tmp_path / "p.toml"
@@ -419,7 +417,6 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
 
 
 def test_max_contention_flag_reaches_the_run_config(tmp_path):
-
     from puzzle.cli import _resolve_config, build_parser, main
 
     args = build_parser().parse_args(["score", "--out", str(tmp_path), "--preset", "tiny", "--max-contention", "inf"])
@@ -430,7 +427,6 @@ def test_max_contention_flag_reaches_the_run_config(tmp_path):
 
 
 def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
-
     from puzzle.pipeline import _stale_timing
     from puzzle.scoring.cost import check_max_contention
 
@@ -451,7 +447,6 @@ def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
 
 @linux_only
 def test_busy_time_of_the_allowed_cpus_adds_up_to_the_machine_total():
-
     from puzzle.scoring.cost import _machine_busy_s
 
     every = set(range(os.cpu_count()))
