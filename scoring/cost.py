@@ -321,11 +321,13 @@ class Contention:
     busy_cpus their busy time in /proc/stat (steal included: a hypervisor running another guest
     slows the measurement just the same), busy_self this process's CPU time (getrusage). A process
     on a core the measurement leaves idle counts too: it shares the cache and the memory bandwidth.
-    Measured on the 2-core VM, 1-thread timings of a SmolLM2-sized SwiGLU stack (30 layers'
-    weights; decode B=4, prefill 1024 tokens) with the other core idle / running a busy loop /
-    running a memory-streaming loop (numpy copy of 512 MiB): decode 89-111 / 91-95 / 103-139 ms,
-    prefill 396-470 / 388-480 / 439-567 ms. Readings: 0.00-0.03 over 0.5 s windows when idle;
-    0.7-0.9 for a 2-thread measurement next to one busy-looping process, 1.0 for a 1-thread one.
+    Measured on the 2-core VM (benchmarks/contention.py; two runs), 1-thread timings of a
+    SmolLM2-sized SwiGLU stack (30 layers' weights; decode B=4, prefill 1024 tokens) with the
+    other core idle / running a busy loop / running a memory-streaming loop (numpy copy of 512
+    MiB): decode 89-111 / 91-95 / 103-139 ms and 70-71 / 70 / 77-81 ms, prefill 396-470 /
+    388-480 / 439-567 ms and 348-385 / 354 / 414-433 ms. Readings: 0.00-0.03 over 0.5 s windows
+    when idle; 0.7-0.9 for a 2-thread measurement next to one busy-looping process, 1.0 for a
+    1-thread one.
 
     `stop()` returns (wall seconds, contention in cores); the contention is NaN off Linux.
     """
@@ -346,15 +348,17 @@ class Contention:
     def tick_noise(self, wall: float) -> float:
         """Cores a reading over `wall` seconds may be off by from /proc/stat's ticks alone.
 
-            noise = CPUs * tick / wall     [cores]; tick = 1 / SC_CLK_TCK (10 ms)
+            noise = 2 * CPUs * tick / wall     [cores]; tick = 1 / SC_CLK_TCK (10 ms)
 
-        Each CPU's busy count is a whole number of ticks at both ends of the window. Measured on the
-        2-core VM, idle, 2-thread matrix products: the worst reading over 100-200 windows of 0.02 /
-        0.05 / 0.1 / 0.2 s was 0.77 / 0.35 / 0.18 / 0.11 cores, each under limit + noise (0.25 +
-        1.0 / 0.4 / 0.2 / 0.1); next to a busy-looping process the median reading was 0.61 / 0.56 /
-        0.67 / 0.74 cores.
+        Per CPU, one tick from the whole-tick counts at the window's ends and one from this
+        process's exact CPU time (getrusage) set against their tick-sampled accounting. Measured on
+        the 2-core VM (benchmarks/contention.py, idle, 2-thread matrix products): the worst reading
+        over 200 / 80 / 40 / 20 / 8 windows of 0.02 / 0.05 / 0.1 / 0.2 / 0.5 s was 1.97 / 0.94 /
+        0.16 / 0.06 / 0.02 cores, under 0.25 + noise (2.0 / 0.8 / 0.4 / 0.2 / 0.08); next to a
+        busy-looping process the median reading was 0.67 / 0.72 / 0.78 / 0.78 / 0.76 cores, so a
+        busy neighbour is caught from windows of about 0.1 s.
         """
-        return self.n_cpus / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else math.inf
+        return 2 * self.n_cpus / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else math.inf
 
 
 def max_ignoring_nan(*values: float | None) -> float:

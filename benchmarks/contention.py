@@ -1,0 +1,132 @@
+"""What other processes do to CPU timings, and what the contention check reads (scoring/cost.py).
+
+Two measurements behind the figures in `Contention`'s docstrings, on this machine:
+
+neighbours   1-thread timings of a SmolLM2-sized SwiGLU stack (hidden 576, FFN 1536, 30 layers'
+             weights: decode on B=4 rows through all 30, prefill of 1024 tokens through 4) with the
+             other CPUs idle, running a busy loop, or running a memory-streaming loop (numpy copy of
+             512 MiB); each condition twice, in the order idle, memory, busy, memory, idle. Median ms
+             of 40 decode / 15 prefill steps, and the `Contention` reading over them.
+windows      `Contention` readings over windows of 0.02-0.5 s of 2-thread matrix products, idle and
+             next to a busy loop, against the tick-noise allowance (`Contention.tick_noise`).
+
+Writes OUT/neighbours.csv and OUT/windows.csv and prints both. Needs Linux and at least 2 CPUs;
+run it on an otherwise idle machine (it starts its own neighbours and stops them).
+
+    python benchmarks/contention.py --out /tmp/contention
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from puzzle.io import atomic_write_text
+from puzzle.scoring.cost import Contention
+
+NEIGHBOURS = {
+    "busy loop": "while True: pass",
+    "memory stream": "import numpy as np\na = np.ones(64 << 20)\nb = np.empty_like(a)\nwhile True: np.copyto(b, a)",
+}
+
+
+def neighbour(kind: str | None):
+    """A started neighbour process (None for none); the caller kills it."""
+    return subprocess.Popen([sys.executable, "-c", NEIGHBOURS[kind]]) if kind else None
+
+
+def swiglu_stack(layers: int = 30, hidden: int = 576, ffn: int = 1536):
+    """Random SwiGLU weights of `layers` layers: [(gate (F, C), up (F, C), down (C, F))] fp32."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(ffn, hidden, generator=g), torch.randn(ffn, hidden, generator=g),
+             torch.randn(hidden, ffn, generator=g)) for _ in range(layers)]
+
+
+def run_stack(weights, x: torch.Tensor) -> torch.Tensor:
+    for gate, up, down in weights:
+        x = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T  # (N, C) -> (N, F) -> (N, C)
+    return x
+
+
+def median_ms(fn, n: int) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def neighbours() -> pd.DataFrame:
+    torch.set_num_threads(1)
+    weights = swiglu_stack()
+    decode = lambda: run_stack(weights, torch.randn(4, 576))  # noqa: E731
+    prefill = lambda: run_stack(weights[:4], torch.randn(1024, 576))  # noqa: E731
+    rows = []
+    with torch.no_grad():
+        for kind in (None, "memory stream", "busy loop", "memory stream", None):
+            proc = neighbour(kind)
+            try:
+                time.sleep(1.0)
+                guard = Contention()
+                guard.start()
+                d, p = median_ms(decode, 40), median_ms(prefill, 15)
+                _, cores = guard.stop()
+            finally:
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+            rows.append({"neighbour": kind or "none", "decode_ms": d, "prefill_ms": p, "contention_cores": cores})
+            print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def windows(seconds=(0.02, 0.05, 0.1, 0.2, 0.5)) -> pd.DataFrame:
+    torch.set_num_threads(2)
+    a = torch.randn(256, 256)
+    rows = []
+    for kind in (None, "busy loop"):
+        proc = neighbour(kind)
+        try:
+            time.sleep(1.0)
+            for w in seconds:
+                guard, readings = Contention(), []
+                for _ in range(max(8, int(4 / w))):
+                    guard.start()
+                    t = time.perf_counter()
+                    while time.perf_counter() - t < w:
+                        a @ a
+                    readings.append(guard.stop()[1])
+                r = np.asarray(readings)
+                rows.append({"neighbour": kind or "none", "window_s": w, "windows": len(r),
+                             "median_cores": float(np.median(r)), "max_cores": float(r.max()),
+                             "tick_noise_cores": guard.tick_noise(w)})
+                print(rows[-1], flush=True)
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for neighbours.csv and windows.csv")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, fn in (("neighbours", neighbours), ("windows", windows)):
+        df = fn()
+        atomic_write_text(args.out / f"{name}.csv", df.to_csv(index=False))
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
