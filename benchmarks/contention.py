@@ -9,11 +9,17 @@ neighbours   1-thread timings of a SmolLM2-sized SwiGLU stack (hidden 576, FFN 1
              of 40 decode / 15 prefill steps, and the `Contention` reading over them.
 windows      `Contention` readings over windows of 0.02-0.5 s of 2-thread matrix products, idle and
              next to a busy loop, against the tick-noise allowance (`Contention.tick_noise`).
+fingerprint  what the guard cannot see and the machine's fingerprint can (scoring/machine.py): this
+             process pinned to the first CPU, the neighbour pinned to the last one, outside the
+             process's affinity; per condition (none, busy loop, memory stream, none) the 1-thread
+             decode of the SwiGLU stack (median of 40), the `Contention` reading over it, and the
+             median of 20 `ReferenceProbe` samples; `*_vs_idle` divide by the first idle row.
 
-Writes OUT/neighbours.csv and OUT/windows.csv and prints both. Needs Linux and at least 2 CPUs;
-run it on an otherwise idle machine (it starts its own neighbours and stops them).
+Writes OUT/<name>.csv for each measurement run (all three by default, `--only` picks) and prints
+them. Needs Linux and at least 2 CPUs; run it on an otherwise idle machine (it starts its own
+neighbours and stops them).
 
-    python benchmarks/contention.py --out /tmp/contention
+    python benchmarks/contention.py --out /tmp/contention [--only fingerprint]
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import pandas as pd
 import torch
 
 from puzzle.io import atomic_write_text
-from puzzle.scoring.cost import Contention
+from puzzle.scoring.cost import Contention, last_level_cache_bytes
+from puzzle.scoring.machine import ReferenceProbe
 
 NEIGHBOURS = {
     "busy loop": "while True: pass",
@@ -37,9 +44,12 @@ NEIGHBOURS = {
 }
 
 
-def neighbour(kind: str | None):
-    """A started neighbour process (None for none); the caller kills it."""
-    return subprocess.Popen([sys.executable, "-c", NEIGHBOURS[kind]]) if kind else None
+def neighbour(kind: str | None, cpu: int | None = None):
+    """A started neighbour process (None for none), pinned to `cpu` when given; the caller kills it."""
+    if not kind:
+        return None
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    return subprocess.Popen([*pin, sys.executable, "-c", NEIGHBOURS[kind]])
 
 
 def swiglu_stack(layers: int = 30, hidden: int = 576, ffn: int = 1536):
@@ -117,13 +127,53 @@ def windows(seconds=(0.02, 0.05, 0.1, 0.2, 0.5)) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def fingerprint() -> pd.DataFrame:
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("fingerprint needs 2 CPUs: one for the measurement, one for the neighbour")
+    os.sched_setaffinity(0, {cpus[0]})
+    torch.set_num_threads(1)
+    weights = swiglu_stack()
+    decode = lambda: run_stack(weights, torch.randn(4, 576))  # noqa: E731
+    probe = ReferenceProbe(last_level_cache_bytes("cpu"))
+    rows = []
+    with torch.no_grad():
+        for kind in (None, "busy loop", "memory stream", None):
+            proc = neighbour(kind, cpus[-1])
+            try:
+                time.sleep(1.0)
+                guard = Contention()
+                guard.start()
+                d = median_ms(decode, 40)
+                _, cores = guard.stop()
+                ref = np.median([probe.sample() for _ in range(20)], axis=0)
+            finally:
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+            rows.append({"neighbour": kind or "none", "decode_ms": d, "contention_cores": cores,
+                         "reference_compute_ms": float(ref[0]), "reference_memory_ms": float(ref[1])})
+            print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    for col in ("decode_ms", "reference_compute_ms", "reference_memory_ms"):
+        df[col.replace("_ms", "_vs_idle")] = df[col] / df.loc[0, col]
+    return df
+
+
+MEASUREMENTS = {"neighbours": neighbours, "windows": windows, "fingerprint": fingerprint}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for neighbours.csv and windows.csv")
+    p.add_argument("--out", type=Path, required=True, help="folder for the <measurement>.csv files")
+    p.add_argument("--only", choices=sorted(MEASUREMENTS), action="append",
+                   help="run only this measurement (repeatable; default: all)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("neighbours", neighbours), ("windows", windows)):
-        df = fn()
+    for name in args.only or list(MEASUREMENTS):
+        df = MEASUREMENTS[name]()
         atomic_write_text(args.out / f"{name}.csv", df.to_csv(index=False))
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 

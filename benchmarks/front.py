@@ -23,7 +23,9 @@ ours once as the plain MIP children, once as the child selected per speed-up tar
 diverse or refined one with the lowest scoring-split KL), ratios_interval.csv (after --phase remeasure: the
 selected ratios with 5-95 % intervals from a bootstrap of the remeasured runtimes, `plots.matched_ratio_intervals`),
 ratios_predicted_speed.csv (the same at matched predicted speed-up), speed_prediction.csv (predicted vs measured
-speed-up per model), accuracy_ratios.csv (after
+speed-up per model), machine_drift.csv (after --phase remeasure: the machine's reference workload, scoring/machine.py,
+in the cost table's session and in the remeasure session; a ratio far from 1 means the machine ran at another speed,
+which moves measured speed-ups away from the predicted ones), accuracy_ratios.csv (after
 --phase downstream: the downstream accuracy lost against the parent, ours / each baseline's, at matched
 measured speed-up; front.png then has an accuracy panel), refine.csv, fusion.csv and remeasure.csv.
 """
@@ -202,6 +204,10 @@ def phase_remeasure(run, repeats: int) -> None:
                          "runtime_ms": parent_ms, "runtime_iqr_ms": float(df.loc["parent", "runtime_iqr_ms"])}] + rows)
     out["load_before"], out["load_after"] = load0, os.getloadavg()[0]
     out["contention_cores"], out["rounds_dropped"] = df.attrs["contention_cores"], df.attrs["rounds_dropped"]
+    from puzzle.scoring.machine import machine_record
+
+    for key, value in machine_record(df.attrs).items():  # the machine's speed during this session (scoring/machine.py)
+        out[key] = value
     atomic_write_text(run.out / "remeasure.csv", out.to_csv(index=False))
     print(out.to_string(index=False))
     print(f"{len(models)} models, {repeats} interleaved rounds, {time.perf_counter() - t0:.0f} s")
@@ -299,6 +305,7 @@ def phase_report(run, out: Path, speedups) -> None:
     err = speed["error"].abs()
     print(f"cost table vs measured speed-up, {len(speed)} models: median |error| {err.median():.1%}, "
           f"max {err.max():.1%}, within 10%: {(err <= 0.1).sum()}/{len(speed)}")
+    machine_speed(run, out)
     if "downstream_acc" in rows.columns and rows["downstream_acc"].notna().sum() > 1:
         # downstream accuracy lost against the parent, ours / each baseline's at matched measured speed-up
         # (the same interpolation as KL: lower is better); models without a downstream figure are left out
@@ -324,6 +331,25 @@ def phase_report(run, out: Path, speedups) -> None:
     for path in sorted((run.out / "refine").glob("*.csv")) if (run.out / "refine").is_dir() else []:
         atomic_write_text(out / f"refine_{path.name}", path.read_text())
     print(ratios.to_string(index=False))
+
+
+def machine_speed(run, out: Path) -> None:
+    """machine_drift.csv: the machine's fingerprint (scoring/machine.py) in the cost table's session and in
+    --phase remeasure's, and their ratio per part; says so when the two sessions ran at different speeds."""
+    from puzzle.scoring.machine import drift_message, machine_drift
+
+    sidecar, again = run.out / "score" / "cost.csv.json", run.out / "remeasure.csv"
+    table = read_json(sidecar) if sidecar.is_file() else {}
+    remeasured = pd.read_csv(again).iloc[0].to_dict() if again.is_file() else {}
+    drift = machine_drift(table, remeasured)
+    rows = [{"part": part, "cost_table_ms": table.get(f"reference_{part}_ms"),
+             "remeasure_ms": remeasured.get(f"reference_{part}_ms"), "ratio": drift[part]} for part in drift]
+    atomic_write_text(out / "machine_drift.csv", pd.DataFrame(rows).to_csv(index=False))
+    msg = drift_message(drift, "the cost table's timing", "--phase remeasure")
+    if all(pd.isna(v) for v in drift.values()):
+        msg = ("machine speed: no fingerprint to compare (the cost table or remeasure.csv was written before "
+               "fingerprints were recorded, or is missing)")
+    print(msg or "machine speed: " + ", ".join(f"{k} x{v:.2f}" for k, v in drift.items()) + " (remeasure / cost table)")
 
 
 def main() -> int:

@@ -319,6 +319,7 @@ def _stale_timing(meta: dict, threads: int, max_contention: float) -> str | None
 def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     """Measured cost of every variant and of the non-block part (reused when measured for this workload)."""
     from .scoring.cost import max_ignoring_nan, measure_non_block_costs, measure_subblock_costs
+    from .scoring.machine import machine_record
 
     path = run.out / "score" / "cost.csv"
     expect = cost_meta(run)
@@ -347,7 +348,8 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     contention = max_ignoring_nan(df.attrs["contention_cores"], non_block["contention_cores"])
     save_table(df, path, {**expect, **w.meta(), "non_block": non_block,
                           "rounds_dropped": df.attrs["rounds_dropped"] + non_block["rounds_dropped"],
-                          "contention_cores": None if math.isnan(contention) else round(contention, 3)})
+                          "contention_cores": None if math.isnan(contention) else round(contention, 3),
+                          **machine_record(df.attrs)})
     return df, non_block
 
 
@@ -600,6 +602,32 @@ SUMMARY_COLUMNS = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_
                    "runtime_error", "predicted_kl_nats", "top1_agree", "library_stage", "architecture"]
 
 
+def check_machine_drift(run: Run, attrs: dict) -> dict:
+    """Compare the whole-model measurement's machine fingerprint with the cost table's.
+
+    Writes children/machine.json ({"cost_table": ..., "children": ..., "drift": {"compute", "memory"}:
+    measurement / table, NaN where either is missing}) and says so when a part is off by more than
+    `machine.DRIFT_WARN`: the predicted speed-ups came from a table timed on a machine running at
+    another speed. Returns the drift.
+    """
+    from .scoring.machine import drift_message, machine_drift, machine_record
+
+    try:
+        table = read_json(run.out / "score" / "cost.csv.json")
+    except PuzzleError:
+        table = {}
+    table = table if isinstance(table, dict) else {}
+    now = machine_record(attrs)
+    drift = machine_drift(table, now)
+    atomic_write_json(run.out / "children" / "machine.json",
+                      {"cost_table": machine_record(table), "children": now,
+                       "drift": {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()}})
+    msg = drift_message(drift, "the cost table's timing", "the children's measurement")
+    if msg:
+        run.say(f"measure: {msg}")
+    return drift
+
+
 def realize_and_measure(run: Run, records: dict[str, dict]) -> pd.DataFrame:
     """Build every chosen child, evaluate all models and measure them together with the parent.
 
@@ -623,8 +651,10 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> pd.DataFrame:
         bar.close()
     t0 = time.perf_counter()
     measured = measure_models({"parent": run.parent.model, **children}, run.workload(), repeats=3,
-                              progress=run.progress, max_contention=run.config.score.max_contention).set_index("name")
+                              progress=run.progress, max_contention=run.config.score.max_contention)
     run.timed("measure_s", time.perf_counter() - t0)
+    check_machine_drift(run, measured.attrs)
+    measured = measured.set_index("name")
     rows = [_summary_row("parent", None, quality["parent"], measured.loc["parent"], measured.loc["parent"])]
     order = sorted(records, key=lambda n: (records[n]["speedup"], records[n].get("library_stage") != "bld"))
     for name in order:
@@ -726,6 +756,16 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         lines += ["## Does BLD matter?", "",
                   f"Same search and budget, library entries trained by BLD vs init-only: evaluation KL "
                   f"{a['kl_nats']:.4f} vs {b['kl_nats']:.4f} nats/token (LM loss {a['lm_loss']:.4f} vs {b['lm_loss']:.4f}).", ""]
+    machine = run.out / "children" / "machine.json"
+    if machine.is_file():
+        m = read_json(machine)
+        drift = {k: v for k, v in m.get("drift", {}).items() if v is not None}
+        if drift:
+            lines += ["## Machine speed", "",
+                      "A fixed reference workload (scoring/machine.py) timed with the cost table and again with the "
+                      "children ran " + ", ".join(f"{k} x{v:.2f}" for k, v in drift.items()) + " as long the second "
+                      "time; a part far from x1.00 means the machine's speed drifted between the two, and predicted "
+                      "speed-ups may be off by about as much.", ""]
     lines += ["## Architectures", ""]
     for r in summary.itertuples():
         lines.append(f"- **{r.name}**: {r.architecture}")

@@ -117,6 +117,7 @@ from puzzle.errors import PuzzleError
 from puzzle.modeling import DecoderBlock, KVCache, PuzzleForCausalLM, RotaryEmbedding
 
 from . import memory
+from .machine import ReferenceProbe, summarize
 
 COST_COLUMNS = ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")
 TABLE_COLUMNS = ("subblock", "variant", *COST_COLUMNS, "prefill_iqr_ms", "decode_iqr_ms")
@@ -407,12 +408,15 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     raised by its tick noise (`Contention.tick_noise`): a busy neighbour still shows above it from
     about 0.1 s on. None disables the check (and CUDA workloads are not checked: their timings are
     device time). `progress` shows a tqdm bar over the kept rounds, named `what`, with the rounds
-    dropped so far.
+    dropped so far. On a CPU every window ends with one sample of the machine's reference workload
+    (`machine.ReferenceProbe`, about 20 ms), inside the window the guard judges.
 
     Returns:
         (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
         windows of at least MIN_WINDOW_S (NaN if none: shorter readings are mostly tick noise),
-        "rounds_dropped": int}.
+        "rounds_dropped": int}, on a CPU also the fingerprint's medians over the kept windows
+        ("reference_compute_ms", "reference_memory_ms", "reference_samples") and its sizes
+        (`ReferenceProbe.meta`).
 
     Raises:
         PuzzleError: GIVE_UP_WINDOWS contended windows in a row (see `_contention_error`), or a
@@ -424,7 +428,9 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     for _ in range(warmup):
         run_round(False)
     guard = None if (max_contention is None or workload.device != "cpu") else Contention()
+    probe = ReferenceProbe(last_level_cache_bytes("cpu")) if workload.device == "cpu" else None
     samples: dict[str, list[float]] = {}
+    reference: list[tuple[float, float]] = []
     kept = dropped = in_a_row = 0
     worst = worst_in_a_row = float("nan")
     with tqdm(total=repeats, desc=what, unit="round", disable=not progress) as bar:
@@ -437,6 +443,7 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
                 pending.append(run_round(True))
                 if time.perf_counter() - elapsed >= MIN_WINDOW_S:
                     break
+            ref = probe.sample() if probe is not None else None
             if guard is not None:
                 wall, contention = guard.stop()
                 noise = 0.0 if wall >= MIN_WINDOW_S else guard.tick_noise(wall)
@@ -455,9 +462,14 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
             for part in pending:
                 for name, ms in part.items():
                     samples.setdefault(name, []).extend(ms)
+            if ref is not None:
+                reference.append(ref)
             kept += len(pending)
             bar.update(len(pending))
-    return samples, {"contention_cores": worst, "rounds_dropped": dropped}
+    info = {"contention_cores": worst, "rounds_dropped": dropped}
+    if probe is not None:
+        info.update(summarize(reference), **probe.meta())
+    return samples, info
 
 
 def _check_target(workload: Workload, clock: str, pin_allocator: bool) -> str:
@@ -705,7 +717,8 @@ def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ff
         runtime_ms (= prefill_ms + G * decode_ms), memory_mib (params + KV at (B, P + G)), params,
         prefill_iqr_ms, decode_iqr_ms; no_op rows are all zero. `df.attrs` holds `workload.meta()`
         plus the clock, allocator, repeats, warmup, contention_cores (max over the kept windows,
-        NaN when not judged) and rounds_dropped.
+        NaN when not judged), rounds_dropped and, on a CPU, the machine's fingerprint
+        (reference_compute_ms, reference_memory_ms: medians in ms; scoring/machine.py).
 
     Raises:
         PuzzleError: a variant that is not valid for `config` (e.g. KV heads that do not divide the
@@ -1063,7 +1076,8 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
 
     Returns:
         DataFrame with GRID_COLUMNS; `df.attrs` holds the sidecar (`grid_meta`): device, its name,
-        dtypes, threads, the points, clock and software versions.
+        dtypes, threads, the points, clock and software versions; on a CPU also the machine's
+        fingerprint (reference_compute_ms, reference_memory_ms: the median over the groups).
 
     Raises:
         PuzzleError: bad points, variants that do not fit `config`, an unknown dtype, CUDA missing.
@@ -1088,6 +1102,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
         groups = tqdm(groups, desc="cost grid", unit="group")
     measured: dict = {}
     dropped, worst = 0, float("nan")
+    reference, probe_meta = [], {}  # per group: the fingerprint's medians
     for phase, (b, n) in groups:
         workload = Workload(b, n if phase == "prefill" else 1, 1, dtype, device, num_threads)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -1107,6 +1122,9 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
                                               max_contention)
         dropped += info["rounds_dropped"]
         worst = max_ignoring_nan(worst, info["contention_cores"])
+        if "reference_memory_ms" in info:
+            reference.append((info["reference_compute_ms"], info["reference_memory_ms"]))
+            probe_meta = {k: info[k] for k in ("reference_bytes", "reference_products", "reference_n")}
         for vid, x in samples.items():
             measured[(phase, b, n, vid)] = _median_iqr(x)
         del tasks
@@ -1146,6 +1164,8 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
     df = pd.DataFrame(rows, columns=list(GRID_COLUMNS)).astype({"params": "int64"})
     df.attrs.update(grid_meta(base, points, weight_dtype, kv_dtype), clock=clock, allocator=allocator,
                     repeats=repeats, warmup=warmup, rounds_dropped=dropped, contention_cores=worst)
+    if reference:  # the median over the groups' medians
+        df.attrs.update(summarize(reference), **probe_meta)
     return df
 
 

@@ -327,7 +327,22 @@ def _simulated_neighbours(monkeypatch, min_window_s: float) -> dict:
     monkeypatch.setattr(cost, "_machine_busy_s", lambda cpus=None: cost._own_cpu_s() + others["busy"])
     monkeypatch.setattr(cost, "_allowed_cpus", lambda: None)
     monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cost, "ReferenceProbe", _CountingProbe)  # instant: keeps the windows' walls known
     return others
+
+
+class _CountingProbe:
+    """Stands in for the machine's reference workload: the i-th sample reads (i, 10 i) ms, instantly."""
+
+    def __init__(self, last_level_cache):
+        self.calls = 0
+
+    def sample(self):
+        self.calls += 1
+        return float(self.calls), 10.0 * self.calls
+
+    def meta(self):
+        return {"reference_bytes": 1}
 
 
 def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
@@ -353,6 +368,8 @@ def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
     assert calls == [0.0, 1.0, 0.9, 0.1, 0.0, 0.0]  # warmup, 2 contended windows, 3 kept
     assert samples == {"x": [0.1, 0.0, 0.0]}
     assert info["rounds_dropped"] == 2 and 0.05 < info["contention_cores"] < 0.25
+    # one probe sample per window, those of the dropped windows (the 1st and 2nd) left out
+    assert info["reference_samples"] == 3 and (info["reference_compute_ms"], info["reference_memory_ms"]) == (4.0, 40.0)
     loads = iter([1.0] * 10)
     with pytest.raises(PuzzleError, match="3 windows in a row"):
         cost._guarded_rounds(run_round, w, repeats=3, warmup=0, max_contention=0.25, what="test")

@@ -37,6 +37,9 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
     assert "Greedy chat answers" in report and "Does BLD matter?" in report
     cost = json.loads((run_dir / "score" / "cost.csv.json").read_text())  # the contention check's record
     assert isinstance(cost["rounds_dropped"], int) and (cost["contention_cores"] is None or cost["contention_cores"] >= 0)
+    machine = json.loads((run_dir / "children" / "machine.json").read_text())  # the machine's speed, table vs children
+    assert cost["reference_memory_ms"] == machine["cost_table"]["reference_memory_ms"] > 0
+    assert machine["children"]["reference_memory_ms"] > 0 and machine["drift"]["memory"] > 0
 
 
 def test_search_respects_the_budget_and_verifies(run_dir):

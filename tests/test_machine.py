@@ -1,0 +1,95 @@
+"""The machine-speed fingerprint (scoring/machine.py): the probe, the drift between two measurements,
+and where it is recorded (cost tables, whole-model measurements, the pipeline's children/machine.json)."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from puzzle.modeling import PuzzleForCausalLM
+from puzzle.scoring.cost import Workload, last_level_cache_bytes, measure_models, measure_subblock_costs
+from puzzle.scoring.machine import (DRIFT_WARN, REFERENCE_MIN_BYTES, ReferenceProbe, drift_message, machine_drift,
+                                    reference_bytes, summarize)
+
+from test_cost import A, F, tiny_config
+
+
+def test_the_memory_part_copies_more_than_the_last_level_cache():
+    assert reference_bytes(0) == REFERENCE_MIN_BYTES
+    assert reference_bytes(96 * 2**20) == 192 * 2**20
+    probe = ReferenceProbe(last_level_cache_bytes("cpu"))
+    assert probe.nbytes >= 2 * last_level_cache_bytes("cpu") and probe.src.numel() * 4 == probe.nbytes
+    compute_ms, memory_ms = probe.sample()
+    assert compute_ms > 0 and memory_ms > 0
+    assert bool((probe.dst == probe.src).all())  # the copy really happened
+    assert ReferenceProbe(last_level_cache_bytes("cpu")).src is probe.src  # buffers kept for the process
+
+
+def test_summary_is_the_median_per_part():
+    s = summarize([(1.0, 10.0), (3.0, 30.0), (2.0, 50.0)])
+    assert (s["reference_compute_ms"], s["reference_memory_ms"], s["reference_samples"]) == (2.0, 30.0, 3)
+    empty = summarize([])
+    assert math.isnan(empty["reference_compute_ms"]) and empty["reference_samples"] == 0
+
+
+def test_drift_is_after_over_before_and_nan_where_it_cannot_be_read():
+    before = {"reference_compute_ms": 10.0, "reference_memory_ms": 20.0, "reference_bytes": 64}
+    after = {"reference_compute_ms": 10.5, "reference_memory_ms": 26.0, "reference_bytes": 64}
+    assert machine_drift(before, after) == pytest.approx({"compute": 1.05, "memory": 1.3})
+    for bad in ({}, {"reference_compute_ms": "fast", "reference_memory_ms": None},
+                {"reference_compute_ms": 0.0, "reference_memory_ms": -1.0},
+                {"reference_compute_ms": math.inf, "reference_memory_ms": math.nan}):
+        assert all(math.isnan(v) for v in machine_drift(before, bad).values())
+        assert all(math.isnan(v) for v in machine_drift(bad, after).values())
+    other_size = {**after, "reference_bytes": 128}
+    assert all(math.isnan(v) for v in machine_drift(before, other_size).values())
+
+
+def test_message_only_beyond_the_warning_threshold():
+    assert drift_message({"compute": 1.0 + DRIFT_WARN / 2, "memory": 1.0 - DRIFT_WARN / 2}, "a", "b") is None
+    assert drift_message({"compute": math.nan, "memory": math.nan}, "a", "b") is None
+    msg = drift_message({"compute": 1.02, "memory": 1.3}, "the cost table's timing", "the children's measurement")
+    assert "memory 30% slower" in msg and "compute" not in msg and "the children's measurement" in msg
+    assert "faster" in drift_message({"compute": 0.8, "memory": 1.0}, "a", "b")
+
+
+def test_cpu_measurements_record_the_fingerprint():
+    config = tiny_config()
+    w = Workload(batch_size=2, prompt_len=8, gen_len=4, num_threads=1)
+    df = measure_models({"m": PuzzleForCausalLM(config).eval()}, w, repeats=2, warmup=0)
+    assert df.attrs["reference_samples"] >= 1 and df.attrs["reference_memory_ms"] > 0
+    assert df.attrs["reference_compute_ms"] > 0 and df.attrs["reference_bytes"] >= REFERENCE_MIN_BYTES
+    table = measure_subblock_costs(config, [A("attn-kv1")], [F("ffn-64")], w, repeats=2, warmup=0)
+    assert table.attrs["reference_samples"] >= 1 and table.attrs["reference_memory_ms"] > 0
+
+
+def test_the_pipeline_compares_the_children_with_the_cost_table(tmp_path):
+    from puzzle.pipeline import check_machine_drift
+
+    (tmp_path / "score").mkdir()
+    said = []
+    run = SimpleNamespace(out=tmp_path, say=said.append)
+    table = {"reference_compute_ms": 8.0, "reference_memory_ms": 13.0, "reference_samples": 40, "reference_bytes": 64}
+    (tmp_path / "score" / "cost.csv.json").write_text(json.dumps(table))
+    drift = check_machine_drift(run, {**table, "reference_memory_ms": 19.5, "reference_samples": 3})
+    assert drift == pytest.approx({"compute": 1.0, "memory": 1.5})
+    rec = json.loads((tmp_path / "children" / "machine.json").read_text())
+    assert rec["cost_table"]["reference_memory_ms"] == 13.0 and rec["children"]["reference_memory_ms"] == 19.5
+    assert rec["drift"] == {"compute": 1.0, "memory": 1.5}
+    assert len(said) == 1 and "memory 50% slower" in said[0]
+    # a table timed before fingerprints were recorded: nothing to compare, nothing said
+    (tmp_path / "score" / "cost.csv.json").write_text(json.dumps({"rounds_dropped": 0}))
+    assert all(math.isnan(v) for v in check_machine_drift(run, table).values()) and len(said) == 1
+    assert json.loads((tmp_path / "children" / "machine.json").read_text())["drift"] == {"compute": None, "memory": None}
+
+
+def test_the_probe_works_in_and_out_of_inference_mode():
+    import torch
+
+    from puzzle.scoring import machine
+
+    machine._buffers.clear()
+    with torch.inference_mode():
+        ReferenceProbe(0).sample()  # buffers allocated here ...
+    assert min(ReferenceProbe(0).sample()) > 0  # ... still writable outside inference mode
