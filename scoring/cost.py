@@ -278,6 +278,7 @@ MIN_WINDOW_S = 0.5  # shortest timing window judged for contention (/proc/stat t
 GIVE_UP_WINDOWS = 3  # contended windows in a row before a measurement gives up
 RETRY_PAUSE_S = 2.0  # pause before measuring a contended window again
 DEFAULT_MAX_CONTENTION = 0.25  # cores
+REFERENCE_MIN_SAMPLES = 5  # fewest machine-fingerprint samples a CPU measurement keeps (scoring/machine.py)
 
 
 def _allowed_cpus() -> set[int] | None:
@@ -409,7 +410,8 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     about 0.1 s on. None disables the check (and CUDA workloads are not checked: their timings are
     device time). `progress` shows a tqdm bar over the kept rounds, named `what`, with the rounds
     dropped so far. On a CPU every window ends with one sample of the machine's reference workload
-    (`machine.ReferenceProbe`, about 20 ms), inside the window the guard judges.
+    (`machine.ReferenceProbe`, about 20 ms), inside the window the guard judges; a measurement of
+    fewer than REFERENCE_MIN_SAMPLES windows takes the rest in one more window at the end.
 
     Returns:
         (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
@@ -466,6 +468,16 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
                 reference.append(ref)
             kept += len(pending)
             bar.update(len(pending))
+    if probe is not None and len(reference) < REFERENCE_MIN_SAMPLES:
+        # few windows (a short measurement): top the fingerprint up in one more window, kept if uncontended
+        if guard is not None:
+            guard.start()
+        extra = [probe.sample() for _ in range(REFERENCE_MIN_SAMPLES - len(reference))]
+        if guard is not None:
+            wall, contention = guard.stop()
+            noise = 0.0 if wall >= MIN_WINDOW_S else guard.tick_noise(wall)
+            extra = extra if not contention - noise > max_contention else []
+        reference += extra
     info = {"contention_cores": worst, "rounds_dropped": dropped}
     if probe is not None:
         info.update(summarize(reference), **probe.meta())

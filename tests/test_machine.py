@@ -58,10 +58,10 @@ def test_cpu_measurements_record_the_fingerprint():
     config = tiny_config()
     w = Workload(batch_size=2, prompt_len=8, gen_len=4, num_threads=1)
     df = measure_models({"m": PuzzleForCausalLM(config).eval()}, w, repeats=2, warmup=0)
-    assert df.attrs["reference_samples"] >= 1 and df.attrs["reference_memory_ms"] > 0
+    assert df.attrs["reference_samples"] >= 5 and df.attrs["reference_memory_ms"] > 0  # topped up to 5
     assert df.attrs["reference_compute_ms"] > 0 and df.attrs["reference_bytes"] >= REFERENCE_MIN_BYTES
     table = measure_subblock_costs(config, [A("attn-kv1")], [F("ffn-64")], w, repeats=2, warmup=0)
-    assert table.attrs["reference_samples"] >= 1 and table.attrs["reference_memory_ms"] > 0
+    assert table.attrs["reference_samples"] >= 5 and table.attrs["reference_memory_ms"] > 0
 
 
 def test_the_pipeline_compares_the_children_with_the_cost_table(tmp_path):
