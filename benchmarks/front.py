@@ -336,11 +336,18 @@ def phase_report(run, out: Path, speedups) -> None:
 def machine_speed(run, out: Path) -> None:
     """machine_drift.csv: the machine's fingerprint (scoring/machine.py) in the cost table's session and in
     --phase remeasure's, and their ratio per part; says so when the two sessions ran at different speeds."""
-    from puzzle.scoring.machine import drift_message, machine_drift
+    from puzzle.errors import PuzzleError
+    from puzzle.scoring.machine import drift_message, machine_drift, machine_record
 
     sidecar, again = run.out / "score" / "cost.csv.json", run.out / "remeasure.csv"
-    table = read_json(sidecar) if sidecar.is_file() else {}
-    remeasured = pd.read_csv(again).iloc[0].to_dict() if again.is_file() else {}
+    try:
+        table = read_json(sidecar) if sidecar.is_file() else {}
+    except PuzzleError as e:
+        print(f"machine speed: {e}")
+        table = {}
+    table = machine_record(table if isinstance(table, dict) else {})
+    remeasured = pd.read_csv(again) if again.is_file() else pd.DataFrame()
+    remeasured = machine_record(remeasured.iloc[0].to_dict() if len(remeasured) else {})
     drift = machine_drift(table, remeasured)
     rows = [{"part": part, "cost_table_ms": table.get(f"reference_{part}_ms"),
              "remeasure_ms": remeasured.get(f"reference_{part}_ms"), "ratio": drift[part]} for part in drift]

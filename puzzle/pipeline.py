@@ -545,7 +545,9 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     child = build_child(run, record, stage)
     quality = evaluate(run, child, name)
     measured = measure_models({"parent": run.parent.model, name: child}, run.workload(), repeats=3,
-                              progress=run.progress, max_contention=run.config.score.max_contention).set_index("name")
+                              progress=run.progress, max_contention=run.config.score.max_contention)
+    check_machine_drift(run, measured.attrs)
+    measured = measured.set_index("name")
     row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"])
     atomic_write_json(run.out / "children" / f"{name}.json", row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
@@ -616,11 +618,11 @@ def check_machine_drift(run: Run, attrs: dict) -> dict:
         table = read_json(run.out / "score" / "cost.csv.json")
     except PuzzleError:
         table = {}
-    table = table if isinstance(table, dict) else {}
+    table = machine_record(table if isinstance(table, dict) else {})
     now = machine_record(attrs)
     drift = machine_drift(table, now)
     atomic_write_json(run.out / "children" / "machine.json",
-                      {"cost_table": machine_record(table), "children": now,
+                      {"cost_table": table, "children": now,
                        "drift": {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()}})
     msg = drift_message(drift, "the cost table's timing", "the children's measurement")
     if msg:

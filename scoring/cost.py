@@ -278,7 +278,7 @@ MIN_WINDOW_S = 0.5  # shortest timing window judged for contention (/proc/stat t
 GIVE_UP_WINDOWS = 3  # contended windows in a row before a measurement gives up
 RETRY_PAUSE_S = 2.0  # pause before measuring a contended window again
 DEFAULT_MAX_CONTENTION = 0.25  # cores
-REFERENCE_MIN_SAMPLES = 5  # fewest machine-fingerprint samples a CPU measurement keeps (scoring/machine.py)
+REFERENCE_MIN_SAMPLES = 7  # fewest machine-fingerprint samples a CPU measurement keeps (scoring/machine.py)
 
 
 def _allowed_cpus() -> set[int] | None:
@@ -397,6 +397,12 @@ def _contention_error(contention: float, limit: float, workload: "Workload", wha
         "[score] max_contention in a preset).")
 
 
+def _over_limit(guard: Contention, wall: float, contention: float, limit: float) -> bool:
+    """Whether a window's reading exceeds `limit`, raised by its tick noise when shorter than MIN_WINDOW_S."""
+    noise = 0.0 if wall >= MIN_WINDOW_S else guard.tick_noise(wall)
+    return contention - noise > limit
+
+
 def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workload: "Workload", repeats: int,
                     warmup: int, max_contention: float | None, what: str,
                     progress: bool = False) -> tuple[dict[str, list[float]], dict]:
@@ -448,8 +454,7 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
             ref = probe.sample() if probe is not None else None
             if guard is not None:
                 wall, contention = guard.stop()
-                noise = 0.0 if wall >= MIN_WINDOW_S else guard.tick_noise(wall)
-                if contention - noise > max_contention:
+                if _over_limit(guard, wall, contention, max_contention):
                     dropped += len(pending)
                     in_a_row += 1
                     worst_in_a_row = max_ignoring_nan(worst_in_a_row, contention)
@@ -473,11 +478,8 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
         if guard is not None:
             guard.start()
         extra = [probe.sample() for _ in range(REFERENCE_MIN_SAMPLES - len(reference))]
-        if guard is not None:
-            wall, contention = guard.stop()
-            noise = 0.0 if wall >= MIN_WINDOW_S else guard.tick_noise(wall)
-            extra = extra if not contention - noise > max_contention else []
-        reference += extra
+        if guard is None or not _over_limit(guard, *guard.stop(), max_contention):
+            reference += extra
     info = {"contention_cores": worst, "rounds_dropped": dropped}
     if probe is not None:
         info.update(summarize(reference), **probe.meta())
@@ -1114,7 +1116,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
         groups = tqdm(groups, desc="cost grid", unit="group")
     measured: dict = {}
     dropped, worst = 0, float("nan")
-    reference, probe_meta = [], {}  # per group: the fingerprint's medians
+    reference, probe_meta, probe_samples = [], {}, 0  # per group: the fingerprint's medians
     for phase, (b, n) in groups:
         workload = Workload(b, n if phase == "prefill" else 1, 1, dtype, device, num_threads)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -1137,6 +1139,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
         if "reference_memory_ms" in info:
             reference.append((info["reference_compute_ms"], info["reference_memory_ms"]))
             probe_meta = {k: info[k] for k in ("reference_bytes", "reference_products", "reference_n")}
+            probe_samples += info["reference_samples"]
         for vid, x in samples.items():
             measured[(phase, b, n, vid)] = _median_iqr(x)
         del tasks
@@ -1176,8 +1179,8 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
     df = pd.DataFrame(rows, columns=list(GRID_COLUMNS)).astype({"params": "int64"})
     df.attrs.update(grid_meta(base, points, weight_dtype, kv_dtype), clock=clock, allocator=allocator,
                     repeats=repeats, warmup=warmup, rounds_dropped=dropped, contention_cores=worst)
-    if reference:  # the median over the groups' medians
-        df.attrs.update(summarize(reference), **probe_meta)
+    if reference:  # the median over the groups' medians; reference_samples counts the samples behind them
+        df.attrs.update(summarize(reference), **probe_meta, reference_samples=probe_samples)
     return df
 
 

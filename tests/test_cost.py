@@ -368,10 +368,10 @@ def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
     assert calls == [0.0, 1.0, 0.9, 0.1, 0.0, 0.0]  # warmup, 2 contended windows, 3 kept
     assert samples == {"x": [0.1, 0.0, 0.0]}
     assert info["rounds_dropped"] == 2 and 0.05 < info["contention_cores"] < 0.25
-    # one probe sample per window, those of the dropped windows (the 1st and 2nd) left out, and two more
-    # (samples 6 and 7) in a window of their own to reach REFERENCE_MIN_SAMPLES
-    assert cost.REFERENCE_MIN_SAMPLES == 5
-    assert info["reference_samples"] == 5 and (info["reference_compute_ms"], info["reference_memory_ms"]) == (5.0, 50.0)
+    # one probe sample per window, those of the dropped windows (the 1st and 2nd) left out, and four more
+    # (samples 6 to 9) in a window of their own to reach REFERENCE_MIN_SAMPLES
+    assert cost.REFERENCE_MIN_SAMPLES == 7
+    assert info["reference_samples"] == 7 and (info["reference_compute_ms"], info["reference_memory_ms"]) == (6.0, 60.0)
     loads = iter([1.0] * 10)
     with pytest.raises(PuzzleError, match="3 windows in a row"):
         cost._guarded_rounds(run_round, w, repeats=3, warmup=0, max_contention=0.25, what="test")
