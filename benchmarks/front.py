@@ -336,16 +336,10 @@ def phase_report(run, out: Path, speedups) -> None:
 def machine_speed(run, out: Path) -> None:
     """machine_drift.csv: the machine's fingerprint (scoring/machine.py) in the cost table's session and in
     --phase remeasure's, and their ratio per part; says so when the two sessions ran at different speeds."""
-    from puzzle.errors import PuzzleError
+    from puzzle.pipeline import cost_table_fingerprint
     from puzzle.scoring.machine import drift_message, machine_drift, machine_record
 
-    sidecar, again = run.out / "score" / "cost.csv.json", run.out / "remeasure.csv"
-    try:
-        table = read_json(sidecar) if sidecar.is_file() else {}
-    except PuzzleError as e:
-        print(f"machine speed: {e}")
-        table = {}
-    table = machine_record(table if isinstance(table, dict) else {})
+    table, again = cost_table_fingerprint(run.out), run.out / "remeasure.csv"
     remeasured = pd.read_csv(again) if again.is_file() else pd.DataFrame()
     remeasured = machine_record(remeasured.iloc[0].to_dict() if len(remeasured) else {})
     drift = machine_drift(table, remeasured)

@@ -604,6 +604,18 @@ SUMMARY_COLUMNS = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_
                    "runtime_error", "predicted_kl_nats", "top1_agree", "library_stage", "architecture"]
 
 
+def cost_table_fingerprint(out: Path) -> dict:
+    """The machine fingerprint recorded with OUT/score/cost.csv (`machine.machine_record`); {} when the
+    sidecar is missing, unreadable or predates fingerprints."""
+    from .scoring.machine import machine_record
+
+    try:
+        table = read_json(out / "score" / "cost.csv.json")
+    except PuzzleError:
+        return {}
+    return machine_record(table if isinstance(table, dict) else {})
+
+
 def check_machine_drift(run: Run, attrs: dict) -> dict:
     """Compare the whole-model measurement's machine fingerprint with the cost table's.
 
@@ -614,11 +626,7 @@ def check_machine_drift(run: Run, attrs: dict) -> dict:
     """
     from .scoring.machine import drift_message, machine_drift, machine_record
 
-    try:
-        table = read_json(run.out / "score" / "cost.csv.json")
-    except PuzzleError:
-        table = {}
-    table = machine_record(table if isinstance(table, dict) else {})
+    table = cost_table_fingerprint(run.out)
     now = machine_record(attrs)
     drift = machine_drift(table, now)
     atomic_write_json(run.out / "children" / "machine.json",

@@ -405,7 +405,7 @@ def _over_limit(guard: Contention, wall: float, contention: float, limit: float)
 
 def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workload: "Workload", repeats: int,
                     warmup: int, max_contention: float | None, what: str,
-                    progress: bool = False) -> tuple[dict[str, list[float]], dict]:
+                    progress: bool = False, fingerprint: bool = True) -> tuple[dict[str, list[float]], dict]:
     """Run `warmup` untimed rounds, then timing rounds until `repeats` were kept in uncontended windows.
 
     `run_round(timed)` runs one round and returns its samples (name -> list of ms). Rounds are
@@ -417,7 +417,8 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     device time). `progress` shows a tqdm bar over the kept rounds, named `what`, with the rounds
     dropped so far. On a CPU every window ends with one sample of the machine's reference workload
     (`machine.ReferenceProbe`, about 20 ms), inside the window the guard judges; a measurement of
-    fewer than REFERENCE_MIN_SAMPLES windows takes the rest in one more window at the end.
+    fewer than REFERENCE_MIN_SAMPLES windows takes the rest in one more window at the end
+    (`fingerprint=False`: no probe, for callers that do not keep it).
 
     Returns:
         (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
@@ -436,7 +437,7 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     for _ in range(warmup):
         run_round(False)
     guard = None if (max_contention is None or workload.device != "cpu") else Contention()
-    probe = ReferenceProbe(last_level_cache_bytes("cpu")) if workload.device == "cpu" else None
+    probe = ReferenceProbe(last_level_cache_bytes("cpu")) if fingerprint and workload.device == "cpu" else None
     samples: dict[str, list[float]] = {}
     reference: list[tuple[float, float]] = []
     kept = dropped = in_a_row = 0
@@ -537,8 +538,8 @@ class _Task:
 
 
 def _time_interleaved(tasks: Sequence[_Task], workload: Workload, clock: str, repeats: int, warmup: int,
-                      seed: int, progress: bool, desc: str,
-                      max_contention: float | None = DEFAULT_MAX_CONTENTION) -> tuple[dict[str, np.ndarray], dict]:
+                      seed: int, progress: bool, desc: str, max_contention: float | None = DEFAULT_MAX_CONTENTION,
+                      fingerprint: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Per task, `repeats` samples in ms; each round runs every task once in a new random order.
 
     Rounds run in windows checked for contention (`_guarded_rounds`); returns (samples, info).
@@ -558,7 +559,7 @@ def _time_interleaved(tasks: Sequence[_Task], workload: Workload, clock: str, re
             out[task.name] = [watch.stop() / task.per_sample]
         return out if timed else {}
 
-    samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, desc, progress)
+    samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, desc, progress, fingerprint)
     return {k: np.asarray(v) for k, v in samples.items()}, info
 
 
@@ -831,7 +832,7 @@ def measure_non_block_costs(config: ModelConfig, workload: Workload, *, repeats:
     tasks = [_Task("prefill", lambda: None, lambda: step(prompt)), _Task("decode", lambda: None, lambda: step(token))]
     with _fixed_threads(workload):
         samples, info = _time_interleaved(tasks, workload, clock, repeats, warmup, seed, False, "non-block costs",
-                                          max_contention)
+                                          max_contention, fingerprint=False)  # its result keeps no fingerprint
     prefill, prefill_iqr = _median_iqr(samples["prefill"])
     decode, decode_iqr = _median_iqr(samples["decode"])
     return {"prefill_ms": prefill, "decode_ms": decode, "runtime_ms": prefill + workload.gen_len * decode,

@@ -124,3 +124,14 @@ def test_the_probe_is_float32_whatever_the_default_dtype(monkeypatch):
     finally:
         torch.set_default_dtype(old)
     assert probe.src.dtype == probe.a.dtype == torch.float32 and probe.src.numel() * 4 == probe.nbytes
+
+
+def test_the_non_block_timing_does_not_pay_for_a_fingerprint_it_drops(monkeypatch):
+    import puzzle.scoring.cost as cost
+    from puzzle.scoring.cost import measure_non_block_costs
+
+    made = []
+    monkeypatch.setattr(cost, "ReferenceProbe", lambda llc: made.append(llc))
+    measure_non_block_costs(tiny_config(), Workload(batch_size=2, prompt_len=8, gen_len=4, num_threads=1),
+                            repeats=2, warmup=0)
+    assert made == []
