@@ -14,12 +14,20 @@ fingerprint  what the guard cannot see and the machine's fingerprint can (scorin
              process's affinity; per condition (none, busy loop, memory stream, none) the 1-thread
              decode of the SwiGLU stack (median of 40), the `Contention` reading over it, and the
              median of 20 `ReferenceProbe` samples; `*_vs_idle` divide by the first idle row.
+speedups     (needs --run DIR, a finished `puzzle run`) how far whole-model speed-ups move, pinned as in
+             `fingerprint`, 1 thread: the parent and the run's front children measured interleaved
+             (`measure_models`, --repeats rounds, the run's workload) twice back to back per condition
+             (none, memory stream, busy loop, none); per child and measurement the speed-up, the
+             model's own runtime against the first idle one, and the fingerprint of the measurement.
+             Tells apart the noise of a few rounds (spread within a condition) from a change of the
+             machine's state (spread between conditions).
 
 Writes OUT/<name>.csv for each measurement run (all three by default, `--only` picks) and prints
 them. Needs Linux and at least 2 CPUs; run it on an otherwise idle machine (it starts its own
 neighbours and stops them).
 
     python benchmarks/contention.py --out /tmp/contention [--only fingerprint]
+    python benchmarks/contention.py --out /tmp/contention --only speedups --run runs/demo [--repeats 3]
 """
 
 from __future__ import annotations
@@ -162,7 +170,56 @@ def fingerprint() -> pd.DataFrame:
     return df
 
 
-MEASUREMENTS = {"neighbours": neighbours, "windows": windows, "fingerprint": fingerprint}
+def speedups(run_dir: Path, repeats: int = 3) -> pd.DataFrame:
+    import dataclasses
+    import os
+
+    from puzzle.baselines import open_run
+    from puzzle.io import read_json
+    from puzzle.pipeline import build_child
+    from puzzle.scoring.cost import measure_models
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("speedups needs 2 CPUs: one for the measurement, one for the neighbour")
+    run = open_run(run_dir, progress=False)
+    front = pd.read_csv(run_dir / "front.csv")
+    names = [n for n in front["name"] if n != "parent"]
+    if not names:
+        raise SystemExit(f"{run_dir / 'front.csv'} lists no children: run `puzzle run` to the end first")
+    models = {"parent": run.parent.model}
+    for name in names:
+        models[name] = build_child(run, read_json(run_dir / "search" / f"{name}.json")).eval()
+    os.sched_setaffinity(0, {cpus[0]})
+    workload = dataclasses.replace(run.workload(), num_threads=1)
+    rows = []
+    for step, kind in enumerate((None, "memory stream", "busy loop", None)):
+        proc = neighbour(kind, cpus[-1])
+        try:
+            time.sleep(1.0)
+            for again in range(2):
+                df = measure_models(models, workload, repeats=repeats, seed=10 * step + again).set_index("name")
+                parent_ms = float(df.loc["parent", "runtime_ms"])
+                for name in models:
+                    rows.append({"step": step, "neighbour": kind or "none", "measurement": again, "model": name,
+                                 "runtime_ms": float(df.loc[name, "runtime_ms"]),
+                                 "speedup": parent_ms / float(df.loc[name, "runtime_ms"]),
+                                 "contention_cores": df.attrs.get("contention_cores"),
+                                 "reference_compute_ms": df.attrs.get("reference_compute_ms"),
+                                 "reference_memory_ms": df.attrs.get("reference_memory_ms")})
+                print(f"{kind or 'none'} #{again}: " + ", ".join(
+                    f"{r['model']} {r['speedup']:.2f}x" for r in rows[-len(models):]), flush=True)
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    df = pd.DataFrame(rows)
+    first = df[(df["step"] == 0) & (df["measurement"] == 0)].set_index("model")["runtime_ms"]
+    df["runtime_vs_idle"] = df["runtime_ms"] / df["model"].map(first)
+    return df
+
+
+MEASUREMENTS = {"neighbours": neighbours, "windows": windows, "fingerprint": fingerprint, "speedups": speedups}
 
 
 def main() -> None:
@@ -170,10 +227,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the <measurement>.csv files")
     p.add_argument("--only", choices=sorted(MEASUREMENTS), action="append",
                    help="run only this measurement (repeatable; default: all)")
+    p.add_argument("--run", type=Path, help="a finished run directory (for --only speedups)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per whole-model measurement (speedups)")
     args = p.parse_args()
+    chosen = args.only or [m for m in MEASUREMENTS if m != "speedups" or args.run]
+    if "speedups" in chosen and args.run is None:
+        p.error("--only speedups needs --run DIR, a finished `puzzle run` directory")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.only or list(MEASUREMENTS):
-        df = MEASUREMENTS[name]()
+    for name in chosen:
+        df = MEASUREMENTS[name](args.run, args.repeats) if name == "speedups" else MEASUREMENTS[name]()
         atomic_write_text(args.out / f"{name}.csv", df.to_csv(index=False))
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 

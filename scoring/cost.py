@@ -403,9 +403,10 @@ def _over_limit(guard: Contention, wall: float, contention: float, limit: float)
     return contention - noise > limit
 
 
-def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workload: "Workload", repeats: int,
+def _guarded_rounds(run_round: Callable[..., dict[str, list[float]]], workload: "Workload", repeats: int,
                     warmup: int, max_contention: float | None, what: str,
-                    progress: bool = False, fingerprint: bool = True) -> tuple[dict[str, list[float]], dict]:
+                    progress: bool = False, fingerprint: bool = True,
+                    probe_in_round: bool = False) -> tuple[dict[str, list[float]], dict]:
     """Run `warmup` untimed rounds, then timing rounds until `repeats` were kept in uncontended windows.
 
     `run_round(timed)` runs one round and returns its samples (name -> list of ms). Rounds are
@@ -418,7 +419,11 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     dropped so far. On a CPU every window ends with one sample of the machine's reference workload
     (`machine.ReferenceProbe`, about 20 ms), inside the window the guard judges; a measurement of
     fewer than REFERENCE_MIN_SAMPLES windows takes the rest in one more window at the end
-    (`fingerprint=False`: no probe, for callers that do not keep it).
+    (`fingerprint=False`: no probe, for callers that do not keep it). With `probe_in_round`,
+    `run_round(timed, probe)` also gets a callable that takes one more sample of the window, for
+    rounds long enough that one sample per window would leave a few moments to speak for the whole
+    measurement (whole models: the demo's 16 s rounds gave 3 moments, and the top-up's 4 samples
+    from one 50 ms moment set the median; this VM's speed moves by up to 1.7x for seconds at a time).
 
     Returns:
         (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
@@ -435,7 +440,7 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
 
     max_contention = check_max_contention(max_contention)
     for _ in range(warmup):
-        run_round(False)
+        run_round(False, lambda: None) if probe_in_round else run_round(False)
     guard = None if (max_contention is None or workload.device != "cpu") else Contention()
     probe = ReferenceProbe(last_level_cache_bytes("cpu")) if fingerprint and workload.device == "cpu" else None
     samples: dict[str, list[float]] = {}
@@ -445,14 +450,20 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
     with tqdm(total=repeats, desc=what, unit="round", disable=not progress) as bar:
         while kept < repeats:
             pending: list[dict[str, list[float]]] = []
+            window_reference: list[tuple[float, float]] = []
             if guard is not None:
                 guard.start()
             elapsed = time.perf_counter()
             while kept + len(pending) < repeats:
-                pending.append(run_round(True))
+                if probe_in_round:
+                    take = (lambda: window_reference.append(probe.sample())) if probe is not None else (lambda: None)
+                    pending.append(run_round(True, take))
+                else:
+                    pending.append(run_round(True))
                 if time.perf_counter() - elapsed >= MIN_WINDOW_S:
                     break
-            ref = probe.sample() if probe is not None else None
+            if probe is not None:
+                window_reference.append(probe.sample())
             if guard is not None:
                 wall, contention = guard.stop()
                 if _over_limit(guard, wall, contention, max_contention):
@@ -470,8 +481,7 @@ def _guarded_rounds(run_round: Callable[[bool], dict[str, list[float]]], workloa
             for part in pending:
                 for name, ms in part.items():
                     samples.setdefault(name, []).extend(ms)
-            if ref is not None:
-                reference.append(ref)
+            reference += window_reference
             kept += len(pending)
             bar.update(len(pending))
     if probe is not None and len(reference) < REFERENCE_MIN_SAMPLES:
@@ -912,18 +922,21 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
                 token = model(token[:, None], cache=cache, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
             return prefill, watch.stop()
 
-        def run_round(timed: bool) -> dict[str, list[float]]:
+        def run_round(timed: bool, probe: Callable[[], None]) -> dict[str, list[float]]:
             out = {}
-            for i in rng.permutation(len(names)):
+            for k, i in enumerate(rng.permutation(len(names))):
                 name = names[i]
                 if not timed:
                     sample(models[name], min(G, 2))
                     continue
+                if k:
+                    probe()  # a fingerprint sample between models: spread over the round, outside every timing
                 prefill, decode = sample(models[name], G)
                 out[f"{name}/prefill"], out[f"{name}/decode"], out[f"{name}/runtime"] = [prefill], [decode / G], [prefill + decode]
             return out
 
-        samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, "whole models", progress)
+        samples, info = _guarded_rounds(run_round, workload, repeats, warmup, max_contention, "whole models", progress,
+                                        probe_in_round=True)
     times = {n: {k: samples[f"{n}/{k}"] for k in ("prefill", "decode", "runtime")} for n in names}
     rows = []
     for name in names:

@@ -16,7 +16,9 @@ So every CPU timing window also runs a fixed reference workload (`ReferenceProbe
     memory_ms    one copy of a float32 buffer of max(64 MiB, 2 x last-level cache) into another
                  (read and write from DRAM): memory bandwidth
 
-with the measurement's own thread count. The medians over the kept windows go into the table's
+with the measurement's own thread count (whole-model measurements also take one between every two
+models of a round, so that the samples spread over the measurement: a few seconds of a slow machine
+must not speak for all of it). The medians over the kept windows go into the table's
 attrs / sidecar (`reference_compute_ms`, `reference_memory_ms`), and `machine_drift` compares two
 measurements' fingerprints: a ratio away from 1 by more than DRIFT_WARN means the machine ran at a
 different speed, and speed-ups taken across the two may disagree by about that much.
@@ -33,6 +35,15 @@ the idle VM, 12 back-to-back batches of 15 samples had medians up to 1.28 x (com
 and two tiny-model measurements a few seconds apart (5 samples each) read up to 1.29 / 0.68 x of
 each other. Hence DRIFT_WARN = 0.30: the check catches a host-level slowdown like the 39 % above or
 a strong bandwidth neighbour, not a drift of 10-20 %, which on this machine is within its wander.
+That wander comes in spells: in 10 batches of 7 samples, each sample after a forward of the SmolLM2
+parent, one batch read 1.7 x the others' median, in four probe sizes alike (256^2 x 20, 512^2 x 20,
+256^2 x 80, 1024^2 x 3 products), so a bigger probe would not help; samples spread over time do.
+With one sample per 16 s round plus 4 back-to-back top-up samples, the demo's whole-model
+measurement read compute 1.73 x the cost table on an idle machine while its models ran 1.16-1.20 x
+the table's prediction; six back-to-back measurements of the demo's parent and 5 children (3 rounds)
+read compute 0.93-1.19 x and memory 0.67-1.69 x that way, and 0.94-1.07 x / 0.99-1.08 x with the
+samples between models (18 per measurement), while the models ran 1.08-1.17 x the prediction in
+both (whole-model overhead the summed table does not hold, not machine drift).
 CPU workloads only: a CUDA measurement times device work, which this probe does not represent.
 """
 

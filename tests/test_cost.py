@@ -380,6 +380,48 @@ def test_contended_windows_are_dropped_and_timed_again(monkeypatch):
     assert samples["x"] == [1.0] * 3 and info["rounds_dropped"] == 0
 
 
+def test_in_round_probe_samples_spread_over_the_measurement_and_follow_the_window(monkeypatch):
+    """With probe_in_round, run_round gets a callable that takes fingerprint samples inside the round:
+    they count with their window (dropped with it), and the top-up is not needed when rounds give enough."""
+    import time
+
+    import puzzle.scoring.cost as cost
+
+    others = _simulated_neighbours(monkeypatch, min_window_s=0.02)
+    loads = iter([0.0, 1.0, 0.0, 0.0, 0.0])
+
+    def run_round(timed, probe):
+        load = next(loads)
+        for _ in range(3):  # three "models", a sample between them
+            time.sleep(0.01)
+            if timed:
+                probe()
+        others["busy"] += load * 0.03
+        return {"x": [load]}
+
+    w = Workload(1, 4, 2, num_threads=2)
+    samples, info = cost._guarded_rounds(run_round, w, repeats=3, warmup=1, max_contention=0.25, what="test",
+                                         probe_in_round=True)
+    assert samples == {"x": [0.0, 0.0, 0.0]} and info["rounds_dropped"] == 1
+    # 4 samples per window (3 in the round, 1 at its end); the contended window's (samples 1-4) left out,
+    # 12 kept from 3 windows spread over the measurement: no top-up
+    assert info["reference_samples"] == 12
+    assert (info["reference_compute_ms"], info["reference_memory_ms"]) == (10.5, 105.0)
+
+
+def test_whole_models_take_fingerprint_samples_between_models(monkeypatch):
+    """measure_models samples the machine between the models of a round, never inside a timing."""
+    import puzzle.scoring.cost as cost
+    from puzzle.tiny import tiny_parent
+
+    monkeypatch.setattr(cost, "ReferenceProbe", _CountingProbe)
+    model = tiny_parent(seed=0).model.eval()
+    df = cost.measure_models({"a": model, "b": model, "c": model}, Workload(1, 4, 2), repeats=3, warmup=0,
+                             max_contention=None)
+    # per round 2 samples between the 3 models and one at the window's end (windows hold one or more rounds)
+    assert df.attrs["reference_samples"] >= 7
+
+
 def test_short_windows_are_judged_with_their_tick_noise_and_the_error_quotes_the_worst(monkeypatch):
     """Windows shorter than MIN_WINDOW_S (here: every one) are judged against the limit plus
     2 * CPUs * tick / wall; their readings are not recorded as the measurement's contention."""
