@@ -21,6 +21,11 @@ speedups     (needs --run DIR, a finished `puzzle run`) how far whole-model spee
              model's own runtime against the first idle one, and the fingerprint of the measurement.
              Tells apart the noise of a few rounds (spread within a condition) from a change of the
              machine's state (spread between conditions).
+             Measured on the 2-core VM (demo run, 2 rounds): speed-ups of the 1.25 / 1.5 / 2 / 3x
+             children ranged 1.21-1.37 / 1.48-1.66 / 1.94-2.38 / 3.03-3.48 over the 8 measurements;
+             the two idle pairs alone 1.21-1.29 / 1.48-1.59 / 2.10-2.38 / 3.32-3.41. The memory
+             stream slowed the parent 1.15x once (memory probe 1.39x) without moving the speed-ups
+             beyond that spread: their session-to-session noise is the few rounds', not a neighbour's.
 
 Writes OUT/<name>.csv for each measurement run (all three by default, `--only` picks) and prints
 them. Needs Linux and at least 2 CPUs; run it on an otherwise idle machine (it starts its own

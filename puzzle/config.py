@@ -71,6 +71,10 @@ class ScoreConfig:
         1 scores every position.
     score_init: also score the untrained (init-only) entries, so a search can be run on them for comparison.
     cost_repeats: timing repeats per variant.
+    measure_repeats: rounds of the whole-model measurement of the parent and the children (each
+        round runs every model once, interleaved; the speed-ups are medians over rounds). On the
+        2-core VM, 2-round speed-ups of the demo's children moved by up to 10 % between back-to-back
+        measurements (benchmarks/contention.py --only speedups); more rounds narrow that.
     max_contention: cores other processes may keep busy on this process's CPUs during a CPU timing
         window before it is dropped and timed again; after 3 such windows in a row the cost stage stops with an error
         (scoring/cost.py, "Other processes"). `inf` measures regardless. CLI: --max-contention.
@@ -81,10 +85,16 @@ class ScoreConfig:
     chunk: int = 4
     score_init: bool = True
     cost_repeats: int = 5
+    measure_repeats: int = 3
     max_contention: float = 0.25
 
     def __post_init__(self) -> None:
         from .scoring.cost import check_max_contention
+
+        for name in ("cost_repeats", "measure_repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise PuzzleError(f"score.{name} must be a whole number of timing rounds >= 1, got {value!r}")
 
         if self.max_contention is None:  # None is the API's "no check"; a run config says inf
             raise PuzzleError("score.max_contention must be a number of cores > 0 (inf to measure regardless), got None")

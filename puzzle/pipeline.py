@@ -544,7 +544,8 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     record = read_architecture(run, name)
     child = build_child(run, record, stage)
     quality = evaluate(run, child, name)
-    measured = measure_models({"parent": run.parent.model, name: child}, run.workload(), repeats=3,
+    measured = measure_models({"parent": run.parent.model, name: child}, run.workload(),
+                              repeats=run.config.score.measure_repeats,
                               progress=run.progress, max_contention=run.config.score.max_contention)
     check_machine_drift(run, measured.attrs)
     measured = measured.set_index("name")
@@ -660,7 +661,8 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> pd.DataFrame:
     if bar is not None:
         bar.close()
     t0 = time.perf_counter()
-    measured = measure_models({"parent": run.parent.model, **children}, run.workload(), repeats=3,
+    measured = measure_models({"parent": run.parent.model, **children}, run.workload(),
+                              repeats=run.config.score.measure_repeats,
                               progress=run.progress, max_contention=run.config.score.max_contention)
     run.timed("measure_s", time.perf_counter() - t0)
     check_machine_drift(run, measured.attrs)

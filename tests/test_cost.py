@@ -475,6 +475,15 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
         path.write_text(f"[score]\nmax_contention = {bad}\n")
         with pytest.raises(PuzzleError, match="score.max_contention must be a number of cores"):
             load_preset(str(path))
+    # timing rounds are whole numbers >= 1; the demo measures its whole models in 5 rounds
+    for name in ("cost_repeats", "measure_repeats"):
+        for bad in ("0", "-2", "2.5", '"3"', "true"):
+            path.write_text(f"[score]\n{name} = {bad}\n")
+            with pytest.raises(PuzzleError, match=f"score.{name} must be a whole number"):
+                load_preset(str(path))
+    path.write_text("[score]\nmeasure_repeats = 7\n")
+    assert load_preset(str(path)).score.measure_repeats == 7
+    assert load_preset("smollm2-demo").score.measure_repeats == 5 and load_preset("tiny").score.measure_repeats == 3
 
 
 def test_max_contention_flag_reaches_the_run_config(tmp_path):
