@@ -4,7 +4,7 @@
 
 Cases (each solved to proven optimality, relative gap 0, and verified):
   * library: the Puzzle authors' Llama-3.3-70B block library (80 layers x 16 variants, H100 FP8),
-    read from ../shared/fixtures/puzzle-llama-3.3-70b-instruct (skipped when absent): single
+    read from ../shared/fixtures/puzzle-llama-3.3-70b-instruct or $PUZZLE_70B_LIBRARY (skipped when absent): single
     budgets (runtime fractions, runtime + memory) and a 20-budget runtime sweep.
   * synthetic: `synthetic_table()` below, 126 layers x 60 block variants with three budgets at
     once (runtime, memory, parameters), several budget levels; plus a stress case whose costs
@@ -19,6 +19,7 @@ seconds does (use --workers 1 there: CP-SAT's threads then do not wait for each 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig  # noqa:
 from puzzle.budgets import Budgets  # noqa: E402
 from puzzle.search import greedy, parent_totals, solve, sweep  # noqa: E402
 
-FIXTURE = REPO.parent / "shared" / "fixtures" / "puzzle-llama-3.3-70b-instruct"
+FIXTURE = Path(os.environ.get("PUZZLE_70B_LIBRARY") or REPO.parent / "shared" / "fixtures" / "puzzle-llama-3.3-70b-instruct")
 
 
 def synthetic_table(num_layers: int = 126, seed: int = 0, hidden: int = 16384, heads: int = 128,

@@ -5,6 +5,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from puzzle.io import save_table
 from puzzle.search import (Solution, VerificationError, add_search_arguments, build_choices, greedy, parent_totals,
                            search_main, solve, sweep, verify)
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "puzzle-llama-3.3-70b-instruct"
+# the Puzzle authors' 70B library: ../shared/fixtures next to the repository, or $PUZZLE_70B_LIBRARY (a clone elsewhere)
+FIXTURE = Path(os.environ.get("PUZZLE_70B_LIBRARY") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+               / "puzzle-llama-3.3-70b-instruct")
 ATTENTION = ["attn-kv4", "attn-kv2", "attn-kv1", "attn-linear", "attn-noop"]  # the parent's first
 FFN = ["ffn-64", "ffn-48", "ffn-32", "ffn-linear", "ffn-noop"]
 COSTS = ["runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params"]
