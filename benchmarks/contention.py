@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_text
 from puzzle.scoring.cost import Contention, last_level_cache_bytes
 from puzzle.scoring.machine import ReferenceProbe
@@ -238,9 +239,14 @@ def main() -> None:
     chosen = args.only or [m for m in MEASUREMENTS if m != "speedups" or args.run]
     if "speedups" in chosen and args.run is None:
         p.error("--only speedups needs --run DIR, a finished `puzzle run` directory")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in chosen:
-        df = MEASUREMENTS[name](args.run, args.repeats) if name == "speedups" else MEASUREMENTS[name]()
+        try:
+            df = MEASUREMENTS[name](args.run, args.repeats) if name == "speedups" else MEASUREMENTS[name]()
+        except PuzzleError as e:
+            raise SystemExit(f"contention.py: error: {e}") from None
         atomic_write_text(args.out / f"{name}.csv", df.to_csv(index=False))
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
