@@ -879,6 +879,8 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
     with the argmax of the last logits, then G greedy decode steps on the real KV-cache path, each
     a forward of the previous tokens (B, 1) and an argmax. Token ids are random. Every repeat
     samples every model once, in a new random order; the warmup is one prefill and two decode steps.
+    On a CPU a sample of the machine's reference workload (scoring/machine.py) runs between every two
+    models of a round, outside their timings, so the fingerprint spreads over the whole measurement.
 
     Args:
         models: name -> model, already on the workload's device and dtype, in eval mode.
