@@ -181,8 +181,7 @@ def speedups(run_dir: Path, repeats: int = 3) -> pd.DataFrame:
     import os
 
     from puzzle.baselines import open_run
-    from puzzle.io import read_json
-    from puzzle.pipeline import build_child
+    from puzzle.pipeline import build_child, read_architecture
     from puzzle.scoring.cost import measure_models
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -195,7 +194,7 @@ def speedups(run_dir: Path, repeats: int = 3) -> pd.DataFrame:
         raise SystemExit(f"{run_dir / 'front.csv'} lists no children: run `puzzle run` to the end first")
     models = {"parent": run.parent.model}
     for name in names:
-        models[name] = build_child(run, read_json(run_dir / "search" / f"{name}.json")).eval()
+        models[name] = build_child(run, read_architecture(run, name)).eval()
     os.sched_setaffinity(0, {cpus[0]})
     workload = dataclasses.replace(run.workload(), num_threads=1)
     rows = []

@@ -454,12 +454,9 @@ def _guarded_rounds(run_round: Callable[..., dict[str, list[float]]], workload: 
             if guard is not None:
                 guard.start()
             elapsed = time.perf_counter()
+            take = (lambda: window_reference.append(probe.sample())) if probe is not None else (lambda: None)
             while kept + len(pending) < repeats:
-                if probe_in_round:
-                    take = (lambda: window_reference.append(probe.sample())) if probe is not None else (lambda: None)
-                    pending.append(run_round(True, take))
-                else:
-                    pending.append(run_round(True))
+                pending.append(run_round(True, take) if probe_in_round else run_round(True))
                 if time.perf_counter() - elapsed >= MIN_WINDOW_S:
                     break
             if probe is not None:

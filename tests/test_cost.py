@@ -415,11 +415,12 @@ def test_whole_models_take_fingerprint_samples_between_models(monkeypatch):
     from puzzle.tiny import tiny_parent
 
     monkeypatch.setattr(cost, "ReferenceProbe", _CountingProbe)
+    monkeypatch.setattr(cost, "MIN_WINDOW_S", 0.0)  # every round a window of its own
     model = tiny_parent(seed=0).model.eval()
-    df = cost.measure_models({"a": model, "b": model, "c": model}, Workload(1, 4, 2), repeats=3, warmup=0,
-                             max_contention=None)
-    # per round 2 samples between the 3 models and one at the window's end (windows hold one or more rounds)
-    assert df.attrs["reference_samples"] >= 7
+    df = cost.measure_models({m: model for m in "abcd"}, Workload(1, 4, 2), repeats=3, warmup=0, max_contention=None)
+    # per round 3 samples between the 4 models and one at the window's end: 12, where one sample per
+    # window and the top-up would give REFERENCE_MIN_SAMPLES (7)
+    assert df.attrs["reference_samples"] == 12
 
 
 def test_short_windows_are_judged_with_their_tick_noise_and_the_error_quotes_the_worst(monkeypatch):
