@@ -60,6 +60,9 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
     g.add_argument("--vllm-compatible", action="store_true", help="leave out variants vLLM cannot serve (linear replacements)")
     g.add_argument("--front-speedups", metavar="S,S,...", help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
+    g.add_argument("--budget-feedback", type=int, metavar="N",
+                   help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
+                        "noise (default 0: check and report only; 2 or more also loosens a child well under its budget)")
 
 
 def _resolve_config(args, out: Path):
@@ -93,6 +96,8 @@ def _resolve_config(args, out: Path):
         changes["search"].update(speedup=flag("speedup"), max_runtime=flag("max_runtime"), max_memory=flag("max_memory"))
     if flag("vllm_compatible"):
         changes["search"]["vllm_compatible"] = True
+    if flag("budget_feedback") is not None:
+        changes["search"]["budget_feedback"] = args.budget_feedback
     if flag("front_speedups"):
         try:
             changes["search"]["front_speedups"] = tuple(float(s) for s in args.front_speedups.split(","))

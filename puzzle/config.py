@@ -108,6 +108,16 @@ class SearchConfig:
     speedup: shorthand for max_runtime = 1/speedup of the parent's runtime.
     max_runtime, max_memory: fractions of the parent's totals ("0.6") or absolute ("250ms", "2GiB").
     front_speedups: speed-up targets of the accuracy-throughput front.
+    budget_feedback: re-solve rounds driven by the whole-model measurement (puzzle/feedback.py):
+        a child measured over its budget by more than the timing noise is solved again under a
+        table limit corrected by its measured / predicted ratio; with 2 or more rounds a child more
+        than `budget_slack` under its budget is also given a looser limit (better quality) and
+        checked in the next round. 0 (the default) only checks and reports. Off by default because
+        on the shared 2-core CPU VM the same child's measured share of its budget moves between
+        sessions by more than the within-session noise estimate, so corrections chase noise
+        (README, "Costs"); on a steady machine they remove the cost table's systematic error.
+        CLI: --budget-feedback.
+    budget_slack: headroom under the measured budget that counts as on budget (0.03 = 3 %).
     """
 
     speedup: float | None = 1.5
@@ -116,8 +126,14 @@ class SearchConfig:
     vllm_compatible: bool = False
     objective: str = "kl_nats"
     front_speedups: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0)
+    budget_feedback: int = 0
+    budget_slack: float = 0.03
 
     def __post_init__(self) -> None:
+        from .feedback import check_rounds, check_slack
+
+        object.__setattr__(self, "budget_feedback", check_rounds(self.budget_feedback))
+        object.__setattr__(self, "budget_slack", check_slack(self.budget_slack))
         if self.speedup is not None:
             object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number > 0 "
                                                                         "(e.g. 1.5)"))

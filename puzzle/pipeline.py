@@ -404,11 +404,12 @@ def main_budget_request(run: Run):
     return request, name
 
 
-def _solve_and_save(run: Run, name: str, request, stage: str) -> dict:
+def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None) -> dict:
+    """Solve `request` (or the table limits `budgets`, when given) on the `stage` table; writes DIR/search/<name>.json."""
     from .search import parent_totals, solve
 
     table, meta = load_score_table(run, stage)
-    budgets = request.resolve(parent_totals(table), meta)
+    budgets = request.resolve(parent_totals(table), meta) if budgets is None else budgets
     s = run.config.search
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
     record = {"name": name, "library_stage": stage, **solution.to_dict(),
@@ -549,14 +550,21 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
                               progress=run.progress, max_contention=run.config.score.max_contention)
     check_machine_drift(run, measured.attrs)
     measured = measured.set_index("name")
-    row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"])
+    checked = None
+    if record.get("request"):
+        from .feedback import check
+
+        checked = check(record["request"], measured.loc[name], measured.loc["parent"], run.workload().meta(),
+                        measured.attrs.get("repeats"))
+    row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"], checked)
     atomic_write_json(run.out / "children" / f"{name}.json", row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
-            f"eval KL {row['kl_nats']:.4f} nats")
+            f"eval KL {row['kl_nats']:.4f} nats" + ("" if checked is None else
+            f", {checked.use:.3f} of its {checked.column} budget ({'met' if checked.met else 'over it'})"))
     return row
 
 
-def _summary_row(name: str, record: dict | None, quality: dict, measured, parent_measured) -> dict:
+def _summary_row(name: str, record: dict | None, quality: dict, measured, parent_measured, check=None) -> dict:
     row = {"name": name, "params": int(measured["params"]), "memory_mib": float(measured["memory_mib"]),
            "prefill_tok_s": float(measured["prefill_tok_s"]), "decode_tok_s": float(measured["decode_tok_s"]),
            "kl_nats": float(quality.get("kl_nats", 0.0)), "lm_loss": float(quality["lm_loss"]),
@@ -566,10 +574,13 @@ def _summary_row(name: str, record: dict | None, quality: dict, measured, parent
     if record is not None:
         row.update(predicted_runtime_ms=record["runtime_ms"], predicted_speedup=record["speedup"],
                    runtime_error=record["runtime_ms"] / row["runtime_ms"] - 1, predicted_kl_nats=record["kl_nats"],
-                   library_stage=record.get("library_stage", "bld"), architecture=compact_architecture(record["choice"]))
+                   library_stage=record.get("library_stage", "bld"), architecture=compact_architecture(record["choice"]),
+                   budget_met=None if check is None else bool(check.met),
+                   budget_use=float("nan") if check is None else float(check.use))
     else:
         row.update(predicted_runtime_ms=float("nan"), predicted_speedup=1.0, runtime_error=float("nan"),
-                   predicted_kl_nats=0.0, library_stage="parent", architecture="parent")
+                   predicted_kl_nats=0.0, library_stage="parent", architecture="parent", budget_met=None,
+                   budget_use=float("nan"))
     return row
 
 
@@ -602,7 +613,8 @@ def parse_compact_architecture(text: str) -> list[str]:
 
 SUMMARY_COLUMNS = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss",
                    "throughput_tok_s", "runtime_ms", "speedup", "predicted_runtime_ms", "predicted_speedup",
-                   "runtime_error", "predicted_kl_nats", "top1_agree", "library_stage", "architecture"]
+                   "runtime_error", "predicted_kl_nats", "top1_agree", "library_stage", "budget_met", "budget_use",
+                   "architecture"]
 
 
 def cost_table_fingerprint(out: Path) -> dict:
@@ -639,43 +651,79 @@ def check_machine_drift(run: Run, attrs: dict) -> dict:
     return drift
 
 
-def realize_and_measure(run: Run, records: dict[str, dict]) -> pd.DataFrame:
-    """Build every chosen child, evaluate all models and measure them together with the parent.
+def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame, dict, dict]:
+    """Build every chosen child, measure it with the parent, hold it to its budget as measured, evaluate.
 
     All models are timed in one interleaved session (scoring/cost.py `measure_models`), so they
-    share the machine's noise. Returns the summary table, parent first.
+    share the machine's noise. A child whose measurement misses its budget (or, with 2 or more
+    rounds, is well under it) is solved again under corrected table limits and everything is
+    measured again (puzzle/feedback.py; `[search] budget_feedback` rounds); the final records are
+    rewritten to DIR/search/ and the checks go to DIR/children/budget_feedback.json.
+    Returns (summary table, parent first; {name: child model}; {name: final record}).
     """
+    from .budgets import BudgetRequest
+    from .feedback import settle
     from .scoring.cost import measure_models
 
-    children = {name: build_child(run, rec) for name, rec in records.items()}
+    built: dict[tuple, object] = {}
+
+    def child(record):
+        key = (tuple(record["choice"]), record.get("library_stage", "bld"))
+        if key not in built:
+            built[key] = build_child(run, record)
+        return built[key]
+
+    def measure(recs: dict) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        measured = measure_models({"parent": run.parent.model, **{n: child(r) for n, r in recs.items()}},
+                                  run.workload(), repeats=run.config.score.measure_repeats,
+                                  progress=run.progress, max_contention=run.config.score.max_contention)
+        run.timed("measure_s", run.timings.get("measure_s", 0.0) + time.perf_counter() - t0)
+        check_machine_drift(run, measured.attrs)
+        return measured.set_index("name")
+
+    def resolve(name: str, record: dict, budgets) -> dict:
+        request = BudgetRequest(**record["request"])
+        return _solve_and_save(run, name, request, record.get("library_stage", "bld"), budgets=budgets)
+
+    s = run.config.search
+    records, measured, checks, history = settle(records, measure, resolve, rounds=s.budget_feedback,
+                                                slack=s.budget_slack, workload_meta=run.workload().meta(),
+                                                say=run.say)
+    for name, record in records.items():
+        atomic_write_json(run.out / "search" / f"{name}.json", {**record, "budget_feedback": history.get(name, [])})
+    atomic_write_json(run.out / "children" / "budget_feedback.json",
+                      {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
+                       "final": {n: c.to_dict() for n, c in checks.items()}})
+    for name, c in checks.items():
+        if not c.met:
+            run.say(f"measure: {name} measured {c.use:.3f} of its {c.column} budget: over it"
+                    + (f" by less than the timing noise (standard error {c.se:.3f})" if not c.significant_miss() else
+                       f" after {s.budget_feedback} re-solve round(s)" if s.budget_feedback else
+                       " (--budget-feedback N re-solves it)"))
+    children = {name: child(rec) for name, rec in records.items()}
     quality = {"parent": evaluate(run, run.parent.model, "parent")}
     bar = None
     if run.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(children), desc="evaluate", unit="model")
-    for name, child in children.items():
-        quality[name] = evaluate(run, child, name)
+    for name, model in children.items():
+        quality[name] = evaluate(run, model, name)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    t0 = time.perf_counter()
-    measured = measure_models({"parent": run.parent.model, **children}, run.workload(),
-                              repeats=run.config.score.measure_repeats,
-                              progress=run.progress, max_contention=run.config.score.max_contention)
-    run.timed("measure_s", time.perf_counter() - t0)
-    check_machine_drift(run, measured.attrs)
-    measured = measured.set_index("name")
     rows = [_summary_row("parent", None, quality["parent"], measured.loc["parent"], measured.loc["parent"])]
     order = sorted(records, key=lambda n: (records[n]["speedup"], records[n].get("library_stage") != "bld"))
     for name in order:
-        row = _summary_row(name, records[name], quality[name], measured.loc[name], measured.loc["parent"])
+        row = _summary_row(name, records[name], quality[name], measured.loc[name], measured.loc["parent"],
+                           checks.get(name))
         atomic_write_json(run.out / "children" / f"{name}.json", row)
         rows.append(row)
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
-    return summary, children
+    return summary, children, records
 
 
 def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
@@ -685,10 +733,19 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .budgets import parse_speedup
+
     front = summary[summary["library_stage"].isin(["parent", "bld"])].copy()
-    front.insert(1, "target_speedup", [1.0 if n == "parent" else float(r) for n, r in
-                                       zip(front["name"], [1.0] + list(front["predicted_speedup"][1:]))])
-    cols = ["name", "target_speedup", "predicted_speedup", "speedup", "throughput_tok_s", "runtime_ms",
+
+    def target(name: str, predicted: float) -> float:  # the requested speed-up; the prediction when none was asked
+        if name == "parent":
+            return 1.0
+        path = run.out / "search" / f"{name}.json"
+        speedup = (read_json(path).get("request") or {}).get("speedup") if path.is_file() else None
+        return parse_speedup(speedup) if speedup else float(predicted)
+
+    front.insert(1, "target_speedup", [target(n, p) for n, p in zip(front["name"], front["predicted_speedup"])])
+    cols = ["name", "target_speedup", "predicted_speedup", "speedup", "budget_met", "throughput_tok_s", "runtime_ms",
             "predicted_runtime_ms", "runtime_error", "kl_nats", "predicted_kl_nats", "lm_loss", "params", "memory_mib"]
     front = front[cols].sort_values("throughput_tok_s")
     atomic_write_text(run.out / "front.csv", front.to_csv(index=False))
@@ -734,7 +791,7 @@ def run_all(run: Run) -> pd.DataFrame:
     stage_score(run)
     records = stage_search(run)
     main = read_json(run.out / "search" / "chosen.json")["main"]
-    summary, children = realize_and_measure(run, records)
+    summary, children, records = realize_and_measure(run, records)
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage") == "bld":
@@ -801,5 +858,5 @@ def stage_front(run: Run) -> pd.DataFrame:
     """Solve every front budget, realize, evaluate and measure the children, write front.csv/png."""
     records = stage_search(run)
     main = read_json(run.out / "search" / "chosen.json")["main"]
-    summary, _ = realize_and_measure(run, records)
+    summary, _, _ = realize_and_measure(run, records)
     return write_front(run, summary, main)

@@ -20,7 +20,7 @@ def test_notebook_draws_the_front_and_the_architecture_map(tmp_path_factory, mon
     run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
     if not (run.out / "front.csv").is_file():
         names = read_json(run.out / "search" / "chosen.json")["names"]
-        summary, _ = realize_and_measure(run, {n: read_architecture(run, n) for n in names})
+        summary, _, _ = realize_and_measure(run, {n: read_architecture(run, n) for n in names})
         write_front(run, summary, names[0])
     monkeypatch.setenv("PUZZLE_RUN", str(run.out))
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -40,6 +40,15 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
     machine = json.loads((run_dir / "children" / "machine.json").read_text())  # the machine's speed, table vs children
     assert cost["reference_memory_ms"] == machine["cost_table"]["reference_memory_ms"] > 0
     assert machine["children"]["reference_memory_ms"] > 0 and machine["drift"]["memory"] > 0
+    feedback = json.loads((run_dir / "children" / "budget_feedback.json").read_text())  # budgets checked as measured
+    for name in chosen["names"]:
+        row = summary.set_index("name").loc[name]
+        final = feedback["final"][name]
+        assert row["budget_met"] == final["met"] and row["budget_use"] == pytest.approx(final["use"], abs=1e-3)
+        assert feedback["children"][name][0]["round"] == 0 and feedback["children"][name][-1]["action"].startswith("kept")
+        record = json.loads((run_dir / "search" / f"{name}.json").read_text())
+        assert record["budget_feedback"] == feedback["children"][name]
+        assert record["choice"] == feedback["children"][name][-1]["choice"]  # the search file holds the final child
 
 
 def test_search_respects_the_budget_and_verifies(run_dir):

@@ -1,0 +1,239 @@
+"""Budgets that hold on the measured model: check every child against its budget as measured, and
+re-solve with corrected table limits where the cost table's prediction was off (a closed loop).
+
+The search bounds a child's *predicted* totals (its cost-table rows summed, scoring/cost.py). What
+the user gets is the whole model, measured (`measure_models`), and that runs off the prediction: on
+the project's 2-core CPU VM the demo's children ran -4 % to +17 % off their predicted runtimes,
+depending on the session (whole-model overhead the summed table does not hold, and the machine's
+speed drifting between the cost stage and the measurement; README, "Costs"). A child predicted at
+1.25x can measure 1.18x; one predicted at 1.5x can measure 1.60x and give away quality it was
+allowed to keep. So, per child with a budget request:
+
+1. Measured limits (`measured_limits`): the request is resolved again against the parent's totals
+   *measured in the same session* (a speed-up or a fraction refers to the parent timed next to the
+   child; an absolute value such as 250ms stays as given).
+2. Check (`check`): every bounded column of the child's measurement against its measured limit.
+   The child meets its budget when no column exceeds its limit; `use` is measured / limit of the
+   tightest column (0.97: 3 % headroom).
+3. Correction (`corrected_budgets`), for a child over its budget or with more than `slack`
+   headroom, by more than the timing noise (below): the child's measured / predicted ratio r_c of column c is taken
+   to hold for the children the solver can reach from it, so the table limit under which the next
+   child meets the measured limit L_c is L_c / r_c (a fixed-point step on the limit, one per
+   column). A child over its budget gets a tighter limit; one with more than `slack` headroom gets a
+   looser one (more quality), but only when another round follows to check it: the last round only
+   tightens.
+4. `settle` repeats: re-solve, realize, measure the parent and all children again in one interleaved
+   session, until every child meets its budget within `slack`, the solver returns the child already
+   chosen, or the rounds are spent. A re-solve may return an architecture tried before (a loosened
+   child that missed goes back to the one that met); it is measured again with the rest.
+
+Timing noise. A measured median moves between sessions (on the 2-core VM the same child's share of
+its budget moved by up to 4-5 % between back-to-back 5-round sessions), and a loop that corrects
+every such move chases noise. So a correction needs the miss (or the headroom) to exceed
+`NOISE_SIGMAS` standard errors of the measured ratio: the child's and the parent's runtime medians
+each with `plots.median_rel_se` (IQR over the session's rounds), added in quadrature. One-round
+sessions have no IQR and act on any miss.
+
+Every check is kept in the returned history (measured, limit, use per round), so a report can show
+how far off the table was and what each round changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .budgets import BudgetRequest, Budgets
+from .errors import PuzzleError
+
+COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
+NOISE_SIGMAS = 2.0  # a miss or a headroom smaller than this many standard errors is left alone
+
+
+def check_rounds(value, name: str = "search.budget_feedback") -> int:
+    """`value` as a whole number of feedback rounds >= 0; PuzzleError naming `name` otherwise."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise PuzzleError(f"{name} must be a whole number of re-solve rounds >= 0 (0 turns the check's "
+                          f"corrections off), got {value!r}")
+    return int(value)
+
+
+def check_slack(value, name: str = "search.budget_slack") -> float:
+    """`value` as a fraction in [0, 1); PuzzleError naming `name` otherwise."""
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= float(value) < 1
+    if not ok:
+        raise PuzzleError(f"{name} must be a fraction of the budget in [0, 1) (0.03: a child more than 3 % "
+                          f"under its budget is given a looser one), got {value!r}")
+    return float(value)
+
+
+def measured_limits(request: Mapping, parent_measured: Mapping, workload_meta: Mapping | None = None) -> Budgets:
+    """The budget `request` ({"speedup": "1.5", "max_runtime": "250ms", ...}, strings as the user
+    wrote them) resolved against the parent's measured totals.
+
+    Args:
+        parent_measured: the parent's row of a `measure_models` table (runtime_ms, prefill_ms and
+            decode_ms in ms, memory_mib in MiB, params).
+        workload_meta: batch_size and gen_len, for an absolute --min-throughput.
+
+    Raises:
+        PuzzleError: as `BudgetRequest.resolve`.
+    """
+    totals = {c: float(parent_measured[c]) for c in COLUMNS if c in parent_measured}
+    return BudgetRequest(**dict(request)).resolve(totals, workload_meta)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One child's measurement against its measured limits.
+
+    met: no bounded column over its limit. use: measured / limit of the tightest column (the one in
+    `column`); ratios: that fraction for every bounded column. limits: the measured limits.
+    se: relative standard error of `use` from the session's timing noise (0 for memory and
+    parameter counts, and when the session had one round).
+    """
+
+    met: bool
+    use: float
+    column: str
+    ratios: dict
+    limits: dict
+    se: float = 0.0
+
+    def significant_miss(self) -> bool:
+        return self.use > 1.0 + NOISE_SIGMAS * self.se
+
+    def significant_headroom(self, slack: float) -> bool:
+        return self.use < 1.0 - max(slack, NOISE_SIGMAS * self.se)
+
+    def to_dict(self) -> dict:
+        return {"met": self.met, "use": round(self.use, 4), "column": self.column, "se": round(self.se, 4),
+                "ratios": {c: round(v, 4) for c, v in self.ratios.items()},
+                "limits": {c: round(v, 4) for c, v in self.limits.items()}}
+
+
+def _rel_se(row: Mapping, column: str, rounds: int | None) -> float:
+    """Relative standard error of a measured median time (0 without an IQR column or with < 2 rounds)."""
+    from .plots import median_rel_se
+
+    iqr = row.get(column.replace("_ms", "_iqr_ms")) if column.endswith("_ms") else None
+    if iqr is None or not rounds or rounds < 2 or not float(row[column]) > 0 or not math.isfinite(float(iqr)):
+        return 0.0
+    return float(median_rel_se(float(row[column]), float(iqr), int(rounds)))
+
+
+def check(request: Mapping, child_measured: Mapping, parent_measured: Mapping,
+          workload_meta: Mapping | None = None, rounds: int | None = None) -> Check:
+    """Whether a child's measured totals stay within its request resolved on the measured parent.
+
+    Args:
+        child_measured, parent_measured: rows of one `measure_models` session (with the *_iqr_ms
+            columns for the noise estimate).
+        rounds: timing rounds of that session (its attrs["repeats"]); None: no noise estimate.
+    """
+    limits = measured_limits(request, parent_measured, workload_meta).limits()
+    if not limits:
+        raise PuzzleError(f"the budget request {dict(request)!r} bounds nothing; nothing to check")
+    ratios = {c: float(child_measured[c]) / limit for c, limit in limits.items()}
+    column = max(ratios, key=ratios.get)
+    se = math.hypot(_rel_se(child_measured, column, rounds), _rel_se(parent_measured, column, rounds))
+    return Check(met=all(r <= 1.0 for r in ratios.values()), use=ratios[column], column=column,
+                 ratios=ratios, limits=dict(limits), se=se)
+
+
+def corrected_budgets(record: Mapping, child_measured: Mapping, limits: Mapping, *, tighten_only: bool) -> Budgets:
+    """Table limits under which the next child should meet the measured `limits`.
+
+    For each column c the record's table bounds, the new table limit is L_c * predicted_c /
+    measured_c (L_c: the measured limit; predicted_c: the record's total from the table; measured_c:
+    the child's measurement). `tighten_only` keeps the smaller of that and the current table limit.
+
+    Args:
+        record: a search record (`budgets`: the table limits it was solved under; its predicted
+            totals under the column names).
+        child_measured: the child's measured row.
+        limits: {column: measured limit} (`Check.limits`).
+    """
+    current = Budgets.from_dict(record["budgets"]).limits()
+    new = {}
+    for column, table_limit in current.items():
+        predicted, measured = float(record[column]), float(child_measured[column])
+        target = limits.get(column)
+        if target is None or not (predicted > 0 and measured > 0 and math.isfinite(predicted * measured)):
+            new[column] = table_limit
+            continue
+        value = target * predicted / measured
+        new[column] = min(value, table_limit) if tighten_only else value
+    return Budgets(**{f"max_{c}": v for c, v in new.items()})
+
+
+def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
+           resolve: Callable[[str, dict, Budgets], dict], *, rounds: int, slack: float,
+           workload_meta: Mapping | None = None, say: Callable[[str], None] = lambda msg: None):
+    """Measure the children, correct the limits of those off their budgets, re-solve, measure again.
+
+    Args:
+        records: {name: search record}; records with a `request` take part, the others are
+            measured along.
+        measure: {name: record} -> a `measure_models` table indexed by name, with a "parent" row;
+            it realizes the records' architectures and times them with the parent in one session.
+        resolve: (name, record, table Budgets) -> the record re-solved under those limits.
+            PuzzleError (no child meets them) keeps the current child.
+        rounds: re-solve rounds at most (0: check only). slack: headroom that counts as on budget.
+
+    Returns:
+        (records, measured, checks, history): the final records and their measurement (the last
+        session, every model in it), {name: Check} for the final children, and {name: [{round,
+        choice, predicted_runtime_ms, table_budgets, check, action}, ...]} for every session.
+    """
+    records = dict(records)
+    measured = measure(records)
+    history = {name: [] for name in records}
+    seen: dict[str, dict[tuple, dict]] = {name: {tuple(r["choice"]): r} for name, r in records.items()}
+    for k in range(rounds + 1):
+        last = k >= rounds - 1
+        changed = {}
+        for name, record in records.items():
+            if not record.get("request"):
+                continue
+            result = check(record["request"], measured.loc[name], measured.loc["parent"], workload_meta,
+                           measured.attrs.get("repeats"))
+            entry = {"round": k, "choice": list(record["choice"]), "predicted_runtime_ms": record.get("runtime_ms"),
+                     "table_budgets": Budgets.from_dict(record["budgets"]).limits(), "check": result.to_dict()}
+            history[name].append(entry)
+            miss, headroom = result.significant_miss(), result.significant_headroom(slack)
+            if k == rounds or not (miss or (headroom and not last)):
+                entry["action"] = "kept" if result.met or miss else "kept: over by less than the timing noise"
+                continue
+            budgets = corrected_budgets(record, measured.loc[name], result.limits, tighten_only=last or miss)
+            try:
+                new = resolve(name, record, budgets)
+            except PuzzleError as e:
+                entry["action"] = f"kept: {e}"
+                say(f"budget feedback: {name}: no child under the corrected limits ({e}); kept")
+                continue
+            key = tuple(new["choice"])
+            if key == tuple(record["choice"]):
+                entry["action"] = "kept: the corrected limits choose the same child"
+                continue
+            new = seen[name].get(key, new)
+            seen[name][key] = new
+            entry["action"] = "tightened" if miss else "loosened"
+            say(f"budget feedback: {name}: measured {result.use:.3f} of its {result.column} budget; "
+                f"{entry['action']} the table limit to {budgets.describe()}")
+            changed[name] = new
+        if not changed:
+            break
+        records.update(changed)
+        measured = measure(records)
+    checks = {name: check(r["request"], measured.loc[name], measured.loc["parent"], workload_meta,
+                          measured.attrs.get("repeats"))
+              for name, r in records.items() if r.get("request")}
+    return records, measured, checks, history

@@ -1,0 +1,159 @@
+"""Budget feedback (puzzle/feedback.py): children held to their budgets as measured, with the real solver.
+
+The measurement here is a machine model on purpose: whole models that run a known factor off the
+cost table's prediction, so the feedback law can be checked exactly. The tiny pipeline test
+(tests/test_pipeline_tiny.py) runs the same loop on real timings.
+"""
+
+import pandas as pd
+import pytest
+
+from puzzle.budgets import BudgetRequest, Budgets
+from puzzle.errors import PuzzleError
+from puzzle.feedback import check, check_rounds, check_slack, corrected_budgets, settle
+from tiny_run import tiny_run_dir
+
+COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import load_score_table
+    from puzzle.search import parent_totals, solve
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    table, meta = load_score_table(run)
+    parent = parent_totals(table)
+
+    def resolve(name, record, budgets):
+        return {"name": name, **solve(table, budgets)[0].to_dict(), "request": record["request"], "parent": parent}
+
+    def first(name, request):
+        return resolve(name, {"request": request}, BudgetRequest(**request).resolve(parent, meta))
+
+    return parent, resolve, first
+
+
+def machine(parent: dict, factor: float, calls: list, iqr: float = 0.0, rounds: int = 5):
+    """measure(records): the parent runs as predicted, every child `factor` times its predicted time;
+    every time has an IQR of `iqr` times itself over `rounds` rounds."""
+
+    def measure(records):
+        calls.append({n: tuple(r["choice"]) for n, r in records.items()})
+        rows = [{"name": "parent", **{c: parent[c] for c in COLUMNS}}]
+        for name, r in records.items():
+            rows.append({"name": name, **{c: r[c] * (factor if c.endswith("_ms") else 1.0) for c in COLUMNS}})
+        df = pd.DataFrame(rows)
+        for c in ("runtime_ms", "prefill_ms", "decode_ms"):
+            df[c.replace("_ms", "_iqr_ms")] = df[c] * iqr
+        df.attrs["repeats"] = rounds
+        return df.set_index("name")
+
+    return measure
+
+
+def test_a_child_slower_than_predicted_is_tightened_until_it_meets_its_budget(space):
+    parent, resolve, first = space
+    start = first("child-1.5x", {"speedup": "1.5"})
+    factor = 1.12 / (start["runtime_ms"] / (parent["runtime_ms"] / 1.5))  # measured at 1.12 of its budget
+    calls = []
+    records, measured, checks, history = settle({"child-1.5x": start}, machine(parent, factor, calls), resolve,
+                                                rounds=1, slack=0.03)
+    before = history["child-1.5x"][0]
+    assert not before["check"]["met"] and before["check"]["use"] > 1.0 and before["action"] == "tightened"
+    final = records["child-1.5x"]
+    assert before["check"]["use"] == pytest.approx(1.12)
+    assert checks["child-1.5x"].met  # `factor` x its new prediction is within parent / 1.5
+    assert measured.loc["parent", "runtime_ms"] / measured.loc["child-1.5x", "runtime_ms"] >= 1.5
+    assert final["runtime_ms"] <= parent["runtime_ms"] / 1.5 / factor * (1 + 1e-9)  # the corrected table limit
+    assert final["kl_nats"] >= start["kl_nats"]  # a tighter budget costs quality
+    assert len(calls) == 2 and calls[-1]["child-1.5x"] == tuple(final["choice"])  # measured again after the change
+
+
+def test_a_miss_within_the_timing_noise_is_left_alone(space):
+    parent, resolve, first = space
+    start = first("child-1.5x", {"speedup": "1.5"})
+    factor = 1.03 / (start["runtime_ms"] / (parent["runtime_ms"] / 1.5))  # measured at 1.03 of its budget
+    calls = []
+    records, _, checks, history = settle({"child-1.5x": start}, machine(parent, factor, calls, iqr=0.10), resolve,
+                                         rounds=2, slack=0.03)
+    c = checks["child-1.5x"]
+    assert not c.met and c.use == pytest.approx(1.03) and c.se > 0.03  # 0.41 x 10 % IQR, twice
+    assert history["child-1.5x"][0]["action"] == "kept: over by less than the timing noise" and len(calls) == 1
+    records, _, checks, _ = settle({"child-1.5x": start}, machine(parent, factor, [], iqr=0.005), resolve,
+                                   rounds=2, slack=0.03)
+    assert checks["child-1.5x"].met and records["child-1.5x"]["choice"] != start["choice"]  # a quiet machine: acted on
+
+
+def test_without_rounds_the_miss_is_reported_and_nothing_changes(space):
+    parent, resolve, first = space
+    start = first("child-1.5x", {"speedup": "1.5"})
+    records, _, checks, history = settle({"child-1.5x": start}, machine(parent, 1.12, []), resolve, rounds=0, slack=0.03)
+    assert records["child-1.5x"]["choice"] == start["choice"] and not checks["child-1.5x"].met
+    assert [h["action"] for h in history["child-1.5x"]] == ["kept"]
+
+
+def test_a_child_well_under_budget_is_loosened_only_when_a_round_follows(space):
+    parent, resolve, first = space
+    start = first("child-2x", {"speedup": "2"})
+    one = settle({"child-2x": start}, machine(parent, 0.85, []), resolve, rounds=1, slack=0.03)
+    assert one[0]["child-2x"]["choice"] == start["choice"]  # the last round only tightens
+    records, _, checks, history = settle({"child-2x": start}, machine(parent, 0.85, []), resolve, rounds=2, slack=0.03)
+    assert history["child-2x"][0]["action"] == "loosened"
+    assert checks["child-2x"].met and checks["child-2x"].use > history["child-2x"][0]["check"]["use"]
+    assert records["child-2x"]["kl_nats"] <= start["kl_nats"]  # more of the budget used, quality kept
+
+
+def test_children_on_budget_are_measured_once(space):
+    parent, resolve, first = space
+    recs = {"child-1.25x": first("child-1.25x", {"speedup": "1.25"}), "child-2x": first("child-2x", {"speedup": "2"})}
+    calls = []
+    records, _, checks, _ = settle(recs, machine(parent, 1.0, calls), resolve, rounds=2, slack=0.5)
+    assert len(calls) == 1 and all(c.met for c in checks.values())
+    assert {n: r["choice"] for n, r in records.items()} == {n: r["choice"] for n, r in recs.items()}
+
+
+def test_absolute_limits_stay_absolute_and_fractions_follow_the_measured_parent():
+    child = {c: 100.0 for c in COLUMNS}
+    parent = {c: 200.0 for c in COLUMNS}
+    assert check({"max_runtime": "90ms"}, child, parent).use == pytest.approx(100 / 90)
+    assert not check({"max_runtime": "90ms"}, child, parent).met
+    c = check({"speedup": "1.5", "max_memory": "0.6"}, child, parent)
+    assert c.met and c.column == "memory_mib" and c.use == pytest.approx(100 / 120)  # 0.6 x the measured parent
+    assert c.ratios["runtime_ms"] == pytest.approx(0.75)  # 100 ms against 200 / 1.5
+    with pytest.raises(PuzzleError, match="bounds nothing"):
+        check({}, child, parent)
+
+
+def test_the_corrected_limit_divides_the_measured_limit_by_the_measured_over_predicted_ratio():
+    record = {"budgets": Budgets(max_runtime_ms=100.0, max_memory_mib=50.0).to_dict(), "runtime_ms": 95.0,
+              "memory_mib": 40.0}
+    measured = {"runtime_ms": 114.0, "memory_mib": 40.0}
+    b = corrected_budgets(record, measured, {"runtime_ms": 110.0, "memory_mib": 60.0}, tighten_only=False)
+    assert b.max_runtime_ms == pytest.approx(110.0 * 95 / 114) and b.max_memory_mib == pytest.approx(60.0)
+    t = corrected_budgets(record, measured, {"runtime_ms": 110.0, "memory_mib": 60.0}, tighten_only=True)
+    assert t.max_runtime_ms == pytest.approx(110.0 * 95 / 114) and t.max_memory_mib == 50.0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2", None])
+def test_bad_round_counts_are_refused(bad):
+    with pytest.raises(PuzzleError, match="budget_feedback"):
+        check_rounds(bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "0.1", True])
+def test_bad_slack_is_refused(bad):
+    with pytest.raises(PuzzleError, match="budget_slack"):
+        check_slack(bad)
+
+
+def test_config_and_cli_read_the_settings(tmp_path):
+    from puzzle.cli import build_parser, _resolve_config
+    from puzzle.config import load_preset
+
+    assert load_preset("tiny").search.budget_feedback == 0  # check and report only, unless asked
+    with pytest.raises(PuzzleError, match="search.budget_feedback"):
+        load_preset("tiny").replace(search={"budget_feedback": -2})
+    args = build_parser().parse_args(["run", "--preset", "tiny", "--out", str(tmp_path), "--budget-feedback", "3"])
+    assert _resolve_config(args, tmp_path).search.budget_feedback == 3
