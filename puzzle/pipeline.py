@@ -816,9 +816,12 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
              f"{', '.join(run.config.data.eval_sources)}; calibration/scoring text: {', '.join(run.config.data.calib_sources)}.",
              "", "## Summary", "",
              markdown_table(summary[["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats",
-                                      "lm_loss", "speedup", "predicted_speedup", "runtime_error", "library_stage"]]),
+                                      "lm_loss", "speedup", "predicted_speedup", "runtime_error", "budget_met",
+                                      "budget_use", "library_stage"]]),
              "", "`speedup` is measured (parent runtime / child runtime for the workload, same session); "
-                 "`runtime_error` = predicted / measured runtime - 1.", ""]
+                 "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
+                 "tightest budget, the request resolved on the parent measured in the same session "
+                 "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
     init_name = f"{main}-init"
     if init_name in set(summary["name"]):
         a, b = summary.set_index("name").loc[main], summary.set_index("name").loc[init_name]

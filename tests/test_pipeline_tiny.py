@@ -34,7 +34,7 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
         if not name.endswith("-init"):
             assert (run_dir / "export" / name / "config.json").is_file()
     report = (run_dir / "report.md").read_text()
-    assert "Greedy chat answers" in report and "Does BLD matter?" in report
+    assert "Greedy chat answers" in report and "Does BLD matter?" in report and "budget_use" in report
     cost = json.loads((run_dir / "score" / "cost.csv.json").read_text())  # the contention check's record
     assert isinstance(cost["rounds_dropped"], int) and (cost["contention_cores"] is None or cost["contention_cores"] >= 0)
     machine = json.loads((run_dir / "children" / "machine.json").read_text())  # the machine's speed, table vs children
