@@ -24,12 +24,14 @@ allowed to keep. So, per child with a budget request:
    tightens.
 4. `settle` repeats: re-solve, realize, measure the parent and all children again in one interleaved
    session, until every child meets its budget within `slack`, the solver returns the child already
-   chosen, or the rounds are spent. A re-solve may return an architecture tried before (a loosened
-   child that missed goes back to the one that met); it is measured again with the rest.
+   chosen or one measured before, or the rounds are spent. In the last round a loosened child that
+   went over its budget goes back to the last architecture that met it, and a tightening re-solve
+   may return to one that met; both are measured again with the rest. Rounds are capped at
+   `MAX_ROUNDS`.
 
 Timing noise. A measured median moves between sessions (on the 2-core VM the same child's share of
-its budget moved by up to 4-5 % between back-to-back 5-round sessions), and a loop that corrects
-every such move chases noise. So a correction needs the miss (or the headroom) to exceed
+its budget moved by up to 13 % between back-to-back 5-round sessions of the demo), and a loop that
+corrects every such move chases noise. So a correction needs the miss (or the headroom) to exceed
 `NOISE_SIGMAS` standard errors of the measured ratio: the child's and the parent's runtime medians
 each with `plots.median_rel_se` (IQR over the session's rounds), added in quadrature. One-round
 sessions have no IQR and act on any miss.
@@ -50,6 +52,7 @@ from .budgets import BudgetRequest, Budgets
 from .errors import PuzzleError
 
 COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
+MAX_ROUNDS = 10  # each round measures every model again; more than a few only follow the timing noise
 NOISE_SIGMAS = 2.0  # a miss or a headroom smaller than this many standard errors is left alone
 
 
@@ -57,9 +60,9 @@ def check_rounds(value, name: str = "search.budget_feedback") -> int:
     """`value` as a whole number of feedback rounds >= 0; PuzzleError naming `name` otherwise."""
     import numbers
 
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise PuzzleError(f"{name} must be a whole number of re-solve rounds >= 0 (0 turns the check's "
-                          f"corrections off), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_ROUNDS:
+        raise PuzzleError(f"{name} must be a whole number of re-solve rounds from 0 (check only) to {MAX_ROUNDS}, "
+                          f"got {value!r}")
     return int(value)
 
 
@@ -86,6 +89,13 @@ def measured_limits(request: Mapping, parent_measured: Mapping, workload_meta: M
     Raises:
         PuzzleError: as `BudgetRequest.resolve`.
     """
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(BudgetRequest)}
+    unknown = sorted(set(request) - known)
+    if unknown:
+        raise PuzzleError(f"budget request {dict(request)!r}: unknown field(s) {unknown}; known: {sorted(known)} "
+                          f"(solve the child again with `puzzle search` to rewrite its record)")
     totals = {c: float(parent_measured[c]) for c in COLUMNS if c in parent_measured}
     return BudgetRequest(**dict(request)).resolve(totals, workload_meta)
 
@@ -141,11 +151,16 @@ def check(request: Mapping, child_measured: Mapping, parent_measured: Mapping,
     limits = measured_limits(request, parent_measured, workload_meta).limits()
     if not limits:
         raise PuzzleError(f"the budget request {dict(request)!r} bounds nothing; nothing to check")
+    missing = [c for c in limits if c not in child_measured]
+    if missing:
+        raise PuzzleError(f"the child's measurement has no {', '.join(missing)}; its budget request "
+                          f"{dict(request)!r} cannot be checked")
     ratios = {c: float(child_measured[c]) / limit for c, limit in limits.items()}
-    column = max(ratios, key=ratios.get)
+    finite = {c: r for c, r in ratios.items() if math.isfinite(r)}
+    column = max(finite, key=finite.get) if finite else next(iter(ratios))  # a NaN measurement never hides a miss
     se = math.hypot(_rel_se(child_measured, column, rounds), _rel_se(parent_measured, column, rounds))
-    return Check(met=all(r <= 1.0 for r in ratios.values()), use=ratios[column], column=column,
-                 ratios=ratios, limits=dict(limits), se=se)
+    return Check(met=len(finite) == len(ratios) and all(r <= 1.0 for r in ratios.values()), use=ratios[column],
+                 column=column, ratios=ratios, limits=dict(limits), se=se)
 
 
 def corrected_budgets(record: Mapping, child_measured: Mapping, limits: Mapping, *, tighten_only: bool) -> Budgets:
@@ -161,9 +176,14 @@ def corrected_budgets(record: Mapping, child_measured: Mapping, limits: Mapping,
         child_measured: the child's measured row.
         limits: {column: measured limit} (`Check.limits`).
     """
+    if not isinstance(record.get("budgets"), Mapping):
+        raise PuzzleError("the search record has no table budgets to correct; solve it again with `puzzle search`")
     current = Budgets.from_dict(record["budgets"]).limits()
     new = {}
     for column, table_limit in current.items():
+        if column not in record or column not in child_measured:
+            raise PuzzleError(f"the search record or the child's measurement has no {column}, which its budget bounds; "
+                              f"solve it again with `puzzle search`")
         predicted, measured = float(record[column]), float(child_measured[column])
         target = limits.get(column)
         if target is None or not (predicted > 0 and measured > 0 and math.isfinite(predicted * measured)):
@@ -178,6 +198,11 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
            resolve: Callable[[str, dict, Budgets], dict], *, rounds: int, slack: float,
            workload_meta: Mapping | None = None, say: Callable[[str], None] = lambda msg: None):
     """Measure the children, correct the limits of those off their budgets, re-solve, measure again.
+
+    A loosened child that then measures over its budget goes back, in the last round, to the last
+    architecture of that child that met it; a re-solve that returns an architecture tried before
+    is taken only when it goes back to one that met its budget while tightening (so two children
+    cannot alternate round after round).
 
     Args:
         records: {name: search record}; records with a `request` take part, the others are
@@ -196,7 +221,9 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
     records = dict(records)
     measured = measure(records)
     history = {name: [] for name in records}
-    seen: dict[str, dict[tuple, dict]] = {name: {tuple(r["choice"]): r} for name, r in records.items()}
+    tried: dict[str, dict[tuple, dict]] = {name: {tuple(r["choice"]): r} for name, r in records.items()}
+    met: dict[str, dict[tuple, bool]] = {name: {} for name in records}  # latest verdict per architecture, oldest first
+    loosened: set[str] = set()
     for k in range(rounds + 1):
         last = k >= rounds - 1
         changed = {}
@@ -205,10 +232,20 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 continue
             result = check(record["request"], measured.loc[name], measured.loc["parent"], workload_meta,
                            measured.attrs.get("repeats"))
+            key = tuple(record["choice"])
+            met[name].pop(key, None)
+            met[name][key] = result.met
             entry = {"round": k, "choice": list(record["choice"]), "predicted_runtime_ms": record.get("runtime_ms"),
                      "table_budgets": Budgets.from_dict(record["budgets"]).limits(), "check": result.to_dict()}
             history[name].append(entry)
             miss, headroom = result.significant_miss(), result.significant_headroom(slack)
+            back = [c for c, ok in met[name].items() if ok and c != key]
+            if k < rounds and last and name in loosened and not result.met and back:
+                entry["action"] = "reverted: the looser child went over its budget"
+                say(f"budget feedback: {name}: the looser child measured {result.use:.3f} of its {result.column} "
+                    f"budget; back to the last one that met it")
+                changed[name] = tried[name][back[-1]]
+                continue
             if k == rounds or not (miss or (headroom and not last)):
                 entry["action"] = "kept" if result.met or miss else "kept: over by less than the timing noise"
                 continue
@@ -219,13 +256,19 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 entry["action"] = f"kept: {e}"
                 say(f"budget feedback: {name}: no child under the corrected limits ({e}); kept")
                 continue
-            key = tuple(new["choice"])
-            if key == tuple(record["choice"]):
+            new_key = tuple(new["choice"])
+            if new_key == key:
                 entry["action"] = "kept: the corrected limits choose the same child"
                 continue
-            new = seen[name].get(key, new)
-            seen[name][key] = new
+            if new_key in tried[name]:
+                if not (miss and met[name].get(new_key)):
+                    entry["action"] = "kept: the corrected limits choose a child measured before"
+                    continue
+                new = tried[name][new_key]
+            tried[name][new_key] = new
             entry["action"] = "tightened" if miss else "loosened"
+            if not miss:
+                loosened.add(name)
             say(f"budget feedback: {name}: measured {result.use:.3f} of its {result.column} budget; "
                 f"{entry['action']} the table limit to {budgets.describe()}")
             changed[name] = new

@@ -889,7 +889,8 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
         the mean step), runtime_ms (median over repeats of prefill + all G steps), prefill_tok_s,
         decode_tok_s, throughput_tok_s (see `throughputs`), memory_mib (parameter bytes of the
         model + the bytes of its KV cache at (B, P + G)), params, prefill_iqr_ms, decode_iqr_ms,
-        runtime_iqr_ms. `df.attrs` as in `measure_subblock_costs`.
+        runtime_iqr_ms. `df.attrs` as in `measure_subblock_costs`, plus "runtime_rounds_ms": {name:
+        [runtime per kept round]}, index r the same round for every model (for paired ratios).
 
     Raises:
         PuzzleError: a model on another device or dtype than the workload, no models, a CUDA
@@ -950,7 +951,8 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
                      "params": model.num_parameters(), "prefill_iqr_ms": prefill_iqr, "decode_iqr_ms": decode_iqr,
                      "runtime_iqr_ms": runtime_iqr})
     df = pd.DataFrame(rows)
-    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup, **info)
+    df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup, **info,
+                    runtime_rounds_ms={n: [float(v) for v in times[n]["runtime"]] for n in names})
     return df
 
 

@@ -157,3 +157,63 @@ def test_config_and_cli_read_the_settings(tmp_path):
         load_preset("tiny").replace(search={"budget_feedback": -2})
     args = build_parser().parse_args(["run", "--preset", "tiny", "--out", str(tmp_path), "--budget-feedback", "3"])
     assert _resolve_config(args, tmp_path).search.budget_feedback == 3
+
+
+def two_children(iqr: float = 0.0):
+    """A space of two children, A (predicted 60 ms, runs 55) and C (predicted 68, runs 70), parent 100 ms,
+    budget 1.5x: A is well under its budget, C just over it."""
+    runs = {"A": 55.0, "C": 70.0}
+
+    def record(arch, budgets):
+        return {"choice": [arch], "runtime_ms": {"A": 60.0, "C": 68.0}[arch], "budgets": budgets.to_dict(),
+                "request": {"speedup": "1.5"}}
+
+    def resolve(name, rec, budgets):
+        if budgets.max_runtime_ms >= 68:
+            return record("C", budgets)
+        if budgets.max_runtime_ms >= 60:
+            return record("A", budgets)
+        raise PuzzleError("no child under the limit")
+
+    calls = []
+
+    def measure(records):
+        calls.append(records["child"]["choice"][0])
+        df = pd.DataFrame([{"name": "parent", "runtime_ms": 100.0, "runtime_iqr_ms": 0.0},
+                           {"name": "child", "runtime_ms": runs[records["child"]["choice"][0]],
+                            "runtime_iqr_ms": runs[records["child"]["choice"][0]] * iqr}])
+        df.attrs["repeats"] = 5
+        return df.set_index("name")
+
+    return record("A", Budgets(max_runtime_ms=100 / 1.5)), resolve, measure, calls
+
+
+@pytest.mark.parametrize("iqr", [0.0, 0.05])
+def test_a_loosened_child_that_goes_over_returns_to_the_one_that_met(iqr):
+    start, resolve, measure, calls = two_children(iqr)
+    records, _, checks, history = settle({"child": start}, measure, resolve, rounds=2, slack=0.03)
+    assert calls == ["A", "C", "A"]  # loosened, over (within the noise or not), back and measured again
+    assert [h["action"] for h in history["child"]] == ["loosened", "reverted: the looser child went over its budget", "kept"]
+    assert records["child"]["choice"] == ["A"] and checks["child"].met
+
+
+def test_two_children_cannot_alternate_round_after_round():
+    start, resolve, measure, calls = two_children()
+    records, _, _, history = settle({"child": start}, measure, resolve, rounds=10, slack=0.03)
+    assert calls == ["A", "C", "A"]  # A loosened to C, C over and tightened back to A, then C is not tried again
+    assert history["child"][-1]["action"] == "kept: the corrected limits choose a child measured before"
+    assert records["child"]["choice"] == ["A"]
+
+
+def test_malformed_requests_records_and_measurements_are_clear_errors():
+    child, parent = {c: 100.0 for c in COLUMNS}, {c: 200.0 for c in COLUMNS}
+    with pytest.raises(PuzzleError, match="unknown field"):
+        check({"speedupx": "1.5"}, child, parent)
+    with pytest.raises(PuzzleError, match="has no params"):
+        check({"max_params": "0.5"}, {"runtime_ms": 1.0}, parent)
+    with pytest.raises(PuzzleError, match="no table budgets"):
+        corrected_budgets({}, child, {"runtime_ms": 1.0}, tighten_only=True)
+    c = check({"speedup": "1.5", "max_memory": "0.5"}, {**child, "runtime_ms": float("nan"), "memory_mib": 120.0}, parent)
+    assert not c.met and c.column == "memory_mib" and c.use == pytest.approx(1.2)  # NaN does not hide the miss
+    with pytest.raises(PuzzleError, match="from 0 \\(check only\\) to 10"):
+        check_rounds(11)
