@@ -26,6 +26,15 @@ speedups     (needs --run DIR, a finished `puzzle run`) how far whole-model spee
              the two idle pairs alone 1.21-1.29 / 1.48-1.59 / 2.10-2.38 / 3.32-3.41. The memory
              stream slowed the parent 1.15x once (memory probe 1.39x) without moving the speed-ups
              beyond that spread: their session-to-session noise is the few rounds', not a neighbour's.
+interleave   (needs --run DIR) the two schedules of `measure_models` side by side, on the idle machine at
+             the run's workload: --sessions pairs of sessions (--repeats rounds each), "model" then
+             "step" interleaving, alternating so that the machine's state falls on both alike. Per
+             session and child the speed-up and the spread (SD of log) of its per-round speed-ups;
+             the summary rows ("session": "all") give each schedule's mean, range and SD of log
+             across sessions. Measured on the 2-core VM (demo run, 5 rounds, 8 + 8 sessions in two
+             runs of --sessions 4): per-round spread 5.3-7.6 % by model, 2.8-3.3 % by step; across
+             sessions 4.7-6.4 % vs 1.4-2.3 %; mean speed-ups by step 1.29 / 1.52 / 2.03 / 3.05 for
+             children the cost table predicted at 1.25 / 1.50 / 2.00 / 3.01.
 
 Writes OUT/<name>.csv for each measurement run (all three by default, `--only` picks) and prints
 them. Needs Linux and at least 2 CPUs; run it on an otherwise idle machine (it starts its own
@@ -33,6 +42,7 @@ neighbours and stops them).
 
     python benchmarks/contention.py --out /tmp/contention [--only fingerprint]
     python benchmarks/contention.py --out /tmp/contention --only speedups --run runs/demo [--repeats 3]
+    python benchmarks/contention.py --out /tmp/contention --only interleave --run runs/demo --repeats 5 --sessions 4
 """
 
 from __future__ import annotations
@@ -176,25 +186,28 @@ def fingerprint() -> pd.DataFrame:
     return df
 
 
-def speedups(run_dir: Path, repeats: int = 3) -> pd.DataFrame:
-    import dataclasses
-    import os
-
+def _front_models(run_dir: Path):
     from puzzle.baselines import open_run
     from puzzle.pipeline import build_child, read_architecture
-    from puzzle.scoring.cost import measure_models
 
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        raise SystemExit("speedups needs 2 CPUs: one for the measurement, one for the neighbour")
     run = open_run(run_dir, progress=False)
     front = pd.read_csv(run_dir / "front.csv")
     names = [n for n in front["name"] if n != "parent"]
     if not names:
         raise SystemExit(f"{run_dir / 'front.csv'} lists no children: run `puzzle run` to the end first")
-    models = {"parent": run.parent.model}
-    for name in names:
-        models[name] = build_child(run, read_architecture(run, name)).eval()
+    return run, {"parent": run.parent.model, **{n: build_child(run, read_architecture(run, n)).eval() for n in names}}
+
+
+def speedups(run_dir: Path, repeats: int = 3) -> pd.DataFrame:
+    import dataclasses
+    import os
+
+    from puzzle.scoring.cost import measure_models
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("speedups needs 2 CPUs: one for the measurement, one for the neighbour")
+    run, models = _front_models(run_dir)
     os.sched_setaffinity(0, {cpus[0]})
     workload = dataclasses.replace(run.workload(), num_threads=1)
     rows = []
@@ -224,7 +237,39 @@ def speedups(run_dir: Path, repeats: int = 3) -> pd.DataFrame:
     return df
 
 
-MEASUREMENTS = {"neighbours": neighbours, "windows": windows, "fingerprint": fingerprint, "speedups": speedups}
+def interleave(run_dir: Path, repeats: int = 5, sessions: int = 4) -> pd.DataFrame:
+    from puzzle.scoring.cost import measure_models
+
+    if repeats < 2:
+        raise SystemExit("interleave needs --repeats >= 2 (a spread of per-round speed-ups)")
+    run, models = _front_models(run_dir)
+    rows = []
+    for session in range(sessions):
+        for mode in ("model", "step"):
+            t0 = time.perf_counter()
+            df = measure_models(models, run.workload(), repeats=repeats, interleave=mode, seed=session).set_index("name")
+            rounds = {n: np.asarray(v) for n, v in df.attrs["runtime_rounds_ms"].items()}
+            for name in models:
+                if name == "parent":
+                    continue
+                rows.append({"session": str(session), "interleave": mode, "model": name,
+                             "speedup": float(df.loc["parent", "runtime_ms"] / df.loc[name, "runtime_ms"]),
+                             "per_round_sd_log": float(np.std(np.log(rounds["parent"] / rounds[name]), ddof=1)),
+                             "parent_ms": float(df.loc["parent", "runtime_ms"]), "seconds": time.perf_counter() - t0})
+            print(f"session {session} {mode}: " + ", ".join(f"{r['model']} {r['speedup']:.3f}x"
+                                                           for r in rows[-(len(models) - 1):]), flush=True)
+    df = pd.DataFrame(rows)
+    summary = []
+    for (mode, name), g in df.groupby(["interleave", "model"], sort=False):
+        summary.append({"session": "all", "interleave": mode, "model": name, "speedup": g["speedup"].mean(),
+                        "speedup_min": g["speedup"].min(), "speedup_max": g["speedup"].max(),
+                        "between_sessions_sd_log": float(np.std(np.log(g["speedup"]), ddof=1)) if len(g) > 1 else np.nan,
+                        "per_round_sd_log": g["per_round_sd_log"].mean()})
+    return pd.concat([df, pd.DataFrame(summary)], ignore_index=True)
+
+
+MEASUREMENTS = {"neighbours": neighbours, "windows": windows, "fingerprint": fingerprint, "speedups": speedups,
+                "interleave": interleave}
 
 
 def main() -> None:
@@ -233,17 +278,27 @@ def main() -> None:
     p.add_argument("--only", choices=sorted(MEASUREMENTS), action="append",
                    help="run only this measurement (repeatable; default: all)")
     p.add_argument("--run", type=Path, help="a finished run directory (for --only speedups)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds per whole-model measurement (speedups)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per whole-model measurement (speedups, interleave)")
+    p.add_argument("--sessions", type=int, default=4, help="pairs of sessions (interleave)")
     args = p.parse_args()
-    chosen = args.only or [m for m in MEASUREMENTS if m != "speedups" or args.run]
-    if "speedups" in chosen and args.run is None:
-        p.error("--only speedups needs --run DIR, a finished `puzzle run` directory")
+    needs_run = ("speedups", "interleave")
+    chosen = args.only or [m for m in MEASUREMENTS if m not in needs_run or args.run]
+    for name in needs_run:
+        if name in chosen and args.run is None:
+            p.error(f"--only {name} needs --run DIR, a finished `puzzle run` directory")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.sessions < 2:
+        p.error(f"--sessions must be >= 2 (a spread across sessions), got {args.sessions}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in chosen:
         try:
-            df = MEASUREMENTS[name](args.run, args.repeats) if name == "speedups" else MEASUREMENTS[name]()
+            if name == "speedups":
+                df = speedups(args.run, args.repeats)
+            elif name == "interleave":
+                df = interleave(args.run, args.repeats, args.sessions)
+            else:
+                df = MEASUREMENTS[name]()
         except PuzzleError as e:
             raise SystemExit(f"contention.py: error: {e}") from None
         atomic_write_text(args.out / f"{name}.csv", df.to_csv(index=False))

@@ -866,9 +866,13 @@ def throughputs(workload: Workload, prefill_ms: float, decode_ms: float, runtime
             "throughput_tok_s": rate(B * G, runtime_ms)}
 
 
+INTERLEAVE = ("model", "step")
+
+
 def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, *, repeats: int = 3,
                    warmup: int = 1, clock: str = "wall", pin_allocator: bool = True, seed: int = 0,
-                   progress: bool = False, max_contention: float | None = DEFAULT_MAX_CONTENTION) -> pd.DataFrame:
+                   progress: bool = False, max_contention: float | None = DEFAULT_MAX_CONTENTION,
+                   interleave: str | None = None) -> pd.DataFrame:
     """Measure several whole models the way they run, interleaved so that they share the machine's noise.
 
     One sample of a model: a fresh KVCache for (B, P + G) positions (allocated before the clock
@@ -879,10 +883,23 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
     On a CPU a sample of the machine's reference workload (scoring/machine.py) runs between every two
     models of a round, outside their timings, so the fingerprint spreads over the whole measurement.
 
+    With interleave="step" (the default on a CPU) a round runs the models' prefills one after
+    another and then their decode steps in turns (step 1 of every model, step 2 of every model,
+    ...), each step timed on its own; a model's decode time is the sum of its steps. Slow spells of
+    the machine shorter than a round then fall on every model alike instead of on whichever model
+    ran through them. On the 2-core VM, 8 + 8 alternating 5-round sessions of the demo's parent and
+    its 4 front children (benchmarks/contention.py --only interleave; SD of log): the per-round
+    speed-ups' spread fell from 5.3-7.6 % by model to 2.8-3.3 % by step, the spread of the speed-ups
+    across sessions from 4.7-6.4 % to 1.4-2.3 % (the 3x child read 2.85-3.36x, then 2.97-3.11x). Models that fit in the last-level cache run colder this way (every step follows
+    other models' steps); a CUDA workload keeps "model" by default (device time from events, one
+    synchronisation per timed stretch).
+
     Args:
         models: name -> model, already on the workload's device and dtype, in eval mode.
         workload, repeats, warmup, clock, pin_allocator, seed, progress, max_contention: as in
             `measure_subblock_costs` (a contended round is dropped and measured again).
+        interleave: "model" (each model's request whole, models in a random order per round),
+            "step" (above), or None: "step" on a CPU, "model" on CUDA.
 
     Returns:
         DataFrame, one row per model: name, prefill_ms (median), decode_ms (median over repeats of
@@ -897,6 +914,10 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
             workload without CUDA, a bad clock / repeats, or persistent contention.
     """
     allocator = _check_target(workload, clock, pin_allocator)
+    if interleave is None:
+        interleave = "step" if workload.device == "cpu" else "model"
+    if interleave not in INTERLEAVE:
+        raise PuzzleError(f"interleave must be one of {INTERLEAVE}, got {interleave!r}")
     if not models:
         raise PuzzleError("measure_models needs at least one model")
     if repeats < 1 or warmup < 0:
@@ -922,7 +943,30 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
                 token = model(token[:, None], cache=cache, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
             return prefill, watch.stop()
 
+        def run_round_steps(timed: bool, probe: Callable[[], None]) -> dict[str, list[float]]:
+            order = [names[i] for i in rng.permutation(len(names))]
+            caches = {n: KVCache(models[n].config, B, P + G, dtype, device) for n in order}
+            tokens, prefill, decode = {}, {}, dict.fromkeys(order, 0.0)
+            for k, name in enumerate(order):
+                if k and timed:
+                    probe()
+                watch.start()
+                tokens[name] = models[name](prompt, cache=caches[name], logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
+                prefill[name] = watch.stop()
+            for _ in range(G if timed else min(G, 2)):
+                for name in order:
+                    watch.start()
+                    tokens[name] = models[name](tokens[name][:, None], cache=caches[name],
+                                                logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
+                    decode[name] += watch.stop()
+            if not timed:
+                return {}
+            return {f"{n}/{part}": [v] for n in order
+                    for part, v in (("prefill", prefill[n]), ("decode", decode[n] / G), ("runtime", prefill[n] + decode[n]))}
+
         def run_round(timed: bool, probe: Callable[[], None]) -> dict[str, list[float]]:
+            if interleave == "step":
+                return run_round_steps(timed, probe)
             out = {}
             for k, i in enumerate(rng.permutation(len(names))):
                 name = names[i]
@@ -952,7 +996,7 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
                      "runtime_iqr_ms": runtime_iqr})
     df = pd.DataFrame(rows)
     df.attrs.update(workload.meta(), clock=clock, allocator=allocator, repeats=repeats, warmup=warmup, **info,
-                    runtime_rounds_ms={n: [float(v) for v in times[n]["runtime"]] for n in names})
+                    interleave=interleave, runtime_rounds_ms={n: [float(v) for v in times[n]["runtime"]] for n in names})
     return df
 
 

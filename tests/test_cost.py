@@ -211,6 +211,23 @@ def test_measure_models_keeps_order_and_checks_dtype():
         measure_model(PuzzleForCausalLM(config).to(torch.bfloat16), W)
 
 
+def test_step_interleaved_measurement_times_every_model_like_the_whole_request():
+    config = tiny_config()
+    models = {"child": PuzzleForCausalLM(mixed_child(config)).eval(), "parent": PuzzleForCausalLM(config).eval()}
+    by_model = measure_models(models, W, **FAST, interleave="model").set_index("name")
+    by_step = measure_models(models, W, **FAST).set_index("name")  # the default on a CPU
+    assert by_step.attrs["interleave"] == "step" and by_model.attrs["interleave"] == "model"
+    assert list(by_step.index) == ["child", "parent"]
+    for name in models:
+        assert by_step.loc[name, "params"] == by_model.loc[name, "params"]
+        assert by_step.loc[name, "runtime_ms"] == pytest.approx(  # prefill + every decode step, per round
+            by_step.loc[name, "prefill_ms"] + W.gen_len * by_step.loc[name, "decode_ms"], rel=1e-6)  # 2 rounds: medians are means
+        rounds = by_step.attrs["runtime_rounds_ms"][name]
+        assert len(rounds) == FAST["repeats"] and min(rounds) > 0
+    with pytest.raises(PuzzleError, match="interleave"):
+        measure_models(models, W, interleave="token")
+
+
 def test_prediction_sums_the_child_rows_exactly():
     config = tiny_config()
     child = mixed_child(config)
