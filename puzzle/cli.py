@@ -62,7 +62,7 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--front-speedups", metavar="S,S,...", help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
-                        "noise (default 0: check and report only; 2 or more also loosens a child well under its budget)")
+                        "noise (default 2; 2 or more also loosens a child well under its budget; 0: check and report only)")
 
 
 def _resolve_config(args, out: Path):

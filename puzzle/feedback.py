@@ -29,9 +29,12 @@ allowed to keep. So, per child with a budget request:
    may return to one that met; both are measured again with the rest. Rounds are capped at
    `MAX_ROUNDS`.
 
-Timing noise. A measured median moves between sessions (on the 2-core VM the same child's share of
-its budget moved by up to 13 % between back-to-back 5-round sessions of the demo), and a loop that
-corrects every such move chases noise. So a correction needs the miss (or the headroom) to exceed
+Timing noise. A measured median moves between sessions, and a loop that corrects every such move
+chases noise: on the 2-core VM, with whole requests timed one model after another, the same child's
+share of its budget moved by up to 13 % between back-to-back 5-round sessions of the demo; with the
+step-interleaved timing (`measure_models`, the CPU default) the speed-ups' spread across sessions
+is 1.4-2.3 %, and two rounds on the demo loosened the 1.25x and 2x children to 0.99 and 0.98 of
+their budgets (evaluation KL 0.98 -> 0.61 and 2.72 -> 2.45 nats). So a correction needs the miss (or the headroom) to exceed
 `NOISE_SIGMAS` standard errors of the measured ratio: the child's and the parent's runtime medians
 each with `plots.median_rel_se` (IQR over the session's rounds), added in quadrature. One-round
 sessions have no IQR and act on any miss.

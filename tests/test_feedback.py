@@ -152,7 +152,8 @@ def test_config_and_cli_read_the_settings(tmp_path):
     from puzzle.cli import build_parser, _resolve_config
     from puzzle.config import load_preset
 
-    assert load_preset("tiny").search.budget_feedback == 0  # check and report only, unless asked
+    assert load_preset("tiny").search.budget_feedback == 0  # the tiny preset only checks
+    assert load_preset("smollm2-demo").search.budget_feedback == 2  # the default
     with pytest.raises(PuzzleError, match="search.budget_feedback"):
         load_preset("tiny").replace(search={"budget_feedback": -2})
     args = build_parser().parse_args(["run", "--preset", "tiny", "--out", str(tmp_path), "--budget-feedback", "3"])
