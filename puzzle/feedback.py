@@ -142,14 +142,37 @@ def _rel_se(row: Mapping, column: str, rounds: int | None) -> float:
     return float(median_rel_se(float(row[column]), float(iqr), int(rounds)))
 
 
+def _paired_rel_se(child_rounds, parent_rounds) -> float:
+    """Relative standard error of the median of per-round ratios child / parent (0 for < 2 rounds)."""
+    import numpy as np
+
+    from .plots import median_rel_se
+
+    q = np.asarray(child_rounds, dtype=float) / np.asarray(parent_rounds, dtype=float)
+    if len(q) < 2 or len(q) != len(parent_rounds) or not np.all(np.isfinite(q)) or not np.median(q) > 0:
+        return 0.0
+    iqr = float(np.subtract(*np.percentile(q, [75, 25])))
+    return float(median_rel_se(float(np.median(q)), iqr, len(q)))
+
+
 def check(request: Mapping, child_measured: Mapping, parent_measured: Mapping,
-          workload_meta: Mapping | None = None, rounds: int | None = None) -> Check:
+          workload_meta: Mapping | None = None, rounds: int | None = None,
+          runtime_rounds: tuple | None = None) -> Check:
     """Whether a child's measured totals stay within its request resolved on the measured parent.
+
+    The noise estimate `Check.se` of the tightest column: for a limit that is a fraction of the
+    parent (a speed-up, "0.6"), the spread of the per-round ratios child / parent when
+    `runtime_rounds` gives them (runtime_ms; timed in the same rounds, the two share the machine's
+    slow spells, and the 8 + 8 sessions behind `measure_models`' step interleaving had a per-round
+    ratio spread of 2.9-3.2 % where the two runtimes' spreads in quadrature give 6.4-6.7 %), else
+    the two medians' standard errors in quadrature; for an absolute limit the child's alone.
 
     Args:
         child_measured, parent_measured: rows of one `measure_models` session (with the *_iqr_ms
             columns for the noise estimate).
         rounds: timing rounds of that session (its attrs["repeats"]); None: no noise estimate.
+        runtime_rounds: (child's, parent's) runtime per round, the same rounds in the same order
+            (`measure_models`' attrs["runtime_rounds_ms"]).
     """
     limits = measured_limits(request, parent_measured, workload_meta).limits()
     if not limits:
@@ -161,7 +184,14 @@ def check(request: Mapping, child_measured: Mapping, parent_measured: Mapping,
     ratios = {c: float(child_measured[c]) / limit for c, limit in limits.items()}
     finite = {c: r for c, r in ratios.items() if math.isfinite(r)}
     column = max(finite, key=finite.get) if finite else next(iter(ratios))  # a NaN measurement never hides a miss
-    se = math.hypot(_rel_se(child_measured, column, rounds), _rel_se(parent_measured, column, rounds))
+    doubled = {c: 2 * float(parent_measured[c]) for c in COLUMNS if c in parent_measured}
+    relative = measured_limits(request, doubled, workload_meta).limits().get(column) != limits[column]
+    if not relative:
+        se = _rel_se(child_measured, column, rounds)
+    elif column == "runtime_ms" and runtime_rounds is not None and rounds:
+        se = _paired_rel_se(*runtime_rounds)
+    else:
+        se = math.hypot(_rel_se(child_measured, column, rounds), _rel_se(parent_measured, column, rounds))
     return Check(met=len(finite) == len(ratios) and all(r <= 1.0 for r in ratios.values()), use=ratios[column],
                  column=column, ratios=ratios, limits=dict(limits), se=se)
 
@@ -195,6 +225,16 @@ def corrected_budgets(record: Mapping, child_measured: Mapping, limits: Mapping,
         value = target * predicted / measured
         new[column] = min(value, table_limit) if tighten_only else value
     return Budgets(**{f"max_{c}": v for c, v in new.items()})
+
+
+def check_measurement(measured: pd.DataFrame, name: str, request: Mapping,
+                      workload_meta: Mapping | None = None) -> Check:
+    """`check` of model `name` of a `measure_models` table indexed by name (with a "parent" row),
+    with the session's rounds and per-round runtimes from its attrs."""
+    per_round = measured.attrs.get("runtime_rounds_ms") or {}
+    paired = (per_round[name], per_round["parent"]) if name in per_round and "parent" in per_round else None
+    return check(request, measured.loc[name], measured.loc["parent"], workload_meta, measured.attrs.get("repeats"),
+                 paired)
 
 
 def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
@@ -233,8 +273,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
         for name, record in records.items():
             if not record.get("request"):
                 continue
-            result = check(record["request"], measured.loc[name], measured.loc["parent"], workload_meta,
-                           measured.attrs.get("repeats"))
+            result = check_measurement(measured, name, record["request"], workload_meta)
             key = tuple(record["choice"])
             met[name].pop(key, None)
             met[name][key] = result.met
@@ -279,7 +318,5 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             break
         records.update(changed)
         measured = measure(records)
-    checks = {name: check(r["request"], measured.loc[name], measured.loc["parent"], workload_meta,
-                          measured.attrs.get("repeats"))
-              for name, r in records.items() if r.get("request")}
+    checks = {name: check_measurement(measured, name, r["request"], workload_meta) for name, r in records.items() if r.get("request")}
     return records, measured, checks, history

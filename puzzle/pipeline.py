@@ -552,10 +552,9 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     measured = measured.set_index("name")
     checked = None
     if record.get("request"):
-        from .feedback import check
+        from .feedback import check_measurement
 
-        checked = check(record["request"], measured.loc[name], measured.loc["parent"], run.workload().meta(),
-                        measured.attrs.get("repeats"))
+        checked = check_measurement(measured, name, record["request"], run.workload().meta())
     row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"], checked)
     atomic_write_json(run.out / "children" / f"{name}.json", row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "

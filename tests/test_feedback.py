@@ -10,7 +10,7 @@ import pytest
 
 from puzzle.budgets import BudgetRequest, Budgets
 from puzzle.errors import PuzzleError
-from puzzle.feedback import check, check_rounds, check_slack, corrected_budgets, settle
+from puzzle.feedback import check, check_measurement, check_rounds, check_slack, corrected_budgets, settle
 from tiny_run import tiny_run_dir
 
 COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
@@ -218,3 +218,21 @@ def test_malformed_requests_records_and_measurements_are_clear_errors():
     assert not c.met and c.column == "memory_mib" and c.use == pytest.approx(1.2)  # NaN does not hide the miss
     with pytest.raises(PuzzleError, match="from 0 \\(check only\\) to 10"):
         check_rounds(11)
+
+
+def test_the_noise_of_a_speed_up_comes_from_the_paired_rounds_and_of_an_absolute_limit_from_the_child_alone():
+    parent_rounds = [100.0, 140.0, 90.0, 120.0, 100.0]  # slow spells the child shares round by round
+    child_rounds = [50.0, 70.0, 45.0, 60.0, 50.5]
+    rows = pd.DataFrame([{"name": "parent", "runtime_ms": 100.0, "runtime_iqr_ms": 20.0},
+                         {"name": "child", "runtime_ms": 50.5, "runtime_iqr_ms": 10.0}]).set_index("name")
+    rows.attrs.update(repeats=5, runtime_rounds_ms={"parent": parent_rounds, "child": child_rounds})
+    paired = check_measurement(rows, "child", {"speedup": "2"})
+    unpaired = check({"speedup": "2"}, rows.loc["child"], rows.loc["parent"], rounds=5)
+    assert paired.se < 0.01 < 0.1 < unpaired.se  # the ratio barely moves while both runtimes swing by 20 %
+    absolute = check_measurement(rows, "child", {"max_runtime": "60ms"})
+    child_only = check({"max_runtime": "60ms"}, rows.loc["child"], rows.loc["parent"], rounds=5)
+    assert absolute.se > 0 and absolute.se == pytest.approx(child_only.se)
+    noisy_parent = rows.copy()
+    noisy_parent.loc["parent", "runtime_iqr_ms"] = 90.0
+    assert check({"max_runtime": "60ms"}, noisy_parent.loc["child"], noisy_parent.loc["parent"], rounds=5).se == \
+        pytest.approx(absolute.se)  # the parent's noise does not enter an absolute limit
