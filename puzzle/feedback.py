@@ -33,8 +33,8 @@ Timing noise. A measured median moves between sessions, and a loop that corrects
 chases noise: on the 2-core VM, with whole requests timed one model after another, the same child's
 share of its budget moved by up to 13 % between back-to-back 5-round sessions of the demo; with the
 step-interleaved timing (`measure_models`, the CPU default) the speed-ups' spread across sessions
-is 1.4-2.3 %, and two rounds on the demo loosened the 1.25x and 2x children to 0.99 and 0.98 of
-their budgets (evaluation KL 0.98 -> 0.61 and 2.72 -> 2.45 nats). So a correction needs the miss (or the headroom) to exceed
+is 1.4-2.3 %, and on the demo one round loosened all five children from 0.93-0.95 to 0.96-0.98 of
+their budgets, all still within them (evaluation KL at 1.25x 1.02 -> 0.92 nats). So a correction needs the miss (or the headroom) to exceed
 `NOISE_SIGMAS` standard errors of the measured ratio: the child's and the parent's runtime medians
 each with `plots.median_rel_se` (IQR over the session's rounds), added in quadrature. One-round
 sessions have no IQR and act on any miss.
