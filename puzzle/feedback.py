@@ -45,10 +45,13 @@ how far off the table was and what each round changed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from .budgets import BudgetRequest, Budgets
@@ -61,9 +64,7 @@ NOISE_SIGMAS = 2.0  # a miss or a headroom smaller than this many standard error
 
 
 def check_rounds(value, name: str = "search.budget_feedback") -> int:
-    """`value` as a whole number of feedback rounds >= 0; PuzzleError naming `name` otherwise."""
-    import numbers
-
+    """`value` as a whole number of feedback rounds in [0, MAX_ROUNDS]; PuzzleError naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_ROUNDS:
         raise PuzzleError(f"{name} must be a whole number of re-solve rounds from 0 (check only) to {MAX_ROUNDS}, "
                           f"got {value!r}")
@@ -72,8 +73,6 @@ def check_rounds(value, name: str = "search.budget_feedback") -> int:
 
 def check_slack(value, name: str = "search.budget_slack") -> float:
     """`value` as a fraction in [0, 1); PuzzleError naming `name` otherwise."""
-    import numbers
-
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= float(value) < 1
     if not ok:
         raise PuzzleError(f"{name} must be a fraction of the budget in [0, 1) (0.03: a child more than 3 % "
@@ -93,8 +92,6 @@ def measured_limits(request: Mapping, parent_measured: Mapping, workload_meta: M
     Raises:
         PuzzleError: as `BudgetRequest.resolve`.
     """
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(BudgetRequest)}
     unknown = sorted(set(request) - known)
     if unknown:
@@ -145,8 +142,6 @@ def _rel_se(row: Mapping, column: str, rounds: int | None) -> float:
 
 def _paired_rel_se(child_rounds, parent_rounds) -> float:
     """Relative standard error of the median of per-round ratios child / parent (0 for < 2 rounds)."""
-    import numpy as np
-
     from .plots import median_rel_se
 
     q = np.asarray(child_rounds, dtype=float) / np.asarray(parent_rounds, dtype=float)
