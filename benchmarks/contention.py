@@ -29,9 +29,10 @@ speedups     (needs --run DIR, a finished `puzzle run`) how far whole-model spee
 interleave   (needs --run DIR) the two schedules of `measure_models` side by side, on the idle machine at
              the run's workload: --sessions pairs of sessions (--repeats rounds each), "model" then
              "step" interleaving, alternating so that the machine's state falls on both alike. Per
-             session and child the speed-up and the spread (SD of log) of its per-round speed-ups;
-             the summary rows ("session": "all") give each schedule's mean, range and SD of log
-             across sessions. Measured on the 2-core VM (demo run, 5 rounds, 8 + 8 sessions in two
+             session and child the speed-up, the spread (SD of log) of its per-round speed-ups and
+             of the parent's and the child's per-round runtimes; the summary rows ("session": "all")
+             give each schedule's mean, range and SD of log across sessions, and the two runtimes'
+             spreads in quadrature (what an unpaired noise estimate of the speed-up would assume). Measured on the 2-core VM (demo run, 5 rounds, 8 + 8 sessions in two
              runs of --sessions 4): per-round spread 5.3-7.6 % by model, 2.8-3.3 % by step; across
              sessions 4.7-6.4 % vs 1.4-2.3 %; mean speed-ups by step 1.29 / 1.52 / 2.03 / 3.05 for
              children the cost table predicted at 1.25 / 1.50 / 2.00 / 3.01.
@@ -255,6 +256,8 @@ def interleave(run_dir: Path, repeats: int = 5, sessions: int = 4) -> pd.DataFra
                 rows.append({"session": str(session), "interleave": mode, "model": name,
                              "speedup": float(df.loc["parent", "runtime_ms"] / df.loc[name, "runtime_ms"]),
                              "per_round_sd_log": float(np.std(np.log(rounds["parent"] / rounds[name]), ddof=1)),
+                             "parent_sd_log": float(np.std(np.log(rounds["parent"]), ddof=1)),
+                             "child_sd_log": float(np.std(np.log(rounds[name]), ddof=1)),
                              "parent_ms": float(df.loc["parent", "runtime_ms"]), "seconds": time.perf_counter() - t0})
             print(f"session {session} {mode}: " + ", ".join(f"{r['model']} {r['speedup']:.3f}x"
                                                            for r in rows[-(len(models) - 1):]), flush=True)
@@ -264,7 +267,8 @@ def interleave(run_dir: Path, repeats: int = 5, sessions: int = 4) -> pd.DataFra
         summary.append({"session": "all", "interleave": mode, "model": name, "speedup": g["speedup"].mean(),
                         "speedup_min": g["speedup"].min(), "speedup_max": g["speedup"].max(),
                         "between_sessions_sd_log": float(np.std(np.log(g["speedup"]), ddof=1)) if len(g) > 1 else np.nan,
-                        "per_round_sd_log": g["per_round_sd_log"].mean()})
+                        "per_round_sd_log": g["per_round_sd_log"].mean(),
+                        "quadrature_sd_log": float(np.hypot(g["parent_sd_log"], g["child_sd_log"]).mean())})
     return pd.concat([df, pd.DataFrame(summary)], ignore_index=True)
 
 

@@ -268,13 +268,14 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
     tried: dict[str, dict[tuple, dict]] = {name: {tuple(r["choice"]): r} for name, r in records.items()}
     met: dict[str, dict[tuple, bool]] = {name: {} for name in records}  # latest verdict per architecture, oldest first
     loosened: set[str] = set()
+    checks: dict[str, Check] = {}  # the latest session's, which is the final one when the loop ends
     for k in range(rounds + 1):
         last = k >= rounds - 1
         changed = {}
         for name, record in records.items():
             if not record.get("request"):
                 continue
-            result = check_measurement(measured, name, record["request"], workload_meta)
+            result = checks[name] = check_measurement(measured, name, record["request"], workload_meta)
             key = tuple(record["choice"])
             met[name].pop(key, None)
             met[name][key] = result.met
@@ -319,5 +320,4 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             break
         records.update(changed)
         measured = measure(records)
-    checks = {name: check_measurement(measured, name, r["request"], workload_meta) for name, r in records.items() if r.get("request")}
     return records, measured, checks, history

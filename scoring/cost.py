@@ -890,8 +890,9 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
     ran through them. On the 2-core VM, 8 + 8 alternating 5-round sessions of the demo's parent and
     its 4 front children (benchmarks/contention.py --only interleave; SD of log): the per-round
     speed-ups' spread fell from 5.3-7.6 % by model to 2.8-3.3 % by step, the spread of the speed-ups
-    across sessions from 4.7-6.4 % to 1.4-2.3 % (the 3x child read 2.85-3.36x, then 2.97-3.11x). Models that fit in the last-level cache run colder this way (every step follows
-    other models' steps); a CUDA workload keeps "model" by default (device time from events, one
+    across sessions from 4.7-6.4 % to 1.4-2.3 % (the 3x child read 2.85-3.36x, then 2.97-3.11x).
+    Models that fit in the last-level cache run colder this way (every step follows other models'
+    steps; not measured); a CUDA workload keeps "model" by default (device time from events, one
     synchronisation per timed stretch).
 
     Args:
