@@ -1,0 +1,130 @@
+"""Where a child's predicted KL goes on its way to the realized evaluation KL.
+
+The search minimises the summed replace-1-block KL of a child's subblocks, each scored alone in the
+parent on a few scoring-split tokens (`predicted`). The child's KL on held-out evaluation text is
+usually higher. `kl_gap` splits that gap into four measured steps, each a ratio of two KLs in
+nats/token, all on the LM head's scored positions (`[score] position_stride`):
+
+1. selection, fresh_sum / predicted: the same subblocks' replace-1 KLs summed again on scoring-split
+   tokens the table did not use. Above 1 when the MIP picked subblocks whose scores were low by
+   chance (few scoring tokens); it also moves with how hard the two token sets are for the child
+   (nothing divides that out: below 1 when the table's tokens are the harder ones).
+2. compounding on scoring text, fresh / fresh_sum: the realized child on those tokens against the
+   sum; above 1 when swapped subblocks hurt each other (quality is not additive).
+3. transfer, eval_sum / fresh_sum: the same subblocks' replace-1 KLs summed on the evaluation split;
+   above 1 when what BLD trained on the calibration text fits other text worse.
+4. compounding on evaluation text, eval / eval_sum: the realized child there.
+
+So eval = predicted × selection × compounding (scoring) × transfer × (compounding (eval) /
+compounding (scoring)): the product of steps 1, 3 and 4 and the predicted value give eval exactly.
+
+`benchmarks/kl_gap.py` runs it on a finished run's front.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import torch
+
+from .architecture import BlockConfig
+from .errors import PuzzleError
+
+
+def _sequences(ids: torch.Tensor, start: int, tokens: int, what: str) -> torch.Tensor:
+    """(n, T) rows of `ids` from `start`, `tokens` in all (whole sequences, at least one)."""
+    n = max(1, tokens // ids.shape[1])
+    if ids.shape[0] - start < 1:
+        raise PuzzleError(f"{what} has no sequences beyond the first {start}; raise data.score_tokens "
+                          f"(it holds {ids.shape[0]} sequences of {ids.shape[1]} tokens)")
+    return ids[start:start + n]
+
+
+@torch.no_grad()
+def _realized_kl(model, parent_logp: torch.Tensor, ids: torch.Tensor, chunk: int, stride: int) -> float:
+    """KL(parent || model) in nats/token over the scored positions of (N, T) ids."""
+    from .scoring.quality import parent_cache
+
+    logq = parent_cache(model, ids, chunk=chunk, stride=stride).logp  # (N, T', V)
+    return float((parent_logp.exp() * (parent_logp - logq)).sum(-1).mean())
+
+
+def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFrame:
+    """The four steps from a child's predicted KL to its realized evaluation KL (module docstring).
+
+    Args:
+        run: an open run (pipeline.Run) with a score table and the searched children `names`.
+        names: searched children (DIR/search/<name>.json).
+        tokens: scoring-split tokens beyond the table's, and evaluation-split tokens, to measure on
+            (whole sequences; fewer when a split holds fewer).
+
+    Returns:
+        One row per child: name, subblocks (swapped subblocks), predicted_kl_nats, fresh_sum_kl_nats,
+        fresh_kl_nats, eval_sum_kl_nats, eval_kl_nats, the ratios selection, compounding_score,
+        transfer, compounding_eval, and seconds. attrs["tokens"]: {"fresh": n, "eval": n} tokens used.
+
+    Raises:
+        PuzzleError: an unknown child, or a scoring split with no sequences beyond those the score
+            table used.
+    """
+    from .pipeline import read_architecture
+    from .refine import _subblock, realize_blocks
+    from .scoring.quality import parent_cache, replace_one_scores
+
+    cfg = run.config.score
+    score_ids = run.tokens.score
+    used = max(1, min(score_ids.shape[0], cfg.tokens // score_ids.shape[1]))  # the table's sequences
+    splits = {"fresh": _sequences(score_ids, used, tokens, "the scoring split"),
+              "eval": _sequences(run.tokens.eval, 0, tokens, "the evaluation split")}
+    parent = run.parent.model
+    caches = {k: parent_cache(parent, ids, chunk=cfg.chunk, stride=cfg.position_stride) for k, ids in splits.items()}
+    records = {name: read_architecture(run, name) for name in names}
+    swapped: dict[str, list] = {}
+    for name, rec in records.items():
+        stage = rec.get("library_stage", "bld")
+        blocks = [BlockConfig.from_id(b) for b in rec["choice"]]
+        subs = []
+        for layer, (b, pb) in enumerate(zip(blocks, run.parent.config.blocks)):
+            for subblock, v, pv in (("attention", b.attention, pb.attention), ("ffn", b.ffn, pb.ffn)):
+                if v != pv:
+                    subs.append((layer, subblock, v, stage))
+        swapped[name] = subs
+    todo = sorted({s for subs in swapped.values() for s in subs}, key=lambda s: (s[0], s[1], s[2].id, s[3]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo) * len(splits) + len(records) * len(splits), desc="kl gap", unit="model")
+    single: dict = {}  # (split, layer, subblock, variant id, stage) -> replace-1 KL
+    t0 = time.perf_counter()
+    for split, cache in caches.items():
+        for layer, subblock, v, stage in todo:
+            m = replace_one_scores(parent, cache, layer, subblock, [_subblock(run, layer, subblock, v, stage)],
+                                   chunk=cfg.chunk)[0]
+            single[(split, layer, subblock, v.id, stage)] = m["kl_nats"]
+            if bar is not None:
+                bar.update(1)
+    shared_s = (time.perf_counter() - t0) / max(1, len(records))
+    rows = []
+    for name, rec in records.items():
+        t1 = time.perf_counter()
+        stage = rec.get("library_stage", "bld")
+        model = realize_blocks(run, [BlockConfig.from_id(b) for b in rec["choice"]], stage)
+        row = {"name": name, "subblocks": len(swapped[name]), "predicted_kl_nats": float(rec["kl_nats"])}
+        for split, cache in caches.items():
+            row[f"{split}_sum_kl_nats"] = sum(single[(split, l_, s, v.id, st)] for l_, s, v, st in swapped[name])
+            row[f"{split}_kl_nats"] = _realized_kl(model, cache.logp, splits[split], cfg.chunk, cfg.position_stride)
+            if bar is not None:
+                bar.update(1)
+        row["seconds"] = shared_s + time.perf_counter() - t1
+        rows.append(row)
+    if bar is not None:
+        bar.close()
+    df = pd.DataFrame(rows)
+    df["selection"] = df["fresh_sum_kl_nats"] / df["predicted_kl_nats"]
+    df["compounding_score"] = df["fresh_kl_nats"] / df["fresh_sum_kl_nats"]
+    df["transfer"] = df["eval_sum_kl_nats"] / df["fresh_sum_kl_nats"]
+    df["compounding_eval"] = df["eval_kl_nats"] / df["eval_sum_kl_nats"]
+    df.attrs["tokens"] = {k: int(ids.numel()) for k, ids in splits.items()}
+    return df
