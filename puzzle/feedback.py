@@ -34,10 +34,12 @@ chases noise: on the 2-core VM, with whole requests timed one model after anothe
 share of its budget moved by up to 13 % between back-to-back 5-round sessions of the demo; with the
 step-interleaved timing (`measure_models`, the CPU default) the speed-ups' spread across sessions
 is 1.4-2.3 %, and on the demo one round loosened all five children from 0.93-0.95 to 0.96-0.98 of
-their budgets, all still within them (evaluation KL at 1.25x 1.02 -> 0.92 nats). So a correction needs the miss (or the headroom) to exceed
-`NOISE_SIGMAS` standard errors of the measured ratio: the child's and the parent's runtime medians
-each with `plots.median_rel_se` (IQR over the session's rounds), added in quadrature. One-round
-sessions have no IQR and act on any miss.
+their budgets, all still within them (evaluation KL at 1.25x 1.02 -> 0.92 nats). So a correction
+needs the miss (or the headroom) to exceed `NOISE_SIGMAS` standard errors of the measured ratio
+(`check`): for a limit relative to the parent's runtime, of the median of the per-round ratios
+child / parent; otherwise the child's median (absolute limit) or the child's and the parent's
+medians added in quadrature, each with `plots.median_rel_se` (IQR over the session's rounds).
+One-round sessions have no IQR and act on any miss.
 
 Every check is kept in the returned history (measured, limit, use per round), so a report can show
 how far off the table was and what each round changed.

@@ -32,11 +32,13 @@ from .architecture import BlockConfig
 from .errors import PuzzleError
 
 
-def _sequences(ids: torch.Tensor, start: int, tokens: int, what: str) -> torch.Tensor:
-    """(n, T) rows of `ids` from `start`, `tokens` in all (whole sequences, at least one)."""
+def _sequences(ids: torch.Tensor, start: int, tokens: int, what: str, setting: str) -> torch.Tensor:
+    """(n, T) rows of `ids` from `start`, `tokens` in all (whole sequences, at least one).
+
+    Raises PuzzleError naming `setting` (the data setting to raise) when no row lies beyond `start`."""
     n = max(1, tokens // ids.shape[1])
     if ids.shape[0] - start < 1:
-        raise PuzzleError(f"{what} has no sequences beyond the first {start}; raise data.score_tokens "
+        raise PuzzleError(f"{what} has no sequences beyond the first {start}; raise {setting} "
                           f"(it holds {ids.shape[0]} sequences of {ids.shape[1]} tokens)")
     return ids[start:start + n]
 
@@ -62,7 +64,8 @@ def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFra
     Returns:
         One row per child: name, subblocks (swapped subblocks), predicted_kl_nats, fresh_sum_kl_nats,
         fresh_kl_nats, eval_sum_kl_nats, eval_kl_nats, the ratios selection, compounding_score,
-        transfer, compounding_eval, and seconds. attrs["tokens"]: {"fresh": n, "eval": n} tokens used.
+        transfer, compounding_eval, and seconds (the child's own, plus an equal share of the replace-1
+        scoring of subblocks the children share). attrs["tokens"]: {"fresh": n, "eval": n} tokens used.
 
     Raises:
         PuzzleError: an unknown child, or a scoring split with no sequences beyond those the score
@@ -75,8 +78,8 @@ def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFra
     cfg = run.config.score
     score_ids = run.tokens.score
     used = max(1, min(score_ids.shape[0], cfg.tokens // score_ids.shape[1]))  # the table's sequences
-    splits = {"fresh": _sequences(score_ids, used, tokens, "the scoring split"),
-              "eval": _sequences(run.tokens.eval, 0, tokens, "the evaluation split")}
+    splits = {"fresh": _sequences(score_ids, used, tokens, "the scoring split", "data.score_tokens"),
+              "eval": _sequences(run.tokens.eval, 0, tokens, "the evaluation split", "data.eval_tokens")}
     parent = run.parent.model
     caches = {k: parent_cache(parent, ids, chunk=cfg.chunk, stride=cfg.position_stride) for k, ids in splits.items()}
     records = {name: read_architecture(run, name) for name in names}

@@ -74,4 +74,4 @@ def test_unknown_child_and_exhausted_scoring_split_are_clear_errors(run):
         kl_gap(run, ["child-9x"])
     ids = run.tokens.score
     with pytest.raises(PuzzleError, match="raise data.score_tokens"):
-        _sequences(ids, ids.shape[0], 128, "the scoring split")
+        _sequences(ids, ids.shape[0], 128, "the scoring split", "data.score_tokens")
