@@ -158,9 +158,11 @@ def test_infeasible_budget_names_resource_and_smallest_value():
         solve(table, Budgets(max_runtime_ms=0.9 * fastest))
     message = str(e.value)
     assert "max_runtime_ms" in message and f"{fastest:.6g} ms" in message and "--max-runtime" in message
-    suggested = float(message.rsplit("at least", 1)[1])
+    suggested = float(message.rsplit("at least", 1)[1].split("(")[0])
     assert suggested * parent["runtime_ms"] >= fastest
     solve(table, Budgets(max_runtime_ms=suggested * parent["runtime_ms"]))  # the advice works
+    speedup = float(message.rsplit("--speedup at most", 1)[1].rstrip(")"))  # and its speed-up form
+    solve(table, Budgets(max_runtime_ms=parent["runtime_ms"] / speedup))
 
 
 def test_budget_equal_to_the_least_total_is_met(monkeypatch):
@@ -454,5 +456,12 @@ def test_search_command_reads_a_run_directory(tmp_path, capsys):
     assert record["speedup"] >= 1.25 and len(record["alternatives"]) == 1
     assert json.loads((tmp_path / "search.json").read_text())["choice"] == record["choice"]
     args = parser.parse_args(["--library", str(tmp_path), "--max-runtime", "1ms"])
-    with pytest.raises(PuzzleError, match="raise --max-runtime"):
+    with pytest.raises(PuzzleError, match=r"raise --max-runtime .*\(or --speedup at most [0-9.]+\)"):
         search_main(args)
+
+
+def test_search_command_without_a_run_or_library_says_which_to_give(capsys):
+    from puzzle.cli import main
+
+    assert main(["search", "--speedup", "2"]) == 2
+    assert "needs --out DIR" in capsys.readouterr().err
