@@ -235,6 +235,7 @@ def evaluate_fused(run, model, name) -> dict:
 
 
 def phase_report(run, out: Path, speedups) -> None:
+    from puzzle.pipeline import parent_label
     from puzzle.plots import architecture_map, front_plot, matched_ratio_intervals, matched_ratios
 
     out.mkdir(parents=True, exist_ok=True)
@@ -257,7 +258,7 @@ def phase_report(run, out: Path, speedups) -> None:
     rows = rows.sort_values(["method", "training", "speedup"])
     atomic_write_text(out / "front.csv", rows.drop(columns=["group_parent_runtime_ms"], errors="ignore").to_csv(index=False))
     w = run.workload()
-    front_plot(rows[rows["training"] != "init"], out / "front.png", title=f"{Path(str(run.parent.source)).name}: "
+    front_plot(rows[rows["training"] != "init"], out / "front.png", title=f"{parent_label(run)}: "
                f"our children vs baselines (after BLD where trainable)",
                xlabel=f"measured throughput, generated tok/s ({w.device}, B={w.batch_size}, P={w.prompt_len}, G={w.gen_len})")
     front_plot(rows, out / "front_with_init.png", title="the same, with init-only variants (dashed, hollow)",

@@ -33,7 +33,7 @@ def _add_common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (a preset, then flags on top; saved to DIR/config.json)")
-    g.add_argument("--preset", help="packaged preset name (smollm2-demo, tiny) or a .toml file; default: the "
+    g.add_argument("--preset", help="packaged preset name (`puzzle presets` lists them: smollm2-demo, smollm2-quick, tiny) or a .toml file; default: the "
                                     "configuration saved in DIR, else smollm2-demo")
     g.add_argument("--parent", metavar="PATH", help="parent model: HF folder with safetensors, a .gguf file, a "
                                                     "nemotron-nas folder, asset:<name>, or 'tiny'")
@@ -62,7 +62,8 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--front-speedups", metavar="S,S,...", help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
-                        "noise (default 2; 2 or more also loosens a child well under its budget; 0: check and report only)")
+                        "noise (default 2; with 2 or more, rounds before the last may also loosen a child well under its budget; "
+                        "0: check and report only)")
 
 
 def _resolve_config(args, out: Path):
@@ -159,6 +160,10 @@ def cmd_search(args) -> int:
 
     if args.library is not None:
         return search_main(args)
+    if args.out is None:
+        raise PuzzleError("puzzle search needs --out DIR (a run directory after `puzzle score`) or --library PATH "
+                          "(a block library: a run directory, its score/score_table.csv, or the Puzzle authors' "
+                          "published library folder)")
     from .pipeline import stage_search
 
     stage_search(_run_for(args), json_out=args.json)
@@ -180,8 +185,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_front(args) -> int:
-    from .pipeline import stage_front
-
+    from .config import load_run_config
+    from .pipeline import front_is_current, stage_front
     from .plots import write_front_all
 
     tasks = None
@@ -191,8 +196,16 @@ def cmd_front(args) -> int:
         tasks = parse_tasks(args.downstream)  # bad task names fail before any work
         if args.downstream_limit < 0:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
+    saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
     run = _run_for(args)
-    stage_front(run)
+    stale = "--remeasure" if args.remeasure else front_is_current(run, saved)
+    if stale:
+        if (run.out / "front.csv").is_file():
+            _log(f"front: solving, building and timing the front's children again ({stale})")
+        stage_front(run)
+    else:
+        _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
+             "child solved or timed again (--remeasure does both)")
     if tasks:
         from .downstream import evaluate_front_downstream
 
@@ -201,9 +214,14 @@ def cmd_front(args) -> int:
             [c for c in acc.columns if c.startswith("acc_")]
         print(acc[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=sys.stderr)
     if tasks or (run.out / "baselines" / "rows").is_dir() or (run.out / "front_rows").is_dir():
-        rows = write_front_all(run.out)  # our front and the baselines' (puzzle baselines / refine) on one plot
+        from .plots import ratio_table
+
+        # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
+        rows = write_front_all(run.out, speedups=run.config.search.front_speedups)
         print(f"front with baselines: {len(rows)} models -> {run.out / 'front_all.csv'}, {run.out / 'front_all.png'}",
               file=sys.stderr)
+        print(f"our evaluation KL / each baseline's at matched measured speed-up (plain MIP children; below 1: ours "
+              f"is better) -> {run.out / 'front_ratios.csv'}\n{ratio_table(rows.attrs['ratios'])}", file=sys.stderr)
     return 0
 
 
@@ -267,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "lambada,arc_easy,piqa) and draw accuracy vs throughput beside the KL front (front_all.png)")
     p.add_argument("--downstream-limit", type=int, default=100, metavar="N",
                    help="documents per task, the same fixed-seed subset for every model (0: all; default 100)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="solve, build and time the front's children again even when DIR/front.csv is up to date "
+                        "(by default a finished front is only drawn, with the baselines where they exist)")
     p.set_defaults(func=cmd_front)
 
     # Later stages and tools; each module owns its parser (imports stay light: parsers only).

@@ -725,6 +725,14 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     return summary, children, records
 
 
+def parent_label(run: Run) -> str:
+    """A short name for the parent in titles: its file or folder name ("GGUF <file> (converted at ...)" -> <file>)."""
+    source = str(run.parent.source)
+    if source.startswith("GGUF "):
+        source = source[len("GGUF "):].split(" (", 1)[0]
+    return Path(source).name or source
+
+
 def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     """front.csv and front.png: evaluation KL vs measured throughput, parent marked."""
     import matplotlib
@@ -762,7 +770,7 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     ax.set_xlabel(f"measured throughput (generated tok/s, {run.workload().device}, B={run.config.target.batch_size}, "
                   f"P={run.config.target.prompt_len}, G={run.config.target.gen_len})", fontsize=8)
     ax.set_ylabel("evaluation KL(parent || child), nats/token")
-    ax.set_title(f"Accuracy-throughput front: {Path(str(run.parent.source)).name}", fontsize=9)
+    ax.set_title(f"Accuracy-throughput front: {parent_label(run)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -854,6 +862,30 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         lines.append("")
     lines += ["## Time per stage (s)", "", json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
+
+
+def front_is_current(run: Run, saved_config) -> str | None:
+    """Why DIR/front.csv cannot be reused as it is, or None when it can.
+
+    It can when the run's configuration equals `saved_config` (the one saved before this command
+    applied its flags), the last search's children (DIR/search/chosen.json, trained library) all
+    have a row in front.csv, and front.csv is newer than the score and cost tables (DIR/score/*.csv).
+    """
+    path = run.out / "front.csv"
+    if not path.is_file():
+        return "no front.csv yet"
+    if saved_config != run.config:
+        return "the settings changed"
+    chosen = run.out / "search" / "chosen.json"
+    if not chosen.is_file():
+        return "no search/chosen.json"
+    names = {n for n in read_json(chosen).get("names", []) if not n.endswith("-init")}
+    if not names <= set(pd.read_csv(path)["name"]):
+        return "front.csv lacks some searched children"
+    tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
+    if not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
+        return "the score or cost table is newer than front.csv"
+    return None
 
 
 def stage_front(run: Run) -> pd.DataFrame:

@@ -409,9 +409,51 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
         .reset_index(drop=True)
 
 
-def write_front_all(run_dir: str | Path, title: str | None = None) -> pd.DataFrame:
+BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
+
+
+def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0)) -> pd.DataFrame:
+    """Our plain MIP front's evaluation KL divided by each baseline's, at matched measured speed-up.
+
+    Ours are the searched children (method "mip"): no diverse or refined child, so nothing is picked
+    by its evaluation KL beyond `matched_ratios`' monotone envelope, which every front gets alike.
+    Baselines are the methods of `BASELINE_METHODS`, per training ("init" as built, "bld" after the
+    same local distillation). Speed-ups are each model's measured one against the parent of its own
+    session; `matched_ratios` interpolates linearly and never extrapolates.
+
+    Args:
+        rows: `front_rows` (name, method, training, speedup, kl_nats; the parent's row).
+        speedups: matched speed-ups (x the parent's throughput).
+
+    Returns:
+        One row per (speedup, method, training) with ours_kl_nats, baseline_kl_nats and ratio (NaN
+        where a front does not reach the speed-up); empty when the rows hold no baseline.
+    """
+    keep = rows["method"].isin(("parent", "mip") + BASELINE_METHODS)
+    if not rows.loc[keep, "method"].isin(BASELINE_METHODS).any() or not (rows["method"] == "mip").any():
+        return pd.DataFrame(columns=["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio"])
+    return matched_ratios(rows[keep], tuple(float(s) for s in speedups), ours="mip", y="kl_nats")
+
+
+def ratio_table(ratios: pd.DataFrame) -> str:
+    """`front_ratios` as text: one line per baseline, one column per speed-up ("-": not reached)."""
+    if ratios.empty:
+        return "(no baseline to compare with: run `puzzle baselines` first)"
+    trained = {"init": ", as initialised", "bld": ", after BLD"}
+    table = ratios.assign(baseline=[LABELS.get(m, m) + trained.get(t, "") for m, t in zip(ratios["method"], ratios["training"])],
+                          at=ratios["speedup"].map(lambda s: f"{s:g}x"))
+    wide = table.pivot_table(index="baseline", columns="at", values="ratio", sort=False, dropna=False)
+    width = max(len("ours / baseline"), *map(len, wide.index))
+    lines = ["ours / baseline".ljust(width) + "".join(f"{c:>8}" for c in wide.columns)]
+    for label, values in wide.iterrows():
+        lines.append(label.ljust(width) + "".join(f"{v:8.2f}" if math.isfinite(v) else f"{'-':>8}" for v in values))
+    return "\n".join(lines)
+
+
+def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None) -> pd.DataFrame:
     """DIR/front_all.csv and DIR/front_all.png: every realized model of the run (our children and,
     where `puzzle baselines` / `puzzle refine` ran, theirs), measured throughput vs evaluation KL.
+    With `speedups`, also DIR/front_ratios.csv: `front_ratios` at those speed-ups (attrs["ratios"]).
 
     Returns the rows (`front_rows`). Raises FileNotFoundError when the run has no front yet.
     """
@@ -420,6 +462,10 @@ def write_front_all(run_dir: str | Path, title: str | None = None) -> pd.DataFra
     run_dir = Path(run_dir)
     rows = front_rows(run_dir)
     atomic_write_text(run_dir / "front_all.csv", rows.to_csv(index=False))
+    if speedups is not None:
+        ratios = front_ratios(rows, speedups)
+        atomic_write_text(run_dir / "front_ratios.csv", ratios.to_csv(index=False))
+        rows.attrs["ratios"] = ratios
     front_plot(rows, run_dir / "front_all.png", title=title or f"front of {run_dir.name}: our children and baselines",
                xlabel="measured throughput (generated tokens/s at the run's workload)")
     return rows

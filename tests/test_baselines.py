@@ -101,6 +101,29 @@ def test_matched_ratios_interpolate_and_never_extrapolate():
     assert math.isnan(r.loc[2.0, "ratio"])  # the baseline never reaches 2x
 
 
+def test_front_ratios_compare_plain_mip_with_baselines_only():
+    from puzzle.plots import front_ratios, ratio_table
+
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0},
+        {"name": "a", "method": "mip", "training": "bld", "speedup": 1.5, "kl_nats": 0.3},
+        {"name": "a-refined", "method": "mip-refined", "training": "bld", "speedup": 1.5, "kl_nats": 0.1},
+        {"name": "a-fused", "method": "ffn_fusion", "training": "bld", "speedup": 1.6, "kl_nats": 0.05},
+        {"name": "g", "method": "greedy", "training": "bld", "speedup": 1.5, "kl_nats": 0.6},
+        {"name": "w0", "method": "uniform_width", "training": "init", "speedup": 1.5, "kl_nats": 1.5},
+        {"name": "w1", "method": "uniform_width", "training": "bld", "speedup": 1.5, "kl_nats": 0.5},
+    ])
+    r = front_ratios(rows, [1.5, 2]).set_index(["speedup", "method", "training"])["ratio"]
+    # the refined and fused children are neither "ours" nor baselines here: the plain MIP child's 0.3 is
+    assert r[(1.5, "greedy", "bld")] == pytest.approx(0.5) and r[(1.5, "uniform_width", "init")] == pytest.approx(0.2)
+    assert r[(1.5, "uniform_width", "bld")] == pytest.approx(0.6) and r.xs(2.0).isna().all()
+    assert set(r.index.get_level_values("method")) == {"greedy", "uniform_width"}
+    text = ratio_table(front_ratios(rows, [1.5, 2]))
+    assert "greedy, same library, after BLD" in text and "0.50" in text and "2x" in text and "-" in text
+    assert front_ratios(rows[rows["method"].isin(["parent", "mip"])], [1.5]).empty
+    assert "puzzle baselines" in ratio_table(front_ratios(rows[rows["method"] != "mip"], [1.5]))
+
+
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
     import numpy as np
 
@@ -173,18 +196,53 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     import shutil
 
     from puzzle.cli import main
+    from puzzle.baselines import open_run
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
     assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    drawn = (out / "front.csv").stat().st_mtime_ns
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "front.csv").stat().st_mtime_ns == drawn  # a finished front is drawn, not solved and timed again
     rows = pd.read_csv(out / "front_all.csv")
     assert "parent" in set(rows["name"]) and {"layer_removal", "greedy"} <= set(rows["method"])
+    ratios = pd.read_csv(out / "front_ratios.csv")  # ours / each baseline at the run's front speed-ups
+    assert {"greedy", "layer_removal"} <= set(ratios["method"]) and "mip" not in set(ratios["method"])
+    assert set(ratios["speedup"]) == set(open_run(out, progress=False).config.search.front_speedups)
+    reached = ratios.dropna(subset=["ratio"])
+    assert len(reached) and (reached["ratio"] == reached["ours_kl_nats"] / reached["baseline_kl_nats"]).all()
     assert (out / "front_all.png").stat().st_size > 0 and (out / "front.png").is_file()
     # the stage commands that read a run directory without a preset flag
     assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 0
     assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "exp"), "--no-progress"]) == 0
     assert (tmp_path / "exp" / "config.json").is_file()
+
+
+def test_a_front_is_reused_only_while_its_settings_and_tables_hold(tmp_path_factory, tmp_path):
+    import json
+    import os
+    import shutil
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, front_is_current, stage_front
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    saved = load_run_config(out)
+    run = Run(out, saved, progress=False)
+    assert front_is_current(run, saved) == "no front.csv yet"
+    stage_front(run)
+    assert front_is_current(run, saved) is None
+    other = saved.replace(search={"front_speedups": (1.25, 2.0)})
+    assert front_is_current(Run(out, other, progress=False), saved) == "the settings changed"
+    newer = (out / "front.csv").stat().st_mtime + 5
+    os.utime(out / "score" / "cost.csv", (newer, newer))  # a cost table timed again after the front
+    assert "newer than front.csv" in front_is_current(run, saved)
+    os.utime(out / "front.csv")  # drawn again after that table, but without a child the last search chose
+    chosen = json.loads((out / "search" / "chosen.json").read_text())
+    (out / "search" / "chosen.json").write_text(json.dumps({**chosen, "names": chosen["names"] + ["child-9x"]}))
+    assert front_is_current(run, saved) == "front.csv lacks some searched children"
 
 
 def test_a_widened_space_keeps_finished_entries_and_scores(tmp_path_factory, tmp_path):
