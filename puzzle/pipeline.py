@@ -874,16 +874,28 @@ def front_is_current(run: Run, saved_config) -> str | None:
     path = run.out / "front.csv"
     if not path.is_file():
         return "no front.csv yet"
-    if saved_config != run.config:
+    if saved_config is None:
+        return "no saved settings (config.json)"
+
+    def targets(config):  # the same set of front speed-ups in another order or repeated is the same front
+        return config.replace(search={"front_speedups": tuple(sorted(set(config.search.front_speedups)))})
+
+    if targets(saved_config) != targets(run.config):
         return "the settings changed"
     chosen = run.out / "search" / "chosen.json"
     if not chosen.is_file():
         return "no search/chosen.json"
-    names = {n for n in read_json(chosen).get("names", []) if not n.endswith("-init")}
-    if not names <= set(pd.read_csv(path)["name"]):
+    try:
+        names = {str(n) for n in read_json(chosen)["names"] if not str(n).endswith("-init")}
+        have = set(pd.read_csv(path)["name"].astype(str))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # unreadable JSON/CSV, a field missing
+        return "front.csv or search/chosen.json is unreadable"
+    if not names <= have:
         return "front.csv lacks some searched children"
     tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
-    if not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
+    if not tables:
+        return "no score or cost table"
+    if max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
         return "the score or cost table is newer than front.csv"
     return None
 

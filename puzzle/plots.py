@@ -225,8 +225,8 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
     Returns:
         One row per (speedup, method, training) with ours_<y>, baseline_<y> and ratio.
     """
-    def curve(part):
-        pts = sorted(zip(part["speedup"], part[y]))
+    def curve(part):  # a model without a finite speed-up or y (not measured) is no point of its front
+        pts = sorted((float(s), float(v)) for s, v in zip(part["speedup"], part[y]) if math.isfinite(s) and math.isfinite(v))
         pts = [(1.0, 0.0)] + [p for p in pts if p[0] > 1.0]
         best, out = math.inf, []
         for s, v in reversed(pts):  # the best y at or above each speed-up
@@ -432,7 +432,7 @@ def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0)) -> pd.DataFrame:
     keep = rows["method"].isin(("parent", "mip") + BASELINE_METHODS)
     if not rows.loc[keep, "method"].isin(BASELINE_METHODS).any() or not (rows["method"] == "mip").any():
         return pd.DataFrame(columns=["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio"])
-    return matched_ratios(rows[keep], tuple(float(s) for s in speedups), ours="mip", y="kl_nats")
+    return matched_ratios(rows[keep], tuple(sorted({float(s) for s in speedups})), ours="mip", y="kl_nats")
 
 
 def ratio_table(ratios: pd.DataFrame) -> str:
