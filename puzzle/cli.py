@@ -33,7 +33,8 @@ def _add_common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (a preset, then flags on top; saved to DIR/config.json)")
-    g.add_argument("--preset", help="packaged preset name (`puzzle presets` lists them: smollm2-demo, smollm2-quick, tiny) or a .toml file; default: the "
+    g.add_argument("--preset", help="packaged preset name (`puzzle presets` lists them: smollm2-demo, smollm2-quick, "
+                                    "tiny) or a .toml file; default: the "
                                     "configuration saved in DIR, else smollm2-demo")
     g.add_argument("--parent", metavar="PATH", help="parent model: HF folder with safetensors, a .gguf file, a "
                                                     "nemotron-nas folder, asset:<name>, or 'tiny'")
