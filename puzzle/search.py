@@ -266,7 +266,7 @@ class _Search:
         share = f" ({smallest / parent:.3g} of the parent)" if parent > 0 else ""
         advice = (f"raise {BUDGET_FLAGS[column]} to at least {suggest_fraction(smallest, parent):g}"
                   if parent > 0 else f"raise {BUDGET_FLAGS[column]} to at least {smallest:.6g} {unit}")
-        if column == "runtime_ms" and parent > 0:  # the same limit, as the speed-up a user may have asked for
+        if column == "runtime_ms" and parent > 0 and smallest > 0:  # the same limit as a speed-up, as a user may ask
             advice += f" (or --speedup at most {math.floor(parent / smallest * 1000) / 1000:g})"
         scope = " with the variants --vllm-compatible/--exclude leave" if self.filtered else ""
         return (f"no architecture in the library{scope} meets max_{column}={bound:.6g}{context}; "
