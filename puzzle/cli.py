@@ -98,6 +98,8 @@ def _resolve_config(args, out: Path):
         changes["search"].update(speedup=flag("speedup"), max_runtime=flag("max_runtime"), max_memory=flag("max_memory"))
     if flag("vllm_compatible"):
         changes["search"]["vllm_compatible"] = True
+    if flag("objective"):
+        changes["search"]["objective"] = args.objective
     if flag("budget_feedback") is not None:
         changes["search"]["budget_feedback"] = args.budget_feedback
     if flag("front_speedups"):
@@ -108,10 +110,14 @@ def _resolve_config(args, out: Path):
     return config.replace(**changes)
 
 
-def _run_for(args, need_config: bool = True):
+def _run_for(args, need_config: bool = True, existing: bool = False):
+    """The Run for `args.out`; `existing`: refuse a directory that no earlier stage wrote (nothing is created)."""
     from .config import load_run_config
     from .pipeline import Run
 
+    if existing and not (args.out / "config.json").is_file():
+        raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
+                          f"first with `puzzle run --out {args.out}` (or `puzzle data`, `bld` and `score`)")
     config = _resolve_config(args, args.out) if need_config else load_run_config(args.out)
     return Run(args.out, config, progress=not args.no_progress, log=_log)
 
@@ -165,23 +171,45 @@ def cmd_search(args) -> int:
         raise PuzzleError("puzzle search needs --out DIR (a run directory after `puzzle score`) or --library PATH "
                           "(a block library: a run directory, its score/score_table.csv, or the Puzzle authors' "
                           "published library folder)")
+    library_only = [flag for flag, given in [
+        ("--max-prefill", args.max_prefill), ("--max-decode", args.max_decode), ("--max-params", args.max_params),
+        ("--min-throughput", args.min_throughput), ("--exclude", args.exclude), ("--greedy", args.greedy),
+        ("--num-solutions", args.num_solutions != 1), ("--min-layers-differ", args.min_layers_differ != 1),
+        ("--roofline", args.roofline), ("--output", args.output)] if given]
+    if library_only:
+        raise PuzzleError(f"{', '.join(library_only)} {'works' if len(library_only) == 1 else 'work'} on a read-only search of a table: `puzzle search --library "
+                          f"{args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
+                          "budgets (--speedup, --max-runtime, --max-memory, --objective, --vllm-compatible) for "
+                          "realize, export and front")
+    from .config import load_run_config, save_run_config
     from .pipeline import stage_search
 
-    stage_search(_run_for(args), json_out=args.json)
+    saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
+    run = _run_for(args, existing=True)
+    try:
+        stage_search(run, json_out=args.json)
+    except BaseException:
+        if saved is not None:
+            save_run_config(saved, args.out)  # a budget that fails (infeasible, mistyped) is not kept for later stages
+        raise
+    budget = lambda c: {k: getattr(c.search, k) for k in ("speedup", "max_runtime", "max_memory") if getattr(c.search, k)}  # noqa: E731
+    if saved is not None and budget(saved) != budget(run.config):
+        _log(f"search: the run's main budget is now {budget(run.config)} (was {budget(saved)}; saved to "
+             f"{args.out / 'config.json'}, so realize, export, front and report use it)")
     return 0
 
 
 def cmd_realize(args) -> int:
     from .pipeline import stage_realize
 
-    stage_realize(_run_for(args), args.name, stage=args.stage)
+    stage_realize(_run_for(args, existing=True), args.name, stage=args.stage)
     return 0
 
 
 def cmd_export(args) -> int:
     from .pipeline import stage_export
 
-    stage_export(_run_for(args), args.name, dest=args.dest)
+    stage_export(_run_for(args, existing=True), args.name, dest=args.dest)
     return 0
 
 
@@ -198,7 +226,7 @@ def cmd_front(args) -> int:
         if args.downstream_limit < 0:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
     saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
-    run = _run_for(args)
+    run = _run_for(args, existing=True)
     stale = "--remeasure" if args.remeasure else front_is_current(run, saved)
     if stale:
         if (run.out / "front.csv").is_file():
@@ -258,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="solve the mixed-integer program for the budgets (or --library PATH alone)")
     _add_common(p, out_required=False)
-    _add_config_flags(p)
     _add_budget_flags(p)
     from .search import add_search_arguments
 

@@ -412,9 +412,51 @@ def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None) -> d
     budgets = request.resolve(parent_totals(table), meta) if budgets is None else budgets
     s = run.config.search
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
-    record = {"name": name, "library_stage": stage, **solution.to_dict(),
+    record = {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
               "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v}}
     atomic_write_json(run.out / "search" / f"{name}.json", record)
+    return record
+
+
+def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
+    """DIR/search/<name>.json when the budget feedback settled it and a new solve would start over.
+
+    The feedback (realize_and_measure) re-solves a child under table limits corrected by its
+    measured speed and rewrites the record with its `budget_feedback` history; a plain solve of the
+    same request would undo that correction. A record whose child the feedback changed (its choice
+    differs from the first measured one) is kept when it was solved on the same
+    library stage, request, objective and vLLM setting, and is newer than the score and cost tables;
+    otherwise None (solve again).
+    """
+    path = run.out / "search" / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+        history = record.get("budget_feedback") if isinstance(record, dict) else None
+        if not history or not record.get("choice") or history[0].get("choice") == record["choice"]:
+            return None  # never measured, or the feedback kept the plain solve's child: solving again gives it
+        weights = dict(record.get("objective_weights") or {})
+    except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
+        return None
+    from .search import parse_objective
+
+    s = run.config.search
+    same = (record.get("library_stage", "bld") == stage
+            and record.get("request") == {k: v for k, v in vars(request).items() if v}
+            and weights == parse_objective(s.objective)
+            and bool(record.get("vllm_compatible", False)) == s.vllm_compatible)
+    tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
+    if not same or not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
+        return None
+    return record
+
+
+def _solve_or_keep(run: Run, name: str, request, stage: str, kept: list[str]) -> dict:
+    record = settled_record(run, name, request, stage)
+    if record is None:
+        return _solve_and_save(run, name, request, stage)
+    kept.append(name)
     return record
 
 
@@ -427,19 +469,23 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
 
     t0 = time.perf_counter()
     request, main = main_budget_request(run)
-    records = {main: _solve_and_save(run, main, request, "bld")}
+    kept: list[str] = []
+    records = {main: _solve_or_keep(run, main, request, "bld", kept)}
     if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
-        records[f"{main}-init"] = _solve_and_save(run, f"{main}-init", request, "init")
+        records[f"{main}-init"] = _solve_or_keep(run, f"{main}-init", request, "init", kept)
     for s in run.config.search.front_speedups:
         name = f"child-{s:g}x"
         if name in records:
             continue
         req = BudgetRequest(speedup=str(s), max_memory=run.config.search.max_memory)
         try:
-            records[name] = _solve_and_save(run, name, req, "bld")
+            records[name] = _solve_or_keep(run, name, req, "bld", kept)
         except PuzzleError as e:
             run.say(f"search: front point {s:g}x skipped: {e}")
     run.timed("search_s", time.perf_counter() - t0)
+    if kept:
+        run.say(f"search: kept {', '.join(kept)} as the budget feedback settled them on measured speed (same budget, "
+                "objective and tables); delete DIR/search/<name>.json to solve one afresh")
     atomic_write_json(run.out / "search" / "chosen.json", {"main": main, "names": list(records)})
     for name, r in records.items():
         run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, "

@@ -183,7 +183,7 @@ def verify(solution: Solution, table: pd.DataFrame, budgets: Budgets | None = No
 # The search over one table: shared work for a sweep
 
 
-def _objective_weights(objective) -> dict[str, float]:
+def parse_objective(objective) -> dict[str, float]:
     """The objective as {column: weight}, minimised: Σ weight · total.
 
     'kl_nats' -> {kl_nats: 1}; 'kl_nats=1,lm_loss=0.5' or a mapping -> those weights. A column in
@@ -218,7 +218,7 @@ class _Search:
 
     def __init__(self, table, objective, vllm_compatible, exclude, columns, num_solutions, num_workers):
         self.table, self.choices = table, build_choices(table)
-        self.weights = _objective_weights(objective)
+        self.weights = parse_objective(objective)
         unknown = [c for c in self.weights if c not in self.choices.values]
         if unknown:
             raise PuzzleError(f"objective columns {unknown} are not numeric columns of the score table "

@@ -93,11 +93,13 @@ def _cli(*args):
 
 
 def test_infeasible_budget_names_the_smallest_achievable_value(run_dir):
+    config = (run_dir / "config.json").read_text()
     out = _cli("search", "--out", str(run_dir), "--speedup", "1000000")
     assert out.returncode == 2
     err = out.stderr.strip()
     assert err.startswith("puzzle: error:") and "Traceback" not in err and len(err.splitlines()) == 1
     assert "runtime" in err and "at least" in err
+    assert (run_dir / "config.json").read_text() == config  # the failed budget is not saved for later stages
 
 
 @pytest.mark.parametrize("args, words", [

@@ -18,6 +18,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import save_table
 from puzzle.search import (Solution, VerificationError, add_search_arguments, build_choices, greedy, parent_totals,
                            search_main, solve, sweep, verify)
+from tiny_run import tiny_run_dir
 
 # the Puzzle authors' 70B library: ../shared/fixtures next to the repository, or $PUZZLE_70B_LIBRARY (a clone elsewhere)
 FIXTURE = Path(os.environ.get("PUZZLE_70B_LIBRARY") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -465,3 +466,64 @@ def test_search_command_without_a_run_or_library_says_which_to_give(capsys):
 
     assert main(["search", "--speedup", "2"]) == 2
     assert "needs --out DIR" in capsys.readouterr().err
+
+
+def test_stage_commands_refuse_a_directory_no_stage_wrote(tmp_path, capsys):
+    """A mistyped --out is one line and exit 2, and nothing is created there."""
+    from puzzle.cli import main
+
+    for argv in (["search", "--speedup", "2"], ["realize", "--name", "child-2x"], ["export", "--name", "child-2x"],
+                 ["front"]):
+        typo = tmp_path / f"typo-{argv[0]}"
+        assert main([*argv, "--out", str(typo)]) == 2
+        err = capsys.readouterr().err
+        assert "not a run directory" in err and len(err.strip().splitlines()) == 1, err
+        assert not typo.exists()
+
+
+def test_search_on_a_run_refuses_flags_it_would_ignore(tmp_path_factory, capsys):
+    """--max-params and the other table-only flags are not silently dropped by `puzzle search --out`."""
+    from puzzle.cli import main
+
+    run = tiny_run_dir(tmp_path_factory)
+    config = (run / "config.json").read_text()
+    for flags in (["--max-params", "0.5"], ["--greedy"], ["--num-solutions", "3"], ["--exclude", "no_op"]):
+        assert main(["search", "--out", str(run), "--speedup", "1.25", *flags]) == 2
+        err = capsys.readouterr().err
+        assert flags[0] in err and f"--library {run}" in err and len(err.strip().splitlines()) == 1
+    assert (run / "config.json").read_text() == config  # the run is left as it was
+
+
+def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp_path):
+    """A child the feedback re-solved on measured speed survives `puzzle search`; a changed input solves afresh."""
+    import os
+    import shutil
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, stage_search
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    config = load_run_config(out)
+    plain = stage_search(Run(out, config, progress=False))
+    name = "child-1.25x"
+    assert "budget_feedback" not in plain[name]  # a plain solve: nothing settled yet, solved again each time
+    # what realize_and_measure writes after a correction: another choice, and the history behind it
+    settled = {**plain[name], "choice": ["parent"] * len(plain[name]["choice"]),
+               "budget_feedback": [{"round": 0, "choice": plain[name]["choice"], "action": "tightened"},
+                                   {"round": 1, "choice": ["parent"] * len(plain[name]["choice"]), "action": "kept"}]}
+    path = out / "search" / f"{name}.json"
+    path.write_text(json.dumps(settled))
+    other = plain["child-1.5x"]  # measured and kept as solved: a new solve gives the same child, so it solves
+    (out / "search" / "child-1.5x.json").write_text(json.dumps(
+        {**other, "budget_feedback": [{"round": 0, "choice": other["choice"], "action": "kept"}]}))
+    records = stage_search(Run(out, config, progress=False))
+    assert records[name] == settled and json.loads(path.read_text()) == settled
+    assert records["child-1.5x"]["choice"] == other["choice"] and "budget_feedback" not in records["child-1.5x"]
+    # another objective solves again (and a record is not kept on a table timed after it)
+    again = stage_search(Run(out, config.replace(search={"objective": "lm_loss"}), progress=False))
+    assert "budget_feedback" not in again[name]
+    path.write_text(json.dumps(settled))
+    newer = path.stat().st_mtime + 5
+    os.utime(out / "score" / "cost.csv", (newer, newer))
+    assert "budget_feedback" not in stage_search(Run(out, config, progress=False))[name]
