@@ -56,7 +56,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budgets (fractions of the parent's totals, or absolute with units)")
-    g.add_argument("--speedup", type=float, help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
+    g.add_argument("--speedup", type=float, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
     g.add_argument("--max-runtime", metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
     g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
     g.add_argument("--vllm-compatible", action="store_true", help="leave out variants vLLM cannot serve (linear replacements)")
@@ -95,11 +95,16 @@ def _resolve_config(args, out: Path):
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
     if flag("speedup") is not None or flag("max_runtime") or flag("max_memory"):
-        changes["search"].update(speedup=flag("speedup"), max_runtime=flag("max_runtime"), max_memory=flag("max_memory"))
+        text = lambda v: v.strip() if isinstance(v, str) else v  # noqa: E731  ('0.8 ' would name a file 'mem0.8 ')
+        changes["search"].update(speedup=flag("speedup"), max_runtime=text(flag("max_runtime")),
+                                 max_memory=text(flag("max_memory")))
     if flag("vllm_compatible"):
         changes["search"]["vllm_compatible"] = True
-    if flag("objective"):
-        changes["search"]["objective"] = args.objective
+    if flag("objective") is not None:
+        from .search import parse_objective
+
+        parse_objective(args.objective)  # an empty or malformed objective fails here, before anything is saved
+        changes["search"]["objective"] = args.objective.strip()
     if flag("budget_feedback") is not None:
         changes["search"]["budget_feedback"] = args.budget_feedback
     if flag("front_speedups"):
@@ -115,6 +120,8 @@ def _run_for(args, need_config: bool = True, existing: bool = False):
     from .config import load_run_config
     from .pipeline import Run
 
+    if existing and args.out.exists() and not args.out.is_dir():
+        raise PuzzleError(f"--out {args.out} is a file; give the run directory")
     if existing and not (args.out / "config.json").is_file():
         raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
                           f"first with `puzzle run --out {args.out}` (or `puzzle data`, `bld` and `score`)")
@@ -166,6 +173,12 @@ def cmd_search(args) -> int:
     from .search import search_main
 
     if args.library is not None:
+        run_only = [flag for flag, given in [("--out", args.out), ("--front-speedups", args.front_speedups),
+                                             ("--budget-feedback", args.budget_feedback is not None)] if given]
+        if run_only:
+            raise PuzzleError(f"--library searches a table read-only and takes no {', '.join(run_only)}; give either "
+                              "--library PATH (read-only) or --out DIR (solves the run's budgets for realize, export "
+                              "and front)")
         return search_main(args)
     if args.out is None:
         raise PuzzleError("puzzle search needs --out DIR (a run directory after `puzzle score`) or --library PATH "
@@ -175,7 +188,8 @@ def cmd_search(args) -> int:
         ("--max-prefill", args.max_prefill), ("--max-decode", args.max_decode), ("--max-params", args.max_params),
         ("--min-throughput", args.min_throughput), ("--exclude", args.exclude), ("--greedy", args.greedy),
         ("--num-solutions", args.num_solutions != 1), ("--min-layers-differ", args.min_layers_differ != 1),
-        ("--roofline", args.roofline), ("--output", args.output)] if given]
+        ("--roofline", args.roofline), ("--roofline-dtype", args.roofline_dtype != "bfloat16"),
+        ("--time-limit", args.time_limit != 60.0), ("--output", args.output)] if given]
     if library_only:
         raise PuzzleError(f"{', '.join(library_only)} {'works' if len(library_only) == 1 else 'work'} on a read-only search of a table: `puzzle search --library "
                           f"{args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "

@@ -291,6 +291,9 @@ def load_run_config(out_dir: Path) -> RunConfig:
         raise PuzzleError(f"{path} does not exist: start with `puzzle run --out {out_dir}` (or `puzzle data --out {out_dir}`)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and rerun") from e
+    if not isinstance(data, dict):
+        raise PuzzleError(f"{path} holds a JSON {type(data).__name__}, not the run's settings (an object); delete it "
+                          "and rerun with the flags you want")
     return RunConfig.from_dict(data, str(path))

@@ -404,8 +404,11 @@ def main_budget_request(run: Run):
     return request, name
 
 
-def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None) -> dict:
-    """Solve `request` (or the table limits `budgets`, when given) on the `stage` table; writes DIR/search/<name>.json."""
+def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None, save: bool = True) -> dict:
+    """Solve `request` (or the table limits `budgets`, when given) on the `stage` table.
+
+    Writes DIR/search/<name>.json unless `save` is False; returns the record.
+    """
     from .search import parent_totals, solve
 
     table, meta = load_score_table(run, stage)
@@ -414,7 +417,8 @@ def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None) -> d
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
     record = {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
               "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v}}
-    atomic_write_json(run.out / "search" / f"{name}.json", record)
+    if save:
+        atomic_write_json(run.out / "search" / f"{name}.json", record)
     return record
 
 
@@ -422,74 +426,87 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     """DIR/search/<name>.json when the budget feedback settled it and a new solve would start over.
 
     The feedback (realize_and_measure) re-solves a child under table limits corrected by its
-    measured speed and rewrites the record with its `budget_feedback` history; a plain solve of the
-    same request would undo that correction. A record whose child the feedback changed (its choice
-    differs from the first measured one) is kept when it was solved on the same
-    library stage, request, objective and vLLM setting, and is newer than the score and cost tables;
-    otherwise None (solve again).
+    measured speed and rewrites the record with its `budget_feedback` history and `solved_choice`,
+    the child the plain solve gave. A plain solve of the same request would undo that correction,
+    so a record whose child differs from `solved_choice` is kept when it was solved on the same
+    library stage, request, objective and vLLM setting, is newer than the score and cost tables,
+    and passes the solver-independent check against its table (search.verify); otherwise None
+    (solve again).
     """
+    from .search import Solution, parse_objective, verify
+
     path = run.out / "search" / f"{name}.json"
     if not path.is_file():
         return None
+    s = run.config.search
     try:
         record = read_json(path)
         history = record.get("budget_feedback") if isinstance(record, dict) else None
-        if not history or not record.get("choice") or history[0].get("choice") == record["choice"]:
-            return None  # never measured, or the feedback kept the plain solve's child: solving again gives it
-        weights = dict(record.get("objective_weights") or {})
-    except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
-        return None
-    from .search import parse_objective
-
-    s = run.config.search
-    same = (record.get("library_stage", "bld") == stage
-            and record.get("request") == {k: v for k, v in vars(request).items() if v}
-            and weights == parse_objective(s.objective)
-            and bool(record.get("vllm_compatible", False)) == s.vllm_compatible)
-    tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
-    if not same or not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
-        return None
-    return record
-
-
-def _solve_or_keep(run: Run, name: str, request, stage: str, kept: list[str]) -> dict:
-    record = settled_record(run, name, request, stage)
-    if record is None:
-        return _solve_and_save(run, name, request, stage)
-    kept.append(name)
+        if not history or not isinstance(history, list) or not isinstance(record.get("choice"), list):
+            return None
+        # records written before `solved_choice` existed: the first measured child was the plain solve's
+        solved = record.get("solved_choice", history[0].get("choice") if isinstance(history[0], dict) else None)
+        if solved == record["choice"]:
+            return None  # the feedback kept the plain solve's child: solving again gives it
+        same = (record.get("library_stage", "bld") == stage
+                and record.get("request") == {k: v for k, v in vars(request).items() if v}
+                and dict(record.get("objective_weights") or {}) == parse_objective(s.objective)
+                and bool(record.get("vllm_compatible", False)) == s.vllm_compatible)
+        tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
+        if not same or not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
+            return None
+        verify(Solution.from_dict(record), load_score_table(run, stage)[0])  # a hand-edited or stale record: solve
+        if not all(isinstance(record.get(k), (int, float)) for k in ("speedup", "kl_nats", "runtime_ms")):
+            return None
+    except (PuzzleError, ValueError, TypeError, AttributeError, KeyError, IndexError, UnicodeDecodeError):
+        return None  # unreadable, hand-edited or failing verification (VerificationError): solve again
     return record
 
 
 def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     """Solve the main budget (on trained and, when scored, on init-only entries) and the front sweep.
 
-    Writes DIR/search/<name>.json per architecture; returns {name: record}.
+    Records the budget feedback settled are kept (`settled_record`). Every solve finishes before
+    anything is written, so a budget that fails leaves DIR/search/ as it was. Writes
+    DIR/search/<name>.json per architecture and DIR/search/chosen.json; returns {name: record}.
     """
     from .budgets import BudgetRequest
 
     t0 = time.perf_counter()
     request, main = main_budget_request(run)
     kept: list[str] = []
-    records = {main: _solve_or_keep(run, main, request, "bld", kept)}
+
+    def solve_or_keep(name, req, stage):
+        record = settled_record(run, name, req, stage)
+        if record is None:
+            return _solve_and_save(run, name, req, stage, save=False)
+        kept.append(name)
+        return record
+
+    records = {main: solve_or_keep(main, request, "bld")}
     if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
-        records[f"{main}-init"] = _solve_or_keep(run, f"{main}-init", request, "init", kept)
+        records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
     for s in run.config.search.front_speedups:
         name = f"child-{s:g}x"
         if name in records:
             continue
         req = BudgetRequest(speedup=str(s), max_memory=run.config.search.max_memory)
         try:
-            records[name] = _solve_or_keep(run, name, req, "bld", kept)
+            records[name] = solve_or_keep(name, req, "bld")
         except PuzzleError as e:
             run.say(f"search: front point {s:g}x skipped: {e}")
+    for name, record in records.items():
+        if name not in kept:
+            atomic_write_json(run.out / "search" / f"{name}.json", record)
     run.timed("search_s", time.perf_counter() - t0)
-    if kept:
-        run.say(f"search: kept {', '.join(kept)} as the budget feedback settled them on measured speed (same budget, "
-                "objective and tables); delete DIR/search/<name>.json to solve one afresh")
     atomic_write_json(run.out / "search" / "chosen.json", {"main": main, "names": list(records)})
+    if kept:
+        run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
+                "on measured speed (same budget, objective and tables); delete DIR/search/<name>.json to solve afresh")
     for name, r in records.items():
         run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, "
-                f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s")
+                f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s"
+                + (" (kept)" if name in kept else ""))
     if json_out:
         print(json.dumps(records[main]))
     return records
@@ -498,11 +515,17 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
 def read_architecture(run: Run, name: str) -> dict:
     """DIR/search/<name>.json, with a hint when it is missing."""
     path = run.out / "search" / f"{name}.json"
-    if not path.is_file():
-        have = sorted(p.stem for p in (run.out / "search").glob("child-*.json")) if (run.out / "search").is_dir() else []
-        raise PuzzleError(f"no architecture named {name!r} in {run.out / 'search'}; "
-                          + (f"choose one of {have}" if have else "run `puzzle search` first"))
-    return read_json(path)
+    have = sorted(p.stem for p in (run.out / "search").glob("child-*.json")) if (run.out / "search").is_dir() else []
+    hint = f"choose one of {have}" if have else "run `puzzle search` first"
+    if not path.is_file() or name == "chosen" or Path(name).name != name:
+        raise PuzzleError(f"no architecture named {name!r} in {run.out / 'search'}; {hint}")
+    try:
+        record = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and run `puzzle search` again") from e
+    if not isinstance(record, dict) or not isinstance(record.get("choice"), list):
+        raise PuzzleError(f"{path} is not an architecture record (no 'choice' list); {hint}")
+    return record
 
 
 # ------------------------------------------------------------------------------------------------
@@ -732,11 +755,14 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         return _solve_and_save(run, name, request, record.get("library_stage", "bld"), budgets=budgets)
 
     s = run.config.search
+    # the plain solve's child of each budget (a record the feedback settled before carries it along)
+    solved = {name: r.get("solved_choice", r["choice"]) for name, r in records.items()}
     records, measured, checks, history = settle(records, measure, resolve, rounds=s.budget_feedback,
                                                 slack=s.budget_slack, workload_meta=run.workload().meta(),
                                                 say=run.say)
     for name, record in records.items():
-        atomic_write_json(run.out / "search" / f"{name}.json", {**record, "budget_feedback": history.get(name, [])})
+        atomic_write_json(run.out / "search" / f"{name}.json",
+                          {**record, "solved_choice": solved[name], "budget_feedback": history.get(name, [])})
     atomic_write_json(run.out / "children" / "budget_feedback.json",
                       {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
                        "final": {n: c.to_dict() for n, c in checks.items()}})

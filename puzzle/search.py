@@ -198,18 +198,24 @@ def parse_objective(objective) -> dict[str, float]:
         weights = {}
         for part in filter(None, (p.strip() for p in objective.split(","))):
             column, _, weight = part.partition("=")
+            column = column.strip()
+            if column in weights:
+                raise PuzzleError(f"objective {objective!r} names {column!r} twice; give each column once")
             try:
-                weights[column.strip()] = float(weight) if weight else 1.0
+                weights[column] = float(weight) if weight else 1.0
             except ValueError as e:
                 raise PuzzleError(f"objective {objective!r}: write 'column' or 'column=weight,column=weight'") from e
     else:
         weights = {str(k): float(w) for k, w in dict(objective).items()}
     if not weights:
         raise PuzzleError("the objective is empty; write e.g. 'kl_nats'")
-    negative = [c for c, w in weights.items() if w < 0]
-    if negative:
-        raise PuzzleError(f"objective weights must be >= 0 (got {weights}); {list(HIGHER_IS_BETTER)} are maximised "
-                          f"by themselves, every other column is minimised")
+    bad = [c for c, w in weights.items() if not math.isfinite(w) or w < 0]
+    if bad:
+        raise PuzzleError(f"objective weights must be finite numbers >= 0 (got {weights}); {list(HIGHER_IS_BETTER)} "
+                          f"are maximised by themselves, every other column is minimised")
+    if not any(weights.values()):
+        raise PuzzleError(f"objective {weights}: every weight is 0, so any child under the budgets would do; give "
+                          "at least one column a weight above 0")
     return {c: -w if c in HIGHER_IS_BETTER else w for c, w in weights.items()}
 
 
@@ -230,7 +236,10 @@ class _Search:
         self.allowed = allowed_slots(ch, vllm_compatible, exclude)
         self.filtered = vllm_compatible or bool(exclude)
         if np.isnan(self.objective[self.allowed]).any():
-            raise PuzzleError(f"objective {self.weights} has missing values in the score table; rescore or pick another")
+            gaps = {c: int(np.isnan(ch.values[c][self.allowed]).sum()) for c in self.weights}
+            raise PuzzleError(f"objective {self.weights}: the score table lacks values of "
+                              f"{', '.join(f'{c} ({n} variants)' for c, n in gaps.items() if n)}; rescore "
+                              f"(`puzzle score`) or pick another objective")
         self.columns = tuple(columns)
         for c in self.columns:
             if np.isnan(ch.values[c][self.allowed]).any() or not math.isfinite(ch.base[c]):
@@ -564,8 +573,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     _add_once(g, "--min-throughput", metavar="R", help="throughput floor: generated tokens/s ('1200tok/s') or a "
                                                        "multiple of the parent's ('1.5x')")
     _add_once(g, "--vllm-compatible", action="store_true", help="leave out variants vLLM cannot serve (linear)")
-    _add_once(g, "--objective", default=None, help="score to optimise: kl_nats (default), lm_loss, cosine "
-                                                   "(maximised), or a weighted sum 'kl_nats=1,cosine=0.5'")
+    _add_once(g, "--objective", default=None, help="score to optimise: kl_nats (default; with --out the run's "
+                                                   "saved one), lm_loss, cosine (maximised), or a weighted sum "
+                                                   "'kl_nats=1,cosine=0.5'")
     _add_once(g, "--exclude", action="append", default=[], metavar="VARIANT",
               help="leave out a variant id (block, attention or FFN id), repeatable")
     _add_once(g, "--num-solutions", type=int, default=1, metavar="K", help="K diverse solutions (default 1)")

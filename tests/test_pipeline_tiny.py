@@ -49,6 +49,7 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
         record = json.loads((run_dir / "search" / f"{name}.json").read_text())
         assert record["budget_feedback"] == feedback["children"][name]
         assert record["choice"] == feedback["children"][name][-1]["choice"]  # the search file holds the final child
+        assert record["solved_choice"] == feedback["children"][name][0]["choice"]  # and the plain solve's
 
 
 def test_search_respects_the_budget_and_verifies(run_dir):

@@ -495,8 +495,8 @@ def test_search_on_a_run_refuses_flags_it_would_ignore(tmp_path_factory, capsys)
 
 
 def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp_path):
-    """A child the feedback re-solved on measured speed survives `puzzle search`; a changed input solves afresh."""
-    import os
+    """A child the feedback re-solved on measured speed survives `puzzle search` and later measurements; a changed
+    input, a stale or a hand-broken record solves afresh; a failing search leaves DIR/search/ as it was."""
     import shutil
 
     from puzzle.config import load_run_config
@@ -506,24 +506,71 @@ def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
     config = load_run_config(out)
     plain = stage_search(Run(out, config, progress=False))
-    name = "child-1.25x"
+    name, other = "child-1.25x", "child-1.5x"
     assert "budget_feedback" not in plain[name]  # a plain solve: nothing settled yet, solved again each time
-    # what realize_and_measure writes after a correction: another choice, and the history behind it
-    settled = {**plain[name], "choice": ["parent"] * len(plain[name]["choice"]),
-               "budget_feedback": [{"round": 0, "choice": plain[name]["choice"], "action": "tightened"},
-                                   {"round": 1, "choice": ["parent"] * len(plain[name]["choice"]), "action": "kept"}]}
+    # what realize_and_measure writes after a correction: another child (here 1.5x's, which also meets 1.25x's
+    # budget), the plain solve's child and the history; a later measurement starts a new history at the kept child
+    settled = {**plain[other], "name": name, "request": plain[name]["request"], "budgets": plain[name]["budgets"],
+               "solved_choice": plain[name]["choice"],
+               "budget_feedback": [{"round": 0, "choice": plain[other]["choice"], "action": "kept"}]}
+    assert settled["choice"] != plain[name]["choice"]
     path = out / "search" / f"{name}.json"
     path.write_text(json.dumps(settled))
-    other = plain["child-1.5x"]  # measured and kept as solved: a new solve gives the same child, so it solves
-    (out / "search" / "child-1.5x.json").write_text(json.dumps(
-        {**other, "budget_feedback": [{"round": 0, "choice": other["choice"], "action": "kept"}]}))
+    # measured and kept as solved: a new solve gives the same child, so it solves again
+    (out / "search" / f"{other}.json").write_text(json.dumps(
+        {**plain[other], "solved_choice": plain[other]["choice"],
+         "budget_feedback": [{"round": 0, "choice": plain[other]["choice"], "action": "kept"}]}))
     records = stage_search(Run(out, config, progress=False))
     assert records[name] == settled and json.loads(path.read_text()) == settled
-    assert records["child-1.5x"]["choice"] == other["choice"] and "budget_feedback" not in records["child-1.5x"]
-    # another objective solves again (and a record is not kept on a table timed after it)
-    again = stage_search(Run(out, config.replace(search={"objective": "lm_loss"}), progress=False))
-    assert "budget_feedback" not in again[name]
-    path.write_text(json.dumps(settled))
-    newer = path.stat().st_mtime + 5
-    os.utime(out / "score" / "cost.csv", (newer, newer))
+    assert records[other]["choice"] == plain[other]["choice"] and "budget_feedback" not in records[other]
+    # an objective that fails on the init table: nothing in search/ changes
+    before = {p.name: p.read_bytes() for p in (out / "search").iterdir()}
+    init = pd.read_csv(out / "score" / "score_table_init.csv")
+    init.loc[init["variant"] == "ffn-64", "lm_loss"] = float("nan")
+    init.to_csv(out / "score" / "score_table_init.csv", index=False)
+    with pytest.raises(PuzzleError, match="lacks values of lm_loss"):
+        stage_search(Run(out, config.replace(search={"objective": "lm_loss"}), progress=False))
+    assert {p.name: p.read_bytes() for p in (out / "search").iterdir()} == before
+    # the score table was written after the record: solve again
+    table = out / "score" / "score_table_init.csv"
+    os.utime(table, (path.stat().st_mtime + 5,) * 2)
     assert "budget_feedback" not in stage_search(Run(out, config, progress=False))[name]
+    os.utime(table, (path.stat().st_mtime - 100,) * 2)
+    path.write_text(json.dumps(settled))
+    assert stage_search(Run(out, config, progress=False))[name] == settled  # older tables again: kept
+    # hand-broken records are solved again, not kept
+    for broken in ({k: v for k, v in settled.items() if k != "speedup"}, {**settled, "choice": ["nope"] * 4},
+                   {**settled, "kl_nats": "x"}, {**settled, "budget_feedback": "kept"}):
+        path.write_text(json.dumps(broken))
+        assert stage_search(Run(out, config, progress=False))[name]["choice"] == plain[name]["choice"]
+
+
+@pytest.mark.parametrize("objective, words", [
+    ("kl_nats=0", "every weight is 0"), ("kl_nats=nan", "finite"), ("lm_loss=inf", "finite"),
+    ("kl_nats=1,kl_nats=2", "twice"), (" , ", "empty")])
+def test_objectives_that_cannot_rank_children_are_refused(objective, words):
+    from puzzle.search import parse_objective
+
+    with pytest.raises(PuzzleError, match=words):
+        parse_objective(objective)
+
+
+def test_run_files_that_are_not_what_they_claim_give_one_line(tmp_path_factory, tmp_path, capsys):
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    for name in ("chosen", "../config"):  # not architectures
+        assert main(["realize", "--out", str(out), "--name", name]) == 2
+        assert "no architecture named" in capsys.readouterr().err
+    assert main(["search", "--library", str(out), "--out", str(out), "--speedup", "2"]) == 2
+    assert "either --library PATH" in capsys.readouterr().err
+    assert main(["search", "--out", str(out), "--objective", ""]) == 2
+    assert "objective is empty" in capsys.readouterr().err
+    for bad in (b"[]", b"\xfc\xfd"):
+        (out / "config.json").write_bytes(bad)
+        assert main(["search", "--out", str(out), "--speedup", "2"]) == 2
+        err = capsys.readouterr().err
+        assert "config.json" in err and len(err.strip().splitlines()) == 1
