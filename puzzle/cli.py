@@ -59,6 +59,11 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speedup", type=float, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
     g.add_argument("--max-runtime", metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
     g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
+    g.add_argument("--max-prefill", metavar="F", help="prefill latency budget: a fraction or '40ms'")
+    g.add_argument("--max-decode", metavar="F", help="decode latency budget (all decode steps): a fraction or '5ms'")
+    g.add_argument("--max-params", metavar="F", help="parameter budget: a fraction ('0.5') or '60M', '1.2B'")
+    g.add_argument("--min-throughput", metavar="R", help="throughput floor at the workload: generated tokens/s "
+                                                         "('1200tok/s') or a multiple of the parent's ('1.5x')")
     g.add_argument("--vllm-compatible", action="store_true", help="leave out variants vLLM cannot serve (linear replacements)")
     g.add_argument("--front-speedups", metavar="S,S,...", help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
@@ -94,10 +99,11 @@ def _resolve_config(args, out: Path):
     if flag("seed") is not None:
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
-    if flag("speedup") is not None or flag("max_runtime") or flag("max_memory"):
-        text = lambda v: v.strip() if isinstance(v, str) else v  # noqa: E731  ('0.8 ' would name a file 'mem0.8 ')
-        changes["search"].update(speedup=flag("speedup"), max_runtime=text(flag("max_runtime")),
-                                 max_memory=text(flag("max_memory")))
+    budget_fields = ("max_runtime", "max_memory", "max_prefill", "max_decode", "max_params", "min_throughput")
+    if flag("speedup") is not None or any(flag(f) for f in budget_fields):
+        # the budget flags replace the saved main budget as a whole ('0.8 ' would name a file 'mem0.8 ')
+        changes["search"].update(speedup=flag("speedup"),
+                                 **{f: flag(f).strip() if isinstance(flag(f), str) else flag(f) for f in budget_fields})
     if flag("vllm_compatible"):
         changes["search"]["vllm_compatible"] = True
     if flag("objective") is not None:
@@ -185,18 +191,18 @@ def cmd_search(args) -> int:
                           "(a block library: a run directory, its score/score_table.csv, or the Puzzle authors' "
                           "published library folder)")
     library_only = [flag for flag, given in [
-        ("--max-prefill", args.max_prefill), ("--max-decode", args.max_decode), ("--max-params", args.max_params),
-        ("--min-throughput", args.min_throughput), ("--exclude", args.exclude), ("--greedy", args.greedy),
+        ("--exclude", args.exclude), ("--greedy", args.greedy),
         ("--num-solutions", args.num_solutions != 1), ("--min-layers-differ", args.min_layers_differ != 1),
         ("--roofline", args.roofline), ("--roofline-dtype", args.roofline_dtype != "bfloat16"),
         ("--time-limit", args.time_limit != 60.0), ("--output", args.output)] if given]
     if library_only:
-        raise PuzzleError(f"{', '.join(library_only)} {'works' if len(library_only) == 1 else 'work'} on a read-only search of a table: `puzzle search --library "
-                          f"{args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
-                          "budgets (--speedup, --max-runtime, --max-memory, --objective, --vllm-compatible) for "
-                          "realize, export and front")
+        verb = "works" if len(library_only) == 1 else "work"
+        raise PuzzleError(f"{', '.join(library_only)} {verb} on a read-only search of a table: `puzzle search "
+                          f"--library {args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
+                          "budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
+                          "--min-throughput, --objective, --vllm-compatible) for realize, export and front")
     from .config import load_run_config, save_run_config
-    from .pipeline import stage_search
+    from .pipeline import BUDGET_FIELDS, stage_search
 
     saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
     run = _run_for(args, existing=True)
@@ -206,7 +212,7 @@ def cmd_search(args) -> int:
         if saved is not None:
             save_run_config(saved, args.out)  # a budget that fails (infeasible, mistyped) is not kept for later stages
         raise
-    budget = lambda c: {k: getattr(c.search, k) for k in ("speedup", "max_runtime", "max_memory") if getattr(c.search, k)}  # noqa: E731
+    budget = lambda c: {k: getattr(c.search, k) for k, _ in BUDGET_FIELDS if getattr(c.search, k)}  # noqa: E731
     if saved is not None and budget(saved) != budget(run.config):
         _log(f"search: the run's main budget is now {budget(run.config)} (was {budget(saved)}; saved to "
              f"{args.out / 'config.json'}, so realize, export, front and report use it)")

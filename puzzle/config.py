@@ -107,6 +107,11 @@ class SearchConfig:
 
     speedup: shorthand for max_runtime = 1/speedup of the parent's runtime.
     max_runtime, max_memory: fractions of the parent's totals ("0.6") or absolute ("250ms", "2GiB").
+    max_prefill, max_decode, max_params: the same for prefill latency, decode latency and the
+        parameter count ("40ms", "5ms", "60M"); min_throughput: generated tokens/s at the workload
+        ("1200tok/s") or a multiple of the parent's ("1.5x"), a runtime bound (budgets.py). The
+        main child meets all that are given; the front's points keep the memory and parameter
+        budgets and sweep the runtime.
     front_speedups: speed-up targets of the accuracy-throughput front.
     budget_feedback: re-solve rounds driven by the whole-model measurement (puzzle/feedback.py):
         a child measured over its budget by more than the timing noise is solved again under a
@@ -122,6 +127,10 @@ class SearchConfig:
     speedup: float | None = 1.5
     max_runtime: str | None = None
     max_memory: str | None = None
+    max_prefill: str | None = None
+    max_decode: str | None = None
+    max_params: str | None = None
+    min_throughput: str | None = None
     vllm_compatible: bool = False
     objective: str = "kl_nats"
     front_speedups: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0)
@@ -133,6 +142,16 @@ class SearchConfig:
 
         object.__setattr__(self, "budget_feedback", check_rounds(self.budget_feedback))
         object.__setattr__(self, "budget_slack", check_slack(self.budget_slack))
+        from .budgets import BudgetRequest
+
+        texts = {f: getattr(self, f) for f in ("max_runtime", "max_memory", "max_prefill", "max_decode", "max_params",
+                                               "min_throughput") if getattr(self, f) not in (None, "")}
+        try:  # malformed budgets fail here, before any stage runs (the parent's totals only scale fractions)
+            BudgetRequest(**{f: str(v) for f, v in texts.items()}).resolve(
+                {"runtime_ms": 1.0, "prefill_ms": 1.0, "decode_ms": 1.0, "memory_mib": 1.0, "params": 1.0},
+                {"batch_size": 1, "gen_len": 1})
+        except PuzzleError as e:
+            raise PuzzleError(f"search budget: {e}") from e
         if self.speedup is not None:
             object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number > 0 "
                                                                         "(e.g. 1.5)"))

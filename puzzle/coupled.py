@@ -247,9 +247,8 @@ def stage_coupled(run) -> pd.DataFrame:
     Returns:
         The score table the search should use.
     """
-    from .budgets import BudgetRequest
     from .io import save_table
-    from .pipeline import SCORE_COLUMNS, cost_meta, load_score_table, main_budget_request, stage_cost
+    from .pipeline import SCORE_COLUMNS, cost_meta, front_request, load_score_table, main_budget_request, stage_cost
     from .scoring.quality import ResultLog, parent_cache
     from .search import parent_totals
 
@@ -261,8 +260,7 @@ def stage_coupled(run) -> pd.DataFrame:
     save_table(decoupled, run.out / "score" / "score_table_decoupled.csv", {**meta, "coupled_blocks": 0})
     t0 = time.perf_counter()
     request, _ = main_budget_request(run)
-    requests = [request] + [BudgetRequest(speedup=str(s), max_memory=run.config.search.max_memory)
-                            for s in run.config.search.front_speedups]
+    requests = [request] + [front_request(run, s) for s in run.config.search.front_speedups]
     totals = parent_totals(decoupled)
     budgets = [r.resolve(totals, meta) for r in requests]
     blocks = narrow_blocks(decoupled, budgets, cfg.coupled_top_k, run.config.search.objective,

@@ -386,22 +386,34 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
     return load_table(run.out / "score" / name, required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
 
 
+#: the run's budget fields (SearchConfig) as BudgetRequest fields, and how the main child's name spells them
+BUDGET_FIELDS = (("speedup", "x"), ("max_runtime", "rt"), ("max_memory", "mem"), ("max_prefill", "prefill"),
+                 ("max_decode", "decode"), ("max_params", "params"), ("min_throughput", "tput"))
+
+
 def main_budget_request(run: Run):
-    """The user's budgets for the main child and its name."""
+    """The user's budgets for the main child (a BudgetRequest) and its name ("child-1.5x", "child-mem0.8-params60M")."""
     from .budgets import BudgetRequest
 
     s = run.config.search
-    if s.speedup is None and not s.max_runtime and not s.max_memory:
-        raise PuzzleError("no budget given: pass --speedup S, --max-runtime F or --max-memory F")
-    request = BudgetRequest(max_runtime=s.max_runtime, max_memory=s.max_memory,
-                            speedup=None if s.speedup is None else str(s.speedup))
-    if s.speedup is not None and not s.max_runtime and not s.max_memory:
-        name = f"child-{s.speedup:g}x"
-    else:
-        parts = ([f"{s.speedup:g}x"] if s.speedup else []) + ([f"rt{s.max_runtime}"] if s.max_runtime else []) + \
-                ([f"mem{s.max_memory}"] if s.max_memory else [])
-        name = "child-" + "-".join(p.replace("/", "_") for p in parts)
-    return request, name
+    given = {f: getattr(s, f) for f, _ in BUDGET_FIELDS if getattr(s, f) not in (None, "")}
+    if not given:
+        raise PuzzleError("no budget given: pass --speedup S, --max-runtime F, --max-memory F, --max-prefill F, "
+                          "--max-decode F, --max-params F or --min-throughput R")
+    request = BudgetRequest(**{f: str(v) for f, v in given.items()})
+    if set(given) == {"speedup"}:
+        return request, f"child-{s.speedup:g}x"
+    parts = [f"{v:g}x" if f == "speedup" else f"{tag}{v}" for f, tag in BUDGET_FIELDS if f in given
+             for v in [given[f]]]
+    return request, "child-" + "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
+
+
+def front_request(run: Run, speedup: float):
+    """The budget of the front's point at `speedup`: that runtime, with the run's memory and parameter budgets."""
+    from .budgets import BudgetRequest
+
+    s = run.config.search
+    return BudgetRequest(speedup=str(speedup), max_memory=s.max_memory, max_params=s.max_params)
 
 
 def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None, save: bool = True) -> dict:
@@ -470,8 +482,6 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     anything is written, so a budget that fails leaves DIR/search/ as it was. Writes
     DIR/search/<name>.json per architecture and DIR/search/chosen.json; returns {name: record}.
     """
-    from .budgets import BudgetRequest
-
     t0 = time.perf_counter()
     request, main = main_budget_request(run)
     kept: list[str] = []
@@ -490,7 +500,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         name = f"child-{s:g}x"
         if name in records:
             continue
-        req = BudgetRequest(speedup=str(s), max_memory=run.config.search.max_memory)
+        req = front_request(run, s)
         try:
             records[name] = solve_or_keep(name, req, "bld")
         except PuzzleError as e:

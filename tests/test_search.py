@@ -482,12 +482,12 @@ def test_stage_commands_refuse_a_directory_no_stage_wrote(tmp_path, capsys):
 
 
 def test_search_on_a_run_refuses_flags_it_would_ignore(tmp_path_factory, capsys):
-    """--max-params and the other table-only flags are not silently dropped by `puzzle search --out`."""
+    """--greedy and the other table-only flags are not silently dropped by `puzzle search --out`."""
     from puzzle.cli import main
 
     run = tiny_run_dir(tmp_path_factory)
     config = (run / "config.json").read_text()
-    for flags in (["--max-params", "0.5"], ["--greedy"], ["--num-solutions", "3"], ["--exclude", "no_op"]):
+    for flags in (["--time-limit", "5"], ["--greedy"], ["--num-solutions", "3"], ["--exclude", "no_op"]):
         assert main(["search", "--out", str(run), "--speedup", "1.25", *flags]) == 2
         err = capsys.readouterr().err
         assert flags[0] in err and f"--library {run}" in err and len(err.strip().splitlines()) == 1
@@ -574,3 +574,31 @@ def test_run_files_that_are_not_what_they_claim_give_one_line(tmp_path_factory, 
         assert main(["search", "--out", str(out), "--speedup", "2"]) == 2
         err = capsys.readouterr().err
         assert "config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_run_takes_every_budget_kind(tmp_path_factory, tmp_path, capsys):
+    """Parameter, prefill, decode and throughput budgets reach the run's main child and the front keeps the
+    parameter budget; what the solver returns meets them on the table."""
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    assert main(["search", "--out", str(out), "--max-params", "0.8", "--max-decode", "0.9", "--json"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out.strip().splitlines()[-1])
+    assert record["name"] == "child-decode0.9-params0.8" and record["request"] == {"max_decode": "0.9", "max_params": "0.8"}
+    assert record["params"] <= 0.8 * record["parent"]["params"] + 1e-6
+    assert record["decode_ms"] <= 0.9 * record["parent"]["decode_ms"] * (1 + 1e-9)
+    front = json.loads((out / "search" / "child-1.25x.json").read_text())
+    assert front["request"] == {"speedup": "1.25", "max_params": "0.8"} and front["params"] <= 0.8 * front["parent"]["params"] + 1e-6
+    assert "main budget is now {'max_decode': '0.9', 'max_params': '0.8'}" in captured.err
+    saved = json.loads((out / "config.json").read_text())["search"]
+    assert saved["max_params"] == "0.8" and saved["speedup"] is None
+    assert main(["search", "--out", str(out), "--min-throughput", "1.2x", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["name"] == "child-tput1.2x" and record["speedup"] >= 1.2 - 1e-9
+    assert main(["search", "--out", str(out), "--max-params", "lots"]) == 2
+    assert "--max-params 'lots'" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["search"]["min_throughput"] == "1.2x"  # kept as it was
