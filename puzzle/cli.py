@@ -60,7 +60,8 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-runtime", metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
     g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
     g.add_argument("--max-prefill", metavar="F", help="prefill latency budget: a fraction or '40ms'")
-    g.add_argument("--max-decode", metavar="F", help="decode latency budget (all decode steps): a fraction or '5ms'")
+    g.add_argument("--max-decode", metavar="F", help="decode latency budget (one decode step at the workload's batch and context): a "
+                                                      "fraction or '5ms'")
     g.add_argument("--max-params", metavar="F", help="parameter budget: a fraction ('0.5') or '60M', '1.2B'")
     g.add_argument("--min-throughput", metavar="R", help="throughput floor at the workload: generated tokens/s "
                                                          "('1200tok/s') or a multiple of the parent's ('1.5x')")
@@ -100,6 +101,9 @@ def _resolve_config(args, out: Path):
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
     budget_fields = ("max_runtime", "max_memory", "max_prefill", "max_decode", "max_params", "min_throughput")
+    empty = [f for f in budget_fields if isinstance(flag(f), str) and not flag(f).strip()]
+    if empty:
+        raise PuzzleError(f"--{empty[0].replace('_', '-')} is empty; give a value (e.g. 0.5) or leave the flag out")
     if flag("speedup") is not None or any(flag(f) for f in budget_fields):
         # the budget flags replace the saved main budget as a whole ('0.8 ' would name a file 'mem0.8 ')
         changes["search"].update(speedup=flag("speedup"),
@@ -119,6 +123,24 @@ def _resolve_config(args, out: Path):
         except ValueError:
             raise PuzzleError(f"--front-speedups {args.front_speedups!r}: give numbers separated by commas, e.g. 1.25,1.5,2")
     return config.replace(**changes)
+
+
+class _ConfigKeptOnFailure:
+    """Within the block, a failure (an error, Ctrl-C) puts back DIR/config.json as `saved` had it, so
+    that flags whose stage did not finish are not read by later stages (budgets, objective)."""
+
+    def __init__(self, out: Path, saved) -> None:
+        self.out, self.saved = out, saved
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        if kind is not None and self.saved is not None:
+            from .config import save_run_config
+
+            save_run_config(self.saved, self.out)
+        return False
 
 
 def _run_for(args, need_config: bool = True, existing: bool = False):
@@ -201,17 +223,13 @@ def cmd_search(args) -> int:
                           f"--library {args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
                           "budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
                           "--min-throughput, --objective, --vllm-compatible) for realize, export and front")
-    from .config import load_run_config, save_run_config
+    from .config import load_run_config
     from .pipeline import BUDGET_FIELDS, stage_search
 
     saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
     run = _run_for(args, existing=True)
-    try:
+    with _ConfigKeptOnFailure(args.out, saved):  # a budget that fails (infeasible, mistyped) is not kept
         stage_search(run, json_out=args.json)
-    except BaseException:
-        if saved is not None:
-            save_run_config(saved, args.out)  # a budget that fails (infeasible, mistyped) is not kept for later stages
-        raise
     budget = lambda c: {k: getattr(c.search, k) for k, _ in BUDGET_FIELDS if getattr(c.search, k)}  # noqa: E731
     if saved is not None and budget(saved) != budget(run.config):
         _log(f"search: the run's main budget is now {budget(run.config)} (was {budget(saved)}; saved to "
@@ -251,7 +269,8 @@ def cmd_front(args) -> int:
     if stale:
         if (run.out / "front.csv").is_file():
             _log(f"front: solving, building and timing the front's children again ({stale})")
-        stage_front(run)
+        with _ConfigKeptOnFailure(args.out, saved):
+            stage_front(run)
     else:
         _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
              "child solved or timed again (--remeasure does both)")

@@ -101,6 +101,10 @@ class ScoreConfig:
         object.__setattr__(self, "max_contention", check_max_contention(self.max_contention, "score.max_contention"))
 
 
+#: SearchConfig's budget fields: the main child meets all that are set
+SEARCH_BUDGETS = ("speedup", "max_runtime", "max_memory", "max_prefill", "max_decode", "max_params", "min_throughput")
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Budgets for the main child and the front sweep.
@@ -144,8 +148,18 @@ class SearchConfig:
         object.__setattr__(self, "budget_slack", check_slack(self.budget_slack))
         from .budgets import BudgetRequest
 
-        texts = {f: getattr(self, f) for f in ("max_runtime", "max_memory", "max_prefill", "max_decode", "max_params",
-                                               "min_throughput") if getattr(self, f) not in (None, "")}
+        for f in SEARCH_BUDGETS[1:]:  # a TOML number (max_params = 0.5) is the same budget as the flag's text
+            value = getattr(self, f)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, f, str(value))
+            elif value is not None and not isinstance(value, str):
+                raise PuzzleError(f"search.{f} must be a number or a text such as '0.5', '60M' or '250ms', got "
+                                  f"{value!r}")
+        texts = {f: getattr(self, f) for f in SEARCH_BUDGETS[1:] if getattr(self, f) not in (None, "")}
+        long = [f for f, v in texts.items() if len(str(v)) > 32]
+        if long:  # the main child's file name spells the budgets
+            raise PuzzleError(f"search budget {long[0]} {str(texts[long[0]])[:40]!r}...: write it in at most 32 "
+                              "characters (e.g. '0.5', '60M', '250ms')")
         try:  # malformed budgets fail here, before any stage runs (the parent's totals only scale fractions)
             BudgetRequest(**{f: str(v) for f, v in texts.items()}).resolve(
                 {"runtime_ms": 1.0, "prefill_ms": 1.0, "decode_ms": 1.0, "memory_mib": 1.0, "params": 1.0},
@@ -260,6 +274,10 @@ def _section(cls, values: dict, where: str):
     if unknown:
         raise PuzzleError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}")
     values = {k: _float_from_text(v, fields[k]) for k, v in values.items()}
+    if cls is SearchConfig and any(k in values for k in SEARCH_BUDGETS):
+        # a section that sets a budget sets the whole main budget (as the flags do): the default speed-up
+        # is not added to `max_params = 0.5`; TOML has no null to unset it
+        values = {**{k: None for k in SEARCH_BUDGETS}, **values}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:  # a missing/extra argument, or a value float()/int() cannot read

@@ -951,7 +951,8 @@ def front_is_current(run: Run, saved_config) -> str | None:
 
     It can when the run's configuration equals `saved_config` (the one saved before this command
     applied its flags), the last search's children (DIR/search/chosen.json, trained library) all
-    have a row in front.csv, and front.csv is newer than the score and cost tables (DIR/score/*.csv).
+    have a row in front.csv, and front.csv is newer than that search and than the score and cost
+    tables (DIR/score/*.csv).
     """
     path = run.out / "front.csv"
     if not path.is_file():
@@ -974,6 +975,8 @@ def front_is_current(run: Run, saved_config) -> str | None:
         return "front.csv or search/chosen.json is unreadable"
     if not names <= have:
         return "front.csv lacks some searched children"
+    if chosen.stat().st_mtime > path.stat().st_mtime:  # `puzzle search` after the front may have changed children
+        return "a search ran after the front (search/chosen.json is newer than front.csv)"
     tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
     if not tables:
         return "no score or cost table"

@@ -276,7 +276,8 @@ class _Search:
         advice = (f"raise {BUDGET_FLAGS[column]} to at least {suggest_fraction(smallest, parent):g}"
                   if parent > 0 else f"raise {BUDGET_FLAGS[column]} to at least {smallest:.6g} {unit}")
         if column == "runtime_ms" and parent > 0 and smallest > 0:  # the same limit as a speed-up, as a user may ask
-            advice += f" (or --speedup at most {math.floor(parent / smallest * 1000) / 1000:g})"
+            most = math.floor(parent / smallest * 1000) / 1000
+            advice += f" (or --speedup at most {most:g}; --min-throughput at most {most:g}x)"
         scope = " with the variants --vllm-compatible/--exclude leave" if self.filtered else ""
         return (f"no architecture in the library{scope} meets max_{column}={bound:.6g}{context}; "
                 f"{words} {smallest:.6g} {unit}{share}{' under the other budgets' if context else ''}: {advice}")

@@ -257,7 +257,11 @@ def test_a_front_is_reused_only_while_its_settings_and_tables_hold(tmp_path_fact
     newer = (out / "front.csv").stat().st_mtime + 5
     os.utime(out / "score" / "cost.csv", (newer, newer))  # a cost table timed again after the front
     assert "newer than front.csv" in front_is_current(run, saved)
-    os.utime(out / "front.csv")  # drawn again after that table, but without a child the last search chose
+    os.utime(out / "front.csv", (newer + 5, newer + 5))  # drawn again after that table
+    assert front_is_current(run, saved) is None
+    os.utime(out / "search" / "chosen.json", (newer + 10, newer + 10))  # `puzzle search` ran after the front
+    assert "a search ran after the front" in front_is_current(run, saved)
+    os.utime(out / "front.csv", (newer + 20, newer + 20))  # and without a child the last search chose
     chosen = json.loads((out / "search" / "chosen.json").read_text())
     (out / "search" / "chosen.json").write_text(json.dumps({**chosen, "names": chosen["names"] + ["child-9x"]}))
     assert front_is_current(run, saved) == "front.csv lacks some searched children"

@@ -162,7 +162,8 @@ def test_infeasible_budget_names_resource_and_smallest_value():
     suggested = float(message.rsplit("at least", 1)[1].split("(")[0])
     assert suggested * parent["runtime_ms"] >= fastest
     solve(table, Budgets(max_runtime_ms=suggested * parent["runtime_ms"]))  # the advice works
-    speedup = float(message.rsplit("--speedup at most", 1)[1].rstrip(")"))  # and its speed-up form
+    speedup = float(message.rsplit("--speedup at most", 1)[1].split(";")[0])  # and its speed-up form
+    assert f"--min-throughput at most {speedup:g}x)" in message
     solve(table, Budgets(max_runtime_ms=parent["runtime_ms"] / speedup))
 
 
@@ -457,7 +458,7 @@ def test_search_command_reads_a_run_directory(tmp_path, capsys):
     assert record["speedup"] >= 1.25 and len(record["alternatives"]) == 1
     assert json.loads((tmp_path / "search.json").read_text())["choice"] == record["choice"]
     args = parser.parse_args(["--library", str(tmp_path), "--max-runtime", "1ms"])
-    with pytest.raises(PuzzleError, match=r"raise --max-runtime .*\(or --speedup at most [0-9.]+\)"):
+    with pytest.raises(PuzzleError, match=r"raise --max-runtime .*\(or --speedup at most [0-9.]+; --min-throughput at most [0-9.]+x\)"):
         search_main(args)
 
 
@@ -602,3 +603,26 @@ def test_the_run_takes_every_budget_kind(tmp_path_factory, tmp_path, capsys):
     assert main(["search", "--out", str(out), "--max-params", "lots"]) == 2
     assert "--max-params 'lots'" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["search"]["min_throughput"] == "1.2x"  # kept as it was
+
+
+def test_budgets_in_a_preset_and_on_the_command_line_replace_the_main_budget_whole(tmp_path, tmp_path_factory, capsys):
+    import shutil
+
+    from puzzle.cli import main
+    from puzzle.config import load_preset, load_run_config
+
+    preset = tmp_path / "params.toml"
+    text = (Path(__file__).resolve().parents[1] / "puzzle" / "presets" / "tiny.toml").read_text()
+    preset.write_text(text.replace("speedup = 1.5", "max_params = 0.5"))
+    search = load_preset(str(preset)).search
+    assert search.max_params == "0.5" and search.speedup is None  # the default speed-up is not added
+    with pytest.raises(PuzzleError, match="at most 32 characters"):
+        load_preset("tiny").replace(search={"max_params": "0.5" + "0" * 300})
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    assert main(["search", "--out", str(out), "--max-params="]) == 2
+    assert "--max-params is empty" in capsys.readouterr().err
+    before = load_run_config(out)
+    assert main(["front", "--out", str(out), "--max-params", "0.01", "--no-progress"]) == 2  # nothing meets it
+    assert "max_params" in capsys.readouterr().err
+    assert load_run_config(out) == before  # the failed front's budget is not kept
