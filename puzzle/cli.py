@@ -8,6 +8,7 @@ traceback); Ctrl-C exits with 130 and the same command resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -125,22 +126,18 @@ def _resolve_config(args, out: Path):
     return config.replace(**changes)
 
 
-class _ConfigKeptOnFailure:
+@contextlib.contextmanager
+def _config_kept_on_failure(out: Path, saved):
     """Within the block, a failure (an error, Ctrl-C) puts back DIR/config.json as `saved` had it, so
     that flags whose stage did not finish are not read by later stages (budgets, objective)."""
-
-    def __init__(self, out: Path, saved) -> None:
-        self.out, self.saved = out, saved
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb) -> bool:
-        if kind is not None and self.saved is not None:
+    try:
+        yield
+    except BaseException:
+        if saved is not None:
             from .config import save_run_config
 
-            save_run_config(self.saved, self.out)
-        return False
+            save_run_config(saved, out)
+        raise
 
 
 def _run_for(args, need_config: bool = True, existing: bool = False):
@@ -228,7 +225,7 @@ def cmd_search(args) -> int:
 
     saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
     run = _run_for(args, existing=True)
-    with _ConfigKeptOnFailure(args.out, saved):  # a budget that fails (infeasible, mistyped) is not kept
+    with _config_kept_on_failure(args.out, saved):  # a budget that fails (infeasible, mistyped) is not kept
         stage_search(run, json_out=args.json)
     budget = lambda c: {k: getattr(c.search, k) for k, _ in BUDGET_FIELDS if getattr(c.search, k)}  # noqa: E731
     if saved is not None and budget(saved) != budget(run.config):
@@ -269,7 +266,7 @@ def cmd_front(args) -> int:
     if stale:
         if (run.out / "front.csv").is_file():
             _log(f"front: solving, building and timing the front's children again ({stale})")
-        with _ConfigKeptOnFailure(args.out, saved):
+        with _config_kept_on_failure(args.out, saved):
             stage_front(run)
     else:
         _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "

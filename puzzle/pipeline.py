@@ -509,7 +509,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         if name not in kept:
             atomic_write_json(run.out / "search" / f"{name}.json", record)
     run.timed("search_s", time.perf_counter() - t0)
-    atomic_write_json(run.out / "search" / "chosen.json", {"main": main, "names": list(records)})
+    write_chosen(run, main, records)
     if kept:
         run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
                 "on measured speed (same budget, objective and tables); delete DIR/search/<name>.json to solve afresh")
@@ -520,6 +520,22 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     if json_out:
         print(json.dumps(records[main]))
     return records
+
+
+def write_chosen(run: Run, main: str, records: dict[str, dict]) -> None:
+    """DIR/search/chosen.json: the main child's name, every searched name and each one's choice.
+
+    Written only when that changes, so its time says when a search last changed the children
+    (`front_is_current`: a front older than it is drawn from other children).
+    """
+    path = run.out / "search" / "chosen.json"
+    chosen = {"main": main, "names": list(records), "choices": {n: list(r["choice"]) for n, r in records.items()}}
+    try:
+        if path.is_file() and read_json(path) == chosen:
+            return
+    except (ValueError, UnicodeDecodeError):
+        pass
+    atomic_write_json(path, chosen)
 
 
 def read_architecture(run: Run, name: str) -> dict:
@@ -773,6 +789,12 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     for name, record in records.items():
         atomic_write_json(run.out / "search" / f"{name}.json",
                           {**record, "solved_choice": solved[name], "budget_feedback": history.get(name, [])})
+    try:  # the children the feedback settled are the search's children from now on
+        chosen = read_json(run.out / "search" / "chosen.json")
+        write_chosen(run, chosen["main"], {n: records.get(n) or read_json(run.out / "search" / f"{n}.json")
+                                           for n in chosen["names"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no search ran in this directory (records given directly): nothing to update
     atomic_write_json(run.out / "children" / "budget_feedback.json",
                       {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
                        "final": {n: c.to_dict() for n, c in checks.items()}})
@@ -975,8 +997,8 @@ def front_is_current(run: Run, saved_config) -> str | None:
         return "front.csv or search/chosen.json is unreadable"
     if not names <= have:
         return "front.csv lacks some searched children"
-    if chosen.stat().st_mtime > path.stat().st_mtime:  # `puzzle search` after the front may have changed children
-        return "a search ran after the front (search/chosen.json is newer than front.csv)"
+    if chosen.stat().st_mtime > path.stat().st_mtime:  # rewritten only when a search changed the children
+        return "a search after the front changed its children (search/chosen.json is newer than front.csv)"
     tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
     if not tables:
         return "no score or cost table"
