@@ -187,8 +187,8 @@ def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float],
     if m is None or unit not in units:
         raise PuzzleError(f"{flag} {text!r} is not a budget this tool reads. Accepted: {_FORMS[kind]}")
     value = float(m.group(1)) * units[unit]
-    if value <= 0:
-        raise PuzzleError(f"{flag} {text!r} must be above zero")
+    if not 0 < value < math.inf:
+        raise PuzzleError(f"{flag} {text!r} must be above zero and finite")
     return value
 
 
@@ -232,11 +232,11 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
     s = str(text).strip()
     if m := re.fullmatch(_NUMBER + r"\s*[xX×]", s):
         factor = float(m.group(1))
-        if factor <= 0:
-            raise PuzzleError(f"--min-throughput {text!r} must be above zero")
+        if not 0 < factor < math.inf:
+            raise PuzzleError(f"--min-throughput {text!r} must be above zero and finite")
         return (parent_runtime_ms() if callable(parent_runtime_ms) else float(parent_runtime_ms)) / factor
     m = re.fullmatch(_NUMBER + r"\s*(?:tok/s|tokens/s|tok_s)", s, flags=re.IGNORECASE)
-    if m is None or float(m.group(1)) <= 0:
+    if m is None or not 0 < float(m.group(1)) < math.inf:
         raise PuzzleError(f"--min-throughput {text!r} is not a throughput. Accepted: {_FORMS['throughput']}")
     batch, gen = workload.get("batch_size"), workload.get("gen_len")
     if not batch or not gen:

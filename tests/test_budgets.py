@@ -42,6 +42,13 @@ def test_malformed_budget_names_flag_and_forms(parse, text):
     assert "--the-flag" in str(e.value) and "Accepted" in str(e.value)
 
 
+@pytest.mark.parametrize("parse, text", [(parse_time_ms, "1e400ms"), (parse_memory_mib, "1e400GiB"),
+                                         (parse_params, "1e400M")])
+def test_an_infinite_absolute_budget_names_its_flag(parse, text):
+    with pytest.raises(PuzzleError, match="--the-flag .* must be above zero and finite"):
+        parse(text, 100.0, "--the-flag")
+
+
 def test_bare_number_above_limit_asks_for_a_unit():
     with pytest.raises(PuzzleError, match="add a unit"):
         parse_time_ms("250", 400.0)
