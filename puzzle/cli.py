@@ -66,7 +66,9 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-params", metavar="F", help="parameter budget: a fraction ('0.5') or '60M', '1.2B'")
     g.add_argument("--min-throughput", metavar="R", help="throughput floor at the workload: generated tokens/s "
                                                          "('1200tok/s') or a multiple of the parent's ('1.5x')")
-    g.add_argument("--vllm-compatible", action="store_true", help="leave out variants vLLM cannot serve (linear replacements)")
+    g.add_argument("--vllm-compatible", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave out variants vLLM cannot serve (linear replacements); --no-vllm-compatible lets them in "
+                        "again (default: the run's saved setting, else off)")
     g.add_argument("--front-speedups", metavar="S,S,...", help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
@@ -109,8 +111,8 @@ def _resolve_config(args, out: Path):
         # the budget flags replace the saved main budget as a whole ('0.8 ' would name a file 'mem0.8 ')
         changes["search"].update(speedup=flag("speedup"),
                                  **{f: flag(f).strip() if isinstance(flag(f), str) else flag(f) for f in budget_fields})
-    if flag("vllm_compatible"):
-        changes["search"]["vllm_compatible"] = True
+    if flag("vllm_compatible") is not None:
+        changes["search"]["vllm_compatible"] = bool(args.vllm_compatible)
     if flag("objective") is not None:
         from .search import parse_objective
 
@@ -158,11 +160,20 @@ def _run_for(args, need_config: bool = True, existing: bool = False):
 # commands
 
 
+def _saved(args):
+    """DIR/config.json as it is before this command applies its flags (None for a new run)."""
+    from .config import load_run_config
+
+    return load_run_config(args.out) if (args.out / "config.json").is_file() else None
+
+
 def cmd_run(args) -> int:
     from .pipeline import run_all
 
+    saved = _saved(args)
     run = _run_for(args)
-    summary = run_all(run)
+    with _config_kept_on_failure(args.out, saved):
+        summary = run_all(run)
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss", "speedup",
             "predicted_speedup"]
     _log("\n" + summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -173,7 +184,10 @@ def cmd_run(args) -> int:
 def cmd_data(args) -> int:
     from .pipeline import stage_data
 
-    stage_data(_run_for(args))
+    saved = _saved(args)
+    run = _run_for(args)
+    with _config_kept_on_failure(args.out, saved):
+        stage_data(run)
     return 0
 
 
@@ -183,14 +197,20 @@ def cmd_bld(args) -> int:
     from .pipeline import stage_bld
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    stage_bld(_run_for(args), rank=rank, world_size=world)
+    saved = _saved(args)
+    run = _run_for(args)
+    with _config_kept_on_failure(args.out, saved):
+        stage_bld(run, rank=rank, world_size=world)
     return 0
 
 
 def cmd_score(args) -> int:
     from .pipeline import stage_score
 
-    stage_score(_run_for(args))
+    saved = _saved(args)
+    run = _run_for(args)
+    with _config_kept_on_failure(args.out, saved):
+        stage_score(run)
     return 0
 
 
@@ -220,10 +240,9 @@ def cmd_search(args) -> int:
                           f"--library {args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
                           "budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
                           "--min-throughput, --objective, --vllm-compatible) for realize, export and front")
-    from .config import load_run_config
     from .pipeline import BUDGET_FIELDS, stage_search
 
-    saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
+    saved = _saved(args)
     run = _run_for(args, existing=True)
     with _config_kept_on_failure(args.out, saved):  # a budget that fails (infeasible, mistyped) is not kept
         stage_search(run, json_out=args.json)
@@ -249,7 +268,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_front(args) -> int:
-    from .config import load_run_config
     from .pipeline import front_is_current, stage_front
     from .plots import write_front_all
 
@@ -260,9 +278,9 @@ def cmd_front(args) -> int:
         tasks = parse_tasks(args.downstream)  # bad task names fail before any work
         if args.downstream_limit < 0:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
-    saved = load_run_config(args.out) if (args.out / "config.json").is_file() else None
+    saved = _saved(args)
     run = _run_for(args, existing=True)
-    stale = "--remeasure" if args.remeasure else front_is_current(run, saved)
+    stale = "--remeasure" if args.remeasure else front_is_current(run)
     if stale:
         if (run.out / "front.csv").is_file():
             _log(f"front: solving, building and timing the front's children again ({stale})")
@@ -375,7 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch on the way: Ctrl-C here is an interrupt like any other
+    except KeyboardInterrupt:
+        print("puzzle: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

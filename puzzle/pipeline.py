@@ -379,11 +379,18 @@ def stage_score(run: Run) -> dict[str, pd.DataFrame]:
 # search
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def score_table_path(run: Run, stage: str = "bld") -> Path:
+    return run.out / "score" / ("score_table.csv" if stage == "bld" else f"score_table_{stage}.csv")
+
+
 def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
-    name = "score_table.csv" if stage == "bld" else f"score_table_{stage}.csv"
     from .search import REQUIRED_COLUMNS
 
-    return load_table(run.out / "score" / name, required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
+    return load_table(score_table_path(run, stage), required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
 
 
 #: the run's budget fields (SearchConfig) as BudgetRequest fields, and how the main child's name spells them
@@ -428,7 +435,8 @@ def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None, save
     s = run.config.search
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
     record = {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
-              "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v}}
+              "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v},
+              "table_sha256": _sha256(score_table_path(run, stage))}
     if save:
         atomic_write_json(run.out / "search" / f"{name}.json", record)
     return record
@@ -441,9 +449,9 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     measured speed and rewrites the record with its `budget_feedback` history and `solved_choice`,
     the child the plain solve gave. A plain solve of the same request would undo that correction,
     so a record whose child differs from `solved_choice` is kept when it was solved on the same
-    library stage, request, objective and vLLM setting, is newer than the score and cost tables,
-    and passes the solver-independent check against its table (search.verify); otherwise None
-    (solve again).
+    library stage, request, objective and vLLM setting, on a score table with the same bytes
+    (`table_sha256`), and passes the solver-independent check against that table (search.verify);
+    otherwise None (solve again).
     """
     from .search import Solution, parse_objective, verify
 
@@ -464,9 +472,15 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
                 and record.get("request") == {k: v for k, v in vars(request).items() if v}
                 and dict(record.get("objective_weights") or {}) == parse_objective(s.objective)
                 and bool(record.get("vllm_compatible", False)) == s.vllm_compatible)
-        tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
-        if not same or not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
+        if not same:
             return None
+        if "table_sha256" in record:  # solved on a table with these bytes (a rescore that changes nothing keeps it)
+            if record["table_sha256"] != _sha256(score_table_path(run, stage)):
+                return None
+        else:  # a record from before the table's hash was kept: the tables must be older than it
+            tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
+            if not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
+                return None
         verify(Solution.from_dict(record), load_score_table(run, stage)[0])  # a hand-edited or stale record: solve
         if not all(isinstance(record.get(k), (int, float)) for k in ("speedup", "kl_nats", "runtime_ms")):
             return None
@@ -525,8 +539,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
 def write_chosen(run: Run, main: str, records: dict[str, dict]) -> None:
     """DIR/search/chosen.json: the main child's name, every searched name and each one's choice.
 
-    Written only when that changes, so its time says when a search last changed the children
-    (`front_is_current`: a front older than it is drawn from other children).
+    Written only when that changes (its time says when a search last changed the children).
     """
     path = run.out / "search" / "chosen.json"
     chosen = {"main": main, "names": list(records), "choices": {n: list(r["choice"]) for n, r in records.items()}}
@@ -793,7 +806,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         chosen = read_json(run.out / "search" / "chosen.json")
         write_chosen(run, chosen["main"], {n: records.get(n) or read_json(run.out / "search" / f"{n}.json")
                                            for n in chosen["names"]})
-    except (OSError, ValueError, KeyError, TypeError):
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
         pass  # no search ran in this directory (records given directly): nothing to update
     atomic_write_json(run.out / "children" / "budget_feedback.json",
                       {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
@@ -882,6 +895,7 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(run.out / "front.png")
+    write_front_inputs(run)  # last: a front interrupted before this is measured again
     return front
 
 
@@ -968,42 +982,70 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     atomic_write_text(run.out / "report.md", "\n".join(lines))
 
 
-def front_is_current(run: Run, saved_config) -> str | None:
+def front_inputs(run: Run) -> dict:
+    """What a measured front depends on, as it is in DIR now (stored in DIR/front.json by `write_front`).
+
+    settings: the run's configuration without the report section, the front's speed-ups as a sorted
+    set; children: each searched name (DIR/search/chosen.json) with the choice its record holds now;
+    tables: the sha256 of every score and cost table (DIR/score/*.csv). Unreadable parts are None.
+    """
+    config = run.config.to_dict()
+    config.pop("report", None)
+    config["search"]["front_speedups"] = sorted(set(config["search"]["front_speedups"]))
+    children = None
+    try:
+        names = read_json(run.out / "search" / "chosen.json")["names"]
+        children = {str(n): list(read_json(run.out / "search" / f"{n}.json")["choice"]) for n in names}
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    tables = {t.name: _sha256(t) for t in sorted((run.out / "score").glob("*.csv"))} if (run.out / "score").is_dir() else {}
+    return json.loads(json.dumps({"settings": config, "children": children, "tables": tables},
+                                 default=lambda o: str(o)))
+
+
+def write_front_inputs(run: Run) -> None:
+    """DIR/front.json: `front_inputs` and the sha256 of front.csv, written after front.csv and front.png."""
+    atomic_write_json(run.out / "front.json", {**front_inputs(run), "front_csv": _sha256(run.out / "front.csv")})
+
+
+def front_is_current(run: Run) -> str | None:
     """Why DIR/front.csv cannot be reused as it is, or None when it can.
 
-    It can when the run's configuration equals `saved_config` (the one saved before this command
-    applied its flags), the last search's children (DIR/search/chosen.json, trained library) all
-    have a row in front.csv, and front.csv is newer than that search and than the score and cost
-    tables (DIR/score/*.csv).
+    It can when DIR/front.json (written with it) matches what the front depends on now
+    (`front_inputs`: the run's settings with this command's flags, the searched children's
+    choices as their records hold them, the score and cost tables by content) and front.csv is
+    the file it was written with. File times play no part, so a copied run reuses its front and a
+    table rewritten with the same bytes does not force a new measurement.
     """
-    path = run.out / "front.csv"
+    path, stamp = run.out / "front.csv", run.out / "front.json"
     if not path.is_file():
         return "no front.csv yet"
-    if saved_config is None:
-        return "no saved settings (config.json)"
-
-    def targets(config):  # the same set of front speed-ups in another order or repeated is the same front
-        return config.replace(search={"front_speedups": tuple(sorted(set(config.search.front_speedups)))})
-
-    if targets(saved_config) != targets(run.config):
-        return "the settings changed"
-    chosen = run.out / "search" / "chosen.json"
-    if not chosen.is_file():
-        return "no search/chosen.json"
+    if not stamp.is_file():
+        return "no front.json (a front from an earlier version, or one whose writing was interrupted)"
     try:
-        names = {str(n) for n in read_json(chosen)["names"] if not str(n).endswith("-init")}
+        stored = read_json(stamp)
+        csv_sha = _sha256(path)
         have = set(pd.read_csv(path)["name"].astype(str))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # unreadable JSON/CSV, a field missing
-        return "front.csv or search/chosen.json is unreadable"
-    if not names <= have:
+        if not isinstance(stored, dict):
+            raise TypeError
+    except (PuzzleError, ValueError, KeyError, TypeError, UnicodeDecodeError):  # unreadable JSON/CSV, a field missing
+        return "front.csv or front.json is unreadable"
+    if stored.get("front_csv") != csv_sha:
+        return "front.csv is not the file front.json was written with"
+    now = front_inputs(run)
+    if now["settings"] != stored.get("settings"):
+        changed = sorted(k for k in now["settings"] if now["settings"][k] != (stored.get("settings") or {}).get(k))
+        return f"the settings changed ([{', '.join(changed)}])"
+    if now["children"] is None:
+        return "search/chosen.json or a searched child's record is missing or unreadable"
+    if now["children"] != stored.get("children"):
+        return "the searched children are not the ones front.csv measured"
+    if not set(n for n in now["children"] if not n.endswith("-init")) <= have:
         return "front.csv lacks some searched children"
-    if chosen.stat().st_mtime > path.stat().st_mtime:  # rewritten only when a search changed the children
-        return "a search after the front changed its children (search/chosen.json is newer than front.csv)"
-    tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
-    if not tables:
+    if not now["tables"]:
         return "no score or cost table"
-    if max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
-        return "the score or cost table is newer than front.csv"
+    if now["tables"] != stored.get("tables"):
+        return "the score or cost tables changed since the front was measured"
     return None
 
 

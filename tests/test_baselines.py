@@ -225,7 +225,7 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     assert (tmp_path / "exp" / "config.json").is_file()
 
 
-def test_a_front_is_reused_only_while_its_settings_and_tables_hold(tmp_path_factory, tmp_path):
+def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_path_factory, tmp_path):
     import json
     import os
     import shutil
@@ -237,34 +237,46 @@ def test_a_front_is_reused_only_while_its_settings_and_tables_hold(tmp_path_fact
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
     saved = load_run_config(out)
     run = Run(out, saved, progress=False)
-    assert front_is_current(run, saved) == "no front.csv yet"
+    assert front_is_current(run) == "no front.csv yet"
     stage_front(run)
-    assert front_is_current(run, saved) is None
+    assert front_is_current(run) is None
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, copy_function=shutil.copy)  # new file times: a copied run reuses its front
+    assert front_is_current(Run(copy, saved, progress=False)) is None
     other = saved.replace(search={"front_speedups": (1.25, 2.0)})
-    assert front_is_current(Run(out, other, progress=False), saved) == "the settings changed"
+    assert "the settings changed ([search])" in front_is_current(Run(out, other, progress=False))
     same = saved.replace(search={"front_speedups": tuple(reversed(saved.search.front_speedups)) * 2})
-    assert front_is_current(Run(out, same, progress=False), saved) is None  # the same targets, reordered, repeated
-    assert front_is_current(run, None) == "no saved settings (config.json)"
-    chosen = (out / "search" / "chosen.json").read_text()
-    (out / "search" / "chosen.json").write_text("[1, 2]")
-    assert front_is_current(run, saved) == "front.csv or search/chosen.json is unreadable"
-    (out / "search" / "chosen.json").write_text(chosen)
+    assert front_is_current(Run(out, same, progress=False)) is None  # the same targets, reordered, repeated
+    batch = saved.replace(target={"batch_size": saved.target.batch_size + 1})  # e.g. `puzzle data --batch-size`
+    assert "[target]" in front_is_current(Run(out, batch, progress=False))
+    stamp = (out / "front.json").read_text()
+    (out / "front.json").write_text("[1, 2]")
+    assert front_is_current(run) == "front.csv or front.json is unreadable"
+    (out / "front.json").unlink()
+    assert "no front.json" in front_is_current(run)
+    (out / "front.json").write_text(stamp)
     front = (out / "front.csv").read_bytes()
-    for bad in (b"", b"\xfc\xfd\x00", b"nm,kl_nats\nparent,0\n"):  # empty, not text, no name column
+    for bad in (b"", b"\xfc\xfd\x00"):  # empty, not text
         (out / "front.csv").write_bytes(bad)
-        assert front_is_current(run, saved) == "front.csv or search/chosen.json is unreadable"
+        assert front_is_current(run) == "front.csv or front.json is unreadable"
+    (out / "front.csv").write_bytes(front + b"child-9x,1.0\n")  # another front.csv than the one measured
+    assert front_is_current(run) == "front.csv is not the file front.json was written with"
     (out / "front.csv").write_bytes(front)
-    newer = (out / "front.csv").stat().st_mtime + 5
-    os.utime(out / "score" / "cost.csv", (newer, newer))  # a cost table timed again after the front
-    assert "newer than front.csv" in front_is_current(run, saved)
-    os.utime(out / "front.csv", (newer + 5, newer + 5))  # drawn again after that table
-    assert front_is_current(run, saved) is None
-    os.utime(out / "search" / "chosen.json", (newer + 10, newer + 10))  # `puzzle search` ran after the front
-    assert "a search after the front changed its children" in front_is_current(run, saved)
-    os.utime(out / "front.csv", (newer + 20, newer + 20))  # and without a child the last search chose
-    chosen = json.loads((out / "search" / "chosen.json").read_text())
-    (out / "search" / "chosen.json").write_text(json.dumps({**chosen, "names": chosen["names"] + ["child-9x"]}))
-    assert front_is_current(run, saved) == "front.csv lacks some searched children"
+    assert front_is_current(run) is None
+    cost = out / "score" / "cost.csv"
+    os.utime(cost, (cost.stat().st_mtime + 50,) * 2)  # rewritten with the same bytes: still the same front
+    assert front_is_current(run) is None
+    cost.write_bytes(cost.read_bytes() + b"\n")
+    assert front_is_current(run) == "the score or cost tables changed since the front was measured"
+    cost.write_bytes(cost.read_bytes()[:-1])
+    record_path = out / "search" / "child-1.25x.json"
+    record = record_path.read_text()  # a child re-solved (an interrupted budget feedback, a search) after the front
+    record_path.write_text(json.dumps({**json.loads(record), "choice": ["parent"] * 4}))
+    assert front_is_current(run) == "the searched children are not the ones front.csv measured"
+    record_path.unlink()
+    assert "missing or unreadable" in front_is_current(run)
+    record_path.write_text(record)
+    assert front_is_current(run) is None
 
 
 def test_a_widened_space_keeps_finished_entries_and_scores(tmp_path_factory, tmp_path):

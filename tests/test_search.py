@@ -532,13 +532,16 @@ def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp
     with pytest.raises(PuzzleError, match="lacks values of lm_loss"):
         stage_search(Run(out, config.replace(search={"objective": "lm_loss"}), progress=False))
     assert {p.name: p.read_bytes() for p in (out / "search").iterdir()} == before
-    # the score table was written after the record: solve again
-    table = out / "score" / "score_table_init.csv"
+    # the score table the record was solved on changed: solve again (a table rewritten with the same bytes keeps it)
+    table = out / "score" / "score_table.csv"
     os.utime(table, (path.stat().st_mtime + 5,) * 2)
+    assert stage_search(Run(out, config, progress=False))[name] == settled
+    original = table.read_bytes()
+    table.write_bytes(original + b"\n")
     assert "budget_feedback" not in stage_search(Run(out, config, progress=False))[name]
-    os.utime(table, (path.stat().st_mtime - 100,) * 2)
+    table.write_bytes(original)
     path.write_text(json.dumps(settled))
-    assert stage_search(Run(out, config, progress=False))[name] == settled  # older tables again: kept
+    assert stage_search(Run(out, config, progress=False))[name] == settled  # the same table again: kept
     # hand-broken records are solved again, not kept
     for broken in ({k: v for k, v in settled.items() if k != "speedup"}, {**settled, "choice": ["nope"] * 4},
                    {**settled, "kl_nats": "x"}, {**settled, "budget_feedback": "kept"}):
@@ -647,3 +650,22 @@ def test_chosen_json_changes_only_when_the_children_do(tmp_path_factory, tmp_pat
     assert path.stat().st_mtime == 1_000_000
     stage_search(Run(out, config.replace(search={"speedup": 2.0}), progress=False))  # another main child
     assert path.stat().st_mtime > 1_000_000 and json.loads(path.read_text())["main"] == "child-2x"
+
+
+def test_a_failed_stage_keeps_the_saved_settings_and_vllm_compatible_switches_back(tmp_path_factory, tmp_path,
+                                                                                    capsys):
+    import shutil
+
+    from puzzle.cli import main
+    from puzzle.config import load_run_config
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    before = load_run_config(out)
+    assert main(["bld", "--out", str(out), "--bld-tokens", str(before.bld.tokens * 2), "--no-progress"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert load_run_config(out) == before  # the refused BLD setting is not saved for later stages
+    assert main(["search", "--out", str(out), "--vllm-compatible"]) == 0
+    assert load_run_config(out).search.vllm_compatible
+    assert main(["search", "--out", str(out), "--no-vllm-compatible"]) == 0
+    assert not load_run_config(out).search.vllm_compatible
