@@ -78,7 +78,7 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
 
 def _resolve_config(args, out: Path):
     """The preset (or saved config), with the command-line flags applied."""
-    from .config import load_preset, load_run_config
+    from .config import SEARCH_BUDGETS, load_preset, load_run_config
 
     if getattr(args, "preset", None):
         config = load_preset(args.preset)
@@ -103,7 +103,7 @@ def _resolve_config(args, out: Path):
     if flag("seed") is not None:
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
-    budget_fields = ("max_runtime", "max_memory", "max_prefill", "max_decode", "max_params", "min_throughput")
+    budget_fields = SEARCH_BUDGETS[1:]  # the text budgets (speedup is a number)
     empty = [f for f in budget_fields if isinstance(flag(f), str) and not flag(f).strip()]
     if empty:
         raise PuzzleError(f"--{empty[0].replace('_', '-')} is empty; give a value (e.g. 0.5) or leave the flag out")
@@ -240,13 +240,14 @@ def cmd_search(args) -> int:
                           f"--library {args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
                           "budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
                           "--min-throughput, --objective, --vllm-compatible) for realize, export and front")
-    from .pipeline import BUDGET_FIELDS, stage_search
+    from .config import SEARCH_BUDGETS
+    from .pipeline import stage_search
 
     saved = _saved(args)
     run = _run_for(args, existing=True)
     with _config_kept_on_failure(args.out, saved):  # a budget that fails (infeasible, mistyped) is not kept
         stage_search(run, json_out=args.json)
-    budget = lambda c: {k: getattr(c.search, k) for k, _ in BUDGET_FIELDS if getattr(c.search, k)}  # noqa: E731
+    budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
     if saved is not None and budget(saved) != budget(run.config):
         _log(f"search: the run's main budget is now {budget(run.config)} (was {budget(saved)}; saved to "
              f"{args.out / 'config.json'}, so realize, export, front and report use it)")

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from .architecture import BlockConfig
-from .config import RunConfig, save_run_config
+from .config import SEARCH_BUDGETS, RunConfig, save_run_config
 from .errors import PuzzleError
 from .io import atomic_write_json, atomic_write_text, load_table, read_json, save_table
 from .library import Library
@@ -393,9 +393,9 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
     return load_table(score_table_path(run, stage), required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
 
 
-#: the run's budget fields (SearchConfig) as BudgetRequest fields, and how the main child's name spells them
-BUDGET_FIELDS = (("speedup", "x"), ("max_runtime", "rt"), ("max_memory", "mem"), ("max_prefill", "prefill"),
-                 ("max_decode", "decode"), ("max_params", "params"), ("min_throughput", "tput"))
+#: how the main child's name spells each budget field (config.SEARCH_BUDGETS, BudgetRequest's fields)
+BUDGET_TAGS = {"speedup": "x", "max_runtime": "rt", "max_memory": "mem", "max_prefill": "prefill",
+               "max_decode": "decode", "max_params": "params", "min_throughput": "tput"}
 
 
 def main_budget_request(run: Run):
@@ -403,15 +403,14 @@ def main_budget_request(run: Run):
     from .budgets import BudgetRequest
 
     s = run.config.search
-    given = {f: getattr(s, f) for f, _ in BUDGET_FIELDS if getattr(s, f) not in (None, "")}
+    given = {f: getattr(s, f) for f in SEARCH_BUDGETS if getattr(s, f) not in (None, "")}
     if not given:
         raise PuzzleError("no budget given: pass --speedup S, --max-runtime F, --max-memory F, --max-prefill F, "
                           "--max-decode F, --max-params F or --min-throughput R")
     request = BudgetRequest(**{f: str(v) for f, v in given.items()})
     if set(given) == {"speedup"}:
         return request, f"child-{s.speedup:g}x"
-    parts = [f"{v:g}x" if f == "speedup" else f"{tag}{v}" for f, tag in BUDGET_FIELDS if f in given
-             for v in [given[f]]]
+    parts = [f"{v:g}x" if f == "speedup" else f"{BUDGET_TAGS[f]}{v}" for f, v in given.items()]
     return request, "child-" + "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
 
 
@@ -451,7 +450,7 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     so a record whose child differs from `solved_choice` is kept when it was solved on the same
     library stage, request, objective and vLLM setting, on a score table with the same bytes
     (`table_sha256`), and passes the solver-independent check against that table (search.verify);
-    otherwise None (solve again).
+    otherwise None (solve again, as for every record before `solved_choice` existed).
     """
     from .search import Solution, parse_objective, verify
 
@@ -461,26 +460,15 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     s = run.config.search
     try:
         record = read_json(path)
-        history = record.get("budget_feedback") if isinstance(record, dict) else None
-        if not history or not isinstance(history, list) or not isinstance(record.get("choice"), list):
-            return None
-        # records written before `solved_choice` existed: the first measured child was the plain solve's
-        solved = record.get("solved_choice", history[0].get("choice") if isinstance(history[0], dict) else None)
-        if solved == record["choice"]:
-            return None  # the feedback kept the plain solve's child: solving again gives it
+        if not isinstance(record.get("solved_choice"), list) or record["solved_choice"] == record.get("choice"):
+            return None  # never settled (or written before `solved_choice`), or the feedback kept the solve's child
         same = (record.get("library_stage", "bld") == stage
                 and record.get("request") == {k: v for k, v in vars(request).items() if v}
                 and dict(record.get("objective_weights") or {}) == parse_objective(s.objective)
-                and bool(record.get("vllm_compatible", False)) == s.vllm_compatible)
+                and bool(record.get("vllm_compatible", False)) == s.vllm_compatible
+                and record.get("table_sha256") == _sha256(score_table_path(run, stage)))
         if not same:
             return None
-        if "table_sha256" in record:  # solved on a table with these bytes (a rescore that changes nothing keeps it)
-            if record["table_sha256"] != _sha256(score_table_path(run, stage)):
-                return None
-        else:  # a record from before the table's hash was kept: the tables must be older than it
-            tables = list((run.out / "score").glob("*.csv")) if (run.out / "score").is_dir() else []
-            if not tables or max(t.stat().st_mtime for t in tables) > path.stat().st_mtime:
-                return None
         verify(Solution.from_dict(record), load_score_table(run, stage)[0])  # a hand-edited or stale record: solve
         if not all(isinstance(record.get(k), (int, float)) for k in ("speedup", "kl_nats", "runtime_ms")):
             return None
@@ -523,7 +511,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         if name not in kept:
             atomic_write_json(run.out / "search" / f"{name}.json", record)
     run.timed("search_s", time.perf_counter() - t0)
-    write_chosen(run, main, records)
+    atomic_write_json(run.out / "search" / "chosen.json", {"main": main, "names": list(records)})
     if kept:
         run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
                 "on measured speed (same budget, objective and tables); delete DIR/search/<name>.json to solve afresh")
@@ -534,21 +522,6 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     if json_out:
         print(json.dumps(records[main]))
     return records
-
-
-def write_chosen(run: Run, main: str, records: dict[str, dict]) -> None:
-    """DIR/search/chosen.json: the main child's name, every searched name and each one's choice.
-
-    Written only when that changes (its time says when a search last changed the children).
-    """
-    path = run.out / "search" / "chosen.json"
-    chosen = {"main": main, "names": list(records), "choices": {n: list(r["choice"]) for n, r in records.items()}}
-    try:
-        if path.is_file() and read_json(path) == chosen:
-            return
-    except (ValueError, UnicodeDecodeError):
-        pass
-    atomic_write_json(path, chosen)
 
 
 def read_architecture(run: Run, name: str) -> dict:
@@ -802,12 +775,6 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     for name, record in records.items():
         atomic_write_json(run.out / "search" / f"{name}.json",
                           {**record, "solved_choice": solved[name], "budget_feedback": history.get(name, [])})
-    try:  # the children the feedback settled are the search's children from now on
-        chosen = read_json(run.out / "search" / "chosen.json")
-        write_chosen(run, chosen["main"], {n: records.get(n) or read_json(run.out / "search" / f"{n}.json")
-                                           for n in chosen["names"]})
-    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
-        pass  # no search ran in this directory (records given directly): nothing to update
     atomic_write_json(run.out / "children" / "budget_feedback.json",
                       {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
                        "final": {n: c.to_dict() for n, c in checks.items()}})
