@@ -53,7 +53,7 @@ _FORMS = {
     "time": "a fraction of the parent's (0.67, 67%, 1/1.5) or a time with a unit (250ms, 1.5s, 800us)",
     "memory": "a fraction of the parent's (0.5, 50%) or a size with a unit (2GiB, 512MiB, 300MB)",
     "params": "a fraction of the parent's (0.5, 50%) or a count with a unit (60M, 1.2B, 500K)",
-    "speedup": "a factor above 0 (1.5 or 1.5x)",
+    "speedup": "a factor of at least 0.1 (1.5 or 1.5x; below 1 the child may be slower than the parent)",
     "throughput": "generated tokens per second (1200tok/s) or a multiple of the parent's (1.5x)",
 }
 
@@ -215,7 +215,16 @@ def parse_speedup(text) -> float:
     m = re.fullmatch(_NUMBER + r"\s*[xX×]?", str(text).strip())
     if m is None or float(m.group(1)) <= 0:
         raise PuzzleError(f"--speedup {text!r} is not a speed-up. Accepted: {_FORMS['speedup']}")
-    return float(m.group(1))
+    return _at_least_min_factor(float(m.group(1)), "--speedup", text)
+
+
+def _at_least_min_factor(factor: float, flag: str, text) -> float:
+    """Refuse a speed-up factor below 1 / MAX_FRACTION, the runtime fraction's limit (1e-300 would be no budget)."""
+    if factor < 1 / MAX_FRACTION:
+        raise PuzzleError(f"{flag} {text!r} must be at least {1 / MAX_FRACTION:g}: it is the parent's runtime divided "
+                          f"by the child's, so below 1 it allows a child slower than the parent (for half the "
+                          f"parent's runtime give 2)")
+    return factor
 
 
 def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) -> float:
@@ -234,6 +243,7 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
         factor = float(m.group(1))
         if not 0 < factor < math.inf:
             raise PuzzleError(f"--min-throughput {text!r} must be above zero and finite")
+        _at_least_min_factor(factor, "--min-throughput", text)
         return (parent_runtime_ms() if callable(parent_runtime_ms) else float(parent_runtime_ms)) / factor
     m = re.fullmatch(_NUMBER + r"\s*(?:tok/s|tokens/s|tok_s)", s, flags=re.IGNORECASE)
     if m is None or not 0 < float(m.group(1)) < math.inf:

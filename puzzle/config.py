@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .bld import BLDConfig
+from .budgets import MAX_FRACTION
 from .data import DataConfig
 from .errors import PuzzleError
 from .space import SpaceConfig
@@ -167,18 +168,19 @@ class SearchConfig:
         except PuzzleError as e:
             raise PuzzleError(f"search budget: {e}") from e
         if self.speedup is not None:
-            object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number > 0 "
+            object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number >= 0.1 "
                                                                         "(e.g. 1.5)"))
-        bad = "search.front_speedups must be a list of finite numbers > 0 (e.g. [1.25, 1.5, 2])"
+        bad = "search.front_speedups must be a list of finite numbers >= 0.1 (e.g. [1.25, 1.5, 2])"
         if not isinstance(self.front_speedups, (list, tuple)):
             raise PuzzleError(f"{bad}, got {self.front_speedups!r}")
         object.__setattr__(self, "front_speedups", tuple(_speedup(s, bad) for s in self.front_speedups))
 
 
 def _speedup(value, message: str) -> float:
-    """`value` as a finite speed-up > 0 (any real number type but bool); PuzzleError(`message`) otherwise."""
+    """`value` as a finite speed-up >= 0.1 (any real number type but bool; the inverse of the largest runtime
+    fraction a budget takes, budgets.MAX_FRACTION); PuzzleError(`message`) otherwise."""
     try:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < float(value) < math.inf
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 1 / MAX_FRACTION <= float(value) < math.inf
     except OverflowError:  # an int beyond float range
         ok = False
     if not ok:

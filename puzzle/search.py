@@ -262,12 +262,15 @@ class _Search:
         return [limits[c] * (1 + BUDGET_RTOL) - self.choices.base[c] if c in limits else math.inf for c in self.columns]
 
     def check_reachable(self, budgets: Budgets) -> None:
-        """Raise for a budget no child meets even alone (the minimum is separable per layer)."""
+        """Raise for budgets no child meets even alone (the minimum is separable per layer), naming each."""
+        broken = []
         for column, bound in budgets.limits().items():
             values = np.where(self.allowed, self.choices.values[column], np.inf)
             smallest = float(self.choices.base[column] + values.min(1).sum())
             if smallest > bound * (1 + BUDGET_RTOL):
-                raise PuzzleError(self._message(column, bound, smallest, "", budgets))
+                broken.append(self._message(column, bound, smallest, "", budgets))
+        if broken:
+            raise PuzzleError("; and ".join(broken))
 
     def _message(self, column, bound, smallest, context, budgets) -> str:
         words, unit = _COST_WORDS[column]

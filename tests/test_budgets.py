@@ -71,6 +71,15 @@ def test_bad_speedup(text):
         parse_speedup(text)
 
 
+@pytest.mark.parametrize("text", ["1e-300", "0.05", "0.099x"])
+def test_speedup_far_below_one_is_refused_with_its_inverse(text):
+    with pytest.raises(PuzzleError, match="at least 0.1.*slower than the parent.*give 2"):
+        parse_speedup(text)
+    with pytest.raises(PuzzleError, match="--min-throughput.*at least 0.1"):
+        throughput_to_runtime_ms(text.rstrip("x") + "x", 100.0, {})
+    assert parse_speedup("0.1") == 0.1  # the inverse of the largest runtime fraction (10) is still a budget
+
+
 def test_throughput_becomes_a_latency_bound():
     workload = {"batch_size": 8, "gen_len": 64}
     # 8 * 64 tokens in 250 ms is 2048 tok/s

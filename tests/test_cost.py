@@ -485,7 +485,7 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
     # a speed-up must be finite: inf, NaN (TOML literals, or "inf" as config.json spells it) and words are refused
     for section, bad in (("speedup", "inf"), ("speedup", "nan"), ("speedup", '"inf"'), ("front_speedups", "[1.5, nan]"),
                          ("front_speedups", '["fast"]'), ("speedup", "true"), ("front_speedups", '"15"'),
-                         ("front_speedups", "[true]")):
+                         ("front_speedups", "[true]"), ("front_speedups", "[1.5, 1e-300]"), ("speedup", "0.05")):
         path.write_text(f"[search]\n{section} = {bad}\n")
         with pytest.raises(PuzzleError, match=f"search.{section} must be a (list of )?finite number"):
             load_preset(str(path))

@@ -167,6 +167,16 @@ def test_infeasible_budget_names_resource_and_smallest_value():
     solve(table, Budgets(max_runtime_ms=parent["runtime_ms"] / speedup))
 
 
+def test_every_unreachable_budget_is_named():
+    table = random_table(2, layers=3)
+    fastest, lightest = brute_force_min(table, "runtime_ms"), brute_force_min(table, "memory_mib")
+    with pytest.raises(PuzzleError) as e:
+        solve(table, Budgets(max_runtime_ms=0.9 * fastest, max_memory_mib=0.9 * lightest))
+    message = str(e.value)
+    assert "--max-runtime" in message and "--max-memory" in message
+    assert f"{fastest:.6g} ms" in message and f"{lightest:.6g} MiB" in message
+
+
 def test_budget_equal_to_the_least_total_is_met(monkeypatch):
     table = random_table(3, layers=3)
     fastest = brute_force_min(table, "runtime_ms")
