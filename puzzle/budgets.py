@@ -132,6 +132,9 @@ class BudgetRequest:
         def parent(column: str, flag: str) -> float:
             value = parent_totals.get(column)
             if value is None or not math.isfinite(float(value)) or value <= 0:
+                if flag in ("--speedup", "--min-throughput"):
+                    raise PuzzleError(f"{flag} is relative to the parent, but the table has no parent {column} total "
+                                      f"(its parent or non-block rows lack {column}); give --max-runtime with a unit")
                 raise PuzzleError(f"{flag} given as a fraction, but the table has no parent {column} total; "
                                   f"give an absolute value with a unit")
             return float(value)
@@ -213,7 +216,7 @@ def parse_params(text: str, parent_params, flag: str = "--max-params") -> float:
 def parse_speedup(text) -> float:
     """'1.5' or '1.5x' -> 1.5. Raises PuzzleError for anything that is not a positive factor."""
     m = re.fullmatch(_NUMBER + r"\s*[xX×]?", str(text).strip())
-    if m is None or float(m.group(1)) <= 0:
+    if m is None or not 0 < float(m.group(1)) < math.inf:
         raise PuzzleError(f"--speedup {text!r} is not a speed-up. Accepted: {_FORMS['speedup']}")
     return _at_least_min_factor(float(m.group(1)), "--speedup", text)
 
@@ -249,9 +252,11 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
     if m is None or not 0 < float(m.group(1)) < math.inf:
         raise PuzzleError(f"--min-throughput {text!r} is not a throughput. Accepted: {_FORMS['throughput']}")
     batch, gen = workload.get("batch_size"), workload.get("gen_len")
-    if not batch or not gen:
-        raise PuzzleError(f"--min-throughput {text!r}: the table's workload does not say batch_size and gen_len "
-                          f"(got {batch!r}, {gen!r}); give --max-runtime or a multiple of the parent's rate (1.5x)")
+    whole = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < 2**31 and v == int(v)  # noqa: E731
+    if not whole(batch) or not whole(gen):
+        raise PuzzleError(f"--min-throughput {text!r}: the table's workload does not give batch_size and gen_len as "
+                          f"whole numbers (got {batch!r}, {gen!r}); give --max-runtime or a multiple of the parent's "
+                          f"rate (1.5x)")
     return 1000.0 * float(batch) * float(gen) / float(m.group(1))
 
 

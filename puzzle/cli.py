@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -55,9 +56,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                         "redone (default 0.25; 'inf' measures regardless of other jobs)")
 
 
+def _speedup_flag(text: str) -> float:
+    """argparse type of --speedup: '1.5' or '1.5x' (budgets.parse_speedup), errors as argparse's."""
+    from .budgets import parse_speedup
+
+    try:
+        return parse_speedup(text)
+    except PuzzleError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--speedup ")) from None
+
+
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budgets (fractions of the parent's totals, or absolute with units)")
-    g.add_argument("--speedup", type=float, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
+    g.add_argument("--speedup", type=_speedup_flag, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
     g.add_argument("--max-runtime", metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
     g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
     g.add_argument("--max-prefill", metavar="F", help="prefill latency budget: a fraction or '40ms'")
@@ -393,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: file-system errors the user fixes outside the program (a read-only or full disk, permissions, a long name)
+_USER_FIXABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENAMETOOLONG, errno.EDQUOT}
+
+
 def main(argv=None) -> int:
     try:
         parser = build_parser()  # imports torch on the way: Ctrl-C here is an interrupt like any other
@@ -411,6 +426,12 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"puzzle: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug or e.errno not in _USER_FIXABLE_ERRNOS:
+            raise
+        print(f"puzzle: error: {e.strerror}: {e.filename or ''} (check the path's permissions, space and name; "
+              f"finished work is saved)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("puzzle: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)

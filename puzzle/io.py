@@ -17,12 +17,23 @@ import pandas as pd
 from .errors import PuzzleError
 
 
+def file_mode() -> int:
+    """The mode a plainly created file gets under this process's umask (0o644 for umask 022).
+
+    mkstemp and safetensors create files 0o600; the atomic writes give them this mode instead, so a
+    run directory or an exported checkpoint reads like any other folder (e.g. for a serving container)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file + fsync + rename); creates parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -85,6 +96,9 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
     if not path.is_file():
         raise PuzzleError(f"table {path} does not exist; run the stage that writes it first")
     meta = read_json(path.with_suffix(path.suffix + ".json"))
+    if not isinstance(meta, dict):
+        raise PuzzleError(f"{path.with_suffix(path.suffix + '.json')} must hold a JSON object (the table's sidecar), "
+                          f"not a {type(meta).__name__}; rerun the stage that writes the table")
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

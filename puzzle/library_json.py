@@ -86,28 +86,46 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         library = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PuzzleError(f"{file} is not valid JSON ({e})") from e
+    if not isinstance(library, dict):
+        raise PuzzleError(f"{file} must be a JSON object mapping layer_0 ... layer_<L-1> to variants, "
+                          f"not a {type(library).__name__}")
     layer_keys = sorted((k for k in library if re.fullmatch(r"layer_\d+", k)), key=lambda k: int(k[6:]))
     if not layer_keys or [int(k[6:]) for k in layer_keys] != list(range(len(layer_keys))):
         raise PuzzleError(f"{file} must map layer_0 ... layer_<L-1> to variants")
     info = _optional_json(folder / "measurement_info.json")
     parent_stats = _optional_json(folder / "parent_block_stats.json").get("stats", {})
+    if not isinstance(parent_stats, dict):
+        raise PuzzleError(f"{folder / 'parent_block_stats.json'}: 'stats' must be an object")
+    for key in layer_keys:
+        if not isinstance(library[key], dict) or not library[key]:
+            raise PuzzleError(f"{file}: {key} must map variant names to {{'stats': ..., 'metrics': ...}} objects")
+        for name, v in library[key].items():
+            if not isinstance(v, dict) or not isinstance(v.get("stats", {}), dict) \
+                    or not isinstance(v.get("metrics", {}), dict):
+                raise PuzzleError(f"{file}: {key} variant {name!r} must be an object with 'stats' and 'metrics' objects")
 
     rows = []
     for key in layer_keys:
         variants = library[key]
         blocks = {name: variant_block(name, v.get("stats", {}), key) for name, v in variants.items()}
         if parent_stats:
-            parent = BlockConfig(AttentionConfig("gqa", int(parent_stats["num_kv_heads"])),
-                                 FFNConfig("swiglu", int(parent_stats["ffn_intermediate_size"])))
+            try:
+                parent = BlockConfig(AttentionConfig("gqa", int(parent_stats["num_kv_heads"])),
+                                     FFNConfig("swiglu", int(parent_stats["ffn_intermediate_size"])))
+            except (KeyError, TypeError, ValueError) as e:
+                raise PuzzleError(f"{folder / 'parent_block_stats.json'}: stats need whole-number num_kv_heads and "
+                                  f"ffn_intermediate_size ({e})") from e
         else:  # the widest block: most KV heads, then the widest FFN
             parent = max(blocks.values(), key=lambda b: (b.attention.num_kv_heads or 0, b.ffn.intermediate_size or 0))
         for name, v in variants.items():
             stats, metrics = v.get("stats", {}), v.get("metrics", {})
+            where = f"{file}: {key} variant {name!r}"
             rows.append({"layer": int(key[6:]), "subblock": "block", "variant": blocks[name].id,
-                         "is_parent": blocks[name] == parent, "kl_nats": _number(metrics.get("kl_div")),
-                         "lm_loss": _number(metrics.get("lm_loss")), "prefill_ms": math.nan, "decode_ms": math.nan,
-                         "runtime_ms": _number(stats.get("runtime_ms")), "memory_mib": _number(stats.get("memory_mib")),
-                         "params": _number(stats.get("num_params"))})
+                         "is_parent": blocks[name] == parent, "kl_nats": _number(metrics.get("kl_div"), where, "kl_div"),
+                         "lm_loss": _number(metrics.get("lm_loss"), where, "lm_loss"), "prefill_ms": math.nan,
+                         "decode_ms": math.nan, "runtime_ms": _number(stats.get("runtime_ms"), where, "runtime_ms"),
+                         "memory_mib": _number(stats.get("memory_mib"), where, "memory_mib"),
+                         "params": _number(stats.get("num_params"), where, "num_params")})
     rows.append({"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
                  "lm_loss": math.nan, "prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0, "memory_mib": 0.0,
                  "params": 0.0})
@@ -121,13 +139,22 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
 
 
 def _optional_json(path: Path) -> dict:
+    """The JSON object in `path` ({} if there is no file); its non-finite numbers (NaN) read as None."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda _: None)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PuzzleError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise PuzzleError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
-def _number(value) -> float:
-    return math.nan if value is None else float(value)
+def _number(value, where: str = "", field: str = "") -> float:
+    """A number of the file as float (None: NaN, a missing value). Raises PuzzleError for text, lists, bools."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PuzzleError(f"{where}: {field} must be a number, got {value!r}")
+    return float(value)

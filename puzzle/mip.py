@@ -106,6 +106,40 @@ def as_bool(series: pd.Series) -> np.ndarray:
     return series.map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).to_numpy()
 
 
+def _where(table: pd.DataFrame, mask) -> str:
+    """'layer 3 attn-noop' for the first row of `mask` (for error messages)."""
+    row = table[np.asarray(mask)].iloc[0]
+    return f"layer {row['layer']} {row['variant']}"
+
+
+def _check_values(table: pd.DataFrame) -> None:
+    """Refuse values no solver can use: a non-integer layer, text in a score or cost column, an
+    infinite score or cost, a negative cost, or a decoupled variant listed twice in a layer (the
+    table names the first offending row). Missing values (NaN) pass: the search checks them per use."""
+    layer = pd.to_numeric(table["layer"], errors="coerce")
+    if layer.isna().any() or (layer != np.floor(layer)).any():
+        bad = table["layer"][layer.isna() | (layer != np.floor(layer))].iloc[0]
+        raise PuzzleError(f"the score table's layer column must hold whole numbers; found '{bad}'")
+    for c in (*SCORE_COLUMNS, *COST_COLUMNS):
+        values = pd.to_numeric(table[c], errors="coerce")
+        text = values.isna() & table[c].notna()
+        if text.any():
+            raise PuzzleError(f"the score table's {c} column holds {table[c][text].iloc[0]!r} ({_where(table, text)}); "
+                              f"it must hold numbers (empty for a missing value)")
+        if np.isinf(values).any():
+            raise PuzzleError(f"the score table's {c} column holds {values[np.isinf(values)].iloc[0]} "
+                              f"({_where(table, np.isinf(values))}); scores and costs must be finite: rescore")
+        if c in COST_COLUMNS and (values < 0).any():
+            raise PuzzleError(f"the score table's {c} column holds a negative cost {values[values < 0].iloc[0]:g} "
+                              f"({_where(table, values < 0)}); costs are at least 0: remeasure")
+    decoupled = table[table["subblock"].isin(["attention", "ffn"])]
+    twice = decoupled.duplicated(["layer", "subblock", "variant"])
+    if twice.any():
+        row = decoupled[twice].iloc[0]
+        raise PuzzleError(f"layer {row['layer']} lists the {row['subblock']} variant {row['variant']} twice; "
+                          f"keep one row per variant")
+
+
 def build_choices(table: pd.DataFrame) -> Choices:
     """The per-layer choices of a score table (coupled block rows, decoupled pairs, or both).
 
@@ -120,6 +154,7 @@ def build_choices(table: pd.DataFrame) -> Choices:
     bad = sorted(set(table["subblock"]) - set(SUBBLOCKS))
     if bad:
         raise PuzzleError(f"the score table has unknown subblock kinds {bad}; expected {SUBBLOCKS}")
+    _check_values(table)
     numeric = [c for c in table.columns if c not in ("layer", "subblock", "variant", "is_parent")
                and pd.api.types.is_numeric_dtype(table[c])]
     is_parent = as_bool(table["is_parent"])

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,11 +241,18 @@ class _Search:
             raise PuzzleError(f"objective {self.weights}: the score table lacks values of "
                               f"{', '.join(f'{c} ({n} variants)' for c, n in gaps.items() if n)}; rescore "
                               f"(`puzzle score`) or pick another objective")
+        with np.errstate(over="ignore"):
+            total = float(np.abs(np.where(self.allowed, self.objective, 0.0)).sum()) + abs(self.objective_base)
+        if not math.isfinite(total):
+            raise PuzzleError(f"objective {self.weights}: its values are too large to add up over the layers "
+                              f"(the sum overflows); use smaller weights or rescale the table's scores")
         self.columns = tuple(columns)
         for c in self.columns:
             if np.isnan(ch.values[c][self.allowed]).any() or not math.isfinite(ch.base[c]):
-                raise PuzzleError(f"a budget on {c} needs {c} for every row and the non-block row, but the table has "
-                                  f"missing values; budget another resource (e.g. --max-runtime)")
+                flags = "--max-runtime, --speedup or --min-throughput" if c == "runtime_ms" else BUDGET_FLAGS.get(c, c)
+                other = "--max-memory" if c == "runtime_ms" else "--max-runtime"
+                raise PuzzleError(f"a budget on {c} ({flags}) needs {c} for every row and the non-block row, but the "
+                                  f"table has missing values; fill them in or budget another resource (e.g. {other})")
         tie = ch.values.get(TIE_BREAK)
         self.tie = tie if tie is not None and not np.isnan(tie[self.allowed]).any() else None
         dims = [self.objective] + ([self.tie] if self.tie is not None else []) + [ch.values[c] for c in self.columns]
@@ -283,7 +291,7 @@ class _Search:
             advice += f" (or --speedup at most {most:g}; --min-throughput at most {most:g}x)"
         scope = " with the variants --vllm-compatible/--exclude leave" if self.filtered else ""
         return (f"no architecture in the library{scope} meets max_{column}={bound:.6g}{context}; "
-                f"{words} {smallest:.6g} {unit}{share}{' under the other budgets' if context else ''}: {advice}")
+                f"{words} {_round_up(smallest)} {unit}{share}{' under the other budgets' if context else ''}: {advice}")
 
     def solve(self, budgets: Budgets, num_solutions=1, min_layers_differ=1, time_limit_s=60.0, anchor=None,
               max_changes=None) -> list[Solution]:
@@ -501,9 +509,11 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     path = Path(path)
     if path.is_dir() and (path / "score" / "score_table.csv").is_file():
         return load_table(path / "score" / "score_table.csv", required_columns=REQUIRED_COLUMNS)
-    if path.is_dir() and (path / "block_library.json").is_file() or path.suffix == ".json" and path.is_file():
+    if path.is_dir() and (path / "score_table.csv").is_file():  # a run's score/ folder
+        return load_table(path / "score_table.csv", required_columns=REQUIRED_COLUMNS)
+    if path.is_dir() and (path / "block_library.json").is_file() or path.suffix.lower() == ".json" and path.is_file():
         return read_puzzle_library(path)
-    if path.suffix == ".csv" and path.is_file():
+    if path.suffix.lower() == ".csv" and path.is_file():
         return load_table(path, required_columns=REQUIRED_COLUMNS)
     raise PuzzleError(f"{path} is neither a run directory with score/score_table.csv, a score table .csv, nor a "
                       f"block_library.json (or its folder)")
@@ -596,10 +606,80 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     _add_once(g, "--output", metavar="FILE", default=None, help="also write the solutions as JSON to FILE")
 
 
+def _round_up(x: float) -> str:
+    """`x` with 6 significant digits, rounded up, so that a budget of the printed value admits `x`."""
+    if not (math.isfinite(x) and x > 0):
+        return f"{x:.6g}"
+    step = 10.0 ** (math.floor(math.log10(x)) - 5)
+    return f"{math.ceil(x / step * (1 - 1e-12)) * step:.6g}"
+
+
+def _finite(obj):
+    """`obj` with every non-finite float (NaN, ±inf) as None, so that the JSON written is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def check_search_args(args: argparse.Namespace) -> None:
+    """Refuse `puzzle search --library` options that would be ignored or cannot work, before any solve.
+
+    Raises:
+        PuzzleError: K or D below 1, a time limit that is not a positive finite number of seconds,
+            --greedy with K or D, --roofline-dtype without --roofline, an empty budget, objective,
+            --roofline or --output, or an --output that is not a (new or existing) regular file in
+            an existing folder (a directory, a device, a FIFO or a symbolic link would be replaced).
+    """
+    if args.num_solutions < 1:
+        raise PuzzleError(f"--num-solutions {args.num_solutions}: give 1 or more solutions")
+    if args.min_layers_differ < 1:
+        raise PuzzleError(f"--min-layers-differ {args.min_layers_differ}: solutions must differ in at least 1 layer")
+    if not 0 < args.time_limit < math.inf:
+        raise PuzzleError(f"--time-limit {args.time_limit:g}: give a positive number of seconds (default 60)")
+    if args.greedy and (args.num_solutions != 1 or args.min_layers_differ != 1):
+        raise PuzzleError("--greedy gives the one greedy child; --num-solutions and --min-layers-differ are for the MIP")
+    if args.roofline is None and args.roofline_dtype != "bfloat16":
+        raise PuzzleError("--roofline-dtype applies to --roofline GPU estimates; add --roofline GPU or leave it out")
+    empty = [f"--{f.replace('_', '-')}" for f in ("max_runtime", "max_prefill", "max_decode", "max_memory", "max_params",
+                                                    "min_throughput", "objective", "roofline", "output")
+             if isinstance(getattr(args, f, None), str) and not getattr(args, f).strip()]
+    if empty:
+        raise PuzzleError(f"{empty[0]} is empty; give a value or leave the flag out")
+    if args.output is not None:
+        out = Path(args.output)
+        if out.is_symlink() or out.exists() and not out.is_file():
+            kind = "a symbolic link" if out.is_symlink() else "a directory" if out.is_dir() else "not a regular file"
+            raise PuzzleError(f"--output {out} is {kind}; the solutions are written by replacing the file, so give "
+                              f"the path of a new or regular file")
+        if not out.parent.is_dir():
+            raise PuzzleError(f"--output {out}: the folder {out.parent} does not exist; create it first")
+
+
+def check_exclusions(table: pd.DataFrame, exclude) -> None:
+    """Refuse an --exclude value that names no block, attention or FFN variant of the table (a typo would
+    otherwise exclude nothing, silently)."""
+    choices = build_choices(table)
+    known = {i for layer in choices.blocks for b in layer for i in (b.id, b.attention.id, b.ffn.id)}
+    unknown = [e for e in exclude if e not in known]
+    if unknown:
+        parts = sorted({i for layer in choices.blocks for b in layer for i in (b.attention.id, b.ffn.id)})
+        raise PuzzleError(f"--exclude {unknown[0]!r} is not a variant of this table; give one of {', '.join(parts)} "
+                          f"or a block id joining two of them with '+' (e.g. {choices.blocks[0][-1].id})")
+
+
 def search_main(args: argparse.Namespace) -> int:
-    """`puzzle search --library PATH [budgets] [--json]`: solve, print, optionally write JSON. Returns 0."""
+    """`puzzle search --library PATH [budgets] [--json]`: solve, print, optionally write JSON. Returns 0.
+
+    Raises:
+        PuzzleError: see `check_search_args`, `check_exclusions`, `load_search_table` and `solve`.
+    """
     from .io import atomic_write_json
 
+    check_search_args(args)
     table, meta = load_search_table(args.library)
     if getattr(args, "roofline", None):
         table, meta = roofline_table(table, meta, args.library, args.roofline, args.roofline_dtype)
@@ -608,7 +688,8 @@ def search_main(args: argparse.Namespace) -> int:
                                          "speedup", "min_throughput")})
     parent = parent_totals(table)
     budgets = request.resolve(parent, meta)
-    objective = getattr(args, "objective", None) or "kl_nats"
+    objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
+    check_exclusions(table, args.exclude or ())
     options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=tuple(args.exclude or ()))
     if args.greedy:
         solutions = [greedy(table, budgets, objective, **options)]
@@ -617,27 +698,45 @@ def search_main(args: argparse.Namespace) -> int:
                           min_layers_differ=args.min_layers_differ, time_limit_s=args.time_limit, **options)
     clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
     record = {**solutions[0].to_dict(), "parent": {k: clean(v) for k, v in parent.items()},
-              "workload": {k: meta.get(k) for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len", "sequence_length")
+              "workload": {k: clean(meta.get(k)) if isinstance(meta.get(k), (int, float, str, type(None))) else str(meta[k])
+                           for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len", "sequence_length")
                            if k in meta}, "source": str(args.library)}
     if len(solutions) > 1:
         record["alternatives"] = [s.to_dict() for s in solutions[1:]]
+    short = None
+    if args.num_solutions > len(solutions):
+        record["solutions_requested"] = args.num_solutions
+        spent = sum(s.solve_s for s in solutions)
+        short = (f"only {len(solutions)} of {args.num_solutions} solutions: "
+                 + (f"the --time-limit of {args.time_limit:g} s ran out" if spent >= args.time_limit * 0.9 else
+                    f"no more children differ from the earlier ones in at least {args.min_layers_differ} layers "
+                    f"under these budgets"))
+        record["note"] = short
+    empty_child = [n for n, s in enumerate(solutions) if not s.runtime_ms > 0]
+    if empty_child:
+        print(f"warning: solution {empty_child[0]} has a total runtime of 0 (speed-up undefined): this table's non-block "
+              f"row (embedding, LM head) costs nothing, so removing every block looks free; its quality is "
+              f"{solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in (e.g. --speedup 10)",
+              file=sys.stderr)
     if args.output:
-        atomic_write_json(args.output, record)
+        atomic_write_json(args.output, _finite(record))
     if args.json:
-        print(json.dumps(record))
+        print(json.dumps(_finite(record), allow_nan=False))
+        if short:
+            print(short, file=sys.stderr)
         return 0
     print(f"budgets: {budgets.describe()}   parent: runtime {parent['runtime_ms']:.6g} ms, memory "
           f"{parent['memory_mib']:.6g} MiB, params {parent['params']:.4g}")
     for n, s in enumerate(solutions):
         status = "optimal" if s.optimal else "baseline" if s.method == "greedy" else f"not proven, bound {s.bound:.6g}"
         print(f"[{n}] {s.method}: objective {s.objective:.6g} ({status}, {s.solve_s:.2f} s)  runtime {s.runtime_ms:.6g} ms "
-              f"(x{s.speedup:.3g})  memory {s.memory_mib:.6g} MiB  params {s.params:.4g}  kl {s.kl_nats:.4g}")
+              f"({f'x{s.speedup:.3g}' if math.isfinite(s.speedup) else 'speed-up undefined'})  memory {s.memory_mib:.6g} MiB  params {s.params:.4g}  kl {s.kl_nats:.4g}")
         start = 0
         for i in range(1, len(s.blocks) + 1):  # runs of equal blocks: "layers  3-7   attn-noop+ffn-14336"
             if i == len(s.blocks) or s.blocks[i] != s.blocks[start]:
                 span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
                 print(f"    layers {span:>7}  {s.blocks[start].id}")
                 start = i
-    if args.num_solutions > len(solutions) and not args.greedy:
-        print(f"only {len(solutions)} solutions differ in at least {args.min_layers_differ} layers")
+    if short:
+        print(short)
     return 0

@@ -89,6 +89,9 @@ def test_throughput_becomes_a_latency_bound():
         throughput_to_runtime_ms("2048tok/s", 400.0, {"batch_size": 8})
     with pytest.raises(PuzzleError, match="throughput"):
         throughput_to_runtime_ms("2048", 400.0, workload)
+    for batch in ("abc", [2], -2, 1e308, 2.5, True, float("nan")):  # a sidecar's workload, as written by hand
+        with pytest.raises(PuzzleError, match="whole numbers"):
+            throughput_to_runtime_ms("2048tok/s", 400.0, {"batch_size": batch, "gen_len": 64})
 
 
 def test_request_resolves_against_parent_and_tightest_runtime_wins():

@@ -441,6 +441,31 @@ def test_puzzle_library_solves_to_optimality():
     assert results[0][0].objective == pytest.approx(14.032297166151693, rel=1e-9)
 
 
+def test_a_malformed_block_library_json_is_one_clear_error(tmp_path):
+    """The Puzzle authors' format written by hand: wrong shapes and types name the file and the entry."""
+    from puzzle.library_json import read_puzzle_library
+
+    name = "attention = 8 kv heads (parent * 100%)\t&&\tffn = intermediate size 1024 (parent * 100%)"
+    good = {"stats": {"num_kv_heads": 8, "ffn_intermediate_size": 1024, "runtime_ms": 1.0, "memory_mib": 1.0,
+                      "num_params": 10}, "metrics": {"kl_div": 0.0, "lm_loss": 2.0}}
+    for library, words in [([1, 2], "not a list"), ({"layer_0": [good]}, "layer_0 must map variant names"),
+                           ({"layer_0": {name: 3}}, "must be an object"),
+                           ({"layer_0": {name: {**good, "stats": {**good["stats"], "runtime_ms": "fast"}}}},
+                            "runtime_ms must be a number, got 'fast'")]:
+        (tmp_path / "block_library.json").write_text(json.dumps(library))
+        with pytest.raises(PuzzleError, match=words):
+            read_puzzle_library(tmp_path)
+    (tmp_path / "block_library.json").write_text(json.dumps({"layer_0": {name: good}}))
+    (tmp_path / "measurement_info.json").write_text("[1]")
+    with pytest.raises(PuzzleError, match="measurement_info.json must hold a JSON object"):
+        read_puzzle_library(tmp_path)
+    (tmp_path / "measurement_info.json").write_text('{"batch_size": NaN, "gpu": "H100"}')
+    assert read_puzzle_library(tmp_path)[1]["batch_size"] is None  # NaN reads as a missing value
+    (tmp_path / "parent_block_stats.json").write_text('{"stats": {"num_kv_heads": "x", "ffn_intermediate_size": 1}}')
+    with pytest.raises(PuzzleError, match="whole-number num_kv_heads"):
+        read_puzzle_library(tmp_path)
+
+
 @needs_fixture
 def test_search_command_prints_one_json_object(capsys):
     parser = argparse.ArgumentParser()
@@ -470,6 +495,58 @@ def test_search_command_reads_a_run_directory(tmp_path, capsys):
     args = parser.parse_args(["--library", str(tmp_path), "--max-runtime", "1ms"])
     with pytest.raises(PuzzleError, match=r"raise --max-runtime .*\(or --speedup at most [0-9.]+; --min-throughput at most [0-9.]+x\)"):
         search_main(args)
+
+
+def test_read_only_search_refuses_what_it_would_ignore_or_break(tmp_path, capsys):
+    """Each bad option or table cell is one line and exit 2 (no traceback, no hang); --output never
+    replaces a directory, a FIFO or a symbolic link; --json stays strict JSON with a non-finite sidecar."""
+    import os
+
+    from puzzle.cli import main
+
+    lib = tmp_path / "lib"
+    table = random_table(15, layers=3)
+    save_table(table, lib / "score_table.csv", {"device": "cpu", "batch_size": float("nan"), "gen_len": 8})
+    fifo, link = tmp_path / "fifo", tmp_path / "link.json"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "target.json")
+    for flags, words in [(["--num-solutions", "0"], "1 or more"), (["--min-layers-differ", "0"], "at least 1 layer"),
+                         (["--time-limit", "nan"], "positive number of seconds"),
+                         (["--greedy", "--num-solutions", "2"], "for the MIP"), (["--roofline-dtype", "float16"], "--roofline GPU"),
+                         (["--max-runtime="], "--max-runtime is empty"), (["--objective="], "--objective is empty"),
+                         (["--exclude", "FFN-NOOP"], "give one of"), (["--output", str(tmp_path)], "is a directory"),
+                         (["--output", str(fifo)], "not a regular file"), (["--output", str(link)], "symbolic link"),
+                         (["--output", str(tmp_path / "no" / "x.json")], "does not exist"),
+                         (["--speedup", "1e400"], "not a speed-up"), (["--speedup", "0.01"], "at least 0.1"),
+                         (["--min-throughput", "100tok/s"], "whole numbers")]:
+        try:
+            code = main(["search", "--library", str(lib), *flags])
+        except SystemExit as e:  # argparse's own refusal (a --speedup that is not a factor)
+            code = e.code
+        assert code == 2, flags
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (flags, err)
+    assert fifo.is_fifo() and link.is_symlink() and not (tmp_path / "target.json").exists()
+    assert main(["search", "--library", str(lib), "--speedup", "1.5x", "--json"]) == 0  # the documented form
+    record = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))
+    assert record["workload"]["batch_size"] is None and record["speedup"] >= 1.5
+    # the folder holding score_table.csv is a library too; asking more solutions than exist says why
+    assert main(["search", "--library", str(lib), "--num-solutions", "50", "--min-layers-differ", "3", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["solutions_requested"] == 50 and "differ from the earlier ones in at least 3" in out.err
+    # cells no solver can use name their column and row (an -inf score used to hang the search)
+    for column, value, words in [("kl_nats", -math.inf, "holds -inf"), ("runtime_ms", -100.0, "negative cost"),
+                                 ("layer", 1.5, "whole numbers"), ("kl_nats", 1e308, "overflows"),
+                                 ("runtime_ms", "fast", "holds 'fast'")]:
+        bad = table.copy().astype({column: object})
+        bad.loc[bad.index[1], column] = value
+        save_table(bad, tmp_path / "bad" / "score_table.csv", {"device": "cpu"})
+        assert main(["search", "--library", str(tmp_path / "bad"), "--speedup", "1.5"]) == 2
+        assert words in capsys.readouterr().err, column
+    twice = pd.concat([table, table.iloc[[1]]])
+    save_table(twice, tmp_path / "bad" / "score_table.csv", {"device": "cpu"})
+    assert main(["search", "--library", str(tmp_path / "bad"), "--speedup", "1.5"]) == 2
+    assert "twice" in capsys.readouterr().err
 
 
 def test_search_command_without_a_run_or_library_says_which_to_give(capsys):
