@@ -439,7 +439,8 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     DIR/children/) and measured next to the parent (`measure_against_parent`). Each finished row is
     written to `rows_dir` (default DIR/baselines/rows/<name>.json) and reused on a rerun, so a long
     sweep can be run `max_groups` groups at a time; a row whose architecture or library stage is not
-    the candidate's (a plan redone after the library or the costs changed) is redone.
+    the candidate's, or that was made for another workload or score table, or lacks the export asked
+    for, is redone (and with it the parent's row when that is stale).
 
     Returns:
         One row per finished model (ROW_COLUMNS), parent first. throughput_tok_s is the parent's
@@ -450,20 +451,38 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     from .pipeline import compact_architecture, evaluate
     from .refine import selection_kl
 
+    from .pipeline import _sha256, cost_meta
+
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
+    table_path = run.out / "score" / "score_table.csv"
+    # what a saved row's figures depend on besides its architecture: the workload it was timed for and the
+    # score table (a rebuilt library rescored gives new weights and a new table)
+    inputs = {"workload": cost_meta(run), "score_table_sha256": _sha256(table_path) if table_path.is_file() else None}
+
+    def saved(path: Path) -> dict | None:
+        try:
+            row = read_json(path) if path.is_file() else None
+        except PuzzleError:
+            return None
+        return row if isinstance(row, dict) and row.get("inputs") == inputs else None
 
     def finished(c: Candidate) -> dict | None:
-        """The candidate's saved row, when there is one for its architecture and library stage."""
-        path = rows_dir / f"{c.name}.json"
-        if not path.is_file():
-            return None
-        row = read_json(path)
-        same = (row.get("architecture") == compact_architecture([b.id for b in c.blocks])
-                and row.get("training") == c.training)
+        """The candidate's saved row, when there is one for its architecture, library stage and the
+        run's workload and score table (and its export folder, when exports are asked for)."""
+        row = saved(rows_dir / f"{c.name}.json")
+        same = row is not None and (row.get("architecture") == compact_architecture([b.id for b in c.blocks])
+                                    and row.get("training") == c.training)
+        if same and export and not (run.out / "export" / c.name / "config.json").is_file():
+            return None  # an earlier --no-export run: realize again to export
         return row if same else None
 
+    for path in rows_dir.glob("*.json"):  # rows for another workload or score table would be drawn by `puzzle front`
+        if saved(path) is None:
+            path.unlink()
     todo = [c for c in candidates if finished(c) is None]
+    if not (rows_dir / "parent.json").is_file() and not todo:
+        todo = list(candidates)
     groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)][:max_groups]
     for group in groups:
         models = {c.name: realize(run, c, library) for c in group}
@@ -484,7 +503,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "speedup": 1.0, "throughput_tok_s": float(p["throughput_tok_s"]), "kl_nats": 0.0, "score_kl_nats": 0.0,
                 "predicted_kl_nats": 0.0, "lm_loss": parent_q["lm_loss"], "top1_agree": 1.0, "params": float(p["params"]),
                 "memory_mib": float(p["memory_mib"]), "runtime_ms": float(p["runtime_ms"]), "note": "",
-                "architecture": "parent"})
+                "architecture": "parent", "inputs": inputs})
         for c in group:
             m = measured.loc[c.name]
             atomic_write_json(rows_dir / f"{c.name}.json", {
@@ -493,7 +512,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "predicted_kl_nats": c.predicted_kl_nats, "params": float(m["params"]),
                 "memory_mib": float(m["memory_mib"]), "runtime_ms": float(m["runtime_ms"]), "note": c.note,
                 "group_parent_runtime_ms": float(m["runtime_ms"] * m["speedup"]),
-                "architecture": compact_architecture([b.id for b in c.blocks])})
+                "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs})
         del models
     if not (rows_dir / "parent.json").is_file():
         return pd.DataFrame(columns=ROW_COLUMNS)
@@ -557,13 +576,24 @@ def open_run(out: Path, progress: bool = True):
 
 def baselines_main(args) -> int:
     """Run the baselines and print the table. Raises PuzzleError for a malformed --speedups."""
-    try:
-        speedups = None if not args.speedups else tuple(float(s) for s in args.speedups.split(","))
-    except ValueError:
-        raise PuzzleError(f"--speedups {args.speedups!r}: give numbers separated by commas, e.g. 1.25,1.5,2") from None
+    speedups = None
+    if args.speedups is not None:
+        bad = f"--speedups {args.speedups!r}: give speed-ups of at least 1 separated by commas, e.g. 1.25,1.5,2"
+        try:
+            speedups = tuple(float(s) for s in args.speedups.split(","))
+        except ValueError:
+            raise PuzzleError(bad) from None
+        if not all(1 <= s < math.inf for s in speedups):  # NaN fails too
+            raise PuzzleError(bad)
     run = open_run(args.out, progress=not args.no_progress)
     table = run_baselines(run, speedups, export=not args.no_export, progress=not args.no_progress)
     cols = ["name", "training", "speedup", "kl_nats", "lm_loss", "params"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    body = table[table["name"] != "parent"]
+    for s in speedups or run.config.search.front_speedups:
+        missing = sorted(set(METHODS) - {"mip"} - set(body.loc[(body["target_speedup"] - s).abs() < 1e-9, "method"]))
+        if missing:
+            print(f"at {s:g}x no model from {', '.join(missing)}: the method cannot reach that speed-up on this run",
+                  file=sys.stderr)
     print(f"wrote {args.out / 'baselines' / 'baselines.csv'}", file=sys.stderr)
     return 0

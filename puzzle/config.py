@@ -36,6 +36,8 @@ class ParentConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise PuzzleError(f"parent.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise PuzzleError(f"parent.path must be a path, 'asset:<name>' or 'tiny' (text), got {self.path!r}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,13 @@ class TargetConfig:
         if self.dtype not in DTYPES:
             raise PuzzleError(f"target.dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("batch_size", "prompt_len", "gen_len"):
-            if int(getattr(self, name)) < 1:
-                raise PuzzleError(f"target.{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PuzzleError(f"target.{name} must be a whole number >= 1, got {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise PuzzleError(f"target.threads must be a whole number >= 1 or null, got {self.threads!r}")
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise PuzzleError(f"target.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 
@@ -314,9 +320,17 @@ def load_preset(name_or_path: str) -> RunConfig:
 
 
 def save_run_config(config: RunConfig, out_dir: Path) -> None:
-    from .io import atomic_write_json
+    """DIR/config.json, rewritten only when its content changes (a read-only run can still be read)."""
+    from .io import atomic_write_text
 
-    atomic_write_json(Path(out_dir) / "config.json", _json_safe(config.to_dict()))
+    path = Path(out_dir) / "config.json"
+    text = json.dumps(_json_safe(config.to_dict()), indent=2, sort_keys=False, default=str) + "\n"
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
 
 
 def load_run_config(out_dir: Path) -> RunConfig:

@@ -466,6 +466,8 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
         data_note = (f"the run's calibration sources re-packed with {changes} "
                      f"({train_ids.shape[0]} x {train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
+    from .export import check_export_target
+    check_export_target(Path(dest), overwrite=True)  # before the training, not after it
     work = args.work or run.out / "gkd" / args.name
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
@@ -504,6 +506,8 @@ def _folder_inputs(args) -> GKDInputs:
         return parent_logprobs(parent_loaded.model, eval_ids, chunk=2)
 
     dest = Path(args.dest)
+    from .export import check_export_target
+    check_export_target(dest, overwrite=True)
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
                      {"child": str(args.child), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),

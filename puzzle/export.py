@@ -33,6 +33,7 @@ from . import __version__
 from .architecture import ModelConfig, ffn_mult_to_intermediate_size, intermediate_size_to_ffn_mult
 from .configuration_decilm import config_dict_from_model_config
 from .errors import PuzzleError
+from .io import file_mode
 from .modeling import PuzzleForCausalLM
 
 CODE_FILES = ("architecture.py", "modeling.py", "configuration_decilm.py", "modeling_decilm.py")
@@ -177,23 +178,22 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         model: the child; its `config.blocks` become `block_configs`; `num_key_value_heads` and
             `intermediate_size` in config.json are its config's (the parent's).
         tokenizer: an HF tokenizer (`save_pretrained` is called), or None to write none (warned).
-        out_dir: the folder to create; it must not exist or be empty unless overwrite=True.
+        out_dir: the folder to create; it must not exist or be empty, or with overwrite=True be an
+            earlier export (`is_export_folder`), which is replaced.
         dtype: weight dtype (torch.dtype or name such as "bfloat16"); default the model's.
         extra_info: JSON-ready provenance stored under config.json's "puzzle" key.
-        overwrite: replace an existing non-empty out_dir.
+        overwrite: replace an earlier export at out_dir.
 
     Returns:
         ExportResult(path, warnings): see `export_warnings`; nothing is printed.
 
     Raises:
-        PuzzleError: out_dir is a file, or a non-empty folder without overwrite=True; a bad dtype;
+        PuzzleError: out_dir is a file, a non-empty folder without overwrite=True or one that is not an
+            earlier export (a run directory, a folder of other files); a bad dtype;
             a tied config whose LM head is not the embedding.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PuzzleError(f"export target {out_dir} is a file; choose a folder path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
+    check_export_target(out_dir, overwrite)
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)
     warnings = export_warnings(config)
@@ -213,11 +213,47 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         for name in CODE_FILES:
             shutil.copyfile(here / name, tmp / name)
         (tmp / "README.md").write_text(_readme(config, torch_dtype, warnings, model.num_parameters()), encoding="utf-8")
+        for f in tmp.iterdir():  # safetensors writes its file 0o600: every file as plainly created
+            if f.is_file():
+                f.chmod(file_mode())
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir, tuple(warnings))
+
+
+def check_export_target(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse an export folder that would lose something: a file, the current directory or one above it,
+    a non-empty folder without `overwrite`, or with it one that is not an earlier export (a run
+    directory, a library, a folder of the user's files). Call it before long work, too.
+
+    Raises:
+        PuzzleError: naming the folder and what to give instead.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PuzzleError(f"export target {out_dir} is a file; choose a folder path")
+    here = Path.cwd().resolve()
+    if out_dir.resolve() in (here, *here.parents):
+        raise PuzzleError(f"export target {str(out_dir) or '(empty)'} is the current directory or one above it; "
+                          f"give a new folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
+        if not is_export_folder(out_dir):  # overwrite replaces an earlier export, never a folder of other files
+            raise PuzzleError(f"{out_dir} is not empty and is not an earlier export (config.json with block_configs "
+                              f"and the model code), so it is left as it is; give a new or empty folder")
+
+
+def is_export_folder(path: Path) -> bool:
+    """Whether `path` holds a checkpoint `export_checkpoint` wrote: config.json with block_configs and the
+    model code files next to it."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "block_configs" in config and all((Path(path) / f).is_file() for f in CODE_FILES)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

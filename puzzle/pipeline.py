@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .architecture import BlockConfig
+from .architecture import ArchitectureError, BlockConfig
 from .config import SEARCH_BUDGETS, RunConfig, save_run_config
 from .errors import PuzzleError
 from .io import atomic_write_json, atomic_write_text, load_table, read_json, save_table
@@ -525,18 +525,44 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
 
 
 def read_architecture(run: Run, name: str) -> dict:
-    """DIR/search/<name>.json, with a hint when it is missing."""
-    path = run.out / "search" / f"{name}.json"
-    have = sorted(p.stem for p in (run.out / "search").glob("child-*.json")) if (run.out / "search").is_dir() else []
+    """DIR/search/<name>.json, checked (`read_architecture_at`)."""
+    return read_architecture_at(run.out, name)
+
+
+def read_architecture_at(out: Path, name: str) -> dict:
+    """The searched architecture `name` of the run directory `out` (out/search/<name>.json).
+
+    Raises:
+        PuzzleError: a name that is not a record's (a path, "chosen", too long), a missing or
+            unreadable file, or a record whose choice, library_stage or budgets are malformed; the
+            message lists the names there are.
+    """
+    out = Path(out)
+    have = sorted(p.stem for p in (out / "search").glob("child-*.json")) if (out / "search").is_dir() else []
     hint = f"choose one of {have}" if have else "run `puzzle search` first"
-    if not path.is_file() or name == "chosen" or Path(name).name != name:
-        raise PuzzleError(f"no architecture named {name!r} in {run.out / 'search'}; {hint}")
+    if not name or len(name) > 200 or name == "chosen" or Path(name).name != name:  # before any file call
+        raise PuzzleError(f"no architecture named {name[:60]!r} in {out / 'search'}; {hint}")
+    path = out / "search" / f"{name}.json"
+    if not path.is_file():
+        raise PuzzleError(f"no architecture named {name!r} in {out / 'search'}"
+                          f"{' (that path is not a file)' if path.exists() else ''}; {hint}")
     try:
         record = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and run `puzzle search` again") from e
     if not isinstance(record, dict) or not isinstance(record.get("choice"), list):
         raise PuzzleError(f"{path} is not an architecture record (no 'choice' list); {hint}")
+    for i, block in enumerate(record["choice"]):
+        try:
+            BlockConfig.from_id(block)
+        except (ArchitectureError, AttributeError, TypeError, ValueError):
+            raise PuzzleError(f"{path}: choice[{i}] = {block!r} is not a block id like 'attn-kv1+ffn-768'; "
+                              f"delete the file and run `puzzle search` again") from None
+    if record.get("library_stage", "bld") not in ("bld", "init"):
+        raise PuzzleError(f"{path}: library_stage {record.get('library_stage')!r} must be 'bld' or 'init'; "
+                          f"delete the file and run `puzzle search` again")
+    if "budgets" in record and not isinstance(record["budgets"], dict):
+        raise PuzzleError(f"{path}: budgets must be an object; delete the file and run `puzzle search` again")
     return record
 
 
@@ -567,15 +593,20 @@ def parent_eval_logprobs(run: Run) -> torch.Tensor:
 
 def evaluate(run: Run, model, name: str) -> dict:
     """Evaluation KL to the parent and LM loss on the evaluation split (cached in DIR/children/<name>.json)."""
+    from .distill import model_fingerprint
     from .scoring.quality import evaluate_model
 
     path = run.out / "children" / f"{name}.quality.json"
-    key = {"architecture": [b.id for b in model.config.blocks], "fingerprint": fingerprint(model),
+    # every weight: a child rebuilt from another library stage or a rebuilt library has the same config and norms
+    key = {"architecture": [b.id for b in model.config.blocks], "weights": model_fingerprint(model),
            "parent": fingerprint(run.parent.model), "eval_sha": _tensor_sha(run.tokens.eval)}
     if path.is_file():
-        cached = read_json(path)
-        if all(cached.get(k) == v for k, v in key.items()):
-            return cached["metrics"]
+        try:
+            cached = read_json(path)
+            if all(cached.get(k) == v for k, v in key.items()) and isinstance(cached["metrics"], dict):
+                return cached["metrics"]
+        except (PuzzleError, AttributeError, KeyError):
+            pass  # unreadable or hand-edited: evaluate again
     t0 = time.perf_counter()
     metrics = evaluate_model(model, run.tokens.eval, parent_eval_logprobs(run), chunk=run.config.score.chunk)
     atomic_write_json(path, {**key, "metrics": metrics})
@@ -604,9 +635,10 @@ def generate_answers(model_path: str, prompts, max_new_tokens: int):
 
 def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`)."""
-    from .export import export_checkpoint
+    from .export import check_export_target, export_checkpoint
 
     record = read_architecture(run, name)
+    check_export_target(dest or run.out / "export" / name, overwrite=True)  # before building the child
     model = model if model is not None else build_child(run, record)
     t0 = time.perf_counter()
     result = export_checkpoint(model, run.parent.tokenizer, dest or run.out / "export" / name, overwrite=True,

@@ -376,10 +376,14 @@ def refine_main(args) -> int:
     """Run `improve_child` and print its step table."""
     from .baselines import open_run
 
-    for flag in ("k", "refine_k", "rounds", "min_layers_differ"):
+    for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     run = open_run(args.out, progress=not args.no_progress)
+    seq_len, split = run.tokens.score.shape[1], run.tokens.score.numel()
+    if args.select_tokens is not None and not seq_len <= args.select_tokens <= split:
+        raise PuzzleError(f"--select-tokens {args.select_tokens}: give {seq_len} (one sequence) to {split} (the whole "
+                          f"scoring split); choices are made on whole sequences")
     df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                        max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                        resume=args.resume)

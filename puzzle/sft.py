@@ -573,6 +573,8 @@ def run_sft_command(args, log=None) -> dict | None:
                 raise PuzzleError("give --dest FOLDER for the fine-tuned model")
             args.dest = Path(args.out) / "export" / f"{args.name}-sft"
         dest = Path(args.dest)
+        from .export import check_export_target
+        check_export_target(dest, overwrite=True)  # before the training, not after it
         work = Path(args.work or f"{dest}.sft-work")
         conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
         data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt, config.seed)

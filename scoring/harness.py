@@ -444,15 +444,12 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
         exclude = used_lambada_ids(path) if (path / "data" / "manifest.json").is_file() else set()
         if child == "parent":
             return EvalModel(parent.model.to(dtype), parent.tokenizer, f"{path.name}:parent", parent.source, exclude)
-        record_path = path / "search" / f"{child}.json"
-        if not record_path.is_file():
-            raise PuzzleError(f"no architecture {child!r} in {path / 'search'}; choose parent or one of {searched}")
         from puzzle.architecture import BlockConfig
-        from puzzle.io import read_json
         from puzzle.library import Library
+        from puzzle.pipeline import read_architecture_at
         from puzzle.realize import realize_child
 
-        record = read_json(record_path)
+        record = read_architecture_at(path, child)  # refuses paths, "chosen" and malformed records
         blocks = [BlockConfig.from_id(b) for b in record["choice"]]
         model = realize_child(parent.model, Library(path / "library"), blocks, record.get("library_stage", "bld"))
         return EvalModel(model.to(dtype), parent.tokenizer, f"{path.name}:{child}", f"run {path}, child {child}", exclude)

@@ -307,3 +307,60 @@ def test_a_widened_space_keeps_finished_entries_and_scores(tmp_path_factory, tmp
     assert {json.loads(line)["variant"] for line in after[len(scored):]} == {width}
     assert set(tables["bld"].loc[tables["bld"]["variant"] == width, "layer"]) == layers
     assert json.loads((out / "library" / "meta.json").read_text())["space"]["ffn_fractions"][-1] == 0.25
+
+
+def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_path_factory, tmp_path, capsys):
+    """Found by a breaker pass: `export --dest` replaced any folder (the run itself, its library); a child
+    rebuilt from the init library reported the BLD child's cached KL; malformed options and records gave
+    tracebacks; baseline rows timed for another workload were reused."""
+    import hashlib
+    import json
+    import shutil
+
+    from puzzle.baselines import open_run
+    from puzzle.cli import main
+    from puzzle.pipeline import build_child, evaluate, read_architecture
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+
+    def digest(folder):
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+
+    before = digest(out)
+    for dest in (out, out / "search", out / "library"):
+        assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(dest), "--no-progress"]) == 2
+        assert "not an earlier export" in capsys.readouterr().err
+    assert digest(out) == before
+    # the evaluation cache knows the weights, not only the architecture
+    run = open_run(out, progress=False)
+    record = read_architecture(run, "child-1.5x")
+    bld = evaluate(run, build_child(run, record, "bld"), "child-1.5x")["kl_nats"]
+    init = evaluate(run, build_child(run, record, "init"), "child-1.5x")["kl_nats"]
+    assert init != bld and evaluate(run, build_child(run, record, "bld"), "child-1.5x")["kl_nats"] == bld
+    # options and hand-edited records: one line, exit 2
+    for argv, words in [(["refine", "--name", "child-1.5x", "--max-changes", "0"], "--max-changes must be >= 1"),
+                        (["refine", "--name", "child-1.5x", "--select-tokens", "0"], "--select-tokens 0"),
+                        (["baselines", "--speedups", "0"], "speed-ups of at least 1"),
+                        (["baselines", "--speedups", "nan"], "speed-ups of at least 1"),
+                        (["realize", "--name", "a" * 300], "no architecture named"),
+                        (["export", "--name", "child-1.5x", "--dest", ""], "current directory")]:
+        assert main([argv[0], "--out", str(out), *argv[1:], "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (argv, err)
+    edited = out / "search" / "child-1.5x.json"
+    for change, words in [({"choice": [1, 2, 3, 4]}, "choice[0] = 1"), ({"library_stage": "foo"}, "library_stage")]:
+        edited.write_text(json.dumps({**record, **change}))
+        assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 2
+        assert words in capsys.readouterr().err
+    edited.write_text(json.dumps(record))
+    # baseline rows remember the workload and score table they were made for
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    kept, stale = out / "baselines" / "rows" / "layers-1.5x.json", out / "baselines" / "rows" / "greedy-1.5x.json"
+    row = json.loads(stale.read_text())
+    row["inputs"]["workload"]["batch_size"] += 1  # as if timed before `puzzle score --batch-size`
+    stale.write_text(json.dumps(row))
+    kept_bytes = kept.read_bytes()
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    assert json.loads(stale.read_text())["inputs"]["workload"]["batch_size"] == row["inputs"]["workload"]["batch_size"] - 1
+    assert kept.read_bytes() == kept_bytes

@@ -1,6 +1,7 @@
 """Export: an HF folder that AutoModelForCausalLM loads with the in-memory child's logits and generations."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,16 +216,26 @@ def test_folder_is_self_contained(exported):
     assert reloaded("w5 w17 w99")["input_ids"] == tokenizer("w5 w17 w99")["input_ids"] == [5, 17, 99]
 
 
-def test_refuses_a_non_empty_folder_and_overwrites_on_request(tmp_path):
+def test_refuses_a_non_empty_folder_and_overwrites_only_an_earlier_export(tmp_path, monkeypatch):
     child = tiny_child([block("kv2", "256"), block("kv1", "512")])
     out = tmp_path / "out"
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):  # overwrite=True replaces an earlier export, never a folder of other files
+        with pytest.raises(PuzzleError, match="not empty"):
+            export_checkpoint(child, None, out, overwrite=overwrite)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    export_checkpoint(child, None, out)
     (out / "stale.txt").write_text("old")
-    with pytest.raises(PuzzleError, match="not empty"):
-        export_checkpoint(child, None, out)
-    assert (out / "stale.txt").exists()
+    monkeypatch.chdir(out)
+    for here in ("", ".", ".."):  # `--dest ""` is the current directory
+        with pytest.raises(PuzzleError, match="current directory"):
+            export_checkpoint(child, None, Path(here), overwrite=True)
+    monkeypatch.chdir(tmp_path)
     result = export_checkpoint(child, tiny_tokenizer(), out, dtype="bfloat16", overwrite=True, extra_info={"run": "t"})
     assert not (out / "stale.txt").exists()
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable by a server
     assert result.warnings == ()  # no linear layers, every width a multiple of 256, a tokenizer
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
@@ -233,3 +244,11 @@ def test_refuses_a_non_empty_folder_and_overwrites_on_request(tmp_path):
     with pytest.raises(PuzzleError, match="not a torch floating dtype"):
         export_checkpoint(child, None, tmp_path / "other", dtype="int8")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
