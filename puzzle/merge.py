@@ -167,15 +167,18 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     if kinds == {True}:
         from .io import atomic_save_safetensors
 
-        merged = merge_state_dicts([read_state_dict(p) for p in paths], weights, [str(p) for p in paths])
         if dest.suffix != ".safetensors":
             raise PuzzleError(f"state dicts merge into a .safetensors file; got --dest {dest}")
+        if dest.is_symlink() or dest.exists() and not dest.is_file():
+            raise PuzzleError(f"--dest {dest} exists and is not a regular file; give a new .safetensors path")
+        merged = merge_state_dicts([read_state_dict(p) for p in paths], weights, [str(p) for p in paths])
         atomic_save_safetensors(merged, dest, metadata={"merged_from": [str(p) for p in paths],
                                                         "weights": normalized_weights(weights, len(paths))})
         return dest
-    from .export import export_checkpoint
+    from .export import check_export_target, export_checkpoint
     from .parent import load_parent
 
+    check_export_target(dest, overwrite=True)  # before loading and averaging
     loaded = [load_parent(p) for p in paths]
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
     export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,

@@ -344,10 +344,13 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
                         (["baselines", "--speedups", "0"], "speed-ups of at least 1"),
                         (["baselines", "--speedups", "nan"], "speed-ups of at least 1"),
                         (["realize", "--name", "a" * 300], "no architecture named"),
-                        (["export", "--name", "child-1.5x", "--dest", ""], "current directory")]:
+                        (["export", "--name", "child-1.5x", "--dest", ""], "current directory"),
+                        (["gkd", "--name", "child-1.5x", "--dest", str(out / "search"), "--tokens", "64"],
+                         "not an earlier export")]:
         assert main([argv[0], "--out", str(out), *argv[1:], "--no-progress"]) == 2, argv
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (argv, err)
+    assert digest(out / "search") == digest(tiny_run_dir(tmp_path_factory) / "search")  # gkd trained nothing there
     edited = out / "search" / "child-1.5x.json"
     for change, words in [({"choice": [1, 2, 3, 4]}, "choice[0] = 1"), ({"library_stage": "foo"}, "library_stage")]:
         edited.write_text(json.dumps({**record, **change}))
