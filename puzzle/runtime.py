@@ -39,8 +39,10 @@ Notation:
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -661,7 +663,14 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise PuzzleError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise PuzzleError(f"--device {device!r}: give cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PuzzleError(f"--device {device}: this machine has no CUDA device; give --device cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if (Path(args.model) / "config.json").is_file() and (Path(args.model) / "search").is_dir():
+        raise PuzzleError(f"{args.model} is a run directory; pass one of its exported models, e.g. "
+                          f"{Path(args.model) / 'export' / 'child-1.5x'} (`puzzle export` writes them)")
     loaded = load_parent(args.model, dtype=dtype)
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]
     result = answer_prompts(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, device=device,
