@@ -451,21 +451,27 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     from .pipeline import compact_architecture, evaluate
     from .refine import selection_kl
 
-    from .pipeline import _sha256, cost_meta
+    from .pipeline import _sha256, _tensor_sha, cost_meta
 
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
     table_path = run.out / "score" / "score_table.csv"
     # what a saved row's figures depend on besides its architecture: the workload it was timed for and the
     # score table (a rebuilt library rescored gives new weights and a new table)
-    inputs = {"workload": cost_meta(run), "score_table_sha256": _sha256(table_path) if table_path.is_file() else None}
+    inputs = {"workload": {**cost_meta(run), "threads": run.config.target.threads},
+              "score_table_sha256": _sha256(table_path) if table_path.is_file() else None,
+              "eval_sha": _tensor_sha(run.tokens.eval)}
 
     def saved(path: Path) -> dict | None:
         try:
             row = read_json(path) if path.is_file() else None
         except PuzzleError:
             return None
-        return row if isinstance(row, dict) and row.get("inputs") == inputs else None
+        numbers = ("speedup", "kl_nats", "lm_loss", "params", "runtime_ms") + (
+            ("throughput_tok_s",) if path.name == "parent.json" else ())
+        whole = isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                                              for k in numbers)
+        return row if whole and row.get("inputs") == inputs else None  # a hand-edited row is redone
 
     def finished(c: Candidate) -> dict | None:
         """The candidate's saved row, when there is one for its architecture, library stage and the
@@ -537,9 +543,17 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
 
     Writes DIR/baselines/baselines.csv and returns it (parent first).
     """
-    speedups = tuple(speedups or run.config.search.front_speedups)
+    speedups = tuple(dict.fromkeys(speedups or run.config.search.front_speedups))  # each target once, in order
+    if not speedups or not all(1 <= s < math.inf for s in speedups):
+        raise PuzzleError(f"baseline speed-ups must be at least 1 and finite, got {list(speedups)}; set --speedups or "
+                          f"the run's front speed-ups")
     t0 = time.perf_counter()
     plan = plan_baselines(run, speedups)
+    if export:  # a folder that cannot be replaced fails now, not after hours of realizing
+        from .export import check_export_target
+
+        for c in plan:
+            check_export_target(run.out / "export" / c.name, overwrite=True, keep=[run.out / "library"])
     library = baseline_library(run, [c.blocks for c in plan], progress=progress)
     plan = select_uniform(run, plan, library)
     table = realize_all(run, plan, library, export=export)
@@ -578,10 +592,12 @@ def baselines_main(args) -> int:
     """Run the baselines and print the table. Raises PuzzleError for a malformed --speedups."""
     speedups = None
     if args.speedups is not None:
+        from .budgets import parse_speedup
+
         bad = f"--speedups {args.speedups!r}: give speed-ups of at least 1 separated by commas, e.g. 1.25,1.5,2"
         try:
-            speedups = tuple(float(s) for s in args.speedups.split(","))
-        except ValueError:
+            speedups = tuple(parse_speedup(s) for s in args.speedups.split(","))  # 1.5 or 1.5x
+        except PuzzleError:
             raise PuzzleError(bad) from None
         if not all(1 <= s < math.inf for s in speedups):  # NaN fails too
             raise PuzzleError(bad)
@@ -590,7 +606,7 @@ def baselines_main(args) -> int:
     cols = ["name", "training", "speedup", "kl_nats", "lm_loss", "params"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     body = table[table["name"] != "parent"]
-    for s in speedups or run.config.search.front_speedups:
+    for s in dict.fromkeys(speedups or run.config.search.front_speedups):
         missing = sorted(set(METHODS) - {"mip"} - set(body.loc[(body["target_speedup"] - s).abs() < 1e-9, "method"]))
         if missing:
             print(f"at {s:g}x no model from {', '.join(missing)}: the method cannot reach that speed-up on this run",

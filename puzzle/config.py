@@ -177,7 +177,7 @@ class SearchConfig:
             object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number >= 0.1 "
                                                                         "(e.g. 1.5)"))
         bad = "search.front_speedups must be a list of finite numbers >= 0.1 (e.g. [1.25, 1.5, 2])"
-        if not isinstance(self.front_speedups, (list, tuple)):
+        if not isinstance(self.front_speedups, (list, tuple)) or not self.front_speedups:
             raise PuzzleError(f"{bad}, got {self.front_speedups!r}")
         object.__setattr__(self, "front_speedups", tuple(_speedup(s, bad) for s in self.front_speedups))
 

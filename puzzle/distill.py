@@ -465,10 +465,11 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
         train_ids = tokens.calib
         data_note = (f"the run's calibration sources re-packed with {changes} "
                      f"({train_ids.shape[0]} x {train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
-    dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     from .export import check_export_target
-    check_export_target(Path(dest), overwrite=True)  # before the training, not after it
+
+    dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     work = args.work or run.out / "gkd" / args.name
+    check_export_target(Path(dest), overwrite=True, keep=[run.out, work])  # before the training, not after it
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),
@@ -505,9 +506,10 @@ def _folder_inputs(args) -> GKDInputs:
 
         return parent_logprobs(parent_loaded.model, eval_ids, chunk=2)
 
-    dest = Path(args.dest)
     from .export import check_export_target
-    check_export_target(dest, overwrite=True)
+
+    dest = Path(args.dest)
+    check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"])
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
                      {"child": str(args.child), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),

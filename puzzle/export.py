@@ -203,7 +203,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should read like any folder
+        tmp.chmod(file_mode() | (file_mode() & 0o444) >> 2)  # mkdtemp makes it private: a folder as plainly made
         save_file(_state_dict(model, torch_dtype), tmp / "model.safetensors", metadata={"format": "pt"})
         _write_json(tmp / "config.json", _config_json(config, torch_dtype, extra_info))
         _write_json(tmp / "generation_config.json", _generation_config_json(config))
@@ -223,10 +223,13 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     return ExportResult(out_dir, tuple(warnings))
 
 
-def check_export_target(out_dir: Path, overwrite: bool = False) -> None:
-    """Refuse an export folder that would lose something: a file, the current directory or one above it,
-    a non-empty folder without `overwrite`, or with it one that is not an earlier export (a run
-    directory, a library, a folder of the user's files). Call it before long work, too.
+def check_export_target(out_dir: Path, overwrite: bool = False, keep=()) -> None:
+    """Refuse an export folder that would lose something. Call it before long work, too.
+
+    Refused: a file; a path under a file; a name too long for the temporary folder; the current
+    directory or one above it; a folder holding or being one of `keep` (the run directory, the
+    inputs, a work folder); a non-empty folder without `overwrite`, or with it one that is not an
+    earlier export holding only what an export writes (`is_export_folder`).
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
@@ -234,26 +237,48 @@ def check_export_target(out_dir: Path, overwrite: bool = False) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PuzzleError(f"export target {out_dir} is a file; choose a folder path")
+    above = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise PuzzleError(f"export target {out_dir}: {above} is a file, so no folder can be made under it")
+    if len(out_dir.name.encode()) > 200:
+        raise PuzzleError(f"export target {out_dir.name[:40]}...: the folder name is longer than 200 bytes; shorten it")
     here = Path.cwd().resolve()
-    if out_dir.resolve() in (here, *here.parents):
+    target = out_dir.resolve()
+    if target in (here, *here.parents):
         raise PuzzleError(f"export target {str(out_dir) or '(empty)'} is the current directory or one above it; "
                           f"give a new folder path")
+    for path in keep:
+        path = Path(path).resolve()
+        if path == target or target in path.parents:
+            raise PuzzleError(f"export target {out_dir} is or holds {path}, which the command reads or writes; "
+                              f"give a folder outside it")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
         if not is_export_folder(out_dir):  # overwrite replaces an earlier export, never a folder of other files
-            raise PuzzleError(f"{out_dir} is not empty and is not an earlier export (config.json with block_configs "
-                              f"and the model code), so it is left as it is; give a new or empty folder")
+            raise PuzzleError(f"{out_dir} is not empty and is not an earlier export holding only an export's files "
+                              f"(config.json with block_configs, the model code, weights, tokenizer, README), so it "
+                              f"is left as it is; give a new or empty folder")
+
+
+#: files an export writes besides CODE_FILES (the tokenizer's names vary with its kind)
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "README.md", "chat_template.jinja",
+                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 
 def is_export_folder(path: Path) -> bool:
-    """Whether `path` holds a checkpoint `export_checkpoint` wrote: config.json with block_configs and the
-    model code files next to it."""
+    """Whether `path` holds a checkpoint `export_checkpoint` wrote and nothing else: config.json with
+    block_configs, the model code files, and otherwise only files an export writes (no folders)."""
+    path = Path(path)
     try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "block_configs" in config and all((Path(path) / f).is_file() for f in CODE_FILES)
+    if not (isinstance(config, dict) and "block_configs" in config and all((path / f).is_file() for f in CODE_FILES)):
+        return False
+    return all(p.is_file() and not p.is_symlink() and (p.name in EXPORT_FILES or p.name in CODE_FILES
+                                                       or p.name.startswith("tokenizer"))
+               for p in path.iterdir())
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

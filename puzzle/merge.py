@@ -171,6 +171,11 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             raise PuzzleError(f"state dicts merge into a .safetensors file; got --dest {dest}")
         if dest.is_symlink() or dest.exists() and not dest.is_file():
             raise PuzzleError(f"--dest {dest} exists and is not a regular file; give a new .safetensors path")
+        if dest.resolve() in {Path(p).resolve() for p in paths}:
+            raise PuzzleError(f"--dest {dest} is one of the inputs; give a new .safetensors path")
+        above = next((p for p in dest.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise PuzzleError(f"--dest {dest}: {above} is a file, so nothing can be written under it")
         merged = merge_state_dicts([read_state_dict(p) for p in paths], weights, [str(p) for p in paths])
         atomic_save_safetensors(merged, dest, metadata={"merged_from": [str(p) for p in paths],
                                                         "weights": normalized_weights(weights, len(paths))})
@@ -178,7 +183,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     from .export import check_export_target, export_checkpoint
     from .parent import load_parent
 
-    check_export_target(dest, overwrite=True)  # before loading and averaging
+    check_export_target(dest, overwrite=True, keep=paths)  # before loading and averaging
     loaded = [load_parent(p) for p in paths]
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
     export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,

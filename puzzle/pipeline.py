@@ -603,8 +603,11 @@ def evaluate(run: Run, model, name: str) -> dict:
     if path.is_file():
         try:
             cached = read_json(path)
-            if all(cached.get(k) == v for k, v in key.items()) and isinstance(cached["metrics"], dict):
-                return cached["metrics"]
+            metrics = cached["metrics"]
+            if all(cached.get(k) == v for k, v in key.items()) and isinstance(metrics, dict) and all(
+                    isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)
+                    for k in ("kl_nats", "lm_loss")):
+                return metrics
         except (PuzzleError, AttributeError, KeyError):
             pass  # unreadable or hand-edited: evaluate again
     t0 = time.perf_counter()
@@ -638,7 +641,7 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     from .export import check_export_target, export_checkpoint
 
     record = read_architecture(run, name)
-    check_export_target(dest or run.out / "export" / name, overwrite=True)  # before building the child
+    check_export_target(dest or run.out / "export" / name, overwrite=True, keep=[run.out])  # before building the child
     model = model if model is not None else build_child(run, record)
     t0 = time.perf_counter()
     result = export_checkpoint(model, run.parent.tokenizer, dest or run.out / "export" / name, overwrite=True,
@@ -656,8 +659,10 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     from .scoring.cost import measure_models
 
     record = read_architecture(run, name)
+    searched = record.get("library_stage", "bld")
+    other = stage is not None and stage != searched  # e.g. the BLD child's architecture from the init library
     child = build_child(run, record, stage)
-    quality = evaluate(run, child, name)
+    quality = evaluate(run, child, f"{name}.{stage}" if other else name)
     measured = measure_models({"parent": run.parent.model, name: child}, run.workload(),
                               repeats=run.config.score.measure_repeats,
                               progress=run.progress, max_contention=run.config.score.max_contention)
@@ -669,7 +674,9 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
 
         checked = check_measurement(measured, name, record["request"], run.workload().meta())
     row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"], checked)
-    atomic_write_json(run.out / "children" / f"{name}.json", row)
+    if other:  # its own file: the searched child's summary (read by the front and the report) stays as it is
+        row.update(library_stage=stage, predicted_kl_nats=float("nan"))
+    atomic_write_json(run.out / "children" / (f"{name}.{stage}.json" if other else f"{name}.json"), row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
             f"eval KL {row['kl_nats']:.4f} nats" + ("" if checked is None else
             f", {checked.use:.3f} of its {checked.column} budget ({'met' if checked.met else 'over it'})"))

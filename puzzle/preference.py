@@ -885,6 +885,11 @@ def cmd_rpo(args) -> int:
                        warmup_steps=args.warmup_steps, seed=args.seed, k=args.k, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature)
     progress = not args.no_progress
+    from .export import check_export_target
+
+    if args.out.exists() and not args.out.is_dir():
+        raise PuzzleError(f"--out {args.out} is a file; give a folder for rpo.json, history.csv and model/")
+    check_export_target(args.out / "model", overwrite=True, keep=[args.model])  # before the training
     loaded = _load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     args.out.mkdir(parents=True, exist_ok=True)

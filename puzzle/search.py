@@ -632,7 +632,8 @@ def check_search_args(args: argparse.Namespace) -> None:
         PuzzleError: K or D below 1, a time limit that is not a positive finite number of seconds,
             --greedy with K or D, --roofline-dtype without --roofline, an empty budget, objective,
             --roofline or --output, or an --output that is not a (new or existing) regular file in
-            an existing folder (a directory, a device, a FIFO or a symbolic link would be replaced).
+            an existing folder (a directory, a device, a FIFO or a symbolic link would be replaced), or an
+            existing file that an earlier --output did not write (the table itself, a run's config.json).
     """
     if args.num_solutions < 1:
         raise PuzzleError(f"--num-solutions {args.num_solutions}: give 1 or more solutions")
@@ -657,6 +658,18 @@ def check_search_args(args: argparse.Namespace) -> None:
                               f"the path of a new or regular file")
         if not out.parent.is_dir():
             raise PuzzleError(f"--output {out}: the folder {out.parent} does not exist; create it first")
+        if out.is_file() and not _is_search_output(out):  # e.g. the score table, its sidecar, a run's config.json
+            raise PuzzleError(f"--output {out} exists and is not an earlier `puzzle search --output` file, so it is "
+                              f"left as it is; give a new path")
+
+
+def _is_search_output(path: Path) -> bool:
+    """Whether `path` holds what `puzzle search --output` writes (a JSON object with choice and objective)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"choice", "objective", "budgets"} <= set(record)
 
 
 def check_exclusions(table: pd.DataFrame, exclude) -> None:

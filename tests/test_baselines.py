@@ -328,10 +328,29 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
         return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
 
     before = digest(out)
-    for dest in (out, out / "search", out / "library"):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for dest, words in [(out, "is or holds"), (tmp_path, "is or holds"), (out / "search", "not an earlier export"),
+                        (out / "library", "not an earlier export"), (tmp_path / "mine", "not an earlier export"),
+                        (out / "config.json" / "sub", "is a file")]:
         assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(dest), "--no-progress"]) == 2
-        assert "not an earlier export" in capsys.readouterr().err
-    assert digest(out) == before
+        assert words in capsys.readouterr().err, dest
+    assert digest(out) == before and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    # an earlier export is replaced, but not once the user has added files to it
+    assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "ex"), "--no-progress"]) == 0
+    (tmp_path / "ex" / "NOTES.txt").write_text("mine")
+    assert main(["export", "--out", str(out), "--name", "child-1.25x", "--dest", str(tmp_path / "ex"), "--no-progress"]) == 2
+    assert (tmp_path / "ex" / "NOTES.txt").is_file() and "not an earlier export" in capsys.readouterr().err
+    (tmp_path / "ex" / "NOTES.txt").unlink()
+    assert main(["export", "--out", str(out), "--name", "child-1.25x", "--dest", str(tmp_path / "ex"), "--no-progress"]) == 0
+    assert main(["merge", str(tmp_path / "ex"), str(tmp_path / "ex"), "--dest", str(tmp_path / "ex")]) == 2
+    assert "is or holds" in capsys.readouterr().err
+    # a read-only search never writes over its own table or a run file
+    table_bytes = (out / "score" / "score_table.csv").read_bytes()
+    for target in (out / "score" / "score_table.csv", out / "config.json"):
+        assert main(["search", "--library", str(out), "--speedup", "1.5", "--output", str(target)]) == 2
+        assert "not an earlier `puzzle search --output`" in capsys.readouterr().err
+    assert (out / "score" / "score_table.csv").read_bytes() == table_bytes
     # the evaluation cache knows the weights, not only the architecture
     run = open_run(out, progress=False)
     record = read_architecture(run, "child-1.5x")
@@ -346,7 +365,9 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
                         (["realize", "--name", "a" * 300], "no architecture named"),
                         (["export", "--name", "child-1.5x", "--dest", ""], "current directory"),
                         (["gkd", "--name", "child-1.5x", "--dest", str(out / "search"), "--tokens", "64"],
-                         "not an earlier export")]:
+                         "not an earlier export"),
+                        (["gkd", "--name", "child-1.5x", "--dest", str(tmp_path / "g"), "--work", str(tmp_path / "g"),
+                          "--tokens", "64"], "is or holds")]:
         assert main([argv[0], "--out", str(out), *argv[1:], "--no-progress"]) == 2, argv
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (argv, err)
@@ -358,7 +379,9 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
         assert words in capsys.readouterr().err
     edited.write_text(json.dumps(record))
     # baseline rows remember the workload and score table they were made for
-    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5,1.5x", "--no-export", "--no-progress"]) == 0
+    names = pd.read_csv(out / "baselines" / "baselines.csv")["name"]
+    assert names.is_unique  # a target given twice is planned once
     kept, stale = out / "baselines" / "rows" / "layers-1.5x.json", out / "baselines" / "rows" / "greedy-1.5x.json"
     row = json.loads(stale.read_text())
     row["inputs"]["workload"]["batch_size"] += 1  # as if timed before `puzzle score --batch-size`

@@ -227,14 +227,18 @@ def test_refuses_a_non_empty_folder_and_overwrites_only_an_earlier_export(tmp_pa
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     export_checkpoint(child, None, out)
-    (out / "stale.txt").write_text("old")
+    (out / "README.md").write_text("old")  # an earlier export (of another child, say) is replaced as a whole
+    (out / "notes.txt").write_text("mine")  # ... but not once it holds files an export does not write
+    with pytest.raises(PuzzleError, match="not an earlier export"):
+        export_checkpoint(child, None, out, overwrite=True)
+    (out / "notes.txt").unlink()
     monkeypatch.chdir(out)
     for here in ("", ".", ".."):  # `--dest ""` is the current directory
         with pytest.raises(PuzzleError, match="current directory"):
             export_checkpoint(child, None, Path(here), overwrite=True)
     monkeypatch.chdir(tmp_path)
     result = export_checkpoint(child, tiny_tokenizer(), out, dtype="bfloat16", overwrite=True, extra_info={"run": "t"})
-    assert not (out / "stale.txt").exists()
+    assert (out / "README.md").read_text() != "old"
     assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable by a server
     assert result.warnings == ()  # no linear layers, every width a multiple of 256, a tokenizer
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
