@@ -61,9 +61,13 @@ def variant_block(name: str, stats: dict, layer: str = "?") -> BlockConfig:
     if len(parts) != 2 or not parts[0].lower().startswith("attention") or not parts[1].lower().startswith("ffn"):
         raise PuzzleError(f"{layer}: variant name {name!r} is not 'attention = ... && ffn = ...'")
     try:
-        kv, width = int(stats["num_kv_heads"]), int(stats["ffn_intermediate_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PuzzleError(f"{layer} variant {name!r}: stats lack num_kv_heads / ffn_intermediate_size") from e
+        kv, width = stats["num_kv_heads"], stats["ffn_intermediate_size"]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) for v in (kv, width)):
+            raise ValueError("not whole numbers")
+        kv, width = int(kv), int(width)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise PuzzleError(f"{layer} variant {name!r}: stats need whole-number num_kv_heads and "
+                          f"ffn_intermediate_size") from e
     return BlockConfig(_subblock(parts[0], kv, "attention", name, layer), _subblock(parts[1], width, "ffn", name, layer))
 
 

@@ -116,6 +116,8 @@ def _check_values(table: pd.DataFrame) -> None:
     """Refuse values no solver can use: a non-integer layer, text in a score or cost column, an
     infinite score or cost, a negative cost, or a decoupled variant listed twice in a layer (the
     table names the first offending row). Missing values (NaN) pass: the search checks them per use."""
+    if table.empty:
+        raise PuzzleError("the score table has no rows; rerun `puzzle score`")
     layer = pd.to_numeric(table["layer"], errors="coerce")
     if layer.isna().any() or (layer != np.floor(layer)).any():
         bad = table["layer"][layer.isna() | (layer != np.floor(layer))].iloc[0]
@@ -129,9 +131,23 @@ def _check_values(table: pd.DataFrame) -> None:
         if np.isinf(values).any():
             raise PuzzleError(f"the score table's {c} column holds {values[np.isinf(values)].iloc[0]} "
                               f"({_where(table, np.isinf(values))}); scores and costs must be finite: rescore")
+        with np.errstate(over="ignore"):
+            if not np.isfinite(values.abs().sum()):
+                raise PuzzleError(f"the score table's {c} values are too large to add up over the layers (the sum "
+                                  f"overflows); give them in ordinary units")
         if c in COST_COLUMNS and (values < 0).any():
             raise PuzzleError(f"the score table's {c} column holds a negative cost {values[values < 0].iloc[0]:g} "
                               f"({_where(table, values < 0)}); costs are at least 0: remeasure")
+    variant = table["variant"]
+    blank = ~variant.map(lambda v: isinstance(v, str) and bool(v.strip()))
+    if blank.any():
+        raise PuzzleError(f"the score table's variant column is empty or not text in a row of layer "
+                          f"{table['layer'][blank].iloc[0]}; every row needs a variant id")
+    body = table[table["subblock"] != "non_block"]
+    parents = body[as_bool(body["is_parent"])].groupby(["layer", "subblock"]).size()
+    if (parents > 1).any():
+        layer, kind = parents[parents > 1].index[0]
+        raise PuzzleError(f"layer {layer} marks {parents.max()} {kind} rows is_parent=True; the parent has one")
     decoupled = table[table["subblock"].isin(["attention", "ffn"])]
     twice = decoupled.duplicated(["layer", "subblock", "variant"])
     if twice.any():

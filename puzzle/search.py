@@ -344,8 +344,13 @@ class _Search:
     def _core(self, objective, costs, rhs, lam, alive, others, min_differ, time_limit, starts=()):
         scales = [max(abs(self.parent.get(c, 1.0)), 1e-12) for c in self.columns]
         scales += [1.0] * (len(costs) - len(self.columns))  # trust-region rows count layers
-        return solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit, tie=self.tie,
-                          workers=self.workers, scales=scales, starts=starts)
+        try:  # (every solution is checked by `verify` afterwards, so numpy's overflow warnings add nothing)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit, tie=self.tie,
+                                  workers=self.workers, scales=scales, starts=starts)
+        except OverflowError as e:  # costs or scores far from 1 (e.g. 1e-300 ms) do not scale to integers
+            raise PuzzleError(f"the table's costs or scores span too many orders of magnitude for the solver ({e}); "
+                              f"give them in ordinary units (ms, MiB, nats)") from e
 
     def _joint_infeasible(self, budgets: Budgets) -> str:
         """Message for budgets each reachable alone but not together: per budget, its minimum under the others."""

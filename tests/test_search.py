@@ -543,10 +543,16 @@ def test_read_only_search_refuses_what_it_would_ignore_or_break(tmp_path, capsys
         save_table(bad, tmp_path / "bad" / "score_table.csv", {"device": "cpu"})
         assert main(["search", "--library", str(tmp_path / "bad"), "--speedup", "1.5"]) == 2
         assert words in capsys.readouterr().err, column
-    twice = pd.concat([table, table.iloc[[1]]])
-    save_table(twice, tmp_path / "bad" / "score_table.csv", {"device": "cpu"})
-    assert main(["search", "--library", str(tmp_path / "bad"), "--speedup", "1.5"]) == 2
-    assert "twice" in capsys.readouterr().err
+    tiny_costs = table.assign(**{c: table[c] * 1e-300 for c in ("runtime_ms", "prefill_ms", "decode_ms")})
+    two_parents = table.copy()
+    two_parents.loc[(two_parents["layer"] == 0) & (two_parents["subblock"] == "ffn"), "is_parent"] = True
+    for bad, words in [(pd.concat([table, table.iloc[[1]]]), "twice"), (table.iloc[:0], "no rows"),
+                       (table.assign(variant=table["variant"].where(table.index != 2, "")), "variant column is empty"),
+                       (two_parents, "is_parent=True; the parent has one"), (tiny_costs, "orders of magnitude")]:
+        save_table(bad, tmp_path / "bad" / "score_table.csv", {"device": "cpu"})
+        assert main(["search", "--library", str(tmp_path / "bad"), "--speedup", "1.5"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, words
 
 
 def test_search_command_without_a_run_or_library_says_which_to_give(capsys):
