@@ -714,11 +714,10 @@ def search_main(args: argparse.Namespace) -> int:
     else:
         solutions = solve(table, budgets, objective, num_solutions=args.num_solutions,
                           min_layers_differ=args.min_layers_differ, time_limit_s=args.time_limit, **options)
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-    record = {**solutions[0].to_dict(), "parent": {k: clean(v) for k, v in parent.items()},
-              "workload": {k: clean(meta.get(k)) if isinstance(meta.get(k), (int, float, str, type(None))) else str(meta[k])
-                           for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len", "sequence_length")
-                           if k in meta}, "source": str(args.library)}
+    scalar = lambda v: v if isinstance(v, (int, float, str, type(None))) else str(v)  # noqa: E731
+    record = {**solutions[0].to_dict(), "parent": dict(parent),  # (non-finite numbers become null on output)
+              "workload": {k: scalar(meta[k]) for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len",
+                                                        "sequence_length") if k in meta}, "source": str(args.library)}
     if len(solutions) > 1:
         record["alternatives"] = [s.to_dict() for s in solutions[1:]]
     short = None
