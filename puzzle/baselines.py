@@ -553,7 +553,7 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
         from .export import check_export_target
 
         for c in plan:
-            check_export_target(run.out / "export" / c.name, overwrite=True, keep=[run.out / "library"])
+            check_export_target(run.out / "export" / c.name, overwrite=True)
     library = baseline_library(run, [c.blocks for c in plan], progress=progress)
     plan = select_uniform(run, plan, library)
     table = realize_all(run, plan, library, export=export)

@@ -33,7 +33,7 @@ from . import __version__
 from .architecture import ModelConfig, ffn_mult_to_intermediate_size, intermediate_size_to_ffn_mult
 from .configuration_decilm import config_dict_from_model_config
 from .errors import PuzzleError
-from .io import file_mode
+from .io import file_in_the_way, file_mode
 from .modeling import PuzzleForCausalLM
 
 CODE_FILES = ("architecture.py", "modeling.py", "configuration_decilm.py", "modeling_decilm.py")
@@ -203,7 +203,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        tmp.chmod(file_mode() | (file_mode() & 0o444) >> 2)  # mkdtemp makes it private: a folder as plainly made
+        mode = file_mode()
+        tmp.chmod(mode | (mode & 0o444) >> 2)  # mkdtemp makes it private: a folder as plainly made (x where r)
         save_file(_state_dict(model, torch_dtype), tmp / "model.safetensors", metadata={"format": "pt"})
         _write_json(tmp / "config.json", _config_json(config, torch_dtype, extra_info))
         _write_json(tmp / "generation_config.json", _generation_config_json(config))
@@ -237,8 +238,7 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=()) -> None
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PuzzleError(f"export target {out_dir} is a file; choose a folder path")
-    above = next((p for p in out_dir.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    if (above := file_in_the_way(out_dir)) is not None:
         raise PuzzleError(f"export target {out_dir}: {above} is a file, so no folder can be made under it")
     if len(out_dir.name.encode()) > 200:
         raise PuzzleError(f"export target {out_dir.name[:40]}...: the folder name is longer than 200 bytes; shorten it")

@@ -27,6 +27,12 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The nearest existing folder above `path` when it is a file (so nothing can be made at `path`), else None."""
+    above = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file + fsync + rename); creates parent folders."""
     path = Path(path)

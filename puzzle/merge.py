@@ -165,7 +165,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
         raise PuzzleError("give only model folders or only state-dict files, not both")
     dest = Path(dest)
     if kinds == {True}:
-        from .io import atomic_save_safetensors
+        from .io import atomic_save_safetensors, file_in_the_way
 
         if dest.suffix != ".safetensors":
             raise PuzzleError(f"state dicts merge into a .safetensors file; got --dest {dest}")
@@ -173,8 +173,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             raise PuzzleError(f"--dest {dest} exists and is not a regular file; give a new .safetensors path")
         if dest.resolve() in {Path(p).resolve() for p in paths}:
             raise PuzzleError(f"--dest {dest} is one of the inputs; give a new .safetensors path")
-        above = next((p for p in dest.absolute().parents if p.exists()), None)
-        if above is not None and not above.is_dir():
+        if (above := file_in_the_way(dest)) is not None:
             raise PuzzleError(f"--dest {dest}: {above} is a file, so nothing can be written under it")
         merged = merge_state_dicts([read_state_dict(p) for p in paths], weights, [str(p) for p in paths])
         atomic_save_safetensors(merged, dest, metadata={"merged_from": [str(p) for p in paths],

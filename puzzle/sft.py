@@ -578,8 +578,9 @@ def run_sft_command(args, log=None) -> dict | None:
         work = Path(args.work or f"{dest}.sft-work")
         inputs = [p for p in (getattr(args, "model", None), getattr(args, "out", None)) if p]
         check_export_target(dest, overwrite=True, keep=[*inputs, work])  # before the training, not after it
-        above = next((p for p in work.absolute().parents if p.exists()), None)
-        if work.exists() and not work.is_dir() or above is not None and not above.is_dir():
+        from .io import file_in_the_way
+
+        if work.exists() and not work.is_dir() or file_in_the_way(work) is not None:
             raise PuzzleError(f"--work {work}: a file is in the way; give a folder path")
         conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
         data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt, config.seed)
