@@ -57,6 +57,7 @@ COST_COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
 SCORE_COLUMNS = ("kl_nats", "lm_loss")
 REQUIRED_COLUMNS = ("layer", "subblock", "variant", "is_parent", *SCORE_COLUMNS, *COST_COLUMNS)
 SUBBLOCKS = ("attention", "ffn", "block", "non_block")
+KL_ROUNDING = 1e-4  # nats: a measured KL this far below 0 is float rounding, not an error
 TIE_BREAK = "runtime_ms"  # among equally scored solutions, the faster one wins
 RESTART = 0.7  # restart CP-SAT once a solution closes 30% of the gap to the bound
 _SCALE = 1e9  # integer resolution of scores inside CP-SAT (relative to their range)
@@ -114,7 +115,7 @@ def _where(table: pd.DataFrame, mask) -> str:
 
 def _check_values(table: pd.DataFrame) -> None:
     """Refuse values no solver can use: a non-integer layer, text in a score or cost column, an
-    infinite score or cost, a negative cost, or a decoupled variant listed twice in a layer (the
+    infinite score or cost, a negative cost or KL, or a decoupled variant listed twice in a layer (the
     table names the first offending row). Missing values (NaN) pass: the search checks them per use."""
     if table.empty:
         raise PuzzleError("the score table has no rows; rerun `puzzle score`")
@@ -135,6 +136,9 @@ def _check_values(table: pd.DataFrame) -> None:
             if not np.isfinite(values.abs().sum()):
                 raise PuzzleError(f"the score table's {c} values are too large to add up over the layers (the sum "
                                   f"overflows); give them in ordinary units")
+        if c == "kl_nats" and (values < -KL_ROUNDING).any():
+            raise PuzzleError(f"the score table's kl_nats column holds a negative KL {values[values < -KL_ROUNDING].iloc[0]:g} "
+                              f"({_where(table, values < -KL_ROUNDING)}); a KL divergence is at least 0: rescore")
         if c in COST_COLUMNS and (values < 0).any():
             raise PuzzleError(f"the score table's {c} column holds a negative cost {values[values < 0].iloc[0]:g} "
                               f"({_where(table, values < 0)}); costs are at least 0: remeasure")

@@ -536,6 +536,7 @@ def test_read_only_search_refuses_what_it_would_ignore_or_break(tmp_path, capsys
     assert json.loads(out.out)["solutions_requested"] == 50 and "differ from the earlier ones in at least 3" in out.err
     # cells no solver can use name their column and row (an -inf score used to hang the search)
     for column, value, words in [("kl_nats", -math.inf, "holds -inf"), ("runtime_ms", -100.0, "negative cost"),
+                                 ("kl_nats", -0.5, "negative KL"),
                                  ("layer", 1.5, "whole numbers"), ("kl_nats", 1e308, "overflows"),
                                  ("runtime_ms", "fast", "holds 'fast'")]:
         bad = table.copy().astype({column: object})
