@@ -630,7 +630,8 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     Each prompt is one user message rendered with the tokenizer's chat template; an answer stops at the first EOS.
 
     Raises:
-        PuzzleError: no prompts, or the errors of ChildRuntime.
+        PuzzleError: no prompts, prompt plus answer longer than the model's max_position_embeddings,
+            or the errors of ChildRuntime.
     """
     if not prompts:
         raise PuzzleError("give at least one prompt")
@@ -642,6 +643,11 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     ids = torch.full((len(prompts), T), pad, dtype=torch.long)  # (B, T) right-padded
     for i, e in enumerate(encoded):
         ids[i, : len(e)] = e
+    limit = model.config.max_position_embeddings
+    if T + max_new_tokens > limit:
+        raise PuzzleError(f"the longest prompt has {T} tokens, so {max_new_tokens} new tokens would run past the "
+                          f"{limit} positions the model was trained on; give --max-new-tokens {max(limit - T, 0)} "
+                          f"or less" + (" (or a shorter prompt)" if T >= limit else ""))
     rt = ChildRuntime(model, len(prompts), T + max_new_tokens, device, dtype, use_triton, cuda_graphs)
     eos = tokenizer.eos_token_id
     out = rt.generate(ids, max_new_tokens, eos_token_id=eos, lengths=lengths).cpu()

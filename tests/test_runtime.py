@@ -187,6 +187,9 @@ def test_answer_prompts_match_the_models_greedy_chat_answers():
     result = answer_prompts(lm.model, lm.tokenizer, prompts, max_new_tokens=6)
     assert list(result.answers) == chat_answers(lm.model, lm.tokenizer, prompts, 6)
     assert result.device == "cpu" and result.dtype == "float32"
+    limit = lm.model.config.max_position_embeddings  # past it RoPE was never trained: refused, with the largest count
+    with pytest.raises(PuzzleError, match=r"give --max-new-tokens \d+ or less"):
+        answer_prompts(lm.model, lm.tokenizer, prompts, max_new_tokens=limit)
 
 
 def test_interpreted_launches_leave_triton_language_unpatched():
