@@ -843,9 +843,9 @@ def add_rpo_parser(subparsers) -> None:
 
 
 def _load_model(path: str):
-    if path == "tiny":
-        from .tiny import tiny_parent
+    from .tiny import means_builtin_tiny, tiny_parent
 
+    if means_builtin_tiny(path):
         return tiny_parent()
     from .parent import load_parent
 

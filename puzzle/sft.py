@@ -525,9 +525,9 @@ def _load_model(args, log):
     if args.model and args.out:
         raise PuzzleError("give either --model PATH or --out DIR --name NAME, not both")
     if args.model:
-        if args.model == "tiny":
-            from .tiny import tiny_parent
+        from .tiny import means_builtin_tiny, tiny_parent
 
+        if means_builtin_tiny(args.model):
             loaded = tiny_parent()
         else:
             from .parent import load_parent

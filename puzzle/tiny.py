@@ -12,7 +12,9 @@ eos and pad `<|im_end|>`, and a ChatML chat template.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -171,3 +173,16 @@ def tiny_parent(
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, config=config, source=f"tiny random Llama (seed {seed})")
+
+
+def means_builtin_tiny(spec: str) -> bool:
+    """Whether a command-line model argument names the built-in tiny model: the word "tiny" when no file
+    or folder called tiny is in the working directory. An existing ./tiny wins (a run or model folder the
+    user made, e.g. with `puzzle run --preset tiny --out tiny`), and a note on stderr says so."""
+    if spec != "tiny":
+        return False
+    if Path(spec).exists():
+        print("note: 'tiny' is the folder ./tiny here, not the built-in tiny model (run from a directory without "
+              "./tiny for that)", file=sys.stderr)
+        return False
+    return True

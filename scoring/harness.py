@@ -419,7 +419,7 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
     """Load what `puzzle eval` evaluates, without writing anything.
 
     Args:
-        spec: "tiny", a model path (HF folder, .gguf, nemotron-nas export, asset:<name>), or a run
+        spec: "tiny" (the built-in tiny model, unless ./tiny exists), a model path (HF folder, .gguf, nemotron-nas export, asset:<name>), or a run
             directory (config.json from `puzzle run`), which needs `child`.
         child: for a run directory: "parent" or a searched architecture name (DIR/search/<name>.json),
             assembled from the run's library with the entries the search used.
@@ -431,8 +431,13 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
     Raises:
         PuzzleError: a missing path or architecture, or a run directory without `child`.
     """
+    from puzzle.tiny import means_builtin_tiny
+
+    builtin = means_builtin_tiny(spec)
+    if spec == "tiny" and not builtin:
+        spec = "./tiny"  # the folder, not the built-in model
     path = Path(spec).expanduser()
-    if spec != "tiny" and path.is_dir() and _is_run_dir(path):
+    if not builtin and path.is_dir() and _is_run_dir(path):
         from puzzle.config import load_run_config
 
         config = load_run_config(path)

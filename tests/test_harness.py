@@ -224,6 +224,19 @@ def test_load_a_run_child_without_writing(tmp_path, tiny):
         load_eval_model(str(run), "child-y")
 
 
+def test_tiny_means_the_folder_when_one_is_called_tiny(tmp_path, tiny, monkeypatch, capsys):
+    """`puzzle eval tiny --child parent` right after `puzzle run --preset tiny --out tiny` means that run."""
+    monkeypatch.chdir(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    builtin = load_eval_model("tiny")  # no ./tiny: the built-in model
+    torch.testing.assert_close(builtin.model(ids), tiny_parent().model(ids))
+    _fake_run(tmp_path, tiny).rename(tmp_path / "tiny")
+    with pytest.raises(PuzzleError, match="run directory"):
+        load_eval_model("tiny")  # the run, which needs --child
+    em = load_eval_model("tiny", "child-x")
+    assert em.model.config.blocks[1].ffn.kind == "no_op" and "./tiny" in capsys.readouterr().err
+
+
 def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
     wheel = _fake_wheel(tmp_path / "olmo.whl")
     run = _fake_run(tmp_path, tiny)
