@@ -263,6 +263,13 @@ def test_prepare_data_writes_manifest_and_resumes(tmp_path, tok):
     assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).calib, changed.calib)
     assert torch.equal(load_token_splits(out).score, changed.score)
 
+    data = bytearray((out / "tokens.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in the last token: still a valid file, other tokens
+    (out / "tokens.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PuzzleError, match="differ from those the manifest recorded"):
+        load_token_splits(out)
+    assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).eval, changed.eval)  # redone
+
 
 def test_prepare_data_errors(tmp_path, tok):
     empty = tmp_path / "empty.txt"
