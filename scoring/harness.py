@@ -517,7 +517,8 @@ def cmd_eval(args) -> int:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add `puzzle eval MODEL --tasks ... --limit N --out FILE` to a subparsers object."""
     p = subparsers.add_parser("eval", help="zero-shot downstream accuracy (lm-eval conventions) of a parent, child or export")
-    p.add_argument("model", help="model: HF folder, .gguf, nemotron-nas export, asset:<name>, 'tiny', or a run directory (with --child)")
+    p.add_argument("model", help="model: HF folder, .gguf, nemotron-nas export, asset:<name>, 'tiny' (built-in; "
+                                 "./tiny if that exists), or a run directory (with --child)")
     p.add_argument("--child", help="with a run directory: 'parent' or an architecture name from DIR/search/")
     p.add_argument("--tasks", default="all", help=f"comma-separated tasks from {', '.join(TASKS)}, or 'all' (default)")
     p.add_argument("--limit", type=int, default=500, help="documents per task, a fixed-seed random subset (0: all; default 500)")
