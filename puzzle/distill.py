@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import PuzzleError
+from .errors import PuzzleError, require_finite
 from .io import atomic_save_safetensors, atomic_write_json, read_json
 from .modeling import PuzzleForCausalLM
 from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, global_batch,
@@ -93,8 +93,13 @@ class GKDConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        require_finite("gkd", temperature=self.temperature, cosine_weight=self.cosine_weight,
+                       kl_weight=self.kl_weight, lm_weight=self.lm_weight)
+        self.optim()  # lr, warmup, decay, clip: finite and in range
         if self.tokens < 1 or self.batch_size < 1 or self.micro_batch_size < 0:
             raise PuzzleError("gkd tokens and batch_size must be >= 1 and micro_batch_size >= 0")
+        if self.checkpoint_every < 1:
+            raise PuzzleError(f"gkd checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
         if self.lr <= 0 or self.temperature <= 0:
             raise PuzzleError(f"gkd lr and temperature must be positive (lr={self.lr}, temperature={self.temperature})")
         if min(self.cosine_weight, self.kl_weight, self.lm_weight) < 0 or \

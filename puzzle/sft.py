@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .errors import PuzzleError
+from .errors import PuzzleError, require_finite
 from .io import atomic_write_json, atomic_write_text
 from .modeling import PuzzleForCausalLM
 from .train_utils import (DistEnv, OptimSettings, TrainResult, barrier, global_batch, init_distributed, rank_slice,
@@ -261,8 +261,12 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.seq_len < 2 or self.batch_size < 1 or self.micro_batch_size < 0 or self.lr <= 0:
-            raise PuzzleError("sft epochs and lr must be positive, seq_len >= 2, batch_size >= 1, micro_batch_size >= 0")
+        require_finite("sft", epochs=self.epochs)
+        if self.epochs <= 0 or self.seq_len < 2 or self.batch_size < 1 or self.micro_batch_size < 0:
+            raise PuzzleError("sft epochs must be positive, seq_len >= 2, batch_size >= 1, micro_batch_size >= 0")
+        if self.checkpoint_every < 1:
+            raise PuzzleError(f"sft checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
+        OptimSettings(self.lr, self.warmup_fraction, self.min_lr_fraction, self.weight_decay, self.grad_clip)  # checks
 
     def steps(self, rows: int) -> int:
         return max(1, -(-int(self.epochs * rows) // self.batch_size))

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import PuzzleError
+from .errors import PuzzleError, require_finite
 from .io import atomic_write_bytes
 from .modeling import PuzzleForCausalLM
 
@@ -289,6 +289,16 @@ class OptimSettings:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
 
+    def __post_init__(self) -> None:
+        require_finite("optimizer", lr=self.lr, warmup_fraction=self.warmup_fraction,
+                       min_lr_fraction=self.min_lr_fraction, weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise PuzzleError(f"lr must be > 0, weight_decay and grad_clip >= 0 (grad_clip 0: off); got lr={self.lr}, "
+                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
+        if not (0 <= self.warmup_fraction <= 1 and 0 <= self.min_lr_fraction <= 1):
+            raise PuzzleError(f"warmup_fraction and min_lr_fraction are fractions in [0, 1]; got "
+                              f"{self.warmup_fraction} and {self.min_lr_fraction}")
+
 
 @dataclass
 class TrainResult:
@@ -411,6 +421,11 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
         trained = model_from_state_dict(model.config, sd, next(iter(sd.values())).dtype) if env.is_main else None
     else:
         trained = unwrap(wrapped).to("cpu")
+    if trained is not None:  # the last update is after the last loss check: never export NaN weights
+        broken = next((n for n, p in trained.named_parameters() if not torch.isfinite(p).all()), None)
+        if broken is not None:
+            raise PuzzleError(f"{desc}: the weights became non-finite ({broken}) by step {step}; lower the learning "
+                              f"rate (nothing was exported; delete the checkpoint to start over)")
     return TrainResult(trained, history, step, total_steps, start, seconds)
 
 

@@ -2,6 +2,8 @@
 the loss over processes, resume, and that a short SFT of the tiny model makes the toggle work."""
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -121,6 +123,18 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
     assert rest.resumed_from == 2 and rest.finished
     for a, b in zip(whole.model.parameters(), rest.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_settings_that_are_not_finite_and_a_diverged_last_step_are_refused(tiny, tmp_path):
+    for bad, words in [({"lr": math.inf}, "lr=inf"), ({"epochs": math.nan}, "epochs=nan"),
+                       ({"warmup_fraction": 2.0}, "fractions in [0, 1]"), ({"grad_clip": -1.0}, "grad_clip >= 0"),
+                       ({"checkpoint_every": 0}, "checkpoint_every")]:
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            SFTConfig(**bad)
+    data = prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(2, 0)], seq_len=256)
+    cfg = SFTConfig(epochs=1, seq_len=256, batch_size=2, lr=1e38, warmup_fraction=0.0, grad_clip=0.0)  # one step
+    with pytest.raises(PuzzleError, match="weights became non-finite"):  # the loss before it was finite
+        supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "w")
 
 
 def test_demonstration_set_is_paired_and_held_out():
