@@ -32,7 +32,7 @@ from statistics import NormalDist
 import pandas as pd
 import torch
 
-from .errors import PuzzleError
+from .errors import PuzzleError, require_finite
 from .io import atomic_save_safetensors
 from .modeling import KVCache
 from .rpo import AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, preference_loss
@@ -483,8 +483,16 @@ class RPOConfig:
         check_loss(self.loss)
         if self.aggregate not in AGGREGATES:
             raise PuzzleError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        require_finite("rpo", beta=self.beta, eta=self.eta, gamma=self.gamma, kl_coef=self.kl_coef, lr=self.lr,
+                       weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, temperature=self.temperature)
         if self.beta <= 0 or self.eta <= 0:
             raise PuzzleError(f"beta and eta must be > 0 (got beta={self.beta}, eta={self.eta})")
+        if self.kl_coef < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0 or self.temperature <= 0:
+            raise PuzzleError(f"kl_coef and weight_decay must be >= 0, max_grad_norm and temperature > 0 (got "
+                              f"kl_coef={self.kl_coef}, weight_decay={self.weight_decay}, "
+                              f"max_grad_norm={self.max_grad_norm}, temperature={self.temperature})")
+        if self.warmup_steps < 0 or self.top_k < 0:
+            raise PuzzleError(f"warmup_steps and top_k must be >= 0 (got {self.warmup_steps}, {self.top_k})")
         for name in ("steps", "batch_size", "max_prompt_tokens", "max_response_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise PuzzleError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -514,12 +522,21 @@ def _optimizer(model, config: RPOConfig):
 def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
     """One optimiser step on `batch`: loss, backward, gradient clipping, AdamW and scheduler step. Returns the metrics."""
     loss, metrics = _records_loss(model, batch, config, ref_sum)
+    if not math.isfinite(metrics["loss"]):
+        raise PuzzleError(f"rpo {config.loss}: the loss became {metrics['loss']}; lower the learning rate (or beta)")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     opt.step()
     sched.step()
     return metrics
+
+
+def _check_finite_weights(model, config: RPOConfig) -> None:
+    """The last update comes after the last loss check: refuse to hand back non-finite weights."""
+    broken = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise PuzzleError(f"rpo {config.loss}: the weights became non-finite ({broken}); lower the learning rate")
 
 
 def _records_loss(model, batch: list[EncodedRecord], config: RPOConfig, ref_sum: torch.Tensor | None):
@@ -615,6 +632,7 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
         rows.append({"step": step + 1, **metrics, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
     model.eval()
+    _check_finite_weights(model, config)
     return pd.DataFrame(rows)
 
 
@@ -696,6 +714,7 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
         row.update({"lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
         rows.append(row)
     model.eval()
+    _check_finite_weights(model, config)
     return pd.DataFrame(rows)
 
 
@@ -809,7 +828,7 @@ def add_rpo_parser(subparsers) -> None:
     src.add_argument("--prompts", type=Path, metavar="FILE", help="online: prompts (.jsonl with 'prompt' or 'messages')")
     src.add_argument("--reward", help="online reward for --prompts: a task name (count, repeat, reverse) or "
                                       "judge:PATH (that model's mean log-prob per response token)")
-    src.add_argument("--num-prompts", type=int, default=128, help="prompts drawn from --task (default 128)")
+    src.add_argument("--num-prompts", type=int, help="prompts drawn from --task (default 128)")
     src.add_argument("--string-prompts", choices=["raw", "chat"], default="raw",
                      help="plain-text prompts as is (raw) or as one user message (chat)")
     lo = p.add_argument_group("loss")
@@ -828,14 +847,17 @@ def add_rpo_parser(subparsers) -> None:
     tr.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     tr.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order and the samples")
-    tr.add_argument("--k", type=int, default=4, help="online: responses sampled per prompt (default 4)")
-    tr.add_argument("--max-new-tokens", type=int, default=48, help="online: tokens per sampled response (default 48)")
-    tr.add_argument("--temperature", type=float, default=1.0, help="online: sampling temperature (default 1)")
+    tr.add_argument("--k", type=int, help="online: responses sampled per prompt (default 4)")
+    tr.add_argument("--max-new-tokens", type=int, help="online: tokens per sampled response (default 48)")
+    tr.add_argument("--temperature", type=float, help="online: sampling temperature (default 1)")
     ad = p.add_argument_group("adapters (default: full fine-tuning)")
-    ad.add_argument("--adapters", metavar="SPEC", help="Tied-LoRA factors, e.g. vBuA, BA, vbua (uppercase trained)")
-    ad.add_argument("--rank", type=int, default=8, help="adapter rank r (default 8)")
+    ad.add_argument("--adapters", metavar="SPEC", help="Tied-LoRA factors in use: BA, BuA, vBA or vBuA (B, A: the "
+                    "rank-r matrices; u, v: per-layer scaling vectors; all trained unless --freeze names them)")
+    ad.add_argument("--freeze", default="", metavar="FACTORS",
+                    help="with --adapters: factors kept at their random init, e.g. AB (VeRA-like with vBuA)")
+    ad.add_argument("--rank", type=int, help="with --adapters: rank r (default 8)")
     ad.add_argument("--untied", action="store_true", help="one A, B per module and layer (plain LoRA with --adapters BA)")
-    p.add_argument("--eval-prompts", type=int, default=0,
+    p.add_argument("--eval-prompts", type=int,
                    help="with --task: greedy reward on this many held-out prompts before and after (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -868,6 +890,24 @@ def _read_prompts(path: Path) -> list:
     return prompts
 
 
+def _check_rpo_flags(args) -> None:
+    """Refuse flags this kind of run would ignore, and counts below their least value, before any work."""
+    online = {"--num-prompts": args.num_prompts, "--eval-prompts": args.eval_prompts, "--k": args.k,
+              "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature}
+    if args.data is not None and (given := [f for f, v in online.items() if v is not None]):
+        raise PuzzleError(f"{', '.join(given)} set the online sampling; --data trains offline on its responses")
+    if args.task is None and (given := [f for f in ("--num-prompts", "--eval-prompts") if online[f] is not None]):
+        raise PuzzleError(f"{', '.join(given)} count --task prompts; with --prompts the file decides")
+    if args.task is not None and args.reward:
+        raise PuzzleError("--reward is for --prompts; a --task brings its own reward")
+    if not args.adapters and (args.rank is not None or args.untied or args.freeze):
+        raise PuzzleError("--rank, --untied and --freeze shape the adapters; add --adapters SPEC (e.g. vBuA), or drop "
+                          "them for full fine-tuning")
+    for flag, value, least in (("--num-prompts", args.num_prompts, 1), ("--eval-prompts", args.eval_prompts, 0)):
+        if value is not None and value < least:
+            raise PuzzleError(f"{flag} must be >= {least}, got {value}")
+
+
 def cmd_rpo(args) -> int:
     """`puzzle rpo`: train, write DIR/{rpo.json, history.csv, model/, adapters.safetensors}; returns 0."""
     import sys
@@ -880,15 +920,20 @@ def cmd_rpo(args) -> int:
     sources = [x is not None for x in (args.data, args.task, args.prompts)]
     if sum(sources) != 1:
         raise PuzzleError("give exactly one of --data (offline), --task or --prompts (online)")
+    _check_rpo_flags(args)
     config = RPOConfig(loss=args.loss, beta=args.beta, eta=args.eta, gamma=args.gamma, aggregate=args.aggregate,
                        kl_coef=args.kl_coef, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       warmup_steps=args.warmup_steps, seed=args.seed, k=args.k, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature)
+                       warmup_steps=args.warmup_steps, seed=args.seed, k=4 if args.k is None else args.k,
+                       max_new_tokens=48 if args.max_new_tokens is None else args.max_new_tokens,
+                       temperature=1.0 if args.temperature is None else args.temperature)
     progress = not args.no_progress
     from .export import check_export_target
 
     if args.out.exists() and not args.out.is_dir():
         raise PuzzleError(f"--out {args.out} is a file; give a folder for rpo.json, history.csv and model/")
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "rpo.json").is_file():
+        raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
+                          f"(an earlier rpo output is replaced)")
     check_export_target(args.out / "model", overwrite=True, keep=[args.model])  # before the training
     loaded = _load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -897,7 +942,8 @@ def cmd_rpo(args) -> int:
     if args.adapters:
         from .adapters import AdapterConfig, apply_adapters
 
-        handle = apply_adapters(model, AdapterConfig(spec=args.adapters, rank=args.rank, tied=not args.untied))
+        handle = apply_adapters(model, AdapterConfig(spec=args.adapters, frozen=args.freeze, rank=8 if args.rank is None else args.rank,
+                                                     tied=not args.untied))
         say(f"adapters {handle.config.name}: {handle.num_trainable():,} trainable parameters")
     else:
         for p in model.parameters():
@@ -919,7 +965,7 @@ def cmd_rpo(args) -> int:
     else:
         if args.task:
             task = get_task(args.task)
-            prompts, reward_fn = task.prompts(args.num_prompts, seed=args.seed), task
+            prompts, reward_fn = task.prompts(128 if args.num_prompts is None else args.num_prompts, seed=args.seed), task
             held_out = task.prompts(args.eval_prompts, seed=args.seed + 10_000) if args.eval_prompts else []
         else:
             if not args.reward:
@@ -945,6 +991,8 @@ def cmd_rpo(args) -> int:
 
         save_adapters(handle, args.out / "adapters.safetensors")
         handle.merge()
+    else:
+        (args.out / "adapters.safetensors").unlink(missing_ok=True)  # an earlier run's, not this model's
     export_checkpoint(model, tokenizer, args.out / "model", overwrite=True,
                       extra_info={"stage": "rpo", "loss": config.loss, "source": loaded.source})
     summary["final_loss"] = float(history["loss"].iloc[-1]) if len(history) else None

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -201,6 +202,27 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
     args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "x"), "--no-progress"])
     with pytest.raises(PuzzleError, match="exactly one of"):
         args.func(args)
+    again = ["rpo", "--model", "tiny", "--out", str(tmp_path / "run"), "--data", str(data), "--steps", "1",
+             "--batch-size", "2", "--no-progress"]
+    args = parser.parse_args(again)  # the same folder, full fine-tuning: the earlier adapters file goes
+    assert args.func(args) == 0 and not (tmp_path / "run" / "adapters.safetensors").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "history.csv").write_text("my notes")
+    refusals = [(["--out", str(mine)], "no `puzzle rpo` wrote"), (["--beta", "nan"], "beta=nan"),
+                (["--lr", "inf"], "lr=inf"), (["--k", "3"], "--k set the online sampling"),
+                (["--rank", "4"], "add --adapters"), (["--adapters", "vbua"], "not one of")]
+    for extra, words in refusals:
+        args = parser.parse_args(again + extra)
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            args.func(args)
+    assert (mine / "history.csv").read_text() == "my notes"
+    for extra, words in [(["--num-prompts", "0"], "--num-prompts must be >= 1"),  # used to spin forever
+                         (["--reward", "count"], "a --task brings its own reward")]:
+        args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "online"), "--task", "count",
+                                  "--steps", "1", "--no-progress", *extra])
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            args.func(args)
 
 
 def test_hhh_alignment_reader_takes_subtask_examples_and_skips_the_parent_task(tmp_path):
