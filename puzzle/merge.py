@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -29,16 +30,18 @@ from .modeling import PuzzleForCausalLM
 
 
 def normalized_weights(weights, n: int) -> list[float]:
-    """n weights summing to 1 (equal weights when None). Raises PuzzleError for a wrong count or a weight <= 0."""
+    """n weights summing to 1 (equal weights when None). Raises PuzzleError for a wrong count or a weight that
+    is not a positive finite number."""
     if weights is None:
         return [1.0 / n] * n
     weights = [float(w) for w in weights]
     if len(weights) != n:
         raise PuzzleError(f"{len(weights)} weights for {n} checkpoints; give one weight per checkpoint")
-    if any(not w > 0 for w in weights):
-        raise PuzzleError(f"merge weights must be positive, got {weights}")
-    total = sum(weights)
-    return [w / total for w in weights]
+    if any(not (w > 0 and math.isfinite(w)) for w in weights):
+        raise PuzzleError(f"merge weights must be positive finite numbers, got {weights}")
+    top = max(weights)  # scale first: 1e308 + 1e308 overflows, 1e308/1e308 + 1 does not
+    total = sum(w / top for w in weights)
+    return [w / top / total for w in weights]
 
 
 def architecture_difference(a: ModelConfig, b: ModelConfig) -> str | None:

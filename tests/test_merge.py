@@ -22,8 +22,10 @@ def test_weighted_average_of_state_dicts():
     assert torch.allclose(m["w"], torch.full((2, 3), 1.5)) and m["b"].dtype == torch.bfloat16
     assert torch.allclose(m["b"].float(), torch.full((3,), 0.25)) and torch.equal(m["n"], a["n"])
     assert torch.equal(merge_state_dicts([a, b])["w"], torch.full((2, 3), 2.0))
-    with pytest.raises(PuzzleError, match="positive"):
-        merge_state_dicts([a, b], [1, -1])
+    for weights in ([1, -1], [float("inf"), 1], [float("nan"), 1]):
+        with pytest.raises(PuzzleError, match="positive finite"):
+            merge_state_dicts([a, b], weights)
+    assert torch.equal(merge_state_dicts([a, b], [1e308, 1e308])["w"], torch.full((2, 3), 2.0))  # no overflow
     with pytest.raises(PuzzleError, match="one weight per checkpoint"):
         merge_state_dicts([a, b], [1])
     with pytest.raises(PuzzleError, match=r"\(2, 3\).*\(3, 2\)"):
