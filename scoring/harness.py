@@ -478,11 +478,48 @@ def software_meta() -> dict:
 
 
 def _parse_tasks(text: str) -> list[str]:
-    names = list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    names = list(TASKS) if text == "all" else list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise PuzzleError(f"--tasks {text!r}: choose from {', '.join(TASKS)} (comma-separated) or 'all'")
     return names
+
+
+def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
+    """Refuse outputs that would overwrite something `puzzle eval` did not write, before any work: a folder,
+    a path inside the model folder (or the model file itself), or an existing file that is no earlier table
+    (with its FILE.json sidecar) or details file. Raises PuzzleError naming the flag."""
+    if details is not None and Path(details).absolute() == Path(out).absolute():
+        raise PuzzleError("--out and --details name the same file; give two paths")
+    source = Path(model).expanduser()
+    inside = source.absolute() if source.exists() and not _is_run_dir(source) else None
+    for flag, path, earlier in (("--out", Path(out), _is_eval_table), ("--details", details, _is_eval_details)):
+        if path is None:
+            continue
+        where = path.absolute()
+        if inside is not None and (where == inside or inside in where.parents):
+            raise PuzzleError(f"{flag} {path} is inside the model being evaluated ({model}); write it elsewhere")
+        for p in (path, Path(f"{path}.json"), Path(f"{path}.parts")) if flag == "--out" else (path,):
+            if p.is_dir() and p.suffix != ".parts":
+                raise PuzzleError(f"{flag}: {p} is a folder; give a file path (e.g. {p / 'eval.csv'})")
+        if path.exists() and not earlier(path):
+            raise PuzzleError(f"{flag} {path} exists and is not an earlier `puzzle eval` output; give a new path")
+
+
+def _is_eval_table(path: Path) -> bool:
+    try:
+        meta = json.loads(Path(f"{path}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"model", "source", "wall_s"} <= set(meta)
+
+
+def _is_eval_details(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(12) == b"task,doc_id,"
+    except OSError:
+        return False
 
 
 def cmd_eval(args) -> int:
@@ -491,7 +528,11 @@ def cmd_eval(args) -> int:
 
     if args.limit < 0:
         raise PuzzleError(f"--limit must be >= 1 (or 0 for whole sets), got {args.limit}")
+    for flag, value in (("--threads", args.threads), ("--batch-tokens", args.batch_tokens)):
+        if value is not None and value < 1:
+            raise PuzzleError(f"{flag} must be >= 1, got {value}")
     tasks = _parse_tasks(args.tasks)
+    _check_eval_outputs(args.model, args.out, args.details)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]

@@ -4,6 +4,7 @@ import argparse
 import gzip
 import json
 import math
+import re
 import zipfile
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from puzzle.architecture import BlockConfig, FFNConfig
 from puzzle.config import load_preset, save_run_config
 from puzzle.errors import PuzzleError
-from puzzle.scoring.harness import (LogLikelihood, add_eval_parser, doc_metrics, encode_pairs, evaluate_tasks,
+from puzzle.scoring.harness import (LogLikelihood, _parse_tasks, add_eval_parser, doc_metrics, encode_pairs, evaluate_tasks,
                                     load_eval_model, loglikelihoods, mean_stderr, paired_difference)
 from puzzle.scoring.tasks import (Doc, doc_from_record, load_task, mmlu_docs_from_rows, read_requests, sample_docs,
                                   used_lambada_ids)
@@ -256,5 +257,22 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
     bad = parser.parse_args(["eval", "tiny", "--tasks", "squad", "--out", str(out)])
     with pytest.raises(PuzzleError, match="squad"):
         bad.func(bad)
+    model = tmp_path / "model"  # outputs that would overwrite what eval did not write are refused before any work
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    before = (model / "config.json").read_text()
+    for target, flag, words in [(model / "config.json", "--out", "inside the model"), (tmp_path, "--out", "is a folder"),
+                                (run / "config.json", "--details", "not an earlier `puzzle eval` output"),
+                                (out, "--details", "not an earlier")]:
+        bad = parser.parse_args(["eval", str(model), "--tasks", "arc_easy", "--out", str(tmp_path / "new.csv"),
+                                 flag, str(target)])
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            bad.func(bad)
+    assert (model / "config.json").read_text() == before
+    for flag in ("--threads", "--batch-tokens"):
+        bad = parser.parse_args(["eval", "tiny", "--out", str(tmp_path / "new.csv"), flag, "0"])
+        with pytest.raises(PuzzleError, match=f"{flag} must be >= 1"):
+            bad.func(bad)
+    assert _parse_tasks("piqa, piqa,arc_easy") == ["piqa", "arc_easy"]
     with pytest.raises(PuzzleError, match="mmlu"):
         load_task("mmlu", wheel)
