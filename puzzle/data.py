@@ -174,19 +174,25 @@ def _open_text(path: Path):
 def iter_json_lines(path: Path):
     """(line number, record) for every non-blank line of a JSON-lines file (optionally .gz).
 
-    Raises PuzzleError on a line that is not JSON or not a JSON object, naming the file and line.
+    Raises PuzzleError on a line that is not JSON or not a JSON object, naming the file and line, and
+    on a file that is not UTF-8 text or (.gz) not gzip.
     """
-    with _open_text(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e}); give one JSON object per line") from e
-            if not isinstance(record, dict):
-                raise PuzzleError(f"{path}, line {i + 1}: not a JSON object; give one object per line")
-            yield i + 1, record
+    try:
+        with _open_text(path) as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PuzzleError(f"{path}, line {i + 1}: not valid JSON ({e}); give one JSON object per line") from e
+                if not isinstance(record, dict):
+                    raise PuzzleError(f"{path}, line {i + 1}: not a JSON object; give one object per line")
+                yield i + 1, record
+    except UnicodeDecodeError as e:
+        raise PuzzleError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise PuzzleError(f"{path} cannot be read ({e}); a .gz file must be gzip-compressed JSON lines") from e
 
 
 def read_text_file(path: Path, source: str, mode: str = "paragraph") -> list[Document]:

@@ -143,12 +143,18 @@ def read_preference_data(path) -> list[PreferenceRecord]:
 
         rows = [(f"{path}, line {line}", record) for line, record in iter_json_lines(path)]
     elif name.endswith(".json"):
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PuzzleError(f"{path} is not UTF-8 JSON ({e}); a .json file holds one list of records") from e
         if not isinstance(data, list):
             raise PuzzleError(f"{path}: a .json file must hold a list of records")
         rows = [(f"{path}, record {i}", r) for i, r in enumerate(data)]
     elif name.endswith(".parquet"):
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except (OSError, ValueError, ImportError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise PuzzleError(f"{path} cannot be read as parquet ({e})") from e
         rows = [(f"{path}, row {i}", json.loads(json.dumps(r, default=lambda o: o.tolist()))) for i, r in
                 enumerate(df.to_dict("records"))]
     else:
@@ -900,6 +906,8 @@ def _check_rpo_flags(args) -> None:
         raise PuzzleError(f"{', '.join(given)} count --task prompts; with --prompts the file decides")
     if args.task is not None and args.reward:
         raise PuzzleError("--reward is for --prompts; a --task brings its own reward")
+    if args.prompts is not None and not args.reward:
+        raise PuzzleError("--prompts needs --reward (a task name or judge:PATH)")
     if not args.adapters and (args.rank is not None or args.untied or args.freeze):
         raise PuzzleError("--rank, --untied and --freeze shape the adapters; add --adapters SPEC (e.g. vBuA), or drop "
                           "them for full fine-tuning")
@@ -935,6 +943,8 @@ def cmd_rpo(args) -> int:
         raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
                           f"(an earlier rpo output is replaced)")
     check_export_target(args.out / "model", overwrite=True, keep=[args.model])  # before the training
+    records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
+    prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     loaded = _load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     args.out.mkdir(parents=True, exist_ok=True)
@@ -950,8 +960,7 @@ def cmd_rpo(args) -> int:
             p.requires_grad_(True)
     uses_ref = needs_reference(config.loss, config.kl_coef)
     summary: dict = {"model": loaded.source, "logprobs": config.logprob_label}
-    if args.data is not None:
-        records = read_preference_data(args.data)
+    if records is not None:
         encoded = encode_records(tokenizer, records, max_prompt_tokens=config.max_prompt_tokens,
                                  max_response_tokens=config.max_response_tokens, string_prompts=args.string_prompts)
         reference = None
@@ -968,9 +977,6 @@ def cmd_rpo(args) -> int:
             prompts, reward_fn = task.prompts(128 if args.num_prompts is None else args.num_prompts, seed=args.seed), task
             held_out = task.prompts(args.eval_prompts, seed=args.seed + 10_000) if args.eval_prompts else []
         else:
-            if not args.reward:
-                raise PuzzleError("--prompts needs --reward (a task name or judge:PATH)")
-            prompts = _read_prompts(args.prompts)
             reward_fn = (LikelihoodJudge(_load_model(args.reward[len("judge:"):]).model, tokenizer, args.string_prompts)
                          if args.reward.startswith("judge:") else get_task(args.reward))
             held_out = []

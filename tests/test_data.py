@@ -100,6 +100,13 @@ def test_jsonl_reader_text_messages_turns_and_gz(tmp_path):
     assert read_documents(str(g), text_field="body")[0].text == "x"
     with pytest.raises(PuzzleError, match="no 'text' field"):
         read_documents(str(g))
+    from puzzle.data import iter_json_lines
+
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip")
+    for name, words in [("latin1.jsonl", "is not UTF-8 text"), ("junk.jsonl.gz", "must be gzip-compressed")]:
+        with pytest.raises(PuzzleError, match=words):
+            list(iter_json_lines(tmp_path / name))
 
 
 def test_oe_eval_requests_become_passages_deduplicated(tmp_path):
