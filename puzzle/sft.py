@@ -562,11 +562,23 @@ def config_from_args(args) -> SFTConfig:
                      freeze_embeddings=args.freeze_embeddings, checkpoint_every=args.checkpoint_every, seed=args.seed)
 
 
+def _check_sft_flags(args) -> None:
+    """Refuse command-line values that would be ignored or fail late, before loading anything."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(args.device)):
+        raise PuzzleError(f"--device {args.device!r}: give auto, cpu, cuda or cuda:N")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise PuzzleError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
+    if args.measure_toggle < 0 or args.max_new_tokens < 1:
+        raise PuzzleError(f"--measure-toggle must be >= 0 and --max-new-tokens >= 1 (got {args.measure_toggle}, "
+                          f"{args.max_new_tokens})")
+
+
 def run_sft_command(args, log=None) -> dict | None:
     """`puzzle sft`: load, prepare data, train, export to --dest, optionally measure the toggle.
     Returns the summary written to WORK/sft.json (None on ranks other than 0)."""
     log = log or (lambda msg: None)
     config = config_from_args(args)
+    _check_sft_flags(args)
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731
@@ -586,6 +598,15 @@ def run_sft_command(args, log=None) -> dict | None:
 
         if work.exists() and not work.is_dir() or file_in_the_way(work) is not None:
             raise PuzzleError(f"--work {work}: a file is in the way; give a folder path")
+        for given in inputs:
+            folder = Path(given).expanduser().absolute()
+            if folder.is_dir() and (work.absolute() == folder or folder in work.absolute().parents):
+                raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own "
+                                  f"(default: DEST.sft-work)")
+        positions = model.config.max_position_embeddings
+        if config.seq_len > positions:
+            raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "
+                              f"trained on; give --seq-len {positions} or less")
         conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
         data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt, config.seed)
         learned = int((data.labels != IGNORE).sum())

@@ -188,3 +188,27 @@ def test_short_sft_teaches_the_toggle_on_held_out_questions(tmp_path):
     replies = report.groupby("mode").reply.apply(list).to_dict()
     assert after.loc["on", "think_fraction"] >= 0.8, replies  # measured: 1.0 (12 of 12)
     assert after.loc["off", "think_fraction"] <= 0.2, replies  # measured: 0.0 (0 of 12)
+
+
+def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
+    import argparse
+
+    from puzzle.export import export_checkpoint
+    from puzzle.sft import add_sft_parser
+
+    parser = argparse.ArgumentParser()
+    add_sft_parser(parser.add_subparsers())
+    model = tmp_path / "model"
+    lm = tiny_parent()
+    export_checkpoint(lm.model, lm.tokenizer, model)
+    before = sorted(p.name for p in model.iterdir())
+    base = ["sft", "--model", str(model), "--data", "demo:reasoning-toggle", "--dest", str(tmp_path / "out"),
+            "--no-progress"]
+    for extra, words in [(["--device", "tpu"], "give auto, cpu, cuda"), (["--stop-after-steps", "0"], ">= 1"),
+                         (["--measure-toggle", "-1"], "--measure-toggle must be >= 0"),
+                         (["--work", str(model / "w")], "inside the input"),
+                         (["--seq-len", "100000"], "longer than the"), (["--lr", "nan"], "lr=nan")]:
+        args = parser.parse_args(base + extra)
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            args.func(args)
+    assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "out").exists()
