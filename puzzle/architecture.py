@@ -245,6 +245,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"):
             if int(getattr(self, name)) < 1:
                 raise ArchitectureError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ArchitectureError(f"{name} must be a positive finite number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ArchitectureError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads}")

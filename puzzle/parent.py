@@ -388,7 +388,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: 
     """An HF Llama or nemotron-nas folder -> LoadedModel (config first, so bad configs fail fast)."""
     d = _read_json(folder / "config.json")
     nas = d.get("model_type") in NAS_MODEL_TYPES or "block_configs" in d
-    config = model_config_from_nemotron_nas(d) if nas else model_config_from_hf(d)
+    try:
+        config = model_config_from_nemotron_nas(d) if nas else model_config_from_hf(d)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # a field of the wrong type, e.g. "hidden_size": "abc"
+        raise PuzzleError(f"{folder / 'config.json'}: a field has the wrong type or value ({type(e).__name__}: {e}); "
+                          f"fix it or export the model again") from e
     kind = "nemotron-nas" if nas else "hf"
     config = dataclasses.replace(config, extra={**config.extra, "source": kind, "path": str(folder), **(extra or {})})
     model = model_from_state_dict(config, _read_weights(_weight_files(folder)), dtype, what=str(folder), copy=False)

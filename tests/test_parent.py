@@ -353,6 +353,15 @@ def test_config_refusals(overrides, message):
         model_config_from_hf(_config_dict(**overrides))
 
 
+def test_config_fields_of_the_wrong_type_are_one_line_errors(tmp_path):
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    for overrides, words in [(dict(hidden_size="abc"), "wrong type or value"), (dict(rms_norm_eps="nan"), "rms_norm_eps"),
+                             (dict(rope_theta=None, rope_parameters=None), "NoneType")]:
+        (tmp_path / "config.json").write_text(json.dumps(_config_dict(**overrides)))
+        with pytest.raises(PuzzleError, match=words):
+            load_parent(tmp_path)
+
+
 def test_gpt2_folder_and_gelu_folder_are_refused(tmp_path):
     (tmp_path / "gpt2").mkdir()
     GPT2Config(n_layer=2, n_embd=64, n_head=4).save_pretrained(tmp_path / "gpt2")
