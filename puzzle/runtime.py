@@ -635,6 +635,11 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     """
     if not prompts:
         raise PuzzleError("give at least one prompt")
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
+            raise PuzzleError(f"prompt {p!r} is not valid UTF-8 text ({e.reason}); give it as UTF-8") from None
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"][0] for p in prompts]
     lengths = [len(e) for e in encoded]
@@ -644,10 +649,12 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     for i, e in enumerate(encoded):
         ids[i, : len(e)] = e
     limit = model.config.max_position_embeddings
+    if T >= limit:
+        raise PuzzleError(f"the longest prompt has {T} tokens and the model was trained on {limit} positions, so no "
+                          f"room is left for an answer; shorten the prompt")
     if T + max_new_tokens > limit:
         raise PuzzleError(f"the longest prompt has {T} tokens, so {max_new_tokens} new tokens would run past the "
-                          f"{limit} positions the model was trained on; give --max-new-tokens {max(limit - T, 0)} "
-                          f"or less" + (" (or a shorter prompt)" if T >= limit else ""))
+                          f"{limit} positions the model was trained on; give --max-new-tokens {limit - T} or less")
     rt = ChildRuntime(model, len(prompts), T + max_new_tokens, device, dtype, use_triton, cuda_graphs)
     eos = tokenizer.eos_token_id
     out = rt.generate(ids, max_new_tokens, eos_token_id=eos, lengths=lengths).cpu()

@@ -190,6 +190,10 @@ def test_answer_prompts_match_the_models_greedy_chat_answers():
     limit = lm.model.config.max_position_embeddings  # past it RoPE was never trained: refused, with the largest count
     with pytest.raises(PuzzleError, match=r"give --max-new-tokens \d+ or less"):
         answer_prompts(lm.model, lm.tokenizer, prompts, max_new_tokens=limit)
+    with pytest.raises(PuzzleError, match="shorten the prompt"):
+        answer_prompts(lm.model, lm.tokenizer, ["word " * limit], max_new_tokens=1)
+    with pytest.raises(PuzzleError, match="not valid UTF-8"):  # undecodable argv bytes arrive as surrogates
+        answer_prompts(lm.model, lm.tokenizer, ["\udcff bad"], max_new_tokens=1)
 
 
 def test_interpreted_launches_leave_triton_language_unpatched():
