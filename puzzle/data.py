@@ -168,7 +168,8 @@ def strip_wiki_markup(text: str) -> str:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+    # utf-8-sig: a leading byte-order mark (Windows editors write one) is dropped, plain UTF-8 reads the same
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.name.endswith(".gz") else open(path, encoding="utf-8-sig")
 
 
 def iter_json_lines(path: Path):

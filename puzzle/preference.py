@@ -144,7 +144,7 @@ def read_preference_data(path) -> list[PreferenceRecord]:
         rows = [(f"{path}, line {line}", record) for line, record in iter_json_lines(path)]
     elif name.endswith(".json"):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PuzzleError(f"{path} is not UTF-8 JSON ({e}); a .json file holds one list of records") from e
         if not isinstance(data, list):
@@ -845,7 +845,7 @@ def add_rpo_parser(subparsers) -> None:
     lo.add_argument("--aggregate", choices=list(AGGREGATES), default="sum",
                     help="token log-probs summed (default) or averaged over the response")
     lo.add_argument("--kl-coef", type=float, default=0.0, help="RLOO: KL penalty on the reward (default 0)")
-    lo.add_argument("--reference", choices=["cache", "copy"], default="cache",
+    lo.add_argument("--reference", choices=["cache", "copy"],
                     help="offline π_ref: log-probs precomputed and cached in DIR/ref_cache (default) or a frozen copy")
     tr = p.add_argument_group("optimisation")
     tr.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
@@ -898,10 +898,14 @@ def _read_prompts(path: Path) -> list:
 
 def _check_rpo_flags(args) -> None:
     """Refuse flags this kind of run would ignore, and counts below their least value, before any work."""
-    online = {"--num-prompts": args.num_prompts, "--eval-prompts": args.eval_prompts, "--k": args.k,
-              "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature}
+    online = {"--num-prompts": args.num_prompts, "--eval-prompts": args.eval_prompts or None, "--k": args.k,
+              "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature, "--reward": args.reward}
     if args.data is not None and (given := [f for f, v in online.items() if v is not None]):
         raise PuzzleError(f"{', '.join(given)} set the online sampling; --data trains offline on its responses")
+    if args.data is None and args.reference is not None:
+        raise PuzzleError("--reference chooses how offline (--data) runs keep π_ref; online runs use a frozen copy")
+    if args.kl_coef != 0 and args.loss != "rloo":
+        raise PuzzleError(f"--kl-coef is RLOO's KL penalty; --loss {args.loss} does not use it")
     if args.task is None and (given := [f for f in ("--num-prompts", "--eval-prompts") if online[f] is not None]):
         raise PuzzleError(f"{', '.join(given)} count --task prompts; with --prompts the file decides")
     if args.task is not None and args.reward:
@@ -939,9 +943,11 @@ def cmd_rpo(args) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise PuzzleError(f"--out {args.out} is a file; give a folder for rpo.json, history.csv and model/")
-    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "rpo.json").is_file():
+    have = {p.name for p in args.out.iterdir()} if args.out.is_dir() else set()
+    interrupted = "ref_cache" in have and have <= {"ref_cache", "history.csv", "model", "adapters.safetensors"}
+    if have and "rpo.json" not in have and not interrupted:
         raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
-                          f"(an earlier rpo output is replaced)")
+                          f"(an earlier or interrupted rpo output is replaced)")
     check_export_target(args.out / "model", overwrite=True, keep=[args.model])  # before the training
     records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
@@ -967,7 +973,7 @@ def cmd_rpo(args) -> int:
         if uses_ref:
             ref_model = frozen_copy(model)
             reference = (reference_logprobs(ref_model, encoded, args.out / "ref_cache", progress=progress)
-                         if args.reference == "cache" else ref_model)
+                         if args.reference in (None, "cache") else ref_model)
         say(f"offline {config.loss} on {len(encoded)} records from {args.data} ({config.logprob_label})")
         history = train_offline(model, encoded, config, reference, progress=progress)
         summary["data"] = str(args.data)

@@ -564,8 +564,8 @@ def config_from_args(args) -> SFTConfig:
 
 def _check_sft_flags(args) -> None:
     """Refuse command-line values that would be ignored or fail late, before loading anything."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(args.device)):
-        raise PuzzleError(f"--device {args.device!r}: give auto, cpu, cuda or cuda:N")
+    if args.device not in ("auto", "cpu", "cuda"):  # under torchrun each process takes cuda:LOCAL_RANK
+        raise PuzzleError(f"--device {args.device!r}: give auto, cpu or cuda")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise PuzzleError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
     if args.measure_toggle < 0 or args.max_new_tokens < 1:
@@ -598,11 +598,13 @@ def run_sft_command(args, log=None) -> dict | None:
 
         if work.exists() and not work.is_dir() or file_in_the_way(work) is not None:
             raise PuzzleError(f"--work {work}: a file is in the way; give a folder path")
+        where = work.expanduser().resolve()
         for given in inputs:
-            folder = Path(given).expanduser().absolute()
-            if folder.is_dir() and (work.absolute() == folder or folder in work.absolute().parents):
-                raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own "
-                                  f"(default: DEST.sft-work)")
+            folder = Path(given).expanduser().resolve()
+            if given == getattr(args, "out", None) and (folder / "export") in [where, *where.parents]:
+                continue  # a run's export folder takes new folders (the default DEST is one)
+            if folder.is_dir() and (where == folder or folder in where.parents):
+                raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own")
         positions = model.config.max_position_embeddings
         if config.seq_len > positions:
             raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "

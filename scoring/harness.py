@@ -489,14 +489,14 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
     """Refuse outputs that would overwrite something `puzzle eval` did not write, before any work: a folder,
     a path inside the model folder (or the model file itself), or an existing file that is no earlier table
     (with its FILE.json sidecar) or details file. Raises PuzzleError naming the flag."""
-    if details is not None and Path(details).absolute() == Path(out).absolute():
-        raise PuzzleError("--out and --details name the same file; give two paths")
+    if details is not None and Path(details).resolve() in (Path(out).resolve(), Path(f"{out}.json").resolve()):
+        raise PuzzleError("--details names the table or its FILE.json sidecar; give another path")
     source = Path(model).expanduser()
-    inside = source.absolute() if source.exists() and not _is_run_dir(source) else None
+    inside = source.resolve() if source.exists() and not _is_run_dir(source) else None
     for flag, path, earlier in (("--out", Path(out), _is_eval_table), ("--details", details, _is_eval_details)):
         if path is None:
             continue
-        where = path.absolute()
+        where = path.expanduser().resolve()  # `..` and symlinks resolved: the folder the file would land in
         if inside is not None and (where == inside or inside in where.parents):
             raise PuzzleError(f"{flag} {path} is inside the model being evaluated ({model}); write it elsewhere")
         for p in (path, Path(f"{path}.json"), Path(f"{path}.parts")) if flag == "--out" else (path,):
@@ -504,6 +504,10 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
                 raise PuzzleError(f"{flag}: {p} is a folder; give a file path (e.g. {p / 'eval.csv'})")
         if path.exists() and not earlier(path):
             raise PuzzleError(f"{flag} {path} exists and is not an earlier `puzzle eval` output; give a new path")
+    sidecar = Path(f"{out}.json")
+    if sidecar.exists() and not _is_eval_table(Path(out)):
+        raise PuzzleError(f"--out {out}: its sidecar {sidecar} exists and is no earlier `puzzle eval` output; "
+                          f"give a new path")
 
 
 def _is_eval_table(path: Path) -> bool:

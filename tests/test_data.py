@@ -102,6 +102,8 @@ def test_jsonl_reader_text_messages_turns_and_gz(tmp_path):
         read_documents(str(g))
     from puzzle.data import iter_json_lines
 
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "ok"}\r\n')  # as Windows editors save it
+    assert list(iter_json_lines(tmp_path / "bom.jsonl")) == [(1, {"text": "ok"})]
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip")
     for name, words in [("latin1.jsonl", "is not UTF-8 text"), ("junk.jsonl.gz", "must be gzip-compressed")]:

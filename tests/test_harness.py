@@ -268,7 +268,15 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
                                  flag, str(target)])
         with pytest.raises(PuzzleError, match=re.escape(words)):
             bad.func(bad)
-    assert (model / "config.json").read_text() == before
+    (tmp_path / "notes.json").write_text('{"mine": 1}')  # a sidecar eval did not write
+    (tmp_path / "link").symlink_to(model)
+    for spec, target, words in [(str(model), tmp_path / "notes", "its sidecar"),
+                                (str(tmp_path / "run" / ".." / "model"), model / "config", "inside the model"),
+                                (str(tmp_path / "link"), model / "new.csv", "inside the model")]:
+        bad = parser.parse_args(["eval", spec, "--tasks", "arc_easy", "--out", str(target)])
+        with pytest.raises(PuzzleError, match=words):
+            bad.func(bad)
+    assert (model / "config.json").read_text() == before and (tmp_path / "notes.json").read_text() == '{"mine": 1}'
     for flag in ("--threads", "--batch-tokens"):
         bad = parser.parse_args(["eval", "tiny", "--out", str(tmp_path / "new.csv"), flag, "0"])
         with pytest.raises(PuzzleError, match=f"{flag} must be >= 1"):

@@ -211,14 +211,21 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
     (mine / "history.csv").write_text("my notes")
     refusals = [(["--out", str(mine)], "no `puzzle rpo` wrote"), (["--beta", "nan"], "beta=nan"),
                 (["--lr", "inf"], "lr=inf"), (["--k", "3"], "--k set the online sampling"),
-                (["--rank", "4"], "add --adapters"), (["--adapters", "vbua"], "not one of")]
+                (["--rank", "4"], "add --adapters"), (["--adapters", "vbua"], "not one of"),
+                (["--reward", "count"], "--reward set the online sampling"), (["--kl-coef", "0.5"], "RLOO's KL")]
     for extra, words in refusals:
         args = parser.parse_args(again + extra)
         with pytest.raises(PuzzleError, match=re.escape(words)):
             args.func(args)
     assert (mine / "history.csv").read_text() == "my notes"
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "ref_cache").mkdir(parents=True)  # what a run stopped before its end leaves: rerun it there
+    args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(interrupted), "--data", str(data), "--steps", "1",
+                              "--batch-size", "2", "--no-progress"])
+    assert args.func(args) == 0 and (interrupted / "rpo.json").is_file()
     for extra, words in [(["--num-prompts", "0"], "--num-prompts must be >= 1"),  # used to spin forever
-                         (["--reward", "count"], "a --task brings its own reward")]:
+                         (["--reward", "count"], "a --task brings its own reward"),
+                         (["--reference", "copy"], "online runs use a frozen copy")]:
         args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "online"), "--task", "count",
                                   "--steps", "1", "--no-progress", *extra])
         with pytest.raises(PuzzleError, match=re.escape(words)):

@@ -4,6 +4,7 @@ the loss over processes, resume, and that a short SFT of the tiny model makes th
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,7 +205,7 @@ def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
     before = sorted(p.name for p in model.iterdir())
     base = ["sft", "--model", str(model), "--data", "demo:reasoning-toggle", "--dest", str(tmp_path / "out"),
             "--no-progress"]
-    for extra, words in [(["--device", "tpu"], "give auto, cpu, cuda"), (["--stop-after-steps", "0"], ">= 1"),
+    for extra, words in [(["--device", "tpu"], "give auto, cpu or cuda"), (["--stop-after-steps", "0"], ">= 1"),
                          (["--measure-toggle", "-1"], "--measure-toggle must be >= 0"),
                          (["--work", str(model / "w")], "inside the input"),
                          (["--seq-len", "100000"], "longer than the"), (["--lr", "nan"], "lr=nan")]:
@@ -212,3 +213,29 @@ def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
         with pytest.raises(PuzzleError, match=re.escape(words)):
             args.func(args)
     assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "out").exists()
+
+
+def test_a_run_child_fine_tunes_with_the_default_work_folder(tmp_path_factory, tmp_path):
+    """`sft --out RUN --name CHILD` puts DEST and its work folder under RUN/export: allowed, unlike a
+    work folder elsewhere in the run or inside a model folder (also through `..`)."""
+    import argparse
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_run import tiny_run_dir
+
+    from puzzle.sft import add_sft_parser
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), run)
+    parser = argparse.ArgumentParser()
+    add_sft_parser(parser.add_subparsers())
+    base = ["sft", "--out", str(run), "--name", "child-1.5x", "--data", "demo:reasoning-toggle", "--no-progress",
+            "--seq-len", "256", "--stop-after-steps", "1"]
+    args = parser.parse_args(base)
+    assert args.func(args) == 0 and (run / "export" / "child-1.5x-sft.sft-work" / "checkpoint.pt").is_file()
+    for work in (run / "library" / "w", tmp_path / "x" / ".." / "run" / "w"):
+        args = parser.parse_args(base + ["--work", str(work)])
+        with pytest.raises(PuzzleError, match="inside the input"):
+            args.func(args)
