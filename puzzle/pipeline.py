@@ -1014,22 +1014,6 @@ def write_front_inputs(run: Run) -> None:
     atomic_write_json(run.out / "front.json", {**front_inputs(run), "front_csv": _sha256(run.out / "front.csv")})
 
 
-def _without_main_speedup(settings):
-    """Settings as the front depends on them: the main child's speed-up left out, since the main child is
-    one of the searched children, compared by name (which spells its budget) and choice."""
-    if not isinstance(settings, dict) or not isinstance(settings.get("search"), dict):
-        return settings
-    return {**settings, "search": {k: v for k, v in settings["search"].items() if k != "speedup"}}
-
-
-def _main_child_searched(run: Run) -> bool:
-    """Whether DIR/search/chosen.json names the main child of the run's budgets now (a search ran for them)."""
-    try:
-        return read_json(run.out / "search" / "chosen.json").get("main") == main_budget_request(run)[1]
-    except (PuzzleError, OSError, ValueError, AttributeError):
-        return False
-
-
 def front_is_current(run: Run) -> str | None:
     """Why DIR/front.csv cannot be reused as it is, or None when it can.
 
@@ -1037,9 +1021,7 @@ def front_is_current(run: Run) -> str | None:
     (`front_inputs`: the run's settings with this command's flags, the searched children's
     choices as their records hold them, the score and cost tables by content) and front.csv is
     the file it was written with. File times play no part, so a copied run reuses its front and a
-    table rewritten with the same bytes does not force a new measurement; nor does a new main speed-up
-    once a search made its child, when the front had measured that child (`search --speedup 2` with 2
-    among the front's speed-ups).
+    table rewritten with the same bytes does not force a new measurement.
     """
     path, stamp = run.out / "front.csv", run.out / "front.json"
     if not path.is_file():
@@ -1059,9 +1041,7 @@ def front_is_current(run: Run) -> str | None:
     now = front_inputs(run)
     if now["settings"] != stored.get("settings"):
         changed = sorted(k for k in now["settings"] if now["settings"][k] != (stored.get("settings") or {}).get(k))
-        if (_without_main_speedup(now["settings"]) != _without_main_speedup(stored.get("settings"))
-                or not _main_child_searched(run)):
-            return f"the settings changed ([{', '.join(changed)}])"
+        return f"the settings changed ([{', '.join(changed)}])"
     if now["children"] is None:
         return "search/chosen.json or a searched child's record is missing or unreadable"
     if now["children"] != stored.get("children"):

@@ -247,13 +247,6 @@ def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_
     assert "the settings changed ([search])" in front_is_current(Run(out, other, progress=False))
     same = saved.replace(search={"front_speedups": tuple(reversed(saved.search.front_speedups)) * 2})
     assert front_is_current(Run(out, same, progress=False)) is None  # the same targets, reordered, repeated
-    other_main = saved.replace(search={"speedup": 2.0})  # a main budget among the front's: measured already ...
-    assert "the settings changed ([search])" in front_is_current(Run(out, other_main, progress=False))  # ... unsearched
-    chosen = json.loads((out / "search" / "chosen.json").read_text())
-    (out / "search" / "chosen.json").write_text(json.dumps({**chosen, "main": "child-2x"}))  # as `search --speedup 2`
-    assert front_is_current(Run(out, other_main, progress=False)) is None
-    assert "[search]" in front_is_current(Run(out, saved.replace(search={"speedup": 1.7}), progress=False))
-    (out / "search" / "chosen.json").write_text(json.dumps(chosen))
     batch = saved.replace(target={"batch_size": saved.target.batch_size + 1})  # e.g. `puzzle data --batch-size`
     assert "[target]" in front_is_current(Run(out, batch, progress=False))
     stamp = (out / "front.json").read_text()
