@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from .errors import PuzzleError, require_finite
 from .io import atomic_save_safetensors, atomic_write_json, read_json
 from .modeling import PuzzleForCausalLM
-from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, global_batch,
-                          init_distributed, rank_slice, shutdown_distributed, train_loop)
+from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
+                          global_batch, init_distributed, rank_slice, shutdown_distributed, train_loop)
 
 TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
@@ -378,11 +378,12 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tens
         raise PuzzleError(f"batch size {config.batch_size} does not divide by {env.world_size} processes")
     cache = None
     if config.teacher == "cache" and config.kl_weight > 0:
-        expect = {"parent": model_fingerprint(parent), "tokens": tokens_sha(ids), "top_k": config.top_k,
+        top_k = min(config.top_k, parent.config.vocab_size)  # a larger --top-k keeps the whole vocabulary
+        expect = {"parent": model_fingerprint(parent), "tokens": tokens_sha(ids), "top_k": top_k,
                   "temperature": config.temperature, "vocab_size": parent.config.vocab_size}
         path = work_dir / "teacher_cache.safetensors"
         if env.is_main and load_teacher_cache(path, expect) is None:
-            build_teacher_cache(parent, ids, min(config.top_k, parent.config.vocab_size), config.temperature, path,
+            build_teacher_cache(parent, ids, top_k, config.temperature, path,
                                 progress=progress)
         barrier(env)
         cache = load_teacher_cache(path, expect)
@@ -475,6 +476,7 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     work = args.work or run.out / "gkd" / args.name
     check_export_target(Path(dest), overwrite=True, keep=[run.out, work])  # before the training, not after it
+    check_work_folder(work, [run.out], [run.out / "gkd"])
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),
@@ -515,6 +517,7 @@ def _folder_inputs(args) -> GKDInputs:
 
     dest = Path(args.dest)
     check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"])
+    check_work_folder(args.work or f"{dest}.gkd-work", [args.child, args.parent])
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
                      {"child": str(args.child), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),
@@ -541,6 +544,8 @@ def run_gkd_command(args, log=None) -> dict:
         raise PuzzleError("give --out DIR --name NAME (a child of a run directory) or --child FOLDER (an exported model)")
     if args.out is not None and not args.name:
         raise PuzzleError("--out DIR needs --name NAME (an architecture in DIR/search/)")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise PuzzleError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)

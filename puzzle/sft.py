@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from .errors import PuzzleError, require_finite
 from .io import atomic_write_json, atomic_write_text
 from .modeling import PuzzleForCausalLM
-from .train_utils import (DistEnv, OptimSettings, TrainResult, barrier, global_batch, init_distributed, rank_slice,
-                          shutdown_distributed, train_loop)
+from .train_utils import (DistEnv, OptimSettings, TrainResult, barrier, check_work_folder, global_batch,
+                          init_distributed, rank_slice, shutdown_distributed, train_loop)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -594,17 +594,8 @@ def run_sft_command(args, log=None) -> dict | None:
         work = Path(args.work or f"{dest}.sft-work")
         inputs = [p for p in (getattr(args, "model", None), getattr(args, "out", None)) if p]
         check_export_target(dest, overwrite=True, keep=[*inputs, work])  # before the training, not after it
-        from .io import file_in_the_way
-
-        if work.exists() and not work.is_dir() or file_in_the_way(work) is not None:
-            raise PuzzleError(f"--work {work}: a file is in the way; give a folder path")
-        where = work.expanduser().resolve()
-        for given in inputs:
-            folder = Path(given).expanduser().resolve()
-            if given == getattr(args, "out", None) and (folder / "export") in [where, *where.parents]:
-                continue  # a run's export folder takes new folders (the default DEST is one)
-            if folder.is_dir() and (where == folder or folder in where.parents):
-                raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own")
+        # a run's export folder takes new folders: the default DEST and its work folder are there
+        check_work_folder(work, inputs, [Path(args.out) / "export"] if getattr(args, "out", None) else [])
         positions = model.config.max_position_embeddings
         if config.seq_len > positions:
             raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "

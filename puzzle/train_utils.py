@@ -277,6 +277,29 @@ def _check_meta(path: Path, saved: dict, meta: dict) -> None:
                           f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
 
 
+def check_work_folder(work, inputs=(), allowed_under=()) -> None:
+    """Refuse a --work folder (checkpoints, logs) that would mix with other files, before any training:
+    a file at or above it, a place inside an exported model folder, or inside one of `inputs` (model
+    folders, a run directory) unless it is under one of `allowed_under` (e.g. RUN/gkd). `..` and symlinks
+    are resolved first. Raises PuzzleError naming what to change."""
+    from .export import is_export_folder
+    from .io import file_in_the_way
+
+    work = Path(work)
+    if (work.exists() and not work.is_dir()) or file_in_the_way(work) is not None:
+        raise PuzzleError(f"--work {work}: a file is in the way; give a folder path")
+    where = work.expanduser().resolve()
+    around = [where, *where.parents]
+    if (export := next((p for p in around if p.is_dir() and is_export_folder(p)), None)) is not None:
+        raise PuzzleError(f"--work {work} is inside the exported model {export}; give a folder of its own")
+    if any(Path(a).expanduser().resolve() in around for a in allowed_under):
+        return
+    for given in inputs:
+        folder = Path(given).expanduser().resolve()
+        if folder.is_dir() and folder in around:
+            raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own")
+
+
 @dataclass(frozen=True)
 class OptimSettings:
     """AdamW and schedule: peak lr, warmup then cosine decay to min_lr_fraction · lr, decoupled

@@ -207,7 +207,7 @@ def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
             "--no-progress"]
     for extra, words in [(["--device", "tpu"], "give auto, cpu or cuda"), (["--stop-after-steps", "0"], ">= 1"),
                          (["--measure-toggle", "-1"], "--measure-toggle must be >= 0"),
-                         (["--work", str(model / "w")], "inside the input"),
+                         (["--work", str(model / "w")], "inside the exported model"),
                          (["--seq-len", "100000"], "longer than the"), (["--lr", "nan"], "lr=nan")]:
         args = parser.parse_args(base + extra)
         with pytest.raises(PuzzleError, match=re.escape(words)):
