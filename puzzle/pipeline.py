@@ -993,7 +993,8 @@ def front_inputs(run: Run) -> dict:
 
     settings: the run's configuration without the report section, the front's speed-ups as a sorted
     set; children: each searched name (DIR/search/chosen.json) with the choice its record holds now;
-    tables: the sha256 of every score and cost table (DIR/score/*.csv). Unreadable parts are None.
+    tables: the sha256 of every score and cost table (DIR/score/score_table*.csv, cost*.csv; other CSVs a
+    user keeps there do not count). Unreadable parts are None.
     """
     config = run.config.to_dict()
     config.pop("report", None)
@@ -1004,9 +1005,15 @@ def front_inputs(run: Run) -> dict:
         children = {str(n): list(read_json(run.out / "search" / f"{n}.json")["choice"]) for n in names}
     except (PuzzleError, OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         pass
-    tables = {t.name: _sha256(t) for t in sorted((run.out / "score").glob("*.csv"))} if (run.out / "score").is_dir() else {}
+    tables = {t.name: _sha256(t) for t in sorted((run.out / "score").glob("*.csv")) if _is_front_table(t.name)} \
+        if (run.out / "score").is_dir() else {}
     return json.loads(json.dumps({"settings": config, "children": children, "tables": tables},
                                  default=lambda o: str(o)))
+
+
+def _is_front_table(name: str) -> bool:
+    """The score and cost tables `puzzle score` writes (score_table*.csv, cost*.csv), not a user's CSV in score/."""
+    return name.endswith(".csv") and name.startswith(("score_table", "cost"))
 
 
 def write_front_inputs(run: Run) -> None:
@@ -1050,7 +1057,7 @@ def front_is_current(run: Run) -> str | None:
         return "front.csv lacks some searched children"
     if not now["tables"]:
         return "no score or cost table"
-    if now["tables"] != stored.get("tables"):
+    if now["tables"] != {k: v for k, v in (stored.get("tables") or {}).items() if _is_front_table(k)}:
         return "the score or cost tables changed since the front was measured"
     return None
 

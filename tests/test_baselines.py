@@ -269,6 +269,8 @@ def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_
     cost.write_bytes(cost.read_bytes() + b"\n")
     assert front_is_current(run) == "the score or cost tables changed since the front was measured"
     cost.write_bytes(cost.read_bytes()[:-1])
+    (out / "score" / "eval.csv").write_text("task,acc\n")  # a user's CSV next to the tables: not a table
+    assert front_is_current(run) is None
     record_path = out / "search" / "child-1.25x.json"
     record = record_path.read_text()  # a child re-solved (an interrupted budget feedback, a search) after the front
     record_path.write_text(json.dumps({**json.loads(record), "choice": ["parent"] * 4}))
