@@ -419,8 +419,9 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
     """Load what `puzzle eval` evaluates, without writing anything.
 
     Args:
-        spec: "tiny" (the built-in tiny model, unless ./tiny exists), a model path (HF folder, .gguf, nemotron-nas export, asset:<name>), or a run
-            directory (config.json from `puzzle run`), which needs `child`.
+        spec: "tiny" (the built-in tiny model, unless ./tiny exists), a model path (HF folder, .gguf,
+            nemotron-nas export, asset:<name>), or a run directory (config.json from `puzzle run`),
+            which needs `child`.
         child: for a run directory: "parent" or a searched architecture name (DIR/search/<name>.json),
             assembled from the run's library with the entries the search used.
         dtype: weights' dtype.
