@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .errors import PuzzleError
-from .io import atomic_save_safetensors, atomic_write_json, read_json
+from .io import atomic_save_safetensors, atomic_write_json, read_json, tensor_sha256
 
 SPLITS = ("calib", "score", "eval")
 _MANIFEST_FORMAT = 1
@@ -598,13 +598,6 @@ def _settings_sha(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def tokens_sha256(tokens: torch.Tensor) -> str:
-    """sha256 of a token split's shape and int64 values (little-endian bytes), to detect a damaged file."""
-    h = hashlib.sha256(str(tuple(tokens.shape)).encode())
-    h.update(tokens.to(torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes())
-    return h.hexdigest()
-
-
 def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenSplits:
     """Read `tokens.safetensors` and `manifest.json` written by `prepare_data`.
 
@@ -633,7 +626,7 @@ def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenS
         raise PuzzleError(f"{out_dir} holds data prepared with other settings; use another folder or delete it")
     for split in SPLITS:  # manifests before the content hash have none: nothing to compare
         expected = ((manifest.get("splits") or {}).get(split) or {}).get("sha256")
-        if expected is not None and expected != tokens_sha256(tensors[split]):
+        if expected is not None and expected != tensor_sha256(tensors[split]):
             raise PuzzleError(f"{tokens_path}: the {split} split's tokens differ from those the manifest recorded "
                               f"(the file was changed or damaged); delete both files and rerun the data stage")
     return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
@@ -684,7 +677,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             doc_ids.setdefault(d.source, []).append(d.doc_id)
         summary[split] = {"sequences": tokens.shape[0], "tokens": tokens.numel(), "requested_tokens": budgets[split],
                           "documents": len(used), "available_documents": len(splits[split]), "doc_ids": doc_ids,
-                          "sha256": tokens_sha256(tokens)}
+                          "sha256": tensor_sha256(tokens)}
     manifest = {
         "settings_sha256": sha,
         "settings": settings,

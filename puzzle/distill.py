@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PuzzleError, require_finite
-from .io import atomic_save_safetensors, atomic_write_json, read_json
+from .io import atomic_save_safetensors, atomic_write_json, read_json, tensor_sha256
 from .modeling import PuzzleForCausalLM
 from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
                           global_batch, init_distributed, rank_slice, shutdown_distributed, train_loop)
@@ -194,7 +194,7 @@ class TeacherCache:
 
 
 def tokens_sha(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return tensor_sha256(ids)[:16]
 
 
 def model_fingerprint(model: PuzzleForCausalLM) -> str:

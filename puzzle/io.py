@@ -7,6 +7,7 @@ fsynced, then renamed over the target (rename is atomic on POSIX file systems).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +26,12 @@ def file_mode() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def tensor_sha256(t) -> str:
+    """sha256 (hex) of a CPU tensor's values as its raw bytes (not its shape or dtype): token splits,
+    scoring and evaluation ids."""
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def file_in_the_way(path: str | os.PathLike) -> Path | None:

@@ -34,7 +34,7 @@ import torch
 from .architecture import ArchitectureError, BlockConfig
 from .config import SEARCH_BUDGETS, RunConfig, save_run_config
 from .errors import PuzzleError
-from .io import atomic_write_json, atomic_write_text, load_table, read_json, save_table
+from .io import atomic_write_json, atomic_write_text, load_table, read_json, save_table, tensor_sha256
 from .library import Library
 from .space import build_space
 
@@ -159,7 +159,7 @@ def library_meta(run: Run) -> dict:
     from dataclasses import asdict
 
     calib = run.tokens.calib
-    return {"parent": fingerprint(run.parent.model), "calib_sha": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
+    return {"parent": fingerprint(run.parent.model), "calib_sha": _tensor_sha(calib),
             "space": asdict(run.config.space), "bld": asdict(run.config.bld)}
 
 
@@ -196,7 +196,7 @@ def _candidate_module(run: Run, layer: int, subblock: str, variant, stage: str):
 
 
 def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return tensor_sha256(t)[:16]
 
 
 def scoring_ids(run: Run) -> torch.Tensor:

@@ -32,7 +32,7 @@ from statistics import NormalDist
 import pandas as pd
 import torch
 
-from .errors import PuzzleError, require_finite
+from .errors import PuzzleError, is_finite_number, require_finite
 from .io import atomic_save_safetensors
 from .modeling import KVCache
 from .rpo import AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, preference_loss
@@ -77,7 +77,7 @@ def _response_text(value, where: str) -> tuple[tuple[dict, ...], str]:
 
 
 def _reward(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise PuzzleError(f"{where}: rewards must be finite numbers, got {value!r}")
     return float(value)
 
@@ -540,8 +540,9 @@ def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
 
 def _check_finite_weights(model, config: RPOConfig) -> None:
     """The last update comes after the last loss check: refuse to hand back non-finite weights."""
-    broken = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
-    if broken is not None:
+    from .train_utils import non_finite_parameter
+
+    if (broken := non_finite_parameter(model)) is not None:
         raise PuzzleError(f"rpo {config.loss}: the weights became non-finite ({broken}); lower the learning rate")
 
 

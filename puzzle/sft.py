@@ -266,7 +266,10 @@ class SFTConfig:
             raise PuzzleError("sft epochs must be positive, seq_len >= 2, batch_size >= 1, micro_batch_size >= 0")
         if self.checkpoint_every < 1:
             raise PuzzleError(f"sft checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
-        OptimSettings(self.lr, self.warmup_fraction, self.min_lr_fraction, self.weight_decay, self.grad_clip)  # checks
+        self.optim()  # lr, warmup, decay, clip: finite and in range
+
+    def optim(self) -> OptimSettings:
+        return OptimSettings(self.lr, self.warmup_fraction, self.min_lr_fraction, self.weight_decay, self.grad_clip)
 
     def steps(self, rows: int) -> int:
         return max(1, -(-int(self.epochs * rows) // self.batch_size))
@@ -331,8 +334,7 @@ def supervised_finetune(model: PuzzleForCausalLM, data: Packed, config: SFTConfi
         model.lm_head.weight.requires_grad_(False)
     meta = {"stage": "sft", "config": asdict(config), "model": model_fingerprint(model),
             "data": tokens_sha(torch.cat([data.input_ids, data.labels, data.segments])), **(extra_meta or {})}
-    optim = OptimSettings(config.lr, config.warmup_fraction, config.min_lr_fraction, config.weight_decay,
-                          config.grad_clip)
+    optim = config.optim()
     result = train_loop(model, _step_fn(data, config, env), total_steps=config.steps(data.input_ids.shape[0]),
                         optim=optim, env=env, checkpoint_path=Path(work_dir) / "checkpoint.pt", meta=meta,
                         checkpoint_every=config.checkpoint_every, fsdp=fsdp, progress=progress, desc="sft",

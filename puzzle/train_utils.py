@@ -277,6 +277,11 @@ def _check_meta(path: Path, saved: dict, meta: dict) -> None:
                           f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
 
 
+def non_finite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or ±inf, or None when all are finite."""
+    return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
 def check_work_folder(work, inputs=(), allowed_under=()) -> None:
     """Refuse a --work folder (checkpoints, logs) that would mix with other files, before any training:
     a file at or above it, a place inside an exported model folder, or inside one of `inputs` (model
@@ -445,8 +450,7 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
     else:
         trained = unwrap(wrapped).to("cpu")
     if trained is not None:  # the last update is after the last loss check: never export NaN weights
-        broken = next((n for n, p in trained.named_parameters() if not torch.isfinite(p).all()), None)
-        if broken is not None:
+        if (broken := non_finite_parameter(trained)) is not None:
             raise PuzzleError(f"{desc}: the weights became non-finite ({broken}) by step {step}; lower the learning "
                               f"rate (nothing was exported; delete the checkpoint to start over)")
     return TrainResult(trained, history, step, total_steps, start, seconds)
