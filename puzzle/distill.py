@@ -493,6 +493,11 @@ def pack_sources(sources, tokenizer, seq_len: int, max_tokens: int, max_doc_toke
     return ids
 
 
+#: packing of --calib/--eval text for `gkd --child FOLDER` when --seq-len/--eval-tokens are not given
+FOLDER_SEQ_LEN = 256
+FOLDER_EVAL_TOKENS = 4096
+
+
 def _folder_inputs(args) -> GKDInputs:
     from .parent import load_parent
 
@@ -501,12 +506,23 @@ def _folder_inputs(args) -> GKDInputs:
                           "and --dest FOLDER")
     if args.eval and set(args.eval) & set(args.calib):
         raise PuzzleError("--calib and --eval share sources; never evaluate on training text")
+    seq_len = args.seq_len if args.seq_len is not None else FOLDER_SEQ_LEN
+    eval_tokens = args.eval_tokens if args.eval_tokens is not None else FOLDER_EVAL_TOKENS
+    if seq_len < 2:
+        raise PuzzleError(f"--seq-len must be >= 2 (tokens per sequence), got {seq_len}")
+    if args.eval_tokens is not None and not args.eval:
+        raise PuzzleError("--eval-tokens needs --eval FILE ... (the evaluation text to pack)")
+    if args.eval and eval_tokens < seq_len:
+        raise PuzzleError(f"--eval-tokens must be at least one sequence (--seq-len {seq_len}), got {eval_tokens}")
     child_loaded = load_parent(args.child)
     parent_loaded = load_parent(args.parent)
+    positions = min(child_loaded.model.config.max_position_embeddings, parent_loaded.model.config.max_position_embeddings)
+    if seq_len > positions:
+        raise PuzzleError(f"--seq-len {seq_len} is longer than the {positions} positions of the child and parent; "
+                          f"give --seq-len {positions} or less")
     tokenizer = child_loaded.tokenizer
-    train_ids = pack_sources(args.calib, tokenizer, args.seq_len, args.calib_tokens or args.tokens,
-                             args.max_doc_tokens or 0)
-    eval_ids = pack_sources(args.eval, tokenizer, args.seq_len, args.eval_tokens) if args.eval else None
+    train_ids = pack_sources(args.calib, tokenizer, seq_len, args.calib_tokens or args.tokens, args.max_doc_tokens or 0)
+    eval_ids = pack_sources(args.eval, tokenizer, seq_len, eval_tokens) if args.eval else None
 
     def parent_logp():
         from .scoring.quality import parent_logprobs
@@ -544,6 +560,14 @@ def run_gkd_command(args, log=None) -> dict:
         raise PuzzleError("give --out DIR --name NAME (a child of a run directory) or --child FOLDER (an exported model)")
     if args.out is not None and not args.name:
         raise PuzzleError("--out DIR needs --name NAME (an architecture in DIR/search/)")
+    if args.out is not None:  # a run brings its own parent, text and sequence length
+        given = [flag for flag, value in (("--parent", args.parent), ("--calib", args.calib), ("--eval", args.eval),
+                                          ("--seq-len", args.seq_len), ("--eval-tokens", args.eval_tokens))
+                 if value is not None]
+        if given:
+            raise PuzzleError(f"{', '.join(given)} only apply to --child FOLDER; with --out DIR the run's parent, "
+                              "calibration split, evaluation split and seq_len are used (drop them, or re-pack the "
+                              "run's calibration text with --calib-tokens N / --max-doc-tokens N)")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise PuzzleError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
     env = init_distributed(args.device)
@@ -618,7 +642,11 @@ def cmd_gkd(args) -> int:
         if b and a:
             log(f"gkd: eval KL {b['kl_nats']:.4f} -> {a['kl_nats']:.4f} nats/token (recovery "
                 f"{summary['recovery_fraction']:.1%}), LM loss {b['lm_loss']:.4f} -> {a['lm_loss']:.4f}")
-        log(f"gkd: {summary['tokens_trained']} tokens at {summary['train_tok_s']:.0f} tok/s; exported to {summary['dest']} "
+        if summary["resumed_from_step"] >= summary["steps"]:  # nothing left to train: no rate to report
+            rate = f"all {summary['steps']} steps done by an earlier call"
+        else:
+            rate = f"{summary['train_tok_s']:.0f} tok/s"
+        log(f"gkd: {summary['tokens_trained']} tokens ({rate}); exported to {summary['dest']} "
             f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
@@ -638,12 +666,14 @@ def add_gkd_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--parent", metavar="PATH", help="the teacher for --child: HF folder, .gguf or nemotron-nas folder")
     g.add_argument("--calib", nargs="+", metavar="FILE", help="training text for --child (never the evaluation text)")
     g.add_argument("--eval", nargs="+", metavar="FILE", help="evaluation text for --child (KL and LM loss before/after)")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence for --child")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per training sequence for --child (default {FOLDER_SEQ_LEN})")
     g.add_argument("--calib-tokens", type=int, default=0,
                    help="training tokens to pack (run: re-pack the run's calibration sources for this many; default: "
                         "the run's calibration split, or --tokens for --child)")
     g.add_argument("--max-doc-tokens", type=int, default=None, help="tokens kept per document when packing (0: all)")
-    g.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens to pack for --child")
+    g.add_argument("--eval-tokens", type=int, default=None,
+                   help=f"evaluation tokens to pack for --child (default {FOLDER_EVAL_TOKENS})")
     g.add_argument("--dest", type=Path, metavar="FOLDER", help="exported folder to write (run default: DIR/export/<name>-gkd)")
     g.add_argument("--work", type=Path, metavar="DIR", help="checkpoints and the teacher cache (run default: DIR/gkd/<name>; "
                                                             "else DEST.gkd-work)")

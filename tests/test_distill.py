@@ -175,10 +175,28 @@ def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
     for extra, words in [(["--stop-after-steps", "0"], "--stop-after-steps must be >= 1"),
                          (["--work", str(tmp_path / "calib.txt")], "a file is in the way"),
                          (["--work", str(tmp_path / "out" / "w")], "inside the exported model"),
-                         (["--work", str(tmp_path / "child" / ".." / "parent")], "inside the exported model")]:
+                         (["--work", str(tmp_path / "child" / ".." / "parent")], "inside the exported model"),
+                         (["--seq-len", "1"], "--seq-len must be >= 2"),
+                         (["--seq-len", "100000"], "longer than the 2048 positions"),
+                         (["--eval-tokens", "64"], "--eval-tokens needs --eval"),
+                         (["--eval", str(tmp_path / "eval.txt"), "--eval-tokens", "8"], "at least one sequence")]:
         with pytest.raises(PuzzleError, match=re.escape(words)):
             run_gkd_command(_args(tmp_path, tmp_path / "y", *extra))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    add_gkd_parser(p.add_subparsers())
+    for extra in (["--seq-len", "32"], ["--eval-tokens", "4096"], ["--calib", "a.txt"], ["--parent", "p"]):
+        args = p.parse_args(["gkd", "--out", str(tmp_path / "run"), "--name", "child-2x", *extra])
+        with pytest.raises(PuzzleError, match=f"{re.escape(extra[0])} only apply to --child FOLDER"):
+            run_gkd_command(args)
+    _folders(tmp_path)
+    args = _args(tmp_path, tmp_path / "out", "--no-eval")
+    assert args.func(args) == 0 and "tok/s" in capsys.readouterr().err
+    assert args.func(args) == 0  # every step is in the checkpoint: no rate to report, not "0 tok/s"
+    assert "all 8 steps done by an earlier call" in capsys.readouterr().err
 
 
 WORKER = textwrap.dedent("""
