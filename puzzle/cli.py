@@ -265,17 +265,33 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _child_name(args, run, command: str) -> str:
+    """--name, or the main child's name (the run's own budgets) when it was not given."""
+    from .pipeline import main_budget_request
+
+    if args.name:
+        return args.name
+    try:
+        name = main_budget_request(run)[1]
+    except PuzzleError:
+        raise PuzzleError(f"{command} needs --name NAME: the run has no budget of its own to name its main child") from None
+    _log(f"{command}: no --name given, using the run's main child {name}")
+    return name
+
+
 def cmd_realize(args) -> int:
     from .pipeline import stage_realize
 
-    stage_realize(_run_for(args, existing=True), args.name, stage=args.stage)
+    run = _run_for(args, existing=True)
+    stage_realize(run, _child_name(args, run, "realize"), stage=args.stage)
     return 0
 
 
 def cmd_export(args) -> int:
     from .pipeline import stage_export
 
-    stage_export(_run_for(args, existing=True), args.name, dest=args.dest)
+    run = _run_for(args, existing=True)
+    stage_export(run, _child_name(args, run, "export"), dest=args.dest)
     return 0
 
 
@@ -360,13 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("realize", help="assemble a searched child, evaluate and measure it")
     _add_common(p)
-    p.add_argument("--name", required=True, help="architecture name from DIR/search/<name>.json")
+    p.add_argument("--name", help="architecture name from DIR/search/<name>.json (default: the run's main child)")
     p.add_argument("--stage", choices=["bld", "init"], default=None, help="library entries to use (default: the search's)")
     p.set_defaults(func=cmd_realize)
 
     p = sub.add_parser("export", help="write a child as an HF folder (nemotron-nas config with block_configs)")
     _add_common(p)
-    p.add_argument("--name", required=True, help="architecture name from DIR/search/<name>.json")
+    p.add_argument("--name", help="architecture name from DIR/search/<name>.json (default: the run's main child)")
     p.add_argument("--dest", type=Path, help="folder to write (default DIR/export/<name>)")
     p.set_defaults(func=cmd_export)
 

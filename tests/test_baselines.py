@@ -1,6 +1,7 @@
 """Baselines: block influence, removal orders, budgets met, realized and measured rows, plots of the front."""
 
 import argparse
+import json
 import math
 
 import pandas as pd
@@ -223,10 +224,12 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 0
     assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "exp"), "--no-progress"]) == 0
     assert (tmp_path / "exp" / "config.json").is_file()
+    # without --name: the run's main child (its own budget, --speedup 1.5)
+    assert main(["export", "--out", str(out), "--dest", str(tmp_path / "main"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "main" / "config.json").read_text())["puzzle"]["name"] == "child-1.5x"
 
 
 def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_path_factory, tmp_path):
-    import json
     import os
     import shutil
 
@@ -283,7 +286,6 @@ def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_
 
 def test_a_widened_space_keeps_finished_entries_and_scores(tmp_path_factory, tmp_path):
     """Adding an FFN width to a finished run trains and scores only the new variant."""
-    import json
     import shutil
 
     from puzzle.config import load_run_config
@@ -316,7 +318,6 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     rebuilt from the init library reported the BLD child's cached KL; malformed options and records gave
     tracebacks; baseline rows timed for another workload were reused."""
     import hashlib
-    import json
     import shutil
 
     from puzzle.baselines import open_run
