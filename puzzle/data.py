@@ -624,11 +624,24 @@ def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenS
                           f"delete both and rerun the data stage")
     if expect_settings_sha is not None and stored_sha != expect_settings_sha:
         raise PuzzleError(f"{out_dir} holds data prepared with other settings; use another folder or delete it")
-    for split in SPLITS:  # manifests before the content hash have none: nothing to compare
-        expected = ((manifest.get("splits") or {}).get(split) or {}).get("sha256")
-        if expected is not None and expected != tensor_sha256(tensors[split]):
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    missing = []
+    for split in SPLITS:
+        entry = splits.get(split) if isinstance(splits.get(split), dict) else None
+        expected = entry.get("sha256") if entry is not None else None
+        if expected is None:
+            missing.append(split)
+        elif expected != tensor_sha256(tensors[split]):
             raise PuzzleError(f"{tokens_path}: the {split} split's tokens differ from those the manifest recorded "
                               f"(the file was changed or damaged); delete both files and rerun the data stage")
+    if missing and all(isinstance(splits.get(s), dict) for s in missing):
+        # a manifest written before the content hash: record the tokens as they are now, so later changes show
+        for split in missing:
+            splits[split]["sha256"] = tensor_sha256(tensors[split])
+        try:
+            atomic_write_json(out_dir / "manifest.json", manifest)
+        except OSError:
+            pass  # a read-only run directory: checked from the next writable load on
     return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
 
 

@@ -279,6 +279,19 @@ def test_prepare_data_writes_manifest_and_resumes(tmp_path, tok):
         load_token_splits(out)
     assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).eval, changed.eval)  # redone
 
+    # a manifest written before the split hashes: the first load records them, later damage then shows
+    old = json.loads((out / "manifest.json").read_text())
+    for split in old["splits"].values():
+        del split["sha256"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert torch.equal(load_token_splits(out).eval, changed.eval)
+    assert all(len(s["sha256"]) == 64 for s in json.loads((out / "manifest.json").read_text())["splits"].values())
+    data = bytearray((out / "tokens.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (out / "tokens.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PuzzleError, match="differ from those the manifest recorded"):
+        load_token_splits(out)
+
 
 def test_prepare_data_errors(tmp_path, tok):
     empty = tmp_path / "empty.txt"
