@@ -620,6 +620,8 @@ def run_gkd_command(args, log=None) -> dict:
                                                                                       "tokens_trained", "config")}})
             summary["dest"] = str(exported.path)
             summary["export_warnings"] = list(exported.warnings)
+            if exported.replaced:
+                log(f"gkd: replaced the export of {exported.replaced} that was in {exported.path}")
             atomic_write_json(summary_path, summary)
         barrier(env)
         return summary

@@ -49,6 +49,30 @@ class ExportResult:
 
     path: Path
     warnings: tuple[str, ...]
+    replaced: str | None = None  # what the folder held before, when it was another model's export
+
+
+def export_provenance(info: dict | None) -> str:
+    """A short description of an export from its config.json "puzzle" entry ("child-1.5x", "gkd of ...")."""
+    info = info if isinstance(info, dict) else {}
+    for stage, key in (("gkd", "child"), ("sft", "model")):
+        if isinstance(info.get(stage), dict):
+            return f"{stage} of {info[stage].get(key, '?')}"
+    if isinstance(info.get("merge"), dict):
+        return f"merge of {', '.join(map(str, info['merge'].get('inputs', [])))}"
+    if info.get("stage") == "rpo":
+        return f"rpo ({info.get('loss', '?')}) of {info.get('source', '?')}"
+    if info.get("name"):
+        return f"{info['name']}" + (f" of run parent {info['parent']}" if info.get("parent") else "")
+    return "a model export"
+
+
+def _earlier_provenance(out_dir: Path) -> str | None:
+    """export_provenance of the export now in out_dir, or None when there is none."""
+    try:
+        return export_provenance(json.loads((out_dir / "config.json").read_text(encoding="utf-8")).get("puzzle"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def export_warnings(config: ModelConfig) -> list[str]:
@@ -185,7 +209,9 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         overwrite: replace an earlier export at out_dir.
 
     Returns:
-        ExportResult(path, warnings): see `export_warnings`; nothing is printed.
+        ExportResult(path, warnings, replaced): see `export_warnings`; `replaced` describes another
+        model's export that was in out_dir (`export_provenance`), None for a re-export of the same
+        model or a new folder; nothing is printed.
 
     Raises:
         PuzzleError: out_dir is a file, a non-empty folder without overwrite=True or one that is not an
@@ -194,6 +220,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     """
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)
+    earlier = _earlier_provenance(out_dir)
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)
     warnings = export_warnings(config)
@@ -221,7 +248,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out_dir, tuple(warnings))
+    now = export_provenance({"source": dict(config.extra), **(extra_info or {})})
+    return ExportResult(out_dir, tuple(warnings), replaced=earlier if earlier not in (None, now) else None)
 
 
 def check_export_target(out_dir: Path, overwrite: bool = False, keep=()) -> None:

@@ -188,9 +188,11 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     check_export_target(dest, overwrite=True, keep=paths)  # before loading and averaging
     loaded = [load_parent(p) for p in paths]
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
-    export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,
-                      extra_info={"merge": {"inputs": [str(p) for p in paths],
-                                            "weights": normalized_weights(weights, len(paths))}})
+    exported = export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,
+                                 extra_info={"merge": {"inputs": [str(p) for p in paths],
+                                                       "weights": normalized_weights(weights, len(paths))}})
+    if exported.replaced:
+        print(f"merge: replaced the export of {exported.replaced} that was in {dest}", file=sys.stderr)
     return dest
 
 

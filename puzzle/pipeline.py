@@ -651,6 +651,8 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     run.timed("export_s", time.perf_counter() - t0)
     for w in result.warnings:
         run.say(f"export {name}: warning: {w}")
+    if result.replaced:
+        run.say(f"export {name}: replaced the export of {result.replaced} that was in {result.path}")
     return result
 
 

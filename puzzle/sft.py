@@ -620,6 +620,8 @@ def run_sft_command(args, log=None) -> dict | None:
 
             exported = export_checkpoint(result.model, tokenizer, dest, overwrite=True,
                                          extra_info={"sft": {"model": what, "data": list(args.data), "config": asdict(config)}})
+            if exported.replaced:
+                log(f"sft: replaced the export of {exported.replaced} that was in {exported.path}")
             summary = {"model": what, "data": list(args.data), "config": asdict(config), "rows": data.input_ids.shape[0],
                        "learned_tokens": learned, "dropped": data.dropped, "steps": result.steps_done,
                        "train_s": round(result.seconds, 1), "dest": str(exported.path),

@@ -250,6 +250,17 @@ def test_refuses_a_non_empty_folder_and_overwrites_only_an_earlier_export(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_replacing_another_models_export_is_reported(tmp_path):
+    child = tiny_child([block("kv2", "256"), block("kv1", "512")])
+    out = tmp_path / "out"
+    assert export_checkpoint(child, None, out, extra_info={"name": "child-2x"}).replaced is None  # a new folder
+    assert export_checkpoint(child, None, out, overwrite=True, extra_info={"name": "child-2x"}).replaced is None
+    replaced = export_checkpoint(child, None, out, overwrite=True, extra_info={"sft": {"model": "child-2x of run r"}})
+    assert replaced.replaced == "child-2x"
+    again = export_checkpoint(child, None, out, overwrite=True, extra_info={"merge": {"inputs": ["a", "b"]}})
+    assert again.replaced == "sft of child-2x of run r"
+
+
 def _umask() -> int:
     import os
 
