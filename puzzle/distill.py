@@ -471,11 +471,12 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
         train_ids = tokens.calib
         data_note = (f"the run's calibration sources re-packed with {changes} "
                      f"({train_ids.shape[0]} x {train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
-    from .export import check_export_target
+    from .export import check_export_target, export_provenance
 
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     work = args.work or run.out / "gkd" / args.name
-    check_export_target(Path(dest), overwrite=True, keep=[run.out, work])  # before the training, not after it
+    check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before the training
+                        provenance=export_provenance({"gkd": {"child": f"{args.name} of run {run.out}"}}))
     check_work_folder(work, [run.out], [run.out / "gkd"])
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
@@ -529,10 +530,11 @@ def _folder_inputs(args) -> GKDInputs:
 
         return parent_logprobs(parent_loaded.model, eval_ids, chunk=2)
 
-    from .export import check_export_target
+    from .export import check_export_target, export_provenance
 
     dest = Path(args.dest)
-    check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"])
+    check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"],
+                        provenance=export_provenance({"gkd": {"child": str(args.child)}}))
     check_work_folder(args.work or f"{dest}.gkd-work", [args.child, args.parent])
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),

@@ -67,12 +67,18 @@ def export_provenance(info: dict | None) -> str:
     return "a model export"
 
 
-def _earlier_provenance(out_dir: Path) -> str | None:
-    """export_provenance of the export now in out_dir, or None when there is none."""
+#: config.json "puzzle" entries of an export whose weights were trained after the search (not rebuilt by `export`)
+TRAINED_KEYS = ("gkd", "sft", "merge")
+
+
+def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
+    """(export_provenance, trained) of the export now in out_dir, or None when there is none."""
     try:
-        return export_provenance(json.loads((out_dir / "config.json").read_text(encoding="utf-8")).get("puzzle"))
+        info = json.loads((Path(out_dir) / "config.json").read_text(encoding="utf-8")).get("puzzle")
     except (OSError, ValueError, AttributeError):
         return None
+    info = info if isinstance(info, dict) else {}
+    return export_provenance(info), any(k in info for k in TRAINED_KEYS) or info.get("stage") == "rpo"
 
 
 def export_warnings(config: ModelConfig) -> list[str]:
@@ -219,8 +225,9 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
             a tied config whose LM head is not the embedding.
     """
     out_dir = Path(out_dir)
-    check_export_target(out_dir, overwrite)
-    earlier = _earlier_provenance(out_dir)
+    now = export_provenance({"source": dict(model.config.extra), **(extra_info or {})})
+    check_export_target(out_dir, overwrite, provenance=now)
+    earlier = (_earlier_export(out_dir) or (None, False))[0]
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)
     warnings = export_warnings(config)
@@ -248,17 +255,18 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    now = export_provenance({"source": dict(config.extra), **(extra_info or {})})
     return ExportResult(out_dir, tuple(warnings), replaced=earlier if earlier not in (None, now) else None)
 
 
-def check_export_target(out_dir: Path, overwrite: bool = False, keep=()) -> None:
+def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None) -> None:
     """Refuse an export folder that would lose something. Call it before long work, too.
 
     Refused: a file; a path under a file; a name too long for the temporary folder; the current
     directory or one above it; a folder holding or being one of `keep` (the run directory, the
     inputs, a work folder); a non-empty folder without `overwrite`, or with it one that is not an
-    earlier export holding only what an export writes (`is_export_folder`).
+    earlier export holding only what an export writes (`is_export_folder`); with `provenance` (what
+    the new export will be, `export_provenance`), an earlier export whose weights were trained
+    (gkd, sft, merge, rpo) of another provenance: only a rerun of the same training replaces it.
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
@@ -287,6 +295,10 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=()) -> None
             raise PuzzleError(f"{out_dir} is not empty and is not an earlier export holding only an export's files "
                               f"(config.json with block_configs, the model code, weights, tokenizer, README), so it "
                               f"is left as it is; give a new or empty folder")
+        earlier = _earlier_export(out_dir)
+        if provenance is not None and earlier is not None and earlier[1] and earlier[0] != provenance:
+            raise PuzzleError(f"{out_dir} holds trained weights ({earlier[0]}) that this export ({provenance}) would "
+                              f"replace; give a new folder, or delete that one first if it is no longer needed")
 
 
 #: files an export writes besides CODE_FILES (the tokenizer's names vary with its kind)

@@ -43,6 +43,15 @@ SCORE_COLUMNS = ["layer", "subblock", "variant", "is_parent", "kl_nats", "lm_los
                  "prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"]
 
 
+def local_parent_path(config: RunConfig) -> list[Path]:
+    """The run's parent as a local file or folder ([] for a packaged asset or the built-in tiny model)."""
+    spec = str(config.parent.path)
+    if spec.startswith(("asset:", "package:")) or spec == "tiny":
+        return []
+    path = Path(spec).expanduser()
+    return [path] if path.exists() else []
+
+
 @dataclass
 class Run:
     """A run directory with its configuration and lazily loaded parent and tokens."""
@@ -75,6 +84,10 @@ class Run:
         atomic_write_json(self.out / "timings.json", self.timings)
 
     # -- inputs ----------------------------------------------------------------------------------
+    def input_paths(self) -> list[Path]:
+        """What an output must never replace: the run directory and a parent that is a local path."""
+        return [self.out, *local_parent_path(self.config)]
+
     @property
     def parent(self):
         """The parent as a LoadedModel (model, tokenizer, config), loaded once."""
@@ -638,10 +651,11 @@ def generate_answers(model_path: str, prompts, max_new_tokens: int):
 
 def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`)."""
-    from .export import check_export_target, export_checkpoint
+    from .export import check_export_target, export_checkpoint, export_provenance
 
     record = read_architecture(run, name)
-    check_export_target(dest or run.out / "export" / name, overwrite=True, keep=[run.out])  # before building the child
+    check_export_target(dest or run.out / "export" / name, overwrite=True, keep=run.input_paths(),  # before building
+                        provenance=export_provenance({"name": name}))
     model = model if model is not None else build_child(run, record)
     t0 = time.perf_counter()
     result = export_checkpoint(model, run.parent.tokenizer, dest or run.out / "export" / name, overwrite=True,

@@ -590,12 +590,18 @@ def run_sft_command(args, log=None) -> dict | None:
             if not args.out:
                 raise PuzzleError("give --dest FOLDER for the fine-tuned model")
             args.dest = Path(args.out) / "export" / f"{args.name}-sft"
-        from .export import check_export_target
+        from .export import check_export_target, export_provenance
 
         dest = Path(args.dest)
         work = Path(args.work or f"{dest}.sft-work")
         inputs = [p for p in (getattr(args, "model", None), getattr(args, "out", None)) if p]
-        check_export_target(dest, overwrite=True, keep=[*inputs, work])  # before the training, not after it
+        if getattr(args, "out", None):  # a run's child: its parent is an input too
+            from .config import load_run_config
+            from .pipeline import local_parent_path
+
+            inputs += local_parent_path(load_run_config(args.out))
+        check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before the training, not after it
+                            provenance=export_provenance({"sft": {"model": what}}))
         # a run's export folder takes new folders: the default DEST and its work folder are there
         check_work_folder(work, inputs, [Path(args.out) / "export"] if getattr(args, "out", None) else [])
         positions = model.config.max_position_embeddings

@@ -255,10 +255,14 @@ def test_replacing_another_models_export_is_reported(tmp_path):
     out = tmp_path / "out"
     assert export_checkpoint(child, None, out, extra_info={"name": "child-2x"}).replaced is None  # a new folder
     assert export_checkpoint(child, None, out, overwrite=True, extra_info={"name": "child-2x"}).replaced is None
-    replaced = export_checkpoint(child, None, out, overwrite=True, extra_info={"sft": {"model": "child-2x of run r"}})
-    assert replaced.replaced == "child-2x"
-    again = export_checkpoint(child, None, out, overwrite=True, extra_info={"merge": {"inputs": ["a", "b"]}})
-    assert again.replaced == "sft of child-2x of run r"
+    sft = {"sft": {"model": "child-2x of run r"}}
+    assert export_checkpoint(child, None, out, overwrite=True, extra_info=sft).replaced == "child-2x"
+    before = (out / "model.safetensors").read_bytes()
+    for other in ({"name": "child-2x"}, {"merge": {"inputs": ["a", "b"]}}, {"sft": {"model": "child-1.5x of run r"}}):
+        with pytest.raises(PuzzleError, match=r"holds trained weights \(sft of child-2x of run r\)"):
+            export_checkpoint(child, None, out, overwrite=True, extra_info=other)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert export_checkpoint(child, None, out, overwrite=True, extra_info=sft).replaced is None  # a rerun of that sft
 
 
 def _umask() -> int:
