@@ -130,3 +130,22 @@ def test_help_lists_the_stages():
     for stage in ("run", "data", "bld", "score", "search", "realize", "export", "front", "refine", "baselines", "gkd",
                   "sft", "rpo", "merge", "eval", "generate"):
         assert stage in out.stdout
+
+
+def test_outputs_never_replace_the_runs_local_parent(tmp_path):
+    import dataclasses
+
+    from puzzle.config import load_preset
+    from puzzle.errors import PuzzleError
+    from puzzle.export import check_export_target
+    from puzzle.pipeline import Run
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    config = load_preset("tiny")
+    local = dataclasses.replace(config, parent=dataclasses.replace(config.parent, path=str(parent)))
+    run = Run(tmp_path / "run", local, progress=False)
+    assert run.input_paths() == [tmp_path / "run", parent]
+    with pytest.raises(PuzzleError, match="which the command reads or writes"):
+        check_export_target(parent, overwrite=True, keep=run.input_paths())
+    assert Run(tmp_path / "run2", config, progress=False).input_paths() == [tmp_path / "run2"]  # built-in tiny
