@@ -181,9 +181,12 @@ def _saved(args):
 def cmd_run(args) -> int:
     from .pipeline import run_all
 
+    from .scoring.cost import check_device_available
+
     saved = _saved(args)
     run = _run_for(args)
     with _config_kept_on_failure(args.out, saved):
+        check_device_available(run.config.target.device)  # before the data and BLD stages, not at the first timing
         summary = run_all(run)
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss", "speedup",
             "predicted_speedup"]
@@ -218,9 +221,12 @@ def cmd_bld(args) -> int:
 def cmd_score(args) -> int:
     from .pipeline import stage_score
 
+    from .scoring.cost import check_device_available
+
     saved = _saved(args)
     run = _run_for(args)
     with _config_kept_on_failure(args.out, saved):
+        check_device_available(run.config.target.device)
         stage_score(run)
     return 0
 

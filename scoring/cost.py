@@ -495,6 +495,19 @@ def _guarded_rounds(run_round: Callable[..., dict[str, list[float]]], workload: 
     return samples, info
 
 
+def check_device_available(device: str) -> None:
+    """Raise PuzzleError unless `device` ("cpu", "cuda", "cuda:N") can run on this machine."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise PuzzleError(f"device {device!r} needs CUDA, which this machine does not have (torch {torch.__version__}); "
+                          "measure on --device cpu, or run on the machine with that GPU")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise PuzzleError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"give cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+
+
 def _check_target(workload: Workload, clock: str, pin_allocator: bool) -> str:
     """Raise PuzzleError for a clock unknown or unfit for the device, or a CUDA workload without CUDA.
 
@@ -502,9 +515,8 @@ def _check_target(workload: Workload, clock: str, pin_allocator: bool) -> str:
     """
     if clock not in CLOCKS:
         raise PuzzleError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    check_device_available(workload.device)
     if workload.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PuzzleError(f"workload device {workload.device!r} needs CUDA, which this machine does not have; use device='cpu'")
         if clock != "wall":
             raise PuzzleError("clock='cpu' is for CPU workloads; CUDA timings use CUDA events (clock='wall')")
     elif clock == "cpu" and workload.threads() != 1:
@@ -579,6 +591,7 @@ def _median_iqr(x: np.ndarray) -> tuple[float, float]:
 def last_level_cache_bytes(device: str) -> int:
     """L2 size of a CUDA device, else the largest CPU cache in sysfs (L3); 32 MiB when unknown."""
     if device.startswith("cuda"):
+        check_device_available(device)
         return int(torch.cuda.get_device_properties(torch.device(device)).L2_cache_size)
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"

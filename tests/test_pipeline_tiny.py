@@ -107,6 +107,7 @@ def test_infeasible_budget_names_the_smallest_achievable_value(run_dir):
     (["run", "--parent", "/nonexistent/model", "--preset", "tiny"], "does not exist"),
     (["run", "--preset", "no-such-preset"], "unknown preset"),
     (["run", "--preset", "tiny", "--calib", "EMPTY"], "empty"),
+    (["run", "--preset", "tiny", "--device", "cuda:7"], "cuda"),  # no such device here: before the data stage
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, words):
     args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
