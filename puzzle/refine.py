@@ -301,11 +301,16 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     earlier = None
     if resume and log_path.is_file() and summary_path.is_file() \
             and (run.out / "search" / f"{name}-refined.json").is_file():
-        earlier = pd.read_csv(log_path)  # continue: the diverse step and the rounds so far are kept
-        spent = pd.read_csv(summary_path).set_index("step")["seconds"]
-        best = tuple(read_architecture(run, f"{name}-diverse")["choice"])
-        start, diverse_s = tuple(read_architecture(run, f"{name}-refined")["choice"]), float(spent["diverse"])
-    else:
+        kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
+        if all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage for r in kept):
+            earlier = pd.read_csv(log_path)  # continue: the diverse step and the rounds so far are kept
+            spent = pd.read_csv(summary_path).set_index("step")["seconds"]
+            best, start = (tuple(r["choice"]) for r in kept)
+            diverse_s = float(spent["diverse"])
+        else:
+            run.say(f"refine {name}: the earlier refinement was for other budgets or another library stage than "
+                    f"{name} has now (searched again since); starting afresh")
+    if earlier is None:
         t0 = time.perf_counter()
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,
                                      tokens)

@@ -114,6 +114,29 @@ def test_improve_child_continues_an_earlier_refinement(run):
     assert df["score_kl_nats"].iloc[2] <= float(first.loc[first["choice"] == " ".join(before), "score_kl_nats"].min()) + 1e-12
 
 
+def test_continue_starts_afresh_when_the_child_was_searched_under_other_budgets(run, tmp_path):
+    import json
+    import shutil
+
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import read_architecture
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
+    path = copy.out / "search" / "child-1.5x.json"
+    record = json.loads(path.read_text())  # as if searched again under a tighter runtime budget
+    record["budgets"]["max_runtime_ms"] = record["runtime_ms"] * 0.97
+    path.write_text(json.dumps(record))
+    improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128,
+                  resume=True)
+    for step in ("diverse", "refined"):
+        kept = read_architecture(copy, f"child-1.5x-{step}")
+        assert kept["budgets"] == record["budgets"]
+        assert kept["runtime_ms"] <= record["budgets"]["max_runtime_ms"] * (1 + 1e-9)
+    assert (pd.read_csv(copy.out / "refine" / "child-1.5x.csv")["step"] == "diverse").any()  # solved again
+
+
 def test_refine_command_parses_and_checks_its_flags(tmp_path):
     parser = argparse.ArgumentParser()
     add_refine_parser(parser.add_subparsers())
