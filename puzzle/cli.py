@@ -301,17 +301,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+#: documents per task of `front --downstream` when --downstream-limit is not given
+DOWNSTREAM_LIMIT = 100
+
+
 def cmd_front(args) -> int:
     from .pipeline import front_is_current, stage_front
     from .plots import write_front_all
 
     tasks = None
-    if args.downstream:
+    if args.downstream is not None:
         from .downstream import parse_tasks
 
-        tasks = parse_tasks(args.downstream)  # bad task names fail before any work
+        tasks = parse_tasks(args.downstream)  # bad task names (or none: "") fail before any work
+        if args.downstream_limit is None:
+            args.downstream_limit = DOWNSTREAM_LIMIT
         if args.downstream_limit < 0:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
+    elif args.downstream_limit is not None:
+        raise PuzzleError("--downstream-limit only applies with --downstream TASK,...; add --downstream or drop it")
     saved = _saved(args)
     run = _run_for(args, existing=True)
     stale = "--remeasure" if args.remeasure else front_is_current(run)
@@ -330,7 +338,9 @@ def cmd_front(args) -> int:
         cols = [c for c in ("name", "downstream_acc", "downstream_acc_stderr") if c in acc.columns] + \
             [c for c in acc.columns if c.startswith("acc_")]
         print(acc[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=sys.stderr)
-    if tasks or (run.out / "baselines" / "rows").is_dir() or (run.out / "front_rows").is_dir():
+    # redrawn whenever there is more than our front, or it was drawn before (it must not outlive front.csv)
+    if tasks or any(p.exists() for p in (run.out / "baselines" / "rows", run.out / "front_rows",
+                                         run.out / "downstream", run.out / "front_all.csv")):
         from .plots import ratio_table
 
         # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
@@ -399,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downstream", metavar="TASK,TASK,...", nargs="?", const="lambada,arc_easy,piqa",
                    help="also evaluate every front model zero-shot on these tasks (default when given alone: "
                         "lambada,arc_easy,piqa) and draw accuracy vs throughput beside the KL front (front_all.png)")
-    p.add_argument("--downstream-limit", type=int, default=100, metavar="N",
-                   help="documents per task, the same fixed-seed subset for every model (0: all; default 100)")
+    p.add_argument("--downstream-limit", type=int, default=None, metavar="N",
+                   help=f"documents per task, the same fixed-seed subset for every model (0: all; default "
+                        f"{DOWNSTREAM_LIMIT})")
     p.add_argument("--remeasure", action="store_true",
                    help="solve, build and time the front's children again even when DIR/front.csv is up to date "
                         "(by default a finished front is only drawn, with the baselines where they exist)")

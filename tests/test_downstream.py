@@ -85,4 +85,6 @@ def test_front_command_refuses_bad_downstream_flags_before_any_work(tmp_path):
     assert main(["front", "--out", str(tmp_path / "run"), "--downstream", "lambada,squad"]) == 2
     assert main(["front", "--out", str(tmp_path / "run"), "--downstream",
                  "--downstream-limit", "-1"]) == 2
+    assert main(["front", "--out", str(tmp_path / "run"), "--downstream", ""]) == 2  # no task: not "no evaluation"
+    assert main(["front", "--out", str(tmp_path / "run"), "--downstream-limit", "5"]) == 2  # would be ignored
     assert not (tmp_path / "run").exists()
