@@ -131,11 +131,14 @@ def _resolve_config(args, out: Path):
         changes["search"]["objective"] = args.objective.strip()
     if flag("budget_feedback") is not None:
         changes["search"]["budget_feedback"] = args.budget_feedback
-    if flag("front_speedups"):
-        try:
-            changes["search"]["front_speedups"] = tuple(float(s) for s in args.front_speedups.split(","))
-        except ValueError:
-            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: give numbers separated by commas, e.g. 1.25,1.5,2")
+    if flag("front_speedups") is not None:
+        from .budgets import parse_speedup
+
+        try:  # 1.5 or 1.5x, as --speedup takes them
+            changes["search"]["front_speedups"] = tuple(parse_speedup(s) for s in args.front_speedups.split(","))
+        except PuzzleError:
+            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: give speed-ups separated by commas, "
+                              f"e.g. 1.25,1.5,2") from None
     return config.replace(**changes)
 
 

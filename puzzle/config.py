@@ -102,6 +102,11 @@ class ScoreConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise PuzzleError(f"score.{name} must be a whole number of timing rounds >= 1, got {value!r}")
+        for name in ("tokens", "position_stride", "chunk"):  # CLI: --score-tokens
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise PuzzleError(f"score.{name} must be a whole number >= 1, got {value!r}"
+                                  + (" (--score-tokens)" if name == "tokens" else ""))
 
         if self.max_contention is None:  # None is the API's "no check"; a run config says inf
             raise PuzzleError("score.max_contention must be a number of cores > 0 (inf to measure regardless), got None")

@@ -494,7 +494,7 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
         with pytest.raises(PuzzleError, match="score.max_contention must be a number of cores"):
             load_preset(str(path))
     # timing rounds are whole numbers >= 1; the demo measures its whole models in 5 rounds
-    for name in ("cost_repeats", "measure_repeats"):
+    for name in ("cost_repeats", "measure_repeats", "tokens", "position_stride", "chunk"):  # tokens: --score-tokens
         for bad in ("0", "-2", "2.5", '"3"', "true"):
             path.write_text(f"[score]\n{name} = {bad}\n")
             with pytest.raises(PuzzleError, match=f"score.{name} must be a whole number"):
@@ -502,6 +502,22 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
     path.write_text("[score]\nmeasure_repeats = 7\n")
     assert load_preset(str(path)).score.measure_repeats == 7
     assert load_preset("smollm2-demo").score.measure_repeats == 5 and load_preset("tiny").score.measure_repeats == 3
+
+
+def test_score_tokens_and_front_speedups_flags_are_checked(tmp_path):
+    from puzzle.cli import _resolve_config, build_parser
+
+    def resolve(*flags):
+        return _resolve_config(build_parser().parse_args(["run", "--out", str(tmp_path), "--preset", "tiny", *flags]),
+                               tmp_path)
+
+    for bad in ("0", "-5"):  # was accepted and became one sequence
+        with pytest.raises(PuzzleError, match="score.tokens must be a whole number >= 1"):
+            resolve("--score-tokens", bad)
+    for bad in ("", "1.5,", "fast"):  # "" was ignored
+        with pytest.raises(PuzzleError, match="--front-speedups"):
+            resolve("--front-speedups", bad)
+    assert resolve("--front-speedups", "1.25x,2").search.front_speedups == (1.25, 2.0)  # like --speedup 1.5x
 
 
 def test_max_contention_flag_reaches_the_run_config(tmp_path):
