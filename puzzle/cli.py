@@ -278,7 +278,7 @@ def _child_name(args, run, command: str) -> str:
     """--name, or the main child's name (the run's own budgets) when it was not given."""
     from .pipeline import main_budget_request
 
-    if args.name:
+    if args.name is not None:  # "" is refused by read_architecture like any other name that is not a record's
         return args.name
     try:
         name = main_budget_request(run)[1]

@@ -227,6 +227,7 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     # without --name: the run's main child (its own budget, --speedup 1.5)
     assert main(["export", "--out", str(out), "--dest", str(tmp_path / "main"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "main" / "config.json").read_text())["puzzle"]["name"] == "child-1.5x"
+    assert main(["export", "--out", str(out), "--name", "", "--dest", str(tmp_path / "e"), "--no-progress"]) == 2
 
 
 def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_path_factory, tmp_path):
