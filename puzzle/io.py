@@ -94,31 +94,43 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
     return path
 
 
-def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None = None) -> tuple[pd.DataFrame, dict]:
+def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None = None,
+               sidecar_required: bool = True) -> tuple[pd.DataFrame, dict]:
     """Read a table written by `save_table` and check it.
 
     Args:
         required_columns: columns that must be present.
         expect: sidecar entries that must equal these values (e.g. the device and workload the
             caller plans for); a table measured for another device or workload is refused.
+        sidecar_required: False for a table the user supplies by hand: without a sidecar its meta is
+            {"missing_sidecar": <the sidecar's path>} (device and workload unknown). With `expect`
+            the sidecar is always required.
 
     Raises:
-        PuzzleError: missing file or sidecar, missing columns, or a sidecar that disagrees with `expect`.
+        PuzzleError: missing file or (required) sidecar, missing columns, or a sidecar that disagrees
+            with `expect`.
     """
     path = Path(path)
     if not path.is_file():
         raise PuzzleError(f"table {path} does not exist; run the stage that writes it first")
-    meta = read_json(path.with_suffix(path.suffix + ".json"))
+    sidecar = path.with_suffix(path.suffix + ".json")
+    if not sidecar_required and not expect and not sidecar.exists():
+        meta = {"missing_sidecar": str(sidecar)}
+    else:
+        meta = read_json(sidecar)
     if not isinstance(meta, dict):
-        raise PuzzleError(f"{path.with_suffix(path.suffix + '.json')} must hold a JSON object (the table's sidecar), "
+        raise PuzzleError(f"{sidecar} must hold a JSON object (the table's sidecar), "
                           f"not a {type(meta).__name__}; rerun the stage that writes the table")
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise PuzzleError(f"table {path} cannot be read ({e}); delete it and rerun the stage that writes it") from e
+        fix = "delete it and rerun the stage that writes it" if sidecar_required else "give a CSV with a header row"
+        raise PuzzleError(f"table {path} cannot be read ({e}); {fix}") from e
     missing = [c for c in required_columns if c not in df.columns]
     if missing:
-        raise PuzzleError(f"table {path} lacks columns {missing}; it was written by another version, rerun its stage")
+        fix = ("it was written by another version, rerun its stage" if sidecar_required else
+               f"the table needs the columns {list(required_columns)}")
+        raise PuzzleError(f"table {path} lacks columns {missing}; {fix}")
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise PuzzleError(

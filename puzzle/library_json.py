@@ -60,15 +60,23 @@ def variant_block(name: str, stats: dict, layer: str = "?") -> BlockConfig:
     parts = [p.strip() for p in re.split(r"&&", name)]
     if len(parts) != 2 or not parts[0].lower().startswith("attention") or not parts[1].lower().startswith("ffn"):
         raise PuzzleError(f"{layer}: variant name {name!r} is not 'attention = ... && ffn = ...'")
-    try:
-        kv, width = stats["num_kv_heads"], stats["ffn_intermediate_size"]
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) for v in (kv, width)):
-            raise ValueError("not whole numbers")
-        kv, width = int(kv), int(width)
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise PuzzleError(f"{layer} variant {name!r}: stats need whole-number num_kv_heads and "
-                          f"ffn_intermediate_size") from e
+    kv, width = _sizes(stats, f"{layer} variant {name!r}")
     return BlockConfig(_subblock(parts[0], kv, "attention", name, layer), _subblock(parts[1], width, "ffn", name, layer))
+
+
+def _sizes(stats: dict, where: str) -> tuple[int, int]:
+    """(num_kv_heads, ffn_intermediate_size) of `stats`. Raises PuzzleError naming `where` and the field
+    that is missing or not a whole number (8.7, "8", true)."""
+    sizes = []
+    for field in ("num_kv_heads", "ffn_intermediate_size"):
+        value = stats.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, float) \
+                and not value.is_integer():
+            got = "missing" if field not in stats else f"{value!r}"
+            raise PuzzleError(f"{where}: stats need whole-number num_kv_heads and ffn_intermediate_size, but "
+                              f"{field} is {got}")
+        sizes.append(int(value))
+    return sizes[0], sizes[1]
 
 
 def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
@@ -80,7 +88,9 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         sequence_length (measurement_info.json), source path and a note on non-block costs.
 
     Raises:
-        PuzzleError: a missing or unreadable file, or a variant that cannot be mapped.
+        PuzzleError: a missing or unreadable file, a variant that cannot be mapped, two variant names of
+            one layer for the same block (naming both), or a parent_block_stats.json whose sizes are not
+            whole numbers or name a block some layer lacks.
     """
     path = Path(path)
     folder, file = (path, path / "block_library.json") if path.is_dir() else (path.parent, path)
@@ -97,9 +107,10 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     if not layer_keys or [int(k[6:]) for k in layer_keys] != list(range(len(layer_keys))):
         raise PuzzleError(f"{file} must map layer_0 ... layer_<L-1> to variants")
     info = _optional_json(folder / "measurement_info.json")
-    parent_stats = _optional_json(folder / "parent_block_stats.json").get("stats", {})
+    parent_file = folder / "parent_block_stats.json"
+    parent_stats = _optional_json(parent_file).get("stats", {})
     if not isinstance(parent_stats, dict):
-        raise PuzzleError(f"{folder / 'parent_block_stats.json'}: 'stats' must be an object")
+        raise PuzzleError(f"{parent_file}: 'stats' must be an object")
     for key in layer_keys:
         if not isinstance(library[key], dict) or not library[key]:
             raise PuzzleError(f"{file}: {key} must map variant names to {{'stats': ..., 'metrics': ...}} objects")
@@ -108,19 +119,32 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
                     or not isinstance(v.get("metrics", {}), dict):
                 raise PuzzleError(f"{file}: {key} variant {name!r} must be an object with 'stats' and 'metrics' objects")
 
+    stated_parent = None
+    if parent_stats:
+        kv, width = _sizes(parent_stats, str(parent_file))
+        if kv < 1 or width < 1:
+            raise PuzzleError(f"{parent_file}: the parent block needs num_kv_heads and ffn_intermediate_size of at "
+                              f"least 1, got {kv} and {width}")
+        stated_parent = BlockConfig(AttentionConfig("gqa", kv), FFNConfig("swiglu", width))
+
     rows = []
     for key in layer_keys:
         variants = library[key]
         blocks = {name: variant_block(name, v.get("stats", {}), key) for name, v in variants.items()}
-        if parent_stats:
-            try:
-                parent = BlockConfig(AttentionConfig("gqa", int(parent_stats["num_kv_heads"])),
-                                     FFNConfig("swiglu", int(parent_stats["ffn_intermediate_size"])))
-            except (KeyError, TypeError, ValueError) as e:
-                raise PuzzleError(f"{folder / 'parent_block_stats.json'}: stats need whole-number num_kv_heads and "
-                                  f"ffn_intermediate_size ({e})") from e
-        else:  # the widest block: most KV heads, then the widest FFN
-            parent = max(blocks.values(), key=lambda b: (b.attention.num_kv_heads or 0, b.ffn.intermediate_size or 0))
+        seen = {}
+        for name, block in blocks.items():
+            if block in seen:
+                raise PuzzleError(f"{file}: {key} has two variants of the block {block.id}, {seen[block]!r} and "
+                                  f"{name!r}; keep one of them")
+            seen[block] = name
+        widest = max(blocks.values(), key=lambda b: (b.attention.num_kv_heads or 0, b.ffn.intermediate_size or 0))
+        parent = stated_parent or widest  # the widest block (most KV heads, then the widest FFN) unless stated
+        if parent not in seen:
+            kv, width = parent.attention.num_kv_heads, parent.ffn.intermediate_size
+            raise PuzzleError(f"{parent_file} names the parent block {parent.id} (num_kv_heads {kv}, "
+                              f"ffn_intermediate_size {width}), but {key} of {file} has no such variant (its widest "
+                              f"is {widest.id}); correct those stats or delete {parent_file.name} (the widest variant "
+                              f"is then the parent)")
         for name, v in variants.items():
             stats, metrics = v.get("stats", {}), v.get("metrics", {})
             where = f"{file}: {key} variant {name!r}"

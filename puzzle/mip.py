@@ -115,8 +115,9 @@ def _where(table: pd.DataFrame, mask) -> str:
 
 def _check_values(table: pd.DataFrame) -> None:
     """Refuse values no solver can use: a non-integer layer, text in a score or cost column, an
-    infinite score or cost, a negative cost or KL, or a decoupled variant listed twice in a layer (the
-    table names the first offending row). Missing values (NaN) pass: the search checks them per use."""
+    infinite score or cost, a negative cost or KL, or a variant listed twice in a layer (the message
+    names the first offending row, or both rows of the variant). Missing values (NaN) pass: the
+    search checks them per use."""
     if table.empty:
         raise PuzzleError("the score table has no rows; rerun `puzzle score`")
     layer = pd.to_numeric(table["layer"], errors="coerce")
@@ -148,16 +149,23 @@ def _check_values(table: pd.DataFrame) -> None:
         raise PuzzleError(f"the score table's variant column is empty or not text in a row of layer "
                           f"{table['layer'][blank].iloc[0]}; every row needs a variant id")
     body = table[table["subblock"] != "non_block"]
+    twice = np.flatnonzero(table.duplicated(["layer", "subblock", "variant"], keep=False).to_numpy()
+                           & (table["subblock"] != "non_block").to_numpy())
+    if len(twice):  # name both rows (positions, as in a CSV) of the first variant listed twice
+        keys, first = list(zip(table["layer"], table["subblock"], table["variant"])), twice[0]
+        layer, kind, variant = keys[first]
+        again = next(k for k in twice[1:] if keys[k] == keys[first])
+        raise PuzzleError(f"layer {layer} lists the {kind} variant {variant} twice, in {_rows(first, again)}; "
+                          f"keep one row per variant")
     parents = body[as_bool(body["is_parent"])].groupby(["layer", "subblock"]).size()
     if (parents > 1).any():
         layer, kind = parents[parents > 1].index[0]
         raise PuzzleError(f"layer {layer} marks {parents.max()} {kind} rows is_parent=True; the parent has one")
-    decoupled = table[table["subblock"].isin(["attention", "ffn"])]
-    twice = decoupled.duplicated(["layer", "subblock", "variant"])
-    if twice.any():
-        row = decoupled[twice].iloc[0]
-        raise PuzzleError(f"layer {row['layer']} lists the {row['subblock']} variant {row['variant']} twice; "
-                          f"keep one row per variant")
+
+
+def _rows(a: int, b: int) -> str:
+    """'rows 4 and 9 (counting from 0 below a CSV's header)' for two row positions of the table."""
+    return f"rows {a} and {b} (counting from 0 below a CSV's header)"
 
 
 def build_choices(table: pd.DataFrame) -> Choices:
@@ -165,8 +173,8 @@ def build_choices(table: pd.DataFrame) -> Choices:
 
     Raises:
         PuzzleError: missing columns, no or several non-block rows, layers not numbered 0..L-1, a
-            layer with attention rows but no FFN rows (or the reverse), an unknown variant id, or a
-            layer without the parent's block.
+            layer with attention rows but no FFN rows (or the reverse), an unknown variant id, two rows
+            of one layer for the same block (naming both), or a layer without the parent's block.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
@@ -207,9 +215,13 @@ def build_choices(table: pd.DataFrame) -> Choices:
             raise PuzzleError(f"layer {layer} has {have} rows but no {lack} rows: a decoupled layer needs both kinds")
         try:
             slots = [(parse(BlockConfig, variant_of[k]), (k,), bool(is_parent[k])) for k in kinds["block"]]
-            coupled = {s[0].id for s in slots}
-            if len(coupled) != len(slots):
-                raise PuzzleError(f"layer {layer} lists the same block variant twice")
+            coupled = {}  # block id -> its row position
+            for block, (k,), _ in slots:
+                if block.id in coupled:
+                    raise PuzzleError(f"layer {layer} lists the block variant {block.id} twice, as "
+                                      f"{variant_of[coupled[block.id]]!r} and {variant_of[k]!r} in "
+                                      f"{_rows(coupled[block.id], k)}; keep one row per variant")
+                coupled[block.id] = k
             attention = [(parse(AttentionConfig, variant_of[k]), k) for k in kinds["attention"]]
             ffn = [(parse(FFNConfig, variant_of[k]), k) for k in kinds["ffn"]]
         except ArchitectureError as e:

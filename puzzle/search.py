@@ -505,6 +505,9 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """A score table from: a run directory (DIR/score/score_table.csv), a score table CSV, the Puzzle
     authors' block_library.json, or a folder holding one.
 
+    A run's table needs its sidecar (score_table.csv.json); a CSV given by its own path may lack one,
+    and then its meta is {"missing_sidecar": path} (device and workload unknown; see `load_table`).
+
     Raises:
         PuzzleError: nothing readable at `path`.
     """
@@ -519,7 +522,7 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     if path.is_dir() and (path / "block_library.json").is_file() or path.suffix.lower() == ".json" and path.is_file():
         return read_puzzle_library(path)
     if path.suffix.lower() == ".csv" and path.is_file():
-        return load_table(path, required_columns=REQUIRED_COLUMNS)
+        return load_table(path, required_columns=REQUIRED_COLUMNS, sidecar_required=False)
     raise PuzzleError(f"{path} is neither a run directory with score/score_table.csv, a score table .csv, nor a "
                       f"block_library.json (or its folder)")
 
@@ -689,11 +692,49 @@ def check_exclusions(table: pd.DataFrame, exclude) -> None:
                           f"or a block id joining two of them with '+' (e.g. {choices.blocks[0][-1].id})")
 
 
+def _zero_runtime(table: pd.DataFrame) -> str:
+    """Why the parent's total runtime is 0 (for messages): every runtime_ms is 0, or the parent's rows' are."""
+    if (pd.to_numeric(table["runtime_ms"], errors="coerce") == 0).all():
+        return "every runtime_ms in the library is 0 (the parent's total runtime is 0)"
+    return "the parent's rows and the non-block row have runtime_ms 0 (the parent's total runtime is 0)"
+
+
+def resolve_budgets(request: BudgetRequest, table: pd.DataFrame, parent: Mapping[str, float], meta: dict) -> Budgets:
+    """`request.resolve(parent, meta)`, naming the cause where the table cannot give what a budget needs.
+
+    Raises:
+        PuzzleError: as `BudgetRequest.resolve`; for a budget relative to the parent's runtime (--speedup, a
+            fraction for --max-runtime, --min-throughput Nx) when that runtime is 0, the message says the
+            runtimes are zero; for an absolute --min-throughput on a CSV without a sidecar, that the sidecar
+            (the workload) is missing.
+    """
+    def resolves(parent_totals, workload) -> bool:  # does the request resolve once the table gives this?
+        try:
+            request.resolve(parent_totals, workload)
+        except PuzzleError:
+            return False
+        return True
+
+    try:
+        return request.resolve(parent, meta)
+    except PuzzleError as e:
+        if parent.get("runtime_ms") == 0 and resolves({**parent, "runtime_ms": 1.0}, meta):
+            raise PuzzleError(f"{_zero_runtime(table)}, so a speed-up or a runtime relative to the parent cannot be "
+                              f"resolved; remeasure runtime_ms, or budget memory or parameters instead "
+                              f"(--max-memory, --max-params)") from e
+        if meta.get("missing_sidecar") and resolves(parent, {**meta, "batch_size": 1, "gen_len": 1}):
+            raise PuzzleError(f"--min-throughput {request.min_throughput!r} needs the table's workload (batch_size and "
+                              f"gen_len), but {meta['missing_sidecar']} (the table's sidecar) does not exist; give "
+                              f"--max-runtime, a multiple of the parent's rate (1.5x), or write that sidecar as a JSON "
+                              f"object with batch_size and gen_len") from e
+        raise
+
+
 def search_main(args: argparse.Namespace) -> int:
     """`puzzle search --library PATH [budgets] [--json]`: solve, print, optionally write JSON. Returns 0.
 
     Raises:
-        PuzzleError: see `check_search_args`, `check_exclusions`, `load_search_table` and `solve`.
+        PuzzleError: see `check_search_args`, `check_exclusions`, `load_search_table`, `resolve_budgets` and `solve`.
     """
     from .io import atomic_write_json
 
@@ -705,7 +746,7 @@ def search_main(args: argparse.Namespace) -> int:
                                for f in ("max_runtime", "max_prefill", "max_decode", "max_memory", "max_params",
                                          "speedup", "min_throughput")})
     parent = parent_totals(table)
-    budgets = request.resolve(parent, meta)
+    budgets = resolve_budgets(request, table, parent, meta)
     objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
     check_exclusions(table, args.exclude or ())
     options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=tuple(args.exclude or ()))
@@ -729,8 +770,14 @@ def search_main(args: argparse.Namespace) -> int:
                     f"no more children differ from the earlier ones in at least {args.min_layers_differ} layers "
                     f"under these budgets"))
         record["note"] = short
+    if meta.get("missing_sidecar"):
+        print(f"note: {meta['missing_sidecar']} (the table's sidecar) does not exist, so the device and workload "
+              f"(batch size, prompt and generation lengths) of these costs are unknown", file=sys.stderr)
     empty_child = [n for n, s in enumerate(solutions) if not s.runtime_ms > 0]
-    if empty_child:
+    if parent["runtime_ms"] == 0:  # every runtime is 0: no block was removed for free, the costs say nothing
+        print(f"warning: {_zero_runtime(table)}, so runtime and speed-up say nothing about these children; "
+              f"remeasure runtime_ms to compare them by speed", file=sys.stderr)
+    elif empty_child:
         print(f"warning: solution {empty_child[0]} has a total runtime of 0 (speed-up undefined): this table's non-block "
               f"row (embedding, LM head) costs nothing, so removing every block looks free; its quality is "
               f"{solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in (e.g. --speedup 10)",

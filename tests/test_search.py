@@ -466,6 +466,103 @@ def test_a_malformed_block_library_json_is_one_clear_error(tmp_path):
         read_puzzle_library(tmp_path)
 
 
+def _damaged_library(tmp_path, layer_edit=None, parent_edit=None):
+    """A copy of the authors' library in tmp_path/lib; `layer_edit(library)` and `parent_edit(stats)` change it."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    library = json.loads((FIXTURE / "block_library.json").read_text())
+    parent = json.loads((FIXTURE / "parent_block_stats.json").read_text())
+    (layer_edit or (lambda _: None))(library)
+    (parent_edit or (lambda _: None))(parent["stats"])
+    (lib / "block_library.json").write_text(json.dumps(library))
+    (lib / "parent_block_stats.json").write_text(json.dumps(parent))
+    (lib / "measurement_info.json").write_text((FIXTURE / "measurement_info.json").read_text())
+    return lib
+
+
+def _one_error_line(capsys, argv) -> str:
+    """stderr of `puzzle ARGV`, which must fail with exit 2 and one line."""
+    from puzzle.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("puzzle: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@needs_fixture
+def test_parent_block_stats_naming_no_variant_of_the_library_is_named(tmp_path, capsys):
+    lib = _damaged_library(tmp_path, parent_edit=lambda stats: stats.update(num_kv_heads=16))
+    err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--speedup", "1.5"])
+    assert "parent_block_stats.json names the parent block attn-kv16+ffn-28672" in err
+    assert "layer_0" in err and "correct those stats or delete parent_block_stats.json" in err
+
+
+@needs_fixture
+def test_parent_block_stats_with_a_fractional_size_is_refused(tmp_path, capsys):
+    lib = _damaged_library(tmp_path, parent_edit=lambda stats: stats.update(num_kv_heads=8.7))
+    err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--speedup", "1.5"])
+    assert "parent_block_stats.json: stats need whole-number" in err and "num_kv_heads is 8.7" in err
+
+
+@needs_fixture
+def test_two_variant_names_for_one_block_are_both_named(tmp_path, capsys):
+    def twice(library):  # a second name for the 75% FFN variant of layer 3
+        name = next(n for n in library["layer_3"] if "22e3" in n)
+        library["layer_3"][name.replace("22e3", "21.5e3")] = library["layer_3"][name]
+
+    lib = _damaged_library(tmp_path, layer_edit=twice)
+    err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--speedup", "1.5"])
+    assert "layer_3 has two variants of the block attn-kv8+ffn-21504" in err
+    assert "intermediate size 22e3" in err and "intermediate size 21.5e3" in err and "keep one of them" in err
+
+
+def test_a_block_listed_twice_in_a_csv_names_both_rows(tmp_path, capsys):
+    table = random_table(16, layers=2, kind="coupled")
+    again = table.iloc[[4]].assign(variant=table["variant"].iloc[4].replace("ffn-", "ffn-0"))  # another spelling
+    for copy, words in [(table.iloc[[4]], "lists the block variant attn-kv2+ffn-48 twice, in rows 4 and 19"),
+                        (again, "twice, as 'attn-kv2+ffn-48' and 'attn-kv2+ffn-048' in rows 4 and 19")]:
+        pd.concat([table, copy]).to_csv(tmp_path / "twice.csv", index=False)
+        err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "twice.csv"), "--speedup", "1.2"])
+        assert words in err and "keep one row per variant" in err, err
+
+
+@needs_fixture
+def test_zero_runtimes_are_named_as_the_cause(tmp_path, capsys):
+    from puzzle.cli import main
+
+    def no_runtime(library):
+        for variants in library.values():
+            for variant in variants.values():
+                variant["stats"]["runtime_ms"] = 0
+
+    lib = _damaged_library(tmp_path, layer_edit=no_runtime)
+    err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--speedup", "1.5"])
+    assert "every runtime_ms in the library is 0" in err and "remeasure runtime_ms" in err and "lack" not in err
+    assert main(["search", "--library", str(lib), "--json", "--max-memory", "0.5"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["memory_mib"] <= 0.5 * json.loads(out.out)["parent"]["memory_mib"]
+    assert "every runtime_ms in the library is 0" in out.err
+    assert "looks free" not in out.err and "--speedup" not in out.err
+
+
+def test_a_score_table_csv_needs_no_sidecar_but_a_run_directory_does(tmp_path, capsys):
+    from puzzle.cli import main
+
+    table = random_table(17, layers=3)
+    table.to_csv(tmp_path / "some.csv", index=False)  # written by hand: no some.csv.json
+    assert main(["search", "--library", str(tmp_path / "some.csv"), "--speedup", "1.5", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["speedup"] >= 1.5 and json.loads(out.out)["workload"] == {}
+    assert "some.csv.json (the table's sidecar) does not exist" in out.err and "unknown" in out.err
+    err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "some.csv"), "--min-throughput", "100tok/s"])
+    assert "needs the table's workload" in err and "some.csv.json" in err
+    save_table(table, tmp_path / "run" / "score" / "score_table.csv", {"device": "cpu"})
+    (tmp_path / "run" / "score" / "score_table.csv.json").unlink()
+    err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "run"), "--speedup", "1.5"])
+    assert "score_table.csv.json does not exist" in err
+
+
 @needs_fixture
 def test_search_command_prints_one_json_object(capsys):
     parser = argparse.ArgumentParser()
