@@ -476,12 +476,12 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     work = args.work or run.out / "gkd" / args.name
     check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before the training
-                        provenance=export_provenance({"gkd": {"child": f"{args.name} of run {run.out}"}}))
+                        provenance=export_provenance({"gkd": {"child": f"{args.name} of run {run.out.resolve()}"}}))
     check_work_folder(work, [run.out], [run.out / "gkd"])
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),
-                     {"child": f"{args.name} of run {run.out}", "parent": run.parent.source, "train_data": data_note,
+                     {"child": f"{args.name} of run {run.out.resolve()}", "parent": run.parent.source, "train_data": data_note,
                       "eval_data": f"the run's evaluation split ({', '.join(run.config.data.eval_sources)})"})
 
 
@@ -534,11 +534,11 @@ def _folder_inputs(args) -> GKDInputs:
 
     dest = Path(args.dest)
     check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"],
-                        provenance=export_provenance({"gkd": {"child": str(args.child)}}))
+                        provenance=export_provenance({"gkd": {"child": str(Path(args.child).resolve())}}))
     check_work_folder(args.work or f"{dest}.gkd-work", [args.child, args.parent])
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
-                     {"child": str(args.child), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),
+                     {"child": str(Path(args.child).resolve()), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),
                       "eval_data": ", ".join(args.eval) if args.eval else None})
 
 

@@ -58,12 +58,13 @@ def export_provenance(info: dict | None) -> str:
     for stage, key in (("gkd", "child"), ("sft", "model")):
         if isinstance(info.get(stage), dict):
             return f"{stage} of {info[stage].get(key, '?')}"
-    if isinstance(info.get("merge"), dict):
-        return f"merge of {', '.join(map(str, info['merge'].get('inputs', [])))}"
+    if isinstance(info.get("merge"), dict):  # the inputs as a set: their order only pairs them with weights
+        return f"merge of {', '.join(sorted(map(str, info['merge'].get('inputs', []))))}"
     if info.get("stage") == "rpo":
         return f"rpo ({info.get('loss', '?')}) of {info.get('source', '?')}"
     if info.get("name"):
-        return f"{info['name']}" + (f" of run parent {info['parent']}" if info.get("parent") else "")
+        return f"{info['name']}" + (f" of run {info['run']}" if info.get("run") else
+                                    f" of run parent {info['parent']}" if info.get("parent") else "")
     return "a model export"
 
 
@@ -201,7 +202,8 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
 
 
 def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
-                      extra_info: dict | None = None, overwrite: bool = False) -> ExportResult:
+                      extra_info: dict | None = None, overwrite: bool = False,
+                      replace_trained: bool = False) -> ExportResult:
     """Write `model` as an HF folder in the nemotron-nas format (see the module docstring for the files).
 
     Args:
@@ -213,6 +215,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         dtype: weight dtype (torch.dtype or name such as "bfloat16"); default the model's.
         extra_info: JSON-ready provenance stored under config.json's "puzzle" key.
         overwrite: replace an earlier export at out_dir.
+        replace_trained: with overwrite, also replace trained weights of another provenance (for a
+            folder the caller owns, such as rpo's OUT/model); see `check_export_target`.
 
     Returns:
         ExportResult(path, warnings, replaced): see `export_warnings`; `replaced` describes another
@@ -226,7 +230,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     """
     out_dir = Path(out_dir)
     now = export_provenance({"source": dict(model.config.extra), **(extra_info or {})})
-    check_export_target(out_dir, overwrite, provenance=now)
+    check_export_target(out_dir, overwrite, provenance=None if replace_trained else now)
     earlier = (_earlier_export(out_dir) or (None, False))[0]
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)

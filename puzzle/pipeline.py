@@ -655,11 +655,11 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
 
     record = read_architecture(run, name)
     check_export_target(dest or run.out / "export" / name, overwrite=True, keep=run.input_paths(),  # before building
-                        provenance=export_provenance({"name": name}))
+                        provenance=export_provenance({"name": name, "run": str(run.out.resolve())}))
     model = model if model is not None else build_child(run, record)
     t0 = time.perf_counter()
     result = export_checkpoint(model, run.parent.tokenizer, dest or run.out / "export" / name, overwrite=True,
-                               extra_info={"name": name, "parent": run.parent.source,
+                               extra_info={"name": name, "run": str(run.out.resolve()), "parent": run.parent.source,
                                            "library_stage": record.get("library_stage"),
                                            "predicted_speedup": record.get("speedup")})
     run.timed("export_s", time.perf_counter() - t0)

@@ -1006,7 +1006,7 @@ def cmd_rpo(args) -> int:
         handle.merge()
     else:
         (args.out / "adapters.safetensors").unlink(missing_ok=True)  # an earlier run's, not this model's
-    export_checkpoint(model, tokenizer, args.out / "model", overwrite=True,
+    export_checkpoint(model, tokenizer, args.out / "model", overwrite=True, replace_trained=True,  # rpo's own folder
                       extra_info={"stage": "rpo", "loss": config.loss, "source": loaded.source})
     summary["final_loss"] = float(history["loss"].iloc[-1]) if len(history) else None
     atomic_write_json(args.out / "rpo.json", {"config": config_record(config), "summary": summary,

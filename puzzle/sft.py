@@ -534,12 +534,11 @@ def _load_model(args, log):
         from .tiny import means_builtin_tiny, tiny_parent
 
         if means_builtin_tiny(args.model):
-            loaded = tiny_parent()
-        else:
-            from .parent import load_parent
+            return (loaded := tiny_parent()).model, loaded.tokenizer, "tiny"
+        from .parent import load_parent
 
-            loaded = load_parent(args.model)
-        return loaded.model, loaded.tokenizer, str(args.model)
+        loaded = load_parent(args.model)
+        return loaded.model, loaded.tokenizer, str(Path(args.model).resolve())
     if not args.out or not args.name:
         raise PuzzleError("give --model PATH (HF folder, .gguf, exported folder) or --out DIR --name NAME "
                           "(a run's child, or 'parent')")
@@ -553,7 +552,7 @@ def _load_model(args, log):
         model = model_from_state_dict(run.parent.config, run.parent.model.state_dict())  # a copy to train
     else:
         model = build_child(run, read_architecture(run, args.name))
-    return model, run.parent.tokenizer, f"{args.name} of run {args.out}"
+    return model, run.parent.tokenizer, f"{args.name} of run {Path(args.out).resolve()}"
 
 
 def config_from_args(args) -> SFTConfig:

@@ -197,6 +197,8 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     assert args.func(args) == 0 and "tok/s" in capsys.readouterr().err
     assert args.func(args) == 0  # every step is in the checkpoint: no rate to report, not "0 tok/s"
     assert "all 8 steps done by an earlier call" in capsys.readouterr().err
+    args.child = f"{tmp_path / 'child'}/"  # the same training, spelled otherwise: still a rerun, not another model
+    assert args.func(args) == 0
 
 
 WORKER = textwrap.dedent("""

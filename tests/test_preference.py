@@ -203,9 +203,12 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
     with pytest.raises(PuzzleError, match="exactly one of"):
         args.func(args)
     again = ["rpo", "--model", "tiny", "--out", str(tmp_path / "run"), "--data", str(data), "--steps", "1",
-             "--batch-size", "2", "--no-progress"]
+             "--batch-size", "2", "--loss", "dpo", "--no-progress"]
     args = parser.parse_args(again)  # the same folder, full fine-tuning: the earlier adapters file goes
     assert args.func(args) == 0 and not (tmp_path / "run" / "adapters.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "rpo.json").read_text())["config"]["loss"] == "dpo"
+    # another loss into the same --out: rpo's own earlier model is replaced (was refused after training)
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["puzzle"]["loss"] == "dpo"
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "history.csv").write_text("my notes")
