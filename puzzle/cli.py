@@ -156,8 +156,9 @@ def _config_kept_on_failure(out: Path, saved):
         raise
 
 
-def _run_for(args, need_config: bool = True, existing: bool = False):
-    """The Run for `args.out`; `existing`: refuse a directory that no earlier stage wrote (nothing is created)."""
+def _run_for(args, need_config: bool = True, existing: bool = False, measures: bool = False):
+    """The Run for `args.out`; `existing`: refuse a directory that no earlier stage wrote (nothing is created);
+    `measures`: the command times models, so a CUDA target this machine lacks is refused before anything is written."""
     from .config import load_run_config
     from .pipeline import Run
 
@@ -167,6 +168,10 @@ def _run_for(args, need_config: bool = True, existing: bool = False):
         raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
                           f"first with `puzzle run --out {args.out}` (or `puzzle data`, `bld` and `score`)")
     config = _resolve_config(args, args.out) if need_config else load_run_config(args.out)
+    if measures:
+        from .scoring.cost import check_device_available
+
+        check_device_available(config.target.device)
     return Run(args.out, config, progress=not args.no_progress, log=_log)
 
 
@@ -184,12 +189,9 @@ def _saved(args):
 def cmd_run(args) -> int:
     from .pipeline import run_all
 
-    from .scoring.cost import check_device_available
-
     saved = _saved(args)
-    run = _run_for(args)
+    run = _run_for(args, measures=True)  # a missing CUDA device: before the data and BLD stages, not at the first timing
     with _config_kept_on_failure(args.out, saved):
-        check_device_available(run.config.target.device)  # before the data and BLD stages, not at the first timing
         summary = run_all(run)
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss", "speedup",
             "predicted_speedup"]
@@ -224,12 +226,9 @@ def cmd_bld(args) -> int:
 def cmd_score(args) -> int:
     from .pipeline import stage_score
 
-    from .scoring.cost import check_device_available
-
     saved = _saved(args)
-    run = _run_for(args)
+    run = _run_for(args, measures=True)
     with _config_kept_on_failure(args.out, saved):
-        check_device_available(run.config.target.device)
         stage_score(run)
     return 0
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -65,7 +66,7 @@ class TargetConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise PuzzleError(f"target.threads must be a whole number >= 1 or null, got {self.threads!r}")
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
             raise PuzzleError(f"target.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 

@@ -504,6 +504,15 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
     assert load_preset("smollm2-demo").score.measure_repeats == 5 and load_preset("tiny").score.measure_repeats == 3
 
 
+def test_target_device_must_be_cpu_or_a_cuda_index(tmp_path):
+    from puzzle.cli import _resolve_config, build_parser
+
+    for bad in ("cudafoo", "cuda:x", "cuda:", "gpu"):  # 'cuda:x' passed and failed later in torch.device
+        with pytest.raises(PuzzleError, match="target.device must be 'cpu' or 'cuda"):
+            _resolve_config(build_parser().parse_args(["run", "--out", str(tmp_path), "--preset", "tiny",
+                                                       "--device", bad]), tmp_path)
+
+
 def test_score_tokens_and_front_speedups_flags_are_checked(tmp_path):
     from puzzle.cli import _resolve_config, build_parser
 

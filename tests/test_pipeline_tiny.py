@@ -116,6 +116,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, words):
     assert out.returncode == 2, out.stderr
     assert words in out.stderr.lower() and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    if "--device" in args:  # refused before the run directory is made: a plain rerun is not stuck with it
+        assert not (tmp_path / "run").exists()
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
