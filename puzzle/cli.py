@@ -136,9 +136,9 @@ def _resolve_config(args, out: Path):
 
         try:  # 1.5 or 1.5x, as --speedup takes them
             changes["search"]["front_speedups"] = tuple(parse_speedup(s) for s in args.front_speedups.split(","))
-        except PuzzleError:
-            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: give speed-ups separated by commas, "
-                              f"e.g. 1.25,1.5,2") from None
+        except PuzzleError as e:  # the part at fault and why, as --speedup says it
+            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: {str(e).removeprefix('--speedup ')}; give "
+                              f"speed-ups separated by commas, e.g. 1.25,1.5,2") from None
     return config.replace(**changes)
 
 

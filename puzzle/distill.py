@@ -513,14 +513,14 @@ def _folder_inputs(args) -> GKDInputs:
         raise PuzzleError(f"--seq-len must be >= 2 (tokens per sequence), got {seq_len}")
     if args.eval_tokens is not None and not args.eval:
         raise PuzzleError("--eval-tokens needs --eval FILE ... (the evaluation text to pack)")
-    if args.eval and eval_tokens < seq_len:
-        raise PuzzleError(f"--eval-tokens must be at least one sequence (--seq-len {seq_len}), got {eval_tokens}")
     child_loaded = load_parent(args.child)
     parent_loaded = load_parent(args.parent)
     positions = min(child_loaded.model.config.max_position_embeddings, parent_loaded.model.config.max_position_embeddings)
     if seq_len > positions:
         raise PuzzleError(f"--seq-len {seq_len} is longer than the {positions} positions of the child and parent; "
                           f"give --seq-len {positions} or less")
+    if args.eval and eval_tokens < seq_len:
+        raise PuzzleError(f"--eval-tokens must be at least one sequence (--seq-len {seq_len}), got {eval_tokens}")
     tokenizer = child_loaded.tokenizer
     train_ids = pack_sources(args.calib, tokenizer, seq_len, args.calib_tokens or args.tokens, args.max_doc_tokens or 0)
     eval_ids = pack_sources(args.eval, tokenizer, seq_len, eval_tokens) if args.eval else None
