@@ -75,8 +75,10 @@ def realize_blocks(run, blocks, stage: str = "bld"):
 
 
 def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, min_layers_differ: int = 2,
-                       stage: str = "bld", objective: str = "kl_nats", tokens: int | None = None) -> pd.DataFrame:
-    """The MIP's k best mutually diverse children under `budgets`, each realized and scored.
+                       stage: str = "bld", objective: str = "kl_nats", tokens: int | None = None,
+                       vllm_compatible: bool = False) -> pd.DataFrame:
+    """The MIP's k best mutually diverse children under `budgets`, each realized and scored
+    (`vllm_compatible`: without linear subblocks, as the searched child was solved).
 
     Returns:
         One row per solution, MIP order (rank 0 is the plain MIP choice): rank, predicted_kl_nats
@@ -87,7 +89,8 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
     from .search import solve
 
     t0 = time.perf_counter()
-    solutions = solve(table, budgets, objective, num_solutions=k, min_layers_differ=min_layers_differ)
+    solutions = solve(table, budgets, objective, num_solutions=k, min_layers_differ=min_layers_differ,
+                      vllm_compatible=vllm_compatible)
     solve_s = time.perf_counter() - t0
     rows = []
     for rank, s in enumerate(solutions):
@@ -196,7 +199,7 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
 
 def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max_changes: int = 6,
            max_rounds: int = 5, min_gain: float = 1e-3, stage: str = "bld", tokens: int | None = None,
-           progress: bool = False) -> pd.DataFrame:
+           progress: bool = False, vllm_compatible: bool = False) -> pd.DataFrame:
     """Improve the child `start` by rounds of in-context re-scoring and re-solving (module docstring).
 
     Each round: `context_table` for the current child; the k best children within `max_changes`
@@ -224,7 +227,8 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
         context_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            solutions = solve(ctx, budgets, "kl_nats", num_solutions=k + 1, anchor=current, max_changes=max_changes)
+            solutions = solve(ctx, budgets, "kl_nats", num_solutions=k + 1, anchor=current, max_changes=max_changes,
+                              vllm_compatible=vllm_compatible)
         except PuzzleError as e:
             warnings.warn(f"refinement round {r} stopped: {e}")
             break
@@ -296,29 +300,31 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     record = read_architecture(run, name)
     stage = record.get("library_stage", "bld")
     budgets = Budgets.from_dict(record["budgets"])
+    vllm = bool(record.get("vllm_compatible", False))  # searched without linear subblocks: refined the same way
     table, _ = load_score_table(run, stage)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
     earlier = None
     if resume and log_path.is_file() and summary_path.is_file() \
             and (run.out / "search" / f"{name}-refined.json").is_file():
         kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
-        if all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage for r in kept):
+        if all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage
+               and bool(r.get("vllm_compatible", False)) == vllm for r in kept):
             earlier = pd.read_csv(log_path)  # continue: the diverse step and the rounds so far are kept
             spent = pd.read_csv(summary_path).set_index("step")["seconds"]
             best, start = (tuple(r["choice"]) for r in kept)
             diverse_s = float(spent["diverse"])
         else:
-            run.say(f"refine {name}: the earlier refinement was for other budgets or another library stage than "
-                    f"{name} has now (searched again since); starting afresh")
+            run.say(f"refine {name}: the earlier refinement was for other budgets, library stage or vLLM setting "
+                    f"than {name} has now (searched again since); starting afresh")
     if earlier is None:
         t0 = time.perf_counter()
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,
-                                     tokens)
+                                     tokens, vllm_compatible=vllm)
         diverse_s = time.perf_counter() - t0
         best = start = diverse.loc[diverse.attrs["best"], "choice"]
     t0 = time.perf_counter()
     history = refine(run, table, budgets, start, k=refine_k, max_changes=max_changes, max_rounds=max_rounds, stage=stage,
-                     tokens=tokens, progress=run.progress)
+                     tokens=tokens, progress=run.progress, vllm_compatible=vllm)
     refine_s = time.perf_counter() - t0
     refined = tuple(history.attrs["best"])
     history = history.assign(choice=history["choice"].map(" ".join), step="refine")
@@ -337,7 +343,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
              ("refined", f"{name}-refined", refined, refine_s)]
     out = []
     for step, child_name, choice, seconds in steps:
-        rec = record if step == "plain" else record_for(run, child_name, choice, stage, budgets, f"mip-{step}")
+        rec = record if step == "plain" else {**record_for(run, child_name, choice, stage, budgets, f"mip-{step}"),
+                                              "vllm_compatible": vllm}
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
         model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage)

@@ -135,6 +135,13 @@ def test_continue_starts_afresh_when_the_child_was_searched_under_other_budgets(
         assert kept["budgets"] == record["budgets"]
         assert kept["runtime_ms"] <= record["budgets"]["max_runtime_ms"] * (1 + 1e-9)
     assert (pd.read_csv(copy.out / "refine" / "child-1.5x.csv")["step"] == "diverse").any()  # solved again
+    record["vllm_compatible"] = True  # searched again with --vllm-compatible: no linear subblock in what refine keeps
+    path.write_text(json.dumps(record))
+    improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128,
+                  resume=True)
+    for step in ("diverse", "refined"):
+        kept = read_architecture(copy, f"child-1.5x-{step}")
+        assert kept["vllm_compatible"] and not any("linear" in b for b in kept["choice"])
 
 
 def test_refine_command_parses_and_checks_its_flags(tmp_path):
