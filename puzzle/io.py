@@ -78,6 +78,8 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
 def read_json(path: str | os.PathLike) -> dict:
     """Read a JSON file; PuzzleError names the file when it is missing or not valid JSON."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise PuzzleError(f"{path} is a folder (or not a regular file) where a JSON file belongs; move it away")
     if not path.is_file():
         raise PuzzleError(f"{path} does not exist; run the stage that writes it first")
     try:
