@@ -164,6 +164,8 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
 
     if existing and args.out.exists() and not args.out.is_dir():
         raise PuzzleError(f"--out {args.out} is a file; give the run directory")
+    if (args.out / "config.json").is_dir():
+        raise PuzzleError(f"{args.out / 'config.json'} is a folder where the run's configuration file belongs; move it away")
     if existing and not (args.out / "config.json").is_file():
         raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
                           f"first with `puzzle run --out {args.out}` (or `puzzle data`, `bld` and `score`)")
@@ -290,7 +292,7 @@ def _child_name(args, run, command: str) -> str:
 def cmd_realize(args) -> int:
     from .pipeline import stage_realize
 
-    run = _run_for(args, existing=True)
+    run = _run_for(args, existing=True, measures=True)
     stage_realize(run, _child_name(args, run, "realize"), stage=args.stage)
     return 0
 

@@ -66,7 +66,7 @@ class TargetConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise PuzzleError(f"target.threads must be a whole number >= 1 or null, got {self.threads!r}")
-        if not isinstance(self.device, str) or re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is None:
+        if not isinstance(self.device, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device) is None:
             raise PuzzleError(f"target.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 

@@ -471,17 +471,18 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
         train_ids = tokens.calib
         data_note = (f"the run's calibration sources re-packed with {changes} "
                      f"({train_ids.shape[0]} x {train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
-    from .export import check_export_target, export_provenance
+    from .export import check_export_target, export_provenance, run_ref
 
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     work = args.work or run.out / "gkd" / args.name
+    child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
     check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before the training
-                        provenance=export_provenance({"gkd": {"child": f"{args.name} of run {run.out.resolve()}"}}))
+                        provenance=export_provenance({"gkd": {"child": child_ref}}))
     check_work_folder(work, [run.out], [run.out / "gkd"])
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),
-                     {"child": f"{args.name} of run {run.out.resolve()}", "parent": run.parent.source, "train_data": data_note,
+                     {"child": child_ref, "parent": run.parent.source, "train_data": data_note,
                       "eval_data": f"the run's evaluation split ({', '.join(run.config.data.eval_sources)})"})
 
 
@@ -530,15 +531,15 @@ def _folder_inputs(args) -> GKDInputs:
 
         return parent_logprobs(parent_loaded.model, eval_ids, chunk=2)
 
-    from .export import check_export_target, export_provenance
+    from .export import check_export_target, export_provenance, model_ref
 
     dest = Path(args.dest)
     check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"],
-                        provenance=export_provenance({"gkd": {"child": str(Path(args.child).resolve())}}))
+                        provenance=export_provenance({"gkd": {"child": model_ref(args.child)}}))
     check_work_folder(args.work or f"{dest}.gkd-work", [args.child, args.parent])
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
-                     {"child": str(Path(args.child).resolve()), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),
+                     {"child": model_ref(args.child), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),
                       "eval_data": ", ".join(args.eval) if args.eval else None})
 
 

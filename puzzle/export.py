@@ -68,6 +68,20 @@ def export_provenance(info: dict | None) -> str:
     return "a model export"
 
 
+def model_ref(path) -> str:
+    """An input model's path as provenance records it: `~` expanded, FOLDER/config.json as FOLDER, resolved,
+    so that one folder spelled two ways (./m, m/, an absolute path, a symlink) is one model."""
+    path = Path(path).expanduser()
+    return str((path.parent if path.name == "config.json" else path).resolve())
+
+
+def run_ref(run_dir, dest) -> str:
+    """A run directory as the provenance of an export at `dest` records it: relative to `dest` when `dest`
+    lies inside the run (so a moved or copied run keeps its outputs' provenance), else resolved."""
+    run_dir, dest = Path(run_dir).expanduser().resolve(), Path(dest).expanduser().resolve()
+    return os.path.relpath(run_dir, dest) if run_dir in dest.parents else str(run_dir)
+
+
 #: config.json "puzzle" entries of an export whose weights were trained after the search (not rebuilt by `export`)
 TRAINED_KEYS = ("gkd", "sft", "merge")
 
@@ -288,7 +302,7 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
         raise PuzzleError(f"export target {str(out_dir) or '(empty)'} is the current directory or one above it; "
                           f"give a new folder path")
     for path in keep:
-        path = Path(path).resolve()
+        path = Path(path).expanduser().resolve()
         if path == target or target in path.parents:
             raise PuzzleError(f"export target {out_dir} is or holds {path}, which the command reads or writes; "
                               f"give a folder outside it")
@@ -301,8 +315,11 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
                               f"is left as it is; give a new or empty folder")
         earlier = _earlier_export(out_dir)
         if provenance is not None and earlier is not None and earlier[1] and earlier[0] != provenance:
+            same_kind = earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0]
+            hint = (" (if it is this same training recorded otherwise, by an earlier version or from a moved run, "
+                    "delete that folder and the checkpoint.pt in its work folder)") if same_kind else ""
             raise PuzzleError(f"{out_dir} holds trained weights ({earlier[0]}) that this export ({provenance}) would "
-                              f"replace; give a new folder, or delete that one first if it is no longer needed")
+                              f"replace; give a new folder, or delete that one first if it is no longer needed{hint}")
 
 
 #: files an export writes besides CODE_FILES (the tokenizer's names vary with its kind)

@@ -41,8 +41,14 @@ def file_in_the_way(path: str | os.PathLike) -> Path | None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp file + fsync + rename); creates parent folders."""
+    """Write `data` to `path` atomically (temp file + fsync + rename); creates parent folders.
+
+    Raises:
+        PuzzleError: `path` is a folder (a rename cannot replace it).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise PuzzleError(f"{path} is a folder where a file belongs; move it away and run the command again")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -182,15 +182,15 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
         atomic_save_safetensors(merged, dest, metadata={"merged_from": [str(p) for p in paths],
                                                         "weights": normalized_weights(weights, len(paths))})
         return dest
-    from .export import check_export_target, export_checkpoint, export_provenance
+    from .export import check_export_target, export_checkpoint, export_provenance, model_ref
     from .parent import load_parent
 
     check_export_target(dest, overwrite=True, keep=paths,  # before loading and averaging
-                        provenance=export_provenance({"merge": {"inputs": [str(Path(p).resolve()) for p in paths]}}))
+                        provenance=export_provenance({"merge": {"inputs": [model_ref(p) for p in paths]}}))
     loaded = [load_parent(p) for p in paths]
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
     exported = export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,
-                                 extra_info={"merge": {"inputs": [str(Path(p).resolve()) for p in paths],
+                                 extra_info={"merge": {"inputs": [model_ref(p) for p in paths],
                                                        "weights": normalized_weights(weights, len(paths))}})
     if exported.replaced:
         print(f"merge: replaced the export of {exported.replaced} that was in {dest}", file=sys.stderr)

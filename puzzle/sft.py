@@ -538,7 +538,9 @@ def _load_model(args, log):
         from .parent import load_parent
 
         loaded = load_parent(args.model)
-        return loaded.model, loaded.tokenizer, str(Path(args.model).resolve())
+        from .export import model_ref
+
+        return loaded.model, loaded.tokenizer, model_ref(args.model)
     if not args.out or not args.name:
         raise PuzzleError("give --model PATH (HF folder, .gguf, exported folder) or --out DIR --name NAME "
                           "(a run's child, or 'parent')")
@@ -589,9 +591,11 @@ def run_sft_command(args, log=None) -> dict | None:
             if not args.out:
                 raise PuzzleError("give --dest FOLDER for the fine-tuned model")
             args.dest = Path(args.out) / "export" / f"{args.name}-sft"
-        from .export import check_export_target, export_provenance
+        from .export import check_export_target, export_provenance, run_ref
 
         dest = Path(args.dest)
+        if getattr(args, "out", None):  # a run's child: the run relative to dest when dest is inside it
+            what = f"{args.name} of run {run_ref(args.out, dest)}"
         work = Path(args.work or f"{dest}.sft-work")
         inputs = [p for p in (getattr(args, "model", None), getattr(args, "out", None)) if p]
         if getattr(args, "out", None):  # a run's child: its parent is an input too

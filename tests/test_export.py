@@ -1,6 +1,7 @@
 """Export: an HF folder that AutoModelForCausalLM loads with the in-memory child's logits and generations."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -248,6 +249,20 @@ def test_refuses_a_non_empty_folder_and_overwrites_only_an_earlier_export(tmp_pa
     with pytest.raises(PuzzleError, match="not a torch floating dtype"):
         export_checkpoint(child, None, tmp_path / "other", dtype="int8")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_provenance_paths_name_one_folder_one_way(tmp_path, monkeypatch):
+    from puzzle.export import model_ref, run_ref
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    same = {model_ref(p) for p in ("m", "./m/", str(tmp_path / "m"), "~/m", "m/config.json", "link")}
+    assert same == {str((tmp_path / "m").resolve())}
+    # inside the run: relative, so a moved or copied run keeps it; outside: the run's absolute path
+    assert run_ref("run", "run/export/child-gkd") == os.path.join("..", "..")
+    assert run_ref(tmp_path / "run", tmp_path / "elsewhere") == str((tmp_path / "run").resolve())
 
 
 def test_replacing_another_models_export_is_reported(tmp_path):

@@ -239,3 +239,8 @@ def test_a_run_child_fine_tunes_with_the_default_work_folder(tmp_path_factory, t
         args = parser.parse_args(base + ["--work", str(work)])
         with pytest.raises(PuzzleError, match="inside the input"):
             args.func(args)
+    moved = shutil.move(run, tmp_path / "moved")  # a moved run resumes its own checkpoint in its own export folder
+    args = parser.parse_args(["sft", "--out", str(moved), *base[3:]])
+    assert args.func(args) == 0
+    state = torch.load(Path(moved) / "export" / "child-1.5x-sft.sft-work" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
