@@ -198,8 +198,10 @@ def tokens_sha(ids: torch.Tensor) -> str:
 
 
 def model_fingerprint(model: PuzzleForCausalLM) -> str:
-    """sha256 (16 hex) of the config and every weight: changes whenever the model does."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """sha256 (16 hex) of the config and every weight: changes whenever the model does. The config's
+    `extra` (where the model was loaded from, spelled as given) is left out: one folder is one model."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
@@ -447,6 +449,7 @@ class GKDInputs:
     dest: Path
     work: Path
     description: dict
+    child_source: str = ""  # the child as the work folder's checkpoint records it (independent of dest)
 
 
 def _run_inputs(args, progress: bool, log) -> GKDInputs:
@@ -483,7 +486,8 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),
                      {"child": child_ref, "parent": run.parent.source, "train_data": data_note,
-                      "eval_data": f"the run's evaluation split ({', '.join(run.config.data.eval_sources)})"})
+                      "eval_data": f"the run's evaluation split ({', '.join(run.config.data.eval_sources)})"},
+                     child_source=f"{args.name} of run {run_ref(run.out, work)}")  # a moved run resumes too
 
 
 def pack_sources(sources, tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0) -> torch.Tensor:
@@ -599,7 +603,7 @@ def run_gkd_command(args, log=None) -> dict:
             f"{config.batch_size} x {inputs.train_ids.shape[1]} tokens, {env.world_size} process(es)")
         result = distill(inputs.child, inputs.parent, inputs.train_ids, config, inputs.work, env=env, fsdp=args.fsdp,
                          progress=progress, stop_after_steps=args.stop_after_steps,
-                         extra_meta={"child_source": inputs.description["child"]})
+                         extra_meta={"child_source": inputs.child_source or inputs.description["child"]})
         if not result.train.finished:
             log(f"gkd: stopped after step {result.train.steps_done} of {result.train.total_steps}; "
                 "rerun the same command to continue")

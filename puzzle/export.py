@@ -315,7 +315,7 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
                               f"is left as it is; give a new or empty folder")
         earlier = _earlier_export(out_dir)
         if provenance is not None and earlier is not None and earlier[1] and earlier[0] != provenance:
-            same_kind = earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0]
+            same_kind = earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0] in ("gkd", "sft")  # have work folders
             hint = (" (if it is this same training recorded otherwise, by an earlier version or from a moved run, "
                     "delete that folder and the checkpoint.pt in its work folder)") if same_kind else ""
             raise PuzzleError(f"{out_dir} holds trained weights ({earlier[0]}) that this export ({provenance}) would "

@@ -594,9 +594,11 @@ def run_sft_command(args, log=None) -> dict | None:
         from .export import check_export_target, export_provenance, run_ref
 
         dest = Path(args.dest)
-        if getattr(args, "out", None):  # a run's child: the run relative to dest when dest is inside it
-            what = f"{args.name} of run {run_ref(args.out, dest)}"
         work = Path(args.work or f"{dest}.sft-work")
+        source = what  # the model as the work folder's checkpoint records it (independent of dest)
+        if getattr(args, "out", None):  # a run's child: the run relative to dest (to work) when inside it
+            what = f"{args.name} of run {run_ref(args.out, dest)}"
+            source = f"{args.name} of run {run_ref(args.out, work)}"
         inputs = [p for p in (getattr(args, "model", None), getattr(args, "out", None)) if p]
         if getattr(args, "out", None):  # a run's child: its parent is an input too
             from .config import load_run_config
@@ -619,7 +621,7 @@ def run_sft_command(args, log=None) -> dict | None:
             f"{config.steps(data.input_ids.shape[0])} steps, {env.world_size} process(es)")
         result = supervised_finetune(model, data, config, work, env=env, fsdp=args.fsdp,
                                      progress=not args.no_progress and env.is_main, stop_after_steps=args.stop_after_steps,
-                                     extra_meta={"model_source": what})
+                                     extra_meta={"model_source": source})
         if not result.finished:
             log(f"sft: stopped after step {result.steps_done} of {result.total_steps}; rerun the same command to continue")
             return {"finished": False, "steps_done": result.steps_done}

@@ -199,6 +199,9 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     assert "all 8 steps done by an earlier call" in capsys.readouterr().err
     args.child = f"{tmp_path / 'child'}/"  # the same training, spelled otherwise: still a rerun, not another model
     assert args.func(args) == 0
+    (tmp_path / "link").symlink_to(tmp_path / "child")  # its checkpoint too: the model's fingerprint ignores the path
+    args.child = str(tmp_path / "link" / "config.json")
+    assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
 
 
 WORKER = textwrap.dedent("""
