@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import numbers
-import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -66,7 +65,9 @@ class TargetConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise PuzzleError(f"target.threads must be a whole number >= 1 or null, got {self.threads!r}")
-        if not isinstance(self.device, str) or re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device) is None:
+        from .scoring.cost import is_device_name
+
+        if not is_device_name(self.device):
             raise PuzzleError(f"target.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 

@@ -554,7 +554,7 @@ def _load_model(args, log):
         model = model_from_state_dict(run.parent.config, run.parent.model.state_dict())  # a copy to train
     else:
         model = build_child(run, read_architecture(run, args.name))
-    return model, run.parent.tokenizer, f"{args.name} of run {Path(args.out).resolve()}"
+    return model, run.parent.tokenizer, f"{args.name} of run {args.out}"  # provenance: run_sft_command
 
 
 def config_from_args(args) -> SFTConfig:
@@ -596,15 +596,14 @@ def run_sft_command(args, log=None) -> dict | None:
         dest = Path(args.dest)
         work = Path(args.work or f"{dest}.sft-work")
         source = what  # the model as the work folder's checkpoint records it (independent of dest)
-        if getattr(args, "out", None):  # a run's child: the run relative to dest (to work) when inside it
-            what = f"{args.name} of run {run_ref(args.out, dest)}"
-            source = f"{args.name} of run {run_ref(args.out, work)}"
         inputs = [p for p in (getattr(args, "model", None), getattr(args, "out", None)) if p]
-        if getattr(args, "out", None):  # a run's child: its parent is an input too
+        if getattr(args, "out", None):  # a run's child: the run relative to dest (to work) when inside it
             from .config import load_run_config
             from .pipeline import local_parent_path
 
-            inputs += local_parent_path(load_run_config(args.out))
+            what = f"{args.name} of run {run_ref(args.out, dest)}"
+            source = f"{args.name} of run {run_ref(args.out, work)}"
+            inputs += local_parent_path(load_run_config(args.out))  # its parent is an input too
         check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before the training, not after it
                             provenance=export_provenance({"sft": {"model": what}}))
         # a run's export folder takes new folders: the default DEST and its work folder are there

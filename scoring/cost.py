@@ -103,6 +103,7 @@ import math
 import numbers
 import os
 import platform
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class Workload:
                               f"{', '.join(RUNNABLE_DTYPES)} and use scoring.memory for {dtype} weights or KV cache")
         object.__setattr__(self, "dtype", dtype)
         device = str(self.device)
-        if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        if not is_device_name(device):
             raise PuzzleError(f"workload device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         object.__setattr__(self, "device", device)
         if self.num_threads is not None:
@@ -493,6 +494,11 @@ def _guarded_rounds(run_round: Callable[..., dict[str, list[float]]], workload: 
     if probe is not None:
         info.update(summarize(reference), **probe.meta())
     return samples, info
+
+
+def is_device_name(device) -> bool:
+    """Whether `device` is "cpu", "cuda" or "cuda:N" (N in ASCII digits, as torch.device parses it)."""
+    return isinstance(device, str) and re.fullmatch(r"cpu|cuda(:[0-9]+)?", device) is not None
 
 
 def check_device_available(device: str) -> None:

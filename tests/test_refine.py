@@ -114,7 +114,7 @@ def test_improve_child_continues_an_earlier_refinement(run):
     assert df["score_kl_nats"].iloc[2] <= float(first.loc[first["choice"] == " ".join(before), "score_kl_nats"].min()) + 1e-12
 
 
-def test_continue_starts_afresh_when_the_child_was_searched_under_other_budgets(run, tmp_path):
+def test_continue_starts_afresh_when_the_child_was_searched_under_other_budgets(run, table, tmp_path):
     import json
     import shutil
 
@@ -135,6 +135,12 @@ def test_continue_starts_afresh_when_the_child_was_searched_under_other_budgets(
         assert kept["budgets"] == record["budgets"]
         assert kept["runtime_ms"] <= record["budgets"]["max_runtime_ms"] * (1 + 1e-9)
     assert (pd.read_csv(copy.out / "refine" / "child-1.5x.csv")["step"] == "diverse").any()  # solved again
+    # linear subblocks made free: without the vLLM setting the MIP takes them, with it none
+    free = table.assign(kl_nats=table["kl_nats"].where(~table["variant"].str.contains("linear"), 0.0))
+    budgets = Budgets.from_dict(record["budgets"])
+    for vllm in (False, True):
+        picked = diverse_candidates(copy, free, budgets, k=1, tokens=128, vllm_compatible=vllm)["choice"]
+        assert any("linear" in b for c in picked for b in c) is not vllm
     record["vllm_compatible"] = True  # searched again with --vllm-compatible: no linear subblock in what refine keeps
     path.write_text(json.dumps(record))
     improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128,
