@@ -41,8 +41,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parent", metavar="PATH", help="parent model: HF folder with safetensors, a .gguf file, a "
                                                     "nemotron-nas folder, asset:<name>, or 'tiny'")
     g.add_argument("--calib", nargs="+", metavar="FILE", help="calibration/scoring text: .txt, .jsonl(.gz), "
-                                                              "Wikipedia .xml.bz2, HF save_to_disk folder, asset:<name>")
-    g.add_argument("--eval", nargs="+", metavar="FILE", help="held-out evaluation text (same formats)")
+                                                              "Wikipedia .xml.bz2, HF save_to_disk folder, asset:<name>, "
+                                                              "or parent-samples[:N] (N tokens sampled from the parent, "
+                                                              "written to DIR/data; see puzzle.samples)")
+    g.add_argument("--eval", nargs="+", metavar="FILE", help="held-out evaluation text (files, as for --calib)")
     g.add_argument("--device", help="target device to measure costs on: cpu or cuda[:N]")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype for cost measurement")
     g.add_argument("--batch-size", type=int, help="workload batch size B")

@@ -324,6 +324,11 @@ def resolve_source(spec: str, cache_dir=None) -> Path:
         return asset_path(spec.removeprefix("asset:"), cache_dir=cache_dir)
     if spec.startswith("package:"):
         return packaged_text_path(spec.removeprefix("package:"))
+    from .samples import is_parent_samples
+
+    if is_parent_samples(spec):
+        raise PuzzleError(f"{spec} is drawn from the parent by a run's data stage (puzzle run/data --calib {spec}); "
+                          "here give text files")
     path = Path(spec).expanduser()
     if not path.exists():
         raise PuzzleError(f"data source {spec} does not exist; give an existing text/jsonl/parquet file or folder")
@@ -531,6 +536,12 @@ class DataConfig:
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(str(v) for v in value))
             if not getattr(self, name):
                 raise PuzzleError(f"DataConfig.{name} is empty; give at least one text source")
+        from .samples import PARENT_SAMPLES, is_parent_samples
+
+        if any(is_parent_samples(s) for s in self.eval_sources):
+            raise PuzzleError(f"{PARENT_SAMPLES} is a calibration source only: evaluate on held-out text files")
+        if sum(is_parent_samples(s) for s in self.calib_sources) > 1:
+            raise PuzzleError(f"give {PARENT_SAMPLES} once among the calibration sources")
         if shared := set(self.calib_sources) & set(self.eval_sources):
             raise PuzzleError(f"{sorted(shared)} appear in both calibration and evaluation sources; keep them apart")
         if self.seq_len < 2:
@@ -544,6 +555,18 @@ class DataConfig:
             raise PuzzleError(f"score_fraction must be in (0, 1), got {self.score_fraction}")
         if self.txt_mode not in ("paragraph", "line", "file"):
             raise PuzzleError(f"txt_mode must be 'paragraph', 'line' or 'file', got {self.txt_mode!r}")
+        for spec in self.calib_sources:
+            if is_parent_samples(spec):
+                self.parent_sample_tokens()  # a malformed N is refused with the config
+
+    def parent_sample_tokens(self) -> int:
+        """Tokens the `parent-samples` calibration source asks for (0: not a source here)."""
+        from .samples import is_parent_samples, sample_tokens
+
+        spec = next((s for s in self.calib_sources if is_parent_samples(s)), None)
+        if spec is None:
+            return 0
+        return sample_tokens(spec, self.calib_tokens, self.score_tokens, self.score_fraction)
 
 
 @dataclass(frozen=True)
@@ -587,8 +610,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{text}\0{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def _settings(config: DataConfig, tokenizer, cache_dir) -> dict:
-    sources = {spec: source_sha256(spec, cache_dir) for spec in config.calib_sources + config.eval_sources}
+def _settings(config: DataConfig, tokenizer, cache_dir, resolved: dict | None = None) -> dict:
+    from .assets import sha256_file
+
+    resolved = resolved or {}
+    sources = {spec: sha256_file(resolved[spec]) if spec in resolved else source_sha256(spec, cache_dir)
+               for spec in config.calib_sources + config.eval_sources}
     return {**dataclasses.asdict(config), "calib_sources": list(config.calib_sources),
             "eval_sources": list(config.eval_sources), "source_sha256": sources,
             "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "format": _MANIFEST_FORMAT}
@@ -645,7 +672,8 @@ def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenS
     return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
 
 
-def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progress: bool = False) -> TokenSplits:
+def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progress: bool = False,
+                 resolved: dict | None = None) -> TokenSplits:
     """Read, split, tokenize and pack the data; write `tokens.safetensors` and `manifest.json`.
 
     If both files exist in `out_dir` and were made with the same settings (config, source sha256,
@@ -657,11 +685,20 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         settings, per-split sequences/tokens/documents and the doc ids used per source, and per
         source its sha256 and document count.
 
+    `resolved` maps a source spec that is no path (`parent-samples`) to the file that holds its
+    text (`puzzle.samples.ensure_parent_samples`); the file's sha256 identifies it.
+
     Raises:
-        PuzzleError: missing or empty source, a split with fewer than T tokens, no EOS token.
+        PuzzleError: missing or empty source, a split with fewer than T tokens, no EOS token,
+            a `parent-samples` source without its file in `resolved`.
     """
+    from .samples import is_parent_samples
+
     out_dir = Path(out_dir)
-    settings = _settings(config, tokenizer, cache_dir)
+    resolved = {spec: Path(p) for spec, p in (resolved or {}).items()}
+    if missing := [s for s in config.calib_sources if is_parent_samples(s) and s not in resolved]:
+        raise PuzzleError(f"{missing[0]} needs the parent: prepare the data through a run (puzzle run/data)")
+    settings = _settings(config, tokenizer, cache_dir, resolved)
     sha = _settings_sha(settings)
     if (out_dir / "manifest.json").is_file() and (out_dir / "tokens.safetensors").is_file():
         try:
@@ -669,7 +706,12 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         except PuzzleError:
             pass  # other settings or a broken pair: prepare afresh and overwrite
 
-    read = lambda spec: read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)
+    def read(spec: str) -> list[Document]:
+        if spec in resolved:  # a generated source: its file, documents named by the spec
+            docs = read_jsonl(resolved[spec], spec, "text")
+            return [d for d in docs if len(d.text) >= max(config.min_doc_chars, 1)]
+        return read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)
+
     per_source = {spec: read(spec) for spec in config.calib_sources + config.eval_sources}
     splits = split_documents([d for s in config.calib_sources for d in per_source[s]],
                              [d for s in config.eval_sources for d in per_source[s]],

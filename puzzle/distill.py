@@ -467,7 +467,8 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
         if args.max_doc_tokens is not None:
             changes["max_doc_tokens"] = args.max_doc_tokens
         data_cfg = dataclasses.replace(run.config.data, **changes)
-        tokens = prepare_data(data_cfg, run.parent.tokenizer, run.out / "gkd" / "data", progress=progress)
+        tokens = prepare_data(data_cfg, run.parent.tokenizer, run.out / "gkd" / "data", progress=progress,
+                              resolved=run.generated_sources(data_cfg, run.out / "gkd" / "data"))
         if not torch.equal(tokens.eval, run.tokens.eval):
             raise PuzzleError("re-packing the calibration sources changed the evaluation split; "
                               "keep seq_len and the evaluation settings of the run")

@@ -122,9 +122,29 @@ class Run:
 
             tokenizer = self.parent.tokenizer
             t0 = time.perf_counter()
-            self._tokens = prepare_data(self.config.data, tokenizer, self.out / "data", progress=self.progress)
+            resolved = self.generated_sources()
+            self._tokens = prepare_data(self.config.data, tokenizer, self.out / "data", progress=self.progress,
+                                        resolved=resolved)
             self.timed("data_s", time.perf_counter() - t0)
         return self._tokens
+
+    def generated_sources(self, data=None, folder: Path | None = None) -> dict[str, Path]:
+        """Calibration sources made by the run (`parent-samples`): spec -> its file in `folder`
+        (default DIR/data), sampled (or resumed) here when it is missing or short
+        (`puzzle.samples.ensure_parent_samples`); `data` is a DataConfig (default the run's)."""
+        from .data import tokenizer_fingerprint
+        from .samples import ensure_parent_samples, is_parent_samples
+
+        data = data or self.config.data
+        spec = next((s for s in data.calib_sources if is_parent_samples(s)), None)
+        if spec is None:
+            return {}
+        parent = self.parent
+        path = ensure_parent_samples(parent.model, parent.tokenizer, folder or self.out / "data", data.parent_sample_tokens(),
+                                     seed=data.seed, length=data.seq_len, parent_fingerprint=fingerprint(parent.model),
+                                     tokenizer_sha256=tokenizer_fingerprint(parent.tokenizer), progress=self.progress,
+                                     log=self.say)
+        return {spec: path}
 
     @property
     def library(self) -> Library:

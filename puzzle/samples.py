@@ -1,0 +1,209 @@
+"""Calibration text sampled from the parent itself: the `parent-samples` data source.
+
+BLD fits every subblock to its parent block on the calibration text, so a child built from the
+library is good on text like that and worse elsewhere: on the SmolLM2 demo, the summed
+replace-1-block KL of the chosen subblocks is 1.3-1.6x higher on the evaluation text than on the
+calibration text (`puzzle.kl_gap`, "transfer"). Text drawn from the parent's own distribution
+covers what the parent models, not one corpus. Distilling a student on text its teacher generated
+is the data-free recipe of LLM-QAT (Liu et al. 2023, "LLM-QAT: Data-Free Quantization Aware
+Training for Large Language Models", Sec. 2.1), where it beat real pre-training subsets.
+
+Source spec (in `data.calib_sources`, `--calib`): `parent-samples` draws enough tokens for the
+calibration and scoring splits; `parent-samples:N` draws N tokens. The run's data stage samples
+from BOS at temperature 1 (ancestral sampling, so the text follows the parent's distribution),
+`length` new tokens per row, and cuts a row at each EOS into documents. Batches are seeded from
+(seed, batch index), and the file is rewritten atomically after each batch, so an interrupted
+stage resumes where it stopped and gives the same text as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import PuzzleError
+from .io import atomic_write_json, atomic_write_text
+
+PARENT_SAMPLES = "parent-samples"
+SAMPLES_FILE = "parent_samples.jsonl"
+META_FILE = "parent_samples.json"
+MIN_DOC_TOKENS = 16  # shorter pieces between two EOS are dropped
+AUTO_MARGIN = 1.1  # `parent-samples` without N draws 10 % more than the splits need
+_FORMAT = 1
+
+
+def is_parent_samples(spec: str) -> bool:
+    """True for the specs `parent-samples` and `parent-samples:N`."""
+    return spec == PARENT_SAMPLES or spec.startswith(PARENT_SAMPLES + ":")
+
+
+def sample_tokens(spec: str, calib_tokens: int, score_tokens: int, score_fraction: float) -> int:
+    """How many tokens the spec asks for.
+
+    `parent-samples:N` -> N. `parent-samples` -> enough for both calibration-source splits if the
+    samples were the only source: max(calib / (1 - f), score / f) x 1.1, f the score fraction
+    (documents, not tokens, are split, hence the margin).
+
+    Raises:
+        PuzzleError: N that is not a whole number of at least 1.
+    """
+    if spec == PARENT_SAMPLES:
+        need = max(calib_tokens / (1.0 - score_fraction), score_tokens / score_fraction)
+        return int(math.ceil(need * AUTO_MARGIN))
+    text = spec[len(PARENT_SAMPLES) + 1:].strip().replace("_", "")
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise PuzzleError(f"data source {spec!r}: give `{PARENT_SAMPLES}` (as many tokens as the splits need) or "
+                          f"`{PARENT_SAMPLES}:N` with N a whole number of tokens, e.g. {PARENT_SAMPLES}:30000")
+    return int(text)
+
+
+@torch.no_grad()
+def sample_rows(model, bos_id: int, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Ancestral sampling (temperature 1) from BOS with a KV cache.
+
+    Args:
+        model: a PuzzleForCausalLM (eval mode; any device and floating dtype).
+        bos_id: the first token of every row.
+        batch_size, length: B rows of `length` new tokens each.
+        generator: a CPU torch.Generator; the draws depend on it only (not on the device).
+
+    Returns:
+        (B, length) int64 on the CPU, the new tokens (BOS not included).
+    """
+    from .modeling import KVCache
+
+    param = next(model.parameters())
+    cache = KVCache(model.config, batch_size, length + 1, param.dtype, param.device)
+    ids = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=param.device)  # (B, 1)
+    logits = model(ids, cache=cache, logits_to_keep=1)  # (B, 1, V)
+    rows = []
+    for _ in range(length):
+        probs = torch.softmax(logits[:, -1].float(), dim=-1).cpu()  # (B, V)
+        nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        rows.append(nxt)
+        logits = model(nxt.to(param.device), cache=cache, logits_to_keep=1)
+    return torch.cat(rows, dim=1)  # (B, length)
+
+
+def split_at_eos(row: list[int], eos_ids: set[int]) -> list[list[int]]:
+    """A sampled row -> its documents: the pieces between EOS tokens with >= MIN_DOC_TOKENS tokens."""
+    pieces, cur = [], []
+    for t in row:
+        if t in eos_ids:
+            pieces.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    pieces.append(cur)
+    return [p for p in pieces if len(p) >= MIN_DOC_TOKENS]
+
+
+def _identity(parent_fingerprint: str, tokenizer_sha256: str, seed: int, length: int, batch_size: int) -> dict:
+    return {"format": _FORMAT, "parent": parent_fingerprint, "tokenizer_sha256": tokenizer_sha256, "seed": seed,
+            "length": length, "batch_size": batch_size, "temperature": 1.0}
+
+
+def _read_done(folder: Path, identity: dict) -> tuple[list[dict], int]:
+    """The records and batch count a matching earlier call left; ([], 0) when none or another identity."""
+    meta_path, file = folder / META_FILE, folder / SAMPLES_FILE
+    if not (meta_path.is_file() and file.is_file()):
+        return [], 0
+    try:
+        meta = json.loads(meta_path.read_text())
+        if {k: meta.get(k) for k in identity} != identity:
+            return [], 0
+        batches = int(meta["batches"])
+        records = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [r for r in records if int(r["batch"]) < batches]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], 0  # damaged: sample afresh
+    return records, batches
+
+
+def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, length: int = 256, batch_size: int = 32,
+                          parent_fingerprint: str = "", tokenizer_sha256: str = "", progress: bool = False,
+                          log=None) -> Path:
+    """Write (or finish, or reuse) `folder/parent_samples.jsonl` holding at least `tokens` sampled tokens.
+
+    Each line is {"text", "batch", "tokens"}; `folder/parent_samples.json` records who sampled
+    (parent fingerprint, tokenizer, seed, length, batch size) and how many batches are done. A file
+    from the same parent and settings is extended or reused; one from another parent or settings
+    is replaced. Raising `tokens` later samples only the missing batches.
+
+    Args:
+        model: the parent (PuzzleForCausalLM, eval mode).
+        tokenizer: its tokenizer (needs a BOS or EOS token to start rows from).
+        folder: where the two files go (created).
+        tokens: sampled tokens to hold at least (kept documents' tokens, EOS not counted).
+        seed: batch b is drawn with torch.Generator().manual_seed(seed * 1_000_003 + b).
+        length: new tokens per row (documents are cut at EOS inside it).
+        batch_size: rows sampled together.
+        parent_fingerprint, tokenizer_sha256: identity of the parent and tokenizer, recorded.
+        progress: show a progress bar (tokens, rate, ETA).
+        log: callable taking a message line, or None.
+
+    Returns:
+        The path of the jsonl file (a source `puzzle.data.read_documents` reads).
+
+    Raises:
+        PuzzleError: a tokenizer with neither BOS nor EOS, non-positive sizes, or 4 batches in a
+            row without a document (a parent that ends its text at once).
+    """
+    if tokens < 1 or length < MIN_DOC_TOKENS or batch_size < 1:
+        raise PuzzleError(f"parent samples: tokens ({tokens}) and batch_size ({batch_size}) must be >= 1 and "
+                          f"length ({length}) >= {MIN_DOC_TOKENS}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    start = bos if bos is not None else eos
+    if start is None:
+        raise PuzzleError("parent samples need a tokenizer with a BOS or EOS token to start rows from")
+    eos_ids = {eos} if eos is not None else set()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = _identity(parent_fingerprint, tokenizer_sha256, seed, length, batch_size)
+    records, batches = _read_done(folder, identity)
+    have = sum(int(r["tokens"]) for r in records)
+    path = folder / SAMPLES_FILE
+    if have >= tokens and path.is_file():
+        return path
+    if log is not None:
+        log(f"data: sampling {tokens - have:,} more tokens from the parent ({have:,} done) into {path}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tokens, initial=min(have, tokens), desc="sample parent", unit="tok")
+    empty = 0
+    was_training = model.training
+    model.eval()
+    try:
+        while have < tokens:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + batches)
+            rows = sample_rows(model, start, batch_size, length, generator)  # (B, length)
+            new = []
+            for row in rows.tolist():
+                for piece in split_at_eos(row, eos_ids):
+                    text = tokenizer.decode(piece, skip_special_tokens=True).strip()
+                    if text:
+                        new.append({"text": text, "batch": batches, "tokens": len(piece)})
+            batches += 1
+            empty = 0 if new else empty + 1
+            if empty > 3:
+                raise PuzzleError(f"parent samples: {empty} batches of {batch_size} rows gave no document of "
+                                  f">= {MIN_DOC_TOKENS} tokens (the parent ends its text at once); give text files "
+                                  "with --calib instead")
+            records += new
+            added = sum(r["tokens"] for r in new)
+            have += added
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            atomic_write_json(folder / META_FILE, {**identity, "batches": batches, "tokens": have})
+            if bar is not None:
+                bar.update(min(added, tokens - bar.n))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return path

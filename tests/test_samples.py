@@ -1,0 +1,126 @@
+"""The `parent-samples` calibration source: parsing, sampling, resume, and a run's data stage."""
+
+import json
+
+import pytest
+import torch
+
+from puzzle.data import DataConfig, load_token_splits, resolve_source
+from puzzle.errors import PuzzleError
+from puzzle.samples import (META_FILE, MIN_DOC_TOKENS, SAMPLES_FILE, ensure_parent_samples, sample_rows,
+                            sample_tokens, split_at_eos)
+from puzzle.tiny import tiny_parent
+
+
+@pytest.fixture(scope="module")
+def parent():
+    return tiny_parent()
+
+
+def test_spec_token_counts_and_bad_specs():
+    assert sample_tokens("parent-samples:30000", 1000, 100, 0.2) == 30000
+    assert sample_tokens("parent-samples:30_000", 1000, 100, 0.2) == 30000
+    # auto: enough for both splits if the samples were the only source, 10 % more
+    assert sample_tokens("parent-samples", 16896, 4096, 0.2) == int(-(-max(16896 / 0.8, 4096 / 0.2) * 1.1 // 1))
+    assert sample_tokens("parent-samples", 800, 1000, 0.2) == 5500  # the score split can be the larger need
+    for bad in ("parent-samples:0", "parent-samples:-5", "parent-samples:1e4", "parent-samples:", "parent-samples:x"):
+        with pytest.raises(PuzzleError, match="parent-samples:N"):
+            sample_tokens(bad, 1000, 100, 0.2)
+
+
+def test_data_config_refuses_misplaced_specs():
+    with pytest.raises(PuzzleError, match="parent-samples:N"):
+        DataConfig(calib_sources=("parent-samples:many",), eval_sources=("e.txt",))
+    with pytest.raises(PuzzleError, match="calibration source only"):
+        DataConfig(calib_sources=("c.txt",), eval_sources=("parent-samples",))
+    with pytest.raises(PuzzleError, match="once"):
+        DataConfig(calib_sources=("parent-samples", "parent-samples:100"), eval_sources=("e.txt",))
+    assert DataConfig(calib_sources=("c.txt",), eval_sources=("e.txt",)).parent_sample_tokens() == 0
+    with pytest.raises(PuzzleError, match="data stage"):
+        resolve_source("parent-samples")
+
+
+def test_split_at_eos_drops_short_pieces():
+    long = list(range(10, 10 + MIN_DOC_TOKENS))
+    assert split_at_eos(long + [2] + [5, 6] + [2] + long, {2}) == [long, long]
+    assert split_at_eos([5] * (MIN_DOC_TOKENS - 1), {2}) == []
+
+
+def test_sampling_follows_the_parent_distribution(parent):
+    """Ancestral sampling at temperature 1: the first token's frequencies match the parent's softmax."""
+    model = parent.model
+    gen = torch.Generator().manual_seed(0)
+    rows = sample_rows(model, 1, 4000, 1, gen)  # (4000, 1)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([[1]]))[0, -1], -1)  # (V,)
+    freq = torch.bincount(rows[:, 0], minlength=probs.numel()).float() / rows.shape[0]
+    tv = 0.5 * (freq - probs).abs().sum().item()
+    # a random tiny parent is near uniform over ~300 tokens; 4000 draws give total variation ~0.12 from
+    # sampling noise alone, while greedy decoding (one token) would give ~1
+    assert tv < 0.2
+    # the same generator seed gives the same rows; another seed other rows
+    a = sample_rows(model, 1, 2, 20, torch.Generator().manual_seed(3))
+    b = sample_rows(model, 1, 2, 20, torch.Generator().manual_seed(3))
+    c = sample_rows(model, 1, 2, 20, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_resume_and_extension_give_the_same_text(parent, tmp_path):
+    kw = dict(seed=7, length=32, batch_size=4, parent_fingerprint="p", tokenizer_sha256="t")
+    whole = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "whole", 300, **kw)
+    lines = whole.read_text().splitlines()
+    assert sum(json.loads(x)["tokens"] for x in lines) >= 300
+    # in two calls (an interrupted stage, or a raised token count): the same file
+    part = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 100, **kw)
+    first = part.read_text()
+    assert whole.read_text().startswith(first) and first != whole.read_text()
+    ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 300, **kw)
+    assert part.read_text() == whole.read_text()
+    # enough already: nothing sampled, the file untouched
+    stamp = part.stat().st_mtime_ns
+    ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 50, **kw)
+    assert part.stat().st_mtime_ns == stamp
+    # another parent (fingerprint) or seed: sampled afresh, not appended
+    other = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 100, **{**kw, "seed": 8})
+    assert other.read_text() != first and json.loads((tmp_path / "part" / META_FILE).read_text())["seed"] == 8
+    # a damaged meta file: sampled afresh, same result as a fresh folder
+    (tmp_path / "whole" / META_FILE).write_text("{not json")
+    again = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "whole", 300, **kw)
+    assert again.read_text().splitlines() == lines
+
+
+def test_bad_arguments(parent, tmp_path):
+    with pytest.raises(PuzzleError, match="length"):
+        ensure_parent_samples(parent.model, parent.tokenizer, tmp_path, 100, seed=0, length=4)
+    with pytest.raises(PuzzleError, match="tokens"):
+        ensure_parent_samples(parent.model, parent.tokenizer, tmp_path, 0, seed=0)
+
+
+def test_run_data_stage_calibrates_on_parent_samples(tmp_path):
+    """`--calib parent-samples` in a run: the calibration and scoring splits are the parent's samples,
+    the evaluation split is unchanged, and a second Run reloads the data without sampling again."""
+    from puzzle.config import load_preset
+    from puzzle.pipeline import Run, stage_data
+
+    base = load_preset("tiny")
+    config = base.replace(data={"calib_sources": ("parent-samples",), "calib_tokens": 1024, "score_tokens": 256})
+    run = Run(tmp_path / "run", config, progress=False)
+    tokens = stage_data(run)
+    samples = tmp_path / "run" / "data" / SAMPLES_FILE
+    texts = [json.loads(x)["text"] for x in samples.read_text().splitlines()]
+    assert sum(json.loads(x)["tokens"] for x in samples.read_text().splitlines()) >= config.data.parent_sample_tokens()
+    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    source = next(s for s in manifest["sources"] if s["spec"] == "parent-samples")
+    assert source["role"] == "calib" and source["documents"] == len(texts)
+    assert tokens.calib.shape == (1024 // 64, 64) and tokens.score.shape == (256 // 64, 64)
+    first_doc = run.parent.tokenizer(texts[int(manifest["splits"]["calib"]["doc_ids"]["parent-samples"][0])],
+                                     add_special_tokens=False)["input_ids"]
+    flat = tokens.calib.flatten().tolist()
+    assert any(flat[i:i + 8] == first_doc[:8] for i in range(len(flat) - 8))  # the calib text is sampled text
+    reference = Run(tmp_path / "ref", base.replace(data={"calib_tokens": 1024, "score_tokens": 256}), progress=False)
+    assert torch.equal(tokens.eval, stage_data(reference).eval)
+    stamp = samples.stat().st_mtime_ns
+    again = Run(tmp_path / "run", config, progress=False)
+    assert torch.equal(again.tokens.calib, tokens.calib) and samples.stat().st_mtime_ns == stamp
+    loaded = load_token_splits(tmp_path / "run" / "data")
+    assert torch.equal(loaded.score, tokens.score)
