@@ -141,7 +141,7 @@ class Run:
             return {}
         parent = self.parent
         path = ensure_parent_samples(parent.model, parent.tokenizer, folder or self.out / "data", data.parent_sample_tokens(),
-                                     seed=data.seed, length=data.seq_len, parent_fingerprint=fingerprint(parent.model),
+                                     seed=data.seed, length=max(data.seq_len, 64), parent_fingerprint=fingerprint(parent.model),
                                      tokenizer_sha256=tokenizer_fingerprint(parent.tokenizer), progress=self.progress,
                                      log=self.say)
         return {spec: path}

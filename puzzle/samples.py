@@ -11,7 +11,8 @@ Training for Large Language Models", Sec. 2.1), where it beat real pre-training 
 Source spec (in `data.calib_sources`, `--calib`): `parent-samples` draws enough tokens for the
 calibration and scoring splits; `parent-samples:N` draws N tokens. The run's data stage samples
 from BOS at temperature 1 (ancestral sampling, so the text follows the parent's distribution),
-`length` new tokens per row, and cuts a row at each EOS into documents. Batches are seeded from
+`length` new tokens per row (the run's seq_len, at least 64), and cuts a row at each EOS into
+documents. Batches are seeded from
 (seed, batch index), and the file is rewritten atomically after each batch, so an interrupted
 stage resumes where it stopped and gives the same text as an uninterrupted one.
 """
