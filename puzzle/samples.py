@@ -117,11 +117,22 @@ def _read_done(folder: Path, identity: dict) -> tuple[list[dict], int]:
         if {k: meta.get(k) for k in identity} != identity:
             return [], 0
         batches = int(meta["batches"])
-        records = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        records = [r for r in records if int(r["batch"]) < batches]
+        text = file.read_text(encoding="utf-8")
     except (OSError, ValueError, KeyError, TypeError):
-        return [], 0  # damaged: sample afresh
-    return records, batches
+        return [], 0  # damaged metadata: sample afresh
+    records = []
+    for line in text.split("\n"):  # not splitlines(): a sampled text may hold U+2028 or U+0085
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record = {"text": str(record["text"]), "batch": int(record["batch"]), "tokens": int(record["tokens"])}
+        except (ValueError, KeyError, TypeError):
+            # a damaged line: keep the batches before the one it belongs to (that one may be incomplete)
+            batches = min(batches, records[-1]["batch"] if records else 0)
+            break
+        records.append(record)
+    return [r for r in records if r["batch"] < batches], batches
 
 
 def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, length: int = 256, batch_size: int = 32,
@@ -199,7 +210,7 @@ def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, leng
             records += new
             added = sum(r["tokens"] for r in new)
             have += added
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
             atomic_write_json(folder / META_FILE, {**identity, "batches": batches, "tokens": have})
             if bar is not None:
                 bar.update(min(added, tokens - bar.n))

@@ -124,3 +124,26 @@ def test_run_data_stage_calibrates_on_parent_samples(tmp_path):
     assert torch.equal(again.tokens.calib, tokens.calib) and samples.stat().st_mtime_ns == stamp
     loaded = load_token_splits(tmp_path / "run" / "data")
     assert torch.equal(loaded.score, tokens.score)
+
+
+def test_resume_survives_unicode_line_breaks_and_a_truncated_file(parent, tmp_path):
+    """Texts holding U+2028 / U+0085 (JSON keeps them raw when not ASCII-escaped) resume in full; a file cut
+    mid-line keeps the batches before the cut one, and finishing it gives the uninterrupted text."""
+    kw = dict(seed=2, length=32, batch_size=4, parent_fingerprint="p", tokenizer_sha256="t")
+    whole = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "whole", 300, **kw).read_text()
+    folder = tmp_path / "odd"
+    ensure_parent_samples(parent.model, parent.tokenizer, folder, 300, **kw)
+    records = [json.loads(x) for x in (folder / SAMPLES_FILE).read_text().split("\n") if x]
+    records[0]["text"] += "\u2028odd\x85break"
+    (folder / SAMPLES_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    stamp = (folder / SAMPLES_FILE).stat().st_mtime_ns
+    ensure_parent_samples(parent.model, parent.tokenizer, folder, 300, **kw)  # all there: nothing resampled
+    assert (folder / SAMPLES_FILE).stat().st_mtime_ns == stamp
+    cut = tmp_path / "cut"
+    ensure_parent_samples(parent.model, parent.tokenizer, cut, 300, **kw)
+    text = (cut / SAMPLES_FILE).read_text()
+    (cut / SAMPLES_FILE).write_text(text[: int(len(text) * 0.7)])  # ends mid-line
+    said = []
+    ensure_parent_samples(parent.model, parent.tokenizer, cut, 300, **kw, log=said.append)
+    assert (cut / SAMPLES_FILE).read_text() == whole
+    assert len(said) == 1 and "(0 done)" not in said[0]  # resumed after the kept batches, not from the start
