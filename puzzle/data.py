@@ -555,18 +555,20 @@ class DataConfig:
             raise PuzzleError(f"score_fraction must be in (0, 1), got {self.score_fraction}")
         if self.txt_mode not in ("paragraph", "line", "file"):
             raise PuzzleError(f"txt_mode must be 'paragraph', 'line' or 'file', got {self.txt_mode!r}")
-        for spec in self.calib_sources:
-            if is_parent_samples(spec):
-                self.parent_sample_tokens()  # a malformed N is refused with the config
+        self.parent_sample_tokens()  # a malformed N is refused with the config
+
+    def parent_samples_spec(self) -> str | None:
+        """The `parent-samples[:N]` calibration source, or None."""
+        from .samples import is_parent_samples
+
+        return next((s for s in self.calib_sources if is_parent_samples(s)), None)
 
     def parent_sample_tokens(self) -> int:
         """Tokens the `parent-samples` calibration source asks for (0: not a source here)."""
-        from .samples import is_parent_samples, sample_tokens
+        from .samples import sample_tokens
 
-        spec = next((s for s in self.calib_sources if is_parent_samples(s)), None)
-        if spec is None:
-            return 0
-        return sample_tokens(spec, self.calib_tokens, self.score_tokens, self.score_fraction)
+        spec = self.parent_samples_spec()
+        return 0 if spec is None else sample_tokens(spec, self.calib_tokens, self.score_tokens, self.score_fraction)
 
 
 @dataclass(frozen=True)
@@ -707,9 +709,9 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             pass  # other settings or a broken pair: prepare afresh and overwrite
 
     def read(spec: str) -> list[Document]:
-        if spec in resolved:  # a generated source: its file, documents named by the spec
-            docs = read_jsonl(resolved[spec], spec, "text")
-            return [d for d in docs if len(d.text) >= max(config.min_doc_chars, 1)]
+        if spec in resolved:  # a generated source: its jsonl file, documents named by the spec
+            return [Document(d.text, d.doc_id, spec)
+                    for d in read_documents(str(resolved[spec]), "text", min_chars=config.min_doc_chars)]
         return read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)
 
     per_source = {spec: read(spec) for spec in config.calib_sources + config.eval_sources}

@@ -133,10 +133,10 @@ class Run:
         (default DIR/data), sampled (or resumed) here when it is missing or short
         (`puzzle.samples.ensure_parent_samples`); `data` is a DataConfig (default the run's)."""
         from .data import tokenizer_fingerprint
-        from .samples import ensure_parent_samples, is_parent_samples
+        from .samples import ensure_parent_samples
 
         data = data or self.config.data
-        spec = next((s for s in data.calib_sources if is_parent_samples(s)), None)
+        spec = data.parent_samples_spec()
         if spec is None:
             return {}
         parent = self.parent
