@@ -43,7 +43,8 @@ from .errors import PuzzleError, require_finite
 from .io import atomic_save_safetensors, atomic_write_json, read_json, tensor_sha256
 from .modeling import PuzzleForCausalLM
 from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
-                          global_batch, init_distributed, rank_slice, shutdown_distributed, train_loop)
+                          global_batch, init_distributed, rank_slice, shutdown_distributed, train_loop,
+                          unchanged_on_refusal)
 
 TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
@@ -457,32 +458,34 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     from .data import prepare_data
     from .pipeline import Run, build_child, parent_eval_logprobs, read_architecture
 
-    run = Run(args.out, load_run_config(args.out), progress=progress, log=log)
-    record = read_architecture(run, args.name)
-    child = build_child(run, record)
-    train_ids = run.tokens.calib
-    data_note = f"the run's calibration split ({train_ids.shape[0]} x {train_ids.shape[1]} tokens)"
-    if args.calib_tokens or args.max_doc_tokens is not None:
-        changes = {"calib_tokens": args.calib_tokens or run.config.data.calib_tokens}
-        if args.max_doc_tokens is not None:
-            changes["max_doc_tokens"] = args.max_doc_tokens
-        data_cfg = dataclasses.replace(run.config.data, **changes)
-        tokens = prepare_data(data_cfg, run.parent.tokenizer, run.out / "gkd" / "data", progress=progress,
-                              resolved=run.generated_sources(data_cfg, run.out / "gkd" / "data"))
-        if not torch.equal(tokens.eval, run.tokens.eval):
-            raise PuzzleError("re-packing the calibration sources changed the evaluation split; "
-                              "keep seq_len and the evaluation settings of the run")
-        train_ids = tokens.calib
-        data_note = (f"the run's calibration sources re-packed with {changes} "
-                     f"({train_ids.shape[0]} x {train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
     from .export import check_export_target, export_provenance, run_ref
 
+    run = Run(args.out, load_run_config(args.out), progress=progress, log=log)
+    record = read_architecture(run, args.name)
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     work = args.work or run.out / "gkd" / args.name
     child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
-    check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before the training
+    check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training
                         provenance=export_provenance({"gkd": {"child": child_ref}}))
     check_work_folder(work, [run.out], [run.out / "gkd"])
+    # a check that needs the parent leaves the run as it was (loading the parent writes these files)
+    with unchanged_on_refusal(run.out / "timings.json", run.out / "parent.json"):
+        child = build_child(run, record)
+        train_ids = run.tokens.calib
+        data_note = f"the run's calibration split ({train_ids.shape[0]} x {train_ids.shape[1]} tokens)"
+        if args.calib_tokens or args.max_doc_tokens is not None:
+            changes = {"calib_tokens": args.calib_tokens or run.config.data.calib_tokens}
+            if args.max_doc_tokens is not None:
+                changes["max_doc_tokens"] = args.max_doc_tokens
+            data_cfg = dataclasses.replace(run.config.data, **changes)
+            tokens = prepare_data(data_cfg, run.parent.tokenizer, run.out / "gkd" / "data", progress=progress,
+                                  resolved=run.generated_sources(data_cfg, run.out / "gkd" / "data"))
+            if not torch.equal(tokens.eval, run.tokens.eval):
+                raise PuzzleError("re-packing the calibration sources changed the evaluation split; "
+                                  "keep seq_len and the evaluation settings of the run")
+            train_ids = tokens.calib
+            data_note = (f"the run's calibration sources re-packed with {changes} ({train_ids.shape[0]} x "
+                         f"{train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),
@@ -578,6 +581,7 @@ def run_gkd_command(args, log=None) -> dict:
                               "run's calibration text with --calib-tokens N / --max-doc-tokens N)")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise PuzzleError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
+    args.out, args.dest, args.work = (Path(p).expanduser() if p else p for p in (args.out, args.dest, args.work))
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)

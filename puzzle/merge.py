@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -144,6 +145,31 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def derived_from(paths) -> list[tuple[Path, Path, str]]:
+    """(model folder, model, recorded path) for each model folder the model folders `paths` were derived from,
+    as their exports record it (config.json "puzzle" -> "source" -> "path": the folder the weights were loaded
+    from), followed back through the exports among those. A relative record is read from the current
+    directory (as `sft` and `gkd` read a run's parent path)."""
+    out, seen, todo = [], set(), [Path(p).expanduser() for p in paths]
+    while todo:
+        model = todo.pop()
+        model = model.parent if model.name == "config.json" else model
+        try:
+            recorded = json.loads((model / "config.json").read_text(encoding="utf-8"))["puzzle"]["source"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):  # not an export, or one of a model loaded otherwise
+            continue
+        if not isinstance(recorded, str) or not recorded:
+            continue
+        source = Path(recorded).expanduser()
+        source = source.parent if source.name == "config.json" else source
+        if not (source / "config.json").is_file() or source.resolve() in seen:
+            continue
+        seen.add(source.resolve())
+        out.append((source.resolve(), model, str(recorded)))
+        todo.append(source)
+    return out
+
+
 def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     """Merge model folders into an exported folder, or state-dict files into a .safetensors file.
 
@@ -157,16 +183,17 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
         The written path.
 
     Raises:
-        PuzzleError: mixed input kinds, a missing path, different architectures.
+        PuzzleError: mixed input kinds, a missing path, different architectures, a `dest` that is an input or
+            a model an input was derived from (`derived_from`).
     """
-    paths = [Path(p) for p in paths]
+    paths = [Path(p).expanduser() for p in paths]
     for p in paths:
         if not p.exists():
             raise PuzzleError(f"{p} does not exist")
     kinds = {_is_state_dict_file(p) for p in paths}
     if len(kinds) > 1:
         raise PuzzleError("give only model folders or only state-dict files, not both")
-    dest = Path(dest)
+    dest = Path(dest).expanduser()
     if kinds == {True}:
         from .io import atomic_save_safetensors, file_in_the_way
 
@@ -187,6 +214,10 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
 
     check_export_target(dest, overwrite=True, keep=paths,  # before loading and averaging
                         provenance=export_provenance({"merge": {"inputs": [model_ref(p) for p in paths]}}))
+    for source, model, recorded in derived_from(paths):  # e.g. the parent of a run, which merge cannot see
+        if source == dest.resolve():
+            raise PuzzleError(f"--dest {dest} is the model {model} was derived from (its config.json records "
+                              f"{recorded}); merging into it would replace that model; give a new folder")
     loaded = [load_parent(p) for p in paths]
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
     exported = export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,

@@ -919,10 +919,29 @@ def _check_rpo_flags(args) -> None:
     for flag, value, least in (("--num-prompts", args.num_prompts, 1), ("--eval-prompts", args.eval_prompts, 0)):
         if value is not None and value < least:
             raise PuzzleError(f"{flag} must be >= {least}, got {value}")
+    from .rewards import get_task
+
+    for name in (args.task, None if (args.reward or "").startswith("judge:") else args.reward):
+        if name:
+            get_task(name)  # an unknown name, before the model loads
 
 
 def cmd_rpo(args) -> int:
-    """`puzzle rpo`: train, write DIR/{rpo.json, history.csv, model/, adapters.safetensors}; returns 0."""
+    """`puzzle rpo`: train, write DIR/{rpo.json, history.csv, model/, adapters.safetensors}; returns 0.
+    A call that stops (refused, failed, interrupted) removes the --out folders it made while they are empty."""
+    made = [p for p in (args.out, *args.out.parents) if not p.exists()]  # deepest first
+    try:
+        return _rpo(args)
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+        raise
+
+
+def _rpo(args) -> int:
     import sys
 
     from .export import export_checkpoint
@@ -934,6 +953,11 @@ def cmd_rpo(args) -> int:
     if sum(sources) != 1:
         raise PuzzleError("give exactly one of --data (offline), --task or --prompts (online)")
     _check_rpo_flags(args)
+    if args.adapters:
+        from .adapters import AdapterConfig
+
+        adapter_config = AdapterConfig(spec=args.adapters, frozen=args.freeze, rank=8 if args.rank is None else args.rank,
+                                       tied=not args.untied)  # a bad spec is refused before the model loads
     config = RPOConfig(loss=args.loss, beta=args.beta, eta=args.eta, gamma=args.gamma, aggregate=args.aggregate,
                        kl_coef=args.kl_coef, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        warmup_steps=args.warmup_steps, seed=args.seed, k=4 if args.k is None else args.k,
@@ -957,10 +981,9 @@ def cmd_rpo(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     handle = None
     if args.adapters:
-        from .adapters import AdapterConfig, apply_adapters
+        from .adapters import apply_adapters
 
-        handle = apply_adapters(model, AdapterConfig(spec=args.adapters, frozen=args.freeze, rank=8 if args.rank is None else args.rank,
-                                                     tied=not args.untied))
+        handle = apply_adapters(model, adapter_config)
         say(f"adapters {handle.config.name}: {handle.num_trainable():,} trainable parameters")
     else:
         for p in model.parameters():

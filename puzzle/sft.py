@@ -48,7 +48,7 @@ from .errors import PuzzleError, require_finite
 from .io import atomic_write_json, atomic_write_text
 from .modeling import PuzzleForCausalLM
 from .train_utils import (DistEnv, OptimSettings, TrainResult, barrier, check_work_folder, global_batch,
-                          init_distributed, rank_slice, shutdown_distributed, train_loop)
+                          init_distributed, rank_slice, shutdown_distributed, train_loop, unchanged_on_refusal)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -526,24 +526,18 @@ def toggle_summary(report: pd.DataFrame) -> pd.DataFrame:
 # command line
 
 
-def _load_model(args, log):
-    """(model, tokenizer, description) from --model PATH or --out DIR --name NAME."""
-    if args.model and args.out:
-        raise PuzzleError("give either --model PATH or --out DIR --name NAME, not both")
+def _load_model(args, log, builtin_tiny: bool):
+    """(model, tokenizer) from --model PATH (the built-in tiny model when `builtin_tiny`) or --out DIR --name NAME,
+    as run_sft_command checked them."""
     if args.model:
-        from .tiny import means_builtin_tiny, tiny_parent
+        from .tiny import tiny_parent
 
-        if means_builtin_tiny(args.model):
-            return (loaded := tiny_parent()).model, loaded.tokenizer, "tiny"
+        if builtin_tiny:
+            return (loaded := tiny_parent()).model, loaded.tokenizer
         from .parent import load_parent
 
         loaded = load_parent(args.model)
-        from .export import model_ref
-
-        return loaded.model, loaded.tokenizer, model_ref(args.model)
-    if not args.out or not args.name:
-        raise PuzzleError("give --model PATH (HF folder, .gguf, exported folder) or --out DIR --name NAME "
-                          "(a run's child, or 'parent')")
+        return loaded.model, loaded.tokenizer
     from .config import load_run_config
     from .pipeline import Run, build_child, read_architecture
 
@@ -554,7 +548,7 @@ def _load_model(args, log):
         model = model_from_state_dict(run.parent.config, run.parent.model.state_dict())  # a copy to train
     else:
         model = build_child(run, read_architecture(run, args.name))
-    return model, run.parent.tokenizer, f"{args.name} of run {args.out}"  # provenance: run_sft_command
+    return model, run.parent.tokenizer
 
 
 def config_from_args(args) -> SFTConfig:
@@ -582,38 +576,53 @@ def run_sft_command(args, log=None) -> dict | None:
     log = log or (lambda msg: None)
     config = config_from_args(args)
     _check_sft_flags(args)
+    if args.model and args.out:
+        raise PuzzleError("give either --model PATH or --out DIR --name NAME, not both")
+    if not args.model and (not args.out or not args.name):
+        raise PuzzleError("give --model PATH (HF folder, .gguf, exported folder) or --out DIR --name NAME "
+                          "(a run's child, or 'parent')")
+    args.out, args.dest, args.work = (Path(p).expanduser() if p else p for p in (args.out, args.dest, args.work))
+    if args.dest is None:
+        if not args.out:
+            raise PuzzleError("give --dest FOLDER for the fine-tuned model")
+        args.dest = args.out / "export" / f"{args.name}-sft"
+    from .export import check_export_target, export_provenance, model_ref, run_ref
+    from .tiny import means_builtin_tiny
+
+    dest = Path(args.dest)
+    work = Path(args.work or f"{dest}.sft-work")
+    inputs = [p for p in (args.model, args.out) if p]
+    builtin_tiny = not args.out and means_builtin_tiny(args.model)
+    if args.out:  # a run's child: the run relative to dest (to work) when inside it
+        from .config import load_run_config
+        from .pipeline import local_parent_path, read_architecture_at
+
+        run_config = load_run_config(args.out)
+        if args.name != "parent":
+            read_architecture_at(args.out, args.name)  # an unknown name, before anything loads
+        what = f"{args.name} of run {run_ref(args.out, dest)}"
+        source = f"{args.name} of run {run_ref(args.out, work)}"  # as the work folder's checkpoint records it
+        inputs += local_parent_path(run_config)  # its parent is an input too
+    else:
+        what = source = "tiny" if builtin_tiny else model_ref(args.model)
+    check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before loading and training, not after
+                        provenance=export_provenance({"sft": {"model": what}}))
+    # a run's export folder takes new folders: the default DEST and its work folder are there
+    check_work_folder(work, inputs, [args.out / "export"] if args.out else [])
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731
     try:
-        model, tokenizer, what = _load_model(args, log)
-        if args.dest is None:
-            if not args.out:
-                raise PuzzleError("give --dest FOLDER for the fine-tuned model")
-            args.dest = Path(args.out) / "export" / f"{args.name}-sft"
-        from .export import check_export_target, export_provenance, run_ref
-
-        dest = Path(args.dest)
-        work = Path(args.work or f"{dest}.sft-work")
-        source = what  # the model as the work folder's checkpoint records it (independent of dest)
-        inputs = [p for p in (getattr(args, "model", None), getattr(args, "out", None)) if p]
-        if getattr(args, "out", None):  # a run's child: the run relative to dest (to work) when inside it
-            from .config import load_run_config
-            from .pipeline import local_parent_path
-
-            what = f"{args.name} of run {run_ref(args.out, dest)}"
-            source = f"{args.name} of run {run_ref(args.out, work)}"
-            inputs += local_parent_path(load_run_config(args.out))  # its parent is an input too
-        check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before the training, not after it
-                            provenance=export_provenance({"sft": {"model": what}}))
-        # a run's export folder takes new folders: the default DEST and its work folder are there
-        check_work_folder(work, inputs, [Path(args.out) / "export"] if getattr(args, "out", None) else [])
-        positions = model.config.max_position_embeddings
-        if config.seq_len > positions:
-            raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "
-                              f"trained on; give --seq-len {positions} or less")
-        conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
-        data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt, config.seed)
+        # a check that needs the model leaves the run as it was (loading the parent writes these files)
+        with unchanged_on_refusal(args.out / "timings.json", args.out / "parent.json") if args.out else nullcontext():
+            model, tokenizer = _load_model(args, log, builtin_tiny)
+            positions = model.config.max_position_embeddings
+            if config.seq_len > positions:
+                raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "
+                                  f"trained on; give --seq-len {positions} or less")
+            conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
+            data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
+                                    config.seed)
         learned = int((data.labels != IGNORE).sum())
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "

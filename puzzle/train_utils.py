@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,6 +304,23 @@ def check_work_folder(work, inputs=(), allowed_under=()) -> None:
         folder = Path(given).expanduser().resolve()
         if folder.is_dir() and folder in around:
             raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own")
+
+
+@contextmanager
+def unchanged_on_refusal(*paths):
+    """Put the files at `paths` back as they were (or absent) when a PuzzleError leaves the block: loading a run's
+    parent to check the flags writes RUN/timings.json and RUN/parent.json, and a refused command leaves the run
+    as it was."""
+    before = {Path(p): Path(p).read_bytes() if Path(p).is_file() else None for p in paths}
+    try:
+        yield
+    except PuzzleError:
+        for path, data in before.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            elif not path.is_file() or path.read_bytes() != data:
+                atomic_write_bytes(path, data)
+        raise
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""Refused commands leave no trace (rpo's --out, a run directory's files under sft/gkd), `~` in merge and gkd
+paths, and merge never writes over a model its inputs were derived from."""
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+
+from puzzle.distill import add_gkd_parser
+from puzzle.errors import PuzzleError
+from puzzle.export import export_checkpoint
+from puzzle.merge import add_merge_parser
+from puzzle.parent import load_parent
+from puzzle.preference import add_rpo_parser
+from puzzle.sft import add_sft_parser
+from puzzle.tiny import tiny_parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _parser():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers()
+    for add in (add_rpo_parser, add_sft_parser, add_gkd_parser, add_merge_parser):
+        add(sub)
+    return p
+
+
+def _tiny_run(out):
+    """A run directory of the tiny preset with its data split and one searched child (the parent's blocks)."""
+    from puzzle.config import load_preset
+    from puzzle.pipeline import Run, stage_data
+
+    stage_data(Run(out, load_preset("tiny"), progress=False))
+    (out / "search").mkdir()
+    blocks = [b.id for b in tiny_parent().config.blocks]
+    (out / "search" / "child-x.json").write_text(json.dumps({"choice": blocks}))
+    return out
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_rpo_leaves_no_new_out_folder(tmp_path):
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text(json.dumps({"prompt": "a", "responses": ["b", "c", "d"], "rewards": [1, 0, 0.5]}) + "\n")
+    out = tmp_path / "new" / "run"
+    base = ["rpo", "--model", "tiny", "--out", str(out), "--steps", "1", "--no-progress"]
+    for extra, words in [(["--task", "count", "--adapters", "vbua"], "not one of"),
+                         (["--task", "nosuch"], "unknown task"),
+                         (["--prompts", str(groups), "--reward", "nosuch"], "unknown task"),
+                         (["--data", str(groups), "--loss", "dpo", "--reference", "copy"], "trains on pairs")]:
+        args = _parser().parse_args(base + extra)
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            args.func(args)
+        assert not (tmp_path / "new").exists(), extra
+    (tmp_path / "mine").mkdir()  # an empty folder the user made stays
+    args = _parser().parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "mine"), "--data", str(groups),
+                                 "--loss", "dpo", "--reference", "copy", "--no-progress"])
+    with pytest.raises(PuzzleError, match="trains on pairs"):
+        args.func(args)
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_a_refused_sft_or_gkd_leaves_the_run_directory_as_it_was(tmp_path):
+    run = _tiny_run(tmp_path / "run")
+    (run / "timings.json").write_text('{"data_s": 1.0}')
+    before = _files(run)
+    common = ["--out", str(run), "--no-progress"]
+    sft = ["sft", *common, "--data", "demo:reasoning-toggle", "--stop-after-steps", "1"]
+    gkd = ["gkd", *common, "--name", "child-x", "--tokens", "256", "--stop-after-steps", "1"]
+    for argv, words in [(sft + ["--name", "parent", "--dest", str(run / "search")], "is not empty"),
+                        (sft + ["--name", "child-x", "--work", str(run / "search" / "w")], "inside the input"),
+                        (sft + ["--name", "child-x", "--seq-len", "100000"], "longer than the"),
+                        (sft + ["--name", "nosuch"], "no architecture named"),
+                        (gkd + ["--dest", str(run / "search")], "is not empty"),
+                        (gkd + ["--work", str(run / "search" / "w")], "inside the input")]:
+        args = _parser().parse_args(argv)
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            args.func(args)
+        assert _files(run) == before, argv
+    for name in ("timings.json", "parent.json"):  # a run before its parent was loaded: they stay absent
+        (run / name).unlink()
+    args = _parser().parse_args(sft + ["--name", "parent", "--seq-len", "100000"])
+    with pytest.raises(PuzzleError, match="longer than the"):
+        args.func(args)
+    assert not (run / "timings.json").exists() and not (run / "parent.json").exists()
+
+
+def test_a_literal_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    for i in (0, 1):
+        lm = tiny_parent(seed=i)
+        export_checkpoint(lm.model, lm.tokenizer, home / f"m{i}")
+    args = _parser().parse_args(["merge", "~/m0", "~/m1", "--dest", "~/merged"])
+    assert args.func(args) == 0 and (home / "merged" / "config.json").is_file() and not (cwd / "~").exists()
+    _tiny_run(home / "run")
+    args = _parser().parse_args(["gkd", "--out", "~/run", "--name", "nosuch", "--no-progress"])
+    with pytest.raises(PuzzleError, match=re.escape(f"no architecture named 'nosuch' in {home / 'run' / 'search'}")):
+        args.func(args)
+    args = _parser().parse_args(["sft", "--out", "~/run", "--name", "nosuch", "--data", "demo:reasoning-toggle"])
+    with pytest.raises(PuzzleError, match=re.escape(f"no architecture named 'nosuch' in {home / 'run' / 'search'}")):
+        args.func(args)
+    assert not (cwd / "~").exists()
+
+
+def test_merge_does_not_write_over_a_model_its_inputs_were_derived_from(tmp_path):
+    lm = tiny_parent()
+    export_checkpoint(lm.model, lm.tokenizer, tmp_path / "base")  # e.g. the parent of a run, or a model to fine-tune
+    base = load_parent(tmp_path / "base")
+    for i in (0, 1):  # two models trained from it (their config.json records it as their source)
+        export_checkpoint(base.model, base.tokenizer, tmp_path / f"tuned{i}", extra_info={"sft": {"model": f"base {i}"}})
+    export_checkpoint(load_parent(tmp_path / "tuned0").model, base.tokenizer, tmp_path / "again")  # two steps away
+    before = _files(tmp_path / "base")
+    for inputs in (["tuned0", "tuned1"], ["again", "tuned1"]):
+        args = _parser().parse_args(["merge", *(str(tmp_path / i) for i in inputs), "--dest", str(tmp_path / "base")])
+        with pytest.raises(PuzzleError, match=re.escape(f"--dest {tmp_path / 'base'} is the model")):
+            args.func(args)
+        assert _files(tmp_path / "base") == before
+    args = _parser().parse_args(["merge", str(tmp_path / "tuned0"), str(tmp_path / "tuned1"), "--dest",
+                                 str(tmp_path / "tuned0")])
+    with pytest.raises(PuzzleError, match="which the command reads"):  # an input itself: refused already
+        args.func(args)
+    args = _parser().parse_args(["merge", str(tmp_path / "tuned0"), str(tmp_path / "tuned1"), "--dest",
+                                 str(tmp_path / "soup")])
+    assert args.func(args) == 0 and (tmp_path / "soup" / "config.json").is_file()
