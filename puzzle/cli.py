@@ -447,6 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_FIXABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENAMETOOLONG, errno.EDQUOT}
 
 
+def expand_home(args: argparse.Namespace) -> None:
+    """Expand a leading `~` in every path flag (type=Path, or a list of them), in place. A shell does this
+    for unquoted words; a script or a quoted argument passes `~` through literally."""
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, value.expanduser())
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(args, name, [v.expanduser() for v in value])
+
+
 def main(argv=None) -> int:
     try:
         parser = build_parser()  # imports torch on the way: Ctrl-C here is an interrupt like any other
@@ -454,6 +464,7 @@ def main(argv=None) -> int:
         print("puzzle: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
+    expand_home(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

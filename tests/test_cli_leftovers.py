@@ -4,6 +4,7 @@ paths, and merge never writes over a model its inputs were derived from."""
 import argparse
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,18 @@ def test_merge_does_not_write_over_a_model_its_inputs_were_derived_from(tmp_path
     args = _parser().parse_args(["merge", str(tmp_path / "tuned0"), str(tmp_path / "tuned1"), "--dest",
                                  str(tmp_path / "soup")])
     assert args.func(args) == 0 and (tmp_path / "soup" / "config.json").is_file()
+
+
+def test_every_path_flag_expands_a_literal_tilde(tmp_path, monkeypatch, capsys):
+    """`puzzle <command> --out '~/x'` (quoted, or from a script) means the home folder for every command."""
+    import argparse
+
+    from puzzle.cli import expand_home, main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = argparse.Namespace(out=Path("~/run"), data=[Path("~/a.jsonl"), Path("b")], name="~keep")
+    expand_home(args)
+    assert args.out == tmp_path / "run" and args.data == [tmp_path / "a.jsonl", Path("b")] and args.name == "~keep"
+    assert main(["export", "--out", "~/no-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no-run") in err and "~/" not in err
