@@ -197,6 +197,24 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     return out, float(base_kl)
 
 
+def lift_negative_kl(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with each (layer, subblock) group's kl_nats raised by a constant so that its smallest is 0.
+
+    An in-context table (`context_table`) can hold negative kl_nats: a subblock that serves the
+    current child better than the parent's own subblock in that layer (seen on the SmolLM2 demo,
+    e.g. -0.0023 nats for a 1-KV-head attention). The MIP refuses negative KL (it guards plain
+    replace-1 tables against hand edits), so the refinement solves on this copy. The search picks
+    exactly one variant per (layer, subblock), so a constant per group moves every solution's
+    objective by the same amount and leaves the optimum unchanged. Groups without a negative
+    value, and non_block / coupled rows, are left as they are.
+    """
+    out = table.copy()
+    body = out["subblock"].isin(["attention", "ffn"])
+    low = out.loc[body].groupby(["layer", "subblock"])["kl_nats"].transform("min").clip(upper=0.0)
+    out.loc[body, "kl_nats"] = out.loc[body, "kl_nats"] - low
+    return out
+
+
 def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max_changes: int = 6,
            max_rounds: int = 5, min_gain: float = 1e-3, stage: str = "bld", tokens: int | None = None,
            progress: bool = False, vllm_compatible: bool = False) -> pd.DataFrame:
@@ -227,7 +245,7 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
         context_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            solutions = solve(ctx, budgets, "kl_nats", num_solutions=k + 1, anchor=current, max_changes=max_changes,
+            solutions = solve(lift_negative_kl(ctx), budgets, "kl_nats", num_solutions=k + 1, anchor=current, max_changes=max_changes,
                               vllm_compatible=vllm_compatible)
         except PuzzleError as e:
             warnings.warn(f"refinement round {r} stopped: {e}")

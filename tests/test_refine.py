@@ -9,8 +9,8 @@ import torch
 from puzzle.architecture import BlockConfig
 from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
-from puzzle.refine import (add_refine_parser, context_table, diverse_candidates, improve_child, record_for, refine,
-                           refine_main)
+from puzzle.refine import (add_refine_parser, context_table, diverse_candidates, improve_child, lift_negative_kl,
+                           record_for, refine, refine_main)
 from tiny_run import tiny_run_dir
 
 
@@ -85,6 +85,31 @@ def test_refinement_stays_in_its_trust_region_meets_the_budget_and_only_accepts_
     assert all(b < a for a, b in zip(accepted, accepted[1:]))
     final = record_for(run, "x", history.attrs["best"], "bld", budgets, "test")
     assert final["runtime_ms"] <= budgets.max_runtime_ms * (1 + 1e-9)
+
+
+def test_a_negative_in_context_kl_is_solved_not_refused(run, table):
+    """In a child's context a subblock can beat the parent's (a negative kl_nats); the refinement's
+    re-solve lifts each group to a minimum of 0 and finds the same optimum as a global shift."""
+    from puzzle.search import solve
+
+    blocks, budgets = _child(run)
+    ctx, _ = context_table(run, blocks, table)
+    body = ctx["subblock"].isin(["attention", "ffn"])
+    cheap = ctx[body & ~ctx["is_parent"].astype(bool)].sort_values("runtime_ms").index[0]
+    raw = ctx.copy()
+    raw.loc[cheap, "kl_nats"] = -0.3  # this cheap subblock now helps the child
+    with pytest.raises(PuzzleError, match="negative KL"):
+        solve(raw, budgets, "kl_nats")
+    lifted = lift_negative_kl(raw)
+    assert lifted.loc[cheap, "kl_nats"] == 0.0 and (lifted.loc[body, "kl_nats"] >= 0).all()
+    for _, rows in raw[body].groupby(["layer", "subblock"]):  # one constant per group: -min where negative, else 0
+        diffs = lifted.loc[rows.index, "kl_nats"] - rows["kl_nats"]
+        assert diffs.to_numpy() == pytest.approx(max(0.0, -rows["kl_nats"].min()))
+    pd.testing.assert_frame_equal(lifted.loc[~body], raw.loc[~body])
+    shifted = raw.copy()
+    shifted.loc[body, "kl_nats"] += 0.3  # the same constant everywhere: the optimum cannot move
+    assert solve(lifted, budgets, "kl_nats")[0].choice == solve(shifted, budgets, "kl_nats")[0].choice
+    assert raw.loc[cheap, "variant"] in solve(lifted, budgets, "kl_nats")[0].choice[int(raw.loc[cheap, "layer"])]
 
 
 def test_improve_child_writes_records_the_pipeline_realizes(run):
