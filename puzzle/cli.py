@@ -44,6 +44,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                                                               "Wikipedia .xml.bz2, HF save_to_disk folder, asset:<name>, "
                                                               "or parent-samples[:N] (N tokens sampled from the parent, "
                                                               "written to DIR/data; see puzzle.samples)")
+    g.add_argument("--calib-weights", nargs="*", type=float, metavar="W",
+                   help="one weight per --calib source, in the same order: the sources' relative shares of the "
+                        "calibration and scoring tokens (1 1: half each; 3 1: three quarters from the first); "
+                        "no values: back to shares that follow the document counts. --calib without this flag "
+                        "drops weights saved for other sources")
     g.add_argument("--eval", nargs="+", metavar="FILE", help="held-out evaluation text (files, as for --calib)")
     g.add_argument("--device", help="target device to measure costs on: cpu or cuda[:N]")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype for cost measurement")
@@ -105,6 +110,10 @@ def _resolve_config(args, out: Path):
         changes["parent"]["path"] = args.parent
     if flag("calib"):
         changes["data"]["calib_sources"] = tuple(args.calib)
+        if tuple(args.calib) != config.data.calib_sources:  # saved weights belong to the saved sources
+            changes["data"]["calib_weights"] = ()
+    if flag("calib_weights") is not None:  # [] (the flag without values): no weights
+        changes["data"]["calib_weights"] = tuple(args.calib_weights)
     if flag("eval"):
         changes["data"]["eval_sources"] = tuple(args.eval)
     for name, section, key in [("device", "target", "device"), ("dtype", "target", "dtype"),

@@ -8,9 +8,11 @@
         -> out_dir/tokens.safetensors (keys calib, score, eval) + out_dir/manifest.json
 
 A document's split and its place in the packing order come from a seeded hash of its text alone,
-so adding a file moves no existing document to another split. The manifest records the sources'
-sha256, the token counts and the document ids used per split; a rerun with the same settings
-loads the files instead of tokenizing again.
+so adding a file moves no existing document to another split. With `DataConfig.calib_weights`
+the calib and score splits interleave their sources' documents so that each source fills its
+weight's share of the split's tokens. The manifest records the sources' sha256, the token counts,
+the document ids and the tokens per source per split; a rerun with the same settings loads the
+files instead of tokenizing again.
 
 Notation: B | sequences in a split, T | tokens per sequence (seq_len).
 """
@@ -24,6 +26,7 @@ import hashlib
 import html
 import importlib.resources
 import json
+import math
 import re
 import xml.etree.ElementTree as ET
 import zlib
@@ -427,8 +430,103 @@ def split_documents(calib_docs: list[Document], eval_docs: list[Document], score
 # Packing
 
 
+def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int):
+    """(document, token ids) in the order of `docs`, tokenized lazily in batches growing from 8 to 512
+    documents, so that a consumer that stops early leaves the rest untokenized. Ids are cut to
+    `max_doc_tokens` (0: all) and carry no EOS."""
+    start, batch = 0, 8
+    while start < len(docs):
+        chunk = docs[start:start + batch]
+        # with a cap, tokenize only a prefix: 16 characters per token is far more than any tokenizer's mean
+        texts = [d.text[: 16 * max_doc_tokens] if max_doc_tokens > 0 else d.text for d in chunk]
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        for d, t in zip(chunk, ids):
+            yield d, (t[:max_doc_tokens] if max_doc_tokens > 0 else t)
+        start, batch = start + len(chunk), min(batch * 2, 512)  # grow: few docs for small budgets
+
+
+def _weighted_merge(docs: list[Document], source_weights: dict[str, float], tokenizer, max_doc_tokens: int):
+    """(document, token ids) of `docs` merged across sources so that every prefix of the stream holds
+    each source's tokens in proportion to its weight, to within about half a document per source.
+
+    Each source keeps its documents in their order in `docs`. Document i of source s has the key
+    (tokens of source s's documents 0..i-1 plus half of document i's, EOS included) / w_s, in tokens
+    per unit of weight: the middle of the document, so that a long document is as likely to be
+    early as late and no source lags by a whole document. The stream takes the smallest key next
+    (ties: the source listed first in `source_weights`). A source that runs out of documents stops
+    contributing and the others fill the rest.
+    Sources are tokenized lazily, each at most one batch ahead of what the stream has taken.
+    """
+    import heapq
+
+    streams = [_tokenized([d for d in docs if d.source == s], tokenizer, max_doc_tokens) for s in source_weights]
+    weights = list(source_weights.values())
+    heap = []
+
+    def push(s: int, taken: int) -> None:
+        item = next(streams[s], None)
+        if item is not None:  # one entry per source on the heap: (key, s) never ties
+            size = len(item[1]) + 1
+            heapq.heappush(heap, ((taken + size / 2) / weights[s], s, taken + size, item))
+
+    for s in range(len(streams)):
+        push(s, 0)
+    while heap:
+        _, s, after, item = heapq.heappop(heap)
+        yield item
+        push(s, after)
+
+
+def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0,
+          source_weights: dict[str, float] | None = None, progress: bool = False, desc: str = "tokenize"):
+    """`pack_documents`, also returning the tokens per source in the packed tensor (EOS included)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise PuzzleError("the tokenizer has no EOS token; set tokenizer.eos_token before preparing data")
+    if source_weights is not None:
+        if unknown := sorted({d.source for d in docs} - set(source_weights)):
+            raise PuzzleError(f"documents of {unknown} have no weight; give a weight for every source")
+        if bad := [s for s, w in source_weights.items() if not (isinstance(w, (int, float)) and 0 < w < math.inf)]:
+            raise PuzzleError(f"weight {source_weights[bad[0]]!r} of {bad[0]}: give positive finite weights")
+        stream = _weighted_merge(docs, source_weights, tokenizer, max_doc_tokens)
+    else:
+        stream = _tokenized(docs, tokenizer, max_doc_tokens)
+    want = (max_tokens // seq_len) * seq_len
+    pieces, used, total = [], [], 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=want, desc=desc, unit="tok")
+    if want > 0:
+        for d, t in stream:
+            pieces.append(np.asarray(list(t) + [eos], dtype=np.int64))
+            used.append((total, d))
+            total += len(t) + 1
+            if bar is not None:
+                bar.update(min(len(t) + 1, want - bar.n))
+            if total >= want:
+                break
+    if bar is not None:
+        bar.close()
+    n_seq = min(total, want) // seq_len
+    if n_seq == 0:
+        raise PuzzleError(f"{len(docs)} documents give {total} tokens, fewer than one sequence of {seq_len}; "
+                          f"add text or lower seq_len")
+    cut = n_seq * seq_len
+    stream_tokens = np.concatenate(pieces)[:cut]
+    tokens = torch.from_numpy(stream_tokens).view(n_seq, seq_len)  # (B, T)
+    source_tokens: dict[str, int] = {}
+    for k, (offset, d) in enumerate(used):
+        end = used[k + 1][0] if k + 1 < len(used) else total
+        if offset < cut:
+            source_tokens[d.source] = source_tokens.get(d.source, 0) + min(end, cut) - offset
+    return tokens, [d for offset, d in used if offset < cut], source_tokens
+
+
 def pack_documents(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0,
-                   progress: bool = False, desc: str = "tokenize") -> tuple[torch.Tensor, list[Document]]:
+                   progress: bool = False, desc: str = "tokenize",
+                   source_weights: dict[str, float] | None = None) -> tuple[torch.Tensor, list[Document]]:
     """Tokenize documents in order, put EOS after each, and cut the stream into sequences.
 
     Args:
@@ -439,48 +537,23 @@ def pack_documents(docs: list[Document], tokenizer, seq_len: int, max_tokens: in
             documents as needed are tokenized, and the ragged tail is dropped.
         max_doc_tokens: keep at most this many tokens of each document (0: all), so that a small
             budget samples many documents rather than the start of one long article.
+        source_weights: None takes the documents in the order given. Else Document.source -> weight
+            (a positive finite number, relative; the order breaks ties): the documents are merged so
+            that each source gives w_s / sum(w) of the tokens, EOS included, to within about half a
+            document per source; each source's documents keep their relative order, and a source
+            that runs out stops contributing (the others fill the budget).
 
     Returns:
         tokens: (B, T) int64 with B = min(max_tokens, available) // T.
         used: the documents with at least one token in `tokens`, in order.
 
     Raises:
-        PuzzleError: the tokenizer has no EOS token, or the documents give fewer than T tokens.
+        PuzzleError: the tokenizer has no EOS token, the documents give fewer than T tokens, or
+            (with source_weights) a document's source has no weight or a weight is not positive
+            and finite.
     """
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise PuzzleError("the tokenizer has no EOS token; set tokenizer.eos_token before preparing data")
-    want = (max_tokens // seq_len) * seq_len
-    pieces, used, total, start, batch = [], [], 0, 0, 8
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=want, desc=desc, unit="tok")
-    while total < want and start < len(docs):
-        chunk = docs[start:start + batch]
-        # with a cap, tokenize only a prefix: 16 characters per token is far more than any tokenizer's mean
-        texts = [d.text[: 16 * max_doc_tokens] if max_doc_tokens > 0 else d.text for d in chunk]
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        for d, t in zip(chunk, ids):
-            if total >= want:
-                break
-            t = t[:max_doc_tokens] if max_doc_tokens > 0 else t
-            pieces.append(np.asarray(list(t) + [eos], dtype=np.int64))
-            used.append((total, d))
-            total += len(t) + 1
-            if bar is not None:
-                bar.update(min(len(t) + 1, want - bar.n))
-        start, batch = start + len(chunk), min(batch * 2, 512)  # grow: few docs for small budgets
-    if bar is not None:
-        bar.close()
-    n_seq = min(total, want) // seq_len
-    if n_seq == 0:
-        raise PuzzleError(f"{len(docs)} documents give {total} tokens, fewer than one sequence of {seq_len}; "
-                          f"add text or lower seq_len")
-    stream = np.concatenate(pieces)[: n_seq * seq_len]
-    tokens = torch.from_numpy(stream).view(n_seq, seq_len)  # (B, T)
-    return tokens, [d for offset, d in used if offset < n_seq * seq_len]
+    tokens, used, _ = _pack(docs, tokenizer, seq_len, max_tokens, max_doc_tokens, source_weights, progress, desc)
+    return tokens, used
 
 
 def byte_tokenizer(eos_token: str = "<|endoftext|>"):
@@ -515,6 +588,14 @@ class DataConfig:
     JSON/table field holding text. txt_mode: how plain text splits into documents ("paragraph",
     "line", "file"). min_doc_chars: shorter documents are dropped. max_doc_tokens: tokens kept
     from the start of each document (0: all); caps how much of a split one long article fills.
+    calib_weights: one weight per calibration source, in the order of calib_sources: the sources'
+    relative shares (unitless) of the tokens of the calib and score splits (e.g. (1, 1): half each;
+    (3, 1): three quarters from the first); a source that runs out of documents stops contributing
+    and the others fill the split. Empty (default): each split takes its documents in seeded-hash
+    order, so a source's share follows its share of the documents.
+
+    Construction raises PuzzleError for invalid settings, among them calib_weights whose count
+    differs from calib_sources' or with a weight that is not a positive finite number.
     """
 
     calib_sources: tuple[str, ...] = ("package:tiny_corpus.txt",)
@@ -529,6 +610,7 @@ class DataConfig:
     txt_mode: str = "paragraph"
     min_doc_chars: int = 1
     max_doc_tokens: int = 0
+    calib_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
         for name in ("calib_sources", "eval_sources"):
@@ -555,7 +637,38 @@ class DataConfig:
             raise PuzzleError(f"score_fraction must be in (0, 1), got {self.score_fraction}")
         if self.txt_mode not in ("paragraph", "line", "file"):
             raise PuzzleError(f"txt_mode must be 'paragraph', 'line' or 'file', got {self.txt_mode!r}")
+        self._check_calib_weights()
         self.parent_sample_tokens()  # a malformed N is refused with the config
+
+    def _check_calib_weights(self) -> None:
+        """Store calib_weights as a tuple of floats; PuzzleError unless one positive finite number per source."""
+        value = self.calib_weights
+        value = [value] if isinstance(value, (int, float, str)) else list(value)
+        weights = []
+        for i, w in enumerate(value):
+            try:
+                if isinstance(w, bool):
+                    raise ValueError
+                weights.append(float(w))
+            except (TypeError, ValueError):
+                raise PuzzleError(f"calib_weights[{i}] = {w!r} is not a number; give one positive number per "
+                                  f"calibration source (e.g. --calib-weights 1 1)") from None
+        object.__setattr__(self, "calib_weights", tuple(weights))
+        if not weights:
+            return
+        if len(weights) != len(self.calib_sources):
+            raise PuzzleError(f"calib_weights (--calib-weights) has {len(weights)} weight(s) for "
+                              f"{len(self.calib_sources)} calibration source(s) {list(self.calib_sources)}; "
+                              f"give one weight per source, in the same order, or none")
+        for source, w in zip(self.calib_sources, weights):
+            if not (w > 0 and math.isfinite(w)):
+                raise PuzzleError(f"calib_weights: {source} has weight {w}; weights are relative token shares and "
+                                  f"must be positive and finite (e.g. 1 1 for half each); to leave a source out, "
+                                  f"remove it from the calibration sources")
+
+    def calib_source_weights(self) -> dict[str, float] | None:
+        """Calibration source -> weight (relative token share), or None when no weights are set."""
+        return dict(zip(self.calib_sources, self.calib_weights)) if self.calib_weights else None
 
     def parent_samples_spec(self) -> str | None:
         """The `parent-samples[:N]` calibration source, or None."""
@@ -568,7 +681,11 @@ class DataConfig:
         from .samples import sample_tokens
 
         spec = self.parent_samples_spec()
-        return 0 if spec is None else sample_tokens(spec, self.calib_tokens, self.score_tokens, self.score_fraction)
+        if spec is None:
+            return 0
+        weights = self.calib_source_weights()
+        share = weights[spec] / sum(weights.values()) if weights else 1.0
+        return sample_tokens(spec, self.calib_tokens, self.score_tokens, self.score_fraction, share)
 
 
 @dataclass(frozen=True)
@@ -618,9 +735,14 @@ def _settings(config: DataConfig, tokenizer, cache_dir, resolved: dict | None = 
     resolved = resolved or {}
     sources = {spec: sha256_file(resolved[spec]) if spec in resolved else source_sha256(spec, cache_dir)
                for spec in config.calib_sources + config.eval_sources}
-    return {**dataclasses.asdict(config), "calib_sources": list(config.calib_sources),
-            "eval_sources": list(config.eval_sources), "source_sha256": sources,
-            "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "format": _MANIFEST_FORMAT}
+    settings = {**dataclasses.asdict(config), "calib_sources": list(config.calib_sources),
+                "eval_sources": list(config.eval_sources), "source_sha256": sources,
+                "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "format": _MANIFEST_FORMAT}
+    if config.calib_weights:
+        settings["calib_weights"] = list(config.calib_weights)
+    else:  # absent, as before the setting existed: unweighted data keeps its settings hash (no rebuild)
+        del settings["calib_weights"]
+    return settings
 
 
 def _settings_sha(settings: dict) -> str:
@@ -684,8 +806,14 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
 
     Returns:
         TokenSplits with calib (B_c, T), score (B_s, T), eval (B_e, T), all int64, and the manifest:
-        settings, per-split sequences/tokens/documents and the doc ids used per source, and per
-        source its sha256 and document count.
+        settings, per split the sequences/tokens/documents, the doc ids used per source and the
+        tokens per source (`source_tokens`, EOS included; with `calib_weights` a source that ran
+        out of documents shows a smaller share than its weight), and per source its sha256 and
+        document count.
+
+    With `config.calib_weights`, the calib and score splits merge their sources so that each
+    source gives its weight's share of the split's tokens (`pack_documents`, source_weights);
+    without, each split takes its documents in seeded-hash order.
 
     `resolved` maps a source spec that is no path (`parent-samples`) to the file that holds its
     text (`puzzle.samples.ensure_parent_samples`); the file's sha256 identifies it.
@@ -723,9 +851,11 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     for split in SPLITS:
         if not splits[split]:
             raise PuzzleError(f"the {split} split has no documents; add text to its sources")
+        weights = config.calib_source_weights() if split != "eval" else None
         try:
-            tokens, used = pack_documents(splits[split], tokenizer, config.seq_len, budgets[split],
-                                          config.max_doc_tokens, progress=progress, desc=f"tokenize {split}")
+            tokens, used, source_tokens = _pack(splits[split], tokenizer, config.seq_len, budgets[split],
+                                                config.max_doc_tokens, weights, progress=progress,
+                                                desc=f"tokenize {split}")
         except PuzzleError as e:
             raise PuzzleError(f"{split} split: {e}") from None
         tensors[split] = tokens
@@ -734,7 +864,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             doc_ids.setdefault(d.source, []).append(d.doc_id)
         summary[split] = {"sequences": tokens.shape[0], "tokens": tokens.numel(), "requested_tokens": budgets[split],
                           "documents": len(used), "available_documents": len(splits[split]), "doc_ids": doc_ids,
-                          "sha256": tensor_sha256(tokens)}
+                          "source_tokens": source_tokens, "sha256": tensor_sha256(tokens)}
     manifest = {
         "settings_sha256": sha,
         "settings": settings,

@@ -317,3 +317,135 @@ def test_corrupt_files_raise_puzzle_errors(tmp_path):
                           ("list.jsonl", "not a JSON object")]:
         with pytest.raises(PuzzleError, match=pattern):
             read_documents(str(tmp_path / name))
+
+
+# ---------------------------------------------------------------- calibration-source weights
+
+
+def _two_sources(tmp_path):
+    """Few long documents (60 x ~600 bytes), many short ones (1500 x ~40 bytes); byte tokenizer: 1 char = 1 token."""
+    long_docs = [f"long {i} " + "lorem ipsum dolor sit amet " * 22 for i in range(60)]
+    short_docs = [f"short note {i}: tea at {i % 24} o'clock." for i in range(1500)]
+    (tmp_path / "long.txt").write_text("\n\n".join(long_docs))
+    (tmp_path / "short.txt").write_text("\n\n".join(short_docs))
+    return str(tmp_path / "long.txt"), str(tmp_path / "short.txt")
+
+
+def _weighted_config(sources, **kw):
+    return DataConfig(calib_sources=sources, eval_sources=("package:tiny_eval.txt",), seq_len=128,
+                      calib_tokens=16384, score_tokens=4096, eval_tokens=512, score_fraction=0.25, **kw)
+
+
+def _decoded_source_tokens(tokens, eos=256):
+    """Tokens per source ("long"/"short", by each document's first letter) in a packed byte-token split."""
+    counts, segment = {"long": 0, "short": 0}, []
+    for t in tokens.flatten().tolist() + [None]:  # None: flush the cut-off last document
+        if t is None or t == eos:
+            if segment:
+                counts["long" if segment[0] == ord("l") else "short"] += len(segment) + (t == eos)
+            segment = []
+        else:
+            segment.append(t)
+    return counts
+
+
+@pytest.mark.parametrize("weights, long_share", [((1, 1), 0.5), ((3, 1), 0.75), ((1, 3), 0.25)])
+def test_calib_weights_set_token_shares(tmp_path, tok, weights, long_share):
+    long_src, short_src = _two_sources(tmp_path)
+    out = prepare_data(_weighted_config((long_src, short_src), calib_weights=weights), tok, tmp_path / "data")
+    m = out.manifest
+    assert m["settings"]["calib_weights"] == [float(w) for w in weights]
+    for split, tensor, tolerance in [("calib", out.calib, 0.02), ("score", out.score, 0.08)]:
+        recorded = m["splits"][split]["source_tokens"]
+        assert sum(recorded.values()) == tensor.numel() == m["splits"][split]["tokens"]
+        decoded = _decoded_source_tokens(tensor)
+        assert decoded == {"long": recorded[long_src], "short": recorded[short_src]}
+        assert abs(decoded["long"] / tensor.numel() - long_share) < tolerance, (split, decoded)
+    assert m["splits"]["eval"]["source_tokens"] == {"package:tiny_eval.txt": out.eval.numel()}
+    # each source's documents keep their seeded-hash order (the unweighted split's order, per source)
+    order = split_documents(read_documents(long_src) + read_documents(short_src), [], 0.25, seed=0)["calib"]
+    for src in (long_src, short_src):
+        ids = m["splits"]["calib"]["doc_ids"][src]
+        assert ids == [d.doc_id for d in order if d.source == src][:len(ids)]
+
+
+def test_calib_weights_a_source_that_runs_out_stops_contributing(tmp_path, tok):
+    long_src, short_src = _two_sources(tmp_path)
+    few = tmp_path / "few.txt"
+    few.write_text("few one: a handful of words.\n\nfew two: another handful.\n\nfew three: the last one here.")
+    out = prepare_data(_weighted_config((long_src, str(few)), calib_weights=(1, 1)), tok, tmp_path / "data")
+    splits = out.manifest["splits"]
+    assert out.calib.numel() == 16384 and out.score.numel() == 4096  # the other source fills the budgets
+    few_texts = {d.doc_id: d.text for d in read_documents(str(few))}
+    ids = {k: splits[k]["doc_ids"].get(str(few), []) for k in ("calib", "score")}
+    assert ids["calib"] and sorted(ids["calib"] + ids["score"]) == sorted(few_texts)  # all of them used
+    for split, budget in [("calib", 16384), ("score", 4096)]:
+        few_tokens = sum(len(few_texts[i]) + 1 for i in ids[split])  # bytes + EOS
+        expected = {long_src: budget - few_tokens, **({str(few): few_tokens} if few_tokens else {})}
+        assert splits[split]["source_tokens"] == expected
+
+
+def test_no_calib_weights_keep_the_old_order_and_settings(tmp_path, tok):
+    from puzzle.data import _settings, _settings_sha, tokenizer_fingerprint
+
+    long_src, short_src = _two_sources(tmp_path)
+    config = _weighted_config((long_src, short_src))
+    assert config.calib_weights == () and config.calib_source_weights() is None
+    out = prepare_data(config, tok, tmp_path / "data")
+    # the splits as before the weights existed: each split's documents in seeded-hash order, packed from the front
+    docs = read_documents(long_src) + read_documents(short_src)
+    order = split_documents(docs, read_documents("package:tiny_eval.txt"), 0.25, seed=0)
+    for split, tensor in [("calib", out.calib), ("score", out.score), ("eval", out.eval)]:
+        stream = [b for d in order[split] for b in list(d.text.encode()) + [256]]
+        assert tensor.flatten().tolist() == stream[:tensor.numel()]
+    # the settings (and so their sha256, which names existing data folders) are those built before the field existed
+    settings = _settings(config, tok, None)
+    assert "calib_weights" not in settings and "calib_weights" not in out.manifest["settings"]
+    old_way = {f: getattr(config, f) for f in ("seq_len", "calib_tokens", "score_tokens", "eval_tokens",
+                                              "score_fraction", "seed", "text_field", "txt_mode", "min_doc_chars",
+                                              "max_doc_tokens")}
+    old_way.update(calib_sources=[long_src, short_src], eval_sources=["package:tiny_eval.txt"],
+                   source_sha256=settings["source_sha256"], tokenizer_sha256=tokenizer_fingerprint(tok), format=1)
+    assert settings == old_way and out.manifest["settings_sha256"] == _settings_sha(old_way)
+    weighted = _settings(_weighted_config((long_src, short_src), calib_weights=(1, 1)), tok, None)
+    assert weighted["calib_weights"] == [1.0, 1.0] and _settings_sha(weighted) != _settings_sha(settings)
+
+
+@pytest.mark.parametrize("weights, pattern", [
+    ((1,), r"1 weight\(s\) for 2 calibration source"), ((1, 2, 3), r"3 weight\(s\) for 2"),
+    ((1, 0), "has weight 0.0.*positive and finite"), ((-1, 1), "has weight -1.0"),
+    ((1, float("nan")), "has weight nan"), ((float("inf"), 1), "has weight inf"),
+    ((1, "x"), r"calib_weights\[1\] = 'x' is not a number"), ((True, 1), "is not a number")])
+def test_bad_calib_weights_are_refused(weights, pattern):
+    with pytest.raises(PuzzleError, match=pattern):
+        DataConfig(calib_sources=("a.txt", "b.txt"), calib_weights=weights)
+
+
+def test_calib_weights_from_presets_config_files_and_flags(tmp_path):
+    from puzzle.cli import _resolve_config, build_parser
+    from puzzle.config import load_preset, load_run_config, save_run_config
+
+    preset = tmp_path / "mix.toml"
+    preset.write_text('[data]\ncalib_sources = ["a.txt", "b.txt"]\ncalib_weights = [3, 1]\n')
+    config = load_preset(str(preset))
+    assert config.data.calib_weights == (3.0, 1.0)
+    save_run_config(config, tmp_path)
+    assert load_run_config(tmp_path).data.calib_weights == (3.0, 1.0)
+    (tmp_path / "bad.toml").write_text('[data]\ncalib_sources = ["a.txt", "b.txt"]\ncalib_weights = [1, "inf"]\n')
+    with pytest.raises(PuzzleError, match="has weight inf"):
+        load_preset(str(tmp_path / "bad.toml"))
+
+    def resolve(*flags):
+        return _resolve_config(build_parser().parse_args(["data", "--out", str(tmp_path), *flags]), tmp_path).data
+
+    assert resolve().calib_weights == (3.0, 1.0)  # the saved config
+    assert resolve("--calib-weights", "1", "2").calib_weights == (1.0, 2.0)
+    assert resolve("--calib-weights").calib_weights == ()  # no values: back to document shares
+    assert resolve("--calib", "a.txt", "b.txt").calib_weights == (3.0, 1.0)  # same sources keep their weights
+    assert resolve("--calib", "c.txt").calib_weights == ()  # other sources drop them
+    new = resolve("--preset", "tiny", "--calib", "c.txt", "d.txt", "--calib-weights", "1", "1")
+    assert new.calib_sources == ("c.txt", "d.txt") and new.calib_weights == (1.0, 1.0)
+    with pytest.raises(PuzzleError, match=r"--calib-weights\) has 3 weight\(s\) for 2"):
+        resolve("--calib-weights", "1", "1", "1")
+    with pytest.raises(PuzzleError, match="has weight 0.0"):
+        resolve("--calib", "c.txt", "d.txt", "--calib-weights", "0", "1")

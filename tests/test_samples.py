@@ -40,6 +40,19 @@ def test_data_config_refuses_misplaced_specs():
         resolve_source("parent-samples")
 
 
+def test_auto_sample_count_follows_the_samples_weight():
+    """With calib_weights, plain `parent-samples` draws only its share of the splits; N stays N."""
+    alone = DataConfig(calib_sources=("parent-samples",), eval_sources=("e.txt",), calib_tokens=16896,
+                       score_tokens=4096)
+    need = max(16896 / 0.8, 4096 / 0.2)
+    assert alone.parent_sample_tokens() == int(-(-need * 1.1 // 1))
+    mixed = DataConfig(calib_sources=("c.txt", "parent-samples"), eval_sources=("e.txt",), calib_tokens=16896,
+                       score_tokens=4096, calib_weights=(3, 1))
+    assert mixed.parent_sample_tokens() == int(-(-need * 0.25 * 1.1 // 1))
+    fixed = DataConfig(calib_sources=("c.txt", "parent-samples:5000"), eval_sources=("e.txt",), calib_weights=(3, 1))
+    assert fixed.parent_sample_tokens() == 5000
+
+
 def test_split_at_eos_drops_short_pieces():
     long = list(range(10, 10 + MIN_DOC_TOKENS))
     assert split_at_eos(long + [2] + [5, 6] + [2] + long, {2}) == [long, long]
