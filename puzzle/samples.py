@@ -75,9 +75,15 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
     Returns:
         (B, 1) int64 token ids.
+
+    Raises:
+        PuzzleError: a row with NaN logits, only -inf or any +inf (no distribution to sample from).
     """
     x = logits.double()
     cdf = (x - x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # (B, V) unnormalised
+    if not torch.isfinite(cdf[:, -1]).all():  # NaN logits, or a row of only -inf / +inf
+        raise PuzzleError("the parent's logits hold NaN or infinite values, so no token can be sampled; check the "
+                          "parent's weights (puzzle eval on it should give a finite LM loss)")
     u = torch.rand(x.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]  # (B, 1)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[1] - 1)  # first index with cdf > u
 

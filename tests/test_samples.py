@@ -160,3 +160,17 @@ def test_resume_survives_unicode_line_breaks_and_a_truncated_file(parent, tmp_pa
     ensure_parent_samples(parent.model, parent.tokenizer, cut, 300, **kw, log=said.append)
     assert (cut / SAMPLES_FILE).read_text() == whole
     assert len(said) == 1 and "(0 done)" not in said[0]  # resumed after the kept batches, not from the start
+
+
+def test_draw_tokens_follows_the_softmax_and_refuses_nan_logits():
+    from puzzle.samples import draw_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).repeat(100_000, 1)  # (B, 4)
+    counts = torch.bincount(draw_tokens(logits, torch.Generator().manual_seed(0))[:, 0], minlength=4)
+    torch.testing.assert_close(counts / 100_000, torch.softmax(logits[0], -1), atol=0.006, rtol=0)
+    assert draw_tokens(torch.tensor([[-1e30, 1e30, -1e30]]), torch.Generator()).item() == 1
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(PuzzleError, match="NaN or infinite"):
+            draw_tokens(torch.tensor([[0.0, bad]]), torch.Generator())
+    with pytest.raises(PuzzleError, match="NaN or infinite"):
+        draw_tokens(torch.full((1, 3), float("-inf")), torch.Generator())
