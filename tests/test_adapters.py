@@ -14,12 +14,7 @@ from puzzle.tiny import tiny_parent
 SPECS = (("BA", ""), ("BuA", ""), ("vBA", ""), ("vBuA", ""), ("vBuA", "AB"), ("vBuA", "u"), ("vBuA", "v"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def hetero_child(seed: int = 0) -> PuzzleForCausalLM:

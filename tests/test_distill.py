@@ -23,13 +23,7 @@ from puzzle.scoring.quality import parent_logprobs
 from puzzle.tiny import tiny_parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sharp_parent(seed: int = 0):

@@ -16,12 +16,7 @@ from puzzle.rewards import TASKS, LikelihoodJudge, positional_score, sequence_ra
 from puzzle.tiny import tiny_parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
