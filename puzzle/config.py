@@ -309,7 +309,7 @@ def load_preset(name_or_path: str) -> RunConfig:
     Raises:
         PuzzleError: unknown preset, unreadable TOML, or unknown sections/settings.
     """
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()  # '~/x.toml' passed literally (quoted, or from a script)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise PuzzleError(f"preset file {path} does not exist")

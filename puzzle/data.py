@@ -445,7 +445,8 @@ def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int):
         start, batch = start + len(chunk), min(batch * 2, 512)  # grow: few docs for small budgets
 
 
-def _weighted_merge(docs: list[Document], source_weights: dict[str, float], tokenizer, max_doc_tokens: int):
+def _weighted_merge(docs: list[Document], source_weights: dict[str, float], tokenizer, max_doc_tokens: int,
+                    want: int):
     """(document, token ids) of `docs` merged across sources so that every prefix of the stream holds
     each source's tokens in proportion to its weight, to within about half a document per source.
 
@@ -454,13 +455,18 @@ def _weighted_merge(docs: list[Document], source_weights: dict[str, float], toke
     per unit of weight: the middle of the document, so that a long document is as likely to be
     early as late and no source lags by a whole document. The stream takes the smallest key next
     (ties: the source listed first in `source_weights`). A source that runs out of documents stops
-    contributing and the others fill the rest.
+    contributing and the others fill the rest. Every document is cut to its source's share of the
+    `want` tokens (and to `max_doc_tokens` when that is lower), so one document longer than the
+    split cannot keep its source out of it.
     Sources are tokenized lazily, each at most one batch ahead of what the stream has taken.
     """
     import heapq
 
-    streams = [_tokenized([d for d in docs if d.source == s], tokenizer, max_doc_tokens) for s in source_weights]
-    weights = list(source_weights.values())
+    top = max(source_weights.values())
+    weights = [w / top for w in source_weights.values()]  # in (0, 1]: sums stay finite for any float weights
+    caps = [max(1, math.ceil(want * w / sum(weights))) for w in weights]
+    caps = [min(c, max_doc_tokens) if max_doc_tokens > 0 else c for c in caps]
+    streams = [_tokenized([d for d in docs if d.source == s], tokenizer, cap) for s, cap in zip(source_weights, caps)]
     heap = []
 
     def push(s: int, taken: int) -> None:
@@ -488,10 +494,11 @@ def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_do
             raise PuzzleError(f"documents of {unknown} have no weight; give a weight for every source")
         if bad := [s for s, w in source_weights.items() if not (isinstance(w, (int, float)) and 0 < w < math.inf)]:
             raise PuzzleError(f"weight {source_weights[bad[0]]!r} of {bad[0]}: give positive finite weights")
-        stream = _weighted_merge(docs, source_weights, tokenizer, max_doc_tokens)
+    want = (max_tokens // seq_len) * seq_len
+    if source_weights is not None:
+        stream = _weighted_merge(docs, source_weights, tokenizer, max_doc_tokens, want)
     else:
         stream = _tokenized(docs, tokenizer, max_doc_tokens)
-    want = (max_tokens // seq_len) * seq_len
     pieces, used, total = [], [], 0
     bar = None
     if progress:
@@ -541,7 +548,8 @@ def pack_documents(docs: list[Document], tokenizer, seq_len: int, max_tokens: in
             (a positive finite number, relative; the order breaks ties): the documents are merged so
             that each source gives w_s / sum(w) of the tokens, EOS included, to within about half a
             document per source; each source's documents keep their relative order, and a source
-            that runs out stops contributing (the others fill the budget).
+            that runs out stops contributing (the others fill the budget); a document longer than its
+            source's share of `max_tokens` is cut to that share.
 
     Returns:
         tokens: (B, T) int64 with B = min(max_tokens, available) // T.
@@ -660,6 +668,14 @@ class DataConfig:
             raise PuzzleError(f"calib_weights (--calib-weights) has {len(weights)} weight(s) for "
                               f"{len(self.calib_sources)} calibration source(s) {list(self.calib_sources)}; "
                               f"give one weight per source, in the same order, or none")
+        seen = {}
+        for source in self.calib_sources:
+            key = source if source.startswith(("asset:", "package:")) or ":" in source.split("/")[0] \
+                else str(Path(source).expanduser().resolve())
+            if key in seen:
+                raise PuzzleError(f"calib_weights: {seen[key]} and {source} are the same source, so one weight "
+                                  f"would be lost; give each calibration source once")
+            seen[key] = source
         for source, w in zip(self.calib_sources, weights):
             if not (w > 0 and math.isfinite(w)):
                 raise PuzzleError(f"calib_weights: {source} has weight {w}; weights are relative token shares and "
@@ -667,8 +683,13 @@ class DataConfig:
                                   f"remove it from the calibration sources")
 
     def calib_source_weights(self) -> dict[str, float] | None:
-        """Calibration source -> weight (relative token share), or None when no weights are set."""
-        return dict(zip(self.calib_sources, self.calib_weights)) if self.calib_weights else None
+        """Calibration source -> weight over the largest weight (relative token share in (0, 1]), or None
+        when no weights are set. Dividing by the largest keeps sums and quotients finite for weights
+        like 1e308 or 1e-320."""
+        if not self.calib_weights:
+            return None
+        top = max(self.calib_weights)
+        return {s: w / top for s, w in zip(self.calib_sources, self.calib_weights)}
 
     def parent_samples_spec(self) -> str | None:
         """The `parent-samples[:N]` calibration source, or None."""

@@ -147,26 +147,33 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def derived_from(paths) -> list[tuple[Path, Path, str]]:
     """(model folder, model, recorded path) for each model folder the model folders `paths` were derived from,
-    as their exports record it (config.json "puzzle" -> "source" -> "path": the folder the weights were loaded
-    from), followed back through the exports among those. A relative record is read from the current
-    directory (as `sft` and `gkd` read a run's parent path)."""
+    as their exports record it in config.json "puzzle": "source" -> "path" (the folder the weights were loaded
+    from) and, for a merge, every one of "merge" -> "inputs"; followed back through the exports among those. A
+    relative record is read from the current directory (as `sft` and `gkd` read a run's parent path)."""
     out, seen, todo = [], set(), [Path(p).expanduser() for p in paths]
     while todo:
         model = todo.pop()
         model = model.parent if model.name == "config.json" else model
         try:
-            recorded = json.loads((model / "config.json").read_text(encoding="utf-8"))["puzzle"]["source"]["path"]
-        except (OSError, ValueError, KeyError, TypeError):  # not an export, or one of a model loaded otherwise
+            info = json.loads((model / "config.json").read_text(encoding="utf-8"))["puzzle"]
+        except (OSError, ValueError, KeyError, TypeError):  # not an export
             continue
-        if not isinstance(recorded, str) or not recorded:
-            continue
-        source = Path(recorded).expanduser()
-        source = source.parent if source.name == "config.json" else source
-        if not (source / "config.json").is_file() or source.resolve() in seen:
-            continue
-        seen.add(source.resolve())
-        out.append((source.resolve(), model, str(recorded)))
-        todo.append(source)
+        records = []
+        if isinstance(info, dict):
+            source = info.get("source")
+            records.append(source.get("path") if isinstance(source, dict) else None)
+            merge = info.get("merge")
+            records.extend(merge.get("inputs") or [] if isinstance(merge, dict) else [])
+        for recorded in records:
+            if not isinstance(recorded, str) or not recorded:
+                continue
+            source = Path(recorded).expanduser()
+            source = source.parent if source.name == "config.json" else source
+            if not (source / "config.json").is_file() or source.resolve() in seen:
+                continue
+            seen.add(source.resolve())
+            out.append((source.resolve(), model, str(recorded)))
+            todo.append(source)
     return out
 
 

@@ -132,6 +132,15 @@ def test_merge_does_not_write_over_a_model_its_inputs_were_derived_from(tmp_path
     args = _parser().parse_args(["merge", str(tmp_path / "tuned0"), str(tmp_path / "tuned1"), "--dest",
                                  str(tmp_path / "soup")])
     assert args.func(args) == 0 and (tmp_path / "soup" / "config.json").is_file()
+    args = _parser().parse_args(["merge", str(tmp_path / "tuned0"), str(tmp_path / "again"), "--dest",
+                                 str(tmp_path / "soup2")])
+    assert args.func(args) == 0
+    before = _files(tmp_path / "again")  # soup2's second input (a plain export), not the one its "source" names
+    args = _parser().parse_args(["merge", str(tmp_path / "soup2"), str(tmp_path / "tuned1"), "--dest",
+                                 str(tmp_path / "again")])
+    with pytest.raises(PuzzleError, match=re.escape(f"--dest {tmp_path / 'again'} is the model")):
+        args.func(args)
+    assert _files(tmp_path / "again") == before
 
 
 def test_every_path_flag_expands_a_literal_tilde(tmp_path, monkeypatch, capsys):
@@ -147,3 +156,11 @@ def test_every_path_flag_expands_a_literal_tilde(tmp_path, monkeypatch, capsys):
     assert main(["export", "--out", "~/no-run"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "no-run") in err and "~/" not in err
+
+
+def test_a_preset_path_with_a_literal_tilde(tmp_path, monkeypatch):
+    from puzzle.config import load_preset
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.toml").write_text("[data]\nseq_len = 64\n")
+    assert load_preset("~/mine.toml").data.seq_len == 64

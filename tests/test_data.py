@@ -449,3 +449,39 @@ def test_calib_weights_from_presets_config_files_and_flags(tmp_path):
         resolve("--calib-weights", "1", "1", "1")
     with pytest.raises(PuzzleError, match="has weight 0.0"):
         resolve("--calib", "c.txt", "d.txt", "--calib-weights", "0", "1")
+
+
+def test_calib_weights_one_long_document_still_gets_its_share(tmp_path, tok):
+    """A source holding one document longer than the split is cut to its share, not left out (breaker find)."""
+    long_src, short_src = _two_sources(tmp_path)
+    one = tmp_path / "one.txt"
+    one.write_text("one " + "very long single document " * 1500)  # ~40k bytes, > 2x the calib split
+    for sources in ((short_src, str(one)), (str(one), short_src)):
+        out = prepare_data(_weighted_config(sources, calib_weights=(1, 1)), tok, tmp_path / f"d{sources[0][-5]}")
+        docs = read_documents(sources[0]) + read_documents(sources[1])
+        where = [k for k, v in split_documents(docs, [], 0.25, seed=0).items() if any(d.source == str(one) for d in v)]
+        assert len(where) == 1  # its one document lies in one split: there it gives half the tokens
+        shares = out.manifest["splits"][where[0]]["source_tokens"]
+        assert abs(shares.get(str(one), 0) / sum(shares.values()) - 0.5) < 0.02, (where, shares)
+
+
+def test_calib_weights_are_relative_whatever_their_magnitude(tmp_path, tok):
+    long_src, short_src = _two_sources(tmp_path)
+    ref = prepare_data(_weighted_config((long_src, short_src), calib_weights=(1, 1)), tok, tmp_path / "ref")
+    for weights in ((1e-320, 1e-320), (1e308, 1e308)):
+        out = prepare_data(_weighted_config((long_src, short_src), calib_weights=weights), tok, tmp_path / str(weights[0]))
+        assert torch.equal(out.calib, ref.calib) and torch.equal(out.score, ref.score)
+    huge = DataConfig(calib_sources=("parent-samples", short_src), eval_sources=("package:tiny_eval.txt",),
+                      calib_weights=(1e308, 1e308))
+    half = DataConfig(calib_sources=("parent-samples", short_src), eval_sources=("package:tiny_eval.txt",),
+                      calib_weights=(1, 1))
+    assert huge.parent_sample_tokens() == half.parent_sample_tokens() > 0
+
+
+def test_calib_weights_refuse_a_source_given_twice(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("text")
+    for sources in (("a.txt", "a.txt"), ("a.txt", "./a.txt"), ("a.txt", str(tmp_path / "a.txt"))):
+        with pytest.raises(PuzzleError, match="same source"):
+            DataConfig(calib_sources=sources, calib_weights=(1, 3))
+    DataConfig(calib_sources=("a.txt", "a.txt"))  # without weights nothing is lost (documents are kept once)
