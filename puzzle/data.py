@@ -455,25 +455,30 @@ def _weighted_merge(docs: list[Document], source_weights: dict[str, float], toke
     per unit of weight: the middle of the document, so that a long document is as likely to be
     early as late and no source lags by a whole document. The stream takes the smallest key next
     (ties: the source listed first in `source_weights`). A source that runs out of documents stops
-    contributing and the others fill the rest. Every document is cut to its source's share of the
-    `want` tokens (and to `max_doc_tokens` when that is lower), so one document longer than the
-    split cannot keep its source out of it.
+    contributing and the others fill the rest. A document is cut to its source's share of the
+    `want` tokens among the sources that still have documents here (and to `max_doc_tokens` when
+    that is lower), so one document longer than the split cannot keep its source out of it, while
+    a source left alone takes whole documents.
     Sources are tokenized lazily, each at most one batch ahead of what the stream has taken.
     """
     import heapq
 
     top = max(source_weights.values())
     weights = [w / top for w in source_weights.values()]  # in (0, 1]: sums stay finite for any float weights
-    caps = [max(1, math.ceil(want * w / sum(weights))) for w in weights]
-    caps = [min(c, max_doc_tokens) if max_doc_tokens > 0 else c for c in caps]
-    streams = [_tokenized([d for d in docs if d.source == s], tokenizer, cap) for s, cap in zip(source_weights, caps)]
+    names = list(source_weights)
+    streams = [_tokenized([d for d in docs if d.source == s], tokenizer, max_doc_tokens) for s in names]
+    active = {i for i, s in enumerate(names) if any(d.source == s for d in docs)}  # sources with documents here
     heap = []
 
     def push(s: int, taken: int) -> None:
         item = next(streams[s], None)
-        if item is not None:  # one entry per source on the heap: (key, s) never ties
-            size = len(item[1]) + 1
-            heapq.heappush(heap, ((taken + size / 2) / weights[s], s, taken + size, item))
+        if item is None:
+            active.discard(s)
+            return
+        cap = max(1, math.ceil(want * weights[s] / sum(weights[i] for i in active)))
+        item = (item[0], item[1][:cap])
+        size = len(item[1]) + 1  # one entry per source on the heap: (key, s) never ties
+        heapq.heappush(heap, ((taken + size / 2) / weights[s], s, taken + size, item))
 
     for s in range(len(streams)):
         push(s, 0)
@@ -549,7 +554,7 @@ def pack_documents(docs: list[Document], tokenizer, seq_len: int, max_tokens: in
             that each source gives w_s / sum(w) of the tokens, EOS included, to within about half a
             document per source; each source's documents keep their relative order, and a source
             that runs out stops contributing (the others fill the budget); a document longer than its
-            source's share of `max_tokens` is cut to that share.
+            source's share of `max_tokens` (among the sources that still have documents) is cut to it.
 
     Returns:
         tokens: (B, T) int64 with B = min(max_tokens, available) // T.
@@ -584,6 +589,9 @@ def byte_tokenizer(eos_token: str = "<|endoftext|>"):
 
 # ----------------------------------------------------------------------------------------------
 # The stage: config -> tokens.safetensors + manifest.json
+
+
+MAX_WEIGHT_RATIO = 1e12  # calib_weights: largest / smallest; beyond it a share is below one token of any split
 
 
 @dataclass(frozen=True)
@@ -681,6 +689,9 @@ class DataConfig:
                 raise PuzzleError(f"calib_weights: {source} has weight {w}; weights are relative token shares and "
                                   f"must be positive and finite (e.g. 1 1 for half each); to leave a source out, "
                                   f"remove it from the calibration sources")
+        if max(weights) / min(weights) > MAX_WEIGHT_RATIO:  # also catches a quotient that overflows to inf
+            raise PuzzleError(f"calib_weights {list(weights)} span more than {MAX_WEIGHT_RATIO:g}x: the lightest "
+                              f"source's share would be less than a token; remove that source instead")
 
     def calib_source_weights(self) -> dict[str, float] | None:
         """Calibration source -> weight over the largest weight (relative token share in (0, 1]), or None
@@ -867,6 +878,12 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     splits = split_documents([d for s in config.calib_sources for d in per_source[s]],
                              [d for s in config.eval_sources for d in per_source[s]],
                              config.score_fraction, config.seed)
+    if config.calib_weights:  # a weighted source whose every text another source already holds would give nothing
+        kept = {d.source for k in ("calib", "score") for d in splits[k]}
+        if lost := [spec for spec in config.calib_sources if spec not in kept]:
+            raise PuzzleError(f"calibration source {lost[0]}: every document repeats the text of another source or "
+                              f"of the evaluation sources (documents are kept once), so its weight would give "
+                              f"nothing; give each weighted source its own text")
     budgets = {"calib": config.calib_tokens, "score": config.score_tokens, "eval": config.eval_tokens}
     tensors, summary = {}, {}
     for split in SPLITS:

@@ -145,11 +145,29 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _recorded_models(info) -> list:
+    """The model paths an export's config.json "puzzle" entry records as its inputs: "source" -> "path" (where
+    the weights were loaded from), every "merge" -> "inputs", "sft" -> "model", "gkd" -> "child" / "parent", and a
+    run export's "parent"."""
+    if not isinstance(info, dict):
+        return []
+    out = []
+    for key, fields in (("source", ("path",)), ("sft", ("model",)), ("gkd", ("child", "parent"))):
+        entry = info.get(key)
+        out += [entry.get(f) for f in fields] if isinstance(entry, dict) else []
+    merge = info.get("merge")
+    out += list(merge.get("inputs") or []) if isinstance(merge, dict) else []
+    out.append(info.get("parent"))
+    return out
+
+
 def derived_from(paths) -> list[tuple[Path, Path, str]]:
     """(model folder, model, recorded path) for each model folder the model folders `paths` were derived from,
-    as their exports record it in config.json "puzzle": "source" -> "path" (the folder the weights were loaded
-    from) and, for a merge, every one of "merge" -> "inputs"; followed back through the exports among those. A
-    relative record is read from the current directory (as `sft` and `gkd` read a run's parent path)."""
+    as their exports record it (`_recorded_models`), followed back through the exports among those.
+
+    Only absolute records count: a relative one was typed relative to a working folder nobody recorded, and
+    read from the current one it can name an unrelated model. Inputs recorded by `merge`, `sft --model` and
+    `gkd` are absolute (`puzzle.export.model_ref`); a `source` path is as the loader was given it."""
     out, seen, todo = [], set(), [Path(p).expanduser() for p in paths]
     while todo:
         model = todo.pop()
@@ -158,14 +176,8 @@ def derived_from(paths) -> list[tuple[Path, Path, str]]:
             info = json.loads((model / "config.json").read_text(encoding="utf-8"))["puzzle"]
         except (OSError, ValueError, KeyError, TypeError):  # not an export
             continue
-        records = []
-        if isinstance(info, dict):
-            source = info.get("source")
-            records.append(source.get("path") if isinstance(source, dict) else None)
-            merge = info.get("merge")
-            records.extend(merge.get("inputs") or [] if isinstance(merge, dict) else [])
-        for recorded in records:
-            if not isinstance(recorded, str) or not recorded:
+        for recorded in _recorded_models(info):
+            if not isinstance(recorded, str) or not Path(recorded).expanduser().is_absolute():
                 continue
             source = Path(recorded).expanduser()
             source = source.parent if source.name == "config.json" else source

@@ -143,6 +143,19 @@ def test_merge_does_not_write_over_a_model_its_inputs_were_derived_from(tmp_path
     assert _files(tmp_path / "again") == before
 
 
+def test_merge_ignores_a_relative_record_it_cannot_place(tmp_path, monkeypatch):
+    """An export records `source.path` as typed; read from another folder, a relative one names another model."""
+    lm = tiny_parent()
+    for folder in ("m", "n"):
+        (tmp_path / folder).mkdir()
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / folder / "base")
+    monkeypatch.chdir(tmp_path / "m")
+    export_checkpoint(load_parent("base").model, lm.tokenizer, tmp_path / "m" / "child")  # records 'base'
+    monkeypatch.chdir(tmp_path / "n")  # n/base is unrelated to m/child
+    args = _parser().parse_args(["merge", "../m/child", "../m/base", "--dest", "base"])
+    assert args.func(args) == 0
+
+
 def test_every_path_flag_expands_a_literal_tilde(tmp_path, monkeypatch, capsys):
     """`puzzle <command> --out '~/x'` (quoted, or from a script) means the home folder for every command."""
     import argparse

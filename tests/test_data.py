@@ -485,3 +485,24 @@ def test_calib_weights_refuse_a_source_given_twice(tmp_path, monkeypatch):
         with pytest.raises(PuzzleError, match="same source"):
             DataConfig(calib_sources=sources, calib_weights=(1, 3))
     DataConfig(calib_sources=("a.txt", "a.txt"))  # without weights nothing is lost (documents are kept once)
+
+
+def test_calib_weights_leave_the_rest_of_a_split_to_the_sources_left(tmp_path, tok):
+    """Caps follow the sources still present: a light source fills a split the heavy one is absent from
+    or has run out of, with whole documents (second breaker pass: splits had shrunk or failed)."""
+    long_src, short_src = _two_sources(tmp_path)
+    few = tmp_path / "few.txt"
+    few.write_text("\\n\\n".join(f"few {i}: " + "words and more words " * 8 for i in range(3)))
+    out = prepare_data(_weighted_config((long_src, str(few)), calib_weights=(1, 1000)), tok, tmp_path / "d")
+    assert out.calib.numel() == 16384 and out.score.numel() == 4096  # cut to 1/1001 of the split, they could not
+
+
+def test_calib_weights_refuse_what_cannot_give_a_share(tmp_path, tok):
+    long_src, short_src = _two_sources(tmp_path)
+    for weights in ((1e308, 1e-308), (1e-320, 1), (1, 2e12)):
+        with pytest.raises(PuzzleError, match="span more than"):
+            _weighted_config((long_src, short_src), calib_weights=weights)
+    copy = tmp_path / "copy.txt"
+    copy.write_text(open(short_src).read())  # the same text under another name
+    with pytest.raises(PuzzleError, match="copy.txt: every document repeats"):
+        prepare_data(_weighted_config((short_src, str(copy)), calib_weights=(1, 1)), tok, tmp_path / "d")
