@@ -581,7 +581,6 @@ def run_gkd_command(args, log=None) -> dict:
                               "run's calibration text with --calib-tokens N / --max-doc-tokens N)")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise PuzzleError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
-    args.out, args.dest, args.work = (Path(p).expanduser() if p else p for p in (args.out, args.dest, args.work))
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)

@@ -86,13 +86,21 @@ def run_ref(run_dir, dest) -> str:
 TRAINED_KEYS = ("gkd", "sft", "merge")
 
 
-def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
-    """(export_provenance, trained) of the export now in out_dir, or None when there is none."""
+def export_info(folder) -> dict | None:
+    """The config.json "puzzle" entry of the export in `folder` ({} when it has none or not a dict), or None
+    when `folder` holds no readable config.json."""
     try:
-        info = json.loads((Path(out_dir) / "config.json").read_text(encoding="utf-8")).get("puzzle")
+        info = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("puzzle")
     except (OSError, ValueError, AttributeError):
         return None
-    info = info if isinstance(info, dict) else {}
+    return info if isinstance(info, dict) else {}
+
+
+def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
+    """(export_provenance, trained) of the export now in out_dir, or None when there is none."""
+    info = export_info(out_dir)
+    if info is None:
+        return None
     return export_provenance(info), any(k in info for k in TRAINED_KEYS) or info.get("stage") == "rpo"
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -168,23 +167,20 @@ def derived_from(paths) -> list[tuple[Path, Path, str]]:
     Only absolute records count: a relative one was typed relative to a working folder nobody recorded, and
     read from the current one it can name an unrelated model. Inputs recorded by `merge`, `sft --model` and
     `gkd` are absolute (`puzzle.export.model_ref`); a `source` path is as the loader was given it."""
+    from .export import export_info, model_ref
+
     out, seen, todo = [], set(), [Path(p).expanduser() for p in paths]
     while todo:
         model = todo.pop()
         model = model.parent if model.name == "config.json" else model
-        try:
-            info = json.loads((model / "config.json").read_text(encoding="utf-8"))["puzzle"]
-        except (OSError, ValueError, KeyError, TypeError):  # not an export
-            continue
-        for recorded in _recorded_models(info):
+        for recorded in _recorded_models(export_info(model)):
             if not isinstance(recorded, str) or not Path(recorded).expanduser().is_absolute():
                 continue
-            source = Path(recorded).expanduser()
-            source = source.parent if source.name == "config.json" else source
-            if not (source / "config.json").is_file() or source.resolve() in seen:
+            source = Path(model_ref(recorded))
+            if not (source / "config.json").is_file() or source in seen:
                 continue
-            seen.add(source.resolve())
-            out.append((source.resolve(), model, str(recorded)))
+            seen.add(source)
+            out.append((source, model, recorded))
             todo.append(source)
     return out
 

@@ -581,7 +581,6 @@ def run_sft_command(args, log=None) -> dict | None:
     if not args.model and (not args.out or not args.name):
         raise PuzzleError("give --model PATH (HF folder, .gguf, exported folder) or --out DIR --name NAME "
                           "(a run's child, or 'parent')")
-    args.out, args.dest, args.work = (Path(p).expanduser() if p else p for p in (args.out, args.dest, args.work))
     if args.dest is None:
         if not args.out:
             raise PuzzleError("give --dest FOLDER for the fine-tuned model")

@@ -92,7 +92,10 @@ def test_a_refused_sft_or_gkd_leaves_the_run_directory_as_it_was(tmp_path):
     assert not (run / "timings.json").exists() and not (run / "parent.json").exists()
 
 
-def test_a_literal_tilde_is_the_home_folder(tmp_path, monkeypatch):
+def test_a_literal_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """merge inputs and --dest, gkd/sft --out given as '~/...' through the command line (`puzzle.cli.main`)."""
+    from puzzle.cli import main
+
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.setenv("HOME", str(home))
@@ -100,15 +103,14 @@ def test_a_literal_tilde_is_the_home_folder(tmp_path, monkeypatch):
     for i in (0, 1):
         lm = tiny_parent(seed=i)
         export_checkpoint(lm.model, lm.tokenizer, home / f"m{i}")
-    args = _parser().parse_args(["merge", "~/m0", "~/m1", "--dest", "~/merged"])
-    assert args.func(args) == 0 and (home / "merged" / "config.json").is_file() and not (cwd / "~").exists()
+    assert main(["merge", "~/m0", "~/m1", "--dest", "~/merged"]) == 0
+    assert (home / "merged" / "config.json").is_file() and not (cwd / "~").exists()
     _tiny_run(home / "run")
-    args = _parser().parse_args(["gkd", "--out", "~/run", "--name", "nosuch", "--no-progress"])
-    with pytest.raises(PuzzleError, match=re.escape(f"no architecture named 'nosuch' in {home / 'run' / 'search'}")):
-        args.func(args)
-    args = _parser().parse_args(["sft", "--out", "~/run", "--name", "nosuch", "--data", "demo:reasoning-toggle"])
-    with pytest.raises(PuzzleError, match=re.escape(f"no architecture named 'nosuch' in {home / 'run' / 'search'}")):
-        args.func(args)
+    capsys.readouterr()
+    for argv in (["gkd", "--out", "~/run", "--name", "nosuch", "--no-progress"],
+                 ["sft", "--out", "~/run", "--name", "nosuch", "--data", "demo:reasoning-toggle"]):
+        assert main(argv) == 2
+        assert f"no architecture named 'nosuch' in {home / 'run' / 'search'}" in capsys.readouterr().err
     assert not (cwd / "~").exists()
 
 
