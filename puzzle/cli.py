@@ -153,18 +153,61 @@ def _resolve_config(args, out: Path):
     return config.replace(**changes)
 
 
-@contextlib.contextmanager
-def _config_kept_on_failure(out: Path, saved):
-    """Within the block, a failure (an error, Ctrl-C) puts back DIR/config.json as `saved` had it, so
-    that flags whose stage did not finish are not read by later stages (budgets, objective)."""
-    try:
-        yield
-    except BaseException:
-        if saved is not None:
-            from .config import save_run_config
+#: what building a Run writes before any stage's work (Run: config.json; its bookkeeping, written with work)
+_BOOKKEEPING = ("config.json", "timings.json", "parent.json")
 
-            save_run_config(saved, out)
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what a mkdir -p would create first), or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_new_out(out: Path, top: Path) -> None:
+    """Undo a refused command's new --out: `out` and the folders above it up to `top` (all made by this command)
+    are removed when they hold nothing but `_BOOKKEEPING` files and empty folders. Work a stage finished there
+    (tokens, library entries) stays, and so does the configuration it was made with, for a rerun to resume."""
+    out = out.absolute()
+    files = [p for p in top.rglob("*") if not p.is_dir()]
+    if any(p.parent != out or p.name not in _BOOKKEEPING for p in files):
+        return
+    for p in files:
+        p.unlink()
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [top]:
+        try:
+            folder.rmdir()
+        except OSError:  # something else appeared in it meanwhile: leave it
+            return
+
+
+@contextlib.contextmanager
+def _stage_run(args, existing: bool = False, measures: bool = False):
+    """The Run of a stage command (`_run_for`), and what a failure leaves of --out.
+
+    Any failure (an error, Ctrl-C) puts DIR/config.json back as it was, byte for byte, so that flags whose stage
+    did not finish are not read by later stages (budgets, objective). A refusal (PuzzleError) of a command whose
+    --out did not exist removes the folder again unless a stage finished work in it (`_remove_new_out`). On
+    success the Run's bookkeeping is written (`Run.flush`).
+    """
+    config_path = args.out / "config.json"
+    before = config_path.read_bytes() if config_path.is_file() else None
+    top = _first_missing(args.out)
+    try:
+        run = _run_for(args, existing=existing, measures=measures)
+        yield run
+    except BaseException as e:
+        if before is not None and (not config_path.is_file() or config_path.read_bytes() != before):
+            from .io import atomic_write_bytes
+
+            atomic_write_bytes(config_path, before)
+        if top is not None and isinstance(e, (PuzzleError, ArchitectureError)) and args.out.is_dir():
+            _remove_new_out(args.out, top)
         raise
+    run.flush()
 
 
 def _run_for(args, need_config: bool = True, existing: bool = False, measures: bool = False):
@@ -199,16 +242,27 @@ def _saved(args):
     return load_run_config(args.out) if (args.out / "config.json").is_file() else None
 
 
+def _log_unreachable_front(run) -> None:
+    """Repeat the search's warning on front targets no child reached (DIR/search/chosen.json), if any."""
+    from .io import read_json
+    from .pipeline import unreachable_front_message
+
+    path = run.out / "search" / "chosen.json"
+    missed = read_json(path).get("unreachable_front") if path.is_file() else None
+    if missed:
+        _log(f"front: warning: {unreachable_front_message(missed)}")
+
+
 def cmd_run(args) -> int:
     from .pipeline import run_all
 
-    saved = _saved(args)
-    run = _run_for(args, measures=True)  # a missing CUDA device: before the data and BLD stages, not at the first timing
-    with _config_kept_on_failure(args.out, saved):
+    # measures: a missing CUDA device is refused before the data and BLD stages, not at the first timing
+    with _stage_run(args, measures=True) as run:
         summary = run_all(run)
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss", "speedup",
             "predicted_speedup"]
     _log("\n" + summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _log_unreachable_front(run)
     _log(f"\nsummary: {args.out / 'summary.csv'}   front: {args.out / 'front.png'}   report: {args.out / 'report.md'}")
     return 0
 
@@ -216,9 +270,7 @@ def cmd_run(args) -> int:
 def cmd_data(args) -> int:
     from .pipeline import stage_data
 
-    saved = _saved(args)
-    run = _run_for(args)
-    with _config_kept_on_failure(args.out, saved):
+    with _stage_run(args) as run:
         stage_data(run)
     return 0
 
@@ -229,9 +281,7 @@ def cmd_bld(args) -> int:
     from .pipeline import stage_bld
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    saved = _saved(args)
-    run = _run_for(args)
-    with _config_kept_on_failure(args.out, saved):
+    with _stage_run(args) as run:
         stage_bld(run, rank=rank, world_size=world)
     return 0
 
@@ -239,9 +289,7 @@ def cmd_bld(args) -> int:
 def cmd_score(args) -> int:
     from .pipeline import stage_score
 
-    saved = _saved(args)
-    run = _run_for(args, measures=True)
-    with _config_kept_on_failure(args.out, saved):
+    with _stage_run(args, measures=True) as run:
         stage_score(run)
     return 0
 
@@ -276,8 +324,7 @@ def cmd_search(args) -> int:
     from .pipeline import stage_search
 
     saved = _saved(args)
-    run = _run_for(args, existing=True)
-    with _config_kept_on_failure(args.out, saved):  # a budget that fails (infeasible, mistyped) is not kept
+    with _stage_run(args, existing=True) as run:  # a budget that fails (infeasible, mistyped) is not kept
         stage_search(run, json_out=args.json)
     budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
     if saved is not None and budget(saved) != budget(run.config):
@@ -303,16 +350,16 @@ def _child_name(args, run, command: str) -> str:
 def cmd_realize(args) -> int:
     from .pipeline import stage_realize
 
-    run = _run_for(args, existing=True, measures=True)
-    stage_realize(run, _child_name(args, run, "realize"), stage=args.stage)
+    with _stage_run(args, existing=True, measures=True) as run:
+        stage_realize(run, _child_name(args, run, "realize"), stage=args.stage)
     return 0
 
 
 def cmd_export(args) -> int:
     from .pipeline import stage_export
 
-    run = _run_for(args, existing=True)
-    stage_export(run, _child_name(args, run, "export"), dest=args.dest)
+    with _stage_run(args, existing=True) as run:
+        stage_export(run, _child_name(args, run, "export"), dest=args.dest)
     return 0
 
 
@@ -335,17 +382,16 @@ def cmd_front(args) -> int:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
     elif args.downstream_limit is not None:
         raise PuzzleError("--downstream-limit only applies with --downstream TASK,...; add --downstream or drop it")
-    saved = _saved(args)
-    run = _run_for(args, existing=True)
-    stale = "--remeasure" if args.remeasure else front_is_current(run)
-    if stale:
-        if (run.out / "front.csv").is_file():
-            _log(f"front: solving, building and timing the front's children again ({stale})")
-        with _config_kept_on_failure(args.out, saved):
+    with _stage_run(args, existing=True) as run:
+        stale = "--remeasure" if args.remeasure else front_is_current(run)
+        if stale:
+            if (run.out / "front.csv").is_file():
+                _log(f"front: solving, building and timing the front's children again ({stale})")
             stage_front(run)
-    else:
-        _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
-             "child solved or timed again (--remeasure does both)")
+        else:
+            _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
+                 "child solved or timed again (--remeasure does both)")
+            _log_unreachable_front(run)
     if tasks:
         from .downstream import evaluate_front_downstream
 
@@ -466,6 +512,31 @@ def expand_home(args: argparse.Namespace) -> None:
             setattr(args, name, [v.expanduser() for v in value])
 
 
+def _own_folders() -> set[Path]:
+    """The folders of this package's modules (puzzle, and puzzle.scoring / puzzle.kernels, installed from elsewhere)."""
+    import importlib.util
+
+    folders = set()
+    for name in ("puzzle", "puzzle.scoring", "puzzle.kernels"):
+        spec = importlib.util.find_spec(name)
+        folders.update(Path(p).resolve() for p in (spec.submodule_search_locations or []) if spec is not None)
+    return folders
+
+
+def _one_line_warnings(show):
+    """A `warnings.showwarning` that prints this package's warnings on one line, `puzzle: warning: ...` (e.g. a
+    damaged file being rebuilt), and passes any other library's to `show`."""
+    own = _own_folders()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, UserWarning) and Path(filename).resolve().parent in own:
+            print(f"puzzle: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
+
+
 def main(argv=None) -> int:
     try:
         parser = build_parser()  # imports torch on the way: Ctrl-C here is an interrupt like any other
@@ -478,9 +549,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        if not args.debug:
-            warnings.filterwarnings("ignore", category=FutureWarning)
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            if not args.debug:
+                warnings.filterwarnings("ignore", category=FutureWarning)
+            return args.func(args)
     except (PuzzleError, ArchitectureError) as e:
         if args.debug:
             raise

@@ -28,6 +28,7 @@ import importlib.resources
 import json
 import math
 import re
+import warnings
 import xml.etree.ElementTree as ET
 import zlib
 from dataclasses import dataclass
@@ -722,12 +723,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenSplits:
-    """The packed splits: calib, score, eval are (B_i, T) int64; manifest as written to disk."""
+    """The packed splits: calib, score, eval are (B_i, T) int64; manifest as written to disk.
+    `reloaded`: read back from files an earlier call wrote (nothing was tokenized)."""
 
     calib: torch.Tensor
     score: torch.Tensor
     eval: torch.Tensor
     manifest: dict
+    reloaded: bool = False
+
+
+class DamagedSplits(PuzzleError):
+    """Stored token splits that cannot be trusted: `path` (tokens.safetensors or manifest.json) is missing,
+    unreadable or disagrees with the other file (`reason` says how). Not raised for splits made with other settings."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}; rerun the data stage, which rebuilds the splits")
+        self.path, self.reason = Path(path), reason
 
 
 def source_sha256(spec: str, cache_dir=None) -> str:
@@ -784,27 +796,34 @@ def _settings_sha(settings: dict) -> str:
 def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenSplits:
     """Read `tokens.safetensors` and `manifest.json` written by `prepare_data`.
 
-    Raises PuzzleError when a file is missing, the two files disagree (settings, or a split's token
-    hash when the manifest has one), or (with
-    `expect_settings_sha`) they were made with other settings.
+    Raises:
+        DamagedSplits: a file is missing or unreadable, or the two disagree (settings, or a split's
+            token hash when the manifest has one); `path` names the file at fault.
+        PuzzleError: (with `expect_settings_sha`) splits made with other settings.
     """
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
     out_dir = Path(out_dir)
-    manifest = read_json(out_dir / "manifest.json")
-    tokens_path = out_dir / "tokens.safetensors"
-    if not tokens_path.is_file():
-        raise PuzzleError(f"{tokens_path} is missing; rerun the data stage")
+    manifest_path, tokens_path = out_dir / "manifest.json", out_dir / "tokens.safetensors"
+    for path in (manifest_path, tokens_path):
+        if not path.is_file():
+            raise DamagedSplits(path, "missing (or not a file)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedSplits(manifest_path, f"cannot be read ({e})") from e
+    if not isinstance(manifest, dict):
+        raise DamagedSplits(manifest_path, f"holds a {type(manifest).__name__}, not a manifest object")
     try:
         with safe_open(str(tokens_path), framework="pt") as f:
             stored_sha = (f.metadata() or {}).get("settings_sha256")
             tensors = {k: f.get_tensor(k) for k in SPLITS}
     except (SafetensorError, OSError, KeyError) as e:
-        raise PuzzleError(f"{tokens_path} cannot be read ({e}); delete it and rerun the data stage") from e
+        raise DamagedSplits(tokens_path, f"cannot be read ({e})") from e
     if stored_sha != manifest.get("settings_sha256"):
-        raise PuzzleError(f"{tokens_path} and {out_dir / 'manifest.json'} come from different runs; "
-                          f"delete both and rerun the data stage")
+        raise DamagedSplits(tokens_path, f"its settings hash is not the one {manifest_path.name} records (the two files "
+                                         f"come from different runs)")
     if expect_settings_sha is not None and stored_sha != expect_settings_sha:
         raise PuzzleError(f"{out_dir} holds data prepared with other settings; use another folder or delete it")
     splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
@@ -815,26 +834,55 @@ def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenS
         if expected is None:
             missing.append(split)
         elif expected != tensor_sha256(tensors[split]):
-            raise PuzzleError(f"{tokens_path}: the {split} split's tokens differ from those the manifest recorded "
-                              f"(the file was changed or damaged); delete both files and rerun the data stage")
+            raise DamagedSplits(tokens_path, f"the {split} split's tokens differ from those the manifest recorded (the "
+                                             f"file was changed or damaged)")
     if missing and all(isinstance(splits.get(s), dict) for s in missing):
         # a manifest written before the content hash: record the tokens as they are now, so later changes show
         for split in missing:
             splits[split]["sha256"] = tensor_sha256(tensors[split])
         try:
-            atomic_write_json(out_dir / "manifest.json", manifest)
+            atomic_write_json(manifest_path, manifest)
         except OSError:
             pass  # a read-only run directory: checked from the next writable load on
-    return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
+    return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest, reloaded=True)
+
+
+def pack_eval_split(config: DataConfig, tokenizer, cache_dir=None) -> torch.Tensor:
+    """The (B_e, T) int64 evaluation split `prepare_data` packs for `config`, from the evaluation sources
+    alone (it depends on no calibration source), writing nothing: a check before a re-pack.
+
+    Raises:
+        PuzzleError: as `prepare_data` for the evaluation sources (missing or empty, too few tokens).
+    """
+    docs = [d for spec in config.eval_sources
+            for d in read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)]
+    eval_docs = split_documents([], docs, config.score_fraction, config.seed)["eval"]
+    if not eval_docs:
+        raise PuzzleError("the eval split has no documents; add text to its sources")
+    try:
+        tokens, _, _ = _pack(eval_docs, tokenizer, config.seq_len, config.eval_tokens, config.max_doc_tokens)
+    except PuzzleError as e:
+        raise PuzzleError(f"eval split: {e}") from None
+    return tokens
+
+
+def write_token_splits(splits: TokenSplits, out_dir) -> None:
+    """Write `splits` (from `prepare_data`) to out_dir: tokens first, then the manifest that describes them."""
+    out_dir = Path(out_dir)
+    atomic_save_safetensors({k: getattr(splits, k) for k in SPLITS}, out_dir / "tokens.safetensors",
+                            metadata={"settings_sha256": splits.manifest["settings_sha256"]})
+    atomic_write_json(out_dir / "manifest.json", splits.manifest)
 
 
 def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progress: bool = False,
-                 resolved: dict | None = None) -> TokenSplits:
+                 resolved: dict | None = None, write: bool = True) -> TokenSplits:
     """Read, split, tokenize and pack the data; write `tokens.safetensors` and `manifest.json`.
 
     If both files exist in `out_dir` and were made with the same settings (config, source sha256,
-    tokenizer), they are loaded instead. Files are written atomically, tokens first, so a
-    manifest on disk always describes a complete tokens file.
+    tokenizer), they are loaded instead (`reloaded` True). Files are written atomically, tokens
+    first, so a manifest on disk always describes a complete tokens file; a damaged pair (a
+    truncated or changed file, `DamagedSplits`) is rebuilt with a warning that names the file,
+    splits made with other settings are rebuilt without one.
 
     Returns:
         TokenSplits with calib (B_c, T), score (B_s, T), eval (B_e, T), all int64, and the manifest:
@@ -848,7 +896,8 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     without, each split takes its documents in seeded-hash order.
 
     `resolved` maps a source spec that is no path (`parent-samples`) to the file that holds its
-    text (`puzzle.samples.ensure_parent_samples`); the file's sha256 identifies it.
+    text (`puzzle.samples.ensure_parent_samples`); the file's sha256 identifies it. `write=False`
+    writes nothing: a caller with more checks to make writes new splits with `write_token_splits`.
 
     Raises:
         PuzzleError: missing or empty source, a split with fewer than T tokens, no EOS token,
@@ -865,8 +914,10 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     if (out_dir / "manifest.json").is_file() and (out_dir / "tokens.safetensors").is_file():
         try:
             return load_token_splits(out_dir, expect_settings_sha=sha)
+        except DamagedSplits as e:
+            warnings.warn(f"{e.path} is damaged: {e.reason}; rebuilding the token splits")
         except PuzzleError:
-            pass  # other settings or a broken pair: prepare afresh and overwrite
+            pass  # made with other settings: prepare afresh and overwrite
 
     def read(spec: str) -> list[Document]:
         if spec in resolved:  # a generated source: its jsonl file, documents named by the spec
@@ -911,6 +962,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                      "chars": sum(len(d.text) for d in docs)} for spec, docs in per_source.items()],
         "splits": summary,
     }
-    atomic_save_safetensors(tensors, out_dir / "tokens.safetensors", metadata={"settings_sha256": sha})
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
+    packed = TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
+    if write:
+        write_token_splits(packed, out_dir)
+    return packed

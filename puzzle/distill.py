@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from .errors import PuzzleError, require_finite
 from .io import atomic_save_safetensors, atomic_write_json, read_json, tensor_sha256
 from .modeling import PuzzleForCausalLM
-from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
-                          global_batch, init_distributed, rank_slice, shutdown_distributed, train_loop,
-                          unchanged_on_refusal)
+from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, check_resumable,
+                          check_work_folder, global_batch, init_distributed, rank_slice, shutdown_distributed,
+                          train_loop)
 
 TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
@@ -347,6 +347,13 @@ class GKDResult:
         return self.train.model
 
 
+def gkd_meta(config: GKDConfig, parent: PuzzleForCausalLM, child: PuzzleForCausalLM, ids: torch.Tensor,
+             extra_meta: dict | None = None) -> dict:
+    """What a GKD checkpoint must match to be resumed: settings, parent, child (before training), tokens, extras."""
+    return {"stage": "gkd", "config": asdict(config), "parent": model_fingerprint(parent),
+            "child": model_fingerprint(child), "tokens": tokens_sha(ids), **(extra_meta or {})}
+
+
 def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tensor, config: GKDConfig, work_dir,
             *, env: DistEnv | None = None, fsdp: bool = False, progress: bool = False, on_step=None,
             stop_after_steps: int | None = None, extra_meta: dict | None = None) -> GKDResult:
@@ -379,6 +386,8 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tens
     steps = config.steps(T)
     if config.batch_size % env.world_size:
         raise PuzzleError(f"batch size {config.batch_size} does not divide by {env.world_size} processes")
+    meta = gkd_meta(config, parent, child, ids, extra_meta)
+    check_resumable(work_dir / "checkpoint.pt", meta, steps, fsdp)  # before the teacher cache is (re)built
     cache = None
     if config.teacher == "cache" and config.kl_weight > 0:
         top_k = min(config.top_k, parent.config.vocab_size)  # a larger --top-k keeps the whole vocabulary
@@ -395,8 +404,6 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, ids: torch.Tens
     if config.freeze_embeddings:
         child.model.embed_tokens.weight.requires_grad_(False)
         child.lm_head.weight.requires_grad_(False)
-    meta = {"stage": "gkd", "config": asdict(config), "parent": model_fingerprint(parent),
-            "child": model_fingerprint(child), "tokens": tokens_sha(ids), **(extra_meta or {})}
     parent_fwd = None
     if config.teacher == "online" or config.cosine_weight > 0:
         parent_fwd = _teacher_forward(parent, env, fsdp)  # FSDP shards the parent in place: after the fingerprints
@@ -451,11 +458,12 @@ class GKDInputs:
     work: Path
     description: dict
     child_source: str = ""  # the child as the work folder's checkpoint records it (independent of dest)
+    save_data: object = None  # writes re-packed training splits (RUN/gkd/data) once every check has passed
 
 
 def _run_inputs(args, progress: bool, log) -> GKDInputs:
     from .config import load_run_config
-    from .data import prepare_data
+    from .data import pack_eval_split, prepare_data, write_token_splits
     from .pipeline import Run, build_child, parent_eval_logprobs, read_architecture
 
     from .export import check_export_target, export_provenance, run_ref
@@ -468,30 +476,41 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training
                         provenance=export_provenance({"gkd": {"child": child_ref}}))
     check_work_folder(work, [run.out], [run.out / "gkd"])
-    # a check that needs the parent leaves the run as it was (loading the parent writes these files)
-    with unchanged_on_refusal(run.out / "timings.json", run.out / "parent.json"):
-        child = build_child(run, record)
-        train_ids = run.tokens.calib
-        data_note = f"the run's calibration split ({train_ids.shape[0]} x {train_ids.shape[1]} tokens)"
-        if args.calib_tokens or args.max_doc_tokens is not None:
-            changes = {"calib_tokens": args.calib_tokens or run.config.data.calib_tokens}
-            if args.max_doc_tokens is not None:
-                changes["max_doc_tokens"] = args.max_doc_tokens
-            data_cfg = dataclasses.replace(run.config.data, **changes)
-            tokens = prepare_data(data_cfg, run.parent.tokenizer, run.out / "gkd" / "data", progress=progress,
-                                  resolved=run.generated_sources(data_cfg, run.out / "gkd" / "data"))
-            if not torch.equal(tokens.eval, run.tokens.eval):
-                raise PuzzleError("re-packing the calibration sources changed the evaluation split; "
-                                  "keep seq_len and the evaluation settings of the run")
-            train_ids = tokens.calib
-            data_note = (f"the run's calibration sources re-packed with {changes} ({train_ids.shape[0]} x "
-                         f"{train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
+    # loading the parent and the run's splits writes nothing to the run (pipeline.Run): a refusal leaves it as it was
+    child = build_child(run, record)
+    save_data = None
+    train_ids = run.tokens.calib
+    data_note = f"the run's calibration split ({train_ids.shape[0]} x {train_ids.shape[1]} tokens)"
+    if args.calib_tokens or args.max_doc_tokens is not None:
+        changes = {"calib_tokens": args.calib_tokens or run.config.data.calib_tokens}
+        if args.max_doc_tokens is not None:
+            changes["max_doc_tokens"] = args.max_doc_tokens
+        data_cfg = dataclasses.replace(run.config.data, **changes)
+        # the evaluation split depends on the evaluation sources and max_doc_tokens alone: checked before
+        # RUN/gkd/data (or parent samples for it) is written
+        if data_cfg.max_doc_tokens != run.config.data.max_doc_tokens and not torch.equal(
+                pack_eval_split(data_cfg, run.parent.tokenizer), run.tokens.eval):
+            raise PuzzleError(f"--max-doc-tokens {args.max_doc_tokens} would change the evaluation split (it cuts the "
+                              f"evaluation documents too); keep the run's max_doc_tokens "
+                              f"({run.config.data.max_doc_tokens}) or re-pack with --calib-tokens N alone")
+        folder = run.out / "gkd" / "data"
+        tokens = prepare_data(data_cfg, run.parent.tokenizer, folder, progress=progress,
+                              resolved=run.generated_sources(data_cfg, folder), write=False)
+        if not torch.equal(tokens.eval, run.tokens.eval):  # nothing written yet (write=False)
+            raise PuzzleError("re-packing the calibration sources changed the evaluation split; "
+                              "keep seq_len and the evaluation settings of the run")
+        if not tokens.reloaded:
+            save_data = lambda: write_token_splits(tokens, folder)  # noqa: E731
+        train_ids = tokens.calib
+        data_note = (f"the run's calibration sources re-packed with {changes} ({train_ids.shape[0]} x "
+                     f"{train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),
                      {"child": child_ref, "parent": run.parent.source, "train_data": data_note,
                       "eval_data": f"the run's evaluation split ({', '.join(run.config.data.eval_sources)})"},
-                     child_source=f"{args.name} of run {run_ref(run.out, work)}")  # a moved run resumes too
+                     child_source=f"{args.name} of run {run_ref(run.out, work)}",  # a moved run resumes too
+                     save_data=save_data)
 
 
 def pack_sources(sources, tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0) -> torch.Tensor:
@@ -587,6 +606,13 @@ def run_gkd_command(args, log=None) -> dict:
     try:
         progress = not args.no_progress and env.is_main
         inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
+        extra_meta = {"child_source": inputs.child_source or inputs.description["child"]}
+        # a checkpoint this call cannot continue is refused before anything is written (data, evaluation, cache)
+        check_resumable(inputs.work / "checkpoint.pt", gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids,
+                                                                extra_meta), config.steps(inputs.train_ids.shape[1]),
+                        args.fsdp)
+        if env.is_main and inputs.save_data is not None:
+            inputs.save_data()
         summary_path = inputs.work / "gkd.json"
         evaluate = inputs.eval_ids is not None and not args.no_eval
         before, parent_logp = None, None
@@ -606,8 +632,7 @@ def run_gkd_command(args, log=None) -> dict:
         log(f"gkd: training on {inputs.description['train_data']}; {config.steps(inputs.train_ids.shape[1])} steps of "
             f"{config.batch_size} x {inputs.train_ids.shape[1]} tokens, {env.world_size} process(es)")
         result = distill(inputs.child, inputs.parent, inputs.train_ids, config, inputs.work, env=env, fsdp=args.fsdp,
-                         progress=progress, stop_after_steps=args.stop_after_steps,
-                         extra_meta={"child_source": inputs.child_source or inputs.description["child"]})
+                         progress=progress, stop_after_steps=args.stop_after_steps, extra_meta=extra_meta)
         if not result.train.finished:
             log(f"gkd: stopped after step {result.train.steps_done} of {result.train.total_steps}; "
                 "rerun the same command to continue")

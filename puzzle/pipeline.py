@@ -54,7 +54,12 @@ def local_parent_path(config: RunConfig) -> list[Path]:
 
 @dataclass
 class Run:
-    """A run directory with its configuration and lazily loaded parent and tokens."""
+    """A run directory with its configuration and lazily loaded parent and tokens.
+
+    Bookkeeping (DIR/timings.json, DIR/parent.json) is written when a stage's work is done (`timed`) or the
+    command succeeds (`flush`), never on the way: loading the parent or reloading finished splits to check a
+    command's flags writes nothing, so a refused command leaves the run as it was.
+    """
 
     out: Path
     config: RunConfig
@@ -63,6 +68,7 @@ class Run:
     _parent: object = field(default=None, repr=False)
     _tokens: object = field(default=None, repr=False)
     timings: dict = field(default_factory=dict)
+    _unsaved: dict = field(default_factory=dict, repr=False)  # file name -> JSON object not written yet
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -80,8 +86,19 @@ class Run:
             self.log(msg)
 
     def timed(self, stage: str, seconds: float) -> None:
+        """Add `seconds` to `stage` in DIR/timings.json, once the stage's work is done (with what `flush` writes)."""
+        self._add_time(stage, seconds)
+        self.flush()
+
+    def _add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 2)
-        atomic_write_json(self.out / "timings.json", self.timings)
+        self._unsaved["timings.json"] = self.timings
+
+    def flush(self) -> None:
+        """Write the bookkeeping recorded so far and not yet written (parent.json, timings.json)."""
+        for name, obj in list(self._unsaved.items()):
+            atomic_write_json(self.out / name, obj)
+            del self._unsaved[name]
 
     # -- inputs ----------------------------------------------------------------------------------
     def input_paths(self) -> list[Path]:
@@ -109,9 +126,10 @@ class Run:
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
             self._parent = loaded
-            atomic_write_json(self.out / "parent.json", {"source": loaded.source, "config": loaded.config.to_dict(),
-                                                         "fingerprint": fingerprint(loaded.model)})
-            self.timed("parent_load_s", time.perf_counter() - t0)
+            # recorded with the next stage's work (or the command's success), not by loading alone
+            self._unsaved["parent.json"] = {"source": loaded.source, "config": loaded.config.to_dict(),
+                                            "fingerprint": fingerprint(loaded.model)}
+            self._add_time("parent_load_s", time.perf_counter() - t0)
         return self._parent
 
     @property
@@ -125,7 +143,8 @@ class Run:
             resolved = self.generated_sources()
             self._tokens = prepare_data(self.config.data, tokenizer, self.out / "data", progress=self.progress,
                                         resolved=resolved)
-            self.timed("data_s", time.perf_counter() - t0)
+            if not self._tokens.reloaded:  # tokenized now: the data stage's work
+                self.timed("data_s", time.perf_counter() - t0)
         return self._tokens
 
     def generated_sources(self, data=None, folder: Path | None = None) -> dict[str, Path]:
@@ -205,7 +224,8 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     t0 = time.perf_counter()
     result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
                            progress=run.progress, rank=rank, world_size=world_size)
-    run.timed("bld_s", time.perf_counter() - t0)
+    if result["trained"]:
+        run.timed("bld_s", time.perf_counter() - t0)
     index = lib.write_index()
     run.say(f"bld: {result['trained']} subblocks trained, {result['skipped']} already in the library, "
             f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
@@ -386,11 +406,30 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     return df, non_block
 
 
+def check_library_entries(run: Run, stages) -> None:
+    """Refuse scoring before any work when the library lacks an entry of the space (every variant but the
+    parent's and no_op, per stage), e.g. a run whose `puzzle bld` never ran or stopped early.
+
+    Raises:
+        PuzzleError: naming the first missing entry and how many there are.
+    """
+    lib = run.library
+    missing = [(ls.layer, v.id, stage) for stage in stages for ls in run.space()
+               for variants in (ls.attention, ls.ffn) for v in variants[1:] if v.kind != "no_op"
+               and not (lib.info_path(ls.layer, v.id, stage).is_file() and lib.weights_path(ls.layer, v.id, stage).is_file())]
+    if missing:
+        layer, variant, stage = missing[0]
+        raise PuzzleError(f"the block library in {lib.root} lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} "
+                          f"to score (e.g. layer {layer} {variant} ({stage})); run `puzzle bld --out {run.out}` first")
+
+
 def stage_score(run: Run) -> dict[str, pd.DataFrame]:
     """Quality and cost → the score tables (trained entries, and init-only entries when configured)."""
+    stages = ("bld", "init") if run.config.score.score_init else ("bld",)
+    check_library_entries(run, stages)  # before the cost measurement, the longest part
     costs, non_block = stage_cost(run)
     tables = {}
-    for stage in (("bld", "init") if run.config.score.score_init else ("bld",)):
+    for stage in stages:
         quality = score_quality(run, stage)
         table = quality.merge(costs, on=["subblock", "variant"], how="left", validate="many_to_one")
         if table["runtime_ms"].isna().any():
@@ -531,6 +570,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     records = {main: solve_or_keep(main, request, "bld")}
     if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
+    missed: dict[str, str] = {}  # front target -> why no child meets it
     for s in run.config.search.front_speedups:
         name = f"child-{s:g}x"
         if name in records:
@@ -539,12 +579,17 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         try:
             records[name] = solve_or_keep(name, req, "bld")
         except PuzzleError as e:
-            run.say(f"search: front point {s:g}x skipped: {e}")
+            missed[f"{s:g}"] = str(e)
+    chosen = {"main": main, "names": list(records)}
+    if missed:  # the front keeps the points it reaches, and says which it does not
+        chosen["unreachable_front"] = {"targets": list(missed), "largest_speedup": largest_front_speedup(run),
+                                       "reasons": missed}
+        run.say(f"search: warning: {unreachable_front_message(chosen['unreachable_front'])}")
     for name, record in records.items():
         if name not in kept:
             atomic_write_json(run.out / "search" / f"{name}.json", record)
     run.timed("search_s", time.perf_counter() - t0)
-    atomic_write_json(run.out / "search" / "chosen.json", {"main": main, "names": list(records)})
+    atomic_write_json(run.out / "search" / "chosen.json", chosen)
     if kept:
         run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
                 "on measured speed (same budget, objective and tables); delete DIR/search/<name>.json to solve afresh")
@@ -555,6 +600,34 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     if json_out:
         print(json.dumps(records[main]))
     return records
+
+
+def largest_front_speedup(run: Run) -> float | None:
+    """The largest predicted speed-up a front point can have: that of the fastest child of the trained
+    table under the front's memory and parameter budgets and the run's vLLM setting (a MIP that minimises
+    runtime_ms); None when no child meets those budgets."""
+    from .budgets import BudgetRequest
+    from .search import parent_totals, solve
+
+    s = run.config.search
+    try:
+        table, meta = load_score_table(run, "bld")
+        budgets = BudgetRequest(max_memory=s.max_memory, max_params=s.max_params).resolve(parent_totals(table), meta)
+        return float(solve(table, budgets, "runtime_ms", vllm_compatible=s.vllm_compatible)[0].speedup)
+    except PuzzleError:
+        return None
+
+
+def unreachable_front_message(missed: dict) -> str:
+    """One line on the front targets no child reached (DIR/search/chosen.json's `unreachable_front`)."""
+    targets = ", ".join(f"{t}x" for t in missed["targets"])
+    many = len(missed["targets"]) > 1
+    head = f"front target{'s' if many else ''} {targets} {'are' if many else 'is'} out of reach and left out of the front"
+    largest = missed.get("largest_speedup")
+    if isinstance(largest, (int, float)) and math.isfinite(largest):
+        return (f"{head}: the largest speed-up a child of this library reaches under the front's budgets is "
+                f"{math.floor(largest * 100) / 100:g}x (predicted); ask for at most that")
+    return f"{head}: {next(iter(missed['reasons'].values()))}"
 
 
 def read_architecture(run: Run, name: str) -> dict:
@@ -1020,6 +1093,10 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         for name, res in exported.items():
             lines.append(f"- {name}: `{res.path}`" + (f" — warnings: {'; '.join(res.warnings)}" if res.warnings else ""))
         lines.append("")
+    chosen = run.out / "search" / "chosen.json"
+    missed = read_json(chosen).get("unreachable_front") if chosen.is_file() else None
+    if missed:
+        lines += ["## Front targets out of reach", "", unreachable_front_message(missed) + ".", ""]
     lines += ["## Time per stage (s)", "", json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
 

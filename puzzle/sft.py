@@ -48,7 +48,7 @@ from .errors import PuzzleError, require_finite
 from .io import atomic_write_json, atomic_write_text
 from .modeling import PuzzleForCausalLM
 from .train_utils import (DistEnv, OptimSettings, TrainResult, barrier, check_work_folder, global_batch,
-                          init_distributed, rank_slice, shutdown_distributed, train_loop, unchanged_on_refusal)
+                          init_distributed, rank_slice, shutdown_distributed, train_loop)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -612,16 +612,15 @@ def run_sft_command(args, log=None) -> dict | None:
     if not env.is_main:
         log = lambda msg: None  # noqa: E731
     try:
-        # a check that needs the model leaves the run as it was (loading the parent writes these files)
-        with unchanged_on_refusal(args.out / "timings.json", args.out / "parent.json") if args.out else nullcontext():
-            model, tokenizer = _load_model(args, log, builtin_tiny)
-            positions = model.config.max_position_embeddings
-            if config.seq_len > positions:
-                raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "
-                                  f"trained on; give --seq-len {positions} or less")
-            conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
-            data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
-                                    config.seed)
+        # loading a run's parent to check the flags writes nothing to the run (pipeline.Run)
+        model, tokenizer = _load_model(args, log, builtin_tiny)
+        positions = model.config.max_position_embeddings
+        if config.seq_len > positions:
+            raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "
+                              f"trained on; give --seq-len {positions} or less")
+        conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
+        data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
+                                config.seed)
         learned = int((data.labels != IGNORE).sum())
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "

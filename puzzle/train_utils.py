@@ -26,7 +26,6 @@ import math
 import os
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,14 +255,15 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by `save_checkpoint` (tensors and plain containers only: weights_only).
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint written by `save_checkpoint` (tensors and plain containers only: weights_only);
+    `mmap`: tensors stay in the file until used (to read the settings of a large one).
 
     Raises:
         PuzzleError: unreadable file or another format.
     """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise PuzzleError(f"checkpoint {path} cannot be read ({e}); delete it to start over") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -276,6 +276,28 @@ def _check_meta(path: Path, saved: dict, meta: dict) -> None:
         keys = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
         raise PuzzleError(f"checkpoint {path} was made with other settings or inputs (differs in {keys}); "
                           f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
+
+
+def _check_resume(path: Path, ckpt: dict, meta: dict, total_steps: int, fsdp: bool) -> None:
+    """Refuse a checkpoint `train_loop` cannot continue: other settings or inputs, FSDP or not, another step count."""
+    _check_meta(path, ckpt["meta"], meta)
+    if bool(ckpt.get("fsdp")) != fsdp:
+        raise PuzzleError(f"checkpoint {path} was written {'with' if ckpt.get('fsdp') else 'without'} FSDP; "
+                          "its optimizer state is laid out for that: resume the same way, or delete it")
+    if ckpt["total_steps"] != total_steps:
+        raise PuzzleError(f"checkpoint {path} plans {ckpt['total_steps']} steps, this run {total_steps}; "
+                          "use the same settings or delete the checkpoint")
+
+
+def check_resumable(checkpoint_path: Path | None, meta: dict, total_steps: int, fsdp: bool = False) -> None:
+    """The checks `train_loop` makes of an existing checkpoint, made before any work or write (a command that would
+    be refused there is refused first); nothing when there is no checkpoint. Reads the file memory-mapped.
+
+    Raises:
+        PuzzleError: an unreadable checkpoint, or one of other settings, inputs, FSDP layout or step count.
+    """
+    if checkpoint_path is not None and Path(checkpoint_path).is_file():
+        _check_resume(Path(checkpoint_path), load_checkpoint(checkpoint_path, mmap=True), meta, total_steps, fsdp)
 
 
 def non_finite_parameter(model: nn.Module) -> str | None:
@@ -304,23 +326,6 @@ def check_work_folder(work, inputs=(), allowed_under=()) -> None:
         folder = Path(given).expanduser().resolve()
         if folder.is_dir() and folder in around:
             raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own")
-
-
-@contextmanager
-def unchanged_on_refusal(*paths):
-    """Put the files at `paths` back as they were (or absent) when a PuzzleError leaves the block: loading a run's
-    parent to check the flags writes RUN/timings.json and RUN/parent.json, and a refused command leaves the run
-    as it was."""
-    before = {Path(p): Path(p).read_bytes() if Path(p).is_file() else None for p in paths}
-    try:
-        yield
-    except PuzzleError:
-        for path, data in before.items():
-            if data is None:
-                path.unlink(missing_ok=True)
-            elif not path.is_file() or path.read_bytes() != data:
-                atomic_write_bytes(path, data)
-        raise
 
 
 @dataclass(frozen=True)
@@ -403,13 +408,7 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
     ckpt = None
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
         ckpt = load_checkpoint(checkpoint_path)
-        _check_meta(checkpoint_path, ckpt["meta"], meta)
-        if bool(ckpt.get("fsdp")) != fsdp:
-            raise PuzzleError(f"checkpoint {checkpoint_path} was written {'with' if ckpt.get('fsdp') else 'without'} FSDP; "
-                              "its optimizer state is laid out for that: resume the same way, or delete it")
-        if ckpt["total_steps"] != total_steps:
-            raise PuzzleError(f"checkpoint {checkpoint_path} plans {ckpt['total_steps']} steps, this run {total_steps}; "
-                              "use the same settings or delete the checkpoint")
+        _check_resume(checkpoint_path, ckpt, meta, total_steps, fsdp)
         with torch.no_grad():
             missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         if [k for k in missing if k != "lm_head.weight"] or unexpected:

@@ -1,5 +1,6 @@
-"""Refused commands leave no trace (rpo's --out, a run directory's files under sft/gkd), `~` in merge and gkd
-paths, and merge never writes over a model its inputs were derived from."""
+"""Refused commands leave no trace (rpo's --out, a stage command's new --out, a run directory's files under the
+stage commands and sft/gkd), `~` in merge and gkd paths, and merge never writes over a model its inputs were
+derived from."""
 
 import argparse
 import json
@@ -179,3 +180,101 @@ def test_a_preset_path_with_a_literal_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "mine.toml").write_text("[data]\nseq_len = 64\n")
     assert load_preset("~/mine.toml").data.seq_len == 64
+
+
+def test_loading_a_runs_parent_and_splits_writes_nothing_there(tmp_path):
+    """The run's bookkeeping (timings.json, parent.json) is written with a stage's finished work, never by loading
+    the parent or reloading finished splits (pipeline.Run): commands that only check flags need no undo."""
+    from puzzle.config import load_preset, load_run_config
+    from puzzle.pipeline import Run, stage_data, stage_score
+
+    run = Run(tmp_path / "run", load_preset("tiny"), progress=False)
+    stage_data(run)
+    timings = json.loads((run.out / "timings.json").read_text())
+    assert set(timings) == {"parent_load_s", "data_s"} and (run.out / "parent.json").is_file()
+    before = _files(run.out)
+    again = Run(run.out, load_run_config(run.out), progress=False)
+    again.parent, again.tokens  # loaded
+    assert _files(run.out) == before
+    assert again.tokens.reloaded  # nothing was tokenized
+    with pytest.raises(PuzzleError, match="run `puzzle bld"):  # a later stage refused (no library yet)
+        stage_score(again)
+    assert _files(run.out) == before  # refused before the cost table was timed: the finished data stage's record stays
+    again.flush()  # what a command that succeeds writes at its end: the load's time
+    assert json.loads((run.out / "timings.json").read_text())["parent_load_s"] > timings["parent_load_s"]
+
+
+def _texts(tmp_path):
+    """{placeholder: path} for refused stage commands: an empty file, a missing one, a copy of the tiny corpus."""
+    from puzzle.data import packaged_text_path
+
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "copy.txt").write_text(packaged_text_path("tiny_corpus.txt").read_text())
+    return {"EMPTY": str(tmp_path / "empty.txt"), "MISSING": str(tmp_path / "missing.txt"),
+            "COPY": str(tmp_path / "copy.txt")}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["data", "--preset", "tiny", "--calib", "EMPTY"], "is empty"),
+    (["data", "--preset", "tiny", "--calib", "MISSING"], "does not exist"),
+    (["data", "--preset", "tiny", "--calib", "package:tiny_corpus.txt", "COPY", "--calib-weights", "1", "1"],
+     "repeats the text"),
+    (["bld", "--preset", "tiny", "--calib", "EMPTY"], "is empty"),
+    (["score", "--preset", "tiny"], "run `puzzle bld"),  # no library: before the cost table is timed
+    (["run", "--preset", "tiny", "--calib", "MISSING"], "does not exist"),
+    (["search", "--speedup", "2"], "not a run directory"),
+    (["export"], "not a run directory"),
+])
+def test_a_refused_first_stage_command_leaves_no_out_folder(tmp_path, capsys, argv, words):
+    from puzzle.cli import main
+
+    texts = _texts(tmp_path)
+    out = tmp_path / "new" / "run"
+    assert main([*(texts.get(a, a) for a in argv), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_stage_command_leaves_the_run_directory_as_it_was(tmp_path, capsys):
+    from puzzle.cli import main
+
+    texts = _texts(tmp_path)
+    run = _tiny_run(tmp_path / "run")
+    (run / "timings.json").write_text('{"data_s": 1.0}')
+    (run / "export" / "mine").mkdir(parents=True)
+    (run / "export" / "mine" / "notes.txt").write_text("a folder of the user's")
+    before = _files(run)
+    for argv, words in [(["data", "--calib", texts["EMPTY"]], "is empty"),
+                        (["data", "--seed", "3", "--calib", texts["MISSING"]], "does not exist"),
+                        (["bld", "--calib", texts["EMPTY"]], "is empty"),
+                        (["score"], "run `puzzle bld"),
+                        (["search", "--speedup", "2"], "does not exist"),  # no score table yet
+                        (["realize", "--name", "nosuch"], "no architecture named"),
+                        (["export", "--name", "nosuch"], "no architecture named"),
+                        (["export", "--name", "child-x", "--dest", str(run / "export" / "mine")], "is not empty")]:
+        assert main([argv[0], "--out", str(run), "--no-progress", *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert _files(run) == before, argv
+
+
+def test_a_refused_gkd_re_pack_writes_nothing_to_the_run(tmp_path):
+    """--max-doc-tokens that would change the evaluation split, or settings the work folder's checkpoint was not made
+    with, are refused before RUN/gkd/data (or anything else) is written."""
+    run = _tiny_run(tmp_path / "run")
+    before = _files(run)
+    gkd = ["gkd", "--out", str(run), "--name", "child-x", "--tokens", "256", "--batch-size", "2",
+           "--stop-after-steps", "1", "--no-eval", "--no-progress", "--calib-tokens", "8192"]
+    args = _parser().parse_args(gkd + ["--max-doc-tokens", "100"])  # cuts the tiny preset's evaluation documents
+    with pytest.raises(PuzzleError, match="evaluation split"):
+        args.func(args)
+    assert _files(run) == before and not (run / "gkd").exists()
+    args = _parser().parse_args(gkd + ["--max-doc-tokens", "1000"])  # longer than any: the same evaluation split
+    assert args.func(args) == 0  # trained a step on the re-packed split
+    assert (run / "gkd" / "data" / "tokens.safetensors").is_file() and (run / "gkd" / "child-x" / "checkpoint.pt").is_file()
+    before = _files(run)
+    args = _parser().parse_args(gkd + ["--max-doc-tokens", "999", "--lr", "1e-3"])  # another re-pack, another lr
+    with pytest.raises(PuzzleError, match="made with other settings"):
+        args.func(args)
+    assert _files(run) == before

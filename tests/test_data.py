@@ -4,12 +4,13 @@ import bz2
 import gzip
 import json
 import os
+import warnings
 
 import pytest
 import torch
 
-from puzzle.data import (DataConfig, Document, byte_tokenizer, load_token_splits, pack_documents, packaged_text_path,
-                         prepare_data, read_documents, split_documents, strip_wiki_markup)
+from puzzle.data import (DataConfig, Document, byte_tokenizer, load_token_splits, pack_documents, pack_eval_split,
+                         packaged_text_path, prepare_data, read_documents, split_documents, strip_wiki_markup)
 from puzzle.errors import PuzzleError
 
 
@@ -269,7 +270,8 @@ def test_prepare_data_writes_manifest_and_resumes(tmp_path, tok):
     (out / "tokens.safetensors").write_bytes(b"half a file")  # an interrupted write is redone
     with pytest.raises(PuzzleError, match="cannot be read"):
         load_token_splits(out)
-    assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).calib, changed.calib)
+    with pytest.warns(UserWarning, match="is damaged"):
+        assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).calib, changed.calib)
     assert torch.equal(load_token_splits(out).score, changed.score)
 
     data = bytearray((out / "tokens.safetensors").read_bytes())
@@ -277,7 +279,8 @@ def test_prepare_data_writes_manifest_and_resumes(tmp_path, tok):
     (out / "tokens.safetensors").write_bytes(bytes(data))
     with pytest.raises(PuzzleError, match="differ from those the manifest recorded"):
         load_token_splits(out)
-    assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).eval, changed.eval)  # redone
+    with pytest.warns(UserWarning, match="is damaged"):
+        assert torch.equal(prepare_data(_config(tmp_path, seed=3), tok, out).eval, changed.eval)  # redone
 
     # a manifest written before the split hashes: the first load records them, later damage then shows
     old = json.loads((out / "manifest.json").read_text())
@@ -291,6 +294,58 @@ def test_prepare_data_writes_manifest_and_resumes(tmp_path, tok):
     (out / "tokens.safetensors").write_bytes(bytes(data))
     with pytest.raises(PuzzleError, match="differ from those the manifest recorded"):
         load_token_splits(out)
+
+
+def _damage_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "damaged" in str(w.message)]
+
+
+def test_damaged_splits_are_rebuilt_with_a_warning_that_names_the_file(tmp_path, tok):
+    out = tmp_path / "data"
+    first = prepare_data(_config(tmp_path), tok, out)
+    tokens, manifest = out / "tokens.safetensors", out / "manifest.json"
+
+    def flip_last_bit():  # a readable file whose last token differs
+        data = bytearray(tokens.read_bytes())
+        data[-1] ^= 0x01
+        tokens.write_bytes(bytes(data))
+
+    for damage, path in [(lambda: tokens.write_bytes(tokens.read_bytes()[:300]), tokens),  # truncated
+                         (flip_last_bit, tokens),
+                         (lambda: manifest.write_text(manifest.read_text()[:40]), manifest)]:
+        damage()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            again = prepare_data(_config(tmp_path), tok, out)
+        said = _damage_warnings(record)
+        assert len(said) == 1 and said[0].startswith(f"{path} is damaged") and "rebuilding" in said[0], said
+        assert not again.reloaded and torch.equal(again.calib, first.calib) and torch.equal(again.eval, first.eval)
+        assert load_token_splits(out).reloaded  # whole again
+    with warnings.catch_warnings(record=True) as record:  # other settings: rebuilt without a word
+        warnings.simplefilter("always")
+        assert not prepare_data(_config(tmp_path, seed=3), tok, out).reloaded
+        assert prepare_data(_config(tmp_path, seed=3), tok, out).reloaded
+    assert _damage_warnings(record) == []
+
+
+def test_the_cli_says_on_one_line_that_damaged_splits_are_rebuilt(tmp_path, capsys):
+    from puzzle.cli import main
+
+    run = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0
+    tokens = run / "data" / "tokens.safetensors"
+    tokens.write_bytes(tokens.read_bytes()[:300])
+    capsys.readouterr()
+    assert main(["data", "--out", str(run), "--no-progress"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith(f"puzzle: warning: {tokens} is damaged"), lines
+    assert "rebuilding" in lines[0] and load_token_splits(run / "data").reloaded
+
+
+@pytest.mark.parametrize("max_doc_tokens", [0, 40])
+def test_the_evaluation_split_alone_is_the_one_prepare_data_packs(tmp_path, tok, max_doc_tokens):
+    config = _config(tmp_path, max_doc_tokens=max_doc_tokens)
+    assert torch.equal(pack_eval_split(config, tok), prepare_data(config, tok, tmp_path / "data").eval)
 
 
 def test_prepare_data_errors(tmp_path, tok):

@@ -1,5 +1,7 @@
 """The whole main job on the tiny preset: outputs, export round trip, resume, and bad input."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -13,10 +15,17 @@ from puzzle.cli import main
 pytestmark = pytest.mark.slow
 
 
+RUN_LOG = {}  # what `puzzle run` said on stderr
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run")
-    assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # the preset's front, and a target no child of the library reaches
+        code = main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9"])
+    RUN_LOG["stderr"] = err.getvalue()
+    assert code == 0, RUN_LOG["stderr"][-3000:]
     return out
 
 
@@ -50,6 +59,17 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
         assert record["budget_feedback"] == feedback["children"][name]
         assert record["choice"] == feedback["children"][name][-1]["choice"]  # the search file holds the final child
         assert record["solved_choice"] == feedback["children"][name][0]["choice"]  # and the plain solve's
+
+
+def test_a_front_target_no_child_reaches_is_named_with_the_largest_speedup(run_dir, capsys):
+    said = [line for line in RUN_LOG["stderr"].splitlines() if "1e+09x" in line]
+    assert [line.split(":")[0] for line in said] == ["search", "front"], said  # when found, and in the summary
+    assert all("out of reach" in line and "the largest speed-up" in line for line in said)
+    front = pd.read_csv(run_dir / "front.csv")
+    assert {"child-1.25x", "child-1.5x", "child-2x"} <= set(front["name"]) and "child-1e+09x" not in set(front["name"])
+    assert "## Front targets out of reach" in (run_dir / "report.md").read_text()
+    assert main(["front", "--out", str(run_dir), "--no-progress"]) == 0  # a front drawn again says it too
+    assert "front target 1e+09x is out of reach" in capsys.readouterr().err
 
 
 def test_search_respects_the_budget_and_verifies(run_dir):

@@ -840,3 +840,37 @@ def test_a_failed_stage_keeps_the_saved_settings_and_vllm_compatible_switches_ba
     assert load_run_config(out).search.vllm_compatible
     assert main(["search", "--out", str(out), "--no-vllm-compatible"]) == 0
     assert not load_run_config(out).search.vllm_compatible
+
+
+def test_front_targets_out_of_reach_are_named_with_the_largest_reachable_speedup(tmp_path_factory, tmp_path, capsys):
+    """`--front-speedups 1.5,1e9`: the front keeps what it reaches; the rest is named on one warning line with the
+    largest speed-up a child reaches under the front's budgets, and recorded in search/chosen.json for the summary."""
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    assert main(["search", "--out", str(out), "--speedup", "1.25", "--front-speedups", "1.5,1e9"]) == 0
+    err = capsys.readouterr().err
+    table = pd.read_csv(out / "score" / "score_table.csv")
+    fastest = parent_totals(table)["runtime_ms"] / brute_force_min(table, "runtime_ms")
+    chosen = json.loads((out / "search" / "chosen.json").read_text())
+    assert "child-1.5x" in chosen["names"] and not (out / "search" / "child-1e+09x.json").exists()
+    missed = chosen["unreachable_front"]
+    assert missed["targets"] == ["1e+09"] and missed["largest_speedup"] == pytest.approx(fastest, rel=1e-9)
+    said = [line for line in err.splitlines() if "1e+09x" in line]
+    assert len(said) == 1 and said[0].startswith("search: warning: front target 1e+09x is out of reach"), said
+    assert f"{math.floor(fastest * 100) / 100:g}x" in said[0]
+    # under a parameter budget, which the front keeps (no_op layers are the fastest and the smallest alike): a
+    # target just under the largest is met, one just over it is not
+    assert main(["search", "--out", str(out), "--max-params", "0.5", "--front-speedups", "1e9"]) == 0
+    largest = json.loads((out / "search" / "chosen.json").read_text())["unreachable_front"]["largest_speedup"]
+    assert largest == pytest.approx(fastest, rel=1e-9)
+    assert main(["search", "--out", str(out), "--front-speedups", f"{largest * 0.999},{largest * 1.001}"]) == 0
+    chosen = json.loads((out / "search" / "chosen.json").read_text())
+    assert chosen["unreachable_front"]["targets"] == [f"{largest * 1.001:g}"] and len(chosen["names"]) == 3
+    capsys.readouterr()
+    assert main(["search", "--out", str(out), "--front-speedups", "1.25"]) == 0  # all reached: nothing to say
+    assert "unreachable_front" not in json.loads((out / "search" / "chosen.json").read_text())
+    assert "out of reach" not in capsys.readouterr().err
