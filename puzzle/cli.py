@@ -193,9 +193,23 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     --out did not exist removes the folder again unless a stage finished work in it (`_remove_new_out`). On
     success the Run's bookkeeping is written (`Run.flush`).
     """
-    config_path = args.out / "config.json"
+    import os
+
+    from .io import file_in_the_way
+
+    if ".." in args.out.parts and not args.out.exists():  # new/../run is run, though new/ does not exist (yet)
+        args.out = Path(os.path.normpath(args.out))
+    out = args.out.absolute()
+    if out.is_symlink() and not out.exists():
+        raise PuzzleError(f"--out {args.out} is a link to nothing ({os.readlink(out)}); give a folder")
+    if out.exists() and not out.is_dir():
+        raise PuzzleError(f"--out {args.out} is a file; give a folder (new, or a run directory)")
+    if (above := file_in_the_way(out)) is not None:
+        raise PuzzleError(f"--out {args.out}: {above} is a file, so nothing can be made under it; give another folder")
+    config_path = out / "config.json"
     before = config_path.read_bytes() if config_path.is_file() else None
-    top = _first_missing(args.out)
+    top = _first_missing(out)
+    had = {p.name for p in out.iterdir()} if top is None and out.is_dir() else set()
     try:
         run = _run_for(args, existing=existing, measures=measures)
         yield run
@@ -204,8 +218,16 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             from .io import atomic_write_bytes
 
             atomic_write_bytes(config_path, before)
-        if top is not None and isinstance(e, (PuzzleError, ArchitectureError)) and args.out.is_dir():
-            _remove_new_out(args.out, top)
+        refused = isinstance(e, (PuzzleError, ArchitectureError))
+        if refused and top is not None and out.is_dir():
+            _remove_new_out(out, top)
+        elif refused and top is None and before is None and out.is_dir():
+            # an existing folder that held no run (empty, or the user's files): take back what this call wrote,
+            # unless a stage finished work there
+            new = [p for p in out.iterdir() if p.name not in had]
+            if all(p.name in _BOOKKEEPING and p.is_file() for p in new):
+                for p in new:
+                    p.unlink()
         raise
     run.flush()
 

@@ -278,3 +278,34 @@ def test_a_refused_gkd_re_pack_writes_nothing_to_the_run(tmp_path):
     with pytest.raises(PuzzleError, match="made with other settings"):
         args.func(args)
     assert _files(run) == before
+
+
+def test_a_refused_command_in_a_folder_that_is_no_run_leaves_it_as_it_was(tmp_path, capsys):
+    """An existing folder of the user's (or an empty one), a file or a dangling link as --out, and a --out that
+    climbs out of a folder not yet made (new/../run): one line, exit 2, and every file as it was."""
+    from puzzle.cli import main
+
+    texts = _texts(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (mine, empty):
+        before = _files(folder)
+        assert main(["data", "--preset", "tiny", "--out", str(folder), "--calib", texts["MISSING"], "--no-progress"]) == 2
+        assert "does not exist" in capsys.readouterr().err
+        assert _files(folder) == before and not (folder / "config.json").exists(), folder
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, words in [(tmp_path / "afile", "is a file"), (tmp_path / "afile" / "sub", "is a file"),
+                       (tmp_path / "dangling", "a link to nothing")]:
+        for command in ("data", "bld", "score", "run"):
+            assert main([command, "--preset", "tiny", "--out", str(out), "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert words in err and len(err.strip().splitlines()) == 1, (command, out, err)
+    run = _tiny_run(tmp_path / "run")
+    before = _files(run)
+    climbing = tmp_path / "new" / ".." / "run"
+    assert main(["data", "--out", str(climbing), "--calib", texts["MISSING"], "--no-progress"]) == 2
+    assert _files(run) == before and not (tmp_path / "new").exists()
