@@ -458,7 +458,7 @@ class GKDInputs:
     work: Path
     description: dict
     child_source: str = ""  # the child as the work folder's checkpoint records it (independent of dest)
-    save_data: object = None  # writes re-packed training splits (RUN/gkd/data) once every check has passed
+    save_data: object = None  # writes re-packed training splits (RUN/gkd/data-*) once every check has passed
 
 
 def _run_inputs(args, progress: bool, log) -> GKDInputs:
@@ -487,13 +487,15 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
             changes["max_doc_tokens"] = args.max_doc_tokens
         data_cfg = dataclasses.replace(run.config.data, **changes)
         # the evaluation split depends on the evaluation sources and max_doc_tokens alone: checked before
-        # RUN/gkd/data (or parent samples for it) is written
+        # RUN/gkd/data-* (or parent samples for it) is written
         if data_cfg.max_doc_tokens != run.config.data.max_doc_tokens and not torch.equal(
                 pack_eval_split(data_cfg, run.parent.tokenizer), run.tokens.eval):
             raise PuzzleError(f"--max-doc-tokens {args.max_doc_tokens} would change the evaluation split (it cuts the "
                               f"evaluation documents too); keep the run's max_doc_tokens "
                               f"({run.config.data.max_doc_tokens}) or re-pack with --calib-tokens N alone")
-        folder = run.out / "gkd" / "data"
+        # one folder per re-pack setting: a re-pack with other settings (even a refused one) neither grows the
+        # parent samples nor changes the tokens of another, so each setting's checkpoint stays resumable
+        folder = run.out / "gkd" / ("data-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items())))
         tokens = prepare_data(data_cfg, run.parent.tokenizer, folder, progress=progress,
                               resolved=run.generated_sources(data_cfg, folder), write=False)
         if not torch.equal(tokens.eval, run.tokens.eval):  # nothing written yet (write=False)

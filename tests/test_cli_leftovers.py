@@ -272,12 +272,25 @@ def test_a_refused_gkd_re_pack_writes_nothing_to_the_run(tmp_path):
     assert _files(run) == before and not (run / "gkd").exists()
     args = _parser().parse_args(gkd + ["--max-doc-tokens", "1000"])  # longer than any: the same evaluation split
     assert args.func(args) == 0  # trained a step on the re-packed split
-    assert (run / "gkd" / "data" / "tokens.safetensors").is_file() and (run / "gkd" / "child-x" / "checkpoint.pt").is_file()
+    repacked = run / "gkd" / "data-calib_tokens8192-max_doc_tokens1000"
+    assert (repacked / "tokens.safetensors").is_file() and (run / "gkd" / "child-x" / "checkpoint.pt").is_file()
     before = _files(run)
     args = _parser().parse_args(gkd + ["--max-doc-tokens", "999", "--lr", "1e-3"])  # another re-pack, another lr
     with pytest.raises(PuzzleError, match="made with other settings"):
         args.func(args)
     assert _files(run) == before
+    # a re-pack with other settings (here for another work folder) has a folder of its own: the first one's tokens
+    # (and with parent samples, their file) stay as its checkpoint was made on, so it still resumes
+    other = ["gkd", "--out", str(run), "--name", "child-x", "--tokens", "256", "--batch-size", "2", "--no-eval",
+             "--stop-after-steps", "1", "--no-progress", "--calib-tokens", "4096", "--work", str(tmp_path / "w2"),
+             "--dest", str(tmp_path / "e2")]
+    args = _parser().parse_args(other)
+    assert args.func(args) == 0
+    assert (run / "gkd" / "data-calib_tokens4096" / "tokens.safetensors").is_file()
+    first = {k: v for k, v in before.items() if k.startswith(repacked.relative_to(run).as_posix() + "/")}
+    assert first and {k: v for k, v in _files(run).items() if k in first} == first
+    args = _parser().parse_args(gkd + ["--max-doc-tokens", "1000", "--stop-after-steps", "2"])
+    assert args.func(args) == 0  # the first re-pack's training resumes
 
 
 def test_a_refused_command_in_a_folder_that_is_no_run_leaves_it_as_it_was(tmp_path, capsys):
