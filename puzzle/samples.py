@@ -62,7 +62,7 @@ def sample_tokens(spec: str, calib_tokens: int, score_tokens: int, score_fractio
     return int(text)
 
 
-def draw_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator, cdf: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from softmax(logits), by inverting the CDF with one uniform per row.
 
     Exact in distribution like `torch.multinomial`, but draws B uniforms instead of B x V
@@ -70,8 +70,10 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     accumulated in float64, so tokens of tiny probability keep their share.
 
     Args:
-        logits: (B, V) float on the CPU.
+        logits: (B, V) float on the CPU (not modified).
         generator: a CPU torch.Generator.
+        cdf: a (B, V) float64 CPU buffer the CDF is built in (overwritten), reused across the steps
+            of a row so that no step allocates a (B, V) float64 tensor; None allocates one.
 
     Returns:
         (B, 1) int64 token ids.
@@ -79,13 +81,15 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     Raises:
         PuzzleError: a row with NaN logits, only -inf or any +inf (no distribution to sample from).
     """
-    x = logits.double()
-    cdf = (x - x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # (B, V) unnormalised
+    if cdf is None:
+        cdf = torch.empty(logits.shape, dtype=torch.float64)
+    cdf.copy_(logits)  # (B, V) float64
+    cdf.sub_(cdf.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # (B, V) unnormalised
     if not torch.isfinite(cdf[:, -1]).all():  # NaN logits, or a row of only -inf / +inf
         raise PuzzleError("the parent's logits hold NaN or infinite values, so no token can be sampled; check the "
                           "parent's weights (puzzle eval on it should give a finite LM loss)")
-    u = torch.rand(x.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[1] - 1)  # first index with cdf > u
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]  # (B, 1)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # first index with cdf > u
 
 
 @torch.no_grad()
@@ -110,13 +114,19 @@ def sample_rows(model, bos_id: int, batch_size: int, length: int, generator: tor
     rt = ChildRuntime(model, batch_size=batch_size, max_len=length)
     ids = torch.full((batch_size, 1), bos_id, dtype=torch.long)  # (B, 1)
     logits = rt.prefill(ids)  # (B, V)
-    rows = []
+    # Both buffers are allocated once, and nothing a step allocates outlives the next step. A list of the
+    # drawn (B, 1) columns, one small tensor kept per step between the step's freed (B, V) temporaries, fragmented
+    # glibc's heap in about half the runs: up to a freed ~24 MiB chunk left resident per step at B = 64, V = 49k
+    # (the SmolLM2 parent's peak RSS 5.8 GB for 256 tokens instead of 2.1 GB). The CDF buffer also spares each
+    # step two (B, V) float64 allocations.
+    cdf = torch.empty(logits.shape, dtype=torch.float64)  # (B, V)
+    rows = torch.empty(batch_size, length, dtype=torch.long)  # (B, length)
     for step in range(length):
-        nxt = draw_tokens(logits.float().cpu(), generator)  # (B, 1)
-        rows.append(nxt)
+        nxt = draw_tokens(logits.float().cpu(), generator, cdf)  # (B, 1)
+        rows[:, step] = nxt[:, 0]
         if step + 1 < length:
             logits = rt.decode(nxt[:, 0])
-    return torch.cat(rows, dim=1)  # (B, length)
+    return rows
 
 
 def split_at_eos(row: list[int], eos_ids: set[int]) -> list[list[int]]:

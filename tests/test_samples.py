@@ -7,7 +7,7 @@ import torch
 
 from puzzle.data import DataConfig, load_token_splits, resolve_source
 from puzzle.errors import PuzzleError
-from puzzle.samples import (META_FILE, MIN_DOC_TOKENS, SAMPLES_FILE, ensure_parent_samples, sample_rows,
+from puzzle.samples import (META_FILE, MIN_DOC_TOKENS, SAMPLES_FILE, draw_tokens, ensure_parent_samples, sample_rows,
                             sample_tokens, split_at_eos)
 from puzzle.tiny import tiny_parent
 
@@ -163,8 +163,6 @@ def test_resume_survives_unicode_line_breaks_and_a_truncated_file(parent, tmp_pa
 
 
 def test_draw_tokens_follows_the_softmax_and_refuses_nan_logits():
-    from puzzle.samples import draw_tokens
-
     logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).repeat(100_000, 1)  # (B, 4)
     counts = torch.bincount(draw_tokens(logits, torch.Generator().manual_seed(0))[:, 0], minlength=4)
     torch.testing.assert_close(counts / 100_000, torch.softmax(logits[0], -1), atol=0.006, rtol=0)
@@ -174,3 +172,49 @@ def test_draw_tokens_follows_the_softmax_and_refuses_nan_logits():
             draw_tokens(torch.tensor([[0.0, bad]]), torch.Generator())
     with pytest.raises(PuzzleError, match="NaN or infinite"):
         draw_tokens(torch.full((1, 3), float("-inf")), torch.Generator())
+
+
+def test_sample_rows_keeps_its_draws(parent):
+    """Golden rows of the tiny parent (format 2, drawn by the code before the buffers): the same seed must give
+    the same tokens, or `_FORMAT` must change so that earlier sample files are drawn afresh."""
+    rows = sample_rows(parent.model, 1, 3, 10, torch.Generator().manual_seed(5))
+    assert rows.tolist() == [[191, 93, 173, 136, 237, 97, 224, 117, 253, 37],
+                             [77, 78, 213, 108, 65, 106, 151, 11, 75, 163],
+                             [109, 253, 253, 97, 32, 111, 195, 105, 52, 260]]
+
+
+def test_sample_rows_allocates_its_buffers_once(parent, monkeypatch):
+    """Every step's draw reuses one (B, V) float64 CDF buffer, and no step's tokens outlive the next step: a list
+    of per-step tensors between the steps' freed (B, V) temporaries fragmented glibc's heap (GBs of peak RSS)."""
+    import gc
+    import weakref
+
+    import puzzle.samples as samples
+
+    buffers, returned, alive = [], [], []
+
+    def spy(logits, generator, cdf=None):
+        gc.collect()
+        alive.append(sum(r() is not None for r in returned[:-1]))  # draws before the previous step's
+        buffers.append(None if cdf is None else (cdf.data_ptr(), cdf.dtype, tuple(cdf.shape)))
+        out = draw_tokens(logits, generator) if cdf is None else draw_tokens(logits, generator, cdf)
+        returned.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(samples, "draw_tokens", spy)
+    B, L = 4, 12
+    rows = sample_rows(parent.model, 1, B, L, torch.Generator().manual_seed(0))
+    assert rows.shape == (B, L) and len(buffers) == L
+    assert alive == [0] * L
+    V = parent.model.config.vocab_size
+    assert buffers[0] is not None and buffers[0][1:] == (torch.float64, (B, V)) and len(set(buffers)) == 1
+
+
+def test_draw_tokens_into_a_buffer_gives_the_same_tokens():
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(1)) * 4  # (B, V)
+    kept = logits.clone()
+    alone = draw_tokens(logits, torch.Generator().manual_seed(2))
+    cdf = torch.empty(5, 1000, dtype=torch.float64)
+    assert torch.equal(draw_tokens(logits, torch.Generator().manual_seed(2), cdf), alone)
+    assert torch.equal(logits, kept)  # the logits are not modified
+    assert torch.equal(draw_tokens(logits.double(), torch.Generator().manual_seed(2)), alone)
