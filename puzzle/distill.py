@@ -474,7 +474,7 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     work = args.work or run.out / "gkd" / args.name
     child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
     check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training
-                        provenance=export_provenance({"gkd": {"child": child_ref}}))
+                        provenance=export_provenance({"gkd": {"child": child_ref}}), training_pending=True)
     check_work_folder(work, [run.out], [run.out / "gkd"])
     # loading the parent and the run's splits writes nothing to the run (pipeline.Run): a refusal leaves it as it was
     child = build_child(run, record)
@@ -482,17 +482,26 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     train_ids = run.tokens.calib
     data_note = f"the run's calibration split ({train_ids.shape[0]} x {train_ids.shape[1]} tokens)"
     if args.calib_tokens or args.max_doc_tokens is not None:
+        seq_len = run.config.data.seq_len
+        if args.calib_tokens and args.calib_tokens < seq_len:  # not DataConfig's "calib_tokens ... raise it"
+            raise PuzzleError(f"--calib-tokens {args.calib_tokens} is less than one sequence (the run's seq_len "
+                              f"{seq_len}); give --calib-tokens {seq_len} or more")
         changes = {"calib_tokens": args.calib_tokens or run.config.data.calib_tokens}
         if args.max_doc_tokens is not None:
             changes["max_doc_tokens"] = args.max_doc_tokens
         data_cfg = dataclasses.replace(run.config.data, **changes)
         # the evaluation split depends on the evaluation sources and max_doc_tokens alone: checked before
         # RUN/gkd/data-* (or parent samples for it) is written
-        if data_cfg.max_doc_tokens != run.config.data.max_doc_tokens and not torch.equal(
-                pack_eval_split(data_cfg, run.parent.tokenizer), run.tokens.eval):
-            raise PuzzleError(f"--max-doc-tokens {args.max_doc_tokens} would change the evaluation split (it cuts the "
-                              f"evaluation documents too); keep the run's max_doc_tokens "
-                              f"({run.config.data.max_doc_tokens}) or re-pack with --calib-tokens N alone")
+        if data_cfg.max_doc_tokens != run.config.data.max_doc_tokens:
+            run_eval = run.tokens.eval  # first: a missing or changed evaluation source is named there
+            try:
+                changed = not torch.equal(pack_eval_split(data_cfg, run.parent.tokenizer), run_eval)
+            except PuzzleError:  # cut so short that the evaluation documents no longer fill one sequence
+                changed = True
+            if changed:
+                raise PuzzleError(f"--max-doc-tokens {args.max_doc_tokens} would change the evaluation split (it cuts "
+                                  f"the evaluation documents too); keep the run's max_doc_tokens "
+                                  f"({run.config.data.max_doc_tokens}) or re-pack with --calib-tokens N alone")
         # one folder per re-pack setting: a re-pack with other settings (even a refused one) neither grows the
         # parent samples nor changes the tokens of another, so each setting's checkpoint stays resumable
         folder = run.out / "gkd" / ("data-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items())))
@@ -564,7 +573,7 @@ def _folder_inputs(args) -> GKDInputs:
 
     dest = Path(args.dest)
     check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"],
-                        provenance=export_provenance({"gkd": {"child": model_ref(args.child)}}))
+                        provenance=export_provenance({"gkd": {"child": model_ref(args.child)}}), training_pending=True)
     check_work_folder(args.work or f"{dest}.gkd-work", [args.child, args.parent])
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
@@ -609,10 +618,15 @@ def run_gkd_command(args, log=None) -> dict:
         progress = not args.no_progress and env.is_main
         inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
         extra_meta = {"child_source": inputs.child_source or inputs.description["child"]}
-        # a checkpoint this call cannot continue is refused before anything is written (data, evaluation, cache)
-        check_resumable(inputs.work / "checkpoint.pt", gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids,
-                                                                extra_meta), config.steps(inputs.train_ids.shape[1]),
-                        args.fsdp)
+        # a checkpoint this call cannot continue, or an export of another training in dest, is refused before
+        # anything is written (data, evaluation, cache)
+        meta = gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids, extra_meta)
+        check_resumable(inputs.work / "checkpoint.pt", meta, config.steps(inputs.train_ids.shape[1]), args.fsdp)
+        from .export import check_export_target, export_provenance, training_ref
+
+        training = training_ref(meta, inputs.work, inputs.dest)
+        check_export_target(inputs.dest, overwrite=True, provenance=export_provenance(
+            {"gkd": {"child": inputs.description["child"], "training": training}}))
         if env.is_main and inputs.save_data is not None:
             inputs.save_data()
         summary_path = inputs.work / "gkd.json"
@@ -654,8 +668,9 @@ def run_gkd_command(args, log=None) -> dict:
             from .export import export_checkpoint
 
             exported = export_checkpoint(result.model, inputs.tokenizer, inputs.dest, overwrite=True,
-                                         extra_info={"gkd": {k: summary[k] for k in ("child", "parent", "train_data",
-                                                                                      "tokens_trained", "config")}})
+                                         extra_info={"gkd": {**{k: summary[k] for k in ("child", "parent", "train_data",
+                                                                                         "tokens_trained", "config")},
+                                                             "training": training}})
             summary["dest"] = str(exported.path)
             summary["export_warnings"] = list(exported.warnings)
             if exported.replaced:

@@ -18,6 +18,7 @@ the end, so an interrupted export leaves no half-written checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,7 +58,8 @@ def export_provenance(info: dict | None) -> str:
     info = info if isinstance(info, dict) else {}
     for stage, key in (("gkd", "child"), ("sft", "model")):
         if isinstance(info.get(stage), dict):
-            return f"{stage} of {info[stage].get(key, '?')}"
+            training = info[stage].get("training")  # `training_ref`; absent in exports of earlier versions
+            return f"{stage} of {info[stage].get(key, '?')}" + (f" (training {training})" if training else "")
     if isinstance(info.get("merge"), dict):  # the inputs as a set: their order only pairs them with weights
         return f"merge of {', '.join(sorted(map(str, info['merge'].get('inputs', []))))}"
     if info.get("stage") == "rpo":
@@ -80,6 +82,18 @@ def run_ref(run_dir, dest) -> str:
     lies inside the run (so a moved or copied run keeps its outputs' provenance), else resolved."""
     run_dir, dest = Path(run_dir).expanduser().resolve(), Path(dest).expanduser().resolve()
     return os.path.relpath(run_dir, dest) if run_dir in dest.parents else str(run_dir)
+
+
+def training_ref(meta: dict, work, dest) -> str:
+    """What a trained export records of the training that made it (the "training" field of its gkd / sft entry,
+    part of `export_provenance`): sha256 (16 hex) of `meta`, the settings and inputs its checkpoint must match to
+    be resumed (`train_utils.check_resumable`), and of the work folder as seen from `dest`'s folder (so a run, or
+    DEST moved together with DEST.gkd-work, keeps it). Another --tokens, --lr, --seed, data or --work gives
+    another reference: that training does not replace this one's export (`check_export_target`)."""
+    dest = Path(dest).expanduser().resolve()
+    where = os.path.relpath(Path(work).expanduser().resolve(), dest.parent)
+    text = json.dumps({"meta": meta, "work": where}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 #: config.json "puzzle" entries of an export whose weights were trained after the search (not rebuilt by `export`)
@@ -284,7 +298,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     return ExportResult(out_dir, tuple(warnings), replaced=earlier if earlier not in (None, now) else None)
 
 
-def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None) -> None:
+def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None,
+                        training_pending: bool = False) -> None:
     """Refuse an export folder that would lose something. Call it before long work, too.
 
     Refused: a file; a path under a file; a name too long for the temporary folder; the current
@@ -292,7 +307,10 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     inputs, a work folder); a non-empty folder without `overwrite`, or with it one that is not an
     earlier export holding only what an export writes (`is_export_folder`); with `provenance` (what
     the new export will be, `export_provenance`), an earlier export whose weights were trained
-    (gkd, sft, merge, rpo) of another provenance: only a rerun of the same training replaces it.
+    (gkd, sft, merge, rpo) of another provenance: only a rerun of the same training (for gkd and sft,
+    the same `training_ref`) replaces it. `training_pending`: `provenance` names a gkd / sft input
+    without its `training_ref`, which is known only once the inputs are loaded; an earlier training
+    of that input passes this check, which the caller makes again with the whole provenance.
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
@@ -322,7 +340,9 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
                               f"(config.json with block_configs, the model code, weights, tokenizer, README), so it "
                               f"is left as it is; give a new or empty folder")
         earlier = _earlier_export(out_dir)
-        if provenance is not None and earlier is not None and earlier[1] and earlier[0] != provenance:
+        same = earlier is not None and (earlier[0] == provenance or (
+            training_pending and provenance is not None and earlier[0].startswith(f"{provenance} (training ")))
+        if provenance is not None and earlier is not None and earlier[1] and not same:
             same_kind = earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0] in ("gkd", "sft")  # have work folders
             hint = (" (if it is this same training recorded otherwise, by an earlier version or from a moved run, "
                     "delete that folder and the checkpoint.pt in its work folder)") if same_kind else ""

@@ -308,6 +308,15 @@ def _step_fn(data: Packed, cfg: SFTConfig, env: DistEnv):
     return step
 
 
+def sft_meta(model: PuzzleForCausalLM, data: Packed, config: SFTConfig, extra_meta: dict | None = None) -> dict:
+    """What an SFT checkpoint must match to be resumed: settings, the model (before training), the packed rows,
+    extras; with the work folder it makes the export's `training_ref`."""
+    from .distill import model_fingerprint, tokens_sha
+
+    return {"stage": "sft", "config": asdict(config), "model": model_fingerprint(model),
+            "data": tokens_sha(torch.cat([data.input_ids, data.labels, data.segments])), **(extra_meta or {})}
+
+
 def supervised_finetune(model: PuzzleForCausalLM, data: Packed, config: SFTConfig, work_dir, *,
                         env: DistEnv | None = None, fsdp: bool = False, progress: bool = False, on_step=None,
                         stop_after_steps: int | None = None, extra_meta: dict | None = None) -> TrainResult:
@@ -320,8 +329,6 @@ def supervised_finetune(model: PuzzleForCausalLM, data: Packed, config: SFTConfi
     Raises:
         PuzzleError: rows with nothing to learn, a diverging loss, a checkpoint of other settings.
     """
-    from .distill import model_fingerprint, tokens_sha
-
     env = env or DistEnv()
     if int((data.labels != IGNORE).sum()) == 0:
         raise PuzzleError("the chat data has no assistant tokens to learn")
@@ -332,8 +339,7 @@ def supervised_finetune(model: PuzzleForCausalLM, data: Packed, config: SFTConfi
     if config.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)
         model.lm_head.weight.requires_grad_(False)
-    meta = {"stage": "sft", "config": asdict(config), "model": model_fingerprint(model),
-            "data": tokens_sha(torch.cat([data.input_ids, data.labels, data.segments])), **(extra_meta or {})}
+    meta = sft_meta(model, data, config, extra_meta)
     optim = config.optim()
     result = train_loop(model, _step_fn(data, config, env), total_steps=config.steps(data.input_ids.shape[0]),
                         optim=optim, env=env, checkpoint_path=Path(work_dir) / "checkpoint.pt", meta=meta,
@@ -585,7 +591,7 @@ def run_sft_command(args, log=None) -> dict | None:
         if not args.out:
             raise PuzzleError("give --dest FOLDER for the fine-tuned model")
         args.dest = args.out / "export" / f"{args.name}-sft"
-    from .export import check_export_target, export_provenance, model_ref, run_ref
+    from .export import check_export_target, export_provenance, model_ref, run_ref, training_ref
     from .tiny import means_builtin_tiny
 
     dest = Path(args.dest)
@@ -605,7 +611,7 @@ def run_sft_command(args, log=None) -> dict | None:
     else:
         what = source = "tiny" if builtin_tiny else model_ref(args.model)
     check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before loading and training, not after
-                        provenance=export_provenance({"sft": {"model": what}}))
+                        provenance=export_provenance({"sft": {"model": what}}), training_pending=True)
     # a run's export folder takes new folders: the default DEST and its work folder are there
     check_work_folder(work, inputs, [args.out / "export"] if args.out else [])
     env = init_distributed(args.device)
@@ -625,9 +631,13 @@ def run_sft_command(args, log=None) -> dict | None:
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "
             f"{config.steps(data.input_ids.shape[0])} steps, {env.world_size} process(es)")
+        extra_meta = {"model_source": source}
+        training = training_ref(sft_meta(model, data, config, extra_meta), work, dest)
+        check_export_target(dest, overwrite=True,  # an export of another training of this model: before training
+                            provenance=export_provenance({"sft": {"model": what, "training": training}}))
         result = supervised_finetune(model, data, config, work, env=env, fsdp=args.fsdp,
                                      progress=not args.no_progress and env.is_main, stop_after_steps=args.stop_after_steps,
-                                     extra_meta={"model_source": source})
+                                     extra_meta=extra_meta)
         if not result.finished:
             log(f"sft: stopped after step {result.steps_done} of {result.total_steps}; rerun the same command to continue")
             return {"finished": False, "steps_done": result.steps_done}
@@ -636,7 +646,8 @@ def run_sft_command(args, log=None) -> dict | None:
             from .export import export_checkpoint
 
             exported = export_checkpoint(result.model, tokenizer, dest, overwrite=True,
-                                         extra_info={"sft": {"model": what, "data": list(args.data), "config": asdict(config)}})
+                                         extra_info={"sft": {"model": what, "data": list(args.data),
+                                                             "config": asdict(config), "training": training}})
             if exported.replaced:
                 log(f"sft: replaced the export of {exported.replaced} that was in {exported.path}")
             summary = {"model": what, "data": list(args.data), "config": asdict(config), "rows": data.input_ids.shape[0],

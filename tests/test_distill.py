@@ -198,6 +198,48 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
 
 
+def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_path):
+    """The export records its training (settings, inputs, work folder): only a rerun of that training replaces it."""
+    _folders(tmp_path)
+    out, work = tmp_path / "out", tmp_path / "w"
+    short = ("--no-eval", "--tokens", "256")  # 2 steps
+    assert run_gkd_command(_args(tmp_path, out, *short))["finished"]
+    before = (out / "model.safetensors").read_bytes()
+    for extra in (["--lr", "1e-3"], ["--seed", "1"], ["--tokens", "512"], ["--train-embeddings"], []):
+        with pytest.raises(PuzzleError, match=r"holds trained weights \(gkd of .* \(training [0-9a-f]{16}\)\)"):
+            run_gkd_command(_args(tmp_path, out, *short, "--work", str(work), *extra))
+        assert not work.exists() and (out / "model.safetensors").read_bytes() == before
+    assert run_gkd_command(_args(tmp_path, out, *short))["finished"]  # a rerun of the same training replaces it
+    config = json.loads((out / "config.json").read_text())
+    assert re.fullmatch("[0-9a-f]{16}", config["puzzle"]["gkd"]["training"])
+    del config["puzzle"]["gkd"]["training"]  # as an earlier version recorded it
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PuzzleError, match="recorded otherwise, by an earlier version"):
+        run_gkd_command(_args(tmp_path, out, *short))
+
+
+def test_a_re_pack_too_short_for_the_run_says_which_flag_to_change(tmp_path_factory, tmp_path):
+    """`--max-doc-tokens 5` cuts the evaluation documents below one sequence: the advice is about that flag (the
+    run's seq_len is not this command's to lower), and nothing is written to the run."""
+    import shutil
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_run import tiny_run_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), run)
+    p = argparse.ArgumentParser()
+    add_gkd_parser(p.add_subparsers())
+    base = ["gkd", "--out", str(run), "--name", "child-1.5x", "--no-eval", "--no-progress", "--stop-after-steps", "1"]
+    for extra, words in [(["--max-doc-tokens", "5"], "--max-doc-tokens 5 would change the evaluation split"),
+                         (["--calib-tokens", "10"], "--calib-tokens 10 is less than one sequence (the run's seq_len "
+                                                    "64); give --calib-tokens 64 or more")]:
+        with pytest.raises(PuzzleError, match=re.escape(words)) as refused:
+            run_gkd_command(p.parse_args([*base, *extra]))
+        assert "seq_len;" not in str(refused.value) and "raise it" not in str(refused.value)
+    assert not (run / "gkd").exists()
+
+
 WORKER = textwrap.dedent("""
     import argparse, sys
     from puzzle.distill import add_gkd_parser

@@ -286,3 +286,39 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_trained_export_is_replaced_only_by_the_same_training(tmp_path):
+    """gkd / sft exports record their training (`training_ref`: settings, inputs, work folder): another training
+    of the same model is refused, a rerun replaces; an export of an earlier version gets the hint that says so."""
+    from puzzle.export import check_export_target, export_provenance, training_ref
+
+    child = tiny_child([block("kv2", "256"), block("kv1", "512")])
+    out = tmp_path / "out"
+    meta = {"stage": "sft", "config": {"lr": 1e-4, "seed": 0}, "model": "abc", "data": "def"}
+    ref = training_ref(meta, tmp_path / "out.sft-work", out)
+    assert ref == training_ref(meta, tmp_path / "x" / ".." / "out.sft-work", out)  # one folder, spelled otherwise
+    others = [training_ref({**meta, "config": {"lr": 2e-4, "seed": 0}}, tmp_path / "out.sft-work", out),
+              training_ref({**meta, "data": "xyz"}, tmp_path / "out.sft-work", out),
+              training_ref(meta, tmp_path / "w2", out)]
+    assert len({ref, *others}) == 4
+    mine = {"sft": {"model": "m", "training": ref}}
+    export_checkpoint(child, None, out, extra_info=mine)
+    for other in others:
+        with pytest.raises(PuzzleError, match=r"holds trained weights \(sft of m \(training "):
+            export_checkpoint(child, None, out, overwrite=True, extra_info={"sft": {"model": "m", "training": other}})
+        with pytest.raises(PuzzleError, match="holds trained weights"):  # and the check made before the training
+            check_export_target(out, overwrite=True,
+                                provenance=export_provenance({"sft": {"model": "m", "training": other}}))
+    # before the inputs load, the model alone is known: another model is refused, this one passes for now
+    check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "m"}}), training_pending=True)
+    with pytest.raises(PuzzleError, match="holds trained weights"):
+        check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "n"}}),
+                            training_pending=True)
+    assert export_checkpoint(child, None, out, overwrite=True, extra_info=mine).replaced is None  # a rerun
+    config = json.loads((out / "config.json").read_text())
+    del config["puzzle"]["sft"]["training"]  # as an earlier version wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "m"}}), training_pending=True)
+    with pytest.raises(PuzzleError, match="recorded otherwise, by an earlier version"):
+        export_checkpoint(child, None, out, overwrite=True, extra_info=mine)

@@ -238,3 +238,37 @@ def test_a_run_child_fine_tunes_with_the_default_work_folder(tmp_path_factory, t
     assert args.func(args) == 0
     state = torch.load(Path(moved) / "export" / "child-1.5x-sft.sft-work" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2
+
+
+def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_path):
+    """The export records its training (settings, data, model, work folder): only a rerun of that training
+    replaces it; an export recorded by an earlier version (no training) gets the hint that says so."""
+    import argparse
+
+    from puzzle.export import export_checkpoint
+    from puzzle.sft import add_sft_parser
+
+    parser = argparse.ArgumentParser()
+    add_sft_parser(parser.add_subparsers())
+    lm = tiny_parent()
+    export_checkpoint(lm.model, lm.tokenizer, tmp_path / "model")
+    out, work = tmp_path / "out", tmp_path / "w"
+    base = ["sft", "--model", str(tmp_path / "model"), "--data", "demo:reasoning-toggle", "--dest", str(out),
+            "--no-progress", "--seq-len", "256", "--epochs", "0.02"]
+
+    def sft(*extra):
+        args = parser.parse_args([*base, *extra])
+        return args.func(args)
+
+    assert sft() == 0
+    before = (out / "model.safetensors").read_bytes()
+    for extra in (["--lr", "3e-4"], ["--seed", "1"], ["--epochs", "0.04"], []):
+        with pytest.raises(PuzzleError, match=r"holds trained weights \(sft of .* \(training [0-9a-f]{16}\)\)"):
+            sft("--work", str(work), *extra)
+        assert not work.exists() and (out / "model.safetensors").read_bytes() == before
+    assert sft() == 0  # a rerun of the same training replaces it
+    config = json.loads((out / "config.json").read_text())
+    del config["puzzle"]["sft"]["training"]  # as an earlier version recorded it
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PuzzleError, match="recorded otherwise, by an earlier version"):
+        sft()
