@@ -339,6 +339,31 @@ def resolve_source(spec: str, cache_dir=None) -> Path:
     return path
 
 
+def check_sources(config: DataConfig) -> None:
+    """Refuse, in a moment, a calibration or evaluation source that cannot be read, before any long work on the
+    others (sampling the parent for `parent-samples`, tokenizing): an unknown `asset:` or `package:` name, a path
+    that does not exist, or a file or folder this process may not read. Assets are not fetched here.
+
+    Raises:
+        PuzzleError: naming the first such source and its flag (--calib / --eval).
+    """
+    import os
+
+    from .samples import is_parent_samples
+
+    for flag, specs in (("--eval", config.eval_sources), ("--calib", config.calib_sources)):
+        for spec in specs:
+            if is_parent_samples(spec):
+                continue
+            if spec.startswith("asset:"):
+                source_sha256(spec)  # an unknown name is refused there, without a fetch
+                continue
+            path = resolve_source(spec)  # a missing path or packaged text is refused there
+            if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+                raise PuzzleError(f"{flag} source {spec} cannot be read (permission denied); make it readable or give "
+                                  f"another source")
+
+
 def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragraph", min_chars: int = 1,
                    cache_dir=None) -> list[Document]:
     """Read the documents of one source, dispatching on its type.
@@ -826,17 +851,21 @@ def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenS
                                          f"come from different runs)")
     if expect_settings_sha is not None and stored_sha != expect_settings_sha:
         raise PuzzleError(f"{out_dir} holds data prepared with other settings; use another folder or delete it")
-    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise DamagedSplits(manifest_path, f"its 'splits' is {'missing' if splits is None else type(splits).__name__}, "
+                                           f"not an object describing the {', '.join(SPLITS)} splits")
+    if bad := [split for split in SPLITS if not isinstance(splits.get(split), dict)]:
+        raise DamagedSplits(manifest_path, f"'splits' has no description of the {bad[0]} split")
     missing = []
     for split in SPLITS:
-        entry = splits.get(split) if isinstance(splits.get(split), dict) else None
-        expected = entry.get("sha256") if entry is not None else None
+        expected = splits[split].get("sha256")
         if expected is None:
             missing.append(split)
         elif expected != tensor_sha256(tensors[split]):
             raise DamagedSplits(tokens_path, f"the {split} split's tokens differ from those the manifest recorded (the "
                                              f"file was changed or damaged)")
-    if missing and all(isinstance(splits.get(s), dict) for s in missing):
+    if missing:
         # a manifest written before the content hash: record the tokens as they are now, so later changes show
         for split in missing:
             splits[split]["sha256"] = tensor_sha256(tensors[split])
@@ -849,21 +878,28 @@ def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenS
 
 def pack_eval_split(config: DataConfig, tokenizer, cache_dir=None) -> torch.Tensor:
     """The (B_e, T) int64 evaluation split `prepare_data` packs for `config`, from the evaluation sources
-    alone (it depends on no calibration source), writing nothing: a check before a re-pack.
+    alone (it depends on no calibration source), writing nothing: a check before a re-pack. Both pack it
+    with `_pack_eval`, so the two cannot differ.
 
     Raises:
         PuzzleError: as `prepare_data` for the evaluation sources (missing or empty, too few tokens).
     """
     docs = [d for spec in config.eval_sources
             for d in read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)]
-    eval_docs = split_documents([], docs, config.score_fraction, config.seed)["eval"]
+    return _pack_eval(config, tokenizer, docs)[0]
+
+
+def _pack_eval(config: DataConfig, tokenizer, documents: list[Document], progress: bool = False):
+    """The evaluation split of the evaluation sources' `documents`: (tokens (B_e, T) int64, documents used,
+    tokens per source), as `_pack` returns them. Raises PuzzleError naming the split."""
+    eval_docs = split_documents([], documents, config.score_fraction, config.seed)["eval"]
     if not eval_docs:
         raise PuzzleError("the eval split has no documents; add text to its sources")
     try:
-        tokens, _, _ = _pack(eval_docs, tokenizer, config.seq_len, config.eval_tokens, config.max_doc_tokens)
+        return _pack(eval_docs, tokenizer, config.seq_len, config.eval_tokens, config.max_doc_tokens,
+                     progress=progress, desc="tokenize eval")
     except PuzzleError as e:
         raise PuzzleError(f"eval split: {e}") from None
-    return tokens
 
 
 def write_token_splits(splits: TokenSplits, out_dir) -> None:
@@ -881,8 +917,8 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     If both files exist in `out_dir` and were made with the same settings (config, source sha256,
     tokenizer), they are loaded instead (`reloaded` True). Files are written atomically, tokens
     first, so a manifest on disk always describes a complete tokens file; a damaged pair (a
-    truncated or changed file, `DamagedSplits`) is rebuilt with a warning that names the file,
-    splits made with other settings are rebuilt without one.
+    truncated or changed file, one of the two missing, `DamagedSplits`) is rebuilt with a warning that
+    names the file, splits made with other settings are rebuilt without one.
 
     Returns:
         TokenSplits with calib (B_c, T), score (B_s, T), eval (B_e, T), all int64, and the manifest:
@@ -909,9 +945,10 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     resolved = {spec: Path(p) for spec, p in (resolved or {}).items()}
     if missing := [s for s in config.calib_sources if is_parent_samples(s) and s not in resolved]:
         raise PuzzleError(f"{missing[0]} needs the parent: prepare the data through a run (puzzle run/data)")
+    check_sources(config)
     settings = _settings(config, tokenizer, cache_dir, resolved)
     sha = _settings_sha(settings)
-    if (out_dir / "manifest.json").is_file() and (out_dir / "tokens.safetensors").is_file():
+    if (out_dir / "manifest.json").exists() or (out_dir / "tokens.safetensors").exists():  # one alone is damage
         try:
             return load_token_splits(out_dir, expect_settings_sha=sha)
         except DamagedSplits as e:
@@ -938,15 +975,18 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     budgets = {"calib": config.calib_tokens, "score": config.score_tokens, "eval": config.eval_tokens}
     tensors, summary = {}, {}
     for split in SPLITS:
-        if not splits[split]:
-            raise PuzzleError(f"the {split} split has no documents; add text to its sources")
-        weights = config.calib_source_weights() if split != "eval" else None
-        try:
-            tokens, used, source_tokens = _pack(splits[split], tokenizer, config.seq_len, budgets[split],
-                                                config.max_doc_tokens, weights, progress=progress,
-                                                desc=f"tokenize {split}")
-        except PuzzleError as e:
-            raise PuzzleError(f"{split} split: {e}") from None
+        if split == "eval":  # from the evaluation sources alone, as `pack_eval_split` packs it for a re-pack's check
+            tokens, used, source_tokens = _pack_eval(config, tokenizer, [d for s in config.eval_sources
+                                                                         for d in per_source[s]], progress)
+        else:
+            if not splits[split]:
+                raise PuzzleError(f"the {split} split has no documents; add text to its sources")
+            try:
+                tokens, used, source_tokens = _pack(splits[split], tokenizer, config.seq_len, budgets[split],
+                                                    config.max_doc_tokens, config.calib_source_weights(),
+                                                    progress=progress, desc=f"tokenize {split}")
+            except PuzzleError as e:
+                raise PuzzleError(f"{split} split: {e}") from None
         tensors[split] = tokens
         doc_ids: dict[str, list[str]] = {}
         for d in used:

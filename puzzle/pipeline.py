@@ -151,13 +151,14 @@ class Run:
         """Calibration sources made by the run (`parent-samples`): spec -> its file in `folder`
         (default DIR/data), sampled (or resumed) here when it is missing or short
         (`puzzle.samples.ensure_parent_samples`); `data` is a DataConfig (default the run's)."""
-        from .data import tokenizer_fingerprint
+        from .data import check_sources, tokenizer_fingerprint
         from .samples import ensure_parent_samples
 
         data = data or self.config.data
         spec = data.parent_samples_spec()
         if spec is None:
             return {}
+        check_sources(data)  # a missing --eval or --calib file is named now, not after minutes of sampling
         parent = self.parent
         path = ensure_parent_samples(parent.model, parent.tokenizer, folder or self.out / "data", data.parent_sample_tokens(),
                                      seed=data.seed, length=max(data.seq_len, 64), parent_fingerprint=fingerprint(parent.model),

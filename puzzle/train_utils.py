@@ -291,7 +291,10 @@ def _check_resume(path: Path, ckpt: dict, meta: dict, total_steps: int, fsdp: bo
 
 def check_resumable(checkpoint_path: Path | None, meta: dict, total_steps: int, fsdp: bool = False) -> None:
     """The checks `train_loop` makes of an existing checkpoint, made before any work or write (a command that would
-    be refused there is refused first); nothing when there is no checkpoint. Reads the file memory-mapped.
+    be refused there is refused first); nothing when there is no checkpoint. Reads the file memory-mapped: the
+    pickled settings only, not the tensors (milliseconds for any size), so `train_loop` reads those once. (It does not
+    take this copy: state loaded from a mapping would keep the file, and its disk space once a newer checkpoint
+    replaces it, for the whole run, and the optimizer's state would be the mapped tensors themselves.)
 
     Raises:
         PuzzleError: an unreadable checkpoint, or one of other settings, inputs, FSDP layout or step count.

@@ -4,6 +4,7 @@ import bz2
 import gzip
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -328,6 +329,39 @@ def test_damaged_splits_are_rebuilt_with_a_warning_that_names_the_file(tmp_path,
     assert _damage_warnings(record) == []
 
 
+def test_a_manifest_without_its_splits_or_a_missing_file_is_damage(tmp_path, tok):
+    """A manifest whose "splits" is not an object describing every split, or one of the two files deleted, is
+    rebuilt with a warning that names the file (not loaded unchecked, not rebuilt without a word)."""
+    out = tmp_path / "data"
+    first = prepare_data(_config(tmp_path), tok, out)
+    tokens, manifest = out / "tokens.safetensors", out / "manifest.json"
+
+    def edit(change):
+        def damage():
+            m = json.loads(manifest.read_text())
+            change(m)
+            manifest.write_text(json.dumps(m))
+        return damage
+
+    for damage, path, words in [(edit(lambda m: m.update(splits=None)), manifest, "'splits' is missing"),
+                                (edit(lambda m: m.pop("splits")), manifest, "'splits' is missing"),
+                                (edit(lambda m: m.update(splits=[])), manifest, "'splits' is list"),
+                                (edit(lambda m: m["splits"].pop("eval")), manifest, "no description of the eval"),
+                                (edit(lambda m: m["splits"].update(score=None)), manifest, "no description of the score"),
+                                (manifest.unlink, manifest, "missing"),
+                                (tokens.unlink, tokens, "missing")]:
+        damage()
+        with pytest.raises(PuzzleError, match=words):
+            load_token_splits(out)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            again = prepare_data(_config(tmp_path), tok, out)
+        said = _damage_warnings(record)
+        assert len(said) == 1 and said[0].startswith(f"{path} is damaged") and "rebuilding" in said[0], said
+        assert not again.reloaded and torch.equal(again.calib, first.calib) and torch.equal(again.eval, first.eval)
+        assert load_token_splits(out).reloaded  # whole again
+
+
 def test_the_cli_says_on_one_line_that_damaged_splits_are_rebuilt(tmp_path, capsys):
     from puzzle.cli import main
 
@@ -346,6 +380,49 @@ def test_the_cli_says_on_one_line_that_damaged_splits_are_rebuilt(tmp_path, caps
 def test_the_evaluation_split_alone_is_the_one_prepare_data_packs(tmp_path, tok, max_doc_tokens):
     config = _config(tmp_path, max_doc_tokens=max_doc_tokens)
     assert torch.equal(pack_eval_split(config, tok), prepare_data(config, tok, tmp_path / "data").eval)
+
+
+def test_prepare_data_packs_its_evaluation_split_the_way_a_repack_checks_it(tmp_path, tok, monkeypatch):
+    """One function packs the evaluation split for both, so `gkd --max-doc-tokens`' check cannot drift from it."""
+    import puzzle.data as data
+
+    calls, pack_eval = [], data._pack_eval
+    monkeypatch.setattr(data, "_pack_eval", lambda *a, **k: calls.append(a[2]) or pack_eval(*a, **k))
+    config = _config(tmp_path, max_doc_tokens=40)
+    prepared, alone = prepare_data(config, tok, tmp_path / "data").eval, pack_eval_split(config, tok)
+    assert len(calls) == 2 and calls[0] == calls[1] and torch.equal(prepared, alone)
+
+
+def test_every_text_source_is_checked_before_long_work(tmp_path):
+    """`check_sources` names a missing or unknown --eval / --calib source at once (parent-samples aside, assets not
+    fetched); prepare_data makes it first."""
+    from puzzle.data import check_sources
+
+    text = tmp_path / "a.txt"
+    text.write_text("some text\n")
+    check_sources(DataConfig(calib_sources=("parent-samples", str(text)), eval_sources=("package:tiny_eval.txt",)))
+    check_sources(DataConfig(calib_sources=("asset:lee-news",), eval_sources=(str(tmp_path),)))
+    for calib, evals, words in [(("parent-samples",), (str(tmp_path / "gone.txt"),), f"{tmp_path / 'gone.txt'} does not"),
+                                ((str(tmp_path / "nope"),), (str(text),), f"{tmp_path / 'nope'} does not exist"),
+                                (("asset:no-such-asset",), (str(text),), "unknown asset 'no-such-asset'"),
+                                (("package:no-such.txt",), (str(text),), "no packaged text 'no-such.txt'")]:
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            check_sources(DataConfig(calib_sources=calib, eval_sources=evals))
+
+
+def test_the_data_stage_names_a_missing_eval_file_before_it_samples_the_parent(tmp_path, capsys, monkeypatch):
+    import puzzle.samples
+    from puzzle.cli import main
+
+    def sample(*args, **kwargs):
+        raise AssertionError("the parent was sampled before the sources were checked")
+
+    monkeypatch.setattr(puzzle.samples, "ensure_parent_samples", sample)
+    missing = tmp_path / "held-out.txt"
+    assert main(["data", "--preset", "tiny", "--out", str(tmp_path / "run"), "--calib", "parent-samples", "--eval",
+                 str(missing), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0], err
 
 
 def test_prepare_data_errors(tmp_path, tok):
