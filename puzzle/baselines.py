@@ -574,18 +574,32 @@ def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--speedups", metavar="S,S,...", default=None,
                    help="speed-up targets (default: the run's front speed-ups)")
     p.add_argument("--no-export", action="store_true", help="do not write DIR/export/<name> folders")
+    from .cli import add_max_contention_flag
+
+    add_max_contention_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=baselines_main)
     return p
 
 
-def open_run(out: Path, progress: bool = True):
-    """The `Run` of an existing run directory (its saved configuration), logging to stderr."""
+def open_run(out: Path, progress: bool = True, max_contention: float | None = None):
+    """The `Run` of an existing run directory (its saved configuration), logging to stderr.
+
+    `max_contention` (cores; --max-contention): replaces the saved score.max_contention, the limit every timing of
+    this command checks, and is saved with the configuration as `puzzle score --max-contention` saves it.
+
+    Raises:
+        PuzzleError: `out` holds no run's configuration (`config.load_run_config`), or `max_contention` is not a
+            number of cores > 0.
+    """
     from .config import load_run_config
     from .pipeline import Run
 
-    return Run(out, load_run_config(out), progress=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+    config = load_run_config(out)
+    if max_contention is not None:
+        config = config.replace(score={"max_contention": max_contention})
+    return Run(out, config, progress=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def baselines_main(args) -> int:
@@ -601,7 +615,7 @@ def baselines_main(args) -> int:
             raise PuzzleError(bad) from None
         if not all(1 <= s < math.inf for s in speedups):  # NaN fails too
             raise PuzzleError(bad)
-    run = open_run(args.out, progress=not args.no_progress)
+    run = open_run(args.out, progress=not args.no_progress, max_contention=args.max_contention)
     table = run_baselines(run, speedups, export=not args.no_export, progress=not args.no_progress)
     cols = ["name", "training", "speedup", "kl_nats", "lm_loss", "params"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -58,9 +59,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bld-tokens", type=int, help="calibration tokens each subblock trains on")
     g.add_argument("--score-tokens", type=int, help="tokens for replace-1-block scoring")
     g.add_argument("--seed", type=int, help="seed for data splits and BLD")
-    g.add_argument("--max-contention", type=float, metavar="CORES",
+    add_max_contention_flag(g)
+
+
+def add_max_contention_flag(p) -> None:
+    """--max-contention CORES (score.max_contention) on a command that times models: `run`, `score`, `realize`,
+    `front`, `refine`, `baselines`; `p` is a parser or an argument group. Saved to DIR/config.json with the run's
+    other settings (`_resolve_config`, `baselines.open_run`)."""
+    p.add_argument("--max-contention", type=float, metavar="CORES",
                    help="cores other processes may keep busy on this process's CPUs before a timing window is "
-                        "redone (default 0.25; 'inf' measures regardless of other jobs)")
+                        "redone (default: as --preset or DIR/config.json sets it, else 0.25; 'inf' measures "
+                        "regardless of other jobs)")
 
 
 def _speedup_flag(text: str) -> float:
@@ -94,16 +103,23 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
                         "0: check and report only)")
 
 
-def _resolve_config(args, out: Path):
-    """The preset (or saved config), with the command-line flags applied."""
-    from .config import SEARCH_BUDGETS, load_preset, load_run_config
+def _base_config(args, out: Path, saved: bool = True):
+    """What the command-line flags apply to: --preset, else the configuration saved in `out` (unless `saved` is
+    False), else smollm2-demo."""
+    from .config import load_preset, load_run_config
 
     if getattr(args, "preset", None):
-        config = load_preset(args.preset)
-    elif (out / "config.json").is_file():
-        config = load_run_config(out)
-    else:
-        config = load_preset("smollm2-demo")
+        return load_preset(args.preset)
+    if saved and (out / "config.json").is_file():
+        return load_run_config(out)
+    return load_preset("smollm2-demo")
+
+
+def _resolve_config(args, out: Path):
+    """The preset (or saved config), with the command-line flags applied."""
+    from .config import SEARCH_BUDGETS
+
+    config = _base_config(args, out)
     changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
     flag = lambda name: getattr(args, name, None)  # noqa: E731
     if flag("parent"):
@@ -167,17 +183,30 @@ def _first_missing(path: Path) -> Path | None:
     return path
 
 
-def _remove_new_out(out: Path, top: Path) -> None:
-    """Undo a refused command's new --out: `out` and the folders above it up to `top` (all made by this command)
-    are removed when they hold nothing but `_BOOKKEEPING` files and empty folders. Work a stage finished there
-    (tokens, library entries) stays, and so does the configuration it was made with, for a rerun to resume."""
+def _listing(folder: Path) -> set[Path]:
+    """Every file and folder under `folder` (paths as `folder` spells them; empty when it is not a folder)."""
+    return set(folder.rglob("*")) if folder.is_dir() else set()
+
+
+def _take_back(out: Path, had: set[Path], top: Path | None = None) -> None:
+    """Undo what a refused command wrote to --out `out` when that is bookkeeping alone.
+
+    `had`: `_listing(out)` before the command; `top`: the first folder the command made on the way to `out`
+    (`_first_missing`), or None when `out` existed. When every file that is new under `top` (else `out`) is a
+    `_BOOKKEEPING` file directly in `out`, those files are removed, and then the new folders, deepest first and
+    `top` last, while they are empty. Otherwise nothing is: work a stage finished there (tokens, library entries)
+    stays, and so does the configuration it was made with, for a rerun to resume.
+    """
     out = out.absolute()
-    files = [p for p in top.rglob("*") if not p.is_dir()]
+    root = out if top is None else top.absolute()
+    new = [p for p in root.rglob("*") if p not in had]
+    files = [p for p in new if not p.is_dir()]
     if any(p.parent != out or p.name not in _BOOKKEEPING for p in files):
         return
     for p in files:
         p.unlink()
-    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [top]:
+    folders = sorted((p for p in new if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    for folder in folders + ([] if top is None else [root]):
         try:
             folder.rmdir()
         except OSError:  # something else appeared in it meanwhile: leave it
@@ -189,9 +218,11 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     """The Run of a stage command (`_run_for`), and what a failure leaves of --out.
 
     Any failure (an error, Ctrl-C) puts DIR/config.json back as it was, byte for byte, so that flags whose stage
-    did not finish are not read by later stages (budgets, objective). A refusal (PuzzleError) of a command whose
-    --out did not exist removes the folder again unless a stage finished work in it (`_remove_new_out`). On
-    success the Run's bookkeeping is written (`Run.flush`).
+    did not finish are not read by later stages (budgets, objective). Where DIR held no run, a refusal
+    (PuzzleError) takes back what the command wrote unless a stage finished work there (`_take_back`: a new --out
+    is removed again); a folder kept for its work keeps the configuration that work was made with, but the search
+    settings as they are without this command's flags (`_search_flags_dropped`): a budget that failed is not read
+    by later stages there either. On success the Run's bookkeeping is written (`Run.flush`).
     """
     import os
 
@@ -209,7 +240,8 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     config_path = out / "config.json"
     before = config_path.read_bytes() if config_path.is_file() else None
     top = _first_missing(out)
-    had = {p.name for p in out.iterdir()} if top is None and out.is_dir() else set()
+    had = _listing(out) if before is None else set()  # a folder that holds no run yet: empty, or the user's files
+    run = None
     try:
         run = _run_for(args, existing=existing, measures=measures)
         yield run
@@ -218,18 +250,24 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             from .io import atomic_write_bytes
 
             atomic_write_bytes(config_path, before)
-        refused = isinstance(e, (PuzzleError, ArchitectureError))
-        if refused and top is not None and out.is_dir():
-            _remove_new_out(out, top)
-        elif refused and top is None and before is None and out.is_dir():
-            # an existing folder that held no run (empty, or the user's files): take back what this call wrote,
-            # unless a stage finished work there
-            new = [p for p in out.iterdir() if p.name not in had]
-            if all(p.name in _BOOKKEEPING and p.is_file() for p in new):
-                for p in new:
-                    p.unlink()
+        if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError)):
+            _take_back(out, had, top)
+        if before is None and run is not None and config_path.is_file():  # kept for the work a stage finished
+            from .config import save_run_config
+
+            save_run_config(_search_flags_dropped(args, run.config), out)
         raise
     run.flush()
+
+
+def _search_flags_dropped(args, config):
+    """`config` (a new run's, with this command's flags) with the search section as it is without them: the
+    preset's or the default's. What a failed command leaves in a folder that held no run: the data, BLD, scoring and
+    target settings describe the work kept there, while the budgets, objective and front of a search that did not
+    finish (an infeasible --speedup) would be read by every later stage as the run's own."""
+    import dataclasses
+
+    return dataclasses.replace(config, search=_base_config(args, args.out, saved=False).search)
 
 
 def _run_for(args, need_config: bool = True, existing: bool = False, measures: bool = False):
@@ -242,6 +280,10 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
         raise PuzzleError(f"--out {args.out} is a file; give the run directory")
     if (args.out / "config.json").is_dir():
         raise PuzzleError(f"{args.out / 'config.json'} is a folder where the run's configuration file belongs; move it away")
+    if (args.out / "config.json").is_file():  # another program's config.json is never overwritten (even with --preset)
+        from .config import read_run_config_json
+
+        read_run_config_json(args.out)
     if existing and not (args.out / "config.json").is_file():
         raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
                           f"first with `puzzle run --out {args.out}` (or `puzzle data`, `bld` and `score`)")
@@ -442,8 +484,23 @@ def cmd_presets(args) -> int:
     return 0
 
 
+#: a negative number as a value of a flag, in every form float() reads: argparse's own pattern takes only -1 and -1.5,
+#: so `--calib-weights 1 -inf` or `--speedup -1e3` ended in "unrecognized arguments: -inf" / "expected one argument"
+_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|inf(inity)?|nan)$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reads a word like `-inf` or `-1e3` as a flag's value, not as an unknown option, so the
+    value reaches the check that says what to give instead (weights must be positive and finite, ...). Its
+    subcommands' parsers are of this class too (add_subparsers takes the parser's class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse.ArgumentParser._parse_optional asks it
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="puzzle",
         description="Turn a Llama-family parent LLM into a faster child for a hardware budget: blockwise local "
                     "distillation (bld), replace-1-block scoring (score), mixed-integer search (search), "
@@ -477,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--name", help="architecture name from DIR/search/<name>.json (default: the run's main child)")
     p.add_argument("--stage", choices=["bld", "init"], default=None, help="library entries to use (default: the search's)")
+    add_max_contention_flag(p)
     p.set_defaults(func=cmd_realize)
 
     p = sub.add_parser("export", help="write a child as an HF folder (nemotron-nas config with block_configs)")
@@ -498,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remeasure", action="store_true",
                    help="solve, build and time the front's children again even when DIR/front.csv is up to date "
                         "(by default a finished front is only drawn, with the baselines where they exist)")
+    add_max_contention_flag(p)
     p.set_defaults(func=cmd_front)
 
     # Later stages and tools; each module owns its parser (imports stay light: parsers only).

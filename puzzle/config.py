@@ -340,11 +340,14 @@ def save_run_config(config: RunConfig, out_dir: Path) -> None:
     atomic_write_text(path, text)
 
 
-def load_run_config(out_dir: Path) -> RunConfig:
-    """The resolved configuration saved by an earlier command in `out_dir`.
+def read_run_config_json(out_dir: Path) -> dict:
+    """The settings object of `out_dir/config.json`, checked to be a puzzle run's configuration (not yet validated
+    setting by setting: `load_run_config`). A folder holding another program's config.json (a Hugging Face model,
+    `{"foo": 1}`) is refused, so that no command writes the run's configuration over it.
 
     Raises:
-        PuzzleError: `out_dir/config.json` is missing (run `puzzle run` or `puzzle data` first).
+        PuzzleError: the file is missing, is not valid JSON or not a JSON object, or has none of RunConfig's
+            sections (not a puzzle run's configuration).
     """
     path = Path(out_dir) / "config.json"
     if not path.is_file():
@@ -356,4 +359,19 @@ def load_run_config(out_dir: Path) -> RunConfig:
     if not isinstance(data, dict):
         raise PuzzleError(f"{path} holds a JSON {type(data).__name__}, not the run's settings (an object); delete it "
                           "and rerun with the flags you want")
-    return RunConfig.from_dict(data, str(path))
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    if not set(data) & set(sections):  # a run's config.json has every section; a damaged one still has some
+        keys = ", ".join(map(repr, list(data)[:3])) + (", ..." if len(data) > 3 else "") if data else "none"
+        raise PuzzleError(f"{path} is not a puzzle run's configuration (its keys: {keys}; a run's: {', '.join(sections)}); "
+                          "give another --out: a new folder, or a run directory")
+    return data
+
+
+def load_run_config(out_dir: Path) -> RunConfig:
+    """The resolved configuration saved by an earlier command in `out_dir`.
+
+    Raises:
+        PuzzleError: `out_dir/config.json` is missing (run `puzzle run` or `puzzle data` first), damaged, not a puzzle
+            run's configuration (`read_run_config_json`), or holds a setting that is not valid.
+    """
+    return RunConfig.from_dict(read_run_config_json(out_dir), str(Path(out_dir) / "config.json"))

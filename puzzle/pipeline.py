@@ -495,14 +495,16 @@ def front_request(run: Run, speedup: float):
     return BudgetRequest(speedup=str(speedup), max_memory=s.max_memory, max_params=s.max_params)
 
 
-def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None, save: bool = True) -> dict:
+def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None, save: bool = True,
+                    scored: tuple[pd.DataFrame, dict] | None = None) -> dict:
     """Solve `request` (or the table limits `budgets`, when given) on the `stage` table.
 
-    Writes DIR/search/<name>.json unless `save` is False; returns the record.
+    `scored`: that table and its metadata as `load_score_table` returns them, when the caller holds them (else
+    read here). Writes DIR/search/<name>.json unless `save` is False; returns the record.
     """
     from .search import parent_totals, solve
 
-    table, meta = load_score_table(run, stage)
+    table, meta = load_score_table(run, stage) if scored is None else scored
     budgets = request.resolve(parent_totals(table), meta) if budgets is None else budgets
     s = run.config.search
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
@@ -555,16 +557,24 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
 
     Records the budget feedback settled are kept (`settled_record`). Every solve finishes before
     anything is written, so a budget that fails leaves DIR/search/ as it was. Writes
-    DIR/search/<name>.json per architecture and DIR/search/chosen.json; returns {name: record}.
+    DIR/search/<name>.json per architecture and DIR/search/chosen.json, and brings the section of an
+    existing DIR/report.md on front targets out of reach up to date (`update_report_front`); returns
+    {name: record}.
     """
     t0 = time.perf_counter()
     request, main = main_budget_request(run)
     kept: list[str] = []
+    tables: dict[str, tuple[pd.DataFrame, dict]] = {}  # stage -> its score table, read once for every solve
+
+    def scored(stage):
+        if stage not in tables:
+            tables[stage] = load_score_table(run, stage)
+        return tables[stage]
 
     def solve_or_keep(name, req, stage):
         record = settled_record(run, name, req, stage)
         if record is None:
-            return _solve_and_save(run, name, req, stage, save=False)
+            return _solve_and_save(run, name, req, stage, save=False, scored=scored(stage))
         kept.append(name)
         return record
 
@@ -583,14 +593,15 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
             missed[f"{s:g}"] = str(e)
     chosen = {"main": main, "names": list(records)}
     if missed:  # the front keeps the points it reaches, and says which it does not
-        chosen["unreachable_front"] = {"targets": list(missed), "largest_speedup": largest_front_speedup(run),
-                                       "reasons": missed}
+        chosen["unreachable_front"] = {"targets": list(missed), "reasons": missed,
+                                       "largest_speedup": largest_front_speedup(run, tables.get("bld"))}
         run.say(f"search: warning: {unreachable_front_message(chosen['unreachable_front'])}")
     for name, record in records.items():
         if name not in kept:
             atomic_write_json(run.out / "search" / f"{name}.json", record)
     run.timed("search_s", time.perf_counter() - t0)
     atomic_write_json(run.out / "search" / "chosen.json", chosen)
+    update_report_front(run)  # a report written before names the targets out of reach as they are now
     if kept:
         run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
                 "on measured speed (same budget, objective and tables); delete DIR/search/<name>.json to solve afresh")
@@ -603,16 +614,19 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     return records
 
 
-def largest_front_speedup(run: Run) -> float | None:
+def largest_front_speedup(run: Run, scored: tuple[pd.DataFrame, dict] | None = None) -> float | None:
     """The largest predicted speed-up a front point can have: that of the fastest child of the trained
     table under the front's memory and parameter budgets and the run's vLLM setting (a MIP that minimises
-    runtime_ms); None when no child meets those budgets."""
+    runtime_ms); None when no child meets those budgets (or the table cannot be read).
+
+    `scored`: the trained table and its metadata as `load_score_table(run, "bld")` returns them, when the
+    caller holds them (`stage_search` does); read from DIR/score when None."""
     from .budgets import BudgetRequest
     from .search import parent_totals, solve
 
     s = run.config.search
     try:
-        table, meta = load_score_table(run, "bld")
+        table, meta = load_score_table(run, "bld") if scored is None else scored
         budgets = BudgetRequest(max_memory=s.max_memory, max_params=s.max_params).resolve(parent_totals(table), meta)
         return float(solve(table, budgets, "runtime_ms", vllm_compatible=s.vllm_compatible)[0].speedup)
     except PuzzleError:
@@ -1094,24 +1108,52 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         for name, res in exported.items():
             lines.append(f"- {name}: `{res.path}`" + (f" — warnings: {'; '.join(res.warnings)}" if res.warnings else ""))
         lines.append("")
+    lines += _unreachable_section(run)
+    lines += [_REPORT_TIMES, "", json.dumps(run.timings, indent=1), ""]
+    atomic_write_text(run.out / "report.md", "\n".join(lines))
+
+
+_REPORT_UNREACHABLE, _REPORT_TIMES = "## Front targets out of reach", "## Time per stage (s)"
+
+
+def _unreachable_section(run: Run) -> list[str]:
+    """report.md's lines on the front targets no child reached (DIR/search/chosen.json), [] when there are none."""
     chosen = run.out / "search" / "chosen.json"
     missed = read_json(chosen).get("unreachable_front") if chosen.is_file() else None
-    if missed:
-        lines += ["## Front targets out of reach", "", unreachable_front_message(missed) + ".", ""]
-    lines += ["## Time per stage (s)", "", json.dumps(run.timings, indent=1), ""]
-    atomic_write_text(run.out / "report.md", "\n".join(lines))
+    return [_REPORT_UNREACHABLE, "", unreachable_front_message(missed) + ".", ""] if missed else []
+
+
+def update_report_front(run: Run) -> None:
+    """Bring an existing DIR/report.md's section on front targets out of reach up to date with
+    DIR/search/chosen.json, which every search rewrites (`puzzle search` or `puzzle front` with other
+    --front-speedups): the section is replaced, added before the timings, or removed; the rest of the report
+    stays as `write_report` wrote it. Nothing is written when there is no report yet or it already agrees."""
+    path = run.out / "report.md"
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if _REPORT_UNREACHABLE in lines:  # the section runs to the next heading of its level
+        at = lines.index(_REPORT_UNREACHABLE)
+        end = next((i for i in range(at + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        del lines[at:end]
+    else:
+        at = lines.index(_REPORT_TIMES) if _REPORT_TIMES in lines else len(lines)
+    lines[at:at] = _unreachable_section(run)
+    if "\n".join(lines) != text:
+        atomic_write_text(path, "\n".join(lines))
 
 
 def front_inputs(run: Run) -> dict:
     """What a measured front depends on, as it is in DIR now (stored in DIR/front.json by `write_front`).
 
-    settings: the run's configuration without the report section, the front's speed-ups as a sorted
+    settings: the run's configuration without the report section and score.max_contention (how timing
+    windows are checked, --max-contention, not what is measured), the front's speed-ups as a sorted
     set; children: each searched name (DIR/search/chosen.json) with the choice its record holds now;
     tables: the sha256 of every score and cost table (DIR/score/score_table*.csv, cost*.csv; other CSVs a
     user keeps there do not count). Unreadable parts are None.
     """
-    config = run.config.to_dict()
-    config.pop("report", None)
+    config = _front_settings(run.config.to_dict())
     config["search"]["front_speedups"] = sorted(set(config["search"]["front_speedups"]))
     children = None
     try:
@@ -1123,6 +1165,17 @@ def front_inputs(run: Run) -> dict:
         if (run.out / "score").is_dir() else {}
     return json.loads(json.dumps({"settings": config, "children": children, "tables": tables},
                                  default=lambda o: str(o)))
+
+
+def _front_settings(config):
+    """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
+    depend on: the report section and score.max_contention. Other values (None, a damaged record) as they are."""
+    if not isinstance(config, dict):
+        return config
+    config = {k: v for k, v in config.items() if k != "report"}
+    if isinstance(config.get("score"), dict):
+        config["score"] = {k: v for k, v in config["score"].items() if k != "max_contention"}
+    return config
 
 
 def _is_front_table(name: str) -> bool:
@@ -1160,8 +1213,9 @@ def front_is_current(run: Run) -> str | None:
     if stored.get("front_csv") != csv_sha:
         return "front.csv is not the file front.json was written with"
     now = front_inputs(run)
-    if now["settings"] != stored.get("settings"):
-        changed = sorted(k for k in now["settings"] if now["settings"][k] != (stored.get("settings") or {}).get(k))
+    settings = _front_settings(stored.get("settings"))  # a front.json written when the limit still counted
+    if now["settings"] != settings:
+        changed = sorted(k for k in now["settings"] if now["settings"][k] != (settings or {}).get(k))
         return f"the settings changed ([{', '.join(changed)}])"
     if now["children"] is None:
         return "search/chosen.json or a searched child's record is missing or unreadable"

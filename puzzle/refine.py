@@ -396,6 +396,9 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--select-tokens", type=int, default=None, help="scoring-split tokens to choose by (default 2048)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="continue an earlier refinement of NAME from <name>-refined for --rounds more rounds")
+    from .cli import add_max_contention_flag
+
+    add_max_contention_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=refine_main)
@@ -409,7 +412,7 @@ def refine_main(args) -> int:
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    run = open_run(args.out, progress=not args.no_progress)
+    run = open_run(args.out, progress=not args.no_progress, max_contention=args.max_contention)
     seq_len, split = run.tokens.score.shape[1], run.tokens.score.numel()
     if args.select_tokens is not None and not seq_len <= args.select_tokens <= split:
         raise PuzzleError(f"--select-tokens {args.select_tokens}: give {seq_len} (one sequence) to {split} (the whole "

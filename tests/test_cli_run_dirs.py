@@ -1,0 +1,235 @@
+"""Stage commands on --out folders: another program's config.json is never overwritten, a failed budget is not kept
+in a new run's configuration, --max-contention reaches every command that times models, a search reads its score
+table once, report.md follows the front's targets, and negative numbers in any spelling reach the value checks."""
+
+import argparse
+import json
+import math
+import re
+import shutil
+
+import pandas as pd
+import pytest
+
+from tiny_run import tiny_run_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy(tmp_path_factory, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    return out
+
+
+@pytest.mark.parametrize("config", [{"foo": 1}, {},
+                                    {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}])
+def test_a_config_json_of_another_program_is_refused_and_kept(tmp_path, capsys, config):
+    from puzzle.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "notes.txt").write_text("the user's")
+    before = _files(folder)
+    for argv in (["data", "--preset", "tiny"], ["run", "--preset", "tiny", "--speedup", "2"], ["data"], ["score"],
+                 ["search", "--speedup", "2"], ["front"], ["export"]):
+        assert main([*argv, "--out", str(folder), "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, (argv, err)
+        assert f"{folder / 'config.json'} is not a puzzle run's configuration" in err and "give another --out" in err
+        assert _files(folder) == before, argv
+
+
+def test_a_damaged_run_config_keeps_its_message(tmp_path, capsys):
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for text, words in [('{"search": {"speedupp": 2}}', "unknown setting(s) ['speedupp']"),
+                        ("[1]", "holds a JSON list"), ("{not json", "is not valid JSON")]:
+        (out / "config.json").write_text(text)
+        assert main(["data", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "not a puzzle run's" not in err and len(err.strip().splitlines()) == 1, err
+        assert (out / "config.json").read_text() == text
+
+
+@pytest.mark.slow
+def test_a_failed_budget_is_not_kept_in_a_new_runs_configuration(tmp_path, capsys):
+    """`puzzle run --out NEW --speedup 1e9` fails in the search after data, BLD and scoring wrote work: NEW stays for a
+    rerun to resume, with the settings of that work, and the preset's search settings (not the failed budget)."""
+    from puzzle.cli import main
+    from puzzle.config import load_preset, load_run_config
+
+    out = tmp_path / "new" / "run"
+    assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--speedup", "1e9", "--front-speedups",
+                 "3", "--max-contention", "inf", "--bld-tokens", "256", "--score-tokens", "64"]) == 2
+    assert "no architecture in the library meets" in capsys.readouterr().err
+    assert (out / "score" / "score_table.csv").is_file()  # the finished work stays
+    saved, preset = load_run_config(out), load_preset("tiny")
+    assert saved.search == preset.search  # speedup 1.5 and the preset's front, as without the failed flags
+    assert math.isinf(saved.score.max_contention) and saved.bld.tokens == 256 and saved.score.tokens == 64
+    assert main(["search", "--out", str(out)]) == 0  # the run's own budget (the preset's) now solves
+    assert (out / "search" / "child-1.5x.json").is_file()
+
+
+def test_take_back_removes_only_new_bookkeeping(tmp_path):
+    from puzzle.cli import _first_missing, _listing, _take_back
+
+    mine = tmp_path / "mine"  # an existing folder of the user's
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("x")
+    had = _listing(mine)
+    (mine / "config.json").write_text("{}")
+    (mine / "timings.json").write_text("{}")
+    (mine / "data").mkdir()  # an empty folder the command made
+    _take_back(mine, had)
+    assert _listing(mine) == had
+    (mine / "config.json").write_text("{}")
+    (mine / "sub" / "tokens.bin").write_text("work")  # work, in a folder the user had
+    _take_back(mine, had)
+    assert (mine / "config.json").is_file() and (mine / "sub" / "tokens.bin").is_file()
+    out = tmp_path / "new" / "a" / "run"  # a new --out: removed up to the first folder made
+    top = _first_missing(out)
+    out.mkdir(parents=True)
+    (out / "parent.json").write_text("{}")
+    (out.parent / "empty").mkdir()
+    _take_back(out, set(), top)
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "data").mkdir()
+    (out / "data" / "tokens.bin").write_text("work")
+    _take_back(out, set(), _first_missing(tmp_path / "new"))
+    assert (out / "config.json").is_file() and (out / "data" / "tokens.bin").is_file()
+
+
+def _option_help(parser, command):
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return next(a.help for a in sub.choices[command]._actions if "--max-contention" in a.option_strings)
+
+
+def test_every_command_that_times_models_takes_max_contention(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    from puzzle import baselines, pipeline, refine
+    from puzzle.cli import build_parser, main
+    from puzzle.config import load_run_config
+
+    parser = build_parser()
+    helps = {c: _option_help(parser, c) for c in ("run", "score", "realize", "front", "refine", "baselines")}
+    assert len(set(helps.values())) == 1, helps
+    out = _copy(tmp_path_factory, tmp_path)
+    seen = {}
+
+    def record(command):
+        def fake(run, *args, **kwargs):
+            seen[command] = run.config.score.max_contention
+            return pd.DataFrame({"name": ["parent"], "training": [""], "speedup": [1.0], "kl_nats": [0.0],
+                                 "lm_loss": [1.0], "params": [1], "method": ["parent"], "target_speedup": [1.0]})
+        return fake
+
+    monkeypatch.setattr(pipeline, "stage_realize", record("realize"))
+    monkeypatch.setattr(pipeline, "stage_front", record("front"))
+    monkeypatch.setattr(refine, "improve_child", record("refine"))
+    monkeypatch.setattr(baselines, "run_baselines", record("baselines"))
+    for command, cores in [("realize", "0.5"), ("front", "1.5"), ("refine", "2.5"), ("baselines", "inf")]:
+        extra = {"realize": ["--name", "child-1.5x"], "refine": ["--name", "child-1.5x"]}.get(command, [])
+        assert main([command, "--out", str(out), "--no-progress", *extra, "--max-contention", cores]) == 0, \
+            capsys.readouterr().err
+        assert seen[command] == float(cores)  # the limit the command's timings check
+        assert load_run_config(out).score.max_contention == float(cores)  # saved, as run and score save it
+    assert main(["baselines", "--out", str(out), "--no-progress", "--max-contention", "0"]) == 2
+    assert "max_contention" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_finished_front_is_drawn_again_under_another_contention_limit(tmp_path_factory, tmp_path, capsys):
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    measured = _files(out)["front.csv"]
+    capsys.readouterr()
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3"]) == 0
+    assert "is up to date" in capsys.readouterr().err and _files(out)["front.csv"] == measured
+
+
+def test_a_search_reads_its_score_table_once(tmp_path_factory, tmp_path, monkeypatch):
+    from puzzle import pipeline
+    from puzzle.config import load_run_config
+
+    out = _copy(tmp_path_factory, tmp_path)
+    config = load_run_config(out).replace(search={"front_speedups": (1.25, 1e9)})  # one out of reach
+    run = pipeline.Run(out, config, progress=False)
+    expected = pipeline.largest_front_speedup(run)
+    read = []
+    load = pipeline.load_score_table
+    monkeypatch.setattr(pipeline, "load_score_table", lambda run, stage="bld": read.append(stage) or load(run, stage))
+    pipeline.stage_search(run)
+    assert read.count("bld") == 1, read
+    chosen = json.loads((out / "search" / "chosen.json").read_text())
+    assert chosen["unreachable_front"]["largest_speedup"] == pytest.approx(expected, rel=1e-12)
+    read.clear()
+    assert pipeline.largest_front_speedup(run, load(run, "bld")) == pytest.approx(expected, rel=1e-12)
+    assert read == []  # the table the caller holds
+    assert pipeline.largest_front_speedup(run) == pytest.approx(expected, rel=1e-12) and read == ["bld"]
+
+
+def test_the_reports_targets_out_of_reach_follow_the_search(tmp_path_factory, tmp_path):
+    """report.md (written by `puzzle run`) names the front targets out of reach as the latest search found them:
+    `puzzle front` and `puzzle search` with other --front-speedups add, change or remove that section."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    head = "# Puzzle run\n\n## Summary\n\n| name |\n|---|\n| parent |\n\n"
+    tail = "## Time per stage (s)\n\n{\n \"data_s\": 1.0\n}\n"
+    (out / "report.md").write_text(head + tail)
+    assert main(["search", "--out", str(out), "--front-speedups", "1.25,1e9"]) == 0
+    report = (out / "report.md").read_text()
+    section = re.search(r"## Front targets out of reach\n\n(.*)\n\n", report)
+    assert section and "front target 1e+09x is out of reach" in section.group(1)
+    assert report.startswith(head) and report.endswith(tail)
+    assert main(["search", "--out", str(out), "--front-speedups", "1.25,2e9,3e9"]) == 0
+    report = (out / "report.md").read_text()
+    assert "front targets 2e+09x, 3e+09x are out of reach" in report and "1e+09x" not in report
+    assert report.count("## Front targets out of reach") == 1 and report.endswith(tail)
+    assert main(["search", "--out", str(out), "--front-speedups", "1.25"]) == 0
+    assert (out / "report.md").read_text() == head + tail
+
+
+@pytest.mark.slow
+def test_front_with_other_targets_rewrites_the_reports_section(tmp_path_factory, tmp_path):
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    (out / "report.md").write_text("# Puzzle run\n\n## Time per stage (s)\n\n{}\n")
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "inf", "--front-speedups",
+                 "1.25,1e9"]) == 0
+    assert "front target 1e+09x is out of reach" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("weights", [["1", "-inf"], ["-inf", "1"], ["1", "-1e3"], ["1", "-Infinity"]])
+def test_negative_weights_in_any_spelling_get_the_weights_message(tmp_path, capsys, weights):
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    code = main(["data", "--preset", "tiny", "--out", str(out), "--calib", "a.txt", "b.txt", "--calib-weights", *weights])
+    err = capsys.readouterr().err
+    assert code == 2 and "must be positive and finite" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_negative_numbers_reach_the_other_value_checks(tmp_path, capsys):
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--out", str(out), "--max-contention", "-inf"]) == 2
+    assert "score.max_contention must be a number of cores > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own message for its type check, with the value as given
+        main(["run", "--preset", "tiny", "--out", str(out), "--speedup", "-1e3"])
+    assert "'-1e3' is not a speed-up" in capsys.readouterr().err
+    assert not out.exists()
