@@ -315,18 +315,23 @@ def test_damaged_splits_are_rebuilt_with_a_warning_that_names_the_file(tmp_path,
                          (flip_last_bit, tokens),
                          (lambda: manifest.write_text(manifest.read_text()[:40]), manifest)]:
         damage()
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            again = prepare_data(_config(tmp_path), tok, out)
-        said = _damage_warnings(record)
-        assert len(said) == 1 and said[0].startswith(f"{path} is damaged") and "rebuilding" in said[0], said
-        assert not again.reloaded and torch.equal(again.calib, first.calib) and torch.equal(again.eval, first.eval)
-        assert load_token_splits(out).reloaded  # whole again
+        _rebuilt_with_one_warning(tmp_path, tok, out, path, first)
     with warnings.catch_warnings(record=True) as record:  # other settings: rebuilt without a word
         warnings.simplefilter("always")
         assert not prepare_data(_config(tmp_path, seed=3), tok, out).reloaded
         assert prepare_data(_config(tmp_path, seed=3), tok, out).reloaded
     assert _damage_warnings(record) == []
+
+
+def _rebuilt_with_one_warning(tmp_path, tok, out, path, first):
+    """prepare_data on damaged splits in `out`: one warning naming `path`, the same tokens as `first`, whole again."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        again = prepare_data(_config(tmp_path), tok, out)
+    said = _damage_warnings(record)
+    assert len(said) == 1 and said[0].startswith(f"{path} is damaged") and "rebuilding" in said[0], said
+    assert not again.reloaded and torch.equal(again.calib, first.calib) and torch.equal(again.eval, first.eval)
+    assert load_token_splits(out).reloaded  # whole again
 
 
 def test_a_manifest_without_its_splits_or_a_missing_file_is_damage(tmp_path, tok):
@@ -353,13 +358,7 @@ def test_a_manifest_without_its_splits_or_a_missing_file_is_damage(tmp_path, tok
         damage()
         with pytest.raises(PuzzleError, match=words):
             load_token_splits(out)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            again = prepare_data(_config(tmp_path), tok, out)
-        said = _damage_warnings(record)
-        assert len(said) == 1 and said[0].startswith(f"{path} is damaged") and "rebuilding" in said[0], said
-        assert not again.reloaded and torch.equal(again.calib, first.calib) and torch.equal(again.eval, first.eval)
-        assert load_token_splits(out).reloaded  # whole again
+        _rebuilt_with_one_warning(tmp_path, tok, out, path, first)
 
 
 def test_the_cli_says_on_one_line_that_damaged_splits_are_rebuilt(tmp_path, capsys):
