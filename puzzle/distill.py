@@ -474,16 +474,16 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     work = args.work or run.out / "gkd" / args.name
     child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
     check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training
-                        provenance=export_provenance({"gkd": {"child": child_ref}}), training_pending=True)
+                        provenance=export_provenance({"gkd": {"child": child_ref}}), training_pending=True, work=work)
     check_work_folder(work, [run.out], [run.out / "gkd"])
     # loading the parent and the run's splits writes nothing to the run (pipeline.Run): a refusal leaves it as it was
     child = build_child(run, record)
     save_data = None
     train_ids = run.tokens.calib
     data_note = f"the run's calibration split ({train_ids.shape[0]} x {train_ids.shape[1]} tokens)"
-    if args.calib_tokens or args.max_doc_tokens is not None:
+    if args.calib_tokens is not None or args.max_doc_tokens is not None:
         seq_len = run.config.data.seq_len
-        if args.calib_tokens and args.calib_tokens < seq_len:  # not DataConfig's "calib_tokens ... raise it"
+        if args.calib_tokens is not None and args.calib_tokens < seq_len:  # not DataConfig's "... raise it"
             raise PuzzleError(f"--calib-tokens {args.calib_tokens} is less than one sequence (the run's seq_len "
                               f"{seq_len}); give --calib-tokens {seq_len} or more")
         changes = {"calib_tokens": args.calib_tokens or run.config.data.calib_tokens}
@@ -573,7 +573,8 @@ def _folder_inputs(args) -> GKDInputs:
 
     dest = Path(args.dest)
     check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"],
-                        provenance=export_provenance({"gkd": {"child": model_ref(args.child)}}), training_pending=True)
+                        provenance=export_provenance({"gkd": {"child": model_ref(args.child)}}), training_pending=True,
+                        work=args.work or f"{dest}.gkd-work")
     check_work_folder(args.work or f"{dest}.gkd-work", [args.child, args.parent])
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
@@ -611,6 +612,10 @@ def run_gkd_command(args, log=None) -> dict:
                               "run's calibration text with --calib-tokens N / --max-doc-tokens N)")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise PuzzleError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
+    if args.calib_tokens is not None and args.calib_tokens < 1:  # 0 is not "the default" either
+        raise PuzzleError(f"--calib-tokens must be >= 1 (training tokens to pack), got {args.calib_tokens}")
+    if args.max_doc_tokens is not None and args.max_doc_tokens < 0:
+        raise PuzzleError(f"--max-doc-tokens must be >= 0 (0: no cap), got {args.max_doc_tokens}")
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)
@@ -723,7 +728,7 @@ def add_gkd_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval", nargs="+", metavar="FILE", help="evaluation text for --child (KL and LM loss before/after)")
     g.add_argument("--seq-len", type=int, default=None,
                    help=f"tokens per training sequence for --child (default {FOLDER_SEQ_LEN})")
-    g.add_argument("--calib-tokens", type=int, default=0,
+    g.add_argument("--calib-tokens", type=int, default=None,
                    help="training tokens to pack (run: re-pack the run's calibration sources for this many; default: "
                         "the run's calibration split, or --tokens for --child)")
     g.add_argument("--max-doc-tokens", type=int, default=None, help="tokens kept per document when packing (0: all)")

@@ -60,8 +60,12 @@ def export_provenance(info: dict | None) -> str:
         if isinstance(info.get(stage), dict):
             training = info[stage].get("training")  # `training_ref`; absent in exports of earlier versions
             return f"{stage} of {info[stage].get(key, '?')}" + (f" (training {training})" if training else "")
-    if isinstance(info.get("merge"), dict):  # the inputs as a set: their order only pairs them with weights
-        return f"merge of {', '.join(sorted(map(str, info['merge'].get('inputs', []))))}"
+    if isinstance(info.get("merge"), dict):  # the inputs with their weights as a set: the order only pairs them
+        merge = info["merge"]
+        inputs, weights = list(map(str, merge.get("inputs") or [])), merge.get("weights")
+        if isinstance(weights, list) and len(weights) == len(inputs):
+            inputs = [f"{i} x{w:.6g}" if isinstance(w, (int, float)) else f"{i} x{w}" for i, w in zip(inputs, weights)]
+        return f"merge of {', '.join(sorted(inputs))}" + (f" as {merge['dtype']}" if merge.get("dtype") else "")
     if info.get("stage") == "rpo":
         return f"rpo ({info.get('loss', '?')}) of {info.get('source', '?')}"
     if info.get("name"):
@@ -299,12 +303,14 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
 
 
 def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None,
-                        training_pending: bool = False) -> None:
+                        training_pending: bool = False, work=None) -> None:
     """Refuse an export folder that would lose something. Call it before long work, too.
 
-    Refused: a file; a path under a file; a name too long for the temporary folder; the current
-    directory or one above it; a folder holding or being one of `keep` (the run directory, the
-    inputs, a work folder); a non-empty folder without `overwrite`, or with it one that is not an
+    Refused: a file; a path under a file; a link (an export replaces the folder, not what a link points
+    to); a name too long for the temporary folder; the current directory or one above it; a folder
+    holding or being one of `keep` (the run directory, the inputs, a work folder); a folder inside an
+    export (which would then no longer be one) or inside `work` (the training's work folder, which a
+    fresh start deletes); a non-empty folder without `overwrite`, or with it one that is not an
     earlier export holding only what an export writes (`is_export_folder`); with `provenance` (what
     the new export will be, `export_provenance`), an earlier export whose weights were trained
     (gkd, sft, merge, rpo) of another provenance: only a rerun of the same training (for gkd and sft,
@@ -322,6 +328,9 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
         raise PuzzleError(f"export target {out_dir}: {above} is a file, so no folder can be made under it")
     if len(out_dir.name.encode()) > 200:
         raise PuzzleError(f"export target {out_dir.name[:40]}...: the folder name is longer than 200 bytes; shorten it")
+    if out_dir.is_symlink():
+        raise PuzzleError(f"export target {out_dir} is a link (to {os.readlink(out_dir)}); an export replaces the folder "
+                          f"itself, so give the folder's own path or a new one")
     here = Path.cwd().resolve()
     target = out_dir.resolve()
     if target in (here, *here.parents):
@@ -332,6 +341,12 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
         if path == target or target in path.parents:
             raise PuzzleError(f"export target {out_dir} is or holds {path}, which the command reads or writes; "
                               f"give a folder outside it")
+    if (export := next((p for p in target.parents if p.is_dir() and is_export_folder(p)), None)) is not None:
+        raise PuzzleError(f"export target {out_dir} is inside the exported model {export}, which would then hold "
+                          f"another model's files; give a folder of its own")
+    if work is not None and Path(work).expanduser().resolve() in target.parents:
+        raise PuzzleError(f"export target {out_dir} is inside the work folder {work}, which a fresh start of the "
+                          f"training deletes; give a folder outside it")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
@@ -343,11 +358,25 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
         same = earlier is not None and (earlier[0] == provenance or (
             training_pending and provenance is not None and earlier[0].startswith(f"{provenance} (training ")))
         if provenance is not None and earlier is not None and earlier[1] and not same:
-            same_kind = earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0] in ("gkd", "sft")  # have work folders
-            hint = (" (if it is this same training recorded otherwise, by an earlier version or from a moved run, "
-                    "delete that folder and the checkpoint.pt in its work folder)") if same_kind else ""
+            hint = _same_training_hint(earlier[0], provenance)
             raise PuzzleError(f"{out_dir} holds trained weights ({earlier[0]}) that this export ({provenance}) would "
                               f"replace; give a new folder, or delete that one first if it is no longer needed{hint}")
+
+
+def _same_training_hint(earlier: str, now: str) -> str:
+    """What to add to a refusal to replace the trained export `earlier` by `now` (two `export_provenance`s) when it
+    may be this same training recorded otherwise: by an earlier version (no training reference) or from a run
+    moved since (another model reference). None when both name the same model and differ in the training alone,
+    which then is another training (settings, data or work folder)."""
+    kind = earlier.split(" ", 1)[0]
+    if kind != now.split(" ", 1)[0] or kind not in ("gkd", "sft"):  # only these have work folders
+        return ""
+    model, _, training = earlier.partition(" (training ")
+    if training and model == now.partition(" (training ")[0]:
+        return ""
+    return (" (if it is this same training recorded otherwise, by an earlier version or from a moved run, delete "
+            "that folder alone and rerun: the finished checkpoint in the work folder is exported again, not trained "
+            "again)")
 
 
 #: files an export writes besides CODE_FILES (the tokenizer's names vary with its kind)

@@ -227,8 +227,10 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     from .export import check_export_target, export_checkpoint, export_provenance, model_ref
     from .parent import load_parent
 
+    record = {"inputs": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths)),
+              **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
     check_export_target(dest, overwrite=True, keep=paths,  # before loading and averaging
-                        provenance=export_provenance({"merge": {"inputs": [model_ref(p) for p in paths]}}))
+                        provenance=export_provenance({"merge": record}))
     for source, model, recorded in derived_from(paths):  # e.g. the parent of a run, which merge cannot see
         if source == dest.resolve():
             raise PuzzleError(f"--dest {dest} is the model {model} was derived from (its config.json records "
@@ -236,8 +238,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     loaded = [load_parent(p) for p in paths]
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
     exported = export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,
-                                 extra_info={"merge": {"inputs": [model_ref(p) for p in paths],
-                                                       "weights": normalized_weights(weights, len(paths))}})
+                                 extra_info={"merge": record})
     if exported.replaced:
         print(f"merge: replaced the export of {exported.replaced} that was in {dest}", file=sys.stderr)
     return dest

@@ -611,7 +611,7 @@ def run_sft_command(args, log=None) -> dict | None:
     else:
         what = source = "tiny" if builtin_tiny else model_ref(args.model)
     check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before loading and training, not after
-                        provenance=export_provenance({"sft": {"model": what}}), training_pending=True)
+                        provenance=export_provenance({"sft": {"model": what}}), training_pending=True, work=work)
     # a run's export folder takes new folders: the default DEST and its work folder are there
     check_work_folder(work, inputs, [args.out / "export"] if args.out else [])
     env = init_distributed(args.device)

@@ -232,6 +232,8 @@ def test_a_re_pack_too_short_for_the_run_says_which_flag_to_change(tmp_path_fact
     add_gkd_parser(p.add_subparsers())
     base = ["gkd", "--out", str(run), "--name", "child-1.5x", "--no-eval", "--no-progress", "--stop-after-steps", "1"]
     for extra, words in [(["--max-doc-tokens", "5"], "--max-doc-tokens 5 would change the evaluation split"),
+                         (["--max-doc-tokens", "-1"], "--max-doc-tokens must be >= 0 (0: no cap), got -1"),
+                         (["--calib-tokens", "0"], "--calib-tokens must be >= 1 (training tokens to pack), got 0"),
                          (["--calib-tokens", "10"], "--calib-tokens 10 is less than one sequence (the run's seq_len "
                                                     "64); give --calib-tokens 64 or more")]:
         with pytest.raises(PuzzleError, match=re.escape(words)) as refused:

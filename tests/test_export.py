@@ -305,8 +305,9 @@ def test_a_trained_export_is_replaced_only_by_the_same_training(tmp_path):
     mine = {"sft": {"model": "m", "training": ref}}
     export_checkpoint(child, None, out, extra_info=mine)
     for other in others:
-        with pytest.raises(PuzzleError, match=r"holds trained weights \(sft of m \(training "):
+        with pytest.raises(PuzzleError, match=r"holds trained weights \(sft of m \(training ") as refused:
             export_checkpoint(child, None, out, overwrite=True, extra_info={"sft": {"model": "m", "training": other}})
+        assert "recorded otherwise" not in str(refused.value)  # the same model trained otherwise: no such hint
         with pytest.raises(PuzzleError, match="holds trained weights"):  # and the check made before the training
             check_export_target(out, overwrite=True,
                                 provenance=export_provenance({"sft": {"model": "m", "training": other}}))
@@ -320,5 +321,38 @@ def test_a_trained_export_is_replaced_only_by_the_same_training(tmp_path):
     del config["puzzle"]["sft"]["training"]  # as an earlier version wrote it
     (out / "config.json").write_text(json.dumps(config))
     check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "m"}}), training_pending=True)
-    with pytest.raises(PuzzleError, match="recorded otherwise, by an earlier version"):
+    with pytest.raises(PuzzleError, match="recorded otherwise, by an earlier version") as refused:
         export_checkpoint(child, None, out, overwrite=True, extra_info=mine)
+    # the advice keeps the finished checkpoint: deleting the export alone lets the rerun export it again
+    assert "delete that folder alone" in str(refused.value) and "checkpoint.pt" not in str(refused.value)
+
+
+def test_an_export_target_inside_an_export_or_the_work_folder_or_a_link_is_refused(tmp_path):
+    """An export replaces its folder: a link would be replaced by a folder (and the provenance checked at the link's
+    target); a folder inside an export makes that export an unknown folder; one inside the work folder is deleted
+    with it by a fresh start. All are refused before any work."""
+    from puzzle.export import check_export_target
+
+    child = tiny_child([block("kv2", "256"), block("kv1", "512")])
+    first = tmp_path / "first"
+    export_checkpoint(child, None, first, extra_info={"gkd": {"child": "c", "training": "0" * 16}})
+    (tmp_path / "link").symlink_to(first)
+    with pytest.raises(PuzzleError, match=f"export target {tmp_path / 'link'} is a link"):
+        check_export_target(tmp_path / "link", overwrite=True)
+    with pytest.raises(PuzzleError, match=f"is inside the exported model {first}"):
+        check_export_target(first / "inner", overwrite=True)
+    with pytest.raises(PuzzleError, match="is inside the work folder"):
+        check_export_target(tmp_path / "work" / "sub", overwrite=True, work=tmp_path / "work")
+    check_export_target(tmp_path / "work2", overwrite=True, work=tmp_path / "work")  # beside it: fine
+    assert [p.name for p in first.iterdir()] and (tmp_path / "link").is_symlink()
+
+
+def test_a_merge_with_other_weights_is_another_merge():
+    """A merge's provenance holds its inputs with their weights (as a set) and a chosen dtype: another weighting does
+    not replace an earlier merge; the same one in another order is the same merge."""
+    from puzzle.export import export_provenance
+
+    same = export_provenance({"merge": {"inputs": ["/a", "/b"], "weights": [0.25, 0.75]}})
+    assert same == export_provenance({"merge": {"inputs": ["/b", "/a"], "weights": [0.75, 0.25]}})
+    assert same != export_provenance({"merge": {"inputs": ["/a", "/b"], "weights": [0.5, 0.5]}})
+    assert same != export_provenance({"merge": {"inputs": ["/a", "/b"], "weights": [0.25, 0.75], "dtype": "bfloat16"}})

@@ -95,3 +95,23 @@ def test_cli_merges_exported_folders_and_state_dict_files(tmp_path):
                                                              + sd[1]["model.embed_tokens.weight"]) / 2)
     with pytest.raises(PuzzleError, match="only model folders or only state-dict files"):
         merge_checkpoints([tmp_path / "m0", tmp_path / "s1.safetensors"], tmp_path / "x")
+
+
+def test_a_merge_with_other_weights_does_not_replace_an_earlier_merge(tmp_path):
+    """Trained weights are replaced only by the same training: a merge with other weights (or another --dtype) into an
+    earlier merge's folder is refused before loading; the same merge, inputs in any order, replaces it."""
+    loaded = [tiny_parent(seed=s) for s in (0, 1)]
+    for i, lm in enumerate(loaded):
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"m{i}")
+    m0, m1, dest = tmp_path / "m0", tmp_path / "m1", tmp_path / "merged"
+    merge_checkpoints([m0, m1], dest, [1, 3])
+    before = (dest / "model.safetensors").read_bytes()
+    for weights, dtype in (([1, 1], None), ([1, 3], "bfloat16")):
+        with pytest.raises(PuzzleError, match="holds trained weights"):
+            merge_checkpoints([m0, m1], dest, weights, dtype)
+    assert (dest / "model.safetensors").read_bytes() == before
+    merge_checkpoints([m1, m0], dest, [3, 1])  # the same merge
+    assert (dest / "model.safetensors").read_bytes() == before
+    with pytest.raises(PuzzleError, match="inside the exported model"):  # a folder inside an input
+        merge_checkpoints([m0, m1], m0 / "sub")
+    assert not (m0 / "sub").exists()
