@@ -583,27 +583,32 @@ def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def open_run(out: Path, progress: bool = True, max_contention: float | None = None):
-    """The `Run` of an existing run directory (its saved configuration), logging to stderr.
-
-    `max_contention` (cores; --max-contention): replaces the saved score.max_contention, the limit every timing of
-    this command checks, and is saved with the configuration as `puzzle score --max-contention` saves it.
+def open_run(out: Path, progress: bool = True):
+    """The `Run` of an existing run directory (its saved configuration), logging to stderr: for library use
+    (benchmarks, notebooks, tests). The commands open theirs through `cli._stage_run`, which also applies
+    --max-contention and leaves DIR/config.json as it was when they fail.
 
     Raises:
-        PuzzleError: `out` holds no run's configuration (`config.load_run_config`), or `max_contention` is not a
-            number of cores > 0.
+        PuzzleError: `out` holds no run's configuration (`config.load_run_config`).
     """
     from .config import load_run_config
     from .pipeline import Run
 
-    config = load_run_config(out)
-    if max_contention is not None:
-        config = config.replace(score={"max_contention": max_contention})
-    return Run(out, config, progress=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return Run(out, load_run_config(out), progress=progress, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def baselines_main(args) -> int:
-    """Run the baselines and print the table. Raises PuzzleError for a malformed --speedups."""
+    """Run the baselines and print the table.
+
+    The run is opened as every stage command's (`cli._stage_run`): --max-contention is saved with the configuration
+    when the command succeeds, and a failure (an error, Ctrl-C) leaves DIR/config.json byte for byte as it was.
+
+    Raises:
+        PuzzleError: a malformed --speedups (before anything is read), DIR is no run directory, or as
+            `run_baselines`.
+    """
+    from .cli import _stage_run
+
     speedups = None
     if args.speedups is not None:
         from .budgets import parse_speedup
@@ -615,8 +620,8 @@ def baselines_main(args) -> int:
             raise PuzzleError(bad) from None
         if not all(1 <= s < math.inf for s in speedups):  # NaN fails too
             raise PuzzleError(bad)
-    run = open_run(args.out, progress=not args.no_progress, max_contention=args.max_contention)
-    table = run_baselines(run, speedups, export=not args.no_export, progress=not args.no_progress)
+    with _stage_run(args, existing=True, measures=True) as run:
+        table = run_baselines(run, speedups, export=not args.no_export, progress=not args.no_progress)
     cols = ["name", "training", "speedup", "kl_nats", "lm_loss", "params"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     body = table[table["name"] != "parent"]

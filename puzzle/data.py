@@ -818,19 +818,29 @@ def _settings_sha(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def _check_no_folder_in_the_way(out_dir: Path) -> None:
+    """Raise PuzzleError when `manifest.json` or `tokens.safetensors` in `out_dir` is a folder: the user moves
+    it away (a write cannot replace a folder), so it is neither damage to rebuild nor splits to read."""
+    for name in ("manifest.json", "tokens.safetensors"):
+        if (out_dir / name).is_dir():
+            raise PuzzleError(f"{out_dir / name} is a folder where a file belongs; move it away and run the command again")
+
+
 def load_token_splits(out_dir, expect_settings_sha: str | None = None) -> TokenSplits:
     """Read `tokens.safetensors` and `manifest.json` written by `prepare_data`.
 
     Raises:
         DamagedSplits: a file is missing or unreadable, or the two disagree (settings, or a split's
             token hash when the manifest has one); `path` names the file at fault.
-        PuzzleError: (with `expect_settings_sha`) splits made with other settings.
+        PuzzleError: a folder where one of the two files belongs (not damage: nothing rebuilds over it), or (with
+            `expect_settings_sha`) splits made with other settings.
     """
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
     out_dir = Path(out_dir)
     manifest_path, tokens_path = out_dir / "manifest.json", out_dir / "tokens.safetensors"
+    _check_no_folder_in_the_way(out_dir)
     for path in (manifest_path, tokens_path):
         if not path.is_file():
             raise DamagedSplits(path, "missing (or not a file)")
@@ -937,7 +947,8 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
 
     Raises:
         PuzzleError: missing or empty source, a split with fewer than T tokens, no EOS token,
-            a `parent-samples` source without its file in `resolved`.
+            a `parent-samples` source without its file in `resolved`, a folder where `tokens.safetensors` or
+            `manifest.json` belongs in `out_dir`.
     """
     from .samples import is_parent_samples
 
@@ -946,6 +957,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     if missing := [s for s in config.calib_sources if is_parent_samples(s) and s not in resolved]:
         raise PuzzleError(f"{missing[0]} needs the parent: prepare the data through a run (puzzle run/data)")
     check_sources(config)
+    _check_no_folder_in_the_way(out_dir)  # before the sources are read, and never taken for damage to rebuild
     settings = _settings(config, tokenizer, cache_dir, resolved)
     sha = _settings_sha(settings)
     if (out_dir / "manifest.json").exists() or (out_dir / "tokens.safetensors").exists():  # one alone is damage

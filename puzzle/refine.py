@@ -406,19 +406,27 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def refine_main(args) -> int:
-    """Run `improve_child` and print its step table."""
-    from .baselines import open_run
+    """Run `improve_child` and print its step table.
+
+    The run is opened as every stage command's (`cli._stage_run`): --max-contention is saved with the configuration
+    when the command succeeds, and a failure (an error, Ctrl-C) leaves DIR/config.json byte for byte as it was.
+
+    Raises:
+        PuzzleError: a count flag below 1 (before anything is read), DIR is no run directory, --select-tokens
+            outside one sequence to the scoring split, or as `improve_child` (an unknown --name).
+    """
+    from .cli import _stage_run
 
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    run = open_run(args.out, progress=not args.no_progress, max_contention=args.max_contention)
-    seq_len, split = run.tokens.score.shape[1], run.tokens.score.numel()
-    if args.select_tokens is not None and not seq_len <= args.select_tokens <= split:
-        raise PuzzleError(f"--select-tokens {args.select_tokens}: give {seq_len} (one sequence) to {split} (the whole "
-                          f"scoring split); choices are made on whole sequences")
-    df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
-                       max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
-                       resume=args.resume)
+    with _stage_run(args, existing=True, measures=True) as run:
+        seq_len, split = run.tokens.score.shape[1], run.tokens.score.numel()
+        if args.select_tokens is not None and not seq_len <= args.select_tokens <= split:
+            raise PuzzleError(f"--select-tokens {args.select_tokens}: give {seq_len} (one sequence) to {split} (the "
+                              f"whole scoring split); choices are made on whole sequences")
+        df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
+                           max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
+                           resume=args.resume)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

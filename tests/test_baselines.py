@@ -394,3 +394,34 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
     assert json.loads(stale.read_text())["inputs"]["workload"]["batch_size"] == row["inputs"]["workload"]["batch_size"] - 1
     assert kept.read_bytes() == kept_bytes
+
+
+def test_a_refused_or_interrupted_baselines_leaves_config_json_byte_for_byte(tmp_path_factory, tmp_path, monkeypatch,
+                                                                              capsys):
+    """--max-contention and the Run's own save of the configuration are kept only when the command succeeds."""
+    import shutil
+
+    import puzzle.baselines
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    config = json.loads((out / "config.json").read_text())
+    config["score"]["max_contention"] = 0.25
+    (out / "config.json").write_text(json.dumps(config, indent=7))  # a layout any rewrite would change
+    before = (out / "config.json").read_bytes()
+
+    def refused(*args, **kwargs):
+        raise PuzzleError("refused for the test")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for stub, rc in [(refused, 2), (interrupted, 130)]:
+        monkeypatch.setattr(puzzle.baselines, "run_baselines", stub)
+        for extra in (["--max-contention", "5"], []):
+            assert main(["baselines", "--out", str(out), "--speedups", "1.5", *extra, "--no-progress"]) == rc, extra
+            assert (out / "config.json").read_bytes() == before, (stub, extra)
+    assert "refused for the test" in capsys.readouterr().err
+    assert main(["baselines", "--out", str(out), "--speedups", "0", "--max-contention", "5", "--no-progress"]) == 2
+    assert (out / "config.json").read_bytes() == before

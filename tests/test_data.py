@@ -375,6 +375,41 @@ def test_the_cli_says_on_one_line_that_damaged_splits_are_rebuilt(tmp_path, caps
     assert "rebuilding" in lines[0] and load_token_splits(run / "data").reloaded
 
 
+
+def test_a_folder_where_a_split_file_belongs_is_refused_not_rebuilt(tmp_path, tok, capsys):
+    """A folder at tokens.safetensors or manifest.json is no damage to rebuild (nothing can be written over it): one
+    error saying to move it away, before any source is read, and no "damaged ... rebuilding" warning before it."""
+    from puzzle.cli import main
+
+    out = tmp_path / "data"
+    prepare_data(_config(tmp_path), tok, out)
+    for name in ("tokens.safetensors", "manifest.json"):
+        kept = (out / name).read_bytes()
+        (out / name).unlink()
+        (out / name).mkdir()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with pytest.raises(PuzzleError, match=f"{re.escape(str(out / name))} is a folder where a file belongs; move it"):
+                prepare_data(_config(tmp_path), tok, out)
+            with pytest.raises(PuzzleError, match="is a folder where a file belongs"):
+                load_token_splits(out)
+        assert _damage_warnings(record) == []
+        (out / name).rmdir()
+        (out / name).write_bytes(kept)
+    assert prepare_data(_config(tmp_path), tok, out).reloaded
+
+    run = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0
+    tokens = run / "data" / "tokens.safetensors"
+    tokens.unlink()
+    tokens.mkdir()
+    capsys.readouterr()
+    assert main(["data", "--out", str(run), "--no-progress"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"puzzle: error: {tokens} is a folder where a file belongs; move it away and run the command "
+                     f"again"], lines
+
+
 @pytest.mark.parametrize("max_doc_tokens", [0, 40])
 def test_the_evaluation_split_alone_is_the_one_prepare_data_packs(tmp_path, tok, max_doc_tokens):
     config = _config(tmp_path, max_doc_tokens=max_doc_tokens)

@@ -184,3 +184,45 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
         args.func(args)
     assert not args.resume
     assert parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--continue"]).resume
+
+
+def _reindented_copy(tmp_path, source, **score):
+    """A copy of the run `source` whose config.json has `score` settings and another JSON layout than the one
+    `config.save_run_config` writes (so that any rewrite changes its bytes); returns (folder, its bytes)."""
+    import json
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    config = json.loads((out / "config.json").read_text())
+    config["score"].update(score)
+    (out / "config.json").write_text(json.dumps(config, indent=7))
+    return out, (out / "config.json").read_bytes()
+
+
+def test_a_refused_or_interrupted_refine_leaves_config_json_byte_for_byte(run, tmp_path, monkeypatch, capsys):
+    """--max-contention and the Run's own save of the configuration are kept only when the command succeeds."""
+    import json
+
+    import puzzle.refine
+    from puzzle.cli import main
+
+    out, before = _reindented_copy(tmp_path, run.out, max_contention=0.25)
+    for argv, rc, words in [(["--name", "child-1.5x", "--select-tokens", "1", "--max-contention", "3"], 2, "--select-tokens 1"),
+                            (["--name", "nosuch", "--max-contention", "5"], 2, "no architecture named 'nosuch'"),
+                            (["--name", "nosuch"], 2, "no architecture named 'nosuch'")]:
+        assert main(["refine", "--out", str(out), *argv, "--no-progress"]) == rc, argv
+        assert words in capsys.readouterr().err
+        assert (out / "config.json").read_bytes() == before, argv
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(puzzle.refine, "improve_child", interrupted)
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--max-contention", "3", "--no-progress"]) == 130
+    assert (out / "config.json").read_bytes() == before
+    seen = []
+    monkeypatch.setattr(puzzle.refine, "improve_child", lambda r, *a, **k: seen.append(r.config) or pd.DataFrame({"step": ["plain"]}))
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--max-contention", "3", "--no-progress"]) == 0
+    assert seen[0].score.max_contention == 3  # timed under the flag, and saved with the run's settings on success
+    assert json.loads((out / "config.json").read_text())["score"]["max_contention"] == 3
