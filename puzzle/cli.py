@@ -65,7 +65,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def add_max_contention_flag(p) -> None:
     """--max-contention CORES (score.max_contention) on a command that times models: `run`, `score`, `realize`,
     `front`, `refine`, `baselines`; `p` is a parser or an argument group. Saved to DIR/config.json with the run's
-    other settings (`_resolve_config`, `baselines.open_run`)."""
+    other settings (`_resolve_config`, through `_stage_run` in every command that takes it)."""
     p.add_argument("--max-contention", type=float, metavar="CORES",
                    help="cores other processes may keep busy on this process's CPUs before a timing window is "
                         "redone (default: as --preset or DIR/config.json sets it, else 0.25; 'inf' measures "
@@ -116,9 +116,15 @@ def _base_config(args, out: Path, saved: bool = True):
 
 
 def _resolve_config(args, out: Path):
-    """The preset (or saved config), with the command-line flags applied."""
+    """The preset (or saved config), with the command-line flags applied.
+
+    Raises:
+        PuzzleError: a flag's value is out of range (named as the flag: `_check_number_flags`), or as the
+            configuration's checks (`config.RunConfig`) and the saved configuration's (`config.load_run_config`).
+    """
     from .config import SEARCH_BUDGETS
 
+    _check_number_flags(args)
     config = _base_config(args, out)
     changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
     flag = lambda name: getattr(args, name, None)  # noqa: E731
@@ -169,6 +175,27 @@ def _resolve_config(args, out: Path):
     return config.replace(**changes)
 
 
+#: whole-number flags that must be >= 1 (config: target.batch_size, ... bld.tokens, score.tokens)
+_COUNT_FLAGS = ("batch_size", "prompt_len", "gen_len", "bld_tokens", "score_tokens")
+
+
+def _check_number_flags(args) -> None:
+    """Refuse a number flag out of range, naming the flag and its value (the configuration's own checks name the
+    setting, e.g. score.max_contention, and bld.tokens does not say which of its settings is at fault).
+
+    Raises:
+        PuzzleError: --max-contention is not > 0 (0, -1, nan, -inf), or a count (`_COUNT_FLAGS`) is < 1.
+    """
+    cores = getattr(args, "max_contention", None)
+    if cores is not None and not cores > 0:  # NaN fails too
+        raise PuzzleError(f"--max-contention must be a number of cores > 0 ('inf' measures regardless of other jobs), "
+                          f"got {cores:g}")
+    for name in _COUNT_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise PuzzleError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value}")
+
+
 #: what building a Run writes before any stage's work (Run: config.json; its bookkeeping, written with work)
 _BOOKKEEPING = ("config.json", "timings.json", "parent.json")
 
@@ -213,12 +240,37 @@ def _take_back(out: Path, had: set[Path], top: Path | None = None) -> None:
             return
 
 
+#: what a search rewrites besides config.json (`pipeline.stage_search`): the records, chosen.json, report.md's section
+#: on front targets out of reach; `puzzle search` and `puzzle front` put them back when they fail (`_stage_run`)
+SEARCH_FILES = ("search/*.json", "report.md")
+
+
+def _snapshot(out: Path, patterns) -> dict[Path, bytes]:
+    """The bytes of every file in `out` that matches one of the glob `patterns` (relative to `out`)."""
+    return {p: p.read_bytes() for pattern in patterns for p in out.glob(pattern) if p.is_file()}
+
+
+def _put_back(out: Path, patterns, snapshot: dict[Path, bytes]) -> None:
+    """Make the files of `out` that match `patterns` what `snapshot` (`_snapshot`) holds: changed or removed ones are
+    written back, new ones removed."""
+    from .io import atomic_write_bytes
+
+    for path in {p for pattern in patterns for p in out.glob(pattern) if p.is_file()} - set(snapshot):
+        path.unlink()
+    for path, data in snapshot.items():
+        if not path.is_file() or path.read_bytes() != data:
+            atomic_write_bytes(path, data)
+
+
 @contextlib.contextmanager
-def _stage_run(args, existing: bool = False, measures: bool = False):
+def _stage_run(args, existing: bool = False, measures: bool = False, restore: tuple[str, ...] = ()):
     """The Run of a stage command (`_run_for`), and what a failure leaves of --out.
 
     Any failure (an error, Ctrl-C) puts DIR/config.json back as it was, byte for byte, so that flags whose stage
-    did not finish are not read by later stages (budgets, objective). Where DIR held no run, a refusal
+    did not finish are not read by later stages (budgets, objective); so too the files matching the glob patterns
+    `restore` (relative to DIR), and those of them the command made are removed: `SEARCH_FILES` for a command
+    whose search rewrites the run's records, chosen.json and report.md before its later work (front), which would
+    otherwise describe targets the rolled-back configuration does not have. Where DIR held no run, a refusal
     (PuzzleError) takes back what the command wrote unless a stage finished work there (`_take_back`: a new --out
     is removed again); a folder kept for its work keeps the configuration that work was made with, but the search
     settings as they are without this command's flags (`_search_flags_dropped`): a budget that failed is not read
@@ -241,6 +293,7 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     before = config_path.read_bytes() if config_path.is_file() else None
     top = _first_missing(out)
     had = _listing(out) if before is None else set()  # a folder that holds no run yet: empty, or the user's files
+    kept = _snapshot(out, restore)
     run = None
     try:
         run = _run_for(args, existing=existing, measures=measures)
@@ -250,6 +303,8 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             from .io import atomic_write_bytes
 
             atomic_write_bytes(config_path, before)
+        if out.is_dir():
+            _put_back(out, restore, kept)
         if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError)):
             _take_back(out, had, top)
         if before is None and run is not None and config_path.is_file():  # kept for the work a stage finished
@@ -388,7 +443,7 @@ def cmd_search(args) -> int:
     from .pipeline import stage_search
 
     saved = _saved(args)
-    with _stage_run(args, existing=True) as run:  # a budget that fails (infeasible, mistyped) is not kept
+    with _stage_run(args, existing=True, restore=SEARCH_FILES) as run:  # a budget that fails is not kept
         stage_search(run, json_out=args.json)
     budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
     if saved is not None and budget(saved) != budget(run.config):
@@ -446,7 +501,8 @@ def cmd_front(args) -> int:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
     elif args.downstream_limit is not None:
         raise PuzzleError("--downstream-limit only applies with --downstream TASK,...; add --downstream or drop it")
-    with _stage_run(args, existing=True) as run:
+    # a front refused or interrupted after its search leaves the search's files as the configuration: as they were
+    with _stage_run(args, existing=True, restore=SEARCH_FILES) as run:
         stale = "--remeasure" if args.remeasure else front_is_current(run)
         if stale:
             if (run.out / "front.csv").is_file():
@@ -484,9 +540,11 @@ def cmd_presets(args) -> int:
     return 0
 
 
-#: a negative number as a value of a flag, in every form float() reads: argparse's own pattern takes only -1 and -1.5,
-#: so `--calib-weights 1 -inf` or `--speedup -1e3` ended in "unrecognized arguments: -inf" / "expected one argument"
-_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|inf(inity)?|nan)$", re.IGNORECASE)
+#: a negative value of a flag: any word that starts with '-' and a digit, '.' and a digit, 'inf' or 'nan' (-inf, -1e3,
+#: -5M, -1ms, -1x, -1,2). argparse's own pattern takes only -1 and -1.5, so `--calib-weights 1 -inf` or
+#: `--max-params -5M` ended in "unrecognized arguments" / "expected one argument" instead of the value's check. No
+#: option of this CLI starts like that (they all start with '--'), so none is read as a value.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -345,9 +345,13 @@ def read_run_config_json(out_dir: Path) -> dict:
     setting by setting: `load_run_config`). A folder holding another program's config.json (a Hugging Face model,
     `{"foo": 1}`) is refused, so that no command writes the run's configuration over it.
 
+    A run's config.json holds RunConfig's sections and nothing else (`RunConfig.to_dict`, in every version), each an
+    object of settings; one that lacks some sections is still a run's (a damaged one, or one written before a
+    section existed), and a bad setting inside a section is `load_run_config`'s to name.
+
     Raises:
-        PuzzleError: the file is missing, is not valid JSON or not a JSON object, or has none of RunConfig's
-            sections (not a puzzle run's configuration).
+        PuzzleError: the file is missing, is not valid JSON or not a JSON object, or is not a puzzle run's
+            configuration: no key, a key that is not one of RunConfig's sections, or a section that is not an object.
     """
     path = Path(out_dir) / "config.json"
     if not path.is_file():
@@ -360,10 +364,13 @@ def read_run_config_json(out_dir: Path) -> dict:
         raise PuzzleError(f"{path} holds a JSON {type(data).__name__}, not the run's settings (an object); delete it "
                           "and rerun with the flags you want")
     sections = [f.name for f in dataclasses.fields(RunConfig)]
-    if not set(data) & set(sections):  # a run's config.json has every section; a damaged one still has some
-        keys = ", ".join(map(repr, list(data)[:3])) + (", ..." if len(data) > 3 else "") if data else "none"
-        raise PuzzleError(f"{path} is not a puzzle run's configuration (its keys: {keys}; a run's: {', '.join(sections)}); "
-                          "give another --out: a new folder, or a run directory")
+    foreign = [k for k in data if k not in sections or not isinstance(data[k], dict)]
+    if not data or foreign:  # another program's file ({"model": "resnet", "data": {"path": ...}}) shares a name at most
+        said = [repr(k) if k not in sections else f"{k!r}: {json.dumps(data[k])[:24]}" for k in foreign[:3]]
+        held = ", ".join(said) + (", ..." if len(foreign) > 3 else "") if data else "no key"
+        raise PuzzleError(f"{path} is not a puzzle run's configuration (it holds {held}; a run's holds only the "
+                          f"sections {', '.join(sections)}, each an object of settings); give another --out: a new "
+                          "folder, or a run directory")
     return data
 
 

@@ -52,6 +52,11 @@ def local_parent_path(config: RunConfig) -> list[Path]:
     return [path] if path.exists() else []
 
 
+#: the folders a run keeps its work in (the stages', the baselines', refine's and gkd's): each a folder or absent
+RUN_FOLDERS = ("data", "library", "score", "search", "children", "export", "front_rows", "baselines", "refine",
+               "downstream", "gkd")
+
+
 @dataclass
 class Run:
     """A run directory with its configuration and lazily loaded parent and tokens.
@@ -71,7 +76,18 @@ class Run:
     _unsaved: dict = field(default_factory=dict, repr=False)  # file name -> JSON object not written yet
 
     def __post_init__(self) -> None:
+        """Make DIR (when new) and save the configuration.
+
+        Raises:
+            PuzzleError: one of the run's folders (`RUN_FOLDERS`) is a file or a dangling link, before anything is
+                written: the stage that makes it would fail with a traceback, perhaps after its work.
+        """
         self.out = Path(self.out)
+        for name in RUN_FOLDERS:
+            path = self.out / name
+            if (path.exists() or path.is_symlink()) and not path.is_dir():
+                what = "a file" if path.exists() else "a link to nothing"
+                raise PuzzleError(f"{path} is {what} where a folder belongs; move it away")
         self.out.mkdir(parents=True, exist_ok=True)
         save_run_config(self.config, self.out)
         path = self.out / "timings.json"

@@ -1,6 +1,8 @@
 """Stage commands on --out folders: another program's config.json is never overwritten, a failed budget is not kept
 in a new run's configuration, --max-contention reaches every command that times models, a search reads its score
-table once, report.md follows the front's targets, and negative numbers in any spelling reach the value checks."""
+table once, report.md follows the front's targets (and a failed front leaves the search's files as they were), negative
+numbers in any spelling reach the value checks, a number flag out of range is named as the flag, and a file where a
+run's folder belongs is named."""
 
 import argparse
 import json
@@ -27,7 +29,9 @@ def _copy(tmp_path_factory, tmp_path):
 
 
 @pytest.mark.parametrize("config", [{"foo": 1}, {},
-                                    {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}])
+                                    {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64},
+                                    {"model": "resnet", "data": {"path": "/x"}, "optimizer": "adam"},  # one name shared
+                                    {"data": "x", "search": {}}])  # a run's section names, one not an object
 def test_a_config_json_of_another_program_is_refused_and_kept(tmp_path, capsys, config):
     from puzzle.cli import main
 
@@ -143,7 +147,7 @@ def test_every_command_that_times_models_takes_max_contention(tmp_path_factory, 
         assert seen[command] == float(cores)  # the limit the command's timings check
         assert load_run_config(out).score.max_contention == float(cores)  # saved, as run and score save it
     assert main(["baselines", "--out", str(out), "--no-progress", "--max-contention", "0"]) == 2
-    assert "max_contention" in capsys.readouterr().err
+    assert "--max-contention must be a number of cores > 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -228,8 +232,73 @@ def test_negative_numbers_reach_the_other_value_checks(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["run", "--preset", "tiny", "--out", str(out), "--max-contention", "-inf"]) == 2
-    assert "score.max_contention must be a number of cores > 0" in capsys.readouterr().err
+    assert "--max-contention must be a number of cores > 0" in capsys.readouterr().err
+    for flag, value, words in [("--max-params", "-5M", "search budget"), ("--max-decode", "-1ms", "search budget"),
+                               ("--min-throughput", "-1x", "search budget"), ("--front-speedups", "-1,2", "'-1,2'"),
+                               ("--max-memory", "-.5", "search budget")]:  # a unit or a list after the minus sign
+        assert main(["run", "--preset", "tiny", "--out", str(out), flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith("puzzle: error: ") and words in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(SystemExit):  # argparse's own message for its type check, with the value as given
         main(["run", "--preset", "tiny", "--out", str(out), "--speedup", "-1e3"])
     assert "'-1e3' is not a speed-up" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,words", [("--max-contention", "0", "got 0"), ("--max-contention", "-1", "got -1"),
+                                              ("--max-contention", "nan", "got nan"),
+                                              ("--max-contention", "-inf", "got -inf"),
+                                              ("--bld-tokens", "-5", "got -5"), ("--batch-size", "0", "got 0")])
+def test_a_number_flag_out_of_range_is_named_as_the_flag(tmp_path, capsys, flag, value, words):
+    """The message names the flag the user gave and its value, not the configuration's setting (score.max_contention,
+    with a remark on the Python API) or a list of settings without the value (bld.tokens, bld.batch_size, bld.lr)."""
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    for argv in (["run", "--preset", "tiny"], ["score", "--preset", "tiny"]):
+        assert main([*argv, "--out", str(out), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"puzzle: error: {flag} must be ") and words in err, err
+        assert "Python API" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command,folder", [("data", "data"), ("search", "search"), ("realize", "children"),
+                                            ("front", "children")])
+def test_a_file_where_a_run_folder_belongs_is_named(tmp_path_factory, tmp_path, capsys, command, folder):
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    if (out / folder).exists():
+        shutil.rmtree(out / folder)
+    (out / folder).write_text("x")
+    before = _files(out)
+    extra = {"search": ["--speedup", "2"], "realize": ["--name", "child-1.5x", "--max-contention", "inf"],
+             "front": ["--max-contention", "inf"]}.get(command, [])
+    assert main([command, "--out", str(out), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err == f"puzzle: error: {out / folder} is a file where a folder belongs; move it away\n", err
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, "refused"])
+def test_a_front_that_fails_after_its_search_leaves_the_searchs_files_as_they_were(tmp_path_factory, tmp_path,
+                                                                                     monkeypatch, capsys, failure):
+    """`puzzle front --front-speedups ...` refused (timing under contention) or interrupted after its search step
+    leaves search/chosen.json, the records and report.md as they were, as it leaves config.json."""
+    from puzzle import pipeline
+    from puzzle.cli import main
+    from puzzle.errors import PuzzleError
+
+    out = _copy(tmp_path_factory, tmp_path)
+    (out / "report.md").write_text("# Puzzle run\n\n## Time per stage (s)\n\n{}\n")
+    before = {k: v for k, v in _files(out).items() if k != "timings.json"}  # the search's time is bookkeeping
+
+    def fail(run, records):
+        assert (out / "search" / "child-1.3x.json").is_file()  # the search rewrote its files before this step
+        raise failure() if failure is KeyboardInterrupt else PuzzleError("other processes kept up to 1.00 cores busy")
+
+    monkeypatch.setattr(pipeline, "realize_and_measure", fail)
+    code = main(["front", "--out", str(out), "--no-progress", "--front-speedups", "1.25,1.3,1e9"])
+    assert code == (130 if failure is KeyboardInterrupt else 2), capsys.readouterr().err
+    assert {k: v for k, v in _files(out).items() if k != "timings.json"} == before

@@ -539,6 +539,16 @@ def test_max_contention_flag_reaches_the_run_config(tmp_path):
     assert main(["score", "--out", str(tmp_path), "--preset", "tiny", "--max-contention", "-1"]) == 2
 
 
+def test_the_contention_error_names_the_flag_of_every_command_that_times():
+    """Every command that times models takes --max-contention (realize, front, refine and baselines too): the advice
+    no longer sends those to DIR/config.json."""
+    from puzzle.scoring import cost
+
+    error = str(cost._contention_error(0.9, 0.25, W, "the children", 2))
+    assert "`--max-contention inf` on the same command" in error
+    assert "realize, front, refine and baselines take it" in error and "take it from DIR/config.json" not in error
+
+
 def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
     from puzzle.pipeline import _stale_timing
     from puzzle.scoring.cost import check_max_contention
