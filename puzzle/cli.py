@@ -184,7 +184,8 @@ def _check_number_flags(args) -> None:
     setting, e.g. score.max_contention, and bld.tokens does not say which of its settings is at fault).
 
     Raises:
-        PuzzleError: --max-contention is not > 0 (0, -1, nan, -inf), or a count (`_COUNT_FLAGS`) is < 1.
+        PuzzleError: --max-contention is not > 0 (0, -1, nan, -inf), a count (`_COUNT_FLAGS`) is < 1, or
+            --budget-feedback is not 0 to `feedback.MAX_ROUNDS`.
     """
     cores = getattr(args, "max_contention", None)
     if cores is not None and not cores > 0:  # NaN fails too
@@ -194,6 +195,10 @@ def _check_number_flags(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise PuzzleError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value}")
+    if getattr(args, "budget_feedback", None) is not None:
+        from .feedback import check_rounds
+
+        check_rounds(args.budget_feedback, "--budget-feedback")
 
 
 #: what building a Run writes before any stage's work (Run: config.json; its bookkeeping, written with work)
@@ -240,39 +245,16 @@ def _take_back(out: Path, had: set[Path], top: Path | None = None) -> None:
             return
 
 
-#: what a search rewrites besides config.json (`pipeline.stage_search`): the records, chosen.json, report.md's section
-#: on front targets out of reach; `puzzle search` and `puzzle front` put them back when they fail (`_stage_run`)
-SEARCH_FILES = ("search/*.json", "report.md")
-
-
-def _snapshot(out: Path, patterns) -> dict[Path, bytes]:
-    """The bytes of every file in `out` that matches one of the glob `patterns` (relative to `out`)."""
-    return {p: p.read_bytes() for pattern in patterns for p in out.glob(pattern) if p.is_file()}
-
-
-def _put_back(out: Path, patterns, snapshot: dict[Path, bytes]) -> None:
-    """Make the files of `out` that match `patterns` what `snapshot` (`_snapshot`) holds: changed or removed ones are
-    written back, new ones removed."""
-    from .io import atomic_write_bytes
-
-    for path in {p for pattern in patterns for p in out.glob(pattern) if p.is_file()} - set(snapshot):
-        path.unlink()
-    for path, data in snapshot.items():
-        if not path.is_file() or path.read_bytes() != data:
-            atomic_write_bytes(path, data)
-
-
 @contextlib.contextmanager
-def _stage_run(args, existing: bool = False, measures: bool = False, restore: tuple[str, ...] = ()):
+def _stage_run(args, existing: bool = False, measures: bool = False):
     """The Run of a stage command (`_run_for`), and what a failure leaves of --out.
 
     Any failure (an error, Ctrl-C) puts DIR/config.json back as it was, byte for byte, so that flags whose stage
-    did not finish are not read by later stages (budgets, objective); so too the files matching the glob patterns
-    `restore` (relative to DIR), and those of them the command made are removed: `SEARCH_FILES` for a command
-    whose search rewrites the run's records, chosen.json and report.md before its later work (front), which would
-    otherwise describe targets the rolled-back configuration does not have. Where DIR held no run, a refusal
-    (PuzzleError) takes back what the command wrote unless a stage finished work there (`_take_back`: a new --out
-    is removed again); a folder kept for its work keeps the configuration that work was made with, but the search
+    did not finish are not read by later stages (budgets, objective). Once a search has written its choices
+    (`Run.settled`: DIR/search/ then describes this configuration, and children measured from it, or records
+    re-solved on measured speed, may follow), a failure keeps the configuration with them, since they agree.
+    Where DIR held no run, a refusal (PuzzleError) or Ctrl-C takes back what the command wrote unless a stage
+    finished work there (`_take_back`: a new --out is removed again); a folder kept for its work keeps the configuration that work was made with, but the search
     settings as they are without this command's flags (`_search_flags_dropped`): a budget that failed is not read
     by later stages there either. On success the Run's bookkeeping is written (`Run.flush`).
     """
@@ -293,19 +275,18 @@ def _stage_run(args, existing: bool = False, measures: bool = False, restore: tu
     before = config_path.read_bytes() if config_path.is_file() else None
     top = _first_missing(out)
     had = _listing(out) if before is None else set()  # a folder that holds no run yet: empty, or the user's files
-    kept = _snapshot(out, restore)
     run = None
     try:
         run = _run_for(args, existing=existing, measures=measures)
         yield run
     except BaseException as e:
+        if run is not None and run.settled:  # the search's choices and what was made from them stay, as they agree
+            raise
         if before is not None and (not config_path.is_file() or config_path.read_bytes() != before):
             from .io import atomic_write_bytes
 
             atomic_write_bytes(config_path, before)
-        if out.is_dir():
-            _put_back(out, restore, kept)
-        if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError)):
+        if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError, KeyboardInterrupt)):
             _take_back(out, had, top)
         if before is None and run is not None and config_path.is_file():  # kept for the work a stage finished
             from .config import save_run_config
@@ -443,7 +424,7 @@ def cmd_search(args) -> int:
     from .pipeline import stage_search
 
     saved = _saved(args)
-    with _stage_run(args, existing=True, restore=SEARCH_FILES) as run:  # a budget that fails is not kept
+    with _stage_run(args, existing=True) as run:  # a budget that fails is not kept
         stage_search(run, json_out=args.json)
     budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
     if saved is not None and budget(saved) != budget(run.config):
@@ -501,8 +482,8 @@ def cmd_front(args) -> int:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
     elif args.downstream_limit is not None:
         raise PuzzleError("--downstream-limit only applies with --downstream TASK,...; add --downstream or drop it")
-    # a front refused or interrupted after its search leaves the search's files as the configuration: as they were
-    with _stage_run(args, existing=True, restore=SEARCH_FILES) as run:
+    # refused or interrupted before its search wrote: the run as it was; after: the new settings with their choices
+    with _stage_run(args, existing=True) as run:
         stale = "--remeasure" if args.remeasure else front_is_current(run)
         if stale:
             if (run.out / "front.csv").is_file():
@@ -555,6 +536,11 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse.ArgumentParser._parse_optional asks it
+
+    def error(self, message: str):
+        """A bad or missing flag, in one line like every other refusal (argparse prints its usage block first), with
+        where to read the options; exits with status 2 (SystemExit), as argparse does."""
+        self.exit(2, f"puzzle: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

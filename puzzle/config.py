@@ -364,13 +364,15 @@ def read_run_config_json(out_dir: Path) -> dict:
         raise PuzzleError(f"{path} holds a JSON {type(data).__name__}, not the run's settings (an object); delete it "
                           "and rerun with the flags you want")
     sections = [f.name for f in dataclasses.fields(RunConfig)]
-    foreign = [k for k in data if k not in sections or not isinstance(data[k], dict)]
+    foreign = [k for k in data if k not in sections]
     if not data or foreign:  # another program's file ({"model": "resnet", "data": {"path": ...}}) shares a name at most
-        said = [repr(k) if k not in sections else f"{k!r}: {json.dumps(data[k])[:24]}" for k in foreign[:3]]
-        held = ", ".join(said) + (", ..." if len(foreign) > 3 else "") if data else "no key"
+        held = ", ".join(map(repr, foreign[:3])) + (", ..." if len(foreign) > 3 else "") if data else "no key"
         raise PuzzleError(f"{path} is not a puzzle run's configuration (it holds {held}; a run's holds only the "
                           f"sections {', '.join(sections)}, each an object of settings); give another --out: a new "
                           "folder, or a run directory")
+    if bad := [k for k in data if not isinstance(data[k], dict)]:  # a run's file, damaged
+        raise PuzzleError(f"{path}: the run's {bad[0]!r} section is {json.dumps(data[bad[0]])[:24]}, not an object of "
+                          f"settings; write it as {{...}} (or {{}} for the defaults)")
     return data
 
 

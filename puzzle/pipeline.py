@@ -55,6 +55,9 @@ def local_parent_path(config: RunConfig) -> list[Path]:
 #: the folders a run keeps its work in (the stages', the baselines', refine's and gkd's): each a folder or absent
 RUN_FOLDERS = ("data", "library", "score", "search", "children", "export", "front_rows", "baselines", "refine",
                "downstream", "gkd")
+#: files a run's stages write at its top level after long work (atomically, by renaming onto them): each a file or absent
+RUN_FILES = ("timings.json", "parent.json", "summary.csv", "report.md", "front.csv", "front.png", "front.json",
+             "front_all.csv", "front_all.png", "front_ratios.csv")
 
 
 @dataclass
@@ -74,13 +77,17 @@ class Run:
     _tokens: object = field(default=None, repr=False)
     timings: dict = field(default_factory=dict)
     _unsaved: dict = field(default_factory=dict, repr=False)  # file name -> JSON object not written yet
+    #: set when a search writes its choices (DIR/search/): from then on DIR/config.json describes them, and work made
+    #: from them (children measured, records re-solved on measured speed) follows, so a later failure keeps both
+    settled: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         """Make DIR (when new) and save the configuration.
 
         Raises:
-            PuzzleError: one of the run's folders (`RUN_FOLDERS`) is a file or a dangling link, before anything is
-                written: the stage that makes it would fail with a traceback, perhaps after its work.
+            PuzzleError: one of the run's folders (`RUN_FOLDERS`) is a file or a dangling link, or one of its files
+                (`RUN_FILES`) a folder, before anything is written: the stage that writes it would fail with a
+                traceback, perhaps after its work.
         """
         self.out = Path(self.out)
         for name in RUN_FOLDERS:
@@ -88,6 +95,9 @@ class Run:
             if (path.exists() or path.is_symlink()) and not path.is_dir():
                 what = "a file" if path.exists() else "a link to nothing"
                 raise PuzzleError(f"{path} is {what} where a folder belongs; move it away")
+        for name in RUN_FILES:
+            if (self.out / name).is_dir():
+                raise PuzzleError(f"{self.out / name} is a folder where a file belongs; move it away")
         self.out.mkdir(parents=True, exist_ok=True)
         save_run_config(self.config, self.out)
         path = self.out / "timings.json"
@@ -612,6 +622,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         chosen["unreachable_front"] = {"targets": list(missed), "reasons": missed,
                                        "largest_speedup": largest_front_speedup(run, tables.get("bld"))}
         run.say(f"search: warning: {unreachable_front_message(chosen['unreachable_front'])}")
+    run.settled = True  # the choices written next are the configuration's: a later failure keeps both (cli._stage_run)
     for name, record in records.items():
         if name not in kept:
             atomic_write_json(run.out / "search" / f"{name}.json", record)

@@ -30,8 +30,7 @@ def _copy(tmp_path_factory, tmp_path):
 
 @pytest.mark.parametrize("config", [{"foo": 1}, {},
                                     {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64},
-                                    {"model": "resnet", "data": {"path": "/x"}, "optimizer": "adam"},  # one name shared
-                                    {"data": "x", "search": {}}])  # a run's section names, one not an object
+                                    {"model": "resnet", "data": {"path": "/x"}, "optimizer": "adam"}])  # one name shared
 def test_a_config_json_of_another_program_is_refused_and_kept(tmp_path, capsys, config):
     from puzzle.cli import main
 
@@ -55,7 +54,9 @@ def test_a_damaged_run_config_keeps_its_message(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     for text, words in [('{"search": {"speedupp": 2}}', "unknown setting(s) ['speedupp']"),
-                        ("[1]", "holds a JSON list"), ("{not json", "is not valid JSON")]:
+                        ("[1]", "holds a JSON list"), ("{not json", "is not valid JSON"),
+                        ('{"data": "x", "search": {}}', "the run's 'data' section is \"x\", not an object of settings"),
+                        ('{"report": null}', "the run's 'report' section is null, not an object of settings")]:
         (out / "config.json").write_text(text)
         assert main(["data", "--out", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err
@@ -282,23 +283,87 @@ def test_a_file_where_a_run_folder_belongs_is_named(tmp_path_factory, tmp_path, 
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, "refused"])
-def test_a_front_that_fails_after_its_search_leaves_the_searchs_files_as_they_were(tmp_path_factory, tmp_path,
-                                                                                     monkeypatch, capsys, failure):
-    """`puzzle front --front-speedups ...` refused (timing under contention) or interrupted after its search step
-    leaves search/chosen.json, the records and report.md as they were, as it leaves config.json."""
+def test_a_front_that_fails_keeps_its_settings_exactly_when_it_keeps_its_search(tmp_path_factory, tmp_path,
+                                                                                monkeypatch, capsys, failure):
+    """`puzzle front --front-speedups ...` that fails before its search writes leaves the run as it was; one that fails
+    after (timing refused under contention, Ctrl-C, perhaps after the budget feedback re-solved records on measured
+    speed) keeps the new settings with the search's files, so config.json, search/ and what was measured from them
+    agree (restoring search/ alone left summary.csv naming children the records no longer held)."""
     from puzzle import pipeline
     from puzzle.cli import main
     from puzzle.errors import PuzzleError
 
-    out = _copy(tmp_path_factory, tmp_path)
-    (out / "report.md").write_text("# Puzzle run\n\n## Time per stage (s)\n\n{}\n")
-    before = {k: v for k, v in _files(out).items() if k != "timings.json"}  # the search's time is bookkeeping
+    def error():
+        return failure() if failure is KeyboardInterrupt else PuzzleError("other processes kept up to 1.00 cores busy")
+
+    args = ["front", "--out", None, "--no-progress", "--front-speedups", "1.25,1.3,1e9"]
+    code = 130 if failure is KeyboardInterrupt else 2
+
+    out = _copy(tmp_path_factory, tmp_path)  # before the search writes: as it was
+    before = {k: v for k, v in _files(out).items() if k != "timings.json"}
+    monkeypatch.setattr(pipeline, "main_budget_request", lambda run: (_ for _ in ()).throw(error()))
+    assert main([args[0], args[1], str(out), *args[3:]]) == code, capsys.readouterr().err
+    assert {k: v for k, v in _files(out).items() if k != "timings.json"} == before
+    monkeypatch.undo()
+
+    out = tmp_path / "run2"  # after: the new settings with their choices
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
 
     def fail(run, records):
-        assert (out / "search" / "child-1.3x.json").is_file()  # the search rewrote its files before this step
-        raise failure() if failure is KeyboardInterrupt else PuzzleError("other processes kept up to 1.00 cores busy")
+        assert (out / "search" / "child-1.3x.json").is_file()  # the search wrote its files before this step
+        raise error()
 
     monkeypatch.setattr(pipeline, "realize_and_measure", fail)
-    code = main(["front", "--out", str(out), "--no-progress", "--front-speedups", "1.25,1.3,1e9"])
-    assert code == (130 if failure is KeyboardInterrupt else 2), capsys.readouterr().err
-    assert {k: v for k, v in _files(out).items() if k != "timings.json"} == before
+    assert main([args[0], args[1], str(out), *args[3:]]) == code, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    chosen = json.loads((out / "search" / "chosen.json").read_text())
+    assert config["search"]["front_speedups"] == [1.25, 1.3, 1e9]
+    assert "child-1.3x" in chosen["names"] and chosen["unreachable_front"]["targets"] == ["1e+09"]
+
+
+def test_a_folder_where_a_run_file_belongs_is_named_before_any_work(tmp_path_factory, tmp_path, capsys):
+    """DIR/front.png (or another file a stage renames into place after its work) being a folder is refused in one
+    line before anything is measured (was an IsADirectoryError traceback after the whole front)."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    (out / "front.png").unlink(missing_ok=True)
+    (out / "front.png").mkdir()
+    (out / "front.png" / "keep").write_text("x")
+    before = _files(out)
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "inf", "--remeasure"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"puzzle: error: {out / 'front.png'} is a folder where a file belongs; move it away\n", err
+    assert _files(out) == before
+
+
+def test_argparse_refusals_and_feedback_rounds_are_one_line(tmp_path_factory, tmp_path, capsys):
+    """A flag argparse itself refuses is one `puzzle: error:` line (not the usage block) with exit 2, and an
+    out-of-range --budget-feedback is named as the flag."""
+    from puzzle.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["search", "--out", str(tmp_path), "--speedup", "-2"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("puzzle: error: argument --speedup: '-2' is not a speed-up")
+    assert len(err.strip().splitlines()) == 1 and "`puzzle search --help` lists the options" in err
+    out = _copy(tmp_path_factory, tmp_path)
+    before = _files(out)
+    assert main(["front", "--out", str(out), "--no-progress", "--budget-feedback", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("puzzle: error: --budget-feedback must be a whole number") and "got -1" in err, err
+    assert _files(out) == before
+
+
+def test_an_interrupted_command_takes_back_a_new_out_holding_only_bookkeeping(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any stage finished work in a new --out removes it again, as a refusal does."""
+    from puzzle import pipeline
+    from puzzle.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "stage_data", interrupted)
+    out = tmp_path / "new" / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 130
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
