@@ -620,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the packaged presets")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_presets)
+    for command in sub.choices.values():  # where an unknown word is refused, the command's own --help is meant
+        command.set_defaults(help_prog=command.prog)
     return parser
 
 
@@ -668,7 +670,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("puzzle: interrupted", file=sys.stderr)
         return 130
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would name `puzzle --help`, which does not list a command's options
+        parser.exit(2, f"puzzle: error: unrecognized arguments: {' '.join(unknown)} "
+                       f"(`{getattr(args, 'help_prog', parser.prog)} --help` lists the options)\n")
     expand_home(args)
     if not getattr(args, "func", None):
         parser.print_help()

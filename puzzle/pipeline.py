@@ -55,9 +55,10 @@ def local_parent_path(config: RunConfig) -> list[Path]:
 #: the folders a run keeps its work in (the stages', the baselines', refine's and gkd's): each a folder or absent
 RUN_FOLDERS = ("data", "library", "score", "search", "children", "export", "front_rows", "baselines", "refine",
                "downstream", "gkd")
-#: files a run's stages write at its top level after long work (atomically, by renaming onto them): each a file or absent
+#: files a run's stages write after long work (atomically, by renaming onto them): each a file or absent
 RUN_FILES = ("timings.json", "parent.json", "summary.csv", "report.md", "front.csv", "front.png", "front.json",
-             "front_all.csv", "front_all.png", "front_ratios.csv")
+             "front_all.csv", "front_all.png", "front_ratios.csv", "search/chosen.json", "children/budget_feedback.json",
+             "children/machine.json")
 
 
 @dataclass
@@ -952,9 +953,9 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         check_machine_drift(run, measured.attrs)
         return measured.set_index("name")
 
-    def resolve(name: str, record: dict, budgets) -> dict:
+    def resolve(name: str, record: dict, budgets) -> dict:  # written below once its round is decided, not now
         request = BudgetRequest(**record["request"])
-        return _solve_and_save(run, name, request, record.get("library_stage", "bld"), budgets=budgets)
+        return _solve_and_save(run, name, request, record.get("library_stage", "bld"), budgets=budgets, save=False)
 
     s = run.config.search
     # the plain solve's child of each budget (a record the feedback settled before carries it along)

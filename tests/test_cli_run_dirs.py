@@ -321,20 +321,45 @@ def test_a_front_that_fails_keeps_its_settings_exactly_when_it_keeps_its_search(
     assert "child-1.3x" in chosen["names"] and chosen["unreachable_front"]["targets"] == ["1e+09"]
 
 
-def test_a_folder_where_a_run_file_belongs_is_named_before_any_work(tmp_path_factory, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["front.png", "search/chosen.json", "children/budget_feedback.json"])
+def test_a_folder_where_a_run_file_belongs_is_named_before_any_work(tmp_path_factory, tmp_path, capsys, name):
     """DIR/front.png (or another file a stage renames into place after its work) being a folder is refused in one
-    line before anything is measured (was an IsADirectoryError traceback after the whole front)."""
+    line before anything is measured (was an IsADirectoryError traceback, or an error, after the whole front)."""
     from puzzle.cli import main
 
     out = _copy(tmp_path_factory, tmp_path)
-    (out / "front.png").unlink(missing_ok=True)
-    (out / "front.png").mkdir()
-    (out / "front.png" / "keep").write_text("x")
+    (out / name).unlink(missing_ok=True)
+    (out / name).mkdir(parents=True)
+    (out / name / "keep").write_text("x")
     before = _files(out)
     assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "inf", "--remeasure"]) == 2
     err = capsys.readouterr().err
-    assert err == f"puzzle: error: {out / 'front.png'} is a folder where a file belongs; move it away\n", err
+    assert err == f"puzzle: error: {out / name} is a folder where a file belongs; move it away\n", err
     assert _files(out) == before
+
+
+def test_a_feedback_re_solve_is_not_written_before_its_round_is_decided(tmp_path_factory, tmp_path, monkeypatch):
+    """The budget feedback re-solves a child before measuring it; interrupted then, DIR/search/ must still hold the
+    measured records (an unchecked re-solve there was what `export` and `realize` then built)."""
+    from puzzle import feedback, pipeline
+    from puzzle.baselines import open_run
+
+    out = _copy(tmp_path_factory, tmp_path)
+    run = open_run(out, progress=False)
+    names = json.loads((out / "search" / "chosen.json").read_text())["names"]
+    records = {n: json.loads((out / "search" / f"{n}.json").read_text()) for n in names}
+    before = _files(out / "search")
+    resolved = []
+
+    def interrupted_after_a_re_solve(records, measure, resolve, **kwargs):
+        name, record = next(iter(records.items()))
+        resolved.append(resolve(name, record, None))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feedback, "settle", interrupted_after_a_re_solve)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.realize_and_measure(run, records)
+    assert resolved and "choice" in resolved[0] and _files(out / "search") == before
 
 
 def test_argparse_refusals_and_feedback_rounds_are_one_line(tmp_path_factory, tmp_path, capsys):
@@ -347,6 +372,11 @@ def test_argparse_refusals_and_feedback_rounds_are_one_line(tmp_path_factory, tm
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith("puzzle: error: argument --speedup: '-2' is not a speed-up")
     assert len(err.strip().splitlines()) == 1 and "`puzzle search --help` lists the options" in err
+    with pytest.raises(SystemExit) as exited:  # an unknown word: the command's own --help, not `puzzle --help`
+        main(["run", "--out", str(tmp_path / "new"), "--bogus"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and not (tmp_path / "new").exists()
+    assert err == "puzzle: error: unrecognized arguments: --bogus (`puzzle run --help` lists the options)\n", err
     out = _copy(tmp_path_factory, tmp_path)
     before = _files(out)
     assert main(["front", "--out", str(out), "--no-progress", "--budget-feedback", "-1"]) == 2
