@@ -220,21 +220,22 @@ def _listing(folder: Path) -> set[Path]:
     return set(folder.rglob("*")) if folder.is_dir() else set()
 
 
-def _take_back(out: Path, had: set[Path], top: Path | None = None) -> None:
+def _take_back(out: Path, had: set[Path], top: Path | None = None) -> bool:
     """Undo what a refused command wrote to --out `out` when that is bookkeeping alone.
 
     `had`: `_listing(out)` before the command; `top`: the first folder the command made on the way to `out`
     (`_first_missing`), or None when `out` existed. When every file that is new under `top` (else `out`) is a
     `_BOOKKEEPING` file directly in `out`, those files are removed, and then the new folders, deepest first and
     `top` last, while they are empty. Otherwise nothing is: work a stage finished there (tokens, library entries)
-    stays, and so does the configuration it was made with, for a rerun to resume.
+    stays, and so does the configuration it was made with, for a rerun to resume. Returns whether what the command
+    wrote was taken back (nothing of it was finished work).
     """
     out = out.absolute()
     root = out if top is None else top.absolute()
     new = [p for p in root.rglob("*") if p not in had]
     files = [p for p in new if not p.is_dir()]
     if any(p.parent != out or p.name not in _BOOKKEEPING for p in files):
-        return
+        return False
     for p in files:
         p.unlink()
     folders = sorted((p for p in new if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
@@ -242,7 +243,8 @@ def _take_back(out: Path, had: set[Path], top: Path | None = None) -> None:
         try:
             folder.rmdir()
         except OSError:  # something else appeared in it meanwhile: leave it
-            return
+            break
+    return True
 
 
 @contextlib.contextmanager
@@ -287,7 +289,8 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
 
             atomic_write_bytes(config_path, before)
         if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError, KeyboardInterrupt)):
-            _take_back(out, had, top)
+            if _take_back(out, had, top) and isinstance(e, KeyboardInterrupt):
+                e.puzzle_note = f"nothing was finished, so {args.out} is as it was"  # for main's message
         if before is None and run is not None and config_path.is_file():  # kept for the work a stage finished
             from .config import save_run_config
 
@@ -695,6 +698,7 @@ def main(argv=None) -> int:
         print(f"puzzle: error: {e.strerror}: {e.filename or ''} (check the path's permissions, space and name; "
               f"finished work is saved)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("puzzle: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        said = getattr(e, "puzzle_note", None) or "finished work is saved, rerun the same command to resume"
+        print(f"puzzle: interrupted; {said}", file=sys.stderr)
         return 130

@@ -395,5 +395,8 @@ def test_an_interrupted_command_takes_back_a_new_out_holding_only_bookkeeping(tm
 
     monkeypatch.setattr(pipeline, "stage_data", interrupted)
     out = tmp_path / "new" / "run"
+    capsys.readouterr()
     assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 130
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err  # not "finished work is saved": there was none
+    assert err.endswith(f"puzzle: interrupted; nothing was finished, so {out} is as it was\n"), err
