@@ -187,10 +187,9 @@ def _check_number_flags(args) -> None:
         PuzzleError: --max-contention is not > 0 (0, -1, nan, -inf), a count (`_COUNT_FLAGS`) is < 1, or
             --budget-feedback is not 0 to `feedback.MAX_ROUNDS`.
     """
-    cores = getattr(args, "max_contention", None)
-    if cores is not None and not cores > 0:  # NaN fails too
-        raise PuzzleError(f"--max-contention must be a number of cores > 0 ('inf' measures regardless of other jobs), "
-                          f"got {cores:g}")
+    from .scoring.cost import check_max_contention
+
+    check_max_contention(getattr(args, "max_contention", None), "--max-contention")
     for name in _COUNT_FLAGS:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -256,9 +255,9 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     (`Run.settled`: DIR/search/ then describes this configuration, and children measured from it, or records
     re-solved on measured speed, may follow), a failure keeps the configuration with them, since they agree.
     Where DIR held no run, a refusal (PuzzleError) or Ctrl-C takes back what the command wrote unless a stage
-    finished work there (`_take_back`: a new --out is removed again); a folder kept for its work keeps the configuration that work was made with, but the search
-    settings as they are without this command's flags (`_search_flags_dropped`): a budget that failed is not read
-    by later stages there either. On success the Run's bookkeeping is written (`Run.flush`).
+    finished work there (`_take_back`: a new --out is removed again); a folder kept for its work keeps the
+    configuration that work was made with, but the search settings as they are without this command's flags
+    (`_search_flags_dropped`): a budget that failed is not read by later stages there either. On success the Run's bookkeeping is written (`Run.flush`).
     """
     import os
 

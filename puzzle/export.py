@@ -366,7 +366,7 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
 def _same_training_hint(earlier: str, now: str) -> str:
     """What to add to a refusal to replace the trained export `earlier` by `now` (two `export_provenance`s) when it
     may be this same training recorded otherwise: by an earlier version (no training reference) or from a run
-    moved since (another model reference). None when both name the same model and differ in the training alone,
+    moved since (another model reference). "" when both name the same model and differ in the training alone,
     which then is another training (settings, data or work folder)."""
     kind = earlier.split(" ", 1)[0]
     if kind != now.split(" ", 1)[0] or kind not in ("gkd", "sft"):  # only these have work folders

@@ -522,12 +522,13 @@ def front_request(run: Run, speedup: float):
     return BudgetRequest(speedup=str(speedup), max_memory=s.max_memory, max_params=s.max_params)
 
 
-def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None, save: bool = True,
-                    scored: tuple[pd.DataFrame, dict] | None = None) -> dict:
-    """Solve `request` (or the table limits `budgets`, when given) on the `stage` table.
+def _solve_record(run: Run, name: str, request, stage: str, budgets=None,
+                  scored: tuple[pd.DataFrame, dict] | None = None) -> dict:
+    """Solve `request` (or the table limits `budgets`, when given) on the `stage` table; returns the record
+    DIR/search/<name>.json holds (the callers write it once it is final: `stage_search`, `realize_and_measure`).
 
     `scored`: that table and its metadata as `load_score_table` returns them, when the caller holds them (else
-    read here). Writes DIR/search/<name>.json unless `save` is False; returns the record.
+    read here).
     """
     from .search import parent_totals, solve
 
@@ -535,13 +536,9 @@ def _solve_and_save(run: Run, name: str, request, stage: str, budgets=None, save
     budgets = request.resolve(parent_totals(table), meta) if budgets is None else budgets
     s = run.config.search
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
-    record = {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
-              "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v},
-              "table_sha256": _sha256(score_table_path(run, stage))}
-    if save:
-        atomic_write_json(run.out / "search" / f"{name}.json", record)
-    return record
-
+    return {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
+            "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v},
+            "table_sha256": _sha256(score_table_path(run, stage))}
 
 def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     """DIR/search/<name>.json when the budget feedback settled it and a new solve would start over.
@@ -601,7 +598,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     def solve_or_keep(name, req, stage):
         record = settled_record(run, name, req, stage)
         if record is None:
-            return _solve_and_save(run, name, req, stage, save=False, scored=scored(stage))
+            return _solve_record(run, name, req, stage, scored=scored(stage))
         kept.append(name)
         return record
 
@@ -955,7 +952,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
 
     def resolve(name: str, record: dict, budgets) -> dict:  # written below once its round is decided, not now
         request = BudgetRequest(**record["request"])
-        return _solve_and_save(run, name, request, record.get("library_stage", "bld"), budgets=budgets, save=False)
+        return _solve_record(run, name, request, record.get("library_stage", "bld"), budgets=budgets)
 
     s = run.config.search
     # the plain solve's child of each budget (a record the feedback settled before carries it along)

@@ -370,7 +370,8 @@ def max_ignoring_nan(*values: float | None) -> float:
 
 
 def check_max_contention(value, name: str = "max_contention") -> float | None:
-    """`value` as a contention limit: None, or a number of cores > 0 (inf allowed).
+    """`value` as a contention limit: None, or a number of cores > 0 (inf allowed); `name` is how the error calls
+    it (a setting, or the flag `--max-contention`).
 
     Raises:
         PuzzleError: anything else (0 or less, NaN, a string, a bool): idle machines read 0.01-0.04
@@ -379,8 +380,9 @@ def check_max_contention(value, name: str = "max_contention") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise PuzzleError(f"{name} must be a number of cores > 0 (inf measures regardless of other jobs; the "
-                          f"Python API also takes None), got {value!r}")
+        api = "" if name.startswith("--") else "; the Python API also takes None"  # a flag is a number or absent
+        raise PuzzleError(f"{name} must be a number of cores > 0 ('inf' measures regardless of other jobs{api}), "
+                          f"got {value!r}")
     try:
         return float(value)
     except OverflowError:  # an int beyond float range: no limit
