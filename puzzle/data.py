@@ -339,10 +339,17 @@ def resolve_source(spec: str, cache_dir=None) -> Path:
     return path
 
 
-def check_sources(config: DataConfig) -> None:
+def check_sources(config: DataConfig, packed_in: Path | None = None) -> dict[str, str]:
     """Refuse, in a moment, a calibration or evaluation source that cannot be read, before any long work on the
     others (sampling the parent for `parent-samples`, tokenizing): an unknown `asset:` or `package:` name, a path
     that does not exist, or a file or folder this process may not read. Assets are not fetched here.
+
+    With `packed_in` (a data folder), a path that no longer exists is let through when the folder's
+    manifest.json records its sha256: the splits packed from it may still be the ones asked for
+    (`prepare_data` decides, and refuses the source when they are not).
+
+    Returns:
+        {spec: sha256 recorded in `packed_in`'s manifest} for each such missing source (usually empty).
 
     Raises:
         PuzzleError: naming the first such source and its flag (--calib / --eval).
@@ -351,6 +358,8 @@ def check_sources(config: DataConfig) -> None:
 
     from .samples import is_parent_samples
 
+    recorded = _recorded_source_sha(packed_in) if packed_in is not None else {}
+    gone = {}
     for flag, specs in (("--eval", config.eval_sources), ("--calib", config.calib_sources)):
         for spec in specs:
             if is_parent_samples(spec):
@@ -358,10 +367,25 @@ def check_sources(config: DataConfig) -> None:
             if spec.startswith("asset:"):
                 source_sha256(spec)  # an unknown name is refused there, without a fetch
                 continue
+            if spec in recorded and not spec.startswith("package:") and not Path(spec).expanduser().exists():
+                gone[spec] = recorded[spec]
+                continue
             path = resolve_source(spec)  # a missing path or packaged text is refused there
             if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
                 raise PuzzleError(f"{flag} source {spec} cannot be read (permission denied); make it readable or give "
                                   f"another source")
+    return gone
+
+
+def _recorded_source_sha(out_dir: Path) -> dict[str, str]:
+    """{spec: sha256} of the sources DIR/data's manifest.json says its splits were packed from ({} when it has none
+    or cannot be read: such a folder is rebuilt, and then every source must exist)."""
+    try:
+        recorded = json.loads((Path(out_dir) / "manifest.json").read_text())["settings"]["source_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(k, str) and isinstance(v, str)} \
+        if isinstance(recorded, dict) else {}
 
 
 def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragraph", min_chars: int = 1,
@@ -798,11 +822,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{text}\0{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def _settings(config: DataConfig, tokenizer, cache_dir, resolved: dict | None = None) -> dict:
+def _settings(config: DataConfig, tokenizer, cache_dir, resolved: dict | None = None,
+              known_sha: dict | None = None) -> dict:
+    """What identifies packed splits: the data config, each source's sha256 (`known_sha` gives it for a source
+    that can no longer be read), the tokenizer's fingerprint and the manifest format."""
     from .assets import sha256_file
 
-    resolved = resolved or {}
-    sources = {spec: sha256_file(resolved[spec]) if spec in resolved else source_sha256(spec, cache_dir)
+    resolved, known_sha = resolved or {}, known_sha or {}
+    sources = {spec: known_sha[spec] if spec in known_sha else
+               sha256_file(resolved[spec]) if spec in resolved else source_sha256(spec, cache_dir)
                for spec in config.calib_sources + config.eval_sources}
     settings = {**dataclasses.asdict(config), "calib_sources": list(config.calib_sources),
                 "eval_sources": list(config.eval_sources), "source_sha256": sources,
@@ -956,17 +984,29 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     resolved = {spec: Path(p) for spec, p in (resolved or {}).items()}
     if missing := [s for s in config.calib_sources if is_parent_samples(s) and s not in resolved]:
         raise PuzzleError(f"{missing[0]} needs the parent: prepare the data through a run (puzzle run/data)")
-    check_sources(config)
     _check_no_folder_in_the_way(out_dir)  # before the sources are read, and never taken for damage to rebuild
-    settings = _settings(config, tokenizer, cache_dir, resolved)
+    gone = check_sources(config, packed_in=out_dir)  # deleted since packing, with their recorded sha256
+    settings = _settings(config, tokenizer, cache_dir, resolved, known_sha=gone)
     sha = _settings_sha(settings)
     if (out_dir / "manifest.json").exists() or (out_dir / "tokens.safetensors").exists():  # one alone is damage
         try:
-            return load_token_splits(out_dir, expect_settings_sha=sha)
+            packed = load_token_splits(out_dir, expect_settings_sha=sha)
         except DamagedSplits as e:
-            warnings.warn(f"{e.path} is damaged: {e.reason}; rebuilding the token splits")
+            if not gone:
+                warnings.warn(f"{e.path} is damaged: {e.reason}; rebuilding the token splits")
         except PuzzleError:
             pass  # made with other settings: prepare afresh and overwrite
+        else:
+            if gone:
+                warnings.warn(f"data source {next(iter(gone))} no longer exists; using the token splits packed from it "
+                              f"in {out_dir} (its sha256 is recorded there); restore the file to change the data "
+                              f"settings")
+            return packed
+    if gone:  # the splits cannot stand for it: it has to be read again
+        spec = next(iter(gone))
+        raise PuzzleError(f"data source {spec} does not exist, and the token splits in {out_dir} packed from it are "
+                          f"damaged or were made with other settings, so they cannot stand for it; restore the file "
+                          f"or give another source")
 
     def read(spec: str) -> list[Document]:
         if spec in resolved:  # a generated source: its jsonl file, documents named by the spec

@@ -185,7 +185,8 @@ class Run:
         spec = data.parent_samples_spec()
         if spec is None:
             return {}
-        check_sources(data)  # a missing --eval or --calib file is named now, not after minutes of sampling
+        # a missing --eval or --calib file is named now, not after minutes of sampling
+        check_sources(data, packed_in=folder or self.out / "data")
         parent = self.parent
         path = ensure_parent_samples(parent.model, parent.tokenizer, folder or self.out / "data", data.parent_sample_tokens(),
                                      seed=data.seed, length=max(data.seq_len, 64), parent_fingerprint=fingerprint(parent.model),

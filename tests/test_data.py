@@ -1,6 +1,7 @@
 """Data stage: readers, wiki markup stripping, splitting, packing, prepare_data resume. No downloads."""
 
 import bz2
+import dataclasses
 import gzip
 import json
 import os
@@ -442,6 +443,39 @@ def test_every_text_source_is_checked_before_long_work(tmp_path):
                                 (("package:no-such.txt",), (str(text),), "no packaged text 'no-such.txt'")]:
         with pytest.raises(PuzzleError, match=re.escape(words)):
             check_sources(DataConfig(calib_sources=calib, eval_sources=evals))
+
+
+def test_splits_packed_from_a_deleted_source_are_still_used_and_only_for_the_same_settings(tmp_path, tok):
+    """A text file deleted after its run packed it: the packed splits stand for it (one warning, nothing re-read);
+    other settings or damaged splits need the file, and the error says so."""
+    import shutil
+
+    from puzzle.data import check_sources, packaged_text_path
+
+    text = tmp_path / "calib.txt"
+    shutil.copy(packaged_text_path("tiny_corpus.txt"), text)
+    config = DataConfig(calib_sources=(str(text),), eval_sources=("package:tiny_eval.txt",), seq_len=64,
+                        calib_tokens=2048, score_tokens=512, eval_tokens=1024, score_fraction=0.25)
+    out = tmp_path / "data"
+    packed = prepare_data(config, tok, out)
+    manifest = (out / "manifest.json").read_text()
+    text.unlink()
+    assert check_sources(config, packed_in=out) == {str(text): json.loads(manifest)["settings"]["source_sha256"][str(text)]}
+    with pytest.raises(PuzzleError, match="does not exist"):  # without the folder: refused as before
+        check_sources(config)
+    with pytest.warns(UserWarning, match=re.escape(f"{text} no longer exists; using the token splits packed from it")):
+        again = prepare_data(config, tok, out)
+    assert torch.equal(again.calib, packed.calib) and (out / "manifest.json").read_text() == manifest
+    with pytest.raises(PuzzleError, match="made with other settings, so they cannot stand for it; restore the file"):
+        prepare_data(dataclasses.replace(config, seed=1), tok, out)
+    (out / "tokens.safetensors").write_bytes(b"half a file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "rebuilding" warning: nothing can be rebuilt
+        with pytest.raises(PuzzleError, match="are damaged or were made"):
+            prepare_data(config, tok, out)
+    (out / "manifest.json").unlink()  # no record of the source left: refused as any missing file
+    with pytest.raises(PuzzleError, match=re.escape(f"data source {text} does not exist; give an existing")):
+        prepare_data(config, tok, out)
 
 
 def test_the_data_stage_names_a_missing_eval_file_before_it_samples_the_parent(tmp_path, capsys, monkeypatch):
