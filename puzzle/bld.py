@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -120,10 +121,23 @@ class BLDConfig:
                               ("linear_train", ("lstsq", "adam"))):
             if getattr(self, name) not in allowed:
                 raise PuzzleError(f"bld.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.tokens < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise PuzzleError("bld.tokens, bld.batch_size and bld.lr must be positive")
-        if self.layers_per_group < 0 or self.coupled_top_k < 0 or self.coupled_tokens < 0 or self.checkpoint_s < 0:
-            raise PuzzleError("bld.layers_per_group, coupled_top_k, coupled_tokens and checkpoint_s must be >= 0")
+        for name, least in (("tokens", 1), ("batch_size", 1), ("init_tokens", 1), ("curve_points", 1),
+                            ("probe_sequences", 0), ("layers_per_group", 0), ("coupled_top_k", 0), ("coupled_tokens", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                flag = " (--bld-tokens)" if name == "tokens" else ""
+                raise PuzzleError(f"bld.{name}{flag} must be a whole number >= {least}, got {value!r}")
+        inf = math.inf
+        for name, what, ok in (("lr", "a finite number > 0", lambda v: 0 < v < inf),
+                               ("linear_lr_scale", "a finite number > 0", lambda v: 0 < v < inf),
+                               ("weight_decay", "a finite number >= 0", lambda v: 0 <= v < inf),
+                               ("grad_clip", "a finite number >= 0 (0: no clipping)", lambda v: 0 <= v < inf),
+                               ("warmup_fraction", "a number from 0 to 1", lambda v: 0 <= v <= 1),
+                               ("min_lr_fraction", "a number from 0 to 1", lambda v: 0 <= v <= 1),
+                               ("checkpoint_s", "a number of seconds >= 0", lambda v: v >= 0)):
+            value = getattr(self, name)  # NaN fails every test
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+                raise PuzzleError(f"bld.{name} must be {what}, got {value!r}")
         scales = dict(self.lr_scales or {})
         for key, value in scales.items():
             if key not in LR_KEYS and not _is_variant_id(key):

@@ -371,7 +371,7 @@ def max_ignoring_nan(*values: float | None) -> float:
 
 def check_max_contention(value, name: str = "max_contention") -> float | None:
     """`value` as a contention limit: None, or a number of cores > 0 (inf allowed); `name` is how the error calls
-    it (a setting, or the flag `--max-contention`).
+    it: the API argument (the default; the message adds that None is allowed), a setting or a flag.
 
     Raises:
         PuzzleError: anything else (0 or less, NaN, a string, a bool): idle machines read 0.01-0.04
@@ -380,7 +380,7 @@ def check_max_contention(value, name: str = "max_contention") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        api = "" if name.startswith("--") else "; the Python API also takes None"  # a flag is a number or absent
+        api = "; None: no check" if name == "max_contention" else ""  # a flag or a run's setting takes no None
         raise PuzzleError(f"{name} must be a number of cores > 0 ('inf' measures regardless of other jobs{api}), "
                           f"got {value!r}")
     try:

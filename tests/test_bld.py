@@ -155,8 +155,29 @@ def test_bld_shards_by_rank_without_overlap(parent, calib, tmp_path):
 def test_bad_bld_settings_are_refused():
     with pytest.raises(PuzzleError, match="linear_init"):
         BLDConfig(linear_init="magic")
-    with pytest.raises(PuzzleError, match="positive"):
+    with pytest.raises(PuzzleError, match="bld.lr must be a finite number > 0, got 0"):
         BLDConfig(lr=0)
+
+
+@pytest.mark.parametrize("setting,value,words", [
+    ("tokens", "16k", "bld.tokens (--bld-tokens) must be a whole number >= 1, got '16k'"),
+    ("tokens", 0, "bld.tokens (--bld-tokens) must be a whole number >= 1, got 0"),
+    ("batch_size", 2.5, "bld.batch_size must be a whole number >= 1, got 2.5"),
+    ("probe_sequences", -1, "bld.probe_sequences must be a whole number >= 0, got -1"),
+    ("lr", "x", "bld.lr must be a finite number > 0, got 'x'"),
+    ("lr", float("nan"), "bld.lr must be a finite number > 0, got nan"),
+    ("lr", float("inf"), "bld.lr must be a finite number > 0, got inf"),
+    ("warmup_fraction", 2, "bld.warmup_fraction must be a number from 0 to 1, got 2"),
+    ("grad_clip", -1, "bld.grad_clip must be a finite number >= 0 (0: no clipping), got -1"),
+    ("checkpoint_s", "a", "bld.checkpoint_s must be a number of seconds >= 0, got 'a'")])
+def test_each_bad_bld_setting_in_a_config_file_is_named_with_its_value(setting, value, words):
+    """A preset or config.json's [bld] value out of range names its setting and value (was a TypeError's text for a
+    string, one message for three settings, and NaN or a fraction of 2 went through)."""
+    from puzzle.config import RunConfig
+
+    with pytest.raises(PuzzleError) as e:
+        RunConfig.from_dict({"bld": {setting: value}})
+    assert words in str(e.value) and "not supported between" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -555,8 +555,13 @@ def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
 
     assert check_max_contention(None) is None and math.isinf(check_max_contention(float("inf")))
     for bad in (0, -1, float("nan"), "0.5", True):
-        with pytest.raises(PuzzleError, match="max_contention must be a number of cores > 0"):
+        with pytest.raises(PuzzleError, match="max_contention must be a number of cores > 0.*; None: no check"):
             check_max_contention(bad)
+    from puzzle.config import RunConfig
+
+    with pytest.raises(PuzzleError) as e:  # a run's setting takes no None: the message does not offer it
+        RunConfig.from_dict({"score": {"max_contention": 0}})
+    assert str(e.value).startswith("score.max_contention must be a number of cores > 0") and "None" not in str(e.value)
     with pytest.raises(PuzzleError, match="max_contention"):  # refused before any timing, whatever the window length
         measure_models({"m": PuzzleForCausalLM(tiny_config()).eval()}, W, repeats=1, max_contention=float("nan"))
     ok = {"num_threads": 2, "contention_cores": 0.01}
