@@ -41,8 +41,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from puzzle.baselines import (Candidate, baseline_library, open_run, plan_baselines, realize_all, select_uniform)
-from puzzle.budgets import Budgets
+from puzzle.baselines import (Candidate, baseline_library, open_run, plan_baselines, realize_all, searched_candidate,
+                              select_uniform)
 from puzzle.io import atomic_write_json, atomic_write_text, read_json
 
 
@@ -75,22 +75,7 @@ def phase_baselines(run, max_groups) -> None:
 
 def our_candidates(run) -> list[Candidate]:
     """Our children: the plain MIP choice per front speed-up, and the diverse / refined ones that exist."""
-    out = []
-    for path in sorted((run.out / "search").glob("child-*.json")):
-        rec = read_json(path)
-        name = rec.get("name", path.stem)
-        if name.endswith("-init"):
-            method, training = "mip", "init"
-        else:
-            method = rec.get("method", "mip") if rec.get("method") in ("mip-diverse", "mip-refined") else "mip"
-            training = rec.get("library_stage", "bld")
-        from puzzle.architecture import BlockConfig
-
-        out.append(Candidate(name, method, training, tuple(BlockConfig.from_id(b) for b in rec["choice"]),
-                             float(rec["parent"]["runtime_ms"] / Budgets.from_dict(rec["budgets"]).max_runtime_ms)
-                             if rec.get("budgets", {}).get("max_runtime_ms") else float(rec["speedup"]),
-                             float(rec["runtime_ms"]), float(rec["speedup"]), float(rec["kl_nats"]), rec.get("method", "mip")))
-    return out
+    return [searched_candidate(run, path.stem) for path in sorted((run.out / "search").glob("child-*.json"))]
 
 
 def phase_ours(run, max_groups) -> None:

@@ -86,6 +86,24 @@ class Candidate:
         return cls(**{**d, "blocks": tuple(BlockConfig.from_id(b) for b in d["blocks"])})
 
 
+def searched_candidate(run, name: str) -> Candidate:
+    """A searched child (DIR/search/<name>.json: a plain MIP choice, or the -diverse / -refined one `puzzle refine`
+    wrote) as a Candidate for `realize_all`: method "mip", "mip-diverse" or "mip-refined", training its library
+    stage, target speed-up the parent's runtime over its runtime budget (its predicted speed-up without one).
+
+    Raises:
+        PuzzleError: no such record, or a malformed one (`pipeline.read_architecture`).
+    """
+    from .pipeline import read_architecture
+
+    rec = read_architecture(run, name)
+    method = rec["method"] if rec.get("method") in ("mip-diverse", "mip-refined") else "mip"
+    budget_ms = Budgets.from_dict(rec["budgets"]).max_runtime_ms if rec.get("budgets") else None
+    target = float(rec["parent"]["runtime_ms"]) / budget_ms if budget_ms else float(rec["speedup"])
+    return Candidate(name, method, rec.get("library_stage", "bld"), tuple(BlockConfig.from_id(b) for b in rec["choice"]),
+                     target, float(rec["runtime_ms"]), float(rec["speedup"]), float(rec["kl_nats"]))
+
+
 # ------------------------------------------------------------------------------------------------
 # Block influence (ShortGPT) and attention similarity
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .architecture import BlockConfig
+from .errors import PuzzleError
 
 # (method, training) -> legend label; methods as in puzzle.baselines.METHODS
 STYLE = {
@@ -412,42 +413,116 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
 BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
 
 
-def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0)) -> pd.DataFrame:
-    """Our plain MIP front's evaluation KL divided by each baseline's, at matched measured speed-up.
+def _step_is_record(step: dict, run_dir: Path) -> bool:
+    """Whether a step of DIR/refine/<name>.summary.csv is the architecture DIR/search/<its name>.json holds now: by
+    the step's architecture, or, in a summary written before steps named theirs, by its predicted KL."""
+    from .io import read_json
+    from .pipeline import compact_architecture
 
-    Ours are the searched children (method "mip"): no diverse or refined child, so nothing is picked
-    by its evaluation KL beyond `matched_ratios`' monotone envelope, which every front gets alike.
-    Baselines are the methods of `BASELINE_METHODS`, per training ("init" as built, "bld" after the
-    same local distillation). Speed-ups are each model's measured one against the parent of its own
-    session; `matched_ratios` interpolates linearly and never extrapolates.
+    try:
+        record = read_json(run_dir / "search" / f"{step['name']}.json")
+        choice, kl = compact_architecture(record["choice"]), float(record["kl_nats"])
+    except (PuzzleError, KeyError, TypeError, ValueError, AttributeError):
+        return False
+    if isinstance(step.get("architecture"), str):
+        return step["architecture"] == choice
+    return math.isclose(float(step.get("predicted_kl_nats", math.nan)), kl, rel_tol=1e-9)
+
+
+def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """Ours as a user takes them after `puzzle refine`: each plain MIP child is replaced by the plain, diverse or
+    refined one with the lowest scoring-split KL (DIR/refine/<name>.summary.csv, where the three were scored on the
+    same tokens; the evaluation split plays no part in the choice), where the picked one has a measured row
+    (`refine.measure_steps`). A summary whose steps are not the records DIR/search/ holds now (the child was
+    searched or refined again since) is passed over, and so is a measured row of another architecture.
+
+    Args:
+        rows: `front_rows` (name, method, training, speedup, kl_nats, architecture).
+
+    Returns:
+        One row per plain child (method "mip", training "bld"), the picked model's figures under its own name,
+        method "mip" and picked_from the plain child's name.
+    """
+    from .pipeline import compact_architecture
+
+    run_dir = Path(run_dir)
+    measured = {r["name"]: r for r in rows.to_dict("records")}
+    out = []
+    for row in rows[(rows["method"] == "mip") & (rows["training"] == "bld")].to_dict("records"):
+        pick, path = row, run_dir / "refine" / f"{row['name']}.summary.csv"
+        try:
+            steps = pd.read_csv(path).to_dict("records") if path.is_file() else []
+        except (OSError, ValueError, pd.errors.ParserError):
+            steps = []
+        scored = [st for st in steps if isinstance(st.get("name"), str) and isinstance(st.get("score_kl_nats"), float)
+                  and math.isfinite(st["score_kl_nats"])]
+        if scored and scored[0]["name"] == row["name"] and all(_step_is_record(st, run_dir) for st in scored):
+            best = min(scored, key=lambda st: float(st["score_kl_nats"]))
+            found = measured.get(best["name"])
+            if best["name"] != row["name"] and found is not None:
+                from .io import read_json
+
+                choice = compact_architecture(read_json(run_dir / "search" / f"{best['name']}.json")["choice"])
+                pick = found if found.get("architecture") == choice else row
+        out.append({**pick, "method": "mip", "picked_from": row["name"]})
+    return pd.DataFrame(out, columns=[*rows.columns, "picked_from"])
+
+
+def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Our front's evaluation KL divided by each baseline's, at matched measured speed-up.
+
+    Ours are first the plain searched children (method "mip"; ours = "plain MIP"): nothing picked by
+    its evaluation KL beyond `matched_ratios`' monotone envelope, which every front gets alike. With
+    `selected` (`selected_children`) where it picked a diverse or refined child, the same again with
+    those in place of the plain ones (ours = "selected per target"). Baselines are the methods of
+    `BASELINE_METHODS`, per training ("init" as built, "bld" after the same local distillation).
+    Speed-ups are each model's measured one against the parent of its own session; `matched_ratios`
+    interpolates linearly and never extrapolates.
 
     Args:
         rows: `front_rows` (name, method, training, speedup, kl_nats; the parent's row).
         speedups: matched speed-ups (x the parent's throughput).
+        selected: `selected_children(run_dir, rows)`, or None.
 
     Returns:
-        One row per (speedup, method, training) with ours_kl_nats, baseline_kl_nats and ratio (NaN
-        where a front does not reach the speed-up); empty when the rows hold no baseline.
+        One row per (ours, speedup, method, training) with ours_kl_nats, baseline_kl_nats and ratio
+        (NaN where a front does not reach the speed-up); empty when the rows hold no baseline.
     """
     keep = rows["method"].isin(("parent", "mip") + BASELINE_METHODS)
+    columns = ["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio", "ours"]
     if not rows.loc[keep, "method"].isin(BASELINE_METHODS).any() or not (rows["method"] == "mip").any():
-        return pd.DataFrame(columns=["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio"])
-    return matched_ratios(rows[keep], tuple(sorted({float(s) for s in speedups})), ours="mip", y="kl_nats")
+        return pd.DataFrame(columns=columns)
+    speedups = tuple(sorted({float(s) for s in speedups}))
+    parts = [matched_ratios(rows[keep], speedups, ours="mip", y="kl_nats").assign(ours="plain MIP")]
+    if selected is not None and len(selected) and (selected["name"] != selected["picked_from"]).any():
+        theirs = rows[rows["method"].isin(("parent",) + BASELINE_METHODS)]
+        parts.append(matched_ratios(pd.concat([theirs, selected.drop(columns="picked_from")], ignore_index=True),
+                                    speedups, ours="mip", y="kl_nats").assign(ours="selected per target"))
+    return pd.concat(parts, ignore_index=True)[columns]
 
 
 def ratio_table(ratios: pd.DataFrame) -> str:
-    """`front_ratios` as text: one line per baseline, one column per speed-up ("-": not reached)."""
+    """`front_ratios` as text: one line per baseline, one column per speed-up ("-": not reached); one block per
+    `ours` (plain MIP children, then the selected ones where `front_ratios` has them)."""
     if ratios.empty:
         return "(no baseline to compare with: run `puzzle baselines` first)"
     trained = {"init": ", as initialised", "bld": ", after BLD"}
-    table = ratios.assign(baseline=[LABELS.get(m, m) + trained.get(t, "") for m, t in zip(ratios["method"], ratios["training"])],
-                          at=ratios["speedup"].map(lambda s: f"{s:g}x"))
-    wide = table.pivot_table(index="baseline", columns="at", values="ratio", sort=False, dropna=False)
-    width = max(len("ours / baseline"), *map(len, wide.index))
-    lines = ["ours / baseline".ljust(width) + "".join(f"{c:>8}" for c in wide.columns)]
-    for label, values in wide.iterrows():
-        lines.append(label.ljust(width) + "".join(f"{v:8.2f}" if math.isfinite(v) else f"{'-':>8}" for v in values))
-    return "\n".join(lines)
+    heads = {"plain MIP": "ours (plain MIP) / baseline",
+             "selected per target": "ours (plain, diverse or refined, by scoring KL) / baseline"}
+    if "ours" not in ratios.columns:
+        ratios = ratios.assign(ours="plain MIP")
+    blocks = []
+    for ours, part in ratios.groupby("ours", sort=False):
+        table = part.assign(baseline=[LABELS.get(m, m) + trained.get(t, "") for m, t in zip(part["method"], part["training"])],
+                            at=part["speedup"].map(lambda s: f"{s:g}x"))
+        wide = table.pivot_table(index="baseline", columns="at", values="ratio", sort=False, dropna=False)
+        head = heads.get(ours, f"ours ({ours}) / baseline") if ratios["ours"].nunique() > 1 else "ours / baseline"
+        width = max(len(head), *map(len, wide.index))
+        lines = [head.ljust(width) + "".join(f"{c:>8}" for c in wide.columns)]
+        for label, values in wide.iterrows():
+            lines.append(label.ljust(width) + "".join(f"{v:8.2f}" if math.isfinite(v) else f"{'-':>8}" for v in values))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None) -> pd.DataFrame:
@@ -463,7 +538,7 @@ def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None
     rows = front_rows(run_dir)
     atomic_write_text(run_dir / "front_all.csv", rows.to_csv(index=False))
     if speedups is not None:
-        ratios = front_ratios(rows, speedups)
+        ratios = front_ratios(rows, speedups, selected=selected_children(run_dir, rows))
         atomic_write_text(run_dir / "front_ratios.csv", ratios.to_csv(index=False))
         rows.attrs["ratios"] = ratios
     front_plot(rows, run_dir / "front_all.png", title=title or f"front of {run_dir.name}: our children and baselines",

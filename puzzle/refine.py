@@ -309,11 +309,12 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     those files it starts afresh.
 
     Returns:
-        Per step (plain, diverse, refined): name, predicted_kl_nats (summed replace-1), score_kl_nats,
+        Per step (plain, diverse, refined): name, architecture (compact form), predicted_kl_nats (summed replace-1),
+        score_kl_nats,
         kl_nats (evaluation split; reported, never used to choose), gain over the plain choice on
         both splits, seconds spent by the step, changed layers vs the plain choice.
     """
-    from .pipeline import evaluate, load_score_table, read_architecture
+    from .pipeline import compact_architecture, evaluate, load_score_table, read_architecture
 
     record = read_architecture(run, name)
     stage = record.get("library_stage", "bld")
@@ -366,7 +367,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
         model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage)
-        out.append({"step": step, "name": child_name, "predicted_kl_nats": rec["kl_nats"],
+        out.append({"step": step, "name": child_name, "architecture": compact_architecture(choice),
+                    "predicted_kl_nats": rec["kl_nats"],
                     "score_kl_nats": selection_kl(run, model, tokens),
                     "kl_nats": evaluate(run, model, child_name)["kl_nats"],
                     "predicted_speedup": rec["speedup"], "seconds": seconds,
@@ -376,6 +378,20 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         df[f"gain_{col}"] = df[col].iloc[0] - df[col]
     atomic_write_text(summary_path, df.to_csv(index=False))
     return df
+
+
+def measure_steps(run, name: str) -> pd.DataFrame:
+    """Realize, evaluate and time `name`-diverse and `name`-refined against the parent, interleaved in one session
+    (`baselines.realize_all`; rows in DIR/front_rows/, reused while their architecture and the run's workload and
+    score table stay), so that `puzzle front` compares them with the baselines at measured speed-up.
+
+    Returns:
+        realize_all's rows: the parent, then the two children (speedup, kl_nats, score_kl_nats, ...).
+    """
+    from .baselines import realize_all, searched_candidate
+
+    return realize_all(run, [searched_candidate(run, f"{name}-{step}") for step in ("diverse", "refined")],
+                       export=False, rows_dir=run.out / "front_rows")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,6 +412,9 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--select-tokens", type=int, default=None, help="scoring-split tokens to choose by (default 2048)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="continue an earlier refinement of NAME from <name>-refined for --rounds more rounds")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip timing the diverse and refined children against the parent (then `puzzle front` compares "
+                        "only the plain MIP children with the baselines)")
     from .cli import add_max_contention_flag
 
     add_max_contention_flag(p)
@@ -406,7 +425,7 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def refine_main(args) -> int:
-    """Run `improve_child` and print its step table.
+    """Run `improve_child`, then (unless --no-measure) `measure_steps`, and print the step table.
 
     The run is opened as every stage command's (`cli._stage_run`): --max-contention is saved with the configuration
     when the command succeeds, and a failure (an error, Ctrl-C) leaves DIR/config.json byte for byte as it was.
@@ -428,5 +447,8 @@ def refine_main(args) -> int:
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume)
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if not args.no_measure:
+            timed = measure_steps(run, args.name).set_index("name")["speedup"]
+            df["measured_speedup"] = df["name"].map(timed)  # the plain child's: DIR/front.csv
+    print(df.drop(columns="architecture", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

@@ -129,6 +129,64 @@ def test_front_ratios_compare_plain_mip_with_baselines_only():
     assert "puzzle baselines" in ratio_table(front_ratios(rows[rows["method"] != "mip"], [1.5]))
 
 
+def _refined_run(tmp_path, score_kl, measured=("a-diverse", "a-refined"), architecture=True):
+    """A run folder with the plain child a, its diverse and refined records, refine's step summary (scoring KL
+    `score_kl` for plain, diverse, refined) and front rows: a measured at 1.5x, its steps measured where named."""
+    import json
+
+    choices = {"a": ["attn-kv3+ffn-1536"] * 2, "a-diverse": ["attn-kv3+ffn-768"] * 2,
+               "a-refined": ["attn-noop+ffn-1536", "attn-kv3+ffn-1536"]}
+    (tmp_path / "search").mkdir(parents=True)
+    (tmp_path / "refine").mkdir()
+    for name, choice in choices.items():
+        (tmp_path / "search" / f"{name}.json").write_text(json.dumps({"choice": choice, "kl_nats": 0.5 + len(name) / 100}))
+    compact = {n: " ".join(b.replace("attn-", "").replace("ffn-", "").replace("+", "/") for b in c)
+               for n, c in choices.items()}
+    steps = pd.DataFrame({"step": ["plain", "diverse", "refined"], "name": list(choices),
+                          "predicted_kl_nats": [0.5 + len(n) / 100 for n in choices], "score_kl_nats": score_kl})
+    if architecture:
+        steps.insert(2, "architecture", [compact[n] for n in choices])
+    steps.to_csv(tmp_path / "refine" / "a.summary.csv", index=False)
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0, "architecture": ""},
+        {"name": "a", "method": "mip", "training": "bld", "speedup": 1.5, "kl_nats": 0.3, "architecture": ""},
+        {"name": "g", "method": "greedy", "training": "bld", "speedup": 1.5, "kl_nats": 0.6, "architecture": "x"}]
+        + [{"name": n, "method": "mip-" + n.split("-")[1], "training": "bld", "speedup": 1.5, "kl_nats": kl,
+            "architecture": compact[n]} for n, kl in (("a-diverse", 0.28), ("a-refined", 0.15)) if n in measured])
+    return rows, compact
+
+
+def test_the_selected_child_per_target_is_picked_by_scoring_kl_and_compared_beside_the_plain_one(tmp_path):
+    from puzzle.plots import front_ratios, ratio_table, selected_children
+
+    rows, compact = _refined_run(tmp_path, [0.9, 0.95, 0.7])
+    picked = selected_children(tmp_path, rows)
+    assert list(picked["name"]) == ["a-refined"] and list(picked["picked_from"]) == ["a"]
+    r = front_ratios(rows, [1.5], selected=picked).set_index("ours")
+    assert r.loc["plain MIP", "ratio"] == pytest.approx(0.5) and r.loc["selected per target", "ratio"] == pytest.approx(0.25)
+    text = ratio_table(front_ratios(rows, [1.5], selected=picked))
+    assert "ours (plain MIP) / baseline" in text and "ours (plain, diverse or refined, by scoring KL)" in text
+    assert "0.25" in text and "0.50" in text
+    # the choice is the scoring split's, never the evaluation split's: a plain child better on scoring text stays
+    rows, _ = _refined_run(tmp_path / "b", [0.6, 0.95, 0.7])
+    assert list(selected_children(tmp_path / "b", rows)["name"]) == ["a"]
+    assert set(front_ratios(rows, [1.5], selected=selected_children(tmp_path / "b", rows))["ours"]) == {"plain MIP"}
+    # not timed (refine --no-measure), timed as another architecture, or a summary of older records: plain
+    rows, _ = _refined_run(tmp_path / "c", [0.9, 0.95, 0.7], measured=("a-diverse",))
+    assert list(selected_children(tmp_path / "c", rows)["name"]) == ["a"]
+    rows, _ = _refined_run(tmp_path / "d", [0.9, 0.95, 0.7])
+    rows.loc[rows["name"] == "a-refined", "architecture"] = compact["a"]
+    assert list(selected_children(tmp_path / "d", rows)["name"]) == ["a"]
+    rows, _ = _refined_run(tmp_path / "e", [0.9, 0.95, 0.7])
+    (tmp_path / "e" / "search" / "a.json").write_text('{"choice": ["attn-kv1+ffn-1536", "attn-kv3+ffn-1536"], "kl_nats": 0.51}')
+    assert list(selected_children(tmp_path / "e", rows)["name"]) == ["a"]  # searched again since the refinement
+    # a summary written before steps named their architecture is matched by its predicted KL
+    rows, _ = _refined_run(tmp_path / "f", [0.9, 0.95, 0.7], architecture=False)
+    assert list(selected_children(tmp_path / "f", rows)["name"]) == ["a-refined"]
+    (tmp_path / "f" / "refine" / "a.summary.csv").write_text("not,a\n")
+    assert list(selected_children(tmp_path / "f", rows)["name"]) == ["a"]
+
+
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
     import numpy as np
 

@@ -223,6 +223,39 @@ def test_a_refused_or_interrupted_refine_leaves_config_json_byte_for_byte(run, t
     assert (out / "config.json").read_bytes() == before
     seen = []
     monkeypatch.setattr(puzzle.refine, "improve_child", lambda r, *a, **k: seen.append(r.config) or pd.DataFrame({"step": ["plain"]}))
-    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--max-contention", "3", "--no-progress"]) == 0
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--max-contention", "3", "--no-measure",
+                 "--no-progress"]) == 0
     assert seen[0].score.max_contention == 3  # timed under the flag, and saved with the run's settings on success
     assert json.loads((out / "config.json").read_text())["score"]["max_contention"] == 3
+
+
+def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_factory, tmp_path, capsys):
+    """`puzzle refine` realizes and times the diverse and refined children against the parent (DIR/front_rows/);
+    `puzzle front` then draws them, and compares the child picked by scoring-split KL when it is not the plain one."""
+    import json
+    import shutil
+
+    from puzzle.cli import main
+    from puzzle.pipeline import compact_architecture
+    from puzzle.plots import front_rows, selected_children
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    for stale in ("front_rows", "refine"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--k", "2", "--min-layers-differ", "1",
+                 "--refine-k", "1", "--max-changes", "1", "--rounds", "1", "--select-tokens", "128",
+                 "--max-contention", "inf", "--no-progress"]) == 0
+    assert "measured_speedup" in capsys.readouterr().out
+    for name in ("child-1.5x-diverse", "child-1.5x-refined"):
+        row = json.loads((out / "front_rows" / f"{name}.json").read_text())
+        record = json.loads((out / "search" / f"{name}.json").read_text())
+        assert row["architecture"] == compact_architecture(record["choice"]) and row["speedup"] > 0
+        assert row["method"] == ("mip-diverse" if name.endswith("diverse") else "mip-refined")
+    assert main(["front", "--out", str(out), "--max-contention", "inf", "--no-progress"]) == 0
+    drawn = pd.read_csv(out / "front_all.csv").set_index("name")
+    assert drawn.loc["child-1.5x-refined", "method"] == "mip-refined"
+    steps = pd.read_csv(out / "refine" / "child-1.5x.summary.csv")
+    best = steps.loc[steps["score_kl_nats"].idxmin(), "name"]
+    picked = selected_children(out, front_rows(out, with_downstream=False)).set_index("picked_from")
+    assert picked.loc["child-1.5x", "name"] == best  # whichever step the scoring split favoured
