@@ -353,6 +353,31 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
     return base.assign(ratio_lo=q[0], ratio_median=q[1], ratio_hi=q[2], reached=ok.mean(axis=0))
 
 
+def _model_row(path: Path) -> dict | None:
+    """One model's row file (DIR/front_rows/, DIR/baselines/rows/), or None with a warning when it is damaged: not
+    a JSON object, or without a name, a method or a finite positive speed-up (the command that wrote it, `puzzle
+    refine` or `puzzle baselines`, writes it again)."""
+    import warnings
+
+    from .io import read_json
+
+    try:
+        row = read_json(path)
+    except PuzzleError as e:
+        row, why = None, str(e)
+    else:
+        speedup = row.get("speedup") if isinstance(row, dict) else None
+        kl = row.get("kl_nats") if isinstance(row, dict) else None
+        fine = (isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("method"), str)
+                and _finite(speedup) and speedup > 0 and isinstance(kl, numbers.Real) and not isinstance(kl, bool))
+        why = f"{path} is not a model's row (a name, a method, a measured speed-up and an evaluation KL)"
+        row = row if fine else None
+    if row is None:
+        where = "puzzle baselines" if path.parent.name == "rows" else "puzzle refine"
+        warnings.warn(f"{why}; left out of the front (`{where}` writes it again)")
+    return row
+
+
 def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFrame:
     """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
 
@@ -371,8 +396,6 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
     Raises:
         FileNotFoundError: the directory holds none of these files.
     """
-    import json
-
     run_dir = Path(run_dir)
     parts = []
     if (run_dir / "front.csv").is_file():
@@ -382,8 +405,9 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
         parts.append(df.assign(source="front.csv"))
     for sub in ("front_rows", "baselines/rows"):
         files = sorted((run_dir / sub).glob("*.json")) if (run_dir / sub).is_dir() else []
-        if files:
-            parts.append(pd.DataFrame([json.loads(p.read_text()) for p in files]).assign(source=sub))
+        found = [row for row in map(_model_row, files) if row is not None]
+        if found:
+            parts.append(pd.DataFrame(found).assign(source=sub))
     if not parts:
         raise FileNotFoundError(f"{run_dir} has no front.csv, front_rows/ or baselines/rows/: run `puzzle front` first")
     scaled = []
@@ -411,6 +435,10 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
 
 
 BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _step_is_record(step: dict, run_dir: Path) -> bool:
@@ -454,12 +482,12 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
             steps = pd.read_csv(path).to_dict("records") if path.is_file() else []
         except (OSError, ValueError, pd.errors.ParserError):
             steps = []
-        scored = [st for st in steps if isinstance(st.get("name"), str) and isinstance(st.get("score_kl_nats"), float)
-                  and math.isfinite(st["score_kl_nats"])]
+        scored = [st for st in steps if isinstance(st.get("name"), str) and _finite(st.get("score_kl_nats"))]
         if scored and scored[0]["name"] == row["name"] and all(_step_is_record(st, run_dir) for st in scored):
             best = min(scored, key=lambda st: float(st["score_kl_nats"]))
             found = measured.get(best["name"])
-            if best["name"] != row["name"] and found is not None:
+            if best["name"] != row["name"] and found is not None and _finite(found.get("speedup")) \
+                    and _finite(found.get("kl_nats")):  # timed and evaluated
                 from .io import read_json
 
                 choice = compact_architecture(read_json(run_dir / "search" / f"{best['name']}.json")["choice"])

@@ -185,6 +185,38 @@ def test_the_selected_child_per_target_is_picked_by_scoring_kl_and_compared_besi
     assert list(selected_children(tmp_path / "f", rows)["name"]) == ["a-refined"]
     (tmp_path / "f" / "refine" / "a.summary.csv").write_text("not,a\n")
     assert list(selected_children(tmp_path / "f", rows)["name"]) == ["a"]
+    # a picked row without a measured speed-up or evaluation KL is no measurement: the plain child stays
+    for column in ("speedup", "kl_nats"):
+        rows, _ = _refined_run(tmp_path / column, [0.9, 0.95, 0.7])
+        rows.loc[rows["name"] == "a-refined", column] = float("nan")
+        assert list(selected_children(tmp_path / column, rows)["name"]) == ["a"], column
+    # whole-number scoring KL (a CSV holding 0 or 1) is a score like any other
+    rows, _ = _refined_run(tmp_path / "g", [1, 2, 0])
+    assert list(selected_children(tmp_path / "g", rows)["name"]) == ["a-refined"]
+
+
+def test_damaged_row_files_are_left_out_of_the_front_with_a_warning(tmp_path):
+    """An empty, cut or hand-edited row file in DIR/front_rows/ or DIR/baselines/rows/ (was a JSONDecodeError,
+    KeyError or TypeError traceback from `puzzle front`)."""
+    from puzzle.plots import front_rows
+
+    (tmp_path / "front_rows").mkdir()
+    (tmp_path / "baselines" / "rows").mkdir(parents=True)
+    good = {"name": "a-refined", "method": "mip-refined", "training": "bld", "speedup": 1.4, "kl_nats": 0.5}
+    (tmp_path / "front_rows" / "parent.json").write_text(json.dumps(
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0, "throughput_tok_s": 9.0}))
+    (tmp_path / "front_rows" / "a-refined.json").write_text(json.dumps(good))
+    damaged = {"empty": "", "cut": '{"name": ', "list": "[1, 2]", "text": json.dumps({**good, "speedup": "fast"}),
+               "nokl": json.dumps({k: v for k, v in good.items() if k != "kl_nats"})}
+    for name, text in damaged.items():
+        (tmp_path / "front_rows" / f"{name}.json").write_text(text)
+    (tmp_path / "baselines" / "rows" / "g.json").write_text("")
+    with pytest.warns(UserWarning) as record:
+        rows = front_rows(tmp_path, with_downstream=False)
+    assert list(rows["name"]) == ["parent", "a-refined"]
+    said = [str(w.message) for w in record]
+    assert len(said) == len(damaged) + 1 and all("left out of the front" in m for m in said)
+    assert any("g.json" in m and "puzzle baselines" in m for m in said)
 
 
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
