@@ -297,6 +297,20 @@ def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str
             "budgets": budgets.to_dict(), "parent": {c: clean(v) for c, v in parent.items()}}
 
 
+def _earlier_refinement(log_path: Path, summary_path: Path) -> tuple[pd.DataFrame, dict] | None:
+    """An earlier `improve_child`'s log (DIR/refine/<name>.csv: a step and a round per candidate, with refinement
+    rounds) and seconds per step (<name>.summary.csv: diverse and refined), or None when either file is damaged."""
+    try:
+        log, summary = pd.read_csv(log_path), pd.read_csv(summary_path)
+        spent = {step: float(summary.set_index("step").loc[step, "seconds"]) for step in ("diverse", "refined")}
+        rounds = pd.to_numeric(log.loc[log["step"] == "refine", "round"], errors="raise")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, pd.errors.ParserError):
+        return None  # EmptyDataError is a ValueError
+    if not len(rounds) or not all(math.isfinite(v) and v >= 0 for v in spent.values()):
+        return None
+    return log, spent
+
+
 def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
                   max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None,
                   resume: bool = False) -> pd.DataFrame:
@@ -309,14 +323,21 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     those files it starts afresh.
 
     Returns:
-        Per step (plain, diverse, refined): name, architecture (compact form), predicted_kl_nats (summed replace-1),
-        score_kl_nats,
-        kl_nats (evaluation split; reported, never used to choose), gain over the plain choice on
-        both splits, seconds spent by the step, changed layers vs the plain choice.
+        Per step (plain, diverse, refined): name, architecture (compact form), predicted_kl_nats (summed
+        replace-1), score_kl_nats, kl_nats (evaluation split; reported, never used to choose), gain over the
+        plain choice on both splits, seconds spent by the step, changed layers vs the plain choice.
+
+    Raises:
+        PuzzleError: no record `name` (`pipeline.read_architecture`), or `name` is a -diverse or -refined child
+            this function wrote (refining it would stack -refined-refined records beside the plain child's).
     """
     from .pipeline import compact_architecture, evaluate, load_score_table, read_architecture
 
     record = read_architecture(run, name)
+    if record.get("method") in ("mip-diverse", "mip-refined"):
+        plain = name.rsplit("-", 1)[0]
+        raise PuzzleError(f"{name} is a child `puzzle refine` made (from {plain}); refine {plain} instead "
+                          f"(`--continue` goes on from {plain}-refined)")
     stage = record.get("library_stage", "bld")
     budgets = Budgets.from_dict(record["budgets"])
     vllm = bool(record.get("vllm_compatible", False))  # searched without linear subblocks: refined the same way
@@ -328,10 +349,13 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
         if all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage
                and bool(r.get("vllm_compatible", False)) == vllm for r in kept):
-            earlier = pd.read_csv(log_path)  # continue: the diverse step and the rounds so far are kept
-            spent = pd.read_csv(summary_path).set_index("step")["seconds"]
-            best, start = (tuple(r["choice"]) for r in kept)
-            diverse_s = float(spent["diverse"])
+            found = _earlier_refinement(log_path, summary_path)  # continue: the diverse step and rounds are kept
+            if found is None:
+                run.say(f"refine {name}: {log_path} or {summary_path} is damaged; starting afresh")
+            else:
+                earlier, spent = found
+                best, start = (tuple(r["choice"]) for r in kept)
+                diverse_s = spent["diverse"]
         else:
             run.say(f"refine {name}: the earlier refinement was for other budgets, library stage or vLLM setting "
                     f"than {name} has now (searched again since); starting afresh")
@@ -432,7 +456,8 @@ def refine_main(args) -> int:
 
     Raises:
         PuzzleError: a count flag below 1 (before anything is read), DIR is no run directory, --select-tokens
-            outside one sequence to the scoring split, or as `improve_child` (an unknown --name).
+            outside one sequence to the scoring split, or as `improve_child` (an unknown --name, or one of the
+            children refine itself made).
     """
     from .cli import _stage_run
 

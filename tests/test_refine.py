@@ -139,6 +139,31 @@ def test_improve_child_continues_an_earlier_refinement(run):
     assert df["score_kl_nats"].iloc[2] <= float(first.loc[first["choice"] == " ".join(before), "score_kl_nats"].min()) + 1e-12
 
 
+@pytest.mark.parametrize("damage", ["empty summary", "no seconds", "no diverse row", "text seconds", "binary log"])
+def test_continue_starts_afresh_when_the_earlier_files_are_damaged(run, capsys, damage):
+    """--continue over a damaged refine/<name>.summary.csv or <name>.csv (was an EmptyDataError, KeyError or
+    ValueError traceback)."""
+    improve_child(run, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
+    log, summary = run.out / "refine" / "child-1.5x.csv", run.out / "refine" / "child-1.5x.summary.csv"
+    steps = pd.read_csv(summary)
+    if damage == "empty summary":
+        summary.write_text("")
+    elif damage == "no seconds":
+        steps.drop(columns="seconds").to_csv(summary, index=False)
+    elif damage == "no diverse row":
+        steps[steps["step"] != "diverse"].to_csv(summary, index=False)
+    elif damage == "text seconds":
+        steps.assign(seconds="abc").to_csv(summary, index=False)
+    else:
+        log.write_bytes(bytes(range(256)))
+    capsys.readouterr()
+    df = improve_child(run, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1,
+                       tokens=128, resume=True)
+    assert list(df["step"]) == ["plain", "diverse", "refined"]
+    assert "is damaged; starting afresh" in capsys.readouterr().err
+    assert list(pd.read_csv(summary)["step"]) == ["plain", "diverse", "refined"]  # whole again
+
+
 def test_continue_starts_afresh_when_the_child_was_searched_under_other_budgets(run, table, tmp_path):
     import json
     import shutil
@@ -208,9 +233,13 @@ def test_a_refused_or_interrupted_refine_leaves_config_json_byte_for_byte(run, t
     from puzzle.cli import main
 
     out, before = _reindented_copy(tmp_path, run.out, max_contention=0.25)
+    plain = json.loads((out / "search" / "child-1.5x.json").read_text())
+    (out / "search" / "child-1.5x-refined.json").write_text(json.dumps({**plain, "method": "mip-refined"}))
     for argv, rc, words in [(["--name", "child-1.5x", "--select-tokens", "1", "--max-contention", "3"], 2, "--select-tokens 1"),
                             (["--name", "nosuch", "--max-contention", "5"], 2, "no architecture named 'nosuch'"),
-                            (["--name", "nosuch"], 2, "no architecture named 'nosuch'")]:
+                            (["--name", "nosuch"], 2, "no architecture named 'nosuch'"),
+                            (["--name", "child-1.5x-refined", "--max-contention", "3"], 2,
+                             "child-1.5x-refined is a child `puzzle refine` made (from child-1.5x); refine child-1.5x")]:
         assert main(["refine", "--out", str(out), *argv, "--no-progress"]) == rc, argv
         assert words in capsys.readouterr().err
         assert (out / "config.json").read_bytes() == before, argv
