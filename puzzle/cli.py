@@ -131,13 +131,14 @@ def _resolve_config(args, out: Path):
     if flag("parent"):
         changes["parent"]["path"] = args.parent
     if flag("calib"):
-        changes["data"]["calib_sources"] = tuple(args.calib)
-        if tuple(args.calib) != config.data.calib_sources:  # saved weights belong to the saved sources
+        calib = _sources_flag(args.calib, config.data.calib_sources)
+        changes["data"]["calib_sources"] = calib
+        if calib != config.data.calib_sources:  # saved weights belong to the saved sources
             changes["data"]["calib_weights"] = ()
     if flag("calib_weights") is not None:  # [] (the flag without values): no weights
         changes["data"]["calib_weights"] = tuple(args.calib_weights)
     if flag("eval"):
-        changes["data"]["eval_sources"] = tuple(args.eval)
+        changes["data"]["eval_sources"] = _sources_flag(args.eval, config.data.eval_sources)
     for name, section, key in [("device", "target", "device"), ("dtype", "target", "dtype"),
                                ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
                                ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"),
@@ -173,6 +174,18 @@ def _resolve_config(args, out: Path):
             raise PuzzleError(f"--front-speedups {args.front_speedups!r}: {str(e).removeprefix('--speedup ')}; give "
                               f"speed-ups separated by commas, e.g. 1.25,1.5,2") from None
     return config.replace(**changes)
+
+
+def _sources_flag(given, saved: tuple[str, ...]) -> tuple[str, ...]:
+    """--calib/--eval sources as the run saves them: file and folder paths made absolute (a run's later commands may
+    start in another folder), `asset:`, `package:` and `parent-samples` specs as given; the saved sources themselves
+    when the flag repeats them word for word (a run saved with relative paths keeps its data settings)."""
+    from .samples import is_parent_samples
+
+    if tuple(given) == tuple(saved):
+        return tuple(saved)
+    keep = lambda spec: spec.startswith(("asset:", "package:")) or is_parent_samples(spec) or not spec.strip()  # noqa: E731
+    return tuple(spec if keep(spec) else str(Path(spec).expanduser().absolute()) for spec in given)
 
 
 #: whole-number flags that must be >= 1 (config: target.batch_size, ... bld.tokens, score.tokens)

@@ -994,11 +994,15 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         except DamagedSplits as e:
             if not gone:
                 warnings.warn(f"{e.path} is damaged: {e.reason}; rebuilding the token splits")
-        except PuzzleError:
-            pass  # made with other settings: prepare afresh and overwrite
+        except PuzzleError:  # made with other settings: prepare afresh and overwrite
+            recorded = _recorded_source_sha(out_dir)
+            if changed := [spec for spec, sha in settings["source_sha256"].items() if recorded.get(spec, sha) != sha]:
+                warnings.warn(f"data source {', '.join(changed)} changed since the token splits in {out_dir} were "
+                              f"packed from it (its sha256 differs): packing them again; a library, score table or "
+                              f"child made from the old splits no longer matches them")
         else:
             if gone:
-                warnings.warn(f"data source {next(iter(gone))} no longer exists; using the token splits packed from it "
+                warnings.warn(f"data source {', '.join(gone)} no longer exists; using the token splits packed from it "
                               f"in {out_dir} (its sha256 is recorded there); restore the file to change the data "
                               f"settings")
             return packed

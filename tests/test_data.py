@@ -7,6 +7,7 @@ import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -478,6 +479,51 @@ def test_splits_packed_from_a_deleted_source_are_still_used_and_only_for_the_sam
         prepare_data(config, tok, out)
 
 
+def test_a_source_changed_since_packing_is_named_when_the_splits_are_packed_again(tmp_path, tok):
+    import shutil
+
+    from puzzle.data import packaged_text_path
+
+    calib, evals = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    shutil.copy(packaged_text_path("tiny_corpus.txt"), calib)
+    shutil.copy(packaged_text_path("tiny_eval.txt"), evals)
+    config = DataConfig(calib_sources=(str(calib),), eval_sources=(str(evals),), seq_len=64, calib_tokens=2048,
+                        score_tokens=512, eval_tokens=1024, score_fraction=0.25)
+    out = tmp_path / "data"
+    prepare_data(config, tok, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_data(dataclasses.replace(config, seed=2), tok, out)  # other settings, same text: re-packed silently
+        prepare_data(config, tok, out)
+    calib.write_text(calib.read_text()[::-1])
+    with pytest.warns(UserWarning, match=re.escape(f"data source {calib} changed since the token splits in {out} were "
+                                                   f"packed from it (its sha256 differs): packing them again")):
+        prepare_data(config, tok, out)
+    calib.unlink()
+    evals.unlink()  # both gone: both named
+    with pytest.warns(UserWarning, match=re.escape(f"data source {evals}, {calib} no longer exists")):
+        prepare_data(config, tok, out)
+
+
+def test_relative_source_paths_are_saved_absolute(tmp_path, monkeypatch):
+    """A run's later commands may start in another folder: `--calib notes.txt` is saved as the file's absolute path
+    (was resolved against wherever the next command ran: a warning that the file was gone, or another folder's
+    file of the same name packed silently); asset:, package: and parent-samples specs stay as given."""
+    import shutil
+
+    from puzzle.cli import main
+    from puzzle.data import packaged_text_path
+
+    (tmp_path / "texts").mkdir()
+    shutil.copy(packaged_text_path("tiny_corpus.txt"), tmp_path / "texts" / "notes.txt")
+    monkeypatch.chdir(tmp_path / "texts")
+    assert main(["data", "--preset", "tiny", "--out", str(tmp_path / "run"), "--calib", "notes.txt",
+                 "package:tiny_corpus.txt", "--eval", "package:tiny_eval.txt", "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert saved["calib_sources"] == [str(tmp_path / "texts" / "notes.txt"), "package:tiny_corpus.txt"]
+    assert saved["eval_sources"] == ["package:tiny_eval.txt"]
+
+
 def test_the_data_stage_names_a_missing_eval_file_before_it_samples_the_parent(tmp_path, capsys, monkeypatch):
     import puzzle.samples
     from puzzle.cli import main
@@ -644,7 +690,8 @@ def test_calib_weights_from_presets_config_files_and_flags(tmp_path):
     assert resolve("--calib", "a.txt", "b.txt").calib_weights == (3.0, 1.0)  # same sources keep their weights
     assert resolve("--calib", "c.txt").calib_weights == ()  # other sources drop them
     new = resolve("--preset", "tiny", "--calib", "c.txt", "d.txt", "--calib-weights", "1", "1")
-    assert new.calib_sources == ("c.txt", "d.txt") and new.calib_weights == (1.0, 1.0)
+    assert new.calib_sources == (str(Path("c.txt").absolute()), str(Path("d.txt").absolute()))  # saved absolute
+    assert new.calib_weights == (1.0, 1.0)
     with pytest.raises(PuzzleError, match=r"--calib-weights\) has 3 weight\(s\) for 2"):
         resolve("--calib-weights", "1", "1", "1")
     with pytest.raises(PuzzleError, match="has weight 0.0"):
