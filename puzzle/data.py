@@ -996,7 +996,8 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                 warnings.warn(f"{e.path} is damaged: {e.reason}; rebuilding the token splits")
         except PuzzleError:  # made with other settings: prepare afresh and overwrite
             recorded = _recorded_source_sha(out_dir)
-            if changed := [spec for spec, sha in settings["source_sha256"].items() if recorded.get(spec, sha) != sha]:
+            if changed := [spec for spec, digest in settings["source_sha256"].items()
+                           if recorded.get(spec, digest) != digest]:
                 warnings.warn(f"data source {', '.join(changed)} changed since the token splits in {out_dir} were "
                               f"packed from it (its sha256 differs): packing them again; a library, score table or "
                               f"child made from the old splits no longer matches them")
