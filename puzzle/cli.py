@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import re
 import sys
 import warnings
@@ -177,15 +178,16 @@ def _resolve_config(args, out: Path):
 
 
 def _sources_flag(given, saved: tuple[str, ...]) -> tuple[str, ...]:
-    """--calib/--eval sources as the run saves them: file and folder paths made absolute (a run's later commands may
-    start in another folder), `asset:`, `package:` and `parent-samples` specs as given; the saved sources themselves
-    when the flag repeats them word for word (a run saved with relative paths keeps its data settings)."""
+    """--calib/--eval sources as the run saves them: file and folder paths made absolute and normalised (a run's
+    later commands may start in another folder; `src/../src/a.txt` and `src/a.txt` are one source; links are not
+    resolved), `asset:`, `package:` and `parent-samples` specs as given; the saved sources themselves when the flag
+    repeats them word for word (a run saved with relative paths keeps its data settings)."""
     from .samples import is_parent_samples
 
     if tuple(given) == tuple(saved):
         return tuple(saved)
     keep = lambda spec: spec.startswith(("asset:", "package:")) or is_parent_samples(spec) or not spec.strip()  # noqa: E731
-    return tuple(spec if keep(spec) else str(Path(spec).expanduser().absolute()) for spec in given)
+    return tuple(spec if keep(spec) else os.path.abspath(os.path.expanduser(spec)) for spec in given)  # a/../a: a
 
 
 #: whole-number flags that must be >= 1 (config: target.batch_size, ... bld.tokens, score.tokens)

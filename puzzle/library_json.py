@@ -185,4 +185,7 @@ def _number(value, where: str = "", field: str = "") -> float:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PuzzleError(f"{where}: {field} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a whole number beyond float range: refused as infinite by the finiteness checks
+        return math.inf

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -355,10 +356,9 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
 
 def _model_row(path: Path) -> dict | None:
     """One model's row file (DIR/front_rows/, DIR/baselines/rows/), or None with a warning when it is damaged: not
-    a JSON object, or without a name, a method or a finite positive speed-up (the command that wrote it, `puzzle
-    refine` or `puzzle baselines`, writes it again)."""
-    import warnings
-
+    a JSON object, without a name or a method (the name "parent" for the parent alone), or without a speed-up in
+    (0, PLAUSIBLE_SPEEDUP] and an evaluation KL in [0, PLAUSIBLE_KL] (the command that wrote it, `puzzle refine` or
+    `puzzle baselines`, writes it again)."""
     from .io import read_json
 
     try:
@@ -369,8 +369,10 @@ def _model_row(path: Path) -> dict | None:
         speedup = row.get("speedup") if isinstance(row, dict) else None
         kl = row.get("kl_nats") if isinstance(row, dict) else None
         fine = (isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("method"), str)
-                and _finite(speedup) and speedup > 0 and isinstance(kl, numbers.Real) and not isinstance(kl, bool))
-        why = f"{path} is not a model's row (a name, a method, a measured speed-up and an evaluation KL)"
+                and (row["name"] == "parent") == (row["method"] == "parent")
+                and _finite(speedup) and 0 < speedup <= PLAUSIBLE_SPEEDUP and _finite(kl) and 0 <= kl <= PLAUSIBLE_KL)
+        why = (f"{path} is not a model's row (a name, a method, a measured speed-up up to {PLAUSIBLE_SPEEDUP:g} and "
+               f"an evaluation KL from 0 to {PLAUSIBLE_KL:g} nats)")
         row = row if fine else None
     if row is None:
         where = "puzzle baselines" if path.parent.name == "rows" else "puzzle refine"
@@ -419,7 +421,13 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
         if reference is not None and len(parent):
             part = part.assign(throughput_tok_s=reference * part["speedup"])
         scaled.append(part)
-    rows = pd.concat(scaled, ignore_index=True).drop_duplicates("name")
+    rows = pd.concat(scaled, ignore_index=True)
+    twice = rows[rows["name"].duplicated(keep=False) & rows["name"].ne("parent")]
+    for name, copies in twice.groupby("name", sort=False):  # the parent's row is in every source by design
+        if copies[["speedup", "kl_nats"]].drop_duplicates().shape[0] > 1:
+            warnings.warn(f"model {name} has rows in {' and '.join(copies['source'])} with other figures; drawing the "
+                          f"one in {copies['source'].iloc[0]}")
+    rows = rows.drop_duplicates("name")
     columns = ["name", "method", "training", "speedup", "throughput_tok_s", "kl_nats", "predicted_kl_nats", "lm_loss",
                "params", "architecture", "source"]
     rows = rows.reindex(columns=columns)
@@ -438,7 +446,14 @@ BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_wid
 
 
 def _finite(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # a whole number beyond float range
+        return False
+
+
+#: the largest speed-up and evaluation KL (nats) a row may hold: beyond them a file was edited by hand
+PLAUSIBLE_SPEEDUP, PLAUSIBLE_KL = 1e4, 1e4
 
 
 def _step_is_record(step: dict, run_dir: Path) -> bool:

@@ -197,13 +197,17 @@ def parse_objective(objective) -> dict[str, float]:
     """
     if isinstance(objective, str):
         weights = {}
-        for part in filter(None, (p.strip() for p in objective.split(","))):
-            column, _, weight = part.partition("=")
+        parts = [p.strip() for p in objective.split(",")]
+        if len(parts) > 1 and not all(parts):
+            raise PuzzleError(f"objective {objective!r} has an empty part; write 'column' or "
+                              f"'column=weight,column=weight'")
+        for part in filter(None, parts):
+            column, eq, weight = part.partition("=")
             column = column.strip()
             if column in weights:
                 raise PuzzleError(f"objective {objective!r} names {column!r} twice; give each column once")
             try:
-                weights[column] = float(weight) if weight else 1.0
+                weights[column] = float(weight) if eq else 1.0  # 'kl_nats=' is no weight: refused below
             except ValueError as e:
                 raise PuzzleError(f"objective {objective!r}: write 'column' or 'column=weight,column=weight'") from e
     else:
@@ -232,8 +236,9 @@ class _Search:
                               f"(have {sorted(self.choices.values)})")
         ch = self.choices
         self.parent = ch.totals(ch.parent_slot)
-        self.objective = sum(w * ch.values[c] for c, w in self.weights.items())  # (L, V)
-        self.objective_base = sum(w * ch.base[c] for c, w in self.weights.items())
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is refused below, in one line
+            self.objective = sum(w * ch.values[c] for c, w in self.weights.items())  # (L, V)
+            self.objective_base = sum(w * ch.base[c] for c, w in self.weights.items())
         self.allowed = allowed_slots(ch, vllm_compatible, exclude)
         self.filtered = vllm_compatible or bool(exclude)
         if np.isnan(self.objective[self.allowed]).any():

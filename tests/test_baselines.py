@@ -207,7 +207,11 @@ def test_damaged_row_files_are_left_out_of_the_front_with_a_warning(tmp_path):
         {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0, "throughput_tok_s": 9.0}))
     (tmp_path / "front_rows" / "a-refined.json").write_text(json.dumps(good))
     damaged = {"empty": "", "cut": '{"name": ', "list": "[1, 2]", "text": json.dumps({**good, "speedup": "fast"}),
-               "nokl": json.dumps({k: v for k, v in good.items() if k != "kl_nats"})}
+               "nokl": json.dumps({k: v for k, v in good.items() if k != "kl_nats"}),
+               "nankl": json.dumps({**good, "kl_nats": float("nan")}),
+               "bigint": json.dumps({**good, "speedup": 10 ** 400}), "absurd": json.dumps({**good, "speedup": 1e308}),
+               "negative kl": json.dumps({**good, "kl_nats": -1.0}),
+               "another parent": json.dumps({**good, "name": "parent"})}
     for name, text in damaged.items():
         (tmp_path / "front_rows" / f"{name}.json").write_text(text)
     (tmp_path / "baselines" / "rows" / "g.json").write_text("")
@@ -217,6 +221,14 @@ def test_damaged_row_files_are_left_out_of_the_front_with_a_warning(tmp_path):
     said = [str(w.message) for w in record]
     assert len(said) == len(damaged) + 1 and all("left out of the front" in m for m in said)
     assert any("g.json" in m and "puzzle baselines" in m for m in said)
+    # one model in both folders with other figures: drawn from the first, and said
+    (tmp_path / "baselines" / "rows" / "g.json").unlink()
+    (tmp_path / "baselines" / "rows" / "a-refined.json").write_text(json.dumps({**good, "speedup": 3.0}))
+    for name in damaged:
+        (tmp_path / "front_rows" / f"{name}.json").unlink()
+    with pytest.warns(UserWarning, match="model a-refined has rows in front_rows and baselines/rows with other figures"):
+        rows = front_rows(tmp_path, with_downstream=False)
+    assert rows.set_index("name").loc["a-refined", "speedup"] == 1.4
 
 
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():

@@ -522,6 +522,10 @@ def test_relative_source_paths_are_saved_absolute(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert saved["calib_sources"] == [str(tmp_path / "texts" / "notes.txt"), "package:tiny_corpus.txt"]
     assert saved["eval_sources"] == ["package:tiny_eval.txt"]
+    stamp = (tmp_path / "run" / "data" / "manifest.json").read_bytes()
+    assert main(["data", "--out", str(tmp_path / "run"), "--calib", "../texts/notes.txt", "package:tiny_corpus.txt",
+                 "--no-progress"]) == 0  # another spelling of the same path: the same source, nothing re-packed
+    assert (tmp_path / "run" / "data" / "manifest.json").read_bytes() == stamp
 
 
 def test_the_data_stage_names_a_missing_eval_file_before_it_samples_the_parent(tmp_path, capsys, monkeypatch):

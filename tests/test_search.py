@@ -517,6 +517,32 @@ def test_two_variant_names_for_one_block_are_both_named(tmp_path, capsys):
     assert "intermediate size 22e3" in err and "intermediate size 21.5e3" in err and "keep one of them" in err
 
 
+@needs_fixture
+def test_a_whole_number_beyond_float_range_is_one_error_line(tmp_path, capsys):
+    """JSON allows any whole number: 10**400 as a runtime was an OverflowError traceback; now it is infinite, which
+    the table's checks refuse in one line."""
+    def huge(library):
+        name = next(iter(library["layer_0"]))
+        library["layer_0"][name]["stats"]["runtime_ms"] = 10 ** 400
+
+    err = _one_error_line(capsys, ["search", "--library", str(_damaged_library(tmp_path, layer_edit=huge)), "--json",
+                                   "--speedup", "1.5"])
+    assert "inf" in err and "runtime_ms" in err, err
+
+
+@needs_fixture
+def test_a_sum_that_overflows_in_the_objective_is_one_error_line(capsys):
+    """No numpy overflow warning before the error (was 4 lines of RuntimeWarning first)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--speedup", "2",
+                                       "--objective", "kl_nats=1e308,lm_loss=1e308", "--json"])
+    assert not [w for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert "overflows" in err
+
+
 def test_a_block_listed_twice_in_a_csv_names_both_rows(tmp_path, capsys):
     table = random_table(16, layers=2, kind="coupled")
     again = table.iloc[[4]].assign(variant=table["variant"].iloc[4].replace("ffn-", "ffn-0"))  # another spelling
@@ -743,7 +769,8 @@ def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp
 
 @pytest.mark.parametrize("objective, words", [
     ("kl_nats=0", "every weight is 0"), ("kl_nats=nan", "finite"), ("lm_loss=inf", "finite"),
-    ("kl_nats=1,kl_nats=2", "twice"), (" , ", "empty")])
+    ("kl_nats=1,kl_nats=2", "twice"), (" , ", "empty"), ("kl_nats=", "write 'column' or"),
+    ("kl_nats=1,", "has an empty part"), (",kl_nats", "has an empty part")])
 def test_objectives_that_cannot_rank_children_are_refused(objective, words):
     from puzzle.search import parse_objective
 
