@@ -415,7 +415,10 @@ def cmd_search(args) -> int:
     from .search import search_main
 
     if args.library is not None:
-        run_only = [flag for flag, given in [("--out", args.out), ("--front-speedups", args.front_speedups),
+        if not str(args.library).strip():  # Path('') would read as the current folder
+            raise PuzzleError("--library is empty; give a run directory, a score table .csv or a block library "
+                              "(its block_library.json or folder)")
+        run_only = [flag for flag, given in [("--out", args.out), ("--front-speedups", args.front_speedups is not None),
                                              ("--budget-feedback", args.budget_feedback is not None)] if given]
         if run_only:
             raise PuzzleError(f"--library searches a table read-only and takes no {', '.join(run_only)}; give either "

@@ -193,7 +193,11 @@ def build_choices(table: pd.DataFrame) -> Choices:
     body = table[table["subblock"] != "non_block"]
     layers = sorted(int(v) for v in body["layer"].unique())
     if layers != list(range(len(layers))) or not layers:
-        raise PuzzleError(f"score table layers must be 0..L-1; found {layers[:5]}...{layers[-3:]} ({len(layers)} layers)")
+        missing = sorted(set(range(max(layers, default=-1) + 1)) - set(layers))
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        found = (f"without layer(s) {shown}" if missing else f"numbered from {layers[0]}") if layers else "none at all"
+        raise PuzzleError(f"score table layers must be 0..L-1 with none missing; it has {len(layers)} layers, {found}: "
+                          f"rescore (`puzzle score`) or give the whole table")
     parent_rows = table[is_parent & (table["subblock"] != "non_block").to_numpy()]
     base = {c: float(non_block[c].iloc[0]) if c in COST_COLUMNS else float(np.nanmedian(parent_rows[c]))
             if parent_rows[c].notna().any() else math.nan for c in numeric}

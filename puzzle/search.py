@@ -642,7 +642,7 @@ def check_search_args(args: argparse.Namespace) -> None:
     """Refuse `puzzle search --library` options that would be ignored or cannot work, before any solve.
 
     Raises:
-        PuzzleError: K or D below 1, a time limit that is not a positive finite number of seconds,
+        PuzzleError: K or D below 1, D without K, a time limit that is not a positive finite number of seconds,
             --greedy with K or D, --roofline-dtype without --roofline, an empty budget, objective,
             --roofline or --output, or an --output that is not a (new or existing) regular file in
             an existing folder (a directory, a device, a FIFO or a symbolic link would be replaced), or an
@@ -652,6 +652,9 @@ def check_search_args(args: argparse.Namespace) -> None:
         raise PuzzleError(f"--num-solutions {args.num_solutions}: give 1 or more solutions")
     if args.min_layers_differ < 1:
         raise PuzzleError(f"--min-layers-differ {args.min_layers_differ}: solutions must differ in at least 1 layer")
+    if args.min_layers_differ != 1 and args.num_solutions == 1 and not args.greedy:
+        raise PuzzleError(f"--min-layers-differ {args.min_layers_differ} sets how far further solutions differ, and "
+                          f"one solution has none; add --num-solutions K (K >= 2) or leave it out")
     if not 0 < args.time_limit < math.inf:
         raise PuzzleError(f"--time-limit {args.time_limit:g}: give a positive number of seconds (default 60)")
     if args.greedy and (args.num_solutions != 1 or args.min_layers_differ != 1):

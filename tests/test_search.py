@@ -543,6 +543,16 @@ def test_a_sum_that_overflows_in_the_objective_is_one_error_line(capsys):
     assert "overflows" in err
 
 
+@pytest.mark.parametrize("layers,words", [((2, 4, 5, 6), "it has 4 layers, without layer(s) 2, 4, 5, 6"),
+                                          ((0,), "it has 7 layers, without layer(s) 0")])
+def test_a_table_with_missing_layers_names_them(tmp_path, capsys, layers, words):
+    """(was 'found [0, 1, 3, 7]...[1, 3, 7] (4 layers)')"""
+    table = random_table(8, layers=8)
+    table[~table["layer"].isin(layers)].to_csv(tmp_path / "gaps.csv", index=False)
+    err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "gaps.csv"), "--speedup", "1.2"])
+    assert words in err and "rescore" in err, err
+
+
 def test_a_block_listed_twice_in_a_csv_names_both_rows(tmp_path, capsys):
     table = random_table(16, layers=2, kind="coupled")
     again = table.iloc[[4]].assign(variant=table["variant"].iloc[4].replace("ffn-", "ffn-0"))  # another spelling
@@ -634,6 +644,7 @@ def test_read_only_search_refuses_what_it_would_ignore_or_break(tmp_path, capsys
     os.mkfifo(fifo)
     link.symlink_to(tmp_path / "target.json")
     for flags, words in [(["--num-solutions", "0"], "1 or more"), (["--min-layers-differ", "0"], "at least 1 layer"),
+                         (["--min-layers-differ", "5"], "add --num-solutions K"),
                          (["--time-limit", "nan"], "positive number of seconds"),
                          (["--greedy", "--num-solutions", "2"], "for the MIP"), (["--roofline-dtype", "float16"], "--roofline GPU"),
                          (["--max-runtime="], "--max-runtime is empty"), (["--objective="], "--objective is empty"),
@@ -684,6 +695,10 @@ def test_search_command_without_a_run_or_library_says_which_to_give(capsys):
 
     assert main(["search", "--speedup", "2"]) == 2
     assert "needs --out DIR" in capsys.readouterr().err
+    assert main(["search", "--library", "", "--speedup", "2"]) == 2  # was read as the current folder
+    assert "--library is empty" in capsys.readouterr().err
+    assert main(["search", "--library", "x.csv", "--front-speedups", "", "--speedup", "2"]) == 2  # was ignored
+    assert "takes no --front-speedups" in capsys.readouterr().err
 
 
 def test_stage_commands_refuse_a_directory_no_stage_wrote(tmp_path, capsys):
