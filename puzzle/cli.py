@@ -530,6 +530,8 @@ def cmd_front(args) -> int:
         print(f"front with baselines: {len(rows)} models -> {run.out / 'front_all.csv'}, {run.out / 'front_all.png'}",
               file=sys.stderr)
         ratios = rows.attrs["ratios"]
+        for name, why in ratios.attrs.get("passed_over", {}).items():
+            _log(f"front: {name} is compared as searched: {why} (`puzzle refine --out {run.out} --name {name}` again)")
         second = ("; second table: per target, the plain, diverse or refined child (`puzzle refine`) with the lowest "
                   "scoring-split KL" if "selected per target" in set(ratios.get("ours", ())) else "")
         print(f"our evaluation KL / each baseline's at matched measured speed-up (below 1: ours is better{second}) -> "

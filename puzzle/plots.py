@@ -484,31 +484,41 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         One row per plain child (method "mip", training "bld"), the picked model's figures under its own name,
-        method "mip" and picked_from the plain child's name.
+        method "mip" and picked_from the plain child's name; attrs["passed_over"]: {plain child: why its
+        refinement was not used} for each summary passed over.
     """
     from .pipeline import compact_architecture
 
     run_dir = Path(run_dir)
     measured = {r["name"]: r for r in rows.to_dict("records")}
-    out = []
+    out, passed_over = [], {}
     for row in rows[(rows["method"] == "mip") & (rows["training"] == "bld")].to_dict("records"):
-        pick, path = row, run_dir / "refine" / f"{row['name']}.summary.csv"
+        name, pick, path = row["name"], row, run_dir / "refine" / f"{row['name']}.summary.csv"
         try:
             steps = pd.read_csv(path).to_dict("records") if path.is_file() else []
         except (OSError, ValueError, pd.errors.ParserError):
             steps = []
         scored = [st for st in steps if isinstance(st.get("name"), str) and _finite(st.get("score_kl_nats"))]
-        if scored and scored[0]["name"] == row["name"] and all(_step_is_record(st, run_dir) for st in scored):
+        if path.is_file() and not scored:
+            passed_over[name] = f"{path} holds no scored steps"
+        elif scored and not (scored[0]["name"] == name and all(_step_is_record(st, run_dir) for st in scored)):
+            passed_over[name] = f"its refinement ({path}) is of an earlier search of it"
+        elif scored:
             best = min(scored, key=lambda st: float(st["score_kl_nats"]))
             found = measured.get(best["name"])
-            if best["name"] != row["name"] and found is not None and _finite(found.get("speedup")) \
-                    and _finite(found.get("kl_nats")):  # timed and evaluated
+            if best["name"] != name:
                 from .io import read_json
 
                 choice = compact_architecture(read_json(run_dir / "search" / f"{best['name']}.json")["choice"])
-                pick = found if found.get("architecture") == choice else row
-        out.append({**pick, "method": "mip", "picked_from": row["name"]})
-    return pd.DataFrame(out, columns=[*rows.columns, "picked_from"])
+                if found is not None and _finite(found.get("speedup")) and _finite(found.get("kl_nats")) \
+                        and found.get("architecture") == choice:  # timed and evaluated as it is now
+                    pick = found
+                else:
+                    passed_over[name] = f"{best['name']}, the step it picks, has no timed row of its architecture"
+        out.append({**pick, "method": "mip", "picked_from": name})
+    selected = pd.DataFrame(out, columns=[*rows.columns, "picked_from"])
+    selected.attrs["passed_over"] = passed_over
+    return selected
 
 
 def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -581,7 +591,9 @@ def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None
     rows = front_rows(run_dir)
     atomic_write_text(run_dir / "front_all.csv", rows.to_csv(index=False))
     if speedups is not None:
-        ratios = front_ratios(rows, speedups, selected=selected_children(run_dir, rows))
+        selected = selected_children(run_dir, rows)
+        ratios = front_ratios(rows, speedups, selected=selected)
+        ratios.attrs["passed_over"] = selected.attrs["passed_over"]
         atomic_write_text(run_dir / "front_ratios.csv", ratios.to_csv(index=False))
         rows.attrs["ratios"] = ratios
     front_plot(rows, run_dir / "front_all.png", title=title or f"front of {run_dir.name}: our children and baselines",

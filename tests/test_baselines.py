@@ -162,6 +162,7 @@ def test_the_selected_child_per_target_is_picked_by_scoring_kl_and_compared_besi
     rows, compact = _refined_run(tmp_path, [0.9, 0.95, 0.7])
     picked = selected_children(tmp_path, rows)
     assert list(picked["name"]) == ["a-refined"] and list(picked["picked_from"]) == ["a"]
+    assert picked.attrs["passed_over"] == {}
     r = front_ratios(rows, [1.5], selected=picked).set_index("ours")
     assert r.loc["plain MIP", "ratio"] == pytest.approx(0.5) and r.loc["selected per target", "ratio"] == pytest.approx(0.25)
     text = ratio_table(front_ratios(rows, [1.5], selected=picked))
@@ -174,12 +175,15 @@ def test_the_selected_child_per_target_is_picked_by_scoring_kl_and_compared_besi
     # not timed (refine --no-measure), timed as another architecture, or a summary of older records: plain
     rows, _ = _refined_run(tmp_path / "c", [0.9, 0.95, 0.7], measured=("a-diverse",))
     assert list(selected_children(tmp_path / "c", rows)["name"]) == ["a"]
+    assert selected_children(tmp_path / "c", rows).attrs["passed_over"] == {
+        "a": "a-refined, the step it picks, has no timed row of its architecture"}  # said, not silent
     rows, _ = _refined_run(tmp_path / "d", [0.9, 0.95, 0.7])
     rows.loc[rows["name"] == "a-refined", "architecture"] = compact["a"]
     assert list(selected_children(tmp_path / "d", rows)["name"]) == ["a"]
     rows, _ = _refined_run(tmp_path / "e", [0.9, 0.95, 0.7])
     (tmp_path / "e" / "search" / "a.json").write_text('{"choice": ["attn-kv1+ffn-1536", "attn-kv3+ffn-1536"], "kl_nats": 0.51}')
     assert list(selected_children(tmp_path / "e", rows)["name"]) == ["a"]  # searched again since the refinement
+    assert "is of an earlier search of it" in selected_children(tmp_path / "e", rows).attrs["passed_over"]["a"]
     # a summary written before steps named their architecture is matched by its predicted KL
     rows, _ = _refined_run(tmp_path / "f", [0.9, 0.95, 0.7], architecture=False)
     assert list(selected_children(tmp_path / "f", rows)["name"]) == ["a-refined"]
