@@ -531,7 +531,8 @@ def cmd_front(args) -> int:
               file=sys.stderr)
         ratios = rows.attrs["ratios"]
         for name, why in ratios.attrs.get("passed_over", {}).items():
-            _log(f"front: {name} is compared as searched: {why} (`puzzle refine --out {run.out} --name {name}` again)")
+            _log(f"front: {name} is compared as searched: {why} (`puzzle refine --out {run.out} --name {name}` again, "
+                 f"with the earlier refinement's flags)")
         second = ("; second table: per target, the plain, diverse or refined child (`puzzle refine`) with the lowest "
                   "scoring-split KL" if "selected per target" in set(ratios.get("ours", ())) else "")
         print(f"our evaluation KL / each baseline's at matched measured speed-up (below 1: ours is better{second}) -> "

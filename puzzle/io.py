@@ -115,8 +115,8 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
             the sidecar is always required.
 
     Raises:
-        PuzzleError: missing file or (required) sidecar, missing columns, or a sidecar that disagrees
-            with `expect`.
+        PuzzleError: missing file or (required) sidecar, missing columns, a sidecar that disagrees
+            with `expect`, or a row count other than the one the sidecar recorded.
     """
     path = Path(path)
     if not path.is_file():
@@ -144,4 +144,9 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
             raise PuzzleError(
                 f"table {path} was made for {key}={meta.get(key)!r}, but {key}={want!r} was requested; "
                 f"rerun its stage for this {key} or request the same {key}")
+    rows = meta.get("rows")
+    if isinstance(rows, int) and not isinstance(rows, bool) and rows != len(df):  # save_table records its row count
+        hand = "" if sidecar_required or expect else " (or delete the sidecar of a table edited on purpose)"
+        raise PuzzleError(f"table {path} has {len(df)} rows, but its sidecar {sidecar.name} recorded {rows}: the table "
+                          f"was cut or edited since; rerun the stage that writes it{hand}")
     return df, meta

@@ -42,6 +42,7 @@ second; see benchmarks/search.py for measured times.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -121,8 +122,9 @@ def _check_values(table: pd.DataFrame) -> None:
     if table.empty:
         raise PuzzleError("the score table has no rows; rerun `puzzle score`")
     layer = pd.to_numeric(table["layer"], errors="coerce")
-    if layer.isna().any() or (layer != np.floor(layer)).any():
-        bad = table["layer"][layer.isna() | (layer != np.floor(layer))].iloc[0]
+    wrong = layer.isna() | ~np.isfinite(layer) | (layer != np.floor(layer)) | (layer.abs() >= 2 ** 53)
+    if wrong.any():  # beyond 2**53 a float is no exact whole number (and no model has that many layers)
+        bad = table["layer"][wrong].iloc[0]
         raise PuzzleError(f"the score table's layer column must hold whole numbers; found '{bad}'")
     for c in (*SCORE_COLUMNS, *COST_COLUMNS):
         values = pd.to_numeric(table[c], errors="coerce")
@@ -193,7 +195,8 @@ def build_choices(table: pd.DataFrame) -> Choices:
     body = table[table["subblock"] != "non_block"]
     layers = sorted(int(v) for v in body["layer"].unique())
     if layers != list(range(len(layers))) or not layers:
-        missing = sorted(set(range(max(layers, default=-1) + 1)) - set(layers))
+        present = set(layers)  # the first 9 missing numbers only: a layer numbered 10**15 must not fill memory
+        missing = list(itertools.islice((i for i in range(max(layers, default=-1) + 1) if i not in present), 9))
         shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
         found = (f"without layer(s) {shown}" if missing else f"numbered from {layers[0]}") if layers else "none at all"
         raise PuzzleError(f"score table layers must be 0..L-1 with none missing; it has {len(layers)} layers, {found}: "

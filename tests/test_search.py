@@ -543,14 +543,39 @@ def test_a_sum_that_overflows_in_the_objective_is_one_error_line(capsys):
     assert "overflows" in err
 
 
-@pytest.mark.parametrize("layers,words", [((2, 4, 5, 6), "it has 4 layers, without layer(s) 2, 4, 5, 6"),
-                                          ((0,), "it has 7 layers, without layer(s) 0")])
-def test_a_table_with_missing_layers_names_them(tmp_path, capsys, layers, words):
-    """(was 'found [0, 1, 3, 7]...[1, 3, 7] (4 layers)')"""
+@pytest.mark.parametrize("layers,renumber,words", [
+    ((2, 4, 5, 6), None, "it has 4 layers, without layer(s) 2, 4, 5, 6"),
+    ((0,), None, "it has 7 layers, without layer(s) 0"),
+    ((), 10 ** 15, "it has 8 layers, without layer(s) 7, 8, 9, 10, 11, 12, 13, 14, ..."),  # no set of 10**15 numbers
+    ((), float("inf"), "layer column must hold whole numbers; found 'inf'"),
+    ((), 2 ** 63, "layer column must hold whole numbers")])
+def test_a_table_with_missing_layers_names_them(tmp_path, capsys, layers, renumber, words):
+    """(was 'found [0, 1, 3, 7]...[1, 3, 7] (4 layers)'); a huge or infinite layer number is one line too."""
     table = random_table(8, layers=8)
+    if renumber is not None:
+        table["layer"] = table["layer"].astype(object).where(table["layer"] != 7, renumber)
     table[~table["layer"].isin(layers)].to_csv(tmp_path / "gaps.csv", index=False)
     err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "gaps.csv"), "--speedup", "1.2"])
-    assert words in err and "rescore" in err, err
+    assert words in err and ("rescore" in err or "whole numbers" in err), err
+
+
+def test_a_table_cut_since_its_sidecar_was_written_is_refused(tmp_path_factory, tmp_path, capsys):
+    """A score table whose last layer's rows were dropped searched as a smaller parent, and `search --out` wrote
+    children with a layer too few; the sidecar's row count now catches it."""
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    path = out / "score" / "score_table.csv"
+    table = pd.read_csv(path)
+    table[table["layer"] != table["layer"].max()].to_csv(path, index=False)
+    for argv in (["--library", str(path)], ["--library", str(out)], ["--out", str(out)]):
+        err = _one_error_line(capsys, ["search", *argv, "--speedup", "1.2"])
+        assert f"table {path} has" in err and "its sidecar score_table.csv.json recorded" in err, err
+    assert "or delete the sidecar" in _one_error_line(capsys, ["search", "--library", str(path), "--speedup", "1.2"])
+    assert "or delete the sidecar" not in _one_error_line(capsys, ["search", "--out", str(out), "--speedup", "1.2"])
 
 
 def test_a_block_listed_twice_in_a_csv_names_both_rows(tmp_path, capsys):
