@@ -272,10 +272,9 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     Where DIR held no run, a refusal (PuzzleError) or Ctrl-C takes back what the command wrote unless a stage
     finished work there (`_take_back`: a new --out is removed again); a folder kept for its work keeps the
     configuration that work was made with, but the search settings as they are without this command's flags
-    (`_search_flags_dropped`): a budget that failed is not read by later stages there either. On success the Run's bookkeeping is written (`Run.flush`).
+    (`_search_flags_dropped`): a budget that failed is not read by later stages there either. On success the Run's
+    bookkeeping is written (`Run.flush`).
     """
-    import os
-
     from .io import file_in_the_way
 
     if ".." in args.out.parts and not args.out.exists():  # new/../run is run, though new/ does not exist (yet)
@@ -393,8 +392,6 @@ def cmd_data(args) -> int:
 
 
 def cmd_bld(args) -> int:
-    import os
-
     from .pipeline import stage_bld
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -456,9 +456,10 @@ def _finite(value) -> bool:
 PLAUSIBLE_SPEEDUP, PLAUSIBLE_KL = 1e4, 1e4
 
 
-def _step_is_record(step: dict, run_dir: Path) -> bool:
-    """Whether a step of DIR/refine/<name>.summary.csv is the architecture DIR/search/<its name>.json holds now: by
-    the step's architecture, or, in a summary written before steps named theirs, by its predicted KL."""
+def _step_architecture(step: dict, run_dir: Path) -> str | None:
+    """The architecture (compact form) DIR/search/<name>.json holds now for a step of DIR/refine/<name>.summary.csv,
+    or None when the record is not that step's: another architecture than the step's, or, in a summary written
+    before steps named theirs, another predicted KL (or no readable record)."""
     from .io import read_json
     from .pipeline import compact_architecture
 
@@ -466,10 +467,10 @@ def _step_is_record(step: dict, run_dir: Path) -> bool:
         record = read_json(run_dir / "search" / f"{step['name']}.json")
         choice, kl = compact_architecture(record["choice"]), float(record["kl_nats"])
     except (PuzzleError, KeyError, TypeError, ValueError, AttributeError):
-        return False
+        return None
     if isinstance(step.get("architecture"), str):
-        return step["architecture"] == choice
-    return math.isclose(float(step.get("predicted_kl_nats", math.nan)), kl, rel_tol=1e-9)
+        return choice if step["architecture"] == choice else None
+    return choice if math.isclose(float(step.get("predicted_kl_nats", math.nan)), kl, rel_tol=1e-9) else None
 
 
 def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
@@ -487,8 +488,6 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
         method "mip" and picked_from the plain child's name; attrs["passed_over"]: {plain child: why its
         refinement was not used} for each summary passed over.
     """
-    from .pipeline import compact_architecture
-
     run_dir = Path(run_dir)
     measured = {r["name"]: r for r in rows.to_dict("records")}
     out, passed_over = [], {}
@@ -499,19 +498,17 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
         except (OSError, ValueError, pd.errors.ParserError):
             steps = []
         scored = [st for st in steps if isinstance(st.get("name"), str) and _finite(st.get("score_kl_nats"))]
+        now = {st["name"]: _step_architecture(st, run_dir) for st in scored}
         if path.is_file() and not scored:
             passed_over[name] = f"{path} holds no scored steps"
-        elif scored and not (scored[0]["name"] == name and all(_step_is_record(st, run_dir) for st in scored)):
+        elif scored and not (scored[0]["name"] == name and None not in now.values()):
             passed_over[name] = f"its refinement ({path}) is of an earlier search of it"
         elif scored:
             best = min(scored, key=lambda st: float(st["score_kl_nats"]))
             found = measured.get(best["name"])
             if best["name"] != name:
-                from .io import read_json
-
-                choice = compact_architecture(read_json(run_dir / "search" / f"{best['name']}.json")["choice"])
                 if found is not None and _finite(found.get("speedup")) and _finite(found.get("kl_nats")) \
-                        and found.get("architecture") == choice:  # timed and evaluated as it is now
+                        and found.get("architecture") == now[best["name"]]:  # timed and evaluated as it is now
                     pick = found
                 else:
                     passed_over[name] = f"{best['name']}, the step it picks, has no timed row of its architecture"
