@@ -423,9 +423,13 @@ def solve(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_co
 
     Raises:
         PuzzleError: a budget no child meets (naming the resource and the smallest achievable value),
-            a malformed table, a missing objective/cost column, or an anchor the table cannot build.
+            a malformed table, a missing objective/cost column, an anchor the table cannot build, or
+            more solutions with `min_layers_differ` above the table's layer count (none could differ that much).
     """
     search = _Search(table, objective, vllm_compatible, exclude, budgets.limits(), num_solutions, num_workers)
+    if num_solutions > 1 and min_layers_differ > search.choices.num_layers:
+        raise PuzzleError(f"--min-layers-differ {min_layers_differ}: this table has {search.choices.num_layers} layers, "
+                          f"so no two children differ in more; give at most {search.choices.num_layers}")
     slots = None
     if anchor is not None:
         if max_changes is None or max_changes < 0:

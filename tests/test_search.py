@@ -670,6 +670,7 @@ def test_read_only_search_refuses_what_it_would_ignore_or_break(tmp_path, capsys
     link.symlink_to(tmp_path / "target.json")
     for flags, words in [(["--num-solutions", "0"], "1 or more"), (["--min-layers-differ", "0"], "at least 1 layer"),
                          (["--min-layers-differ", "5"], "add --num-solutions K"),
+                         (["--num-solutions", "2", "--min-layers-differ", "4"], "this table has 3 layers"),
                          (["--time-limit", "nan"], "positive number of seconds"),
                          (["--greedy", "--num-solutions", "2"], "for the MIP"), (["--roofline-dtype", "float16"], "--roofline GPU"),
                          (["--max-runtime="], "--max-runtime is empty"), (["--objective="], "--objective is empty"),
