@@ -20,8 +20,9 @@ The report writes: front.csv (every model), front.png (measured throughput vs ev
 architectures.png (per-layer map of our children), ratios.csv (our evaluation KL / each baseline's
 at matched measured speed-up, interpolated; one architecture measured twice gets the mean of both;
 ours once as the plain MIP children, once as the child selected per speed-up target: the plain,
-diverse or refined one with the lowest scoring-split KL), ratios_interval.csv (after --phase remeasure: the
-selected ratios with 5-95 % intervals from a bootstrap of the remeasured runtimes, `plots.matched_ratio_intervals`),
+diverse or refined one with the lowest scoring-split KL in refine's summary, as `puzzle front` picks
+it), ratios_interval.csv (after --phase remeasure: the selected ratios with 5-95 % intervals from a
+bootstrap of the remeasured runtimes, `plots.matched_ratio_intervals`),
 ratios_predicted_speed.csv (the same at matched predicted speed-up), speed_prediction.csv (predicted vs measured
 speed-up per model), machine_drift.csv (after --phase remeasure: the machine's reference workload, scoring/machine.py,
 in the cost table's session and in the remeasure session; a ratio far from 1 means the machine ran at another speed,
@@ -221,7 +222,7 @@ def evaluate_fused(run, model, name) -> dict:
 
 def phase_report(run, out: Path, speedups) -> None:
     from puzzle.pipeline import parent_label
-    from puzzle.plots import architecture_map, front_plot, matched_ratio_intervals, matched_ratios
+    from puzzle.plots import architecture_map, front_plot, matched_ratio_intervals, matched_ratios, selected_children
 
     out.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -250,10 +251,13 @@ def phase_report(run, out: Path, speedups) -> None:
                xlabel=f"measured throughput, generated tok/s ({w.device}, B={w.batch_size}, P={w.prompt_len}, G={w.gen_len})")
     base = rows[~rows["method"].str.startswith("mip")]
     ours_plain = rows[(rows["method"] == "mip") & (rows["training"] == "bld")]
-    # what a user gets per target: among the plain, diverse and refined children of one speed-up target,
-    # the one with the lowest KL on the scoring split (the selection set; the evaluation split is only reported)
-    ours_best = (rows[rows["method"].str.startswith("mip") & (rows["training"] == "bld")]
-                 .sort_values("score_kl_nats", kind="stable").groupby("target_speedup").head(1).assign(method="mip"))
+    # what a user gets per target, as `puzzle front` picks it (plots.selected_children): among the plain, diverse
+    # and refined children of one target, the one with the lowest KL on the scoring split in refine's summary (the
+    # selection set; the evaluation split is only reported)
+    selected = selected_children(run.out, rows)
+    for name, why in selected.attrs["passed_over"].items():
+        print(f"{name}: its plain child stands for it; {why}")
+    ours_best = selected.drop(columns="picked_from")
     ratios = pd.concat([matched_ratios(pd.concat([ours_plain, base]), speedups).assign(ours="plain MIP"),
                         matched_ratios(pd.concat([ours_best, base]), speedups).assign(ours="selected per target")],
                        ignore_index=True)
