@@ -498,9 +498,12 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
         except (OSError, ValueError, pd.errors.ParserError):
             steps = []
         scored = [st for st in steps if isinstance(st.get("name"), str) and _finite(st.get("score_kl_nats"))]
+        negative = [st["name"] for st in scored if st["score_kl_nats"] < 0]  # a KL is >= 0: the file was edited
         now = {st["name"]: _step_architecture(st, run_dir) for st in scored}
         if path.is_file() and not scored:
             passed_over[name] = f"{path} holds no scored steps"
+        elif negative:
+            passed_over[name] = f"{path} gives {negative[0]} a negative scoring-split KL, which no model has"
         elif scored and not (scored[0]["name"] == name and None not in now.values()):
             passed_over[name] = f"its refinement ({path}) is of an earlier search of it"
         elif scored:

@@ -288,3 +288,10 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
     best = steps.loc[steps["score_kl_nats"].idxmin(), "name"]
     picked = selected_children(out, front_rows(out, with_downstream=False)).set_index("picked_from")
     assert picked.loc["child-1.5x", "name"] == best  # whichever step the scoring split favoured
+    # a hand-edited summary with a negative KL (no model has one) is passed over, not picked by it
+    steps.assign(score_kl_nats=[s if n != "child-1.5x-refined" else -1.0 for n, s in
+                                zip(steps["name"], steps["score_kl_nats"])]).to_csv(
+        out / "refine" / "child-1.5x.summary.csv", index=False)
+    picked = selected_children(out, front_rows(out, with_downstream=False))
+    assert picked.set_index("picked_from").loc["child-1.5x", "name"] == "child-1.5x"
+    assert "negative scoring-split KL" in picked.attrs["passed_over"]["child-1.5x"]
