@@ -104,15 +104,26 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
                         "0: check and report only)")
 
 
+#: flags that set one configuration setting as given: (flag's dest, section, setting)
+_SETTING_FLAGS = (("device", "target", "device"), ("dtype", "target", "dtype"), ("batch_size", "target", "batch_size"),
+                  ("prompt_len", "target", "prompt_len"), ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"),
+                  ("score_tokens", "score", "tokens"), ("max_contention", "score", "max_contention"))
+
+
 def _base_config(args, out: Path, saved: bool = True):
     """What the command-line flags apply to: --preset, else the configuration saved in `out` (unless `saved` is
-    False), else smollm2-demo."""
-    from .config import load_preset, load_run_config
+    False), else smollm2-demo. A flag of `_SETTING_FLAGS` stands in for its saved setting before the saved
+    configuration is checked, so that the flag mends a setting that is not valid there (as its error suggests)."""
+    from .config import RunConfig, load_preset, read_run_config_json
 
     if getattr(args, "preset", None):
         return load_preset(args.preset)
     if saved and (out / "config.json").is_file():
-        return load_run_config(out)
+        raw = read_run_config_json(out)
+        for name, section, key in _SETTING_FLAGS:
+            if getattr(args, name, None) is not None:
+                raw.setdefault(section, {})[key] = getattr(args, name)
+        return RunConfig.from_dict(raw, str(out / "config.json"))
     return load_preset("smollm2-demo")
 
 
@@ -140,10 +151,7 @@ def _resolve_config(args, out: Path):
         changes["data"]["calib_weights"] = tuple(args.calib_weights)
     if flag("eval"):
         changes["data"]["eval_sources"] = _sources_flag(args.eval, config.data.eval_sources)
-    for name, section, key in [("device", "target", "device"), ("dtype", "target", "dtype"),
-                               ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
-                               ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"),
-                               ("score_tokens", "score", "tokens"), ("max_contention", "score", "max_contention")]:
+    for name, section, key in _SETTING_FLAGS:
         if flag(name) is not None:
             changes[section][key] = flag(name)
     if flag("seed") is not None:

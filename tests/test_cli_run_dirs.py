@@ -161,6 +161,14 @@ def test_a_finished_front_is_drawn_again_under_another_contention_limit(tmp_path
     capsys.readouterr()
     assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3"]) == 0
     assert "is up to date" in capsys.readouterr().err and _files(out)["front.csv"] == measured
+    # a setting that is not valid in config.json (a hand edit) is mended by its flag, as the error says
+    saved = json.loads((out / "config.json").read_text())
+    saved["score"]["max_contention"] = "abc"
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["front", "--out", str(out), "--no-progress"]) == 2
+    assert "score.max_contention must be a number of cores" in capsys.readouterr().err
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    assert json.loads((out / "config.json").read_text())["score"]["max_contention"] == "inf"
 
 
 def test_a_search_reads_its_score_table_once(tmp_path_factory, tmp_path, monkeypatch):
