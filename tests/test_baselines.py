@@ -489,7 +489,8 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
         assert words in capsys.readouterr().err
     edited.write_text(json.dumps(record))
     # baseline rows remember the workload and score table they were made for
-    assert main(["baselines", "--out", str(out), "--speedups", "1.5,1.5x", "--no-export", "--no-progress"]) == 0
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5,1.5x", "--no-export", "--no-progress",
+                 "--max-contention", "inf"]) == 0
     names = pd.read_csv(out / "baselines" / "baselines.csv")["name"]
     assert names.is_unique  # a target given twice is planned once
     kept, stale = out / "baselines" / "rows" / "layers-1.5x.json", out / "baselines" / "rows" / "greedy-1.5x.json"
@@ -497,7 +498,8 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     row["inputs"]["workload"]["batch_size"] += 1  # as if timed before `puzzle score --batch-size`
     stale.write_text(json.dumps(row))
     kept_bytes = kept.read_bytes()
-    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress",
+                 "--max-contention", "inf"]) == 0
     assert json.loads(stale.read_text())["inputs"]["workload"]["batch_size"] == row["inputs"]["workload"]["batch_size"] - 1
     assert kept.read_bytes() == kept_bytes
 
