@@ -791,8 +791,8 @@ def search_main(args: argparse.Namespace) -> int:
               f"remeasure runtime_ms to compare them by speed", file=sys.stderr)
     elif empty_child:
         print(f"warning: solution {empty_child[0]} has a total runtime of 0 (speed-up undefined): this table's non-block "
-              f"row (embedding, LM head) costs nothing, so removing every block looks free; its quality is "
-              f"{solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in (e.g. --speedup 10)",
+              f"row (embedding, LM head) costs nothing, so removing every block looks free; its objective "
+              f"({objective}) is {solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in (e.g. --speedup 10)",
               file=sys.stderr)
     if args.output:
         atomic_write_json(args.output, _finite(record))
