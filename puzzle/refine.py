@@ -407,7 +407,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
 def measure_steps(run, name: str) -> pd.DataFrame:
     """Realize, evaluate and time `name`-diverse and `name`-refined against the parent, interleaved in one session
     (`baselines.realize_all`; rows in DIR/front_rows/, reused while their architecture and the run's workload and
-    score table stay), so that `puzzle front` compares them with the baselines at measured speed-up.
+    score table stay), so that `puzzle front` compares them with the baselines at measured speed-up. The rows'
+    score_kl_nats is realize_all's, on the scoring tokens every front row uses (the summary's, by which `puzzle front`
+    picks, is on --select-tokens), so the rows of all methods compare alike; it costs one more scoring pass per child.
 
     Returns:
         realize_all's rows: the parent, then the two children (speedup, kl_nats, score_kl_nats, ...).
