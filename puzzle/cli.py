@@ -207,12 +207,14 @@ def _check_number_flags(args) -> None:
     setting, e.g. score.max_contention, and bld.tokens does not say which of its settings is at fault).
 
     Raises:
-        PuzzleError: --max-contention is not > 0 (0, -1, nan, -inf), a count (`_COUNT_FLAGS`) is < 1, or
-            --budget-feedback is not 0 to `feedback.MAX_ROUNDS`.
+        PuzzleError: --max-contention is not > 0 (0, -1, nan, -inf), a count (`_COUNT_FLAGS`) is < 1,
+            --budget-feedback is not 0 to `feedback.MAX_ROUNDS`, or --device is not cpu or cuda[:N].
     """
-    from .scoring.cost import check_max_contention
+    from .scoring.cost import check_max_contention, is_device_name
 
     check_max_contention(getattr(args, "max_contention", None), "--max-contention")
+    if getattr(args, "device", None) is not None and not is_device_name(args.device):
+        raise PuzzleError(f"--device must be 'cpu' or 'cuda[:N]', got {args.device!r}")
     for name in _COUNT_FLAGS:
         value = getattr(args, name, None)
         if value is not None and value < 1:

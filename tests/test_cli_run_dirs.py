@@ -257,7 +257,8 @@ def test_negative_numbers_reach_the_other_value_checks(tmp_path, capsys):
 @pytest.mark.parametrize("flag,value,words", [("--max-contention", "0", "got 0"), ("--max-contention", "-1", "got -1"),
                                               ("--max-contention", "nan", "got nan"),
                                               ("--max-contention", "-inf", "got -inf"),
-                                              ("--bld-tokens", "-5", "got -5"), ("--batch-size", "0", "got 0")])
+                                              ("--bld-tokens", "-5", "got -5"), ("--batch-size", "0", "got 0"),
+                                              ("--device", "tpu", "got 'tpu'")])
 def test_a_number_flag_out_of_range_is_named_as_the_flag(tmp_path, capsys, flag, value, words):
     """The message names the flag the user gave and its value, not the configuration's setting (score.max_contention,
     with a remark on the Python API) or a list of settings without the value (bld.tokens, bld.batch_size, bld.lr)."""
