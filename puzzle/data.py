@@ -683,7 +683,7 @@ class DataConfig:
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(str(v) for v in value))
             if not getattr(self, name):
-                raise PuzzleError(f"DataConfig.{name} is empty; give at least one text source")
+                raise PuzzleError(f"data.{name} is empty; give at least one text source")
         from .samples import PARENT_SAMPLES, is_parent_samples
 
         if any(is_parent_samples(s) for s in self.eval_sources):
@@ -693,16 +693,17 @@ class DataConfig:
         if shared := set(self.calib_sources) & set(self.eval_sources):
             raise PuzzleError(f"{sorted(shared)} appear in both calibration and evaluation sources; keep them apart")
         if self.seq_len < 2:
-            raise PuzzleError(f"seq_len must be at least 2, got {self.seq_len}")
+            raise PuzzleError(f"data.seq_len must be at least 2, got {self.seq_len}")
         for name in ("calib_tokens", "score_tokens", "eval_tokens"):
             if getattr(self, name) < self.seq_len:
-                raise PuzzleError(f"{name}={getattr(self, name)} is below seq_len={self.seq_len}; raise it")
+                raise PuzzleError(f"data.{name} = {getattr(self, name)} is below data.seq_len = {self.seq_len} (one "
+                                  f"sequence); raise it")
         if self.max_doc_tokens < 0:
-            raise PuzzleError(f"max_doc_tokens must be >= 0 (0: no cap), got {self.max_doc_tokens}")
+            raise PuzzleError(f"data.max_doc_tokens must be >= 0 (0: no cap), got {self.max_doc_tokens}")
         if not 0.0 < self.score_fraction < 1.0:
-            raise PuzzleError(f"score_fraction must be in (0, 1), got {self.score_fraction}")
+            raise PuzzleError(f"data.score_fraction must be in (0, 1), got {self.score_fraction}")
         if self.txt_mode not in ("paragraph", "line", "file"):
-            raise PuzzleError(f"txt_mode must be 'paragraph', 'line' or 'file', got {self.txt_mode!r}")
+            raise PuzzleError(f"data.txt_mode must be 'paragraph', 'line' or 'file', got {self.txt_mode!r}")
         self._check_calib_weights()
         self.parent_sample_tokens()  # a malformed N is refused with the config
 
