@@ -445,6 +445,16 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
 BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
 
 
+def _number(value):
+    """`value` as a float when it is a number or a text that reads as one (a column pandas read as text), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _finite(value) -> bool:
     try:
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
@@ -497,13 +507,18 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
             steps = pd.read_csv(path).to_dict("records") if path.is_file() else []
         except (OSError, ValueError, pd.errors.ParserError):
             steps = []
-        scored = [st for st in steps if isinstance(st.get("name"), str) and _finite(st.get("score_kl_nats"))]
-        negative = [st["name"] for st in scored if st["score_kl_nats"] < 0]  # a KL is >= 0: the file was edited
+        named = [st for st in steps if isinstance(st.get("name"), str)]
+        # refine scores every step: a KL that is missing, not a number or negative (no model has one) is damage
+        kl = [_number(st.get("score_kl_nats")) for st in named]
+        bad = [st for st, v in zip(named, kl) if not (_finite(v) and v >= 0)]
+        scored = [{**st, "score_kl_nats": v} for st, v in zip(named, kl) if _finite(v) and v >= 0]
         now = {st["name"]: _step_architecture(st, run_dir) for st in scored}
-        if path.is_file() and not scored:
-            passed_over[name] = f"{path} holds no scored steps"
-        elif negative:
-            passed_over[name] = f"{path} gives {negative[0]} a negative scoring-split KL, which no model has"
+        if path.is_file() and not named:
+            passed_over[name] = f"{path} holds no steps"
+        elif bad:
+            value = bad[0].get("score_kl_nats")
+            passed_over[name] = (f"{path} gives {bad[0]['name']} " + ("no scoring-split KL" if value is None else
+                                 f"the scoring-split KL {value!r}, not a number >= 0"))
         elif scored and not (scored[0]["name"] == name and None not in now.values()):
             passed_over[name] = f"its refinement ({path}) is of an earlier search of it"
         elif scored:

@@ -1,6 +1,7 @@
 """Non-additive quality: in-context replace-1 scores, k diverse solutions chosen by realized KL, refinement."""
 
 import argparse
+import math
 
 import pandas as pd
 import pytest
@@ -288,10 +289,12 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
     best = steps.loc[steps["score_kl_nats"].idxmin(), "name"]
     picked = selected_children(out, front_rows(out, with_downstream=False)).set_index("picked_from")
     assert picked.loc["child-1.5x", "name"] == best  # whichever step the scoring split favoured
-    # a hand-edited summary with a negative KL (no model has one) is passed over, not picked by it
-    steps.assign(score_kl_nats=[s if n != "child-1.5x-refined" else -1.0 for n, s in
-                                zip(steps["name"], steps["score_kl_nats"])]).to_csv(
-        out / "refine" / "child-1.5x.summary.csv", index=False)
-    picked = selected_children(out, front_rows(out, with_downstream=False))
-    assert picked.set_index("picked_from").loc["child-1.5x", "name"] == "child-1.5x"
-    assert "negative scoring-split KL" in picked.attrs["passed_over"]["child-1.5x"]
+    # a hand-edited summary whose KL is negative (no model has one), missing or text is passed over, and named
+    for value in (-1.0, math.nan, "abc"):
+        steps.astype({"score_kl_nats": object}).assign(
+            score_kl_nats=[s if n != "child-1.5x-refined" else value for n, s in
+                           zip(steps["name"], steps["score_kl_nats"])]).to_csv(
+            out / "refine" / "child-1.5x.summary.csv", index=False)
+        picked = selected_children(out, front_rows(out, with_downstream=False))
+        assert picked.set_index("picked_from").loc["child-1.5x", "name"] == "child-1.5x", value
+        assert "gives child-1.5x-refined the scoring-split KL" in picked.attrs["passed_over"]["child-1.5x"], value
