@@ -251,6 +251,9 @@ def phase_report(run, out: Path, speedups) -> None:
                xlabel=f"measured throughput, generated tok/s ({w.device}, B={w.batch_size}, P={w.prompt_len}, G={w.gen_len})")
     base = rows[~rows["method"].str.startswith("mip")]
     ours_plain = rows[(rows["method"] == "mip") & (rows["training"] == "bld")]
+    if ours_plain.empty:
+        print(f"warning: {run.out / 'front_rows'} holds no plain MIP child, so every ratio below is NaN: run "
+              f"--phase ours first")
     # what a user gets per target, as `puzzle front` picks it (plots.selected_children): among the plain, diverse
     # and refined children of one target, the one with the lowest KL on the scoring split in refine's summary (the
     # selection set; the evaluation split is only reported)
