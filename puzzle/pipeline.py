@@ -1257,7 +1257,11 @@ def front_is_current(run: Run) -> str | None:
 
 
 def stage_front(run: Run) -> pd.DataFrame:
-    """Solve every front budget, realize, evaluate and measure the children, write front.csv/png."""
+    """Solve every front budget, realize, evaluate and measure the children, write front.csv/png.
+
+    The parent is loaded first: a parent that cannot be loaded (moved, or a config.json edited by hand) fails the
+    stage before the search re-solves and rewrites DIR/search/ (budget-feedback records included)."""
+    run.parent  # noqa: B018 (loaded here, used by realize_and_measure)
     records = stage_search(run)
     main = read_json(run.out / "search" / "chosen.json")["main"]
     summary, _, _ = realize_and_measure(run, records)

@@ -169,6 +169,14 @@ def test_a_finished_front_is_drawn_again_under_another_contention_limit(tmp_path
     assert "score.max_contention must be a number of cores" in capsys.readouterr().err
     assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
     assert json.loads((out / "config.json").read_text())["score"]["max_contention"] == "inf"
+    # a parent that cannot be loaded fails front before its search rewrites DIR/search (budget-feedback records)
+    saved = json.loads((out / "config.json").read_text())
+    saved["parent"]["path"] = str(tmp_path / "moved-parent")
+    (out / "config.json").write_text(json.dumps(saved))
+    before = _files(out)
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3"]) == 2
+    assert "moved-parent does not exist" in capsys.readouterr().err
+    assert _files(out) == before  # config.json and search/ byte for byte
 
 
 def test_a_search_reads_its_score_table_once(tmp_path_factory, tmp_path, monkeypatch):
