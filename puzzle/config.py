@@ -383,4 +383,21 @@ def load_run_config(out_dir: Path) -> RunConfig:
         PuzzleError: `out_dir/config.json` is missing (run `puzzle run` or `puzzle data` first), damaged, not a puzzle
             run's configuration (`read_run_config_json`), or holds a setting that is not valid.
     """
-    return RunConfig.from_dict(read_run_config_json(out_dir), str(Path(out_dir) / "config.json"))
+    return saved_run_config(read_run_config_json(out_dir), Path(out_dir) / "config.json")
+
+
+def saved_run_config(raw: dict, where: Path) -> RunConfig:
+    """RunConfig from the settings object of a run's config.json (`read_run_config_json`). Missing sections and
+    settings take their defaults (a file written before they existed), except the parent: a run's work belongs to
+    its parent, so a run whose file names none is refused rather than given the default parent.
+
+    Raises:
+        PuzzleError: no parent.path, or as `RunConfig.from_dict`.
+    """
+    config = RunConfig.from_dict(raw, str(where))  # a setting that is not valid is named first
+    parent = raw.get("parent")
+    if not isinstance(parent, dict) or "path" not in parent:
+        raise PuzzleError(f"{where} names no parent model (its \"parent\" section or parent.path is missing), so "
+                          f"the run's library, scores and children cannot be matched to one; put the parent's path "
+                          f"back under \"parent\" (e.g. {{\"path\": \"asset:smollm2-gguf\"}}) or give --parent PATH")
+    return config

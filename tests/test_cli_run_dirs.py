@@ -179,6 +179,27 @@ def test_a_finished_front_is_drawn_again_under_another_contention_limit(tmp_path
     assert _files(out) == before  # config.json and search/ byte for byte
 
 
+def test_a_run_whose_config_names_no_parent_is_refused_not_given_the_default_parent(tmp_path_factory, tmp_path,
+                                                                                     capsys):
+    """Breaker: a config.json without its "parent" section loaded the default SmolLM2 parent for a run built on
+    another one (a tiny run failed with "expected 30 blocks, got 4", and `front` saved the default parent)."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    saved = json.loads((out / "config.json").read_text())
+    for damage in ({k: v for k, v in saved.items() if k != "parent"}, {**saved, "parent": {"dtype": "float32"}}):
+        (out / "config.json").write_text(json.dumps(damage))
+        before = _files(out)
+        for argv in (["realize", "--name", "child-1.5x"], ["front", "--max-contention", "inf"]):
+            assert main([argv[0], "--out", str(out), *argv[1:], "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert "names no parent model" in err and len(err.strip().splitlines()) == 1, err
+        assert _files(out) == before
+    # --parent puts it back (the settings then match the run's work again: nothing is redone)
+    assert main(["score", "--out", str(out), "--parent", "tiny", "--max-contention", "inf", "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["parent"]["path"] == "tiny"
+
+
 def test_a_search_reads_its_score_table_once(tmp_path_factory, tmp_path, monkeypatch):
     from puzzle import pipeline
     from puzzle.config import load_run_config
