@@ -105,9 +105,10 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
 
 
 #: flags that set one configuration setting as given: (flag's dest, section, setting)
-_SETTING_FLAGS = (("device", "target", "device"), ("dtype", "target", "dtype"), ("batch_size", "target", "batch_size"),
-                  ("prompt_len", "target", "prompt_len"), ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"),
-                  ("score_tokens", "score", "tokens"), ("max_contention", "score", "max_contention"))
+_SETTING_FLAGS = (("device", "target", "device"), ("dtype", "target", "dtype"),
+                  ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
+                  ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"), ("score_tokens", "score", "tokens"),
+                  ("max_contention", "score", "max_contention"))
 
 
 def _base_config(args, out: Path, saved: bool = True):

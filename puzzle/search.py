@@ -428,8 +428,9 @@ def solve(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_co
     """
     search = _Search(table, objective, vllm_compatible, exclude, budgets.limits(), num_solutions, num_workers)
     if num_solutions > 1 and min_layers_differ > search.choices.num_layers:
-        raise PuzzleError(f"--min-layers-differ {min_layers_differ}: this table has {search.choices.num_layers} layers, "
-                          f"so no two children differ in more; give at most {search.choices.num_layers}")
+        layers = search.choices.num_layers
+        raise PuzzleError(f"--min-layers-differ {min_layers_differ}: this table has {layers} layers, so no two "
+                          f"children differ in more; give at most {layers}")
     slots = None
     if anchor is not None:
         if max_changes is None or max_changes < 0:
@@ -792,7 +793,8 @@ def search_main(args: argparse.Namespace) -> int:
     elif empty_child:
         print(f"warning: solution {empty_child[0]} has a total runtime of 0 (speed-up undefined): this table's non-block "
               f"row (embedding, LM head) costs nothing, so removing every block looks free; its objective "
-              f"({objective}) is {solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in (e.g. --speedup 10)",
+              f"({objective}) is {solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in "
+              f"(e.g. --speedup 10)",
               file=sys.stderr)
     if args.output:
         atomic_write_json(args.output, _finite(record))
