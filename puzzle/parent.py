@@ -653,7 +653,7 @@ def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None 
         raise PuzzleError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
     path = Path(path).expanduser()
     if not path.exists():
-        raise PuzzleError(f"parent {path} does not exist; pass an HF model folder (config.json + *.safetensors), "
+        raise PuzzleError(f"{path} does not exist; pass an HF model folder (config.json + *.safetensors), "
                           "a nemotron-nas folder or a .gguf file")
     if gguf_file is not None:
         if not path.is_dir() or not (path / gguf_file).is_file():

@@ -149,6 +149,10 @@ class Run:
                     from .assets import asset_path
 
                     path = str(asset_path(path[len("asset:"):], progress=self.progress))
+                elif not Path(path).expanduser().exists():
+                    raise PuzzleError(f"the run's parent {path} does not exist (parent.path in the run's config.json); "
+                                      f"give an HF model folder, a nemotron-nas folder or a .gguf file that exists, "
+                                      f"or put the model back if it was moved")
                 loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
