@@ -216,7 +216,16 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
         costs = pd.concat([costs, old[~old["variant"].isin(have)]], ignore_index=True)
     if not todo:
         return CostModel(costs, non_block)
+    # new widths are timed next to a width the table has, and scaled by that one's table / measured ratio: the
+    # parent's FFN, or (a heterogeneous parent, e.g. a searched child, may have no layer of that width) the widest
+    # SwiGLU FFN the table has
+    swiglu_ids = costs.loc[costs["subblock"].eq("ffn") & costs["variant"].str.fullmatch(r"ffn-\d+"), "variant"]
     parent_ffn = FFNConfig("swiglu", run.parent.config.intermediate_size)
+    if parent_ffn.id not in set(swiglu_ids):
+        if swiglu_ids.empty:
+            raise PuzzleError(f"the score table has no SwiGLU FFN row to time FFN widths {todo} against (uniform "
+                              f"width needs their costs); score a space with at least one FFN width")
+        parent_ffn = FFNConfig("swiglu", max(int(v[4:]) for v in swiglu_ids))
     stored = costs[costs["variant"] == parent_ffn.id].iloc[0]
     if measure:
         measured = measure_subblock_costs(run.parent.config, [], [parent_ffn] + [FFNConfig("swiglu", w) for w in todo],
@@ -226,7 +235,7 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
         new = measured[measured["variant"] != parent_ffn.id].copy()
         for c in ("prefill_ms", "decode_ms", "runtime_ms"):
             new[c] = new[c] * float(stored[c]) / float(now[c])
-        new = new.assign(source="measured, scaled to the table's parent FFN")
+        new = new.assign(source=f"measured, scaled by the table's {parent_ffn.id}")
     else:
         swiglu = costs[costs["subblock"].eq("ffn") & costs["variant"].str.fullmatch(r"ffn-\d+")]
         widths = swiglu["variant"].str[4:].astype(int).to_numpy()
@@ -337,6 +346,11 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
     widths = sorted(uniform_widths or range(step, parent.intermediate_size, step), reverse=True)
     kv_heads = uniform_kv_heads or sorted({a.num_kv_heads for a in attention_variants(parent, run.config.space)
                                            if a.kind == "gqa"}, reverse=True)
+    first = parent.blocks[0]
+    if not (first.attention.kind == "gqa" and first.ffn.kind == "swiglu" and all(b == first for b in parent.blocks)):
+        run.say("baselines: uniform width is left out: the parent's layers differ (a searched child?), so one FFN "
+                "width and KV-head count in every layer is not a pruning of it")
+        widths, kv_heads = [], []
     cost = cost_model(run, widths, measure=measure_costs)
     parent_ms = cost.runtime_ms(parent.blocks)
     out: list[Candidate] = []

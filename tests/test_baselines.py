@@ -533,3 +533,25 @@ def test_a_refused_or_interrupted_baselines_leaves_config_json_byte_for_byte(tmp
     assert "refused for the test" in capsys.readouterr().err
     assert main(["baselines", "--out", str(out), "--speedups", "0", "--max-contention", "5", "--no-progress"]) == 2
     assert (out / "config.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_searched_child_as_parent_gets_baselines_without_uniform_width(tmp_path_factory, tmp_path, capsys):
+    """Breaker: a run whose parent is an exported child (layers that differ, no SwiGLU FFN of the parent's width)
+    failed in `puzzle baselines` with an IndexError; uniform width is not a pruning of such a parent and is left out."""
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "p"), "--no-progress"]) == 0
+    child = tmp_path / "child-run"
+    assert main(["run", "--preset", "tiny", "--parent", str(tmp_path / "p"), "--out", str(child), "--bld-tokens", "256",
+                 "--score-tokens", "64", "--front-speedups", "1.25", "--max-contention", "inf", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["baselines", "--out", str(child), "--speedups", "1.25", "--max-contention", "inf", "--no-export",
+                 "--no-progress"]) == 0
+    assert "uniform width is left out: the parent's layers differ" in capsys.readouterr().err
+    methods = set(pd.read_csv(child / "baselines" / "baselines.csv")["method"])
+    assert "uniform_width" not in methods and {"greedy", "layer_removal"} <= methods
