@@ -209,11 +209,15 @@ def _check_number_flags(args) -> None:
 
     Raises:
         PuzzleError: --max-contention is not > 0 (0, -1, nan, -inf), a count (`_COUNT_FLAGS`) is < 1,
-            --budget-feedback is not 0 to `feedback.MAX_ROUNDS`, or --device is not cpu or cuda[:N].
+            --budget-feedback is not 0 to `feedback.MAX_ROUNDS`, --device is not cpu or cuda[:N], or --parent
+            is empty.
     """
     from .scoring.cost import check_max_contention, is_device_name
 
     check_max_contention(getattr(args, "max_contention", None), "--max-contention")
+    if getattr(args, "parent", None) is not None and not args.parent.strip():  # e.g. --parent "$MODEL", MODEL unset
+        raise PuzzleError("--parent is empty; give the parent model's path (HF or nemotron-nas folder, .gguf file), "
+                          "asset:<name> or tiny")
     if getattr(args, "device", None) is not None and not is_device_name(args.device):
         raise PuzzleError(f"--device must be 'cpu' or 'cuda[:N]', got {args.device!r}")
     for name in _COUNT_FLAGS:

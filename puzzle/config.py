@@ -399,5 +399,6 @@ def saved_run_config(raw: dict, where: Path) -> RunConfig:
     if not isinstance(parent, dict) or "path" not in parent:
         raise PuzzleError(f"{where} names no parent model (its \"parent\" section or parent.path is missing), so "
                           f"the run's library, scores and children cannot be matched to one; put the parent's path "
-                          f"back under \"parent\" (e.g. {{\"path\": \"asset:smollm2-gguf\"}}) or give --parent PATH")
+                          f"back under \"parent\" (e.g. {{\"path\": \"asset:smollm2-gguf\"}}), or give it with "
+                          f"--parent PATH to `puzzle run`, `data`, `bld` or `score`")
     return config

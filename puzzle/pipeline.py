@@ -150,16 +150,22 @@ class Run:
 
                     path = str(asset_path(path[len("asset:"):], progress=self.progress))
                 elif not Path(path).expanduser().exists():
-                    raise PuzzleError(f"the run's parent {path} does not exist (parent.path in the run's config.json); "
-                                      f"give an HF model folder, a nemotron-nas folder or a .gguf file that exists, "
-                                      f"or put the model back if it was moved")
+                    raise PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in the run's "
+                                      f"config.json); give an HF model folder, a nemotron-nas folder or a .gguf file "
+                                      f"that exists, or put the model back if it was moved")
                 loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
+            built_for, now = _library_parent(self.out), fingerprint(loaded.model)
+            if built_for is not None and built_for != now:  # the library, scores and children are another parent's
+                raise PuzzleError(f"the run's library ({self.out / 'library'}) was built from another parent than "
+                                  f"{self.config.parent.path} (parent fingerprint {built_for}, this model's {now}), and "
+                                  f"its scores and children belong to that one; give the run its own parent again "
+                                  f"(--parent on run, data, bld or score), or use another --out for this parent")
             self._parent = loaded
             # recorded with the next stage's work (or the command's success), not by loading alone
             self._unsaved["parent.json"] = {"source": loaded.source, "config": loaded.config.to_dict(),
-                                            "fingerprint": fingerprint(loaded.model)}
+                                            "fingerprint": now}
             self._add_time("parent_load_s", time.perf_counter() - t0)
         return self._parent
 
@@ -211,6 +217,17 @@ class Run:
         t = self.config.target
         return Workload(batch_size=t.batch_size, prompt_len=t.prompt_len, gen_len=t.gen_len, dtype=t.dtype, device=t.device,
                         num_threads=t.threads)
+
+
+def _library_parent(out: Path) -> str | None:
+    """The parent fingerprint DIR/library/meta.json records (None: no library yet, or a meta.json that cannot be
+    read, which `Library.check_meta` deals with)."""
+    try:
+        recorded = json.loads((out / "library" / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    parent = recorded.get("parent") if isinstance(recorded, dict) else None
+    return parent if isinstance(parent, str) else None
 
 
 def fingerprint_config(config) -> str:

@@ -198,6 +198,20 @@ def test_a_run_whose_config_names_no_parent_is_refused_not_given_the_default_par
     # --parent puts it back (the settings then match the run's work again: nothing is redone)
     assert main(["score", "--out", str(out), "--parent", "tiny", "--max-contention", "inf", "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["parent"]["path"] == "tiny"
+    # ...but another model is refused by every stage once a library exists (score discarded the scores and rescored
+    # the library against it; realize built children of the other model's weights and this library)
+    assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "p"), "--no-progress"]) == 0
+    before, _ = _files(out), capsys.readouterr()
+    for argv in (["score", "--max-contention", "inf"], ["data"]):
+        assert main([argv[0], "--out", str(out), *argv[1:], "--parent", str(tmp_path / "p"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "was built from another parent" in err and len(err.strip().splitlines()) == 1, err
+    assert _files(out) == before
+    # an empty --parent (e.g. "$MODEL" with MODEL unset) is refused, not read as no flag
+    for argv in (["score", "--out", str(out)], ["run", "--preset", "tiny", "--out", str(tmp_path / "new")]):
+        assert main([*argv, "--parent", "", "--no-progress"]) == 2
+        assert "--parent is empty" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_search_reads_its_score_table_once(tmp_path_factory, tmp_path, monkeypatch):
