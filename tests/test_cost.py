@@ -508,7 +508,7 @@ def test_target_device_must_be_cpu_or_a_cuda_index(tmp_path):
     from puzzle.cli import _resolve_config, build_parser
 
     for bad in ("cudafoo", "cuda:x", "cuda:", "gpu"):  # 'cuda:x' passed and failed later in torch.device
-        with pytest.raises(PuzzleError, match="target.device must be 'cpu' or 'cuda"):
+        with pytest.raises(PuzzleError, match="--device must be 'cpu' or 'cuda"):
             _resolve_config(build_parser().parse_args(["run", "--out", str(tmp_path), "--preset", "tiny",
                                                        "--device", bad]), tmp_path)
 

@@ -554,7 +554,7 @@ def test_prepare_data_errors(tmp_path, tok):
                                 score_tokens=64, eval_tokens=64), tok, tmp_path / "o")
     with pytest.raises(PuzzleError, match="both calibration and evaluation"):
         DataConfig(calib_sources=("a.txt",), eval_sources=["a.txt"])
-    with pytest.raises(PuzzleError, match="below seq_len"):
+    with pytest.raises(PuzzleError, match="below data.seq_len"):
         DataConfig(seq_len=512, eval_tokens=100)
     assert not os.path.exists(tmp_path / "o" / "manifest.json")
 
