@@ -310,7 +310,11 @@ def load_preset(name_or_path: str) -> RunConfig:
         PuzzleError: unknown preset, unreadable TOML, or unknown sections/settings.
     """
     path = Path(name_or_path).expanduser()  # '~/x.toml' passed literally (quoted, or from a script)
-    if path.suffix == ".toml" or path.exists():
+    packaged = name_or_path in preset_names()  # a packaged name wins over a folder of that name (e.g. a run ./tiny)
+    if path.suffix == ".toml" or path.exists() and not packaged:
+        if path.is_dir():
+            raise PuzzleError(f"preset {path} is a folder; give a preset .toml file or a packaged preset name "
+                              f"({', '.join(preset_names())})")
         if not path.is_file():
             raise PuzzleError(f"preset file {path} does not exist")
         text, where = path.read_text(encoding="utf-8"), str(path)

@@ -581,3 +581,16 @@ def test_busy_time_of_the_allowed_cpus_adds_up_to_the_machine_total():
     per_cpu, total = _machine_busy_s(every), _machine_busy_s()
     assert per_cpu == pytest.approx(total, abs=0.05 * os.cpu_count())  # a few ticks apart at most
     assert _machine_busy_s({0}) <= per_cpu
+
+
+def test_a_packaged_preset_name_is_not_shadowed_by_a_folder_of_that_name(tmp_path, monkeypatch):
+    """Breaker: `--preset tiny` run where a folder ./tiny exists (e.g. a run directory) said 'preset file tiny does
+    not exist'; a folder given as a preset is named as a folder."""
+    from puzzle.config import load_preset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert load_preset("tiny").parent.path == "tiny"  # the packaged preset
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(PuzzleError, match="preset mine is a folder"):
+        load_preset("mine")
