@@ -515,6 +515,8 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
         now = {st["name"]: _step_architecture(st, run_dir) for st in scored}
         if path.is_file() and not named:
             passed_over[name] = f"{path} holds no steps"
+        elif len(named) < len(steps):  # refine names every step it writes
+            passed_over[name] = f"{path} holds a step without a name"
         elif bad:
             value = bad[0].get("score_kl_nats")
             passed_over[name] = (f"{path} gives {bad[0]['name']} " + ("no scoring-split KL" if value is None else

@@ -298,3 +298,8 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
         picked = selected_children(out, front_rows(out, with_downstream=False))
         assert picked.set_index("picked_from").loc["child-1.5x", "name"] == "child-1.5x", value
         assert "gives child-1.5x-refined the scoring-split KL" in picked.attrs["passed_over"]["child-1.5x"], value
+    for row in (0, 2):  # a step's name blanked: the plain one's was read as an earlier search, another's dropped
+        steps.assign(name=[n if i != row else "" for i, n in enumerate(steps["name"])]).to_csv(
+            out / "refine" / "child-1.5x.summary.csv", index=False)
+        picked = selected_children(out, front_rows(out, with_downstream=False))
+        assert picked.attrs["passed_over"]["child-1.5x"].endswith("holds a step without a name"), row
