@@ -98,11 +98,18 @@ class Library:
         then records the latest of them.
 
         Raises:
-            PuzzleError: meta.json exists and differs from `meta`.
+            PuzzleError: meta.json exists and differs from `meta`, or is damaged (not a JSON object, a folder).
         """
         path = self.root / "meta.json"
-        if path.is_file():
-            recorded = json.loads(path.read_text())
+        if path.exists():
+            try:
+                recorded = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                recorded = e
+            if not isinstance(recorded, dict):  # the entries' parent and settings can no longer be checked
+                raise PuzzleError(f"{path} is damaged ({recorded}), so the library's entries cannot be matched to this "
+                                  f"parent and these settings; delete {self.root} to rebuild the library (or restore "
+                                  f"the file)")
             old, new = comparable_meta(recorded), comparable_meta(meta)
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
