@@ -146,6 +146,16 @@ def attention_removal(parent: ModelConfig, order, n: int) -> tuple[BlockConfig, 
     return tuple(BlockConfig(AttentionConfig("no_op"), b.ffn) if i in drop else b for i, b in enumerate(parent.blocks))
 
 
+def uniform_width_applies(parent: ModelConfig) -> bool:
+    """Whether uniform width prunes `parent`: every layer the same GQA + SwiGLU block of the config's top-level KV
+    heads and FFN width (not a searched child, nor an exported uniform-width child, whose layers are narrower than
+    its top-level sizes)."""
+    first = parent.blocks[0]
+    return (first.attention.kind == "gqa" and first.ffn.kind == "swiglu" and all(b == first for b in parent.blocks)
+            and first.attention.num_kv_heads == parent.num_key_value_heads
+            and first.ffn.intermediate_size == parent.intermediate_size)
+
+
 def uniform_width(parent: ModelConfig, ffn_width: int, kv_heads: int) -> tuple[BlockConfig, ...]:
     """Every layer with the same FFN width and KV-head count."""
     return tuple(BlockConfig(AttentionConfig("gqa", kv_heads), FFNConfig("swiglu", ffn_width)) for _ in parent.blocks)
@@ -346,8 +356,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
     widths = sorted(uniform_widths or range(step, parent.intermediate_size, step), reverse=True)
     kv_heads = uniform_kv_heads or sorted({a.num_kv_heads for a in attention_variants(parent, run.config.space)
                                            if a.kind == "gqa"}, reverse=True)
-    first = parent.blocks[0]
-    if not (first.attention.kind == "gqa" and first.ffn.kind == "swiglu" and all(b == first for b in parent.blocks)):
+    if not uniform_width_applies(parent):
         run.say("baselines: uniform width is left out: the parent's layers differ (a searched child?), so one FFN "
                 "width and KV-head count in every layer is not a pruning of it")
         widths, kv_heads = [], []

@@ -555,3 +555,14 @@ def test_a_searched_child_as_parent_gets_baselines_without_uniform_width(tmp_pat
     assert "uniform width is left out: the parent's layers differ" in capsys.readouterr().err
     methods = set(pd.read_csv(child / "baselines" / "baselines.csv")["method"])
     assert "uniform_width" not in methods and {"greedy", "layer_removal"} <= methods
+    # a uniform-width child as parent: every layer alike, but narrower than the config's top-level sizes say (its
+    # baselines asked for the cost of the top-level KV-head count, which no layer has)
+    import dataclasses
+
+    from puzzle.baselines import uniform_width, uniform_width_applies
+    from puzzle.tiny import tiny_parent
+
+    parent = tiny_parent().config
+    assert uniform_width_applies(parent)
+    for width, kv in ((parent.intermediate_size // 2, parent.num_key_value_heads), (parent.intermediate_size, 1)):
+        assert not uniform_width_applies(dataclasses.replace(parent, blocks=uniform_width(parent, width, kv)))
