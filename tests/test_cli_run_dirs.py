@@ -452,3 +452,35 @@ def test_an_interrupted_command_takes_back_a_new_out_holding_only_bookkeeping(tm
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err  # not "finished work is saved": there was none
     assert err.endswith(f"puzzle: interrupted; nothing was finished, so {out} is as it was\n"), err
+
+
+def test_the_parent_weights_hash_ignores_the_path_and_sees_weights_and_dtype():
+    """Breaker: the fingerprint the parent check first used hashed the path as typed (a moved parent, or one named by
+    another path, locked the run out) and only the norm weights (another model with the same norms passed)."""
+    import dataclasses
+
+    import torch
+
+    from puzzle.pipeline import weights_sha
+    from puzzle.tiny import tiny_parent
+
+    model = tiny_parent().model
+    base = weights_sha(model)
+    model.config = dataclasses.replace(model.config, extra={**model.config.extra, "path": "/elsewhere/parent"})
+    assert weights_sha(model) == base
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "mlp" in n).view(-1)[0] += 1e-3  # not a norm weight
+    assert weights_sha(model) != base
+    assert weights_sha(tiny_parent().model.to(torch.bfloat16)) != base
+
+
+def test_a_damaged_library_meta_is_one_line_not_a_traceback(tmp_path_factory, tmp_path, capsys):
+    """Breaker: an empty or non-object DIR/library/meta.json gave a JSONDecodeError or AttributeError traceback in bld."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    for text in ("", "[1, 2]", '{"parent":'):
+        (out / "library" / "meta.json").write_text(text)
+        assert main(["bld", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "meta.json is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
