@@ -156,14 +156,7 @@ class Run:
                 loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
-            recorded, now = _recorded_weights_sha(self.out), weights_sha(loaded.model)
-            if recorded is not None and recorded != now and (self.out / "library").exists():
-                # the library, scores and children were made from another model (or these weights in another dtype)
-                raise PuzzleError(f"the run's library ({self.out / 'library'}) was built from another parent than "
-                                  f"{self.config.parent.path}: its weights (in parent.dtype {self.config.parent.dtype}) "
-                                  f"are not those {self.out / 'parent.json'} records, and the run's scores and children "
-                                  f"belong to those; give the run its own parent again (--parent or --dtype on run, "
-                                  f"data, bld or score), or use another --out for this parent")
+            now = check_parent_weights(self.out, loaded.model, self.config.parent)
             self._parent = loaded
             # recorded with the next stage's work (or the command's success), not by loading alone
             self._unsaved["parent.json"] = {"source": loaded.source, "config": loaded.config.to_dict(),
@@ -231,6 +224,23 @@ def weights_sha(model) -> str:
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def check_parent_weights(out: Path, model, parent_config) -> str:
+    """`weights_sha(model)`, after checking it against the one DIR/parent.json records when DIR has a library.
+
+    Raises:
+        PuzzleError: the run's library, scores and children were made from another model (or these weights in
+            another dtype) than `model`, loaded from `parent_config` (ParentConfig: path, dtype).
+    """
+    recorded, now = _recorded_weights_sha(out), weights_sha(model)
+    if recorded is not None and recorded != now and (out / "library").exists():
+        raise PuzzleError(f"the run's library ({out / 'library'}) was built from another parent than "
+                          f"{parent_config.path}: its weights (in parent.dtype {parent_config.dtype}) are not those "
+                          f"{out / 'parent.json'} records, and the run's scores and children belong to those; give the "
+                          f"run its own parent again (--parent or --dtype on run, data, bld or score), or use another "
+                          f"--out for this parent")
+    return now
 
 
 def _recorded_weights_sha(out: Path) -> str | None:

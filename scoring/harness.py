@@ -447,6 +447,9 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
             raise PuzzleError(f"{path} is a run directory: pass --child parent or one of {searched or ['(none searched yet)']}")
         run_dtype = getattr(torch, config.parent.dtype)
         parent = _load_parent_path(config.parent.path, run_dtype)
+        from puzzle.pipeline import check_parent_weights
+
+        check_parent_weights(path, parent.model, config.parent)  # the run's library was made from this parent
         exclude = used_lambada_ids(path) if (path / "data" / "manifest.json").is_file() else set()
         if child == "parent":
             return EvalModel(parent.model.to(dtype), parent.tokenizer, f"{path.name}:parent", parent.source, exclude)

@@ -207,6 +207,15 @@ def test_a_run_whose_config_names_no_parent_is_refused_not_given_the_default_par
         err = capsys.readouterr().err
         assert "was built from another parent" in err and len(err.strip().splitlines()) == 1, err
     assert _files(out) == before
+    # `puzzle eval RUN --child` rebuilds children from the run's library too: it checks the same (breaker)
+    from puzzle.errors import PuzzleError
+    from puzzle.scoring.harness import load_eval_model
+
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "parent": {**saved["parent"], "path": str(tmp_path / "p")}}))
+    with pytest.raises(PuzzleError, match="was built from another parent"):
+        load_eval_model(str(out), child="child-1.5x")
+    (out / "config.json").write_text(json.dumps(saved))
     # an empty --parent (e.g. "$MODEL" with MODEL unset) is refused, not read as no flag
     for argv in (["score", "--out", str(out)], ["run", "--preset", "tiny", "--out", str(tmp_path / "new")]):
         assert main([*argv, "--parent", "", "--no-progress"]) == 2
