@@ -607,7 +607,8 @@ def run_gkd_command(args, log=None) -> dict:
                                           ("--seq-len", args.seq_len), ("--eval-tokens", args.eval_tokens))
                  if value is not None]
         if given:
-            raise PuzzleError(f"{', '.join(given)} only apply to --child FOLDER; with --out DIR the run's parent, "
+            raise PuzzleError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to --child FOLDER; "
+                              f"with --out DIR the run's parent, "
                               "calibration split, evaluation split and seq_len are used (drop them, or re-pack the "
                               "run's calibration text with --calib-tokens N / --max-doc-tokens N)")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:

@@ -184,7 +184,7 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     add_gkd_parser(p.add_subparsers())
     for extra in (["--seq-len", "32"], ["--eval-tokens", "4096"], ["--calib", "a.txt"], ["--parent", "p"]):
         args = p.parse_args(["gkd", "--out", str(tmp_path / "run"), "--name", "child-2x", *extra])
-        with pytest.raises(PuzzleError, match=f"{re.escape(extra[0])} only apply to --child FOLDER"):
+        with pytest.raises(PuzzleError, match=f"{re.escape(extra[0])} only applies to --child FOLDER"):
             run_gkd_command(args)
     _folders(tmp_path)
     args = _args(tmp_path, tmp_path / "out", "--no-eval")
