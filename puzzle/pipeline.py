@@ -214,15 +214,23 @@ class Run:
                         num_threads=t.threads)
 
 
+#: values per parameter `weights_sha` hashes (evenly strided, the first included)
+WEIGHTS_SHA_SAMPLE = 4096
+
+
 def weights_sha(model) -> str:
     """sha256 of a model's architecture (its config without `extra`, which holds the path as typed) and of every
-    parameter's float32 values: the same model from another path or a moved folder gives the same hash; other
-    weights, or these in another dtype, give another. Reads every weight once (SmolLM2-135M: 1.1 s on 2 CPU cores)."""
+    parameter's name, shape and `WEIGHTS_SHA_SAMPLE` evenly strided values in float32: the same model from another
+    path or a moved folder gives the same hash; another model, a fine-tune of it, or these weights in another dtype
+    give another (any of them changes nearly every value). A sample, not every weight, because every stage that
+    loads the parent computes it: on a 70B parent a whole-weight hash would take minutes."""
     d = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
     h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // WEIGHTS_SHA_SAMPLE)][:WEIGHTS_SHA_SAMPLE]
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

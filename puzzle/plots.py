@@ -524,7 +524,7 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
         elif scored and not (scored[0]["name"] == name and None not in now.values()):
             passed_over[name] = f"its refinement ({path}) is of an earlier search of it"
         elif scored:
-            best = min(scored, key=lambda st: float(st["score_kl_nats"]))
+            best = min(scored, key=lambda st: st["score_kl_nats"])
             found = measured.get(best["name"])
             if best["name"] != name:
                 if found is not None and _finite(found.get("speedup")) and _finite(found.get("kl_nats")) \
