@@ -157,6 +157,7 @@ class Run:
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
             now = check_parent_weights(self.out, loaded.model, self.config.parent)
+            adopt_fingerprint(self.out, loaded.model, now)
             self._parent = loaded
             # recorded with the next stage's work (or the command's success), not by loading alone
             self._unsaved["parent.json"] = {"source": loaded.source, "config": loaded.config.to_dict(),
@@ -268,13 +269,62 @@ def fingerprint_config(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(model) -> str:
-    """A short hash of a model's config and of every RMSNorm weight (cheap, and changes with the weights)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+def fingerprint(model, legacy: bool = False) -> str:
+    """A short hash of a model's config and of every RMSNorm weight (cheap, and changes with the weights).
+
+    The config's `extra` (where the model was loaded from, spelled as typed) is left out, so a moved parent keeps
+    its fingerprint; `legacy=True` gives the fingerprint runs recorded before that (with `extra`), which
+    `adopt_fingerprint` replaces."""
+    config = model.config.to_dict()
+    if not legacy:
+        config = {k: v for k, v in config.items() if k != "extra"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
             h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _fingerprint_records(out: Path) -> list[tuple[Path, tuple[str, ...]]]:
+    """DIR's files that record the parent's `fingerprint`, each with the keys that lead to it."""
+    from .samples import META_FILE
+
+    records = [(out / "library" / "meta.json", ("parent",)), (out / "score" / "quality_meta.json", ("library", "parent")),
+               (out / "data" / META_FILE, ("parent",))]
+    return records + [(p, ("parent",)) for p in sorted((out / "children").glob("*.quality.json"))]
+
+
+def adopt_fingerprint(out: Path, model, weights_sha256: str) -> None:
+    """Rewrite DIR's records of this parent made under an earlier fingerprint of the same model to its current one.
+
+    Before the fingerprint left the load path out, it changed when the parent folder moved, and the library
+    (`Library.check_meta`), the replace-1-block results, the parent samples and the evaluation cache then counted
+    as another parent's: refused, discarded or made again. The same model is recognised by the fingerprint with the
+    path (`fingerprint(model, legacy=True)`, the parent where it was), or, for a moved parent, by the fingerprint
+    DIR/parent.json records next to the same `weights_sha256`. A record of any other value, or a damaged file, is
+    left as it is for its own reader to judge.
+    """
+    new = fingerprint(model)
+    old = {fingerprint(model, legacy=True)}
+    try:
+        recorded = json.loads((out / "parent.json").read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("weights_sha256") == weights_sha256 \
+            and isinstance(recorded.get("fingerprint"), str):
+        old.add(recorded["fingerprint"])
+    old.discard(new)
+    for path, keys in _fingerprint_records(out):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        holder = record
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and holder.get(keys[-1]) in old:
+            holder[keys[-1]] = new
+            atomic_write_json(path, record)
 
 
 # ------------------------------------------------------------------------------------------------

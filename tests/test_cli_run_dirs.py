@@ -493,3 +493,47 @@ def test_a_damaged_library_meta_is_one_line_not_a_traceback(tmp_path_factory, tm
         assert main(["bld", "--out", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert "meta.json is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_moved_parent_keeps_the_library_scores_and_evaluations(tmp_path_factory, tmp_path, capsys):
+    """Breaker: the parent fingerprint in library/meta.json, score/quality_meta.json and the evaluation cache hashed
+    the load path, so a moved parent folder locked `puzzle bld` out of its own library and discarded every
+    replace-1-block result. A run recorded under the old, path-bound fingerprint is adopted: at the same path by
+    that fingerprint, and after a move by the one parent.json records next to the same weights hash."""
+    from puzzle.cli import main
+    from puzzle.export import export_checkpoint
+    from puzzle.parent import load_parent
+    from puzzle.pipeline import _fingerprint_records, fingerprint
+    from puzzle.tiny import tiny_parent
+
+    out = _copy(tmp_path_factory, tmp_path)
+    assert main(["realize", "--out", str(out), "--no-progress"]) == 0  # the evaluation cache children/*.quality.json
+    tiny = tiny_parent()
+    export_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "a")
+    old = fingerprint(load_parent(str(tmp_path / "a")).model, legacy=True)  # what a run made at a/ recorded
+    config = json.loads((out / "config.json").read_text())
+    config["parent"]["path"] = str(tmp_path / "a")
+    (out / "config.json").write_text(json.dumps(config))
+    parent_json = json.loads((out / "parent.json").read_text())
+    (out / "parent.json").write_text(json.dumps({**parent_json, "fingerprint": old}))
+    records = [(p, keys) for p, keys in _fingerprint_records(out) if p.is_file()]
+    assert len(records) >= 3, records
+    for path, keys in records:
+        record = json.loads(path.read_text())
+        holder = record
+        for key in keys[:-1]:
+            holder = holder[key]
+        holder[keys[-1]] = old
+        path.write_text(json.dumps(record))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    assert main(["bld", "--out", str(out), "--parent", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert main(["score", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "discarded" not in err and "built with other settings" not in err, err
+    new = fingerprint(tiny.model)
+    for path, keys in records:
+        holder = json.loads(path.read_text())
+        for key in keys:
+            holder = holder[key]
+        assert holder == new, path
