@@ -140,10 +140,14 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
         specs = [s for s in specs if s["name"] in set(names)]
     out_dir = run.out / "downstream" / setting_name(tasks, limit, seed)
     exclude = used_lambada_ids(run.out) if (run.out / "data" / "manifest.json").is_file() else set()
-    key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": str(run.parent.source)}
+    from .pipeline import fingerprint
+
+    # the parent by its weights, not by where it was loaded from: a moved parent keeps its results
+    key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": fingerprint(run.parent.model)}
+    keys = (key, {**key, "parent": str(run.parent.source)})  # the second: results saved before, at the same path
 
     def same(result: dict, spec: dict) -> bool:
-        return result.get("key") == key and result.get("architecture") == spec["architecture"] \
+        return result.get("key") in keys and result.get("architecture") == spec["architecture"] \
             and result.get("stage") == spec["stage"] and "downstream_acc" in result
 
     # every saved result of this setting, read once: a model is done when its own file matches, and a model

@@ -1,5 +1,6 @@
 """Downstream accuracy of the front's models: realized from their rows, paired documents, resumable, plotted."""
 
+import dataclasses
 import json
 import shutil
 
@@ -64,6 +65,10 @@ def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tm
 
     # a rerun evaluates nothing again; another limit is another evaluation setting
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "downstream" / "arc_easy-lambada-n4-s1234").glob("*.json")}
+    evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # nor after the parent moved (breaker: the results were keyed by the parent's path)
+    run._parent = dataclasses.replace(run.parent, source="/moved/elsewhere/parent")
     evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     evaluate_front_downstream(run, ("arc_easy",), limit=2, wheel=wheel, progress=False, names=["parent"])
