@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -185,12 +186,56 @@ def derived_from(paths) -> list[tuple[Path, Path, str]]:
     return out
 
 
+def _merge_pairs(record: dict) -> list[tuple[str, float]] | None:
+    """A state-dict merge's (input, weight) pairs in a canonical order (the order only pairs them), or None when
+    `record` ({"merged_from": [...], "weights": [...]}) is not one."""
+    inputs, weights = record.get("merged_from"), record.get("weights")
+    if not (isinstance(inputs, list) and isinstance(weights, list) and len(inputs) == len(weights)):
+        return None
+    return sorted((str(i), round(float(w), 9)) for i, w in zip(inputs, weights))
+
+
+def _check_state_dict_dest(dest: Path, record: dict) -> None:
+    """Refuse a state-dict merge's --dest that would replace or spoil weights: a file inside an exported model
+    (its weights, or a file that makes the folder no export), or an existing file other than an earlier merge of
+    the same inputs with the same weights (that rerun replaces it, as with folders).
+
+    Raises:
+        PuzzleError: naming the file and what to give instead.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .export import is_export_folder
+
+    target = dest.resolve()
+    if (export := next((p for p in target.parents if p.is_dir() and is_export_folder(p)), None)) is not None:
+        raise PuzzleError(f"--dest {dest} is inside the exported model {export}, whose weights or files it would "
+                          f"replace; give a .safetensors path outside it")
+    if not dest.exists():
+        return
+    try:
+        with safe_open(str(dest), framework="pt") as f:
+            meta = f.metadata() or {}
+        earlier = {k: json.loads(meta[k]) for k in ("merged_from", "weights")}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # not an earlier merge of ours
+        earlier = None
+    if earlier is None or _merge_pairs(earlier) is None:
+        raise PuzzleError(f"--dest {dest} exists and is not an earlier `puzzle merge` output, so it is left as it is; "
+                          f"give a new .safetensors path")
+    if _merge_pairs(earlier) != _merge_pairs(record):
+        raise PuzzleError(f"--dest {dest} holds another merge ({', '.join(f'{i} x{w:.6g}' for i, w in _merge_pairs(earlier))}) "
+                          f"that this one would replace; give a new .safetensors path, or delete that file first if "
+                          f"it is no longer needed")
+
+
 def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     """Merge model folders into an exported folder, or state-dict files into a .safetensors file.
 
     Args:
         paths: two or more model folders (load_parent) or two or more state-dict files.
-        dest: the folder (or .safetensors file) to write; replaced if it exists.
+        dest: the folder (or .safetensors file) to write; an existing one is replaced only when it is an earlier
+            export (not of trained weights of another provenance: `export.check_export_target`) or, for a file,
+            an earlier merge of the same inputs and weights.
         weights: positive weights, one per input (normalised; default equal).
         dtype: for folders, the stored dtype (default: the first model's).
 
@@ -199,7 +244,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
 
     Raises:
         PuzzleError: mixed input kinds, a missing path, different architectures, a `dest` that is an input or
-            a model an input was derived from (`derived_from`).
+            a model an input was derived from (`derived_from`), or one that would replace something else.
     """
     paths = [Path(p).expanduser() for p in paths]
     for p in paths:
@@ -220,9 +265,12 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             raise PuzzleError(f"--dest {dest} is one of the inputs; give a new .safetensors path")
         if (above := file_in_the_way(dest)) is not None:
             raise PuzzleError(f"--dest {dest}: {above} is a file, so nothing can be written under it")
+        from .export import model_ref
+
+        record = {"merged_from": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths))}
+        _check_state_dict_dest(dest, record)
         merged = merge_state_dicts([read_state_dict(p) for p in paths], weights, [str(p) for p in paths])
-        atomic_save_safetensors(merged, dest, metadata={"merged_from": [str(p) for p in paths],
-                                                        "weights": normalized_weights(weights, len(paths))})
+        atomic_save_safetensors(merged, dest, metadata={k: json.dumps(v) for k, v in record.items()})
         return dest
     from .export import check_export_target, export_checkpoint, export_provenance, model_ref
     from .parent import load_parent

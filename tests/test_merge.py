@@ -115,3 +115,32 @@ def test_a_merge_with_other_weights_does_not_replace_an_earlier_merge(tmp_path):
     with pytest.raises(PuzzleError, match="inside the exported model"):  # a folder inside an input
         merge_checkpoints([m0, m1], m0 / "sub")
     assert not (m0 / "sub").exists()
+
+
+def test_a_state_dict_merge_replaces_only_its_own_earlier_output(tmp_path):
+    """Breaker: a state-dict merge overwrote any existing .safetensors (a gkd export's weights, another merge, an
+    unrelated file); now only a rerun of the same merge (inputs in any order) replaces its file."""
+    loaded = [tiny_parent(seed=s) for s in (0, 1)]
+    for i, lm in enumerate(loaded):
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"m{i}")
+        save_file(load_file(tmp_path / f"m{i}" / "model.safetensors"), tmp_path / f"s{i}.safetensors")
+    s0, s1, dest = tmp_path / "s0.safetensors", tmp_path / "s1.safetensors", tmp_path / "avg.safetensors"
+    merge_checkpoints([s0, s1], dest, [1, 3])
+    before = dest.read_bytes()
+    with pytest.raises(PuzzleError, match="holds another merge"):
+        merge_checkpoints([s0, s1], dest, [1, 1])
+    assert dest.read_bytes() == before
+    merge_checkpoints([s1, s0], dest, [3, 1])  # the same merge again
+    assert torch.equal(load_file(dest)["model.norm.weight"], load_file(s0)["model.norm.weight"])
+    other = tmp_path / "notes.safetensors"
+    save_file({"x": torch.ones(2)}, other)
+    theirs = other.read_bytes()
+    with pytest.raises(PuzzleError, match="is not an earlier `puzzle merge` output"):
+        merge_checkpoints([s0, s1], other)
+    assert other.read_bytes() == theirs
+    weights = tmp_path / "m0" / "model.safetensors"
+    exported = weights.read_bytes()
+    for target in (weights, tmp_path / "m0" / "extra.safetensors"):  # an export's weights, or a file inside it
+        with pytest.raises(PuzzleError, match="inside the exported model"):
+            merge_checkpoints([s0, s1], target)
+    assert weights.read_bytes() == exported and not (tmp_path / "m0" / "extra.safetensors").exists()
