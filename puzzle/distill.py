@@ -457,8 +457,13 @@ class GKDInputs:
     dest: Path
     work: Path
     description: dict
-    child_source: str = ""  # the child as the work folder's checkpoint records it (independent of dest)
+    child_source: str = ""  # the child as the work folder's checkpoint records it (independent of dest and, for a
+    # folder, of its path: FOLDER_CHILD, as the checkpoint's "child" hashes its weights; a moved child resumes)
     save_data: object = None  # writes re-packed training splits (RUN/gkd/data-*) once every check has passed
+
+
+#: the child_source of a --child FOLDER training (the folder's weights identify it, not its path)
+FOLDER_CHILD = "a model folder"
 
 
 def _run_inputs(args, progress: bool, log) -> GKDInputs:
@@ -579,7 +584,8 @@ def _folder_inputs(args) -> GKDInputs:
     return GKDInputs(child_loaded.model, parent_loaded.model, tokenizer, train_ids, eval_ids, parent_logp, dest,
                      Path(args.work or f"{dest}.gkd-work"),
                      {"child": model_ref(args.child), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),
-                      "eval_data": ", ".join(args.eval) if args.eval else None})
+                      "eval_data": ", ".join(args.eval) if args.eval else None},
+                     child_source=FOLDER_CHILD)
 
 
 def config_from_args(args) -> GKDConfig:
@@ -623,7 +629,7 @@ def run_gkd_command(args, log=None) -> dict:
     try:
         progress = not args.no_progress and env.is_main
         inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
-        extra_meta = {"child_source": inputs.child_source or inputs.description["child"]}
+        extra_meta = {"child_source": inputs.child_source}
         # a checkpoint this call cannot continue, or an export of another training in dest, is refused before
         # anything is written (data, evaluation, cache)
         meta = gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids, extra_meta)

@@ -316,7 +316,9 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     (gkd, sft, merge, rpo) of another provenance: only a rerun of the same training (for gkd and sft,
     the same `training_ref`) replaces it. `training_pending`: `provenance` names a gkd / sft input
     without its `training_ref`, which is known only once the inputs are loaded; an earlier training
-    of that input passes this check, which the caller makes again with the whole provenance.
+    of the same kind passes this check (it may be this training with its input moved since), which
+    the caller makes again with the whole provenance. Two provenances with one `training_ref` are
+    one training whatever paths they name (`_same_training`).
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
@@ -355,12 +357,26 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
                               f"(config.json with block_configs, the model code, weights, tokenizer, README), so it "
                               f"is left as it is; give a new or empty folder")
         earlier = _earlier_export(out_dir)
-        same = earlier is not None and (earlier[0] == provenance or (
-            training_pending and provenance is not None and earlier[0].startswith(f"{provenance} (training ")))
+        # pending: the training's reference is known only once the inputs are loaded, and may match the earlier
+        # one's even under another input path (a moved child); the caller's second check decides
+        same = earlier is not None and (earlier[0] == provenance or _same_training(earlier[0], provenance) or (
+            training_pending and provenance is not None and " (training " in earlier[0]
+            and earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0]))
         if provenance is not None and earlier is not None and earlier[1] and not same:
             hint = _same_training_hint(earlier[0], provenance)
             raise PuzzleError(f"{out_dir} holds trained weights ({earlier[0]}) that this export ({provenance}) would "
                               f"replace; give a new folder, or delete that one first if it is no longer needed{hint}")
+
+
+def _same_training(earlier: str, now: str | None) -> bool:
+    """Whether two gkd / sft `export_provenance`s name one training by its `training_ref` (which hashes the input
+    model's weights, the settings, the data and the work folder), whatever path they name the input model by: a
+    child folder moved since, or a run moved since."""
+    if now is None:
+        return False
+    kind, training = earlier.split(" ", 1)[0], earlier.rpartition(" (training ")[2]
+    return kind in ("gkd", "sft") and now.split(" ", 1)[0] == kind and " (training " in earlier \
+        and now.rpartition(" (training ")[2] == training and " (training " in now
 
 
 def _same_training_hint(earlier: str, now: str) -> str:

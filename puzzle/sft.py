@@ -608,8 +608,9 @@ def run_sft_command(args, log=None) -> dict | None:
         what = f"{args.name} of run {run_ref(args.out, dest)}"
         source = f"{args.name} of run {run_ref(args.out, work)}"  # as the work folder's checkpoint records it
         inputs += local_parent_path(run_config)  # its parent is an input too
-    else:
-        what = source = "tiny" if builtin_tiny else model_ref(args.model)
+    else:  # the checkpoint's "model" hashes the weights: a moved folder is the same model and resumes
+        what = "tiny" if builtin_tiny else model_ref(args.model)
+        source = "tiny" if builtin_tiny else "a model folder"
     check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before loading and training, not after
                         provenance=export_provenance({"sft": {"model": what}}), training_pending=True, work=work)
     # a run's export folder takes new folders: the default DEST and its work folder are there

@@ -196,6 +196,9 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     (tmp_path / "link").symlink_to(tmp_path / "child")  # its checkpoint too: the model's fingerprint ignores the path
     args.child = str(tmp_path / "link" / "config.json")
     assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
+    (tmp_path / "child").rename(tmp_path / "moved")  # breaker: a moved child was refused, then its checkpoint too
+    args.child = str(tmp_path / "moved")
+    assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
 
 
 def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_path):

@@ -311,10 +311,17 @@ def test_a_trained_export_is_replaced_only_by_the_same_training(tmp_path):
         with pytest.raises(PuzzleError, match="holds trained weights"):  # and the check made before the training
             check_export_target(out, overwrite=True,
                                 provenance=export_provenance({"sft": {"model": "m", "training": other}}))
-    # before the inputs load, the model alone is known: another model is refused, this one passes for now
-    check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "m"}}), training_pending=True)
+    # before the inputs load, only the model's path is known: it passes for now (another path may be this model
+    # moved since), and the training's reference decides once the inputs are loaded, whatever the path
+    for model in ("m", "n"):
+        check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": model}}),
+                            training_pending=True)
+    check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "moved", "training": ref}}))
     with pytest.raises(PuzzleError, match="holds trained weights"):
-        check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "n"}}),
+        check_export_target(out, overwrite=True, provenance=export_provenance({"sft": {"model": "n",
+                                                                                       "training": others[0]}}))
+    with pytest.raises(PuzzleError, match="holds trained weights"):  # a gkd of the same model is another training
+        check_export_target(out, overwrite=True, provenance=export_provenance({"gkd": {"child": "m"}}),
                             training_pending=True)
     assert export_checkpoint(child, None, out, overwrite=True, extra_info=mine).replaced is None  # a rerun
     config = json.loads((out / "config.json").read_text())

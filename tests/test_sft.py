@@ -267,6 +267,10 @@ def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_pat
             sft("--work", str(work), *extra)
         assert not work.exists() and (out / "model.safetensors").read_bytes() == before
     assert sft() == 0  # a rerun of the same training replaces it
+    trained = (out / "model.safetensors").read_bytes()
+    (tmp_path / "model").rename(tmp_path / "moved")  # breaker: a moved model was refused, then its checkpoint too
+    base[2] = str(tmp_path / "moved")
+    assert sft() == 0 and (out / "model.safetensors").read_bytes() == trained  # the finished checkpoint, exported
     config = json.loads((out / "config.json").read_text())
     del config["puzzle"]["sft"]["training"]  # as an earlier version recorded it
     (out / "config.json").write_text(json.dumps(config))
