@@ -932,13 +932,56 @@ def cmd_rpo(args) -> int:
     made = [p for p in (args.out, *args.out.parents) if not p.exists()]  # deepest first
     try:
         return _rpo(args)
-    except BaseException:
+    except BaseException as e:
         for p in made:
             try:
                 p.rmdir()  # only an empty folder goes
             except OSError:
                 break
+        if isinstance(e, KeyboardInterrupt):  # for main's message: rpo trains in one go, without checkpoints
+            e.puzzle_note = ("rpo keeps no training checkpoint, so a rerun trains from the start (the reference "
+                             f"log-probs in {args.out / 'ref_cache'}, when made, are reused)")
         raise
+
+
+#: `puzzle rpo` arguments that are not part of what it trains (where it writes, how it shows progress)
+_NOT_TRAINING = ("out", "no_progress", "debug", "func", "help_prog")
+
+
+def training_record(args) -> dict:
+    """What a `puzzle rpo` call trains: every setting and input (paths resolved, so one file spelled two ways is one
+    input), recorded in OUT/rpo.json; another call into the same --out must match it (`_check_earlier_training`)."""
+    from .export import model_ref
+    from .tiny import means_builtin_tiny
+
+    record = {}
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_TRAINING:
+            continue
+        if key in ("model", "data", "prompts") and value is not None:  # a path, asset:<name>, or built-in
+            named = str(value).startswith(("asset:", "demo:")) or key == "model" and means_builtin_tiny(str(value))
+            value = str(value) if named else model_ref(value)
+        record[key] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return record
+
+
+def _check_earlier_training(out: Path, record: dict) -> None:
+    """Refuse to replace a finished rpo training in `out` by another (trained weights are replaced only by a rerun
+    of the same training, as for gkd, sft and merge). An rpo.json of an earlier version (no "training") is
+    replaced, as it was then.
+
+    Raises:
+        PuzzleError: naming the settings that differ.
+    """
+    try:
+        earlier = json.loads((out / "rpo.json").read_text()).get("training")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(earlier, dict) and earlier != record:
+        keys = sorted(k for k in set(earlier) | set(record) if earlier.get(k) != record.get(k))
+        raise PuzzleError(f"--out {out} holds a finished rpo training with other settings or inputs "
+                          f"({', '.join('--' + k.replace('_', '-') for k in keys)} differ), which this one would "
+                          f"replace; give a new --out, or delete that folder first if it is no longer needed")
 
 
 def _rpo(args) -> int:
@@ -972,8 +1015,11 @@ def _rpo(args) -> int:
     interrupted = "ref_cache" in have and have <= {"ref_cache", "history.csv", "model", "adapters.safetensors"}
     if have and "rpo.json" not in have and not interrupted:
         raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
-                          f"(an earlier or interrupted rpo output is replaced)")
+                          f"(an interrupted rpo output, or a finished one of the same settings, is replaced)")
     check_export_target(args.out / "model", overwrite=True, keep=[args.model])  # before the training
+    training = training_record(args)
+    if "rpo.json" in have:
+        _check_earlier_training(args.out, training)
     records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     loaded = _load_model(args.model)
@@ -1033,6 +1079,7 @@ def _rpo(args) -> int:
                       extra_info={"stage": "rpo", "loss": config.loss, "source": loaded.source})
     summary["final_loss"] = float(history["loss"].iloc[-1]) if len(history) else None
     atomic_write_json(args.out / "rpo.json", {"config": config_record(config), "summary": summary,
-                                              "adapters": handle.config.to_dict() if handle is not None else None})
+                                              "adapters": handle.config.to_dict() if handle is not None else None,
+                                              "training": training})
     say(f"wrote {args.out / 'model'} and {args.out / 'history.csv'}")
     return 0

@@ -199,11 +199,20 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
         args.func(args)
     again = ["rpo", "--model", "tiny", "--out", str(tmp_path / "run"), "--data", str(data), "--steps", "1",
              "--batch-size", "2", "--loss", "dpo", "--no-progress"]
-    args = parser.parse_args(again)  # the same folder, full fine-tuning: the earlier adapters file goes
-    assert args.func(args) == 0 and not (tmp_path / "run" / "adapters.safetensors").exists()
+    args = parser.parse_args(again)  # breaker: another training silently replaced the finished one
+    weights = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(PuzzleError, match=r"holds a finished rpo training .*--adapters, --aggregate, --loss, --rank, "
+                                          r"--steps differ"):
+        args.func(args)
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == weights
+    record = json.loads((tmp_path / "run" / "rpo.json").read_text())
+    del record["training"]  # as an earlier version wrote it: replaced, as it was then
+    (tmp_path / "run" / "rpo.json").write_text(json.dumps(record))
+    assert args.func(args) == 0 and not (tmp_path / "run" / "adapters.safetensors").exists()  # full fine-tuning now
     assert json.loads((tmp_path / "run" / "rpo.json").read_text())["config"]["loss"] == "dpo"
-    # another loss into the same --out: rpo's own earlier model is replaced (was refused after training)
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["puzzle"]["loss"] == "dpo"
+    args = parser.parse_args([*again[:4], str(tmp_path / "." / "run" / ".." / "run"), *again[5:]])
+    assert args.func(args) == 0  # the same training again (--out spelled otherwise): replaced
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "history.csv").write_text("my notes")
@@ -258,3 +267,18 @@ def test_hhh_alignment_reader_takes_subtask_examples_and_skips_the_parent_task(t
     assert records[0].responses == ("Yes, gladly.", "No.") and records[0].rewards is None
     with pytest.raises(PuzzleError, match="does not exist"):
         hhh_alignment_records(tmp_path / "missing.tar.gz")
+
+
+def test_an_interrupted_rpo_says_a_rerun_starts_over(tmp_path, monkeypatch, capsys):
+    """Breaker: Ctrl-C in `puzzle rpo` said "finished work is saved, rerun the same command to resume", but rpo
+    trains without checkpoints."""
+    from puzzle import preference
+    from puzzle.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preference, "_rpo", interrupted)
+    assert main(["rpo", "--model", "tiny", "--out", str(tmp_path / "r"), "--task", "count", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "rpo keeps no training checkpoint, so a rerun trains from the start" in err and "resume" not in err, err
