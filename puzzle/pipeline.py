@@ -1298,12 +1298,15 @@ def front_inputs(run: Run) -> dict:
 
 def _front_settings(config):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
-    depend on: the report section and score.max_contention. Other values (None, a damaged record) as they are."""
+    depend on: the report section, score.max_contention and parent.path (a run with a library, as every run with a
+    front has, accepts only its own parent's weights wherever they lie: `check_parent_weights`; a moved parent is
+    the same parent). Other values (None, a damaged record) as they are."""
     if not isinstance(config, dict):
         return config
     config = {k: v for k, v in config.items() if k != "report"}
-    if isinstance(config.get("score"), dict):
-        config["score"] = {k: v for k, v in config["score"].items() if k != "max_contention"}
+    for section, key in (("score", "max_contention"), ("parent", "path")):
+        if isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items() if k != key}
     return config
 
 

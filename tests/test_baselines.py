@@ -359,6 +359,10 @@ def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_
     assert front_is_current(Run(out, same, progress=False)) is None  # the same targets, reordered, repeated
     batch = saved.replace(target={"batch_size": saved.target.batch_size + 1})  # e.g. `puzzle data --batch-size`
     assert "[target]" in front_is_current(Run(out, batch, progress=False))
+    # breaker: a moved parent re-measured the whole front (its weights are checked by every stage that loads it)
+    moved = saved.replace(parent={"path": str(tmp_path / "moved" / "parent")})
+    assert front_is_current(Run(out, moved, progress=False)) is None
+    assert "[parent]" in front_is_current(Run(out, saved.replace(parent={"dtype": "bfloat16"}), progress=False))
     stamp = (out / "front.json").read_text()
     (out / "front.json").write_text("[1, 2]")
     assert front_is_current(run) == "front.csv or front.json is unreadable"
