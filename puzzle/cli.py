@@ -141,8 +141,10 @@ def _resolve_config(args, out: Path):
     config = _base_config(args, out)
     changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
     flag = lambda name: getattr(args, name, None)  # noqa: E731
-    if flag("parent"):
-        changes["parent"]["path"] = args.parent
+    if flag("parent"):  # saved absolute, as the data sources are: the run's later commands may start elsewhere
+        given = args.parent
+        keep = given == "tiny" or given.startswith("asset:")  # the built-in tiny model, a packaged asset
+        changes["parent"]["path"] = given if keep else os.path.abspath(os.path.expanduser(given))
     if flag("calib"):
         calib = _sources_flag(args.calib, config.data.calib_sources)
         changes["data"]["calib_sources"] = calib

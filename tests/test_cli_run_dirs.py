@@ -537,3 +537,19 @@ def test_a_moved_parent_keeps_the_library_scores_and_evaluations(tmp_path_factor
         for key in keys:
             holder = holder[key]
         assert holder == new, path
+
+
+def test_a_relative_parent_is_saved_absolute(tmp_path, monkeypatch):
+    """Breaker: `--parent p` was saved as "p", so a later command started in another folder found no parent."""
+    from puzzle.cli import _resolve_config, build_parser
+
+    monkeypatch.chdir(tmp_path)
+
+    def parent(*flags):
+        args = build_parser().parse_args(["data", "--out", str(tmp_path / "run"), "--preset", "tiny", *flags])
+        return _resolve_config(args, tmp_path / "run").parent.path
+
+    assert parent("--parent", "p") == str(tmp_path / "p")
+    assert parent("--parent", "models/../p/") == str(tmp_path / "p")
+    assert parent("--parent", "tiny") == "tiny" and parent("--parent", "asset:smollm2-135m") == "asset:smollm2-135m"
+    assert parent() == "tiny"  # the preset's
