@@ -150,9 +150,7 @@ class Run:
 
                     path = str(asset_path(path[len("asset:"):], progress=self.progress))
                 elif not Path(path).expanduser().exists():
-                    raise PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in the run's "
-                                      f"config.json); give an HF model folder, a nemotron-nas folder or a .gguf file "
-                                      f"that exists, or put the model back if it was moved")
+                    raise missing_parent(path, self.out)
                 loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
@@ -213,6 +211,15 @@ class Run:
         t = self.config.target
         return Workload(batch_size=t.batch_size, prompt_len=t.prompt_len, gen_len=t.gen_len, dtype=t.dtype, device=t.device,
                         num_threads=t.threads)
+
+
+def missing_parent(path: str, out: Path) -> PuzzleError:
+    """The error for a run whose parent.path (`path`) does not exist, saying how to give the moved model's new path
+    (only run, data, bld and score take --parent; the others read the saved one)."""
+    return PuzzleError(f"the run's parent {path} does not exist (parent.path in {out / 'config.json'}); if the model "
+                       f"moved, give its new path once with `puzzle data --out {out} --parent NEW_PATH` (run, data, "
+                       f"bld and score take --parent and save it; the same weights keep the run's library, scores and "
+                       f"children), else put the model back")
 
 
 #: values per parameter `weights_sha` hashes (evenly strided, the first included)

@@ -553,3 +553,27 @@ def test_a_relative_parent_is_saved_absolute(tmp_path, monkeypatch):
     assert parent("--parent", "models/../p/") == str(tmp_path / "p")
     assert parent("--parent", "tiny") == "tiny" and parent("--parent", "asset:smollm2-135m") == "asset:smollm2-135m"
     assert parent() == "tiny"  # the preset's
+
+
+def test_a_moved_parent_is_named_with_the_command_that_gives_its_new_path(tmp_path_factory, tmp_path, capsys):
+    """Breaker: the message told `realize` (and `eval DIR --child`, which did not name the run) to use --parent,
+    which only run, data, bld and score take."""
+    from puzzle.cli import main
+    from puzzle.export import export_checkpoint
+    from puzzle.tiny import tiny_parent
+
+    out = _copy(tmp_path_factory, tmp_path)
+    tiny = tiny_parent()
+    export_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "a")  # the same weights in a folder
+    config = json.loads((out / "config.json").read_text())
+    config["parent"]["path"] = str(tmp_path / "a")
+    (out / "config.json").write_text(json.dumps(config))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    for argv in (["realize", "--out", str(out)], ["eval", str(out), "--child", "parent", "--out", str(tmp_path / "e.csv")]):
+        assert main([*argv, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"the run's parent {tmp_path / 'a'} does not exist" in err, err
+        assert f"`puzzle data --out {out} --parent NEW_PATH`" in err and err.count("puzzle: error") == 1, err
+    assert main(["data", "--out", str(out), "--parent", str(tmp_path / "b"), "--no-progress"]) == 0  # as it says
+    assert main(["realize", "--out", str(out), "--no-progress"]) == 0
