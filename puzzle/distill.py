@@ -50,6 +50,11 @@ TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
 
 
+#: temperatures GKD takes: the logits are divided by tau and the loss multiplied by tau**2, so values far outside
+#: the usual 1 to 20 (Hinton et al. 2015) only overflow or flatten every distribution
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
 @dataclass(frozen=True)
 class GKDConfig:
     """Settings of global knowledge distillation.
@@ -103,6 +108,9 @@ class GKDConfig:
             raise PuzzleError(f"gkd checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
         if self.lr <= 0 or self.temperature <= 0:
             raise PuzzleError(f"gkd lr and temperature must be positive (lr={self.lr}, temperature={self.temperature})")
+        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:  # 1e200: tau**2 overflows
+            raise PuzzleError(f"gkd temperature must be from {TEMPERATURE_RANGE[0]} to {TEMPERATURE_RANGE[1]} (usual: "
+                              f"1 to 20), got {self.temperature}")
         if min(self.cosine_weight, self.kl_weight, self.lm_weight) < 0 or \
                 self.cosine_weight + self.kl_weight + self.lm_weight == 0:
             raise PuzzleError("gkd loss weights must be >= 0 and not all 0 (cosine_weight, kl_weight, lm_weight)")

@@ -171,6 +171,8 @@ def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
                          (["--work", str(tmp_path / "out" / "w")], "inside the exported model"),
                          (["--work", str(tmp_path / "child" / ".." / "parent")], "inside the exported model"),
                          (["--seq-len", "1"], "--seq-len must be >= 2"),
+                         (["--temperature", "1e200"], "gkd temperature must be from 0.01 to 100"),  # was a traceback
+                         (["--temperature", "1e-9"], "gkd temperature must be from 0.01 to 100"),
                          (["--seq-len", "100000"], "longer than the 2048 positions"),
                          (["--eval-tokens", "64"], "--eval-tokens needs --eval"),
                          (["--eval", str(tmp_path / "eval.txt"), "--eval-tokens", "8"], "at least one sequence")]:
