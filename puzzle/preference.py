@@ -136,7 +136,8 @@ def read_preference_data(path) -> list[PreferenceRecord]:
     """
     path = Path(path)
     if not path.is_file():
-        raise PuzzleError(f"preference data {path} does not exist")
+        raise PuzzleError(f"preference data {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}; "
+                          f"give a .jsonl, .json or .parquet file of preference records")
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
         from .data import iter_json_lines

@@ -92,7 +92,8 @@ def resolve_data_path(spec: str) -> Path:
         return packaged_text_path(spec.removeprefix("package:"))
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise PuzzleError(f"chat data {spec} does not exist; give a .jsonl file (or {DEMO_SPEC}, the built-in demonstration set)")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise PuzzleError(f"chat data {spec} {what}; give a .jsonl file (or {DEMO_SPEC}, the built-in demonstration set)")
     return path
 
 

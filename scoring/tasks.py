@@ -220,12 +220,20 @@ def used_lambada_ids(manifest_or_run) -> set[str]:
         path = path / "data" / "manifest.json"
     if not path.is_file():
         raise PuzzleError(f"{path} does not exist; pass a run directory whose data stage ran, or its data/manifest.json")
-    from puzzle.io import read_json
-
-    manifest = read_json(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise PuzzleError(f"{path} is not a run's data manifest ({e}); pass a run directory whose data stage ran, or "
+                          f"its data/manifest.json") from None
     used = set()
-    for split in manifest.get("splits", {}).values():
-        for source, ids in (split.get("doc_ids") or {}).items():
-            if "lambada" in source.lower():
-                used.update(str(i) for i in ids)
+    try:
+        for split in manifest.get("splits", {}).values():
+            for source, ids in (split.get("doc_ids") or {}).items():
+                if "lambada" in source.lower():
+                    used.update(str(i) for i in ids)
+    except (AttributeError, TypeError):  # a JSON object of another shape
+        raise PuzzleError(f"{path} is not a run's data manifest (no splits with doc_ids); pass a run directory whose "
+                          f"data stage ran, or its data/manifest.json") from None
     return used

@@ -309,3 +309,13 @@ def test_eval_parts_belong_to_the_weights_not_the_path(tmp_path):
     assert evaluate(tmp_path / "moved")  # the same weights elsewhere
     (tmp_path / "m1").rename(tmp_path / "m0")
     assert not evaluate(tmp_path / "m0")  # other weights at the same path
+
+
+def test_a_file_that_is_no_manifest_is_not_called_a_stage_output(tmp_path):
+    """Breaker: `--exclude-run notes.txt` said "not valid JSON ...; delete it and rerun the stage that writes it"
+    about the user's own file."""
+    for name, text in (("notes.txt", "my notes"), ("list.json", "[1, 2]"), ("other.json", '{"splits": [1]}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PuzzleError, match="is not a run's data manifest") as refused:
+            used_lambada_ids(tmp_path / name)
+        assert "delete it" not in str(refused.value)

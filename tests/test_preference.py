@@ -282,3 +282,13 @@ def test_an_interrupted_rpo_says_a_rerun_starts_over(tmp_path, monkeypatch, caps
     assert main(["rpo", "--model", "tiny", "--out", str(tmp_path / "r"), "--task", "count", "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "rpo keeps no training checkpoint, so a rerun trains from the start" in err and "resume" not in err, err
+
+
+def test_a_folder_given_as_data_is_called_a_folder(tmp_path):
+    """Breaker: `--data DIR` (rpo and sft) said the existing folder "does not exist"."""
+    from puzzle.sft import read_chat_jsonl
+
+    with pytest.raises(PuzzleError, match="preference data .* is a folder, not a file"):
+        read_preference_data(tmp_path)
+    with pytest.raises(PuzzleError, match="chat data .* is a folder, not a file"):
+        read_chat_jsonl(str(tmp_path))
