@@ -173,8 +173,11 @@ def test_a_finished_front_is_drawn_again_under_another_contention_limit(tmp_path
     saved = json.loads((out / "config.json").read_text())
     saved["parent"]["path"] = str(tmp_path / "moved-parent")
     (out / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3"]) == 0  # drawn: no parent needed
+    assert "is up to date" in capsys.readouterr().err
     before = _files(out)
-    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3"]) == 2
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3", "--front-speedups", "1.25,2"]) == 2
     assert "moved-parent does not exist" in capsys.readouterr().err
     assert _files(out) == before  # config.json and search/ byte for byte
 
