@@ -140,10 +140,9 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
         specs = [s for s in specs if s["name"] in set(names)]
     out_dir = run.out / "downstream" / setting_name(tasks, limit, seed)
     exclude = used_lambada_ids(run.out) if (run.out / "data" / "manifest.json").is_file() else set()
-    from .pipeline import fingerprint
 
     # the parent by its weights, not by where it was loaded from: a moved parent keeps its results
-    key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": fingerprint(run.parent.model)}
+    key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": run.parent_fingerprint}
     keys = (key, {**key, "parent": str(run.parent.source)})  # the second: results saved before, at the same path
 
     def same(result: dict, spec: dict) -> bool:

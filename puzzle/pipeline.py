@@ -157,11 +157,18 @@ class Run:
             now = check_parent_weights(self.out, loaded.model, self.config.parent)
             adopt_fingerprint(self.out, loaded.model, now)
             self._parent = loaded
+            self._parent_fingerprint = now[:16]  # `fingerprint(loaded.model)`, hashed once
             # recorded with the next stage's work (or the command's success), not by loading alone
             self._unsaved["parent.json"] = {"source": loaded.source, "config": loaded.config.to_dict(),
-                                            "fingerprint": fingerprint(loaded.model), "weights_sha256": now}
+                                            "fingerprint": self._parent_fingerprint, "weights_sha256": now}
             self._add_time("parent_load_s", time.perf_counter() - t0)
         return self._parent
+
+    @property
+    def parent_fingerprint(self) -> str:
+        """`fingerprint` of the parent (loaded first when it is not yet), as the run's records hold it."""
+        self.parent  # noqa: B018 - loads the parent, which hashes it once
+        return self._parent_fingerprint
 
     @property
     def tokens(self):
@@ -193,7 +200,7 @@ class Run:
         check_sources(data, packed_in=folder or self.out / "data")
         parent = self.parent
         path = ensure_parent_samples(parent.model, parent.tokenizer, folder or self.out / "data", data.parent_sample_tokens(),
-                                     seed=data.seed, length=max(data.seq_len, 64), parent_fingerprint=fingerprint(parent.model),
+                                     seed=data.seed, length=max(data.seq_len, 64), parent_fingerprint=self.parent_fingerprint,
                                      tokenizer_sha256=tokenizer_fingerprint(parent.tokenizer), progress=self.progress,
                                      log=self.say)
         return {spec: path}
@@ -276,15 +283,18 @@ def fingerprint_config(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(model, legacy: bool = False) -> str:
-    """A short hash of a model's config and of every RMSNorm weight (cheap, and changes with the weights).
+def fingerprint(model) -> str:
+    """A short hash (16 hex) identifying a parent in a run's records: `weights_sha` (its config without the load
+    path, and sampled values of every parameter), so a moved parent keeps it and another model, even one with the
+    same norm weights (a merged LoRA fine-tune), does not."""
+    return weights_sha(model)[:16]
 
-    The config's `extra` (where the model was loaded from, spelled as typed) is left out, so a moved parent keeps
-    its fingerprint; `legacy=True` gives the fingerprint runs recorded before that (with `extra`), which
-    `adopt_fingerprint` replaces."""
-    config = model.config.to_dict()
-    if not legacy:
-        config = {k: v for k, v in config.items() if k != "extra"}
+
+def legacy_fingerprint(model, config: dict | None = None) -> str:
+    """The fingerprint runs recorded before `fingerprint` (a hash of the config with `extra`, which holds the load
+    path as typed, and of the RMSNorm weights), with `config` (a dict, e.g. the one DIR/parent.json recorded)
+    standing in for the model's own. Only `adopt_fingerprint` still computes it."""
+    config = model.config.to_dict() if config is None else config
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
@@ -293,34 +303,51 @@ def fingerprint(model, legacy: bool = False) -> str:
 
 
 def _fingerprint_records(out: Path) -> list[tuple[Path, tuple[str, ...]]]:
-    """DIR's files that record the parent's `fingerprint`, each with the keys that lead to it."""
+    """DIR's files that record the parent's `fingerprint`, each with the keys that lead to it: the library, the
+    replace-1-block results, the parent samples (the run's and those of `gkd`'s re-packed calibration folders) and
+    the evaluation cache."""
     from .samples import META_FILE
 
     records = [(out / "library" / "meta.json", ("parent",)), (out / "score" / "quality_meta.json", ("library", "parent")),
                (out / "data" / META_FILE, ("parent",))]
+    records += [(p, ("parent",)) for p in sorted((out / "gkd").glob(f"data-*/{META_FILE}"))]
     return records + [(p, ("parent",)) for p in sorted((out / "children").glob("*.quality.json"))]
 
 
-def adopt_fingerprint(out: Path, model, weights_sha256: str) -> None:
-    """Rewrite DIR's records of this parent made under an earlier fingerprint of the same model to its current one.
-
-    Before the fingerprint left the load path out, it changed when the parent folder moved, and the library
-    (`Library.check_meta`), the replace-1-block results, the parent samples and the evaluation cache then counted
-    as another parent's: refused, discarded or made again. The same model is recognised by the fingerprint with the
-    path (`fingerprint(model, legacy=True)`, the parent where it was), or, for a moved parent, by the fingerprint
-    DIR/parent.json records next to the same `weights_sha256`. A record of any other value, or a damaged file, is
-    left as it is for its own reader to judge.
-    """
-    new = fingerprint(model)
-    old = {fingerprint(model, legacy=True)}
+def _earlier_fingerprints(out: Path, model, weights_sha256: str) -> set[str]:
+    """Fingerprints DIR's records may hold for this same parent, from before `fingerprint` hashed sampled weights:
+    the old formula at the path as loaded now; the one DIR/parent.json records next to the same `weights_sha256`
+    (a moved parent); for a run recorded before that hash, the old formula of the config DIR/parent.json recorded
+    (with the path as typed then), when it matches that config apart from the path and gives the recorded value."""
+    old = {legacy_fingerprint(model)}
     try:
         recorded = json.loads((out / "parent.json").read_text())
     except (OSError, ValueError):
-        recorded = None
-    if isinstance(recorded, dict) and recorded.get("weights_sha256") == weights_sha256 \
-            and isinstance(recorded.get("fingerprint"), str):
+        return old
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("fingerprint"), str):
+        return old
+    if recorded.get("weights_sha256") == weights_sha256:
         old.add(recorded["fingerprint"])
-    old.discard(new)
+    elif "weights_sha256" not in recorded and isinstance(recorded.get("config"), dict):
+        strip = lambda d: json.dumps({k: v for k, v in d.items() if k != "extra"}, sort_keys=True, default=str)  # noqa: E731
+        if strip(recorded["config"]) == strip(model.config.to_dict()) \
+                and legacy_fingerprint(model, recorded["config"]) == recorded["fingerprint"]:
+            old.add(recorded["fingerprint"])
+    return old
+
+
+def adopt_fingerprint(out: Path, model, weights_sha256: str) -> None:
+    """Rewrite DIR's records of this parent made under an earlier fingerprint of the same model to its current one
+    (a one-time upgrade of a run made by an earlier version; a run made now holds no such record, and nothing is
+    written).
+
+    The earlier fingerprint hashed the load path as typed, so a moved parent (or one named by another spelling)
+    made the library (`Library.check_meta`), the replace-1-block results, the parent samples and the evaluation
+    cache count as another parent's: refused, discarded or made again. Which earlier values are this model's:
+    `_earlier_fingerprints`. A record of any other value, or a damaged file, is left for its own reader to judge.
+    """
+    new = fingerprint(model)
+    old = _earlier_fingerprints(out, model, weights_sha256) - {new}
     for path, keys in _fingerprint_records(out):
         try:
             record = json.loads(path.read_text())
@@ -329,7 +356,8 @@ def adopt_fingerprint(out: Path, model, weights_sha256: str) -> None:
         holder = record
         for key in keys[:-1]:
             holder = holder.get(key) if isinstance(holder, dict) else None
-        if isinstance(holder, dict) and holder.get(keys[-1]) in old:
+        value = holder.get(keys[-1]) if isinstance(holder, dict) else None
+        if isinstance(value, str) and value in old:
             holder[keys[-1]] = new
             atomic_write_json(path, record)
 
@@ -350,7 +378,7 @@ def library_meta(run: Run) -> dict:
     from dataclasses import asdict
 
     calib = run.tokens.calib
-    return {"parent": fingerprint(run.parent.model), "calib_sha": _tensor_sha(calib),
+    return {"parent": run.parent_fingerprint, "calib_sha": _tensor_sha(calib),
             "space": asdict(run.config.space), "bld": asdict(run.config.bld)}
 
 
@@ -420,6 +448,12 @@ def check_score_meta(run: Run) -> None:
             if old != meta:  # only the space or resource settings changed: keep the results, record the new meta
                 atomic_write_json(path, meta)
             return
+        if isinstance(old, dict) and isinstance(old.get("library"), dict) and \
+                comparable({**old, "library": {**old["library"], "parent": meta["library"]["parent"]}}) == comparable(meta):
+            # the parent alone differs: hours of results are not discarded on the parent's identity alone
+            raise PuzzleError(f"the replace-1-block results in {run.out / 'score'} were computed for another parent "
+                              f"(fingerprint {old['library'].get('parent')}, this one {meta['library']['parent']}); give "
+                              f"the run its own parent again (--parent), or delete {path} to score this parent afresh")
         stale = list((run.out / "score").glob("quality_*.jsonl")) + [run.out / "score" / "parent_quality.json"]
         for f in stale:
             f.unlink(missing_ok=True)
@@ -841,7 +875,7 @@ def parent_eval_logprobs(run: Run) -> torch.Tensor:
     """Parent log-probabilities on the evaluation split (computed once per process)."""
     from .scoring.quality import parent_logprobs
 
-    key = (str(run.out), fingerprint(run.parent.model))
+    key = (str(run.out), run.parent_fingerprint)
     if key not in _EVAL_LOGP:
         _EVAL_LOGP.clear()
         _EVAL_LOGP[key] = parent_logprobs(run.parent.model, run.tokens.eval, chunk=run.config.score.chunk)
@@ -856,7 +890,7 @@ def evaluate(run: Run, model, name: str) -> dict:
     path = run.out / "children" / f"{name}.quality.json"
     # every weight: a child rebuilt from another library stage or a rebuilt library has the same config and norms
     key = {"architecture": [b.id for b in model.config.blocks], "weights": model_fingerprint(model),
-           "parent": fingerprint(run.parent.model), "eval_sha": _tensor_sha(run.tokens.eval)}
+           "parent": run.parent_fingerprint, "eval_sha": _tensor_sha(run.tokens.eval)}
     if path.is_file():
         try:
             cached = read_json(path)

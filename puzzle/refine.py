@@ -53,11 +53,10 @@ def selection_ids(run, tokens: int | None = None) -> torch.Tensor:
 
 def selection_kl(run, model, tokens: int | None = None) -> float:
     """KL(p_parent || p_model) in nats/token on the scoring split: what the steps here choose by."""
-    from .pipeline import fingerprint
     from .scoring.quality import evaluate_model, parent_logprobs
 
     ids = selection_ids(run, tokens)
-    key = (str(run.out), fingerprint(run.parent.model), tuple(ids.shape))
+    key = (str(run.out), run.parent_fingerprint, tuple(ids.shape))
     if key not in _SELECTION_LOGP:
         _SELECTION_LOGP.clear()
         _SELECTION_LOGP[key] = parent_logprobs(run.parent.model, ids, chunk=run.config.score.chunk)

@@ -498,27 +498,34 @@ def test_a_damaged_library_meta_is_one_line_not_a_traceback(tmp_path_factory, tm
         assert "meta.json is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_moved_parent_keeps_the_library_scores_and_evaluations(tmp_path_factory, tmp_path, capsys):
-    """Breaker: the parent fingerprint in library/meta.json, score/quality_meta.json and the evaluation cache hashed
-    the load path, so a moved parent folder locked `puzzle bld` out of its own library and discarded every
-    replace-1-block result. A run recorded under the old, path-bound fingerprint is adopted: at the same path by
-    that fingerprint, and after a move by the one parent.json records next to the same weights hash."""
+@pytest.mark.parametrize("earlier", ["with weights hash", "before the weights hash"])
+def test_a_moved_parent_keeps_the_library_scores_and_evaluations(tmp_path_factory, tmp_path, capsys, monkeypatch,
+                                                                 earlier):
+    """Breaker: the parent fingerprint in library/meta.json, score/quality_meta.json, the parent samples and the
+    evaluation cache hashed the load path as typed, so a moved parent folder (or one named otherwise, as --parent is
+    now saved absolute) locked `puzzle bld` out of its own library and discarded every replace-1-block result. Runs
+    recorded under that fingerprint are adopted: after a move by the fingerprint parent.json records next to the same
+    weights hash; for a run recorded before that hash, by the old formula of the config parent.json recorded."""
     from puzzle.cli import main
     from puzzle.export import export_checkpoint
     from puzzle.parent import load_parent
-    from puzzle.pipeline import _fingerprint_records, fingerprint
+    from puzzle.pipeline import _fingerprint_records, fingerprint, legacy_fingerprint
     from puzzle.tiny import tiny_parent
 
     out = _copy(tmp_path_factory, tmp_path)
-    assert main(["realize", "--out", str(out), "--no-progress"]) == 0  # the evaluation cache children/*.quality.json
+    assert main(["realize", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0  # children/*.quality.json
     tiny = tiny_parent()
     export_checkpoint(tiny.model, tiny.tokenizer, tmp_path / "a")
-    old = fingerprint(load_parent(str(tmp_path / "a")).model, legacy=True)  # what a run made at a/ recorded
+    monkeypatch.chdir(tmp_path)
+    was = load_parent("a")  # as an earlier version loaded `--parent a`: the path as typed
+    old = legacy_fingerprint(was.model)
     config = json.loads((out / "config.json").read_text())
-    config["parent"]["path"] = str(tmp_path / "a")
+    config["parent"]["path"] = "a"
     (out / "config.json").write_text(json.dumps(config))
-    parent_json = json.loads((out / "parent.json").read_text())
-    (out / "parent.json").write_text(json.dumps({**parent_json, "fingerprint": old}))
+    parent_json = {**json.loads((out / "parent.json").read_text()), "fingerprint": old, "config": was.config.to_dict()}
+    if earlier == "before the weights hash":
+        del parent_json["weights_sha256"]
+    (out / "parent.json").write_text(json.dumps(parent_json))
     records = [(p, keys) for p, keys in _fingerprint_records(out) if p.is_file()]
     assert len(records) >= 3, records
     for path, keys in records:
@@ -528,9 +535,13 @@ def test_a_moved_parent_keeps_the_library_scores_and_evaluations(tmp_path_factor
             holder = holder[key]
         holder[keys[-1]] = old
         path.write_text(json.dumps(record))
-    shutil.move(tmp_path / "a", tmp_path / "b")
+    if earlier == "with weights hash":  # moved
+        shutil.move(tmp_path / "a", tmp_path / "b")
+        given = str(tmp_path / "b")
+    else:  # named as before, saved absolute now
+        given = "a"
     capsys.readouterr()
-    assert main(["bld", "--out", str(out), "--parent", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert main(["bld", "--out", str(out), "--parent", given, "--no-progress"]) == 0
     assert main(["score", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "discarded" not in err and "built with other settings" not in err, err
@@ -579,4 +590,20 @@ def test_a_moved_parent_is_named_with_the_command_that_gives_its_new_path(tmp_pa
         assert f"the run's parent {tmp_path / 'a'} does not exist" in err, err
         assert f"`puzzle data --out {out} --parent NEW_PATH`" in err and err.count("puzzle: error") == 1, err
     assert main(["data", "--out", str(out), "--parent", str(tmp_path / "b"), "--no-progress"]) == 0  # as it says
-    assert main(["realize", "--out", str(out), "--no-progress"]) == 0
+    assert main(["realize", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+
+
+def test_scores_are_not_discarded_for_the_parent_identity_alone(tmp_path_factory, tmp_path, capsys):
+    """Review: a parent fingerprint the run could not adopt made `puzzle score` delete every replace-1-block result;
+    it refuses instead, and deleting the named file scores afresh."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    meta = json.loads((out / "score" / "quality_meta.json").read_text())
+    meta["library"]["parent"] = "0123456789abcdef"
+    (out / "score" / "quality_meta.json").write_text(json.dumps(meta))
+    before = _files(out / "score")
+    assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 2
+    err = capsys.readouterr().err
+    assert "were computed for another parent (fingerprint 0123456789abcdef" in err, err
+    assert _files(out / "score") == before
