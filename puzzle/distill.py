@@ -637,7 +637,12 @@ def run_gkd_command(args, log=None) -> dict:
     try:
         progress = not args.no_progress and env.is_main
         inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
-        extra_meta = {"child_source": inputs.child_source}
+        from .train_utils import recorded_source
+
+        # a folder's child: recorded as FOLDER_CHILD, or by its path in a checkpoint of an earlier version
+        extra_meta = {"child_source": recorded_source(inputs.work / "checkpoint.pt", "child_source",
+                                                      inputs.description["child"], inputs.child_source)
+                      if inputs.child_source == FOLDER_CHILD else inputs.child_source or inputs.description["child"]}
         # a checkpoint this call cannot continue, or an export of another training in dest, is refused before
         # anything is written (data, evaluation, cache)
         meta = gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids, extra_meta)

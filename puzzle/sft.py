@@ -633,6 +633,10 @@ def run_sft_command(args, log=None) -> dict | None:
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "
             f"{config.steps(data.input_ids.shape[0])} steps, {env.world_size} process(es)")
+        if source == "a model folder":  # or its path, as a checkpoint of an earlier version recorded it
+            from .train_utils import recorded_source
+
+            source = recorded_source(work / "checkpoint.pt", "model_source", what, source)
         extra_meta = {"model_source": source}
         training = training_ref(sft_meta(model, data, config, extra_meta), work, dest)
         check_export_target(dest, overwrite=True,  # an export of another training of this model: before training

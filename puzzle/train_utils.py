@@ -303,6 +303,21 @@ def check_resumable(checkpoint_path: Path | None, meta: dict, total_steps: int, 
         _check_resume(Path(checkpoint_path), load_checkpoint(checkpoint_path, mmap=True), meta, total_steps, fsdp)
 
 
+def recorded_source(checkpoint_path: Path, key: str, earlier: str, now: str) -> str:
+    """The value of `key` in a checkpoint's settings to train with: `now`, or `earlier` when the checkpoint at
+    `checkpoint_path` recorded that (an earlier version named the input model by its path there, which the
+    checkpoint's weights hash of the model makes redundant), so that its training resumes, and its export counts
+    as the same training, after an upgrade."""
+    path = Path(checkpoint_path)
+    if now == earlier or not path.is_file():
+        return now
+    try:
+        meta = load_checkpoint(path, mmap=True).get("meta")
+    except PuzzleError:
+        return now  # unreadable: `check_resumable` says so
+    return earlier if isinstance(meta, dict) and meta.get(key) == earlier else now
+
+
 def non_finite_parameter(model: nn.Module) -> str | None:
     """The name of the first parameter holding a NaN or ±inf, or None when all are finite."""
     return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)

@@ -287,3 +287,22 @@ def test_two_processes_match_one(tmp_path, mode):
         assert torch.allclose(one[k], two[k], atol=1e-4, rtol=1e-4), k
     summary = json.loads((tmp_path / "two.gkd-work" / "gkd.json").read_text())
     assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")
+
+
+def test_a_checkpoint_of_the_earlier_version_still_resumes(tmp_path, capsys, monkeypatch):
+    """Review: an earlier version recorded a --child folder's path as the checkpoint's child_source; the folder's
+    weights hash now identifies it, and such a checkpoint (and its export) must still count as this training."""
+    import dataclasses
+
+    import puzzle.distill as distill
+
+    _folders(tmp_path)
+    folder_inputs = distill._folder_inputs
+    monkeypatch.setattr(distill, "_folder_inputs",  # as the earlier version recorded it: the folder's path
+                        lambda args: dataclasses.replace(folder_inputs(args), child_source=""))
+    monkeypatch.setattr(distill, "FOLDER_CHILD", "unused")
+    args = _args(tmp_path, tmp_path / "out", "--no-eval")
+    assert args.func(args) == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
