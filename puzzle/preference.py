@@ -945,25 +945,27 @@ def cmd_rpo(args) -> int:
         raise
 
 
-#: `puzzle rpo` arguments that are not part of what it trains (where it writes, how it shows progress)
-_NOT_TRAINING = ("out", "no_progress", "debug", "func", "help_prog")
-
-
-def training_record(args) -> dict:
-    """What a `puzzle rpo` call trains: every setting and input (paths resolved, so one file spelled two ways is one
-    input), recorded in OUT/rpo.json; another call into the same --out must match it (`_check_earlier_training`)."""
+def training_record(args, config: RPOConfig, adapter_config, model) -> dict:
+    """What a `puzzle rpo` call trains, recorded in OUT/rpo.json; another call into the same --out must match it
+    (`_check_earlier_training`). Settings as resolved (a flag given at its default is the default), the model by
+    its weights (`pipeline.weights_sha`: a moved model is the same), --data and --prompts by their contents (sha256),
+    a judge by its resolved path; not --eval-prompts, which evaluates and trains nothing."""
     from .export import model_ref
-    from .tiny import means_builtin_tiny
+    from .library import sha256_file
+    from .pipeline import weights_sha
 
-    record = {}
-    for key, value in sorted(vars(args).items()):
-        if key in _NOT_TRAINING:
-            continue
-        if key in ("model", "data", "prompts") and value is not None:  # a path, asset:<name>, or built-in
-            named = str(value).startswith(("asset:", "demo:")) or key == "model" and means_builtin_tiny(str(value))
-            value = str(value) if named else model_ref(value)
-        record[key] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-    return record
+    def content(path):
+        return None if path is None else sha256_file(Path(path)) if Path(path).is_file() else str(path)
+
+    reward = args.reward
+    if reward and reward.startswith("judge:"):
+        reward = "judge:" + model_ref(reward[len("judge:"):])
+    return {"config": json.loads(json.dumps(config_record(config))), "model": weights_sha(model),
+            "adapters": adapter_config.to_dict() if adapter_config is not None else None,
+            "data": content(args.data), "prompts": content(args.prompts), "task": args.task,
+            "num_prompts": (128 if args.num_prompts is None else args.num_prompts) if args.task else None,
+            "reward": reward, "string_prompts": args.string_prompts,
+            "reference": ("copy" if args.reference == "copy" else "cache") if args.data is not None else None}
 
 
 def _check_earlier_training(out: Path, record: dict) -> None:
@@ -979,10 +981,16 @@ def _check_earlier_training(out: Path, record: dict) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if isinstance(earlier, dict) and earlier != record:
-        keys = sorted(k for k in set(earlier) | set(record) if earlier.get(k) != record.get(k))
+        keys = sorted(k for k in set(earlier) | set(record) if earlier.get(k) != record.get(k) and k != "config")
+        old, new = earlier.get("config"), record["config"]
+        if old != new:  # the loss and optimisation settings, by their flags (not the labels derived from them)
+            old = old if isinstance(old, dict) else {}
+            keys = sorted(keys + [k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                                  and k not in ("logprobs", "losses_available")] or ["config"])
+        names = {"model": "the model's weights", "data": "--data (contents)", "prompts": "--prompts (contents)"}
         raise PuzzleError(f"--out {out} holds a finished rpo training with other settings or inputs "
-                          f"({', '.join('--' + k.replace('_', '-') for k in keys)} differ), which this one would "
-                          f"replace; give a new --out, or delete that folder first if it is no longer needed")
+                          f"({', '.join(names.get(k, '--' + k.replace('_', '-')) for k in keys)} differ), which this "
+                          f"one would replace; give a new --out, or delete that folder first if it is no longer needed")
 
 
 def _rpo(args) -> int:
@@ -1018,13 +1026,13 @@ def _rpo(args) -> int:
         raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
                           f"(an interrupted rpo output, or a finished one of the same settings, is replaced)")
     check_export_target(args.out / "model", overwrite=True, keep=[args.model])  # before the training
-    training = training_record(args)
-    if "rpo.json" in have:
-        _check_earlier_training(args.out, training)
     records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     loaded = _load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
+    training = training_record(args, config, adapter_config if args.adapters else None, model)
+    if "rpo.json" in have:
+        _check_earlier_training(args.out, training)
     args.out.mkdir(parents=True, exist_ok=True)
     handle = None
     if args.adapters:

@@ -201,8 +201,8 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
              "--batch-size", "2", "--loss", "dpo", "--no-progress"]
     args = parser.parse_args(again)  # breaker: another training silently replaced the finished one
     weights = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
-    with pytest.raises(PuzzleError, match=r"holds a finished rpo training .*--adapters, --aggregate, --loss, --rank, "
-                                          r"--steps differ"):
+    with pytest.raises(PuzzleError, match=r"holds a finished rpo training .*\(--adapters, --aggregate, --loss, --steps "
+                                          r"differ\)"):
         args.func(args)
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == weights
     record = json.loads((tmp_path / "run" / "rpo.json").read_text())
@@ -211,8 +211,13 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
     assert args.func(args) == 0 and not (tmp_path / "run" / "adapters.safetensors").exists()  # full fine-tuning now
     assert json.loads((tmp_path / "run" / "rpo.json").read_text())["config"]["loss"] == "dpo"
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["puzzle"]["loss"] == "dpo"
-    args = parser.parse_args([*again[:4], str(tmp_path / "." / "run" / ".." / "run"), *again[5:]])
-    assert args.func(args) == 0  # the same training again (--out spelled otherwise): replaced
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(data.read_bytes())
+    args = parser.parse_args([*again[:6], str(copy), *again[7:], "--reference", "cache", "--beta", "0.1"])
+    assert args.func(args) == 0  # the same training: the data by its contents, flags given at their defaults
+    write_jsonl(copy, PAIRS[::-1])
+    with pytest.raises(PuzzleError, match=re.escape("(--data (contents) differ)")):
+        args.func(args)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "history.csv").write_text("my notes")
