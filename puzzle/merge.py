@@ -17,6 +17,7 @@ weights), not both kinds mixed. Folders give an exported folder (`puzzle.export`
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
@@ -195,6 +196,15 @@ def _merge_pairs(record: dict) -> list[tuple[str, float]] | None:
     return sorted((str(i), round(float(w), 9)) for i, w in zip(inputs, weights))
 
 
+def _metadata_value(text: str):
+    """A value of a state-dict merge's metadata: JSON, or a Python literal (`str(list)`, as an earlier version
+    wrote it)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return ast.literal_eval(text)
+
+
 def _check_state_dict_dest(dest: Path, record: dict) -> None:
     """Refuse a state-dict merge's --dest that would replace or spoil weights: a file inside an exported model
     (its weights, or a file that makes the folder no export), or an existing file other than an earlier merge of
@@ -205,19 +215,23 @@ def _check_state_dict_dest(dest: Path, record: dict) -> None:
     """
     from safetensors import SafetensorError, safe_open
 
-    from .export import is_export_folder
+    from .export import is_export_folder, model_ref
 
     target = dest.resolve()
     if (export := next((p for p in target.parents if p.is_dir() and is_export_folder(p)), None)) is not None:
         raise PuzzleError(f"--dest {dest} is inside the exported model {export}, whose weights or files it would "
                           f"replace; give a .safetensors path outside it")
+    if (target.parent / "config.json").is_file():  # a .safetensors there is one more shard of that model's weights
+        raise PuzzleError(f"--dest {dest} is inside the model folder {target.parent} (it holds config.json), whose "
+                          f"weights a .safetensors file there would join; give a path outside it")
     if not dest.exists():
         return
     try:
         with safe_open(str(dest), framework="pt") as f:
             meta = f.metadata() or {}
-        earlier = {k: json.loads(meta[k]) for k in ("merged_from", "weights")}
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # not an earlier merge of ours
+        earlier = {k: _metadata_value(meta[k]) for k in ("merged_from", "weights")}
+        earlier["merged_from"] = [model_ref(p) for p in earlier["merged_from"]]  # an earlier version: as typed
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, SafetensorError):  # not an earlier merge of ours
         earlier = None
     if earlier is None or _merge_pairs(earlier) is None:
         raise PuzzleError(f"--dest {dest} exists and is not an earlier `puzzle merge` output, so it is left as it is; "

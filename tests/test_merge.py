@@ -144,3 +144,25 @@ def test_a_state_dict_merge_replaces_only_its_own_earlier_output(tmp_path):
         with pytest.raises(PuzzleError, match="inside the exported model"):
             merge_checkpoints([s0, s1], target)
     assert weights.read_bytes() == exported and not (tmp_path / "m0" / "extra.safetensors").exists()
+
+
+def test_a_state_dict_merge_of_the_earlier_version_is_rerun_and_model_folders_are_refused(tmp_path, monkeypatch):
+    """Review: the earlier version wrote the merge's metadata as Python literals of the paths as typed; a rerun of
+    that merge replaces it. A .safetensors --dest in a model folder would become one more shard of its weights."""
+    from safetensors.torch import save_file as save
+
+    monkeypatch.chdir(tmp_path)
+    lm = tiny_parent(seed=0)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    for name in ("s0", "s1"):
+        save(state, tmp_path / f"{name}.safetensors")
+    save(state, tmp_path / "avg.safetensors", metadata={"merged_from": str(["s0.safetensors", "s1.safetensors"]),
+                                                        "weights": str([0.5, 0.5])})
+    merge_checkpoints(["s0.safetensors", "s1.safetensors"], "avg.safetensors")  # the same merge: replaced
+    with pytest.raises(PuzzleError, match="holds another merge"):
+        merge_checkpoints(["s0.safetensors", "s1.safetensors"], "avg.safetensors", [1, 3])
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(PuzzleError, match="inside the model folder"):
+        merge_checkpoints(["s0.safetensors", "s1.safetensors"], "hf/avg.safetensors")
+    assert not (tmp_path / "hf" / "avg.safetensors").exists()
