@@ -223,10 +223,10 @@ class Run:
 def missing_parent(path: str, out: Path) -> PuzzleError:
     """The error for a run whose parent.path (`path`) does not exist, saying how to give the moved model's new path
     (only run, data, bld and score take --parent; the others read the saved one)."""
-    return PuzzleError(f"the run's parent {path} does not exist (parent.path in {out / 'config.json'}); if the model "
-                       f"moved, give its new path once with `puzzle data --out {out} --parent NEW_PATH` (run, data, "
-                       f"bld and score take --parent and save it; the same weights keep the run's library, scores and "
-                       f"children), else put the model back")
+    return PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in {out / 'config.json'}); "
+                       f"if the run's model moved, give its new path once with `puzzle data --out {out} --parent "
+                       f"NEW_PATH` (run, data, bld and score take --parent and save it; the same weights keep the run's "
+                       f"library, scores and children), else put the model back or give a path that exists")
 
 
 #: values per parameter `weights_sha` hashes (evenly strided, the first included)
@@ -1337,15 +1337,16 @@ def front_inputs(run: Run) -> dict:
                                  default=lambda o: str(o)))
 
 
-def _front_settings(config):
+def _front_settings(config, parent_path: bool = True):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
-    depend on: the report section, score.max_contention and parent.path (a run with a library, as every run with a
-    front has, accepts only its own parent's weights wherever they lie: `check_parent_weights`; a moved parent is
-    the same parent). Other values (None, a damaged record) as they are."""
+    depend on: the report section, score.max_contention and, with `parent_path=False`, parent.path (for a run
+    whose parent.json records the parent's weights hash: every stage that loads the parent then accepts only those
+    weights wherever they lie, `check_parent_weights`, so a moved parent is the same parent). Other values (None,
+    a damaged record) as they are."""
     if not isinstance(config, dict):
         return config
     config = {k: v for k, v in config.items() if k != "report"}
-    for section, key in (("score", "max_contention"), ("parent", "path")):
+    for section, key in (("score", "max_contention"), *(() if parent_path else (("parent", "path"),))):
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k != key}
     return config
@@ -1386,7 +1387,9 @@ def front_is_current(run: Run) -> str | None:
     if stored.get("front_csv") != csv_sha:
         return "front.csv is not the file front.json was written with"
     now = front_inputs(run)
-    settings = _front_settings(stored.get("settings"))  # a front.json written when the limit still counted
+    parent_path = _recorded_weights_sha(run.out) is None  # a run recorded before the weights hash: by the path
+    settings = _front_settings(stored.get("settings"), parent_path)  # a front.json written when the limit counted
+    now["settings"] = _front_settings(now["settings"], parent_path)
     if now["settings"] != settings:
         changed = sorted(k for k in now["settings"] if now["settings"][k] != (settings or {}).get(k))
         return f"the settings changed ([{', '.join(changed)}])"

@@ -362,6 +362,10 @@ def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_
     # breaker: a moved parent re-measured the whole front (its weights are checked by every stage that loads it)
     moved = saved.replace(parent={"path": str(tmp_path / "moved" / "parent")})
     assert front_is_current(Run(out, moved, progress=False)) is None
+    recorded = json.loads((out / "parent.json").read_text())  # a run recorded before the weights hash: by the path
+    (out / "parent.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "weights_sha256"}))
+    assert "[parent]" in front_is_current(Run(out, moved, progress=False))
+    (out / "parent.json").write_text(json.dumps(recorded))
     assert "[parent]" in front_is_current(Run(out, saved.replace(parent={"dtype": "bfloat16"}), progress=False))
     stamp = (out / "front.json").read_text()
     (out / "front.json").write_text("[1, 2]")
