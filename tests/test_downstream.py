@@ -71,6 +71,13 @@ def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tm
     run._parent = dataclasses.replace(run.parent, source="/moved/elsewhere/parent")
     evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # results an earlier version keyed by the parent's source count while it is where it was
+    first = next(iter(mtimes))
+    saved_first = json.loads(first.read_text())
+    first.write_text(json.dumps({**saved_first, "key": {**saved_first["key"], "parent": str(run.parent.source)}}))
+    mtimes[first] = first.stat().st_mtime_ns
+    evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     evaluate_front_downstream(run, ("arc_easy",), limit=2, wheel=wheel, progress=False, names=["parent"])
     assert len(downstream_rows(out)) == len(front)  # the setting covering most models is the one reported
     with pytest.raises(PuzzleError, match="no front model"):
