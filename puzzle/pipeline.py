@@ -257,12 +257,24 @@ def check_parent_weights(out: Path, model, parent_config) -> str:
             another dtype) than `model`, loaded from `parent_config` (ParentConfig: path, dtype).
     """
     recorded, now = _recorded_weights_sha(out), weights_sha(model)
-    if recorded is not None and recorded != now and (out / "library").exists():
+    if not (out / "library").exists():
+        return now
+    advice = (f"give the run its own parent again (--parent or --dtype on run, data, bld or score), or use another "
+              f"--out for this parent")
+    if recorded is not None and recorded != now:
         raise PuzzleError(f"the run's library ({out / 'library'}) was built from another parent than "
                           f"{parent_config.path}: its weights (in parent.dtype {parent_config.dtype}) are not those "
-                          f"{out / 'parent.json'} records, and the run's scores and children belong to those; give the "
-                          f"run its own parent again (--parent or --dtype on run, data, bld or score), or use another "
-                          f"--out for this parent")
+                          f"{out / 'parent.json'} records, and the run's scores and children belong to those; {advice}")
+    if recorded is None:  # parent.json missing or damaged: the library's own record of its parent decides
+        try:
+            built_from = json.loads((out / "library" / "meta.json").read_text()).get("parent")
+        except (OSError, ValueError, AttributeError):
+            built_from = None
+        if isinstance(built_from, str) and built_from not in {now[:16], *_earlier_fingerprints(out, model, now)}:
+            raise PuzzleError(f"the run's library ({out / 'library'}) was built from another parent than "
+                              f"{parent_config.path} (its meta.json records parent {built_from}, this one is "
+                              f"{now[:16]}; {out / 'parent.json'}, which records the run's parent, is missing or "
+                              f"damaged); {advice}")
     return now
 
 

@@ -607,3 +607,27 @@ def test_scores_are_not_discarded_for_the_parent_identity_alone(tmp_path_factory
     err = capsys.readouterr().err
     assert "were computed for another parent (fingerprint 0123456789abcdef" in err, err
     assert _files(out / "score") == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_without_parent_json_the_library_names_its_parent(tmp_path_factory, tmp_path, capsys, damage):
+    """Breaker: with DIR/parent.json missing or damaged, another parent was accepted and realize measured the
+    children against it; the library's meta.json now decides, and the run's own parent still passes."""
+    from puzzle.cli import main
+    from puzzle.export import export_checkpoint
+    from puzzle.tiny import tiny_parent
+
+    out = _copy(tmp_path_factory, tmp_path)
+    other = tiny_parent(seed=1)
+    export_checkpoint(other.model, other.tokenizer, tmp_path / "other")
+    if damage == "missing":
+        (out / "parent.json").unlink()
+    else:
+        (out / "parent.json").write_text('{"fingerprint": ')
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["data", "--out", str(out), "--parent", str(tmp_path / "other"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "was built from another parent than" in err and "is missing or damaged" in err, err
+    assert _files(out) == before
+    assert main(["realize", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0  # its own: tiny
