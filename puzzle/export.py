@@ -63,6 +63,9 @@ def export_provenance(info: dict | None) -> str:
     if isinstance(info.get("merge"), dict):  # the inputs with their weights as a set: the order only pairs them
         merge = info["merge"]
         inputs, weights = list(map(str, merge.get("inputs") or [])), merge.get("weights")
+        shas = merge.get("inputs_sha")
+        if isinstance(shas, list) and len(shas) == len(inputs):  # by their weights (`pipeline.weights_sha`)
+            inputs = [f"weights {sha}" for sha in map(str, shas)]
         if isinstance(weights, list) and len(weights) == len(inputs):
             inputs = [f"{i} x{w:.6g}" if isinstance(w, (int, float)) else f"{i} x{w}" for i, w in zip(inputs, weights)]
         return f"merge of {', '.join(sorted(inputs))}" + (f" as {merge['dtype']}" if merge.get("dtype") else "")
@@ -243,7 +246,7 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
 
 def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
                       extra_info: dict | None = None, overwrite: bool = False,
-                      replace_trained: bool = False) -> ExportResult:
+                      replace_trained: bool = False, also_same=()) -> ExportResult:
     """Write `model` as an HF folder in the nemotron-nas format (see the module docstring for the files).
 
     Args:
@@ -257,6 +260,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         overwrite: replace an earlier export at out_dir.
         replace_trained: with overwrite, also replace trained weights of another provenance (for a
             folder the caller owns, such as rpo's OUT/model); see `check_export_target`.
+        also_same: earlier provenances that are this same export (`check_export_target`).
 
     Returns:
         ExportResult(path, warnings, replaced): see `export_warnings`; `replaced` describes another
@@ -270,7 +274,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     """
     out_dir = Path(out_dir)
     now = export_provenance({"source": dict(model.config.extra), **(extra_info or {})})
-    check_export_target(out_dir, overwrite, provenance=None if replace_trained else now)
+    check_export_target(out_dir, overwrite, provenance=None if replace_trained else now, also_same=also_same)
     earlier = (_earlier_export(out_dir) or (None, False))[0]
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)
@@ -299,11 +303,11 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out_dir, tuple(warnings), replaced=earlier if earlier not in (None, now) else None)
+    return ExportResult(out_dir, tuple(warnings), replaced=earlier if earlier not in (None, now, *also_same) else None)
 
 
 def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None,
-                        training_pending: bool = False, work=None) -> None:
+                        training_pending: bool = False, work=None, also_same=()) -> None:
     """Refuse an export folder that would lose something. Call it before long work, too.
 
     Refused: a file; a path under a file; a link (an export replaces the folder, not what a link points
@@ -318,7 +322,8 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     without its `training_ref`, which is known only once the inputs are loaded; an earlier training
     of the same kind passes this check (it may be this training with its input moved since), which
     the caller makes again with the whole provenance. Two provenances with one `training_ref` are
-    one training whatever paths they name (`_same_training`).
+    one training whatever paths they name (`_same_training`). `also_same`: earlier provenances that
+    are this same export too (as an earlier version recorded it).
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
@@ -359,7 +364,8 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
         earlier = _earlier_export(out_dir)
         # pending: the training's reference is known only once the inputs are loaded, and may match the earlier
         # one's even under another input path (a moved child); the caller's second check decides
-        same = earlier is not None and (earlier[0] == provenance or _same_training(earlier[0], provenance) or (
+        same = earlier is not None and (earlier[0] == provenance or earlier[0] in also_same
+                                        or _same_training(earlier[0], provenance) or (
             training_pending and provenance is not None and " (training " in earlier[0]
             and earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0]))
         if provenance is not None and earlier is not None and earlier[1] and not same:

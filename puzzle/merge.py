@@ -187,10 +187,10 @@ def derived_from(paths) -> list[tuple[Path, Path, str]]:
     return out
 
 
-def _merge_pairs(record: dict) -> list[tuple[str, float]] | None:
+def _merge_pairs(record: dict, key: str = "merged_from") -> list[tuple[str, float]] | None:
     """A state-dict merge's (input, weight) pairs in a canonical order (the order only pairs them), or None when
-    `record` ({"merged_from": [...], "weights": [...]}) is not one."""
-    inputs, weights = record.get("merged_from"), record.get("weights")
+    `record` ({"merged_from": [paths], "inputs_sha": [weights hashes], "weights": [...]}) has no such `key`."""
+    inputs, weights = record.get(key), record.get("weights")
     if not (isinstance(inputs, list) and isinstance(weights, list) and len(inputs) == len(weights)):
         return None
     return sorted((str(i), round(float(w), 9)) for i, w in zip(inputs, weights))
@@ -231,13 +231,18 @@ def _check_state_dict_dest(dest: Path, record: dict) -> None:
             meta = f.metadata() or {}
         earlier = {k: _metadata_value(meta[k]) for k in ("merged_from", "weights")}
         earlier["merged_from"] = [model_ref(p) for p in earlier["merged_from"]]  # an earlier version: as typed
+        if "inputs_sha" in meta:
+            earlier["inputs_sha"] = _metadata_value(meta["inputs_sha"])
     except (OSError, ValueError, SyntaxError, KeyError, TypeError, SafetensorError):  # not an earlier merge of ours
         earlier = None
     if earlier is None or _merge_pairs(earlier) is None:
         raise PuzzleError(f"--dest {dest} exists and is not an earlier `puzzle merge` output, so it is left as it is; "
                           f"give a new .safetensors path")
-    if _merge_pairs(earlier) != _merge_pairs(record):
-        raise PuzzleError(f"--dest {dest} holds another merge ({', '.join(f'{i} x{w:.6g}' for i, w in _merge_pairs(earlier))}) "
+    # the inputs by their weights (a moved input is the same, a rewritten one is not); by path for an earlier version
+    key = "inputs_sha" if _merge_pairs(earlier, "inputs_sha") is not None else "merged_from"
+    if _merge_pairs(earlier, key) != _merge_pairs(record, key):
+        were = ", ".join(f"{i} x{w:.6g}" for i, w in _merge_pairs(earlier))
+        raise PuzzleError(f"--dest {dest} holds another merge ({were}{' with other input weights' if key == 'inputs_sha' else ''}) "
                           f"that this one would replace; give a new .safetensors path, or delete that file first if "
                           f"it is no longer needed")
 
@@ -267,6 +272,11 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     kinds = {_is_state_dict_file(p) for p in paths}
     if len(kinds) > 1:
         raise PuzzleError("give only model folders or only state-dict files, not both")
+    from .export import model_ref
+    from .pipeline import tensors_sha, weights_sha
+
+    if len({model_ref(p) for p in paths}) < len(paths):
+        raise PuzzleError("an input is given twice; give each checkpoint once, with --weights for its share")
     dest = Path(dest).expanduser()
     if kinds == {True}:
         from .io import atomic_save_safetensors, file_in_the_way
@@ -279,28 +289,35 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             raise PuzzleError(f"--dest {dest} is one of the inputs; give a new .safetensors path")
         if (above := file_in_the_way(dest)) is not None:
             raise PuzzleError(f"--dest {dest}: {above} is a file, so nothing can be written under it")
-        from .export import model_ref
-
-        record = {"merged_from": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths))}
+        states = [read_state_dict(p) for p in paths]
+        record = {"merged_from": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths)),
+                  "inputs_sha": [tensors_sha(sorted(sd.items()))[:16] for sd in states]}
         _check_state_dict_dest(dest, record)
-        merged = merge_state_dicts([read_state_dict(p) for p in paths], weights, [str(p) for p in paths])
+        merged = merge_state_dicts(states, weights, [str(p) for p in paths])
         atomic_save_safetensors(merged, dest, metadata={k: json.dumps(v) for k, v in record.items()})
         return dest
-    from .export import check_export_target, export_checkpoint, export_provenance, model_ref
+    from .export import check_export_target, export_checkpoint, export_provenance
     from .parent import load_parent
 
+    if dest.suffix in (".safetensors", ".pt", ".bin", ".gguf"):
+        raise PuzzleError(f"model folders merge into a folder (an export); got --dest {dest}, a file name; give a "
+                          f"folder path")
     record = {"inputs": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths)),
               **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
-    check_export_target(dest, overwrite=True, keep=paths,  # before loading and averaging
-                        provenance=export_provenance({"merge": record}))
+    by_path = export_provenance({"merge": record})  # as an earlier version recorded a merge: its inputs' paths
+    check_export_target(dest, overwrite=True, keep=paths)  # before loading: a folder of other files, a link, ...
     for source, model, recorded in derived_from(paths):  # e.g. the parent of a run, which merge cannot see
         if source == dest.resolve():
             raise PuzzleError(f"--dest {dest} is the model {model} was derived from (its config.json records "
                               f"{recorded}); merging into it would replace that model; give a new folder")
     loaded = [load_parent(p) for p in paths]
+    # the inputs by their weights: a moved input is the same merge, one whose weights changed is another
+    record["inputs_sha"] = [weights_sha(lm.model)[:16] for lm in loaded]
+    check_export_target(dest, overwrite=True, keep=paths, provenance=export_provenance({"merge": record}),
+                        also_same=(by_path,))
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
     exported = export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,
-                                 extra_info={"merge": record})
+                                 extra_info={"merge": record}, also_same=(by_path,))
     if exported.replaced:
         print(f"merge: replaced the export of {exported.replaced} that was in {dest}", file=sys.stderr)
     return dest

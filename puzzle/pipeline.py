@@ -240,8 +240,14 @@ def weights_sha(model) -> str:
     give another (any of them changes nearly every value). A sample, not every weight, because every stage that
     loads the parent computes it: on a 70B parent a whole-weight hash would take minutes."""
     d = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
-    h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
-    for name, p in model.named_parameters():
+    return tensors_sha(model.named_parameters(), json.dumps(d, sort_keys=True, default=str))
+
+
+def tensors_sha(named_tensors, header: str = "") -> str:
+    """sha256 of `header` and of each (name, tensor)'s name, shape and `WEIGHTS_SHA_SAMPLE` evenly strided values in
+    float32 (`weights_sha`'s sample; also what identifies a state-dict file's weights in `puzzle merge`)."""
+    h = hashlib.sha256(header.encode())
+    for name, p in named_tensors:
         flat = p.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // WEIGHTS_SHA_SAMPLE)][:WEIGHTS_SHA_SAMPLE]
         h.update(f"{name}{tuple(p.shape)}".encode())

@@ -1,5 +1,6 @@
 """Checkpoint merging: weighted averages of the same architecture, refusals of different ones."""
 
+import json
 import argparse
 
 import pytest
@@ -166,3 +167,40 @@ def test_a_state_dict_merge_of_the_earlier_version_is_rerun_and_model_folders_ar
     with pytest.raises(PuzzleError, match="inside the model folder"):
         merge_checkpoints(["s0.safetensors", "s1.safetensors"], "hf/avg.safetensors")
     assert not (tmp_path / "hf" / "avg.safetensors").exists()
+
+
+def test_merge_inputs_are_known_by_their_weights(tmp_path):
+    """Breaker: merges knew their inputs by path only, so a rewritten input at the same path replaced the merge
+    silently and a moved input was refused; an input given twice and a folder merge into a file name were taken."""
+    loaded = [tiny_parent(seed=s) for s in (0, 1, 2)]
+    for i, lm in enumerate(loaded):
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"m{i}")
+        save_file(load_file(tmp_path / f"m{i}" / "model.safetensors"), tmp_path / f"s{i}.safetensors")
+    avg = tmp_path / "avg.safetensors"
+    s0, s1, s2 = list((tmp_path / f"s{i}.safetensors" for i in (0, 1, 2)))
+    merge_checkpoints([s0, s1], avg)
+    s0.rename(tmp_path / "moved.safetensors")
+    merge_checkpoints([tmp_path / "moved.safetensors", s1], avg)  # the same weights elsewhere: the same merge
+    s2.rename(s0)  # other weights where an input was
+    before = avg.read_bytes()
+    with pytest.raises(PuzzleError, match="holds another merge .* with other input weights"):
+        merge_checkpoints([s0, s1], avg)
+    assert avg.read_bytes() == before
+    m0, m1, m2, dest = tmp_path / "m0", tmp_path / "m1", tmp_path / "m2", tmp_path / "merged"
+    merge_checkpoints([m0, m1], dest)
+    m0.rename(tmp_path / "moved")
+    merge_checkpoints([tmp_path / "moved", m1], dest)  # replaced: the same merge
+    m2.rename(m0)
+    before = (dest / "model.safetensors").read_bytes()
+    with pytest.raises(PuzzleError, match="holds trained weights"):
+        merge_checkpoints([m0, m1], dest)
+    assert (dest / "model.safetensors").read_bytes() == before
+    with pytest.raises(PuzzleError, match="an input is given twice"):
+        merge_checkpoints([m1, tmp_path / "m1" / ".." / "m1"], tmp_path / "twice")
+    with pytest.raises(PuzzleError, match="merge into a folder"):
+        merge_checkpoints([m0, m1], tmp_path / "f.safetensors")
+    assert not (tmp_path / "f.safetensors").exists()
+    config = json.loads((dest / "config.json").read_text())  # as an earlier version recorded it: by path only
+    del config["puzzle"]["merge"]["inputs_sha"]
+    (dest / "config.json").write_text(json.dumps(config))
+    merge_checkpoints([tmp_path / "moved", m1], dest)  # the same paths: the same merge
