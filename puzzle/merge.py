@@ -247,6 +247,9 @@ def _check_state_dict_dest(dest: Path, record: dict) -> None:
                           f"it is no longer needed")
 
 
+TWICE = "an input is given twice; give each checkpoint once, with --weights for its share"
+
+
 def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     """Merge model folders into an exported folder, or state-dict files into a .safetensors file.
 
@@ -275,8 +278,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     from .export import model_ref
     from .pipeline import tensors_sha, weights_sha
 
-    if len({model_ref(p) for p in paths}) < len(paths):
-        raise PuzzleError("an input is given twice; give each checkpoint once, with --weights for its share")
+    twice = len({model_ref(p) for p in paths}) < len(paths)  # refused after what --dest would break
     dest = Path(dest).expanduser()
     if kinds == {True}:
         from .io import atomic_save_safetensors, file_in_the_way
@@ -289,6 +291,8 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             raise PuzzleError(f"--dest {dest} is one of the inputs; give a new .safetensors path")
         if (above := file_in_the_way(dest)) is not None:
             raise PuzzleError(f"--dest {dest}: {above} is a file, so nothing can be written under it")
+        if twice:
+            raise PuzzleError(TWICE)
         states = [read_state_dict(p) for p in paths]
         record = {"merged_from": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths)),
                   "inputs_sha": [tensors_sha(sorted(sd.items()))[:16] for sd in states]}
@@ -306,6 +310,8 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
               **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
     by_path = export_provenance({"merge": record})  # as an earlier version recorded a merge: its inputs' paths
     check_export_target(dest, overwrite=True, keep=paths)  # before loading: a folder of other files, a link, ...
+    if twice:
+        raise PuzzleError(TWICE)
     for source, model, recorded in derived_from(paths):  # e.g. the parent of a run, which merge cannot see
         if source == dest.resolve():
             raise PuzzleError(f"--dest {dest} is the model {model} was derived from (its config.json records "

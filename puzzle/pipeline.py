@@ -834,8 +834,28 @@ def unreachable_front_message(missed: dict) -> str:
 
 
 def read_architecture(run: Run, name: str) -> dict:
-    """DIR/search/<name>.json, checked (`read_architecture_at`)."""
-    return read_architecture_at(run.out, name)
+    """DIR/search/<name>.json, checked (`read_architecture_at`) and fitted to the run: one block per parent layer,
+    each subblock the parent's, a no_op, in the run's space or in its library (a space narrowed since the search).
+
+    Raises:
+        PuzzleError: naming the file and the layer, for a record edited by hand or written for another parent.
+    """
+    record = read_architecture_at(run.out, name)
+    path = run.out / "search" / f"{name}.json"
+    space, stage = run.space(), record.get("library_stage", "bld")
+    if len(record["choice"]) != len(space):
+        raise PuzzleError(f"{path} chooses {len(record['choice'])} blocks for a parent of {len(space)} layers; delete "
+                          f"the file and run `puzzle search` again")
+    for ls, block in zip(space, record["choice"]):
+        block = BlockConfig.from_id(block)
+        for variant, offered in ((block.attention, ls.attention), (block.ffn, ls.ffn)):
+            if variant.kind == "no_op" or variant.id in {v.id for v in offered} \
+                    or run.library.has(ls.layer, variant.id, stage):
+                continue
+            raise PuzzleError(f"{path}: layer {ls.layer} chooses {variant.id}, which is neither in the run's space "
+                              f"(there: {', '.join(v.id for v in offered)}) nor in its library; the file was edited "
+                              f"or written for another run: delete it and run `puzzle search` again")
+    return record
 
 
 def read_architecture_at(out: Path, name: str) -> dict:

@@ -631,3 +631,24 @@ def test_without_parent_json_the_library_names_its_parent(tmp_path_factory, tmp_
     assert "was built from another parent than" in err and "is missing or damaged" in err, err
     assert _files(out) == before
     assert main(["realize", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0  # its own: tiny
+
+
+def test_a_searched_child_outside_the_space_names_its_file(tmp_path_factory, tmp_path, capsys):
+    """Breaker: a hand-edited search/<name>.json with a variant the run never built said the library entry was
+    missing and to run `puzzle bld` (which had nothing to build), or named no file for impossible KV heads."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    path = out / "search" / "child-1.5x.json"
+    record = json.loads(path.read_text())
+    for first, words in (("attn-kv3+ffn-linear", "layer 0 chooses attn-kv3"),
+                         ("attn-kv9+ffn-noop", "layer 0 chooses attn-kv9")):
+        path.write_text(json.dumps({**record, "choice": [first, *record["choice"][1:]]}))
+        for argv in (["realize", "--out", str(out), "--name", "child-1.5x", "--max-contention", "inf"],
+                     ["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "x")]):
+            assert main([*argv, "--no-progress"]) == 2, argv
+            err = capsys.readouterr().err
+            assert f"{path}: {words}" in err and "puzzle bld" not in err and err.count("puzzle: error") == 1, err
+    path.write_text(json.dumps({**record, "choice": record["choice"][1:]}))
+    assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 2
+    assert "for a parent of" in capsys.readouterr().err
