@@ -729,6 +729,10 @@ def main(argv=None) -> int:
             raise
         print(f"puzzle: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout stopped (`puzzle search --json | head`): no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail on the closed pipe again
+        return 141  # as a shell reports a process ended by SIGPIPE
     except OSError as e:
         if args.debug or e.errno not in _USER_FIXABLE_ERRNOS:
             raise

@@ -797,7 +797,11 @@ def search_main(args: argparse.Namespace) -> int:
               f"(e.g. --speedup 10)",
               file=sys.stderr)
     if args.output:
-        atomic_write_json(args.output, _finite(record))
+        try:
+            atomic_write_json(args.output, _finite(record))
+        except OSError as e:  # e.g. a folder of a system file system (/proc) that takes no new file
+            raise PuzzleError(f"--output {args.output} cannot be written ({e.strerror or e}); give a path in a folder "
+                              f"you can write to") from None
     if args.json:
         print(json.dumps(_finite(record), allow_nan=False))
         if short:

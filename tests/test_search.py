@@ -942,3 +942,34 @@ def test_front_targets_out_of_reach_are_named_with_the_largest_reachable_speedup
     assert main(["search", "--out", str(out), "--front-speedups", "1.25"]) == 0  # all reached: nothing to say
     assert "unreachable_front" not in json.loads((out / "search" / "chosen.json").read_text())
     assert "out of reach" not in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_and_a_closed_pipe_are_one_line(tmp_path, capsys, monkeypatch):
+    """Breaker: `--output /proc/x.json` and `puzzle search --json | head -c 100` ended in tracebacks."""
+    import sys
+
+    from puzzle import cli
+
+    library = str(FIXTURE / "block_library.json")
+    assert cli.main(["search", "--library", library, "--max-runtime", "0.7", "--output", "/proc/x.json"]) == 2
+    err = capsys.readouterr().err
+    assert "--output /proc/x.json cannot be written" in err and "Traceback" not in err, err
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            raise BrokenPipeError
+
+        def fileno(self):
+            return sys.__stdout__.fileno()
+
+    saved = os.dup(sys.__stdout__.fileno())  # main points a closed stdout at /dev/null: put it back afterwards
+    try:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe())
+        assert cli.main(["search", "--library", library, "--max-runtime", "0.7", "--json"]) == 141
+    finally:
+        os.dup2(saved, sys.__stdout__.fileno())
+        os.close(saved)
+    assert "Traceback" not in capsys.readouterr().err
