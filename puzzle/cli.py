@@ -541,8 +541,8 @@ def cmd_front(args) -> int:
 
         # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
         rows = write_front_all(run.out, speedups=run.config.search.front_speedups)
-        print(f"front with baselines: {len(rows)} models -> {run.out / 'front_all.csv'}, {run.out / 'front_all.png'}",
-              file=sys.stderr)
+        print(f"front, every model ({len(rows)}: the parent, ours and any baselines) -> {run.out / 'front_all.csv'}, "
+              f"{run.out / 'front_all.png'}", file=sys.stderr)
         ratios = rows.attrs["ratios"]
         for name, why in ratios.attrs.get("passed_over", {}).items():
             _log(f"front: {name} is compared as searched: {why} (`puzzle refine --out {run.out} --name {name}` again, "

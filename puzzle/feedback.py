@@ -126,6 +126,14 @@ class Check:
     def significant_headroom(self, slack: float) -> bool:
         return self.use < 1.0 - max(slack, NOISE_SIGMAS * self.se)
 
+    def use_text(self) -> str:
+        """`use` with 3 decimals, or as many as it takes not to print 1.000 for a child just over (or under) its
+        budget."""
+        digits = 3
+        while digits < 9 and round(self.use, digits) == 1.0 and self.use != 1.0:
+            digits += 1
+        return f"{self.use:.{digits}f}"
+
     def to_dict(self) -> dict:
         return {"met": self.met, "use": round(self.use, 4), "column": self.column, "se": round(self.se, 4),
                 "ratios": {c: round(v, 4) for c, v in self.ratios.items()},
@@ -315,7 +323,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             entry["action"] = "tightened" if miss else "loosened"
             if not miss:
                 loosened.add(name)
-            say(f"budget feedback: {name}: measured {result.use:.3f} of its {result.column} budget; "
+            say(f"budget feedback: {name}: measured {result.use_text()} of its {result.column} budget; "
                 f"{entry['action']} the table limit to {budgets.describe()}")
             changed[name] = new
         if not changed:

@@ -1011,7 +1011,7 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     atomic_write_json(run.out / "children" / (f"{name}.{stage}.json" if other else f"{name}.json"), row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
             f"eval KL {row['kl_nats']:.4f} nats" + ("" if checked is None else
-            f", {checked.use:.3f} of its {checked.column} budget ({'met' if checked.met else 'over it'})"))
+            f", {checked.use_text()} of its {checked.column} budget ({'met' if checked.met else 'over it'})"))
     return row
 
 
@@ -1151,7 +1151,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
                        "final": {n: c.to_dict() for n, c in checks.items()}})
     for name, c in checks.items():
         if not c.met:
-            run.say(f"measure: {name} measured {c.use:.3f} of its {c.column} budget: over it"
+            run.say(f"measure: {name} measured {c.use_text()} of its {c.column} budget: over it"
                     + (f" by less than the timing noise (standard error {c.se:.3f})" if not c.significant_miss() else
                        f" after {s.budget_feedback} re-solve round(s)" if s.budget_feedback else
                        " (--budget-feedback N re-solves it)"))

@@ -358,6 +358,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         else:
             run.say(f"refine {name}: the earlier refinement was for other budgets, library stage or vLLM setting "
                     f"than {name} has now (searched again since); starting afresh")
+    elif resume:
+        run.say(f"refine {name}: --continue, but there is no finished refinement of {name} in {run.out / 'refine'} "
+                f"to continue; starting one")
     if earlier is None:
         t0 = time.perf_counter()
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,

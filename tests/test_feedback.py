@@ -254,3 +254,11 @@ def test_the_noise_of_a_speed_up_comes_from_the_paired_rounds_and_of_an_absolute
     noisy_parent.loc["parent", "runtime_iqr_ms"] = 90.0
     assert check({"max_runtime": "60ms"}, noisy_parent.loc["child"], noisy_parent.loc["parent"], rounds=5).se == \
         pytest.approx(absolute.se)  # the parent's noise does not enter an absolute limit
+
+
+def test_a_share_of_the_budget_just_over_one_is_not_printed_as_one():
+    """Breaker: realize printed "1.000 of its runtime_ms budget (over it)"."""
+    from puzzle.feedback import Check
+
+    text = {u: Check(u <= 1, u, "runtime_ms", {}, {}).use_text() for u in (1.0004, 0.99996, 1.0, 0.73)}
+    assert text == {1.0004: "1.0004", 0.99996: "0.99996", 1.0: "1.000", 0.73: "0.730"}
