@@ -143,7 +143,10 @@ def _resolve_config(args, out: Path):
     flag = lambda name: getattr(args, name, None)  # noqa: E731
     if flag("parent"):  # saved absolute, as the data sources are: the run's later commands may start elsewhere
         given = args.parent
-        keep = given == "tiny" or given.startswith("asset:")  # the built-in tiny model, a packaged asset
+        from .tiny import means_builtin_tiny
+
+        # the built-in tiny model (unless ./tiny exists, as in eval, gkd, sft and rpo), a packaged asset
+        keep = means_builtin_tiny(given) or given.startswith("asset:")
         changes["parent"]["path"] = given if keep else os.path.abspath(os.path.expanduser(given))
     if flag("calib"):
         calib = _sources_flag(args.calib, config.data.calib_sources)

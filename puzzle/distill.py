@@ -565,8 +565,11 @@ def _folder_inputs(args) -> GKDInputs:
         raise PuzzleError(f"--seq-len must be >= 2 (tokens per sequence), got {seq_len}")
     if args.eval_tokens is not None and not args.eval:
         raise PuzzleError("--eval-tokens needs --eval FILE ... (the evaluation text to pack)")
-    child_loaded = load_parent(args.child)
-    parent_loaded = load_parent(args.parent)
+    from .tiny import means_builtin_tiny, tiny_parent
+
+    # "tiny": the built-in tiny model (unless ./tiny exists), as eval, sft and rpo take it
+    child_loaded, parent_loaded = (tiny_parent() if means_builtin_tiny(spec) else load_parent(spec)
+                                   for spec in (args.child, args.parent))
     positions = min(child_loaded.model.config.max_position_embeddings, parent_loaded.model.config.max_position_embeddings)
     if seq_len > positions:
         raise PuzzleError(f"--seq-len {seq_len} is longer than the {positions} positions of the child and parent; "

@@ -567,6 +567,8 @@ def test_a_relative_parent_is_saved_absolute(tmp_path, monkeypatch):
     assert parent("--parent", "models/../p/") == str(tmp_path / "p")
     assert parent("--parent", "tiny") == "tiny" and parent("--parent", "asset:smollm2-135m") == "asset:smollm2-135m"
     assert parent() == "tiny"  # the preset's
+    (tmp_path / "tiny").mkdir()  # a folder called tiny here: --parent tiny names it, as in eval, gkd, sft and rpo
+    assert parent("--parent", "tiny") == str(tmp_path / "tiny")
 
 
 def test_a_moved_parent_is_named_with_the_command_that_gives_its_new_path(tmp_path_factory, tmp_path, capsys):

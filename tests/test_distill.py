@@ -306,3 +306,16 @@ def test_a_checkpoint_of_the_earlier_version_still_resumes(tmp_path, capsys, mon
     monkeypatch.undo()
     capsys.readouterr()
     assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
+
+
+def test_the_built_in_tiny_model_can_be_the_teacher(tmp_path, monkeypatch):
+    """Breaker: `gkd --child X --parent tiny` said "tiny does not exist"; eval, sft and rpo take the built-in model."""
+    _folders(tmp_path)
+    tiny = tiny_parent()
+    export_checkpoint(child_of(tiny.model), tiny.tokenizer, tmp_path / "tiny-child")
+    monkeypatch.chdir(tmp_path)  # no ./tiny here
+    p = argparse.ArgumentParser()
+    add_gkd_parser(p.add_subparsers())
+    args = p.parse_args(["gkd", "--child", "tiny-child", "--parent", "tiny", "--calib", "calib.txt", "--dest", "out",
+                         "--seq-len", "32", "--tokens", "256", "--no-progress"])
+    assert args.func(args) == 0 and (tmp_path / "out" / "config.json").is_file()
