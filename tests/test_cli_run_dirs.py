@@ -604,11 +604,13 @@ def test_scores_are_not_discarded_for_the_parent_identity_alone(tmp_path_factory
     meta = json.loads((out / "score" / "quality_meta.json").read_text())
     meta["library"]["parent"] = "0123456789abcdef"
     (out / "score" / "quality_meta.json").write_text(json.dumps(meta))
-    before = _files(out / "score")
+    results = lambda: {k: v for k, v in _files(out / "score").items() if "quality" in k}  # noqa: E731
+    before = results()
+    assert len(before) >= 3
     assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 2
     err = capsys.readouterr().err
     assert "were computed for another parent (fingerprint 0123456789abcdef" in err, err
-    assert _files(out / "score") == before
+    assert results() == before  # the cost table may be timed again first; the results stay
 
 
 @pytest.mark.parametrize("damage", ["missing", "damaged"])
