@@ -67,7 +67,9 @@ class Run:
 
     Bookkeeping (DIR/timings.json, DIR/parent.json) is written when a stage's work is done (`timed`) or the
     command succeeds (`flush`), never on the way: loading the parent or reloading finished splits to check a
-    command's flags writes nothing, so a refused command leaves the run as it was.
+    command's flags writes nothing, so a refused command leaves the run as it was. (One exception: the first load
+    of the parent in a run an earlier version made rewrites the parent fingerprint its records hold, once, to the
+    current one of the same model: `adopt_fingerprint`; their meaning does not change.)
     """
 
     out: Path
