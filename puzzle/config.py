@@ -216,7 +216,12 @@ class ReportConfig:
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
+            raise PuzzleError(f"report.prompts must be a list of strings (chat prompts), got {self.prompts!r}")
         object.__setattr__(self, "prompts", tuple(self.prompts))
+        value = self.max_new_tokens  # 12.5 or -4 failed at the run's very end, after every measurement
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PuzzleError(f"report.max_new_tokens must be a whole number >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -692,8 +692,14 @@ class DataConfig:
             raise PuzzleError(f"give {PARENT_SAMPLES} once among the calibration sources")
         if shared := set(self.calib_sources) & set(self.eval_sources):
             raise PuzzleError(f"{sorted(shared)} appear in both calibration and evaluation sources; keep them apart")
-        if self.seq_len < 2:
-            raise PuzzleError(f"data.seq_len must be at least 2, got {self.seq_len}")
+        for name, least in (("seq_len", 2), ("calib_tokens", 1), ("score_tokens", 1), ("eval_tokens", 1),
+                            ("min_doc_chars", 0), ("max_doc_tokens", 0), ("seed", None)):
+            value = getattr(self, name)  # 64.5 or "64" (a hand-edited preset or config.json) failed deep in packing
+            if isinstance(value, bool) or not isinstance(value, int) or least is not None and value < least:
+                raise PuzzleError(f"data.{name} must be a whole number{f' >= {least}' if least is not None else ''}, "
+                                  f"got {value!r}")
+        if isinstance(self.score_fraction, bool) or not isinstance(self.score_fraction, (int, float)):
+            raise PuzzleError(f"data.score_fraction must be a number in (0, 1), got {self.score_fraction!r}")
         for name in ("calib_tokens", "score_tokens", "eval_tokens"):
             if getattr(self, name) < self.seq_len:
                 raise PuzzleError(f"data.{name} = {getattr(self, name)} is below data.seq_len = {self.seq_len} (one "

@@ -656,3 +656,36 @@ def test_a_searched_child_outside_the_space_names_its_file(tmp_path_factory, tmp
     path.write_text(json.dumps({**record, "choice": record["choice"][1:]}))
     assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 2
     assert "for a parent of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("section, key, value, words", [
+    ("data", "seq_len", 64.5, "data.seq_len must be a whole number >= 2, got 64.5"),
+    ("data", "seq_len", '"64"', "data.seq_len must be a whole number >= 2, got '64'"),
+    ("data", "calib_tokens", 4096.5, "data.calib_tokens must be a whole number >= 1"),
+    ("report", "max_new_tokens", 12.5, "report.max_new_tokens must be a whole number >= 1"),
+    ("report", "max_new_tokens", 0, "report.max_new_tokens must be a whole number >= 1"),
+    ("report", "prompts", '"hello"', "report.prompts must be a list of strings"),
+])
+def test_settings_that_are_not_whole_numbers_or_lists_are_one_line_before_any_work(tmp_path, capsys, section, key,
+                                                                                     value, words):
+    """Breaker: seq_len 64.5 was a TypeError deep in packing (leaving the new --out behind), report.max_new_tokens
+    12.5 a traceback at the run's very end, and prompts = "hello" five one-letter prompts."""
+    from importlib import resources
+
+    from puzzle.cli import main
+
+    out_lines, inside = [], None
+    for line in (resources.files("puzzle.presets") / "tiny.toml").read_text().splitlines():  # the value set there
+        if line.strip().startswith("[") and line.strip().endswith("]"):
+            inside = line.strip()[1:-1]
+        if inside == section and line.split("=")[0].strip() == key:
+            continue
+        out_lines.append(line)
+        if line.strip() == f"[{section}]":
+            out_lines.append(f"{key} = {value}")
+    preset = tmp_path / "p.toml"
+    preset.write_text("\n".join(out_lines) + "\n")
+    assert main(["data", "--preset", str(preset), "--out", str(tmp_path / "new"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("puzzle: error") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()
