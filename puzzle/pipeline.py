@@ -181,11 +181,34 @@ class Run:
             tokenizer = self.parent.tokenizer
             t0 = time.perf_counter()
             resolved = self.generated_sources()
-            self._tokens = prepare_data(self.config.data, tokenizer, self.out / "data", progress=self.progress,
-                                        resolved=resolved)
+            tokens = prepare_data(self.config.data, tokenizer, self.out / "data", progress=self.progress,
+                                  resolved=resolved, write=False)
+            if not tokens.reloaded:  # packed now: not written over the splits the library was trained on
+                self._check_library_calib(tokens.calib)
+                from .data import write_token_splits
+
+                write_token_splits(tokens, self.out / "data")
+            self._tokens = tokens
             if not self._tokens.reloaded:  # tokenized now: the data stage's work
                 self.timed("data_s", time.perf_counter() - t0)
         return self._tokens
+
+    def _check_library_calib(self, calib: torch.Tensor) -> None:
+        """Refuse newly packed calibration tokens that are not the ones DIR/library was trained on (its meta.json's
+        calib_sha), before they replace the run's splits: the library would belong to other text than its run.
+
+        Raises:
+            PuzzleError: naming what changed and the two ways out.
+        """
+        try:
+            built_on = json.loads((self.out / "library" / "meta.json").read_text()).get("calib_sha")
+        except (OSError, ValueError, AttributeError):
+            return  # no library yet (or a damaged meta.json, which `puzzle bld` names)
+        if isinstance(built_on, str) and built_on != _tensor_sha(calib):
+            raise PuzzleError(f"the calibration split packed now differs from the one the library in "
+                              f"{self.out / 'library'} was trained on (the calibration text or the data settings "
+                              f"changed since); {self.out / 'data'} is left as it is: restore the text or settings, or "
+                              f"delete {self.out / 'library'} to train a library on the new text")
 
     def generated_sources(self, data=None, folder: Path | None = None) -> dict[str, Path]:
         """Calibration sources made by the run (`parent-samples`): spec -> its file in `folder`

@@ -689,3 +689,21 @@ def test_settings_that_are_not_whole_numbers_or_lists_are_one_line_before_any_wo
     err = capsys.readouterr().err
     assert words in err and err.count("puzzle: error") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "new").exists()
+
+
+def test_other_calibration_text_does_not_replace_the_splits_a_library_was_trained_on(tmp_path_factory, tmp_path,
+                                                                                       capsys):
+    """Breaker: a rerun after the calibration text changed re-packed DIR/data and then failed in bld, leaving the
+    library on other text than its run's splits (and `score` then scored with it)."""
+    from puzzle.cli import main
+    from puzzle.data import packaged_text_path
+
+    out = _copy(tmp_path_factory, tmp_path)
+    text = packaged_text_path("tiny_corpus.txt").read_text()
+    (tmp_path / "other.txt").write_text(text.replace("e", "E"))  # every document changes
+    before = _files(out / "data")
+    for command in ("data", "score"):
+        assert main([command, "--out", str(out), "--calib", str(tmp_path / "other.txt"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "differs from the one the library" in err and "is left as it is" in err, err
+        assert _files(out / "data") == before
