@@ -395,15 +395,35 @@ def load_run_config(out_dir: Path) -> RunConfig:
     return saved_run_config(read_run_config_json(out_dir), Path(out_dir) / "config.json")
 
 
-def saved_run_config(raw: dict, where: Path) -> RunConfig:
-    """RunConfig from the settings object of a run's config.json (`read_run_config_json`). Missing sections and
-    settings take their defaults (a file written before they existed), except the parent: a run's work belongs to
-    its parent, so a run whose file names none is refused rather than given the default parent.
+#: sections of a run's config.json that its work depends on (written by every version; "report" may be missing)
+WORK_SECTIONS = ("data", "space", "bld", "score", "target", "search")
+
+
+def check_work_sections(raw: dict, where: Path) -> None:
+    """Refuse a run's config.json (its settings object `raw`) without a section of WORK_SECTIONS: every version
+    wrote them, so one is missing by a hand edit, and its defaults would be another preset's (the demo's).
 
     Raises:
-        PuzzleError: no parent.path, or as `RunConfig.from_dict`.
+        PuzzleError: naming the missing sections.
+    """
+    missing = [name for name in WORK_SECTIONS if name not in raw]
+    if missing:
+        raise PuzzleError(f"{where} has no {', '.join(repr(m) for m in missing)} section"
+                          f"{'s' if len(missing) > 1 else ''}, which the run's data, library, scores and children "
+                          f"were made with; put {'them' if len(missing) > 1 else 'it'} back (every run's config.json "
+                          f"holds them), or start another --out")
+
+
+def saved_run_config(raw: dict, where: Path) -> RunConfig:
+    """RunConfig from the settings object of a run's config.json (`read_run_config_json`). Missing settings take
+    their defaults (a file written before they existed), and so does a missing report section; a missing section of
+    `WORK_SECTIONS` or parent is refused: the run's work was made with them, and the defaults are the demo's.
+
+    Raises:
+        PuzzleError: a missing section of WORK_SECTIONS, no parent.path, or as `RunConfig.from_dict`.
     """
     config = RunConfig.from_dict(raw, str(where))  # a setting that is not valid is named first
+    check_work_sections(raw, where)
     parent = raw.get("parent")
     if not isinstance(parent, dict) or "path" not in parent:
         raise PuzzleError(f"{where} names no parent model (its \"parent\" section or parent.path is missing), so "

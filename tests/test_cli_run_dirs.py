@@ -707,3 +707,20 @@ def test_other_calibration_text_does_not_replace_the_splits_a_library_was_traine
         err = capsys.readouterr().err
         assert "differs from the one the library" in err and "is left as it is" in err, err
         assert _files(out / "data") == before
+
+
+def test_a_config_json_without_a_work_section_is_refused(tmp_path_factory, tmp_path, capsys):
+    """Breaker: a config.json whose "score" section was removed got the demo's defaults; front then re-solved on a
+    score table made with other settings and saved them, and score then discarded every result."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    del config["score"]
+    (out / "config.json").write_text(json.dumps(config))
+    before = _files(out)
+    for argv in (["front", "--max-contention", "inf"], ["score"], ["search"]):
+        assert main([argv[0], "--out", str(out), *argv[1:], "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "has no 'score' section" in err and err.count("puzzle: error") == 1, err
+        assert _files(out) == before
