@@ -642,6 +642,8 @@ def check_library_entries(run: Run, stages) -> None:
 def stage_score(run: Run) -> dict[str, pd.DataFrame]:
     """Quality and cost → the score tables (trained entries, and init-only entries when configured)."""
     stages = ("bld", "init") if run.config.score.score_init else ("bld",)
+    if (run.out / "library" / "meta.json").is_file():  # a library of another parent, text or settings: as bld says
+        run.library.check_meta(library_meta(run))
     check_library_entries(run, stages)  # before the cost measurement, the longest part
     costs, non_block = stage_cost(run)
     tables = {}

@@ -724,3 +724,17 @@ def test_a_config_json_without_a_work_section_is_refused(tmp_path_factory, tmp_p
         err = capsys.readouterr().err
         assert "has no 'score' section" in err and err.count("puzzle: error") == 1, err
         assert _files(out) == before
+
+
+def test_score_refuses_a_library_bld_refuses(tmp_path_factory, tmp_path, capsys):
+    """Breaker: with a library built on other calibration text, bld refused it but score rescored with it."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    meta = json.loads((out / "library" / "meta.json").read_text())
+    (out / "library" / "meta.json").write_text(json.dumps({**meta, "calib_sha": "0" * 16}))
+    results = {k: v for k, v in _files(out / "score").items() if "quality" in k}
+    for command in ("bld", "score"):
+        assert main([command, "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 2
+        assert "was built with other settings (calib_sha differ)" in capsys.readouterr().err
+    assert {k: v for k, v in _files(out / "score").items() if "quality" in k} == results
