@@ -115,17 +115,17 @@ def _base_config(args, out: Path, saved: bool = True):
     """What the command-line flags apply to: --preset, else the configuration saved in `out` (unless `saved` is
     False), else smollm2-demo. A flag of `_SETTING_FLAGS` stands in for its saved setting before the saved
     configuration is checked, so that the flag mends a setting that is not valid there (as its error suggests)."""
-    from .config import check_work_sections, load_preset, read_run_config_json, saved_run_config
+    from .config import WORK_SECTIONS, load_preset, read_run_config_json, saved_run_config
 
     if getattr(args, "preset", None):
         return load_preset(args.preset)
     if saved and (out / "config.json").is_file():
         raw = read_run_config_json(out)
-        check_work_sections(raw, out / "config.json")  # before a flag makes a section of its one setting
+        missing = [name for name in WORK_SECTIONS if name not in raw]  # before a flag makes a section of one setting
         for name, section, key in (*_SETTING_FLAGS, ("parent", "parent", "path")):
             if getattr(args, name, None) is not None:
                 raw[section] = {**raw.get(section, {}), key: getattr(args, name)}
-        return saved_run_config(raw, out / "config.json")
+        return saved_run_config(raw, out / "config.json", missing)
     return load_preset("smollm2-demo")
 
 

@@ -399,14 +399,15 @@ def load_run_config(out_dir: Path) -> RunConfig:
 WORK_SECTIONS = ("data", "space", "bld", "score", "target", "search")
 
 
-def check_work_sections(raw: dict, where: Path) -> None:
+def check_work_sections(raw: dict, where: Path, missing: list[str] | None = None) -> None:
     """Refuse a run's config.json (its settings object `raw`) without a section of WORK_SECTIONS: every version
     wrote them, so one is missing by a hand edit, and its defaults would be another preset's (the demo's).
+    `missing`: the sections the file itself lacked, when `raw` has had flags applied since.
 
     Raises:
         PuzzleError: naming the missing sections.
     """
-    missing = [name for name in WORK_SECTIONS if name not in raw]
+    missing = [name for name in WORK_SECTIONS if name not in raw] if missing is None else missing
     if missing:
         raise PuzzleError(f"{where} has no {', '.join(repr(m) for m in missing)} section"
                           f"{'s' if len(missing) > 1 else ''}, which the run's data, library, scores and children "
@@ -414,16 +415,17 @@ def check_work_sections(raw: dict, where: Path) -> None:
                           f"holds them), or start another --out")
 
 
-def saved_run_config(raw: dict, where: Path) -> RunConfig:
+def saved_run_config(raw: dict, where: Path, missing: list[str] | None = None) -> RunConfig:
     """RunConfig from the settings object of a run's config.json (`read_run_config_json`). Missing settings take
     their defaults (a file written before they existed), and so does a missing report section; a missing section of
     `WORK_SECTIONS` or parent is refused: the run's work was made with them, and the defaults are the demo's.
+    `missing`: as `check_work_sections` takes it.
 
     Raises:
         PuzzleError: a missing section of WORK_SECTIONS, no parent.path, or as `RunConfig.from_dict`.
     """
     config = RunConfig.from_dict(raw, str(where))  # a setting that is not valid is named first
-    check_work_sections(raw, where)
+    check_work_sections(raw, where, missing)
     parent = raw.get("parent")
     if not isinstance(parent, dict) or "path" not in parent:
         raise PuzzleError(f"{where} names no parent model (its \"parent\" section or parent.path is missing), so "
