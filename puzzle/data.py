@@ -253,6 +253,9 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
             docs.append(Document(_oe_eval_passage(record).strip(), str(doc_id), source))
             continue
         text = _record_text(record, text_field)
+        if text is None and text_field in record:  # null, a number, a list: there, but not text
+            raise PuzzleError(f"{path}, line {lineno}: field {text_field!r} is not a string (got "
+                              f"{type(record[text_field]).__name__}); give each record its text as a string")
         if text is None:
             raise PuzzleError(f"{path}, line {lineno}: no {text_field!r} field (nor 'messages' or 'turns'); "
                               f"name the text field with text_field")
@@ -312,7 +315,14 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
         if text_field not in table.column_names:
             raise PuzzleError(f"{file} has no column {text_field!r} (columns: {table.column_names}); "
                               f"name the text column with text_field")
-        for i, text in enumerate(table.column(text_field).to_pylist()):
+        column = table.column(text_field)
+        import pyarrow as pa
+
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or getattr(pa.types, "is_string_view", lambda t: False)(column.type)):
+            raise PuzzleError(f"{file}: column {text_field!r} holds {column.type}, not text; name the text column "
+                              f"with text_field")
+        for i, text in enumerate(column.to_pylist()):
             if isinstance(text, str) and text.strip():
                 docs.append(Document(text.strip(), f"{file.name}:{i}" if len(files) > 1 else str(i), source))
     return docs
@@ -1044,7 +1054,11 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                                                                          for d in per_source[s]], progress)
         else:
             if not splits[split]:
-                raise PuzzleError(f"the {split} split has no documents; add text to its sources")
+                had = sum(len(per_source[s]) for s in config.calib_sources)
+                why = (f" ({had} documents were read from the calibration sources, and every one repeats the text of "
+                       f"an evaluation document, which is kept there once: a copy of an --eval file under another "
+                       f"name?); give calibration text of its own" if had else "; add text to its sources")
+                raise PuzzleError(f"the {split} split has no documents{why}")
             try:
                 tokens, used, source_tokens = _pack(splits[split], tokenizer, config.seq_len, budgets[split],
                                                     config.max_doc_tokens, config.calib_source_weights(),

@@ -757,3 +757,26 @@ def test_calib_weights_refuse_what_cannot_give_a_share(tmp_path, tok):
     copy.write_text(open(short_src).read())  # the same text under another name
     with pytest.raises(PuzzleError, match="copy.txt: every document repeats"):
         prepare_data(_weighted_config((short_src, str(copy)), calib_weights=(1, 1)), tok, tmp_path / "d")
+
+
+def test_text_that_is_not_a_string_and_calibration_text_copied_from_evaluation_are_named(tmp_path, tok):
+    """Breaker: {"text": null} was "no 'text' field", an integer parquet column "is empty", and calibration text
+    that is a copy of the evaluation file "the calib split has no documents; add text"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from puzzle.data import DataConfig, prepare_data, read_documents
+
+    (tmp_path / "n.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    with pytest.raises(PuzzleError, match=r"line 2: field 'text' is not a string \(got NoneType\)"):
+        read_documents(str(tmp_path / "n.jsonl"))
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(PuzzleError, match="column 'text' holds int64, not text"):
+        read_documents(str(tmp_path / "ints.parquet"))
+    text = "\n\n".join(f"Paragraph {i} of the shared text, long enough to be kept as a document." for i in range(40))
+    (tmp_path / "eval.txt").write_text(text)
+    (tmp_path / "copy.txt").write_text(text)
+    config = DataConfig(calib_sources=(str(tmp_path / "copy.txt"),), eval_sources=(str(tmp_path / "eval.txt"),),
+                        seq_len=16, calib_tokens=64, score_tokens=32, eval_tokens=32)
+    with pytest.raises(PuzzleError, match="every one repeats the text of an evaluation document"):
+        prepare_data(config, tok, tmp_path / "data")
