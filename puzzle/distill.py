@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from .errors import PuzzleError, require_finite
 from .io import atomic_save_safetensors, atomic_write_json, read_json, tensor_sha256
 from .modeling import PuzzleForCausalLM
-from .train_utils import (CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier, check_resumable,
-                          check_work_folder, global_batch, init_distributed, rank_slice, shutdown_distributed,
-                          train_loop)
+from .train_utils import (FOLDER_SOURCE, CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier,
+                          check_resumable, check_work_folder, global_batch, init_distributed, rank_slice,
+                          recorded_source, shutdown_distributed, train_loop)
 
 TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
@@ -466,12 +466,8 @@ class GKDInputs:
     work: Path
     description: dict
     child_source: str = ""  # the child as the work folder's checkpoint records it (independent of dest and, for a
-    # folder, of its path: FOLDER_CHILD, as the checkpoint's "child" hashes its weights; a moved child resumes)
+    # folder, of its path: train_utils.FOLDER_SOURCE, as the checkpoint's "child" hashes its weights)
     save_data: object = None  # writes re-packed training splits (RUN/gkd/data-*) once every check has passed
-
-
-#: the child_source of a --child FOLDER training (the folder's weights identify it, not its path)
-FOLDER_CHILD = "a model folder"
 
 
 def _run_inputs(args, progress: bool, log) -> GKDInputs:
@@ -596,7 +592,7 @@ def _folder_inputs(args) -> GKDInputs:
                      Path(args.work or f"{dest}.gkd-work"),
                      {"child": model_ref(args.child), "parent": parent_loaded.source, "train_data": ", ".join(args.calib),
                       "eval_data": ", ".join(args.eval) if args.eval else None},
-                     child_source=FOLDER_CHILD)
+                     child_source=FOLDER_SOURCE)
 
 
 def config_from_args(args) -> GKDConfig:
@@ -640,12 +636,9 @@ def run_gkd_command(args, log=None) -> dict:
     try:
         progress = not args.no_progress and env.is_main
         inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
-        from .train_utils import recorded_source
-
-        # a folder's child: recorded as FOLDER_CHILD, or by its path in a checkpoint of an earlier version
-        extra_meta = {"child_source": recorded_source(inputs.work / "checkpoint.pt", "child_source",
-                                                      inputs.description["child"], inputs.child_source)
-                      if inputs.child_source == FOLDER_CHILD else inputs.child_source or inputs.description["child"]}
+        # a folder's child: as FOLDER_SOURCE, or by its path where a checkpoint of an earlier version recorded that
+        extra_meta = {"child_source": inputs.child_source if inputs.child_source != FOLDER_SOURCE else recorded_source(
+            inputs.work / "checkpoint.pt", "child_source", inputs.description["child"], inputs.child_source)}
         # a checkpoint this call cannot continue, or an export of another training in dest, is refused before
         # anything is written (data, evaluation, cache)
         meta = gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids, extra_meta)

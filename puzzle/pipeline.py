@@ -140,6 +140,7 @@ class Run:
         if self._parent is None:
             t0 = time.perf_counter()
             path = self.config.parent.path
+            check_parent_path(path, self.out)
             if path == "tiny":
                 from .tiny import tiny_parent
 
@@ -151,8 +152,6 @@ class Run:
                     from .assets import asset_path
 
                     path = str(asset_path(path[len("asset:"):], progress=self.progress))
-                elif not Path(path).expanduser().exists():
-                    raise missing_parent(path, self.out)
                 loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
@@ -245,13 +244,19 @@ class Run:
                         num_threads=t.threads)
 
 
-def missing_parent(path: str, out: Path) -> PuzzleError:
-    """The error for a run whose parent.path (`path`) does not exist, saying how to give the moved model's new path
-    (only run, data, bld and score take --parent; the others read the saved one)."""
-    return PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in {out / 'config.json'}); "
-                       f"if the run's model moved, give its new path once with `puzzle data --out {out} --parent "
-                       f"NEW_PATH` (run, data, bld and score take --parent and save it; the same weights keep the run's "
-                       f"library, scores and children), else put the model back or give a path that exists")
+def check_parent_path(path: str, out: Path) -> None:
+    """Refuse a run's parent.path (`path`: a local path, "tiny" or asset:<name>) naming no file or folder, saying how
+    to give the moved model's new path (only run, data, bld and score take --parent; the others read the saved one).
+
+    Raises:
+        PuzzleError: the path does not exist.
+    """
+    if path == "tiny" or path.startswith("asset:") or Path(path).expanduser().exists():
+        return
+    raise PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in {out / 'config.json'}); "
+                      f"if the run's model moved, give its new path once with `puzzle data --out {out} --parent "
+                      f"NEW_PATH` (run, data, bld and score take --parent and save it; the same weights keep the run's "
+                      f"library, scores and children), else put the model back or give a path that exists")
 
 
 #: values per parameter `weights_sha` hashes (evenly strided, the first included)

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from .errors import PuzzleError, require_finite
 from .io import atomic_write_json, atomic_write_text
 from .modeling import PuzzleForCausalLM
-from .train_utils import (DistEnv, OptimSettings, TrainResult, barrier, check_work_folder, global_batch,
-                          init_distributed, rank_slice, shutdown_distributed, train_loop)
+from .train_utils import (FOLDER_SOURCE, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
+                          global_batch, init_distributed, rank_slice, recorded_source, shutdown_distributed, train_loop)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -611,7 +611,7 @@ def run_sft_command(args, log=None) -> dict | None:
         inputs += local_parent_path(run_config)  # its parent is an input too
     else:  # the checkpoint's "model" hashes the weights: a moved folder is the same model and resumes
         what = "tiny" if builtin_tiny else model_ref(args.model)
-        source = "tiny" if builtin_tiny else "a model folder"
+        source = "tiny" if builtin_tiny else FOLDER_SOURCE
     check_export_target(dest, overwrite=True, keep=[*inputs, work],  # before loading and training, not after
                         provenance=export_provenance({"sft": {"model": what}}), training_pending=True, work=work)
     # a run's export folder takes new folders: the default DEST and its work folder are there
@@ -633,9 +633,7 @@ def run_sft_command(args, log=None) -> dict | None:
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "
             f"{config.steps(data.input_ids.shape[0])} steps, {env.world_size} process(es)")
-        if source == "a model folder":  # or its path, as a checkpoint of an earlier version recorded it
-            from .train_utils import recorded_source
-
+        if source == FOLDER_SOURCE:  # or its path, as a checkpoint of an earlier version recorded it
             source = recorded_source(work / "checkpoint.pt", "model_source", what, source)
         extra_meta = {"model_source": source}
         training = training_ref(sft_meta(model, data, config, extra_meta), work, dest)

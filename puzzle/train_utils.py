@@ -303,6 +303,11 @@ def check_resumable(checkpoint_path: Path | None, meta: dict, total_steps: int, 
         _check_resume(Path(checkpoint_path), load_checkpoint(checkpoint_path, mmap=True), meta, total_steps, fsdp)
 
 
+#: how gkd (--child) and sft (--model) checkpoints name an input model folder: by nothing but its weights hash
+#: (the checkpoint's settings hold it), so a moved folder resumes; an earlier version recorded the path
+FOLDER_SOURCE = "a model folder"
+
+
 def recorded_source(checkpoint_path: Path, key: str, earlier: str, now: str) -> str:
     """The value of `key` in a checkpoint's settings to train with: `now`, or `earlier` when the checkpoint at
     `checkpoint_path` recorded that (an earlier version named the input model by its path there, which the

@@ -446,13 +446,10 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
         if child is None:
             raise PuzzleError(f"{path} is a run directory: pass --child parent or one of {searched or ['(none searched yet)']}")
         run_dtype = getattr(torch, config.parent.dtype)
-        where = config.parent.path
-        if where != "tiny" and not where.startswith("asset:") and not Path(where).expanduser().exists():
-            from puzzle.pipeline import missing_parent
+        from puzzle.pipeline import check_parent_path, check_parent_weights
 
-            raise missing_parent(where, path)
-        parent = _load_parent_path(where, run_dtype)
-        from puzzle.pipeline import check_parent_weights
+        check_parent_path(config.parent.path, path)
+        parent = _load_parent_path(config.parent.path, run_dtype)
 
         check_parent_weights(path, parent.model, config.parent)  # the run's library was made from this parent
         exclude = used_lambada_ids(path) if (path / "data" / "manifest.json").is_file() else set()

@@ -292,15 +292,11 @@ def test_two_processes_match_one(tmp_path, mode):
 def test_a_checkpoint_of_the_earlier_version_still_resumes(tmp_path, capsys, monkeypatch):
     """Review: an earlier version recorded a --child folder's path as the checkpoint's child_source; the folder's
     weights hash now identifies it, and such a checkpoint (and its export) must still count as this training."""
-    import dataclasses
-
     import puzzle.distill as distill
 
     _folders(tmp_path)
-    folder_inputs = distill._folder_inputs
-    monkeypatch.setattr(distill, "_folder_inputs",  # as the earlier version recorded it: the folder's path
-                        lambda args: dataclasses.replace(folder_inputs(args), child_source=""))
-    monkeypatch.setattr(distill, "FOLDER_CHILD", "unused")
+    monkeypatch.setattr(distill, "recorded_source",  # as the earlier version recorded it: the folder's path
+                        lambda path, key, earlier, now: earlier)
     args = _args(tmp_path, tmp_path / "out", "--no-eval")
     assert args.func(args) == 0
     monkeypatch.undo()
