@@ -11,10 +11,11 @@
     DIR/search/<name>.json          a chosen architecture and its predicted totals
     DIR/children/<name>.json        measured quality and speed of a realized model
     DIR/export/<name>/              HF folder (nemotron-nas) of each chosen child
-    DIR/summary.csv, front.csv, front.png, report.md
+    DIR/summary.csv, front.csv, front.png, report.md (+ report.json: what it was written from)
 
 A rerun skips finished work: the data stage reloads matching splits, BLD keeps complete library
-entries, scoring resumes from its result logs, children with up-to-date measurements are reused.
+entries, scoring resumes from its result logs, children with up-to-date measurements are reused
+(`run_all`: a front still current is not timed again, up-to-date exports and report are kept).
 Library code: nothing here prints; progress goes to tqdm bars when `progress` is on and stage
 messages to the `log` callback.
 """
@@ -56,7 +57,7 @@ def local_parent_path(config: RunConfig) -> list[Path]:
 RUN_FOLDERS = ("data", "library", "score", "search", "children", "export", "front_rows", "baselines", "refine",
                "downstream", "gkd")
 #: files a run's stages write after long work (atomically, by renaming onto them): each a file or absent
-RUN_FILES = ("timings.json", "parent.json", "summary.csv", "report.md", "front.csv", "front.png", "front.json",
+RUN_FILES = ("timings.json", "parent.json", "summary.csv", "report.md", "report.json", "front.csv", "front.png", "front.json",
              "front_all.csv", "front_all.png", "front_ratios.csv", "search/chosen.json", "children/budget_feedback.json",
              "children/machine.json")
 
@@ -999,23 +1000,55 @@ def generate_answers(model_path: str, prompts, max_new_tokens: int):
 
 def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`)."""
-    from .export import check_export_target, export_checkpoint, export_provenance
+    from .export import check_export_target, export_checkpoint, export_provenance, run_ref
 
     record = read_architecture(run, name)
-    check_export_target(dest or run.out / "export" / name, overwrite=True, keep=run.input_paths(),  # before building
-                        provenance=export_provenance({"name": name, "run": str(run.out.resolve())}))
+    dest = dest or run.out / "export" / name
+    # the run as seen from dest (a moved run keeps its exports' provenance); earlier versions recorded it resolved
+    also_same = (export_provenance({"name": name, "run": str(run.out.resolve())}),)
+    check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
+                        provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}), also_same=also_same)
     model = model if model is not None else build_child(run, record)
     t0 = time.perf_counter()
-    result = export_checkpoint(model, run.parent.tokenizer, dest or run.out / "export" / name, overwrite=True,
-                               extra_info={"name": name, "run": str(run.out.resolve()), "parent": run.parent.source,
-                                           "library_stage": record.get("library_stage"),
-                                           "predicted_speedup": record.get("speedup")})
+    result = export_checkpoint(model, run.parent.tokenizer, dest, overwrite=True, also_same=also_same,
+                               extra_info=export_extra_info(run, name, record, dest))
     run.timed("export_s", time.perf_counter() - t0)
     for w in result.warnings:
         run.say(f"export {name}: warning: {w}")
     if result.replaced:
         run.say(f"export {name}: replaced the export of {result.replaced} that was in {result.path}")
     return result
+
+
+def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:
+    """The provenance `stage_export` stores under config.json's "puzzle" key of child `name`'s export at `dest`."""
+    from .export import run_ref
+
+    return {"name": name, "run": run_ref(run.out, dest), "parent": run.parent.source,
+            "library_stage": record.get("library_stage"), "predicted_speedup": record.get("speedup")}
+
+
+def export_is_current(run: Run, name: str, model, dest: Path | None = None) -> bool:
+    """Whether DIR/export/<name> (or `dest`) is the export `stage_export` would write of `model` now: a complete
+    export folder (atomically moved into place, so present means whole) whose config.json carries the same
+    block_configs and provenance (`export_extra_info`, this version). Weights are not compared: callers ask only
+    while the run's score and cost tables are the ones its children were measured on (`front_is_current`)."""
+    from . import __version__
+    from .configuration_decilm import config_dict_from_model_config
+    from .export import is_export_folder
+
+    dest = dest or run.out / "export" / name
+    if not (is_export_folder(dest) and (dest / "model.safetensors").is_file()):
+        return False
+    try:
+        stored = json.loads((dest / "config.json").read_text(encoding="utf-8"))
+        record = read_architecture(run, name)
+    except (OSError, ValueError, PuzzleError):
+        return False
+    want = json.loads(json.dumps({"version": __version__, "source": dict(model.config.extra),
+                                  **export_extra_info(run, name, record, dest)}, default=str))
+    blocks = json.loads(json.dumps(config_dict_from_model_config(model.config)["block_configs"], default=str))
+    return isinstance(stored, dict) and stored.get("puzzle") == want and stored.get("block_configs") == blocks
 
 
 def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
@@ -1279,21 +1312,44 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def run_all(run: Run) -> pd.DataFrame:
-    """The main job: data → BLD → scoring → search → realize, evaluate, measure → export → front → report."""
+    """The main job: data → BLD → scoring → search → realize, evaluate, measure → export → front → report.
+
+    A rerun of a finished run (front.json current, `front_is_current`; summary.csv agreeing, `measured_summary`)
+    times and evaluates nothing again: it rewrites only exports that are missing or out of date and a report
+    whose inputs changed (DIR/report.json)."""
+    from .export import export_warnings
+
     t_start = time.perf_counter()
     stage_data(run)
     stage_bld(run)
     stage_score(run)
     records = stage_search(run)
     main = read_json(run.out / "search" / "chosen.json")["main"]
-    summary, children, records = realize_and_measure(run, records)
+    stale = front_is_current(run)
+    summary = None if stale else measured_summary(run, records)
+    if summary is None:
+        if (run.out / "front.csv").is_file():
+            run.say(f"run: timing the children again ({stale or 'summary.csv does not hold what front.csv does'})")
+        summary, children, records = realize_and_measure(run, records)
+    else:  # a finished run: the measured children stand; what is missing or out of date is written again
+        run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and "
+                f"tables (front.json): no child evaluated or timed again (`puzzle front --out {run.out} --remeasure` "
+                "times them again)")
+        children = {name: build_child(run, rec) for name, rec in records.items()}
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage") == "bld":
-            exported[name] = stage_export(run, name, model=children[name])
-    write_front(run, summary, main)
-    t0 = time.perf_counter()
+            if stale or not export_is_current(run, name, children[name]):
+                exported[name] = stage_export(run, name, model=children[name])
+            else:
+                exported[name] = ExportedBefore(run.out / "export" / name, tuple(export_warnings(children[name].config)))
+    if stale:
+        write_front(run, summary, main)
     cfg = run.config.report
+    if not stale and report_is_current(run, exported):
+        run.say(f"run: {run.out / 'report.md'} is up to date: kept as it is")
+        return summary
+    t0 = time.perf_counter()
     models = {"parent": run.parent.model, **children}
     answers = {name: chat_answers(m, run.parent.tokenizer, cfg.prompts, cfg.max_new_tokens) for name, m in models.items()}
     run.timed("chat_s", time.perf_counter() - t0)
@@ -1302,10 +1358,70 @@ def run_all(run: Run) -> pd.DataFrame:
     return summary
 
 
+@dataclass(frozen=True)
+class ExportedBefore:
+    """An export a rerun found up to date (`export_is_current`): its folder and warnings, as `ExportResult` has."""
+
+    path: Path
+    warnings: tuple[str, ...]
+
+
+def measured_summary(run: Run, records: dict[str, dict]) -> pd.DataFrame | None:
+    """DIR/summary.csv when it holds the parent and every searched child in `records`, and the rows front.csv holds
+    with the same measured KL and throughput (the two are written by one measurement); else None."""
+    try:
+        summary = pd.read_csv(run.out / "summary.csv")
+        front = pd.read_csv(run.out / "front.csv").set_index("name")
+        summary = summary[SUMMARY_COLUMNS]
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return None
+    names = list(summary["name"].astype(str))
+    if len(set(names)) != len(names) or set(names) != {"parent", *records}:
+        return None
+    rows = summary.set_index(summary["name"].astype(str))
+    for name in front.index.astype(str):
+        if name not in rows.index:
+            return None
+        for col in ("kl_nats", "throughput_tok_s"):
+            a, b = rows.at[name, col], front.at[name, col]
+            if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)):
+                return None
+    return summary.reset_index(drop=True)
+
+
+def report_stamp(run: Run, exported: dict) -> dict:
+    """What report.md was written from, as DIR/report.json records it: the report settings, summary.csv and
+    front.json by sha256, and the exports' folders (relative to the run) and warnings."""
+    return json.loads(json.dumps({
+        "report": run.config.to_dict().get("report"),
+        "summary_csv": _sha256(run.out / "summary.csv"), "front_json": _sha256(run.out / "front.json"),
+        "exported": {n: {"path": _in_run(run, r.path), "warnings": list(r.warnings)} for n, r in sorted(exported.items())}},
+        default=str))
+
+
+def _in_run(run: Run, path: Path) -> str:
+    """`path` relative to the run directory when it lies inside it (a moved run's report stays true), else resolved."""
+    import os
+
+    path, out = Path(path).resolve(), run.out.resolve()
+    return os.path.relpath(path, out) if out in path.parents else str(path)
+
+
+def report_is_current(run: Run, exported: dict) -> bool:
+    """Whether DIR/report.md was written (`write_report`) from what the run holds now (`report_stamp`)."""
+    path = run.out / "report.json"
+    if not ((run.out / "report.md").is_file() and path.is_file()):
+        return False
+    try:
+        return read_json(path) == report_stamp(run, exported)
+    except (PuzzleError, OSError, ValueError):
+        return False
+
+
 def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict, main: str) -> None:
     """report.md: the summary table, predicted vs measured, BLD vs init-only, chat answers, timings."""
     w = run.workload()
-    lines = [f"# Puzzle run: {run.out}", "",
+    lines = [f"# Puzzle run: {run.out.resolve().name}", "",
              f"Parent: {run.parent.source}. Workload: {w.device} ({w.meta().get('device_name', '')}), {w.dtype}, "
              f"batch {w.batch_size}, prompt {w.prompt_len}, generate {w.gen_len}. Evaluation text: "
              f"{', '.join(run.config.data.eval_sources)}; calibration/scoring text: {', '.join(run.config.data.calib_sources)}.",
@@ -1346,11 +1462,13 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     if exported:
         lines += ["## Exported", ""]
         for name, res in exported.items():
-            lines.append(f"- {name}: `{res.path}`" + (f" — warnings: {'; '.join(res.warnings)}" if res.warnings else ""))
+            lines.append(f"- {name}: `{_in_run(run, res.path)}`" + (f" — warnings: {'; '.join(res.warnings)}"
+                                                                    if res.warnings else ""))
         lines.append("")
     lines += _unreachable_section(run)
     lines += [_REPORT_TIMES, "", json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
+    atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone
 
 
 _REPORT_UNREACHABLE, _REPORT_TIMES = "## Front targets out of reach", "## Time per stage (s)"

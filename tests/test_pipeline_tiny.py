@@ -23,7 +23,8 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):  # the preset's front, and a target no child of the library reaches
-        code = main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9"])
+        code = main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9",
+                     "--max-contention", "inf"])
     RUN_LOG["stderr"] = err.getvalue()
     assert code == 0, RUN_LOG["stderr"][-3000:]
     return out
@@ -107,6 +108,45 @@ def test_rerun_resumes_without_retraining(run_dir):
     assert out.returncode == 0, out.stderr
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["speedup"] >= 1.5 - 1e-9 and len(rec["choice"]) == 4
+
+
+def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "moved-run"  # a moved (copied) run: its front and exports stay current
+    shutil.copytree(run_dir, copy)
+    args = ["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9",
+            "--max-contention", "inf"]
+    files = ["summary.csv", "front.csv", "front.json", "report.md", "export/child-1.5x/model.safetensors",
+             "export/child-2x/model.safetensors"]
+    before = {f: (copy / f).stat().st_mtime_ns for f in files}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    said = err.getvalue()
+    assert "no child evaluated or timed again" in said and "report.md is up to date" in said, said[-2000:]
+    assert "timing the children again" not in said and "replaced the export" not in said
+    assert {f: (copy / f).stat().st_mtime_ns for f in files} == before  # nothing rewritten
+
+    shutil.rmtree(copy / "export" / "child-2x")  # a deleted export and report come back, nothing else is rewritten
+    (copy / "report.md").unlink()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert (copy / "export" / "child-2x" / "model.safetensors").is_file()
+    assert (copy / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns == before[files[4]]
+    assert (copy / "summary.csv").stat().st_mtime_ns == before["summary.csv"]
+    assert "Greedy chat answers" in (copy / "report.md").read_text() and "`export/child-2x`" in (copy / "report.md").read_text()
+    info = json.loads((copy / "export" / "child-2x" / "config.json").read_text())["puzzle"]
+    assert info["run"] == "../.."  # the run as seen from its export
+
+    summary = pd.read_csv(copy / "summary.csv")  # a summary that disagrees with front.csv is measured again
+    summary.loc[summary["name"] == "child-1.5x", "kl_nats"] += 1.0
+    summary.to_csv(copy / "summary.csv", index=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "timing the children again (summary.csv does not hold what front.csv does)" in err.getvalue()
 
 
 def _cli(*args):
