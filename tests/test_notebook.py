@@ -23,11 +23,28 @@ def test_notebook_draws_the_front_and_the_architecture_map(tmp_path_factory, mon
         summary, _, _ = realize_and_measure(run, {n: read_architecture(run, n) for n in names})
         write_front(run, summary, names[0])
     monkeypatch.setenv("PUZZLE_RUN", str(run.out))
+    scratch = tmp_path_factory.mktemp("kernel-tmp")  # the kernel's temporary folder: left empty when it stops
+    monkeypatch.setenv("TMPDIR", str(scratch))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run.out)}}).execute()
+    assert not [p for p in scratch.iterdir() if p.name.startswith("puzzle-notebook-")]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the front and the architecture map
     tables = [o["data"]["text/plain"] for o in outputs if "text/plain" in o.get("data", {})]
     assert any("child-1.5x" in t for t in tables)
+
+
+def test_notebook_keeps_its_figures_where_puzzle_figures_says(tmp_path_factory, monkeypatch):
+    from puzzle.baselines import open_run
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    if not (run.out / "front.csv").is_file():
+        pytest.skip("needs the front the test above writes")
+    figures = tmp_path_factory.mktemp("figures") / "kept"
+    monkeypatch.setenv("PUZZLE_RUN", str(run.out))
+    monkeypatch.setenv("PUZZLE_FIGURES", str(figures))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run.out)}}).execute()
+    assert sorted(p.name for p in figures.iterdir()) == ["architectures.png", "front.png"]
