@@ -510,6 +510,9 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
                 raise PuzzleError(f"{flag}: {p} is a folder; give a file path (e.g. {p / 'eval.csv'})")
         if path.exists() and not earlier(path):
             raise PuzzleError(f"{flag} {path} exists and is not an earlier `puzzle eval` output; give a new path")
+    if Path(out).suffix.lower() == ".json":  # the table is CSV, and its sidecar would be FILE.json.json
+        raise PuzzleError(f"--out {out}: the table is CSV (its settings go to a FILE.json sidecar next to it); give "
+                          f"a .csv path such as {Path(out).with_suffix('.csv')}")
     sidecar = Path(f"{out}.json")
     if sidecar.exists() and not _is_eval_table(Path(out)):
         raise PuzzleError(f"--out {out}: its sidecar {sidecar} exists and is no earlier `puzzle eval` output; "

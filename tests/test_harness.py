@@ -271,6 +271,7 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
     (tmp_path / "notes.json").write_text('{"mine": 1}')  # a sidecar eval did not write
     (tmp_path / "link").symlink_to(model)
     for spec, target, words in [(str(model), tmp_path / "notes", "its sidecar"),
+                                ("tiny", tmp_path / "acc.JSON", "give a .csv path such as"),  # sidecar acc.JSON.json
                                 (str(tmp_path / "run" / ".." / "model"), model / "config", "inside the model"),
                                 (str(tmp_path / "link"), model / "new.csv", "inside the model")]:
         bad = parser.parse_args(["eval", spec, "--tasks", "arc_easy", "--out", str(target)])
