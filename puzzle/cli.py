@@ -125,8 +125,27 @@ def _base_config(args, out: Path, saved: bool = True):
         for name, section, key in (*_SETTING_FLAGS, ("parent", "parent", "path")):
             if getattr(args, name, None) is not None:
                 raw[section] = {**raw.get(section, {}), key: getattr(args, name)}
+        if isinstance(raw.get("search"), dict):  # the search flags mend saved search settings the same way
+            raw["search"] = {**raw["search"], **_search_flags_raw(args)}
         return saved_run_config(raw, out / "config.json", missing)
     return load_preset("smollm2-demo")
+
+
+def _search_flags_raw(args) -> dict:
+    """The search settings this command's flags give, as config.json spells them (checked later, with the
+    configuration): the whole main budget when a budget flag is given, the objective, --vllm-compatible,
+    --budget-feedback; {} when none is given. Applied to a saved configuration before it is checked
+    (`_base_config`), so that a flag mends a saved search setting that is not valid."""
+    from .config import SEARCH_BUDGETS
+
+    flag = lambda name: getattr(args, name, None)  # noqa: E731
+    raw = {}
+    if any(flag(f) is not None for f in SEARCH_BUDGETS):  # all of them: a budget flag replaces the main budget
+        raw.update({f: flag(f).strip() if isinstance(flag(f), str) else flag(f) for f in SEARCH_BUDGETS})
+    for name in ("objective", "vllm_compatible", "budget_feedback"):
+        if flag(name) is not None:
+            raw[name] = flag(name).strip() if isinstance(flag(name), str) else flag(name)
+    return raw
 
 
 def _resolve_config(args, out: Path):
@@ -139,6 +158,9 @@ def _resolve_config(args, out: Path):
     from .config import SEARCH_BUDGETS
 
     _check_number_flags(args)
+    empty = [f for f in SEARCH_BUDGETS[1:] if isinstance(getattr(args, f, None), str) and not getattr(args, f).strip()]
+    if empty:  # before the saved configuration, which the budget flags are applied to
+        raise PuzzleError(f"--{empty[0].replace('_', '-')} is empty; give a value (e.g. 0.5) or leave the flag out")
     config = _base_config(args, out)
     changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
     flag = lambda name: getattr(args, name, None)  # noqa: E731
@@ -165,9 +187,6 @@ def _resolve_config(args, out: Path):
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
     budget_fields = SEARCH_BUDGETS[1:]  # the text budgets (speedup is a number)
-    empty = [f for f in budget_fields if isinstance(flag(f), str) and not flag(f).strip()]
-    if empty:
-        raise PuzzleError(f"--{empty[0].replace('_', '-')} is empty; give a value (e.g. 0.5) or leave the flag out")
     if flag("speedup") is not None or any(flag(f) for f in budget_fields):
         # the budget flags replace the saved main budget as a whole ('0.8 ' would name a file 'mem0.8 ')
         changes["search"].update(speedup=flag("speedup"),
@@ -376,7 +395,12 @@ def _saved(args):
     """DIR/config.json as it is before this command applies its flags (None for a new run)."""
     from .config import load_run_config
 
-    return load_run_config(args.out) if (args.out / "config.json").is_file() else None
+    if not (args.out / "config.json").is_file():
+        return None
+    try:
+        return load_run_config(args.out)
+    except PuzzleError:  # a saved setting this command's flags may mend (or the command says what is wrong)
+        return None
 
 
 def _log_unreachable_front(run) -> None:

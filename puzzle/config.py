@@ -302,6 +302,8 @@ def _section(cls, values: dict, where: str):
         return cls(**values)
     except (TypeError, ValueError) as e:  # a missing/extra argument, or a value float()/int() cannot read
         raise PuzzleError(f"{where}: {e}") from e
+    except PuzzleError as e:  # a setting's own check: named with the file it came from
+        raise PuzzleError(f"{where}: {e}") from None
 
 
 def preset_names() -> list[str]:

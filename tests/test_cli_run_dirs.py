@@ -182,6 +182,28 @@ def test_a_finished_front_is_drawn_again_under_another_contention_limit(tmp_path
     assert _files(out) == before  # config.json and search/ byte for byte
 
 
+def test_a_saved_search_setting_that_is_not_valid_is_named_with_its_file_and_mended_by_its_flag(
+        tmp_path_factory, tmp_path, capsys):
+    """Leftover: a hand-edited config.json with speedup "abc" failed `puzzle search --out DIR --speedup 1.25` too,
+    with a message that named neither the file nor the flag's way out."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    saved = json.loads((out / "config.json").read_text())
+    saved["search"]["speedup"] = "abc"
+    saved["search"]["budget_feedback"] = -3
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["search", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'config.json'} [search]: search." in err and len(err.strip().splitlines()) == 1, err
+    assert main(["search", "--out", str(out), "--speedup", "1.25", "--budget-feedback", "0"]) == 0, \
+        capsys.readouterr().err
+    mended = json.loads((out / "config.json").read_text())["search"]
+    assert mended["speedup"] == 1.25 and mended["budget_feedback"] == 0
+    assert main(["search", "--out", str(out), "--max-memory", " "]) == 2  # an empty flag is still named as the flag
+    assert "--max-memory is empty" in capsys.readouterr().err
+
+
 def test_a_run_whose_config_names_no_parent_is_refused_not_given_the_default_parent(tmp_path_factory, tmp_path,
                                                                                      capsys):
     """Breaker: a config.json without its "parent" section loaded the default SmolLM2 parent for a run built on
