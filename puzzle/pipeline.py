@@ -1000,12 +1000,18 @@ def generate_answers(model_path: str, prompts, max_new_tokens: int):
 
 def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`)."""
-    from .export import check_export_target, export_checkpoint, export_provenance, run_ref
+    from .export import TRAINED_KEYS, check_export_target, export_checkpoint, export_info, export_provenance, run_ref
 
     record = read_architecture(run, name)
     dest = dest or run.out / "export" / name
-    # the run as seen from dest (a moved run keeps its exports' provenance); earlier versions recorded it resolved
-    also_same = (export_provenance({"name": name, "run": str(run.out.resolve())}),)
+    # the run as seen from dest (a moved run keeps its exports' provenance); earlier versions recorded it resolved,
+    # and an untrained export of this name inside the run's own folder is this run's, wherever the run lay then
+    also_same = [export_provenance({"name": name, "run": str(run.out.resolve())})]
+    earlier = export_info(dest)
+    inside = run.out.resolve() in Path(dest).resolve().parents
+    if inside and earlier and earlier.get("name") == name and not any(k in earlier for k in TRAINED_KEYS) \
+            and earlier.get("stage") != "rpo":
+        also_same.append(export_provenance(earlier))
     check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
                         provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}), also_same=also_same)
     model = model if model is not None else build_child(run, record)

@@ -140,6 +140,16 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     info = json.loads((copy / "export" / "child-2x" / "config.json").read_text())["puzzle"]
     assert info["run"] == "../.."  # the run as seen from its export
 
+    config_path = copy / "export" / "child-2x" / "config.json"  # an earlier version's export: the run by its old path
+    config = json.loads(config_path.read_text())
+    config["puzzle"]["run"] = str(run_dir / "elsewhere")
+    config_path.write_text(json.dumps(config))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0
+    assert "replaced" not in err.getvalue(), err.getvalue()  # it is this run's own export, re-exported
+    assert json.loads(config_path.read_text())["puzzle"]["run"] == "../.."
+
     summary = pd.read_csv(copy / "summary.csv")  # a summary that disagrees with front.csv is measured again
     summary.loc[summary["name"] == "child-1.5x", "kl_nats"] += 1.0
     summary.to_csv(copy / "summary.csv", index=False)
