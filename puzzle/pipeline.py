@@ -1223,9 +1223,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     for name, c in checks.items():
         if not c.met:
             run.say(f"measure: {name} measured {c.use_text()} of its {c.column} budget: over it"
-                    + (f" by less than the timing noise (standard error {c.se:.3f})" if not c.significant_miss() else
-                       f" after {s.budget_feedback} re-solve round(s)" if s.budget_feedback else
-                       " (--budget-feedback N re-solves it)"))
+                    + _over_budget_note(c, history.get(name, []), s.budget_feedback))
     children = {name: child(rec) for name, rec in records.items()}
     quality = {"parent": evaluate(run, run.parent.model, "parent")}
     bar = None
@@ -1249,6 +1247,21 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
     return summary, children, records
+
+
+def _over_budget_note(check, history: list[dict], rounds: int) -> str:
+    """How a child that measured over its budget got there, from its budget-feedback `history` (`feedback.settle`):
+    within the timing noise, after re-solves, or in the last timing session with no round left to re-solve it."""
+    if not check.significant_miss():
+        return f" by less than the timing noise (standard error {check.se:.3f})"
+    if not rounds:
+        return " (--budget-feedback N re-solves it)"
+    resolves = sum(1 for e in history if str(e.get("action", "")).startswith(("tightened", "loosened", "reverted")))
+    if resolves:
+        return f" after {resolves} re-solve(s) in {rounds} round(s)"
+    uses = [e["check"]["use"] for e in history[:-1] if isinstance((e.get("check") or {}).get("use"), (int, float))]
+    earlier = f" (it measured {', '.join(f'{u:.3f}' for u in uses)} in the earlier session(s))" if uses else ""
+    return f" in the last timing session, with no re-solve round left{earlier}: the machine's speed moves between sessions"
 
 
 def parent_label(run: Run) -> str:

@@ -262,3 +262,20 @@ def test_a_share_of_the_budget_just_over_one_is_not_printed_as_one():
 
     text = {u: Check(u <= 1, u, "runtime_ms", {}, {}).use_text() for u in (1.0004, 0.99996, 1.0, 0.73)}
     assert text == {1.0004: "1.0004", 0.99996: "0.99996", 1.0: "1.000", 0.73: "0.730"}
+
+
+def test_an_over_budget_child_is_said_to_have_been_re_solved_only_when_it_was():
+    """Fresh user: 'over it after 2 re-solve round(s)' was printed for a child the feedback never re-solved (it met
+    its budget in the first session and went over in the last one, on the machine's drift)."""
+    from puzzle.feedback import Check
+    from puzzle.pipeline import _over_budget_note
+
+    over = Check(met=False, use=1.027, column="runtime_ms", ratios={}, limits={}, se=0.002)
+    kept = [{"round": 0, "action": "kept", "check": {"use": 0.933}}, {"round": 1, "action": "kept", "check": {"use": 1.027}}]
+    note = _over_budget_note(over, kept, rounds=2)
+    assert "no re-solve round left" in note and "0.933" in note and "after" not in note
+    tightened = [{"round": 0, "action": "tightened", "check": {"use": 1.2}}, *kept]
+    assert _over_budget_note(over, tightened, rounds=2) == " after 1 re-solve(s) in 2 round(s)"
+    assert "--budget-feedback N" in _over_budget_note(over, kept[:1], rounds=0)
+    noisy = Check(met=False, use=1.001, column="runtime_ms", ratios={}, limits={}, se=0.01)
+    assert "less than the timing noise" in _over_budget_note(noisy, kept, rounds=2)
