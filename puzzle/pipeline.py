@@ -1457,7 +1457,9 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         a, b = summary.set_index("name").loc[main], summary.set_index("name").loc[init_name]
         lines += ["## Does BLD matter?", "",
                   f"Same search and budget, library entries trained by BLD vs init-only: evaluation KL "
-                  f"{a['kl_nats']:.4f} vs {b['kl_nats']:.4f} nats/token (LM loss {a['lm_loss']:.4f} vs {b['lm_loss']:.4f}).", ""]
+                  f"{a['kl_nats']:.4f} vs {b['kl_nats']:.4f} nats/token (LM loss {a['lm_loss']:.4f} vs {b['lm_loss']:.4f}), "
+                  f"measured speed-up {a['speedup']:.2f}x vs {b['speedup']:.2f}x."
+                  + bld_comparison_caveat(a["speedup"], b["speedup"]), ""]
     machine = run.out / "children" / "machine.json"
     if machine.is_file():
         m = read_json(machine)
@@ -1485,9 +1487,25 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                                                                     if res.warnings else ""))
         lines.append("")
     lines += _unreachable_section(run)
-    lines += [_REPORT_TIMES, "", json.dumps(run.timings, indent=1), ""]
+    lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
+              "stage adds its time); total_s adds up the `puzzle run` invocations that finished.", "",
+              json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone
+
+
+def bld_comparison_caveat(speedup_bld: float, speedup_init: float, tolerance: float = 0.03) -> str:
+    """A sentence for report.md when the BLD child and the init-only child of one budget were timed more than
+    `tolerance` (relative) apart: their KLs then compare children of different speed, not the libraries alone
+    (the budget feedback can re-solve the two differently); "" otherwise."""
+    if not (math.isfinite(speedup_bld) and math.isfinite(speedup_init)) or speedup_init <= 0:
+        return ""
+    if abs(speedup_bld / speedup_init - 1) <= tolerance:
+        return ""
+    faster = "BLD" if speedup_bld > speedup_init else "init-only"
+    return (f" The two were timed {abs(speedup_bld / speedup_init - 1):.0%} apart (the {faster} child is faster), so "
+            "this compares children of different speed as well as the libraries; front.png places each at its "
+            "measured throughput.")
 
 
 _REPORT_UNREACHABLE, _REPORT_TIMES = "## Front targets out of reach", "## Time per stage (s)"

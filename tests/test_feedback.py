@@ -279,3 +279,13 @@ def test_an_over_budget_child_is_said_to_have_been_re_solved_only_when_it_was():
     assert "--budget-feedback N" in _over_budget_note(over, kept[:1], rounds=0)
     noisy = Check(met=False, use=1.001, column="runtime_ms", ratios={}, limits={}, se=0.01)
     assert "less than the timing noise" in _over_budget_note(noisy, kept, rounds=2)
+
+
+def test_the_bld_comparison_says_when_the_two_children_were_timed_apart():
+    """Fresh user: 'Does BLD matter?' flipped between reruns while the BLD and init-only children measured 1.57x and
+    1.49x; the report now says when the two compared children differ in measured speed."""
+    from puzzle.pipeline import bld_comparison_caveat
+
+    assert "5% apart (the BLD child is faster)" in bld_comparison_caveat(1.566, 1.489)
+    assert bld_comparison_caveat(1.50, 1.52) == ""
+    assert bld_comparison_caveat(float("nan"), 1.5) == ""
