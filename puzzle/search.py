@@ -511,6 +511,12 @@ def greedy(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_c
 # Reading a library and the `puzzle search` command
 
 
+def library_run_dir(path: str | os.PathLike) -> Path:
+    """The run directory of a run's block library folder (DIR/library, with its index.csv), else `path` itself."""
+    path = Path(path)
+    return path.parent if path.is_dir() and path.name == "library" and (path / "index.csv").is_file() else path
+
+
 def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """A score table from: a run directory (DIR/score/score_table.csv), a score table CSV, the Puzzle
     authors' block_library.json, or a folder holding one.
@@ -533,6 +539,12 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         return read_puzzle_library(path)
     if path.suffix.lower() == ".csv" and path.is_file():
         return load_table(path, required_columns=REQUIRED_COLUMNS, sidecar_required=False)
+    run_dir = library_run_dir(path)
+    if run_dir != path and (run_dir / "score" / "score_table.csv").is_file():  # a run's library/: the run's scores
+        return load_table(run_dir / "score" / "score_table.csv", required_columns=REQUIRED_COLUMNS)
+    if (run_dir / "config.json").is_file() and (run_dir / "library").is_dir():
+        raise PuzzleError(f"{run_dir} has a block library but no score table yet (score/score_table.csv): run "
+                          f"`puzzle score --out {run_dir}` first")
     raise PuzzleError(f"{path} is neither a run directory with score/score_table.csv, a score table .csv, nor a "
                       f"block_library.json (or its folder)")
 
@@ -553,6 +565,7 @@ def roofline_table(table: pd.DataFrame, meta: dict, run_dir: str | os.PathLike, 
     from .scoring.cost import Workload
     from .scoring.roofline import estimate_non_block_costs, estimate_subblock_costs, gpu_spec
 
+    run_dir = library_run_dir(run_dir)  # a run's library/ folder: its run
     parent_json = Path(run_dir) / "parent.json"
     if not parent_json.is_file():
         raise PuzzleError(f"--roofline needs a run directory (with parent.json) for the parent's sizes; {run_dir} has none")
@@ -807,6 +820,11 @@ def search_main(args: argparse.Namespace) -> int:
         if short:
             print(short, file=sys.stderr)
         return 0
+    if getattr(args, "roofline", None):  # which costs these are: the memory and times depend on the dtype
+        w = record["workload"]
+        print(f"costs: roofline estimates for {args.roofline} in {args.roofline_dtype} (--roofline-dtype), batch "
+              f"{w.get('batch_size')}, prompt {w.get('prompt_len')}, generate {w.get('gen_len')}: lower bounds, to "
+              f"plan with; measure on the GPU before trusting absolute times")
     print(f"budgets: {budgets.describe()}   parent: runtime {parent['runtime_ms']:.6g} ms, memory "
           f"{parent['memory_mib']:.6g} MiB, params {parent['params']:.4g}")
     for n, s in enumerate(solutions):

@@ -973,3 +973,25 @@ def test_an_output_that_cannot_be_written_and_a_closed_pipe_are_one_line(tmp_pat
         os.dup2(saved, sys.__stdout__.fileno())
         os.close(saved)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_runs_library_folder_searches_the_runs_scores(tmp_path_factory, tmp_path, capsys):
+    """Fresh user: `puzzle search --library runs/demo/library` (the flag's name suggests that folder) was refused as
+    'neither a run directory ...'; a run with a library but no scores yet is told to run `puzzle score`."""
+    import shutil
+
+    from puzzle.search import load_search_table
+
+    run = tiny_run_dir(tmp_path_factory)
+    table, meta = load_search_table(run / "library")
+    expected, _ = load_search_table(run)
+    pd.testing.assert_frame_equal(table, expected)
+    from puzzle.cli import main
+
+    assert main(["search", "--library", str(run / "library"), "--roofline", "H100", "--speedup", "1.5"]) == 0
+    assert "costs: roofline estimates for H100 in bfloat16" in capsys.readouterr().out  # which dtype they assume
+    unscored = tmp_path / "unscored"
+    shutil.copytree(run, unscored, ignore=shutil.ignore_patterns("score"))
+    for path in (unscored, unscored / "library"):
+        with pytest.raises(PuzzleError, match=r"no score table yet .*puzzle score --out"):
+            load_search_table(path)
