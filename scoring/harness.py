@@ -574,7 +574,9 @@ def cmd_eval(args) -> int:
     if args.details:
         atomic_write_text(args.details, result.details.to_csv(index=False))
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), file=sys.stderr)
-    print(f"table: {args.out} (+ .json sidecar)", file=sys.stderr)
+    print(f"table: {args.out} (+ .json sidecar); each task's per-document results stay in {args.out}.parts/, which a "
+          f"rerun with this --out, model, --limit and --seed reuses (with more --tasks, only the new ones run); delete "
+          f"it when done", file=sys.stderr)
     return 0
 
 
