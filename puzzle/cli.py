@@ -145,6 +145,13 @@ def _search_flags_raw(args) -> dict:
     for name in ("objective", "vllm_compatible", "budget_feedback"):
         if flag(name) is not None:
             raw[name] = flag(name).strip() if isinstance(flag(name), str) else flag(name)
+    if flag("front_speedups") is not None:
+        from .budgets import parse_speedup
+
+        try:
+            raw["front_speedups"] = [parse_speedup(s) for s in args.front_speedups.split(",")]
+        except PuzzleError:
+            pass  # named as the flag by `_resolve_config`, which parses it again
     return raw
 
 
@@ -161,6 +168,9 @@ def _resolve_config(args, out: Path):
     empty = [f for f in SEARCH_BUDGETS[1:] if isinstance(getattr(args, f, None), str) and not getattr(args, f).strip()]
     if empty:  # before the saved configuration, which the budget flags are applied to
         raise PuzzleError(f"--{empty[0].replace('_', '-')} is empty; give a value (e.g. 0.5) or leave the flag out")
+    from .config import check_budget_texts
+
+    check_budget_texts({f: getattr(args, f) for f in SEARCH_BUDGETS[1:] if getattr(args, f, None)})  # named as flags
     config = _base_config(args, out)
     changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
     flag = lambda name: getattr(args, name, None)  # noqa: E731
@@ -392,7 +402,8 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
 
 
 def _saved(args):
-    """DIR/config.json as it is before this command applies its flags (None for a new run)."""
+    """DIR/config.json as it is before this command applies its flags (None for a new run, or a saved setting that
+    is not valid: the command's flags may mend it, else the command names it)."""
     from .config import load_run_config
 
     if not (args.out / "config.json").is_file():

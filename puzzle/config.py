@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .bld import BLDConfig
-from .budgets import MAX_FRACTION
+from .budgets import MAX_FRACTION, BudgetRequest
 from .data import DataConfig
 from .errors import PuzzleError
 from .space import SpaceConfig
@@ -160,7 +160,6 @@ class SearchConfig:
 
         object.__setattr__(self, "budget_feedback", check_rounds(self.budget_feedback))
         object.__setattr__(self, "budget_slack", check_slack(self.budget_slack))
-        from .budgets import BudgetRequest
 
         for f in SEARCH_BUDGETS[1:]:  # a TOML number (max_params = 0.5) is the same budget as the flag's text
             value = getattr(self, f)
@@ -174,12 +173,7 @@ class SearchConfig:
         if long:  # the main child's file name spells the budgets
             raise PuzzleError(f"search budget {long[0]} {str(texts[long[0]])[:40]!r}...: write it in at most 32 "
                               "characters (e.g. '0.5', '60M', '250ms')")
-        try:  # malformed budgets fail here, before any stage runs (the parent's totals only scale fractions)
-            BudgetRequest(**{f: str(v) for f, v in texts.items()}).resolve(
-                {"runtime_ms": 1.0, "prefill_ms": 1.0, "decode_ms": 1.0, "memory_mib": 1.0, "params": 1.0},
-                {"batch_size": 1, "gen_len": 1})
-        except PuzzleError as e:
-            raise PuzzleError(f"search budget: {e}") from e
+        check_budget_texts(texts, as_settings=True)  # malformed budgets fail here, before any stage runs
         if self.speedup is not None:
             object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number >= 0.1 "
                                                                         "(e.g. 1.5)"))
@@ -187,6 +181,26 @@ class SearchConfig:
         if not isinstance(self.front_speedups, (list, tuple)) or not self.front_speedups:
             raise PuzzleError(f"{bad}, got {self.front_speedups!r}")
         object.__setattr__(self, "front_speedups", tuple(_speedup(s, bad) for s in self.front_speedups))
+
+
+def check_budget_texts(texts: dict, as_settings: bool = False) -> None:
+    """Parse the text budgets `texts` ({field of SEARCH_BUDGETS[1:]: text}) as a search would (the parent's totals
+    only scale fractions, so any totals do).
+
+    Raises:
+        PuzzleError: a text no budget parser reads, named as its flag (--max-memory 'abc' ...), or with
+            `as_settings` as its setting (search.max_memory 'abc' ...: a value from a preset or config.json).
+    """
+    try:
+        BudgetRequest(**{f: str(v) for f, v in texts.items()}).resolve(
+            {"runtime_ms": 1.0, "prefill_ms": 1.0, "decode_ms": 1.0, "memory_mib": 1.0, "params": 1.0},
+            {"batch_size": 1, "gen_len": 1})
+    except PuzzleError as e:
+        message = str(e)
+        if as_settings:
+            for field in SEARCH_BUDGETS:
+                message = message.replace(f"--{field.replace('_', '-')} ", f"search.{field} ")
+        raise PuzzleError(message) from e
 
 
 def _speedup(value, message: str) -> float:
@@ -302,8 +316,10 @@ def _section(cls, values: dict, where: str):
         return cls(**values)
     except (TypeError, ValueError) as e:  # a missing/extra argument, or a value float()/int() cannot read
         raise PuzzleError(f"{where}: {e}") from e
-    except PuzzleError as e:  # a setting's own check: named with the file it came from
-        raise PuzzleError(f"{where}: {e}") from None
+    except PuzzleError as e:  # a setting's own check: named with the file it came from ("F [score]: score.x" -> "F: ...")
+        section = where[where.rindex("[") + 1:-1] if where.endswith("]") and "[" in where else None
+        named = section is not None and str(e).startswith((f"{section}.", f"{section} "))
+        raise PuzzleError(f"{where[:where.rindex(' [')] if named else where}: {e}") from None
 
 
 def preset_names() -> list[str]:

@@ -195,13 +195,27 @@ def test_a_saved_search_setting_that_is_not_valid_is_named_with_its_file_and_men
     (out / "config.json").write_text(json.dumps(saved))
     assert main(["search", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{out / 'config.json'} [search]: search." in err and len(err.strip().splitlines()) == 1, err
+    assert f"{out / 'config.json'}: search." in err and len(err.strip().splitlines()) == 1, err
     assert main(["search", "--out", str(out), "--speedup", "1.25", "--budget-feedback", "0"]) == 0, \
         capsys.readouterr().err
     mended = json.loads((out / "config.json").read_text())["search"]
     assert mended["speedup"] == 1.25 and mended["budget_feedback"] == 0
     assert main(["search", "--out", str(out), "--max-memory", " "]) == 2  # an empty flag is still named as the flag
     assert "--max-memory is empty" in capsys.readouterr().err
+    assert main(["search", "--out", str(out), "--max-memory", "abc"]) == 2  # a bad flag: the flag, not the file
+    err = capsys.readouterr().err
+    assert "--max-memory 'abc' is not a budget" in err and "config.json" not in err, err
+    saved = json.loads((out / "config.json").read_text())
+    saved["search"]["min_throughput"] = "zz"  # a bad saved budget: the file and the setting, not a flag
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["search", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'config.json'}: search.min_throughput 'zz' is not a throughput" in err and "--min" not in err, err
+    saved["search"]["front_speedups"] = "abc"  # mended by --front-speedups (with the budget, by --speedup)
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["search", "--out", str(out), "--speedup", "1.25", "--front-speedups", "1.25,2"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["search"]["front_speedups"] == [1.25, 2.0]
 
 
 def test_a_run_whose_config_names_no_parent_is_refused_not_given_the_default_parent(tmp_path_factory, tmp_path,
@@ -319,9 +333,9 @@ def test_negative_numbers_reach_the_other_value_checks(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--preset", "tiny", "--out", str(out), "--max-contention", "-inf"]) == 2
     assert "--max-contention must be a number of cores > 0" in capsys.readouterr().err
-    for flag, value, words in [("--max-params", "-5M", "search budget"), ("--max-decode", "-1ms", "search budget"),
-                               ("--min-throughput", "-1x", "search budget"), ("--front-speedups", "-1,2", "'-1,2'"),
-                               ("--max-memory", "-.5", "search budget")]:  # a unit or a list after the minus sign
+    for flag, value, words in [("--max-params", "-5M", "--max-params '-5M'"), ("--max-decode", "-1ms", "--max-decode '-1ms'"),
+                               ("--min-throughput", "-1x", "--min-throughput '-1x'"), ("--front-speedups", "-1,2", "'-1,2'"),
+                               ("--max-memory", "-.5", "--max-memory '-.5'")]:  # a unit or a list after the minus sign
         assert main(["run", "--preset", "tiny", "--out", str(out), flag, value]) == 2, flag
         err = capsys.readouterr().err
         assert err.startswith("puzzle: error: ") and words in err and len(err.strip().splitlines()) == 1, err
