@@ -230,7 +230,7 @@ class ReportConfig:
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
+        if not isinstance(self.prompts, (list, tuple)) or not all(isinstance(p, str) for p in self.prompts):
             raise PuzzleError(f"report.prompts must be a list of strings (chat prompts), got {self.prompts!r}")
         object.__setattr__(self, "prompts", tuple(self.prompts))
         value = self.max_new_tokens  # 12.5 or -4 failed at the run's very end, after every measurement
@@ -308,6 +308,11 @@ def _section(cls, values: dict, where: str):
     if unknown:
         raise PuzzleError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}")
     values = {k: _float_from_text(v, fields[k]) for k, v in values.items()}
+    flags = [k for k, v in values.items() if str(fields[k]) == "bool" and not isinstance(v, bool)]
+    if flags:  # "false" would read as true
+        section = where[where.rindex("[") + 1:-1] if where.endswith("]") and "[" in where else cls.__name__
+        raise PuzzleError(f"{where[:where.rindex(' [')] if where.endswith(']') else where}: {section}.{flags[0]} must "
+                          f"be true or false (no quotes), got {values[flags[0]]!r}")
     if cls is SearchConfig and any(k in values for k in SEARCH_BUDGETS):
         # a section that sets a budget sets the whole main budget (as the flags do): the default speed-up
         # is not added to `max_params = 0.5`; TOML has no null to unset it

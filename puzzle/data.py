@@ -27,6 +27,7 @@ import html
 import importlib.resources
 import json
 import math
+import os
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -691,7 +692,11 @@ class DataConfig:
     def __post_init__(self):
         for name in ("calib_sources", "eval_sources"):
             value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(str(v) for v in value))
+            items = [value] if isinstance(value, (str, os.PathLike)) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in items):
+                raise PuzzleError(f"data.{name} must be a list of text sources (file paths, 'asset:NAME', "
+                                  f"'package:NAME'), got {value!r}")
+            object.__setattr__(self, name, tuple(str(v) for v in items))
             if not getattr(self, name):
                 raise PuzzleError(f"data.{name} is empty; give at least one text source")
         from .samples import PARENT_SAMPLES, is_parent_samples

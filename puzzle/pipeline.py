@@ -1030,15 +1030,17 @@ def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:
     """The provenance `stage_export` stores under config.json's "puzzle" key of child `name`'s export at `dest`."""
     from .export import run_ref
 
-    return {"name": name, "run": run_ref(run.out, dest), "parent": run.parent.source,
-            "library_stage": record.get("library_stage"), "predicted_speedup": record.get("speedup")}
+    return {"name": name, "run": run_ref(run.out, dest), "run_at": str(run.out.resolve()),  # run_at: for a copy
+            "parent": run.parent.source, "library_stage": record.get("library_stage"),  # taken out of the run
+            "predicted_speedup": record.get("speedup")}
 
 
-def export_is_current(run: Run, name: str, model, dest: Path | None = None) -> bool:
-    """Whether DIR/export/<name> (or `dest`) is the export `stage_export` would write of `model` now: a complete
-    export folder (atomically moved into place, so present means whole) whose config.json carries the same
-    block_configs and provenance (`export_extra_info`, this version). Weights are not compared: callers ask only
-    while the run's score and cost tables are the ones its children were measured on (`front_is_current`)."""
+def export_is_current(run: Run, name: str, config, dest: Path | None = None) -> bool:
+    """Whether DIR/export/<name> (or `dest`) is the export `stage_export` would write now of the child whose
+    ModelConfig is `config`: a complete export folder (atomically moved into place, so present means whole) whose
+    config.json carries the same block_configs and provenance (`export_extra_info`, this version; "run_at" is
+    only informational). Weights are not compared: callers ask only while the run's score and cost tables are the
+    ones its children were measured on (`front_is_current`)."""
     from . import __version__
     from .configuration_decilm import config_dict_from_model_config
     from .export import is_export_folder
@@ -1051,10 +1053,14 @@ def export_is_current(run: Run, name: str, model, dest: Path | None = None) -> b
         record = read_architecture(run, name)
     except (OSError, ValueError, PuzzleError):
         return False
-    want = json.loads(json.dumps({"version": __version__, "source": dict(model.config.extra),
+    want = json.loads(json.dumps({"version": __version__, "source": dict(config.extra),
                                   **export_extra_info(run, name, record, dest)}, default=str))
-    blocks = json.loads(json.dumps(config_dict_from_model_config(model.config)["block_configs"], default=str))
-    return isinstance(stored, dict) and stored.get("puzzle") == want and stored.get("block_configs") == blocks
+    blocks = json.loads(json.dumps(config_dict_from_model_config(config)["block_configs"], default=str))
+    info = stored.get("puzzle") if isinstance(stored, dict) else None
+    if not isinstance(info, dict):
+        return False
+    info, want = ({k: v for k, v in d.items() if k != "run_at"} for d in (info, want))
+    return info == want and stored.get("block_configs") == blocks
 
 
 def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
@@ -1257,6 +1263,10 @@ def _over_budget_note(check, history: list[dict], rounds: int) -> str:
     if not rounds:
         return " (--budget-feedback N re-solves it)"
     resolves = sum(1 for e in history if str(e.get("action", "")).startswith(("tightened", "loosened", "reverted")))
+    last = history[-1] if history else {}
+    action = str(last.get("action", ""))
+    if last.get("round", rounds) < rounds and action.startswith("kept: "):  # the feedback stopped on its own
+        return (f" after {resolves} re-solve(s)" if resolves else "") + f"; the feedback kept it: {action[6:]}"
     if resolves:
         return f" after {resolves} re-solve(s) in {rounds} round(s)"
     uses = [e["check"]["use"] for e in history[:-1] if isinstance((e.get("check") or {}).get("use"), (int, float))]
@@ -1345,36 +1355,51 @@ def run_all(run: Run) -> pd.DataFrame:
     records = stage_search(run)
     main = read_json(run.out / "search" / "chosen.json")["main"]
     stale = front_is_current(run)
-    summary = None if stale else measured_summary(run, records)
-    if summary is None:
+    summary, why = (None, stale) if stale else measured_summary(run, records)
+    measured = summary is None
+    if measured:
         if (run.out / "front.csv").is_file():
-            run.say(f"run: timing the children again ({stale or 'summary.csv does not hold what front.csv does'})")
+            run.say(f"run: timing the children again ({why})")
         summary, children, records = realize_and_measure(run, records)
     else:  # a finished run: the measured children stand; what is missing or out of date is written again
         run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and "
                 f"tables (front.json): no child evaluated or timed again (`puzzle front --out {run.out} --remeasure` "
                 "times them again)")
-        children = {name: build_child(run, rec) for name, rec in records.items()}
+        children = _LazyChildren(run, records)  # built only for an export or a report written again
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage") == "bld":
-            if stale or not export_is_current(run, name, children[name]):
+            config = run.parent.config.with_blocks([BlockConfig.from_id(b) for b in rec["choice"]])
+            if measured or not export_is_current(run, name, config):
                 exported[name] = stage_export(run, name, model=children[name])
             else:
-                exported[name] = ExportedBefore(run.out / "export" / name, tuple(export_warnings(children[name].config)))
-    if stale:
+                exported[name] = ExportedBefore(run.out / "export" / name, tuple(export_warnings(config)))
+    if measured or not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
         write_front(run, summary, main)
     cfg = run.config.report
-    if not stale and report_is_current(run, exported):
+    if not measured and report_is_current(run, exported):
         run.say(f"run: {run.out / 'report.md'} is up to date: kept as it is")
+        run.timed("total_s", time.perf_counter() - t_start)
         return summary
     t0 = time.perf_counter()
-    models = {"parent": run.parent.model, **children}
+    models = {"parent": run.parent.model, **{name: children[name] for name in records}}
     answers = {name: chat_answers(m, run.parent.tokenizer, cfg.prompts, cfg.max_new_tokens) for name, m in models.items()}
     run.timed("chat_s", time.perf_counter() - t0)
     run.timed("total_s", time.perf_counter() - t_start)
     write_report(run, summary, answers, exported, main)
     return summary
+
+
+class _LazyChildren(dict):
+    """{name: child model} of `records`, each built (`build_child`) the first time it is looked up."""
+
+    def __init__(self, run: Run, records: dict[str, dict]):
+        super().__init__()
+        self._run, self._records = run, records
+
+    def __missing__(self, name: str):
+        self[name] = build_child(self._run, self._records[name])
+        return self[name]
 
 
 @dataclass(frozen=True)
@@ -1385,27 +1410,24 @@ class ExportedBefore:
     warnings: tuple[str, ...]
 
 
-def measured_summary(run: Run, records: dict[str, dict]) -> pd.DataFrame | None:
-    """DIR/summary.csv when it holds the parent and every searched child in `records`, and the rows front.csv holds
-    with the same measured KL and throughput (the two are written by one measurement); else None."""
+def measured_summary(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame | None, str]:
+    """(DIR/summary.csv, "") when it is the file the front's measurement wrote (its sha256 in DIR/front.json, written
+    with front.csv by `write_front`), holds the parent and every searched child in `records`, and the measurement's
+    budget-feedback record (DIR/children/budget_feedback.json) is there; else (None, why not)."""
+    path = run.out / "summary.csv"
     try:
-        summary = pd.read_csv(run.out / "summary.csv")
-        front = pd.read_csv(run.out / "front.csv").set_index("name")
-        summary = summary[SUMMARY_COLUMNS]
-    except (OSError, ValueError, KeyError, pd.errors.ParserError):
-        return None
+        stored = read_json(run.out / "front.json").get("summary_csv")
+        summary = pd.read_csv(path)[SUMMARY_COLUMNS]
+    except (PuzzleError, OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError):
+        return None, "summary.csv is missing or unreadable"
+    if stored != _sha256(path):
+        return None, "summary.csv is not the file front.json was written with (edited, or from another measurement)"
     names = list(summary["name"].astype(str))
     if len(set(names)) != len(names) or set(names) != {"parent", *records}:
-        return None
-    rows = summary.set_index(summary["name"].astype(str))
-    for name in front.index.astype(str):
-        if name not in rows.index:
-            return None
-        for col in ("kl_nats", "throughput_tok_s"):
-            a, b = rows.at[name, col], front.at[name, col]
-            if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)):
-                return None
-    return summary.reset_index(drop=True)
+        return None, "summary.csv does not hold the searched children"
+    if not (run.out / "children" / "budget_feedback.json").is_file():
+        return None, "children/budget_feedback.json is missing"
+    return summary, ""
 
 
 def report_stamp(run: Run, exported: dict) -> dict:
@@ -1546,7 +1568,8 @@ def front_inputs(run: Run) -> dict:
     windows are checked, --max-contention, not what is measured), the front's speed-ups as a sorted
     set; children: each searched name (DIR/search/chosen.json) with the choice its record holds now;
     tables: the sha256 of every score and cost table (DIR/score/score_table*.csv, cost*.csv; other CSVs a
-    user keeps there do not count). Unreadable parts are None.
+    user keeps there do not count); data: the splits' settings_sha256 in DIR/data/manifest.json (which hashes
+    every source's contents and the tokenizer). Unreadable parts are None.
     """
     config = _front_settings(run.config.to_dict())
     config["search"]["front_speedups"] = sorted(set(config["search"]["front_speedups"]))
@@ -1558,7 +1581,12 @@ def front_inputs(run: Run) -> dict:
         pass
     tables = {t.name: _sha256(t) for t in sorted((run.out / "score").glob("*.csv")) if _is_front_table(t.name)} \
         if (run.out / "score").is_dir() else {}
-    return json.loads(json.dumps({"settings": config, "children": children, "tables": tables},
+    data = None
+    try:  # the splits' settings with every source's and the tokenizer's sha256: another evaluation text, same path
+        data = read_json(run.out / "data" / "manifest.json")["settings_sha256"]
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    return json.loads(json.dumps({"settings": config, "children": children, "tables": tables, "data": data},
                                  default=lambda o: str(o)))
 
 
@@ -1583,8 +1611,11 @@ def _is_front_table(name: str) -> bool:
 
 
 def write_front_inputs(run: Run) -> None:
-    """DIR/front.json: `front_inputs` and the sha256 of front.csv, written after front.csv and front.png."""
-    atomic_write_json(run.out / "front.json", {**front_inputs(run), "front_csv": _sha256(run.out / "front.csv")})
+    """DIR/front.json: `front_inputs` and the sha256 of front.csv and of the summary.csv it was drawn from, written
+    after front.csv and front.png."""
+    atomic_write_json(run.out / "front.json", {**front_inputs(run), "front_csv": _sha256(run.out / "front.csv"),
+                                               "summary_csv": _sha256(run.out / "summary.csv")
+                                               if (run.out / "summary.csv").is_file() else None})
 
 
 def front_is_current(run: Run) -> str | None:
@@ -1628,6 +1659,9 @@ def front_is_current(run: Run) -> str | None:
         return "no score or cost table"
     if now["tables"] != {k: v for k, v in (stored.get("tables") or {}).items() if _is_front_table(k)}:
         return "the score or cost tables changed since the front was measured"
+    if now["data"] is None or now["data"] != stored.get("data"):
+        return ("the data splits (DIR/data/manifest.json: the texts' contents, the tokenizer) are not the ones the "
+                "front was evaluated on")
     return None
 
 

@@ -322,3 +322,21 @@ def test_a_refused_command_in_a_folder_that_is_no_run_leaves_it_as_it_was(tmp_pa
     climbing = tmp_path / "new" / ".." / "run"
     assert main(["data", "--out", str(climbing), "--calib", texts["MISSING"], "--no-progress"]) == 2
     assert _files(run) == before and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("section,key,value,words", [
+    ("search", "vllm_compatible", "false", "search.vllm_compatible must be true or false"),
+    ("score", "score_init", 1, "score.score_init must be true or false"),
+    ("report", "prompts", 5, "report.prompts must be a list of strings"),
+    ("data", "eval_sources", 5, "data.eval_sources must be a list of text sources"),
+    ("data", "calib_sources", ["a.txt", 3], "data.calib_sources must be a list of text sources"),
+])
+def test_config_values_of_the_wrong_type_are_named(section, key, value, words):
+    """Breaker: "vllm_compatible": "false" in config.json was read as true (vLLM mode on); report.prompts 5 and
+    data.eval_sources 5 said "'int' object is not iterable"."""
+    from puzzle.config import RunConfig, load_preset
+
+    raw = load_preset("tiny").to_dict()
+    raw[section][key] = value
+    with pytest.raises(PuzzleError, match=re.escape(f"run/config.json: {words}")):
+        RunConfig.from_dict(raw, "run/config.json")

@@ -271,12 +271,14 @@ def test_an_over_budget_child_is_said_to_have_been_re_solved_only_when_it_was():
     from puzzle.pipeline import _over_budget_note
 
     over = Check(met=False, use=1.027, column="runtime_ms", ratios={}, limits={}, se=0.002)
-    kept = [{"round": 0, "action": "kept", "check": {"use": 0.933}}, {"round": 1, "action": "kept", "check": {"use": 1.027}}]
+    kept = [{"round": 0, "action": "kept", "check": {"use": 0.933}}, {"round": 2, "action": "kept", "check": {"use": 1.027}}]
     note = _over_budget_note(over, kept, rounds=2)
     assert "no re-solve round left" in note and "0.933" in note and "after" not in note
     tightened = [{"round": 0, "action": "tightened", "check": {"use": 1.2}}, *kept]
     assert _over_budget_note(over, tightened, rounds=2) == " after 1 re-solve(s) in 2 round(s)"
     assert "--budget-feedback N" in _over_budget_note(over, kept[:1], rounds=0)
+    same = [{"round": 0, "action": "kept: the corrected limits choose the same child", "check": {"use": 1.027}}]
+    assert _over_budget_note(over, same, rounds=2) == "; the feedback kept it: the corrected limits choose the same child"
     noisy = Check(met=False, use=1.001, column="runtime_ms", ratios={}, limits={}, se=0.01)
     assert "less than the timing noise" in _over_budget_note(noisy, kept, rounds=2)
 

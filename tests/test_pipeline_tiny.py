@@ -156,7 +156,14 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(args) == 0
-    assert "timing the children again (summary.csv does not hold what front.csv does)" in err.getvalue()
+    assert "timing the children again (summary.csv is not the file front.json was written with" in err.getvalue()
+    remeasured = pd.read_csv(copy / "summary.csv").set_index("name")  # front.csv and front.json follow it
+    front = pd.read_csv(copy / "front.csv").set_index("name")
+    assert remeasured.loc["child-1.5x", "kl_nats"] == pytest.approx(front.loc["child-1.5x", "kl_nats"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "no child evaluated or timed again" in err.getvalue()  # and the next rerun reuses them
 
 
 def _cli(*args):
