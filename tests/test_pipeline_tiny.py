@@ -140,6 +140,22 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     info = json.loads((copy / "export" / "child-2x" / "config.json").read_text())["puzzle"]
     assert info["run"] == "../.."  # the run as seen from its export
 
+    weights = copy / "export" / "child-1.5x" / "model.safetensors"  # a damaged export file is written again
+    with open(weights, "r+b") as f:
+        f.seek(weights.stat().st_size // 2)
+        f.write(b"\0" * 4096)
+    (copy / "export" / "child-1.25x" / "tokenizer.json").unlink()  # and so is one that lost a file
+    kept = (copy / "export" / "child-2x" / "model.safetensors").stat().st_mtime_ns
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args[:-4] + ["--front-speedups", "1.25,1.5,2,1.75", "--max-contention", "inf"]) == 0  # stale front
+    assert "timing the children again (the settings changed" in err.getvalue()
+    assert (copy / "export" / "child-1.25x" / "tokenizer.json").is_file()
+    assert weights.stat().st_mtime_ns != before[files[4]] and (copy / "export" / "child-1.75x").is_dir()
+    assert (copy / "export" / "child-2x" / "model.safetensors").stat().st_mtime_ns == kept  # unchanged: kept
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0  # back to the fixture's front
+
     config_path = copy / "export" / "child-2x" / "config.json"  # an earlier version's export: the run by its old path
     config = json.loads(config_path.read_text())
     config["puzzle"]["run"] = str(run_dir / "elsewhere")
