@@ -357,10 +357,11 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
-        if not is_export_folder(out_dir):  # overwrite replaces an earlier export, never a folder of other files
+        problem = export_folder_problem(out_dir)
+        if problem:  # overwrite replaces an earlier export, never a folder of other files
             raise PuzzleError(f"{out_dir} is not empty and is not an earlier export holding only an export's files "
-                              f"(config.json with block_configs, the model code, weights, tokenizer, README), so it "
-                              f"is left as it is; give a new or empty folder")
+                              f"(config.json with block_configs, the model code, weights, tokenizer, README): "
+                              f"{problem}; so it is left as it is: give a new or empty folder, or move it away")
         earlier = _earlier_export(out_dir)
         # pending: the training's reference is known only once the inputs are loaded, and may match the earlier
         # one's even under another input path (a moved child); the caller's second check decides
@@ -407,18 +408,29 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "R
 
 
 def is_export_folder(path: Path) -> bool:
-    """Whether `path` holds a checkpoint `export_checkpoint` wrote and nothing else: config.json with
-    block_configs, the model code files, and otherwise only files an export writes (no folders)."""
+    """Whether `path` holds a checkpoint `export_checkpoint` wrote and nothing else (`export_folder_problem`)."""
+    return export_folder_problem(path) is None
+
+
+def export_folder_problem(path: Path) -> str | None:
+    """Why `path` is not a checkpoint `export_checkpoint` wrote and nothing else, or None when it is: config.json
+    with block_configs, the model code files (or, when some went missing, config.json's "puzzle" entry, which only
+    this tool writes), and otherwise only files an export writes (no folders)."""
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    if not (isinstance(config, dict) and "block_configs" in config and all((path / f).is_file() for f in CODE_FILES)):
-        return False
-    return all(p.is_file() and not p.is_symlink() and (p.name in EXPORT_FILES or p.name in CODE_FILES
-                                                       or p.name.startswith("tokenizer"))
-               for p in path.iterdir())
+        return "it has no readable config.json"
+    if not (isinstance(config, dict) and "block_configs" in config):
+        return "its config.json has no block_configs"
+    missing = [f for f in CODE_FILES if not (path / f).is_file()]
+    if missing and not isinstance(config.get("puzzle"), dict):
+        return f"it lacks the model code ({', '.join(missing)}) and its config.json names no puzzle export"
+    other = [p.name for p in sorted(path.iterdir()) if not (p.is_file() and not p.is_symlink() and (
+        p.name in EXPORT_FILES or p.name in CODE_FILES or p.name.startswith("tokenizer")))]
+    if other:
+        return f"it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, which an export does not write"
+    return None
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -363,3 +363,20 @@ def test_a_merge_with_other_weights_is_another_merge():
     assert same == export_provenance({"merge": {"inputs": ["/b", "/a"], "weights": [0.75, 0.25]}})
     assert same != export_provenance({"merge": {"inputs": ["/a", "/b"], "weights": [0.5, 0.5]}})
     assert same != export_provenance({"merge": {"inputs": ["/a", "/b"], "weights": [0.25, 0.75], "dtype": "bfloat16"}})
+
+
+def test_a_folder_that_is_not_an_export_is_refused_with_the_reason(tmp_path):
+    """Breaker: an export that lost modeling.py was refused on every rerun with no word of what was wrong; an export
+    of ours (config.json's "puzzle" entry) missing a code file is now replaced, and a refusal names the reason."""
+    from puzzle.export import check_export_target, export_folder_problem
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"block_configs": [], "puzzle": {"name": "child-2x"}}))
+    assert export_folder_problem(folder) is None  # ours, code files missing: an export to write again
+    (folder / "config.json").write_text(json.dumps({"block_configs": []}))
+    assert "lacks the model code (architecture.py" in export_folder_problem(folder)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "config.json").write_text(json.dumps({"block_configs": [], "puzzle": {}}))
+    with pytest.raises(PuzzleError, match="it holds notes.txt, which an export does not write"):
+        check_export_target(folder, overwrite=True)

@@ -145,12 +145,14 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
         f.seek(weights.stat().st_size // 2)
         f.write(b"\0" * 4096)
     (copy / "export" / "child-1.25x" / "tokenizer.json").unlink()  # and so is one that lost a file
+    (copy / "export" / "child-1.25x" / "modeling.py").unlink()  # even a code file (it was refused as not an export)
     kept = (copy / "export" / "child-2x" / "model.safetensors").stat().st_mtime_ns
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(args[:-4] + ["--front-speedups", "1.25,1.5,2,1.75", "--max-contention", "inf"]) == 0  # stale front
     assert "timing the children again (the settings changed" in err.getvalue()
     assert (copy / "export" / "child-1.25x" / "tokenizer.json").is_file()
+    assert (copy / "export" / "child-1.25x" / "modeling.py").is_file()
     assert weights.stat().st_mtime_ns != before[files[4]] and (copy / "export" / "child-1.75x").is_dir()
     assert (copy / "export" / "child-2x" / "model.safetensors").stat().st_mtime_ns == kept  # unchanged: kept
     with contextlib.redirect_stderr(io.StringIO()):
