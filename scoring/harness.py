@@ -511,8 +511,9 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
         if path.exists() and not earlier(path):
             raise PuzzleError(f"{flag} {path} exists and is not an earlier `puzzle eval` output; give a new path")
     if Path(out).suffix.lower() == ".json":  # the table is CSV, and its sidecar would be FILE.json.json
+        stem = Path(out).with_suffix("")
         raise PuzzleError(f"--out {out}: the table is CSV (its settings go to a FILE.json sidecar next to it); give "
-                          f"a .csv path such as {Path(out).with_suffix('.csv')}")
+                          f"a .csv path such as {stem if stem.suffix.lower() == '.csv' else stem.with_suffix('.csv')}")
     sidecar = Path(f"{out}.json")
     if sidecar.exists() and not _is_eval_table(Path(out)):
         raise PuzzleError(f"--out {out}: its sidecar {sidecar} exists and is no earlier `puzzle eval` output; "

@@ -272,6 +272,7 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
     (tmp_path / "link").symlink_to(model)
     for spec, target, words in [(str(model), tmp_path / "notes", "its sidecar"),
                                 ("tiny", tmp_path / "acc.JSON", "give a .csv path such as"),  # sidecar acc.JSON.json
+                                ("tiny", tmp_path / "acc.csv.json", f"such as {tmp_path / 'acc.csv'}"),
                                 (str(tmp_path / "run" / ".." / "model"), model / "config", "inside the model"),
                                 (str(tmp_path / "link"), model / "new.csv", "inside the model")]:
         bad = parser.parse_args(["eval", spec, "--tasks", "arc_easy", "--out", str(target)])

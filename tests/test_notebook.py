@@ -12,7 +12,8 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 
-def test_notebook_draws_the_front_and_the_architecture_map(tmp_path_factory, monkeypatch):
+def _run_with_front(tmp_path_factory) -> Path:
+    """The shared tiny run, with its front measured once (front.csv)."""
     from puzzle.baselines import open_run
     from puzzle.io import read_json
     from puzzle.pipeline import read_architecture, realize_and_measure, write_front
@@ -22,11 +23,21 @@ def test_notebook_draws_the_front_and_the_architecture_map(tmp_path_factory, mon
         names = read_json(run.out / "search" / "chosen.json")["names"]
         summary, _, _ = realize_and_measure(run, {n: read_architecture(run, n) for n in names})
         write_front(run, summary, names[0])
-    monkeypatch.setenv("PUZZLE_RUN", str(run.out))
+    return run.out
+
+
+def _execute(run_dir: Path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}).execute()
+    return nb
+
+
+def test_notebook_draws_the_front_and_the_architecture_map(tmp_path_factory, monkeypatch):
+    run_dir = _run_with_front(tmp_path_factory)
+    monkeypatch.setenv("PUZZLE_RUN", str(run_dir))
     scratch = tmp_path_factory.mktemp("kernel-tmp")  # the kernel's temporary folder: left empty when it stops
     monkeypatch.setenv("TMPDIR", str(scratch))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run.out)}}).execute()
+    nb = _execute(run_dir)
     assert not [p for p in scratch.iterdir() if p.name.startswith("puzzle-notebook-")]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -36,15 +47,17 @@ def test_notebook_draws_the_front_and_the_architecture_map(tmp_path_factory, mon
     assert any("child-1.5x" in t for t in tables)
 
 
-def test_notebook_keeps_its_figures_where_puzzle_figures_says(tmp_path_factory, monkeypatch):
-    from puzzle.baselines import open_run
-
-    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
-    if not (run.out / "front.csv").is_file():
-        pytest.skip("needs the front the test above writes")
+def test_notebook_keeps_its_figures_where_puzzle_figures_says_and_never_in_the_run(tmp_path_factory, monkeypatch):
+    """Breaker: PUZZLE_FIGURES set to the run directory replaced the run's own front.png."""
+    run_dir = _run_with_front(tmp_path_factory)
     figures = tmp_path_factory.mktemp("figures") / "kept"
-    monkeypatch.setenv("PUZZLE_RUN", str(run.out))
+    monkeypatch.setenv("PUZZLE_RUN", str(run_dir))
     monkeypatch.setenv("PUZZLE_FIGURES", str(figures))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run.out)}}).execute()
+    _execute(run_dir)
     assert sorted(p.name for p in figures.iterdir()) == ["architectures.png", "front.png"]
+    monkeypatch.setenv("PUZZLE_FIGURES", str(run_dir))
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="is the run directory"):
+        _execute(run_dir)
+    monkeypatch.setenv("PUZZLE_RUN", str(figures))  # not a run: named, with the variable to set
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="set PUZZLE_RUN"):
+        _execute(run_dir)
