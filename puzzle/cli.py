@@ -127,8 +127,27 @@ def _base_config(args, out: Path, saved: bool = True):
                 raw[section] = {**raw.get(section, {}), key: getattr(args, name)}
         if isinstance(raw.get("search"), dict):  # the search flags mend saved search settings the same way
             raw["search"] = {**raw["search"], **_search_flags_raw(args)}
+        if isinstance(raw.get("data"), dict):  # and the data flags the data settings (as `_resolve_config` sets them)
+            raw["data"] = {**raw["data"], **_data_flags_raw(args, raw["data"])}
         return saved_run_config(raw, out / "config.json", missing)
     return load_preset("smollm2-demo")
+
+
+def _data_flags_raw(args, saved: dict) -> dict:
+    """The data settings --calib, --eval and --calib-weights give, as `_resolve_config` sets them (sources by
+    `_sources_flag` against the saved ones; new calibration sources drop the saved weights), for `_base_config`."""
+    flag = lambda name: getattr(args, name, None)  # noqa: E731
+    as_sources = lambda v: tuple(v) if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) else ()  # noqa: E731
+    raw = {}
+    if flag("calib"):
+        raw["calib_sources"] = list(_sources_flag(args.calib, as_sources(saved.get("calib_sources"))))
+        if tuple(raw["calib_sources"]) != as_sources(saved.get("calib_sources")):
+            raw["calib_weights"] = []
+    if flag("calib_weights") is not None:
+        raw["calib_weights"] = list(args.calib_weights)
+    if flag("eval"):
+        raw["eval_sources"] = list(_sources_flag(args.eval, as_sources(saved.get("eval_sources"))))
+    return raw
 
 
 def _search_flags_raw(args) -> dict:

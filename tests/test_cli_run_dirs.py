@@ -216,6 +216,16 @@ def test_a_saved_search_setting_that_is_not_valid_is_named_with_its_file_and_men
     assert main(["search", "--out", str(out), "--speedup", "1.25", "--front-speedups", "1.25,2"]) == 0, \
         capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["search"]["front_speedups"] == [1.25, 2.0]
+    saved = json.loads((out / "config.json").read_text())  # the data flags mend the data settings
+    calib = saved["data"]["calib_sources"]
+    saved["data"]["calib_weights"], saved["data"]["eval_sources"] = [-1], calib
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["data", "--out", str(out), "--no-progress"]) == 2
+    assert "appear in both calibration and evaluation sources" in capsys.readouterr().err
+    assert main(["data", "--out", str(out), "--no-progress", "--calib-weights", "--eval", "package:tiny_eval.txt"]) == 0, \
+        capsys.readouterr().err
+    mended = json.loads((out / "config.json").read_text())["data"]
+    assert mended["calib_weights"] == [] and mended["eval_sources"] == ["package:tiny_eval.txt"]
 
 
 def test_a_run_whose_config_names_no_parent_is_refused_not_given_the_default_parent(tmp_path_factory, tmp_path,
