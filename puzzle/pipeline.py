@@ -772,6 +772,24 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     return record
 
 
+def check_objective_columns(run: Run, table: pd.DataFrame) -> None:
+    """Refuse the run's search.objective when it names a column the score table lacks, naming the setting, its file
+    and the flag that sets another (`puzzle run` has none: the objective is a search setting).
+
+    Raises:
+        PuzzleError: as above.
+    """
+    from .search import parse_objective
+
+    numeric = {c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])}
+    unknown = [c for c in parse_objective(run.config.search.objective) if c not in numeric]
+    if unknown:
+        raise PuzzleError(f"search.objective {run.config.search.objective!r} (--objective, or saved in {run.out / 'config.json'}) names "
+                          f"{unknown}, not numeric columns of the score table; `puzzle search --out {run.out} "
+                          f"--objective kl_nats` (or lm_loss, cosine, a weighted sum such as 'kl_nats=1,lm_loss=0.5') "
+                          f"sets another")
+
+
 def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     """Solve the main budget (on trained and, when scored, on init-only entries) and the front sweep.
 
@@ -789,6 +807,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     def scored(stage):
         if stage not in tables:
             tables[stage] = load_score_table(run, stage)
+            check_objective_columns(run, tables[stage][0])
         return tables[stage]
 
     def solve_or_keep(name, req, stage):

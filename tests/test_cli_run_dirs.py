@@ -784,3 +784,19 @@ def test_score_refuses_a_library_bld_refuses(tmp_path_factory, tmp_path, capsys)
         assert main([command, "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 2
         assert "was built with other settings (calib_sha differ)" in capsys.readouterr().err
     assert {k: v for k, v in _files(out / "score").items() if "quality" in k} == results
+
+
+def test_a_saved_objective_the_table_lacks_is_named_with_the_flag_that_sets_another(tmp_path_factory, tmp_path,
+                                                                                    capsys):
+    """Breaker: objective "foo" in config.json failed `puzzle run` and `export` with "objective columns ['foo'] are
+    not numeric columns ..." naming neither the file nor a way out (`run` has no --objective)."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    saved = json.loads((out / "config.json").read_text())
+    saved["search"]["objective"] = "foo"
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["search", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "search.objective 'foo' (--objective, or saved in" in err and f"--out {out} --objective kl_nats" in err, err
+    assert main(["search", "--out", str(out), "--objective", "kl_nats=1,lm_loss=0.5"]) == 0, capsys.readouterr().err
