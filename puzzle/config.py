@@ -311,8 +311,9 @@ def _section(cls, values: dict, where: str):
     flags = [k for k, v in values.items() if str(fields[k]) == "bool" and not isinstance(v, bool)]
     if flags:  # "false" would read as true
         section = where[where.rindex("[") + 1:-1] if where.endswith("]") and "[" in where else cls.__name__
-        raise PuzzleError(f"{where[:where.rindex(' [')] if where.endswith(']') else where}: {section}.{flags[0]} must "
-                          f"be true or false (no quotes), got {values[flags[0]]!r}")
+        source = where[:where.rindex(" [")] if where.endswith("]") and "[" in where else where
+        raise PuzzleError(("" if source == "config" else f"{source}: ") + f"{section}.{flags[0]} must be true or "
+                          f"false (no quotes), got {values[flags[0]]!r}")
     if cls is SearchConfig and any(k in values for k in SEARCH_BUDGETS):
         # a section that sets a budget sets the whole main budget (as the flags do): the default speed-up
         # is not added to `max_params = 0.5`; TOML has no null to unset it
@@ -324,7 +325,10 @@ def _section(cls, values: dict, where: str):
     except PuzzleError as e:  # a setting's own check: named with the file it came from ("F [score]: score.x" -> "F: ...")
         section = where[where.rindex("[") + 1:-1] if where.endswith("]") and "[" in where else None
         named = section is not None and str(e).startswith((f"{section}.", f"{section} "))
-        raise PuzzleError(f"{where[:where.rindex(' [')] if named else where}: {e}") from None
+        source = where[:where.rindex(" [")] if section is not None else where
+        if source == "config":  # a configuration built in code (RunConfig.from_dict's default): no file to name
+            raise
+        raise PuzzleError(f"{source if named else where}: {e}") from None
 
 
 def preset_names() -> list[str]:
