@@ -582,6 +582,10 @@ def cmd_front(args) -> int:
                 _log(f"front: solving, building and timing the front's children again ({stale})")
             stage_front(run)
         else:
+            if not (run.out / "front.png").is_file():  # deleted: drawn again from the measurement it belongs to
+                from .pipeline import redraw_front
+
+                redraw_front(run)
             _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
                  "child solved or timed again (--remeasure does both)")
             _log_unreachable_front(run)

@@ -1434,6 +1434,22 @@ def run_all(run: Run) -> pd.DataFrame:
     return summary
 
 
+def redraw_front(run: Run) -> None:
+    """Draw DIR/front.png (and front.csv, front.json) again from DIR/summary.csv, when that is the measurement the
+    current front was drawn from (`measured_summary`); a summary that is not, is left to a new measurement.
+
+    Raises:
+        PuzzleError: summary.csv is not the front's measurement (says why, and `--remeasure`).
+    """
+    chosen = read_json(run.out / "search" / "chosen.json")
+    records = {name: read_architecture(run, name) for name in chosen["names"]}
+    summary, why = measured_summary(run, records)
+    if summary is None:
+        raise PuzzleError(f"front.png cannot be drawn again: {why}; `puzzle front --out {run.out} --remeasure` "
+                          "measures the front anew")
+    write_front(run, summary, chosen["main"])
+
+
 class _LazyChildren(dict):
     """{name: child model} of `records`, each built (`build_child`) the first time it is looked up."""
 

@@ -161,6 +161,9 @@ def test_a_finished_front_is_drawn_again_under_another_contention_limit(tmp_path
     capsys.readouterr()
     assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3"]) == 0
     assert "is up to date" in capsys.readouterr().err and _files(out)["front.csv"] == measured
+    (out / "front.png").unlink()  # a deleted picture is drawn again, nothing timed
+    assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "3"]) == 0
+    assert "is up to date" in capsys.readouterr().err and (out / "front.png").stat().st_size > 10_000
     # a setting that is not valid in config.json (a hand edit) is mended by its flag, as the error says
     saved = json.loads((out / "config.json").read_text())
     saved["score"]["max_contention"] = "abc"
