@@ -452,6 +452,17 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
 # scoring: quality (replace-1-block) and cost
 
 
+def _entry_sha(run: Run, layer: int, variant, stage: str) -> str | None:
+    """The sha256 a library entry's info records for its weights (None for no_op, which has none, or an entry whose
+    info cannot be read: scoring then loads it and says what is wrong)."""
+    if variant.kind == "no_op":
+        return None
+    try:
+        return json.loads(run.library.info_path(layer, variant.id, stage).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _candidate_module(run: Run, layer: int, subblock: str, variant, stage: str):
     """The library subblock as an attention-only / ffn-only DecoderBlock (None for no_op)."""
     from .init import attention_subblock, ffn_subblock
@@ -533,7 +544,13 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
                 key = f"{ls.layer}:{subblock}:{v.id}:{'any' if v.kind == 'no_op' else stage}"
                 jobs.append((key, ls.layer, subblock, v))
     bld_log = ResultLog(run.out / "score" / "quality_bld.jsonl").read() if stage != "bld" else {}
-    todo = [j for j in jobs if j[0] not in done and j[0] not in bld_log]
+    entry_sha = {j[0]: _entry_sha(run, j[1], j[3], stage) for j in jobs}
+
+    def scored(key: str) -> bool:  # a result of this very entry (one without a checksum predates them: kept)
+        row = done.get(key) or bld_log.get(key)
+        return row is not None and row.get("entry_sha256", entry_sha[key]) == entry_sha[key]
+
+    todo = [j for j in jobs if not scored(j[0])]
     cache: ParentCache | None = None
     if todo or not (run.out / "score" / "parent_quality.json").is_file():
         cache = parent_cache(run.parent.model, ids, chunk=cfg.chunk, stride=cfg.position_stride)
@@ -548,7 +565,8 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     for key, layer, subblock, v in todo:
         sub = _candidate_module(run, layer, subblock, v, stage)
         metrics = replace_one_score(run.parent.model, cache, layer, subblock, sub, chunk=cfg.chunk)
-        log.append({"key": key, "layer": layer, "subblock": subblock, "variant": v.id, **metrics})
+        log.append({"key": key, "layer": layer, "subblock": subblock, "variant": v.id,
+                    "entry_sha256": entry_sha[key], **metrics})
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -184,6 +184,33 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     assert "no child evaluated or timed again" in err.getvalue()  # and the next rerun reuses them
 
 
+def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_dir, tmp_path):
+    """Breaker: an entry replaced under its own name (a retrain that is not bit-exact, an entry copied in) kept its old
+    replace-1-block score, so the tables, front and report stood while the export took the new weights."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    entries = copy / "library" / "entries" / "L000"
+    shutil.copyfile(entries / "attn-kv1.init.safetensors", entries / "attn-kv1.bld.safetensors")
+    sha = hashlib.sha256((entries / "attn-kv1.bld.safetensors").read_bytes()).hexdigest()
+    info = json.loads((entries / "attn-kv1.bld.json").read_text())
+    old = info["sha256"]
+    (entries / "attn-kv1.bld.json").write_text(json.dumps({**info, "sha256": sha}))
+    index = copy / "library" / "index.csv"
+    index.write_text(index.read_text().replace(old, sha))
+    before = [json.loads(line) for line in (copy / "score" / "quality_bld.jsonl").read_text().splitlines()]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups",
+                     "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 0
+    after = [json.loads(line) for line in (copy / "score" / "quality_bld.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in after[len(before):]] == ["0:attention:attn-kv1:bld"]  # that entry alone, scored again
+    assert after[-1]["entry_sha256"] == sha
+    assert "timing the children again (the score or cost tables changed" in err.getvalue()
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "puzzle", *args], capture_output=True, text=True, timeout=300)
 
