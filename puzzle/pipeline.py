@@ -1046,6 +1046,12 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     also_same = [export_provenance({"name": name, "run": str(run.out.resolve())})]
     earlier = export_info(dest)
     inside = run.out.resolve() in Path(dest).resolve().parents
+    own = Path(dest).resolve() == (run.out / "export" / name).resolve()
+    written = _recorded_export_files(run, name) if own and Path(dest).is_dir() else None
+    if written is not None and (extra := sorted(f.name for f in Path(dest).iterdir() if f.name not in written)):
+        raise PuzzleError(f"{dest} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which its export "
+                          f"did not write (DIR/{EXPORT_STAMPS}); move them away, since exporting again replaces the "
+                          f"folder")
     if inside and earlier and earlier.get("name") == name and not any(k in earlier for k in TRAINED_KEYS) \
             and earlier.get("stage") != "rpo":
         also_same.append(export_provenance(earlier))
@@ -1082,6 +1088,14 @@ def _export_files(folder: Path) -> dict:
     from .library import sha256_file
 
     return {f.name: [f.stat().st_size, sha256_file(f)] for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def _recorded_export_files(run: Run, name: str) -> set[str] | None:
+    """The file names DIR/children/exports.json records for export `name`, or None when it records none."""
+    try:
+        return set(read_json(run.out / EXPORT_STAMPS)[name]["files"])
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def record_export(run: Run, name: str, model) -> None:

@@ -168,6 +168,13 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     assert "replaced" not in err.getvalue(), err.getvalue()  # it is this run's own export, re-exported
     assert json.loads(config_path.read_text())["puzzle"]["run"] == "../.."
 
+    (copy / "export" / "child-2x" / "tokenizer_notes.txt").write_text("mine")  # a user's file is never deleted
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 2
+    assert "holds tokenizer_notes.txt, which its export did not write" in err.getvalue()
+    (copy / "export" / "child-2x" / "tokenizer_notes.txt").unlink()
+
     summary = pd.read_csv(copy / "summary.csv")  # a summary that disagrees with front.csv is measured again
     summary.loc[summary["name"] == "child-1.5x", "kl_nats"] += 1.0
     summary.to_csv(copy / "summary.csv", index=False)
