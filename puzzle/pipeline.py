@@ -1728,7 +1728,8 @@ def front_is_current(run: Run) -> str | None:
         stored = read_json(stamp)
         csv_sha = _sha256(path)
         have = set(pd.read_csv(path)["name"].astype(str))
-        if not isinstance(stored, dict):
+        if not (isinstance(stored, dict) and isinstance(stored.get("settings"), dict)
+                and isinstance(stored.get("tables") or {}, dict)):
             raise TypeError
     except (PuzzleError, ValueError, KeyError, TypeError, UnicodeDecodeError):  # unreadable JSON/CSV, a field missing
         return "front.csv or front.json is unreadable"

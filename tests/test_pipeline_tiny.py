@@ -175,6 +175,16 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     assert "holds tokenizer_notes.txt, which its export did not write" in err.getvalue()
     (copy / "export" / "child-2x" / "tokenizer_notes.txt").unlink()
 
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, front_is_current
+
+    stamp = json.loads((copy / "front.json").read_text())
+    for damage in ({"settings": [1]}, {"settings": "x"}, {"tables": [1]}):  # a damaged front.json: measured again
+        (copy / "front.json").write_text(json.dumps({**stamp, **damage}))
+        assert front_is_current(Run(copy, load_run_config(copy), progress=False)) == \
+            "front.csv or front.json is unreadable"
+    (copy / "front.json").write_text(json.dumps(stamp))
+
     summary = pd.read_csv(copy / "summary.csv")  # a summary that disagrees with front.csv is measured again
     summary.loc[summary["name"] == "child-1.5x", "kl_nats"] += 1.0
     summary.to_csv(copy / "summary.csv", index=False)
