@@ -190,6 +190,10 @@ def _resolve_config(args, out: Path):
     from .config import check_budget_texts
 
     check_budget_texts({f: getattr(args, f) for f in SEARCH_BUDGETS[1:] if getattr(args, f, None)})  # named as flags
+    if getattr(args, "objective", None) is not None:
+        from .search import parse_objective
+
+        parse_objective(args.objective)  # an empty or malformed --objective, named as given, before any is saved
     config = _base_config(args, out)
     changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
     flag = lambda name: getattr(args, name, None)  # noqa: E731

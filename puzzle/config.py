@@ -158,6 +158,12 @@ class SearchConfig:
     def __post_init__(self) -> None:
         from .feedback import check_rounds, check_slack
 
+        from .search import parse_objective
+
+        try:  # its form here (a number, null, a list: a hand edit); its columns when the score table is read
+            parse_objective(self.objective)
+        except PuzzleError as e:
+            raise PuzzleError(f"search.objective: {e}") from None
         object.__setattr__(self, "budget_feedback", check_rounds(self.budget_feedback))
         object.__setattr__(self, "budget_slack", check_slack(self.budget_slack))
 

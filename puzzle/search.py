@@ -210,8 +210,14 @@ def parse_objective(objective) -> dict[str, float]:
                 weights[column] = float(weight) if eq else 1.0  # 'kl_nats=' is no weight: refused below
             except ValueError as e:
                 raise PuzzleError(f"objective {objective!r}: write 'column' or 'column=weight,column=weight'") from e
-    else:
-        weights = {str(k): float(w) for k, w in dict(objective).items()}
+    elif isinstance(objective, Mapping):
+        try:
+            weights = {str(k): float(w) for k, w in objective.items()}
+        except (TypeError, ValueError):
+            raise PuzzleError(f"objective {dict(objective)!r}: every weight must be a number") from None
+    else:  # a hand-edited config.json: 5, null, a list
+        raise PuzzleError(f"the objective must be a column name or weights such as 'kl_nats=1,lm_loss=0.5', got "
+                          f"{objective!r}")
     if not weights:
         raise PuzzleError("the objective is empty; write e.g. 'kl_nats'")
     bad = [c for c, w in weights.items() if not math.isfinite(w) or w < 0]

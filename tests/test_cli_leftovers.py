@@ -340,3 +340,15 @@ def test_config_values_of_the_wrong_type_are_named(section, key, value, words):
     raw[section][key] = value
     with pytest.raises(PuzzleError, match=re.escape(f"run/config.json: {words}")):
         RunConfig.from_dict(raw, "run/config.json")
+
+
+@pytest.mark.parametrize("value", [5, None, ["kl_nats"], {"kl_nats": "x"}])
+def test_a_saved_objective_of_the_wrong_form_is_named_not_a_traceback(value):
+    """Breaker: search.objective 5, null, a list or a weight "x" in config.json ended in a TypeError/ValueError
+    traceback when the score table was read."""
+    from puzzle.config import RunConfig, load_preset
+
+    raw = load_preset("tiny").to_dict()
+    raw["search"]["objective"] = value
+    with pytest.raises(PuzzleError, match=re.escape("run/config.json: search.objective: ")):
+        RunConfig.from_dict(raw, "run/config.json")
