@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import math
 import os
 import re
 import sys
@@ -190,6 +191,10 @@ def _resolve_config(args, out: Path):
     from .config import check_budget_texts
 
     check_budget_texts({f: getattr(args, f) for f in SEARCH_BUDGETS[1:] if getattr(args, f, None)})  # named as flags
+    weights = getattr(args, "calib_weights", None) or []
+    if bad := [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]:
+        raise PuzzleError(f"--calib-weights {' '.join(f'{w:g}' for w in weights)}: {bad[0]:g} is not a positive finite "
+                          f"number; weights are relative token shares, one per --calib source (e.g. 1 1 for half each)")
     if getattr(args, "objective", None) is not None:
         from .search import parse_objective
 

@@ -1084,10 +1084,12 @@ EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/ex
 
 
 def _export_files(folder: Path) -> dict:
-    """{file name: [size in bytes, sha256]} of the files in an export folder (about 0.4 s per GB here)."""
+    """{file name: [size in bytes, sha256]} of the files in an export folder (about 0.4 s per GB here); a folder
+    or link in it as [None, "not a file"], which no export writes."""
     from .library import sha256_file
 
-    return {f.name: [f.stat().st_size, sha256_file(f)] for f in sorted(folder.iterdir()) if f.is_file()}
+    return {f.name: [f.stat().st_size, sha256_file(f)] if f.is_file() and not f.is_symlink() else [None, "not a file"]
+            for f in sorted(folder.iterdir())}
 
 
 def _recorded_export_files(run: Run, name: str) -> set[str] | None:

@@ -55,9 +55,10 @@ def test_notebook_keeps_its_figures_where_puzzle_figures_says_and_never_in_the_r
     monkeypatch.setenv("PUZZLE_FIGURES", str(figures))
     _execute(run_dir)
     assert sorted(p.name for p in figures.iterdir()) == ["architectures.png", "front.png"]
-    monkeypatch.setenv("PUZZLE_FIGURES", str(run_dir))
-    with pytest.raises(nbclient.exceptions.CellExecutionError, match="is the run directory"):
-        _execute(run_dir)
+    for inside in (run_dir, run_dir / "export" / "child-1.5x"):  # the run, or a folder in it (an export)
+        monkeypatch.setenv("PUZZLE_FIGURES", str(inside))
+        with pytest.raises(nbclient.exceptions.CellExecutionError, match="is the run directory or inside it"):
+            _execute(run_dir)
     monkeypatch.setenv("PUZZLE_RUN", str(figures))  # not a run: named, with the variable to set
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="set PUZZLE_RUN"):
         _execute(run_dir)

@@ -174,6 +174,13 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
         assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 2
     assert "holds tokenizer_notes.txt, which its export did not write" in err.getvalue()
     (copy / "export" / "child-2x" / "tokenizer_notes.txt").unlink()
+    (copy / "export" / "child-2x" / "sub").mkdir()  # a folder in an export: no longer current, and kept
+    (copy / "export" / "child-2x" / "sub" / "x.txt").write_text("mine")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 2
+    assert "holds sub, which its export did not write" in err.getvalue(), err.getvalue()[-1500:]
+    shutil.rmtree(copy / "export" / "child-2x" / "sub")
 
     from puzzle.config import load_run_config
     from puzzle.pipeline import Run, front_is_current
