@@ -698,7 +698,7 @@ def test_calib_weights_from_presets_config_files_and_flags(tmp_path):
     assert new.calib_weights == (1.0, 1.0)
     with pytest.raises(PuzzleError, match=r"--calib-weights\) has 3 weight\(s\) for 2"):
         resolve("--calib-weights", "1", "1", "1")
-    with pytest.raises(PuzzleError, match="has weight 0.0"):
+    with pytest.raises(PuzzleError, match="--calib-weights 0 1: 0 is not a positive finite number"):
         resolve("--calib", "c.txt", "d.txt", "--calib-weights", "0", "1")
 
 
