@@ -585,6 +585,10 @@ def cmd_front(args) -> int:
         raise PuzzleError("--downstream-limit only applies with --downstream TASK,...; add --downstream or drop it")
     # refused or interrupted before its search wrote: the run as it was; after: the new settings with their choices
     with _stage_run(args, existing=True) as run:
+        from .pipeline import changed_data_sources, stage_data
+
+        if changed_data_sources(run):  # a text edited in place: packed again, so the front is measured on it
+            stage_data(run)
         stale = "--remeasure" if args.remeasure else front_is_current(run)
         if stale:
             if (run.out / "front.csv").is_file():

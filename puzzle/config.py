@@ -314,7 +314,7 @@ def _section(cls, values: dict, where: str):
     if unknown:
         raise PuzzleError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}")
     values = {k: _float_from_text(v, fields[k]) for k, v in values.items()}
-    flags = [k for k, v in values.items() if str(fields[k]) == "bool" and not isinstance(v, bool)]
+    flags = [k for k, v in values.items() if fields[k] in ("bool", bool) and not isinstance(v, bool)]
     if flags:  # "false" would read as true
         section = where[where.rindex("[") + 1:-1] if where.endswith("]") and "[" in where else cls.__name__
         source = where[:where.rindex(" [")] if where.endswith("]") and "[" in where else where

@@ -1036,7 +1036,13 @@ def generate_answers(model_path: str, prompts, max_new_tokens: int):
 
 
 def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
-    """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`)."""
+    """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`), recording the run's own
+    export in DIR/children/exports.json (`record_export`).
+
+    Raises:
+        PuzzleError: as `check_export_target`, or the run's own export folder holds a file its export did not
+            write (a user's file, never deleted).
+    """
     from .export import TRAINED_KEYS, check_export_target, export_checkpoint, export_info, export_provenance, run_ref
 
     record = read_architecture(run, name)
@@ -1046,19 +1052,21 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     also_same = [export_provenance({"name": name, "run": str(run.out.resolve())})]
     earlier = export_info(dest)
     inside = run.out.resolve() in Path(dest).resolve().parents
-    own = Path(dest).resolve() == (run.out / "export" / name).resolve()
-    written = _recorded_export_files(run, name) if own and Path(dest).is_dir() else None
-    if written is not None and (extra := sorted(f.name for f in Path(dest).iterdir() if f.name not in written)):
-        raise PuzzleError(f"{dest} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which its export "
-                          f"did not write (DIR/{EXPORT_STAMPS}); move them away, since exporting again replaces the "
-                          f"folder")
     if inside and earlier and earlier.get("name") == name and not any(k in earlier for k in TRAINED_KEYS) \
             and earlier.get("stage") != "rpo":
         also_same.append(export_provenance(earlier))
     check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
                         provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}), also_same=also_same)
+    own = Path(dest).resolve() == (run.out / "export" / name).resolve()
+    written = _recorded_export_files(run, name) if own and Path(dest).is_dir() else None
+    if written is not None and (extra := sorted(f.name for f in Path(dest).iterdir() if f.name not in written)):
+        raise PuzzleError(f"{dest} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which its export "
+                          f"did not write (DIR/{EXPORT_STAMPS}); move {'it' if len(extra) == 1 else 'them'} out of "
+                          f"the folder, which exporting again replaces")
     model = model if model is not None else build_child(run, record)
     t0 = time.perf_counter()
+    if own:  # while the folder is rewritten its record is void: an interruption leaves no stale file list behind
+        record_export(run, name, None)
     result = export_checkpoint(model, run.parent.tokenizer, dest, overwrite=True, also_same=also_same,
                                extra_info=export_extra_info(run, name, record, dest))
     if Path(dest).resolve() == (run.out / "export" / name).resolve():  # the run's own export: `export_is_current`
@@ -1102,14 +1110,18 @@ def _recorded_export_files(run: Run, name: str) -> set[str] | None:
 
 def record_export(run: Run, name: str, model) -> None:
     """Add DIR/export/<name>'s files (`_export_files`) and the weights they were written from (`weights_sha`) to
-    DIR/children/exports.json, for `export_is_current`."""
+    DIR/children/exports.json, for `export_is_current`; with `model` None, remove the entry (an export under way)."""
     path = run.out / EXPORT_STAMPS
     try:
         stamps = read_json(path) if path.is_file() else {}
     except (PuzzleError, OSError, ValueError):
         stamps = {}
     stamps = stamps if isinstance(stamps, dict) else {}
-    stamps[name] = {"files": _export_files(run.out / "export" / name), "weights": weights_sha(model)}
+    if model is None:  # `stage_export` is about to rewrite the folder
+        if stamps.pop(name, None) is None:
+            return
+    else:
+        stamps[name] = {"files": _export_files(run.out / "export" / name), "weights": weights_sha(model)}
     atomic_write_json(path, stamps)
 
 
@@ -1468,6 +1480,28 @@ def run_all(run: Run) -> pd.DataFrame:
     return summary
 
 
+def changed_data_sources(run: Run) -> list[str]:
+    """The run's text sources whose contents differ from what DIR/data/manifest.json packed (a file edited in place),
+    or that can no longer be hashed; [] when DIR/data has no readable manifest (the data stage decides then)."""
+    from .data import source_sha256
+    from .samples import is_parent_samples
+
+    try:
+        packed = read_json(run.out / "data" / "manifest.json")["settings"]["source_sha256"]
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+        return []
+    changed = []
+    for spec in run.config.data.calib_sources + run.config.data.eval_sources:
+        if is_parent_samples(spec):  # drawn into DIR/data by the data stage itself
+            continue
+        try:
+            if source_sha256(spec) != packed.get(spec):
+                changed.append(spec)
+        except (PuzzleError, OSError):
+            changed.append(spec)
+    return changed
+
+
 def redraw_front(run: Run) -> None:
     """Draw DIR/front.png (and front.csv, front.json) again from DIR/summary.csv, when that is the measurement the
     current front was drawn from (`measured_summary`); a summary that is not, is left to a new measurement.
@@ -1754,6 +1788,8 @@ def front_is_current(run: Run) -> str | None:
         return "no score or cost table"
     if now["tables"] != {k: v for k, v in (stored.get("tables") or {}).items() if _is_front_table(k)}:
         return "the score or cost tables changed since the front was measured"
+    if stored.get("data") is None:
+        return "front.json predates its record of the data splits (written by an earlier version)"
     if now["data"] is None or now["data"] != stored.get("data"):
         return ("the data splits (DIR/data/manifest.json: the texts' contents, the tokenizer) are not the ones the "
                 "front was evaluated on")

@@ -179,7 +179,7 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(args) == 2
-    assert "holds sub, which its export did not write" in err.getvalue(), err.getvalue()[-1500:]
+    assert "holds sub, which" in err.getvalue(), err.getvalue()[-1500:]
     shutil.rmtree(copy / "export" / "child-2x" / "sub")
 
     from puzzle.config import load_run_config
@@ -233,6 +233,29 @@ def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_
     assert [r["key"] for r in after[len(before):]] == ["0:attention:attn-kv1:bld"]  # that entry alone, scored again
     assert after[-1]["entry_sha256"] == sha
     assert "timing the children again (the score or cost tables changed" in err.getvalue()
+
+
+def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path):
+    """Review: `puzzle front` found the front current after the evaluation text was edited at the same path (only the
+    data stage rewrites the manifest, and front did not run it)."""
+    from pathlib import Path
+
+    text = (Path(__import__("puzzle").__file__).parent / "data" / "tiny_eval.txt").read_text(encoding="utf-8")
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
+                     "--max-contention", "inf"]) == 0
+    eval_file.write_text("\n\n".join(reversed(text.split("\n\n"))), encoding="utf-8")  # other text, same path
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    assert "the data splits" in err.getvalue() and "is up to date" not in err.getvalue(), err.getvalue()[-1500:]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    assert "is up to date" in err.getvalue()  # measured once, then current
 
 
 def _cli(*args):
