@@ -402,7 +402,9 @@ def _same_training_hint(earlier: str, now: str) -> str:
             "again)")
 
 
-#: files an export writes besides CODE_FILES (the tokenizer's names vary with its kind)
+#: the tokenizer files `save_pretrained` writes (by kind: fast, sentencepiece); other names are a user's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+#: files an export writes besides CODE_FILES and TOKENIZER_FILES
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "README.md", "chat_template.jinja",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
@@ -427,7 +429,7 @@ def export_folder_problem(path: Path) -> str | None:
     if missing and not isinstance(config.get("puzzle"), dict):
         return f"it lacks the model code ({', '.join(missing)}) and its config.json names no puzzle export"
     other = [p.name for p in sorted(path.iterdir()) if not (p.is_file() and not p.is_symlink() and (
-        p.name in EXPORT_FILES or p.name in CODE_FILES or p.name.startswith("tokenizer")))]
+        p.name in EXPORT_FILES or p.name in CODE_FILES or p.name in TOKENIZER_FILES))]
     if other:
         return f"it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, which an export does not write"
     return None

