@@ -647,7 +647,7 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
     if job.kind != "block" and not library.has(job.layer, job.id, "init"):
         library.save(job.layer, job.kind, job.id, "init", sub.state_dict(),
                      {**info, "tokens": 0, "final_nmse": init_nmse, "status": "ok", "train_s": 0.0})
-    if not cfg.train:
+    if not cfg.train or library.has(job.layer, job.id, "bld"):  # init-only, or only the init copy was missing
         return info
     t0 = time.perf_counter()
     steps = math.ceil(n_train / cfg.batch_size)
@@ -725,7 +725,9 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
     stage = "bld" if cfg.train else "init"
     source = as_parent_source(parent)
     mine = shard(jobs, rank, world_size, cost=lambda j: job_cost(source.config, j, cfg, calib.shape[1]))
-    todo = [j for j in mine if not library.has(j.layer, j.id, stage)]
+    # an entry whose trained weights stand but whose init-only copy is missing or corrupt gets that copy back
+    todo = [j for j in mine if not library.has(j.layer, j.id, stage)
+            or cfg.train and j.kind != "block" and not library.has(j.layer, j.id, "init")]
     device = torch.device(device) if device is not None else default_device()
     t0, diverged = time.perf_counter(), []
     peak_mib = 0.0

@@ -266,6 +266,25 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     assert "is up to date" in err.getvalue()  # measured once, then current
 
 
+def test_a_missing_init_only_entry_is_rebuilt_by_bld_without_retraining(run_dir, tmp_path):
+    """Breaker: an init-only library entry deleted or damaged was never rebuilt (bld saw the trained entry and did
+    nothing; score then asked for bld): the run was stuck."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    entries = copy / "library" / "entries" / "L001"
+    trained = (entries / "attn-kv1.bld.safetensors").stat().st_mtime_ns
+    for f in entries.glob("attn-kv1.init.*"):
+        f.unlink()
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["bld", "--out", str(copy), "--no-progress"]) == 0
+    assert (entries / "attn-kv1.init.safetensors").is_file()
+    assert (entries / "attn-kv1.bld.safetensors").stat().st_mtime_ns == trained  # not trained again
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["score", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "puzzle", *args], capture_output=True, text=True, timeout=300)
 
