@@ -1079,6 +1079,25 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     return result
 
 
+def check_not_searched_export(run_dir: Path, dest, flag: str = "--dest") -> None:
+    """Refuse `dest` when it is a searched child's own export folder in a run (DIR/export/<name> of a name in
+    DIR/search/chosen.json): `puzzle run` and `puzzle export` rewrite it, so trained weights there would block them.
+
+    Raises:
+        PuzzleError: naming the folder and the default to use instead.
+    """
+    try:
+        names = read_json(Path(run_dir) / "search" / "chosen.json")["names"]
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+        return
+    target = Path(dest).expanduser().resolve()
+    for name in names if isinstance(names, list) else []:
+        if target == (Path(run_dir) / "export" / str(name)).resolve():
+            raise PuzzleError(f"{flag} {dest} is the export folder of the run's searched child {name}, which `puzzle "
+                              f"run` and `puzzle export` rewrite; give another folder (leave {flag} out for the "
+                              f"default next to it)")
+
+
 def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:
     """The provenance `stage_export` stores under config.json's "puzzle" key of child `name`'s export at `dest`."""
     from .export import run_ref

@@ -596,6 +596,10 @@ def run_sft_command(args, log=None) -> dict | None:
     from .tiny import means_builtin_tiny
 
     dest = Path(args.dest)
+    if args.out:
+        from .pipeline import check_not_searched_export
+
+        check_not_searched_export(args.out, dest)
     work = Path(args.work or f"{dest}.sft-work")
     inputs = [p for p in (args.model, args.out) if p]
     builtin_tiny = not args.out and means_builtin_tiny(args.model)

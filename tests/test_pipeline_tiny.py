@@ -285,6 +285,18 @@ def test_a_missing_init_only_entry_is_rebuilt_by_bld_without_retraining(run_dir,
         assert main(["score", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
 
 
+def test_gkd_and_sft_refuse_a_searched_childs_own_export_folder(run_dir, capsys):
+    """Breaker: `gkd --dest DIR/export/child-1.5x` replaced the searched child's export with trained weights, after
+    which every `puzzle run` failed on them."""
+    before = (run_dir / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns
+    for argv in (["gkd", "--tokens", "64"], ["sft", "--data", "demo:reasoning-toggle"]):
+        assert main([argv[0], "--out", str(run_dir), "--name", "child-1.5x", "--dest",
+                     str(run_dir / "export" / "child-1.5x"), *argv[1:], "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "is the export folder of the run's searched child child-1.5x" in err, err
+    assert (run_dir / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns == before
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "puzzle", *args], capture_output=True, text=True, timeout=300)
 
