@@ -1399,6 +1399,9 @@ def _over_budget_note(check, history: list[dict], rounds: int) -> str:
         return f" after {resolves} re-solve(s) in {rounds} round(s)"
     uses = [e["check"]["use"] for e in history[:-1] if isinstance((e.get("check") or {}).get("use"), (int, float))]
     earlier = f" (it measured {', '.join(f'{u:.3f}' for u in uses)} in the earlier session(s))" if uses else ""
+    kept = [str(e["action"])[6:] for e in history[:-1] if str(e.get("action", "")).startswith("kept: ")]
+    if kept:  # a re-solve was tried in an earlier round and changed nothing
+        return f" in the last timing session, with no re-solve round left{earlier}; earlier the feedback kept it: {kept[-1]}"
     return f" in the last timing session, with no re-solve round left{earlier}: the machine's speed moves between sessions"
 
 
@@ -1522,8 +1525,10 @@ def run_all(run: Run) -> pd.DataFrame:
 
 
 def changed_data_sources(run: Run) -> list[str]:
-    """The run's text sources whose contents differ from what DIR/data/manifest.json packed (a file edited in place),
-    or that can no longer be hashed; [] when DIR/data has no readable manifest (the data stage decides then)."""
+    """The run's evaluation sources whose contents differ from what DIR/data/manifest.json packed (a file edited in
+    place), or that can no longer be hashed; [] when DIR/data has no readable manifest (the data stage decides
+    then). Only the evaluation text: the front is measured on it, and a calibration corpus may be large to hash
+    (the library it trained stands or falls with the score tables)."""
     from .data import source_sha256
     from .samples import is_parent_samples
 
@@ -1532,8 +1537,8 @@ def changed_data_sources(run: Run) -> list[str]:
     except (PuzzleError, OSError, ValueError, KeyError, TypeError):
         return []
     changed = []
-    for spec in run.config.data.calib_sources + run.config.data.eval_sources:
-        if is_parent_samples(spec):  # drawn into DIR/data by the data stage itself
+    for spec in run.config.data.eval_sources:
+        if is_parent_samples(spec):  # drawn into DIR/data by the data stage itself (never an evaluation source)
             continue
         try:
             if source_sha256(spec) != packed.get(spec):

@@ -279,6 +279,9 @@ def test_an_over_budget_child_is_said_to_have_been_re_solved_only_when_it_was():
     assert "--budget-feedback N" in _over_budget_note(over, kept[:1], rounds=0)
     same = [{"round": 0, "action": "kept: the corrected limits choose the same child", "check": {"use": 1.027}}]
     assert _over_budget_note(over, same, rounds=2) == "; the feedback kept it: the corrected limits choose the same child"
+    tried = [{**same[0]}, {"round": 1, "action": "kept", "check": {"use": 1.03}}]  # tried in round 0, over at the end
+    note = _over_budget_note(over, tried, rounds=1)
+    assert "earlier the feedback kept it: the corrected limits choose the same child" in note and "speed moves" not in note
     noisy = Check(met=False, use=1.001, column="runtime_ms", ratios={}, limits={}, se=0.01)
     assert "less than the timing noise" in _over_budget_note(noisy, kept, rounds=2)
 
