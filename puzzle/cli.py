@@ -135,8 +135,10 @@ def _base_config(args, out: Path, saved: bool = True):
 
 
 def _data_flags_raw(args, saved: dict) -> dict:
-    """The data settings --calib, --eval and --calib-weights give, as `_resolve_config` sets them (sources by
-    `_sources_flag` against the saved ones; new calibration sources drop the saved weights), for `_base_config`."""
+    """The data settings --calib, --eval and --calib-weights give (sources by `_sources_flag` against the `saved`
+    data section; new calibration sources drop the saved weights; [] from --calib-weights alone: no weights), as
+    config.json spells them: applied to a saved configuration before it is checked (`_base_config`) and to the
+    resolved one (`_resolve_config`)."""
     flag = lambda name: getattr(args, name, None)  # noqa: E731
     as_sources = lambda v: tuple(v) if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) else ()  # noqa: E731
     raw = {}
@@ -154,8 +156,9 @@ def _data_flags_raw(args, saved: dict) -> dict:
 def _search_flags_raw(args) -> dict:
     """The search settings this command's flags give, as config.json spells them (checked later, with the
     configuration): the whole main budget when a budget flag is given, the objective, --vllm-compatible,
-    --budget-feedback; {} when none is given. Applied to a saved configuration before it is checked
-    (`_base_config`), so that a flag mends a saved search setting that is not valid."""
+    --budget-feedback, --front-speedups; {} when none is given. Applied to a saved configuration before it is
+    checked (`_base_config`), so that a flag mends a saved search setting that is not valid, and to the resolved one
+    (`_resolve_config`)."""
     from .config import SEARCH_BUDGETS
 
     flag = lambda name: getattr(args, name, None)  # noqa: E731
@@ -165,32 +168,28 @@ def _search_flags_raw(args) -> dict:
     for name in ("objective", "vllm_compatible", "budget_feedback"):
         if flag(name) is not None:
             raw[name] = flag(name).strip() if isinstance(flag(name), str) else flag(name)
-    if flag("front_speedups") is not None:
+    if flag("front_speedups") is not None:  # checked by `_check_flags_before_config`
         from .budgets import parse_speedup
 
-        try:
-            raw["front_speedups"] = [parse_speedup(s) for s in args.front_speedups.split(",")]
-        except PuzzleError:
-            pass  # named as the flag by `_resolve_config`, which parses it again
+        raw["front_speedups"] = [parse_speedup(s) for s in args.front_speedups.split(",")]
     return raw
 
 
-def _resolve_config(args, out: Path):
-    """The preset (or saved config), with the command-line flags applied.
+def _check_flags_before_config(args) -> None:
+    """Refuse a flag's value that is not valid, named as the flag, before the saved configuration is read (the
+    flags are applied to it first, `_base_config`, so its own checks would blame config.json): number flags, empty
+    or malformed budgets, --calib-weights, --objective, --front-speedups.
 
     Raises:
-        PuzzleError: a flag's value is out of range (named as the flag: `_check_number_flags`), or as the
-            configuration's checks (`config.RunConfig`) and the saved configuration's (`config.load_run_config`).
+        PuzzleError: as above.
     """
-    from .config import SEARCH_BUDGETS
+    from .config import SEARCH_BUDGETS, check_budget_texts
 
     _check_number_flags(args)
     empty = [f for f in SEARCH_BUDGETS[1:] if isinstance(getattr(args, f, None), str) and not getattr(args, f).strip()]
-    if empty:  # before the saved configuration, which the budget flags are applied to
+    if empty:
         raise PuzzleError(f"--{empty[0].replace('_', '-')} is empty; give a value (e.g. 0.5) or leave the flag out")
-    from .config import check_budget_texts
-
-    check_budget_texts({f: getattr(args, f) for f in SEARCH_BUDGETS[1:] if getattr(args, f, None)})  # named as flags
+    check_budget_texts({f: getattr(args, f) for f in SEARCH_BUDGETS[1:] if getattr(args, f, None)})
     weights = getattr(args, "calib_weights", None) or []
     if bad := [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]:
         raise PuzzleError(f"--calib-weights {' '.join(f'{w:g}' for w in weights)}: {bad[0]:g} is not a positive finite "
@@ -198,7 +197,25 @@ def _resolve_config(args, out: Path):
     if getattr(args, "objective", None) is not None:
         from .search import parse_objective
 
-        parse_objective(args.objective)  # an empty or malformed --objective, named as given, before any is saved
+        parse_objective(args.objective)  # an empty or malformed --objective, named as given
+    if getattr(args, "front_speedups", None) is not None:
+        from .budgets import parse_speedup
+
+        try:  # 1.5 or 1.5x, as --speedup takes them
+            [parse_speedup(s) for s in args.front_speedups.split(",")]
+        except PuzzleError as e:  # the part at fault and why, as --speedup says it
+            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: {str(e).removeprefix('--speedup ')}; give "
+                              f"speed-ups separated by commas, e.g. 1.25,1.5,2") from None
+
+
+def _resolve_config(args, out: Path):
+    """The preset (or saved config), with the command-line flags applied.
+
+    Raises:
+        PuzzleError: a flag's value is not valid (named as the flag: `_check_flags_before_config`), or as the
+            configuration's checks (`config.RunConfig`) and the saved configuration's (`config.load_run_config`).
+    """
+    _check_flags_before_config(args)
     config = _base_config(args, out)
     changes: dict[str, dict] = {"parent": {}, "data": {}, "target": {}, "bld": {}, "score": {}, "search": {}}
     flag = lambda name: getattr(args, name, None)  # noqa: E731
@@ -209,43 +226,15 @@ def _resolve_config(args, out: Path):
         # the built-in tiny model (unless ./tiny exists, as in eval, gkd, sft and rpo), a packaged asset
         keep = means_builtin_tiny(given) or given.startswith("asset:")
         changes["parent"]["path"] = given if keep else os.path.abspath(os.path.expanduser(given))
-    if flag("calib"):
-        calib = _sources_flag(args.calib, config.data.calib_sources)
-        changes["data"]["calib_sources"] = calib
-        if calib != config.data.calib_sources:  # saved weights belong to the saved sources
-            changes["data"]["calib_weights"] = ()
-    if flag("calib_weights") is not None:  # [] (the flag without values): no weights
-        changes["data"]["calib_weights"] = tuple(args.calib_weights)
-    if flag("eval"):
-        changes["data"]["eval_sources"] = _sources_flag(args.eval, config.data.eval_sources)
+    # the same values `_base_config` gave a saved configuration (applying them again changes nothing there)
+    changes["data"].update(_data_flags_raw(args, config.to_dict()["data"]))
+    changes["search"].update(_search_flags_raw(args))
     for name, section, key in _SETTING_FLAGS:
         if flag(name) is not None:
             changes[section][key] = flag(name)
     if flag("seed") is not None:
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
-    budget_fields = SEARCH_BUDGETS[1:]  # the text budgets (speedup is a number)
-    if flag("speedup") is not None or any(flag(f) for f in budget_fields):
-        # the budget flags replace the saved main budget as a whole ('0.8 ' would name a file 'mem0.8 ')
-        changes["search"].update(speedup=flag("speedup"),
-                                 **{f: flag(f).strip() if isinstance(flag(f), str) else flag(f) for f in budget_fields})
-    if flag("vllm_compatible") is not None:
-        changes["search"]["vllm_compatible"] = bool(args.vllm_compatible)
-    if flag("objective") is not None:
-        from .search import parse_objective
-
-        parse_objective(args.objective)  # an empty or malformed objective fails here, before anything is saved
-        changes["search"]["objective"] = args.objective.strip()
-    if flag("budget_feedback") is not None:
-        changes["search"]["budget_feedback"] = args.budget_feedback
-    if flag("front_speedups") is not None:
-        from .budgets import parse_speedup
-
-        try:  # 1.5 or 1.5x, as --speedup takes them
-            changes["search"]["front_speedups"] = tuple(parse_speedup(s) for s in args.front_speedups.split(","))
-        except PuzzleError as e:  # the part at fault and why, as --speedup says it
-            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: {str(e).removeprefix('--speedup ')}; give "
-                              f"speed-ups separated by commas, e.g. 1.25,1.5,2") from None
     return config.replace(**changes)
 
 

@@ -269,7 +269,7 @@ class RunConfig:
         kwargs = {}
         for f in dataclasses.fields(cls):
             section_cls = f.default_factory().__class__
-            kwargs[f.name] = _section(section_cls, d.get(f.name, {}), f"{where} [{f.name}]")
+            kwargs[f.name] = _section(section_cls, d.get(f.name, {}), where, f.name)
         return cls(**kwargs)
 
     def replace(self, **sections) -> "RunConfig":
@@ -306,7 +306,11 @@ def _float_from_text(value, annotation: str):
     return value
 
 
-def _section(cls, values: dict, where: str):
+def _section(cls, values: dict, source: str, name: str):
+    """Section `name` of a configuration read from `source` (a file's path, or "config" for one built in code) as
+    `cls`. Messages start with "SOURCE [NAME]:", or "SOURCE:" where they name the setting (NAME.key) themselves;
+    a setting's own check of a configuration built in code keeps its message as it is."""
+    where = f"{source} [{name}]"
     if not isinstance(values, dict):
         raise PuzzleError(f"{where} must be a table of settings")
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -316,9 +320,7 @@ def _section(cls, values: dict, where: str):
     values = {k: _float_from_text(v, fields[k]) for k, v in values.items()}
     flags = [k for k, v in values.items() if fields[k] in ("bool", bool) and not isinstance(v, bool)]
     if flags:  # "false" would read as true
-        section = where[where.rindex("[") + 1:-1] if where.endswith("]") and "[" in where else cls.__name__
-        source = where[:where.rindex(" [")] if where.endswith("]") and "[" in where else where
-        raise PuzzleError(("" if source == "config" else f"{source}: ") + f"{section}.{flags[0]} must be true or "
+        raise PuzzleError(("" if source == "config" else f"{source}: ") + f"{name}.{flags[0]} must be true or "
                           f"false (no quotes), got {values[flags[0]]!r}")
     if cls is SearchConfig and any(k in values for k in SEARCH_BUDGETS):
         # a section that sets a budget sets the whole main budget (as the flags do): the default speed-up
@@ -328,12 +330,10 @@ def _section(cls, values: dict, where: str):
         return cls(**values)
     except (TypeError, ValueError) as e:  # a missing/extra argument, or a value float()/int() cannot read
         raise PuzzleError(f"{where}: {e}") from e
-    except PuzzleError as e:  # a setting's own check: named with the file it came from ("F [score]: score.x" -> "F: ...")
-        section = where[where.rindex("[") + 1:-1] if where.endswith("]") and "[" in where else None
-        named = section is not None and str(e).startswith((f"{section}.", f"{section} "))
-        source = where[:where.rindex(" [")] if section is not None else where
-        if source == "config":  # a configuration built in code (RunConfig.from_dict's default): no file to name
+    except PuzzleError as e:  # a setting's own check: named with the file it came from
+        if source == "config":
             raise
+        named = str(e).startswith((f"{name}.", f"{name} "))
         raise PuzzleError(f"{source if named else where}: {e}") from None
 
 

@@ -1069,7 +1069,7 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
         record_export(run, name, None)
     result = export_checkpoint(model, run.parent.tokenizer, dest, overwrite=True, also_same=also_same,
                                extra_info=export_extra_info(run, name, record, dest))
-    if Path(dest).resolve() == (run.out / "export" / name).resolve():  # the run's own export: `export_is_current`
+    if own:  # the run's own export: what `export_out_of_date` compares with
         record_export(run, name, model)
     run.timed("export_s", time.perf_counter() - t0)
     for w in result.warnings:
@@ -1130,7 +1130,7 @@ def _recorded_export_files(run: Run, name: str) -> set[str] | None:
 
 def record_export(run: Run, name: str, model) -> None:
     """Add DIR/export/<name>'s files (`_export_files`) and the weights they were written from (`weights_sha`) to
-    DIR/children/exports.json, for `export_is_current`; with `model` None, remove the entry (an export under way)."""
+    DIR/children/exports.json, for `export_out_of_date`; with `model` None, remove the entry (an export under way)."""
     path = run.out / EXPORT_STAMPS
     try:
         stamps = read_json(path) if path.is_file() else {}
@@ -1143,11 +1143,6 @@ def record_export(run: Run, name: str, model) -> None:
     else:
         stamps[name] = {"files": _export_files(run.out / "export" / name), "weights": weights_sha(model)}
     atomic_write_json(path, stamps)
-
-
-def export_is_current(run: Run, name: str, model) -> bool:
-    """Whether DIR/export/<name> holds what `stage_export` would write now of `model` (`export_out_of_date`)."""
-    return export_out_of_date(run, name, model) is None
 
 
 def export_out_of_date(run: Run, name: str, model) -> str | None:
@@ -1477,7 +1472,7 @@ def run_all(run: Run) -> pd.DataFrame:
     A rerun of a finished run (front.json current, `front_is_current`; summary.csv agreeing, `measured_summary`)
     times and evaluates nothing again: it rewrites only exports that are missing or out of date and a report
     whose inputs changed (DIR/report.json)."""
-    from .export import export_warnings
+    from .export import ExportResult, export_warnings
 
     t_start = time.perf_counter()
     stage_data(run)
@@ -1502,8 +1497,7 @@ def run_all(run: Run) -> pd.DataFrame:
         if rec.get("library_stage") == "bld":
             why = export_out_of_date(run, name, children[name])
             if why is None:  # the same files from the same weights: kept
-                exported[name] = ExportedBefore(run.out / "export" / name,
-                                                tuple(export_warnings(children[name].config)))
+                exported[name] = ExportResult(run.out / "export" / name, tuple(export_warnings(children[name].config)))
             else:
                 if not measured and why != "none yet":
                     run.say(f"export {name}: written again ({why})")
@@ -1574,14 +1568,6 @@ class _LazyChildren(dict):
     def __missing__(self, name: str):
         self[name] = build_child(self._run, self._records[name])
         return self[name]
-
-
-@dataclass(frozen=True)
-class ExportedBefore:
-    """An export a rerun found up to date (`export_is_current`): its folder and warnings, as `ExportResult` has."""
-
-    path: Path
-    warnings: tuple[str, ...]
 
 
 def measured_summary(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame | None, str]:
