@@ -557,6 +557,27 @@ def cmd_export(args) -> int:
 DOWNSTREAM_LIMIT = 100
 
 
+def _reevaluated_front(run) -> bool:
+    """When only the evaluation text changed since the front was measured (`pipeline.timings_still_valid`): evaluate
+    the parent and the searched children on it again, keep their timings, draw the front; True when it did."""
+    from .io import read_json
+    from .pipeline import read_architecture, reevaluate, timings_still_valid, write_front
+
+    try:
+        chosen = read_json(run.out / "search" / "chosen.json")
+        records = {str(name): read_architecture(run, name) for name in chosen["names"]}
+        main = chosen["main"]
+    except (PuzzleError, KeyError, TypeError):  # the front's own check said why; it is measured again
+        return False
+    timed = timings_still_valid(run, records)
+    if timed is None:
+        return False
+    _log("front: only the evaluation text changed since the front was measured: the parent and the children are "
+         "evaluated on it again, their measured timings kept (--remeasure times them again)")
+    write_front(run, reevaluate(run, records, timed)[0], main)
+    return True
+
+
 def cmd_front(args) -> int:
     from .pipeline import front_is_current, stage_front
     from .plots import write_front_all
@@ -579,7 +600,9 @@ def cmd_front(args) -> int:
         if changed_data_sources(run):  # a text edited in place: packed again, so the front is measured on it
             stage_data(run)
         stale = "--remeasure" if args.remeasure else front_is_current(run)
-        if stale:
+        if stale and not args.remeasure and _reevaluated_front(run):
+            pass
+        elif stale:
             if (run.out / "front.csv").is_file():
                 _log(f"front: solving, building and timing the front's children again ({stale})")
             stage_front(run)

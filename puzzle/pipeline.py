@@ -1482,12 +1482,18 @@ def run_all(run: Run) -> pd.DataFrame:
     main = read_json(run.out / "search" / "chosen.json")["main"]
     stale = front_is_current(run)
     summary, why = (None, stale) if stale else measured_summary(run, records)
+    reevaluated = False
+    if stale and (timed := timings_still_valid(run, records)) is not None:
+        run.say("run: only the evaluation text changed since the front was measured: the parent and the children "
+                "are evaluated on it again, their measured timings kept")
+        summary, children = reevaluate(run, records, timed)
+        reevaluated = True
     measured = summary is None
     if measured:
         if (run.out / "front.csv").is_file():
             run.say(f"run: timing the children again ({why})")
         summary, children, records = realize_and_measure(run, records)
-    else:  # a finished run: the measured children stand; what is missing or out of date is written again
+    elif not reevaluated:  # a finished run: the measured children stand; what is missing or out of date is written again
         run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and "
                 f"tables (front.json): no child evaluated or timed again (`puzzle front --out {run.out} --remeasure` "
                 "times them again)")
@@ -1502,10 +1508,10 @@ def run_all(run: Run) -> pd.DataFrame:
                 if not measured and why != "none yet":
                     run.say(f"export {name}: written again ({why})")
                 exported[name] = stage_export(run, name, model=children[name])
-    if measured or not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
+    if measured or reevaluated or not (run.out / "front.png").is_file():  # a deleted picture: drawn again
         write_front(run, summary, main)
     cfg = run.config.report
-    if not measured and report_is_current(run, exported):
+    if not measured and not reevaluated and report_is_current(run, exported):
         run.say(f"run: {run.out / 'report.md'} is up to date: kept as it is")
         run.timed("total_s", time.perf_counter() - t_start)
         return summary
@@ -1588,6 +1594,79 @@ def measured_summary(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame |
     if not (run.out / "children" / "budget_feedback.json").is_file():
         return None, "children/budget_feedback.json is missing"
     return summary, ""
+
+
+#: data settings that only choose the evaluation split (the calibration and scoring splits are compared by content)
+EVAL_ONLY_SETTINGS = ("eval_sources", "eval_tokens")
+
+
+def timings_still_valid(run: Run, records: dict[str, dict]) -> pd.DataFrame | None:
+    """DIR/summary.csv when the only change since the front was measured is the evaluation split: the children's
+    timings in it stand and only their evaluation is out of date (`reevaluate`); else None.
+
+    That is: front.csv and summary.csv are the files front.json was written with (`measured_summary`), the settings
+    agree apart from data.eval_sources and data.eval_tokens, the searched children and the score and cost tables are
+    the ones measured, and the calibration and scoring splits hold the same tokens (DIR/data/manifest.json, by
+    sha256). A front.json from before its record of the splits gives None (measured again)."""
+    try:
+        stored = read_json(run.out / "front.json")
+        if not isinstance(stored, dict) or stored.get("front_csv") != _sha256(run.out / "front.csv"):
+            return None
+    except (PuzzleError, OSError):
+        return None
+    now = front_inputs(run)
+    before, after = stored.get("splits"), now["splits"]
+    if not (isinstance(before, dict) and isinstance(after, dict)
+            and all(before.get(k) and before.get(k) == after.get(k) for k in ("calib", "score"))):
+        return None
+    parent_path = _recorded_weights_sha(run.out) is None
+
+    def settings(config):
+        config = _front_settings(config, parent_path)
+        if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
+            return config
+        return {**config, "data": {k: v for k, v in config["data"].items() if k not in EVAL_ONLY_SETTINGS}}
+
+    if settings(stored.get("settings")) != settings(now["settings"]) or now["children"] is None \
+            or now["children"] != stored.get("children") or not now["tables"] \
+            or now["tables"] != {k: v for k, v in (stored.get("tables") or {}).items() if _is_front_table(k)}:
+        return None
+    summary, _ = measured_summary(run, records)
+    return summary
+
+
+def reevaluate(run: Run, records: dict[str, dict], summary: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Evaluate the parent and every child of `summary` (`timings_still_valid`) on the run's evaluation split again,
+    keeping their measured timings: rewrites each kl_nats, lm_loss and top1_agree in DIR/children/<name>.json and
+    DIR/summary.csv (the caller draws the front from it). Returns (the new summary, {name: child model})."""
+    children = _LazyChildren(run, records)
+    models = {"parent": run.parent.model, **{name: children[name] for name in records}}
+    bar = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(models), desc="evaluate", unit="model")
+    summary = summary.copy()
+    for name, model in models.items():
+        quality = evaluate(run, model, name)
+        at = summary.index[summary["name"].astype(str) == name][0]
+        for column, default in (("kl_nats", 0.0), ("lm_loss", None), ("top1_agree", 1.0)):  # as `_summary_row`
+            summary.loc[at, column] = float(quality[column] if default is None else quality.get(column, default))
+        if name != "parent":
+            path = run.out / "children" / f"{name}.json"
+            try:
+                row = read_json(path)
+            except PuzzleError:
+                row = None
+            if isinstance(row, dict):
+                atomic_write_json(path, {**row, "kl_nats": summary.loc[at, "kl_nats"],
+                                         "lm_loss": summary.loc[at, "lm_loss"], "top1_agree": summary.loc[at, "top1_agree"]})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
+    return summary, children
 
 
 def report_stamp(run: Run, exported: dict) -> dict:
@@ -1729,7 +1808,8 @@ def front_inputs(run: Run) -> dict:
     set; children: each searched name (DIR/search/chosen.json) with the choice its record holds now;
     tables: the sha256 of every score and cost table (DIR/score/score_table*.csv, cost*.csv; other CSVs a
     user keeps there do not count); data: the splits' settings_sha256 in DIR/data/manifest.json (which hashes
-    every source's contents and the tokenizer). Unreadable parts are None.
+    every source's contents and the tokenizer); splits: the sha256 of each packed split (calib, score, eval) as the
+    manifest records it, which tells an evaluation-only change (`timings_still_valid`). Unreadable parts are None.
     """
     config = _front_settings(run.config.to_dict())
     config["search"]["front_speedups"] = sorted(set(config["search"]["front_speedups"]))
@@ -1741,13 +1821,15 @@ def front_inputs(run: Run) -> dict:
         pass
     tables = {t.name: _sha256(t) for t in sorted((run.out / "score").glob("*.csv")) if _is_front_table(t.name)} \
         if (run.out / "score").is_dir() else {}
-    data = None
+    data, splits = None, None
     try:  # the splits' settings with every source's and the tokenizer's sha256: another evaluation text, same path
-        data = read_json(run.out / "data" / "manifest.json")["settings_sha256"]
-    except (PuzzleError, OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        manifest = read_json(run.out / "data" / "manifest.json")
+        data = manifest["settings_sha256"]
+        splits = {split: manifest["splits"][split].get("sha256") for split in ("calib", "score", "eval")}
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         pass
-    return json.loads(json.dumps({"settings": config, "children": children, "tables": tables, "data": data},
-                                 default=lambda o: str(o)))
+    return json.loads(json.dumps({"settings": config, "children": children, "tables": tables, "data": data,
+                                  "splits": splits}, default=lambda o: str(o)))
 
 
 def _front_settings(config, parent_path: bool = True):

@@ -380,12 +380,49 @@ def _model_row(path: Path) -> dict | None:
     return row
 
 
+def _current_row_inputs(run_dir: Path) -> dict:
+    """What a model row's figures (DIR/front_rows/, DIR/baselines/rows/: `baselines.realize_all`'s `inputs`) must
+    have been measured on to be drawn with the run's front now: the evaluation split (its sha256 prefix, as
+    DIR/data/manifest.json records it) and the score table (DIR/score/score_table.csv by sha256). A part that
+    cannot be read is left out (not checked)."""
+    import hashlib
+
+    from .io import read_json
+
+    current = {}
+    try:
+        current["eval_sha"] = str(read_json(run_dir / "data" / "manifest.json")["splits"]["eval"]["sha256"])[:16]
+    except (PuzzleError, OSError, KeyError, TypeError):
+        pass
+    table = run_dir / "score" / "score_table.csv"
+    if table.is_file():
+        current["score_table_sha256"] = hashlib.sha256(table.read_bytes()).hexdigest()
+    return current
+
+
+def _row_is_current(row: dict, current: dict, sub: str) -> bool:
+    """Whether `row` was measured on the run's evaluation split and score table as they are now (`current`); a row
+    that was not is left out of the front with a warning naming the command that measures it again (its KL is on
+    another text, or its child comes from another library)."""
+    inputs = row.get("inputs") if isinstance(row.get("inputs"), dict) else {}
+    if row.get("name") == "parent":  # its timing scales its source's throughput; its KL is 0 on any text
+        return True
+    stale = [what for key, what in (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"))
+             if key in current and key in inputs and inputs[key] != current[key]]
+    if stale:
+        where = "puzzle baselines" if sub.startswith("baselines") else "puzzle refine"
+        warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
+                      f"left out of the front (`{where} --out DIR` measures it again)")
+    return not stale
+
+
 def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFrame:
     """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
 
     Reads DIR/front.csv (the pipeline's children: method "mip", training "bld"), DIR/front_rows/*.json
     and DIR/baselines/rows/*.json (written by `baselines.realize_all`: our diverse and refined
-    children, the baselines), whichever exist. A model listed twice keeps its first row. Speed-ups
+    children, the baselines), whichever exist; a row measured on another evaluation split or score table
+    than the run's now is left out with a warning (`_row_is_current`). A model listed twice keeps its first row. Speed-ups
     are measured against the parent in the same session; throughput_tok_s is rescaled to the
     parent's throughput of the first source, so all rows share one axis.
 
@@ -405,9 +442,10 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
         df["method"] = ["parent" if n == "parent" else "mip" for n in df["name"]]
         df["training"] = ["none" if n == "parent" else "bld" for n in df["name"]]
         parts.append(df.assign(source="front.csv"))
+    current = _current_row_inputs(run_dir)
     for sub in ("front_rows", "baselines/rows"):
         files = sorted((run_dir / sub).glob("*.json")) if (run_dir / sub).is_dir() else []
-        found = [row for row in map(_model_row, files) if row is not None]
+        found = [row for row in map(_model_row, files) if row is not None and _row_is_current(row, current, sub)]
         if found:
             parts.append(pd.DataFrame(found).assign(source=sub))
     if not parts:

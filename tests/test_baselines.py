@@ -235,6 +235,42 @@ def test_damaged_row_files_are_left_out_of_the_front_with_a_warning(tmp_path):
     assert rows.set_index("name").loc["a-refined", "speedup"] == 1.4
 
 
+def test_rows_measured_on_another_evaluation_text_are_left_out_of_the_front(tmp_path):
+    """A baseline row keeps the evaluation KL of the text it was measured on: after the run's evaluation text or
+    score table changed (and `puzzle front` evaluated our children on the new one), `front_all` drew the old rows next
+    to ours and the ratios set KLs on two texts against each other."""
+    import hashlib
+
+    from puzzle.plots import front_rows
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "score").mkdir()
+    (tmp_path / "score" / "score_table.csv").write_text("layer,variant\n0,a\n")
+    table = hashlib.sha256((tmp_path / "score" / "score_table.csv").read_bytes()).hexdigest()
+    eval_sha = "ab" * 32
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"splits": {"eval": {"sha256": eval_sha}}}))
+    (tmp_path / "baselines" / "rows").mkdir(parents=True)
+    now = {"eval_sha": eval_sha[:16], "score_table_sha256": table}
+    rows = {"parent": {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0,
+                       "throughput_tok_s": 9.0, "inputs": {**now, "eval_sha": "old"}},
+            "g-now": {"name": "g-now", "method": "greedy", "training": "bld", "speedup": 1.3, "kl_nats": 0.4,
+                      "inputs": now},
+            "g-old-text": {"name": "g-old-text", "method": "greedy", "training": "bld", "speedup": 1.5, "kl_nats": 0.6,
+                           "inputs": {**now, "eval_sha": "0123456789abcdef"}},
+            "g-old-table": {"name": "g-old-table", "method": "greedy", "training": "bld", "speedup": 1.5,
+                            "kl_nats": 0.6, "inputs": {**now, "score_table_sha256": "x"}},
+            "g-unrecorded": {"name": "g-unrecorded", "method": "greedy", "training": "bld", "speedup": 1.2,
+                             "kl_nats": 0.3}}
+    for name, row in rows.items():
+        (tmp_path / "baselines" / "rows" / f"{name}.json").write_text(json.dumps(row))
+    with pytest.warns(UserWarning) as record:
+        drawn = front_rows(tmp_path, with_downstream=False)
+    assert list(drawn["name"]) == ["parent", "g-unrecorded", "g-now"]
+    said = [str(w.message) for w in record]
+    assert any("g-old-text" in m and "another evaluation text" in m and "puzzle baselines" in m for m in said), said
+    assert any("g-old-table" in m and "another score table" in m for m in said), said
+
+
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
     import numpy as np
 

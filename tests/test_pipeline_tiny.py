@@ -255,15 +255,53 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
                      "--max-contention", "inf"]) == 0
-    eval_file.write_text("\n\n".join(reversed(text.split("\n\n"))), encoding="utf-8")  # other text, same path
+    before = pd.read_csv(out / "summary.csv").set_index("name")
+    eval_file.write_text(text.replace(" the ", " a "), encoding="utf-8")  # other text, same path
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["front", "--out", str(out), "--no-progress"]) == 0
-    assert "the data splits" in err.getvalue() and "is up to date" not in err.getvalue(), err.getvalue()[-1500:]
+    # evaluated again on the new text, not timed again: only the evaluation changed
+    assert "only the evaluation text changed" in err.getvalue() and "is up to date" not in err.getvalue(), \
+        err.getvalue()[-1500:]
+    after = pd.read_csv(out / "summary.csv").set_index("name")
+    assert after["runtime_ms"].to_dict() == before["runtime_ms"].to_dict()
+    assert after["lm_loss"].to_dict() != before["lm_loss"].to_dict()
+    for name in after.index:
+        quality = json.loads((out / "children" / f"{name}.quality.json").read_text())
+        assert after.loc[name, "kl_nats"] == pytest.approx(quality["metrics"]["kl_nats"])
+        if name != "parent":
+            assert json.loads((out / "children" / f"{name}.json").read_text())["lm_loss"] == \
+                pytest.approx(quality["metrics"]["lm_loss"])
+    front = pd.read_csv(out / "front.csv").set_index("name")
+    assert front["kl_nats"].to_dict() == pytest.approx(after.loc[front.index, "kl_nats"].to_dict())
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["front", "--out", str(out), "--no-progress"]) == 0
-    assert "is up to date" in err.getvalue()  # measured once, then current
+    assert "is up to date" in err.getvalue()  # evaluated once, then current
+
+    eval_file.write_text(text, encoding="utf-8")  # `run` does the same, and writes the report from the new figures
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
+                     "--max-contention", "inf"]) == 0
+    assert "only the evaluation text changed" in err.getvalue() and "timing the children again" not in err.getvalue()
+    again = pd.read_csv(out / "summary.csv").set_index("name")
+    assert again["lm_loss"].to_dict() == pytest.approx(before["lm_loss"].to_dict())
+    assert f"{again.loc['child-1.5x', 'kl_nats']:.3f}" in (out / "report.md").read_text() or \
+        f"{again.loc['child-1.5x', 'kl_nats']:.4f}" in (out / "report.md").read_text()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
+                     "--max-contention", "inf"]) == 0
+    assert "no child evaluated or timed again" in err.getvalue() and "is up to date" in err.getvalue()
+
+    stamp = json.loads((out / "front.json").read_text())  # a front.json from before the splits' record: timed again
+    (out / "front.json").write_text(json.dumps({k: v for k, v in stamp.items() if k != "splits"}))
+    eval_file.write_text(text.replace(" the ", " a "), encoding="utf-8")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    assert "timing the front's children again" in err.getvalue() and "only the evaluation" not in err.getvalue()
 
 
 def test_a_missing_init_only_entry_is_rebuilt_by_bld_without_retraining(run_dir, tmp_path):
