@@ -141,19 +141,35 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
     out_dir = run.out / "downstream" / setting_name(tasks, limit, seed)
     exclude = used_lambada_ids(run.out) if (run.out / "data" / "manifest.json").is_file() else set()
 
+    from .architecture import BlockConfig
+    from .pipeline import weights_sha
+
     # the parent by its weights, not by where it was loaded from: a moved parent keeps its results
     key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": run.parent_fingerprint}
-    keys = (key, {**key, "parent": str(run.parent.source)})  # the second: results saved before, at the same path
+    legacy = (key, {**key, "parent": str(run.parent.source)})  # saved by earlier versions, without the weights
+    library = _library(run) if any(s["blocks"] for s in specs) else None
+
+    def build(spec: dict):
+        if spec["blocks"] is None:
+            return run.parent.model
+        return realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]], spec["stage"])
+
+    # each model's key holds its weights (sampled hash, `pipeline.weights_sha`): a library rebuilt or retrained
+    # under the same names gives other weights, whose accuracy is measured anew
+    keys = {}
+    for spec in specs:
+        model = build(spec)
+        keys[spec["name"]] = {**key, "weights": weights_sha(model)}
+        del model
 
     def same(result: dict, spec: dict) -> bool:
-        return result.get("key") in keys and result.get("architecture") == spec["architecture"] \
+        return result.get("key") in (keys[spec["name"]], *legacy) and result.get("architecture") == spec["architecture"] \
             and result.get("stage") == spec["stage"] and "downstream_acc" in result
 
     # every saved result of this setting, read once: a model is done when its own file matches, and a model
-    # with the architecture and stage of a finished one (a baseline that picked our child) copies its result
+    # with the architecture, stage and weights of a finished one (a baseline that picked our child) copies its result
     saved = {p.stem: read_json(p) for p in sorted(out_dir.glob("*.json"))} if out_dir.is_dir() else {}
     todo = [s for s in specs if not (s["name"] in saved and same(saved[s["name"]], s))]
-    library = _library(run) if any(s["blocks"] for s in todo) else None
     t_all = time.perf_counter()
     for i, spec in enumerate(todo, 1):
         t0 = time.perf_counter()
@@ -162,19 +178,14 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
             saved[spec["name"]] = {**twin, "name": spec["name"], "same_as": twin["name"]}
             atomic_write_json(out_dir / f"{spec['name']}.json", saved[spec["name"]])
             continue
-        if spec["blocks"] is None:
-            model = run.parent.model
-        else:
-            from .architecture import BlockConfig
-
-            model = realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]],
-                                  spec["stage"])
+        model = build(spec)
         result = evaluate_tasks(model, run.parent.tokenizer, tasks, limit=limit, seed=seed, exclude_lambada=exclude,
                                 wheel=wheel, progress=progress, parts_dir=out_dir / "parts" / spec["name"],
-                                parts_key={**key, "architecture": spec["architecture"], "stage": spec["stage"]})
+                                parts_key={**keys[spec["name"]], "architecture": spec["architecture"],
+                                           "stage": spec["stage"]})
         summary = _summarize(result.table, tasks)
         saved[spec["name"]] = {"name": spec["name"], "architecture": spec["architecture"], "stage": spec["stage"],
-                               "key": key, **summary, "seconds": round(time.perf_counter() - t0, 1)}
+                               "key": keys[spec["name"]], **summary, "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_json(out_dir / f"{spec['name']}.json", saved[spec["name"]])
         del model
         print(f"downstream {i}/{len(todo)} {spec['name']}: acc {summary['downstream_acc']:.3f} "
