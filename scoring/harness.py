@@ -552,6 +552,8 @@ def cmd_eval(args) -> int:
 
     if args.limit < 0:
         raise PuzzleError(f"--limit must be >= 1 (or 0 for whole sets), got {args.limit}")
+    if args.seed < 0:
+        raise PuzzleError(f"--seed must be >= 0, got {args.seed}")
     for flag, value in (("--threads", args.threads), ("--batch-tokens", args.batch_tokens)):
         if value is not None and value < 1:
             raise PuzzleError(f"{flag} must be >= 1, got {value}")

@@ -197,7 +197,12 @@ def sample_docs(docs: list[Doc], limit: int | None, seed: int = 1234, exclude=()
 
     The order is a seeded permutation of the doc list, so for one seed a smaller limit takes a
     prefix of a larger one's documents.
+
+    Raises:
+        PuzzleError: `seed` is negative (numpy's generator takes none).
     """
+    if seed < 0:
+        raise PuzzleError(f"the document subset's seed must be >= 0, got {seed}")
     exclude = {str(e) for e in exclude}
     order = np.random.default_rng(seed).permutation(len(docs))
     kept = [docs[i] for i in order if docs[i].doc_id not in exclude]

@@ -283,6 +283,9 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
         bad = parser.parse_args(["eval", "tiny", "--out", str(tmp_path / "new.csv"), flag, "0"])
         with pytest.raises(PuzzleError, match=f"{flag} must be >= 1"):
             bad.func(bad)
+    bad = parser.parse_args(["eval", "tiny", "--out", str(tmp_path / "new.csv"), "--seed", "-1"])  # was a traceback
+    with pytest.raises(PuzzleError, match="--seed must be >= 0"):
+        bad.func(bad)
     assert _parse_tasks("piqa, piqa,arc_easy") == ["piqa", "arc_easy"]
     with pytest.raises(PuzzleError, match="mmlu"):
         load_task("mmlu", wheel)
