@@ -600,6 +600,10 @@ def cmd_front(args) -> int:
         if changed_data_sources(run):  # a text edited in place: packed again, so the front is measured on it
             stage_data(run)
         stale = "--remeasure" if args.remeasure else front_is_current(run)
+        if not stale:  # a summary.csv deleted or edited since: `run` would measure again, and so does front
+            from .pipeline import summary_problem
+
+            stale = summary_problem(run)
         if stale and not args.remeasure and _reevaluated_front(run):
             pass
         elif stale:

@@ -1548,6 +1548,17 @@ def changed_data_sources(run: Run) -> list[str]:
     return changed
 
 
+def summary_problem(run: Run) -> str | None:
+    """Why DIR/summary.csv is not the measurement the current front was drawn from (`measured_summary` for the
+    searched children of DIR/search/chosen.json), or None when it is."""
+    try:
+        chosen = read_json(run.out / "search" / "chosen.json")
+        records = {str(name): read_architecture(run, name) for name in chosen["names"]}
+    except (PuzzleError, KeyError, TypeError):
+        return "search/chosen.json or a searched child's record is missing or unreadable"
+    return measured_summary(run, records)[1] or None
+
+
 def redraw_front(run: Run) -> None:
     """Draw DIR/front.png (and front.csv, front.json) again from DIR/summary.csv, when that is the measurement the
     current front was drawn from (`measured_summary`); a summary that is not, is left to a new measurement.

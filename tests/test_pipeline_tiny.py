@@ -216,6 +216,34 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     assert "no child evaluated or timed again" in err.getvalue()  # and the next rerun reuses them
 
 
+def test_front_measures_again_after_summary_csv_was_edited_or_deleted(run_dir, tmp_path):
+    """Breaker: `puzzle front` called the front up to date after summary.csv was edited (a child's params) or deleted,
+    which `puzzle run` measures again; the edit stood and the deleted file was not written again."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    args = ["front", "--out", str(copy), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9", "--max-contention", "inf"]
+    summary = pd.read_csv(copy / "summary.csv")
+    summary.loc[summary["name"] == "child-2x", "params"] = 999
+    summary.to_csv(copy / "summary.csv", index=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "timing the front's children again (summary.csv is not the file front.json was written with" \
+        in err.getvalue(), err.getvalue()[-1500:]
+    assert pd.read_csv(copy / "summary.csv").set_index("name").loc["child-2x", "params"] != 999
+    (copy / "summary.csv").unlink()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "summary.csv is missing or unreadable" in err.getvalue() and (copy / "summary.csv").is_file()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "is up to date" in err.getvalue()
+
+
 def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_dir, tmp_path):
     """Breaker: an entry replaced under its own name (a retrain that is not bit-exact, an entry copied in) kept its old
     replace-1-block score, so the tables, front and report stood while the export took the new weights."""
