@@ -24,6 +24,7 @@ The data is under NVIDIA's non-commercial licence: read it where it lies, never 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -105,7 +106,11 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
                           f"not a {type(library).__name__}")
     layer_keys = sorted((k for k in library if re.fullmatch(r"layer_\d+", k)), key=lambda k: int(k[6:]))
     if not layer_keys or [int(k[6:]) for k in layer_keys] != list(range(len(layer_keys))):
-        raise PuzzleError(f"{file} must map layer_0 ... layer_<L-1> to variants")
+        numbers = {int(k[6:]) for k in layer_keys}  # the first 8 missing only: a key layer_10**15 must not fill memory
+        missing = list(itertools.islice((i for i in range(max(numbers, default=-1) + 1) if i not in numbers), 8))
+        found = (": it has no layer_N keys" if not layer_keys else
+                 f": it lacks {', '.join(f'layer_{i}' for i in missing)}" if missing else "")
+        raise PuzzleError(f"{file} must map layer_0 ... layer_<L-1> to variants{found}")
     info = _optional_json(folder / "measurement_info.json")
     parent_file = folder / "parent_block_stats.json"
     parent_stats = _optional_json(parent_file).get("stats", {})

@@ -102,10 +102,14 @@ class Choices:
         return {c: float(self.base[c] + v[layers, slots].sum()) for c, v in self.values.items()}
 
 
+#: how a table's is_parent cell may read (case aside): true or false
+BOOL_TEXTS = ("true", "1", "yes", "1.0", "false", "0", "no", "0.0")
+
+
 def as_bool(series: pd.Series) -> np.ndarray:
     if series.dtype == bool:
         return series.to_numpy()
-    return series.map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).to_numpy()
+    return series.map(lambda v: str(v).strip().lower() in ("true", "1", "yes", "1.0")).to_numpy()
 
 
 def _where(table: pd.DataFrame, mask) -> str:
@@ -116,11 +120,18 @@ def _where(table: pd.DataFrame, mask) -> str:
 
 def _check_values(table: pd.DataFrame) -> None:
     """Refuse values no solver can use: a non-integer layer, text in a score or cost column, an
-    infinite score or cost, a negative cost or KL, or a variant listed twice in a layer (the message
-    names the first offending row, or both rows of the variant). Missing values (NaN) pass: the
+    infinite score or cost, a negative cost or KL, a cost column with values in some block rows (or in
+    them and not in the non_block row) and none in others, an is_parent cell that is not true/false, or a
+    variant listed twice in a layer (the message names the first offending row, or both rows of the
+    variant). Other missing values (NaN: a score column, a cost column the table does not give) pass: the
     search checks them per use."""
     if table.empty:
         raise PuzzleError("the score table has no rows; rerun `puzzle score`")
+    flags = table["is_parent"]
+    readable = flags.map(lambda v: isinstance(v, (bool, np.bool_)) or str(v).strip().lower() in BOOL_TEXTS)
+    if not readable.all():
+        raise PuzzleError(f"the score table's is_parent column holds {flags[~readable].iloc[0]!r} "
+                          f"({_where(table, ~readable.to_numpy())}); it must be true or false")
     layer = pd.to_numeric(table["layer"], errors="coerce")
     wrong = layer.isna() | ~np.isfinite(layer) | (layer != np.floor(layer)) | (layer.abs() >= 2 ** 53)
     if wrong.any():  # beyond 2**53 a float is no exact whole number (and no model has that many layers)
@@ -145,6 +156,12 @@ def _check_values(table: pd.DataFrame) -> None:
         if c in COST_COLUMNS and (values < 0).any():
             raise PuzzleError(f"the score table's {c} column holds a negative cost {values[values < 0].iloc[0]:g} "
                               f"({_where(table, values < 0)}); costs are at least 0: remeasure")
+        block_rows = (table["subblock"] != "non_block").to_numpy()
+        gap = values.isna().to_numpy() & (block_rows | (table["subblock"] == "non_block").to_numpy())
+        if c in COST_COLUMNS and values[block_rows].notna().any() and gap.any():  # a cost given for some rows only
+            raise PuzzleError(f"the score table's {c} column has no value in {_where(table, gap)} but has values in "
+                              f"other rows: every row needs its cost (a cut or hand-edited table?); remeasure "
+                              f"(`puzzle score`) or fill it in")
     variant = table["variant"]
     blank = ~variant.map(lambda v: isinstance(v, str) and bool(v.strip()))
     if blank.any():

@@ -249,9 +249,11 @@ class _Search:
         self.filtered = vllm_compatible or bool(exclude)
         if np.isnan(self.objective[self.allowed]).any():
             gaps = {c: int(np.isnan(ch.values[c][self.allowed]).sum()) for c in self.weights}
+            layer, slot = (int(i) for i in np.argwhere(np.isnan(self.objective) & self.allowed)[0])
             raise PuzzleError(f"objective {self.weights}: the score table lacks values of "
-                              f"{', '.join(f'{c} ({n} variants)' for c, n in gaps.items() if n)}; rescore "
-                              f"(`puzzle score`) or pick another objective")
+                              f"{', '.join(f'{c} ({n} layer choices)' for c, n in gaps.items() if n)}, the "
+                              f"first in layer {layer} {ch.blocks[layer][slot].id}; rescore (`puzzle score`) or pick "
+                              f"another objective")
         with np.errstate(over="ignore"):
             total = float(np.abs(np.where(self.allowed, self.objective, 0.0)).sum()) + abs(self.objective_base)
         if not math.isfinite(total):

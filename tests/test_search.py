@@ -417,6 +417,40 @@ def test_malformed_tables_are_refused():
         solve(no_prefill, Budgets(max_prefill_ms=100.0))
 
 
+def test_a_cell_missing_or_unreadable_in_a_table_is_named_with_its_row():
+    """Breaker: a NaN runtime in one row passed under a memory budget (the child's runtime was reported as nan, with a
+    warning about a free non-block row); is_parent 'maybe' was read as false; a NaN KL said '5 variants' for one cell
+    without its row; a cut non-block row sent the user to --max-runtime with a unit."""
+    table = random_table(13, layers=2)
+    row = (table["layer"] == 1) & (table["variant"] == "ffn-512") if (table["variant"] == "ffn-512").any() else \
+        (table["layer"] == 1) & (table["subblock"] == "ffn") & ~table["is_parent"].astype(bool)
+    name = table.loc[row, "variant"].iloc[0]
+    for column in ("runtime_ms", "memory_mib"):
+        gap = table.copy()
+        gap.loc[row, column] = np.nan
+        with pytest.raises(PuzzleError, match=f"{column} column has no value in layer 1 {name} but has values"):
+            solve(gap, Budgets(max_params=1e12))
+    cut = table.copy()
+    cut.loc[cut["subblock"] == "non_block", "runtime_ms"] = np.nan
+    with pytest.raises(PuzzleError, match="runtime_ms column has no value in layer -1 non_block"):
+        solve(cut, Budgets(max_params=1e12))
+    odd = table.copy().astype({"is_parent": object})
+    odd.loc[row, "is_parent"] = "maybe"
+    with pytest.raises(PuzzleError, match=f"is_parent column holds 'maybe' \\(layer 1 {name}\\)"):
+        build_choices(odd)
+    no_kl = table.copy()
+    no_kl.loc[row, "kl_nats"] = np.nan
+    with pytest.raises(PuzzleError, match=f"lacks values of kl_nats .*the first in layer 1 .*{name.split('-')[1]}"):
+        solve(no_kl, Budgets(max_params=1e12))
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="the 70B fixture is not present")
+def test_a_library_json_without_a_layer_names_it(tmp_path, capsys):
+    lib = _damaged_library(tmp_path, layer_edit=lambda library: library.pop("layer_40"))
+    err = _one_error_line(capsys, ["search", "--library", str(lib), "--speedup", "1.5"])
+    assert "it lacks layer_40" in err
+
+
 # ----------------------------------------------------------------------------------------------
 # The Puzzle authors' library and the command
 
