@@ -549,7 +549,9 @@ def cmd_export(args) -> int:
     from .pipeline import stage_export
 
     with _stage_run(args, existing=True) as run:
-        stage_export(run, _child_name(args, run, "export"), dest=args.dest)
+        name = _child_name(args, run, "export")
+        result = stage_export(run, name, dest=args.dest)
+        _log(f"export {name}: written to {result.path}")
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1074,8 +1075,12 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     run.timed("export_s", time.perf_counter() - t0)
     for w in result.warnings:
         run.say(f"export {name}: warning: {w}")
-    if result.replaced:
-        run.say(f"export {name}: replaced the export of {result.replaced} that was in {result.path}")
+    if result.replaced:  # an earlier run recorded relative to the folder is named as a path
+        ref = (earlier or {}).get("run")
+        shown = result.replaced
+        if isinstance(ref, str) and ref and not Path(ref).is_absolute():
+            shown = shown.replace(f" of run {ref}", f" of run {os.path.normpath(Path(dest).absolute() / ref)}")
+        run.say(f"export {name}: replaced the export of {shown} that was in {result.path}")
     return result
 
 
@@ -1505,9 +1510,9 @@ def run_all(run: Run) -> pd.DataFrame:
             if why is None:  # the same files from the same weights: kept
                 exported[name] = ExportResult(run.out / "export" / name, tuple(export_warnings(children[name].config)))
             else:
-                if not measured and why != "none yet":
-                    run.say(f"export {name}: written again ({why})")
                 exported[name] = stage_export(run, name, model=children[name])
+                if not measured and why != "none yet":  # said once written (a user's file there is refused)
+                    run.say(f"export {name}: written again ({why})")
     if measured or reevaluated or not (run.out / "front.png").is_file():  # a deleted picture: drawn again
         write_front(run, summary, main)
     cfg = run.config.report

@@ -244,6 +244,33 @@ def test_front_measures_again_after_summary_csv_was_edited_or_deleted(run_dir, t
     assert "is up to date" in err.getvalue()
 
 
+def test_export_messages_name_the_run_and_come_after_the_writing(run_dir, tmp_path):
+    """Breaker: a re-export over another child's export in the run said "of run ../.." (the provenance as recorded,
+    relative to the folder); a rerun said "written again" for an export it then refused over the user's file."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["export", "--out", str(copy), "--name", "child-2x", "--dest",
+                     str(copy / "export" / "child-1.5x")]) == 0
+    said = err.getvalue()
+    assert f"replaced the export of child-1.5x of run {copy}" in said and "../.." not in said, said
+    assert f"export child-2x: written to {copy / 'export' / 'child-1.5x'}" in said
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
+    (copy / "export" / "child-1.5x" / "NOTES.txt").write_text("mine")
+    config = copy / "export" / "child-1.5x" / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 4', '"num_hidden_layers": 99'))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups",
+                     "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 2
+    assert "holds NOTES.txt" in err.getvalue() and "written again" not in err.getvalue(), err.getvalue()[-1500:]
+    assert (copy / "export" / "child-1.5x" / "NOTES.txt").read_text() == "mine"
+
+
 def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_dir, tmp_path):
     """Breaker: an entry replaced under its own name (a retrain that is not bit-exact, an entry copied in) kept its old
     replace-1-block score, so the tables, front and report stood while the export took the new weights."""
