@@ -166,16 +166,21 @@ def read_preference_data(path) -> list[PreferenceRecord]:
     return records
 
 
+def _best_worst(rewards) -> tuple[int, int] | None:
+    """Indices (best, worst) of the highest and lowest of K rewards (the first of equals); None when all tie."""
+    hi = max(range(len(rewards)), key=lambda i: rewards[i])
+    lo = min(range(len(rewards)), key=lambda i: rewards[i])
+    return None if rewards[hi] == rewards[lo] else (hi, lo)
+
+
 def best_worst_pair(record: PreferenceRecord) -> PreferenceRecord | None:
     """The highest- and lowest-reward responses of a rewarded group as a pair; None when all rewards tie."""
     if record.rewards is None:
         raise PuzzleError("best_worst_pair needs rewards")
-    hi = max(range(len(record.rewards)), key=lambda i: record.rewards[i])
-    lo = min(range(len(record.rewards)), key=lambda i: record.rewards[i])
-    if record.rewards[hi] == record.rewards[lo]:
+    if (ends := _best_worst(record.rewards)) is None:
         return None
-    return PreferenceRecord(record.prompt, (record.responses[hi], record.responses[lo]),
-                            (record.rewards[hi], record.rewards[lo]), True)
+    return PreferenceRecord(record.prompt, tuple(record.responses[i] for i in ends),
+                            tuple(record.rewards[i] for i in ends), True)
 
 
 def hhh_alignment_records(sdist_path) -> list[PreferenceRecord]:
@@ -329,12 +334,25 @@ def batched_logprobs(model, prompts: list, responses: list, batch_size: int = 8,
 
 
 def weights_sha256(model) -> str:
-    """sha256 of a model's config and every parameter and buffer, in name order (a cache key)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """sha256 of a model's architecture (its config without `extra`, which holds where it was loaded from, as
+    `pipeline.weights_sha` leaves it out) and every parameter and buffer, in name order (a cache key): the same
+    weights loaded from a moved folder give the same hash."""
+    return _state_sha256(model, {k: v for k, v in model.config.to_dict().items() if k != "extra"})
+
+
+def _state_sha256(model, config: dict) -> str:
+    """sha256 of `config` (as sorted JSON) and every parameter and buffer's name and bytes, in name order."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _data_sha(prompts: list, responses: list) -> str:
+    """16 hex digits of sha256 over the token ids of every (prompt, response), in order: the data half of a
+    reference key."""
+    return hashlib.sha256(json.dumps([prompts, responses]).encode()).hexdigest()[:16]
 
 
 def frozen_copy(model):
@@ -350,7 +368,9 @@ class ReferenceLogprobs:
     """π_ref's summed log-probs of every response of a data set, flattened in record order.
 
     Attributes:
-        sum_logp: (R,) float64 nats; num_tokens: (R,) int64; key: the cache key (data + model hash).
+        sum_logp: (R,) float64 nats; num_tokens: (R,) int64; key: the cache key "<data>-<model>", 16 hex
+            digits each (`_data_sha` of the token ids, `weights_sha256` of π_ref); the trainers and
+            `preference_accuracy` check its data half against the records they are given.
     """
 
     sum_logp: torch.Tensor
@@ -362,25 +382,65 @@ def reference_logprobs(ref_model, encoded: list[EncodedRecord], cache_dir=None, 
                        progress: bool = False) -> ReferenceLogprobs:
     """Reference log-probs of every response, read from `cache_dir` when cached, else computed (and cached).
 
-    The key hashes the token ids of every prompt and response and `weights_sha256(ref_model)`, so
-    other data or other weights never reuse a stale file. The file is written atomically.
+    `ref_model` is π_ref: a frozen copy, or the policy itself before it trains (it runs in eval mode
+    without gradients, and its mode is restored after, so no copy is needed). The key hashes the token
+    ids of every prompt and response and `weights_sha256(ref_model)`, so other data or other weights
+    never reuse a stale file, and the same weights loaded from elsewhere do. The file is written
+    atomically. A file of an earlier version (whose key also hashed the config's `extra`) is still
+    read when it matches, and saved under the current key.
     """
-    prompts, responses = _flat(encoded)
-    h = hashlib.sha256(weights_sha256(ref_model).encode())
-    h.update(json.dumps([prompts, responses]).encode())
-    key = h.hexdigest()[:32]
-    path = Path(cache_dir) / f"ref_logprobs-{key}.safetensors" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        t = load_file(str(path))
+    prompts, responses = _flat(encoded)
+    key = f"{_data_sha(prompts, responses)}-{weights_sha256(ref_model)[:16]}"
+    path = Path(cache_dir) / f"ref_logprobs-{key}.safetensors" if cache_dir is not None else None
+    found = (path if path is not None and path.is_file()
+             else _legacy_cache_file(cache_dir, ref_model, prompts, responses))
+    if found is not None and found.is_file():
+        t = load_file(str(found))
         if t["sum_logp"].shape[0] == len(prompts):
+            if found != path:
+                atomic_save_safetensors(t, path, {"key": key, "responses": len(prompts)})
             return ReferenceLogprobs(t["sum_logp"], t["num_tokens"], key)
-    sums, counts = batched_logprobs(ref_model, prompts, responses, batch_size, progress)
+    training = ref_model.training
+    try:
+        sums, counts = batched_logprobs(ref_model.eval(), prompts, responses, batch_size, progress)
+    finally:
+        ref_model.train(training)
     if path is not None:
         atomic_save_safetensors({"sum_logp": sums, "num_tokens": counts}, path,
                                 {"key": key, "responses": len(prompts)})
     return ReferenceLogprobs(sums, counts, key)
+
+
+def _legacy_cache_file(cache_dir, ref_model, prompts: list, responses: list) -> Path | None:
+    """The cache file an earlier version would have written for these data and weights (its key, 32 hex digits,
+    hashed the whole config, `extra` included); looked for only when `cache_dir` holds such files, since it
+    hashes every weight once more."""
+    if cache_dir is None:
+        return None
+    prefix = "ref_logprobs-"
+    if not any(len(f.stem) == len(prefix) + 32 and "-" not in f.stem[len(prefix):]
+               for f in Path(cache_dir).glob(f"{prefix}*.safetensors")):
+        return None
+    h = hashlib.sha256(_state_sha256(ref_model, ref_model.config.to_dict()).encode())
+    h.update(json.dumps([prompts, responses]).encode())
+    return Path(cache_dir) / f"{prefix}{h.hexdigest()[:32]}.safetensors"
+
+
+def _check_reference(reference: ReferenceLogprobs, prompts: list, responses: list, what: str = "reference") -> None:
+    """Refuse precomputed log-probs of other records: the count, then the data half of the key.
+
+    Raises:
+        PuzzleError: naming both counts, or both data hashes.
+    """
+    if reference.sum_logp.shape[0] != len(prompts):
+        raise PuzzleError(f"the {what} log-probs cover {reference.sum_logp.shape[0]} responses, the data "
+                          f"{len(prompts)}; compute them for this data (reference_logprobs)")
+    data = _data_sha(prompts, responses)
+    if reference.key.split("-")[0] != data:
+        raise PuzzleError(f"the {what} log-probs were computed for other records (key {reference.key}, this "
+                          f"data hashes to {data}); compute them for this data (reference_logprobs)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,7 +646,8 @@ def _check_data(encoded: list[EncodedRecord], config: RPOConfig) -> None:
         raise PuzzleError("no preference records to train on")
     if config.loss in PAIR_LOSSES and any(len(r.response_ids) != 2 for r in encoded):
         raise PuzzleError(f"{config.loss} trains on pairs; this data has groups of K != 2 responses. Use rpo-multi "
-                          "or rloo, or turn each group into its best and worst responses (best_worst_pair)")
+                          "or rloo, or turn each rewarded group into its best and worst responses "
+                          "(puzzle.preference.best_worst_pair)")
     for r in encoded:
         check_rewards(config.loss, None if r.rewards is None else torch.tensor(r.rewards))
 
@@ -606,7 +667,8 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         History, one row per step: step, loss, margin (mean Δπ for pairs), accuracy (share of pairs
         with Δπ > 0), lr, tokens, seconds.
     Raises:
-        PuzzleError: pair loss on groups, missing rewards or reference, mismatched reference.
+        PuzzleError: pair loss on groups, missing rewards or reference, reference log-probs of other
+            records (another count, or another data hash in their key).
     """
     from tqdm.auto import tqdm
 
@@ -617,9 +679,8 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         offsets.append(offsets[-1] + len(r.response_ids))
     if use_ref and reference is None:
         raise PuzzleError(f"{config.loss} needs a reference: pass reference_logprobs(...) or frozen_copy(model)")
-    if isinstance(reference, ReferenceLogprobs) and reference.sum_logp.shape[0] != offsets[-1]:
-        raise PuzzleError(f"the reference log-probs cover {reference.sum_logp.shape[0]} responses, the data "
-                          f"{offsets[-1]}; compute them for this data")
+    if isinstance(reference, ReferenceLogprobs):
+        _check_reference(reference, *_flat(encoded))
     params, opt, sched = _optimizer(model, config)
     gen = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
@@ -664,11 +725,10 @@ def sample_groups(model, tokenizer, prompts: list, prompt_ids: list, reward_fn, 
 
 
 def _pair_of(e: EncodedRecord) -> EncodedRecord | None:
-    hi = max(range(len(e.rewards)), key=lambda i: e.rewards[i])
-    lo = min(range(len(e.rewards)), key=lambda i: e.rewards[i])
-    if e.rewards[hi] == e.rewards[lo]:
+    """`best_worst_pair` of a sampled group as token ids (None when all rewards tie)."""
+    if (ends := _best_worst(e.rewards)) is None:
         return None
-    return EncodedRecord(e.prompt_ids, (e.response_ids[hi], e.response_ids[lo]), (e.rewards[hi], e.rewards[lo]))
+    return EncodedRecord(e.prompt_ids, tuple(e.response_ids[i] for i in ends), tuple(e.rewards[i] for i in ends))
 
 
 def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, reference=None,
@@ -766,10 +826,10 @@ def evaluate_rewards(model, tokenizer, prompts: list, reward_fn, max_new_tokens:
     return pd.DataFrame(rows)
 
 
-def _logprobs_of(source, prompts, responses, batch_size) -> torch.Tensor:
+def _logprobs_of(source, prompts, responses, batch_size, what: str) -> torch.Tensor:
+    """(N,) float64 summed log-probs of the responses: a model's, or precomputed ones checked against the data."""
     if isinstance(source, ReferenceLogprobs):
-        if source.sum_logp.shape[0] != len(prompts):
-            raise PuzzleError(f"precomputed log-probs cover {source.sum_logp.shape[0]} responses, the data {len(prompts)}")
+        _check_reference(source, prompts, responses, what)
         return source.sum_logp
     return batched_logprobs(source, prompts, responses, batch_size)[0]
 
@@ -789,12 +849,14 @@ def preference_accuracy(model, reference, encoded: list[EncodedRecord], beta: fl
     Returns:
         {"pairs", "implicit_accuracy", "implicit_se", "ties", "mean_margin", "likelihood_accuracy",
          "likelihood_se"}; standard errors are sqrt(p(1 − p)/n) over pairs (ties as 1/2 in p).
+    Raises:
+        PuzzleError: groups instead of pairs, or precomputed log-probs of other records.
     """
     if any(len(r.response_ids) != 2 for r in encoded):
         raise PuzzleError("preference accuracy needs pairs (chosen, rejected)")
     prompts, responses = _flat(encoded)
     counts = torch.tensor([len(y) for y in responses], dtype=torch.float64).view(-1, 2)
-    pol = _logprobs_of(model, prompts, responses, batch_size).view(-1, 2)
+    pol = _logprobs_of(model, prompts, responses, batch_size, "policy").view(-1, 2)
     agg = (lambda s: s) if aggregate == "sum" else (lambda s: s / counts)  # noqa: E731
     n = pol.shape[0]
     out = {"pairs": n}
@@ -802,7 +864,7 @@ def preference_accuracy(model, reference, encoded: list[EncodedRecord], beta: fl
     out["likelihood_accuracy"] = float(lik.mean())
     out["likelihood_se"] = math.sqrt(out["likelihood_accuracy"] * (1 - out["likelihood_accuracy"]) / n)
     if reference is not None:
-        ref = _logprobs_of(reference, prompts, responses, batch_size).view(-1, 2)
+        ref = _logprobs_of(reference, prompts, responses, batch_size, "reference").view(-1, 2)
         implicit = beta * (agg(pol) - agg(ref))  # (n, 2)
         margin = implicit[:, 0] - implicit[:, 1]
         score = (margin > 0).double() + 0.5 * (margin == 0).double()
@@ -1049,10 +1111,9 @@ def _rpo(args) -> int:
         encoded = encode_records(tokenizer, records, max_prompt_tokens=config.max_prompt_tokens,
                                  max_response_tokens=config.max_response_tokens, string_prompts=args.string_prompts)
         reference = None
-        if uses_ref:
-            ref_model = frozen_copy(model)
-            reference = (reference_logprobs(ref_model, encoded, args.out / "ref_cache", progress=progress)
-                         if args.reference in (None, "cache") else ref_model)
+        if uses_ref:  # π_ref is the model before training: its cached log-probs need no copy of it
+            reference = (reference_logprobs(model, encoded, args.out / "ref_cache", progress=progress)
+                         if args.reference in (None, "cache") else frozen_copy(model))
         say(f"offline {config.loss} on {len(encoded)} records from {args.data} ({config.logprob_label})")
         history = train_offline(model, encoded, config, reference, progress=progress)
         summary["data"] = str(args.data)
@@ -1086,7 +1147,8 @@ def _rpo(args) -> int:
         (args.out / "adapters.safetensors").unlink(missing_ok=True)  # an earlier run's, not this model's
     export_checkpoint(model, tokenizer, args.out / "model", overwrite=True, replace_trained=True,  # rpo's own folder
                       extra_info={"stage": "rpo", "loss": config.loss, "source": loaded.source})
-    summary["final_loss"] = float(history["loss"].iloc[-1]) if len(history) else None
+    last = float(history["loss"].iloc[-1]) if len(history) else math.nan
+    summary["final_loss"] = last if math.isfinite(last) else None  # null: an online last step whose rewards all tied
     atomic_write_json(args.out / "rpo.json", {"config": config_record(config), "summary": summary,
                                               "adapters": handle.config.to_dict() if handle is not None else None,
                                               "training": training})

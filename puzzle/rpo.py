@@ -178,7 +178,8 @@ class LossOutput:
 
     Attributes:
         loss: (B,) per-prompt loss in nats (squared margins for ipo and rpo-sq).
-        implicit_rewards: (B, K) r_π (β·log-ratio; for SimPO β·average logπ), detached.
+        implicit_rewards: (B, K) r_π (β·log-ratio; for SimPO β·average logπ; for RLOO without π_ref
+            zeros), detached.
         logp: (B, K) the aggregated policy log-probs the loss used, detached.
     """
 
@@ -220,7 +221,8 @@ def preference_loss(loss: str, policy_sum_logp: torch.Tensor, num_tokens: torch.
         num_tokens: (B, K) response lengths |y| in tokens.
         ref_sum_logp: (B, K) the same under π_ref (no gradient), or None for simpo / rloo without KL.
         rewards: (B, K) explicit rewards r*, or None.
-        beta: β of the implicit reward (also SimPO's β; RLOO ignores it).
+        beta: β of the implicit reward (also SimPO's β; RLOO's loss ignores it, its reported implicit
+            rewards use it).
         eta: η, the scale of the explicit rewards in Δ* and softmax(η·r*).
         gamma: SimPO's target margin γ.
         aggregate: "sum" (default) or "mean" (length-averaged log-probs) for every loss but SimPO,
@@ -252,8 +254,9 @@ def preference_loss(loss: str, policy_sum_logp: torch.Tensor, num_tokens: torch.
         if kl_coef:
             ref = aggregate_logprobs(ref_sum_logp, num_tokens, aggregate).to(logp.dtype)
             r = r - kl_coef * (logp.detach() - ref)
-        implicit = (logp - aggregate_logprobs(ref_sum_logp, num_tokens, aggregate)).detach() if ref_sum_logp is not None \
-            else torch.zeros_like(logp)
+        # reported only (the RLOO loss does not use them): β·log-ratio like every other loss, 0 without π_ref
+        implicit = (beta * (logp - aggregate_logprobs(ref_sum_logp, num_tokens, aggregate))).detach() \
+            if ref_sum_logp is not None else torch.zeros_like(logp)
         return LossOutput(rloo_loss(logp, r), implicit, logp.detach())
 
     ref = aggregate_logprobs(ref_sum_logp, num_tokens, aggregate).to(logp.dtype)

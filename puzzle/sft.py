@@ -16,7 +16,9 @@ Packing. Conversations are laid into rows of `seq_len` tokens, first come first 
 order; a row holds whole conversations only. Attention is isolated between the conversations of
 a row: positions restart at 0 for each, and a block-diagonal causal mask (B, 1, T, T) lets a
 token see only the earlier tokens of its own conversation, so a packed row computes exactly what
-each conversation alone would (`block_causal_mask`).
+each conversation alone would (`block_causal_mask`). The first token of a conversation is never a
+target (nothing of its own comes before it), packed or not: the last token of the conversation
+before it in the row is not trained to predict it.
 
 Reasoning toggle (Llama-Nemotron, Bercovich et al. 2025): the system message "detailed thinking
 on" asks for a `<think>…</think>` trace before the answer, "detailed thinking off" for the answer
@@ -166,7 +168,10 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
                        seed: int = 0) -> Packed:
     """Lay (ids, labels) examples into rows of `seq_len`, in a seeded order, whole examples only.
 
-    pack=False gives one example per row (padded). Examples longer than seq_len are dropped.
+    pack=False gives one example per row (padded). Examples longer than seq_len are dropped. The label of
+    each example's first token is set to -100: as the first token of a row it is never a target, and
+    packed after another example it must not be either (that example's last token would learn to
+    predict it), so packed and unpacked rows learn the same targets.
 
     Raises:
         PuzzleError: no example fits.
@@ -200,6 +205,7 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
             n = len(ids)
             input_ids[r, at:at + n] = torch.tensor(ids)
             labels[r, at:at + n] = torch.tensor(lab)
+            labels[r, at] = IGNORE  # no earlier token of this conversation predicts its first
             position_ids[r, at:at + n] = torch.arange(n)
             segments[r, at:at + n] = s
             at += n
@@ -338,8 +344,7 @@ def supervised_finetune(model: PuzzleForCausalLM, data: Packed, config: SFTConfi
     for p in model.parameters():
         p.requires_grad_(True)
     if config.freeze_embeddings:
-        model.model.embed_tokens.weight.requires_grad_(False)
-        model.lm_head.weight.requires_grad_(False)
+        model.model.embed_tokens.weight.requires_grad_(False)  # a tied LM head is this Parameter; an untied one trains
     meta = sft_meta(model, data, config, extra_meta)
     optim = config.optim()
     result = train_loop(model, _step_fn(data, config, env), total_steps=config.steps(data.input_ids.shape[0]),

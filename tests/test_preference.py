@@ -101,6 +101,82 @@ def test_reference_cache_is_keyed_by_data_and_weights(tiny, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def _old_cache_name(model, enc) -> str:
+    """The file name an earlier version gave the reference cache (its key hashed the whole config, extra included)."""
+    import hashlib
+
+    from puzzle.preference import _flat
+
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    key = hashlib.sha256(h.hexdigest().encode())
+    key.update(json.dumps(list(_flat(enc))).encode())
+    return f"ref_logprobs-{key.hexdigest()[:32]}.safetensors"
+
+
+def test_the_same_weights_from_a_moved_folder_reuse_the_reference_cache(tiny, tmp_path, monkeypatch):
+    """Breaker: the cache key hashed config.extra, where loading stores the path: a moved model missed its cache."""
+    import copy
+    import dataclasses
+    import shutil
+
+    from puzzle import preference
+
+    enc = encode_records(tiny.tokenizer, read_preference_data_rows(PAIRS))
+    first = reference_logprobs(tiny.model, enc, tmp_path / "a")
+    moved = copy.deepcopy(tiny.model)
+    moved.config = dataclasses.replace(moved.config, extra={**moved.config.extra, "path": "/somewhere/else"})
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("recomputed reference log-probs that are cached")
+
+    monkeypatch.setattr(preference, "batched_logprobs", no_compute)
+    again = reference_logprobs(moved, enc, tmp_path / "a")
+    assert again.key == first.key and torch.equal(again.sum_logp, first.sum_logp)
+    # a file an earlier version wrote is still read (and saved under the current key)
+    (tmp_path / "old").mkdir()
+    shutil.copy(next((tmp_path / "a").glob("*.safetensors")), tmp_path / "old" / _old_cache_name(tiny.model, enc))
+    old = reference_logprobs(tiny.model, enc, tmp_path / "old")
+    assert old.key == first.key and torch.equal(old.sum_logp, first.sum_logp)
+    assert (tmp_path / "old" / f"ref_logprobs-{first.key}.safetensors").is_file()
+
+
+def test_reference_log_probs_of_other_records_are_refused(tiny):
+    """Breaker: precomputed log-probs were matched by count only; other records of the same size trained silently."""
+    enc = encode_records(tiny.tokenizer, read_preference_data_rows(PAIRS))
+    other = encode_records(tiny.tokenizer, read_preference_data_rows(PAIRS[::-1]))  # as many responses, other order
+    ref = reference_logprobs(tiny.model, enc)
+    with pytest.raises(PuzzleError, match="reference log-probs were computed for other records"):
+        train_offline(tiny.model, other, RPOConfig(loss="dpo", steps=1), ref)
+    with pytest.raises(PuzzleError, match="reference log-probs were computed for other records"):
+        preference_accuracy(tiny.model, ref, other)
+    with pytest.raises(PuzzleError, match="policy log-probs were computed for other records"):
+        preference_accuracy(ref, None, other)
+    with pytest.raises(PuzzleError, match="cover 6 responses, the data 4"):
+        train_offline(tiny.model, enc[:2], RPOConfig(loss="dpo", steps=1), ref)
+    assert preference_accuracy(ref, ref, enc)["ties"] == 3  # its own records
+
+
+def test_best_worst_pairs_of_records_and_of_sampled_groups_agree():
+    from puzzle.preference import EncodedRecord, _pair_of, best_worst_pair
+
+    for rewards in ((0.2, 0.9, 0.1, 0.9), (0.5, 0.5, 0.5), (1.0, 0.0)):
+        record = record_from_dict({"prompt": "p", "responses": [f"r{i}" for i in range(len(rewards))],
+                                   "rewards": list(rewards)})
+        group = EncodedRecord((1,), tuple((10 + i,) for i in range(len(rewards))), rewards)
+        pair, encoded = best_worst_pair(record), _pair_of(group)
+        if len(set(rewards)) == 1:
+            assert pair is None and encoded is None
+            continue
+        assert pair.is_pair and pair.rewards == encoded.rewards == (max(rewards), min(rewards))
+        assert [int(r[1:]) for r in pair.responses] == [y[0] - 10 for y in encoded.response_ids]
+    assert best_worst_pair(record_from_dict(PAIRS[0])).responses == (" is a model.", " zzz qqq")
+    with pytest.raises(PuzzleError, match="needs rewards"):
+        best_worst_pair(record_from_dict({"prompt": "p", "chosen": "a", "rejected": "b"}))
+
+
 def test_sampling_greedy_matches_generate_and_padding_is_invisible(tiny):
     model, eos = tiny.model, tiny.tokenizer.eos_token_id
     prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62]]
@@ -242,6 +318,57 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
                                   "--steps", "1", "--no-progress", *extra])
         with pytest.raises(PuzzleError, match=re.escape(words)):
             args.func(args)
+
+
+def _rpo_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_rpo_parser(parser.add_subparsers())
+    return parser.parse_args(["rpo", "--model", "tiny", "--no-progress", *argv])
+
+
+def test_cli_cached_reference_needs_no_copy_of_the_model(tmp_path, monkeypatch):
+    """Breaker: `puzzle rpo --data` kept a frozen copy of the model for the whole training even when π_ref came from
+    the log-prob cache (and made it, hashing every weight, when the cache was already there)."""
+    from puzzle import preference
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    common = ["--data", str(data), "--loss", "dpo", "--steps", "2", "--batch-size", "2"]
+    args = _rpo_args("--out", str(tmp_path / "copy"), *common, "--reference", "copy")
+    assert args.func(args) == 0
+
+    def no_copy(model):
+        raise AssertionError("frozen_copy called for a cached reference")
+
+    monkeypatch.setattr(preference, "frozen_copy", no_copy)
+    for _ in range(2):  # computes the cache, then reads it
+        args = _rpo_args("--out", str(tmp_path / "cache"), *common)
+        assert args.func(args) == 0
+    monkeypatch.undo()
+    (cached,) = (tmp_path / "cache" / "ref_cache").iterdir()
+    enc = encode_records(tiny_parent().tokenizer, read_preference_data_rows(PAIRS))
+    from safetensors.torch import load_file
+
+    with_copy = reference_logprobs(frozen_copy(tiny_parent().model), enc)
+    assert torch.equal(load_file(str(cached))["sum_logp"], with_copy.sum_logp)  # the same π_ref values
+    losses = {mode: [float(x.split(",")[1]) for x in (tmp_path / mode / "history.csv").read_text().splitlines()[1:]]
+              for mode in ("copy", "cache")}
+    assert losses["cache"] == pytest.approx(losses["copy"], abs=1e-5)
+
+
+def test_cli_online_run_whose_last_rewards_all_tie_writes_valid_json(tmp_path, monkeypatch):
+    """Breaker: every reward of the last step tied, so its loss was NaN and rpo.json held a bare NaN token."""
+    from puzzle.rewards import SyntheticTask
+
+    monkeypatch.setattr(SyntheticTask, "score", lambda self, prompt, response: 0.5)
+    args = _rpo_args("--out", str(tmp_path / "r"), "--task", "count", "--num-prompts", "2", "--loss", "simpo",
+                     "--steps", "1", "--batch-size", "2", "--k", "2", "--max-new-tokens", "2")
+    assert args.func(args) == 0
+
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+
+    out = json.loads((tmp_path / "r" / "rpo.json").read_text(), parse_constant=strict)
+    assert out["summary"]["final_loss"] is None
 
 
 def test_hhh_alignment_reader_takes_subtask_examples_and_skips_the_parent_task(tmp_path):

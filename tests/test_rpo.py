@@ -84,6 +84,25 @@ def test_dispatcher_conventions():
     torch.testing.assert_close(k2.loss, bwd.loss)
 
 
+def test_implicit_rewards_are_beta_times_the_log_ratio_for_every_loss():
+    """Breaker: RLOO reported logπ − logπ_ref without β ([1, −1] where rpo-multi gave [0.1, −0.1])."""
+    pol = torch.tensor([[-10.0, -12.0]], dtype=D, requires_grad=True)
+    ref = torch.tensor([[-11.0, -11.0]], dtype=D)
+    n, rewards = torch.tensor([[4, 8]]), torch.tensor([[0.9, 0.2]], dtype=D)
+    expected = torch.tensor([[0.1, -0.1]], dtype=D)
+    for loss in ("dpo", "rpo-multi", "rloo"):
+        out = preference_loss(loss, pol, n, ref, rewards, beta=0.1, kl_coef=0.5 if loss == "rloo" else 0.0)
+        torch.testing.assert_close(out.implicit_rewards, expected)
+    for beta in (0.1, 5.0):  # RLOO's loss and gradient do not depend on β
+        out = preference_loss("rloo", pol, n, ref, rewards, beta=beta, kl_coef=0.5)
+        (g,) = torch.autograd.grad(out.loss.sum(), pol)
+        r = rewards - 0.5 * (pol.detach() - ref)
+        torch.testing.assert_close(out.loss, -(rloo_advantages(r) * pol.detach()).mean(-1))
+        torch.testing.assert_close(g, -rloo_advantages(r) / 2)
+    without_ref = preference_loss("rloo", pol, n, None, rewards, beta=0.1)
+    assert torch.equal(without_ref.implicit_rewards, torch.zeros(1, 2, dtype=D))
+
+
 def test_missing_rewards_and_wrong_shapes_are_refused():
     pol, ref, n = torch.zeros(2, 2, dtype=D), torch.zeros(2, 2, dtype=D), torch.ones(2, 2, dtype=torch.long)
     for loss in ("rpo-sq", "rpo-bwd-kl", "rpo-fwd-kl", "rpo-multi", "rloo"):

@@ -88,6 +88,41 @@ def test_block_causal_mask_and_packing_rules():
         pack_conversations(examples[2:], seq_len=8, pad_id=0)
 
 
+def test_packing_learns_the_same_targets_as_one_conversation_per_row(tiny):
+    """Breaker: with train_on_prompt every label was copied, so the last token of a packed conversation
+    was trained to predict the first token of the next one (6 targets packed, 5 unpacked)."""
+    examples = [([5] * 3, [5] * 3), ([6] * 4, [6] * 4)]
+    packed = pack_conversations(examples, seq_len=8, pad_id=0)
+    alone = pack_conversations(examples, seq_len=8, pad_id=0, pack=False)
+    assert packed.input_ids.shape[0] == 1 and alone.input_ids.shape[0] == 2
+    assert int((packed.labels[:, 1:] != IGNORE).sum()) == int((alone.labels[:, 1:] != IGNORE).sum()) == 5
+    convs = [CHAT, [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]]
+    for train_on_prompt in (True, False):
+        rows = {pack: prepare_sft_data(tiny.tokenizer, convs, seq_len=160, pack=pack, train_on_prompt=train_on_prompt)
+                for pack in (True, False)}
+        assert rows[True].input_ids.shape[0] == 1
+        targets = {pack: sorted(r.labels[:, 1:][r.labels[:, 1:] != IGNORE].tolist()) for pack, r in rows.items()}
+        assert targets[True] == targets[False]
+
+
+def test_freeze_embeddings_keeps_an_untied_lm_head_trainable(tiny, tmp_path):
+    """Breaker: --freeze-embeddings froze lm_head.weight even when it is not tied to the embedding."""
+    import dataclasses
+
+    from puzzle.modeling import PuzzleForCausalLM
+
+    data = prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(2, 0)], seq_len=256)
+    cfg = SFTConfig(epochs=1, seq_len=256, batch_size=2, lr=1e-2, warmup_fraction=0.0, freeze_embeddings=True)
+    for tied in (True, False):
+        torch.manual_seed(0)
+        model = PuzzleForCausalLM(dataclasses.replace(tiny.config, tie_word_embeddings=tied))
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        embed, head = model.model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
+        trained = supervised_finetune(model, data, cfg, tmp_path / f"tied-{tied}").model
+        assert torch.equal(trained.model.embed_tokens.weight, embed)
+        assert torch.equal(trained.lm_head.weight, head) == tied  # an untied head trains
+
+
 def test_loss_over_two_processes_is_the_loss_over_the_whole_batch(tiny):
     """The step's loss is summed over its learned tokens and divided by their total, whichever
     rank holds them; DDP's gradient average then equals the one-process gradient."""
