@@ -37,8 +37,9 @@ DEFAULT_TASKS = ("lambada", "arc_easy", "piqa")
 
 
 def primary_metric(task: str) -> str:
-    """The metric reported for `task`: acc_norm where the harness computes it (HellaSwag, ARC, PIQA),
-    else acc (LAMBADA, BoolQ, WinoGrande, MMLU); the Open LLM Leaderboard's convention for ARC and HellaSwag."""
+    """The metric reported for `task`: acc_norm where the harness computes it (HellaSwag, ARC, PIQA, and MMLU in its
+    cloze form, whose answer texts differ in length), else acc (LAMBADA, BoolQ, WinoGrande); the Open LLM
+    Leaderboard's convention for ARC and HellaSwag."""
     from .scoring.tasks import TASK_METRICS
 
     if task not in TASK_METRICS:
