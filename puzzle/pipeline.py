@@ -836,7 +836,10 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         kept.append(name)
         return record
 
-    records = {main: solve_or_keep(main, request, "bld")}
+    try:
+        records = {main: solve_or_keep(main, request, "bld")}
+    except PuzzleError as e:  # the main budget out of reach: a cost table timed on a busy machine may be why
+        raise PuzzleError(f"{e}{_noisy_cost_note(run)}") from None
     if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
     missed: dict[str, str] = {}  # front target -> why no child meets it
@@ -871,6 +874,23 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     if json_out:
         print(json.dumps(records[main]))
     return records
+
+
+def _noisy_cost_note(run: Run) -> str:
+    """A note for a budget out of reach when DIR/score/cost.csv was timed while other jobs kept more cores busy than
+    the default limit allows (accepted under --max-contention): its costs, and the reach they give, may be off."""
+    from .config import ScoreConfig
+
+    try:
+        contention = load_table(run.out / "score" / "cost.csv")[1].get("contention_cores")
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+        return ""
+    default = ScoreConfig().max_contention
+    if not isinstance(contention, (int, float)) or isinstance(contention, bool) or not contention > default:
+        return ""
+    return (f" (note: the cost table was timed while other jobs took {contention:g} cores, over the default limit "
+            f"{default:g} that --max-contention raised, so its costs may be off: rerun with --max-contention "
+            f"{default:g} on a quiet machine to time it again)")
 
 
 def largest_front_speedup(run: Run, scored: tuple[pd.DataFrame, dict] | None = None) -> float | None:

@@ -271,6 +271,23 @@ def test_export_messages_name_the_run_and_come_after_the_writing(run_dir, tmp_pa
     assert (copy / "export" / "child-1.5x" / "NOTES.txt").read_text() == "mine"
 
 
+def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(run_dir, tmp_path):
+    """Breaker: a cost table timed under load (accepted with --max-contention inf) put the main budget out of reach on
+    every rerun, and the message only suggested a looser budget."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    sidecar = copy / "score" / "cost.csv.json"
+    meta = json.loads(sidecar.read_text())
+    for contention, noted in ((1.5, True), (0.1, False)):
+        sidecar.write_text(json.dumps({**meta, "contention_cores": contention}))
+        out = _cli("search", "--out", str(copy), "--speedup", "1000000")
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert ("the cost table was timed while other jobs took 1.5 cores" in out.stderr) == noted, out.stderr
+        assert ("--max-contention 0.25" in out.stderr) == noted
+
+
 def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_dir, tmp_path):
     """Breaker: an entry replaced under its own name (a retrain that is not bit-exact, an entry copied in) kept its old
     replace-1-block score, so the tables, front and report stood while the export took the new weights."""
