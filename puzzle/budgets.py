@@ -254,9 +254,10 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
     batch, gen = workload.get("batch_size"), workload.get("gen_len")
     whole = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < 2**31 and v == int(v)  # noqa: E731
     if not whole(batch) or not whole(gen):
-        raise PuzzleError(f"--min-throughput {text!r}: the table's workload does not give batch_size and gen_len as "
-                          f"whole numbers (got {batch!r}, {gen!r}); give --max-runtime or a multiple of the parent's "
-                          f"rate (1.5x)")
+        lacks = [f"{k} ({'not given' if v is None else f'{v!r}, not a whole number'})"
+                 for k, v in (("batch_size", batch), ("gen_len", gen)) if not whole(v)]
+        raise PuzzleError(f"--min-throughput {text!r}: tokens per second need the table's workload, and it lacks "
+                          f"{' and '.join(lacks)}; give --max-runtime or a multiple of the parent's rate (1.5x)")
     return 1000.0 * float(batch) * float(gen) / float(m.group(1))
 
 
