@@ -296,8 +296,8 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             back = [c for c, ok in met[name].items() if ok and c != key]
             if k < rounds and last and name in loosened and not result.met and back:
                 entry["action"] = "reverted: the looser child went over its budget"
-                say(f"budget feedback: {name}: the looser child measured {result.use:.3f} of its {result.column} "
-                    f"budget; back to the last one that met it")
+                say(f"budget feedback, round {k + 1}: {name}: the looser child measured {result.use:.3f} of its "
+                    f"{result.column} budget; back to the last one that met it")
                 changed[name] = tried[name][back[-1]]
                 continue
             if k == rounds or not (miss or (headroom and not last)):
@@ -308,7 +308,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 new = resolve(name, record, budgets)
             except PuzzleError as e:
                 entry["action"] = f"kept: {e}"
-                say(f"budget feedback: {name}: no child under the corrected limits ({e}); kept")
+                say(f"budget feedback, round {k + 1}: {name}: no child under the corrected limits ({e}); kept")
                 continue
             new_key = tuple(new["choice"])
             if new_key == key:
@@ -323,7 +323,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             entry["action"] = "tightened" if miss else "loosened"
             if not miss:
                 loosened.add(name)
-            say(f"budget feedback: {name}: measured {result.use_text()} of its {result.column} budget; "
+            say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} budget; "
                 f"{entry['action']} the table limit to {budgets.describe()}")
             changed[name] = new
         if not changed:

@@ -881,12 +881,8 @@ def _noisy_cost_note(run: Run) -> str:
     the default limit allows (accepted under --max-contention): its costs, and the reach they give, may be off."""
     from .config import ScoreConfig
 
-    try:
-        contention = load_table(run.out / "score" / "cost.csv")[1].get("contention_cores")
-    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
-        return ""
-    default = ScoreConfig().max_contention
-    if not isinstance(contention, (int, float)) or isinstance(contention, bool) or not contention > default:
+    contention, default = _contention_cores(_cost_sidecar(run.out)), ScoreConfig().max_contention
+    if contention is None or not contention > default:
         return ""
     return (f" (note: the cost table was timed while other jobs took {contention:g} cores, over the default limit "
             f"{default:g} that --max-contention raised, so its costs may be off: rerun with --max-contention "
@@ -1318,13 +1314,51 @@ def check_machine_drift(run: Run, attrs: dict) -> dict:
     table = cost_table_fingerprint(run.out)
     now = machine_record(attrs)
     drift = machine_drift(table, now)
+    contention = {"cost_table": _contention_cores(_cost_sidecar(run.out)), "children": _contention_cores(attrs)}
     atomic_write_json(run.out / "children" / "machine.json",
                       {"cost_table": table, "children": now,
-                       "drift": {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()}})
+                       "drift": {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()},
+                       "contention_cores": contention})
     msg = drift_message(drift, "the cost table's timing", "the children's measurement")
     if msg:
         run.say(f"measure: {msg}")
+    if note := contention_note(contention):
+        run.say(f"measure: warning: {note}")
     return drift
+
+
+def _cost_sidecar(out: Path) -> dict:
+    """OUT/score/cost.csv's sidecar ({} when it is missing or unreadable)."""
+    try:
+        meta = read_json(out / "score" / "cost.csv.json")
+    except PuzzleError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _contention_cores(meta) -> float | None:
+    """The most cores other jobs kept busy in a measurement's kept windows, from its attrs or sidecar (None when
+    not recorded or not a number)."""
+    value = meta.get("contention_cores") if isinstance(meta, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return round(float(value), 3)
+
+
+def contention_note(contention: dict) -> str:
+    """A warning when the cost table or the children were timed while other jobs kept more cores busy than the
+    default limit (`ScoreConfig.max_contention`; accepted because --max-contention raised it), else ""."""
+    from .config import ScoreConfig
+
+    default = ScoreConfig().max_contention
+    what = {"cost_table": "the cost table", "children": "the children"}
+    over = [f"{what.get(k, k)} while other jobs kept {v:g} cores busy" for k, v in contention.items()
+            if isinstance(v, (int, float)) and v > default]
+    if not over:
+        return ""
+    return (f"timed {' and '.join(over)}, over the default limit {default:g} (accepted because --max-contention "
+            f"raised it): measured speed-ups and budget checks may be off by far more than the timing noise; time "
+            f"them again on a quiet machine with --max-contention {default:g}")
 
 
 def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame, dict, dict]:
@@ -1761,12 +1795,16 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     if machine.is_file():
         m = read_json(machine)
         drift = {k: v for k, v in m.get("drift", {}).items() if v is not None}
+        busy = contention_note(m.get("contention_cores") if isinstance(m.get("contention_cores"), dict) else {})
+        if drift or busy:
+            lines += ["## Machine speed", ""]
         if drift:
-            lines += ["## Machine speed", "",
-                      "A fixed reference workload (scoring/machine.py) timed with the cost table and again with the "
+            lines += ["A fixed reference workload (scoring/machine.py) timed with the cost table and again with the "
                       "children ran " + ", ".join(f"{k} x{v:.2f}" for k, v in drift.items()) + " as long the second "
                       "time; a part far from x1.00 means the machine's speed drifted between the two, and predicted "
                       "speed-ups may be off by about as much.", ""]
+        if busy:
+            lines += [f"**Warning:** {busy[0].upper()}{busy[1:]}.", ""]
     lines += ["## Architectures", ""]
     for r in summary.itertuples():
         lines.append(f"- **{r.name}**: {r.architecture}")

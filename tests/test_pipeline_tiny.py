@@ -288,6 +288,31 @@ def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(r
         assert ("--max-contention 0.25" in out.stderr) == noted
 
 
+def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_report(run_dir, tmp_path):
+    """Fresh user: with --max-contention inf on a loaded machine the report and summary showed absurd speed-ups and
+    nothing said the timings were taken while other jobs kept the cores busy."""
+    import shutil
+
+    from puzzle.pipeline import contention_note
+
+    assert contention_note({"cost_table": 0.1, "children": None}) == ""
+    note = contention_note({"cost_table": 1.5, "children": 0.1})
+    assert "the cost table while other jobs kept 1.5 cores busy" in note and "children" not in note
+    assert "--max-contention 0.25" in note
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    machine = json.loads((copy / "children" / "machine.json").read_text())
+    assert set(machine["contention_cores"]) == {"cost_table", "children"}  # recorded with every measurement
+    (copy / "children" / "machine.json").write_text(json.dumps({**machine, "contention_cores":
+                                                                {"cost_table": 0.0, "children": 1.25}}))
+    (copy / "report.json").unlink()  # the report is written again from the run's files
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups",
+                     "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 0
+    report = (copy / "report.md").read_text()
+    assert "**Warning:** Timed the children while other jobs kept 1.25 cores busy" in report
+
+
 def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_dir, tmp_path):
     """Breaker: an entry replaced under its own name (a retrain that is not bit-exact, an entry copied in) kept its old
     replace-1-block score, so the tables, front and report stood while the export took the new weights."""
