@@ -443,8 +443,10 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
     Returns:
         One row per model (parent first, its figures from the first group): name, speedup,
         throughput_tok_s (the parent's throughput from the first group × speedup), runtime_ms,
-        prefill_tok_s, decode_tok_s, memory_mib, params, group.
+        prefill_tok_s, decode_tok_s, memory_mib, params, group, contention_cores (the most cores other
+        jobs kept busy while its group was timed; None when not judged).
     """
+    from .pipeline import recorded_contention
     from .scoring.cost import measure_models
 
     keep = ("runtime_ms", "prefill_tok_s", "decode_tok_s", "memory_mib", "params")
@@ -453,17 +455,19 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
     for g, start in enumerate(range(0, max(len(names), 1), group_size)):
         group = {"parent": run.parent.model, **{n: models[n] for n in names[start:start + group_size]}}
         df = measure_models(group, run.workload(), repeats=repeats,
-                            max_contention=run.config.score.max_contention).set_index("name")
+                            max_contention=run.config.score.max_contention)
+        busy = recorded_contention(df.attrs)  # the group's session: what other jobs took while it was timed
+        df = df.set_index("name")
         p = df.loc["parent"]
         if parent_row is None:
             parent_tok_s = float(p["throughput_tok_s"])
             parent_row = {"name": "parent", "speedup": 1.0, "throughput_tok_s": parent_tok_s, "group": g,
-                          **{c: float(p[c]) for c in keep}}
+                          "contention_cores": busy, **{c: float(p[c]) for c in keep}}
         for n in names[start:start + group_size]:
             r = df.loc[n]
             speedup = float(p["runtime_ms"] / r["runtime_ms"])
             rows.append({"name": n, "speedup": speedup, "throughput_tok_s": parent_tok_s * speedup, "group": g,
-                         **{c: float(r[c]) for c in keep}})
+                         "contention_cores": busy, **{c: float(r[c]) for c in keep}})
     return pd.DataFrame([parent_row] + rows)
 
 
@@ -492,7 +496,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     from .pipeline import compact_architecture, evaluate
     from .refine import selection_kl
 
-    from .pipeline import _sha256, _tensor_sha, cost_meta
+    from .pipeline import recorded_contention, _sha256, _tensor_sha, cost_meta
 
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -550,6 +554,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "speedup": 1.0, "throughput_tok_s": float(p["throughput_tok_s"]), "kl_nats": 0.0, "score_kl_nats": 0.0,
                 "predicted_kl_nats": 0.0, "lm_loss": parent_q["lm_loss"], "top1_agree": 1.0, "params": float(p["params"]),
                 "memory_mib": float(p["memory_mib"]), "runtime_ms": float(p["runtime_ms"]), "note": "",
+                "contention_cores": recorded_contention({"contention_cores": p.get("contention_cores")}),
                 "architecture": "parent", "inputs": inputs})
         for c in group:
             m = measured.loc[c.name]
@@ -559,6 +564,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "predicted_kl_nats": c.predicted_kl_nats, "params": float(m["params"]),
                 "memory_mib": float(m["memory_mib"]), "runtime_ms": float(m["runtime_ms"]), "note": c.note,
                 "group_parent_runtime_ms": float(m["runtime_ms"] * m["speedup"]),
+                "contention_cores": recorded_contention({"contention_cores": m.get("contention_cores")}),
                 "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs})
         del models
     if not (rows_dir / "parent.json").is_file():

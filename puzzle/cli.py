@@ -644,6 +644,10 @@ def cmd_front(args) -> int:
                   "scoring-split KL" if "selected per target" in set(ratios.get("ours", ())) else "")
         print(f"our evaluation KL / each baseline's at matched measured speed-up (below 1: ours is better{second}) -> "
               f"{run.out / 'front_ratios.csv'}\n{ratio_table(ratios)}", file=sys.stderr)
+        from .pipeline import contention_note, front_contention
+
+        if busy := contention_note(front_contention(run.out)):  # ratios at matched speed carry that noise
+            _log(f"front: warning: {busy}")
     return 0
 
 

@@ -881,7 +881,7 @@ def _noisy_cost_note(run: Run) -> str:
     the default limit allows (accepted under --max-contention): its costs, and the reach they give, may be off."""
     from .config import ScoreConfig
 
-    contention, default = _contention_cores(_cost_sidecar(run.out)), ScoreConfig().max_contention
+    contention, default = recorded_contention(_cost_sidecar(run.out)), ScoreConfig().max_contention
     if contention is None or not contention > default:
         return ""
     return (f" (note: the cost table was timed while other jobs took {contention:g} cores, over the default limit "
@@ -1314,7 +1314,7 @@ def check_machine_drift(run: Run, attrs: dict) -> dict:
     table = cost_table_fingerprint(run.out)
     now = machine_record(attrs)
     drift = machine_drift(table, now)
-    contention = {"cost_table": _contention_cores(_cost_sidecar(run.out)), "children": _contention_cores(attrs)}
+    contention = {"cost_table": recorded_contention(_cost_sidecar(run.out)), "children": recorded_contention(attrs)}
     atomic_write_json(run.out / "children" / "machine.json",
                       {"cost_table": table, "children": now,
                        "drift": {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()},
@@ -1336,7 +1336,7 @@ def _cost_sidecar(out: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _contention_cores(meta) -> float | None:
+def recorded_contention(meta) -> float | None:
     """The most cores other jobs kept busy in a measurement's kept windows, from its attrs or sidecar (None when
     not recorded or not a number)."""
     value = meta.get("contention_cores") if isinstance(meta, dict) else None
@@ -1345,20 +1345,41 @@ def _contention_cores(meta) -> float | None:
     return round(float(value), 3)
 
 
+def front_contention(out: Path) -> dict:
+    """The most cores other jobs kept busy while the models `puzzle front` compares were timed: the cost table and
+    the children (DIR/children/machine.json) and the baselines and refined children (the row files of
+    DIR/baselines/rows/ and DIR/front_rows/); None where nothing is recorded. What `contention_note` reads."""
+    try:
+        machine = read_json(out / "children" / "machine.json").get("contention_cores") or {}
+    except (PuzzleError, AttributeError):
+        machine = {}
+    rows = []
+    for sub in ("baselines/rows", "front_rows"):
+        for path in sorted((out / sub).glob("*.json")) if (out / sub).is_dir() else []:
+            try:
+                rows.append(recorded_contention(read_json(path)))
+            except PuzzleError:
+                continue
+    rows = [v for v in rows if v is not None]
+    return {"cost_table": recorded_contention({"contention_cores": machine.get("cost_table")}),
+            "children": recorded_contention({"contention_cores": machine.get("children")}),
+            "baselines and refined children": max(rows) if rows else None}
+
+
 def contention_note(contention: dict) -> str:
     """A warning when the cost table or the children were timed while other jobs kept more cores busy than the
     default limit (`ScoreConfig.max_contention`; accepted because --max-contention raised it), else ""."""
     from .config import ScoreConfig
 
     default = ScoreConfig().max_contention
-    what = {"cost_table": "the cost table", "children": "the children"}
-    over = [f"{what.get(k, k)} while other jobs kept {v:g} cores busy" for k, v in contention.items()
-            if isinstance(v, (int, float)) and v > default]
+    what = {"cost_table": "the cost table was", "children": "the children were"}
+    over = [f"{what.get(k, f'the {k} were')} timed while other jobs kept {v:g} cores busy"
+            for k, v in contention.items() if isinstance(v, (int, float)) and v > default]
     if not over:
         return ""
-    return (f"timed {' and '.join(over)}, over the default limit {default:g} (accepted because --max-contention "
-            f"raised it): measured speed-ups and budget checks may be off by far more than the timing noise; time "
-            f"them again on a quiet machine with --max-contention {default:g}")
+    return (f"{' and '.join(over)}, over the default limit {default:g} (accepted because --max-contention raised "
+            f"it): measured speed-ups and budget checks may be off by far more than the timing noise; time them again "
+            f"on a quiet machine with --max-contention {default:g}")
 
 
 def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame, dict, dict]:

@@ -271,6 +271,26 @@ def test_rows_measured_on_another_evaluation_text_are_left_out_of_the_front(tmp_
     assert any("g-old-table" in m and "another score table" in m for m in said), said
 
 
+def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path):
+    """Fresh user: under --max-contention inf the same architecture measured 2.6x in one group and 0.8x in another,
+    and `puzzle front` printed ratios from those timings without a word about the load they were taken under."""
+    from puzzle.pipeline import contention_note, front_contention
+
+    assert front_contention(tmp_path) == {"cost_table": None, "children": None, "baselines and refined children": None}
+    (tmp_path / "children").mkdir()
+    (tmp_path / "children" / "machine.json").write_text(json.dumps({"contention_cores": {"cost_table": 0.1,
+                                                                                          "children": 0.2}}))
+    (tmp_path / "baselines" / "rows").mkdir(parents=True)
+    for name, cores in (("a", 0.3), ("b", 1.7), ("c", None)):
+        (tmp_path / "baselines" / "rows" / f"{name}.json").write_text(json.dumps({"name": name,
+                                                                                 "contention_cores": cores}))
+    (tmp_path / "baselines" / "rows" / "cut.json").write_text("{")
+    busy = front_contention(tmp_path)
+    assert busy == {"cost_table": 0.1, "children": 0.2, "baselines and refined children": 1.7}
+    note = contention_note(busy)
+    assert note.startswith("the baselines and refined children were timed while other jobs kept 1.7 cores busy")
+
+
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
     import numpy as np
 

@@ -297,7 +297,7 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
 
     assert contention_note({"cost_table": 0.1, "children": None}) == ""
     note = contention_note({"cost_table": 1.5, "children": 0.1})
-    assert "the cost table while other jobs kept 1.5 cores busy" in note and "children" not in note
+    assert "the cost table was timed while other jobs kept 1.5 cores busy" in note and "children" not in note
     assert "--max-contention 0.25" in note
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -310,7 +310,7 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
         assert main(["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups",
                      "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 0
     report = (copy / "report.md").read_text()
-    assert "**Warning:** Timed the children while other jobs kept 1.25 cores busy" in report
+    assert "**Warning:** The children were timed while other jobs kept 1.25 cores busy" in report
 
 
 def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_dir, tmp_path):
