@@ -642,6 +642,10 @@ def cmd_front(args) -> int:
                  f"with the earlier refinement's flags)")
         second = ("; second table: per target, the plain, diverse or refined child (`puzzle refine`) with the lowest "
                   "scoring-split KL" if "selected per target" in set(ratios.get("ours", ())) else "")
+        refined = sorted((run.out / "refine").glob("*.summary.csv")) if (run.out / "refine").is_dir() else []
+        if refined and not second and not ratios.attrs.get("passed_over") and len(ratios):
+            _log("front: every refinement (DIR/refine/) picks its plain child itself (the lowest scoring-split KL), "
+                 "so the plain MIP table below is also the one for the children a user would take")
         print(f"our evaluation KL / each baseline's at matched measured speed-up (below 1: ours is better{second}) -> "
               f"{run.out / 'front_ratios.csv'}\n{ratio_table(ratios)}", file=sys.stderr)
         from .pipeline import contention_note, front_contention

@@ -1373,7 +1373,7 @@ def contention_note(contention: dict) -> str:
 
     default = ScoreConfig().max_contention
     what = {"cost_table": "the cost table was", "children": "the children were"}
-    over = [f"{what.get(k, f'the {k} were')} timed while other jobs kept {v:g} cores busy"
+    over = [f"{what.get(k, f'the {k} were')} timed while other jobs kept {v:.2f} cores busy"
             for k, v in contention.items() if isinstance(v, (int, float)) and v > default]
     if not over:
         return ""

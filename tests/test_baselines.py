@@ -288,7 +288,7 @@ def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path
     busy = front_contention(tmp_path)
     assert busy == {"cost_table": 0.1, "children": 0.2, "baselines and refined children": 1.7}
     note = contention_note(busy)
-    assert note.startswith("the baselines and refined children were timed while other jobs kept 1.7 cores busy")
+    assert note.startswith("the baselines and refined children were timed while other jobs kept 1.70 cores busy")
 
 
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():

@@ -297,7 +297,7 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
 
     assert contention_note({"cost_table": 0.1, "children": None}) == ""
     note = contention_note({"cost_table": 1.5, "children": 0.1})
-    assert "the cost table was timed while other jobs kept 1.5 cores busy" in note and "children" not in note
+    assert "the cost table was timed while other jobs kept 1.50 cores busy" in note and "children" not in note
     assert "--max-contention 0.25" in note
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
