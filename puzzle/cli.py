@@ -574,8 +574,9 @@ def _reevaluated_front(run) -> bool:
     timed = timings_still_valid(run, records)
     if timed is None:
         return False
-    _log("front: only the evaluation text changed since the front was measured: the parent and the children are "
-         "evaluated on it again, their measured timings kept (--remeasure times them again)")
+    _log("front: the children's timings stand but their evaluation is out of date (the evaluation text changed, or an "
+         "earlier evaluation was cut short): the parent and the children are evaluated again, their measured timings "
+         "kept (--remeasure times them again)")
     write_front(run, reevaluate(run, records, timed)[0], main)
     return True
 

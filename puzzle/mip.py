@@ -103,13 +103,14 @@ class Choices:
 
 
 #: how a table's is_parent cell may read (case aside): true or false
-BOOL_TEXTS = ("true", "1", "yes", "1.0", "false", "0", "no", "0.0")
+TRUE_TEXTS = ("true", "1", "yes", "1.0")
+BOOL_TEXTS = (*TRUE_TEXTS, "false", "0", "no", "0.0")
 
 
 def as_bool(series: pd.Series) -> np.ndarray:
     if series.dtype == bool:
         return series.to_numpy()
-    return series.map(lambda v: str(v).strip().lower() in ("true", "1", "yes", "1.0")).to_numpy()
+    return series.map(lambda v: str(v).strip().lower() in TRUE_TEXTS).to_numpy()
 
 
 def _where(table: pd.DataFrame, mask) -> str:
@@ -157,7 +158,7 @@ def _check_values(table: pd.DataFrame) -> None:
             raise PuzzleError(f"the score table's {c} column holds a negative cost {values[values < 0].iloc[0]:g} "
                               f"({_where(table, values < 0)}); costs are at least 0: remeasure")
         block_rows = (table["subblock"] != "non_block").to_numpy()
-        gap = values.isna().to_numpy() & (block_rows | (table["subblock"] == "non_block").to_numpy())
+        gap = values.isna().to_numpy()  # the non-block row included: it needs its cost as much as the blocks
         if c in COST_COLUMNS and values[block_rows].notna().any() and gap.any():  # a cost given for some rows only
             raise PuzzleError(f"the score table's {c} column has no value in {_where(table, gap)} but has values in "
                               f"other rows: every row needs its cost (a cut or hand-edited table?); remeasure "

@@ -839,6 +839,8 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     try:
         records = {main: solve_or_keep(main, request, "bld")}
     except PuzzleError as e:  # the main budget out of reach: a cost table timed on a busy machine may be why
+        if not str(e).startswith("no architecture"):
+            raise
         raise PuzzleError(f"{e}{_noisy_cost_note(run)}") from None
     if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
@@ -1563,10 +1565,12 @@ def run_all(run: Run) -> pd.DataFrame:
     stale = front_is_current(run)
     summary, why = (None, stale) if stale else measured_summary(run, records)
     reevaluated = False
-    if stale and (timed := timings_still_valid(run, records)) is not None:
-        run.say("run: only the evaluation text changed since the front was measured: the parent and the children "
-                "are evaluated on it again, their measured timings kept")
+    if summary is None and (timed := timings_still_valid(run, records)) is not None:
+        run.say("run: the children's timings stand but their evaluation is out of date (the evaluation text changed, "
+                "or an earlier evaluation was cut short): the parent and the children are evaluated again, their "
+                "measured timings kept")
         summary, children = reevaluate(run, records, timed)
+        write_front(run, summary, main)  # at once: an export refused or interrupted next leaves a consistent front
         reevaluated = True
     measured = summary is None
     if measured:
@@ -1588,7 +1592,7 @@ def run_all(run: Run) -> pd.DataFrame:
                 exported[name] = stage_export(run, name, model=children[name])
                 if not measured and why != "none yet":  # said once written (a user's file there is refused)
                     run.say(f"export {name}: written again ({why})")
-    if measured or reevaluated or not (run.out / "front.png").is_file():  # a deleted picture: drawn again
+    if measured or not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
         write_front(run, summary, main)
     cfg = run.config.report
     if not measured and not reevaluated and report_is_current(run, exported):
@@ -1667,17 +1671,18 @@ class _LazyChildren(dict):
         return self[name]
 
 
-def measured_summary(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame | None, str]:
+def measured_summary(run: Run, records: dict[str, dict], stamp: str = "summary_csv") -> tuple[pd.DataFrame | None, str]:
     """(DIR/summary.csv, "") when it is the file the front's measurement wrote (its sha256 in DIR/front.json, written
-    with front.csv by `write_front`), holds the parent and every searched child in `records`, and the measurement's
+    with front.csv by `write_front`; with `stamp="summary_timings"` its measurement columns alone,
+    `summary_timings_sha`), holds the parent and every searched child in `records`, and the measurement's
     budget-feedback record (DIR/children/budget_feedback.json) is there; else (None, why not)."""
     path = run.out / "summary.csv"
     try:
-        stored = read_json(run.out / "front.json").get("summary_csv")
+        stored = read_json(run.out / "front.json").get(stamp)
         summary = pd.read_csv(path)[SUMMARY_COLUMNS]
     except (PuzzleError, OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError):
         return None, "summary.csv is missing or unreadable"
-    if stored != _sha256(path):
+    if stored != (summary_timings_sha(path) if stamp == "summary_timings" else _sha256(path)):
         return None, "summary.csv is not the file front.json was written with (edited, or from another measurement)"
     names = list(summary["name"].astype(str))
     if len(set(names)) != len(names) or set(names) != {"parent", *records}:
@@ -1687,23 +1692,38 @@ def measured_summary(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame |
     return summary, ""
 
 
-#: data settings that only choose the evaluation split (the calibration and scoring splits are compared by content)
-EVAL_ONLY_SETTINGS = ("eval_sources", "eval_tokens")
+#: summary.csv's columns that evaluation writes; the others are the measurement `reevaluate` keeps
+EVALUATION_COLUMNS = ("kl_nats", "lm_loss", "top1_agree")
+
+
+def summary_timings_sha(path: Path) -> str | None:
+    """sha256 of DIR/summary.csv without its evaluation columns (`EVALUATION_COLUMNS`): what the children's
+    measurement wrote, which re-evaluation on another text leaves as it is (None when unreadable)."""
+    try:
+        summary = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    kept = summary.drop(columns=[c for c in EVALUATION_COLUMNS if c in summary.columns])
+    return hashlib.sha256(kept.to_csv(index=False).encode()).hexdigest()
 
 
 def timings_still_valid(run: Run, records: dict[str, dict]) -> pd.DataFrame | None:
-    """DIR/summary.csv when the only change since the front was measured is the evaluation split: the children's
-    timings in it stand and only their evaluation is out of date (`reevaluate`); else None.
+    """DIR/summary.csv when nothing the children's timings depend on changed since the front was measured, only
+    what their evaluation depends on (the evaluation text): its timings stand and only the evaluation is out of
+    date (`reevaluate`); else None.
 
-    That is: front.csv and summary.csv are the files front.json was written with (`measured_summary`), the settings
-    agree apart from data.eval_sources and data.eval_tokens, the searched children and the score and cost tables are
-    the ones measured, and the calibration and scoring splits hold the same tokens (DIR/data/manifest.json, by
-    sha256). A front.json from before its record of the splits gives None (measured again)."""
+    That is: summary.csv holds the measurement front.json was written with (its columns apart from
+    `EVALUATION_COLUMNS`, by sha256: a re-evaluation interrupted before the front was drawn again keeps its
+    timings) and the searched children, the settings agree apart from the data section, the searched children and
+    the score and cost tables are the ones measured, and the calibration and scoring splits hold the same tokens
+    (DIR/data/manifest.json, by sha256; every data setting that shapes them shows there). A front.json from before
+    its record of the splits and of the timings gives None (measured again)."""
     try:
         stored = read_json(run.out / "front.json")
-        if not isinstance(stored, dict) or stored.get("front_csv") != _sha256(run.out / "front.csv"):
-            return None
     except (PuzzleError, OSError):
+        return None
+    if not isinstance(stored, dict) or not stored.get("summary_timings") \
+            or stored.get("summary_timings") != summary_timings_sha(run.out / "summary.csv"):
         return None
     now = front_inputs(run)
     before, after = stored.get("splits"), now["splits"]
@@ -1714,16 +1734,14 @@ def timings_still_valid(run: Run, records: dict[str, dict]) -> pd.DataFrame | No
 
     def settings(config):
         config = _front_settings(config, parent_path)
-        if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
-            return config
-        return {**config, "data": {k: v for k, v in config["data"].items() if k not in EVAL_ONLY_SETTINGS}}
+        return {k: v for k, v in config.items() if k != "data"} if isinstance(config, dict) else config
 
-    if settings(stored.get("settings")) != settings(now["settings"]) or now["children"] is None \
-            or now["children"] != stored.get("children") or not now["tables"] \
-            or now["tables"] != {k: v for k, v in (stored.get("tables") or {}).items() if _is_front_table(k)}:
+    tables = stored.get("tables")
+    if not isinstance(tables, dict) or settings(stored.get("settings")) != settings(now["settings"]) \
+            or now["children"] is None or now["children"] != stored.get("children") or not now["tables"] \
+            or now["tables"] != {k: v for k, v in tables.items() if _is_front_table(k)}:
         return None
-    summary, _ = measured_summary(run, records)
-    return summary
+    return measured_summary(run, records, stamp="summary_timings")[0]
 
 
 def reevaluate(run: Run, records: dict[str, dict], summary: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -1948,11 +1966,12 @@ def _is_front_table(name: str) -> bool:
 
 
 def write_front_inputs(run: Run) -> None:
-    """DIR/front.json: `front_inputs` and the sha256 of front.csv and of the summary.csv it was drawn from, written
-    after front.csv and front.png."""
+    """DIR/front.json: `front_inputs` and the sha256 of front.csv and of the summary.csv it was drawn from (whole, and
+    its measurement columns, `summary_timings_sha`), written after front.csv and front.png."""
+    summary = run.out / "summary.csv"
     atomic_write_json(run.out / "front.json", {**front_inputs(run), "front_csv": _sha256(run.out / "front.csv"),
-                                               "summary_csv": _sha256(run.out / "summary.csv")
-                                               if (run.out / "summary.csv").is_file() else None})
+                                               "summary_csv": _sha256(summary) if summary.is_file() else None,
+                                               "summary_timings": summary_timings_sha(summary)})
 
 
 def front_is_current(run: Run) -> str | None:

@@ -200,8 +200,18 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
             "front.csv or front.json is unreadable"
     (copy / "front.json").write_text(json.dumps(stamp))
 
-    summary = pd.read_csv(copy / "summary.csv")  # a summary that disagrees with front.csv is measured again
+    summary = pd.read_csv(copy / "summary.csv")  # an evaluation figure edited by hand is evaluated again
+    right = summary.loc[summary["name"] == "child-1.5x", "kl_nats"].iloc[0]
     summary.loc[summary["name"] == "child-1.5x", "kl_nats"] += 1.0
+    summary.to_csv(copy / "summary.csv", index=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "their evaluation is out of date" in err.getvalue() and "timing the children again" not in err.getvalue()
+    again = pd.read_csv(copy / "summary.csv").set_index("name")
+    assert again.loc["child-1.5x", "kl_nats"] == pytest.approx(right)
+    summary = pd.read_csv(copy / "summary.csv")  # a timing edited by hand is measured again
+    summary.loc[summary["name"] == "child-1.5x", "runtime_ms"] *= 2
     summary.to_csv(copy / "summary.csv", index=False)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -358,7 +368,7 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     with contextlib.redirect_stderr(err):
         assert main(["front", "--out", str(out), "--no-progress"]) == 0
     # evaluated again on the new text, not timed again: only the evaluation changed
-    assert "only the evaluation text changed" in err.getvalue() and "is up to date" not in err.getvalue(), \
+    assert "their evaluation is out of date" in err.getvalue() and "is up to date" not in err.getvalue(), \
         err.getvalue()[-1500:]
     after = pd.read_csv(out / "summary.csv").set_index("name")
     assert after["runtime_ms"].to_dict() == before["runtime_ms"].to_dict()
@@ -381,7 +391,7 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     with contextlib.redirect_stderr(err):
         assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
                      "--max-contention", "inf"]) == 0
-    assert "only the evaluation text changed" in err.getvalue() and "timing the children again" not in err.getvalue()
+    assert "their evaluation is out of date" in err.getvalue() and "timing the children again" not in err.getvalue()
     again = pd.read_csv(out / "summary.csv").set_index("name")
     assert again["lm_loss"].to_dict() == pytest.approx(before["lm_loss"].to_dict())
     assert f"{again.loc['child-1.5x', 'kl_nats']:.3f}" in (out / "report.md").read_text() or \
@@ -398,7 +408,8 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["front", "--out", str(out), "--no-progress"]) == 0
-    assert "timing the front's children again" in err.getvalue() and "only the evaluation" not in err.getvalue()
+    said = err.getvalue()
+    assert "timing the front's children again" in said and "their evaluation is out of date" not in said
 
 
 def test_a_missing_init_only_entry_is_rebuilt_by_bld_without_retraining(run_dir, tmp_path):

@@ -712,7 +712,7 @@ def test_read_only_search_refuses_what_it_would_ignore_or_break(tmp_path, capsys
                          (["--output", str(fifo)], "not a regular file"), (["--output", str(link)], "symbolic link"),
                          (["--output", str(tmp_path / "no" / "x.json")], "does not exist"),
                          (["--speedup", "1e400"], "not a speed-up"), (["--speedup", "0.01"], "at least 0.1"),
-                         (["--min-throughput", "100tok/s"], "whole numbers")]:
+                         (["--min-throughput", "100tok/s"], "not a whole number")]:
         try:
             code = main(["search", "--library", str(lib), *flags])
         except SystemExit as e:  # argparse's own refusal (a --speedup that is not a factor)
