@@ -476,6 +476,19 @@ ROW_COLUMNS = ["name", "method", "training", "target_speedup", "predicted_speedu
                "runtime_ms", "note", "architecture"]
 
 
+def row_inputs(run) -> dict:
+    """What a model row's figures (DIR/baselines/rows/, DIR/front_rows/) depend on besides its architecture, as the
+    run is now: the workload it is timed for (`pipeline.cost_meta` and the thread count), the score table (a
+    rebuilt library rescored gives new weights and a new table) by sha256, and the evaluation split (its sha256
+    prefix). `realize_all` records it in each row and redoes rows that differ; `plots.front_rows` leaves them out."""
+    from .pipeline import _sha256, _tensor_sha, cost_meta
+
+    table_path = run.out / "score" / "score_table.csv"
+    return {"workload": {**cost_meta(run), "threads": run.config.target.threads},
+            "score_table_sha256": _sha256(table_path) if table_path.is_file() else None,
+            "eval_sha": _tensor_sha(run.tokens.eval)}
+
+
 def realize_all(run, candidates: list[Candidate], library=None, export: bool = True, group_size: int = 4,
                 rows_dir: Path | None = None, max_groups: int | None = None) -> pd.DataFrame:
     """Realize, evaluate (evaluation split), score (scoring split), measure and export every candidate.
@@ -496,16 +509,11 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     from .pipeline import compact_architecture, evaluate
     from .refine import selection_kl
 
-    from .pipeline import recorded_contention, _sha256, _tensor_sha, cost_meta
+    from .pipeline import recorded_contention
 
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
-    table_path = run.out / "score" / "score_table.csv"
-    # what a saved row's figures depend on besides its architecture: the workload it was timed for and the
-    # score table (a rebuilt library rescored gives new weights and a new table)
-    inputs = {"workload": {**cost_meta(run), "threads": run.config.target.threads},
-              "score_table_sha256": _sha256(table_path) if table_path.is_file() else None,
-              "eval_sha": _tensor_sha(run.tokens.eval)}
+    inputs = row_inputs(run)
 
     def saved(path: Path) -> dict | None:
         try:

@@ -634,7 +634,9 @@ def cmd_front(args) -> int:
         from .plots import ratio_table
 
         # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
-        rows = write_front_all(run.out, speedups=run.config.search.front_speedups)
+        from .baselines import row_inputs
+
+        rows = write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run))
         print(f"front, every model ({len(rows)}: the parent, ours and any baselines) -> {run.out / 'front_all.csv'}, "
               f"{run.out / 'front_all.png'}", file=sys.stderr)
         ratios = rows.attrs["ratios"]

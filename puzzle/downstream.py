@@ -63,7 +63,9 @@ def _model_specs(run) -> list[dict]:
     from .plots import front_rows
 
     specs = []
-    for row in front_rows(run.out, with_downstream=False).itertuples(index=False):
+    from .baselines import row_inputs
+
+    for row in front_rows(run.out, with_downstream=False, inputs=row_inputs(run)).itertuples(index=False):
         if row.name == "parent":
             specs.append({"name": "parent", "blocks": None, "stage": "none", "architecture": "parent"})
             continue

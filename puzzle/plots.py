@@ -8,6 +8,7 @@ atomically and return its path. Notebooks call them too; nothing here computes a
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
 import warnings
@@ -401,14 +402,15 @@ def _current_row_inputs(run_dir: Path) -> dict:
 
 
 def _row_is_current(row: dict, current: dict, sub: str) -> bool:
-    """Whether `row` was measured on the run's evaluation split and score table as they are now (`current`); a row
-    that was not is left out of the front with a warning naming the command that measures it again (its KL is on
-    another text, or its child comes from another library)."""
-    inputs = row.get("inputs") if isinstance(row.get("inputs"), dict) else {}
+    """Whether `row` was measured on the run's evaluation split, score table and workload as they are now
+    (`current`, the parts it holds); a row that was not is left out of the front with a warning naming the command
+    that measures it again (its KL is on another text, its child comes from another library, or its speed-up is of
+    another workload)."""
     if row.get("name") == "parent":  # its timing scales its source's throughput; its KL is 0 on any text
         return True
-    stale = [what for key, what in (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"))
-             if key in current and key in inputs and inputs[key] != current[key]]
+    inputs = row.get("inputs") if isinstance(row.get("inputs"), dict) else {}
+    parts = (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"), ("workload", "workload"))
+    stale = [what for key, what in parts if key in current and key in inputs and inputs[key] != current[key]]
     if stale:
         where = "puzzle baselines" if sub.startswith("baselines") else "puzzle refine"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
@@ -416,13 +418,14 @@ def _row_is_current(row: dict, current: dict, sub: str) -> bool:
     return not stale
 
 
-def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFrame:
+def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict | None = None) -> pd.DataFrame:
     """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
 
     Reads DIR/front.csv (the pipeline's children: method "mip", training "bld"), DIR/front_rows/*.json
     and DIR/baselines/rows/*.json (written by `baselines.realize_all`: our diverse and refined
     children, the baselines), whichever exist; a row measured on another evaluation split or score table
-    than the run's now is left out with a warning (`_row_is_current`). A model listed twice keeps its first row. Speed-ups
+    than the run's now (or, given `inputs`, `baselines.row_inputs(run)`, on another workload too) is left out
+    with a warning (`_row_is_current`). A model listed twice keeps its first row. Speed-ups
     are measured against the parent in the same session; throughput_tok_s is rescaled to the
     parent's throughput of the first source, so all rows share one axis.
 
@@ -442,7 +445,7 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFram
         df["method"] = ["parent" if n == "parent" else "mip" for n in df["name"]]
         df["training"] = ["none" if n == "parent" else "bld" for n in df["name"]]
         parts.append(df.assign(source="front.csv"))
-    current = _current_row_inputs(run_dir)
+    current = json.loads(json.dumps(inputs, default=str)) if inputs is not None else _current_row_inputs(run_dir)
     for sub in ("front_rows", "baselines/rows"):
         files = sorted((run_dir / sub).glob("*.json")) if (run_dir / sub).is_dir() else []
         found = [row for row in map(_model_row, files) if row is not None and _row_is_current(row, current, sub)]
@@ -633,17 +636,18 @@ def ratio_table(ratios: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
-def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None) -> pd.DataFrame:
+def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None,
+                    inputs: dict | None = None) -> pd.DataFrame:
     """DIR/front_all.csv and DIR/front_all.png: every realized model of the run (our children and,
     where `puzzle baselines` / `puzzle refine` ran, theirs), measured throughput vs evaluation KL.
     With `speedups`, also DIR/front_ratios.csv: `front_ratios` at those speed-ups (attrs["ratios"]).
 
-    Returns the rows (`front_rows`). Raises FileNotFoundError when the run has no front yet.
+    Returns the rows (`front_rows`, with `inputs`). Raises FileNotFoundError when the run has no front yet.
     """
     from .io import atomic_write_text
 
     run_dir = Path(run_dir)
-    rows = front_rows(run_dir)
+    rows = front_rows(run_dir, inputs=inputs)
     atomic_write_text(run_dir / "front_all.csv", rows.to_csv(index=False))
     if speedups is not None:
         selected = selected_children(run_dir, rows)

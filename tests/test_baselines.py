@@ -269,6 +269,15 @@ def test_rows_measured_on_another_evaluation_text_are_left_out_of_the_front(tmp_
     said = [str(w.message) for w in record]
     assert any("g-old-text" in m and "another evaluation text" in m and "puzzle baselines" in m for m in said), said
     assert any("g-old-table" in m and "another score table" in m for m in said), said
+    # given the run's inputs (`baselines.row_inputs`), a row timed for another workload is left out too (review)
+    workload = {"device": "cpu", "batch_size": 4}
+    for name in ("g-now", "g-other-workload"):
+        row = {**rows["g-now"], "name": name, "inputs": {**now, "workload": {**workload, "batch_size": 8}
+                                                        if name != "g-now" else workload}}
+        (tmp_path / "baselines" / "rows" / f"{name}.json").write_text(json.dumps(row))
+    with pytest.warns(UserWarning, match="g-other-workload .*another workload"):
+        drawn = front_rows(tmp_path, with_downstream=False, inputs={**now, "workload": workload})
+    assert "g-now" in set(drawn["name"]) and "g-other-workload" not in set(drawn["name"])
 
 
 def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path):
