@@ -320,8 +320,12 @@ def sft_meta(model: PuzzleForCausalLM, data: Packed, config: SFTConfig, extra_me
     extras; with the work folder it makes the export's `training_ref`."""
     from .distill import model_fingerprint, tokens_sha
 
+    # --freeze-embeddings with an untied LM head trains the head (earlier versions froze it): their checkpoint's
+    # optimizer state holds other parameters, so it must not be resumed as this one
+    untied = model.lm_head.weight is not model.model.embed_tokens.weight
+    head = {"lm_head_trains": True} if config.freeze_embeddings and untied else {}
     return {"stage": "sft", "config": asdict(config), "model": model_fingerprint(model),
-            "data": tokens_sha(torch.cat([data.input_ids, data.labels, data.segments])), **(extra_meta or {})}
+            "data": tokens_sha(torch.cat([data.input_ids, data.labels, data.segments])), **head, **(extra_meta or {})}
 
 
 def supervised_finetune(model: PuzzleForCausalLM, data: Packed, config: SFTConfig, work_dir, *,

@@ -12,7 +12,7 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.sft import (DEMO_SPEC, IGNORE, REASONING_OFF, REASONING_ON, SFTConfig, _step_fn, block_causal_mask,
                         conversation_from_record, pack_conversations, parse_think, prepare_sft_data,
-                        read_chat_jsonl, reasoning_toggle_examples, reasoning_toggle_heldout,
+                        read_chat_jsonl, reasoning_toggle_examples, reasoning_toggle_heldout, sft_meta,
                         supervised_finetune, tokenize_conversation, toggle_report, toggle_summary)
 from puzzle.tiny import tiny_parent
 from puzzle.train_utils import CausalLMForward, DistEnv
@@ -121,6 +121,9 @@ def test_freeze_embeddings_keeps_an_untied_lm_head_trainable(tiny, tmp_path):
         trained = supervised_finetune(model, data, cfg, tmp_path / f"tied-{tied}").model
         assert torch.equal(trained.model.embed_tokens.weight, embed)
         assert torch.equal(trained.lm_head.weight, head) == tied  # an untied head trains
+        # and says so in what a checkpoint must match: one of an earlier version (head frozen) is not resumed (review)
+        assert ("lm_head_trains" in sft_meta(model, data, cfg)) == (not tied)
+        assert "lm_head_trains" not in sft_meta(model, data, dataclasses.replace(cfg, freeze_embeddings=False))
 
 
 def test_loss_over_two_processes_is_the_loss_over_the_whole_batch(tiny):
