@@ -283,6 +283,12 @@ class LibraryChain:
                 return lib.load(layer, variant, stage)
         return self.libraries[0].load(layer, variant, stage)  # raises the usual PuzzleError
 
+    def info(self, layer: int, variant: str, stage: str) -> dict:
+        for lib in self.libraries:
+            if lib.has(layer, variant, stage):
+                return lib.info(layer, variant, stage)
+        return self.libraries[0].info(layer, variant, stage)  # raises the usual PuzzleError
+
 
 def baseline_library(run, blocks_list, progress: bool = False) -> LibraryChain:
     """The run's library, plus BLD (and init) entries for every variant of `blocks_list` it lacks.

@@ -23,6 +23,8 @@ panel (measured throughput vs downstream accuracy).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 import time
@@ -85,6 +87,28 @@ def _model_specs(run) -> list[dict]:
     return specs
 
 
+def _entries_sha(run, library, spec: dict) -> str | None:
+    """16 hex digits of sha256 over the library entries a front model is built from (each entry's recorded sha256;
+    the parent's own subblocks come with the parent, whose fingerprint the result's key holds): "parent" for the
+    parent, None when an entry is missing or corrupt."""
+    from .architecture import BlockConfig
+
+    if spec["blocks"] is None:
+        return "parent"
+    parts = []
+    for layer, (block, parent_block) in enumerate(zip((BlockConfig.from_id(b) for b in spec["blocks"]),
+                                                      run.parent.config.blocks)):
+        for variant, own in ((block.attention, parent_block.attention), (block.ffn, parent_block.ffn)):
+            if variant.kind == "no_op" or variant == own:
+                parts.append(variant.id)
+                continue
+            try:
+                parts.append(str(library.info(layer, variant.id, spec["stage"]).get("sha256")))
+            except (PuzzleError, AttributeError, OSError, ValueError):
+                return None
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def _library(run):
     """The run's library, chained with the baselines' extra entries where `puzzle baselines` trained some."""
     from .baselines import LibraryChain
@@ -145,7 +169,6 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
     exclude = used_lambada_ids(run.out) if (run.out / "data" / "manifest.json").is_file() else set()
 
     from .architecture import BlockConfig
-    from .pipeline import weights_sha
 
     # the parent by its weights, not by where it was loaded from: a moved parent keeps its results
     key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": run.parent_fingerprint}
@@ -157,17 +180,19 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
             return run.parent.model
         return realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]], spec["stage"])
 
-    # each model's key holds its weights (sampled hash, `pipeline.weights_sha`): a library rebuilt or retrained
-    # under the same names gives other weights, whose accuracy is measured anew
-    keys = {}
-    for spec in specs:
-        model = build(spec)
-        keys[spec["name"]] = {**key, "weights": weights_sha(model)}
-        del model
+    # each model's key holds its library entries' checksums (`_entries_sha`): a library rebuilt or retrained under
+    # the same names gives other weights, whose accuracy is measured anew; a model whose entries are gone keeps a
+    # result saved before (it cannot be built to measure it again)
+    keys = {spec["name"]: {**key, "weights": _entries_sha(run, library, spec)} for spec in specs}
 
     def same(result: dict, spec: dict) -> bool:
-        return result.get("key") in (keys[spec["name"]], *legacy) and result.get("architecture") == spec["architecture"] \
-            and result.get("stage") == spec["stage"] and "downstream_acc" in result
+        want, saved_key = keys[spec["name"]], result.get("key")
+        if want["weights"] is None:  # entries gone: a result of this setting and parent stands, whatever its weights
+            ok = isinstance(saved_key, dict) and {k: v for k, v in saved_key.items() if k != "weights"} in legacy
+        else:
+            ok = saved_key in (want, *legacy)
+        return ok and result.get("architecture") == spec["architecture"] and result.get("stage") == spec["stage"] \
+            and "downstream_acc" in result
 
     # every saved result of this setting, read once: a model is done when its own file matches, and a model
     # with the architecture, stage and weights of a finished one (a baseline that picked our child) copies its result

@@ -98,6 +98,13 @@ def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tm
     again = {p.stem for p in mtimes if p.stat().st_mtime_ns != mtimes[p]}
     assert "child-1.5x" in again and again == users - {first.stem}, (again, users)
     assert "parent" not in again
+    # review: keyed by the library entries' checksums, not by building every model: a finished setting with an
+    # entry gone since still reports its results instead of failing to build that model
+    mtimes = {p: p.stat().st_mtime_ns for p in mtimes}
+    for f in entries.glob(f"{variant}.bld.*"):
+        f.unlink()
+    evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     evaluate_front_downstream(run, ("arc_easy",), limit=2, wheel=wheel, progress=False, names=["parent"])
     assert len(downstream_rows(out)) == len(front)  # the setting covering most models is the one reported
     with pytest.raises(PuzzleError, match="no front model"):
