@@ -574,10 +574,9 @@ def _reevaluated_front(run) -> bool:
     timed = timings_still_valid(run, records)
     if timed is None:
         return False
-    _log("front: the children's timings stand but their evaluation is out of date (the evaluation text changed, or an "
-         "earlier evaluation was cut short): the parent and the children are evaluated again, their measured timings "
-         "kept (--remeasure times them again)")
-    write_front(run, reevaluate(run, records, timed)[0], main)
+    _log(f"front: the children's timings stand but {timed[1]}: the parent and the children are evaluated again, their "
+         "measured timings kept (--remeasure times them again)")
+    write_front(run, reevaluate(run, records, timed[0])[0], main)
     return True
 
 
@@ -621,6 +620,11 @@ def cmd_front(args) -> int:
             _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
                  "child solved or timed again (--remeasure does both)")
             _log_unreachable_front(run)
+        from .pipeline import report_out_of_date
+
+        if report_out_of_date(run):
+            _log(f"front: {run.out / 'report.md'} was written from an earlier front: `puzzle run --out {run.out}` "
+                 "writes it again (nothing is timed for it)")
     if tasks:
         from .downstream import evaluate_front_downstream
 

@@ -208,7 +208,9 @@ class Run:
         if isinstance(built_on, str) and built_on != _tensor_sha(calib):
             raise PuzzleError(f"the calibration split packed now differs from the one the library in "
                               f"{self.out / 'library'} was trained on (the calibration text or the data settings "
-                              f"changed since); {self.out / 'data'} is left as it is: restore the text or settings, or "
+                              f"changed since, or the evaluation text, whose documents are left out of calibration "
+                              f"where a calibration source holds them too); {self.out / 'data'} is left as it is: "
+                              f"restore the text or settings, or "
                               f"delete {self.out / 'library'} to train a library on the new text")
 
     def generated_sources(self, data=None, folder: Path | None = None) -> dict[str, Path]:
@@ -1564,19 +1566,23 @@ def run_all(run: Run) -> pd.DataFrame:
     main = read_json(run.out / "search" / "chosen.json")["main"]
     stale = front_is_current(run)
     summary, why = (None, stale) if stale else measured_summary(run, records)
+    if summary is not None and (problem := children_rows_problem(run, summary, records)):
+        summary, why = None, problem  # the timings stand: evaluated (from the caches) and written again below
     reevaluated = False
     if summary is None and (timed := timings_still_valid(run, records)) is not None:
-        run.say("run: the children's timings stand but their evaluation is out of date (the evaluation text changed, "
-                "or an earlier evaluation was cut short): the parent and the children are evaluated again, their "
-                "measured timings kept")
-        summary, children = reevaluate(run, records, timed)
+        run.say(f"run: the children's timings stand but {timed[1]}: the parent and the children are evaluated again, "
+                "their measured timings kept")
+        summary, children = reevaluate(run, records, timed[0])
         write_front(run, summary, main)  # at once: an export refused or interrupted next leaves a consistent front
+        redraw_front_all(run)
         reevaluated = True
     measured = summary is None
     if measured:
         if (run.out / "front.csv").is_file():
             run.say(f"run: timing the children again ({why})")
         summary, children, records = realize_and_measure(run, records)
+        write_front(run, summary, main)
+        redraw_front_all(run)
     elif not reevaluated:  # a finished run: the measured children stand; what is missing or out of date is written again
         run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and "
                 f"tables (front.json): no child evaluated or timed again (`puzzle front --out {run.out} --remeasure` "
@@ -1592,7 +1598,7 @@ def run_all(run: Run) -> pd.DataFrame:
                 exported[name] = stage_export(run, name, model=children[name])
                 if not measured and why != "none yet":  # said once written (a user's file there is refused)
                     run.say(f"export {name}: written again ({why})")
-    if measured or not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
+    if not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
         write_front(run, summary, main)
     cfg = run.config.report
     if not measured and not reevaluated and report_is_current(run, exported):
@@ -1632,6 +1638,32 @@ def changed_data_sources(run: Run) -> list[str]:
     return changed
 
 
+def redraw_front_all(run: Run) -> None:
+    """Draw DIR/front_all.csv/png and DIR/front_ratios.csv again from the front just measured or evaluated, when
+    `puzzle front` drew them before (they would keep the old figures); `puzzle front` prints the ratios."""
+    if not (run.out / "front_all.csv").is_file():
+        return
+    from .baselines import row_inputs
+    from .plots import write_front_all
+
+    write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run))
+    run.say(f"run: front_all.csv/png and front_ratios.csv drawn again from this front (`puzzle front --out {run.out}` "
+            "prints the ratios)")
+
+
+def report_out_of_date(run: Run) -> bool:
+    """Whether DIR/report.md exists and was written from another summary.csv or front.json than the run's now
+    (DIR/report.json, `report_stamp`); `puzzle run` writes it again."""
+    if not (run.out / "report.md").is_file():
+        return False
+    try:
+        stamp = read_json(run.out / "report.json")
+        return stamp.get("summary_csv") != _sha256(run.out / "summary.csv") or \
+            stamp.get("front_json") != _sha256(run.out / "front.json")
+    except (PuzzleError, OSError, AttributeError):
+        return True
+
+
 def summary_problem(run: Run) -> str | None:
     """Why DIR/summary.csv is not the measurement the current front was drawn from (`measured_summary` for the
     searched children of DIR/search/chosen.json), or None when it is."""
@@ -1640,7 +1672,8 @@ def summary_problem(run: Run) -> str | None:
         records = {str(name): read_architecture(run, name) for name in chosen["names"]}
     except (PuzzleError, KeyError, TypeError):
         return "search/chosen.json or a searched child's record is missing or unreadable"
-    return measured_summary(run, records)[1] or None
+    summary, why = measured_summary(run, records)
+    return why or children_rows_problem(run, summary, records)
 
 
 def redraw_front(run: Run) -> None:
@@ -1707,10 +1740,10 @@ def summary_timings_sha(path: Path) -> str | None:
     return hashlib.sha256(kept.to_csv(index=False).encode()).hexdigest()
 
 
-def timings_still_valid(run: Run, records: dict[str, dict]) -> pd.DataFrame | None:
-    """DIR/summary.csv when nothing the children's timings depend on changed since the front was measured, only
-    what their evaluation depends on (the evaluation text): its timings stand and only the evaluation is out of
-    date (`reevaluate`); else None.
+def timings_still_valid(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame, str] | None:
+    """(DIR/summary.csv, why its evaluation is out of date) when nothing the children's timings depend on changed
+    since the front was measured, only what their evaluation depends on (the evaluation text) or its evaluation
+    figures themselves: its timings stand and only the evaluation is to be done again (`reevaluate`); else None.
 
     That is: summary.csv holds the measurement front.json was written with (its columns apart from
     `EVALUATION_COLUMNS`, by sha256: a re-evaluation interrupted before the front was drawn again keeps its
@@ -1741,13 +1774,21 @@ def timings_still_valid(run: Run, records: dict[str, dict]) -> pd.DataFrame | No
             or now["children"] is None or now["children"] != stored.get("children") or not now["tables"] \
             or now["tables"] != {k: v for k, v in tables.items() if _is_front_table(k)}:
         return None
-    return measured_summary(run, records, stamp="summary_timings")[0]
+    summary = measured_summary(run, records, stamp="summary_timings")[0]
+    if summary is None:
+        return None
+    why = ("their evaluation is out of date (the evaluation text changed)" if before.get("eval") != after.get("eval")
+           else "summary.csv's evaluation figures are not the front's (edited, or an evaluation cut short), or a "
+                "children/<name>.json disagrees with them")
+    return summary, why
 
 
 def reevaluate(run: Run, records: dict[str, dict], summary: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """Evaluate the parent and every child of `summary` (`timings_still_valid`) on the run's evaluation split again,
-    keeping their measured timings: rewrites each kl_nats, lm_loss and top1_agree in DIR/children/<name>.json and
-    DIR/summary.csv (the caller draws the front from it). Returns (the new summary, {name: child model})."""
+    keeping their measured timings, then rewrite DIR/summary.csv and each DIR/children/<name>.json (a missing one
+    from its summary row) with the new kl_nats, lm_loss and top1_agree; nothing of that is written before every
+    model is evaluated (the per-model caches are keyed by the evaluation split), so an interruption leaves the files
+    as they were. The caller draws the front from the result. Returns (the new summary, {name: child model})."""
     children = _LazyChildren(run, records)
     models = {"parent": run.parent.model, **{name: children[name] for name in records}}
     bar = None
@@ -1755,27 +1796,61 @@ def reevaluate(run: Run, records: dict[str, dict], summary: pd.DataFrame) -> tup
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(models), desc="evaluate", unit="model")
-    summary = summary.copy()
+    quality = {}
     for name, model in models.items():
-        quality = evaluate(run, model, name)
-        at = summary.index[summary["name"].astype(str) == name][0]
-        for column, default in (("kl_nats", 0.0), ("lm_loss", None), ("top1_agree", 1.0)):  # as `_summary_row`
-            summary.loc[at, column] = float(quality[column] if default is None else quality.get(column, default))
-        if name != "parent":
-            path = run.out / "children" / f"{name}.json"
-            try:
-                row = read_json(path)
-            except PuzzleError:
-                row = None
-            if isinstance(row, dict):
-                atomic_write_json(path, {**row, "kl_nats": summary.loc[at, "kl_nats"],
-                                         "lm_loss": summary.loc[at, "lm_loss"], "top1_agree": summary.loc[at, "top1_agree"]})
+        quality[name] = evaluate(run, model, name)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    summary = summary.copy()
+    for column in EVALUATION_COLUMNS:  # a hand-edited cell may have made it text; every value is written below
+        summary[column] = pd.to_numeric(summary[column], errors="coerce").astype(float)
+    for name, q in quality.items():
+        at = summary.index[summary["name"].astype(str) == name][0]
+        for column, default in (("kl_nats", 0.0), ("lm_loss", None), ("top1_agree", 1.0)):  # as `_summary_row`
+            summary.loc[at, column] = float(q[column] if default is None else q.get(column, default))
     atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
+    for name in records:
+        write_child_row(run, name, summary)
     return summary, children
+
+
+def _json_value(value):
+    """A summary.csv cell as JSON: NaN and missing as None, numpy scalars as Python numbers."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def write_child_row(run: Run, name: str, summary: pd.DataFrame) -> None:
+    """DIR/children/<name>.json from `summary`'s row of `name`: its evaluation columns into the row the measurement
+    wrote, or the whole row when that file is missing or unreadable."""
+    row = {k: _json_value(v) for k, v in summary[summary["name"].astype(str) == name].iloc[0].to_dict().items()}
+    path = run.out / "children" / f"{name}.json"
+    try:
+        written = read_json(path)
+    except PuzzleError:
+        written = None
+    if isinstance(written, dict):
+        row = {**written, **{c: row[c] for c in EVALUATION_COLUMNS}}
+    atomic_write_json(path, row)
+
+
+def children_rows_problem(run: Run, summary: pd.DataFrame, records: dict[str, dict]) -> str | None:
+    """Why a DIR/children/<name>.json of the searched children does not hold its summary.csv row's evaluation
+    figures (missing, unreadable, or another kl_nats / lm_loss), or None when every one does."""
+    for name in records:
+        try:
+            written = read_json(run.out / "children" / f"{name}.json")
+            row = summary[summary["name"].astype(str) == name].iloc[0]
+            same = all(math.isclose(float(written[c]), float(row[c]), rel_tol=1e-9, abs_tol=1e-12)
+                       for c in ("kl_nats", "lm_loss"))
+        except (PuzzleError, KeyError, TypeError, ValueError, IndexError):
+            same = False
+        if not same:
+            return f"children/{name}.json is missing or does not hold summary.csv's figures"
+    return None
 
 
 def report_stamp(run: Run, exported: dict) -> dict:

@@ -401,7 +401,7 @@ def _current_row_inputs(run_dir: Path) -> dict:
     return current
 
 
-def _row_is_current(row: dict, current: dict, sub: str) -> bool:
+def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
     """Whether `row` was measured on the run's evaluation split, score table and workload as they are now
     (`current`, the parts it holds); a row that was not is left out of the front with a warning naming the command
     that measures it again (its KL is on another text, its child comes from another library, or its speed-up is of
@@ -414,7 +414,7 @@ def _row_is_current(row: dict, current: dict, sub: str) -> bool:
     if stale:
         where = "puzzle baselines" if sub.startswith("baselines") else "puzzle refine"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
-                      f"left out of the front (`{where} --out DIR` measures it again)")
+                      f"left out of the front (`{where} --out {run_dir}` measures it again)")
     return not stale
 
 
@@ -448,7 +448,7 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     current = json.loads(json.dumps(inputs, default=str)) if inputs is not None else _current_row_inputs(run_dir)
     for sub in ("front_rows", "baselines/rows"):
         files = sorted((run_dir / sub).glob("*.json")) if (run_dir / sub).is_dir() else []
-        found = [row for row in map(_model_row, files) if row is not None and _row_is_current(row, current, sub)]
+        found = [row for row in map(_model_row, files) if row is not None and _row_is_current(row, current, sub, run_dir)]
         if found:
             parts.append(pd.DataFrame(found).assign(source=sub))
     if not parts:
@@ -616,7 +616,7 @@ def ratio_table(ratios: pd.DataFrame) -> str:
     """`front_ratios` as text: one line per baseline, one column per speed-up ("-": not reached); one block per
     `ours` (plain MIP children, then the selected ones where `front_ratios` has them)."""
     if ratios.empty:
-        return "(no baseline to compare with: run `puzzle baselines` first)"
+        return "(no baseline to compare with: run `puzzle baselines` first, or again where a warning left its rows out)"
     trained = {"init": ", as initialised", "bld": ", after BLD"}
     heads = {"plain MIP": "ours (plain MIP) / baseline",
              "selected per target": "ours (plain, diverse or refined, by scoring KL) / baseline"}

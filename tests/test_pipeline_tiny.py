@@ -207,9 +207,21 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(args) == 0
-    assert "their evaluation is out of date" in err.getvalue() and "timing the children again" not in err.getvalue()
+    assert "summary.csv's evaluation figures are not the front's" in err.getvalue() and \
+        "timing the children again" not in err.getvalue()
     again = pd.read_csv(copy / "summary.csv").set_index("name")
     assert again.loc["child-1.5x", "kl_nats"] == pytest.approx(right)
+    summary = pd.read_csv(copy / "summary.csv")  # breaker: text in an evaluation cell was a TypeError traceback
+    summary["kl_nats"] = summary["kl_nats"].astype(object)
+    summary.loc[summary["name"] == "child-1.5x", "kl_nats"] = "abc"
+    summary.to_csv(copy / "summary.csv", index=False)
+    (copy / "children" / "child-2x.json").unlink()  # breaker: a deleted child row was never written again
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+    again = pd.read_csv(copy / "summary.csv").set_index("name")
+    assert again.loc["child-1.5x", "kl_nats"] == pytest.approx(right)
+    assert json.loads((copy / "children" / "child-2x.json").read_text())["kl_nats"] == \
+        pytest.approx(again.loc["child-2x", "kl_nats"])
     summary = pd.read_csv(copy / "summary.csv")  # a timing edited by hand is measured again
     summary.loc[summary["name"] == "child-1.5x", "runtime_ms"] *= 2
     summary.to_csv(copy / "summary.csv", index=False)
@@ -370,6 +382,7 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     # evaluated again on the new text, not timed again: only the evaluation changed
     assert "their evaluation is out of date" in err.getvalue() and "is up to date" not in err.getvalue(), \
         err.getvalue()[-1500:]
+    assert "report.md was written from an earlier front" in err.getvalue()  # breaker: said nothing of the report
     after = pd.read_csv(out / "summary.csv").set_index("name")
     assert after["runtime_ms"].to_dict() == before["runtime_ms"].to_dict()
     assert after["lm_loss"].to_dict() != before["lm_loss"].to_dict()
@@ -387,6 +400,7 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     assert "is up to date" in err.getvalue()  # evaluated once, then current
 
     eval_file.write_text(text, encoding="utf-8")  # `run` does the same, and writes the report from the new figures
+    (out / "front_all.csv").write_text("name\n")  # drawn by `puzzle front` before: run draws it again (breaker)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
@@ -394,6 +408,8 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     assert "their evaluation is out of date" in err.getvalue() and "timing the children again" not in err.getvalue()
     again = pd.read_csv(out / "summary.csv").set_index("name")
     assert again["lm_loss"].to_dict() == pytest.approx(before["lm_loss"].to_dict())
+    drawn = pd.read_csv(out / "front_all.csv").set_index("name")
+    assert drawn.loc["child-1.5x", "kl_nats"] == pytest.approx(again.loc["child-1.5x", "kl_nats"])
     assert f"{again.loc['child-1.5x', 'kl_nats']:.3f}" in (out / "report.md").read_text() or \
         f"{again.loc['child-1.5x', 'kl_nats']:.4f}" in (out / "report.md").read_text()
     err = io.StringIO()
