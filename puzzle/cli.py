@@ -560,8 +560,9 @@ DOWNSTREAM_LIMIT = 100
 
 
 def _reevaluated_front(run) -> bool:
-    """When only the evaluation text changed since the front was measured (`pipeline.timings_still_valid`): evaluate
-    the parent and the searched children on it again, keep their timings, draw the front; True when it did."""
+    """When the children's timings stand (`pipeline.timings_still_valid`): evaluate the parent and the searched
+    children again where their evaluation is out of date (another evaluation text, figures edited or cut short),
+    keep their timings, and draw the front; True when it did."""
     from .io import read_json
     from .pipeline import read_architecture, reevaluate, timings_still_valid, write_front
 
@@ -574,6 +575,11 @@ def _reevaluated_front(run) -> bool:
     timed = timings_still_valid(run, records)
     if timed is None:
         return False
+    if not timed[1]:
+        _log("front: summary.csv's timings and figures stand: the front is drawn again from it (--remeasure times "
+             "the children again)")
+        write_front(run, timed[0], main)
+        return True
     _log(f"front: the children's timings stand but {timed[1]}: the parent and the children are evaluated again, their "
          "measured timings kept (--remeasure times them again)")
     write_front(run, reevaluate(run, records, timed[0])[0], main)
@@ -623,8 +629,8 @@ def cmd_front(args) -> int:
         from .pipeline import report_out_of_date
 
         if report_out_of_date(run):
-            _log(f"front: {run.out / 'report.md'} was written from an earlier front: `puzzle run --out {run.out}` "
-                 "writes it again (nothing is timed for it)")
+            _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
+                 f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")
     if tasks:
         from .downstream import evaluate_front_downstream
 

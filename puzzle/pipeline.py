@@ -1570,9 +1570,13 @@ def run_all(run: Run) -> pd.DataFrame:
         summary, why = None, problem  # the timings stand: evaluated (from the caches) and written again below
     reevaluated = False
     if summary is None and (timed := timings_still_valid(run, records)) is not None:
-        run.say(f"run: the children's timings stand but {timed[1]}: the parent and the children are evaluated again, "
-                "their measured timings kept")
-        summary, children = reevaluate(run, records, timed[0])
+        if timed[1]:
+            run.say(f"run: the children's timings stand but {timed[1]}: the parent and the children are evaluated "
+                    "again, their measured timings kept")
+            summary, children = reevaluate(run, records, timed[0])
+        else:
+            run.say(f"run: summary.csv's timings and figures stand ({why}): the front is drawn again from it")
+            summary, children = timed[0], _LazyChildren(run, records)
         write_front(run, summary, main)  # at once: an export refused or interrupted next leaves a consistent front
         redraw_front_all(run)
         reevaluated = True
@@ -1742,7 +1746,9 @@ def summary_timings_sha(path: Path) -> str | None:
 def timings_still_valid(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame, str] | None:
     """(DIR/summary.csv, why its evaluation is out of date) when nothing the children's timings depend on changed
     since the front was measured, only what their evaluation depends on (the evaluation text) or its evaluation
-    figures themselves: its timings stand and only the evaluation is to be done again (`reevaluate`); else None.
+    figures themselves: its timings stand and only the evaluation is to be done again (`reevaluate`); why is ""
+    when the evaluation stands too (the evaluation split and every figure as measured: only the front's files,
+    front.csv or front.json, are to be drawn again); else None.
 
     That is: summary.csv holds the measurement front.json was written with (its columns apart from
     `EVALUATION_COLUMNS`, by sha256: a re-evaluation interrupted before the front was drawn again keeps its
@@ -1776,10 +1782,12 @@ def timings_still_valid(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     summary = measured_summary(run, records, stamp="summary_timings")[0]
     if summary is None:
         return None
-    why = ("their evaluation is out of date (the evaluation text changed)" if before.get("eval") != after.get("eval")
-           else "summary.csv's evaluation figures are not the front's (edited, or an evaluation cut short), or a "
-                "children/<name>.json disagrees with them")
-    return summary, why
+    if before.get("eval") != after.get("eval"):
+        return summary, "their evaluation is out of date (the evaluation text changed)"
+    if measured_summary(run, records)[0] is not None and children_rows_problem(run, summary, records) is None:
+        return summary, ""  # the figures stand too: only the front's files are drawn again
+    return summary, ("summary.csv's evaluation figures are not the front's (edited, or an evaluation cut short), or a "
+                     "children/<name>.json disagrees with them")
 
 
 def reevaluate(run: Run, records: dict[str, dict], summary: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -1836,6 +1844,12 @@ def write_child_row(run: Run, name: str, summary: pd.DataFrame) -> None:
     atomic_write_json(path, row)
 
 
+def _same_figure(a, b) -> bool:
+    """Two evaluation figures as equal (a NaN, written to JSON as null, equals a NaN)."""
+    a, b = (math.nan if v is None else float(v) for v in (a, b))
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def children_rows_problem(run: Run, summary: pd.DataFrame, records: dict[str, dict]) -> str | None:
     """Why a DIR/children/<name>.json of the searched children does not hold its summary.csv row's evaluation
     figures (missing, unreadable, or another kl_nats / lm_loss), or None when every one does."""
@@ -1843,8 +1857,7 @@ def children_rows_problem(run: Run, summary: pd.DataFrame, records: dict[str, di
         try:
             written = read_json(run.out / "children" / f"{name}.json")
             row = summary[summary["name"].astype(str) == name].iloc[0]
-            same = all(math.isclose(float(written[c]), float(row[c]), rel_tol=1e-9, abs_tol=1e-12)
-                       for c in ("kl_nats", "lm_loss"))
+            same = all(_same_figure(written[c], row[c]) for c in ("kl_nats", "lm_loss"))
         except (PuzzleError, KeyError, TypeError, ValueError, IndexError):
             same = False
         if not same:

@@ -335,6 +335,30 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
     assert "**Warning:** The children were timed while other jobs kept 1.25 cores busy" in report
 
 
+def test_a_deleted_front_csv_is_drawn_again_without_evaluating_or_timing(run_dir, tmp_path):
+    """Review: a deleted front.csv sent run and front to re-evaluate every model (with a message blaming summary.csv);
+    the timings and figures in summary.csv stand, so the front is only drawn again. A NaN figure (null in JSON)
+    counts as equal to itself, or every rerun would evaluate again."""
+    import math
+    import shutil
+
+    from puzzle.pipeline import _same_figure
+
+    assert _same_figure(None, math.nan) and _same_figure(0.25, 0.25) and not _same_figure(None, 0.25)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    quality = {p: p.stat().st_mtime_ns for p in (copy / "children").glob("*.quality.json")}
+    for command in (["front", "--out", str(copy)], ["run", "--preset", "tiny", "--out", str(copy)]):
+        (copy / "front.csv").unlink()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main([*command, "--no-progress", "--front-speedups", "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 0
+        said = err.getvalue()
+        assert "timings and figures stand" in said and "evaluated again" not in said and "timing the" not in said, said
+        assert (copy / "front.csv").is_file()
+    assert {p: p.stat().st_mtime_ns for p in quality} == quality
+
+
 def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_dir, tmp_path):
     """Breaker: an entry replaced under its own name (a retrain that is not bit-exact, an entry copied in) kept its old
     replace-1-block score, so the tables, front and report stood while the export took the new weights."""
@@ -382,7 +406,7 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
     # evaluated again on the new text, not timed again: only the evaluation changed
     assert "their evaluation is out of date" in err.getvalue() and "is up to date" not in err.getvalue(), \
         err.getvalue()[-1500:]
-    assert "report.md was written from an earlier front" in err.getvalue()  # breaker: said nothing of the report
+    assert "report.md was not written from this front" in err.getvalue()  # breaker: said nothing of the report
     after = pd.read_csv(out / "summary.csv").set_index("name")
     assert after["runtime_ms"].to_dict() == before["runtime_ms"].to_dict()
     assert after["lm_loss"].to_dict() != before["lm_loss"].to_dict()
