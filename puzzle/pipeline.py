@@ -1438,18 +1438,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
             run.say(f"measure: {name} measured {c.use_text()} of its {c.column} budget: over it"
                     + _over_budget_note(c, history.get(name, []), s.budget_feedback))
     children = {name: child(rec) for name, rec in records.items()}
-    quality = {"parent": evaluate(run, run.parent.model, "parent")}
-    bar = None
-    if run.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(children), desc="evaluate", unit="model")
-    for name, model in children.items():
-        quality[name] = evaluate(run, model, name)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    quality = evaluate_all(run, {"parent": run.parent.model, **children})
     rows = [_summary_row("parent", None, quality["parent"], measured.loc["parent"], measured.loc["parent"])]
     order = sorted(records, key=lambda n: (records[n]["speedup"], records[n].get("library_stage") != "bld"))
     for name in order:
@@ -1460,6 +1449,23 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
     return summary, children, records
+
+
+def evaluate_all(run: Run, models: dict) -> dict[str, dict]:
+    """{name: `evaluate(run, model, name)`} for each of `models` ({name: model}), with a progress bar."""
+    bar = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(models), desc="evaluate", unit="model")
+    quality = {}
+    for name, model in models.items():
+        quality[name] = evaluate(run, model, name)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return quality
 
 
 def _over_budget_note(check, history: list[dict], rounds: int) -> str:
@@ -1797,19 +1803,7 @@ def reevaluate(run: Run, records: dict[str, dict], summary: pd.DataFrame) -> tup
     model is evaluated (the per-model caches are keyed by the evaluation split), so an interruption leaves the files
     as they were. The caller draws the front from the result. Returns (the new summary, {name: child model})."""
     children = _LazyChildren(run, records)
-    models = {"parent": run.parent.model, **{name: children[name] for name in records}}
-    bar = None
-    if run.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(models), desc="evaluate", unit="model")
-    quality = {}
-    for name, model in models.items():
-        quality[name] = evaluate(run, model, name)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    quality = evaluate_all(run, {"parent": run.parent.model, **{name: children[name] for name in records}})
     summary = summary.copy()
     for column in EVALUATION_COLUMNS:  # a hand-edited cell may have made it text; every value is written below
         summary[column] = pd.to_numeric(summary[column], errors="coerce").astype(float)
