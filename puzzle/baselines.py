@@ -515,7 +515,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     from .pipeline import compact_architecture, evaluate
     from .refine import selection_kl
 
-    from .pipeline import recorded_contention
+    from .pipeline import contention_cores
 
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -568,7 +568,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "speedup": 1.0, "throughput_tok_s": float(p["throughput_tok_s"]), "kl_nats": 0.0, "score_kl_nats": 0.0,
                 "predicted_kl_nats": 0.0, "lm_loss": parent_q["lm_loss"], "top1_agree": 1.0, "params": float(p["params"]),
                 "memory_mib": float(p["memory_mib"]), "runtime_ms": float(p["runtime_ms"]), "note": "",
-                "contention_cores": recorded_contention({"contention_cores": p.get("contention_cores")}),
+                "contention_cores": contention_cores(p.get("contention_cores")),
                 "architecture": "parent", "inputs": inputs})
         for c in group:
             m = measured.loc[c.name]
@@ -578,7 +578,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "predicted_kl_nats": c.predicted_kl_nats, "params": float(m["params"]),
                 "memory_mib": float(m["memory_mib"]), "runtime_ms": float(m["runtime_ms"]), "note": c.note,
                 "group_parent_runtime_ms": float(m["runtime_ms"] * m["speedup"]),
-                "contention_cores": recorded_contention({"contention_cores": m.get("contention_cores")}),
+                "contention_cores": contention_cores(m.get("contention_cores")),
                 "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs})
         del models
     if not (rows_dir / "parent.json").is_file():

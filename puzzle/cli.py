@@ -559,12 +559,11 @@ def cmd_export(args) -> int:
 DOWNSTREAM_LIMIT = 100
 
 
-def _reevaluated_front(run) -> bool:
-    """When the children's timings stand (`pipeline.timings_still_valid`): evaluate the parent and the searched
-    children again where their evaluation is out of date (another evaluation text, figures edited or cut short),
-    keep their timings, and draw the front; True when it did."""
+def _reevaluated_front(run, why: str) -> bool:
+    """When the children's timings stand, the front drawn from them (`pipeline.front_from_kept_timings`: evaluated
+    again where their evaluation is out of date); True when it was."""
     from .io import read_json
-    from .pipeline import read_architecture, reevaluate, timings_still_valid, write_front
+    from .pipeline import front_from_kept_timings, read_architecture
 
     try:
         chosen = read_json(run.out / "search" / "chosen.json")
@@ -572,18 +571,7 @@ def _reevaluated_front(run) -> bool:
         main = chosen["main"]
     except (PuzzleError, KeyError, TypeError):  # the front's own check said why; it is measured again
         return False
-    timed = timings_still_valid(run, records)
-    if timed is None:
-        return False
-    if not timed[1]:
-        _log("front: summary.csv's timings and figures stand: the front is drawn again from it (--remeasure times "
-             "the children again)")
-        write_front(run, timed[0], main)
-        return True
-    _log(f"front: the children's timings stand but {timed[1]}: the parent and the children are evaluated again, their "
-         "measured timings kept (--remeasure times them again)")
-    write_front(run, reevaluate(run, records, timed[0])[0], main)
-    return True
+    return front_from_kept_timings(run, records, main, "front", why) is not None
 
 
 def cmd_front(args) -> int:
@@ -612,7 +600,7 @@ def cmd_front(args) -> int:
             from .pipeline import summary_problem
 
             stale = summary_problem(run)
-        if stale and not args.remeasure and _reevaluated_front(run):
+        if stale and not args.remeasure and _reevaluated_front(run, stale):
             pass
         elif stale:
             if (run.out / "front.csv").is_file():

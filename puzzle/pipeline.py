@@ -38,6 +38,7 @@ from .config import SEARCH_BUDGETS, RunConfig, save_run_config
 from .errors import PuzzleError
 from .io import atomic_write_json, atomic_write_text, load_table, read_json, save_table, tensor_sha256
 from .library import Library
+from .search import InfeasibleBudget
 from .space import build_space
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -840,10 +841,9 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
 
     try:
         records = {main: solve_or_keep(main, request, "bld")}
-    except PuzzleError as e:  # the main budget out of reach: a cost table timed on a busy machine may be why
-        if not str(e).startswith("no architecture"):
-            raise
-        raise PuzzleError(f"{e}{_noisy_cost_note(run)}") from None
+    except InfeasibleBudget as e:  # the main budget out of reach: a cost table timed on a busy machine may be why
+        note = contention_note({"cost_table": recorded_contention(_cost_sidecar(run.out))})
+        raise (InfeasibleBudget(f"{e} (note: {note})") if note else e) from None
     if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
     missed: dict[str, str] = {}  # front target -> why no child meets it
@@ -878,19 +878,6 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     if json_out:
         print(json.dumps(records[main]))
     return records
-
-
-def _noisy_cost_note(run: Run) -> str:
-    """A note for a budget out of reach when DIR/score/cost.csv was timed while other jobs kept more cores busy than
-    the default limit allows (accepted under --max-contention): its costs, and the reach they give, may be off."""
-    from .config import ScoreConfig
-
-    contention, default = recorded_contention(_cost_sidecar(run.out)), ScoreConfig().max_contention
-    if contention is None or not contention > default:
-        return ""
-    return (f" (note: the cost table was timed while other jobs took {contention:g} cores, over the default limit "
-            f"{default:g} that --max-contention raised, so its costs may be off: rerun with --max-contention "
-            f"{default:g} on a quiet machine to time it again)")
 
 
 def largest_front_speedup(run: Run, scored: tuple[pd.DataFrame, dict] | None = None) -> float | None:
@@ -1341,9 +1328,13 @@ def _cost_sidecar(out: Path) -> dict:
 
 
 def recorded_contention(meta) -> float | None:
-    """The most cores other jobs kept busy in a measurement's kept windows, from its attrs or sidecar (None when
-    not recorded or not a number)."""
-    value = meta.get("contention_cores") if isinstance(meta, dict) else None
+    """The most cores other jobs kept busy in a measurement's kept windows, from its attrs, sidecar or row
+    (`contention_cores`; None when not recorded or not a number)."""
+    return contention_cores(meta.get("contention_cores") if isinstance(meta, dict) else None)
+
+
+def contention_cores(value) -> float | None:
+    """A recorded contention (cores) as a float rounded to 3 decimals; None for a missing, non-numeric or NaN one."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return round(float(value), 3)
@@ -1365,8 +1356,8 @@ def front_contention(out: Path) -> dict:
             except PuzzleError:
                 continue
     rows = [v for v in rows if v is not None]
-    return {"cost_table": recorded_contention({"contention_cores": machine.get("cost_table")}),
-            "children": recorded_contention({"contention_cores": machine.get("children")}),
+    return {"cost_table": contention_cores(machine.get("cost_table")),
+            "children": contention_cores(machine.get("children")),
             "baselines and refined children": max(rows) if rows else None}
 
 
@@ -1575,15 +1566,8 @@ def run_all(run: Run) -> pd.DataFrame:
     if summary is not None and (problem := children_rows_problem(run, summary, records)):
         summary, why = None, problem  # the timings stand: evaluated (from the caches) and written again below
     reevaluated = False
-    if summary is None and (timed := timings_still_valid(run, records)) is not None:
-        if timed[1]:
-            run.say(f"run: the children's timings stand but {timed[1]}: the parent and the children are evaluated "
-                    "again, their measured timings kept")
-            summary, children = reevaluate(run, records, timed[0])
-        else:
-            run.say(f"run: summary.csv's timings and figures stand ({why}): the front is drawn again from it")
-            summary, children = timed[0], _LazyChildren(run, records)
-        write_front(run, summary, main)  # at once: an export refused or interrupted next leaves a consistent front
+    if summary is None and (kept := front_from_kept_timings(run, records, main, "run", why)) is not None:
+        summary, children = kept  # the front drawn at once: an export refused or interrupted next leaves it consistent
         redraw_front_all(run)
         reevaluated = True
     measured = summary is None
@@ -1794,6 +1778,26 @@ def timings_still_valid(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         return summary, ""  # the figures stand too: only the front's files are drawn again
     return summary, ("summary.csv's evaluation figures are not the front's (edited, or an evaluation cut short), or a "
                      "children/<name>.json disagrees with them")
+
+
+def front_from_kept_timings(run: Run, records: dict[str, dict], main: str, command: str,
+                            why: str = "") -> tuple[pd.DataFrame, dict] | None:
+    """Draw the front from the children's kept timings when they stand (`timings_still_valid`): evaluated again
+    where their evaluation is out of date (`reevaluate`), else as summary.csv holds it (`why`: what made the front
+    stale). Says which, as `command`. Returns (summary, {name: child model}), or None when the timings do not stand."""
+    timed = timings_still_valid(run, records)
+    if timed is None:
+        return None
+    if timed[1]:
+        run.say(f"{command}: the children's timings stand but {timed[1]}: the parent and the children are evaluated "
+                "again, their measured timings kept")
+        summary, children = reevaluate(run, records, timed[0])
+    else:
+        run.say(f"{command}: summary.csv's timings and figures stand{f' ({why})' if why else ''}: the front is drawn "
+                "again from it")
+        summary, children = timed[0], _LazyChildren(run, records)
+    write_front(run, summary, main)
+    return summary, children
 
 
 def reevaluate(run: Run, records: dict[str, dict], summary: pd.DataFrame) -> tuple[pd.DataFrame, dict]:

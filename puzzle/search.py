@@ -50,6 +50,11 @@ class VerificationError(PuzzleError):
     """A solution that breaks a budget or the one-choice-per-layer rule, or whose totals are wrong."""
 
 
+class InfeasibleBudget(PuzzleError):
+    """No architecture of the library meets the budgets (the message names the binding resource and the least
+    achievable value)."""
+
+
 
 def parent_totals(table: pd.DataFrame) -> dict[str, float]:
     """The parent's totals: its rows plus the non-block row (runtime_ms, memory_mib, params, kl_nats, ...)."""
@@ -291,7 +296,7 @@ class _Search:
             if smallest > bound * (1 + BUDGET_RTOL):
                 broken.append(self._message(column, bound, smallest, "", budgets))
         if broken:
-            raise PuzzleError("; and ".join(broken))
+            raise InfeasibleBudget("; and ".join(broken))
 
     def _message(self, column, bound, smallest, context, budgets) -> str:
         words, unit = _COST_WORDS[column]
@@ -320,7 +325,7 @@ class _Search:
             self._lp = DualLP(self.objective, costs, self.alive)
         lam = self._lp.multipliers(rhs)
         if lam is None:
-            raise PuzzleError(self._joint_infeasible(budgets))
+            raise InfeasibleBudget(self._joint_infeasible(budgets))
         alive, starts = self.alive, self.solutions
         if anchor is not None:  # the trust region: one more cost row, 1 wherever a layer leaves the anchor
             layers = np.arange(len(anchor))
@@ -344,9 +349,9 @@ class _Search:
             if slots is None:
                 if not found:
                     if anchor is not None:
-                        raise PuzzleError(f"no architecture within {max_changes} layers of the anchor meets "
+                        raise InfeasibleBudget(f"no architecture within {max_changes} layers of the anchor meets "
                                           f"{budgets.describe()}; allow more changes")
-                    raise PuzzleError(self._joint_infeasible(budgets))
+                    raise InfeasibleBudget(self._joint_infeasible(budgets))
                 break
             found.append(slots)
             results.append(self._solution(slots, budgets, optimal, bound, time.perf_counter() - start))

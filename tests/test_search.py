@@ -16,8 +16,8 @@ from puzzle import mip, search
 from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
 from puzzle.io import save_table
-from puzzle.search import (Solution, VerificationError, add_search_arguments, build_choices, greedy, parent_totals,
-                           search_main, solve, sweep, verify)
+from puzzle.search import (InfeasibleBudget, Solution, VerificationError, add_search_arguments, build_choices, greedy,
+                           parent_totals, search_main, solve, sweep, verify)
 from tiny_run import tiny_run_dir
 
 # the Puzzle authors' 70B library: ../shared/fixtures next to the repository, or $PUZZLE_70B_LIBRARY (a clone elsewhere)
@@ -155,7 +155,7 @@ def test_infeasible_budget_names_resource_and_smallest_value():
     table = random_table(2, layers=3)
     parent = parent_totals(table)
     fastest = brute_force_min(table, "runtime_ms")
-    with pytest.raises(PuzzleError) as e:
+    with pytest.raises(InfeasibleBudget) as e:  # a PuzzleError that callers can tell from a bad table
         solve(table, Budgets(max_runtime_ms=0.9 * fastest))
     message = str(e.value)
     assert "max_runtime_ms" in message and f"{fastest:.6g} ms" in message and "--max-runtime" in message
