@@ -1045,6 +1045,11 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     splits = split_documents([d for s in config.calib_sources for d in per_source[s]],
                              [d for s in config.eval_sources for d in per_source[s]],
                              config.score_fraction, config.seed)
+    eval_texts = {d.text for s in config.eval_sources for d in per_source[s]}
+    if (shared := len({d.text for s in config.calib_sources for d in per_source[s]} & eval_texts)) and \
+            any(splits[k] for k in ("calib", "score")):  # all of them shared is refused below, with its own message
+        warnings.warn(f"{shared} calibration document(s) repeat the text of an evaluation document; they are left out "
+                      f"of the calibration and scoring splits, so the evaluation stays held out")
     if config.calib_weights:  # a weighted source whose every text another source already holds would give nothing
         kept = {d.source for k in ("calib", "score") for d in splits[k]}
         if lost := [spec for spec in config.calib_sources if spec not in kept]:
@@ -1071,6 +1076,9 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             except PuzzleError as e:
                 raise PuzzleError(f"{split} split: {e}") from None
         tensors[split] = tokens
+        if tokens.numel() < budgets[split] // config.seq_len * config.seq_len:
+            warnings.warn(f"{split} split: its sources give {tokens.numel()} tokens, fewer than the {budgets[split]} "
+                          f"asked for ({split}_tokens); add text to them or lower {split}_tokens")
         doc_ids: dict[str, list[str]] = {}
         for d in used:
             doc_ids.setdefault(d.source, []).append(d.doc_id)

@@ -780,3 +780,26 @@ def test_text_that_is_not_a_string_and_calibration_text_copied_from_evaluation_a
                         seq_len=16, calib_tokens=64, score_tokens=32, eval_tokens=32)
     with pytest.raises(PuzzleError, match="every one repeats the text of an evaluation document"):
         prepare_data(config, tok, tmp_path / "data")
+
+
+def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_said(tmp_path, tok):
+    """Breaker leftover: an evaluation text shorter than eval_tokens was packed short, and calibration documents
+    that copy evaluation documents were dropped, both without a word."""
+    shared = [f"Paragraph {i} that both files hold, long enough to be kept as a document." for i in range(6)]
+    (tmp_path / "eval.txt").write_text("\n\n".join(shared))  # about 450 byte tokens
+    (tmp_path / "calib.txt").write_text("\n\n".join(shared[:2] + [f"Calibration paragraph {i} of its own text, "
+                                                                   f"long enough." * 3 for i in range(80)]))
+    config = DataConfig(calib_sources=(str(tmp_path / "calib.txt"),), eval_sources=(str(tmp_path / "eval.txt"),),
+                        seq_len=16, calib_tokens=1024, score_tokens=256, eval_tokens=4096)
+    with pytest.warns(UserWarning) as caught:
+        packed = prepare_data(config, tok, tmp_path / "data")
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith("eval split: its sources give") and f"{packed.eval.numel()} tokens, fewer than the 4096 "
+               "asked for (eval_tokens)" in m for m in said), said
+    assert any(m.startswith("2 calibration document(s) repeat the text of an evaluation document") for m in said), said
+    assert not any(m.startswith(("calib split", "score split")) for m in said), said  # those got their budgets
+    with warnings.catch_warnings():  # the packaged tiny preset fills every budget it asks for
+        warnings.simplefilter("error")
+        from puzzle.config import load_preset
+
+        prepare_data(load_preset("tiny").data, tok, tmp_path / "tiny")
