@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,9 +110,10 @@ class Run:
         path = self.out / "timings.json"
         if path.is_file():
             try:
-                self.timings = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                self.timings = {}
+                timings = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+                timings = {}
+            self.timings = timings if isinstance(timings, dict) else {}  # a hand-edited list or null: start again
 
     def say(self, msg: str) -> None:
         if self.log is not None:
@@ -321,7 +323,7 @@ def check_parent_weights(out: Path, model, parent_config) -> str:
 
 def _recorded_weights_sha(out: Path) -> str | None:
     """The parent weights' sha256 DIR/parent.json records (None: no such record yet, e.g. a run made before it was
-    recorded, or a damaged file; such a run is checked only by `Library.check_meta` in `puzzle bld`)."""
+    recorded, or a damaged file; `check_parent_weights` then checks the parent library/meta.json records)."""
     try:
         recorded = json.loads((out / "parent.json").read_text())
     except (OSError, ValueError):
@@ -685,8 +687,7 @@ def stage_score(run: Run) -> dict[str, pd.DataFrame]:
               "lm_loss": float("nan"), "top1_agree": float("nan"), "cosine": float("nan"),
               **{k: non_block[k] for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")}}
         table = pd.concat([table, pd.DataFrame([nb])], ignore_index=True)[SCORE_COLUMNS]
-        name = "score_table.csv" if stage == "bld" else f"score_table_{stage}.csv"
-        save_table(table, run.out / "score" / name, {**cost_meta(run), "library_stage": stage,
+        save_table(table, score_table_path(run, stage), {**cost_meta(run), "library_stage": stage,
                                                        "score_tokens": int(run.config.score.tokens)})
         tables[stage] = table
     run.say(f"score: {len(tables['bld']) - 1} rows per table; tables in {run.out / 'score'}")
@@ -844,7 +845,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     except InfeasibleBudget as e:  # the main budget out of reach: a cost table timed on a busy machine may be why
         note = contention_note({"cost_table": recorded_contention(_cost_sidecar(run.out))})
         raise (InfeasibleBudget(f"{e} (note: {note})") if note else e) from None
-    if run.config.score.score_init and (run.out / "score" / "score_table_init.csv").is_file():
+    if run.config.score.score_init and score_table_path(run, "init").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
     missed: dict[str, str] = {}  # front target -> why no child meets it
     for s in run.config.search.front_speedups:
@@ -915,6 +916,8 @@ def read_architecture(run: Run, name: str) -> dict:
     """DIR/search/<name>.json, checked (`read_architecture_at`) and fitted to the run: one block per parent layer,
     each subblock the parent's, a no_op, in the run's space or in its library (a space narrowed since the search).
 
+    Warns (UserWarning) when the record was solved on another score table than the run's (`table_sha256`).
+
     Raises:
         PuzzleError: naming the file and the layer, for a record edited by hand or written for another parent.
     """
@@ -933,6 +936,11 @@ def read_architecture(run: Run, name: str) -> dict:
             raise PuzzleError(f"{path}: layer {ls.layer} chooses {variant.id}, which is neither in the run's space "
                               f"(there: {', '.join(v.id for v in offered)}) nor in its library; the file was edited "
                               f"or written for another run: delete it and run `puzzle search` again")
+    table = score_table_path(run, stage)
+    if isinstance(record.get("table_sha256"), str) and table.is_file() and record["table_sha256"] != _sha256(table):
+        warnings.warn(f"{path} was solved on another score table than {table} holds now (scored again since, or a "
+                      f"search record of an earlier front): its predicted totals are the old table's; `puzzle search` "
+                      f"or `puzzle front` with its target solves it on the current table")
     return record
 
 
@@ -988,10 +996,10 @@ _EVAL_LOGP: dict = {}
 
 
 def parent_eval_logprobs(run: Run) -> torch.Tensor:
-    """Parent log-probabilities on the evaluation split (computed once per process)."""
+    """Parent log-probabilities on the evaluation split (computed once per process and evaluation split)."""
     from .scoring.quality import parent_logprobs
 
-    key = (str(run.out), run.parent_fingerprint)
+    key = (str(run.out), run.parent_fingerprint, _tensor_sha(run.tokens.eval), run.config.score.chunk)
     if key not in _EVAL_LOGP:
         _EVAL_LOGP.clear()
         _EVAL_LOGP[key] = parent_logprobs(run.parent.model, run.tokens.eval, chunk=run.config.score.chunk)
@@ -999,7 +1007,8 @@ def parent_eval_logprobs(run: Run) -> torch.Tensor:
 
 
 def evaluate(run: Run, model, name: str) -> dict:
-    """Evaluation KL to the parent and LM loss on the evaluation split (cached in DIR/children/<name>.json)."""
+    """Evaluation KL to the parent and LM loss on the evaluation split (cached in DIR/children/<name>.quality.json,
+    keyed by the architecture, every weight, the parent and the evaluation tokens)."""
     from .distill import model_fingerprint
     from .scoring.quality import evaluate_model
 
@@ -1015,8 +1024,8 @@ def evaluate(run: Run, model, name: str) -> dict:
                     isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)
                     for k in ("kl_nats", "lm_loss")):
                 return metrics
-        except (PuzzleError, AttributeError, KeyError):
-            pass  # unreadable or hand-edited: evaluate again
+        except (PuzzleError, AttributeError, KeyError, TypeError):
+            pass  # unreadable or hand-edited (another JSON value than an object included): evaluate again
     t0 = time.perf_counter()
     metrics = evaluate_model(model, run.tokens.eval, parent_eval_logprobs(run), chunk=run.config.score.chunk)
     atomic_write_json(path, {**key, "metrics": metrics})
@@ -1026,21 +1035,9 @@ def evaluate(run: Run, model, name: str) -> dict:
 
 def chat_answers(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
     """Greedy answers of `model` to each user prompt, rendered with the tokenizer's chat template."""
-    answers = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
+    from .sft import greedy_chat
 
-
-def generate_answers(model_path: str, prompts, max_new_tokens: int):
-    """(prompt, answer) pairs from a model folder or file loaded as a parent."""
-    from .parent import load_parent
-
-    loaded = load_parent(model_path)
-    return list(zip(prompts, chat_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens)))
+    return [greedy_chat(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens).strip() for p in prompts]
 
 
 def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
@@ -1199,7 +1196,11 @@ def export_out_of_date(run: Run, name: str, model) -> str | None:
 
 
 def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
-    """Assemble child `name`, evaluate it and measure it next to the parent; writes DIR/children/<name>.json."""
+    """Assemble child `name`, evaluate it and measure it next to the parent.
+
+    Writes DIR/children/realized/<name>.json (<name>.<stage>.json for another library stage's weights) and that
+    session's machine.json beside it; the front's records in DIR/children, which summary.csv and the report
+    describe, stay as the front measured them."""
     from .scoring.cost import measure_models
 
     record = read_architecture(run, name)
@@ -1210,7 +1211,9 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     measured = measure_models({"parent": run.parent.model, name: child}, run.workload(),
                               repeats=run.config.score.measure_repeats,
                               progress=run.progress, max_contention=run.config.score.max_contention)
-    check_machine_drift(run, measured.attrs)
+    folder = run.out / "children" / "realized"
+    folder.mkdir(parents=True, exist_ok=True)
+    check_machine_drift(run, measured.attrs, folder)
     measured = measured.set_index("name")
     checked = None
     if record.get("request"):
@@ -1220,7 +1223,7 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"], checked)
     if other:  # its own file: the searched child's summary (read by the front and the report) stays as it is
         row.update(library_stage=stage, predicted_kl_nats=float("nan"))
-    atomic_write_json(run.out / "children" / (f"{name}.{stage}.json" if other else f"{name}.json"), row)
+    atomic_write_json(folder / (f"{name}.{stage}.json" if other else f"{name}.json"), row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
             f"eval KL {row['kl_nats']:.4f} nats" + ("" if checked is None else
             f", {checked.use_text()} of its {checked.column} budget ({'met' if checked.met else 'over it'})"))
@@ -1285,17 +1288,14 @@ def cost_table_fingerprint(out: Path) -> dict:
     sidecar is missing, unreadable or predates fingerprints."""
     from .scoring.machine import machine_record
 
-    try:
-        table = read_json(out / "score" / "cost.csv.json")
-    except PuzzleError:
-        return {}
-    return machine_record(table if isinstance(table, dict) else {})
+    return machine_record(_cost_sidecar(out))
 
 
-def check_machine_drift(run: Run, attrs: dict) -> dict:
+def check_machine_drift(run: Run, attrs: dict, folder: Path | None = None) -> dict:
     """Compare the whole-model measurement's machine fingerprint with the cost table's.
 
-    Writes children/machine.json ({"cost_table": ..., "children": ..., "drift": {"compute", "memory"}:
+    Writes FOLDER/machine.json (default DIR/children, the front's measurement)
+    ({"cost_table": ..., "children": ..., "drift": {"compute", "memory"}:
     measurement / table, NaN where either is missing}) and says so when a part is off by more than
     `machine.DRIFT_WARN`: the predicted speed-ups came from a table timed on a machine running at
     another speed. Returns the drift.
@@ -1306,7 +1306,7 @@ def check_machine_drift(run: Run, attrs: dict) -> dict:
     now = machine_record(attrs)
     drift = machine_drift(table, now)
     contention = {"cost_table": recorded_contention(_cost_sidecar(run.out)), "children": recorded_contention(attrs)}
-    atomic_write_json(run.out / "children" / "machine.json",
+    atomic_write_json(Path(folder or run.out / "children") / "machine.json",
                       {"cost_table": table, "children": now,
                        "drift": {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()},
                        "contention_cores": contention})
@@ -1584,7 +1584,7 @@ def run_all(run: Run) -> pd.DataFrame:
         children = _LazyChildren(run, records)  # the BLD children to check their exports; others for a new report
     exported = {}
     for name, rec in records.items():
-        if rec.get("library_stage") == "bld":
+        if rec.get("library_stage", "bld") == "bld":
             why = export_out_of_date(run, name, children[name])
             if why is None:  # the same files from the same weights: kept
                 exported[name] = ExportResult(run.out / "export" / name, tuple(export_warnings(children[name].config)))

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 
 import pandas as pd
 import pytest
@@ -803,3 +804,24 @@ def test_a_saved_objective_the_table_lacks_is_named_with_the_flag_that_sets_anot
     err = capsys.readouterr().err
     assert "search.objective 'foo' (--objective, or saved in" in err and f"--out {out} --objective kl_nats" in err, err
     assert main(["search", "--out", str(out), "--objective", "kl_nats=1,lm_loss=0.5"]) == 0, capsys.readouterr().err
+
+
+def test_a_search_record_solved_on_an_earlier_score_table_is_said(tmp_path_factory, tmp_path, capsys):
+    """Review: a search record of an earlier front (or one solved before `puzzle score` ran again) was realized and
+    exported without a word that its predicted totals came from another score table."""
+    from puzzle.cli import main
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, read_architecture
+
+    out = _copy(tmp_path_factory, tmp_path)
+    run = Run(out, load_run_config(out), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_architecture(run, "child-1.5x")  # the table it was solved on
+    table = out / "score" / "score_table.csv"
+    table.write_text(table.read_text().replace("\n", "\n", 1) + "\n")  # scored again: other bytes
+    with pytest.warns(UserWarning, match=re.escape(f"{out / 'search' / 'child-1.5x.json'} was solved on another score "
+                                                   f"table than {table} holds now")):
+        read_architecture(run, "child-1.5x")
+    assert main(["export", "--out", str(out), "--name", "child-1.5x"]) == 0
+    assert "puzzle: warning: " in capsys.readouterr().err

@@ -57,10 +57,12 @@ def test_message_only_beyond_the_warning_threshold():
 def test_cpu_measurements_record_the_fingerprint():
     config = tiny_config()
     w = Workload(batch_size=2, prompt_len=8, gen_len=4, num_threads=1)
-    df = measure_models({"m": PuzzleForCausalLM(config).eval()}, w, repeats=2, warmup=0)
+    # the top-up window is dropped when other jobs keep the cores busy, as any window is: accept every window here
+    df = measure_models({"m": PuzzleForCausalLM(config).eval()}, w, repeats=2, warmup=0, max_contention=float("inf"))
     assert df.attrs["reference_samples"] >= 7 and df.attrs["reference_memory_ms"] > 0  # topped up to 7
     assert df.attrs["reference_compute_ms"] > 0 and df.attrs["reference_bytes"] >= REFERENCE_MIN_BYTES
-    table = measure_subblock_costs(config, [A("attn-kv1")], [F("ffn-64")], w, repeats=2, warmup=0)
+    table = measure_subblock_costs(config, [A("attn-kv1")], [F("ffn-64")], w, repeats=2, warmup=0,
+                                   max_contention=float("inf"))
     assert table.attrs["reference_samples"] >= 7 and table.attrs["reference_memory_ms"] > 0
 
 

@@ -547,3 +547,35 @@ def test_outputs_never_replace_the_runs_local_parent(tmp_path):
     with pytest.raises(PuzzleError, match="which the command reads or writes"):
         check_export_target(parent, overwrite=True, keep=run.input_paths())
     assert Run(tmp_path / "run2", config, progress=False).input_paths() == [tmp_path / "run2"]  # built-in tiny
+
+
+def test_realize_after_the_front_keeps_the_fronts_records(run_dir, tmp_path):
+    """Review: `puzzle realize` rewrote children/<name>.json and children/machine.json, which summary.csv, the report's
+    machine-speed section and `front`'s contention check describe, with another session's timings."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = {p: (copy / "children" / p).read_bytes() for p in ("child-1.5x.json", "machine.json")}
+    assert main(["realize", "--out", str(copy), "--name", "child-1.5x", "--no-progress", "--max-contention", "inf"]) == 0
+    assert {p: (copy / "children" / p).read_bytes() for p in before} == before
+    realized = json.loads((copy / "children" / "realized" / "child-1.5x.json").read_text())
+    assert realized["name"] == "child-1.5x" and realized["speedup"] > 0
+    assert "contention_cores" in json.loads((copy / "children" / "realized" / "machine.json").read_text())
+
+
+def test_the_parents_evaluation_log_probs_follow_the_evaluation_tokens(run_dir, tmp_path):
+    """Review: the per-process cache of the parent's evaluation log-probs was keyed by the run folder and the parent
+    alone, so a second evaluation split in one process was scored against the first split's log-probs."""
+    import dataclasses
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, parent_eval_logprobs
+    from puzzle.scoring.quality import parent_logprobs
+
+    run = Run(run_dir, load_run_config(run_dir), progress=False)
+    first = parent_eval_logprobs(run)
+    run._tokens = dataclasses.replace(run.tokens, eval=run.tokens.eval[:, :32].flip(0).contiguous())  # another split
+    second = parent_eval_logprobs(run)
+    assert second.shape[:2] == (run.tokens.eval.shape[0], 32) != first.shape[:2]
+    assert torch.equal(second, parent_logprobs(run.parent.model, run.tokens.eval, chunk=run.config.score.chunk))
