@@ -1582,6 +1582,8 @@ def run_all(run: Run) -> pd.DataFrame:
                 f"tables (front.json): no child evaluated or timed again (`puzzle front --out {run.out} --remeasure` "
                 "times them again)")
         children = _LazyChildren(run, records)  # the BLD children to check their exports; others for a new report
+        if front_all_older(run):  # an earlier run stopped between drawing the front and drawing front_all
+            redraw_front_all(run)
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage", "bld") == "bld":
@@ -1630,6 +1632,14 @@ def changed_data_sources(run: Run) -> list[str]:
         except (PuzzleError, OSError):
             changed.append(spec)
     return changed
+
+
+def front_all_older(run: Run) -> bool:
+    """Whether DIR/front_all.csv exists and was written before DIR/front.csv (a command stopped between the two)."""
+    try:
+        return (run.out / "front_all.csv").stat().st_mtime_ns < (run.out / "front.csv").stat().st_mtime_ns
+    except OSError:  # either missing: nothing to draw again from, or nothing drawn
+        return False
 
 
 def redraw_front_all(run: Run) -> None:

@@ -442,6 +442,17 @@ def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path
         assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
                      "--max-contention", "inf"]) == 0
     assert "no child evaluated or timed again" in err.getvalue() and "is up to date" in err.getvalue()
+    assert "front_all.csv/png and front_ratios.csv drawn again" not in err.getvalue()  # drawn after this front.csv
+
+    import os  # a run stopped between drawing the front and front_all: front_all is older, and the next run draws it
+    (out / "front_all.csv").write_text("name\n")
+    os.utime(out / "front_all.csv", ns=(0, (out / "front.csv").stat().st_mtime_ns - 10**9))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--eval", str(eval_file),
+                     "--max-contention", "inf"]) == 0
+    assert "front_all.csv/png and front_ratios.csv drawn again" in err.getvalue(), err.getvalue()[-1500:]
+    assert "child-1.5x" in set(pd.read_csv(out / "front_all.csv")["name"])
 
     stamp = json.loads((out / "front.json").read_text())  # a front.json from before the splits' record: timed again
     (out / "front.json").write_text(json.dumps({k: v for k, v in stamp.items() if k != "splits"}))
