@@ -5,7 +5,7 @@
 Cases (each solved to proven optimality, relative gap 0, and verified):
   * library: the Puzzle authors' Llama-3.3-70B block library (80 layers x 16 variants, H100 FP8),
     read from ../shared/fixtures/puzzle-llama-3.3-70b-instruct or $PUZZLE_70B_LIBRARY (skipped when absent): single
-    budgets (runtime fractions, runtime + memory) and a 20-budget runtime sweep.
+    budgets (runtime fractions, runtime + memory, runtime + memory + parameters) and a 20-budget runtime sweep.
   * synthetic: `synthetic_table()` below, 126 layers x 60 block variants with three budgets at
     once (runtime, memory, parameters), several budget levels; plus a stress case whose costs
     carry 1% per-layer noise (no two layers share costs), solved with a 20 s limit.
@@ -126,6 +126,9 @@ def run(out: Path, repeats: int, workers: int | None) -> pd.DataFrame:
         parent = parent_totals(table)
         singles = [("runtime", dict(runtime=f)) for f in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
         singles += [("runtime+memory", dict(runtime=f, memory=0.8)) for f in (0.5, 0.7, 0.9)]
+        # three budgets at once, where the dynamic program's states multiply (a breaker's case among them)
+        singles += [("runtime+memory+params", dict(runtime=r, memory=m, params=p))
+                    for r, m, p in ((0.45, 0.45, 0.4), (0.5, 0.4, 0.35), (0.55, 0.45, 0.4), (0.55, 0.55, 0.5))]
         for name, kw in singles:
             budgets = _budgets(parent, **kw)
             for _ in range(repeats):

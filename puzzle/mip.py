@@ -329,6 +329,32 @@ def prune_dominated(dims: Sequence[np.ndarray], alive: np.ndarray, k: int = 1) -
 # Step 2: Lagrangian bound from the LP relaxation
 
 
+def fitting_slots(costs: Sequence[np.ndarray], rhs: Sequence[float], alive: np.ndarray) -> np.ndarray:
+    """Drop slots that no choice meeting the budgets can hold: slot (i, j) with
+    costs[k][i, j] + Σ_{i' ≠ i} min_j' costs[k][i', j'] > rhs[k] for some budget row k.
+
+    Exact (every feasible choice keeps all its slots), and it keeps a far-off cost (a typo such as
+    1e16 parameters) out of the solvers' integer scaling, whose resolution follows the cost range.
+
+    Args:
+        costs: per budget row an (L, V) float array; rhs: its bound (inf: no budget).
+        alive: (L, V) bool, the slots in play.
+
+    Returns:
+        (L, V) bool, a subset of `alive` (unchanged where a layer would lose every slot: the
+        budgets then cannot be met, which the solvers report).
+    """
+    keep = alive.copy()
+    for g, b in zip(costs, rhs):
+        if not math.isfinite(b):
+            continue
+        cost = np.where(alive, g, np.inf)
+        least = cost.min(1)  # (L,)
+        with np.errstate(invalid="ignore"):
+            keep &= cost - least[:, None] + least.sum() <= b * (1 + 1e-9) + 1e-12 * abs(b)
+    return keep if keep.any(1).all() else alive
+
+
 class DualLP:
     """The LP relaxation over the alive slots, kept for a sweep: only the budget right-hand sides change."""
 
@@ -482,6 +508,7 @@ def _first_solution(objective, costs, rhs, alive, lam, totals_scale, starts=()) 
 # Step 4a: exact dynamic program over layers (the main prover)
 
 DP_MAX_STATES = 400_000  # partial solutions kept after a layer; beyond this CP-SAT takes over
+FIRST_BEAM = 300  # states per layer of the beam DP that improves the first solution under several budgets
 _DP_SCALE = 2.0**44  # integer resolution of costs in the dynamic program (relative to their range)
 
 
@@ -518,7 +545,7 @@ def _pareto_grouped(c: np.ndarray, v: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, tie, deadline=math.inf,
-              max_states=None):
+              max_states=None, beam=None):
     """The best slot choice among `keep` meeting every budget, by dynamic programming over layers.
 
     A state is a partial solution of layers 0..i: its budgeted costs (integers, rounded up, so
@@ -534,6 +561,9 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
 
     Returns ("OPTIMAL" | "INFEASIBLE" | "TOO_BIG", (L,) slots or None, bound); "TOO_BIG" when the
     states outgrow `max_states` or time passes `deadline` (time.perf_counter()).
+
+    beam: keep at most this many states after each layer, those with the smallest reduced-cost sum R
+    (a heuristic: the result meets every budget but is not proven best; status "FEASIBLE").
     """
     max_states = DP_MAX_STATES if max_states is None else max_states
     num_layers = keep.shape[0]
@@ -602,6 +632,9 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
         elif m:  # e.g. runtime + a trust-region or diversity count
             first = _pareto_grouped(c, v, t)
         c, v, r, t, parent, slot = c[first], v[first], r[first], t[first], parent[first], slot[first]
+        if beam is not None and len(v) > beam:  # the likeliest to end with a good score under the budgets
+            best = np.argsort(r, kind="stable")[:beam]
+            c, v, r, t, parent, slot = c[best], v[best], r[best], t[best], parent[best], slot[best]
         if len(v) > max_states or time.perf_counter() > deadline:
             return "TOO_BIG", None, -math.inf
         back.append((parent, js[slot]))
@@ -611,7 +644,7 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
     for i in range(num_layers - 1, -1, -1):
         parent, chosen = back[i]
         slots[sequence[i]], best = chosen[best], parent[best]
-    return "OPTIMAL", slots, float(state_score.min())
+    return ("OPTIMAL" if beam is None else "FEASIBLE"), slots, float(state_score.min())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -751,6 +784,13 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
     scales = [1.0] * len(costs) if scales is None else scales
     first = None if others else _first_solution(objective, costs, rhs, alive, lam, scales, starts)
     tol = 1e-9 * max(1.0, abs(lower)) * (len(layers) + 1)
+    if first is not None and sum(math.isfinite(b) for b in rhs) >= 2:  # several budgets: the exact DP's states
+        # multiply, and a tighter first threshold keeps fewer slots; a beam DP finds one in a fraction of the time
+        keep = alive & (red <= value(first) - lower + tol)
+        status, slots, _ = _dp_solve(objective, costs, rhs, keep, red, lam, math.inf, others, min_differ, tie,
+                                     beam=FIRST_BEAM)
+        if status == "FEASIBLE" and _feasible(slots, costs, rhs) and value(slots) < value(first):
+            first = slots
     if first is not None:
         threshold = value(first)
     else:

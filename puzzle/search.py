@@ -37,7 +37,7 @@ from .architecture import BlockConfig
 from .budgets import BUDGET_FLAGS, BudgetRequest, Budgets, suggest_fraction
 from .errors import PuzzleError
 from .mip import (BUDGET_RTOL, COST_COLUMNS, REQUIRED_COLUMNS, SCORE_COLUMNS, TIE_BREAK, Choices, DualLP,  # noqa: F401
-                  allowed_slots, as_bool, build_choices, prune_dominated, repair, solve_core)
+                  allowed_slots, as_bool, build_choices, fitting_slots, prune_dominated, repair, solve_core)
 
 HIGHER_IS_BETTER = ("cosine", "top1_agree")  # score columns the objective maximises (their weight is negated)
 
@@ -323,10 +323,13 @@ class _Search:
         costs = [self.choices.values[c] for c in self.columns]
         if self._lp is None:
             self._lp = DualLP(self.objective, costs, self.alive)
+        alive = fitting_slots(costs, rhs, self.alive)
         lam = self._lp.multipliers(rhs)
+        if lam is None and not np.array_equal(alive, self.alive):  # the sweep's LP, scaled by slots that cannot fit
+            lam = DualLP(self.objective, costs, alive).multipliers(rhs)
         if lam is None:
             raise InfeasibleBudget(self._joint_infeasible(budgets))
-        alive, starts = self.alive, self.solutions
+        starts = self.solutions
         if anchor is not None:  # the trust region: one more cost row, 1 wherever a layer leaves the anchor
             layers = np.arange(len(anchor))
             alive = alive.copy()

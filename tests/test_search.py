@@ -93,6 +93,18 @@ def fraction_budgets(table, **fractions):
 # Optimality
 
 
+@pytest.mark.parametrize("column, value", [("params", 1e16), ("runtime_ms", 1e11)])
+def test_a_far_off_cost_no_child_can_hold_leaves_the_budgets_solvable(column, value):
+    """Breaker: one finite but far-off cost (a typo, 1e16 parameters) set the solvers' integer resolution, and a
+    problem with two budgets was called out of reach with advice to raise a budget that already held."""
+    table = random_table(0, layers=4, kind="mixed")
+    table.loc[(table["layer"] == 1) & (table["variant"] == "ffn-48"), column] = value
+    budgets = fraction_budgets(table, runtime_ms=0.5, params=0.6)
+    best = brute_force(table, budgets)
+    solution = solve(table, budgets)[0]
+    assert solution.optimal and solution.objective == pytest.approx(best[0], rel=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["decoupled", "coupled", "mixed"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_solve_matches_brute_force(kind, seed):
