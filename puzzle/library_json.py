@@ -90,8 +90,9 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
 
     Raises:
         PuzzleError: a missing or unreadable file, a variant that cannot be mapped, two variant names of
-            one layer for the same block (naming both), or a parent_block_stats.json whose sizes are not
-            whole numbers or name a block some layer lacks.
+            one layer for the same block (naming both), a parent_block_stats.json whose sizes are not
+            whole numbers or name a block some layer lacks, or (without that file) a layer that lacks the
+            library's widest block, the parent's.
     """
     path = Path(path)
     folder, file = (path, path / "block_library.json") if path.is_dir() else (path.parent, path)
@@ -132,17 +133,27 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
                               f"least 1, got {kv} and {width}")
         stated_parent = BlockConfig(AttentionConfig("gqa", kv), FFNConfig("swiglu", width))
 
+    per_layer = {key: {name: variant_block(name, v.get("stats", {}), key) for name, v in library[key].items()}
+                 for key in layer_keys}
+    widest_of = lambda bs: max(bs, key=lambda b: (b.attention.num_kv_heads or 0, b.ffn.intermediate_size or 0))  # noqa: E731
+    if stated_parent is None:  # the parent's block is the widest of the whole library, and every layer has it
+        overall = widest_of([b for blocks in per_layer.values() for b in blocks.values()])
+        if lacking := [key for key, blocks in per_layer.items() if overall not in blocks.values()]:
+            raise PuzzleError(f"{file}: {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''} "
+                              f"{'has' if len(lacking) == 1 else 'have'} no variant of the parent block {overall.id} "
+                              f"(the widest of the library, which the other layers have), so the budgets' fractions "
+                              f"would be of another model; restore it, or name the parent's sizes in {parent_file}")
     rows = []
     for key in layer_keys:
         variants = library[key]
-        blocks = {name: variant_block(name, v.get("stats", {}), key) for name, v in variants.items()}
+        blocks = per_layer[key]
         seen = {}
         for name, block in blocks.items():
             if block in seen:
                 raise PuzzleError(f"{file}: {key} has two variants of the block {block.id}, {seen[block]!r} and "
                                   f"{name!r}; keep one of them")
             seen[block] = name
-        widest = max(blocks.values(), key=lambda b: (b.attention.num_kv_heads or 0, b.ffn.intermediate_size or 0))
+        widest = widest_of(blocks.values())
         parent = stated_parent or widest  # the widest block (most KV heads, then the widest FFN) unless stated
         if parent not in seen:
             kv, width = parent.attention.num_kv_heads, parent.ffn.intermediate_size

@@ -545,6 +545,26 @@ def test_parent_block_stats_naming_no_variant_of_the_library_is_named(tmp_path, 
 
 
 @needs_fixture
+def test_a_layer_without_the_parents_block_is_named_when_no_parent_file_names_it(tmp_path, capsys):
+    """Breaker: with parent_block_stats.json absent, each layer's widest variant stood for the parent, so a layer whose
+    parent variant was deleted made the budgets fractions of another model, without a word."""
+    def drop_parent(library):
+        del library["layer_5"][next(iter(library["layer_5"]))]  # the 100 % / 100 % variant
+
+    lib = _damaged_library(tmp_path, layer_edit=drop_parent)
+    (lib / "parent_block_stats.json").unlink()
+    err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--max-runtime", "0.6"])
+    assert "layer_5 has no variant of the parent block attn-kv8+ffn-28672" in err and "parent_block_stats.json" in err
+    (tmp_path / "whole").mkdir()
+    lib = _damaged_library(tmp_path / "whole")
+    (lib / "parent_block_stats.json").unlink()  # every layer has it: the widest is the parent, as before
+    from puzzle.cli import main
+
+    assert main(["search", "--library", str(lib), "--json", "--max-runtime", "0.6"]) == 0
+    assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(1 / 0.6, rel=0.05)
+
+
+@needs_fixture
 def test_parent_block_stats_with_a_fractional_size_is_refused(tmp_path, capsys):
     lib = _damaged_library(tmp_path, parent_edit=lambda stats: stats.update(num_kv_heads=8.7))
     err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--speedup", "1.5"])
