@@ -135,6 +135,10 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
         fix = "delete it and rerun the stage that writes it" if sidecar_required else "give a CSV with a header row"
         raise PuzzleError(f"table {path} cannot be read ({e}); {fix}") from e
     missing = [c for c in required_columns if c not in df.columns]
+    sep = next((c for c in (";", "\t", "|") if len(df.columns) == 1 and c in str(df.columns[0])), None)
+    if missing and sep is not None:  # the whole header read as one column
+        raise PuzzleError(f"table {path} separates its columns by {sep!r}, not by commas; write it as a "
+                          f"comma-separated CSV with the columns {list(required_columns)}")
     if missing:
         fix = ("it was written by another version, rerun its stage" if sidecar_required else
                f"the table needs the columns {list(required_columns)}")

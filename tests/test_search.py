@@ -1061,3 +1061,16 @@ def test_a_runs_library_folder_searches_the_runs_scores(tmp_path_factory, tmp_pa
     for path in (unscored, unscored / "library"):
         with pytest.raises(PuzzleError, match=r"no score table yet .*puzzle score --out"):
             load_search_table(path)
+
+
+@needs_fixture
+def test_a_budget_the_table_cannot_give_and_a_csv_not_separated_by_commas_are_named(tmp_path, capsys):
+    """Breaker: --max-prefill 0.5 on a table without prefill costs advised an absolute value, which was refused too;
+    a semicolon-separated CSV was said to lack every column."""
+    err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--max-prefill", "0.5"])
+    assert "--max-prefill budgets prefill_ms, but the table has no parent prefill_ms total" in err
+    assert "budget a resource the table gives, e.g. --max-runtime" in err and "absolute value" not in err
+    table = random_table(0, layers=3, kind="mixed")
+    table.to_csv(tmp_path / "semi.csv", index=False, sep=";")
+    err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "semi.csv"), "--speedup", "1.5"])
+    assert "separates its columns by ';', not by commas" in err
