@@ -138,7 +138,8 @@ class BudgetRequest:
                 if value is None or not math.isfinite(float(value)):  # an absolute value would be refused too
                     raise PuzzleError(f"{flag} budgets {column}, but the table has no parent {column} total (its "
                                       f"parent or non-block rows lack {column}, as a table with one runtime per block "
-                                      f"does); budget a resource the table gives, e.g. --max-runtime")
+                                      f"does); budget a resource the table gives"
+                                      + ("" if column == "runtime_ms" else ", e.g. --max-runtime"))
                 raise PuzzleError(f"{flag} given as a fraction, but the table's parent {column} total is {value:g}; "
                                   f"give an absolute value with a unit")
             return float(value)

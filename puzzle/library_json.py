@@ -136,13 +136,14 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     per_layer = {key: {name: variant_block(name, v.get("stats", {}), key) for name, v in library[key].items()}
                  for key in layer_keys}
     widest_of = lambda bs: max(bs, key=lambda b: (b.attention.num_kv_heads or 0, b.ffn.intermediate_size or 0))  # noqa: E731
+    overall = widest_of([b for blocks in per_layer.values() for b in blocks.values()])
     if stated_parent is None:  # the parent's block is the widest of the whole library, and every layer has it
-        overall = widest_of([b for blocks in per_layer.values() for b in blocks.values()])
         if lacking := [key for key, blocks in per_layer.items() if overall not in blocks.values()]:
             raise PuzzleError(f"{file}: {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''} "
                               f"{'has' if len(lacking) == 1 else 'have'} no variant of the parent block {overall.id} "
                               f"(the widest of the library, which the other layers have), so the budgets' fractions "
-                              f"would be of another model; restore it, or name the parent's sizes in {parent_file}")
+                              f"would be of another model (the parent has one block in every layer); restore it, "
+                              f"or name the parent's sizes in {parent_file}")
     rows = []
     for key in layer_keys:
         variants = library[key]
@@ -154,7 +155,7 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
                                   f"{name!r}; keep one of them")
             seen[block] = name
         widest = widest_of(blocks.values())
-        parent = stated_parent or widest  # the widest block (most KV heads, then the widest FFN) unless stated
+        parent = stated_parent or overall  # the widest block (most KV heads, then the widest FFN) unless stated
         if parent not in seen:
             kv, width = parent.attention.num_kv_heads, parent.ffn.intermediate_size
             raise PuzzleError(f"{parent_file} names the parent block {parent.id} (num_kv_heads {kv}, "

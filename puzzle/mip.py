@@ -350,8 +350,9 @@ def fitting_slots(costs: Sequence[np.ndarray], rhs: Sequence[float], alive: np.n
             continue
         cost = np.where(alive, g, np.inf)
         least = cost.min(1)  # (L,)
+        span = float(np.abs(np.where(alive, g, 0.0)).max(1).sum())  # slack for rounding, whatever the signs
         with np.errstate(invalid="ignore"):
-            keep &= cost - least[:, None] + least.sum() <= b * (1 + 1e-9) + 1e-12 * abs(b)
+            keep &= cost - least[:, None] + least.sum() <= b + 1e-9 * (abs(b) + span)
     return keep if keep.any(1).all() else alive
 
 
@@ -788,7 +789,7 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
         # multiply, and a tighter first threshold keeps fewer slots; a beam DP finds one in a fraction of the time
         keep = alive & (red <= value(first) - lower + tol)
         status, slots, _ = _dp_solve(objective, costs, rhs, keep, red, lam, math.inf, others, min_differ, tie,
-                                     beam=FIRST_BEAM)
+                                     deadline=deadline, beam=FIRST_BEAM)
         if status == "FEASIBLE" and _feasible(slots, costs, rhs) and value(slots) < value(first):
             first = slots
     if first is not None:

@@ -9,7 +9,8 @@
     DIR/score/score_table.csv(.json)       the contract for the search (trained entries)
     DIR/score/score_table_init.csv(.json)  the same for init-only entries
     DIR/search/<name>.json          a chosen architecture and its predicted totals
-    DIR/children/<name>.json        measured quality and speed of a realized model
+    DIR/children/<name>.json        measured quality and speed of a front child (machine.json: the machine's speed)
+    DIR/children/realized/          the same from `puzzle realize` (machine.json: its latest session)
     DIR/export/<name>/              HF folder (nemotron-nas) of each chosen child
     DIR/summary.csv, front.csv, front.png, report.md (+ report.json: what it was written from)
 
@@ -1198,8 +1199,8 @@ def export_out_of_date(run: Run, name: str, model) -> str | None:
 def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     """Assemble child `name`, evaluate it and measure it next to the parent.
 
-    Writes DIR/children/realized/<name>.json (<name>.<stage>.json for another library stage's weights) and that
-    session's machine.json beside it; the front's records in DIR/children, which summary.csv and the report
+    Writes DIR/children/realized/<name>.json (<name>.<stage>.json for another library stage's weights) and the
+    latest session's machine.json beside it; the front's records in DIR/children, which summary.csv and the report
     describe, stay as the front measured them."""
     from .scoring.cost import measure_models
 
@@ -1582,8 +1583,6 @@ def run_all(run: Run) -> pd.DataFrame:
                 f"tables (front.json): no child evaluated or timed again (`puzzle front --out {run.out} --remeasure` "
                 "times them again)")
         children = _LazyChildren(run, records)  # the BLD children to check their exports; others for a new report
-        if front_all_older(run):  # an earlier run stopped between drawing the front and drawing front_all
-            redraw_front_all(run)
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage", "bld") == "bld":
@@ -1596,6 +1595,9 @@ def run_all(run: Run) -> pd.DataFrame:
                     run.say(f"export {name}: written again ({why})")
     if not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
         write_front(run, summary, main)
+        redraw_front_all(run)  # front.csv is new: front_all follows it
+    elif not measured and not reevaluated and front_all_older(run):  # a run stopped before drawing front_all
+        redraw_front_all(run)
     cfg = run.config.report
     if not measured and not reevaluated and report_is_current(run, exported):
         run.say(f"run: {run.out / 'report.md'} is up to date: kept as it is")

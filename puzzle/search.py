@@ -379,12 +379,13 @@ class _Search:
         for column, bound in limits.items():
             others = Budgets(**{f"max_{c}": b for c, b in limits.items() if c != column})
             rhs = self.rhs(others)
-            objective = np.where(self.allowed, self.choices.values[column], np.inf)
-            lp = DualLP(objective, costs, self.allowed)
+            alive = fitting_slots(costs, rhs, self.allowed)  # as `solve`: a far-off cost sets no scale
+            objective = np.where(alive, self.choices.values[column], np.inf)
+            lp = DualLP(objective, costs, alive)
             lam = lp.multipliers(rhs)
             if lam is None:
                 continue
-            slots, _, _ = self._core(objective, costs, rhs, lam, self.allowed, [], 1, 30.0)
+            slots, _, _ = self._core(objective, costs, rhs, lam, alive, [], 1, 30.0)
             if slots is not None:
                 smallest = self.choices.totals(slots)[column]
                 context = f" together with {others.describe()}" if others.limits() else ""
@@ -639,11 +640,13 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                                                    "'kl_nats=1,cosine=0.5'")
     _add_once(g, "--exclude", action="append", default=[], metavar="VARIANT",
               help="leave out a variant id (block, attention or FFN id), repeatable")
-    _add_once(g, "--num-solutions", type=int, default=1, metavar="K", help="K diverse solutions (default 1), each the best that differs from the earlier ones; "
-              "--time-limit covers all K (many solutions far apart can take all of it)")
+    _add_once(g, "--num-solutions", type=int, default=1, metavar="K",
+              help="K diverse solutions (default 1), each the best that differs from the earlier ones; "
+                   "--time-limit covers all K (many solutions far apart can take all of it)")
     _add_once(g, "--min-layers-differ", type=int, default=1, metavar="D",
               help="each further solution differs from every earlier one in at least D layers")
-    _add_once(g, "--time-limit", type=float, default=60.0, metavar="S", help="solver time limit in seconds, for all --num-solutions together (default 60)")
+    _add_once(g, "--time-limit", type=float, default=60.0, metavar="S",
+              help="solver time limit in seconds, for all --num-solutions together (default 60)")
     _add_once(g, "--greedy", action="store_true", help="the greedy baseline instead of the MIP")
     _add_once(g, "--roofline", metavar="GPU", default=None,
               help="plan for a GPU you do not have: replace the measured costs of a run directory's table by roofline "

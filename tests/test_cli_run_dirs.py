@@ -819,9 +819,9 @@ def test_a_search_record_solved_on_an_earlier_score_table_is_said(tmp_path_facto
         warnings.simplefilter("error")
         read_architecture(run, "child-1.5x")  # the table it was solved on
     table = out / "score" / "score_table.csv"
-    table.write_text(table.read_text().replace("\n", "\n", 1) + "\n")  # scored again: other bytes
+    table.write_text(table.read_text() + "\n")  # scored again: other bytes
     with pytest.warns(UserWarning, match=re.escape(f"{out / 'search' / 'child-1.5x.json'} was solved on another score "
                                                    f"table than {table} holds now")):
         read_architecture(run, "child-1.5x")
     assert main(["export", "--out", str(out), "--name", "child-1.5x"]) == 0
-    assert "puzzle: warning: " in capsys.readouterr().err
+    assert "puzzle: warning: " in (err := capsys.readouterr().err) and "was solved on another score table" in err

@@ -801,5 +801,6 @@ def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_sa
     with warnings.catch_warnings():  # the packaged tiny preset fills every budget it asks for
         warnings.simplefilter("error")
         from puzzle.config import load_preset
+        from puzzle.tiny import tiny_tokenizer
 
-        prepare_data(load_preset("tiny").data, tok, tmp_path / "tiny")
+        prepare_data(load_preset("tiny").data, tiny_tokenizer(), tmp_path / "tiny")  # the preset's own tokenizer

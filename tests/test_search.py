@@ -105,6 +105,47 @@ def test_a_far_off_cost_no_child_can_hold_leaves_the_budgets_solvable(column, va
     assert solution.optimal and solution.objective == pytest.approx(best[0], rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_narrow_beam_for_the_first_solution_leaves_the_optimum_proven(seed, monkeypatch):
+    """The beam DP that improves the first solution under several budgets (one state per layer here, so it cuts
+    hard) returns choices that meet every budget, and the exact DP after it still proves the brute-force optimum."""
+    import puzzle.mip as mip
+
+    monkeypatch.setattr(mip, "FIRST_BEAM", 1)
+    calls = []
+    dp = mip._dp_solve
+    monkeypatch.setattr(mip, "_dp_solve", lambda *a, **k: calls.append(k.get("beam")) or dp(*a, **k))
+    table = random_table(seed, layers=4, kind="mixed")
+    for fractions in [dict(runtime_ms=0.6, memory_mib=0.7), dict(runtime_ms=0.7, memory_mib=0.6, params=0.65)]:
+        budgets = fraction_budgets(table, **fractions)
+        best = brute_force(table, budgets)
+        solution = solve(table, budgets)[0]
+        assert solution.optimal and solution.objective == pytest.approx(best[0], rel=1e-9)
+    assert 1 in calls  # the beam ran
+
+    choices = build_choices(table)
+    costs = [choices.values[c] for c in ("runtime_ms", "memory_mib")]
+    parent = parent_totals(table)
+    rhs = [0.6 * parent["runtime_ms"] - choices.base["runtime_ms"], 0.7 * parent["memory_mib"] - choices.base["memory_mib"]]
+    alive = np.isfinite(choices.values["kl_nats"])
+    lam = np.zeros(2)
+    lower, red = mip.lagrangian(choices.values["kl_nats"], costs, rhs, alive, lam)
+    status, slots, _ = dp(choices.values["kl_nats"], costs, rhs, alive, red, lam, math.inf, [], 1, None, beam=1)
+    assert status == "FEASIBLE" and mip._feasible(slots, costs, rhs)
+
+
+def test_fitting_slots_keep_every_choice_that_meets_a_budget_of_either_sign():
+    """Review: the tolerance shrank a negative bound, so a choice whose total equals it lost its slots."""
+    from puzzle.mip import fitting_slots
+
+    costs = np.array([[-1.0, -3.0], [-2.0, -0.7]])
+    alive = np.ones((2, 2), bool)
+    assert fitting_slots([costs], [-3.7], alive)[[0, 1], [1, 1]].all()  # (-3) + (-0.7) = -3.7: on the bound
+    assert not fitting_slots([costs], [-3.8], alive)[1, 1]  # -0.7 cannot fit beside the least of layer 0, -3
+    assert fitting_slots([-costs], [3.7], alive).all()  # 3 + 0.7 = 3.7: on the bound
+    assert fitting_slots([-costs], [3.6], alive).tolist() == [[True, False], [True, True]]  # 3 fits with nothing
+
+
 @pytest.mark.parametrize("kind", ["decoupled", "coupled", "mixed"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_solve_matches_brute_force(kind, seed):
