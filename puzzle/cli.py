@@ -85,7 +85,10 @@ def _speedup_flag(text: str) -> float:
 
 
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("budgets (fractions of the parent's totals, or absolute with units)")
+    g = p.add_argument_group("budgets (fractions of the parent's totals, or absolute with units)",
+                             "Any combination holds at once; of several runtime bounds (--speedup, --max-runtime, "
+                             "--min-throughput) the tightest wins. Units are case-insensitive; GB/MB are powers of "
+                             "10, GiB/MiB powers of 2.")
     g.add_argument("--speedup", type=_speedup_flag, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
     g.add_argument("--max-runtime", metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
     g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
