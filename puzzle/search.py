@@ -816,6 +816,8 @@ def search_main(args: argparse.Namespace) -> int:
                     f"no more children differ from the earlier ones in at least {args.min_layers_differ} layers "
                     f"under these budgets"))
         record["note"] = short
+    for note in budgets.above_parent(parent):
+        print(f"note: {note}", file=sys.stderr)
     if meta.get("missing_sidecar"):
         print(f"note: {meta['missing_sidecar']} (the table's sidecar) does not exist, so the device and workload "
               f"(batch size, prompt and generation lengths) of these costs are unknown", file=sys.stderr)

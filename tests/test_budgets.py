@@ -127,3 +127,12 @@ def test_suggested_fraction_rounds_up():
     assert suggest_fraction(143.2, 298.0) == 0.481  # 0.48054 -> never rounded down
     assert suggest_fraction(0.48 * 300.0, 300.0) >= 0.48
     assert suggest_fraction(100.0, 300.0) * 300.0 >= 100.0
+
+
+def test_bounds_the_parent_meets_are_named_and_tighter_ones_are_not():
+    budgets = Budgets(max_runtime_ms=50.0, max_memory_mib=2048.0, max_params=1e9)
+    notes = budgets.above_parent({"runtime_ms": 100.0, "memory_mib": 512.0, "params": 1e9})
+    assert len(notes) == 2 and notes[0].startswith("max_memory_mib=2048 is 4.00x the parent's 512")
+    assert notes[1].startswith("max_params=1e+09 is 1.00x")
+    assert budgets.above_parent({"runtime_ms": 100.0}) == []  # unknown totals: nothing said
+    assert Budgets().above_parent({"memory_mib": 1.0}) == []

@@ -1115,3 +1115,17 @@ def test_a_budget_the_table_cannot_give_and_a_csv_not_separated_by_commas_are_na
     table.to_csv(tmp_path / "semi.csv", index=False, sep=";")
     err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "semi.csv"), "--speedup", "1.5"])
     assert "separates its columns by ';', not by commas" in err
+
+
+@needs_fixture
+def test_a_budget_the_parent_meets_is_noted_as_not_binding(capsys):
+    """Fresh user: --max-memory 2 TB on the 70B library (above the parent's memory) passed without a word, as if
+    it had shaped the child."""
+    from puzzle.cli import main
+
+    assert main(["search", "--library", str(FIXTURE), "--json", "--max-runtime", "0.6", "--max-memory", "2TB"]) == 0
+    out = capsys.readouterr()
+    notes = [line for line in out.err.splitlines() if "does not bind" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: max_memory_mib=") and "x the parent's" in notes[0]
+    assert main(["search", "--library", str(FIXTURE), "--json", "--max-runtime", "0.6"]) == 0
+    assert "does not bind" not in capsys.readouterr().err
