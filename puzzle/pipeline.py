@@ -872,7 +872,8 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     update_report_front(run)  # a report written before names the targets out of reach as they are now
     if kept:
         run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
-                "on measured speed (same budget, objective and tables); delete DIR/search/<name>.json to solve afresh")
+                "on measured speed (same budget, objective and tables); to solve afresh, delete "
+                + " and ".join(str(run.out / "search" / f"{n}.json") for n in kept))
     for name, r in records.items():
         run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, "
                 f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s"
@@ -1224,10 +1225,12 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     row = _summary_row(name, record, quality, measured.loc[name], measured.loc["parent"], checked)
     if other:  # its own file: the searched child's summary (read by the front and the report) stays as it is
         row.update(library_stage=stage, predicted_kl_nats=float("nan"))
-    atomic_write_json(folder / (f"{name}.{stage}.json" if other else f"{name}.json"), row)
+    path = folder / (f"{name}.{stage}.json" if other else f"{name}.json")
+    atomic_write_json(path, row)
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
             f"eval KL {row['kl_nats']:.4f} nats" + ("" if checked is None else
-            f", {checked.use_text()} of its {checked.column} budget ({'met' if checked.met else 'over it'})"))
+            f", {checked.use_text()} of its {checked.column} budget ({'met' if checked.met else 'over it'})")
+            + f"; written to {path}")
     return row
 
 
@@ -1926,7 +1929,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                   f"Same search and budget, library entries trained by BLD vs init-only: evaluation KL "
                   f"{a['kl_nats']:.4f} vs {b['kl_nats']:.4f} nats/token (LM loss {a['lm_loss']:.4f} vs {b['lm_loss']:.4f}), "
                   f"measured speed-up {a['speedup']:.2f}x vs {b['speedup']:.2f}x."
-                  + bld_comparison_caveat(a["speedup"], b["speedup"]), ""]
+                  + bld_comparison_caveat(a["speedup"], b["speedup"])
+                  + bld_level_caveat(a["kl_nats"], b["kl_nats"], run.config.bld.tokens), ""]
     machine = run.out / "children" / "machine.json"
     if machine.is_file():
         m = read_json(machine)
@@ -1936,8 +1940,9 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
             lines += ["## Machine speed", ""]
         if drift:
             lines += ["A fixed reference workload (scoring/machine.py) timed with the cost table and again with the "
-                      "children ran " + ", ".join(f"{k} x{v:.2f}" for k, v in drift.items()) + " as long the second "
-                      "time; a part far from x1.00 means the machine's speed drifted between the two, and predicted "
+                      "children took " + ", ".join(f"{v:.2f} times as long ({k})" for k, v in drift.items())
+                      + " the second time as the first; a figure far from 1.00 means the machine's speed drifted "
+                      "between the two, and predicted "
                       "speed-ups may be off by about as much.", ""]
         if busy:
             lines += [f"**Warning:** {busy[0].upper()}{busy[1:]}.", ""]
@@ -1977,6 +1982,16 @@ def bld_comparison_caveat(speedup_bld: float, speedup_init: float, tolerance: fl
     return (f" The two were timed {abs(speedup_bld / speedup_init - 1):.0%} apart (the {faster} child is faster), so "
             "this compares children of different speed as well as the libraries; front.png places each at its "
             "measured throughput.")
+
+
+def bld_level_caveat(kl_bld: float, kl_init: float, bld_tokens: int, tolerance: float = 0.02) -> str:
+    """A sentence for report.md when the BLD child's evaluation KL is within `tolerance` (relative) of the init-only
+    child's, or above it: one run then shows no gain from the library's training, "" otherwise."""
+    if not (math.isfinite(kl_bld) and math.isfinite(kl_init)) or kl_init <= 0 or kl_bld < kl_init * (1 - tolerance):
+        return ""
+    return (f" The BLD child is not {tolerance:.0%} better here: with {bld_tokens} training tokens per subblock "
+            "(bld.tokens) this run's library training does not show at this budget; a longer BLD, or a tighter "
+            "budget that replaces more blocks, tests it harder.")
 
 
 _REPORT_UNREACHABLE, _REPORT_TIMES = "## Front targets out of reach", "## Time per stage (s)"

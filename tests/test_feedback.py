@@ -294,3 +294,14 @@ def test_the_bld_comparison_says_when_the_two_children_were_timed_apart():
     assert "5% apart (the BLD child is faster)" in bld_comparison_caveat(1.566, 1.489)
     assert bld_comparison_caveat(1.50, 1.52) == ""
     assert bld_comparison_caveat(float("nan"), 1.5) == ""
+
+
+def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
+    """Fresh user: 'Does BLD matter?' came out level (1.558 vs 1.549 nats) with no word on what that means."""
+    from puzzle.pipeline import bld_level_caveat
+
+    level = bld_level_caveat(1.558, 1.549, 16384)
+    assert "not 2% better" in level and "16384 training tokens per subblock (bld.tokens)" in level
+    assert bld_level_caveat(1.52, 1.549, 16384) != ""  # 1.9 % better: within the tolerance
+    assert bld_level_caveat(1.40, 1.549, 16384) == ""  # 10 % better: nothing to add
+    assert bld_level_caveat(float("nan"), 1.5, 1) == "" and bld_level_caveat(1.0, 0.0, 1) == ""

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -390,7 +391,6 @@ def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_
 def test_an_evaluation_text_edited_in_place_is_evaluated_again_by_front(tmp_path):
     """Review: `puzzle front` found the front current after the evaluation text was edited at the same path (only the
     data stage rewrites the manifest, and front did not run it)."""
-    from pathlib import Path
 
     text = (Path(__import__("puzzle").__file__).parent / "data" / "tiny_eval.txt").read_text(encoding="utf-8")
     eval_file = tmp_path / "eval.txt"
@@ -560,9 +560,10 @@ def test_outputs_never_replace_the_runs_local_parent(tmp_path):
     assert Run(tmp_path / "run2", config, progress=False).input_paths() == [tmp_path / "run2"]  # built-in tiny
 
 
-def test_realize_after_the_front_keeps_the_fronts_records(run_dir, tmp_path):
+def test_realize_after_the_front_keeps_the_fronts_records(run_dir, tmp_path, capsys):
     """Review: `puzzle realize` rewrote children/<name>.json and children/machine.json, which summary.csv, the report's
-    machine-speed section and `front`'s contention check describe, with another session's timings."""
+    machine-speed section and `front`'s contention check describe, with another session's timings. Fresh user: it
+    did not say where it wrote its own record."""
     import shutil
 
     copy = tmp_path / "run"
@@ -573,6 +574,7 @@ def test_realize_after_the_front_keeps_the_fronts_records(run_dir, tmp_path):
     realized = json.loads((copy / "children" / "realized" / "child-1.5x.json").read_text())
     assert realized["name"] == "child-1.5x" and realized["speedup"] > 0
     assert "contention_cores" in json.loads((copy / "children" / "realized" / "machine.json").read_text())
+    assert f"written to {copy / 'children' / 'realized' / 'child-1.5x.json'}" in capsys.readouterr().err
 
 
 def test_the_parents_evaluation_log_probs_follow_the_evaluation_tokens(run_dir, tmp_path):
@@ -590,3 +592,11 @@ def test_the_parents_evaluation_log_probs_follow_the_evaluation_tokens(run_dir, 
     second = parent_eval_logprobs(run)
     assert second.shape[:2] == (run.tokens.eval.shape[0], 32) != first.shape[:2]
     assert torch.equal(second, parent_logprobs(run.parent.model, run.tokens.eval, chunk=run.config.score.chunk))
+
+
+def test_the_readme_lists_every_summary_column(run_dir):
+    """Fresh user: README's summary.csv row named seven of its columns and paraphrased the rest."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `summary.csv` |"))
+    listed = row.split("`")[3].split(", ")
+    assert listed == list(pd.read_csv(run_dir / "summary.csv").columns)
