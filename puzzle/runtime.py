@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -621,17 +622,41 @@ class Answers:
     stats: GenerateStats
     device: str
     dtype: str
+    chat: bool = True  # False: the tokenizer has no chat template, the prompts went in as plain text
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[list[torch.Tensor], bool]:
+    """Each prompt as one user message rendered with the tokenizer's chat template, as token ids (T_i,) int64; as
+    plain text when the tokenizer has no chat template (a base model's folder). Returns the ids and whether the
+    template was used.
+
+    Raises:
+        PuzzleError: a chat template that does not render (its error is named).
+    """
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer(p, return_tensors="pt")["input_ids"][0] for p in prompts], False
+    try:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)["input_ids"][0]
+                for p in prompts], True
+    except jinja2.TemplateError as e:
+        raise PuzzleError(f"the model's chat template does not render ({type(e).__name__}: {e}); mend or delete "
+                          f"chat_template.jinja (or tokenizer_config.json's chat_template) in the model folder, "
+                          f"and without one the prompts go in as plain text") from None
 
 
 def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, device=None,
                    dtype=None, use_triton: bool | None = None, cuda_graphs: bool | None = None) -> Answers:
     """Greedy chat answers to all `prompts` at once (one batch, right-padded) with a ChildRuntime.
 
-    Each prompt is one user message rendered with the tokenizer's chat template; an answer stops at the first EOS.
+    Each prompt is one user message rendered with the tokenizer's chat template (plain text without one:
+    `encode_prompts`); an answer stops at the first EOS.
 
     Raises:
-        PuzzleError: no prompts, prompt plus answer longer than the model's max_position_embeddings,
-            or the errors of ChildRuntime.
+        PuzzleError: no prompts, prompt plus answer longer than the model's max_position_embeddings, a chat
+            template that does not render, or the errors of ChildRuntime.
     """
     if not prompts:
         raise PuzzleError("give at least one prompt")
@@ -640,8 +665,7 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
             p.encode("utf-8")
         except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
             raise PuzzleError(f"prompt {p!r} is not valid UTF-8 text ({e.reason}); give it as UTF-8") from None
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"][0] for p in prompts]
+    encoded, chat = encode_prompts(tokenizer, prompts)
     lengths = [len(e) for e in encoded]
     T = max(lengths)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -663,7 +687,8 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
         if eos is not None and eos in row:
             row = row[: row.index(eos)]
         answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return Answers(tuple(prompts), tuple(answers), rt.last_stats, str(rt.device), str(rt.dtype).removeprefix("torch."))
+    return Answers(tuple(prompts), tuple(answers), rt.last_stats, str(rt.device), str(rt.dtype).removeprefix("torch."),
+                   chat)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -688,6 +713,9 @@ def cmd_generate(args) -> int:
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]
     result = answer_prompts(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, device=device,
                             dtype=dtype, use_triton=use_triton, cuda_graphs=False if args.no_cuda_graphs else None)
+    if not result.chat:
+        print(f"note: {args.model} has no chat template, so each prompt went in as plain text (the answers continue "
+              f"it)", file=sys.stderr)
     for prompt, answer in zip(result.prompts, result.answers):
         print(f"> {prompt}\n{answer}\n")
     s = result.stats
