@@ -549,12 +549,16 @@ def cmd_realize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pipeline import stage_export
+    from .pipeline import export_child
 
     with _stage_run(args, existing=True) as run:
         name = _child_name(args, run, "export")
-        result = stage_export(run, name, dest=args.dest)
-        _log(f"export {name}: written to {result.path}")
+        result, why = export_child(run, name, dest=args.dest)
+        if why is None:
+            _log(f"export {name}: {result.path} is up to date (the files its last export wrote, from the same "
+                 f"weights and record): kept")
+        else:
+            _log(f"export {name}: written {'to' if why == 'none yet' else f'again ({why}) to'} {result.path}")
     return 0
 
 

@@ -246,7 +246,7 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
 
 def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
                       extra_info: dict | None = None, overwrite: bool = False,
-                      replace_trained: bool = False, also_same=()) -> ExportResult:
+                      replace_trained: bool = False, also_same=(), own: bool = False) -> ExportResult:
     """Write `model` as an HF folder in the nemotron-nas format (see the module docstring for the files).
 
     Args:
@@ -261,6 +261,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         replace_trained: with overwrite, also replace trained weights of another provenance (for a
             folder the caller owns, such as rpo's OUT/model); see `check_export_target`.
         also_same: earlier provenances that are this same export (`check_export_target`).
+        own: with overwrite, out_dir is the caller's own earlier export by its record, which replaces it even
+            where a file other than the weights is damaged (`check_export_target`).
 
     Returns:
         ExportResult(path, warnings, replaced): see `export_warnings`; `replaced` describes another
@@ -274,7 +276,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     """
     out_dir = Path(out_dir)
     now = export_provenance({"source": dict(model.config.extra), **(extra_info or {})})
-    check_export_target(out_dir, overwrite, provenance=None if replace_trained else now, also_same=also_same)
+    check_export_target(out_dir, overwrite, provenance=None if replace_trained else now, also_same=also_same, own=own)
     earlier = (_earlier_export(out_dir) or (None, False))[0]
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)
@@ -307,7 +309,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
 
 
 def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None,
-                        training_pending: bool = False, work=None, also_same=()) -> None:
+                        training_pending: bool = False, work=None, also_same=(), own: bool = False) -> None:
     """Refuse an export folder that would lose something. Call it before long work, too.
 
     Refused: a file; a path under a file; a link (an export replaces the folder, not what a link points
@@ -315,7 +317,8 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     holding or being one of `keep` (the run directory, the inputs, a work folder); a folder inside an
     export (which would then no longer be one) or inside `work` (the training's work folder, which a
     fresh start deletes); a non-empty folder without `overwrite`, or with it one that is not an
-    earlier export holding only what an export writes (`is_export_folder`); with `provenance` (what
+    earlier export holding only what an export writes (`is_export_folder`), unless `own` (the caller's
+    record shows the folder is its own earlier export, weights as written, another file damaged); with `provenance` (what
     the new export will be, `export_provenance`), an earlier export whose weights were trained
     (gkd, sft, merge, rpo) of another provenance: only a rerun of the same training (for gkd and sft,
     the same `training_ref`) replaces it. `training_pending`: `provenance` names a gkd / sft input
@@ -354,7 +357,7 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     if work is not None and Path(work).expanduser().resolve() in target.parents:
         raise PuzzleError(f"export target {out_dir} is inside the work folder {work}, which a fresh start of the "
                           f"training deletes; give a folder outside it")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite and own):
         if not overwrite:
             raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
         problem = export_folder_problem(out_dir)

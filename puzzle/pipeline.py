@@ -1062,9 +1062,11 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     if inside and earlier and earlier.get("name") == name and not any(k in earlier for k in TRAINED_KEYS) \
             and earlier.get("stage") != "rpo":
         also_same.append(export_provenance(earlier))
-    check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
-                        provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}), also_same=also_same)
     own = Path(dest).resolve() == (run.out / "export" / name).resolve()
+    own_export = own and _own_export_with_its_weights(run, name)  # rewritten even with a damaged config.json
+    check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
+                        provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}), also_same=also_same,
+                        own=own_export)
     written = _recorded_export_files(run, name) if own and Path(dest).is_dir() else None
     if written is not None and (extra := sorted(f.name for f in Path(dest).iterdir() if f.name not in written)):
         raise PuzzleError(f"{dest} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which its export "
@@ -1074,7 +1076,7 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     t0 = time.perf_counter()
     if own:  # while the folder is rewritten its record is void: an interruption leaves no stale file list behind
         record_export(run, name, None)
-    result = export_checkpoint(model, run.parent.tokenizer, dest, overwrite=True, also_same=also_same,
+    result = export_checkpoint(model, run.parent.tokenizer, dest, overwrite=True, also_same=also_same, own=own_export,
                                extra_info=export_extra_info(run, name, record, dest))
     if own:  # the run's own export: what `export_out_of_date` compares with
         record_export(run, name, model)
@@ -1128,6 +1130,47 @@ def _export_files(folder: Path) -> dict:
 
     return {f.name: [f.stat().st_size, sha256_file(f)] if f.is_file() and not f.is_symlink() else [None, "not a file"]
             for f in sorted(folder.iterdir())}
+
+
+def _own_export_with_its_weights(run: Run, name: str) -> bool:
+    """Whether DIR/export/<name> holds only files its last export wrote (DIR/children/exports.json) and its weights
+    (*.safetensors) byte for byte as written: the run's own export, which exporting again may rewrite even where
+    another of its files (config.json) is damaged. Weights trained since (gkd, sft into that folder) do not pass."""
+    folder = run.out / "export" / name
+    try:
+        recorded = read_json(run.out / EXPORT_STAMPS)[name]["files"]
+        if not isinstance(recorded, dict) or not folder.is_dir() or folder.is_symlink():
+            return False
+        names = {f.name for f in folder.iterdir()}
+        weights = [f for f in recorded if f.endswith(".safetensors")]
+        if not weights or not names <= set(recorded):
+            return False
+        from .library import sha256_file
+
+        return all(f in names and [(folder / f).stat().st_size, sha256_file(folder / f)] == recorded[f]
+                   for f in weights)
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def export_child(run: Run, name: str, dest: Path | None = None) -> tuple[object, str | None]:
+    """`puzzle export`: `stage_export`, except that the run's own export folder (DIR/export/<name>) is kept when
+    it is up to date (`export_out_of_date`). Returns the `ExportResult` and why the folder was written ("none yet"
+    for a new one, None when it was kept).
+
+    Raises:
+        PuzzleError: as `stage_export`.
+    """
+    from .export import ExportResult, export_warnings
+
+    folder = run.out / "export" / name
+    if (dest is not None and Path(dest).resolve() != folder.resolve()) or not folder.is_dir():
+        return stage_export(run, name, dest=dest), "none yet"
+    model = build_child(run, read_architecture(run, name))
+    why = export_out_of_date(run, name, model)
+    if why is None:
+        return ExportResult(folder, tuple(export_warnings(model.config))), None
+    return stage_export(run, name, dest=dest, model=model), why
 
 
 def _recorded_export_files(run: Run, name: str) -> set[str] | None:

@@ -600,3 +600,51 @@ def test_the_readme_lists_every_summary_column(run_dir):
     row = next(line for line in readme.splitlines() if line.startswith("| `summary.csv` |"))
     listed = row.split("`")[3].split(", ")
     assert listed == list(pd.read_csv(run_dir / "summary.csv").columns)
+
+
+def test_export_keeps_an_up_to_date_export_and_mends_its_own_damaged_config(run_dir, tmp_path, capsys):
+    """Breaker: `puzzle export` rewrote an export that was up to date (new files, same bytes) and said nothing; one
+    whose config.json was damaged was refused as "not an earlier export" by both `export` and `run`, while a damaged
+    README.md was written again."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "export" / "child-1.5x" / "model.safetensors"
+    inode = weights.stat().st_ino
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
+    assert "is up to date (the files its last export wrote" in capsys.readouterr().err
+    assert weights.stat().st_ino == inode
+    config = copy / "export" / "child-1.5x" / "config.json"
+    good = config.read_bytes()
+    config.write_text('{"a": ')
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
+    assert "written again (config.json not as its export wrote them)" in capsys.readouterr().err
+    assert json.loads(config.read_bytes())["block_configs"] == json.loads(good)["block_configs"]
+    config.write_text('{"a": ')
+    with weights.open("r+b") as f:  # weights changed since (a training into the folder): left alone
+        f.seek(-1, 2)
+        f.write(b"\x01" if f.read(1) != b"\x01" else b"\x02")
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 2
+    assert "is not an earlier export" in capsys.readouterr().err
+
+
+def test_generate_without_a_chat_template_prompts_plain_text_and_names_a_broken_one(run_dir, tmp_path, capsys):
+    """Breaker: `puzzle generate` on a folder without a chat template (a base model's) or with a broken one ended in
+    a traceback (ValueError, jinja2's TemplateSyntaxError)."""
+    import shutil
+
+    folder = tmp_path / "child"
+    shutil.copytree(run_dir / "export" / "child-2x", folder)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    argv = ["generate", str(folder), "--prompt", "The cat", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "has no chat template, so each prompt went in as plain text" in out.err and "> The cat" in out.out
+    (folder / "chat_template.jinja").write_text("{% bad")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "chat template does not render (TemplateSyntaxError" in err and "Traceback" not in err
