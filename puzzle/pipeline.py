@@ -1047,12 +1047,16 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     export in DIR/children/exports.json (`record_export`).
 
     Raises:
-        PuzzleError: as `check_export_target`, or the run's own export folder holds a file its export did not
-            write (a user's file, never deleted).
+        PuzzleError: as `check_export_target`; a `dest` inside the run but not DIR/export/<some name>; or the run's
+            own export folder holds a file its export did not write (a user's file, never deleted).
     """
     from .export import TRAINED_KEYS, check_export_target, export_checkpoint, export_info, export_provenance, run_ref
 
     record = read_architecture(run, name)
+    if dest is not None and run.out.resolve() in (target := Path(dest).expanduser().resolve()).parents \
+            and target.parent != (run.out / "export").resolve():  # e.g. DIR/export itself, DIR/children/realized
+        raise PuzzleError(f"--dest {dest} is inside the run {run.out}, whose folders its stages write; give a folder "
+                          f"DIR/export/<name> such as {run.out / 'export' / name}, or one outside the run")
     dest = dest or run.out / "export" / name
     # the run as seen from dest (a moved run keeps its exports' provenance); earlier versions recorded it resolved,
     # and an untrained export of this name inside the run's own folder is this run's, wherever the run lay then

@@ -493,10 +493,12 @@ def _parse_tasks(text: str) -> list[str]:
 
 def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
     """Refuse outputs that would overwrite something `puzzle eval` did not write, before any work: a folder,
-    a path inside the model folder (or the model file itself), or an existing file that is no earlier table
+    a path inside the model folder (or the model file itself) or inside any exported model, or an existing file that is no earlier table
     (with its FILE.json sidecar) or details file. Raises PuzzleError naming the flag."""
     if details is not None and Path(details).resolve() in (Path(out).resolve(), Path(f"{out}.json").resolve()):
         raise PuzzleError("--details names the table or its FILE.json sidecar; give another path")
+    from puzzle.export import is_export_folder
+
     source = Path(model).expanduser()
     inside = source.resolve() if source.exists() and not _is_run_dir(source) else None
     for flag, path, earlier in (("--out", Path(out), _is_eval_table), ("--details", details, _is_eval_details)):
@@ -505,6 +507,9 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
         where = path.expanduser().resolve()  # `..` and symlinks resolved: the folder the file would land in
         if inside is not None and (where == inside or inside in where.parents):
             raise PuzzleError(f"{flag} {path} is inside the model being evaluated ({model}); write it elsewhere")
+        if (export := next((p for p in where.parents if p.is_dir() and is_export_folder(p)), None)) is not None:
+            raise PuzzleError(f"{flag} {path} is inside the exported model {export}, which then no longer passes as "
+                              f"an export (re-exporting it is refused); write it elsewhere")
         for p in (path, Path(f"{path}.json"), Path(f"{path}.parts")) if flag == "--out" else (path,):
             if p.is_dir() and p.suffix != ".parts":
                 raise PuzzleError(f"{flag}: {p} is a folder; give a file path (e.g. {p / 'eval.csv'})")

@@ -513,9 +513,10 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     before = digest(out)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    for dest, words in [(out, "is or holds"), (tmp_path, "is or holds"), (out / "search", "not an earlier export"),
-                        (out / "library", "not an earlier export"), (tmp_path / "mine", "not an earlier export"),
-                        (out / "config.json" / "sub", "is a file")]:
+    for dest, words in [(out, "is or holds"), (tmp_path, "is or holds"), (out / "search", "is inside the run"),
+                        (out / "library", "is inside the run"), (tmp_path / "mine", "not an earlier export"),
+                        (out / "config.json" / "sub", "is inside the run"),
+                        (tmp_path / "mine" / "notes.txt" / "sub", "is a file")]:
         assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(dest), "--no-progress"]) == 2
         assert words in capsys.readouterr().err, dest
     assert digest(out) == before and (tmp_path / "mine" / "notes.txt").read_text() == "mine"

@@ -648,3 +648,24 @@ def test_generate_without_a_chat_template_prompts_plain_text_and_names_a_broken_
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "chat template does not render (TemplateSyntaxError" in err and "Traceback" not in err
+
+
+def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tmp_path, capsys):
+    """Breaker: `export --dest DIR/export` made the run's export folder one export (every later `run` failed), `export
+    --dest DIR/children/realized` took the folder `realize` writes, and `eval --out` inside an export made it no
+    longer pass as one (re-exporting was refused)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "export")
+    for dest in (copy / "export", copy / "children" / "realized", copy / "search" / "x"):
+        assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(dest)]) == 2
+        assert f"--dest {dest} is inside the run" in capsys.readouterr().err
+        assert not dest.exists() or dest == copy / "children" / "realized"
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(copy / "export" / "mine")]) == 0
+    capsys.readouterr()
+    out = copy / "export" / "mine" / "eval.csv"
+    assert main(["eval", str(run_dir / "export" / "child-2x"), "--tasks", "lambada", "--limit", "2", "--out",
+                 str(out)]) == 2
+    assert "is inside the exported model" in capsys.readouterr().err and not out.exists()
