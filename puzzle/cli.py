@@ -360,6 +360,7 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     before = config_path.read_bytes() if config_path.is_file() else None
     top = _first_missing(out)
     had = _listing(out) if before is None else set()  # a folder that holds no run yet: empty, or the user's files
+    saved = _saved(args) if before is not None else None
     run = None
     try:
         run = _run_for(args, existing=existing, measures=measures)
@@ -380,6 +381,18 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             save_run_config(_search_flags_dropped(args, run.config), out)
         raise
     run.flush()
+    _log_main_budget_change(args, saved, run.config)
+
+
+def _log_main_budget_change(args, saved, config) -> None:
+    """Say that the command changed the run's main budget (DIR/config.json's search budgets), which names the
+    main child that realize, export, front and the report use; nothing when it did not or no valid one was saved."""
+    from .config import SEARCH_BUDGETS
+
+    budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
+    if saved is not None and budget(saved) != budget(config):
+        _log(f"{args.command}: the run's main budget is now {budget(config)} (was {budget(saved)}; saved to "
+             f"{args.out / 'config.json'}, so realize, export, front and report use it)")
 
 
 def _search_flags_dropped(args, config):
@@ -513,16 +526,10 @@ def cmd_search(args) -> int:
                           f"--library {args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
                           "budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
                           "--min-throughput, --objective, --vllm-compatible) for realize, export and front")
-    from .config import SEARCH_BUDGETS
     from .pipeline import stage_search
 
-    saved = _saved(args)
-    with _stage_run(args, existing=True) as run:  # a budget that fails is not kept
+    with _stage_run(args, existing=True) as run:  # a budget that fails is not kept; a new one is said (`_stage_run`)
         stage_search(run, json_out=args.json)
-    budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
-    if saved is not None and budget(saved) != budget(run.config):
-        _log(f"search: the run's main budget is now {budget(run.config)} (was {budget(saved)}; saved to "
-             f"{args.out / 'config.json'}, so realize, export, front and report use it)")
     return 0
 
 
@@ -621,8 +628,11 @@ def cmd_front(args) -> int:
             _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
                  "child solved or timed again (--remeasure does both)")
             _log_unreachable_front(run)
-        from .pipeline import report_out_of_date
+        from .pipeline import exports_from_an_earlier_search, report_out_of_date
 
+        for name, why in exports_from_an_earlier_search(run).items():
+            _log(f"front: {run.out / 'export' / name} is out of date ({why}): `puzzle export --out {run.out} --name "
+                 f"{name}` or `puzzle run --out {run.out}` writes it again")
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")

@@ -1124,6 +1124,38 @@ def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:
             "predicted_speedup": record.get("speedup")}
 
 
+def _searched_again(run: Run, name: str) -> str | None:
+    """Why DIR/export/<name> holds an earlier search's child: its config.json's "puzzle" entry names another
+    predicted speed-up or library stage than DIR/search/<name>.json now; None when they agree or either is
+    unreadable (`export_out_of_date` then decides by the files and weights)."""
+    try:
+        info = json.loads((run.out / "export" / name / "config.json").read_text(encoding="utf-8"))["puzzle"]
+        record = read_json(run.out / "search" / f"{name}.json")
+        was, now = info["predicted_speedup"], record["speedup"]
+        stages = info.get("library_stage"), record.get("library_stage")
+    except (OSError, ValueError, PuzzleError, KeyError, TypeError):
+        return None
+    if was == now and stages[0] == stages[1]:
+        return None
+    return (f"{name} was searched again since (predicted speed-up {was:.3g}x then, {now:.3g}x now)"
+            if isinstance(was, (int, float)) and isinstance(now, (int, float)) else f"{name} was searched again since")
+
+
+def exports_from_an_earlier_search(run: Run) -> dict[str, str]:
+    """{name: why} for the run's searched children (DIR/search/chosen.json) whose export folder holds an earlier
+    search's child (`_searched_again`): `puzzle export` or `puzzle run` writes them again."""
+    try:
+        names = read_json(run.out / "search" / "chosen.json")["names"]
+    except (OSError, ValueError, PuzzleError, KeyError, TypeError):
+        return {}
+    found = {}
+    for name in names if isinstance(names, list) else []:
+        if isinstance(name, str) and (run.out / "export" / name).is_dir() \
+                and (why := _searched_again(run, name)) is not None:
+            found[name] = why
+    return found
+
+
 EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/export/<name>: files and weights
 
 
@@ -1225,6 +1257,8 @@ def export_out_of_date(run: Run, name: str, model) -> str | None:
     changed = sorted(f for f in {*files, *stamp["files"]} if files.get(f) != stamp["files"].get(f))
     if changed:
         return f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} not as its export wrote them"
+    if (searched := _searched_again(run, name)) is not None:
+        return searched
     if stamp.get("weights") != weights_sha(model):
         return "the child's weights changed (a library entry rebuilt)"
     try:

@@ -669,3 +669,38 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
     assert main(["eval", str(run_dir / "export" / "child-2x"), "--tasks", "lambada", "--limit", "2", "--out",
                  str(out)]) == 2
     assert "is inside the exported model" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_export_of_an_earlier_search_is_named_as_such(run_dir, tmp_path, capsys):
+    """Breaker: after `search --out DIR --vllm-compatible` and `front`, export/<name> still held the earlier child
+    without a word from `front`, and `run` then said it wrote it again because "the child's weights changed (a
+    library entry rebuilt)"."""
+    import shutil
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, exports_from_an_earlier_search
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert exports_from_an_earlier_search(Run(copy, load_run_config(copy), progress=False)) == {}
+    path = copy / "search" / "child-1.5x.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "speedup": record["speedup"] + 0.25}))  # as a new search leaves it
+    found = exports_from_an_earlier_search(Run(copy, load_run_config(copy), progress=False))
+    assert list(found) == ["child-1.5x"] and found["child-1.5x"].startswith("child-1.5x was searched again since")
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
+    assert "written again (child-1.5x was searched again since (predicted speed-up" in capsys.readouterr().err
+    assert exports_from_an_earlier_search(Run(copy, load_run_config(copy), progress=False)) == {}
+
+
+def test_every_command_that_changes_the_main_budget_says_so(run_dir, tmp_path, capsys):
+    """Breaker: `front --speedup 2` made child-2x the run's main child (export's default) without the line `search
+    --out` prints, and `run --preset tiny` took a budget set by `search --out` back to the preset's in silence."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert main(["front", "--out", str(copy), "--speedup", "2", "--no-progress", "--max-contention", "inf"]) == 0
+    assert "front: the run's main budget is now {'speedup': 2.0} (was {'speedup': 1.5}" in capsys.readouterr().err
+    assert main(["front", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
+    assert "main budget" not in capsys.readouterr().err
