@@ -1797,7 +1797,8 @@ def measured_summary(run: Run, records: dict[str, dict], stamp: str = "summary_c
     """(DIR/summary.csv, "") when it is the file the front's measurement wrote (its sha256 in DIR/front.json, written
     with front.csv by `write_front`; with `stamp="summary_timings"` its measurement columns alone,
     `summary_timings_sha`), holds the parent and every searched child in `records`, and the measurement's
-    budget-feedback record (DIR/children/budget_feedback.json) is there; else (None, why not)."""
+    budget-feedback record (DIR/children/budget_feedback.json) is there, it and machine.json readable
+    (`_measurement_records_problem`); else (None, why not)."""
     path = run.out / "summary.csv"
     try:
         stored = read_json(run.out / "front.json").get(stamp)
@@ -1811,7 +1812,22 @@ def measured_summary(run: Run, records: dict[str, dict], stamp: str = "summary_c
         return None, "summary.csv does not hold the searched children"
     if not (run.out / "children" / "budget_feedback.json").is_file():
         return None, "children/budget_feedback.json is missing"
+    if (problem := _measurement_records_problem(run)) is not None:
+        return None, problem
     return summary, ""
+
+
+def _measurement_records_problem(run: Run) -> str | None:
+    """Why the records the children's measurement wrote beside summary.csv (children/machine.json,
+    children/budget_feedback.json) cannot stand, where present: not a readable JSON object; None when they can."""
+    for record in ("children/machine.json", "children/budget_feedback.json"):
+        if (run.out / record).exists():
+            try:
+                if not isinstance(read_json(run.out / record), dict):
+                    raise TypeError
+            except (PuzzleError, OSError, TypeError):
+                return f"{record}, written with the measurement, is unreadable"
+    return None
 
 
 #: summary.csv's columns that evaluation writes; the others are the measurement `reevaluate` keeps
@@ -2172,9 +2188,10 @@ def front_is_current(run: Run) -> str | None:
 
     It can when DIR/front.json (written with it) matches what the front depends on now
     (`front_inputs`: the run's settings with this command's flags, the searched children's
-    choices as their records hold them, the score and cost tables by content) and front.csv is
-    the file it was written with. File times play no part, so a copied run reuses its front and a
-    table rewritten with the same bytes does not force a new measurement.
+    choices as their records hold them, the score and cost tables by content), front.csv is
+    the file it was written with, and the measurement's other records (children/machine.json,
+    budget_feedback.json), where present, are readable. File times play no part, so a copied run
+    reuses its front and a table rewritten with the same bytes does not force a new measurement.
     """
     path, stamp = run.out / "front.csv", run.out / "front.json"
     if not path.is_file():
@@ -2192,6 +2209,8 @@ def front_is_current(run: Run) -> str | None:
         return "front.csv or front.json is unreadable"
     if stored.get("front_csv") != csv_sha:
         return "front.csv is not the file front.json was written with"
+    if (problem := _measurement_records_problem(run)) is not None:
+        return problem
     now = front_inputs(run)
     parent_path = _recorded_weights_sha(run.out) is None  # a run recorded before the weights hash: by the path
     settings = _front_settings(stored.get("settings"), parent_path)  # a front.json written when the limit counted

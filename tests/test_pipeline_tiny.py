@@ -704,3 +704,26 @@ def test_every_command_that_changes_the_main_budget_says_so(run_dir, tmp_path, c
     assert "front: the run's main budget is now {'speedup': 2.0} (was {'speedup': 1.5}" in capsys.readouterr().err
     assert main(["front", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
     assert "main budget" not in capsys.readouterr().err
+
+
+def test_an_unreadable_machine_record_is_measured_again(run_dir, tmp_path, capsys):
+    """Breaker: a damaged children/machine.json stayed as it was on reruns ("up to date"); a deleted report then
+    failed on it, and deleting it as told dropped the report's machine-speed section in silence."""
+    import shutil
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, front_is_current
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for record in ("machine.json", "budget_feedback.json"):
+        good = (copy / "children" / record).read_bytes()
+        (copy / "children" / record).write_text('{"x":')
+        assert front_is_current(Run(copy, load_run_config(copy), progress=False)) == \
+            f"children/{record}, written with the measurement, is unreadable"
+        (copy / "children" / record).write_bytes(good)
+    assert front_is_current(Run(copy, load_run_config(copy), progress=False)) is None
+    (copy / "children" / "machine.json").write_text("[1]")
+    assert main(["front", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
+    assert "(children/machine.json, written with the measurement, is unreadable)" in capsys.readouterr().err
+    assert isinstance(json.loads((copy / "children" / "machine.json").read_text()), dict)
