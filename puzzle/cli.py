@@ -589,7 +589,7 @@ def _reevaluated_front(run, why: str) -> bool:
 
 
 def cmd_front(args) -> int:
-    from .pipeline import front_is_current, stage_front
+    from .pipeline import UNREADABLE_CHILDREN, front_is_current, stage_front
     from .plots import write_front_all
 
     tasks = None
@@ -610,6 +610,12 @@ def cmd_front(args) -> int:
         if changed_data_sources(run):  # a text edited in place: packed again, so the front is measured on it
             stage_data(run)
         stale = "--remeasure" if args.remeasure else front_is_current(run)
+        if stale == UNREADABLE_CHILDREN:  # solved again first: the same children keep their timings
+            from .pipeline import stage_search
+
+            _log(f"front: solving the front's budgets again ({stale})")
+            stage_search(run)
+            stale = front_is_current(run)
         if not stale:  # a summary.csv deleted or edited since: `run` would measure again, and so does front
             from .pipeline import summary_problem
 

@@ -2183,6 +2183,10 @@ def write_front_inputs(run: Run) -> None:
                                                "summary_timings": summary_timings_sha(summary)})
 
 
+#: `front_is_current`'s reason when a searched child's record cannot be read (`puzzle front` solves again first)
+UNREADABLE_CHILDREN = "search/chosen.json or a searched child's record is missing or unreadable"
+
+
 def front_is_current(run: Run) -> str | None:
     """Why DIR/front.csv cannot be reused as it is, or None when it can.
 
@@ -2219,7 +2223,7 @@ def front_is_current(run: Run) -> str | None:
         changed = sorted(k for k in now["settings"] if now["settings"][k] != (settings or {}).get(k))
         return f"the settings changed ([{', '.join(changed)}])"
     if now["children"] is None:
-        return "search/chosen.json or a searched child's record is missing or unreadable"
+        return UNREADABLE_CHILDREN
     if now["children"] != stored.get("children"):
         return "the searched children are not the ones front.csv measured"
     if not set(n for n in now["children"] if not n.endswith("-init")) <= have:

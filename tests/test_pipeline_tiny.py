@@ -727,3 +727,20 @@ def test_an_unreadable_machine_record_is_measured_again(run_dir, tmp_path, capsy
     assert main(["front", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
     assert "(children/machine.json, written with the measurement, is unreadable)" in capsys.readouterr().err
     assert isinstance(json.loads((copy / "children" / "machine.json").read_text()), dict)
+
+
+def test_an_unreadable_search_record_is_solved_again_before_timing_anything(run_dir, tmp_path, capsys):
+    """Breaker: an emptied search/<name>.json made `front` solve and time every child again, though solving again
+    gives the children front.json recorded."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    summary = (copy / "summary.csv").read_bytes()
+    (copy / "search" / "child-1.5x.json").write_text("")
+    assert main(["front", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
+    err = capsys.readouterr().err
+    assert "front: solving the front's budgets again (search/chosen.json or a searched child's record" in err
+    assert "is up to date with this run's settings and tables: drawn from it, no child solved or timed again" in err
+    assert (copy / "summary.csv").read_bytes() == summary
+    assert json.loads((copy / "search" / "child-1.5x.json").read_text())["choice"]
