@@ -92,14 +92,14 @@ class Budgets:
 
     def above_parent(self, parent_totals: Mapping[str, float]) -> list[str]:
         """Notes on the bounds the parent itself meets (they cannot bind, so they leave the choice free), e.g.
-        'max_memory_mib=2048 is 3.79x the parent's 540.3: it does not bind'. Empty when every bound is tighter
-        than the parent's total or the total is unknown."""
+        'max_memory_mib=2048 is 3.79x the parent's 540.3: the parent meets it, so it does not bind'. Empty when
+        every bound is tighter than the parent's total or the total is unknown."""
         notes = []
         for column, bound in self.limits().items():
             total = parent_totals.get(column)
             if total is not None and math.isfinite(float(total)) and 0 < float(total) <= bound:
-                notes.append(f"max_{column}={bound:.6g} is {bound / float(total):.2f}x the parent's {float(total):.6g}: "
-                             f"the parent meets it, so it does not bind")
+                notes.append(f"max_{column}={bound:.6g} is {bound / float(total):.2f}x the parent's "
+                             f"{float(total):.6g}: the parent meets it, so it does not bind")
         return notes
 
     @classmethod

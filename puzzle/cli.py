@@ -564,6 +564,8 @@ def cmd_export(args) -> int:
         if why is None:
             _log(f"export {name}: {result.path} is up to date (the files its last export wrote, from the same "
                  f"weights and record): kept")
+            for w in result.warnings:  # as `stage_export` says them of a folder it writes
+                _log(f"export {name}: warning: {w}")
         else:
             _log(f"export {name}: written {'to' if why == 'none yet' else f'again ({why}) to'} {result.path}")
     return 0
@@ -636,9 +638,10 @@ def cmd_front(args) -> int:
             _log_unreachable_front(run)
         from .pipeline import exports_from_an_earlier_search, report_out_of_date
 
-        for name, why in exports_from_an_earlier_search(run).items():
+        for name, why in exports_from_an_earlier_search(run).items():  # run exports the BLD children alone
             _log(f"front: {run.out / 'export' / name} is out of date ({why}): `puzzle export --out {run.out} --name "
-                 f"{name}` or `puzzle run --out {run.out}` writes it again")
+                 f"{name}`" + ("" if name.endswith("-init") else f" or `puzzle run --out {run.out}`")
+                 + " writes it again")
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")

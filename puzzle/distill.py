@@ -473,14 +473,14 @@ class GKDInputs:
 def _run_inputs(args, progress: bool, log) -> GKDInputs:
     from .config import load_run_config
     from .data import pack_eval_split, prepare_data, write_token_splits
-    from .pipeline import Run, build_child, check_not_searched_export, parent_eval_logprobs, read_architecture
+    from .pipeline import Run, build_child, check_run_dest, parent_eval_logprobs, read_architecture
 
     from .export import check_export_target, export_provenance, run_ref
 
     run = Run(args.out, load_run_config(args.out), progress=progress, log=log)
     record = read_architecture(run, args.name)
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
-    check_not_searched_export(run.out, dest)
+    check_run_dest(run.out, dest)
     work = args.work or run.out / "gkd" / args.name
     child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
     check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training

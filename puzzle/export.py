@@ -317,8 +317,9 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     holding or being one of `keep` (the run directory, the inputs, a work folder); a folder inside an
     export (which would then no longer be one) or inside `work` (the training's work folder, which a
     fresh start deletes); a non-empty folder without `overwrite`, or with it one that is not an
-    earlier export holding only what an export writes (`is_export_folder`), unless `own` (the caller's
-    record shows the folder is its own earlier export, weights as written, another file damaged); with `provenance` (what
+    earlier export holding only what an export writes (`is_export_folder`) unless `own` (the caller's
+    record shows the folder is its own earlier export: weights as written, another file damaged);
+    with `provenance` (what
     the new export will be, `export_provenance`), an earlier export whose weights were trained
     (gkd, sft, merge, rpo) of another provenance: only a rerun of the same training (for gkd and sft,
     the same `training_ref`) replaces it. `training_pending`: `provenance` names a gkd / sft input

@@ -1047,16 +1047,15 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     export in DIR/children/exports.json (`record_export`).
 
     Raises:
-        PuzzleError: as `check_export_target`; a `dest` inside the run but not DIR/export/<some name>; or the run's
-            own export folder holds a file its export did not write (a user's file, never deleted).
+        PuzzleError: as `check_export_target` and `check_run_dest`; or the run's own export folder holds a file its
+            export did not write (a user's file, never deleted).
     """
     from .export import TRAINED_KEYS, check_export_target, export_checkpoint, export_info, export_provenance, run_ref
 
     record = read_architecture(run, name)
-    if dest is not None and run.out.resolve() in (target := Path(dest).expanduser().resolve()).parents \
-            and target.parent != (run.out / "export").resolve():  # e.g. DIR/export itself, DIR/children/realized
-        raise PuzzleError(f"--dest {dest} is inside the run {run.out}, whose folders its stages write; give a folder "
-                          f"DIR/export/<name> such as {run.out / 'export' / name}, or one outside the run")
+    if dest is not None:
+        dest = Path(dest).expanduser()
+        check_run_dest(run.out, dest, name)
     dest = dest or run.out / "export" / name
     # the run as seen from dest (a moved run keeps its exports' provenance); earlier versions recorded it resolved,
     # and an untrained export of this name inside the run's own folder is this run's, wherever the run lay then
@@ -1069,8 +1068,8 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     own = Path(dest).resolve() == (run.out / "export" / name).resolve()
     own_export = own and _own_export_with_its_weights(run, name)  # rewritten even with a damaged config.json
     check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
-                        provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}), also_same=also_same,
-                        own=own_export)
+                        provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}),
+                        also_same=also_same, own=own_export)
     written = _recorded_export_files(run, name) if own and Path(dest).is_dir() else None
     if written is not None and (extra := sorted(f.name for f in Path(dest).iterdir() if f.name not in written)):
         raise PuzzleError(f"{dest} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which its export "
@@ -1096,23 +1095,36 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     return result
 
 
-def check_not_searched_export(run_dir: Path, dest, flag: str = "--dest") -> None:
-    """Refuse `dest` when it is a searched child's own export folder in a run (DIR/export/<name> of a name in
-    DIR/search/chosen.json): `puzzle run` and `puzzle export` rewrite it, so trained weights there would block them.
+def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--dest") -> None:
+    """Refuse a `dest` inside the run `run_dir` that the run's own stages write: anything but a folder DIR/export/<x>
+    (DIR/export itself, DIR/children/realized, ...), and DIR/export/<x> where x is a searched child's
+    (DIR/search/chosen.json) or a recorded export's (DIR/children/exports.json) other than `name`'s, the model
+    being exported (None: a trained model, which may take none of them). `puzzle run` and `puzzle export`
+    rewrite those folders, and a model of another provenance there would block them.
 
     Raises:
-        PuzzleError: naming the folder and the default to use instead.
+        PuzzleError: naming the folder and what to give instead.
     """
-    try:
-        names = read_json(Path(run_dir) / "search" / "chosen.json")["names"]
-    except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+    run_dir = Path(run_dir)
+    target, out = Path(dest).expanduser().resolve(), run_dir.resolve()
+    if out not in target.parents:
         return
-    target = Path(dest).expanduser().resolve()
-    for name in names if isinstance(names, list) else []:
-        if target == (Path(run_dir) / "export" / str(name)).resolve():
-            raise PuzzleError(f"{flag} {dest} is the export folder of the run's searched child {name}, which `puzzle "
-                              f"run` and `puzzle export` rewrite; give another folder (leave {flag} out for the "
-                              f"default next to it)")
+    if target.parent != (out / "export"):
+        raise PuzzleError(f"{flag} {dest} is inside the run {run_dir}; there, only a folder DIR/export/<name> takes "
+                          f"a model (the others are the stages'): give one such as "
+                          f"{run_dir / 'export' / (name or 'mine')}, or a folder outside the run")
+    taken = set()
+    for path, key in ((run_dir / "search" / "chosen.json", "names"), (run_dir / EXPORT_STAMPS, None)):
+        try:
+            value = read_json(path)
+            taken |= {str(n) for n in (value if key is None else value[key])}
+        except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+            pass
+    if target.name in taken - {name}:
+        raise PuzzleError(f"{flag} {dest} is the export folder of the run's child {target.name}, which `puzzle run` "
+                          f"and `puzzle export` rewrite; give another folder"
+                          + (f" (leave {flag} out for the default next to it)" if name is None else
+                             f", e.g. {run_dir / 'export' / name}"))
 
 
 def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:
@@ -1177,10 +1189,11 @@ def _own_export_with_its_weights(run: Run, name: str) -> bool:
         recorded = read_json(run.out / EXPORT_STAMPS)[name]["files"]
         if not isinstance(recorded, dict) or not folder.is_dir() or folder.is_symlink():
             return False
-        names = {f.name for f in folder.iterdir()}
+        entries = list(folder.iterdir())
+        names = {f.name for f in entries}
         weights = [f for f in recorded if f.endswith(".safetensors")]
-        if not weights or not names <= set(recorded):
-            return False
+        if not weights or not names <= set(recorded) or any(f.is_symlink() or not f.is_file() for f in entries):
+            return False  # a folder or link under an export's file name: a user's, left alone
         from .library import sha256_file
 
         return all(f in names and [(folder / f).stat().st_size, sha256_file(folder / f)] == recorded[f]
@@ -1191,8 +1204,8 @@ def _own_export_with_its_weights(run: Run, name: str) -> bool:
 
 def export_child(run: Run, name: str, dest: Path | None = None) -> tuple[object, str | None]:
     """`puzzle export`: `stage_export`, except that the run's own export folder (DIR/export/<name>) is kept when
-    it is up to date (`export_out_of_date`). Returns the `ExportResult` and why the folder was written ("none yet"
-    for a new one, None when it was kept).
+    it is up to date (`export_out_of_date`). Returns the `ExportResult` and why the folder was written: None when
+    it was kept, "none yet" for a new own folder or any other `dest` (which `stage_export` says it replaced).
 
     Raises:
         PuzzleError: as `stage_export`.
@@ -1200,7 +1213,7 @@ def export_child(run: Run, name: str, dest: Path | None = None) -> tuple[object,
     from .export import ExportResult, export_warnings
 
     folder = run.out / "export" / name
-    if (dest is not None and Path(dest).resolve() != folder.resolve()) or not folder.is_dir():
+    if (dest is not None and Path(dest).expanduser().resolve() != folder.resolve()) or not folder.is_dir():
         return stage_export(run, name, dest=dest), "none yet"
     model = build_child(run, read_architecture(run, name))
     why = export_out_of_date(run, name, model)
@@ -2086,7 +2099,7 @@ def bld_level_caveat(kl_bld: float, kl_init: float, bld_tokens: int, tolerance: 
     child's, or above it: one run then shows no gain from the library's training, "" otherwise."""
     if not (math.isfinite(kl_bld) and math.isfinite(kl_init)) or kl_init <= 0 or kl_bld < kl_init * (1 - tolerance):
         return ""
-    return (f" The BLD child is not {tolerance:.0%} better here: with {bld_tokens} training tokens per subblock "
+    return (f" The BLD child is not {tolerance:.0%} better here: with up to {bld_tokens} training tokens per subblock "
             "(bld.tokens) this run's library training does not show at this budget; a longer BLD, or a tighter "
             "budget that replaces more blocks, tests it harder.")
 

@@ -625,10 +625,10 @@ class Answers:
     chat: bool = True  # False: the tokenizer has no chat template, the prompts went in as plain text
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[list[torch.Tensor], bool]:
-    """Each prompt as one user message rendered with the tokenizer's chat template, as token ids (T_i,) int64; as
-    plain text when the tokenizer has no chat template (a base model's folder). Returns the ids and whether the
-    template was used.
+def chat_ids(tokenizer, messages: Sequence[dict]) -> tuple[torch.Tensor, bool]:
+    """`messages` ([{"role", "content"}, ...]) rendered with the tokenizer's chat template and a generation prompt,
+    as token ids (T,) int64; without a chat template (a base model's folder), their contents as plain text, one
+    per line. Returns the ids and whether the template was used.
 
     Raises:
         PuzzleError: a chat template that does not render (its error is named).
@@ -636,15 +636,25 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[list[torch.Tensor
     import jinja2
 
     if not getattr(tokenizer, "chat_template", None):
-        return [tokenizer(p, return_tensors="pt")["input_ids"][0] for p in prompts], False
+        text = "\n".join(str(m["content"]) for m in messages)
+        return tokenizer(text, return_tensors="pt")["input_ids"][0], False
     try:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"][0]
-                for p in prompts], True
-    except jinja2.TemplateError as e:
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"][0], True
+    except (jinja2.TemplateError, TypeError, ValueError) as e:  # syntax, or a render-time error of the template
         raise PuzzleError(f"the model's chat template does not render ({type(e).__name__}: {e}); mend or delete "
                           f"chat_template.jinja (or tokenizer_config.json's chat_template) in the model folder, "
                           f"and without one the prompts go in as plain text") from None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[list[torch.Tensor], bool]:
+    """Each prompt as one user message (`chat_ids`), token ids (T_i,) int64, and whether the chat template was used.
+
+    Raises:
+        PuzzleError: as `chat_ids`.
+    """
+    encoded = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    return [ids for ids, _ in encoded], all(chat for _, chat in encoded)
 
 
 def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, device=None,

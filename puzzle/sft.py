@@ -498,9 +498,14 @@ def parse_think(text: str) -> dict:
 
 @torch.no_grad()
 def greedy_chat(model: PuzzleForCausalLM, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
-    """The model's greedy reply to `messages` (rendered with the chat template), special tokens removed."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    """The model's greedy reply to `messages` (rendered with the chat template; plain text without one:
+    `runtime.chat_ids`), special tokens removed.
+
+    Raises:
+        PuzzleError: a chat template that does not render."""
+    from .runtime import chat_ids
+
+    ids = chat_ids(tokenizer, messages)[0][None]  # (1, T)
     out = model.eval().generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -606,9 +611,9 @@ def run_sft_command(args, log=None) -> dict | None:
 
     dest = Path(args.dest)
     if args.out:
-        from .pipeline import check_not_searched_export
+        from .pipeline import check_run_dest
 
-        check_not_searched_export(args.out, dest)
+        check_run_dest(args.out, dest)
     work = Path(args.work or f"{dest}.sft-work")
     inputs = [p for p in (args.model, args.out) if p]
     builtin_tiny = not args.out and means_builtin_tiny(args.model)

@@ -493,8 +493,8 @@ def _parse_tasks(text: str) -> list[str]:
 
 def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
     """Refuse outputs that would overwrite something `puzzle eval` did not write, before any work: a folder,
-    a path inside the model folder (or the model file itself) or inside any exported model, or an existing file that is no earlier table
-    (with its FILE.json sidecar) or details file. Raises PuzzleError naming the flag."""
+    a path inside the model folder (or the model file itself) or inside any exported model, or an existing
+    file that is no earlier table (with its FILE.json sidecar) or details file. Raises PuzzleError naming the flag."""
     if details is not None and Path(details).resolve() in (Path(out).resolve(), Path(f"{out}.json").resolve()):
         raise PuzzleError("--details names the table or its FILE.json sidecar; give another path")
     from puzzle.export import is_export_folder

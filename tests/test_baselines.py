@@ -551,7 +551,7 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
                         (["realize", "--name", "a" * 300], "no architecture named"),
                         (["export", "--name", "child-1.5x", "--dest", ""], "current directory"),
                         (["gkd", "--name", "child-1.5x", "--dest", str(out / "search"), "--tokens", "64"],
-                         "not an earlier export"),
+                         "is inside the run"),
                         (["gkd", "--name", "child-1.5x", "--dest", str(tmp_path / "g"), "--work", str(tmp_path / "g"),
                           "--tokens", "64"], "is or holds")]:
         assert main([argv[0], "--out", str(out), *argv[1:], "--no-progress"]) == 2, argv

@@ -274,15 +274,15 @@ def test_export_messages_name_the_run_and_come_after_the_writing(run_dir, tmp_pa
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
+    mine = copy / "export" / "mine"  # another child's own folder is refused (review): a folder of the user's
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(mine)]) == 0
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(["export", "--out", str(copy), "--name", "child-2x", "--dest",
-                     str(copy / "export" / "child-1.5x")]) == 0
+        assert main(["export", "--out", str(copy), "--name", "child-2x", "--dest", str(mine)]) == 0
     said = err.getvalue()
     assert f"replaced the export of child-1.5x of run {copy}" in said and "../.." not in said, said
-    assert f"export child-2x: written to {copy / 'export' / 'child-1.5x'}" in said
-    with contextlib.redirect_stderr(io.StringIO()):
-        assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
+    assert f"export child-2x: written to {mine}" in said
     (copy / "export" / "child-1.5x" / "NOTES.txt").write_text("mine")
     config = copy / "export" / "child-1.5x" / "config.json"
     config.write_text(config.read_text().replace('"num_hidden_layers": 4', '"num_hidden_layers": 99'))
@@ -491,7 +491,7 @@ def test_gkd_and_sft_refuse_a_searched_childs_own_export_folder(run_dir, capsys)
         assert main([argv[0], "--out", str(run_dir), "--name", "child-1.5x", "--dest",
                      str(run_dir / "export" / "child-1.5x"), *argv[1:], "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert "is the export folder of the run's searched child child-1.5x" in err, err
+        assert "is the export folder of the run's child child-1.5x" in err, err
     assert (run_dir / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -663,6 +663,13 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
         assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(dest)]) == 2
         assert f"--dest {dest} is inside the run" in capsys.readouterr().err
         assert not dest.exists() or dest == copy / "children" / "realized"
+    # review: another child's export folder, and gkd's --dest, which the same rule holds
+    other = copy / "export" / "child-2x"
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(other)]) == 2
+    assert "is the export folder of the run's child child-2x" in capsys.readouterr().err
+    assert main(["gkd", "--out", str(copy), "--name", "child-1.5x", "--dest", str(copy / "export"), "--tokens", "64",
+                 "--no-progress"]) == 2
+    assert f"--dest {copy / 'export'} is inside the run" in capsys.readouterr().err and not (copy / "export").exists()
     assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(copy / "export" / "mine")]) == 0
     capsys.readouterr()
     out = copy / "export" / "mine" / "eval.csv"
@@ -688,6 +695,9 @@ def test_an_export_of_an_earlier_search_is_named_as_such(run_dir, tmp_path, caps
     path.write_text(json.dumps({**record, "speedup": record["speedup"] + 0.25}))  # as a new search leaves it
     found = exports_from_an_earlier_search(Run(copy, load_run_config(copy), progress=False))
     assert list(found) == ["child-1.5x"] and found["child-1.5x"].startswith("child-1.5x was searched again since")
+    assert main(["front", "--out", str(copy), "--no-progress", "--max-contention", "inf"]) == 0
+    assert f"front: {copy / 'export' / 'child-1.5x'} is out of date (child-1.5x was searched again since" \
+        in capsys.readouterr().err
     assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
     assert "written again (child-1.5x was searched again since (predicted speed-up" in capsys.readouterr().err
     assert exports_from_an_earlier_search(Run(copy, load_run_config(copy), progress=False)) == {}
@@ -695,7 +705,8 @@ def test_an_export_of_an_earlier_search_is_named_as_such(run_dir, tmp_path, caps
 
 def test_every_command_that_changes_the_main_budget_says_so(run_dir, tmp_path, capsys):
     """Breaker: `front --speedup 2` made child-2x the run's main child (export's default) without the line `search
-    --out` prints, and `run --preset tiny` took a budget set by `search --out` back to the preset's in silence."""
+    --out` prints (`run --preset tiny` took a budget back to the preset's in silence too: the same `_stage_run`
+    code path says it now)."""
     import shutil
 
     copy = tmp_path / "run"
