@@ -1097,10 +1097,11 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
 
 def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--dest") -> None:
     """Refuse a `dest` inside the run `run_dir` that the run's own stages write: anything but a folder DIR/export/<x>
-    (DIR/export itself, DIR/children/realized, ...), and DIR/export/<x> where x is a searched child's
-    (DIR/search/chosen.json) or a recorded export's (DIR/children/exports.json) other than `name`'s, the model
-    being exported (None: a trained model, which may take none of them). `puzzle run` and `puzzle export`
-    rewrite those folders, and a model of another provenance there would block them.
+    (DIR/export itself, DIR/children/realized, ...), and DIR/export/<x> where x names one of the run's own models
+    other than `name`, the model being exported (None: a trained model, which may take none of them): a searched
+    or refined child (DIR/search/<x>.json, chosen.json's names), a recorded export (DIR/children/exports.json) or
+    a baseline (DIR/baselines/rows/<x>.json). `puzzle run`, `export` and `baselines` write those folders, and a
+    model of another provenance there would be described as theirs or block them.
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
@@ -1113,7 +1114,7 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
         raise PuzzleError(f"{flag} {dest} is inside the run {run_dir}; there, only a folder DIR/export/<name> takes "
                           f"a model (the others are the stages'): give one such as "
                           f"{run_dir / 'export' / (name or 'mine')}, or a folder outside the run")
-    taken = set()
+    taken = {p.stem for sub in ("search", "baselines/rows") for p in (run_dir / sub).glob("*.json")} - {"chosen"}
     for path, key in ((run_dir / "search" / "chosen.json", "names"), (run_dir / EXPORT_STAMPS, None)):
         try:
             value = read_json(path)
@@ -1125,6 +1126,20 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
                           f"and `puzzle export` rewrite; give another folder"
                           + (f" (leave {flag} out for the default next to it)" if name is None else
                              f", e.g. {run_dir / 'export' / name}"))
+
+
+def enclosing_run(path) -> Path | None:
+    """The run directory `path` lies inside (the nearest folder above it with a run's config.json, which names a
+    parent, and a search/ or library/ folder), or None."""
+    for folder in Path(path).expanduser().resolve().parents:
+        if (folder / "config.json").is_file() and ((folder / "search").is_dir() or (folder / "library").is_dir()):
+            try:
+                config = read_json(folder / "config.json")
+            except (PuzzleError, OSError, ValueError):
+                continue
+            if isinstance(config, dict) and "parent" in config:
+                return folder
+    return None
 
 
 def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:

@@ -1088,6 +1088,13 @@ def _rpo(args) -> int:
         raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
                           f"(an interrupted rpo output, or a finished one of the same settings, is replaced)")
     check_export_target(args.out / "model", overwrite=True, keep=[args.model])  # before the training
+    from .pipeline import enclosing_run
+
+    if (run_dir := enclosing_run(args.out)) is not None and (run_dir / "export").resolve() in \
+            [args.out.resolve(), *args.out.resolve().parents]:  # model folders only there (`check_run_dest`)
+        raise PuzzleError(f"--out {args.out} is inside the run's export folder {run_dir / 'export'}, which holds "
+                          f"model folders only; rpo writes rpo.json, history.csv and model/: give a folder "
+                          f"elsewhere, e.g. {run_dir / 'rpo' / args.out.name}")
     records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
     prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     loaded = _load_model(args.model)

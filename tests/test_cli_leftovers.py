@@ -75,11 +75,11 @@ def test_a_refused_sft_or_gkd_leaves_the_run_directory_as_it_was(tmp_path):
     common = ["--out", str(run), "--no-progress"]
     sft = ["sft", *common, "--data", "demo:reasoning-toggle", "--stop-after-steps", "1"]
     gkd = ["gkd", *common, "--name", "child-x", "--tokens", "256", "--stop-after-steps", "1"]
-    for argv, words in [(sft + ["--name", "parent", "--dest", str(run / "search")], "is not empty"),
+    for argv, words in [(sft + ["--name", "parent", "--dest", str(run / "search")], "is inside the run"),
                         (sft + ["--name", "child-x", "--work", str(run / "search" / "w")], "inside the input"),
                         (sft + ["--name", "child-x", "--seq-len", "100000"], "longer than the"),
                         (sft + ["--name", "nosuch"], "no architecture named"),
-                        (gkd + ["--dest", str(run / "search")], "is not empty"),
+                        (gkd + ["--dest", str(run / "search")], "is inside the run"),
                         (gkd + ["--work", str(run / "search" / "w")], "inside the input")]:
         args = _parser().parse_args(argv)
         with pytest.raises(PuzzleError, match=re.escape(words)):

@@ -670,6 +670,17 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
     assert main(["gkd", "--out", str(copy), "--name", "child-1.5x", "--dest", str(copy / "export"), "--tokens", "64",
                  "--no-progress"]) == 2
     assert f"--dest {copy / 'export'} is inside the run" in capsys.readouterr().err and not (copy / "export").exists()
+    # breaker 2: merge into a run's child or baseline folder, and rpo's output inside DIR/export
+    (copy / "baselines" / "rows").mkdir(parents=True, exist_ok=True)
+    (copy / "baselines" / "rows" / "greedy-2x.json").write_text("{}")
+    two = [str(run_dir / "export" / "child-2x")] * 2
+    for dest in (copy / "export" / "greedy-2x", copy / "export" / "child-1.5x-refined"):
+        (copy / "search" / "child-1.5x-refined.json").write_text("{}")
+        assert main(["merge", *two, "--dest", str(dest)]) == 2
+        assert f"is the export folder of the run's child {dest.name}" in capsys.readouterr().err
+    assert main(["rpo", "--model", two[0], "--out", str(copy / "export" / "po"), "--data", "demo:count",
+                 "--no-progress"]) == 2
+    assert "is inside the run's export folder" in capsys.readouterr().err and not (copy / "export" / "po").exists()
     assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(copy / "export" / "mine")]) == 0
     capsys.readouterr()
     out = copy / "export" / "mine" / "eval.csv"
