@@ -401,16 +401,33 @@ def _current_row_inputs(run_dir: Path) -> dict:
     return current
 
 
+def _searched_architecture(run_dir: Path, name) -> str | None:
+    """The compact architecture DIR/search/<name>.json holds, or None when there is no readable record."""
+    from .io import read_json
+    from .pipeline import compact_architecture
+
+    if not isinstance(name, str) or Path(name).name != name or not name:
+        return None
+    try:
+        return compact_architecture(read_json(run_dir / "search" / f"{name}.json")["choice"])
+    except (PuzzleError, OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
     """Whether `row` was measured on the run's evaluation split, score table and workload as they are now
-    (`current`, the parts it holds); a row that was not is left out of the front with a warning naming the command
-    that measures it again (its KL is on another text, its child comes from another library, or its speed-up is of
-    another workload)."""
+    (`current`, the parts it holds), and a front_rows/ row on the child DIR/search/<name>.json holds now; a row
+    that was not is left out of the front with a warning naming the command that measures it again (its KL is on
+    another text, its child comes from another library or another refinement, or its speed-up is of another
+    workload)."""
     if row.get("name") == "parent":  # its timing scales its source's throughput; its KL is 0 on any text
         return True
     inputs = row.get("inputs") if isinstance(row.get("inputs"), dict) else {}
     parts = (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"), ("workload", "workload"))
     stale = [what for key, what in parts if key in current and key in inputs and inputs[key] != current[key]]
+    if sub == "front_rows" and (searched := _searched_architecture(run_dir, row.get("name"))) is not None \
+            and searched != row.get("architecture"):  # e.g. `refine --no-measure` chose another child since
+        stale.append("architecture (search/ holds another child of this name now)")
     if stale:
         where = "puzzle baselines" if sub.startswith("baselines") else "puzzle refine"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "

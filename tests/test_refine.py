@@ -303,3 +303,12 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
             out / "refine" / "child-1.5x.summary.csv", index=False)
         picked = selected_children(out, front_rows(out, with_downstream=False))
         assert picked.attrs["passed_over"]["child-1.5x"].endswith("holds a step without a name"), row
+    # breaker 2: `refine --no-measure` chose another child of the same name; its old row was drawn under that name
+    path = out / "search" / "child-1.5x-refined.json"
+    record = json.loads(path.read_text())
+    other = [b if i else "attn-no_op+ffn-no_op" for i, b in enumerate(record["choice"])]
+    assert other != record["choice"]
+    path.write_text(json.dumps({**record, "choice": other}))
+    with pytest.warns(UserWarning, match=r"child-1.5x-refined \(front_rows\) was measured on another architecture"):
+        drawn = front_rows(out, with_downstream=False)
+    assert "child-1.5x-refined" not in set(drawn["name"]) and "child-1.5x-diverse" in set(drawn["name"])
