@@ -631,6 +631,8 @@ def run_gkd_command(args, log=None) -> dict:
         raise PuzzleError(f"--calib-tokens must be >= 1 (training tokens to pack), got {args.calib_tokens}")
     if args.max_doc_tokens is not None and args.max_doc_tokens < 0:
         raise PuzzleError(f"--max-doc-tokens must be >= 0 (0: no cap), got {args.max_doc_tokens}")
+    if args.device not in ("auto", "cpu", "cuda"):  # under torchrun each process takes cuda:LOCAL_RANK
+        raise PuzzleError(f"--device {args.device!r}: give auto, cpu or cuda")
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)
@@ -667,8 +669,13 @@ def run_gkd_command(args, log=None) -> dict:
                 before = evaluate_against_parent(inputs.child, inputs.eval_ids, parent_logp)
                 atomic_write_json(before_path, {"child": fp, "metrics": before})
         barrier(env)
-        log(f"gkd: training on {inputs.description['train_data']}; {config.steps(inputs.train_ids.shape[1])} steps of "
-            f"{config.batch_size} x {inputs.train_ids.shape[1]} tokens, {env.world_size} process(es)")
+        steps, seq_len = config.steps(inputs.train_ids.shape[1]), inputs.train_ids.shape[1]
+        whole = steps * config.batch_size * seq_len  # the training takes whole batches
+        rounded = "" if whole == config.tokens else (
+            f" ({whole} tokens: --tokens {config.tokens} rounded {'up' if whole > config.tokens else 'down'} to whole "
+            f"batches of {config.batch_size * seq_len})")
+        log(f"gkd: training on {inputs.description['train_data']}; {steps} steps of {config.batch_size} x {seq_len} "
+            f"tokens, {env.world_size} process(es){rounded}")
         result = distill(inputs.child, inputs.parent, inputs.train_ids, config, inputs.work, env=env, fsdp=args.fsdp,
                          progress=progress, stop_after_steps=args.stop_after_steps, extra_meta=extra_meta)
         if not result.train.finished:

@@ -473,6 +473,11 @@ def refine_main(args) -> int:
         if args.select_tokens is not None and not seq_len <= args.select_tokens <= split:
             raise PuzzleError(f"--select-tokens {args.select_tokens}: give {seq_len} (one sequence) to {split} (the "
                               f"whole scoring split); choices are made on whole sequences")
+        if args.select_tokens is not None and args.select_tokens % seq_len:  # it was cut to whole sequences unsaid
+            low = args.select_tokens // seq_len * seq_len
+            near = f"{low} or {low + seq_len}" if low + seq_len <= split else f"{low}"
+            raise PuzzleError(f"--select-tokens {args.select_tokens}: choices are made on whole sequences of "
+                              f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume)

@@ -546,6 +546,8 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     # options and hand-edited records: one line, exit 2
     for argv, words in [(["refine", "--name", "child-1.5x", "--max-changes", "0"], "--max-changes must be >= 1"),
                         (["refine", "--name", "child-1.5x", "--select-tokens", "0"], "--select-tokens 0"),
+                        (["refine", "--name", "child-1.5x", "--select-tokens", "100"],
+                         "sequences of 64 tokens; give a multiple of 64, e.g. 64 or 128"),  # cut to 64 unsaid
                         (["baselines", "--speedups", "0"], "speed-ups of at least 1"),
                         (["baselines", "--speedups", "nan"], "speed-ups of at least 1"),
                         (["realize", "--name", "a" * 300], "no architecture named"),

@@ -171,6 +171,7 @@ def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
                          (["--work", str(tmp_path / "out" / "w")], "inside the exported model"),
                          (["--work", str(tmp_path / "child" / ".." / "parent")], "inside the exported model"),
                          (["--seq-len", "1"], "--seq-len must be >= 2"),
+                         (["--device", "tpu"], "--device 'tpu': give auto, cpu or cuda"),  # trained on the CPU
                          (["--temperature", "1e200"], "gkd temperature must be from 0.01 to 100"),  # was a traceback
                          (["--temperature", "1e-9"], "gkd temperature must be from 0.01 to 100"),
                          (["--seq-len", "100000"], "longer than the 2048 positions"),
@@ -198,6 +199,10 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     (tmp_path / "link").symlink_to(tmp_path / "child")  # its checkpoint too: the model's fingerprint ignores the path
     args.child = str(tmp_path / "link" / "config.json")
     assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
+    odd = _args(tmp_path, tmp_path / "odd", "--no-eval", "--tokens", "1000", "--stop-after-steps", "1")
+    assert odd.func(odd) == 0  # breaker: 1000 tokens trained 896 without a word
+    assert "7 steps of 4 x 32 tokens, 1 process(es) (896 tokens: --tokens 1000 rounded down to whole batches of " \
+        "128)" in capsys.readouterr().err
     (tmp_path / "child").rename(tmp_path / "moved")  # breaker: a moved child was refused, then its checkpoint too
     args.child = str(tmp_path / "moved")
     assert args.func(args) == 0 and "all 8 steps done by an earlier call" in capsys.readouterr().err
