@@ -694,6 +694,13 @@ def run_gkd_command(args, log=None) -> dict:
                        "before": before, "after": after,
                        "recovery_fraction": recovery_fraction(before["kl_nats"], after["kl_nats"]) if evaluate else None,
                        "history": result.train.history}
+            if result.train.resumed_from >= result.train.steps_done:  # nothing trained by this call: the rate and
+                try:  # time of the call that trained stand (they read 0 before)
+                    earlier = read_json(summary_path) if summary_path.is_file() else None
+                except PuzzleError:
+                    earlier = None
+                if isinstance(earlier, dict) and earlier.get("steps") == summary["steps"]:
+                    summary.update({k: earlier[k] for k in ("train_tok_s", "train_s") if k in earlier})
             from .export import export_checkpoint
 
             exported = export_checkpoint(result.model, inputs.tokenizer, inputs.dest, overwrite=True,

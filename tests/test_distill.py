@@ -192,8 +192,10 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     _folders(tmp_path)
     args = _args(tmp_path, tmp_path / "out", "--no-eval")
     assert args.func(args) == 0 and "tok/s" in capsys.readouterr().err
+    rate = json.loads((tmp_path / "out.gkd-work" / "gkd.json").read_text())["train_tok_s"]
     assert args.func(args) == 0  # every step is in the checkpoint: no rate to report, not "0 tok/s"
     assert "all 8 steps done by an earlier call" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out.gkd-work" / "gkd.json").read_text())["train_tok_s"] == rate > 0  # kept
     args.child = f"{tmp_path / 'child'}/"  # the same training, spelled otherwise: still a rerun, not another model
     assert args.func(args) == 0
     (tmp_path / "link").symlink_to(tmp_path / "child")  # its checkpoint too: the model's fingerprint ignores the path
