@@ -387,6 +387,10 @@ def _load_tokenizer(folder: Path):
 def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: dict | None = None) -> LoadedModel:
     """An HF Llama or nemotron-nas folder -> LoadedModel (config first, so bad configs fail fast)."""
     d = _read_json(folder / "config.json")
+    if isinstance(d, dict) and "parent" in d and "model_type" not in d \
+            and ((folder / "search").is_dir() or (folder / "library").is_dir()):
+        raise PuzzleError(f"{folder} is a puzzle run directory, not a model folder: give one of its exports "
+                          f"({folder / 'export'}/NAME), or to train a child of the run, --out {folder} --name NAME")
     nas = d.get("model_type") in NAS_MODEL_TYPES or "block_configs" in d
     try:
         config = model_config_from_nemotron_nas(d) if nas else model_config_from_hf(d)

@@ -766,3 +766,14 @@ def test_an_unreadable_search_record_is_solved_again_before_timing_anything(run_
     assert "is up to date with this run's settings and tables: drawn from it, no child solved or timed again" in err
     assert (copy / "summary.csv").read_bytes() == summary
     assert json.loads((copy / "search" / "child-1.5x.json").read_text())["choice"]
+
+
+def test_a_run_directory_given_as_a_model_folder_is_named(run_dir, tmp_path, capsys):
+    """Breaker 2: `gkd --child RUN --parent ... --calib ...` said "model_type None (architectures []) is not
+    supported" of a run directory."""
+    calib = tmp_path / "a.txt"
+    calib.write_text("Some text to train on. " * 200)
+    assert main(["gkd", "--child", str(run_dir), "--parent", str(run_dir / "export" / "child-1.5x"), "--calib",
+                 str(calib), "--dest", str(tmp_path / "d"), "--tokens", "64", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} is a puzzle run directory, not a model folder" in err and f"--out {run_dir} --name NAME" in err
