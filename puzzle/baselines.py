@@ -500,7 +500,8 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     """Realize, evaluate (evaluation split), score (scoring split), measure and export every candidate.
 
     Models are built group by group (memory), evaluated with `pipeline.evaluate` (cached in
-    DIR/children/) and measured next to the parent (`measure_against_parent`). Each finished row is
+    DIR/children/) and measured next to the parent (`measure_against_parent`; candidates of one group with
+    the same architecture and training are timed once and share the figures). Each finished row is
     written to `rows_dir` (default DIR/baselines/rows/<name>.json) and reused on a rerun, so a long
     sweep can be run `max_groups` groups at a time; a row whose architecture or library stage is not
     the candidate's, or that was made for another workload or score table, or lacks the export asked
@@ -559,7 +560,13 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                                "score_kl_nats": selection_kl(run, models[c.name])}
             if export:
                 _export(run, c, models[c.name])
-        measured = measure_against_parent(run, models, group_size=len(models)).set_index("name")
+        # one timing per architecture: two names for one child (a refinement that kept the diverse pick) are
+        # timed once, not twice with two noise draws
+        same = {}
+        timed = {c.name: same.setdefault((compact_architecture([b.id for b in c.blocks]), c.training), c.name)
+                 for c in group}
+        unique = {n: models[n] for n in dict.fromkeys(timed.values())}
+        measured = measure_against_parent(run, unique, group_size=len(unique)).set_index("name")
         if not (rows_dir / "parent.json").is_file():
             p = measured.loc["parent"]
             parent_q = evaluate(run, run.parent.model, "parent")
@@ -571,7 +578,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "contention_cores": contention_cores(p.get("contention_cores")),
                 "architecture": "parent", "inputs": inputs})
         for c in group:
-            m = measured.loc[c.name]
+            m = measured.loc[timed[c.name]]
             atomic_write_json(rows_dir / f"{c.name}.json", {
                 "name": c.name, "method": c.method, "training": c.training, "target_speedup": c.target_speedup,
                 "predicted_speedup": c.predicted_speedup, "speedup": float(m["speedup"]), **quality[c.name],

@@ -644,3 +644,24 @@ def test_a_searched_child_as_parent_gets_baselines_without_uniform_width(tmp_pat
     assert uniform_width_applies(parent)
     for width, kv in ((parent.intermediate_size // 2, parent.num_key_value_heads), (parent.intermediate_size, 1)):
         assert not uniform_width_applies(dataclasses.replace(parent, blocks=uniform_width(parent, width, kv)))
+
+
+def test_two_names_for_one_architecture_are_timed_once(tmp_path_factory, monkeypatch):
+    """Breaker 2: a refined child that kept the diverse pick (one architecture, two names) was timed twice, and on a
+    busy machine the two read 3.24x and 0.83x."""
+    import dataclasses
+
+    import puzzle.baselines
+    from puzzle.baselines import baseline_library, open_run
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    layers = next(c for c in plan_baselines(run, (1.5,), influence_tokens=256) if c.method == "layer_removal")
+    twin = dataclasses.replace(layers, name=f"{layers.name}-twin")
+    timed = []
+    real = puzzle.baselines.measure_against_parent
+    monkeypatch.setattr(puzzle.baselines, "measure_against_parent",
+                        lambda run, models, **kw: timed.append(sorted(models)) or real(run, models, **kw))
+    table = realize_all(run, [layers, twin], baseline_library(run, []), export=False,
+                        rows_dir=run.out / "twin_rows").set_index("name")
+    assert timed == [[layers.name]]
+    assert table.loc[twin.name, "speedup"] == table.loc[layers.name, "speedup"] > 0
