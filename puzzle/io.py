@@ -81,6 +81,19 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     return atomic_write_bytes(path, data)
 
 
+def is_run_directory(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a puzzle run directory: a config.json naming a parent (a model folder's names a
+    model_type instead) beside a search/ or library/ folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not ((folder / "search").is_dir() or (folder / "library").is_dir()):
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "parent" in config and "model_type" not in config
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """Read a JSON file; PuzzleError names the file when it is missing or not valid JSON."""
     path = Path(path)

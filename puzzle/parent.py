@@ -58,7 +58,7 @@ from .architecture import (
     block_from_entry,
 )
 from .errors import PuzzleError
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_save_safetensors, atomic_write_json, is_run_directory
 from .modeling import PuzzleForCausalLM, rope_inv_freq
 
 LLAMA_MODEL_TYPES = ("llama", "mistral")
@@ -387,8 +387,7 @@ def _load_tokenizer(folder: Path):
 def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: dict | None = None) -> LoadedModel:
     """An HF Llama or nemotron-nas folder -> LoadedModel (config first, so bad configs fail fast)."""
     d = _read_json(folder / "config.json")
-    if isinstance(d, dict) and "parent" in d and "model_type" not in d \
-            and ((folder / "search").is_dir() or (folder / "library").is_dir()):
+    if is_run_directory(folder):
         raise PuzzleError(f"{folder} is a puzzle run directory, not a model folder: give one of its exports "
                           f"({folder / 'export'}/NAME), or to train a child of the run, --out {folder} --name NAME")
     nas = d.get("model_type") in NAS_MODEL_TYPES or "block_configs" in d

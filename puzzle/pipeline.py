@@ -38,7 +38,8 @@ import torch
 from .architecture import ArchitectureError, BlockConfig
 from .config import SEARCH_BUDGETS, RunConfig, save_run_config
 from .errors import PuzzleError
-from .io import atomic_write_json, atomic_write_text, load_table, read_json, save_table, tensor_sha256
+from .io import (atomic_write_json, atomic_write_text, is_run_directory, load_table, read_json, save_table,
+                 tensor_sha256)
 from .library import Library
 from .search import InfeasibleBudget
 from .space import build_space
@@ -1129,17 +1130,8 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
 
 
 def enclosing_run(path) -> Path | None:
-    """The run directory `path` lies inside (the nearest folder above it with a run's config.json, which names a
-    parent, and a search/ or library/ folder), or None."""
-    for folder in Path(path).expanduser().resolve().parents:
-        if (folder / "config.json").is_file() and ((folder / "search").is_dir() or (folder / "library").is_dir()):
-            try:
-                config = read_json(folder / "config.json")
-            except (PuzzleError, OSError, ValueError):
-                continue
-            if isinstance(config, dict) and "parent" in config:
-                return folder
-    return None
+    """The run directory (`io.is_run_directory`) `path` lies inside, the nearest one above it, or None."""
+    return next((f for f in Path(path).expanduser().resolve().parents if is_run_directory(f)), None)
 
 
 def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:
@@ -1202,25 +1194,20 @@ def _own_export_with_its_weights(run: Run, name: str) -> bool:
     folder = run.out / "export" / name
     try:
         recorded = read_json(run.out / EXPORT_STAMPS)[name]["files"]
-        if not isinstance(recorded, dict) or not folder.is_dir() or folder.is_symlink():
-            return False
-        entries = list(folder.iterdir())
-        names = {f.name for f in entries}
-        weights = [f for f in recorded if f.endswith(".safetensors")]
-        if not weights or not names <= set(recorded) or any(f.is_symlink() or not f.is_file() for f in entries):
-            return False  # a folder or link under an export's file name: a user's, left alone
-        from .library import sha256_file
-
-        return all(f in names and [(folder / f).stat().st_size, sha256_file(folder / f)] == recorded[f]
-                   for f in weights)
+        files = _export_files(folder) if folder.is_dir() and not folder.is_symlink() else {}
     except (PuzzleError, OSError, ValueError, KeyError, TypeError):
         return False
+    weights = [f for f in recorded if f.endswith(".safetensors")] if isinstance(recorded, dict) else []
+    # a folder or link under an export's file name (size None in `_export_files`) is a user's, left alone
+    return bool(weights) and set(files) <= set(recorded) and all(size is not None for size, _ in files.values()) \
+        and all(files.get(f) == recorded[f] for f in weights)
 
 
-def export_child(run: Run, name: str, dest: Path | None = None) -> tuple[object, str | None]:
-    """`puzzle export`: `stage_export`, except that the run's own export folder (DIR/export/<name>) is kept when
-    it is up to date (`export_out_of_date`). Returns the `ExportResult` and why the folder was written: None when
-    it was kept, "none yet" for a new own folder or any other `dest` (which `stage_export` says it replaced).
+def export_child(run: Run, name: str, dest: Path | None = None, model=None) -> tuple[object, str | None]:
+    """`puzzle export` and `puzzle run`: `stage_export`, except that the run's own export folder (DIR/export/<name>)
+    is kept when it is up to date (`export_out_of_date`). `model`: the child, when the caller holds it (else built
+    here). Returns the `ExportResult` and why the folder was written: None when it was kept, "none yet" for a new
+    own folder or any other `dest` (which `stage_export` says it replaced).
 
     Raises:
         PuzzleError: as `stage_export`.
@@ -1228,10 +1215,10 @@ def export_child(run: Run, name: str, dest: Path | None = None) -> tuple[object,
     from .export import ExportResult, export_warnings
 
     folder = run.out / "export" / name
-    if (dest is not None and Path(dest).expanduser().resolve() != folder.resolve()) or not folder.is_dir():
-        return stage_export(run, name, dest=dest), "none yet"
-    model = build_child(run, read_architecture(run, name))
-    why = export_out_of_date(run, name, model)
+    if dest is not None and Path(dest).expanduser().resolve() != folder.resolve():
+        return stage_export(run, name, dest=dest, model=model), "none yet"
+    model = model if model is not None else build_child(run, read_architecture(run, name))
+    why = export_out_of_date(run, name, model)  # "none yet" without the folder
     if why is None:
         return ExportResult(folder, tuple(export_warnings(model.config))), None
     return stage_export(run, name, dest=dest, model=model), why
@@ -1666,7 +1653,6 @@ def run_all(run: Run) -> pd.DataFrame:
     A rerun of a finished run (front.json current, `front_is_current`; summary.csv agreeing, `measured_summary`)
     times and evaluates nothing again: it rewrites only exports that are missing or out of date and a report
     whose inputs changed (DIR/report.json)."""
-    from .export import ExportResult, export_warnings
 
     t_start = time.perf_counter()
     stage_data(run)
@@ -1698,13 +1684,9 @@ def run_all(run: Run) -> pd.DataFrame:
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage", "bld") == "bld":
-            why = export_out_of_date(run, name, children[name])
-            if why is None:  # the same files from the same weights: kept
-                exported[name] = ExportResult(run.out / "export" / name, tuple(export_warnings(children[name].config)))
-            else:
-                exported[name] = stage_export(run, name, model=children[name])
-                if not measured and why != "none yet":  # said once written (a user's file there is refused)
-                    run.say(f"export {name}: written again ({why})")
+            exported[name], why = export_child(run, name, model=children[name])  # kept when up to date
+            if not measured and why not in (None, "none yet"):  # said once written (a user's file there is refused)
+                run.say(f"export {name}: written again ({why})")
     if not (run.out / "front.png").is_file():  # a deleted picture is drawn again from the summary
         write_front(run, summary, main)
         redraw_front_all(run)  # front.csv is new: front_all follows it
