@@ -483,6 +483,7 @@ def refine_main(args) -> int:
                            resume=args.resume)
         if not args.no_measure:
             timed = measure_steps(run, args.name).set_index("name")["speedup"]
-            df["measured_speedup"] = df["name"].map(timed)  # the plain child's: DIR/front.csv
+            df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv
+            atomic_write_text(run.out / "refine" / f"{args.name}.summary.csv", df.to_csv(index=False))
     print(df.drop(columns="architecture", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

@@ -277,10 +277,12 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
                  "--refine-k", "1", "--max-changes", "1", "--rounds", "1", "--select-tokens", "128",
                  "--max-contention", "inf", "--no-progress"]) == 0
     assert "measured_speedup" in capsys.readouterr().out
+    summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")  # printed and kept
     for name in ("child-1.5x-diverse", "child-1.5x-refined"):
         row = json.loads((out / "front_rows" / f"{name}.json").read_text())
         record = json.loads((out / "search" / f"{name}.json").read_text())
         assert row["architecture"] == compact_architecture(record["choice"]) and row["speedup"] > 0
+        assert summary.loc[name, "measured_speedup"] == pytest.approx(row["speedup"])
         assert row["method"] == ("mip-diverse" if name.endswith("diverse") else "mip-refined")
     assert main(["front", "--out", str(out), "--max-contention", "inf", "--no-progress"]) == 0
     drawn = pd.read_csv(out / "front_all.csv").set_index("name")
