@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import triton
@@ -144,6 +145,15 @@ def _num_splits(batch_kv_heads: int, span: int, device: torch.device) -> int:
 # Launcher
 
 
+def _is_index(n) -> bool:
+    """An int, a numpy integer or anything else `operator.index` takes."""
+    try:
+        operator.index(n)
+    except TypeError:
+        return False
+    return True
+
+
 def _check(q, k_cache, v_cache, lengths):
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes q (B, H, 1, D); got {tuple(q.shape)}")
@@ -160,11 +170,15 @@ def _check(q, k_cache, v_cache, lengths):
             f"decode attention: q, k_cache, v_cache dtypes differ ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})"
         )
     if isinstance(lengths, torch.Tensor):
-        if lengths.shape != (B,) or lengths.is_floating_point():
+        if lengths.shape != (B,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"decode attention: lengths must be an int or a (B={B},) integer tensor; got "
                              f"{lengths.dtype} {tuple(lengths.shape)}")
-    elif not 1 <= int(lengths) <= S_max:
-        raise ValueError(f"decode attention: length {lengths} outside [1, {S_max}] (the cache holds {S_max} positions)")
+        return
+    if isinstance(lengths, bool) or not _is_index(lengths):  # 10.5 is no length (the kernel would cut it to 10)
+        raise ValueError(f"decode attention: lengths must be an int or a (B={B},) integer tensor; got {lengths!r}")
+    if not 1 <= operator.index(lengths) <= S_max:
+        raise ValueError(f"decode attention: length {lengths!r} outside [1, {S_max}] (the cache holds {S_max} "
+                         "positions)")
 
 
 def decode_attention(
@@ -183,11 +197,12 @@ def decode_attention(
         lengths: valid cache positions per sequence, counting the new token: an int shared by the batch, or a
             (B,) integer tensor on q's device with values in [1, S_max] (not checked, to avoid a sync).
         scale: softmax scale; 1 / sqrt(D) when None.
-        num_splits: chunks of the keys per (sequence, KV head); chosen from the SM count when None.
+        num_splits: chunks of the keys per (sequence, KV head), >= 1; chosen from the SM count when None.
     Returns:
         (B, H, 1, D) in q's dtype.
     Raises:
-        ValueError: H not a multiple of G, an int length outside [1, S_max], or mismatched shapes or dtypes.
+        ValueError: H not a multiple of G, an int length outside [1, S_max] (or not an integer), num_splits < 1,
+            or mismatched shapes or dtypes.
     Note:
         On CUDA the first call per shape class autotunes (several launches); warm up before capturing a CUDA graph.
     """
@@ -196,8 +211,10 @@ def decode_attention(
     G, S_max = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     interpreted = runs_interpreted(q)
+    if num_splits is not None and (isinstance(num_splits, bool) or not _is_index(num_splits) or num_splits < 1):
+        raise ValueError(f"decode attention: num_splits must be an int >= 1 (or None to choose); got {num_splits!r}")
     if isinstance(lengths, torch.Tensor):
-        span, lengths_t = S_max, lengths
+        span, lengths_t = S_max, lengths.contiguous()  # the kernel reads LENGTHS + b (a strided view read others)
     else:
         span, lengths_t = int(lengths), torch.full((B,), int(lengths), dtype=torch.int32, device=q.device)
     align = _INTERPRETER_BLOCK_N if interpreted else _CHUNK_ALIGN

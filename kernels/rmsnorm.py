@@ -18,6 +18,7 @@ Notation: N rows (all leading dims flattened), C hidden size.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -25,6 +26,8 @@ import triton.language as tl
 
 from .utils import is_hopper, launch_interpreted, next_power_of_2, num_programs_hint, runs_interpreted
 
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -104,8 +107,8 @@ def _tuned_bwd(hopper: bool):
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (N, C) with a unit column stride (a view when possible)."""
-    t = t.reshape(-1, t.shape[-1])
+    """(..., C) -> (N, C) with a unit column stride (a view when possible); C = 0 keeps its N rows."""
+    t = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -121,7 +124,7 @@ def rms_norm_fwd(
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_c = next_power_of_2(n_cols)
     args = (x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n_cols, eps)
-    if n_rows > 0:
+    if n_rows > 0 and n_cols > 0:  # (N, 0) rows: nothing to normalise
         if runs_interpreted(x):
             launch_interpreted(_rms_norm_fwd_kernel, (n_rows,), *args, HAS_RESIDUAL=residual is not None, BLOCK_C=block_c)
         else:
@@ -144,7 +147,7 @@ def rms_norm_bwd(
     args = (dy, dho, h, weight, rstd, dh, dw_part, dy.stride(0), dho.stride(0), h.stride(0), dh.stride(0),
             n_rows, n_cols, rows_per_program)
     block_c = next_power_of_2(n_cols)
-    if n_rows > 0:
+    if n_rows > 0 and n_cols > 0:
         if runs_interpreted(h):
             launch_interpreted(_rms_norm_bwd_kernel, (n_programs,), *args, HAS_DH_OUT=dh_out is not None, BLOCK_C=block_c)
         else:
@@ -159,6 +162,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
+        weight = weight.contiguous()  # the kernels read it as C consecutive values (a strided view read others)
         y, h, rstd = rms_norm_fwd(x, weight, residual, eps)
         ctx.save_for_backward(h, weight, rstd)
         ctx.set_materialize_grads(False)  # an unused h costs no zero tensor in the backward
@@ -184,15 +188,15 @@ def rms_norm(
     """Fused residual add and RMSNorm with the Triton kernels (compiled on CUDA, interpreted on CPU).
 
     Args:
-        x: (..., C) fp32, fp16 or bf16.
-        weight: (C,) any float dtype; the output dtype is the promotion of x's and weight's.
+        x: (..., C) fp32, fp16 or bf16; at least one dimension.
+        weight: (C,) any float dtype, any stride; the output dtype is the promotion of x's and weight's.
         residual: optional (..., C), same shape and dtype as x, added to x before the norm.
         eps: added to the mean square.
     Returns:
         y: (..., C) = weight * norm(x + residual);
         h: (..., C) = x + residual in x's dtype (the new residual stream); x itself when residual is None.
     Raises:
-        ValueError: shapes or dtypes that do not match.
+        ValueError: shapes or dtypes that do not match, a 0-dim x, an x not in fp32/fp16/bf16.
     """
     _check(x, weight, residual)
     if residual is None:
@@ -200,7 +204,12 @@ def rms_norm(
     return RMSNormFunction.apply(x, weight, residual, eps)
 
 
-def _check(x, weight, residual):
+def _check(x, weight, residual, dtypes=_DTYPES):
+    """Raises ValueError unless x is (..., C) in `dtypes` (the kernels': fp32, fp16, bf16), weight a float (C,)
+    and residual None or x's shape and dtype."""
+    if x.dim() == 0 or x.dtype not in dtypes or not weight.is_floating_point():
+        raise ValueError(f"rms_norm: x must be (..., C) in {', '.join(map(str, dtypes))} and weight a float tensor; "
+                         f"got x {x.dtype} {tuple(x.shape)}, weight {weight.dtype}")
     if weight.shape != (x.shape[-1],):
         raise ValueError(
             f"rms_norm: weight has shape {tuple(weight.shape)}; expected ({x.shape[-1]},) for x {tuple(x.shape)}"
@@ -218,8 +227,8 @@ def _check(x, weight, residual):
 def rms_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch: the same contract as `rms_norm` (differentiable by torch autograd)."""
-    _check(x, weight, residual)
+    """Plain torch: the same contract as `rms_norm` (differentiable by torch autograd), float64 allowed too."""
+    _check(x, weight, residual, dtypes=(*_DTYPES, torch.float64))
     h = x if residual is None else x + residual  # (..., C)
     hf = h.float()
     xhat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)

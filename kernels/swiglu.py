@@ -13,6 +13,7 @@ Notation: N rows (all leading dims flattened), F the FFN width.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -89,8 +90,8 @@ def _tuned_bwd(hopper: bool):
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., F) -> (N, F) with a unit column stride (a view when possible)."""
-    t = t.reshape(-1, t.shape[-1])
+    """(..., F) -> (N, F) with a unit column stride (a view when possible); F = 0 keeps its N rows."""
+    t = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -151,13 +152,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., F) in the input dtype.
     Raises:
-        ValueError: shapes or dtypes that differ.
+        ValueError: shapes or dtypes that differ, a 0-dim tensor or another dtype.
     """
     _check(gate, up)
     return SwiGLUFunction.apply(gate, up)
 
 
-def _check(gate, up):
+def _check(gate, up, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """Raises ValueError unless gate and up are (..., F) of one shape and one of `dtypes` (the kernels' by default)."""
+    if gate.dim() == 0 or gate.dtype not in dtypes:
+        raise ValueError(f"swiglu: gate and up must be (..., F) in {', '.join(map(str, dtypes))}; got {gate.dtype} "
+                         f"{tuple(gate.shape)}")
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
 
@@ -167,6 +172,6 @@ def _check(gate, up):
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Plain torch: silu(gate) * up, the unfused expression of `puzzle.modeling.SwiGLU`."""
-    _check(gate, up)
+    """Plain torch: silu(gate) * up, the unfused expression of `puzzle.modeling.SwiGLU`; float64 allowed too."""
+    _check(gate, up, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     return torch.nn.functional.silu(gate) * up

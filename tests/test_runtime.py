@@ -101,6 +101,15 @@ def test_triton_kernels_in_the_interpreter_match_the_model_with_ragged_prompts()
     _check_against_model(tiny_child(), use_triton=True, lengths=[7, 4], new_tokens=3)
 
 
+def test_bf16_triton_kernels_in_the_interpreter_track_the_torch_path():
+    # the interpreter's bf16 arithmetic was wrong (logits off by up to 3, greedy tokens [0, 0] against [91, 91])
+    ids = _prompts(2, 7)
+    logits = [ChildRuntime(tiny_child(), 2, 10, dtype=torch.bfloat16, use_triton=t).prefill(ids).float()
+              for t in (False, True)]
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    torch.testing.assert_close(logits[1], logits[0], atol=0.1, rtol=0.05)
+
+
 def test_generate_equals_model_generate_and_stops_at_eos():
     model = tiny_child(seed=5)
     ids = _prompts(2, 5, seed=2)

@@ -1,0 +1,99 @@
+"""Inputs the kernels met in a probe (stop 35) and got wrong or crashed on, against the torch references.
+
+On CPU the kernels run in Triton's interpreter (see test_kernels_rmsnorm.py); bf16 there runs as fp32 copies
+(`utils.launch_interpreted`).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (if this module is the first)
+
+import pytest  # noqa: E402
+
+from puzzle.kernels.attention_decode import decode_attention, decode_attention_reference  # noqa: E402
+from puzzle.kernels.attention_prefill import prefill_attention, prefill_attention_reference  # noqa: E402
+from puzzle.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
+from puzzle.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+
+BF16 = dict(atol=4e-2, rtol=2e-2)  # a few bf16 ulps at magnitudes up to ~4
+
+
+def test_bfloat16_matches_the_reference_on_every_kernel():
+    # the interpreter held bf16 as raw 16-bit integers: x + r gave NaN, attention was 8e8 off
+    gen = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(3, 96, generator=gen).bfloat16() for _ in range(2))
+    w = (1 + 0.1 * torch.randn(96, generator=gen)).bfloat16()
+    for got, want in zip(rms_norm(x, w, r), rms_norm_reference(x, w, r)):
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want.float(), **BF16)
+    g, u = (torch.randn(4, 100, generator=gen).bfloat16() for _ in range(2))
+    torch.testing.assert_close(swiglu(g, u).float(), swiglu_reference(g, u).float(), **BF16)
+    q = torch.randn(1, 4, 9, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 9, 64, generator=gen).bfloat16() for _ in range(2))
+    torch.testing.assert_close(prefill_attention(q, k, v).float(), prefill_attention_reference(q, k, v).float(), **BF16)
+    q1 = q[:, :, -1:]
+    got = decode_attention(q1, k, v, torch.tensor([7]))
+    torch.testing.assert_close(got.float(), decode_attention_reference(q1, k, v, torch.tensor([7])).float(), **BF16)
+
+
+def test_bfloat16_gradients_match_the_reference():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 64, generator=gen).bfloat16().requires_grad_()
+    w = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    rms_norm(x, w)[0].float().pow(2).sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    rms_norm_reference(x, w)[0].float().pow(2).sum().backward()
+    torch.testing.assert_close(gx.float(), x.grad.float(), **BF16)
+    torch.testing.assert_close(gw.float(), w.grad.float(), atol=0.2, rtol=2e-2)  # a sum over rows
+
+
+def test_a_strided_weight_is_read_by_its_strides():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 64, generator=gen, requires_grad=True)
+    for w in (torch.randn(128, generator=gen)[::2], torch.full((1,), 2.0).expand(64)):
+        w = w.requires_grad_() if w.is_leaf else w
+        y, _ = rms_norm(x, w)
+        torch.testing.assert_close(y, rms_norm_reference(x, w)[0], atol=1e-5, rtol=1e-5)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        (dx_ref,) = torch.autograd.grad(rms_norm_reference(x, w)[0].sum(), x)
+        torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_reads_a_strided_lengths_view_by_its_stride():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 1, 32, generator=gen)
+    k, v = (torch.randn(3, 2, 40, 32, generator=gen) for _ in range(2))
+    pairs = torch.tensor([[5, 0], [40, 0], [17, 0]])
+    lengths = pairs[:, 0]  # stride 2
+    assert not lengths.is_contiguous()
+    torch.testing.assert_close(decode_attention(q, k, v, lengths), decode_attention_reference(q, k, v, lengths),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [10.5, True, torch.tensor([True])])
+def test_decode_refuses_lengths_that_are_no_integers(lengths):
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 20, 16)
+    with pytest.raises(ValueError, match="lengths must be an int|outside"):
+        decode_attention(q, k, k, lengths)
+
+
+def test_decode_refuses_a_split_count_below_one():
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 20, 16)
+    with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+        decode_attention(q, k, k, 5, num_splits=0)
+
+
+def test_zero_width_rows_and_bad_dtypes():
+    y, h = rms_norm(torch.randn(3, 0), torch.ones(0))
+    assert y.shape == h.shape == (3, 0)
+    assert swiglu(torch.randn(3, 0), torch.randn(3, 0)).shape == (3, 0)
+    with pytest.raises(ValueError, match=r"\(\.\.\., F\)"):
+        swiglu(torch.tensor(1.0), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="x must be"):
+        rms_norm(torch.ones(2, 8, dtype=torch.int32), torch.ones(8))  # was all zeros
+    y, _ = rms_norm_reference(torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64))
+    assert y.dtype == torch.float64  # the reference (the CPU runtime's path) still takes float64
