@@ -35,7 +35,8 @@ import torch
 from .errors import PuzzleError, is_finite_number, require_finite
 from .io import atomic_save_safetensors
 from .modeling import KVCache
-from .rpo import AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, preference_loss
+from .rpo import (AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, needs_rewards,
+                  preference_loss)
 
 # ------------------------------------------------------------------------------------------------
 # records
@@ -219,11 +220,14 @@ def hhh_alignment_records(sdist_path) -> list[PreferenceRecord]:
 
 @dataclass(frozen=True)
 class EncodedRecord:
-    """A record as token ids: prompt_ids (P,), K response id tuples, rewards or None."""
+    """A record as token ids: prompt_ids (P,), K response id tuples, rewards or None, and whether it is a pair
+    with the chosen response first (a {prompt, chosen, rejected} record, a 2-response group whose rewards differ,
+    put best first by `encode_records`, or `_pair_of` a sampled group)."""
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[tuple[int, ...], ...]
     rewards: tuple[float, ...] | None
+    is_pair: bool = False
 
 
 def encode_prompt(tokenizer, prompt, string_prompts: str = "raw") -> list[int]:
@@ -260,14 +264,20 @@ def encode_response(tokenizer, text: str, append_eos: bool = True) -> list[int]:
 def encode_records(tokenizer, records: list[PreferenceRecord], *, max_prompt_tokens: int = 512,
                    max_response_tokens: int = 256, append_eos: bool = True,
                    string_prompts: str = "raw") -> list[EncodedRecord]:
-    """Tokenize records; prompts keep their last `max_prompt_tokens`, responses their first `max_response_tokens`."""
+    """Tokenize records; prompts keep their last `max_prompt_tokens`, responses their first `max_response_tokens`.
+
+    A group of two responses whose rewards differ becomes a pair, its better response first (a group's order
+    means nothing: pair losses and their margins take column 0 as the chosen response)."""
     out = []
     for r in records:
         prompt = encode_prompt(tokenizer, r.prompt, string_prompts)[-max_prompt_tokens:]
         responses = tuple(tuple(encode_response(tokenizer, t, append_eos)[:max_response_tokens]) for t in r.responses)
         if any(len(x) == 0 for x in responses):
             raise PuzzleError("a response has no tokens; drop empty responses or keep append_eos=True")
-        out.append(EncodedRecord(tuple(prompt), responses, r.rewards))
+        record = EncodedRecord(tuple(prompt), responses, r.rewards, r.is_pair)
+        if not r.is_pair and len(responses) == 2 and r.rewards is not None:
+            record = _pair_of(record) or record  # rewards that tie leave a group (no chosen response)
+        out.append(record)
     return out
 
 
@@ -648,6 +658,11 @@ def _check_data(encoded: list[EncodedRecord], config: RPOConfig) -> None:
         raise PuzzleError(f"{config.loss} trains on pairs; this data has groups of K != 2 responses. Use rpo-multi "
                           "or rloo, or turn each rewarded group into its best and worst responses "
                           "(puzzle.preference.best_worst_pair)")
+    if config.loss in PAIR_LOSSES and not needs_rewards(config.loss) and not all(r.is_pair for r in encoded):
+        first = next(i for i, r in enumerate(encoded) if not r.is_pair)
+        raise PuzzleError(f"{config.loss} trains on pairs with a chosen response; record {first} (counting from 0) is "
+                          "a group of 2 responses without rewards, or with equal rewards, so neither is chosen. Write "
+                          "it as {prompt, chosen, rejected}, give rewards that differ, or drop it")
     for r in encoded:
         check_rewards(config.loss, None if r.rewards is None else torch.tensor(r.rewards))
 
@@ -728,7 +743,7 @@ def _pair_of(e: EncodedRecord) -> EncodedRecord | None:
     """`best_worst_pair` of a sampled group as token ids (None when all rewards tie)."""
     if (ends := _best_worst(e.rewards)) is None:
         return None
-    return EncodedRecord(e.prompt_ids, tuple(e.response_ids[i] for i in ends), tuple(e.rewards[i] for i in ends))
+    return EncodedRecord(e.prompt_ids, tuple(e.response_ids[i] for i in ends), tuple(e.rewards[i] for i in ends), True)
 
 
 def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, reference=None,
@@ -852,8 +867,9 @@ def preference_accuracy(model, reference, encoded: list[EncodedRecord], beta: fl
     Raises:
         PuzzleError: groups instead of pairs, or precomputed log-probs of other records.
     """
-    if any(len(r.response_ids) != 2 for r in encoded):
-        raise PuzzleError("preference accuracy needs pairs (chosen, rejected)")
+    if any(len(r.response_ids) != 2 or not r.is_pair for r in encoded):  # a group's order names no chosen one
+        raise PuzzleError("preference accuracy needs pairs (chosen, rejected): {prompt, chosen, rejected} records, or "
+                          "2-response groups whose rewards differ")
     prompts, responses = _flat(encoded)
     counts = torch.tensor([len(y) for y in responses], dtype=torch.float64).view(-1, 2)
     pol = _logprobs_of(model, prompts, responses, batch_size, "policy").view(-1, 2)

@@ -212,6 +212,33 @@ def test_offline_dpo_learns_the_preference_with_cache_or_copy(tiny):
                       RPOConfig(loss="rpo-sq"), frozen_copy(tiny.model))
 
 
+def test_two_response_groups_train_pair_losses_best_first(tiny):
+    # a group's order means nothing: [" wrong wrong", " right"] with rewards [0, 1] was trained with " wrong
+    # wrong" as the chosen response (DPO's margin +6.7 after 20 steps toward the reward-0 response)
+    group = {"prompt": "The parent", "responses": [" zzz qqq", " is a model."], "rewards": [0.0, 1.0]}
+    pair = {"prompt": "The parent", "chosen": " is a model.", "rejected": " zzz qqq"}
+    enc_group, enc_pair = (encode_records(tiny.tokenizer, [record_from_dict(r)]) for r in (group, pair))
+    assert enc_group[0].response_ids == enc_pair[0].response_ids and enc_group[0].is_pair
+    assert enc_group[0].rewards == (1.0, 0.0)
+    config = RPOConfig(loss="dpo", beta=0.5, steps=4, batch_size=1, lr=3e-3)
+    model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    history = train_offline(model, enc_group, config, frozen_copy(model))
+    assert history["margin"].iloc[-1] > 0  # toward the reward-1 response
+    ref = frozen_copy(model)
+    assert preference_accuracy(ref, ref, enc_group)["pairs"] == 1
+    for tied in ({**group, "rewards": [0.5, 0.5]}, {k: v for k, v in group.items() if k != "rewards"}):
+        enc = encode_records(tiny.tokenizer, [record_from_dict(tied)])
+        with pytest.raises(PuzzleError, match="record 0 .* is a group of 2 responses without rewards, or with equal"):
+            train_offline(model, enc, config, frozen_copy(model))
+        with pytest.raises(PuzzleError, match="needs pairs"):
+            preference_accuracy(ref, ref, enc)
+    # losses on rewards take a tied group: their target margin is 0
+    enc = encode_records(tiny.tokenizer, [record_from_dict({**group, "rewards": [0.5, 0.5]})])
+    train_offline(model, enc, RPOConfig(loss="rpo-sq", steps=1, batch_size=1), frozen_copy(model))
+
+
 def test_online_rloo_and_rpo_with_adapters(tiny):
     model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model
     handle = apply_adapters(model, AdapterConfig(spec="vBuA", rank=4))
