@@ -568,6 +568,11 @@ class RPOConfig:
             raise PuzzleError(f"kl_coef and weight_decay must be >= 0, max_grad_norm and temperature > 0 (got "
                               f"kl_coef={self.kl_coef}, weight_decay={self.weight_decay}, "
                               f"max_grad_norm={self.max_grad_norm}, temperature={self.temperature})")
+        if self.loss == "rloo" and (self.temperature != 1 or self.top_k):  # Ahmadian et al. 2024: on-policy
+            raise PuzzleError(f"rloo samples the policy itself (temperature 1, no top-k): its gradient is unbiased "
+                              f"only for the distribution it samples from, and log-probs are scored at temperature 1 "
+                              f"over the whole vocabulary (got temperature={self.temperature}, top_k={self.top_k}); "
+                              f"drop --temperature (and keep top_k 0), or use a pair loss or rpo-multi")
         if self.warmup_steps < 0 or self.top_k < 0:
             raise PuzzleError(f"warmup_steps and top_k must be >= 0 (got {self.warmup_steps}, {self.top_k})")
         for name in ("steps", "batch_size", "max_prompt_tokens", "max_response_tokens", "max_new_tokens"):
@@ -950,6 +955,27 @@ def add_rpo_parser(subparsers) -> None:
     p.set_defaults(func=cmd_rpo)
 
 
+def _judge(path: str, policy_tokenizer, string_prompts: str):
+    """`--reward judge:PATH`: the model at PATH as a LikelihoodJudge that reads the responses' text with its own
+    tokenizer (the policy's when PATH has none and both have one vocabulary size; a judge of another vocabulary
+    scored the policy's token ids as its own: wrong rewards, or an IndexError).
+
+    Raises:
+        PuzzleError: PATH has no tokenizer and its vocabulary size differs from the policy tokenizer's.
+    """
+    from .rewards import LikelihoodJudge
+
+    judge = _load_model(path)
+    tokenizer = judge.tokenizer
+    if tokenizer is None:
+        vocab = judge.model.config.vocab_size
+        if len(policy_tokenizer) > vocab:
+            raise PuzzleError(f"--reward judge:{path}: the judge has no tokenizer and a vocabulary of {vocab} tokens, "
+                              f"the policy's tokenizer {len(policy_tokenizer)}; give a judge folder with its tokenizer")
+        tokenizer = policy_tokenizer
+    return LikelihoodJudge(judge.model, tokenizer, string_prompts)
+
+
 def _load_model(path: str):
     from .tiny import means_builtin_tiny, tiny_parent
 
@@ -1076,7 +1102,7 @@ def _rpo(args) -> int:
 
     from .export import export_checkpoint
     from .io import atomic_write_json
-    from .rewards import LikelihoodJudge, get_task
+    from .rewards import get_task
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sources = [x is not None for x in (args.data, args.task, args.prompts)]
@@ -1146,7 +1172,7 @@ def _rpo(args) -> int:
             prompts, reward_fn = task.prompts(128 if args.num_prompts is None else args.num_prompts, seed=args.seed), task
             held_out = task.prompts(args.eval_prompts, seed=args.seed + 10_000) if args.eval_prompts else []
         else:
-            reward_fn = (LikelihoodJudge(_load_model(args.reward[len("judge:"):]).model, tokenizer, args.string_prompts)
+            reward_fn = (_judge(args.reward[len("judge:"):], tokenizer, args.string_prompts)
                          if args.reward.startswith("judge:") else get_task(args.reward))
             held_out = []
         if held_out:

@@ -139,8 +139,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True) if i else []
         upto = _render(tokenizer, messages[:i + 1], False)
+        if i:
+            before = _render(tokenizer, messages[:i], True)
+        else:  # no prefix to render with a generation prompt: the header is what the turn shares with an empty one
+            blank = _render(tokenizer, [{**m, "content": ""}], False)
+            before = upto[:next((t for t, (a, b) in enumerate(zip(upto, blank)) if a != b), min(len(upto), len(blank)))]
         if upto[:len(before)] != before or ids[:len(upto)] != upto:
             raise PuzzleError("the chat template's rendering of a conversation prefix is not a prefix of the whole "
                               "conversation's; the assistant tokens cannot be located (use a standard template)")

@@ -252,6 +252,11 @@ def test_online_rloo_and_rpo_with_adapters(tiny):
     assert handle.num_trainable() > 0
     with pytest.raises(PuzzleError, match="reference model"):
         train_online(model, tiny.tokenizer, prompts, task, RPOConfig(loss="dpo", steps=1), None)
+    # RLOO's estimator is on-policy: sampling at another temperature or from the top k biased it (review)
+    for off_policy in ({"temperature": 0.5}, {"top_k": 5}):
+        with pytest.raises(PuzzleError, match="rloo samples the policy itself"):
+            RPOConfig(loss="rloo", **off_policy)
+    RPOConfig(loss="rpo-multi", temperature=0.5)
 
 
 def test_rewards_are_graded_and_verifiable(tiny):
@@ -271,6 +276,21 @@ def test_rewards_are_graded_and_verifiable(tiny):
     judge = LikelihoodJudge(tiny.model, tiny.tokenizer)
     scores = judge(["The parent", "The parent"], [" is a model.", " zzz"])
     assert len(scores) == 2 and all(s < 0 for s in scores) and scores[0] != scores[1]
+
+
+def test_a_judge_reads_responses_with_its_own_tokenizer(tiny, monkeypatch):
+    import dataclasses
+
+    import puzzle.preference as preference
+
+    judge = preference._judge("tiny", None, "raw")  # the policy's tokenizer is not needed
+    assert judge.tokenizer is not None  # the judge's own (the policy's was used whatever the judge's vocabulary)
+    small = len(tiny.tokenizer) - 1  # a judge without a tokenizer, of a smaller vocabulary than the policy's
+    bare = dataclasses.replace(tiny_parent(), tokenizer=None)
+    bare.model.config = dataclasses.replace(bare.model.config, vocab_size=small)  # what the check reads
+    monkeypatch.setattr(preference, "_load_model", lambda path: bare)
+    with pytest.raises(PuzzleError, match=f"no tokenizer and a vocabulary of {small} tokens"):
+        preference._judge("bare", tiny.tokenizer, "raw")
 
 
 def test_evaluation_helpers(tiny):

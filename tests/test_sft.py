@@ -55,6 +55,11 @@ def test_only_assistant_turns_are_learned(tiny):
     assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))
     _, everything = tokenize_conversation(tok, CHAT, train_on_prompt=True)
     assert IGNORE not in everything
+    # a conversation that opens with the assistant: its role header was learned ("assistant\nHello...")
+    ids, labels = tokenize_conversation(tok, [{"role": "assistant", "content": "Hello, how can I help?"},
+                                              {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    learned = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert learned == "Hello, how can I help?<|im_end|>\nok<|im_end|>\n"
 
 
 def test_packed_rows_compute_what_each_conversation_alone_does(tiny):
