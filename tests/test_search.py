@@ -174,6 +174,60 @@ def test_cp_sat_fallback_matches_brute_force(monkeypatch):
         assert s.optimal and s.objective == pytest.approx(brute_force(table, budgets)[0], rel=1e-9)
 
 
+#: a seeded random table (a breaker's, seed 6079) on which CP-SAT's presolve called a worse child optimal
+CP_PRESOLVE_TABLE = """\
+layer,subblock,variant,is_parent,kl_nats,lm_loss,cosine,prefill_ms,decode_ms,runtime_ms,memory_mib,params
+0,block,attn-kv8+ffn-1024,True,0.0,2.0,1.0,6.185,9.139,3.554,3.544,4843000.0
+0,block,attn-kv2+ffn-512,False,0.823,2.3626224802353146,0.8375067015107723,2.797,9.927,2.262,1.972,8617000.0
+0,block,attn-kv4+ffn-1024,False,1.9032,2.3171348461975776,0.8496477868502471,3.367,7.661,5.176,0.322,3946000.0
+0,block,attn-kv1+ffn-1024,False,0.1943,2.2890914090832504,0.8096531421632612,1.852,0.367,4.62,2.248,7434000.0
+0,block,attn-kv4+ffn-768,False,0.4603,3.820378395284939,0.7070397087155551,7.672,4.907,3.748,2.83,295000.0
+0,block,attn-kv2+ffn-256,False,0.0263,2.289795213064469,0.7423228827240607,5.37,2.37,2.788,5.837,3396000.0
+1,block,attn-kv8+ffn-1024,True,0.0,2.0,1.0,4.391,5.596,5.74,5.893,1795000.0
+1,block,attn-kv2+ffn-1024,False,2.359,2.1444691045999327,0.8507440102078379,2.291,3.887,1.993,4.119,4357000.0
+1,block,attn-kv8+ffn-768,False,0.0511,2.3977119723233162,0.99109705874352,9.238,9.626,6.805,4.899,1823000.0
+1,block,attn-kv8+ffn-256,False,0.7691,3.5617470506625755,0.7500888706818546,2.087,9.032,3.632,4.855,4861000.0
+1,block,attn-kv4+ffn-768,False,1.0086,2.014545160381254,0.996786926315509,2.926,3.257,1.411,7.424,7776000.0
+1,block,attn-kv4+ffn-512,False,0.3383,2.7376766925908913,0.8248196226329577,6.436,6.158,9.29,5.791,1618000.0
+2,block,attn-kv8+ffn-1024,True,0.0,2.0,1.0,3.381,2.629,3.65,4.938,5605000.0
+2,block,attn-kv4+ffn-768,False,0.1291,2.108924255652825,0.8138341064580223,7.264,8.972,7.381,6.607,6225000.0
+2,block,attn-kv1+ffn-256,False,0.1225,2.32518672989539,0.7749150745894321,8.307,9.16,6.412,0.414,1168000.0
+2,block,attn-kv4+ffn-256,False,0.6232,2.7203333167487296,0.8273827902743296,4.682,4.346,2.858,2.887,5166000.0
+2,block,attn-kv4+ffn-1024,False,0.1985,4.551165872365866,0.8912122204570155,3.08,2.888,6.762,0.97,9375000.0
+2,block,attn-kv4+ffn-512,False,0.4479,2.0868054234446256,0.8906438660369161,3.853,6.318,8.351,6.263,3395000.0
+3,block,attn-kv8+ffn-1024,True,0.0,2.0,1.0,6.192,0.006,8.593,4.995,2318000.0
+3,block,attn-kv1+ffn-512,False,0.3104,2.3616037295459904,0.8234644984974993,6.544,2.504,4.85,1.416,0.0
+3,block,attn-kv8+ffn-768,False,0.5444,2.0595662029623223,0.8564689720138259,2.179,7.773,4.223,6.538,2174000.0
+3,block,attn-kv1+ffn-256,False,0.7714,2.751175284950309,0.9801983964966718,5.598,4.622,5.504,9.264,5786000.0
+3,block,attn-kv2+ffn-1024,False,2.1441,2.032532518007998,0.7936000975307754,3.084,8.43,1.451,5.49,8117000.0
+3,block,attn-kv8+ffn-512,False,0.5944,2.506272575243721,0.7002257302326194,5.605,7.938,7.374,6.486,4694000.0
+4,block,attn-kv8+ffn-1024,True,0.0,2.0,1.0,5.238,6.693,3.027,5.656,4207000.0
+4,block,attn-kv8+ffn-256,False,1.0096,2.234206880256526,0.7772499508839453,4.609,5.273,1.37,8.542,3639000.0
+4,block,attn-kv4+ffn-768,False,0.4555,2.336811099520213,0.7850363980747629,1.085,2.748,9.289,3.112,9305000.0
+4,block,attn-kv1+ffn-512,False,2.7108,2.191578447087184,0.7718692451420828,9.23,4.806,0.068,8.17,6157000.0
+4,block,attn-kv1+ffn-768,False,0.0183,2.0870333622085644,0.9613638342115348,5.337,1.866,1.026,8.962,3199000.0
+4,block,attn-kv2+ffn-1024,False,0.4366,2.991838411226133,0.7247741125938968,5.098,9.286,0.191,1.827,9597000.0
+-1,non_block,non_block,True,0.0,,,1.0,2.0,1.0,0.0,1000000.0
+"""
+
+
+def test_cp_sat_fallback_proves_the_optimum_a_presolve_missed(tmp_path, capsys, monkeypatch):
+    """CP-SAT with presolve returned objective -0.830942 as optimal (bound equal to it); the brute-force optimum,
+    -0.849648, meets all three budgets (breaker, stop 35)."""
+    from puzzle.cli import main
+
+    monkeypatch.setattr(mip, "DP_MAX_STATES", 1)  # every exact solve goes to CP-SAT
+    lib = tmp_path / "table.csv"
+    lib.write_text(CP_PRESOLVE_TABLE)
+    (tmp_path / "table.csv.json").write_text(json.dumps({"device": "cpu", "batch_size": 4, "gen_len": 8,
+                                                        "prompt_len": 16}))
+    assert main(["search", "--library", str(lib), "--json", "--objective", "cosine", "--max-runtime", "1.2739",
+                 "--max-prefill", "23.97355ms", "--max-decode", "1.1366"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["optimal"] and out["objective"] == pytest.approx(-0.849648, abs=1e-6)
+    assert out["choice"] == ["attn-kv4+ffn-1024"] + ["attn-kv8+ffn-1024"] * 4
+
+
 def test_shared_costs_and_lm_loss_objective():
     table = random_table(3, layers=4, kind="coupled", shared_costs=True)  # costs identical per variant, as measured
     budgets = fraction_budgets(table, runtime_ms=0.6)
