@@ -519,14 +519,25 @@ def _integral(values: np.ndarray, keep: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(kept)) and np.all(kept == np.round(kept)))
 
 
+def _lex_rank(v: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(S,) int64: the rank of each (score, tie-break) pair in lexicographic order, equal pairs equal."""
+    order = np.lexsort((t, v))
+    new = np.ones(len(v), bool)
+    new[1:] = (v[order][1:] != v[order][:-1]) | (t[order][1:] != t[order][:-1])
+    rank = np.empty(len(v), np.int64)
+    rank[order] = np.cumsum(new) - 1
+    return rank
+
+
 def _pareto_grouped(c: np.ndarray, v: np.ndarray, t: np.ndarray) -> np.ndarray:
     """(S,) bool: per group of states with equal costs in all but the most varied cost column, the
     (cost in that column, score) Pareto front, ties to the lower t.
 
     c: (S, m) int costs (m >= 2; the other columns are typically counts of changed or shared layers
     with few levels); v: (S,) scores; t: (S,) tie-break values. Exact for the DP: a dropped state has
-    a kept one with equal costs elsewhere, no larger cost in that column and no larger score, so every
-    completion of the dropped state is at least as feasible and as good from the kept one.
+    a kept one with equal costs elsewhere, no larger cost in that column and a lexicographically no
+    larger (score, t), so every completion of the dropped state is at least as feasible and as good,
+    ties included, from the kept one.
     """
     b = int(np.argmax([len(np.unique(c[:, k])) for k in range(c.shape[1])]))
     rest = [k for k in range(c.shape[1]) if k != b]
@@ -535,7 +546,7 @@ def _pareto_grouped(c: np.ndarray, v: np.ndarray, t: np.ndarray) -> np.ndarray:
     starts = np.ones(len(v), bool)
     starts[1:] = (grp[1:] != grp[:-1]).any(1)
     gid = np.cumsum(starts) - 1  # (S,) group of each state in `order`
-    rank = np.unique(v, return_inverse=True)[1].reshape(-1)[order].astype(np.int64)  # exact integer scores
+    rank = _lex_rank(v, t)[order]  # exact integer (score, t) ranks
     n = len(v)
     # a running minimum that restarts per group: earlier groups sit above every rank of later ones
     lifted = rank + (gid[-1] - gid) * n
@@ -628,8 +639,9 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
         first = np.ones(len(v), bool)
         if m == 0:  # nothing budgeted: the best partial solution is all that matters
             first[1:] = False
-        elif m == 1:  # Pareto front of (cost, score): keep a state only if it beats every cheaper one
-            first[1:] = v[1:] < np.minimum.accumulate(v)[:-1]
+        elif m == 1:  # Pareto front of (cost, (score, t)): keep a state only if it beats every cheaper one
+            rank = _lex_rank(v, t)  # a faster state of equal score is kept: ties go to the lower runtime
+            first[1:] = rank[1:] < np.minimum.accumulate(rank)[:-1]
         elif m:  # e.g. runtime + a trust-region or diversity count
             first = _pareto_grouped(c, v, t)
         c, v, r, t, parent, slot = c[first], v[first], r[first], t[first], parent[first], slot[first]

@@ -228,6 +228,40 @@ def test_cp_sat_fallback_proves_the_optimum_a_presolve_missed(tmp_path, capsys, 
     assert out["choice"] == ["attn-kv4+ffn-1024"] + ["attn-kv8+ffn-1024"] * 4
 
 
+#: a seeded random table with integer costs (a breaker's, seed 141) where two children tie on the objective
+TIE_TABLE = """\
+layer,subblock,variant,is_parent,kl_nats,lm_loss,cosine,prefill_ms,decode_ms,runtime_ms,memory_mib,params
+0,block,attn-kv8+ffn-1024,True,0.0,2.0,1.0,0.0,0.0,1.0,3.0,3000000.0
+0,block,attn-kv4+ffn-512,False,0.0,4.0,1.0,3.0,2.0,3.0,2.0,3000000.0
+0,block,attn-kv1+ffn-512,False,3.0,2.0,1.0,1.0,3.0,0.0,3.0,0.0
+0,block,attn-kv8+ffn-256,False,3.0,3.0,0.6,2.0,0.0,3.0,2.0,3000000.0
+0,block,attn-kv4+ffn-768,False,0.0,5.0,0.7,1.0,0.0,0.0,2.0,2000000.0
+0,block,attn-kv8+ffn-512,False,3.0,6.0,0.6,3.0,2.0,1.0,1.0,1000000.0
+1,block,attn-kv8+ffn-1024,True,0.0,2.0,1.0,2.0,3.0,0.0,3.0,2000000.0
+1,block,attn-kv4+ffn-1024,False,1.0,3.0,0.8,2.0,2.0,3.0,2.0,0.0
+1,block,attn-kv1+ffn-1024,False,4.0,5.0,0.7,0.0,2.0,3.0,0.0,0.0
+1,block,attn-kv8+ffn-256,False,2.0,4.0,0.8,0.0,3.0,2.0,2.0,3000000.0
+1,block,attn-kv1+ffn-256,False,3.0,6.0,0.6,0.0,3.0,0.0,1.0,0.0
+1,block,attn-kv2+ffn-256,False,0.0,4.0,0.6,2.0,3.0,0.0,2.0,2000000.0
+-1,non_block,non_block,True,0.0,,,1.0,2.0,0.0,1.0,1000000.0
+"""
+
+
+def test_a_tie_on_the_objective_goes_to_the_faster_child(tmp_path, capsys):
+    """The DP's Pareto pruning dropped an equally scored, faster state when runtime was not budgeted: the first
+    solution ran 4.0 ms, the second (same objective 2.5, same budget) 0.0 ms (breaker, stop 35)."""
+    from puzzle.cli import main
+
+    lib = tmp_path / "table.csv"
+    lib.write_text(TIE_TABLE)
+    (tmp_path / "table.csv.json").write_text(json.dumps({"device": "cpu", "batch_size": 4, "gen_len": 8,
+                                                        "prompt_len": 16}))
+    assert main(["search", "--library", str(lib), "--json", "--objective", "kl_nats=1,lm_loss=0.5",
+                 "--max-params", "5.2M"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["optimal"] and out["objective"] == pytest.approx(2.5) and out["runtime_ms"] == 0.0
+
+
 def test_shared_costs_and_lm_loss_objective():
     table = random_table(3, layers=4, kind="coupled", shared_costs=True)  # costs identical per variant, as measured
     budgets = fraction_budgets(table, runtime_ms=0.6)
