@@ -1217,3 +1217,31 @@ def test_a_budget_the_parent_meets_is_noted_as_not_binding(capsys):
     assert len(notes) == 1 and notes[0].startswith("note: max_memory_mib=") and "x the parent's" in notes[0]
     assert main(["search", "--library", str(FIXTURE), "--json", "--max-runtime", "0.6"]) == 0
     assert "does not bind" not in capsys.readouterr().err
+
+
+def test_fewer_solutions_for_lack_of_time_say_so(tmp_path, capsys, monkeypatch):
+    """Breaker: the time the attempt that ran out spent counted nowhere, so the note blamed the diversity rule ("no
+    more children differ ...") when later solutions only lacked time (3 existed on the 70B library)."""
+    import time as time_module
+
+    import puzzle.search as search
+    from puzzle.cli import main
+
+    real = search.solve_core
+    calls = []
+
+    def first_then_out_of_time(*args, **kwargs):  # the second solution's attempt spends what is left, finds none
+        calls.append(1)
+        if len(calls) == 1:
+            return real(*args, **kwargs)
+        time_module.sleep(args[7])  # its time_limit
+        raise PuzzleError("the search found no solution within the time left")
+
+    monkeypatch.setattr(search, "solve_core", first_then_out_of_time)
+    lib = tmp_path / "table.csv"
+    random_table(0, layers=4, kind="mixed").to_csv(lib, index=False)
+    assert main(["search", "--library", str(lib), "--json", "--max-runtime", "0.7", "--num-solutions", "3",
+                 "--min-layers-differ", "1", "--time-limit", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "alternatives" not in out and len(calls) == 2
+    assert "the --time-limit of 0.5 s ran out" in out["note"]
