@@ -157,16 +157,20 @@ def block_config_entry(block: BlockConfig, num_attention_heads: int, hidden_size
     """The nemotron-nas `block_configs` entry for one block (plus the exact FFN width).
 
     Returns:
-        {"attention": {"no_op", "replace_with_linear", "n_heads_in_group"},
-         "ffn": {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size"}}
+        {"attention": {"no_op", "replace_with_linear", "n_heads_in_group", "sparsify"},
+         "ffn": {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size", "sparsify"}}; `sparsify` is always
+        null, as in NVIDIA's published Nemotron-NAS configs (TensorRT-LLM's older DeciLM converter reads it as an
+        attribute of both entries).
     """
     a, f = block.attention, block.ffn
     attention = {
         "no_op": a.kind == "no_op",
         "replace_with_linear": a.kind == "linear",
         "n_heads_in_group": num_attention_heads // a.num_kv_heads if a.kind == "gqa" else None,
+        "sparsify": None,
     }
-    ffn = {"no_op": f.kind == "no_op", "replace_with_linear": f.kind == "linear", "ffn_mult": None, "intermediate_size": None}
+    ffn = {"no_op": f.kind == "no_op", "replace_with_linear": f.kind == "linear", "ffn_mult": None, "intermediate_size": None,
+           "sparsify": None}
     if f.kind == "swiglu":
         ffn["ffn_mult"], _ = intermediate_size_to_ffn_mult(f.intermediate_size, hidden_size)
         ffn["intermediate_size"] = f.intermediate_size

@@ -374,11 +374,13 @@ def _load_tokenizer(folder: Path):
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         finally:
             hf_logging.set_verbosity(verbosity)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if (folder / "tokenizer.json").is_file():  # AutoTokenizer may trip over a model_type it does not know
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        # AutoTokenizer may trip over a model_type it does not know: for a nemotron-nas config with llama3 RoPE
+        # scaling, transformers 5's generic config lacks max_position_embeddings (AttributeError)
+        if (folder / "tokenizer.json").is_file():
             try:
                 return PreTrainedTokenizerFast.from_pretrained(str(folder))
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass
         raise PuzzleError(f"the tokenizer in {folder} cannot be loaded ({str(e).strip().splitlines()[0]}); "
                           "copy the tokenizer files from the original checkpoint again") from e

@@ -103,6 +103,19 @@ def test_loads_with_remote_code_and_matches_logits(exported):
     assert (got_masked - want).abs().max().item() <= 1e-4
 
 
+def test_the_projects_own_loader_reopens_every_export(exported):
+    """`load_parent` on an export (what generate, gkd, sft, merge and rpo do): the llama3-RoPE variant raised an
+    AttributeError from AutoTokenizer, whose generic config for nemotron-nas lacks max_position_embeddings."""
+    from puzzle.parent import load_parent
+
+    child, tokenizer, result, _ = exported
+    loaded = load_parent(str(result.path))
+    assert loaded.tokenizer("w5 w9")["input_ids"] == tokenizer("w5 w9")["input_ids"]
+    x = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (loaded.model(x) - child(x)).abs().max().item() <= 1e-5
+
+
 def test_greedy_generate_matches_puzzle_generate(exported):
     child, _, _, hf = exported
     for p in (prompt(5, 17, 99, 42), prompt(64, 3, 77, 120, 8, 31, 19)):
@@ -183,6 +196,9 @@ def test_config_json_has_block_configs_and_the_ffn_mult_rule(exported):
     assert entries == [block_config_entry(b, 4, 64) for b in cfg.blocks]
     assert [block_from_entry(e, 4, 64) for e in entries] == list(cfg.blocks)
     assert hf.config.block_configs[1].attention.n_heads_in_group == entries[1]["attention"]["n_heads_in_group"]
+    # NVIDIA's configs write sparsify: null in both entries; TensorRT-LLM's older converter reads it as an attribute
+    assert all(hf.config.block_configs[i].attention.sparsify is None and hf.config.block_configs[i].ffn.sparsify is None
+               for i in range(len(entries)))
     for i, (b, e) in enumerate(zip(cfg.blocks, entries)):
         if b.ffn.kind != "swiglu":
             assert e["ffn"]["ffn_mult"] is None
