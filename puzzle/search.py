@@ -820,6 +820,12 @@ def search_main(args: argparse.Namespace) -> int:
         record["note"] = short
     for note in budgets.above_parent(parent):
         print(f"note: {note}", file=sys.stderr)
+    if meta.get("non_block"):  # the published library: blocks only (its file gives no vocabulary size)
+        record["non_block"] = meta["non_block"]
+        print("note: this library's costs cover its blocks only (the file has no embedding or LM-head costs): "
+              "totals, fractions and speed-ups are of the blocks alone, and an absolute --max-memory, --max-params "
+              "or --max-runtime is compared with the blocks alone (subtract the embedding and LM head from it)",
+              file=sys.stderr)
     if meta.get("missing_sidecar"):
         print(f"note: {meta['missing_sidecar']} (the table's sidecar) does not exist, so the device and workload "
               f"(batch size, prompt and generation lengths) of these costs are unknown", file=sys.stderr)

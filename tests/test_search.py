@@ -1216,7 +1216,12 @@ def test_a_budget_the_parent_meets_is_noted_as_not_binding(capsys):
     notes = [line for line in out.err.splitlines() if "does not bind" in line]
     assert len(notes) == 1 and notes[0].startswith("note: max_memory_mib=") and "x the parent's" in notes[0]
     assert main(["search", "--library", str(FIXTURE), "--json", "--max-runtime", "0.6"]) == 0
-    assert "does not bind" not in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "does not bind" not in out.err
+    # the published library has no embedding or LM-head costs: absolute budgets were taken as whole-model ones
+    # (--max-memory 70000MiB --max-params 35B gave a child of 70,779 MiB and 37.1B parameters with them; cost verifier)
+    assert "note: this library's costs cover its blocks only" in out.err
+    assert "zero costs" in json.loads(out.out)["non_block"]
 
 
 def test_fewer_solutions_for_lack_of_time_say_so(tmp_path, capsys, monkeypatch):
