@@ -650,7 +650,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     _add_once(g, "--greedy", action="store_true", help="the greedy baseline instead of the MIP")
     _add_once(g, "--roofline", metavar="GPU", default=None,
               help="plan for a GPU you do not have: replace the measured costs of a run directory's table by roofline "
-                   "estimates for H100, H200, A100 or L40S (scoring/roofline.py) at the run's batch and lengths")
+                   "estimates for H100, H200, A100 (the SXM cards, not PCIe/NVL) or L40S (scoring/roofline.py) at the "
+                   "run's batch and lengths")
     _add_once(g, "--roofline-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
               help="weights, activations and KV cache for --roofline (default bfloat16)")
     _add_once(g, "--json", action="store_true", help="print one JSON object (objective, choice, totals)")

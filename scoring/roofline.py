@@ -53,7 +53,8 @@ class DeviceSpec:
         name: a readable name.
         peak_tflops: dense peak TFLOP/s per compute dtype ("float32", "tf32", "bfloat16", "float16", "float8").
         memory_bw_gb_s: peak device-memory bandwidth, GB/s (1e9 bytes per second).
-        memory_gib: device memory capacity, GiB.
+        memory_gib: device memory a program can allocate, GiB: the driver's total (nvidia-smi memory.total), which
+            is below the advertised size where ECC or firmware reserve some (L40S: 45.0 of "48 GB").
         l2_mib: last-level (L2) cache, MiB.
         source: where the numbers come from.
     """
@@ -80,17 +81,20 @@ KERNELS = {"gqa": 14, "linear_attention": 4, "swiglu": 7, "linear_ffn": 4, "non_
 
 _HOPPER = {"float32": 66.9, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4, "float8": 1978.9}
 GPUS: dict[str, DeviceSpec] = {
-    "H100": DeviceSpec("NVIDIA H100 SXM5 80GB", _HOPPER, 3350.0, 80.0, 50.0,
+    "H100": DeviceSpec("NVIDIA H100 SXM5 80GB", _HOPPER, 3350.0, 81559 / 1024, 50.0,
                        "NVIDIA H100 Tensor Core GPU datasheet (dense = half the sparsity figures); "
-                       "H100 SXM5: 3.35 TB/s HBM3, 50 MB L2"),
-    "H200": DeviceSpec("NVIDIA H200 SXM 141GB", _HOPPER, 4800.0, 141.0, 50.0,
-                       "NVIDIA H200 datasheet: H100 compute with 141 GB HBM3e at 4.8 TB/s"),
+                       "H100 SXM5: 3.35 TB/s HBM3, 50 MB L2; nvidia-smi memory.total 81,559 MiB"),
+    "H200": DeviceSpec("NVIDIA H200 SXM 141GB", _HOPPER, 4800.0, 143771 / 1024, 50.0,
+                       "NVIDIA H200 datasheet: H100 compute with 141 GB HBM3e at 4.8 TB/s; nvidia-smi memory.total "
+                       "143,771 MiB"),
     "A100": DeviceSpec("NVIDIA A100 SXM4 80GB", {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0, "float16": 312.0},
-                       2039.0, 80.0, 40.0,
-                       "NVIDIA A100 datasheet (80GB SXM4: 2,039 GB/s HBM2e, 40 MB L2); no FP8 tensor cores"),
+                       2039.0, 81920 / 1024, 40.0,
+                       "NVIDIA A100 datasheet (80GB SXM4: 2,039 GB/s HBM2e, 40 MB L2); no FP8 tensor cores; "
+                       "nvidia-smi memory.total 81,920 MiB"),
     "L40S": DeviceSpec("NVIDIA L40S 48GB", {"float32": 91.6, "tf32": 183.0, "bfloat16": 362.05, "float16": 362.05,
                                             "float8": 733.0},
-                       864.0, 48.0, 96.0, "NVIDIA L40S datasheet (dense; 864 GB/s GDDR6, 96 MB L2)"),
+                       864.0, 46068 / 1024, 96.0, "NVIDIA L40S datasheet (dense; 864 GB/s GDDR6, 96 MB L2); "
+                       "nvidia-smi memory.total 46,068 MiB (ECC on)"),
 }
 
 
@@ -246,7 +250,8 @@ def estimate_non_block_costs(config: ModelConfig, workload: Workload, spec: Devi
 
 def estimate_model(config: ModelConfig, workload: Workload, spec: DeviceSpec | str, **kwargs) -> dict:
     """Whole-model roofline estimate: prefill_ms, decode_ms, runtime_ms, memory_mib, params, the tok/s
-    figures of `cost.throughputs`, and fits_memory (weights + KV cache within the device's memory).
+    figures of `cost.throughputs`, and fits_memory (weights + KV cache within the memory the driver reports,
+    `DeviceSpec.memory_gib`; the CUDA context and activations, a few hundred MiB more, are not counted).
 
     `kwargs` go to `estimate_subblock_costs` / `estimate_non_block_costs` (dtypes, efficiencies).
     """

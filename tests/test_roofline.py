@@ -87,6 +87,11 @@ def test_whole_model_estimate_adds_up_and_checks_memory():
     assert est["fits_memory"]
     huge = Workload(4096, 8192, 8192, dtype="bf16", device="cuda")
     assert not estimate_model(SMOL, huge, "L40S")["fits_memory"]  # the KV cache alone exceeds 48 GB
+    # fits_memory compares with what the driver reports: an L40S exposes 46,068 MiB of its "48 GB" (cost verifier:
+    # a model of 47,573 MiB was said to fit); find a batch whose memory falls between the two
+    at = lambda b: estimate_model(SMOL, Workload(b, 4096, 512, dtype="bf16", device="cuda"), "L40S")  # noqa: E731
+    batch = next(b for b in range(1, 512) if at(b)["memory_mib"] > 46068)
+    assert at(batch)["memory_mib"] < 48 * 1024 and not at(batch)["fits_memory"] and at(batch - 1)["fits_memory"]
 
 
 def test_compare_with_a_cpu_measurement():
