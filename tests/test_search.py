@@ -174,6 +174,18 @@ def test_cp_sat_fallback_matches_brute_force(monkeypatch):
         assert s.optimal and s.objective == pytest.approx(brute_force(table, budgets)[0], rel=1e-9)
 
 
+def _search_csv_json(tmp_path, capsys, table_csv: str, *flags) -> dict:
+    """`puzzle search --library TABLE --json FLAGS` on a score table written from text (with a CPU workload sidecar)."""
+    from puzzle.cli import main
+
+    lib = tmp_path / "table.csv"
+    lib.write_text(table_csv)
+    (tmp_path / "table.csv.json").write_text(json.dumps({"device": "cpu", "batch_size": 4, "gen_len": 8,
+                                                        "prompt_len": 16}))
+    assert main(["search", "--library", str(lib), "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 #: a seeded random table (a breaker's, seed 6079) on which CP-SAT's presolve called a worse child optimal
 CP_PRESOLVE_TABLE = """\
 layer,subblock,variant,is_parent,kl_nats,lm_loss,cosine,prefill_ms,decode_ms,runtime_ms,memory_mib,params
@@ -214,16 +226,9 @@ layer,subblock,variant,is_parent,kl_nats,lm_loss,cosine,prefill_ms,decode_ms,run
 def test_cp_sat_fallback_proves_the_optimum_a_presolve_missed(tmp_path, capsys, monkeypatch):
     """CP-SAT with presolve returned objective -0.830942 as optimal (bound equal to it); the brute-force optimum,
     -0.849648, meets all three budgets (breaker, stop 35)."""
-    from puzzle.cli import main
-
     monkeypatch.setattr(mip, "DP_MAX_STATES", 1)  # every exact solve goes to CP-SAT
-    lib = tmp_path / "table.csv"
-    lib.write_text(CP_PRESOLVE_TABLE)
-    (tmp_path / "table.csv.json").write_text(json.dumps({"device": "cpu", "batch_size": 4, "gen_len": 8,
-                                                        "prompt_len": 16}))
-    assert main(["search", "--library", str(lib), "--json", "--objective", "cosine", "--max-runtime", "1.2739",
-                 "--max-prefill", "23.97355ms", "--max-decode", "1.1366"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = _search_csv_json(tmp_path, capsys, CP_PRESOLVE_TABLE, "--objective", "cosine", "--max-runtime", "1.2739",
+                           "--max-prefill", "23.97355ms", "--max-decode", "1.1366")
     assert out["optimal"] and out["objective"] == pytest.approx(-0.849648, abs=1e-6)
     assert out["choice"] == ["attn-kv4+ffn-1024"] + ["attn-kv8+ffn-1024"] * 4
 
@@ -250,15 +255,7 @@ layer,subblock,variant,is_parent,kl_nats,lm_loss,cosine,prefill_ms,decode_ms,run
 def test_a_tie_on_the_objective_goes_to_the_faster_child(tmp_path, capsys):
     """The DP's Pareto pruning dropped an equally scored, faster state when runtime was not budgeted: the first
     solution ran 4.0 ms, the second (same objective 2.5, same budget) 0.0 ms (breaker, stop 35)."""
-    from puzzle.cli import main
-
-    lib = tmp_path / "table.csv"
-    lib.write_text(TIE_TABLE)
-    (tmp_path / "table.csv.json").write_text(json.dumps({"device": "cpu", "batch_size": 4, "gen_len": 8,
-                                                        "prompt_len": 16}))
-    assert main(["search", "--library", str(lib), "--json", "--objective", "kl_nats=1,lm_loss=0.5",
-                 "--max-params", "5.2M"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = _search_csv_json(tmp_path, capsys, TIE_TABLE, "--objective", "kl_nats=1,lm_loss=0.5", "--max-params", "5.2M")
     assert out["optimal"] and out["objective"] == pytest.approx(2.5) and out["runtime_ms"] == 0.0
 
 
