@@ -105,6 +105,9 @@ def phase_fusion(run, names) -> None:
         rec = read_json(run.out / "search" / f"{name}.json")
         child = realize_child(run.parent.model, run.library, [BlockConfig.from_id(b) for b in rec["choice"]],
                               rec.get("library_stage", "bld"))
+        if not ffn_runs(child.config, include_leading=True):
+            print(f"fusion: {name} has no two FFNs with no attention between them, so nothing to fuse; skipped",
+                  file=sys.stderr)
         for leading in (False, True):
             runs = ffn_runs(child.config, include_leading=leading)
             if not runs:
@@ -130,6 +133,9 @@ def phase_fusion(run, names) -> None:
                          "fused_vs_unfused_runtime": m.loc[tag, "runtime_ms"] / m.loc[name, "runtime_ms"],
                          "params": int(m.loc[name, "params"]), "fused_params": int(m.loc[tag, "params"])})
             print(rows[-1], flush=True)
+    if not rows:
+        raise SystemExit("fusion: none of the children has FFNs to fuse (a run of layers whose attention is no_op); "
+                         "name others with --fuse, e.g. a child of a higher speed-up; fusion.csv left as it was")
     df = pd.DataFrame(rows)
     path = run.out / "fusion.csv"
     if path.is_file():  # keep the rows of children fused by earlier invocations
@@ -387,7 +393,11 @@ def main() -> int:
 
         phase_downstream(run, parse_tasks(args.tasks), args.limit or None, [n for n in args.names.split(",") if n])
     elif args.phase == "fusion":
-        phase_fusion(run, [n for n in args.fuse.split(",") if (run.out / "search" / f"{n}.json").is_file()])
+        names = [n for n in args.fuse.split(",") if n]
+        missing = [n for n in names if not (run.out / "search" / f"{n}.json").is_file()]
+        if missing:
+            print(f"fusion: no searched child {', '.join(missing)} in {run.out / 'search'}; skipped", file=sys.stderr)
+        phase_fusion(run, [n for n in names if n not in missing])
     else:
         phase_report(run, args.out, speedups)
     print(f"phase {args.phase}: {time.perf_counter() - t0:.0f} s, load average {load:.1f} -> {os.getloadavg()[0]:.1f}",
