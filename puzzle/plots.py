@@ -471,12 +471,16 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     if not parts:
         raise FileNotFoundError(f"{run_dir} has no front.csv, front_rows/ or baselines/rows/: run `puzzle front` first")
     scaled = []
-    reference = None
-    for part in parts:
-        parent = part[part["name"] == "parent"]
-        if reference is None and len(parent):
-            reference = float(parent["throughput_tok_s"].iloc[0])
-        if reference is not None and len(parent):
+    parents = [part[part["name"] == "parent"] for part in parts]
+    reference = next((float(p["throughput_tok_s"].iloc[0]) for p in parents if len(p)), None)
+    for part, parent in zip(parts, parents):
+        if not len(parent):  # its rows' speed-ups still hold (each against the parent timed beside it)
+            where = run_dir / part["source"].iloc[0] / "parent.json"
+            warnings.warn(f"{where} is missing: the parent's row of {part['source'].iloc[0]}; its models are drawn "
+                          f"from their own speed-ups" + ("" if reference is not None else
+                                                         " but without a throughput (no parent row anywhere)")
+                          + f"; `puzzle {'baselines' if 'baselines' in where.parts else 'refine'}` writes it again")
+        if reference is not None:
             part = part.assign(throughput_tok_s=reference * part["speedup"])
         scaled.append(part)
     rows = pd.concat(scaled, ignore_index=True)

@@ -235,6 +235,22 @@ def test_damaged_row_files_are_left_out_of_the_front_with_a_warning(tmp_path):
     assert rows.set_index("name").loc["a-refined", "speedup"] == 1.4
 
 
+def test_a_missing_parent_row_is_named_and_its_models_still_drawn(tmp_path):
+    """A deleted baselines/rows/parent.json left every baseline without a throughput: they vanished from
+    front_all.png without a word while the ratio table still listed them (fronts check, stop 35)."""
+    from puzzle.plots import front_rows
+
+    for sub in ("front_rows", "baselines/rows"):
+        (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / "front_rows" / "parent.json").write_text(json.dumps(
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0, "throughput_tok_s": 9.0}))
+    (tmp_path / "baselines" / "rows" / "g.json").write_text(json.dumps(
+        {"name": "g", "method": "greedy", "training": "bld", "speedup": 1.5, "kl_nats": 0.5}))
+    with pytest.warns(UserWarning, match=r"baselines/rows/parent.json is missing.*`puzzle baselines` writes it again"):
+        rows = front_rows(tmp_path, with_downstream=False)
+    assert rows.set_index("name").loc["g", "throughput_tok_s"] == pytest.approx(13.5)
+
+
 def test_rows_measured_on_another_evaluation_text_are_left_out_of_the_front(tmp_path):
     """A baseline row keeps the evaluation KL of the text it was measured on: after the run's evaluation text or
     score table changed (and `puzzle front` evaluated our children on the new one), `front_all` drew the old rows next
@@ -368,7 +384,7 @@ def test_baselines_command_parses_and_refuses_bad_speedups(tmp_path):
         args.func(args)
 
 
-def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_factory, tmp_path):
+def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_factory, tmp_path, capsys):
     import shutil
 
     from puzzle.cli import main
@@ -378,6 +394,7 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
     assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    assert "baselines are built for the speed-ups alone" not in capsys.readouterr().err  # no memory or params budget
     drawn = (out / "front.csv").stat().st_mtime_ns
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
     assert (out / "front.csv").stat().st_mtime_ns == drawn  # a finished front is drawn, not solved and timed again
@@ -399,6 +416,15 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     assert main(["export", "--out", str(out), "--dest", str(tmp_path / "main"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "main" / "config.json").read_text())["puzzle"]["name"] == "child-1.5x"
     assert main(["export", "--out", str(out), "--name", "", "--dest", str(tmp_path / "e"), "--no-progress"]) == 2
+
+
+def test_the_front_says_which_budgets_of_ours_the_baselines_do_not_hold():
+    from puzzle.cli import baselines_budget_note
+    from puzzle.config import SearchConfig
+
+    assert baselines_budget_note(SearchConfig(speedup=1.5)) is None
+    note = baselines_budget_note(SearchConfig(speedup=1.5, max_params="0.35", max_memory="2GiB"))
+    assert "--max-memory 2GiB and --max-params 0.35" in note and "baselines are built for the speed-ups alone" in note
 
 
 def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_path_factory, tmp_path):
