@@ -590,6 +590,13 @@ def _reevaluated_front(run, why: str) -> bool:
     return front_from_kept_timings(run, records, main, "front", why) is not None
 
 
+def _draws_front_all(out: Path, tasks) -> bool:
+    """Whether `puzzle front` draws DIR/front_all (and prints the ratios): whenever there is more than our front
+    (baselines, refined rows, downstream tasks), or it was drawn before (it must not outlive front.csv)."""
+    return bool(tasks) or any(p.exists() for p in (out / "baselines" / "rows", out / "front_rows", out / "downstream",
+                                                   out / "front_all.csv"))
+
+
 def cmd_front(args) -> int:
     from .pipeline import UNREADABLE_CHILDREN, front_is_current, stage_front
     from .plots import write_front_all
@@ -636,6 +643,10 @@ def cmd_front(args) -> int:
             _log(f"front: {run.out / 'front.csv'} is up to date with this run's settings and tables: drawn from it, no "
                  "child solved or timed again (--remeasure does both)")
             _log_unreachable_front(run)
+            from .pipeline import contention_note, front_contention
+
+            if not _draws_front_all(run.out, tasks) and (busy := contention_note(front_contention(run.out))):
+                _log(f"front: warning: {busy}")  # (else said with the ratios below)
         from .pipeline import exports_from_an_earlier_search, report_out_of_date
 
         for name, why in exports_from_an_earlier_search(run).items():  # run exports the BLD children alone
@@ -652,9 +663,7 @@ def cmd_front(args) -> int:
         cols = [c for c in ("name", "downstream_acc", "downstream_acc_stderr") if c in acc.columns] + \
             [c for c in acc.columns if c.startswith("acc_")]
         print(acc[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=sys.stderr)
-    # redrawn whenever there is more than our front, or it was drawn before (it must not outlive front.csv)
-    if tasks or any(p.exists() for p in (run.out / "baselines" / "rows", run.out / "front_rows",
-                                         run.out / "downstream", run.out / "front_all.csv")):
+    if _draws_front_all(run.out, tasks):
         from .plots import ratio_table
 
         # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed

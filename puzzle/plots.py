@@ -48,6 +48,11 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+#: axis labels (with units) of the columns a front is drawn against, where the caller gives none
+_AXIS_LABELS = {"throughput_tok_s": "measured throughput, generated tokens/s",
+                "speedup": "measured speed-up over the parent (x)"}
+
+
 def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok_s", y: str = "kl_nats",
                title: str | None = None, xlabel: str | None = None, log_y: bool = True,
                accuracy: str | None = "downstream_acc") -> Path:
@@ -85,7 +90,7 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
     for ax, (col, log, ylabel) in zip(axes[0], panels):
         err = f"{col}_stderr" if col != y and f"{col}_stderr" in rows.columns else None
         _draw_series(ax, rows, x, col, log, err)
-        ax.set_xlabel(xlabel or x)
+        ax.set_xlabel(xlabel or _AXIS_LABELS.get(x, x))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")
@@ -429,7 +434,8 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
             and searched != row.get("architecture"):  # e.g. `refine --no-measure` chose another child since
         stale.append("architecture (search/ holds another child of this name now)")
     if stale:
-        where = "puzzle baselines" if sub.startswith("baselines") else "puzzle refine"
+        plain = str(row.get("name")).removesuffix("-diverse").removesuffix("-refined")  # refine takes the plain child
+        where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
                       f"left out of the front (`{where} --out {run_dir}` measures it again)")
     return not stale

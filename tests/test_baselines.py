@@ -418,6 +418,27 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     assert main(["export", "--out", str(out), "--name", "", "--dest", str(tmp_path / "e"), "--no-progress"]) == 2
 
 
+def test_an_up_to_date_front_without_baselines_warns_of_a_busy_timing(tmp_path_factory, tmp_path, capsys):
+    """The busy-machine warning came only with the ratio table: a front drawn from an up-to-date front.csv, with no
+    baselines, said nothing of children timed while other jobs kept 0.9 cores busy (fronts check, stop 35)."""
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    for extra in ("baselines", "front_rows", "downstream", "front_all.csv", "front_all.png"):
+        shutil.rmtree(out / extra, ignore_errors=True) if (out / extra).is_dir() else (out / extra).unlink(missing_ok=True)
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0  # measures the front (the session's fixture has none)
+    capsys.readouterr()
+    machine = json.loads((out / "children" / "machine.json").read_text())
+    machine["contention_cores"] = {"cost_table": None, "children": 0.9}
+    (out / "children" / "machine.json").write_text(json.dumps(machine))
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "is up to date" in err and "front: warning: the children were timed while other jobs kept 0.90 cores" in err
+
+
 def test_the_front_says_which_budgets_of_ours_the_baselines_do_not_hold():
     from puzzle.cli import baselines_budget_note
     from puzzle.config import SearchConfig

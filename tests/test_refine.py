@@ -311,6 +311,7 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
     other = [b if i else "attn-no_op+ffn-no_op" for i, b in enumerate(record["choice"])]
     assert other != record["choice"]
     path.write_text(json.dumps({**record, "choice": other}))
-    with pytest.warns(UserWarning, match=r"child-1.5x-refined \(front_rows\) was measured on another architecture"):
+    with pytest.warns(UserWarning, match=r"child-1.5x-refined \(front_rows\) was measured on another architecture.*"
+                                         r"`puzzle refine --name child-1.5x --out "):  # (refine needs --name)
         drawn = front_rows(out, with_downstream=False)
     assert "child-1.5x-refined" not in set(drawn["name"]) and "child-1.5x-diverse" in set(drawn["name"])
