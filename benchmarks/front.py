@@ -397,6 +397,8 @@ def main() -> int:
         missing = [n for n in names if not (run.out / "search" / f"{n}.json").is_file()]
         if missing:
             print(f"fusion: no searched child {', '.join(missing)} in {run.out / 'search'}; skipped", file=sys.stderr)
+        if len(missing) == len(names):
+            raise SystemExit("fusion: no child to fuse; name searched children with --fuse (DIR/search/<name>.json)")
         phase_fusion(run, [n for n in names if n not in missing])
     else:
         phase_report(run, args.out, speedups)

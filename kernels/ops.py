@@ -2,7 +2,8 @@
 
     from puzzle.kernels.ops import rms_norm, swiglu, prefill_attention, decode_attention
 
-`use_triton=None` (the default) picks Triton for CUDA tensors and the reference for CPU tensors;
+`use_triton=None` (the default) picks Triton for CUDA tensors in fp32, fp16 or bf16 and the reference otherwise
+(CPU tensors, float64);
 `use_triton=True` forces the kernel (on CPU tensors it then runs in Triton's interpreter, slowly: for
 tests), `use_triton=False` forces the reference.
 """
@@ -15,8 +16,12 @@ from . import attention_decode, attention_prefill, rmsnorm
 from . import swiglu as swiglu_op
 
 
+#: what the kernels compute in; on other dtypes (float64) the default path is the reference
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _triton_for(t: torch.Tensor, use_triton: bool | None) -> bool:
-    return t.is_cuda if use_triton is None else use_triton
+    return t.is_cuda and t.dtype in KERNEL_DTYPES if use_triton is None else use_triton
 
 
 def rms_norm(

@@ -75,14 +75,14 @@ def _device_calls_interpreted():
             scope.restore()
 
 
-def _float32_twin(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _float32_twin(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`t`'s storage span (from its first element to its last, gaps included) as a 1-D view, an fp32 copy of that
-    span, and `t`'s shape and strides laid over the copy: the kernel's pointer arithmetic (from `t`'s strides, passed
-    separately) lands on the same elements."""
+    span, the copy's bits before the launch, and `t`'s shape and strides laid over the copy: the kernel's pointer
+    arithmetic (from `t`'s strides, passed separately) lands on the same elements."""
     span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
     flat = torch.as_strided(t, (span,), (1,))  # t's storage offset is kept
     copy = flat.float()
-    return flat, copy, torch.as_strided(copy, t.shape, t.stride(), 0)
+    return flat, copy, copy.view(torch.int32).clone(), torch.as_strided(copy, t.shape, t.stride(), 0)
 
 
 def launch_interpreted(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
@@ -90,25 +90,28 @@ def launch_interpreted(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
 
     bfloat16 tensors run as float32: Triton's interpreter holds bf16 as raw 16-bit integers, so its arithmetic on
     them is wrong (`x + r` gave NaN, attention scores 8e8 off; triton 3.x `interpreter.py`) and its fp32 -> bf16
-    stores truncate. Each bf16 tensor argument is copied to fp32 (exact), the kernel runs on the copies, and every
-    copy the kernel changed is rounded back into its tensor (round to nearest even), as a compiled kernel that
-    computes in fp32 would store it; casts to the input dtype inside the kernel then stay in fp32.
+    stores truncate. Each bf16 tensor argument is copied to fp32 (exact), the kernel runs on the copies, and the
+    elements the kernel wrote (their bits changed) are rounded back into their tensor (round to nearest even), as a
+    compiled kernel that computes in fp32 would store them; inputs are not written (a NaN in them included), and
+    outputs that are interleaved views of one buffer each get only their own elements back. Casts to the input
+    dtype inside the kernel stay in fp32.
     """
-    twins: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    twins: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def swap(a):
         if not (isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16):
             return a
         if id(a) not in twins:  # one tensor given twice (an input that is also the output) gets one copy
             twins[id(a)] = _float32_twin(a)
-        return twins[id(a)][2]
+        return twins[id(a)][3]
 
     args, kwargs = tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
     with _device_calls_interpreted():
         interpreter_twin(kernel)[grid](*args, **kwargs)
-    for flat, copy, _ in twins.values():
-        if not torch.equal(copy, flat.float()):  # written by the kernel (inputs are left alone: aliases stay intact)
-            flat.copy_(copy)
+    for flat, copy, before, _ in twins.values():
+        written = copy.view(torch.int32) != before  # (span,) the elements the kernel stored
+        if written.any():
+            flat[written] = copy[written].to(torch.bfloat16)
 
 
 def interpret_requested() -> bool:

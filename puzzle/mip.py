@@ -564,7 +564,7 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
     every state meets the float budgets), its score, its reduced-cost sum R and, per earlier
     solution, how many layers it shares with it (diversity rows are budgets on those counts).
     States with equal costs merge (the better score survives: exact, and strong when costs are
-    shared per variant, as in measured libraries); with one budget the (cost, score) Pareto front
+    shared per variant, as in measured libraries); with one budget the (cost, (score, runtime)) Pareto front
     is kept, with several one front per group of equal other costs (`_pareto_grouped`); whole-number
     rows (layer counts) keep scale 1, and shared-layer counts saturate once d layers differ. A state is dropped when no completion can meet a budget, or when a lower bound on
     score − LB exceeds `gap` (the caller's T − LB), using score − LB = R + red_rest +

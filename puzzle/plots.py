@@ -480,12 +480,13 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     parents = [part[part["name"] == "parent"] for part in parts]
     reference = next((float(p["throughput_tok_s"].iloc[0]) for p in parents if len(p)), None)
     for part, parent in zip(parts, parents):
-        if not len(parent):  # its rows' speed-ups still hold (each against the parent timed beside it)
-            where = run_dir / part["source"].iloc[0] / "parent.json"
-            warnings.warn(f"{where} is missing: the parent's row of {part['source'].iloc[0]}; its models are drawn "
-                          f"from their own speed-ups" + ("" if reference is not None else
-                                                         " but without a throughput (no parent row anywhere)")
-                          + f"; `puzzle {'baselines' if 'baselines' in where.parts else 'refine'}` writes it again")
+        source = part["source"].iloc[0]
+        if not len(parent) and source != "front.csv":  # its rows' speed-ups still hold (each against its own parent)
+            command = f"baselines --out {run_dir}" if source.startswith("baselines") else f"refine --out {run_dir} --name NAME"
+            warnings.warn(f"{run_dir / source / 'parent.json'} is missing: the parent's row of {source}; its models are "
+                          f"drawn from their own speed-ups" + ("" if reference is not None else
+                                                               " but without a throughput (no parent row anywhere)")
+                          + f"; `puzzle {command}` writes it again")
         if reference is not None:
             part = part.assign(throughput_tok_s=reference * part["speedup"])
         scaled.append(part)

@@ -957,11 +957,12 @@ def add_rpo_parser(subparsers) -> None:
 
 def _judge(path: str, policy_tokenizer, string_prompts: str):
     """`--reward judge:PATH`: the model at PATH as a LikelihoodJudge that reads the responses' text with its own
-    tokenizer (the policy's when PATH has none and both have one vocabulary size; a judge of another vocabulary
-    scored the policy's token ids as its own: wrong rewards, or an IndexError).
+    tokenizer (the policy's when PATH has none; a judge of another vocabulary scored the policy's token ids as its
+    own: wrong rewards, or an IndexError).
 
     Raises:
-        PuzzleError: PATH has no tokenizer and its vocabulary size differs from the policy tokenizer's.
+        PuzzleError: PATH has no tokenizer and fewer vocabulary entries than the policy's tokenizer (a larger one,
+            often padded, cannot be told from a vocabulary of its own, and is taken as the policy's).
     """
     from .rewards import LikelihoodJudge
 
@@ -1159,6 +1160,7 @@ def _rpo(args) -> int:
     if records is not None:
         encoded = encode_records(tokenizer, records, max_prompt_tokens=config.max_prompt_tokens,
                                  max_response_tokens=config.max_response_tokens, string_prompts=args.string_prompts)
+        _check_data(encoded, config)  # before the reference log-probs (a forward pass over the data) are computed
         reference = None
         if uses_ref:  # π_ref is the model before training: its cached log-probs need no copy of it
             reference = (reference_logprobs(model, encoded, args.out / "ref_cache", progress=progress)

@@ -128,7 +128,7 @@ class LikelihoodJudge:
 
     Args:
         model: a PuzzleForCausalLM (the parent, typically); used without gradients.
-        tokenizer: the tokenizer shared with the policy.
+        tokenizer: the judge's tokenizer (it reads the responses' text; `--reward judge:PATH` passes PATH's own).
         string_prompts: "raw" or "chat", as in `puzzle.preference.encode_prompt`.
         batch_size: responses scored per forward pass.
     """

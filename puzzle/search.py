@@ -797,6 +797,7 @@ def search_main(args: argparse.Namespace) -> int:
     objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
     check_exclusions(table, args.exclude or ())
     options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=tuple(args.exclude or ()))
+    spent = 0.0  # seconds the MIP took (the greedy baseline gives one solution)
     if args.greedy:
         solutions = [greedy(table, budgets, objective, **options)]
     else:

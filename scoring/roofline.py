@@ -53,8 +53,8 @@ class DeviceSpec:
         name: a readable name.
         peak_tflops: dense peak TFLOP/s per compute dtype ("float32", "tf32", "bfloat16", "float16", "float8").
         memory_bw_gb_s: peak device-memory bandwidth, GB/s (1e9 bytes per second).
-        memory_gib: device memory a program can allocate, GiB: the driver's total (nvidia-smi memory.total), which
-            is below the advertised size where ECC or firmware reserve some (L40S: 45.0 of "48 GB").
+        memory_gib: device memory the driver reports, GiB (nvidia-smi memory.total), below the advertised size
+            where ECC or firmware reserve some (L40S: 45.0 of "48 GB"); the CUDA context takes a little more.
         l2_mib: last-level (L2) cache, MiB.
         source: where the numbers come from.
     """

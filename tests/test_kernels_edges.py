@@ -97,3 +97,32 @@ def test_zero_width_rows_and_bad_dtypes():
         rms_norm(torch.ones(2, 8, dtype=torch.int32), torch.ones(8))  # was all zeros
     y, _ = rms_norm_reference(torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64))
     assert y.dtype == torch.float64  # the reference (the CPU runtime's path) still takes float64
+
+
+def test_bf16_write_back_touches_only_what_the_kernel_wrote():
+    """Review: each bf16 tensor's fp32 copy was written back over its whole storage span, so outputs that are
+    interleaved views of one buffer undid each other, and an input holding a NaN was written in place."""
+    import triton
+    import triton.language as tl
+
+    from puzzle.kernels.utils import launch_interpreted
+
+    @triton.jit
+    def write_both(A, B, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(A + offs * 2, tl.full((BLOCK,), 1.0, tl.float32), mask=offs < n)
+        tl.store(B + offs * 2, tl.full((BLOCK,), 2.0, tl.float32), mask=offs < n)
+
+    buf = torch.zeros(8, 2, dtype=torch.bfloat16)
+    launch_interpreted(write_both, (1,), buf[:, 0], buf[:, 1], 8, BLOCK=8)
+    assert (buf[:, 0] == 1).all() and (buf[:, 1] == 2).all()
+
+    @triton.jit
+    def double(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * 2, mask=offs < n)
+
+    x, y = torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), torch.empty(2, dtype=torch.bfloat16)
+    version = x._version
+    launch_interpreted(double, (1,), x, y, 2, BLOCK=2)
+    assert x._version == version and y[0] == 2 and y[1].isnan()  # the input was not written back
