@@ -235,6 +235,14 @@ def parse_objective(objective) -> dict[str, float]:
     return {c: -w if c in HIGHER_IS_BETTER else w for c, w in weights.items()}
 
 
+class Solutions(list):
+    """The solutions of one budget, best first (a list of Solution), and why there are fewer than asked:
+    `stopped_by` is "time" (the time limit ran out before the next one was found or proven absent), "exhausted"
+    (no further child differs from the earlier ones enough under the budgets) or None (all found)."""
+
+    stopped_by: str | None = None
+
+
 class _Search:
     """Choices, filters and dominance pruning of one table, reused across the budgets of a sweep."""
 
@@ -312,8 +320,9 @@ class _Search:
                 f"{words} {_round_up(smallest)} {unit}{share}{' under the other budgets' if context else ''}: {advice}")
 
     def solve(self, budgets: Budgets, num_solutions=1, min_layers_differ=1, time_limit_s=60.0, anchor=None,
-              max_changes=None) -> list[Solution]:
-        """Up to `num_solutions` solutions, each optimal given the earlier ones (fewer if no more exist).
+              max_changes=None) -> Solutions:
+        """Up to `num_solutions` solutions, each optimal given the earlier ones (fewer if no more exist, or the time
+        limit ran out first: `Solutions.stopped_by` says which).
 
         anchor, max_changes: (L,) slots and r: at most r layers choose another slot than the anchor's.
         """
@@ -337,17 +346,19 @@ class _Search:
             changed = np.ones(alive.shape)
             changed[layers, anchor] = 0.0
             costs, rhs, starts = costs + [changed], rhs + [float(max_changes)], [anchor] + list(starts)
-        found, results, begin = [], [], start
+        found, results, begin = [], Solutions(), start
         for _ in range(num_solutions):
             remaining = time_limit_s - (time.perf_counter() - begin)
             if found and remaining <= 0:
-                break  # out of time: the solutions found so far (time_limit_s covers them all)
+                results.stopped_by = "time"  # the solutions found so far (time_limit_s covers them all)
+                break
             try:
                 slots, optimal, bound = self._core(self.objective, costs, rhs, lam, alive, found, min_layers_differ,
                                                    remaining, starts)
-            except PuzzleError:
+            except PuzzleError:  # no solution within the time left
                 if not found:
                     raise
+                results.stopped_by = "time"
                 break
             if slots is None:
                 if not found:
@@ -355,6 +366,7 @@ class _Search:
                         raise InfeasibleBudget(f"no architecture within {max_changes} layers of the anchor meets "
                                           f"{budgets.describe()}; allow more changes")
                     raise InfeasibleBudget(self._joint_infeasible(budgets))
+                results.stopped_by = "exhausted"
                 break
             found.append(slots)
             results.append(self._solution(slots, budgets, optimal, bound, time.perf_counter() - start))
@@ -416,7 +428,7 @@ class _Search:
 def solve(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_compatible: bool = False,
           exclude: Sequence = (), num_solutions: int = 1, min_layers_differ: int = 1,
           time_limit_s: float = 60.0, num_workers: int | None = None, anchor: Sequence | None = None,
-          max_changes: int | None = None) -> list[Solution]:
+          max_changes: int | None = None) -> Solutions:
     """The best child architectures under `budgets`, each proven optimal and verified.
 
     Args:
@@ -436,7 +448,8 @@ def solve(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_co
             (one BlockConfig or block id per layer; each must be a choice of its layer).
 
     Returns:
-        Solutions, best first (fewer than k when no more diverse ones exist).
+        Solutions, best first (fewer than k when no more diverse ones exist or the time limit ran out first:
+        `stopped_by` says which).
 
     Raises:
         PuzzleError: a budget no child meets (naming the resource and the smallest achievable value),
@@ -797,14 +810,11 @@ def search_main(args: argparse.Namespace) -> int:
     objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
     check_exclusions(table, args.exclude or ())
     options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=tuple(args.exclude or ()))
-    spent = 0.0  # seconds the MIP took (the greedy baseline gives one solution)
     if args.greedy:
         solutions = [greedy(table, budgets, objective, **options)]
     else:
-        began = time.perf_counter()
         solutions = solve(table, budgets, objective, num_solutions=args.num_solutions,
                           min_layers_differ=args.min_layers_differ, time_limit_s=args.time_limit, **options)
-        spent = time.perf_counter() - began  # with the attempt that ran out of time (no solution records it)
     scalar = lambda v: v if isinstance(v, (int, float, str, type(None))) else str(v)  # noqa: E731
     record = {**solutions[0].to_dict(), "parent": dict(parent),  # (non-finite numbers become null on output)
               "workload": {k: scalar(meta[k]) for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len",
@@ -816,7 +826,7 @@ def search_main(args: argparse.Namespace) -> int:
         record["solutions_requested"] = args.num_solutions
         short = (f"only {len(solutions)} of {args.num_solutions} solutions: "
                  + (f"the --time-limit of {args.time_limit:g} s ran out (raise it for more)"
-                    if not args.greedy and spent >= args.time_limit * 0.95 else
+                    if getattr(solutions, "stopped_by", None) == "time" else
                     f"no more children differ from the earlier ones in at least {args.min_layers_differ} layers "
                     f"under these budgets"))
         record["note"] = short

@@ -1247,3 +1247,11 @@ def test_fewer_solutions_for_lack_of_time_say_so(tmp_path, capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     assert "alternatives" not in out and len(calls) == 2
     assert "the --time-limit of 0.5 s ran out" in out["note"]
+    # and where no further child differs enough, the note says that, however long the table took to set up
+    monkeypatch.setattr(search, "solve_core", real)
+    table = random_table(0, layers=2, kind="coupled")
+    solutions = solve(table, fraction_budgets(table, runtime_ms=0.9), num_solutions=50, min_layers_differ=1)
+    assert 1 < len(solutions) < 50 and solutions.stopped_by == "exhausted"
+    assert main(["search", "--library", str(lib), "--json", "--max-runtime", "0.9", "--num-solutions", "500",
+                 "--min-layers-differ", "4"]) == 0
+    assert "no more children differ from the earlier ones in at least 4 layers" in json.loads(capsys.readouterr().out)["note"]
