@@ -14,10 +14,7 @@ import torch
 
 from . import attention_decode, attention_prefill, rmsnorm
 from . import swiglu as swiglu_op
-
-
-#: what the kernels compute in; on other dtypes (float64) the default path is the reference
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .utils import KERNEL_DTYPES
 
 
 def _triton_for(t: torch.Tensor, use_triton: bool | None) -> bool:

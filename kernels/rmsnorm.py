@@ -24,10 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import is_hopper, launch_interpreted, next_power_of_2, num_programs_hint, runs_interpreted
+from .utils import KERNEL_DTYPES, is_hopper, launch_interpreted, next_power_of_2, num_programs_hint, runs_interpreted
 
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -204,7 +202,7 @@ def rms_norm(
     return RMSNormFunction.apply(x, weight, residual, eps)
 
 
-def _check(x, weight, residual, dtypes=_DTYPES):
+def _check(x, weight, residual, dtypes=KERNEL_DTYPES):
     """Raises ValueError unless x is (..., C) in `dtypes` (the kernels': fp32, fp16, bf16), weight a float (C,)
     and residual None or x's shape and dtype."""
     if x.dim() == 0 or x.dtype not in dtypes or not weight.is_floating_point():
@@ -228,7 +226,7 @@ def rms_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: the same contract as `rms_norm` (differentiable by torch autograd), float64 allowed too."""
-    _check(x, weight, residual, dtypes=(*_DTYPES, torch.float64))
+    _check(x, weight, residual, dtypes=(*KERNEL_DTYPES, torch.float64))
     h = x if residual is None else x + residual  # (..., C)
     hf = h.float()
     xhat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import is_hopper, launch_interpreted, runs_interpreted
+from .utils import KERNEL_DTYPES, is_hopper, launch_interpreted, runs_interpreted
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(gate, up)
 
 
-def _check(gate, up, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+def _check(gate, up, dtypes=KERNEL_DTYPES):
     """Raises ValueError unless gate and up are (..., F) of one shape and one of `dtypes` (the kernels' by default)."""
     if gate.dim() == 0 or gate.dtype not in dtypes:
         raise ValueError(f"swiglu: gate and up must be (..., F) in {', '.join(map(str, dtypes))}; got {gate.dtype} "
@@ -173,5 +173,5 @@ def _check(gate, up, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Plain torch: silu(gate) * up, the unfused expression of `puzzle.modeling.SwiGLU`; float64 allowed too."""
-    _check(gate, up, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    _check(gate, up, dtypes=(*KERNEL_DTYPES, torch.float64))
     return torch.nn.functional.silu(gate) * up

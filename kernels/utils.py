@@ -24,6 +24,9 @@ from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+#: the dtypes the kernels compute in (the plain-torch references also take float64)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 _twins: dict[object, InterpretedFunction] = {}
 
 
