@@ -609,7 +609,8 @@ def _export(run, candidate: Candidate, model) -> None:
 def run_baselines(run, speedups=None, export: bool = True, progress: bool = False) -> pd.DataFrame:
     """Plan, train what the plan needs, choose the uniform widths, realize, evaluate, measure, export.
 
-    Writes DIR/baselines/baselines.csv and returns it (parent first).
+    Writes DIR/baselines/baselines.csv and returns it (parent first), with the still-current rows an earlier call
+    made for other speed-ups (`_with_earlier_rows`).
     """
     speedups = tuple(dict.fromkeys(speedups or run.config.search.front_speedups))  # each target once, in order
     if not speedups or not all(1 <= s < math.inf for s in speedups):
@@ -625,9 +626,39 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
     library = baseline_library(run, [c.blocks for c in plan], progress=progress)
     plan = select_uniform(run, plan, library)
     table = realize_all(run, plan, library, export=export)
+    table = _with_earlier_rows(run, table)
     atomic_write_text(run.out / "baselines" / "baselines.csv", table.to_csv(index=False))
     run.timed("baselines_s", time.perf_counter() - t0)
     return table
+
+
+def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (this call's rows, parent first) and the baseline rows an earlier call left in DIR/baselines/rows/
+    for other speed-ups, still current for the run's workload, score table and evaluation split (`realize_all`
+    deleted the others), so that `--speedups 2` after `--speedups 1.25,1.5` keeps the earlier rows in
+    baselines.csv. Our own children's rows there (`puzzle refine`: methods mip-*) stay out; rows are ordered by
+    target speed-up, then as the plan lists the methods.
+    """
+    from .io import read_json
+
+    if not len(table) or table["name"].iloc[0] != "parent":
+        return table
+    inputs, names, earlier = row_inputs(run), set(table["name"]), []
+    for path in sorted((run.out / "baselines" / "rows").glob("*.json")):
+        try:
+            row = read_json(path)
+        except PuzzleError:
+            continue
+        if (isinstance(row, dict) and row.get("name") not in names and row.get("method") in set(METHODS) - {"mip"}
+                and row.get("inputs") == inputs and all(c in row for c in ROW_COLUMNS if c != "throughput_tok_s")):
+            earlier.append(row)
+    if not earlier:
+        return table
+    body = pd.concat([table.iloc[1:], pd.DataFrame(earlier)], ignore_index=True)
+    body["throughput_tok_s"] = float(table["throughput_tok_s"].iloc[0]) * body["speedup"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    body = body.assign(_m=body["method"].map(order)).sort_values(["target_speedup", "_m"], kind="stable")
+    return pd.concat([table.iloc[:1], body[ROW_COLUMNS]], ignore_index=True)
 
 
 # ------------------------------------------------------------------------------------------------

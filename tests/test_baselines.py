@@ -627,6 +627,13 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
                  "--max-contention", "inf"]) == 0
     assert json.loads(stale.read_text())["inputs"]["workload"]["batch_size"] == row["inputs"]["workload"]["batch_size"] - 1
     assert kept.read_bytes() == kept_bytes
+    # another target later keeps the earlier target's rows in baselines.csv
+    assert main(["baselines", "--out", str(out), "--speedups", "1.25", "--no-export", "--no-progress",
+                 "--max-contention", "inf"]) == 0
+    table = pd.read_csv(out / "baselines" / "baselines.csv")
+    assert {"layers-1.5x", "greedy-1.5x", "layers-1.25x", "greedy-1.25x"} <= set(table["name"]), list(table["name"])
+    assert table["name"].iloc[0] == "parent" and table["name"].is_unique
+    assert list(table["target_speedup"].iloc[1:]) == sorted(table["target_speedup"].iloc[1:])
 
 
 def test_a_refused_or_interrupted_baselines_leaves_config_json_byte_for_byte(tmp_path_factory, tmp_path, monkeypatch,
