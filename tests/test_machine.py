@@ -137,3 +137,16 @@ def test_the_non_block_timing_does_not_pay_for_a_fingerprint_it_drops(monkeypatc
     measure_non_block_costs(tiny_config(), Workload(batch_size=2, prompt_len=8, gen_len=4, num_threads=1),
                             repeats=2, warmup=0)
     assert made == []
+
+
+def test_a_measured_speedup_far_from_the_prediction_is_warned_about():
+    """A factor of more than 2 either way between measured and predicted speed-up means a timing went wrong."""
+    from puzzle.pipeline import speedup_mismatch_note
+
+    assert speedup_mismatch_note({"name": "child-1.5x", "speedup": 1.3, "predicted_speedup": 1.5}) is None
+    assert speedup_mismatch_note({"name": "child-2x", "speedup": 1.0, "predicted_speedup": 2.0}) is None  # at the bound
+    slow = speedup_mismatch_note({"name": "child-2x", "speedup": 0.2, "predicted_speedup": 2.0})
+    assert slow and "child-2x measured 0.20x against a predicted 2.00x, 10.0 times apart" in slow and "--remeasure" in slow
+    assert "4.0 times apart" in speedup_mismatch_note({"name": "c", "speedup": 6.0, "predicted_speedup": 1.5})
+    for bad in (float("nan"), 0.0, None, float("inf")):  # the parent's row, a failed timing: nothing to compare
+        assert speedup_mismatch_note({"name": "c", "speedup": bad, "predicted_speedup": 1.5}) is None
