@@ -109,10 +109,20 @@ def kv_cache_bytes(config: ModelConfig, attention: AttentionConfig, batch_size: 
     return 2 * attention.num_kv_heads * config.head_dim * dtype_bytes(kv_dtype) * seq_len * batch_size
 
 
+def default_kv_dtype(weight_dtype) -> str:
+    """The KV cache's dtype when none is given: the weight dtype, but bf16 for fp8 weights.
+
+    fp8 weights compute with bf16 activations, and an engine keeps the cache in the activation dtype unless told
+    otherwise (vLLM's `kv_cache_dtype="auto"`), as `roofline.estimate_subblock_costs` does for a bf16 workload; an
+    fp8 cache is asked for explicitly (`kv_dtype="fp8"`)."""
+    weight_dtype = canonical_dtype(weight_dtype)
+    return "bfloat16" if weight_dtype == "float8" else weight_dtype
+
+
 def subblock_memory_bytes(config: ModelConfig, variant: AttentionConfig | FFNConfig, batch_size: int, seq_len: int,
                           weight_dtype="float32", kv_dtype=None) -> int:
-    """Parameter bytes (weight dtype) + KV-cache bytes at (B, S) (kv dtype, default: the weight dtype)."""
-    kv_dtype = weight_dtype if kv_dtype is None else kv_dtype
+    """Parameter bytes (weight dtype) + KV-cache bytes at (B, S) (kv dtype, default `default_kv_dtype`)."""
+    kv_dtype = default_kv_dtype(weight_dtype) if kv_dtype is None else kv_dtype
     weights = subblock_params(config, variant) * dtype_bytes(weight_dtype)
     if isinstance(variant, AttentionConfig):
         return weights + kv_cache_bytes(config, variant, batch_size, seq_len, kv_dtype)
@@ -129,7 +139,8 @@ def model_memory_bytes(config: ModelConfig, batch_size: int, seq_len: int, weigh
     """Whole-model bytes: all parameters + the KV cache of every gqa layer at (B, S).
 
     Equals the parameter bytes of `PuzzleForCausalLM(config)` in `weight_dtype` plus
-    `KVCache(config, B, S, kv_dtype).nbytes()`.
+    `KVCache(config, B, S, kv_dtype).nbytes()`; `kv_dtype` None is `default_kv_dtype(weight_dtype)` (bf16 for fp8
+    weights, as `roofline.estimate_model` on a bf16 workload).
     """
     blocks = sum(subblock_memory_bytes(config, b.attention, batch_size, seq_len, weight_dtype, kv_dtype)
                  + subblock_memory_bytes(config, b.ffn, batch_size, seq_len, weight_dtype, kv_dtype)

@@ -85,6 +85,11 @@ def test_whole_model_estimate_adds_up_and_checks_memory():
     assert est["decode_ms"] > 30 * per_layer  # plus the non-block part
     assert est["memory_mib"] == pytest.approx(memory.model_memory_bytes(SMOL, 4, 160, "bf16") / memory.MIB)
     assert est["fits_memory"]
+    # fp8 weights keep a bf16 cache in both unless an fp8 cache is asked for (they disagreed: fp8 vs bf16)
+    for kv in (None, "fp8"):
+        fp8 = estimate_model(SMOL, w, "H100", compute_dtype="float8", weight_dtype="fp8", kv_dtype=kv)
+        assert fp8["memory_mib"] == pytest.approx(memory.model_memory_bytes(SMOL, 4, 160, "fp8", kv) / memory.MIB), kv
+    assert memory.model_memory_bytes(SMOL, 4, 160, "fp8") > memory.model_memory_bytes(SMOL, 4, 160, "fp8", "fp8")
     huge = Workload(4096, 8192, 8192, dtype="bf16", device="cuda")
     assert not estimate_model(SMOL, huge, "L40S")["fits_memory"]  # the KV cache alone exceeds 48 GB
     # fits_memory compares with what the driver reports: an L40S exposes 46,068 MiB of its "48 GB" (cost verifier:
