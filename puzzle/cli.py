@@ -560,7 +560,7 @@ def cmd_export(args) -> int:
 
     with _stage_run(args, existing=True) as run:
         name = _child_name(args, run, "export")
-        result, why = export_child(run, name, dest=args.dest)
+        result, why = export_child(run, name, dest=args.dest, untie=True if args.untie_embeddings else None)
         if why is None:
             _log(f"export {name}: {result.path} is up to date (the files its last export wrote, from the same "
                  f"weights and record): kept")
@@ -776,6 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--name", help="architecture name from DIR/search/<name>.json (default: the run's main child)")
     p.add_argument("--dest", type=Path, help="folder to write (default DIR/export/<name>)")
+    p.add_argument("--untie-embeddings", action="store_true",
+                   help="a parent that ties its LM head to the embedding: store lm_head.weight as a copy "
+                        "(tie_word_embeddings false), for tools that read it by name such as TensorRT-LLM's "
+                        "nemotron_nas converter; same logits, one vocabulary x hidden matrix more on disk. The run's "
+                        "own folder keeps it on later exports; delete the folder to export it tied again")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("front", help="sweep speed-up targets: front.csv and front.png (quality vs measured throughput); "

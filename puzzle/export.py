@@ -164,23 +164,28 @@ def _resolve_dtype(model: PuzzleForCausalLM, dtype) -> torch.dtype:
     return resolved
 
 
-def _state_dict(model: PuzzleForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Weights by their HF names in `dtype`; a tied LM head is left out (loaders tie it back)."""
+def _state_dict(model: PuzzleForCausalLM, dtype: torch.dtype, untie: bool = False) -> dict[str, torch.Tensor]:
+    """Weights by their HF names in `dtype`; a tied LM head is left out (loaders tie it back), or with `untie` stored
+    as a copy of the embedding (tools that read `lm_head.weight` by name)."""
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         if sd["lm_head.weight"].data_ptr() != sd["model.embed_tokens.weight"].data_ptr():
             raise PuzzleError("config says tie_word_embeddings but lm_head.weight is not the embedding tensor; "
                               "re-tie them (lm_head.weight = model.embed_tokens.weight) or untie the config")
         del sd["lm_head.weight"]
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+    out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+    if untie and model.config.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()  # its own storage: safetensors refuses shared
+    return out
 
 
-def _config_json(config: ModelConfig, dtype: torch.dtype, extra_info: dict | None) -> dict:
+def _config_json(config: ModelConfig, dtype: torch.dtype, extra_info: dict | None, untie: bool = False) -> dict:
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["DeciLMForCausalLM"],
         "auto_map": dict(AUTO_MAP),
         **config_dict_from_model_config(config),
+        **({"tie_word_embeddings": False} if untie else {}),
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
         "transformers_version": transformers.__version__,
@@ -197,7 +202,8 @@ def _generation_config_json(config: ModelConfig) -> dict:
             "pad_token_id": config.pad_token_id, "transformers_version": transformers.__version__}
 
 
-def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_parameters: int) -> str:
+def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_parameters: int,
+            untie: bool = False) -> str:
     H, C = config.num_attention_heads, config.hidden_size
     rows = []
     for i, b in enumerate(config.blocks):
@@ -233,6 +239,12 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
         "`block_configs` entry per layer (attention: no_op / replace_with_linear / n_heads_in_group;",
         "ffn: no_op / replace_with_linear / ffn_mult, plus the exact `intermediate_size`).",
         "",
+        *(["The LM head is tied to the embedding and not stored (`tie_word_embeddings: true`, as in the parent).",
+           "TensorRT-LLM's nemotron_nas converter reads `lm_head.weight` by name: `puzzle export --untie-embeddings`",
+           "stores it as a copy of the embedding.", ""] if config.tie_word_embeddings and not untie else []),
+        *(["The parent ties its LM head to the embedding; here it is stored as a copy (`lm_head.weight`,",
+           "`tie_word_embeddings: false`) for tools that read it by name, such as TensorRT-LLM.", ""]
+          if config.tie_word_embeddings and untie else []),
         "## Layers",
         "",
         "| layer | attention | FFN |",
@@ -246,7 +258,8 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
 
 def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.PathLike, *, dtype=None,
                       extra_info: dict | None = None, overwrite: bool = False,
-                      replace_trained: bool = False, also_same=(), own: bool = False) -> ExportResult:
+                      replace_trained: bool = False, also_same=(), own: bool = False,
+                      untie_embeddings: bool = False) -> ExportResult:
     """Write `model` as an HF folder in the nemotron-nas format (see the module docstring for the files).
 
     Args:
@@ -263,6 +276,9 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         also_same: earlier provenances that are this same export (`check_export_target`).
         own: with overwrite, out_dir is the caller's own earlier export by its record, which replaces it even
             where a file other than the weights is damaged (`check_export_target`).
+        untie_embeddings: a model whose LM head is tied to the embedding gets `lm_head.weight` stored as a copy
+            and `tie_word_embeddings: false` (TensorRT-LLM's nemotron_nas converter reads the head by name; the
+            logits are the same, the file is one vocabulary x hidden matrix larger). No effect on an untied model.
 
     Returns:
         ExportResult(path, warnings, replaced): see `export_warnings`; `replaced` describes another
@@ -289,15 +305,16 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     try:
         mode = file_mode()
         tmp.chmod(mode | (mode & 0o444) >> 2)  # mkdtemp makes it private: a folder as plainly made (x where r)
-        save_file(_state_dict(model, torch_dtype), tmp / "model.safetensors", metadata={"format": "pt"})
-        _write_json(tmp / "config.json", _config_json(config, torch_dtype, extra_info))
+        untie = bool(untie_embeddings and config.tie_word_embeddings)
+        save_file(_state_dict(model, torch_dtype, untie), tmp / "model.safetensors", metadata={"format": "pt"})
+        _write_json(tmp / "config.json", _config_json(config, torch_dtype, extra_info, untie))
         _write_json(tmp / "generation_config.json", _generation_config_json(config))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         here = Path(__file__).parent
         for name in CODE_FILES:
             shutil.copyfile(here / name, tmp / name)
-        (tmp / "README.md").write_text(_readme(config, torch_dtype, warnings, model.num_parameters()), encoding="utf-8")
+        (tmp / "README.md").write_text(_readme(config, torch_dtype, warnings, model.num_parameters(), untie), encoding="utf-8")
         for f in tmp.iterdir():  # safetensors writes its file 0o600: every file as plainly created
             if f.is_file():
                 f.chmod(file_mode())

@@ -1043,9 +1043,10 @@ def chat_answers(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
     return [greedy_chat(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens).strip() for p in prompts]
 
 
-def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
+def stage_export(run: Run, name: str, dest: Path | None = None, model=None, untie: bool = False):
     """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`), recording the run's own
-    export in DIR/children/exports.json (`record_export`).
+    export in DIR/children/exports.json (`record_export`). `untie`: store a tied LM head as its own tensor
+    (`export_checkpoint(untie_embeddings=True)`).
 
     Raises:
         PuzzleError: as `check_export_target` and `check_run_dest`; or the run's own export folder holds a file its
@@ -1081,7 +1082,7 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None):
     if own:  # while the folder is rewritten its record is void: an interruption leaves no stale file list behind
         record_export(run, name, None)
     result = export_checkpoint(model, run.parent.tokenizer, dest, overwrite=True, also_same=also_same, own=own_export,
-                               extra_info=export_extra_info(run, name, record, dest))
+                               extra_info=export_extra_info(run, name, record, dest), untie_embeddings=untie)
     if own:  # the run's own export: what `export_out_of_date` compares with
         record_export(run, name, model)
     run.timed("export_s", time.perf_counter() - t0)
@@ -1203,10 +1204,13 @@ def _own_export_with_its_weights(run: Run, name: str) -> bool:
         and all(files.get(f) == recorded[f] for f in weights)
 
 
-def export_child(run: Run, name: str, dest: Path | None = None, model=None) -> tuple[object, str | None]:
+def export_child(run: Run, name: str, dest: Path | None = None, model=None,
+                 untie: bool | None = None) -> tuple[object, str | None]:
     """`puzzle export` and `puzzle run`: `stage_export`, except that the run's own export folder (DIR/export/<name>)
     is kept when it is up to date (`export_out_of_date`). `model`: the child, when the caller holds it (else built
-    here). Returns the `ExportResult` and why the folder was written: None when it was kept, "none yet" for a new
+    here). `untie`: store a tied LM head as its own tensor (True), leave it out (False), or None: as the run's own
+    folder has it now (left out in a new folder), so a rerun of `puzzle run` keeps an export --untie-embeddings
+    wrote. Returns the `ExportResult` and why the folder was written: None when it was kept, "none yet" for a new
     own folder or any other `dest` (which `stage_export` says it replaced).
 
     Raises:
@@ -1216,12 +1220,24 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None) -> t
 
     folder = run.out / "export" / name
     if dest is not None and Path(dest).expanduser().resolve() != folder.resolve():
-        return stage_export(run, name, dest=dest, model=model), "none yet"
+        return stage_export(run, name, dest=dest, model=model, untie=bool(untie)), "none yet"
     model = model if model is not None else build_child(run, read_architecture(run, name))
-    why = export_out_of_date(run, name, model)  # "none yet" without the folder
+    if untie is None:
+        untie = bool(model.config.tie_word_embeddings) and _stored_untied(folder)
+    why = export_out_of_date(run, name, model, untie)  # "none yet" without the folder
     if why is None:
         return ExportResult(folder, tuple(export_warnings(model.config))), None
-    return stage_export(run, name, dest=dest, model=model), why
+    return stage_export(run, name, dest=dest, model=model, untie=untie), why
+
+
+def _stored_untied(folder: Path) -> bool:
+    """Whether the export in `folder` says `tie_word_embeddings: false` (for a child that ties them: written with
+    `--untie-embeddings`); False when there is none or its config.json is unreadable."""
+    try:
+        stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(stored, dict) and stored.get("tie_word_embeddings") is False
 
 
 def _recorded_export_files(run: Run, name: str) -> set[str] | None:
@@ -1250,7 +1266,7 @@ def record_export(run: Run, name: str, model) -> None:
     atomic_write_json(path, stamps)
 
 
-def export_out_of_date(run: Run, name: str, model) -> str | None:
+def export_out_of_date(run: Run, name: str, model, untie: bool = False) -> str | None:
     """Why DIR/export/<name> is not what `stage_export` would write now of `model` (child `name`), or None when it
     is: its files are the ones the last export wrote there, byte for byte (DIR/children/exports.json: size and
     sha256 of each, so a damaged, edited, missing or added file counts), from the same weights (`weights_sha`: a
@@ -1290,6 +1306,9 @@ def export_out_of_date(run: Run, name: str, model) -> str | None:
     info, want = ({k: v for k, v in d.items() if k != "run_at"} for d in (info, want))
     if info != want or stored.get("block_configs") != blocks:
         return "another version, provenance or architecture"
+    tied = bool(model.config.tie_word_embeddings and not untie)
+    if stored.get("tie_word_embeddings", tied) != tied:
+        return "its LM head is stored there" if tied else "its LM head is not stored there (--untie-embeddings)"
     return None
 
 

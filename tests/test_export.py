@@ -399,3 +399,31 @@ def test_a_folder_that_is_not_an_export_is_refused_with_the_reason(tmp_path):
     (folder / "notes.txt").unlink()
     (folder / "tokenizer_mine.txt").write_text("mine")  # any tokenizer* name passed as an export's (breaker)
     assert "tokenizer_mine.txt" in export_folder_problem(folder)
+
+
+def test_an_untied_export_stores_the_lm_head_and_gives_the_same_logits(tmp_path):
+    """--untie-embeddings: lm_head.weight as its own tensor (TensorRT-LLM reads it by name), tie_word_embeddings
+    false, the same logits in transformers and in the project's loader."""
+    from puzzle.parent import load_parent
+
+    child = tiny_child(**TIED_NOOP0)
+    tied = export_checkpoint(child, tiny_tokenizer(), tmp_path / "tied")
+    untied = export_checkpoint(child, tiny_tokenizer(), tmp_path / "untied", untie_embeddings=True)
+    assert "lm_head.weight" not in load_file(tied.path / "model.safetensors")
+    weights = load_file(untied.path / "model.safetensors")
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    assert json.loads((untied.path / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "--untie-embeddings" in (tied.path / "README.md").read_text()
+    x = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    hf = AutoModelForCausalLM.from_pretrained(untied.path, trust_remote_code=True).eval()
+    ours = load_parent(untied.path).model
+    with torch.no_grad():
+        want = child(x)
+        assert (hf(x).logits - want).abs().max().item() <= 1e-4
+        assert (ours(x) - want).abs().max().item() <= 1e-4
+    assert not ours.config.tie_word_embeddings
+    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+    # an untied model is written as before: the flag only concerns a tied head
+    plain = tiny_child(**UNTIED_BIAS)
+    again = export_checkpoint(plain, tiny_tokenizer(), tmp_path / "plain", untie_embeddings=True)
+    assert json.loads((again.path / "config.json").read_text())["tie_word_embeddings"] is False

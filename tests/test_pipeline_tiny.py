@@ -629,6 +629,27 @@ def test_export_keeps_an_up_to_date_export_and_mends_its_own_damaged_config(run_
     assert "is not an earlier export" in capsys.readouterr().err
 
 
+def test_export_untie_embeddings_is_kept_by_later_exports(run_dir, tmp_path, capsys):
+    """`puzzle export --untie-embeddings` stores the tied parent's LM head (TensorRT-LLM reads it by name); a later
+    plain `export` keeps that folder as it is, and the flag on a tied folder writes it again."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    folder = copy / "export" / "child-1.5x"
+    assert "lm_head.weight" not in load_file(folder / "model.safetensors")  # the tiny parent ties its head
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--untie-embeddings"]) == 0
+    assert "written again (its LM head is not stored there (--untie-embeddings))" in capsys.readouterr().err
+    weights = load_file(folder / "model.safetensors")
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    for argv in (["--untie-embeddings"], []):
+        assert main(["export", "--out", str(copy), "--name", "child-1.5x", *argv]) == 0
+        assert "is up to date (the files its last export wrote" in capsys.readouterr().err, argv
+    assert "lm_head.weight" in load_file(folder / "model.safetensors")
+
+
 def test_generate_without_a_chat_template_prompts_plain_text_and_names_a_broken_one(run_dir, tmp_path, capsys):
     """Breaker: `puzzle generate` on a folder without a chat template (a base model's) or with a broken one ended in
     a traceback (ValueError, jinja2's TemplateSyntaxError)."""
