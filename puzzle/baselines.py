@@ -6,15 +6,18 @@ measured next to the parent, like the MIP's children:
 
     greedy             the same library and score table as the MIP; from the parent, repeatedly the
                        single-layer change with the smallest KL increase per unit of runtime saved
-                       (`search.greedy`), on BLD-trained and on init-only entries
+                       (`search.greedy`, with the run's --objective and --vllm-compatible, as the MIP),
+                       on BLD-trained and on init-only entries
     layer_removal      ShortGPT (Men et al. 2024): block influence BI_i = 1 − E_tokens cos(h_i, h_{i+1})
                        on calibration text; the fewest layers of lowest BI whose removal meets the budget
     attention_removal  "What Matters in Transformers? Not All Attention is Needed" (He et al. 2024):
                        drop the attention subblocks whose output changes the residual least,
                        1 − E cos(h_i, h_i + attn_i(h_i)) lowest first, at the speed-ups this reaches
     uniform_width      Minitron-style width pruning (Muralidharan et al. 2024): the same FFN width in
-                       every layer (channels kept by contribution, puzzle.init) and the same KV-head
-                       count (mean-pooled groups); per KV-head count the widest FFN that meets the budget,
+                       every layer (channels kept by Puzzle's contribution mean|act(gate)·up|·‖W_down[:, i]‖,
+                       puzzle.init, where Minitron ranks by the activation alone: the kept sets overlap by
+                       81-94 % on the tiny parent) and the same KV-head count (mean-pooled groups, where
+                       Minitron prunes query heads); per KV-head count the widest FFN that meets the budget,
                        the candidate with the lower KL on the scoring split is kept
 
 Fairness (issue 5): a baseline with trainable parts is realized both as initialised ("init") and
@@ -379,7 +382,8 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
         for stage in ("bld", "init"):
             try:
                 table, _ = load_score_table(run, stage)
-                g = greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / s))
+                g = greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / s),  # as the MIP's space
+                           run.config.search.objective, vllm_compatible=run.config.search.vllm_compatible)
             except PuzzleError:  # no init-only table in this run, or a budget greedy cannot reach
                 continue
             add(f"greedy-{s:g}x" + ("-init" if stage == "init" else ""), "greedy", stage, g.blocks, s,
@@ -613,9 +617,9 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
     made for other speed-ups (`_with_earlier_rows`).
     """
     speedups = tuple(dict.fromkeys(speedups or run.config.search.front_speedups))  # each target once, in order
-    if not speedups or not all(1 <= s < math.inf for s in speedups):
-        raise PuzzleError(f"baseline speed-ups must be at least 1 and finite, got {list(speedups)}; set --speedups or "
-                          f"the run's front speed-ups")
+    if not speedups or not all(1 < s < math.inf for s in speedups):
+        raise PuzzleError(f"baseline speed-ups must be above 1 and finite (1 is the parent), got {list(speedups)}; set "
+                          f"--speedups or the run's front speed-ups")
     t0 = time.perf_counter()
     plan = plan_baselines(run, speedups)
     if export:  # a folder that cannot be replaced fails now, not after hours of realizing
@@ -712,12 +716,12 @@ def baselines_main(args) -> int:
     if args.speedups is not None:
         from .budgets import parse_speedup
 
-        bad = f"--speedups {args.speedups!r}: give speed-ups of at least 1 separated by commas, e.g. 1.25,1.5,2"
+        bad = f"--speedups {args.speedups!r}: give speed-ups above 1 (1 is the parent) separated by commas, e.g. 1.25,1.5,2"
         try:
             speedups = tuple(parse_speedup(s) for s in args.speedups.split(","))  # 1.5 or 1.5x
         except PuzzleError:
             raise PuzzleError(bad) from None
-        if not all(1 <= s < math.inf for s in speedups):  # NaN fails too
+        if not all(1 < s < math.inf for s in speedups):  # NaN fails too; at 1 every method is the parent
             raise PuzzleError(bad)
     with _stage_run(args, existing=True, measures=True) as run:
         table = run_baselines(run, speedups, export=not args.no_export, progress=not args.no_progress)

@@ -88,6 +88,31 @@ def test_plan_meets_every_budget_and_realized_rows_are_measured(tmp_path_factory
     assert redone.loc[layers.name, "kl_nats"] != table.set_index("name").loc[layers.name, "kl_nats"]
 
 
+def test_greedy_searches_the_space_and_objective_of_the_mip(tmp_path_factory, tmp_path):
+    """Reviewer: greedy ignored --vllm-compatible and --objective, so it picked linear subblocks the MIP may not
+    (an unfair comparison, and greedy exports vLLM cannot serve)."""
+    import dataclasses
+    import shutil
+
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import load_score_table
+    from puzzle.budgets import Budgets
+    from puzzle.search import greedy, parent_totals
+
+    shutil.copytree(tiny_run_dir(tmp_path_factory), tmp_path / "run")
+    run = open_run(tmp_path / "run", progress=False)
+    run.config = dataclasses.replace(run.config, search=dataclasses.replace(run.config.search, vllm_compatible=True,
+                                                                            objective="lm_loss"))
+    plan = [c for c in plan_baselines(run, (1.25, 2.0), influence_tokens=256) if c.method == "greedy"]
+    assert len(plan) == 4
+    for c in plan:
+        assert not any("linear" in b.id for b in c.blocks), (c.name, [b.id for b in c.blocks])
+        table, _ = load_score_table(run, c.training)
+        want = greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / c.target_speedup), "lm_loss",
+                      vllm_compatible=True)
+        assert [b.id for b in c.blocks] == [b.id for b in want.blocks], c.name
+
+
 def test_matched_ratios_interpolate_and_never_extrapolate():
     rows = pd.DataFrame([
         {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0},
@@ -378,10 +403,11 @@ def test_front_plot_and_architecture_map_write_pngs(tmp_path):
 def test_baselines_command_parses_and_refuses_bad_speedups(tmp_path):
     parser = argparse.ArgumentParser()
     add_baselines_parser(parser.add_subparsers())
-    args = parser.parse_args(["baselines", "--out", str(tmp_path), "--speedups", "1.5,two"])
-    assert args.func is baselines_main
-    with pytest.raises(PuzzleError, match="--speedups"):
-        args.func(args)
+    for bad in ("1.5,two", "1", "1.0,1.5"):  # at 1x every method is a copy of the parent
+        args = parser.parse_args(["baselines", "--out", str(tmp_path), "--speedups", bad])
+        assert args.func is baselines_main
+        with pytest.raises(PuzzleError, match="--speedups .*above 1"):
+            args.func(args)
 
 
 def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_factory, tmp_path, capsys):
