@@ -250,6 +250,34 @@ def _check_state_dict_dest(dest: Path, record: dict) -> None:
 TWICE = "an input is given twice; give each checkpoint once, with --weights for its share"
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(folder: Path) -> str | None:
+    """The floating dtype a model folder stores its weights in: config.json's `torch_dtype` (or `dtype`), else the
+    first floating tensor's in its first .safetensors file's header; None when neither says (a GGUF file,
+    quantized or odd weights: the merge is stored in fp32 then)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        named = config.get("torch_dtype") or config.get("dtype")
+        if named in _SAFETENSORS_DTYPES.values():
+            return named
+    except (OSError, ValueError, AttributeError):
+        pass
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with path.open("rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except (OSError, ValueError):
+            return None
+        kinds = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        return next((_SAFETENSORS_DTYPES[d] for d in kinds if d in _SAFETENSORS_DTYPES), None)
+    return None
+
+
 def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     """Merge model folders into an exported folder, or state-dict files into a .safetensors file.
 
@@ -326,7 +354,8 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     check_export_target(dest, overwrite=True, keep=paths, provenance=export_provenance({"merge": record}),
                         also_same=(by_path,))
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])
-    exported = export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype, overwrite=True,
+    # load_parent reads every input in fp32: without --dtype, store the merge as the first input is stored
+    exported = export_checkpoint(merged, loaded[0].tokenizer, dest, dtype=dtype or stored_dtype(paths[0]), overwrite=True,
                                  extra_info={"merge": record}, also_same=(by_path,))
     if exported.replaced:
         print(f"merge: replaced the export of {exported.replaced} that was in {dest}", file=sys.stderr)

@@ -204,3 +204,27 @@ def test_merge_inputs_are_known_by_their_weights(tmp_path):
     del config["puzzle"]["merge"]["inputs_sha"]
     (dest / "config.json").write_text(json.dumps(config))
     merge_checkpoints([tmp_path / "moved", m1], dest)  # the same paths: the same merge
+
+
+def test_a_folder_merge_is_stored_in_the_first_inputs_dtype(tmp_path):
+    """Reviewer: bf16 folders merged into an fp32 folder (load_parent reads in fp32), twice the size, though the
+    docs say the first checkpoint's dtype."""
+    from puzzle.merge import stored_dtype
+
+    loaded = [tiny_parent(seed=s) for s in (0, 1)]
+    for i, lm in enumerate(loaded):
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"b{i}", dtype="bfloat16")
+    export_checkpoint(loaded[1].model, loaded[1].tokenizer, tmp_path / "f1")
+    assert stored_dtype(tmp_path / "b0") == "bfloat16" and stored_dtype(tmp_path / "f1") == "float32"
+    config = tmp_path / "b0" / "config.json"
+    kept = config.read_text()
+    config.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k not in ("torch_dtype", "dtype")}))
+    assert stored_dtype(tmp_path / "b0") == "bfloat16"  # from the safetensors header
+    config.write_text(kept)
+    for inputs, want in ((["b0", "b1"], torch.bfloat16), (["b0", "f1"], torch.bfloat16), (["f1", "b0"], torch.float32)):
+        dest = tmp_path / ("m-" + "-".join(inputs))
+        merge_checkpoints([tmp_path / p for p in inputs], dest)
+        assert {t.dtype for t in load_file(dest / "model.safetensors").values()} == {want}, inputs
+        assert json.loads((dest / "config.json").read_text())["torch_dtype"] == str(want).removeprefix("torch.")
+    dest = merge_checkpoints([tmp_path / "b0", tmp_path / "b1"], tmp_path / "m32", dtype="float32")  # --dtype wins
+    assert {t.dtype for t in load_file(dest / "model.safetensors").values()} == {torch.float32}
