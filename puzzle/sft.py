@@ -9,8 +9,9 @@ Each conversation is rendered with the model's own chat template (`tokenizer.app
 Only assistant turns are learned: every other token (system, user, the template's role headers)
 gets the label -100. The assistant span of turn i is what rendering messages[:i+1] adds after
 rendering messages[:i] with the generation prompt, so it holds the answer and the template's
-end-of-turn token (the model learns to stop). A template whose renderings are not prefixes of
-each other is refused.
+end-of-turn token (the model learns to stop), up to the last end-of-sequence token in it: what a
+template writes after that (ChatML's newline after `<|im_end|>`) is not learned, since generation
+stops before it. A template whose renderings are not prefixes of each other is refused.
 
 Packing. Conversations are laid into rows of `seq_len` tokens, first come first served in a seeded
 order; a row holds whole conversations only. Attention is isolated between the conversations of
@@ -148,7 +149,11 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool
         if upto[:len(before)] != before or ids[:len(upto)] != upto:
             raise PuzzleError("the chat template's rendering of a conversation prefix is not a prefix of the whole "
                               "conversation's; the assistant tokens cannot be located (use a standard template)")
-        labels[len(before):len(upto)] = upto[len(before):]
+        span = upto[len(before):]
+        # what the template writes after the end-of-turn token (ChatML's newline) is not the answer's to learn
+        stops = [t for t, tok in enumerate(span) if tok == tokenizer.eos_token_id]
+        end = len(before) + (stops[-1] + 1 if stops else len(span))
+        labels[len(before):end] = upto[len(before):end]
     return ids, labels
 
 

@@ -51,7 +51,8 @@ def test_only_assistant_turns_are_learned(tiny):
     ids, labels = tokenize_conversation(tok, CHAT)
     assert len(ids) == len(labels)
     learned = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
-    assert learned == "Hello!<|im_end|>\n4.<|im_end|>\n"  # both answers with their end-of-turn token
+    # both answers with their end-of-turn token, not the newline ChatML writes after it (generation stops before it)
+    assert learned == "Hello!<|im_end|>4.<|im_end|>"
     assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))
     _, everything = tokenize_conversation(tok, CHAT, train_on_prompt=True)
     assert IGNORE not in everything
@@ -59,7 +60,7 @@ def test_only_assistant_turns_are_learned(tiny):
     ids, labels = tokenize_conversation(tok, [{"role": "assistant", "content": "Hello, how can I help?"},
                                               {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
     learned = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
-    assert learned == "Hello, how can I help?<|im_end|>\nok<|im_end|>\n"
+    assert learned == "Hello, how can I help?<|im_end|>ok<|im_end|>"
 
 
 def test_packed_rows_compute_what_each_conversation_alone_does(tiny):
