@@ -766,7 +766,8 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
         prompts: strings or chat messages; reward_fn: see `puzzle.rewards`.
     Returns:
         History per step: step, reward_mean, reward_std (of the sampled responses, before the
-        update), groups (prompts that contributed), loss, lr, seconds.
+        update), groups (prompts that contributed), groups_with_signal (sampled groups whose rewards differ: none
+        means the step had nothing to learn from), loss, lr, seconds.
     """
     from tqdm.auto import tqdm
 
@@ -790,7 +791,8 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
         all_rewards = torch.tensor([r for g in groups for r in g.rewards])
         batch = [p for p in map(_pair_of, groups) if p is not None] if config.loss in PAIR_LOSSES else groups
         row = {"step": step + 1, "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
-               "groups": len(batch), "loss": float("nan")}
+               "groups": len(batch), "groups_with_signal": sum(len(set(g.rewards)) > 1 for g in groups),
+               "loss": float("nan")}
         if batch:
             model.train()
             ref_sum = None
@@ -1183,6 +1185,10 @@ def _rpo(args) -> int:
         reference = frozen_copy(model) if uses_ref else None
         say(f"online {config.loss}: {len(prompts)} prompts, k={config.k} ({config.logprob_label})")
         history = train_online(model, tokenizer, prompts, reward_fn, config, reference, args.string_prompts, progress)
+        if len(history) and not history["groups_with_signal"].any():
+            say(f"warning: in all {len(history)} steps every sampled group's {config.k} responses got the same reward, "
+                f"so there was nothing to prefer and the model is unchanged; more --steps, a larger --k or "
+                f"--max-new-tokens (answers cut short score alike), or a reward that tells the answers apart")
         if held_out:
             after = evaluate_rewards(model, tokenizer, held_out, reward_fn, config.max_new_tokens)
             summary["reward_after"] = mean_ci(after.reward)

@@ -471,3 +471,19 @@ def test_a_folder_given_as_data_is_called_a_folder(tmp_path):
         read_preference_data(tmp_path)
     with pytest.raises(PuzzleError, match="chat data .* is a folder, not a file"):
         read_chat_jsonl(str(tmp_path))
+
+
+def test_an_online_run_whose_rewards_all_tie_says_it_learned_nothing(tmp_path, capsys):
+    """Reviewer: online rpo on a task the model never gets right ran every step with groups=0, exported the
+    unchanged model and said nothing."""
+    parser = argparse.ArgumentParser()
+    add_rpo_parser(parser.add_subparsers())
+    args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "run"), "--task", "count", "--steps", "2",
+                              "--batch-size", "2", "--k", "2", "--max-new-tokens", "2", "--num-prompts", "4",
+                              "--no-progress"])
+    assert args.func(args) == 0
+    import pandas as pd
+
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert (history["groups_with_signal"] == 0).all() and (history["reward_std"] == 0).all()
+    assert "nothing to prefer and the model is unchanged" in capsys.readouterr().err
