@@ -2085,12 +2085,14 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                   + bld_comparison_caveat(a["speedup"], b["speedup"])
                   + bld_level_caveat(a["kl_nats"], b["kl_nats"], run.config.bld.tokens), ""]
     machine = run.out / "children" / "machine.json"
-    if machine.is_file():
-        m = read_json(machine)
+    mismatched = [n for n in (speedup_mismatch_note(r) for r in summary.iloc[1:].to_dict("records")) if n]
+    if machine.is_file() or mismatched:
+        m = read_json(machine) if machine.is_file() else {}
         drift = {k: v for k, v in m.get("drift", {}).items() if v is not None}
         busy = contention_note(m.get("contention_cores") if isinstance(m.get("contention_cores"), dict) else {})
-        if drift or busy:
+        if drift or busy or mismatched:
             lines += ["## Machine speed", ""]
+        lines += [f"**Warning:** {n}." for n in mismatched] + ([""] if mismatched else [])
         if drift:
             lines += ["A fixed reference workload (scoring/machine.py) timed with the cost table and again with the "
                       "children took " + ", ".join(f"{v:.2f} times as long ({k})" for k, v in drift.items())

@@ -312,7 +312,7 @@ def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(r
         assert ("--max-contention 0.25" in out.stderr) == noted
 
 
-def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_report(run_dir, tmp_path):
+def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_report(run_dir, tmp_path, monkeypatch):
     """Fresh user: with --max-contention inf on a loaded machine the report and summary showed absurd speed-ups and
     nothing said the timings were taken while other jobs kept the cores busy."""
     import shutil
@@ -335,6 +335,16 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
                      "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 0
     report = (copy / "report.md").read_text()
     assert "**Warning:** The children were timed while other jobs kept 1.25 cores busy" in report
+    # a child measured far from its prediction is flagged there too (the rule: test_machine.py)
+    import puzzle.pipeline
+
+    monkeypatch.setattr(puzzle.pipeline, "speedup_mismatch_note",
+                        lambda row: "child-2x is off" if row["name"] == "child-2x" else None)
+    (copy / "report.json").unlink()
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups",
+                     "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 0
+    assert "**Warning:** child-2x is off." in (copy / "report.md").read_text()
 
 
 def test_a_deleted_front_csv_is_drawn_again_without_evaluating_or_timing(run_dir, tmp_path):
