@@ -493,7 +493,7 @@ def cmd_score(args) -> int:
     from .pipeline import stage_score
 
     with _stage_run(args, measures=True) as run:
-        stage_score(run)
+        stage_score(run, retime=args.retime)
     return 0
 
 
@@ -755,6 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _add_common(p)
         _add_config_flags(p)
+        if name == "score":
+            p.add_argument("--retime", action="store_true",
+                           help="time the cost table again though one for this workload exists (after a timing on a "
+                                "busy machine: a budget out of reach, children measured far from their predicted "
+                                "speed-ups); the quality scores are kept. The table in place is replaced only once "
+                                "the new timing succeeds")
         p.set_defaults(func=func)
 
     p = sub.add_parser("search", help="solve the mixed-integer program for the budgets (or --library PATH alone)")

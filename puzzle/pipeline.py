@@ -617,8 +617,9 @@ def _stale_timing(meta: dict, threads: int, max_contention: float) -> str | None
     return None
 
 
-def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
-    """Measured cost of every variant and of the non-block part (reused when measured for this workload)."""
+def stage_cost(run: Run, retime: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Measured cost of every variant and of the non-block part (reused when measured for this workload, unless
+    `retime`: `puzzle score --retime`; the table in place is replaced only when the new timing succeeds)."""
     from .scoring.cost import max_ignoring_nan, measure_non_block_costs, measure_subblock_costs
     from .scoring.machine import machine_record
 
@@ -630,7 +631,9 @@ def stage_cost(run: Run) -> tuple[pd.DataFrame, dict]:
     expect["config"] = fingerprint_config(run.parent.config)
     w = run.workload()
     limit = run.config.score.max_contention
-    if path.is_file():
+    if path.is_file() and retime:
+        run.say("score: timing the cost table again (--retime)")
+    elif path.is_file():
         try:
             df, meta = load_table(path, expect=expect)
             stale = _stale_timing(meta, w.threads(), limit)
@@ -671,20 +674,22 @@ def check_library_entries(run: Run, stages) -> None:
                           f"to score (e.g. layer {layer} {variant} ({stage})); run `puzzle bld --out {run.out}` first")
 
 
-def stage_score(run: Run) -> dict[str, pd.DataFrame]:
-    """Quality and cost → the score tables (trained entries, and init-only entries when configured)."""
+def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
+    """Quality and cost → the score tables (trained entries, and init-only entries when configured); `retime`: the
+    cost table is timed again (`stage_cost`)."""
     stages = ("bld", "init") if run.config.score.score_init else ("bld",)
     if (run.out / "library" / "meta.json").is_file():  # a library of another parent, text or settings: as bld says
         run.library.check_meta(library_meta(run))
     check_library_entries(run, stages)  # before the cost measurement, the longest part
-    costs, non_block = stage_cost(run)
+    costs, non_block = stage_cost(run, retime)
     tables = {}
     for stage in stages:
         quality = score_quality(run, stage)
         table = quality.merge(costs, on=["subblock", "variant"], how="left", validate="many_to_one")
         if table["runtime_ms"].isna().any():
             missing = table.loc[table["runtime_ms"].isna(), "variant"].unique()
-            raise PuzzleError(f"no cost measured for variants {list(missing)}; delete {run.out / 'score' / 'cost.csv'} and rerun `puzzle score`")
+            raise PuzzleError(f"no cost measured for variants {list(missing)}; time the cost table again: `puzzle score "
+                              f"--out {run.out} --retime`")
         nb = {"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
               "lm_loss": float("nan"), "top1_agree": float("nan"), "cosine": float("nan"),
               **{k: non_block[k] for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")}}
@@ -846,7 +851,11 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         records = {main: solve_or_keep(main, request, "bld")}
     except InfeasibleBudget as e:  # the main budget out of reach: a cost table timed on a busy machine may be why
         note = contention_note({"cost_table": recorded_contention(_cost_sidecar(run.out))})
-        raise (InfeasibleBudget(f"{e} (note: {note})") if note else e) from None
+        retime = (f"if the cost table was timed while the machine was busy or throttled (its timings then run high), "
+                  f"time it again: `puzzle score --out {run.out} --retime`")
+        if not any(w in str(e) for w in ("runtime", "prefill", "decode", "throughput")):  # memory, parameters
+            raise (InfeasibleBudget(f"{e} (note: {note})") if note else e) from None
+        raise InfeasibleBudget(f"{e} (note: {note}; {retime})" if note else f"{e} ({retime})") from None
     if run.config.score.score_init and score_table_path(run, "init").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
     missed: dict[str, str] = {}  # front target -> why no child meets it
@@ -1584,8 +1593,8 @@ def speedup_mismatch_note(row: dict) -> str | None:
     return (f"{row['name']} measured {measured:.2f}x against a predicted {predicted:.2f}x, "
             f"{max(measured / predicted, predicted / measured):.1f} times apart: the cost table's timing "
             f"(`puzzle score`) or this measurement ran on a busy or throttled machine. Time the children again when "
-            f"the machine is quiet (`puzzle front --out DIR --remeasure`), or the cost table (delete DIR/score/cost.csv and "
-            f"rerun `puzzle score`) if the children's timings hold")
+            f"the machine is quiet (`puzzle front --out DIR --remeasure`), or the cost table (`puzzle score --out DIR "
+            f"--retime`) if the children's timings hold")
 
 
 def evaluate_all(run: Run, models: dict) -> dict[str, dict]:

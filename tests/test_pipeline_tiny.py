@@ -310,6 +310,18 @@ def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(r
         said = "note: the cost table was timed while other jobs kept 1.50 cores busy" in out.stderr
         assert said == noted, out.stderr
         assert ("--max-contention 0.25" in out.stderr) == noted
+        assert f"time it again: `puzzle score --out {copy} --retime`" in out.stderr, out.stderr  # with no note too
+    # --retime times the table again (a busy timing left every rerun stuck; the user had to delete files)
+    table = pd.read_csv(copy / "score" / "cost.csv")
+    table.loc[:, ["prefill_ms", "decode_ms", "runtime_ms"]] *= 100  # as if timed on a machine 100x slower
+    table.to_csv(copy / "score" / "cost.csv", index=False)
+    sidecar.write_text(json.dumps(meta))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["score", "--out", str(copy), "--no-progress", "--max-contention", "inf", "--retime"]) == 0
+    assert "timing the cost table again (--retime)" in err.getvalue()
+    again = pd.read_csv(copy / "score" / "cost.csv").set_index("variant")
+    assert again.loc["ffn-linear", "runtime_ms"] < table.set_index("variant").loc["ffn-linear", "runtime_ms"] / 10
 
 
 def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_report(run_dir, tmp_path, monkeypatch):
