@@ -874,9 +874,13 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
                                        "largest_speedup": largest_front_speedup(run, tables.get("bld"))}
         run.say(f"search: warning: {unreachable_front_message(chosen['unreachable_front'])}")
     run.settled = True  # the choices written next are the configuration's: a later failure keeps both (cli._stage_run)
-    for name, record in records.items():
-        if name not in kept:
-            atomic_write_json(run.out / "search" / f"{name}.json", record)
+    for name, record in list(records.items()):
+        if name in kept:
+            continue
+        if (same := _same_solve(run.out / "search" / f"{name}.json", record)) is not None:
+            records[name] = same  # the file as it is: its feedback history (solved_choice, budget_feedback) stays
+            continue
+        atomic_write_json(run.out / "search" / f"{name}.json", record)
     run.timed("search_s", time.perf_counter() - t0)
     atomic_write_json(run.out / "search" / "chosen.json", chosen)
     update_report_front(run)  # a report written before names the targets out of reach as they are now
@@ -891,6 +895,20 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     if json_out:
         print(json.dumps(records[main]))
     return records
+
+
+def _same_solve(path: Path, record: dict) -> dict | None:
+    """The record in `path` when a new solve (`record`) gave the same child from the same request, table and settings
+    (every field of the new record but its solve time equal), so a rerun leaves the file byte for byte, with the
+    fields the budget feedback added; else None."""
+    try:
+        old = read_json(path) if path.is_file() else None
+    except PuzzleError:
+        return None
+    if not isinstance(old, dict):
+        return None
+    plain = lambda d: json.loads(json.dumps({k: d.get(k) for k in record if k != "solve_s"}, default=str))  # noqa: E731
+    return old if plain(old) == plain(record) else None
 
 
 def largest_front_speedup(run: Run, scored: tuple[pd.DataFrame, dict] | None = None) -> float | None:

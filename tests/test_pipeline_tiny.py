@@ -820,3 +820,23 @@ def test_a_run_directory_given_as_a_model_folder_is_named(run_dir, tmp_path, cap
                  str(calib), "--dest", str(tmp_path / "d"), "--tokens", "64", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{run_dir} is a puzzle run directory, not a model folder" in err and f"--out {run_dir} --name NAME" in err
+
+
+def test_a_rerun_that_solves_the_same_child_keeps_the_search_record(run_dir, tmp_path):
+    """Breaker: rerunning a finished run rewrote every DIR/search/<name>.json without its budget-feedback history
+    (solved_choice, budget_feedback), though the solve gave the same child."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    records = {p.name: p.read_bytes() for p in (copy / "search").glob("child-*.json")}
+    assert records and all(b"budget_feedback" in b for b in records.values())
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["search", "--out", str(copy), "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in (copy / "search").glob("child-*.json")} == records
+    # another main budget: its child is solved and written, the front's children stay as they were
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["search", "--out", str(copy), "--no-progress", "--speedup", "1.3"]) == 0
+    chosen = json.loads((copy / "search" / "chosen.json").read_text())["main"]
+    assert chosen == "child-1.3x" and "budget_feedback" not in json.loads((copy / "search" / f"{chosen}.json").read_text())
+    assert (copy / "search" / "child-2x.json").read_bytes() == records["child-2x.json"]
