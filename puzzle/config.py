@@ -365,7 +365,34 @@ def load_preset(name_or_path: str) -> RunConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PuzzleError(f"{where} is not valid TOML: {e}") from e
+    if where == str(path):
+        _paths_from(data, path.resolve().parent)
     return RunConfig.from_dict(data, where)
+
+
+def _paths_from(data: dict, folder: Path) -> None:
+    """Make a preset file's relative paths (data.calib_sources, data.eval_sources, parent.path) absolute against the
+    file's own folder, in place, as the --calib / --eval flags make theirs against the current one: the run saves
+    them so, and its later commands may start anywhere. `asset:`, `package:`, `parent-samples` and `tiny` stay."""
+    import os
+
+    def absolute(spec):
+        if not isinstance(spec, str) or not spec.strip() or spec.startswith(("asset:", "package:", "parent-samples")) \
+                or spec == "tiny":
+            return spec
+        return os.path.normpath(folder / os.path.expanduser(spec))  # an absolute spec stays as it is
+
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("calib_sources", "eval_sources"):
+            value = section.get(key)
+            if isinstance(value, str):
+                section[key] = absolute(value)
+            elif isinstance(value, list):
+                section[key] = [absolute(v) for v in value]
+    parent = data.get("parent")
+    if isinstance(parent, dict) and "path" in parent:
+        parent["path"] = absolute(parent["path"])
 
 
 def save_run_config(config: RunConfig, out_dir: Path) -> None:

@@ -223,10 +223,24 @@ def _record_text(record: dict, text_field: str) -> str | None:
     if isinstance(record.get(text_field), str):
         return record[text_field]
     if isinstance(record.get("messages"), list):
-        return "\n\n".join(f"{str(m.get('role', 'user')).capitalize()}: {m.get('content', '')}"
-                           for m in record["messages"] if isinstance(m, dict))
+        turns = [(str(m.get("role", "user")).capitalize(), _content_text(m.get("content")))
+                 for m in record["messages"] if isinstance(m, dict)]
+        turns = [(role, text) for role, text in turns if text and text.strip()]
+        return "\n\n".join(f"{role}: {text}" for role, text in turns) if turns else None
     if isinstance(record.get("turns"), list):
         return "\n\n".join(str(t) for t in record["turns"])
+    return None
+
+
+def _content_text(content) -> str | None:
+    """A chat message's content as text: a string, or the text parts of a list of parts (OpenAI's
+    [{"type": "text", "text": ...}, {"type": "image_url", ...}]); None when it holds no text (null, a number)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p if isinstance(p, str) else p.get("text") for p in content if isinstance(p, (str, dict))]
+        parts = [p for p in parts if isinstance(p, str)]
+        return "\n".join(parts) if parts else None
     return None
 
 
@@ -344,9 +358,13 @@ def resolve_source(spec: str, cache_dir=None) -> Path:
     if is_parent_samples(spec):
         raise PuzzleError(f"{spec} is drawn from the parent by a run's data stage (puzzle run/data --calib {spec}); "
                           "here give text files")
+    if not spec.strip():  # Path("") is the current folder
+        raise PuzzleError("a data source is empty; give an existing text/jsonl/parquet file or folder")
     path = Path(spec).expanduser()
     if not path.exists():
         raise PuzzleError(f"data source {spec} does not exist; give an existing text/jsonl/parquet file or folder")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or device would block or never end
+        raise PuzzleError(f"data source {spec} is not a regular file or folder; give a text/jsonl/parquet file")
     return path
 
 
@@ -385,6 +403,10 @@ def check_sources(config: DataConfig, packed_in: Path | None = None) -> dict[str
             if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
                 raise PuzzleError(f"{flag} source {spec} cannot be read (permission denied); make it readable or give "
                                   f"another source")
+            if packed_in is not None and path.is_dir() and path.resolve() in Path(packed_in).resolve().parents:
+                raise PuzzleError(f"{flag} source {spec} is a folder that holds the run's own files ({packed_in}): "
+                                  f"they would be read as text and change with every stage; put the run directory "
+                                  f"(--out) outside it, or give the text files themselves")
     return gone
 
 
@@ -414,10 +436,16 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
     """
     path = resolve_source(spec, cache_dir)
     if path.is_dir() and not _is_table_folder(path):
-        docs = []
+        docs, skipped = [], []
         for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
             rel = file.relative_to(path)
+            if file.name.lower().endswith(_NOT_TEXT):  # e.g. a dataset's metadata .json beside its text files
+                skipped.append(str(rel))
+                continue
             docs += [Document(d.text, f"{rel}:{d.doc_id}", spec) for d in _read_path(file, spec, text_field, txt_mode)]
+        if skipped:
+            warnings.warn(f"data source {spec}: {len(skipped)} file(s) of a kind not read as text left out "
+                          f"({', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''})")
     else:
         docs = _read_path(path, spec, text_field, txt_mode)
     docs = [d for d in docs if len(d.text) >= max(min_chars, 1)]
@@ -431,6 +459,11 @@ def _is_table_folder(path: Path) -> bool:
             or any(path.glob("*.arrow")) or any(path.glob("*.parquet")))
 
 
+#: structured or compressed files `_read_path` refuses instead of reading them as plain text
+_NOT_TEXT = (".json", ".csv", ".tsv", ".xlsx", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst", ".txt.bz2", ".txt.xz", ".txt.zst",
+             ".zip", ".tar", ".tar.gz", ".tgz")
+
+
 def _read_path(path: Path, spec: str, text_field: str, txt_mode: str) -> list[Document]:
     """Dispatch one file (or table folder) to its reader by name; unreadable content -> PuzzleError."""
     name = path.name.lower()
@@ -441,6 +474,10 @@ def _read_path(path: Path, spec: str, text_field: str, txt_mode: str) -> list[Do
             return read_wiki_dump(path, spec)
         if name.endswith((".jsonl", ".jsonl.gz")):
             return read_jsonl(path, spec, text_field)
+        if name.endswith(_NOT_TEXT):
+            raise PuzzleError(f"{path}: {name.rsplit('.', 1)[-1]} files are not read (they would be taken as plain text, "
+                              f"markup and all); give the text as .txt, .jsonl(.gz) with a text field, or parquet "
+                              f"(a .json array: one object per line makes it .jsonl; .gz is the compression read)")
         return read_text_file(path, spec, mode="line" if name.endswith(".cor") else txt_mode)
     except UnicodeDecodeError as e:
         raise PuzzleError(f"{path} is not UTF-8 text ({e}); give a text, jsonl, parquet or wiki dump file") from e
@@ -459,26 +496,32 @@ def _unit_hash(text: str, seed: int, purpose: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def same_text_key(text: str) -> str:
+    """A document's text with every run of whitespace made one space: copies that differ only in spacing, line breaks
+    or line endings are one text for the splits (an evaluation passage re-wrapped in a calibration file)."""
+    return " ".join(text.split())
+
+
 def split_documents(calib_docs: list[Document], eval_docs: list[Document], score_fraction: float,
                     seed: int = 0) -> dict[str, list[Document]]:
     """Assign documents to the calib / score / eval splits, disjoint by document.
 
     A calibration-source document goes to `score` when the seeded hash of its text is below
     `score_fraction`, else to `calib`; when that leaves one of the two empty, the document with
-    the most extreme hash moves over, so both get one. Exact duplicate texts are kept once, and a
-    calibration text that also appears in the evaluation sources is dropped from calibration.
+    the most extreme hash moves over, so both get one. Texts equal up to whitespace (`same_text_key`) are
+    kept once, and a calibration text that also appears in the evaluation sources is dropped from calibration.
     Each split is ordered by a second seeded hash, so a token budget takes a mix of all sources.
     """
     def unique(docs, exclude=frozenset()):
         seen, out = set(exclude), []
         for d in docs:
-            if d.text not in seen:
-                seen.add(d.text)
+            if (key := same_text_key(d.text)) not in seen:
+                seen.add(key)
                 out.append(d)
         return out
 
     eval_docs = unique(eval_docs)
-    calib_docs = unique(calib_docs, exclude={d.text for d in eval_docs})
+    calib_docs = unique(calib_docs, exclude={same_text_key(d.text) for d in eval_docs})
     keyed = sorted(calib_docs, key=lambda d: _unit_hash(d.text, seed, "split"))
     n_score = sum(_unit_hash(d.text, seed, "split") < score_fraction for d in keyed)
     if len(keyed) >= 2:
@@ -699,6 +742,10 @@ class DataConfig:
             object.__setattr__(self, name, tuple(str(v) for v in items))
             if not getattr(self, name):
                 raise PuzzleError(f"data.{name} is empty; give at least one text source")
+            if any(not v.strip() for v in getattr(self, name)):  # "" is the current folder: every file in it read
+                flag = "--calib" if name == "calib_sources" else "--eval"
+                raise PuzzleError(f"{flag} (data.{name}) has an empty source {list(getattr(self, name))}; give a file, "
+                                  f"folder or asset:NAME (an unset shell variable, as in {flag} \"$TEXT\"?)")
         from .samples import PARENT_SAMPLES, is_parent_samples
 
         if any(is_parent_samples(s) for s in self.eval_sources):
@@ -830,7 +877,7 @@ def source_sha256(spec: str, cache_dir=None) -> str:
         return sha256_file(path)
     h = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
+        h.update(os.fsencode(file.relative_to(path)) + b"\0" + sha256_file(file).encode())
     return h.hexdigest()
 
 
@@ -1045,8 +1092,8 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     splits = split_documents([d for s in config.calib_sources for d in per_source[s]],
                              [d for s in config.eval_sources for d in per_source[s]],
                              config.score_fraction, config.seed)
-    eval_texts = {d.text for s in config.eval_sources for d in per_source[s]}
-    if (shared := len({d.text for s in config.calib_sources for d in per_source[s]} & eval_texts)) and \
+    eval_texts = {same_text_key(d.text) for s in config.eval_sources for d in per_source[s]}
+    if (shared := len({same_text_key(d.text) for s in config.calib_sources for d in per_source[s]} & eval_texts)) and \
             any(splits[k] for k in ("calib", "score")):  # all of them shared is refused below, with its own message
         warnings.warn(f"{shared} calibration document(s) repeat the text of an evaluation document; they are left out "
                       f"of the calibration and scoring splits, so the evaluation stays held out")
@@ -1065,9 +1112,15 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         else:
             if not splits[split]:
                 had = sum(len(per_source[s]) for s in config.calib_sources)
-                why = (f" ({had} documents were read from the calibration sources, and every one repeats the text of "
-                       f"an evaluation document, which is kept there once: a copy of an --eval file under another "
-                       f"name?); give calibration text of its own" if had else "; add text to its sources")
+                kept = len(splits["calib"]) + len(splits["score"])
+                if kept == 1:
+                    why = (" (the calibration sources hold one document, after repeats are kept once, and a document "
+                           "goes whole to calibration or to scoring); give more documents: blank lines separate them "
+                           "in a .txt file, one per line in .jsonl")
+                else:
+                    why = (f" ({had} documents were read from the calibration sources, and every one repeats the text "
+                           f"of an evaluation document, which is kept there once: a copy of an --eval file under "
+                           f"another name?); give calibration text of its own" if had else "; add text to its sources")
                 raise PuzzleError(f"the {split} split has no documents{why}")
             try:
                 tokens, used, source_tokens = _pack(splits[split], tokenizer, config.seq_len, budgets[split],

@@ -671,9 +671,11 @@ def test_bad_calib_weights_are_refused(weights, pattern):
         DataConfig(calib_sources=("a.txt", "b.txt"), calib_weights=weights)
 
 
-def test_calib_weights_from_presets_config_files_and_flags(tmp_path):
+def test_calib_weights_from_presets_config_files_and_flags(tmp_path, monkeypatch):
     from puzzle.cli import _resolve_config, build_parser
     from puzzle.config import load_preset, load_run_config, save_run_config
+
+    monkeypatch.chdir(tmp_path)  # the preset's a.txt is the file beside it, and --calib a.txt names the same one
 
     preset = tmp_path / "mix.toml"
     preset.write_text('[data]\ncalib_sources = ["a.txt", "b.txt"]\ncalib_weights = [3, 1]\n')
@@ -804,3 +806,86 @@ def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_sa
         from puzzle.tiny import tiny_tokenizer
 
         prepare_data(load_preset("tiny").data, tiny_tokenizer(), tmp_path / "tiny")  # the preset's own tokenizer
+
+
+def test_breaker_inputs_an_empty_spec_a_fifo_a_run_inside_its_source_and_structured_files(tmp_path, tok, monkeypatch,
+                                                                                           capsys):
+    """Breaker: `--calib ""` read every file of the current folder; a FIFO hung; a run inside its --calib folder
+    calibrated on its own config and token files; .json / .csv files were read as plain text; chat content given as
+    a list of parts was written as its Python repr; a folder file name that is not UTF-8 gave a traceback."""
+    from puzzle.cli import main
+
+    with pytest.raises(PuzzleError, match=r"--calib \(data.calib_sources\) has an empty source"):
+        DataConfig(calib_sources=("",), eval_sources=("package:tiny_eval.txt",))
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "--preset", "tiny", "--out", str(tmp_path / "r0"), "--calib", "", "--no-progress"]) == 2
+    assert "has an empty source" in capsys.readouterr().err and not (tmp_path / "r0").exists()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(PuzzleError, match="not a regular file or folder"):
+        read_documents(str(tmp_path / "fifo"))
+    # a run directory inside a calibration folder
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "c.txt").write_text(packaged_text_path("tiny_corpus.txt").read_text())
+    assert main(["data", "--preset", "tiny", "--out", str(texts / "run"), "--calib", str(texts), "--no-progress"]) == 2
+    assert "holds the run's own files" in capsys.readouterr().err
+    # structured files: refused alone, left out of a folder with a warning
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "x" * 50}]))
+    with pytest.raises(PuzzleError, match="json files are not read"):
+        read_documents(str(tmp_path / "a.json"))
+    (texts / "meta.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) of a kind not read as text left out \(meta.json\)"):
+        assert all("{}" not in d.text for d in read_documents(str(texts)))
+    # chat content as parts, null, missing
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"},
+                                                       {"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "Four."}]},
+            {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "Hi"}]}]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    docs = read_documents(str(tmp_path / "chat.jsonl"))
+    assert [d.text for d in docs] == ["User: What is 2+2?\n\nAssistant: Four.", "Assistant: Hi"]
+    # a folder file whose name is not UTF-8
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / os.fsdecode(b"caf\xe9.txt")).write_text("Some text of a document.\n\nAnother document here.")
+    from puzzle.data import source_sha256
+
+    assert len(source_sha256(str(odd))) == 64 and len(read_documents(str(odd))) == 2
+
+
+def test_evaluation_text_rewrapped_in_calibration_is_still_held_out_and_one_document_is_named(tmp_path, tok):
+    """Breaker: an evaluation passage copied into calibration with other spacing was trained on (exact-text check);
+    a calibration file of one document was said to repeat evaluation text."""
+    eval_docs = [Document(f"Evaluation passage number {i} with some words.", str(i), "e") for i in range(3)]
+    calib_docs = [Document("Evaluation  passage number 1\nwith some words.", "x", "c"),
+                  *[Document(f"Calibration document {i}.", f"c{i}", "c") for i in range(6)]]
+    splits = split_documents(calib_docs, eval_docs, 0.3)
+    assert "x" not in {d.doc_id for k in ("calib", "score") for d in splits[k]}
+    (tmp_path / "one.txt").write_text(" ".join(["lorem ipsum dolor"] * 500))
+    config = DataConfig(calib_sources=(str(tmp_path / "one.txt"),), eval_sources=("package:tiny_eval.txt",),
+                        seq_len=16, calib_tokens=64, score_tokens=32, eval_tokens=32)
+    with pytest.raises(PuzzleError, match="hold one document.*blank lines separate them"):
+        prepare_data(config, tok, tmp_path / "data")
+
+
+def test_a_preset_files_relative_paths_are_read_from_its_folder_and_saved_absolute(tmp_path, monkeypatch):
+    """Breaker: calib_sources = ["c.txt"] in a preset file was resolved against the current folder and saved
+    relative, so a later command from elsewhere reused or re-packed from the wrong file."""
+    from puzzle.cli import main
+    from puzzle.config import load_preset
+
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "c.txt").write_text(packaged_text_path("tiny_corpus.txt").read_text())
+    (folder / "my.toml").write_text('[parent]\npath = "tiny"\n[data]\ncalib_sources = ["c.txt", "asset:lee-news"]\n'
+                                    'eval_sources = "package:tiny_eval.txt"\n')
+    config = load_preset(str(folder / "my.toml"))
+    assert config.data.calib_sources == (str(folder / "c.txt"), "asset:lee-news") and config.parent.path == "tiny"
+    (folder / "my.toml").write_text('[parent]\npath = "tiny"\n[data]\ncalib_sources = ["c.txt"]\n'
+                                    'eval_sources = "package:tiny_eval.txt"\nseq_len = 16\ncalib_tokens = 256\n'
+                                    'score_tokens = 64\neval_tokens = 64\n')
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["data", "--preset", "../presets/my.toml", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert saved["calib_sources"] == [str(folder / "c.txt")] and saved["eval_sources"] == ["package:tiny_eval.txt"]
