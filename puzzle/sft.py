@@ -683,6 +683,7 @@ def run_sft_command(args, log=None) -> dict | None:
                 log(f"sft: replaced the export of {exported.replaced} that was in {exported.path}")
             summary = {"model": what, "data": list(args.data), "config": asdict(config), "rows": data.input_ids.shape[0],
                        "learned_tokens": learned, "dropped": data.dropped, "steps": result.steps_done,
+                       "resumed_from_step": result.resumed_from,
                        "train_s": round(result.seconds, 1), "dest": str(exported.path),
                        "first_loss": result.history[0]["loss"], "last_loss": result.history[-1]["loss"],
                        "history": result.history}
@@ -705,7 +706,10 @@ def cmd_sft(args) -> int:
     t0 = time.perf_counter()
     summary = run_sft_command(args, log)
     if summary and summary.get("dest"):
-        log(f"sft: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} nats/token; exported to "
+        resumed = summary.get("resumed_from_step", 0)
+        how = ("; all steps done by an earlier call, only exported" if resumed >= summary["steps"] else
+               f"; resumed from step {resumed} of {summary['steps']}" if resumed else "")
+        log(f"sft: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} nats/token{how}; exported to "
             f"{summary['dest']} ({time.perf_counter() - t0:.0f} s)")
         for row in summary.get("toggle", []):
             log(f"sft: toggle {row['mode']:>3}: think {row['think_fraction']:.0%}, well-formed "

@@ -284,7 +284,7 @@ def test_a_run_child_fine_tunes_with_the_default_work_folder(tmp_path_factory, t
     assert state["step"] == 2
 
 
-def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_path):
+def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_path, capsys):
     """The export records its training (settings, data, model, work folder): only a rerun of that training
     replaces it; an export recorded by an earlier version (no training) gets the hint that says so."""
     import argparse
@@ -310,7 +310,9 @@ def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_pat
         with pytest.raises(PuzzleError, match=r"holds trained weights \(sft of .* \(training [0-9a-f]{16}\)\)"):
             sft("--work", str(work), *extra)
         assert not work.exists() and (out / "model.safetensors").read_bytes() == before
+    capsys.readouterr()
     assert sft() == 0  # a rerun of the same training replaces it
+    assert "all steps done by an earlier call, only exported" in capsys.readouterr().err  # breaker: it said nothing
     trained = (out / "model.safetensors").read_bytes()
     (tmp_path / "model").rename(tmp_path / "moved")  # breaker: a moved model was refused, then its checkpoint too
     base[2] = str(tmp_path / "moved")
