@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import math
 import os
 import re
@@ -238,7 +239,33 @@ def _resolve_config(args, out: Path):
     if flag("seed") is not None:
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
-    return config.replace(**changes)
+    resolved = config.replace(**changes)
+    if flag("preset"):
+        _say_preset_overrides(args.preset, resolved, out, changes)
+    return resolved
+
+
+def _say_preset_overrides(preset: str, config, out: Path, changes: dict) -> None:
+    """Name on stderr the settings of DIR/config.json that --preset replaces (not those a flag sets): a setting edited
+    in config.json by hand went back to the preset's value without a word."""
+    from .config import read_run_config_json
+
+    if not (out / "config.json").is_file():
+        return
+    try:
+        saved = read_run_config_json(out)
+    except PuzzleError:
+        return
+    plain = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples as lists, paths as text)
+    replaced = [f"{section}.{key} {plain(saved[section][key])!r} -> {plain(value)!r}"
+                for section, values in plain(config.to_dict()).items()
+                if isinstance(values, dict) and isinstance(saved.get(section), dict)
+                for key, value in values.items()
+                if key in saved[section] and key not in changes.get(section, {}) and plain(saved[section][key]) != value]
+    if replaced:
+        print(f"puzzle: note: --preset {preset} replaces settings saved in {out / 'config.json'}: "
+              f"{', '.join(replaced[:5])}{f' and {len(replaced) - 5} more' if len(replaced) > 5 else ''} (leave "
+              f"--preset out to keep the saved settings)", file=sys.stderr)
 
 
 def _sources_flag(given, saved: tuple[str, ...]) -> tuple[str, ...]:

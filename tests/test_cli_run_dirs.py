@@ -825,3 +825,20 @@ def test_a_search_record_solved_on_an_earlier_score_table_is_said(tmp_path_facto
         read_architecture(run, "child-1.5x")
     assert main(["export", "--out", str(out), "--name", "child-1.5x"]) == 0
     assert "puzzle: warning: " in (err := capsys.readouterr().err) and "was solved on another score table" in err
+
+
+def test_a_preset_over_a_saved_configuration_names_the_settings_it_replaces(tmp_path, capsys):
+    """Breaker: a setting edited by hand in config.json went back to the preset's value without a word."""
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    saved["bld"]["lr"] = 0.01
+    (out / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "--preset tiny replaces settings saved in" in err and "bld.lr 0.01 -> 0.001" in err and "seed" not in err
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    assert "replaces settings" not in capsys.readouterr().err  # saved as the preset now
