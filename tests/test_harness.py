@@ -324,3 +324,34 @@ def test_a_file_that_is_no_manifest_is_not_called_a_stage_output(tmp_path):
         with pytest.raises(PuzzleError, match="is not a run's data manifest") as refused:
             used_lambada_ids(tmp_path / name)
         assert "delete it" not in str(refused.value)
+
+
+def test_a_long_document_keeps_the_context_lm_eval_keeps(tiny):
+    """Reviewer: the model saw max_len - 1 tokens where lm-eval feeds max_len: (context + continuation)[-(max_len+1):]
+    without its last token."""
+    import copy
+    import dataclasses
+
+    model = copy.copy(tiny.model)
+    model.config = dataclasses.replace(tiny.model.config, max_position_embeddings=32)  # the tiny tokenizer: bytes
+    pairs = [("one two three four five six seven eight nine ten eleven twelve", " thirteen fourteen")]
+    (ctx, cont), = encode_pairs(tiny.tokenizer, pairs)
+    assert len(ctx) + len(cont) > 33 and len(cont) < 32
+    got, = loglikelihoods(model, tiny.tokenizer, pairs)
+    lp, _ = _reference(tiny.model, (ctx + cont)[-33:-len(cont)], cont)
+    assert got.logprob == pytest.approx(lp, abs=1e-4)
+
+
+def test_perplexity_stderr_is_a_seeded_bootstrap():
+    """Reviewer: the delta method ran about 10 % under lm-eval's bootstrap on 50 LAMBADA documents."""
+    from puzzle.scoring.harness import aggregate, bootstrap_perplexity_stderr
+
+    ll = np.random.default_rng(0).normal(-4.0, 2.0, 50)
+    se = bootstrap_perplexity_stderr(ll)
+    assert se == bootstrap_perplexity_stderr(ll)  # seeded
+    ppl = math.exp(-ll.mean())
+    boot = np.exp(-np.array([ll[np.random.default_rng(s).integers(0, 50, 50)].mean() for s in range(4000)]))
+    assert se == pytest.approx(boot.std(ddof=1), rel=0.06) and se > ppl * ll.std(ddof=1) / math.sqrt(50)
+    row, = [r for r in aggregate("lambada", pd.DataFrame({"ll": ll, "acc": 0.0})) if r["metric"] == "perplexity"]
+    assert row["value"] == pytest.approx(ppl) and row["stderr"] == se
+    assert math.isnan(bootstrap_perplexity_stderr([-1.0]))
