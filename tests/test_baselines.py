@@ -621,8 +621,8 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
                         (["refine", "--name", "child-1.5x", "--select-tokens", "0"], "--select-tokens 0"),
                         (["refine", "--name", "child-1.5x", "--select-tokens", "100"],
                          "sequences of 64 tokens; give a multiple of 64, e.g. 64 or 128"),  # cut to 64 unsaid
-                        (["baselines", "--speedups", "0"], "speed-ups of at least 1"),
-                        (["baselines", "--speedups", "nan"], "speed-ups of at least 1"),
+                        (["baselines", "--speedups", "0"], "speed-ups above 1"),
+                        (["baselines", "--speedups", "nan"], "speed-ups above 1"),
                         (["realize", "--name", "a" * 300], "no architecture named"),
                         (["export", "--name", "child-1.5x", "--dest", ""], "current directory"),
                         (["gkd", "--name", "child-1.5x", "--dest", str(out / "search"), "--tokens", "64"],
