@@ -152,6 +152,10 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len
     Returns None when plain causal attention (`is_causal`) or no mask at all is enough.
     A 4-D `attention_mask` (B or 1, 1, T, S) is already the whole mask (True = attend; e.g. the
     block-diagonal causal mask of packed samples, puzzle.sft.block_causal_mask) and is used as given.
+    A 2-D (B, L) mask covers the cached and the new positions: L >= S, its last S entries are used.
+
+    Raises:
+        ValueError: a 2-D mask shorter than the S = cached + new positions (it would be broadcast over them).
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
@@ -161,6 +165,9 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len
     k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, S)
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
+        if attention_mask.shape[-1] < kv_len:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache and the new "
+                             f"tokens hold {kv_len}: give a (B, {kv_len}) mask, 1 where a token is real")
         keep = attention_mask[:, None, None, -kv_len:].bool()  # (B, 1, 1, S)
         mask = (mask & keep) | (k_pos == q_pos)[None, None]
     return mask

@@ -67,7 +67,8 @@ NAS_MODEL_TYPES = ("nemotron-nas", "deci")
 NAS_ARCHITECTURES = ("DeciLMForCausalLM",)
 GGUF_CACHE_VERSION = 1  # bump when the cached folder's layout or the conversion changes
 _SUPPORTED = ("supported: Llama-family decoders (GQA attention + SwiGLU + RMSNorm + RoPE) as an HF folder "
-              "(model_type 'llama'), a nemotron-nas folder (block_configs) or a llama GGUF file")
+              "(model_type 'llama', or 'mistral' without a sliding window), a nemotron-nas folder (block_configs) or a "
+              "llama GGUF file")
 
 
 @dataclass

@@ -70,3 +70,16 @@ def test_chat_template_is_chatml():
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, return_dict=False)
     assert ids[0] == 1 and ids.count(2) == 2  # <|im_start|> first, one <|im_end|> per message
+
+
+def test_a_2d_attention_mask_shorter_than_the_cache_is_refused():
+    """Reviewer: a (B, 1) mask during cached decoding was broadcast over every cached position (logits off by 0.15)."""
+    import pytest
+    import torch
+
+    from puzzle.modeling import build_attention_mask
+
+    with pytest.raises(ValueError, match=r"covers 1 positions, but the cache and the new tokens hold 5"):
+        build_attention_mask(torch.ones(2, 1), 1, 5, "cpu")
+    longer = build_attention_mask(torch.tensor([[0, 0, 1, 1, 1, 1]]), 2, 5, "cpu")  # its last 5 entries
+    assert longer.shape == (1, 1, 2, 5) and not longer[0, 0, 1, 0] and longer[0, 0, 1, 4]
