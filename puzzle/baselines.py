@@ -640,8 +640,9 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
     """`table` (this call's rows, parent first) and the baseline rows an earlier call left in DIR/baselines/rows/
     for other speed-ups, still current for the run's workload, score table and evaluation split (`realize_all`
     deleted the others), so that `--speedups 2` after `--speedups 1.25,1.5` keeps the earlier rows in
-    baselines.csv. Our own children's rows there (`puzzle refine`: methods mip-*) stay out; rows are ordered by
-    target speed-up, then as the plan lists the methods.
+    baselines.csv. Our own children's rows there (`puzzle refine`: methods mip-*) stay out, and so does a greedy
+    row whose architecture is not what greedy picks now for its target (`_greedy_still_picks`: the search's objective
+    or --vllm-compatible changed since); rows are ordered by target speed-up, then as the plan lists the methods.
     """
     from .io import read_json
 
@@ -654,15 +655,32 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
         except PuzzleError:
             continue
         if (isinstance(row, dict) and row.get("name") not in names and row.get("method") in set(METHODS) - {"mip"}
-                and row.get("inputs") == inputs and all(c in row for c in ROW_COLUMNS if c != "throughput_tok_s")):
+                and row.get("inputs") == inputs and all(c in row for c in ROW_COLUMNS if c != "throughput_tok_s")
+                and (row["method"] != "greedy" or _greedy_still_picks(run, row))):
             earlier.append(row)
     if not earlier:
         return table
     body = pd.concat([table.iloc[1:], pd.DataFrame(earlier)], ignore_index=True)
     body["throughput_tok_s"] = float(table["throughput_tok_s"].iloc[0]) * body["speedup"]
     order = {m: i for i, m in enumerate(METHODS)}
-    body = body.assign(_m=body["method"].map(order)).sort_values(["target_speedup", "_m"], kind="stable")
+    body = body.assign(_m=body["method"].map(order), _init=body["training"] == "init")
+    body = body.sort_values(["target_speedup", "_m", "_init"], kind="stable")
     return pd.concat([table.iloc[:1], body[ROW_COLUMNS]], ignore_index=True)
+
+
+def _greedy_still_picks(run, row: dict) -> bool:
+    """Whether greedy, as `plan_baselines` runs it now (the run's objective and vLLM setting), picks the architecture
+    of an earlier greedy `row` for its target speed-up and library stage."""
+    from .pipeline import compact_architecture, load_score_table
+    from .search import greedy, parent_totals
+
+    try:
+        table, _ = load_score_table(run, row["training"])
+        g = greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / float(row["target_speedup"])),
+                   run.config.search.objective, vllm_compatible=run.config.search.vllm_compatible)
+    except (PuzzleError, KeyError, TypeError, ValueError):
+        return False
+    return compact_architecture([b.id for b in g.blocks]) == row["architecture"]
 
 
 # ------------------------------------------------------------------------------------------------

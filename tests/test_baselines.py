@@ -660,6 +660,13 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     assert {"layers-1.5x", "greedy-1.5x", "layers-1.25x", "greedy-1.25x"} <= set(table["name"]), list(table["name"])
     assert table["name"].iloc[0] == "parent" and table["name"].is_unique
     assert list(table["target_speedup"].iloc[1:]) == sorted(table["target_speedup"].iloc[1:])
+    # reviewer: an earlier greedy row that greedy no longer picks (another objective or vLLM setting) stays out
+    row = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**row, "architecture": "noop/noop " * 3 + "noop/noop"}))
+    assert main(["baselines", "--out", str(out), "--speedups", "1.25", "--no-export", "--no-progress",
+                 "--max-contention", "inf"]) == 0
+    names = list(pd.read_csv(out / "baselines" / "baselines.csv")["name"])
+    assert "greedy-1.5x" not in names and "layers-1.5x" in names, names
 
 
 def test_a_refused_or_interrupted_baselines_leaves_config_json_byte_for_byte(tmp_path_factory, tmp_path, monkeypatch,
