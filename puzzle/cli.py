@@ -248,7 +248,7 @@ def _resolve_config(args, out: Path):
 def _say_preset_overrides(preset: str, config, out: Path, changes: dict) -> None:
     """Name on stderr the settings of DIR/config.json that --preset replaces (not those a flag sets): a setting edited
     in config.json by hand went back to the preset's value without a word."""
-    from .config import read_run_config_json
+    from .config import _json_safe, read_run_config_json
 
     if not (out / "config.json").is_file():
         return
@@ -258,7 +258,7 @@ def _say_preset_overrides(preset: str, config, out: Path, changes: dict) -> None
         return
     plain = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples as lists, paths as text)
     replaced = [f"{section}.{key} {plain(saved[section][key])!r} -> {plain(value)!r}"
-                for section, values in plain(config.to_dict()).items()
+                for section, values in plain(_json_safe(config.to_dict())).items()
                 if isinstance(values, dict) and isinstance(saved.get(section), dict)
                 for key, value in values.items()
                 if key in saved[section] and key not in changes.get(section, {}) and plain(saved[section][key]) != value]

@@ -366,21 +366,33 @@ def load_preset(name_or_path: str) -> RunConfig:
     except tomllib.TOMLDecodeError as e:
         raise PuzzleError(f"{where} is not valid TOML: {e}") from e
     if where == str(path):
-        _paths_from(data, path.resolve().parent)
+        _paths_from(data, path.absolute().parent)  # the folder it is named in (a linked preset: the link's)
     return RunConfig.from_dict(data, where)
 
 
 def _paths_from(data: dict, folder: Path) -> None:
     """Make a preset file's relative paths (data.calib_sources, data.eval_sources, parent.path) absolute against the
     file's own folder, in place, as the --calib / --eval flags make theirs against the current one: the run saves
-    them so, and its later commands may start anywhere. `asset:`, `package:`, `parent-samples` and `tiny` stay."""
+    them so, and its later commands may start anywhere. `asset:`, `package:`, `parent-samples` and `tiny` stay.
+    A path missing beside the preset but present in the current folder (how earlier versions read it) is taken from
+    there, with a warning."""
     import os
+    import warnings
+
+    from .samples import is_parent_samples
 
     def absolute(spec):
-        if not isinstance(spec, str) or not spec.strip() or spec.startswith(("asset:", "package:", "parent-samples")) \
-                or spec == "tiny":
+        if not isinstance(spec, str) or not spec.strip() or spec.startswith(("asset:", "package:")) \
+                or is_parent_samples(spec) or spec == "tiny":
             return spec
-        return os.path.normpath(folder / os.path.expanduser(spec))  # an absolute spec stays as it is
+        beside = os.path.normpath(folder / os.path.expanduser(spec))  # an absolute spec stays as it is
+        here = os.path.abspath(os.path.expanduser(spec))
+        if not os.path.exists(beside) and os.path.exists(here) and here != beside:
+            warnings.warn(f"preset path {spec!r}: not found beside the preset ({beside}), so it is read from the "
+                          f"current folder ({here}), as earlier versions did; write it relative to the preset's folder "
+                          f"or absolute")
+            return here
+        return beside
 
     section = data.get("data")
     if isinstance(section, dict):

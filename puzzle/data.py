@@ -460,8 +460,8 @@ def _is_table_folder(path: Path) -> bool:
 
 
 #: structured or compressed files `_read_path` refuses instead of reading them as plain text
-_NOT_TEXT = (".json", ".csv", ".tsv", ".xlsx", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst", ".txt.bz2", ".txt.xz", ".txt.zst",
-             ".zip", ".tar", ".tar.gz", ".tgz")
+_NOT_TEXT = (".tar.gz", ".json.gz", ".csv.gz", ".tsv.gz", ".json", ".csv", ".tsv", ".xlsx", ".jsonl.bz2", ".jsonl.xz",
+             ".jsonl.zst", ".txt.bz2", ".txt.xz", ".txt.zst", ".zip", ".tar", ".tgz")
 
 
 def _read_path(path: Path, spec: str, text_field: str, txt_mode: str) -> list[Document]:
@@ -474,10 +474,10 @@ def _read_path(path: Path, spec: str, text_field: str, txt_mode: str) -> list[Do
             return read_wiki_dump(path, spec)
         if name.endswith((".jsonl", ".jsonl.gz")):
             return read_jsonl(path, spec, text_field)
-        if name.endswith(_NOT_TEXT):
-            raise PuzzleError(f"{path}: {name.rsplit('.', 1)[-1]} files are not read (they would be taken as plain text, "
-                              f"markup and all); give the text as .txt, .jsonl(.gz) with a text field, or parquet "
-                              f"(a .json array: one object per line makes it .jsonl; .gz is the compression read)")
+        if suffix := next((s for s in _NOT_TEXT if name.endswith(s)), None):
+            raise PuzzleError(f"{path}: {suffix} files are not read (they would be taken as plain text, markup and "
+                              f"all); give the text as .txt(.gz), .jsonl(.gz) with a text field, or parquet (a .json "
+                              f"array: one object per line makes it .jsonl; gzip is the one compression read)")
         return read_text_file(path, spec, mode="line" if name.endswith(".cor") else txt_mode)
     except UnicodeDecodeError as e:
         raise PuzzleError(f"{path} is not UTF-8 text ({e}); give a text, jsonl, parquet or wiki dump file") from e
@@ -508,15 +508,16 @@ def split_documents(calib_docs: list[Document], eval_docs: list[Document], score
 
     A calibration-source document goes to `score` when the seeded hash of its text is below
     `score_fraction`, else to `calib`; when that leaves one of the two empty, the document with
-    the most extreme hash moves over, so both get one. Texts equal up to whitespace (`same_text_key`) are
-    kept once, and a calibration text that also appears in the evaluation sources is dropped from calibration.
+    the most extreme hash moves over, so both get one. Exact duplicate texts are kept once, and a calibration
+    text that also appears in the evaluation sources, up to whitespace (`same_text_key`: re-wrapped or re-spaced),
+    is dropped from calibration (texts whose spacing matters, such as code, stay apart within a split).
     Each split is ordered by a second seeded hash, so a token budget takes a mix of all sources.
     """
     def unique(docs, exclude=frozenset()):
-        seen, out = set(exclude), []
+        seen, out = set(), []
         for d in docs:
-            if (key := same_text_key(d.text)) not in seen:
-                seen.add(key)
+            if d.text not in seen and same_text_key(d.text) not in exclude:
+                seen.add(d.text)
                 out.append(d)
         return out
 

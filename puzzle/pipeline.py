@@ -1369,7 +1369,8 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
         row.update(library_stage=stage, predicted_kl_nats=float("nan"))
     path = folder / (f"{name}.{stage}.json" if other else f"{name}.json")
     atomic_write_json(path, row)
-    if note := speedup_mismatch_note(row):
+    if note := speedup_mismatch_note(row, run.out, f"puzzle realize --out {run.out} --name {name}"
+                                                         + (f" --stage {stage}" if other else "")):
         run.say(f"realize: warning: {note}")
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
             f"eval KL {row['kl_nats']:.4f} nats" + ("" if checked is None else
@@ -1586,7 +1587,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         atomic_write_json(run.out / "children" / f"{name}.json", row)
         rows.append(row)
     for row in rows[1:]:
-        if note := speedup_mismatch_note(row):
+        if note := speedup_mismatch_note(row, run.out):
             run.say(f"measure: warning: {note}")
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
@@ -1596,13 +1597,15 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
 SPEEDUP_MISMATCH = 2.0  # measured vs predicted speed-up off by more than this factor: a timing gone wrong, not the model
 
 
-def speedup_mismatch_note(row: dict) -> str | None:
+def speedup_mismatch_note(row: dict, out: Path | str = "DIR", again: str | None = None) -> str | None:
     """A warning when a child's measured speed-up (`row["speedup"]`) and the cost table's prediction
     (`row["predicted_speedup"]`) differ by more than a factor SPEEDUP_MISMATCH either way; else None.
 
     The additive cost model is within a few tens of percent of measured runtimes on a quiet machine (the demo's
     runtime_error), so a factor of 2 means one of the two timings ran on a busy or throttled machine (or the cost
-    table was timed for another workload), and the speed-ups the front reports are not to be trusted."""
+    table was timed for another workload), and the speed-ups the front reports are not to be trusted. `out`: the run
+    directory the commands in the message name; `again`: the command that times the child again (default: the
+    front's `puzzle front --out OUT --remeasure`)."""
     measured, predicted = row.get("speedup"), row.get("predicted_speedup")
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (measured, predicted)):
         return None
@@ -1610,9 +1613,9 @@ def speedup_mismatch_note(row: dict) -> str | None:
         return None
     return (f"{row['name']} measured {measured:.2f}x against a predicted {predicted:.2f}x, "
             f"{max(measured / predicted, predicted / measured):.1f} times apart: the cost table's timing "
-            f"(`puzzle score`) or this measurement ran on a busy or throttled machine. Time the children again when "
-            f"the machine is quiet (`puzzle front --out DIR --remeasure`), or the cost table (`puzzle score --out DIR "
-            f"--retime`) if the children's timings hold")
+            f"(`puzzle score`) or this measurement ran on a busy or throttled machine. Time the child again when "
+            f"the machine is quiet (`{again or f'puzzle front --out {out} --remeasure'}`), or the cost table (`puzzle "
+            f"score --out {out} --retime`) if the children's timings hold")
 
 
 def evaluate_all(run: Run, models: dict) -> dict[str, dict]:
@@ -2112,7 +2115,7 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                   + bld_comparison_caveat(a["speedup"], b["speedup"])
                   + bld_level_caveat(a["kl_nats"], b["kl_nats"], run.config.bld.tokens), ""]
     machine = run.out / "children" / "machine.json"
-    mismatched = [n for n in (speedup_mismatch_note(r) for r in summary.iloc[1:].to_dict("records")) if n]
+    mismatched = [n for n in (speedup_mismatch_note(r, run.out) for r in summary.iloc[1:].to_dict("records")) if n]
     if machine.is_file() or mismatched:
         m = read_json(machine) if machine.is_file() else {}
         drift = {k: v for k, v in m.get("drift", {}).items() if v is not None}

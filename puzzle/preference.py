@@ -1187,7 +1187,7 @@ def _rpo(args) -> int:
         history = train_online(model, tokenizer, prompts, reward_fn, config, reference, args.string_prompts, progress)
         if len(history) and not history["groups_with_signal"].any():
             say(f"warning: in all {len(history)} steps every sampled group's {config.k} responses got the same reward, "
-                f"so there was nothing to prefer and the model is unchanged; more --steps, a larger --k or "
+                f"so there was nothing to prefer and the model learned nothing (weight decay aside); more --steps, a larger --k or "
                 f"--max-new-tokens (answers cut short score alike), or a reward that tells the answers apart")
         if held_out:
             after = evaluate_rewards(model, tokenizer, held_out, reward_fn, config.max_new_tokens)

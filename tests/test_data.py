@@ -889,3 +889,39 @@ def test_a_preset_files_relative_paths_are_read_from_its_folder_and_saved_absolu
     assert main(["data", "--preset", "../presets/my.toml", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert saved["calib_sources"] == [str(folder / "c.txt")] and saved["eval_sources"] == ["package:tiny_eval.txt"]
+
+
+def test_review_of_the_data_fixes(tmp_path, monkeypatch):
+    """Code review: code that differs only in indentation is two documents (only the held-out check ignores
+    spacing); .json.gz was read as text and .tar.gz named as "gz"; a preset path written, as before, relative to the
+    current folder still works, with a warning."""
+    from puzzle.config import load_preset
+
+    docs = [Document("def f():\n    return 1", "a", "c"), Document("def f():\n        return 1", "b", "c"),
+            Document("def f():\n    return 1", "c", "c"), *[Document(f"Doc {i}.", f"d{i}", "c") for i in range(4)]]
+    kept = {d.doc_id for k in ("calib", "score") for d in split_documents(docs, [Document("E.", "e", "e")], 0.3)[k]}
+    assert {"a", "b"} <= kept and "c" not in kept
+    for name, words in (("e.json.gz", r"\.json\.gz files are not read"), ("d.tar.gz", r"\.tar\.gz files are not read")):
+        (tmp_path / name).write_bytes(gzip.compress(b"[1, 2]"))
+        with pytest.raises(PuzzleError, match=words):
+            read_documents(str(tmp_path / name))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("text")
+    (tmp_path / "configs" / "p.toml").write_text('[data]\ncalib_sources = ["data/a.txt"]\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="not found beside the preset"):
+        config = load_preset("configs/p.toml")
+    assert config.data.calib_sources == (str(tmp_path / "data" / "a.txt"),)
+
+
+def test_a_preset_that_sets_an_infinite_value_is_not_said_to_replace_it(tmp_path, capsys):
+    """Code review: config.json stores inf as the text "inf", which read as another value than the preset's inf."""
+    from puzzle.cli import main
+
+    (tmp_path / "p.toml").write_text('[parent]\npath = "tiny"\n[data]\ncalib_sources = ["package:tiny_corpus.txt"]\n'
+                                     'eval_sources = ["package:tiny_eval.txt"]\nseq_len = 16\ncalib_tokens = 256\n'
+                                     'score_tokens = 64\neval_tokens = 64\n[score]\nmax_contention = inf\n')
+    for _ in range(2):
+        assert main(["data", "--preset", str(tmp_path / "p.toml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "replaces settings" not in capsys.readouterr().err

@@ -146,7 +146,9 @@ def test_a_measured_speedup_far_from_the_prediction_is_warned_about():
     assert speedup_mismatch_note({"name": "child-1.5x", "speedup": 1.3, "predicted_speedup": 1.5}) is None
     assert speedup_mismatch_note({"name": "child-2x", "speedup": 1.0, "predicted_speedup": 2.0}) is None  # at the bound
     slow = speedup_mismatch_note({"name": "child-2x", "speedup": 0.2, "predicted_speedup": 2.0})
-    assert slow and "child-2x measured 0.20x against a predicted 2.00x, 10.0 times apart" in slow and "--remeasure" in slow
+    assert slow and "child-2x measured 0.20x against a predicted 2.00x, 10.0 times apart" in slow and "puzzle front --out DIR --remeasure" in slow
+    named = speedup_mismatch_note({"name": "c", "speedup": 0.2, "predicted_speedup": 2.0}, "/runs/a", "puzzle realize X")
+    assert "(`puzzle realize X`)" in named and "puzzle score --out /runs/a --retime" in named
     assert "4.0 times apart" in speedup_mismatch_note({"name": "c", "speedup": 6.0, "predicted_speedup": 1.5})
     for bad in (float("nan"), 0.0, None, float("inf")):  # the parent's row, a failed timing: nothing to compare
         assert speedup_mismatch_note({"name": "c", "speedup": bad, "predicted_speedup": 1.5}) is None

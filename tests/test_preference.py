@@ -486,4 +486,4 @@ def test_an_online_run_whose_rewards_all_tie_says_it_learned_nothing(tmp_path, c
 
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert (history["groups_with_signal"] == 0).all() and (history["reward_std"] == 0).all()
-    assert "nothing to prefer and the model is unchanged" in capsys.readouterr().err
+    assert "nothing to prefer and the model learned nothing" in capsys.readouterr().err
