@@ -351,7 +351,7 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
     import puzzle.pipeline
 
     monkeypatch.setattr(puzzle.pipeline, "speedup_mismatch_note",
-                        lambda row: "child-2x is off" if row["name"] == "child-2x" else None)
+                        lambda row, *_: "child-2x is off" if row["name"] == "child-2x" else None)
     (copy / "report.json").unlink()
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups",
