@@ -386,9 +386,14 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
                            run.config.search.objective, vllm_compatible=run.config.search.vllm_compatible)
             except PuzzleError:  # no init-only table in this run, or a budget greedy cannot reach
                 continue
+            if all(b == NOOP_BLOCK for b in g.blocks):
+                run.say(f"baselines: warning: greedy ({stage}) reaches {s:g}x only by removing every layer")
             add(f"greedy-{s:g}x" + ("-init" if stage == "init" else ""), "greedy", stage, g.blocks, s,
                 "score table of the run's library", g.kl_nats)
         k = fewest_removals(layer_order, lambda o, m: layer_removal(parent, o, m), cost, budget)
+        if k is not None and k == len(layer_order):
+            run.say(f"baselines: warning: layer removal reaches {s:g}x only by removing all {k} layers (embedding and "
+                    f"LM head left); its layers-{s:g}x row is such a model")
         if k is not None:
             add(f"layers-{s:g}x", "layer_removal", "none", layer_removal(parent, layer_order, k), s,
                 f"{k} layers removed: {sorted(layer_order[:k])}")

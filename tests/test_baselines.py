@@ -753,3 +753,27 @@ def test_two_names_for_one_architecture_are_timed_once(tmp_path_factory, monkeyp
                         rows_dir=run.out / "twin_rows").set_index("name")
     assert timed == [[layers.name]]
     assert table.loc[twin.name, "speedup"] == table.loc[layers.name, "speedup"] > 0
+
+
+def test_a_target_reached_only_by_removing_every_layer_is_said(tmp_path_factory, tmp_path, capsys):
+    """Reviewer: at 10x on the tiny run layer removal and greedy kept no layer at all, and nothing said so."""
+    import shutil
+
+    from puzzle.baselines import NOOP_BLOCK, open_run
+
+    shutil.copytree(tiny_run_dir(tmp_path_factory), tmp_path / "run")
+    run = open_run(tmp_path / "run", progress=False)
+    from puzzle.pipeline import load_score_table
+    from puzzle.search import parent_totals
+
+    table, _ = load_score_table(run, "bld")
+    non_block = float(table.loc[table["subblock"] == "non_block", "runtime_ms"].iloc[0])
+    top = parent_totals(table)["runtime_ms"] / non_block * (1 - 1e-6)  # every layer must go to reach it
+    plan = plan_baselines(run, (top,), influence_tokens=256)
+    err = capsys.readouterr().err.replace(f"{top:g}x", "10x")
+    for c in plan:
+        if c.method in ("layer_removal", "greedy") and all(b == NOOP_BLOCK for b in c.blocks):
+            words = "layer removal reaches 10x only by removing all" if c.method == "layer_removal" else \
+                f"greedy ({c.training}) reaches 10x only by removing every layer"
+            assert words in err, (c.name, err)
+    assert any(all(b == NOOP_BLOCK for b in c.blocks) for c in plan)  # the case this test is about happens
