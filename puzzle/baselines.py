@@ -349,7 +349,6 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
         count; `select_uniform` keeps the better), each named '<method>-<s>x[-init][-kvN]'.
     """
     from .pipeline import load_score_table
-    from .search import greedy, parent_totals
     from .space import attention_variants
 
     parent = run.parent.config
@@ -381,9 +380,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
         budget = parent_ms / s
         for stage in ("bld", "init"):
             try:
-                table, _ = load_score_table(run, stage)
-                g = greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / s),  # as the MIP's space
-                           run.config.search.objective, vllm_compatible=run.config.search.vllm_compatible)
+                g = _greedy_at(run, load_score_table(run, stage)[0], s)
             except PuzzleError:  # no init-only table in this run, or a budget greedy cannot reach
                 continue
             if all(b == NOOP_BLOCK for b in g.blocks):
@@ -504,6 +501,23 @@ def row_inputs(run) -> dict:
             "eval_sha": _tensor_sha(run.tokens.eval)}
 
 
+def _saved_row(path: Path, inputs: dict) -> dict | None:
+    """The model row in `path` (DIR/baselines/rows/, DIR/front_rows/) when it is whole (its figures are numbers) and
+    was made for `inputs` (`row_inputs`: the run's workload, score table and evaluation split); else None (a
+    missing, unreadable, hand-edited or stale row, which `realize_all` redoes)."""
+    from .io import read_json
+
+    try:
+        row = read_json(path) if path.is_file() else None
+    except PuzzleError:
+        return None
+    numbers = ("speedup", "kl_nats", "lm_loss", "params", "runtime_ms") + (
+        ("throughput_tok_s",) if path.name == "parent.json" else ())
+    whole = isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                                          for k in numbers)
+    return row if whole and row.get("inputs") == inputs else None
+
+
 def realize_all(run, candidates: list[Candidate], library=None, export: bool = True, group_size: int = 4,
                 rows_dir: Path | None = None, max_groups: int | None = None) -> pd.DataFrame:
     """Realize, evaluate (evaluation split), score (scoring split), measure and export every candidate.
@@ -530,17 +544,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
     inputs = row_inputs(run)
-
-    def saved(path: Path) -> dict | None:
-        try:
-            row = read_json(path) if path.is_file() else None
-        except PuzzleError:
-            return None
-        numbers = ("speedup", "kl_nats", "lm_loss", "params", "runtime_ms") + (
-            ("throughput_tok_s",) if path.name == "parent.json" else ())
-        whole = isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
-                                              for k in numbers)
-        return row if whole and row.get("inputs") == inputs else None  # a hand-edited row is redone
+    saved = lambda path: _saved_row(path, inputs)  # noqa: E731
 
     def finished(c: Candidate) -> dict | None:
         """The candidate's saved row, when there is one for its architecture, library stage and the
@@ -646,22 +650,29 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
     for other speed-ups, still current for the run's workload, score table and evaluation split (`realize_all`
     deleted the others), so that `--speedups 2` after `--speedups 1.25,1.5` keeps the earlier rows in
     baselines.csv. Our own children's rows there (`puzzle refine`: methods mip-*) stay out, and so does a greedy
-    row whose architecture is not what greedy picks now for its target (`_greedy_still_picks`: the search's objective
-    or --vllm-compatible changed since); rows are ordered by target speed-up, then as the plan lists the methods.
+    row whose architecture is not what greedy picks now for its target (`_greedy_at`: the search's objective or
+    --vllm-compatible changed since); rows are ordered by target speed-up, then as the plan lists the methods.
     """
-    from .io import read_json
+    from .pipeline import compact_architecture, load_score_table
 
     if not len(table) or table["name"].iloc[0] != "parent":
         return table
-    inputs, names, earlier = row_inputs(run), set(table["name"]), []
-    for path in sorted((run.out / "baselines" / "rows").glob("*.json")):
+    inputs, names, earlier, tables = row_inputs(run), set(table["name"]), [], {}
+
+    def greedy_still_picks(row: dict) -> bool:  # with the run's objective and vLLM setting now
         try:
-            row = read_json(path)
-        except PuzzleError:
-            continue
-        if (isinstance(row, dict) and row.get("name") not in names and row.get("method") in set(METHODS) - {"mip"}
-                and row.get("inputs") == inputs and all(c in row for c in ROW_COLUMNS if c != "throughput_tok_s")
-                and (row["method"] != "greedy" or _greedy_still_picks(run, row))):
+            if row["training"] not in tables:
+                tables[row["training"]] = load_score_table(run, row["training"])[0]
+            g = _greedy_at(run, tables[row["training"]], float(row["target_speedup"]))
+        except (PuzzleError, KeyError, TypeError, ValueError):
+            return False
+        return compact_architecture([b.id for b in g.blocks]) == row["architecture"]
+
+    for path in sorted((run.out / "baselines" / "rows").glob("*.json")):
+        row = _saved_row(path, inputs)
+        if (row is not None and row.get("name") not in names and row.get("method") in set(METHODS) - {"mip"}
+                and all(c in row for c in ROW_COLUMNS if c != "throughput_tok_s")
+                and (row["method"] != "greedy" or greedy_still_picks(row))):
             earlier.append(row)
     if not earlier:
         return table
@@ -673,19 +684,17 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([table.iloc[:1], body[ROW_COLUMNS]], ignore_index=True)
 
 
-def _greedy_still_picks(run, row: dict) -> bool:
-    """Whether greedy, as `plan_baselines` runs it now (the run's objective and vLLM setting), picks the architecture
-    of an earlier greedy `row` for its target speed-up and library stage."""
-    from .pipeline import compact_architecture, load_score_table
+def _greedy_at(run, table: pd.DataFrame, speedup: float):
+    """Greedy's child of `table` (a score table) for `speedup`: runtime budget the table's parent runtime / speedup,
+    the run's objective and vLLM setting, as the MIP searches (`search.greedy`).
+
+    Raises:
+        PuzzleError: as `search.greedy` (a budget greedy cannot reach).
+    """
     from .search import greedy, parent_totals
 
-    try:
-        table, _ = load_score_table(run, row["training"])
-        g = greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / float(row["target_speedup"])),
-                   run.config.search.objective, vllm_compatible=run.config.search.vllm_compatible)
-    except (PuzzleError, KeyError, TypeError, ValueError):
-        return False
-    return compact_architecture([b.id for b in g.blocks]) == row["architecture"]
+    return greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / speedup),
+                  run.config.search.objective, vllm_compatible=run.config.search.vllm_compatible)
 
 
 # ------------------------------------------------------------------------------------------------

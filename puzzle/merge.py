@@ -267,13 +267,14 @@ def stored_dtype(folder: Path) -> str | None:
             return named
     except (OSError, ValueError, AttributeError):
         pass
+    from safetensors import SafetensorError, safe_open
+
     for path in sorted(folder.glob("*.safetensors")):
         try:
-            with path.open("rb") as f:
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        except (OSError, ValueError):
+            with safe_open(str(path), framework="pt") as f:  # the header only
+                kinds = [f.get_slice(k).get_dtype() for k in f.keys()]
+        except (OSError, SafetensorError):
             return None
-        kinds = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
         return next((_SAFETENSORS_DTYPES[d] for d in kinds if d in _SAFETENSORS_DTYPES), None)
     return None
 
