@@ -706,11 +706,11 @@ def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("baselines", help="greedy, layer removal, attention removal and uniform width children "
                                                 "at the front's speed-ups, realized, evaluated, measured and exported")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle score`)")
-    p.add_argument("--speedups", metavar="S,S,...", default=None,
-                   help="speed-up targets (default: the run's front speed-ups)")
-    p.add_argument("--no-export", action="store_true", help="do not write DIR/export/<name> folders")
-    from .cli import add_max_contention_flag
+    from .cli import JoinCommas, add_max_contention_flag
 
+    p.add_argument("--speedups", metavar="S,S,...", default=None, action=JoinCommas,
+                   help="speed-up targets (default: the run's front speed-ups; given twice, both lists)")
+    p.add_argument("--no-export", action="store_true", help="do not write DIR/export/<name> folders")
     add_max_contention_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -44,16 +44,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                                     "configuration saved in DIR, else smollm2-demo")
     g.add_argument("--parent", metavar="PATH", help="parent model: HF folder with safetensors, a .gguf file, a "
                                                     "nemotron-nas folder, asset:<name>, or 'tiny'")
-    g.add_argument("--calib", nargs="+", metavar="FILE", help="calibration/scoring text: .txt, .jsonl(.gz), "
+    g.add_argument("--calib", nargs="+", action="extend", metavar="FILE", help="calibration/scoring text: .txt, .jsonl(.gz), "
                                                               "Wikipedia .xml.bz2, HF save_to_disk folder, asset:<name>, "
                                                               "or parent-samples[:N] (N tokens sampled from the parent, "
                                                               "written to DIR/data; see puzzle.samples)")
-    g.add_argument("--calib-weights", nargs="*", type=float, metavar="W",
+    g.add_argument("--calib-weights", nargs="*", action="extend", type=float, metavar="W",
                    help="one weight per --calib source, in the same order: the sources' relative shares of the "
                         "calibration and scoring tokens (1 1: half each; 3 1: three quarters from the first); "
                         "no values: back to shares that follow the document counts. --calib without this flag "
                         "drops weights saved for other sources")
-    g.add_argument("--eval", nargs="+", metavar="FILE", help="held-out evaluation text (files, as for --calib)")
+    g.add_argument("--eval", nargs="+", action="extend", metavar="FILE", help="held-out evaluation text (files, as for --calib)")
     g.add_argument("--device", help="target device to measure costs on: cpu or cuda[:N]")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype for cost measurement")
     g.add_argument("--batch-size", type=int, help="workload batch size B")
@@ -73,6 +73,15 @@ def add_max_contention_flag(p) -> None:
                    help="cores other processes may keep busy on this process's CPUs before a timing window is "
                         "redone (default: as --preset or DIR/config.json sets it, else 0.25; 'inf' measures "
                         "regardless of other jobs)")
+
+
+class JoinCommas(argparse.Action):
+    """A comma-separated list flag (`--front-speedups`, `baselines --speedups`) that may be given more than once:
+    `--speedups 1.25,1.5 --speedups 2` reads as `1.25,1.5,2` (argparse alone keeps the last one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if earlier is None else f"{earlier},{values}")
 
 
 def _speedup_flag(text: str) -> float:
@@ -102,7 +111,7 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vllm-compatible", action=argparse.BooleanOptionalAction, default=None,
                    help="leave out variants vLLM cannot serve (linear replacements); --no-vllm-compatible lets them in "
                         "again (default: the run's saved setting, else off)")
-    g.add_argument("--front-speedups", metavar="S,S,...", help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
+    g.add_argument("--front-speedups", metavar="S,S,...", action=JoinCommas, help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
                         "noise (default 2; with 2 or more, rounds before the last may also loosen a child well under its budget; "

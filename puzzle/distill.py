@@ -755,8 +755,8 @@ def add_gkd_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--name", help="architecture name in DIR/search/<name>.json")
     g.add_argument("--child", metavar="FOLDER", help="an exported child (or any model folder) instead of a run's child")
     g.add_argument("--parent", metavar="PATH", help="the teacher for --child: HF folder, .gguf or nemotron-nas folder")
-    g.add_argument("--calib", nargs="+", metavar="FILE", help="training text for --child (never the evaluation text)")
-    g.add_argument("--eval", nargs="+", metavar="FILE", help="evaluation text for --child (KL and LM loss before/after)")
+    g.add_argument("--calib", nargs="+", action="extend", metavar="FILE", help="training text for --child (never the evaluation text)")
+    g.add_argument("--eval", nargs="+", action="extend", metavar="FILE", help="evaluation text for --child (KL and LM loss before/after)")
     g.add_argument("--seq-len", type=int, default=None,
                    help=f"tokens per training sequence for --child (default {FOLDER_SEQ_LEN})")
     g.add_argument("--calib-tokens", type=int, default=None,

@@ -378,7 +378,7 @@ def add_merge_parser(subparsers) -> argparse.ArgumentParser:
                                           "folder, or state-dict files into a .safetensors file. Architectures must "
                                           "match exactly.")
     p.add_argument("checkpoints", nargs="+", help="two or more model folders, or two or more .safetensors/.pt files")
-    p.add_argument("--weights", nargs="+", type=float, help="one positive weight per checkpoint (normalised; default equal)")
+    p.add_argument("--weights", nargs="+", action="extend", type=float, help="one positive weight per checkpoint (normalised; default equal)")
     p.add_argument("--dest", type=Path, required=True, help="folder to write (or a .safetensors file for state dicts)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored dtype (default: the first's)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

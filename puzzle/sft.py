@@ -730,7 +730,7 @@ def add_sft_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="PATH", help="HF folder, .gguf, exported (nemotron-nas) folder, or 'tiny'")
     g.add_argument("--out", type=Path, metavar="DIR", help="a run directory (with --name: one of its children, or 'parent')")
     g.add_argument("--name", help="architecture name in DIR/search/, or 'parent'")
-    g.add_argument("--data", nargs="+", required=True, metavar="FILE",
+    g.add_argument("--data", nargs="+", action="extend", required=True, metavar="FILE",
                    help="chat .jsonl(.gz) files, or demo:reasoning-toggle")
     g.add_argument("--dest", type=Path, metavar="FOLDER", help="exported folder to write (run default: DIR/export/<name>-sft)")
     g.add_argument("--work", type=Path, metavar="DIR", help="checkpoints and logs (default: DEST.sft-work)")

@@ -352,3 +352,24 @@ def test_a_saved_objective_of_the_wrong_form_is_named_not_a_traceback(value):
     raw["search"]["objective"] = value
     with pytest.raises(PuzzleError, match=re.escape("run/config.json: search.objective: ")):
         RunConfig.from_dict(raw, "run/config.json")
+
+
+def test_repeated_list_flags_add_up_instead_of_keeping_the_last():
+    """`--speedups 1.25,1.5 --speedups 2` means all three targets, `--calib a --calib b` both sources (argparse alone
+    kept the last list and dropped the rest without a word)."""
+    from puzzle.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["baselines", "--out", "x", "--speedups", "1.25,1.5", "--speedups", "2"])
+    assert args.speedups == "1.25,1.5,2"
+    args = p.parse_args(["run", "--out", "x", "--calib", "a", "b", "--calib", "c", "--eval", "e", "--eval", "f",
+                         "--calib-weights", "1", "2", "--calib-weights", "3", "--front-speedups", "1.5", "--front-speedups", "2"])
+    assert (args.calib, args.eval, args.calib_weights, args.front_speedups) == (["a", "b", "c"], ["e", "f"],
+                                                                                [1.0, 2.0, 3.0], "1.5,2")
+    args = p.parse_args(["run", "--out", "x", "--calib-weights"])  # no values: back to document-count shares
+    assert (args.calib_weights, args.calib, args.front_speedups) == ([], None, None)
+    args = p.parse_args(["gkd", "--child", "c", "--parent", "p", "--calib", "a", "--calib", "b", "--eval", "e",
+                         "--eval", "f"])
+    assert (args.calib, args.eval) == (["a", "b"], ["e", "f"])
+    assert p.parse_args(["sft", "--model", "tiny", "--data", "a", "--data", "b"]).data == ["a", "b"]
+    assert p.parse_args(["merge", "a", "b", "--weights", "1", "--weights", "2", "--dest", "d"]).weights == [1.0, 2.0]
