@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -310,6 +311,37 @@ def _earlier_refinement(log_path: Path, summary_path: Path) -> tuple[pd.DataFram
     return log, spent
 
 
+def _refinement_inputs(run, record: dict, settings: dict) -> dict:
+    """What a finished `improve_child` depends on: its settings (but the rounds), the plain child it refines (choice,
+    budgets, library stage, vLLM setting) and the run's workload, score table and evaluation split
+    (`baselines.row_inputs`). Saved as DIR/refine/<name>.inputs.json with the rounds run so far."""
+    from .baselines import row_inputs
+
+    child = {key: record.get(key) for key in ("choice", "budgets", "library_stage")}
+    return json.loads(json.dumps({"settings": settings, "child": {**child, "vllm": bool(record.get("vllm_compatible"))},
+                                  "run": row_inputs(run)}))  # as read back from the file
+
+
+def _finished_refinement(run, name: str, inputs: dict, max_rounds: int) -> pd.DataFrame | None:
+    """The step table of an earlier `improve_child` of `name` made from the same `inputs` with at least `max_rounds`
+    refinement rounds (its files whole), else None."""
+    from .io import read_json
+
+    folder = run.out / "refine"
+    try:
+        saved = read_json(folder / f"{name}.inputs.json")
+    except PuzzleError:
+        return None
+    rounds = saved.get("rounds") if isinstance(saved, dict) else None
+    if not isinstance(rounds, int) or rounds < max_rounds or {k: saved.get(k) for k in inputs} != inputs:
+        return None
+    if _earlier_refinement(folder / f"{name}.csv", folder / f"{name}.summary.csv") is None or not all(
+            (run.out / "search" / f"{name}-{step}.json").is_file() for step in ("diverse", "refined")):
+        return None
+    summary = pd.read_csv(folder / f"{name}.summary.csv")
+    return summary if list(summary.get("step", [])) == ["plain", "diverse", "refined"] else None
+
+
 def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
                   max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None,
                   resume: bool = False) -> pd.DataFrame:
@@ -319,7 +351,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     any searched child) and DIR/refine/<name>.csv (every candidate tried, with its step).
     resume: continue an earlier call's refinement from <name>-refined for up to `max_rounds` more
     rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up); without
-    those files it starts afresh.
+    those files it starts afresh. Without `resume`, a refinement already finished from the same
+    inputs (`_refinement_inputs`) with at least `max_rounds` rounds in all is not redone: its saved
+    step table is returned, and the run says so.
 
     Returns:
         Per step (plain, diverse, refined): name, architecture (compact form), predicted_kl_nats (summed
@@ -330,6 +364,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         PuzzleError: no record `name` (`pipeline.read_architecture`), or `name` is a -diverse or -refined child
             this function wrote (refining it would stack -refined-refined records beside the plain child's).
     """
+    from .io import read_json
     from .pipeline import compact_architecture, evaluate, load_score_table, read_architecture
 
     record = read_architecture(run, name)
@@ -342,7 +377,14 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     vllm = bool(record.get("vllm_compatible", False))  # searched without linear subblocks: refined the same way
     table, _ = load_score_table(run, stage)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
+    inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "refine_k": refine_k,
+                                              "max_changes": max_changes, "tokens": tokens})
+    if not resume and (done := _finished_refinement(run, name, inputs, max_rounds)) is not None:
+        run.say(f"refine {name}: already refined from the same child, settings and run inputs ({summary_path}); "
+                f"--continue runs more rounds, and deleting {log_path} starts afresh")
+        return done
     earlier = None
+    rounds_before = 0
     if resume and log_path.is_file() and summary_path.is_file() \
             and (run.out / "search" / f"{name}-refined.json").is_file():
         kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
@@ -355,6 +397,17 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 earlier, spent = found
                 best, start = (tuple(r["choice"]) for r in kept)
                 diverse_s = spent["diverse"]
+                try:  # the rounds run before and the diverse step's settings, for a later plain rerun's check
+                    saved = read_json(run.out / "refine" / f"{name}.inputs.json")
+                    before, kept_settings = saved.get("rounds"), dict(saved["settings"])
+                except (PuzzleError, AttributeError, KeyError, TypeError, ValueError):
+                    saved, before, kept_settings = None, None, {}
+                same = isinstance(saved, dict) and all(saved.get(key) == inputs[key] for key in ("child", "run"))
+                if same and isinstance(before, int) and before >= 0 and {"k", "min_layers_differ"} <= set(kept_settings):
+                    rounds_before = before
+                    inputs["settings"].update({key: kept_settings[key] for key in ("k", "min_layers_differ")})
+                else:  # an earlier refinement without a record of its inputs: no later rerun is taken as done
+                    inputs = None
         else:
             run.say(f"refine {name}: the earlier refinement was for other budgets, library stage or vLLM setting "
                     f"than {name} has now (searched again since); starting afresh")
@@ -403,6 +456,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     for col in ("score_kl_nats", "kl_nats"):
         df[f"gain_{col}"] = df[col].iloc[0] - df[col]
     atomic_write_text(summary_path, df.to_csv(index=False))
+    if inputs is not None:
+        atomic_write_json(run.out / "refine" / f"{name}.inputs.json", {**inputs, "rounds": rounds_before + max_rounds})
+    else:
+        (run.out / "refine" / f"{name}.inputs.json").unlink(missing_ok=True)
     return df
 
 

@@ -315,3 +315,34 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
                                          r"`puzzle refine --name child-1.5x --out "):  # (refine needs --name)
         drawn = front_rows(out, with_downstream=False)
     assert "child-1.5x-refined" not in set(drawn["name"]) and "child-1.5x-diverse" in set(drawn["name"])
+
+
+def test_a_plain_rerun_of_a_finished_refinement_returns_it_without_scoring_again(run, tmp_path, monkeypatch, capsys):
+    """`puzzle refine` again with the same settings on an unchanged run says it is done (it realized and scored
+    every candidate again); more rounds than were run, other settings, or a --continue behave as before."""
+    import shutil
+
+    from puzzle import refine as refine_module
+    from puzzle.baselines import open_run
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    settings = dict(k=2, min_layers_differ=1, refine_k=1, max_changes=1, tokens=128)
+    first = improve_child(copy, "child-1.5x", max_rounds=1, **settings)
+    real_refine = refine_module.refine
+    monkeypatch.setattr(refine_module, "refine", lambda *a, **kw: pytest.fail("refined again"))
+    capsys.readouterr()
+    again = improve_child(copy, "child-1.5x", max_rounds=1, **settings)
+    assert "already refined" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(again, first, check_dtype=False)
+    for changed in ({"max_rounds": 2}, {"max_rounds": 1, "refine_k": 2}):  # more rounds, other settings: redone
+        with pytest.raises(pytest.fail.Exception, match="refined again"):
+            improve_child(copy, "child-1.5x", **{**settings, **changed})
+    monkeypatch.setattr(refine_module, "refine", real_refine)
+    improve_child(copy, "child-1.5x", max_rounds=1, **settings, resume=True)  # one round more: 2 in all
+    monkeypatch.setattr(refine_module, "refine", lambda *a, **kw: pytest.fail("refined again"))
+    improve_child(copy, "child-1.5x", **settings, max_rounds=2)  # the rounds of both calls count
+    assert "already refined" in capsys.readouterr().err
+    with pytest.raises(pytest.fail.Exception, match="refined again"):  # another diverse step asked for
+        improve_child(copy, "child-1.5x", **{**settings, "k": 3}, max_rounds=1)
