@@ -653,26 +653,14 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
     row whose architecture is not what greedy picks now for its target (`_greedy_at`: the search's objective or
     --vllm-compatible changed since); rows are ordered by target speed-up, then as the plan lists the methods.
     """
-    from .pipeline import compact_architecture, load_score_table
-
     if not len(table) or table["name"].iloc[0] != "parent":
         return table
     inputs, names, earlier, tables = row_inputs(run), set(table["name"]), [], {}
-
-    def greedy_still_picks(row: dict) -> bool:  # with the run's objective and vLLM setting now
-        try:
-            if row["training"] not in tables:
-                tables[row["training"]] = load_score_table(run, row["training"])[0]
-            g = _greedy_at(run, tables[row["training"]], float(row["target_speedup"]))
-        except (PuzzleError, KeyError, TypeError, ValueError):
-            return False
-        return compact_architecture([b.id for b in g.blocks]) == row["architecture"]
-
     for path in sorted((run.out / "baselines" / "rows").glob("*.json")):
         row = _saved_row(path, inputs)
         if (row is not None and row.get("name") not in names and row.get("method") in set(METHODS) - {"mip"}
                 and all(c in row for c in ROW_COLUMNS if c != "throughput_tok_s")
-                and (row["method"] != "greedy" or greedy_still_picks(row))):
+                and (row["method"] != "greedy" or _greedy_still_picks(run, row, tables))):
             earlier.append(row)
     if not earlier:
         return table
@@ -682,6 +670,38 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
     body = body.assign(_m=body["method"].map(order), _init=body["training"] == "init")
     body = body.sort_values(["target_speedup", "_m", "_init"], kind="stable")
     return pd.concat([table.iloc[:1], body[ROW_COLUMNS]], ignore_index=True)
+
+
+def _greedy_still_picks(run, row: dict, tables: dict) -> bool:
+    """Whether greedy, with the run's objective and vLLM setting now (`_greedy_at`), picks the saved greedy `row`'s
+    architecture for its target; `tables` caches the score tables by library stage between calls."""
+    from .pipeline import compact_architecture, load_score_table
+
+    try:
+        if row["training"] not in tables:
+            tables[row["training"]] = load_score_table(run, row["training"])[0]
+        g = _greedy_at(run, tables[row["training"]], float(row["target_speedup"]))
+    except (PuzzleError, KeyError, TypeError, ValueError):
+        return False
+    return compact_architecture([b.id for b in g.blocks]) == row["architecture"]
+
+
+def stale_greedy_rows(run) -> dict[str, str]:
+    """The greedy rows in DIR/baselines/rows/ (by model name) whose architecture greedy no longer picks for their
+    target, with why, for `puzzle front` to leave out as baselines.csv does (`_with_earlier_rows`): the search's
+    objective or --vllm-compatible changed since they were built."""
+    from .io import read_json
+
+    stale, tables = {}, {}
+    for path in sorted((run.out / "baselines" / "rows").glob("*.json")):
+        try:
+            row = read_json(path)
+        except PuzzleError:
+            continue  # `plots.front_rows` skips an unreadable row itself
+        if isinstance(row, dict) and row.get("method") == "greedy" and not _greedy_still_picks(run, row, tables):
+            stale[str(row.get("name"))] = ("greedy picks another child for its target with the run's objective and "
+                                           "vLLM setting now")
+    return stale
 
 
 def _greedy_at(run, table: pd.DataFrame, speedup: float):

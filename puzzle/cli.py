@@ -703,9 +703,10 @@ def cmd_front(args) -> int:
         from .plots import ratio_table
 
         # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
-        from .baselines import row_inputs
+        from .baselines import row_inputs, stale_greedy_rows
 
-        rows = write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run))
+        rows = write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run),
+                               exclude=stale_greedy_rows(run))
         print(f"front, every model ({len(rows)}: the parent, ours and any baselines) -> {run.out / 'front_all.csv'}, "
               f"{run.out / 'front_all.png'}", file=sys.stderr)
         ratios = rows.attrs["ratios"]

@@ -65,9 +65,10 @@ def _model_specs(run) -> list[dict]:
     from .plots import front_rows
 
     specs = []
-    from .baselines import row_inputs
+    from .baselines import row_inputs, stale_greedy_rows
 
-    for row in front_rows(run.out, with_downstream=False, inputs=row_inputs(run)).itertuples(index=False):
+    rows = front_rows(run.out, with_downstream=False, inputs=row_inputs(run), exclude=stale_greedy_rows(run))
+    for row in rows.itertuples(index=False):
         if row.name == "parent":
             specs.append({"name": "parent", "blocks": None, "stage": "none", "architecture": "parent"})
             continue

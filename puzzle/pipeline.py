@@ -1819,10 +1819,11 @@ def redraw_front_all(run: Run) -> None:
     `puzzle front` drew them before (they would keep the old figures); `puzzle front` prints the ratios."""
     if not (run.out / "front_all.csv").is_file():
         return
-    from .baselines import row_inputs
+    from .baselines import row_inputs, stale_greedy_rows
     from .plots import write_front_all
 
-    write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run))
+    write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run),
+                    exclude=stale_greedy_rows(run))
     run.say(f"run: front_all.csv/png and front_ratios.csv drawn again from this front (`puzzle front --out {run.out}` "
             "prints the ratios)")
 

@@ -441,14 +441,16 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
     return not stale
 
 
-def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict | None = None) -> pd.DataFrame:
+def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict | None = None,
+               exclude: dict[str, str] | None = None) -> pd.DataFrame:
     """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
 
     Reads DIR/front.csv (the pipeline's children: method "mip", training "bld"), DIR/front_rows/*.json
     and DIR/baselines/rows/*.json (written by `baselines.realize_all`: our diverse and refined
     children, the baselines), whichever exist; a row measured on another evaluation split or score table
     than the run's now (or, given `inputs`, `baselines.row_inputs(run)`, on another workload too) is left out
-    with a warning (`_row_is_current`). A model listed twice keeps its first row. Speed-ups
+    with a warning (`_row_is_current`), and so is a baselines/rows/ row named in `exclude` (name -> why:
+    `baselines.stale_greedy_rows`). A model listed twice keeps its first row. Speed-ups
     are measured against the parent in the same session; throughput_tok_s is rescaled to the
     parent's throughput of the first source, so all rows share one axis.
 
@@ -472,6 +474,11 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     for sub in ("front_rows", "baselines/rows"):
         files = sorted((run_dir / sub).glob("*.json")) if (run_dir / sub).is_dir() else []
         found = [row for row in map(_model_row, files) if row is not None and _row_is_current(row, current, sub, run_dir)]
+        if sub == "baselines/rows" and exclude:
+            for row in [r for r in found if r.get("name") in exclude]:
+                warnings.warn(f"{row['name']} ({sub}): {exclude[row['name']]}, so it is left out of the front as out "
+                              f"of baselines.csv (`puzzle baselines --out {run_dir}` builds greedy's child again)")
+            found = [r for r in found if r.get("name") not in exclude]
         if found:
             parts.append(pd.DataFrame(found).assign(source=sub))
     if not parts:
@@ -665,17 +672,18 @@ def ratio_table(ratios: pd.DataFrame) -> str:
 
 
 def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None,
-                    inputs: dict | None = None) -> pd.DataFrame:
+                    inputs: dict | None = None, exclude: dict[str, str] | None = None) -> pd.DataFrame:
     """DIR/front_all.csv and DIR/front_all.png: every realized model of the run (our children and,
     where `puzzle baselines` / `puzzle refine` ran, theirs), measured throughput vs evaluation KL.
     With `speedups`, also DIR/front_ratios.csv: `front_ratios` at those speed-ups (attrs["ratios"]).
 
-    Returns the rows (`front_rows`, with `inputs`). Raises FileNotFoundError when the run has no front yet.
+    Returns the rows (`front_rows`, with `inputs` and `exclude`). Raises FileNotFoundError when the run has no front
+    yet.
     """
     from .io import atomic_write_text
 
     run_dir = Path(run_dir)
-    rows = front_rows(run_dir, inputs=inputs)
+    rows = front_rows(run_dir, inputs=inputs, exclude=exclude)
     atomic_write_text(run_dir / "front_all.csv", rows.to_csv(index=False))
     if speedups is not None:
         selected = selected_children(run_dir, rows)

@@ -667,6 +667,15 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
                  "--max-contention", "inf"]) == 0
     names = list(pd.read_csv(out / "baselines" / "baselines.csv")["name"])
     assert "greedy-1.5x" not in names and "layers-1.5x" in names, names
+    # ... and out of the front that `puzzle front` draws (it drew it still)
+    from puzzle.baselines import open_run, row_inputs, stale_greedy_rows
+    from puzzle.plots import front_rows
+
+    run = open_run(out, progress=False)
+    assert set(stale_greedy_rows(run)) == {"greedy-1.5x"}
+    with pytest.warns(UserWarning, match="greedy-1.5x .*greedy picks another child"):
+        drawn = set(front_rows(out, inputs=row_inputs(run), exclude=stale_greedy_rows(run))["name"])
+    assert "greedy-1.5x" not in drawn and {"layers-1.5x", "greedy-1.25x"} <= drawn, drawn
 
 
 def test_a_refused_or_interrupted_baselines_leaves_config_json_byte_for_byte(tmp_path_factory, tmp_path, monkeypatch,
