@@ -276,6 +276,29 @@ def test_coupled_blocks_train_from_their_decoupled_entries(parent, calib, tmp_pa
     torch.testing.assert_close(child.model.layers[1].mlp.down_proj.weight, state["mlp.down_proj.weight"])
 
 
+def test_a_coupled_block_training_made_worse_keeps_its_composed_start(parent, calib, tmp_path):
+    """Reviewer: coupled BLD at the decoupled rate left 10 of 14 tiny-preset blocks worse than their start (composed
+    from trained parts), and saved them. Blocks now train at BLOCK_LR_SCALE, and a block that ends worse on the
+    held-out sequences keeps its start."""
+    from puzzle.architecture import BlockConfig
+    from puzzle.bld import BLOCK_LR_SCALE, Job, subblock_lr
+    from puzzle.coupled import build_coupled_library
+
+    block = BlockConfig.from_id("attn-kv1+ffn-64")
+    cfg = BLDConfig(tokens=256, batch_size=2, lr=1e-3)
+    assert subblock_lr(cfg, Job(1, "block", block)) == pytest.approx(1e-3 * BLOCK_LR_SCALE)
+    assert subblock_lr(BLDConfig(lr=1e-3, lr_scales={"block": 2.0}), Job(1, "block", block)) == pytest.approx(2e-3)
+    lib = Library(tmp_path)
+    build_library(parent, calib, _space(parent), cfg, lib)
+    wild = BLDConfig(tokens=256, batch_size=2, lr=1e-3, lr_scales={"block": 300.0})  # training can only hurt
+    with pytest.warns(UserWarning, match="keeps its composed start"):
+        build_coupled_library(parent, calib, {1: [block]}, wild, lib)
+    info = lib.info(1, block.id, "bld")
+    assert info["kept_start"] and info["final_nmse"] == info["init_nmse"]
+    state = lib.load(1, block.id, "bld")  # the composed start: the decoupled entries' weights
+    torch.testing.assert_close(state["mlp.down_proj.weight"], lib.load(1, "ffn-64", "bld")["mlp.down_proj.weight"])
+
+
 def _synthetic_table():
     import pandas as pd
 

@@ -373,3 +373,19 @@ def test_repeated_list_flags_add_up_instead_of_keeping_the_last():
     assert (args.calib, args.eval) == (["a", "b"], ["e", "f"])
     assert p.parse_args(["sft", "--model", "tiny", "--data", "a", "--data", "b"]).data == ["a", "b"]
     assert p.parse_args(["merge", "a", "b", "--weights", "1", "--weights", "2", "--dest", "d"]).weights == [1.0, 2.0]
+
+
+def test_a_configuration_asking_for_coupled_bld_is_refused_by_the_commands(tmp_path, capsys):
+    """Reviewer: bld.coupled_top_k in a preset or config.json was ignored without a word (the commands run decoupled
+    BLD only; coupled BLD is the library step puzzle.coupled.stage_coupled)."""
+    from puzzle.cli import main
+
+    out = _tiny_run(tmp_path / "run")
+    config = json.loads((out / "config.json").read_text())
+    config["bld"]["coupled_top_k"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    before = _files(out)
+    assert main(["bld", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "bld.coupled_top_k = 2" in err and "stage_coupled" in err and "Traceback" not in err
+    assert _files(out) == before
