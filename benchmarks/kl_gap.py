@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     atomic_write_text(out / "kl_gap.csv", df.to_csv(index=False))
     cols = ["name", "subblocks", "predicted_kl_nats", "fresh_sum_kl_nats", "fresh_kl_nats", "eval_sum_kl_nats",
             "eval_kl_nats", "selection", "compounding_score", "transfer", "compounding_eval"]
-    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"tokens {df.attrs['tokens']}, {time.perf_counter() - t0:.0f} s; wrote {out / 'kl_gap.csv'}")
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))  # tiny runs' KLs are ~1e-3
+    print(f"tokens {df.attrs['tokens']} (fresh from scoring sequence {df.attrs['fresh_start']}), "
+          f"{time.perf_counter() - t0:.0f} s; wrote {out / 'kl_gap.csv'}")
     return 0
 
 

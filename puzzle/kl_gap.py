@@ -65,11 +65,13 @@ def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFra
         One row per child: name, subblocks (swapped subblocks), predicted_kl_nats, fresh_sum_kl_nats,
         fresh_kl_nats, eval_sum_kl_nats, eval_kl_nats, the ratios selection, compounding_score,
         transfer, compounding_eval, and seconds (the child's own, plus an equal share of the replace-1
-        scoring of subblocks the children share). attrs["tokens"]: {"fresh": n, "eval": n} tokens used.
+        scoring of subblocks the children share). attrs["tokens"]: {"fresh": n, "eval": n} tokens used;
+        attrs["fresh_start"]: the scoring-split sequence the fresh tokens start at, beyond the table's and, when
+        `names` holds -diverse or -refined children, beyond the sequences `puzzle refine` chose them on.
 
     Raises:
         PuzzleError: an unknown child, or a scoring split with no sequences beyond those the score
-            table used.
+            table used (and, for children `puzzle refine` chose, beyond those it chose them on).
     """
     from .pipeline import read_architecture
     from .refine import _subblock, realize_blocks
@@ -77,12 +79,18 @@ def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFra
 
     cfg = run.config.score
     score_ids = run.tokens.score
+    records = {name: read_architecture(run, name) for name in names}
     used = max(1, min(score_ids.shape[0], cfg.tokens // score_ids.shape[1]))  # the table's sequences
-    splits = {"fresh": _sequences(score_ids, used, tokens, "the scoring split", "data.score_tokens"),
+    chosen = _selection_sequences(run, records)  # sequences a refine child was chosen on (reviewer: fresh overlapped)
+    if chosen > used and score_ids.shape[0] <= chosen:
+        raise PuzzleError(f"the scoring split holds {score_ids.shape[0]} sequences, and `puzzle refine` chose "
+                          f"{', '.join(n for n, r in records.items() if r.get('method') in REFINED)} on the first "
+                          f"{chosen}: no fresh sequence is left for them; leave them out, or raise data.score_tokens")
+    start = max(used, chosen)
+    splits = {"fresh": _sequences(score_ids, start, tokens, "the scoring split", "data.score_tokens"),
               "eval": _sequences(run.tokens.eval, 0, tokens, "the evaluation split", "data.eval_tokens")}
     parent = run.parent.model
     caches = {k: parent_cache(parent, ids, chunk=cfg.chunk, stride=cfg.position_stride) for k, ids in splits.items()}
-    records = {name: read_architecture(run, name) for name in names}
     swapped: dict[str, list] = {}
     for name, rec in records.items():
         stage = rec.get("library_stage", "bld")
@@ -130,4 +138,29 @@ def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFra
     df["transfer"] = df["eval_sum_kl_nats"] / df["fresh_sum_kl_nats"]
     df["compounding_eval"] = df["eval_kl_nats"] / df["eval_sum_kl_nats"]
     df.attrs["tokens"] = {k: int(ids.numel()) for k, ids in splits.items()}
+    df.attrs["fresh_start"] = start
     return df
+
+
+#: methods of the children `puzzle refine` writes, chosen by realized KL on the scoring split's first sequences
+REFINED = ("mip-diverse", "mip-refined")
+
+
+def _selection_sequences(run, records: dict) -> int:
+    """How many leading scoring-split sequences the -diverse/-refined children among `records` were chosen on
+    (`refine.selection_ids` with the refinement's --select-tokens, read from DIR/refine/<name>.inputs.json; the
+    default 2048 tokens where that file is missing); 0 when there are none."""
+    from .io import read_json
+    from .refine import selection_ids
+
+    most = 0
+    for name, rec in records.items():
+        if rec.get("method") not in REFINED:
+            continue
+        tokens = None
+        try:
+            tokens = read_json(run.out / "refine" / f"{name.rsplit('-', 1)[0]}.inputs.json")["settings"]["tokens"]
+        except (PuzzleError, KeyError, TypeError):
+            pass
+        most = max(most, selection_ids(run, tokens if isinstance(tokens, int) else None).shape[0])
+    return most

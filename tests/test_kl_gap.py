@@ -75,3 +75,28 @@ def test_unknown_child_and_exhausted_scoring_split_are_clear_errors(run):
     ids = run.tokens.score
     with pytest.raises(PuzzleError, match="raise data.score_tokens"):
         _sequences(ids, ids.shape[0], 128, "the scoring split", "data.score_tokens")
+
+
+def test_fresh_tokens_of_a_refined_child_lie_beyond_those_refine_chose_it_on(run):
+    """Reviewer: the "fresh" scoring tokens were the first beyond the table's, which `puzzle refine` had chosen its
+    -diverse/-refined children on, so their selection and compounding steps were measured on chosen-on text."""
+    import json
+
+    from puzzle.pipeline import read_architecture
+
+    record = read_architecture(run, "child-1.5x")
+    atomic_write_json(run.out / "search" / "child-z-refined.json", {**record, "name": "child-z-refined",
+                                                                     "method": "mip-refined"})
+    seq, rows = run.tokens.score.shape[1], run.tokens.score.shape[0]
+    table_rows = max(1, run.config.score.tokens // seq)
+    assert kl_gap(run, ["child-1.5x"], tokens=seq).attrs["fresh_start"] == table_rows  # a plain child: as before
+    inputs = run.out / "refine" / "child-z.inputs.json"
+    inputs.parent.mkdir(exist_ok=True)
+    inputs.write_text(json.dumps({"settings": {"tokens": (table_rows + 2) * seq}}))  # refine's --select-tokens
+    df = kl_gap(run, ["child-1.5x", "child-z-refined"], tokens=seq)
+    assert df.attrs["fresh_start"] == table_rows + 2 < rows
+    inputs.unlink()  # refine's default, 2048 tokens: the whole tiny scoring split
+    assert 2048 // seq >= rows
+    with pytest.raises(PuzzleError, match="chose child-z-refined on the first"):
+        kl_gap(run, ["child-z-refined"], tokens=seq)
+    (run.out / "search" / "child-z-refined.json").unlink()
