@@ -303,6 +303,11 @@ class ChildRuntime:
 
     def __init__(self, model: PuzzleForCausalLM, batch_size: int, max_len: int, device=None, dtype=None,
                  use_triton: bool | None = None, cuda_graphs: bool | None = None):
+        from .fusion import FusedFFNBlock
+
+        if any(isinstance(layer, FusedFFNBlock) for layer in model.model.layers):
+            raise PuzzleError("ChildRuntime takes plain blocks: pass fusion.to_plain_model(fused), the same outputs as "
+                              "one block per fused run (a run that mixes SwiGLU and linear FFNs has no plain form)")
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.dtype = dtype if dtype is not None else param.dtype
