@@ -102,8 +102,9 @@ class GKDConfig:
         require_finite("gkd", temperature=self.temperature, cosine_weight=self.cosine_weight,
                        kl_weight=self.kl_weight, lm_weight=self.lm_weight)
         self.optim()  # lr, warmup, decay, clip: finite and in range
-        if self.tokens < 1 or self.batch_size < 1 or self.micro_batch_size < 0:
-            raise PuzzleError("gkd tokens and batch_size must be >= 1 and micro_batch_size >= 0")
+        for name, least in (("tokens", 1), ("batch_size", 1), ("micro_batch_size", 0)):  # named as the flag
+            if getattr(self, name) < least:
+                raise PuzzleError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         if self.checkpoint_every < 1:
             raise PuzzleError(f"gkd checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
         if self.lr <= 0 or self.temperature <= 0:

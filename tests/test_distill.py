@@ -322,3 +322,11 @@ def test_the_built_in_tiny_model_can_be_the_teacher(tmp_path, monkeypatch):
     args = p.parse_args(["gkd", "--child", "tiny-child", "--parent", "tiny", "--calib", "calib.txt", "--dest", "out",
                          "--seq-len", "32", "--tokens", "256", "--no-progress"])
     assert args.func(args) == 0 and (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("field,value", [("tokens", 0), ("tokens", -5), ("batch_size", 0), ("micro_batch_size", -1)])
+def test_a_count_below_its_least_is_named_as_its_flag(field, value):
+    """Reviewer: --tokens 0, -5 and --batch-size 0 all said "gkd tokens and batch_size must be >= 1 and ..."."""
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(PuzzleError, match=f"^{flag} must be >= {0 if field == 'micro_batch_size' else 1}, got {value}$"):
+        GKDConfig(**{field: value})
