@@ -54,6 +54,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                         "no values: back to shares that follow the document counts. --calib without this flag "
                         "drops weights saved for other sources")
     g.add_argument("--eval", nargs="+", action="extend", metavar="FILE", help="held-out evaluation text (files, as for --calib)")
+    g.add_argument("--text-field", metavar="NAME", help="the text field of .jsonl records and the text column of parquet, "
+                                                        "Arrow and save_to_disk tables (default: text)")
     g.add_argument("--device", help="target device to measure costs on: cpu or cuda[:N]")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype for cost measurement")
     g.add_argument("--batch-size", type=int, help="workload batch size B")
@@ -122,7 +124,7 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
 _SETTING_FLAGS = (("device", "target", "device"), ("dtype", "target", "dtype"),
                   ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
                   ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"), ("score_tokens", "score", "tokens"),
-                  ("max_contention", "score", "max_contention"))
+                  ("max_contention", "score", "max_contention"), ("text_field", "data", "text_field"))
 
 
 def _base_config(args, out: Path, saved: bool = True):

@@ -273,7 +273,7 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
                               f"{type(record[text_field]).__name__}); give each record its text as a string")
         if text is None:
             raise PuzzleError(f"{path}, line {lineno}: no {text_field!r} field (nor 'messages' or 'turns'); "
-                              f"name the text field with text_field")
+                              f"name the text field with --text-field")
         doc_id = record.get("id", record.get("question_id", lineno - 1))
         docs.append(Document(text.strip(), str(doc_id), source))
     return docs
@@ -329,14 +329,14 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
                 table = pa.ipc.open_file(file).read_all()
         if text_field not in table.column_names:
             raise PuzzleError(f"{file} has no column {text_field!r} (columns: {table.column_names}); "
-                              f"name the text column with text_field")
+                              f"name the text column with --text-field")
         column = table.column(text_field)
         import pyarrow as pa
 
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
                 or getattr(pa.types, "is_string_view", lambda t: False)(column.type)):
             raise PuzzleError(f"{file}: column {text_field!r} holds {column.type}, not text; name the text column "
-                              f"with text_field")
+                              f"with --text-field")
         for i, text in enumerate(column.to_pylist()):
             if isinstance(text, str) and text.strip():
                 docs.append(Document(text.strip(), f"{file.name}:{i}" if len(files) > 1 else str(i), source))
@@ -771,6 +771,8 @@ class DataConfig:
             raise PuzzleError(f"data.max_doc_tokens must be >= 0 (0: no cap), got {self.max_doc_tokens}")
         if not 0.0 < self.score_fraction < 1.0:
             raise PuzzleError(f"data.score_fraction must be in (0, 1), got {self.score_fraction}")
+        if not isinstance(self.text_field, str) or not self.text_field.strip():
+            raise PuzzleError(f"--text-field (data.text_field) must name a field or column, got {self.text_field!r}")
         if self.txt_mode not in ("paragraph", "line", "file"):
             raise PuzzleError(f"data.txt_mode must be 'paragraph', 'line' or 'file', got {self.txt_mode!r}")
         self._check_calib_weights()

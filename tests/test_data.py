@@ -925,3 +925,25 @@ def test_a_preset_that_sets_an_infinite_value_is_not_said_to_replace_it(tmp_path
     for _ in range(2):
         assert main(["data", "--preset", str(tmp_path / "p.toml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert "replaces settings" not in capsys.readouterr().err
+
+
+def test_the_text_field_is_a_flag_too(tmp_path):
+    """text_field was settable in a preset only; --text-field sets it, is saved, and an empty name is refused."""
+    from puzzle.cli import _resolve_config, build_parser
+    from puzzle.config import save_run_config
+
+    def resolve(*flags):
+        return _resolve_config(build_parser().parse_args(["data", "--out", str(tmp_path), *flags]), tmp_path).data
+
+    assert resolve("--preset", "tiny").text_field == "text"
+    config = _resolve_config(build_parser().parse_args(["data", "--out", str(tmp_path), "--preset", "tiny",
+                                                        "--text-field", "body"]), tmp_path)
+    assert config.data.text_field == "body"
+    save_run_config(config, tmp_path)
+    assert resolve().text_field == "body"  # saved with the run
+    with pytest.raises(PuzzleError, match="--text-field .* must name a field"):
+        resolve("--text-field", " ")
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(PuzzleError, match="no 'body' field .* with --text-field"):
+        read_documents(str(records), text_field="body")
