@@ -318,6 +318,8 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
             raise PuzzleError(f"{path} holds splits {splits}; point at one of its split folders")
         return read_arrow_table(path / split, source, text_field)
     files = sorted(path.glob("*.arrow")) + sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if path.is_dir():
+        files = _train_split(files, path, source)
     docs = []
     for file in files:
         if file.suffix == ".parquet":
@@ -341,6 +343,41 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
             if isinstance(text, str) and text.strip():
                 docs.append(Document(text.strip(), f"{file.name}:{i}" if len(files) > 1 else str(i), source))
     return docs
+
+
+#: split names of Hugging Face hub dataset files (`data/train-00000-of-00002.parquet`, `test.parquet`, `valid/...`)
+SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")
+_SHARD = re.compile(r"-\d+-of-\d+$")
+
+
+def _split_name(rel: Path) -> str | None:
+    """The split a table file of a dataset folder belongs to, from its name or nearest folder named like one
+    (`train-00000-of-00001.parquet`, `test.parquet`, `validation/0000.arrow`); None when nothing says."""
+    for part in (rel.name.split(".")[0], *reversed(rel.parts[:-1])):
+        name = _SHARD.sub("", part).lower()
+        if name in SPLIT_NAMES:
+            return name
+    return None
+
+
+def _train_split(files: list[Path], root: Path, spec: str) -> list[Path]:
+    """The table files of a dataset folder to read: all of them when they belong to one split (or name none), else
+    the train split's, with a warning naming the splits left out.
+
+    Raises:
+        PuzzleError: the files name several splits and none is train (say which one to read)."""
+    splits: dict[str | None, list[Path]] = {}
+    for file in files:
+        splits.setdefault(_split_name(file.relative_to(root)), []).append(file)
+    named = sorted(k for k in splits if k is not None)
+    if len(named) < 2:
+        return files
+    if "train" not in splits:
+        raise PuzzleError(f"data source {spec} holds the splits {named}; give the folder or files of one of them")
+    left = sorted(str(f.relative_to(root)) for k, fs in splits.items() if k != "train" for f in fs)
+    warnings.warn(f"data source {spec} holds the splits {named}: reading its train split only "
+                  f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''} left out; give a split's files to read it)")
+    return splits["train"]
 
 
 def resolve_source(spec: str, cache_dir=None) -> Path:
@@ -427,9 +464,11 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
 
     `.xml(.bz2)` / `*pages-articles*.bz2`: Wikipedia dump; `.jsonl(.gz)`: JSON lines (incl. oe-eval
     requests); `.cor`: one document per line (Lee news); `.parquet`, `.arrow`, HF `save_to_disk`
-    folder: table column `text_field`; any other folder: every file in it (doc ids prefixed with
-    the file's relative path); anything else: UTF-8 text split by `txt_mode`. Documents shorter
-    than `min_chars` are dropped.
+    folder: table column `text_field`; a folder with table files deeper down (a hub dataset's
+    `data/train-*.parquet`): those tables alone; any other folder: every file in it (doc ids
+    prefixed with the file's relative path); anything else: UTF-8 text split by `txt_mode`. Table
+    files that name several splits are read from the train split only (`_train_split`). Documents
+    shorter than `min_chars` are dropped.
 
     Raises:
         PuzzleError: missing file, unreadable content, or no documents ("... is empty").
@@ -437,14 +476,20 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
     path = resolve_source(spec, cache_dir)
     if path.is_dir() and not _is_table_folder(path):
         docs, skipped = [], []
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        tables = [f for f in files if f.suffix.lower() in (".parquet", ".arrow")]
+        if tables:  # a hub-style dataset (data/train-*.parquet beside README.md): its tables, of one split
+            skipped = [str(f.relative_to(path)) for f in files if f not in tables]
+            files = _train_split(tables, path, spec)
+        for file in files:
             rel = file.relative_to(path)
             if file.name.lower().endswith(_NOT_TEXT):  # e.g. a dataset's metadata .json beside its text files
                 skipped.append(str(rel))
                 continue
             docs += [Document(d.text, f"{rel}:{d.doc_id}", spec) for d in _read_path(file, spec, text_field, txt_mode)]
         if skipped:
-            warnings.warn(f"data source {spec}: {len(skipped)} file(s) of a kind not read as text left out "
+            kind = "beside its tables" if tables else "of a kind not read as text"
+            warnings.warn(f"data source {spec}: {len(skipped)} file(s) {kind} left out "
                           f"({', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''})")
     else:
         docs = _read_path(path, spec, text_field, txt_mode)

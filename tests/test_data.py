@@ -947,3 +947,38 @@ def test_the_text_field_is_a_flag_too(tmp_path):
     records.write_text(json.dumps({"content": "x"}) + "\n")
     with pytest.raises(PuzzleError, match="no 'body' field .* with --text-field"):
         read_documents(str(records), text_field="body")
+
+
+def test_a_hub_style_dataset_folder_reads_its_train_tables_only(tmp_path):
+    """A folder as the hub ships it (README.md, data/train-*.parquet, data/test-*.parquet) mixed every split and read
+    the dataset card as text; it now reads the train split's tables, and says what it left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds = tmp_path / "ds"
+    (ds / "data").mkdir(parents=True)
+    (ds / "README.md").write_text("---\nlicense: mit\n---\n\n# A dataset card\n")
+    pq.write_table(pa.table({"text": ["train one", "train two"]}), ds / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["train three"]}), ds / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["test one"]}), ds / "data" / "test-00000-of-00001.parquet")
+    with pytest.warns(UserWarning) as caught:
+        texts = sorted(d.text for d in read_documents(str(ds)))
+    assert texts == ["train one", "train three", "train two"]
+    said = " ".join(str(w.message) for w in caught)
+    assert "splits ['test', 'train']: reading its train split only" in said and "README.md" in said
+    assert [d.text for d in read_documents(str(ds / "data" / "test-00000-of-00001.parquet"))] == ["test one"]
+    flat = tmp_path / "flat"  # the split files directly in the folder: a table folder, the same choice
+    flat.mkdir()
+    for name in ("train.parquet", "validation.parquet"):
+        pq.write_table(pa.table({"text": [name]}), flat / name)
+    with pytest.warns(UserWarning, match="reading its train split only"):
+        assert [d.text for d in read_documents(str(flat))] == ["train.parquet"]
+    (flat / "train.parquet").unlink()
+    pq.write_table(pa.table({"text": ["t"]}), flat / "test.parquet")
+    with pytest.raises(PuzzleError, match=r"holds the splits \['test', 'validation'\]; give the folder or files of one"):
+        read_documents(str(flat))
+    one = tmp_path / "one" / "shards"  # tables that name no split, or one: all of them, as before
+    one.mkdir(parents=True)
+    for i in range(2):
+        pq.write_table(pa.table({"text": [f"part {i}"]}), one / f"part-{i}.parquet")
+    assert sorted(d.text for d in read_documents(str(tmp_path / "one"))) == ["part 0", "part 1"]
