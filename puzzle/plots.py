@@ -67,7 +67,8 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
             "attention_removal", "uniform_width", ...), training ("bld", "init", "none"), `x`, `y`.
             Series are drawn in order of `x`; init-only series dashed with hollow markers.
         path: the PNG to write.
-        log_y: a log scale for KL (rows with y <= 0 other than the parent are left out).
+        log_y: a log scale for KL (rows with y <= 0 other than the parent are left out, with a warning; a linear
+            scale when no row has y > 0).
         accuracy: the downstream-accuracy column of the second panel (None: never draw it).
 
     Returns:
@@ -81,6 +82,13 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    body = pd.to_numeric(rows.loc[rows["method"] != "parent", y], errors="coerce")
+    if log_y and (body <= 0).any():  # a log scale cannot draw them (reviewer: all at 0 crashed the plot)
+        left = sorted(rows.loc[(rows["method"] != "parent") & (body <= 0).reindex(rows.index, fill_value=False), "name"])
+        if (body > 0).any():
+            warnings.warn(f"front plot: {', '.join(map(str, left))} with {y} <= 0 left out of the log scale")
+        else:
+            log_y = False  # nothing positive to draw on a log scale: a linear one
     panels = [(y, log_y, "evaluation KL(parent || child), nats/token" if y == "kl_nats" else y)]
     if accuracy and accuracy in rows.columns and rows[accuracy].notna().any():
         tasks = rows["downstream_tasks"].dropna().iloc[0] if "downstream_tasks" in rows.columns else ""
@@ -243,7 +251,7 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
         return out[::-1]
 
     def at(points, s):
-        if not points or points[-1][0] < s:
+        if not points or points[-1][0] < s or s < points[0][0]:  # below 1x: no model of the front is that slow
             return math.nan
         for (s0, v0), (s1, v1) in zip(points, points[1:]):
             if s0 <= s <= s1:
@@ -665,10 +673,63 @@ def ratio_table(ratios: pd.DataFrame) -> str:
         head = heads.get(ours, f"ours ({ours}) / baseline") if ratios["ours"].nunique() > 1 else "ours / baseline"
         width = max(len(head), *map(len, wide.index))
         lines = [head.ljust(width) + "".join(f"{c:>8}" for c in wide.columns)]
-        for label, values in wide.iterrows():
-            lines.append(label.ljust(width) + "".join(f"{v:8.2f}" if math.isfinite(v) else f"{'-':>8}" for v in values))
+        cells = {(b, a): _ratio_cell(r) for b, a, r in zip(table["baseline"], table["at"], table.itertuples())}
+        for label in wide.index:
+            lines.append(label.ljust(width) + "".join(f"{cells.get((label, c), '-'):>8}" for c in wide.columns))
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    notes = ["-: the baseline does not reach that speed-up; ours -: our front does not; 0/0: both KLs are 0; inf: only "
+             "the baseline's is"]
+    if absent := [LABELS[m] for m in BASELINE_METHODS if m not in set(ratios["method"])]:
+        notes.append(f"no measured model: {', '.join(absent)} (it reaches none of the targets, or `puzzle baselines` "
+                     f"has not run it)")
+    return "\n\n".join(blocks) + "\n" + "\n".join(notes)
+
+
+#: the baselines `puzzle baselines` builds (baselines.METHODS without ours)
+BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
+
+
+def _ratio_cell(row) -> str:
+    """A ratio table cell: the ratio, or why there is none (`ratio_table`'s notes)."""
+    ratio, ours, theirs = (getattr(row, c, math.nan) for c in ("ratio", "ours_kl_nats", "baseline_kl_nats"))
+    if isinstance(ratio, float) and math.isfinite(ratio):
+        return f"{ratio:.2f}"
+    if not (isinstance(theirs, float) and math.isfinite(theirs)):
+        return "-"
+    if not (isinstance(ours, float) and math.isfinite(ours)):
+        return "ours -"
+    return ("0/0" if ours == 0 else "inf") if theirs == 0 else "-"
+
+
+def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFrame:
+    """`front_rows` as `puzzle front` draws them (the notebook's rows): only rows made for the run's workload, score
+    table and evaluation split as they are now (`baselines.row_inputs`), and no greedy row that greedy no longer
+    picks (`baselines.stale_greedy_rows`). Opens the run directory's configuration and token splits, not its parent.
+
+    Raises:
+        PuzzleError: `run_dir` is no run directory; FileNotFoundError: as `front_rows`.
+    """
+    from .baselines import open_run, row_inputs, stale_greedy_rows
+
+    run = open_run(Path(run_dir), progress=False)
+    return front_rows(run_dir, with_downstream, inputs=row_inputs(run), exclude=stale_greedy_rows(run))
+
+
+def parent_block_of(run_dir: str | Path) -> BlockConfig:
+    """The parent's block of a run directory (its score table's parent rows of layer 0), for `architecture_map`'s
+    shading.
+
+    Raises:
+        PuzzleError: the run has no readable score table (`puzzle score` writes it).
+    """
+    path = Path(run_dir) / "score" / "score_table.csv"
+    try:
+        table = pd.read_csv(path)
+        own = table[(table["layer"] == 0) & table["is_parent"].astype(bool)].set_index("subblock")["variant"]
+        return BlockConfig.from_id(f"{own['attention']}+{own['ffn']}")
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:
+        raise PuzzleError(f"{path} has no parent rows to read the parent's block from ({e}); run `puzzle score` "
+                          f"first") from None
 
 
 def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None,

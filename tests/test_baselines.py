@@ -676,6 +676,11 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     with pytest.warns(UserWarning, match="greedy-1.5x .*greedy picks another child"):
         drawn = set(front_rows(out, inputs=row_inputs(run), exclude=stale_greedy_rows(run))["name"])
     assert "greedy-1.5x" not in drawn and {"layers-1.5x", "greedy-1.25x"} <= drawn, drawn
+    from puzzle.plots import current_front_rows, parent_block_of
+
+    with pytest.warns(UserWarning, match="greedy-1.5x"):  # the notebook's rows: the same (reviewer: it drew it)
+        assert set(current_front_rows(out)["name"]) == drawn
+    assert parent_block_of(out) == run.parent.config.parent_block  # the notebook's architecture map shading
 
 
 def test_a_refused_or_interrupted_baselines_leaves_config_json_byte_for_byte(tmp_path_factory, tmp_path, monkeypatch,
@@ -786,3 +791,32 @@ def test_a_target_reached_only_by_removing_every_layer_is_said(tmp_path_factory,
                 f"greedy ({c.training}) reaches {top:g}x only by removing every layer"
             assert words in err, (c.name, err)
     assert any(all(b == NOOP_BLOCK for b in c.blocks) for c in plan)  # the case this test is about happens
+
+
+def test_ratio_table_says_which_front_is_missing_and_degenerate_fronts_still_draw(tmp_path):
+    """Reviewer (plots): "-" meant any of three things, a method with no model got no word, a target below 1x took
+    the fastest points' ratio, and a front whose KLs were all 0 crashed the log-scale plot."""
+    from puzzle.baselines import METHODS
+    from puzzle.plots import BASELINE_METHODS, front_ratios, ratio_table
+
+    assert set(BASELINE_METHODS) == set(METHODS) - {"mip"}
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0},
+        {"name": "a", "method": "mip", "training": "bld", "speedup": 1.2, "kl_nats": 0.01},
+        {"name": "b", "method": "mip", "training": "bld", "speedup": 2.0, "kl_nats": 0.05},
+        {"name": "g", "method": "greedy", "training": "bld", "speedup": 2.5, "kl_nats": 0.02},
+        {"name": "l", "method": "layer_removal", "training": "none", "speedup": 1.4, "kl_nats": 0.3},
+    ])
+    r = front_ratios(rows, [0.9, 1.3, 2.2]).set_index(["speedup", "method"])["ratio"]
+    assert math.isnan(r[(0.9, "greedy")]) and math.isnan(r[(0.9, "layer_removal")])  # below 1x: no model that slow
+    text = ratio_table(front_ratios(rows, [1.3, 2.2]))
+    greedy_line = next(line for line in text.splitlines() if line.startswith("greedy"))
+    layers_line = next(line for line in text.splitlines() if line.startswith("layer removal"))
+    assert greedy_line.split()[-1] == "-" and layers_line.split()[-1] == "-"  # ours and layers stop at 2x / 1.4x
+    assert "ours -" in greedy_line  # ours does not reach 2.2x, greedy does
+    assert "no measured model: attention removal, uniform width (Minitron-style)" in text
+    zero = rows.assign(kl_nats=0.0)
+    assert "0/0" in ratio_table(front_ratios(zero, [1.1]))
+    front_plot(zero, tmp_path / "zero.png", x="speedup")  # was: ValueError, data cannot be log-scaled
+    with pytest.warns(UserWarning, match="a with kl_nats <= 0 left out of the log scale"):
+        front_plot(rows.assign(kl_nats=[0.0, 0.0, 0.05, 0.02, 0.3]), tmp_path / "some.png", x="speedup")
