@@ -1591,6 +1591,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
             run.say(f"measure: warning: {note}")
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
+    write_front_inputs(run, drawn=False)  # the measurement's stamp: interrupted before the front, a rerun keeps it
     return summary, children, records
 
 
@@ -1710,14 +1711,22 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(run.out / "front.png")
-    write_front_inputs(run)  # last: a front interrupted before this is measured again
+    write_front_inputs(run)  # last: a front interrupted before this is drawn again (`realize_and_measure`'s stamp)
     return front
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of `df` (floats to 4 significant digits)."""
+    """A GitHub-flavoured Markdown table of `df` (floats to 4 significant digits, without an exponent below 1e6;
+    None and NaN as empty cells, as summary.csv writes them)."""
     cols = list(df.columns)
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def fmt(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if isinstance(v, float):
+            return f"{v:.0f}" if 1e4 <= abs(v) < 1e6 else f"{v:.4g}"  # 37570, not 3.757e+04
+        return str(v)
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
@@ -2139,8 +2148,10 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     prompts = run.config.report.prompts
     for i, prompt in enumerate(prompts):
         lines += [f"### {prompt}", ""]
-        for name, ans in answers.items():
-            lines.append(f"- **{name}**: {ans[i]!r}")
+        order = [n for n in summary["name"] if n in answers] + [n for n in answers if n not in set(summary["name"])]
+        for name in order:  # as the summary lists the models
+            ans = answers[name][i]
+            lines.append(f"- **{name}**: {ans!r}" if ans else f"- **{name}**: *(nothing but whitespace)*")
         lines.append("")
     if exported:
         lines += ["## Exported", ""]
@@ -2150,7 +2161,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         lines.append("")
     lines += _unreachable_section(run)
     lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
-              "stage adds its time); total_s adds up the `puzzle run` invocations that finished.", "",
+              "stage adds its time); total_s adds up the `puzzle run` invocations that finished. As of this report: "
+              "DIR/timings.json goes on adding later commands (baselines, refine, front).", "",
               json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone
@@ -2263,11 +2275,15 @@ def _is_front_table(name: str) -> bool:
     return name.endswith(".csv") and name.startswith(("score_table", "cost"))
 
 
-def write_front_inputs(run: Run) -> None:
+def write_front_inputs(run: Run, drawn: bool = True) -> None:
     """DIR/front.json: `front_inputs` and the sha256 of front.csv and of the summary.csv it was drawn from (whole, and
-    its measurement columns, `summary_timings_sha`), written after front.csv and front.png."""
+    its measurement columns, `summary_timings_sha`), written after front.csv and front.png. With `drawn` False it is
+    written right after a measurement's summary.csv, before the front is drawn (front_csv None: `front_is_current`
+    says the front is to be drawn again, and `timings_still_valid` keeps the timings, so a run interrupted between
+    the two times nothing again)."""
     summary = run.out / "summary.csv"
-    atomic_write_json(run.out / "front.json", {**front_inputs(run), "front_csv": _sha256(run.out / "front.csv"),
+    atomic_write_json(run.out / "front.json", {**front_inputs(run),
+                                               "front_csv": _sha256(run.out / "front.csv") if drawn else None,
                                                "summary_csv": _sha256(summary) if summary.is_file() else None,
                                                "summary_timings": summary_timings_sha(summary)})
 

@@ -840,3 +840,41 @@ def test_a_rerun_that_solves_the_same_child_keeps_the_search_record(run_dir, tmp
     chosen = json.loads((copy / "search" / "chosen.json").read_text())["main"]
     assert chosen == "child-1.3x" and "budget_feedback" not in json.loads((copy / "search" / f"{chosen}.json").read_text())
     assert (copy / "search" / "child-2x.json").read_bytes() == records["child-2x.json"]
+
+
+def test_a_front_interrupted_after_its_measurement_is_drawn_again_without_timing(run_dir, tmp_path, monkeypatch):
+    """A run stopped between summary.csv and front.json (the front being drawn) timed every child again on the rerun:
+    the measurement now stamps front.json itself, and the rerun only draws the front."""
+    import shutil
+
+    import puzzle.pipeline
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    flags = ["--out", str(copy), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9", "--max-contention", "inf"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(puzzle.pipeline, "write_front", interrupted)
+        with contextlib.redirect_stderr(io.StringIO()):
+            assert main(["front", *flags, "--remeasure"]) != 0
+    assert json.loads((copy / "front.json").read_text())["front_csv"] is None  # measured, front not drawn
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", "--preset", "tiny", *flags]) == 0
+    said = err.getvalue()
+    assert "timings and figures stand" in said and "timing the" not in said, said[-2000:]
+    assert json.loads((copy / "front.json").read_text())["front_csv"] is not None
+
+
+def test_the_reports_table_leaves_missing_cells_empty_and_writes_rates_without_an_exponent():
+    """Reviewer (report): the parent's empty cells showed as None / nan (summary.csv leaves them empty), and a prefill
+    rate as 3.757e+04."""
+    from puzzle.pipeline import markdown_table
+
+    table = markdown_table(pd.DataFrame({"name": ["parent", "child"], "prefill_tok_s": [37570.4, 123456789.0],
+                                         "kl_nats": [float("nan"), 0.001234], "budget_met": [None, True]}))
+    assert table.splitlines()[2] == "| parent | 37570 |  |  |"
+    assert table.splitlines()[3] == "| child | 1.235e+08 | 0.001234 | True |"
