@@ -37,6 +37,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,10 @@ def fewest_removals(order, make, cost: CostModel, budget_ms: float) -> int | Non
     return None
 
 
+#: an extra FFN width timed more than this factor off the score table's SwiGLU widths' line is not taken
+EXTRA_WIDTH_OFF = 2.0
+
+
 def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
     """The costs the MIP used (the run's score table: one row per variant, and the non-block row),
     plus any extra FFN widths.
@@ -205,7 +210,9 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
     (the table's parent FFN runtime / the parent FFN runtime measured now), so both sessions' rows
     share one scale on a machine whose speed drifts; cached in DIR/baselines/cost.csv. With
     measure=False (a machine too loaded to time anything), its runtime is interpolated linearly in
-    the width through the table's SwiGLU rows (extrapolated beyond them), and the row says so.
+    the width through the table's SwiGLU rows (extrapolated beyond them), and the row says so; a
+    measured width whose runtime is more than `EXTRA_WIDTH_OFF` times off that line is taken from
+    the line too, with a warning (a timing disturbed by other work).
 
     Raises:
         PuzzleError: no score table, or measure=False with fewer than two SwiGLU widths in it.
@@ -240,6 +247,16 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
                               f"width needs their costs); score a space with at least one FFN width")
         parent_ffn = FFNConfig("swiglu", max(int(v[4:]) for v in swiglu_ids))
     stored = costs[costs["variant"] == parent_ffn.id].iloc[0]
+    swiglu = costs[costs["subblock"].eq("ffn") & costs["variant"].str.fullmatch(r"ffn-\d+")]
+    widths = swiglu["variant"].str[4:].astype(int).to_numpy()
+
+    def interpolated(w: int, source: str = "interpolated in width from the score table") -> dict:
+        row = {"subblock": "ffn", "variant": f"ffn-{w}", "source": source}
+        for c in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"):
+            slope, intercept = np.polyfit(widths, swiglu[c].to_numpy(float), 1)
+            row[c] = max(0.0, intercept + slope * w)
+        return row
+
     if measure:
         measured = measure_subblock_costs(run.parent.config, [], [parent_ffn] + [FFNConfig("swiglu", w) for w in todo],
                                           run.workload(), repeats=run.config.score.cost_repeats,
@@ -249,19 +266,24 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
         for c in ("prefill_ms", "decode_ms", "runtime_ms"):
             new[c] = new[c] * float(stored[c]) / float(now[c])
         new = new.assign(source=f"measured, scaled by the table's {parent_ffn.id}")
+        if len(widths) >= 2:  # a width timed off the table's line by more than EXTRA_WIDTH_OFF: a busy machine's
+            rows = []
+            for row in new.to_dict("records"):
+                line = interpolated(int(row["variant"][4:]))["runtime_ms"]
+                off = row["runtime_ms"] / line if line > 0 else math.inf
+                if not 1 / EXTRA_WIDTH_OFF <= off <= EXTRA_WIDTH_OFF:
+                    warnings.warn(f"uniform width: {row['variant']} timed {row['runtime_ms']:.4g} ms, {off:.2f} times "
+                                  f"the {line:.4g} ms the score table's SwiGLU widths give it (a timing disturbed by "
+                                  f"other work?): its cost is taken from the table's widths instead; `puzzle score "
+                                  f"--retime` times the table again, and deleting {path} times the widths again")
+                    row = interpolated(int(row["variant"][4:]), f"interpolated in width from the score table (timed "
+                                                                f"{row['runtime_ms']:.4g} ms, {off:.2f}x that)")
+                rows.append(row)
+            new = pd.DataFrame(rows)
     else:
-        swiglu = costs[costs["subblock"].eq("ffn") & costs["variant"].str.fullmatch(r"ffn-\d+")]
-        widths = swiglu["variant"].str[4:].astype(int).to_numpy()
         if len(widths) < 2:
             raise PuzzleError("interpolating FFN costs needs at least two SwiGLU widths in the score table")
-        rows = []
-        for w in todo:
-            row = {"subblock": "ffn", "variant": f"ffn-{w}", "source": "interpolated in width from the score table"}
-            for c in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params"):
-                slope, intercept = np.polyfit(widths, swiglu[c].to_numpy(float), 1)
-                row[c] = max(0.0, intercept + slope * w)
-            rows.append(row)
-        new = pd.DataFrame(rows)
+        new = pd.DataFrame([interpolated(w) for w in todo])
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, pd.concat([old, new], ignore_index=True).to_csv(index=False))
     return CostModel(pd.concat([costs, new], ignore_index=True), non_block)

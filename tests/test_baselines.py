@@ -820,3 +820,43 @@ def test_ratio_table_says_which_front_is_missing_and_degenerate_fronts_still_dra
     front_plot(zero, tmp_path / "zero.png", x="speedup")  # was: ValueError, data cannot be log-scaled
     with pytest.warns(UserWarning, match="a with kl_nats <= 0 left out of the log scale"):
         front_plot(rows.assign(kl_nats=[0.0, 0.0, 0.05, 0.02, 0.3]), tmp_path / "some.png", x="speedup")
+
+
+def test_an_extra_ffn_width_timed_far_off_the_tables_widths_takes_their_line(tmp_path_factory, tmp_path, monkeypatch):
+    """A uniform-width FFN width timed on a busy machine was taken as timed (no plausibility check): one more than
+    EXTRA_WIDTH_OFF times off the line through the score table's SwiGLU widths now takes the line, with a warning."""
+    import shutil
+
+    import puzzle.scoring.cost
+    from puzzle.baselines import cost_model, open_run
+    from puzzle.pipeline import load_score_table
+
+    shutil.copytree(tiny_run_dir(tmp_path_factory), tmp_path / "run")
+    run = open_run(tmp_path / "run", progress=False)
+    table, _ = load_score_table(run, "bld")
+    ffn = table[(table["subblock"] == "ffn") & table["variant"].str.fullmatch(r"ffn-\d+")].drop_duplicates("variant")
+    widths = sorted(int(v[4:]) for v in ffn["variant"])
+    new = (widths[0] + widths[1]) // 2
+
+    def timed(config, attention, ffns, workload, **kwargs):  # the table's own figures, and the new width 10x slow
+        rows = []
+        for f in ffns:
+            if f.id in set(ffn["variant"]):
+                rows.append(ffn[ffn["variant"] == f.id].iloc[0][["subblock", "variant", "prefill_ms", "decode_ms",
+                                                                  "runtime_ms", "memory_mib", "params"]].to_dict())
+            else:
+                low = ffn[ffn["variant"] == f"ffn-{widths[1]}"].iloc[0]
+                rows.append({"subblock": "ffn", "variant": f.id, **{c: float(low[c]) * 10 for c in
+                                                                    ("prefill_ms", "decode_ms", "runtime_ms")},
+                             "memory_mib": float(low["memory_mib"]), "params": float(low["params"])})
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(puzzle.scoring.cost, "measure_subblock_costs", timed)
+    with pytest.warns(UserWarning, match=f"ffn-{new} timed .* times the .* ms the score table's SwiGLU widths give"):
+        model = cost_model(run, [new])
+    row = model.costs.set_index("variant").loc[f"ffn-{new}"]
+    saved = pd.read_csv(run.out / "baselines" / "cost.csv").set_index("variant").loc[f"ffn-{new}"]
+    assert saved["source"].startswith("interpolated in width from the score table (timed")
+    lo, hi = (ffn.set_index("variant").loc[f"ffn-{w}", "runtime_ms"] for w in widths[:2])
+    assert min(lo, hi) * 0.9 <= saved["runtime_ms"] <= max(lo, hi) * 1.1  # on the line between its neighbours
+    assert row["runtime_ms"] == pytest.approx(saved["runtime_ms"])  # the model prices it so
