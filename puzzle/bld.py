@@ -743,6 +743,7 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
     steps_per_entry = math.ceil(n_train / cfg.batch_size)
     stage = "bld" if cfg.train else "init"
     source = as_parent_source(parent)
+    distributed.check_ranks_agree(world_size, _plan_digest(jobs, cfg, ids), "bld")  # reviewer: a library for no space
     mine = shard(jobs, rank, world_size, cost=lambda j: job_cost(source.config, j, cfg, calib.shape[1]))
     # an entry whose trained weights stand but whose init-only copy is missing or corrupt gets that copy back
     todo = [j for j in mine if not library.has(j.layer, j.id, stage)
@@ -763,11 +764,33 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
         if bar is not None:
             bar.close()
     distributed.barrier_if_group(world_size, device)
+    if rank == 0 and (world_size == 1 or distributed.in_group(world_size)):  # every rank done: no writer is left
+        # (ranks split by hand, without a group, may still be writing: nothing is checked or cleaned for them)
+        missing = [f"layer {j.layer} {j.id}" for j in jobs if not library.has(j.layer, j.id, stage)]
+        if missing:  # reviewer: a rank on a folder the others cannot see made its half of the library elsewhere
+            raise PuzzleError(f"bld: {len(missing)} of {len(jobs)} entries are missing from {library.root} after every "
+                              f"rank finished ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): the run "
+                              f"directory must be one folder that every rank (every node) sees; rerun there")
+        for tmp in library.root.rglob(".*.tmp"):  # left by a process killed mid-write (SIGTERM/SIGKILL)
+            tmp.unlink(missing_ok=True)
     if rank == 0:
         library.write_index()
     return {"trained": len(todo), "skipped": len(mine) - len(todo), "diverged": diverged,
             "seconds": time.perf_counter() - t0, "tokens_per_subblock": n_train * calib.shape[1],
             "peak_parent_mib": peak_mib}
+
+
+def _plan_digest(jobs: list[Job], cfg: BLDConfig, ids: torch.Tensor) -> dict:
+    """What every rank of a BLD group must share, as sha256 digests: the job list, the settings, the tokens."""
+    import hashlib
+    import json
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    return {"jobs": sha("\n".join(sorted(f"{j.layer}:{j.kind}:{j.id}" for j in jobs)).encode()),
+            "settings": sha(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()),
+            "calibration tokens": sha(ids.cpu().numpy().tobytes())}
 
 
 def _walk(source, ids, todo: list[Job], n_train: int, cfg: BLDConfig, library: Library, device, on_step) -> list[str]:

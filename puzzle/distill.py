@@ -646,6 +646,9 @@ def run_gkd_command(args, log=None) -> dict:
         # a checkpoint this call cannot continue, or an export of another training in dest, is refused before
         # anything is written (data, evaluation, cache)
         meta = gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids, extra_meta)
+        from . import distributed  # reviewer: ranks with another --lr drifted apart, another --tokens hung
+
+        distributed.check_ranks_agree(env.world_size, distributed.digests(meta), "gkd")
         check_resumable(inputs.work / "checkpoint.pt", meta, config.steps(inputs.train_ids.shape[1]), args.fsdp)
         from .export import check_export_target, export_provenance, training_ref
 

@@ -74,6 +74,43 @@ def process_group(rank: int, world_size: int, device=None):
             dist.destroy_process_group()
 
 
+def in_group(world_size: int) -> bool:
+    """Whether this process is one of a process group of `world_size` > 1 ranks (torchrun with MASTER_ADDR)."""
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def check_ranks_agree(world_size: int, parts: dict, what: str) -> None:
+    """Refuse, on every rank alike, when the ranks of a group hold different `parts` (name -> a picklable value,
+    e.g. a sha256 of the settings, of the job list, of the tokens): each would work to its own plan (a library
+    built for no single space, DDP replicas that drift apart or wait for each other forever). Nothing happens
+    outside a group.
+
+    Raises:
+        PuzzleError: the parts that differ and the ranks holding each value.
+    """
+    if not in_group(world_size):
+        return
+    from .errors import PuzzleError
+
+    every: list = [None] * world_size
+    dist.all_gather_object(every, parts)
+    differ = sorted(k for k in parts if len({repr(p.get(k)) for p in every}) > 1)
+    if differ:
+        by_rank = "; ".join(f"{k}: " + ", ".join(f"rank {r} {str(p.get(k))[:10]}" for r, p in enumerate(every))
+                            for k in differ)
+        raise PuzzleError(f"{what}: the {world_size} ranks were started with different {', '.join(differ)} "
+                          f"({by_rank}); start every rank with the same command, flags, preset and data")
+
+
+def digests(meta: dict) -> dict:
+    """{key: sha256 of the value as JSON} of a training's meta (`distill.gkd_meta`, `sft.sft_meta`), for
+    `check_ranks_agree`."""
+    import hashlib
+    import json
+
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest() for k, v in meta.items()}
+
+
 def barrier_if_group(world_size: int, device=None) -> None:
     """Wait for every rank, when there is a process group of more than one rank."""
     if world_size > 1 and dist.is_available() and dist.is_initialized():

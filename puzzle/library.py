@@ -97,8 +97,11 @@ class Library:
         the space (INFORMATIONAL) may differ between runs: they do not change the entries. meta.json
         then records the latest of them.
 
+        A meta.json of a library with no entry yet (a refused or interrupted first call) is replaced.
+
         Raises:
-            PuzzleError: meta.json exists and differs from `meta`, or is damaged (not a JSON object, a folder).
+            PuzzleError: meta.json exists and differs from `meta` while entries were built, or is damaged (not a JSON
+                object, a folder).
         """
         path = self.root / "meta.json"
         if path.exists():
@@ -111,6 +114,9 @@ class Library:
                                   f"parent and these settings; delete {self.root} to rebuild the library (or restore "
                                   f"the file)")
             old, new = comparable_meta(recorded), comparable_meta(meta)
+            if old != new and not any((self.root / "entries").glob("L*/*")):  # nothing built for the old settings
+                atomic_write_json(path, meta)
+                return
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise PuzzleError(

@@ -450,7 +450,7 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
                            progress=run.progress, rank=rank, world_size=world_size)
     if result["trained"]:
         run.timed("bld_s", time.perf_counter() - t0)
-    index = lib.write_index()
+    index = lib.write_index() if rank == 0 else lib.index()  # rank 0 writes it (`bld.run_jobs`), after every rank
     run.say(f"bld: {result['trained']} subblocks trained, {result['skipped']} already in the library, "
             f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
     return index

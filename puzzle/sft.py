@@ -663,6 +663,10 @@ def run_sft_command(args, log=None) -> dict | None:
         if source == FOLDER_SOURCE:  # or its path, as a checkpoint of an earlier version recorded it
             source = recorded_source(work / "checkpoint.pt", "model_source", what, source)
         extra_meta = {"model_source": source}
+        from . import distributed  # ranks started with other settings or data would drift apart or wait forever
+
+        distributed.check_ranks_agree(env.world_size, distributed.digests(sft_meta(model, data, config, extra_meta)),
+                                      "sft")
         training = training_ref(sft_meta(model, data, config, extra_meta), work, dest)
         check_export_target(dest, overwrite=True,  # an export of another training of this model: before training
                             provenance=export_provenance({"sft": {"model": what, "training": training}}))

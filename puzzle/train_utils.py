@@ -429,6 +429,9 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
             other settings.
     """
     ckpt = None
+    if checkpoint_path is not None and env.is_main:  # only this rank writes it: a temp copy now is a killed write's
+        for tmp in Path(checkpoint_path).parent.glob(f".{Path(checkpoint_path).name}.*.tmp"):
+            tmp.unlink(missing_ok=True)  # (reviewer: SIGTERM/SIGKILL mid-save left a model + optimizer copy for good)
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
         ckpt = load_checkpoint(checkpoint_path)
         _check_resume(checkpoint_path, ckpt, meta, total_steps, fsdp)

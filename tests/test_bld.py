@@ -134,8 +134,11 @@ def test_library_refuses_other_settings(tmp_path):
     lib = Library(tmp_path)
     lib.check_meta({"parent": "a", "bld": {"lr": 1}})
     lib.check_meta({"parent": "a", "bld": {"lr": 1}})
+    lib.check_meta({"parent": "a", "bld": {"lr": 2}})  # nothing built yet: the first call's meta.json is replaced
+    assert json.loads((tmp_path / "meta.json").read_text())["bld"] == {"lr": 2}
+    lib.save(0, "ffn", "ffn-8", "bld", {"w": torch.zeros(2)}, {})
     with pytest.raises(PuzzleError, match="bld differ"):
-        lib.check_meta({"parent": "a", "bld": {"lr": 2}})
+        lib.check_meta({"parent": "a", "bld": {"lr": 1}})
 
 
 def test_bld_needs_enough_calibration(parent, tmp_path):

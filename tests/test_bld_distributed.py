@@ -127,3 +127,60 @@ def test_a_parent_larger_than_the_memory_cap_is_distilled_layer_by_layer(tmp_pat
     assert growth < 0.4 * parent_mib, (growth, parent_mib, m)
     assert m["peak_parent_mib"] == pytest.approx(parent_mib / 16, rel=0.05)  # one layer's weights at a time
     assert m["check_growth_mib"] > 0.9 * parent_mib  # the measure does see a parent-sized allocation
+
+
+RANKS_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from puzzle import distributed
+    from puzzle.bld import BLDConfig, build_library
+    from puzzle.errors import PuzzleError
+    from puzzle.library import Library
+    from puzzle.space import SpaceConfig, build_space
+    from puzzle.tiny import tiny_parent
+
+    case, out = sys.argv[1], sys.argv[2]
+    rank, world, _ = distributed.env_rank_world()
+    parent = tiny_parent(seed=0).model
+    calib = torch.randint(3, 299, (12, 32), generator=torch.Generator().manual_seed(1))
+    space = build_space(parent.config, SpaceConfig(ffn_fractions=(0.5,), ffn_multiple=16))[:2]
+    tokens = 128 * (1 + rank) if case == "settings" else 128
+    folder = out + ("-elsewhere" if case == "folder" and rank == 1 else "")
+    try:
+        with distributed.process_group(rank, world):
+            build_library(parent, calib, space, BLDConfig(tokens=tokens, batch_size=2, lr=1e-3), Library(folder),
+                          rank=rank, world_size=world)
+    except PuzzleError as e:
+        print(f"rank {rank}: {e}", file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("case,words", [("settings", "ranks were started with different calibration tokens, settings"),
+                                        ("folder", "must be one folder that every rank")])
+def test_ranks_started_differently_or_on_unshared_folders_are_refused(tmp_path, case, words):
+    """Reviewer: ranks with other settings (or spaces) built a library for no single space, and a rank writing to a
+    folder the others do not see left half a library; both exited 0."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), case,
+           str(tmp_path / "lib")]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and words in done.stderr, done.stderr[-3000:]
+
+
+def test_a_temp_file_left_by_a_killed_process_is_removed_when_the_library_is_done(tmp_path):
+    """Reviewer: SIGTERM/SIGKILL mid-write left .<file>.<random>.tmp files (a checkpoint may be GBs) for good."""
+    from puzzle.bld import BLDConfig, build_library
+    from puzzle.space import SpaceConfig, build_space
+    from puzzle.tiny import tiny_parent
+
+    parent = tiny_parent(seed=0).model
+    calib = torch.randint(3, 299, (12, 32), generator=torch.Generator().manual_seed(1))
+    space = build_space(parent.config, SpaceConfig(ffn_fractions=(0.5,), ffn_multiple=16))[:1]
+    left = tmp_path / "lib" / "entries" / "L000" / ".ffn-64.bld.partial.pt.abc123.tmp"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a checkpoint")
+    build_library(parent, calib, space, BLDConfig(tokens=128, batch_size=2, lr=1e-3), Library(tmp_path / "lib"))
+    assert not left.exists() and not list((tmp_path / "lib").rglob("*.tmp"))

@@ -296,6 +296,30 @@ def test_two_processes_match_one(tmp_path, mode):
     assert summary["world_size"] == 2 and summary["fsdp"] == (mode == "fsdp")
 
 
+@pytest.mark.slow
+def test_ranks_started_with_other_settings_are_refused_instead_of_drifting_or_hanging(tmp_path):
+    """Reviewer: a rank given another --lr trained its own replica (exit 0, rank 0's weights saved), and one given
+    another --tokens hung at the next collective until gloo's 30-minute timeout."""
+    _folders(tmp_path)
+    worker = WORKER.replace("args = p.parse_args(sys.argv[1:])", "import os\nargv = sys.argv[1:]\n"
+                            "if os.environ['RANK'] == '1':\n    argv[argv.index('--lr') + 1] = '1e-2'\n"
+                            "args = p.parse_args(argv)")
+    (tmp_path / "worker.py").write_text(worker)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "worker.py"), "gkd", "--child", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"),
+           "--calib", str(tmp_path / "calib.txt"), "--dest", str(tmp_path / "two"), "--seq-len", "32",
+           "--tokens", "1024", "--lr", "3e-3", "--no-progress", "--no-eval", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode != 0 and "gkd: the 2 ranks were started with different config" in stderr, stderr[-3000:]
+    assert not (tmp_path / "two" / "model.safetensors").exists()
+
+
 def test_a_checkpoint_of_the_earlier_version_still_resumes(tmp_path, capsys, monkeypatch):
     """Review: an earlier version recorded a --child folder's path as the checkpoint's child_source; the folder's
     weights hash now identifies it, and such a checkpoint (and its export) must still count as this training."""
@@ -330,3 +354,15 @@ def test_a_count_below_its_least_is_named_as_its_flag(field, value):
     flag = "--" + field.replace("_", "-")
     with pytest.raises(PuzzleError, match=f"^{flag} must be >= {0 if field == 'micro_batch_size' else 1}, got {value}$"):
         GKDConfig(**{field: value})
+
+
+def test_a_checkpoint_temp_file_left_by_a_killed_save_is_removed_on_the_next_call(tmp_path):
+    """Reviewer (distributed): SIGTERM/SIGKILL during a checkpoint save left .checkpoint.pt.<random>.tmp (the model
+    and optimizer state) in the work folder for good."""
+    _folders(tmp_path)
+    work = tmp_path / "out.gkd-work"
+    work.mkdir()
+    left = work / ".checkpoint.pt.k1ll3d.tmp"
+    left.write_bytes(b"half a checkpoint")
+    run_gkd_command(_args(tmp_path, tmp_path / "out", "--no-eval", "--tokens", "256"))
+    assert not left.exists() and (tmp_path / "out" / "model.safetensors").is_file()
