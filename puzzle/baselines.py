@@ -211,8 +211,8 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
     share one scale on a machine whose speed drifts; cached in DIR/baselines/cost.csv. With
     measure=False (a machine too loaded to time anything), its runtime is interpolated linearly in
     the width through the table's SwiGLU rows (extrapolated beyond them), and the row says so; a
-    measured width whose runtime is more than `EXTRA_WIDTH_OFF` times off that line is taken from
-    the line too, with a warning (a timing disturbed by other work).
+    measured width between the table's widths whose runtime is more than `EXTRA_WIDTH_OFF` times off
+    that line is taken from the line too, with a warning (a timing disturbed by other work).
 
     Raises:
         PuzzleError: no score table, or measure=False with fewer than two SwiGLU widths in it.
@@ -269,9 +269,13 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
         if len(widths) >= 2:  # a width timed off the table's line by more than EXTRA_WIDTH_OFF: a busy machine's
             rows = []
             for row in new.to_dict("records"):
-                line = interpolated(int(row["variant"][4:]))["runtime_ms"]
-                off = row["runtime_ms"] / line if line > 0 else math.inf
-                if not 1 / EXTRA_WIDTH_OFF <= off <= EXTRA_WIDTH_OFF:
+                width = int(row["variant"][4:])
+                line = interpolated(width)["runtime_ms"]
+                off = row["runtime_ms"] / line if line > 0 else math.nan
+                # checked only between the table's widths (runtime is not linear in width beyond them) and on a
+                # positive line (reviewer: a clamped 0 ms line replaced a timing with 0 ms)
+                if widths.min() <= width <= widths.max() and line > 0 \
+                        and not 1 / EXTRA_WIDTH_OFF <= off <= EXTRA_WIDTH_OFF:
                     warnings.warn(f"uniform width: {row['variant']} timed {row['runtime_ms']:.4g} ms, {off:.2f} times "
                                   f"the {line:.4g} ms the score table's SwiGLU widths give it (a timing disturbed by "
                                   f"other work?): its cost is taken from the table's widths instead; `puzzle score "

@@ -766,11 +766,14 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
     distributed.barrier_if_group(world_size, device)
     if rank == 0 and (world_size == 1 or distributed.in_group(world_size)):  # every rank done: no writer is left
         # (ranks split by hand, without a group, may still be writing: nothing is checked or cleaned for them)
-        missing = [f"layer {j.layer} {j.id}" for j in jobs if not library.has(j.layer, j.id, stage)]
+        missing = [f"layer {j.layer} {j.id}" for j in jobs  # by file (`has` would hash every entry again)
+                   if not (library.info_path(j.layer, j.id, stage).is_file()
+                           and library.weights_path(j.layer, j.id, stage).is_file())]
         if missing:  # reviewer: a rank on a folder the others cannot see made its half of the library elsewhere
+            where = ("the run directory must be one folder that every rank (every node) sees; rerun there"
+                     if world_size > 1 else "they were deleted while it ran; run the command again")
             raise PuzzleError(f"bld: {len(missing)} of {len(jobs)} entries are missing from {library.root} after every "
-                              f"rank finished ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): the run "
-                              f"directory must be one folder that every rank (every node) sees; rerun there")
+                              f"rank finished ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): {where}")
         for tmp in library.root.rglob(".*.tmp"):  # left by a process killed mid-write (SIGTERM/SIGKILL)
             tmp.unlink(missing_ok=True)
     if rank == 0:

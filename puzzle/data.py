@@ -347,16 +347,17 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
 
 #: split names of Hugging Face hub dataset files (`data/train-00000-of-00002.parquet`, `test.parquet`, `valid/...`)
 SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")
-_SHARD = re.compile(r"-\d+-of-\d+$")
+#: a split name, whole or before a hyphen: train, train-00000-of-00002, train-00000-of-00001-5f3c2a1b (older hub
+#: uploads add a hash), test-00001; not train_2023 or testing
+_SPLIT = re.compile(rf"^({'|'.join(SPLIT_NAMES)})(?=$|-)")
 
 
 def _split_name(rel: Path) -> str | None:
     """The split a table file of a dataset folder belongs to, from its name or nearest folder named like one
     (`train-00000-of-00001.parquet`, `test.parquet`, `validation/0000.arrow`); None when nothing says."""
     for part in (rel.name.split(".")[0], *reversed(rel.parts[:-1])):
-        name = _SHARD.sub("", part).lower()
-        if name in SPLIT_NAMES:
-            return name
+        if found := _SPLIT.match(part.lower()):
+            return found.group(1)
     return None
 
 
@@ -465,7 +466,7 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
     `.xml(.bz2)` / `*pages-articles*.bz2`: Wikipedia dump; `.jsonl(.gz)`: JSON lines (incl. oe-eval
     requests); `.cor`: one document per line (Lee news); `.parquet`, `.arrow`, HF `save_to_disk`
     folder: table column `text_field`; a folder with table files deeper down (a hub dataset's
-    `data/train-*.parquet`): those tables alone; any other folder: every file in it (doc ids
+    `data/train-*.parquet`): every file but its .md dataset card; any other folder: every file in it (doc ids
     prefixed with the file's relative path); anything else: UTF-8 text split by `txt_mode`. Table
     files that name several splits are read from the train split only (`_train_split`). Documents
     shorter than `min_chars` are dropped.
@@ -478,9 +479,11 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
         docs, skipped = [], []
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         tables = [f for f in files if f.suffix.lower() in (".parquet", ".arrow")]
-        if tables:  # a hub-style dataset (data/train-*.parquet beside README.md): its tables, of one split
-            skipped = [str(f.relative_to(path)) for f in files if f not in tables]
-            files = _train_split(tables, path, spec)
+        if tables:  # a hub-style dataset (data/train-*.parquet beside README.md): its tables of one split, no card
+            cards = [f for f in files if f.suffix.lower() == ".md"]
+            skipped = [str(f.relative_to(path)) for f in cards]
+            picked = set(_train_split(tables, path, spec))
+            files = [f for f in files if f not in cards and (f not in tables or f in picked)]
         for file in files:
             rel = file.relative_to(path)
             if file.name.lower().endswith(_NOT_TEXT):  # e.g. a dataset's metadata .json beside its text files
@@ -488,7 +491,7 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
                 continue
             docs += [Document(d.text, f"{rel}:{d.doc_id}", spec) for d in _read_path(file, spec, text_field, txt_mode)]
         if skipped:
-            kind = "beside its tables" if tables else "of a kind not read as text"
+            kind = "(a dataset card) beside its tables" if tables else "of a kind not read as text"
             warnings.warn(f"data source {spec}: {len(skipped)} file(s) {kind} left out "
                           f"({', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''})")
     else:

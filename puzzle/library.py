@@ -90,14 +90,16 @@ class Library:
         return self._stem(layer, variant, "bld").with_suffix(".bld.partial.pt")
 
     # -- meta ------------------------------------------------------------------------------------
-    def check_meta(self, meta: dict) -> None:
+    def check_meta(self, meta: dict, replace_unbuilt: bool = True) -> None:
         """Write meta.json on first use; refuse a library built for another parent or settings.
 
         BLD settings in RESOURCE_SETTINGS (checkpointing, layer groups, the coupled stage's size) and
         the space (INFORMATIONAL) may differ between runs: they do not change the entries. meta.json
         then records the latest of them.
 
-        A meta.json of a library with no entry yet (a refused or interrupted first call) is replaced.
+        A meta.json of a library with no entry yet (a refused or interrupted first call) is replaced, unless
+        `replace_unbuilt` is False (ranks split by hand, without a process group to check that they agree: one
+        started later with other settings must not take over a library the others are about to fill).
 
         Raises:
             PuzzleError: meta.json exists and differs from `meta` while entries were built, or is damaged (not a JSON
@@ -114,7 +116,7 @@ class Library:
                                   f"parent and these settings; delete {self.root} to rebuild the library (or restore "
                                   f"the file)")
             old, new = comparable_meta(recorded), comparable_meta(meta)
-            if old != new and not any((self.root / "entries").glob("L*/*")):  # nothing built for the old settings
+            if old != new and replace_unbuilt and not any((self.root / "entries").glob("L*/*")):  # nothing built yet
                 atomic_write_json(path, meta)
                 return
             if old != new:

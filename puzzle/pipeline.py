@@ -443,8 +443,10 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     """Build (or resume) the block library; returns its index."""
     from .bld import build_library
 
+    from . import distributed
+
     lib = run.library
-    lib.check_meta(library_meta(run))
+    lib.check_meta(library_meta(run), replace_unbuilt=world_size == 1 or distributed.in_group(world_size))
     t0 = time.perf_counter()
     result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
                            progress=run.progress, rank=rank, world_size=world_size)

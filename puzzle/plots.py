@@ -680,13 +680,9 @@ def ratio_table(ratios: pd.DataFrame) -> str:
     notes = ["-: the baseline does not reach that speed-up; ours -: our front does not; 0/0: both KLs are 0; inf: only "
              "the baseline's is"]
     if absent := [LABELS[m] for m in BASELINE_METHODS if m not in set(ratios["method"])]:
-        notes.append(f"no measured model: {', '.join(absent)} (it reaches none of the targets, or `puzzle baselines` "
-                     f"has not run it)")
+        notes.append(f"no measured model: {', '.join(absent)} (`puzzle baselines` built none at these targets, or has "
+                     f"not run)")
     return "\n\n".join(blocks) + "\n" + "\n".join(notes)
-
-
-#: the baselines `puzzle baselines` builds (baselines.METHODS without ours)
-BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
 
 
 def _ratio_cell(row) -> str:
@@ -702,9 +698,11 @@ def _ratio_cell(row) -> str:
 
 
 def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.DataFrame:
-    """`front_rows` as `puzzle front` draws them (the notebook's rows): only rows made for the run's workload, score
-    table and evaluation split as they are now (`baselines.row_inputs`), and no greedy row that greedy no longer
-    picks (`baselines.stale_greedy_rows`). Opens the run directory's configuration and token splits, not its parent.
+    """`front_rows` as `puzzle front` draws them (the notebook's rows): the baselines' and refine's rows only where
+    made for the run's workload, score table and evaluation split as they are now (`baselines.row_inputs`), and no
+    greedy row that greedy no longer picks (`baselines.stale_greedy_rows`). front.csv's rows are taken as they are
+    (`puzzle front` or `puzzle run` draws a stale front.csv again). Opens the run directory's configuration and token
+    splits, not its parent.
 
     Raises:
         PuzzleError: `run_dir` is no run directory; FileNotFoundError: as `front_rows`.

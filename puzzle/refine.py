@@ -319,6 +319,7 @@ def _refinement_inputs(run, record: dict, settings: dict) -> dict:
 
     child = {key: record.get(key) for key in ("choice", "budgets", "library_stage")}
     return json.loads(json.dumps({"settings": settings, "child": {**child, "vllm": bool(record.get("vllm_compatible"))},
+                                  "objective": run.config.search.objective,  # the diverse step's (reviewer)
                                   "run": row_inputs(run)}))  # as read back from the file
 
 
@@ -338,8 +339,16 @@ def _finished_refinement(run, name: str, inputs: dict, max_rounds: int) -> pd.Da
     if _earlier_refinement(folder / f"{name}.csv", folder / f"{name}.summary.csv") is None or not all(
             (run.out / "search" / f"{name}-{step}.json").is_file() for step in ("diverse", "refined")):
         return None
+    from .pipeline import compact_architecture, read_architecture
+
     summary = pd.read_csv(folder / f"{name}.summary.csv")
-    return summary if list(summary.get("step", [])) == ["plain", "diverse", "refined"] else None
+    if list(summary.get("step", [])) != ["plain", "diverse", "refined"] or "architecture" not in summary:
+        return None
+    try:  # the table and the records it names agree (an interrupted later call may have rewritten the records)
+        records = [read_architecture(run, f"{name}-{step}")["choice"] for step in ("diverse", "refined")]
+    except (PuzzleError, KeyError):
+        return None
+    return summary if list(summary["architecture"].iloc[1:]) == [compact_architecture(c) for c in records] else None
 
 
 def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
@@ -383,6 +392,16 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         run.say(f"refine {name}: already refined from the same child, settings and run inputs ({summary_path}); "
                 f"--continue runs more rounds, and deleting {log_path} starts afresh")
         return done
+    # this call rewrites the log and records before its table: until it writes its own inputs, none stands (reviewer:
+    # an interrupted call left the earlier inputs beside its new records, and a plain rerun took the old table)
+    inputs_path = run.out / "refine" / f"{name}.inputs.json"
+    earlier_inputs = None
+    if inputs_path.is_file():
+        try:
+            earlier_inputs = read_json(inputs_path)
+        except PuzzleError:
+            pass
+        inputs_path.unlink()
     earlier = None
     rounds_before = 0
     if resume and log_path.is_file() and summary_path.is_file() \
@@ -398,11 +417,12 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 best, start = (tuple(r["choice"]) for r in kept)
                 diverse_s = spent["diverse"]
                 try:  # the rounds run before and the diverse step's settings, for a later plain rerun's check
-                    saved = read_json(run.out / "refine" / f"{name}.inputs.json")
+                    saved = earlier_inputs
                     before, kept_settings = saved.get("rounds"), dict(saved["settings"])
-                except (PuzzleError, AttributeError, KeyError, TypeError, ValueError):
+                except (AttributeError, KeyError, TypeError, ValueError):
                     saved, before, kept_settings = None, None, {}
-                same = isinstance(saved, dict) and all(saved.get(key) == inputs[key] for key in ("child", "run"))
+                same = isinstance(saved, dict) and all(saved.get(key) == inputs[key] for key in ("child", "objective",
+                                                                                                 "run"))
                 if same and isinstance(before, int) and before >= 0 and {"k", "min_layers_differ"} <= set(kept_settings):
                     rounds_before = before
                     inputs["settings"].update({key: kept_settings[key] for key in ("k", "min_layers_differ")})
@@ -457,9 +477,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         df[f"gain_{col}"] = df[col].iloc[0] - df[col]
     atomic_write_text(summary_path, df.to_csv(index=False))
     if inputs is not None:
-        atomic_write_json(run.out / "refine" / f"{name}.inputs.json", {**inputs, "rounds": rounds_before + max_rounds})
-    else:
-        (run.out / "refine" / f"{name}.inputs.json").unlink(missing_ok=True)
+        atomic_write_json(inputs_path, {**inputs, "rounds": rounds_before + max_rounds})
     return df
 
 

@@ -665,9 +665,9 @@ def run_sft_command(args, log=None) -> dict | None:
         extra_meta = {"model_source": source}
         from . import distributed  # ranks started with other settings or data would drift apart or wait forever
 
-        distributed.check_ranks_agree(env.world_size, distributed.digests(sft_meta(model, data, config, extra_meta)),
-                                      "sft")
-        training = training_ref(sft_meta(model, data, config, extra_meta), work, dest)
+        meta = sft_meta(model, data, config, extra_meta)  # a pass over the model's weights: once
+        distributed.check_ranks_agree(env.world_size, distributed.digests(meta), "sft")
+        training = training_ref(meta, work, dest)
         check_export_target(dest, overwrite=True,  # an export of another training of this model: before training
                             provenance=export_provenance({"sft": {"model": what, "training": training}}))
         result = supervised_finetune(model, data, config, work, env=env, fsdp=args.fsdp,

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import warnings
 
 import pandas as pd
 import pytest
@@ -832,6 +833,7 @@ def test_an_extra_ffn_width_timed_far_off_the_tables_widths_takes_their_line(tmp
     from puzzle.pipeline import load_score_table
 
     shutil.copytree(tiny_run_dir(tmp_path_factory), tmp_path / "run")
+    (tmp_path / "run" / "baselines" / "cost.csv").unlink(missing_ok=True)  # widths other tests timed: timed anew
     run = open_run(tmp_path / "run", progress=False)
     table, _ = load_score_table(run, "bld")
     ffn = table[(table["subblock"] == "ffn") & table["variant"].str.fullmatch(r"ffn-\d+")].drop_duplicates("variant")
@@ -860,3 +862,10 @@ def test_an_extra_ffn_width_timed_far_off_the_tables_widths_takes_their_line(tmp
     lo, hi = (ffn.set_index("variant").loc[f"ffn-{w}", "runtime_ms"] for w in widths[:2])
     assert min(lo, hi) * 0.9 <= saved["runtime_ms"] <= max(lo, hi) * 1.1  # on the line between its neighbours
     assert row["runtime_ms"] == pytest.approx(saved["runtime_ms"])  # the model prices it so
+    # beyond the table's widths the line is no yardstick (runtime is not linear there): taken as timed
+    (run.out / "baselines" / "cost.csv").unlink()
+    wide = widths[-1] * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = cost_model(run, [wide]).costs.set_index("variant").loc[f"ffn-{wide}"]
+    assert far["source"].startswith("measured")

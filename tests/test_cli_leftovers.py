@@ -389,3 +389,5 @@ def test_a_configuration_asking_for_coupled_bld_is_refused_by_the_commands(tmp_p
     err = capsys.readouterr().err
     assert "bld.coupled_top_k = 2" in err and "stage_coupled" in err and "Traceback" not in err
     assert _files(out) == before
+    assert main(["export", "--out", str(out), "--name", "nosuch", "--no-progress"]) == 2  # other commands: not that
+    assert "coupled" not in capsys.readouterr().err

@@ -982,3 +982,9 @@ def test_a_hub_style_dataset_folder_reads_its_train_tables_only(tmp_path):
     for i in range(2):
         pq.write_table(pa.table({"text": [f"part {i}"]}), one / f"part-{i}.parquet")
     assert sorted(d.text for d in read_documents(str(tmp_path / "one"))) == ["part 0", "part 1"]
+    (tmp_path / "one" / "notes.txt").write_text("the user's own text")  # beside tables: still read (review)
+    assert "the user's own text" in {d.text for d in read_documents(str(tmp_path / "one"))}
+    from puzzle.data import _split_name
+
+    assert [_split_name(Path(n)) for n in ("train-00002-of-00003-5f3c2a1b.parquet", "test-00001.parquet",
+                                           "train_2023.parquet", "testing.parquet")] == ["train", "test", None, None]

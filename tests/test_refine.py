@@ -339,10 +339,27 @@ def test_a_plain_rerun_of_a_finished_refinement_returns_it_without_scoring_again
     for changed in ({"max_rounds": 2}, {"max_rounds": 1, "refine_k": 2}):  # more rounds, other settings: redone
         with pytest.raises(pytest.fail.Exception, match="refined again"):
             improve_child(copy, "child-1.5x", **{**settings, **changed})
+    # those calls stopped midway (in `refine`): what they leave is not taken as a finished refinement (reviewer)
+    assert not (copy.out / "refine" / "child-1.5x.inputs.json").exists()
     monkeypatch.setattr(refine_module, "refine", real_refine)
+    improve_child(copy, "child-1.5x", max_rounds=1, **settings)  # afresh
     improve_child(copy, "child-1.5x", max_rounds=1, **settings, resume=True)  # one round more: 2 in all
     monkeypatch.setattr(refine_module, "refine", lambda *a, **kw: pytest.fail("refined again"))
     improve_child(copy, "child-1.5x", **settings, max_rounds=2)  # the rounds of both calls count
     assert "already refined" in capsys.readouterr().err
-    with pytest.raises(pytest.fail.Exception, match="refined again"):  # another diverse step asked for
-        improve_child(copy, "child-1.5x", **{**settings, "k": 3}, max_rounds=1)
+    import dataclasses
+    import json
+
+    record = copy.out / "search" / "child-1.5x-refined.json"
+    kept = record.read_text()
+    record.write_text(json.dumps({**json.loads(kept), "choice": [b.id for b in copy.parent.config.blocks]}))
+    with pytest.raises(pytest.fail.Exception, match="refined again"):  # a record the table does not name
+        improve_child(copy, "child-1.5x", **settings, max_rounds=1)
+    record.write_text(kept)
+    monkeypatch.setattr(refine_module, "refine", real_refine)
+    improve_child(copy, "child-1.5x", **settings, max_rounds=1)  # done again (that call stopped midway)
+    monkeypatch.setattr(refine_module, "refine", lambda *a, **kw: pytest.fail("refined again"))
+    search = dataclasses.replace(copy.config.search, objective="lm_loss")
+    copy.config = dataclasses.replace(copy.config, search=search)
+    with pytest.raises(pytest.fail.Exception, match="refined again"):  # another objective for the diverse step
+        improve_child(copy, "child-1.5x", **settings, max_rounds=1)
