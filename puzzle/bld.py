@@ -688,17 +688,16 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
                              checkpoint=save, on_step=on_step, name=name)
         method = "adamw"
     final = _probe_nmse(sub, forward, probe_data, cfg) if result.status == "ok" else init_nmse
+    kept_start = result.status == "ok" and method == "adamw" and job.kind == "block" and not final <= init_nmse
     if result.status != "ok":
         warnings.warn(result.message)
-    elif method == "adamw" and job.kind == "block" and not final <= init_nmse:
+    elif kept_start:
         # a block composed from trained parts that training made worse on the held-out sequences keeps its start
         sub.load_state_dict(start)
         result.message = (f"layer {job.layer} {job.id}: training raised the held-out normalized MSE from "
                           f"{init_nmse:.4g} to {final:.4g}; the block keeps its composed start")
         warnings.warn(result.message)
         final = init_nmse
-    kept_start = result.status == "ok" and method == "adamw" and job.kind == "block" and final == init_nmse \
-        and bool(result.message)
     bld_info = {**info, "kept_start": kept_start, "tokens": result.tokens, "final_nmse": final, "train_nmse": result.train_nmse,
                 "status": result.status, "message": result.message, "train_s": time.perf_counter() - t0,
                 "method": method, "resumed_at_step": result.resumed_at_step, "loss_curve": result.loss_curve,
@@ -786,14 +785,9 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
 def _plan_digest(jobs: list[Job], cfg: BLDConfig, ids: torch.Tensor) -> dict:
     """What every rank of a BLD group must share, as sha256 digests: the job list, the settings, the tokens."""
     import hashlib
-    import json
 
-    def sha(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
-
-    return {"jobs": sha("\n".join(sorted(f"{j.layer}:{j.kind}:{j.id}" for j in jobs)).encode()),
-            "settings": sha(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()),
-            "calibration tokens": sha(ids.cpu().numpy().tobytes())}
+    return {**distributed.digests({"jobs": sorted(f"{j.layer}:{j.kind}:{j.id}" for j in jobs), "settings": asdict(cfg)}),
+            "calibration tokens": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()}
 
 
 def _walk(source, ids, todo: list[Job], n_train: int, cfg: BLDConfig, library: Library, device, on_step) -> list[str]:

@@ -416,14 +416,12 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 earlier, spent = found
                 best, start = (tuple(r["choice"]) for r in kept)
                 diverse_s = spent["diverse"]
-                try:  # the rounds run before and the diverse step's settings, for a later plain rerun's check
-                    saved = earlier_inputs
-                    before, kept_settings = saved.get("rounds"), dict(saved["settings"])
-                except (AttributeError, KeyError, TypeError, ValueError):
-                    saved, before, kept_settings = None, None, {}
-                same = isinstance(saved, dict) and all(saved.get(key) == inputs[key] for key in ("child", "objective",
-                                                                                                 "run"))
-                if same and isinstance(before, int) and before >= 0 and {"k", "min_layers_differ"} <= set(kept_settings):
+                # the rounds run before and the diverse step's settings, for a later plain rerun's check
+                saved = earlier_inputs if isinstance(earlier_inputs, dict) else {}
+                before, kept_settings = saved.get("rounds"), saved.get("settings")
+                same = bool(saved) and all(saved.get(key) == inputs[key] for key in ("child", "objective", "run"))
+                if same and isinstance(before, int) and before >= 0 and isinstance(kept_settings, dict) \
+                        and {"k", "min_layers_differ"} <= set(kept_settings):
                     rounds_before = before
                     inputs["settings"].update({key: kept_settings[key] for key in ("k", "min_layers_differ")})
                 else:  # an earlier refinement without a record of its inputs: no later rerun is taken as done
