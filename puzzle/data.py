@@ -346,10 +346,12 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
 
 
 #: split names of Hugging Face hub dataset files (`data/train-00000-of-00002.parquet`, `test.parquet`, `valid/...`)
-SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")
-#: a split name, whole or before a hyphen: train, train-00000-of-00002, train-00000-of-00001-5f3c2a1b (older hub
-#: uploads add a hash), test-00001; not train_2023 or testing
-_SPLIT = re.compile(rf"^({'|'.join(SPLIT_NAMES)})(?=$|-)")
+SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test", "eval")
+#: a split name, whole or before a hyphen or underscore: train, train-00000-of-00002, train-00000-of-00001-5f3c2a1b
+#: (older hub uploads add a hash), test-00001, train_sft / test_sft (ultrachat_200k); not testing or trainer
+_SPLIT = re.compile(rf"^({'|'.join(SPLIT_NAMES)})(?=$|[-_])")
+#: files of a hub dataset folder that are about the data, not data: left out beside its tables
+_CARD_NAMES = ("readme", "license", "licence", "citation", "notice", "copying")
 
 
 def _split_name(rel: Path) -> str | None:
@@ -466,7 +468,7 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
     `.xml(.bz2)` / `*pages-articles*.bz2`: Wikipedia dump; `.jsonl(.gz)`: JSON lines (incl. oe-eval
     requests); `.cor`: one document per line (Lee news); `.parquet`, `.arrow`, HF `save_to_disk`
     folder: table column `text_field`; a folder with table files deeper down (a hub dataset's
-    `data/train-*.parquet`): every file but its .md dataset card; any other folder: every file in it (doc ids
+    `data/train-*.parquet`): every file but its .md card and LICENSE-like files; any other folder: every file in it (doc ids
     prefixed with the file's relative path); anything else: UTF-8 text split by `txt_mode`. Table
     files that name several splits are read from the train split only (`_train_split`). Documents
     shorter than `min_chars` are dropped.
@@ -480,7 +482,7 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         tables = [f for f in files if f.suffix.lower() in (".parquet", ".arrow")]
         if tables:  # a hub-style dataset (data/train-*.parquet beside README.md): its tables of one split, no card
-            cards = [f for f in files if f.suffix.lower() == ".md"]
+            cards = [f for f in files if f.suffix.lower() == ".md" or f.stem.lower().startswith(_CARD_NAMES)]
             skipped = [str(f.relative_to(path)) for f in cards]
             picked = set(_train_split(tables, path, spec))
             files = [f for f in files if f not in cards and (f not in tables or f in picked)]

@@ -351,6 +351,23 @@ def _finished_refinement(run, name: str, inputs: dict, max_rounds: int) -> pd.Da
     return summary if list(summary["architecture"].iloc[1:]) == [compact_architecture(c) for c in records] else None
 
 
+def _other_plain_child(summary_path: Path, record: dict, earlier_inputs, objective: str) -> bool:
+    """Whether an earlier refinement (its step table, its inputs record when there is one) was made from another plain
+    child than `record` or under another objective: `--continue` then starts afresh (breaker: it went on from the
+    earlier child's refinement after a search under another objective)."""
+    from .pipeline import compact_architecture
+
+    if isinstance(earlier_inputs, dict) and (earlier_inputs.get("objective") not in (None, objective) or (
+            isinstance(earlier_inputs.get("child"), dict) and earlier_inputs["child"].get("choice") != record["choice"])):
+        return True
+    try:
+        steps = pd.read_csv(summary_path)
+        plain = steps.loc[steps["step"] == "plain", "architecture"]
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return False  # a damaged table: `_earlier_refinement` says so
+    return len(plain) == 1 and plain.iloc[0] != compact_architecture(record["choice"])
+
+
 def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
                   max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None,
                   resume: bool = False) -> pd.DataFrame:
@@ -407,8 +424,11 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     if resume and log_path.is_file() and summary_path.is_file() \
             and (run.out / "search" / f"{name}-refined.json").is_file():
         kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
-        if all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage
-               and bool(r.get("vllm_compatible", False)) == vllm for r in kept):
+        if _other_plain_child(summary_path, record, earlier_inputs, run.config.search.objective):
+            run.say(f"refine {name}: the earlier refinement was of another {name} or objective (searched again "
+                    f"since); starting afresh")
+        elif all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage
+                 and bool(r.get("vllm_compatible", False)) == vllm for r in kept):
             found = _earlier_refinement(log_path, summary_path)  # continue: the diverse step and rounds are kept
             if found is None:
                 run.say(f"refine {name}: {log_path} or {summary_path} is damaged; starting afresh")
@@ -420,11 +440,13 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 saved = earlier_inputs if isinstance(earlier_inputs, dict) else {}
                 before, kept_settings = saved.get("rounds"), saved.get("settings")
                 same = bool(saved) and all(saved.get(key) == inputs[key] for key in ("child", "objective", "run"))
-                if same and isinstance(before, int) and before >= 0 and isinstance(kept_settings, dict) \
+                rounds_alike = isinstance(kept_settings, dict) and all(  # breaker: a --continue with other round
+                    kept_settings.get(key) == inputs["settings"][key] for key in ("refine_k", "max_changes", "tokens"))
+                if same and rounds_alike and isinstance(before, int) and before >= 0 \
                         and {"k", "min_layers_differ"} <= set(kept_settings):
                     rounds_before = before
                     inputs["settings"].update({key: kept_settings[key] for key in ("k", "min_layers_differ")})
-                else:  # an earlier refinement without a record of its inputs: no later rerun is taken as done
+                else:  # no record of the earlier inputs, or rounds run with other settings: no rerun is "done"
                     inputs = None
         else:
             run.say(f"refine {name}: the earlier refinement was for other budgets, library stage or vLLM setting "

@@ -986,5 +986,9 @@ def test_a_hub_style_dataset_folder_reads_its_train_tables_only(tmp_path):
     assert "the user's own text" in {d.text for d in read_documents(str(tmp_path / "one"))}
     from puzzle.data import _split_name
 
-    assert [_split_name(Path(n)) for n in ("train-00002-of-00003-5f3c2a1b.parquet", "test-00001.parquet",
-                                           "train_2023.parquet", "testing.parquet")] == ["train", "test", None, None]
+    names = ("train-00002-of-00003-5f3c2a1b.parquet", "test-00001.parquet", "train_sft-00000-of-00001.parquet",
+             "test_sft-00000-of-00001.parquet", "val.parquet", "testing.parquet", "trainer.parquet")
+    assert [_split_name(Path(n)) for n in names] == ["train", "test", "train", "test", "val", None, None]
+    (ds / "LICENSE").write_text("Permission is hereby granted, free of charge, ...")  # (breaker) not calibration text
+    with pytest.warns(UserWarning, match="LICENSE"):
+        assert "Permission" not in " ".join(d.text for d in read_documents(str(ds)))

@@ -363,3 +363,34 @@ def test_a_plain_rerun_of_a_finished_refinement_returns_it_without_scoring_again
     copy.config = dataclasses.replace(copy.config, search=search)
     with pytest.raises(pytest.fail.Exception, match="refined again"):  # another objective for the diverse step
         improve_child(copy, "child-1.5x", **settings, max_rounds=1)
+
+
+def test_continue_starts_afresh_when_the_plain_child_was_searched_again_under_another_objective(run, tmp_path, capsys):
+    """Breaker: after `puzzle search --objective lm_loss` gave another child-1.5x under the same budgets, `--continue`
+    went on from the earlier child's refinement and compared the two in one table without a word."""
+    import dataclasses
+    import json
+    import shutil
+
+    from puzzle.baselines import open_run
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    settings = dict(k=2, min_layers_differ=1, refine_k=1, max_changes=1, tokens=128, max_rounds=1)
+    improve_child(copy, "child-1.5x", **settings)
+    for change in ("objective", "choice"):
+        if change == "objective":  # searched again under another objective (the same choice here, by chance or not)
+            copy.config = dataclasses.replace(copy.config, search=dataclasses.replace(copy.config.search,
+                                                                                      objective="lm_loss"))
+        else:  # another plain child under the same budgets, and an earlier refinement without its inputs record
+            path = copy.out / "search" / "child-1.5x.json"
+            record = json.loads(path.read_text())
+            path.write_text(json.dumps({**record, "choice": json.loads(
+                (copy.out / "search" / "child-1.5x-diverse.json").read_text())["choice"][::-1]}))
+            (copy.out / "refine" / "child-1.5x.inputs.json").unlink(missing_ok=True)
+        capsys.readouterr()
+        df = improve_child(copy, "child-1.5x", **settings, resume=True)
+        assert "of another child-1.5x or objective (searched again since); starting afresh" in capsys.readouterr().err
+        assert (pd.read_csv(copy.out / "refine" / "child-1.5x.csv")["step"] == "diverse").any()
+        assert df["changed_layers"].iloc[0] == 0
