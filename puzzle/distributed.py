@@ -113,7 +113,7 @@ def digests(meta: dict) -> dict:
 
 def barrier_if_group(world_size: int, device=None) -> None:
     """Wait for every rank, when there is a process group of more than one rank."""
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
+    if in_group(world_size):
         device = torch.device(device) if device is not None else local_device()
         if dist.get_backend() == "nccl" and device.type == "cuda":
             dist.barrier(device_ids=[device.index])

@@ -84,7 +84,7 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
 
     body = pd.to_numeric(rows.loc[rows["method"] != "parent", y], errors="coerce")
     if log_y and (body <= 0).any():  # a log scale cannot draw them (reviewer: all at 0 crashed the plot)
-        left = sorted(rows.loc[(rows["method"] != "parent") & (body <= 0).reindex(rows.index, fill_value=False), "name"])
+        left = sorted(rows.loc[body.index[body <= 0], "name"])
         if (body > 0).any():
             warnings.warn(f"front plot: {', '.join(map(str, left))} with {y} <= 0 left out of the log scale")
         else:
