@@ -148,14 +148,19 @@ REFINED = ("mip-diverse", "mip-refined")
 
 def _selection_sequences(run, records: dict) -> int:
     """How many leading scoring-split sequences the -diverse/-refined children among `records` were chosen on
-    (`refine.selection_ids` with the refinement's --select-tokens, read from DIR/refine/<name>.inputs.json; the
+    (the count the child's record keeps, `refine.SELECTION_KEY`; for a record written before it did,
+    `refine.selection_ids` with the refinement's --select-tokens read from DIR/refine/<name>.inputs.json, or the
     default 2048 tokens where that file is missing); 0 when there are none."""
     from .io import read_json
-    from .refine import selection_ids
+    from .refine import SELECTION_KEY, selection_ids
 
     most = 0
     for name, rec in records.items():
         if rec.get("method") not in REFINED:
+            continue
+        kept = rec.get(SELECTION_KEY)
+        if isinstance(kept, int) and not isinstance(kept, bool) and kept > 0:
+            most = max(most, kept)
             continue
         tokens = None
         try:

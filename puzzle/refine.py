@@ -45,6 +45,11 @@ _SELECTION_LOGP: dict = {}
 # Realized KL on the scoring split (the selection set)
 
 
+#: key of a -diverse/-refined child's record: how many leading scoring-split sequences (`selection_ids`) its choice
+#: was made on, over all its steps and rounds (kl_gap starts its fresh tokens beyond them)
+SELECTION_KEY = "selection_sequences"
+
+
 def selection_ids(run, tokens: int | None = None) -> torch.Tensor:
     """(N, T) int64: the first sequences of the scoring split, `tokens` in all (default 2048, capped)."""
     ids = run.tokens.score
@@ -421,6 +426,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         inputs_path.unlink()
     earlier = None
     rounds_before = 0
+    kept_sequences = []  # selection sequences the kept diverse step and earlier rounds were chosen on (None: unknown)
     if resume and log_path.is_file() and summary_path.is_file() \
             and (run.out / "search" / f"{name}-refined.json").is_file():
         kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
@@ -435,6 +441,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             else:
                 earlier, spent = found
                 best, start = (tuple(r["choice"]) for r in kept)
+                kept_sequences = [r.get(SELECTION_KEY) for r in kept]
                 diverse_s = spent["diverse"]
                 # the rounds run before and the diverse step's settings, for a later plain rerun's check
                 saved = earlier_inputs if isinstance(earlier_inputs, dict) else {}
@@ -476,13 +483,20 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         log = pd.concat([diverse, history], ignore_index=True)
     (run.out / "refine").mkdir(parents=True, exist_ok=True)
     atomic_write_text(log_path, log.to_csv(index=False))
+    # how many leading scoring sequences each child was chosen on, kept in its record for kl_gap's fresh tokens
+    # (an inputs record is not always kept: a --continue with other round settings writes none)
+    now = int(selection_ids(run, tokens).shape[0])
+    known = lambda v: v if isinstance(v, int) and v > 0 else int(selection_ids(run, None).shape[0])  # noqa: E731
+    diverse_seqs = known(kept_sequences[0]) if earlier is not None else now
+    refined_seqs = max(diverse_seqs, now, *([known(kept_sequences[1])] if earlier is not None else []))
+    chosen_on = {"diverse": diverse_seqs, "refined": refined_seqs}
     steps = [("plain", name, tuple(record["choice"]), 0.0),
              ("diverse", f"{name}-diverse", tuple(best), diverse_s),
              ("refined", f"{name}-refined", refined, refine_s)]
     out = []
     for step, child_name, choice, seconds in steps:
         rec = record if step == "plain" else {**record_for(run, child_name, choice, stage, budgets, f"mip-{step}"),
-                                              "vllm_compatible": vllm}
+                                              "vllm_compatible": vllm, SELECTION_KEY: chosen_on[step]}
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
         model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage)

@@ -140,6 +140,35 @@ def test_improve_child_continues_an_earlier_refinement(run):
     assert df["score_kl_nats"].iloc[2] <= float(first.loc[first["choice"] == " ".join(before), "score_kl_nats"].min()) + 1e-12
 
 
+def test_records_keep_the_sequences_their_choice_was_made_on_across_a_continue_with_other_tokens(run, tmp_path):
+    """kl_gap's fresh tokens must lie beyond every sequence a -diverse/-refined child was chosen on. A --continue with
+    another --select-tokens keeps no inputs record, so kl_gap assumed refine's default 2048 tokens: each record now
+    keeps its own count, the largest of its steps and rounds."""
+    import shutil
+
+    from puzzle.baselines import open_run
+    from puzzle.kl_gap import _selection_sequences
+    from puzzle.pipeline import read_architecture
+    from puzzle.refine import SELECTION_KEY
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    seq = copy.tokens.score.shape[1]
+    settings = dict(refine_k=1, max_changes=1, max_rounds=1)
+    improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, tokens=2 * seq, **settings)
+    records = {n: read_architecture(copy, n) for n in ("child-1.5x-diverse", "child-1.5x-refined")}
+    assert [r[SELECTION_KEY] for r in records.values()] == [2, 2]
+    assert _selection_sequences(copy, records) == 2
+    improve_child(copy, "child-1.5x", tokens=3 * seq, resume=True, **settings)  # other tokens: no inputs record
+    assert not (copy.out / "refine" / "child-1.5x.inputs.json").exists()
+    records = {n: read_architecture(copy, n) for n in ("child-1.5x-diverse", "child-1.5x-refined")}
+    assert [r[SELECTION_KEY] for r in records.values()] == [2, 3]
+    assert _selection_sequences(copy, records) == 3  # was the default's 2048 tokens: the whole tiny split
+    improve_child(copy, "child-1.5x", tokens=seq, resume=True, **settings)  # fewer: the earlier rounds' count stays
+    assert read_architecture(copy, "child-1.5x-refined")[SELECTION_KEY] == 3
+
+
 @pytest.mark.parametrize("damage", ["empty summary", "no seconds", "no diverse row", "text seconds", "binary log"])
 def test_continue_starts_afresh_when_the_earlier_files_are_damaged(run, capsys, damage):
     """--continue over a damaged refine/<name>.summary.csv or <name>.csv (was an EmptyDataError, KeyError or
