@@ -319,8 +319,14 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
         return read_arrow_table(path / split, source, text_field)
     files = sorted(path.glob("*.arrow")) + sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if path.is_dir():
+        others = sorted(f.name for f in path.iterdir() if not f.name.startswith(".") and f not in files
+                        and f.name not in _SAVE_TO_DISK_META)
+        if others:  # breaker: a notes.txt beside the tables was left out without a word
+            warnings.warn(f"data source {source}: {len(others)} file(s) beside the tables of {path} left out, only "
+                          f"its .parquet/.arrow tables are read ({', '.join(others[:3])}"
+                          f"{' ...' if len(others) > 3 else ''}); give other files as sources of their own")
         files = _train_split(files, path, source)
-    docs = []
+    docs, blank = [], 0
     for file in files:
         if file.suffix == ".parquet":
             table = pq.read_table(file)
@@ -342,7 +348,15 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
         for i, text in enumerate(column.to_pylist()):
             if isinstance(text, str) and text.strip():
                 docs.append(Document(text.strip(), f"{file.name}:{i}" if len(files) > 1 else str(i), source))
+            else:
+                blank += 1
+    if blank:  # a table's missing values are skipped (a jsonl record's null text is refused: its line is named)
+        warnings.warn(f"data source {source}: {blank} row(s) of column {text_field!r} null or blank, skipped")
     return docs
+
+
+#: the metadata files `Dataset.save_to_disk` writes beside its .arrow tables
+_SAVE_TO_DISK_META = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 #: split names of Hugging Face hub dataset files (`data/train-00000-of-00002.parquet`, `test.parquet`, `valid/...`)

@@ -140,14 +140,23 @@ def test_parquet_and_save_to_disk_folder(tmp_path):
 
     table = pa.table({"text": ["alpha doc", "", "beta doc"], "n": [1, 2, 3]})
     pq.write_table(table, tmp_path / "t.parquet")
-    assert [d.text for d in read_documents(str(tmp_path / "t.parquet"))] == ["alpha doc", "beta doc"]
+    with pytest.warns(UserWarning, match=r"1 row\(s\) of column 'text' null or blank, skipped"):
+        assert [d.text for d in read_documents(str(tmp_path / "t.parquet"))] == ["alpha doc", "beta doc"]
     ds = tmp_path / "ds" / "train"
     ds.mkdir(parents=True)
     with pa.ipc.new_stream(ds / "data-00000-of-00001.arrow", table.schema) as w:
         w.write_table(table)
     (ds / "state.json").write_text("{}")
     (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
-    assert [d.doc_id for d in read_documents(str(tmp_path / "ds"))] == ["0", "2"]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [d.doc_id for d in read_documents(str(tmp_path / "ds"))] == ["0", "2"]
+    assert [str(w.message) for w in caught if "left out" in str(w.message)] == []  # save_to_disk's metadata
+    (ds / "notes.txt").write_text("a note")  # breaker: left out without a word
+    with pytest.warns(UserWarning, match=r"1 file\(s\) beside the tables of .* left out.*\(notes.txt\)"):
+        read_documents(str(tmp_path / "ds"))
 
 
 def test_folder_of_files_and_packaged_text(tmp_path):
