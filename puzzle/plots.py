@@ -680,8 +680,8 @@ def ratio_table(ratios: pd.DataFrame) -> str:
     notes = ["-: the baseline does not reach that speed-up; ours -: our front does not; 0/0: both KLs are 0; inf: only "
              "the baseline's is"]
     if absent := [LABELS[m] for m in BASELINE_METHODS if m not in set(ratios["method"])]:
-        notes.append(f"no measured model: {', '.join(absent)} (`puzzle baselines` built none at these targets, or has "
-                     f"not run)")
+        notes.append(f"no measured model: {', '.join(absent)} (`puzzle baselines` built none at these targets, has "
+                     f"not run, or its rows were left out as stale: see the warnings above)")
     return "\n\n".join(blocks) + "\n" + "\n".join(notes)
 
 
