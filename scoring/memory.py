@@ -31,6 +31,8 @@ the model itself runs in the other three.
 
 from __future__ import annotations
 
+import numbers
+
 from puzzle.architecture import AttentionConfig, FFNConfig, ModelConfig
 from puzzle.errors import PuzzleError
 
@@ -69,7 +71,7 @@ def subblock_params(config: ModelConfig, variant: AttentionConfig | FFNConfig) -
     C, H, D = config.hidden_size, config.num_attention_heads, config.head_dim
     if isinstance(variant, AttentionConfig):
         if variant.kind == "gqa":
-            G = variant.num_kv_heads
+            G = _checked_kv_heads(config, variant)
             weights = C * H * D + 2 * C * G * D + H * D * C
             bias = H * D + 2 * G * D + C if config.attention_bias else 0
             return C + weights + bias
@@ -90,23 +92,44 @@ def non_block_params(config: ModelConfig) -> int:
 
 
 def model_params(config: ModelConfig) -> int:
-    """Distinct parameters of the whole model (equals `PuzzleForCausalLM(config).num_parameters()`)."""
+    """Distinct parameters of the whole model (equals `PuzzleForCausalLM(config).num_parameters()`; a model whose
+    FFN runs `fusion.fuse_ffn_runs` fused keeps its config but has folded the fused layers' RMSNorms away: count
+    `fusion.to_plain_model`'s)."""
     blocks = sum(subblock_params(config, b.attention) + subblock_params(config, b.ffn) for b in config.blocks)
     return non_block_params(config) + blocks
 
 
+def _checked_kv_heads(config: ModelConfig, attention: AttentionConfig) -> int:
+    """G of a gqa variant, checked against the model's query heads as `ModelConfig` checks its layers."""
+    G, H = attention.num_kv_heads, config.num_attention_heads
+    if G > H or H % G:
+        raise PuzzleError(f"{attention.id}: {G} KV heads do not divide the model's {H} query heads; give a divisor of {H}")
+    return G
+
+
+def _checked_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise PuzzleError(f"{name} must be a whole number >= 0, got {value!r}")
+    return value
+
+
 def kv_cache_bytes(config: ModelConfig, attention: AttentionConfig, batch_size: int, seq_len: int,
-                   kv_dtype="float32") -> int:
+                   kv_dtype) -> int:
     """KV-cache bytes of one attention subblock: 2 · G · D · bytes · S · B (0 unless gqa).
 
     Args:
         batch_size: B sequences.
         seq_len: S cached positions per sequence (prompt + generated tokens).
-        kv_dtype: storage dtype of the cache.
+        kv_dtype: storage dtype of the cache (no default: `default_kv_dtype` gives the usual one for a weight dtype).
+
+    Raises:
+        PuzzleError: B or S not a whole number >= 0, KV heads that do not divide the query heads, an unknown dtype.
     """
+    _checked_count("batch_size", batch_size), _checked_count("seq_len", seq_len)
     if attention.kind != "gqa":
         return 0
-    return 2 * attention.num_kv_heads * config.head_dim * dtype_bytes(kv_dtype) * seq_len * batch_size
+    G = _checked_kv_heads(config, attention)
+    return 2 * G * config.head_dim * dtype_bytes(kv_dtype) * seq_len * batch_size
 
 
 def default_kv_dtype(weight_dtype) -> str:
@@ -124,9 +147,9 @@ def subblock_memory_bytes(config: ModelConfig, variant: AttentionConfig | FFNCon
     """Parameter bytes (weight dtype) + KV-cache bytes at (B, S) (kv dtype, default `default_kv_dtype`)."""
     kv_dtype = default_kv_dtype(weight_dtype) if kv_dtype is None else kv_dtype
     weights = subblock_params(config, variant) * dtype_bytes(weight_dtype)
-    if isinstance(variant, AttentionConfig):
-        return weights + kv_cache_bytes(config, variant, batch_size, seq_len, kv_dtype)
-    return weights
+    kv = kv_cache_bytes(config, variant, batch_size, seq_len, kv_dtype) if isinstance(variant, AttentionConfig) else 0
+    _checked_count("batch_size", batch_size), _checked_count("seq_len", seq_len)  # checked for an FFN too
+    return weights + kv
 
 
 def non_block_memory_bytes(config: ModelConfig, weight_dtype="float32") -> int:

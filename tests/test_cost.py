@@ -116,7 +116,7 @@ def test_kv_cache_formula_and_dtypes():
     kv = lambda d: memory.kv_cache_bytes(config, A("attn-kv2"), batch_size=3, seq_len=10, kv_dtype=d)
     assert kv("fp32") == 2 * 2 * 16 * 4 * 10 * 3
     assert kv("bf16") == kv("fp16") == kv("fp32") // 2 and kv("fp8") == kv("fp32") // 4
-    assert memory.kv_cache_bytes(config, A("attn-linear"), 3, 10) == 0
+    assert memory.kv_cache_bytes(config, A("attn-linear"), 3, 10, "fp32") == 0
     # weights and cache in different dtypes: fp8 cache beside bf16 weights
     mixed = memory.subblock_memory_bytes(config, A("attn-kv2"), 3, 10, "bf16", kv_dtype="fp8")
     assert mixed == memory.subblock_params(config, A("attn-kv2")) * 2 + kv("fp8")
@@ -594,3 +594,20 @@ def test_a_packaged_preset_name_is_not_shadowed_by_a_folder_of_that_name(tmp_pat
     (tmp_path / "mine").mkdir()
     with pytest.raises(PuzzleError, match="preset mine is a folder"):
         load_preset("mine")
+
+
+def test_memory_functions_refuse_counts_and_kv_heads_no_model_could_have():
+    """Reviewer: kv_cache_bytes(cfg, gqa, -2, 10) gave -2560 bytes, and subblock_params took 4 KV heads beside 9 query
+    heads, which `ModelConfig` refuses."""
+    config = tiny_config()  # 4 query heads
+    for b, s in ((-2, 10), (2, -1), (1.5, 10), (True, 10)):
+        with pytest.raises(PuzzleError, match="must be a whole number >= 0"):
+            memory.kv_cache_bytes(config, A("attn-kv2"), b, s, "bf16")
+        with pytest.raises(PuzzleError, match="must be a whole number >= 0"):
+            memory.model_memory_bytes(config, b, s, "bf16")
+    for g in (3, 8):
+        with pytest.raises(PuzzleError, match=f"{g} KV heads do not divide the model's 4 query heads"):
+            memory.subblock_params(config, A(f"attn-kv{g}"))
+    import numpy as np
+
+    assert memory.kv_cache_bytes(config, A("attn-kv2"), np.int64(3), 10, "fp32") == 2 * 2 * 16 * 4 * 10 * 3
