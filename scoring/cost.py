@@ -1239,7 +1239,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
         s = max(p, c)
         for subblock, v in variants:
             params = memory.subblock_params(config, v)
-            weight = params * memory.dtype_bytes(weight_dtype)
+            weight = memory.subblock_weight_bytes(config, v, weight_dtype)
             kv = memory.kv_cache_bytes(config, v, b, s, kv_dtype) if subblock == "attention" else 0
             if v.kind == "no_op":
                 pre, dec = (0.0, 0.0), (0.0, 0.0)
@@ -1252,7 +1252,7 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
                          "memory_mib": (weight + kv) / memory.MIB})
         if non_block:
             nb = non_block_rows[(b, p)]
-            weight = memory.non_block_params(config) * memory.dtype_bytes(weight_dtype)
+            weight = memory.non_block_memory_bytes(config, weight_dtype)
             rows.append({"subblock": "non_block", "variant": "non_block", "batch_size": b, "prompt_len": p,
                          "context_len": c, "prefill_ms": nb["prefill_ms"], "decode_ms": nb["decode_ms"],
                          "prefill_iqr_ms": nb["prefill_iqr_ms"], "decode_iqr_ms": nb["decode_iqr_ms"],

@@ -26,7 +26,10 @@ decode workload they are small next to the weights and the cache.
 
 Dtypes: "float32" (fp32, 4 bytes), "bfloat16" (bf16, 2), "float16" (fp16, 2), "float8" (fp8, 1;
 e4m3 and e5m2 alike). fp8 is a storage format here (weights or KV cache quantized to one byte);
-the model itself runs in the other three.
+the model itself runs in the other three. fp8 weights quantize the blocks' matrices only: the
+embedding, the LM head, the RMSNorms and biases stay in bf16, as an fp8 checkpoint for vLLM or
+TensorRT-LLM keeps them (vLLM's fp8 quantizes its Linear layers and leaves the embedding and LM
+head alone; reviewer: counting them at one byte put SmolLM2's fp8 weights 17 % low).
 """
 
 from __future__ import annotations
@@ -83,6 +86,30 @@ def subblock_params(config: ModelConfig, variant: AttentionConfig | FFNConfig) -
             return C + 3 * C * F + bias
         return C + C * C if variant.kind == "linear" else 0
     raise PuzzleError(f"expected an AttentionConfig or FFNConfig, got {type(variant).__name__}")
+
+
+def unquantized_params(config: ModelConfig, variant: AttentionConfig | FFNConfig) -> int:
+    """Parameters of a subblock that fp8 weights keep in bf16: its RMSNorm and biases (0 for no_op)."""
+    C, H, D = config.hidden_size, config.num_attention_heads, config.head_dim
+    if variant.kind == "no_op":
+        return 0
+    if isinstance(variant, AttentionConfig) and variant.kind == "gqa" and config.attention_bias:
+        return C + H * D + 2 * _checked_kv_heads(config, variant) * D + C
+    if isinstance(variant, FFNConfig) and variant.kind == "swiglu" and config.mlp_bias:
+        return C + 2 * variant.intermediate_size + C
+    return C
+
+
+def _unquantized_dtype(weight_dtype) -> str:
+    """The dtype the parts fp8 does not quantize are stored in: bf16 for fp8 weights, else the weight dtype."""
+    weight_dtype = canonical_dtype(weight_dtype)
+    return "bfloat16" if weight_dtype == "float8" else weight_dtype
+
+
+def subblock_weight_bytes(config: ModelConfig, variant: AttentionConfig | FFNConfig, weight_dtype="float32") -> int:
+    """Parameter bytes of one subblock in `weight_dtype` (fp8: its matrices at one byte, norm and biases in bf16)."""
+    params, kept = subblock_params(config, variant), unquantized_params(config, variant)
+    return (params - kept) * dtype_bytes(weight_dtype) + kept * dtype_bytes(_unquantized_dtype(weight_dtype))
 
 
 def non_block_params(config: ModelConfig) -> int:
@@ -146,15 +173,15 @@ def subblock_memory_bytes(config: ModelConfig, variant: AttentionConfig | FFNCon
                           weight_dtype="float32", kv_dtype=None) -> int:
     """Parameter bytes (weight dtype) + KV-cache bytes at (B, S) (kv dtype, default `default_kv_dtype`)."""
     kv_dtype = default_kv_dtype(weight_dtype) if kv_dtype is None else kv_dtype
-    weights = subblock_params(config, variant) * dtype_bytes(weight_dtype)
+    weights = subblock_weight_bytes(config, variant, weight_dtype)
     kv = kv_cache_bytes(config, variant, batch_size, seq_len, kv_dtype) if isinstance(variant, AttentionConfig) else 0
     _checked_count("batch_size", batch_size), _checked_count("seq_len", seq_len)  # checked for an FFN too
     return weights + kv
 
 
 def non_block_memory_bytes(config: ModelConfig, weight_dtype="float32") -> int:
-    """Bytes of the embedding, final norm and (untied) LM head."""
-    return non_block_params(config) * dtype_bytes(weight_dtype)
+    """Bytes of the embedding, final norm and (untied) LM head (in bf16 for fp8 weights: fp8 leaves them alone)."""
+    return non_block_params(config) * dtype_bytes(_unquantized_dtype(weight_dtype))
 
 
 def model_memory_bytes(config: ModelConfig, batch_size: int, seq_len: int, weight_dtype="float32",
@@ -196,13 +223,12 @@ def memory_table(config: ModelConfig, variants, batch_size: int, seq_len: int,
                 subblock = "attention" if isinstance(v, AttentionConfig) else "ffn"
                 params = subblock_params(config, v)
                 kv = kv_cache_bytes(config, v, batch_size, seq_len, kd) if subblock == "attention" else 0
+                weights = subblock_weight_bytes(config, v, wd)
                 rows.append({"subblock": subblock, "variant": v.id, "weight_dtype": wd, "kv_dtype": kd, "params": params,
-                             "weight_mib": params * dtype_bytes(wd) / MIB, "kv_mib": kv / MIB,
-                             "memory_mib": (params * dtype_bytes(wd) + kv) / MIB})
-            nb = non_block_params(config)
+                             "weight_mib": weights / MIB, "kv_mib": kv / MIB, "memory_mib": (weights + kv) / MIB})
+            nb, nb_bytes = non_block_params(config), non_block_memory_bytes(config, wd)
             rows.append({"subblock": "non_block", "variant": "non_block", "weight_dtype": wd, "kv_dtype": kd,
-                         "params": nb, "weight_mib": nb * dtype_bytes(wd) / MIB, "kv_mib": 0.0,
-                         "memory_mib": nb * dtype_bytes(wd) / MIB})
+                         "params": nb, "weight_mib": nb_bytes / MIB, "kv_mib": 0.0, "memory_mib": nb_bytes / MIB})
     df = pd.DataFrame(rows)
     df["batch_size"], df["seq_len"] = int(batch_size), int(seq_len)
     return df

@@ -155,7 +155,8 @@ def non_block_work(config: ModelConfig, batch_size: int, tokens: int, *, weight_
                    act_dtype="bfloat16") -> Work:
     """Embedding lookup, final norm and the LM head on the last position of B sequences of T tokens."""
     C, V, B = config.hidden_size, config.vocab_size, batch_size
-    w, a = memory.dtype_bytes(weight_dtype), memory.dtype_bytes(act_dtype)
+    w = memory.non_block_memory_bytes(config, weight_dtype) / memory.non_block_params(config)  # bf16 under fp8
+    a = memory.dtype_bytes(act_dtype)
     return Work(2.0 * B * C * V, w * V * C + a * B * (tokens * C + V), KERNELS["non_block"])
 
 
@@ -210,7 +211,7 @@ def estimate_subblock_costs(config: ModelConfig, attention_variants, ffn_variant
                                 decode=True)
             t_pre, b_pre = roofline_seconds(pre, spec, compute, **knobs)
             t_dec, b_dec = roofline_seconds(dec, spec, compute, **knobs)
-            nbytes = memory.subblock_params(config, v) * memory.dtype_bytes(wd)
+            nbytes = memory.subblock_weight_bytes(config, v, wd)
             if subblock == "attention":
                 nbytes += memory.kv_cache_bytes(config, v, B, workload.kv_len, kd)
             rows.append({"subblock": subblock, "variant": v.id, "prefill_ms": t_pre * 1e3, "decode_ms": t_dec * 1e3,
