@@ -564,10 +564,15 @@ class RPOConfig:
                        weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, temperature=self.temperature)
         if self.beta <= 0 or self.eta <= 0:
             raise PuzzleError(f"beta and eta must be > 0 (got beta={self.beta}, eta={self.eta})")
-        if self.kl_coef < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0 or self.temperature <= 0:
-            raise PuzzleError(f"kl_coef and weight_decay must be >= 0, max_grad_norm and temperature > 0 (got "
-                              f"kl_coef={self.kl_coef}, weight_decay={self.weight_decay}, "
-                              f"max_grad_norm={self.max_grad_norm}, temperature={self.temperature})")
+        # one message per setting, naming its flag where it has one (reviewer: one message listed all four)
+        if self.temperature <= 0:
+            raise PuzzleError(f"--temperature (rpo temperature) must be > 0, got {self.temperature}: a group's responses "
+                              f"are sampled, and greedy decoding (0) would make all k of them alike")
+        if self.kl_coef < 0:
+            raise PuzzleError(f"--kl-coef (rpo kl_coef) must be >= 0, got {self.kl_coef}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise PuzzleError(f"rpo weight_decay must be >= 0 and max_grad_norm > 0 (got weight_decay="
+                              f"{self.weight_decay}, max_grad_norm={self.max_grad_norm})")
         if self.loss == "rloo" and (self.temperature != 1 or self.top_k):  # Ahmadian et al. 2024: on-policy
             raise PuzzleError(f"rloo samples the policy itself (temperature 1, no top-k): its gradient is unbiased "
                               f"only for the distribution it samples from, and log-probs are scored at temperature 1 "
@@ -643,7 +648,7 @@ def _records_loss(model, batch: list[EncodedRecord], config: RPOConfig, ref_sum:
         out = preference_loss(config.loss, pol, cnt, ref, rewards, beta=config.beta, eta=config.eta,
                               gamma=config.gamma, aggregate=config.aggregate, kl_coef=config.kl_coef)
         losses.append(out.loss)
-        if K == 2:
+        if K == 2 and config.loss in PAIR_LOSSES:  # a group loss's two responses are in no order (reviewer)
             m = out.implicit_rewards[:, 0] - out.implicit_rewards[:, 1]
             margins.append(m)
             correct.append((m > 0).to(dtype))
@@ -684,8 +689,8 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         reference: a ReferenceLogprobs for exactly these records (`reference_logprobs`), a frozen
             model (`frozen_copy`) evaluated on each batch, or None for losses without π_ref.
     Returns:
-        History, one row per step: step, loss, margin (mean Δπ for pairs), accuracy (share of pairs
-        with Δπ > 0), lr, tokens, seconds.
+        History, one row per step: step, loss, margin (mean Δπ for pairs; pair losses only), accuracy
+        (share of pairs with Δπ > 0; pair losses only), lr, tokens, seconds.
     Raises:
         PuzzleError: pair loss on groups, missing rewards or reference, reference log-probs of other
             records (another count, or another data hash in their key).
@@ -942,7 +947,7 @@ def add_rpo_parser(subparsers) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order and the samples")
     tr.add_argument("--k", type=int, help="online: responses sampled per prompt (default 4)")
     tr.add_argument("--max-new-tokens", type=int, help="online: tokens per sampled response (default 48)")
-    tr.add_argument("--temperature", type=float, help="online: sampling temperature (default 1)")
+    tr.add_argument("--temperature", type=float, help="online: sampling temperature, > 0 (default 1)")
     ad = p.add_argument_group("adapters (default: full fine-tuning)")
     ad.add_argument("--adapters", metavar="SPEC", help="Tied-LoRA factors in use: BA, BuA, vBA or vBuA (B, A: the "
                     "rank-r matrices; u, v: per-layer scaling vectors; all trained unless --freeze names them)")
@@ -989,7 +994,10 @@ def _load_model(path: str):
     return load_parent(path)
 
 
-def _read_prompts(path: Path) -> list:
+def _read_prompts(path: Path, string_prompts: str | None = None) -> list:
+    """The prompts of a --prompts file (a 'prompt' string or 'messages' list per line). Raises PuzzleError, naming the
+    line, on a record without one or an empty prompt (blank, or messages without text; reviewer: a blank prompt
+    trained in chat mode, and raw mode refused it only after the model loaded, naming no line)."""
     from .data import iter_json_lines
 
     prompts = []
@@ -999,6 +1007,8 @@ def _read_prompts(path: Path) -> list:
             value = _messages(value, f"{path}, line {line}")
         if not isinstance(value, (str, tuple)):
             raise PuzzleError(f"{path}, line {line}: needs a 'prompt' string or 'messages' list")
+        if not (value.strip() if isinstance(value, str) else any(m["content"].strip() for m in value)):
+            raise PuzzleError(f"{path}, line {line}: the prompt is empty; an empty prompt cannot condition a response")
         prompts.append(value)
     if not prompts:
         raise PuzzleError(f"{path} holds no prompts")
@@ -1034,6 +1044,16 @@ def _check_rpo_flags(args) -> None:
             get_task(name)  # an unknown name, before the model loads
 
 
+def _rpo_history(path: Path) -> bool:
+    """Whether `path` is a history.csv `puzzle rpo` wrote (its header), not a user's file of that name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.readline().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head[0] == "step" and len(head) > 2
+
+
 def cmd_rpo(args) -> int:
     """`puzzle rpo`: train, write DIR/{rpo.json, history.csv, model/, adapters.safetensors}; returns 0.
     A call that stops (refused, failed, interrupted) removes the --out folders it made while they are empty."""
@@ -1047,8 +1067,9 @@ def cmd_rpo(args) -> int:
             except OSError:
                 break
         if isinstance(e, KeyboardInterrupt):  # for main's message: rpo trains in one go, without checkpoints
-            e.puzzle_note = ("rpo keeps no training checkpoint, so a rerun trains from the start (the reference "
-                             f"log-probs in {args.out / 'ref_cache'}, when made, are reused)")
+            e.puzzle_note = "rpo keeps no training checkpoint, so a rerun trains from the start" + (
+                f" (the reference log-probs in {args.out / 'ref_cache'}, when made, are reused)"
+                if args.data is not None else "")  # online runs make no reference cache (reviewer)
         raise
 
 
@@ -1128,7 +1149,9 @@ def _rpo(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise PuzzleError(f"--out {args.out} is a file; give a folder for rpo.json, history.csv and model/")
     have = {p.name for p in args.out.iterdir()} if args.out.is_dir() else set()
-    interrupted = "ref_cache" in have and have <= {"ref_cache", "history.csv", "model", "adapters.safetensors"}
+    # an interrupted run left its reference cache (offline) or its history (online, stopped while writing model/)
+    interrupted = have <= {"ref_cache", "history.csv", "model", "adapters.safetensors"} and (
+        "ref_cache" in have or "history.csv" in have and _rpo_history(args.out / "history.csv"))
     if have and "rpo.json" not in have and not interrupted:
         raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
                           f"(an interrupted rpo output, or a finished one of the same settings, is replaced)")
@@ -1141,7 +1164,14 @@ def _rpo(args) -> int:
                           f"model folders only; rpo writes rpo.json, history.csv and model/: give a folder "
                           f"elsewhere, e.g. {run_dir / 'rpo' / args.out.name}")
     records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
-    prompts = _read_prompts(args.prompts) if args.prompts is not None else None
+    prompts = _read_prompts(args.prompts, args.string_prompts) if args.prompts is not None else None
+    held_out = []
+    if args.task:  # the task's prompts, the held-out ones apart from the training ones, before the model loads
+        from .rewards import get_task
+
+        task = get_task(args.task)
+        prompts = task.prompts(128 if args.num_prompts is None else args.num_prompts, seed=args.seed)
+        held_out = task.held_out_prompts(args.eval_prompts, args.seed + 10_000, prompts) if args.eval_prompts else []
     loaded = _load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     training = training_record(args, config, adapter_config if args.adapters else None, model)
@@ -1172,13 +1202,10 @@ def _rpo(args) -> int:
         summary["data"] = str(args.data)
     else:
         if args.task:
-            task = get_task(args.task)
-            prompts, reward_fn = task.prompts(128 if args.num_prompts is None else args.num_prompts, seed=args.seed), task
-            held_out = task.prompts(args.eval_prompts, seed=args.seed + 10_000) if args.eval_prompts else []
+            reward_fn = task
         else:
             reward_fn = (_judge(args.reward[len("judge:"):], tokenizer, args.string_prompts)
                          if args.reward.startswith("judge:") else get_task(args.reward))
-            held_out = []
         if held_out:
             before = evaluate_rewards(model, tokenizer, held_out, reward_fn, config.max_new_tokens)
             summary["reward_before"] = mean_ci(before.reward)

@@ -88,6 +88,25 @@ class SyntheticTask:
             out.append(({"role": "user", "content": text},))
         return out
 
+    def held_out_prompts(self, n: int, seed: int, exclude) -> list[tuple[dict, ...]]:
+        """n distinct prompts of this task, none of them among `exclude` (the training prompts), deterministic for
+        a seed: what `puzzle rpo --eval-prompts` evaluates on (reviewer: 19 of 32 count prompts were training ones,
+        the count task having only 150).
+
+        Raises:
+            PuzzleError: fewer than n such prompts exist (lower --eval-prompts or --num-prompts)."""
+        taken = {prompt_text(q) for q in exclude}
+        out = []
+        for q in self.prompts(50 * n + 2000, seed=seed):  # count: every one of its 150 prompts shows up
+            if (text := prompt_text(q)) not in taken:
+                taken.add(text)
+                out.append(q)
+                if len(out) == n:
+                    return out
+        raise PuzzleError(f"--eval-prompts {n}: the {self.name} task has only {len(out)} prompts beside the "
+                          f"{len({prompt_text(q) for q in exclude})} distinct training prompts; lower --eval-prompts "
+                          f"or --num-prompts")
+
     def score(self, prompt, response: str) -> float:
         """Partial-correctness score in [0, 1]; PuzzleError when the prompt is not this task's."""
         text = prompt_text(prompt)

@@ -487,3 +487,74 @@ def test_an_online_run_whose_rewards_all_tie_says_it_learned_nothing(tmp_path, c
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert (history["groups_with_signal"] == 0).all() and (history["reward_std"] == 0).all()
     assert "nothing to prefer and the model learned nothing" in capsys.readouterr().err
+
+
+def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompts_flags(tmp_path, monkeypatch, capsys):
+    """Reviewer: --eval-prompts drew 19 of 32 count prompts from the training ones (the task has 150); a folder an
+    online run left while writing model/ (history.csv, model/) was "files no `puzzle rpo` wrote", and its Ctrl-C note
+    named a reference cache online runs never make; blank prompts trained; --temperature 0 named no flag."""
+    from puzzle import preference
+    from puzzle.cli import main
+    from puzzle.rewards import get_task, prompt_text
+
+    count = get_task("count")
+    train = count.prompts(128, seed=0)
+    held = count.held_out_prompts(32, 10_000, train)
+    texts = [prompt_text(q) for q in held]
+    assert len(set(texts)) == 32 and not set(texts) & {prompt_text(q) for q in train}
+    assert held == count.held_out_prompts(32, 10_000, train)  # deterministic
+    with pytest.raises(PuzzleError, match=r"--eval-prompts 100: the count task has only \d+ prompts beside"):
+        count.held_out_prompts(100, 10_000, train)
+    args = _rpo_args("--out", str(tmp_path / "many"), "--task", "count", "--eval-prompts", "100", "--steps", "1")
+    monkeypatch.setattr(preference, "_load_model", lambda path: pytest.fail("loaded the model first"))
+    with pytest.raises(PuzzleError, match="lower --eval-prompts or --num-prompts"):
+        args.func(args)
+    monkeypatch.undo()
+
+    left = tmp_path / "left"  # what an online run stopped while writing its model leaves
+    (left / "model").mkdir(parents=True)
+    (left / "history.csv").write_text("step,reward_mean,reward_std,loss\n")
+    args = _rpo_args("--out", str(left), "--task", "count", "--num-prompts", "2", "--steps", "1", "--batch-size", "2",
+                     "--k", "2", "--max-new-tokens", "2")
+    assert args.func(args) == 0 and (left / "rpo.json").is_file()
+    mine = tmp_path / "mine"  # a user's model folder alone is still not taken for an rpo output
+    (mine / "model").mkdir(parents=True)
+    args = _rpo_args("--out", str(mine), "--task", "count", "--steps", "1")
+    with pytest.raises(PuzzleError, match="holds files no `puzzle rpo` wrote"):
+        args.func(args)
+
+    monkeypatch.setattr(preference, "_rpo", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    capsys.readouterr()
+    assert main(["rpo", "--model", "tiny", "--out", str(tmp_path / "r"), "--task", "count", "--no-progress"]) == 130
+    assert "ref_cache" not in capsys.readouterr().err
+    monkeypatch.undo()
+
+    for i, record in enumerate(({"prompt": "   "}, {"messages": [{"role": "user", "content": " "}]})):
+        path = tmp_path / f"p{i}.jsonl"
+        path.write_text(json.dumps({"prompt": "Say hi."}) + "\n" + json.dumps(record) + "\n")
+        for mode in ("raw", "chat"):
+            args = _rpo_args("--out", str(tmp_path / f"e{i}{mode}"), "--prompts", str(path), "--reward", "count",
+                             "--string-prompts", mode, "--steps", "1")
+            monkeypatch.setattr(preference, "_load_model", lambda path: pytest.fail("loaded the model first"))
+            with pytest.raises(PuzzleError, match=rf"p{i}.jsonl, line 2: the prompt is empty"):
+                args.func(args)
+            monkeypatch.undo()
+    for flag, value, words in (("--temperature", "0", "--temperature (rpo temperature) must be > 0, got 0.0"),
+                               ("--kl-coef", "-1", "--kl-coef (rpo kl_coef) must be >= 0, got -1.0")):
+        extra = ["--loss", "rloo"] if flag == "--kl-coef" else []
+        args = _rpo_args("--out", str(tmp_path / "f"), "--task", "count", flag, value, "--steps", "1", *extra)
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            args.func(args)
+
+
+def test_group_losses_log_no_pair_margin_for_groups_of_two(tmp_path):
+    """Reviewer: rloo and rpo-multi with --k 2 logged margin and accuracy as if the first sampled response were the
+    chosen one (for rloo without π_ref always 0)."""
+    import pandas as pd
+
+    for loss, has in (("rloo", False), ("rpo-multi", False)):
+        args = _rpo_args("--out", str(tmp_path / loss), "--task", "count", "--num-prompts", "2", "--loss", loss,
+                         "--steps", "1", "--batch-size", "2", "--k", "2", "--max-new-tokens", "2")
+        assert args.func(args) == 0
+        history = pd.read_csv(tmp_path / loss / "history.csv")
+        assert ("margin" in history.columns) == has and ("accuracy" in history.columns) == has, loss
