@@ -183,10 +183,10 @@ class BudgetRequest:
 
 def parse_fraction(text: str) -> float | None:
     """'0.67' -> 0.67, '67%' -> 0.67, '1/1.5' -> 0.667; None if `text` is not a bare fraction."""
-    s = str(text).strip().replace(" ", "")
-    if m := re.fullmatch(_NUMBER + "%", s):
+    s = str(text).strip()  # spaces only around '%' and '/': '1 0' is no number (reviewer: it read as 10)
+    if m := re.fullmatch(_NUMBER + r"\s*%", s):
         return float(m.group(1)) / 100
-    if m := re.fullmatch(_NUMBER + "/" + _NUMBER, s):
+    if m := re.fullmatch(_NUMBER + r"\s*/\s*" + _NUMBER, s):
         return float(m.group(1)) / float(m.group(2)) if float(m.group(2)) > 0 else None
     if m := re.fullmatch(_NUMBER, s):
         return float(m.group(1))
@@ -195,7 +195,7 @@ def parse_fraction(text: str) -> float | None:
 
 def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float], case_sensitive=False) -> float:
     """Shared rule: a bare fraction of `parent_total()` or a number with one of `units`."""
-    s = str(text).strip()
+    s = str(text).strip().replace("\u03bc", "µ")  # Greek mu, as many keyboards type it, for the micro sign
     fraction = parse_fraction(s)
     if fraction is not None:
         if not 0 < fraction <= MAX_FRACTION:

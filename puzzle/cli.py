@@ -86,6 +86,20 @@ class JoinCommas(argparse.Action):
         setattr(namespace, self.dest, values if earlier is None else f"{earlier},{values}")
 
 
+class GivenOnce(argparse.Action):
+    """A budget flag that may be given once: a second value is refused (argparse alone keeps the last one, and
+    `--max-memory 0.5 --max-memory 0.9` loosened the budget without a word, beside help that says budgets hold at
+    once)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            raise argparse.ArgumentError(self, f"given twice ({earlier!r}, then {values!r}); give it once (to bound the "
+                                               f"runtime several ways, combine --speedup, --max-runtime and "
+                                               f"--min-throughput: the tightest wins)")
+        setattr(namespace, self.dest, values)
+
+
 def _speedup_flag(text: str) -> float:
     """argparse type of --speedup: '1.5' or '1.5x' (budgets.parse_speedup), errors as argparse's."""
     from .budgets import parse_speedup
@@ -101,14 +115,14 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
                              "Any combination holds at once; of several runtime bounds (--speedup, --max-runtime, "
                              "--min-throughput) the tightest wins. Units are case-insensitive; GB/MB are powers of "
                              "10, GiB/MiB powers of 2.")
-    g.add_argument("--speedup", type=_speedup_flag, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
-    g.add_argument("--max-runtime", metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
-    g.add_argument("--max-memory", metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
-    g.add_argument("--max-prefill", metavar="F", help="prefill latency budget: a fraction or '40ms'")
-    g.add_argument("--max-decode", metavar="F", help="decode latency budget (one decode step at the workload's batch and context): a "
+    g.add_argument("--speedup", type=_speedup_flag, action=GivenOnce, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
+    g.add_argument("--max-runtime", action=GivenOnce, metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
+    g.add_argument("--max-memory", action=GivenOnce, metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
+    g.add_argument("--max-prefill", action=GivenOnce, metavar="F", help="prefill latency budget: a fraction or '40ms'")
+    g.add_argument("--max-decode", action=GivenOnce, metavar="F", help="decode latency budget (one decode step at the workload's batch and context): a "
                                                       "fraction or '5ms'")
-    g.add_argument("--max-params", metavar="F", help="parameter budget: a fraction ('0.5') or '60M', '1.2B'")
-    g.add_argument("--min-throughput", metavar="R", help="throughput floor at the workload: generated tokens/s "
+    g.add_argument("--max-params", action=GivenOnce, metavar="F", help="parameter budget: a fraction ('0.5') or '60M', '1.2B'")
+    g.add_argument("--min-throughput", action=GivenOnce, metavar="R", help="throughput floor at the workload: generated tokens/s "
                                                          "('1200tok/s') or a multiple of the parent's ('1.5x')")
     g.add_argument("--vllm-compatible", action=argparse.BooleanOptionalAction, default=None,
                    help="leave out variants vLLM cannot serve (linear replacements); --no-vllm-compatible lets them in "

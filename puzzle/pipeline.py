@@ -852,6 +852,11 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     try:
         records = {main: solve_or_keep(main, request, "bld")}
     except InfeasibleBudget as e:  # the main budget out of reach: a cost table timed on a busy machine may be why
+        from .search import throughput_hint
+
+        t = run.config.target
+        if hint := throughput_hint(e, request.min_throughput, {"batch_size": t.batch_size, "gen_len": t.gen_len}):
+            e = InfeasibleBudget(f"{e}{hint}", e.least)
         note = contention_note({"cost_table": recorded_contention(_cost_sidecar(run.out))})
         retime = (f"if the cost table was timed while the machine was busy or throttled (its timings then run high), "
                   f"time it again: `puzzle score --out {run.out} --retime`")

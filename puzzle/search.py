@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -52,7 +53,24 @@ class VerificationError(PuzzleError):
 
 class InfeasibleBudget(PuzzleError):
     """No architecture of the library meets the budgets (the message names the binding resource and the least
-    achievable value)."""
+    achievable value; `least` holds those values, {score-table column: least total})."""
+
+    def __init__(self, message: str, least: dict | None = None):
+        super().__init__(message)
+        self.least = dict(least or {})
+
+
+def throughput_hint(error: InfeasibleBudget, min_throughput: str | None, workload: dict) -> str:
+    """For a --min-throughput given in tokens/s, the highest rate the library reaches, in tokens/s: ' (--min-throughput
+    at most 623.1tok/s)'; '' otherwise (reviewer: the message said the least runtime and a multiple of the parent's
+    rate only)."""
+    runtime = error.least.get("runtime_ms")
+    batch, gen = (workload or {}).get("batch_size"), (workload or {}).get("gen_len")
+    if not (min_throughput and re.search(r"tok", str(min_throughput), re.IGNORECASE) and runtime and runtime > 0
+            and isinstance(batch, (int, float)) and isinstance(gen, (int, float)) and batch > 0 and gen > 0):
+        return ""
+    rate = math.floor(1000.0 * batch * gen / runtime * 10) / 10  # rounded down: a rate the child reaches
+    return f" (--min-throughput at most {rate:g}tok/s at batch {batch:g} and {gen:g} generated tokens)"
 
 
 
@@ -285,6 +303,7 @@ class _Search:
         self.alive = prune_dominated(dims, self.allowed, max(1, num_solutions))
         self.workers = num_workers or min(8, os.cpu_count() or 1)
         self._lp = None
+        self._least: dict[str, float] = {}  # least totals the infeasibility messages named (InfeasibleBudget.least)
         self.solutions: list[np.ndarray] = []  # every slot choice found so far (hints for the next budget)
 
     def rhs(self, budgets: Budgets) -> list[float]:
@@ -304,9 +323,10 @@ class _Search:
             if smallest > bound * (1 + BUDGET_RTOL):
                 broken.append(self._message(column, bound, smallest, "", budgets))
         if broken:
-            raise InfeasibleBudget("; and ".join(broken))
+            raise InfeasibleBudget("; and ".join(broken), self._least)
 
     def _message(self, column, bound, smallest, context, budgets) -> str:
+        self._least[column] = smallest
         words, unit = _COST_WORDS[column]
         parent = self.parent[column]
         share = f" ({smallest / parent:.3g} of the parent)" if parent > 0 else ""
@@ -337,7 +357,7 @@ class _Search:
         if lam is None and not np.array_equal(alive, self.alive):  # the sweep's LP, scaled by slots that cannot fit
             lam = DualLP(self.objective, costs, alive).multipliers(rhs)
         if lam is None:
-            raise InfeasibleBudget(self._joint_infeasible(budgets))
+            raise InfeasibleBudget(self._joint_infeasible(budgets), self._least)
         starts = self.solutions
         if anchor is not None:  # the trust region: one more cost row, 1 wherever a layer leaves the anchor
             layers = np.arange(len(anchor))
@@ -365,7 +385,7 @@ class _Search:
                     if anchor is not None:
                         raise InfeasibleBudget(f"no architecture within {max_changes} layers of the anchor meets "
                                           f"{budgets.describe()}; allow more changes")
-                    raise InfeasibleBudget(self._joint_infeasible(budgets))
+                    raise InfeasibleBudget(self._joint_infeasible(budgets), self._least)
                 results.stopped_by = "exhausted"
                 break
             found.append(slots)
@@ -810,11 +830,16 @@ def search_main(args: argparse.Namespace) -> int:
     objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
     check_exclusions(table, args.exclude or ())
     options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=tuple(args.exclude or ()))
-    if args.greedy:
-        solutions = [greedy(table, budgets, objective, **options)]
-    else:
-        solutions = solve(table, budgets, objective, num_solutions=args.num_solutions,
-                          min_layers_differ=args.min_layers_differ, time_limit_s=args.time_limit, **options)
+    try:
+        if args.greedy:
+            solutions = [greedy(table, budgets, objective, **options)]
+        else:
+            solutions = solve(table, budgets, objective, num_solutions=args.num_solutions,
+                              min_layers_differ=args.min_layers_differ, time_limit_s=args.time_limit, **options)
+    except InfeasibleBudget as e:
+        if hint := throughput_hint(e, request.min_throughput, meta):
+            raise InfeasibleBudget(f"{e}{hint}", e.least) from None
+        raise
     scalar = lambda v: v if isinstance(v, (int, float, str, type(None))) else str(v)  # noqa: E731
     record = {**solutions[0].to_dict(), "parent": dict(parent),  # (non-finite numbers become null on output)
               "workload": {k: scalar(meta[k]) for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len",

@@ -1258,3 +1258,29 @@ def test_fewer_solutions_for_lack_of_time_say_so(tmp_path, capsys, monkeypatch):
     assert main(["search", "--library", str(lib), "--json", "--max-runtime", "0.9", "--num-solutions", "500",
                  "--min-layers-differ", "4"]) == 0
     assert "no more children differ from the earlier ones in at least 4 layers" in json.loads(capsys.readouterr().out)["note"]
+
+
+def test_search_review_repeated_budget_spaced_number_greek_mu_and_throughput_in_tokens(tmp_path, capsys):
+    """Reviewer: `--max-memory 0.5 --max-memory 0.9` kept 0.9 without a word; '--max-runtime 1 0' read as 10;
+    300000μs (Greek mu) was refused; an unreachable --min-throughput in tok/s was answered in ms and multiples only."""
+    from puzzle.cli import main
+
+    table = random_table(14, layers=3)
+    save_table(table, tmp_path / "score" / "score_table.csv", {"device": "cpu", "batch_size": 2, "gen_len": 8})
+    lib = ["search", "--library", str(tmp_path)]
+    for flags in (["--max-memory", "0.5", "--max-memory", "0.9"], ["--speedup", "2", "--speedup", "1.1"]):
+        with pytest.raises(SystemExit):
+            main([*lib, *flags])
+        assert "given twice" in capsys.readouterr().err
+    assert "is not a budget this tool reads" in _one_error_line(capsys, [*lib, "--max-runtime", "1 0"])
+    parent = parent_totals(table)["runtime_ms"]
+    for text in (f"{parent * 1000:.0f}\u03bcs", f"{parent * 1000:.0f}\u00b5s", "67 %", "1 / 2"):
+        assert main([*lib, "--max-runtime", text, "--json"]) == 0, text
+        capsys.readouterr()
+    fastest = brute_force_min(table, "runtime_ms")
+    err = _one_error_line(capsys, [*lib, "--min-throughput", f"{2 * 1000.0 * 2 * 8 / fastest:.6g}tok/s"])
+    rate = float(err.split("--min-throughput at most ")[-1].split("tok/s")[0])
+    assert rate <= 1000.0 * 2 * 8 / fastest < rate + 0.1  # the highest rate reached, in tokens/s
+    assert main([*lib, "--min-throughput", f"{rate:g}tok/s", "--json"]) == 0  # the advice works
+    capsys.readouterr()
+    assert "tok/s at batch" not in _one_error_line(capsys, [*lib, "--max-runtime", f"{0.5 * fastest}ms"])
