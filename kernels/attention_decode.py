@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import is_hopper, launch_interpreted, next_power_of_2, num_programs_hint, runs_interpreted
+from .utils import check_forward_only, is_hopper, launch_interpreted, next_power_of_2, num_programs_hint, runs_interpreted
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,10 +169,18 @@ def _check(q, k_cache, v_cache, lengths):
         raise ValueError(
             f"decode attention: q, k_cache, v_cache dtypes differ ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})"
         )
+    if not q.dtype.is_floating_point:  # the reference truncated int32 scores (reviewer)
+        raise ValueError(f"decode attention takes floating-point q and caches; got {q.dtype}")
+    if S_max < 1 and B * H:
+        raise ValueError(f"decode attention: the cache holds no position (S_max = 0); it must hold the new token")
     if isinstance(lengths, torch.Tensor):
         if lengths.shape != (B,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"decode attention: lengths must be an int or a (B={B},) integer tensor; got "
                              f"{lengths.dtype} {tuple(lengths.shape)}")
+        if not lengths.is_cuda and lengths.numel() and not bool(((lengths >= 1) & (lengths <= S_max)).all()):
+            # checked where it costs no device sync; on CUDA a length past S_max would read past the cache
+            raise ValueError(f"decode attention: lengths {lengths.tolist()} outside [1, {S_max}] (the cache holds "
+                             f"{S_max} positions)")
         return
     if isinstance(lengths, bool) or not _is_index(lengths):  # 10.5 is no length (the kernel would cut it to 10)
         raise ValueError(f"decode attention: lengths must be an int or a (B={B},) integer tensor; got {lengths!r}")
@@ -207,6 +215,7 @@ def decode_attention(
         On CUDA the first call per shape class autotunes (several launches); warm up before capturing a CUDA graph.
     """
     _check(q, k_cache, v_cache, lengths)
+    check_forward_only("decode attention", q, k_cache, v_cache)
     B, H, _, D = q.shape
     G, S_max = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import is_hopper, launch_interpreted, next_power_of_2, runs_interpreted
+from .utils import check_forward_only, is_hopper, launch_interpreted, next_power_of_2, runs_interpreted
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -44,8 +44,8 @@ def _prefill_attention_kernel(
     t_bucket,  # only a key for the autotuner
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B * H on axis 0 (up to 2**31 - 1 programs); axis 1 stops at 65535 (reviewer)
+    start_m = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     g = h // group
@@ -56,10 +56,12 @@ def _prefill_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_ok = offs_d < D
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    # positions times strides in int64: T * (H + G) * D passes 2**31 for long prompts in the runtime's layout
+    rows = offs_m.to(tl.int64)  # (BLOCK_M,)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    kt_ptrs = K + b * stride_kb + g * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
-    v_ptrs = V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    k_base = K + b * stride_kb + g * stride_kh + offs_d[:, None] * stride_kd  # (BLOCK_D, 1)
+    v_base = V + b * stride_vb + g * stride_vh + offs_d[None, :] * stride_vd  # (1, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
@@ -68,13 +70,14 @@ def _prefill_attention_kernel(
     # Stage 1: key blocks that lie wholly at or before the first query row's position: no mask.
     full_end = (start_m * BLOCK_M + offset + 1) // BLOCK_N * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        kt = tl.load(kt_ptrs + start_n * stride_ks, mask=d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        keys = (start_n + offs_n).to(tl.int64)  # (BLOCK_N,) key positions
+        kt = tl.load(k_base + keys[None, :] * stride_ks, mask=d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * stride_vs, mask=d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + keys[:, None] * stride_vs, mask=d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -83,7 +86,8 @@ def _prefill_attention_kernel(
     hi = tl.minimum((start_m + 1) * BLOCK_M + offset, S)
     for start_n in range(full_end, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions
-        kt = tl.load(kt_ptrs + start_n * stride_ks, mask=(cols[None, :] < S) & d_ok[:, None], other=0.0)
+        keys = cols.to(tl.int64)
+        kt = tl.load(k_base + keys[None, :] * stride_ks, mask=(cols[None, :] < S) & d_ok[:, None], other=0.0)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         visible = (cols[None, :] <= offs_m[:, None] + offset) & (cols[None, :] < S)
         qk = tl.where(visible, qk, float("-inf"))
@@ -91,12 +95,12 @@ def _prefill_attention_kernel(
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * stride_vs, mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vs, mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & d_ok[None, :])
 
 
@@ -137,6 +141,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"prefill attention: {S} keys for {T} queries; the keys must include every query position")
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"prefill attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not q.dtype.is_floating_point:  # the reference truncated int32 scores (reviewer)
+        raise ValueError(f"prefill attention takes floating-point q, k, v; got {q.dtype}")
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -150,9 +156,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     Returns:
         (B, H, T, D) in q's dtype.
     Raises:
-        ValueError: H not a multiple of G, S < T, or mismatched shapes or dtypes.
+        ValueError: H not a multiple of G, S < T, mismatched shapes or dtypes, a dtype other than fp32, fp16 or
+            bf16, or an input that requires grad with autograd on (there is no backward).
     """
     _check(q, k, v)
+    check_forward_only("prefill attention", q, k, v)
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -164,11 +172,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     block_d = max(16, next_power_of_2(D))
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 stays exact (no tf32); others: the default
     if runs_interpreted(q):
-        grid = (triton.cdiv(T, _INTERPRETER_CONFIG["BLOCK_M"]), B * H)
+        grid = (B * H, triton.cdiv(T, _INTERPRETER_CONFIG["BLOCK_M"]))
         launch_interpreted(_prefill_attention_kernel, grid, *args, BLOCK_D=block_d, DOT_PRECISION=precision,
                            **_INTERPRETER_CONFIG)
     else:
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))  # noqa: E731
         _tuned(is_hopper(q.device))[grid](*args, BLOCK_D=block_d, DOT_PRECISION=precision)
     return out
 

@@ -21,6 +21,14 @@ def _triton_for(t: torch.Tensor, use_triton: bool | None) -> bool:
     return t.is_cuda and t.dtype in KERNEL_DTYPES if use_triton is None else use_triton
 
 
+def _attention_triton_for(tensors, use_triton: bool | None) -> bool:
+    """As `_triton_for`, but inputs that need a gradient go to the (differentiable) reference by default: the
+    attention kernels are forward only (reviewer: on CUDA the output came back detached, on CPU it did not)."""
+    if use_triton is None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return _triton_for(tensors[0], use_triton)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -55,7 +63,7 @@ def prefill_attention(
     Raises:
         ValueError: H not a multiple of G (on either path).
     """
-    if _triton_for(q, use_triton):
+    if _attention_triton_for((q, k, v), use_triton):
         return attention_prefill.prefill_attention(q, k, v, scale)
     return attention_prefill.prefill_attention_reference(q, k, v, scale)
 
@@ -73,6 +81,6 @@ def decode_attention(
 
     See `attention_decode.decode_attention` for `lengths` and errors.
     """
-    if _triton_for(q, use_triton):
+    if _attention_triton_for((q, k_cache, v_cache), use_triton):
         return attention_decode.decode_attention(q, k_cache, v_cache, lengths, scale)
     return attention_decode.decode_attention_reference(q, k_cache, v_cache, lengths, scale)

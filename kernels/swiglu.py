@@ -17,6 +17,7 @@ import math
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from .utils import KERNEL_DTYPES, is_hopper, launch_interpreted, runs_interpreted
@@ -139,6 +140,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_fwd(gate, up)
 
     @staticmethod
+    @once_differentiable  # a gradient of the gradient raises instead of losing its graph (reviewer)
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         return swiglu_bwd(dy, gate, up)

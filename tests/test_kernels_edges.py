@@ -126,3 +126,53 @@ def test_bf16_write_back_touches_only_what_the_kernel_wrote():
     version = x._version
     launch_interpreted(double, (1,), x, y, 2, BLOCK=2)
     assert x._version == version and y[0] == 2 and y[1].isnan()  # the input was not written back
+
+
+def test_review_of_stop_38_grid_second_order_grads_dtypes_lengths_and_forward_only():
+    """Reviewer (stop 38): prefill put B * H on the launch grid's axis 1, which CUDA caps at 65535 (the interpreter
+    does not: checked here by the axis the kernel reads); rms_norm and swiglu lost second-order gradients without a
+    word; int32 attention truncated in the reference; lengths past S_max read past the cache; the attention kernels
+    returned detached outputs for inputs that need a gradient."""
+    import inspect
+
+    from puzzle.kernels import attention_prefill, ops
+
+    source = inspect.getsource(attention_prefill)
+    assert "grid = (B * H, triton.cdiv(T" in source and "bh = tl.program_id(0)" in source
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(40, 3, 5, 16, generator=gen)  # 120 (batch, head) programs on axis 0
+    k, v = (torch.randn(40, 1, 5, 16, generator=gen) for _ in range(2))
+    torch.testing.assert_close(prefill_attention(q, k, v), prefill_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+    x, w = torch.randn(3, 9, generator=gen, requires_grad=True), torch.randn(9, generator=gen)
+    (gx,) = torch.autograd.grad(rms_norm(x, w)[0].pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # was x.grad == 2 x: the penalty ignored
+        ((x ** 2).sum() + gx.pow(2).sum()).backward()
+    g, u = (torch.randn(2, 5, generator=gen, requires_grad=True) for _ in range(2))
+    (gg,) = torch.autograd.grad(swiglu(g, u).pow(2).sum(), g, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        ((g ** 2).sum() + gg.pow(2).sum()).backward()
+
+    qi, ki = torch.ones(1, 2, 3, 4, dtype=torch.int32), torch.ones(1, 2, 3, 4, dtype=torch.int32)
+    for call in (lambda: ops.prefill_attention(qi, ki, ki), lambda: ops.decode_attention(qi[:, :, :1], ki, ki, 2)):
+        with pytest.raises(ValueError, match="floating-point"):
+            call()
+    with pytest.raises(ValueError, match="takes fp32, fp16 or bf16"):
+        prefill_attention(q.double(), k.double(), v.double())
+    q1, kc = torch.randn(3, 4, 1, 8, generator=gen), torch.randn(3, 2, 50, 8, generator=gen)
+    for lengths in (torch.tensor([51, 3, 1]), torch.tensor([0, 3, 1])):
+        for call in (decode_attention, decode_attention_reference):
+            with pytest.raises(ValueError, match=r"outside \[1, 50\]"):
+                call(q1, kc, kc, lengths)
+    with pytest.raises(ValueError, match="S_max = 0"):
+        decode_attention(q1, kc[:, :, :0], kc[:, :, :0], torch.tensor([1, 1, 1]))
+
+    qg = q.clone().requires_grad_()
+    with pytest.raises(ValueError, match="no backward"):
+        prefill_attention(qg, k, v)
+    with torch.no_grad():
+        prefill_attention(qg, k, v)  # inference is fine
+    out = ops.prefill_attention(qg, k, v)  # the default path takes the differentiable reference
+    assert out.requires_grad
+    with pytest.raises(ValueError, match="no backward"):
+        ops.prefill_attention(qg, k, v, use_triton=True)
