@@ -158,7 +158,8 @@ def block_config_entry(block: BlockConfig, num_attention_heads: int, hidden_size
 
     Returns:
         {"attention": {"no_op", "replace_with_linear", "n_heads_in_group", "sparsify"},
-         "ffn": {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size", "sparsify"}}; `sparsify` is always
+         "ffn": {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size", "sparsify"}}, without ffn_mult for a
+        width the DeciLM rule cannot give back (vLLM reads ffn_mult when an entry has it); `sparsify` is always
         null, as in NVIDIA's published Nemotron-NAS configs (TensorRT-LLM's older DeciLM converter reads it as an
         attribute of both entries).
     """
@@ -172,8 +173,10 @@ def block_config_entry(block: BlockConfig, num_attention_heads: int, hidden_size
     ffn = {"no_op": f.kind == "no_op", "replace_with_linear": f.kind == "linear", "ffn_mult": None, "intermediate_size": None,
            "sparsify": None}
     if f.kind == "swiglu":
-        ffn["ffn_mult"], _ = intermediate_size_to_ffn_mult(f.intermediate_size, hidden_size)
+        ffn["ffn_mult"], exact = intermediate_size_to_ffn_mult(f.intermediate_size, hidden_size)
         ffn["intermediate_size"] = f.intermediate_size
+        if not exact:  # vLLM takes ffn_mult whenever the entry has it (`hasattr`), so an inexact one would build the
+            del ffn["ffn_mult"]  # wrong width: without it, vLLM reads intermediate_size (reviewer)
     return {"attention": attention, "ffn": ffn}
 
 

@@ -18,6 +18,7 @@ the end, so an interrupted export leaves no half-written checkpoint.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -125,15 +126,32 @@ def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
     return export_provenance(info), any(k in info for k in TRAINED_KEYS) or info.get("stage") == "rpo"
 
 
+def vllm_layout_problems(config: ModelConfig) -> list[str]:
+    """Layouts vLLM's DeciLM model cannot run, beside linear subblocks (vllm-project/vllm,
+    model_executor/models/nemotron_nas.py): a layer skips its input norm when its attention is no_op, so an FFN
+    before the first attention reaches `post_attention_layernorm(hidden, None)` and fails, and a model without a
+    gqa attention has no KV heads to size the cache with (its final norm meets a None residual too)."""
+    attention = [i for i, b in enumerate(config.blocks) if b.attention.kind != "no_op"]
+    if not any(b.attention.kind == "gqa" for b in config.blocks):
+        return ["no layer keeps a GQA attention: vLLM cannot size a KV cache for it (nor run its final norm)"]
+    early = [i for i, b in enumerate(config.blocks[:attention[0]]) if b.ffn.kind != "no_op"]
+    if early:
+        return [f"FFNs in layers {early} come before the first attention (layer {attention[0]}): vLLM's DeciLM layer "
+                f"then normalises them with a residual of None and fails; keep an attention in layer 0 "
+                f"(--vllm-compatible does)"]
+    return []
+
+
 def export_warnings(config: ModelConfig) -> list[str]:
     """Warnings for a child's export: layers vLLM cannot serve, and FFN widths ffn_mult cannot express.
 
-    vLLM's DeciLM implementation does not serve `replace_with_linear` subblocks. Tools that read only
-    `ffn_mult` rebuild the width with the DeciLM rule (`architecture.ffn_mult_to_intermediate_size`),
-    so a width that rule cannot give back would be built wrong by them; our entries also store the
-    exact `intermediate_size`.
+    vLLM's DeciLM implementation does not serve `replace_with_linear` subblocks nor the layouts of
+    `vllm_layout_problems`. An entry whose width the DeciLM rule (`architecture.ffn_mult_to_intermediate_size`)
+    cannot give back has no ffn_mult, only the exact `intermediate_size`, which current vLLM reads when
+    ffn_mult is absent; tools that read only ffn_mult cannot load it.
     """
-    out = []
+    out = [f"{problem}; vLLM cannot serve this checkpoint (transformers with trust_remote_code=True can)"
+           for problem in vllm_layout_problems(config)]
     linear_attn = [i for i, b in enumerate(config.blocks) if b.attention.kind == "linear"]
     linear_ffn = [i for i, b in enumerate(config.blocks) if b.ffn.kind == "linear"]
     if linear_attn or linear_ffn:
@@ -150,8 +168,9 @@ def export_warnings(config: ModelConfig) -> list[str]:
         rebuilt = ffn_mult_to_intermediate_size(mult, config.hidden_size)
         out.append(
             f"FFN width {width} (layers {layers}) cannot be written as ffn_mult (ffn_mult={mult} gives {rebuilt}); "
-            f"the entries store intermediate_size={width}, but tools that read only ffn_mult (vLLM, TensorRT-LLM) "
-            "would build the wrong width; use widths that are multiples of 256 for those tools")
+            f"those entries store intermediate_size={width} and no ffn_mult, which vLLM reads, but tools that read "
+            "only ffn_mult (older vLLM, TensorRT-LLM) cannot load them; use widths that are multiples of 256 for those "
+            "tools")
     return out
 
 
@@ -322,6 +341,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_temp(out_dir)  # what an earlier export killed mid-write left beside it
     return ExportResult(out_dir, tuple(warnings), replaced=earlier if earlier not in (None, now, *also_same) else None)
 
 
@@ -454,6 +474,20 @@ def export_folder_problem(path: Path) -> str | None:
     if other:
         return f"it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, which an export does not write"
     return None
+
+
+def remove_stale_temp(out_dir: Path) -> list[str]:
+    """Remove the hidden `.NAME.*.tmp` / `.NAME.*.old` folders beside `out_dir` that an export killed mid-write
+    (SIGKILL, out of memory) left, partial safetensors and all (reviewer: they stayed for good); returns their
+    names. Exports of one name are not run at once, so none of them is another export's work."""
+    out_dir = Path(out_dir)
+    gone = []
+    if out_dir.parent.is_dir():
+        for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
+            if p.is_dir() and not p.is_symlink() and p.name.endswith((".tmp", ".old")):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+    return gone
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

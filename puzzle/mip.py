@@ -286,7 +286,8 @@ def build_choices(table: pd.DataFrame) -> Choices:
 
 def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) -> np.ndarray:
     """(L, V) mask of the slots the user allows. `exclude`: variant ids (block, attention or FFN),
-    or (layer, id) pairs for one layer only."""
+    or (layer, id) pairs for one layer only. `vllm_compatible` leaves out linear subblocks and a no_op attention
+    in layer 0 (`export.vllm_layout_problems`)."""
     if not vllm_compatible and not exclude:
         return choices.valid.copy()
     everywhere = {e for e in exclude if isinstance(e, str)}
@@ -295,8 +296,11 @@ def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) ->
     for i, blocks in enumerate(choices.blocks):
         for j, b in enumerate(blocks):
             ids = {b.id, b.attention.id, b.ffn.id}
-            if (vllm_compatible and "linear" in (b.attention.kind, b.ffn.kind)) or ids & everywhere \
-                    or any((i, v) in per_layer for v in ids):
+            # vLLM's DeciLM layer hands an FFN met before any attention a residual of None and fails (reviewer:
+            # nemotron_nas.py DeciLMDecoderLayer.forward); an attention in layer 0 rules that out
+            first_no_attention = i == 0 and b.attention.kind == "no_op"
+            if (vllm_compatible and ("linear" in (b.attention.kind, b.ffn.kind) or first_no_attention)) \
+                    or ids & everywhere or any((i, v) in per_layer for v in ids):
                 mask[i, j] = False
     empty = np.flatnonzero(~mask.any(1))
     if len(empty):

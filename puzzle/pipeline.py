@@ -1126,7 +1126,11 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
         ref = (earlier or {}).get("run")
         shown = result.replaced
         if isinstance(ref, str) and ref and not Path(ref).is_absolute():
-            shown = shown.replace(f" of run {ref}", f" of run {os.path.normpath(Path(dest).absolute() / ref)}")
+            where = os.path.normpath(Path(dest).absolute() / ref)
+            at = (earlier or {}).get("run_at")  # a folder copied out of its run: the relative path leads elsewhere
+            if not is_run_directory(Path(where)) and isinstance(at, str) and at:
+                where = at
+            shown = shown.replace(f" of run {ref}", f" of run {where}")
         run.say(f"export {name}: replaced the export of {shown} that was in {result.path}")
     return result
 
@@ -1260,6 +1264,9 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None,
         untie = bool(model.config.tie_word_embeddings) and _stored_untied(folder)
     why = export_out_of_date(run, name, model, untie)  # "none yet" without the folder
     if why is None:
+        from .export import remove_stale_temp
+
+        remove_stale_temp(folder)  # an earlier export killed mid-write left its partial folder beside this one
         return ExportResult(folder, tuple(export_warnings(model.config))), None
     return stage_export(run, name, dest=dest, model=model, untie=untie), why
 

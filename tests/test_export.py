@@ -203,14 +203,14 @@ def test_config_json_has_block_configs_and_the_ffn_mult_rule(exported):
         if b.ffn.kind != "swiglu":
             assert e["ffn"]["ffn_mult"] is None
             continue
-        rebuilt = ffn_mult_to_intermediate_size(e["ffn"]["ffn_mult"], 64)
         assert e["ffn"]["intermediate_size"] == b.ffn.intermediate_size
         flagged = any(w.startswith(f"FFN width {b.ffn.intermediate_size} (layers [") and f"{i}" in w.split("layers ")[1].split("]")[0]
                       for w in result.warnings)
         if b.ffn.intermediate_size % 256 == 0:
+            rebuilt = ffn_mult_to_intermediate_size(e["ffn"]["ffn_mult"], 64)
             assert rebuilt == b.ffn.intermediate_size and not flagged  # 256 -> ffn_mult 6.0 -> 256
-        else:
-            assert rebuilt != b.ffn.intermediate_size and flagged  # 96 / 128 -> 256 by the rule
+        else:  # 96 / 128 -> 256 by the rule: no ffn_mult, which vLLM would take over intermediate_size (reviewer)
+            assert "ffn_mult" not in e["ffn"] and not hasattr(hf.config.block_configs[i].ffn, "ffn_mult") and flagged
     assert sum("replace_with_linear" in w and "vLLM" in w for w in result.warnings) == 1
     gen = json.loads((result.path / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (BOS, EOS, EOS)
@@ -427,3 +427,22 @@ def test_an_untied_export_stores_the_lm_head_and_gives_the_same_logits(tmp_path)
     plain = tiny_child(**UNTIED_BIAS)
     again = export_checkpoint(plain, tiny_tokenizer(), tmp_path / "plain", untie_embeddings=True)
     assert json.loads((again.path / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_vllm_layout_problems_name_an_ffn_before_the_first_attention_and_no_attention_at_all():
+    """Reviewer: vLLM's DeciLM layer normalises an FFN met before any attention with a residual of None and fails
+    (nemotron_nas.py), and a model without attention has no KV heads; exports said nothing."""
+    from puzzle.export import export_warnings, vllm_layout_problems
+
+    def cfg(*ids):
+        return ModelConfig(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           intermediate_size=256, blocks=[BlockConfig.from_id(i) for i in ids])
+
+    assert vllm_layout_problems(cfg("attn-kv2+ffn-256", "attn-noop+ffn-256")) == []
+    assert vllm_layout_problems(cfg("attn-noop+ffn-noop", "attn-kv2+ffn-256", "attn-noop+ffn-256")) == []
+    early = vllm_layout_problems(cfg("attn-noop+ffn-256", "attn-noop+ffn-noop", "attn-kv1+ffn-256"))
+    assert len(early) == 1 and "FFNs in layers [0] come before the first attention (layer 2)" in early[0]
+    none = vllm_layout_problems(cfg("attn-noop+ffn-256", "attn-noop+ffn-noop"))
+    assert len(none) == 1 and "no layer keeps a GQA attention" in none[0]
+    assert any("vLLM cannot serve" in w and "FFNs in layers [0]" in w
+               for w in export_warnings(cfg("attn-noop+ffn-256", "attn-kv2+ffn-256")))

@@ -292,6 +292,23 @@ def test_export_messages_name_the_run_and_come_after_the_writing(run_dir, tmp_pa
                      "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 2
     assert "holds NOTES.txt" in err.getvalue() and "written again" not in err.getvalue(), err.getvalue()[-1500:]
     assert (copy / "export" / "child-1.5x" / "NOTES.txt").read_text() == "mine"
+    (copy / "export" / "child-1.5x" / "NOTES.txt").unlink()
+    config.write_text(config.read_text().replace('"num_hidden_layers": 99', '"num_hidden_layers": 4'))
+    # reviewer: an export killed mid-write (SIGKILL) left its hidden temp folder for good, and an export copied out
+    # of its run was named "of run" its relative path led to from the copy
+    stale = copy / "export" / ".child-2x.zzzz.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0  # up to date, or written
+    assert not stale.exists()
+    elsewhere = tmp_path / "scratch" / "other"
+    shutil.copytree(copy / "export" / "child-2x", elsewhere)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(elsewhere)]) == 0
+    said = err.getvalue()  # the run it was written from (run_at), not the folder ../.. leads to from the copy
+    assert any(f"replaced the export of child-2x of run {r.resolve()} " in said for r in (copy, run_dir)), said
 
 
 def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(run_dir, tmp_path):

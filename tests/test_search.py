@@ -60,8 +60,9 @@ def random_table(seed, layers=3, kind="decoupled", n_attn=3, n_ffn=3, shared_cos
     return pd.DataFrame(rows)
 
 
-def brute_force(table, budgets, objective="kl_nats", exclude_linear=False):
-    """Every architecture, enumerated straight from the rows: (best objective, its block ids) or None."""
+def brute_force(table, budgets, objective="kl_nats", vllm=False):
+    """Every architecture, enumerated straight from the rows: (best objective, its block ids) or None. vllm: what vLLM
+    serves (no linear subblock, an attention in layer 0)."""
     nb = table[table["subblock"] == "non_block"].iloc[0]
     per_layer = []
     for layer in sorted(table.loc[table["layer"] >= 0, "layer"].unique()):
@@ -70,7 +71,8 @@ def brute_force(table, budgets, objective="kl_nats", exclude_linear=False):
         blocks = {r["variant"]: [r] for r in kind("block")}
         for a, f in itertools.product(kind("attention"), kind("ffn")):
             blocks.setdefault(f"{a['variant']}+{f['variant']}", [a, f])  # a block row wins over the pair
-        per_layer.append([(k, v) for k, v in blocks.items() if not (exclude_linear and "linear" in k)])
+        per_layer.append([(k, v) for k, v in blocks.items()
+                          if not (vllm and ("linear" in k or layer == 0 and k.startswith("attn-noop")))])
     base = table.loc[table["is_parent"] & (table["layer"] >= 0), "lm_loss"].median()
     best = None
     for combo in itertools.product(*per_layer):
@@ -481,7 +483,13 @@ def test_vllm_compatible_and_exclude_leave_variants_out():
     assert any("linear" in b for b in free.choice)
     (served,) = solve(table, budgets, vllm_compatible=True)
     assert not any("linear" in b for b in served.choice)
-    assert served.objective == pytest.approx(brute_force(table, budgets, exclude_linear=True)[0], rel=1e-9)
+    assert served.objective == pytest.approx(brute_force(table, budgets, vllm=True)[0], rel=1e-9)
+    table.loc[table["variant"].isin(["attn-noop"]) & (table["layer"] == 0), "kl_nats"] = 0.0  # tempting in layer 0
+    (free,) = solve(table, budgets)
+    assert free.choice[0].startswith("attn-noop")
+    (served,) = solve(table, budgets, vllm_compatible=True)  # vLLM fails on an FFN before the first attention
+    assert not served.choice[0].startswith("attn-noop")
+    assert served.objective == pytest.approx(brute_force(table, budgets, vllm=True)[0], rel=1e-9)
     (no_noop,) = solve(table, budgets, exclude=("attn-noop", "ffn-noop"))
     assert not any("noop" in b for b in no_noop.choice)
     (layer_rule,) = solve(table, budgets, exclude=[(0, "attn-linear"), (0, "ffn-linear")])
