@@ -316,6 +316,7 @@ class _Search:
 
     def check_reachable(self, budgets: Budgets) -> None:
         """Raise for budgets no child meets even alone (the minimum is separable per layer), naming each."""
+        self._least = {}  # this budget's, not an earlier one's of the sweep
         broken = []
         for column, bound in budgets.limits().items():
             values = np.where(self.allowed, self.choices.values[column], np.inf)
@@ -407,6 +408,7 @@ class _Search:
 
     def _joint_infeasible(self, budgets: Budgets) -> str:
         """Message for budgets each reachable alone but not together: per budget, its minimum under the others."""
+        self._least = {}
         limits, costs = budgets.limits(), [self.choices.values[c] for c in self.columns]
         for column, bound in limits.items():
             others = Budgets(**{f"max_{c}": b for c, b in limits.items() if c != column})
