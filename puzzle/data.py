@@ -322,7 +322,7 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
         others = sorted(f.name for f in path.iterdir() if not f.name.startswith(".") and f not in files
                         and f.name not in _SAVE_TO_DISK_META)
         if others:  # breaker: a notes.txt beside the tables was left out without a word
-            warnings.warn(f"data source {source}: {len(others)} file(s) beside the tables of {path} left out, only "
+            warnings.warn(f"data source {source}: {len(others)} file(s) or folder(s) beside the tables of {path} left out, only "
                           f"its .parquet/.arrow tables are read ({', '.join(others[:3])}"
                           f"{' ...' if len(others) > 3 else ''}); give other files as sources of their own")
         files = _train_split(files, path, source)

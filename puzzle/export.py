@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -232,8 +233,8 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
         else:
             attn = "linear (replace_with_linear)" if a.kind == "linear" else "removed (no_op)"
         if f.kind == "swiglu":
-            mult, _ = intermediate_size_to_ffn_mult(f.intermediate_size, C)
-            ffn = f"SwiGLU, width {f.intermediate_size} (ffn_mult {mult:g})"
+            mult, exact = intermediate_size_to_ffn_mult(f.intermediate_size, C)
+            ffn = f"SwiGLU, width {f.intermediate_size} ({f'ffn_mult {mult:g}' if exact else 'no ffn_mult expresses it'})"
         else:
             ffn = "linear (replace_with_linear)" if f.kind == "linear" else "removed (no_op)"
         rows.append(f"| {i} | {attn} | {ffn} |")
@@ -256,7 +257,8 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
         "",
         "The modeling code in this folder needs only torch and transformers. `config.json` has one",
         "`block_configs` entry per layer (attention: no_op / replace_with_linear / n_heads_in_group;",
-        "ffn: no_op / replace_with_linear / ffn_mult, plus the exact `intermediate_size`).",
+        "ffn: no_op / replace_with_linear / ffn_mult where the DeciLM rule gives the width back, plus the exact "
+        "`intermediate_size`).",
         "",
         *(["The LM head is tied to the embedding and not stored (`tie_word_embeddings: true`, as in the parent).",
            "TensorRT-LLM's nemotron_nas converter reads `lm_head.weight` by name: `puzzle export --untie-embeddings`",
@@ -482,9 +484,11 @@ def remove_stale_temp(out_dir: Path) -> list[str]:
     names. Exports of one name are not run at once, so none of them is another export's work."""
     out_dir = Path(out_dir)
     gone = []
+    # mkdtemp's names: prefix, 8 random characters, suffix (not `.child.v2.<8>.tmp`, another export's: reviewer)
+    own = re.compile(rf"\.{re.escape(out_dir.name)}\.[A-Za-z0-9_]{{8}}\.(tmp|old)")
     if out_dir.parent.is_dir():
         for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
-            if p.is_dir() and not p.is_symlink() and p.name.endswith((".tmp", ".old")):
+            if p.is_dir() and not p.is_symlink() and own.fullmatch(p.name):
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p.name)
     return gone

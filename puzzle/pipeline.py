@@ -861,8 +861,8 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         retime = (f"if the cost table was timed while the machine was busy or throttled (its timings then run high), "
                   f"time it again: `puzzle score --out {run.out} --retime`")
         if not any(w in str(e) for w in ("runtime", "prefill", "decode", "throughput")):  # memory, parameters
-            raise (InfeasibleBudget(f"{e} (note: {note})") if note else e) from None
-        raise InfeasibleBudget(f"{e} (note: {note}; {retime})" if note else f"{e} ({retime})") from None
+            raise (InfeasibleBudget(f"{e} (note: {note})", e.least) if note else e) from None
+        raise InfeasibleBudget(f"{e} (note: {note}; {retime})" if note else f"{e} ({retime})", e.least) from None
     if run.config.score.score_init and score_table_path(run, "init").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
     missed: dict[str, str] = {}  # front target -> why no child meets it

@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -995,7 +996,7 @@ def _load_model(path: str):
     return load_parent(path)
 
 
-def _read_prompts(path: Path, string_prompts: str | None = None) -> list:
+def _read_prompts(path: Path) -> list:
     """The prompts of a --prompts file (a 'prompt' string or 'messages' list per line). Raises PuzzleError, naming the
     line, on a record without one or an empty prompt (blank, or messages without text; reviewer: a blank prompt
     trained in chat mode, and raw mode refused it only after the model loaded, naming no line)."""
@@ -1150,6 +1151,8 @@ def _rpo(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise PuzzleError(f"--out {args.out} is a file; give a folder for rpo.json, history.csv and model/")
     have = {p.name for p in args.out.iterdir()} if args.out.is_dir() else set()
+    # an export of model/ killed mid-write leaves its hidden temp folder (`export.remove_stale_temp` clears it later)
+    have = {n for n in have if not re.fullmatch(r"\.model\.[A-Za-z0-9_]+\.(tmp|old)", n)}
     # an interrupted run left its reference cache (offline) or its history (online, stopped while writing model/)
     interrupted = have <= {"ref_cache", "history.csv", "model", "adapters.safetensors"} and (
         "ref_cache" in have or "history.csv" in have and _rpo_history(args.out / "history.csv"))
@@ -1165,11 +1168,9 @@ def _rpo(args) -> int:
                           f"model folders only; rpo writes rpo.json, history.csv and model/: give a folder "
                           f"elsewhere, e.g. {run_dir / 'rpo' / args.out.name}")
     records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
-    prompts = _read_prompts(args.prompts, args.string_prompts) if args.prompts is not None else None
+    prompts = _read_prompts(args.prompts) if args.prompts is not None else None
     held_out = []
     if args.task:  # the task's prompts, the held-out ones apart from the training ones, before the model loads
-        from .rewards import get_task
-
         task = get_task(args.task)
         prompts = task.prompts(128 if args.num_prompts is None else args.num_prompts, seed=args.seed)
         held_out = task.held_out_prompts(args.eval_prompts, args.seed + 10_000, prompts) if args.eval_prompts else []

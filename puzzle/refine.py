@@ -486,7 +486,11 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     # how many leading scoring sequences each child was chosen on, kept in its record for kl_gap's fresh tokens
     # (an inputs record is not always kept: a --continue with other round settings writes none)
     now = int(selection_ids(run, tokens).shape[0])
-    known = lambda v: v if isinstance(v, int) and v > 0 else int(selection_ids(run, None).shape[0])  # noqa: E731
+    # a record written before the count was kept: the earlier inputs record's --select-tokens, else the default
+    settings = earlier_inputs.get("settings") if isinstance(earlier_inputs, dict) else None
+    before = settings.get("tokens") if isinstance(settings, dict) else None
+    fallback = int(selection_ids(run, before if isinstance(before, int) and before > 0 else None).shape[0])
+    known = lambda v: v if isinstance(v, int) and v > 0 else fallback  # noqa: E731
     diverse_seqs = known(kept_sequences[0]) if earlier is not None else now
     refined_seqs = max(diverse_seqs, now, *([known(kept_sequences[1])] if earlier is not None else []))
     chosen_on = {"diverse": diverse_seqs, "refined": refined_seqs}

@@ -61,8 +61,8 @@ class InfeasibleBudget(PuzzleError):
 
 
 def throughput_hint(error: InfeasibleBudget, min_throughput: str | None, workload: dict) -> str:
-    """For a --min-throughput given in tokens/s, the highest rate the library reaches, in tokens/s: ' (--min-throughput
-    at most 623.1tok/s)'; '' otherwise (reviewer: the message said the least runtime and a multiple of the parent's
+    """For a --min-throughput given in tokens/s, the highest rate the library reaches, in tokens/s: ' (runtime:
+    --min-throughput at most 623.1tok/s ...)'; '' otherwise (reviewer: the message said the least runtime and a multiple of the parent's
     rate only)."""
     runtime = error.least.get("runtime_ms")
     batch, gen = (workload or {}).get("batch_size"), (workload or {}).get("gen_len")
@@ -70,7 +70,8 @@ def throughput_hint(error: InfeasibleBudget, min_throughput: str | None, workloa
             and isinstance(batch, (int, float)) and isinstance(gen, (int, float)) and batch > 0 and gen > 0):
         return ""
     rate = math.floor(1000.0 * batch * gen / runtime * 10) / 10  # rounded down: a rate the child reaches
-    return f" (--min-throughput at most {rate:g}tok/s at batch {batch:g} and {gen:g} generated tokens)"
+    # written out to the tenth (reviewer: :g kept 6 digits and advised 123457 for a reachable 123456.78)
+    return f" (runtime: --min-throughput at most {rate:.1f}tok/s at batch {batch:g} and {gen:g} generated tokens)"
 
 
 

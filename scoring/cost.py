@@ -1160,7 +1160,8 @@ def measure_cost_grid(config: ModelConfig, attention_variants: Iterable, ffn_var
     the rows join them. With `non_block`, rows with subblock "non_block" hold the cost outside the
     subblocks (`measure_non_block_costs`; its decode does not depend on C).
 
-    Memory (scoring/memory.py): weight_mib = parameters in `weight_dtype` (default: `dtype`),
+    Memory (scoring/memory.py): weight_mib = parameters in `weight_dtype` (default: `dtype`; fp8 keeps norms and
+    biases in bf16, `memory.subblock_weight_bytes`),
     kv_mib = the KV cache of max(P, C) positions for B sequences in `kv_dtype` (default: `dtype`;
     "float8" is allowed here as a storage format), memory_mib = their sum. Timings always run in
     `dtype`.

@@ -155,7 +155,7 @@ def test_parquet_and_save_to_disk_folder(tmp_path):
         assert [d.doc_id for d in read_documents(str(tmp_path / "ds"))] == ["0", "2"]
     assert [str(w.message) for w in caught if "left out" in str(w.message)] == []  # save_to_disk's metadata
     (ds / "notes.txt").write_text("a note")  # breaker: left out without a word
-    with pytest.warns(UserWarning, match=r"1 file\(s\) beside the tables of .* left out.*\(notes.txt\)"):
+    with pytest.warns(UserWarning, match=r"1 file\(s\) or folder\(s\) beside the tables of .* left out.*\(notes.txt\)"):
         read_documents(str(tmp_path / "ds"))
 
 

@@ -296,12 +296,14 @@ def test_export_messages_name_the_run_and_come_after_the_writing(run_dir, tmp_pa
     config.write_text(config.read_text().replace('"num_hidden_layers": 99', '"num_hidden_layers": 4'))
     # reviewer: an export killed mid-write (SIGKILL) left its hidden temp folder for good, and an export copied out
     # of its run was named "of run" its relative path led to from the copy
-    stale = copy / "export" / ".child-2x.zzzz.tmp"
+    stale = copy / "export" / ".child-2x.zzzz1234.tmp"
     stale.mkdir()
+    other = copy / "export" / ".child-2x.v2.abcd1234.tmp"  # another export's (child-2x.v2), maybe under way
+    other.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0  # up to date, or written
-    assert not stale.exists()
+    assert not stale.exists() and other.exists()
     elsewhere = tmp_path / "scratch" / "other"
     shutil.copytree(copy / "export" / "child-2x", elsewhere)
     err = io.StringIO()

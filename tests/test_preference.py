@@ -514,6 +514,7 @@ def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompt
     left = tmp_path / "left"  # what an online run stopped while writing its model leaves
     (left / "model").mkdir(parents=True)
     (left / "history.csv").write_text("step,reward_mean,reward_std,loss\n")
+    (left / ".model.ab12cd34.tmp").mkdir()  # code review: an export of model/ killed mid-write leaves this too
     args = _rpo_args("--out", str(left), "--task", "count", "--num-prompts", "2", "--steps", "1", "--batch-size", "2",
                      "--k", "2", "--max-new-tokens", "2")
     assert args.func(args) == 0 and (left / "rpo.json").is_file()

@@ -1292,3 +1292,15 @@ def test_search_review_repeated_budget_spaced_number_greek_mu_and_throughput_in_
     assert main([*lib, "--min-throughput", f"{rate:g}tok/s", "--json"]) == 0  # the advice works
     capsys.readouterr()
     assert "tok/s at batch" not in _one_error_line(capsys, [*lib, "--max-runtime", f"{0.5 * fastest}ms"])
+
+
+def test_throughput_hint_writes_large_rates_out_and_names_the_runtime_clause():
+    """Code review: the hint printed a reachable 123456.78 tok/s as 'at most 123457tok/s' (6 digits of :g), a rate
+    no child reaches, and sat after whichever clause came last."""
+    from puzzle.search import throughput_hint
+
+    error = InfeasibleBudget("no architecture ...", {"runtime_ms": 1000.0 * 256 * 256 / 123456.78})
+    hint = throughput_hint(error, "200000tok/s", {"batch_size": 256, "gen_len": 256})
+    assert "runtime: --min-throughput at most 123456.7tok/s" in hint
+    assert throughput_hint(error, "1.5x", {"batch_size": 256, "gen_len": 256}) == ""
+    assert throughput_hint(InfeasibleBudget("m", {"memory_mib": 5.0}), "9tok/s", {"batch_size": 1, "gen_len": 1}) == ""
