@@ -222,6 +222,8 @@ def decode_attention(
     interpreted = runs_interpreted(q)
     if num_splits is not None and (isinstance(num_splits, bool) or not _is_index(num_splits) or num_splits < 1):
         raise ValueError(f"decode attention: num_splits must be an int >= 1 (or None to choose); got {num_splits!r}")
+    if B * H == 0:  # nothing to attend (breaker: B = 0 with an empty cache divided by zero)
+        return torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if isinstance(lengths, torch.Tensor):
         span, lengths_t = S_max, lengths.contiguous()  # the kernel reads LENGTHS + b (a strided view read others)
     else:

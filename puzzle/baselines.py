@@ -639,10 +639,12 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
 def _export(run, candidate: Candidate, model) -> None:
     from .export import export_checkpoint
 
-    export_checkpoint(model, run.parent.tokenizer, run.out / "export" / candidate.name, overwrite=True,
-                      extra_info={"name": candidate.name, "parent": run.parent.source, "baseline": candidate.method,
-                                  "training": candidate.training, "note": candidate.note,
-                                  "predicted_speedup": candidate.predicted_speedup})
+    result = export_checkpoint(model, run.parent.tokenizer, run.out / "export" / candidate.name, overwrite=True,
+                               extra_info={"name": candidate.name, "parent": run.parent.source,
+                                           "baseline": candidate.method, "training": candidate.training,
+                                           "note": candidate.note, "predicted_speedup": candidate.predicted_speedup})
+    for w in result.warnings:  # breaker: layouts vLLM cannot serve were said only in the folder's README.md
+        run.say(f"export {candidate.name}: warning: {w}")
 
 
 def run_baselines(run, speedups=None, export: bool = True, progress: bool = False) -> pd.DataFrame:

@@ -195,7 +195,7 @@ def parse_fraction(text: str) -> float | None:
 
 def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float], case_sensitive=False) -> float:
     """Shared rule: a bare fraction of `parent_total()` or a number with one of `units`."""
-    s = str(text).strip().replace("\u03bc", "µ")  # Greek mu, as many keyboards type it, for the micro sign
+    s = str(text).strip().replace("\u03bc", "µ").replace("\u039c", "µ")  # Greek mu (either case): micro sign
     fraction = parse_fraction(s)
     if fraction is not None:
         if not 0 < fraction <= MAX_FRACTION:

@@ -94,9 +94,10 @@ class GivenOnce(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         earlier = getattr(namespace, self.dest, None)
         if earlier is not None:
-            raise argparse.ArgumentError(self, f"given twice ({earlier!r}, then {values!r}); give it once (to bound the "
-                                               f"runtime several ways, combine --speedup, --max-runtime and "
-                                               f"--min-throughput: the tightest wins)")
+            runtime = self.dest in ("speedup", "max_runtime", "min_throughput")
+            raise argparse.ArgumentError(self, f"given twice ({earlier!r}, then {values!r}); give it once" + (
+                " (to bound the runtime several ways, combine --speedup, --max-runtime and --min-throughput: the "
+                "tightest wins)" if runtime else ""))
         setattr(namespace, self.dest, values)
 
 

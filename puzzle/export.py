@@ -488,10 +488,19 @@ def remove_stale_temp(out_dir: Path) -> list[str]:
     own = re.compile(rf"\.{re.escape(out_dir.name)}\.[A-Za-z0-9_]{{8}}\.(tmp|old)")
     if out_dir.parent.is_dir():
         for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
-            if p.is_dir() and not p.is_symlink() and own.fullmatch(p.name):
+            if p.is_dir() and not p.is_symlink() and own.fullmatch(p.name) and _holds_only_export_work(p):
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p.name)
     return gone
+
+
+def _holds_only_export_work(folder: Path) -> bool:
+    """Whether `folder` holds nothing but what an export writes there: the files of an export (a `.tmp` folder) or
+    the `previous` export moved aside (an `.old` one); a user's backup named alike is left alone (breaker)."""
+    names = {p.name for p in folder.iterdir()}
+    if folder.name.endswith(".old"):
+        return names <= {"previous"}
+    return names <= set(EXPORT_FILES) | set(CODE_FILES) | set(TOKENIZER_FILES)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

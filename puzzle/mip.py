@@ -304,7 +304,10 @@ def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) ->
                 mask[i, j] = False
     empty = np.flatnonzero(~mask.any(1))
     if len(empty):
-        raise PuzzleError(f"layers {empty.tolist()} have no choice left after --vllm-compatible/--exclude; "
+        why = (" (--vllm-compatible keeps an attention in layer 0, and this library offers none there: the parent "
+               "has none; vLLM cannot serve such a model)" if vllm_compatible and 0 in empty
+               and all(b.attention.kind == "no_op" for b, ok in zip(choices.blocks[0], choices.valid[0]) if ok) else "")
+        raise PuzzleError(f"layers {empty.tolist()} have no choice left after --vllm-compatible/--exclude{why}; "
                           f"allow at least one of their variants")
     return mask
 

@@ -61,17 +61,21 @@ class InfeasibleBudget(PuzzleError):
 
 
 def throughput_hint(error: InfeasibleBudget, min_throughput: str | None, workload: dict) -> str:
-    """For a --min-throughput given in tokens/s, the highest rate the library reaches, in tokens/s: ' (runtime:
-    --min-throughput at most 623.1tok/s ...)'; '' otherwise (reviewer: the message said the least runtime and a multiple of the parent's
+    """For a --min-throughput given in tokens/s, the highest rate the library reaches, in tokens/s: ' (the runtime
+    bound as a rate: --min-throughput at most 623.1tok/s ...)'; '' otherwise (reviewer: the message said the least runtime and a multiple of the parent's
     rate only)."""
     runtime = error.least.get("runtime_ms")
     batch, gen = (workload or {}).get("batch_size"), (workload or {}).get("gen_len")
     if not (min_throughput and re.search(r"tok", str(min_throughput), re.IGNORECASE) and runtime and runtime > 0
             and isinstance(batch, (int, float)) and isinstance(gen, (int, float)) and batch > 0 and gen > 0):
         return ""
-    rate = math.floor(1000.0 * batch * gen / runtime * 10) / 10  # rounded down: a rate the child reaches
-    # written out to the tenth (reviewer: :g kept 6 digits and advised 123457 for a reachable 123456.78)
-    return f" (runtime: --min-throughput at most {rate:.1f}tok/s at batch {batch:g} and {gen:g} generated tokens)"
+    exact = 1000.0 * batch * gen / runtime
+    # rounded down to 4 significant digits, at least to the tenth, and written out (reviewer: :g kept 6 digits and
+    # advised 123457 for a reachable 123456.78; breaker: 0.04 tok/s came out as 0.0, which the parser refuses)
+    decimals = max(1, 3 - math.floor(math.log10(exact)))
+    rate = math.floor(exact * 10**decimals) / 10**decimals
+    return (f" (the runtime bound as a rate: --min-throughput at most {rate:.{decimals}f}tok/s at batch {batch:g} and "
+            f"{gen:g} generated tokens)")
 
 
 

@@ -35,6 +35,7 @@ head alone; reviewer: counting them at one byte put SmolLM2's fp8 weights 17 % l
 from __future__ import annotations
 
 import numbers
+import operator
 
 from puzzle.architecture import AttentionConfig, FFNConfig, ModelConfig
 from puzzle.errors import PuzzleError
@@ -135,9 +136,10 @@ def _checked_kv_heads(config: ModelConfig, attention: AttentionConfig) -> int:
 
 
 def _checked_count(name: str, value) -> int:
+    """`value` as a plain int (a numpy int32 would multiply in 32 bits and wrap: breaker, 0 bytes of KV cache)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise PuzzleError(f"{name} must be a whole number >= 0, got {value!r}")
-    return value
+    return operator.index(value)
 
 
 def kv_cache_bytes(config: ModelConfig, attention: AttentionConfig, batch_size: int, seq_len: int,
@@ -152,7 +154,7 @@ def kv_cache_bytes(config: ModelConfig, attention: AttentionConfig, batch_size: 
     Raises:
         PuzzleError: B or S not a whole number >= 0, KV heads that do not divide the query heads, an unknown dtype.
     """
-    _checked_count("batch_size", batch_size), _checked_count("seq_len", seq_len)
+    batch_size, seq_len = _checked_count("batch_size", batch_size), _checked_count("seq_len", seq_len)
     if attention.kind != "gqa":
         return 0
     G = _checked_kv_heads(config, attention)
@@ -173,9 +175,9 @@ def subblock_memory_bytes(config: ModelConfig, variant: AttentionConfig | FFNCon
                           weight_dtype="float32", kv_dtype=None) -> int:
     """Parameter bytes (weight dtype) + KV-cache bytes at (B, S) (kv dtype, default `default_kv_dtype`)."""
     kv_dtype = default_kv_dtype(weight_dtype) if kv_dtype is None else kv_dtype
+    batch_size, seq_len = _checked_count("batch_size", batch_size), _checked_count("seq_len", seq_len)  # FFN too
     weights = subblock_weight_bytes(config, variant, weight_dtype)
     kv = kv_cache_bytes(config, variant, batch_size, seq_len, kv_dtype) if isinstance(variant, AttentionConfig) else 0
-    _checked_count("batch_size", batch_size), _checked_count("seq_len", seq_len)  # checked for an FFN too
     return weights + kv
 
 

@@ -611,3 +611,7 @@ def test_memory_functions_refuse_counts_and_kv_heads_no_model_could_have():
     import numpy as np
 
     assert memory.kv_cache_bytes(config, A("attn-kv2"), np.int64(3), 10, "fp32") == 2 * 2 * 16 * 4 * 10 * 3
+    # breaker: numpy int32 counts multiplied in 32 bits and wrapped to 0 bytes
+    big = memory.kv_cache_bytes(config, A("attn-kv2"), np.int32(4096), np.int32(131072), "fp32")
+    assert big == 2 * 2 * 16 * 4 * 4096 * 131072 and isinstance(big, int)
+    assert memory.model_memory_bytes(config, np.int32(4096), np.int32(131072)) > big

@@ -166,6 +166,8 @@ def test_review_of_stop_38_grid_second_order_grads_dtypes_lengths_and_forward_on
                 call(q1, kc, kc, lengths)
     with pytest.raises(ValueError, match="S_max = 0"):
         decode_attention(q1, kc[:, :, :0], kc[:, :, :0], torch.tensor([1, 1, 1]))
+    empty = decode_attention(q1[:0], kc[:0, :, :0], kc[:0, :, :0], torch.zeros(0, dtype=torch.long))  # (breaker)
+    assert empty.shape == (0, 4, 1, 8)
 
     qg = q.clone().requires_grad_()
     with pytest.raises(ValueError, match="no backward"):

@@ -300,10 +300,13 @@ def test_export_messages_name_the_run_and_come_after_the_writing(run_dir, tmp_pa
     stale.mkdir()
     other = copy / "export" / ".child-2x.v2.abcd1234.tmp"  # another export's (child-2x.v2), maybe under way
     other.mkdir()
+    backup = copy / "export" / ".child-2x.mybackup.old"  # a user's, named alike (breaker)
+    backup.mkdir()
+    (backup / "notes.txt").write_text("mine")
     (stale / "model.safetensors").write_bytes(b"partial")
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0  # up to date, or written
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and other.exists() and (backup / "notes.txt").exists()
     elsewhere = tmp_path / "scratch" / "other"
     shutil.copytree(copy / "export" / "child-2x", elsewhere)
     err = io.StringIO()

@@ -1282,7 +1282,12 @@ def test_search_review_repeated_budget_spaced_number_greek_mu_and_throughput_in_
         assert "given twice" in capsys.readouterr().err
     assert "is not a budget this tool reads" in _one_error_line(capsys, [*lib, "--max-runtime", "1 0"])
     parent = parent_totals(table)["runtime_ms"]
-    for text in (f"{parent * 1000:.0f}\u03bcs", f"{parent * 1000:.0f}\u00b5s", "67 %", "1 / 2"):
+    with pytest.raises(SystemExit):
+        main([*lib, "--max-params", "0.5", "--max-params", "0.6"])
+    said = capsys.readouterr().err
+    assert "given twice" in said and "bound the runtime" not in said  # that advice is for the runtime flags
+    for text in (f"{parent * 1000:.0f}\u03bcs", f"{parent * 1000:.0f}\u00b5s", f"{parent * 1000:.0f}\u039cS", "67 %",
+                 "1 / 2"):
         assert main([*lib, "--max-runtime", text, "--json"]) == 0, text
         capsys.readouterr()
     fastest = brute_force_min(table, "runtime_ms")
@@ -1301,6 +1306,20 @@ def test_throughput_hint_writes_large_rates_out_and_names_the_runtime_clause():
 
     error = InfeasibleBudget("no architecture ...", {"runtime_ms": 1000.0 * 256 * 256 / 123456.78})
     hint = throughput_hint(error, "200000tok/s", {"batch_size": 256, "gen_len": 256})
-    assert "runtime: --min-throughput at most 123456.7tok/s" in hint
+    assert "the runtime bound as a rate: --min-throughput at most 123456.7tok/s" in hint
     assert throughput_hint(error, "1.5x", {"batch_size": 256, "gen_len": 256}) == ""
+    slow = throughput_hint(InfeasibleBudget("m", {"runtime_ms": 25000.0}), "1tok/s", {"batch_size": 1, "gen_len": 2})
+    assert "at most 0.08000tok/s" in slow  # was 0.0, which the parser refuses (breaker)
     assert throughput_hint(InfeasibleBudget("m", {"memory_mib": 5.0}), "9tok/s", {"batch_size": 1, "gen_len": 1}) == ""
+
+
+def test_vllm_compatible_names_its_layer_0_rule_when_the_library_has_no_attention_there():
+    """Breaker: a parent without attention in layer 0 searched with --vllm-compatible got "layers [0] have no choice
+    left ... allow at least one of their variants", which nothing could."""
+    table = random_table(3, layers=3, n_attn=5)
+    keep = ~((table["layer"] == 0) & (table["subblock"] == "attention") & (table["variant"] != "attn-noop"))
+    table = table[keep].reset_index(drop=True)
+    table.loc[(table["layer"] == 0) & (table["subblock"] == "attention"), "is_parent"] = True
+    with pytest.raises(PuzzleError, match=r"layers \[0\] have no choice left .*keeps an attention in layer 0, and this "
+                                          r"library offers none there"):
+        solve(table, fraction_budgets(table, runtime_ms=0.9), vllm_compatible=True)
