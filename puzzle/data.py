@@ -566,22 +566,53 @@ def same_text_key(text: str) -> str:
     return " ".join(text.split())
 
 
+#: length of the word n-grams `contaminated` compares (the usual contamination test: GPT-3, Brown et al. 2020, C.)
+CONTAMINATION_NGRAM = 13
+
+
+def _word_ngrams(text: str, n: int = CONTAMINATION_NGRAM) -> set[int]:
+    """Hashes of the n-grams of `text`'s lower-cased words (runs of letters and digits)."""
+    words = re.findall(r"\w+", text.lower())
+    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+def contaminated(docs: list[Document], held_out: list[Document], n: int = CONTAMINATION_NGRAM) -> set[int]:
+    """Indices of `docs` that share a word n-gram (default 13) with any of `held_out`: a passage of the evaluation
+    text inside a calibration document, or a calibration text inside an evaluation passage, whatever their case,
+    punctuation or the way the files split them into documents (reviewer: a copy of the calibration file read as one
+    document was accepted as evaluation text, 81 % of its 13-grams in calibration or scoring)."""
+    grams = set().union(*(_word_ngrams(d.text, n) for d in held_out)) if held_out else set()
+    if not grams:
+        return set()
+    return {i for i, d in enumerate(docs) if not grams.isdisjoint(_word_ngrams(d.text, n))}
+
+
+def _repeat_key(text: str) -> str:
+    """What makes two documents one text within the splits: `same_text_key` for prose; for a text with indented
+    lines (code), its lines without trailing spaces, so that code differing in indentation stays two documents."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    if any(line[:1] in (" ", "\t") for line in lines if line.strip()):
+        return "\n".join(line.rstrip() for line in lines)
+    return same_text_key(text)
+
+
 def split_documents(calib_docs: list[Document], eval_docs: list[Document], score_fraction: float,
                     seed: int = 0) -> dict[str, list[Document]]:
     """Assign documents to the calib / score / eval splits, disjoint by document.
 
     A calibration-source document goes to `score` when the seeded hash of its text is below
     `score_fraction`, else to `calib`; when that leaves one of the two empty, the document with
-    the most extreme hash moves over, so both get one. Exact duplicate texts are kept once, and a calibration
-    text that also appears in the evaluation sources, up to whitespace (`same_text_key`: re-wrapped or re-spaced),
-    is dropped from calibration (texts whose spacing matters, such as code, stay apart within a split).
+    the most extreme hash moves over, so both get one. Texts that repeat up to whitespace (`_repeat_key`: re-wrapped
+    or re-spaced prose; indented text such as code keeps its indentation apart) are kept once, and a calibration
+    text that also appears in the evaluation sources up to whitespace (`same_text_key`) is dropped from calibration (`prepare_data` also drops calibration documents sharing a word 13-gram with the
+    evaluation split, `contaminated`).
     Each split is ordered by a second seeded hash, so a token budget takes a mix of all sources.
     """
     def unique(docs, exclude=frozenset()):
         seen, out = set(), []
-        for d in docs:
-            if d.text not in seen and same_text_key(d.text) not in exclude:
-                seen.add(d.text)
+        for d in docs:  # one copy of a text up to spacing (reviewer: re-wrapped copies landed in calib and score)
+            if (key := _repeat_key(d.text)) not in seen and same_text_key(d.text) not in exclude:
+                seen.add(key)
                 out.append(d)
         return out
 
@@ -1066,7 +1097,8 @@ def pack_eval_split(config: DataConfig, tokenizer, cache_dir=None) -> torch.Tens
 def _pack_eval(config: DataConfig, tokenizer, documents: list[Document], progress: bool = False):
     """The evaluation split of the evaluation sources' `documents`: (tokens (B_e, T) int64, documents used,
     tokens per source), as `_pack` returns them. Raises PuzzleError naming the split."""
-    eval_docs = split_documents([], documents, config.score_fraction, config.seed)["eval"]
+    # seed 0 whatever --seed: runs of other seeds are evaluated on the same passages (reviewer: 2 % of them shared)
+    eval_docs = split_documents([], documents, config.score_fraction, 0)["eval"]
     if not eval_docs:
         raise PuzzleError("the eval split has no documents; add text to its sources")
     try:
@@ -1170,12 +1202,24 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             raise PuzzleError(f"calibration source {lost[0]}: every document repeats the text of another source or "
                               f"of the evaluation sources (documents are kept once), so its weight would give "
                               f"nothing; give each weighted source its own text")
+    shas = settings["source_sha256"]
+    for calib in config.calib_sources:  # the same file under another name, perhaps read into other documents
+        if same := [e for e in config.eval_sources if shas.get(e) is not None and shas.get(e) == shas.get(calib)]:
+            raise PuzzleError(f"--calib {calib} and --eval {same[0]} are the same file (equal sha256): the evaluation "
+                              f"would not be held out; give calibration text of its own")
     budgets = {"calib": config.calib_tokens, "score": config.score_tokens, "eval": config.eval_tokens}
     tensors, summary = {}, {}
+    # the evaluation split first: calibration and scoring documents that share a word 13-gram with it are left out
+    eval_packed = _pack_eval(config, tokenizer, [d for s in config.eval_sources for d in per_source[s]], progress)
+    dirty = {k: contaminated(splits[k], eval_packed[1]) for k in ("calib", "score")}
+    if n_dirty := sum(map(len, dirty.values())):
+        warnings.warn(f"{n_dirty} calibration document(s) share a run of {CONTAMINATION_NGRAM} words with the "
+                      f"evaluation split's passages; they are left out of the calibration and scoring splits, so the "
+                      f"evaluation stays held out")
+        splits = {**splits, **{k: [d for i, d in enumerate(splits[k]) if i not in dirty[k]] for k in dirty}}
     for split in SPLITS:
         if split == "eval":  # from the evaluation sources alone, as `pack_eval_split` packs it for a re-pack's check
-            tokens, used, source_tokens = _pack_eval(config, tokenizer, [d for s in config.eval_sources
-                                                                         for d in per_source[s]], progress)
+            tokens, used, source_tokens = eval_packed
         else:
             if not splits[split]:
                 had = sum(len(per_source[s]) for s in config.calib_sources)
