@@ -315,3 +315,13 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     assert bld_level_caveat(1.52, 1.549, 16384) != ""  # 1.9 % better: within the tolerance
     assert bld_level_caveat(1.40, 1.549, 16384) == ""  # 10 % better: nothing to add
     assert bld_level_caveat(float("nan"), 1.5, 1) == "" and bld_level_caveat(1.0, 0.0, 1) == ""
+
+
+def test_a_memory_miss_is_never_timing_noise():
+    """Reviewer: runtime at 1.05 of its limit with a large standard error was the tightest column, so a memory
+    total 1.7 % over its limit (exact, not timed) was "kept: over by less than the timing noise"."""
+    from puzzle.feedback import Check
+
+    noisy = dict(met=False, use=1.05, column="runtime_ms", limits={"runtime_ms": 10.0, "memory_mib": 5.0}, se=0.236)
+    assert Check(ratios={"runtime_ms": 1.05, "memory_mib": 1.0167}, **noisy).significant_miss()
+    assert not Check(ratios={"runtime_ms": 1.05, "memory_mib": 0.99}, **noisy).significant_miss()
