@@ -1738,7 +1738,12 @@ def markdown_table(df: pd.DataFrame) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return ""
         if isinstance(v, float):
-            return f"{v:.0f}" if 1e4 <= abs(v) < 1e6 else f"{v:.4g}"  # 37570, not 3.757e+04
+            if 1e4 <= abs(v) < 1e6:
+                return f"{v:.0f}"  # 37570, not 3.757e+04
+            digits = 4  # a budget use just over 1 is not printed "1" beside budget_met False (reviewer)
+            while digits < 9 and v != 1.0 and f"{v:.{digits}g}" == "1":
+                digits += 1
+            return f"{v:.{digits}g}"
         return str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -900,3 +900,6 @@ def test_the_reports_table_leaves_missing_cells_empty_and_writes_rates_without_a
                                          "kl_nats": [float("nan"), 0.001234], "budget_met": [None, True]}))
     assert table.splitlines()[2] == "| parent | 37570 |  |  |"
     assert table.splitlines()[3] == "| child | 1.235e+08 | 0.001234 | True |"
+    # reviewer (budget feedback): a budget use of 1.00004 read "1" beside budget_met False
+    uses = markdown_table(pd.DataFrame({"budget_use": [1.00004, 1.0, 0.99996]})).splitlines()[2:]
+    assert uses == ["| 1.00004 |", "| 1 |", "| 0.99996 |"]
