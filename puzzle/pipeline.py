@@ -23,6 +23,7 @@ messages to the `log` callback.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -750,6 +751,22 @@ def front_request(run: Run, speedup: float):
     return BudgetRequest(speedup=str(speedup), max_memory=s.max_memory, max_params=s.max_params)
 
 
+def _same_request(a, b) -> bool:
+    """Whether two BudgetRequests ask for the same budgets (a speed-up compared as a number: '2' and '2.0')."""
+    def norm(r):
+        out = {}
+        for f, v in dataclasses.asdict(r).items():
+            if v in (None, ""):
+                continue
+            try:
+                out[f] = float(str(v).rstrip("xX")) if f == "speedup" else str(v)
+            except ValueError:
+                out[f] = str(v)
+        return out
+
+    return norm(a) == norm(b)
+
+
 def _solve_record(run: Run, name: str, request, stage: str, budgets=None,
                   scored: tuple[pd.DataFrame, dict] | None = None) -> dict:
     """Solve `request` (or the table limits `budgets`, when given) on the `stage` table; returns the record
@@ -868,8 +885,8 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     missed: dict[str, str] = {}  # front target -> why no child meets it
     for s in run.config.search.front_speedups:
         name = f"child-{s:g}x"
-        if name in records:
-            continue
+        if name in records or _same_request(front_request(run, s), request):
+            continue  # the main child is this point (reviewer: solved twice, the two drifted apart under feedback)
         req = front_request(run, s)
         try:
             records[name] = solve_or_keep(name, req, "bld")

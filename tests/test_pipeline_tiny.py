@@ -903,3 +903,18 @@ def test_the_reports_table_leaves_missing_cells_empty_and_writes_rates_without_a
     # reviewer (budget feedback): a budget use of 1.00004 read "1" beside budget_met False
     uses = markdown_table(pd.DataFrame({"budget_use": [1.00004, 1.0, 0.99996]})).splitlines()[2:]
     assert uses == ["| 1.00004 |", "| 1 |", "| 0.99996 |"]
+
+
+def test_a_front_point_with_the_main_childs_budgets_is_not_solved_twice(run_dir, tmp_path):
+    """Reviewer (budget feedback): with --max-memory 0.9 --speedup 1.5 the main child child-1.5x-mem0.9 and the front
+    point child-1.5x asked for the same budgets, were solved twice, and under feedback ended as different children."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["search", "--out", str(copy), "--max-memory", "0.9", "--speedup", "1.5"]) == 0
+    chosen = json.loads((copy / "search" / "chosen.json").read_text())
+    names = set(chosen["names"])
+    assert "child-1.5x-mem0.9" in names and "child-1.5x" not in names, names
+    assert {"child-1.25x", "child-2x"} <= names
