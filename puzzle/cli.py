@@ -126,10 +126,9 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-throughput", action=GivenOnce, metavar="R", help="throughput floor at the workload: generated tokens/s "
                                                          "('1200tok/s') or a multiple of the parent's ('1.5x')")
     g.add_argument("--vllm-compatible", action=argparse.BooleanOptionalAction, default=None,
-                   help="leave out variants vLLM cannot serve (linear replacements, and a no_op attention in layer 0, even in a layer "
-                        "removed whole: the simple rule that keeps an FFN from coming before the first attention); "
-                        "--no-vllm-compatible lets them in "
-                        "again (default: the run's saved setting, else off)")
+                   help="leave out variants vLLM cannot serve (linear replacements, and a no_op attention in layer 0, "
+                        "even in a layer removed whole: the simple rule that keeps an FFN from coming before the first "
+                        "attention); --no-vllm-compatible lets them in again (default: the run's saved setting, else off)")
     g.add_argument("--front-speedups", metavar="S,S,...", action=JoinCommas, help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "

@@ -322,8 +322,8 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
         others = sorted(f.name for f in path.iterdir() if not f.name.startswith(".") and f not in files
                         and f.name not in _SAVE_TO_DISK_META)
         if others:  # breaker: a notes.txt beside the tables was left out without a word
-            warnings.warn(f"data source {source}: {len(others)} file(s) or folder(s) beside the tables of {path} left out, only "
-                          f"its .parquet/.arrow tables are read ({', '.join(others[:3])}"
+            warnings.warn(f"data source {source}: {len(others)} file(s) or folder(s) beside the tables of {path} left "
+                          f"out, only its .parquet/.arrow tables are read ({', '.join(others[:3])}"
                           f"{' ...' if len(others) > 3 else ''}); give other files as sources of their own")
         files = _train_split(files, path, source)
     docs, blank = [], 0
@@ -604,8 +604,9 @@ def split_documents(calib_docs: list[Document], eval_docs: list[Document], score
     `score_fraction`, else to `calib`; when that leaves one of the two empty, the document with
     the most extreme hash moves over, so both get one. Texts that repeat up to whitespace (`_repeat_key`: re-wrapped
     or re-spaced prose; indented text such as code keeps its indentation apart) are kept once, and a calibration
-    text that also appears in the evaluation sources up to whitespace (`same_text_key`) is dropped from calibration (`prepare_data` also drops calibration documents sharing a word 13-gram with the
-    evaluation split, `contaminated`).
+    text that also appears in the evaluation sources up to whitespace (`same_text_key`) is dropped from
+    calibration (`prepare_data` also drops calibration documents sharing a word 13-gram with the evaluation
+    split, `contaminated`).
     Each split is ordered by a second seeded hash, so a token budget takes a mix of all sources.
     """
     def unique(docs, exclude=frozenset()):

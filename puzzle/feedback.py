@@ -258,9 +258,9 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
 
     A loosened child that then measures over its budget goes back to the last architecture of that
     child that met it: in the last round, and in an earlier one when it is over by less than the
-    timing noise (a clear miss is corrected by a re-solve instead); a re-solve that returns an architecture tried before
-    is taken only when it goes back to one that met its budget while tightening (so two children
-    cannot alternate round after round).
+    timing noise (a clear miss is corrected by a re-solve instead). A re-solve that returns an
+    architecture tried before is taken only when it goes back to one that met its budget while
+    tightening (so two children cannot alternate round after round).
 
     Args:
         records: {name: search record}; records with a `request` take part, the others are

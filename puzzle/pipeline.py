@@ -884,10 +884,9 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
     missed: dict[str, str] = {}  # front target -> why no child meets it
     for s in run.config.search.front_speedups:
-        name = f"child-{s:g}x"
-        if name in records or _same_request(front_request(run, s), request):
+        name, req = f"child-{s:g}x", front_request(run, s)
+        if name in records or _same_request(req, request):
             continue  # the main child is this point (reviewer: solved twice, the two drifted apart under feedback)
-        req = front_request(run, s)
         try:
             records[name] = solve_or_keep(name, req, "bld")
         except PuzzleError as e:

@@ -926,8 +926,9 @@ def add_rpo_parser(subparsers) -> None:
     src.add_argument("--task", help="online: a built-in graded task (count, repeat, reverse) gives prompts and reward")
     src.add_argument("--prompts", type=Path, metavar="FILE", help="online: prompts (.jsonl with 'prompt' or 'messages')")
     src.add_argument("--reward", help="online reward for --prompts: a task name (count, repeat, reverse) or "
-                                      "judge:PATH (that model's mean log-prob per response token, its end-of-text token included: a response "
-                                      "cut at --max-new-tokens is scored as if it ended there)")
+                                      "judge:PATH (that model's mean log-prob per response token, its end-of-text "
+                                      "token included: a response cut at --max-new-tokens is scored as if it ended "
+                                      "there)")
     src.add_argument("--num-prompts", type=int, help="prompts drawn from --task (default 128)")
     src.add_argument("--string-prompts", choices=["raw", "chat"], default="raw",
                      help="plain-text prompts as is (raw) or as one user message (chat)")

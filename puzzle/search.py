@@ -62,8 +62,8 @@ class InfeasibleBudget(PuzzleError):
 
 def throughput_hint(error: InfeasibleBudget, min_throughput: str | None, workload: dict) -> str:
     """For a --min-throughput given in tokens/s, the highest rate the library reaches, in tokens/s: ' (the runtime
-    bound as a rate: --min-throughput at most 623.1tok/s ...)'; '' otherwise (reviewer: the message said the least runtime and a multiple of the parent's
-    rate only)."""
+    bound as a rate: --min-throughput at most 623.1tok/s ...)'; '' otherwise (reviewer: the message said the least
+    runtime and a multiple of the parent's rate only)."""
     runtime = error.least.get("runtime_ms")
     batch, gen = (workload or {}).get("batch_size"), (workload or {}).get("gen_len")
     if not (min_throughput and re.search(r"tok", str(min_throughput), re.IGNORECASE) and runtime and runtime > 0
