@@ -14,7 +14,7 @@ import torch
 
 from . import attention_decode, attention_prefill, rmsnorm
 from . import swiglu as swiglu_op
-from .utils import KERNEL_DTYPES
+from .utils import KERNEL_DTYPES, needs_grad
 
 
 def _triton_for(t: torch.Tensor, use_triton: bool | None) -> bool:
@@ -24,7 +24,7 @@ def _triton_for(t: torch.Tensor, use_triton: bool | None) -> bool:
 def _attention_triton_for(tensors, use_triton: bool | None) -> bool:
     """As `_triton_for`, but inputs that need a gradient go to the (differentiable) reference by default: the
     attention kernels are forward only (reviewer: on CUDA the output came back detached, on CPU it did not)."""
-    if use_triton is None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if use_triton is None and needs_grad(*tensors):
         return False
     return _triton_for(tensors[0], use_triton)
 

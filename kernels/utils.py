@@ -161,13 +161,18 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd is on and some of `tensors` requires grad (an output would need a backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def check_forward_only(name: str, *tensors: torch.Tensor) -> None:
     """Refuse inputs a forward-only kernel would detach: with autograd on, a tensor that requires grad would get
     an output without a graph (the attention kernels have no backward; `ops` sends such inputs to the reference).
 
     Raises:
         ValueError: autograd is on and some input requires grad, or a dtype the kernels do not take."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if needs_grad(*tensors):
         raise ValueError(f"{name}: the Triton kernel has no backward, and an input requires grad; run it under "
                          f"torch.no_grad() or use the reference (ops with use_triton=None picks it)")
     if tensors[0].dtype not in KERNEL_DTYPES:

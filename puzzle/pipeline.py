@@ -753,14 +753,16 @@ def front_request(run: Run, speedup: float):
 
 def _same_request(a, b) -> bool:
     """Whether two BudgetRequests ask for the same budgets (a speed-up compared as a number: '2' and '2.0')."""
+    from .budgets import parse_speedup
+
     def norm(r):
         out = {}
         for f, v in dataclasses.asdict(r).items():
             if v in (None, ""):
                 continue
             try:
-                out[f] = float(str(v).rstrip("xX")) if f == "speedup" else str(v)
-            except ValueError:
+                out[f] = parse_speedup(v) if f == "speedup" else str(v)
+            except PuzzleError:
                 out[f] = str(v)
         return out
 

@@ -101,7 +101,7 @@ def unquantized_params(config: ModelConfig, variant: AttentionConfig | FFNConfig
     return C
 
 
-def _unquantized_dtype(weight_dtype) -> str:
+def unquantized_dtype(weight_dtype) -> str:
     """The dtype the parts fp8 does not quantize are stored in: bf16 for fp8 weights, else the weight dtype."""
     weight_dtype = canonical_dtype(weight_dtype)
     return "bfloat16" if weight_dtype == "float8" else weight_dtype
@@ -110,7 +110,7 @@ def _unquantized_dtype(weight_dtype) -> str:
 def subblock_weight_bytes(config: ModelConfig, variant: AttentionConfig | FFNConfig, weight_dtype="float32") -> int:
     """Parameter bytes of one subblock in `weight_dtype` (fp8: its matrices at one byte, norm and biases in bf16)."""
     params, kept = subblock_params(config, variant), unquantized_params(config, variant)
-    return (params - kept) * dtype_bytes(weight_dtype) + kept * dtype_bytes(_unquantized_dtype(weight_dtype))
+    return (params - kept) * dtype_bytes(weight_dtype) + kept * dtype_bytes(unquantized_dtype(weight_dtype))
 
 
 def non_block_params(config: ModelConfig) -> int:
@@ -183,7 +183,7 @@ def subblock_memory_bytes(config: ModelConfig, variant: AttentionConfig | FFNCon
 
 def non_block_memory_bytes(config: ModelConfig, weight_dtype="float32") -> int:
     """Bytes of the embedding, final norm and (untied) LM head (in bf16 for fp8 weights: fp8 leaves them alone)."""
-    return non_block_params(config) * dtype_bytes(_unquantized_dtype(weight_dtype))
+    return non_block_params(config) * dtype_bytes(unquantized_dtype(weight_dtype))
 
 
 def model_memory_bytes(config: ModelConfig, batch_size: int, seq_len: int, weight_dtype="float32",

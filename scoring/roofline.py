@@ -155,7 +155,7 @@ def non_block_work(config: ModelConfig, batch_size: int, tokens: int, *, weight_
                    act_dtype="bfloat16") -> Work:
     """Embedding lookup, final norm and the LM head on the last position of B sequences of T tokens."""
     C, V, B = config.hidden_size, config.vocab_size, batch_size
-    w = memory.non_block_memory_bytes(config, weight_dtype) / memory.non_block_params(config)  # bf16 under fp8
+    w = memory.dtype_bytes(memory.unquantized_dtype(weight_dtype))  # fp8 leaves the embedding and LM head in bf16
     a = memory.dtype_bytes(act_dtype)
     return Work(2.0 * B * C * V, w * V * C + a * B * (tokens * C + V), KERNELS["non_block"])
 
