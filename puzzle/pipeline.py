@@ -1596,15 +1596,20 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     s = run.config.search
     # the plain solve's child of each budget (a record the feedback settled before carries it along)
     solved = {name: r.get("solved_choice", r["choice"]) for name, r in records.items()}
+    earlier = {name: earlier_feedback(r) for name, r in records.items()}
     records, measured, checks, history = settle(records, measure, resolve, rounds=s.budget_feedback,
                                                 slack=s.budget_slack, workload_meta=run.workload().meta(),
                                                 say=run.say)
     for name, record in records.items():
+        rewritten = {k: v for k, v in record.items() if k != "budget_feedback_earlier"}
         atomic_write_json(run.out / "search" / f"{name}.json",
-                          {**record, "solved_choice": solved[name], "budget_feedback": history.get(name, [])})
+                          {**rewritten, "solved_choice": solved[name], "budget_feedback": history.get(name, []),
+                           "budget_feedback_rounds": s.budget_feedback,
+                           **({"budget_feedback_earlier": earlier[name]} if earlier[name] else {})})
     atomic_write_json(run.out / "children" / "budget_feedback.json",
                       {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
-                       "final": {n: c.to_dict() for n, c in checks.items()}})
+                       "final": {n: c.to_dict() for n, c in checks.items()},
+                       **({"earlier": {n: e for n, e in earlier.items() if e}} if any(earlier.values()) else {})})
     for name, c in checks.items():
         if not c.met:
             run.say(f"measure: {name} measured {c.use_text()} of its {c.column} budget: over it"
@@ -1666,6 +1671,27 @@ def evaluate_all(run: Run, models: dict) -> dict[str, dict]:
     if bar is not None:
         bar.close()
     return quality
+
+
+EARLIER_SESSIONS = 5  # earlier feedback sessions a settled record keeps
+
+
+def earlier_feedback(record: dict) -> list[dict]:
+    """The feedback sessions that explain a settled record's child, oldest first: [{rounds, history}, ...].
+
+    A record the budget feedback re-solved (its `choice` differs from `solved_choice`) is kept by later
+    searches (`settled_record`), and its next measurement writes a new `budget_feedback` history that
+    starts at that child; the sessions that chose it move to `budget_feedback_earlier` (the last
+    EARLIER_SESSIONS of them), so a rerun with another `--budget-feedback` still says why the child was
+    re-solved (reviewer: the history was overwritten). A record whose child is the plain solve's needs
+    none: [] for it, and for one never measured.
+    """
+    choice, solved, history = record.get("choice"), record.get("solved_choice"), record.get("budget_feedback")
+    if not isinstance(solved, list) or solved == choice or not isinstance(history, list) or not history:
+        return []
+    before = record.get("budget_feedback_earlier")
+    before = [e for e in before if isinstance(e, dict)] if isinstance(before, list) else []
+    return (before + [{"rounds": record.get("budget_feedback_rounds"), "history": history}])[-EARLIER_SESSIONS:]
 
 
 def _over_budget_note(check, history: list[dict], rounds: int) -> str:

@@ -1011,6 +1011,40 @@ def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp
         assert stage_search(Run(out, config, progress=False))[name]["choice"] == plain[name]["choice"]
 
 
+def test_a_measurement_with_other_feedback_rounds_keeps_why_the_settled_child_was_chosen(tmp_path_factory, tmp_path):
+    """Reviewer: a rerun with another --budget-feedback kept the feedback's child but overwrote its history, so
+    nothing in the run said why the child was re-solved. The earlier sessions now move to budget_feedback_earlier."""
+    import shutil
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import EARLIER_SESSIONS, Run, earlier_feedback, realize_and_measure, stage_search
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    config = load_run_config(out)
+    plain = stage_search(Run(out, config, progress=False))
+    name, other = "child-1.25x", "child-1.5x"
+    first = [{"round": 0, "choice": plain[name]["choice"], "action": "loosened"},
+             {"round": 1, "choice": plain[other]["choice"], "action": "kept"}]
+    settled = {**plain[other], "name": name, "request": plain[name]["request"], "budgets": plain[name]["budgets"],
+               "solved_choice": plain[name]["choice"], "budget_feedback": first, "budget_feedback_rounds": 2}
+    run = Run(out, config.replace(search={"budget_feedback": 0}), progress=False)
+    _, _, final = realize_and_measure(run, {name: settled})
+    record = json.loads((out / "search" / f"{name}.json").read_text())
+    assert record["choice"] == plain[other]["choice"] and record["solved_choice"] == plain[name]["choice"]
+    assert [e["round"] for e in record["budget_feedback"]] == [0] and record["budget_feedback_rounds"] == 0
+    assert record["budget_feedback_earlier"] == [{"rounds": 2, "history": first}]
+    feedback = json.loads((out / "children" / "budget_feedback.json").read_text())
+    assert feedback["earlier"] == {name: [{"rounds": 2, "history": first}]}
+    # sessions pile up to a bound; a child that is the plain solve's, or a record never measured, needs none
+    piled = settled
+    for _ in range(EARLIER_SESSIONS + 2):
+        piled = {**piled, "budget_feedback_earlier": earlier_feedback(piled)}
+    assert len(piled["budget_feedback_earlier"]) == EARLIER_SESSIONS
+    assert earlier_feedback({**settled, "choice": settled["solved_choice"]}) == []
+    assert earlier_feedback(plain[name]) == []
+
+
 @pytest.mark.parametrize("objective, words", [
     ("kl_nats=0", "every weight is 0"), ("kl_nats=nan", "finite"), ("lm_loss=inf", "finite"),
     ("kl_nats=1,kl_nats=2", "twice"), (" , ", "empty"), ("kl_nats=", "write 'column' or"),
