@@ -284,6 +284,14 @@ def build_choices(table: pd.DataFrame) -> Choices:
 # Step 1: filters and dominance
 
 
+def vllm_unservable(layer: int, block) -> bool:
+    """Whether --vllm-compatible leaves out `block` (a BlockConfig) in layer `layer`: linear subblocks, which vLLM's
+    DeciLM model does not serve, and a no_op attention in layer 0 (`export.vllm_layout_problems`)."""
+    # vLLM's DeciLM layer hands an FFN met before any attention a residual of None and fails (reviewer:
+    # nemotron_nas.py DeciLMDecoderLayer.forward); an attention in layer 0 rules that out
+    return "linear" in (block.attention.kind, block.ffn.kind) or (layer == 0 and block.attention.kind == "no_op")
+
+
 def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) -> np.ndarray:
     """(L, V) mask of the slots the user allows. `exclude`: variant ids (block, attention or FFN),
     or (layer, id) pairs for one layer only. `vllm_compatible` leaves out linear subblocks and a no_op attention
@@ -296,11 +304,7 @@ def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) ->
     for i, blocks in enumerate(choices.blocks):
         for j, b in enumerate(blocks):
             ids = {b.id, b.attention.id, b.ffn.id}
-            # vLLM's DeciLM layer hands an FFN met before any attention a residual of None and fails (reviewer:
-            # nemotron_nas.py DeciLMDecoderLayer.forward); an attention in layer 0 rules that out
-            first_no_attention = i == 0 and b.attention.kind == "no_op"
-            if (vllm_compatible and ("linear" in (b.attention.kind, b.ffn.kind) or first_no_attention)) \
-                    or ids & everywhere or any((i, v) in per_layer for v in ids):
+            if (vllm_compatible and vllm_unservable(i, b)) or ids & everywhere or any((i, v) in per_layer for v in ids):
                 mask[i, j] = False
     empty = np.flatnonzero(~mask.any(1))
     if len(empty):

@@ -795,9 +795,11 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     the child the plain solve gave. A plain solve of the same request would undo that correction,
     so a record whose child differs from `solved_choice` is kept when it was solved on the same
     library stage, request, objective and vLLM setting, on a score table with the same bytes
-    (`table_sha256`), and passes the solver-independent check against that table (search.verify);
-    otherwise None (solve again, as for every record before `solved_choice` existed).
+    (`table_sha256`), and passes the solver-independent check against that table (search.verify) and,
+    with --vllm-compatible, that setting's layer rules (`mip.vllm_unservable`); otherwise None (solve
+    again, as for every record before `solved_choice` existed).
     """
+    from .mip import vllm_unservable
     from .search import Solution, parse_objective, verify
 
     path = run.out / "search" / f"{name}.json"
@@ -815,7 +817,10 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
                 and record.get("table_sha256") == _sha256(score_table_path(run, stage)))
         if not same:
             return None
-        verify(Solution.from_dict(record), load_score_table(run, stage)[0])  # a hand-edited or stale record: solve
+        solution = Solution.from_dict(record)
+        verify(solution, load_score_table(run, stage)[0])  # a hand-edited or stale record: solve
+        if s.vllm_compatible and any(vllm_unservable(i, b) for i, b in enumerate(solution.blocks)):
+            return None  # settled before the layer-0 rule of --vllm-compatible (verify does not check it): solve
         if not all(isinstance(record.get(k), (int, float)) for k in ("speedup", "kl_nats", "runtime_ms")):
             return None
     except (PuzzleError, ValueError, TypeError, AttributeError, KeyError, IndexError, UnicodeDecodeError):

@@ -1045,6 +1045,36 @@ def test_a_measurement_with_other_feedback_rounds_keeps_why_the_settled_child_wa
     assert earlier_feedback(plain[name]) == []
 
 
+def test_a_settled_record_that_breaks_the_vllm_layer_rule_is_solved_again(tmp_path_factory, tmp_path):
+    """Reviewer: a record the feedback settled under --vllm-compatible before its layer-0 rule (no no_op attention
+    there) was kept, since search.verify does not check that rule."""
+    import shutil
+
+    from puzzle.architecture import BlockConfig
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, load_score_table, stage_search
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    config = load_run_config(out).replace(search={"vllm_compatible": True})
+    run = Run(out, config, progress=False)
+    name = "child-1.25x"
+    plain = stage_search(run)[name]
+    table = load_score_table(run)[0]
+    attention = {v for v in table.loc[table["layer"] == 0, "variant"] if v.startswith("attn-")}
+    assert "attn-noop" in attention
+    old = search.solve(table, Budgets.from_dict(plain["budgets"]), "kl_nats",
+                       exclude=tuple((0, a) for a in attention - {"attn-noop"}))[0]
+    assert BlockConfig.from_id(old.choice[0]).attention.kind == "no_op" and old.choice != tuple(plain["choice"])
+    settled = {**plain, **old.to_dict(), "solved_choice": plain["choice"],
+               "budget_feedback": [{"round": 0, "choice": list(old.choice), "action": "kept"}]}
+    (out / "search" / f"{name}.json").write_text(json.dumps(settled))
+    assert stage_search(run)[name]["choice"] == plain["choice"]
+    # the same record with a servable layer 0 is kept
+    (out / "search" / f"{name}.json").write_text(json.dumps({**plain, "solved_choice": ["x"]}))
+    assert stage_search(run)[name]["solved_choice"] == ["x"]
+
+
 @pytest.mark.parametrize("objective, words", [
     ("kl_nats=0", "every weight is 0"), ("kl_nats=nan", "finite"), ("lm_loss=inf", "finite"),
     ("kl_nats=1,kl_nats=2", "twice"), (" , ", "empty"), ("kl_nats=", "write 'column' or"),
