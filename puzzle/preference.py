@@ -561,16 +561,17 @@ class RPOConfig:
         check_loss(self.loss)
         if self.aggregate not in AGGREGATES:
             raise PuzzleError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
-        require_finite("rpo", beta=self.beta, eta=self.eta, gamma=self.gamma, kl_coef=self.kl_coef, lr=self.lr,
-                       weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, temperature=self.temperature)
+        # one message per setting, naming its flag where it has one (reviewer: one message listed all four; nan and
+        # inf named no flag)
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise PuzzleError(f"--temperature (rpo temperature) must be a finite number > 0, got {self.temperature}: "
+                              f"a group's responses are sampled, and greedy decoding (0) would make all k of them alike")
+        if not math.isfinite(self.kl_coef) or self.kl_coef < 0:
+            raise PuzzleError(f"--kl-coef (rpo kl_coef) must be a finite number >= 0, got {self.kl_coef}")
+        require_finite("rpo", beta=self.beta, eta=self.eta, gamma=self.gamma, lr=self.lr,
+                       weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
         if self.beta <= 0 or self.eta <= 0:
             raise PuzzleError(f"beta and eta must be > 0 (got beta={self.beta}, eta={self.eta})")
-        # one message per setting, naming its flag where it has one (reviewer: one message listed all four)
-        if self.temperature <= 0:
-            raise PuzzleError(f"--temperature (rpo temperature) must be > 0, got {self.temperature}: a group's responses "
-                              f"are sampled, and greedy decoding (0) would make all k of them alike")
-        if self.kl_coef < 0:
-            raise PuzzleError(f"--kl-coef (rpo kl_coef) must be >= 0, got {self.kl_coef}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise PuzzleError(f"rpo weight_decay must be >= 0 and max_grad_norm > 0 (got weight_decay="
                               f"{self.weight_decay}, max_grad_norm={self.max_grad_norm})")
