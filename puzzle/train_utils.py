@@ -457,30 +457,39 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
 
         bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step")
     t0, step = time.perf_counter(), start
+    saved, done_rng, updating = start, rng_state(), False  # the step the checkpoint holds; the RNG after `step`
     wrapped.train()
-    while step < total_steps and (stop_after_steps is None or step - start < stop_after_steps):
-        mult = lr_multiplier(step, total_steps, optim.warmup_fraction, optim.min_lr_fraction)
-        for g in opt.param_groups:
-            g["lr"] = optim.lr * mult
-        opt.zero_grad(set_to_none=True)
-        metrics = step_fn(wrapped, step)
-        if not math.isfinite(metrics["loss"]):
-            raise PuzzleError(f"{desc}: the loss became {metrics['loss']} at step {step + 1}; lower the learning rate")
-        norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
-            norm = norm.full_tensor()
-        opt.step()
-        step += 1
-        record = {"step": step, "lr": optim.lr * mult, "grad_norm": float(norm), **mean_over_ranks(metrics, env)}
-        history.append(record)
-        if checkpoint_path is not None and (step % max(1, checkpoint_every) == 0 or step == total_steps
-                                            or (stop_after_steps is not None and step - start == stop_after_steps)):
-            _save(checkpoint_path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if on_step is not None:
-            on_step(step, record)
+    try:
+        while step < total_steps and (stop_after_steps is None or step - start < stop_after_steps):
+            mult = lr_multiplier(step, total_steps, optim.warmup_fraction, optim.min_lr_fraction)
+            for g in opt.param_groups:
+                g["lr"] = optim.lr * mult
+            opt.zero_grad(set_to_none=True)
+            metrics = step_fn(wrapped, step)
+            if not math.isfinite(metrics["loss"]):
+                raise PuzzleError(f"{desc}: the loss became {metrics['loss']} at step {step + 1}; lower the learning rate")
+            norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
+            if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+                norm = norm.full_tensor()
+            updating = True  # from here until the step is counted, weights and step number disagree
+            opt.step()
+            step += 1
+            record = {"step": step, "lr": optim.lr * mult, "grad_norm": float(norm), **mean_over_ranks(metrics, env)}
+            history.append(record)
+            updating, done_rng = False, rng_state()
+            if checkpoint_path is not None and (step % max(1, checkpoint_every) == 0 or step == total_steps
+                                                or (stop_after_steps is not None and step - start == stop_after_steps)):
+                _save(checkpoint_path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
+                saved = step
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if on_step is not None:
+                on_step(step, record)
+    except KeyboardInterrupt as e:  # reviewer: Ctrl-C lost up to checkpoint_every - 1 steps and said nothing was lost
+        e.puzzle_note = _save_on_interrupt(checkpoint_path, wrapped, opt, step, saved, total_steps, meta, history, env,
+                                           fsdp, desc, done_rng, updating)
+        raise
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -522,6 +531,27 @@ def _gather_rng(env: DistEnv) -> list:
     states = [None] * env.world_size
     dist.all_gather_object(states, rng_state())
     return states
+
+
+def _save_on_interrupt(path, wrapped, opt, step: int, saved: int, total_steps: int, meta, history, env: DistEnv,
+                       fsdp: bool, desc: str, done_rng: dict, updating: bool) -> str:
+    """After Ctrl-C in `train_loop`: checkpoint the last finished step when that is safe, and say what a rerun
+    resumes from (the message `cli.main` prints).
+
+    Safe means one process (ranks of a distributed run stop at different points, and the save is a collective)
+    and not inside the optimizer update (weights and step count would disagree). The RNG goes back to its state
+    after the last finished step, so a resumed run equals an uninterrupted one. A second Ctrl-C during this save
+    leaves the checkpoint before it (the write is atomic)."""
+    if path is None:
+        return f"{desc} keeps no checkpoint here, so a rerun trains from the start"
+    if step > saved and not updating and not env.distributed:
+        set_rng_state(done_rng)
+        _save(path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
+        saved = step
+    if saved == 0:
+        return f"{desc} stopped before its first step was saved, so a rerun trains from the start"
+    lost = f" ({step - saved} step(s) after it are lost)" if step > saved else ""
+    return f"{desc}: checkpoint at step {saved} of {total_steps}{lost}; rerun the same command to resume"
 
 
 def _save(path, wrapped, opt, step, total_steps, meta, history, env: DistEnv, fsdp: bool) -> None:

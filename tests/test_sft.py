@@ -164,6 +164,37 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_ctrl_c_mid_run_checkpoints_the_last_finished_step(tiny, tmp_path, monkeypatch):
+    """Reviewer: Ctrl-C lost every step since the last scheduled checkpoint (up to checkpoint_every - 1) while the
+    command said finished work was saved."""
+    import puzzle.sft as sft
+
+    data = prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(3, 0)], seq_len=256)
+    cfg = SFTConfig(epochs=2, seq_len=256, batch_size=2, lr=1e-3, checkpoint_every=50)  # 3 steps, saved at the end
+    whole = supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "a")
+    real = sft._step_fn
+
+    def interrupted(data, cfg, env):
+        step = real(data, cfg, env)
+
+        def run(wrapped, k):
+            if k == 2:
+                step(wrapped, k)  # forward and backward done, Ctrl-C before the update
+                raise KeyboardInterrupt
+            return step(wrapped, k)
+        return run
+
+    monkeypatch.setattr(sft, "_step_fn", interrupted)
+    with pytest.raises(KeyboardInterrupt) as e:
+        supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "b")
+    assert e.value.puzzle_note == "sft: checkpoint at step 2 of 3; rerun the same command to resume"
+    monkeypatch.undo()
+    rest = supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "b")
+    assert rest.resumed_from == 2 and rest.finished
+    for a, b in zip(whole.model.parameters(), rest.model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_settings_that_are_not_finite_and_a_diverged_last_step_are_refused(tiny, tmp_path):
     for bad, words in [({"lr": math.inf}, "lr=inf"), ({"epochs": math.nan}, "epochs=nan"),
                        ({"warmup_fraction": 2.0}, "fractions in [0, 1]"), ({"grad_clip": -1.0}, "grad_clip >= 0"),
