@@ -499,10 +499,38 @@ _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(\S.*)$", re.S)
 
 def parse_think(text: str) -> dict:
     """has_think: "<think>" appears; well_formed: the text is <think>trace</think> then a non-empty
-    answer, with a non-empty trace and one think block; answer: the text after the block (or all)."""
+    answer, with a non-empty trace and one think block; answer: the text after the last "</think>", the
+    whole text when there is no think tag, and "" when a "<think>" is never closed (a trace cut off by
+    the token limit holds no answer: reviewer, its numbers were scored as one)."""
     m = _THINK.match(text)
     well = bool(m) and bool(m.group(1).strip()) and text.count("<think>") == 1 and text.count("</think>") == 1
-    return {"has_think": "<think>" in text, "well_formed": well, "answer": m.group(2).strip() if m else text.strip()}
+    if "</think>" in text:
+        answer = text.rsplit("</think>", 1)[1]
+    else:
+        answer = "" if "<think>" in text else text
+    return {"has_think": "<think>" in text, "well_formed": well, "answer": answer.strip()}
+
+
+_NUMBER = re.compile(r"(?<![\d.])\d+(?:,\d{3})*(?![\d])")
+
+
+def answer_is_correct(question: dict, answer: str) -> bool:
+    """Whether `answer` (the text after the think block) states the result of a toggle question
+    (`reasoning_toggle_questions`).
+
+    sort: the sorted list appears. compare: the larger number appears and the smaller does not (both are
+    in the question, so a reply that repeats it, or says "300 is larger than 512", is not an answer).
+    The others: the answer's last number is the value ("23 + 12 = 35."), so numbers of a repeated
+    question do not count. Thousands separators are read ("40,000").
+    """
+    value = question["value"]
+    if question["task"] == "sort":
+        return re.search(rf"(?<![\d.]){re.escape(value)}(?![\d])", answer) is not None
+    numbers = [n.replace(",", "") for n in _NUMBER.findall(answer)]
+    if question["task"] == "compare":
+        others = {n for n in re.findall(r"\d+", question["question"]) if n != value}
+        return value in numbers and not others & set(numbers)
+    return bool(numbers) and numbers[-1] == value
 
 
 @torch.no_grad()
@@ -524,8 +552,8 @@ def toggle_report(model: PuzzleForCausalLM, tokenizer, questions: list[dict], ma
     """Greedy answers to each question with the toggle on and off.
 
     Returns:
-        A table: task, question, mode ("on"/"off"), reply, has_think, well_formed, correct (the
-        expected value appears in the answer part as a whole number or list).
+        A table: task, question, mode ("on"/"off"), reply, has_think, well_formed, correct
+        (`answer_is_correct` of the answer part, after the think block).
     """
     rows = []
     items = [(q, mode) for q in questions for mode in ("on", "off")]
@@ -538,7 +566,7 @@ def toggle_report(model: PuzzleForCausalLM, tokenizer, questions: list[dict], ma
         reply = greedy_chat(model, tokenizer, [{"role": "system", "content": system},
                                                {"role": "user", "content": q["question"]}], max_new_tokens)
         parsed = parse_think(reply)
-        correct = re.search(rf"(?<![\d.]){re.escape(q['value'])}(?![\d])", parsed["answer"]) is not None
+        correct = answer_is_correct(q, parsed["answer"])
         rows.append({"task": q["task"], "question": q["question"], "mode": mode, "reply": reply,
                      "has_think": parsed["has_think"], "well_formed": parsed["well_formed"], "correct": correct})
     return pd.DataFrame(rows)

@@ -230,6 +230,31 @@ def test_parse_think():
     for bad in ("<think></think> 42", "<think>x</think>", "42. <think>x</think> y", "<think>x<think>y</think> z"):
         assert not parse_think(bad)["well_formed"], bad
     assert not parse_think("42.")["has_think"]
+    # reviewer: a trace cut off by the token limit, or closed with nothing after it, was scored as the answer
+    for cut in ("<think>\nSo 12 + 23 = 35.", "<think>\nSo 12 + 23 = 35.\n</think>\n"):
+        assert parse_think(cut)["answer"] == ""
+
+
+def test_toggle_answers_are_scored_on_the_stated_result():
+    """Reviewer: "the value appears in the answer" counted "300 is larger than 512." and a reply that repeats the
+    question as correct (16 of 100 held-out questions)."""
+    from puzzle.sft import answer_is_correct, reasoning_toggle_questions
+
+    compare = {"task": "compare", "question": "Which number is larger, 300 or 512?", "value": "512"}
+    assert answer_is_correct(compare, "512 is larger.")
+    for wrong in ("300 is larger than 512.", compare["question"], "300 is larger.", ""):
+        assert not answer_is_correct(compare, wrong), wrong
+    story = {"task": "story", "question": "Anna has 12 apples, buys 5 more and gives 1 away. How many apples does "
+                                          "Anna have now?", "value": "16"}
+    assert answer_is_correct(story, "Anna has 16 apples now.") and not answer_is_correct(story, story["question"])
+    units = {"task": "units", "question": "How many meters are in 40 kilometers?", "value": "40000"}
+    assert answer_is_correct(units, "40 kilometers are 40,000 meters.")
+    assert not answer_is_correct(units, "40 kilometers are 4000 meters.")
+    # every demonstration answer passes, and no held-out question repeated as its answer does
+    held = reasoning_toggle_heldout()
+    for q in reasoning_toggle_questions(400, 0) + held:
+        assert answer_is_correct(q, q["answer"]), q
+    assert not [q for q in held if answer_is_correct(q, q["question"])]
 
 
 def test_short_sft_teaches_the_toggle_on_held_out_questions(tmp_path):
