@@ -147,14 +147,58 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool
             blank = _render(tokenizer, [{**m, "content": ""}], False)
             before = upto[:next((t for t, (a, b) in enumerate(zip(upto, blank)) if a != b), min(len(upto), len(blank)))]
         if upto[:len(before)] != before or ids[:len(upto)] != upto:
-            raise PuzzleError("the chat template's rendering of a conversation prefix is not a prefix of the whole "
-                              "conversation's; the assistant tokens cannot be located (use a standard template)")
+            # a reply that opens with whitespace can merge with the header's last token ("\n" + "\n\n"): locate the
+            # turns by characters instead (reviewer: such a reply stopped the whole data set)
+            return ids, _labels_by_offsets(tokenizer, messages, ids)
         span = upto[len(before):]
         # what the template writes after the end-of-turn token (ChatML's newline) is not the answer's to learn
         stops = [t for t, tok in enumerate(span) if tok == tokenizer.eos_token_id]
         end = len(before) + (stops[-1] + 1 if stops else len(span))
         labels[len(before):end] = upto[len(before):end]
     return ids, labels
+
+
+def _labels_by_offsets(tokenizer, messages: list[dict], ids: list[int]) -> list[int]:
+    """Labels of `tokenize_conversation` found through the rendered text: an assistant turn's tokens are those
+    that start at or after its header's end and end within the turn (a token across the header's end stays
+    unlearned), up to and including its last end-of-turn token.
+
+    Raises:
+        PuzzleError: a slow tokenizer (no character offsets), or renderings of the prefixes that are not text
+            prefixes of the whole conversation's.
+    """
+    def text(msgs, generation_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    whole = text(messages, False)
+    try:
+        encoded = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # transformers' slow tokenizers
+        encoded = None
+    if encoded is None or encoded["input_ids"] != ids:
+        raise PuzzleError("the chat template's rendering of a conversation prefix is not a prefix of the whole "
+                          "conversation's, and the tokenizer gives no character offsets to locate the assistant "
+                          "tokens by; use a standard template and a fast tokenizer (tokenizer.json), or strip "
+                          "whitespace at the start of replies")
+    offsets = encoded["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        upto = text(messages[:i + 1], False)
+        if i:
+            before = text(messages[:i], True)
+        else:
+            blank = text([{**m, "content": ""}], False)
+            before = upto[:next((c for c, (a, b) in enumerate(zip(upto, blank)) if a != b), min(len(upto), len(blank)))]
+        if not (whole.startswith(upto) and upto.startswith(before)):
+            raise PuzzleError("the chat template's rendering of a conversation prefix is not a prefix of the whole "
+                              "conversation's; the assistant tokens cannot be located (use a standard template)")
+        turn = [t for t, (a, b) in enumerate(offsets) if a >= len(before) and b <= len(upto) and b > a]
+        stops = [t for t in turn if ids[t] == tokenizer.eos_token_id]
+        for t in (turn if not stops else [t for t in turn if t <= stops[-1]]):
+            labels[t] = ids[t]
+    return labels
 
 
 @dataclass(frozen=True)
@@ -234,8 +278,21 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
 
 def prepare_sft_data(tokenizer, conversations: list[list[dict]], seq_len: int, pack: bool = True,
                      train_on_prompt: bool = False, seed: int = 0) -> Packed:
-    """Tokenize, mask and pack conversations (see the module docstring)."""
-    examples = [tokenize_conversation(tokenizer, c, train_on_prompt) for c in conversations]
+    """Tokenize, mask and pack conversations (see the module docstring).
+
+    Raises:
+        PuzzleError: as `tokenize_conversation` and `pack_conversations`, or a chat template that refuses a
+            conversation (raise_exception, e.g. on the order of roles); naming the conversation (counting from 1).
+    """
+    from jinja2 import TemplateError
+
+    examples = []
+    for k, conversation in enumerate(conversations, start=1):
+        try:
+            examples.append(tokenize_conversation(tokenizer, conversation, train_on_prompt))
+        except (PuzzleError, TemplateError) as e:  # reviewer: a template's refusal was a bare jinja2 traceback
+            roles = ", ".join(m["role"] for m in conversation)
+            raise PuzzleError(f"conversation {k} of the data (roles {roles}): {e}") from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pack_conversations(examples, seq_len, int(pad if pad is not None else 0), pack, seed)
 

@@ -235,6 +235,61 @@ def test_parse_think():
         assert parse_think(cut)["answer"] == ""
 
 
+def _newline_merging_tokenizer():
+    """The tiny tokenizer with one merge more, "\\n\\n", so a reply that opens with a blank line merges with the
+    header's newline, as with SmolLM2's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from puzzle import tiny
+
+    vocab = {tok: i for i, tok in enumerate(tiny.SPECIAL_TOKENS)}
+    for char in tiny.bytes_to_unicode().values():
+        vocab[char] = len(vocab)
+    merges = tiny.learn_merges(tiny._MERGE_TEXT, tiny.NUM_MERGES) + [("\u010a", "\u010a")]  # byte-level "\n" twice
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(tiny.SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=tiny.CHAT_TEMPLATE)
+
+
+def test_a_reply_that_opens_with_whitespace_is_located_by_characters(tiny):
+    """Reviewer: with SmolLM2's tokenizer a reply opening with "\\n\\n" merged with the header's newline, the token
+    prefixes no longer matched, and the whole data set stopped. Such turns are now located by character offsets:
+    the token across the header's end stays unlearned, the rest of the reply and its end-of-turn token are learned."""
+    from puzzle.sft import _labels_by_offsets
+
+    tok = _newline_merging_tokenizer()
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nanswer"},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "\n\nmore"}]
+    ids, labels = tokenize_conversation(tok, messages)
+    assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE]) == "\nanswer<|im_end|>\nmore<|im_end|>"
+    # on conversations the token prefixes handle, locating by characters gives the same labels
+    first = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": ""}]
+    for conversation in [r["messages"] for r in reasoning_toggle_examples(6, 0)] + [first]:
+        for t in (tok, tiny.tokenizer):
+            ids, labels = tokenize_conversation(t, conversation)
+            assert _labels_by_offsets(t, conversation, ids) == labels
+
+
+def test_a_template_that_refuses_a_conversation_names_it(tiny):
+    """Reviewer: a template raising on the order of roles gave a bare jinja2 traceback."""
+    from puzzle.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(PuzzleError, match=re.escape("conversation 2 of the data (roles assistant): roles must")):
+        prepare_sft_data(tok, [good, [{"role": "assistant", "content": "b"}]], 64)
+
+
 def test_toggle_answers_are_scored_on_the_stated_result():
     """Reviewer: "the value appears in the answer" counted "300 is larger than 512." and a reply that repeats the
     question as correct (16 of 100 held-out questions)."""
