@@ -207,7 +207,8 @@ class Packed:
 
     input_ids: tokens (padding: the pad id); labels: learned tokens, -100 elsewhere; position_ids:
     0, 1, ... restarting at every conversation; segments: 1, 2, ... per conversation in a row, 0 on
-    padding. `dropped`: conversations longer than T that were left out.
+    padding. `dropped`: conversations longer than T that were left out; `longest`: the longest
+    conversation's tokens (kept or not).
     """
 
     input_ids: torch.Tensor
@@ -215,6 +216,7 @@ class Packed:
     position_ids: torch.Tensor
     segments: torch.Tensor
     dropped: int
+    longest: int = 0
 
 
 def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True,
@@ -262,7 +264,7 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
             position_ids[r, at:at + n] = torch.arange(n)
             segments[r, at:at + n] = s
             at += n
-    return Packed(input_ids, labels, position_ids, segments, dropped)
+    return Packed(input_ids, labels, position_ids, segments, dropped, max(len(e[0]) for e in examples))
 
 
 def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -683,6 +685,11 @@ def _check_sft_flags(args) -> None:
     if args.measure_toggle < 0 or args.max_new_tokens < 1:
         raise PuzzleError(f"--measure-toggle must be >= 0 and --max-new-tokens >= 1 (got {args.measure_toggle}, "
                           f"{args.max_new_tokens})")
+    if args.measure_toggle:  # reviewer: too many failed only after training and export (a fraction of a second)
+        try:
+            reasoning_toggle_heldout(args.measure_toggle)
+        except PuzzleError as e:
+            raise PuzzleError(f"--measure-toggle {args.measure_toggle}: {e}") from None
 
 
 def run_sft_command(args, log=None) -> dict | None:
@@ -741,6 +748,13 @@ def run_sft_command(args, log=None) -> dict | None:
         conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
         data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
                                 config.seed)
+        if data.dropped:  # reviewer: --seq-len 128 left out every "thinking on" example of the demo set, with an info line
+            cut = (f"{data.dropped} of {len(conversations)} conversations are longer than --seq-len {config.seq_len} "
+                   f"and left out; --seq-len {data.longest} keeps them all")
+            if DEMO_SPEC in args.data:
+                raise PuzzleError(f"{cut} (the {DEMO_SPEC} set teaches the toggle with its longer 'thinking on' "
+                                  f"examples paired with the short 'off' ones; it needs them all)")
+            log(f"sft: warning: {cut}")
         learned = int((data.labels != IGNORE).sum())
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "
