@@ -40,6 +40,7 @@ import pickle
 import shutil
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,8 +332,11 @@ def _weight_files(folder: Path) -> list[Path]:
             return [folder / name]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = (f"; to load the GGUF beside it, give the file ({folder / ggufs[0]}) or gguf_file="
+                f"{' / '.join(ggufs[:3])}" if ggufs else "")
         raise PuzzleError(f"{folder} has a config.json but no weights (model.safetensors, model.safetensors.index.json "
-                          "or pytorch_model.bin); copy the checkpoint's weight files next to it")
+                          f"or pytorch_model.bin); copy the checkpoint's weight files next to it{hint}")
     return files
 
 
@@ -518,7 +522,11 @@ def _gguf_rope_scaling(path: Path, header: _GGUFHeader) -> dict | None:
     meta = header.metadata
     scaling_type = meta.get("llama.rope.scaling.type", "none")
     if scaling_type == "linear":
-        return {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+        factor = meta.get("llama.rope.scaling.factor")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+            raise PuzzleError(f"{path}: linear RoPE scaling without a positive llama.rope.scaling.factor (got "
+                              f"{factor!r}); convert the model again with llama.cpp, or load its HF folder")
+        return {"rope_type": "linear", "factor": float(factor)}
     if scaling_type != "none":
         raise PuzzleError(f"{path}: RoPE scaling {scaling_type!r} is not supported (supported: linear, llama3)")
     if "rope_freqs.weight" not in header.tensors:
@@ -568,6 +576,20 @@ def default_cache_dir() -> Path:
 
 def _convert_gguf(path: Path, target: Path, rope_scaling: dict | None, sha256: str) -> None:
     """Load a GGUF with transformers, convert it, and write an HF Llama folder at `target` atomically."""
+    try:  # before the conversion (minutes for a large model): reviewer, an unusable cache failed only after it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    except OSError as e:
+        raise PuzzleError(f"cannot write the converted GGUF to {target.parent} ({e}); "
+                          "pass cache_dir or set PUZZLE_CACHE to a writable folder") from e
+    try:
+        _convert_into(path, tmp, target, rope_scaling, sha256)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_into(path: Path, tmp: Path, target: Path, rope_scaling: dict | None, sha256: str) -> None:
+    """`_convert_gguf`'s work: convert into the temp folder `tmp`, then rename it to `target`."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -587,8 +609,6 @@ def _convert_gguf(path: Path, target: Path, rope_scaling: dict | None, sha256: s
     config = model_config_from_hf(d)
     model = model_from_state_dict(config, hf_model.state_dict(), torch.float32, what=str(path), copy=False)
     del hf_model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         tensors = model.state_dict()
         if config.tie_word_embeddings:
@@ -607,8 +627,6 @@ def _convert_gguf(path: Path, target: Path, rope_scaling: dict | None, sha256: s
     except OSError as e:
         raise PuzzleError(f"cannot write the converted GGUF to {target.parent} ({e}); "
                           "pass cache_dir or set PUZZLE_CACHE to a writable folder") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) -> LoadedModel:
@@ -619,6 +637,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) 
     folder = Path(cache_dir or default_cache_dir()).expanduser() / "gguf" / f"{path.stem}-{sha[:16]}-v{GGUF_CACHE_VERSION}"
     hit = (folder / "config.json").is_file()
     if not hit:
+        if folder.is_dir() or folder.is_symlink():  # reviewer: a folder left without its config.json made every
+            # later conversion fail at the rename ("Directory not empty"); a finished conversion is renamed in whole,
+            # so one without config.json is no conversion in progress
+            warnings.warn(f"the cached conversion {folder} has no config.json; converting {path.name} again")
+            if folder.is_symlink():
+                folder.unlink()
+            else:
+                shutil.rmtree(folder)
         _convert_gguf(path, folder, rope_scaling, sha)
     extra = {"source": "gguf", "path": str(path), "name": header.metadata.get("general.name", path.stem),
              "gguf_sha256": sha, "cache": str(folder)}  # the same on every load, so configs compare equal

@@ -1,6 +1,7 @@
 """Loading parents: HF Llama folders, nemotron-nas folders, GGUF files, and the refusals."""
 
 import json
+import re
 import math
 
 import numpy as np
@@ -192,8 +193,9 @@ def llama3_rope_freqs(head_dim, theta, factor, low, high, old_len):
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(path, hf: LlamaForCausalLM, arch="llama", rope_freqs=None):
-    """A float32 llama GGUF of `hf` with the tiny tokenizer's vocabulary, laid out as llama.cpp does."""
+def write_gguf(path, hf: LlamaForCausalLM, arch="llama", rope_freqs=None, extra=None):
+    """A float32 llama GGUF of `hf` with the tiny tokenizer's vocabulary, laid out as llama.cpp does; `extra(writer)`
+    adds metadata."""
     import gguf
 
     cfg, tok = hf.config, tiny_tokenizer()
@@ -221,6 +223,8 @@ def write_gguf(path, hf: LlamaForCausalLM, arch="llama", rope_freqs=None):
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
     w.add_chat_template(tok.chat_template)
+    if extra is not None:
+        extra(w)
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
@@ -266,6 +270,25 @@ def test_gguf_matches_transformers_and_is_cached(tmp_path):
     assert "cached conversion" in second.source and second.config == first.config
     with torch.no_grad():
         assert_same_logits(second, reference(IDS).logits)
+    # reviewer: a cached folder without its config.json failed every later load at the rename ("Directory not
+    # empty"), after converting again each time; it is now replaced, with a warning
+    (folders[0] / "config.json").unlink()
+    with pytest.warns(UserWarning, match="has no config.json; converting tiny.gguf again"):
+        third = load_parent(gguf_path, cache_dir=cache)
+    assert "converted now" in third.source and third.config == first.config
+    assert list((cache / "gguf").iterdir()) == folders and (folders[0] / "config.json").is_file()
+    # reviewer: a cache path that cannot be a folder failed after the conversion with a raw NotADirectoryError
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    import puzzle.parent
+
+    def converted(*args, **kwargs):
+        raise AssertionError("converted before checking the cache folder")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(puzzle.parent, "_convert_into", converted)
+        with pytest.raises(PuzzleError, match="cannot write the converted GGUF to .*a-file/gguf"):
+            load_parent(gguf_path, cache_dir=blocked)
 
 
 def test_gguf_llama3_rope_freqs_are_recovered(tmp_path):
@@ -327,7 +350,12 @@ def test_untied_checkpoint_without_lm_head_names_the_fix(tmp_path):
 
 def test_no_weights(tmp_path):
     hf_llama().config.save_pretrained(tmp_path)
-    with pytest.raises(PuzzleError, match="no weights"):
+    with pytest.raises(PuzzleError, match="no weights") as e:
+        load_parent(tmp_path)
+    assert "GGUF" not in str(e.value)
+    # reviewer: a GGUF repository that ships a config.json beside the .gguf was told to copy weight files only
+    write_gguf(tmp_path / "m.gguf", hf_llama(num_hidden_layers=1))
+    with pytest.raises(PuzzleError, match=re.escape(f"give the file ({tmp_path / 'm.gguf'}) or gguf_file=m.gguf")):
         load_parent(tmp_path)
 
 
@@ -396,3 +424,10 @@ def test_bad_gguf_files(tmp_path):
     with pytest.raises(PuzzleError, match="holds 3 .gguf files"):
         load_parent(tmp_path)
     assert not (tmp_path / "c").exists()  # refused before any conversion
+    # reviewer: linear RoPE scaling without a factor was a raw KeyError
+    (tmp_path / "linear").mkdir()
+    nofactor = write_gguf(tmp_path / "linear" / "l.gguf", hf_llama(num_hidden_layers=1),
+                          extra=lambda w: w.add_string("llama.rope.scaling.type", "linear"))
+    with pytest.raises(PuzzleError, match="linear RoPE scaling without a positive llama.rope.scaling.factor"):
+        load_parent(nofactor, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
