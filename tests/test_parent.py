@@ -88,6 +88,9 @@ def test_hf_sharded_folder_and_bf16(tmp_path):
     half = load_parent(tmp_path, dtype=torch.bfloat16, with_tokenizer=False)
     assert half.tokenizer is None and next(half.model.parameters()).dtype == torch.bfloat16
     assert half.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    # reviewer: a cast down and back (model.to(bf16).float()) left the RoPE table rounded to bf16
+    there_and_back = load_parent(tmp_path).model.to(torch.bfloat16).float()
+    assert torch.equal(there_and_back.model.rotary_emb.inv_freq, loaded.model.model.rotary_emb.inv_freq)
 
 
 def test_pytorch_bin_folder_loads(tmp_path):
