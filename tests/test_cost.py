@@ -442,7 +442,7 @@ def test_whole_models_take_fingerprint_samples_between_models(monkeypatch):
 
 def test_short_windows_are_judged_with_their_tick_noise_and_the_error_quotes_the_worst(monkeypatch):
     """Windows shorter than MIN_WINDOW_S (here: every one) are judged against the limit plus
-    2 * CPUs * tick / wall; their readings are not recorded as the measurement's contention."""
+    2 * CPUs * tick / wall, and recorded as the measurement's contention less that noise (a lower bound)."""
     import time
 
     import puzzle.scoring.cost as cost
@@ -462,7 +462,12 @@ def test_short_windows_are_judged_with_their_tick_noise_and_the_error_quotes_the
     # 3 cores of others over the window: over 0.25 + noise, timed again; 0.1 core: within noise, kept
     samples, info = cost._guarded_rounds(run_round_with(iter([3.0] * 3 + [0.1] * 3)), Workload(1, 4, 2, num_threads=2),
                                          repeats=3, warmup=0, max_contention=0.25, what="test")
-    assert samples["x"] == [0.1] * 3 and info["rounds_dropped"] == 3 and math.isnan(info["contention_cores"])
+    assert samples["x"] == [0.1] * 3 and info["rounds_dropped"] == 3 and info["contention_cores"] == 0.0
+    # reviewer: accepted with --max-contention inf, short windows next to a busy neighbour recorded no contention,
+    # so a later run with 0.25 reused the table; the reading less its noise is recorded
+    samples, info = cost._guarded_rounds(run_round_with(iter([3.0] * 3)), Workload(1, 4, 2, num_threads=2),
+                                         repeats=3, warmup=0, max_contention=float("inf"), what="test")
+    assert info["rounds_dropped"] == 0 and 1.0 < info["contention_cores"] <= 3.0  # 2.56 unless sleep overshoots
     # three contended windows in a row: the message quotes the worst of them, not the last
     loads = iter([2.0] * 3 + [4.0] * 3 + [2.5] * 3)
     with pytest.raises(PuzzleError, match=r"kept up to 3\.\d\d cores busy .* 3 windows in a row"):
