@@ -644,8 +644,15 @@ def stage_cost(run: Run, retime: bool = False) -> tuple[pd.DataFrame, dict]:
                 run.say(f"score: the cost table was {stale}; timing it again")
             elif {v.id for v in attn + ffn} <= set(df["variant"]):
                 return df, meta["non_block"]
-        except PuzzleError:
-            pass  # measured for another workload, model or space: measure again
+        except PuzzleError as e:  # measured for another workload, model or space, or damaged: measure again
+            why = str(e).split("; rerun", 1)[0]  # the table's own advice is what happens next
+            why = why if len(why) <= 240 else why[:240] + "..."  # a fingerprint of the model can be long
+            run.say(f"score: the cost table cannot be reused ({why}); timing it again")  # reviewer: it said nothing
+    positions = run.parent.config.max_position_embeddings
+    if w.prompt_len + w.gen_len > positions:  # reviewer: accepted without a word
+        run.say(f"score: warning: the workload's prompt + generation ({w.prompt_len} + {w.gen_len} tokens) is longer "
+                f"than the {positions} positions the parent was trained on; the timings are real, but such requests "
+                f"are beyond what the parent (and its children) serve well")
     t0 = time.perf_counter()
     df = measure_subblock_costs(run.parent.config, attn, ffn, w, repeats=run.config.score.cost_repeats,
                                 progress=run.progress, max_contention=limit)

@@ -344,6 +344,26 @@ def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(r
     assert "timing the cost table again (--retime)" in err.getvalue()
     again = pd.read_csv(copy / "score" / "cost.csv").set_index("variant")
     assert again.loc["ffn-linear", "runtime_ms"] < table.set_index("variant").loc["ffn-linear", "runtime_ms"] / 10
+    # reviewer: a damaged table was timed again without a word; a workload longer than the parent's positions was
+    # accepted without one
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, stage_cost
+
+    (copy / "score" / "cost.csv").write_text("".join((copy / "score" / "cost.csv").read_text().splitlines(True)[:-1]))
+    said = []
+
+    def timed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for the timing: what matters is said before it
+
+    for target in ({}, {"prompt_len": 4000}):
+        run = Run(copy, load_run_config(copy).replace(target=target, score={"max_contention": float("inf")}),
+                  progress=False, log=said.append)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("puzzle.scoring.cost.measure_subblock_costs", timed)
+            with pytest.raises(KeyboardInterrupt):
+                stage_cost(run)
+    assert "rows, but its sidecar cost.csv.json recorded" in said[0] and said[0].endswith("timing it again"), said
+    assert any("prompt + generation (4000 + " in m and "longer than the 2048 positions" in m for m in said), said
 
 
 def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_report(run_dir, tmp_path, monkeypatch):
