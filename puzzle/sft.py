@@ -70,6 +70,9 @@ def conversation_from_record(record: dict, where: str) -> list[dict]:
     Raises:
         PuzzleError: neither form, an unknown role, non-string content, or no assistant message.
     """
+    if "messages" in record and not isinstance(record["messages"], list):  # reviewer: fell back to prompt/response
+        raise PuzzleError(f"{where}: 'messages' must be a list of {{role, content}}, got "
+                          f"{type(record['messages']).__name__}")
     if isinstance(record.get("messages"), list):
         messages = record["messages"]
     elif isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
@@ -247,7 +250,9 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
         rows[-1].append(k)
         fill += n
     if not rows:
-        raise PuzzleError(f"every conversation is longer than seq_len={seq_len}; raise --seq-len")
+        shortest = min(len(e[0]) for e in examples) if examples else 0
+        raise PuzzleError(f"every conversation is longer than seq_len={seq_len} (the shortest has {shortest} tokens); "
+                          f"raise --seq-len")
     N = len(rows)
     input_ids = torch.full((N, seq_len), pad_id, dtype=torch.int64)
     labels = torch.full((N, seq_len), IGNORE, dtype=torch.int64)

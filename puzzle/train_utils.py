@@ -271,9 +271,27 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     return ckpt
 
 
+def _differing(saved: dict, meta: dict, prefix: str = "") -> list[str]:
+    """The keys where two metas differ, nested dicts by their dotted keys ("config.checkpoint_every", with the
+    saved and new values for a setting): reviewer, "differs in ['config']" named no setting."""
+    out = []
+    for k in sorted(set(saved) | set(meta), key=str):
+        a, b = saved.get(k), meta.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f"{prefix}{k}.")
+        elif isinstance(a, (int, float, str, bool, type(None))) and isinstance(b, (int, float, str, bool, type(None))) \
+                and len(repr(a)) + len(repr(b)) < 80:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _check_meta(path: Path, saved: dict, meta: dict) -> None:
     if saved != meta:
-        keys = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
+        keys = _differing(saved, meta)
         raise PuzzleError(f"checkpoint {path} was made with other settings or inputs (differs in {keys}); "
                           f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
 

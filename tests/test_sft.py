@@ -277,6 +277,20 @@ def test_a_reply_that_opens_with_whitespace_is_located_by_characters(tiny):
             assert _labels_by_offsets(t, conversation, ids) == labels
 
 
+def test_a_refused_resume_names_the_setting_and_short_inputs_say_what_they_need(tiny, tmp_path):
+    """Reviewer: a refused resume said "differs in ['config']"; 'messages' that is not a list fell back to
+    prompt/response; "every conversation is longer" did not say how long the shortest is."""
+    from puzzle.train_utils import _check_meta
+
+    saved = {"stage": "sft", "config": {"lr": 1e-4, "checkpoint_every": 50}, "data": "a" * 64}
+    with pytest.raises(PuzzleError, match=re.escape("differs in ['config.checkpoint_every: 50 -> 5', 'data']")):
+        _check_meta(tmp_path / "c.pt", saved, {**saved, "config": {"lr": 1e-4, "checkpoint_every": 5}, "data": "b" * 64})
+    with pytest.raises(PuzzleError, match="'messages' must be a list of {role, content}, got str"):
+        conversation_from_record({"messages": "hello", "prompt": "q", "response": "a"}, "f.jsonl, line 1")
+    with pytest.raises(PuzzleError, match=r"longer than seq_len=8 \(the shortest has \d+ tokens\)"):
+        prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(1, 0)], seq_len=8)
+
+
 def test_a_template_that_refuses_a_conversation_names_it(tiny):
     """Reviewer: a template raising on the order of roles gave a bare jinja2 traceback."""
     from puzzle.tiny import tiny_tokenizer
