@@ -9,6 +9,7 @@ multiple), `linear` or `no_op`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from .architecture import AttentionConfig, FFNConfig, ModelConfig
@@ -36,13 +37,24 @@ class SpaceConfig:
     no_op: bool = True
 
     def __post_init__(self) -> None:
+        # reviewer: "12" read as (1, 2), 2.7 as 2, a scalar and 0 crashed later (not iterable, modulo by zero)
+        for name, kind in (("ffn_fractions", "fractions in (0, 1], e.g. [0.75, 0.5]"),
+                           ("kv_heads", "whole KV-head counts >= 1, e.g. [2, 1]")):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise PuzzleError(f"space.{name} must be a list of {kind}; got {value!r}")
+        if any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in self.ffn_fractions):
+            raise PuzzleError(f"space.ffn_fractions must be a list of fractions in (0, 1]; got {list(self.ffn_fractions)}")
         object.__setattr__(self, "ffn_fractions", tuple(float(f) for f in self.ffn_fractions))
+        whole = lambda k: isinstance(k, numbers.Integral) and not isinstance(k, bool)  # noqa: E731
+        if any(not whole(k) or k < 1 for k in self.kv_heads):
+            raise PuzzleError(f"space.kv_heads must be a list of whole KV-head counts >= 1; got {list(self.kv_heads)}")
         object.__setattr__(self, "kv_heads", tuple(int(k) for k in self.kv_heads))
         bad = [f for f in self.ffn_fractions if not 0.0 < f <= 1.0]
         if bad:
             raise PuzzleError(f"space.ffn_fractions must lie in (0, 1]; got {bad}")
-        if self.ffn_multiple < 1:
-            raise PuzzleError(f"space.ffn_multiple must be >= 1; got {self.ffn_multiple}")
+        if not whole(self.ffn_multiple) or self.ffn_multiple < 1:
+            raise PuzzleError(f"space.ffn_multiple must be a whole number of channels >= 1; got {self.ffn_multiple!r}")
 
 
 def attention_variants(parent: ModelConfig, space: SpaceConfig) -> list[AttentionConfig]:
@@ -77,9 +89,19 @@ def ffn_widths(intermediate_size: int, fractions, multiple: int) -> list[int]:
 
 
 def ffn_variants(parent: ModelConfig, space: SpaceConfig) -> list[FFNConfig]:
-    """FFN variants for every layer, the parent's first."""
+    """FFN variants for every layer, the parent's first.
+
+    Raises:
+        PuzzleError: fractions below 1 ask for narrower FFNs, but `ffn_multiple` leaves none below the parent's width.
+    """
     out = [FFNConfig("swiglu", parent.intermediate_size)]
-    out += [FFNConfig("swiglu", w) for w in ffn_widths(parent.intermediate_size, space.ffn_fractions, space.ffn_multiple)]
+    widths = ffn_widths(parent.intermediate_size, space.ffn_fractions, space.ffn_multiple)
+    if not widths and any(f < 1 for f in space.ffn_fractions):  # reviewer: the space lost them without a word
+        raise PuzzleError(f"space.ffn_fractions {list(space.ffn_fractions)} ask for FFNs narrower than the parent's "
+                          f"{parent.intermediate_size} channels, but widths are multiples of space.ffn_multiple="
+                          f"{space.ffn_multiple}, which leaves none; lower ffn_multiple (e.g. "
+                          f"{max(1, parent.intermediate_size // 8)})")
+    out += [FFNConfig("swiglu", w) for w in widths]
     if space.linear:
         out.append(FFNConfig("linear"))
     if space.no_op:

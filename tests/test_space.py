@@ -1,5 +1,7 @@
 """The per-layer search space."""
 
+import re
+
 import pytest
 
 from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
@@ -24,6 +26,26 @@ def test_kv_heads_must_divide_the_parents():
     assert [a.id for a in attention_variants(cfg, SpaceConfig())][:2] == ["attn-kv2", "attn-kv1"]
     with pytest.raises(PuzzleError, match="divisor"):
         attention_variants(cfg, SpaceConfig(kv_heads=(3,)))
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"kv_heads": (0,)}, "whole KV-head counts >= 1"), ({"kv_heads": "12"}, "must be a list"),
+    ({"kv_heads": (2.7,)}, "whole KV-head counts"), ({"kv_heads": 2}, "must be a list"),
+    ({"ffn_fractions": 0.5}, "must be a list"), ({"ffn_fractions": ("x",)}, "fractions in (0, 1]"),
+    ({"ffn_multiple": 2.5}, "whole number of channels"), ({"ffn_multiple": True}, "whole number of channels")])
+def test_space_settings_of_the_wrong_kind_are_refused_by_name(bad, words):
+    """Reviewer: kv_heads "12" read as (1, 2), 2.7 as 2; 0 and scalars crashed later with raw errors."""
+    with pytest.raises(PuzzleError, match=re.escape(words)):
+        SpaceConfig(**bad)
+
+
+def test_a_multiple_that_leaves_no_narrower_ffn_is_refused():
+    """Reviewer: ffn_multiple at or above the parent's width offered no narrower FFN without a word."""
+    cfg = tiny_parent().config
+    with pytest.raises(PuzzleError, match="leaves none; lower ffn_multiple"):
+        ffn_variants(cfg, SpaceConfig(ffn_fractions=(0.5,), ffn_multiple=cfg.intermediate_size))
+    assert [f.kind for f in ffn_variants(cfg, SpaceConfig(ffn_fractions=(1.0,), ffn_multiple=cfg.intermediate_size))] \
+        == ["swiglu", "linear", "no_op"]  # none was asked for
 
 
 def test_widths_round_and_never_reach_zero_or_the_parent():
