@@ -471,7 +471,7 @@ def fit_linear(norm, x, target) -> tuple[torch.Tensor, float, int]:
     w = ridge_solve(xtx, xty).to(x.device)
     wd = w.double()
     sse = ((wd @ xtx) * wd).sum() - 2 * (wd * xty.T).sum() + yy  # ||X W^T - Y||^2 = tr(W X^T X W^T) - 2 tr(W X^T Y) + ||Y||^2
-    return w, float(sse / max(yy, 1e-300)), rows
+    return w, max(0.0, float(sse / max(yy, 1e-300))), rows  # an exact fit cancels to a tiny negative (reviewer)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ Fewer KV heads (`kv_init`):
 
 Linear replacements (`linear_init`):
 - "parent": attention W = W_o . W_v with V heads repeated to the query heads (attention restricted
-  to the current token: softmax over one key is 1); FFN W = W_down . W_up (gate dropped).
+  to the current token: softmax over one key is 1); FFN W = W_down . W_up (gate dropped). Products in
+  fp32. Linear subblocks have no bias, so a parent with attention or MLP biases loses their constant
+  (W_o . b_v + b_o, W_down . b_up + b_down) here and in "lstsq" alike; BLD then fits what it can.
 - "lstsq": ridge least squares on calibration activations, W = argmin ||X W^T - Y||^2 + lambda ||W||^2.
 
 Whole blocks (coupled BLD) are composed from subblock weights with `compose_block`.
@@ -182,7 +184,8 @@ def init_ffn(config: ModelConfig, parent_layer: DecoderBlock, variant: FFNConfig
         if lstsq_data is not None:
             sub.mlp.linear_mlp.weight.copy_(ridge_lstsq(*lstsq_data))
         else:
-            sub.mlp.linear_mlp.weight.copy_(pm.down_proj.weight @ pm.up_proj.weight)  # (C, F) @ (F, C)
+            # in fp32 whatever the parent's dtype (reviewer: bf16 products were off by 2.6e-3); biases are dropped
+            sub.mlp.linear_mlp.weight.copy_(pm.down_proj.weight.float() @ pm.up_proj.weight.float())  # (C, F) @ (F, C)
         return sub
     width = variant.intermediate_size
     if width > pm.down_proj.in_features:
@@ -190,9 +193,10 @@ def init_ffn(config: ModelConfig, parent_layer: DecoderBlock, variant: FFNConfig
     if width == pm.down_proj.in_features:
         keep = torch.arange(width)
     elif channels is not None:
-        if len(channels) != width:
-            raise ValueError(f"{len(channels)} channels given for width {width}")
         keep = torch.as_tensor(channels).sort().values
+        if len(channels) != width or len(keep.unique()) != width or keep[0] < 0 or keep[-1] >= pm.down_proj.in_features:
+            raise ValueError(f"channels must be {width} distinct indices in [0, {pm.down_proj.in_features}), got "
+                             f"{len(channels)} ({len(keep.unique())} distinct, from {int(keep[0])} to {int(keep[-1])})")
     else:
         if channel_scores is None:
             raise ValueError("narrowing an FFN needs channel_scores from ffn_channel_scores (or channels)")
@@ -320,8 +324,8 @@ def init_attention(config: ModelConfig, parent_layer: DecoderBlock, variant: Att
         if lstsq_data is not None:
             sub.self_attn.linear_attn.weight.copy_(ridge_lstsq(*lstsq_data))
         else:
-            w_v = pa.v_proj.weight.view(G, D, -1).repeat_interleave(H // G, dim=0).reshape(H * D, -1)  # (H*D, C)
-            sub.self_attn.linear_attn.weight.copy_(pa.o_proj.weight @ w_v)  # (C, H*D) @ (H*D, C)
+            w_v = pa.v_proj.weight.float().view(G, D, -1).repeat_interleave(H // G, dim=0).reshape(H * D, -1)  # (H*D, C)
+            sub.self_attn.linear_attn.weight.copy_(pa.o_proj.weight.float() @ w_v)  # (C, H*D) @ (H*D, C), in fp32
         return sub
     g = variant.num_kv_heads
     if G % g:
@@ -349,9 +353,9 @@ def init_attention(config: ModelConfig, parent_layer: DecoderBlock, variant: Att
     a.o_proj.load_state_dict(pa.o_proj.state_dict())
     for name in ("k_proj", "v_proj"):
         src, dst = getattr(pa, name), getattr(a, name)
-        dst.weight.copy_(src.weight.view(g, G // g, D, -1).mean(dim=1).reshape(g * D, -1))  # (g*D, C)
+        dst.weight.copy_(src.weight.float().view(g, G // g, D, -1).mean(dim=1).reshape(g * D, -1))  # (g*D, C), fp32 mean
         if src.bias is not None:
-            dst.bias.copy_(src.bias.view(g, G // g, D).mean(dim=1).reshape(g * D))
+            dst.bias.copy_(src.bias.float().view(g, G // g, D).mean(dim=1).reshape(g * D))
     return sub
 
 
@@ -365,7 +369,8 @@ def ridge_lstsq(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.
 def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """W (C_out, C_in) from accumulated Gram matrices x^T x (C_in, C_in) and x^T y (C_in, C_out) (see ridge_lstsq)."""
     xtx, xty = xtx.double(), xty.double()
-    lam = ridge * xtx.diagonal().mean()
+    # relative to the inputs' scale; an absolute floor keeps all-zero inputs (reviewer: a raw Cholesky error) solvable
+    lam = ridge * xtx.diagonal().mean() + torch.finfo(torch.float64).tiny
     a = xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)  # symmetric positive definite
     w_t = torch.cholesky_solve(xty, torch.linalg.cholesky(a))  # (C_in, C_out)
     return w_t.T.float()
