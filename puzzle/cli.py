@@ -353,6 +353,25 @@ def _first_missing(path: Path) -> Path | None:
     return path
 
 
+#: the folders where stages before the search write their work (data, library, scores and costs)
+_WORK_FOLDERS = ("data", "library", "score")
+
+
+def _work_stamp(out: Path) -> dict[str, tuple[int, int]]:
+    """{path: (size, mtime_ns)} of the files under `_WORK_FOLDERS` of run directory `out`: whether a command wrote
+    work there is whether this changed (a few hundred files for the demo: milliseconds)."""
+    stamp = {}
+    for name in _WORK_FOLDERS:
+        for p in (out / name).rglob("*") if (out / name).is_dir() else ():
+            try:
+                st = p.stat()
+            except OSError:  # removed meanwhile
+                continue
+            if not p.is_dir():
+                stamp[str(p.relative_to(out))] = (st.st_size, st.st_mtime_ns)
+    return stamp
+
+
 def _listing(folder: Path) -> set[Path]:
     """Every file and folder under `folder` (paths as `folder` spells them; empty when it is not a folder)."""
     return set(folder.rglob("*")) if folder.is_dir() else set()
@@ -390,7 +409,9 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     """The Run of a stage command (`_run_for`), and what a failure leaves of --out.
 
     Any failure (an error, Ctrl-C) puts DIR/config.json back as it was, byte for byte, so that flags whose stage
-    did not finish are not read by later stages (budgets, objective). Once a search has written its choices
+    did not finish are not read by later stages (budgets, objective); but when a stage wrote work under
+    `_WORK_FOLDERS` with this command's settings (data packed with another --seed, a library begun with other BLD
+    settings), those settings stay with it, the search settings as saved. Once a search has written its choices
     (`Run.settled`: DIR/search/ then describes this configuration, and children measured from it, or records
     re-solved on measured speed, may follow), a failure keeps the configuration with them, since they agree.
     Where DIR held no run, a refusal (PuzzleError) or Ctrl-C takes back what the command wrote unless a stage
@@ -412,6 +433,7 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
         raise PuzzleError(f"--out {args.out}: {above} is a file, so nothing can be made under it; give another folder")
     config_path = out / "config.json"
     before = config_path.read_bytes() if config_path.is_file() else None
+    work = _work_stamp(out) if before is not None else None
     top = _first_missing(out)
     had = _listing(out) if before is None else set()  # a folder that holds no run yet: empty, or the user's files
     saved = _saved(args) if before is not None else None
@@ -426,6 +448,14 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             from .io import atomic_write_bytes
 
             atomic_write_bytes(config_path, before)
+            if run is not None and _work_stamp(out) != work:  # a stage wrote work with this command's settings:
+                # keep them, with the search settings as saved (reviewer: the saved ones back beside data packed
+                # with --seed 7 made every later stage refuse, advising to delete the work)
+                import dataclasses
+
+                from .config import load_run_config, save_run_config
+
+                save_run_config(dataclasses.replace(run.config, search=load_run_config(out).search), out)
         if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError, KeyboardInterrupt)):
             if _take_back(out, had, top) and isinstance(e, KeyboardInterrupt):
                 e.puzzle_note = f"nothing was finished, so {args.out} is as it was"  # for main's message

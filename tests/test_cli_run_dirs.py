@@ -842,3 +842,36 @@ def test_a_preset_over_a_saved_configuration_names_the_settings_it_replaces(tmp_
     assert "--preset tiny replaces settings saved in" in err and "bld.lr 0.01 -> 0.001" in err and "seed" not in err
     assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
     assert "replaces settings" not in capsys.readouterr().err  # saved as the preset now
+
+
+def test_a_failed_command_keeps_the_settings_of_the_work_it_wrote(tmp_path, monkeypatch, capsys):
+    """Reviewer: `puzzle run --out D --seed 7 --speedup 1000` packed the data with seed 7, then failed at the search;
+    config.json went back to seed 0 beside the seed-7 splits, and every later stage refused, advising to delete the
+    work. A failure after a stage wrote work keeps that work's settings (the search settings as saved); one that
+    wrote none still puts config.json back byte for byte."""
+    from puzzle.cli import main
+    from puzzle.config import load_run_config
+    from puzzle.errors import PuzzleError
+
+    out = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    saved = load_run_config(out)
+
+    def packs_then_fails(run, **kwargs):
+        run.tokens  # the data stage's work, with this command's seed
+        raise PuzzleError("refused after packing")
+
+    monkeypatch.setattr("puzzle.pipeline.stage_bld", packs_then_fails)
+    assert main(["run", "--out", str(out), "--no-progress", "--seed", "7", "--speedup", "3"]) == 2
+    assert "refused after packing" in capsys.readouterr().err
+    kept = load_run_config(out)
+    assert kept.data.seed == kept.bld.seed == 7 and kept.search == saved.search and kept.search.speedup != 3
+    assert json.loads((out / "data" / "manifest.json").read_text())["settings"]["seed"] == 7  # as the splits were packed
+    before = (out / "config.json").read_bytes()
+
+    def fails(run, **kwargs):
+        raise PuzzleError("refused before any work")
+
+    monkeypatch.setattr("puzzle.pipeline.stage_bld", fails)
+    assert main(["run", "--out", str(out), "--no-progress", "--bld-tokens", "4096", "--speedup", "3"]) == 2
+    assert (out / "config.json").read_bytes() == before
