@@ -124,11 +124,14 @@ class BLDConfig:
             if getattr(self, name) not in allowed:
                 raise PuzzleError(f"bld.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, least in (("tokens", 1), ("batch_size", 1), ("init_tokens", 1), ("curve_points", 1),
-                            ("probe_sequences", 0), ("layers_per_group", 0), ("coupled_top_k", 0), ("coupled_tokens", 0)):
-            value = getattr(self, name)
+                            ("probe_sequences", 0), ("layers_per_group", 0), ("coupled_top_k", 0), ("coupled_tokens", 0),
+                            ("seed", 0)):
+            value = getattr(self, name)  # seed: reviewer, "3" or 1.5 crashed in torch.manual_seed after the data stage
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-                flag = " (--bld-tokens)" if name == "tokens" else ""
+                flag = {"tokens": " (--bld-tokens)", "seed": " (--seed)"}.get(name, "")
                 raise PuzzleError(f"bld.{name}{flag} must be a whole number >= {least}, got {value!r}")
+        if self.seed >= 2 ** 63:
+            raise PuzzleError(f"bld.seed (--seed) must be below 2**63, got {self.seed}")
         inf = math.inf
         for name, what, ok in (("lr", "a finite number > 0", lambda v: 0 < v < inf),
                                ("linear_lr_scale", "a finite number > 0", lambda v: 0 < v < inf),
@@ -145,7 +148,7 @@ class BLDConfig:
             if key not in LR_KEYS and not _is_variant_id(key):
                 raise PuzzleError(f"bld.lr_scales key {key!r} is neither a variant id (attn-kv1, ffn-768, "
                                   f"attn-kv1+ffn-768) nor one of {LR_KEYS}")
-            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 raise PuzzleError(f"bld.lr_scales[{key!r}] must be a positive number, got {value!r}")
         object.__setattr__(self, "lr_scales", {k: float(scales[k]) for k in sorted(scales)})
 

@@ -355,7 +355,7 @@ def load_preset(name_or_path: str) -> RunConfig:
                               f"({', '.join(preset_names())})")
         if not path.is_file():
             raise PuzzleError(f"preset file {path} does not exist")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        text, where = path.read_text(encoding="utf-8-sig"), str(path)  # a byte-order mark from an editor: read past it
     else:
         res = resources.files("puzzle.presets") / f"{name_or_path}.toml"
         if not res.is_file():
@@ -365,6 +365,9 @@ def load_preset(name_or_path: str) -> RunConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PuzzleError(f"{where} is not valid TOML: {e}") from e
+    if not data:  # reviewer: an empty file gave the defaults (the demo's parent with another preset's text)
+        raise PuzzleError(f"{where} sets nothing (no tables); give a preset with the settings it changes, or name a "
+                          f"packaged one ({', '.join(preset_names())})")
     if where == str(path):
         _paths_from(data, path.absolute().parent)  # the folder it is named in (a linked preset: the link's)
     return RunConfig.from_dict(data, where)

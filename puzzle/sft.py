@@ -600,14 +600,18 @@ def answer_is_correct(question: dict, answer: str) -> bool:
 @torch.no_grad()
 def greedy_chat(model: PuzzleForCausalLM, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
     """The model's greedy reply to `messages` (rendered with the chat template; plain text without one:
-    `runtime.chat_ids`), special tokens removed.
+    `runtime.chat_ids`), special tokens removed; at most `max_new_tokens`, and no further than the model's
+    positions (reviewer: a report asked for 5000 ran past the tiny model's 2048).
 
     Raises:
         PuzzleError: a chat template that does not render."""
     from .runtime import chat_ids
 
     ids = chat_ids(tokenizer, messages)[0][None]  # (1, T)
-    out = model.eval().generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    room = model.config.max_position_embeddings - ids.shape[1]
+    if room < 1:
+        return ""
+    out = model.eval().generate(ids, max_new_tokens=min(max_new_tokens, room), eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

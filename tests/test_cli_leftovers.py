@@ -182,6 +182,30 @@ def test_a_preset_path_with_a_literal_tilde(tmp_path, monkeypatch):
     assert load_preset("~/mine.toml").data.seq_len == 64
 
 
+def test_preset_files_an_editor_marks_or_leaves_empty_and_lr_scale_bools(tmp_path):
+    """Reviewer: a preset with a UTF-8 byte-order mark was "Invalid statement"; an empty one gave the defaults (the
+    demo's parent with the packaged tiny text); lr_scales {ffn = true} read as 1.0. The report's greedy answers
+    stop at the model's positions whatever max_new_tokens asks."""
+    import dataclasses
+
+    from puzzle.config import RunConfig, load_preset
+    from puzzle.errors import PuzzleError
+    from puzzle.sft import greedy_chat
+    from puzzle.tiny import tiny_parent
+
+    (tmp_path / "bom.toml").write_bytes("\ufeff[data]\nseq_len = 64\n".encode())
+    assert load_preset(str(tmp_path / "bom.toml")).data.seq_len == 64
+    (tmp_path / "empty.toml").write_text("# nothing yet\n")
+    with pytest.raises(PuzzleError, match="sets nothing"):
+        load_preset(str(tmp_path / "empty.toml"))
+    with pytest.raises(PuzzleError, match=r"bld.lr_scales\['ffn'\] must be a positive number, got True"):
+        RunConfig.from_dict({"bld": {"lr_scales": {"ffn": True}}})
+    lm = tiny_parent()
+    lm.model.config = dataclasses.replace(lm.model.config, max_position_embeddings=40)  # the prompt and a few more
+    reply = greedy_chat(lm.model, lm.tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=5000)
+    assert len(lm.tokenizer.encode(reply)) <= 40
+
+
 def test_loading_a_runs_parent_and_splits_writes_nothing_there(tmp_path):
     """The run's bookkeeping (timings.json, parent.json) is written with a stage's finished work, never by loading
     the parent or reloading finished splits (pipeline.Run): commands that only check flags need no undo."""

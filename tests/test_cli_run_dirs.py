@@ -712,6 +712,7 @@ def test_a_searched_child_outside_the_space_names_its_file(tmp_path_factory, tmp
     ("data", "seq_len", 64.5, "data.seq_len must be a whole number >= 2, got 64.5"),
     ("data", "seq_len", '"64"', "data.seq_len must be a whole number >= 2, got '64'"),
     ("data", "calib_tokens", 4096.5, "data.calib_tokens must be a whole number >= 1"),
+    ("data", "seed", 99999999999999999999, "data.seed (--seed) must be below 2**63"),  # reviewer: BLD overflowed
     ("report", "max_new_tokens", 12.5, "report.max_new_tokens must be a whole number >= 1"),
     ("report", "max_new_tokens", 0, "report.max_new_tokens must be a whole number >= 1"),
     ("report", "prompts", '"hello"', "report.prompts must be a list of strings"),
