@@ -835,6 +835,24 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     return record
 
 
+def check_objective_names(run: Run) -> None:
+    """Refuse a search.objective naming a column the run's score tables will not have (`SCORE_COLUMNS`), before any
+    stage runs; `check_objective_columns` checks the table itself once it exists.
+
+    Raises:
+        PuzzleError: as `check_objective_columns`, or an objective that does not parse.
+    """
+    from .search import parse_objective
+
+    known = [c for c in SCORE_COLUMNS if c not in ("layer", "subblock", "variant", "is_parent")]
+    unknown = [c for c in parse_objective(run.config.search.objective) if c not in known]
+    if unknown:
+        raise PuzzleError(f"search.objective {run.config.search.objective!r} (a preset's [search] objective, or saved "
+                          f"in {run.out / 'config.json'}) names {unknown}, not columns of the score tables ({known}); "
+                          f"set kl_nats, lm_loss, cosine or a weighted sum such as 'kl_nats=1,lm_loss=0.5' there (or, "
+                          f"once the run has scores, with `puzzle search --out {run.out} --objective ...`)")
+
+
 def check_objective_columns(run: Run, table: pd.DataFrame) -> None:
     """Refuse the run's search.objective when it names a column the score table lacks, naming the setting, its file
     and the flag that sets another (`puzzle run` has none: the objective is a search setting).
@@ -1815,6 +1833,7 @@ def run_all(run: Run) -> pd.DataFrame:
     whose inputs changed (DIR/report.json)."""
 
     t_start = time.perf_counter()
+    check_objective_names(run)  # before minutes of data, BLD and scoring (reviewer: "kl_nat" was refused at the search)
     stage_data(run)
     stage_bld(run)
     stage_score(run)

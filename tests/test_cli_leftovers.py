@@ -206,6 +206,21 @@ def test_preset_files_an_editor_marks_or_leaves_empty_and_lr_scale_bools(tmp_pat
     assert len(lm.tokenizer.encode(reply)) <= 40
 
 
+def test_a_misspelled_objective_is_refused_before_any_stage(tmp_path, capsys):
+    """Reviewer: search.objective "kl_nat" was refused at the search, after data, BLD and scoring (8 minutes on the
+    demo)."""
+    from puzzle.cli import main
+
+    preset = tmp_path / "p.toml"
+    preset.write_text((Path(__file__).parents[1] / "puzzle" / "presets" / "tiny.toml").read_text()
+                      .replace("[search]", "[search]\nobjective = \"kl_nat\"", 1))
+    assert "kl_nat" in preset.read_text()
+    assert main(["run", "--preset", str(preset), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "names ['kl_nat'], not columns of the score tables" in err and "data:" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_loading_a_runs_parent_and_splits_writes_nothing_there(tmp_path):
     """The run's bookkeeping (timings.json, parent.json) is written with a stage's finished work, never by loading
     the parent or reloading finished splits (pipeline.Run): commands that only check flags need no undo."""
