@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PuzzleError
+from .io import file_mode
 
 CACHE_ENV = "PUZZLE_CACHE"
 ASSETS_DIR_ENV = "PUZZLE_ASSETS_DIR"
@@ -135,7 +136,7 @@ def asset_path(name: str, cache_dir: str | os.PathLike | None = None, progress: 
     if target.is_file():
         if sha256_file(target) == asset.sha256:
             return target
-        target.unlink()  # corrupt or stale: extract (and if need be download) again below
+        target.unlink(missing_ok=True)  # corrupt or stale: extract again below (another process may be first)
 
     wheels = root / "wheels"
     local_dir = Path(os.environ[ASSETS_DIR_ENV]).expanduser() if os.environ.get(ASSETS_DIR_ENV) else None
@@ -160,7 +161,7 @@ def asset_path(name: str, cache_dir: str | os.PathLike | None = None, progress: 
         except PuzzleError:
             if attempt == 1:
                 raise
-            archive.unlink()
+            archive.unlink(missing_ok=True)
     raise AssertionError("unreachable")
 
 
@@ -267,6 +268,7 @@ def _extract(archive: Path, member: str | None, target: Path) -> str:
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would hide a shared cache's files from its other users
         os.replace(tmp, target)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
         Path(tmp).unlink(missing_ok=True)

