@@ -121,17 +121,22 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
     def killed(step, record):
         if step == 5:
-            raise KeyboardInterrupt  # step 5 is lost, as in a kill before its checkpoint
+            raise RuntimeError("killed")  # step 5 is lost, as in a kill before its checkpoint
 
-    with pytest.raises(KeyboardInterrupt):
-        distill(child_of(parent), parent, train, cfg, tmp_path / "b", on_step=killed)
-    resumed = distill(child_of(parent), parent, train, cfg, tmp_path / "b")
-    assert resumed.train.resumed_from == 4 and resumed.train.finished
-    assert [h["loss"] for h in resumed.train.history] == [h["loss"] for h in whole.train.history]
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    def interrupted(step, record):
+        if step == 5:
+            raise KeyboardInterrupt  # Ctrl-C: step 5 is checkpointed on the way out
+
+    for stop, exc, resumed_from in ((killed, RuntimeError, 4), (interrupted, KeyboardInterrupt, 5)):
+        with pytest.raises(exc):
+            distill(child_of(parent), parent, train, cfg, tmp_path / stop.__name__, on_step=stop)
+        resumed = distill(child_of(parent), parent, train, cfg, tmp_path / stop.__name__)
+        assert resumed.train.resumed_from == resumed_from and resumed.train.finished
+        assert [h["loss"] for h in resumed.train.history] == [h["loss"] for h in whole.train.history]
+        for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+            assert torch.equal(a, b), name
     with pytest.raises(PuzzleError, match="other settings"):
-        distill(child_of(parent), parent, train, GKDConfig(tokens=12 * 16 * 2, **{**FAST, "lr": 1e-3}), tmp_path / "b")
+        distill(child_of(parent), parent, train, GKDConfig(tokens=12 * 16 * 2, **{**FAST, "lr": 1e-3}), tmp_path / "killed")
 
 
 def _folders(tmp_path):
