@@ -147,6 +147,23 @@ def _identity(parent_fingerprint: str, tokenizer_sha256: str, seed: int, length:
             "length": length, "batch_size": batch_size, "temperature": 1.0}
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The generator seed of sample batch `batch`: seed * 1_000_003 + batch, modulo 2**63 (torch's limit; the
+    same value for every seed below 9.2e12: reviewer, larger seeds overflowed)."""
+    return (seed * 1_000_003 + batch) % 2 ** 63
+
+
+def _last_batch_needed(records: list[dict], tokens: int) -> int:
+    """The batch after which a fresh sampling run for `tokens` stops: the first whose documents bring the total to
+    `tokens` (the sampling loop adds whole batches); the last batch when the records never reach it."""
+    total = 0
+    for r in records:
+        total += r["tokens"]
+        if total >= tokens:
+            return r["batch"]
+    return records[-1]["batch"] if records else -1
+
+
 def _read_done(folder: Path, identity: dict) -> tuple[list[dict], int]:
     """The records and batch count a matching earlier call left; ([], 0) when none or another identity."""
     meta_path, file = folder / META_FILE, folder / SAMPLES_FILE
@@ -190,7 +207,7 @@ def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, leng
         tokenizer: its tokenizer (needs a BOS or EOS token to start rows from).
         folder: where the two files go (created).
         tokens: sampled tokens to hold at least (kept documents' tokens, EOS not counted).
-        seed: batch b is drawn with torch.Generator().manual_seed(seed * 1_000_003 + b).
+        seed: batch b is drawn with torch.Generator().manual_seed(batch_seed(seed, b)).
         length: new tokens per row (documents are cut at EOS inside it).
         batch_size: rows sampled together.
         parent_fingerprint, tokenizer_sha256: identity of the parent and tokenizer, recorded.
@@ -220,6 +237,16 @@ def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, leng
     have = sum(int(r["tokens"]) for r in records)
     path = folder / SAMPLES_FILE
     if have >= tokens and path.is_file():
+        last = _last_batch_needed(records, tokens)
+        kept = [r for r in records if r["batch"] <= last]
+        if len(kept) < len(records):  # sampled for a larger N before: hold what a fresh run holds (reviewer: the
+            # splits, drawn over every document of the file, depended on the run's history)
+            have = sum(r["tokens"] for r in kept)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_json(folder / META_FILE, {**identity, "batches": last + 1, "tokens": have})
+            if log is not None:
+                log(f"data: parent samples cut to the {have:,} tokens of their first {last + 1} batches, as a fresh "
+                    f"run for {tokens:,} tokens samples them")
         return path
     if log is not None:
         log(f"data: sampling {tokens - have:,} more tokens from the parent ({have:,} done) into {path}")
@@ -233,7 +260,7 @@ def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, leng
     model.eval()
     try:
         while have < tokens:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + batches)
+            generator = torch.Generator().manual_seed(batch_seed(seed, batches))
             rows = sample_rows(model, start, batch_size, length, generator)  # (B, length)
             new = []
             for row in rows.tolist():

@@ -89,10 +89,16 @@ def test_resume_and_extension_give_the_same_text(parent, tmp_path):
     assert whole.read_text().startswith(first) and first != whole.read_text()
     ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 300, **kw)
     assert part.read_text() == whole.read_text()
-    # enough already: nothing sampled, the file untouched
+    # fewer asked for: what a fresh run for that count holds (reviewer: the larger run's documents stayed, so the
+    # splits drawn over the file depended on the run's history), and then the file untouched
+    fresh = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "fresh", 50, **kw).read_text()
+    ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 50, **kw)
+    assert part.read_text() == fresh and len(fresh) < len(whole.read_text())
     stamp = part.stat().st_mtime_ns
     ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 50, **kw)
     assert part.stat().st_mtime_ns == stamp
+    ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 300, **kw)  # and back: the same again
+    assert part.read_text() == whole.read_text()
     # another parent (fingerprint) or seed: sampled afresh, not appended
     other = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "part", 100, **{**kw, "seed": 8})
     assert other.read_text() != first and json.loads((tmp_path / "part" / META_FILE).read_text())["seed"] == 8
@@ -100,6 +106,16 @@ def test_resume_and_extension_give_the_same_text(parent, tmp_path):
     (tmp_path / "whole" / META_FILE).write_text("{not json")
     again = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "whole", 300, **kw)
     assert again.read_text().splitlines() == lines
+
+
+def test_large_seeds_stay_in_the_generators_range():
+    """Reviewer: seeds above about 1.8e13 overflowed torch.manual_seed (data.seed allows up to 2**63)."""
+    import torch
+
+    from puzzle.samples import batch_seed
+
+    assert batch_seed(7, 3) == 7 * 1_000_003 + 3  # unchanged below 9.2e12
+    torch.Generator().manual_seed(batch_seed(2 ** 63 - 1, 5))
 
 
 def test_bad_arguments(parent, tmp_path):
