@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .architecture import ModelConfig
 from .errors import PuzzleError
@@ -72,6 +72,11 @@ class InMemoryParent:
             self.resident_bytes -= sum(t.numel() * t.element_size() for t in layer.state_dict().values())
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 class SafetensorsParent:
     """A parent read lazily from an HF Llama or nemotron-nas folder of safetensors files.
 
@@ -83,7 +88,7 @@ class SafetensorsParent:
     """
 
     def __init__(self, folder: str | Path):
-        from .parent import NAS_MODEL_TYPES, model_config_from_hf, model_config_from_nemotron_nas
+        from .parent import NAS_MODEL_TYPES, _weight_files, model_config_from_hf, model_config_from_nemotron_nas
 
         self.folder = Path(folder)
         path = self.folder / "config.json"
@@ -92,15 +97,22 @@ class SafetensorsParent:
         d = json.loads(path.read_text())
         nas = d.get("model_type") in NAS_MODEL_TYPES or "block_configs" in d
         self.config = model_config_from_nemotron_nas(d) if nas else model_config_from_hf(d)
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
+        # the files load_parent reads: an index's shards (missing ones named), else the single file (reviewer: every
+        # *.safetensors was read, and a stale model.safetensors beside indexed shards won)
+        files = _weight_files(self.folder) if any(self.folder.glob("*.safetensors")) else []
+        if not files or any(f.suffix != ".safetensors" for f in files):
             raise PuzzleError(f"{self.folder} has no .safetensors files; layer-by-layer loading reads safetensors only "
                               f"(convert the checkpoint, or load the whole parent in memory)")
         self.where: dict[str, Path] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
+                    if name in self.where:
+                        raise PuzzleError(f"{self.folder}: tensor {name} is in both {self.where[name].name} and "
+                                          f"{f.name}; keep one checkpoint in the folder")
                     self.where[name] = f
+        # each file as first read: one replaced during the run would mix two parents in one library (reviewer)
+        self.stamps = {f: _stamp(f) for f in files}
         self.resident_bytes = self.peak_resident_bytes = 0
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -109,16 +121,22 @@ class SafetensorsParent:
             raise PuzzleError(f"{self.folder}: tensors {missing[:3]} are missing from the safetensors files")
         out = {}
         for f in sorted({self.where[n] for n in names}):
-            with safe_open(str(f), framework="pt") as handle:  # closed (unmapped) right after reading
-                for n in names:
-                    if self.where[n] == f:
-                        out[n] = handle.get_tensor(n)
+            try:
+                if _stamp(f) != self.stamps[f]:
+                    raise PuzzleError(f"{f} changed while the parent was being read layer by layer; restore it "
+                                      f"and run again (the library would mix two parents)")
+                with safe_open(str(f), framework="pt") as handle:  # closed (unmapped) right after reading
+                    for n in names:
+                        if self.where[n] == f:
+                            out[n] = handle.get_tensor(n)
+            except (OSError, SafetensorError) as e:
+                raise PuzzleError(f"cannot read {f} ({e}); restore the parent's files and run again") from e
         return out
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, device) -> torch.Tensor:
         w = self._read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        return F.embedding(ids, w).to(device=device, dtype=torch.float32)  # (N, T, C)
+        return F.embedding(ids.to(w.device), w).to(device=device, dtype=torch.float32)  # (N, T, C)
 
     @torch.no_grad()
     def rope(self, ids: torch.Tensor, device):

@@ -381,6 +381,41 @@ def test_a_parent_read_layer_by_layer_gives_the_same_library(parent, calib, tmp_
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+def test_a_parent_read_layer_by_layer_reads_the_index_and_refuses_a_changed_file(parent, tmp_path):
+    """Reviewer: every *.safetensors was read, so a stale model.safetensors beside indexed shards won (outputs off by
+    43); a file replaced during the run was read without a word; a missing shard was named only at its layer."""
+    from safetensors.torch import save_file
+
+    from puzzle.errors import PuzzleError
+    from puzzle.export import export_checkpoint
+    from puzzle.offload import SafetensorsParent
+    from puzzle.tiny import tiny_parent
+
+    lm = tiny_parent()
+    folder = tmp_path / "parent"
+    export_checkpoint(lm.model, lm.tokenizer, folder)
+    state = {k: v.contiguous() for k, v in lm.model.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(folder / shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    save_file({k: v + 1 for k, v in state.items()}, str(folder / "model.safetensors"))  # a stale full checkpoint
+    source = SafetensorsParent(folder)
+    layer = source.layer(0, "cpu")
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[f"model.layers.0.{k}"]), k
+    shard = folder / "model-00001-of-00002.safetensors"
+    save_file({k: state[k] + 1 for k in shards[shard.name]}, str(shard))  # replaced during the run
+    with pytest.raises(PuzzleError, match="changed while the parent was being read"):
+        source.layer(0, "cpu")
+    shard.unlink()
+    with pytest.raises(PuzzleError, match="lists shards that are missing: model-00001-of-00002.safetensors"):
+        SafetensorsParent(folder)
+
+
 def test_training_forwards_equal_the_models_own(parent):
     """BLD trains through fused forwards (precomputed RMS statistics, one qkv matmul, SDPA grouping the heads)."""
     import dataclasses
