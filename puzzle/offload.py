@@ -16,7 +16,10 @@ while a GPU trains). `SafetensorsParent` reads an HF Llama or nemotron-nas folde
 embedding, then each layer's tensors from the safetensors files when asked, so a parent larger
 than the memory of the machine (or of the device) can be distilled: what is resident at a time is
 one layer group's weights (bld.BLDConfig.layers_per_group) plus the calibration activations at the
-group boundary. `resident_bytes` / `peak_resident_bytes` account for the parent weights held.
+group boundary (and the embedding while layer 0's input is computed, which the byte counts below leave
+out). `resident_bytes` / `peak_resident_bytes` account for the parent weights held. This path is the
+Python API's (`bld.build_library(SafetensorsParent(folder), ...)`): the commands (`puzzle run`, `bld`,
+`baselines`) load the whole parent, since scoring, search and evaluation need it anyway.
 """
 
 from __future__ import annotations
