@@ -125,11 +125,12 @@ class BLDConfig:
                 raise PuzzleError(f"bld.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, least in (("tokens", 1), ("batch_size", 1), ("init_tokens", 1), ("curve_points", 1),
                             ("probe_sequences", 0), ("layers_per_group", 0), ("coupled_top_k", 0), ("coupled_tokens", 0),
-                            ("seed", 0)):
+                            ("seed", -2 ** 63)):
             value = getattr(self, name)  # seed: reviewer, "3" or 1.5 crashed in torch.manual_seed after the data stage
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 flag = {"tokens": " (--bld-tokens)", "seed": " (--seed)"}.get(name, "")
-                raise PuzzleError(f"bld.{name}{flag} must be a whole number >= {least}, got {value!r}")
+                what = "from -2**63" if name == "seed" else f">= {least}"
+                raise PuzzleError(f"bld.{name}{flag} must be a whole number {what}, got {value!r}")
         if self.seed >= 2 ** 63:
             raise PuzzleError(f"bld.seed (--seed) must be below 2**63, got {self.seed}")
         inf = math.inf

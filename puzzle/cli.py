@@ -353,23 +353,46 @@ def _first_missing(path: Path) -> Path | None:
     return path
 
 
-#: the folders where stages before the search write their work (data, library, scores and costs)
-_WORK_FOLDERS = ("data", "library", "score")
+#: the folders where stages before the search write their work, and the configuration sections that work is
+#: made with (the parent's for all of them)
+_WORK_FOLDERS = {"data": ("data",), "library": ("bld", "space"), "score": ("score", "target")}
 
 
-def _work_stamp(out: Path) -> dict[str, tuple[int, int]]:
-    """{path: (size, mtime_ns)} of the files under `_WORK_FOLDERS` of run directory `out`: whether a command wrote
-    work there is whether this changed (a few hundred files for the demo: milliseconds)."""
+def _work_stamp(out: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{folder: {path: (size, mtime_ns)}} of the files under each of `_WORK_FOLDERS` of run directory `out`:
+    whether a command wrote work there is whether this changed (a few hundred files for the demo: milliseconds)."""
     stamp = {}
     for name in _WORK_FOLDERS:
+        stamp[name] = {}
         for p in (out / name).rglob("*") if (out / name).is_dir() else ():
             try:
                 st = p.stat()
             except OSError:  # removed meanwhile
                 continue
             if not p.is_dir():
-                stamp[str(p.relative_to(out))] = (st.st_size, st.st_mtime_ns)
+                stamp[name][str(p.relative_to(out))] = (st.st_size, st.st_mtime_ns)
     return stamp
+
+
+def _keep_worked_settings(out: Path, config, before: dict) -> None:
+    """After a failed command restored DIR/config.json: keep this command's settings (`config`) of the sections
+    whose work folder it changed since `before` (`_work_stamp`), and of the parent when any changed; the rest stay
+    as saved (reviewer: config.json went back to seed 0 beside data packed with --seed 7, and every later stage
+    refused, advising to delete the work). Leaves the restored file when it cannot be read back."""
+    import dataclasses
+
+    from .config import load_run_config, save_run_config
+
+    now = _work_stamp(out)
+    changed = [name for name in _WORK_FOLDERS if now[name] != before[name]]
+    if not changed:
+        return
+    try:
+        saved = load_run_config(out)
+    except (PuzzleError, ArchitectureError):
+        return
+    sections = {"parent", *(s for name in changed for s in _WORK_FOLDERS[name])}
+    save_run_config(dataclasses.replace(saved, **{s: getattr(config, s) for s in sections}), out)
 
 
 def _listing(folder: Path) -> set[Path]:
@@ -409,9 +432,9 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     """The Run of a stage command (`_run_for`), and what a failure leaves of --out.
 
     Any failure (an error, Ctrl-C) puts DIR/config.json back as it was, byte for byte, so that flags whose stage
-    did not finish are not read by later stages (budgets, objective); but when a stage wrote work under
+    did not finish are not read by later stages (budgets, objective); but when a stage wrote work under one of
     `_WORK_FOLDERS` with this command's settings (data packed with another --seed, a library begun with other BLD
-    settings), those settings stay with it, the search settings as saved. Once a search has written its choices
+    settings), that folder's sections of the configuration stay with it (`_keep_worked_settings`). Once a search has written its choices
     (`Run.settled`: DIR/search/ then describes this configuration, and children measured from it, or records
     re-solved on measured speed, may follow), a failure keeps the configuration with them, since they agree.
     Where DIR held no run, a refusal (PuzzleError) or Ctrl-C takes back what the command wrote unless a stage
@@ -448,14 +471,8 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             from .io import atomic_write_bytes
 
             atomic_write_bytes(config_path, before)
-            if run is not None and _work_stamp(out) != work:  # a stage wrote work with this command's settings:
-                # keep them, with the search settings as saved (reviewer: the saved ones back beside data packed
-                # with --seed 7 made every later stage refuse, advising to delete the work)
-                import dataclasses
-
-                from .config import load_run_config, save_run_config
-
-                save_run_config(dataclasses.replace(run.config, search=load_run_config(out).search), out)
+            if run is not None:  # the settings of work a stage wrote with this command's flags stay with it
+                _keep_worked_settings(out, run.config, work)
         if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError, KeyboardInterrupt)):
             if _take_back(out, had, top) and isinstance(e, KeyboardInterrupt):
                 e.puzzle_note = f"nothing was finished, so {args.out} is as it was"  # for main's message

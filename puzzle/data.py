@@ -852,11 +852,12 @@ class DataConfig:
         if shared := set(self.calib_sources) & set(self.eval_sources):
             raise PuzzleError(f"{sorted(shared)} appear in both calibration and evaluation sources; keep them apart")
         for name, least in (("seq_len", 2), ("calib_tokens", 1), ("score_tokens", 1), ("eval_tokens", 1),
-                            ("min_doc_chars", 0), ("max_doc_tokens", 0), ("seed", 0)):
+                            ("min_doc_chars", 0), ("max_doc_tokens", 0), ("seed", -2 ** 63)):
             value = getattr(self, name)  # 64.5 or "64" (a hand-edited preset or config.json) failed deep in packing
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                what = "from -2**63" if name == "seed" else f">= {least}"
                 raise PuzzleError(f"data.{name}{' (--seed)' if name == 'seed' else ''} must be a whole number "
-                                  f">= {least}, got {value!r}")
+                                  f"{what}, got {value!r}")
         if self.seed >= 2 ** 63:  # reviewer: packed the data, then BLD's torch.manual_seed overflowed
             raise PuzzleError(f"data.seed (--seed) must be below 2**63, got {self.seed}")
         if isinstance(self.score_fraction, bool) or not isinstance(self.score_fraction, (int, float)):

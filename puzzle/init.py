@@ -194,9 +194,11 @@ def init_ffn(config: ModelConfig, parent_layer: DecoderBlock, variant: FFNConfig
         keep = torch.arange(width)
     elif channels is not None:
         keep = torch.as_tensor(channels).sort().values
-        if len(channels) != width or len(keep.unique()) != width or keep[0] < 0 or keep[-1] >= pm.down_proj.in_features:
-            raise ValueError(f"channels must be {width} distinct indices in [0, {pm.down_proj.in_features}), got "
-                             f"{len(channels)} ({len(keep.unique())} distinct, from {int(keep[0])} to {int(keep[-1])})")
+        F_in = pm.down_proj.in_features
+        if keep.is_floating_point() or len(keep) != width or len(keep.unique()) != width or keep[0] < 0 \
+                or keep[-1] >= F_in:  # width >= 1 here, so keep[0] exists once the length matches
+            raise ValueError(f"channels must be {width} distinct whole indices in [0, {F_in}), got {len(keep)} "
+                             f"({len(keep.unique())} distinct, {keep.dtype})")
     else:
         if channel_scores is None:
             raise ValueError("narrowing an FFN needs channel_scores from ffn_channel_scores (or channels)")

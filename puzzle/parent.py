@@ -640,12 +640,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) 
         if folder.is_dir() or folder.is_symlink():  # reviewer: a folder left without its config.json made every
             # later conversion fail at the rename ("Directory not empty"); a finished conversion is renamed in whole,
             # so one without config.json is no conversion in progress
-            warnings.warn(f"the cached conversion {folder} has no config.json; converting {path.name} again")
-            if folder.is_symlink():
-                folder.unlink()
-            else:
-                shutil.rmtree(folder)
-        _convert_gguf(path, folder, rope_scaling, sha)
+            if not (folder / "config.json").is_file():  # another process's finished conversion may have landed
+                warnings.warn(f"the cached conversion {folder} has no config.json; converting {path.name} again")
+                if folder.is_symlink():
+                    folder.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)  # a second process removing it too is no error
+        if not (folder / "config.json").is_file():
+            _convert_gguf(path, folder, rope_scaling, sha)
     extra = {"source": "gguf", "path": str(path), "name": header.metadata.get("general.name", path.stem),
              "gguf_sha256": sha, "cache": str(folder)}  # the same on every load, so configs compare equal
     try:

@@ -1711,16 +1711,22 @@ def earlier_feedback(record: dict) -> list[dict]:
 
     A record the budget feedback re-solved (its `choice` differs from `solved_choice`) is kept by later
     searches (`settled_record`), and its next measurement writes a new `budget_feedback` history that
-    starts at that child; the sessions that chose it move to `budget_feedback_earlier` (the last
-    EARLIER_SESSIONS of them), so a rerun with another `--budget-feedback` still says why the child was
-    re-solved (reviewer: the history was overwritten). A record whose child is the plain solve's needs
-    none: [] for it, and for one never measured.
+    starts at that child; the sessions that re-solved it (a tightened, loosened or reverted round) move
+    to `budget_feedback_earlier` (the last EARLIER_SESSIONS of them), so a rerun with another
+    `--budget-feedback` still says why the child was re-solved (reviewer: the history was overwritten).
+    A record whose child is the plain solve's needs none: [] for it, and for one never measured.
     """
     choice, solved, history = record.get("choice"), record.get("solved_choice"), record.get("budget_feedback")
-    if not isinstance(solved, list) or solved == choice or not isinstance(history, list) or not history:
+    if not isinstance(solved, list) or solved == choice:
         return []
     before = record.get("budget_feedback_earlier")
     before = [e for e in before if isinstance(e, dict)] if isinstance(before, list) else []
+    resolved = isinstance(history, list) and any(  # a session that only checked the child explains nothing (code
+        # review: five such reruns pushed out the session that chose it)
+        isinstance(e, dict) and str(e.get("action", "")).startswith(("tightened", "loosened", "reverted"))
+        for e in history)
+    if not resolved:
+        return before[-EARLIER_SESSIONS:]
     return (before + [{"rounds": record.get("budget_feedback_rounds"), "history": history}])[-EARLIER_SESSIONS:]
 
 

@@ -563,10 +563,10 @@ class RPOConfig:
             raise PuzzleError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         # one message per setting, naming its flag where it has one (reviewer: one message listed all four; nan and
         # inf named no flag)
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
+        if not is_finite_number(self.temperature) or self.temperature <= 0:
             raise PuzzleError(f"--temperature (rpo temperature) must be a finite number > 0, got {self.temperature}: "
                               f"a group's responses are sampled, and greedy decoding (0) would make all k of them alike")
-        if not math.isfinite(self.kl_coef) or self.kl_coef < 0:
+        if not is_finite_number(self.kl_coef) or self.kl_coef < 0:
             raise PuzzleError(f"--kl-coef (rpo kl_coef) must be a finite number >= 0, got {self.kl_coef}")
         require_finite("rpo", beta=self.beta, eta=self.eta, gamma=self.gamma, lr=self.lr,
                        weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)

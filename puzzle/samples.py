@@ -148,9 +148,10 @@ def _identity(parent_fingerprint: str, tokenizer_sha256: str, seed: int, length:
 
 
 def batch_seed(seed: int, batch: int) -> int:
-    """The generator seed of sample batch `batch`: seed * 1_000_003 + batch, modulo 2**63 (torch's limit; the
-    same value for every seed below 9.2e12: reviewer, larger seeds overflowed)."""
-    return (seed * 1_000_003 + batch) % 2 ** 63
+    """The generator seed of sample batch `batch`: seed * 1_000_003 + batch, taken modulo 2**63 only where it leaves
+    torch's range [-2**63, 2**64) (reviewer: seeds above about 1.8e13 overflowed; smaller ones are unchanged)."""
+    value = seed * 1_000_003 + batch
+    return value if -2 ** 63 <= value < 2 ** 64 else value % 2 ** 63
 
 
 def _last_batch_needed(records: list[dict], tokens: int) -> int:

@@ -70,7 +70,8 @@ def conversation_from_record(record: dict, where: str) -> list[dict]:
     Raises:
         PuzzleError: neither form, an unknown role, non-string content, or no assistant message.
     """
-    if "messages" in record and not isinstance(record["messages"], list):  # reviewer: fell back to prompt/response
+    if record.get("messages") is not None and not isinstance(record["messages"], list):  # reviewer: it fell back to
+        # prompt/response (a null is a missing column of a mixed data set, as Hugging Face's to_json writes it)
         raise PuzzleError(f"{where}: 'messages' must be a list of {{role, content}}, got "
                           f"{type(record['messages']).__name__}")
     if isinstance(record.get("messages"), list):
@@ -191,9 +192,10 @@ def _labels_by_offsets(tokenizer, messages: list[dict], ids: list[int]) -> list[
         upto = text(messages[:i + 1], False)
         if i:
             before = text(messages[:i], True)
-        else:
-            blank = text([{**m, "content": ""}], False)
-            before = upto[:next((c for c, (a, b) in enumerate(zip(upto, blank)) if a != b), min(len(upto), len(blank)))]
+        else:  # the header: what two renderings with other contents share (an empty one would share a reply's
+            # opening "<" with its "<|im_end|>": reviewer)
+            a, b = text([{**m, "content": "a"}], False), text([{**m, "content": "b"}], False)
+            before = a[:next((c for c, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))]
         if not (whole.startswith(upto) and upto.startswith(before)):
             raise PuzzleError("the chat template's rendering of a conversation prefix is not a prefix of the whole "
                               "conversation's; the assistant tokens cannot be located (use a standard template)")
@@ -210,8 +212,8 @@ class Packed:
 
     input_ids: tokens (padding: the pad id); labels: learned tokens, -100 elsewhere; position_ids:
     0, 1, ... restarting at every conversation; segments: 1, 2, ... per conversation in a row, 0 on
-    padding. `dropped`: conversations longer than T that were left out; `longest`: the longest
-    conversation's tokens (kept or not).
+    padding. `dropped`: conversations longer than T that were left out (`dropped_indices`: their
+    positions in the input list); `longest`: the longest conversation's tokens (kept or not).
     """
 
     input_ids: torch.Tensor
@@ -220,6 +222,7 @@ class Packed:
     segments: torch.Tensor
     dropped: int
     longest: int = 0
+    dropped_indices: tuple = ()
 
 
 def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True,
@@ -269,7 +272,8 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
             position_ids[r, at:at + n] = torch.arange(n)
             segments[r, at:at + n] = s
             at += n
-    return Packed(input_ids, labels, position_ids, segments, dropped, max(len(e[0]) for e in examples))
+    too_long = tuple(k for k, e in enumerate(examples) if len(e[0]) > seq_len)
+    return Packed(input_ids, labels, position_ids, segments, dropped, max(len(e[0]) for e in examples), too_long)
 
 
 def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -575,21 +579,23 @@ def parse_think(text: str) -> dict:
     return {"has_think": "<think>" in text, "well_formed": well, "answer": answer.strip()}
 
 
-_NUMBER = re.compile(r"(?<![\d.])\d+(?:,\d{3})*(?![\d])")
+_NUMBER = re.compile(r"(?<![\d.])\d+(?:,\d{3})*(?![\d]|\.\d)")  # whole numbers: "122.5" is none
 
 
 def answer_is_correct(question: dict, answer: str) -> bool:
     """Whether `answer` (the text after the think block) states the result of a toggle question
     (`reasoning_toggle_questions`).
 
-    sort: the sorted list appears. compare: the larger number appears and the smaller does not (both are
-    in the question, so a reply that repeats it, or says "300 is larger than 512", is not an answer).
+    sort: the sorted list appears, with no number after it. compare: the larger number appears and the
+    smaller does not (both are in the question, so a reply that repeats it, or says "300 is larger than
+    512", is not an answer; "512 is larger than 300" is not counted either: the demonstrations answer
+    "512 is larger.").
     The others: the answer's last number is the value ("23 + 12 = 35."), so numbers of a repeated
     question do not count. Thousands separators are read ("40,000").
     """
     value = question["value"]
-    if question["task"] == "sort":
-        return re.search(rf"(?<![\d.]){re.escape(value)}(?![\d])", answer) is not None
+    if question["task"] == "sort":  # the list itself, not the start of a longer one
+        return re.search(rf"(?<![\d.]){re.escape(value)}(?![\d]|\.\d|,\s*\d)", answer) is not None
     numbers = [n.replace(",", "") for n in _NUMBER.findall(answer)]
     if question["task"] == "compare":
         others = {n for n in re.findall(r"\d+", question["question"]) if n != value}
@@ -754,13 +760,15 @@ def run_sft_command(args, log=None) -> dict | None:
         if config.seq_len > positions:
             raise PuzzleError(f"--seq-len {config.seq_len} is longer than the {positions} positions the model was "
                               f"trained on; give --seq-len {positions} or less")
-        conversations = [c for spec in args.data for c in read_chat_jsonl(spec)]
+        read = [(spec, read_chat_jsonl(spec)) for spec in args.data]
+        conversations = [c for _, cs in read for c in cs]
+        demo = {k for k, spec in enumerate(spec for spec, cs in read for _ in cs) if spec == DEMO_SPEC}
         data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
                                 config.seed)
         if data.dropped:  # reviewer: --seq-len 128 left out every "thinking on" example of the demo set, with an info line
             cut = (f"{data.dropped} of {len(conversations)} conversations are longer than --seq-len {config.seq_len} "
                    f"and left out; --seq-len {data.longest} keeps them all")
-            if DEMO_SPEC in args.data:
+            if demo & set(data.dropped_indices):  # the demo set's own conversations (reviewer: not the user's)
                 raise PuzzleError(f"{cut} (the {DEMO_SPEC} set teaches the toggle with its longer 'thinking on' "
                                   f"examples paired with the short 'off' ones; it needs them all)")
             log(f"sft: warning: {cut}")

@@ -435,7 +435,8 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
         meta: JSON-like description of the settings and inputs; must match to resume.
         checkpoint_every: save after every this many steps, and after the last one.
         on_step: on_step(step_done, record) after each step and its checkpoint (an exception there
-            ends training, like a kill would).
+            ends training, like a kill would; a KeyboardInterrupt there is Ctrl-C, which checkpoints
+            the step first, as anywhere in the loop).
         stop_after_steps: stop (after a checkpoint) once this call has taken this many steps; the
             next call continues. Results equal an uninterrupted run's.
 
@@ -475,7 +476,8 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
 
         bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step")
     t0, step = time.perf_counter(), start
-    saved, done_rng, updating = start, rng_state(), False  # the step the checkpoint holds; the RNG after `step`
+    # the step the checkpoint holds; the RNG after `step` (a distributed run saves no checkpoint on Ctrl-C)
+    saved, done_rng, updating = start, None if env.distributed else rng_state(), False
     wrapped.train()
     try:
         while step < total_steps and (stop_after_steps is None or step - start < stop_after_steps):
@@ -494,7 +496,7 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
             step += 1
             record = {"step": step, "lr": optim.lr * mult, "grad_norm": float(norm), **mean_over_ranks(metrics, env)}
             history.append(record)
-            updating, done_rng = False, rng_state()
+            updating, done_rng = False, None if env.distributed else rng_state()
             if checkpoint_path is not None and (step % max(1, checkpoint_every) == 0 or step == total_steps
                                                 or (stop_after_steps is not None and step - start == stop_after_steps)):
                 _save(checkpoint_path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
@@ -564,8 +566,16 @@ def _save_on_interrupt(path, wrapped, opt, step: int, saved: int, total_steps: i
         return f"{desc} keeps no checkpoint here, so a rerun trains from the start"
     if step > saved and not updating and not env.distributed:
         set_rng_state(done_rng)
-        _save(path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
-        saved = step
+        try:
+            _save(path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
+            saved = step
+        except Exception as e:  # noqa: BLE001 -- a full disk: the interrupt stands, and the note says what was lost
+            # (reviewer: the OSError replaced the KeyboardInterrupt and the CLI said finished work was saved)
+            failed = f"; saving step {step} failed ({e})"
+            if saved == 0:
+                return f"{desc} stopped before its first step was saved{failed}, so a rerun trains from the start"
+            return (f"{desc}: checkpoint at step {saved} of {total_steps}{failed}, so {step - saved} step(s) are "
+                    f"lost; rerun the same command to resume")
     if saved == 0:
         return f"{desc} stopped before its first step was saved, so a rerun trains from the start"
     lost = f" ({step - saved} step(s) after it are lost)" if step > saved else ""

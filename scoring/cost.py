@@ -431,8 +431,8 @@ def _guarded_rounds(run_round: Callable[..., dict[str, list[float]]], workload: 
 
     Returns:
         (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
-        windows of their reading, less its tick noise for windows shorter than MIN_WINDOW_S (a lower
-        bound: their readings are mostly tick noise); NaN if no window was read, "rounds_dropped": int}, on a CPU also the fingerprint's medians over the kept windows
+        windows of their reading, less its tick noise for windows shorter than MIN_WINDOW_S (about a
+        lower bound: their readings are mostly tick noise); NaN if no window was read, "rounds_dropped": int}, on a CPU also the fingerprint's medians over the kept windows
         ("reference_compute_ms", "reference_memory_ms", "reference_samples") and its sizes
         (`ReferenceProbe.meta`).
 
@@ -476,9 +476,10 @@ def _guarded_rounds(run_round: Callable[..., dict[str, list[float]]], workload: 
                     bar.set_postfix(dropped=dropped, contention=f"{contention:.2f}")
                     time.sleep(RETRY_PAUSE_S)
                     continue
-                if not math.isnan(contention):  # a short window's reading less its tick noise: a lower bound
-                    # (reviewer: a table timed in short windows next to a busy neighbour recorded none, so a later
-                    # run with a stricter --max-contention reused it without a word)
+                if not math.isnan(contention):  # a short window's reading less its tick noise, near a lower
+                    # bound (reviewer: a table timed in short windows next to a busy neighbour recorded none, so a
+                    # later run with a stricter --max-contention reused it without a word; an idle 0.05 s window
+                    # can still read 0.14 over the noise, which only retimes a measurement that short)
                     noise = 0.0 if wall >= MIN_WINDOW_S else guard.tick_noise(wall)
                     worst = max_ignoring_nan(worst, max(0.0, contention - noise))
             in_a_row, worst_in_a_row = 0, float("nan")

@@ -863,10 +863,12 @@ def test_a_failed_command_keeps_the_settings_of_the_work_it_wrote(tmp_path, monk
         raise PuzzleError("refused after packing")
 
     monkeypatch.setattr("puzzle.pipeline.stage_bld", packs_then_fails)
-    assert main(["run", "--out", str(out), "--no-progress", "--seed", "7", "--speedup", "3"]) == 2
+    assert main(["run", "--out", str(out), "--no-progress", "--seed", "7", "--speedup", "3", "--prompt-len", "40"]) == 2
     assert "refused after packing" in capsys.readouterr().err
     kept = load_run_config(out)
-    assert kept.data.seed == kept.bld.seed == 7 and kept.search == saved.search and kept.search.speedup != 3
+    assert kept.data.seed == 7 and kept.search == saved.search and kept.search.speedup != 3
+    # the sections of stages that wrote nothing stay as saved (code review: the target and BLD seed were kept too)
+    assert kept.bld == saved.bld and kept.target == saved.target and kept.target.prompt_len != 40
     assert json.loads((out / "data" / "manifest.json").read_text())["settings"]["seed"] == 7  # as the splits were packed
     before = (out / "config.json").read_bytes()
 

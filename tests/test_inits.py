@@ -167,8 +167,8 @@ def test_linear_inits_of_a_bf16_parent_are_computed_in_fp32_and_edge_inputs_are_
     assert fit_linear(parent.model.layers[1].post_attention_layernorm, x, target)[1] >= 0.0
     assert float(ridge_lstsq(torch.zeros(8, 64), torch.ones(8, 64)).abs().max()) == 0.0
     width = parent.config.intermediate_size // 2
-    for channels in ([0] * width, list(range(1, width)) + [10 ** 6]):
-        with pytest.raises(ValueError, match="distinct indices"):
+    for channels in ([0] * width, list(range(1, width)) + [10 ** 6], [], [float(c) for c in range(width)]):
+        with pytest.raises(ValueError, match="distinct whole indices"):
             init_ffn(parent.config, parent.model.layers[1], FFNConfig("swiglu", width), 1, channels=channels)
 
 

@@ -114,8 +114,9 @@ def test_large_seeds_stay_in_the_generators_range():
 
     from puzzle.samples import batch_seed
 
-    assert batch_seed(7, 3) == 7 * 1_000_003 + 3  # unchanged below 9.2e12
-    torch.Generator().manual_seed(batch_seed(2 ** 63 - 1, 5))
+    assert batch_seed(7, 3) == 7 * 1_000_003 + 3 and batch_seed(-1, 0) == -1_000_003  # unchanged in range
+    for seed in (2 ** 63 - 1, -2 ** 63, 2 * 10 ** 13):
+        torch.Generator().manual_seed(batch_seed(seed, 5))
 
 
 def test_bad_arguments(parent, tmp_path):

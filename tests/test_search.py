@@ -1026,6 +1026,7 @@ def test_a_measurement_with_other_feedback_rounds_keeps_why_the_settled_child_wa
     name, other = "child-1.25x", "child-1.5x"
     first = [{"round": 0, "choice": plain[name]["choice"], "action": "loosened"},
              {"round": 1, "choice": plain[other]["choice"], "action": "kept"}]
+    checked = [{"round": 0, "choice": plain[other]["choice"], "action": "kept"}]  # a session that re-solved nothing
     settled = {**plain[other], "name": name, "request": plain[name]["request"], "budgets": plain[name]["budgets"],
                "solved_choice": plain[name]["choice"], "budget_feedback": first, "budget_feedback_rounds": 2}
     run = Run(out, config.replace(search={"budget_feedback": 0}), progress=False)
@@ -1036,11 +1037,13 @@ def test_a_measurement_with_other_feedback_rounds_keeps_why_the_settled_child_wa
     assert record["budget_feedback_earlier"] == [{"rounds": 2, "history": first}]
     feedback = json.loads((out / "children" / "budget_feedback.json").read_text())
     assert feedback["earlier"] == {name: [{"rounds": 2, "history": first}]}
-    # sessions pile up to a bound; a child that is the plain solve's, or a record never measured, needs none
+    # sessions that re-solved pile up to a bound, sessions that only checked are not kept (they would push out the
+    # ones that chose the child); a child that is the plain solve's, or a record never measured, needs none
     piled = settled
     for _ in range(EARLIER_SESSIONS + 2):
         piled = {**piled, "budget_feedback_earlier": earlier_feedback(piled)}
     assert len(piled["budget_feedback_earlier"]) == EARLIER_SESSIONS
+    assert earlier_feedback({**record, "budget_feedback": checked}) == record["budget_feedback_earlier"]
     assert earlier_feedback({**settled, "choice": settled["solved_choice"]}) == []
     assert earlier_feedback(plain[name]) == []
 

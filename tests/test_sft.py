@@ -185,6 +185,15 @@ def test_ctrl_c_mid_run_checkpoints_the_last_finished_step(tiny, tmp_path, monke
         return run
 
     monkeypatch.setattr(sft, "_step_fn", interrupted)
+    with monkeypatch.context() as full:  # reviewer: a failed save replaced the interrupt with its OSError
+        def no_room(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        full.setattr("puzzle.train_utils._save", no_room)
+        with pytest.raises(KeyboardInterrupt) as e:
+            supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "full")
+        assert "saving step 2 failed ([Errno 28] No space left on device), so a rerun trains from the start" \
+            in e.value.puzzle_note
     with pytest.raises(KeyboardInterrupt) as e:
         supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "b")
     assert e.value.puzzle_note == "sft: checkpoint at step 2 of 3; rerun the same command to resume"
@@ -269,8 +278,8 @@ def test_a_reply_that_opens_with_whitespace_is_located_by_characters(tiny):
     ids, labels = tokenize_conversation(tok, messages)
     assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE]) == "\nanswer<|im_end|>\nmore<|im_end|>"
     # on conversations the token prefixes handle, locating by characters gives the same labels
-    first = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "q"},
-             {"role": "assistant", "content": ""}]
+    first = [{"role": "assistant", "content": "<think>hi</think> ok"}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": ""}]  # reviewer: an opening "<" was taken for the header's
     for conversation in [r["messages"] for r in reasoning_toggle_examples(6, 0)] + [first]:
         for t in (tok, tiny.tokenizer):
             ids, labels = tokenize_conversation(t, conversation)
@@ -287,6 +296,9 @@ def test_a_refused_resume_names_the_setting_and_short_inputs_say_what_they_need(
         _check_meta(tmp_path / "c.pt", saved, {**saved, "config": {"lr": 1e-4, "checkpoint_every": 5}, "data": "b" * 64})
     with pytest.raises(PuzzleError, match="'messages' must be a list of {role, content}, got str"):
         conversation_from_record({"messages": "hello", "prompt": "q", "response": "a"}, "f.jsonl, line 1")
+    # a null (a mixed data set's missing column, as to_json writes it) is no field at all
+    assert conversation_from_record({"messages": None, "prompt": "q", "response": "a"}, "f.jsonl, line 1")[-1] == \
+        {"role": "assistant", "content": "a"}
     with pytest.raises(PuzzleError, match=r"longer than seq_len=8 \(the shortest has \d+ tokens\)"):
         prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(1, 0)], seq_len=8)
 
@@ -316,6 +328,11 @@ def test_toggle_answers_are_scored_on_the_stated_result():
     story = {"task": "story", "question": "Anna has 12 apples, buys 5 more and gives 1 away. How many apples does "
                                           "Anna have now?", "value": "16"}
     assert answer_is_correct(story, "Anna has 16 apples now.") and not answer_is_correct(story, story["question"])
+    add = {"task": "add", "question": "What is 61 + 61?", "value": "122"}
+    assert answer_is_correct(add, "61 + 61 = 122.") and not answer_is_correct(add, "61 + 61 = 122.5")
+    sort = {"task": "sort", "question": "Sort these numbers from smallest to largest: 58, 14, 33, 59.",
+            "value": "14, 33, 58, 59"}
+    assert answer_is_correct(sort, "14, 33, 58, 59.") and not answer_is_correct(sort, "14, 33, 58, 59, 99.")
     units = {"task": "units", "question": "How many meters are in 40 kilometers?", "value": "40000"}
     assert answer_is_correct(units, "40 kilometers are 40,000 meters.")
     assert not answer_is_correct(units, "40 kilometers are 4000 meters.")
@@ -410,6 +427,27 @@ def test_a_run_child_fine_tunes_with_the_default_work_folder(tmp_path_factory, t
     assert args.func(args) == 0
     state = torch.load(Path(moved) / "export" / "child-1.5x-sft.sft-work" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2
+
+
+def test_the_users_long_conversations_beside_the_demo_set_are_left_out_with_a_warning(tmp_path, capsys):
+    """Reviewer: a long conversation of the user's own file, given with the demo set, refused the run and blamed the
+    demo set."""
+    import argparse
+
+    from puzzle.export import export_checkpoint
+    from puzzle.sft import add_sft_parser
+
+    parser = argparse.ArgumentParser()
+    add_sft_parser(parser.add_subparsers())
+    lm = tiny_parent()
+    export_checkpoint(lm.model, lm.tokenizer, tmp_path / "model")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"prompt": "Tell me a long story.", "response": "word " * 400}) + "\n")
+    args = parser.parse_args(["sft", "--model", str(tmp_path / "model"), "--data", "demo:reasoning-toggle",
+                              "--data", str(mine), "--dest", str(tmp_path / "out"), "--no-progress", "--seq-len", "256",
+                              "--stop-after-steps", "1"])
+    assert args.func(args) == 0
+    assert "1 of 801 conversations are longer than --seq-len 256 and left out" in capsys.readouterr().err
 
 
 def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_path, capsys):
