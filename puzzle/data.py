@@ -1246,7 +1246,8 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         tensors[split] = tokens
         if tokens.numel() < budgets[split] // config.seq_len * config.seq_len:
             warnings.warn(f"{split} split: its sources give {tokens.numel()} tokens, fewer than the {budgets[split]} "
-                          f"asked for ({split}_tokens); add text to them or lower {split}_tokens")
+                          f"asked for (data.{split}_tokens, a preset's [data] setting); add text to them or lower "
+                          f"data.{split}_tokens")
         doc_ids: dict[str, list[str]] = {}
         for d in used:
             doc_ids.setdefault(d.source, []).append(d.doc_id)

@@ -737,10 +737,12 @@ def cmd_gkd(args) -> int:
         if b and a:
             log(f"gkd: eval KL {b['kl_nats']:.4f} -> {a['kl_nats']:.4f} nats/token (recovery "
                 f"{summary['recovery_fraction']:.1%}), LM loss {b['lm_loss']:.4f} -> {a['lm_loss']:.4f}")
-        if summary["resumed_from_step"] >= summary["steps"]:  # nothing left to train: no rate to report
+        resumed = summary["resumed_from_step"]
+        if resumed >= summary["steps"]:  # nothing left to train: no rate to report
             rate = f"all {summary['steps']} steps done by an earlier call"
-        else:
-            rate = f"{summary['train_tok_s']:.0f} tok/s"
+        else:  # breaker: a resume went unsaid, as sft says it
+            rate = f"{summary['train_tok_s']:.0f} tok/s" + (
+                f"; resumed from step {resumed} of {summary['steps']}" if resumed else "")
         log(f"gkd: {summary['tokens_trained']} tokens ({rate}); exported to {summary['dest']} "
             f"({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -120,7 +120,9 @@ class Library:
                 atomic_write_json(path, meta)
                 return
             if old != new:
-                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                from .train_utils import differing_settings
+
+                diff = differing_settings(old, new)  # "bld.tokens: 2048 -> 1024" (breaker: "bld differ" named none)
                 raise PuzzleError(
                     f"the library in {self.root} was built with other settings ({', '.join(diff)} differ); "
                     f"use another --out directory or delete {self.root} to rebuild it")

@@ -581,7 +581,7 @@ def _convert_gguf(path: Path, target: Path, rope_scaling: dict | None, sha256: s
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     except OSError as e:
         raise PuzzleError(f"cannot write the converted GGUF to {target.parent} ({e}); "
-                          "pass cache_dir or set PUZZLE_CACHE to a writable folder") from e
+                          "set PUZZLE_CACHE to a writable folder (cache_dir in Python)") from e
     try:
         _convert_into(path, tmp, target, rope_scaling, sha256)
     finally:
@@ -626,7 +626,7 @@ def _convert_into(path: Path, tmp: Path, target: Path, rope_scaling: dict | None
                 raise
     except OSError as e:
         raise PuzzleError(f"cannot write the converted GGUF to {target.parent} ({e}); "
-                          "pass cache_dir or set PUZZLE_CACHE to a writable folder") from e
+                          "set PUZZLE_CACHE to a writable folder (cache_dir in Python)") from e
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) -> LoadedModel:

@@ -212,12 +212,29 @@ class Run:
         except (OSError, ValueError, AttributeError):
             return  # no library yet (or a damaged meta.json, which `puzzle bld` names)
         if isinstance(built_on, str) and built_on != _tensor_sha(calib):
+            changed = self._changed_data_settings()
             raise PuzzleError(f"the calibration split packed now differs from the one the library in "
                               f"{self.out / 'library'} was trained on (the calibration text or the data settings "
-                              f"changed since, or the evaluation text, whose documents are left out of calibration "
-                              f"where a calibration source holds them too); {self.out / 'data'} is left as it is: "
+                              f"changed since{changed}, or the evaluation text, whose documents are left out of "
+                              f"calibration where a calibration source holds them too); {self.out / 'data'} is left "
+                              f"as it is: "
                               f"restore the text or settings, or "
                               f"delete {self.out / 'library'} to train a library on the new text")
+
+    def _changed_data_settings(self) -> str:
+        """': data.seed 0 -> 7, ...' for the plain data settings that differ from those DIR/data was packed with
+        (breaker: the refusal named none); '' when none differ or the manifest cannot be read."""
+        from .train_utils import differing_settings
+
+        try:
+            old = json.loads((self.out / "data" / "manifest.json").read_text())["settings"]
+            now = json.loads(json.dumps(dataclasses.asdict(self.config.data), default=str))
+            keys = [k for k in old if k in now and isinstance(old[k], (int, float, str, bool, type(None)))
+                    and "sha256" not in k]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+        diff = differing_settings({k: old[k] for k in keys}, {k: now[k] for k in keys}, "data.")
+        return f": {', '.join(diff)}" if diff else ""
 
     def generated_sources(self, data=None, folder: Path | None = None) -> dict[str, Path]:
         """Calibration sources made by the run (`parent-samples`): spec -> its file in `folder`
@@ -1840,6 +1857,7 @@ def run_all(run: Run) -> pd.DataFrame:
 
     t_start = time.perf_counter()
     check_objective_names(run)  # before minutes of data, BLD and scoring (reviewer: "kl_nat" was refused at the search)
+    run.space()  # likewise a space the parent cannot take (breaker: kv_heads = [64] was refused after the data stage)
     stage_data(run)
     stage_bld(run)
     stage_score(run)

@@ -304,6 +304,9 @@ def prepare_sft_data(tokenizer, conversations: list[list[dict]], seq_len: int, p
         except (PuzzleError, TemplateError) as e:  # reviewer: a template's refusal was a bare jinja2 traceback
             roles = ", ".join(m["role"] for m in conversation)
             raise PuzzleError(f"conversation {k} of the data (roles {roles}): {e}") from None
+        except (ArithmeticError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # breaker: {{ 1/0 }}
+            raise PuzzleError(f"the chat template failed on conversation {k} of the data ({type(e).__name__}: {e}); "
+                              f"fix the template (chat_template.jinja or tokenizer_config.json)") from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pack_conversations(examples, seq_len, int(pad if pad is not None else 0), pack, seed)
 
@@ -346,8 +349,11 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         require_finite("sft", epochs=self.epochs)
-        if self.epochs <= 0 or self.seq_len < 2 or self.batch_size < 1 or self.micro_batch_size < 0:
-            raise PuzzleError("sft epochs must be positive, seq_len >= 2, batch_size >= 1, micro_batch_size >= 0")
+        for name, ok, want in (("epochs", self.epochs > 0, "positive"), ("seq_len", self.seq_len >= 2, ">= 2"),
+                               ("batch_size", self.batch_size >= 1, ">= 1"),
+                               ("micro_batch_size", self.micro_batch_size >= 0, ">= 0")):
+            if not ok:  # breaker: one message listed all four
+                raise PuzzleError(f"sft {name} (--{name.replace('_', '-')}) must be {want}, got {getattr(self, name)}")
         if self.checkpoint_every < 1:
             raise PuzzleError(f"sft checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
         self.optim()  # lr, warmup, decay, clip: finite and in range

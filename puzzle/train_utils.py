@@ -21,10 +21,13 @@ the way it started (with or without FSDP), with any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,7 +274,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     return ckpt
 
 
-def _differing(saved: dict, meta: dict, prefix: str = "") -> list[str]:
+def differing_settings(saved: dict, meta: dict, prefix: str = "") -> list[str]:
     """The keys where two metas differ, nested dicts by their dotted keys ("config.checkpoint_every", with the
     saved and new values for a setting): reviewer, "differs in ['config']" named no setting."""
     out = []
@@ -280,7 +283,7 @@ def _differing(saved: dict, meta: dict, prefix: str = "") -> list[str]:
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differing(a, b, f"{prefix}{k}.")
+            out += differing_settings(a, b, f"{prefix}{k}.")
         elif isinstance(a, (int, float, str, bool, type(None))) and isinstance(b, (int, float, str, bool, type(None))) \
                 and len(repr(a)) + len(repr(b)) < 80:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
@@ -291,7 +294,7 @@ def _differing(saved: dict, meta: dict, prefix: str = "") -> list[str]:
 
 def _check_meta(path: Path, saved: dict, meta: dict) -> None:
     if saved != meta:
-        keys = _differing(saved, meta)
+        keys = differing_settings(saved, meta)
         raise PuzzleError(f"checkpoint {path} was made with other settings or inputs (differs in {keys}); "
                           f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
 
@@ -491,12 +494,15 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
             norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
             if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
                 norm = norm.full_tensor()
-            updating = True  # from here until the step is counted, weights and step number disagree
-            opt.step()
-            step += 1
-            record = {"step": step, "lr": optim.lr * mult, "grad_norm": float(norm), **mean_over_ranks(metrics, env)}
-            history.append(record)
-            updating, done_rng = False, None if env.distributed else rng_state()
+            with _interrupt_after():  # the update and its count as one: a Ctrl-C here waits (breaker: 2 of 12
+                # Ctrl-Cs fell inside the update and lost their steps)
+                updating = True  # from here until the step is counted, weights and step number disagree
+                opt.step()
+                step += 1
+                record = {"step": step, "lr": optim.lr * mult, "grad_norm": float(norm),
+                          **mean_over_ranks(metrics, env)}
+                history.append(record)
+                updating, done_rng = False, None if env.distributed else rng_state()
             if checkpoint_path is not None and (step % max(1, checkpoint_every) == 0 or step == total_steps
                                                 or (stop_after_steps is not None and step - start == stop_after_steps)):
                 _save(checkpoint_path, wrapped, opt, step, total_steps, meta, history, env, fsdp)
@@ -551,6 +557,24 @@ def _gather_rng(env: DistEnv) -> list:
     states = [None] * env.world_size
     dist.all_gather_object(states, rng_state())
     return states
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold a Ctrl-C (SIGINT with Python's default handler, main thread only) until the block ends, then raise it:
+    the block runs whole. Elsewhere (another handler, a thread) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _save_on_interrupt(path, wrapped, opt, step: int, saved: int, total_steps: int, meta, history, env: DistEnv,

@@ -219,6 +219,13 @@ def test_a_misspelled_objective_is_refused_before_any_stage(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "names ['kl_nat'], not columns of the score tables" in err and "data:" not in err, err
     assert not (tmp_path / "r").exists()
+    # breaker: a space the parent cannot take was refused after the data stage, and saved
+    preset.write_text((Path(__file__).parents[1] / "puzzle" / "presets" / "tiny.toml").read_text()
+                      .replace("[space]", "[space]\nkv_heads = [64]", 1))
+    assert main(["run", "--preset", str(preset), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "space.kv_heads=64 is not a divisor" in err and "data:" not in err, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_loading_a_runs_parent_and_splits_writes_nothing_there(tmp_path):

@@ -878,3 +878,16 @@ def test_a_failed_command_keeps_the_settings_of_the_work_it_wrote(tmp_path, monk
     monkeypatch.setattr("puzzle.pipeline.stage_bld", fails)
     assert main(["run", "--out", str(out), "--no-progress", "--bld-tokens", "4096", "--speedup", "3"]) == 2
     assert (out / "config.json").read_bytes() == before
+
+
+def test_refusals_over_a_library_name_the_settings_that_changed(tmp_path_factory, tmp_path, capsys):
+    """Breaker: `data --seed 7` said only "the data settings changed", `bld --bld-tokens 1024` "(bld differ)"."""
+    from puzzle.cli import main
+    from puzzle.config import load_run_config
+
+    out = _copy(tmp_path_factory, tmp_path)
+    seed, tokens = load_run_config(out).data.seed, load_run_config(out).bld.tokens
+    assert main(["data", "--out", str(out), "--no-progress", "--seed", str(seed + 7)]) == 2
+    assert f"changed since: data.seed: {seed} -> {seed + 7}" in capsys.readouterr().err
+    assert main(["bld", "--out", str(out), "--no-progress", "--bld-tokens", str(tokens * 2)]) == 2
+    assert f"bld.tokens: {tokens} -> {tokens * 2}" in capsys.readouterr().err

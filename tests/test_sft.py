@@ -197,7 +197,26 @@ def test_ctrl_c_mid_run_checkpoints_the_last_finished_step(tiny, tmp_path, monke
     with pytest.raises(KeyboardInterrupt) as e:
         supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "b")
     assert e.value.puzzle_note == "sft: checkpoint at step 2 of 3; rerun the same command to resume"
+    # Ctrl-C inside the optimizer update (breaker: 2 of 12 fell there and lost their steps) waits for the update
+    import os
+    import signal
+
     monkeypatch.undo()
+    update = torch.optim.AdamW.step
+
+    def interrupted_update(self, *args, **kwargs):
+        if self.state and next(iter(self.state.values()))["step"] == 1:  # the second update
+            os.kill(os.getpid(), signal.SIGINT)
+        return update(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", interrupted_update)
+        with pytest.raises(KeyboardInterrupt) as e:
+            supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "c")
+    assert e.value.puzzle_note == "sft: checkpoint at step 2 of 3; rerun the same command to resume"
+    rest = supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "c")
+    for a, b in zip(whole.model.parameters(), rest.model.parameters()):
+        assert torch.equal(a, b)
     rest = supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "b")
     assert rest.resumed_from == 2 and rest.finished
     for a, b in zip(whole.model.parameters(), rest.model.parameters()):
@@ -314,6 +333,10 @@ def test_a_template_that_refuses_a_conversation_names_it(tiny):
     good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(PuzzleError, match=re.escape("conversation 2 of the data (roles assistant): roles must")):
         prepare_sft_data(tok, [good, [{"role": "assistant", "content": "b"}]], 64)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ 1 / 0 }}"  # breaker: a traceback
+    with pytest.raises(PuzzleError, match=re.escape("the chat template failed on conversation 1 of the data "
+                                                    "(ZeroDivisionError")):
+        prepare_sft_data(tok, [good], 64)
 
 
 def test_toggle_answers_are_scored_on_the_stated_result():
