@@ -124,7 +124,7 @@ class Library:
 
                 diff = differing_settings(old, new)  # "bld.tokens: 2048 -> 1024" (breaker: "bld differ" named none)
                 raise PuzzleError(
-                    f"the library in {self.root} was built with other settings ({', '.join(diff)} differ); "
+                    f"the library in {self.root} was built with other settings (differing: {', '.join(diff)}); "
                     f"use another --out directory or delete {self.root} to rebuild it")
             if recorded == json.loads(json.dumps(meta, default=str)):
                 return

@@ -136,10 +136,10 @@ def test_library_refuses_other_settings(tmp_path):
     lib.check_meta({"parent": "a", "bld": {"lr": 1}})
     lib.check_meta({"parent": "a", "bld": {"lr": 2}})  # nothing built yet: the first call's meta.json is replaced
     assert json.loads((tmp_path / "meta.json").read_text())["bld"] == {"lr": 2}
-    with pytest.raises(PuzzleError, match="bld differ"):  # ranks split by hand: no group to check they agree
+    with pytest.raises(PuzzleError, match="differing: bld.lr: 2 -> 3"):  # ranks split by hand: no group to check
         lib.check_meta({"parent": "a", "bld": {"lr": 3}}, replace_unbuilt=False)
     lib.save(0, "ffn", "ffn-8", "bld", {"w": torch.zeros(2)}, {})
-    with pytest.raises(PuzzleError, match="bld differ"):
+    with pytest.raises(PuzzleError, match="differing: bld.lr: 2 -> 1"):
         lib.check_meta({"parent": "a", "bld": {"lr": 1}})
 
 

@@ -806,7 +806,7 @@ def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_sa
         packed = prepare_data(config, tok, tmp_path / "data")
     said = [str(w.message) for w in caught]
     assert any(m.startswith("eval split: its sources give") and f"{packed.eval.numel()} tokens, fewer than the 4096 "
-               "asked for (eval_tokens)" in m for m in said), said
+               "asked for (data.eval_tokens, a preset's [data] setting)" in m for m in said), said
     assert any(m.startswith("2 calibration document(s) repeat the text of an evaluation document") for m in said), said
     assert not any(m.startswith(("calib split", "score split")) for m in said), said  # those got their budgets
     with warnings.catch_warnings():  # the packaged tiny preset fills every budget it asks for
