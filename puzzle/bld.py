@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .architecture import ArchitectureError, AttentionConfig, BlockConfig, FFNConfig
-from .errors import PuzzleError
+from .errors import PuzzleError, is_finite_number
 from .init import (ATTN_PREFIXES, FFN_INITS, FFN_PREFIXES, KV_INITS, LINEAR_INITS, KVGroupStats, channel_scores_from_sums,
                    compose_block, ffn_forward_stats, greedy_channel_removal, init_attention, init_ffn, ridge_solve)
 from .library import Library
@@ -149,7 +149,7 @@ class BLDConfig:
             if key not in LR_KEYS and not _is_variant_id(key):
                 raise PuzzleError(f"bld.lr_scales key {key!r} is neither a variant id (attn-kv1, ffn-768, "
                                   f"attn-kv1+ffn-768) nor one of {LR_KEYS}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            if not is_finite_number(value) or not value > 0:  # bools refused too (reviewer: {ffn = true} read as 1)
                 raise PuzzleError(f"bld.lr_scales[{key!r}] must be a positive number, got {value!r}")
         object.__setattr__(self, "lr_scales", {k: float(scales[k]) for k in sorted(scales)})
 

@@ -434,8 +434,9 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     Any failure (an error, Ctrl-C) puts DIR/config.json back as it was, byte for byte, so that flags whose stage
     did not finish are not read by later stages (budgets, objective); but when a stage wrote work under one of
     `_WORK_FOLDERS` with this command's settings (data packed with another --seed, a library begun with other BLD
-    settings), that folder's sections of the configuration stay with it (`_keep_worked_settings`). Once a search has written its choices
-    (`Run.settled`: DIR/search/ then describes this configuration, and children measured from it, or records
+    settings), that folder's sections of the configuration stay with it (`_keep_worked_settings`). Once a search
+    has written its choices (`Run.settled`: DIR/search/ then describes this configuration, and children measured
+    from it, or records
     re-solved on measured speed, may follow), a failure keeps the configuration with them, since they agree.
     Where DIR held no run, a refusal (PuzzleError) or Ctrl-C takes back what the command wrote unless a stage
     finished work there (`_take_back`: a new --out is removed again); a folder kept for its work keeps the

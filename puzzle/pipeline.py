@@ -1721,6 +1721,7 @@ def evaluate_all(run: Run, models: dict) -> dict[str, dict]:
 
 
 EARLIER_SESSIONS = 5  # earlier feedback sessions a settled record keeps
+RESOLVE_ACTIONS = ("tightened", "loosened", "reverted")  # feedback.settle's actions that changed the child
 
 
 def earlier_feedback(record: dict) -> list[dict]:
@@ -1740,7 +1741,7 @@ def earlier_feedback(record: dict) -> list[dict]:
     before = [e for e in before if isinstance(e, dict)] if isinstance(before, list) else []
     resolved = isinstance(history, list) and any(  # a session that only checked the child explains nothing (code
         # review: five such reruns pushed out the session that chose it)
-        isinstance(e, dict) and str(e.get("action", "")).startswith(("tightened", "loosened", "reverted"))
+        isinstance(e, dict) and str(e.get("action", "")).startswith(RESOLVE_ACTIONS)
         for e in history)
     if not resolved:
         return before[-EARLIER_SESSIONS:]
@@ -1754,7 +1755,7 @@ def _over_budget_note(check, history: list[dict], rounds: int) -> str:
         return f" by less than the timing noise (standard error {check.se:.3f})"
     if not rounds:
         return " (--budget-feedback N re-solves it)"
-    resolves = sum(1 for e in history if str(e.get("action", "")).startswith(("tightened", "loosened", "reverted")))
+    resolves = sum(1 for e in history if str(e.get("action", "")).startswith(RESOLVE_ACTIONS))
     last = history[-1] if history else {}
     action = str(last.get("action", ""))
     if last.get("round", rounds) < rounds and action.startswith("kept: "):  # the feedback stopped on its own

@@ -199,7 +199,7 @@ def _labels_by_offsets(tokenizer, messages: list[dict], ids: list[int]) -> list[
         if not (whole.startswith(upto) and upto.startswith(before)):
             raise PuzzleError("the chat template's rendering of a conversation prefix is not a prefix of the whole "
                               "conversation's; the assistant tokens cannot be located (use a standard template)")
-        turn = [t for t, (a, b) in enumerate(offsets) if a >= len(before) and b <= len(upto) and b > a]
+        turn = [t for t, (start, end) in enumerate(offsets) if start >= len(before) and start < end <= len(upto)]
         stops = [t for t in turn if ids[t] == tokenizer.eos_token_id]
         for t in (turn if not stops else [t for t in turn if t <= stops[-1]]):
             labels[t] = ids[t]
@@ -771,7 +771,7 @@ def run_sft_command(args, log=None) -> dict | None:
         demo = {k for k, spec in enumerate(spec for spec, cs in read for _ in cs) if spec == DEMO_SPEC}
         data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
                                 config.seed)
-        if data.dropped:  # reviewer: --seq-len 128 left out every "thinking on" example of the demo set, with an info line
+        if data.dropped:  # reviewer: --seq-len 128 left out every "thinking on" demo example, with an info line
             cut = (f"{data.dropped} of {len(conversations)} conversations are longer than --seq-len {config.seq_len} "
                    f"and left out; --seq-len {data.longest} keeps them all")
             if demo & set(data.dropped_indices):  # the demo set's own conversations (reviewer: not the user's)

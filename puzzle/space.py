@@ -44,7 +44,8 @@ class SpaceConfig:
             if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
                 raise PuzzleError(f"space.{name} must be a list of {kind}; got {value!r}")
         if any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in self.ffn_fractions):
-            raise PuzzleError(f"space.ffn_fractions must be a list of fractions in (0, 1]; got {list(self.ffn_fractions)}")
+            raise PuzzleError(f"space.ffn_fractions must be a list of fractions in (0, 1]; got "
+                              f"{list(self.ffn_fractions)}")
         object.__setattr__(self, "ffn_fractions", tuple(float(f) for f in self.ffn_fractions))
         whole = lambda k: isinstance(k, numbers.Integral) and not isinstance(k, bool)  # noqa: E731
         if any(not whole(k) or k < 1 for k in self.kv_heads):

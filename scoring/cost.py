@@ -432,9 +432,9 @@ def _guarded_rounds(run_round: Callable[..., dict[str, list[float]]], workload: 
     Returns:
         (samples, info): samples name -> kept ms; info {"contention_cores": max over the kept
         windows of their reading, less its tick noise for windows shorter than MIN_WINDOW_S (about a
-        lower bound: their readings are mostly tick noise); NaN if no window was read, "rounds_dropped": int}, on a CPU also the fingerprint's medians over the kept windows
-        ("reference_compute_ms", "reference_memory_ms", "reference_samples") and its sizes
-        (`ReferenceProbe.meta`).
+        lower bound: their readings are mostly tick noise); NaN if no window was read, "rounds_dropped":
+        int}, on a CPU also the fingerprint's medians over the kept windows ("reference_compute_ms",
+        "reference_memory_ms", "reference_samples") and its sizes (`ReferenceProbe.meta`).
 
     Raises:
         PuzzleError: GIVE_UP_WINDOWS contended windows in a row (see `_contention_error`), or a
