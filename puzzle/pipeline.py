@@ -859,15 +859,11 @@ def check_objective_names(run: Run) -> None:
     Raises:
         PuzzleError: as `check_objective_columns`, or an objective that does not parse.
     """
-    from .search import parse_objective
-
     known = [c for c in SCORE_COLUMNS if c not in ("layer", "subblock", "variant", "is_parent")]
-    unknown = [c for c in parse_objective(run.config.search.objective) if c not in known]
-    if unknown:
-        raise PuzzleError(f"search.objective {run.config.search.objective!r} (a preset's [search] objective, or saved "
-                          f"in {run.out / 'config.json'}) names {unknown}, not columns of the score tables ({known}); "
-                          f"set kl_nats, lm_loss, cosine or a weighted sum such as 'kl_nats=1,lm_loss=0.5' there (or, "
-                          f"once the run has scores, with `puzzle search --out {run.out} --objective ...`)")
+    _refuse_objective_outside(run, known, f"a preset's [search] objective, or saved in {run.out / 'config.json'}",
+                              f"not columns of the score tables ({known}); set kl_nats, lm_loss, cosine or a weighted "
+                              f"sum such as 'kl_nats=1,lm_loss=0.5' there (or, once the run has scores, with "
+                              f"`puzzle search --out {run.out} --objective ...`)")
 
 
 def check_objective_columns(run: Run, table: pd.DataFrame) -> None:
@@ -877,15 +873,21 @@ def check_objective_columns(run: Run, table: pd.DataFrame) -> None:
     Raises:
         PuzzleError: as above.
     """
+    numeric = {c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])}
+    _refuse_objective_outside(run, numeric, f"--objective, or saved in {run.out / 'config.json'}",
+                              f"not numeric columns of the score table; `puzzle search --out {run.out} --objective "
+                              f"kl_nats` (or lm_loss, cosine, a weighted sum such as 'kl_nats=1,lm_loss=0.5') sets "
+                              f"another")
+
+
+def _refuse_objective_outside(run: Run, columns, where: str, why: str) -> None:
+    """PuzzleError when the run's search.objective names a column outside `columns`: "search.objective X (`where`)
+    names [...], `why`"."""
     from .search import parse_objective
 
-    numeric = {c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])}
-    unknown = [c for c in parse_objective(run.config.search.objective) if c not in numeric]
+    unknown = [c for c in parse_objective(run.config.search.objective) if c not in columns]
     if unknown:
-        raise PuzzleError(f"search.objective {run.config.search.objective!r} (--objective, or saved in {run.out / 'config.json'}) names "
-                          f"{unknown}, not numeric columns of the score table; `puzzle search --out {run.out} "
-                          f"--objective kl_nats` (or lm_loss, cosine, a weighted sum such as 'kl_nats=1,lm_loss=0.5') "
-                          f"sets another")
+        raise PuzzleError(f"search.objective {run.config.search.objective!r} ({where}) names {unknown}, {why}")
 
 
 def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
