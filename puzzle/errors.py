@@ -21,3 +21,21 @@ def require_finite(what: str, **values) -> None:
     bad = [f"{k}={v!r}" for k, v in values.items() if not is_finite_number(v)]
     if bad:
         raise PuzzleError(f"{what}: {', '.join(bad)}: give a finite number")
+
+
+def differing_settings(saved: dict, meta: dict, prefix: str = "") -> list[str]:
+    """The keys where two metas differ, nested dicts by their dotted keys ("config.checkpoint_every", with the
+    saved and new values for a setting): reviewer, "differs in ['config']" named no setting."""
+    out = []
+    for k in sorted(set(saved) | set(meta), key=str):
+        a, b = saved.get(k), meta.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_settings(a, b, f"{prefix}{k}.")
+        elif isinstance(a, (int, float, str, bool, type(None))) and isinstance(b, (int, float, str, bool, type(None))) \
+                and len(repr(a)) + len(repr(b)) < 80:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+        else:
+            out.append(f"{prefix}{k}")
+    return out

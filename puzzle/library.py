@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load as load_safetensors
 
-from .errors import PuzzleError
+from .errors import PuzzleError, differing_settings
 from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 STAGES = ("init", "bld")
@@ -120,8 +120,6 @@ class Library:
                 atomic_write_json(path, meta)
                 return
             if old != new:
-                from .train_utils import differing_settings
-
                 diff = differing_settings(old, new)  # "bld.tokens: 2048 -> 1024" (breaker: "bld differ" named none)
                 raise PuzzleError(
                     f"the library in {self.root} was built with other settings (differing: {', '.join(diff)}); "

@@ -58,7 +58,7 @@ from .architecture import (
     ModelConfig,
     block_from_entry,
 )
-from .errors import PuzzleError
+from .errors import PuzzleError, is_finite_number
 from .io import atomic_save_safetensors, atomic_write_json, is_run_directory
 from .modeling import PuzzleForCausalLM, rope_inv_freq
 
@@ -523,7 +523,7 @@ def _gguf_rope_scaling(path: Path, header: _GGUFHeader) -> dict | None:
     scaling_type = meta.get("llama.rope.scaling.type", "none")
     if scaling_type == "linear":
         factor = meta.get("llama.rope.scaling.factor")
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+        if not is_finite_number(factor) or not factor > 0:
             raise PuzzleError(f"{path}: linear RoPE scaling without a positive llama.rope.scaling.factor (got "
                               f"{factor!r}); convert the model again with llama.cpp, or load its HF folder")
         return {"rope_type": "linear", "factor": float(factor)}

@@ -38,7 +38,7 @@ import torch
 
 from .architecture import ArchitectureError, BlockConfig
 from .config import SEARCH_BUDGETS, RunConfig, save_run_config
-from .errors import PuzzleError
+from .errors import PuzzleError, differing_settings
 from .io import (atomic_write_json, atomic_write_text, is_run_directory, load_table, read_json, save_table,
                  tensor_sha256)
 from .library import Library
@@ -224,8 +224,6 @@ class Run:
     def _changed_data_settings(self) -> str:
         """': data.seed 0 -> 7, ...' for the plain data settings that differ from those DIR/data was packed with
         (breaker: the refusal named none); '' when none differ or the manifest cannot be read."""
-        from .train_utils import differing_settings
-
         try:
             old = json.loads((self.out / "data" / "manifest.json").read_text())["settings"]
             now = json.loads(json.dumps(dataclasses.asdict(self.config.data), default=str))

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import PuzzleError, require_finite
+from .errors import PuzzleError, differing_settings, require_finite
 from .io import atomic_write_bytes
 from .modeling import PuzzleForCausalLM
 
@@ -272,24 +272,6 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise PuzzleError(f"checkpoint {path} has another format; delete it to start over")
     return ckpt
-
-
-def differing_settings(saved: dict, meta: dict, prefix: str = "") -> list[str]:
-    """The keys where two metas differ, nested dicts by their dotted keys ("config.checkpoint_every", with the
-    saved and new values for a setting): reviewer, "differs in ['config']" named no setting."""
-    out = []
-    for k in sorted(set(saved) | set(meta), key=str):
-        a, b = saved.get(k), meta.get(k)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differing_settings(a, b, f"{prefix}{k}.")
-        elif isinstance(a, (int, float, str, bool, type(None))) and isinstance(b, (int, float, str, bool, type(None))) \
-                and len(repr(a)) + len(repr(b)) < 80:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-        else:
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def _check_meta(path: Path, saved: dict, meta: dict) -> None:
