@@ -511,7 +511,17 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
 
 ROW_COLUMNS = ["name", "method", "training", "target_speedup", "predicted_speedup", "speedup", "throughput_tok_s",
                "kl_nats", "score_kl_nats", "predicted_kl_nats", "lm_loss", "top1_agree", "params", "memory_mib",
-               "runtime_ms", "note", "architecture"]
+               "runtime_ms", "parent_runtime_ms", "note", "architecture"]
+DERIVED_COLUMNS = ("throughput_tok_s", "parent_runtime_ms")  # computed from the saved rows, not saved in them
+
+
+def _with_derived(table: pd.DataFrame, parent_tok_s: float) -> pd.DataFrame:
+    """`table` with DERIVED_COLUMNS filled in: parent_runtime_ms, the parent's runtime in the row's own timing
+    group (each row's speed-up is parent_runtime_ms / runtime_ms; groups are timed apart, so a row's runtime_ms
+    is comparable only with its own group's parent), and throughput_tok_s, `parent_tok_s` (the parent's throughput
+    in the first group) x speedup, which puts every row on the first group's scale."""
+    return table.assign(parent_runtime_ms=table["runtime_ms"] * table["speedup"],
+                        throughput_tok_s=parent_tok_s * table["speedup"])
 
 
 def row_inputs(run) -> dict:
@@ -557,9 +567,9 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     for, is redone (and with it the parent's row when that is stale).
 
     Returns:
-        One row per finished model (ROW_COLUMNS), parent first. throughput_tok_s is the parent's
-        throughput in the first group times the child's speed-up (measured against the parent in its
-        own group).
+        One row per finished model (ROW_COLUMNS), parent first. Each child is timed against the parent in its
+        own group: speedup = parent_runtime_ms / runtime_ms, with parent_runtime_ms that group's parent;
+        throughput_tok_s is the parent's throughput in the first group times the speed-up (`_with_derived`).
     """
     from .io import read_json
     from .pipeline import compact_architecture, evaluate
@@ -631,9 +641,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
         return pd.DataFrame(columns=ROW_COLUMNS)
     parent = read_json(rows_dir / "parent.json")
     rows = [parent] + [row for row in map(finished, candidates) if row is not None]
-    table = pd.DataFrame(rows)
-    table["throughput_tok_s"] = parent["throughput_tok_s"] * table["speedup"]
-    return table[ROW_COLUMNS]
+    return _with_derived(pd.DataFrame(rows), float(parent["throughput_tok_s"]))[ROW_COLUMNS]
 
 
 def _export(run, candidate: Candidate, model) -> None:
@@ -687,13 +695,13 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
     for path in sorted((run.out / "baselines" / "rows").glob("*.json")):
         row = _saved_row(path, inputs)
         if (row is not None and row.get("name") not in names and row.get("method") in set(METHODS) - {"mip"}
-                and all(c in row for c in ROW_COLUMNS if c != "throughput_tok_s")
+                and all(c in row for c in ROW_COLUMNS if c not in DERIVED_COLUMNS)
                 and (row["method"] != "greedy" or _greedy_still_picks(run, row, tables))):
             earlier.append(row)
     if not earlier:
         return table
-    body = pd.concat([table.iloc[1:], pd.DataFrame(earlier)], ignore_index=True)
-    body["throughput_tok_s"] = float(table["throughput_tok_s"].iloc[0]) * body["speedup"]
+    body = _with_derived(pd.concat([table.iloc[1:], pd.DataFrame(earlier)], ignore_index=True),
+                         float(table["throughput_tok_s"].iloc[0]))
     order = {m: i for i, m in enumerate(METHODS)}
     body = body.assign(_m=body["method"].map(order), _init=body["training"] == "init")
     body = body.sort_values(["target_speedup", "_m", "_init"], kind="stable")

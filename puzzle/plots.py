@@ -230,33 +230,56 @@ def _legend_order(vid: str):
     return (kind, -size if size else (1 if "linear" in tail else 2) * 10**9)
 
 
+FAR_FROM_TARGET = 1.2  # a front's nearest measured model this many times faster or slower than the target: flagged
+
+
 def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "mip", y: str = "kl_nats") -> pd.DataFrame:
     """Our `y` divided by each baseline's at matched measured speed-up (linear interpolation).
 
     Each (method, training) front is the parent (speed-up 1, y 0) plus its measured points, sorted
     by speed-up and made monotone (the best y reached at or above each speed-up); its y at speed-up
     s is interpolated linearly between neighbours. A method is compared at s only where its points
-    reach s (no extrapolation).
+    reach s (no extrapolation). Where a front's slowest model is far above s, its y at s comes from
+    the line between the parent and that model, a figure no measured model has: `ours_from` /
+    `baseline_from` name the two points each value lies between ("parent@1x..child-2x@2.02x"; one
+    name where a model sits at s), and `ours_gap` / `baseline_gap` give how far the front's nearest
+    measured model of the two is from s (max(s_model / s, s / s_model); 1 when one sits at s; inf
+    when only the parent brackets s), which `ratio_table` flags above FAR_FROM_TARGET.
 
     Returns:
-        One row per (speedup, method, training) with ours_<y>, baseline_<y> and ratio.
+        One row per (speedup, method, training) with ours_<y>, baseline_<y>, ratio, ours_from,
+        baseline_from, ours_gap and baseline_gap (NaN / "" where a front does not reach s).
     """
     def curve(part):  # a model without a finite speed-up or y (not measured) is no point of its front
-        pts = sorted((float(s), float(v)) for s, v in zip(part["speedup"], part[y]) if math.isfinite(s) and math.isfinite(v))
-        pts = [(1.0, 0.0)] + [p for p in pts if p[0] > 1.0]
-        best, out = math.inf, []
-        for s, v in reversed(pts):  # the best y at or above each speed-up
-            best = min(best, v)
-            out.append((s, best))
+        names = part["name"] if "name" in part else [""] * len(part)
+        pts = sorted((float(s), float(v), str(n)) for s, v, n in zip(part["speedup"], part[y], names)
+                     if math.isfinite(s) and math.isfinite(v))
+        pts = [(1.0, 0.0, "parent")] + [p for p in pts if p[0] > 1.0]
+        best, out = (math.inf, ""), []
+        for s, v, n in reversed(pts):  # the best y at or above each speed-up, and the model that has it
+            best = min(best, (v, n))
+            out.append((s, *best))
         return out[::-1]
 
+    def label(point):
+        s, _, name = point
+        return f"{name}@{s:.3g}x"
+
+    def gap(points, s):
+        return min((max(p[0] / s, s / p[0]) for p in points if p[2] != "parent"), default=math.inf)
+
     def at(points, s):
+        """(y at s, where it comes from, the gap) or (nan, "", nan) where the front does not reach s."""
         if not points or points[-1][0] < s or s < points[0][0]:  # below 1x: no model of the front is that slow
-            return math.nan
-        for (s0, v0), (s1, v1) in zip(points, points[1:]):
-            if s0 <= s <= s1:
-                return v0 + (v1 - v0) * (s - s0) / (s1 - s0) if s1 > s0 else min(v0, v1)
-        return points[-1][1]
+            return math.nan, "", math.nan
+        for lo, hi in zip(points, points[1:]):
+            if lo[0] <= s <= hi[0]:
+                if s in (lo[0], hi[0]) or hi[0] == lo[0]:
+                    pick = min((p for p in (lo, hi) if p[0] == s), key=lambda p: p[1])
+                    return pick[1], label(pick), gap([pick], s)
+                v = lo[1] + (hi[1] - lo[1]) * (s - lo[0]) / (hi[0] - lo[0])
+                return v, f"{label(lo)}..{label(hi)}", gap([lo, hi], s)
+        return points[-1][1], label(points[-1]), gap(points[-1:], s)
 
     body = rows[rows["method"] != "parent"]
     mine = curve(body[body["method"] == ours])
@@ -264,9 +287,10 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
     for (method, training), part in body[body["method"] != ours].groupby(["method", "training"], sort=False):
         theirs = curve(part)
         for s in speedups:
-            a, b = at(mine, s), at(theirs, s)
+            (a, a_from, a_gap), (b, b_from, b_gap) = at(mine, s), at(theirs, s)
             out.append({"speedup": s, "method": method, "training": training, f"ours_{y}": a, f"baseline_{y}": b,
-                        "ratio": a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan})
+                        "ratio": a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan,
+                        "ours_from": a_from, "baseline_from": b_from, "ours_gap": a_gap, "baseline_gap": b_gap})
     return pd.DataFrame(out)
 
 
@@ -640,10 +664,12 @@ def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.Dat
 
     Returns:
         One row per (ours, speedup, method, training) with ours_kl_nats, baseline_kl_nats and ratio
-        (NaN where a front does not reach the speed-up); empty when the rows hold no baseline.
+        (NaN where a front does not reach the speed-up), and where each KL comes from (`matched_ratios`:
+        ours_from, baseline_from, ours_gap, baseline_gap); empty when the rows hold no baseline.
     """
     keep = rows["method"].isin(("parent", "mip") + BASELINE_METHODS)
-    columns = ["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio", "ours"]
+    columns = ["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio", "ours", "ours_from",
+               "baseline_from", "ours_gap", "baseline_gap"]
     if not rows.loc[keep, "method"].isin(BASELINE_METHODS).any() or not (rows["method"] == "mip").any():
         return pd.DataFrame(columns=columns)
     speedups = tuple(sorted({float(s) for s in speedups}))
@@ -679,17 +705,29 @@ def ratio_table(ratios: pd.DataFrame) -> str:
         blocks.append("\n".join(lines))
     notes = ["-: the baseline does not reach that speed-up; ours -: our front does not; 0/0: both KLs are 0; inf: only "
              "the baseline's is"]
+    if any(map(_far, ratios.itertuples())):
+        notes.append(f"~: our or the baseline's nearest measured model is more than {FAR_FROM_TARGET:g}x faster or "
+                     f"slower than that speed-up, so its KL there is interpolated (from the parent at 1x and KL 0 where "
+                     f"the front's slowest model is faster): a figure no measured model has (front_ratios.csv: "
+                     f"ours_from, baseline_from)")
     if absent := [LABELS[m] for m in BASELINE_METHODS if m not in set(ratios["method"])]:
         notes.append(f"no measured model: {', '.join(absent)} (`puzzle baselines` built none at these targets, has "
                      f"not run, or its rows were left out as stale: see the warnings above)")
     return "\n\n".join(blocks) + "\n" + "\n".join(notes)
 
 
+def _far(row) -> bool:
+    """Whether a `front_ratios` row's ratio rests on a front whose nearest measured model is more than
+    FAR_FROM_TARGET away from the speed-up (rows without the gap columns: False)."""
+    gaps = [getattr(row, c, math.nan) for c in ("ours_gap", "baseline_gap")]
+    return any(isinstance(g, float) and g > FAR_FROM_TARGET for g in gaps)
+
+
 def _ratio_cell(row) -> str:
     """A ratio table cell: the ratio, or why there is none (`ratio_table`'s notes)."""
     ratio, ours, theirs = (getattr(row, c, math.nan) for c in ("ratio", "ours_kl_nats", "baseline_kl_nats"))
     if isinstance(ratio, float) and math.isfinite(ratio):
-        return f"{ratio:.2f}"
+        return f"{ratio:.2f}" + ("~" if _far(row) else "")
     if not (isinstance(theirs, float) and math.isfinite(theirs)):
         return "-"
     if not (isinstance(ours, float) and math.isfinite(ours)):

@@ -3,8 +3,10 @@
 import argparse
 import json
 import math
+import re
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -126,6 +128,11 @@ def test_matched_ratios_interpolate_and_never_extrapolate():
     assert r.loc[1.5, "baseline_kl_nats"] == pytest.approx(1.0) and r.loc[1.5, "ratio"] == pytest.approx(0.3)
     assert r.loc[1.25, "ours_kl_nats"] == pytest.approx(0.15) and r.loc[1.25, "baseline_kl_nats"] == pytest.approx(0.8 * 0.25 / 0.4)
     assert math.isnan(r.loc[2.0, "ratio"])  # the baseline never reaches 2x
+    # reviewer: where each value comes from, and how far its nearest measured model is
+    assert r.loc[1.25, "ours_from"] == "parent@1x..a@1.5x" and r.loc[1.25, "ours_gap"] == pytest.approx(1.2)
+    assert r.loc[1.5, "ours_from"] == "a@1.5x" and r.loc[1.5, "ours_gap"] == 1.0
+    assert r.loc[1.5, "baseline_from"] == "c@1.4x..d@1.6x" and r.loc[1.5, "baseline_gap"] == pytest.approx(1.6 / 1.5)
+    assert r.loc[2.0, "baseline_from"] == "" and math.isnan(r.loc[2.0, "baseline_gap"])
     # a model without a measured KL is no point of its front (not filled in from its neighbour)
     gap = pd.concat([rows, pd.DataFrame([{"name": "e", "method": "layer_removal", "training": "none", "speedup": 1.3,
                                           "kl_nats": float("nan")}])])
@@ -151,6 +158,16 @@ def test_front_ratios_compare_plain_mip_with_baselines_only():
     assert set(r.index.get_level_values("method")) == {"greedy", "uniform_width"}
     text = ratio_table(front_ratios(rows, [1.5, 2]))
     assert "greedy, same library, after BLD" in text and "0.50" in text and "2x" in text and "-" in text
+    assert "~" not in text  # every model sits at its target
+    # reviewer: a front whose only model is at 26x compared at 1.5x was a ratio of two slopes, said nowhere
+    far = pd.concat([rows, pd.DataFrame([{"name": "attn", "method": "attention_removal", "training": "none",
+                                          "speedup": 26.0, "kl_nats": 8.0}])], ignore_index=True)
+    ratios = front_ratios(far, [1.5])
+    cell = ratios.set_index("method").loc["attention_removal"]
+    assert cell["baseline_from"] == "parent@1x..attn@26x" and cell["baseline_gap"] == pytest.approx(26 / 1.5)
+    text = ratio_table(ratios)
+    assert f"{0.3 / (8.0 * 0.5 / 25):.2f}~" in text and "~: our or the baseline's nearest measured model" in text
+    assert re.search(r"greedy, same library, after BLD +0\.50\n", text), text  # at its target: no flag
     assert front_ratios(rows[rows["method"].isin(["parent", "mip"])], [1.5]).empty
     assert "puzzle baselines" in ratio_table(front_ratios(rows[rows["method"] != "mip"], [1.5]))
 
@@ -420,6 +437,13 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     out = tmp_path / "run"
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
     assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    # reviewer: each row's speed-up is against its own timing group's parent, which the CSV now carries
+    table = pd.read_csv(out / "baselines" / "baselines.csv")
+    rows = {p.stem: json.loads(p.read_text()) for p in (out / "baselines" / "rows").glob("*.json")}
+    assert np.allclose(table["parent_runtime_ms"] / table["runtime_ms"], table["speedup"], rtol=1e-9)
+    for name, parent_ms in zip(table["name"].iloc[1:], table["parent_runtime_ms"].iloc[1:]):
+        assert parent_ms == pytest.approx(rows[name]["group_parent_runtime_ms"], rel=1e-9)
+    assert np.allclose(table["throughput_tok_s"], table["throughput_tok_s"].iloc[0] * table["speedup"], rtol=1e-9)
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
     assert "baselines are built for the speed-ups alone" not in capsys.readouterr().err  # no memory or params budget
     drawn = (out / "front.csv").stat().st_mtime_ns
