@@ -591,6 +591,7 @@ def refine_main(args) -> int:
             near = f"{low} or {low + seq_len}" if low + seq_len <= split else f"{low}"
             raise PuzzleError(f"--select-tokens {args.select_tokens}: choices are made on whole sequences of "
                               f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
+        t0 = time.perf_counter()
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume)
@@ -598,5 +599,6 @@ def refine_main(args) -> int:
             timed = measure_steps(run, args.name).set_index("name")["speedup"]
             df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv
             atomic_write_text(run.out / "refine" / f"{args.name}.summary.csv", df.to_csv(index=False))
+        run.timed("refine_s", time.perf_counter() - t0)  # reviewer: report.md said timings.json added it
     print(df.drop(columns="architecture", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

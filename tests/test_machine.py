@@ -50,8 +50,8 @@ def test_message_only_beyond_the_warning_threshold():
     assert drift_message({"compute": 1.0 + DRIFT_WARN / 2, "memory": 1.0 - DRIFT_WARN / 2}, "a", "b") is None
     assert drift_message({"compute": math.nan, "memory": math.nan}, "a", "b") is None
     msg = drift_message({"compute": 1.02, "memory": 1.45}, "the cost table's timing", "the children's measurement")
-    assert "memory 45% slower" in msg and "compute" not in msg and "the children's measurement" in msg
-    assert "faster" in drift_message({"compute": 0.6, "memory": 1.0}, "a", "b")
+    assert "its memory part took 1.45x as long" in msg and "compute" not in msg and "the children's measurement" in msg
+    assert "its compute part took 0.29x as long, 3.45x as fast" in drift_message({"compute": 0.29, "memory": 1.0}, "a", "b")
 
 
 def test_cpu_measurements_record_the_fingerprint():
@@ -79,7 +79,7 @@ def test_the_pipeline_compares_the_children_with_the_cost_table(tmp_path):
     rec = json.loads((tmp_path / "children" / "machine.json").read_text())
     assert rec["cost_table"]["reference_memory_ms"] == 13.0 and rec["children"]["reference_memory_ms"] == 19.5
     assert rec["drift"] == {"compute": 1.0, "memory": 1.5}
-    assert len(said) == 1 and "memory 50% slower" in said[0]
+    assert len(said) == 1 and "its memory part took 1.50x as long" in said[0]
     # a table timed before fingerprints were recorded: nothing to compare, nothing said
     (tmp_path / "score" / "cost.csv.json").write_text(json.dumps({"rounds_dropped": 0}))
     assert all(math.isnan(v) for v in check_machine_drift(run, table).values()) and len(said) == 1

@@ -306,6 +306,7 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
                  "--refine-k", "1", "--max-changes", "1", "--rounds", "1", "--select-tokens", "128",
                  "--max-contention", "inf", "--no-progress"]) == 0
     assert "measured_speedup" in capsys.readouterr().out
+    assert json.loads((out / "timings.json").read_text())["refine_s"] > 0  # reviewer: report.md said it is added
     summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")  # printed and kept
     for name in ("child-1.5x-diverse", "child-1.5x-refined"):
         row = json.loads((out / "front_rows" / f"{name}.json").read_text())
