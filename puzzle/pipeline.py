@@ -956,6 +956,10 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
     run.timed("search_s", time.perf_counter() - t0)
     atomic_write_json(run.out / "search" / "chosen.json", chosen)
     update_report_front(run)  # a report written before names the targets out of reach as they are now
+    if earlier := earlier_children(run.out, records):  # reviewer: left beside the current ones without a word
+        run.say(f"search: {', '.join(earlier)} {'is a child' if len(earlier) == 1 else 'are children'} of an earlier "
+                f"budget, not among this run's children now ({', '.join(records)}); {'its' if len(earlier) == 1 else 'their'}"
+                f" files (search/, children/, export/) stay as they were: delete them where they are not wanted")
     if kept:
         run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
                 "on measured speed (same budget, objective and tables); to solve afresh, delete "
@@ -1262,6 +1266,23 @@ def _searched_again(run: Run, name: str) -> str | None:
         return None
     return (f"{name} was searched again since (predicted speed-up {was:.3g}x then, {now:.3g}x now)"
             if isinstance(was, (int, float)) and isinstance(now, (int, float)) else f"{name} was searched again since")
+
+
+def earlier_children(out: Path, current) -> list[str]:
+    """Names of DIR/search/<name>.json records of searched children (not `puzzle refine`'s diverse or refined
+    steps, methods mip-*) that are not among `current` (the names of this search's children): children of
+    an earlier budget or front speed-up, whose files the run leaves in place."""
+    found = []
+    for path in sorted((out / "search").glob("*.json")):
+        if path.name == "chosen.json" or path.stem in set(current):
+            continue
+        try:
+            record = read_json(path)
+        except (PuzzleError, OSError):
+            continue
+        if isinstance(record, dict) and "choice" in record and not str(record.get("method", "")).startswith("mip-"):
+            found.append(path.stem)
+    return found
 
 
 def exports_from_an_earlier_search(run: Run) -> dict[str, str]:
@@ -2251,7 +2272,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         busy = contention_note(m.get("contention_cores") if isinstance(m.get("contention_cores"), dict) else {})
         if drift or busy or mismatched:
             lines += ["## Machine speed", ""]
-        lines += [f"**Warning:** {n}." for n in mismatched] + ([""] if mismatched else [])
+        for n in mismatched:  # a blank line after each: Markdown joins adjacent lines into one paragraph
+            lines += [f"**Warning:** {n}.", ""]
         if drift:
             lines += ["A fixed reference workload (scoring/machine.py) timed with the cost table and again with the "
                       "children took " + ", ".join(f"{v:.2f} times as long ({k})" for k, v in drift.items())
@@ -2281,7 +2303,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     lines += _unreachable_section(run)
     lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
               "stage adds its time); total_s adds up the `puzzle run` invocations that finished. As of this report: "
-              "DIR/timings.json goes on adding later commands (baselines, refine, front).", "",
+              "DIR/timings.json goes on adding later commands (baselines_s, refine_s, and the stages `puzzle front` runs "
+              "again, such as search_s and measure_s).", "",
               json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone

@@ -891,3 +891,20 @@ def test_refusals_over_a_library_name_the_settings_that_changed(tmp_path_factory
     assert f"changed since: data.seed: {seed} -> {seed + 7}" in capsys.readouterr().err
     assert main(["bld", "--out", str(out), "--no-progress", "--bld-tokens", str(tokens * 2)]) == 2
     assert f"bld.tokens: {tokens} -> {tokens * 2}" in capsys.readouterr().err
+
+
+def test_children_of_an_earlier_front_are_named_not_dropped_silently(tmp_path_factory, tmp_path, capsys):
+    """Reviewer: after another --speedup or --front-speedups, the earlier children's records and exports stayed
+    beside the current ones without a word."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    assert main(["search", "--out", str(out), "--speedup", "1.3", "--front-speedups", "1.25", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "child-1.5x-init, child-1.5x are children of an earlier budget" in err and "stay as they were" in err, err
+    assert (out / "search" / "child-1.5x.json").is_file()  # kept: a user's files are not deleted
+    assert main(["search", "--out", str(out), "--speedup", "1.5", "--front-speedups", "1.25,1.5,2",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err  # back: the 1.3x children are the earlier ones now
+    assert "child-1.3x-init, child-1.3x are children of an earlier budget" in err, err
+    assert "child-1.5x-init, child-1.5x are" not in err
