@@ -50,8 +50,9 @@ def primary_metric(task: str) -> str:
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
-    """'lambada,arc_easy' -> ('lambada', 'arc_easy'). Raises PuzzleError for an empty list or an unknown task."""
-    tasks = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    """'lambada,arc_easy' -> ('lambada', 'arc_easy'), a task named twice kept once. Raises PuzzleError for an empty
+    list or an unknown task."""
+    tasks = tuple(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))  # each task once, in order
     if not tasks:
         raise PuzzleError(f"--downstream {text!r}: name at least one task, e.g. {','.join(DEFAULT_TASKS)}")
     for t in tasks:
@@ -124,12 +125,19 @@ def _summarize(table: pd.DataFrame, tasks) -> dict:
     for task in tasks:
         metric = primary_metric(task)
         row = table[(table["task"] == task) & (table["metric"] == metric)].iloc[0]
-        per_task[task] = {"metric": metric, "value": float(row["value"]), "stderr": float(row["stderr"]),
+        per_task[task] = {"metric": metric, "value": float(row["value"]), "stderr": _json_number(row["stderr"]),
                           "n": int(row["n"])}
     values = [v["value"] for v in per_task.values()]
-    ses = [v["stderr"] for v in per_task.values()]
+    ses = [math.nan if v["stderr"] is None else v["stderr"] for v in per_task.values()]
     return {"tasks": per_task, "downstream_acc": sum(values) / len(values),
-            "downstream_acc_stderr": math.sqrt(sum(s * s for s in ses)) / len(ses)}
+            "downstream_acc_stderr": _json_number(math.sqrt(sum(s * s for s in ses)) / len(ses))}
+
+
+def _json_number(value) -> float | None:
+    """`value` as a float, or None (JSON null) where it is not finite: a standard error of one document is NaN,
+    which strict JSON readers refuse."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 100, seed: int = 1234,
@@ -173,6 +181,9 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
 
     # the parent by its weights, not by where it was loaded from: a moved parent keeps its results
     key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": run.parent_fingerprint}
+    if "lambada" in tasks:  # reviewer: passages the run uses since were still scored in results saved before (which,
+        # without this, are measured again once)
+        key["lambada_excluded"] = hashlib.sha256(json.dumps(sorted(map(str, exclude))).encode()).hexdigest()[:16]
     legacy = (key, {**key, "parent": str(run.parent.source)})  # saved by earlier versions, without the weights
     library = _library(run) if any(s["blocks"] for s in specs) else None
 
@@ -233,7 +244,8 @@ def setting_name(tasks, limit, seed) -> str:
 
 def downstream_rows(run_dir) -> pd.DataFrame:
     """One row per model of one evaluation setting: name, downstream_acc, downstream_acc_stderr,
-    downstream_tasks and acc_<task> per task.
+    downstream_tasks, acc_<task> per task, and downstream_architecture / downstream_stage (the model that was
+    evaluated, which `plots.front_rows` checks against the front's row of that name).
 
     Each setting (tasks, limit, seed) has its folder DIR/downstream/<setting>/; the one that covers
     the most models is read (ties: the most recently written), so one table never mixes settings.
@@ -253,10 +265,12 @@ def downstream_rows(run_dir) -> pd.DataFrame:
         d = read_json(path)
         if "downstream_acc" not in d:
             continue
+        stderr = d["downstream_acc_stderr"]
         rows.append({"name": d["name"], "downstream_acc": d["downstream_acc"],
-                     "downstream_acc_stderr": d["downstream_acc_stderr"],
+                     "downstream_acc_stderr": math.nan if stderr is None else stderr,
                      "downstream_tasks": ",".join(d["tasks"]),
-                     **{f"acc_{t}": v["value"] for t, v in d["tasks"].items()}})
+                     **{f"acc_{t}": v["value"] for t, v in d["tasks"].items()},
+                     "downstream_architecture": d.get("architecture"), "downstream_stage": d.get("stage")})
     if not rows:
         return pd.DataFrame(columns=["name", "downstream_acc", "downstream_acc_stderr", "downstream_tasks"])
     return pd.DataFrame(rows)

@@ -544,13 +544,35 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
 
         acc = downstream_rows(run_dir)
         if len(acc):
-            rows = rows.merge(acc, on="name", how="left")
+            rows = _without_stale_downstream(rows.merge(acc, on="name", how="left"), Path(run_dir))
     order = rows["name"].ne("parent")
     return rows.assign(_o=order).sort_values(["_o", "method", "training", "speedup"], kind="stable").drop(columns="_o") \
         .reset_index(drop=True)
 
 
 BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
+
+
+def _without_stale_downstream(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """`rows` merged with `downstream.downstream_rows` by name, the downstream figures blanked (with a warning)
+    where they were measured on another model of that name: another architecture (a child solved again under its
+    name: a row without an architecture, as front.csv's, has its DIR/search record's) or library stage; the
+    evaluated model's columns dropped. Results of earlier versions, which recorded neither, are kept."""
+    acc_columns = [c for c in rows.columns if c.startswith(("downstream_", "acc_"))
+                   and c not in ("downstream_architecture", "downstream_stage")]
+    stage = rows["training"].map(lambda t: "init" if t == "init" else "bld")  # as `downstream._model_specs` builds
+    now = rows["architecture"].where(rows["architecture"].notna(),
+                                     rows["name"].map(lambda n: _searched_architecture(run_dir, n)))
+    arch, saved_stage, child = rows["downstream_architecture"], rows["downstream_stage"], rows["name"] != "parent"
+    stale = child & ((arch.notna() & now.notna() & (arch != now))
+                     | (saved_stage.notna() & rows["training"].notna() & (saved_stage != stage)))
+    if stale.any():
+        names = list(rows.loc[stale, "name"])
+        warnings.warn(f"downstream accuracy of {', '.join(names)} was measured on another model of that name (an "
+                      f"earlier search or library stage) and is left out: `puzzle front --downstream TASKS` with the "
+                      f"same tasks measures {'it' if len(names) == 1 else 'them'} again")
+        rows.loc[stale, acc_columns] = math.nan
+    return rows.drop(columns=["downstream_architecture", "downstream_stage"])
 
 
 def _number(value):

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 
 import pandas as pd
@@ -123,6 +124,38 @@ def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tm
 
     width, height = Image.open(out / "front_all.png").size
     assert width > 1.8 * height  # two panels side by side: KL and downstream accuracy
+
+
+
+def test_stale_downstream_results_are_left_out_of_the_front_or_measured_again(tmp_path_factory, tmp_path):
+    """Reviewer: `puzzle front` showed a child's accuracy measured on the architecture an earlier search gave that
+    name; results saved before the run's data used some LAMBADA passages kept scoring them."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    run = open_run(out, progress=False)
+    stage_front(run)
+    wheel = _fake_wheel(tmp_path / "olmo.whl")
+    evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
+    # a child solved again under its name showed the accuracy of its earlier architecture
+    setting = out / "downstream" / "arc_easy-lambada-n4-s1234"
+    child = next(n for n in json.loads((out / "search" / "chosen.json").read_text())["names"]
+                 if (setting / f"{n}.json").is_file())
+    result = json.loads((setting / f"{child}.json").read_text())
+    (setting / f"{child}.json").write_text(json.dumps({**result, "architecture": "noop/noop " * 3 + "noop/noop"}))
+    with pytest.warns(UserWarning, match=f"downstream accuracy of {child} was measured on another model"):
+        drawn = front_rows(out).set_index("name")
+    assert math.isnan(drawn.loc[child, "downstream_acc"]) and drawn.drop(index=child)["downstream_acc"].notna().all()
+    assert "downstream_architecture" not in drawn.columns
+    evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)  # measured again
+    assert json.loads((setting / f"{child}.json").read_text())["architecture"] == result["architecture"]
+    # reviewer: passages the run's data uses since were still scored in the results saved before
+    manifest = out / "data" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["splits"]["eval"]["doc_ids"]["asset:lambada"] = ["0", "1"]
+    manifest.write_text(json.dumps(m))
+    evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
+    again = json.loads((setting / "parent.json").read_text())
+    assert again["tasks"]["lambada"]["n"] == 3  # 5 passages, 2 used
 
 
 def test_front_command_refuses_bad_downstream_flags_before_any_work(tmp_path):
