@@ -167,3 +167,14 @@ def test_front_command_refuses_bad_downstream_flags_before_any_work(tmp_path):
     assert main(["front", "--out", str(tmp_path / "run"), "--downstream", ""]) == 2  # no task: not "no evaluation"
     assert main(["front", "--out", str(tmp_path / "run"), "--downstream-limit", "5"]) == 2  # would be ignored
     assert not (tmp_path / "run").exists()
+
+
+def test_a_standard_error_of_one_document_is_written_as_json_null():
+    """Reviewer: --downstream-limit 1 wrote bare NaN, which strict JSON readers refuse."""
+    from puzzle.downstream import _summarize
+
+    table = pd.DataFrame([{"task": "arc_easy", "metric": "acc_norm", "value": 1.0, "stderr": float("nan"), "n": 1}])
+    summary = _summarize(table, ("arc_easy",))
+    assert summary["tasks"]["arc_easy"]["stderr"] is None and summary["downstream_acc_stderr"] is None
+    json.loads(json.dumps(summary, allow_nan=False))
+    assert parse_tasks("piqa, piqa,arc_easy") == ("piqa", "arc_easy")  # a task named twice is evaluated once
