@@ -549,7 +549,8 @@ def greedy(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_c
     runtime when only runtime is budgeted) until every budget holds. Not optimal; verified.
 
     Raises:
-        PuzzleError: a budget that no single-layer change sequence reaches.
+        InfeasibleBudget: budgets no child meets, naming the binding resource and its smallest value (`solve`'s).
+        PuzzleError: budgets some child meets that greedy's single-layer changes do not reach.
     """
     start = time.perf_counter()
     search = _Search(table, objective, vllm_compatible, exclude, budgets.limits(), 1, 1)
@@ -559,8 +560,11 @@ def greedy(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_c
     best_allowed = np.where(search.allowed, search.objective, np.inf).argmin(1)
     begin = np.where(search.allowed[:, 0], search.choices.parent_slot, best_allowed)  # the parent where allowed
     slots = repair(begin, search.objective, costs, search.rhs(budgets), search.allowed, scales)
-    if slots is None:
-        raise PuzzleError(f"greedy selection found no child that meets {budgets.describe()}")
+    if slots is None:  # reviewer: said nothing of what to change; the exact solve names the binding budget
+        solve(table, budgets, objective, vllm_compatible=vllm_compatible, exclude=exclude)  # raises InfeasibleBudget
+        raise PuzzleError(f"greedy selection found no child that meets {budgets.describe()}, though one exists (its "
+                          f"single-layer changes end in a corner): the MIP finds it (`puzzle search` without "
+                          f"--greedy), or loosen a budget")
     return search._solution(slots, budgets, False, -math.inf, time.perf_counter() - start, method="greedy")
 
 
@@ -779,6 +783,29 @@ def check_exclusions(table: pd.DataFrame, exclude) -> None:
                           f"or a block id joining two of them with '+' (e.g. {choices.blocks[0][-1].id})")
 
 
+def _parent_not_best(table: pd.DataFrame, objective, parent: Mapping[str, float], options: dict) -> str | None:
+    """Why a bound the parent meets may still bind (reviewer: "it does not bind" was said where it did): the parent's
+    own variants are excluded, or the best child without budgets (a solve without them) scores better than the
+    parent under `objective` (an objective other than KL); None when the parent is that best child."""
+    choices = build_choices(table)
+    own = [choices.blocks[layer][slot] for layer, slot in enumerate(choices.parent_slot)]
+    excluded = [e for e in options.get("exclude", ()) if any(e in (b.id, b.attention.id, b.ffn.id) for b in own)]
+    if excluded:
+        return f"--exclude {excluded[0]} leaves out the parent's own variant"
+    weights = parse_objective(objective)
+    parent_score = sum(w * float(parent.get(c, math.nan)) for c, w in weights.items())
+    try:
+        free = solve(table, Budgets(), objective, **options)[0]
+    except PuzzleError:  # nothing solves without budgets either: the solve with them says why
+        return None
+    if not math.isfinite(parent_score):
+        return f"the parent's total of the objective {objective} is unknown"
+    if free.objective < parent_score - 1e-9 * max(1.0, abs(parent_score)):
+        return (f"under the objective {objective} the best child without budgets scores {free.objective:.6g}, the "
+                f"parent {parent_score:.6g}")
+    return None
+
+
 def _zero_runtime(table: pd.DataFrame) -> str:
     """Why the parent's total runtime is 0 (for messages): every runtime_ms is 0, or the parent's rows' are."""
     if (pd.to_numeric(table["runtime_ms"], errors="coerce") == 0).all():
@@ -862,7 +889,14 @@ def search_main(args: argparse.Namespace) -> int:
                     f"no more children differ from the earlier ones in at least {args.min_layers_differ} layers "
                     f"under these budgets"))
         record["note"] = short
-    for note in budgets.above_parent(parent):
+    if not budgets.limits():  # reviewer: the parent came back (objective 0) without a word in --json mode
+        print("note: no budget given, so the best child is the parent itself; add one or more of --speedup, "
+              "--max-runtime, --max-memory, --max-params, --min-throughput, --max-prefill, --max-decode",
+              file=sys.stderr)
+    notes = budgets.above_parent(parent)
+    if notes and (why := _parent_not_best(table, objective, parent, options)):
+        notes = budgets.above_parent(parent, why)
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if meta.get("non_block"):  # the published library: blocks only (its file gives no vocabulary size)
         record["non_block"] = meta["non_block"]

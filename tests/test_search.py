@@ -545,6 +545,22 @@ def test_greedy_meets_the_budget_and_never_beats_the_optimum():
         assert g.objective >= solve(table, budgets)[0].objective - 1e-12
 
 
+def test_greedy_that_finds_no_child_says_what_to_change(monkeypatch):
+    """Reviewer: a joint budget greedy could not meet said only "found no child", without the smallest achievable
+    value the MIP's message gives, or whether a child exists at all."""
+    import puzzle.search as search_module
+
+    table = random_table(12, layers=4)
+    monkeypatch.setattr(search_module, "repair", lambda *a, **k: None)  # greedy's changes end in a corner
+    with pytest.raises(PuzzleError, match="though one exists .*without --greedy"):
+        greedy(table, fraction_budgets(table, runtime_ms=0.7))
+    attention = table["subblock"] == "attention"  # fast attention variants made big: fast or small, not both
+    table.loc[attention & ~table["is_parent"], "params"] = 3 * table.loc[attention & table["is_parent"], "params"].max()
+    jointly = fraction_budgets(table, runtime_ms=0.5, params=0.7)
+    with pytest.raises(InfeasibleBudget, match="together with max_params.* under the other budgets: raise --max-runtime"):
+        greedy(table, jointly)  # none exists: the exact solve's message, naming the binding budget and its least value
+
+
 def test_malformed_tables_are_refused():
     table = random_table(13, layers=2)
     with pytest.raises(PuzzleError, match="non_block"):
@@ -1390,3 +1406,28 @@ def test_vllm_compatible_names_its_layer_0_rule_when_the_library_has_no_attentio
     with pytest.raises(PuzzleError, match=r"layers \[0\] have no choice left .*keeps an attention in layer 0, and this "
                                           r"library offers none there"):
         solve(table, fraction_budgets(table, runtime_ms=0.9), vllm_compatible=True)
+
+
+def test_a_bound_the_parent_meets_is_said_to_bind_where_the_parent_is_not_the_best_child(tmp_path, capsys):
+    """Reviewer: with the parent's variant excluded, or an objective under which another variant beats the parent,
+    "the parent meets it, so it does not bind" was said of a bound that changed the child."""
+    from puzzle.cli import main
+
+    table = random_table(3, layers=3, kind="decoupled")
+    parent_attn = table.loc[(table["subblock"] == "attention") & table["is_parent"], "variant"].iloc[0]
+    lib = tmp_path / "table.csv"
+    table.to_csv(lib, index=False)
+    flags = ["search", "--library", str(lib), "--json", "--max-memory", "1.5"]
+    assert main(flags) == 0
+    assert "the parent meets it, so it does not bind" in capsys.readouterr().err  # KL: the parent is the best child
+    assert main([*flags, "--exclude", parent_attn]) == 0
+    err = capsys.readouterr().err
+    assert f"but it may still bind (--exclude {parent_attn} leaves out the parent's own variant" in err, err
+    better = table.copy()
+    better.loc[(better["layer"] == 1) & ~better["is_parent"] & (better["subblock"] == "ffn"), "lm_loss"] = -5.0
+    better.to_csv(lib, index=False)
+    assert main([*flags, "--objective", "lm_loss"]) == 0
+    err = capsys.readouterr().err
+    assert "but it may still bind (under the objective lm_loss the best child without budgets scores" in err, err
+    assert main(["search", "--library", str(lib), "--json"]) == 0  # reviewer: the parent came back without a word
+    assert "note: no budget given, so the best child is the parent itself" in capsys.readouterr().err
