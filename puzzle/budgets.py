@@ -90,16 +90,21 @@ class Budgets:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def above_parent(self, parent_totals: Mapping[str, float]) -> list[str]:
-        """Notes on the bounds the parent itself meets (they cannot bind, so they leave the choice free), e.g.
-        'max_memory_mib=2048 is 3.79x the parent's 540.3: the parent meets it, so it does not bind'. Empty when
-        every bound is tighter than the parent's total or the total is unknown."""
+    def above_parent(self, parent_totals: Mapping[str, float], parent_not_best: str | None = None) -> list[str]:
+        """Notes on the bounds the parent itself meets, e.g. 'max_memory_mib=2048 is 3.79x the parent's 540.3: the
+        parent meets it, so it does not bind'. Such a bound leaves the choice free only while the parent is the
+        best child without budgets; `parent_not_best` says why it may not be (an objective other than KL, the
+        parent's variants excluded), and the note then says the bound may still bind. Empty when every bound is
+        tighter than the parent's total or the total is unknown."""
         notes = []
         for column, bound in self.limits().items():
             total = parent_totals.get(column)
             if total is not None and math.isfinite(float(total)) and 0 < float(total) <= bound:
                 notes.append(f"max_{column}={bound:.6g} is {bound / float(total):.2f}x the parent's "
-                             f"{float(total):.6g}: the parent meets it, so it does not bind")
+                             f"{float(total):.6g}: the parent meets it, so it does not bind" if parent_not_best is None
+                             else f"max_{column}={bound:.6g} is {bound / float(total):.2f}x the parent's "
+                             f"{float(total):.6g}: the parent meets it, but it may still bind ({parent_not_best}, "
+                             f"so the best child without it need not be the parent)")
         return notes
 
     @classmethod
@@ -205,7 +210,12 @@ def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float],
     m = re.fullmatch(_NUMBER + r"\s*([A-Za-zµ]+)", s)
     unit = None if m is None else (m.group(2) if case_sensitive else m.group(2).lower())
     if m is None or unit not in units:
-        raise PuzzleError(f"{flag} {text!r} is not a budget this tool reads. Accepted: {_FORMS[kind]}")
+        advice = ""  # reviewer: the two commonest slips got only the list of forms
+        if s.startswith("-"):
+            advice = " A budget is a limit above zero: drop the minus sign."
+        elif re.fullmatch(_NUMBER + r"\s*[xX×]", s) and "runtime" in flag:
+            advice = f" A speed-up is --speedup {s} (or --min-throughput {s}); --max-runtime takes a fraction or a time."
+        raise PuzzleError(f"{flag} {text!r} is not a budget this tool reads.{advice} Accepted: {_FORMS[kind]}")
     value = float(m.group(1)) * units[unit]
     if not 0 < value < math.inf:
         raise PuzzleError(f"{flag} {text!r} must be above zero and finite")

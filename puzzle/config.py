@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -182,7 +183,7 @@ class SearchConfig:
         check_budget_texts(texts, as_settings=True)  # malformed budgets fail here, before any stage runs
         if self.speedup is not None:
             object.__setattr__(self, "speedup", _speedup(self.speedup, "search.speedup must be a finite number >= 0.1 "
-                                                                        "(e.g. 1.5)"))
+                                                                        "(e.g. 1.5 or \"1.5x\")"))
         bad = "search.front_speedups must be a list of finite numbers >= 0.1 (e.g. [1.25, 1.5, 2])"
         if not isinstance(self.front_speedups, (list, tuple)) or not self.front_speedups:
             raise PuzzleError(f"{bad}, got {self.front_speedups!r}")
@@ -210,14 +211,20 @@ def check_budget_texts(texts: dict, as_settings: bool = False) -> None:
 
 
 def _speedup(value, message: str) -> float:
-    """`value` as a finite speed-up >= 0.1 (any real number type but bool; the inverse of the largest runtime
-    fraction a budget takes, budgets.MAX_FRACTION); PuzzleError(`message`) otherwise."""
+    """`value` as a finite speed-up >= 0.1 (any real number type but bool, or a text as --speedup takes it, "1.5x";
+    the inverse of the largest runtime fraction a budget takes, budgets.MAX_FRACTION); PuzzleError(`message`)
+    otherwise."""
+    from .budgets import _NUMBER
+
+    given = value
+    if isinstance(value, str) and (m := re.fullmatch(_NUMBER + r"\s*[xX×]?", value.strip())):  # reviewer: the
+        value = float(m.group(1))  # README writes 1.5x, which --speedup took and a preset refused
     try:
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 1 / MAX_FRACTION <= float(value) < math.inf
     except OverflowError:  # an int beyond float range
         ok = False
     if not ok:
-        raise PuzzleError(f"{message}, got {value!r}")
+        raise PuzzleError(f"{message}, got {given!r}")
     return float(value)
 
 

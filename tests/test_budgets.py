@@ -136,3 +136,16 @@ def test_bounds_the_parent_meets_are_named_and_tighter_ones_are_not():
     assert notes[1].startswith("max_params=1e+09 is 1.00x")
     assert budgets.above_parent({"runtime_ms": 100.0}) == []  # unknown totals: nothing said
     assert Budgets().above_parent({"memory_mib": 1.0}) == []
+
+
+def test_a_negative_budget_and_a_speedup_given_to_max_runtime_get_advice():
+    """Reviewer: '-0.5' and '--max-runtime 1.5x' got only the list of accepted forms."""
+    from puzzle.budgets import parse_memory_mib, parse_time_ms
+
+    with pytest.raises(PuzzleError, match="drop the minus sign"):
+        parse_memory_mib("-0.5", 100.0)
+    with pytest.raises(PuzzleError, match=r"A speed-up is --speedup 1.5x \(or --min-throughput 1.5x\)"):
+        parse_time_ms("1.5x", 100.0)
+    with pytest.raises(PuzzleError) as e:  # --max-prefill has no speed-up form to point to
+        parse_time_ms("1.5x", 100.0, "--max-prefill")
+    assert "--speedup" not in str(e.value)

@@ -437,3 +437,18 @@ def test_a_configuration_asking_for_coupled_bld_is_refused_by_the_commands(tmp_p
     assert _files(out) == before
     assert main(["export", "--out", str(out), "--name", "nosuch", "--no-progress"]) == 2  # other commands: not that
     assert "coupled" not in capsys.readouterr().err
+
+
+def test_a_preset_speedup_may_be_written_as_the_flag_takes_it():
+    """Reviewer: `speedup = "1.5x"` in a preset was refused while `--speedup 1.5x` (and the README) take it."""
+    from puzzle.config import RunConfig, load_preset
+
+    raw = load_preset("tiny").to_dict()
+    raw["search"].update(speedup="1.5x", front_speedups=["1.25x", 2])
+    config = RunConfig.from_dict(raw, "p.toml")
+    assert config.search.speedup == 1.5 and config.search.front_speedups == (1.25, 2.0)
+    for bad in ("1.5y", "0.01x", "fast", True):
+        raw["search"]["speedup"] = bad
+        with pytest.raises(PuzzleError, match=re.escape(f"search.speedup must be a finite number >= 0.1 (e.g. 1.5 or "
+                                                        f"\"1.5x\"), got {bad!r}")):
+            RunConfig.from_dict(raw, "p.toml")
