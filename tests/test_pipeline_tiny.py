@@ -333,6 +333,8 @@ def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(r
         assert said == noted, out.stderr
         assert ("--max-contention 0.25" in out.stderr) == noted
         assert f"time it again: `puzzle score --out {copy} --retime`" in out.stderr, out.stderr  # with no note too
+        out = _cli("search", "--out", str(copy), "--max-memory", "0.01")  # reviewer: memory is computed, not timed
+        assert out.returncode == 2 and "max_memory_mib" in out.stderr and "note:" not in out.stderr, out.stderr
     # --retime times the table again (a busy timing left every rerun stuck; the user had to delete files)
     table = pd.read_csv(copy / "score" / "cost.csv")
     table.loc[:, ["prefill_ms", "decode_ms", "runtime_ms"]] *= 100  # as if timed on a machine 100x slower
