@@ -894,8 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--untie-embeddings", action="store_true",
                    help="a parent that ties its LM head to the embedding: store lm_head.weight as a copy "
                         "(tie_word_embeddings false), for tools that read it by name such as TensorRT-LLM's "
-                        "nemotron_nas converter; same logits, one vocabulary x hidden matrix more on disk. The run's "
-                        "own folder keeps it on later exports; delete the folder to export it tied again")
+                        "nemotron_nas converter; same logits, one vocabulary x hidden matrix more on disk. A folder "
+                        "written so (the run's own or --dest) keeps it on later exports; delete the folder to export "
+                        "it tied again")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("front", help="sweep speed-up targets: front.csv and front.png (quality vs measured throughput); "

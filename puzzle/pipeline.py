@@ -1231,8 +1231,11 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
         except (PuzzleError, OSError, ValueError, KeyError, TypeError):
             pass
     if target.name in taken - {name}:
-        raise PuzzleError(f"{flag} {dest} is the export folder of the run's child {target.name}, which `puzzle run` "
-                          f"and `puzzle export` rewrite; give another folder"
+        baseline = (run_dir / "baselines" / "rows" / f"{target.name}.json").is_file() and not \
+            (run_dir / "search" / f"{target.name}.json").is_file()  # reviewer: named run and export for a baseline
+        writer = "of the run's baseline {}, which `puzzle baselines` rewrites" if baseline else \
+            "of the run's child {}, which `puzzle run` and `puzzle export` rewrite"
+        raise PuzzleError(f"{flag} {dest} is the export folder {writer.format(target.name)}; give another folder"
                           + (f" (leave {flag} out for the default next to it)" if name is None else
                              f", e.g. {run_dir / 'export' / name}"))
 
@@ -1332,9 +1335,9 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None,
                  untie: bool | None = None) -> tuple[object, str | None]:
     """`puzzle export` and `puzzle run`: `stage_export`, except that the run's own export folder (DIR/export/<name>)
     is kept when it is up to date (`export_out_of_date`). `model`: the child, when the caller holds it (else built
-    here). `untie`: store a tied LM head as its own tensor (True), leave it out (False), or None: as the run's own
-    folder has it now (left out in a new folder), so a rerun of `puzzle run` keeps an export --untie-embeddings
-    wrote. Returns the `ExportResult` and why the folder was written: None when it was kept, "none yet" for a new
+    here). `untie`: store a tied LM head as its own tensor (True), leave it out (False), or None: as the folder
+    written to has it now (left out in a new folder), so a rerun of `puzzle run` or `puzzle export` keeps an export
+    --untie-embeddings wrote. Returns the `ExportResult` and why the folder was written: None when it was kept, "none yet" for a new
     own folder or any other `dest` (which `stage_export` says it replaced).
 
     Raises:
@@ -1344,6 +1347,9 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None,
 
     folder = run.out / "export" / name
     if dest is not None and Path(dest).expanduser().resolve() != folder.resolve():
+        if untie is None and _stored_untied(Path(dest).expanduser()):  # reviewer: re-tied without a word
+            run.say(f"export: {dest} holds an export with its own LM head (--untie-embeddings): written so again")
+            untie = True
         return stage_export(run, name, dest=dest, model=model, untie=bool(untie)), "none yet"
     model = model if model is not None else build_child(run, read_architecture(run, name))
     if untie is None:

@@ -714,6 +714,14 @@ def test_export_untie_embeddings_is_kept_by_later_exports(run_dir, tmp_path, cap
         assert main(["export", "--out", str(copy), "--name", "child-1.5x", *argv]) == 0
         assert "is up to date (the files its last export wrote" in capsys.readouterr().err, argv
     assert "lm_head.weight" in load_file(folder / "model.safetensors")
+    # reviewer: a folder outside the run, written with the flag, was re-tied by the same command without it
+    outside = tmp_path / "untied"
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(outside), "--untie-embeddings"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(outside)]) == 0
+    assert "holds an export with its own LM head (--untie-embeddings): written so again" in capsys.readouterr().err
+    assert "lm_head.weight" in load_file(outside / "model.safetensors")
+    assert json.loads((outside / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_generate_without_a_chat_template_prompts_plain_text_and_names_a_broken_one(run_dir, tmp_path, capsys):
@@ -764,7 +772,9 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
     for dest in (copy / "export" / "greedy-2x", copy / "export" / "child-1.5x-refined"):
         (copy / "search" / "child-1.5x-refined.json").write_text("{}")
         assert main(["merge", *two, "--dest", str(dest)]) == 2
-        assert f"is the export folder of the run's child {dest.name}" in capsys.readouterr().err
+        kind = "baseline greedy-2x, which `puzzle baselines` rewrites" if dest.name == "greedy-2x" else \
+            f"child {dest.name}, which `puzzle run` and `puzzle export` rewrite"  # reviewer: run/export named for both
+        assert f"is the export folder of the run's {kind}" in capsys.readouterr().err
     assert main(["rpo", "--model", two[0], "--out", str(copy / "export" / "po"), "--data", "demo:count",
                  "--no-progress"]) == 2
     assert "is inside the run's export folder" in capsys.readouterr().err and not (copy / "export" / "po").exists()
