@@ -39,6 +39,7 @@ Notation:
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -667,11 +668,12 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     """Greedy chat answers to all `prompts` at once (one batch, right-padded) with a ChildRuntime.
 
     Each prompt is one user message rendered with the tokenizer's chat template (plain text without one:
-    `encode_prompts`); an answer stops at the first EOS.
+    `encode_prompts`); an answer stops at the first of the model's stop tokens (`stop_token_ids`).
 
     Raises:
-        PuzzleError: no prompts, prompt plus answer longer than the model's max_position_embeddings, a chat
-            template that does not render, or the errors of ChildRuntime.
+        PuzzleError: no prompts, a prompt that encodes to no token, prompt plus answer (less its last token, never
+            fed back) longer than the model's max_position_embeddings, a chat template that does not render, or the
+            errors of ChildRuntime.
     """
     if not prompts:
         raise PuzzleError("give at least one prompt")
@@ -682,31 +684,62 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
             raise PuzzleError(f"prompt {p!r} is not valid UTF-8 text ({e.reason}); give it as UTF-8") from None
     encoded, chat = encode_prompts(tokenizer, prompts)
     lengths = [len(e) for e in encoded]
+    if empty := [i + 1 for i, n in enumerate(lengths) if n == 0]:  # reviewer: said in terms of the cache
+        raise PuzzleError(f"prompt {empty[0]} encodes to no token (the model has no chat template to add any); give "
+                          f"it some text")
     T = max(lengths)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stops = stop_token_ids(model.config, tokenizer)
+    pad = tokenizer.pad_token_id
+    if pad is None or not 0 <= pad < model.config.vocab_size:  # reviewer: an added <pad> past the embedding crashed
+        pad = stops[0] if stops and stops[0] < model.config.vocab_size else 0  # any id the model has: never read
     ids = torch.full((len(prompts), T), pad, dtype=torch.long)  # (B, T) right-padded
     for i, e in enumerate(encoded):
         ids[i, : len(e)] = e
-    limit = model.config.max_position_embeddings
-    if T >= limit:
+    limit = model.config.max_position_embeddings  # the last new token is never fed back: T + n - 1 positions
+    if T > limit:
         raise PuzzleError(f"the longest prompt has {T} tokens and the model was trained on {limit} positions, so no "
                           f"room is left for an answer; shorten the prompt")
-    if T + max_new_tokens > limit:
+    if T + max_new_tokens - 1 > limit:
         raise PuzzleError(f"the longest prompt has {T} tokens, so {max_new_tokens} new tokens would run past the "
-                          f"{limit} positions the model was trained on; give --max-new-tokens {limit - T} or less")
-    rt = ChildRuntime(model, len(prompts), T + max_new_tokens, device, dtype, use_triton, cuda_graphs)
-    eos = tokenizer.eos_token_id
-    out = rt.generate(ids, max_new_tokens, eos_token_id=eos, lengths=lengths).cpu()
+                          f"{limit} positions the model was trained on; give --max-new-tokens {limit - T + 1} or less")
+    rt = ChildRuntime(model, len(prompts), T + max_new_tokens - 1, device, dtype, use_triton, cuda_graphs)
+    out = rt.generate(ids, max_new_tokens, eos_token_id=list(stops), lengths=lengths).cpu()
     answers = []
     for row in out[:, T:].tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     return Answers(tuple(prompts), tuple(answers), rt.last_stats, str(rt.device), str(rt.dtype).removeprefix("torch."),
                    chat)
 
 
+def stop_token_ids(config, tokenizer) -> tuple[int, ...]:
+    """The ids that end a greedy answer: the tokenizer's EOS and the model configuration's `eos_token_id` (an id or a
+    list, as generation_config.json gives it: Llama-3-Instruct's tokenizer says <|end_of_text|> while its turns end
+    in <|eot_id|>, which only the configuration's list holds), each once, the tokenizer's first."""
+    found = [tokenizer.eos_token_id]
+    own = getattr(config, "eos_token_id", None)
+    found += list(own) if isinstance(own, (list, tuple)) else [own]
+    return tuple(dict.fromkeys(int(t) for t in found if isinstance(t, int) and not isinstance(t, bool) and t >= 0))
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _refuse_run_directory(path: Path) -> None:
+    """Refuse a puzzle run directory (or its config.json) given as the model, naming its exports that exist
+    (reviewer: child-1.5x was suggested where no such export was, and a run after `puzzle data` alone was called an
+    unsupported model_type)."""
+    folder = path.parent if path.name == "config.json" else path
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not (isinstance(config, dict) and "parent" in config and "model_type" not in config):
+        return  # a model folder's config.json names its model_type
+    exports = sorted(str(p) for p in (folder / "export").glob("*") if (p / "config.json").is_file())
+    raise PuzzleError(f"{path} is a puzzle run directory, not a model; " + (
+        f"pass one of its exported models: {', '.join(exports[:4])}" + (" ..." if len(exports) > 4 else "")
+        if exports else f"it has no exported model yet (`puzzle export --out {folder}` writes the run's child)"))
 
 
 def cmd_generate(args) -> int:
@@ -721,9 +754,7 @@ def cmd_generate(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PuzzleError(f"--device {device}: this machine has no CUDA device; give --device cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if (Path(args.model) / "config.json").is_file() and (Path(args.model) / "search").is_dir():
-        raise PuzzleError(f"{args.model} is a run directory; pass one of its exported models, e.g. "
-                          f"{Path(args.model) / 'export' / 'child-1.5x'} (`puzzle export` writes them)")
+    _refuse_run_directory(Path(args.model))
     loaded = load_parent(args.model, dtype=dtype)
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]
     result = answer_prompts(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, device=device,

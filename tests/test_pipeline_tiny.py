@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -722,6 +723,22 @@ def test_export_untie_embeddings_is_kept_by_later_exports(run_dir, tmp_path, cap
     assert "holds an export with its own LM head (--untie-embeddings): written so again" in capsys.readouterr().err
     assert "lm_head.weight" in load_file(outside / "model.safetensors")
     assert json.loads((outside / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_generate_given_a_run_directory_names_its_exports(run_dir, tmp_path, capsys):
+    """Reviewer: child-1.5x was suggested whether or not it was exported, and a run after `puzzle data` alone was
+    called an unsupported model_type."""
+    argv = ["--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    for given in (run_dir, run_dir / "config.json"):
+        assert main(["generate", str(given), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "is a puzzle run directory, not a model; pass one of its exported models: " in err, err
+        assert str(run_dir / "export" / "child-2x") in err
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(run_dir / "config.json", early / "config.json")
+    assert main(["generate", str(early), *argv]) == 2
+    assert f"it has no exported model yet (`puzzle export --out {early}`" in capsys.readouterr().err
 
 
 def test_generate_without_a_chat_template_prompts_plain_text_and_names_a_broken_one(run_dir, tmp_path, capsys):

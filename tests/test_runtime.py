@@ -274,3 +274,39 @@ def test_step_fns_with_cuda_graphs():
         fns.prepare_decode()
         fns.decode()
         torch.cuda.synchronize()
+
+
+def test_answers_stop_at_the_models_own_stop_ids_and_use_every_position(monkeypatch):
+    """Reviewer: `puzzle generate` and report answers stopped only at the tokenizer's EOS, not at the configuration's
+    list (Llama-3-Instruct ends turns in <|eot_id|>); an added <pad> past the embedding crashed a ragged batch; an
+    empty prompt was refused in terms of the cache; and one more new token fits than the limit allowed."""
+    import dataclasses
+
+    from puzzle.runtime import encode_prompts
+    from puzzle.sft import greedy_chat
+
+    from puzzle.tiny import tiny_parent
+
+    lm = tiny_parent(seed=1)
+    model, prompts = lm.model, ["Hi", "What is the capital of France?"]
+    free = answer_prompts(model, lm.tokenizer, prompts, max_new_tokens=6)
+    ids = encode_prompts(lm.tokenizer, prompts[:1])[0][0][None]  # (1, T)
+    token = int(model(ids)[0, -1].argmax())  # the first token of the answer to "Hi"
+    assert answer_prompts(lm.model, lm.tokenizer, prompts[:1], max_new_tokens=20).stats.steps == 19  # no EOS reached
+    model.config = dataclasses.replace(model.config, eos_token_id=[lm.tokenizer.eos_token_id, token])
+    stopped = answer_prompts(model, lm.tokenizer, prompts[:1], max_new_tokens=20)
+    assert stopped.answers == ("",) and stopped.stats.steps <= 8  # stopped at once (the host checks every 8 steps)
+    assert greedy_chat(model, lm.tokenizer, [{"role": "user", "content": prompts[0]}], 6) == ""
+    model.config = dataclasses.replace(model.config, eos_token_id=lm.tokenizer.eos_token_id)
+    past = model.config.vocab_size + 3  # an added <pad> beyond the embedding
+    monkeypatch.setattr(type(lm.tokenizer), "pad_token_id", property(lambda self: past), raising=False)
+    assert answer_prompts(model, lm.tokenizer, prompts, max_new_tokens=6).answers == free.answers  # pad never read
+    monkeypatch.undo()
+    T = max(len(e) for e in encode_prompts(lm.tokenizer, prompts)[0])
+    model.config = dataclasses.replace(model.config, max_position_embeddings=T + 3)
+    assert len(answer_prompts(model, lm.tokenizer, prompts, max_new_tokens=4).answers) == 2  # T + 4 - 1 positions
+    with pytest.raises(PuzzleError, match=r"give --max-new-tokens 4 or less"):
+        answer_prompts(model, lm.tokenizer, prompts, max_new_tokens=5)
+    monkeypatch.setattr(lm.tokenizer, "chat_template", None)  # plain text: an empty prompt is no token
+    with pytest.raises(PuzzleError, match="prompt 1 encodes to no token"):
+        answer_prompts(model, lm.tokenizer, ["", "Hi"], max_new_tokens=2)
