@@ -5,6 +5,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import os
 from pathlib import Path
 
@@ -105,6 +106,57 @@ def test_a_far_off_cost_no_child_can_hold_leaves_the_budgets_solvable(column, va
     best = brute_force(table, budgets)
     solution = solve(table, budgets)[0]
     assert solution.optimal and solution.objective == pytest.approx(best[0], rel=1e-9)
+
+
+def test_suffix_fronts_are_the_least_completion_within_one_budget_and_coarsening_only_lowers_them(monkeypatch):
+    """The completion bound of the exact DP (`mip._suffix_fronts`) against enumeration: F_i(b) is the least score
+    layers i+1.. add with cost <= b; rounded costs (FRONT_CAP) give a bound at or below it."""
+    import puzzle.mip as mip
+
+    rng = np.random.default_rng(5)
+    cost, score = rng.integers(0, 40, (5, 4)).astype(np.int64), rng.random((5, 4))
+    cells = [np.arange(4)] * 3 + [np.array([0, 2]), np.arange(4)]
+    exact = mip._suffix_fronts(cost, score, cells)
+    for cap in (10**6, 3):
+        monkeypatch.setattr(mip, "FRONT_CAP", cap)
+        fronts = mip._suffix_fronts(cost, score, cells)
+        for i in range(5):
+            combos = list(itertools.product(*cells[i + 1:]))
+            for b in range(0, 160, 7):
+                fits = [sum(score[i + 1 + k, j] for k, j in enumerate(c)) for c in combos
+                        if sum(cost[i + 1 + k, j] for k, j in enumerate(c)) <= b]
+                at = np.searchsorted(fronts[i][0], b, side="right") - 1
+                got = fronts[i][1][at] if at >= 0 else math.inf
+                want = min(fits, default=math.inf)
+                if cap > 100:  # exact
+                    assert got == pytest.approx(want, abs=1e-12), (i, b)
+                else:  # coarsened: still a lower bound
+                    assert got <= want + 1e-12, (i, b)
+        if cap > 100:
+            assert all(np.array_equal(a[0], b[0]) for a, b in zip(exact, fronts))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_three_budgets_solve_to_the_brute_force_optimum_with_the_completion_bounds(seed, monkeypatch):
+    """Reviewer: three binding budgets on the 70B library took up to 15 s in the DP; the suffix-front bounds that
+    cut it must keep every optimum (also with fronts coarsened hard, FRONT_CAP 2)."""
+    import puzzle.mip as mip
+
+    table = random_table(seed, layers=4, kind="mixed")
+    attention = table["subblock"] == "attention"  # fast or small, not both: the budgets bind jointly
+    table.loc[attention & ~table["is_parent"], "params"] *= 3
+    for cap in (mip.FRONT_CAP, 2):
+        monkeypatch.setattr(mip, "FRONT_CAP", cap)
+        for fractions in [dict(runtime_ms=0.6, memory_mib=0.7, params=0.9), dict(runtime_ms=0.75, memory_mib=0.6,
+                                                                                 params=0.8)]:
+            budgets = fraction_budgets(table, **fractions)
+            best = brute_force(table, budgets)
+            if best is None:
+                with pytest.raises(PuzzleError):
+                    solve(table, budgets)
+                continue
+            solution = solve(table, budgets)[0]
+            assert solution.optimal and solution.objective == pytest.approx(best[0], rel=1e-9), (cap, fractions)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -1431,3 +1483,22 @@ def test_a_bound_the_parent_meets_is_said_to_bind_where_the_parent_is_not_the_be
     assert "but it may still bind (under the objective lm_loss the best child without budgets scores" in err, err
     assert main(["search", "--library", str(lib), "--json"]) == 0  # reviewer: the parent came back without a word
     assert "note: no budget given, so the best child is the parent itself" in capsys.readouterr().err
+
+
+def test_a_variant_whose_stats_contradict_its_name_is_refused():
+    """Reviewer: a variant named no_op with 4 KV heads in its stats was read as no_op, and '2 kv heads' with 4 in its
+    stats as 4 heads, without a word; the published file's rounded widths ('29e3') still read."""
+    from puzzle.library_json import variant_block
+
+    ffn = "ffn = intermediate size 29e3 (parent * 100%)"
+    assert variant_block(f"attention = 8 kv heads (parent * 100%)\t&&\t{ffn}",
+                         {"num_kv_heads": 8, "ffn_intermediate_size": 28672}).id == "attn-kv8+ffn-28672"
+    for name, stats, words in [
+            (f"attention = no_op (parent * 0%) && {ffn}", {"num_kv_heads": 4, "ffn_intermediate_size": 28672},
+             "its attention is named no_op but its stats give size 4"),
+            (f"attention = 2 kv heads (x) && {ffn}", {"num_kv_heads": 4, "ffn_intermediate_size": 28672},
+             "its name says '2 kv heads' but its stats give attention size 4"),
+            ("attention = 8 kv heads (x) && ffn = intermediate size 14e3 (x)",
+             {"num_kv_heads": 8, "ffn_intermediate_size": 28672}, "but its stats give ffn size 28672")]:
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            variant_block(name, stats, "layer_3")
