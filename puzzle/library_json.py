@@ -41,14 +41,31 @@ COLUMNS = ["layer", "subblock", "variant", "is_parent", "kl_nats", "lm_loss", "p
 
 
 def _subblock(part: str, size: int, kind: str, name: str, layer: str):
-    """One half of a variant name ('attention = 8 kv heads (...)') -> AttentionConfig or FFNConfig."""
+    """One half of a variant name ('attention = 8 kv heads (...)') -> AttentionConfig or FFNConfig.
+
+    Raises:
+        PuzzleError: a no_op name whose stats give it a size, a size the name contradicts (its KV heads
+            exactly; its FFN width, which the file rounds as '29e3', to half a unit of the last digit), or a
+            GQA / SwiGLU subblock of size 0.
+    """
     text = part.split("=", 1)[-1].strip().lower()
-    if text.startswith("no_op") or text.startswith("noop"):
+    linear = text.startswith("linear") or "replace_with_linear" in text
+    if text.startswith(("no_op", "noop")) or linear:
+        if size > 0 and not linear:  # (a linear replacement may keep its parent's sizes in its stats)
+            # reviewer: a no_op named variant whose stats gave 4 KV heads was read as no_op without a word
+            raise PuzzleError(f"{layer} variant {name!r}: its {kind} is named {text.split()[0]} but its stats give "
+                              f"size {size}")
+        if linear:
+            return AttentionConfig("linear") if kind == "attention" else FFNConfig("linear")
         return AttentionConfig("no_op") if kind == "attention" else FFNConfig("no_op")
-    if text.startswith("linear") or "replace_with_linear" in text:
-        return AttentionConfig("linear") if kind == "attention" else FFNConfig("linear")
     if size <= 0:
         raise PuzzleError(f"{layer} variant {name!r}: {kind} is neither no_op nor linear but has size {size}")
+    heads = re.match(r"(\d+)\s*kv heads", text)
+    width = re.search(r"intermediate size\s*([0-9]*\.?[0-9]+)(?:e([0-9]+))?", text)
+    if kind == "attention" and heads and int(heads.group(1)) != size or kind == "ffn" and width and abs(
+            float(width.group(1)) * 10 ** int(width.group(2) or 0) - size) > 0.5 * 10 ** int(width.group(2) or 0):
+        raise PuzzleError(f"{layer} variant {name!r}: its name says {text.split('(')[0].strip()!r} but its stats give "
+                          f"{kind} size {size}")
     return AttentionConfig("gqa", int(size)) if kind == "attention" else FFNConfig("swiglu", int(size))
 
 
