@@ -241,10 +241,11 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
     s is interpolated linearly between neighbours. A method is compared at s only where its points
     reach s (no extrapolation). Where a front's slowest model is far above s, its y at s comes from
     the line between the parent and that model, a figure no measured model has: `ours_from` /
-    `baseline_from` name the two points each value lies between ("parent@1x..child-2x@2.02x"; one
-    name where a model sits at s), and `ours_gap` / `baseline_gap` give how far the front's nearest
-    measured model of the two is from s (max(s_model / s, s / s_model); 1 when one sits at s; inf
-    when only the parent brackets s), which `ratio_table` flags above FAR_FROM_TARGET.
+    `baseline_from` name the models each value lies between, at their own measured speed-ups
+    ("parent@1x..child-2x@2.02x"; one name where one model gives it, as a faster model whose y
+    beats a slower one's does on the envelope), and `ours_gap` / `baseline_gap` how far the nearer
+    of them is from s (max(s_model / s, s / s_model); 1 when one sits at s; inf when only the parent
+    brackets s), which `ratio_table` flags above FAR_FROM_TARGET.
 
     Returns:
         One row per (speedup, method, training) with ours_<y>, baseline_<y>, ratio, ours_from,
@@ -255,18 +256,17 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
         pts = sorted((float(s), float(v), str(n)) for s, v, n in zip(part["speedup"], part[y], names)
                      if math.isfinite(s) and math.isfinite(v))
         pts = [(1.0, 0.0, "parent")] + [p for p in pts if p[0] > 1.0]
-        best, out = (math.inf, ""), []
-        for s, v, n in reversed(pts):  # the best y at or above each speed-up, and the model that has it
-            best = min(best, (v, n))
+        best, out = (math.inf, "", math.nan), []
+        for s, v, n in reversed(pts):  # the best y at or above each speed-up, the model that has it, its speed-up
+            best = min(best, (v, n, s))
             out.append((s, *best))
-        return out[::-1]
+        return out[::-1]  # (speed-up on the envelope, y, model, the model's own speed-up)
 
     def label(point):
-        s, _, name = point
-        return f"{name}@{s:.3g}x"
+        return f"{point[2]}@{point[3]:.3g}x"
 
-    def gap(points, s):
-        return min((max(p[0] / s, s / p[0]) for p in points if p[2] != "parent"), default=math.inf)
+    def gap(points, s):  # from the models' own speed-ups (reviewer: a faster model's KL was said to sit at s)
+        return min((max(p[3] / s, s / p[3]) for p in points if p[2] != "parent"), default=math.inf)
 
     def at(points, s):
         """(y at s, where it comes from, the gap) or (nan, "", nan) where the front does not reach s."""
@@ -278,7 +278,8 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
                     pick = min((p for p in (lo, hi) if p[0] == s), key=lambda p: p[1])
                     return pick[1], label(pick), gap([pick], s)
                 v = lo[1] + (hi[1] - lo[1]) * (s - lo[0]) / (hi[0] - lo[0])
-                return v, f"{label(lo)}..{label(hi)}", gap([lo, hi], s)
+                where = label(lo) if label(lo) == label(hi) else f"{label(lo)}..{label(hi)}"  # one model: its KL
+                return v, where, gap([lo, hi], s)
         return points[-1][1], label(points[-1]), gap(points[-1:], s)
 
     body = rows[rows["method"] != "parent"]
