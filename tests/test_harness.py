@@ -190,6 +190,20 @@ def test_finished_tasks_are_saved_and_reused_after_an_interruption(tiny, tmp_pat
     again = evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], **kwargs)
     pd.testing.assert_frame_equal(again.table, first.table)
     assert not any(t.get("reused") for t in again.meta["timing"].values())
+    # breaker: a part cut to fewer rows, or with rows repeated and an accuracy of 7, was reused as it was
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(lines[:3]) + "\n")
+    lam = tmp_path / "parts" / "lambada.csv"
+    rows = lam.read_text().splitlines()
+    lam.write_text("\n".join(rows + rows[1:2]) + "\n")
+    again = evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], **kwargs)
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert not any(t.get("reused") for t in again.meta["timing"].values())
+    table = pd.read_csv(csv, dtype={"doc_id": str})
+    table.assign(acc=7.0).to_csv(csv, index=False)
+    again = evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], **kwargs)
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert not again.meta["timing"]["arc_easy"].get("reused") and again.meta["timing"]["lambada"]["reused"]
 
 
 def test_a_task_without_documents_or_with_malformed_records_is_refused_by_name(tiny, tmp_path):
