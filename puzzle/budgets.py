@@ -186,6 +186,15 @@ class BudgetRequest:
 # Parsing one string
 
 
+def _sign_advice(text) -> str:
+    """' A budget is a limit above zero: drop the minus sign.' for a negative value, ' ... give a value above
+    zero.' for zero; '' otherwise (reviewer: only some flags said it)."""
+    s = str(text).strip()
+    if (m := re.match(_NUMBER, s.removeprefix("-").strip())) and float(m.group(1)) == 0:
+        return " A budget is a limit above zero: give a value above zero."
+    return " A budget is a limit above zero: drop the minus sign." if s.startswith("-") else ""
+
+
 def parse_fraction(text: str) -> float | None:
     """'0.67' -> 0.67, '67%' -> 0.67, '1/1.5' -> 0.667; None if `text` is not a bare fraction."""
     s = str(text).strip()  # spaces only around '%' and '/': '1 0' is no number (reviewer: it read as 10)
@@ -210,10 +219,8 @@ def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float],
     m = re.fullmatch(_NUMBER + r"\s*([A-Za-zµ]+)", s)
     unit = None if m is None else (m.group(2) if case_sensitive else m.group(2).lower())
     if m is None or unit not in units:
-        advice = ""  # reviewer: the two commonest slips got only the list of forms
-        if s.startswith("-"):
-            advice = " A budget is a limit above zero: drop the minus sign."
-        elif re.fullmatch(_NUMBER + r"\s*[xX×]", s) and "runtime" in flag:
+        advice = _sign_advice(s)  # reviewer: the two commonest slips got only the list of forms
+        if not advice and re.fullmatch(_NUMBER + r"\s*[xX×]", s) and "runtime" in flag:
             advice = f" A speed-up is --speedup {s} (or --min-throughput {s}); --max-runtime takes a fraction or a time."
         raise PuzzleError(f"{flag} {text!r} is not a budget this tool reads.{advice} Accepted: {_FORMS[kind]}")
     value = float(m.group(1)) * units[unit]
@@ -244,7 +251,7 @@ def parse_speedup(text) -> float:
     """'1.5' or '1.5x' -> 1.5. Raises PuzzleError for anything that is not a positive factor."""
     m = re.fullmatch(_NUMBER + r"\s*[xX×]?", str(text).strip())
     if m is None or not 0 < float(m.group(1)) < math.inf:
-        raise PuzzleError(f"--speedup {text!r} is not a speed-up. Accepted: {_FORMS['speedup']}")
+        raise PuzzleError(f"--speedup {text!r} is not a speed-up.{_sign_advice(text)} Accepted: {_FORMS['speedup']}")
     return _at_least_min_factor(float(m.group(1)), "--speedup", text)
 
 
@@ -272,12 +279,14 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
     if m := re.fullmatch(_NUMBER + r"\s*[xX×]", s):
         factor = float(m.group(1))
         if not 0 < factor < math.inf:
-            raise PuzzleError(f"--min-throughput {text!r} must be above zero and finite")
+            raise PuzzleError(f"--min-throughput {text!r} is not a throughput.{_sign_advice(s)} Accepted: "
+                              f"{_FORMS['throughput']}")
         _at_least_min_factor(factor, "--min-throughput", text)
         return (parent_runtime_ms() if callable(parent_runtime_ms) else float(parent_runtime_ms)) / factor
     m = re.fullmatch(_NUMBER + r"\s*(?:tok/s|tokens/s|tok_s)", s, flags=re.IGNORECASE)
     if m is None or not 0 < float(m.group(1)) < math.inf:
-        raise PuzzleError(f"--min-throughput {text!r} is not a throughput. Accepted: {_FORMS['throughput']}")
+        raise PuzzleError(f"--min-throughput {text!r} is not a throughput.{_sign_advice(s)} Accepted: "
+                          f"{_FORMS['throughput']}")
     batch, gen = workload.get("batch_size"), workload.get("gen_len")
     whole = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < 2**31 and v == int(v)  # noqa: E731
     if not whole(batch) or not whole(gen):

@@ -890,7 +890,9 @@ def search_main(args: argparse.Namespace) -> int:
                     f"under these budgets"))
         record["note"] = short
     if not budgets.limits():  # reviewer: the parent came back (objective 0) without a word in --json mode
-        print("note: no budget given, so the best child is the parent itself; add one or more of --speedup, "
+        why = _parent_not_best(table, objective, parent, options)
+        print("note: no budget given, so " + ("the best child is the parent itself" if why is None else
+              f"the child is the best one without budgets ({why})") + "; add one or more of --speedup, "
               "--max-runtime, --max-memory, --max-params, --min-throughput, --max-prefill, --max-decode",
               file=sys.stderr)
     notes = budgets.above_parent(parent)

@@ -142,8 +142,20 @@ def test_a_negative_budget_and_a_speedup_given_to_max_runtime_get_advice():
     """Reviewer: '-0.5' and '--max-runtime 1.5x' got only the list of accepted forms."""
     from puzzle.budgets import parse_memory_mib, parse_time_ms
 
+    from puzzle.budgets import parse_speedup, throughput_to_runtime_ms
+
     with pytest.raises(PuzzleError, match="drop the minus sign"):
         parse_memory_mib("-0.5", 100.0)
+    workload = {"batch_size": 1, "gen_len": 1}
+    for call in (lambda: parse_speedup("-2"), lambda: throughput_to_runtime_ms("-5tok/s", 100.0, workload),
+                 lambda: throughput_to_runtime_ms("-1.5x", 100.0, workload)):  # breaker: every budget flag says it
+        with pytest.raises(PuzzleError, match="drop the minus sign"):
+            call()
+    for text in ("0tok/s", "0x"):  # and zero alike
+        with pytest.raises(PuzzleError, match="give a value above zero"):
+            throughput_to_runtime_ms(text, 100.0, {"batch_size": 1, "gen_len": 1})
+    with pytest.raises(PuzzleError, match="give a value above zero"):
+        parse_memory_mib("-0MiB", 100.0)
     with pytest.raises(PuzzleError, match=r"A speed-up is --speedup 1.5x \(or --min-throughput 1.5x\)"):
         parse_time_ms("1.5x", 100.0)
     with pytest.raises(PuzzleError) as e:  # --max-prefill has no speed-up form to point to

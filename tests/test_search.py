@@ -1483,6 +1483,9 @@ def test_a_bound_the_parent_meets_is_said_to_bind_where_the_parent_is_not_the_be
     assert "but it may still bind (under the objective lm_loss the best child without budgets scores" in err, err
     assert main(["search", "--library", str(lib), "--json"]) == 0  # reviewer: the parent came back without a word
     assert "note: no budget given, so the best child is the parent itself" in capsys.readouterr().err
+    assert main(["search", "--library", str(lib), "--json", "--objective", "lm_loss"]) == 0  # breaker: not the parent
+    err = capsys.readouterr().err
+    assert "note: no budget given, so the child is the best one without budgets (under the objective lm_loss" in err
 
 
 def test_a_variant_whose_stats_contradict_its_name_is_refused():
