@@ -706,8 +706,7 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     out = rt.generate(ids, max_new_tokens, eos_token_id=list(stops), lengths=lengths).cpu()
     answers = []
     for row in out[:, T:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        answers.append(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True).strip())
     return Answers(tuple(prompts), tuple(answers), rt.last_stats, str(rt.device), str(rt.dtype).removeprefix("torch."),
                    chat)
 
@@ -720,6 +719,11 @@ def stop_token_ids(config, tokenizer) -> tuple[int, ...]:
     own = getattr(config, "eos_token_id", None)
     found += list(own) if isinstance(own, (list, tuple)) else [own]
     return tuple(dict.fromkeys(int(t) for t in found if isinstance(t, int) and not isinstance(t, bool) and t >= 0))
+
+
+def until_stop(tokens: list[int], stops) -> list[int]:
+    """`tokens` up to (without) the first of the `stops` ids."""
+    return tokens[:next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -617,7 +617,7 @@ def greedy_chat(model: PuzzleForCausalLM, tokenizer, messages: list[dict], max_n
 
     Raises:
         PuzzleError: a chat template that does not render."""
-    from .runtime import chat_ids, stop_token_ids
+    from .runtime import chat_ids, stop_token_ids, until_stop
 
     ids = chat_ids(tokenizer, messages)[0][None]  # (1, T)
     room = model.config.max_position_embeddings - ids.shape[1] + 1  # the last new token is never fed back
@@ -625,8 +625,7 @@ def greedy_chat(model: PuzzleForCausalLM, tokenizer, messages: list[dict], max_n
         return ""
     stops = stop_token_ids(model.config, tokenizer)  # reviewer: a configuration's list of EOS ids was not used
     out = model.eval().generate(ids, max_new_tokens=min(max_new_tokens, room), eos_token_id=list(stops))
-    new = out[0, ids.shape[1]:].tolist()
-    return tokenizer.decode(new[:next((i for i, t in enumerate(new) if t in stops), len(new))], skip_special_tokens=True)
+    return tokenizer.decode(until_stop(out[0, ids.shape[1]:].tolist(), stops), skip_special_tokens=True)
 
 
 def toggle_report(model: PuzzleForCausalLM, tokenizer, questions: list[dict], max_new_tokens: int = 96,

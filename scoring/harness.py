@@ -341,10 +341,12 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
     rows, detail_frames, timing = [], [], {}
     from puzzle.io import atomic_write_json, atomic_write_text
 
+    wheel_key = _data_key("", wheel, None) if docs is None and parts_dir is not None else None  # hashed once
     for task in tasks:
         t0 = time.perf_counter()
         part = Path(parts_dir) / f"{task}.csv" if parts_dir is not None else None
-        key = {**(parts_key or {}), "task": task, "limit": limit, "seed": seed, "data": _data_key(task, wheel, docs),
+        key = {**(parts_key or {}), "task": task, "limit": limit, "seed": seed,
+               "data": _data_key(task, None, docs) if docs is not None else wheel_key,
                "lambada_excluded": sorted(map(str, exclude_lambada)) if task == "lambada" else []}
         if part is not None and (reused := _saved_part(part, key, task)) is not None:
             details, saved_timing = reused
@@ -420,7 +422,9 @@ def _saved_part(part: Path, key: dict, task: str) -> tuple[pd.DataFrame, dict] |
         if not isinstance(saved, dict) or saved.get("key") != key:
             return None
         details = pd.read_csv(part, dtype={"doc_id": str})
-        aggregate(task, details)  # every metric column is there
+        needed = {"ll" if m == "perplexity" else m for m in TASK_METRICS[task]}
+        if not needed <= set(details.columns):  # (not `aggregate`, whose perplexity bootstrap runs after reuse)
+            return None
         if len(details) != saved["docs"] or _doc_ids_sha(details) != saved["doc_ids_sha256"] \
                 or details["doc_id"].duplicated().any():
             return None
