@@ -485,24 +485,34 @@ def test_trust_region_with_diverse_solutions_matches_brute_force(engine, monkeyp
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_dp_pareto_pruning_keeps_the_best_state_under_every_budget(seed):
-    """Whatever the remaining budgets, the best score reachable among the kept states equals the best
-    among all states (what makes the pruning exact), for 2 cost rows and for 3."""
+def test_dp_dominance_drops_only_dominated_states(seed):
+    """Every state `_dominated` drops has a kept state no costlier in any column and no worse in (score,
+    tie-break), so the best score reachable under any remaining budgets is unchanged; 2 cost columns and 3
+    (counts with few levels, and spread costs like a library's), ties on purpose."""
     rng = np.random.default_rng(seed)
     n = 400
-    for m in (2, 3):
-        c = np.stack([rng.integers(0, 50, n)] + [rng.integers(0, 4, n) for _ in range(m - 1)], 1)
+    for m, spread in ((2, False), (3, False), (3, True)):
+        high = [1000] * m if spread else [50] + [4] * (m - 1)
+        c = np.stack([rng.integers(0, h, n) for h in high], 1)
         v = rng.integers(0, 30, n).astype(float)  # ties on purpose
         t = rng.uniform(size=n)
-        keep = mip._pareto_grouped(c, v, t)
-        assert keep.sum() < n
+        order = np.lexsort((t, v) + tuple(c.T[::-1]))  # the dynamic program's order
+        c, v, t = c[order], v[order], t[order]
+        drop = mip._dominated(c, v, t)
+        kept = np.flatnonzero(~drop)
+        no_worse = lambda j: (v[kept] < v[j]) | ((v[kept] == v[j]) & (t[kept] <= t[j]))  # noqa: E731
+        dominated = [j for j in range(n) if any(((c <= c[j]).all(1) & ((v < v[j]) | ((v == v[j]) & (t <= t[j]))))
+                                                 [np.arange(n) != j])]
+        assert drop.sum() >= 0.5 * len(dominated) > 0  # most of what could go goes
+        for j in np.flatnonzero(drop):
+            assert ((c[kept] <= c[j]).all(1) & no_worse(j)).any()
         for _ in range(200):
-            b = np.array([rng.integers(0, 50)] + [rng.integers(0, 4) for _ in range(m - 1)])
+            b = np.array([rng.integers(0, h) for h in high])
             fits = (c <= b).all(1)
             best = v[fits].min() if fits.any() else math.inf
-            assert (v[fits & keep].min() if (fits & keep).any() else math.inf) == best
+            assert (v[fits & ~drop].min() if (fits & ~drop).any() else math.inf) == best
         # among equal costs and scores, the lower tie-break value survives
-        for j in np.flatnonzero(keep):
+        for j in kept:
             same = (c == c[j]).all(1) & (v == v[j])
             assert t[j] == t[same].min()
 
