@@ -26,20 +26,22 @@ Solved to proven optimality (gap 0), fast, in four exact steps; none of them los
      one- and two-layer moves): a choice with LB + red_ij > T is in no solution scoring ≤ T. What
      is left is solved exactly; if that optimum scores ≤ T it is the global optimum, else T grows.
   4. The exact solve of what is left: a dynamic program over layers whose states are partial
-     solutions with integer costs (merged when equal, pruned by the same Lagrangian bounds and by the
-     least score a completion can add within each budget and within their λ-weighted sum) —
-     milliseconds on real libraries with one or two budgets, under a second with three. When the states outgrow a
-     cap, CP-SAT (OR-Tools) solves it instead, with the cut Σ red·x ≤ T − LB, restarting whenever it
-     finds a clearly better solution. Diverse solutions add "shares at most L − d layers with y"
+     solutions with integer costs (merged when equal or dominated by a neighbour, pruned by the same
+     Lagrangian bounds and by the least score a completion can add within each budget and within
+     weighted sums of them) — milliseconds on real libraries with one or two budgets, about a second at
+     most with three. When the states outgrow a cap (or, with diversity rows, after DIVERSE_DP_S
+     seconds), CP-SAT (OR-Tools) solves it instead, with the cut Σ red·x ≤ T − LB, restarting whenever
+     it finds a clearly better solution. Diverse solutions add "shares at most L − d layers with y"
      rows to either; a trust region is one more cost row (1 for every slot but the anchor's) whose
      multiplier is 0. Costs are rounded *up* and budgets *down* to integers (2^-44 of the costs'
      range in the DP, 1e-12 in CP-SAT), after widening each budget by BUDGET_RTOL = 5e-10 relative:
      every solution meets its budgets to that tolerance (`search.verify` allows 1e-9), and a budget
      equal to the least achievable total stays reachable. Ties in score go to the lower runtime
-     (CP-SAT compares scores rounded to 1e-9 of their range; the DP compares them exactly).
+     (CP-SAT compares scores rounded to 1e-9 of their range; the DP compares the float sums exactly, so
+     two choices whose true scores are equal can differ in the last bit and tie the other way).
 The first solve of the paper's Llama-3.3-70B library (80 layers x 16 variants) takes well under a
-second with one or two budgets; three binding budgets take up to a few seconds (see benchmarks/search.py
-for measured times).
+second with one or two budgets; three binding budgets take up to about a second (see
+benchmarks/search.py for measured times).
 """
 
 from __future__ import annotations
@@ -546,7 +548,7 @@ def _lex_rank(v: np.ndarray, t: np.ndarray) -> np.ndarray:
     return rank
 
 
-DOMINANCE_WINDOW = 8  # neighbours in cost order each state is compared with (`_dominated`)
+DOMINANCE_WINDOW = 12  # neighbours in cost order each state is compared with (`_dominated`; 8: 8 % slower)
 
 
 def _dominated(c: np.ndarray, v: np.ndarray, t: np.ndarray, window: int = DOMINANCE_WINDOW) -> np.ndarray:
@@ -582,9 +584,12 @@ def _dominated(c: np.ndarray, v: np.ndarray, t: np.ndarray, window: int = DOMINA
 
 
 FRONT_CAP = 20_000  # points of one suffix front (`_suffix_fronts`) beyond which its costs are coarsened
+PAIR_FRONT_CAP = 5_000  # the same for the fronts of pairs of budgets (`_dp_solve`), looser and cheaper
+PAIRS_AFTER = 8_000  # states after which `_dp_solve` adds the pairs' fronts (they cost more than they save below)
 
 
-def _suffix_fronts(cost: np.ndarray, objective: np.ndarray, cells) -> list[tuple[np.ndarray, np.ndarray]]:
+def _suffix_fronts(cost: np.ndarray, objective: np.ndarray, cells,
+                   cap: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer i, the least score layers i+1..L-1 can add within a given budget of one integer cost row,
     ignoring every other row: a lower bound on any completion of a partial solution of layers 0..i.
 
@@ -595,9 +600,10 @@ def _suffix_fronts(cost: np.ndarray, objective: np.ndarray, cells) -> list[tuple
     Returns:
         L pairs (costs ascending, least scores non-increasing) of int64 / float64 arrays: F_i(b) is the score at
         the last cost <= b (inf below the first). Where a layer's slots times the front behind it exceed
-        FRONT_CAP combinations, their costs are rounded down to a grid of that many steps, which only lowers F:
-        the bound stays valid (looser).
+        `cap` (default FRONT_CAP) combinations, their costs are rounded down to a grid of that many steps, which
+        only lowers F: the bound stays valid (looser).
     """
+    cap = FRONT_CAP if cap is None else cap
     fronts = [None] * len(cells)
     c_front, s_front = np.zeros(1, cost.dtype), np.zeros(1)
     for i in range(len(cells) - 1, -1, -1):
@@ -605,8 +611,8 @@ def _suffix_fronts(cost: np.ndarray, objective: np.ndarray, cells) -> list[tuple
         js = cells[i]
         c = (c_front[None, :] + cost[i, js][:, None]).reshape(-1)  # (n * F,)
         v = (s_front[None, :] + objective[i, js][:, None]).reshape(-1)
-        if len(c) > FRONT_CAP:  # rounded down to a grid: more combinations fit, F only falls
-            low, step = c.min(), (c.max() - c.min()) / FRONT_CAP
+        if len(c) > cap:  # rounded down to a grid: more combinations fit, F only falls
+            low, step = c.min(), (c.max() - c.min()) / cap
             if c.dtype.kind == "i":
                 step = max(1, int(step) + 1)
                 c = low + (c - low) // step * step
@@ -652,8 +658,8 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
     the parent) the largest layer's states fell from 350,000 to 18,000 and the solve from 13.3 s to 0.8 s; on
     80 random three-budget combinations the slowest from 13.3 s to 0.89 s, with identical optima (2-core VM).
     With `_dominated`, 240 random three-budget combinations (runtime 0.3-0.8 of the parent, memory up to 0.12
-    below it, parameters up to 0.12 below memory; seeds 3, 7, 11): slowest 6.8 s -> 1.6 s, 16 -> 4 above 1 s,
-    median 0.1 s either way, identical optima.
+    below it, parameters up to 0.12 below memory; seeds 3, 7, 11; 2-core VM): slowest 6.8 s -> 1.3 s (with the
+    pairs' fronts too), 16 -> 2 above 1 s, median 0.1 s either way, identical optima.
     """
     max_states = DP_MAX_STATES if max_states is None else max_states
     num_layers = keep.shape[0]
@@ -696,8 +702,15 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
     weights = units[:budget_rows]  # λ per integer unit: the LP's own mix of the budgets (a surrogate row)
     fronts = [_suffix_fronts(cost[..., k], objective, cells) for k in range(budget_rows)] \
         if math.isfinite(ceiling) else []
-    mixed = _suffix_fronts(cost[..., :budget_rows] @ weights, objective, cells) \
-        if math.isfinite(ceiling) and budget_rows > 1 and (weights > 0).sum() > 1 else None
+    # surrogate rows, weighted sums of the budgets, which every completion meeting them all meets too: the LP's
+    # own mix of the budgets (on three-budget solves it drops the most, so it goes first); with three or more
+    # budgets, once a layer keeps over PAIRS_AFTER states, also every pair, each budget scaled by its largest
+    # cost (the 7 slowest of 240 random three-budget solves on the 70B library: 6.8 s -> 6.1 s together, with
+    # 45 % fewer states; built from the start they made the easier three-budget solves 20-37 % slower)
+    mixes = [(weights, FRONT_CAP)] if budget_rows > 1 and (weights > 0).sum() > 1 else []
+    surrogates = [(w, _suffix_fronts(cost[..., :budget_rows] @ w, objective, cells, cap)) for w, cap in mixes] \
+        if math.isfinite(ceiling) else []
+    pairs_pending = math.isfinite(ceiling) and budget_rows >= 3
     ceiling_tol = 1e-12 * max(1.0, abs(ceiling)) * (num_layers + 1) if math.isfinite(ceiling) else 0.0
     unfronted = np.arange(m) >= len(fronts)  # columns whose fit no suffix front checks (diversity counts)
 
@@ -719,16 +732,21 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
         if math.isfinite(gap):
             slack_low = np.maximum(room - high_rest[i], 0) @ units  # budget no completion can use
             ok &= (r + slack_low <= gap + slack_tol) & (r + room @ units + drift_rest[i] <= gap + slack_tol)
-        if mixed is not None:  # every completion meeting all budgets meets their λ-weighted sum too (first:
-            # on three-budget solves it drops the most)
-            f_cost, f_score = mixed[i]
-            room = (limits[:budget_rows] - c[ok, :budget_rows]) @ weights
-            at = np.searchsorted(f_cost, room * (1 + 1e-9) + 1e-12 * abs(f_cost).max(), side="right") - 1
+        if pairs_pending and len(state_score) > PAIRS_AFTER:  # a hard solve: the pairs' fronts pay off
+            pairs_pending = False
+            scale = 1.0 / np.maximum(np.abs(np.where(keep[..., None], cost[..., :budget_rows], 0)).max((0, 1)), 1)
+            for a, b in itertools.combinations(range(budget_rows), 2):
+                w = np.where(np.isin(np.arange(budget_rows), [a, b]), scale, 0.0)
+                surrogates.append((w, _suffix_fronts(cost[..., :budget_rows] @ w, objective, cells, PAIR_FRONT_CAP)))
+        for w, per_layer in surrogates:  # the least completion within a weighted sum of the budgets
+            f_cost, f_score = per_layer[i]
+            left = room[ok, :budget_rows] @ w
+            at = np.searchsorted(f_cost, left * (1 + 1e-9) + 1e-12 * abs(f_cost).max(), side="right") - 1
             rest = np.where(at >= 0, f_score[np.maximum(at, 0)], np.inf)
             ok[ok] = v[ok] + rest <= ceiling + ceiling_tol
         for k, per_layer in enumerate(fronts):  # the least completion within budget k alone
             f_cost, f_score = per_layer[i]
-            at = np.searchsorted(f_cost, limits[k] - c[ok, k], side="right") - 1  # last front point within it
+            at = np.searchsorted(f_cost, room[ok, k], side="right") - 1  # last front point within it
             rest = np.where(at >= 0, f_score[np.maximum(at, 0)], np.inf)
             ok[ok] = v[ok] + rest <= ceiling + ceiling_tol
         parent, slot = np.divmod(np.flatnonzero(ok), n)

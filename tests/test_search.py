@@ -139,14 +139,17 @@ def test_suffix_fronts_are_the_least_completion_within_one_budget_and_coarsening
 @pytest.mark.parametrize("seed", range(6))
 def test_three_budgets_solve_to_the_brute_force_optimum_with_the_completion_bounds(seed, monkeypatch):
     """Reviewer: three binding budgets on the 70B library took up to 15 s in the DP; the suffix-front bounds that
-    cut it must keep every optimum (also with fronts coarsened hard, FRONT_CAP 2)."""
+    cut it (one budget, the λ-mix and pairs of budgets) must keep every optimum (also with fronts coarsened hard,
+    FRONT_CAP and PAIR_FRONT_CAP 2)."""
     import puzzle.mip as mip
 
     table = random_table(seed, layers=4, kind="mixed")
     attention = table["subblock"] == "attention"  # fast or small, not both: the budgets bind jointly
     table.loc[attention & ~table["is_parent"], "params"] *= 3
+    monkeypatch.setattr(mip, "PAIRS_AFTER", 0)  # the pairs' fronts from the first layer on
     for cap in (mip.FRONT_CAP, 2):
         monkeypatch.setattr(mip, "FRONT_CAP", cap)
+        monkeypatch.setattr(mip, "PAIR_FRONT_CAP", min(cap, mip.PAIR_FRONT_CAP))
         for fractions in [dict(runtime_ms=0.6, memory_mib=0.7, params=0.9), dict(runtime_ms=0.75, memory_mib=0.6,
                                                                                  params=0.8)]:
             budgets = fraction_budgets(table, **fractions)
