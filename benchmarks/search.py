@@ -6,8 +6,9 @@ Cases (each solved to proven optimality, relative gap 0, and verified, but for t
 may stop at its 20 s limit with a proven bound; the summary names any unproven case):
   * library: the Puzzle authors' Llama-3.3-70B block library (80 layers x 16 variants, H100 FP8),
     read from ../shared/fixtures/puzzle-llama-3.3-70b-instruct or $PUZZLE_70B_LIBRARY (skipped when absent): single
-    budgets (runtime fractions, runtime + memory, runtime + memory + parameters), a 20-budget runtime sweep
-    and a 20-budget sweep with three budgets at once.
+    budgets (runtime fractions, runtime + memory, runtime + memory + parameters), a 20-budget runtime sweep,
+    a 20-budget sweep with three budgets at once, and 80 random three-budget combinations (seed 7: runtime
+    0.3-0.8 of the parent, memory up to 0.12 below it, parameters up to 0.12 below memory; `--random N`).
   * synthetic: `synthetic_table()` below, 126 layers x 60 block variants with three budgets at
     once (runtime, memory, parameters), several budget levels; plus a stress case whose costs
     carry 1% per-layer noise (no two layers share costs), solved with a 20 s limit.
@@ -113,7 +114,7 @@ def _budgets(parent: dict, runtime=None, memory=None, params=None) -> Budgets:
                    max_params=None if params is None else params * parent["params"])
 
 
-def run(out: Path, repeats: int, workers: int | None) -> pd.DataFrame:
+def run(out: Path, repeats: int, workers: int | None, random_combos: int = 80) -> pd.DataFrame:
     records = []
 
     def record(case, label, seconds, solutions, greedy_solution=None, cpu_s=None):
@@ -158,6 +159,15 @@ def run(out: Path, repeats: int, workers: int | None) -> pd.DataFrame:
                             "params -0.12", "seconds": round(time.perf_counter() - t0, 4),
                             "cpu_s": round(time.process_time() - c0, 4), "objective": None,
                             "optimal": all(r[0].optimal for r in results), "max_single_s": max(r[0].solve_s for r in results)})
+        rng = np.random.default_rng(7)  # where the dynamic program's states multiply most: a reviewer's scan
+        for _ in range(random_combos):
+            r = rng.uniform(0.3, 0.8)
+            m = r - rng.uniform(0.0, 0.12)
+            p = m - rng.uniform(0.0, 0.12)
+            t0, c0 = time.perf_counter(), time.process_time()
+            solutions = solve(table, _budgets(parent, runtime=r, memory=m, params=p), num_workers=workers)
+            record("library-random-3", f"runtime {r:.4f}, memory {m:.4f}, params {p:.4f}", time.perf_counter() - t0,
+                   solutions, cpu_s=time.process_time() - c0)
     else:
         print(f"fixture {FIXTURE} not found: library cases skipped", file=sys.stderr)
 
@@ -187,8 +197,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "search_times.csv", help="CSV of solve times")
     p.add_argument("--repeats", type=int, default=3, help="solves per budget (the median is reported)")
     p.add_argument("--workers", type=int, default=None, help="CP-SAT threads (default: CPU count, at most 8)")
+    p.add_argument("--random", type=int, default=80, help="random three-budget combinations on the library")
     args = p.parse_args()
-    df = run(args.out, args.repeats, args.workers)
+    df = run(args.out, args.repeats, args.workers, args.random)
     timed = df[~df["case"].str.endswith("greedy")]
     summary = timed.groupby(["case", "budget"], sort=False)[["seconds", "cpu_s"]].median().reset_index()
     print(summary.to_string(index=False))
@@ -197,6 +208,10 @@ def main() -> int:
         if len(part):
             print(f"{case}: median {part['seconds'].median():.3f} s for 20 budgets, slowest budget "
                   f"{part['max_single_s'].max():.3f} s")
+    random3 = summary[summary["case"] == "library-random-3"]
+    if len(random3):
+        print(f"library-random-3: {len(random3)} combinations, median {random3['seconds'].median():.3f} s, "
+              f"max {random3['seconds'].max():.3f} s, {(random3['seconds'] > 1).sum()} above 1 s")
     for case in ("library", "synthetic-126x60", "synthetic-126x60-noisy-costs"):
         part = summary[summary["case"] == case]
         if len(part):
