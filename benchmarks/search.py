@@ -7,8 +7,10 @@ may stop at its 20 s limit with a proven bound; the summary names any unproven c
   * library: the Puzzle authors' Llama-3.3-70B block library (80 layers x 16 variants, H100 FP8),
     read from ../shared/fixtures/puzzle-llama-3.3-70b-instruct or $PUZZLE_70B_LIBRARY (skipped when absent): single
     budgets (runtime fractions, runtime + memory, runtime + memory + parameters), a 20-budget runtime sweep,
-    a 20-budget sweep with three budgets at once, and 80 random three-budget combinations (seed 7: runtime
-    0.3-0.8 of the parent, memory up to 0.12 below it, parameters up to 0.12 below memory; `--random N`).
+    a 20-budget sweep with three budgets at once, 80 random three-budget combinations (seed 7: runtime
+    0.3-0.8 of the parent, memory up to 0.12 below it, parameters up to 0.12 below memory; `--random N`),
+    and k diverse solutions d layers apart (k=5 d=10 runtime 0.5; k=4 d=5 three budgets; k=4 d=40 runtime 0.5
+    + memory 0.8), each k solutions timed together.
   * synthetic: `synthetic_table()` below, 126 layers x 60 block variants with three budgets at
     once (runtime, memory, parameters), several budget levels; plus a stress case whose costs
     carry 1% per-layer noise (no two layers share costs), solved with a 20 s limit.
@@ -168,6 +170,13 @@ def run(out: Path, repeats: int, workers: int | None, random_combos: int = 80) -
             solutions = solve(table, _budgets(parent, runtime=r, memory=m, params=p), num_workers=workers)
             record("library-random-3", f"runtime {r:.4f}, memory {m:.4f}, params {p:.4f}", time.perf_counter() - t0,
                    solutions, cpu_s=time.process_time() - c0)
+        for k, d, kw in ((5, 10, dict(runtime=0.5)), (4, 5, dict(runtime=0.5, memory=0.4, params=0.35)),
+                         (4, 40, dict(runtime=0.5, memory=0.8))):
+            t0, c0 = time.perf_counter(), time.process_time()
+            solutions = solve(table, _budgets(parent, **kw), num_solutions=k, min_layers_differ=d, num_workers=workers)
+            record("library-diverse", f"k={k} d={d} {kw} ({len(solutions)} found, all proven: "
+                   f"{all(x.optimal for x in solutions)})", time.perf_counter() - t0, solutions,
+                   cpu_s=time.process_time() - c0)
     else:
         print(f"fixture {FIXTURE} not found: library cases skipped", file=sys.stderr)
 

@@ -707,12 +707,11 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
     # budgets, once a layer keeps over PAIRS_AFTER states, also every pair, each budget scaled by its largest
     # cost (the 7 slowest of 240 random three-budget solves on the 70B library: 6.8 s -> 6.1 s together, with
     # 45 % fewer states; built from the start they made the easier three-budget solves 20-37 % slower)
-    mixes = [(weights, FRONT_CAP)] if budget_rows > 1 and (weights > 0).sum() > 1 else []
-    surrogates = [(w, _suffix_fronts(cost[..., :budget_rows] @ w, objective, cells, cap)) for w, cap in mixes] \
-        if math.isfinite(ceiling) else []
+    surrogates = [(weights, _suffix_fronts(cost[..., :budget_rows] @ weights, objective, cells))] \
+        if math.isfinite(ceiling) and budget_rows > 1 and (weights > 0).sum() > 1 else []
     pairs_pending = math.isfinite(ceiling) and budget_rows >= 3
     ceiling_tol = 1e-12 * max(1.0, abs(ceiling)) * (num_layers + 1) if math.isfinite(ceiling) else 0.0
-    unfronted = np.arange(m) >= len(fronts)  # columns whose fit no suffix front checks (diversity counts)
+    unfronted = np.arange(m) >= len(fronts)  # columns no suffix front checks: diversity counts (all without a ceiling)
 
     state_cost = np.zeros((1, m), np.int64)  # (S, m)
     state_score, state_red, state_tie = np.zeros(1), np.zeros(1), np.zeros(1)
