@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -759,10 +760,23 @@ def main_budget_request(run: Run):
         raise PuzzleError("no budget given: pass --speedup S, --max-runtime F, --max-memory F, --max-prefill F, "
                           "--max-decode F, --max-params F or --min-throughput R")
     request = BudgetRequest(**{f: str(v) for f, v in given.items()})
+    return request, main_child_name(given)
+
+
+def main_child_name(given: dict) -> str:
+    """The main child's name from its budgets ({field: value} in SEARCH_BUDGETS order): plain ASCII.
+
+    "child-1.5x" for a speed-up alone, else each budget as its tag and the user's spelling joined by "-"
+    ("child-mem0.8-params60M"). Spaces go; "/" becomes "_"; the micro sign (µ, or Greek mu in either case)
+    becomes "u" and "×" becomes "x", so "400000µs" names "child-rt400000us"; any other character outside
+    printable ASCII becomes "_" (a name is a file and folder name, an HF model name and a CSV cell).
+    """
     if set(given) == {"speedup"}:
-        return request, f"child-{s.speedup:g}x"
-    parts = [f"{v:g}x" if f == "speedup" else f"{BUDGET_TAGS[f]}{v}" for f, v in given.items()]
-    return request, "child-" + "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
+        return f"child-{float(given['speedup']):g}x"
+    parts = [f"{float(v):g}x" if f == "speedup" else f"{BUDGET_TAGS[f]}{v}" for f, v in given.items()]
+    text = "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
+    text = text.replace("\u00b5", "u").replace("\u03bc", "u").replace("\u039c", "u").replace("\u00d7", "x")
+    return "child-" + re.sub(r"[^\x21-\x7e]", "_", text)
 
 
 def front_request(run: Run, speedup: float):

@@ -161,3 +161,19 @@ def test_a_negative_budget_and_a_speedup_given_to_max_runtime_get_advice():
     with pytest.raises(PuzzleError) as e:  # --max-prefill has no speed-up form to point to
         parse_time_ms("1.5x", 100.0, "--max-prefill")
     assert "--speedup" not in str(e.value)
+
+
+def test_main_child_names_are_plain_ascii_and_keep_the_budget_spelling():
+    """A µs budget named the child 'child-rt400000µs' (a non-ASCII file, folder and HF model name)."""
+    from puzzle.budgets import parse_time_ms
+    from puzzle.pipeline import main_child_name
+
+    assert main_child_name({"speedup": 1.5}) == "child-1.5x"
+    assert main_child_name({"max_memory": "0.8", "max_params": "60M"}) == "child-mem0.8-params60M"
+    for micro in ("\u00b5", "\u03bc", "\u039c"):  # micro sign, Greek mu, Greek capital Mu: all read as micro
+        assert parse_time_ms(f"400000{micro}s", 1.0) == pytest.approx(400.0)
+        assert main_child_name({"max_runtime": f"400000{micro}s"}) == "child-rt400000us"
+    assert main_child_name({"speedup": 2.0, "max_params": "1/2", "max_memory": "8 GB"}) == "child-2x-params1_2-mem8GB"
+    assert main_child_name({"min_throughput": "1200tok/s"}) == "child-tput1200tok_s"
+    name = main_child_name({"max_memory": "50%", "max_decode": "3\u00a0ms"})  # a no-break space
+    assert name == "child-mem50%-decode3_ms" and name.isascii()
