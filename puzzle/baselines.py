@@ -479,8 +479,9 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
     whose load changes between groups still gives fair ratios; groups bound the memory held at once.
 
     Returns:
-        One row per model (parent first, its figures from the first group): name, speedup,
-        throughput_tok_s (the parent's throughput from the first group × speedup), runtime_ms,
+        One row per model (parent first, its figures from the first group): name, speedup (the parent's
+        runtime_ms in the row's group over the row's), throughput_tok_s (the parent's throughput from the
+        first group × speedup), runtime_ms, parent_runtime_ms (the parent's runtime_ms in the row's group),
         prefill_tok_s, decode_tok_s, memory_mib, params, group, contention_cores (the most cores other
         jobs kept busy while its group was timed; None when not judged).
     """
@@ -500,27 +501,37 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
         if parent_row is None:
             parent_tok_s = float(p["throughput_tok_s"])
             parent_row = {"name": "parent", "speedup": 1.0, "throughput_tok_s": parent_tok_s, "group": g,
-                          "contention_cores": busy, **{c: float(p[c]) for c in keep}}
+                          "contention_cores": busy, "parent_runtime_ms": float(p["runtime_ms"]),
+                          **{c: float(p[c]) for c in keep}}
         for n in names[start:start + group_size]:
             r = df.loc[n]
             speedup = float(p["runtime_ms"] / r["runtime_ms"])
             rows.append({"name": n, "speedup": speedup, "throughput_tok_s": parent_tok_s * speedup, "group": g,
-                         "contention_cores": busy, **{c: float(r[c]) for c in keep}})
+                         "contention_cores": busy, "parent_runtime_ms": float(p["runtime_ms"]),
+                         **{c: float(r[c]) for c in keep}})
     return pd.DataFrame([parent_row] + rows)
 
 
 ROW_COLUMNS = ["name", "method", "training", "target_speedup", "predicted_speedup", "speedup", "throughput_tok_s",
                "kl_nats", "score_kl_nats", "predicted_kl_nats", "lm_loss", "top1_agree", "params", "memory_mib",
                "runtime_ms", "parent_runtime_ms", "note", "architecture"]
-DERIVED_COLUMNS = ("throughput_tok_s", "parent_runtime_ms")  # computed from the saved rows, not saved in them
+DERIVED_COLUMNS = ("throughput_tok_s", "parent_runtime_ms")  # filled in from the saved rows (`_with_derived`)
 
 
 def _with_derived(table: pd.DataFrame, parent_tok_s: float) -> pd.DataFrame:
     """`table` with DERIVED_COLUMNS filled in: parent_runtime_ms, the parent's runtime in the row's own timing
-    group (each row's speed-up is parent_runtime_ms / runtime_ms; groups are timed apart, so a row's runtime_ms
-    is comparable only with its own group's parent), and throughput_tok_s, `parent_tok_s` (the parent's throughput
-    in the first group) x speedup, which puts every row on the first group's scale."""
-    return table.assign(parent_runtime_ms=table["runtime_ms"] * table["speedup"],
+    group as measured (a saved row's `group_parent_runtime_ms` or a table's parent_runtime_ms; the parent row's
+    own runtime; runtime_ms x speedup only for a row without either), so that speedup = parent_runtime_ms /
+    runtime_ms can be checked (groups are timed apart, so a row's runtime_ms is comparable only with its own
+    group's parent); and throughput_tok_s, `parent_tok_s` (the parent's throughput in the first group) x
+    speedup, which puts every row on the first group's scale."""
+    derived = table["runtime_ms"] * table["speedup"]
+    measured = pd.Series(math.nan, index=table.index)
+    for column in ("group_parent_runtime_ms", "parent_runtime_ms"):  # a saved row's; a table's filled in before
+        if column in table:
+            measured = measured.fillna(table[column])
+    measured = measured.where(table["name"] != "parent", table["runtime_ms"])
+    return table.assign(parent_runtime_ms=measured.fillna(derived).astype(float),
                         throughput_tok_s=parent_tok_s * table["speedup"])
 
 
@@ -633,7 +644,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "predicted_speedup": c.predicted_speedup, "speedup": float(m["speedup"]), **quality[c.name],
                 "predicted_kl_nats": c.predicted_kl_nats, "params": float(m["params"]),
                 "memory_mib": float(m["memory_mib"]), "runtime_ms": float(m["runtime_ms"]), "note": c.note,
-                "group_parent_runtime_ms": float(m["runtime_ms"] * m["speedup"]),
+                "group_parent_runtime_ms": float(m["parent_runtime_ms"]),
                 "contention_cores": contention_cores(m.get("contention_cores")),
                 "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs})
         del models

@@ -799,6 +799,34 @@ def test_two_names_for_one_architecture_are_timed_once(tmp_path_factory, monkeyp
     assert table.loc[twin.name, "speedup"] == table.loc[layers.name, "speedup"] > 0
 
 
+def test_each_rows_parent_runtime_is_its_own_timing_groups_parent_as_measured(tmp_path_factory, monkeypatch):
+    """parent_runtime_ms was runtime_ms x speedup, so `speedup = parent_runtime_ms / runtime_ms` checked nothing;
+    now it is the parent's runtime measured beside the row, which differs between groups."""
+    import puzzle.scoring.cost
+    from puzzle.baselines import baseline_library, open_run
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    plan = [c for c in plan_baselines(run, (1.5,), influence_tokens=256) if c.training != "bld"][:3]
+    timed, real = [], puzzle.scoring.cost.measure_models
+
+    def measure_models(models, *args, **kwargs):
+        df = real(models, *args, **kwargs)
+        timed.append((sorted(set(models) - {"parent"}), float(df.set_index("name").loc["parent", "runtime_ms"])))
+        return df
+
+    monkeypatch.setattr(puzzle.scoring.cost, "measure_models", measure_models)
+    table = realize_all(run, plan, baseline_library(run, []), export=False, group_size=2,
+                        rows_dir=run.out / "group_rows")
+    group_parent = {name: parent_ms for names, parent_ms in timed for name in names}
+    assert len(timed) == 2 and len(group_parent) == len(plan) == len(table) - 1
+    assert timed[0][1] != timed[1][1]  # two timings of the parent (equal only by a one-in-billions chance)
+    assert table["parent_runtime_ms"].iloc[0] == timed[0][1] == table["runtime_ms"].iloc[0]
+    for name, parent_ms in zip(table["name"].iloc[1:], table["parent_runtime_ms"].iloc[1:]):
+        assert parent_ms == group_parent[name]
+        assert json.loads((run.out / "group_rows" / f"{name}.json").read_text())["group_parent_runtime_ms"] == parent_ms
+    assert np.allclose(table["parent_runtime_ms"] / table["runtime_ms"], table["speedup"], rtol=1e-12)
+
+
 def test_a_target_reached_only_by_removing_every_layer_is_said(tmp_path_factory, tmp_path, capsys):
     """Reviewer: at 10x on the tiny run layer removal and greedy kept no layer at all, and nothing said so."""
     import shutil
