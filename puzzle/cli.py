@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -976,6 +977,23 @@ def _one_line_warnings(show):
     return show_warning
 
 
+def _remove_stale_temp_files(args, started: float) -> None:
+    """After a command on a run directory: remove the temporary files of atomic writes that a killed command left
+    there (breaker: `.parent.json.<8>.tmp` and `children/.child-2x.json.<8>.tmp` stayed through every rerun);
+    `io.remove_stale_temp_files` leaves those of writes still in progress."""
+    from .io import is_run_directory, remove_stale_temp_files
+
+    out = getattr(args, "out", None)
+    try:
+        if out is not None and is_run_directory(out):
+            gone = remove_stale_temp_files(out, started)
+            if gone:
+                print(f"puzzle: removed {len(gone)} temporary file(s) an interrupted command left in {out} "
+                      f"({', '.join(p.name for p in gone[:3])}{' ...' if len(gone) > 3 else ''})", file=sys.stderr)
+    except OSError:  # tidying only: never the command's outcome
+        pass
+
+
 def main(argv=None) -> int:
     try:
         parser = build_parser()  # imports torch on the way: Ctrl-C here is an interrupt like any other
@@ -990,12 +1008,16 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    started = time.time()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             if not args.debug:
                 warnings.filterwarnings("ignore", category=FutureWarning)
-            return args.func(args)
+            try:
+                return args.func(args)
+            finally:
+                _remove_stale_temp_files(args, started)
     except (PuzzleError, ArchitectureError) as e:
         if args.debug:
             raise

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +64,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+#: the temporary files `atomic_write_bytes` writes: mkstemp's names, ".NAME." + 8 random characters + ".tmp"
+TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+TEMP_GRACE_S = 60.0  # a temporary file this long untouched is no write in progress (one write, fsync, rename)
+
+
+def remove_stale_temp_files(root: str | os.PathLike, before: float) -> list[Path]:
+    """Remove the temporary files under `root` that `atomic_write_bytes` left behind when its process was killed
+    mid-write (SIGKILL, out of memory: its own clean-up never ran), so they do not pile up in a run directory.
+
+    Only regular files named like its temporaries and last modified before `before` (a time.time(), the start
+    of the calling command: files of writes it made itself, or that another process started meanwhile, are
+    left) and over TEMP_GRACE_S ago (a write in progress touches its file until the rename) are removed.
+    Returns the removed paths; files that vanish or cannot be removed meanwhile are skipped.
+    """
+    root, removed = Path(root), []
+    latest = min(before, time.time() - TEMP_GRACE_S)
+    if not root.is_dir():
+        return removed
+    for path in root.rglob(".*.tmp"):
+        try:
+            if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink() \
+                    and path.stat().st_mtime < latest:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -452,3 +452,38 @@ def test_a_preset_speedup_may_be_written_as_the_flag_takes_it():
         with pytest.raises(PuzzleError, match=re.escape(f"search.speedup must be a finite number >= 0.1 (e.g. 1.5 or "
                                                         f"\"1.5x\"), got {bad!r}")):
             RunConfig.from_dict(raw, "p.toml")
+
+
+def test_temporary_files_of_killed_writes_are_removed_after_a_command_on_the_run(tmp_path, capsys):
+    """Breaker: a command killed mid-write (SIGKILL) left `.parent.json.<8>.tmp` and `children/.child-2x.json.<8>.tmp`
+    in the run directory through every rerun; a command on the run now removes them, and only them."""
+    import os
+    import time
+
+    from puzzle.cli import main
+    from puzzle.io import remove_stale_temp_files
+
+    run = tmp_path / "run"
+    (run / "search").mkdir(parents=True)
+    (run / "children").mkdir()
+    (run / "config.json").write_text(json.dumps({"parent": "not settings"}))  # refused: a quick command
+    stale = [run / ".parent.json.2wo8k8_n.tmp", run / "children" / ".child-2x.json.c3eifeyx.tmp"]
+    kept = [run / "children" / ".child-1.5x.json.abcdefgh.tmp",  # in progress: written just now
+            run / "children" / "notes.tmp", run / ".a.json.short.tmp"]  # not the atomic writes' names
+    folder = run / ".export.Ab3_xY9z.tmp"  # a folder (an export's, tidied by export.remove_stale_temp)
+    folder.mkdir()
+    hour_ago = time.time() - 3600
+    for p in stale + kept:
+        p.write_bytes(b"{")
+        if p not in kept[:1]:
+            os.utime(p, (hour_ago, hour_ago))
+    assert main(["search", "--out", str(run)]) == 2
+    assert "removed 2 temporary file(s) an interrupted command left" in capsys.readouterr().err
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept) and folder.is_dir()
+    # a file older than the grace period but written after the command started is that command's own
+    late = run / ".late.json.zzzzzzzz.tmp"
+    late.write_bytes(b"{")
+    os.utime(late, (hour_ago, hour_ago))
+    assert remove_stale_temp_files(run, before=hour_ago - 1) == [] and late.exists()
+    assert remove_stale_temp_files(run, before=time.time()) == [late]
+    assert remove_stale_temp_files(tmp_path / "absent", before=time.time()) == []
