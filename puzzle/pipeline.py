@@ -527,16 +527,23 @@ def check_score_meta(run: Run) -> None:
     path = run.out / "score" / "quality_meta.json"
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             old = None
+        if not (isinstance(old, dict) and isinstance(old.get("library"), dict)):
+            # breaker: a damaged file discarded every result as "changed"; a missing one keeps them, so this does too
+            warnings.warn(f"{path} is damaged (not the JSON object of a library, scoring text and settings); the "
+                          f"replace-1-block results beside it are kept, as they would be without it, and it is written "
+                          f"again for this run. If the scoring text or settings changed since they were computed, "
+                          f"delete {run.out / 'score'}/quality_*.jsonl to score afresh", stacklevel=2)
+            atomic_write_json(path, meta)
+            return
         comparable = lambda m: {**m, "library": comparable_meta(m["library"])}  # noqa: E731
-        if isinstance(old, dict) and isinstance(old.get("library"), dict) and comparable(old) == comparable(meta):
+        if comparable(old) == comparable(meta):
             if old != meta:  # only the space or resource settings changed: keep the results, record the new meta
                 atomic_write_json(path, meta)
             return
-        if isinstance(old, dict) and isinstance(old.get("library"), dict) and \
-                comparable({**old, "library": {**old["library"], "parent": meta["library"]["parent"]}}) == comparable(meta):
+        if comparable({**old, "library": {**old["library"], "parent": meta["library"]["parent"]}}) == comparable(meta):
             # the parent alone differs: hours of results are not discarded on the parent's identity alone
             raise PuzzleError(f"the replace-1-block results in {run.out / 'score'} were computed for another parent "
                               f"(fingerprint {old['library'].get('parent')}, this one {meta['library']['parent']}); give "
@@ -546,6 +553,22 @@ def check_score_meta(run: Run) -> None:
             f.unlink(missing_ok=True)
         run.say("score: the library, the scoring text or the scoring settings changed; earlier replace-1-block results were discarded")
     atomic_write_json(path, meta)
+
+
+def _saved_parent_loss(path: Path) -> float | None:
+    """The parent's LM loss on the scoring tokens saved in score/parent_quality.json (nats per token), or None when
+    the file is missing or damaged (then warned: breaker, a damaged file stopped the run though it is cheap to
+    compute again)."""
+    if not path.is_file():
+        return None
+    try:
+        loss = json.loads(path.read_text(encoding="utf-8"))["lm_loss"]
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
+            return float(loss)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        pass
+    warnings.warn(f"{path} is damaged; the parent's loss on the scoring tokens is computed again", stacklevel=2)
+    return None
 
 
 def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
@@ -579,10 +602,12 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
 
     todo = [j for j in jobs if not scored(j[0])]
     cache: ParentCache | None = None
-    if todo or not (run.out / "score" / "parent_quality.json").is_file():
+    parent_path = run.out / "score" / "parent_quality.json"
+    parent_loss = _saved_parent_loss(parent_path)
+    if todo or parent_loss is None:
         cache = parent_cache(run.parent.model, ids, chunk=cfg.chunk, stride=cfg.position_stride)
-        atomic_write_json(run.out / "score" / "parent_quality.json", {"lm_loss": cache.lm_loss, "tokens": ids.numel()})
-    parent_loss = read_json(run.out / "score" / "parent_quality.json")["lm_loss"]
+        atomic_write_json(parent_path, {"lm_loss": cache.lm_loss, "tokens": ids.numel()})
+        parent_loss = cache.lm_loss
     t0 = time.perf_counter()
     bar = None
     if todo and run.progress:

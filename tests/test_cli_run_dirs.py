@@ -663,6 +663,33 @@ def test_scores_are_not_discarded_for_the_parent_identity_alone(tmp_path_factory
     assert results() == before  # the cost table may be timed again first; the results stay
 
 
+def test_damaged_score_records_keep_the_replace_one_block_results(tmp_path_factory, tmp_path, capsys):
+    """Breaker: a truncated score/quality_meta.json discarded every replace-1-block result as "changed" (a missing
+    one keeps them), and a truncated score/parent_quality.json stopped the run (it is cheap to compute again)."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    results = lambda: {k: v for k, v in _files(out / "score").items() if k.startswith("quality_") and k.endswith(".jsonl")}  # noqa: E731
+    before, table = results(), (out / "score" / "score_table.csv").read_bytes()
+    meta_path, parent_path = out / "score" / "quality_meta.json", out / "score" / "parent_quality.json"
+    meta, parent = meta_path.read_bytes(), parent_path.read_bytes()
+    assert before
+    meta_path.write_bytes(meta[:len(meta) // 2])
+    parent_path.write_bytes(parent[:len(parent) // 2])
+    assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    err = capsys.readouterr().err
+    assert f"{meta_path} is damaged" in err and "results beside it are kept" in err, err
+    assert f"{parent_path} is damaged; the parent's loss on the scoring tokens is computed again" in err, err
+    assert "earlier replace-1-block results were discarded" not in err
+    assert results() == before and meta_path.read_bytes() == meta
+    assert json.loads(parent_path.read_text()) == json.loads(parent)  # the same loss, computed again
+    assert (out / "score" / "score_table.csv").read_bytes() == table
+    for damaged in (b"[]", b'{"library": 3}'):  # valid JSON, not the record: damaged alike
+        meta_path.write_bytes(damaged)
+        assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+        assert "is damaged" in capsys.readouterr().err and results() == before and meta_path.read_bytes() == meta
+
+
 @pytest.mark.parametrize("damage", ["missing", "damaged"])
 def test_without_parent_json_the_library_names_its_parent(tmp_path_factory, tmp_path, capsys, damage):
     """Breaker: with DIR/parent.json missing or damaged, another parent was accepted and realize measured the
