@@ -926,3 +926,38 @@ def test_an_extra_ffn_width_timed_far_off_the_tables_widths_takes_their_line(tmp
         warnings.simplefilter("error")
         far = cost_model(run, [wide]).costs.set_index("variant").loc[f"ffn-{wide}"]
     assert far["source"].startswith("measured")
+
+
+def test_objectives_benchmark_realizes_each_objectives_choice(tmp_path_factory, tmp_path, capsys):
+    """benchmarks/objectives.py: one evaluated child per objective and speed-up, the search's own choice under
+    that objective (greedy's for `greedy`), resumed from its rows; bad objectives are named before any work."""
+    import importlib.util
+    import shutil
+
+    from puzzle.baselines import open_run
+    from puzzle.budgets import Budgets
+    from puzzle.pipeline import load_score_table
+    from puzzle.search import greedy, parent_totals, solve
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "objectives.py"
+    spec = importlib.util.spec_from_file_location("objectives_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), run_dir)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    argv = ["--run", str(run_dir), "--objectives", "kl_nats;cosine;greedy", "--speedups", "1.5", "--out", str(tmp_path / "o")]
+    assert bench.main(argv) == 0
+    rows = pd.read_csv(tmp_path / "o" / "objectives.csv")
+    assert list(rows["objective"]) == ["kl_nats", "cosine", "greedy"] and (rows["eval_kl_nats"] > 0).all()
+    table, _ = load_score_table(open_run(run_dir, progress=False), "bld")
+    budgets = Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / 1.5)
+    expect = [solve(table, budgets)[0], solve(table, budgets, objective="cosine")[0], greedy(table, budgets)]
+    assert list(rows["choice"]) == [" ".join(s.choice) for s in expect]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before  # the run is only read
+    capsys.readouterr()
+    assert bench.main(argv) == 0 and "eval KL" not in capsys.readouterr().err  # every row resumed, none redone
+    assert bench.main([*argv[:3], "kl_nats;nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""Benchmark: which search objective gives the best realized children, at the same predicted runtime.
+
+    python benchmarks/objectives.py --run runs/demo [--objectives "kl_nats;lm_loss;cosine;top1_agree;greedy"]
+                                    [--speedups 1.25,1.5,2,3] [--out DIR]
+
+For each speed-up S the budget is the parent's predicted runtime / S (the score table's, no budget feedback);
+for each objective the search's optimum under it (`greedy` is the greedy baseline with the run's objective) is
+built from the run's BLD library and evaluated on the evaluation split: KL to the parent (nats per token) and
+LM loss. The score columns all come from the same replace-1-block pass (scoring/quality.py), so this asks only
+which sum of them best predicts the realized child. Writes DIR/objectives.csv (default DIR: <run>/objectives;
+one row per objective and speed-up: eval_kl_nats, eval_lm_loss, summed_kl_nats, predicted_runtime_ms,
+predicted_speedup, choice) and prints eval KL per objective and speed-up with each objective's mean over the
+speed-ups relative to kl_nats. Resumes from DIR/rows.json; of the run's files it changes none (it writes only DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from puzzle.baselines import open_run  # noqa: E402
+from puzzle.budgets import Budgets, parse_speedup  # noqa: E402
+from puzzle.errors import PuzzleError  # noqa: E402
+from puzzle.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+
+DEFAULT_OBJECTIVES = "kl_nats;lm_loss;cosine;top1_agree;kl_nats=1,top1_agree=2;greedy"
+
+
+def measure(run, objectives: list[str], speedups: list[float], rows_path: Path) -> list[dict]:
+    """One row per (objective, speed-up), resuming from `rows_path` (rows of the same run and table only)."""
+    from puzzle.pipeline import _sha256, build_child, load_score_table, parent_eval_logprobs, score_table_path
+    from puzzle.scoring.quality import evaluate_model
+    from puzzle.search import greedy, parent_totals, solve
+
+    table, _ = load_score_table(run, "bld")
+    table_sha = _sha256(score_table_path(run, "bld"))
+    saved = read_json(rows_path) if rows_path.is_file() else {}
+    rows = saved.get("rows", {}) if saved.get("score_table_sha256") == table_sha else {}
+    parent = parent_totals(table)
+    for s in speedups:
+        budgets = Budgets(max_runtime_ms=parent["runtime_ms"] / s)
+        for objective in objectives:
+            key = f"{objective}@{s:g}"
+            if key in rows:
+                continue
+            t0 = time.perf_counter()
+            solution = greedy(table, budgets) if objective == "greedy" else solve(table, budgets, objective=objective)[0]
+            model = build_child(run, {"choice": list(solution.choice)}, "bld")
+            q = evaluate_model(model, run.tokens.eval, parent_eval_logprobs(run), chunk=run.config.score.chunk)
+            rows[key] = {"objective": objective, "speedup": s, "eval_kl_nats": q["kl_nats"], "eval_lm_loss": q["lm_loss"],
+                         "summed_kl_nats": solution.kl_nats, "predicted_runtime_ms": solution.runtime_ms,
+                         "predicted_speedup": parent["runtime_ms"] / solution.runtime_ms,
+                         "seconds": round(time.perf_counter() - t0, 1), "choice": " ".join(solution.choice)}
+            print(f"{key}: eval KL {q['kl_nats']:.4f} nats, summed KL {solution.kl_nats:.4f}, "
+                  f"predicted {rows[key]['predicted_speedup']:.3f}x", file=sys.stderr, flush=True)
+            atomic_write_json(rows_path, {"score_table_sha256": table_sha, "rows": rows})
+    return [rows[f"{o}@{s:g}"] for s in speedups for o in objectives]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True, help="a finished run directory (after `puzzle run`)")
+    p.add_argument("--objectives", default=DEFAULT_OBJECTIVES,
+                   help=f"';'-separated `--objective` values, and `greedy` (default {DEFAULT_OBJECTIVES!r})")
+    p.add_argument("--speedups", default="1.25,1.5,2,3", help="predicted speed-ups (default 1.25,1.5,2,3)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/objectives)")
+    args = p.parse_args(argv)
+    try:
+        from puzzle.search import parse_objective
+
+        objectives = [o.strip() for o in args.objectives.split(";") if o.strip()]
+        for o in objectives:
+            if o != "greedy":
+                parse_objective(o)
+        speedups = [parse_speedup(s) for s in args.speedups.split(",")]
+        if not objectives or not speedups:
+            raise PuzzleError("give at least one objective and one speed-up")
+        if not (args.run / "library").is_dir():
+            raise PuzzleError(f"{args.run / 'library'} is missing: give a run directory after `puzzle run`")
+        out = args.out or args.run / "objectives"
+        rows = measure(open_run(args.run, progress=False), objectives, speedups, out / "rows.json")
+    except PuzzleError as e:
+        print(f"objectives: error: {e}", file=sys.stderr)
+        return 2
+    df = pd.DataFrame(rows)
+    atomic_write_text(out / "objectives.csv", df.to_csv(index=False))
+    kl = df.pivot(index="objective", columns="speedup", values="eval_kl_nats").loc[objectives]
+    base = "kl_nats" if "kl_nats" in kl.index else kl.index[0]
+    kl[f"mean / {base}"] = (kl / kl.loc[base]).mean(axis=1)
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+        print(f"evaluation KL (nats) at matched predicted runtime; columns: speed-up\n{kl}")
+    print(f"wrote {out / 'objectives.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
