@@ -4,7 +4,7 @@
                                     [--speedups 1.25,1.5,2,3] [--out DIR]
 
 For each speed-up S the budget is the parent's predicted runtime / S (the score table's, no budget feedback);
-for each objective the search's optimum under it (`greedy` is the greedy baseline with the run's objective) is
+for each objective the search's optimum under it (`greedy` is the greedy baseline, by kl_nats) is
 built from the run's BLD library and evaluated on the evaluation split: KL to the parent (nats per token) and
 LM loss. The score columns all come from the same replace-1-block pass (scoring/quality.py), so this asks only
 which sum of them best predicts the realized child. Writes DIR/objectives.csv (default DIR: <run>/objectives;
@@ -84,6 +84,11 @@ def main(argv=None) -> int:
             raise PuzzleError("give at least one objective and one speed-up")
         if not (args.run / "library").is_dir():
             raise PuzzleError(f"{args.run / 'library'} is missing: give a run directory after `puzzle run`")
+        columns = set(pd.read_csv(args.run / "score" / "score_table.csv", nrows=1).columns)
+        for o in objectives:  # reviewer: an unknown column failed only after the earlier objectives' children
+            unknown = set() if o == "greedy" else set(parse_objective(o)) - columns
+            if unknown:
+                raise PuzzleError(f"objective {o!r}: no column {', '.join(sorted(unknown))} in the score table")
         out = args.out or args.run / "objectives"
         rows = measure(open_run(args.run, progress=False), objectives, speedups, out / "rows.json")
     except PuzzleError as e:

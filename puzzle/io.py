@@ -7,6 +7,7 @@ fsynced, then renamed over the target (rename is atomic on POSIX file systems).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: `remove_stale_temp_files` leaves a locked file alone
         os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -75,9 +77,10 @@ def remove_stale_temp_files(root: str | os.PathLike, before: float) -> list[Path
     """Remove the temporary files under `root` that `atomic_write_bytes` left behind when its process was killed
     mid-write (SIGKILL, out of memory: its own clean-up never ran), so they do not pile up in a run directory.
 
-    Only regular files named like its temporaries and last modified before `before` (a time.time(), the start
+    Only regular files named like its temporaries, last modified before `before` (a time.time(), the start
     of the calling command: files of writes it made itself, or that another process started meanwhile, are
-    left) and over TEMP_GRACE_S ago (a write in progress touches its file until the rename) are removed.
+    left) and over TEMP_GRACE_S ago, and not locked (a write in progress holds an flock on its file until it
+    closes it, also through a long write or fsync that leaves its time unchanged: reviewer) are removed.
     Returns the removed paths; files that vanish or cannot be removed meanwhile are skipped.
     """
     root, removed = Path(root), []
@@ -88,7 +91,12 @@ def remove_stale_temp_files(root: str | os.PathLike, before: float) -> list[Path
         try:
             if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink() \
                     and path.stat().st_mtime < latest:
-                path.unlink()
+                with open(path, "rb") as f:
+                    try:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its writer is still at work
+                    path.unlink()
                 removed.append(path)
         except OSError:
             continue

@@ -959,5 +959,5 @@ def test_objectives_benchmark_realizes_each_objectives_choice(tmp_path_factory, 
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before  # the run is only read
     capsys.readouterr()
     assert bench.main(argv) == 0 and "eval KL" not in capsys.readouterr().err  # every row resumed, none redone
-    assert bench.main([*argv[:3], "kl_nats;nonsense"]) == 2
-    assert "nonsense" in capsys.readouterr().err
+    assert bench.main([*argv[:3], "kl_nats;nonsense", "--out", str(tmp_path / "bad")]) == 2
+    assert "no column nonsense" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -487,3 +487,11 @@ def test_temporary_files_of_killed_writes_are_removed_after_a_command_on_the_run
     assert remove_stale_temp_files(run, before=hour_ago - 1) == [] and late.exists()
     assert remove_stale_temp_files(run, before=time.time()) == [late]
     assert remove_stale_temp_files(tmp_path / "absent", before=time.time()) == []
+    import fcntl
+
+    busy = run / ".big.pt.abcd1234.tmp"  # a long write or fsync: old time, but its writer holds the lock
+    with open(busy, "wb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        os.utime(busy, (hour_ago, hour_ago))
+        assert remove_stale_temp_files(run, before=time.time()) == [] and busy.exists()
+    assert remove_stale_temp_files(run, before=time.time()) == [busy]
