@@ -33,13 +33,13 @@ from puzzle.io import atomic_write_json, atomic_write_text, read_json  # noqa: E
 DEFAULT_OBJECTIVES = "kl_nats;lm_loss;cosine;top1_agree;kl_nats=1,top1_agree=2;greedy"
 
 
-def measure(run, objectives: list[str], speedups: list[float], rows_path: Path) -> list[dict]:
-    """One row per (objective, speed-up), resuming from `rows_path` (rows of the same run and table only)."""
-    from puzzle.pipeline import _sha256, build_child, load_score_table, parent_eval_logprobs, score_table_path
+def measure(run, table: pd.DataFrame, objectives: list[str], speedups: list[float], rows_path: Path) -> list[dict]:
+    """One row per (objective, speed-up) on the run's BLD score `table`, resuming from `rows_path` (rows of the
+    same table only)."""
+    from puzzle.pipeline import _sha256, build_child, parent_eval_logprobs, score_table_path
     from puzzle.scoring.quality import evaluate_model
     from puzzle.search import greedy, parent_totals, solve
 
-    table, _ = load_score_table(run, "bld")
     table_sha = _sha256(score_table_path(run, "bld"))
     saved = read_json(rows_path) if rows_path.is_file() else {}
     rows = saved.get("rows", {}) if saved.get("score_table_sha256") == table_sha else {}
@@ -73,24 +73,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/objectives)")
     args = p.parse_args(argv)
     try:
+        from puzzle.pipeline import load_score_table
         from puzzle.search import parse_objective
 
         objectives = [o.strip() for o in args.objectives.split(";") if o.strip()]
-        for o in objectives:
-            if o != "greedy":
-                parse_objective(o)
         speedups = [parse_speedup(s) for s in args.speedups.split(",")]
         if not objectives or not speedups:
             raise PuzzleError("give at least one objective and one speed-up")
         if not (args.run / "library").is_dir():
             raise PuzzleError(f"{args.run / 'library'} is missing: give a run directory after `puzzle run`")
-        columns = set(pd.read_csv(args.run / "score" / "score_table.csv", nrows=1).columns)
+        run = open_run(args.run, progress=False)
+        table, _ = load_score_table(run, "bld")
         for o in objectives:  # reviewer: an unknown column failed only after the earlier objectives' children
-            unknown = set() if o == "greedy" else set(parse_objective(o)) - columns
+            unknown = set() if o == "greedy" else set(parse_objective(o)) - set(table.columns)
             if unknown:
                 raise PuzzleError(f"objective {o!r}: no column {', '.join(sorted(unknown))} in the score table")
         out = args.out or args.run / "objectives"
-        rows = measure(open_run(args.run, progress=False), objectives, speedups, out / "rows.json")
+        rows = measure(run, table, objectives, speedups, out / "rows.json")
     except PuzzleError as e:
         print(f"objectives: error: {e}", file=sys.stderr)
         return 2
