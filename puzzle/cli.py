@@ -844,7 +844,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"puzzle: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: the commands `build_parser` defines itself; the later stages' parsers live in their modules, whose imports load torch
+CORE_COMMANDS = ("run", "data", "bld", "score", "search", "realize", "export", "front", "presets")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `puzzle` argument parser. `command`: the command word about to be parsed; when it is one of
+    `CORE_COMMANDS`, the later stages' parsers (and the modules that hold them, torch among their imports) are left
+    out, so that `puzzle search --library PATH` starts in about half the time. Default: every command."""
     parser = _Parser(
         prog="puzzle",
         description="Turn a Llama-family parent LLM into a faster child for a hardware budget: blockwise local "
@@ -916,7 +923,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_max_contention_flag(p)
     p.set_defaults(func=cmd_front)
 
-    # Later stages and tools; each module owns its parser (imports stay light: parsers only).
+    if command not in CORE_COMMANDS:  # later stages and tools; each module owns its parser
+        _add_later_parsers(sub)
+
+    p = sub.add_parser("presets", help="list the packaged presets")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_presets)
+    for command_parser in sub.choices.values():  # where an unknown word is refused, the command's own --help is meant
+        command_parser.set_defaults(help_prog=command_parser.prog)
+    return parser
+
+
+def _add_later_parsers(sub) -> None:
+    """Add the parsers of refine, baselines, gkd, sft, rpo, merge, eval and generate (their modules import torch)."""
     from .baselines import add_baselines_parser
     from .distill import add_gkd_parser
     from .merge import add_merge_parser
@@ -929,13 +948,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_refine_parser, add_baselines_parser, add_gkd_parser, add_sft_parser, add_rpo_parser,
                 add_merge_parser, add_eval_parser, add_generate_parser):
         add(sub)
-
-    p = sub.add_parser("presets", help="list the packaged presets")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_presets)
-    for command in sub.choices.values():  # where an unknown word is refused, the command's own --help is meant
-        command.set_defaults(help_prog=command.prog)
-    return parser
 
 
 #: file-system errors the user fixes outside the program (a read-only or full disk, permissions, a long name)
@@ -996,7 +1008,9 @@ def _remove_stale_temp_files(args, started: float) -> None:
 
 def main(argv=None) -> int:
     try:
-        parser = build_parser()  # imports torch on the way: Ctrl-C here is an interrupt like any other
+        words = sys.argv[1:] if argv is None else list(argv)
+        command = words[0] if words and not str(words[0]).startswith("-") else None
+        parser = build_parser(command)  # may import torch on the way: Ctrl-C here is an interrupt like any other
     except KeyboardInterrupt:
         print("puzzle: interrupted", file=sys.stderr)
         return 130

@@ -686,6 +686,26 @@ needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"{FIXTURE} not 
 
 
 @needs_fixture
+def test_search_on_a_library_never_imports_torch():
+    """`puzzle search --library PATH` spent 0.8 s of its 2 s importing torch, for the parsers of commands it does not
+    run; its answer is the same without them (checked against `build_parser()` with every command)."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from puzzle.cli import main; "
+            f"rc = main(['search', '--library', {str(FIXTURE)!r}, '--max-runtime', '0.6', '--json']); "
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    seen = json.loads(done.stderr.strip().splitlines()[-1])
+    assert seen == {"rc": 0, "torch": False}, done.stderr
+    assert json.loads(done.stdout)["speedup"] == pytest.approx(1 / 0.6, rel=0.05)
+    from puzzle.cli import build_parser
+
+    assert {"refine", "baselines", "gkd", "generate"} <= set(build_parser()._subparsers._group_actions[0].choices)
+    assert "refine" not in build_parser("search")._subparsers._group_actions[0].choices
+
+
+@needs_fixture
 def test_puzzle_library_solves_to_optimality():
     from puzzle.library_json import read_puzzle_library
 
