@@ -1008,8 +1008,8 @@ def _remove_stale_temp_files(args, started: float) -> None:
 
 def main(argv=None) -> int:
     try:
-        words = sys.argv[1:] if argv is None else list(argv)
-        command = words[0] if words and not str(words[0]).startswith("-") else None
+        argv = sys.argv[1:] if argv is None else list(argv)  # a list: read twice (an iterator would be used up)
+        command = argv[0] if argv and not str(argv[0]).startswith("-") else None
         parser = build_parser(command)  # may import torch on the way: Ctrl-C here is an interrupt like any other
     except KeyboardInterrupt:
         print("puzzle: interrupted", file=sys.stderr)
