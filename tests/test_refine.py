@@ -424,3 +424,92 @@ def test_continue_starts_afresh_when_the_plain_child_was_searched_again_under_an
         assert "of another child-1.5x or objective (searched again since); starting afresh" in capsys.readouterr().err
         assert (pd.read_csv(copy.out / "refine" / "child-1.5x.csv")["step"] == "diverse").any()
         assert df["changed_layers"].iloc[0] == 0
+
+
+def test_headroom_benchmark_chooses_on_the_split_of_its_mode_and_resumes(tmp_path_factory, tmp_path, capsys):
+    """benchmarks/headroom.py: greedy and plain are search's own choices; the honest mode chooses on the scoring split's
+    first tokens, the oracle on the evaluation split (starting from the honest children too); the held-out KL is on
+    scoring sequences neither chose on nor the table used; every KL is measured as `pipeline.evaluate` measures; the
+    run is only read, and a rerun redoes nothing."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import load_score_table, scoring_ids
+    from puzzle.realize import realize_child
+    from puzzle.scoring.quality import evaluate_model, parent_logprobs
+    from puzzle.search import greedy, parent_totals, solve
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "headroom.py"
+    spec = importlib.util.spec_from_file_location("headroom_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), run_dir)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    argv = ["--run", str(run_dir), "--speedups", "1.5", "--diverse", "3", "--rounds", "2", "--refine-k", "2",
+            "--max-changes", "3", "--select-tokens", "256", "--context-tokens", "128", "--out", str(tmp_path / "h"),
+            "--no-progress"]
+    assert bench.main(argv) == 0
+    rows = pd.read_csv(tmp_path / "h" / "headroom.csv").set_index(["mode", "step"])
+    assert sorted(rows.index) == [("-", "greedy"), ("-", "plain"), ("honest", "diverse"), ("honest", "refined"),
+                                  ("oracle", "diverse"), ("oracle", "refined")]
+    run = open_run(run_dir, progress=False)
+    table, _ = load_score_table(run, "bld")
+    budgets = Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / 1.5)
+    assert rows.loc[("-", "greedy"), "choice"] == " ".join(greedy(table, budgets).choice)
+    assert rows.loc[("-", "plain"), "choice"] == " ".join(solve(table, budgets)[0].choice)
+    seq = run.tokens.score.shape[1]
+    chosen_on = run.tokens.score[:256 // seq]
+    held_out = run.tokens.score[max(256 // seq, scoring_ids(run).shape[0]):]
+    assert held_out.shape[0] >= 1
+    table_seqs = scoring_ids(run).shape[0]  # one chosen-on sequence: held out from beyond the table's, not from the 2nd
+    assert 1 < table_seqs < run.tokens.score.shape[0]
+    assert torch.equal(bench.views(run, seq, 128)["heldout"].tokens.score, run.tokens.score[table_seqs:])
+    chunk = run.config.score.chunk
+
+    def kl(model, ids):
+        return evaluate_model(model, ids, parent_logprobs(run.parent.model, ids, chunk=chunk), chunk=chunk)["kl_nats"]
+
+    for (mode, step), r in rows.iterrows():  # each KL measured again on the realized choice and its split
+        model = realize_child(run.parent.model, run.library, [BlockConfig.from_id(b) for b in r["choice"].split()])
+        assert r["eval_kl_nats"] == pytest.approx(kl(model, run.tokens.eval), rel=1e-4, abs=1e-7), (mode, step)
+        assert r["heldout_kl_nats"] == pytest.approx(kl(model, held_out), rel=1e-4, abs=1e-7), (mode, step)
+        if mode == "honest":
+            assert r["chosen_on_kl"] == pytest.approx(kl(model, chosen_on), rel=1e-4, abs=1e-7), step
+        if mode == "oracle":
+            assert r["chosen_on_kl"] == pytest.approx(r["eval_kl_nats"], rel=1e-6), step
+        assert r["predicted_speedup"] >= 1.5 * (1 - 1e-9)
+        assert r["eval_over_greedy"] == pytest.approx(r["eval_kl_nats"] / rows.loc[("-", "greedy"), "eval_kl_nats"])
+        assert r["heldout_over_greedy"] == pytest.approx(r["heldout_kl_nats"] /
+                                                         rows.loc[("-", "greedy"), "heldout_kl_nats"])
+    assert rows.loc[("honest", "refined"), "chosen_on_kl"] <= rows.loc[("honest", "diverse"), "chosen_on_kl"] + 1e-9
+    # the oracle refines the best child on the evaluation split, the honest ones included (first of equals, in order)
+    candidates = rows.drop(index=("oracle", "refined"))
+    assert rows.loc[("oracle", "refined"), "refined_from"] == " ".join(candidates["eval_kl_nats"].idxmin())
+    assert rows.loc[("oracle", "refined"), "eval_kl_nats"] <= candidates["eval_kl_nats"].min() + 1e-9
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before  # the run is only read
+    # an honest child of an earlier call that is the best on the evaluation split is where the oracle starts
+    best = rows.loc[("oracle", "refined")]
+    earlier = [{"target": 1.5, "mode": "honest", "step": "refined", "choice": best["choice"]}]
+    again = bench.headroom_at(run, table, 1.5, ["oracle"], earlier, diverse=3, rounds=1, max_changes=3, refine_k=2,
+                              select_tokens=256, context_tokens=128, stage="bld", progress=False)
+    g, p = rows.loc[("-", "greedy"), "eval_kl_nats"], rows.loc[("-", "plain"), "eval_kl_nats"]
+    expect = "- greedy" if g == best["eval_kl_nats"] else "- plain" if p == best["eval_kl_nats"] else "honest refined"
+    assert again[-1]["refined_from"] == expect
+    capsys.readouterr()
+    assert bench.main(argv) == 0 and "done earlier, kept" in capsys.readouterr().err
+    assert bench.main([*argv, "--modes", "oracle,psychic"]) == 2
+    assert "--modes takes oracle and/or honest" in capsys.readouterr().err
+    assert bench.main([*argv[:-3], "--select-tokens", "512", "--out", str(tmp_path / "bad")]) == 2
+    assert "none stays held out" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # other settings start afresh and say so; an honest mode added after an oracle one runs the oracle again
+    other = [*argv[:-3], "--rounds", "1", "--modes", "oracle", "--out", str(tmp_path / "h"), "--no-progress"]
+    assert bench.main(other) == 0 and "starting afresh" in capsys.readouterr().err
+    assert set(pd.read_csv(tmp_path / "h" / "headroom.csv")["mode"]) == {"-", "oracle"}
+    assert bench.main([*other[:-5], "--modes", "oracle,honest", "--out", str(tmp_path / "h"), "--no-progress"]) == 0
+    again = pd.read_csv(tmp_path / "h" / "headroom.csv")
+    assert sorted(again["mode"]) == ["-", "-", "honest", "honest", "oracle", "oracle"]
+    assert again.loc[again["step"].eq("refined") & again["mode"].eq("oracle"), "eval_kl_nats"].iloc[0] <= \
+        again.loc[again["mode"].eq("honest"), "eval_kl_nats"].min() + 1e-9
