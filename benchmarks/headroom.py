@@ -141,7 +141,7 @@ def headroom_at(run, table: pd.DataFrame, target: float, modes, earlier: list[di
                 max_changes: int, refine_k: int, select_tokens: int, context_tokens: int, stage: str,
                 progress: bool) -> list[dict]:
     """The rows of one speed-up target (module docstring): greedy, plain, and per mode ("honest" before
-    "oracle") best-of-N and refined; `earlier`: this target's rows of an earlier call (an honest mode
+    "oracle") diverse and refined; `earlier`: this target's rows of an earlier call (an honest mode
     run then is a start of the oracle's). Their evaluation and held-out KLs are added by `add_kls`."""
     splits = views(run, select_tokens, context_tokens)
     budgets = Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / target)
