@@ -18,7 +18,7 @@ from puzzle.errors import PuzzleError
 from puzzle.library import Library
 from puzzle.plots import architecture_map, front_plot, matched_ratios
 from puzzle.tiny import tiny_parent
-from tiny_run import tiny_run_dir
+from tiny_run import load_benchmark, tiny_run_copy, tiny_run_dir
 
 
 def test_block_influence_ranks_a_layer_that_changes_nothing_first():
@@ -931,23 +931,13 @@ def test_an_extra_ffn_width_timed_far_off_the_tables_widths_takes_their_line(tmp
 def test_objectives_benchmark_realizes_each_objectives_choice(tmp_path_factory, tmp_path, capsys):
     """benchmarks/objectives.py: one evaluated child per objective and speed-up, the search's own choice under
     that objective (greedy's for `greedy`), resumed from its rows; bad objectives are named before any work."""
-    import importlib.util
-    import shutil
-
     from puzzle.baselines import open_run
     from puzzle.budgets import Budgets
     from puzzle.pipeline import load_score_table
     from puzzle.search import greedy, parent_totals, solve
 
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "objectives.py"
-    spec = importlib.util.spec_from_file_location("objectives_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run_dir(tmp_path_factory), run_dir)
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    bench = load_benchmark("objectives")
+    run_dir, before = tiny_run_copy(tmp_path_factory, tmp_path / "run")
     argv = ["--run", str(run_dir), "--objectives", "kl_nats;cosine;greedy", "--speedups", "1.5", "--out", str(tmp_path / "o")]
     assert bench.main(argv) == 0
     rows = pd.read_csv(tmp_path / "o" / "objectives.csv")

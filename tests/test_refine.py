@@ -12,7 +12,7 @@ from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
 from puzzle.refine import (add_refine_parser, context_table, diverse_candidates, improve_child, lift_negative_kl,
                            record_for, refine, refine_main)
-from tiny_run import tiny_run_dir
+from tiny_run import load_benchmark, tiny_run_copy, tiny_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -431,23 +431,14 @@ def test_headroom_benchmark_chooses_on_the_split_of_its_mode_and_resumes(tmp_pat
     first tokens, the oracle on the evaluation split (starting from the honest children too); the held-out KL is on
     scoring sequences neither chose on nor the table used; every KL is measured as `pipeline.evaluate` measures; the
     run is only read, and a rerun redoes nothing."""
-    import importlib.util
-    import shutil
-    from pathlib import Path
-
     from puzzle.baselines import open_run
     from puzzle.pipeline import load_score_table, scoring_ids
     from puzzle.realize import realize_child
     from puzzle.scoring.quality import evaluate_model, parent_logprobs
     from puzzle.search import greedy, parent_totals, solve
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "headroom.py"
-    spec = importlib.util.spec_from_file_location("headroom_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run_dir(tmp_path_factory), run_dir)
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    bench = load_benchmark("headroom")
+    run_dir, before = tiny_run_copy(tmp_path_factory, tmp_path / "run")
     argv = ["--run", str(run_dir), "--speedups", "1.5", "--diverse", "3", "--rounds", "2", "--refine-k", "2",
             "--max-changes", "3", "--select-tokens", "256", "--context-tokens", "128", "--out", str(tmp_path / "h"),
             "--no-progress"]

@@ -14,3 +14,23 @@ def tiny_run_dir(tmp_path_factory):
         run = Run(root, config, progress=False)
         stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
     return root
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py loaded as a module (the folder is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_run_copy(tmp_path_factory, dest):
+    """A copy of the tiny run at `dest`, and {file: modification time in ns} of it (to check it is only read)."""
+    import shutil
+
+    shutil.copytree(tiny_run_dir(tmp_path_factory), dest)
+    return dest, {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()}
