@@ -18,8 +18,8 @@ them is *which* subblocks: this script measures how much room there is. Per pred
    a trust region of `--max-changes` layers, until a round gains nothing or `--rounds` rounds.
 
 Mode "honest" chooses on the scoring split's first `--select-tokens` tokens (whole sequences, at least one),
-as `puzzle refine` does
-(with more effort than its defaults). Mode "oracle" chooses on the evaluation split itself, the very
+as `puzzle refine` does (by default with more effort than its defaults; on the demo that bought nothing:
+README). Mode "oracle" chooses on the evaluation split itself, the very
 tokens every child is judged on, which no honest search may do: its evaluation KL is optimistic, an
 estimate of the best a search around these children could reach on this text. If even it stays above
 0.5 x greedy, no search like ours meets that target from this library here. (It is a local search, so
