@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -53,9 +52,9 @@ from puzzle.architecture import BlockConfig
 from puzzle.baselines import open_run
 from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_text, read_json
-from puzzle.pipeline import load_score_table
-from puzzle.search import greedy, parent_totals, solve
+from puzzle.io import atomic_write_text, read_json, tensor_sha256
+from puzzle.pipeline import _sha256, load_score_table, score_table_path
+from puzzle.search import anchor_slots, build_choices, greedy, parent_totals, solve
 
 
 class SplitView:
@@ -111,27 +110,30 @@ def views(run, select_tokens: int, context_tokens: int) -> dict[str, SplitView]:
 def search_steps(view: SplitView, table: pd.DataFrame, budgets: Budgets, mode: str, start_rows: list[dict], *,
                  diverse: int, rounds: int, max_changes: int, refine_k: int, stage: str, progress: bool,
                  objective: str, vllm: bool) -> list[dict]:
-    """Best-of-N diverse MIP children and the refinement from the best child so far, choosing on `view`."""
+    """Best-of-N diverse MIP children (`refine.diverse_candidates`) and the refinement from the best child so far,
+    choosing on `view`."""
     target = start_rows[0]["target"]
     t0 = time.perf_counter()
-    sols = solve(table, budgets, objective, num_solutions=max(1, diverse), min_layers_differ=2, vllm_compatible=vllm)
-    kls = [view.kl(s.choice, stage) for s in sols]
-    best = min(range(len(sols)), key=kls.__getitem__)
-    diverse_row = {"target": target, "mode": mode, "step": "diverse", "chosen_on_kl": kls[best],
-                   "predicted_speedup": sols[best].speedup, "predicted_kl_nats": sols[best].kl_nats,
-                   "candidates": len(sols), "seconds": time.perf_counter() - t0, "choice": " ".join(sols[best].choice)}
+    cands = refine_mod.diverse_candidates(view, table, budgets, k=max(1, diverse), min_layers_differ=2, stage=stage,
+                                          objective=objective, tokens=view.tokens.score.numel(), vllm_compatible=vllm)
+    best = cands.loc[cands.attrs["best"]]
+    diverse_row = {"target": target, "mode": mode, "step": "diverse", "chosen_on_kl": best["score_kl_nats"],
+                   "predicted_speedup": best["predicted_speedup"], "predicted_kl_nats": best["predicted_kl_nats"],
+                   "candidates": len(cands), "seconds": time.perf_counter() - t0, "choice": " ".join(best["choice"])}
     # refine from the best child so far on this view (greedy's included: its neighbourhood may be the better one)
-    starts = [(view.kl(r["choice"].split(), stage), r) for r in start_rows] + [(kls[best], diverse_row)]
+    starts = [(view.kl(r["choice"].split(), stage), r) for r in start_rows] + [(best["score_kl_nats"], diverse_row)]
     _, start = min(starts, key=lambda x: x[0])
     t0 = time.perf_counter()
     df = refine_mod.refine(view, table, budgets, start["choice"].split(), k=refine_k, max_changes=max_changes,
                            max_rounds=rounds, stage=stage, tokens=view.tokens.score.numel(), progress=progress,
                            vllm_compatible=vllm)
     kept = df.attrs["best"]
-    totals = solve(table, budgets, objective, anchor=list(kept), max_changes=0, vllm_compatible=vllm)[0]
+    choices = build_choices(table)
+    totals = choices.totals(anchor_slots(choices, list(kept)))  # the score table's predicted totals of the choice
     kept_kl = float(df.loc[df["accepted"], "score_kl_nats"].iloc[-1])  # a best candidate short of min_gain is not kept
     refined_row = {"target": target, "mode": mode, "step": "refined", "chosen_on_kl": kept_kl,
-                   "predicted_speedup": totals.speedup, "predicted_kl_nats": totals.kl_nats, "candidates": len(df) - 1,
+                   "predicted_speedup": parent_totals(table)["runtime_ms"] / totals["runtime_ms"],
+                   "predicted_kl_nats": totals["kl_nats"], "candidates": len(df) - 1,
                    "rounds": int(df["round"].max()), "refined_from": f"{start.get('mode', '')} {start['step']}".strip(),
                    "seconds": time.perf_counter() - t0, "choice": " ".join(kept)}
     return [diverse_row, refined_row]
@@ -213,10 +215,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("diverse", "rounds", "refine_k", "max_changes", "select_tokens",
                                                 "context_tokens", "stage")}
-    settings.update(table_sha=hashlib.sha256(table.to_csv(index=True).encode()).hexdigest(),
+    settings.update(table_sha=_sha256(score_table_path(run, args.stage)),
                     objective=str(run.config.search.objective), vllm_compatible=run.config.search.vllm_compatible,
                     parent=run.parent_fingerprint,
-                    **{f"{k}_sha": hashlib.sha256(v.tokens.score.numpy().tobytes()).hexdigest() for k, v in splits.items()})
+                    **{f"{k}_sha": tensor_sha256(v.tokens.score) for k, v in splits.items()})
     done: list[dict] = []
     if (out / "headroom.csv").is_file():
         try:
