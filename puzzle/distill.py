@@ -471,35 +471,31 @@ class GKDInputs:
     save_data: object = None  # writes re-packed training splits (RUN/gkd/data-*) once every check has passed
 
 
-def _run_inputs(args, progress: bool, log) -> GKDInputs:
-    from .config import load_run_config
+def run_train_tokens(run, calib_tokens: int | None = None, max_doc_tokens: int | None = None,
+                     progress: bool = False) -> tuple[torch.Tensor, str, object]:
+    """GKD training tokens of a run directory: its calibration split, or with `calib_tokens` / `max_doc_tokens`
+    its calibration sources re-packed (under RUN/gkd/data-<settings>; documents disjoint from scoring and
+    evaluation, which must stay as the run packed them).
+
+    Returns:
+        ((N, T) int64 tokens, a sentence saying which, a callable that saves a re-pack or None).
+
+    Raises:
+        PuzzleError: fewer tokens than one sequence, or a re-pack that would change the evaluation split.
+    """
     from .data import pack_eval_split, prepare_data, write_token_splits
-    from .pipeline import Run, build_child, check_run_dest, parent_eval_logprobs, read_architecture
 
-    from .export import check_export_target, export_provenance, run_ref
-
-    run = Run(args.out, load_run_config(args.out), progress=progress, log=log)
-    record = read_architecture(run, args.name)
-    dest = args.dest or run.out / "export" / f"{args.name}-gkd"
-    check_run_dest(run.out, dest)
-    work = args.work or run.out / "gkd" / args.name
-    child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
-    check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training
-                        provenance=export_provenance({"gkd": {"child": child_ref}}), training_pending=True, work=work)
-    check_work_folder(work, [run.out], [run.out / "gkd"])
-    # loading the parent and the run's splits writes nothing to the run (pipeline.Run): a refusal leaves it as it was
-    child = build_child(run, record)
     save_data = None
     train_ids = run.tokens.calib
     data_note = f"the run's calibration split ({train_ids.shape[0]} x {train_ids.shape[1]} tokens)"
-    if args.calib_tokens is not None or args.max_doc_tokens is not None:
+    if calib_tokens is not None or max_doc_tokens is not None:
         seq_len = run.config.data.seq_len
-        if args.calib_tokens is not None and args.calib_tokens < seq_len:  # not DataConfig's "... raise it"
-            raise PuzzleError(f"--calib-tokens {args.calib_tokens} is less than one sequence (the run's seq_len "
+        if calib_tokens is not None and calib_tokens < seq_len:  # not DataConfig's "... raise it"
+            raise PuzzleError(f"--calib-tokens {calib_tokens} is less than one sequence (the run's seq_len "
                               f"{seq_len}); give --calib-tokens {seq_len} or more")
-        changes = {"calib_tokens": args.calib_tokens or run.config.data.calib_tokens}
-        if args.max_doc_tokens is not None:
-            changes["max_doc_tokens"] = args.max_doc_tokens
+        changes = {"calib_tokens": calib_tokens or run.config.data.calib_tokens}
+        if max_doc_tokens is not None:
+            changes["max_doc_tokens"] = max_doc_tokens
         data_cfg = dataclasses.replace(run.config.data, **changes)
         # the evaluation split depends on the evaluation sources and max_doc_tokens alone: checked before
         # RUN/gkd/data-* (or parent samples for it) is written
@@ -510,7 +506,7 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
             except PuzzleError:  # cut so short that the evaluation documents no longer fill one sequence
                 changed = True
             if changed:
-                raise PuzzleError(f"--max-doc-tokens {args.max_doc_tokens} would change the evaluation split (it cuts "
+                raise PuzzleError(f"--max-doc-tokens {max_doc_tokens} would change the evaluation split (it cuts "
                                   f"the evaluation documents too); keep the run's max_doc_tokens "
                                   f"({run.config.data.max_doc_tokens}) or re-pack with --calib-tokens N alone")
         # one folder per re-pack setting: a re-pack with other settings (even a refused one) neither grows the
@@ -526,6 +522,27 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
         train_ids = tokens.calib
         data_note = (f"the run's calibration sources re-packed with {changes} ({train_ids.shape[0]} x "
                      f"{train_ids.shape[1]} tokens, documents disjoint from scoring and evaluation)")
+    return train_ids, data_note, save_data
+
+
+def _run_inputs(args, progress: bool, log) -> GKDInputs:
+    from .config import load_run_config
+    from .pipeline import Run, build_child, check_run_dest, parent_eval_logprobs, read_architecture
+
+    from .export import check_export_target, export_provenance, run_ref
+
+    run = Run(args.out, load_run_config(args.out), progress=progress, log=log)
+    record = read_architecture(run, args.name)
+    dest = args.dest or run.out / "export" / f"{args.name}-gkd"
+    check_run_dest(run.out, dest)
+    work = args.work or run.out / "gkd" / args.name
+    child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
+    check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training
+                        provenance=export_provenance({"gkd": {"child": child_ref}}), training_pending=True, work=work)
+    check_work_folder(work, [run.out], [run.out / "gkd"])
+    # loading the parent and the run's splits writes nothing to the run (pipeline.Run): a refusal leaves it as it was
+    child = build_child(run, record)
+    train_ids, data_note, save_data = run_train_tokens(run, args.calib_tokens, args.max_doc_tokens, progress)
     return GKDInputs(child, run.parent.model, run.parent.tokenizer, train_ids, run.tokens.eval,
                      lambda: parent_eval_logprobs(run),
                      Path(dest), Path(work),

@@ -60,8 +60,9 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     return tasks
 
 
-def _model_specs(run) -> list[dict]:
-    """The front's models as {name, blocks (ids; None for the parent), stage, architecture}, parent first."""
+def front_model_specs(run) -> list[dict]:
+    """The front's models (`plots.front_rows`, without stale rows) as {name, blocks (ids; None for the parent), stage,
+    architecture}, parent first; `build_front_model` builds one."""
     from .pipeline import compact_architecture, parse_compact_architecture
     from .plots import front_rows
 
@@ -89,7 +90,7 @@ def _model_specs(run) -> list[dict]:
     return specs
 
 
-def _entries_sha(run, library, spec: dict) -> str | None:
+def entries_sha(run, library, spec: dict) -> str | None:
     """16 hex digits of sha256 over the library entries a front model is built from (each entry's recorded sha256;
     the parent's own subblocks come with the parent, whose fingerprint the result's key holds): "parent" for the
     parent, None when an entry is missing or corrupt."""
@@ -111,13 +112,25 @@ def _entries_sha(run, library, spec: dict) -> str | None:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _library(run):
+def front_library(run):
     """The run's library, chained with the baselines' extra entries where `puzzle baselines` trained some."""
     from .baselines import LibraryChain
     from .library import Library
 
     extra = run.out / "baselines" / "library"
     return LibraryChain(run.library, Library(extra)) if extra.is_dir() else run.library
+
+
+def build_front_model(run, spec: dict, library=None):
+    """The model of a `front_model_specs` entry: the run's parent for the parent's, else the child realized from
+    `library` (default `front_library(run)`) at the spec's library stage. Raises PuzzleError for a missing entry."""
+    from .architecture import BlockConfig
+    from .realize import realize_child
+
+    if spec["blocks"] is None:
+        return run.parent.model
+    library = front_library(run) if library is None else library
+    return realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]], spec["stage"])
 
 
 def _summarize(table: pd.DataFrame, tasks) -> dict:
@@ -159,7 +172,6 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
         PuzzleError: an unknown task or model name, a limit below 1, no front in the run directory.
         FileNotFoundError: the run has no front rows yet (run `puzzle front` first).
     """
-    from .realize import realize_child
     from .scoring.harness import evaluate_tasks
     from .scoring.tasks import used_lambada_ids
 
@@ -168,7 +180,7 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
         primary_metric(t)
     if limit is not None and limit < 1:
         raise PuzzleError(f"downstream limit must be >= 1 (or None for whole sets), got {limit}")
-    specs = _model_specs(run)
+    specs = front_model_specs(run)
     if names is not None:
         unknown = sorted(set(names) - {s["name"] for s in specs})
         if unknown:
@@ -177,25 +189,18 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
     out_dir = run.out / "downstream" / setting_name(tasks, limit, seed)
     exclude = used_lambada_ids(run.out) if (run.out / "data" / "manifest.json").is_file() else set()
 
-    from .architecture import BlockConfig
-
     # the parent by its weights, not by where it was loaded from: a moved parent keeps its results
     key = {"tasks": list(tasks), "limit": limit, "seed": seed, "parent": run.parent_fingerprint}
     if "lambada" in tasks:  # reviewer: passages the run uses since were still scored in results saved before (which,
         # without this, are measured again once)
         key["lambada_excluded"] = hashlib.sha256(json.dumps(sorted(map(str, exclude))).encode()).hexdigest()[:16]
     legacy = (key, {**key, "parent": str(run.parent.source)})  # saved by earlier versions, without the weights
-    library = _library(run) if any(s["blocks"] for s in specs) else None
+    library = front_library(run) if any(s["blocks"] for s in specs) else None
 
-    def build(spec: dict):
-        if spec["blocks"] is None:
-            return run.parent.model
-        return realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]], spec["stage"])
-
-    # each model's key holds its library entries' checksums (`_entries_sha`): a library rebuilt or retrained under
+    # each model's key holds its library entries' checksums (`entries_sha`): a library rebuilt or retrained under
     # the same names gives other weights, whose accuracy is measured anew; a model whose entries are gone keeps a
     # result saved before (it cannot be built to measure it again)
-    keys = {spec["name"]: {**key, "weights": _entries_sha(run, library, spec)} for spec in specs}
+    keys = {spec["name"]: {**key, "weights": entries_sha(run, library, spec)} for spec in specs}
 
     def same(result: dict, spec: dict) -> bool:
         want, saved_key = keys[spec["name"]], result.get("key")
@@ -218,7 +223,7 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
             saved[spec["name"]] = {**twin, "name": spec["name"], "same_as": twin["name"]}
             atomic_write_json(out_dir / f"{spec['name']}.json", saved[spec["name"]])
             continue
-        model = build(spec)
+        model = build_front_model(run, spec, library)
         result = evaluate_tasks(model, run.parent.tokenizer, tasks, limit=limit, seed=seed, exclude_lambada=exclude,
                                 wheel=wheel, progress=progress, parts_dir=out_dir / "parts" / spec["name"],
                                 parts_key={**keys[spec["name"]], "architecture": spec["architecture"],

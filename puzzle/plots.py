@@ -561,7 +561,7 @@ def _without_stale_downstream(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame
     evaluated model's columns dropped. Results of earlier versions, which recorded neither, are kept."""
     acc_columns = [c for c in rows.columns if c.startswith(("downstream_", "acc_"))
                    and c not in ("downstream_architecture", "downstream_stage")]
-    stage = rows["training"].map(lambda t: "init" if t == "init" else "bld")  # as `downstream._model_specs` builds
+    stage = rows["training"].map(lambda t: "init" if t == "init" else "bld")  # as `downstream.front_model_specs` builds
     now = rows["architecture"].where(rows["architecture"].notna(),
                                      rows["name"].map(lambda n: _searched_architecture(run_dir, n)))
     arch, saved_stage, child = rows["downstream_architecture"], rows["downstream_stage"], rows["name"] != "parent"
