@@ -178,3 +178,69 @@ def test_a_standard_error_of_one_document_is_written_as_json_null():
     assert summary["tasks"]["arc_easy"]["stderr"] is None and summary["downstream_acc_stderr"] is None
     json.loads(json.dumps(summary, allow_nan=False))
     assert parse_tasks("piqa, piqa,arc_easy") == ("piqa", "arc_easy")  # a task named twice is evaluated once
+
+
+def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_after(tmp_path_factory, tmp_path):
+    """benchmarks/uplift.py: ours (as `puzzle front` picks it) and each baseline built for the target get one GKD
+    (the same tokens and settings), each KL before and after is the model's as measured anew, each ratio is ours over
+    the baseline's KL at the slower model's speed-up (the faster one's read on the line from the parent to it), a
+    rerun trains nothing and another learning rate trains again."""
+    from puzzle.distill import GKDConfig, distill, evaluate_against_parent, run_train_tokens
+    from puzzle.downstream import build_front_model, front_model_specs
+    from puzzle.pipeline import parent_eval_logprobs
+    from tiny_run import load_benchmark
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    run = open_run(out, progress=False)
+    stage_front(run)
+    run_baselines(run, (1.5,), export=False)
+    bench = load_benchmark("uplift")
+    argv = ["--run", str(out), "--speedup", "1.5", "--tokens", "256", "--calib-tokens", "512", "--out",
+            str(tmp_path / "u")]
+    assert bench.main(argv) == 0
+    table = pd.read_csv(tmp_path / "u" / "uplift.csv")
+    baselines = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (out / "baselines" / "rows").glob("*.json")}
+    fair = {n for n, r in baselines.items() if r.get("target_speedup") == 1.5
+            and r["training"] == {"greedy": "bld", "uniform_width": "bld"}.get(r["method"], "none")}
+    assert set(table["name"]) == {"parent", "child-1.5x"} | fair  # no init-only baseline
+    assert {"greedy", "layer_removal"} <= set(table["method"])
+    keys = [json.loads(p.read_text())["key"] for p in (tmp_path / "u" / "rows").glob("*.json")]
+    same = [{k: v for k, v in key.items() if k not in ("architecture", "stage", "entries")} for key in keys]
+    assert all(s == same[0] for s in same) and same[0]["config"]["tokens"] == 256  # one GKD for all
+
+    run = open_run(out, progress=False)
+    specs = {s["name"]: s for s in front_model_specs(run)}
+    logp = parent_eval_logprobs(run)
+    train_ids, _, _ = run_train_tokens(run, 512)
+    name = "layers-1.5x"  # one model trained again by hand: the same KL before and after
+    row = table.set_index("name").loc[name]
+    model = build_front_model(run, specs[name])
+    assert row["kl_before_nats"] == pytest.approx(evaluate_against_parent(model, run.tokens.eval, logp)["kl_nats"], rel=1e-5)
+    trained = distill(model, run.parent.model, train_ids, GKDConfig(tokens=256), tmp_path / "again").model
+    assert row["kl_after_nats"] == pytest.approx(evaluate_against_parent(trained, run.tokens.eval, logp)["kl_nats"], rel=1e-4)
+    assert row["kl_after_nats"] != pytest.approx(row["kl_before_nats"], rel=1e-3)  # it trained
+
+    ratios = pd.read_csv(tmp_path / "u" / "uplift_ratios.csv").set_index("baseline")
+    assert set(ratios.index) == set(table["name"]) - {"parent", "child-1.5x"}
+    ours = table[table["method"] == "mip"].iloc[0]
+
+    def kl_at(model_row, s, when):  # one model's front: the line from the parent (1x, KL 0) to it, read at s
+        kl, speedup = model_row[f"kl_{when}_nats"], model_row["speedup"]
+        if speedup <= 1:  # timed no faster than the parent (a tiny model's timings are noise): no front point
+            return math.nan
+        return kl if speedup <= s else kl * (s - 1) / (speedup - 1)
+
+    for b, r in ratios.iterrows():
+        other = table.set_index("name").loc[b]
+        s = min(ours["speedup"], other["speedup"])
+        assert r["matched_speedup"] == pytest.approx(s, rel=1e-3)
+        for when in ("before", "after"):
+            want = kl_at(ours, s, when) / kl_at(other, s, when)
+            assert r[f"ratio_{when}"] == pytest.approx(want, rel=1e-3, nan_ok=True)
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "u" / "rows").glob("*.json")}
+    assert bench.main(argv) == 0  # a rerun trains nothing
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert bench.main([*argv[:-2], "--lr", "1e-4", "--out", str(tmp_path / "u")]) == 0  # another lr trains again
+    assert all(p.stat().st_mtime_ns != t for p, t in mtimes.items())

@@ -1,0 +1,189 @@
+"""Benchmark: does our margin over the baselines survive global KD? Our child and each baseline get the same GKD.
+
+    python benchmarks/uplift.py --run DIR --speedup 1.5 [--tokens 65536] [--calib-tokens 131072] [--lr 2e-4]
+        [--methods greedy,layer_removal,uniform_width,attention_removal] [--out benchmarks/uplift_results]
+
+Run it after `puzzle baselines --out DIR --speedups S`, `puzzle front --out DIR` and, optionally, `puzzle refine
+--out DIR --name child-<S>x` (then `puzzle front` again). It takes, at the target S:
+  * ours as `puzzle front` picks it (`plots.selected_children`: the plain, diverse or refined child with the lowest
+    scoring-split KL; the plain child where refine did not run);
+  * each baseline `puzzle baselines` built for S (its row's target_speedup), after BLD where it has trainable
+    parts (greedy, uniform width) and as built where it has none (layer removal, attention removal).
+Each model is rebuilt from its recorded architecture (`downstream.build_front_model`), evaluated on the run's
+evaluation split (KL(parent || model) and LM loss, nats per token), trained by `distill.distill` with one
+GKDConfig (the same tokens, order, learning rate and seed for all: the run's calibration sources re-packed to
+--calib-tokens, documents disjoint from scoring and evaluation), and evaluated again. GKD keeps the architecture,
+so each model keeps its measured speed-up (the front's row).
+
+Ratios: our evaluation KL over each baseline's at matched measured speed-up, before and after GKD, with
+`plots.matched_ratios` (each front is the parent at 1x and KL 0 plus its one model, read by linear interpolation
+at the slower model's speed-up, so the faster model's KL there is interpolated towards the parent's).
+
+Resumes: a model's row (OUT/rows/<name>.json) is kept while its settings, architecture, library entries and data
+match, and training resumes from its checkpoint (OUT/work/<name>-<settings hash>/). Writes OUT/uplift.csv (one row per model) and
+OUT/uplift_ratios.csv, and prints both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from puzzle.io import atomic_write_json, atomic_write_text, read_json, tensor_sha256  # noqa: E402
+
+BASELINES = ("greedy", "layer_removal", "uniform_width", "attention_removal")
+FAIR_TRAINING = {"greedy": "bld", "uniform_width": "bld", "layer_removal": "none", "attention_removal": "none"}
+
+
+def pick_models(run, speedup: float, methods) -> pd.DataFrame:
+    """Front rows of ours (as `puzzle front` selects it) and of each baseline built for `speedup`, parent first.
+
+    Raises:
+        SystemExit: our child or a baseline asked for is missing, naming the command that makes it.
+    """
+    from puzzle.plots import BASELINE_METHODS, current_front_rows, selected_children
+
+    rows = current_front_rows(run.out, with_downstream=False)
+    plain = f"child-{speedup:g}x"
+    ours = selected_children(run.out, rows)
+    ours = ours[ours["picked_from"] == plain]
+    if ours.empty:
+        raise SystemExit(f"{run.out} has no searched child {plain}: run `puzzle front --out {run.out}` with "
+                         f"{speedup:g} among its speed-ups")
+    targets = {}
+    for name in rows["name"]:
+        path = run.out / "baselines" / "rows" / f"{name}.json"
+        if path.is_file():
+            targets[name] = read_json(path).get("target_speedup")
+    chosen = []
+    for method in methods:
+        if method not in BASELINE_METHODS:
+            raise SystemExit(f"unknown baseline {method!r}; choose from {', '.join(BASELINE_METHODS)}")
+        found = rows[(rows["method"] == method) & (rows["training"] == FAIR_TRAINING[method])
+                     & rows["name"].map(lambda n: targets.get(n) == speedup)]
+        if found.empty:
+            print(f"{method}: no model built for {speedup:g}x (`puzzle baselines --out {run.out} --speedups "
+                  f"{speedup:g}`; attention removal reaches only small speed-ups): left out", file=sys.stderr)
+        chosen.append(found.head(1))
+    parent = rows[rows["name"] == "parent"]
+    return pd.concat([parent, ours.drop(columns="picked_from"), *chosen], ignore_index=True)
+
+
+def model_key(run, spec: dict, library, config, train_ids) -> dict:
+    """What a saved row must match to be kept: GKD settings, the model (architecture, stage, library entries),
+    the parent, and the training and evaluation tokens."""
+    from puzzle.downstream import entries_sha
+
+    return {"config": dataclasses.asdict(config), "architecture": spec["architecture"], "stage": spec["stage"],
+            "entries": entries_sha(run, library, spec), "parent": run.parent_fingerprint,
+            "train_tokens": tensor_sha256(train_ids), "eval_tokens": tensor_sha256(run.tokens.eval)}
+
+
+def uplift_one(run, spec: dict, library, config, train_ids, work: Path) -> dict:
+    """Evaluation KL / LM loss of one front model before and after GKD (resuming its checkpoint in `work`)."""
+    from puzzle.distill import distill, evaluate_against_parent, recovery_fraction
+    from puzzle.downstream import build_front_model
+    from puzzle.pipeline import parent_eval_logprobs
+
+    t0 = time.perf_counter()
+    model = build_front_model(run, spec, library)
+    parent_logp = parent_eval_logprobs(run)
+    before = evaluate_against_parent(model, run.tokens.eval, parent_logp, chunk=run.config.score.chunk)
+    result = distill(model, run.parent.model, train_ids, config, work, progress=True,
+                     extra_meta={"model": spec["name"], "architecture": spec["architecture"]})
+    after = evaluate_against_parent(result.model, run.tokens.eval, parent_logp, chunk=run.config.score.chunk)
+    return {"kl_before_nats": before["kl_nats"], "kl_after_nats": after["kl_nats"],
+            "lm_loss_before_nats": before["lm_loss"], "lm_loss_after_nats": after["lm_loss"],
+            "recovery_fraction": recovery_fraction(before["kl_nats"], after["kl_nats"]),
+            "tokens_trained": result.tokens_trained, "epochs": round(result.epochs, 3),
+            "train_tok_s": round(result.tok_s, 1), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def ratios(table: pd.DataFrame) -> pd.DataFrame:
+    """Ours / each baseline before and after GKD, at the slower of the two models' measured speed-ups."""
+    from puzzle.plots import matched_ratios
+
+    ours = table[table["method"] == "mip"].iloc[0]
+    out = []
+    for row in table[~table["method"].isin(("parent", "mip"))].itertuples(index=False):
+        s = min(float(ours["speedup"]), float(row.speedup))
+        pair = table[table["name"].isin(("parent", ours["name"], row.name))]
+        entry = {"method": row.method, "training": row.training, "baseline": row.name, "ours": ours["name"],
+                 "matched_speedup": round(s, 4)}
+        for when in ("before", "after"):
+            r = matched_ratios(pair.rename(columns={f"kl_{when}_nats": "kl"}), (s,), ours="mip", y="kl").iloc[0]
+            entry.update({f"ours_kl_{when}": r["ours_kl"], f"baseline_kl_{when}": r["baseline_kl"],
+                          f"ratio_{when}": r["ratio"]})
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=Path, help="run directory after baselines and front")
+    p.add_argument("--speedup", type=float, default=1.5, help="the speed-up target the models were built for")
+    p.add_argument("--methods", default=",".join(BASELINES), help="baselines, comma-separated")
+    p.add_argument("--tokens", type=int, default=65_536, help="GKD training tokens per model")
+    p.add_argument("--calib-tokens", type=int, default=131_072, help="re-pack the calibration sources to this many")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default DIR/uplift-<S>x)")
+    args = p.parse_args(argv)
+
+    from puzzle.baselines import open_run
+    from puzzle.distill import GKDConfig, run_train_tokens
+    from puzzle.downstream import front_library, front_model_specs
+
+    run = open_run(args.run)
+    out = args.out or run.out / f"uplift-{args.speedup:g}x"
+    models = pick_models(run, args.speedup, [m for m in args.methods.split(",") if m])
+    specs = {s["name"]: s for s in front_model_specs(run)}
+    library = front_library(run)
+    config = GKDConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size)
+    train_ids, data_note, save = run_train_tokens(run, args.calib_tokens, None, progress=True)
+    if save is not None:  # RUN/gkd/data-<settings>, as `puzzle gkd --calib-tokens` keeps it
+        save()
+    print(f"GKD of {len(models) - 1} models, {args.tokens} tokens each, on {data_note}", file=sys.stderr)
+    rows = []
+    for i, row in enumerate(models.to_dict("records")):
+        base = {k: row[k] for k in ("name", "method", "training", "speedup")}
+        if row["name"] == "parent":
+            rows.append({**base, "kl_before_nats": 0.0, "kl_after_nats": 0.0})
+            continue
+        spec = specs[row["name"]]
+        key = model_key(run, spec, library, config, train_ids)
+        path = out / "rows" / f"{row['name']}.json"
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]  # one checkpoint per setting
+        saved = read_json(path) if path.is_file() else None
+        if saved is None or saved.get("key") != key:
+            print(f"[{i}/{len(models) - 1}] {row['name']} ({row['method']}, {row['training']}, measured "
+                  f"{row['speedup']:.3f}x)", file=sys.stderr)
+            saved = {**base, "architecture": spec["architecture"], "key": key,
+                     **uplift_one(run, spec, library, config, train_ids, out / "work" / f"{row['name']}-{digest}")}
+            atomic_write_json(path, saved)
+        rows.append({**base, **{k: v for k, v in saved.items() if k not in base and k != "key"}})
+    table = pd.DataFrame(rows)
+    result = ratios(table)
+    atomic_write_text(out / "uplift.csv", table.to_csv(index=False))
+    atomic_write_text(out / "uplift_ratios.csv", result.to_csv(index=False))
+    settings = {"speedup": args.speedup, "tokens": args.tokens, "calib_tokens": args.calib_tokens, "lr": args.lr,
+                "batch_size": args.batch_size, "train_data": data_note, "gkd": dataclasses.asdict(config)}
+    atomic_write_json(out / "settings.json", settings)
+    columns = ["name", "method", "training", "speedup", "kl_before_nats", "kl_after_nats", "recovery_fraction"]
+    print(table.reindex(columns=columns).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(result.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
