@@ -17,11 +17,16 @@ so each model keeps its measured speed-up (the front's row).
 
 Ratios: our evaluation KL over each baseline's at matched measured speed-up, before and after GKD, with
 `plots.matched_ratios` (each front is the parent at 1x and KL 0 plus its one model, read by linear interpolation
-at the slower model's speed-up, so the faster model's KL there is interpolated towards the parent's).
+at the slower model's speed-up, so the faster model's KL there is interpolated towards the parent's; `far` marks a
+pair whose speed-ups are more than `plots.FAR_FROM_TARGET` apart), and the two measured KLs divided as they are.
 
 Resumes: a model's row (OUT/rows/<name>.json) is kept while its settings, architecture, library entries and data
-match, and training resumes from its checkpoint (OUT/work/<name>-<settings hash>/). Writes OUT/uplift.csv (one row per model) and
-OUT/uplift_ratios.csv, and prints both.
+match, and an interrupted training resumes from its checkpoint (OUT/work/<name>-<settings hash>/, removed once
+the row is written unless --keep-checkpoints); a model that is another one
+under a second name (greedy picking our child) takes that one's figures (`same_as`). Writes OUT/uplift.csv (one
+row per model), OUT/uplift_ratios.csv and OUT/settings.json, and prints the tables. It writes into the run
+directory: OUT defaults to DIR/uplift-<S>x, and the re-packed training tokens go to DIR/gkd/data-<settings>, as
+`puzzle gkd --calib-tokens` keeps them. Training runs on the CPU in one process.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,10 +46,10 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from puzzle.budgets import parse_speedup  # noqa: E402
+from puzzle.errors import PuzzleError  # noqa: E402
 from puzzle.io import atomic_write_json, atomic_write_text, read_json, tensor_sha256  # noqa: E402
-
-BASELINES = ("greedy", "layer_removal", "uniform_width", "attention_removal")
-FAIR_TRAINING = {"greedy": "bld", "uniform_width": "bld", "layer_removal": "none", "attention_removal": "none"}
+from puzzle.plots import BASELINE_METHODS  # noqa: E402
 
 
 def pick_models(run, speedup: float, methods) -> pd.DataFrame:
@@ -51,7 +58,15 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
     Raises:
         SystemExit: our child or a baseline asked for is missing, naming the command that makes it.
     """
-    from puzzle.plots import BASELINE_METHODS, current_front_rows, selected_children
+    from puzzle.plots import current_front_rows, selected_children
+
+    def built_for(name) -> bool:  # the baseline's row says which target it was built for
+        path = run.out / "baselines" / "rows" / f"{name}.json"
+        try:
+            target = read_json(path).get("target_speedup") if path.is_file() else None
+        except (PuzzleError, AttributeError):
+            return False
+        return isinstance(target, (int, float)) and math.isclose(target, speedup, rel_tol=1e-9)
 
     rows = current_front_rows(run.out, with_downstream=False)
     plain = f"child-{speedup:g}x"
@@ -60,20 +75,16 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
     if ours.empty:
         raise SystemExit(f"{run.out} has no searched child {plain}: run `puzzle front --out {run.out}` with "
                          f"{speedup:g} among its speed-ups")
-    targets = {}
-    for name in rows["name"]:
-        path = run.out / "baselines" / "rows" / f"{name}.json"
-        if path.is_file():
-            targets[name] = read_json(path).get("target_speedup")
     chosen = []
     for method in methods:
         if method not in BASELINE_METHODS:
             raise SystemExit(f"unknown baseline {method!r}; choose from {', '.join(BASELINE_METHODS)}")
-        found = rows[(rows["method"] == method) & (rows["training"] == FAIR_TRAINING[method])
-                     & rows["name"].map(lambda n: targets.get(n) == speedup)]
+        # after the same BLD where the method has trainable parts (greedy, uniform width), else as built
+        found = rows[(rows["method"] == method) & (rows["training"] != "init") & rows["name"].map(built_for)]
         if found.empty:
             print(f"{method}: no model built for {speedup:g}x (`puzzle baselines --out {run.out} --speedups "
-                  f"{speedup:g}`; attention removal reaches only small speed-ups): left out", file=sys.stderr)
+                  f"{speedup:g}`; a method that cannot reach it builds none, or one for a lower target): left out",
+                  file=sys.stderr)
         chosen.append(found.head(1))
     parent = rows[rows["name"] == "parent"]
     return pd.concat([parent, ours.drop(columns="picked_from"), *chosen], ignore_index=True)
@@ -110,8 +121,13 @@ def uplift_one(run, spec: dict, library, config, train_ids, work: Path) -> dict:
 
 
 def ratios(table: pd.DataFrame) -> pd.DataFrame:
-    """Ours / each baseline before and after GKD, at the slower of the two models' measured speed-ups."""
-    from puzzle.plots import matched_ratios
+    """Ours / each baseline before and after GKD, at the slower of the two models' measured speed-ups.
+
+    Also `measured_ratio_<when>`, the two models' own KLs divided (each at its own speed-up), and `far`: the faster
+    model is more than `plots.FAR_FROM_TARGET` times faster than the matched speed-up, so its KL there is read far
+    along the line from the parent to it (`matched_ratios`' gaps), a figure no measured model has.
+    """
+    from puzzle.plots import FAR_FROM_TARGET, matched_ratios
 
     ours = table[table["method"] == "mip"].iloc[0]
     out = []
@@ -121,9 +137,16 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
         entry = {"method": row.method, "training": row.training, "baseline": row.name, "ours": ours["name"],
                  "matched_speedup": round(s, 4)}
         for when in ("before", "after"):
-            r = matched_ratios(pair.rename(columns={f"kl_{when}_nats": "kl"}), (s,), ours="mip", y="kl").iloc[0]
-            entry.update({f"ours_kl_{when}": r["ours_kl"], f"baseline_kl_{when}": r["baseline_kl"],
-                          f"ratio_{when}": r["ratio"]})
+            kl = f"kl_{when}_nats"
+            r = matched_ratios(pair.rename(columns={kl: "kl"}), (s,), ours="mip", y="kl").iloc[0] \
+                if math.isfinite(s) else {}  # a model without a measured speed-up: no front to read
+            entry.update({f"ours_kl_{when}": r.get("ours_kl", math.nan),
+                          f"baseline_kl_{when}": r.get("baseline_kl", math.nan),
+                          f"ratio_{when}": r.get("ratio", math.nan),
+                          f"measured_ratio_{when}": ours[kl] / getattr(row, kl) if getattr(row, kl) else math.nan})
+        gaps = [r.get("ours_gap", math.nan), r.get("baseline_gap", math.nan)]
+        entry.update(ours_from=r.get("ours_from", ""), baseline_from=r.get("baseline_from", ""),
+                     far=bool(any(g > FAR_FROM_TARGET for g in gaps if math.isfinite(g))))
         out.append(entry)
     return pd.DataFrame(out)
 
@@ -131,13 +154,15 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path, help="run directory after baselines and front")
-    p.add_argument("--speedup", type=float, default=1.5, help="the speed-up target the models were built for")
-    p.add_argument("--methods", default=",".join(BASELINES), help="baselines, comma-separated")
+    p.add_argument("--speedup", type=parse_speedup, default=1.5, help="the speed-up target the models were built for")
+    p.add_argument("--methods", default=",".join(BASELINE_METHODS), help="baselines, comma-separated")
     p.add_argument("--tokens", type=int, default=65_536, help="GKD training tokens per model")
     p.add_argument("--calib-tokens", type=int, default=131_072, help="re-pack the calibration sources to this many")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     p.add_argument("--out", type=Path, default=None, help="results folder (default DIR/uplift-<S>x)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each model's trained checkpoint (OUT/work/) once its row is written")
     args = p.parse_args(argv)
 
     from puzzle.baselines import open_run
@@ -154,7 +179,7 @@ def main(argv=None) -> int:
     if save is not None:  # RUN/gkd/data-<settings>, as `puzzle gkd --calib-tokens` keeps it
         save()
     print(f"GKD of {len(models) - 1} models, {args.tokens} tokens each, on {data_note}", file=sys.stderr)
-    rows = []
+    rows, trained = [], {}  # trained: settings hash -> the row of the model trained with it in this call
     for i, row in enumerate(models.to_dict("records")):
         base = {k: row[k] for k in ("name", "method", "training", "speedup")}
         if row["name"] == "parent":
@@ -164,13 +189,25 @@ def main(argv=None) -> int:
         key = model_key(run, spec, library, config, train_ids)
         path = out / "rows" / f"{row['name']}.json"
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]  # one checkpoint per setting
-        saved = read_json(path) if path.is_file() else None
-        if saved is None or saved.get("key") != key:
-            print(f"[{i}/{len(models) - 1}] {row['name']} ({row['method']}, {row['training']}, measured "
-                  f"{row['speedup']:.3f}x)", file=sys.stderr)
-            saved = {**base, "architecture": spec["architecture"], "key": key,
-                     **uplift_one(run, spec, library, config, train_ids, out / "work" / f"{row['name']}-{digest}")}
+        try:
+            saved = read_json(path) if path.is_file() else None
+        except PuzzleError as e:  # a damaged row is measured again
+            print(f"{e}: measured again", file=sys.stderr)
+            saved = None
+        if not isinstance(saved, dict) or saved.get("key") != key:
+            if digest in trained:  # the same model under another name (greedy picking our child): its figures
+                twin = trained[digest]
+                saved = {**twin, **base, "same_as": twin["name"]}
+            else:
+                print(f"[{i}/{len(models) - 1}] {row['name']} ({row['method']}, {row['training']}, measured "
+                      f"{row['speedup']:.3f}x)", file=sys.stderr)
+                work = out / "work" / f"{row['name']}-{digest}"
+                saved = {**base, "architecture": spec["architecture"], "key": key,
+                         **uplift_one(run, spec, library, config, train_ids, work)}
             atomic_write_json(path, saved)
+            if not args.keep_checkpoints:  # weights and optimizer state: about 1 GB per SmolLM2 model
+                shutil.rmtree(out / "work" / f"{row['name']}-{digest}", ignore_errors=True)
+        trained.setdefault(digest, saved)
         rows.append({**base, **{k: v for k, v in saved.items() if k not in base and k != "key"}})
     table = pd.DataFrame(rows)
     result = ratios(table)
