@@ -481,7 +481,8 @@ def run_train_tokens(run, calib_tokens: int | None = None, max_doc_tokens: int |
         ((N, T) int64 tokens, a sentence saying which, a callable that saves a re-pack or None).
 
     Raises:
-        PuzzleError: fewer tokens than one sequence, or a re-pack that would change the evaluation split.
+        PuzzleError: fewer tokens than one sequence, a negative `max_doc_tokens`, or a re-pack that would change
+            the evaluation split.
     """
     from .data import pack_eval_split, prepare_data, write_token_splits
 
@@ -493,6 +494,9 @@ def run_train_tokens(run, calib_tokens: int | None = None, max_doc_tokens: int |
         if calib_tokens is not None and calib_tokens < seq_len:  # not DataConfig's "... raise it"
             raise PuzzleError(f"--calib-tokens {calib_tokens} is less than one sequence (the run's seq_len "
                               f"{seq_len}); give --calib-tokens {seq_len} or more")
+        if max_doc_tokens is not None and max_doc_tokens < 0:  # _tokenized would read it as 0 (whole documents)
+            raise PuzzleError(f"--max-doc-tokens {max_doc_tokens} is negative; give 0 (whole documents) or a "
+                              f"positive number of tokens per document")
         changes = {"calib_tokens": calib_tokens or run.config.data.calib_tokens}
         if max_doc_tokens is not None:
             changes["max_doc_tokens"] = max_doc_tokens

@@ -308,6 +308,9 @@ def test_a_refused_stage_command_leaves_the_run_directory_as_it_was(tmp_path, ca
 def test_a_refused_gkd_re_pack_writes_nothing_to_the_run(tmp_path):
     """--max-doc-tokens that would change the evaluation split, or settings the work folder's checkpoint was not made
     with, are refused before RUN/gkd/data (or anything else) is written."""
+    from puzzle.baselines import open_run
+    from puzzle.distill import run_train_tokens
+
     run = _tiny_run(tmp_path / "run")
     before = _files(run)
     gkd = ["gkd", "--out", str(run), "--name", "child-x", "--tokens", "256", "--batch-size", "2",
@@ -315,6 +318,9 @@ def test_a_refused_gkd_re_pack_writes_nothing_to_the_run(tmp_path):
     args = _parser().parse_args(gkd + ["--max-doc-tokens", "100"])  # cuts the tiny preset's evaluation documents
     with pytest.raises(PuzzleError, match="evaluation split"):
         args.func(args)
+    assert _files(run) == before and not (run / "gkd").exists()
+    with pytest.raises(PuzzleError, match="negative"):  # the library call, for code that skips the CLI's check
+        run_train_tokens(open_run(run, progress=False), calib_tokens=8192, max_doc_tokens=-1)
     assert _files(run) == before and not (run / "gkd").exists()
     args = _parser().parse_args(gkd + ["--max-doc-tokens", "1000"])  # longer than any: the same evaluation split
     assert args.func(args) == 0  # trained a step on the re-packed split
