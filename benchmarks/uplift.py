@@ -71,19 +71,23 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
     rows = current_front_rows(run.out, with_downstream=False)
     plain = f"child-{speedup:g}x"
     ours = selected_children(run.out, rows)
+    for name, why in ours.attrs.get("passed_over", {}).items():  # refine ran but its pick cannot be used: say why
+        if name == plain:
+            print(f"{name}: the plain child, not refine's pick: {why}", file=sys.stderr)
     ours = ours[ours["picked_from"] == plain]
     if ours.empty:
         raise SystemExit(f"{run.out} has no searched child {plain}: run `puzzle front --out {run.out}` with "
                          f"{speedup:g} among its speed-ups")
     chosen = []
-    for method in methods:
+    for method in dict.fromkeys(methods):  # a method named twice is compared once
         if method not in BASELINE_METHODS:
             raise SystemExit(f"unknown baseline {method!r}; choose from {', '.join(BASELINE_METHODS)}")
         # after the same BLD where the method has trainable parts (greedy, uniform width), else as built
         found = rows[(rows["method"] == method) & (rows["training"] != "init") & rows["name"].map(built_for)]
         if found.empty:
             print(f"{method}: no model built for {speedup:g}x (`puzzle baselines --out {run.out} --speedups "
-                  f"{speedup:g}`; a method that cannot reach it builds none, or one for a lower target): left out",
+                  f"{speedup:g}`; a method that cannot reach it builds none, or one for a lower target; a row "
+                  f"from older tables than the run's is not current): left out",
                   file=sys.stderr)
         chosen.append(found.head(1))
     parent = rows[rows["name"] == "parent"]
@@ -132,7 +136,8 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
     ours = table[table["method"] == "mip"].iloc[0]
     out = []
     for row in table[~table["method"].isin(("parent", "mip"))].itertuples(index=False):
-        s = min(float(ours["speedup"]), float(row.speedup))
+        a, b = float(ours["speedup"]), float(row.speedup)
+        s = min(a, b) if math.isfinite(a) and math.isfinite(b) else math.nan
         pair = table[table["name"].isin(("parent", ours["name"], row.name))]
         entry = {"method": row.method, "training": row.training, "baseline": row.name, "ours": ours["name"],
                  "matched_speedup": round(s, 4)}
@@ -151,10 +156,18 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _speedup_type(text: str) -> float:
+    """'1.5' or '1.5x' (budgets.parse_speedup), errors as argparse's usage errors."""
+    try:
+        return parse_speedup(text)
+    except PuzzleError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--speedup ")) from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path, help="run directory after baselines and front")
-    p.add_argument("--speedup", type=parse_speedup, default=1.5, help="the speed-up target the models were built for")
+    p.add_argument("--speedup", type=_speedup_type, default=1.5, help="the speed-up target the models were built for")
     p.add_argument("--methods", default=",".join(BASELINE_METHODS), help="baselines, comma-separated")
     p.add_argument("--tokens", type=int, default=65_536, help="GKD training tokens per model")
     p.add_argument("--calib-tokens", type=int, default=131_072, help="re-pack the calibration sources to this many")
@@ -205,10 +218,17 @@ def main(argv=None) -> int:
                 saved = {**base, "architecture": spec["architecture"], "key": key,
                          **uplift_one(run, spec, library, config, train_ids, work)}
             atomic_write_json(path, saved)
-            if not args.keep_checkpoints:  # weights and optimizer state: about 1 GB per SmolLM2 model
-                shutil.rmtree(out / "work" / f"{row['name']}-{digest}", ignore_errors=True)
-        trained.setdefault(digest, saved)
-        rows.append({**base, **{k: v for k, v in saved.items() if k not in base and k != "key"}})
+        if not args.keep_checkpoints and (out / "work").is_dir():
+            # the row is written: this model's checkpoints (weights and optimizer state, about 1 GB per SmolLM2
+            # model) go, this setting's and any left by other settings or by a stop before the removal
+            for folder in (out / "work").iterdir():
+                if folder.is_dir() and folder.name.rsplit("-", 1)[0] == row["name"]:
+                    shutil.rmtree(folder, ignore_errors=True)
+        twin = trained.setdefault(digest, saved)
+        shown = {k: v for k, v in saved.items() if k not in base and k not in ("key", "same_as")}
+        if twin["name"] != row["name"]:  # named after this call's model, not one an earlier call had
+            shown["same_as"] = twin["name"]
+        rows.append({**base, **shown})
     table = pd.DataFrame(rows)
     result = ratios(table)
     atomic_write_text(out / "uplift.csv", table.to_csv(index=False))
