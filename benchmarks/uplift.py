@@ -1,7 +1,7 @@
 """Benchmark: does our margin over the baselines survive global KD? Our child and each baseline get the same GKD.
 
     python benchmarks/uplift.py --run DIR --speedup 1.5 [--tokens 65536] [--calib-tokens 131072] [--lr 2e-4]
-        [--methods greedy,layer_removal,uniform_width,attention_removal] [--out benchmarks/uplift_results]
+        [--methods greedy,layer_removal,uniform_width,attention_removal] [--out DIR/uplift-<S>x] [--keep-checkpoints]
 
 Run it after `puzzle baselines --out DIR --speedups S`, `puzzle front --out DIR` and, optionally, `puzzle refine
 --out DIR --name child-<S>x` (then `puzzle front` again). It takes, at the target S:
@@ -21,9 +21,9 @@ at the slower model's speed-up, so the faster model's KL there is interpolated t
 pair whose speed-ups are more than `plots.FAR_FROM_TARGET` apart), and the two measured KLs divided as they are.
 
 Resumes: a model's row (OUT/rows/<name>.json) is kept while its settings, architecture, library entries and data
-match, and an interrupted training resumes from its checkpoint (OUT/work/<name>-<settings hash>/, removed once
-the row is written unless --keep-checkpoints); a model that is another one
-under a second name (greedy picking our child) takes that one's figures (`same_as`). Writes OUT/uplift.csv (one
+match, and an interrupted training resumes from its checkpoint (OUT/work/<name>-<settings hash>/; a model's
+checkpoints go once its row is written, unless --keep-checkpoints); a model that is another one under a second
+name (greedy picking our child) takes that one's figures (`same_as`). Writes OUT/uplift.csv (one
 row per model), OUT/uplift_ratios.csv and OUT/settings.json, and prints the tables. It writes into the run
 directory: OUT defaults to DIR/uplift-<S>x, and the re-packed training tokens go to DIR/gkd/data-<settings>, as
 `puzzle gkd --calib-tokens` keeps them. Training runs on the CPU in one process.
