@@ -46,7 +46,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from puzzle.budgets import parse_speedup  # noqa: E402
+from puzzle.cli import speedup_flag  # noqa: E402
 from puzzle.errors import PuzzleError  # noqa: E402
 from puzzle.io import atomic_write_json, atomic_write_text, read_json, tensor_sha256  # noqa: E402
 from puzzle.plots import BASELINE_METHODS  # noqa: E402
@@ -78,12 +78,13 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
     if ours.empty:
         raise SystemExit(f"{run.out} has no searched child {plain}: run `puzzle front --out {run.out}` with "
                          f"{speedup:g} among its speed-ups")
+    built = rows["name"].map(built_for)
     chosen = []
     for method in dict.fromkeys(methods):  # a method named twice is compared once
         if method not in BASELINE_METHODS:
             raise SystemExit(f"unknown baseline {method!r}; choose from {', '.join(BASELINE_METHODS)}")
         # after the same BLD where the method has trainable parts (greedy, uniform width), else as built
-        found = rows[(rows["method"] == method) & (rows["training"] != "init") & rows["name"].map(built_for)]
+        found = rows[(rows["method"] == method) & (rows["training"] != "init") & built]
         if found.empty:
             print(f"{method}: no model built for {speedup:g}x (`puzzle baselines --out {run.out} --speedups "
                   f"{speedup:g}`; a method that cannot reach it builds none, or one for a lower target; a row "
@@ -156,18 +157,10 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _speedup_type(text: str) -> float:
-    """'1.5' or '1.5x' (budgets.parse_speedup), errors as argparse's usage errors."""
-    try:
-        return parse_speedup(text)
-    except PuzzleError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--speedup ")) from None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path, help="run directory after baselines and front")
-    p.add_argument("--speedup", type=_speedup_type, default=1.5, help="the speed-up target the models were built for")
+    p.add_argument("--speedup", type=speedup_flag, default=1.5, help="the speed-up target the models were built for")
     p.add_argument("--methods", default=",".join(BASELINE_METHODS), help="baselines, comma-separated")
     p.add_argument("--tokens", type=int, default=65_536, help="GKD training tokens per model")
     p.add_argument("--calib-tokens", type=int, default=131_072, help="re-pack the calibration sources to this many")
@@ -210,7 +203,7 @@ def main(argv=None) -> int:
         if not isinstance(saved, dict) or saved.get("key") != key:
             if digest in trained:  # the same model under another name (greedy picking our child): its figures
                 twin = trained[digest]
-                saved = {**twin, **base, "same_as": twin["name"]}
+                saved = {**twin, **base}  # the table names the twin (same_as, below)
             else:
                 print(f"[{i}/{len(models) - 1}] {row['name']} ({row['method']}, {row['training']}, measured "
                       f"{row['speedup']:.3f}x)", file=sys.stderr)
@@ -226,7 +219,7 @@ def main(argv=None) -> int:
                     shutil.rmtree(folder, ignore_errors=True)
         twin = trained.setdefault(digest, saved)
         shown = {k: v for k, v in saved.items() if k not in base and k not in ("key", "same_as")}
-        if twin["name"] != row["name"]:  # named after this call's model, not one an earlier call had
+        if twin["name"] != row["name"]:
             shown["same_as"] = twin["name"]
         rows.append({**base, **shown})
     table = pd.DataFrame(rows)

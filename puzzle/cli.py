@@ -102,7 +102,7 @@ class GivenOnce(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _speedup_flag(text: str) -> float:
+def speedup_flag(text: str) -> float:
     """argparse type of --speedup: '1.5' or '1.5x' (budgets.parse_speedup), errors as argparse's."""
     from .budgets import parse_speedup
 
@@ -117,7 +117,7 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
                              "Any combination holds at once; of several runtime bounds (--speedup, --max-runtime, "
                              "--min-throughput) the tightest wins. Units are case-insensitive; GB/MB are powers of "
                              "10, GiB/MiB powers of 2.")
-    g.add_argument("--speedup", type=_speedup_flag, action=GivenOnce, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
+    g.add_argument("--speedup", type=speedup_flag, action=GivenOnce, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
     g.add_argument("--max-runtime", action=GivenOnce, metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
     g.add_argument("--max-memory", action=GivenOnce, metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
     g.add_argument("--max-prefill", action=GivenOnce, metavar="F", help="prefill latency budget: a fraction or '40ms'")
