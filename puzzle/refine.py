@@ -5,8 +5,10 @@ that one subblock swapped. Realized children lose more than that sum (removals c
 Two steps search past the proxy, both choosing on the *scoring* split (never the evaluation split):
 
 1. k diverse solutions (`diverse_candidates`): the MIP's k best children that pairwise differ in at
-   least d layers (`search.solve(num_solutions=k, min_layers_differ=d)`), each realized; the one with
-   the lowest realized KL on the scoring split is kept.
+   least d layers (`search.solve(num_solutions=k, min_layers_differ=d)`), each realized, and beside them
+   the children greedy selection and ShortGPT layer removal make for the same budgets (`seed_choices`:
+   the summed KL misjudges whole-layer removals most); the one with the lowest realized KL on the
+   scoring split is kept.
 2. Refinement in context (`refine`): score every candidate subblock *in the current child* instead
    of the parent — replace-1 relative to the child: KL(p_parent || p_child with one subblock of layer
    i swapped), minus the child's own KL — and re-solve the MIP with these first-order deltas, inside
@@ -28,6 +30,7 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,32 +84,108 @@ def realize_blocks(run, blocks, stage: str = "bld"):
 
 def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, min_layers_differ: int = 2,
                        stage: str = "bld", objective: str = "kl_nats", tokens: int | None = None,
-                       vllm_compatible: bool = False) -> pd.DataFrame:
+                       vllm_compatible: bool = False, seeds: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
     """The MIP's k best mutually diverse children under `budgets`, each realized and scored
-    (`vllm_compatible`: without linear subblocks, as the searched child was solved).
+    (`vllm_compatible`: without linear subblocks, as the searched child was solved), plus `seeds`.
+
+    seeds: {method: choice as block ids}, other children for the same budgets (`seed_choices`), realized
+        and scored beside them; one equal to a MIP solution or already given, or outside the table or the
+        budgets, is left out.
 
     Returns:
-        One row per solution, MIP order (rank 0 is the plain MIP choice): rank, predicted_kl_nats
-        (summed replace-1 KL), score_kl_nats (realized, scoring split), predicted_speedup,
-        solve_s, realize_s, choice (tuple of block ids); `attrs["best"]` is the row index with the
-        lowest score_kl_nats.
+        One row per child, MIP order first (rank 0 is the plain MIP choice), then the seeds: rank, source
+        ("mip" or the seed's method), predicted_kl_nats (summed replace-1 KL), score_kl_nats (realized, scoring
+        split), predicted_speedup, solve_s, realize_s, choice (tuple of block ids); `attrs["best"]` is the row
+        index with the lowest score_kl_nats.
     """
-    from .search import solve
+    from .search import parent_totals, solve
 
     t0 = time.perf_counter()
     solutions = solve(table, budgets, objective, num_solutions=k, min_layers_differ=min_layers_differ,
                       vllm_compatible=vllm_compatible)
     solve_s = time.perf_counter() - t0
+    todo = [("mip", s.choice, s.kl_nats, s.speedup) for s in solutions]
+    parent_runtime = parent_totals(table)["runtime_ms"]
+    for method, choice in (seeds or {}).items():
+        choice = tuple(choice)
+        totals = _table_totals(table, choice)
+        if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets):
+            todo.append((method, choice, totals["kl_nats"], parent_runtime / totals["runtime_ms"]))
     rows = []
-    for rank, s in enumerate(solutions):
+    for rank, (source, choice, predicted, speedup) in enumerate(todo):
         t1 = time.perf_counter()
-        kl = selection_kl(run, realize_blocks(run, s.blocks, stage), tokens)
-        rows.append({"rank": rank, "predicted_kl_nats": s.kl_nats, "score_kl_nats": kl, "predicted_speedup": s.speedup,
-                     "solve_s": solve_s if rank == 0 else 0.0, "realize_s": time.perf_counter() - t1,
-                     "choice": s.choice})
+        kl = selection_kl(run, realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage), tokens)
+        rows.append({"rank": rank, "source": source, "predicted_kl_nats": predicted, "score_kl_nats": kl,
+                     "predicted_speedup": speedup, "solve_s": solve_s if rank == 0 else 0.0,
+                     "realize_s": time.perf_counter() - t1, "choice": choice})
     df = pd.DataFrame(rows)
     df.attrs["best"] = int(df["score_kl_nats"].idxmin())
     return df
+
+
+#: the simple methods whose child for the same budgets joins the diverse step's candidates (`seed_choices`)
+SEED_METHODS = ("greedy", "layer_removal")
+
+
+def _table_totals(table: pd.DataFrame, choice) -> dict[str, float] | None:
+    """Predicted totals of the architecture `choice` (block ids) from the score table; None if a block is not in it."""
+    from .search import anchor_slots, build_choices
+
+    choices = build_choices(table)
+    try:
+        return choices.totals(anchor_slots(choices, list(choice)))
+    except PuzzleError:
+        return None
+
+
+def _fits(totals: dict[str, float] | None, budgets: Budgets) -> bool:
+    return totals is not None and all(totals[c] <= bound * (1 + 1e-9) for c, bound in budgets.limits().items())
+
+
+def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "kl_nats", *,
+                 vllm_compatible: bool = False, influence_tokens: int = 4096,
+                 methods: Sequence[str] = SEED_METHODS) -> dict[str, tuple[str, ...]]:
+    """The children two simple methods make for the same budgets from the same score table, as extra starts.
+
+    The summed replace-1 KL misjudges children that remove whole layers (removals compound, issue 5), so the
+    MIP's k best children by that sum need not hold the best child under the budgets by realized KL.
+    Realizing the children of greedy selection and of ShortGPT layer removal beside them, and refining from
+    whichever realizes best, keeps the diverse step from choosing worse than either on the scoring split (a
+    portfolio of starts). On a demo run it chose neither: scoring-split KL at 1.25x / 1.5x / 2x greedy 0.657 /
+    1.376 / 2.425 and layer removal 1.355 / 2.260 / 7.368 nats against the MIP's best of 8, 0.635 / 1.274 /
+    2.361. There it is insurance for a weaker library, at two more realizations (7-9 s of a 47-62 s diverse
+    step on the demo).
+
+    - "greedy": `search.greedy` on the same table, objective and vLLM setting;
+    - "layer_removal": ShortGPT (Men et al. 2024) as `puzzle baselines` builds it: layers by block
+      influence on `influence_tokens` calibration tokens, lowest first, the fewest removed (both
+      subblocks no_op) for the child to meet every budget by the table's totals.
+
+    Returns:
+        {method: choice as block ids} for each of `methods` whose child exists under the budgets (no_op in
+        the table, a budget greedy reaches), in `SEED_METHODS` order.
+    """
+    from .baselines import block_influence, layer_removal
+    from .search import greedy
+
+    seeds = {}
+    if "greedy" in methods:
+        try:
+            seeds["greedy"] = greedy(table, budgets, objective, vllm_compatible=vllm_compatible).choice
+        except PuzzleError:
+            pass
+    if "layer_removal" not in methods:
+        return seeds
+    calib = run.tokens.calib
+    n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
+    influence = block_influence(run.parent.model, calib[:n], chunk=run.config.score.chunk)
+    order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
+    for removed in range(len(order) + 1):
+        choice = tuple(b.id for b in layer_removal(run.parent.config, order, removed))
+        if _fits(_table_totals(table, choice), budgets):
+            seeds["layer_removal"] = choice
+            break
+    return seeds
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,8 +454,9 @@ def _other_plain_child(summary_path: Path, record: dict, earlier_inputs, objecti
 
 def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
                   max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None,
-                  resume: bool = False) -> pd.DataFrame:
-    """Plain MIP → best of k diverse → refined in context, for the searched child `name`.
+                  resume: bool = False, seeds: Sequence[str] = SEED_METHODS) -> pd.DataFrame:
+    """Plain MIP → best of k diverse (and the `seeds` methods' children, `seed_choices`) → refined in context,
+    for the searched child `name`.
 
     Writes DIR/search/<name>-diverse.json and <name>-refined.json (realizable and exportable like
     any searched child) and DIR/refine/<name>.csv (every candidate tried, with its step).
@@ -392,12 +472,16 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         plain choice on both splits, seconds spent by the step, changed layers vs the plain choice.
 
     Raises:
-        PuzzleError: no record `name` (`pipeline.read_architecture`), or `name` is a -diverse or -refined child
-            this function wrote (refining it would stack -refined-refined records beside the plain child's).
+        PuzzleError: a seed method not in `SEED_METHODS`, no record `name` (`pipeline.read_architecture`), or `name`
+            is a -diverse or -refined child this function wrote (refining it would stack -refined-refined records beside the plain child's).
     """
     from .io import read_json
     from .pipeline import compact_architecture, evaluate, load_score_table, read_architecture
 
+    unknown = [m for m in seeds if m not in SEED_METHODS]
+    if unknown:
+        raise PuzzleError(f"seeds {unknown}: choose among {', '.join(SEED_METHODS)}")
+    seeds = [m for m in SEED_METHODS if m in seeds]
     record = read_architecture(run, name)
     if record.get("method") in ("mip-diverse", "mip-refined"):
         plain = name.rsplit("-", 1)[0]
@@ -408,8 +492,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     vllm = bool(record.get("vllm_compatible", False))  # searched without linear subblocks: refined the same way
     table, _ = load_score_table(run, stage)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
-    inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "refine_k": refine_k,
-                                              "max_changes": max_changes, "tokens": tokens})
+    inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "seeds": seeds,
+                                              "refine_k": refine_k, "max_changes": max_changes, "tokens": tokens})
     if not resume and (done := _finished_refinement(run, name, inputs, max_rounds)) is not None:
         run.say(f"refine {name}: already refined from the same child, settings and run inputs ({summary_path}); "
                 f"--continue runs more rounds, and deleting {log_path} starts afresh")
@@ -453,6 +537,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                         and {"k", "min_layers_differ"} <= set(kept_settings):
                     rounds_before = before
                     inputs["settings"].update({key: kept_settings[key] for key in ("k", "min_layers_differ")})
+                    inputs["settings"]["seeds"] = kept_settings.get("seeds", [])  # the diverse step's, as k
                 else:  # no record of the earlier inputs, or rounds run with other settings: no rerun is "done"
                     inputs = None
         else:
@@ -463,8 +548,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 f"to continue; starting one")
     if earlier is None:
         t0 = time.perf_counter()
+        starts = seed_choices(run, table, budgets, run.config.search.objective, vllm_compatible=vllm, methods=seeds)
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,
-                                     tokens, vllm_compatible=vllm)
+                                     tokens, vllm_compatible=vllm, seeds=starts)
         diverse_s = time.perf_counter() - t0
         best = start = diverse.loc[diverse.attrs["best"], "choice"]
     t0 = time.perf_counter()
@@ -547,6 +633,9 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="searched child to improve (DIR/search/<name>.json)")
     p.add_argument("--k", type=int, default=8, help="diverse MIP solutions to realize (default 8)")
     p.add_argument("--min-layers-differ", type=int, default=2, help="layers each diverse solution changes (default 2)")
+    p.add_argument("--seeds", default=",".join(SEED_METHODS), metavar="METHODS",
+                   help="simple methods whose child for the same budgets joins the diverse candidates, comma-separated "
+                        f"({', '.join(SEED_METHODS)}; 'none' for the MIP's alone; default all)")
     p.add_argument("--refine-k", type=int, default=4, help="children realized per refinement round (default 4)")
     p.add_argument("--max-changes", type=int, default=6, help="trust region: layers a round may change (default 6)")
     p.add_argument("--rounds", type=int, default=4, help="most refinement rounds (default 4)")
@@ -572,7 +661,8 @@ def refine_main(args) -> int:
     when the command succeeds, and a failure (an error, Ctrl-C) leaves DIR/config.json byte for byte as it was.
 
     Raises:
-        PuzzleError: a count flag below 1 (before anything is read), DIR is no run directory, --select-tokens
+        PuzzleError: a count flag below 1 or a --seeds method not in `SEED_METHODS` (before anything is read), DIR
+            is no run directory, --select-tokens
             outside one sequence to the scoring split, or as `improve_child` (an unknown --name, or one of the
             children refine itself made).
     """
@@ -581,6 +671,11 @@ def refine_main(args) -> int:
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    given = [m.strip().lower() for m in args.seeds.split(",") if m.strip()]
+    seeds = [] if given == ["none"] else [m for m in SEED_METHODS if m in given]
+    if given != ["none"] and (not given or any(m not in SEED_METHODS for m in given)):
+        raise PuzzleError(f"--seeds {args.seeds}: give methods among {', '.join(SEED_METHODS)}, comma-separated, "
+                          f"or 'none'")
     with _stage_run(args, existing=True, measures=True) as run:
         seq_len, split = run.tokens.score.shape[1], run.tokens.score.numel()
         if args.select_tokens is not None and not seq_len <= args.select_tokens <= split:
@@ -594,7 +689,7 @@ def refine_main(args) -> int:
         t0 = time.perf_counter()
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
-                           resume=args.resume)
+                           resume=args.resume, seeds=seeds)
         if not args.no_measure:
             timed = measure_steps(run, args.name).set_index("name")["speedup"]
             df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv

@@ -1,6 +1,7 @@
 """Non-additive quality: in-context replace-1 scores, k diverse solutions chosen by realized KL, refinement."""
 
 import argparse
+import dataclasses
 import math
 
 import pandas as pd
@@ -11,7 +12,7 @@ from puzzle.architecture import BlockConfig
 from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
 from puzzle.refine import (add_refine_parser, context_table, diverse_candidates, improve_child, lift_negative_kl,
-                           record_for, refine, refine_main)
+                           realize_blocks, record_for, refine, refine_main, selection_kl)
 from tiny_run import load_benchmark, tiny_run_copy, tiny_run_dir
 
 
@@ -52,10 +53,14 @@ def test_in_context_delta_is_the_realized_kl_of_the_swapped_child(run, table):
 
     blocks, _ = _child(run)
     ctx, base = context_table(run, blocks, table)
-    layer = next(i for i, b in enumerate(blocks) if b.ffn != run.parent.config.blocks[i].ffn)
-    row = ctx[(ctx["layer"] == layer) & (ctx["subblock"] == "ffn") & (ctx["variant"] == run.parent.config.blocks[layer].ffn.id)]
+    # the first subblock the child changed (which one depends on the tiny run's measured costs), swapped back
+    parent = run.parent.config.blocks
+    layer, subblock = next((i, sub) for i, b in enumerate(blocks) for sub in ("attention", "ffn")
+                           if getattr(b, sub) != getattr(parent[i], sub))
+    row = ctx[(ctx["layer"] == layer) & (ctx["subblock"] == subblock)
+              & (ctx["variant"] == getattr(parent[layer], subblock).id)]
     swapped = list(blocks)
-    swapped[layer] = BlockConfig(blocks[layer].attention, run.parent.config.blocks[layer].ffn)
+    swapped[layer] = dataclasses.replace(blocks[layer], **{subblock: getattr(parent[layer], subblock)})
     cfg = run.config.score
     ids = run.tokens.score[:max(1, cfg.tokens // run.tokens.score.shape[1])]
     pos = scored_positions(ids.shape[1], cfg.position_stride)
@@ -76,6 +81,80 @@ def test_diverse_candidates_start_with_the_plain_choice_and_keep_the_best_realiz
     assert len(df) == 3 and df.loc[0, "choice"] == solve(table, budgets)[0].choice
     assert df.attrs["best"] == int(df["score_kl_nats"].idxmin())
     assert (df["predicted_kl_nats"].diff().dropna() >= -1e-12).all()  # the MIP's order
+
+
+def test_seeds_are_greedys_child_and_the_fewest_layers_removed_by_block_influence(run, table):
+    from puzzle.baselines import NOOP_BLOCK, block_influence
+    from puzzle.refine import _fits, _table_totals, seed_choices
+    from puzzle.search import greedy
+
+    _, budgets = _child(run)
+    seeds = seed_choices(run, table, budgets)
+    assert list(seeds) == ["greedy", "layer_removal"]
+    assert seeds["greedy"] == greedy(table, budgets).choice
+    removed = [i for i, b in enumerate(seeds["layer_removal"]) if b == NOOP_BLOCK.id]
+    kept = [b for i, b in enumerate(seeds["layer_removal"]) if i not in removed]
+    assert removed and kept == [b.id for i, b in enumerate(run.parent.config.blocks) if i not in removed]
+    calib = run.tokens.calib
+    influence = block_influence(run.parent.model, calib[:max(1, min(calib.shape[0], 4096 // calib.shape[1]))],
+                                chunk=run.config.score.chunk)
+    order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
+    assert sorted(removed) == sorted(order[:len(removed)])  # the lowest block influence first
+    assert _fits(_table_totals(table, seeds["layer_removal"]), budgets)
+    fewer = [NOOP_BLOCK.id if i in order[:len(removed) - 1] else b.id for i, b in enumerate(run.parent.config.blocks)]
+    assert not _fits(_table_totals(table, fewer), budgets)  # the fewest removals that fit
+    assert list(seed_choices(run, table, budgets, methods=["layer_removal"])) == ["layer_removal"]
+    assert seed_choices(run, table, budgets, methods=[]) == {}
+
+
+def test_diverse_candidates_add_the_seeds_that_fit_and_are_new(run, table):
+    from puzzle.refine import seed_choices
+
+    _, budgets = _child(run)
+    seeds = seed_choices(run, table, budgets)
+    plain = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128)
+    too_slow = tuple(b.id for b in run.parent.config.blocks)  # the parent breaks the runtime budget
+    unknown = ("attn-nosuch+ffn-nosuch",) * len(too_slow)
+    df = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128,
+                            seeds={**seeds, "again": plain.loc[0, "choice"], "parent": too_slow, "unknown": unknown})
+    mip = df[df["source"] == "mip"]
+    assert list(mip["choice"]) == list(plain["choice"]) and list(mip["rank"]) == [0, 1]
+    added = df[df["source"] != "mip"]
+    new = [m for m, c in seeds.items() if c not in set(plain["choice"])]
+    assert list(added["source"]) == new  # the MIP's own choice, the parent and unknown blocks are left out
+    for row in added.itertuples():
+        assert row.choice == seeds[row.source]
+        realized = selection_kl(run, realize_blocks(run, [BlockConfig.from_id(b) for b in row.choice]), 128)
+        assert row.score_kl_nats == pytest.approx(realized, rel=1e-6)
+        assert row.predicted_kl_nats == pytest.approx(record_for(run, "x", row.choice, "bld", budgets, "t")["kl_nats"])
+    assert df.attrs["best"] == int(df["score_kl_nats"].idxmin())
+
+
+def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_own(run, tmp_path, capsys):
+    import json
+    import shutil
+
+    from puzzle.baselines import open_run
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    settings = dict(k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
+    log = copy.out / "refine" / "child-1.5x.csv"
+    improve_child(copy, "child-1.5x", **settings)
+    diverse = pd.read_csv(log).query("step == 'diverse'")
+    assert set(diverse["source"]) - {"mip"}  # a seed was realized (one the MIP also picked is not added twice)
+    capsys.readouterr()
+    improve_child(copy, "child-1.5x", **settings, seeds=[])  # other seeds: not the finished one
+    assert "already refined" not in capsys.readouterr().err
+    assert set(pd.read_csv(log).query("step == 'diverse'")["source"]) == {"mip"}
+    inputs = json.loads((copy.out / "refine" / "child-1.5x.inputs.json").read_text())
+    assert inputs["settings"]["seeds"] == []
+    improve_child(copy, "child-1.5x", **settings, resume=True)  # a --continue keeps the diverse step and its seeds
+    inputs = json.loads((copy.out / "refine" / "child-1.5x.inputs.json").read_text())
+    assert inputs["settings"]["seeds"] == [] and inputs["rounds"] == 2
+    improve_child(copy, "child-1.5x", **{**settings, "max_rounds": 2}, seeds=[])
+    assert "already refined" in capsys.readouterr().err
 
 
 def test_refinement_stays_in_its_trust_region_meets_the_budget_and_only_accepts_gains(run, table):
@@ -239,6 +318,12 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
         args.func(args)
     assert not args.resume
     assert parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--continue"]).resume
+    assert args.seeds == "greedy,layer_removal"
+    bad = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--seeds", "greedy,shortgpt"])
+    with pytest.raises(PuzzleError, match="--seeds greedy,shortgpt: give methods among greedy, layer_removal"):
+        bad.func(bad)
+    with pytest.raises(PuzzleError, match="choose among greedy, layer_removal"):  # the library call checks too
+        improve_child(None, "child-1.5x", seeds=["uniform_width"])
 
 
 def _reindented_copy(tmp_path, source, **score):
@@ -281,11 +366,17 @@ def test_a_refused_or_interrupted_refine_leaves_config_json_byte_for_byte(run, t
     assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--max-contention", "3", "--no-progress"]) == 130
     assert (out / "config.json").read_bytes() == before
     seen = []
-    monkeypatch.setattr(puzzle.refine, "improve_child", lambda r, *a, **k: seen.append(r.config) or pd.DataFrame({"step": ["plain"]}))
+    monkeypatch.setattr(puzzle.refine, "improve_child",
+                        lambda r, *a, **k: seen.append((r.config, k["seeds"])) or pd.DataFrame({"step": ["plain"]}))
     assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--max-contention", "3", "--no-measure",
                  "--no-progress"]) == 0
-    assert seen[0].score.max_contention == 3  # timed under the flag, and saved with the run's settings on success
+    assert seen[0][0].score.max_contention == 3  # timed under the flag, and saved with the run's settings on success
+    assert seen[0][1] == ["greedy", "layer_removal"]
     assert json.loads((out / "config.json").read_text())["score"]["max_contention"] == 3
+    for flag, methods in (("none", []), (" Layer_Removal ", ["layer_removal"]), ("greedy,nope", None), (",", None),
+                          ("layer_removal, greedy", ["greedy", "layer_removal"])):
+        code = main(["refine", "--out", str(out), "--name", "child-1.5x", "--seeds", flag, "--no-measure", "--no-progress"])
+        assert code == (2 if methods is None else 0) and (methods is None or seen[-1][1] == methods), flag
 
 
 def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_factory, tmp_path, capsys):
