@@ -106,7 +106,10 @@ def model_key(run, spec: dict, library, config, train_ids) -> dict:
 
 
 def uplift_one(run, spec: dict, library, config, train_ids, work: Path) -> dict:
-    """Evaluation KL / LM loss of one front model before and after GKD (resuming its checkpoint in `work`)."""
+    """Evaluation KL / LM loss of one front model before and after GKD (resuming its checkpoint in `work`).
+
+    train_tok_s is this call's training rate, None when it trained nothing (its checkpoint had finished: a stop
+    between training and writing the row); it read 0 there before."""
     from puzzle.distill import distill, evaluate_against_parent, recovery_fraction
     from puzzle.downstream import build_front_model
     from puzzle.pipeline import parent_eval_logprobs
@@ -122,7 +125,8 @@ def uplift_one(run, spec: dict, library, config, train_ids, work: Path) -> dict:
             "lm_loss_before_nats": before["lm_loss"], "lm_loss_after_nats": after["lm_loss"],
             "recovery_fraction": recovery_fraction(before["kl_nats"], after["kl_nats"]),
             "tokens_trained": result.tokens_trained, "epochs": round(result.epochs, 3),
-            "train_tok_s": round(result.tok_s, 1), "seconds": round(time.perf_counter() - t0, 1)}
+            "train_tok_s": round(result.tok_s, 1) if result.train.steps_done > result.train.resumed_from else None,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def ratios(table: pd.DataFrame) -> pd.DataFrame:

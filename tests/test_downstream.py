@@ -227,6 +227,12 @@ def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_af
     keys = [json.loads(p.read_text())["key"] for p in (tmp_path / "u" / "rows").glob("*.json")]
     same = [{k: v for k, v in key.items() if k not in ("architecture", "stage", "entries")} for key in keys]
     assert all(s == same[0] for s in same) and same[0]["config"]["tokens"] == 256  # one GKD for all
+    assert (table.loc[table["same_as"].isna() & (table["name"] != "parent"), "train_tok_s"] > 0).all()
+    row_path = tmp_path / "u" / "rows" / "layers-1.5x.json"  # a stop between training and writing the row:
+    row_path.unlink()  # the finished checkpoint is resumed, nothing is trained, the figures are the same
+    assert bench.main([*argv, "--keep-checkpoints"]) == 0
+    again = json.loads(row_path.read_text())
+    assert again["train_tok_s"] is None and again["kl_after_nats"] == by_name.loc["layers-1.5x", "kl_after_nats"]
 
     run = open_run(out, progress=False)
     specs = {s["name"]: s for s in front_model_specs(run)}
