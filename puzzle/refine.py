@@ -89,8 +89,8 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
     (`vllm_compatible`: without linear subblocks, as the searched child was solved), plus `seeds`.
 
     seeds: {method: choice as block ids}, other children for the same budgets (`seed_choices`), realized
-        and scored beside them; one equal to a MIP solution or already given, or outside the table or the
-        budgets, is left out.
+        and scored beside them; one equal to a MIP solution or already given, outside the table or the
+        budgets, or (with `vllm_compatible`) one vLLM cannot serve (`mip.vllm_unservable`), is left out.
 
     Returns:
         One row per child, MIP order first (rank 0 is the plain MIP choice), then the seeds: rank, source
@@ -98,6 +98,7 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
         split), predicted_speedup, solve_s, realize_s, choice (tuple of block ids); `attrs["best"]` is the row
         index with the lowest score_kl_nats.
     """
+    from .mip import vllm_unservable
     from .search import parent_totals, solve
 
     t0 = time.perf_counter()
@@ -109,7 +110,8 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
     for method, choice in (seeds or {}).items():
         choice = tuple(choice)
         totals = _table_totals(table, choice)
-        if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets):
+        servable = not vllm_compatible or not any(vllm_unservable(i, BlockConfig.from_id(b)) for i, b in enumerate(choice))
+        if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets) and servable:
             todo.append((method, choice, totals["kl_nats"], parent_runtime / totals["runtime_ms"]))
     rows = []
     for rank, (source, choice, predicted, speedup) in enumerate(todo):
@@ -150,16 +152,18 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
     The summed replace-1 KL misjudges children that remove whole layers (removals compound, issue 5), so the
     MIP's k best children by that sum need not hold the best child under the budgets by realized KL.
     Realizing the children of greedy selection and of ShortGPT layer removal beside them, and refining from
-    whichever realizes best, keeps the diverse step from choosing worse than either on the scoring split (a
-    portfolio of starts). On a demo run it chose neither: scoring-split KL at 1.25x / 1.5x / 2x greedy 0.657 /
+    whichever realizes best, keeps the diverse step from choosing worse than either on the scoring split where
+    their child exists under the budgets (a portfolio of starts). On a demo run it chose neither: scoring-split KL at 1.25x / 1.5x / 2x greedy 0.657 /
     1.376 / 2.425 and layer removal 1.355 / 2.260 / 7.368 nats against the MIP's best of 8, 0.635 / 1.274 /
     2.361. There it is insurance for a weaker library, at two more realizations (7-9 s of a 47-62 s diverse
     step on the demo).
 
     - "greedy": `search.greedy` on the same table, objective and vLLM setting;
-    - "layer_removal": ShortGPT (Men et al. 2024) as `puzzle baselines` builds it: layers by block
+    - "layer_removal": ShortGPT (Men et al. 2024) by `puzzle baselines`'s method: layers by block
       influence on `influence_tokens` calibration tokens, lowest first, the fewest removed (both
-      subblocks no_op) for the child to meet every budget by the table's totals.
+      subblocks no_op) for the child to meet every budget by the table's totals (the child's recorded
+      budgets, which budget feedback may have moved, so it can differ from `puzzle baselines`'s
+      layers-<s>x); with `vllm_compatible` layer 0 stays.
 
     Returns:
         {method: choice as block ids} for each of `methods` whose child exists under the budgets (no_op in
@@ -180,6 +184,8 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
     n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
     influence = block_influence(run.parent.model, calib[:n], chunk=run.config.score.chunk)
     order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
+    if vllm_compatible:  # vLLM serves no layer 0 without attention (`mip.vllm_unservable`)
+        order = [i for i in order if i != 0]
     for removed in range(len(order) + 1):
         choice = tuple(b.id for b in layer_removal(run.parent.config, order, removed))
         if _fits(_table_totals(table, choice), budgets):
@@ -418,6 +424,8 @@ def _finished_refinement(run, name: str, inputs: dict, max_rounds: int) -> pd.Da
     except PuzzleError:
         return None
     rounds = saved.get("rounds") if isinstance(saved, dict) else None
+    if isinstance(rounds, int) and isinstance(saved.get("settings"), dict):  # written before seeds were: none used
+        saved["settings"].setdefault("seeds", [])
     if not isinstance(rounds, int) or rounds < max_rounds or {k: saved.get(k) for k in inputs} != inputs:
         return None
     if _earlier_refinement(folder / f"{name}.csv", folder / f"{name}.summary.csv") is None or not all(
@@ -478,6 +486,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     from .io import read_json
     from .pipeline import compact_architecture, evaluate, load_score_table, read_architecture
 
+    seeds = [seeds] if isinstance(seeds, str) else list(seeds)
     unknown = [m for m in seeds if m not in SEED_METHODS]
     if unknown:
         raise PuzzleError(f"seeds {unknown}: choose among {', '.join(SEED_METHODS)}")
@@ -549,6 +558,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     if earlier is None:
         t0 = time.perf_counter()
         starts = seed_choices(run, table, budgets, run.config.search.objective, vllm_compatible=vllm, methods=seeds)
+        for method in seeds:
+            if method not in starts:
+                run.say(f"refine {name}: no {method} child meets {budgets.describe()} from this score table; "
+                        f"that seed is left out")
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,
                                      tokens, vllm_compatible=vllm, seeds=starts)
         diverse_s = time.perf_counter() - t0

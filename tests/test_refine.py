@@ -107,6 +107,25 @@ def test_seeds_are_greedys_child_and_the_fewest_layers_removed_by_block_influenc
     assert seed_choices(run, table, budgets, methods=[]) == {}
 
 
+def test_with_vllm_compatible_the_layer_removal_seed_keeps_layer_0(run, table, monkeypatch):
+    """vLLM serves no layer 0 without attention (`mip.vllm_unservable`): with layer 0 the least influential, the seed
+    removes it only without --vllm-compatible, and diverse_candidates drops a given seed vLLM cannot serve."""
+    import puzzle.baselines
+    from puzzle.baselines import NOOP_BLOCK
+    from puzzle.refine import seed_choices
+
+    _, budgets = _child(run)
+    layers = run.parent.config.num_hidden_layers
+    monkeypatch.setattr(puzzle.baselines, "block_influence", lambda *a, **k: pd.DataFrame(
+        {"layer": range(layers), "layer_bi": [float(i) for i in range(layers)]}))  # layer 0 lowest
+    free = seed_choices(run, table, budgets, methods=["layer_removal"])["layer_removal"]
+    served = seed_choices(run, table, budgets, methods=["layer_removal"], vllm_compatible=True)["layer_removal"]
+    assert free[0] == NOOP_BLOCK.id and served[0] != NOOP_BLOCK.id
+    df = diverse_candidates(run, table, budgets, k=1, tokens=128, vllm_compatible=True,
+                            seeds={"layer_removal": free, "served": served})
+    assert list(df["source"]) == ["mip", "served"]
+
+
 def test_diverse_candidates_add_the_seeds_that_fit_and_are_new(run, table):
     from puzzle.refine import seed_choices
 
@@ -121,7 +140,7 @@ def test_diverse_candidates_add_the_seeds_that_fit_and_are_new(run, table):
     assert list(mip["choice"]) == list(plain["choice"]) and list(mip["rank"]) == [0, 1]
     added = df[df["source"] != "mip"]
     new = [m for m, c in seeds.items() if c not in set(plain["choice"])]
-    assert list(added["source"]) == new  # the MIP's own choice, the parent and unknown blocks are left out
+    assert new and list(added["source"]) == new  # the MIP's own choice, the parent and unknown blocks are left out
     for row in added.itertuples():
         assert row.choice == seeds[row.source]
         realized = selection_kl(run, realize_blocks(run, [BlockConfig.from_id(b) for b in row.choice]), 128)
@@ -148,8 +167,14 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
     improve_child(copy, "child-1.5x", **settings, seeds=[])  # other seeds: not the finished one
     assert "already refined" not in capsys.readouterr().err
     assert set(pd.read_csv(log).query("step == 'diverse'")["source"]) == {"mip"}
-    inputs = json.loads((copy.out / "refine" / "child-1.5x.inputs.json").read_text())
+    path = copy.out / "refine" / "child-1.5x.inputs.json"
+    inputs = json.loads(path.read_text())
     assert inputs["settings"]["seeds"] == []
+    del inputs["settings"]["seeds"]  # as a version before seeds wrote it: made without them
+    path.write_text(json.dumps(inputs))
+    capsys.readouterr()
+    improve_child(copy, "child-1.5x", **settings, seeds=[])
+    assert "already refined" in capsys.readouterr().err
     improve_child(copy, "child-1.5x", **settings, resume=True)  # a --continue keeps the diverse step and its seeds
     inputs = json.loads((copy.out / "refine" / "child-1.5x.inputs.json").read_text())
     assert inputs["settings"]["seeds"] == [] and inputs["rounds"] == 2
@@ -324,6 +349,8 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
         bad.func(bad)
     with pytest.raises(PuzzleError, match="choose among greedy, layer_removal"):  # the library call checks too
         improve_child(None, "child-1.5x", seeds=["uniform_width"])
+    with pytest.raises(PuzzleError, match=r"seeds \['greedy,nope'\]"):  # a string is one method, not letters
+        improve_child(None, "child-1.5x", seeds="greedy,nope")
 
 
 def _reindented_copy(tmp_path, source, **score):
