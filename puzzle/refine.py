@@ -110,7 +110,8 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
     for method, choice in (seeds or {}).items():
         choice = tuple(choice)
         totals = _table_totals(table, choice)
-        servable = not vllm_compatible or not any(vllm_unservable(i, BlockConfig.from_id(b)) for i, b in enumerate(choice))
+        servable = not vllm_compatible or not any(vllm_unservable(i, BlockConfig.from_id(b))
+                                                  for i, b in enumerate(choice))
         if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets) and servable:
             todo.append((method, choice, totals["kl_nats"], parent_runtime / totals["runtime_ms"]))
     rows = []
@@ -153,10 +154,10 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
     MIP's k best children by that sum need not hold the best child under the budgets by realized KL.
     Realizing the children of greedy selection and of ShortGPT layer removal beside them, and refining from
     whichever realizes best, keeps the diverse step from choosing worse than either on the scoring split where
-    their child exists under the budgets (a portfolio of starts). On a demo run it chose neither: scoring-split KL at 1.25x / 1.5x / 2x greedy 0.657 /
-    1.376 / 2.425 and layer removal 1.355 / 2.260 / 7.368 nats against the MIP's best of 8, 0.635 / 1.274 /
-    2.361. There it is insurance for a weaker library, at two more realizations (7-9 s of a 47-62 s diverse
-    step on the demo).
+    their child exists under the budgets (a portfolio of starts). On a demo run it chose neither: scoring-split
+    KL at 1.25x / 1.5x / 2x greedy 0.657 / 1.376 / 2.425 and layer removal 1.355 / 2.260 / 7.368 nats against
+    the MIP's best of 8, 0.635 / 1.274 / 2.361. There it is insurance for a weaker library, at two more
+    realizations (7-9 s of a 47-62 s diverse step on the demo).
 
     - "greedy": `search.greedy` on the same table, objective and vLLM setting;
     - "layer_removal": ShortGPT (Men et al. 2024) by `puzzle baselines`'s method: layers by block
@@ -466,8 +467,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     """Plain MIP → best of k diverse (and the `seeds` methods' children, `seed_choices`) → refined in context,
     for the searched child `name`.
 
-    Writes DIR/search/<name>-diverse.json and <name>-refined.json (realizable and exportable like
-    any searched child) and DIR/refine/<name>.csv (every candidate tried, with its step).
+    Writes DIR/search/<name>-diverse.json (its `picked_from`: "mip" or the seed's method) and <name>-refined.json
+    (realizable and exportable like any searched child) and DIR/refine/<name>.csv (every candidate tried, with its
+    step and, in the diverse step, its source).
     resume: continue an earlier call's refinement from <name>-refined for up to `max_rounds` more
     rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up); without
     those files it starts afresh. Without `resume`, a refinement already finished from the same
@@ -480,8 +482,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         plain choice on both splits, seconds spent by the step, changed layers vs the plain choice.
 
     Raises:
-        PuzzleError: a seed method not in `SEED_METHODS`, no record `name` (`pipeline.read_architecture`), or `name`
-            is a -diverse or -refined child this function wrote (refining it would stack -refined-refined records beside the plain child's).
+        PuzzleError: a seed method not in `SEED_METHODS`, no record `name` (`pipeline.read_architecture`), or
+            `name` is a -diverse or -refined child this function wrote (refining it would stack -refined-refined
+            records beside the plain child's).
     """
     from .io import read_json
     from .pipeline import compact_architecture, evaluate, load_score_table, read_architecture
@@ -534,6 +537,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             else:
                 earlier, spent = found
                 best, start = (tuple(r["choice"]) for r in kept)
+                picked_from = kept[0].get("picked_from", "mip")  # a record from before seeds: the MIP's
                 kept_sequences = [r.get(SELECTION_KEY) for r in kept]
                 diverse_s = spent["diverse"]
                 # the rounds run before and the diverse step's settings, for a later plain rerun's check
@@ -566,6 +570,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                                      tokens, vllm_compatible=vllm, seeds=starts)
         diverse_s = time.perf_counter() - t0
         best = start = diverse.loc[diverse.attrs["best"], "choice"]
+        picked_from = str(diverse.loc[diverse.attrs["best"], "source"])
     t0 = time.perf_counter()
     history = refine(run, table, budgets, start, k=refine_k, max_changes=max_changes, max_rounds=max_rounds, stage=stage,
                      tokens=tokens, progress=run.progress, vllm_compatible=vllm)
@@ -600,6 +605,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     for step, child_name, choice, seconds in steps:
         rec = record if step == "plain" else {**record_for(run, child_name, choice, stage, budgets, f"mip-{step}"),
                                               "vllm_compatible": vllm, SELECTION_KEY: chosen_on[step]}
+        if step == "diverse":  # which candidate the diverse step kept: "mip" or a seed's method
+            rec["picked_from"] = picked_from
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
         model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage)

@@ -205,8 +205,11 @@ def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_af
     front.loc[front["name"] == "child-1.5x", "speedup"] = 1.5
     front.to_csv(out / "front.csv", index=False)
     layers = json.loads((rows_dir / "layers-1.5x.json").read_text())  # the same model under a second name, as
-    attn = json.loads((rows_dir / "attn-drop-1.5x.json").read_text())  # when greedy picks our child
-    (rows_dir / "attn-drop-1.5x.json").write_text(json.dumps({**attn, "architecture": layers["architecture"]}))
+    attn_path = min(rows_dir.glob("attn-drop-*.json"))  # when greedy picks our child; attention removal reaches 1.5x
+    attn = json.loads(attn_path.read_text())  # or less, as this tiny run's timings go (CI once built attn-drop-1.46x)
+    attn_path.unlink()
+    (rows_dir / "attn-drop-1.5x.json").write_text(json.dumps({**attn, "name": "attn-drop-1.5x", "target_speedup": 1.5,
+                                                              "speedup": 1.2, "architecture": layers["architecture"]}))
     bench = load_benchmark("uplift")
     argv = ["--run", str(out), "--speedup", "1.5", "--tokens", "256", "--calib-tokens", "512", "--out",
             str(tmp_path / "u")]

@@ -163,6 +163,9 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
     improve_child(copy, "child-1.5x", **settings)
     diverse = pd.read_csv(log).query("step == 'diverse'")
     assert set(diverse["source"]) - {"mip"}  # a seed was realized (one the MIP also picked is not added twice)
+    kept = diverse.loc[diverse["score_kl_nats"].idxmin()]
+    record = json.loads((copy.out / "search" / "child-1.5x-diverse.json").read_text())
+    assert record["picked_from"] == kept["source"] and " ".join(record["choice"]) == kept["choice"]
     capsys.readouterr()
     improve_child(copy, "child-1.5x", **settings, seeds=[])  # other seeds: not the finished one
     assert "already refined" not in capsys.readouterr().err
