@@ -99,7 +99,7 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
         index with the lowest score_kl_nats.
     """
     from .mip import vllm_unservable
-    from .search import parent_totals, solve
+    from .search import build_choices, parent_totals, solve
 
     t0 = time.perf_counter()
     solutions = solve(table, budgets, objective, num_solutions=k, min_layers_differ=min_layers_differ,
@@ -107,9 +107,10 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
     solve_s = time.perf_counter() - t0
     todo = [("mip", s.choice, s.kl_nats, s.speedup) for s in solutions]
     parent_runtime = parent_totals(table)["runtime_ms"]
+    choices = build_choices(table) if seeds else None
     for method, choice in (seeds or {}).items():
         choice = tuple(choice)
-        totals = _table_totals(table, choice)
+        totals = _table_totals(choices, choice)
         servable = not vllm_compatible or not any(vllm_unservable(i, BlockConfig.from_id(b))
                                                   for i, b in enumerate(choice))
         if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets) and servable:
@@ -130,11 +131,11 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
 SEED_METHODS = ("greedy", "layer_removal")
 
 
-def _table_totals(table: pd.DataFrame, choice) -> dict[str, float] | None:
-    """Predicted totals of the architecture `choice` (block ids) from the score table; None if a block is not in it."""
-    from .search import anchor_slots, build_choices
+def _table_totals(choices, choice) -> dict[str, float] | None:
+    """Predicted totals of the architecture `choice` (block ids) from a score table's choices (`search.build_choices`,
+    built once by the caller); None if a block is not in it."""
+    from .search import anchor_slots
 
-    choices = build_choices(table)
     try:
         return choices.totals(anchor_slots(choices, list(choice)))
     except PuzzleError:
@@ -171,7 +172,7 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
         the table, a budget greedy reaches), in `SEED_METHODS` order.
     """
     from .baselines import block_influence, layer_removal
-    from .search import greedy
+    from .search import build_choices, greedy
 
     seeds = {}
     if "greedy" in methods:
@@ -187,9 +188,10 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
     order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
     if vllm_compatible:  # vLLM serves no layer 0 without attention (`mip.vllm_unservable`)
         order = [i for i in order if i != 0]
+    choices = build_choices(table)
     for removed in range(len(order) + 1):
         choice = tuple(b.id for b in layer_removal(run.parent.config, order, removed))
-        if _fits(_table_totals(table, choice), budgets):
+        if _fits(_table_totals(choices, choice), budgets):
             seeds["layer_removal"] = choice
             break
     return seeds
@@ -561,7 +563,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 f"to continue; starting one")
     if earlier is None:
         t0 = time.perf_counter()
-        starts = seed_choices(run, table, budgets, run.config.search.objective, vllm_compatible=vllm, methods=seeds)
+        starts = seed_choices(run, table, budgets, run.config.search.objective, vllm_compatible=vllm,
+                              methods=seeds)
         for method in seeds:
             if method not in starts:
                 run.say(f"refine {name}: no {method} child meets {budgets.describe()} from this score table; "
@@ -682,9 +685,8 @@ def refine_main(args) -> int:
 
     Raises:
         PuzzleError: a count flag below 1 or a --seeds method not in `SEED_METHODS` (before anything is read), DIR
-            is no run directory, --select-tokens
-            outside one sequence to the scoring split, or as `improve_child` (an unknown --name, or one of the
-            children refine itself made).
+            is no run directory, --select-tokens outside one sequence to the scoring split, or as `improve_child` (an
+            unknown --name, or one of the children refine itself made).
     """
     from .cli import _stage_run
 
