@@ -404,6 +404,13 @@ def _earlier_refinement(log_path: Path, summary_path: Path) -> tuple[pd.DataFram
     return log, spent
 
 
+def _setting_text(value) -> str:
+    """A refine setting as its flag takes it: a seed list comma-separated ('none' when empty), a count as is."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(value) or "none"
+    return str(value)
+
+
 def _refinement_inputs(run, record: dict, settings: dict) -> dict:
     """What a finished `improve_child` depends on: its settings (but the rounds), the plain child it refines (choice,
     budgets, library stage, vLLM setting) and the run's workload, score table and evaluation split
@@ -473,7 +480,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     (realizable and exportable like any searched child) and DIR/refine/<name>.csv (every candidate tried, with its
     step and, in the diverse step, its source).
     resume: continue an earlier call's refinement from <name>-refined for up to `max_rounds` more
-    rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up); without
+    rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up; the run says
+    when this call's k, min_layers_differ or seeds differ from the kept diverse step's); without
     those files it starts afresh. Without `resume`, a refinement already finished from the same
     inputs (`_refinement_inputs`) with at least `max_rounds` rounds in all is not redone: its saved
     step table is returned, and the run says so.
@@ -551,8 +559,16 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 if same and rounds_alike and isinstance(before, int) and before >= 0 \
                         and {"k", "min_layers_differ"} <= set(kept_settings):
                     rounds_before = before
+                    asked = {key: inputs["settings"][key] for key in ("k", "min_layers_differ", "seeds")}
                     inputs["settings"].update({key: kept_settings[key] for key in ("k", "min_layers_differ")})
                     inputs["settings"]["seeds"] = kept_settings.get("seeds", [])  # the diverse step's, as k
+                    unused = {key: value for key, value in asked.items() if inputs["settings"][key] != value}
+                    if unused:  # the kept diverse step is not redone: say that these settings had no effect
+                        kept_text = ", ".join(f"{key}={_setting_text(inputs['settings'][key])}" for key in unused)
+                        asked_text = ", ".join(f"{key}={_setting_text(value)}" for key, value in unused.items())
+                        run.say(f"refine {name}: --continue keeps the diverse step, made with {kept_text}; this "
+                                f"call's {asked_text} is not used (it applies to a fresh refinement: delete "
+                                f"{log_path} or run without --continue)")
                 else:  # no record of the earlier inputs, or rounds run with other settings: no rerun is "done"
                     inputs = None
         else:
@@ -664,7 +680,8 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="most refinement rounds (default 4)")
     p.add_argument("--select-tokens", type=int, default=None, help="scoring-split tokens to choose by (default 2048)")
     p.add_argument("--continue", dest="resume", action="store_true",
-                   help="continue an earlier refinement of NAME from <name>-refined for --rounds more rounds")
+                   help="continue an earlier refinement of NAME from <name>-refined for --rounds more rounds (its "
+                        "diverse step is kept: --k, --min-layers-differ and --seeds apply to a fresh refinement)")
     p.add_argument("--no-measure", action="store_true",
                    help="skip timing the diverse and refined children against the parent (then `puzzle front` compares "
                         "only the plain MIP children with the baselines)")

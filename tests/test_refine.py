@@ -178,10 +178,16 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
     capsys.readouterr()
     improve_child(copy, "child-1.5x", **settings, seeds=[])
     assert "already refined" in capsys.readouterr().err
-    improve_child(copy, "child-1.5x", **settings, resume=True)  # a --continue keeps the diverse step and its seeds
+    capsys.readouterr()
+    improve_child(copy, "child-1.5x", **{**settings, "k": 3}, resume=True)  # keeps the diverse step and its seeds
+    said = capsys.readouterr().err  # and says that this call's other k and seeds had no effect
+    assert "keeps the diverse step, made with k=2, seeds=none" in said
+    assert "k=3, seeds=greedy,layer_removal is not used" in said
     inputs = json.loads((copy.out / "refine" / "child-1.5x.inputs.json").read_text())
-    assert inputs["settings"]["seeds"] == [] and inputs["rounds"] == 2
-    improve_child(copy, "child-1.5x", **{**settings, "max_rounds": 2}, seeds=[])
+    assert inputs["settings"]["seeds"] == [] and inputs["settings"]["k"] == 2 and inputs["rounds"] == 2
+    improve_child(copy, "child-1.5x", **settings, seeds=[], resume=True)  # the kept settings: nothing to say
+    assert "is not used" not in capsys.readouterr().err
+    improve_child(copy, "child-1.5x", **{**settings, "max_rounds": 3}, seeds=[])
     assert "already refined" in capsys.readouterr().err
 
 
