@@ -180,7 +180,8 @@ def test_a_standard_error_of_one_document_is_written_as_json_null():
     assert parse_tasks("piqa, piqa,arc_easy") == ("piqa", "arc_easy")  # a task named twice is evaluated once
 
 
-def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_after(tmp_path_factory, tmp_path):
+def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_after(tmp_path_factory, tmp_path,
+                                                                                     capsys):
     """benchmarks/uplift.py: ours (as `puzzle front` picks it) and each baseline built for the target get one GKD
     (the same tokens and settings), each KL before and after is the model's as measured anew, each ratio is ours over
     the baseline's KL at the slower model's speed-up (the faster one's read on the line from the parent to it), a
@@ -210,10 +211,14 @@ def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_af
     attn_path.unlink()
     (rows_dir / "attn-drop-1.5x.json").write_text(json.dumps({**attn, "name": "attn-drop-1.5x", "target_speedup": 1.5,
                                                               "speedup": 1.2, "architecture": layers["architecture"]}))
+    (out / "refine").mkdir(exist_ok=True)  # a refinement `puzzle front` passes over: the plain child stands, said
+    (out / "refine" / "child-1.5x.summary.csv").write_text("step,name,score_kl_nats\n")
     bench = load_benchmark("uplift")
     argv = ["--run", str(out), "--speedup", "1.5", "--tokens", "256", "--calib-tokens", "512", "--out",
             str(tmp_path / "u")]
+    capsys.readouterr()
     assert bench.main([*argv, "--keep-checkpoints"]) == 0
+    assert "child-1.5x: the plain child, not refine's pick:" in capsys.readouterr().err
     table = pd.read_csv(tmp_path / "u" / "uplift.csv")
     baselines = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (out / "baselines" / "rows").glob("*.json")}
     fair = {n for n, r in baselines.items() if r.get("target_speedup") == 1.5
