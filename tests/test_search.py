@@ -501,7 +501,7 @@ def test_dp_dominance_drops_only_dominated_states(seed):
         t = rng.uniform(size=n)
         order = np.lexsort((t, v) + tuple(c.T[::-1]))  # the dynamic program's order
         c, v, t = c[order], v[order], t[order]
-        drop = mip._dominated(c, v, t)
+        drop = mip._dominated(c, mip._lex_rank(v, t))
         kept = np.flatnonzero(~drop)
         no_worse = lambda j: (v[kept] < v[j]) | ((v[kept] == v[j]) & (t[kept] <= t[j]))  # noqa: E731
         dominated = [j for j in range(n) if any(((c <= c[j]).all(1) & ((v < v[j]) | ((v == v[j]) & (t <= t[j]))))
