@@ -558,7 +558,8 @@ def _dominated(c: np.ndarray, rank: np.ndarray, window: int = DOMINANCE_WINDOW) 
     """(S,) bool: states dominated by another state among their `window` predecessors in some cost order.
 
     c: (S, m) int costs with m >= 2, rows sorted lexicographically by cost vector, then score, then
-    tie-break (the dynamic program's order, so equal cost vectors are adjacent); rank: (S,) int, each state's
+    tie-break (the dynamic program's order, so equal cost vectors are adjacent; the first pass needs column 0
+    ascending, and does not compare it, as each later pass skips the column it sorts by); rank: (S,) int, each state's
     (score, tie-break) pair's rank (`_lex_rank`, which the caller sorts by too). State j is dominated by i when
     c_i <= c_j in every column and (v_i, t_i) <= (v_j, t_j), i.e. rank_i <= rank_j: every completion of j is as
     feasible and at least as good from i, ties included, so
