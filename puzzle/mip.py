@@ -674,8 +674,8 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
     from per-state and per-slot parts (the costs of the pairs that pass only), coarsened suffix fronts built by a
     scatter instead of a sort, one score ranking per layer that also seeds the cost-order sort, and `_dominated`
     skipping the column its order sorts, on the same 240 (process CPU, best of 2, each solve timed next to the
-    earlier code, two runs): slowest 1.33 -> 0.88 s and 1.22 -> 0.74 s, 1 -> 0 above 1 s, total 18 % lower,
-    median 0.105 -> 0.099 s, identical choices; single-budget solves (~45 ms) unchanged within 2 %.
+    earlier code, three runs): slowest 1.22-1.33 s -> 0.74-1.04 s, total 14-18 % lower, median 0.10-0.12 s either
+    way, the 16 slowest a median 0.71x, identical choices; single-budget solves (~45 ms) unchanged within 2 %.
     """
     max_states = DP_MAX_STATES if max_states is None else max_states
     num_layers = keep.shape[0]
@@ -748,14 +748,15 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
             ok &= pair <= limits[k] - low_rest[i, k]
         if math.isfinite(gap):
             r = state_red[:, None] + rj[None, :]  # (S, n)
-            slack_low = np.zeros(ok.shape)  # budget no completion can use, λ-weighted
-            for k in np.flatnonzero(units):
-                slack_low += np.maximum((limits[k] - high_rest[i, k] - state_cost[:, k])[:, None] - cj[None, :, k],
-                                        0) * units[k]
-            linear = (limits @ units - state_cost @ units)[:, None] - (cj @ units)[None, :]  # room @ units
+            slack_low, linear = np.zeros(ok.shape), np.zeros(ok.shape)  # λ-weighted: budget no completion can use,
+            for k in np.flatnonzero(units):  # and all budget left (room @ units)
+                room = (limits[k] - state_cost[:, k])[:, None] - cj[None, :, k]  # (S, n) ints, exact (a float sum
+                slack_low += np.maximum(room - high_rest[i, k], 0) * units[k]  # of the parts cancels: a fuzz test
+                linear += room * units[k]  # against the earlier code found it dropping a state whose room was 0)
             ok &= (r + slack_low <= gap + slack_tol) & (r + linear + drift_rest[i] <= gap + slack_tol)
         parent, slot = np.divmod(np.flatnonzero(ok), n)  # the pairs in play, state-major
         v = state_score[parent] + oj[slot]
+        room = (limits[:budget_rows] - state_cost[:, :budget_rows])[parent] - cj[slot, :budget_rows]  # (S', budgets)
         if pairs_pending and len(state_score) > PAIRS_AFTER:  # a hard solve: the pairs' fronts pay off
             pairs_pending = False
             scale = 1.0 / np.maximum(np.abs(np.where(keep[..., None], cost[..., :budget_rows], 0)).max((0, 1)), 1)
@@ -764,19 +765,17 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
                 surrogates.append((w, _suffix_fronts(cost[..., :budget_rows] @ w, objective, cells, PAIR_FRONT_CAP)))
         for w, per_layer in surrogates:  # the least completion within a weighted sum of the budgets
             f_cost, f_score = per_layer[i]
-            left = (limits[:budget_rows] @ w - state_cost[:, :budget_rows] @ w)[parent] \
-                - (cj[:, :budget_rows] @ w)[slot]  # room @ w of each pair in play
+            left = room @ w
             at = np.searchsorted(f_cost, left * (1 + 1e-9) + 1e-12 * abs(f_cost).max(), side="right") - 1
             rest = np.where(at >= 0, f_score[np.maximum(at, 0)], np.inf)
             passed = v + rest <= ceiling + ceiling_tol
-            parent, slot, v = parent[passed], slot[passed], v[passed]
+            parent, slot, v, room = parent[passed], slot[passed], v[passed], room[passed]
         for k, per_layer in enumerate(fronts):  # the least completion within budget k alone
             f_cost, f_score = per_layer[i]
-            room = (limits[k] - state_cost[:, k])[parent] - cj[slot, k]  # budget k left for layers i+1..
-            at = np.searchsorted(f_cost, room, side="right") - 1  # last front point within it
+            at = np.searchsorted(f_cost, room[:, k], side="right") - 1  # last front point within it
             rest = np.where(at >= 0, f_score[np.maximum(at, 0)], np.inf)
             passed = v + rest <= ceiling + ceiling_tol
-            parent, slot, v = parent[passed], slot[passed], v[passed]
+            parent, slot, v, room = parent[passed], slot[passed], v[passed], room[passed]
         c = state_cost[parent] + cj[slot]  # (S', m) the passing pairs' costs
         if others:
             c[:, budget_rows:] = np.maximum(c[:, budget_rows:], i + 1 - min_differ)
