@@ -748,15 +748,19 @@ def _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, ti
             ok &= pair <= limits[k] - low_rest[i, k]
         if math.isfinite(gap):
             r = state_red[:, None] + rj[None, :]  # (S, n)
-            slack_low, linear = np.zeros(ok.shape), np.zeros(ok.shape)  # λ-weighted: budget no completion can use,
-            for k in np.flatnonzero(units):  # and all budget left (room @ units)
-                room = (limits[k] - state_cost[:, k])[:, None] - cj[None, :, k]  # (S, n) ints, exact (a float sum
-                slack_low += np.maximum(room - high_rest[i, k], 0) * units[k]  # of the parts cancels: a fuzz test
-                linear += room * units[k]  # against the earlier code found it dropping a state whose room was 0)
+            # λ-weighted: the budget no completion can use, and all budget left (room @ units); room per column is
+            # an exact integer (a float sum of per-state and per-slot parts cancels: a fuzz test against the earlier
+            # code found such a sum, -1e-16 for a room of 0, dropping the optimum's state)
+            slack_low, linear = np.zeros(ok.shape), np.zeros(ok.shape)
+            for k in np.flatnonzero(units):
+                room = (limits[k] - state_cost[:, k])[:, None] - cj[None, :, k]  # (S, n) budget k left
+                slack_low += np.maximum(room - high_rest[i, k], 0) * units[k]
+                linear += room * units[k]
             ok &= (r + slack_low <= gap + slack_tol) & (r + linear + drift_rest[i] <= gap + slack_tol)
         parent, slot = np.divmod(np.flatnonzero(ok), n)  # the pairs in play, state-major
         v = state_score[parent] + oj[slot]
-        room = (limits[:budget_rows] - state_cost[:, :budget_rows])[parent] - cj[slot, :budget_rows]  # (S', budgets)
+        # (S', budgets) each pair's budget left for layers i+1.., integers: the fronts' tests below read it
+        room = (limits[:budget_rows] - state_cost[:, :budget_rows])[parent] - cj[slot, :budget_rows]
         if pairs_pending and len(state_score) > PAIRS_AFTER:  # a hard solve: the pairs' fronts pay off
             pairs_pending = False
             scale = 1.0 / np.maximum(np.abs(np.where(keep[..., None], cost[..., :budget_rows], 0)).max((0, 1)), 1)
