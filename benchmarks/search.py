@@ -8,7 +8,8 @@ may stop at its 20 s limit with a proven bound; the summary names any unproven c
     read from ../shared/fixtures/puzzle-llama-3.3-70b-instruct or $PUZZLE_70B_LIBRARY (skipped when absent): single
     budgets (runtime fractions, runtime + memory, runtime + memory + parameters), a 20-budget runtime sweep,
     a 20-budget sweep with three budgets at once, 80 random three-budget combinations (seed 7: runtime
-    0.3-0.8 of the parent, memory up to 0.12 below it, parameters up to 0.12 below memory; `--random N`),
+    0.3-0.8 of the parent, memory up to 0.12 below it, parameters up to 0.12 below memory; `--random N` per
+    seed, `--random-seeds 3,7,11` for the 240 that mip._dp_solve's figures are on),
     and k diverse solutions d layers apart (k=5 d=10 runtime 0.5; k=4 d=5 three budgets; k=4 d=40 runtime 0.5
     + memory 0.8), each k solutions timed together.
   * synthetic: `synthetic_table()` below, 126 layers x 60 block variants with three budgets at
@@ -116,7 +117,8 @@ def _budgets(parent: dict, runtime=None, memory=None, params=None) -> Budgets:
                    max_params=None if params is None else params * parent["params"])
 
 
-def run(out: Path, repeats: int, workers: int | None, random_combos: int = 80) -> pd.DataFrame:
+def run(out: Path, repeats: int, workers: int | None, random_combos: int = 80,
+        random_seeds: tuple[int, ...] = (7,)) -> pd.DataFrame:
     records = []
 
     def record(case, label, seconds, solutions, greedy_solution=None, cpu_s=None):
@@ -161,11 +163,15 @@ def run(out: Path, repeats: int, workers: int | None, random_combos: int = 80) -
                             "params -0.12", "seconds": round(time.perf_counter() - t0, 4),
                             "cpu_s": round(time.process_time() - c0, 4), "objective": None,
                             "optimal": all(r[0].optimal for r in results), "max_single_s": max(r[0].solve_s for r in results)})
-        rng = np.random.default_rng(7)  # where the dynamic program's states multiply most: a reviewer's scan
-        for _ in range(random_combos):
-            r = rng.uniform(0.3, 0.8)
-            m = r - rng.uniform(0.0, 0.12)
-            p = m - rng.uniform(0.0, 0.12)
+        # where the dynamic program's states multiply most: a reviewer's scan (3,7,11: mip._dp_solve's 240)
+        combos = []
+        for seed in random_seeds:
+            rng = np.random.default_rng(seed)
+            for _ in range(random_combos):
+                r = rng.uniform(0.3, 0.8)
+                m = r - rng.uniform(0.0, 0.12)
+                combos.append((r, m, m - rng.uniform(0.0, 0.12)))
+        for r, m, p in combos:
             t0, c0 = time.perf_counter(), time.process_time()
             solutions = solve(table, _budgets(parent, runtime=r, memory=m, params=p), num_workers=workers)
             record("library-random-3", f"runtime {r:.4f}, memory {m:.4f}, params {p:.4f}", time.perf_counter() - t0,
@@ -206,9 +212,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "search_times.csv", help="CSV of solve times")
     p.add_argument("--repeats", type=int, default=3, help="solves per budget (the median is reported)")
     p.add_argument("--workers", type=int, default=None, help="CP-SAT threads (default: CPU count, at most 8)")
-    p.add_argument("--random", type=int, default=80, help="random three-budget combinations on the library")
+    p.add_argument("--random", type=int, default=80, help="random three-budget combinations on the library, per seed")
+    p.add_argument("--random-seeds", default="7", metavar="SEEDS",
+                   help="comma-separated seeds of those combinations (default 7; 3,7,11 for mip._dp_solve's 240)")
     args = p.parse_args()
-    df = run(args.out, args.repeats, args.workers, args.random)
+    try:
+        seeds = tuple(int(x) for x in args.random_seeds.split(","))
+    except ValueError:
+        p.error(f"--random-seeds {args.random_seeds}: give whole numbers, comma-separated, e.g. 3,7,11")
+    df = run(args.out, args.repeats, args.workers, args.random, seeds)
     timed = df[~df["case"].str.endswith("greedy")]
     summary = timed.groupby(["case", "budget"], sort=False)[["seconds", "cpu_s"]].median().reset_index()
     print(summary.to_string(index=False))

@@ -542,10 +542,13 @@ def _lex_rank(v: np.ndarray, t: np.ndarray, with_order: bool = False):
     """(S,) int64: the rank of each (score, tie-break) pair in lexicographic order, equal pairs equal; with_order:
     also (S,) the stable order by it (positions of equal pairs ascending)."""
     order = np.argsort(v)  # one pass where no scores tie (the usual case with measured scores), any sort will do
-    if np.any(v[order][1:] == v[order][:-1]):
+    vs = v[order]
+    if np.any(vs[1:] == vs[:-1]):
         order = np.lexsort((t, v))
+        vs = v[order]
+    ts = t[order]
     new = np.ones(len(v), bool)
-    new[1:] = (v[order][1:] != v[order][:-1]) | (t[order][1:] != t[order][:-1])
+    new[1:] = (vs[1:] != vs[:-1]) | (ts[1:] != ts[:-1])
     rank = np.empty(len(v), np.int64)
     rank[order] = np.cumsum(new) - 1
     return (rank, order) if with_order else rank
