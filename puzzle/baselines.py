@@ -485,31 +485,42 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
         prefill_tok_s, decode_tok_s, memory_mib, params, group, contention_cores (the most cores other
         jobs kept busy while its group was timed; None when not judged).
     """
-    from .pipeline import recorded_contention
     from .scoring.cost import measure_models
 
-    keep = ("runtime_ms", "prefill_tok_s", "decode_tok_s", "memory_mib", "params")
     names = list(models)
-    rows, parent_tok_s, parent_row = [], None, None
+    rows, parent_tok_s = [], None
     for g, start in enumerate(range(0, max(len(names), 1), group_size)):
         group = {"parent": run.parent.model, **{n: models[n] for n in names[start:start + group_size]}}
         df = measure_models(group, run.workload(), repeats=repeats,
                             max_contention=run.config.score.max_contention)
-        busy = recorded_contention(df.attrs)  # the group's session: what other jobs took while it was timed
-        df = df.set_index("name")
-        p = df.loc["parent"]
-        if parent_row is None:
-            parent_tok_s = float(p["throughput_tok_s"])
-            parent_row = {"name": "parent", "speedup": 1.0, "throughput_tok_s": parent_tok_s, "group": g,
-                          "contention_cores": busy, "parent_runtime_ms": float(p["runtime_ms"]),
-                          **{c: float(p[c]) for c in keep}}
-        for n in names[start:start + group_size]:
-            r = df.loc[n]
-            speedup = float(p["runtime_ms"] / r["runtime_ms"])
-            rows.append({"name": n, "speedup": speedup, "throughput_tok_s": parent_tok_s * speedup, "group": g,
-                         "contention_cores": busy, "parent_runtime_ms": float(p["runtime_ms"]),
-                         **{c: float(r[c]) for c in keep}})
-    return pd.DataFrame([parent_row] + rows)
+        session = session_rows(df.set_index("name"), names[start:start + group_size], g, parent_tok_s)
+        if parent_tok_s is None:
+            parent_tok_s = float(session["throughput_tok_s"].iloc[0])
+            rows.append(session.iloc[:1])
+        rows.append(session.iloc[1:])
+    return pd.concat(rows, ignore_index=True)
+
+
+def session_rows(measured: pd.DataFrame, names, group: int = 0, parent_tok_s: float | None = None) -> pd.DataFrame:
+    """`measure_against_parent`'s rows (parent first) for models `names` of one `scoring.cost.measure_models` session
+    (`measured`, indexed by name, with a "parent" row; its attrs carry the session's contention).
+
+    parent_tok_s: the throughput that speed-ups scale (default: the parent's in this session)."""
+    from .pipeline import recorded_contention
+
+    keep = ("runtime_ms", "prefill_tok_s", "decode_tok_s", "memory_mib", "params")
+    busy = recorded_contention(measured.attrs)  # the session's: what other jobs took while it was timed
+    p = measured.loc["parent"]
+    parent_tok_s = float(p["throughput_tok_s"]) if parent_tok_s is None else parent_tok_s
+    rows = [{"name": "parent", "speedup": 1.0, "throughput_tok_s": float(p["throughput_tok_s"]), "group": group,
+             "contention_cores": busy, "parent_runtime_ms": float(p["runtime_ms"]), **{c: float(p[c]) for c in keep}}]
+    for n in names:
+        r = measured.loc[n]
+        speedup = float(p["runtime_ms"] / r["runtime_ms"])
+        rows.append({"name": n, "speedup": speedup, "throughput_tok_s": parent_tok_s * speedup, "group": group,
+                     "contention_cores": busy, "parent_runtime_ms": float(p["runtime_ms"]),
+                     **{c: float(r[c]) for c in keep}})
+    return pd.DataFrame(rows)
 
 
 ROW_COLUMNS = ["name", "method", "training", "target_speedup", "predicted_speedup", "speedup", "throughput_tok_s",
@@ -566,7 +577,8 @@ def _saved_row(path: Path, inputs: dict) -> dict | None:
 
 
 def realize_all(run, candidates: list[Candidate], library=None, export: bool = True, group_size: int = 4,
-                rows_dir: Path | None = None, max_groups: int | None = None) -> pd.DataFrame:
+                rows_dir: Path | None = None, max_groups: int | None = None,
+                measured: pd.DataFrame | None = None) -> pd.DataFrame:
     """Realize, evaluate (evaluation split), score (scoring split), measure and export every candidate.
 
     Models are built group by group (memory), evaluated with `pipeline.evaluate` (cached in
@@ -576,6 +588,11 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     sweep can be run `max_groups` groups at a time; a row whose architecture or library stage is not
     the candidate's, or that was made for another workload or score table, or lacks the export asked
     for, is redone (and with it the parent's row when that is stale).
+
+    measured: a `scoring.cost.measure_models` session (indexed by name, with the parent) that already timed some
+    candidates under their names (`refine.settle_steps`' last one, which checked them against their budget): their
+    rows take its figures instead of a new timing, and are redone even where a saved row stands, so that a row and
+    its budget check come from one session.
 
     Returns:
         One row per finished model (ROW_COLUMNS), parent first. Each child is timed against the parent in its
@@ -606,7 +623,8 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     for path in rows_dir.glob("*.json"):  # rows for another workload or score table would be drawn by `puzzle front`
         if saved(path) is None:
             path.unlink()
-    todo = [c for c in candidates if finished(c) is None]
+    given = set() if measured is None else set(measured.index) - {"parent"}
+    todo = [c for c in candidates if c.name in given or finished(c) is None]
     if not (rows_dir / "parent.json").is_file() and not todo:
         todo = list(candidates)
     groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)][:max_groups]
@@ -626,9 +644,13 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
         timed = {c.name: same.setdefault((compact_architecture([b.id for b in c.blocks]), c.training), c.name)
                  for c in group}
         unique = {n: models[n] for n in dict.fromkeys(timed.values())}
-        measured = measure_against_parent(run, unique, group_size=len(unique)).set_index("name")
+        fresh = {n: m for n, m in unique.items() if n not in given}
+        sessions = [measure_against_parent(run, fresh, group_size=len(fresh))] if fresh else []
+        if len(fresh) < len(unique):  # the given session's rows (the parent's from the first session here)
+            sessions.append(session_rows(measured, [n for n in unique if n in given]))
+        timing = pd.concat(sessions, ignore_index=True).drop_duplicates("name").set_index("name")
         if not (rows_dir / "parent.json").is_file():
-            p = measured.loc["parent"]
+            p = timing.loc["parent"]
             parent_q = evaluate(run, run.parent.model, "parent")
             atomic_write_json(rows_dir / "parent.json", {
                 "name": "parent", "method": "parent", "training": "none", "target_speedup": 1.0, "predicted_speedup": 1.0,
@@ -638,7 +660,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "contention_cores": contention_cores(p.get("contention_cores")),
                 "architecture": "parent", "inputs": inputs})
         for c in group:
-            m = measured.loc[timed[c.name]]
+            m = timing.loc[timed[c.name]]
             atomic_write_json(rows_dir / f"{c.name}.json", {
                 "name": c.name, "method": c.method, "training": c.training, "target_speedup": c.target_speedup,
                 "predicted_speedup": c.predicted_speedup, "speedup": float(m["speedup"]), **quality[c.name],

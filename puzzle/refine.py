@@ -16,6 +16,9 @@ Two steps search past the proxy, both choosing on the *scoring* split (never the
    The k best re-solved children are realized; the best replaces the child if its realized KL on the
    scoring split is lower. Repeat until it stops improving.
 
+`puzzle refine` then holds both children to the plain child's budget as measured (`settle_steps`): the refinement
+chooses under the cost table's prediction, and a child of another architecture can run off it by its own ratio.
+
 In-context scores use the same scoring tokens and LM-head position stride as `puzzle score`; the
 child's residual stream is computed once per round and only layers from the swapped one onward are
 rerun (scoring/quality.py). Every step records what it predicted, what it realized, and its seconds.
@@ -497,7 +500,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             records beside the plain child's).
     """
     from .io import read_json
-    from .pipeline import compact_architecture, evaluate, load_score_table, read_architecture
+    from .pipeline import load_score_table, read_architecture
 
     seeds = [seeds] if isinstance(seeds, str) else list(seeds)
     unknown = [m for m in seeds if m not in SEED_METHODS]
@@ -628,28 +631,141 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             rec["picked_from"] = picked_from
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
-        model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage)
-        out.append({"step": step, "name": child_name, "architecture": compact_architecture(choice),
-                    "predicted_kl_nats": rec["kl_nats"],
-                    "score_kl_nats": selection_kl(run, model, tokens),
-                    "kl_nats": evaluate(run, model, child_name)["kl_nats"],
-                    "predicted_speedup": rec["speedup"], "seconds": seconds,
-                    "changed_layers": sum(a != b for a, b in zip(choice, record["choice"]))})
-    df = pd.DataFrame(out)
-    for col in ("score_kl_nats", "kl_nats"):
-        df[f"gain_{col}"] = df[col].iloc[0] - df[col]
+        out.append(_step_row(run, step, child_name, rec, record["choice"], seconds, tokens))
+    df = _with_gains(pd.DataFrame(out))
     atomic_write_text(summary_path, df.to_csv(index=False))
     if inputs is not None:
         atomic_write_json(inputs_path, {**inputs, "rounds": rounds_before + max_rounds})
     return df
 
 
-def measure_steps(run, name: str) -> pd.DataFrame:
+def _step_row(run, step: str, child_name: str, rec: dict, plain_choice, seconds: float,
+              tokens: int | None) -> dict:
+    """One row of the step table (`improve_child`'s Returns) for the child `rec` (a search record) of step `step`."""
+    from .pipeline import compact_architecture, evaluate
+
+    choice = rec["choice"]
+    model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], rec.get("library_stage", "bld"))
+    return {"step": step, "name": child_name, "architecture": compact_architecture(choice),
+            "predicted_kl_nats": rec["kl_nats"], "score_kl_nats": selection_kl(run, model, tokens),
+            "kl_nats": evaluate(run, model, child_name)["kl_nats"], "predicted_speedup": rec["speedup"],
+            "seconds": seconds, "changed_layers": sum(a != b for a, b in zip(choice, plain_choice))}
+
+
+def _with_gains(df: pd.DataFrame) -> pd.DataFrame:
+    """The step table with gain_score_kl_nats and gain_kl_nats: the plain child's (first row's) KL minus each row's."""
+    for col in ("score_kl_nats", "kl_nats"):
+        df[f"gain_{col}"] = df[col].iloc[0] - df[col]
+    return df
+
+
+#: key of a -diverse/-refined record the budget feedback re-solved (`settle_steps`): the table limits its child was
+#: solved under (its `budgets` stay the plain child's, which the refinement ran under and `--continue` checks)
+FEEDBACK_BUDGETS_KEY = "feedback_budgets"
+
+
+def settle_steps(run, name: str, *, refine_k: int = 4, max_changes: int = 6, tokens: int | None = None,
+                 rounds: int | None = None) -> tuple[dict, dict, pd.DataFrame | None]:
+    """Hold `name`-diverse and `name`-refined to the budget the plain child `name` was asked for, as measured.
+
+    The refinement chooses under the plain child's table limits, and a child of another architecture runs off the
+    cost table by its own ratio (the demo's refined 1.25x child measured 1.20x). So, as the pipeline does for the
+    plain children (`feedback.settle`, `[search] budget_feedback` rounds, `budget_slack`): the two children are
+    realized and timed with the parent in one interleaved session and checked against the request resolved on the
+    parent measured there; one off its budget by more than the timing noise is re-solved under corrected table
+    limits inside a trust region of `max_changes` layers around it (the score table's `refine_k` best, each realized
+    and scored on the scoring split's `tokens`; the lowest KL is taken), and all are timed again.
+
+    A child the feedback changes is rewritten to DIR/search/<child>.json with `FEEDBACK_BUDGETS_KEY` (the corrected
+    limits), `solved_choice` (the refinement's child) and `budget_feedback` (feedback.settle's history); its
+    `budgets` stay the plain child's. One it keeps is rewritten only to record the history. As for the plain
+    children, earlier calls' sessions that re-solved a child stay in `budget_feedback_earlier`
+    (`pipeline.earlier_feedback`), so a rerun that only checks it does not lose how it was chosen.
+
+    Returns:
+        ({child name: final record} for the children the feedback changed, {child name: feedback.Check} of the final
+        session, that session: `measure_models`' table indexed by name, the parent and both children);
+        ({}, {}, None) when the plain child has no budget request (a record solved with table limits only).
+    """
+    from .feedback import check_rounds, settle
+    from .pipeline import _over_budget_note, earlier_feedback, load_score_table, read_architecture
+    from .scoring.cost import measure_models
+    from .search import solve
+
+    plain = read_architecture(run, name)
+    request = plain.get("request")
+    if not request:
+        run.say(f"refine {name}: its record has no budget request; the refined children are not checked against one")
+        return {}, {}, None
+    s = run.config.search
+    rounds = s.budget_feedback if rounds is None else check_rounds(rounds, "budget feedback rounds")
+    stage, vllm = plain.get("library_stage", "bld"), bool(plain.get("vllm_compatible", False))
+    saved = {n: read_architecture(run, n) for n in (f"{name}-diverse", f"{name}-refined")}
+    # settle corrects the limits a child was solved under: the feedback's own where an earlier call left them
+    records = {n: {**r, "request": request, "budgets": r.get(FEEDBACK_BUDGETS_KEY, r["budgets"])}
+               for n, r in saved.items()}
+    models: dict[tuple, object] = {}
+
+    def measure(recs: dict) -> pd.DataFrame:
+        for r in recs.values():
+            key = tuple(r["choice"])
+            if key not in models:
+                models[key] = realize_blocks(run, [BlockConfig.from_id(b) for b in key], stage)
+        measured = measure_models({"parent": run.parent.model, **{n: models[tuple(r["choice"])]
+                                                                   for n, r in recs.items()}},
+                                  run.workload(), repeats=run.config.score.measure_repeats, progress=run.progress,
+                                  max_contention=run.config.score.max_contention)
+        return measured.set_index("name")
+
+    now = int(selection_ids(run, tokens).shape[0])
+    table = None
+
+    def resolve(child: str, record: dict, budgets: Budgets) -> dict:
+        nonlocal table
+        if table is None:
+            table = load_score_table(run, stage)[0]
+        anchor = [BlockConfig.from_id(b) for b in record["choice"]]
+        solutions = solve(table, budgets, s.objective, num_solutions=refine_k, anchor=anchor, max_changes=max_changes,
+                          vllm_compatible=vllm)  # InfeasibleBudget (a PuzzleError): settle keeps the child
+        scored = [(selection_kl(run, realize_blocks(run, x.blocks, stage), tokens), x.choice) for x in solutions]
+        best = min(scored, key=lambda pair: pair[0])[1]  # the first of equal KLs: the table's better one
+        rec = record_for(run, child, best, stage, budgets, record["method"])
+        kept = {key: record[key] for key in ("vllm_compatible", "picked_from", "request") if key in record}
+        return {**rec, **kept, SELECTION_KEY: max(now, int(record.get(SELECTION_KEY) or 0))}
+
+    records, measured, checks, history = settle(records, measure, resolve, rounds=rounds, slack=s.budget_slack,
+                                         workload_meta=run.workload().meta(), say=run.say)
+    changed = {}
+    for child, record in records.items():
+        before = saved[child]
+        out = {**record, "budgets": before["budgets"], "budget_feedback": history.get(child, []),
+               "budget_feedback_rounds": rounds}
+        out.pop("request", None)  # the plain child's record holds it
+        out.pop("budget_feedback_earlier", None)
+        if earlier := earlier_feedback(before):  # the earlier calls' sessions that re-solved it, as the pipeline keeps
+            out["budget_feedback_earlier"] = earlier
+        if record["choice"] != before["choice"]:
+            out.update({FEEDBACK_BUDGETS_KEY: record["budgets"],
+                        "solved_choice": before.get("solved_choice", before["choice"])})
+            changed[child] = out
+        atomic_write_json(run.out / "search" / f"{child}.json", out)
+    for child, c in checks.items():
+        if not c.met:
+            run.say(f"refine {name}: {child} measured {c.use_text()} of its {c.column} budget: over it"
+                    + _over_budget_note(c, history.get(child, []), rounds))
+    return changed, checks, measured
+
+
+def measure_steps(run, name: str, measured: pd.DataFrame | None = None) -> pd.DataFrame:
     """Realize, evaluate and time `name`-diverse and `name`-refined against the parent, interleaved in one session
     (`baselines.realize_all`; rows in DIR/front_rows/, reused while their architecture and the run's workload and
     score table stay), so that `puzzle front` compares them with the baselines at measured speed-up. The rows'
     score_kl_nats is realize_all's, on the scoring tokens every front row uses (the summary's, by which `puzzle front`
     picks, is on --select-tokens), so the rows of all methods compare alike; it costs one more scoring pass per child.
+
+    measured: `settle_steps`' last session; the rows then take its timings (no new one), so that a child's speed-up
+    in DIR/front_rows/ and its budget check in the step table are one measurement (two sessions of the demo's
+    refined 1.25x child put it at 0.993 of its budget and at 1.207x, 3.5 % apart).
 
     Returns:
         realize_all's rows: the parent, then the two children (speedup, kl_nats, score_kl_nats, ...).
@@ -657,7 +773,7 @@ def measure_steps(run, name: str) -> pd.DataFrame:
     from .baselines import realize_all, searched_candidate
 
     return realize_all(run, [searched_candidate(run, f"{name}-{step}") for step in ("diverse", "refined")],
-                       export=False, rows_dir=run.out / "front_rows")
+                       export=False, rows_dir=run.out / "front_rows", measured=measured)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -683,8 +799,11 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
                    help="continue an earlier refinement of NAME from <name>-refined for --rounds more rounds (its "
                         "diverse step is kept: --k, --min-layers-differ and --seeds apply to a fresh refinement)")
     p.add_argument("--no-measure", action="store_true",
-                   help="skip timing the diverse and refined children against the parent (then `puzzle front` compares "
-                        "only the plain MIP children with the baselines)")
+                   help="skip timing the diverse and refined children against the parent and holding them to the plain "
+                        "child's budget (then `puzzle front` compares only the plain MIP children with the baselines)")
+    p.add_argument("--budget-feedback", type=int, default=None, metavar="N",
+                   help="re-solve rounds for a diverse or refined child that measures off its budget (0: check only; "
+                        "default: the run's [search] budget_feedback)")
     from .cli import add_max_contention_flag
 
     add_max_contention_flag(p)
@@ -695,21 +814,27 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def refine_main(args) -> int:
-    """Run `improve_child`, then (unless --no-measure) `measure_steps`, and print the step table.
+    """Run `improve_child`, then (unless --no-measure) `settle_steps` (--budget-feedback rounds) and `measure_steps`,
+    and print the step table (with measured_speedup, budget_use and budget_met for the diverse and refined children).
 
     The run is opened as every stage command's (`cli._stage_run`): --max-contention is saved with the configuration
     when the command succeeds, and a failure (an error, Ctrl-C) leaves DIR/config.json byte for byte as it was.
 
     Raises:
-        PuzzleError: a count flag below 1 or a --seeds method not in `SEED_METHODS` (before anything is read), DIR
-            is no run directory, --select-tokens outside one sequence to the scoring split, or as `improve_child` (an
-            unknown --name, or one of the children refine itself made).
+        PuzzleError: a count flag below 1, --budget-feedback outside 0..feedback.MAX_ROUNDS or a --seeds method not
+            in `SEED_METHODS` (before anything is read), DIR is no run directory, --select-tokens outside one sequence
+            to the scoring split, or as `improve_child` (an unknown --name, or one of the children refine itself
+            made).
     """
     from .cli import _stage_run
+    from .feedback import check_rounds
+    from .pipeline import read_architecture
 
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.budget_feedback is not None:
+        check_rounds(args.budget_feedback, "--budget-feedback")
     given = [m.strip().lower() for m in args.seeds.split(",") if m.strip()]
     seeds = [] if given == ["none"] else [m for m in SEED_METHODS if m in given]
     if given != ["none"] and (not given or any(m not in SEED_METHODS for m in given)):
@@ -730,8 +855,24 @@ def refine_main(args) -> int:
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume, seeds=seeds)
         if not args.no_measure:
-            timed = measure_steps(run, args.name).set_index("name")["speedup"]
+            changed, checks, session = settle_steps(run, args.name, refine_k=args.refine_k, max_changes=args.max_changes,
+                                           tokens=args.select_tokens, rounds=args.budget_feedback)
+            if changed:  # the feedback's children replace the steps' rows (the seconds stay the step's)
+                plain_choice = read_architecture(run, args.name)["choice"]
+                for i in df.index[df["name"].isin(list(changed))]:
+                    row = _step_row(run, df.at[i, "step"], df.at[i, "name"], changed[df.at[i, "name"]], plain_choice,
+                                    float(df.at[i, "seconds"]), args.select_tokens)
+                    for key, value in row.items():
+                        df.at[i, key] = value
+                df = _with_gains(df)
+                # at once: the table names the records' children again (an interrupt before the timing below would
+                # otherwise leave them apart, and a rerun would refine afresh)
+                atomic_write_text(run.out / "refine" / f"{args.name}.summary.csv", df.to_csv(index=False))
+            timed = measure_steps(run, args.name, session).set_index("name")["speedup"]
             df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv
+            # the budget check of the feedback's last session (the plain child's own is in DIR/summary.csv)
+            df["budget_use"] = df["name"].map({n: c.use for n, c in checks.items()})
+            df["budget_met"] = df["name"].map({n: c.met for n, c in checks.items()})
             atomic_write_text(run.out / "refine" / f"{args.name}.summary.csv", df.to_csv(index=False))
         run.timed("refine_s", time.perf_counter() - t0)  # reviewer: report.md said timings.json added it
     print(df.drop(columns="architecture", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}"))

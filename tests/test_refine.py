@@ -356,6 +356,10 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
     bad = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--seeds", "greedy,shortgpt"])
     with pytest.raises(PuzzleError, match="--seeds greedy,shortgpt: give methods among greedy, layer_removal"):
         bad.func(bad)
+    for rounds in ("11", "-1"):  # refused before the run is opened (feedback.MAX_ROUNDS is 10)
+        bad = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--budget-feedback", rounds])
+        with pytest.raises(PuzzleError, match="--budget-feedback must be a whole number of re-solve rounds"):
+            bad.func(bad)
     with pytest.raises(PuzzleError, match="choose among greedy, layer_removal"):  # the library call checks too
         improve_child(None, "child-1.5x", seeds=["uniform_width"])
     with pytest.raises(PuzzleError, match=r"seeds \['greedy,nope'\]"):  # a string is one method, not letters
@@ -631,3 +635,87 @@ def test_headroom_benchmark_chooses_on_the_split_of_its_mode_and_resumes(tmp_pat
     assert sorted(again["mode"]) == ["-", "-", "honest", "honest", "oracle", "oracle"]
     assert again.loc[again["step"].eq("refined") & again["mode"].eq("oracle"), "eval_kl_nats"].iloc[0] <= \
         again.loc[again["mode"].eq("honest"), "eval_kl_nats"].min() + 1e-9
+
+
+def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """`puzzle refine --budget-feedback 1`: a refined child measured over the plain child's budget is re-solved under
+    the corrected table limit, within the trust region around it; its record keeps the plain child's budgets (for
+    --continue) and names the feedback's; the step table and the front's rows follow the new child.
+
+    The measurement is made deterministic: each model's runtime is the cost table's prediction for its architecture,
+    and the refinement's own child runs 1.3x slower than that (as a child whose overhead the summed table misses)."""
+    import json
+    import shutil
+
+    import puzzle.scoring.cost as cost
+    from puzzle.baselines import open_run
+    from puzzle.cli import main
+    from puzzle.pipeline import compact_architecture
+    from puzzle.refine import FEEDBACK_BUDGETS_KEY
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    for stale in ("front_rows", "refine"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    flags = ["--out", str(out), "--name", "child-1.5x", "--k", "2", "--min-layers-differ", "1", "--refine-k", "2",
+             "--max-changes", "3", "--rounds", "1", "--select-tokens", "128", "--max-contention", "inf",
+             "--no-progress"]
+    assert main(["refine", *flags, "--no-measure"]) == 0
+    search = out / "search"
+    plain = json.loads((search / "child-1.5x.json").read_text())
+    solved = json.loads((search / "child-1.5x-refined.json").read_text())
+    parent_ms = plain["parent"]["runtime_ms"]
+    real = cost.measure_models
+    opened = open_run(out, progress=False)
+    budgets = Budgets.from_dict(plain["budgets"])
+    record_for_run = lambda choice: record_for(opened, "x", choice, "bld", budgets, "m")  # noqa: E731
+
+    sessions = []
+
+    def predicted_times(models, workload, **kw):  # real session, runtimes replaced by the table's predictions
+        sessions.append(list(models))
+        df = real(models, workload, **kw)
+        for name, model in models.items():
+            choice = [b.id for b in model.config.blocks]
+            ms = parent_ms if name == "parent" else record_for_run(choice)["runtime_ms"]
+            df.loc[df["name"] == name, "runtime_ms"] = ms * (1.3 if choice == solved["choice"] else 1.0)
+        df.loc[:, [c for c in df.columns if c.endswith("_iqr_ms")]] = 0.0
+        df.attrs.pop("runtime_rounds_ms", None)
+        return df
+
+    monkeypatch.setattr(cost, "measure_models", predicted_times)
+    assert main(["refine", *flags, "--budget-feedback", "1"]) == 0
+    said = "".join(capsys.readouterr())
+    assert "already refined" in said  # the refinement itself was not redone
+    limit = parent_ms / float(plain["request"]["speedup"])
+    assert (f"budget feedback, round 1: child-1.5x-refined: measured {1.3 * solved['runtime_ms'] / limit:.3f} of its "
+            f"runtime_ms budget; tightened") in said
+    record = json.loads((search / "child-1.5x-refined.json").read_text())
+    first = record["budget_feedback"][0]
+    assert first["check"]["use"] == pytest.approx(1.3 * solved["runtime_ms"] / limit, rel=1e-3)
+    assert first["action"] == "tightened"
+    assert record["solved_choice"] == solved["choice"] and record["choice"] != solved["choice"]
+    assert record["budgets"] == plain["budgets"]  # the refinement's: --continue compares them
+    corrected = record[FEEDBACK_BUDGETS_KEY]["max_runtime_ms"]
+    assert corrected == pytest.approx(limit / 1.3, rel=1e-6)  # L x predicted / measured
+    assert record["runtime_ms"] <= corrected * (1 + 1e-9)
+    assert sum(a != b for a, b in zip(record["choice"], solved["choice"])) <= 3  # the trust region
+    assert record["budget_feedback"][-1]["check"]["met"]
+    summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
+    row = summary.loc["child-1.5x-refined"]
+    assert row["architecture"] == compact_architecture(record["choice"]) and bool(row["budget_met"])
+    assert row["budget_use"] == pytest.approx(record["runtime_ms"] / limit, rel=1e-3)
+    assert row["predicted_speedup"] == pytest.approx(record["speedup"])
+    assert row["gain_kl_nats"] == pytest.approx(summary.loc["child-1.5x", "kl_nats"] - row["kl_nats"])
+    # two sessions, the solved children and the re-solved one: the front's rows take the last, not a third timing
+    assert sessions == [["parent", "child-1.5x-diverse", "child-1.5x-refined"]] * 2
+    front = json.loads((out / "front_rows" / "child-1.5x-refined.json").read_text())
+    assert front["architecture"] == row["architecture"]
+    assert front["speedup"] == pytest.approx(parent_ms / record["runtime_ms"], rel=1e-3)
+    # a plain rerun finds the refinement done (the table names the records' children) and keeps the new child
+    assert main(["refine", *flags, "--budget-feedback", "0"]) == 0
+    assert "already refined" in "".join(capsys.readouterr())
+    again = json.loads((search / "child-1.5x-refined.json").read_text())
+    assert again["choice"] == record["choice"] and again[FEEDBACK_BUDGETS_KEY] == record[FEEDBACK_BUDGETS_KEY]
+    assert [e["action"] for e in again["budget_feedback"]] == ["kept"]  # this session only checked it
+    assert again["budget_feedback_earlier"] == [{"rounds": 1, "history": record["budget_feedback"]}]  # kept
