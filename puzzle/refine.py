@@ -55,6 +55,13 @@ _SELECTION_LOGP: dict = {}
 #: was made on, over all its steps and rounds (kl_gap starts its fresh tokens beyond them)
 SELECTION_KEY = "selection_sequences"
 
+#: key of a -diverse/-refined record the budget feedback re-solved (`settle_steps`): the table limits its child was
+#: solved under (its `budgets` stay the plain child's, which the refinement ran under and `--continue` checks)
+FEEDBACK_BUDGETS_KEY = "feedback_budgets"
+#: what `settle_steps` adds to a child's record; `improve_child --continue` keeps it for a step whose child stays
+FEEDBACK_KEYS = (FEEDBACK_BUDGETS_KEY, "solved_choice", "budget_feedback", "budget_feedback_rounds",
+                 "budget_feedback_earlier")
+
 
 def selection_ids(run, tokens: int | None = None) -> torch.Tensor:
     """(N, T) int64: the first sequences of the scoring split, `tokens` in all (default 2048, capped)."""
@@ -535,6 +542,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         inputs_path.unlink()
     earlier = None
     rounds_before = 0
+    kept_records = {}  # on --continue, the kept steps' records: a child kept as it was keeps its budget feedback
     kept_sequences = []  # selection sequences the kept diverse step and earlier rounds were chosen on (None: unknown)
     if resume and log_path.is_file() and summary_path.is_file() \
             and (run.out / "search" / f"{name}-refined.json").is_file():
@@ -549,6 +557,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 run.say(f"refine {name}: {log_path} or {summary_path} is damaged; starting afresh")
             else:
                 earlier, spent = found
+                kept_records = dict(zip(("diverse", "refined"), kept))
                 best, start = (tuple(r["choice"]) for r in kept)
                 picked_from = kept[0].get("picked_from", "mip")  # a record from before seeds: the MIP's
                 kept_sequences = [r.get(SELECTION_KEY) for r in kept]
@@ -629,6 +638,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                                               "vllm_compatible": vllm, SELECTION_KEY: chosen_on[step]}
         if step == "diverse":  # which candidate the diverse step kept: "mip" or a seed's method
             rec["picked_from"] = picked_from
+        prior = kept_records.get(step)
+        if prior is not None and list(prior["choice"]) == list(choice):  # the feedback's record of it stands
+            rec.update({key: prior[key] for key in FEEDBACK_KEYS if key in prior})
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
         out.append(_step_row(run, step, child_name, rec, record["choice"], seconds, tokens))
@@ -659,13 +671,9 @@ def _with_gains(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-#: key of a -diverse/-refined record the budget feedback re-solved (`settle_steps`): the table limits its child was
-#: solved under (its `budgets` stay the plain child's, which the refinement ran under and `--continue` checks)
-FEEDBACK_BUDGETS_KEY = "feedback_budgets"
-
-
-def settle_steps(run, name: str, *, refine_k: int = 4, max_changes: int = 6, tokens: int | None = None,
-                 rounds: int | None = None) -> tuple[dict, dict, pd.DataFrame | None]:
+def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k: int = 4, max_changes: int = 6,
+                 tokens: int | None = None,
+                 rounds: int | None = None) -> tuple[pd.DataFrame | None, dict, pd.DataFrame | None]:
     """Hold `name`-diverse and `name`-refined to the budget the plain child `name` was asked for, as measured.
 
     The refinement chooses under the plain child's table limits, and a child of another architecture runs off the
@@ -673,19 +681,26 @@ def settle_steps(run, name: str, *, refine_k: int = 4, max_changes: int = 6, tok
     plain children (`feedback.settle`, `[search] budget_feedback` rounds, `budget_slack`): the two children are
     realized and timed with the parent in one interleaved session and checked against the request resolved on the
     parent measured there; one off its budget by more than the timing noise is re-solved under corrected table
-    limits inside a trust region of `max_changes` layers around it (the score table's `refine_k` best, each realized
-    and scored on the scoring split's `tokens`; the lowest KL is taken), and all are timed again.
+    limits inside a trust region of `max_changes` layers around the child of that round (the score table's
+    `refine_k` best, each realized and scored on the scoring split's `tokens`, and the child itself where it meets
+    the new limits: the lowest KL is taken, so a looser limit never trades the child for a worse one), and all are
+    timed again.
 
-    A child the feedback changes is rewritten to DIR/search/<child>.json with `FEEDBACK_BUDGETS_KEY` (the corrected
-    limits), `solved_choice` (the refinement's child) and `budget_feedback` (feedback.settle's history); its
-    `budgets` stay the plain child's. One it keeps is rewritten only to record the history. As for the plain
-    children, earlier calls' sessions that re-solved a child stay in `budget_feedback_earlier`
-    (`pipeline.earlier_feedback`), so a rerun that only checks it does not lose how it was chosen.
+    Each child is rewritten to DIR/search/<child>.json with `budget_feedback` (feedback.settle's history); one the
+    feedback changed also with `FEEDBACK_BUDGETS_KEY` (the corrected limits) and `solved_choice` (the refinement's
+    child). Its `budgets` stay the plain child's. As for the plain children, earlier calls' sessions that re-solved
+    a child stay in `budget_feedback_earlier` (`pipeline.earlier_feedback`), so a rerun that only checks it keeps
+    how it was chosen. `steps` (`improve_child`'s step table): the rows of changed children are made again
+    (`_step_row`) before the records are written, and the table is written to DIR/refine/<name>.summary.csv right
+    after them, so an interrupt leaves no record the table does not name.
 
     Returns:
-        ({child name: final record} for the children the feedback changed, {child name: feedback.Check} of the final
-        session, that session: `measure_models`' table indexed by name, the parent and both children);
-        ({}, {}, None) when the plain child has no budget request (a record solved with table limits only).
+        (`steps` with those rows made again, or None when not given; {child name: feedback.Check} of the final
+        session; that session: `measure_models`' table indexed by name, the parent and both children), or
+        (steps, {}, None) when the plain child has no budget request (a record solved with table limits only).
+
+    Raises:
+        PuzzleError: as `pipeline.read_architecture` or `load_score_table`; rounds outside 0..feedback.MAX_ROUNDS.
     """
     from .feedback import check_rounds, settle
     from .pipeline import _over_budget_note, earlier_feedback, load_score_table, read_architecture
@@ -696,64 +711,94 @@ def settle_steps(run, name: str, *, refine_k: int = 4, max_changes: int = 6, tok
     request = plain.get("request")
     if not request:
         run.say(f"refine {name}: its record has no budget request; the refined children are not checked against one")
-        return {}, {}, None
+        return steps, {}, None
     s = run.config.search
     rounds = s.budget_feedback if rounds is None else check_rounds(rounds, "budget feedback rounds")
     stage, vllm = plain.get("library_stage", "bld"), bool(plain.get("vllm_compatible", False))
+    table = load_score_table(run, stage)[0]
     saved = {n: read_architecture(run, n) for n in (f"{name}-diverse", f"{name}-refined")}
     # settle corrects the limits a child was solved under: the feedback's own where an earlier call left them
     records = {n: {**r, "request": request, "budgets": r.get(FEEDBACK_BUDGETS_KEY, r["budgets"])}
                for n, r in saved.items()}
     models: dict[tuple, object] = {}
 
+    def model(choice) -> object:
+        key = tuple(choice)
+        if key not in models:
+            models[key] = realize_blocks(run, [BlockConfig.from_id(b) for b in key], stage)
+        return models[key]
+
     def measure(recs: dict) -> pd.DataFrame:
-        for r in recs.values():
-            key = tuple(r["choice"])
-            if key not in models:
-                models[key] = realize_blocks(run, [BlockConfig.from_id(b) for b in key], stage)
-        measured = measure_models({"parent": run.parent.model, **{n: models[tuple(r["choice"])]
-                                                                   for n, r in recs.items()}},
+        # one timing per architecture (a refinement that kept the diverse child): both names share its figures
+        first = {}
+        timed = {n: first.setdefault(tuple(r["choice"]), n) for n, r in recs.items()}
+        for key in [k for k in models if k not in first]:  # children the feedback left: memory back
+            del models[key]
+        measured = measure_models({"parent": run.parent.model, **{n: model(c) for c, n in first.items()}},
                                   run.workload(), repeats=run.config.score.measure_repeats, progress=run.progress,
-                                  max_contention=run.config.score.max_contention)
-        return measured.set_index("name")
+                                  max_contention=run.config.score.max_contention).set_index("name")
+        twins = [n for n, t in timed.items() if n != t]
+        if twins:
+            attrs = dict(measured.attrs)
+            measured = pd.concat([measured, measured.loc[[timed[n] for n in twins]].set_axis(twins)])
+            measured.index.name = "name"
+            per_round = dict(attrs.get("runtime_rounds_ms") or {})
+            per_round.update({n: per_round[timed[n]] for n in twins if timed[n] in per_round})
+            measured.attrs = {**attrs, **({"runtime_rounds_ms": per_round} if per_round else {})}
+        return measured
 
     now = int(selection_ids(run, tokens).shape[0])
-    table = None
 
     def resolve(child: str, record: dict, budgets: Budgets) -> dict:
-        nonlocal table
-        if table is None:
-            table = load_score_table(run, stage)[0]
         anchor = [BlockConfig.from_id(b) for b in record["choice"]]
         solutions = solve(table, budgets, s.objective, num_solutions=refine_k, anchor=anchor, max_changes=max_changes,
                           vllm_compatible=vllm)  # InfeasibleBudget (a PuzzleError): settle keeps the child
-        scored = [(selection_kl(run, realize_blocks(run, x.blocks, stage), tokens), x.choice) for x in solutions]
-        best = min(scored, key=lambda pair: pair[0])[1]  # the first of equal KLs: the table's better one
+        current = tuple(record["choice"])
+        candidates = list(dict.fromkeys(([current] if _fits(record, budgets) else [])  # the child first, if it fits
+                                        + [x.choice for x in solutions]))
+        scored = [(selection_kl(run, model(c) if c == current else
+                                realize_blocks(run, [BlockConfig.from_id(b) for b in c], stage), tokens), c)
+                  for c in candidates]
+        best = min(scored, key=lambda pair: pair[0])[1]  # the first of equal KLs: the child, then the table's order
+        if best == current:
+            return record  # settle: "kept: the corrected limits choose the same child"
         rec = record_for(run, child, best, stage, budgets, record["method"])
         kept = {key: record[key] for key in ("vllm_compatible", "picked_from", "request") if key in record}
         return {**rec, **kept, SELECTION_KEY: max(now, int(record.get(SELECTION_KEY) or 0))}
 
     records, measured, checks, history = settle(records, measure, resolve, rounds=rounds, slack=s.budget_slack,
-                                         workload_meta=run.workload().meta(), say=run.say)
-    changed = {}
+                                                workload_meta=run.workload().meta(), say=run.say)
+    out = {}
     for child, record in records.items():
         before = saved[child]
-        out = {**record, "budgets": before["budgets"], "budget_feedback": history.get(child, []),
+        rec = {**record, "budgets": before["budgets"], "budget_feedback": history.get(child, []),
                "budget_feedback_rounds": rounds}
-        out.pop("request", None)  # the plain child's record holds it
-        out.pop("budget_feedback_earlier", None)
+        rec.pop("request", None)  # the plain child's record holds it
+        rec.pop("budget_feedback_earlier", None)
         if earlier := earlier_feedback(before):  # the earlier calls' sessions that re-solved it, as the pipeline keeps
-            out["budget_feedback_earlier"] = earlier
+            rec["budget_feedback_earlier"] = earlier
         if record["choice"] != before["choice"]:
-            out.update({FEEDBACK_BUDGETS_KEY: record["budgets"],
+            rec.update({FEEDBACK_BUDGETS_KEY: record["budgets"],
                         "solved_choice": before.get("solved_choice", before["choice"])})
-            changed[child] = out
-        atomic_write_json(run.out / "search" / f"{child}.json", out)
+        out[child] = rec
+    changed = [child for child in out if out[child]["choice"] != saved[child]["choice"]]
+    if steps is not None and changed:  # the feedback's children replace the steps' rows (the seconds stay the step's)
+        steps = steps.copy()
+        for i in steps.index[steps["name"].isin(changed)]:
+            row = _step_row(run, steps.at[i, "step"], steps.at[i, "name"], out[steps.at[i, "name"]], plain["choice"],
+                            float(steps.at[i, "seconds"]), tokens)
+            for key, value in row.items():
+                steps.at[i, key] = value
+        steps = _with_gains(steps)
+    for child, rec in out.items():
+        atomic_write_json(run.out / "search" / f"{child}.json", rec)
+    if steps is not None:
+        atomic_write_text(run.out / "refine" / f"{name}.summary.csv", steps.to_csv(index=False))
     for child, c in checks.items():
         if not c.met:
             run.say(f"refine {name}: {child} measured {c.use_text()} of its {c.column} budget: over it"
                     + _over_budget_note(c, history.get(child, []), rounds))
-    return changed, checks, measured
+    return steps, checks, measured
 
 
 def measure_steps(run, name: str, measured: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -801,9 +846,10 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-measure", action="store_true",
                    help="skip timing the diverse and refined children against the parent and holding them to the plain "
                         "child's budget (then `puzzle front` compares only the plain MIP children with the baselines)")
-    p.add_argument("--budget-feedback", type=int, default=None, metavar="N",
+    # its own dest: `budget_feedback` is the search setting every stage command's flag saves with the run (reviewer)
+    p.add_argument("--budget-feedback", dest="refine_budget_feedback", type=int, default=None, metavar="N",
                    help="re-solve rounds for a diverse or refined child that measures off its budget (0: check only; "
-                        "default: the run's [search] budget_feedback)")
+                        "default: the run's [search] budget_feedback, which this flag does not change)")
     from .cli import add_max_contention_flag
 
     add_max_contention_flag(p)
@@ -828,13 +874,12 @@ def refine_main(args) -> int:
     """
     from .cli import _stage_run
     from .feedback import check_rounds
-    from .pipeline import read_architecture
 
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.budget_feedback is not None:
-        check_rounds(args.budget_feedback, "--budget-feedback")
+    if args.refine_budget_feedback is not None:
+        check_rounds(args.refine_budget_feedback, "--budget-feedback")
     given = [m.strip().lower() for m in args.seeds.split(",") if m.strip()]
     seeds = [] if given == ["none"] else [m for m in SEED_METHODS if m in given]
     if given != ["none"] and (not given or any(m not in SEED_METHODS for m in given)):
@@ -855,19 +900,9 @@ def refine_main(args) -> int:
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume, seeds=seeds)
         if not args.no_measure:
-            changed, checks, session = settle_steps(run, args.name, refine_k=args.refine_k, max_changes=args.max_changes,
-                                           tokens=args.select_tokens, rounds=args.budget_feedback)
-            if changed:  # the feedback's children replace the steps' rows (the seconds stay the step's)
-                plain_choice = read_architecture(run, args.name)["choice"]
-                for i in df.index[df["name"].isin(list(changed))]:
-                    row = _step_row(run, df.at[i, "step"], df.at[i, "name"], changed[df.at[i, "name"]], plain_choice,
-                                    float(df.at[i, "seconds"]), args.select_tokens)
-                    for key, value in row.items():
-                        df.at[i, key] = value
-                df = _with_gains(df)
-                # at once: the table names the records' children again (an interrupt before the timing below would
-                # otherwise leave them apart, and a rerun would refine afresh)
-                atomic_write_text(run.out / "refine" / f"{args.name}.summary.csv", df.to_csv(index=False))
+            df, checks, session = settle_steps(run, args.name, df, refine_k=args.refine_k,
+                                               max_changes=args.max_changes, tokens=args.select_tokens,
+                                               rounds=args.refine_budget_feedback)
             timed = measure_steps(run, args.name, session).set_index("name")["speedup"]
             df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv
             # the budget check of the feedback's last session (the plain child's own is in DIR/summary.csv)

@@ -951,3 +951,41 @@ def test_objectives_benchmark_realizes_each_objectives_choice(tmp_path_factory, 
     assert bench.main(argv) == 0 and "eval KL" not in capsys.readouterr().err  # every row resumed, none redone
     assert bench.main([*argv[:3], "kl_nats;nonsense", "--out", str(tmp_path / "bad")]) == 2
     assert "no column nonsense" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_rows_of_a_given_session_take_its_timings_and_the_rest_are_timed_afresh(tmp_path_factory, monkeypatch):
+    """realize_all(measured=): a candidate that session timed takes its figures, even where a saved row stands (a
+    row and the budget check `puzzle refine` made on that session are one measurement); the others are timed next to
+    the parent as before, in one group with it."""
+    import puzzle.scoring.cost
+    from puzzle.baselines import baseline_library, open_run, realize, session_rows
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    plan = [c for c in plan_baselines(run, (1.5,), influence_tokens=256) if c.training != "bld"][:2]
+    library = baseline_library(run, [])
+    rows_dir = run.out / "given_rows"
+    saved = realize_all(run, plan, library, export=False, rows_dir=rows_dir).set_index("name")
+    given, fresh = plan
+    models = {"parent": run.parent.model, given.name: realize(run, given, library)}
+    session = puzzle.scoring.cost.measure_models(models, run.workload(), repeats=2,
+                                                 max_contention=float("inf")).set_index("name")
+    timed, real = [], puzzle.scoring.cost.measure_models
+
+    def measure_models(models, *args, **kwargs):
+        timed.append(list(models))
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(puzzle.scoring.cost, "measure_models", measure_models)
+    again = realize_all(run, plan, library, export=False, rows_dir=rows_dir, measured=session).set_index("name")
+    assert timed == []  # the given candidate took the session's figures; the other's saved row stands
+    expected = session_rows(session, [given.name]).set_index("name").loc[given.name]
+    for column in ("speedup", "runtime_ms", "memory_mib", "params"):
+        assert again.loc[given.name, column] == pytest.approx(expected[column], rel=1e-12), column
+    assert again.loc[given.name, "parent_runtime_ms"] == session.loc["parent", "runtime_ms"]
+    pd.testing.assert_series_equal(again.loc[fresh.name], saved.loc[fresh.name])
+    # with the other candidate's row gone, it alone is timed afresh, and the given one still takes the session's
+    (rows_dir / f"{fresh.name}.json").unlink()
+    mixed = realize_all(run, plan, library, export=False, rows_dir=rows_dir, measured=session).set_index("name")
+    assert timed == [["parent", fresh.name]]
+    assert mixed.loc[given.name, "speedup"] == pytest.approx(expected["speedup"], rel=1e-12)
+    assert mixed.loc[fresh.name, "parent_runtime_ms"] != session.loc["parent", "runtime_ms"]  # its own group's parent

@@ -637,21 +637,17 @@ def test_headroom_benchmark_chooses_on_the_split_of_its_mode_and_resumes(tmp_pat
         again.loc[again["mode"].eq("honest"), "eval_kl_nats"].min() + 1e-9
 
 
-def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_factory, tmp_path, monkeypatch, capsys):
-    """`puzzle refine --budget-feedback 1`: a refined child measured over the plain child's budget is re-solved under
-    the corrected table limit, within the trust region around it; its record keeps the plain child's budgets (for
-    --continue) and names the feedback's; the step table and the front's rows follow the new child.
-
-    The measurement is made deterministic: each model's runtime is the cost table's prediction for its architecture,
-    and the refinement's own child runs 1.3x slower than that (as a child whose overhead the summed table misses)."""
+def _refined_run(tmp_path_factory, tmp_path, monkeypatch, factor: float):
+    """A tiny run with child-1.5x refined (`--no-measure`), its flags, and a deterministic measurement: each model's
+    runtime is the cost table's prediction for its architecture, and the refinement's own child runs `factor` times
+    that (as a child whose overhead the summed table misses, or overstates). Returns (out, flags, plain record, refined
+    record, sessions: the models each timing session had)."""
     import json
     import shutil
 
     import puzzle.scoring.cost as cost
     from puzzle.baselines import open_run
     from puzzle.cli import main
-    from puzzle.pipeline import compact_architecture
-    from puzzle.refine import FEEDBACK_BUDGETS_KEY
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
@@ -661,35 +657,47 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
              "--max-changes", "3", "--rounds", "1", "--select-tokens", "128", "--max-contention", "inf",
              "--no-progress"]
     assert main(["refine", *flags, "--no-measure"]) == 0
-    search = out / "search"
-    plain = json.loads((search / "child-1.5x.json").read_text())
-    solved = json.loads((search / "child-1.5x-refined.json").read_text())
-    parent_ms = plain["parent"]["runtime_ms"]
-    real = cost.measure_models
-    opened = open_run(out, progress=False)
-    budgets = Budgets.from_dict(plain["budgets"])
-    record_for_run = lambda choice: record_for(opened, "x", choice, "bld", budgets, "m")  # noqa: E731
-
-    sessions = []
+    plain = json.loads((out / "search" / "child-1.5x.json").read_text())
+    solved = json.loads((out / "search" / "child-1.5x-refined.json").read_text())
+    opened, budgets = open_run(out, progress=False), Budgets.from_dict(plain["budgets"])
+    real, sessions = cost.measure_models, []
 
     def predicted_times(models, workload, **kw):  # real session, runtimes replaced by the table's predictions
         sessions.append(list(models))
         df = real(models, workload, **kw)
         for name, model in models.items():
             choice = [b.id for b in model.config.blocks]
-            ms = parent_ms if name == "parent" else record_for_run(choice)["runtime_ms"]
-            df.loc[df["name"] == name, "runtime_ms"] = ms * (1.3 if choice == solved["choice"] else 1.0)
+            ms = plain["parent"]["runtime_ms"] if name == "parent" else \
+                record_for(opened, "x", choice, "bld", budgets, "m")["runtime_ms"]
+            df.loc[df["name"] == name, "runtime_ms"] = ms * (factor if choice == solved["choice"] else 1.0)
         df.loc[:, [c for c in df.columns if c.endswith("_iqr_ms")]] = 0.0
         df.attrs.pop("runtime_rounds_ms", None)
         return df
 
     monkeypatch.setattr(cost, "measure_models", predicted_times)
+    return out, flags, plain, solved, sessions
+
+
+def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """`puzzle refine --budget-feedback 1`: a refined child measured over the plain child's budget is re-solved under
+    the corrected table limit, within the trust region around it; its record keeps the plain child's budgets (for
+    --continue) and names the feedback's; the step table and the front's rows follow the new child, from one timing
+    session; the flag is not saved with the run's settings; --continue keeps the feedback of a child it keeps."""
+    import json
+
+    from puzzle.cli import main
+    from puzzle.pipeline import compact_architecture
+    from puzzle.refine import FEEDBACK_BUDGETS_KEY
+
+    out, flags, plain, solved, sessions = _refined_run(tmp_path_factory, tmp_path, monkeypatch, 1.3)
+    search, config = out / "search", (out / "config.json").read_bytes()
     assert main(["refine", *flags, "--budget-feedback", "1"]) == 0
     said = "".join(capsys.readouterr())
     assert "already refined" in said  # the refinement itself was not redone
-    limit = parent_ms / float(plain["request"]["speedup"])
+    limit = plain["parent"]["runtime_ms"] / float(plain["request"]["speedup"])
     assert (f"budget feedback, round 1: child-1.5x-refined: measured {1.3 * solved['runtime_ms'] / limit:.3f} of its "
             f"runtime_ms budget; tightened") in said
+    assert (out / "config.json").read_bytes() == config  # reviewer: it was saved as the run's [search] setting
     record = json.loads((search / "child-1.5x-refined.json").read_text())
     first = record["budget_feedback"][0]
     assert first["check"]["use"] == pytest.approx(1.3 * solved["runtime_ms"] / limit, rel=1e-3)
@@ -707,11 +715,23 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
     assert row["budget_use"] == pytest.approx(record["runtime_ms"] / limit, rel=1e-3)
     assert row["predicted_speedup"] == pytest.approx(record["speedup"])
     assert row["gain_kl_nats"] == pytest.approx(summary.loc["child-1.5x", "kl_nats"] - row["kl_nats"])
-    # two sessions, the solved children and the re-solved one: the front's rows take the last, not a third timing
-    assert sessions == [["parent", "child-1.5x-diverse", "child-1.5x-refined"]] * 2
+    # two sessions, the solved children and the re-solved one (an architecture timed once under the first of its
+    # names): the front's rows take the last, not a third timing
+    def named(pairs):  # the first name of each architecture, in order
+        first = {}
+        for n, c in pairs:
+            first.setdefault(tuple(c), n)
+        return list(first.values())
+
+    diverse = json.loads((search / "child-1.5x-diverse.json").read_text())
+    steps = [("child-1.5x-diverse", diverse.get("solved_choice", diverse["choice"])),
+             ("child-1.5x-refined", solved["choice"])]
+    assert sessions[0] == ["parent"] + named(steps)
+    assert sessions[1:] == [["parent"] + named([(steps[0][0], diverse["choice"]), ("child-1.5x-refined",
+                                                                                  record["choice"])])]
     front = json.loads((out / "front_rows" / "child-1.5x-refined.json").read_text())
     assert front["architecture"] == row["architecture"]
-    assert front["speedup"] == pytest.approx(parent_ms / record["runtime_ms"], rel=1e-3)
+    assert front["speedup"] == pytest.approx(plain["parent"]["runtime_ms"] / record["runtime_ms"], rel=1e-3)
     # a plain rerun finds the refinement done (the table names the records' children) and keeps the new child
     assert main(["refine", *flags, "--budget-feedback", "0"]) == 0
     assert "already refined" in "".join(capsys.readouterr())
@@ -719,3 +739,74 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
     assert again["choice"] == record["choice"] and again[FEEDBACK_BUDGETS_KEY] == record[FEEDBACK_BUDGETS_KEY]
     assert [e["action"] for e in again["budget_feedback"]] == ["kept"]  # this session only checked it
     assert again["budget_feedback_earlier"] == [{"rounds": 1, "history": record["budget_feedback"]}]  # kept
+    # --continue rewrites the records; a step whose child stays keeps what the feedback recorded of it
+    settled = {step: json.loads((search / f"child-1.5x-{step}.json").read_text()) for step in ("diverse", "refined")}
+    assert main(["refine", *flags, "--continue", "--no-measure"]) == 0
+    for step, before in settled.items():
+        after = json.loads((search / f"child-1.5x-{step}.json").read_text())
+        if after["choice"] == before["choice"]:
+            assert {k: after.get(k) for k in before if "feedback" in k or k == "solved_choice"} == \
+                {k: v for k, v in before.items() if "feedback" in k or k == "solved_choice"}, step
+        else:
+            assert "solved_choice" not in after and FEEDBACK_BUDGETS_KEY not in after, step
+    assert (out / "config.json").read_bytes() == config
+    # a refinement that kept the diverse child: one architecture, timed once, its figures under both names
+    from puzzle.baselines import open_run
+    from puzzle.refine import settle_steps
+
+    refined = json.loads((search / "child-1.5x-refined.json").read_text())
+    (search / "child-1.5x-diverse.json").write_text(json.dumps({**refined, "name": "child-1.5x-diverse"}))
+    _, checks, session = settle_steps(open_run(out, progress=False), "child-1.5x", rounds=0, tokens=128)
+    assert sessions[-1] == ["parent", "child-1.5x-diverse"]
+    assert checks["child-1.5x-diverse"] == checks["child-1.5x-refined"]
+    pd.testing.assert_series_equal(session.loc["child-1.5x-diverse"], session.loc["child-1.5x-refined"],
+                                   check_names=False)
+
+
+def test_a_looser_limit_never_trades_a_refined_child_for_a_worse_one(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """Reviewer: loosening took the lowest scoring-split KL among the score table's best children near the refined
+    one, which the summed table misjudges, so it could replace the refinement's child by a worse one. The child is a
+    candidate too now: a child well under its budget (measured at 0.7 of its prediction), which the score table ranks
+    below the children near it, is scored beside them, and the loosening rounds end with a scoring-split KL no higher
+    than the refinement's."""
+    import json
+
+    from puzzle.cli import main
+
+    import puzzle.refine
+    import puzzle.search
+
+    out, flags, _, solved, _ = _refined_run(tmp_path_factory, tmp_path, monkeypatch, 0.7)
+    before = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
+    scored, real, real_measure, phase = {}, puzzle.refine.selection_kl, puzzle.refine.measure_steps, ["feedback"]
+
+    def selection_kl(run, model, tokens=None):  # {choice: KL} scored by the feedback (the front's rows score too)
+        kl = real(run, model, tokens)
+        if phase[0] == "feedback":
+            scored[tuple(b.id for b in model.config.blocks)] = kl
+        return kl
+
+    def measure_steps(*args, **kwargs):
+        phase[0] = "front"
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(puzzle.refine, "selection_kl", selection_kl)
+    monkeypatch.setattr(puzzle.refine, "measure_steps", measure_steps)
+    real_solve = puzzle.search.solve
+
+    def solve(table, budgets, *args, anchor=None, **kwargs):  # a child the summed table ranks below its neighbours
+        found = real_solve(table, budgets, *args, anchor=anchor, **kwargs)
+        mine = None if anchor is None else tuple(b.id for b in anchor)
+        return [x for x in found if x.choice != mine]
+
+    monkeypatch.setattr(puzzle.search, "solve", solve)
+    assert main(["refine", *flags, "--budget-feedback", "2"]) == 0
+    record = json.loads((out / "search" / "child-1.5x-refined.json").read_text())
+    actions = [e["action"] for e in record["budget_feedback"]]
+    assert actions[0] in ("loosened", "kept: the corrected limits choose the same child"), actions
+    assert tuple(solved["choice"]) in scored  # a candidate of the loosening re-solve (it was not)
+    if actions[0] == "loosened":
+        assert scored[tuple(record["budget_feedback"][1]["choice"])] < scored[tuple(solved["choice"])]
+    after = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
+    kl = after.loc["child-1.5x-refined", "score_kl_nats"]
+    assert kl <= before.loc["child-1.5x-refined", "score_kl_nats"] + 1e-12
