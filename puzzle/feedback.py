@@ -92,8 +92,11 @@ def measured_limits(request: Mapping, parent_measured: Mapping, workload_meta: M
         workload_meta: batch_size and gen_len, for an absolute --min-throughput.
 
     Raises:
-        PuzzleError: as `BudgetRequest.resolve`.
+        PuzzleError: a request that is not a mapping of fields (a hand-edited record), or as `BudgetRequest.resolve`.
     """
+    if not isinstance(request, Mapping):  # breaker: a string request failed in dict() with a ValueError
+        raise PuzzleError(f"budget request {request!r} is not a set of budget fields ({{\"speedup\": \"1.5\"}}, ...); "
+                          f"solve the child again with `puzzle search` to rewrite its record")
     known = {f.name for f in dataclasses.fields(BudgetRequest)}
     unknown = sorted(set(request) - known)
     if unknown:

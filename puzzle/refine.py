@@ -602,9 +602,12 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         diverse_s = time.perf_counter() - t0
         best = start = diverse.loc[diverse.attrs["best"], "choice"]
         picked_from = str(diverse.loc[diverse.attrs["best"], "source"])
+    # --continue from a child the budget feedback re-solved: its rounds keep to the feedback's limits (breaker: under
+    # the plain child's they went back to the child the feedback had corrected, over its budget as measured)
+    round_budgets = feedback_limits(run, f"{name}-refined", kept_records["refined"]) if kept_records else budgets
     t0 = time.perf_counter()
-    history = refine(run, table, budgets, start, k=refine_k, max_changes=max_changes, max_rounds=max_rounds, stage=stage,
-                     tokens=tokens, progress=run.progress, vllm_compatible=vllm)
+    history = refine(run, table, round_budgets, start, k=refine_k, max_changes=max_changes, max_rounds=max_rounds,
+                     stage=stage, tokens=tokens, progress=run.progress, vllm_compatible=vllm)
     refine_s = time.perf_counter() - t0
     refined = tuple(history.attrs["best"])
     history = history.assign(choice=history["choice"].map(" ".join), step="refine")
@@ -641,6 +644,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         prior = kept_records.get(step)
         if prior is not None and list(prior["choice"]) == list(choice):  # the feedback's record of it stands
             rec.update({key: prior[key] for key in FEEDBACK_KEYS if key in prior})
+        elif step == "refined" and round_budgets != budgets:  # a new child, refined under the feedback's limits
+            rec[FEEDBACK_BUDGETS_KEY] = round_budgets.to_dict()
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
         out.append(_step_row(run, step, child_name, rec, record["choice"], seconds, tokens))
@@ -671,6 +676,34 @@ def _with_gains(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def feedback_limits(run, name: str, record: Mapping) -> Budgets:
+    """The table limits a -diverse/-refined child `record` was solved under: the budget feedback's
+    (`FEEDBACK_BUDGETS_KEY`) where it re-solved the child, else the plain child's `budgets`.
+
+    A damaged `FEEDBACK_BUDGETS_KEY` (not a mapping of limits, or bounding other columns than `budgets`: breaker, an
+    empty one re-solved the child under no limit at all) is said and passed over.
+
+    Raises:
+        PuzzleError: `budgets` missing or damaged (a hand-edited record): refine afresh.
+    """
+    path = run.out / "search" / f"{name}.json"
+    try:
+        budgets = Budgets.from_dict(record["budgets"])
+    except (KeyError, TypeError, ValueError, AttributeError, PuzzleError) as e:
+        raise PuzzleError(f"{path}: its budgets are missing or damaged ({e!r}); delete {run.out / 'refine'}/"
+                          f"{name.rsplit('-', 1)[0]}.csv and run `puzzle refine` again to refine afresh") from e
+    if FEEDBACK_BUDGETS_KEY not in record:
+        return budgets
+    try:
+        limits = Budgets.from_dict(record[FEEDBACK_BUDGETS_KEY])
+        if set(limits.limits()) != set(budgets.limits()):
+            raise ValueError(f"it bounds {sorted(limits.limits())}, the child's budgets {sorted(budgets.limits())}")
+        return limits
+    except (TypeError, ValueError, AttributeError, PuzzleError) as e:
+        run.say(f"refine: {path}: its {FEEDBACK_BUDGETS_KEY} are damaged ({e}); the plain child's budgets are used")
+        return budgets
+
+
 def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k: int = 4, max_changes: int = 6,
                  tokens: int | None = None,
                  rounds: int | None = None) -> tuple[pd.DataFrame | None, dict, pd.DataFrame | None]:
@@ -692,7 +725,8 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     a child stay in `budget_feedback_earlier` (`pipeline.earlier_feedback`), so a rerun that only checks it keeps
     how it was chosen. `steps` (`improve_child`'s step table): the rows of changed children are made again
     (`_step_row`) before the records are written, and the table is written to DIR/refine/<name>.summary.csv right
-    after them, so an interrupt leaves no record the table does not name.
+    after them (an interrupt between those writes, a matter of milliseconds, leaves a record the table does not
+    name, and a rerun refines afresh).
 
     Returns:
         (`steps` with those rows made again, or None when not given; {child name: feedback.Check} of the final
@@ -700,9 +734,10 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         (steps, {}, None) when the plain child has no budget request (a record solved with table limits only).
 
     Raises:
-        PuzzleError: as `pipeline.read_architecture` or `load_score_table`; rounds outside 0..feedback.MAX_ROUNDS.
+        PuzzleError: as `pipeline.read_architecture` or `load_score_table`, a damaged budget request or child record
+            (before any timing; `feedback_limits`), rounds outside 0..feedback.MAX_ROUNDS.
     """
-    from .feedback import check_rounds, settle
+    from .feedback import check_rounds, measured_limits, settle
     from .pipeline import _over_budget_note, earlier_feedback, load_score_table, read_architecture
     from .scoring.cost import measure_models
     from .search import solve
@@ -715,11 +750,11 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     s = run.config.search
     rounds = s.budget_feedback if rounds is None else check_rounds(rounds, "budget feedback rounds")
     stage, vllm = plain.get("library_stage", "bld"), bool(plain.get("vllm_compatible", False))
+    measured_limits(request, plain.get("parent") or {}, run.workload().meta())  # a damaged request: before timing
     table = load_score_table(run, stage)[0]
     saved = {n: read_architecture(run, n) for n in (f"{name}-diverse", f"{name}-refined")}
     # settle corrects the limits a child was solved under: the feedback's own where an earlier call left them
-    records = {n: {**r, "request": request, "budgets": r.get(FEEDBACK_BUDGETS_KEY, r["budgets"])}
-               for n, r in saved.items()}
+    records = {n: {**r, "request": request, "budgets": feedback_limits(run, n, r).to_dict()} for n, r in saved.items()}
     models: dict[tuple, object] = {}
 
     def model(choice) -> object:
@@ -762,9 +797,10 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         best = min(scored, key=lambda pair: pair[0])[1]  # the first of equal KLs: the child, then the table's order
         if best == current:
             return record  # settle: "kept: the corrected limits choose the same child"
-        rec = record_for(run, child, best, stage, budgets, record["method"])
+        rec = record_for(run, child, best, stage, budgets, f"mip-{child.rsplit('-', 1)[1]}")
         kept = {key: record[key] for key in ("vllm_compatible", "picked_from", "request") if key in record}
-        return {**rec, **kept, SELECTION_KEY: max(now, int(record.get(SELECTION_KEY) or 0))}
+        before = record.get(SELECTION_KEY)
+        return {**rec, **kept, SELECTION_KEY: max(now, before if isinstance(before, int) else 0)}
 
     records, measured, checks, history = settle(records, measure, resolve, rounds=rounds, slack=s.budget_slack,
                                                 workload_meta=run.workload().meta(), say=run.say)
@@ -880,6 +916,9 @@ def refine_main(args) -> int:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.refine_budget_feedback is not None:
         check_rounds(args.refine_budget_feedback, "--budget-feedback")
+        if args.no_measure:  # breaker: it was ignored without a word
+            raise PuzzleError("--budget-feedback holds the children to their budget as measured, and --no-measure "
+                              "skips the timing: give one of them")
     given = [m.strip().lower() for m in args.seeds.split(",") if m.strip()]
     seeds = [] if given == ["none"] else [m for m in SEED_METHODS if m in given]
     if given != ["none"] and (not given or any(m not in SEED_METHODS for m in given)):

@@ -325,3 +325,12 @@ def test_a_memory_miss_is_never_timing_noise():
     noisy = dict(met=False, use=1.05, column="runtime_ms", limits={"runtime_ms": 10.0, "memory_mib": 5.0}, se=0.236)
     assert Check(ratios={"runtime_ms": 1.05, "memory_mib": 1.0167}, **noisy).significant_miss()
     assert not Check(ratios={"runtime_ms": 1.05, "memory_mib": 0.99}, **noisy).significant_miss()
+
+
+@pytest.mark.parametrize("request_", ["1.5", ["speedup", "1.5"], None])
+def test_a_request_that_is_no_mapping_is_a_clear_error(request_):
+    """Breaker: a hand-edited record's request "1.5" failed in dict() with a ValueError traceback."""
+    from puzzle.feedback import measured_limits
+
+    with pytest.raises(PuzzleError, match="is not a set of budget fields"):
+        measured_limits(request_, {"runtime_ms": 10.0})

@@ -360,6 +360,10 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
         bad = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--budget-feedback", rounds])
         with pytest.raises(PuzzleError, match="--budget-feedback must be a whole number of re-solve rounds"):
             bad.func(bad)
+    both = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--budget-feedback", "2",
+                              "--no-measure"])
+    with pytest.raises(PuzzleError, match="--no-measure skips the timing: give one of them"):  # breaker: was ignored
+        both.func(both)
     with pytest.raises(PuzzleError, match="choose among greedy, layer_removal"):  # the library call checks too
         improve_child(None, "child-1.5x", seeds=["uniform_width"])
     with pytest.raises(PuzzleError, match=r"seeds \['greedy,nope'\]"):  # a string is one method, not letters
@@ -747,8 +751,10 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
         if after["choice"] == before["choice"]:
             assert {k: after.get(k) for k in before if "feedback" in k or k == "solved_choice"} == \
                 {k: v for k, v in before.items() if "feedback" in k or k == "solved_choice"}, step
-        else:
-            assert "solved_choice" not in after and FEEDBACK_BUDGETS_KEY not in after, step
+        else:  # a new child, refined under the feedback's limits (breaker: under the plain child's it went back over)
+            assert step == "refined" and "solved_choice" not in after and "budget_feedback" not in after
+            assert after[FEEDBACK_BUDGETS_KEY] == before[FEEDBACK_BUDGETS_KEY]
+            assert after["runtime_ms"] <= before[FEEDBACK_BUDGETS_KEY]["max_runtime_ms"] * (1 + 1e-9)
     assert (out / "config.json").read_bytes() == config
     # a refinement that kept the diverse child: one architecture, timed once, its figures under both names
     from puzzle.baselines import open_run
@@ -810,3 +816,22 @@ def test_a_looser_limit_never_trades_a_refined_child_for_a_worse_one(tmp_path_fa
     after = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
     kl = after.loc["child-1.5x-refined", "score_kl_nats"]
     assert kl <= before.loc["child-1.5x-refined", "score_kl_nats"] + 1e-12
+
+
+def test_damaged_feedback_limits_are_passed_over_and_damaged_budgets_refused(run, capsys):
+    """Breaker: a hand-edited record's `feedback_budgets` that is null, not a mapping or empty crashed with a traceback
+    after the timing, or re-solved the child under no limit at all; missing `budgets` raised a KeyError."""
+    from puzzle.refine import FEEDBACK_BUDGETS_KEY, feedback_limits
+
+    budgets = Budgets(max_runtime_ms=10.0)
+    record = {"budgets": budgets.to_dict()}
+    tighter = Budgets(max_runtime_ms=8.0)
+    assert feedback_limits(run, "child-1.5x-refined", record) == budgets
+    assert feedback_limits(run, "child-1.5x-refined", {**record, FEEDBACK_BUDGETS_KEY: tighter.to_dict()}) == tighter
+    for damaged in (None, "abc", [1, 2], {}, {"max_memory_mib": 5.0}, {"max_runtime_ms": "abc"}):
+        assert feedback_limits(run, "child-1.5x-refined", {**record, FEEDBACK_BUDGETS_KEY: damaged}) == budgets
+        assert f"its {FEEDBACK_BUDGETS_KEY} are damaged" in "".join(capsys.readouterr()), damaged
+    for damaged in ({}, {"budgets": None}, {"budgets": "abc"}):
+        with pytest.raises(PuzzleError, match=r"child-1.5x-refined.json: its budgets are missing or damaged.*"
+                                              r"child-1.5x.csv and run `puzzle refine` again"):
+            feedback_limits(run, "child-1.5x-refined", damaged)
