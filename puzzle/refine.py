@@ -717,7 +717,8 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     limits inside a trust region of `max_changes` layers around the child of that round (the score table's
     `refine_k` best, each realized and scored on the scoring split's `tokens`, and the child itself where it meets
     the new limits: the lowest KL is taken, so a looser limit never trades the child for a worse one), and all are
-    timed again.
+    timed again. Each session's machine fingerprint is compared with the cost table's (`pipeline.check_machine_drift`,
+    DIR/refine/machine.json), as the pipeline's are.
 
     Each child is rewritten to DIR/search/<child>.json with `budget_feedback` (feedback.settle's history); one the
     feedback changed also with `FEEDBACK_BUDGETS_KEY` (the corrected limits) and `solved_choice` (the refinement's
@@ -738,7 +739,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
             (before any timing; `feedback_limits`), rounds outside 0..feedback.MAX_ROUNDS.
     """
     from .feedback import check_rounds, measured_limits, settle
-    from .pipeline import _over_budget_note, earlier_feedback, load_score_table, read_architecture
+    from .pipeline import _over_budget_note, check_machine_drift, earlier_feedback, load_score_table, read_architecture
     from .scoring.cost import measure_models
     from .search import solve
 
@@ -771,7 +772,9 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
             del models[key]
         measured = measure_models({"parent": run.parent.model, **{n: model(c) for c, n in first.items()}},
                                   run.workload(), repeats=run.config.score.measure_repeats, progress=run.progress,
-                                  max_contention=run.config.score.max_contention).set_index("name")
+                                  max_contention=run.config.score.max_contention)
+        check_machine_drift(run, measured.attrs, run.out / "refine")  # as the pipeline's sessions: a drift is said
+        measured = measured.set_index("name")
         twins = [n for n, t in timed.items() if n != t]
         if twins:
             attrs = dict(measured.attrs)

@@ -702,6 +702,8 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
     assert (f"budget feedback, round 1: child-1.5x-refined: measured {1.3 * solved['runtime_ms'] / limit:.3f} of its "
             f"runtime_ms budget; tightened") in said
     assert (out / "config.json").read_bytes() == config  # reviewer: it was saved as the run's [search] setting
+    drift = json.loads((out / "refine" / "machine.json").read_text())  # the session beside the cost table's machine
+    assert {"cost_table", "children", "drift"} <= set(drift)
     record = json.loads((search / "child-1.5x-refined.json").read_text())
     first = record["budget_feedback"][0]
     assert first["check"]["use"] == pytest.approx(1.3 * solved["runtime_ms"] / limit, rel=1e-3)
