@@ -546,8 +546,14 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     kept_sequences = []  # selection sequences the kept diverse step and earlier rounds were chosen on (None: unknown)
     if resume and log_path.is_file() and summary_path.is_file() \
             and (run.out / "search" / f"{name}-refined.json").is_file():
-        kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
-        if _other_plain_child(summary_path, record, earlier_inputs, run.config.search.objective):
+        try:
+            kept = [read_architecture(run, f"{name}-{step}") for step in ("diverse", "refined")]
+        except PuzzleError as e:  # breaker: it named another --name as the remedy; a plain refine starts afresh too
+            kept = None
+            run.say(f"refine {name}: a record of the earlier refinement is damaged; starting afresh ({e})")
+        if kept is None:
+            pass
+        elif _other_plain_child(summary_path, record, earlier_inputs, run.config.search.objective):
             run.say(f"refine {name}: the earlier refinement was of another {name} or objective (searched again "
                     f"since); starting afresh")
         elif all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage

@@ -282,7 +282,8 @@ def test_records_keep_the_sequences_their_choice_was_made_on_across_a_continue_w
     assert read_architecture(copy, "child-1.5x-refined")[SELECTION_KEY] == 3
 
 
-@pytest.mark.parametrize("damage", ["empty summary", "no seconds", "no diverse row", "text seconds", "binary log"])
+@pytest.mark.parametrize("damage", ["empty summary", "no seconds", "no diverse row", "text seconds", "binary log",
+                                    "refined record a list", "refined record without layers", "no diverse record"])
 def test_continue_starts_afresh_when_the_earlier_files_are_damaged(run, capsys, damage):
     """--continue over a damaged refine/<name>.summary.csv or <name>.csv (was an EmptyDataError, KeyError or
     ValueError traceback)."""
@@ -297,6 +298,12 @@ def test_continue_starts_afresh_when_the_earlier_files_are_damaged(run, capsys, 
         steps[steps["step"] != "diverse"].to_csv(summary, index=False)
     elif damage == "text seconds":
         steps.assign(seconds="abc").to_csv(summary, index=False)
+    elif damage == "refined record a list":  # breaker: these named another --name as the remedy
+        (run.out / "search" / "child-1.5x-refined.json").write_text("[]")
+    elif damage == "refined record without layers":
+        (run.out / "search" / "child-1.5x-refined.json").write_text('{"choice": 5}')
+    elif damage == "no diverse record":
+        (run.out / "search" / "child-1.5x-diverse.json").unlink()
     else:
         log.write_bytes(bytes(range(256)))
     capsys.readouterr()
