@@ -663,12 +663,14 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
 
 
 def _step_row(run, step: str, child_name: str, rec: dict, plain_choice, seconds: float,
-              tokens: int | None) -> dict:
-    """One row of the step table (`improve_child`'s Returns) for the child `rec` (a search record) of step `step`."""
+              tokens: int | None, model=None) -> dict:
+    """One row of the step table (`improve_child`'s Returns) for the child `rec` (a search record) of step `step`;
+    `model`: the child already realized (default: realized here)."""
     from .pipeline import compact_architecture, evaluate
 
     choice = rec["choice"]
-    model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], rec.get("library_stage", "bld"))
+    if model is None:
+        model = realize_blocks(run, [BlockConfig.from_id(b) for b in choice], rec.get("library_stage", "bld"))
     return {"step": step, "name": child_name, "architecture": compact_architecture(choice),
             "predicted_kl_nats": rec["kl_nats"], "score_kl_nats": selection_kl(run, model, tokens),
             "kl_nats": evaluate(run, model, child_name)["kl_nats"], "predicted_speedup": rec["speedup"],
@@ -830,8 +832,9 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     if steps is not None and changed:  # the feedback's children replace the steps' rows (the seconds stay the step's)
         steps = steps.copy()
         for i in steps.index[steps["name"].isin(changed)]:
-            row = _step_row(run, steps.at[i, "step"], steps.at[i, "name"], out[steps.at[i, "name"]], plain["choice"],
-                            float(steps.at[i, "seconds"]), tokens)
+            rec = out[steps.at[i, "name"]]  # its model was realized for the last timing session
+            row = _step_row(run, steps.at[i, "step"], steps.at[i, "name"], rec, plain["choice"],
+                            float(steps.at[i, "seconds"]), tokens, model(rec["choice"]))
             for key, value in row.items():
                 steps.at[i, key] = value
         steps = _with_gains(steps)
