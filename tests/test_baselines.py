@@ -953,6 +953,46 @@ def test_objectives_benchmark_realizes_each_objectives_choice(tmp_path_factory, 
     assert "no column nonsense" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_objectives_benchmark_leaves_out_each_exclude_set(tmp_path_factory, tmp_path, capsys):
+    """benchmarks/objectives.py --exclude-sets: every objective solved under every set of variants left out (the MIP's
+    and greedy's own choices without them), with the child's scoring-split KL as `puzzle refine` measures it and its
+    linear subblocks counted; a variant the table lacks is refused before any work."""
+    from puzzle.architecture import BlockConfig
+    from puzzle.baselines import open_run
+    from puzzle.budgets import Budgets
+    from puzzle.pipeline import build_child, load_score_table
+    from puzzle.refine import selection_kl
+    from puzzle.search import greedy, parent_totals, solve
+
+    bench = load_benchmark("objectives")
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    run = open_run(run_dir, progress=False)
+    table, _ = load_score_table(run, "bld")
+    budgets = Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / 1.5)
+    whole = solve(table, budgets)[0]
+    linear = sorted({b.attention.id for b in map(BlockConfig.from_id, whole.choice) if b.attention.kind == "linear"}
+                    | {b.ffn.id for b in map(BlockConfig.from_id, whole.choice) if b.ffn.kind == "linear"})
+    assert linear, "the tiny run's 1.5x child should use a linear subblock, or leaving them out tests nothing"
+    argv = ["--run", str(run_dir), "--objectives", "kl_nats;greedy", "--speedups", "1.5",
+            "--exclude-sets", f"none;{','.join(linear)}", "--out", str(tmp_path / "o")]
+    assert bench.main(argv) == 0
+    rows = pd.read_csv(tmp_path / "o" / "objectives.csv", keep_default_na=False)
+    assert list(rows["objective"]) == ["kl_nats", "greedy"] * 2
+    assert list(rows["exclude"]) == ["", "", ",".join(linear), ",".join(linear)]
+    expect = [whole, greedy(table, budgets), solve(table, budgets, exclude=linear)[0], greedy(table, budgets, exclude=linear)]
+    assert list(rows["choice"]) == [" ".join(s.choice) for s in expect]
+    assert rows["choice"][0] != rows["choice"][2]
+    assert (rows.loc[2:, ["linear_attention", "linear_ffn"]].to_numpy() == 0).all()
+    assert rows["linear_attention"][0] + rows["linear_ffn"][0] > 0
+    for i in (0, 2):  # the scoring-split KL is refine's measurement of the built child
+        model = build_child(run, {"choice": rows["choice"][i].split()}, "bld")
+        assert rows["score_kl_nats"][i] == pytest.approx(selection_kl(run, model), rel=1e-6)
+    out = capsys.readouterr().out
+    assert f"kl_nats without {','.join(linear)}" in out and "scoring-split KL" in out
+    assert bench.main([*argv[:-3], "none;attn-nonsense", "--out", str(tmp_path / "bad")]) == 2
+    assert "attn-nonsense" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_rows_of_a_given_session_take_its_timings_and_the_rest_are_timed_afresh(tmp_path_factory, monkeypatch):
     """realize_all(measured=): a candidate that session timed takes its figures, even where a saved row stands (a
     row and the budget check `puzzle refine` made on that session are one measurement); the others are timed next to
