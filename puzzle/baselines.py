@@ -742,7 +742,7 @@ def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _greedy_still_picks(run, row: dict, tables: dict) -> bool:
-    """Whether greedy, with the run's objective and vLLM setting now (`_greedy_at`), picks the saved greedy `row`'s
+    """Whether greedy, with the run's objective, vLLM setting and exclusions now (`_greedy_at`), picks the saved greedy `row`'s
     architecture for its target; `tables` caches the score tables by library stage between calls."""
     from .pipeline import compact_architecture, load_score_table
 
@@ -758,7 +758,7 @@ def _greedy_still_picks(run, row: dict, tables: dict) -> bool:
 def stale_greedy_rows(run) -> dict[str, str]:
     """The greedy rows in DIR/baselines/rows/ (by model name) whose architecture greedy no longer picks for their
     target, with why, for `puzzle front` to leave out as baselines.csv does (`_with_earlier_rows`): the search's
-    objective or --vllm-compatible changed since they were built."""
+    objective, --vllm-compatible or --exclude changed since they were built."""
     from .io import read_json
 
     stale, tables = {}, {}
@@ -768,22 +768,23 @@ def stale_greedy_rows(run) -> dict[str, str]:
         except PuzzleError:
             continue  # `plots.front_rows` skips an unreadable row itself
         if isinstance(row, dict) and row.get("method") == "greedy" and not _greedy_still_picks(run, row, tables):
-            stale[str(row.get("name"))] = ("greedy picks another child for its target with the run's objective and "
-                                           "vLLM setting now")
+            stale[str(row.get("name"))] = ("greedy picks another child for its target with the run's objective, "
+                                           "vLLM setting and exclusions now")
     return stale
 
 
 def _greedy_at(run, table: pd.DataFrame, speedup: float):
     """Greedy's child of `table` (a score table) for `speedup`: runtime budget the table's parent runtime / speedup,
-    the run's objective and vLLM setting, as the MIP searches (`search.greedy`).
+    the run's objective, vLLM setting and exclusions, as the MIP searches (`search.greedy`).
 
     Raises:
         PuzzleError: as `search.greedy` (a budget greedy cannot reach).
     """
     from .search import greedy, parent_totals
 
-    return greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / speedup),
-                  run.config.search.objective, vllm_compatible=run.config.search.vllm_compatible)
+    s = run.config.search
+    return greedy(table, Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / speedup), s.objective,
+                  vllm_compatible=s.vllm_compatible, exclude=s.exclude)
 
 
 # ------------------------------------------------------------------------------------------------

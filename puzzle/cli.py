@@ -130,6 +130,11 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
                    help="leave out variants vLLM cannot serve (linear replacements, and a no_op attention in layer 0, "
                         "even in a layer removed whole: the simple rule that keeps an FFN from coming before the first "
                         "attention); --no-vllm-compatible lets them in again (default: the run's saved setting, else off)")
+    g.add_argument("--exclude", action="append", default=None, metavar="VARIANT",
+                   help="leave a variant out of the search (attention, FFN or block id: attn-linear, ffn-768, "
+                        "attn-kv1+ffn-768), repeatable; with --out saved as the run's setting, which the front, the "
+                        "budget feedback, `puzzle refine` and the greedy baseline follow; --exclude none clears it "
+                        "(default: the run's saved setting, else none)")
     g.add_argument("--front-speedups", metavar="S,S,...", action=JoinCommas, help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
@@ -200,6 +205,8 @@ def _search_flags_raw(args) -> dict:
     for name in ("objective", "vllm_compatible", "budget_feedback"):
         if flag(name) is not None:
             raw[name] = flag(name).strip() if isinstance(flag(name), str) else flag(name)
+    if flag("exclude") is not None:  # checked with the configuration: `_check_flags_before_config` names the flag
+        raw["exclude"] = list(flag("exclude"))
     if flag("front_speedups") is not None:  # checked by `_check_flags_before_config`
         from .budgets import parse_speedup
 
@@ -226,6 +233,10 @@ def _check_flags_before_config(args) -> None:
     if bad := [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]:
         raise PuzzleError(f"--calib-weights {' '.join(f'{w:g}' for w in weights)}: {bad[0]:g} is not a positive finite "
                           f"number; weights are relative token shares, one per --calib source (e.g. 1 1 for half each)")
+    if getattr(args, "exclude", None) is not None and getattr(args, "library", None) is None:  # --library: the
+        from .search import parse_exclude  # table's own check names its variants (`search_main`)
+
+        parse_exclude(args.exclude)
     if getattr(args, "objective", None) is not None:
         from .search import parse_objective
 
@@ -625,7 +636,7 @@ def cmd_search(args) -> int:
                           "(a block library: a run directory, its score/score_table.csv, or the Puzzle authors' "
                           "published library folder)")
     library_only = [flag for flag, given in [
-        ("--exclude", args.exclude), ("--greedy", args.greedy),
+        ("--greedy", args.greedy),
         ("--num-solutions", args.num_solutions != 1), ("--min-layers-differ", args.min_layers_differ != 1),
         ("--roofline", args.roofline), ("--roofline-dtype", args.roofline_dtype != "bfloat16"),
         ("--time-limit", args.time_limit != 60.0), ("--output", args.output)] if given]
@@ -634,7 +645,7 @@ def cmd_search(args) -> int:
         raise PuzzleError(f"{', '.join(library_only)} {verb} on a read-only search of a table: `puzzle search "
                           f"--library {args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
                           "budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
-                          "--min-throughput, --objective, --vllm-compatible) for realize, export and front")
+                          "--min-throughput, --objective, --vllm-compatible, --exclude) for realize, export and front")
     from .pipeline import stage_search
 
     with _stage_run(args, existing=True) as run:  # a budget that fails is not kept; a new one is said (`_stage_run`)

@@ -132,6 +132,9 @@ class SearchConfig:
         main child meets all that are given; the front's points keep the memory and parameter
         budgets and sweep the runtime.
     front_speedups: speed-up targets of the accuracy-throughput front.
+    exclude: variant ids the run's searches leave out (attention, FFN or block ids, as `puzzle search --exclude`):
+        the main child, the front, the budget feedback's re-solves, `puzzle refine` and the greedy baseline
+        choose from the rest of the library. CLI: --exclude VARIANT (repeatable; --exclude none clears it).
     budget_feedback: re-solve rounds driven by the whole-model measurement (puzzle/feedback.py):
         a child measured over its budget by more than the timing noise is solved again under a
         table limit corrected by its measured / predicted ratio; with 2 or more rounds a child more
@@ -151,6 +154,7 @@ class SearchConfig:
     max_params: str | None = None
     min_throughput: str | None = None
     vllm_compatible: bool = False
+    exclude: tuple[str, ...] = ()
     objective: str = "kl_nats"
     front_speedups: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0)
     budget_feedback: int = 2
@@ -159,8 +163,9 @@ class SearchConfig:
     def __post_init__(self) -> None:
         from .feedback import check_rounds, check_slack
 
-        from .search import parse_objective
+        from .search import parse_exclude, parse_objective
 
+        object.__setattr__(self, "exclude", parse_exclude(self.exclude, "search.exclude (--exclude)"))
         try:  # its form here (a number, null, a list: a hand edit); its columns when the score table is read
             parse_objective(self.objective)
         except PuzzleError as e:

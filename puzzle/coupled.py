@@ -38,13 +38,15 @@ COST_COLUMNS = ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")
 
 
 def narrow_blocks(table: pd.DataFrame, budgets_list: Sequence, top_k: int, objective="kl_nats", *,
-                  vllm_compatible: bool = False, time_limit_s: float = 60.0) -> dict[int, list[BlockConfig]]:
+                  vllm_compatible: bool = False, time_limit_s: float = 60.0,
+                  exclude: Sequence[str] = ()) -> dict[int, list[BlockConfig]]:
     """The blocks used by the top-k decoupled solutions of each budget, per layer.
 
     Args:
         table: a decoupled score table (search.REQUIRED_COLUMNS).
         budgets_list: budgets.Budgets to solve (e.g. the main budget and the front's).
         top_k: diverse solutions per budget (search.solve num_solutions).
+        exclude: variant ids left out of those solutions (the run's `search.exclude`).
 
     Returns:
         {layer: [BlockConfig, ...]} sorted by id; the parent's block and no_op+no_op are left out
@@ -60,7 +62,7 @@ def narrow_blocks(table: pd.DataFrame, budgets_list: Sequence, top_k: int, objec
     for budgets in budgets_list:
         try:
             solutions = solve(table, budgets, objective, vllm_compatible=vllm_compatible, num_solutions=top_k,
-                              time_limit_s=time_limit_s)
+                              time_limit_s=time_limit_s, exclude=exclude)
         except PuzzleError:
             continue
         for sol in solutions:
@@ -264,7 +266,7 @@ def stage_coupled(run) -> pd.DataFrame:
     totals = parent_totals(decoupled)
     budgets = [r.resolve(totals, meta) for r in requests]
     blocks = narrow_blocks(decoupled, budgets, cfg.coupled_top_k, run.config.search.objective,
-                           vllm_compatible=run.config.search.vllm_compatible)
+                           vllm_compatible=run.config.search.vllm_compatible, exclude=run.config.search.exclude)
     result = build_coupled_library(run.parent.model, run.tokens.calib, blocks, cfg, run.library, progress=run.progress)
     run.timed("bld_coupled_s", time.perf_counter() - t0)
     t0 = time.perf_counter()

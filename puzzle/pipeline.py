@@ -838,13 +838,15 @@ def _solve_record(run: Run, name: str, request, stage: str, budgets=None,
     `scored`: that table and its metadata as `load_score_table` returns them, when the caller holds them (else
     read here).
     """
-    from .search import parent_totals, solve
+    from .search import check_exclusions, parent_totals, solve
 
     table, meta = load_score_table(run, stage) if scored is None else scored
     budgets = request.resolve(parent_totals(table), meta) if budgets is None else budgets
     s = run.config.search
-    solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible)[0]
+    check_exclusions(table, s.exclude)  # a typo would leave nothing out, silently
+    solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible, exclude=s.exclude)[0]
     return {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
+            **({"exclude": list(s.exclude)} if s.exclude else {}),  # absent when none: earlier records stay the same
             "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v},
             "table_sha256": _sha256(score_table_path(run, stage))}
 
@@ -855,13 +857,13 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     measured speed and rewrites the record with its `budget_feedback` history and `solved_choice`,
     the child the plain solve gave. A plain solve of the same request would undo that correction,
     so a record whose child differs from `solved_choice` is kept when it was solved on the same
-    library stage, request, objective and vLLM setting, on a score table with the same bytes
+    library stage, request, objective, vLLM setting and exclusions, on a score table with the same bytes
     (`table_sha256`), and passes the solver-independent check against that table (search.verify) and,
     with --vllm-compatible, that setting's layer rules (`mip.vllm_unservable`); otherwise None (solve
     again, as for every record before `solved_choice` existed).
     """
     from .mip import vllm_unservable
-    from .search import Solution, parse_objective, verify
+    from .search import Solution, parse_objective, uses_excluded, verify
 
     path = run.out / "search" / f"{name}.json"
     if not path.is_file():
@@ -875,6 +877,7 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
                 and record.get("request") == {k: v for k, v in vars(request).items() if v}
                 and dict(record.get("objective_weights") or {}) == parse_objective(s.objective)
                 and bool(record.get("vllm_compatible", False)) == s.vllm_compatible
+                and list(record.get("exclude") or []) == list(s.exclude)
                 and record.get("table_sha256") == _sha256(score_table_path(run, stage)))
         if not same:
             return None
@@ -882,6 +885,8 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
         verify(solution, load_score_table(run, stage)[0])  # a hand-edited or stale record: solve
         if s.vllm_compatible and any(vllm_unservable(i, b) for i, b in enumerate(solution.blocks)):
             return None  # settled before the layer-0 rule of --vllm-compatible (verify does not check it): solve
+        if uses_excluded(solution.blocks, s.exclude):
+            return None  # a hand-edited record: solve
         if not all(isinstance(record.get(k), (int, float)) for k in ("speedup", "kl_nats", "runtime_ms")):
             return None
     except (PuzzleError, ValueError, TypeError, AttributeError, KeyError, IndexError, UnicodeDecodeError):
@@ -1028,7 +1033,7 @@ def _same_solve(path: Path, record: dict) -> dict | None:
 
 def largest_front_speedup(run: Run, scored: tuple[pd.DataFrame, dict] | None = None) -> float | None:
     """The largest predicted speed-up a front point can have: that of the fastest child of the trained
-    table under the front's memory and parameter budgets and the run's vLLM setting (a MIP that minimises
+    table under the front's memory and parameter budgets and the run's vLLM setting and exclusions (a MIP that minimises
     runtime_ms); None when no child meets those budgets (or the table cannot be read).
 
     `scored`: the trained table and its metadata as `load_score_table(run, "bld")` returns them, when the
@@ -1040,7 +1045,8 @@ def largest_front_speedup(run: Run, scored: tuple[pd.DataFrame, dict] | None = N
     try:
         table, meta = load_score_table(run, "bld") if scored is None else scored
         budgets = BudgetRequest(max_memory=s.max_memory, max_params=s.max_params).resolve(parent_totals(table), meta)
-        return float(solve(table, budgets, "runtime_ms", vllm_compatible=s.vllm_compatible)[0].speedup)
+        return float(solve(table, budgets, "runtime_ms", vllm_compatible=s.vllm_compatible,
+                           exclude=s.exclude)[0].speedup)
     except PuzzleError:
         return None
 
@@ -2444,16 +2450,19 @@ def front_inputs(run: Run) -> dict:
 
 def _front_settings(config, parent_path: bool = True):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
-    depend on: the report section, score.max_contention and, with `parent_path=False`, parent.path (for a run
-    whose parent.json records the parent's weights hash: every stage that loads the parent then accepts only those
-    weights wherever they lie, `check_parent_weights`, so a moved parent is the same parent). Other values (None,
-    a damaged record) as they are."""
+    depend on: the report section, score.max_contention, an empty search.exclude and, with `parent_path=False`,
+    parent.path (for a run whose parent.json records the parent's weights hash: every stage that loads the parent
+    then accepts only those weights wherever they lie, `check_parent_weights`, so a moved parent is the same
+    parent). Other values (None, a damaged record) as they are."""
     if not isinstance(config, dict):
         return config
     config = {k: v for k, v in config.items() if k != "report"}
     for section, key in (("score", "max_contention"), *(() if parent_path else (("parent", "path"),))):
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k != key}
+    if isinstance(config.get("search"), dict) and not config["search"].get("exclude", True):
+        # no exclusions: as a front.json written before search.exclude existed (which would else read as a change)
+        config["search"] = {k: v for k, v in config["search"].items() if k != "exclude"}
     return config
 
 

@@ -43,6 +43,7 @@ from .architecture import BlockConfig
 from .budgets import Budgets
 from .errors import PuzzleError
 from .io import atomic_write_json, atomic_write_text
+from .search import parse_exclude
 
 _SELECTION_LOGP: dict = {}
 
@@ -94,13 +95,16 @@ def realize_blocks(run, blocks, stage: str = "bld"):
 
 def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, min_layers_differ: int = 2,
                        stage: str = "bld", objective: str = "kl_nats", tokens: int | None = None,
-                       vllm_compatible: bool = False, seeds: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+                       vllm_compatible: bool = False, seeds: Mapping[str, Sequence[str]] | None = None,
+                       exclude: Sequence[str] = ()) -> pd.DataFrame:
     """The MIP's k best mutually diverse children under `budgets`, each realized and scored
-    (`vllm_compatible`: without linear subblocks, as the searched child was solved), plus `seeds`.
+    (`vllm_compatible`: without linear subblocks, `exclude`: without those variants, as the searched child was
+    solved), plus `seeds`.
 
     seeds: {method: choice as block ids}, other children for the same budgets (`seed_choices`), realized
         and scored beside them; one equal to a MIP solution or already given, outside the table or the
-        budgets, or (with `vllm_compatible`) one vLLM cannot serve (`mip.vllm_unservable`), is left out.
+        budgets, one using a variant of `exclude`, or (with `vllm_compatible`) one vLLM cannot serve
+        (`mip.vllm_unservable`), is left out.
 
     Returns:
         One row per child, MIP order first (rank 0 is the plain MIP choice), then the seeds: rank, source
@@ -109,11 +113,11 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
         index with the lowest score_kl_nats.
     """
     from .mip import vllm_unservable
-    from .search import build_choices, parent_totals, solve
+    from .search import build_choices, parent_totals, solve, uses_excluded
 
     t0 = time.perf_counter()
     solutions = solve(table, budgets, objective, num_solutions=k, min_layers_differ=min_layers_differ,
-                      vllm_compatible=vllm_compatible)
+                      vllm_compatible=vllm_compatible, exclude=exclude)
     solve_s = time.perf_counter() - t0
     todo = [("mip", s.choice, s.kl_nats, s.speedup) for s in solutions]
     parent_runtime = parent_totals(table)["runtime_ms"]
@@ -123,7 +127,8 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
         totals = _table_totals(choices, choice)
         servable = not vllm_compatible or not any(vllm_unservable(i, BlockConfig.from_id(b))
                                                   for i, b in enumerate(choice))
-        if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets) and servable:
+        if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets) and servable \
+                and not uses_excluded(choice, exclude):
             todo.append((method, choice, totals["kl_nats"], parent_runtime / totals["runtime_ms"]))
     rows = []
     for rank, (source, choice, predicted, speedup) in enumerate(todo):
@@ -158,7 +163,7 @@ def _fits(totals: dict[str, float] | None, budgets: Budgets) -> bool:
 
 def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "kl_nats", *,
                  vllm_compatible: bool = False, influence_tokens: int = 4096,
-                 methods: Sequence[str] = SEED_METHODS) -> dict[str, tuple[str, ...]]:
+                 methods: Sequence[str] = SEED_METHODS, exclude: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
     """The children two simple methods make for the same budgets from the same score table, as extra starts.
 
     The summed replace-1 KL misjudges children that remove whole layers (removals compound, issue 5), so the
@@ -170,24 +175,24 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
     the MIP's best of 8, 0.635 / 1.274 / 2.361. There it is insurance for a weaker library, at two more
     realizations (7-9 s of a 47-62 s diverse step on the demo).
 
-    - "greedy": `search.greedy` on the same table, objective and vLLM setting;
+    - "greedy": `search.greedy` on the same table, objective, vLLM setting and `exclude`;
     - "layer_removal": ShortGPT (Men et al. 2024) by `puzzle baselines`'s method: layers by block
       influence on `influence_tokens` calibration tokens, lowest first, the fewest removed (both
       subblocks no_op) for the child to meet every budget by the table's totals (the child's recorded
       budgets, which budget feedback may have moved, so it can differ from `puzzle baselines`'s
-      layers-<s>x); with `vllm_compatible` layer 0 stays.
+      layers-<s>x); with `vllm_compatible` layer 0 stays; none when `exclude` leaves out its no_op subblocks.
 
     Returns:
         {method: choice as block ids} for each of `methods` whose child exists under the budgets (no_op in
         the table, a budget greedy reaches), in `SEED_METHODS` order.
     """
     from .baselines import block_influence, layer_removal
-    from .search import build_choices, greedy
+    from .search import build_choices, greedy, uses_excluded
 
     seeds = {}
     if "greedy" in methods:
         try:
-            seeds["greedy"] = greedy(table, budgets, objective, vllm_compatible=vllm_compatible).choice
+            seeds["greedy"] = greedy(table, budgets, objective, vllm_compatible=vllm_compatible, exclude=exclude).choice
         except PuzzleError:
             pass
     if "layer_removal" not in methods:
@@ -201,6 +206,8 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
     choices = build_choices(table)
     for removed in range(len(order) + 1):
         choice = tuple(b.id for b in layer_removal(run.parent.config, order, removed))
+        if removed and uses_excluded(choice, exclude):  # the removal is left out
+            break
         if _fits(_table_totals(choices, choice), budgets):
             seeds["layer_removal"] = choice
             break
@@ -320,8 +327,9 @@ def lift_negative_kl(table: pd.DataFrame) -> pd.DataFrame:
 
 def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max_changes: int = 6,
            max_rounds: int = 5, min_gain: float = 1e-3, stage: str = "bld", tokens: int | None = None,
-           progress: bool = False, vllm_compatible: bool = False) -> pd.DataFrame:
-    """Improve the child `start` by rounds of in-context re-scoring and re-solving (module docstring).
+           progress: bool = False, vllm_compatible: bool = False, exclude: Sequence[str] = ()) -> pd.DataFrame:
+    """Improve the child `start` by rounds of in-context re-scoring and re-solving (module docstring), choosing
+    among the variants `vllm_compatible` and `exclude` leave in.
 
     Each round: `context_table` for the current child; the k best children within `max_changes`
     layers of it under `budgets` (the current child itself excluded); each realized and scored on
@@ -348,8 +356,8 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
         context_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            solutions = solve(lift_negative_kl(ctx), budgets, "kl_nats", num_solutions=k + 1, anchor=current, max_changes=max_changes,
-                              vllm_compatible=vllm_compatible)
+            solutions = solve(lift_negative_kl(ctx), budgets, "kl_nats", num_solutions=k + 1, anchor=current,
+                              max_changes=max_changes, vllm_compatible=vllm_compatible, exclude=exclude)
         except PuzzleError as e:
             warnings.warn(f"refinement round {r} stopped: {e}")
             break
@@ -423,11 +431,13 @@ def _setting_text(value) -> str:
 
 def _refinement_inputs(run, record: dict, settings: dict) -> dict:
     """What a finished `improve_child` depends on: its settings (but the rounds), the plain child it refines (choice,
-    budgets, library stage, vLLM setting) and the run's workload, score table and evaluation split
+    budgets, library stage, vLLM setting, exclusions) and the run's workload, score table and evaluation split
     (`baselines.row_inputs`). Saved as DIR/refine/<name>.inputs.json with the rounds run so far."""
     from .baselines import row_inputs
 
     child = {key: record.get(key) for key in ("choice", "budgets", "library_stage")}
+    if record.get("exclude"):  # absent when none: inputs saved before exclusions existed stay the same
+        child["exclude"] = list(record["exclude"])
     return json.loads(json.dumps({"settings": settings, "child": {**child, "vllm": bool(record.get("vllm_compatible"))},
                                   "objective": run.config.search.objective,  # the diverse step's (reviewer)
                                   "run": row_inputs(run)}))  # as read back from the file
@@ -522,6 +532,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     stage = record.get("library_stage", "bld")
     budgets = Budgets.from_dict(record["budgets"])
     vllm = bool(record.get("vllm_compatible", False))  # searched without linear subblocks: refined the same way
+    exclude = parse_exclude(record.get("exclude") or [], f"{name}'s exclude")  # and without what the search left out
     table, _ = load_score_table(run, stage)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
     inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "seeds": seeds,
@@ -557,7 +568,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             run.say(f"refine {name}: the earlier refinement was of another {name} or objective (searched again "
                     f"since); starting afresh")
         elif all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage
-                 and bool(r.get("vllm_compatible", False)) == vllm for r in kept):
+                 and bool(r.get("vllm_compatible", False)) == vllm
+                 and tuple(r.get("exclude") or ()) == exclude for r in kept):
             found = _earlier_refinement(log_path, summary_path)  # continue: the diverse step and rounds are kept
             if found is None:
                 run.say(f"refine {name}: {log_path} or {summary_path} is damaged; starting afresh")
@@ -598,13 +610,13 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     if earlier is None:
         t0 = time.perf_counter()
         starts = seed_choices(run, table, budgets, run.config.search.objective, vllm_compatible=vllm,
-                              methods=seeds)
+                              methods=seeds, exclude=exclude)
         for method in seeds:
             if method not in starts:
                 run.say(f"refine {name}: no {method} child meets {budgets.describe()} from this score table; "
                         f"that seed is left out")
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,
-                                     tokens, vllm_compatible=vllm, seeds=starts)
+                                     tokens, vllm_compatible=vllm, seeds=starts, exclude=exclude)
         diverse_s = time.perf_counter() - t0
         best = start = diverse.loc[diverse.attrs["best"], "choice"]
         picked_from = str(diverse.loc[diverse.attrs["best"], "source"])
@@ -613,7 +625,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     round_budgets = feedback_limits(run, f"{name}-refined", kept_records["refined"]) if kept_records else budgets
     t0 = time.perf_counter()
     history = refine(run, table, round_budgets, start, k=refine_k, max_changes=max_changes, max_rounds=max_rounds,
-                     stage=stage, tokens=tokens, progress=run.progress, vllm_compatible=vllm)
+                     stage=stage, tokens=tokens, progress=run.progress, vllm_compatible=vllm, exclude=exclude)
     refine_s = time.perf_counter() - t0
     refined = tuple(history.attrs["best"])
     history = history.assign(choice=history["choice"].map(" ".join), step="refine")
@@ -644,7 +656,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     out = []
     for step, child_name, choice, seconds in steps:
         rec = record if step == "plain" else {**record_for(run, child_name, choice, stage, budgets, f"mip-{step}"),
-                                              "vllm_compatible": vllm, SELECTION_KEY: chosen_on[step]}
+                                              "vllm_compatible": vllm, SELECTION_KEY: chosen_on[step],
+                                              **({"exclude": list(exclude)} if exclude else {})}
         if step == "diverse":  # which candidate the diverse step kept: "mip" or a seed's method
             rec["picked_from"] = picked_from
         prior = kept_records.get(step)
@@ -759,6 +772,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     s = run.config.search
     rounds = s.budget_feedback if rounds is None else check_rounds(rounds, "budget feedback rounds")
     stage, vllm = plain.get("library_stage", "bld"), bool(plain.get("vllm_compatible", False))
+    exclude = parse_exclude(plain.get("exclude") or [], f"{name}'s exclude")
     measured_limits(request, plain.get("parent") or {}, run.workload().meta())  # a damaged request: before timing
     table = load_score_table(run, stage)[0]
     saved = {n: read_architecture(run, n) for n in (f"{name}-diverse", f"{name}-refined")}
@@ -798,7 +812,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     def resolve(child: str, record: dict, budgets: Budgets) -> dict:
         anchor = [BlockConfig.from_id(b) for b in record["choice"]]
         solutions = solve(table, budgets, s.objective, num_solutions=refine_k, anchor=anchor, max_changes=max_changes,
-                          vllm_compatible=vllm)  # InfeasibleBudget (a PuzzleError): settle keeps the child
+                          vllm_compatible=vllm, exclude=exclude)  # InfeasibleBudget: settle keeps the child
         current = tuple(record["choice"])
         candidates = list(dict.fromkeys(([current] if _fits(record, budgets) else [])  # the child first, if it fits
                                         + [x.choice for x in solutions]))
@@ -809,7 +823,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         if best == current:
             return record  # settle: "kept: the corrected limits choose the same child"
         rec = record_for(run, child, best, stage, budgets, f"mip-{child.rsplit('-', 1)[1]}")
-        kept = {key: record[key] for key in ("vllm_compatible", "picked_from", "request") if key in record}
+        kept = {key: record[key] for key in ("vllm_compatible", "exclude", "picked_from", "request") if key in record}
         before = record.get(SELECTION_KEY)
         return {**rec, **kept, SELECTION_KEY: max(now, before if isinstance(before, int) else 0)}
 

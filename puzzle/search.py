@@ -771,6 +771,48 @@ def _is_search_output(path: Path) -> bool:
     return isinstance(record, dict) and {"choice", "objective", "budgets"} <= set(record)
 
 
+def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
+    """Variant ids to leave out of the search, sorted, once each: attention ("attn-linear"), FFN ("ffn-768") or block
+    ids ("attn-kv1+ffn-768"). A value "none" (any case, alone) leaves nothing out, so that a flag can clear a saved
+    setting.
+
+    Raises:
+        PuzzleError: `values` is not a list of texts, or a text is no variant id; `what` names the flag or setting.
+    """
+    from .architecture import ArchitectureError, AttentionConfig, FFNConfig
+
+    items = [values] if isinstance(values, str) else values
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise PuzzleError(f"{what} must be a list of variant ids (e.g. [\"attn-linear\"]), got {values!r}")
+    ids = [v.strip() for v in items]
+    if [v.lower() for v in ids] == ["none"]:
+        return ()
+    for v in ids:
+        ok = False
+        for parse in (AttentionConfig.from_id, FFNConfig.from_id, BlockConfig.from_id):
+            try:
+                parse(v)
+                ok = True
+                break
+            except (ArchitectureError, ValueError, KeyError, IndexError):
+                pass
+        if not ok:
+            raise PuzzleError(f"{what} {v!r} is not a variant id: give an attention id (attn-kv1, attn-linear, "
+                              f"attn-noop), an FFN id (ffn-768, ffn-linear, ffn-noop), a block id joining two with "
+                              f"'+' (attn-kv1+ffn-768), or 'none' alone to leave nothing out")
+    return tuple(sorted(set(ids)))
+
+
+def uses_excluded(choice: Sequence, exclude: Sequence[str]) -> bool:
+    """Whether a child (block ids or BlockConfigs, one per layer) uses a variant `exclude` names (as a block, or as
+    its attention or FFN)."""
+    ex = set(exclude)
+    if not ex:
+        return False
+    blocks = [b if isinstance(b, BlockConfig) else BlockConfig.from_id(b) for b in choice]
+    return any({b.id, b.attention.id, b.ffn.id} & ex for b in blocks)
+
+
 def check_exclusions(table: pd.DataFrame, exclude) -> None:
     """Refuse an --exclude value that names no block, attention or FFN variant of the table (a typo would
     otherwise exclude nothing, silently)."""
@@ -862,8 +904,10 @@ def search_main(args: argparse.Namespace) -> int:
     parent = parent_totals(table)
     budgets = resolve_budgets(request, table, parent, meta)
     objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
-    check_exclusions(table, args.exclude or ())
-    options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=tuple(args.exclude or ()))
+    exclude = tuple(v.strip() for v in args.exclude or ())
+    exclude = () if [v.lower() for v in exclude] == ["none"] else exclude
+    check_exclusions(table, exclude)  # names the table's variants
+    options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=exclude)
     try:
         if args.greedy:
             solutions = [greedy(table, budgets, objective, **options)]

@@ -844,3 +844,26 @@ def test_damaged_feedback_limits_are_passed_over_and_damaged_budgets_refused(run
         with pytest.raises(PuzzleError, match=r"child-1.5x-refined.json: its budgets are missing or damaged.*"
                                               r"child-1.5x.csv and run `puzzle refine` again"):
             feedback_limits(run, "child-1.5x-refined", damaged)
+
+
+def test_exclude_leaves_its_variants_out_of_every_refine_candidate(run, table):
+    """A child searched with --exclude (its record's `exclude`) is refined the same way: the diverse step's MIP
+    children, the greedy seed, a given seed that uses a left-out variant (dropped), and the refinement rounds."""
+    from puzzle.refine import refine, seed_choices
+    from puzzle.search import uses_excluded
+
+    _, budgets = _child(run)
+    plain = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128)
+    parent = {sub for b in run.parent.config.blocks for sub in (b.attention.id, b.ffn.id)}
+    used = pd.Series([sub for c in plain["choice"] for b in map(BlockConfig.from_id, c)
+                      for sub in (b.attention.id, b.ffn.id) if sub not in parent])
+    assert len(used), "the tiny child should change a subblock, or leaving one out tests nothing"
+    ex = [used.value_counts().index[0]]  # the variant the plain children use most
+    seeds = seed_choices(run, table, budgets, exclude=ex)
+    assert "greedy" in seeds and not uses_excluded(seeds["greedy"], ex)
+    df = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128, exclude=ex,
+                            seeds={**seeds, "given": plain["choice"][0]})
+    assert "given" not in set(df["source"]) and not any(uses_excluded(c, ex) for c in df["choice"])
+    history = refine(run, table, budgets, df["choice"][df.attrs["best"]], k=2, max_changes=2, max_rounds=1,
+                     tokens=128, exclude=ex)
+    assert len(history) > 1 and not any(uses_excluded(c, ex) for c in history["choice"])

@@ -1055,7 +1055,7 @@ def test_search_on_a_run_refuses_flags_it_would_ignore(tmp_path_factory, capsys)
 
     run = tiny_run_dir(tmp_path_factory)
     config = (run / "config.json").read_text()
-    for flags in (["--time-limit", "5"], ["--greedy"], ["--num-solutions", "3"], ["--exclude", "no_op"]):
+    for flags in (["--time-limit", "5"], ["--greedy"], ["--num-solutions", "3"]):  # --exclude is a run setting too
         assert main(["search", "--out", str(run), "--speedup", "1.25", *flags]) == 2
         err = capsys.readouterr().err
         assert flags[0] in err and f"--library {run}" in err and len(err.strip().splitlines()) == 1
@@ -1589,3 +1589,76 @@ def test_exact_dp_finds_the_enumerated_optimum_under_its_bounds(seed):
         assert all(c[np.arange(num_layers), slots].sum() <= b for c, b in zip(costs, rhs))
         proven += 1
     assert proven > 250
+
+
+def test_exclude_is_a_run_setting_that_the_search_front_and_greedy_follow(tmp_path_factory, tmp_path, capsys):
+    """`puzzle search --out DIR --exclude V` saves V as the run's search.exclude: every child record leaves it out and
+    says so, greedy's baseline too; `--exclude none` clears it (the records are as before); an id that is no variant,
+    or a variant the table lacks, is refused without touching the saved configuration."""
+    import json
+    import shutil
+
+    from puzzle.architecture import BlockConfig
+    from puzzle.baselines import _greedy_at, open_run
+    from puzzle.cli import main
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import load_score_table
+    from puzzle.search import uses_excluded
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    records = lambda: {p.stem: json.loads(p.read_text()) for p in (out / "search").glob("child-*.json")}  # noqa: E731
+    before = records()
+    parent = {sub for b in open_run(out, progress=False).parent.config.blocks for sub in (b.attention.id, b.ffn.id)}
+    used = pd.Series([sub for r in before.values() for b in map(BlockConfig.from_id, r["choice"])
+                      for sub in (b.attention.id, b.ffn.id) if sub not in parent])
+    ex = used.value_counts().index[0]  # the variant the children use most
+    assert main(["search", "--out", str(out), "--exclude", ex, "--no-progress"]) == 0
+    assert load_run_config(out).search.exclude == (ex,)
+    after = records()
+    assert set(after) == set(before)
+    for name, r in after.items():
+        assert r["exclude"] == [ex] and not uses_excluded(r["choice"], [ex]), name
+    run = open_run(out, progress=False)
+    table, _ = load_score_table(run, "bld")
+    assert not uses_excluded(_greedy_at(run, table, 1.5).choice, [ex])
+    saved = (out / "config.json").read_bytes()
+    for bad, words in (("attn-bogus", "is not a variant id"), ("attn-kv7", "is not a variant of this table")):
+        assert main(["search", "--out", str(out), "--exclude", bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "--exclude" in err and "Traceback" not in err
+        assert (out / "config.json").read_bytes() == saved
+    assert main(["search", "--out", str(out), "--exclude", "none", "--no-progress"]) == 0
+    assert load_run_config(out).search.exclude == ()
+    cleared = records()
+    for name, r in cleared.items():
+        assert "exclude" not in r and r["choice"] == before[name]["choice"], name
+
+
+def test_a_front_from_before_search_exclude_stays_current(tmp_path_factory, tmp_path):
+    """A run and front written before `search.exclude` existed (no such key in config.json or front.json) are not
+    out of date for it: an empty exclusion compares as none at all (`front_is_current` and `timings_still_valid`
+    compare through `_front_settings`), a non-empty one as a change."""
+    import copy
+    import dataclasses
+    import json
+    import shutil
+
+    from puzzle.baselines import open_run
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import _front_settings, front_inputs
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["search"].pop("exclude") == []
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    assert load_run_config(out).search.exclude == ()
+    run = open_run(out, progress=False)
+    now = front_inputs(run)["settings"]
+    assert "exclude" not in now["search"]  # stored as a front.json from before the setting stores it
+    with_it = copy.deepcopy(now)
+    with_it["search"]["exclude"] = []  # and a stored empty list reads the same
+    assert _front_settings(with_it) == now
+    run.config = dataclasses.replace(run.config, search=dataclasses.replace(run.config.search, exclude=("attn-linear",)))
+    assert front_inputs(run)["settings"]["search"]["exclude"] == ["attn-linear"]  # a change
