@@ -109,13 +109,14 @@ def views(run, select_tokens: int, context_tokens: int) -> dict[str, SplitView]:
 
 def search_steps(view: SplitView, table: pd.DataFrame, budgets: Budgets, mode: str, start_rows: list[dict], *,
                  diverse: int, rounds: int, max_changes: int, refine_k: int, stage: str, progress: bool,
-                 objective: str, vllm: bool) -> list[dict]:
+                 objective: str, vllm: bool, exclude: tuple = ()) -> list[dict]:
     """Best-of-N diverse MIP children (`refine.diverse_candidates`) and the refinement from the best child so far,
     choosing on `view`."""
     target = start_rows[0]["target"]
     t0 = time.perf_counter()
     cands = refine_mod.diverse_candidates(view, table, budgets, k=max(1, diverse), min_layers_differ=2, stage=stage,
-                                          objective=objective, tokens=view.tokens.score.numel(), vllm_compatible=vllm)
+                                          objective=objective, tokens=view.tokens.score.numel(), vllm_compatible=vllm,
+                                          exclude=exclude)
     best = cands.loc[cands.attrs["best"]]
     diverse_row = {"target": target, "mode": mode, "step": "diverse", "chosen_on_kl": best["score_kl_nats"],
                    "predicted_speedup": best["predicted_speedup"], "predicted_kl_nats": best["predicted_kl_nats"],
@@ -126,7 +127,7 @@ def search_steps(view: SplitView, table: pd.DataFrame, budgets: Budgets, mode: s
     t0 = time.perf_counter()
     df = refine_mod.refine(view, table, budgets, start["choice"].split(), k=refine_k, max_changes=max_changes,
                            max_rounds=rounds, stage=stage, tokens=view.tokens.score.numel(), progress=progress,
-                           vllm_compatible=vllm)
+                           vllm_compatible=vllm, exclude=exclude)
     kept = df.attrs["best"]
     choices = build_choices(table)
     totals = choices.totals(anchor_slots(choices, list(kept)))  # the score table's predicted totals of the choice
@@ -147,20 +148,20 @@ def headroom_at(run, table: pd.DataFrame, target: float, modes, earlier: list[di
     run then is a start of the oracle's). Their evaluation and held-out KLs are added by `add_kls`."""
     splits = views(run, select_tokens, context_tokens)
     budgets = Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / target)
-    objective, vllm = run.config.search.objective, run.config.search.vllm_compatible
+    objective, vllm, exclude = run.config.search.objective, run.config.search.vllm_compatible, run.config.search.exclude
     t0 = time.perf_counter()
-    g = greedy(table, budgets, objective, vllm_compatible=vllm)
+    g = greedy(table, budgets, objective, vllm_compatible=vllm, exclude=exclude)
     rows = [{"target": target, "mode": "-", "step": "greedy", "predicted_speedup": g.speedup,
              "predicted_kl_nats": g.kl_nats, "seconds": time.perf_counter() - t0, "choice": " ".join(g.choice)}]
     t0 = time.perf_counter()
-    p = solve(table, budgets, objective, vllm_compatible=vllm)[0]
+    p = solve(table, budgets, objective, vllm_compatible=vllm, exclude=exclude)[0]
     rows.append({"target": target, "mode": "-", "step": "plain", "predicted_speedup": p.speedup,
                  "predicted_kl_nats": p.kl_nats, "seconds": time.perf_counter() - t0, "choice": " ".join(p.choice)})
     for mode in modes:  # honest first: the oracle starts from its children too, never the other way round
         starts = rows[:2] + [r for r in [*rows, *earlier] if mode == "oracle" and r["mode"] == "honest"]
         rows += search_steps(splits[mode], table, budgets, mode, starts, diverse=diverse, rounds=rounds,
                              max_changes=max_changes, refine_k=refine_k, stage=stage, progress=progress,
-                             objective=objective, vllm=vllm)
+                             objective=objective, vllm=vllm, exclude=exclude)
     return rows
 
 
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
                                                 "context_tokens", "stage")}
     settings.update(table_sha=_sha256(score_table_path(run, args.stage)),
                     objective=str(run.config.search.objective), vllm_compatible=run.config.search.vllm_compatible,
+                    **({"exclude": list(run.config.search.exclude)} if run.config.search.exclude else {}),
                     parent=run.parent_fingerprint,
                     **{f"{k}_sha": tensor_sha256(v.tokens.score) for k, v in splits.items()})
     done: list[dict] = []

@@ -843,7 +843,8 @@ def _solve_record(run: Run, name: str, request, stage: str, budgets=None,
     table, meta = load_score_table(run, stage) if scored is None else scored
     budgets = request.resolve(parent_totals(table), meta) if budgets is None else budgets
     s = run.config.search
-    check_exclusions(table, s.exclude)  # a typo would leave nothing out, silently
+    if s.exclude:
+        check_exclusions(table, s.exclude)  # a variant the table lacks would leave nothing out, silently
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible, exclude=s.exclude)[0]
     return {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
             **({"exclude": list(s.exclude)} if s.exclude else {}),  # absent when none: earlier records stay the same
@@ -906,6 +907,34 @@ def check_objective_names(run: Run) -> None:
                               f"not columns of the score tables ({known}); set kl_nats, lm_loss, cosine or a weighted "
                               f"sum such as 'kl_nats=1,lm_loss=0.5' there (or, once the run has scores, with "
                               f"`puzzle search --out {run.out} --objective ...`)")
+
+
+def check_exclusion_names(run: Run) -> None:
+    """Refuse a search.exclude naming a variant the run's search space does not offer (an attention or FFN variant of
+    no layer, or a block joining two), before any stage runs; the search checks the score table itself
+    (`search.check_exclusions`). Also builds the space, which refuses one the parent cannot take.
+
+    Raises:
+        PuzzleError: as above, naming the setting, where it is saved and the variants there are.
+    """
+    space = run.space()
+    if not run.config.search.exclude:
+        return
+    attention = {a.id for layer in space for a in layer.attention}
+    ffn = {f.id for layer in space for f in layer.ffn}
+
+    def offered(v: str) -> bool:
+        if v in attention or v in ffn:
+            return True
+        a, _, f = v.partition("+")
+        return a in attention and f in ffn
+
+    unknown = [v for v in run.config.search.exclude if not offered(v)]
+    if unknown:
+        raise PuzzleError(f"search.exclude (--exclude, a preset's [search] exclude, or saved in "
+                          f"{run.out / 'config.json'}) names {unknown[0]!r}, which this run's search space does not "
+                          f"have; its variants: {', '.join(sorted(attention | ffn))} (or a block joining an attention "
+                          f"and an FFN id with '+'); `--exclude none` clears the setting")
 
 
 def check_objective_columns(run: Run, table: pd.DataFrame) -> None:
@@ -1027,7 +1056,11 @@ def _same_solve(path: Path, record: dict) -> dict | None:
         return None
     if not isinstance(old, dict):
         return None
-    plain = lambda d: json.loads(json.dumps({k: d.get(k) for k in record if k != "solve_s"}, default=str))  # noqa: E731
+    keys = [k for k in record if k not in ("solve_s", "exclude")]
+
+    def plain(d):  # "exclude" always: a record kept from an excluding search is not the same once it is cleared
+        return json.loads(json.dumps({**{k: d.get(k) for k in keys}, "exclude": d.get("exclude") or []}, default=str))
+
     return old if plain(old) == plain(record) else None
 
 
@@ -1930,7 +1963,7 @@ def run_all(run: Run) -> pd.DataFrame:
 
     t_start = time.perf_counter()
     check_objective_names(run)  # before minutes of data, BLD and scoring (reviewer: "kl_nat" was refused at the search)
-    run.space()  # likewise a space the parent cannot take (breaker: kv_heads = [64] was refused after the data stage)
+    check_exclusion_names(run)  # likewise a variant the space does not have (reviewer: refused at the search)
     stage_data(run)
     stage_bld(run)
     stage_score(run)

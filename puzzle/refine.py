@@ -429,6 +429,14 @@ def _setting_text(value) -> str:
     return str(value)
 
 
+def _record_exclude(record: Mapping) -> tuple[str, ...] | None:
+    """A kept record's exclusions as `parse_exclude` gives them; None when damaged (which then matches nothing)."""
+    try:
+        return parse_exclude(record.get("exclude") or [])
+    except PuzzleError:
+        return None
+
+
 def _refinement_inputs(run, record: dict, settings: dict) -> dict:
     """What a finished `improve_child` depends on: its settings (but the rounds), the plain child it refines (choice,
     budgets, library stage, vLLM setting, exclusions) and the run's workload, score table and evaluation split
@@ -436,8 +444,8 @@ def _refinement_inputs(run, record: dict, settings: dict) -> dict:
     from .baselines import row_inputs
 
     child = {key: record.get(key) for key in ("choice", "budgets", "library_stage")}
-    if record.get("exclude"):  # absent when none: inputs saved before exclusions existed stay the same
-        child["exclude"] = list(record["exclude"])
+    if exclude := parse_exclude(record.get("exclude") or [], "the record's exclude"):  # absent when none: inputs
+        child["exclude"] = list(exclude)  # saved before exclusions existed stay the same
     return json.loads(json.dumps({"settings": settings, "child": {**child, "vllm": bool(record.get("vllm_compatible"))},
                                   "objective": run.config.search.objective,  # the diverse step's (reviewer)
                                   "run": row_inputs(run)}))  # as read back from the file
@@ -532,7 +540,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     stage = record.get("library_stage", "bld")
     budgets = Budgets.from_dict(record["budgets"])
     vllm = bool(record.get("vllm_compatible", False))  # searched without linear subblocks: refined the same way
-    exclude = parse_exclude(record.get("exclude") or [], f"{name}'s exclude")  # and without what the search left out
+    exclude = parse_exclude(record.get("exclude") or [],  # and without what the search left out
+                            f"exclude in {run.out / 'search' / f'{name}.json'} (`puzzle search --out {run.out}` "
+                            f"writes it again)")
     table, _ = load_score_table(run, stage)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
     inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "seeds": seeds,
@@ -569,7 +579,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                     f"since); starting afresh")
         elif all(r.get("budgets") == record["budgets"] and r.get("library_stage", "bld") == stage
                  and bool(r.get("vllm_compatible", False)) == vllm
-                 and tuple(r.get("exclude") or ()) == exclude for r in kept):
+                 and _record_exclude(r) == exclude for r in kept):
             found = _earlier_refinement(log_path, summary_path)  # continue: the diverse step and rounds are kept
             if found is None:
                 run.say(f"refine {name}: {log_path} or {summary_path} is damaged; starting afresh")
@@ -602,8 +612,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 else:  # no record of the earlier inputs, or rounds run with other settings: no rerun is "done"
                     inputs = None
         else:
-            run.say(f"refine {name}: the earlier refinement was for other budgets, library stage or vLLM setting "
-                    f"than {name} has now (searched again since); starting afresh")
+            run.say(f"refine {name}: the earlier refinement was for other budgets, library stage, vLLM setting or "
+                    f"exclusions than {name} has now (searched again since); starting afresh")
     elif resume:
         run.say(f"refine {name}: --continue, but there is no finished refinement of {name} in {run.out / 'refine'} "
                 f"to continue; starting one")
@@ -772,7 +782,8 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     s = run.config.search
     rounds = s.budget_feedback if rounds is None else check_rounds(rounds, "budget feedback rounds")
     stage, vllm = plain.get("library_stage", "bld"), bool(plain.get("vllm_compatible", False))
-    exclude = parse_exclude(plain.get("exclude") or [], f"{name}'s exclude")
+    exclude = parse_exclude(plain.get("exclude") or [], f"exclude in {run.out / 'search' / f'{name}.json'} "
+                            f"(`puzzle search --out {run.out}` writes it again)")
     measured_limits(request, plain.get("parent") or {}, run.workload().meta())  # a damaged request: before timing
     table = load_score_table(run, stage)[0]
     saved = {n: read_architecture(run, n) for n in (f"{name}-diverse", f"{name}-refined")}

@@ -859,6 +859,7 @@ def test_exclude_leaves_its_variants_out_of_every_refine_candidate(run, table):
                       for sub in (b.attention.id, b.ffn.id) if sub not in parent])
     assert len(used), "the tiny child should change a subblock, or leaving one out tests nothing"
     ex = [used.value_counts().index[0]]  # the variant the plain children use most
+    assert uses_excluded(plain["choice"][0], ex)  # so the given seed below is dropped for the exclusion alone
     seeds = seed_choices(run, table, budgets, exclude=ex)
     assert "greedy" in seeds and not uses_excluded(seeds["greedy"], ex)
     df = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128, exclude=ex,

@@ -1633,6 +1633,20 @@ def test_exclude_is_a_run_setting_that_the_search_front_and_greedy_follow(tmp_pa
     cleared = records()
     for name, r in cleared.items():
         assert "exclude" not in r and r["choice"] == before[name]["choice"], name
+    # a variant no child uses: every child stays, its record says the exclusion, and clearing it says so too
+    # (reviewer: the kept record went on naming the cleared exclusion, and `puzzle refine` followed it)
+    unused = sorted(set(table["variant"]) - {v for r in before.values() for b in map(BlockConfig.from_id, r["choice"])
+                                             for v in (b.id, b.attention.id, b.ffn.id)})[0]
+    assert main(["search", "--out", str(out), "--exclude", unused, "--no-progress"]) == 0
+    assert all(r["exclude"] == [unused] and r["choice"] == before[n]["choice"] for n, r in records().items())
+    assert main(["search", "--out", str(out), "--exclude", "none", "--no-progress"]) == 0
+    assert all("exclude" not in r for r in records().values())
+    # a run refuses a variant its space lacks before the data stage
+    fresh = tmp_path / "fresh"
+    assert main(["run", "--preset", "tiny", "--out", str(fresh), "--exclude", "attn-kv7", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "attn-kv7" in err and "search space does not have" in err and "Traceback" not in err
+    assert not (fresh / "data").exists()
 
 
 def test_a_front_from_before_search_exclude_stays_current(tmp_path_factory, tmp_path):
