@@ -524,8 +524,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             `name` is a -diverse or -refined child this function wrote (refining it would stack -refined-refined
             records beside the plain child's).
     """
+    from .baselines import NOOP_BLOCK
     from .io import read_json
     from .pipeline import load_score_table, read_architecture
+    from .search import uses_excluded
 
     seeds = [seeds] if isinstance(seeds, str) else list(seeds)
     unknown = [m for m in seeds if m not in SEED_METHODS]
@@ -622,7 +624,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         starts = seed_choices(run, table, budgets, run.config.search.objective, vllm_compatible=vllm,
                               methods=seeds, exclude=exclude)
         for method in seeds:
-            if method not in starts:
+            if method == "layer_removal" and method not in starts and exclude and uses_excluded([NOOP_BLOCK], exclude):
+                run.say(f"refine {name}: the exclusions {list(exclude)} leave out the no_op subblocks layer removal "
+                        f"needs; that seed is left out")
+            elif method not in starts:
                 run.say(f"refine {name}: no {method} child meets {budgets.describe()} from this score table; "
                         f"that seed is left out")
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,

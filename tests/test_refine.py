@@ -868,3 +868,31 @@ def test_exclude_leaves_its_variants_out_of_every_refine_candidate(run, table):
     history = refine(run, table, budgets, df["choice"][df.attrs["best"]], k=2, max_changes=2, max_rounds=1,
                      tokens=128, exclude=ex)
     assert len(history) > 1 and not any(uses_excluded(c, ex) for c in history["choice"])
+
+
+def test_improve_child_follows_the_records_exclusion_and_says_why_a_seed_is_missing(run, tmp_path, capsys):
+    """A child whose record names exclusions is refined without them, its new records name them too, and a layer
+    removal seed the exclusion (not the budget) rules out is said to be left out for that reason."""
+    import json
+    import shutil
+
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import read_architecture
+    from puzzle.search import uses_excluded
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    path = copy.out / "search" / "child-1.5x.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "exclude": ["ffn-noop"]}))
+    capsys.readouterr()
+    improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
+    err = capsys.readouterr().err
+    assert "leave out the no_op subblocks layer removal needs" in err
+    for step in ("diverse", "refined"):
+        kept = read_architecture(copy, f"child-1.5x-{step}")
+        assert kept["exclude"] == ["ffn-noop"] and not uses_excluded(kept["choice"], ["ffn-noop"]), step
+    log = pd.read_csv(copy.out / "refine" / "child-1.5x.csv")
+    assert not any(uses_excluded(c.split(), ["ffn-noop"]) for c in log["choice"])
+    assert "layer_removal" not in set(log["source"].dropna())
