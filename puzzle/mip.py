@@ -315,7 +315,8 @@ def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) ->
         why = (" (--vllm-compatible keeps an attention in layer 0, and this library offers none there: the parent "
                "has none; vLLM cannot serve such a model)" if vllm_compatible and 0 in empty
                and all(b.attention.kind == "no_op" for b, ok in zip(choices.blocks[0], choices.valid[0]) if ok) else "")
-        raise PuzzleError(f"layers {empty.tolist()} have no choice left after --vllm-compatible/--exclude{why}; "
+        flags = "/".join(f for f, on in (("--vllm-compatible", vllm_compatible), ("--exclude", bool(exclude))) if on)
+        raise PuzzleError(f"layers {empty.tolist()} have no choice left after {flags}{why}; "
                           f"allow at least one of their variants")
     return mask
 

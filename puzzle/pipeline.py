@@ -843,8 +843,13 @@ def _solve_record(run: Run, name: str, request, stage: str, budgets=None,
     table, meta = load_score_table(run, stage) if scored is None else scored
     budgets = request.resolve(parent_totals(table), meta) if budgets is None else budgets
     s = run.config.search
-    if s.exclude:
-        check_exclusions(table, s.exclude)  # a variant the table lacks would leave nothing out, silently
+    if s.exclude:  # a variant the table lacks would leave nothing out, silently
+        try:
+            check_exclusions(table, s.exclude)
+        except PuzzleError as e:  # it may come from a preset or config.json, not this command's flag
+            raise PuzzleError(f"search.exclude (--exclude, a preset's [search] exclude, or saved in "
+                              f"{run.out / 'config.json'}): {str(e).removeprefix('--exclude ')}; `--exclude none` "
+                              f"clears the setting") from None
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible, exclude=s.exclude)[0]
     return {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
             **({"exclude": list(s.exclude)} if s.exclude else {}),  # absent when none: earlier records stay the same

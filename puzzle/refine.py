@@ -545,6 +545,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     exclude = parse_exclude(record.get("exclude") or [],  # and without what the search left out
                             f"exclude in {run.out / 'search' / f'{name}.json'} (`puzzle search --out {run.out}` "
                             f"writes it again)")
+    if exclude != run.config.search.exclude:  # breaker: a child of an earlier search was refined without a word
+        run.say(f"refine {name}: its record was searched with exclusions {list(exclude) or 'none'}, the run's setting "
+                f"now is {list(run.config.search.exclude) or 'none'}; refining under the record's (`puzzle search --out "
+                f"{run.out}` with that child's budget solves it under the run's)")
     table, _ = load_score_table(run, stage)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
     inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "seeds": seeds,

@@ -282,7 +282,8 @@ class _Search:
             self.objective = sum(w * ch.values[c] for c, w in self.weights.items())  # (L, V)
             self.objective_base = sum(w * ch.base[c] for c, w in self.weights.items())
         self.allowed = allowed_slots(ch, vllm_compatible, exclude)
-        self.filtered = vllm_compatible or bool(exclude)
+        self.filtered = "/".join(f for f, on in (("--vllm-compatible", vllm_compatible), ("--exclude", bool(exclude)))
+                                 if on)  # the flags that left variants out, for the messages ("" when none did)
         if np.isnan(self.objective[self.allowed]).any():
             gaps = {c: int(np.isnan(ch.values[c][self.allowed]).sum()) for c in self.weights}
             layer, slot = (int(i) for i in np.argwhere(np.isnan(self.objective) & self.allowed)[0])
@@ -341,7 +342,9 @@ class _Search:
         if column == "runtime_ms" and parent > 0 and smallest > 0:  # the same limit as a speed-up, as a user may ask
             most = math.floor(parent / smallest * 1000) / 1000
             advice += f" (or --speedup at most {most:g}; --min-throughput at most {most:g}x)"
-        scope = " with the variants --vllm-compatible/--exclude leave" if self.filtered else ""
+        scope = f" with the variants {self.filtered} leave" if self.filtered else ""
+        if self.filtered:
+            advice += f", or leave fewer variants out ({self.filtered})"
         return (f"no architecture in the library{scope} meets max_{column}={bound:.6g}{context}; "
                 f"{words} {_round_up(smallest)} {unit}{share}{' under the other budgets' if context else ''}: {advice}")
 
@@ -787,7 +790,14 @@ def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
     ids = [v.strip() for v in items]
     if [v.lower() for v in ids] == ["none"]:
         return ()
+    if "none" in [v.lower() for v in ids]:
+        raise PuzzleError(f"{what}: 'none' clears the exclusions and cannot be combined with variant ids {ids}; give "
+                          f"either 'none' alone or the ids")
     for v in ids:
+        if "," in v:
+            raise PuzzleError(f"{what} {v!r}: give one variant id per --exclude (repeat the flag: "
+                              f"{' '.join('--exclude ' + x.strip() for x in v.split(',') if x.strip())}), or a list in "
+                              f"a preset ([search] exclude = [\"attn-linear\", \"ffn-linear\"])")
         ok = False
         for parse in (AttentionConfig.from_id, FFNConfig.from_id, BlockConfig.from_id):
             try:

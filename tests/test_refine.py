@@ -890,6 +890,7 @@ def test_improve_child_follows_the_records_exclusion_and_says_why_a_seed_is_miss
     improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
     err = capsys.readouterr().err
     assert "leave out the no_op subblocks layer removal needs" in err
+    assert "its record was searched with exclusions ['ffn-noop'], the run's setting now is none" in err
     for step in ("diverse", "refined"):
         kept = read_architecture(copy, f"child-1.5x-{step}")
         assert kept["exclude"] == ["ffn-noop"] and not uses_excluded(kept["choice"], ["ffn-noop"]), step

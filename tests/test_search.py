@@ -1644,6 +1644,17 @@ def test_exclude_is_a_run_setting_that_the_search_front_and_greedy_follow(tmp_pa
     assert all(r["exclude"] == [unused] and r["choice"] == before[n]["choice"] for n, r in records().items())
     assert main(["search", "--out", str(out), "--exclude", "none", "--no-progress"]) == 0
     assert all("exclude" not in r for r in records().values())
+    for flags, words in ((["--exclude", "none", "--exclude", unused], "cannot be combined"),
+                         (["--exclude", f"{ex},{unused}"], "repeat the flag")):
+        assert main(["search", "--out", str(out), *flags, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, flags
+    config = json.loads((out / "config.json").read_text())  # a hand-edited setting is named as the setting
+    (out / "config.json").write_text(json.dumps({**config, "search": {**config["search"], "exclude": ["attn-kv7"]}}))
+    assert main(["search", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "saved in" in err and "attn-kv7" in err and "--exclude none" in err and "Traceback" not in err
+    assert main(["search", "--out", str(out), "--exclude", "none", "--no-progress"]) == 0  # the flag mends it
     # a run refuses a variant its space lacks before the data stage
     fresh = tmp_path / "fresh"
     assert main(["run", "--preset", "tiny", "--out", str(fresh), "--exclude", "attn-kv7", "--no-progress"]) == 2
