@@ -132,6 +132,17 @@ class BlockConfig:
         return cls(AttentionConfig.from_id(attn), FFNConfig.from_id(ffn))
 
 
+def is_variant_id(key: str) -> bool:
+    """Whether `key` is an attention ("attn-kv1"), FFN ("ffn-768") or block ("attn-kv1+ffn-768") variant id."""
+    for parse in (AttentionConfig.from_id, FFNConfig.from_id, BlockConfig.from_id):
+        try:
+            parse(key)
+            return True
+        except ArchitectureError:
+            pass
+    return False
+
+
 # ----------------------------------------------------------------------------------------------
 # ffn_mult <-> intermediate size (DeciLM rule)
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .architecture import ArchitectureError, AttentionConfig, BlockConfig, FFNConfig
+from .architecture import AttentionConfig, BlockConfig, FFNConfig, is_variant_id
 from .errors import PuzzleError, is_finite_number
 from .init import (ATTN_PREFIXES, FFN_INITS, FFN_PREFIXES, KV_INITS, LINEAR_INITS, KVGroupStats, channel_scores_from_sums,
                    compose_block, ffn_forward_stats, greedy_channel_removal, init_attention, init_ffn, ridge_solve)
@@ -146,22 +146,12 @@ class BLDConfig:
                 raise PuzzleError(f"bld.{name} must be {what}, got {value!r}")
         scales = dict(self.lr_scales or {})
         for key, value in scales.items():
-            if key not in LR_KEYS and not _is_variant_id(key):
+            if key not in LR_KEYS and not is_variant_id(key):
                 raise PuzzleError(f"bld.lr_scales key {key!r} is neither a variant id (attn-kv1, ffn-768, "
                                   f"attn-kv1+ffn-768) nor one of {LR_KEYS}")
             if not is_finite_number(value) or not value > 0:  # bools refused too (reviewer: {ffn = true} read as 1)
                 raise PuzzleError(f"bld.lr_scales[{key!r}] must be a positive number, got {value!r}")
         object.__setattr__(self, "lr_scales", {k: float(scales[k]) for k in sorted(scales)})
-
-
-def _is_variant_id(key: str) -> bool:
-    for parse in (AttentionConfig.from_id, FFNConfig.from_id, BlockConfig.from_id):
-        try:
-            parse(key)
-            return True
-        except ArchitectureError:
-            pass
-    return False
 
 
 def normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

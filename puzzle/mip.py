@@ -296,6 +296,11 @@ def vllm_unservable(layer: int, block) -> bool:
     return "linear" in (block.attention.kind, block.ffn.kind) or (layer == 0 and block.attention.kind == "no_op")
 
 
+def filter_flags(vllm_compatible: bool, exclude: Sequence) -> str:
+    """The flags that leave variants out, for messages: "--vllm-compatible", "--exclude", both joined by "/", or ""."""
+    return "/".join(f for f, on in (("--vllm-compatible", vllm_compatible), ("--exclude", bool(exclude))) if on)
+
+
 def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) -> np.ndarray:
     """(L, V) mask of the slots the user allows. `exclude`: variant ids (block, attention or FFN),
     or (layer, id) pairs for one layer only. `vllm_compatible` leaves out linear subblocks and a no_op attention
@@ -315,9 +320,8 @@ def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) ->
         why = (" (--vllm-compatible keeps an attention in layer 0, and this library offers none there: the parent "
                "has none; vLLM cannot serve such a model)" if vllm_compatible and 0 in empty
                and all(b.attention.kind == "no_op" for b, ok in zip(choices.blocks[0], choices.valid[0]) if ok) else "")
-        flags = "/".join(f for f, on in (("--vllm-compatible", vllm_compatible), ("--exclude", bool(exclude))) if on)
-        raise PuzzleError(f"layers {empty.tolist()} have no choice left after {flags}{why}; "
-                          f"allow at least one of their variants")
+        raise PuzzleError(f"layers {empty.tolist()} have no choice left after {filter_flags(vllm_compatible, exclude)}"
+                          f"{why}; allow at least one of their variants")
     return mask
 
 

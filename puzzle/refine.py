@@ -429,6 +429,16 @@ def _setting_text(value) -> str:
     return str(value)
 
 
+def _searched_exclusions(run, name: str, record: Mapping) -> tuple[str, ...]:
+    """The exclusions the searched child `name` (its `record`) was solved under, which its refinement keeps.
+
+    Raises:
+        PuzzleError: a damaged value, naming the record and the command that writes it again.
+    """
+    return parse_exclude(record.get("exclude") or [], f"exclude in {run.out / 'search' / f'{name}.json'} "
+                                                      f"(`puzzle search --out {run.out}` writes it again)")
+
+
 def _record_exclude(record: Mapping) -> tuple[str, ...] | None:
     """A kept record's exclusions as `parse_exclude` gives them; None when damaged (which then matches nothing)."""
     try:
@@ -542,9 +552,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     stage = record.get("library_stage", "bld")
     budgets = Budgets.from_dict(record["budgets"])
     vllm = bool(record.get("vllm_compatible", False))  # searched without linear subblocks: refined the same way
-    exclude = parse_exclude(record.get("exclude") or [],  # and without what the search left out
-                            f"exclude in {run.out / 'search' / f'{name}.json'} (`puzzle search --out {run.out}` "
-                            f"writes it again)")
+    exclude = _searched_exclusions(run, name, record)  # and without what the search left out
     if exclude != run.config.search.exclude:  # breaker: a child of an earlier search was refined without a word
         run.say(f"refine {name}: its record was searched with exclusions {list(exclude) or 'none'}, the run's setting "
                 f"now is {list(run.config.search.exclude) or 'none'}; refining under the record's (`puzzle search --out "
@@ -791,8 +799,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     s = run.config.search
     rounds = s.budget_feedback if rounds is None else check_rounds(rounds, "budget feedback rounds")
     stage, vllm = plain.get("library_stage", "bld"), bool(plain.get("vllm_compatible", False))
-    exclude = parse_exclude(plain.get("exclude") or [], f"exclude in {run.out / 'search' / f'{name}.json'} "
-                            f"(`puzzle search --out {run.out}` writes it again)")
+    exclude = _searched_exclusions(run, name, plain)
     measured_limits(request, plain.get("parent") or {}, run.workload().meta())  # a damaged request: before timing
     table = load_score_table(run, stage)[0]
     saved = {n: read_architecture(run, n) for n in (f"{name}-diverse", f"{name}-refined")}

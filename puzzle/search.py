@@ -38,7 +38,8 @@ from .architecture import BlockConfig
 from .budgets import BUDGET_FLAGS, BudgetRequest, Budgets, suggest_fraction
 from .errors import PuzzleError
 from .mip import (BUDGET_RTOL, COST_COLUMNS, REQUIRED_COLUMNS, SCORE_COLUMNS, TIE_BREAK, Choices, DualLP,  # noqa: F401
-                  allowed_slots, as_bool, build_choices, fitting_slots, prune_dominated, repair, solve_core)
+                  allowed_slots, as_bool, build_choices, filter_flags, fitting_slots, prune_dominated, repair,
+                  solve_core)
 
 HIGHER_IS_BETTER = ("cosine", "top1_agree")  # score columns the objective maximises (their weight is negated)
 
@@ -282,8 +283,7 @@ class _Search:
             self.objective = sum(w * ch.values[c] for c, w in self.weights.items())  # (L, V)
             self.objective_base = sum(w * ch.base[c] for c, w in self.weights.items())
         self.allowed = allowed_slots(ch, vllm_compatible, exclude)
-        self.filtered = "/".join(f for f, on in (("--vllm-compatible", vllm_compatible), ("--exclude", bool(exclude)))
-                                 if on)  # the flags that left variants out, for the messages ("" when none did)
+        self.filtered = filter_flags(vllm_compatible, exclude)  # for the messages ("" when nothing is left out)
         if np.isnan(self.objective[self.allowed]).any():
             gaps = {c: int(np.isnan(ch.values[c][self.allowed]).sum()) for c in self.weights}
             layer, slot = (int(i) for i in np.argwhere(np.isnan(self.objective) & self.allowed)[0])
@@ -782,7 +782,7 @@ def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
     Raises:
         PuzzleError: `values` is not a list of texts, or a text is no variant id; `what` names the flag or setting.
     """
-    from .architecture import ArchitectureError, AttentionConfig, FFNConfig
+    from .architecture import is_variant_id
 
     items = [values] if isinstance(values, str) else values
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
@@ -798,15 +798,7 @@ def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
             raise PuzzleError(f"{what} {v!r}: give one variant id per --exclude (repeat the flag: "
                               f"{' '.join('--exclude ' + x.strip() for x in v.split(',') if x.strip())}), or a list in "
                               f"a preset ([search] exclude = [\"attn-linear\", \"ffn-linear\"])")
-        ok = False
-        for parse in (AttentionConfig.from_id, FFNConfig.from_id, BlockConfig.from_id):
-            try:
-                parse(v)
-                ok = True
-                break
-            except (ArchitectureError, ValueError, KeyError, IndexError):
-                pass
-        if not ok:
+        if not is_variant_id(v):
             raise PuzzleError(f"{what} {v!r} is not a variant id: give an attention id (attn-kv1, attn-linear, "
                               f"attn-noop), an FFN id (ffn-768, ffn-linear, ffn-noop), a block id joining two with "
                               f"'+' (attn-kv1+ffn-768), or 'none' alone to leave nothing out")
