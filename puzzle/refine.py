@@ -143,7 +143,10 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
 
 
 #: the simple methods whose child for the same budgets joins the diverse step's candidates (`seed_choices`)
-SEED_METHODS = ("greedy", "layer_removal")
+SEED_METHODS = ("greedy", "layer_removal", "no_linear_attention")
+
+#: the attention variant the "no_linear_attention" seed leaves out (`AttentionConfig.id` of kind linear)
+LINEAR_ATTENTION_ID = "attn-linear"
 
 
 def _table_totals(choices, choice) -> dict[str, float] | None:
@@ -164,7 +167,7 @@ def _fits(totals: dict[str, float] | None, budgets: Budgets) -> bool:
 def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "kl_nats", *,
                  vllm_compatible: bool = False, influence_tokens: int = 4096,
                  methods: Sequence[str] = SEED_METHODS, exclude: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
-    """The children two simple methods make for the same budgets from the same score table, as extra starts.
+    """The children simple methods make for the same budgets from the same score table, as extra starts.
 
     The summed replace-1 KL misjudges children that remove whole layers (removals compound, issue 5), so the
     MIP's k best children by that sum need not hold the best child under the budgets by realized KL.
@@ -181,13 +184,20 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
       subblocks no_op) for the child to meet every budget by the table's totals (the child's recorded
       budgets, which budget feedback may have moved, so it can differ from `puzzle baselines`'s
       layers-<s>x); with `vllm_compatible` layer 0 stays; none when `exclude` leaves out its no_op subblocks.
+    - "no_linear_attention": the MIP's child under the same budgets, objective and vLLM setting with linear
+      attention left out as well as `exclude` (`puzzle search --exclude attn-linear`). Linear attention (a
+      per-token map, no mixing across positions) scores well one layer at a time, but many of them together
+      lose context: on demo runs the 1.25x and 1.5x children without it were 6-17 % better on the evaluation
+      text (README.md, "Linear subblocks and the evaluation text"), while at 2x and 3x the search needs them.
+      Which is better is left to the realized KL on the scoring split, as for every seed. None when the
+      table has no linear attention (the MIP's own child) or no child without it meets the budgets.
 
     Returns:
         {method: choice as block ids} for each of `methods` whose child exists under the budgets (no_op in
         the table, a budget greedy reaches), in `SEED_METHODS` order.
     """
     from .baselines import block_influence, layer_removal
-    from .search import build_choices, greedy, uses_excluded
+    from .search import build_choices, greedy, solve, uses_excluded
 
     seeds = {}
     if "greedy" in methods:
@@ -195,8 +205,15 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
             seeds["greedy"] = greedy(table, budgets, objective, vllm_compatible=vllm_compatible, exclude=exclude).choice
         except PuzzleError:
             pass
+    if "no_linear_attention" in methods and LINEAR_ATTENTION_ID not in exclude \
+            and table["variant"].eq(LINEAR_ATTENTION_ID).any():  # else it is the MIP's own child
+        try:
+            seeds["no_linear_attention"] = solve(table, budgets, objective, vllm_compatible=vllm_compatible,
+                                                 exclude=[*exclude, LINEAR_ATTENTION_ID])[0].choice
+        except PuzzleError:  # InfeasibleBudget: no child without linear attention meets the budgets
+            pass
     if "layer_removal" not in methods:
-        return seeds
+        return dict(sorted(seeds.items(), key=lambda kv: SEED_METHODS.index(kv[0])))
     calib = run.tokens.calib
     n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
     influence = block_influence(run.parent.model, calib[:n], chunk=run.config.score.chunk)
@@ -211,7 +228,7 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
         if _fits(_table_totals(choices, choice), budgets):
             seeds["layer_removal"] = choice
             break
-    return seeds
+    return dict(sorted(seeds.items(), key=lambda kv: SEED_METHODS.index(kv[0])))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,6 +656,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             if method == "layer_removal" and method not in starts and exclude and uses_excluded([NOOP_BLOCK], exclude):
                 run.say(f"refine {name}: the exclusions {list(exclude)} leave out the no_op subblocks layer removal "
                         f"needs; that seed is left out")
+            elif method == "no_linear_attention" and method not in starts and (
+                    LINEAR_ATTENTION_ID in exclude or not table["variant"].eq(LINEAR_ATTENTION_ID).any()):
+                continue  # the search's own child has no linear attention: that seed would be the MIP's child
             elif method not in starts:
                 run.say(f"refine {name}: no {method} child meets {budgets.describe()} from this score table; "
                         f"that seed is left out")
@@ -924,7 +944,8 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-layers-differ", type=int, default=2, help="layers each diverse solution changes (default 2)")
     p.add_argument("--seeds", default=",".join(SEED_METHODS), metavar="METHODS",
                    help="simple methods whose child for the same budgets joins the diverse candidates, comma-separated "
-                        f"({', '.join(SEED_METHODS)}; 'none' for the MIP's alone; default all)")
+                        f"({', '.join(SEED_METHODS)}: the MIP's child with linear attention left out; 'none' for the "
+                        "MIP's alone; default all)")
     p.add_argument("--refine-k", type=int, default=4, help="children realized per refinement round (default 4)")
     p.add_argument("--max-changes", type=int, default=6, help="trust region: layers a round may change (default 6)")
     p.add_argument("--rounds", type=int, default=4, help="most refinement rounds (default 4)")

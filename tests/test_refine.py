@@ -90,7 +90,7 @@ def test_seeds_are_greedys_child_and_the_fewest_layers_removed_by_block_influenc
 
     _, budgets = _child(run)
     seeds = seed_choices(run, table, budgets)
-    assert list(seeds) == ["greedy", "layer_removal"]
+    assert list(seeds)[:2] == ["greedy", "layer_removal"]
     assert seeds["greedy"] == greedy(table, budgets).choice
     removed = [i for i, b in enumerate(seeds["layer_removal"]) if b == NOOP_BLOCK.id]
     kept = [b for i, b in enumerate(seeds["layer_removal"]) if i not in removed]
@@ -105,6 +105,30 @@ def test_seeds_are_greedys_child_and_the_fewest_layers_removed_by_block_influenc
     assert not _fits(_table_totals(build_choices(table), fewer), budgets)  # the fewest removals that fit
     assert list(seed_choices(run, table, budgets, methods=["layer_removal"])) == ["layer_removal"]
     assert seed_choices(run, table, budgets, methods=[]) == {}
+
+
+def test_the_no_linear_attention_seed_is_the_mips_child_without_linear_attention(run, table):
+    """The seed is the MIP's own child with linear attention also left out: none when the table has none or the
+    run leaves it out already (the MIP's child), none when no child without it meets the budgets."""
+    from puzzle.refine import seed_choices
+    from puzzle.search import InfeasibleBudget, solve
+
+    _, budgets = _child(run)
+    assert (table["variant"] == "attn-linear").any()  # the tiny space has linear attention to leave out
+    seeds = seed_choices(run, table, budgets, methods=["no_linear_attention", "greedy"])
+    assert list(seeds) == ["greedy", "no_linear_attention"]  # SEED_METHODS order, whatever the order asked
+    seed = seeds["no_linear_attention"]
+    assert seed == solve(table, budgets, exclude=["attn-linear"])[0].choice
+    assert not any(BlockConfig.from_id(b).attention.kind == "linear" for b in seed)
+    with_ffn_out = seed_choices(run, table, budgets, methods=["no_linear_attention"], exclude=["ffn-linear"])
+    assert with_ffn_out["no_linear_attention"] == solve(table, budgets, exclude=["ffn-linear", "attn-linear"])[0].choice
+    assert seed_choices(run, table, budgets, methods=["no_linear_attention"], exclude=["attn-linear"]) == {}
+    no_linear = table[table["variant"] != "attn-linear"]
+    assert seed_choices(run, no_linear, budgets, methods=["no_linear_attention"]) == {}
+    unreachable = Budgets(max_runtime_ms=1e-6)
+    with pytest.raises(InfeasibleBudget):
+        solve(table, unreachable, exclude=["attn-linear"])
+    assert seed_choices(run, table, unreachable, methods=["no_linear_attention"]) == {}  # no seed, no error
 
 
 def test_with_vllm_compatible_the_layer_removal_seed_keeps_layer_0(run, table, monkeypatch):
@@ -182,7 +206,7 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
     improve_child(copy, "child-1.5x", **{**settings, "k": 3}, resume=True)  # keeps the diverse step and its seeds
     said = capsys.readouterr().err  # and says that this call's other k and seeds had no effect
     assert "keeps the diverse step, made with k=2, seeds=none" in said
-    assert "k=3, seeds=greedy,layer_removal is not used" in said
+    assert "k=3, seeds=greedy,layer_removal,no_linear_attention is not used" in said
     inputs = json.loads((copy.out / "refine" / "child-1.5x.inputs.json").read_text())
     assert inputs["settings"]["seeds"] == [] and inputs["settings"]["k"] == 2 and inputs["rounds"] == 2
     improve_child(copy, "child-1.5x", **settings, seeds=[], resume=True)  # the kept settings: nothing to say
@@ -359,7 +383,7 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
         args.func(args)
     assert not args.resume
     assert parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--continue"]).resume
-    assert args.seeds == "greedy,layer_removal"
+    assert args.seeds == "greedy,layer_removal,no_linear_attention"
     bad = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--seeds", "greedy,shortgpt"])
     with pytest.raises(PuzzleError, match="--seeds greedy,shortgpt: give methods among greedy, layer_removal"):
         bad.func(bad)
@@ -422,7 +446,7 @@ def test_a_refused_or_interrupted_refine_leaves_config_json_byte_for_byte(run, t
     assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--max-contention", "3", "--no-measure",
                  "--no-progress"]) == 0
     assert seen[0][0].score.max_contention == 3  # timed under the flag, and saved with the run's settings on success
-    assert seen[0][1] == ["greedy", "layer_removal"]
+    assert seen[0][1] == ["greedy", "layer_removal", "no_linear_attention"]
     assert json.loads((out / "config.json").read_text())["score"]["max_contention"] == 3
     for flag, methods in (("none", []), (" Layer_Removal ", ["layer_removal"]), ("greedy,nope", None), (",", None),
                           ("layer_removal, greedy", ["greedy", "layer_removal"])):
