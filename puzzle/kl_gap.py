@@ -149,11 +149,10 @@ REFINED = ("mip-diverse", "mip-refined")
 def _selection_sequences(run, records: dict) -> int:
     """How many leading scoring-split sequences the -diverse/-refined children among `records` were chosen on
     (the count the child's record keeps, `refine.SELECTION_KEY`; for a record written before it did,
-    `refine.selection_ids` with the refinement's --select-tokens read from DIR/refine/<name>.inputs.json, or
-    the default of that time, 2048 tokens (`refine.LEGACY_SELECTION_TOKENS`), where it has none); 0 when there are
-    none."""
+    `refine.selection_ids` with the refinement's --select-tokens read from DIR/refine/<name>.inputs.json, or the
+    default 2048 tokens where that file is missing); 0 when there are none."""
     from .io import read_json
-    from .refine import LEGACY_SELECTION_TOKENS, SELECTION_KEY, selection_ids
+    from .refine import SELECTION_KEY, selection_ids
 
     most = 0
     for name, rec in records.items():
@@ -168,5 +167,5 @@ def _selection_sequences(run, records: dict) -> int:
             tokens = read_json(run.out / "refine" / f"{name.rsplit('-', 1)[0]}.inputs.json")["settings"]["tokens"]
         except (PuzzleError, KeyError, TypeError):
             pass
-        most = max(most, selection_ids(run, tokens if isinstance(tokens, int) else LEGACY_SELECTION_TOKENS).shape[0])
+        most = max(most, selection_ids(run, tokens if isinstance(tokens, int) else None).shape[0])
     return most

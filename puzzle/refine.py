@@ -64,23 +64,10 @@ FEEDBACK_KEYS = (FEEDBACK_BUDGETS_KEY, "solved_choice", "budget_feedback", "budg
                  "budget_feedback_earlier")
 
 
-#: scoring-split tokens the steps here choose by, by default (`--select-tokens`). The scoring split's documents
-#: rank children differently: on a demo run the per-sequence KL difference between the 1.5x child with linear
-#: attention and the one without ran from -0.24 to +0.65 nats over its 16 sequences, while on the evaluation
-#: text (LAMBADA) all 16 favoured the one without. By the KL on the first 2048 tokens (8 sequences, parts of 7
-#: documents) that run's 8 children per speed-up ranked against their evaluation KL with Spearman -0.56 / -0.02 /
-#: 0.98 at 1.25x / 1.5x / 2x, by 4096 tokens (16 sequences, 12 documents) with 0.78 / 0.74 / 1.00 (README.md,
-#: "Linear subblocks and the evaluation text").
-SELECTION_TOKENS = 4096
-#: the default before SELECTION_TOKENS: what a record or inputs file that kept no count was chosen on
-LEGACY_SELECTION_TOKENS = 2048
-
-
 def selection_ids(run, tokens: int | None = None) -> torch.Tensor:
-    """(N, T) int64: the first sequences of the scoring split, `tokens` in all (default `SELECTION_TOKENS`,
-    capped at the split)."""
+    """(N, T) int64: the first sequences of the scoring split, `tokens` in all (default 2048, capped)."""
     ids = run.tokens.score
-    tokens = SELECTION_TOKENS if tokens is None else tokens
+    tokens = 2048 if tokens is None else tokens
     return ids[:max(1, min(ids.shape[0], tokens // ids.shape[1]))]
 
 
@@ -574,8 +561,6 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     if unknown:
         raise PuzzleError(f"seeds {unknown}: choose among {', '.join(SEED_METHODS)}")
     seeds = [m for m in SEED_METHODS if m in seeds]
-    # the count itself, not None, goes into the inputs: a refinement made under the old default (None) is not done
-    tokens = SELECTION_TOKENS if tokens is None else tokens
     record = read_architecture(run, name)
     if record.get("method") in ("mip-diverse", "mip-refined"):
         plain = name.rsplit("-", 1)[0]
@@ -704,12 +689,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     # how many leading scoring sequences each child was chosen on, kept in its record for kl_gap's fresh tokens
     # (an inputs record is not always kept: a --continue with other round settings writes none)
     now = int(selection_ids(run, tokens).shape[0])
-    # a record written before the count was kept: the earlier inputs record's --select-tokens, else the default of
-    # that time
+    # a record written before the count was kept: the earlier inputs record's --select-tokens, else the default
     settings = earlier_inputs.get("settings") if isinstance(earlier_inputs, dict) else None
     before = settings.get("tokens") if isinstance(settings, dict) else None
-    fallback = int(selection_ids(run, before if isinstance(before, int) and before > 0
-                                 else LEGACY_SELECTION_TOKENS).shape[0])
+    fallback = int(selection_ids(run, before if isinstance(before, int) and before > 0 else None).shape[0])
     known = lambda v: v if isinstance(v, int) and v > 0 else fallback  # noqa: E731
     diverse_seqs = known(kept_sequences[0]) if earlier is not None else now
     refined_seqs = max(diverse_seqs, now, *([known(kept_sequences[1])] if earlier is not None else []))
@@ -966,9 +949,7 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--refine-k", type=int, default=4, help="children realized per refinement round (default 4)")
     p.add_argument("--max-changes", type=int, default=6, help="trust region: layers a round may change (default 6)")
     p.add_argument("--rounds", type=int, default=4, help="most refinement rounds (default 4)")
-    p.add_argument("--select-tokens", type=int, default=None,
-                   help=f"scoring-split tokens to choose by (default {SELECTION_TOKENS}, or the whole split where "
-                        "it is smaller)")
+    p.add_argument("--select-tokens", type=int, default=None, help="scoring-split tokens to choose by (default 2048)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="continue an earlier refinement of NAME from <name>-refined for --rounds more rounds (its "
                         "diverse step is kept: --k, --min-layers-differ and --seeds apply to a fresh refinement)")

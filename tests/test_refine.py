@@ -173,39 +173,6 @@ def test_diverse_candidates_add_the_seeds_that_fit_and_are_new(run, table):
     assert df.attrs["best"] == int(df["score_kl_nats"].idxmin())
 
 
-def test_the_default_selection_is_kept_as_a_count_and_the_old_defaults_refinement_is_redone(run, tmp_path, capsys):
-    """`--select-tokens` defaults to SELECTION_TOKENS (capped at the split); the inputs record keeps the count, so a
-    refinement recorded under the old default (tokens None, 2048 then) is not taken for one under the new."""
-    import json
-    import shutil
-
-    from puzzle.baselines import open_run
-    from puzzle.refine import LEGACY_SELECTION_TOKENS, SELECTION_KEY, SELECTION_TOKENS, selection_ids
-
-    seq = run.tokens.score.shape[1]
-    assert selection_ids(run).shape[0] == min(run.tokens.score.shape[0], SELECTION_TOKENS // seq)
-    assert selection_ids(run, LEGACY_SELECTION_TOKENS).shape[0] == min(run.tokens.score.shape[0],
-                                                                      LEGACY_SELECTION_TOKENS // seq)
-    shutil.copytree(run.out, tmp_path / "r")
-    copy = open_run(tmp_path / "r", progress=False)
-    shutil.rmtree(copy.out / "refine", ignore_errors=True)
-    settings = dict(k=1, refine_k=1, max_changes=1, max_rounds=1, seeds=[])
-    improve_child(copy, "child-1.5x", **settings)
-    path = copy.out / "refine" / "child-1.5x.inputs.json"
-    inputs = json.loads(path.read_text())
-    assert inputs["settings"]["tokens"] == SELECTION_TOKENS
-    record = json.loads((copy.out / "search" / "child-1.5x-refined.json").read_text())
-    assert record[SELECTION_KEY] == selection_ids(copy).shape[0]
-    capsys.readouterr()
-    improve_child(copy, "child-1.5x", **settings)
-    assert "already refined" in capsys.readouterr().err
-    inputs["settings"]["tokens"] = None  # as a version with the old default wrote it
-    path.write_text(json.dumps(inputs))
-    improve_child(copy, "child-1.5x", **settings)
-    assert "already refined" not in capsys.readouterr().err
-    assert json.loads(path.read_text())["settings"]["tokens"] == SELECTION_TOKENS
-
-
 def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_own(run, tmp_path, capsys):
     import json
     import shutil
