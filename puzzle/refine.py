@@ -194,7 +194,7 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
 
     Returns:
         {method: choice as block ids} for each of `methods` whose child exists under the budgets (no_op in
-        the table, a budget greedy reaches), in `SEED_METHODS` order.
+        the table, a budget greedy or the search without linear attention reaches), in `SEED_METHODS` order.
     """
     from .baselines import block_influence, layer_removal
     from .search import build_choices, greedy, solve, uses_excluded
@@ -205,30 +205,34 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
             seeds["greedy"] = greedy(table, budgets, objective, vllm_compatible=vllm_compatible, exclude=exclude).choice
         except PuzzleError:
             pass
-    if "no_linear_attention" in methods and LINEAR_ATTENTION_ID not in exclude \
-            and table["variant"].eq(LINEAR_ATTENTION_ID).any():  # else it is the MIP's own child
+    if "layer_removal" in methods:
+        calib = run.tokens.calib
+        n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
+        influence = block_influence(run.parent.model, calib[:n], chunk=run.config.score.chunk)
+        order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
+        if vllm_compatible:  # vLLM serves no layer 0 without attention (`mip.vllm_unservable`)
+            order = [i for i in order if i != 0]
+        choices = build_choices(table)
+        for removed in range(len(order) + 1):
+            choice = tuple(b.id for b in layer_removal(run.parent.config, order, removed))
+            if removed and uses_excluded(choice, exclude):  # the removal is left out
+                break
+            if _fits(_table_totals(choices, choice), budgets):
+                seeds["layer_removal"] = choice
+                break
+    if "no_linear_attention" in methods and _linear_attention_to_leave_out(table, exclude):
         try:
             seeds["no_linear_attention"] = solve(table, budgets, objective, vllm_compatible=vllm_compatible,
                                                  exclude=[*exclude, LINEAR_ATTENTION_ID])[0].choice
         except PuzzleError:  # InfeasibleBudget: no child without linear attention meets the budgets
             pass
-    if "layer_removal" not in methods:
-        return dict(sorted(seeds.items(), key=lambda kv: SEED_METHODS.index(kv[0])))
-    calib = run.tokens.calib
-    n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
-    influence = block_influence(run.parent.model, calib[:n], chunk=run.config.score.chunk)
-    order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
-    if vllm_compatible:  # vLLM serves no layer 0 without attention (`mip.vllm_unservable`)
-        order = [i for i in order if i != 0]
-    choices = build_choices(table)
-    for removed in range(len(order) + 1):
-        choice = tuple(b.id for b in layer_removal(run.parent.config, order, removed))
-        if removed and uses_excluded(choice, exclude):  # the removal is left out
-            break
-        if _fits(_table_totals(choices, choice), budgets):
-            seeds["layer_removal"] = choice
-            break
-    return dict(sorted(seeds.items(), key=lambda kv: SEED_METHODS.index(kv[0])))
+    return seeds
+
+
+def _linear_attention_to_leave_out(table: pd.DataFrame, exclude: Sequence[str]) -> bool:
+    """Whether the "no_linear_attention" seed differs from the MIP's own child: the table has linear attention and
+    `exclude` does not leave it out already."""
+    return LINEAR_ATTENTION_ID not in exclude and bool(table["variant"].eq(LINEAR_ATTENTION_ID).any())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -656,8 +660,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             if method == "layer_removal" and method not in starts and exclude and uses_excluded([NOOP_BLOCK], exclude):
                 run.say(f"refine {name}: the exclusions {list(exclude)} leave out the no_op subblocks layer removal "
                         f"needs; that seed is left out")
-            elif method == "no_linear_attention" and method not in starts and (
-                    LINEAR_ATTENTION_ID in exclude or not table["variant"].eq(LINEAR_ATTENTION_ID).any()):
+            elif method == "no_linear_attention" and not _linear_attention_to_leave_out(table, exclude):
                 continue  # the search's own child has no linear attention: that seed would be the MIP's child
             elif method not in starts:
                 run.say(f"refine {name}: no {method} child meets {budgets.describe()} from this score table; "

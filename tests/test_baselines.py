@@ -934,7 +934,7 @@ def test_objectives_benchmark_realizes_each_objectives_choice(tmp_path_factory, 
     from puzzle.baselines import open_run
     from puzzle.budgets import Budgets
     from puzzle.pipeline import load_score_table
-    from puzzle.search import greedy, parent_totals, solve, uses_excluded
+    from puzzle.search import greedy, parent_totals, solve
 
     bench = load_benchmark("objectives")
     run_dir, before = tiny_run_copy(tmp_path_factory, tmp_path / "run")
