@@ -9,7 +9,7 @@ def tiny_run_dir(tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "issue5-tiny-run"
     if not (root / "search" / "chosen.json").is_file():
         config = load_preset("tiny").replace(space={"ffn_fractions": (0.5,)}, bld={"tokens": 512},
-                                             score={"tokens": 128, "cost_repeats": 1, "max_contention": float("inf")},
+                                             score={"tokens": 128, "cost_repeats": 3, "max_contention": float("inf")},
                                              search={"front_speedups": (1.25, 1.5)})
         run = Run(root, config, progress=False)
         stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
