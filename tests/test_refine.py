@@ -895,8 +895,10 @@ def test_exclude_leaves_its_variants_out_of_every_refine_candidate(run, table):
 
 
 def test_improve_child_follows_the_records_exclusion_and_says_why_a_seed_is_missing(run, tmp_path, capsys):
-    """A child whose record names exclusions is refined without them, its new records name them too, and a layer
-    removal seed the exclusion (not the budget) rules out is said to be left out for that reason."""
+    """A child whose record names exclusions is refined without them, its new records name them too, a layer
+    removal seed the exclusion (not the budget) rules out is said to be left out for that reason, and the
+    no_linear_attention seed, which would be the search's own child when linear attention is already left out, is
+    passed over without a word."""
     import json
     import shutil
 
@@ -909,15 +911,17 @@ def test_improve_child_follows_the_records_exclusion_and_says_why_a_seed_is_miss
     shutil.rmtree(copy.out / "refine", ignore_errors=True)
     path = copy.out / "search" / "child-1.5x.json"
     record = json.loads(path.read_text())
-    path.write_text(json.dumps({**record, "exclude": ["ffn-noop"]}))
+    exclude = ["attn-linear", "ffn-noop"]  # sorted, as the records keep them
+    path.write_text(json.dumps({**record, "exclude": exclude}))
     capsys.readouterr()
     improve_child(copy, "child-1.5x", k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
     err = capsys.readouterr().err
     assert "leave out the no_op subblocks layer removal needs" in err
-    assert "its record was searched with exclusions ['ffn-noop'], the run's setting now is none" in err
+    assert f"its record was searched with exclusions {exclude}, the run's setting now is none" in err
+    assert "no_linear_attention" not in err
     for step in ("diverse", "refined"):
         kept = read_architecture(copy, f"child-1.5x-{step}")
-        assert kept["exclude"] == ["ffn-noop"] and not uses_excluded(kept["choice"], ["ffn-noop"]), step
+        assert kept["exclude"] == exclude and not uses_excluded(kept["choice"], exclude), step
     log = pd.read_csv(copy.out / "refine" / "child-1.5x.csv")
-    assert not any(uses_excluded(c.split(), ["ffn-noop"]) for c in log["choice"])
-    assert "layer_removal" not in set(log["source"].dropna())
+    assert not any(uses_excluded(c.split(), exclude) for c in log["choice"])
+    assert not {"layer_removal", "no_linear_attention"} & set(log["source"].dropna())
