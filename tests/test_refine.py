@@ -715,20 +715,42 @@ def _refined_run(tmp_path_factory, tmp_path, monkeypatch, factor: float):
 
 def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_factory, tmp_path, monkeypatch, capsys):
     """`puzzle refine --budget-feedback 1`: a refined child measured over the plain child's budget is re-solved under
-    the corrected table limit, within the trust region around it; its record keeps the plain child's budgets (for
-    --continue) and names the feedback's; the step table and the front's rows follow the new child, from one timing
-    session; the flag is not saved with the run's settings; --continue keeps the feedback of a child it keeps."""
+    the corrected table limit, within the trust region around it and on the table re-scored in its context; its
+    record keeps the plain child's budgets (for --continue) and names the feedback's; the step table and the front's
+    rows follow the new child, from one timing session; the flag is not saved with the run's settings; --continue
+    keeps the feedback of a child it keeps."""
     import json
 
     from puzzle.cli import main
     from puzzle.pipeline import compact_architecture
     from puzzle.refine import FEEDBACK_BUDGETS_KEY
 
+    import puzzle.refine
+
     out, flags, plain, solved, sessions = _refined_run(tmp_path_factory, tmp_path, monkeypatch, 1.3)
     search, config = out / "search", (out / "config.json").read_bytes()
+    contexts, real_context = [], puzzle.refine.context_table
+
+    def context_table(run, blocks, table, *args, **kwargs):  # which children the re-solve scored candidates around
+        contexts.append([b.id for b in blocks])
+        return real_context(run, blocks, table, *args, **kwargs)
+
+    import puzzle.search
+
+    solved_on, real_solve = [], puzzle.search.solve
+
+    def solve(table, *args, **kwargs):  # which tables the re-solve took its candidates from
+        solved_on.append("context_kl_nats" in table.columns)
+        return real_solve(table, *args, **kwargs)
+
+    monkeypatch.setattr(puzzle.refine, "context_table", context_table)
+    monkeypatch.setattr(puzzle.search, "solve", solve)
     assert main(["refine", *flags, "--budget-feedback", "1"]) == 0
     said = "".join(capsys.readouterr())
     assert "already refined" in said  # the refinement itself was not redone
+    assert solved["choice"] in contexts  # in the refined child's context, once per architecture (the diverse child
+    assert len({tuple(c) for c in contexts}) == len(contexts)  # may be the same: it was re-solved twice then)
+    assert solved_on[:2] == [True, False]  # candidates from the in-context table and from the score table
     limit = plain["parent"]["runtime_ms"] / float(plain["request"]["speedup"])
     assert (f"budget feedback, round 1: child-1.5x-refined: measured {1.3 * solved['runtime_ms'] / limit:.3f} of its "
             f"runtime_ms budget; tightened") in said
