@@ -748,6 +748,8 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
     assert main(["refine", *flags, "--budget-feedback", "1"]) == 0
     said = "".join(capsys.readouterr())
     assert "already refined" in said  # the refinement itself was not redone
+    assert f"re-solved child-1.5x-refined under corrected limits; `puzzle refine --out {out} --name child-1.5x " \
+           f"--continue` refines on from it" in said
     assert solved["choice"] in contexts  # in the refined child's context, once per architecture (the diverse child
     assert len({tuple(c) for c in contexts}) == len(contexts)  # may be the same: it was re-solved twice then)
     assert solved_on[:2] == [True, False]  # candidates from the in-context table and from the score table
@@ -793,7 +795,8 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
     assert front["speedup"] == pytest.approx(plain["parent"]["runtime_ms"] / record["runtime_ms"], rel=1e-3)
     # a plain rerun finds the refinement done (the table names the records' children) and keeps the new child
     assert main(["refine", *flags, "--budget-feedback", "0"]) == 0
-    assert "already refined" in "".join(capsys.readouterr())
+    said = "".join(capsys.readouterr())
+    assert "already refined" in said and "--continue` refines on" not in said  # checked only, nothing re-solved
     again = json.loads((search / "child-1.5x-refined.json").read_text())
     assert again["choice"] == record["choice"] and again[FEEDBACK_BUDGETS_KEY] == record[FEEDBACK_BUDGETS_KEY]
     assert [e["action"] for e in again["budget_feedback"]] == ["kept"]  # this session only checked it
