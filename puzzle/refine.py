@@ -1036,9 +1036,9 @@ def refine_main(args) -> int:
                                                rounds=args.refine_budget_feedback)
             if read_architecture(run, refined)["choice"] != before:  # a repair loses what the rounds had found
                 run.say(f"refine {args.name}: the budget feedback re-solved {refined} under corrected limits; `puzzle "
-                        f"refine --out {run.out} --name {args.name} --continue` refines on from it under them (on the "
-                        f"demo a refined 1.5x child went from 1.534 to 1.707 nats by the re-solve, and back to 1.545 "
-                        f"by --continue)")
+                        f"refine --out {run.out} --name {args.name} --continue` refines on from it under them (a "
+                        f"re-solve can lose much of what the refinement rounds found: README, \"Budget feedback after "
+                        f"refinement\")")
             timed = measure_steps(run, args.name, session).set_index("name")["speedup"]
             df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv
             # the budget check of the feedback's last session (the plain child's own is in DIR/summary.csv)

@@ -726,6 +726,7 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
     from puzzle.refine import FEEDBACK_BUDGETS_KEY
 
     import puzzle.refine
+    import puzzle.search
 
     out, flags, plain, solved, sessions = _refined_run(tmp_path_factory, tmp_path, monkeypatch, 1.3)
     search, config = out / "search", (out / "config.json").read_bytes()
@@ -734,8 +735,6 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
     def context_table(run, blocks, table, *args, **kwargs):  # which children the re-solve scored candidates around
         contexts.append([b.id for b in blocks])
         return real_context(run, blocks, table, *args, **kwargs)
-
-    import puzzle.search
 
     solved_on, real_solve = [], puzzle.search.solve
 
