@@ -958,8 +958,8 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-layers-differ", type=int, default=2, help="layers each diverse solution changes (default 2)")
     p.add_argument("--seeds", default=",".join(SEED_METHODS), metavar="METHODS",
                    help="simple methods whose child for the same budgets joins the diverse candidates, comma-separated "
-                        f"({', '.join(SEED_METHODS)}: the MIP's child with linear attention left out; 'none' for the "
-                        "MIP's alone; default all)")
+                        f"among {', '.join(SEED_METHODS)} (the last: the MIP's child with linear attention left out); "
+                        "'none' for the MIP's alone; default all")
     p.add_argument("--refine-k", type=int, default=4, help="children realized per refinement round (default 4)")
     p.add_argument("--max-changes", type=int, default=6, help="trust region: layers a round may change (default 6)")
     p.add_argument("--rounds", type=int, default=4, help="most refinement rounds (default 4)")
