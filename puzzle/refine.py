@@ -974,6 +974,10 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budget-feedback", dest="refine_budget_feedback", type=int, default=None, metavar="N",
                    help="re-solve rounds for a diverse or refined child that measures off its budget (0: check only; "
                         "default: the run's [search] budget_feedback, which this flag does not change)")
+    p.add_argument("--no-refine-after-repair", dest="refine_after_repair", action="store_false",
+                   help="when the budget feedback re-solves the refined child, stop there (with a hint to refine on "
+                        "with --continue); by default refine continues from the re-solved child under the corrected "
+                        "limits once, for up to --rounds rounds, and times the children again")
     from .cli import add_max_contention_flag
 
     add_max_contention_flag(p)
@@ -986,15 +990,18 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
 def refine_main(args) -> int:
     """Run `improve_child`, then (unless --no-measure) `settle_steps` (--budget-feedback rounds) and `measure_steps`,
     and print the step table (with measured_speedup, budget_use and budget_met for the diverse and refined children).
+    Where the feedback re-solved the refined child, `improve_child` goes on from it as `--continue` does (under the
+    corrected limits) and `settle_steps` times the children again, once (not with --no-refine-after-repair): on a demo
+    run a re-solve took the refined 1.5x child from 1.534 to 1.707 nats and the further rounds back to 1.545.
 
     The run is opened as every stage command's (`cli._stage_run`): --max-contention is saved with the configuration
     when the command succeeds, and a failure (an error, Ctrl-C) leaves DIR/config.json byte for byte as it was.
 
     Raises:
-        PuzzleError: a count flag below 1, --budget-feedback outside 0..feedback.MAX_ROUNDS or a --seeds method not
-            in `SEED_METHODS` (before anything is read), DIR is no run directory, --select-tokens outside one sequence
-            to the scoring split, or as `improve_child` (an unknown --name, or one of the children refine itself
-            made).
+        PuzzleError: a count flag below 1, --budget-feedback outside 0..feedback.MAX_ROUNDS or with --no-measure (so
+            --no-refine-after-repair), a --seeds method not in `SEED_METHODS` (before anything is read), DIR is no run
+            directory, --select-tokens outside one sequence to the scoring split, or as `improve_child` (an unknown
+            --name, or one of the children refine itself made).
     """
     from .cli import _stage_run
     from .feedback import check_rounds
@@ -1007,6 +1014,9 @@ def refine_main(args) -> int:
         if args.no_measure:  # breaker: it was ignored without a word
             raise PuzzleError("--budget-feedback holds the children to their budget as measured, and --no-measure "
                               "skips the timing: give one of them")
+    if args.no_measure and not args.refine_after_repair:
+        raise PuzzleError("--no-refine-after-repair acts on the budget feedback's re-solves, and --no-measure skips "
+                          "the timing they follow: give one of them")
     given = [m.strip().lower() for m in args.seeds.split(",") if m.strip()]
     seeds = [] if given == ["none"] else [m for m in SEED_METHODS if m in given]
     if given != ["none"] and (not given or any(m not in SEED_METHODS for m in given)):
@@ -1030,11 +1040,23 @@ def refine_main(args) -> int:
             from .pipeline import read_architecture
 
             refined = f"{args.name}-refined"
-            before = read_architecture(run, refined)["choice"]
-            df, checks, session = settle_steps(run, args.name, df, refine_k=args.refine_k,
-                                               max_changes=args.max_changes, tokens=args.select_tokens,
-                                               rounds=args.refine_budget_feedback)
-            if read_architecture(run, refined)["choice"] != before:  # a repair loses what the rounds had found
+            for attempt in range(2 if args.refine_after_repair else 1):
+                if attempt:  # once: as --continue, from the child the feedback re-solved, then timed again
+                    run.say(f"refine {args.name}: the budget feedback re-solved {refined} under corrected limits; "
+                            f"refining on from it under them, {args.rounds} round{'s' * (args.rounds > 1)} at most "
+                            f"(--no-refine-after-repair stops at the re-solve; README, \"Budget feedback after "
+                            f"refinement\")")
+                    df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ,
+                                       refine_k=args.refine_k, max_changes=args.max_changes, max_rounds=args.rounds,
+                                       tokens=args.select_tokens, resume=True, seeds=seeds)
+                before = read_architecture(run, refined)["choice"]
+                df, checks, session = settle_steps(run, args.name, df, refine_k=args.refine_k,
+                                                   max_changes=args.max_changes, tokens=args.select_tokens,
+                                                   rounds=args.refine_budget_feedback)
+                repaired = read_architecture(run, refined)["choice"] != before  # a repair loses what rounds found
+                if not repaired:
+                    break
+            if repaired:
                 run.say(f"refine {args.name}: the budget feedback re-solved {refined} under corrected limits; `puzzle "
                         f"refine --out {run.out} --name {args.name} --continue` refines on from it under them (a "
                         f"re-solve can lose much of what the refinement rounds found: README, \"Budget feedback after "

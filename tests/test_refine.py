@@ -395,6 +395,11 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
                               "--no-measure"])
     with pytest.raises(PuzzleError, match="--no-measure skips the timing: give one of them"):  # breaker: was ignored
         both.func(both)
+    both = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--no-refine-after-repair",
+                              "--no-measure"])
+    with pytest.raises(PuzzleError, match="--no-refine-after-repair acts on the budget feedback's re-solves"):
+        both.func(both)
+    assert parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x"]).refine_after_repair
     with pytest.raises(PuzzleError, match="choose among greedy, layer_removal"):  # the library call checks too
         improve_child(None, "child-1.5x", seeds=["uniform_width"])
     with pytest.raises(PuzzleError, match=r"seeds \['greedy,nope'\]"):  # a string is one method, not letters
@@ -744,7 +749,7 @@ def test_refine_holds_its_children_to_the_plain_childs_measured_budget(tmp_path_
 
     monkeypatch.setattr(puzzle.refine, "context_table", context_table)
     monkeypatch.setattr(puzzle.search, "solve", solve)
-    assert main(["refine", *flags, "--budget-feedback", "1"]) == 0
+    assert main(["refine", *flags, "--budget-feedback", "1", "--no-refine-after-repair"]) == 0
     said = "".join(capsys.readouterr())
     assert "already refined" in said  # the refinement itself was not redone
     assert f"re-solved child-1.5x-refined under corrected limits; `puzzle refine --out {out} --name child-1.5x " \
@@ -863,7 +868,7 @@ def test_a_looser_limit_never_trades_a_refined_child_for_a_worse_one(tmp_path_fa
         return [x for x in found if x.choice != mine]
 
     monkeypatch.setattr(puzzle.search, "solve", solve)
-    assert main(["refine", *flags, "--budget-feedback", "2"]) == 0
+    assert main(["refine", *flags, "--budget-feedback", "2", "--no-refine-after-repair"]) == 0
     record = json.loads((out / "search" / "child-1.5x-refined.json").read_text())
     actions = [e["action"] for e in record["budget_feedback"]]
     assert actions[0] in ("loosened", "kept: the corrected limits choose the same child"), actions
@@ -873,6 +878,35 @@ def test_a_looser_limit_never_trades_a_refined_child_for_a_worse_one(tmp_path_fa
     after = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
     kl = after.loc["child-1.5x-refined", "score_kl_nats"]
     assert kl <= before.loc["child-1.5x-refined", "score_kl_nats"] + 1e-12
+
+
+def test_refine_goes_on_from_a_child_the_budget_feedback_re_solved(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """By default, a refined child the budget feedback re-solved is refined on from under the corrected limits (as
+    --continue: rounds numbered on, in the same call) and the children are timed again; the hint to --continue is
+    left for a child re-solved once more."""
+    import json
+
+    from puzzle.cli import main
+    from puzzle.refine import FEEDBACK_BUDGETS_KEY
+
+    out, flags, plain, solved, sessions = _refined_run(tmp_path_factory, tmp_path, monkeypatch, 1.3)
+    assert main(["refine", *flags, "--budget-feedback", "1"]) == 0
+    said = "".join(capsys.readouterr())
+    assert "re-solved child-1.5x-refined under corrected limits; refining on from it under them, 1 round at most" \
+        in said
+    assert "--continue` refines on" not in said  # the child of the further round met its budget
+    log = pd.read_csv(out / "refine" / "child-1.5x.csv")
+    assert log.loc[log["step"] == "refine", "round"].max() == 2  # one round in the first call, one more
+    assert json.loads((out / "refine" / "child-1.5x.inputs.json").read_text())["rounds"] == 2
+    record = json.loads((out / "search" / "child-1.5x-refined.json").read_text())
+    limit = plain["parent"]["runtime_ms"] / float(plain["request"]["speedup"])
+    corrected = record[FEEDBACK_BUDGETS_KEY]["max_runtime_ms"]
+    assert corrected == pytest.approx(limit / 1.3, rel=1e-6)  # the re-solve's limits, kept by the further round
+    assert record["choice"] != solved["choice"] and record["runtime_ms"] <= corrected * (1 + 1e-9)
+    assert len(sessions) == 3  # the check, the re-solve's, and the check after the further round
+    assert record["budget_feedback"][-1]["check"]["met"]
+    summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
+    assert bool(summary.loc["child-1.5x-refined", "budget_met"])
 
 
 def test_damaged_feedback_limits_are_passed_over_and_damaged_budgets_refused(run, capsys):
