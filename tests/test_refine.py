@@ -677,6 +677,43 @@ def test_headroom_benchmark_chooses_on_the_split_of_its_mode_and_resumes(tmp_pat
         again.loc[again["mode"].eq("honest"), "eval_kl_nats"].min() + 1e-9
 
 
+def test_headroom_benchmark_leaves_out_the_runs_exclusions(tmp_path_factory, tmp_path, capsys):
+    """benchmarks/headroom.py on a run whose search leaves variants out ([search] exclude): no child of any step uses
+    them, greedy and plain are search's own choices under them, and results measured without them are redone."""
+    import json
+
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import load_score_table
+    from puzzle.search import greedy, parent_totals, solve, uses_excluded
+
+    bench = load_benchmark("headroom")
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    argv = ["--run", str(run_dir), "--speedups", "1.5", "--modes", "honest", "--diverse", "2", "--rounds", "1",
+            "--refine-k", "2", "--max-changes", "3", "--select-tokens", "256", "--context-tokens", "128",
+            "--out", str(tmp_path / "h"), "--no-progress"]
+    assert bench.main(argv) == 0
+    whole = pd.read_csv(tmp_path / "h" / "headroom.csv")
+    parent = {sub for b in open_run(run_dir, progress=False).parent.config.blocks for sub in (b.attention.id, b.ffn.id)}
+    used = pd.Series([sub for c in whole["choice"] for b in map(BlockConfig.from_id, c.split())
+                      for sub in (b.attention.id, b.ffn.id) if sub not in parent])
+    ex = [used.value_counts().index[0]]  # the variant the children used most
+    config = json.loads((run_dir / "config.json").read_text())
+    config["search"]["exclude"] = ex
+    (run_dir / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert "starting afresh" in capsys.readouterr().err  # measured without the exclusion: not kept
+    rows = pd.read_csv(tmp_path / "h" / "headroom.csv").set_index(["mode", "step"])
+    assert len(rows) == 4 and not any(uses_excluded(c.split(), ex) for c in rows["choice"])
+    run = open_run(run_dir, progress=False)
+    assert run.config.search.exclude == tuple(ex)
+    table, _ = load_score_table(run, "bld")
+    budgets = Budgets(max_runtime_ms=parent_totals(table)["runtime_ms"] / 1.5)
+    assert rows.loc[("-", "greedy"), "choice"] == " ".join(greedy(table, budgets, exclude=ex).choice)
+    assert rows.loc[("-", "plain"), "choice"] == " ".join(solve(table, budgets, exclude=ex)[0].choice)
+    assert json.loads((tmp_path / "h" / "headroom.json").read_text())["exclude"] == ex
+
+
 def _refined_run(tmp_path_factory, tmp_path, monkeypatch, factor: float):
     """A tiny run with child-1.5x refined (`--no-measure`), its flags, and a deterministic measurement: each model's
     runtime is the cost table's prediction for its architecture, and the refinement's own child runs `factor` times
