@@ -799,6 +799,84 @@ def test_two_names_for_one_architecture_are_timed_once(tmp_path_factory, monkeyp
     assert table.loc[twin.name, "speedup"] == table.loc[layers.name, "speedup"] > 0
 
 
+def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """A greedy child that measures short of its target speed-up is planned again once, for target x planned /
+    measured by the cost table, and reaches its target (a front that stops short of a target has no figure there);
+    a rerun keeps it, redoes nothing, and the front does not take the row for a stale greedy pick."""
+    import puzzle.scoring.cost as cost
+    from puzzle.baselines import HELD_FILE, _greedy_at, open_run, run_baselines, stale_greedy_rows
+    from puzzle.budgets import Budgets
+    from puzzle.pipeline import load_score_table
+    from puzzle.refine import record_for
+    from puzzle.search import parent_totals
+
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    run = open_run(run_dir, progress=False)
+    slow = [b.id for b in _greedy_at(run, load_score_table(run, "bld")[0], 1.5).blocks]
+    real, sessions = cost.measure_models, []
+
+    def planned_times(models, workload, **kw):  # each child at its predicted speed-up, greedy's first one at 1.425x
+        sessions.append(sorted(set(models) - {"parent"}))
+        df = real(models, workload, **kw)
+        plan = json.loads((run_dir / "baselines" / "plan.json").read_text())
+        predicted = {tuple(c["blocks"]): c["predicted_speedup"] for c in plan}
+        parent_ms = float(df.loc[df["name"] == "parent", "runtime_ms"].iloc[0])
+        for name, model in models.items():
+            if name != "parent":
+                blocks = [b.id for b in model.config.blocks]
+                speedup = 1.425 if blocks == slow else predicted[tuple(blocks)] * (1 + 1e-6)
+                df.loc[df["name"] == name, "runtime_ms"] = parent_ms / speedup
+        return df
+
+    monkeypatch.setattr(cost, "measure_models", planned_times)
+    table = run_baselines(run, (1.5,), export=False).set_index("name")
+    said = "".join(capsys.readouterr())
+    plan = json.loads((run_dir / "baselines" / "plan.json").read_text())  # the second plan
+    held = json.loads((run_dir / "baselines" / HELD_FILE).read_text())["planned"]
+    assert list(held) == ["greedy-1.5x"]  # the only child short of its target
+    planned_greedy = next(c for c in plan if c["name"] == "greedy-1.5x")
+    slow_predicted = parent_totals(load_score_table(run, "bld")[0])["runtime_ms"] / record_for(
+        run, "x", slow, "bld", Budgets(max_runtime_ms=1e9), "m")["runtime_ms"]
+    assert held["greedy-1.5x"] == pytest.approx(slow_predicted * 1.5 / 1.425, rel=1e-6)  # its table error made up for
+    assert f"greedy-1.5x measured 1.425x, short of its 1.5x target: planned again for {held['greedy-1.5x']:.3f}x" \
+        in said
+    row = table.loc["greedy-1.5x"]
+    assert row["speedup"] >= 1.5 and row["architecture"] != " ".join(slow)
+    saved = json.loads((run_dir / "baselines" / "rows" / "greedy-1.5x.json").read_text())
+    assert saved["planned_speedup"] == pytest.approx(held["greedy-1.5x"])
+    assert [b.id for b in _greedy_at(run, load_score_table(run, "bld")[0], held["greedy-1.5x"]).blocks] != slow
+    assert planned_greedy["planned_speedup"] == pytest.approx(held["greedy-1.5x"])
+    assert "planned for" in planned_greedy["note"]
+    assert len(sessions) == 2 and sessions[1] == ["greedy-1.5x"]  # the others' rows were kept
+    assert stale_greedy_rows(run) == {}
+    again = run_baselines(run, (1.5,), export=False).set_index("name")
+    assert len(sessions) == 2 and again["speedup"].equals(table["speedup"])  # nothing timed again
+    assert json.loads((run_dir / "baselines" / HELD_FILE).read_text())["planned"] == held
+
+
+def test_only_a_front_that_stops_short_of_a_target_is_planned_again():
+    """A child short of its target is planned again only where no child of its method and training reaches that
+    target (below a faster one, the front's figure at the target lies next to it), never twice, and attention
+    removal (built at the speed-ups it reaches) not at all."""
+    from puzzle.baselines import Candidate, _short_of_target
+
+    def cand(name, method, training, target, predicted):
+        return Candidate(name, method, training, (), target, 1.0, predicted)
+
+    plan = [cand("greedy-1.5x", "greedy", "bld", 1.5, 1.52), cand("greedy-2x", "greedy", "bld", 2.0, 2.01),
+            cand("greedy-1.5x-init", "greedy", "init", 1.5, 1.51), cand("layers-1.5x", "layer_removal", "none", 1.5, 1.6),
+            cand("uniform-1.5x", "uniform_width", "bld", 1.5, 1.55), cand("attn-drop-1.5x", "attention_removal",
+                                                                           "none", 1.5, 1.5)]
+    measured = {"greedy-1.5x": 1.45, "greedy-2x": 1.96, "greedy-1.5x-init": 1.47, "layers-1.5x": 1.48,
+                "uniform-1.5x": 1.49, "attn-drop-1.5x": 1.40}
+    table = pd.DataFrame({"name": ["parent", *measured], "speedup": [1.0, *measured.values()]})
+    short = _short_of_target(table, plan, held={})
+    # greedy-1.5x is short, but greedy-2x (1.96x) reaches 1.5x: only greedy's 2x child is planned again
+    assert short == {"greedy-2x": (1.96, 2.0, 2.01), "greedy-1.5x-init": (1.47, 1.5, 1.51),
+                     "layers-1.5x": (1.48, 1.5, 1.6), "uniform-1.5x": (1.49, 1.5, 1.55)}
+    assert set(_short_of_target(table, plan, held={"layers-1.5x": 1.65})) == set(short) - {"layers-1.5x"}
+
+
 def test_each_rows_parent_runtime_is_its_own_timing_groups_parent_as_measured(tmp_path_factory, monkeypatch):
     """parent_runtime_ms was runtime_ms x speedup, so `speedup = parent_runtime_ms / runtime_ms` checked nothing;
     now it is the parent's runtime measured beside the row, which differs between groups."""
