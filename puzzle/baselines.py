@@ -691,7 +691,8 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
             m = timing.loc[timed[c.name]]
             atomic_write_json(rows_dir / f"{c.name}.json", {
                 "name": c.name, "method": c.method, "training": c.training, "target_speedup": c.target_speedup,
-                "planned_speedup": c.plan_speedup, "predicted_speedup": c.predicted_speedup, "speedup": float(m["speedup"]), **quality[c.name],
+                "planned_speedup": c.plan_speedup, "predicted_speedup": c.predicted_speedup,
+                "speedup": float(m["speedup"]), **quality[c.name],
                 "predicted_kl_nats": c.predicted_kl_nats, "params": float(m["params"]),
                 "memory_mib": float(m["memory_mib"]), "runtime_ms": float(m["runtime_ms"]), "note": c.note,
                 "group_parent_runtime_ms": float(m["parent_runtime_ms"]),

@@ -864,9 +864,10 @@ def test_only_a_front_that_stops_short_of_a_target_is_planned_again():
         return Candidate(name, method, training, (), target, 1.0, predicted)
 
     plan = [cand("greedy-1.5x", "greedy", "bld", 1.5, 1.52), cand("greedy-2x", "greedy", "bld", 2.0, 2.01),
-            cand("greedy-1.5x-init", "greedy", "init", 1.5, 1.51), cand("layers-1.5x", "layer_removal", "none", 1.5, 1.6),
-            cand("uniform-1.5x", "uniform_width", "bld", 1.5, 1.55), cand("attn-drop-1.5x", "attention_removal",
-                                                                           "none", 1.5, 1.5)]
+            cand("greedy-1.5x-init", "greedy", "init", 1.5, 1.51),
+            cand("layers-1.5x", "layer_removal", "none", 1.5, 1.6),
+            cand("uniform-1.5x", "uniform_width", "bld", 1.5, 1.55),
+            cand("attn-drop-1.5x", "attention_removal", "none", 1.5, 1.5)]
     measured = {"greedy-1.5x": 1.45, "greedy-2x": 1.96, "greedy-1.5x-init": 1.47, "layers-1.5x": 1.48,
                 "uniform-1.5x": 1.49, "attn-drop-1.5x": 1.40}
     table = pd.DataFrame({"name": ["parent", *measured], "speedup": [1.0, *measured.values()]})
