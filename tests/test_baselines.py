@@ -804,7 +804,7 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
     measured by the cost table, and reaches its target (a front that stops short of a target has no figure there);
     a rerun keeps it, redoes nothing, and the front does not take the row for a stale greedy pick."""
     import puzzle.scoring.cost as cost
-    from puzzle.baselines import HELD_FILE, _greedy_at, open_run, run_baselines, stale_greedy_rows
+    from puzzle.baselines import HELD_FILE, _greedy_at, held_speedups, open_run, run_baselines, stale_greedy_rows
     from puzzle.budgets import Budgets
     from puzzle.pipeline import load_score_table
     from puzzle.refine import record_for
@@ -852,6 +852,12 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
     again = run_baselines(run, (1.5,), export=False).set_index("name")
     assert len(sessions) == 2 and again["speedup"].equals(table["speedup"])  # nothing timed again
     assert json.loads((run_dir / "baselines" / HELD_FILE).read_text())["planned"] == held
+    assert held_speedups(run) == held
+    saved = json.loads((run_dir / "baselines" / HELD_FILE).read_text())
+    for damaged in ("not json", json.dumps({**saved, "inputs": {"workload": "another"}}), json.dumps([1]),
+                    json.dumps({**saved, "planned": {"greedy-1.5x": "fast", "layers-1.5x": True, "x": -2}})):
+        (run_dir / "baselines" / HELD_FILE).write_text(damaged)
+        assert held_speedups(run) == {}  # unreadable, for other inputs, or no speed-up above 1: nothing held
 
 
 def test_only_a_front_that_stops_short_of_a_target_is_planned_again():
