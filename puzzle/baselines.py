@@ -27,7 +27,8 @@ restricted space into DIR/baselines/library. Layer and attention removal have no
 ("none"). Each row of the result says which.
 
 Files: DIR/baselines/cost.csv (extra FFN widths, measured), DIR/baselines/influence.csv,
-DIR/baselines/plan.json, DIR/baselines/baselines.csv (realized and measured), DIR/export/<name>/.
+DIR/baselines/plan.json, DIR/baselines/held.json (children planned again to reach their target as measured,
+`held_speedups`), DIR/baselines/baselines.csv (realized and measured), DIR/export/<name>/.
 """
 
 from __future__ import annotations
