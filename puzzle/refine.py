@@ -1040,11 +1040,11 @@ def refine_main(args) -> int:
             from .pipeline import read_architecture
 
             refined = f"{args.name}-refined"
+            repair = f"refine {args.name}: the budget feedback re-solved {refined} under corrected limits; "
             for attempt in range(2 if args.refine_after_repair else 1):
                 if attempt:  # once: as --continue, from the child the feedback re-solved, then timed again
-                    run.say(f"refine {args.name}: the budget feedback re-solved {refined} under corrected limits; "
-                            f"refining on from it under them, {args.rounds} round{'s' * (args.rounds > 1)} at most "
-                            f"(--no-refine-after-repair stops at the re-solve; README, \"Budget feedback after "
+                    run.say(f"{repair}refining on from it under them, {args.rounds} round{'s' * (args.rounds > 1)} at "
+                            f"most (--no-refine-after-repair stops at the re-solve; README, \"Budget feedback after "
                             f"refinement\")")
                     df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ,
                                        refine_k=args.refine_k, max_changes=args.max_changes, max_rounds=args.rounds,
@@ -1057,10 +1057,9 @@ def refine_main(args) -> int:
                 if not repaired:
                     break
             if repaired:
-                run.say(f"refine {args.name}: the budget feedback re-solved {refined} under corrected limits; `puzzle "
-                        f"refine --out {run.out} --name {args.name} --continue` refines on from it under them (a "
-                        f"re-solve can lose much of what the refinement rounds found: README, \"Budget feedback after "
-                        f"refinement\")")
+                run.say(f"{repair}`puzzle refine --out {run.out} --name {args.name} --continue` refines on from it "
+                        f"under them (a re-solve can lose much of what the refinement rounds found: README, \"Budget "
+                        f"feedback after refinement\")")
             timed = measure_steps(run, args.name, session).set_index("name")["speedup"]
             df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv
             # the budget check of the feedback's last session (the plain child's own is in DIR/summary.csv)
