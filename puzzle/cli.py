@@ -714,7 +714,27 @@ def _draws_front_all(out: Path, tasks) -> bool:
     """Whether `puzzle front` draws DIR/front_all (and prints the ratios): whenever there is more than our front
     (baselines, refined rows, downstream tasks), or it was drawn before (it must not outlive front.csv)."""
     return bool(tasks) or any(p.exists() for p in (out / "baselines" / "rows", out / "front_rows", out / "downstream",
-                                                   out / "front_all.csv"))
+                                                   out / "front_all.csv", out / "one_session.json"))
+
+
+ONE_SESSION_REPEATS = 7
+
+
+def _time_front_together(run, repeats: int) -> None:
+    """`puzzle front --one-session`: every model of the front timed again in one session (`one_session`), with a
+    table of each model's speed-up from its own session and from this one."""
+    from .baselines import stale_greedy_rows
+    from .one_session import SESSION_FILE, time_front_together
+
+    table = time_front_together(run, repeats, exclude=stale_greedy_rows(run))
+    show = table.assign(change=table["speedup"] / table["speedup_own_session"] - 1)
+    print(show[["name", "source", "training", "speedup_own_session", "speedup", "change"]].to_string(
+        index=False, formatters={"speedup_own_session": "{:.3f}x".format, "speedup": "{:.3f}x".format,
+                                 "change": "{:+.1%}".format}), file=sys.stderr)
+    names = f" for {len(table)} names" if len(table) > table.attrs["timed"] else ""  # one architecture, one timing
+    _log(f"front: {table.attrs['timed']} models timed together{names} in {table.attrs['seconds']:.0f} s ({repeats} "
+         f"interleaved rounds) -> {run.out / SESSION_FILE}; the front and its ratios below use these speed-ups (each "
+         f"row's own one is kept as speedup_own_session in front_all.csv)")
 
 
 def cmd_front(args) -> int:
@@ -732,6 +752,10 @@ def cmd_front(args) -> int:
             raise PuzzleError(f"--downstream-limit must be >= 1 (or 0 for whole sets), got {args.downstream_limit}")
     elif args.downstream_limit is not None:
         raise PuzzleError("--downstream-limit only applies with --downstream TASK,...; add --downstream or drop it")
+    if args.repeats is not None and not args.one_session:
+        raise PuzzleError("--repeats sets the rounds of --one-session; add --one-session or drop it")
+    if args.one_session and not 2 <= (args.repeats if args.repeats is not None else ONE_SESSION_REPEATS) <= 1000:
+        raise PuzzleError(f"--repeats must be from 2 to 1000 (rounds of the one session), got {args.repeats}")
     # refused or interrupted before its search wrote: the run as it was; after: the new settings with their choices
     with _stage_run(args, existing=True) as run:
         from .pipeline import changed_data_sources, stage_data
@@ -776,6 +800,8 @@ def cmd_front(args) -> int:
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")
+        if args.one_session:
+            _time_front_together(run, args.repeats if args.repeats is not None else ONE_SESSION_REPEATS)
     if tasks:
         from .downstream import evaluate_front_downstream
 
@@ -807,11 +833,24 @@ def cmd_front(args) -> int:
               f"{run.out / 'front_ratios.csv'}\n{ratio_table(ratios)}", file=sys.stderr)
         if len(ratios) and (note := baselines_budget_note(run.config.search)):
             _log(f"front: {note}")
+        if len(ratios):
+            _log(f"front: {timing_note(rows, run.out)}")
         from .pipeline import contention_note, front_contention
 
         if busy := contention_note(front_contention(run.out)):  # ratios at matched speed carry that noise
             _log(f"front: warning: {busy}")
     return 0
+
+
+def timing_note(rows, out: Path) -> str:
+    """Which timing sessions the front's speed-ups (and so the ratios at matched speed-up) come from."""
+    if "timing" not in rows.columns:
+        return (f"each model's speed-up is from its own timing session (`puzzle run`, `refine`, `baselines`); on a "
+                f"shared machine they drift between sessions: `puzzle front --out {out} --one-session` times them all "
+                f"together")
+    own = rows.loc[rows["timing"].ne("one session"), "name"].tolist()
+    return ("every model's speed-up is from one interleaved session (one_session.json)" if not own else
+            f"speed-ups from one interleaved session (one_session.json), except {', '.join(own)} (own session)")
 
 
 def baselines_budget_note(search) -> str | None:
@@ -931,6 +970,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--remeasure", action="store_true",
                    help="solve, build and time the front's children again even when DIR/front.csv is up to date "
                         "(by default a finished front is only drawn, with the baselines where they exist)")
+    p.add_argument("--one-session", action="store_true",
+                   help="time the parent and every model drawn (ours, refine's, the baselines') again, interleaved "
+                        "in one session, so the ratios at matched speed-up do not mix sessions (DIR/one_session.json; "
+                        "the models are held in memory together)")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help=f"interleaved rounds of --one-session (default {ONE_SESSION_REPEATS}; each model's runtime is "
+                        f"the median over them)")
     add_max_contention_flag(p)
     p.set_defaults(func=cmd_front)
 

@@ -475,7 +475,7 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
 
 
 def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict | None = None,
-               exclude: dict[str, str] | None = None) -> pd.DataFrame:
+               exclude: dict[str, str] | None = None, with_one_session: bool = True) -> pd.DataFrame:
     """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
 
     Reads DIR/front.csv (the pipeline's children: method "mip", training "bld"), DIR/front_rows/*.json
@@ -484,14 +484,18 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     than the run's now (or, given `inputs`, `baselines.row_inputs(run)`, on another workload too) is left out
     with a warning (`_row_is_current`), and so is a baselines/rows/ row named in `exclude` (name -> why:
     `baselines.stale_greedy_rows`). A model listed twice keeps its first row. Speed-ups
-    are measured against the parent in the same session; throughput_tok_s is rescaled to the
-    parent's throughput of the first source, so all rows share one axis.
+    are measured against the parent in the same session; where DIR/one_session.json (`puzzle front
+    --one-session`) timed a model as drawn, its speed-up from that one session replaces the row's
+    (`one_session.apply_one_session`; not with `with_one_session=False`); throughput_tok_s is
+    rescaled to the parent's throughput of the first source, so all rows share one axis.
 
     Returns:
         DataFrame with name, method, training, speedup, throughput_tok_s, kl_nats, predicted_kl_nats,
         lm_loss, params, architecture (compact form; empty for front.csv rows), source (the file it came
-        from); parent first. With `with_downstream` and DIR/downstream/ results (`puzzle front
-        --downstream`), also downstream_acc, downstream_acc_stderr, downstream_tasks and acc_<task>.
+        from); parent first. With a current DIR/one_session.json also timing ("one session" or "own
+        session"), speedup_own_session, runtime_ms and runtime_iqr_ms (ms per request). With
+        `with_downstream` and DIR/downstream/ results (`puzzle front --downstream`), also downstream_acc,
+        downstream_acc_stderr, downstream_tasks and acc_<task>.
 
     Raises:
         FileNotFoundError: the directory holds none of these files.
@@ -539,6 +543,14 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     rows = rows.drop_duplicates("name")
     columns = ["name", "method", "training", "speedup", "throughput_tok_s", "kl_nats", "predicted_kl_nats", "lm_loss",
                "params", "architecture", "source"]
+    from .one_session import apply_one_session
+
+    if with_one_session:  # `puzzle front --one-session`'s timing
+        rows = apply_one_session(rows.reset_index(drop=True), run_dir, current)
+    if "timing" in rows.columns:
+        columns += ["timing", "speedup_own_session", "runtime_ms", "runtime_iqr_ms"]
+        if reference is not None:
+            rows["throughput_tok_s"] = reference * rows["speedup"]
     rows = rows.reindex(columns=columns)
     if with_downstream:
         from .downstream import downstream_rows
@@ -669,7 +681,8 @@ def selected_children(run_dir: str | Path, rows: pd.DataFrame) -> pd.DataFrame:
     return selected
 
 
-def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.DataFrame | None = None) -> pd.DataFrame:
+def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.DataFrame | None = None,
+                 rounds: int | None = None) -> pd.DataFrame:
     """Our front's evaluation KL divided by each baseline's, at matched measured speed-up.
 
     Ours are first the plain searched children (method "mip"; ours = "plain MIP"): nothing picked by
@@ -677,36 +690,47 @@ def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.Dat
     `selected` (`selected_children`) where it picked a diverse or refined child, the same again with
     those in place of the plain ones (ours = "selected per target"). Baselines are the methods of
     `BASELINE_METHODS`, per training ("init" as built, "bld" after the same local distillation).
-    Speed-ups are each model's measured one against the parent of its own session; `matched_ratios`
-    interpolates linearly and never extrapolates.
+    Speed-ups are each model's measured one against the parent of its own session (or of one session
+    for all, `puzzle front --one-session`); `matched_ratios` interpolates linearly and never extrapolates.
 
     Args:
         rows: `front_rows` (name, method, training, speedup, kl_nats; the parent's row).
         speedups: matched speed-ups (x the parent's throughput).
         selected: `selected_children(run_dir, rows)`, or None.
+        rounds: with every model timed in one session (runtime_ms and runtime_iqr_ms in `rows`), its timing rounds:
+            the ratios then carry that session's timing noise as 5-95 % intervals (`matched_ratio_intervals`).
 
     Returns:
         One row per (ours, speedup, method, training) with ours_kl_nats, baseline_kl_nats and ratio
         (NaN where a front does not reach the speed-up), and where each KL comes from (`matched_ratios`:
-        ours_from, baseline_from, ours_gap, baseline_gap); empty when the rows hold no baseline.
+        ours_from, baseline_from, ours_gap, baseline_gap); with `rounds` also ratio_lo, ratio_median, ratio_hi
+        and reached. Empty when the rows hold no baseline.
     """
     keep = rows["method"].isin(("parent", "mip") + BASELINE_METHODS)
     columns = ["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio", "ours", "ours_from",
-               "baseline_from", "ours_gap", "baseline_gap"]
+               "baseline_from", "ours_gap", "baseline_gap"] + (
+        ["ratio_lo", "ratio_median", "ratio_hi", "reached"] if rounds else [])
     if not rows.loc[keep, "method"].isin(BASELINE_METHODS).any() or not (rows["method"] == "mip").any():
         return pd.DataFrame(columns=columns)
     speedups = tuple(sorted({float(s) for s in speedups}))
-    parts = [matched_ratios(rows[keep], speedups, ours="mip", y="kl_nats").assign(ours="plain MIP")]
+
+    def ratios(part: pd.DataFrame) -> pd.DataFrame:
+        if rounds:
+            return matched_ratio_intervals(part, speedups, rounds=rounds, ours="mip", y="kl_nats")
+        return matched_ratios(part, speedups, ours="mip", y="kl_nats")
+
+    parts = [ratios(rows[keep]).assign(ours="plain MIP")]
     if selected is not None and len(selected) and (selected["name"] != selected["picked_from"]).any():
         theirs = rows[rows["method"].isin(("parent",) + BASELINE_METHODS)]
-        parts.append(matched_ratios(pd.concat([theirs, selected.drop(columns="picked_from")], ignore_index=True),
-                                    speedups, ours="mip", y="kl_nats").assign(ours="selected per target"))
+        parts.append(ratios(pd.concat([theirs, selected.drop(columns="picked_from")], ignore_index=True))
+                     .assign(ours="selected per target"))
     return pd.concat(parts, ignore_index=True)[columns]
 
 
 def ratio_table(ratios: pd.DataFrame) -> str:
     """`front_ratios` as text: one line per baseline, one column per speed-up ("-": not reached); one block per
-    `ours` (plain MIP children, then the selected ones where `front_ratios` has them)."""
+    `ours` (plain MIP children, then the selected ones where `front_ratios` has them); each ratio with its 5-95 %
+    interval where `front_ratios` has one (a front timed in one session)."""
     if ratios.empty:
         return "(no baseline to compare with: run `puzzle baselines` first, or again where a warning left its rows out)"
     trained = {"init": ", as initialised", "bld": ", after BLD"}
@@ -721,13 +745,17 @@ def ratio_table(ratios: pd.DataFrame) -> str:
         wide = table.pivot_table(index="baseline", columns="at", values="ratio", sort=False, dropna=False)
         head = heads.get(ours, f"ours ({ours}) / baseline") if ratios["ours"].nunique() > 1 else "ours / baseline"
         width = max(len(head), *map(len, wide.index))
-        lines = [head.ljust(width) + "".join(f"{c:>8}" for c in wide.columns)]
         cells = {(b, a): _ratio_cell(r) for b, a, r in zip(table["baseline"], table["at"], table.itertuples())}
+        col = max(8, *(len(c) + 2 for c in cells.values()))  # wider with the intervals of one timing session
+        lines = [head.ljust(width) + "".join(f"{c:>{col}}" for c in wide.columns)]
         for label in wide.index:
-            lines.append(label.ljust(width) + "".join(f"{cells.get((label, c), '-'):>8}" for c in wide.columns))
+            lines.append(label.ljust(width) + "".join(f"{cells.get((label, c), '-'):>{col}}" for c in wide.columns))
         blocks.append("\n".join(lines))
     notes = ["-: the baseline does not reach that speed-up; ours -: our front does not; 0/0: both KLs are 0; inf: only "
              "the baseline's is"]
+    if "ratio_lo" in ratios.columns and ratios["ratio_lo"].notna().any():
+        notes.append("(lo-hi): 5-95 % interval of the ratio from the timing noise of the one session (bootstrap of "
+                     "each model's runtime median, `plots.matched_ratio_intervals`; the KLs are held fixed)")
     if any(map(_far, ratios.itertuples())):
         notes.append(f"~: our or the baseline's nearest measured model is more than {FAR_FROM_TARGET:g}x faster or "
                      f"slower than that speed-up, so its KL there is interpolated (from the parent at 1x and KL 0 where "
@@ -750,7 +778,9 @@ def _ratio_cell(row) -> str:
     """A ratio table cell: the ratio, or why there is none (`ratio_table`'s notes)."""
     ratio, ours, theirs = (getattr(row, c, math.nan) for c in ("ratio", "ours_kl_nats", "baseline_kl_nats"))
     if isinstance(ratio, float) and math.isfinite(ratio):
-        return f"{ratio:.2f}" + ("~" if _far(row) else "")
+        lo, hi = (getattr(row, c, math.nan) for c in ("ratio_lo", "ratio_hi"))
+        interval = f" ({lo:.2f}-{hi:.2f})" if _finite(lo) and _finite(hi) else ""
+        return f"{ratio:.2f}" + ("~" if _far(row) else "") + interval
     if not (isinstance(theirs, float) and math.isfinite(theirs)):
         return "-"
     if not (isinstance(ours, float) and math.isfinite(ours)):
@@ -791,6 +821,17 @@ def parent_block_of(run_dir: str | Path) -> BlockConfig:
                           f"first") from None
 
 
+def _session_rounds(run_dir: Path) -> int | None:
+    """The timing rounds of DIR/one_session.json (2-1000), or None when it holds no such count."""
+    from .io import read_json
+
+    try:
+        rounds = read_json(run_dir / "one_session.json").get("repeats")
+    except (PuzzleError, AttributeError):
+        return None
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) and 2 <= rounds <= 1000 else None
+
+
 def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None,
                     inputs: dict | None = None, exclude: dict[str, str] | None = None) -> pd.DataFrame:
     """DIR/front_all.csv and DIR/front_all.png: every realized model of the run (our children and,
@@ -807,7 +848,9 @@ def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None
     atomic_write_text(run_dir / "front_all.csv", rows.to_csv(index=False))
     if speedups is not None:
         selected = selected_children(run_dir, rows)
-        ratios = front_ratios(rows, speedups, selected=selected)
+        one = "timing" in rows.columns and (rows["timing"] == "one session").all()  # noise of one session only
+        rounds = _session_rounds(run_dir) if one else None
+        ratios = front_ratios(rows, speedups, selected=selected, rounds=rounds)
         ratios.attrs["passed_over"] = selected.attrs["passed_over"]
         atomic_write_text(run_dir / "front_ratios.csv", ratios.to_csv(index=False))
         rows.attrs["ratios"] = ratios

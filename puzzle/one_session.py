@@ -1,0 +1,219 @@
+"""Every model of a run's front timed again, all in one interleaved session (`puzzle front --one-session`).
+
+The front's rows come from several timing sessions: `puzzle run` times the plain children, each
+`puzzle refine` its own, `puzzle baselines` the baselines group by group. Every speed-up is a ratio to the
+parent of its own session, but on a shared machine the ratio itself drifts between sessions: on the 2-core
+VM the same baseline children read up to 5.6 % faster against the parent in a later session (stop 52:
+greedy's 1.25x child 1.242x, then 1.312x), which moved the ratios at 1.25x by up to 0.25. Timed together,
+every model shares the same rounds, so the ratios at matched speed-up compare like with like.
+
+`time_front_together` realizes the parent and every model `puzzle front` draws (one per architecture and
+library stage: two names for one child are timed once), measures them with `scoring.cost.measure_models`
+(every round all models, in a new random order, steps interleaved on a CPU; medians over `repeats` rounds)
+and writes DIR/one_session.json. `apply_one_session` puts those speed-ups in the front's rows where they
+still belong to the model drawn (same name, architecture and library stage; same workload, score table and
+evaluation text), keeping each row's own figure as speedup_own_session; the source files (front.csv,
+front_rows/, baselines/rows/) stay as their commands wrote them, so deleting the file undoes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import PuzzleError
+from .io import atomic_write_json, read_json
+
+SESSION_FILE = "one_session.json"
+MEMORY_SHARE = 0.7  # of the memory available now, the most the models timed together may take
+
+
+def _architecture(row: dict, run_dir: Path) -> str | None:
+    """The compact architecture of a front row: its own, or for a front.csv row (which has none) its search record's."""
+    from .plots import _searched_architecture
+
+    arch = row.get("architecture")
+    if isinstance(arch, str) and arch.strip():
+        return arch
+    return _searched_architecture(run_dir, row.get("name"))
+
+
+def _available_bytes(device: str) -> int | None:
+    """Memory free for new models on `device` (bytes), or None when it cannot be read."""
+    import os
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:  # MemAvailable counts the page cache the kernel can give back; free pages alone do not
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = None) -> pd.DataFrame:
+    """Time the parent and every model of the run's front (`plots.front_rows`: ours, refine's, the baselines')
+    in one `measure_models` session and write DIR/one_session.json (atomically: an interrupted session leaves the
+    earlier file as it was).
+
+    Args:
+        run: the run (`pipeline.Run`); its parent, libraries (DIR/library and DIR/baselines/library), workload
+            and `score.max_contention` are used.
+        repeats: interleaved rounds (2-1000); each model's runtime is the median over them.
+        exclude: baselines/rows/ names to leave out (`baselines.stale_greedy_rows`), as `puzzle front` does.
+
+    Returns:
+        One row per model: name, source, method, training, speedup_own_session (the row's figure before),
+        speedup (parent runtime / runtime in this session), runtime_ms, runtime_iqr_ms (milliseconds per request
+        at the run's workload); parent first. attrs: "seconds" (wall time of the whole call), "timed" (models
+        measured, the parent included: one per architecture and library stage).
+
+    Raises:
+        PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone, the models
+            needing more than MEMORY_SHARE of the free memory, or persistent contention (`measure_models`).
+    """
+    from .baselines import Candidate, LibraryChain, realize, row_inputs
+    from .library import Library
+    from .pipeline import parse_compact_architecture
+    from .architecture import BlockConfig
+    from .plots import front_rows
+    from .scoring.cost import measure_models
+    from .scoring.machine import machine_record
+
+    if not isinstance(repeats, int) or not 2 <= repeats <= 1000:
+        raise PuzzleError(f"--repeats must be a whole number from 2 to 1000 (rounds of the one session), got {repeats}")
+    t0 = time.perf_counter()
+    inputs = row_inputs(run)
+    try:
+        rows = front_rows(run.out, with_downstream=False, inputs=inputs, exclude=exclude, with_one_session=False)
+    except FileNotFoundError:
+        raise PuzzleError(f"{run.out} has no front to time: `puzzle run --out {run.out}` (or `puzzle front`) first") \
+            from None
+    kids = [r for r in rows.to_dict("records") if r["name"] != "parent"]
+    if not kids:
+        raise PuzzleError(f"{run.out} has no child on its front to time: `puzzle front --out {run.out}` first")
+    library = LibraryChain(run.library, Library(run.out / "baselines" / "library"))
+    plan, timed_as, first = [], {}, {}
+    for r in kids:
+        arch = _architecture(r, run.out)
+        if arch is None:
+            raise PuzzleError(f"{r['name']} ({r['source']}) has no architecture to build it from (no row architecture, "
+                              f"no DIR/search/{r['name']}.json): `puzzle front --out {run.out} --remeasure` solves the "
+                              f"front again")
+        timed_as[r["name"]] = first.setdefault((arch, str(r["training"])), r["name"])
+        plan.append((r, arch))
+    unique = {r["name"]: (r, arch) for r, arch in plan if timed_as[r["name"]] == r["name"]}
+
+    # the children's weights, all held at once (the parent's are loaded already): its bytes per parameter x counts
+    weights = list(run.parent.model.parameters())
+    per_param = sum(p.numel() * p.element_size() for p in weights) / sum(p.numel() for p in weights)
+    counts = [float(r["params"]) for r, _ in unique.values()]
+    need = per_param * sum(c for c in counts if math.isfinite(c))
+    free = _available_bytes(run.workload().device)
+    if free is not None and need > MEMORY_SHARE * free:
+        raise PuzzleError(f"timing {len(unique) + 1} models together needs about {need / 2**30:.1f} GiB for the "
+                          f"children's weights, over {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free now: free "
+                          f"memory, or leave some models out of the front (move their rows out of DIR/front_rows/ or "
+                          f"DIR/baselines/rows/) and time the others")
+    models = {"parent": run.parent.model}
+    for name, (r, arch) in unique.items():
+        blocks = tuple(BlockConfig.from_id(b) for b in parse_compact_architecture(arch))
+        cand = Candidate(name, str(r["method"]), str(r["training"]), blocks, 1.0, math.nan, math.nan)
+        try:
+            models[name] = realize(run, cand, library)
+        except PuzzleError as e:
+            raise PuzzleError(f"{name} ({r['source']}) cannot be built again for the one session: {e}") from None
+    run.say(f"front: timing the parent and {len(models) - 1} models together, {repeats} interleaved rounds")
+    df = measure_models(models, run.workload(), repeats=repeats, progress=run.progress,
+                        max_contention=run.config.score.max_contention).set_index("name")
+    parent_ms = float(df.loc["parent", "runtime_ms"])
+    out = [{"name": "parent", "source": "parent", "method": "parent", "training": "none", "architecture": "parent",
+            "speedup_own_session": 1.0, "speedup": 1.0, "runtime_ms": parent_ms,
+            "runtime_iqr_ms": float(df.loc["parent", "runtime_iqr_ms"])}]
+    for r, arch in plan:
+        m = df.loc[timed_as[r["name"]]]
+        out.append({"name": r["name"], "source": r["source"], "method": r["method"], "training": r["training"],
+                    "architecture": arch, "speedup_own_session": float(r["speedup"]),
+                    "speedup": parent_ms / float(m["runtime_ms"]), "runtime_ms": float(m["runtime_ms"]),
+                    "runtime_iqr_ms": float(m["runtime_iqr_ms"])})
+    seconds = time.perf_counter() - t0
+    atomic_write_json(run.out / SESSION_FILE, {
+        "inputs": json.loads(json.dumps(inputs, default=str)), "repeats": repeats, "seconds": round(seconds, 1),
+        "contention_cores": df.attrs.get("contention_cores"), "rounds_dropped": df.attrs.get("rounds_dropped"),
+        "machine": machine_record(df.attrs), "models": out})
+    table = pd.DataFrame(out)
+    table.attrs.update(seconds=seconds, timed=len(models))
+    return table
+
+
+def read_session(run_dir: Path, current: dict) -> dict | None:
+    """DIR/one_session.json when it is readable and was timed on the workload, score table and evaluation text of
+    `current` (the keys it holds, as `plots.front_rows` checks rows); None without a warning when there is none,
+    None with a warning when it is damaged or stale (says the command that times the front again)."""
+    path = Path(run_dir) / SESSION_FILE
+    if not path.is_file():
+        return None
+    again = f"`puzzle front --out {run_dir} --one-session` times the front together again"
+    try:
+        session = read_json(path)
+        models = session["models"]
+        ok = isinstance(models, list) and all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("speedup"), (int, float))
+            and not isinstance(m.get("speedup"), bool) and 0 < m["speedup"] < math.inf for m in models)
+        inputs = session["inputs"]
+        if not ok or not isinstance(inputs, dict):
+            raise TypeError
+    except (PuzzleError, KeyError, TypeError):
+        warnings.warn(f"{path} is damaged: the front is drawn with each model's own session ({again})")
+        return None
+    stale = [what for key, what in (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"),
+                                    ("workload", "workload")) if key in current and inputs.get(key) != current[key]]
+    if stale:
+        warnings.warn(f"{path} was timed for another {' and '.join(stale)} than the run's now: the front is drawn "
+                      f"with each model's own session ({again})")
+        return None
+    return session
+
+
+def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.DataFrame:
+    """`rows` (`plots.front_rows`' models) with the speed-ups of DIR/one_session.json where it timed the same model
+    (name, architecture, library stage) on the run's inputs now; each such row keeps its own session's figure as
+    speedup_own_session and gets runtime_ms / runtime_iqr_ms from the session, and timing says "one session" or
+    "own session". Rows unchanged (and no new columns) when there is no current session file. Warns when the
+    session left some model out or timed an older model of that name."""
+    session = read_session(run_dir, current)
+    if session is None:
+        return rows
+    timed = {m["name"]: m for m in session["models"]}
+    out, missed = [], []
+    for r in rows.to_dict("records"):
+        m = timed.get(r["name"])
+        same = m is not None and (r["name"] == "parent" or (m.get("architecture") == _architecture(r, run_dir)
+                                                             and str(m.get("training")) == str(r["training"])))
+        if same:
+            r.update(speedup_own_session=r["speedup"], speedup=float(m["speedup"]), timing="one session",
+                     runtime_ms=m.get("runtime_ms"), runtime_iqr_ms=m.get("runtime_iqr_ms"))
+        else:
+            r.update(speedup_own_session=r["speedup"], timing="own session")
+            missed.append(r["name"])
+        out.append(r)
+    if missed:
+        warnings.warn(f"{run_dir / SESSION_FILE} did not time {', '.join(missed)} as drawn now (built or changed "
+                      f"since): {'it keeps' if len(missed) == 1 else 'they keep'} its own session's speed-up beside "
+                      f"the others' one-session figures (`puzzle front --out {run_dir} --one-session` times all "
+                      f"together again)")
+    result = pd.DataFrame(out)
+    result.attrs.update(rows.attrs)
+    result.attrs["one_session"] = {"repeats": session.get("repeats"), "missed": missed}
+    return result

@@ -1,0 +1,182 @@
+"""`puzzle front --one-session`: every model of the front timed again together, and the front drawn from it."""
+
+import json
+import shutil
+import warnings
+
+import pandas as pd
+import pytest
+
+from tiny_run import tiny_run_dir
+
+
+@pytest.fixture(scope="module")
+def run_with_baselines(tmp_path_factory):
+    """A copy of the tiny run with its front measured and greedy / layer-removal baselines at 1.5x."""
+    from puzzle.cli import main
+
+    out = tmp_path_factory.mktemp("one-session") / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _bytes(out):
+    return {p: p.read_bytes() for p in [out / "front.csv", *sorted((out / "baselines" / "rows").glob("*.json"))]}
+
+
+def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_with_baselines, tmp_path, capsys):
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(run_with_baselines, out)
+    before = pd.read_csv(out / "front_all.csv").set_index("name")
+    assert "timing" not in before.columns
+    sources = _bytes(out)
+    capsys.readouterr()
+    assert main(["front", "--out", str(out), "--no-progress", "--one-session", "--repeats", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "timed together" in err and "every model's speed-up is from one interleaved session" in err
+    assert _bytes(out) == sources  # the commands' own rows stay as they wrote them
+    session = json.loads((out / "one_session.json").read_text())
+    assert session["repeats"] == 2 and session["inputs"]["workload"]
+    timed = {m["name"]: m for m in session["models"]}
+    assert set(timed) == set(before.index)  # the parent and every model drawn, no more
+    parent_ms = timed["parent"]["runtime_ms"]
+    for m in session["models"]:
+        assert m["speedup"] == pytest.approx(parent_ms / m["runtime_ms"], rel=1e-9)
+        assert m["speedup_own_session"] == pytest.approx(before.loc[m["name"], "speedup"], rel=1e-9)
+    drawn = pd.read_csv(out / "front_all.csv").set_index("name")
+    assert (drawn["timing"] == "one session").all()
+    for name, row in drawn.iterrows():
+        assert row["speedup"] == pytest.approx(timed[name]["speedup"], rel=1e-9)
+        assert row["speedup_own_session"] == pytest.approx(before.loc[name, "speedup"], rel=1e-9)
+        assert row["throughput_tok_s"] == pytest.approx(drawn.loc["parent", "throughput_tok_s"] * row["speedup"])
+    # one architecture under two names (e.g. greedy picking our child) shares one timing
+    for _, same in drawn.reset_index().groupby(["architecture", "training"]):
+        assert same["speedup"].nunique() == 1
+    # the ratios rest on the one session's speed-ups, with that session's timing noise as intervals; drawing again
+    # without the flag keeps them
+    ratios = pd.read_csv(out / "front_ratios.csv")
+    assert {"ratio_lo", "ratio_hi", "reached"} <= set(ratios.columns)
+    both = ratios.dropna(subset=["ratio_lo", "ratio_hi"])
+    assert (both["ratio_lo"] <= both["ratio_hi"]).all()
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    assert "every model's speed-up is from one interleaved session" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(pd.read_csv(out / "front_ratios.csv"), ratios)
+    assert json.loads((out / "one_session.json").read_text()) == session  # drawing times nothing
+
+
+def test_a_model_changed_since_the_session_keeps_its_own_speedup_and_is_named(run_with_baselines, tmp_path, capsys):
+    from puzzle.cli import main
+    from puzzle.plots import current_front_rows
+
+    out = tmp_path / "run"
+    shutil.copytree(run_with_baselines, out)
+    assert main(["front", "--out", str(out), "--no-progress", "--one-session", "--repeats", "2"]) == 0
+    session = json.loads((out / "one_session.json").read_text())
+    changed = next(m for m in session["models"] if m["source"] == "baselines/rows")
+    changed["architecture"] = "noop/noop " + changed["architecture"].split(" ", 1)[1]  # "another child since"
+    (out / "one_session.json").write_text(json.dumps(session))
+    with pytest.warns(UserWarning, match=f"did not time {changed['name']} as drawn now"):
+        rows = current_front_rows(out).set_index("name")
+    assert rows.loc[changed["name"], "timing"] == "own session"
+    assert rows.loc[changed["name"], "speedup"] == pytest.approx(changed["speedup_own_session"])
+    assert (rows.drop(index=changed["name"])["timing"] == "one session").all()
+    capsys.readouterr()
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    assert f"except {changed['name']} (own session)" in capsys.readouterr().err
+
+    # timed for another workload: not used at all, with the command that times the front again
+    session["inputs"]["workload"] = {**session["inputs"]["workload"], "batch_size": 999}
+    (out / "one_session.json").write_text(json.dumps(session))
+    with pytest.warns(UserWarning, match="another workload .* --one-session"):
+        rows = current_front_rows(out)
+    assert "timing" not in rows.columns
+    # damaged: the same
+    (out / "one_session.json").write_text('{"models": [{"name": "parent", "speedup": "fast"}]}')
+    with pytest.warns(UserWarning, match="is damaged"):
+        assert "timing" not in current_front_rows(out).columns
+
+
+def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_with_baselines, tmp_path, monkeypatch,
+                                                                           capsys):
+    from puzzle import one_session
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(run_with_baselines, out)
+    assert main(["front", "--out", str(out), "--repeats", "3"]) == 2
+    assert "--repeats sets the rounds of --one-session" in capsys.readouterr().err
+    assert main(["front", "--out", str(out), "--one-session", "--repeats", "1"]) == 2
+    assert "--repeats must be from 2 to 1000" in capsys.readouterr().err
+    monkeypatch.setattr(one_session, "_available_bytes", lambda device: 1024)
+    timed = []
+    monkeypatch.setattr("puzzle.scoring.cost.measure_models", lambda *a, **k: timed.append(1))
+    assert main(["front", "--out", str(out), "--one-session", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "GiB for the children's weights" in err and "free memory" in err
+    assert not timed and not (out / "one_session.json").exists()
+    from puzzle.plots import current_front_rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no session file: the front is drawn as before, without a word about it
+        assert "timing" not in current_front_rows(out).columns
+
+
+def _session_dir(tmp_path, session_models, repeats=5):
+    """A run folder with rows for our refined child a-refined and greedy's g (their own sessions: 1.4x, 1.5x), and
+    DIR/one_session.json with `session_models` ({name: (architecture, training, runtime_ms)}; the parent's 100 ms)."""
+    (tmp_path / "front_rows").mkdir(parents=True)
+    (tmp_path / "baselines" / "rows").mkdir(parents=True)
+    parent = {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0,
+              "throughput_tok_s": 10.0}
+    for sub in ("front_rows", "baselines/rows"):
+        (tmp_path / sub / "parent.json").write_text(json.dumps(parent))
+    (tmp_path / "front_rows" / "a-refined.json").write_text(json.dumps(
+        {"name": "a-refined", "method": "mip", "training": "bld", "speedup": 1.4, "kl_nats": 0.3,
+         "architecture": "kv1/768 noop/768"}))
+    (tmp_path / "baselines" / "rows" / "g.json").write_text(json.dumps(
+        {"name": "g", "method": "greedy", "training": "bld", "speedup": 1.5, "kl_nats": 0.6,
+         "architecture": "kv1/1536 noop/768"}))
+    models = [{"name": "parent", "architecture": "parent", "training": "none", "speedup": 1.0, "runtime_ms": 100.0,
+               "runtime_iqr_ms": 2.0}]
+    models += [{"name": n, "architecture": a, "training": t, "speedup": 100.0 / ms, "runtime_ms": ms,
+                "runtime_iqr_ms": 2.0} for n, (a, t, ms) in session_models.items()]
+    (tmp_path / "one_session.json").write_text(json.dumps({"inputs": {}, "repeats": repeats, "models": models}))
+    return tmp_path
+
+
+def test_front_rows_take_the_one_sessions_speedups_and_the_ratios_its_intervals(tmp_path):
+    from puzzle.plots import front_ratios, front_rows, ratio_table
+
+    run = _session_dir(tmp_path, {"a-refined": ("kv1/768 noop/768", "bld", 62.5), "g": ("kv1/1536 noop/768", "bld", 80.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = front_rows(run, with_downstream=False).set_index("name")
+    assert rows.loc["a-refined", "speedup"] == pytest.approx(1.6) and rows.loc["g", "speedup"] == pytest.approx(1.25)
+    assert rows.loc["a-refined", "speedup_own_session"] == pytest.approx(1.4)
+    assert rows.loc["g", "throughput_tok_s"] == pytest.approx(12.5) and (rows["timing"] == "one session").all()
+    assert rows.loc["g", "runtime_iqr_ms"] == 2.0
+    # ours 0.3 at 1.6x against greedy's 0.6 at 1.25x, both interpolated from the parent (1x, KL 0) at 1.2x
+    ratios = front_ratios(rows.reset_index(), [1.2], rounds=5).iloc[0]
+    assert ratios["ratio"] == pytest.approx((0.3 * 0.2 / 0.6) / (0.6 * 0.2 / 0.25))
+    assert ratios["ratio_lo"] <= ratios["ratio"] < ratios["ratio_hi"] and ratios["reached"] > 0.9
+    text = ratio_table(front_ratios(rows.reset_index(), [1.2], rounds=5))
+    assert f"{ratios['ratio']:.2f}~ ({ratios['ratio_lo']:.2f}-{ratios['ratio_hi']:.2f})" in text  # ~: interpolated
+    assert "5-95 % interval of the ratio" in text
+    # without the session file the rows are their own sessions' again, with no new columns
+    (run / "one_session.json").unlink()
+    rows = front_rows(run, with_downstream=False).set_index("name")
+    assert rows.loc["g", "speedup"] == 1.5 and "timing" not in rows.columns
+
+
+def test_a_session_of_another_library_stage_or_missing_a_model_keeps_its_own_figure(tmp_path):
+    from puzzle.plots import front_rows
+
+    run = _session_dir(tmp_path, {"g": ("kv1/1536 noop/768", "init", 80.0)})  # timed as the init-only child
+    with pytest.warns(UserWarning, match="did not time a-refined, g as drawn now"):
+        rows = front_rows(run, with_downstream=False).set_index("name")
+    assert rows["speedup"].to_dict() == {"parent": 1.0, "g": 1.5, "a-refined": 1.4}
+    assert rows["timing"].to_dict() == {"parent": "one session", "g": "own session", "a-refined": "own session"}
