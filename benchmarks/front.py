@@ -6,6 +6,7 @@
     python benchmarks/front.py --run DIR --phase ours        # realize, evaluate, measure our children
     python benchmarks/front.py --run DIR --phase fusion      # FFN Fusion on our children: KL and speed, interleaved
     python benchmarks/front.py --run DIR --phase remeasure   # every finished model's speed again, in one session
+                                                             # (`puzzle front --one-session`, rows updated)
     python benchmarks/front.py --run DIR --phase downstream  # zero-shot accuracy of the front's models (harness)
     python benchmarks/front.py --run DIR --phase report --out benchmarks/front_results
 
@@ -145,64 +146,44 @@ def phase_fusion(run, names) -> None:
 
 
 def phase_remeasure(run, repeats: int) -> None:
-    """Measure every finished front model (ours and the baselines) again, all interleaved in one session.
+    """Measure every finished front model (ours, refine's and the baselines', whichever command wrote their rows)
+    again, all interleaved in one session: `puzzle front --one-session` (`puzzle.one_session.time_front_together`,
+    which writes DIR/one_session.json).
 
     The rows' speed-ups come from groups of up to 4 models measured with the parent, group after group;
     on a shared machine whose load changes between groups, one architecture measured in two groups
-    can differ by 15% or more. Here every model is realized and measured in one `measure_models` call
-    (a new random order each round, `repeats` rounds, medians), and each row's speedup, runtime_ms and
-    throughput are replaced (the grouped figure is kept as speedup_grouped). Writes DIR/remeasure.csv.
+    can differ by 15% or more. Here each row file's speedup, runtime_ms and throughput are then replaced by the
+    one session's (the grouped figure is kept as speedup_grouped), for --phase report, which reads the rows.
+    Writes DIR/remeasure.csv.
     """
-    from puzzle.baselines import LibraryChain, realize
-    from puzzle.library import Library
-    from puzzle.scoring.cost import measure_models
-
-    t0 = time.perf_counter()
-    baseline_rows = run.out / "baselines" / "rows"
-    cands = [(c, run.out / "front_rows") for c in our_candidates(run)]
-    if (run.out / "baselines" / "plan_selected.json").is_file():
-        cands += [(c, baseline_rows) for c in load_plan(run)]
-    cands = [(c, d) for c, d in cands if (d / f"{c.name}.json").is_file()]
-    chain = LibraryChain(run.library, Library(run.out / "baselines" / "library"))
-    models, measured_as = {"parent": run.parent.model}, {}
-    for c, d in cands:  # one model per architecture: a greedy child equal to ours gets the same figure
-        key = tuple(b.id for b in c.blocks)
-        if key not in measured_as:
-            measured_as[key] = c.name
-            models[c.name] = realize(run, c, chain if d == baseline_rows else None)
-    load0 = os.getloadavg()[0]
-    df = measure_models(models, run.workload(), repeats=repeats, progress=True,
-                        max_contention=run.config.score.max_contention).set_index("name")
-    parent_ms = float(df.loc["parent", "runtime_ms"])
-    rows = []
-    for c, d in cands:
-        path = d / f"{c.name}.json"
-        row = read_json(path)
-        m = df.loc[measured_as[tuple(b.id for b in c.blocks)]]
-        grouped = row.get("speedup_grouped", row["speedup"])
-        row.update({"speedup": parent_ms / float(m["runtime_ms"]), "speedup_grouped": grouped,
-                    "runtime_ms": float(m["runtime_ms"]), "runtime_iqr_ms": float(m["runtime_iqr_ms"]),
-                    "group_parent_runtime_ms": parent_ms, "remeasured_repeats": repeats})
-        atomic_write_json(path, row)
-        rows.append({"name": c.name, "method": c.method, "training": c.training, "speedup": row["speedup"],
-                     "speedup_grouped": grouped, "runtime_ms": row["runtime_ms"], "runtime_iqr_ms": row["runtime_iqr_ms"]})
-    for d in {d for _, d in cands}:  # the parent row: its throughput anchors the others
-        path = d / "parent.json"
-        if path.is_file():
-            prow = read_json(path)
-            prow.update({"runtime_ms": parent_ms, "throughput_tok_s": float(df.loc["parent", "throughput_tok_s"])})
-            atomic_write_json(path, prow)
-    out = pd.DataFrame([{"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "speedup_grouped": 1.0,
-                         "runtime_ms": parent_ms, "runtime_iqr_ms": float(df.loc["parent", "runtime_iqr_ms"])}] + rows)
-    out["load_before"], out["load_after"] = load0, os.getloadavg()[0]
-    out["contention_cores"], out["rounds_dropped"] = df.attrs["contention_cores"], df.attrs["rounds_dropped"]
+    from puzzle.baselines import stale_greedy_rows
+    from puzzle.one_session import time_front_together
     from puzzle.scoring.machine import machine_record
 
-    for key, value in machine_record(df.attrs).items():  # the machine's speed during this session (scoring/machine.py)
+    table = time_front_together(run, repeats, exclude=stale_greedy_rows(run)).set_index("name")
+    parent_ms = float(table.loc["parent", "runtime_ms"])
+    for d in (run.out / "front_rows", run.out / "baselines" / "rows"):
+        for name, m in table.iterrows():
+            path = d / f"{name}.json"
+            if not path.is_file():  # front.csv's children without a row of --phase ours
+                continue
+            row = read_json(path)
+            if name == "parent":  # its throughput anchors the others
+                row.update({"runtime_ms": parent_ms, "throughput_tok_s": float(m["throughput_tok_s"])})
+            else:
+                row.update({"speedup": float(m["speedup"]), "speedup_grouped": row.get("speedup_grouped", row["speedup"]),
+                            "runtime_ms": float(m["runtime_ms"]), "runtime_iqr_ms": float(m["runtime_iqr_ms"]),
+                            "group_parent_runtime_ms": parent_ms, "remeasured_repeats": repeats})
+            atomic_write_json(path, row)
+    session = read_json(run.out / "one_session.json")
+    out = table.reset_index().rename(columns={"speedup_own_session": "speedup_grouped"})
+    out = out[["name", "method", "training", "speedup", "speedup_grouped", "runtime_ms", "runtime_iqr_ms"]]
+    out["contention_cores"], out["rounds_dropped"] = session.get("contention_cores"), session.get("rounds_dropped")
+    for key, value in machine_record(session.get("machine") or {}).items():  # the machine's speed (scoring/machine.py)
         out[key] = value
     atomic_write_text(run.out / "remeasure.csv", out.to_csv(index=False))
     print(out.to_string(index=False))
-    print(f"{len(models)} models, {repeats} interleaved rounds, {time.perf_counter() - t0:.0f} s")
+    print(f"{len(table)} models, {repeats} interleaved rounds, {table.attrs['seconds']:.0f} s")
 
 
 def phase_downstream(run, tasks, limit, names) -> None:

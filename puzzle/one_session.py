@@ -76,7 +76,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     Returns:
         One row per model: name, source, method, training, speedup_own_session (the row's figure before),
         speedup (parent runtime / runtime in this session), runtime_ms, runtime_iqr_ms (milliseconds per request
-        at the run's workload); parent first. attrs: "seconds" (wall time of the whole call), "timed" (models
+        at the run's workload), throughput_tok_s (`scoring.cost.throughputs`); parent first. attrs: "seconds" (wall time of the whole call), "timed" (models
         measured, the parent included: one per architecture and library stage).
 
     Raises:
@@ -140,13 +140,14 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     parent_ms = float(df.loc["parent", "runtime_ms"])
     out = [{"name": "parent", "source": "parent", "method": "parent", "training": "none", "architecture": "parent",
             "speedup_own_session": 1.0, "speedup": 1.0, "runtime_ms": parent_ms,
-            "runtime_iqr_ms": float(df.loc["parent", "runtime_iqr_ms"])}]
+            "runtime_iqr_ms": float(df.loc["parent", "runtime_iqr_ms"]),
+            "throughput_tok_s": float(df.loc["parent", "throughput_tok_s"])}]
     for r, arch in plan:
         m = df.loc[timed_as[r["name"]]]
         out.append({"name": r["name"], "source": r["source"], "method": r["method"], "training": r["training"],
                     "architecture": arch, "speedup_own_session": float(r["speedup"]),
                     "speedup": parent_ms / float(m["runtime_ms"]), "runtime_ms": float(m["runtime_ms"]),
-                    "runtime_iqr_ms": float(m["runtime_iqr_ms"])})
+                    "runtime_iqr_ms": float(m["runtime_iqr_ms"]), "throughput_tok_s": float(m["throughput_tok_s"])})
     seconds = time.perf_counter() - t0
     atomic_write_json(run.out / SESSION_FILE, {
         "inputs": json.loads(json.dumps(inputs, default=str)), "repeats": repeats, "seconds": round(seconds, 1),
