@@ -171,7 +171,8 @@ def phase_remeasure(run, repeats: int) -> None:
             if name == "parent":  # its throughput anchors the others
                 row.update({"runtime_ms": parent_ms, "throughput_tok_s": float(m["throughput_tok_s"])})
             else:
-                row.update({"speedup": float(m["speedup"]), "speedup_grouped": row.get("speedup_grouped", row["speedup"]),
+                grouped = row.get("speedup_grouped", row["speedup"])
+                row.update({"speedup": float(m["speedup"]), "speedup_grouped": grouped,
                             "runtime_ms": float(m["runtime_ms"]), "runtime_iqr_ms": float(m["runtime_iqr_ms"]),
                             "group_parent_runtime_ms": parent_ms, "remeasured_repeats": repeats})
             atomic_write_json(path, row)

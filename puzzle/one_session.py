@@ -76,8 +76,9 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     Returns:
         One row per model: name, source, method, training, speedup_own_session (the row's figure before),
         speedup (parent runtime / runtime in this session), runtime_ms, runtime_iqr_ms (milliseconds per request
-        at the run's workload), throughput_tok_s (`scoring.cost.throughputs`); parent first. attrs: "seconds" (wall time of the whole call), "timed" (models
-        measured, the parent included: one per architecture and library stage).
+        at the run's workload), throughput_tok_s (`scoring.cost.throughputs`); parent first. attrs: "seconds"
+        (wall time of the whole call), "timed" (models measured, the parent included: one per architecture and
+        library stage).
 
     Raises:
         PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone, the models
