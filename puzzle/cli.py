@@ -848,9 +848,18 @@ def timing_note(rows, out: Path) -> str:
         return (f"each model's speed-up is from its own timing session (`puzzle run`, `refine`, `baselines`); on a "
                 f"shared machine they drift between sessions: `puzzle front --out {out} --one-session` times them all "
                 f"together")
+    from .one_session import front_csv_retimed
+
     own = rows.loc[rows["timing"].ne("one session"), "name"].tolist()
-    return ("every model's speed-up is from one interleaved session (one_session.json)" if not own else
+    again = f"`puzzle front --out {out} --one-session` times them all together again"
+    if len(own) >= len(rows) - 1:  # the parent alone
+        return f"no model's speed-up is from the one session (one_session.json times none as drawn now): {again}"
+    note = ("every model's speed-up is from one interleaved session (one_session.json)" if not own else
             f"speed-ups from one interleaved session (one_session.json), except {', '.join(own)} (own session)")
+    if front_csv_retimed(out):
+        note += (f"; front.csv's children were timed again since (`--remeasure`), and the one session's figures stand "
+                 f"for them, so that all are from one session ({again})")
+    return note
 
 
 def baselines_budget_note(search) -> str | None:

@@ -119,8 +119,10 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     # the children's weights, all held at once (the parent's are loaded already): its bytes per parameter x counts
     weights = list(run.parent.model.parameters())
     per_param = sum(p.numel() * p.element_size() for p in weights) / sum(p.numel() for p in weights)
-    counts = [float(r["params"]) for r, _ in unique.values()]
-    need = per_param * sum(c for c in counts if math.isfinite(c))
+    counts = pd.to_numeric(pd.Series([r.get("params") for r, _ in unique.values()], dtype=object), errors="coerce")
+    parent_count = sum(p.numel() for p in weights)  # a count missing or hand-edited away: as large as the parent
+    counts = counts.where((counts > 0) & (counts < math.inf), parent_count)
+    need = per_param * float(counts.sum())
     free = _available_bytes(run.workload().device)
     if free is not None and need > MEMORY_SHARE * free:
         raise PuzzleError(f"timing {len(unique) + 1} models together needs about {need / 2**30:.1f} GiB for the "
@@ -129,12 +131,14 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
                           f"DIR/baselines/rows/) and time the others")
     models = {"parent": run.parent.model}
     for name, (r, arch) in unique.items():
-        blocks = tuple(BlockConfig.from_id(b) for b in parse_compact_architecture(arch))
-        cand = Candidate(name, str(r["method"]), str(r["training"]), blocks, 1.0, math.nan, math.nan)
         try:
+            blocks = tuple(BlockConfig.from_id(b) for b in parse_compact_architecture(arch))
+            cand = Candidate(name, str(r["method"]), str(r["training"]), blocks, 1.0, math.nan, math.nan)
             models[name] = realize(run, cand, library)
-        except PuzzleError as e:
-            raise PuzzleError(f"{name} ({r['source']}) cannot be built again for the one session: {e}") from None
+        except (PuzzleError, ValueError) as e:  # ArchitectureError is a ValueError
+            raise PuzzleError(f"{name} ({r['source']}: its architecture {arch[:80]!r}) cannot be built again for the "
+                              f"one session: {e}; the command that wrote the row (`puzzle baselines`, `puzzle refine "
+                              f"--name ...`) writes it again, or move the row out of the front") from None
     run.say(f"front: timing the parent and {len(models) - 1} models together, {repeats} interleaved rounds")
     df = measure_models(models, run.workload(), repeats=repeats, progress=run.progress,
                         max_contention=run.config.score.max_contention).set_index("name")
@@ -150,13 +154,29 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
                     "speedup": parent_ms / float(m["runtime_ms"]), "runtime_ms": float(m["runtime_ms"]),
                     "runtime_iqr_ms": float(m["runtime_iqr_ms"]), "throughput_tok_s": float(m["throughput_tok_s"])})
     seconds = time.perf_counter() - t0
+    front_csv = run.out / "front.csv"
     atomic_write_json(run.out / SESSION_FILE, {
         "inputs": json.loads(json.dumps(inputs, default=str)), "repeats": repeats, "seconds": round(seconds, 1),
+        "front_csv_sha256": _sha256(front_csv) if front_csv.is_file() else None,
         "contention_cores": df.attrs.get("contention_cores"), "rounds_dropped": df.attrs.get("rounds_dropped"),
         "machine": machine_record(df.attrs), "models": out})
     table = pd.DataFrame(out)
     table.attrs.update(seconds=seconds, timed=len(models))
     return table
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _number(value) -> bool:
+    """Whether `value` is a finite real number (not a bool)."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # a whole number beyond float range
+        return False
 
 
 def read_session(run_dir: Path, current: dict) -> dict | None:
@@ -171,13 +191,19 @@ def read_session(run_dir: Path, current: dict) -> dict | None:
         session = read_json(path)
         models = session["models"]
         ok = isinstance(models, list) and all(
-            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("speedup"), (int, float))
-            and not isinstance(m.get("speedup"), bool) and 0 < m["speedup"] < math.inf for m in models)
+            isinstance(m, dict) and isinstance(m.get("name"), str) and _number(m.get("runtime_ms"))
+            and m["runtime_ms"] > 0 and _number(m.get("runtime_iqr_ms")) and m["runtime_iqr_ms"] >= 0 for m in models)
+        names = [m["name"] for m in models] if ok else []
+        repeats = session["repeats"]
+        ok = (ok and "parent" in names and len(set(names)) == len(names) and isinstance(repeats, int)
+              and not isinstance(repeats, bool) and 2 <= repeats <= 1000)  # one entry per name, the parent's too
         inputs = session["inputs"]
         if not ok or not isinstance(inputs, dict):
             raise TypeError
     except (PuzzleError, KeyError, TypeError):
-        warnings.warn(f"{path} is damaged: the front is drawn with each model's own session ({again})")
+        warnings.warn(f"{path} is damaged (it needs the parent and each model once, with runtime_ms > 0 and "
+                      f"runtime_iqr_ms >= 0, and repeats from 2 to 1000): the front is drawn with each model's own "
+                      f"session ({again})")
         return None
     stale = [what for key, what in (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"),
                                     ("workload", "workload")) if key in current and inputs.get(key) != current[key]]
@@ -198,24 +224,38 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
     if session is None:
         return rows
     timed = {m["name"]: m for m in session["models"]}
+    parent_ms = float(timed["parent"]["runtime_ms"])  # speed-ups from the runtimes, as the ratios' intervals take them
     out, missed = [], []
     for r in rows.to_dict("records"):
         m = timed.get(r["name"])
         same = m is not None and (r["name"] == "parent" or (m.get("architecture") == _architecture(r, run_dir)
                                                              and str(m.get("training")) == str(r["training"])))
         if same:
-            r.update(speedup_own_session=r["speedup"], speedup=float(m["speedup"]), timing="one session",
+            r.update(speedup_own_session=r["speedup"], speedup=parent_ms / float(m["runtime_ms"]), timing="one session",
                      runtime_ms=m.get("runtime_ms"), runtime_iqr_ms=m.get("runtime_iqr_ms"))
         else:
             r.update(speedup_own_session=r["speedup"], timing="own session")
             missed.append(r["name"])
         out.append(r)
     if missed:
-        warnings.warn(f"{run_dir / SESSION_FILE} did not time {', '.join(missed)} as drawn now (built or changed "
-                      f"since): {'it keeps' if len(missed) == 1 else 'they keep'} its own session's speed-up beside "
-                      f"the others' one-session figures (`puzzle front --out {run_dir} --one-session` times all "
-                      f"together again)")
+        one = len(missed) == 1
+        warnings.warn(f"{run_dir / SESSION_FILE} did not time {', '.join(missed)} as drawn now (built, changed or "
+                      f"edited since, or left out of it): {'it keeps its' if one else 'they keep their'} own session's "
+                      f"speed-up beside the others' one-session figures (`puzzle front --out {run_dir} --one-session` "
+                      f"times all together again)")
     result = pd.DataFrame(out)
     result.attrs.update(rows.attrs)
     result.attrs["one_session"] = {"repeats": session.get("repeats"), "missed": missed}
     return result
+
+
+def front_csv_retimed(run_dir: Path) -> bool:
+    """Whether DIR/front.csv changed since DIR/one_session.json timed its children (`puzzle front --remeasure`
+    wrote it again); False without a readable session or front.csv."""
+    run_dir = Path(run_dir)
+    try:
+        recorded = read_json(run_dir / SESSION_FILE).get("front_csv_sha256")
+    except (PuzzleError, AttributeError):
+        return False
+    path = run_dir / "front.csv"
+    return isinstance(recorded, str) and path.is_file() and _sha256(path) != recorded

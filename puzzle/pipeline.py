@@ -1681,7 +1681,8 @@ def contention_cores(value) -> float | None:
 def front_contention(out: Path) -> dict:
     """The most cores other jobs kept busy while the models `puzzle front` compares were timed: the cost table and
     the children (DIR/children/machine.json) and the baselines and refined children (the row files of
-    DIR/baselines/rows/ and DIR/front_rows/); None where nothing is recorded. What `contention_note` reads."""
+    DIR/baselines/rows/ and DIR/front_rows/) and all of them timed together (DIR/one_session.json); None where nothing
+    is recorded. What `contention_note` reads."""
     try:
         machine = read_json(out / "children" / "machine.json").get("contention_cores") or {}
     except (PuzzleError, AttributeError):
@@ -1694,9 +1695,14 @@ def front_contention(out: Path) -> dict:
             except PuzzleError:
                 continue
     rows = [v for v in rows if v is not None]
+    try:  # `puzzle front --one-session`'s timing of them all
+        session = read_json(out / "one_session.json").get("contention_cores")
+    except (PuzzleError, AttributeError):
+        session = None
     return {"cost_table": contention_cores(machine.get("cost_table")),
             "children": contention_cores(machine.get("children")),
-            "baselines and refined children": max(rows) if rows else None}
+            "baselines and refined children": max(rows) if rows else None,
+            "one_session": contention_cores(session)}
 
 
 def contention_note(contention: dict) -> str:
@@ -1705,7 +1711,8 @@ def contention_note(contention: dict) -> str:
     from .config import ScoreConfig
 
     default = ScoreConfig().max_contention
-    what = {"cost_table": "the cost table was", "children": "the children were"}
+    what = {"cost_table": "the cost table was", "children": "the children were",
+            "one_session": "the models timed in one session (one_session.json) were"}
     over = [f"{what.get(k, f'the {k} were')} timed while other jobs kept {v:.2f} cores busy"
             for k, v in contention.items() if isinstance(v, (int, float)) and v > default]
     if not over:

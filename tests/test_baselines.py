@@ -349,7 +349,8 @@ def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path
     and `puzzle front` printed ratios from those timings without a word about the load they were taken under."""
     from puzzle.pipeline import contention_note, front_contention
 
-    assert front_contention(tmp_path) == {"cost_table": None, "children": None, "baselines and refined children": None}
+    assert front_contention(tmp_path) == {"cost_table": None, "children": None, "baselines and refined children": None,
+                                          "one_session": None}
     (tmp_path / "children").mkdir()
     (tmp_path / "children" / "machine.json").write_text(json.dumps({"contention_cores": {"cost_table": 0.1,
                                                                                           "children": 0.2}}))
@@ -359,9 +360,14 @@ def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path
                                                                                  "contention_cores": cores}))
     (tmp_path / "baselines" / "rows" / "cut.json").write_text("{")
     busy = front_contention(tmp_path)
-    assert busy == {"cost_table": 0.1, "children": 0.2, "baselines and refined children": 1.7}
+    assert busy == {"cost_table": 0.1, "children": 0.2, "baselines and refined children": 1.7, "one_session": None}
     note = contention_note(busy)
     assert note.startswith("the baselines and refined children were timed while other jobs kept 1.70 cores busy")
+    # `puzzle front --one-session` timed them all again on a busy machine (breaker: ratios printed without a word)
+    (tmp_path / "one_session.json").write_text(json.dumps({"contention_cores": 0.996}))
+    assert front_contention(tmp_path)["one_session"] == 0.996
+    assert "the models timed in one session (one_session.json) were timed while other jobs kept 1.00 cores" in \
+        contention_note(front_contention(tmp_path))
 
 
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():

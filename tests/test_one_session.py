@@ -94,10 +94,12 @@ def test_a_model_changed_since_the_session_keeps_its_own_speedup_and_is_named(ru
     with pytest.warns(UserWarning, match="another workload .* --one-session"):
         rows = current_front_rows(out)
     assert "timing" not in rows.columns
-    # damaged: the same
-    (out / "one_session.json").write_text('{"models": [{"name": "parent", "speedup": "fast"}]}')
-    with pytest.warns(UserWarning, match="is damaged"):
-        assert "timing" not in current_front_rows(out).columns
+    # damaged: the same (a runtime the ratios' intervals would divide by, too)
+    bad_runtime = {**session, "models": [{**m, "runtime_ms": -1.0} for m in session["models"]]}
+    for text in ('{"models": [{"name": "parent", "speedup": "fast"}]}', "", "[]", json.dumps(bad_runtime)):
+        (out / "one_session.json").write_text(text)
+        with pytest.warns(UserWarning, match="is damaged"):
+            assert "timing" not in current_front_rows(out).columns
 
 
 def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_with_baselines, tmp_path, monkeypatch,
@@ -111,6 +113,9 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     assert "--repeats sets the rounds of --one-session" in capsys.readouterr().err
     assert main(["front", "--out", str(out), "--one-session", "--repeats", "1"]) == 2
     assert "--repeats must be from 2 to 1000" in capsys.readouterr().err
+    # a row whose parameter count was edited by hand counts as large as the parent (was a ValueError traceback)
+    row = json.loads((out / "baselines" / "rows" / "layers-1.5x.json").read_text())
+    (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps({**row, "params": "lots"}))
     monkeypatch.setattr(one_session, "_available_bytes", lambda device: 1024)
     timed = []
     monkeypatch.setattr("puzzle.scoring.cost.measure_models", lambda *a, **k: timed.append(1))
@@ -118,6 +123,13 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     err = capsys.readouterr().err
     assert "GiB for the children's weights" in err and "free memory" in err
     assert not timed and not (out / "one_session.json").exists()
+    # a row whose architecture cannot be built: the error names the model and what to do
+    monkeypatch.undo()
+    (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps({**row, "architecture": "xyz qq"}))
+    assert main(["front", "--out", str(out), "--one-session", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "layers-1.5x (baselines/rows: its architecture 'xyz qq') cannot be built again" in err
+    assert "puzzle baselines" in err and not (out / "one_session.json").exists()
     from puzzle.plots import current_front_rows
 
     with warnings.catch_warnings():
@@ -151,7 +163,8 @@ def _session_dir(tmp_path, session_models, repeats=5):
 def test_front_rows_take_the_one_sessions_speedups_and_the_ratios_its_intervals(tmp_path):
     from puzzle.plots import front_ratios, front_rows, ratio_table
 
-    run = _session_dir(tmp_path, {"a-refined": ("kv1/768 noop/768", "bld", 62.5), "g": ("kv1/1536 noop/768", "bld", 80.0)})
+    run = _session_dir(tmp_path, {"a-refined": ("kv1/768 noop/768", "bld", 62.5),
+                                  "g": ("kv1/1536 noop/768", "bld", 80.0)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = front_rows(run, with_downstream=False).set_index("name")
@@ -180,3 +193,43 @@ def test_a_session_of_another_library_stage_or_missing_a_model_keeps_its_own_fig
         rows = front_rows(run, with_downstream=False).set_index("name")
     assert rows["speedup"].to_dict() == {"parent": 1.0, "g": 1.5, "a-refined": 1.4}
     assert rows["timing"].to_dict() == {"parent": "one session", "g": "own session", "a-refined": "own session"}
+
+
+def test_a_session_file_is_checked_whole_and_its_speedups_come_from_its_runtimes(tmp_path):
+    """Breaker: a hand-edited speed-up was drawn as is (1e9x) while the ratios took the runtimes; a name twice, the
+    parent missing or a bad round count were used without a word."""
+    from puzzle.plots import front_rows
+
+    run = _session_dir(tmp_path, {"a-refined": ("kv1/768 noop/768", "bld", 62.5),
+                                  "g": ("kv1/1536 noop/768", "bld", 80.0)})
+    good = json.loads((run / "one_session.json").read_text())
+    edited = {**good, "models": [{**m, "speedup": 1e9} for m in good["models"]]}
+    (run / "one_session.json").write_text(json.dumps(edited))
+    rows = front_rows(run, with_downstream=False).set_index("name")
+    assert rows["speedup"].to_dict() == pytest.approx({"parent": 1.0, "g": 1.25, "a-refined": 1.6})
+    damaged = {"twice": {**good, "models": good["models"] + [{**good["models"][-1], "runtime_ms": 20.0}]},
+               "no parent": {**good, "models": good["models"][1:]},
+               "one round": {**good, "repeats": 1}, "rounds as text": {**good, "repeats": "7"},
+               "no rounds": {k: v for k, v in good.items() if k != "repeats"}}
+    for case, session in damaged.items():
+        (run / "one_session.json").write_text(json.dumps(session))
+        with pytest.warns(UserWarning, match="is damaged"):
+            rows = front_rows(run, with_downstream=False)
+        assert "timing" not in rows.columns, case
+
+
+def test_the_timing_note_says_when_the_session_times_nothing_drawn_or_front_csv_was_timed_again(tmp_path):
+    from puzzle.cli import timing_note
+    from puzzle.one_session import SESSION_FILE, front_csv_retimed
+
+    rows = pd.DataFrame({"name": ["parent", "a", "b"], "timing": ["one session", "own session", "own session"]})
+    assert timing_note(rows, tmp_path).startswith("no model's speed-up is from the one session")
+    (tmp_path / "front.csv").write_text("name\nparent\n")
+    import hashlib
+
+    sha = hashlib.sha256((tmp_path / "front.csv").read_bytes()).hexdigest()
+    (tmp_path / SESSION_FILE).write_text(json.dumps({"front_csv_sha256": sha}))
+    rows["timing"] = "one session"
+    assert not front_csv_retimed(tmp_path) and timing_note(rows, tmp_path).startswith("every model's speed-up is from")
+    (tmp_path / "front.csv").write_text("name\nparent\nchild\n")  # `puzzle front --remeasure` wrote it again
+    assert front_csv_retimed(tmp_path) and "timed again since (`--remeasure`)" in timing_note(rows, tmp_path)
