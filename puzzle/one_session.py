@@ -84,10 +84,10 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone, the models
             needing more than MEMORY_SHARE of the free memory, or persistent contention (`measure_models`).
     """
+    from .architecture import BlockConfig
     from .baselines import Candidate, LibraryChain, realize, row_inputs
     from .library import Library
     from .pipeline import parse_compact_architecture
-    from .architecture import BlockConfig
     from .plots import front_rows
     from .scoring.cost import measure_models
     from .scoring.machine import machine_record
@@ -118,10 +118,10 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
 
     # the children's weights, all held at once (the parent's are loaded already): its bytes per parameter x counts
     weights = list(run.parent.model.parameters())
-    per_param = sum(p.numel() * p.element_size() for p in weights) / sum(p.numel() for p in weights)
+    parent_count = sum(p.numel() for p in weights)
+    per_param = sum(p.numel() * p.element_size() for p in weights) / parent_count
     counts = pd.to_numeric(pd.Series([r.get("params") for r, _ in unique.values()], dtype=object), errors="coerce")
-    parent_count = sum(p.numel() for p in weights)  # a count missing or hand-edited away: as large as the parent
-    counts = counts.where((counts > 0) & (counts < math.inf), parent_count)
+    counts = counts.where((counts > 0) & (counts < math.inf), parent_count)  # missing or edited: the parent's count
     need = per_param * float(counts.sum())
     free = _available_bytes(run.workload().device)
     if free is not None and need > MEMORY_SHARE * free:
