@@ -87,7 +87,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     from .architecture import BlockConfig
     from .baselines import Candidate, LibraryChain, realize, row_inputs
     from .library import Library
-    from .pipeline import parse_compact_architecture
+    from .pipeline import _sha256, parse_compact_architecture
     from .plots import front_rows
     from .scoring.cost import measure_models
     from .scoring.machine import machine_record
@@ -165,24 +165,12 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     return table
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _number(value) -> bool:
-    """Whether `value` is a finite real number (not a bool)."""
-    try:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    except OverflowError:  # a whole number beyond float range
-        return False
-
-
 def read_session(run_dir: Path, current: dict) -> dict | None:
     """DIR/one_session.json when it is readable and was timed on the workload, score table and evaluation text of
     `current` (the keys it holds, as `plots.front_rows` checks rows); None without a warning when there is none,
     None with a warning when it is damaged or stale (says the command that times the front again)."""
+    from .plots import _finite, stale_inputs
+
     path = Path(run_dir) / SESSION_FILE
     if not path.is_file():
         return None
@@ -191,8 +179,8 @@ def read_session(run_dir: Path, current: dict) -> dict | None:
         session = read_json(path)
         models = session["models"]
         ok = isinstance(models, list) and all(
-            isinstance(m, dict) and isinstance(m.get("name"), str) and _number(m.get("runtime_ms"))
-            and m["runtime_ms"] > 0 and _number(m.get("runtime_iqr_ms")) and m["runtime_iqr_ms"] >= 0 for m in models)
+            isinstance(m, dict) and isinstance(m.get("name"), str) and _finite(m.get("runtime_ms"))
+            and m["runtime_ms"] > 0 and _finite(m.get("runtime_iqr_ms")) and m["runtime_iqr_ms"] >= 0 for m in models)
         names = [m["name"] for m in models] if ok else []
         repeats = session["repeats"]
         ok = (ok and "parent" in names and len(set(names)) == len(names) and isinstance(repeats, int)
@@ -205,8 +193,7 @@ def read_session(run_dir: Path, current: dict) -> dict | None:
                       f"runtime_iqr_ms >= 0, and repeats from 2 to 1000): the front is drawn with each model's own "
                       f"session ({again})")
         return None
-    stale = [what for key, what in (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"),
-                                    ("workload", "workload")) if key in current and inputs.get(key) != current[key]]
+    stale = stale_inputs(inputs, current, missing_is_stale=True)
     if stale:
         warnings.warn(f"{path} was timed for another {' and '.join(stale)} than the run's now: the front is drawn "
                       f"with each model's own session ({again})")
@@ -245,13 +232,14 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
                       f"times all together again)")
     result = pd.DataFrame(out)
     result.attrs.update(rows.attrs)
-    result.attrs["one_session"] = {"repeats": session.get("repeats"), "missed": missed}
     return result
 
 
 def front_csv_retimed(run_dir: Path) -> bool:
     """Whether DIR/front.csv changed since DIR/one_session.json timed its children (`puzzle front --remeasure`
     wrote it again); False without a readable session or front.csv."""
+    from .pipeline import _sha256
+
     run_dir = Path(run_dir)
     try:
         recorded = read_json(run_dir / SESSION_FILE).get("front_csv_sha256")

@@ -452,6 +452,15 @@ def _searched_architecture(run_dir: Path, name) -> str | None:
         return None
 
 
+def stale_inputs(inputs: dict, current: dict, missing_is_stale: bool = False) -> list[str]:
+    """What a measurement recorded in `inputs` (`baselines.row_inputs`) was taken on that differs from `current`
+    (the parts it holds): "evaluation text", "score table", "workload". A part `inputs` lacks is not compared, or
+    with `missing_is_stale` counts as another."""
+    parts = (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"), ("workload", "workload"))
+    return [what for key, what in parts
+            if key in current and (key in inputs or missing_is_stale) and inputs.get(key) != current[key]]
+
+
 def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
     """Whether `row` was measured on the run's evaluation split, score table and workload as they are now
     (`current`, the parts it holds), and a front_rows/ row on the child DIR/search/<name>.json holds now; a row
@@ -461,8 +470,7 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
     if row.get("name") == "parent":  # its timing scales its source's throughput; its KL is 0 on any text
         return True
     inputs = row.get("inputs") if isinstance(row.get("inputs"), dict) else {}
-    parts = (("eval_sha", "evaluation text"), ("score_table_sha256", "score table"), ("workload", "workload"))
-    stale = [what for key, what in parts if key in current and key in inputs and inputs[key] != current[key]]
+    stale = stale_inputs(inputs, current)
     if sub == "front_rows" and (searched := _searched_architecture(run_dir, row.get("name"))) is not None \
             and searched != row.get("architecture"):  # e.g. `refine --no-measure` chose another child since
         stale.append("architecture (search/ holds another child of this name now)")
