@@ -837,7 +837,8 @@ def cmd_front(args) -> int:
             _log(f"front: {timing_note(rows, run.out)}")
         from .pipeline import contention_note, front_contention
 
-        if busy := contention_note(front_contention(run.out)):  # ratios at matched speed carry that noise
+        # ratios at matched speed carry that noise (a session's only where the rows took its speed-ups)
+        if busy := contention_note(front_contention(run.out, session_used="timing" in rows.columns)):
             _log(f"front: warning: {busy}")
     return 0
 

@@ -1678,10 +1678,11 @@ def contention_cores(value) -> float | None:
     return round(float(value), 3)
 
 
-def front_contention(out: Path) -> dict:
+def front_contention(out: Path, session_used: bool = True) -> dict:
     """The most cores other jobs kept busy while the models `puzzle front` compares were timed: the cost table and
     the children (DIR/children/machine.json) and the baselines and refined children (the row files of
-    DIR/baselines/rows/ and DIR/front_rows/) and all of them timed together (DIR/one_session.json); None where nothing
+    DIR/baselines/rows/ and DIR/front_rows/) and all of them timed together (DIR/one_session.json, only when
+    `session_used`: a stale or damaged session the front set aside says nothing of its speed-ups); None where nothing
     is recorded. What `contention_note` reads."""
     try:
         machine = read_json(out / "children" / "machine.json").get("contention_cores") or {}
@@ -1696,7 +1697,7 @@ def front_contention(out: Path) -> dict:
                 continue
     rows = [v for v in rows if v is not None]
     try:  # `puzzle front --one-session`'s timing of them all
-        session = read_json(out / "one_session.json").get("contention_cores")
+        session = read_json(out / "one_session.json").get("contention_cores") if session_used else None
     except (PuzzleError, AttributeError):
         session = None
     return {"cost_table": contention_cores(machine.get("cost_table")),

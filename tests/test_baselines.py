@@ -368,6 +368,8 @@ def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path
     assert front_contention(tmp_path)["one_session"] == 0.996
     assert "the models timed in one session (one_session.json) were timed while other jobs kept 1.00 cores" in \
         contention_note(front_contention(tmp_path))
+    # a session the front set aside (stale or damaged) timed none of the speed-ups drawn: its contention says nothing
+    assert front_contention(tmp_path, session_used=False)["one_session"] is None
 
 
 def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():

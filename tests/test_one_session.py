@@ -1,6 +1,7 @@
 """`puzzle front --one-session`: every model of the front timed again together, and the front drawn from it."""
 
 import json
+import re
 import shutil
 import warnings
 
@@ -31,13 +32,20 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
 
     out = tmp_path / "run"
     shutil.copytree(run_with_baselines, out)
+    # one architecture under two names (as when greedy picks our child): a baseline's row again as "twin"
+    rows_dir = out / "baselines" / "rows"
+    original = next(r for r in map(json.loads, (p.read_text() for p in sorted(rows_dir.glob("*.json"))))
+                    if r["name"] != "parent")
+    (rows_dir / "twin.json").write_text(json.dumps({**original, "name": "twin"}))
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
     before = pd.read_csv(out / "front_all.csv").set_index("name")
-    assert "timing" not in before.columns
+    assert "timing" not in before.columns and "twin" in before.index
     sources = _bytes(out)
     capsys.readouterr()
     assert main(["front", "--out", str(out), "--no-progress", "--one-session", "--repeats", "2"]) == 0
     err = capsys.readouterr().err
     assert "timed together" in err and "every model's speed-up is from one interleaved session" in err
+    assert re.search(rf"front: [0-9]+ models timed together for {len(before)} names", err)  # the twin timed once
     assert _bytes(out) == sources  # the commands' own rows stay as they wrote them
     session = json.loads((out / "one_session.json").read_text())
     assert session["repeats"] == 2 and session["inputs"]["workload"]
@@ -54,6 +62,8 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
         assert row["speedup_own_session"] == pytest.approx(before.loc[name, "speedup"], rel=1e-9)
         assert row["throughput_tok_s"] == pytest.approx(drawn.loc["parent", "throughput_tok_s"] * row["speedup"])
     # one architecture under two names (e.g. greedy picking our child) shares one timing
+    twins = drawn.loc[[original["name"], "twin"]]
+    assert twins["architecture"].nunique() == 1 and twins["speedup"].nunique() == 1
     for _, same in drawn.reset_index().groupby(["architecture", "training"]):
         assert same["speedup"].nunique() == 1
     # the ratios rest on the one session's speed-ups, with that session's timing noise as intervals; drawing again
