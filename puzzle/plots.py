@@ -528,17 +528,13 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
             parts.append(pd.DataFrame(found).assign(source=sub))
     if not parts:
         raise FileNotFoundError(f"{run_dir} has no front.csv, front_rows/ or baselines/rows/: run `puzzle front` first")
-    scaled = []
+    scaled, orphans = [], []
     parents = [part[part["name"] == "parent"] for part in parts]
     reference = next((float(p["throughput_tok_s"].iloc[0]) for p in parents if len(p)), None)
     for part, parent in zip(parts, parents):
         source = part["source"].iloc[0]
         if not len(parent) and source != "front.csv":  # its rows' speed-ups still hold (each against its own parent)
-            command = f"baselines --out {run_dir}" if source.startswith("baselines") else f"refine --out {run_dir} --name NAME"
-            warnings.warn(f"{run_dir / source / 'parent.json'} is missing: the parent's row of {source}; its models are "
-                          f"drawn from their own speed-ups" + ("" if reference is not None else
-                                                               " but without a throughput (no parent row anywhere)")
-                          + f"; `puzzle {command}` writes it again")
+            orphans.append(source)  # said below, once the one session (which needs no parent row) is applied
         if reference is not None:
             part = part.assign(throughput_tok_s=reference * part["speedup"])
         scaled.append(part)
@@ -559,6 +555,16 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         columns += ["timing", "speedup_own_session", "runtime_ms", "runtime_iqr_ms"]
         if reference is not None:
             rows["throughput_tok_s"] = reference * rows["speedup"]
+    for source in orphans:
+        own = rows["source"].eq(source) & (rows["timing"].ne("one session") if "timing" in rows.columns else True)
+        if not own.any():  # every model of it timed in the one session: its parent row is not needed
+            continue
+        command = f"baselines --out {run_dir}" if source.startswith("baselines") else f"refine --out {run_dir} --name NAME"
+        warnings.warn(f"{run_dir / source / 'parent.json'} is missing: the parent's row of {source}; "
+                      f"{', '.join(rows.loc[own, 'name'])} {'is' if own.sum() == 1 else 'are'} drawn from "
+                      f"{'its' if own.sum() == 1 else 'their'} own session's speed-up"
+                      + ("" if reference is not None else " but without a throughput (no parent row anywhere)")
+                      + f"; `puzzle {command}` writes it again")
     rows = rows.reindex(columns=columns)
     if with_downstream:
         from .downstream import downstream_rows
