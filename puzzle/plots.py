@@ -559,7 +559,8 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         own = rows["source"].eq(source) & (rows["timing"].ne("one session") if "timing" in rows.columns else True)
         if not own.any():  # every model of it timed in the one session: its parent row is not needed
             continue
-        command = f"baselines --out {run_dir}" if source.startswith("baselines") else f"refine --out {run_dir} --name NAME"
+        command = (f"baselines --out {run_dir}" if source.startswith("baselines")
+                   else f"refine --out {run_dir} --name NAME")
         warnings.warn(f"{run_dir / source / 'parent.json'} is missing: the parent's row of {source}; "
                       f"{', '.join(rows.loc[own, 'name'])} {'is' if own.sum() == 1 else 'are'} drawn from "
                       f"{'its' if own.sum() == 1 else 'their'} own session's speed-up"

@@ -95,7 +95,7 @@ def test_a_model_changed_since_the_session_keeps_its_own_speedup_and_is_named(ru
     changed["architecture"] = "noop/noop " + changed["architecture"].split(" ", 1)[1]  # "another child since"
     (out / "one_session.json").write_text(json.dumps(session))
     with pytest.warns(UserWarning, match=f"did not time {changed['name']} as drawn now"), \
-            pytest.warns(UserWarning, match=f"parent.json is missing.*; {changed['name']} is drawn from its own session"):
+            pytest.warns(UserWarning, match=f"parent.json is missing.*; {changed['name']} is drawn from its own"):
         rows = current_front_rows(out).set_index("name")  # the one model that needs that parent row is named
     (tmp_path / "parent.json").rename(out / "baselines" / "rows" / "parent.json")
     assert rows.loc[changed["name"], "timing"] == "own session"
