@@ -205,8 +205,9 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
     """`rows` (`plots.front_rows`' models) with the speed-ups of DIR/one_session.json where it timed the same model
     (name, architecture, library stage) on the run's inputs now; each such row keeps its own session's figure as
     speedup_own_session and gets runtime_ms / runtime_iqr_ms from the session, and timing says "one session" or
-    "own session". Rows unchanged (and no new columns) when there is no current session file. Warns when the
-    session left some model out or timed an older model of that name."""
+    "own session", and attrs["session_rounds"] is its number of rounds. Rows unchanged (and no new columns) when
+    there is no current session file. Warns when the session left some model out or timed an older model of that
+    name."""
     session = read_session(run_dir, current)
     if session is None:
         return rows
@@ -231,7 +232,7 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
                       f"speed-up beside the others' one-session figures (`puzzle front --out {run_dir} --one-session` "
                       f"times all together again)")
     result = pd.DataFrame(out)
-    result.attrs.update(rows.attrs)
+    result.attrs.update(rows.attrs, session_rounds=session["repeats"])
     return result
 
 

@@ -501,7 +501,8 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         DataFrame with name, method, training, speedup, throughput_tok_s, kl_nats, predicted_kl_nats,
         lm_loss, params, architecture (compact form; empty for front.csv rows), source (the file it came
         from); parent first. With a current DIR/one_session.json also timing ("one session" or "own
-        session"), speedup_own_session, runtime_ms and runtime_iqr_ms (ms per request). With
+        session"), speedup_own_session, runtime_ms and runtime_iqr_ms (ms per request), and
+        attrs["session_rounds"] its rounds (else None). With
         `with_downstream` and DIR/downstream/ results (`puzzle front --downstream`), also downstream_acc,
         downstream_acc_stderr, downstream_tasks and acc_<task>.
 
@@ -549,8 +550,10 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
                "params", "architecture", "source"]
     from .one_session import apply_one_session
 
+    session_rounds = None
     if with_one_session:  # `puzzle front --one-session`'s timing
         rows = apply_one_session(rows.reset_index(drop=True), run_dir, current)
+        session_rounds = rows.attrs.get("session_rounds")
     if "timing" in rows.columns:
         columns += ["timing", "speedup_own_session", "runtime_ms", "runtime_iqr_ms"]
         if reference is not None:
@@ -574,8 +577,10 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         if len(acc):
             rows = _without_stale_downstream(rows.merge(acc, on="name", how="left"), Path(run_dir))
     order = rows["name"].ne("parent")
-    return rows.assign(_o=order).sort_values(["_o", "method", "training", "speedup"], kind="stable").drop(columns="_o") \
-        .reset_index(drop=True)
+    rows = rows.assign(_o=order).sort_values(["_o", "method", "training", "speedup"], kind="stable") \
+        .drop(columns="_o").reset_index(drop=True)
+    rows.attrs["session_rounds"] = session_rounds  # the one session's rounds (its ratio intervals), None without it
+    return rows
 
 
 BASELINE_METHODS = ("greedy", "layer_removal", "attention_removal", "uniform_width")
@@ -836,17 +841,6 @@ def parent_block_of(run_dir: str | Path) -> BlockConfig:
                           f"first") from None
 
 
-def _session_rounds(run_dir: Path) -> int | None:
-    """The timing rounds of DIR/one_session.json (2-1000), or None when it holds no such count."""
-    from .io import read_json
-
-    try:
-        rounds = read_json(run_dir / "one_session.json").get("repeats")
-    except (PuzzleError, AttributeError):
-        return None
-    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) and 2 <= rounds <= 1000 else None
-
-
 def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None,
                     inputs: dict | None = None, exclude: dict[str, str] | None = None) -> pd.DataFrame:
     """DIR/front_all.csv and DIR/front_all.png: every realized model of the run (our children and,
@@ -864,7 +858,7 @@ def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None
     if speedups is not None:
         selected = selected_children(run_dir, rows)
         one = "timing" in rows.columns and (rows["timing"] == "one session").all()  # noise of one session only
-        rounds = _session_rounds(run_dir) if one else None
+        rounds = rows.attrs.get("session_rounds") if one else None
         ratios = front_ratios(rows, speedups, selected=selected, rounds=rounds)
         ratios.attrs["passed_over"] = selected.attrs["passed_over"]
         atomic_write_text(run_dir / "front_ratios.csv", ratios.to_csv(index=False))
