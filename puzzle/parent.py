@@ -81,13 +81,16 @@ class LoadedModel:
         tokenizer: a transformers tokenizer; None only when the caller asked for none.
         config: the model's ModelConfig (the same object as `model.config`); `extra` holds
             provenance: "source" (hf, nemotron-nas, gguf, tiny), "path", "name", ...
-        source: a one-line description of where the model was loaded from.
+        source: a one-line description of where the model was loaded from, the same on every load of it (it
+            goes into exports' provenance: a text that changed between loads rewrote them all; fresh-user run).
+        converted_now: True when this load converted the model (a GGUF de-quantized into the cache), else False.
     """
 
     model: PuzzleForCausalLM
     tokenizer: object | None
     config: ModelConfig
     source: str
+    converted_now: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,8 +657,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) 
         loaded = _load_folder(folder, dtype, with_tokenizer, extra)
     except PuzzleError as e:
         raise PuzzleError(f"{e} (in the cached conversion of {path.name}: delete {folder} to convert it again)") from e
-    how = "cached conversion" if hit else "converted now, cached"
-    return dataclasses.replace(loaded, source=f"GGUF {path} ({how} at {folder})")
+    return dataclasses.replace(loaded, source=f"GGUF {path} (de-quantized, cached at {folder})", converted_now=not hit)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_gguf_matches_transformers_and_is_cached(tmp_path):
     with torch.no_grad():
         assert_same_logits(first, reference(IDS).logits)
         assert_same_logits(first, hf(IDS).logits)  # and the model the GGUF was written from
-    assert first.config.extra["source"] == "gguf" and "converted now" in first.source
+    assert first.config.extra["source"] == "gguf" and first.converted_now
     assert first.config.tie_word_embeddings and first.config.extra["name"] == "tiny-test"
     assert first.tokenizer.encode("The parent 🤖") == tiny_tokenizer().encode("The parent 🤖")
     assert first.tokenizer.eos_token_id == 2 and "<|im_start|>" in first.tokenizer.chat_template
@@ -270,7 +270,8 @@ def test_gguf_matches_transformers_and_is_cached(tmp_path):
     folders = list((cache / "gguf").iterdir())
     assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()  # no temp folder left behind
     second = load_parent(tmp_path, cache_dir=cache)  # the folder holds one .gguf and no config.json
-    assert "cached conversion" in second.source and second.config == first.config
+    assert not second.converted_now and second.config == first.config
+    assert second.source == first.source  # exports record it: the same text on every load (fresh-user run, stop 54)
     with torch.no_grad():
         assert_same_logits(second, reference(IDS).logits)
     # reviewer: a cached folder without its config.json failed every later load at the rename ("Directory not
@@ -278,7 +279,7 @@ def test_gguf_matches_transformers_and_is_cached(tmp_path):
     (folders[0] / "config.json").unlink()
     with pytest.warns(UserWarning, match="has no config.json; converting tiny.gguf again"):
         third = load_parent(gguf_path, cache_dir=cache)
-    assert "converted now" in third.source and third.config == first.config
+    assert third.converted_now and third.config == first.config
     assert list((cache / "gguf").iterdir()) == folders and (folders[0] / "config.json").is_file()
     # reviewer: a cache path that cannot be a folder failed after the conversion with a raw NotADirectoryError
     blocked = tmp_path / "a-file"
