@@ -315,6 +315,11 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     assert bld_level_caveat(1.52, 1.549, 16384) != ""  # 1.9 % better: within the tolerance
     assert bld_level_caveat(1.40, 1.549, 16384) == ""  # 10 % better: nothing to add
     assert bld_level_caveat(float("nan"), 1.5, 1) == "" and bld_level_caveat(1.0, 0.0, 1) == ""
+    # fresh user (stop 54): a BLD child 7 % worse was reported as only "not 2% better"
+    worse = bld_level_caveat(1.827, 1.707, 16384, predicted=(1.219, 1.674))
+    assert worse.startswith(" The BLD child is 7% worse than the init-only one here") and "not 2% better" not in worse
+    assert "predicted it better (1.219 vs 1.674 nats)" in worse
+    assert "predicted" not in bld_level_caveat(1.827, 1.707, 16384, predicted=(1.8, 1.674))  # ranked right: no word
 
 
 def test_a_memory_miss_is_never_timing_noise():
