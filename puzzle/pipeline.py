@@ -2352,6 +2352,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                  "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
                  "tightest budget, the request resolved on the parent measured in the same session "
                  "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
+    if noise := _within_noise_note(run.out, summary):
+        lines += [noise, ""]
     init_name = f"{main}-init"
     if init_name in set(summary["name"]):
         a, b = summary.set_index("name").loc[main], summary.set_index("name").loc[init_name]
@@ -2406,6 +2408,35 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
               json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone
+
+
+def _within_noise_note(out: Path, summary: pd.DataFrame) -> str:
+    """A sentence for report.md naming the children whose `budget_met` is False by less than the timing noise (the
+    feedback leaves those, `feedback.Check.significant_miss`), from children/budget_feedback.json; "" when there
+    are none or the file is unreadable (fresh-user run, stop 54: a bare False beside budget use 1.00001)."""
+    from .feedback import Check
+
+    try:
+        final = read_json(out / "children" / "budget_feedback.json")["final"]
+    except (PuzzleError, KeyError, TypeError):
+        return ""
+    names = []
+    for row in summary.to_dict("records"):
+        entry = final.get(row["name"]) if isinstance(final, dict) else None
+        if str(row.get("budget_met")) != "False" or not isinstance(entry, dict):  # bool, numpy bool or CSV text
+            continue
+        try:
+            check = Check(met=False, use=float(entry["use"]), column=str(entry["column"]), ratios=dict(entry["ratios"]),
+                          limits=dict(entry["limits"]), se=float(entry["se"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not check.significant_miss():
+            names.append(f"{row['name']} ({check.use_text()}, standard error {check.se:.3f})")
+    if not names:
+        return ""
+    return (f"`budget_met` is False for {', '.join(names)} by less than the timing noise (two standard errors of this "
+            "session's rounds): the feedback leaves such a child as it is, since another session would as likely "
+            "measure it within its budget.")
 
 
 def bld_comparison_caveat(speedup_bld: float, speedup_init: float, tolerance: float = 0.03) -> str:

@@ -5,6 +5,8 @@ cost table's prediction, so the feedback law can be checked exactly. The tiny pi
 (tests/test_pipeline_tiny.py) runs the same loop on real timings.
 """
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -320,6 +322,29 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     assert worse.startswith(" The BLD child is 7% worse than the init-only one here") and "not 2% better" not in worse
     assert "predicted it better (1.219 vs 1.674 nats)" in worse
     assert "predicted" not in bld_level_caveat(1.827, 1.707, 16384, predicted=(1.8, 1.674))  # ranked right: no word
+
+
+def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_path):
+    """Fresh user (stop 54): report.md showed budget_met False beside budget use 1.00001 without a word; the log said
+    it was within the timing noise."""
+    from puzzle.pipeline import _within_noise_note
+
+    (tmp_path / "children").mkdir()
+    final = {"a": {"met": False, "use": 1.00001, "column": "runtime_ms", "se": 0.006, "ratios": {"runtime_ms": 1.00001},
+                   "limits": {"runtime_ms": 9.0}},
+             "b": {"met": False, "use": 1.05, "column": "runtime_ms", "se": 0.006, "ratios": {"runtime_ms": 1.05},
+                   "limits": {"runtime_ms": 9.0}},
+             "c": {"met": False, "use": 1.001, "column": "memory_mib", "se": 0.0, "ratios": {"memory_mib": 1.001},
+                   "limits": {"memory_mib": 9.0}}}
+    (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final}))
+    summary = pd.DataFrame({"name": ["parent", "a", "b", "c"], "budget_met": [None, False, False, False]})
+    note = _within_noise_note(tmp_path, summary)
+    assert note.startswith("`budget_met` is False for a (1.00001, standard error 0.006) by less than the timing noise")
+    assert " b (" not in note and " c (" not in note  # a real miss, and memory is not timed: no noise
+    assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, "False", True, True])) == note  # from a CSV
+    assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, True, True, True])) == ""
+    (tmp_path / "children" / "budget_feedback.json").write_text("{")
+    assert _within_noise_note(tmp_path, summary) == ""
 
 
 def test_a_memory_miss_is_never_timing_noise():
