@@ -2352,8 +2352,9 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                  "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
                  "tightest budget, the request resolved on the parent measured in the same session "
                  "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
-    if noise := _within_noise_note(run.out, summary):
-        lines += [noise, ""]
+    for note in (_within_noise_note(run.out, summary), parent_runtime_note(summary)):
+        if note:
+            lines += [note, ""]
     init_name = f"{main}-init"
     if init_name in set(summary["name"]):
         a, b = summary.set_index("name").loc[main], summary.set_index("name").loc[init_name]
@@ -2437,6 +2438,29 @@ def _within_noise_note(out: Path, summary: pd.DataFrame) -> str:
     return (f"`budget_met` is False for {', '.join(names)} by less than the timing noise (two standard errors of this "
             "session's rounds): the feedback leaves such a child as it is, since another session would as likely "
             "measure it within its budget.")
+
+
+def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:
+    """A sentence for report.md when the parent itself measured more than `tolerance` (relative) off the cost table's
+    prediction of it (each child's predicted runtime x predicted speed-up; the median over children): the children's
+    `runtime_error`s then carry the session's machine speed as well, while their speed-ups, each against the parent of
+    the same session, do not (fresh-user run, stop 54: every child at -0.08 without a word); "" otherwise."""
+    rows = summary.set_index("name")
+    if "parent" not in rows.index:
+        return ""
+    children = rows.drop(index="parent")
+    predicted = pd.to_numeric(children["predicted_runtime_ms"], errors="coerce") * \
+        pd.to_numeric(children["predicted_speedup"], errors="coerce")
+    measured = pd.to_numeric(pd.Series([rows.loc["parent", "runtime_ms"]]), errors="coerce").iloc[0]
+    if not predicted.notna().any() or not (math.isfinite(measured) and measured > 0):
+        return ""
+    error = float(predicted.median()) / measured - 1
+    if abs(error) <= tolerance:
+        return ""
+    return (f"The parent itself measured {measured:.0f} ms per request against the cost table's "
+            f"{predicted.median():.0f} ms (runtime_error {error:+.3f} on the parent): the machine ran "
+            f"{'slower' if error < 0 else 'faster'} in this session than when the cost table was timed, so the children's `runtime_error`s carry that too; "
+            "their speed-ups and budget use, each against the parent of the same session, do not.")
 
 
 def bld_comparison_caveat(speedup_bld: float, speedup_init: float, tolerance: float = 0.03) -> str:

@@ -347,6 +347,21 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     assert _within_noise_note(tmp_path, summary) == ""
 
 
+def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
+    """Fresh user (stop 54): every child's runtime_error read -0.08 without a word; the parent had measured 3281 ms
+    against the cost table's 3019."""
+    from puzzle.pipeline import parent_runtime_note
+
+    summary = pd.DataFrame({"name": ["parent", "a", "b"], "runtime_ms": [3281.0, 2640.0, 2180.0],
+                            "predicted_runtime_ms": [float("nan"), 2415.0, 2013.0],
+                            "predicted_speedup": [1.0, 1.25, 1.5]})
+    note = parent_runtime_note(summary)
+    assert note.startswith("The parent itself measured 3281 ms per request against the cost table's 3019 ms")
+    assert "runtime_error -0.080 on the parent" in note and "ran slower" in note
+    assert parent_runtime_note(summary.assign(runtime_ms=[3050.0, 2640.0, 2180.0])) == ""  # within 3 %
+    assert parent_runtime_note(summary.iloc[1:]) == "" and parent_runtime_note(summary.iloc[:1]) == ""
+
+
 def test_a_memory_miss_is_never_timing_noise():
     """Reviewer: runtime at 1.05 of its limit with a large standard error was the tightest column, so a memory
     total 1.7 % over its limit (exact, not timed) was "kept: over by less than the timing noise"."""
