@@ -2459,7 +2459,8 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:
         return ""
     return (f"The parent itself measured {measured:.0f} ms per request against the cost table's "
             f"{predicted.median():.0f} ms (runtime_error {error:+.3f} on the parent): the machine ran "
-            f"{'slower' if error < 0 else 'faster'} in this session than when the cost table was timed, so the children's `runtime_error`s carry that too; "
+            f"{'slower' if error < 0 else 'faster'} in this session than when the cost table was timed, so the "
+            "children's `runtime_error`s carry that too; "
             "their speed-ups and budget use, each against the parent of the same session, do not.")
 
 
