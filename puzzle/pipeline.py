@@ -2383,7 +2383,11 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                       "speed-ups may be off by about as much.", ""]
         if busy:
             lines += [f"**Warning:** {busy[0].upper()}{busy[1:]}.", ""]
-    lines += ["## Architectures", ""]
+    lines += ["## Architectures", "",  # the notation, which the fresh-user run found explained nowhere (stop 54)
+              "One entry per layer, attention/FFN: `kvN` attention with N KV heads, a number the FFN's intermediate "
+              "width, `linear` a learned linear map in place of the subblock, `noop` the subblock removed; `parent` "
+              "is the parent's own architecture. DIR/search/<name>.json writes the same layers as block ids "
+              "(`kv3/1536` is `attn-kv3+ffn-1536`).", ""]
     for r in summary.itertuples():
         lines.append(f"- **{r.name}**: {r.architecture}")
     lines += ["", "## Greedy chat answers", ""]
