@@ -2407,9 +2407,9 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         lines.append("")
     lines += _unreachable_section(run)
     lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
-              "stage adds its time); total_s adds up the `puzzle run` invocations that finished. As of this report: "
-              "DIR/timings.json goes on adding later commands (baselines_s, refine_s, and the stages `puzzle front` runs "
-              "again, such as search_s and measure_s).", "",
+              "stage adds its time); total_s adds up the `puzzle run` invocations that finished. The figures below are "
+              "those at the time of this report; DIR/timings.json goes on adding the time of later commands "
+              "(baselines_s, refine_s, and the stages `puzzle front` runs again, such as search_s and measure_s).", "",
               json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone
