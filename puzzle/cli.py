@@ -800,6 +800,7 @@ def cmd_front(args) -> int:
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")
+        _print_front_table(run.out)
         if args.one_session:
             _time_front_together(run, args.repeats if args.repeats is not None else ONE_SESSION_REPEATS)
     if tasks:
@@ -841,6 +842,25 @@ def cmd_front(args) -> int:
         if busy := contention_note(front_contention(run.out, session_used="timing" in rows.columns)):
             _log(f"front: warning: {busy}")
     return 0
+
+
+def _print_front_table(out: Path) -> None:
+    """Our front as front.csv holds it, a line per model (a fresh user saw one line and no figures from `puzzle
+    front` on an up-to-date run, stop 54); nothing when front.csv cannot be read."""
+    import pandas as pd
+
+    try:
+        front = pd.read_csv(out / "front.csv")
+        table = front[["name", "target_speedup", "speedup", "kl_nats", "predicted_kl_nats", "budget_met"]]
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return
+    shown = table.rename(columns={"speedup": "measured_speedup", "kl_nats": "evaluation_kl"})
+    for column in ("target_speedup", "measured_speedup", "evaluation_kl", "predicted_kl_nats"):  # hand edits: "-"
+        shown[column] = pd.to_numeric(shown[column], errors="coerce")
+    formats = {"target_speedup": "{:.2f}x".format, "measured_speedup": "{:.3f}x".format,
+               "evaluation_kl": "{:.3f}".format, "predicted_kl_nats": "{:.3f}".format}
+    print(f"our front ({out / 'front.csv'}; KL in nats/token on the evaluation split, predicted: the summed "
+          f"replace-1-block KL):\n{shown.to_string(index=False, na_rep='-', formatters=formats)}", file=sys.stderr)
 
 
 def timing_note(rows, out: Path) -> str:

@@ -46,6 +46,7 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
     err = capsys.readouterr().err
     assert "timed together" in err and "every model's speed-up is from one interleaved session" in err
     assert re.search(rf"front: [0-9]+ models timed together for {len(before)} names", err)  # the twin timed once
+    assert "our front (" in err and "measured_speedup" in err  # our front's table, as on every `puzzle front`
     assert _bytes(out) == sources  # the commands' own rows stay as they wrote them
     session = json.loads((out / "one_session.json").read_text())
     assert session["repeats"] == 2 and session["inputs"]["workload"]
