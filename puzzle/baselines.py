@@ -473,12 +473,22 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
     return out
 
 
-def select_uniform(run, candidates: list[Candidate], library) -> list[Candidate]:
+def select_uniform(run, candidates: list[Candidate], library, scored: dict | None = None) -> list[Candidate]:
     """Per (speed-up, training), the uniform-width candidate with the lowest KL on the scoring split.
 
-    The other candidates pass through unchanged; the kept one loses its '-kvN' name suffix.
+    The other candidates pass through unchanged; the kept one loses its '-kvN' name suffix. `scored`: a dict kept
+    across calls on the same library ({(blocks, training): KL}), so that a candidate planned again the same is not
+    built and scored twice (`run_baselines`' second attempt).
     """
     from .refine import selection_kl
+
+    scored = {} if scored is None else scored
+
+    def kl(c: Candidate) -> float:
+        key = (c.blocks, c.training)
+        if key not in scored:
+            scored[key] = selection_kl(run, realize(run, c, library))
+        return scored[key]
 
     groups: dict[tuple, list[Candidate]] = {}
     rest = []
@@ -488,11 +498,11 @@ def select_uniform(run, candidates: list[Candidate], library) -> list[Candidate]
         else:
             rest.append(c)
     for group in groups.values():
-        scored = [(selection_kl(run, realize(run, c, library)), c) for c in group]
-        kl, best = min(scored, key=lambda t: t[0])
+        ranked = [(kl(c), c) for c in group]
+        _, best = min(ranked, key=lambda t: t[0])
         name = best.name.rsplit("-kv", 1)[0]
         note = best.note + "; chosen on the scoring split among " + ", ".join(
-            f"{c.note.split(' in ')[0]} (KL {k:.3f})" for k, c in scored)
+            f"{c.note.split(' in ')[0]} (KL {k:.3f})" for k, c in ranked)
         rest.append(dataclasses.replace(best, name=name, note=note))
     return rest
 
@@ -736,9 +746,10 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
 
         for c in plan:
             check_export_target(run.out / "export" / c.name, overwrite=True)
+    scored: dict = {}  # uniform-width candidates' scoring-split KL, for the second attempt's unchanged ones
     for attempt in range(2):  # the second: the children measured short of their target, planned again once
         library = baseline_library(run, [c.blocks for c in plan], progress=progress)
-        plan = select_uniform(run, plan, library)
+        plan = select_uniform(run, plan, library, scored)
         table = realize_all(run, plan, library, export=export)
         short = _short_of_target(table, plan, held)
         if attempt or not short:

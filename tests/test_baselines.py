@@ -73,9 +73,10 @@ def test_plan_meets_every_budget_and_realized_rows_are_measured(tmp_path_factory
     for c in plan:
         assert c.predicted_speedup >= c.target_speedup * (1 - 1e-9), c.name
     layers = next(c for c in plan if c.method == "layer_removal" and c.target_speedup == 1.5)
-    uniform = [c for c in plan if c.method == "uniform_width" and c.training == "bld"]
-    library = baseline_library(run, [c.blocks for c in uniform[:1]])
-    picked = [layers] + uniform[:1]
+    # (a uniform-width child was meant here too, but the tiny parent's widths reach none at these targets, so the list
+    # held none, silently: test_uniform_widths_are_built_and_scored_once_across_calls builds and chooses them)
+    library = baseline_library(run, [])
+    picked = [layers]
     table = realize_all(run, picked, library, export=True, rows_dir=run.out / "test_rows")
     assert list(table["name"]) == ["parent"] + [c.name for c in picked]
     assert table["speedup"].iloc[0] == 1.0 and (table["speedup"] > 0).all() and (table["kl_nats"].iloc[1:] > 0).all()
@@ -89,6 +90,30 @@ def test_plan_meets_every_budget_and_realized_rows_are_measured(tmp_path_factory
     assert fewer.blocks != layers.blocks
     redone = realize_all(run, [fewer], library, export=False, rows_dir=run.out / "test_rows").set_index("name")
     assert redone.loc[layers.name, "kl_nats"] != table.set_index("name").loc[layers.name, "kl_nats"]
+
+
+def test_uniform_widths_are_built_and_scored_once_across_calls(tmp_path_factory, tmp_path, monkeypatch):
+    """`run_baselines`' second attempt (children short of their target planned again) chose the uniform widths
+    again, building and scoring every candidate a second time; a shared `scored` dict keeps the first KLs."""
+    import math
+
+    import puzzle.refine as refine
+    from puzzle.baselines import Candidate, baseline_library, open_run, select_uniform
+
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    run = open_run(run_dir, progress=False)
+    parent = run.parent.config
+    width = parent.intermediate_size // 2  # named as plan_baselines names them (whose plans depend on the timing)
+    uniform = [Candidate(f"uniform-1.05x-init-kv{kv}", "uniform_width", "init", uniform_width(parent, width, kv), 1.05,
+                         math.nan, math.nan, note=f"FFN {width}, {kv} KV heads in every layer") for kv in (2, 1)]
+    library = baseline_library(run, [c.blocks for c in uniform])
+    calls, real_kl = [], refine.selection_kl
+    monkeypatch.setattr(refine, "selection_kl", lambda run, model: calls.append(1) or real_kl(run, model))
+    scored: dict = {}
+    first = select_uniform(run, uniform, library, scored)
+    assert [c.name for c in first] == ["uniform-1.05x-init"] and len(calls) == 2 and len(scored) == 2
+    assert select_uniform(run, uniform, library, scored) == first and len(calls) == 2  # nothing built or scored again
+    assert select_uniform(run, uniform, library) == first and len(calls) == 4  # without it: both again
 
 
 def test_greedy_searches_the_space_and_objective_of_the_mip(tmp_path_factory, tmp_path):
