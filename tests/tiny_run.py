@@ -5,6 +5,7 @@ def tiny_run_dir(tmp_path_factory):
     """A tiny run after data, BLD, scoring and search, shared by the issue-5 test files of one session."""
     from puzzle.config import load_preset
     from puzzle.pipeline import Run, stage_bld, stage_data, stage_score, stage_search
+    from puzzle.search import InfeasibleBudget
 
     root = tmp_path_factory.getbasetemp() / "issue5-tiny-run"
     if not (root / "search" / "chosen.json").is_file():
@@ -12,7 +13,16 @@ def tiny_run_dir(tmp_path_factory):
                                              score={"tokens": 128, "cost_repeats": 3, "max_contention": float("inf")},
                                              search={"front_speedups": (1.25, 1.5)})
         run = Run(root, config, progress=False)
-        stage_data(run), stage_bld(run), stage_score(run), stage_search(run)
+        stage_data(run), stage_bld(run), stage_score(run)
+        for attempt in range(3):
+            try:
+                stage_search(run)
+                break
+            except InfeasibleBudget:  # a cost table timed beside other jobs (max_contention is off here) can put the
+                # tiny parent's 1.5x out of reach (seen with two busy loops on the 2-core VM, stop 54): timed again
+                if attempt == 2:
+                    raise
+                stage_score(run, retime=True)
     return root
 
 
