@@ -800,7 +800,6 @@ def cmd_front(args) -> int:
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")
-        _print_front_table(run.out)
         if args.one_session:
             _time_front_together(run, args.repeats if args.repeats is not None else ONE_SESSION_REPEATS)
     if tasks:
@@ -810,7 +809,9 @@ def cmd_front(args) -> int:
         cols = [c for c in ("name", "downstream_acc", "downstream_acc_stderr") if c in acc.columns] + \
             [c for c in acc.columns if c.startswith("acc_")]
         print(acc[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=sys.stderr)
-    if _draws_front_all(run.out, tasks):
+    if not _draws_front_all(run.out, tasks):
+        _print_front_table(run.out)
+    else:
         from .plots import ratio_table
 
         # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
@@ -818,6 +819,7 @@ def cmd_front(args) -> int:
 
         rows = write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run),
                                exclude=stale_greedy_rows(run))
+        _print_front_table(run.out, rows)  # with the speed-ups the ratios below use (a one session's, where current)
         print(f"front, every model ({len(rows)}: the parent, ours and any baselines) -> {run.out / 'front_all.csv'}, "
               f"{run.out / 'front_all.png'}", file=sys.stderr)
         ratios = rows.attrs["ratios"]
@@ -844,23 +846,33 @@ def cmd_front(args) -> int:
     return 0
 
 
-def _print_front_table(out: Path) -> None:
+def _print_front_table(out: Path, rows=None) -> None:
     """Our front as front.csv holds it, a line per model (a fresh user saw one line and no figures from `puzzle
-    front` on an up-to-date run, stop 54); nothing when front.csv cannot be read."""
+    front` on an up-to-date run, stop 54); with `rows` (`plots.front_rows`), the measured speed-ups of the models a
+    current one session timed are that session's, as the ratios use them. Nothing when front.csv cannot be read."""
     import pandas as pd
 
     try:
         front = pd.read_csv(out / "front.csv")
-        table = front[["name", "target_speedup", "speedup", "kl_nats", "predicted_kl_nats", "budget_met"]]
+        shown = front[["name", "target_speedup", "speedup", "kl_nats", "predicted_kl_nats", "budget_met"]].copy()
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
         return
-    shown = table.rename(columns={"speedup": "measured_speedup", "kl_nats": "evaluation_kl"})
+    if not len(shown):
+        return
+    where = ""
+    if rows is not None and "timing" in rows.columns:  # breaker: the table showed own-session figures beside them
+        timed = rows[rows["timing"].eq("one session")].drop_duplicates("name").set_index("name")["speedup"]
+        if shown["name"].isin(timed.index).any():
+            shown["speedup"] = [timed.get(n, s) for n, s in zip(shown["name"], shown["speedup"])]
+            where = ", measured speed-ups from the one session (one_session.json)"
+    shown = shown.rename(columns={"speedup": "measured_speedup", "kl_nats": "evaluation_kl"})
     for column in ("target_speedup", "measured_speedup", "evaluation_kl", "predicted_kl_nats"):  # hand edits: "-"
         shown[column] = pd.to_numeric(shown[column], errors="coerce")
     formats = {"target_speedup": "{:.2f}x".format, "measured_speedup": "{:.3f}x".format,
-               "evaluation_kl": "{:.3f}".format, "predicted_kl_nats": "{:.3f}".format}
+               "evaluation_kl": "{:.4g}".format, "predicted_kl_nats": "{:.4g}".format}
     print(f"our front ({out / 'front.csv'}; KL in nats/token on the evaluation split, predicted: the summed "
-          f"replace-1-block KL):\n{shown.to_string(index=False, na_rep='-', formatters=formats)}", file=sys.stderr)
+          f"replace-1-block KL{where}):\n{shown.to_string(index=False, na_rep='-', formatters=formats)}",
+          file=sys.stderr)
 
 
 def timing_note(rows, out: Path) -> str:

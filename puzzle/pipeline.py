@@ -2364,7 +2364,7 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                   f"measured speed-up {a['speedup']:.2f}x vs {b['speedup']:.2f}x."
                   + bld_comparison_caveat(a["speedup"], b["speedup"])
                   + bld_level_caveat(a["kl_nats"], b["kl_nats"], run.config.bld.tokens,
-                                     predicted=(float(a["predicted_kl_nats"]), float(b["predicted_kl_nats"]))), ""]
+                                     predicted=(a["predicted_kl_nats"], b["predicted_kl_nats"])), ""]
     machine = run.out / "children" / "machine.json"
     mismatched = [n for n in (speedup_mismatch_note(r, run.out) for r in summary.iloc[1:].to_dict("records")) if n]
     if machine.is_file() or mismatched:
@@ -2427,16 +2427,20 @@ def _within_noise_note(out: Path, summary: pd.DataFrame) -> str:
         return ""
     names = []
     for row in summary.to_dict("records"):
-        entry = final.get(row["name"]) if isinstance(final, dict) else None
-        if str(row.get("budget_met")) != "False" or not isinstance(entry, dict):  # bool, numpy bool or CSV text
-            continue
         try:
-            check = Check(met=False, use=float(entry["use"]), column=str(entry["column"]), ratios=dict(entry["ratios"]),
+            entry = final.get(row["name"]) if isinstance(final, dict) else None
+            if str(row.get("budget_met")) != "False" or not isinstance(entry, dict):  # bool, numpy bool or CSV text
+                continue
+            ratios = {str(c): float(v) for c, v in dict(entry["ratios"]).items()}
+            check = Check(met=False, use=float(entry["use"]), column=str(entry["column"]), ratios=ratios,
                           limits=dict(entry["limits"]), se=float(entry["se"]))
-        except (KeyError, TypeError, ValueError):
+            if not (math.isfinite(check.use) and check.use > 1 and math.isfinite(check.se) and check.se >= 0
+                    and all(math.isfinite(v) for v in ratios.values())):  # a hand-edited or disagreeing file
+                continue
+            if not check.significant_miss():
+                names.append(f"{row['name']} ({check.use_text()}, standard error {check.se:.3f})")
+        except (KeyError, TypeError, ValueError, AttributeError):  # breaker: a text ratio raised in significant_miss
             continue
-        if not check.significant_miss():
-            names.append(f"{row['name']} ({check.use_text()}, standard error {check.se:.3f})")
     if not names:
         return ""
     return (f"`budget_met` is False for {', '.join(names)} by less than the timing noise (two standard errors of this "
@@ -2449,22 +2453,25 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:
     prediction of it (each child's predicted runtime x predicted speed-up; the median over children): the children's
     `runtime_error`s then carry the session's machine speed as well, while their speed-ups, each against the parent of
     the same session, do not (fresh-user run, stop 54: every child at -0.08 without a word); "" otherwise."""
-    rows = summary.set_index("name")
-    if "parent" not in rows.index:
+    try:
+        rows = summary.set_index("name")
+        parent = rows.loc[["parent"]]
+        children = rows.drop(index="parent")
+        predicted = pd.to_numeric(children["predicted_runtime_ms"], errors="coerce") * \
+            pd.to_numeric(children["predicted_speedup"], errors="coerce")
+        measured = float(pd.to_numeric(parent["runtime_ms"], errors="coerce").iloc[0])
+    except (KeyError, TypeError, ValueError):  # no parent row, or a table without these columns
         return ""
-    children = rows.drop(index="parent")
-    predicted = pd.to_numeric(children["predicted_runtime_ms"], errors="coerce") * \
-        pd.to_numeric(children["predicted_speedup"], errors="coerce")
-    measured = pd.to_numeric(pd.Series([rows.loc["parent", "runtime_ms"]]), errors="coerce").iloc[0]
-    if not predicted.notna().any() or not (math.isfinite(measured) and measured > 0):
+    predicted = predicted[(predicted > 0) & (predicted < math.inf)]
+    if len(parent) != 1 or not len(predicted) or not (math.isfinite(measured) and measured > 0):
         return ""
-    error = float(predicted.median()) / measured - 1
-    if abs(error) <= tolerance:
+    expected = float(predicted.median())
+    error = expected / measured - 1
+    if not math.isfinite(error) or abs(error) <= tolerance:
         return ""
-    return (f"The parent itself measured {measured:.0f} ms per request against the cost table's "
-            f"{predicted.median():.0f} ms (runtime_error {error:+.3f} on the parent): the machine ran "
-            f"{'slower' if error < 0 else 'faster'} in this session than when the cost table was timed, so the "
-            "children's `runtime_error`s carry that too; "
+    return (f"The parent itself measured {measured:.4g} ms per request against the cost table's {expected:.4g} ms "
+            f"(runtime_error {error:+.3f} on the parent): the machine ran {'slower' if error < 0 else 'faster'} in "
+            "this session than when the cost table was timed, so the children's `runtime_error`s carry that too; "
             "their speed-ups and budget use, each against the parent of the same session, do not.")
 
 
@@ -2494,8 +2501,15 @@ def bld_level_caveat(kl_bld: float, kl_init: float, bld_tokens: int, tolerance: 
                 "subblock (bld.tokens) this run's library training does not show at this budget; a longer BLD, or a "
                 "tighter budget that replaces more blocks, tests it harder.")
     # worse, not just level (fresh-user run, stop 54: 1.827 vs 1.707 nats was reported as "not 2% better")
-    text = f" The BLD child is {kl_bld / kl_init - 1:.0%} worse than the init-only one here"
-    if predicted is not None and all(math.isfinite(v) for v in predicted) and predicted[0] < predicted[1]:
+    ratio = kl_bld / kl_init
+    text = (f" The BLD child is {ratio - 1:.0%} worse than the init-only one here" if ratio < 10 else
+            f" The BLD child's KL is {ratio:.3g} times the init-only one's here")
+    try:
+        predicted = tuple(float(v) for v in predicted) if predicted is not None else None
+    except (TypeError, ValueError):
+        predicted = None
+    if predicted is not None and len(predicted) == 2 and all(math.isfinite(v) for v in predicted) \
+            and predicted[0] < predicted[1]:
         text += (f", though the summed replace-1-block KL the search minimises predicted it better ({predicted[0]:.3f} "
                  f"vs {predicted[1]:.3f} nats): its trained subblocks score better one at a time than they act "
                  "together, and the search took more of them")

@@ -322,6 +322,9 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     assert worse.startswith(" The BLD child is 7% worse than the init-only one here") and "not 2% better" not in worse
     assert "predicted it better (1.219 vs 1.674 nats)" in worse
     assert "predicted" not in bld_level_caveat(1.827, 1.707, 16384, predicted=(1.8, 1.674))  # ranked right: no word
+    for odd in (("a", "b"), (None, 0.6), (0.5,), ()):  # breaker: raised TypeError / IndexError
+        assert bld_level_caveat(1.827, 1.707, 16384, predicted=odd).startswith(" The BLD child is 7% worse")
+    assert "times the init-only one's" in bld_level_caveat(1.0, 1e-12, 16384)
 
 
 def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_path):
@@ -345,6 +348,16 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, True, True, True])) == ""
     (tmp_path / "children" / "budget_feedback.json").write_text("{")
     assert _within_noise_note(tmp_path, summary) == ""
+    # breaker: a text ratio raised in significant_miss (and so failed the report); NaN or under-1 uses are no miss
+    numeric_text = {**final, "a": {**final["a"], "ratios": {"runtime_ms": "1.00001", "memory_mib": "0.5"}}}
+    (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": numeric_text}))
+    assert _within_noise_note(tmp_path, summary) == note  # read as numbers
+    for edit in ({"ratios": {"runtime_ms": "lots"}}, {"ratios": {"memory_mib": None}},
+                 {"use": float("nan")}, {"use": 0.97}, {"se": float("inf")}, {"ratios": "x"}):
+        odd = {**final, "a": {**final["a"], **edit}}
+        (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": odd}))
+        assert _within_noise_note(tmp_path, summary) == "", edit
+    assert _within_noise_note(tmp_path, pd.DataFrame({"x": [1]})) == ""  # no name column
 
 
 def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
@@ -360,6 +373,12 @@ def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
     assert "runtime_error -0.080 on the parent" in note and "ran slower" in note
     assert parent_runtime_note(summary.assign(runtime_ms=[3050.0, 2640.0, 2180.0])) == ""  # within 3 %
     assert parent_runtime_note(summary.iloc[1:]) == "" and parent_runtime_note(summary.iloc[:1]) == ""
+    # breaker: negative predictions went into the text, sub-millisecond runtimes printed as 0 ms
+    assert parent_runtime_note(summary.assign(predicted_runtime_ms=[float("nan"), -100.0, -100.0])) == ""
+    tiny = parent_runtime_note(summary.assign(runtime_ms=[0.5, 0.3, 0.2], predicted_runtime_ms=[0, 0.22, 0.18]))
+    assert "measured 0.5 ms per request against the cost table's 0.2725 ms" in tiny
+    assert parent_runtime_note(pd.concat([summary, summary.iloc[:1]])) == ""  # two parent rows: no figure to trust
+    assert parent_runtime_note(summary.drop(columns="predicted_speedup")) == ""
 
 
 def test_a_memory_miss_is_never_timing_noise():

@@ -46,13 +46,17 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
     err = capsys.readouterr().err
     assert "timed together" in err and "every model's speed-up is from one interleaved session" in err
     assert re.search(rf"front: [0-9]+ models timed together for {len(before)} names", err)  # the twin timed once
-    assert "our front (" in err and "measured_speedup" in err  # our front's table, as on every `puzzle front`
+    assert "our front (" in err and "measured speed-ups from the one session" in err  # as the ratios use them
     assert _bytes(out) == sources  # the commands' own rows stay as they wrote them
     session = json.loads((out / "one_session.json").read_text())
     assert session["repeats"] == 2 and session["inputs"]["workload"]
     timed = {m["name"]: m for m in session["models"]}
     assert set(timed) == set(before.index)  # the parent and every model drawn, no more
     parent_ms = timed["parent"]["runtime_ms"]
+    table = err[err.index("our front ("):].splitlines()[2:2 + len(pd.read_csv(out / "front.csv"))]
+    for line in table:  # breaker: the table showed front.csv's own-session figures beside the one session's ratios
+        name, speedup = line.split()[0], float(line.split()[2].rstrip("x"))
+        assert speedup == pytest.approx(timed[name]["speedup"], abs=6e-4)
     for m in session["models"]:
         assert m["speedup"] == pytest.approx(parent_ms / m["runtime_ms"], rel=1e-9)
         assert m["speedup_own_session"] == pytest.approx(before.loc[m["name"], "speedup"], rel=1e-9)
