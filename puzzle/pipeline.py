@@ -1889,7 +1889,8 @@ def _over_budget_note(check, history: list[dict], rounds: int) -> str:
 
 
 def parent_label(run: Run) -> str:
-    """A short name for the parent in titles: its file or folder name ("GGUF <file> (de-quantized, cached at ...)" -> <file>)."""
+    """A short name for the parent in titles: its file or folder name ("GGUF <file> (de-quantized, cached at ...)"
+    -> <file>)."""
     source = str(run.parent.source)
     if source.startswith("GGUF "):
         source = source[len("GGUF "):].split(" (", 1)[0]
