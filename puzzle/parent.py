@@ -657,7 +657,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) 
         loaded = _load_folder(folder, dtype, with_tokenizer, extra)
     except PuzzleError as e:
         raise PuzzleError(f"{e} (in the cached conversion of {path.name}: delete {folder} to convert it again)") from e
-    where = f"GGUF {Path(path).resolve()} (de-quantized, cached at {Path(folder).resolve()})"  # one text however named
+    where = f"GGUF {path.resolve()} (de-quantized, cached at {folder.resolve()})"  # one text however it was named
     return dataclasses.replace(loaded, source=where, converted_now=not hit)
 
 

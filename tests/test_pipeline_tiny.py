@@ -879,6 +879,14 @@ def test_an_unreadable_search_record_is_solved_again_before_timing_anything(run_
     assert "front: solving the front's budgets again (search/chosen.json or a searched child's record" in err
     assert "is up to date with this run's settings and tables: drawn from it, no child solved or timed again" in err
     assert (copy / "summary.csv").read_bytes() == summary
+    # the front's table, printed without baselines too (a fresh user saw one line, stop 54): front.csv's figures
+    front = pd.read_csv(copy / "front.csv")
+    table = err[err.index("our front ("):].splitlines()[1:2 + len(front)]
+    assert table[0].split() == ["name", "target_speedup", "measured_speedup", "evaluation_kl", "predicted_kl_nats",
+                                "budget_met"]
+    for line, row in zip(table[1:], front.itertuples()):
+        name, _, measured = line.split()[:3]
+        assert name == row.name and float(measured.rstrip("x")) == pytest.approx(row.speedup, abs=6e-4)
     assert json.loads((copy / "search" / "child-1.5x.json").read_text())["choice"]
 
 
