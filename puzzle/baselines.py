@@ -724,8 +724,7 @@ def _export(run, candidate: Candidate, model) -> None:
                                extra_info={"name": candidate.name, "parent": run.parent.source,
                                            "baseline": candidate.method, "training": candidate.training,
                                            "note": candidate.note, "predicted_speedup": candidate.predicted_speedup})
-    for w in result.warnings:  # breaker: layouts vLLM cannot serve were said only in the folder's README.md
-        run.say(f"export {candidate.name}: warning: {w}")
+    run.say_export_warnings(candidate.name, result.warnings)  # breaker: they were said only in its README.md
 
 
 def run_baselines(run, speedups=None, export: bool = True, progress: bool = False) -> pd.DataFrame:

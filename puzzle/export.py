@@ -127,6 +127,27 @@ def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
     return export_provenance(info), any(k in info for k in TRAINED_KEYS) or info.get("stage") == "rpo"
 
 
+#: the ends of `export_warnings`' vLLM sentences, which `shorten_repeated_warnings` says in full only once
+VLLM_CANNOT_SERVE = "vLLM cannot serve this checkpoint (transformers with trust_remote_code=True can)"
+VLLM_LINEAR_ADVICE = "search with --vllm-compatible to leave linear variants out"
+
+
+def shorten_repeated_warnings(warnings, said: set) -> list[str]:
+    """`warnings` (of `export_warnings`) as a run prints them after others: the vLLM explanation and advice that
+    ended an earlier warning (`said`, updated here) become "vLLM cannot serve it (as above)", so a run that exports
+    several children says them once. The folder's own README.md keeps the whole text."""
+    out = []
+    for w in warnings:
+        for tail in (f"{VLLM_CANNOT_SERVE}; {VLLM_LINEAR_ADVICE}", VLLM_CANNOT_SERVE):
+            if w.endswith(tail):
+                if tail in said:
+                    w = w[:-len(tail)] + "vLLM cannot serve it (as above)"
+                said.add(tail)
+                break
+        out.append(w)
+    return out
+
+
 def vllm_layout_problems(config: ModelConfig) -> list[str]:
     """Layouts vLLM's DeciLM model cannot run, beside linear subblocks (vllm-project/vllm,
     model_executor/models/nemotron_nas.py): a layer skips its input norm when its attention is no_op, so an FFN
@@ -151,15 +172,13 @@ def export_warnings(config: ModelConfig) -> list[str]:
     cannot give back has no ffn_mult, only the exact `intermediate_size`, which current vLLM reads when
     ffn_mult is absent; tools that read only ffn_mult cannot load it.
     """
-    out = [f"{problem}; vLLM cannot serve this checkpoint (transformers with trust_remote_code=True can)"
-           for problem in vllm_layout_problems(config)]
+    out = [f"{problem}; {VLLM_CANNOT_SERVE}" for problem in vllm_layout_problems(config)]
     linear_attn = [i for i, b in enumerate(config.blocks) if b.attention.kind == "linear"]
     linear_ffn = [i for i, b in enumerate(config.blocks) if b.ffn.kind == "linear"]
     if linear_attn or linear_ffn:
         out.append(
             f"replace_with_linear subblocks (attention in layers {linear_attn}, ffn in layers {linear_ffn}): "
-            "vLLM cannot serve this checkpoint (transformers with trust_remote_code=True can); "
-            "search with --vllm-compatible to leave linear variants out")
+            f"{VLLM_CANNOT_SERVE}; {VLLM_LINEAR_ADVICE}")
     inexact: dict[int, list[int]] = {}
     for i, b in enumerate(config.blocks):
         if b.ffn.kind == "swiglu" and not intermediate_size_to_ffn_mult(b.ffn.intermediate_size, config.hidden_size)[1]:

@@ -91,6 +91,7 @@ class Run:
     #: set when a search writes its choices (DIR/search/): from then on DIR/config.json describes them, and work made
     #: from them (children measured, records re-solved on measured speed) follows, so a later failure keeps both
     settled: bool = field(default=False, repr=False)
+    _warned: set = field(default_factory=set, repr=False)  # export warnings' endings said in full (`say_export_warnings`)
 
     def __post_init__(self) -> None:
         """Make DIR (when new) and save the configuration.
@@ -122,6 +123,14 @@ class Run:
     def say(self, msg: str) -> None:
         if self.log is not None:
             self.log(msg)
+
+    def say_export_warnings(self, name: str, warnings) -> None:
+        """Say an export's `warnings`, with the vLLM explanation an earlier export's warning gave shortened
+        (`export.shorten_repeated_warnings`)."""
+        from .export import shorten_repeated_warnings
+
+        for w in shorten_repeated_warnings(warnings, self._warned):
+            self.say(f"export {name}: warning: {w}")
 
     def timed(self, stage: str, seconds: float) -> None:
         """Add `seconds` to `stage` in DIR/timings.json, once the stage's work is done (with what `flush` writes)."""
@@ -1272,8 +1281,7 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
     if own:  # the run's own export: what `export_out_of_date` compares with
         record_export(run, name, model)
     run.timed("export_s", time.perf_counter() - t0)
-    for w in result.warnings:
-        run.say(f"export {name}: warning: {w}")
+    run.say_export_warnings(name, result.warnings)
     if result.replaced:  # an earlier run recorded relative to the folder is named as a path
         ref = (earlier or {}).get("run")
         shown = result.replaced

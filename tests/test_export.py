@@ -446,3 +446,30 @@ def test_vllm_layout_problems_name_an_ffn_before_the_first_attention_and_no_atte
     assert len(none) == 1 and "no layer keeps a GQA attention" in none[0]
     assert any("vLLM cannot serve" in w and "FFNs in layers [0]" in w
                for w in export_warnings(cfg("attn-noop+ffn-256", "attn-kv2+ffn-256")))
+
+
+def test_a_run_says_the_vllm_explanation_of_repeated_export_warnings_once():
+    """Leftover: every child of a run repeated the whole vLLM sentence and advice in its export warnings."""
+    from puzzle.export import export_warnings, shorten_repeated_warnings
+
+    def cfg(*ids):
+        return ModelConfig(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           intermediate_size=256, blocks=[BlockConfig.from_id(i) for i in ids])
+
+    first = export_warnings(cfg("attn-kv2+ffn-256", "attn-linear+ffn-256"))
+    second = export_warnings(cfg("attn-kv2+ffn-linear", "attn-linear+ffn-256"))
+    early = export_warnings(cfg("attn-noop+ffn-256", "attn-kv2+ffn-256"))
+    said: set = set()
+    assert shorten_repeated_warnings(first, said) == first  # the first says it all
+    again = shorten_repeated_warnings(second, said)
+    assert len(again) == 1 and again[0].startswith("replace_with_linear subblocks (attention in layers [1], ffn in "
+                                                   "layers [0])")
+    assert again[0].endswith("vLLM cannot serve it (as above)") and "--vllm-compatible" not in again[0]
+    # a different problem keeps its own words the first time, then is shortened too
+    assert shorten_repeated_warnings(early, said) == early
+    assert shorten_repeated_warnings(early, said)[0].endswith("(layer 1): vLLM's DeciLM layer then normalises them "
+                                                              "with a residual of None and fails; keep an attention "
+                                                              "in layer 0 (--vllm-compatible does); vLLM cannot serve "
+                                                              "it (as above)")
+    assert shorten_repeated_warnings(["FFN width 300 (layers [0]) cannot be written as ffn_mult"], said) == [
+        "FFN width 300 (layers [0]) cannot be written as ffn_mult"]
