@@ -529,7 +529,7 @@ def measure_against_parent(run, models: dict, group_size: int = 4, repeats: int 
     names = list(models)
     rows, parent_tok_s = [], None
     for g, start in enumerate(range(0, max(len(names), 1), group_size)):
-        group = {"parent": run.parent.model, **{n: models[n] for n in names[start:start + group_size]}}
+        group = run.on_target({"parent": run.parent.model, **{n: models[n] for n in names[start:start + group_size]}})
         df = measure_models(group, run.workload(), repeats=repeats,
                             max_contention=run.config.score.max_contention)
         session = session_rows(df.set_index("name"), names[start:start + group_size], g, parent_tok_s)

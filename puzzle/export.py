@@ -130,20 +130,28 @@ def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
 #: the ends of `export_warnings`' vLLM sentences, which `shorten_repeated_warnings` says in full only once
 VLLM_CANNOT_SERVE = "vLLM cannot serve this checkpoint (transformers with trust_remote_code=True can)"
 VLLM_LINEAR_ADVICE = "search with --vllm-compatible to leave linear variants out"
+FFN_MULT_EXPLANATION = "; those entries store intermediate_size="
+#: (where an explanation starts, what it becomes once said): `shorten_repeated_warnings`
+_EXPLANATIONS = ((VLLM_CANNOT_SERVE, "vLLM cannot serve it (as above)"),
+                 (FFN_MULT_EXPLANATION, "; ffn_mult cannot express it (as above)"))
 
 
 def shorten_repeated_warnings(warnings, said: set) -> list[str]:
-    """`warnings` (of `export_warnings`) as a run prints them after others: the vLLM explanation and advice that
-    ended an earlier warning (`said`, updated here) become "vLLM cannot serve it (as above)", so a run that exports
-    several children says them once. The folder's own README.md keeps the whole text."""
+    """`warnings` (of `export_warnings`) as a run prints them after others: an explanation that ended an earlier
+    warning in the same words (`said`, updated here; numbers aside) is shortened to "(as above)", so a run that
+    exports several children says each once: the vLLM sentence and advice, and what an FFN width ffn_mult cannot
+    express means for which tools. The folder's own README.md keeps the whole text."""
     out = []
     for w in warnings:
-        for tail in (f"{VLLM_CANNOT_SERVE}; {VLLM_LINEAR_ADVICE}", VLLM_CANNOT_SERVE):
-            if w.endswith(tail):
-                if tail in said:
-                    w = w[:-len(tail)] + "vLLM cannot serve it (as above)"
-                said.add(tail)
-                break
+        for marker, short in _EXPLANATIONS:
+            at = w.find(marker)
+            if at < 0:
+                continue
+            key = re.sub(r"\d+", "N", w[at:])
+            if key in said:
+                w = w[:at] + short
+            said.add(key)
+            break
         out.append(w)
     return out
 
@@ -187,8 +195,8 @@ def export_warnings(config: ModelConfig) -> list[str]:
         mult, _ = intermediate_size_to_ffn_mult(width, config.hidden_size)
         rebuilt = ffn_mult_to_intermediate_size(mult, config.hidden_size)
         out.append(
-            f"FFN width {width} (layers {layers}) cannot be written as ffn_mult (ffn_mult={mult} gives {rebuilt}); "
-            f"those entries store intermediate_size={width} and no ffn_mult, which vLLM reads, but tools that read "
+            f"FFN width {width} (layers {layers}) cannot be written as ffn_mult (ffn_mult={mult} gives {rebuilt})"
+            f"{FFN_MULT_EXPLANATION}{width} and no ffn_mult, which vLLM reads, but tools that read "
             "only ffn_mult (older vLLM, TensorRT-LLM) cannot load them; use widths that are multiples of 256 for those "
             "tools")
     return out

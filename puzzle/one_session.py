@@ -84,6 +84,8 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone, the models
             needing more than MEMORY_SHARE of the free memory, or persistent contention (`measure_models`).
     """
+    import torch
+
     from .architecture import BlockConfig
     from .baselines import Candidate, LibraryChain, realize, row_inputs
     from .library import Library
@@ -116,25 +118,28 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         plan.append((r, arch))
     unique = {r["name"]: (r, arch) for r, arch in plan if timed_as[r["name"]] == r["name"]}
 
-    # the children's weights, all held at once (the parent's are loaded already): its bytes per parameter x counts
+    # the children's weights, all held at once on the target, in its dtype (the parent's are loaded already; a copy
+    # of them too when the target's device or dtype is not the parent's: `Run.on_target`)
+    workload = run.workload()
     weights = list(run.parent.model.parameters())
     parent_count = sum(p.numel() for p in weights)
-    per_param = sum(p.numel() * p.element_size() for p in weights) / parent_count
+    per_param = workload.torch_dtype.itemsize
     counts = pd.to_numeric(pd.Series([r.get("params") for r, _ in unique.values()], dtype=object), errors="coerce")
     counts = counts.where((counts > 0) & (counts < math.inf), parent_count)  # missing or edited: the parent's count
-    need = per_param * float(counts.sum())
-    free = _available_bytes(run.workload().device)
+    copied = weights[0].dtype != workload.torch_dtype or weights[0].device != torch.device(workload.device)
+    need = per_param * (float(counts.sum()) + (parent_count if copied else 0))
+    free = _available_bytes(workload.device)
     if free is not None and need > MEMORY_SHARE * free:
         raise PuzzleError(f"timing {len(unique) + 1} models together needs about {need / 2**30:.1f} GiB for the "
                           f"children's weights, over {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free now: free "
                           f"memory, or leave some models out of the front (move their rows out of DIR/front_rows/ or "
                           f"DIR/baselines/rows/) and time the others")
-    models = {"parent": run.parent.model}
+    models = run.on_target({"parent": run.parent.model})
     for name, (r, arch) in unique.items():
         try:
             blocks = tuple(BlockConfig.from_id(b) for b in parse_compact_architecture(arch))
             cand = Candidate(name, str(r["method"]), str(r["training"]), blocks, 1.0, math.nan, math.nan)
-            models[name] = realize(run, cand, library)
+            models[name] = run.on_target({name: realize(run, cand, library)})[name]  # only timed: the copy alone
         except (PuzzleError, ValueError) as e:  # ArchitectureError is a ValueError
             raise PuzzleError(f"{name} ({r['source']}: its architecture {arch[:80]!r}) cannot be built again for the "
                               f"one session: {e}; the command that wrote the row (`puzzle baselines`, `puzzle refine "

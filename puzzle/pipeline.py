@@ -91,6 +91,7 @@ class Run:
     #: set when a search writes its choices (DIR/search/): from then on DIR/config.json describes them, and work made
     #: from them (children measured, records re-solved on measured speed) follows, so a later failure keeps both
     settled: bool = field(default=False, repr=False)
+    _target_parent: tuple | None = field(default=None, repr=False)  # ((device, dtype), the parent there): `on_target`
     _warned: set = field(default_factory=set, repr=False)  # export warnings' endings said in full (`say_export_warnings`)
 
     def __post_init__(self) -> None:
@@ -270,6 +271,19 @@ class Run:
 
     def space(self):
         return build_space(self.parent.config, self.config.space)
+
+    def on_target(self, models: dict) -> dict:
+        """`models` (name -> model) on the target's device and dtype for `measure_models`: the parent (by identity)
+        as one copy kept for the run, every other model as `scoring.cost.to_workload` gives it (itself when it is
+        there already, as with the defaults: the parent's dtype on the CPU)."""
+        from .scoring.cost import to_workload
+
+        workload = self.workload()
+        key = (workload.device, workload.dtype)
+        if self._target_parent is None or self._target_parent[0] != key:
+            self._target_parent = (key, to_workload(self.parent.model, workload))
+        parent = self.parent.model
+        return {n: self._target_parent[1] if m is parent else to_workload(m, workload) for n, m in models.items()}
 
     def workload(self):
         from .scoring.cost import Workload
@@ -1549,7 +1563,7 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
     other = stage is not None and stage != searched  # e.g. the BLD child's architecture from the init library
     child = build_child(run, record, stage)
     quality = evaluate(run, child, f"{name}.{stage}" if other else name)
-    measured = measure_models({"parent": run.parent.model, name: child}, run.workload(),
+    measured = measure_models(run.on_target({"parent": run.parent.model, name: child}), run.workload(),
                               repeats=run.config.score.measure_repeats,
                               progress=run.progress, max_contention=run.config.score.max_contention)
     folder = run.out / "children" / "realized"
@@ -1755,7 +1769,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
 
     def measure(recs: dict) -> pd.DataFrame:
         t0 = time.perf_counter()
-        measured = measure_models({"parent": run.parent.model, **{n: child(r) for n, r in recs.items()}},
+        measured = measure_models(run.on_target({"parent": run.parent.model, **{n: child(r) for n, r in recs.items()}}),
                                   run.workload(), repeats=run.config.score.measure_repeats,
                                   progress=run.progress, max_contention=run.config.score.max_contention)
         run.timed("measure_s", time.perf_counter() - t0)  # adds up over the feedback's sessions

@@ -822,6 +822,24 @@ def _empty_like(config: ModelConfig) -> ModelConfig:
     return config.with_blocks([empty] * config.num_hidden_layers)
 
 
+def to_workload(model: PuzzleForCausalLM, workload: Workload) -> PuzzleForCausalLM:
+    """`model` itself when its weights are on the workload's device and dtype, else a copy moved and cast there
+    (`model` is left as it is: the pipeline scores quality in the parent's dtype and times in the target's).
+
+    A run's `--dtype`/`--device` (`[target]`) name where costs are measured; the parent and its children are
+    loaded in `[parent] dtype` on the CPU, so the whole-model timings (`measure_models`) take such a copy.
+    Peak memory: the model plus its copy. RoPE tables stay fp32 (`modeling.RotaryEmbedding._apply`).
+
+    Raises:
+        PuzzleError: a CUDA device this machine does not have (`check_device_available`).
+    """
+    p = next(model.parameters())
+    if p.dtype == workload.torch_dtype and p.device == torch.device(workload.device):
+        return model
+    check_device_available(workload.device)
+    return copy.deepcopy(model).to(device=workload.device, dtype=workload.torch_dtype).eval()
+
+
 def _check_model(model: PuzzleForCausalLM, workload: Workload) -> None:
     p = next(model.parameters())
     if p.dtype != workload.torch_dtype or p.device != torch.device(workload.device):

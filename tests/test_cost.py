@@ -620,3 +620,24 @@ def test_memory_functions_refuse_counts_and_kv_heads_no_model_could_have():
     big = memory.kv_cache_bytes(config, A("attn-kv2"), np.int32(4096), np.int32(131072), "fp32")
     assert big == 2 * 2 * 16 * 4 * 4096 * 131072 and isinstance(big, int)
     assert memory.model_memory_bytes(config, np.int32(4096), np.int32(131072)) > big
+
+
+def test_to_workload_gives_the_model_itself_or_a_copy_on_the_target():
+    """`to_workload`: the pipeline keeps its models in the parent's dtype and times copies in the target's."""
+    from puzzle.scoring.cost import to_workload
+    from puzzle.tiny import tiny_parent
+
+    model = tiny_parent().model.eval()
+    fp32 = Workload(1, 4, 2, dtype="float32")
+    assert to_workload(model, fp32) is model
+    bf16 = to_workload(model, Workload(1, 4, 2, dtype="bfloat16"))
+    assert bf16 is not model and not bf16.training
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is left as it was
+    assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE tables stay fp32
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert torch.allclose(bf16(ids).float(), model(ids), atol=0.1)
+    if not torch.cuda.is_available():
+        with pytest.raises(PuzzleError, match="CUDA"):
+            to_workload(model, Workload(1, 4, 2, device="cuda", dtype="bfloat16"))

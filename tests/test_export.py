@@ -471,5 +471,13 @@ def test_a_run_says_the_vllm_explanation_of_repeated_export_warnings_once():
                                                               "with a residual of None and fails; keep an attention "
                                                               "in layer 0 (--vllm-compatible does); vLLM cannot serve "
                                                               "it (as above)")
-    assert shorten_repeated_warnings(["FFN width 300 (layers [0]) cannot be written as ffn_mult"], said) == [
-        "FFN width 300 (layers [0]) cannot be written as ffn_mult"]
+    assert shorten_repeated_warnings(["something else entirely"], said) == ["something else entirely"]
+    # what an FFN width ffn_mult cannot express means is said once too, whatever the widths
+    wide = ModelConfig(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       intermediate_size=256, blocks=[BlockConfig.from_id("attn-kv2+ffn-64"),
+                                                      BlockConfig.from_id("attn-kv2+ffn-128")])
+    odd = export_warnings(wide)
+    assert len(odd) == 2 and all("those entries store intermediate_size=" in w for w in odd)
+    short = shorten_repeated_warnings(odd, said)
+    assert short[0] == odd[0] and short[1].startswith("FFN width 128 (layers [1]) cannot be written as ffn_mult")
+    assert short[1].endswith("; ffn_mult cannot express it (as above)") and "TensorRT" not in short[1]

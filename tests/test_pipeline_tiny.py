@@ -975,3 +975,25 @@ def test_a_front_point_with_the_main_childs_budgets_is_not_solved_twice(run_dir,
     names = set(chosen["names"])
     assert "child-1.5x-mem0.9" in names and "child-1.5x" not in names, names
     assert {"child-1.25x", "child-2x"} <= names
+
+
+def test_a_bfloat16_target_times_copies_and_keeps_quality_in_the_parents_dtype(tmp_path):
+    """Fresh bug: `--dtype bfloat16` (the target's dtype) failed once the children were timed ("model is float32 on
+    cpu but the workload is bfloat16"): the parent and children are loaded in [parent] dtype, and no stage moved
+    them. They are timed as bf16 copies now; quality stays measured in the parent's fp32."""
+    out = tmp_path / "bf16"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", "--preset", "tiny", "--dtype", "bfloat16", "--out", str(out), "--no-progress",
+                     "--front-speedups", "1.5", "--max-contention", "inf"])
+    assert code == 0, err.getvalue()[-3000:]
+    assert json.loads((out / "score" / "cost.csv.json").read_text())["dtype"] == "bfloat16"
+    summary = pd.read_csv(out / "summary.csv").set_index("name")
+    assert summary.loc["parent", "speedup"] == 1 and (summary["speedup"].drop("parent") > 0.5).all()
+    assert json.loads((out / "config.json").read_text())["parent"]["dtype"] == "float32"
+    # every model of the front timed together, as bf16 copies again
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["front", "--out", str(out), "--no-progress", "--one-session", "--repeats", "2",
+                     "--max-contention", "inf"]) == 0
+    session = json.loads((out / "one_session.json").read_text())
+    assert len(session["models"]) >= 2 and all(m["runtime_ms"] > 0 for m in session["models"])
