@@ -92,7 +92,7 @@ class Run:
     #: from them (children measured, records re-solved on measured speed) follows, so a later failure keeps both
     settled: bool = field(default=False, repr=False)
     _target_parent: tuple | None = field(default=None, repr=False)  # ((device, dtype), the parent there): `on_target`
-    _warned: set = field(default_factory=set, repr=False)  # export warnings' endings said in full (`say_export_warnings`)
+    _warned: set = field(default_factory=set, repr=False)  # explanations said in full: `say_export_warnings`
 
     def __post_init__(self) -> None:
         """Make DIR (when new) and save the configuration.

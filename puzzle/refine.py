@@ -848,8 +848,8 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         for key in [k for k in models if k not in first]:  # children the feedback left: memory back
             del models[key]
         timed_models = run.on_target({"parent": run.parent.model, **{n: model(c) for c, n in first.items()}})
-        measured = measure_models(timed_models, run.workload(), repeats=run.config.score.measure_repeats, progress=run.progress,
-                                  max_contention=run.config.score.max_contention)
+        measured = measure_models(timed_models, run.workload(), repeats=run.config.score.measure_repeats,
+                                  progress=run.progress, max_contention=run.config.score.max_contention)
         check_machine_drift(run, measured.attrs, run.out / "refine")  # as the pipeline's sessions: a drift is said
         measured = measured.set_index("name")
         twins = [n for n, t in timed.items() if n != t]
