@@ -87,12 +87,14 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     import torch
 
     from .architecture import BlockConfig
-    from .baselines import Candidate, LibraryChain, realize, row_inputs
+    from .baselines import Candidate, LibraryChain, row_inputs
     from .library import Library
     from .pipeline import _sha256, parse_compact_architecture
     from .plots import front_rows
+    from .realize import realize_child
     from .scoring.cost import measure_models
     from .scoring.machine import machine_record
+    from .scoring.memory import subblock_params
 
     if not isinstance(repeats, int) or not 2 <= repeats <= 1000:
         raise PuzzleError(f"--repeats must be a whole number from 2 to 1000 (rounds of the one session), got {repeats}")
@@ -118,32 +120,48 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         plan.append((r, arch))
     unique = {r["name"]: (r, arch) for r, arch in plan if timed_as[r["name"]] == r["name"]}
 
-    # the children's weights, all held at once on the target, in its dtype (the parent's are loaded already; a copy
-    # of them too when the target's device or dtype is not the parent's: `Run.on_target`)
-    workload = run.workload()
-    weights = list(run.parent.model.parameters())
-    parent_count = sum(p.numel() for p in weights)
-    per_param = workload.torch_dtype.itemsize
-    counts = pd.to_numeric(pd.Series([r.get("params") for r, _ in unique.values()], dtype=object), errors="coerce")
-    counts = counts.where((counts > 0) & (counts < math.inf), parent_count)  # missing or edited: the parent's count
-    copied = weights[0].dtype != workload.torch_dtype or weights[0].device != torch.device(workload.device)
-    need = per_param * (float(counts.sum()) + (parent_count if copied else 0))
-    free = _available_bytes(workload.device)
-    if free is not None and need > MEMORY_SHARE * free:
-        raise PuzzleError(f"timing {len(unique) + 1} models together needs about {need / 2**30:.1f} GiB for the "
-                          f"children's weights, over {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free now: free "
-                          f"memory, or leave some models out of the front (move their rows out of DIR/front_rows/ or "
-                          f"DIR/baselines/rows/) and time the others")
-    models = run.on_target({"parent": run.parent.model})
+    def cannot_build(name, r, arch, e):
+        return PuzzleError(f"{name} ({r['source']}: its architecture {arch[:80]!r}) cannot be built again for the "
+                           f"one session: {e}; the command that wrote the row (`puzzle baselines`, `puzzle refine "
+                           f"--name ...`) writes it again, or move the row out of the front")
+
+    cands = {}
     for name, (r, arch) in unique.items():
         try:
             blocks = tuple(BlockConfig.from_id(b) for b in parse_compact_architecture(arch))
-            cand = Candidate(name, str(r["method"]), str(r["training"]), blocks, 1.0, math.nan, math.nan)
-            models[name] = run.on_target({name: realize(run, cand, library)})[name]  # only timed: the copy alone
+            if len(blocks) != len(run.parent.config.blocks):
+                raise ValueError(f"{len(blocks)} layers, the parent has {len(run.parent.config.blocks)}")
         except (PuzzleError, ValueError) as e:  # ArchitectureError is a ValueError
-            raise PuzzleError(f"{name} ({r['source']}: its architecture {arch[:80]!r}) cannot be built again for the "
-                              f"one session: {e}; the command that wrote the row (`puzzle baselines`, `puzzle refine "
-                              f"--name ...`) writes it again, or move the row out of the front") from None
+            raise cannot_build(name, r, arch, e) from None
+        cands[name] = Candidate(name, str(r["method"]), str(r["training"]), blocks, 1.0, math.nan, math.nan)
+
+    # the children hold the parent's tensors where they keep its subblocks, and each library entry once
+    # (`realize_child(share=True)`): what they need beyond the parent is the entries they use, in the target's dtype,
+    # and a copy of the parent when the target's device or dtype is not the parent's (`Run.on_target`)
+    workload = run.workload()
+    weights = list(run.parent.model.parameters())
+    copied = weights[0].dtype != workload.torch_dtype or weights[0].device != torch.device(workload.device)
+    used = {}
+    for c in cands.values():
+        for i, (block, own) in enumerate(zip(c.blocks, run.parent.config.blocks)):
+            for variant, parent_variant in ((block.attention, own.attention), (block.ffn, own.ffn)):
+                if variant.kind != "no_op" and variant != parent_variant:
+                    used[(i, variant.id, c.stage)] = subblock_params(run.parent.config, variant)
+    need = workload.torch_dtype.itemsize * (sum(used.values()) + (sum(p.numel() for p in weights) if copied else 0))
+    free = _available_bytes(workload.device)
+    if free is not None and need > MEMORY_SHARE * free:
+        raise PuzzleError(f"timing {len(unique) + 1} models together needs about {need / 2**30:.1f} GiB for the "
+                          f"library entries the children use{' and a copy of the parent' if copied else ''}, over "
+                          f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free now: free memory, or leave some "
+                          f"models out of the front (move their rows out of DIR/front_rows/ or DIR/baselines/rows/) "
+                          f"and time the others")
+    models = run.on_target({"parent": run.parent.model})
+    entries: dict = {}
+    for name, c in cands.items():
+        try:
+            models[name] = realize_child(models["parent"], library, c.blocks, c.stage, share=True, entries=entries)
+        except (PuzzleError, ValueError) as e:
+            raise cannot_build(name, *unique[name], e) from None
     run.say(f"front: timing the parent and {len(models) - 1} models together, {repeats} interleaved rounds")
     df = measure_models(models, run.workload(), repeats=repeats, progress=run.progress,
                         max_contention=run.config.score.max_contention).set_index("name")

@@ -14,7 +14,7 @@ import torch
 
 from .architecture import BlockConfig
 from .library import Library
-from .modeling import PuzzleForCausalLM
+from .modeling import PuzzleForCausalLM, rope_inv_freq
 
 ATTN_PREFIXES = ("input_layernorm.", "self_attn.")
 FFN_PREFIXES = ("post_attention_layernorm.", "mlp.")
@@ -26,7 +26,7 @@ def _subset(state: dict, prefixes) -> dict:
 
 @torch.no_grad()
 def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Sequence[BlockConfig],
-                  stage: str = "bld") -> PuzzleForCausalLM:
+                  stage: str = "bld", *, share: bool = False, entries: dict | None = None) -> PuzzleForCausalLM:
     """Build the child with `blocks[i]` at layer i.
 
     Args:
@@ -34,16 +34,29 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
         library: where non-parent variants come from (may be None when every block is the
             parent's or no_op).
         stage: "bld" or "init" entries.
+        share: hold the parent's own tensors where the child keeps the parent's subblocks (and its embedding,
+            final norm and LM head) instead of copies, and library entries cast to the parent's device and dtype;
+            for many children timed at once (`one_session`). Such a child must not be trained or edited: its
+            parameters are the parent's. False (the default): every weight is the child's own copy.
+        entries: with `share`, a dict the caller keeps across calls: (layer, variant id, stage) -> that entry's
+            tensors as loaded, so children that use the same library entry hold it once.
 
     Returns:
-        A new PuzzleForCausalLM in eval mode, same dtype as the parent.
+        A new PuzzleForCausalLM in eval mode, same dtype as the parent (with `share`, on its device too, and
+        without gradients).
 
     Raises:
         PuzzleError: a needed library entry is missing or corrupt.
         ValueError: a non-parent, non-no_op variant and no library.
     """
     config = parent.config.with_blocks(blocks)
-    child = PuzzleForCausalLM(config).to(next(parent.parameters()).dtype)
+    like = next(parent.parameters())
+    if share:  # no weights of its own: every tensor is assigned below
+        with torch.device("meta"):
+            child = PuzzleForCausalLM(config)
+    else:
+        child = PuzzleForCausalLM(config).to(like.dtype)
+    entries = {} if entries is None else entries
     state = {k: v for k, v in parent.state_dict().items() if not k.startswith("model.layers.")}
     for i, (block, parent_block) in enumerate(zip(config.blocks, parent.config.blocks)):
         parent_layer = parent.model.layers[i].state_dict()
@@ -57,9 +70,18 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
             else:
                 if library is None:
                     raise ValueError(f"layer {i} needs library entry {variant.id} but no library was given")
-                sub = _subset(library.load(i, variant.id, stage), prefixes)
+                key = (i, variant.id, stage)
+                if not share or key not in entries:
+                    sub = _subset(library.load(i, variant.id, stage), prefixes)
+                    if share:
+                        entries[key] = sub = {k: v.to(device=like.device, dtype=like.dtype) for k, v in sub.items()}
+                else:
+                    sub = entries[key]
             state.update({f"model.layers.{i}.{k}": v for k, v in sub.items()})
-    child.load_state_dict(state, strict=True)
+    child.load_state_dict(state, strict=True, assign=share)
+    if share:
+        child.model.rotary_emb.inv_freq = rope_inv_freq(config).to(like.device)  # a buffer outside the state dict
+        child.requires_grad_(False)
     if config.tie_word_embeddings:
         child.lm_head.weight = child.model.embed_tokens.weight
     return child.eval()

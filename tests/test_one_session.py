@@ -135,7 +135,8 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     assert "--repeats sets the rounds of --one-session" in capsys.readouterr().err
     assert main(["front", "--out", str(out), "--one-session", "--repeats", "1"]) == 2
     assert "--repeats must be from 2 to 1000" in capsys.readouterr().err
-    # a row whose parameter count was edited by hand counts as large as the parent (was a ValueError traceback)
+    # a row whose parameter count was edited by hand (was a ValueError traceback; the need is counted from the
+    # library entries the children use now)
     row = json.loads((out / "baselines" / "rows" / "layers-1.5x.json").read_text())
     (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps({**row, "params": "lots"}))
     monkeypatch.setattr(one_session, "_available_bytes", lambda device: 1024)
@@ -143,7 +144,7 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     monkeypatch.setattr("puzzle.scoring.cost.measure_models", lambda *a, **k: timed.append(1))
     assert main(["front", "--out", str(out), "--one-session", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "GiB for the children's weights" in err and "free memory" in err
+    assert "GiB for the library entries the children use" in err and "free memory" in err
     assert not timed and not (out / "one_session.json").exists()
     # a row whose architecture cannot be built: the error names the model and what to do
     monkeypatch.undo()
