@@ -57,6 +57,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval", nargs="+", action="extend", metavar="FILE", help="held-out evaluation text (files, as for --calib)")
     g.add_argument("--text-field", metavar="NAME", help="the text field of .jsonl records and the text column of parquet, "
                                                         "Arrow and save_to_disk tables (default: text)")
+    g.add_argument("--max-doc-tokens", type=int, metavar="N",
+                   help="tokens kept of each document in the calibration, scoring and evaluation splits "
+                        "(0: whole documents; the demo presets keep 1024, so that many documents share the splits)")
     g.add_argument("--device", help="target device to measure costs on: cpu or cuda[:N]")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype for cost measurement")
     g.add_argument("--batch-size", type=int, help="workload batch size B")
@@ -146,7 +149,8 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
 _SETTING_FLAGS = (("device", "target", "device"), ("dtype", "target", "dtype"),
                   ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
                   ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"), ("score_tokens", "score", "tokens"),
-                  ("max_contention", "score", "max_contention"), ("text_field", "data", "text_field"))
+                  ("max_contention", "score", "max_contention"), ("text_field", "data", "text_field"),
+                  ("max_doc_tokens", "data", "max_doc_tokens"))
 
 
 def _base_config(args, out: Path, saved: bool = True):
@@ -341,6 +345,8 @@ def _check_number_flags(args) -> None:
                           "asset:<name> or tiny")
     if getattr(args, "device", None) is not None and not is_device_name(args.device):
         raise PuzzleError(f"--device must be 'cpu' or 'cuda[:N]', got {args.device!r}")
+    if (cap := getattr(args, "max_doc_tokens", None)) is not None and cap < 0:
+        raise PuzzleError(f"--max-doc-tokens must be a whole number >= 0 (0: whole documents), got {cap}")
     for name in _COUNT_FLAGS:
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -631,10 +631,10 @@ def split_documents(calib_docs: list[Document], eval_docs: list[Document], score
 # Packing
 
 
-def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int):
+def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int, cut: list | None = None):
     """(document, token ids) in the order of `docs`, tokenized lazily in batches growing from 8 to 512
     documents, so that a consumer that stops early leaves the rest untokenized. Ids are cut to
-    `max_doc_tokens` (0: all) and carry no EOS."""
+    `max_doc_tokens` (0: all) and carry no EOS; `cut`, when given, gets the doc_id of each document cut so."""
     start, batch = 0, 8
     while start < len(docs):
         chunk = docs[start:start + batch]
@@ -642,12 +642,29 @@ def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int):
         texts = [d.text[: 16 * max_doc_tokens] if max_doc_tokens > 0 else d.text for d in chunk]
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         for d, t in zip(chunk, ids):
+            if cut is not None and max_doc_tokens > 0 and len(t) > max_doc_tokens:
+                cut.append(d.doc_id)
             yield d, (t[:max_doc_tokens] if max_doc_tokens > 0 else t)
         start, batch = start + len(chunk), min(batch * 2, 512)  # grow: few docs for small budgets
 
 
+def short_split_message(split: str, tokens: int, asked: int, max_doc_tokens: int, cut: int | None,
+                        documents: int) -> str:
+    """The warning for a split whose sources gave `tokens`, fewer than the `asked` data.<split>_tokens: with
+    `cut` of its `documents` cut at `max_doc_tokens` (None: not counted), that cap is named first, as raising it
+    (`--max-doc-tokens`) is what gives more tokens from a few long documents (fresh user: "add text" did not help
+    them; 14 documents of 52,058 tokens gave 11,520)."""
+    text = (f"{split} split: its sources give {tokens} tokens, fewer than the {asked} asked for "
+            f"(data.{split}_tokens, a preset's [data] setting)")
+    if max_doc_tokens > 0 and (cut is None or cut > 0):
+        which = (f"{cut} of its {documents} documents were cut" if cut is not None else "its documents are cut")
+        return (f"{text}; {which} at data.max_doc_tokens = {max_doc_tokens} tokens each: give --max-doc-tokens 0 "
+                f"(whole documents) or a larger cap, add documents, or lower data.{split}_tokens")
+    return f"{text}; add text to its sources or lower data.{split}_tokens"
+
+
 def _weighted_merge(docs: list[Document], source_weights: dict[str, float], tokenizer, max_doc_tokens: int,
-                    want: int):
+                    want: int, cut: list | None = None):
     """(document, token ids) of `docs` merged across sources so that every prefix of the stream holds
     each source's tokens in proportion to its weight, to within about half a document per source.
 
@@ -667,7 +684,7 @@ def _weighted_merge(docs: list[Document], source_weights: dict[str, float], toke
     top = max(source_weights.values())
     weights = [w / top for w in source_weights.values()]  # in (0, 1]: sums stay finite for any float weights
     names = list(source_weights)
-    streams = [_tokenized([d for d in docs if d.source == s], tokenizer, max_doc_tokens) for s in names]
+    streams = [_tokenized([d for d in docs if d.source == s], tokenizer, max_doc_tokens, cut) for s in names]
     active = {i for i, s in enumerate(names) if any(d.source == s for d in docs)}  # sources with documents here
     heap = []
 
@@ -690,8 +707,10 @@ def _weighted_merge(docs: list[Document], source_weights: dict[str, float], toke
 
 
 def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0,
-          source_weights: dict[str, float] | None = None, progress: bool = False, desc: str = "tokenize"):
-    """`pack_documents`, also returning the tokens per source in the packed tensor (EOS included)."""
+          source_weights: dict[str, float] | None = None, progress: bool = False, desc: str = "tokenize",
+          cut: list | None = None):
+    """`pack_documents`, also returning the tokens per source in the packed tensor (EOS included); `cut`, when
+    given, gets the doc_id of every document tokenized that `max_doc_tokens` cut (`_tokenized`)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise PuzzleError("the tokenizer has no EOS token; set tokenizer.eos_token before preparing data")
@@ -702,9 +721,9 @@ def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_do
             raise PuzzleError(f"weight {source_weights[bad[0]]!r} of {bad[0]}: give positive finite weights")
     want = (max_tokens // seq_len) * seq_len
     if source_weights is not None:
-        stream = _weighted_merge(docs, source_weights, tokenizer, max_doc_tokens, want)
+        stream = _weighted_merge(docs, source_weights, tokenizer, max_doc_tokens, want, cut)
     else:
-        stream = _tokenized(docs, tokenizer, max_doc_tokens)
+        stream = _tokenized(docs, tokenizer, max_doc_tokens, cut)
     pieces, used, total = [], [], 0
     bar = None
     if progress:
@@ -1222,6 +1241,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                       f"evaluation stays held out")
         splits = {**splits, **{k: [d for i, d in enumerate(splits[k]) if i not in dirty[k]] for k in dirty}}
     for split in SPLITS:
+        cut: list = []  # documents max_doc_tokens cut (calib and score: the evaluation split's are not counted)
         if split == "eval":  # from the evaluation sources alone, as `pack_eval_split` packs it for a re-pack's check
             tokens, used, source_tokens = eval_packed
         else:
@@ -1240,14 +1260,14 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             try:
                 tokens, used, source_tokens = _pack(splits[split], tokenizer, config.seq_len, budgets[split],
                                                     config.max_doc_tokens, config.calib_source_weights(),
-                                                    progress=progress, desc=f"tokenize {split}")
+                                                    progress=progress, desc=f"tokenize {split}", cut=cut)
             except PuzzleError as e:
                 raise PuzzleError(f"{split} split: {e}") from None
         tensors[split] = tokens
         if tokens.numel() < budgets[split] // config.seq_len * config.seq_len:
-            warnings.warn(f"{split} split: its sources give {tokens.numel()} tokens, fewer than the {budgets[split]} "
-                          f"asked for (data.{split}_tokens, a preset's [data] setting); add text to them or lower "
-                          f"data.{split}_tokens")
+            warnings.warn(short_split_message(split, tokens.numel(), budgets[split], config.max_doc_tokens,
+                                              None if split == "eval" else len({d.doc_id for d in used} & set(cut)),
+                                              len(used)))
         doc_ids: dict[str, list[str]] = {}
         for d in used:
             doc_ids.setdefault(d.source, []).append(d.doc_id)

@@ -302,6 +302,10 @@ def check_parent_path(path: str, out: Path) -> None:
     """
     if path == "tiny" or path.startswith("asset:") or Path(path).expanduser().exists():
         return
+    if not (out / "parent.json").is_file():  # a new run: a mistyped path, not a moved model (fresh user)
+        raise PuzzleError(f"the parent {path} does not exist (--parent, or parent.path of the preset); give an HF "
+                          f"folder with safetensors, a .gguf file, a nemotron-nas folder, asset:<name> (the packaged "
+                          f"parent: asset:smollm2-gguf) or tiny")
     raise PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in {out / 'config.json'}); "
                       f"if the run's model moved, give its new path once with `puzzle data --out {out} --parent "
                       f"NEW_PATH` (run, data, bld and score take --parent and save it; the same weights keep the run's "

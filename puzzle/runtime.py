@@ -758,8 +758,13 @@ def cmd_generate(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PuzzleError(f"--device {device}: this machine has no CUDA device; give --device cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    _refuse_run_directory(Path(args.model))
-    loaded = load_parent(args.model, dtype=dtype)
+    path = args.model
+    if path.startswith("asset:"):  # fresh user: `--parent` takes the packaged parent so, `generate` did not
+        from .assets import asset_path
+
+        path = str(asset_path(path[len("asset:"):]))
+    _refuse_run_directory(Path(path))
+    loaded = load_parent(path, dtype=dtype)
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]
     result = answer_prompts(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, device=device,
                             dtype=dtype, use_triton=use_triton, cuda_graphs=False if args.no_cuda_graphs else None)
@@ -778,7 +783,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     """Add `puzzle generate` (greedy chat answers with the child runtime) to the CLI's subparsers."""
     p = subparsers.add_parser("generate", help="greedy chat answers from a model folder (export, HF or GGUF parent), "
                                                "all prompts in one batch on the child runtime")
-    p.add_argument("model", help="model path: an exported child folder, an HF Llama folder or a .gguf file")
+    p.add_argument("model", help="model path: an exported child folder, an HF Llama folder or a .gguf file, or "
+                                 "asset:<name> (the packaged parent: asset:smollm2-gguf)")
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -793,6 +793,26 @@ def test_text_that_is_not_a_string_and_calibration_text_copied_from_evaluation_a
         prepare_data(config, tok, tmp_path / "data")
 
 
+def test_a_split_short_because_documents_were_cut_names_max_doc_tokens(tmp_path, tok):
+    """Fresh user: 14 long documents (52,058 tokens) gave 11,520 calibration tokens, and the warning said "add
+    text": the demo presets cut each document at data.max_doc_tokens. It names the cap now, and 0 lifts it."""
+    long_docs = [" ".join(f"word{i}-{j}" for j in range(300)) for i in range(8)]  # about 2,700 byte tokens each
+    (tmp_path / "calib.txt").write_text("\n\n".join(long_docs))
+    (tmp_path / "eval.txt").write_text("\n\n".join(f"Evaluation passage {i}, with words of its own." * 4
+                                                    for i in range(20)))
+    config = DataConfig(calib_sources=(str(tmp_path / "calib.txt"),), eval_sources=(str(tmp_path / "eval.txt"),),
+                        seq_len=16, calib_tokens=8192, score_tokens=2048, eval_tokens=512, max_doc_tokens=256)
+    with pytest.warns(UserWarning) as caught:
+        prepare_data(config, tok, tmp_path / "data")
+    said = [str(w.message) for w in caught if str(w.message).startswith("calib split")]
+    assert len(said) == 1 and "documents were cut at data.max_doc_tokens = 256 tokens each" in said[0], said
+    assert "--max-doc-tokens 0" in said[0]
+    with warnings.catch_warnings(record=True) as again:  # whole documents: enough tokens, no warning for calib
+        warnings.simplefilter("always")
+        whole = prepare_data(dataclasses.replace(config, max_doc_tokens=0), tok, tmp_path / "data-whole")
+    assert whole.calib.numel() == 8192 and not any(str(w.message).startswith("calib split") for w in again)
+
+
 def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_said(tmp_path, tok):
     """Breaker leftover: an evaluation text shorter than eval_tokens was packed short, and calibration documents
     that copy evaluation documents were dropped, both without a word."""
@@ -956,6 +976,25 @@ def test_the_text_field_is_a_flag_too(tmp_path):
     records.write_text(json.dumps({"content": "x"}) + "\n")
     with pytest.raises(PuzzleError, match="no 'body' field .* with --text-field"):
         read_documents(str(records), text_field="body")
+
+
+def test_max_doc_tokens_is_a_flag_saved_with_the_run(tmp_path):
+    """Fresh user: the demo presets' cut of each document at 1024 tokens had no flag; --max-doc-tokens sets it."""
+    from puzzle.cli import _check_number_flags, _resolve_config, build_parser
+    from puzzle.config import save_run_config
+
+    def resolve(*flags):
+        args = build_parser().parse_args(["data", "--out", str(tmp_path), *flags])
+        _check_number_flags(args)
+        return _resolve_config(args, tmp_path)
+
+    assert resolve("--preset", "smollm2-demo").data.max_doc_tokens == 1024
+    config = resolve("--preset", "smollm2-demo", "--max-doc-tokens", "0")
+    assert config.data.max_doc_tokens == 0
+    save_run_config(config, tmp_path)
+    assert resolve().data.max_doc_tokens == 0  # saved with the run
+    with pytest.raises(PuzzleError, match="--max-doc-tokens must be a whole number >= 0"):
+        resolve("--max-doc-tokens", "-5")
 
 
 def test_a_hub_style_dataset_folder_reads_its_train_tables_only(tmp_path):

@@ -581,6 +581,7 @@ def test_infeasible_budget_names_the_smallest_achievable_value(run_dir):
     (["run", "--preset", "no-such-preset"], "unknown preset"),
     (["run", "--preset", "tiny", "--calib", "EMPTY"], "empty"),
     (["run", "--preset", "tiny", "--device", "cuda:7"], "cuda"),  # no such device here: before the data stage
+    (["run", "--preset", "tiny", "--max-doc-tokens", "-1"], "--max-doc-tokens must be a whole number >= 0"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, words):
     args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
@@ -591,6 +592,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, words):
     assert len(out.stderr.strip().splitlines()) == 1
     if "--device" in args:  # refused before the run directory is made: a plain rerun is not stuck with it
         assert not (tmp_path / "run").exists()
+    if "/nonexistent/model" in args:  # fresh user: a new run's mistyped path was told how to give a moved model's
+        assert "asset:smollm2-gguf" in out.stderr and "NEW_PATH" not in out.stderr
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

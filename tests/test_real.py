@@ -78,3 +78,12 @@ def test_front_downstream_accuracy_on_the_real_model_and_tasks(run_dir):
     merged = pd.read_csv(run_dir / "front_all.csv").set_index("name")
     assert merged.loc["parent", "downstream_acc"] == pytest.approx(parent["downstream_acc"])
     assert (run_dir / "front_all.png").is_file()
+
+
+def test_generate_takes_the_packaged_parent_by_its_asset_name(run_dir, capsys):
+    """Fresh user: `puzzle generate asset:smollm2-gguf` said "does not exist", while --parent takes asset names."""
+    from puzzle.cli import main
+
+    assert main(["generate", "asset:smollm2-gguf", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    assert "Paris" in capsys.readouterr().out
