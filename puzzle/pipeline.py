@@ -126,8 +126,8 @@ class Run:
             self.log(msg)
 
     def say_export_warnings(self, name: str, warnings) -> None:
-        """Say an export's `warnings`, with the vLLM explanation an earlier export's warning gave shortened
-        (`export.shorten_repeated_warnings`)."""
+        """Say an export's `warnings`, with the explanations an earlier export's warnings gave in full (vLLM's, what
+        ffn_mult cannot express) shortened to "(as above)" (`export.shorten_repeated_warnings`)."""
         from .export import shorten_repeated_warnings
 
         for w in shorten_repeated_warnings(warnings, self._warned):
