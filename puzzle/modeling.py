@@ -318,6 +318,24 @@ class PuzzleForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @classmethod
+    def holding(cls, config: ModelConfig, state: dict, device) -> "PuzzleForCausalLM":
+        """A model of `config` whose weights are `state`'s tensors themselves (name -> tensor, as `state_dict()`
+        names them, all on `device`): nothing is allocated or initialised for weights first, and tensors shared
+        with another model stay shared. The RoPE table is made on `device` in fp32; a tied LM head is tied again.
+        For inference only: gradients are off (the tensors may belong to another model).
+
+        Raises:
+            RuntimeError: `state` lacks or adds a weight, or a shape differs (`load_state_dict(strict=True)`).
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)  # a buffer outside the state dict
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.requires_grad_(False).eval()
+
     # -- pieces, used by scoring and distillation to run part of the model -------------------
     def positions(self, input_shape, past: int, device) -> torch.Tensor:
         B, T = input_shape

@@ -14,7 +14,7 @@ import torch
 
 from .architecture import BlockConfig
 from .library import Library
-from .modeling import PuzzleForCausalLM, rope_inv_freq
+from .modeling import PuzzleForCausalLM
 
 ATTN_PREFIXES = ("input_layernorm.", "self_attn.")
 FFN_PREFIXES = ("post_attention_layernorm.", "mlp.")
@@ -51,11 +51,6 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
     """
     config = parent.config.with_blocks(blocks)
     like = next(parent.parameters())
-    if share:  # no weights of its own: every tensor is assigned below
-        with torch.device("meta"):
-            child = PuzzleForCausalLM(config)
-    else:
-        child = PuzzleForCausalLM(config).to(like.dtype)
     entries = {} if entries is None else entries
     state = {k: v for k, v in parent.state_dict().items() if not k.startswith("model.layers.")}
     for i, (block, parent_block) in enumerate(zip(config.blocks, parent.config.blocks)):
@@ -78,10 +73,10 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
                 else:
                     sub = entries[key]
             state.update({f"model.layers.{i}.{k}": v for k, v in sub.items()})
-    child.load_state_dict(state, strict=True, assign=share)
-    if share:
-        child.model.rotary_emb.inv_freq = rope_inv_freq(config).to(like.device)  # a buffer outside the state dict
-        child.requires_grad_(False)
+    if share:  # no weights of its own
+        return PuzzleForCausalLM.holding(config, state, like.device)
+    child = PuzzleForCausalLM(config).to(like.dtype)
+    child.load_state_dict(state, strict=True)
     if config.tie_word_embeddings:
         child.lm_head.weight = child.model.embed_tokens.weight
     return child.eval()

@@ -827,8 +827,8 @@ def to_workload(model: PuzzleForCausalLM, workload: Workload) -> PuzzleForCausal
     (`model` is left as it is: the pipeline scores quality in the parent's dtype and times in the target's).
 
     A run's `--dtype`/`--device` (`[target]`) name where costs are measured; the parent and its children are
-    loaded in `[parent] dtype` on the CPU, so the whole-model timings (`measure_models`) take such a copy.
-    Peak memory: the model plus its copy. RoPE tables stay fp32 (`modeling.RotaryEmbedding._apply`).
+    loaded in `[parent] dtype` on the CPU, so the whole-model timings (`measure_models`) take such a copy, made
+    tensor by tensor on the target (`PuzzleForCausalLM.holding`). RoPE tables stay fp32.
 
     Raises:
         PuzzleError: a CUDA device this machine does not have (`check_device_available`).
@@ -837,7 +837,15 @@ def to_workload(model: PuzzleForCausalLM, workload: Workload) -> PuzzleForCausal
     if p.dtype == workload.torch_dtype and p.device == torch.device(workload.device):
         return model
     check_device_available(workload.device)
-    return copy.deepcopy(model).to(device=workload.device, dtype=workload.torch_dtype).eval()
+    device, dtype = torch.device(workload.device), workload.torch_dtype
+    moved: dict = {}  # one copy per tensor: a tied LM head stays one tensor
+    state = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride())
+        if key not in moved:
+            moved[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        state[name] = moved[key]
+    return type(model).holding(model.config, state, device)  # no full copy on the model's own device first
 
 
 def _check_model(model: PuzzleForCausalLM, workload: Workload) -> None:

@@ -635,6 +635,8 @@ def test_to_workload_gives_the_model_itself_or_a_copy_on_the_target():
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is left as it was
     assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE tables stay fp32
+    assert model.config.tie_word_embeddings and bf16.lm_head.weight is bf16.model.embed_tokens.weight  # tied still
+    assert not any(p.requires_grad for p in bf16.parameters())
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     with torch.no_grad():
         assert torch.allclose(bf16(ids).float(), model(ids), atol=0.1)
