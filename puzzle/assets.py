@@ -198,6 +198,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def model_asset_path(name: str, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """`asset_path` for an asset given where a model belongs (`--parent asset:<name>`, `puzzle generate
+    asset:<name>`), refused before anything is fetched when it is not a model (breaker: `asset:mtbench-questions`
+    downloaded its wheel first, then failed as "not a .gguf").
+
+    Raises:
+        PuzzleError: unknown name, an asset that is not a model (naming the model assets), or as `asset_path`.
+    """
+    asset = _lookup(name)
+    models = sorted(n for n, a in ASSETS.items() if a.filename.endswith(".gguf"))
+    if not asset.filename.endswith(".gguf"):
+        raise PuzzleError(f"asset:{name} is not a model ({asset.description}); the packaged models: "
+                          f"{', '.join(f'asset:{n}' for n in models)}")
+    return asset_path(name, cache_dir=cache_dir, progress=progress)
+
+
 def _lookup(name: str) -> Asset:
     if name not in ASSETS:
         raise PuzzleError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")

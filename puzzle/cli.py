@@ -732,7 +732,9 @@ def _time_front_together(run, repeats: int) -> None:
     from .baselines import stale_greedy_rows
     from .one_session import SESSION_FILE, time_front_together
 
-    table = time_front_together(run, repeats, exclude=stale_greedy_rows(run))
+    with warnings.catch_warnings():  # the rows it leaves out are warned of once, as the front is drawn next
+        warnings.simplefilter("ignore")  # (breaker: every such warning came twice with --one-session)
+        table = time_front_together(run, repeats, exclude=stale_greedy_rows(run))
     show = table.assign(change=table["speedup"] / table["speedup_own_session"] - 1)
     print(show[["name", "source", "training", "speedup_own_session", "speedup", "change"]].to_string(
         index=False, formatters={"speedup_own_session": "{:.3f}x".format, "speedup": "{:.3f}x".format,

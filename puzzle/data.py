@@ -743,7 +743,10 @@ def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_do
         bar.close()
     n_seq = min(total, want) // seq_len
     if n_seq == 0:
-        raise PuzzleError(f"{len(docs)} documents give {total} tokens, fewer than one sequence of {seq_len}; "
+        capped = len({d.doc_id for _, d in used} & set(cut or ()))
+        why = (f" ({capped} of them cut at data.max_doc_tokens = {max_doc_tokens} tokens each: --max-doc-tokens 0 "
+               f"keeps whole documents)" if capped else "")
+        raise PuzzleError(f"{len(docs)} documents give {total} tokens{why}, fewer than one sequence of {seq_len}; "
                           f"add text or lower seq_len")
     cut = n_seq * seq_len
     stream_tokens = np.concatenate(pieces)[:cut]
@@ -1117,16 +1120,17 @@ def pack_eval_split(config: DataConfig, tokenizer, cache_dir=None) -> torch.Tens
     return _pack_eval(config, tokenizer, docs)[0]
 
 
-def _pack_eval(config: DataConfig, tokenizer, documents: list[Document], progress: bool = False):
+def _pack_eval(config: DataConfig, tokenizer, documents: list[Document], progress: bool = False,
+               cut: list | None = None):
     """The evaluation split of the evaluation sources' `documents`: (tokens (B_e, T) int64, documents used,
-    tokens per source), as `_pack` returns them. Raises PuzzleError naming the split."""
+    tokens per source), as `_pack` returns them (`cut`: as there). Raises PuzzleError naming the split."""
     # seed 0 whatever --seed: runs of other seeds are evaluated on the same passages (reviewer: 2 % of them shared)
     eval_docs = split_documents([], documents, config.score_fraction, 0)["eval"]
     if not eval_docs:
         raise PuzzleError("the eval split has no documents; add text to its sources")
     try:
         return _pack(eval_docs, tokenizer, config.seq_len, config.eval_tokens, config.max_doc_tokens,
-                     progress=progress, desc="tokenize eval")
+                     progress=progress, desc="tokenize eval", cut=cut)
     except PuzzleError as e:
         raise PuzzleError(f"eval split: {e}") from None
 
@@ -1233,7 +1237,9 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     budgets = {"calib": config.calib_tokens, "score": config.score_tokens, "eval": config.eval_tokens}
     tensors, summary = {}, {}
     # the evaluation split first: calibration and scoring documents that share a word 13-gram with it are left out
-    eval_packed = _pack_eval(config, tokenizer, [d for s in config.eval_sources for d in per_source[s]], progress)
+    eval_cut: list = []  # evaluation documents max_doc_tokens cut
+    eval_packed = _pack_eval(config, tokenizer, [d for s in config.eval_sources for d in per_source[s]], progress,
+                             cut=eval_cut)
     dirty = {k: contaminated(splits[k], eval_packed[1]) for k in ("calib", "score")}
     if n_dirty := sum(map(len, dirty.values())):
         warnings.warn(f"{n_dirty} calibration document(s) share a run of {CONTAMINATION_NGRAM} words with the "
@@ -1241,7 +1247,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                       f"evaluation stays held out")
         splits = {**splits, **{k: [d for i, d in enumerate(splits[k]) if i not in dirty[k]] for k in dirty}}
     for split in SPLITS:
-        cut: list = []  # documents max_doc_tokens cut (calib and score: the evaluation split's are not counted)
+        cut: list = eval_cut if split == "eval" else []  # documents max_doc_tokens cut
         if split == "eval":  # from the evaluation sources alone, as `pack_eval_split` packs it for a re-pack's check
             tokens, used, source_tokens = eval_packed
         else:
@@ -1266,8 +1272,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         tensors[split] = tokens
         if tokens.numel() < budgets[split] // config.seq_len * config.seq_len:
             warnings.warn(short_split_message(split, tokens.numel(), budgets[split], config.max_doc_tokens,
-                                              None if split == "eval" else len({d.doc_id for d in used} & set(cut)),
-                                              len(used)))
+                                              len({d.doc_id for d in used} & set(cut)), len(used)))
         doc_ids: dict[str, list[str]] = {}
         for d in used:
             doc_ids.setdefault(d.source, []).append(d.doc_id)

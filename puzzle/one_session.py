@@ -160,7 +160,9 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     for name, c in cands.items():
         try:
             models[name] = realize_child(models["parent"], library, c.blocks, c.stage, share=True, entries=entries)
-        except (PuzzleError, ValueError) as e:
+        except PuzzleError as e:  # a library entry missing or damaged: its own message says `puzzle bld` rebuilds it
+            raise PuzzleError(f"{name} cannot be built again for the one session: {e}") from None
+        except ValueError as e:
             raise cannot_build(name, *unique[name], e) from None
     run.say(f"front: timing the parent and {len(models) - 1} models together, {repeats} interleaved rounds")
     df = measure_models(models, run.workload(), repeats=repeats, progress=run.progress,

@@ -164,13 +164,15 @@ class Run:
                 from .tiny import tiny_parent
 
                 loaded = tiny_parent()
+                loaded.model.to(DTYPE[self.config.parent.dtype])  # its weights are made in fp32 (breaker: the
+                # configured parent.dtype was recorded and ignored)
             else:
                 from .parent import load_parent
 
                 if path.startswith("asset:"):
-                    from .assets import asset_path
+                    from .assets import model_asset_path
 
-                    path = str(asset_path(path[len("asset:"):], progress=self.progress))
+                    path = str(model_asset_path(path[len("asset:"):], progress=self.progress))
                 loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
@@ -302,11 +304,12 @@ def check_parent_path(path: str, out: Path) -> None:
     """
     if path == "tiny" or path.startswith("asset:") or Path(path).expanduser().exists():
         return
+    kinds = ("an HF folder with safetensors, a .gguf file, a nemotron-nas folder, asset:<name> (the packaged parent: "
+             "asset:smollm2-gguf) or tiny")
     if not (out / "parent.json").is_file():  # a new run: a mistyped path, not a moved model (fresh user)
-        raise PuzzleError(f"the parent {path} does not exist (--parent, or parent.path of the preset); give an HF "
-                          f"folder with safetensors, a .gguf file, a nemotron-nas folder, asset:<name> (the packaged "
-                          f"parent: asset:smollm2-gguf) or tiny")
+        raise PuzzleError(f"the parent {path} does not exist (--parent, or parent.path of the preset); give {kinds}")
     raise PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in {out / 'config.json'}); "
+                      f"if it was mistyped, give {kinds}; "
                       f"if the run's model moved, give its new path once with `puzzle data --out {out} --parent "
                       f"NEW_PATH` (run, data, bld and score take --parent and save it; the same weights keep the run's "
                       f"library, scores and children), else put the model back or give a path that exists")
@@ -348,11 +351,13 @@ def check_parent_weights(out: Path, model, parent_config) -> str:
     recorded, now = _recorded_weights_sha(out), weights_sha(model)
     if not (out / "library").exists():
         return now
-    advice = (f"give the run its own parent again (--parent or --dtype on run, data, bld or score), or use another "
-              f"--out for this parent")
+    advice = (f"give the run its own parent again (--parent on run, data, bld or score; its dtype is parent.dtype in "
+              f"{out / 'config.json'} or a preset's [parent] dtype, now {parent_config.dtype}: --dtype is the "
+              f"target's), or use another --out for this parent")
     if recorded is not None and recorded != now:
         raise PuzzleError(f"the run's library ({out / 'library'}) was built from another parent than "
-                          f"{parent_config.path}: its weights (in parent.dtype {parent_config.dtype}) are not those "
+                          f"{parent_config.path} (or from it in another dtype): its weights (in parent.dtype "
+                          f"{parent_config.dtype}) are not those "
                           f"{out / 'parent.json'} records, and the run's scores and children belong to those; {advice}")
     if recorded is None:  # parent.json missing or damaged: the library's own record of its parent decides
         try:
@@ -792,9 +797,47 @@ def score_table_path(run: Run, stage: str = "bld") -> Path:
 
 
 def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
+    """DIR/score/score_table[_init].csv and its sidecar, for the run's target (`check_score_target`).
+
+    Raises:
+        PuzzleError: missing, damaged or timed for another target (naming the command that times it again).
+    """
     from .search import REQUIRED_COLUMNS
 
-    return load_table(score_table_path(run, stage), required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
+    path = score_table_path(run, stage)
+    check_score_target(run, path)
+    return load_table(path, required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
+
+
+#: the flag that sets each workload field of a cost table's sidecar (`cost_meta`)
+TARGET_FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size", "prompt_len": "--prompt-len",
+                "gen_len": "--gen-len"}
+
+
+def check_score_target(run: Run, path: Path) -> None:
+    """Refuse a score table timed for another target than the run's now (a flag such as `--dtype` given to `data`
+    saves the new target), naming `puzzle score` to time it again and the flags that go back (breaker: `realize`
+    measured in float16 against a bfloat16 table's predictions without a word, and the table check told the user to
+    "request the same dtype" from commands without the flag). A missing or unreadable sidecar is left to
+    `io.load_table`.
+
+    Raises:
+        PuzzleError: a workload field (`cost_meta`) differs.
+    """
+    try:
+        meta = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict):
+        return
+    differ = {k: (meta.get(k), v) for k, v in cost_meta(run).items() if meta.get(k) != v}
+    if differ:
+        was = ", ".join(f"{k}={old!r}" for k, (old, _) in differ.items())
+        now = ", ".join(f"{k}={new!r}" for k, (_, new) in differ.items())
+        back = " ".join(f"{TARGET_FLAGS[k]} {old}" for k, (old, _) in differ.items() if k in TARGET_FLAGS)
+        raise PuzzleError(f"{path} was timed for {was}, but the run's target is now {now} (DIR/config.json, saved "
+                          f"by an earlier command's flag): time it for this target with `puzzle score --out {run.out}` "
+                          f"(minutes), or go back with `puzzle score --out {run.out} {back}`")
 
 
 #: how the main child's name spells each budget field (config.SEARCH_BUDGETS, BudgetRequest's fields)
@@ -1564,6 +1607,7 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
 
     record = read_architecture(run, name)
     searched = record.get("library_stage", "bld")
+    check_score_target(run, score_table_path(run, searched))  # its predictions and budget are the table's
     other = stage is not None and stage != searched  # e.g. the BLD child's architecture from the init library
     child = build_child(run, record, stage)
     quality = evaluate(run, child, f"{name}.{stage}" if other else name)

@@ -760,9 +760,9 @@ def cmd_generate(args) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     path = args.model
     if path.startswith("asset:"):  # fresh user: `--parent` takes the packaged parent so, `generate` did not
-        from .assets import asset_path
+        from .assets import model_asset_path
 
-        path = str(asset_path(path[len("asset:"):]))
+        path = str(model_asset_path(path[len("asset:"):]))
     _refuse_run_directory(Path(path))
     loaded = load_parent(path, dtype=dtype)
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]

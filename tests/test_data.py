@@ -801,7 +801,7 @@ def test_a_split_short_because_documents_were_cut_names_max_doc_tokens(tmp_path,
     (tmp_path / "eval.txt").write_text("\n\n".join(f"Evaluation passage {i}, with words of its own." * 4
                                                     for i in range(20)))
     config = DataConfig(calib_sources=(str(tmp_path / "calib.txt"),), eval_sources=(str(tmp_path / "eval.txt"),),
-                        seq_len=16, calib_tokens=8192, score_tokens=2048, eval_tokens=512, max_doc_tokens=256)
+                        seq_len=16, calib_tokens=8192, score_tokens=2048, eval_tokens=8192, max_doc_tokens=256)
     with pytest.warns(UserWarning) as caught:
         prepare_data(config, tok, tmp_path / "data")
     said = [str(w.message) for w in caught if str(w.message).startswith("calib split")]
@@ -811,6 +811,12 @@ def test_a_split_short_because_documents_were_cut_names_max_doc_tokens(tmp_path,
         warnings.simplefilter("always")
         whole = prepare_data(dataclasses.replace(config, max_doc_tokens=0), tok, tmp_path / "data-whole")
     assert whole.calib.numel() == 8192 and not any(str(w.message).startswith("calib split") for w in again)
+    # breaker: the short evaluation split (short passages, none cut) named the cap; now only "add text"
+    short_eval = [str(w.message) for w in caught if str(w.message).startswith("eval split")]
+    assert len(short_eval) == 1 and "max_doc_tokens" not in short_eval[0] and "add text" in short_eval[0]
+    # breaker: a cap so low that a split holds not one sequence failed without naming the cap
+    with pytest.raises(PuzzleError, match=r"cut at data.max_doc_tokens = 2 tokens each: --max-doc-tokens 0"):
+        prepare_data(dataclasses.replace(config, max_doc_tokens=2), tok, tmp_path / "data-tiny-cap")
 
 
 def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_said(tmp_path, tok):

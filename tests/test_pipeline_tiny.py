@@ -1000,3 +1000,25 @@ def test_a_bfloat16_target_times_copies_and_keeps_quality_in_the_parents_dtype(t
                      "--max-contention", "inf"]) == 0
     session = json.loads((out / "one_session.json").read_text())
     assert len(session["models"]) >= 2 and all(m["runtime_ms"] > 0 for m in session["models"])
+    # breaker: a target dtype another command saved made realize time float16 against the bf16 table's predictions
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["data", "--out", str(out), "--dtype", "float16", "--no-progress"]) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["realize", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 2
+    said = err.getvalue()
+    assert "was timed for dtype='bfloat16', but the run's target is now dtype='float16'" in said, said
+    assert f"`puzzle score --out {out} --dtype bfloat16`" in said and "Traceback" not in said
+    with contextlib.redirect_stderr(io.StringIO()):  # as it says: back to bf16, the table is kept and realize works
+        assert main(["score", "--out", str(out), "--dtype", "bfloat16", "--no-progress"]) == 0
+        assert main(["realize", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+
+
+def test_the_tiny_parent_takes_the_configured_parent_dtype(tmp_path):
+    """Breaker: [parent] dtype = "bfloat16" with the tiny parent was recorded in config.json and ignored (fp32)."""
+    from puzzle.config import load_preset
+    from puzzle.pipeline import Run
+
+    run = Run(tmp_path / "run", load_preset("tiny").replace(parent={"dtype": "bfloat16"}), progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in run.parent.model.parameters())
+    assert run.parent.model.model.rotary_emb.inv_freq.dtype == torch.float32
