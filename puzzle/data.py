@@ -648,18 +648,17 @@ def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int, cut: list |
         start, batch = start + len(chunk), min(batch * 2, 512)  # grow: few docs for small budgets
 
 
-def short_split_message(split: str, tokens: int, asked: int, max_doc_tokens: int, cut: int | None,
-                        documents: int) -> str:
+def short_split_message(split: str, tokens: int, asked: int, max_doc_tokens: int, cut: int, documents: int) -> str:
     """The warning for a split whose sources gave `tokens`, fewer than the `asked` data.<split>_tokens: with
-    `cut` of its `documents` cut at `max_doc_tokens` (None: not counted), that cap is named first, as raising it
+    `cut` of its `documents` cut at `max_doc_tokens`, that cap is named first, as raising it
     (`--max-doc-tokens`) is what gives more tokens from a few long documents (fresh user: "add text" did not help
     them; 14 documents of 52,058 tokens gave 11,520)."""
     text = (f"{split} split: its sources give {tokens} tokens, fewer than the {asked} asked for "
             f"(data.{split}_tokens, a preset's [data] setting)")
-    if max_doc_tokens > 0 and (cut is None or cut > 0):
-        which = (f"{cut} of its {documents} documents were cut" if cut is not None else "its documents are cut")
-        return (f"{text}; {which} at data.max_doc_tokens = {max_doc_tokens} tokens each: give --max-doc-tokens 0 "
-                f"(whole documents) or a larger cap, add documents, or lower data.{split}_tokens")
+    if max_doc_tokens > 0 and cut > 0:
+        return (f"{text}; {cut} of its {documents} documents were cut at data.max_doc_tokens = {max_doc_tokens} "
+                f"tokens each: give --max-doc-tokens 0 (whole documents) or a larger cap, add documents, or lower "
+                f"data.{split}_tokens")
     return f"{text}; add text to its sources or lower data.{split}_tokens"
 
 

@@ -84,15 +84,13 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone, the models
             needing more than MEMORY_SHARE of the free memory, or persistent contention (`measure_models`).
     """
-    import torch
-
     from .architecture import BlockConfig
     from .baselines import Candidate, LibraryChain, row_inputs
     from .library import Library
     from .pipeline import _sha256, parse_compact_architecture
     from .plots import front_rows
     from .realize import realize_child
-    from .scoring.cost import measure_models
+    from .scoring.cost import measure_models, on_workload
     from .scoring.machine import machine_record
     from .scoring.memory import subblock_params
 
@@ -140,7 +138,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     # and a copy of the parent when the target's device or dtype is not the parent's (`Run.on_target`)
     workload = run.workload()
     weights = list(run.parent.model.parameters())
-    copied = weights[0].dtype != workload.torch_dtype or weights[0].device != torch.device(workload.device)
+    copied = not on_workload(run.parent.model, workload)
     used = {}
     for c in cands.values():
         for i, (block, own) in enumerate(zip(c.blocks, run.parent.config.blocks)):

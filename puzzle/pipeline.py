@@ -805,8 +805,9 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
     from .search import REQUIRED_COLUMNS
 
     path = score_table_path(run, stage)
-    check_score_target(run, path)
-    return load_table(path, required_columns=REQUIRED_COLUMNS, expect=cost_meta(run))
+    table, meta = load_table(path, required_columns=REQUIRED_COLUMNS)  # the sidecar is required
+    check_score_target(run, path, meta)
+    return table, meta
 
 
 #: the flag that sets each workload field of a cost table's sidecar (`cost_meta`)
@@ -814,18 +815,18 @@ TARGET_FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch
                 "gen_len": "--gen-len"}
 
 
-def check_score_target(run: Run, path: Path) -> None:
+def check_score_target(run: Run, path: Path, meta: dict | None = None) -> None:
     """Refuse a score table timed for another target than the run's now (a flag such as `--dtype` given to `data`
     saves the new target), naming `puzzle score` to time it again and the flags that go back (breaker: `realize`
     measured in float16 against a bfloat16 table's predictions without a word, and the table check told the user to
-    "request the same dtype" from commands without the flag). A missing or unreadable sidecar is left to
-    `io.load_table`.
+    "request the same dtype" from commands without the flag). `meta`: the table's sidecar as `io.load_table` read
+    it, else read here (`stage_realize` needs no table); a missing or unreadable one is left to `io.load_table`.
 
     Raises:
         PuzzleError: a workload field (`cost_meta`) differs.
     """
     try:
-        meta = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8"))
+        meta = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8")) if meta is None else meta
     except (OSError, ValueError):
         return
     if not isinstance(meta, dict):

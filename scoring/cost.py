@@ -822,6 +822,12 @@ def _empty_like(config: ModelConfig) -> ModelConfig:
     return config.with_blocks([empty] * config.num_hidden_layers)
 
 
+def on_workload(model: PuzzleForCausalLM, workload: Workload) -> bool:
+    """Whether `model`'s weights are on the workload's device and in its dtype (`measure_models` times it as it is)."""
+    p = next(model.parameters())
+    return p.dtype == workload.torch_dtype and p.device == torch.device(workload.device)
+
+
 def to_workload(model: PuzzleForCausalLM, workload: Workload) -> PuzzleForCausalLM:
     """`model` itself when its weights are on the workload's device and dtype, else a copy moved and cast there
     (`model` is left as it is: the pipeline scores quality in the parent's dtype and times in the target's).
@@ -833,8 +839,7 @@ def to_workload(model: PuzzleForCausalLM, workload: Workload) -> PuzzleForCausal
     Raises:
         PuzzleError: a CUDA device this machine does not have (`check_device_available`).
     """
-    p = next(model.parameters())
-    if p.dtype == workload.torch_dtype and p.device == torch.device(workload.device):
+    if on_workload(model, workload):
         return model
     check_device_available(workload.device)
     device, dtype = torch.device(workload.device), workload.torch_dtype
@@ -849,8 +854,8 @@ def to_workload(model: PuzzleForCausalLM, workload: Workload) -> PuzzleForCausal
 
 
 def _check_model(model: PuzzleForCausalLM, workload: Workload) -> None:
-    p = next(model.parameters())
-    if p.dtype != workload.torch_dtype or p.device != torch.device(workload.device):
+    if not on_workload(model, workload):
+        p = next(model.parameters())
         raise PuzzleError(f"model is {str(p.dtype).removeprefix('torch.')} on {p.device} but the workload is "
                           f"{workload.dtype} on {workload.device}; move it with model.to(device, dtype) first")
 
