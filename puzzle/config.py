@@ -144,6 +144,10 @@ class SearchConfig:
         all within budget, evaluation KL at 1.25x 1.02 -> 0.92 nats (README, "Costs"). Each round
         that changes a child measures every model again. CLI: --budget-feedback.
     budget_slack: headroom under the measured budget that counts as on budget (0.03 = 3 %).
+    feedback_candidates: a re-solve of the budget feedback realizes the MIP's first child under the corrected
+        limits, the child itself where it meets them, and the `feedback_candidates` best within 6 layers of the
+        child, and keeps the one with the lowest KL on the scoring split (`pipeline.feedback_options`); 1: the
+        MIP's first only. The summed replace-1 KL can rank a far-off child first that realizes much worse.
     """
 
     speedup: float | None = 1.5
@@ -159,6 +163,7 @@ class SearchConfig:
     front_speedups: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0)
     budget_feedback: int = 2
     budget_slack: float = 0.03
+    feedback_candidates: int = 4
 
     def __post_init__(self) -> None:
         from .feedback import check_rounds, check_slack
@@ -172,6 +177,10 @@ class SearchConfig:
             raise PuzzleError(f"search.objective: {e}") from None
         object.__setattr__(self, "budget_feedback", check_rounds(self.budget_feedback))
         object.__setattr__(self, "budget_slack", check_slack(self.budget_slack))
+        k = self.feedback_candidates
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+            raise PuzzleError(f"search.feedback_candidates must be a whole number from 1 (the MIP's first child only) "
+                              f"to 16, got {k!r}")
 
         for f in SEARCH_BUDGETS[1:]:  # a TOML number (max_params = 0.5) is the same budget as the flag's text
             value = getattr(self, f)

@@ -63,6 +63,9 @@ COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
 MAX_ROUNDS = 10  # each round measures every model again; more than a few only follow the timing noise
 LOOSEN_STEP = 0.5  # fraction (in log space) of a loosening step taken
 NOISE_SIGMAS = 2.0  # a miss or a headroom smaller than this many standard errors is left alone
+#: key of a re-solved record (`settle`'s resolve) holding the children it chose among, [{choice, source,
+#: selection_kl}, ...]; settle moves it to the round's history entry as "candidates"
+FEEDBACK_CANDIDATES_KEY = "feedback_candidates"
 
 
 def check_rounds(value, name: str = "search.budget_feedback") -> int:
@@ -270,14 +273,16 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             measured along.
         measure: {name: record} -> a `measure_models` table indexed by name, with a "parent" row;
             it realizes the records' architectures and times them with the parent in one session.
-        resolve: (name, record, table Budgets) -> the record re-solved under those limits.
-            PuzzleError (no child meets them) keeps the current child.
+        resolve: (name, record, table Budgets) -> the record re-solved under those limits (the record itself
+            keeps the child). PuzzleError (no child meets them) keeps the current child. A record with
+            FEEDBACK_CANDIDATES_KEY (the children the resolve chose among) has it moved to the history entry.
         rounds: re-solve rounds at most (0: check only). slack: headroom that counts as on budget.
 
     Returns:
         (records, measured, checks, history): the final records and their measurement (the last
         session, every model in it), {name: Check} for the final children, and {name: [{round,
-        choice, predicted_runtime_ms, table_budgets, check, action}, ...]} for every session.
+        choice, predicted_runtime_ms, table_budgets, check, action, and candidates where the resolve chose
+        among several}, ...]} for every session.
     """
     records = dict(records)
     measured = measure(records)
@@ -319,6 +324,9 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 entry["action"] = f"kept: {e}"
                 say(f"budget feedback, round {k + 1}: {name}: no child under the corrected limits ({e}); kept")
                 continue
+            if FEEDBACK_CANDIDATES_KEY in new:
+                new = dict(new)
+                entry["candidates"] = new.pop(FEEDBACK_CANDIDATES_KEY)
             new_key = tuple(new["choice"])
             if new_key == key:
                 entry["action"] = "kept: the corrected limits choose the same child"

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from .architecture import ArchitectureError, BlockConfig
-from .config import SEARCH_BUDGETS, RunConfig, save_run_config
+from .config import SEARCH_BUDGETS, RunConfig, SearchConfig, save_run_config
 from .errors import PuzzleError, differing_settings
 from .io import (atomic_write_json, atomic_write_text, is_run_directory, load_table, read_json, save_table,
                  tensor_sha256)
@@ -922,10 +922,59 @@ def _solve_record(run: Run, name: str, request, stage: str, budgets=None,
                               f"{run.out / 'config.json'}): {str(e).removeprefix('--exclude ')}; `--exclude none` "
                               f"clears the setting") from None
     solution = solve(table, budgets, s.objective, vllm_compatible=s.vllm_compatible, exclude=s.exclude)[0]
+    return _record_of(run, name, request, stage, solution, table)
+
+
+def _record_of(run: Run, name: str, request, stage: str, solution, table: pd.DataFrame) -> dict:
+    """The DIR/search/<name>.json record of `solution` (a search.Solution on the `stage` score table `table`)."""
+    from .search import parent_totals
+
+    s = run.config.search
     return {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
             **({"exclude": list(s.exclude)} if s.exclude else {}),  # absent when none: earlier records stay the same
             "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v},
             "table_sha256": _sha256(score_table_path(run, stage))}
+
+
+FEEDBACK_MAX_CHANGES = 6  # the feedback's trust region: layers a re-solve may change around the child it corrects
+
+
+def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, tuple[str, dict]]:
+    """The children the budget feedback's re-solve of `name` chooses from under the corrected table limits
+    `budgets`, {choice: (how it was found, record)}, in this order: the child itself where it meets them, the MIP's first child
+    (what the re-solve took alone before), and the `[search] feedback_candidates` best within
+    FEEDBACK_MAX_CHANGES layers of the child (a trust region: the child's measured / predicted ratio, which
+    corrected the limits, holds best for children near it). `realize_and_measure` realizes them and keeps the
+    lowest KL on the scoring split. With feedback_candidates 1, the MIP's first child only.
+
+    Raises:
+        PuzzleError: no child meets `budgets` (InfeasibleBudget; `feedback.settle` then keeps the child).
+    """
+    from .budgets import BudgetRequest
+    from .refine import _fits
+    from .search import solve
+
+    s = run.config.search
+    request, stage = BudgetRequest(**record["request"]), record.get("library_stage", "bld")
+    scored = load_score_table(run, stage)
+    first = _solve_record(run, name, request, stage, budgets=budgets, scored=scored)
+    if s.feedback_candidates <= 1:
+        return {tuple(first["choice"]): ("the MIP's first", first)}
+    current = tuple(record["choice"])
+    try:
+        near = solve(scored[0], budgets, s.objective, vllm_compatible=s.vllm_compatible, exclude=s.exclude,
+                     num_solutions=s.feedback_candidates, anchor=[BlockConfig.from_id(b) for b in current],
+                     max_changes=FEEDBACK_MAX_CHANGES)
+    except InfeasibleBudget:  # nothing that near: the MIP's first (and the child, where it fits)
+        near = []
+    options = {current: ("the child", record)} if _fits(record, budgets) else {}
+    options.setdefault(tuple(first["choice"]), ("the MIP's first", first))
+    for x in near:
+        changes = sum(a != b for a, b in zip(x.choice, current))
+        options.setdefault(tuple(x.choice), (f"{changes} layer{'s' if changes != 1 else ''} from the child",
+                                             _record_of(run, name, request, stage, x, scored[0])))
+    return options
+
 
 def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     """DIR/search/<name>.json when the budget feedback settled it and a new solve would start over.
@@ -1420,8 +1469,13 @@ def _searched_again(run: Run, name: str) -> str | None:
         return None
     if was == now and stages[0] == stages[1]:
         return None
-    return (f"{name} was searched again since (predicted speed-up {was:.3g}x then, {now:.3g}x now)"
-            if isinstance(was, (int, float)) and isinstance(now, (int, float)) else f"{name} was searched again since")
+    if stages[0] != stages[1] and isinstance(stages[0], str) and isinstance(stages[1], str):
+        return f"{name} was searched again since (on the {stages[0]} library then, the {stages[1]} one now)"
+    if not (isinstance(was, (int, float)) and isinstance(now, (int, float))):
+        return f"{name} was searched again since"
+    # as many digits as tell the two apart (two children can predict 1.2581x and 1.2579x: not "1.26x then, 1.26x now")
+    digits = next((d for d in range(3, 10) if f"{was:.{d}g}" != f"{now:.{d}g}"), 10)
+    return f"{name} was searched again since (predicted speed-up {was:.{digits}g}x then, {now:.{digits}g}x now)"
 
 
 def earlier_children(out: Path, current) -> list[str]:
@@ -1804,8 +1858,8 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     rewritten to DIR/search/ and the checks go to DIR/children/budget_feedback.json.
     Returns (summary table, parent first; {name: child model}; {name: final record}).
     """
-    from .budgets import BudgetRequest
-    from .feedback import settle
+    from .feedback import FEEDBACK_CANDIDATES_KEY, settle
+    from .refine import selection_kl
     from .scoring.cost import measure_models
 
     built: dict[tuple, object] = {}
@@ -1826,8 +1880,22 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         return measured.set_index("name")
 
     def resolve(name: str, record: dict, budgets) -> dict:  # written below once its round is decided, not now
-        request = BudgetRequest(**record["request"])
-        return _solve_record(run, name, request, record.get("library_stage", "bld"), budgets=budgets)
+        options = feedback_options(run, name, record, budgets)
+        if len(options) == 1:
+            return next(iter(options.values()))[1]
+        # each realized and scored on the scoring split; the lowest KL is kept (and its model, for the timing)
+        stage, scored, best = record.get("library_stage", "bld"), [], None
+        for key, (source, rec) in options.items():
+            model = built.get((key, stage)) or build_child(run, rec)
+            scored.append({"choice": list(key), "source": source, "selection_kl": selection_kl(run, model)})
+            if best is None or scored[-1]["selection_kl"] < best[1]:
+                best = (key, scored[-1]["selection_kl"], model)
+            del model
+        built.setdefault((best[0], stage), best[2])
+        source, picked = options[best[0]]
+        run.say(f"budget feedback: {name}: {len(options)} children meet the corrected limits; scoring-split KL "
+                + ", ".join(f"{c['source']} {c['selection_kl']:.3f}" for c in scored) + f"; kept {source}")
+        return {**picked, FEEDBACK_CANDIDATES_KEY: scored}
 
     s = run.config.search
     # the plain solve's child of each budget (a record the feedback settled before carries it along)
@@ -2655,7 +2723,8 @@ def front_inputs(run: Run) -> dict:
 
 def _front_settings(config, parent_path: bool = True):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
-    depend on: the report section, score.max_contention, an empty search.exclude and, with `parent_path=False`,
+    depend on: the report section, score.max_contention, an empty search.exclude, the default
+    search.feedback_candidates and, with `parent_path=False`,
     parent.path (for a run whose parent.json records the parent's weights hash: every stage that loads the parent
     then accepts only those weights wherever they lie, `check_parent_weights`, so a moved parent is the same
     parent). Other values (None, a damaged record) as they are."""
@@ -2668,6 +2737,9 @@ def _front_settings(config, parent_path: bool = True):
     if isinstance(config.get("search"), dict) and not config["search"].get("exclude", True):
         # no exclusions: as a front.json written before search.exclude existed (which would else read as a change)
         config["search"] = {k: v for k, v in config["search"].items() if k != "exclude"}
+    if isinstance(config.get("search"), dict) and config["search"].get("feedback_candidates") == SearchConfig.feedback_candidates:
+        # the default: as a front.json written before search.feedback_candidates existed
+        config["search"] = {k: v for k, v in config["search"].items() if k != "feedback_candidates"}
     return config
 
 

@@ -814,7 +814,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         PuzzleError: as `pipeline.read_architecture` or `load_score_table`, a damaged budget request or child record
             (before any timing; `feedback_limits`), rounds outside 0..feedback.MAX_ROUNDS.
     """
-    from .feedback import check_rounds, measured_limits, settle
+    from .feedback import FEEDBACK_CANDIDATES_KEY, check_rounds, measured_limits, settle
     from .pipeline import _over_budget_note, check_machine_drift, earlier_feedback, load_score_table, read_architecture
     from .scoring.cost import measure_models
     from .search import solve
@@ -881,12 +881,14 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
                                 realize_blocks(run, [BlockConfig.from_id(b) for b in c], stage), tokens), c)
                   for c in candidates]
         best = min(scored, key=lambda pair: pair[0])[1]  # the first of equal KLs: the child, then in context
+        tried = {FEEDBACK_CANDIDATES_KEY: [{"choice": list(c), "source": "the child" if c == current else "re-solve",
+                                            "selection_kl": kl} for kl, c in scored]}  # settle: to its history
         if best == current:
-            return record  # settle: "kept: the corrected limits choose the same child"
+            return {**record, **tried}  # settle: "kept: the corrected limits choose the same child"
         rec = record_for(run, child, best, stage, budgets, f"mip-{child.rsplit('-', 1)[1]}")
         kept = {key: record[key] for key in ("vllm_compatible", "exclude", "picked_from", "request") if key in record}
         before = record.get(SELECTION_KEY)
-        return {**rec, **kept, SELECTION_KEY: max(now, before if isinstance(before, int) else 0)}
+        return {**rec, **kept, SELECTION_KEY: max(now, before if isinstance(before, int) else 0), **tried}
 
     records, measured, checks, history = settle(records, measure, resolve, rounds=rounds, slack=s.budget_slack,
                                                 workload_meta=run.workload().meta(), say=run.say)

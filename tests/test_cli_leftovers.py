@@ -501,3 +501,24 @@ def test_temporary_files_of_killed_writes_are_removed_after_a_command_on_the_run
         os.utime(busy, (hour_ago, hour_ago))
         assert remove_stale_temp_files(run, before=time.time()) == [] and busy.exists()
     assert remove_stale_temp_files(run, before=time.time()) == [busy]
+
+
+@pytest.mark.parametrize("was, now, stage_then, expected", [
+    (1.2581, 1.2579, "bld", "(predicted speed-up 1.2581x then, 1.2579x now)"),  # not "1.26x then, 1.26x now"
+    (1.5, 2.0, "bld", "(predicted speed-up 1.5x then, 2x now)"),
+    (1.5, 1.5, "init", "(on the init library then, the bld one now)"),
+    (1.5, 1.5, "bld", None)])
+def test_searched_again_tells_the_two_children_apart(tmp_path, was, now, stage_then, expected):
+    """An export of an earlier search's child is named out of date with figures that differ in the message."""
+    import json
+    import types
+
+    from puzzle.pipeline import _searched_again
+
+    (tmp_path / "export" / "c").mkdir(parents=True)
+    (tmp_path / "search").mkdir()
+    (tmp_path / "export" / "c" / "config.json").write_text(json.dumps(
+        {"puzzle": {"predicted_speedup": was, "library_stage": stage_then}}))
+    (tmp_path / "search" / "c.json").write_text(json.dumps({"speedup": now, "library_stage": "bld"}))
+    said = _searched_again(types.SimpleNamespace(out=tmp_path), "c")
+    assert said == (None if expected is None else f"c was searched again since {expected}")

@@ -457,6 +457,7 @@ def test_a_feedback_re_solve_is_not_written_before_its_round_is_decided(tmp_path
     measured records (an unchecked re-solve there was what `export` and `realize` then built)."""
     from puzzle import feedback, pipeline
     from puzzle.baselines import open_run
+    from puzzle.budgets import Budgets
 
     out = _copy(tmp_path_factory, tmp_path)
     run = open_run(out, progress=False)
@@ -467,7 +468,7 @@ def test_a_feedback_re_solve_is_not_written_before_its_round_is_decided(tmp_path
 
     def interrupted_after_a_re_solve(records, measure, resolve, **kwargs):
         name, record = next(iter(records.items()))
-        resolved.append(resolve(name, record, None))
+        resolved.append(resolve(name, record, Budgets.from_dict(record["budgets"])))  # settle passes table limits
         raise KeyboardInterrupt
 
     monkeypatch.setattr(feedback, "settle", interrupted_after_a_re_solve)

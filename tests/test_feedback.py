@@ -398,3 +398,82 @@ def test_a_request_that_is_no_mapping_is_a_clear_error(request_):
 
     with pytest.raises(PuzzleError, match="is not a set of budget fields"):
         measured_limits(request_, {"runtime_ms": 10.0})
+
+
+@pytest.mark.parametrize("candidates", [4, 1])
+def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, tmp_path, monkeypatch, candidates):
+    """The feedback's re-solve of an over-budget child realizes the MIP's first child under the corrected limits
+    and the best ones near the child, and keeps the lowest scoring-split KL (`feedback_options`); with
+    feedback_candidates 1 it takes the MIP's first alone. The child measures 1.3 times its table prediction, every
+    other model exactly its prediction (a machine model: the real measurement carries the timings)."""
+    import shutil
+
+    import puzzle.scoring.cost as cost
+    from puzzle import pipeline
+    from puzzle.baselines import open_run
+    from puzzle.refine import record_for, selection_kl
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    run = open_run(out, progress=False)
+    run.config = run.config.replace(search={"budget_feedback": 1, "feedback_candidates": candidates})
+    name = "child-1.5x"
+    record = json.loads((out / "search" / f"{name}.json").read_text())
+    record = {**record, "choice": record.get("solved_choice", record["choice"])}
+    record = {**record, **record_for(run, name, record["choice"], "bld", Budgets.from_dict(record["budgets"]), "m"),
+              "method": record.get("method"), "budgets": record["budgets"]}
+    real = cost.measure_models
+
+    def predicted_times(models, workload, **kw):  # real session, runtimes replaced by the table's predictions
+        df = real(models, workload, **kw)
+        for n, model in models.items():
+            choice = [b.id for b in model.config.blocks]
+            ms = record["parent"]["runtime_ms"] if n == "parent" else \
+                record_for(run, "x", choice, "bld", Budgets.from_dict(record["budgets"]), "m")["runtime_ms"]
+            df.loc[df["name"] == n, "runtime_ms"] = ms * (1.3 if choice == record["choice"] else 1.0)
+        df.loc[:, [c for c in df.columns if c.endswith("_iqr_ms")]] = 0.0
+        df.attrs.pop("runtime_rounds_ms", None)
+        return df
+
+    monkeypatch.setattr(cost, "measure_models", predicted_times)
+    said = []
+    run.say = said.append
+    pipeline.realize_and_measure(run, {name: record})
+    final = json.loads((out / "search" / f"{name}.json").read_text())
+    first = final["budget_feedback"][0]
+    assert first["action"] == "tightened" and final["choice"] != record["choice"]
+    if candidates == 1:
+        assert "candidates" not in first and not any("children meet the corrected limits" in m for m in said)
+        return
+    tried = first["candidates"]
+    assert len(tried) >= 2 and tried[0]["source"] == "the MIP's first"  # the child itself is over: not a candidate
+    assert all(t["source"].endswith("from the child") for t in tried[1:])
+    picked = min(tried, key=lambda t: t["selection_kl"])
+    assert final["choice"] == picked["choice"]
+    other = max(tried, key=lambda t: t["selection_kl"])  # the scores are the realized children's, as refine's
+    built = pipeline.build_child(run, {**record, "choice": other["choice"]})
+    assert selection_kl(run, built) == pytest.approx(other["selection_kl"], rel=1e-6)
+    assert any(f"budget feedback: {name}: {len(tried)} children meet the corrected limits" in m for m in said)
+    limits = Budgets.from_dict(final["budgets"]).limits()
+    assert all(final[c] <= v * (1 + 1e-9) for c, v in limits.items())  # the pick meets the corrected limits
+
+
+@pytest.mark.parametrize("bad", [0, 17, 2.5, True, "4"])
+def test_feedback_candidates_out_of_range_is_refused_by_name(bad):
+    from puzzle.config import SearchConfig
+
+    with pytest.raises(PuzzleError, match=r"search.feedback_candidates must be a whole number from 1 .* to 16"):
+        SearchConfig(feedback_candidates=bad)
+
+
+def test_the_default_feedback_candidates_leaves_an_earlier_front_current():
+    """A front.json written before search.feedback_candidates existed compares equal with the default, not with
+    another value (which changes how the feedback re-solves, so the front is timed again)."""
+    from puzzle.config import RunConfig
+    from puzzle.pipeline import _front_settings
+
+    config = RunConfig().to_dict()
+    earlier = {**config, "search": {k: v for k, v in config["search"].items() if k != "feedback_candidates"}}
+    assert _front_settings(config) == _front_settings(earlier)
+    one = {**config, "search": {**config["search"], "feedback_candidates": 1}}
+    assert _front_settings(one) != _front_settings(earlier)
