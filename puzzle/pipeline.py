@@ -941,8 +941,8 @@ FEEDBACK_MAX_CHANGES = 6  # the feedback's trust region: layers a re-solve may c
 
 def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, tuple[str, dict]]:
     """The children the budget feedback's re-solve of `name` chooses from under the corrected table limits
-    `budgets`, {choice: (how it was found, record)}, in this order: the child itself where it meets them, the MIP's first child
-    (what the re-solve took alone before), and the `[search] feedback_candidates` best within
+    `budgets`, {choice: (how it was found, record)}, in this order: the child itself where it meets them, the
+    MIP's first child (what the re-solve took alone before), and the `[search] feedback_candidates` best within
     FEEDBACK_MAX_CHANGES layers of the child (a trust region: the child's measured / predicted ratio, which
     corrected the limits, holds best for children near it). `realize_and_measure` realizes them and keeps the
     lowest KL on the scoring split. With feedback_candidates 1, the MIP's first child only.
@@ -2737,7 +2737,8 @@ def _front_settings(config, parent_path: bool = True):
     if isinstance(config.get("search"), dict) and not config["search"].get("exclude", True):
         # no exclusions: as a front.json written before search.exclude existed (which would else read as a change)
         config["search"] = {k: v for k, v in config["search"].items() if k != "exclude"}
-    if isinstance(config.get("search"), dict) and config["search"].get("feedback_candidates") == SearchConfig.feedback_candidates:
+    default = SearchConfig.feedback_candidates
+    if isinstance(config.get("search"), dict) and config["search"].get("feedback_candidates") == default:
         # the default: as a front.json written before search.feedback_candidates existed
         config["search"] = {k: v for k, v in config["search"].items() if k != "feedback_candidates"}
     return config
