@@ -14,10 +14,13 @@ This script replays such re-solves without timing anything, so that the figures 
 for every searched child of the run with a budget request and every factor f, the runtime limit the child was
 solved under is multiplied by f (f < 1: a tightening, the child over its budget; f > 1: a loosening), the options
 are built as the feedback builds them, and each is realized and scored on the scoring split (what the pick sees)
-and on the evaluation split (what the front reports, never chosen on). Rows: one per (child, factor, option) in
-DIR/feedback_pick.csv; the summary (DIR/feedback_pick_summary.csv, printed) compares per (child, factor) the
-evaluation KL of the MIP's first child, of the pick and of the best option (an oracle that sees the evaluation
-text). Reads the run and writes nothing into it.
+and on the evaluation split (what the front reports, never chosen on). Children whose table limits bound no
+runtime (a --max-params or --max-memory main budget) are left out, with a note. Rows: one per (child, factor,
+option) in DIR/feedback_pick.csv, written after each re-solve (an interrupted replay keeps them; a rerun starts
+afresh); the summary (DIR/feedback_pick_summary.csv, printed) compares per (child, factor) the evaluation KL of
+the MIP's first child (which may be the child itself), of the pick and of the best option (an oracle that sees
+the evaluation text), and ends with the geometric mean of picked / MIP's first. DIR defaults to
+<run>/feedback_pick; the script writes nothing else into the run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +82,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (child, factor): options, the MIP's first child's, the pick's and the best option's evaluation KL."""
     out = []
     for (child, factor), g in rows.groupby(["child", "factor"], sort=False):
-        first = g[g["source"] == "the MIP's first"]
+        first = g[g["source"].str.endswith("the MIP's first")]  # "the child, the MIP's first" where they coincide
         pick = g[g["picked"]].iloc[0]
         out.append({"child": child, "factor": factor, "options": len(g), "picked": pick["source"],
                     "mip_first_eval_kl": float(first["eval_kl"].iloc[0]) if len(first) else float("nan"),
@@ -89,6 +93,64 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def parse_factors(text: str) -> list[float]:
+    """--factors: positive numbers, comma-separated.
+
+    Raises:
+        PuzzleError: an empty list, a word that is no number, or a factor that is not positive and finite.
+    """
+    factors = []
+    for word in (w.strip() for w in text.split(",")):
+        try:
+            factor = float(word)
+        except ValueError:
+            raise PuzzleError(f"--factors: {word!r} is not a number; give runtime-limit factors such as "
+                              f"0.94,0.97,1.03,1.06") from None
+        if not (factor > 0 and factor != float("inf")):
+            raise PuzzleError(f"--factors: {word} is not a positive finite factor of the runtime limit")
+        factors.append(factor)
+    if not factors:
+        raise PuzzleError("--factors is empty; give runtime-limit factors such as 0.94,0.97,1.03,1.06")
+    return factors
+
+
+def replay_all(args) -> int:
+    factors = parse_factors(args.factors)
+    if not 1 <= args.candidates <= 16:
+        raise PuzzleError(f"--candidates must be from 1 to 16 (as [search] feedback_candidates), got {args.candidates}")
+    run = open_run(args.run, progress=False)
+    run.config = run.config.replace(search={"feedback_candidates": args.candidates})
+    names = read_json(args.run / "search" / "chosen.json")["names"]
+    records = {n: read_json(args.run / "search" / f"{n}.json") for n in names}
+    skipped = [n for n, r in records.items() if not r.get("request")
+               or "runtime_ms" not in Budgets.from_dict(r["budgets"]).limits()]
+    if skipped:
+        print(f"left out (no budget request, or table limits without a runtime bound): {', '.join(skipped)}")
+    records = {n: r for n, r in records.items() if n not in skipped}
+    if not records:
+        raise PuzzleError(f"no searched child of {args.run} has a runtime budget to replay")
+    out = args.out or args.run / "feedback_pick"
+    out.mkdir(parents=True, exist_ok=True)
+    rows, t0 = [], time.perf_counter()
+    for name, record in records.items():
+        for factor in factors:
+            rows += replay(run, name, record, factor)
+            if rows:  # after each re-solve: an interrupt keeps what is done
+                atomic_write_text(out / "feedback_pick.csv", pd.DataFrame(rows).to_csv(index=False))
+            print(f"{name} x{factor}: {len(rows)} options so far, {time.perf_counter() - t0:.0f} s", flush=True)
+    if not rows:
+        raise PuzzleError("no child meets any of the replayed limits; give factors nearer 1 (--factors)")
+    summary = summarize(pd.DataFrame(rows))
+    atomic_write_text(out / "feedback_pick_summary.csv", summary.to_csv(index=False))
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    ratio = summary["picked_over_mip_first"].dropna()
+    print(f"\n{len(rows)} children realized in {time.perf_counter() - t0:.0f} s; picked / MIP's first: geometric "
+          f"mean {np.exp(np.log(ratio).mean()):.3f} over {len(ratio)} re-solves, from {ratio.min():.3f} to "
+          f"{ratio.max():.3f}, lower in {int((ratio < 0.999).sum())}, higher in {int((ratio > 1.001).sum())}; "
+          f"rows in {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a finished run directory (puzzle run)")
@@ -97,28 +159,11 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=4, help="[search] feedback_candidates to replay (default 4)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/feedback_pick)")
     args = p.parse_args(argv)
-    factors = [float(f) for f in args.factors.split(",") if f.strip()]
-    run = open_run(args.run, progress=False)
-    run.config = run.config.replace(search={"feedback_candidates": args.candidates})
-    out = args.out or args.run / "feedback_pick"
-    out.mkdir(parents=True, exist_ok=True)
-    names = read_json(args.run / "search" / "chosen.json")["names"]
-    records = {n: read_json(args.run / "search" / f"{n}.json") for n in names}
-    records = {n: r for n, r in records.items() if r.get("request")}
-    rows, t0 = [], time.perf_counter()
-    for name, record in records.items():
-        for factor in factors:
-            rows += replay(run, name, record, factor)
-            print(f"{name} x{factor}: {len(rows)} options so far, {time.perf_counter() - t0:.0f} s", flush=True)
-    df = pd.DataFrame(rows)
-    atomic_write_text(out / "feedback_pick.csv", df.to_csv(index=False))
-    summary = summarize(df)
-    atomic_write_text(out / "feedback_pick_summary.csv", summary.to_csv(index=False))
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\n{len(df)} children realized in {time.perf_counter() - t0:.0f} s; mean picked / MIP's first "
-          f"{summary['picked_over_mip_first'].mean():.3f}, worst {summary['picked_over_mip_first'].max():.3f}, "
-          f"best {summary['picked_over_mip_first'].min():.3f}; rows in {out}")
-    return 0
+    try:
+        return replay_all(args)
+    except PuzzleError as e:
+        print(f"feedback_pick: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -329,7 +329,9 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 entry["candidates"] = new.pop(FEEDBACK_CANDIDATES_KEY)
             new_key = tuple(new["choice"])
             if new_key == key:
-                entry["action"] = "kept: the corrected limits choose the same child"
+                entry["action"] = ("kept: the child realized best of the children under the corrected limits"
+                                   if len(entry.get("candidates") or ()) > 1 else
+                                   "kept: the corrected limits choose the same child")
                 continue
             if new_key in tried[name]:
                 if not (miss and met[name].get(new_key)):

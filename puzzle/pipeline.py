@@ -937,6 +937,8 @@ def _record_of(run: Run, name: str, request, stage: str, solution, table: pd.Dat
 
 
 FEEDBACK_MAX_CHANGES = 6  # the feedback's trust region: layers a re-solve may change around the child it corrects
+#: key of a record the feedback took from its trust region (`feedback_options`): how far from the child it lay
+FEEDBACK_PICK_KEY = "feedback_pick"
 
 
 def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, tuple[str, dict]]:
@@ -968,11 +970,16 @@ def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, 
     except InfeasibleBudget:  # nothing that near: the MIP's first (and the child, where it fits)
         near = []
     options = {current: ("the child", record)} if _fits(record, budgets) else {}
+    if tuple(first["choice"]) in options:  # the child is the MIP's first too (benchmarks/feedback_pick.py: both)
+        options[current] = ("the child, the MIP's first", first)
     options.setdefault(tuple(first["choice"]), ("the MIP's first", first))
     for x in near:
         changes = sum(a != b for a, b in zip(x.choice, current))
-        options.setdefault(tuple(x.choice), (f"{changes} layer{'s' if changes != 1 else ''} from the child",
-                                             _record_of(run, name, request, stage, x, scored[0])))
+        source = f"{changes} layer{'s' if changes != 1 else ''} from the child"
+        # the 2nd and later solutions are optimal only given the earlier ones, in the trust region: no claim of
+        # optimality or a bound for the budget (breaker: "optimal" with a summed KL above the MIP's first)
+        options.setdefault(tuple(x.choice), (source, {**_record_of(run, name, request, stage, x, scored[0]),
+                                                      "optimal": False, "bound": None, FEEDBACK_PICK_KEY: source}))
     return options
 
 
@@ -1163,8 +1170,10 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
                 "on measured speed (same budget, objective and tables); to solve afresh, delete "
                 + " and ".join(str(run.out / "search" / f"{n}.json") for n in kept))
     for name, r in records.items():
-        run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, "
-                f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s"
+        how = (f"picked by the budget feedback's realized KL ({r[FEEDBACK_PICK_KEY]}), not the MIP's optimum"
+               if isinstance(r.get(FEEDBACK_PICK_KEY), str) else
+               f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s")
+        run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, {how}"
                 + (" (kept)" if name in kept else ""))
     if json_out:
         print(json.dumps(records[main]))
@@ -1886,7 +1895,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         # each realized and scored on the scoring split; the lowest KL is kept (and its model, for the timing)
         stage, scored, best = record.get("library_stage", "bld"), [], None
         for key, (source, rec) in options.items():
-            model = built.get((key, stage)) or build_child(run, rec)
+            model = built[(key, stage)] if (key, stage) in built else build_child(run, rec)
             scored.append({"choice": list(key), "source": source, "selection_kl": selection_kl(run, model)})
             if best is None or scored[-1]["selection_kl"] < best[1]:
                 best = (key, scored[-1]["selection_kl"], model)
@@ -1894,7 +1903,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         built.setdefault((best[0], stage), best[2])
         source, picked = options[best[0]]
         run.say(f"budget feedback: {name}: {len(options)} children meet the corrected limits; scoring-split KL "
-                + ", ".join(f"{c['source']} {c['selection_kl']:.3f}" for c in scored) + f"; kept {source}")
+                + ", ".join(f"{c['source']} {c['selection_kl']:.4g}" for c in scored) + f"; kept {source}")
         return {**picked, FEEDBACK_CANDIDATES_KEY: scored}
 
     s = run.config.search
@@ -2724,7 +2733,7 @@ def front_inputs(run: Run) -> dict:
 def _front_settings(config, parent_path: bool = True):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
     depend on: the report section, score.max_contention, an empty search.exclude, the default
-    search.feedback_candidates and, with `parent_path=False`,
+    search.feedback_candidates (any, with no budget_feedback round) and, with `parent_path=False`,
     parent.path (for a run whose parent.json records the parent's weights hash: every stage that loads the parent
     then accepts only those weights wherever they lie, `check_parent_weights`, so a moved parent is the same
     parent). Other values (None, a damaged record) as they are."""
@@ -2737,9 +2746,11 @@ def _front_settings(config, parent_path: bool = True):
     if isinstance(config.get("search"), dict) and not config["search"].get("exclude", True):
         # no exclusions: as a front.json written before search.exclude existed (which would else read as a change)
         config["search"] = {k: v for k, v in config["search"].items() if k != "exclude"}
-    default = SearchConfig.feedback_candidates
-    if isinstance(config.get("search"), dict) and config["search"].get("feedback_candidates") == default:
-        # the default: as a front.json written before search.feedback_candidates existed
+    search = config.get("search")
+    if isinstance(search, dict) and (search.get("feedback_candidates") == SearchConfig.feedback_candidates
+                                     or search.get("budget_feedback") == 0):
+        # the default: as a front.json written before search.feedback_candidates existed; with no feedback round
+        # it chooses nothing (breaker: changing it on a budget_feedback 0 run timed the front again)
         config["search"] = {k: v for k, v in config["search"].items() if k != "feedback_candidates"}
     return config
 

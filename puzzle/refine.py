@@ -884,7 +884,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         tried = {FEEDBACK_CANDIDATES_KEY: [{"choice": list(c), "source": "the child" if c == current else "re-solve",
                                             "selection_kl": kl} for kl, c in scored]}  # settle: to its history
         if best == current:
-            return {**record, **tried}  # settle: "kept: the corrected limits choose the same child"
+            return {**record, **tried}  # settle: "kept: the child realized best ..."
         rec = record_for(run, child, best, stage, budgets, f"mip-{child.rsplit('-', 1)[1]}")
         kept = {key: record[key] for key in ("vllm_compatible", "exclude", "picked_from", "request") if key in record}
         before = record.get(SELECTION_KEY)

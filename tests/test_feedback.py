@@ -13,7 +13,7 @@ import pytest
 from puzzle.budgets import BudgetRequest, Budgets
 from puzzle.errors import PuzzleError
 from puzzle.feedback import check, check_measurement, check_rounds, check_slack, corrected_budgets, settle
-from tiny_run import tiny_run_dir
+from tiny_run import load_benchmark, tiny_run_dir
 
 COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
 
@@ -226,6 +226,25 @@ def test_a_loosened_child_over_by_less_than_the_noise_goes_back_whatever_the_rou
     records, _, checks, history = settle({"child": start}, measure, resolve, rounds=rounds, slack=0.03)
     assert calls[:3] == ["A", "C", "A"] and history["child"][1]["action"].startswith("reverted")
     assert records["child"]["choice"] == ["A"] and checks["child"].met
+
+
+def test_a_resolve_that_scored_candidates_has_them_in_the_history():
+    """A resolve's FEEDBACK_CANDIDATES_KEY goes to the round's history entry, never into the record; a child kept
+    because it realized best among them says so (not "the corrected limits choose the same child")."""
+    from puzzle.feedback import FEEDBACK_CANDIDATES_KEY
+
+    start, _, measure, _ = two_children()
+    scored = [{"choice": ["A"], "source": "the child", "selection_kl": 1.0},
+              {"choice": ["C"], "source": "the MIP's first", "selection_kl": 1.2}]
+
+    def keeps_the_child(name, rec, budgets):  # the looser limit's MIP child C realizes worse than A
+        return {**rec, FEEDBACK_CANDIDATES_KEY: scored}
+
+    records, _, _, history = settle({"child": start}, measure, keeps_the_child, rounds=2, slack=0.03)
+    first = history["child"][0]
+    assert first["candidates"] == scored and FEEDBACK_CANDIDATES_KEY not in records["child"]
+    assert first["action"] == "kept: the child realized best of the children under the corrected limits"
+    assert FEEDBACK_CANDIDATES_KEY not in start  # the caller's record is not changed
 
 
 def test_two_children_cannot_alternate_round_after_round():
@@ -450,12 +469,19 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
     assert all(t["source"].endswith("from the child") for t in tried[1:])
     picked = min(tried, key=lambda t: t["selection_kl"])
     assert final["choice"] == picked["choice"]
+    if picked["source"] != "the MIP's first":  # a trust-region solution: no claim to the budget's optimum
+        assert final["optimal"] is False and final["bound"] is None and final["feedback_pick"] == picked["source"]
     other = max(tried, key=lambda t: t["selection_kl"])  # the scores are the realized children's, as refine's
     built = pipeline.build_child(run, {**record, "choice": other["choice"]})
     assert selection_kl(run, built) == pytest.approx(other["selection_kl"], rel=1e-6)
     assert any(f"budget feedback: {name}: {len(tried)} children meet the corrected limits" in m for m in said)
     limits = Budgets.from_dict(final["budgets"]).limits()
     assert all(final[c] <= v * (1 + 1e-9) for c, v in limits.items())  # the pick meets the corrected limits
+    if picked["source"] != "the MIP's first":
+        said.clear()
+        pipeline.stage_search(run)  # kept (settled on measured speed), and said how it was chosen
+        assert any(f"{name}: predicted speed-up" in m and f"picked by the budget feedback's realized KL "
+                   f"({picked['source']}), not the MIP's optimum (kept)" in m for m in said), said
 
 
 @pytest.mark.parametrize("bad", [0, 17, 2.5, True, "4"])
@@ -477,3 +503,30 @@ def test_the_default_feedback_candidates_leaves_an_earlier_front_current():
     assert _front_settings(config) == _front_settings(earlier)
     one = {**config, "search": {**config["search"], "feedback_candidates": 1}}
     assert _front_settings(one) != _front_settings(earlier)
+    no_rounds = {**earlier, "search": {**earlier["search"], "budget_feedback": 0}}  # it chooses nothing then
+    assert _front_settings({**no_rounds, "search": {**no_rounds["search"], "feedback_candidates": 1}}) \
+        == _front_settings(no_rounds)
+
+
+def test_the_feedback_pick_benchmark_replays_re_solves_and_refuses_bad_input(tmp_path_factory, tmp_path, capsys):
+    """benchmarks/feedback_pick.py on the tiny run: a row per option with both KLs, the pick the lowest scoring-split
+    KL of its re-solve, a summary per (child, factor); bad input is one line and exit 2, before any work."""
+    bench = load_benchmark("feedback_pick")
+    run_dir = tiny_run_dir(tmp_path_factory)
+    for flags, says in ((["--factors", "abc"], "'abc' is not a number"), (["--factors", "0"], "not a positive"),
+                        (["--candidates", "0"], "--candidates must be from 1 to 16")):
+        assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "bad"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("feedback_pick: error: ") and says in err and len(err.strip().splitlines()) == 1, err
+    assert bench.main(["--run", str(tmp_path / "none"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "pick"), "--factors", "0.97,1.03",
+                       "--candidates", "2"]) == 0
+    rows = pd.read_csv(tmp_path / "pick" / "feedback_pick.csv")
+    summary = pd.read_csv(tmp_path / "pick" / "feedback_pick_summary.csv")
+    assert set(rows["factor"]) <= {0.97, 1.03} and rows[["selection_kl", "eval_kl"]].notna().all().all()
+    for (_, _), g in rows.groupby(["child", "factor"]):
+        assert g["picked"].sum() == 1 and g.loc[g["picked"], "selection_kl"].iloc[0] == g["selection_kl"].min()
+        assert g["source"].str.endswith("the MIP's first").sum() == 1  # named also where it is the child itself
+    assert len(summary) == rows.groupby(["child", "factor"]).ngroups and summary["picked_over_mip_first"].notna().all()
+    assert "picked / MIP's first: geometric mean" in capsys.readouterr().out
