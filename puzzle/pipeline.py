@@ -2810,8 +2810,10 @@ def front_is_current(run: Run) -> str | None:
     settings = _front_settings(stored.get("settings"), parent_path)  # a front.json written when the limit counted
     now["settings"] = _front_settings(now["settings"], parent_path)
     if now["settings"] != settings:
-        changed = sorted(k for k in now["settings"] if now["settings"][k] != (settings or {}).get(k))
-        return f"the settings changed ([{', '.join(changed)}])"
+        # which ones, with the values where short (a fresh user saw "[search]" after `search --speedup 2`)
+        changed = differing_settings(settings or {}, now["settings"]) or ["?"]
+        more = f", and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return f"the settings changed ({'; '.join(changed[:3])}{more})"
     if now["children"] is None:
         return UNREADABLE_CHILDREN
     if now["children"] != stored.get("children"):

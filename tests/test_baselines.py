@@ -555,19 +555,22 @@ def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_
     shutil.copytree(out, copy, copy_function=shutil.copy)  # new file times: a copied run reuses its front
     assert front_is_current(Run(copy, saved, progress=False)) is None
     other = saved.replace(search={"front_speedups": (1.25, 2.0)})
-    assert "the settings changed ([search])" in front_is_current(Run(out, other, progress=False))
+    assert "the settings changed (search.front_speedups)" in front_is_current(Run(out, other, progress=False))
+    main = saved.replace(search={"speedup": 2.0})  # named with both values
+    assert f"the settings changed (search.speedup: {saved.search.speedup!r} -> 2.0)" \
+        in front_is_current(Run(out, main, progress=False))
     same = saved.replace(search={"front_speedups": tuple(reversed(saved.search.front_speedups)) * 2})
     assert front_is_current(Run(out, same, progress=False)) is None  # the same targets, reordered, repeated
     batch = saved.replace(target={"batch_size": saved.target.batch_size + 1})  # e.g. `puzzle data --batch-size`
-    assert "[target]" in front_is_current(Run(out, batch, progress=False))
+    assert "target.batch_size: 2 -> 3" in front_is_current(Run(out, batch, progress=False))
     # breaker: a moved parent re-measured the whole front (its weights are checked by every stage that loads it)
     moved = saved.replace(parent={"path": str(tmp_path / "moved" / "parent")})
     assert front_is_current(Run(out, moved, progress=False)) is None
     recorded = json.loads((out / "parent.json").read_text())  # a run recorded before the weights hash: by the path
     (out / "parent.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "weights_sha256"}))
-    assert "[parent]" in front_is_current(Run(out, moved, progress=False))
+    assert "parent.path" in front_is_current(Run(out, moved, progress=False))
     (out / "parent.json").write_text(json.dumps(recorded))
-    assert "[parent]" in front_is_current(Run(out, saved.replace(parent={"dtype": "bfloat16"}), progress=False))
+    assert "parent.dtype" in front_is_current(Run(out, saved.replace(parent={"dtype": "bfloat16"}), progress=False))
     stamp = (out / "front.json").read_text()
     (out / "front.json").write_text("[1, 2]")
     assert front_is_current(run) == "front.csv or front.json is unreadable"
