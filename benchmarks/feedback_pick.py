@@ -10,17 +10,18 @@ adds the child itself (where it meets the limits) and the `--candidates` best ch
 `pipeline.FEEDBACK_MAX_CHANGES` layers of it; the pipeline keeps the lowest KL on the scoring split's first 2048
 tokens (`refine.selection_kl`).
 
-This script replays such re-solves without timing anything, so that the figures are free of the machine's noise:
-for every searched child of the run with a budget request and every factor f, the runtime limit the child was
-solved under is multiplied by f (f < 1: a tightening, the child over its budget; f > 1: a loosening), the options
-are built as the feedback builds them, and each is realized and scored on the scoring split (what the pick sees)
-and on the evaluation split (what the front reports, never chosen on). Children whose table limits bound no
-runtime (a --max-params or --max-memory main budget) are left out, with a note. Rows: one per (child, factor,
-option) in DIR/feedback_pick.csv, written after each re-solve (an interrupted replay keeps them; a rerun starts
-afresh); the summary (DIR/feedback_pick_summary.csv, printed) compares per (child, factor) the evaluation KL of
-the MIP's first child (which may be the child itself), of the pick and of the best option (an oracle that sees
-the evaluation text), and ends with the geometric mean of picked / MIP's first. DIR defaults to
-<run>/feedback_pick; the script writes nothing else into the run.
+This script replays such re-solves without timing anything, so that the figures are free of the machine's noise: for
+every child search/chosen.json names (the run's current children) with a budget request and every factor f, the
+runtime limit the child was solved under (for a child the feedback re-solved, its corrected one: the record's
+`budgets`) is multiplied by f (f < 1: a tightening, the child over its budget; f > 1: a loosening), the options are
+built as the feedback builds them, and each is realized and scored on the scoring split (what the pick sees) and on
+the evaluation split (what the front reports, never chosen on). Children whose table limits bound no runtime (a
+--max-params or --max-memory main budget) are left out, with a note. Rows: one per (child, factor, option) in
+DIR/feedback_pick.csv, written after each re-solve (an interrupted replay keeps them; a rerun starts afresh); the
+summary (DIR/feedback_pick_summary.csv, printed) compares per (child, factor) the evaluation KL of the MIP's first
+child (which may be the child itself), of the pick, of the best option (an oracle that sees the evaluation text) and
+of the worst (how much the choice matters), and ends with the geometric mean of picked / MIP's first. DIR defaults
+to <run>/feedback_pick; the script writes nothing else into the run.
 """
 
 from __future__ import annotations

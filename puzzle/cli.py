@@ -510,9 +510,10 @@ def _log_main_budget_change(args, saved, config) -> None:
     from .config import SEARCH_BUDGETS
 
     budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
+    text = lambda b: ", ".join(f"{k} {v}" for k, v in b.items()) or "none"  # noqa: E731 (not a dict's repr)
     if saved is not None and budget(saved) != budget(config):
-        _log(f"{args.command}: the run's main budget is now {budget(config)} (was {budget(saved)}; saved to "
-             f"{args.out / 'config.json'}, so realize, export, front and report use it)")
+        _log(f"{args.command}: the run's main budget is now {text(budget(config))} (was {text(budget(saved))}; saved "
+             f"to {args.out / 'config.json'}, so realize, export, front and report use it)")
 
 
 def _search_flags_dropped(args, config):

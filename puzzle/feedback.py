@@ -247,6 +247,14 @@ def corrected_budgets(record: Mapping, child_measured: Mapping, limits: Mapping,
     return Budgets(**{f"max_{c}": v for c, v in new.items()})
 
 
+def candidates_text(candidates, kept) -> str:
+    """The options a resolve realized, for the log: "4 options realized, scoring-split KL: the MIP's first 1.373,
+    trust-region #1 (5 layers from the child) 1.369, ...; kept trust-region #1 (5 layers from the child)"."""
+    kept_as = next((c.get("source") for c in candidates if list(c.get("choice") or ()) == list(kept)), "?")
+    scores = ", ".join(f"{c.get('source')} {c.get('selection_kl'):#.4g}" for c in candidates)
+    return f"{len(candidates)} options realized, scoring-split KL: {scores}; kept {kept_as}"
+
+
 def check_measurement(measured: pd.DataFrame, name: str, request: Mapping,
                       workload_meta: Mapping | None = None) -> Check:
     """`check` of model `name` of a `measure_models` table indexed by name (with a "parent" row),
@@ -316,6 +324,11 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 continue
             if k == rounds or not (miss or (headroom and not last)):
                 entry["action"] = "kept" if result.met or miss else "kept: over by less than the timing noise"
+                if k < rounds and headroom and not miss:  # a fresh user: 5.7 % under, not loosened, not a word
+                    entry["action"] = "kept: more than the slack under its budget, but the last round only tightens"
+                    say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} "
+                        f"budget; kept: the last round only tightens (a looser child would not be checked), one "
+                        f"more round (--budget-feedback {rounds + 1}) would loosen it")
                 continue
             budgets = corrected_budgets(record, measured.loc[name], result.limits, tighten_only=last or miss)
             try:
@@ -324,14 +337,19 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 entry["action"] = f"kept: {e}"
                 say(f"budget feedback, round {k + 1}: {name}: no child under the corrected limits ({e}); kept")
                 continue
+            options = ""
             if FEEDBACK_CANDIDATES_KEY in new:
                 new = dict(new)
                 entry["candidates"] = new.pop(FEEDBACK_CANDIDATES_KEY)
+                options = candidates_text(entry["candidates"], new["choice"])
             new_key = tuple(new["choice"])
             if new_key == key:
+                several = len(entry.get("candidates") or ()) > 1
                 entry["action"] = ("kept: the child realized best of the children under the corrected limits"
-                                   if len(entry.get("candidates") or ()) > 1 else
-                                   "kept: the corrected limits choose the same child")
+                                   if several else "kept: the corrected limits choose the same child")
+                if several:
+                    say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its "
+                        f"{result.column} budget; under the table limit {budgets.describe()} {options}")
                 continue
             if new_key in tried[name]:
                 if not (miss and met[name].get(new_key)):
@@ -343,7 +361,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             if not miss:
                 loosened.add(name)
             say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} budget; "
-                f"{entry['action']} the table limit to {budgets.describe()}")
+                f"{entry['action']} the table limit to {budgets.describe()}" + (f"; {options}" if options else ""))
             changed[name] = new
         if not changed:
             break

@@ -973,9 +973,9 @@ def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, 
     if tuple(first["choice"]) in options:  # the child is the MIP's first too (benchmarks/feedback_pick.py: both)
         options[current] = ("the child, the MIP's first", first)
     options.setdefault(tuple(first["choice"]), ("the MIP's first", first))
-    for x in near:
+    for i, x in enumerate(near, 1):
         changes = sum(a != b for a, b in zip(x.choice, current))
-        source = f"{changes} layer{'s' if changes != 1 else ''} from the child"
+        source = f"trust-region #{i} ({changes} layer{'s' if changes != 1 else ''} from the child)"
         # the 2nd and later solutions are optimal only given the earlier ones, in the trust region: no claim of
         # optimality or a bound for the budget (breaker: "optimal" with a summed KL above the MIP's first)
         options.setdefault(tuple(x.choice), (source, {**_record_of(run, name, request, stage, x, scored[0]),
@@ -1901,10 +1901,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
                 best = (key, scored[-1]["selection_kl"], model)
             del model
         built.setdefault((best[0], stage), best[2])
-        source, picked = options[best[0]]
-        run.say(f"budget feedback: {name}: {len(options)} children meet the corrected limits; scoring-split KL "
-                + ", ".join(f"{c['source']} {c['selection_kl']:.4g}" for c in scored) + f"; kept {source}")
-        return {**picked, FEEDBACK_CANDIDATES_KEY: scored}
+        return {**options[best[0]][1], FEEDBACK_CANDIDATES_KEY: scored}  # settle says them with its round
 
     s = run.config.search
     # the plain solve's child of each budget (a record the feedback settled before carries it along)
@@ -2501,7 +2498,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                  "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
                  "tightest budget, the request resolved on the parent measured in the same session "
                  "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
-    for note in (_within_noise_note(run.out, summary), parent_runtime_note(summary)):
+    for note in (_within_noise_note(run.out, summary), _clear_miss_note(run.out, summary),
+                 parent_runtime_note(summary)):
         if note:
             lines += [note, ""]
     init_name = f"{main}-init"
@@ -2564,17 +2562,17 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone
 
 
-def _within_noise_note(out: Path, summary: pd.DataFrame) -> str:
-    """A sentence for report.md naming the children whose `budget_met` is False by less than the timing noise (the
-    feedback leaves those, `feedback.Check.significant_miss`), from children/budget_feedback.json; "" when there
-    are none or the file is unreadable (fresh-user run, stop 54: a bare False beside budget use 1.00001)."""
+def _missed_checks(out: Path, summary: pd.DataFrame) -> list[tuple]:
+    """(name, feedback.Check) of each child whose `budget_met` is False in `summary`, from
+    children/budget_feedback.json's final checks; a hand-edited or disagreeing entry, or an unreadable file, gives
+    none."""
     from .feedback import Check
 
     try:
         final = read_json(out / "children" / "budget_feedback.json")["final"]
     except (PuzzleError, KeyError, TypeError):
-        return ""
-    names = []
+        return []
+    found = []
     for row in summary.to_dict("records"):
         try:
             entry = final.get(row["name"]) if isinstance(final, dict) else None
@@ -2586,15 +2584,37 @@ def _within_noise_note(out: Path, summary: pd.DataFrame) -> str:
             if not (math.isfinite(check.use) and check.use > 1 and math.isfinite(check.se) and check.se >= 0
                     and all(math.isfinite(v) for v in ratios.values())):  # a hand-edited or disagreeing file
                 continue
-            if not check.significant_miss():
-                names.append(f"{row['name']} ({check.use_text()}, standard error {check.se:.3f})")
-        except (KeyError, TypeError, ValueError, AttributeError):  # breaker: a text ratio raised in significant_miss
+            check.significant_miss()  # breaker: a text ratio raised there
+            found.append((str(row["name"]), check))
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
+    return found
+
+
+def _within_noise_note(out: Path, summary: pd.DataFrame) -> str:
+    """A sentence for report.md naming the children whose `budget_met` is False by less than the timing noise (the
+    feedback leaves those, `feedback.Check.significant_miss`), from children/budget_feedback.json; "" when there
+    are none or the file is unreadable (fresh-user run, stop 54: a bare False beside budget use 1.00001)."""
+    names = [f"{n} ({c.use_text()}, standard error {c.se:.3f})" for n, c in _missed_checks(out, summary)
+             if not c.significant_miss()]
     if not names:
         return ""
     return (f"`budget_met` is False for {', '.join(names)} by less than the timing noise (two standard errors of this "
             "session's rounds): the feedback leaves such a child as it is, since another session would as likely "
             "measure it within its budget.")
+
+
+def _clear_miss_note(out: Path, summary: pd.DataFrame) -> str:
+    """A sentence for report.md naming the children over their budget by more than the timing noise once the
+    feedback's rounds were spent (a fresh user: 1.036, 7 standard errors over, with no word in the report); ""
+    when there are none."""
+    names = [f"{n} ({c.use_text()} of its {c.column} budget, standard error {c.se:.3f})"
+             for n, c in _missed_checks(out, summary) if c.significant_miss()]
+    if not names:
+        return ""
+    return (f"`budget_met` is False for {', '.join(names)} by more than the timing noise: the budget feedback's "
+            f"rounds were spent before it met its budget (`children/budget_feedback.json` has each round). More rounds "
+            f"(`puzzle front --out {out} --remeasure --budget-feedback 3`) or a quieter machine may bring it within.")
 
 
 def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:

@@ -793,6 +793,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--triton", choices=["auto", "on", "off"], default="auto",
                    help="Triton kernels: auto (on CUDA), on (on a CPU: Triton's interpreter, slow), off (torch)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--no-progress", action="store_true",  # a fresh user: every other command takes it
+                   help="accepted as by the other commands (generate shows no progress bar)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=cmd_generate)
     return p

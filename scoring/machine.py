@@ -20,8 +20,8 @@ with the measurement's own thread count (whole-model measurements also take one 
 models of a round, so that the samples spread over the measurement: a few seconds of a slow machine
 must not speak for all of it). The medians over the kept windows go into the table's
 attrs / sidecar (`reference_compute_ms`, `reference_memory_ms`), and `machine_drift` compares two
-measurements' fingerprints: a ratio away from 1 by more than DRIFT_WARN means the machine ran at a
-different speed, and speed-ups taken across the two may disagree by about that much.
+measurements' fingerprints: a ratio away from 1 by more than DRIFT_WARN, either way (1.3x as long or as fast),
+means the machine ran at a different speed, and speed-ups taken across the two may disagree by about that much.
 
 Measured on the 2-core VM (`python benchmarks/contention.py --out DIR --only fingerprint`, two runs;
 this process and a 1-thread SwiGLU decode pinned to CPU 0, the neighbour pinned to CPU 1, outside the
@@ -60,7 +60,7 @@ import torch
 REFERENCE_N = 256  # side of the compute part's square fp32 matrices
 REFERENCE_PRODUCTS = 20  # products per compute sample (about 8 ms at 1 thread on the 2-core VM)
 REFERENCE_MIN_BYTES = 64 * 2**20  # smallest buffer the memory part copies
-DRIFT_WARN = 0.30  # |ratio - 1| of a fingerprint part above which two measurements are said to differ
+DRIFT_WARN = 0.30  # max(ratio, 1 / ratio) - 1 of a fingerprint part above which two measurements are said to differ
 PARTS = ("compute", "memory")
 
 _buffers: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -167,7 +167,8 @@ def machine_drift(before: Mapping, after: Mapping) -> dict[str, float]:
 
 def drift_message(drift: Mapping[str, float], before: str, after: str) -> str | None:
     """A sentence for the user when a part of `machine_drift` is off by more than DRIFT_WARN; else None."""
-    off = {p: r for p, r in drift.items() if not math.isnan(r) and abs(r - 1) > DRIFT_WARN}
+    # either way by the same factor: 0.72x as long is 1.39x as fast (a fresh user: no warning, the README said 30 %)
+    off = {p: r for p, r in drift.items() if not math.isnan(r) and r > 0 and max(r, 1 / r) - 1 > DRIFT_WARN}
     if not off:
         return None
     parts = ", ".join(f"its {p} part took {r:.2f}x as long" + ("" if r > 1 else f", {1 / r:.2f}x as fast")

@@ -240,10 +240,13 @@ def test_a_resolve_that_scored_candidates_has_them_in_the_history():
     def keeps_the_child(name, rec, budgets):  # the looser limit's MIP child C realizes worse than A
         return {**rec, FEEDBACK_CANDIDATES_KEY: scored}
 
-    records, _, _, history = settle({"child": start}, measure, keeps_the_child, rounds=2, slack=0.03)
+    said = []
+    records, _, _, history = settle({"child": start}, measure, keeps_the_child, rounds=2, slack=0.03, say=said.append)
     first = history["child"][0]
     assert first["candidates"] == scored and FEEDBACK_CANDIDATES_KEY not in records["child"]
     assert first["action"] == "kept: the child realized best of the children under the corrected limits"
+    assert said[0].startswith("budget feedback, round 1: child: measured ") and said[0].endswith(
+        "2 options realized, scoring-split KL: the child 1.000, the MIP's first 1.200; kept the child"), said
     assert FEEDBACK_CANDIDATES_KEY not in start  # the caller's record is not changed
 
 
@@ -363,6 +366,11 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     note = _within_noise_note(tmp_path, summary)
     assert note.startswith("`budget_met` is False for a (1.00001, standard error 0.006) by less than the timing noise")
     assert " b (" not in note and " c (" not in note  # a real miss, and memory is not timed: no noise
+    from puzzle.pipeline import _clear_miss_note
+
+    clear = _clear_miss_note(tmp_path, summary)  # a fresh user: 7 standard errors over, no word in the report
+    assert clear.startswith("`budget_met` is False for b (1.050 of its runtime_ms budget, standard error 0.006), c (")
+    assert " a (" not in clear and f"puzzle front --out {tmp_path} --remeasure --budget-feedback 3" in clear
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, "False", True, True])) == note  # from a CSV
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, True, True, True])) == ""
     (tmp_path / "children" / "budget_feedback.json").write_text("{")
@@ -462,11 +470,12 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
     first = final["budget_feedback"][0]
     assert first["action"] == "tightened" and final["choice"] != record["choice"]
     if candidates == 1:
-        assert "candidates" not in first and not any("children meet the corrected limits" in m for m in said)
+        assert "candidates" not in first and not any("options realized" in m for m in said)
         return
     tried = first["candidates"]
     assert len(tried) >= 2 and tried[0]["source"] == "the MIP's first"  # the child itself is over: not a candidate
-    assert all(t["source"].endswith("from the child") for t in tried[1:])
+    assert all(t["source"].startswith("trust-region #") and t["source"].endswith("from the child)") for t in tried[1:])
+    assert len({t["source"] for t in tried}) == len(tried)  # each named apart (a fresh user: two alike)
     picked = min(tried, key=lambda t: t["selection_kl"])
     assert final["choice"] == picked["choice"]
     if picked["source"] != "the MIP's first":  # a trust-region solution: no claim to the budget's optimum
@@ -474,7 +483,10 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
     other = max(tried, key=lambda t: t["selection_kl"])  # the scores are the realized children's, as refine's
     built = pipeline.build_child(run, {**record, "choice": other["choice"]})
     assert selection_kl(run, built) == pytest.approx(other["selection_kl"], rel=1e-6)
-    assert any(f"budget feedback: {name}: {len(tried)} children meet the corrected limits" in m for m in said)
+    # said with the round that re-solved it, after why (a fresh user: the options came before the round's line)
+    assert any(m.startswith(f"budget feedback, round 1: {name}: measured ") and "; tightened the table limit to " in m
+               and f"; {len(tried)} options realized, scoring-split KL: the MIP's first " in m
+               and m.endswith(f"; kept {picked['source']}") for m in said), said
     limits = Budgets.from_dict(final["budgets"]).limits()
     assert all(final[c] <= v * (1 + 1e-9) for c, v in limits.items())  # the pick meets the corrected limits
     if picked["source"] != "the MIP's first":
@@ -530,3 +542,15 @@ def test_the_feedback_pick_benchmark_replays_re_solves_and_refuses_bad_input(tmp
         assert g["source"].str.endswith("the MIP's first").sum() == 1  # named also where it is the child itself
     assert len(summary) == rows.groupby(["child", "factor"]).ngroups and summary["picked_over_mip_first"].notna().all()
     assert "picked / MIP's first: geometric mean" in capsys.readouterr().out
+
+
+def test_headroom_in_the_last_round_is_kept_and_said():
+    """A child well under its budget in the last round is not loosened (the looser child would go unchecked): its
+    action and the log say so and name the flag that gives it a round (a fresh user: kept 5.7 % under, silently)."""
+    start, resolve, measure, calls = two_children()
+    said = []
+    records, _, _, history = settle({"child": start}, measure, resolve, rounds=1, slack=0.03, say=said.append)
+    assert calls == ["A"] and records["child"]["choice"] == ["A"]
+    assert history["child"][0]["action"] == "kept: more than the slack under its budget, but the last round only " \
+                                            "tightens"
+    assert len(said) == 1 and "one more round (--budget-feedback 2) would loosen it" in said[0], said

@@ -49,6 +49,9 @@ def test_drift_is_after_over_before_and_nan_where_it_cannot_be_read():
 def test_message_only_beyond_the_warning_threshold():
     assert drift_message({"compute": 1.0 + DRIFT_WARN / 2, "memory": 1.0 - DRIFT_WARN / 2}, "a", "b") is None
     assert drift_message({"compute": math.nan, "memory": math.nan}, "a", "b") is None
+    # either way by the same factor (a fresh user's 0.72x as long, 1.39x as fast, went unwarned)
+    assert "0.72x as long, 1.39x as fast" in drift_message({"compute": 1.0, "memory": 0.72}, "a", "b")
+    assert drift_message({"compute": 1 / (1 + DRIFT_WARN / 2), "memory": 1.0}, "a", "b") is None
     msg = drift_message({"compute": 1.02, "memory": 1.45}, "the cost table's timing", "the children's measurement")
     assert "its memory part took 1.45x as long" in msg and "compute" not in msg and "the children's measurement" in msg
     assert "its compute part took 0.29x as long, 3.45x as fast" in drift_message({"compute": 0.29, "memory": 1.0}, "a", "b")
