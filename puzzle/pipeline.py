@@ -1483,8 +1483,8 @@ def _searched_again(run: Run, name: str) -> str | None:
     if not (isinstance(was, (int, float)) and isinstance(now, (int, float))):
         return f"{name} was searched again since"
     # as many digits as tell the two apart (two children can predict 1.2581x and 1.2579x: not "1.26x then, 1.26x now")
-    digits = next((d for d in range(3, 10) if f"{was:.{d}g}" != f"{now:.{d}g}"), 10)
-    return f"{name} was searched again since (predicted speed-up {was:.{digits}g}x then, {now:.{digits}g}x now)"
+    digits = next((d for d in range(3, 10) if f"{was:#.{d}g}" != f"{now:#.{d}g}"), 10)  # #: 1.30x beside 1.29x
+    return f"{name} was searched again since (predicted speed-up {was:#.{digits}g}x then, {now:#.{digits}g}x now)"
 
 
 def earlier_children(out: Path, current) -> list[str]:

@@ -505,7 +505,8 @@ def test_temporary_files_of_killed_writes_are_removed_after_a_command_on_the_run
 
 @pytest.mark.parametrize("was, now, stage_then, expected", [
     (1.2581, 1.2579, "bld", "(predicted speed-up 1.2581x then, 1.2579x now)"),  # not "1.26x then, 1.26x now"
-    (1.5, 2.0, "bld", "(predicted speed-up 1.5x then, 2x now)"),
+    (1.5, 2.0, "bld", "(predicted speed-up 1.50x then, 2.00x now)"),
+    (1.29, 1.3, "bld", "(predicted speed-up 1.29x then, 1.30x now)"),  # a fresh user read "1.29x then, 1.3x now"
     (1.5, 1.5, "init", "(on the init library then, the bld one now)"),
     (1.5, 1.5, "bld", None)])
 def test_searched_again_tells_the_two_children_apart(tmp_path, was, now, stage_then, expected):
