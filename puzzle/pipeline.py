@@ -2612,9 +2612,15 @@ def _clear_miss_note(out: Path, summary: pd.DataFrame) -> str:
              for n, c in _missed_checks(out, summary) if c.significant_miss()]
     if not names:
         return ""
+    try:
+        rounds = read_json(out / "children" / "budget_feedback.json").get("rounds")
+    except (PuzzleError, AttributeError):
+        rounds = None
+    more = min(rounds + 1, 10) if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0 else 3
     return (f"`budget_met` is False for {', '.join(names)} by more than the timing noise: the budget feedback's "
             f"rounds were spent before it met its budget (`children/budget_feedback.json` has each round). More rounds "
-            f"(`puzzle front --out {out} --remeasure --budget-feedback 3`) or a quieter machine may bring it within.")
+            f"(`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may bring it "
+            f"within.")
 
 
 def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:

@@ -371,6 +371,8 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     clear = _clear_miss_note(tmp_path, summary)  # a fresh user: 7 standard errors over, no word in the report
     assert clear.startswith("`budget_met` is False for b (1.050 of its runtime_ms budget, standard error 0.006), c (")
     assert " a (" not in clear and f"puzzle front --out {tmp_path} --remeasure --budget-feedback 3" in clear
+    (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 4}))
+    assert "--remeasure --budget-feedback 5`" in _clear_miss_note(tmp_path, summary)  # one more than it had
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, "False", True, True])) == note  # from a CSV
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, True, True, True])) == ""
     (tmp_path / "children" / "budget_feedback.json").write_text("{")
