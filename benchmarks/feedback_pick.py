@@ -41,8 +41,7 @@ from puzzle.baselines import open_run  # noqa: E402
 from puzzle.budgets import Budgets  # noqa: E402
 from puzzle.errors import PuzzleError  # noqa: E402
 from puzzle.io import atomic_write_text, read_json  # noqa: E402
-from puzzle.pipeline import build_child, feedback_options, parent_eval_logprobs  # noqa: E402
-from puzzle.refine import selection_kl  # noqa: E402
+from puzzle.pipeline import feedback_options, parent_eval_logprobs, realized_options  # noqa: E402
 from puzzle.scoring.quality import evaluate_model  # noqa: E402
 from puzzle.search import InfeasibleBudget  # noqa: E402
 
@@ -64,12 +63,10 @@ def replay(run, name: str, record: dict, factor: float) -> list[dict]:
         return []
     eval_logp = parent_eval_logprobs(run)
     rows = []
-    for key, (source, rec) in options.items():
-        model = build_child(run, rec)
+    for key, source, rec, model, kl in realized_options(run, options):  # as the feedback realizes and scores them
         rows.append({"child": name, "factor": factor, "source": source,
                      "layers_changed": sum(a != b for a, b in zip(key, record["choice"])),
-                     "predicted_speedup": rec["speedup"], "summed_kl_nats": rec.get("kl_nats"),
-                     "selection_kl": selection_kl(run, model),
+                     "predicted_speedup": rec["speedup"], "summed_kl_nats": rec.get("kl_nats"), "selection_kl": kl,
                      "eval_kl": float(evaluate_model(model, run.tokens.eval, eval_logp,
                                                      chunk=run.config.score.chunk)["kl_nats"])})
         del model

@@ -82,6 +82,11 @@ class Budgets:
         """{score-table column: bound} for the bounds that are set, e.g. {"runtime_ms": 412.0}."""
         return {f.name[len("max_"):]: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
+    def met_by(self, totals: Mapping[str, float] | None) -> bool:
+        """Whether `totals` ({column: total}, e.g. a search record or a choice's table totals) meets every bound set
+        here, to a relative 1e-9 (the solver's own rounding); None (no totals) meets none."""
+        return totals is not None and all(totals[c] <= bound * (1 + 1e-9) for c, bound in self.limits().items())
+
     def describe(self) -> str:
         """'max_runtime_ms=412.0, max_memory_mib=2048.0' (or 'no budget')."""
         parts = [f"max_{column}={bound:.6g}" for column, bound in self.limits().items()]

@@ -925,15 +925,17 @@ def _solve_record(run: Run, name: str, request, stage: str, budgets=None,
     return _record_of(run, name, request, stage, solution, table)
 
 
-def _record_of(run: Run, name: str, request, stage: str, solution, table: pd.DataFrame) -> dict:
-    """The DIR/search/<name>.json record of `solution` (a search.Solution on the `stage` score table `table`)."""
+def _record_of(run: Run, name: str, request, stage: str, solution, table: pd.DataFrame,
+               table_sha: str | None = None) -> dict:
+    """The DIR/search/<name>.json record of `solution` (a search.Solution on the `stage` score table `table`, whose
+    file's sha256 is `table_sha`: hashed here when not given)."""
     from .search import parent_totals
 
     s = run.config.search
     return {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
             **({"exclude": list(s.exclude)} if s.exclude else {}),  # absent when none: earlier records stay the same
             "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v},
-            "table_sha256": _sha256(score_table_path(run, stage))}
+            "table_sha256": table_sha or _sha256(score_table_path(run, stage))}
 
 
 FEEDBACK_MAX_CHANGES = 6  # the feedback's trust region: layers a re-solve may change around the child it corrects
@@ -953,7 +955,6 @@ def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, 
         PuzzleError: no child meets `budgets` (InfeasibleBudget; `feedback.settle` then keeps the child).
     """
     from .budgets import BudgetRequest
-    from .refine import _fits
     from .search import solve
 
     s = run.config.search
@@ -969,18 +970,31 @@ def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, 
                      max_changes=FEEDBACK_MAX_CHANGES)
     except InfeasibleBudget:  # nothing that near: the MIP's first (and the child, where it fits)
         near = []
-    options = {current: ("the child", record)} if _fits(record, budgets) else {}
+    options = {current: ("the child", record)} if budgets.met_by(record) else {}
     if tuple(first["choice"]) in options:  # the child is the MIP's first too (benchmarks/feedback_pick.py: both)
         options[current] = ("the child, the MIP's first", first)
     options.setdefault(tuple(first["choice"]), ("the MIP's first", first))
+    table_sha = first["table_sha256"]
     for i, x in enumerate(near, 1):
         changes = sum(a != b for a, b in zip(x.choice, current))
         source = f"trust-region #{i} ({changes} layer{'s' if changes != 1 else ''} from the child)"
         # the 2nd and later solutions are optimal only given the earlier ones, in the trust region: no claim of
         # optimality or a bound for the budget (breaker: "optimal" with a summed KL above the MIP's first)
-        options.setdefault(tuple(x.choice), (source, {**_record_of(run, name, request, stage, x, scored[0]),
+        options.setdefault(tuple(x.choice), (source, {**_record_of(run, name, request, stage, x, scored[0], table_sha),
                                                       "optimal": False, "bound": None, FEEDBACK_PICK_KEY: source}))
     return options
+
+
+def realized_options(run: Run, options: dict[tuple, tuple[str, dict]], built: dict | None = None):
+    """Each of `feedback_options`' options realized and scored, one at a time: yields (choice, how it was found,
+    record, child model, KL(parent || child) in nats/token on the scoring split's first 2048 tokens
+    (`refine.selection_kl`)). `built` ({(choice, library stage): model}): models already realized, used as they are."""
+    from .refine import selection_kl
+
+    for key, (source, rec) in options.items():
+        stage = rec.get("library_stage", "bld")
+        model = built[(key, stage)] if built is not None and (key, stage) in built else build_child(run, rec)
+        yield key, source, rec, model, selection_kl(run, model)
 
 
 def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
@@ -1868,7 +1882,6 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     Returns (summary table, parent first; {name: child model}; {name: final record}).
     """
     from .feedback import FEEDBACK_CANDIDATES_KEY, settle
-    from .refine import selection_kl
     from .scoring.cost import measure_models
 
     built: dict[tuple, object] = {}
@@ -1893,14 +1906,13 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         if len(options) == 1:
             return next(iter(options.values()))[1]
         # each realized and scored on the scoring split; the lowest KL is kept (and its model, for the timing)
-        stage, scored, best = record.get("library_stage", "bld"), [], None
-        for key, (source, rec) in options.items():
-            model = built[(key, stage)] if (key, stage) in built else build_child(run, rec)
-            scored.append({"choice": list(key), "source": source, "selection_kl": selection_kl(run, model)})
-            if best is None or scored[-1]["selection_kl"] < best[1]:
-                best = (key, scored[-1]["selection_kl"], model)
+        scored, best = [], None
+        for key, source, rec, model, kl in realized_options(run, options, built):
+            scored.append({"choice": list(key), "source": source, "selection_kl": kl})
+            if best is None or kl < best[1]:  # the first of equal KLs
+                best = (key, kl, model)
             del model
-        built.setdefault((best[0], stage), best[2])
+        built.setdefault((best[0], record.get("library_stage", "bld")), best[2])
         return {**options[best[0]][1], FEEDBACK_CANDIDATES_KEY: scored}  # settle says them with its round
 
     s = run.config.search
@@ -2498,8 +2510,7 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                  "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
                  "tightest budget, the request resolved on the parent measured in the same session "
                  "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
-    for note in (_within_noise_note(run.out, summary), _clear_miss_note(run.out, summary),
-                 parent_runtime_note(summary)):
+    for note in (*budget_miss_notes(run.out, summary), parent_runtime_note(summary)):
         if note:
             lines += [note, ""]
     init_name = f"{main}-init"
@@ -2562,17 +2573,21 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone
 
 
-def _missed_checks(out: Path, summary: pd.DataFrame) -> list[tuple]:
-    """(name, feedback.Check) of each child whose `budget_met` is False in `summary`, from
-    children/budget_feedback.json's final checks; a hand-edited or disagreeing entry, or an unreadable file, gives
-    none."""
+def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
+    """Sentences for report.md on the children whose `budget_met` is False in `summary`, from
+    children/budget_feedback.json (read once): (those over by less than the timing noise, which the feedback leaves
+    as they are (`feedback.Check.significant_miss`; fresh-user run, stop 54: a bare False beside budget use
+    1.00001), those over by more once its rounds were spent (a fresh user, stop 56: 1.036, 7 standard errors over,
+    with no word)); "" for a part with no such child, both "" when the file is unreadable. A hand-edited or
+    disagreeing entry counts as no child."""
     from .feedback import Check
 
     try:
-        final = read_json(out / "children" / "budget_feedback.json")["final"]
+        record = read_json(out / "children" / "budget_feedback.json")
+        final = record["final"]
     except (PuzzleError, KeyError, TypeError):
-        return []
-    found = []
+        return "", ""
+    within, over = [], []
     for row in summary.to_dict("records"):
         try:
             entry = final.get(row["name"]) if isinstance(final, dict) else None
@@ -2584,43 +2599,22 @@ def _missed_checks(out: Path, summary: pd.DataFrame) -> list[tuple]:
             if not (math.isfinite(check.use) and check.use > 1 and math.isfinite(check.se) and check.se >= 0
                     and all(math.isfinite(v) for v in ratios.values())):  # a hand-edited or disagreeing file
                 continue
-            check.significant_miss()  # breaker: a text ratio raised there
-            found.append((str(row["name"]), check))
+            if check.significant_miss():  # breaker: a text ratio raised here
+                over.append(f"{row['name']} ({check.use_text()} of its {check.column} budget, standard error "
+                            f"{check.se:.3f})")
+            else:
+                within.append(f"{row['name']} ({check.use_text()}, standard error {check.se:.3f})")
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
-    return found
-
-
-def _within_noise_note(out: Path, summary: pd.DataFrame) -> str:
-    """A sentence for report.md naming the children whose `budget_met` is False by less than the timing noise (the
-    feedback leaves those, `feedback.Check.significant_miss`), from children/budget_feedback.json; "" when there
-    are none or the file is unreadable (fresh-user run, stop 54: a bare False beside budget use 1.00001)."""
-    names = [f"{n} ({c.use_text()}, standard error {c.se:.3f})" for n, c in _missed_checks(out, summary)
-             if not c.significant_miss()]
-    if not names:
-        return ""
-    return (f"`budget_met` is False for {', '.join(names)} by less than the timing noise (two standard errors of this "
-            "session's rounds): the feedback leaves such a child as it is, since another session would as likely "
-            "measure it within its budget.")
-
-
-def _clear_miss_note(out: Path, summary: pd.DataFrame) -> str:
-    """A sentence for report.md naming the children over their budget by more than the timing noise once the
-    feedback's rounds were spent (a fresh user: 1.036, 7 standard errors over, with no word in the report); ""
-    when there are none."""
-    names = [f"{n} ({c.use_text()} of its {c.column} budget, standard error {c.se:.3f})"
-             for n, c in _missed_checks(out, summary) if c.significant_miss()]
-    if not names:
-        return ""
-    try:
-        rounds = read_json(out / "children" / "budget_feedback.json").get("rounds")
-    except (PuzzleError, AttributeError):
-        rounds = None
+    rounds = record.get("rounds") if isinstance(record, dict) else None
     more = min(rounds + 1, 10) if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0 else 3
-    return (f"`budget_met` is False for {', '.join(names)} by more than the timing noise: the budget feedback's "
-            f"rounds were spent before it met its budget (`children/budget_feedback.json` has each round). More rounds "
-            f"(`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may bring it "
-            f"within.")
+    return ((f"`budget_met` is False for {', '.join(within)} by less than the timing noise (two standard errors of "
+             "this session's rounds): the feedback leaves such a child as it is, since another session would as "
+             "likely measure it within its budget.") if within else "",
+            (f"`budget_met` is False for {', '.join(over)} by more than the timing noise: the budget feedback's "
+             f"rounds were spent before it met its budget (`children/budget_feedback.json` has each round). More "
+             f"rounds (`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may "
+             f"bring it within.") if over else "")
 
 
 def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:

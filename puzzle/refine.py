@@ -127,7 +127,7 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
         totals = _table_totals(choices, choice)
         servable = not vllm_compatible or not any(vllm_unservable(i, BlockConfig.from_id(b))
                                                   for i, b in enumerate(choice))
-        if choice not in {c for _, c, _, _ in todo} and _fits(totals, budgets) and servable \
+        if choice not in {c for _, c, _, _ in todo} and budgets.met_by(totals) and servable \
                 and not uses_excluded(choice, exclude):
             todo.append((method, choice, totals["kl_nats"], parent_runtime / totals["runtime_ms"]))
     rows = []
@@ -158,10 +158,6 @@ def _table_totals(choices, choice) -> dict[str, float] | None:
         return choices.totals(anchor_slots(choices, list(choice)))
     except PuzzleError:
         return None
-
-
-def _fits(totals: dict[str, float] | None, budgets: Budgets) -> bool:
-    return totals is not None and all(totals[c] <= bound * (1 + 1e-9) for c, bound in budgets.limits().items())
 
 
 def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "kl_nats", *,
@@ -217,7 +213,7 @@ def seed_choices(run, table: pd.DataFrame, budgets: Budgets, objective: str = "k
             choice = tuple(b.id for b in layer_removal(run.parent.config, order, removed))
             if removed and uses_excluded(choice, exclude):  # the removal is left out
                 break
-            if _fits(_table_totals(choices, choice), budgets):
+            if budgets.met_by(_table_totals(choices, choice)):
                 seeds["layer_removal"] = choice
                 break
     if "no_linear_attention" in methods and _linear_attention_to_leave_out(table, exclude):
@@ -876,7 +872,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         found = [x.choice for tab, objective in ((contexts[current], "kl_nats"), (table, s.objective))
                  for x in solve(tab, budgets, objective, num_solutions=refine_k, anchor=anchor, max_changes=max_changes,
                                 vllm_compatible=vllm, exclude=exclude)]  # InfeasibleBudget: settle keeps the child
-        candidates = list(dict.fromkeys(([current] if _fits(record, budgets) else []) + found))  # the child first
+        candidates = list(dict.fromkeys(([current] if budgets.met_by(record) else []) + found))  # the child first
         scored = [(selection_kl(run, model(c) if c == current else
                                 realize_blocks(run, [BlockConfig.from_id(b) for b in c], stage), tokens), c)
                   for c in candidates]

@@ -352,7 +352,13 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
 def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_path):
     """Fresh user (stop 54): report.md showed budget_met False beside budget use 1.00001 without a word; the log said
     it was within the timing noise."""
-    from puzzle.pipeline import _within_noise_note
+    from puzzle.pipeline import budget_miss_notes
+
+    def _within_noise_note(out, summary):
+        return budget_miss_notes(out, summary)[0]
+
+    def _clear_miss_note(out, summary):
+        return budget_miss_notes(out, summary)[1]
 
     (tmp_path / "children").mkdir()
     final = {"a": {"met": False, "use": 1.00001, "column": "runtime_ms", "se": 0.006, "ratios": {"runtime_ms": 1.00001},
@@ -366,8 +372,6 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     note = _within_noise_note(tmp_path, summary)
     assert note.startswith("`budget_met` is False for a (1.00001, standard error 0.006) by less than the timing noise")
     assert " b (" not in note and " c (" not in note  # a real miss, and memory is not timed: no noise
-    from puzzle.pipeline import _clear_miss_note
-
     clear = _clear_miss_note(tmp_path, summary)  # a fresh user: 7 standard errors over, no word in the report
     assert clear.startswith("`budget_met` is False for b (1.050 of its runtime_ms budget, standard error 0.006), c (")
     assert " a (" not in clear and f"puzzle front --out {tmp_path} --remeasure --budget-feedback 3" in clear
@@ -491,6 +495,13 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
                and m.endswith(f"; kept {picked['source']}") for m in said), said
     limits = Budgets.from_dict(final["budgets"]).limits()
     assert all(final[c] <= v * (1 + 1e-9) for c, v in limits.items())  # the pick meets the corrected limits
+    # the options under those limits again: each trust-region one claims no optimum (breaker: "optimal" with a
+    # summed KL above the MIP's first), the MIP's first keeps its proof
+    options = pipeline.feedback_options(run, name, record, Budgets.from_dict(final["budgets"]))
+    near = [rec for source, rec in options.values() if source.startswith("trust-region #")]
+    assert near and all(r["optimal"] is False and r["bound"] is None and r["feedback_pick"].startswith("trust-region")
+                        for r in near)
+    assert all(r["optimal"] is True for source, r in options.values() if source.endswith("the MIP's first"))
     if picked["source"] != "the MIP's first":
         said.clear()
         pipeline.stage_search(run)  # kept (settled on measured speed), and said how it was chosen

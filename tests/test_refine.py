@@ -85,7 +85,7 @@ def test_diverse_candidates_start_with_the_plain_choice_and_keep_the_best_realiz
 
 def test_seeds_are_greedys_child_and_the_fewest_layers_removed_by_block_influence(run, table):
     from puzzle.baselines import NOOP_BLOCK, block_influence
-    from puzzle.refine import _fits, _table_totals, seed_choices
+    from puzzle.refine import _table_totals, seed_choices
     from puzzle.search import build_choices, greedy
 
     _, budgets = _child(run)
@@ -100,9 +100,9 @@ def test_seeds_are_greedys_child_and_the_fewest_layers_removed_by_block_influenc
                                 chunk=run.config.score.chunk)
     order = influence.sort_values("layer_bi", kind="stable")["layer"].tolist()
     assert sorted(removed) == sorted(order[:len(removed)])  # the lowest block influence first
-    assert _fits(_table_totals(build_choices(table), seeds["layer_removal"]), budgets)
+    assert budgets.met_by(_table_totals(build_choices(table), seeds["layer_removal"]))
     fewer = [NOOP_BLOCK.id if i in order[:len(removed) - 1] else b.id for i, b in enumerate(run.parent.config.blocks)]
-    assert not _fits(_table_totals(build_choices(table), fewer), budgets)  # the fewest removals that fit
+    assert not budgets.met_by(_table_totals(build_choices(table), fewer))  # the fewest removals that fit
     assert list(seed_choices(run, table, budgets, methods=["layer_removal"])) == ["layer_removal"]
     assert seed_choices(run, table, budgets, methods=[]) == {}
 
