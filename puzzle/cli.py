@@ -69,6 +69,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-tokens", type=int, help="tokens for replace-1-block scoring")
     g.add_argument("--seed", type=int, help="seed for data splits and BLD")
     add_max_contention_flag(g)
+    add_select_context_flag(g)
 
 
 def add_max_contention_flag(p) -> None:
@@ -79,6 +80,16 @@ def add_max_contention_flag(p) -> None:
                    help="cores other processes may keep busy on this process's CPUs before a timing window is "
                         "redone (default: as --preset or DIR/config.json sets it, else 0.25; 'inf' measures "
                         "regardless of other jobs)")
+
+
+def add_select_context_flag(p) -> None:
+    """--select-context N (score.select_context) on the commands that choose by realized KL on the scoring split:
+    the configuration flags (`run` and the stage commands) and `refine`. Saved to DIR/config.json."""
+    p.add_argument("--select-context", type=int, metavar="N",
+                   help="choices by realized KL on the scoring split (refine, the budget feedback's pick, uniform "
+                        "width's KV heads) weigh each position by how much the parent's prediction there needs more "
+                        "than the last N tokens; 0: all positions alike (default: as --preset or DIR/config.json sets "
+                        "it, else 0)")
 
 
 class JoinCommas(argparse.Action):
@@ -149,7 +160,8 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
 _SETTING_FLAGS = (("device", "target", "device"), ("dtype", "target", "dtype"),
                   ("batch_size", "target", "batch_size"), ("prompt_len", "target", "prompt_len"),
                   ("gen_len", "target", "gen_len"), ("bld_tokens", "bld", "tokens"), ("score_tokens", "score", "tokens"),
-                  ("max_contention", "score", "max_contention"), ("text_field", "data", "text_field"),
+                  ("max_contention", "score", "max_contention"), ("select_context", "score", "select_context"),
+                  ("text_field", "data", "text_field"),
                   ("max_doc_tokens", "data", "max_doc_tokens"))
 
 
@@ -345,6 +357,9 @@ def _check_number_flags(args) -> None:
                           "asset:<name> or tiny")
     if getattr(args, "device", None) is not None and not is_device_name(args.device):
         raise PuzzleError(f"--device must be 'cpu' or 'cuda[:N]', got {args.device!r}")
+    if (window := getattr(args, "select_context", None)) is not None and window < 0:
+        raise PuzzleError(f"--select-context must be a number of tokens >= 0 (0: every scoring position weighs "
+                          f"alike), got {window}")
     if (cap := getattr(args, "max_doc_tokens", None)) is not None and cap < 0:
         raise PuzzleError(f"--max-doc-tokens must be a whole number >= 0 (0: whole documents), got {cap}")
     for name in _COUNT_FLAGS:

@@ -88,6 +88,11 @@ class ScoreConfig:
     max_contention: cores other processes may keep busy on this process's CPUs during a CPU timing
         window before it is dropped and timed again; after 3 such windows in a row the cost stage stops with an error
         (scoring/cost.py, "Other processes"). `inf` measures regardless. CLI: --max-contention.
+    select_context: how the choices made by realized KL on the scoring split (`puzzle refine`, the budget
+        feedback's pick, the uniform-width baseline's KV heads) weight its positions. 0 (the default): all alike.
+        N > 0: each position by how much the parent's own prediction there changes when it sees only the last N
+        tokens (`scoring.quality.context_weights`), so that a child which loses long-range context (many linear
+        attentions) is seen to; it must be shorter than the data's sequences. CLI: --select-context.
     """
 
     tokens: int = 1024
@@ -97,6 +102,7 @@ class ScoreConfig:
     cost_repeats: int = 5
     measure_repeats: int = 3
     max_contention: float = 0.25
+    select_context: int = 0
 
     def __post_init__(self) -> None:
         from .scoring.cost import check_max_contention
@@ -110,6 +116,10 @@ class ScoreConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise PuzzleError(f"score.{name} must be a whole number >= 1, got {value!r}"
                                   + (" (--score-tokens)" if name == "tokens" else ""))
+        value = self.select_context
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise PuzzleError(f"score.select_context must be a whole number of tokens >= 0 (0: every scoring position "
+                              f"weighs alike), got {value!r} (--select-context)")
 
         if self.max_contention is None:  # None is the API's "no check"; a run config says inf
             raise PuzzleError("score.max_contention must be a number of cores > 0 (inf to measure regardless), got None")

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from .architecture import ArchitectureError, BlockConfig
-from .config import SEARCH_BUDGETS, RunConfig, SearchConfig, save_run_config
+from .config import SEARCH_BUDGETS, RunConfig, ScoreConfig, SearchConfig, save_run_config
 from .errors import PuzzleError, differing_settings
 from .io import (atomic_write_json, atomic_write_text, is_run_directory, load_table, read_json, save_table,
                  tensor_sha256)
@@ -2752,8 +2752,8 @@ def front_inputs(run: Run) -> dict:
 
 def _front_settings(config, parent_path: bool = True):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
-    depend on: the report section, score.max_contention, an empty search.exclude, the default
-    search.feedback_candidates (any, with no budget_feedback round) and, with `parent_path=False`,
+    depend on: the report section, score.max_contention, the default score.select_context, an empty search.exclude,
+    the default search.feedback_candidates (any, with no budget_feedback round) and, with `parent_path=False`,
     parent.path (for a run whose parent.json records the parent's weights hash: every stage that loads the parent
     then accepts only those weights wherever they lie, `check_parent_weights`, so a moved parent is the same
     parent). Other values (None, a damaged record) as they are."""
@@ -2763,6 +2763,9 @@ def _front_settings(config, parent_path: bool = True):
     for section, key in (("score", "max_contention"), *(() if parent_path else (("parent", "path"),))):
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k != key}
+    if isinstance(config.get("score"), dict) and config["score"].get("select_context") == ScoreConfig.select_context:
+        # the default: as a front.json written before score.select_context existed
+        config["score"] = {k: v for k, v in config["score"].items() if k != "select_context"}
     if isinstance(config.get("search"), dict) and not config["search"].get("exclude", True):
         # no exclusions: as a front.json written before search.exclude existed (which would else read as a change)
         config["search"] = {k: v for k, v in config["search"].items() if k != "exclude"}

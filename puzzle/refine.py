@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import time
@@ -42,7 +44,7 @@ import torch
 from .architecture import BlockConfig
 from .budgets import Budgets
 from .errors import PuzzleError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .search import parse_exclude
 
 _SELECTION_LOGP: dict = {}
@@ -72,7 +74,14 @@ def selection_ids(run, tokens: int | None = None) -> torch.Tensor:
 
 
 def selection_kl(run, model, tokens: int | None = None) -> float:
-    """KL(p_parent || p_model) in nats/token on the scoring split: what the steps here choose by."""
+    """KL(p_parent || p_model) in nats/token on the scoring split: what the steps here choose by.
+
+    With the run's `score.select_context` N > 0, the mean weighs each position by `selection_weights` (how much
+    the parent's prediction there needs more than the last N tokens); with 0, every position alike.
+
+    Raises:
+        PuzzleError: score.select_context is not shorter than the scoring split's sequences.
+    """
     from .scoring.quality import evaluate_model, parent_logprobs
 
     ids = selection_ids(run, tokens)
@@ -80,7 +89,56 @@ def selection_kl(run, model, tokens: int | None = None) -> float:
     if key not in _SELECTION_LOGP:
         _SELECTION_LOGP.clear()
         _SELECTION_LOGP[key] = parent_logprobs(run.parent.model, ids, chunk=run.config.score.chunk)
-    return float(evaluate_model(model, ids, _SELECTION_LOGP[key], chunk=run.config.score.chunk)["kl_nats"])
+    weights = selection_weights(run, ids, _SELECTION_LOGP[key])
+    return float(evaluate_model(model, ids, _SELECTION_LOGP[key], chunk=run.config.score.chunk,
+                                weights=weights)["kl_nats"])
+
+
+_SELECTION_WEIGHTS: dict = {}
+
+
+def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor) -> torch.Tensor | None:
+    """(N, T) fp32 `scoring.quality.context_weights` of the selection ids for the run's `score.select_context`, or
+    None where it is 0. Computed once per run, parent, window and ids, and kept in
+    DIR/score/context_weights-<window>.pt (written atomically; a file of other ids or another parent is
+    computed again), since they take a parent pass per position: on the demo, about 20 s per 2,048 tokens.
+
+    Raises:
+        PuzzleError: the window is not shorter than the sequences (no position would weigh anything).
+    """
+    from .scoring.quality import context_weights
+
+    window = int(run.config.score.select_context)
+    if not window:
+        return None
+    if window >= ids.shape[1]:
+        raise PuzzleError(f"score.select_context {window}: the scoring split's sequences are {ids.shape[1]} tokens, so "
+                          f"no position has a longer prefix to weigh; give 1..{ids.shape[1] - 1} (--select-context), or "
+                          f"0 to weigh every position alike")
+    ids_sha = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+    key = (str(run.out), run.parent_fingerprint, window, ids_sha)
+    if key in _SELECTION_WEIGHTS:
+        return _SELECTION_WEIGHTS[key]
+    path = run.out / "score" / f"context_weights-{window}.pt"
+    weights = None
+    try:
+        saved = torch.load(path, weights_only=True) if path.is_file() else None
+        if isinstance(saved, dict) and saved.get("parent") == run.parent_fingerprint and saved.get("ids") == ids_sha \
+                and tuple(saved["weights"].shape) == tuple(ids.shape):
+            weights = saved["weights"].float()
+    except Exception:  # a damaged or foreign file: computed again and replaced  # noqa: BLE001
+        weights = None
+    if weights is None:
+        t0 = time.perf_counter()
+        weights = context_weights(run.parent.model, ids, parent_logp, window=window)
+        buf = io.BytesIO()
+        torch.save({"parent": run.parent_fingerprint, "ids": ids_sha, "window": window, "weights": weights}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        run.say(f"selection: context weights of {ids.numel()} scoring tokens (window {window}) in "
+                f"{time.perf_counter() - t0:.0f} s, kept in {path}")
+    _SELECTION_WEIGHTS.clear()
+    _SELECTION_WEIGHTS[key] = weights
+    return weights
 
 
 def realize_blocks(run, blocks, stage: str = "bld"):
@@ -575,9 +633,12 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 f"now is {list(run.config.search.exclude) or 'none'}; refining under the record's (`puzzle search --out "
                 f"{run.out}` with that child's budget solves it under the run's)")
     table, _ = load_score_table(run, stage)
+    context = int(run.config.score.select_context)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
     inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "seeds": seeds,
-                                              "refine_k": refine_k, "max_changes": max_changes, "tokens": tokens})
+                                              "refine_k": refine_k, "max_changes": max_changes, "tokens": tokens,
+                                              # only where set: refinements recorded before it existed stay done
+                                              **({"select_context": context} if context else {})})
     if not resume and (done := _finished_refinement(run, name, inputs, max_rounds)) is not None:
         run.say(f"refine {name}: already refined from the same child, settings and run inputs ({summary_path}); "
                 f"--continue runs more rounds, and deleting {log_path} starts afresh")
@@ -626,7 +687,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 before, kept_settings = saved.get("rounds"), saved.get("settings")
                 same = bool(saved) and all(saved.get(key) == inputs[key] for key in ("child", "objective", "run"))
                 rounds_alike = isinstance(kept_settings, dict) and all(  # breaker: a --continue with other round
-                    kept_settings.get(key) == inputs["settings"][key] for key in ("refine_k", "max_changes", "tokens"))
+                    kept_settings.get(key) == inputs["settings"].get(key)
+                    for key in ("refine_k", "max_changes", "tokens", "select_context"))
                 if same and rounds_alike and isinstance(before, int) and before >= 0 \
                         and {"k", "min_layers_differ"} <= set(kept_settings):
                     rounds_before = before
@@ -976,9 +1038,10 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
                    help="when the budget feedback re-solves the refined child, stop there (with a hint to refine on "
                         "with --continue); by default refine continues from the re-solved child under the corrected "
                         "limits once, for up to --rounds rounds, and times the children again")
-    from .cli import add_max_contention_flag
+    from .cli import add_max_contention_flag, add_select_context_flag
 
     add_max_contention_flag(p)
+    add_select_context_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=refine_main)
@@ -996,10 +1059,11 @@ def refine_main(args) -> int:
     when the command succeeds, and a failure (an error, Ctrl-C) leaves DIR/config.json byte for byte as it was.
 
     Raises:
-        PuzzleError: a count flag below 1, --budget-feedback outside 0..feedback.MAX_ROUNDS or with --no-measure (so
-            --no-refine-after-repair), a --seeds method not in `SEED_METHODS` (before anything is read), DIR is no run
-            directory, --select-tokens outside one sequence to the scoring split, or as `improve_child` (an unknown
-            --name, or one of the children refine itself made).
+        PuzzleError: a count flag below 1, --select-context below 0, --budget-feedback outside 0..feedback.MAX_ROUNDS
+            or with --no-measure (so --no-refine-after-repair), a --seeds method not in `SEED_METHODS` (before anything
+            is read), DIR is no run directory, --select-tokens outside one sequence to the scoring split, the run's
+            score.select_context not shorter than its sequences, or as `improve_child` (an unknown --name, or one of
+            the children refine itself made).
     """
     from .cli import _stage_run
     from .feedback import check_rounds
@@ -1007,6 +1071,9 @@ def refine_main(args) -> int:
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.select_context is not None and args.select_context < 0:
+        raise PuzzleError(f"--select-context must be a number of tokens >= 0 (0: every scoring position weighs alike), "
+                          f"got {args.select_context}")
     if args.refine_budget_feedback is not None:
         check_rounds(args.refine_budget_feedback, "--budget-feedback")
         if args.no_measure:  # breaker: it was ignored without a word
@@ -1030,6 +1097,9 @@ def refine_main(args) -> int:
             near = f"{low} or {low + seq_len}" if low + seq_len <= split else f"{low}"
             raise PuzzleError(f"--select-tokens {args.select_tokens}: choices are made on whole sequences of "
                               f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
+        if run.config.score.select_context >= seq_len:  # before any child is realized
+            raise PuzzleError(f"--select-context {run.config.score.select_context}: the scoring split's sequences are "
+                              f"{seq_len} tokens; give 0 to {seq_len - 1}")
         t0 = time.perf_counter()
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,

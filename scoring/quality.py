@@ -34,19 +34,23 @@ import torch.nn.functional as F
 METRICS = ("kl_nats", "lm_loss", "top1_agree", "cosine")
 
 
-def token_metrics(child_logits: torch.Tensor, parent_logp: torch.Tensor, targets: torch.Tensor | None) -> dict:
+def token_metrics(child_logits: torch.Tensor, parent_logp: torch.Tensor, targets: torch.Tensor | None,
+                  weights: torch.Tensor | None = None) -> dict:
     """Summed per-token metrics of one chunk (divide by `tokens` to average).
 
     Args:
         child_logits: (B, T, V) any float dtype.
         parent_logp: (B, T, V) fp32 parent log-probabilities.
         targets: (B, T) next-token ids, -100 where none (the LM loss skips them); None skips the loss.
+        weights: (B, T) per-position weights of the KL sum (divide by their sum to average); None: 1 each.
 
     Returns:
         dict with kl_nats, lm_loss, top1_agree sums and the token counts (`tokens`, `lm_tokens`).
     """
     logq = F.log_softmax(child_logits.float(), dim=-1)
     kl = (parent_logp.exp() * (parent_logp - logq)).sum(-1)  # (B, T)
+    if weights is not None:
+        kl = kl * weights
     out = {"kl_nats": float(kl.sum()), "top1_agree": float((logq.argmax(-1) == parent_logp.argmax(-1)).sum()),
            "tokens": kl.numel()}
     if targets is not None:
@@ -219,10 +223,61 @@ def parent_logprobs(parent, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = None, chunk: int = 4) -> dict:
+def context_weights(parent, ids: torch.Tensor, parent_logp: torch.Tensor, window: int = 32,
+                    chunk: int = 64) -> torch.Tensor:
+    """How much each position's next-token prediction needs more than the last `window` tokens.
+
+    weight[n, t] = KL(p_parent(. | ids[n, :t+1]) || p_parent(. | ids[n, t-window+1:t+1])) in nats: the parent
+    run on the whole prefix against the parent run on a window of the last `window` tokens alone. Zero where
+    the prefix is no longer than the window (t < window). A child that keeps the parent's long-range context
+    is one whose KL stays low where these weights are high; per-token subblocks (linear attention) lose it
+    together although no one of them does alone (README, "Which scoring text chooses").
+
+    Args:
+        parent: the parent model (PuzzleForCausalLM).
+        ids: (N, T) int64 tokens.
+        parent_logp: (N, T, V) fp32 log-probabilities of the parent on `ids` (`parent_logprobs`).
+        window: tokens the short context keeps (>= 1).
+        chunk: windows per forward pass (each window runs the layers on `window` tokens and the LM head on the
+            last one).
+
+    Returns:
+        (N, T) fp32 weights, >= 0.
+
+    Raises:
+        ValueError: window < 1, or parent_logp's shape does not match ids.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if tuple(parent_logp.shape[:2]) != tuple(ids.shape):
+        raise ValueError(f"parent_logp {tuple(parent_logp.shape)} does not match ids {tuple(ids.shape)}")
+    parent.eval()
+    n_seq, seq_len = ids.shape
+    out = torch.zeros(n_seq, seq_len)
+    if seq_len <= window:
+        return out
+    for n in range(n_seq):
+        windows = ids[n, 1:].unfold(0, window, 1)  # (T - window, window): row j ends at position j + window
+        for s in range(0, windows.shape[0], chunk):
+            logq = F.log_softmax(parent(windows[s:s + chunk], logits_to_keep=1)[:, -1].float(), -1)  # (b, V)
+            logp = parent_logp[n, window + s:window + s + logq.shape[0]]  # (b, V)
+            out[n, window + s:window + s + logq.shape[0]] = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = None, chunk: int = 4,
+                   weights: torch.Tensor | None = None) -> dict:
     """Whole-model quality on (N, T) ids: lm_loss (nats/token) and, given the parent's (N, T, V)
-    log-probabilities, kl_nats (KL(parent || model), nats/token) and top1_agree."""
+    log-probabilities, kl_nats (KL(parent || model), nats/token) and top1_agree.
+
+    weights: (N, T) fp32 per-position weights (`context_weights`); given with parent_logp, kl_nats is the
+    weighted mean sum(w * KL) / sum(w) instead of the plain mean (lm_loss and top1_agree stay plain).
+    """
     model.eval()
+    if weights is not None and (parent_logp is None or tuple(weights.shape) != tuple(ids.shape)):
+        raise ValueError(f"weights need parent_logp and the shape of ids {tuple(ids.shape)}, got "
+                         f"{None if weights is None else tuple(weights.shape)}")
     targets = next_token_targets(ids)
     sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "tokens": 0, "lm_tokens": 0}
     for s in range(0, ids.shape[0], chunk):
@@ -234,12 +289,13 @@ def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = 
             sums["lm_tokens"] += int((targets[s:s + chunk] != -100).sum())
             sums["tokens"] += logits.shape[0] * logits.shape[1]
             continue
-        m = token_metrics(logits, parent_logp[s:s + chunk], targets[s:s + chunk])
+        m = token_metrics(logits, parent_logp[s:s + chunk], targets[s:s + chunk],
+                          None if weights is None else weights[s:s + chunk])
         for k in sums:
             sums[k] += m[k]
     out = {"lm_loss": sums["lm_loss"] / max(1, sums["lm_tokens"]), "tokens": sums["tokens"]}
     if parent_logp is not None:
-        out["kl_nats"] = sums["kl_nats"] / sums["tokens"]
+        out["kl_nats"] = sums["kl_nats"] / (sums["tokens"] if weights is None else max(float(weights.sum()), 1e-12))
         out["top1_agree"] = sums["top1_agree"] / sums["tokens"]
     return out
 

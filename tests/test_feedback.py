@@ -533,6 +533,18 @@ def test_the_default_feedback_candidates_leaves_an_earlier_front_current():
         == _front_settings(no_rounds)
 
 
+def test_the_default_select_context_leaves_an_earlier_front_current():
+    """A front.json written before score.select_context existed compares equal with the default 0; a window
+    changes what the feedback's re-solves pick, so the front is timed again."""
+    from puzzle.config import RunConfig
+    from puzzle.pipeline import _front_settings
+
+    config = RunConfig().to_dict()
+    earlier = {**config, "score": {k: v for k, v in config["score"].items() if k != "select_context"}}
+    assert _front_settings(config) == _front_settings(earlier)
+    assert _front_settings({**config, "score": {**config["score"], "select_context": 8}}) != _front_settings(earlier)
+
+
 def test_the_feedback_pick_benchmark_replays_re_solves_and_refuses_bad_input(tmp_path_factory, tmp_path, capsys):
     """benchmarks/feedback_pick.py on the tiny run: a row per option with both KLs, the pick the lowest scoring-split
     KL of its re-solve, a summary per (child, factor); bad input is one line and exit 2, before any work."""

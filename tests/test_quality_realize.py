@@ -8,8 +8,8 @@ from puzzle.bld import BLDConfig, build_library
 from puzzle.init import attention_subblock, ffn_subblock, init_attention
 from puzzle.library import Library
 from puzzle.realize import realize_child
-from puzzle.scoring.quality import (ResultLog, evaluate_model, parent_cache, parent_logprobs, replace_one_score,
-                                    scored_positions)
+from puzzle.scoring.quality import (ResultLog, context_weights, evaluate_model, parent_cache, parent_logprobs,
+                                    replace_one_score, scored_positions)
 from puzzle.space import SpaceConfig, build_space
 from puzzle.tiny import tiny_parent
 
@@ -67,6 +67,38 @@ def test_evaluate_model_kl_is_zero_for_the_parent(parent, ids):
     m = evaluate_model(parent, ids, logp, chunk=3)
     assert m["kl_nats"] == pytest.approx(0.0, abs=1e-6) and m["top1_agree"] == 1.0
     assert m["lm_loss"] == pytest.approx(evaluate_model(parent, ids)["lm_loss"], rel=1e-6)
+
+
+def test_context_weights_are_the_parents_kl_between_whole_prefix_and_window(parent, ids):
+    logp = parent_logprobs(parent, ids, chunk=3)
+    w = context_weights(parent, ids, logp, window=5, chunk=7)  # chunks that do not divide the windows
+    assert w.shape == ids.shape and (w[:, :5] == 0).all() and (w[:, 5:] > 0).all()
+    for n, t in ((0, 5), (2, 13), (3, 23)):  # a window alone, by hand: positions 0.. again, as the weights run it
+        with torch.no_grad():
+            logq = torch.log_softmax(parent(ids[n:n + 1, t - 4:t + 1])[0, -1].float(), -1)
+        want = (logp[n, t].exp() * (logp[n, t] - logq)).sum()
+        assert float(w[n, t]) == pytest.approx(float(want), rel=1e-4, abs=1e-6)
+    assert (context_weights(parent, ids, logp, window=24) == 0).all()  # no prefix longer than the window
+    with pytest.raises(ValueError, match="window"):
+        context_weights(parent, ids, logp, window=0)
+    with pytest.raises(ValueError, match="does not match"):
+        context_weights(parent, ids[:2], logp, window=5)
+
+
+def test_weighted_kl_is_the_weighted_mean_of_per_position_kl(parent, ids):
+    logp = parent_logprobs(parent, ids, chunk=3)
+    child = realize_child(parent, None, [BlockConfig(AttentionConfig("no_op"), b.ffn) if i == 1 else b
+                                         for i, b in enumerate(parent.config.blocks)])
+    with torch.no_grad():
+        logq = torch.log_softmax(child(ids).float(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (N, T)
+    w = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3))
+    got = evaluate_model(child, ids, logp, chunk=3, weights=w)
+    assert got["kl_nats"] == pytest.approx(float((w * kl).sum() / w.sum()), rel=1e-5)
+    assert evaluate_model(child, ids, logp, chunk=3, weights=torch.ones(ids.shape))["kl_nats"] == \
+        pytest.approx(evaluate_model(child, ids, logp, chunk=3)["kl_nats"], rel=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        evaluate_model(child, ids, logp, weights=w[:2])
 
 
 def test_realize_an_all_parent_child_is_the_parent(parent, ids):

@@ -400,6 +400,9 @@ def test_refine_command_parses_and_checks_its_flags(tmp_path):
     with pytest.raises(PuzzleError, match="--no-refine-after-repair acts on the budget feedback's re-solves"):
         both.func(both)
     assert parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x"]).refine_after_repair
+    bad = parser.parse_args(["refine", "--out", str(tmp_path), "--name", "child-1.5x", "--select-context", "-1"])
+    with pytest.raises(PuzzleError, match="--select-context must be a number of tokens >= 0"):
+        bad.func(bad)
     with pytest.raises(PuzzleError, match="choose among greedy, layer_removal"):  # the library call checks too
         improve_child(None, "child-1.5x", seeds=["uniform_width"])
     with pytest.raises(PuzzleError, match=r"seeds \['greedy,nope'\]"):  # a string is one method, not letters
@@ -1021,3 +1024,85 @@ def test_improve_child_follows_the_records_exclusion_and_says_why_a_seed_is_miss
     log = pd.read_csv(copy.out / "refine" / "child-1.5x.csv")
     assert not any(uses_excluded(c.split(), exclude) for c in log["choice"])
     assert not {"layer_removal", "no_linear_attention"} & set(log["source"].dropna())
+
+
+def test_select_context_weighs_the_selection_kl_and_keeps_the_weights_once(run, tmp_path, monkeypatch, capsys):
+    """score.select_context N: selection_kl is the weighted mean over the scoring positions with the parent's
+    context weights (computed once, kept in DIR/score, recomputed for another parent or other ids); 0 is the plain
+    mean; a window as long as the sequences is refused; a finished refinement is not "done" for another window."""
+    import shutil
+
+    from puzzle import refine as refine_module
+    from puzzle.baselines import open_run
+    from puzzle.config import ScoreConfig
+    from puzzle.refine import selection_ids
+    from puzzle.scoring import quality
+    from puzzle.scoring.quality import context_weights, evaluate_model, parent_logprobs
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    blocks, _ = _child(copy)
+    model = realize_blocks(copy, list(blocks))
+    ids = selection_ids(copy, 128)
+    logp = parent_logprobs(copy.parent.model, ids)
+    plain = selection_kl(copy, model, 128)
+    assert plain == pytest.approx(evaluate_model(model, ids, logp)["kl_nats"], rel=1e-6)
+    window = 4
+    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score, select_context=window))
+    weights = context_weights(copy.parent.model, ids, logp, window=window)
+    weighted = selection_kl(copy, model, 128)
+    assert weighted == pytest.approx(evaluate_model(model, ids, logp, weights=weights)["kl_nats"], rel=1e-5)
+    assert weighted != pytest.approx(plain, rel=1e-3)
+    kept = copy.out / "score" / f"context_weights-{window}.pt"
+    assert kept.is_file() and "context weights" in capsys.readouterr().err
+    refine_module._SELECTION_WEIGHTS.clear()  # a new process: read from the file, not computed again
+    monkeypatch.setattr(quality, "context_weights", lambda *a, **kw: pytest.fail("computed again"))
+    assert selection_kl(copy, model, 128) == pytest.approx(weighted, rel=1e-6)
+    monkeypatch.undo()
+    refine_module._SELECTION_WEIGHTS.clear()
+    kept.write_bytes(b"damaged")  # computed again and replaced
+    assert selection_kl(copy, model, 128) == pytest.approx(weighted, rel=1e-6)
+    assert torch.load(kept, weights_only=True)["weights"].shape == ids.shape
+    seq_len = ids.shape[1]
+    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score, select_context=seq_len))
+    with pytest.raises(PuzzleError, match=f"give 1..{seq_len - 1}"):
+        selection_kl(copy, model, 128)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(PuzzleError, match="select_context"):
+            ScoreConfig(select_context=bad)
+    # a refinement finished with the plain mean is not done for a window, and the other way round
+    settings = dict(k=2, min_layers_differ=1, refine_k=1, max_changes=1, tokens=128, max_rounds=1)
+    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score, select_context=0))
+    improve_child(copy, "child-1.5x", **settings)
+    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score, select_context=window))
+    capsys.readouterr()
+    df = improve_child(copy, "child-1.5x", **settings)
+    assert "already refined" not in capsys.readouterr().err
+    assert df.loc[df["step"] == "plain", "score_kl_nats"].item() == pytest.approx(weighted, rel=1e-5)
+
+
+def test_select_context_benchmark_compares_windows_on_the_same_children(tmp_path_factory, tmp_path, capsys):
+    """benchmarks/select_context.py on the tiny run: one summary row per (speed-up, window), window 0 the plain
+    selection KL of refine; bad input is one line and exit 2 before any work."""
+    bench = load_benchmark("select_context")
+    run_dir = tiny_run_dir(tmp_path_factory)
+    for flags, says in ((["--windows", "a"], "whole numbers"), (["--windows", "-1"], "--windows >= 0"),
+                        (["--windows", "4096"], "not shorter than the scoring sequences")):
+        assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "bad"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("select_context: error: ") and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+    assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "b"), "--windows", "0,4", "--speedups", "1.5",
+                       "--k", "2", "--tokens", "128"]) == 0
+    summary = pd.read_csv(tmp_path / "b" / "select_context.csv")
+    per_child = pd.read_csv(tmp_path / "b" / "select_context_children.csv")
+    assert list(summary["select_context"]) == [0, 4] and (summary["children"] == len(per_child)).all()
+    assert summary["picked_eval_kl_nats"].ge(summary["best_eval_kl_nats"]).all()
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import build_child
+
+    run = open_run(run_dir, progress=False)  # window 0 is what refine chooses by
+    first = per_child.iloc[0]
+    assert first["kl_w0"] == pytest.approx(selection_kl(run, build_child(run, {"choice": first["choice"].split()},
+                                                                         "bld"), 128), rel=1e-5)
