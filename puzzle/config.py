@@ -288,6 +288,12 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
+    def __post_init__(self) -> None:
+        if self.score.select_context >= self.data.seq_len:  # refused before any stage, not at the first choice
+            raise PuzzleError(f"score.select_context = {self.score.select_context} is not shorter than data.seq_len = "
+                              f"{self.data.seq_len}: no position would have a longer prefix to weigh; give 0 to "
+                              f"{self.data.seq_len - 1} (--select-context)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -1065,9 +1065,9 @@ def test_select_context_weighs_the_selection_kl_and_keeps_the_weights_once(run, 
     assert selection_kl(copy, model, 128) == pytest.approx(weighted, rel=1e-6)
     assert torch.load(kept, weights_only=True)["weights"].shape == ids.shape
     seq_len = ids.shape[1]
-    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score, select_context=seq_len))
-    with pytest.raises(PuzzleError, match=f"give 1..{seq_len - 1}"):
-        selection_kl(copy, model, 128)
+    with pytest.raises(PuzzleError, match=f"give 0 to {seq_len - 1}"):  # refused with the configuration
+        copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score,
+                                                                                 select_context=seq_len))
     for bad in (-1, 1.5, True):
         with pytest.raises(PuzzleError, match="select_context"):
             ScoreConfig(select_context=bad)
