@@ -2834,7 +2834,13 @@ def front_is_current(run: Run) -> str | None:
     now["settings"] = _front_settings(now["settings"], parent_path)
     if now["settings"] != settings:
         # which ones, with the values where short (a fresh user saw "[search]" after `search --speedup 2`)
-        changed = differing_settings(settings or {}, now["settings"]) or ["?"]
+        def shown(config):  # the default select_context `_front_settings` drops, back for the message ("8 -> 0")
+            score = config.get("score") if isinstance(config, dict) else None
+            if isinstance(score, dict) and "select_context" not in score:
+                return {**config, "score": {**score, "select_context": ScoreConfig.select_context}}
+            return config or {}
+
+        changed = differing_settings(shown(settings), shown(now["settings"])) or ["?"]
         more = f", and {len(changed) - 3} more" if len(changed) > 3 else ""
         return f"the settings changed ({'; '.join(changed[:3])}{more})"
     if now["children"] is None:

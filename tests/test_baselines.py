@@ -563,6 +563,8 @@ def test_a_front_is_reused_only_while_its_settings_children_and_tables_hold(tmp_
     assert front_is_current(Run(out, same, progress=False)) is None  # the same targets, reordered, repeated
     batch = saved.replace(target={"batch_size": saved.target.batch_size + 1})  # e.g. `puzzle data --batch-size`
     assert "target.batch_size: 2 -> 3" in front_is_current(Run(out, batch, progress=False))
+    weighted = saved.replace(score={"select_context": 4})  # the default is dropped, and named by its value
+    assert "score.select_context: 0 -> 4" in front_is_current(Run(out, weighted, progress=False))
     # breaker: a moved parent re-measured the whole front (its weights are checked by every stage that loads it)
     moved = saved.replace(parent={"path": str(tmp_path / "moved" / "parent")})
     assert front_is_current(Run(out, moved, progress=False)) is None
