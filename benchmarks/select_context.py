@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,13 +45,11 @@ def spearman(a, b) -> float:
 @torch.no_grad()
 def per_position_kl(model, ids: torch.Tensor, parent_logp: torch.Tensor, chunk: int = 4) -> torch.Tensor:
     """(N, T) ids -> (N, T) fp32 KL(p_parent || p_model) in nats at every position."""
+    from puzzle.scoring.quality import position_kl
+
     model.eval()
-    out = []
-    for s in range(0, ids.shape[0], chunk):
-        logq = F.log_softmax(model(ids[s:s + chunk]).float(), -1)  # (b, T, V)
-        logp = parent_logp[s:s + chunk]
-        out.append((logp.exp() * (logp - logq)).sum(-1))
-    return torch.cat(out)
+    return torch.cat([position_kl(torch.log_softmax(model(ids[s:s + chunk]).float(), -1), parent_logp[s:s + chunk])
+                      for s in range(0, ids.shape[0], chunk)])
 
 
 def children(run, table, speedups, k: int) -> list[dict]:

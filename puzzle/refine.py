@@ -116,10 +116,10 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor) -> torc
         raise PuzzleError(f"score.select_context {window}: the scoring split's sequences are {ids.shape[1]} tokens, "
                           f"so no position has a longer prefix to weigh; give 1..{ids.shape[1] - 1} "
                           f"(--select-context), or 0 to weigh every position alike")
-    ids_sha = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
-    key = (str(run.out), run.parent_fingerprint, window, ids_sha)
+    key = (str(run.out), run.parent_fingerprint, tuple(ids.shape), window)  # as `_SELECTION_LOGP`'s, per window
     if key in _SELECTION_WEIGHTS:
         return _SELECTION_WEIGHTS[key]
+    ids_sha = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()  # the file may be of other tokens
     path = run.out / "score" / f"context_weights-{window}.pt"
     weights = None
     try:
@@ -1063,8 +1063,8 @@ def refine_main(args) -> int:
         PuzzleError: a count flag below 1, --select-context below 0, --budget-feedback outside 0..feedback.MAX_ROUNDS
             or with --no-measure (so --no-refine-after-repair), a --seeds method not in `SEED_METHODS` (before anything
             is read), DIR is no run directory, --select-tokens outside one sequence to the scoring split, the run's
-            score.select_context not shorter than its sequences, or as `improve_child` (an unknown --name, or one of
-            the children refine itself made).
+            score.select_context not shorter than data.seq_len (`RunConfig`), or as `improve_child` (an unknown
+            --name, or one of the children refine itself made).
     """
     from .cli import _stage_run
     from .feedback import check_rounds
@@ -1098,9 +1098,6 @@ def refine_main(args) -> int:
             near = f"{low} or {low + seq_len}" if low + seq_len <= split else f"{low}"
             raise PuzzleError(f"--select-tokens {args.select_tokens}: choices are made on whole sequences of "
                               f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
-        if run.config.score.select_context >= seq_len:  # before any child is realized
-            raise PuzzleError(f"--select-context {run.config.score.select_context}: the scoring split's sequences are "
-                              f"{seq_len} tokens; give 0 to {seq_len - 1}")
         t0 = time.perf_counter()
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,

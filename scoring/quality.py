@@ -34,6 +34,12 @@ import torch.nn.functional as F
 METRICS = ("kl_nats", "lm_loss", "top1_agree", "cosine")
 
 
+def position_kl(child_logp: torch.Tensor, parent_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_parent || p_child) in nats at every position: (..., V) fp32 child and parent log-probabilities ->
+    (...) fp32."""
+    return (parent_logp.exp() * (parent_logp - child_logp)).sum(-1)
+
+
 def token_metrics(child_logits: torch.Tensor, parent_logp: torch.Tensor, targets: torch.Tensor | None,
                   weights: torch.Tensor | None = None) -> dict:
     """Summed per-token metrics of one chunk (divide by `tokens` to average).
@@ -48,7 +54,7 @@ def token_metrics(child_logits: torch.Tensor, parent_logp: torch.Tensor, targets
         dict with kl_nats, lm_loss, top1_agree sums and the token counts (`tokens`, `lm_tokens`).
     """
     logq = F.log_softmax(child_logits.float(), dim=-1)
-    kl = (parent_logp.exp() * (parent_logp - logq)).sum(-1)  # (B, T)
+    kl = position_kl(logq, parent_logp)  # (B, T)
     if weights is not None:
         kl = kl * weights
     out = {"kl_nats": float(kl.sum()), "top1_agree": float((logq.argmax(-1) == parent_logp.argmax(-1)).sum()),
@@ -259,9 +265,9 @@ def context_weights(parent, ids: torch.Tensor, parent_logp: torch.Tensor, window
     for n in range(n_seq):
         windows = ids[n, 1:].unfold(0, window, 1)  # (T - window, window): row j ends at position j + window
         for s in range(0, windows.shape[0], chunk):
-            logq = F.log_softmax(parent(windows[s:s + chunk], logits_to_keep=1)[:, -1].float(), -1)  # (b, V)
-            logp = parent_logp[n, window + s:window + s + logq.shape[0]]  # (b, V)
-            out[n, window + s:window + s + logq.shape[0]] = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+            logits = parent(windows[s:s + chunk], logits_to_keep=1)[:, -1]  # (b, V)
+            at = slice(window + s, window + s + logits.shape[0])
+            out[n, at] = position_kl(F.log_softmax(logits.float(), -1), parent_logp[n, at]).clamp_min(0)
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 from puzzle.budgets import BudgetRequest, Budgets
 from puzzle.errors import PuzzleError
 from puzzle.feedback import check, check_measurement, check_rounds, check_slack, corrected_budgets, settle
-from tiny_run import load_benchmark, tiny_run_dir
+from tiny_run import assert_refuses, load_benchmark, tiny_run_dir
 
 COLUMNS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "params")
 
@@ -552,9 +552,7 @@ def test_the_feedback_pick_benchmark_replays_re_solves_and_refuses_bad_input(tmp
     run_dir = tiny_run_dir(tmp_path_factory)
     for flags, says in ((["--factors", "abc"], "'abc' is not a number"), (["--factors", "0"], "not a positive"),
                         (["--candidates", "0"], "--candidates must be from 1 to 16")):
-        assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "bad"), *flags]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("feedback_pick: error: ") and says in err and len(err.strip().splitlines()) == 1, err
+        assert_refuses(bench, ["--run", str(run_dir), "--out", str(tmp_path / "bad"), *flags], says, capsys)
     assert bench.main(["--run", str(tmp_path / "none"), "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
     assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "pick"), "--factors", "0.97,1.03",

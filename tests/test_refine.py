@@ -13,7 +13,7 @@ from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
 from puzzle.refine import (add_refine_parser, context_table, diverse_candidates, improve_child, lift_negative_kl,
                            realize_blocks, record_for, refine, refine_main, selection_kl)
-from tiny_run import load_benchmark, tiny_run_copy, tiny_run_dir
+from tiny_run import assert_refuses, load_benchmark, tiny_run_copy, tiny_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -1089,9 +1089,7 @@ def test_select_context_benchmark_compares_windows_on_the_same_children(tmp_path
     run_dir = tiny_run_dir(tmp_path_factory)
     for flags, says in ((["--windows", "a"], "whole numbers"), (["--windows", "-1"], "--windows >= 0"),
                         (["--windows", "4096"], "not shorter than the scoring sequences")):
-        assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "bad"), *flags]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("select_context: error: ") and says in err and len(err.strip().splitlines()) == 1, err
+        assert_refuses(bench, ["--run", str(run_dir), "--out", str(tmp_path / "bad"), *flags], says, capsys)
     assert not (tmp_path / "bad").exists()
     assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "b"), "--windows", "0,4", "--speedups", "1.5",
                        "--k", "2", "--tokens", "128"]) == 0

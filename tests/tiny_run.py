@@ -44,3 +44,11 @@ def tiny_run_copy(tmp_path_factory, dest):
 
     shutil.copytree(tiny_run_dir(tmp_path_factory), dest)
     return dest, {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()}
+
+
+def assert_refuses(bench, argv, says: str, capsys) -> None:
+    """`bench.main(argv)` exits 2 with one line on stderr that starts '<benchmark>: error: ' and holds `says`."""
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    name = bench.__name__.removesuffix("_bench")  # as `load_benchmark` names it
+    assert err.startswith(f"{name}: error: ") and says in err and len(err.strip().splitlines()) == 1, err
