@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from .errors import PuzzleError, require_finite
 from .io import atomic_save_safetensors, atomic_write_json, read_json, tensor_sha256
 from .modeling import PuzzleForCausalLM
+from .scoring.quality import position_kl
 from .train_utils import (FOLDER_SOURCE, CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier,
                           check_resumable, check_work_folder, global_batch, init_distributed, rank_slice,
                           recorded_source, shutdown_distributed, train_loop)
@@ -151,7 +152,7 @@ def kl_full(parent_logits: torch.Tensor, child_logits: torch.Tensor, temperature
     """τ² · mean over positions of KL(softmax(z_p/τ) || softmax(z_c/τ)), nats; logits (B, T, V)."""
     logp = F.log_softmax(parent_logits.float() / temperature, dim=-1)  # (B, T, V)
     logq = F.log_softmax(child_logits.float() / temperature, dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean() * temperature ** 2
+    return position_kl(logq, logp).mean() * temperature ** 2
 
 
 def kl_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, child_logits: torch.Tensor,

@@ -46,10 +46,10 @@ def _sequences(ids: torch.Tensor, start: int, tokens: int, what: str, setting: s
 @torch.no_grad()
 def _realized_kl(model, parent_logp: torch.Tensor, ids: torch.Tensor, chunk: int, stride: int) -> float:
     """KL(parent || model) in nats/token over the scored positions of (N, T) ids."""
-    from .scoring.quality import parent_cache
+    from .scoring.quality import parent_cache, position_kl
 
     logq = parent_cache(model, ids, chunk=chunk, stride=stride).logp  # (N, T', V)
-    return float((parent_logp.exp() * (parent_logp - logq)).sum(-1).mean())
+    return float(position_kl(logq, parent_logp).mean())
 
 
 def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFrame:

@@ -82,27 +82,36 @@ def selection_kl(run, model, tokens: int | None = None) -> float:
     Raises:
         PuzzleError: score.select_context is not shorter than the scoring split's sequences.
     """
-    from .scoring.quality import evaluate_model, parent_logprobs
+    from .scoring.quality import evaluate_model
 
     ids = selection_ids(run, tokens)
+    parent_logp = _selection_logp(run, ids)
+    weights = selection_weights(run, ids, parent_logp)
+    return float(evaluate_model(model, ids, parent_logp, chunk=run.config.score.chunk, weights=weights)["kl_nats"])
+
+
+def _selection_logp(run, ids: torch.Tensor) -> torch.Tensor:
+    """(N, T, V) fp32 parent log-probabilities of the selection ids, kept for the run's latest ids."""
+    from .scoring.quality import parent_logprobs
+
     key = (str(run.out), run.parent_fingerprint, tuple(ids.shape))
     if key not in _SELECTION_LOGP:
         _SELECTION_LOGP.clear()
         _SELECTION_LOGP[key] = parent_logprobs(run.parent.model, ids, chunk=run.config.score.chunk)
-    weights = selection_weights(run, ids, _SELECTION_LOGP[key])
-    return float(evaluate_model(model, ids, _SELECTION_LOGP[key], chunk=run.config.score.chunk,
-                                weights=weights)["kl_nats"])
+    return _SELECTION_LOGP[key]
 
 
 _SELECTION_WEIGHTS: dict = {}
 
 
-def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor) -> torch.Tensor | None:
+def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor | None = None,
+                      file: str = "context_weights") -> torch.Tensor | None:
     """(N, T) fp32 `scoring.quality.context_weights` of the selection ids for the run's `score.select_context`, or
     None where it is 0. Computed once per run, parent, window and ids, and kept in
     DIR/score/context_weights-<window>.pt (written atomically; a file of other ids or another parent is
     computed again), since they take a parent pass per position: on the demo, 22 s per 2,048 tokens with N = 8,
-    72 s with N = 32.
+    72 s with N = 32 (`file` names another file, DIR/score/<file>-<window>.pt, for other ids kept beside them).
+    `parent_logp` ((N, T, V) fp32 of the parent on `ids`) is computed where it is needed and not given.
 
     Raises:
         PuzzleError: the window is not shorter than the sequences (no position would weigh anything).
@@ -116,11 +125,11 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor) -> torc
         raise PuzzleError(f"score.select_context {window}: the scoring split's sequences are {ids.shape[1]} tokens, "
                           f"so no position has a longer prefix to weigh; give 1..{ids.shape[1] - 1} "
                           f"(--select-context), or 0 to weigh every position alike")
-    key = (str(run.out), run.parent_fingerprint, tuple(ids.shape), window)  # as `_SELECTION_LOGP`'s, per window
+    key = (str(run.out), run.parent_fingerprint, tuple(ids.shape), window, file)  # as `_SELECTION_LOGP`'s
     if key in _SELECTION_WEIGHTS:
         return _SELECTION_WEIGHTS[key]
     ids_sha = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()  # the file may be of other tokens
-    path = run.out / "score" / f"context_weights-{window}.pt"
+    path = run.out / "score" / f"{file}-{window}.pt"
     weights = None
     try:
         saved = torch.load(path, weights_only=True) if path.is_file() else None
@@ -131,15 +140,34 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor) -> torc
         weights = None
     if weights is None:
         t0 = time.perf_counter()
+        if parent_logp is None:
+            parent_logp = _selection_logp(run, ids)
         weights = context_weights(run.parent.model, ids, parent_logp, window=window)
         buf = io.BytesIO()
         torch.save({"parent": run.parent_fingerprint, "ids": ids_sha, "window": window, "weights": weights}, buf)
         atomic_write_bytes(path, buf.getvalue())
         run.say(f"selection: context weights of {ids.numel()} scoring tokens (window {window}) in "
                 f"{time.perf_counter() - t0:.0f} s, kept in {path}")
-    _SELECTION_WEIGHTS.clear()
+    if len(_SELECTION_WEIGHTS) >= 2:  # the selection's and the in-context table's
+        _SELECTION_WEIGHTS.clear()
     _SELECTION_WEIGHTS[key] = weights
     return weights
+
+
+def context_table_weights(run, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """(N, T') fp32 `selection_weights` of `context_table`'s scoring ids at its scored `positions`, or None where
+    score.select_context is 0. Where those ids are the first sequences of the selection ids (the demo's 2 of 8),
+    they are the selection weights' first rows, so no parent pass is added; other ids' are kept in
+    DIR/score/context_table_weights-<window>.pt."""
+    if not int(run.config.score.select_context):
+        return None
+    sel = selection_ids(run)
+    n = ids.shape[0]
+    if ids.shape[1] == sel.shape[1] and n <= sel.shape[0] and torch.equal(ids, sel[:n]):
+        weights = selection_weights(run, sel)[:n]
+    else:
+        weights = selection_weights(run, ids, file="context_table_weights")
+    return weights[:, positions]  # (N, T) -> (N, T')
 
 
 def realize_blocks(run, blocks, stage: str = "bld"):
@@ -326,7 +354,9 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     subblocks). The returned table keeps every cost column of `table` and sets
         context_kl_nats = d,   kl_nats = d − d(parent's variant of that layer and subblock)
     (the parent's rows at 0, as `search` expects; per layer a constant shift, so the MIP's optimum is
-    unchanged), and likewise context_lm_loss / lm_loss. Block (coupled) rows are not supported.
+    unchanged), and likewise context_lm_loss / lm_loss. Block (coupled) rows are not supported. With the run's
+    score.select_context N > 0 both KLs are means weighted by `context_table_weights`, as `selection_kl` (what
+    the refinement accepts by) weighs them; the LM losses stay plain means.
 
     Returns:
         (table, KL of the child itself in nats/token on those tokens).
@@ -348,8 +378,10 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     from .scoring.quality import next_token_targets
 
     targets = next_token_targets(ids)[:, cache.positions]
-    sums = token_metrics(child.head(cache.h[-1][:, cache.positions]), cache.logp, targets)
-    base_kl, base_loss = sums["kl_nats"] / sums["tokens"], sums["lm_loss"] / max(1, sums["lm_tokens"])
+    weights = context_table_weights(run, ids, cache.positions)  # (N, T') or None: as `selection_kl` weighs
+    sums = token_metrics(child.head(cache.h[-1][:, cache.positions]), cache.logp, targets, weights)
+    base_kl = sums["kl_nats"] / (sums["tokens"] if weights is None else max(float(weights.sum()), 1e-12))
+    base_loss = sums["lm_loss"] / max(1, sums["lm_tokens"])
     out = table.copy()
     out["context_kl_nats"], out["context_lm_loss"] = 0.0, 0.0
     body = out.index[out["subblock"].isin(["attention", "ffn"])]
@@ -365,7 +397,7 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
         if row["variant"] != current.id:
             variant = type(current).from_id(row["variant"])
             m = replace_one_score(child, cache, layer, subblock, _subblock(run, layer, subblock, variant, stage),
-                                  chunk=cfg.chunk)
+                                  chunk=cfg.chunk, weights=weights)
             out.loc[label, ["context_kl_nats", "context_lm_loss"]] = [m["kl_nats"] - base_kl, m["lm_loss"] - base_loss]
         if bar is not None:
             bar.update(1)
@@ -638,8 +670,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
     inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "seeds": seeds,
                                               "refine_k": refine_k, "max_changes": max_changes, "tokens": tokens,
-                                              # only where set: refinements recorded before it existed stay done
-                                              **({"select_context": context} if context else {})})
+                                              # only where set: refinements recorded before it existed stay done;
+                                              # one from before the in-context table was weighted too is not
+                                              **({"select_context": context, "context_table": "weighted"}
+                                                 if context else {})})
     if not resume and (done := _finished_refinement(run, name, inputs, max_rounds)) is not None:
         run.say(f"refine {name}: already refined from the same child, settings and run inputs ({summary_path}); "
                 f"--continue runs more rounds, and deleting {log_path} starts afresh")
@@ -689,7 +723,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 same = bool(saved) and all(saved.get(key) == inputs[key] for key in ("child", "objective", "run"))
                 rounds_alike = isinstance(kept_settings, dict) and all(  # breaker: a --continue with other round
                     kept_settings.get(key) == inputs["settings"].get(key)
-                    for key in ("refine_k", "max_changes", "tokens", "select_context"))
+                    for key in ("refine_k", "max_changes", "tokens", "select_context", "context_table"))
                 if same and rounds_alike and isinstance(before, int) and before >= 0 \
                         and {"k", "min_layers_differ"} <= set(kept_settings):
                     rounds_before = before

@@ -154,7 +154,8 @@ def _swapped_output(parent, cache: ParentCache, layer_idx: int, subblock: str, s
 
 
 @torch.no_grad()
-def replace_one_scores(parent, cache: ParentCache, layer_idx: int, subblock: str, subs, chunk: int = 4) -> list[dict]:
+def replace_one_scores(parent, cache: ParentCache, layer_idx: int, subblock: str, subs, chunk: int = 4,
+                       weights: torch.Tensor | None = None) -> list[dict]:
     """`replace_one_score` for several candidates of the same layer and subblock at once.
 
     The candidates' swapped residual streams are stacked along the batch, so the remaining
@@ -164,19 +165,24 @@ def replace_one_scores(parent, cache: ParentCache, layer_idx: int, subblock: str
     Args:
         subblock: "attention", "ffn" or "block" (a whole DecoderBlock, coupled scoring).
         subs: candidates as for `replace_one_score` (None = no_op).
+        weights: (N, T') fp32 weights of the scored positions (`cache.positions`, e.g. `context_weights`
+            columns): kl_nats is then sum(w * KL) / sum(w); the other metrics stay plain means. None: 1 each.
 
     Returns:
         One metrics dict per candidate, in order (the same values as `replace_one_score`, up to
         floating-point summation order).
 
     Raises:
-        ValueError: an unknown subblock.
+        ValueError: an unknown subblock, or weights not of shape (N, T').
     """
     subs = list(subs)
     if subblock not in SUBBLOCKS:
         raise ValueError(f"subblock must be one of {SUBBLOCKS}, got {subblock!r}")
     k = len(subs)
     pos = cache.positions
+    if weights is not None and tuple(weights.shape) != (cache.ids.shape[0], len(pos)):
+        raise ValueError(f"weights must be (N, T') = {(cache.ids.shape[0], len(pos))} (the scored positions), "
+                         f"got {tuple(weights.shape)}")
     targets = next_token_targets(cache.ids)[:, pos]
     sums = [{"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0} for _ in subs]
     for s in range(0, cache.ids.shape[0], chunk):
@@ -190,16 +196,18 @@ def replace_one_scores(parent, cache: ParentCache, layer_idx: int, subblock: str
         final = cache.h[-1][s:e, pos].float()
         for j in range(k):
             part = slice(j * n, (j + 1) * n)
-            m = token_metrics(logits[part], cache.logp[s:e], targets[s:e])
+            m = token_metrics(logits[part], cache.logp[s:e], targets[s:e], None if weights is None else weights[s:e])
             for key in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens"):
                 sums[j][key] += m[key]
             sums[j]["cosine"] += float(F.cosine_similarity(h[part].float(), final, dim=-1).sum())
-    return [{"kl_nats": t["kl_nats"] / t["tokens"], "lm_loss": t["lm_loss"] / max(1, t["lm_tokens"]),
+    kl_norm = None if weights is None else max(float(weights.sum()), 1e-12)
+    return [{"kl_nats": t["kl_nats"] / (kl_norm or t["tokens"]), "lm_loss": t["lm_loss"] / max(1, t["lm_tokens"]),
              "top1_agree": t["top1_agree"] / t["tokens"], "cosine": t["cosine"] / t["tokens"]} for t in sums]
 
 
 @torch.no_grad()
-def replace_one_score(parent, cache: ParentCache, layer_idx: int, subblock: str, sub, chunk: int = 4) -> dict:
+def replace_one_score(parent, cache: ParentCache, layer_idx: int, subblock: str, sub, chunk: int = 4,
+                      weights: torch.Tensor | None = None) -> dict:
     """Metrics of the parent with one subblock of `layer_idx` replaced by `sub`.
 
     Args:
@@ -207,11 +215,12 @@ def replace_one_score(parent, cache: ParentCache, layer_idx: int, subblock: str,
             variant together, `sub` a full DecoderBlock as from init.compose_block).
         sub: a DecoderBlock holding only that subblock (init.attention_subblock / ffn_subblock
             layout), or None for no_op (for "block": the layer removed).
+        weights: as for `replace_one_scores` (a weighted-mean KL).
 
     Returns:
         {"kl_nats", "lm_loss", "top1_agree", "cosine"} averaged per token.
     """
-    return replace_one_scores(parent, cache, layer_idx, subblock, [sub], chunk)[0]
+    return replace_one_scores(parent, cache, layer_idx, subblock, [sub], chunk, weights)[0]
 
 
 def replace_block_score(parent, cache: ParentCache, layer_idx: int, block, chunk: int = 4) -> dict:

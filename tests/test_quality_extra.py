@@ -1,5 +1,6 @@
 """Coupled (whole-block) scoring, batched candidates, and scoring sharded across processes."""
 
+import dataclasses
 import socket
 
 import pandas as pd
@@ -66,6 +67,23 @@ def test_batched_candidates_match_one_at_a_time(parent, cache):
         for k in METRICS:
             assert b[k] == pytest.approx(single[k], rel=1e-5, abs=1e-6), k
     assert len({round(b["kl_nats"], 6) for b in batched}) == 3  # three different candidates
+    # weighted: kl_nats is sum(w * KL) / sum(w) over the scored positions, the other metrics stay plain means
+    n, t = cache.ids.shape[0], len(cache.positions)
+    ones = replace_one_scores(parent, cache, 0, "attention", subs, chunk=2, weights=torch.full((n, t), 3.0))
+    for b, one in zip(batched, ones):
+        for k in METRICS:
+            assert one[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    first = torch.zeros(n, t)
+    first[0] = 1.0  # the first sequence only
+    only = replace_one_scores(parent, cache, 0, "attention", subs[:1], chunk=2, weights=first)[0]
+    alone = replace_one_score(parent, dataclasses.replace(cache, ids=cache.ids[:1], h=[h[:1] for h in cache.h],
+                                                          h_mid=[h[:1] for h in cache.h_mid], logp=cache.logp[:1],
+                                                          cos=cache.cos[:1], sin=cache.sin[:1]),
+                              0, "attention", subs[0], chunk=2)
+    assert only["kl_nats"] == pytest.approx(alone["kl_nats"], rel=1e-5)
+    assert only["top1_agree"] == pytest.approx(batched[0]["top1_agree"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"weights must be \(N, T'\)"):
+        replace_one_score(parent, cache, 0, "attention", None, weights=torch.ones(n, t + 1))
 
 
 # ------------------------------------------------------------------------------------------------

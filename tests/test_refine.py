@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import math
 
 import pandas as pd
@@ -45,6 +46,49 @@ def test_in_the_parent_context_the_scores_are_the_replace_one_scores(run, table)
                                torch.tensor(table.loc[body, "kl_nats"].to_numpy()), atol=2e-6, rtol=1e-4)
     assert (ctx.loc[~body & (table["subblock"] != "non_block"), "kl_nats"] == 0).all()
     pd.testing.assert_series_equal(ctx["runtime_ms"], table["runtime_ms"])  # costs untouched
+
+
+def test_with_select_context_the_in_context_scores_are_weighted_as_selection_kl(table, tmp_path_factory, tmp_path):
+    """score.select_context N > 0: the child's KL and every in-context delta are means weighted by the parent's
+    context weights at the scored positions (the selection weights' first rows, from their file), as the
+    refinement's acceptance by `selection_kl` weighs them; ids that are not the selection's have their own file."""
+    from puzzle.baselines import open_run
+    from puzzle.refine import context_table_weights
+    from puzzle.scoring.quality import (context_weights, next_token_targets, parent_cache, parent_logprobs,
+                                        scored_positions, token_metrics)
+
+    copy = open_run(tiny_run_copy(tmp_path_factory, tmp_path / "run")[0], progress=False)
+    window, stride = 4, 2
+    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(
+        copy.config.score, select_context=window, position_stride=stride))
+    blocks, _ = _child(copy)
+    ctx, base = context_table(copy, blocks, table)
+    assert (copy.out / "score" / f"context_weights-{window}.pt").is_file()  # the selection ids' weights
+    parent = copy.parent.config.blocks
+    layer, subblock = next((i, sub) for i, b in enumerate(blocks) for sub in ("attention", "ffn")
+                           if getattr(b, sub) != getattr(parent[i], sub))
+    row = ctx[(ctx["layer"] == layer) & (ctx["subblock"] == subblock)
+              & (ctx["variant"] == getattr(parent[layer], subblock).id)]
+    swapped = list(blocks)
+    swapped[layer] = dataclasses.replace(blocks[layer], **{subblock: getattr(parent[layer], subblock)})
+    ids = copy.tokens.score[:max(1, copy.config.score.tokens // copy.tokens.score.shape[1])]
+    pos = scored_positions(ids.shape[1], stride)
+    weights = context_weights(copy.parent.model, ids, parent_logprobs(copy.parent.model, ids), window=window)[:, pos]
+    ref = parent_cache(copy.parent.model, ids, stride=stride)
+    targets = next_token_targets(ids)[:, pos]
+
+    def weighted_kl(blocks_, plain: bool = False) -> float:
+        with torch.no_grad():
+            m = token_metrics(realize_blocks(copy, blocks_)(ids)[:, pos], ref.logp, targets, None if plain else weights)
+        return m["kl_nats"] / (m["tokens"] if plain else float(weights.sum()))
+
+    assert base == pytest.approx(weighted_kl(blocks), rel=1e-4)
+    assert base + float(row["context_kl_nats"].iloc[0]) == pytest.approx(weighted_kl(swapped), rel=1e-4, abs=1e-7)
+    assert base != pytest.approx(weighted_kl(blocks, plain=True), rel=1e-3)  # the weights change the child's KL
+    other = copy.tokens.score[1:3]  # not the selection's first sequences: weighed on their own, in their own file
+    torch.testing.assert_close(context_table_weights(copy, other, pos), context_weights(
+        copy.parent.model, other, parent_logprobs(copy.parent.model, other), window=window)[:, pos])
+    assert (copy.out / "score" / f"context_table_weights-{window}.pt").is_file()
 
 
 def test_in_context_delta_is_the_realized_kl_of_the_swapped_child(run, table):
@@ -1080,6 +1124,15 @@ def test_select_context_weighs_the_selection_kl_and_keeps_the_weights_once(run, 
     df = improve_child(copy, "child-1.5x", **settings)
     assert "already refined" not in capsys.readouterr().err
     assert df.loc[df["step"] == "plain", "score_kl_nats"].item() == pytest.approx(weighted, rel=1e-5)
+    improve_child(copy, "child-1.5x", **settings)
+    assert "already refined" in capsys.readouterr().err
+    # one made before the in-context table was weighted too (its inputs lack "context_table") is made again
+    saved = copy.out / "refine" / "child-1.5x.inputs.json"
+    inputs = json.loads(saved.read_text())
+    assert inputs["settings"].pop("context_table") == "weighted"
+    saved.write_text(json.dumps(inputs))
+    improve_child(copy, "child-1.5x", **settings)
+    assert "already refined" not in capsys.readouterr().err
 
 
 def test_select_context_benchmark_compares_windows_on_the_same_children(tmp_path_factory, tmp_path, capsys):
