@@ -364,7 +364,7 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     Raises:
         PuzzleError: a coupled score table, or a child layer whose variant the table lacks.
     """
-    from .scoring.quality import parent_cache, replace_one_score, token_metrics
+    from .scoring.quality import parent_cache, replace_one_score, token_metrics, weighted_kl
 
     if (table["subblock"] == "block").any():
         raise PuzzleError("in-context re-scoring needs a decoupled score table (attention and ffn rows)")
@@ -380,7 +380,7 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     targets = next_token_targets(ids)[:, cache.positions]
     weights = context_table_weights(run, ids, cache.positions)  # (N, T') or None: as `selection_kl` weighs
     sums = token_metrics(child.head(cache.h[-1][:, cache.positions]), cache.logp, targets, weights)
-    base_kl = sums["kl_nats"] / (sums["tokens"] if weights is None else max(float(weights.sum()), 1e-12))
+    base_kl = weighted_kl(sums)
     base_loss = sums["lm_loss"] / max(1, sums["lm_tokens"])
     out = table.copy()
     out["context_kl_nats"], out["context_lm_loss"] = 0.0, 0.0

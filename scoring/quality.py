@@ -51,19 +51,26 @@ def token_metrics(child_logits: torch.Tensor, parent_logp: torch.Tensor, targets
         weights: (B, T) per-position weights of the KL sum (divide by their sum to average); None: 1 each.
 
     Returns:
-        dict with kl_nats, lm_loss, top1_agree sums and the token counts (`tokens`, `lm_tokens`).
+        dict with kl_nats, lm_loss, top1_agree sums, the token counts (`tokens`, `lm_tokens`) and `kl_weight`, what
+        the kl_nats sum is to be divided by (the weights' sum; `tokens` without weights).
     """
     logq = F.log_softmax(child_logits.float(), dim=-1)
     kl = position_kl(logq, parent_logp)  # (B, T)
     if weights is not None:
         kl = kl * weights
     out = {"kl_nats": float(kl.sum()), "top1_agree": float((logq.argmax(-1) == parent_logp.argmax(-1)).sum()),
-           "tokens": kl.numel()}
+           "tokens": kl.numel(), "kl_weight": float(kl.numel() if weights is None else weights.sum())}
     if targets is not None:
         valid = targets != -100
         nll = F.nll_loss(logq.reshape(-1, logq.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
         out.update(lm_loss=float(nll), lm_tokens=int(valid.sum()))
     return out
+
+
+def weighted_kl(sums: dict) -> float:
+    """Mean KL in nats/token from `token_metrics` sums added up over chunks: kl_nats / kl_weight (the weighted mean
+    where weights were given; 0 where every weight was 0)."""
+    return sums["kl_nats"] / max(sums["kl_weight"], 1e-12)
 
 
 def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
@@ -184,7 +191,8 @@ def replace_one_scores(parent, cache: ParentCache, layer_idx: int, subblock: str
         raise ValueError(f"weights must be (N, T') = {(cache.ids.shape[0], len(pos))} (the scored positions), "
                          f"got {tuple(weights.shape)}")
     targets = next_token_targets(cache.ids)[:, pos]
-    sums = [{"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0} for _ in subs]
+    sums = [{"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "cosine": 0.0, "tokens": 0, "lm_tokens": 0,
+             "kl_weight": 0.0} for _ in subs]
     for s in range(0, cache.ids.shape[0], chunk):
         e = min(s + chunk, cache.ids.shape[0])
         n = e - s
@@ -197,11 +205,10 @@ def replace_one_scores(parent, cache: ParentCache, layer_idx: int, subblock: str
         for j in range(k):
             part = slice(j * n, (j + 1) * n)
             m = token_metrics(logits[part], cache.logp[s:e], targets[s:e], None if weights is None else weights[s:e])
-            for key in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens"):
+            for key in ("kl_nats", "lm_loss", "top1_agree", "tokens", "lm_tokens", "kl_weight"):
                 sums[j][key] += m[key]
             sums[j]["cosine"] += float(F.cosine_similarity(h[part].float(), final, dim=-1).sum())
-    kl_norm = None if weights is None else max(float(weights.sum()), 1e-12)
-    return [{"kl_nats": t["kl_nats"] / (kl_norm or t["tokens"]), "lm_loss": t["lm_loss"] / max(1, t["lm_tokens"]),
+    return [{"kl_nats": weighted_kl(t), "lm_loss": t["lm_loss"] / max(1, t["lm_tokens"]),
              "top1_agree": t["top1_agree"] / t["tokens"], "cosine": t["cosine"] / t["tokens"]} for t in sums]
 
 
@@ -294,7 +301,7 @@ def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = 
         raise ValueError(f"weights need parent_logp and the shape of ids {tuple(ids.shape)}, got "
                          f"{None if weights is None else tuple(weights.shape)}")
     targets = next_token_targets(ids)
-    sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "tokens": 0, "lm_tokens": 0}
+    sums = {"kl_nats": 0.0, "lm_loss": 0.0, "top1_agree": 0.0, "tokens": 0, "lm_tokens": 0, "kl_weight": 0.0}
     for s in range(0, ids.shape[0], chunk):
         logits = model(ids[s:s + chunk])
         if parent_logp is None:
@@ -310,7 +317,7 @@ def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = 
             sums[k] += m[k]
     out = {"lm_loss": sums["lm_loss"] / max(1, sums["lm_tokens"]), "tokens": sums["tokens"]}
     if parent_logp is not None:
-        out["kl_nats"] = sums["kl_nats"] / (sums["tokens"] if weights is None else max(float(weights.sum()), 1e-12))
+        out["kl_nats"] = weighted_kl(sums)
         out["top1_agree"] = sums["top1_agree"] / sums["tokens"]
     return out
 

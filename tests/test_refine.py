@@ -38,6 +38,19 @@ def _child(run):
     return tuple(BlockConfig.from_id(b) for b in record["choice"]), Budgets.from_dict(record["budgets"])
 
 
+def _swapped_back(run, blocks, ctx) -> tuple[float, list]:
+    """The first subblock the child `blocks` changed (which one depends on the tiny run's measured costs): its
+    in-context delta for the parent's variant in `ctx` (context_kl_nats), and the child with it swapped back."""
+    parent = run.parent.config.blocks
+    layer, subblock = next((i, sub) for i, b in enumerate(blocks) for sub in ("attention", "ffn")
+                           if getattr(b, sub) != getattr(parent[i], sub))
+    row = ctx[(ctx["layer"] == layer) & (ctx["subblock"] == subblock)
+              & (ctx["variant"] == getattr(parent[layer], subblock).id)]
+    swapped = list(blocks)
+    swapped[layer] = dataclasses.replace(blocks[layer], **{subblock: getattr(parent[layer], subblock)})
+    return float(row["context_kl_nats"].iloc[0]), swapped
+
+
 def test_in_the_parent_context_the_scores_are_the_replace_one_scores(run, table):
     ctx, base = context_table(run, run.parent.config.blocks, table)
     assert abs(base) < 1e-6
@@ -64,13 +77,7 @@ def test_with_select_context_the_in_context_scores_are_weighted_as_selection_kl(
     blocks, _ = _child(copy)
     ctx, base = context_table(copy, blocks, table)
     assert (copy.out / "score" / f"context_weights-{window}.pt").is_file()  # the selection ids' weights
-    parent = copy.parent.config.blocks
-    layer, subblock = next((i, sub) for i, b in enumerate(blocks) for sub in ("attention", "ffn")
-                           if getattr(b, sub) != getattr(parent[i], sub))
-    row = ctx[(ctx["layer"] == layer) & (ctx["subblock"] == subblock)
-              & (ctx["variant"] == getattr(parent[layer], subblock).id)]
-    swapped = list(blocks)
-    swapped[layer] = dataclasses.replace(blocks[layer], **{subblock: getattr(parent[layer], subblock)})
+    delta, swapped = _swapped_back(copy, blocks, ctx)
     ids = copy.tokens.score[:max(1, copy.config.score.tokens // copy.tokens.score.shape[1])]
     pos = scored_positions(ids.shape[1], stride)
     weights = context_weights(copy.parent.model, ids, parent_logprobs(copy.parent.model, ids), window=window)[:, pos]
@@ -83,7 +90,7 @@ def test_with_select_context_the_in_context_scores_are_weighted_as_selection_kl(
         return m["kl_nats"] / (m["tokens"] if plain else float(weights.sum()))
 
     assert base == pytest.approx(weighted_kl(blocks), rel=1e-4)
-    assert base + float(row["context_kl_nats"].iloc[0]) == pytest.approx(weighted_kl(swapped), rel=1e-4, abs=1e-7)
+    assert base + delta == pytest.approx(weighted_kl(swapped), rel=1e-4, abs=1e-7)
     assert base != pytest.approx(weighted_kl(blocks, plain=True), rel=1e-3)  # the weights change the child's KL
     other = copy.tokens.score[1:3]  # not the selection's first sequences: weighed on their own, in their own file
     torch.testing.assert_close(context_table_weights(copy, other, pos), context_weights(
@@ -97,21 +104,14 @@ def test_in_context_delta_is_the_realized_kl_of_the_swapped_child(run, table):
 
     blocks, _ = _child(run)
     ctx, base = context_table(run, blocks, table)
-    # the first subblock the child changed (which one depends on the tiny run's measured costs), swapped back
-    parent = run.parent.config.blocks
-    layer, subblock = next((i, sub) for i, b in enumerate(blocks) for sub in ("attention", "ffn")
-                           if getattr(b, sub) != getattr(parent[i], sub))
-    row = ctx[(ctx["layer"] == layer) & (ctx["subblock"] == subblock)
-              & (ctx["variant"] == getattr(parent[layer], subblock).id)]
-    swapped = list(blocks)
-    swapped[layer] = dataclasses.replace(blocks[layer], **{subblock: getattr(parent[layer], subblock)})
+    delta, swapped = _swapped_back(run, blocks, ctx)
     cfg = run.config.score
     ids = run.tokens.score[:max(1, cfg.tokens // run.tokens.score.shape[1])]
     pos = scored_positions(ids.shape[1], cfg.position_stride)
     ref = parent_cache(run.parent.model, ids, stride=cfg.position_stride)
     with torch.no_grad():
         m = token_metrics(realize_blocks(run, swapped)(ids)[:, pos], ref.logp, next_token_targets(ids)[:, pos])
-    assert base + float(row["context_kl_nats"].iloc[0]) == pytest.approx(m["kl_nats"] / m["tokens"], rel=1e-4, abs=1e-7)
+    assert base + delta == pytest.approx(m["kl_nats"] / m["tokens"], rel=1e-4, abs=1e-7)
     coupled = pd.concat([table, table.head(1).assign(subblock="block", variant=blocks[0].id)], ignore_index=True)
     with pytest.raises(PuzzleError, match="decoupled"):
         context_table(run, blocks, coupled)
