@@ -446,7 +446,9 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
 
     Returns:
         One row per candidate tried, plus round 0 (the start): round, accepted, predicted_kl_nats
-        (in-context first-order prediction; the start's is its realized KL), score_kl_nats,
+        (in-context first-order prediction: the round's starting child's score_kl_nats plus the summed
+        context_kl_nats of the subblocks it changes, so on the same tokens as score_kl_nats but for the change;
+        the start's is its realized KL), score_kl_nats,
         changed_layers, context_s (re-scoring), solve_s, realize_s, choice. attrs["best"] is the
         choice kept.
     """
@@ -460,7 +462,7 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
              "choice": tuple(b.id for b in current)}]
     for r in range(1, max_rounds + 1):
         t0 = time.perf_counter()
-        ctx, child_kl = context_table(run, current, table, stage, progress)
+        ctx, _ = context_table(run, current, table, stage, progress)
         context_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
@@ -475,7 +477,8 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
             if s.choice == tuple(b.id for b in current):
                 continue
             t1 = time.perf_counter()
-            predicted = child_kl + float(ctx.loc[[lab for rows_ in s.rows for lab in rows_], "context_kl_nats"].sum())
+            # the current child's realized KL on the selection tokens + the in-context change (table tokens)
+            predicted = current_kl + float(ctx.loc[[lab for rows_ in s.rows for lab in rows_], "context_kl_nats"].sum())
             kl = selection_kl(run, realize_blocks(run, s.blocks, stage), tokens)
             tried.append({"round": r, "accepted": False, "predicted_kl_nats": predicted, "score_kl_nats": kl,
                           "changed_layers": sum(a != b for a, b in zip(s.blocks, current)), "context_s": context_s,

@@ -261,12 +261,23 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
 
 def test_refinement_stays_in_its_trust_region_meets_the_budget_and_only_accepts_gains(run, table):
     blocks, budgets = _child(run)
-    history = refine(run, table, budgets, blocks, k=2, max_changes=1, max_rounds=2, tokens=128)
+    history = refine(run, table, budgets, blocks, k=2, max_changes=1, max_rounds=2, tokens=256)
     assert history.loc[0, "round"] == 0 and (history.loc[1:, "changed_layers"] <= 1).all()
     accepted = history[history["accepted"]]["score_kl_nats"].tolist()
     assert all(b < a for a, b in zip(accepted, accepted[1:]))
     final = record_for(run, "x", history.attrs["best"], "bld", budgets, "test")
     assert final["runtime_ms"] <= budgets.max_runtime_ms * (1 + 1e-9)
+    # a candidate's prediction is the start's realized KL (the same tokens) plus its in-context change, which the
+    # in-context table measures on its own, fewer tokens (128 here)
+    ctx, table_kl = context_table(run, blocks, table)
+    assert table_kl != pytest.approx(history.loc[0, "score_kl_nats"], rel=1e-3)
+    delta = ctx.set_index(["layer", "subblock", "variant"])["context_kl_nats"]
+    assert (history["round"] == 1).any()
+    for row in history[history["round"] == 1].itertuples():
+        change = sum(delta[(i, part, getattr(BlockConfig.from_id(b), part).id)]
+                     for i, (a, b) in enumerate(zip(blocks, row.choice)) if a.id != b
+                     for part in ("attention", "ffn"))
+        assert row.predicted_kl_nats == pytest.approx(history.loc[0, "score_kl_nats"] + change, abs=1e-6)
 
 
 def test_a_negative_in_context_kl_is_solved_not_refused(run, table):
