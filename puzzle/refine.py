@@ -108,10 +108,12 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor | None =
                       file: str = "context_weights") -> torch.Tensor | None:
     """(N, T) fp32 `scoring.quality.context_weights` of the selection ids for the run's `score.select_context`, or
     None where it is 0. Computed once per run, parent, window and ids, and kept in
-    DIR/score/context_weights-<window>.pt (written atomically; a file of other ids or another parent is
-    computed again), since they take a parent pass per position: on the demo, 22 s per 2,048 tokens with N = 8,
-    72 s with N = 32 (`file` names another file, DIR/score/<file>-<window>.pt, for other ids kept beside them).
-    `parent_logp` ((N, T, V) fp32 of the parent on `ids`) is computed where it is needed and not given.
+    DIR/score/context_weights-<window>.pt (written atomically), since they take a parent pass per position: on the
+    demo, 22 s per 2,048 tokens with N = 8, 72 s with N = 32 (`file` names another file, DIR/score/<file>-<window>.pt,
+    for other ids kept beside them). The file records each sequence's sha256, so ids that are its first sequences
+    (`--select-tokens` below the in-context table's 2,048) take its first rows; other ids or another parent are
+    computed again and replace it. `parent_logp` ((N, T, V) fp32 of the parent on `ids`) is computed where it is
+    needed and not given.
 
     Raises:
         PuzzleError: the window is not shorter than the sequences (no position would weigh anything).
@@ -128,14 +130,17 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor | None =
     key = (str(run.out), run.parent_fingerprint, tuple(ids.shape), window, file)  # as `_SELECTION_LOGP`'s
     if key in _SELECTION_WEIGHTS:
         return _SELECTION_WEIGHTS[key]
-    ids_sha = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()  # the file may be of other tokens
+    # the file may be of other tokens: one sha256 per sequence, so that a prefix of its sequences is found in it
+    rows_sha = [hashlib.sha256(row.contiguous().numpy().tobytes()).hexdigest() for row in ids]
+    n = len(rows_sha)
     path = run.out / "score" / f"{file}-{window}.pt"
     weights = None
     try:
         saved = torch.load(path, weights_only=True) if path.is_file() else None
-        if isinstance(saved, dict) and saved.get("parent") == run.parent_fingerprint and saved.get("ids") == ids_sha \
-                and tuple(saved["weights"].shape) == tuple(ids.shape):
-            weights = saved["weights"].float()
+        if isinstance(saved, dict) and saved.get("parent") == run.parent_fingerprint \
+                and list(saved.get("rows") or [])[:n] == rows_sha \
+                and tuple(saved["weights"].shape[1:]) == tuple(ids.shape[1:]) and saved["weights"].shape[0] >= n:
+            weights = saved["weights"][:n].float()  # (N_file, T) -> (N, T)
     except Exception:  # noqa: BLE001 (a damaged or foreign file: computed again and replaced)
         weights = None
     if weights is None:
@@ -144,7 +149,7 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor | None =
             parent_logp = _selection_logp(run, ids)
         weights = context_weights(run.parent.model, ids, parent_logp, window=window)
         buf = io.BytesIO()
-        torch.save({"parent": run.parent_fingerprint, "ids": ids_sha, "window": window, "weights": weights}, buf)
+        torch.save({"parent": run.parent_fingerprint, "rows": rows_sha, "window": window, "weights": weights}, buf)
         atomic_write_bytes(path, buf.getvalue())
         run.say(f"selection: context weights of {ids.numel()} scoring tokens (window {window}) in "
                 f"{time.perf_counter() - t0:.0f} s, kept in {path}")

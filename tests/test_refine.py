@@ -1119,6 +1119,18 @@ def test_select_context_weighs_the_selection_kl_and_keeps_the_weights_once(run, 
     kept.write_bytes(b"damaged")  # computed again and replaced
     assert selection_kl(copy, model, 128) == pytest.approx(weighted, rel=1e-6)
     assert torch.load(kept, weights_only=True)["weights"].shape == ids.shape
+    # ids that are the file's first sequences take its first rows (breaker: --select-tokens below the in-context
+    # table's 2,048 and the table's own ids replaced each other's weights on every call)
+    more = selection_ids(copy)  # (8, T): 128 tokens are its first 2 sequences
+    assert more.shape[0] > ids.shape[0] and torch.equal(more[:ids.shape[0]], ids)
+    refine_module._SELECTION_WEIGHTS.clear()
+    assert torch.allclose(refine_module.selection_weights(copy, more)[:ids.shape[0]], weights, atol=1e-6)
+    assert torch.load(kept, weights_only=True)["weights"].shape == more.shape  # computed for 8: replaced
+    refine_module._SELECTION_WEIGHTS.clear()
+    monkeypatch.setattr(quality, "context_weights", lambda *a, **kw: pytest.fail("computed again"))
+    assert selection_kl(copy, model, 128) == pytest.approx(weighted, rel=1e-6)
+    assert torch.load(kept, weights_only=True)["weights"].shape == more.shape  # the first rows: not replaced
+    monkeypatch.undo()
     seq_len = ids.shape[1]
     with pytest.raises(PuzzleError, match=f"give 0 to {seq_len - 1}"):  # refused with the configuration
         copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score,
