@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -545,6 +546,16 @@ def _setting_text(value) -> str:
     return str(value)
 
 
+def _selection_text(settings: Mapping) -> str:
+    """What a refinement's `settings` (its inputs record's) chose by, for messages."""
+    window = settings.get("select_context")
+    if not window:
+        return "the plain mean KL (--select-context 0)"
+    table = "" if settings.get("context_table") == "weighted" else \
+        ", its in-context table unweighted (an earlier version)"
+    return f"the context-weighted KL (--select-context {window}{table})"
+
+
 def _searched_exclusions(run, name: str, record: Mapping) -> tuple[str, ...]:
     """The exclusions the searched child `name` (its `record`) was solved under, which its refinement keeps.
 
@@ -635,8 +646,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     step and, in the diverse step, its source).
     resume: continue an earlier call's refinement from <name>-refined for up to `max_rounds` more
     rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up; the run says
-    when this call's k, min_layers_differ or seeds differ from the kept diverse step's); without
-    those files it starts afresh. Without `resume`, a refinement already finished from the same
+    when this call's k, min_layers_differ or seeds differ from the kept diverse step's, and that the
+    result will not count as finished where its rounds' settings differ); without those files, or
+    where the earlier refinement chose under another score.select_context, it starts afresh. Without `resume`, a refinement already finished from the same
     inputs (`_refinement_inputs`) with at least `max_rounds` rounds in all is not redone: its saved
     step table is returned, and the run says so.
 
@@ -687,15 +699,19 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 f"--continue runs more rounds, and deleting {log_path} starts afresh")
         return done
     # this call rewrites the log and records before its table: until it writes its own inputs, none stands (reviewer:
-    # an interrupted call left the earlier inputs beside its new records, and a plain rerun took the old table)
+    # an interrupted call left the earlier inputs beside its new records, and a plain rerun took the old table). They
+    # wait in <name>.inputs.earlier.json, which no rerun takes as "done", for a --continue after an interrupt
+    # (breaker: one interrupted there lost them, and its rerun's refinement was never "done" again)
     inputs_path = run.out / "refine" / f"{name}.inputs.json"
-    earlier_inputs = None
+    waiting = inputs_path.with_name(f"{name}.inputs.earlier.json")
     if inputs_path.is_file():
+        os.replace(inputs_path, waiting)
+    earlier_inputs = None
+    if waiting.is_file():
         try:
-            earlier_inputs = read_json(inputs_path)
+            earlier_inputs = read_json(waiting)
         except PuzzleError:
             pass
-        inputs_path.unlink()
     earlier = None
     rounds_before = 0
     kept_records = {}  # on --continue, the kept steps' records: a child kept as it was keeps its budget feedback
@@ -716,8 +732,16 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                  and bool(r.get("vllm_compatible", False)) == vllm
                  and _record_exclude(r) == exclude for r in kept):
             found = _earlier_refinement(log_path, summary_path)  # continue: the diverse step and rounds are kept
+            saved = earlier_inputs if isinstance(earlier_inputs, dict) else {}
+            kept_settings = saved.get("settings")
             if found is None:
                 run.say(f"refine {name}: {log_path} or {summary_path} is damaged; starting afresh")
+            elif isinstance(kept_settings, dict) and any(kept_settings.get(key) != inputs["settings"].get(key)
+                                                         for key in ("select_context", "context_table")):
+                # its candidates were chosen by another KL: rounds on would mix the two in one log (breaker)
+                run.say(f"refine {name}: the earlier refinement chose by {_selection_text(kept_settings)}, this call "
+                        f"by {_selection_text(inputs['settings'])}; starting afresh (--continue goes on only under "
+                        f"the same --select-context)")
             else:
                 earlier, spent = found
                 kept_records = dict(zip(("diverse", "refined"), kept))
@@ -726,8 +750,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 kept_sequences = [r.get(SELECTION_KEY) for r in kept]
                 diverse_s = spent["diverse"]
                 # the rounds run before and the diverse step's settings, for a later plain rerun's check
-                saved = earlier_inputs if isinstance(earlier_inputs, dict) else {}
-                before, kept_settings = saved.get("rounds"), saved.get("settings")
+                before = saved.get("rounds")
                 same = bool(saved) and all(saved.get(key) == inputs[key] for key in ("child", "objective", "run"))
                 rounds_alike = isinstance(kept_settings, dict) and all(  # breaker: a --continue with other round
                     kept_settings.get(key) == inputs["settings"].get(key)
@@ -746,6 +769,15 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                                 f"call's {asked_text} is not used (it applies to a fresh refinement: delete "
                                 f"{log_path} or run without --continue)")
                 else:  # no record of the earlier inputs, or rounds run with other settings: no rerun is "done"
+                    other = [f"{key}={_setting_text(kept_settings.get(key))}" for key in ("refine_k", "max_changes",
+                             "tokens") if isinstance(kept_settings, dict)
+                             and kept_settings.get(key) != inputs["settings"].get(key)]
+                    why = ("with no record of the settings they were made with" if not isinstance(kept_settings, dict)
+                           else "made on other run inputs (the workload, score table or evaluation split changed)"
+                           if not same else f"made with {', '.join(other)}" if other
+                           else "recorded by an earlier version")
+                    run.say(f"refine {name}: --continue goes on from rounds {why}; this refinement is not recorded "
+                            f"as finished, so a plain `puzzle refine` with these settings refines afresh")
                     inputs = None
         else:
             run.say(f"refine {name}: the earlier refinement was for other budgets, library stage, vLLM setting or "
@@ -823,6 +855,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     atomic_write_text(summary_path, df.to_csv(index=False))
     if inputs is not None:
         atomic_write_json(inputs_path, {**inputs, "rounds": rounds_before + max_rounds})
+    waiting.unlink(missing_ok=True)
     return df
 
 

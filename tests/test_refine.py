@@ -576,6 +576,57 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
     assert "child-1.5x-refined" not in set(drawn["name"]) and "child-1.5x-diverse" in set(drawn["name"])
 
 
+def test_an_interrupted_continue_keeps_the_earlier_inputs_and_another_window_starts_afresh(run, tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A --continue interrupted after it set the earlier inputs record aside finds it again on its rerun, so the
+    continued refinement is recorded as finished (breaker: it was lost, and a plain rerun redid everything). A
+    --continue under another --select-context starts afresh and says so; one with other round settings says that
+    it will not count as finished."""
+    import shutil
+
+    from puzzle import refine as refine_module
+    from puzzle.baselines import open_run
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    settings = dict(k=2, min_layers_differ=1, refine_k=1, max_changes=1, tokens=128)
+    improve_child(copy, "child-1.5x", max_rounds=1, **settings)
+    inputs, waiting = (copy.out / "refine" / f"child-1.5x.{f}" for f in ("inputs.json", "inputs.earlier.json"))
+    real_refine = refine_module.refine
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine_module, "refine", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        improve_child(copy, "child-1.5x", max_rounds=1, **settings, resume=True)
+    assert not inputs.exists() and json.loads(waiting.read_text())["rounds"] == 1  # aside, not "done"
+    monkeypatch.setattr(refine_module, "refine", real_refine)
+    capsys.readouterr()
+    improve_child(copy, "child-1.5x", max_rounds=1, **settings, resume=True)
+    assert "not recorded as finished" not in capsys.readouterr().err
+    assert json.loads(inputs.read_text())["rounds"] == 2 and not waiting.exists()
+    improve_child(copy, "child-1.5x", max_rounds=2, **settings)
+    assert "already refined" in capsys.readouterr().err
+    # other round settings: goes on, and says the result will not count as finished
+    improve_child(copy, "child-1.5x", max_rounds=1, **{**settings, "max_changes": 2}, resume=True)
+    assert "made with max_changes=1; this refinement is not recorded as finished" in capsys.readouterr().err
+    assert not inputs.exists() and not waiting.exists()
+    # another window: the earlier rounds chose by another KL, so --continue starts afresh (one log, one measure)
+    improve_child(copy, "child-1.5x", max_rounds=1, **settings)
+    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score, select_context=4))
+    capsys.readouterr()
+    improve_child(copy, "child-1.5x", max_rounds=1, **settings, resume=True)
+    err = capsys.readouterr().err
+    assert "chose by the plain mean KL (--select-context 0), this call by the context-weighted KL " \
+           "(--select-context 4); starting afresh" in err
+    log = pd.read_csv(copy.out / "refine" / "child-1.5x.csv")
+    assert log.loc[log["step"] == "refine", "round"].max() == 1  # the fresh refinement's one round
+    improve_child(copy, "child-1.5x", max_rounds=1, **settings)
+    assert "already refined" in capsys.readouterr().err
+
+
 def test_a_plain_rerun_of_a_finished_refinement_returns_it_without_scoring_again(run, tmp_path, monkeypatch, capsys):
     """`puzzle refine` again with the same settings on an unchanged run says it is done (it realized and scored
     every candidate again); more rounds than were run, other settings, or a --continue behave as before."""
