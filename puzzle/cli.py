@@ -516,12 +516,13 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             save_run_config(_search_flags_dropped(args, run.config), out)
         raise
     run.flush()
-    _log_main_budget_change(args, saved, run.config)
+    _log_saved_changes(args, saved, run.config)
 
 
-def _log_main_budget_change(args, saved, config) -> None:
+def _log_saved_changes(args, saved, config) -> None:
     """Say that the command changed the run's main budget (DIR/config.json's search budgets), which names the
-    main child that realize, export, front and the report use; nothing when it did not or no valid one was saved."""
+    main child that realize, export, front and the report use, or its score.select_context, by which the choices on
+    the scoring split are made; nothing when it did not or no valid one was saved."""
     from .config import SEARCH_BUDGETS
 
     budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
@@ -529,6 +530,11 @@ def _log_main_budget_change(args, saved, config) -> None:
     if saved is not None and budget(saved) != budget(config):
         _log(f"{args.command}: the run's main budget is now {text(budget(config))} (was {text(budget(saved))}; saved "
              f"to {args.out / 'config.json'}, so realize, export, front and report use it)")
+    before, now = (c.score.select_context for c in (saved, config)) if saved is not None else (None, None)
+    if before != now:  # breaker: `refine --select-context` changed it without a word
+        _log(f"{args.command}: the run's --select-context is now {now} (was {before}; saved to "
+             f"{args.out / 'config.json'}, so the budget feedback's picks, uniform width's KV heads and later "
+             f"refinements choose by it, and a front measured before it is measured again)")
 
 
 def _search_flags_dropped(args, config):

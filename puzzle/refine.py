@@ -648,7 +648,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up; the run says
     when this call's k, min_layers_differ or seeds differ from the kept diverse step's, and that the
     result will not count as finished where its rounds' settings differ); without those files, or
-    where the earlier refinement chose under another score.select_context, it starts afresh. Without `resume`, a refinement already finished from the same
+    where the earlier refinement chose under another score.select_context, it starts afresh.
+    Without `resume`, a refinement already finished from the same
     inputs (`_refinement_inputs`) with at least `max_rounds` rounds in all is not redone: its saved
     step table is returned, and the run says so.
 

@@ -515,6 +515,13 @@ def test_a_refused_or_interrupted_refine_leaves_config_json_byte_for_byte(run, t
                           ("layer_removal, greedy", ["greedy", "layer_removal"])):
         code = main(["refine", "--out", str(out), "--name", "child-1.5x", "--seeds", flag, "--no-measure", "--no-progress"])
         assert code == (2 if methods is None else 0) and (methods is None or seen[-1][1] == methods), flag
+    capsys.readouterr()  # --select-context is saved with the run: said, as a main budget's change is (breaker)
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--select-context", "4", "--no-measure",
+                 "--no-progress"]) == 0
+    assert seen[-1][0].score.select_context == 4
+    assert "refine: the run's --select-context is now 4 (was 0; saved to" in capsys.readouterr().err
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--no-measure", "--no-progress"]) == 0
+    assert "--select-context is now" not in capsys.readouterr().err
 
 
 def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_factory, tmp_path, capsys):
