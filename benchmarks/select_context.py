@@ -21,6 +21,7 @@ DIR/select_context.csv (the summary; printed). DIR defaults to <run>/select_cont
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def per_position_kl(model, ids: torch.Tensor, parent_logp: torch.Tensor, chunk: 
 def children(run, table, speedups, k: int) -> list[dict]:
     """The MIP's k best diverse children per speed-up, with and without linear attention, each once."""
     from puzzle.refine import diverse_candidates
-    from puzzle.search import parent_totals
+    from puzzle.search import InfeasibleBudget, parent_totals
 
     parent_ms = parent_totals(table)["runtime_ms"]
     has_linear = bool((table["variant"] == "attn-linear").any())
@@ -63,7 +64,15 @@ def children(run, table, speedups, k: int) -> list[dict]:
     for s in speedups:
         seen = set()
         for exclude in ((), ("attn-linear",)) if has_linear else ((),):
-            df = diverse_candidates(run, table, Budgets(max_runtime_ms=parent_ms / s), k=k, exclude=exclude)
+            try:
+                df = diverse_candidates(run, table, Budgets(max_runtime_ms=parent_ms / s), k=k, exclude=exclude)
+            except InfeasibleBudget as e:  # its advice names `puzzle search`'s flags: this script's instead
+                least = e.least.get("runtime_ms")
+                reach = f" (the fastest child reaches {math.floor(parent_ms / least * 1000) / 1000:.3f}x)" \
+                    if least and least > 0 else ""
+                raise PuzzleError(f"--speedups {s:g}: no child of this run's score table reaches it"
+                                  f"{' without linear attention' if exclude else ''}{reach}; give smaller "
+                                  f"speed-ups") from None
             for r in df.to_dict("records"):
                 if tuple(r["choice"]) not in seen:
                     seen.add(tuple(r["choice"]))
@@ -94,9 +103,16 @@ def main(argv=None) -> int:
             windows = sorted({int(w) for w in args.windows.split(",") if w.strip()})
         except ValueError:
             raise PuzzleError(f"--windows {args.windows!r}: give whole numbers of tokens, comma-separated") from None
-        speedups = [parse_speedup(s) for s in args.speedups.split(",") if s.strip()]
-        if not windows or min(windows) < 0 or not speedups or args.k < 1 or args.tokens < 1:
-            raise PuzzleError("give --windows >= 0, at least one --speedups value, --k >= 1 and --tokens >= 1")
+        try:
+            speedups = [parse_speedup(s) for s in args.speedups.split(",") if s.strip()]
+        except PuzzleError as e:  # the part at fault and why, named by this script's flag
+            raise PuzzleError(f"--speedups {args.speedups!r}: {str(e).removeprefix('--speedup ')}; give speed-ups "
+                              f"separated by commas, e.g. 1.25,1.5,2") from None
+        if not windows or min(windows) < 0:
+            raise PuzzleError(f"--windows {args.windows!r}: give whole numbers of tokens >= 0 (0: the plain mean), "
+                              f"comma-separated")
+        if not speedups or args.k < 1 or args.tokens < 1:
+            raise PuzzleError("give at least one --speedups value, --k >= 1 and --tokens >= 1")
         if not (args.run / "library").is_dir():
             raise PuzzleError(f"{args.run / 'library'} is missing: give a run directory after `puzzle run`")
         run = open_run(args.run, progress=False)

@@ -1221,8 +1221,10 @@ def test_select_context_benchmark_compares_windows_on_the_same_children(tmp_path
     selection KL of refine; bad input is one line and exit 2 before any work."""
     bench = load_benchmark("select_context")
     run_dir = tiny_run_dir(tmp_path_factory)
-    for flags, says in ((["--windows", "a"], "whole numbers"), (["--windows", "-1"], "--windows >= 0"),
-                        (["--windows", "4096"], "not shorter than the scoring sequences")):
+    for flags, says in ((["--windows", "a"], "whole numbers"), (["--windows", "0,-8"], "--windows '0,-8': give whole"),
+                        (["--windows", "4096"], "not shorter than the scoring sequences"),
+                        (["--speedups", "abc"], "--speedups 'abc': 'abc' is not a speed-up"),
+                        (["--speedups", "1.5,1000"], "--speedups 1000: no child of this run's score table reaches")):
         assert_refuses(bench, ["--run", str(run_dir), "--out", str(tmp_path / "bad"), *flags], says, capsys)
     assert not (tmp_path / "bad").exists()
     assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "b"), "--windows", "0,4", "--speedups", "1.5",
