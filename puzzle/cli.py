@@ -903,6 +903,14 @@ def _print_front_table(out: Path, rows=None) -> None:
     print(f"our front ({out / 'front.csv'}; KL in nats/token on the evaluation split, predicted: the summed "
           f"replace-1-block KL{where}):\n{shown.to_string(index=False, na_rep='-', formatters=formats)}",
           file=sys.stderr)
+    try:  # a False budget_met explained beside the table, as report.md does (a fresh user saw a bare False)
+        from .pipeline import budget_miss_notes
+
+        for note in budget_miss_notes(out, pd.read_csv(out / "summary.csv")):
+            if note:
+                _log(f"front: {note}")
+    except (OSError, ValueError, pd.errors.ParserError):
+        pass
 
 
 def timing_note(rows, out: Path) -> str:

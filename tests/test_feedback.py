@@ -349,6 +349,28 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     assert "times the init-only one's" in bld_level_caveat(1.0, 1e-12, 16384)
 
 
+def test_puzzle_fronts_table_says_why_budget_met_is_false(tmp_path, capsys):
+    """Fresh user (stop 59): `puzzle front` printed budget_met False for a child within the timing noise with no
+    word (report.md and the run's log had it)."""
+    from puzzle.cli import _print_front_table
+
+    (tmp_path / "children").mkdir()
+    final = {"a": {"met": False, "use": 1.004, "column": "runtime_ms", "se": 0.006, "ratios": {"runtime_ms": 1.004},
+                   "limits": {"runtime_ms": 9.0}}}
+    (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final}))
+    front = pd.DataFrame({"name": ["parent", "a"], "target_speedup": [1.0, 1.5], "speedup": [1.0, 1.49],
+                          "kl_nats": [0.0, 1.8], "predicted_kl_nats": [0.0, 1.2], "budget_met": [None, False]})
+    front.to_csv(tmp_path / "front.csv", index=False)
+    front[["name", "budget_met"]].to_csv(tmp_path / "summary.csv", index=False)
+    _print_front_table(tmp_path)
+    err = capsys.readouterr().err
+    assert "front: `budget_met` is False for a (1.004, standard error 0.006) by less than the timing noise" in err
+    (tmp_path / "summary.csv").unlink()  # no summary: the table alone, no error
+    _print_front_table(tmp_path)
+    err = capsys.readouterr().err
+    assert "our front" in err and "timing noise" not in err
+
+
 def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_path):
     """Fresh user (stop 54): report.md showed budget_met False beside budget use 1.00001 without a word; the log said
     it was within the timing noise."""
