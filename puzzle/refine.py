@@ -648,10 +648,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up; the run says
     when this call's k, min_layers_differ or seeds differ from the kept diverse step's, and that the
     result will not count as finished where its rounds' settings differ); without those files, or
-    where the earlier refinement chose under another score.select_context, it starts afresh.
-    Without `resume`, a refinement already finished from the same
-    inputs (`_refinement_inputs`) with at least `max_rounds` rounds in all is not redone: its saved
-    step table is returned, and the run says so.
+    where the earlier refinement chose under another score.select_context, it starts afresh. Without
+    `resume`, a refinement already finished from the same inputs (`_refinement_inputs`) with at least
+    `max_rounds` rounds in all is not redone: its saved step table is returned, and the run says so.
 
     Returns:
         Per step (plain, diverse, refined): name, architecture (compact form), predicted_kl_nats (summed
@@ -770,13 +769,15 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                                 f"call's {asked_text} is not used (it applies to a fresh refinement: delete "
                                 f"{log_path} or run without --continue)")
                 else:  # no record of the earlier inputs, or rounds run with other settings: no rerun is "done"
-                    other = [f"{key}={_setting_text(kept_settings.get(key))}" for key in ("refine_k", "max_changes",
-                             "tokens") if isinstance(kept_settings, dict)
-                             and kept_settings.get(key) != inputs["settings"].get(key)]
-                    why = ("with no record of the settings they were made with" if not isinstance(kept_settings, dict)
-                           else "made on other run inputs (the workload, score table or evaluation split changed)"
-                           if not same else f"made with {', '.join(other)}" if other
-                           else "recorded by an earlier version")
+                    if not isinstance(kept_settings, dict):
+                        why = "with no record of the settings they were made with"
+                    elif not same:
+                        why = "made on other run inputs (the workload, score table or evaluation split changed)"
+                    else:
+                        other = [f"{key}={_setting_text(kept_settings.get(key))}" for key in
+                                 ("refine_k", "max_changes", "tokens")
+                                 if kept_settings.get(key) != inputs["settings"].get(key)]
+                        why = f"made with {', '.join(other)}" if other else "recorded by an earlier version"
                     run.say(f"refine {name}: --continue goes on from rounds {why}; this refinement is not recorded "
                             f"as finished, so a plain `puzzle refine` with these settings refines afresh")
                     inputs = None
