@@ -1180,8 +1180,10 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
                 f"budget, not among this run's children now ({', '.join(records)}); {'its' if len(earlier) == 1 else 'their'}"
                 f" files (search/, children/, export/) stay as they were: delete them where they are not wanted")
     if kept:
-        run.say(f"search: kept {', '.join(kept)}: the budget feedback re-solved {'it' if len(kept) == 1 else 'them'} "
-                "on measured speed (same budget, objective and tables); to solve afresh, delete "
+        # "re-solved" though that run's log may have said it kept the MIP's first: the first under corrected limits
+        run.say(f"search: kept {', '.join(kept)}: an earlier session's budget feedback re-solved "
+                f"{'it' if len(kept) == 1 else 'them'} under table limits corrected by measured speed (same budget, "
+                "objective and tables); to solve afresh, delete "
                 + " and ".join(str(run.out / "search" / f"{n}.json") for n in kept))
     for name, r in records.items():
         how = (f"picked by the budget feedback's realized KL ({r[FEEDBACK_PICK_KEY]}), not the MIP's optimum"
