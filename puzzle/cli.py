@@ -1072,9 +1072,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _add_later_parsers(sub) -> None:
-    """Add the parsers of refine, baselines, gkd, sft, rpo, merge, eval and generate (their modules import torch)."""
+    """Add the parsers of refine, baselines, gkd, sft, rpo, merge, eval, generate and fuse (their modules import
+    torch)."""
     from .baselines import add_baselines_parser
     from .distill import add_gkd_parser
+    from .fusion import add_fuse_parser
     from .merge import add_merge_parser
     from .preference import add_rpo_parser
     from .refine import add_refine_parser
@@ -1083,7 +1085,7 @@ def _add_later_parsers(sub) -> None:
     from .sft import add_sft_parser
 
     for add in (add_refine_parser, add_baselines_parser, add_gkd_parser, add_sft_parser, add_rpo_parser,
-                add_merge_parser, add_eval_parser, add_generate_parser):
+                add_merge_parser, add_eval_parser, add_generate_parser, add_fuse_parser):
         add(sub)
 
 

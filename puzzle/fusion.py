@@ -33,10 +33,16 @@ attention and an FFN of width ΣF_k), which `puzzle.export` writes in the nemotr
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import json
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -328,3 +334,293 @@ def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch
         results.append({"layers": list(block.layers), "nmse_before": before, "nmse_after": before if kept else after,
                         "steps": steps, "kept_start": kept})
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# `puzzle fuse --out DIR --name NAME`: fuse the runs of a searched child that cost little, export the result
+
+#: default --max-kl-increase: a run is fused when it raises the child's scoring-split KL by at most this fraction
+MAX_KL_INCREASE = 0.01
+
+
+def _mixes_linear_and_swiglu(config: ModelConfig, run: tuple[int, int]) -> bool:
+    kinds = {b.ffn.kind for b in config.blocks[run[0]:run[1]]}
+    return {"swiglu", "linear"} <= kinds
+
+
+def fusion_candidates(config: ModelConfig, include_leading: bool = False) -> tuple[list, list]:
+    """The runs `ffn_runs` finds that fuse into one plain (exportable) block, and those that do not.
+
+    Returns:
+        (candidates, mixed): [(start, end), ...] each; `mixed` runs mix SwiGLU and linear FFNs, which no single
+        nemotron-nas block represents (`to_plain_model`), so they are left unfused.
+    """
+    runs = ffn_runs(config, include_leading=include_leading)
+    mixed = [r for r in runs if _mixes_linear_and_swiglu(config, r)]
+    return [r for r in runs if r not in mixed], mixed
+
+
+def _run_text(run: tuple[int, int]) -> str:
+    return f"{run[0]}-{run[1] - 1}"
+
+
+def _fusion_inputs(run, record: dict, settings: dict) -> dict:
+    """What a finished fusion depends on: its settings, the child (choice, library stage), the calibration and
+    scoring splits (sha256), the scoring positions' weighting (`score.select_context`) and the run as
+    `baselines.row_inputs` sees it (workload, score table, evaluation split)."""
+    from .baselines import row_inputs
+    from .pipeline import _tensor_sha
+
+    child = {"choice": record["choice"], "library_stage": record.get("library_stage", "bld")}
+    text = {"select_context": run.config.score.select_context, "calib_sha": _tensor_sha(run.tokens.calib),
+            "score_sha": _tensor_sha(run.tokens.score)}
+    return json.loads(json.dumps({"settings": settings, "child": child, **text, "run": row_inputs(run)}))
+
+
+def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase: float = MAX_KL_INCREASE,
+               distill: bool = True, measure: bool = True, export: bool = True) -> dict:
+    """FFN Fusion of the searched child `name`, run by run, keeping the runs that cost little.
+
+    Each candidate run (`fusion_candidates`) is fused alone, its block locally distilled toward the sequential run it
+    replaces (`distill_fused` on the calibration split, at half the BLD rate) and the child's KL on the scoring split
+    measured (`refine.selection_kl`, what refine chooses by; never the evaluation split). A run is kept when it raises
+    that KL by at most `max_kl_increase` times the unfused child's. The kept runs are fused together (each block
+    distilled again on the same teacher states, so as alone), the result becomes a plain shallower child
+    (`to_plain_model`), is evaluated on both splits, timed against the parent and the unfused child in one
+    interleaved session (`measure=True`) and exported as DIR/export/<name>-fused (`export=True`).
+
+    Writes DIR/fusion/<name>.csv (one row per candidate run) and DIR/fusion/<name>.json (the record, written last),
+    both atomically; per-run results are kept in DIR/fusion/<name>.partial.json as they are made, so an interrupted
+    call resumes after the last run it finished. A call with the same inputs (`_fusion_inputs`) returns the record.
+
+    Returns:
+        The record: "runs" (the candidate rows), "kept", "mixed" (runs left unfused), the unfused and fused
+        scoring-split and evaluation KL (nats/token), layer counts, parameters and, measured, the speed-ups.
+
+    Raises:
+        PuzzleError: an unknown `name` (`pipeline.read_architecture`), a child with no run of FFNs to fuse (the
+            message names the run's children that have one), max_kl_increase below 0, or an export folder that
+            cannot be replaced (before any work).
+    """
+    from .io import atomic_write_json, atomic_write_text, read_json
+    from .pipeline import evaluate, read_architecture
+    from .refine import realize_blocks, selection_kl
+    from .scoring.quality import evaluate_model
+
+    if not max_kl_increase >= 0:
+        raise PuzzleError(f"--max-kl-increase must be a fraction >= 0 of the child's KL (0.01: 1 %), got "
+                          f"{max_kl_increase}")
+    record = read_architecture(run, name)
+    stage = record.get("library_stage", "bld")
+    config_blocks = [BlockConfig.from_id(b) for b in record["choice"]]
+    config = dataclasses.replace(run.parent.model.config, blocks=tuple(config_blocks))
+    candidates, mixed = fusion_candidates(config, include_leading)
+    if not candidates:
+        raise PuzzleError(_nothing_to_fuse(run, name, config, mixed, include_leading))
+    fused_name = f"{name}-fused"
+    dest = run.out / "export" / fused_name
+    if export:
+        from .export import check_export_target
+
+        check_export_target(dest, overwrite=True)
+    settings = {"include_leading": include_leading, "max_kl_increase": max_kl_increase, "distill": distill,
+                "measure": measure}
+    inputs = _fusion_inputs(run, record, settings)
+    folder = run.out / "fusion"
+    done_path, partial_path = folder / f"{name}.json", folder / f"{name}.partial.json"
+    try:
+        saved = read_json(done_path)
+        if isinstance(saved, dict) and saved.get("inputs") == inputs and (not export or dest.is_dir()):
+            run.say(f"fuse {name}: done already with these settings ({done_path}); delete it to fuse again")
+            return saved
+    except PuzzleError:
+        pass
+    rows: dict[str, dict] = {}
+    try:
+        partial = read_json(partial_path)
+        if isinstance(partial, dict) and partial.get("inputs") == inputs and isinstance(partial.get("rows"), dict):
+            rows = partial["rows"]
+    except PuzzleError:
+        pass
+    t0 = time.perf_counter()
+    child = run.on_target({name: realize_blocks(run, config_blocks, stage)})[name]
+    base_kl = selection_kl(run, child)
+    if rows:
+        run.say(f"fuse {name}: {len(rows)} of {len(candidates)} runs measured by an earlier call; going on")
+    todo = [r for r in candidates if _run_text(r) not in rows]
+    bar = _bar(run, len(candidates), len(candidates) - len(todo), f"fuse {name}")
+    for r in todo:
+        one = fuse_ffn_runs(child, [r])
+        local = distill_fused(child, one, run.tokens.calib, lr=run.config.bld.lr / 2,
+                              batch_size=run.config.bld.batch_size) if distill else []
+        kl = selection_kl(run, one)
+        block = next(m for m in one.model.layers if isinstance(m, FusedFFNBlock))
+        rows[_run_text(r)] = {
+            "layers": _run_text(r), "start": r[0], "end": r[1],
+            "ffns": sum(b.ffn.kind != "no_op" for b in config.blocks[r[0]:r[1]]),
+            "fused_ffn": block.block_config().ffn.id,
+            "nmse_before": local[0]["nmse_before"] if local else None,
+            "nmse_after": local[0]["nmse_after"] if local else None,
+            "score_kl_nats": kl, "kl_increase": kl - base_kl, "relative_increase": (kl - base_kl) / base_kl}
+        atomic_write_json(partial_path, {"inputs": inputs, "rows": rows})
+        del one
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    table = pd.DataFrame([rows[_run_text(r)] for r in candidates])
+    table["kept"] = table["relative_increase"] <= max_kl_increase
+    kept = [r for r in candidates if bool(table.set_index("layers").loc[_run_text(r), "kept"])]
+    out = {"name": name, "fused_name": fused_name, "library_stage": stage, "settings": settings,
+           "runs": table.to_dict("records"), "kept": [list(r) for r in kept], "mixed": [list(r) for r in mixed],
+           "layers": len(config_blocks), "score_kl_nats": base_kl,
+           "kl_nats": evaluate(run, child, name)["kl_nats"]}
+    if kept:
+        composed = fuse_ffn_runs(child, kept)
+        if distill:  # each block trains on the unfused child's states at its run's ends: as when it was fused alone
+            distill_fused(child, composed, run.tokens.calib, lr=run.config.bld.lr / 2,
+                          batch_size=run.config.bld.batch_size)
+        plain = to_plain_model(composed)
+        del composed
+        out.update({"fused_layers": plain.config.num_hidden_layers, "fused_score_kl_nats": selection_kl(run, plain),
+                    "fused_kl_nats": evaluate_model(plain, run.tokens.eval, _parent_eval(run),
+                                                    chunk=run.config.score.chunk)["kl_nats"],
+                    "params": child.num_parameters(), "fused_params": plain.num_parameters(),
+                    "fused_architecture": [b.id for b in plain.config.blocks]})
+        if measure:
+            from .scoring.cost import measure_models
+
+            m = measure_models(run.on_target({"parent": run.parent.model, name: child, fused_name: plain}),
+                               run.workload(), repeats=run.config.score.measure_repeats, progress=run.progress,
+                               max_contention=run.config.score.max_contention).set_index("name")
+            parent_ms = float(m.loc["parent", "runtime_ms"])
+            out.update({"parent_runtime_ms": parent_ms, "runtime_ms": float(m.loc[name, "runtime_ms"]),
+                        "fused_runtime_ms": float(m.loc[fused_name, "runtime_ms"]),
+                        "speedup": parent_ms / float(m.loc[name, "runtime_ms"]),
+                        "fused_speedup": parent_ms / float(m.loc[fused_name, "runtime_ms"])})
+        if export:
+            from .export import export_checkpoint
+
+            result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
+                "name": fused_name, "parent": run.parent.source, "fused_from": name,
+                "fused_runs": [_run_text(r) for r in kept], "distilled": distill})
+            run.say_export_warnings(fused_name, result.warnings)
+            out["export"] = str(dest)
+    out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
+    atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
+    atomic_write_json(done_path, out)
+    partial_path.unlink(missing_ok=True)
+    return out
+
+
+def _parent_eval(run):
+    from .pipeline import parent_eval_logprobs
+
+    return parent_eval_logprobs(run)
+
+
+def _bar(run, total: int, done: int, desc: str):
+    if not run.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit="run", file=sys.stderr)
+
+
+def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_leading: bool) -> str:
+    """Why `name` has no run to fuse, and which of the run's searched children have one."""
+    no_attention = [i for i, b in enumerate(config.blocks) if b.attention.kind == "no_op"]
+    why = (f"{name} has no two FFNs in a row with no attention between them (layers with no_op attention: "
+           f"{no_attention or 'none'})")
+    if mixed:
+        why += (f"; its runs {', '.join(_run_text(r) for r in mixed)} mix SwiGLU and linear FFNs, which no single "
+                f"exportable block represents")
+    others = []
+    for path in sorted((run.out / "search").glob("child-*.json")):
+        try:
+            from .io import read_json
+
+            blocks = [BlockConfig.from_id(b) for b in read_json(path)["choice"]]
+        except (PuzzleError, KeyError, TypeError, ValueError):
+            continue
+        if path.stem != name and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
+                                                   include_leading)[0]:
+            others.append(path.stem)
+    hint = f"children of this run that have one: {', '.join(others)}" if others else \
+        "none of this run's children has one; children of higher speed-ups drop more attention subblocks"
+    lead = ""
+    if not include_leading and (with_leading := fusion_candidates(config, include_leading=True)[0]):
+        lead = (f"; with --include-leading (the FFN of the layer before each attention-free one fused too) {name} has "
+                f"{', '.join(_run_text(r) for r in with_leading)}")
+    return f"fuse: {why}; {hint}{lead}"
+
+
+def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `puzzle fuse`: FFN Fusion of a searched child, the runs that cost little, exported."""
+    p = subparsers.add_parser("fuse", help="FFN Fusion: run the FFNs of consecutive attention-free layers of a child "
+                                           "in parallel as one wide FFN, where it costs little; exported")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
+    p.add_argument("--name", required=True, help="searched child to fuse (DIR/search/<name>.json), e.g. child-2x")
+    p.add_argument("--max-kl-increase", type=float, default=MAX_KL_INCREASE, metavar="F",
+                   help="fuse a run when, fused alone and distilled, it raises the child's scoring-split KL by at "
+                        f"most this fraction (default {MAX_KL_INCREASE}: 1 %%; a large value fuses every run)")
+    p.add_argument("--include-leading", action="store_true",
+                   help="also fuse the FFN of the layer before each attention-free run (its attention runs first); "
+                        "more layers fused, more quality lost")
+    p.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="fuse without the local distillation of each fused block (the parallel form as folded)")
+    p.add_argument("--no-measure", dest="measure", action="store_false",
+                   help="skip timing the fused child against the parent and the unfused child")
+    p.add_argument("--no-export", dest="export", action="store_false", help="skip writing DIR/export/<name>-fused")
+    from .cli import add_max_contention_flag
+
+    add_max_contention_flag(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=fuse_main)
+    return p
+
+
+def fuse_main(args) -> int:
+    """Run `fuse_child` and print its table of candidate runs and a summary of the fused child.
+
+    Raises:
+        PuzzleError: as `fuse_child`, or DIR is no run directory.
+    """
+    from .cli import _stage_run
+
+    if not args.max_kl_increase >= 0:  # before anything is read
+        raise PuzzleError(f"--max-kl-increase must be a fraction >= 0 of the child's KL (0.01: 1 %), got "
+                          f"{args.max_kl_increase}")
+    with _stage_run(args, existing=True, measures=args.measure) as run:
+        rec = fuse_child(run, args.name, include_leading=args.include_leading, max_kl_increase=args.max_kl_increase,
+                         distill=args.distill, measure=args.measure, export=args.export)
+    print(fusion_summary(rec))
+    return 0
+
+
+def fusion_summary(rec: dict) -> str:
+    """The candidate runs' table and what the kept ones give, as `puzzle fuse` prints it."""
+    table = pd.DataFrame(rec["runs"])[["layers", "ffns", "fused_ffn", "nmse_after", "score_kl_nats",
+                                       "relative_increase", "kept"]]
+    lines = [table.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    if rec.get("mixed"):
+        lines.append(f"left unfused (SwiGLU and linear FFNs mixed): {', '.join(_run_text(r) for r in rec['mixed'])}")
+    name, fused = rec["name"], rec["fused_name"]
+    if not rec["kept"]:
+        best = min(rec["runs"], key=lambda r: r["relative_increase"])
+        lines.append(f"fuse {name}: no run within --max-kl-increase {rec['settings']['max_kl_increase']:g}; the least "
+                     f"costly, layers {best['layers']}, raised the scoring-split KL by "
+                     f"{100 * best['relative_increase']:.1f} %; nothing exported")
+        return "\n".join(lines)
+    ffns = sum(r["ffns"] for r in rec["runs"] if r["kept"])
+    lines.append(f"{fused}: {ffns} FFNs fused into {len(rec['kept'])} block{'s' * (len(rec['kept']) > 1)} "
+                 f"({rec['layers']} -> {rec['fused_layers']} layers, {rec['params'] / 1e6:.1f}M -> "
+                 f"{rec['fused_params'] / 1e6:.1f}M parameters); scoring-split KL {rec['score_kl_nats']:.3f} -> "
+                 f"{rec['fused_score_kl_nats']:.3f}, evaluation KL {rec['kl_nats']:.3f} -> {rec['fused_kl_nats']:.3f}")
+    if "fused_speedup" in rec:
+        lines.append(f"measured speed-up {rec['speedup']:.3f}x -> {rec['fused_speedup']:.3f}x (runtime "
+                     f"{rec['fused_runtime_ms'] / rec['runtime_ms']:.3f} of the unfused child's, one session)")
+    if rec.get("export"):
+        lines.append(f"exported: {rec['export']}")
+    return "\n".join(lines)

@@ -140,3 +140,103 @@ def test_local_distillation_that_makes_a_fused_block_worse_keeps_its_folded_star
     assert result["kept_start"] and result["nmse_after"] == result["nmse_before"]
     for k, v in fused.model.layers[1].state_dict().items():
         assert torch.equal(v, start[k]), k
+
+
+# ------------------------------------------------------------------------------------------------
+# `puzzle fuse` on the tiny run
+
+
+def _fusable_run(tmp_path_factory, dest):
+    """A copy of the tiny run with a searched child `child-fuse` whose layers 1 and 2 have no attention (parent FFNs),
+    `child-mixed` (the same, but layer 2's FFN linear) and `child-nofuse`, whose attention is the parent's in every
+    layer."""
+    import json
+
+    from puzzle.baselines import open_run
+    from tiny_run import tiny_run_copy
+
+    run_dir, _ = tiny_run_copy(tmp_path_factory, dest)
+    record = json.loads((run_dir / "search" / "child-1.5x.json").read_text())
+    run = open_run(run_dir, progress=False)
+    parent = run.parent.config.blocks
+    fuse = [b if i in (0, 3) else BlockConfig(NOOP, b.ffn) for i, b in enumerate(parent)]
+    mixed = [fuse[0], fuse[1], BlockConfig(NOOP, FFNConfig("linear")), fuse[3]]
+    for name, blocks in (("child-fuse", fuse), ("child-nofuse", parent), ("child-mixed", mixed)):
+        (run_dir / "search" / f"{name}.json").write_text(json.dumps({**record, "choice": [b.id for b in blocks],
+                                                                     "library_stage": "bld"}))
+    return run
+
+
+def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resumes(tmp_path_factory, tmp_path,
+                                                                                    monkeypatch):
+    import json
+
+    import puzzle.fusion as fusion
+    from puzzle.export import export_info
+
+    run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    rec = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
+    (row,) = rec["runs"]
+    assert (row["layers"], row["ffns"], row["kept"]) == ("1-2", 2, True) and rec["kept"] == [[1, 3]]
+    assert row["nmse_after"] <= row["nmse_before"]
+    assert rec["fused_layers"] == 3 and rec["fused_architecture"][1] == f"attn-noop+ffn-{2 * 128}"
+    # the kept block distilled again beside the others is the block distilled alone: the same scoring-split KL
+    assert rec["fused_score_kl_nats"] == pytest.approx(row["score_kl_nats"], rel=1e-5)
+    assert rec["score_kl_nats"] + row["kl_increase"] == pytest.approx(row["score_kl_nats"])
+    info = export_info(run.out / "export" / "child-fuse-fused")
+    assert info["fused_from"] == "child-fuse" and info["fused_runs"] == ["1-2"]
+    assert (run.out / "fusion" / "child-fuse.csv").is_file()
+    assert not (run.out / "fusion" / "child-fuse.partial.json").exists()
+
+    def no_work(*a, **k):
+        raise AssertionError("a finished fusion was done again")
+
+    monkeypatch.setattr(fusion, "distill_fused", no_work)
+    assert fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)["runs"] == rec["runs"]
+    monkeypatch.undo()
+    # interrupted after its run was measured: the next call takes the run's row and goes on to the fused child
+    (run.out / "fusion" / "child-fuse.json").unlink()
+    calls = []
+    real = fusion.distill_fused
+    monkeypatch.setattr(fusion, "distill_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    partial = {"inputs": rec["inputs"], "rows": {"1-2": {k: v for k, v in row.items() if k != "kept"}}}
+    (run.out / "fusion" / "child-fuse.partial.json").write_text(json.dumps(partial))
+    again = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
+    assert len(calls) == 1 and again["fused_score_kl_nats"] == pytest.approx(rec["fused_score_kl_nats"], rel=1e-5)
+    # a tolerance below the run's increase keeps nothing and exports nothing
+    assert row["relative_increase"] > 0  # the parallel form, even distilled, is a little worse on the tiny child
+    strict = fusion.fuse_child(run, "child-fuse", max_kl_increase=0.0, measure=False, export=False)
+    assert strict["kept"] == [] and "fused_layers" not in strict
+    assert "no run within --max-kl-increase 0; the least costly, layers 1-2" in fusion.fusion_summary(strict)
+
+
+def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_path_factory, tmp_path, capsys):
+    from puzzle.cli import main
+    from puzzle.fusion import fuse_child
+
+    run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    with pytest.raises(PuzzleError, match="child-nofuse has no two FFNs in a row.*that have one: child-fuse$"):
+        fuse_child(run, "child-nofuse", measure=False, export=False)
+    with pytest.raises(PuzzleError, match="its runs 1-2 mix SwiGLU and linear FFNs"):
+        fuse_child(run, "child-mixed", measure=False, export=False)
+    with pytest.raises(PuzzleError, match="no architecture named 'child-9x'"):
+        fuse_child(run, "child-9x", measure=False, export=False)
+    assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", "-0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-kl-increase must be a fraction >= 0" in err and len(err.strip().splitlines()) == 1
+    assert not (run.out / "fusion").exists()
+
+
+def test_puzzle_fuse_command_times_the_fused_child_and_prints_the_summary(tmp_path_factory, tmp_path, capsys):
+    import json
+
+    from puzzle.cli import main
+
+    run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", "10", "--no-export",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "child-fuse-fused: 2 FFNs fused into 1 block (4 -> 3 layers" in out and "measured speed-up" in out
+    rec = json.loads((run.out / "fusion" / "child-fuse.json").read_text())
+    assert rec["fused_speedup"] == pytest.approx(rec["parent_runtime_ms"] / rec["fused_runtime_ms"])
+    assert rec["speedup"] > 0 and "export" not in rec and not (run.out / "export" / "child-fuse-fused").exists()

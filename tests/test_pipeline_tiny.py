@@ -607,7 +607,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 def test_help_lists_the_stages():
     out = _cli("--help")
     for stage in ("run", "data", "bld", "score", "search", "realize", "export", "front", "refine", "baselines", "gkd",
-                  "sft", "rpo", "merge", "eval", "generate"):
+                  "sft", "rpo", "merge", "eval", "generate", "fuse"):
         assert stage in out.stdout
 
 
