@@ -15,13 +15,19 @@ the weighted scoring KL with the evaluation KL over the children, the evaluation
 picks, and the best evaluation KL among them (an oracle that sees the evaluation text). N = 0 is the plain mean.
 
 Writes DIR/select_context_children.csv (one row per child: its evaluation KL and weighted KL per window) and
-DIR/select_context.csv (the summary; printed). DIR defaults to <run>/select_context; the run is only read.
+DIR/select_context.csv (the summary; printed). DIR defaults to <run>/select_context; the run is only read. Each
+child's figures are saved in DIR/children/ as it is measured, so an interrupted call (Ctrl-C: exit 130) goes on from
+them when run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -82,6 +88,41 @@ def children(run, table, speedups, k: int) -> list[dict]:
     return out
 
 
+def child_key(run, choice, ids: torch.Tensor) -> dict:
+    """What a child's saved figures depend on: its architecture, the scoring ids, the evaluation split, the parent
+    and the score table (a rebuilt library is rescored)."""
+    from puzzle.baselines import row_inputs
+    from puzzle.io import tensor_sha256
+
+    return {"choice": list(choice), "ids": tensor_sha256(ids), "eval": tensor_sha256(run.tokens.eval),
+            "parent": run.parent_fingerprint, "table": row_inputs(run)["score_table_sha256"]}
+
+
+def _child_path(out: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return out / "children" / f"{digest}.pt"
+
+
+def load_child(out: Path, key: dict) -> dict | None:
+    """A child's per-position KL ((N, T) fp32) and evaluation KL saved by an earlier call for `key`, else None (also
+    for a damaged file, which is measured again)."""
+    path = _child_path(out, key)
+    try:
+        saved = torch.load(path, weights_only=True)
+        return saved if saved["key"] == key and isinstance(saved["kl"], torch.Tensor) else None
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError):  # missing, cut short or
+        return None  # hand-edited: measured again
+
+
+def save_child(out: Path, key: dict, figures: dict) -> None:
+    """Save a child's figures atomically (`load_child` reads them), so an interrupted call keeps them."""
+    from puzzle.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save({"key": key, **figures}, buffer)
+    atomic_write_bytes(_child_path(out, key), buffer.getvalue())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="a finished run directory (after `puzzle run`)")
@@ -94,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/select_context)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    out = args.out or args.run / "select_context"
+    reused, rows = 0, []
     try:
         from puzzle.pipeline import build_child, load_score_table, parent_eval_logprobs
         from puzzle.refine import selection_ids
@@ -126,10 +169,18 @@ def main(argv=None) -> int:
         rows = children(run, table, speedups, args.k)
         kls = []
         for i, row in enumerate(rows):
-            model = build_child(run, {"choice": list(row["choice"])}, "bld")
-            kls.append(per_position_kl(model, ids, logp, run.config.score.chunk))
-            row["eval_kl_nats"] = evaluate_model(model, run.tokens.eval, eval_logp,
-                                                 chunk=run.config.score.chunk)["kl_nats"]
+            key = child_key(run, row["choice"], ids)
+            saved = load_child(out, key)
+            if saved is None:
+                model = build_child(run, {"choice": list(row["choice"])}, "bld")
+                saved = {"kl": per_position_kl(model, ids, logp, run.config.score.chunk),
+                         "eval_kl_nats": evaluate_model(model, run.tokens.eval, eval_logp,
+                                                        chunk=run.config.score.chunk)["kl_nats"]}
+                save_child(out, key, saved)
+            else:
+                reused += 1
+            kls.append(saved["kl"])
+            row["eval_kl_nats"] = float(saved["eval_kl_nats"])
             print(f"child {i + 1}/{len(rows)} ({row['speedup']:g}x): evaluation KL {row['eval_kl_nats']:.4f}",
                   file=sys.stderr, flush=True)
         kl = torch.stack(kls)  # (children, N, T)
@@ -143,6 +194,11 @@ def main(argv=None) -> int:
     except PuzzleError as e:
         print(f"select_context: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        done = len(list((out / "children").glob("*.pt"))) if (out / "children").is_dir() else 0
+        print(f"select_context: interrupted; the children measured so far ({done} in {out / 'children'}) are kept, "
+              f"and the same command goes on from them", file=sys.stderr)
+        return 130
     per_child = pd.DataFrame(rows).assign(choice=lambda d: d["choice"].map(" ".join))
     summary = []
     for s, g in per_child.groupby("speedup"):
@@ -154,13 +210,12 @@ def main(argv=None) -> int:
                             "picked_linear_attention": int(picked["linear_attention"]),
                             "best_eval_kl_nats": g["eval_kl_nats"].min(), "weights_s": seconds[w]})
     summary = pd.DataFrame(summary)
-    out = args.out or args.run / "select_context"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "select_context_children.csv", per_child.to_csv(index=False))
     atomic_write_text(out / "select_context.csv", summary.to_csv(index=False))
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"{len(per_child)} children on {ids.numel()} scoring tokens, {time.perf_counter() - t0:.0f} s; wrote "
-          f"{out / 'select_context.csv'}")
+    print(f"{len(per_child)} children on {ids.numel()} scoring tokens ({reused} kept from an earlier call), "
+          f"{time.perf_counter() - t0:.0f} s; wrote {out / 'select_context.csv'}")
     return 0
 
 

@@ -1240,3 +1240,31 @@ def test_select_context_benchmark_compares_windows_on_the_same_children(tmp_path
     first = per_child.iloc[0]
     assert first["kl_w0"] == pytest.approx(selection_kl(run, build_child(run, {"choice": first["choice"].split()},
                                                                          "bld"), 128), rel=1e-5)
+
+
+def test_select_context_benchmark_keeps_its_children_across_an_interruption(tmp_path_factory, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Leftover of stop 59: the benchmark kept nothing of an interrupted call and Ctrl-C printed a traceback."""
+    import puzzle.pipeline as pipeline
+
+    bench = load_benchmark("select_context")
+    run_dir = tiny_run_dir(tmp_path_factory)
+    argv = ["--run", str(run_dir), "--out", str(tmp_path / "b"), "--windows", "0,4", "--speedups", "1.5", "--k", "2",
+            "--tokens", "128"]
+    real, built = pipeline.build_child, []
+
+    def build(*a, **k):
+        if len(built) == 1:
+            raise KeyboardInterrupt
+        built.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "build_child", build)
+    assert bench.main(argv) == 130
+    assert "interrupted; the children measured so far (1 in" in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "build_child", lambda *a, **k: built.append(1) or real(*a, **k))
+    assert bench.main(argv) == 0
+    children = len(pd.read_csv(tmp_path / "b" / "select_context_children.csv"))
+    assert len(built) == children and "(1 kept from an earlier call)" in capsys.readouterr().out
+    monkeypatch.setattr(pipeline, "build_child", None)  # a third call measures nothing
+    assert bench.main(argv) == 0 and f"({children} kept from an earlier call)" in capsys.readouterr().out
