@@ -112,8 +112,9 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor | None =
     DIR/score/context_weights-<window>.pt (written atomically), since they take a parent pass per position: on the
     demo, 22 s per 2,048 tokens with N = 8, 72 s with N = 32 (`file` names another file, DIR/score/<file>-<window>.pt,
     for other ids kept beside them). The file records each sequence's sha256, so ids that are its first sequences
-    (`--select-tokens` below the in-context table's 2,048) take its first rows; other ids or another parent are
-    computed again and replace it. `parent_logp` ((N, T, V) fp32 of the parent on `ids`) is computed where it is
+    (`--select-tokens` below the in-context table's 2,048) take its first rows, and ids whose first sequences are
+    the file's add only the others' (a larger `--select-tokens`); other ids or another parent are computed again and
+    replace it. `parent_logp` ((N, T, V) fp32 of the parent on `ids`) is computed where it is
     needed and not given.
 
     Raises:
@@ -135,25 +136,30 @@ def selection_weights(run, ids: torch.Tensor, parent_logp: torch.Tensor | None =
     rows_sha = [hashlib.sha256(row.contiguous().numpy().tobytes()).hexdigest() for row in ids]
     n = len(rows_sha)
     path = run.out / "score" / f"{file}-{window}.pt"
-    weights = None
+    weights, known = None, None  # known: (M, T) weights of the file's rows, a prefix of these ids' (M < N)
     try:
         saved = torch.load(path, weights_only=True) if path.is_file() else None
         if isinstance(saved, dict) and saved.get("parent") == run.parent_fingerprint \
-                and list(saved.get("rows") or [])[:n] == rows_sha \
-                and tuple(saved["weights"].shape[1:]) == tuple(ids.shape[1:]) and saved["weights"].shape[0] >= n:
-            weights = saved["weights"][:n].float()  # (N_file, T) -> (N, T)
+                and tuple(saved["weights"].shape[1:]) == tuple(ids.shape[1:]):
+            rows = list(saved.get("rows") or [])
+            if rows[:n] == rows_sha and saved["weights"].shape[0] >= n:
+                weights = saved["weights"][:n].float()  # (N_file, T) -> (N, T)
+            elif 0 < len(rows) < n and rows == rows_sha[:len(rows)] and saved["weights"].shape[0] == len(rows):
+                known = saved["weights"].float()
     except Exception:  # noqa: BLE001 (a damaged or foreign file: computed again and replaced)
-        weights = None
+        weights, known = None, None
     if weights is None:
         t0 = time.perf_counter()
+        m = 0 if known is None else known.shape[0]  # sequences are weighed one by one: only the new ones
         if parent_logp is None:
             parent_logp = _selection_logp(run, ids)
-        weights = context_weights(run.parent.model, ids, parent_logp, window=window)
+        new = context_weights(run.parent.model, ids[m:], parent_logp[m:], window=window)  # (N - M, T)
+        weights = new if known is None else torch.cat([known, new])
         buf = io.BytesIO()
         torch.save({"parent": run.parent_fingerprint, "rows": rows_sha, "window": window, "weights": weights}, buf)
         atomic_write_bytes(path, buf.getvalue())
-        run.say(f"selection: context weights of {ids.numel()} scoring tokens (window {window}) in "
-                f"{time.perf_counter() - t0:.0f} s, kept in {path}")
+        run.say(f"selection: context weights of {ids[m:].numel()} scoring tokens (window {window}) in "
+                f"{time.perf_counter() - t0:.0f} s{f', beside the {m} sequences kept' if m else ''}, kept in {path}")
     if len(_SELECTION_WEIGHTS) >= 2:  # the selection's and the in-context table's
         _SELECTION_WEIGHTS.clear()
     _SELECTION_WEIGHTS[key] = weights

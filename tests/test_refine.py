@@ -1182,8 +1182,15 @@ def test_select_context_weighs_the_selection_kl_and_keeps_the_weights_once(run, 
     more = selection_ids(copy)  # (8, T): 128 tokens are its first 2 sequences
     assert more.shape[0] > ids.shape[0] and torch.equal(more[:ids.shape[0]], ids)
     refine_module._SELECTION_WEIGHTS.clear()
-    assert torch.allclose(refine_module.selection_weights(copy, more)[:ids.shape[0]], weights, atol=1e-6)
-    assert torch.load(kept, weights_only=True)["weights"].shape == more.shape  # computed for 8: replaced
+    weighed = []  # ids whose first sequences are the file's add only the others' (stop 59 leftover: all again)
+    monkeypatch.setattr(quality, "context_weights", lambda m, x, *a, **kw: weighed.append(x.shape[0]) or
+                        context_weights(m, x, *a, **kw))
+    longer = refine_module.selection_weights(copy, more)
+    monkeypatch.undo()
+    assert weighed == [more.shape[0] - ids.shape[0]] and torch.allclose(longer[:ids.shape[0]], weights, atol=1e-6)
+    assert torch.allclose(longer, context_weights(copy.parent.model, more, parent_logprobs(copy.parent.model, more),
+                                                  window=window), atol=1e-6)
+    assert torch.load(kept, weights_only=True)["weights"].shape == more.shape  # the file holds all 8 now
     refine_module._SELECTION_WEIGHTS.clear()
     monkeypatch.setattr(quality, "context_weights", lambda *a, **kw: pytest.fail("computed again"))
     assert selection_kl(copy, model, 128) == pytest.approx(weighted, rel=1e-6)
