@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -250,7 +252,7 @@ def to_plain_model(fused: PuzzleForCausalLM) -> PuzzleForCausalLM:
 
 
 def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch.Tensor, *, lr: float = 1e-3,
-                  batch_size: int = 4, chunk: int = 4) -> list[dict]:
+                  batch_size: int = 4, chunk: int = 4, only: Sequence[Sequence[int]] | None = None) -> list[dict]:
     """Blockwise local distillation of every FusedFFNBlock of `fused` toward the sequential run it replaces.
 
     Teacher forcing, as in BLD (Puzzle, Bercovich et al. 2024, Sec. 3): a fused block receives the
@@ -265,6 +267,7 @@ def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch
         model: the unfused child (teacher), unchanged.
         fused: `fuse_ffn_runs(model, ...)`.
         ids: (N, T) int64 calibration tokens (never the evaluation split).
+        only: the blocks to distil, by the layers they replace ([[5, 6, 7], ...]); None: every fused block.
 
     Returns:
         One dict per fused block: layers, nmse_before and nmse_after on the last batch-size
@@ -273,7 +276,8 @@ def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch
     """
     import math
 
-    blocks = [m for m in fused.model.layers if isinstance(m, FusedFFNBlock)]
+    blocks = [m for m in fused.model.layers if isinstance(m, FusedFFNBlock)
+              and (only is None or list(m.layers) in [list(x) for x in only])]
     if not blocks:
         return []
     wanted = {b.layers[0] for b in blocks} | {b.layers[-1] + 1 for b in blocks}
@@ -342,65 +346,134 @@ def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch
 #: default --max-kl-increase: a run is fused when it raises the child's scoring-split KL by at most this fraction
 MAX_KL_INCREASE = 0.01
 
+#: a candidate run's row in DIR/fusion/<name>.runs.json: its fields and their types (a row that differs is made again)
+RUN_ROW = {"layers": str, "start": int, "end": int, "ffns": int, "fused_ffn": str, "folded_score_kl_nats": float,
+           "score_kl_nats": float, "distilled": bool}
+
 
 def _mixes_linear_and_swiglu(config: ModelConfig, run: tuple[int, int]) -> bool:
-    kinds = {b.ffn.kind for b in config.blocks[run[0]:run[1]]}
-    return {"swiglu", "linear"} <= kinds
+    return {"swiglu", "linear"} <= {b.ffn.kind for b in config.blocks[run[0]:run[1]]}
 
 
 def fusion_candidates(config: ModelConfig, include_leading: bool = False) -> tuple[list, list]:
     """The runs `ffn_runs` finds that fuse into one plain (exportable) block, and those that do not.
 
+    With include_leading, a run whose leading layer's FFN is what mixes SwiGLU and linear FFNs is taken without that
+    layer where its attention-free layers still hold two FFNs of one kind.
+
     Returns:
         (candidates, mixed): [(start, end), ...] each; `mixed` runs mix SwiGLU and linear FFNs, which no single
         nemotron-nas block represents (`to_plain_model`), so they are left unfused.
     """
-    runs = ffn_runs(config, include_leading=include_leading)
-    mixed = [r for r in runs if _mixes_linear_and_swiglu(config, r)]
-    return [r for r in runs if r not in mixed], mixed
+    candidates, mixed = [], []
+    for run in ffn_runs(config, include_leading=include_leading):
+        inner = (run[0] + 1, run[1])
+        if not _mixes_linear_and_swiglu(config, run):
+            candidates.append(run)
+        elif include_leading and config.blocks[run[0]].attention.kind != "no_op" and not _mixes_linear_and_swiglu(
+                config, inner) and sum(b.ffn.kind != "no_op" for b in config.blocks[inner[0]:inner[1]]) >= 2:
+            candidates.append(inner)  # breaker: the run without its leading layer was refused with it
+        else:
+            mixed.append(run)
+    return candidates, mixed
 
 
-def _run_text(run: tuple[int, int]) -> str:
+def _run_text(run) -> str:
     return f"{run[0]}-{run[1] - 1}"
 
 
-def _fusion_inputs(run, record: dict, settings: dict) -> dict:
-    """What a finished fusion depends on: its settings, the child (choice, library stage), the calibration and
-    scoring splits (sha256), the scoring positions' weighting (`score.select_context`) and the run as
-    `baselines.row_inputs` sees it (workload, score table, evaluation split)."""
+def _rows_inputs(run, record: dict, distill: bool) -> dict:
+    """What a candidate run's row depends on: the child (choice, library stage), whether fused blocks are distilled,
+    the calibration and scoring splits (sha256), the scoring positions' weighting (`score.select_context`), the parent
+    and the score table (a rebuilt library is rescored). Not the tolerance, the timing or --include-leading: rows are
+    kept across them (DIR/fusion/<name>.runs.json)."""
     from .baselines import row_inputs
     from .pipeline import _tensor_sha
 
-    child = {"choice": record["choice"], "library_stage": record.get("library_stage", "bld")}
-    text = {"select_context": run.config.score.select_context, "calib_sha": _tensor_sha(run.tokens.calib),
-            "score_sha": _tensor_sha(run.tokens.score)}
-    return json.loads(json.dumps({"settings": settings, "child": child, **text, "run": row_inputs(run)}))
+    return json.loads(json.dumps({
+        "child": {"choice": record["choice"], "library_stage": record.get("library_stage", "bld")},
+        "distill": distill, "select_context": run.config.score.select_context, "parent": run.parent_fingerprint,
+        "calib_sha": _tensor_sha(run.tokens.calib), "score_sha": _tensor_sha(run.tokens.score),
+        "score_table_sha256": row_inputs(run)["score_table_sha256"]}))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_row(row) -> bool:
+    """A candidate run's row as `fuse_child` writes it (fields of `RUN_ROW`, finite numbers, NMSEs numbers or None)."""
+    if not isinstance(row, dict) or any(not isinstance(row.get(k), t) or isinstance(row.get(k), bool) and t is not bool
+                                        for k, t in RUN_ROW.items() if t is not float):
+        return False
+    return all(_finite(row.get(k)) for k, t in RUN_ROW.items() if t is float) and all(
+        row.get(k) is None or _finite(row.get(k)) for k in ("nmse_before", "nmse_after"))
+
+
+def _tolerance_text(value: float) -> str:
+    return "inf" if value == math.inf else f"{value:g}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 10_000_000 else f"{n:,}"
+
+
+def _saved_record(path: Path, inputs: dict) -> dict | None:
+    """The finished fusion in `path` when it was made from `inputs` and is whole (`fusion_summary` can print it), else
+    None: a damaged or hand-edited record is made again."""
+    from .io import read_json
+
+    try:
+        rec = read_json(path)
+        if not isinstance(rec, dict) or rec.get("inputs") != inputs or not isinstance(rec.get("runs"), list) \
+                or not all(_valid_row(r) and isinstance(r.get("kept"), bool) for r in rec["runs"]):
+            return None
+        fusion_summary(rec)
+        return rec
+    except (PuzzleError, KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None
+
+
+def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
+    """What to say of an export folder of an earlier fusion of `name` that this one (which keeps no run) leaves."""
+    from .export import export_info
+
+    info = export_info(dest)
+    if rec.get("kept") or not info or info.get("fused_from") != name:
+        return None
+    runs = info.get("fused_runs")
+    shown = f" (runs {', '.join(map(str, runs))})" if isinstance(runs, list) else ""
+    return f"{dest} holds an earlier fusion of {name}{shown}, not this one: delete it"
 
 
 def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase: float = MAX_KL_INCREASE,
                distill: bool = True, measure: bool = True, export: bool = True) -> dict:
     """FFN Fusion of the searched child `name`, run by run, keeping the runs that cost little.
 
-    Each candidate run (`fusion_candidates`) is fused alone, its block locally distilled toward the sequential run it
-    replaces (`distill_fused` on the calibration split, at half the BLD rate) and the child's KL on the scoring split
-    measured (`refine.selection_kl`, what refine chooses by; never the evaluation split). A run is kept when it raises
-    that KL by at most `max_kl_increase` times the unfused child's. The kept runs are fused together (each block
+    Each candidate run (`fusion_candidates`) is fused alone and the child's KL on the scoring split measured
+    (`refine.selection_kl`, what refine chooses by; never the evaluation split), as folded and, with `distill`, after
+    local distillation of its block toward the sequential run it replaces (`distill_fused` on the calibration split,
+    at half the BLD rate); the lower of the two counts. A run is kept when it raises that KL by at most
+    `max_kl_increase` times the unfused child's. The kept runs are fused together (the blocks that counted distilled
     distilled again on the same teacher states, so as alone), the result becomes a plain shallower child
     (`to_plain_model`), is evaluated on both splits, timed against the parent and the unfused child in one
-    interleaved session (`measure=True`) and exported as DIR/export/<name>-fused (`export=True`).
+    interleaved session (`measure`) and exported as DIR/export/<name>-fused (`export`).
 
-    Writes DIR/fusion/<name>.csv (one row per candidate run) and DIR/fusion/<name>.json (the record, written last),
-    both atomically; per-run results are kept in DIR/fusion/<name>.partial.json as they are made, so an interrupted
-    call resumes after the last run it finished. A call with the same inputs (`_fusion_inputs`) returns the record.
+    Writes, atomically: DIR/fusion/<name>.runs.json (the candidate runs' rows, one written as each is made, so an
+    interrupted call goes on after the last, and kept across other tolerances, timings and --include-leading),
+    DIR/fusion/<name>.csv (this call's table) and DIR/fusion/<name>.json (the record, last). A call with the same
+    inputs returns the record, where the export folder (when asked for) is the record's own.
 
     Returns:
-        The record: "runs" (the candidate rows), "kept", "mixed" (runs left unfused), the unfused and fused
-        scoring-split and evaluation KL (nats/token), layer counts, parameters and, measured, the speed-ups.
+        The record: "runs" (the candidate rows with relative_increase and kept), "kept", "mixed" (runs left
+        unfused), the unfused and fused scoring-split and evaluation KL (nats/token), layer counts, parameters and,
+        measured, the runtimes (ms) and speed-ups; "earlier_export" where no run is kept and the export folder holds
+        an earlier fusion of the child.
 
     Raises:
         PuzzleError: an unknown `name` (`pipeline.read_architecture`), a child with no run of FFNs to fuse (the
-            message names the run's children that have one), max_kl_increase below 0, or an export folder that
-            cannot be replaced (before any work).
+            message names the run's children that have one), max_kl_increase below 0 or NaN, or an export folder
+            that cannot be replaced (before any work).
     """
     from .io import atomic_write_json, atomic_write_text, read_json
     from .pipeline import evaluate, read_architecture
@@ -410,10 +483,11 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     if not max_kl_increase >= 0:
         raise PuzzleError(f"--max-kl-increase must be a fraction >= 0 of the child's KL (0.01: 1 %), got "
                           f"{max_kl_increase}")
+    max_kl_increase = float(max_kl_increase) + 0.0  # -0.0 reads as 0
     record = read_architecture(run, name)
     stage = record.get("library_stage", "bld")
-    config_blocks = [BlockConfig.from_id(b) for b in record["choice"]]
-    config = dataclasses.replace(run.parent.model.config, blocks=tuple(config_blocks))
+    blocks = [BlockConfig.from_id(b) for b in record["choice"]]
+    config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
     candidates, mixed = fusion_candidates(config, include_leading)
     if not candidates:
         raise PuzzleError(_nothing_to_fuse(run, name, config, mixed, include_leading))
@@ -422,64 +496,82 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     if export:
         from .export import check_export_target
 
-        check_export_target(dest, overwrite=True)
-    settings = {"include_leading": include_leading, "max_kl_increase": max_kl_increase, "distill": distill,
-                "measure": measure}
-    inputs = _fusion_inputs(run, record, settings)
+        try:
+            check_export_target(dest, overwrite=True)
+        except PuzzleError as e:  # its advice is for commands with --dest; fuse writes this one folder
+            raise PuzzleError(f"{e} (puzzle fuse exports to {dest}); or give --no-export") from None
+    from .baselines import row_inputs
+    from .pipeline import _tensor_sha
+
+    rows_inputs = _rows_inputs(run, record, distill)
+    inputs = {"rows": rows_inputs, "include_leading": include_leading,
+              "max_kl_increase": _tolerance_text(max_kl_increase), "measure": measure,
+              "eval_sha": _tensor_sha(run.tokens.eval), "workload": row_inputs(run)["workload"] if measure else None}
+    inputs = json.loads(json.dumps(inputs))
     folder = run.out / "fusion"
-    done_path, partial_path = folder / f"{name}.json", folder / f"{name}.partial.json"
-    try:
-        saved = read_json(done_path)
-        if isinstance(saved, dict) and saved.get("inputs") == inputs and (not export or dest.is_dir()):
-            run.say(f"fuse {name}: done already with these settings ({done_path}); delete it to fuse again")
-            return saved
-    except PuzzleError:
-        pass
-    rows: dict[str, dict] = {}
-    try:
-        partial = read_json(partial_path)
-        if isinstance(partial, dict) and partial.get("inputs") == inputs and isinstance(partial.get("rows"), dict):
-            rows = partial["rows"]
-    except PuzzleError:
-        pass
+    done_path, rows_path = folder / f"{name}.json", folder / f"{name}.runs.json"
+    saved = _saved_record(done_path, inputs)
+    if saved is not None and (not export or not saved["kept"] or _own_export(dest, saved)):
+        run.say(f"fuse {name}: done already with these settings ({done_path}); delete it to fuse again")
+        note = _earlier_export_note(dest, name, saved) if export else None
+        return {**saved, **({"earlier_export": note} if note else {})}
+
     t0 = time.perf_counter()
-    child = run.on_target({name: realize_blocks(run, config_blocks, stage)})[name]
-    base_kl = selection_kl(run, child)
-    if rows:
-        run.say(f"fuse {name}: {len(rows)} of {len(candidates)} runs measured by an earlier call; going on")
+    child = realize_blocks(run, blocks, stage)  # on the parent's device and dtype, as refine scores; timed on target
+    rows, base_kl = {}, None
+    try:
+        kept_rows = read_json(rows_path)
+        if isinstance(kept_rows, dict) and kept_rows.get("inputs") == rows_inputs \
+                and _finite(kept_rows.get("base_score_kl_nats")) and isinstance(kept_rows.get("rows"), dict):
+            base_kl = float(kept_rows["base_score_kl_nats"])
+            rows = {k: r for k, r in kept_rows["rows"].items() if _valid_row(r) and r["layers"] == k}
+    except PuzzleError:
+        pass
+    if base_kl is None:
+        base_kl = selection_kl(run, child)
     todo = [r for r in candidates if _run_text(r) not in rows]
+    if len(todo) < len(candidates):
+        run.say(f"fuse {name}: {len(candidates) - len(todo)} of {len(candidates)} runs measured by an earlier call")
     bar = _bar(run, len(candidates), len(candidates) - len(todo), f"fuse {name}")
     for r in todo:
         one = fuse_ffn_runs(child, [r])
-        local = distill_fused(child, one, run.tokens.calib, lr=run.config.bld.lr / 2,
-                              batch_size=run.config.bld.batch_size) if distill else []
-        kl = selection_kl(run, one)
+        folded = selection_kl(run, one)
         block = next(m for m in one.model.layers if isinstance(m, FusedFFNBlock))
-        rows[_run_text(r)] = {
-            "layers": _run_text(r), "start": r[0], "end": r[1],
-            "ffns": sum(b.ffn.kind != "no_op" for b in config.blocks[r[0]:r[1]]),
-            "fused_ffn": block.block_config().ffn.id,
-            "nmse_before": local[0]["nmse_before"] if local else None,
-            "nmse_after": local[0]["nmse_after"] if local else None,
-            "score_kl_nats": kl, "kl_increase": kl - base_kl, "relative_increase": (kl - base_kl) / base_kl}
-        atomic_write_json(partial_path, {"inputs": inputs, "rows": rows})
+        row = {"layers": _run_text(r), "start": r[0], "end": r[1],
+               "ffns": sum(b.ffn.kind != "no_op" for b in blocks[r[0]:r[1]]), "fused_ffn": block.block_config().ffn.id,
+               "folded_score_kl_nats": folded, "score_kl_nats": folded, "distilled": False,
+               "nmse_before": None, "nmse_after": None}
+        if distill:
+            (local,) = distill_fused(child, one, run.tokens.calib, lr=run.config.bld.lr / 2,
+                                     batch_size=run.config.bld.batch_size)
+            kl = selection_kl(run, one)
+            row.update(nmse_before=local["nmse_before"], nmse_after=local["nmse_after"])
+            if kl < folded:  # breaker: on the tiny run distillation raised a run's KL
+                row.update(score_kl_nats=kl, distilled=True)
+        rows[row["layers"]] = row
+        atomic_write_json(rows_path, {"inputs": rows_inputs, "base_score_kl_nats": base_kl, "rows": rows})
         del one
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     table = pd.DataFrame([rows[_run_text(r)] for r in candidates])
+    table["kl_increase"] = table["score_kl_nats"] - base_kl
+    table["relative_increase"] = table["kl_increase"] / base_kl
     table["kept"] = table["relative_increase"] <= max_kl_increase
-    kept = [r for r in candidates if bool(table.set_index("layers").loc[_run_text(r), "kept"])]
-    out = {"name": name, "fused_name": fused_name, "library_stage": stage, "settings": settings,
-           "runs": table.to_dict("records"), "kept": [list(r) for r in kept], "mixed": [list(r) for r in mixed],
-           "layers": len(config_blocks), "score_kl_nats": base_kl,
+    kept = [r for r, k in zip(candidates, table["kept"]) if k]
+    out = {"name": name, "fused_name": fused_name, "library_stage": stage,
+           "settings": {"include_leading": include_leading, "max_kl_increase": _tolerance_text(max_kl_increase),
+                        "distill": distill, "measure": measure},
+           "runs": json.loads(table.to_json(orient="records")), "kept": [list(r) for r in kept],
+           "mixed": [list(r) for r in mixed], "layers": len(blocks), "score_kl_nats": base_kl,
            "kl_nats": evaluate(run, child, name)["kl_nats"]}
     if kept:
         composed = fuse_ffn_runs(child, kept)
-        if distill:  # each block trains on the unfused child's states at its run's ends: as when it was fused alone
+        distilled = [list(range(*r)) for r, d in zip(candidates, table["distilled"]) if d and r in kept]
+        if distilled:  # each block trains on the unfused child's states at its run's ends: as when fused alone
             distill_fused(child, composed, run.tokens.calib, lr=run.config.bld.lr / 2,
-                          batch_size=run.config.bld.batch_size)
+                          batch_size=run.config.bld.batch_size, only=distilled)
         plain = to_plain_model(composed)
         del composed
         out.update({"fused_layers": plain.config.num_hidden_layers, "fused_score_kl_nats": selection_kl(run, plain),
@@ -498,19 +590,29 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
                         "fused_runtime_ms": float(m.loc[fused_name, "runtime_ms"]),
                         "speedup": parent_ms / float(m.loc[name, "runtime_ms"]),
                         "fused_speedup": parent_ms / float(m.loc[fused_name, "runtime_ms"])})
-        if export:
-            from .export import export_checkpoint
+    out["fusion_id"] = hashlib.sha256(json.dumps({"inputs": inputs, "kept": out["kept"]}, sort_keys=True)
+                                      .encode()).hexdigest()[:16]
+    if kept and export:
+        from .export import export_checkpoint
 
-            result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
-                "name": fused_name, "parent": run.parent.source, "fused_from": name,
-                "fused_runs": [_run_text(r) for r in kept], "distilled": distill})
-            run.say_export_warnings(fused_name, result.warnings)
-            out["export"] = str(dest)
+        result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
+            "name": fused_name, "parent": run.parent.source, "fused_from": name,
+            "fused_runs": [_run_text(r) for r in kept], "distilled": distill, "fusion_id": out["fusion_id"]})
+        run.say_export_warnings(fused_name, result.warnings)
+        out["export"] = str(dest)
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
     atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
     atomic_write_json(done_path, out)
-    partial_path.unlink(missing_ok=True)
-    return out
+    note = _earlier_export_note(dest, name, out) if export else None
+    return {**out, **({"earlier_export": note} if note else {})}
+
+
+def _own_export(dest: Path, rec: dict) -> bool:
+    """Whether the export folder `dest` holds the fused child of the record `rec` (its fusion_id)."""
+    from .export import export_info
+
+    info = export_info(dest)
+    return bool(info) and info.get("fusion_id") == rec.get("fusion_id") and rec.get("export") == str(dest)
 
 
 def _parent_eval(run):
@@ -529,18 +631,21 @@ def _bar(run, total: int, done: int, desc: str):
 
 def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_leading: bool) -> str:
     """Why `name` has no run to fuse, and which of the run's searched children have one."""
+    from .io import read_json
+
     no_attention = [i for i, b in enumerate(config.blocks) if b.attention.kind == "no_op"]
-    why = (f"{name} has no two FFNs in a row with no attention between them (layers with no_op attention: "
-           f"{no_attention or 'none'})")
-    if mixed:
-        why += (f"; its runs {', '.join(_run_text(r) for r in mixed)} mix SwiGLU and linear FFNs, which no single "
-                f"exportable block represents")
+    if mixed:  # breaker: "has no two FFNs in a row" was said of a child whose runs mix kinds
+        why = (f"{name}'s runs of FFNs with no attention between them ({', '.join(_run_text(r) for r in mixed)}) mix "
+               f"SwiGLU and linear FFNs, which no single exportable block represents")
+    else:
+        why = (f"{name} has no two FFNs in a row with no attention between them (layers with no_op attention: "
+               f"{no_attention or 'none'})")
     others = []
     for path in sorted((run.out / "search").glob("child-*.json")):
         try:
-            from .io import read_json
-
             blocks = [BlockConfig.from_id(b) for b in read_json(path)["choice"]]
+            if len(blocks) != len(config.blocks):
+                continue
         except (PuzzleError, KeyError, TypeError, ValueError):
             continue
         if path.stem != name and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
@@ -562,13 +667,15 @@ def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
     p.add_argument("--name", required=True, help="searched child to fuse (DIR/search/<name>.json), e.g. child-2x")
     p.add_argument("--max-kl-increase", type=float, default=MAX_KL_INCREASE, metavar="F",
-                   help="fuse a run when, fused alone and distilled, it raises the child's scoring-split KL by at "
-                        f"most this fraction (default {MAX_KL_INCREASE}: 1 %%; a large value fuses every run)")
+                   help="fuse a run when, fused alone, it raises the child's scoring-split KL by at most this "
+                        f"fraction (default {MAX_KL_INCREASE}: 1 %%; inf fuses every run). The runs' figures are kept, "
+                        "so another value costs only the fused child")
     p.add_argument("--include-leading", action="store_true",
                    help="also fuse the FFN of the layer before each attention-free run (its attention runs first); "
                         "more layers fused, more quality lost")
     p.add_argument("--no-distill", dest="distill", action="store_false",
-                   help="fuse without the local distillation of each fused block (the parallel form as folded)")
+                   help="fuse without the local distillation of each fused block (the parallel form as folded; by "
+                        "default each run counts the better of the two)")
     p.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip timing the fused child against the parent and the unfused child")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip writing DIR/export/<name>-fused")
@@ -601,7 +708,7 @@ def fuse_main(args) -> int:
 
 def fusion_summary(rec: dict) -> str:
     """The candidate runs' table and what the kept ones give, as `puzzle fuse` prints it."""
-    table = pd.DataFrame(rec["runs"])[["layers", "ffns", "fused_ffn", "nmse_after", "score_kl_nats",
+    table = pd.DataFrame(rec["runs"])[["layers", "ffns", "fused_ffn", "distilled", "score_kl_nats",
                                        "relative_increase", "kept"]]
     lines = [table.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
     if rec.get("mixed"):
@@ -609,14 +716,16 @@ def fusion_summary(rec: dict) -> str:
     name, fused = rec["name"], rec["fused_name"]
     if not rec["kept"]:
         best = min(rec["runs"], key=lambda r: r["relative_increase"])
-        lines.append(f"fuse {name}: no run within --max-kl-increase {rec['settings']['max_kl_increase']:g}; the least "
+        lines.append(f"fuse {name}: no run within --max-kl-increase {rec['settings']['max_kl_increase']}; the least "
                      f"costly, layers {best['layers']}, raised the scoring-split KL by "
                      f"{100 * best['relative_increase']:.1f} %; nothing exported")
+        if rec.get("earlier_export"):
+            lines.append(rec["earlier_export"])
         return "\n".join(lines)
     ffns = sum(r["ffns"] for r in rec["runs"] if r["kept"])
     lines.append(f"{fused}: {ffns} FFNs fused into {len(rec['kept'])} block{'s' * (len(rec['kept']) > 1)} "
-                 f"({rec['layers']} -> {rec['fused_layers']} layers, {rec['params'] / 1e6:.1f}M -> "
-                 f"{rec['fused_params'] / 1e6:.1f}M parameters); scoring-split KL {rec['score_kl_nats']:.3f} -> "
+                 f"({rec['layers']} -> {rec['fused_layers']} layers, {_count(rec['params'])} -> "
+                 f"{_count(rec['fused_params'])} parameters); scoring-split KL {rec['score_kl_nats']:.3f} -> "
                  f"{rec['fused_score_kl_nats']:.3f}, evaluation KL {rec['kl_nats']:.3f} -> {rec['fused_kl_nats']:.3f}")
     if "fused_speedup" in rec:
         lines.append(f"measured speed-up {rec['speedup']:.3f}x -> {rec['fused_speedup']:.3f}x (runtime "

@@ -148,8 +148,8 @@ def test_local_distillation_that_makes_a_fused_block_worse_keeps_its_folded_star
 
 def _fusable_run(tmp_path_factory, dest):
     """A copy of the tiny run with a searched child `child-fuse` whose layers 1 and 2 have no attention (parent FFNs),
-    `child-mixed` (the same, but layer 2's FFN linear) and `child-nofuse`, whose attention is the parent's in every
-    layer."""
+    `child-mixed` (the same, but layer 2's FFN linear), `child-lead` (child-fuse with a linear FFN in layer 0) and
+    `child-nofuse`, whose attention is the parent's in every layer."""
     import json
 
     from puzzle.baselines import open_run
@@ -161,7 +161,8 @@ def _fusable_run(tmp_path_factory, dest):
     parent = run.parent.config.blocks
     fuse = [b if i in (0, 3) else BlockConfig(NOOP, b.ffn) for i, b in enumerate(parent)]
     mixed = [fuse[0], fuse[1], BlockConfig(NOOP, FFNConfig("linear")), fuse[3]]
-    for name, blocks in (("child-fuse", fuse), ("child-nofuse", parent), ("child-mixed", mixed)):
+    lead = [BlockConfig(parent[0].attention, FFNConfig("linear")), fuse[1], fuse[2], fuse[3]]
+    for name, blocks in (("child-fuse", fuse), ("child-nofuse", parent), ("child-mixed", mixed), ("child-lead", lead)):
         (run_dir / "search" / f"{name}.json").write_text(json.dumps({**record, "choice": [b.id for b in blocks],
                                                                      "library_stage": "bld"}))
     return run
@@ -172,42 +173,76 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     import json
 
     import puzzle.fusion as fusion
+    import puzzle.refine as refine
     from puzzle.export import export_info
 
     run = _fusable_run(tmp_path_factory, tmp_path / "run")
     rec = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
     (row,) = rec["runs"]
     assert (row["layers"], row["ffns"], row["kept"]) == ("1-2", 2, True) and rec["kept"] == [[1, 3]]
+    assert row["score_kl_nats"] == min(row["folded_score_kl_nats"], row["score_kl_nats"])  # the better form counts
     assert row["nmse_after"] <= row["nmse_before"]
     assert rec["fused_layers"] == 3 and rec["fused_architecture"][1] == f"attn-noop+ffn-{2 * 128}"
-    # the kept block distilled again beside the others is the block distilled alone: the same scoring-split KL
+    # the kept block, distilled again (or not) beside the others, is the block of the run fused alone
     assert rec["fused_score_kl_nats"] == pytest.approx(row["score_kl_nats"], rel=1e-5)
     assert rec["score_kl_nats"] + row["kl_increase"] == pytest.approx(row["score_kl_nats"])
-    info = export_info(run.out / "export" / "child-fuse-fused")
-    assert info["fused_from"] == "child-fuse" and info["fused_runs"] == ["1-2"]
+    dest = run.out / "export" / "child-fuse-fused"
+    info = export_info(dest)
+    assert info["fused_from"] == "child-fuse" and info["fused_runs"] == ["1-2"] and info["distilled"] is True
     assert (run.out / "fusion" / "child-fuse.csv").is_file()
-    assert not (run.out / "fusion" / "child-fuse.partial.json").exists()
 
-    def no_work(*a, **k):
-        raise AssertionError("a finished fusion was done again")
-
-    monkeypatch.setattr(fusion, "distill_fused", no_work)
+    scored = []
+    real_kl = refine.selection_kl
+    monkeypatch.setattr(refine, "selection_kl", lambda *a, **k: scored.append(1) or real_kl(*a, **k))
     assert fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)["runs"] == rec["runs"]
-    monkeypatch.undo()
-    # interrupted after its run was measured: the next call takes the run's row and goes on to the fused child
+    assert scored == []  # done: nothing scored again
+    # interrupted after its run was measured: the run's row is kept, only the fused child is scored
     (run.out / "fusion" / "child-fuse.json").unlink()
-    calls = []
-    real = fusion.distill_fused
-    monkeypatch.setattr(fusion, "distill_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
-    partial = {"inputs": rec["inputs"], "rows": {"1-2": {k: v for k, v in row.items() if k != "kept"}}}
-    (run.out / "fusion" / "child-fuse.partial.json").write_text(json.dumps(partial))
     again = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
-    assert len(calls) == 1 and again["fused_score_kl_nats"] == pytest.approx(rec["fused_score_kl_nats"], rel=1e-5)
-    # a tolerance below the run's increase keeps nothing and exports nothing
-    assert row["relative_increase"] > 0  # the parallel form, even distilled, is a little worse on the tiny child
-    strict = fusion.fuse_child(run, "child-fuse", max_kl_increase=0.0, measure=False, export=False)
-    assert strict["kept"] == [] and "fused_layers" not in strict
-    assert "no run within --max-kl-increase 0; the least costly, layers 1-2" in fusion.fusion_summary(strict)
+    assert len(scored) == 1 and again["fused_score_kl_nats"] == pytest.approx(rec["fused_score_kl_nats"], rel=1e-5)
+    # another tolerance reuses the runs' figures; one below the run's increase keeps nothing, and the earlier
+    # fusion's export folder is named (breaker: it was left unsaid, contradicting the record)
+    rows_file = run.out / "fusion" / "child-fuse.runs.json"
+    kept_rows = json.loads(rows_file.read_text())  # the tiny child barely changes: its run made to cost 50 %
+    kept_rows["rows"]["1-2"]["score_kl_nats"] = 1.5 * kept_rows["base_score_kl_nats"]
+    rows_file.write_text(json.dumps(kept_rows))
+    scored.clear()
+    strict = fusion.fuse_child(run, "child-fuse", max_kl_increase=-0.0, measure=False)
+    assert scored == [] and strict["kept"] == [] and "fused_layers" not in strict
+    summary = fusion.fusion_summary(strict)
+    assert "no run within --max-kl-increase 0; the least costly, layers 1-2, raised the scoring-split KL by 50.0 %" \
+        in summary
+    assert f"{dest} holds an earlier fusion of child-fuse (runs 1-2), not this one: delete it" in summary
+    # a finished record whose export folder holds another fusion's child exports again (breaker: a stale export
+    # was taken as done)
+    fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False, export=False)
+    assert export_info(dest)["distilled"] is True  # --no-export left the earlier folder as it was
+    folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False)
+    assert export_info(dest)["distilled"] is False and export_info(dest)["fusion_id"] == folded["fusion_id"]
+    # damaged files are made again, never a traceback (breaker)
+    for bad_row in (5, {"layers": "1-2", "relative_increase": "abc"}, {**row, "score_kl_nats": None}):
+        kept_rows = json.loads(rows_file.read_text())
+        kept_rows["rows"]["1-2"] = bad_row
+        rows_file.write_text(json.dumps(kept_rows))
+        (run.out / "fusion" / "child-fuse.json").write_text(json.dumps({"inputs": folded["inputs"]}))
+        remade = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False)
+        assert remade["runs"][0]["score_kl_nats"] == pytest.approx(folded["runs"][0]["score_kl_nats"], rel=1e-6)
+    # an unbounded tolerance is written as standard JSON
+    fusion.fuse_child(run, "child-fuse", max_kl_increase=float("inf"), measure=False, export=False)
+    text = (run.out / "fusion" / "child-fuse.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the record"))["settings"][
+        "max_kl_increase"] == "inf"
+
+
+def test_puzzle_fuse_takes_a_run_without_its_leading_layer_where_that_layer_mixes_ffn_kinds(tmp_path_factory,
+                                                                                              tmp_path):
+    """Breaker: --include-leading refused a child whose leading layer's linear FFN mixed the run, though the run
+    without it fuses."""
+    from puzzle.fusion import fuse_child
+
+    run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    rec = fuse_child(run, "child-lead", include_leading=True, max_kl_increase=10.0, measure=False, export=False)
+    assert [r["layers"] for r in rec["runs"]] == ["1-2"] and rec["mixed"] == []
 
 
 def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_path_factory, tmp_path, capsys):
@@ -215,15 +250,22 @@ def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_
     from puzzle.fusion import fuse_child
 
     run = _fusable_run(tmp_path_factory, tmp_path / "run")
-    with pytest.raises(PuzzleError, match="child-nofuse has no two FFNs in a row.*that have one: child-fuse$"):
+    with pytest.raises(PuzzleError, match="child-nofuse has no two FFNs in a row.*that have one: child-fuse, "
+                                          "child-lead$"):
         fuse_child(run, "child-nofuse", measure=False, export=False)
-    with pytest.raises(PuzzleError, match="its runs 1-2 mix SwiGLU and linear FFNs"):
+    with pytest.raises(PuzzleError, match="child-mixed's runs of FFNs with no attention between them \\(1-2\\) mix "
+                                          "SwiGLU and linear FFNs"):
         fuse_child(run, "child-mixed", measure=False, export=False)
     with pytest.raises(PuzzleError, match="no architecture named 'child-9x'"):
         fuse_child(run, "child-9x", measure=False, export=False)
-    assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", "-0.1"]) == 2
-    err = capsys.readouterr().err
-    assert "--max-kl-increase must be a fraction >= 0" in err and len(err.strip().splitlines()) == 1
+    (run.out / "export" / "child-fuse-fused").mkdir(parents=True)
+    (run.out / "export" / "child-fuse-fused" / "notes.txt").write_text("mine")
+    with pytest.raises(PuzzleError, match="puzzle fuse exports to .*child-fuse-fused\\); or give --no-export"):
+        fuse_child(run, "child-fuse", measure=False)
+    for bad in ("-0.1", "nan"):
+        assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--max-kl-increase must be a fraction >= 0" in err and len(err.strip().splitlines()) == 1
     assert not (run.out / "fusion").exists()
 
 
