@@ -274,8 +274,6 @@ def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch
         sequences of `ids` (held out of training when N > batch_size), steps, kept_start (training
         raised the held-out NMSE, so the block keeps its folded start and nmse_after is nmse_before).
     """
-    import math
-
     blocks = [m for m in fused.model.layers if isinstance(m, FusedFFNBlock)
               and (only is None or list(m.layers) in [list(x) for x in only])]
     if not blocks:

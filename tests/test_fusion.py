@@ -111,6 +111,17 @@ def test_local_distillation_brings_the_fused_block_closer_to_the_sequential_run(
     assert torch.equal(fused.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_local_distillation_of_only_some_blocks_leaves_the_others_as_folded():
+    from puzzle.fusion import distill_fused
+
+    model = make_model([(KV, 48), (NOOP, 48), (NOOP, 32), (KV, 16), (NOOP, 16), (NOOP, 8)], seed=3)
+    fused = fuse_ffn_runs(model, runs=[(1, 3), (4, 6)])
+    folded = {k: v.clone() for k, v in fused.model.layers[3].state_dict().items()}  # the block of layers 4-5
+    (result,) = distill_fused(model, fused, torch.randint(3, 97, (36, 12)), lr=1e-3, batch_size=4, only=[[1, 2]])
+    assert result["layers"] == [1, 2] and result["nmse_after"] < result["nmse_before"]
+    assert all(torch.equal(v, fused.model.layers[3].state_dict()[k]) for k, v in folded.items())
+
+
 def test_fusing_twice_no_blocks_and_the_runtime_on_a_fused_model_are_clear_errors():
     """Reviewer: fusing a fused model fused the wrong layers (run indices count the unfused layers), fuse_layers([])
     raised a bare IndexError, and ChildRuntime on a fused model an AttributeError."""
