@@ -183,10 +183,10 @@ def export_warnings(config: ModelConfig) -> list[str]:
     out = [f"{problem}; {VLLM_CANNOT_SERVE}" for problem in vllm_layout_problems(config)]
     linear_attn = [i for i, b in enumerate(config.blocks) if b.attention.kind == "linear"]
     linear_ffn = [i for i, b in enumerate(config.blocks) if b.ffn.kind == "linear"]
-    if linear_attn or linear_ffn:
-        out.append(
-            f"replace_with_linear subblocks (attention in layers {linear_attn}, ffn in layers {linear_ffn}): "
-            f"{VLLM_CANNOT_SERVE}; {VLLM_LINEAR_ADVICE}")
+    if linear_attn or linear_ffn:  # a kind with no linear subblock is left out ("attention in layers []" was said)
+        where = ", ".join(f"{kind} in layers {layers}" for kind, layers in (("attention", linear_attn),
+                                                                            ("ffn", linear_ffn)) if layers)
+        out.append(f"replace_with_linear subblocks ({where}): {VLLM_CANNOT_SERVE}; {VLLM_LINEAR_ADVICE}")
     inexact: dict[int, list[int]] = {}
     for i, b in enumerate(config.blocks):
         if b.ffn.kind == "swiglu" and not intermediate_size_to_ffn_mult(b.ffn.intermediate_size, config.hidden_size)[1]:

@@ -344,9 +344,10 @@ def distill_fused(model: PuzzleForCausalLM, fused: PuzzleForCausalLM, ids: torch
 #: default --max-kl-increase: a run is fused when it raises the child's scoring-split KL by at most this fraction
 MAX_KL_INCREASE = 0.01
 
-#: a candidate run's row in DIR/fusion/<name>.runs.json: its fields and their types (a row that differs is made again)
-RUN_ROW = {"layers": str, "start": int, "end": int, "ffns": int, "fused_ffn": str, "folded_score_kl_nats": float,
-           "score_kl_nats": float, "distilled": bool}
+#: a candidate run's row in DIR/fusion/<name>.runs.json: its fields and their types (a row that differs is made again);
+#: besides them distilled_score_kl_nats, nmse_before and nmse_after, each a finite number or None (not distilled yet)
+RUN_ROW = {"layers": str, "start": int, "end": int, "ffns": int, "fused_ffn": str, "folded_score_kl_nats": float}
+RUN_ROW_OPTIONAL = ("distilled_score_kl_nats", "nmse_before", "nmse_after")
 
 
 def _mixes_linear_and_swiglu(config: ModelConfig, run: tuple[int, int]) -> bool:
@@ -380,17 +381,17 @@ def _run_text(run) -> str:
     return f"{run[0]}-{run[1] - 1}"
 
 
-def _rows_inputs(run, record: dict, distill: bool) -> dict:
-    """What a candidate run's row depends on: the child (choice, library stage), whether fused blocks are distilled,
-    the calibration and scoring splits (sha256), the scoring positions' weighting (`score.select_context`), the parent
-    and the score table (a rebuilt library is rescored). Not the tolerance, the timing or --include-leading: rows are
-    kept across them (DIR/fusion/<name>.runs.json)."""
+def _rows_inputs(run, record: dict) -> dict:
+    """What a candidate run's row depends on: the child (choice, library stage), the calibration and scoring splits
+    (sha256), the scoring positions' weighting (`score.select_context`), the parent and the score table (a rebuilt
+    library is rescored). Not the tolerance, the timing, --no-distill (a row keeps the folded and, once made, the
+    distilled figures) or --include-leading: rows are kept across them (DIR/fusion/<name>.runs.json)."""
     from .baselines import row_inputs
     from .pipeline import _tensor_sha
 
     return json.loads(json.dumps({
         "child": {"choice": record["choice"], "library_stage": record.get("library_stage", "bld")},
-        "distill": distill, "select_context": run.config.score.select_context, "parent": run.parent_fingerprint,
+        "select_context": run.config.score.select_context, "parent": run.parent_fingerprint,
         "calib_sha": _tensor_sha(run.tokens.calib), "score_sha": _tensor_sha(run.tokens.score),
         "score_table_sha256": row_inputs(run)["score_table_sha256"]}))
 
@@ -400,12 +401,13 @@ def _finite(value) -> bool:
 
 
 def _valid_row(row) -> bool:
-    """A candidate run's row as `fuse_child` writes it (fields of `RUN_ROW`, finite numbers, NMSEs numbers or None)."""
-    if not isinstance(row, dict) or any(not isinstance(row.get(k), t) or isinstance(row.get(k), bool) and t is not bool
+    """A candidate run's row as `fuse_child` writes it (the fields of `RUN_ROW` and `RUN_ROW_OPTIONAL`, numbers
+    finite, the KLs >= 0)."""
+    if not isinstance(row, dict) or any(not isinstance(row.get(k), t) or isinstance(row.get(k), bool)
                                         for k, t in RUN_ROW.items() if t is not float):
         return False
-    return all(_finite(row.get(k)) for k, t in RUN_ROW.items() if t is float) and all(
-        row.get(k) is None or _finite(row.get(k)) for k in ("nmse_before", "nmse_after"))
+    return _finite(row.get("folded_score_kl_nats")) and row["folded_score_kl_nats"] >= 0 and all(
+        row.get(k) is None or _finite(row.get(k)) and row[k] >= 0 for k in RUN_ROW_OPTIONAL)
 
 
 def _tolerance_text(value: float) -> str:
@@ -424,7 +426,9 @@ def _saved_record(path: Path, inputs: dict) -> dict | None:
     try:
         rec = read_json(path)
         if not isinstance(rec, dict) or rec.get("inputs") != inputs or not isinstance(rec.get("runs"), list) \
-                or not all(_valid_row(r) and isinstance(r.get("kept"), bool) for r in rec["runs"]):
+                or not all(_valid_row(r) and isinstance(r.get("kept"), bool) and _finite(r.get("score_kl_nats"))
+                           and _finite(r.get("relative_increase")) for r in rec["runs"]) \
+                or not (_finite(rec.get("score_kl_nats")) and rec["score_kl_nats"] > 0):
             return None
         fusion_summary(rec)
         return rec
@@ -487,22 +491,24 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
     candidates, mixed = fusion_candidates(config, include_leading)
+    mixed_leading = [r for r in ffn_runs(config, include_leading=True) if _mixes_linear_and_swiglu(config, r)]
     if not candidates:
         raise PuzzleError(_nothing_to_fuse(run, name, config, mixed, include_leading))
     fused_name = f"{name}-fused"
     dest = run.out / "export" / fused_name
+    provenance = {"name": fused_name, "parent": run.parent.source}
     if export:
-        from .export import check_export_target
+        from .export import check_export_target, export_provenance
 
-        try:
-            check_export_target(dest, overwrite=True)
+        try:  # with what the export will be: trained weights there (gkd, sft) are refused now, not after the work
+            check_export_target(dest, overwrite=True, provenance=export_provenance(provenance))
         except PuzzleError as e:  # its advice is for commands with --dest; fuse writes this one folder
             raise PuzzleError(f"{e} (puzzle fuse exports to {dest}); or give --no-export") from None
     from .baselines import row_inputs
     from .pipeline import _tensor_sha
 
-    rows_inputs = _rows_inputs(run, record, distill)
-    inputs = {"rows": rows_inputs, "include_leading": include_leading,
+    rows_inputs = _rows_inputs(run, record)
+    inputs = {"rows": rows_inputs, "include_leading": include_leading, "distill": distill,
               "max_kl_increase": _tolerance_text(max_kl_increase), "measure": measure,
               "eval_sha": _tensor_sha(run.tokens.eval), "workload": row_inputs(run)["workload"] if measure else None}
     inputs = json.loads(json.dumps(inputs))
@@ -510,42 +516,51 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     done_path, rows_path = folder / f"{name}.json", folder / f"{name}.runs.json"
     saved = _saved_record(done_path, inputs)
     if saved is not None and (not export or not saved["kept"] or _own_export(dest, saved)):
-        run.say(f"fuse {name}: done already with these settings ({done_path}); delete it to fuse again")
+        run.say(f"fuse {name}: done already with these settings ({done_path}; delete it to fuse again, and "
+                f"{rows_path.name} beside it to measure the runs again)")
+        shown = {k: v for k, v in saved.items() if k != "export"}  # breaker: --no-export named a folder since moved
+        if export and saved["kept"]:
+            shown["export"] = str(dest)
         note = _earlier_export_note(dest, name, saved) if export else None
-        return {**saved, **({"earlier_export": note} if note else {})}
+        return {**shown, **({"earlier_export": note} if note else {})}
 
     t0 = time.perf_counter()
     child = realize_blocks(run, blocks, stage)  # on the parent's device and dtype, as refine scores; timed on target
     rows, base_kl = {}, None
     try:
         kept_rows = read_json(rows_path)
-        if isinstance(kept_rows, dict) and kept_rows.get("inputs") == rows_inputs \
-                and _finite(kept_rows.get("base_score_kl_nats")) and isinstance(kept_rows.get("rows"), dict):
-            base_kl = float(kept_rows["base_score_kl_nats"])
+        base = kept_rows.get("base_score_kl_nats") if isinstance(kept_rows, dict) else None
+        if kept_rows.get("inputs") == rows_inputs and _finite(base) and base > 0 \
+                and isinstance(kept_rows.get("rows"), dict):  # breaker: a base of 0 broke the relative increases
+            base_kl = float(base)
             rows = {k: r for k, r in kept_rows["rows"].items() if _valid_row(r) and r["layers"] == k}
-    except PuzzleError:
+    except (PuzzleError, AttributeError):
         pass
     if base_kl is None:
         base_kl = selection_kl(run, child)
-    todo = [r for r in candidates if _run_text(r) not in rows]
+
+    def missing(r) -> bool:
+        row = rows.get(_run_text(r))
+        return row is None or distill and row.get("distilled_score_kl_nats") is None
+
+    todo = [r for r in candidates if missing(r)]
     if len(todo) < len(candidates):
         run.say(f"fuse {name}: {len(candidates) - len(todo)} of {len(candidates)} runs measured by an earlier call")
     bar = _bar(run, len(candidates), len(candidates) - len(todo), f"fuse {name}")
     for r in todo:
         one = fuse_ffn_runs(child, [r])
-        folded = selection_kl(run, one)
-        block = next(m for m in one.model.layers if isinstance(m, FusedFFNBlock))
-        row = {"layers": _run_text(r), "start": r[0], "end": r[1],
-               "ffns": sum(b.ffn.kind != "no_op" for b in blocks[r[0]:r[1]]), "fused_ffn": block.block_config().ffn.id,
-               "folded_score_kl_nats": folded, "score_kl_nats": folded, "distilled": False,
-               "nmse_before": None, "nmse_after": None}
+        row = rows.get(_run_text(r))
+        if row is None:
+            block = next(m for m in one.model.layers if isinstance(m, FusedFFNBlock))
+            row = {"layers": _run_text(r), "start": r[0], "end": r[1],
+                   "ffns": sum(b.ffn.kind != "no_op" for b in blocks[r[0]:r[1]]),
+                   "fused_ffn": block.block_config().ffn.id, "folded_score_kl_nats": selection_kl(run, one),
+                   "distilled_score_kl_nats": None, "nmse_before": None, "nmse_after": None}
         if distill:
             (local,) = distill_fused(child, one, run.tokens.calib, lr=run.config.bld.lr / 2,
                                      batch_size=run.config.bld.batch_size)
-            kl = selection_kl(run, one)
-            row.update(nmse_before=local["nmse_before"], nmse_after=local["nmse_after"])
-            if kl < folded:  # breaker: on the tiny run distillation raised a run's KL
-                row.update(score_kl_nats=kl, distilled=True)
+            row.update(distilled_score_kl_nats=selection_kl(run, one), nmse_before=local["nmse_before"],
+                       nmse_after=local["nmse_after"])
         rows[row["layers"]] = row
         atomic_write_json(rows_path, {"inputs": rows_inputs, "base_score_kl_nats": base_kl, "rows": rows})
         del one
@@ -554,6 +569,10 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     if bar is not None:
         bar.close()
     table = pd.DataFrame([rows[_run_text(r)] for r in candidates])
+    # the better of folded and distilled counts (breaker: on the tiny run distillation raised a run's KL)
+    table["distilled"] = [bool(distill and d is not None and not pd.isna(d) and d < f)
+                          for d, f in zip(table["distilled_score_kl_nats"], table["folded_score_kl_nats"])]
+    table["score_kl_nats"] = table["distilled_score_kl_nats"].where(table["distilled"], table["folded_score_kl_nats"])
     table["kl_increase"] = table["score_kl_nats"] - base_kl
     table["relative_increase"] = table["kl_increase"] / base_kl
     table["kept"] = table["relative_increase"] <= max_kl_increase
@@ -561,7 +580,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     out = {"name": name, "fused_name": fused_name, "library_stage": stage,
            "settings": {"include_leading": include_leading, "max_kl_increase": _tolerance_text(max_kl_increase),
                         "distill": distill, "measure": measure},
-           "runs": json.loads(table.to_json(orient="records")), "kept": [list(r) for r in kept],
+           "runs": _records(table), "kept": [list(r) for r in kept],
+           "trimmed": [[r[0] - 1, r[1]] for r in candidates if include_leading and (r[0] - 1, r[1]) in mixed_leading],
            "mixed": [list(r) for r in mixed], "layers": len(blocks), "score_kl_nats": base_kl,
            "kl_nats": evaluate(run, child, name)["kl_nats"]}
     if kept:
@@ -594,8 +614,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
         from .export import export_checkpoint
 
         result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
-            "name": fused_name, "parent": run.parent.source, "fused_from": name,
-            "fused_runs": [_run_text(r) for r in kept], "distilled": distill, "fusion_id": out["fusion_id"]})
+            **provenance, "fused_from": name, "fused_runs": [_run_text(r) for r in kept],
+            "distilled": [_run_text(r) for r in kept if list(range(*r)) in distilled], "fusion_id": out["fusion_id"]})
         run.say_export_warnings(fused_name, result.warnings)
         out["export"] = str(dest)
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
@@ -606,11 +626,22 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
 
 
 def _own_export(dest: Path, rec: dict) -> bool:
-    """Whether the export folder `dest` holds the fused child of the record `rec` (its fusion_id)."""
-    from .export import export_info
+    """Whether the export folder `dest` holds the fused child of the record `rec`: its fusion_id (which hashes the
+    inputs and the kept runs, so a copied or moved run keeps it), and an export's files with the weights."""
+    from .export import export_folder_problem, export_info
 
     info = export_info(dest)
-    return bool(info) and info.get("fusion_id") == rec.get("fusion_id") and rec.get("export") == str(dest)
+    return bool(info) and info.get("fusion_id") == rec.get("fusion_id") and rec.get("export") is not None \
+        and export_folder_problem(dest) is None and (dest / "model.safetensors").is_file()
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    """The table's rows as JSON-ready dicts at full precision (NaN as None; `DataFrame.to_json` keeps 10 decimals)."""
+    out = []
+    for row in table.to_dict("records"):
+        row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+        out.append({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
+    return out
 
 
 def _parent_eval(run):
@@ -636,8 +667,8 @@ def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_l
         why = (f"{name}'s runs of FFNs with no attention between them ({', '.join(_run_text(r) for r in mixed)}) mix "
                f"SwiGLU and linear FFNs, which no single exportable block represents")
     else:
-        why = (f"{name} has no two FFNs in a row with no attention between them (layers with no_op attention: "
-               f"{no_attention or 'none'})")
+        why = (f"{name} has no two FFNs in a row (other than no_op) with no attention between them (layers with no_op "
+               f"attention: {no_attention or 'none'})")
     others = []
     for path in sorted((run.out / "search").glob("child-*.json")):
         try:
@@ -704,6 +735,12 @@ def fuse_main(args) -> int:
     return 0
 
 
+def _change(before: float, after: float) -> str:
+    """'2.332 -> 2.337 (+0.2 %)': four significant figures and the relative change (breaker: three decimals hid it)."""
+    rel = f" ({100 * (after - before) / before:+.1f} %)" if before > 0 else ""
+    return f"{before:.4g} -> {after:.4g}{rel}"
+
+
 def fusion_summary(rec: dict) -> str:
     """The candidate runs' table and what the kept ones give, as `puzzle fuse` prints it."""
     table = pd.DataFrame(rec["runs"])[["layers", "ffns", "fused_ffn", "distilled", "score_kl_nats",
@@ -711,6 +748,9 @@ def fusion_summary(rec: dict) -> str:
     lines = [table.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
     if rec.get("mixed"):
         lines.append(f"left unfused (SwiGLU and linear FFNs mixed): {', '.join(_run_text(r) for r in rec['mixed'])}")
+    for r in rec.get("trimmed") or []:  # breaker: the leading layer was dropped without a word
+        lines.append(f"layers {_run_text(r)} mix SwiGLU and linear FFNs with the leading layer {r[0]}: fused without "
+                     f"it ({_run_text((r[0] + 1, r[1]))})")
     name, fused = rec["name"], rec["fused_name"]
     if not rec["kept"]:
         best = min(rec["runs"], key=lambda r: r["relative_increase"])
@@ -723,8 +763,9 @@ def fusion_summary(rec: dict) -> str:
     ffns = sum(r["ffns"] for r in rec["runs"] if r["kept"])
     lines.append(f"{fused}: {ffns} FFNs fused into {len(rec['kept'])} block{'s' * (len(rec['kept']) > 1)} "
                  f"({rec['layers']} -> {rec['fused_layers']} layers, {_count(rec['params'])} -> "
-                 f"{_count(rec['fused_params'])} parameters); scoring-split KL {rec['score_kl_nats']:.3f} -> "
-                 f"{rec['fused_score_kl_nats']:.3f}, evaluation KL {rec['kl_nats']:.3f} -> {rec['fused_kl_nats']:.3f}")
+                 f"{_count(rec['fused_params'])} parameters); scoring-split KL "
+                 f"{_change(rec['score_kl_nats'], rec['fused_score_kl_nats'])}, evaluation KL "
+                 f"{_change(rec['kl_nats'], rec['fused_kl_nats'])}")
     if "fused_speedup" in rec:
         lines.append(f"measured speed-up {rec['speedup']:.3f}x -> {rec['fused_speedup']:.3f}x (runtime "
                      f"{rec['fused_runtime_ms'] / rec['runtime_ms']:.3f} of the unfused child's, one session)")

@@ -182,16 +182,19 @@ def _fusable_run(tmp_path_factory, dest):
 def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resumes(tmp_path_factory, tmp_path,
                                                                                     monkeypatch):
     import json
+    import shutil
 
     import puzzle.fusion as fusion
     import puzzle.refine as refine
+    from puzzle.baselines import open_run
     from puzzle.export import export_info
 
     run = _fusable_run(tmp_path_factory, tmp_path / "run")
     rec = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
     (row,) = rec["runs"]
     assert (row["layers"], row["ffns"], row["kept"]) == ("1-2", 2, True) and rec["kept"] == [[1, 3]]
-    assert row["score_kl_nats"] == min(row["folded_score_kl_nats"], row["score_kl_nats"])  # the better form counts
+    assert row["score_kl_nats"] == min(row["folded_score_kl_nats"], row["distilled_score_kl_nats"])  # the better
+    assert row["distilled"] == (row["distilled_score_kl_nats"] < row["folded_score_kl_nats"])
     assert row["nmse_after"] <= row["nmse_before"]
     assert rec["fused_layers"] == 3 and rec["fused_architecture"][1] == f"attn-noop+ffn-{2 * 128}"
     # the kept block, distilled again (or not) beside the others, is the block of the run fused alone
@@ -199,7 +202,8 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     assert rec["score_kl_nats"] + row["kl_increase"] == pytest.approx(row["score_kl_nats"])
     dest = run.out / "export" / "child-fuse-fused"
     info = export_info(dest)
-    assert info["fused_from"] == "child-fuse" and info["fused_runs"] == ["1-2"] and info["distilled"] is True
+    assert info["fused_from"] == "child-fuse" and info["fused_runs"] == ["1-2"]
+    assert info["distilled"] == (["1-2"] if row["distilled"] else []) and info["fusion_id"] == rec["fusion_id"]
     assert (run.out / "fusion" / "child-fuse.csv").is_file()
 
     scored = []
@@ -207,15 +211,30 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     monkeypatch.setattr(refine, "selection_kl", lambda *a, **k: scored.append(1) or real_kl(*a, **k))
     assert fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)["runs"] == rec["runs"]
     assert scored == []  # done: nothing scored again
+    # a copy of the run is done too, its own folder named (breaker: the path was compared as text)
+    shutil.copytree(run.out, tmp_path / "copy")
+    copied = fusion.fuse_child(open_run(tmp_path / "copy", progress=False), "child-fuse", max_kl_increase=10.0,
+                               measure=False)
+    assert scored == [] and copied["export"] == str(tmp_path / "copy" / "export" / "child-fuse-fused")
     # interrupted after its run was measured: the run's row is kept, only the fused child is scored
     (run.out / "fusion" / "child-fuse.json").unlink()
     again = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
     assert len(scored) == 1 and again["fused_score_kl_nats"] == pytest.approx(rec["fused_score_kl_nats"], rel=1e-5)
+    # an export whose weights are gone is written again (breaker: it counted as done)
+    (dest / "model.safetensors").unlink()
+    fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
+    assert (dest / "model.safetensors").is_file()
+    # --no-export reuses the record but names no folder it does not check (breaker: a moved one was named)
+    shutil.move(dest, tmp_path / "moved")
+    assert "export" not in fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, export=False)
+    shutil.move(tmp_path / "moved", dest)
     # another tolerance reuses the runs' figures; one below the run's increase keeps nothing, and the earlier
     # fusion's export folder is named (breaker: it was left unsaid, contradicting the record)
     rows_file = run.out / "fusion" / "child-fuse.runs.json"
     kept_rows = json.loads(rows_file.read_text())  # the tiny child barely changes: its run made to cost 50 %
-    kept_rows["rows"]["1-2"]["score_kl_nats"] = 1.5 * kept_rows["base_score_kl_nats"]
+    stored = kept_rows["rows"]["1-2"]
+    kept_rows["rows"]["1-2"] = {**stored, "folded_score_kl_nats": 1.5 * kept_rows["base_score_kl_nats"],
+                                "distilled_score_kl_nats": 1.6 * kept_rows["base_score_kl_nats"]}
     rows_file.write_text(json.dumps(kept_rows))
     scored.clear()
     strict = fusion.fuse_child(run, "child-fuse", max_kl_increase=-0.0, measure=False)
@@ -224,20 +243,27 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     assert "no run within --max-kl-increase 0; the least costly, layers 1-2, raised the scoring-split KL by 50.0 %" \
         in summary
     assert f"{dest} holds an earlier fusion of child-fuse (runs 1-2), not this one: delete it" in summary
-    # a finished record whose export folder holds another fusion's child exports again (breaker: a stale export
-    # was taken as done)
-    fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False, export=False)
-    assert export_info(dest)["distilled"] is True  # --no-export left the earlier folder as it was
+    kept_rows["rows"]["1-2"] = stored
+    rows_file.write_text(json.dumps(kept_rows))
+    # without distillation the runs' figures stay (breaker: --no-distill made them again), and a record whose export
+    # folder holds another fusion's child exports again (breaker: a stale export was taken as done)
+    folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False, export=False)
+    assert len(scored) == 1 and export_info(dest)["fusion_id"] == rec["fusion_id"]  # --no-export: left as it was
+    assert folded["runs"][0]["score_kl_nats"] == row["folded_score_kl_nats"] and not folded["runs"][0]["distilled"]
     folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False)
-    assert export_info(dest)["distilled"] is False and export_info(dest)["fusion_id"] == folded["fusion_id"]
+    assert export_info(dest)["fusion_id"] == folded["fusion_id"] != rec["fusion_id"]
     # damaged files are made again, never a traceback (breaker)
-    for bad_row in (5, {"layers": "1-2", "relative_increase": "abc"}, {**row, "score_kl_nats": None}):
+    scored.clear()
+    for bad in ({"1-2": 5}, {"1-2": {"layers": "1-2", "relative_increase": "abc"}},
+                {"1-2": {**stored, "folded_score_kl_nats": None}}, {"1-2": {**stored, "nmse_after": -1}}, 0.0, -0.5):
         kept_rows = json.loads(rows_file.read_text())
-        kept_rows["rows"]["1-2"] = bad_row
+        kept_rows.update({"rows": bad} if isinstance(bad, dict) else {"base_score_kl_nats": bad})
         rows_file.write_text(json.dumps(kept_rows))
         (run.out / "fusion" / "child-fuse.json").write_text(json.dumps({"inputs": folded["inputs"]}))
         remade = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False)
         assert remade["runs"][0]["score_kl_nats"] == pytest.approx(folded["runs"][0]["score_kl_nats"], rel=1e-6)
+        assert remade["score_kl_nats"] == pytest.approx(folded["score_kl_nats"], rel=1e-6)
+    assert len(scored) >= 6 * 2
     # an unbounded tolerance is written as standard JSON
     fusion.fuse_child(run, "child-fuse", max_kl_increase=float("inf"), measure=False, export=False)
     text = (run.out / "fusion" / "child-fuse.json").read_text()
@@ -252,17 +278,25 @@ def test_puzzle_fuse_takes_a_run_without_its_leading_layer_where_that_layer_mixe
     from puzzle.fusion import fuse_child
 
     run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    from puzzle.fusion import fusion_summary
+
     rec = fuse_child(run, "child-lead", include_leading=True, max_kl_increase=10.0, measure=False, export=False)
-    assert [r["layers"] for r in rec["runs"]] == ["1-2"] and rec["mixed"] == []
+    assert [r["layers"] for r in rec["runs"]] == ["1-2"] and rec["mixed"] == [] and rec["trimmed"] == [[0, 3]]
+    assert "layers 0-2 mix SwiGLU and linear FFNs with the leading layer 0: fused without it (1-2)" in \
+        fusion_summary(rec)
 
 
-def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_path_factory, tmp_path, capsys):
+def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_path_factory, tmp_path, capsys,
+                                                                             monkeypatch):
+    import json
+    import shutil
+
     from puzzle.cli import main
     from puzzle.fusion import fuse_child
 
     run = _fusable_run(tmp_path_factory, tmp_path / "run")
-    with pytest.raises(PuzzleError, match="child-nofuse has no two FFNs in a row.*that have one: child-fuse, "
-                                          "child-lead$"):
+    with pytest.raises(PuzzleError, match="child-nofuse has no two FFNs in a row \\(other than no_op\\).*that have "
+                                          "one: child-fuse, child-lead$"):
         fuse_child(run, "child-nofuse", measure=False, export=False)
     with pytest.raises(PuzzleError, match="child-mixed's runs of FFNs with no attention between them \\(1-2\\) mix "
                                           "SwiGLU and linear FFNs"):
@@ -273,6 +307,18 @@ def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_
     (run.out / "export" / "child-fuse-fused" / "notes.txt").write_text("mine")
     with pytest.raises(PuzzleError, match="puzzle fuse exports to .*child-fuse-fused\\); or give --no-export"):
         fuse_child(run, "child-fuse", measure=False)
+    # trained weights in the export folder are refused before any work (breaker: after the fused child was timed)
+    fuse_child(run, "child-lead", max_kl_increase=10.0, measure=False)
+    config_path = run.out / "export" / "child-lead-fused" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["puzzle"]["gkd"] = {"child": "child-lead-fused"}
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setattr("puzzle.refine.selection_kl", lambda *a, **k: pytest.fail("work before the refusal"))
+    with pytest.raises(PuzzleError, match="holds trained weights .*; or give --no-export"):
+        fuse_child(run, "child-lead", max_kl_increase=0.5, measure=False)
+    monkeypatch.undo()
+    shutil.rmtree(run.out / "fusion")
+    assert "replace_with_linear subblocks (ffn in layers [0])" in capsys.readouterr().err  # no "attention in []"
     for bad in ("-0.1", "nan"):
         assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", bad]) == 2
         err = capsys.readouterr().err
