@@ -462,7 +462,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     interleaved session (`measure`) and exported as DIR/export/<name>-fused (`export`).
 
     Writes, atomically: DIR/fusion/<name>.runs.json (the candidate runs' rows, one written as each is made, so an
-    interrupted call goes on after the last, and kept across other tolerances, timings and --include-leading),
+    interrupted call goes on after the last, and kept across other tolerances, timings, `distill` and
+    --include-leading),
     DIR/fusion/<name>.csv (this call's table) and DIR/fusion/<name>.json (the record, last). A call with the same
     inputs returns the record, where the export folder (when asked for) is the record's own.
 
