@@ -437,15 +437,17 @@ def _saved_record(path: Path, inputs: dict) -> dict | None:
 
 
 def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
-    """What to say of an export folder of an earlier fusion of `name` that this one (which keeps no run) leaves."""
+    """What to say of an export folder that holds another fusion of `name` than the record `rec` (one that kept no
+    run, or was made with --no-export, leaves the folder as it was: fresh user, it was loaded unawares)."""
     from .export import export_info
 
     info = export_info(dest)
-    if rec.get("kept") or not info or info.get("fused_from") != name:
+    if not info or info.get("fused_from") != name or rec.get("kept") and info.get("fusion_id") == rec.get(
+            "fusion_id"):
         return None
     runs = info.get("fused_runs")
     shown = f" (runs {', '.join(map(str, runs))})" if isinstance(runs, list) else ""
-    return f"{dest} holds an earlier fusion of {name}{shown}, not this one: delete it"
+    return f"{dest} holds an earlier fusion of {name}{shown}, not this one: delete it, or export this one"
 
 
 def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase: float = MAX_KL_INCREASE,
@@ -470,8 +472,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     Returns:
         The record: "runs" (the candidate rows with relative_increase and kept), "kept", "mixed" (runs left
         unfused), the unfused and fused scoring-split and evaluation KL (nats/token), layer counts, parameters and,
-        measured, the runtimes (ms) and speed-ups; "earlier_export" where no run is kept and the export folder holds
-        an earlier fusion of the child.
+        measured, the runtimes (ms) and speed-ups; "earlier_export" where the export folder holds another fusion of
+        the child (this one kept no run or was not exported).
 
     Raises:
         PuzzleError: an unknown `name` (`pipeline.read_architecture`), a child with no run of FFNs to fuse (the
@@ -522,7 +524,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
         shown = {k: v for k, v in saved.items() if k != "export"}  # breaker: --no-export named a folder since moved
         if export and saved["kept"]:
             shown["export"] = str(dest)
-        note = _earlier_export_note(dest, name, saved) if export else None
+        note = _earlier_export_note(dest, name, saved)
         return {**shown, **({"earlier_export": note} if note else {})}
 
     t0 = time.perf_counter()
@@ -622,7 +624,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
     atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
     atomic_write_json(done_path, out)
-    note = _earlier_export_note(dest, name, out) if export else None
+    note = _earlier_export_note(dest, name, out)
     return {**out, **({"earlier_export": note} if note else {})}
 
 
@@ -772,4 +774,6 @@ def fusion_summary(rec: dict) -> str:
                      f"{rec['fused_runtime_ms'] / rec['runtime_ms']:.3f} of the unfused child's, one session)")
     if rec.get("export"):
         lines.append(f"exported: {rec['export']}")
+    if rec.get("earlier_export"):
+        lines.append(rec["earlier_export"])
     return "\n".join(lines)

@@ -248,7 +248,8 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     # without distillation the runs' figures stay (breaker: --no-distill made them again), and a record whose export
     # folder holds another fusion's child exports again (breaker: a stale export was taken as done)
     folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False, export=False)
-    assert len(scored) == 1 and export_info(dest)["fusion_id"] == rec["fusion_id"]  # --no-export: left as it was
+    assert len(scored) == 1 and export_info(dest)["fusion_id"] == rec["fusion_id"]  # --no-export: left as it was,
+    assert "holds an earlier fusion of child-fuse (runs 1-2), not this one" in fusion.fusion_summary(folded)  # and said
     assert folded["runs"][0]["score_kl_nats"] == row["folded_score_kl_nats"] and not folded["runs"][0]["distilled"]
     folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False)
     assert export_info(dest)["fusion_id"] == folded["fusion_id"] != rec["fusion_id"]
