@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     out = args.out or args.run / "select_context"
-    reused, rows = 0, []
+    reused = kept = 0  # children taken from an earlier call, children this call has figures of
     try:
         from puzzle.pipeline import build_child, load_score_table, parent_eval_logprobs
         from puzzle.refine import selection_ids
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
                 save_child(out, key, saved)
             else:
                 reused += 1
+            kept += 1
             kls.append(saved["kl"])
             row["eval_kl_nats"] = float(saved["eval_kl_nats"])
             print(f"child {i + 1}/{len(rows)} ({row['speedup']:g}x): evaluation KL {row['eval_kl_nats']:.4f}",
@@ -195,8 +196,7 @@ def main(argv=None) -> int:
         print(f"select_context: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        done = len(list((out / "children").glob("*.pt"))) if (out / "children").is_dir() else 0
-        print(f"select_context: interrupted; the children measured so far ({done} in {out / 'children'}) are kept, "
+        print(f"select_context: interrupted; the children measured so far ({kept} in {out / 'children'}) are kept, "
               f"and the same command goes on from them", file=sys.stderr)
         return 130
     per_child = pd.DataFrame(rows).assign(choice=lambda d: d["choice"].map(" ".join))
