@@ -249,8 +249,20 @@ def _generation_config_json(config: ModelConfig) -> dict:
             "pad_token_id": config.pad_token_id, "transformers_version": transformers.__version__}
 
 
+def _fusion_lines(info: dict | None) -> list[str]:
+    """README lines for a child `puzzle fuse` made (config.json's "puzzle" entry names the child and its runs)."""
+    info = info if isinstance(info, dict) else {}
+    runs = info.get("fused_runs")
+    if not info.get("fused_from") or not isinstance(runs, list):
+        return []
+    return ["## FFN Fusion", "",
+            f"Made by `puzzle fuse` from `{info['fused_from']}`: the FFNs of its layers {', '.join(map(str, runs))} "
+            "(first-last layer of each run, counted in that child) run in parallel, each run as one layer here, "
+            "so the layers below are numbered anew (FFN Fusion, Bercovich et al. 2025).", ""]
+
+
 def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_parameters: int,
-            untie: bool = False) -> str:
+            untie: bool = False, info: dict | None = None) -> str:
     H, C = config.num_attention_heads, config.hidden_size
     rows = []
     for i, b in enumerate(config.blocks):
@@ -293,6 +305,7 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
         *(["The parent ties its LM head to the embedding; here it is stored as a copy (`lm_head.weight`,",
            "`tie_word_embeddings: false`) for tools that read it by name, such as TensorRT-LLM.", ""]
           if config.tie_word_embeddings and untie else []),
+        *_fusion_lines(info),
         "## Layers",
         "",
         "| layer | attention | FFN |",
@@ -362,7 +375,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         here = Path(__file__).parent
         for name in CODE_FILES:
             shutil.copyfile(here / name, tmp / name)
-        (tmp / "README.md").write_text(_readme(config, torch_dtype, warnings, model.num_parameters(), untie), encoding="utf-8")
+        readme = _readme(config, torch_dtype, warnings, model.num_parameters(), untie, extra_info)
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
         for f in tmp.iterdir():  # safetensors writes its file 0o600: every file as plainly created
             if f.is_file():
                 f.chmod(file_mode())
