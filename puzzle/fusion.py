@@ -428,7 +428,8 @@ def _saved_record(path: Path, inputs: dict) -> dict | None:
         if not isinstance(rec, dict) or rec.get("inputs") != inputs or not isinstance(rec.get("runs"), list) \
                 or not all(_valid_row(r) and isinstance(r.get("kept"), bool) and _finite(r.get("score_kl_nats"))
                            and _finite(r.get("relative_increase")) for r in rec["runs"]) \
-                or not (_finite(rec.get("score_kl_nats")) and rec["score_kl_nats"] > 0):
+                or not (_finite(rec.get("score_kl_nats")) and rec["score_kl_nats"] > 0) \
+                or not isinstance(rec.get("fusion_id"), str):
             return None
         fusion_summary(rec)
         return rec
@@ -518,6 +519,12 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     folder = run.out / "fusion"
     done_path, rows_path = folder / f"{name}.json", folder / f"{name}.runs.json"
     saved = _saved_record(done_path, inputs)
+    if saved is not None and export and saved["kept"] and not _own_export(dest, saved):
+        # only the export is missing or another's (fresh user: it was evaluated and timed again): rebuilt and written
+        if _export_again(run, saved, blocks, stage, dest, provenance):
+            atomic_write_json(done_path, {**saved, "export": str(dest)})
+            run.say(f"fuse {name}: exported the recorded fusion again to {dest} (its figures kept)")
+            saved = {**saved, "export": str(dest)}
     if saved is not None and (not export or not saved["kept"] or _own_export(dest, saved)):
         run.say(f"fuse {name}: done already with these settings ({done_path}; delete it to fuse again, and "
                 f"{rows_path.name} beside it to measure the runs again)")
@@ -614,18 +621,45 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     out["fusion_id"] = hashlib.sha256(json.dumps({"inputs": inputs, "kept": out["kept"]}, sort_keys=True)
                                       .encode()).hexdigest()[:16]
     if kept and export:
-        from .export import export_checkpoint
-
-        result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
-            **provenance, "fused_from": name, "fused_runs": [_run_text(r) for r in kept],
-            "distilled": [_run_text(r) for r in kept if list(range(*r)) in distilled], "fusion_id": out["fusion_id"]})
-        run.say_export_warnings(fused_name, result.warnings)
+        _export_fused(run, plain, dest, provenance, name, kept, distilled, out["fusion_id"])
         out["export"] = str(dest)
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
     atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
     atomic_write_json(done_path, out)
     note = _earlier_export_note(dest, name, out)
     return {**out, **({"earlier_export": note} if note else {})}
+
+
+def _export_fused(run, plain, dest: Path, provenance: dict, name: str, kept, distilled, fusion_id: str) -> None:
+    """Write the fused child `plain` to `dest`, its config.json's "puzzle" entry naming the child, the runs fused,
+    those distilled (as lists of their layers in `distilled`) and the fusion_id `_own_export` checks."""
+    from .export import export_checkpoint
+
+    result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
+        **provenance, "fused_from": name, "fused_runs": [_run_text(r) for r in kept],
+        "distilled": [_run_text(r) for r in kept if list(range(*r)) in distilled], "fusion_id": fusion_id})
+    run.say_export_warnings(provenance["name"], result.warnings)
+
+
+def _export_again(run, rec: dict, blocks, stage: str, dest: Path, provenance: dict) -> bool:
+    """Rebuild the fused child of the finished record `rec` (its kept runs, the distilled ones distilled again on the
+    same calibration text) and export it, when its scoring-split KL is the record's (to 1e-5 relative); False (and
+    nothing written) otherwise, so that the caller fuses again in full."""
+    from .refine import realize_blocks, selection_kl
+
+    child = realize_blocks(run, blocks, stage)
+    kept = [tuple(r) for r in rec["kept"]]
+    by_layers = {r["layers"]: r for r in rec["runs"]}
+    distilled = [list(range(*r)) for r in kept if by_layers.get(_run_text(r), {}).get("distilled")]
+    composed = fuse_ffn_runs(child, kept)
+    if distilled:
+        distill_fused(child, composed, run.tokens.calib, lr=run.config.bld.lr / 2,
+                      batch_size=run.config.bld.batch_size, only=distilled)
+    plain = to_plain_model(composed)
+    if not math.isclose(selection_kl(run, plain), rec["fused_score_kl_nats"], rel_tol=1e-5):
+        return False
+    _export_fused(run, plain, dest, provenance, rec["name"], kept, distilled, rec["fusion_id"])
+    return True
 
 
 def _own_export(dest: Path, rec: dict) -> bool:

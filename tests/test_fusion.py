@@ -180,7 +180,7 @@ def _fusable_run(tmp_path_factory, dest):
 
 
 def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resumes(tmp_path_factory, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, capsys):
     import json
     import shutil
 
@@ -221,10 +221,16 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     (run.out / "fusion" / "child-fuse.json").unlink()
     again = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
     assert len(scored) == 1 and again["fused_score_kl_nats"] == pytest.approx(rec["fused_score_kl_nats"], rel=1e-5)
-    # an export whose weights are gone is written again (breaker: it counted as done)
+    # an export whose weights are gone is written again (breaker: it counted as done), from the record: rebuilt and
+    # checked by its scoring-split KL, not evaluated or timed again (fresh user)
     (dest / "model.safetensors").unlink()
+    capsys.readouterr()
+    monkeypatch.setattr("puzzle.pipeline.evaluate", lambda *a, **k: pytest.fail("evaluated again"))
     fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
-    assert (dest / "model.safetensors").is_file()
+    monkeypatch.undo()
+    monkeypatch.setattr(refine, "selection_kl", lambda *a, **k: scored.append(1) or real_kl(*a, **k))
+    assert (dest / "model.safetensors").is_file() and export_info(dest)["fusion_id"] == rec["fusion_id"]
+    assert "exported the recorded fusion again" in capsys.readouterr().err and len(scored) == 2
     # --no-export reuses the record but names no folder it does not check (breaker: a moved one was named)
     shutil.move(dest, tmp_path / "moved")
     assert "export" not in fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, export=False)
