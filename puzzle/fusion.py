@@ -418,23 +418,94 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 10_000_000 else f"{n:,}"
 
 
+#: earlier records of a child kept beside DIR/fusion/<name>.json (DIR/fusion/<name>.earlier.json, by inputs), at most
+EARLIER_RECORDS = 8
+
+
+def _inputs_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _saved_record(path: Path, inputs: dict) -> dict | None:
-    """The finished fusion in `path` when it was made from `inputs` and is whole (`fusion_summary` can print it), else
-    None: a damaged or hand-edited record is made again."""
+    """The finished fusion made from `inputs`: DIR/fusion/<name>.json, or one of the earlier records kept beside it
+    (`EARLIER_RECORDS`; breaker: a call with other settings replaced the record, and going back timed again), when
+    it is whole (`_whole_record`); else None, and a damaged or hand-edited record is made again."""
     from .io import read_json
 
     try:
         rec = read_json(path)
+    except PuzzleError:
+        rec = None
+    if _whole_record(rec, inputs):
+        return rec
+    try:
+        earlier = read_json(_earlier_path(path)).get(_inputs_key(inputs))
+    except (PuzzleError, AttributeError):
+        return None
+    return earlier if _whole_record(earlier, inputs) else None
+
+
+def _earlier_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".json") + ".earlier.json")
+
+
+def _write_record(path: Path, rec: dict) -> None:
+    """Write the record to `path` atomically, the one it replaces (other inputs) kept in the earlier records."""
+    from .io import atomic_write_json, read_json
+
+    try:
+        old = read_json(path)
+    except PuzzleError:
+        old = None
+    if isinstance(old, dict) and isinstance(old.get("inputs"), dict) and old["inputs"] != rec["inputs"]:
+        try:
+            earlier = read_json(_earlier_path(path))
+        except PuzzleError:
+            earlier = {}
+        earlier = earlier if isinstance(earlier, dict) else {}
+        earlier.pop(_inputs_key(old["inputs"]), None)
+        earlier[_inputs_key(old["inputs"])] = old  # the newest last; the oldest dropped beyond EARLIER_RECORDS
+        atomic_write_json(_earlier_path(path), dict(list(earlier.items())[-EARLIER_RECORDS:]))
+    atomic_write_json(path, rec)
+
+
+def _write_table(path: Path, rec: dict) -> None:
+    """DIR/fusion/<name>.csv: the candidate runs' table of the record `rec` (`path` is its <name>.json)."""
+    from .io import atomic_write_text
+
+    atomic_write_text(path.with_suffix(".csv"), pd.DataFrame(rec["runs"]).to_csv(index=False))
+
+
+def _make_latest(path: Path, rec: dict) -> None:
+    """Make the record `rec` (taken from the earlier records) DIR/fusion/<name>.json again, with its table."""
+    from .io import read_json
+
+    try:
+        latest = read_json(path)
+    except PuzzleError:
+        latest = None
+    if not isinstance(latest, dict) or latest.get("inputs") != rec["inputs"]:
+        _write_record(path, rec)
+        _write_table(path, rec)
+
+
+def _whole_record(rec, inputs: dict) -> bool:
+    """Whether `rec` is a finished fusion made from `inputs` that `fusion_summary` can print, its kept runs those of
+    its rows marked kept (breaker: a hand-edited "kept" gave a traceback)."""
+    try:
         if not isinstance(rec, dict) or rec.get("inputs") != inputs or not isinstance(rec.get("runs"), list) \
                 or not all(_valid_row(r) and isinstance(r.get("kept"), bool) and _finite(r.get("score_kl_nats"))
                            and _finite(r.get("relative_increase")) for r in rec["runs"]) \
                 or not (_finite(rec.get("score_kl_nats")) and rec["score_kl_nats"] > 0) \
-                or not isinstance(rec.get("fusion_id"), str):
-            return None
+                or not isinstance(rec.get("fusion_id"), str) or not isinstance(rec.get("kept"), list):
+            return False
+        kept = sorted((r["start"], r["end"]) for r in rec["runs"] if r["kept"])
+        if [tuple(k) if isinstance(k, list) else None for k in rec["kept"]] != kept:
+            return False
         fusion_summary(rec)
-        return rec
+        return True
     except (PuzzleError, KeyError, TypeError, ValueError, AttributeError, IndexError):
-        return None
+        return False
 
 
 def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
@@ -448,7 +519,9 @@ def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
         return None
     runs = info.get("fused_runs")
     shown = f" (runs {', '.join(map(str, runs))})" if isinstance(runs, list) else ""
-    return f"{dest} holds an earlier fusion of {name}{shown}, not this one: delete it, or export this one"
+    what = "delete it, or export this one (without --no-export)" if rec.get("kept") else \
+        "this one keeps no run, so the folder is left as it was"
+    return f"{dest} holds an earlier fusion of {name}{shown}, not this one: {what}"
 
 
 def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase: float = MAX_KL_INCREASE,
@@ -522,12 +595,16 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     if saved is not None and export and saved["kept"] and not _own_export(dest, saved):
         # only the export is missing or another's (fresh user: it was evaluated and timed again): rebuilt and written
         if _export_again(run, saved, blocks, stage, dest, provenance):
-            atomic_write_json(done_path, {**saved, "export": str(dest)})
+            saved = {**saved, "export": str(dest), "export_files": _export_files(dest)}
+            _write_record(done_path, saved)
+            _write_table(done_path, saved)
             run.say(f"fuse {name}: exported the recorded fusion again to {dest} (its figures kept)")
-            saved = {**saved, "export": str(dest)}
+            note = _earlier_export_note(dest, name, saved)
+            return {**saved, "export": str(dest), **({"earlier_export": note} if note else {})}
     if saved is not None and (not export or not saved["kept"] or _own_export(dest, saved)):
-        run.say(f"fuse {name}: done already with these settings ({done_path}; delete it to fuse again, and "
-                f"{rows_path.name} beside it to measure the runs again)")
+        _make_latest(done_path, saved)
+        run.say(f"fuse {name}: done already with these settings ({done_path}; delete it and "
+                f"{_earlier_path(done_path).name} to fuse again, and {rows_path.name} to measure the runs again)")
         shown = {k: v for k, v in saved.items() if k != "export"}  # breaker: --no-export named a folder since moved
         if export and saved["kept"]:
             shown["export"] = str(dest)
@@ -622,10 +699,10 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
                                       .encode()).hexdigest()[:16]
     if kept and export:
         _export_fused(run, plain, dest, provenance, name, kept, distilled, out["fusion_id"])
-        out["export"] = str(dest)
+        out.update({"export": str(dest), "export_files": _export_files(dest)})
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
     atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
-    atomic_write_json(done_path, out)
+    _write_record(done_path, out)
     note = _earlier_export_note(dest, name, out)
     return {**out, **({"earlier_export": note} if note else {})}
 
@@ -662,14 +739,21 @@ def _export_again(run, rec: dict, blocks, stage: str, dest: Path, provenance: di
     return True
 
 
+def _export_files(dest: Path) -> dict:
+    from .pipeline import _export_files as files
+
+    return files(dest)
+
+
 def _own_export(dest: Path, rec: dict) -> bool:
     """Whether the export folder `dest` holds the fused child of the record `rec`: its fusion_id (which hashes the
-    inputs and the kept runs, so a copied or moved run keeps it), and an export's files with the weights."""
-    from .export import export_folder_problem, export_info
+    inputs and the kept runs, so a copied or moved run keeps it) and the files the record's export wrote, byte for
+    byte (size and sha256; breaker: truncated weights, an edited config.json or deleted files counted as its own)."""
+    from .export import export_info
 
     info = export_info(dest)
     return bool(info) and info.get("fusion_id") == rec.get("fusion_id") and rec.get("export") is not None \
-        and export_folder_problem(dest) is None and (dest / "model.safetensors").is_file()
+        and dest.is_dir() and rec.get("export_files") == _export_files(dest)
 
 
 def _records(table: pd.DataFrame) -> list[dict]:

@@ -249,9 +249,27 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     summary = fusion.fusion_summary(strict)
     assert "no run within --max-kl-increase 0; the least costly, layers 1-2, raised the scoring-split KL by 50.0 %" \
         in summary
-    assert f"{dest} holds an earlier fusion of child-fuse (runs 1-2), not this one: delete it" in summary
+    assert f"{dest} holds an earlier fusion of child-fuse (runs 1-2), not this one: this one keeps no run, so the " \
+           "folder is left as it was" in summary
     kept_rows["rows"]["1-2"] = stored
     rows_file.write_text(json.dumps(kept_rows))
+    # going back to the earlier settings takes their record from the earlier ones (breaker: it timed again)
+    back = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
+    assert scored == [] and back["fusion_id"] == rec["fusion_id"] and back["kept"] == [[1, 3]]
+    assert json.loads((run.out / "fusion" / "child-fuse.json").read_text())["fusion_id"] == rec["fusion_id"]
+    # truncated weights are not the record's export: rebuilt and written again (breaker: called current)
+    (dest / "model.safetensors").write_bytes((dest / "model.safetensors").read_bytes()[:1000])
+    capsys.readouterr()
+    fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
+    assert "exported the recorded fusion again" in capsys.readouterr().err
+    assert (dest / "model.safetensors").stat().st_size > 1000 and len(scored) == 1
+    # a hand-edited "kept" is made again, not a traceback (breaker)
+    record_file = run.out / "fusion" / "child-fuse.json"
+    for bad_kept in ([[1, 2, 3]], [["1", "3"]], [[3, 1]]):
+        record = json.loads(record_file.read_text())
+        record_file.write_text(json.dumps({**record, "kept": bad_kept}))
+        assert fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)["kept"] == [[1, 3]]
+    scored.clear()
     # without distillation the runs' figures stay (breaker: --no-distill made them again), and a record whose export
     # folder holds another fusion's child exports again (breaker: a stale export was taken as done)
     folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False, export=False)
