@@ -252,13 +252,16 @@ def _generation_config_json(config: ModelConfig) -> dict:
 def _fusion_lines(info: dict | None) -> list[str]:
     """README lines for a child `puzzle fuse` made (config.json's "puzzle" entry names the child and its runs)."""
     info = info if isinstance(info, dict) else {}
-    runs = info.get("fused_runs")
+    runs, distilled = info.get("fused_runs"), info.get("distilled")
     if not info.get("fused_from") or not isinstance(runs, list):
         return []
+    trained = f"Runs {', '.join(map(str, distilled))} were distilled locally toward the layers they replace; the " \
+        "others are the folded parallel form." if isinstance(distilled, list) and distilled else \
+        "Every run is the folded parallel form (none distilled)."
     return ["## FFN Fusion", "",
             f"Made by `puzzle fuse` from `{info['fused_from']}`: the FFNs of its layers {', '.join(map(str, runs))} "
             "(first-last layer of each run, counted in that child) run in parallel, each run as one layer here, "
-            "so the layers below are numbered anew (FFN Fusion, Bercovich et al. 2025).", ""]
+            f"so the layers below are numbered anew (FFN Fusion, Bercovich et al. 2025). {trained}", ""]
 
 
 def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_parameters: int,

@@ -204,7 +204,9 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     info = export_info(dest)
     assert info["fused_from"] == "child-fuse" and info["fused_runs"] == ["1-2"]
     assert info["distilled"] == (["1-2"] if row["distilled"] else []) and info["fusion_id"] == rec["fusion_id"]
-    assert "Made by `puzzle fuse` from `child-fuse`: the FFNs of its layers 1-2" in (dest / "README.md").read_text()
+    readme = (dest / "README.md").read_text()
+    assert "Made by `puzzle fuse` from `child-fuse`: the FFNs of its layers 1-2" in readme
+    assert ("Runs 1-2 were distilled locally" if row["distilled"] else "none distilled") in readme
     assert (run.out / "fusion" / "child-fuse.csv").is_file()
 
     scored = []
