@@ -426,22 +426,26 @@ def _inputs_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _read(path: Path):
+    """The JSON value in `path`, or None where it is missing, damaged or unreadable (RecursionError included: a
+    hand-edited file nested too deep; breaker)."""
+    from .io import read_json
+
+    try:
+        return read_json(path) if path.is_file() else None
+    except (PuzzleError, RecursionError, OSError):
+        return None
+
+
 def _saved_record(path: Path, inputs: dict) -> dict | None:
     """The finished fusion made from `inputs`: DIR/fusion/<name>.json, or one of the earlier records kept beside it
     (`EARLIER_RECORDS`; breaker: a call with other settings replaced the record, and going back timed again), when
     it is whole (`_whole_record`); else None, and a damaged or hand-edited record is made again."""
-    from .io import read_json
-
-    try:
-        rec = read_json(path)
-    except PuzzleError:
-        rec = None
+    rec = _read(path)
     if _whole_record(rec, inputs):
         return rec
-    try:
-        earlier = read_json(_earlier_path(path)).get(_inputs_key(inputs))
-    except (PuzzleError, AttributeError):
-        return None
+    earlier = _read(_earlier_path(path))
+    earlier = earlier.get(_inputs_key(inputs)) if isinstance(earlier, dict) else None
     return earlier if _whole_record(earlier, inputs) else None
 
 
@@ -451,17 +455,11 @@ def _earlier_path(path: Path) -> Path:
 
 def _write_record(path: Path, rec: dict) -> None:
     """Write the record to `path` atomically, the one it replaces (other inputs) kept in the earlier records."""
-    from .io import atomic_write_json, read_json
+    from .io import atomic_write_json
 
-    try:
-        old = read_json(path)
-    except PuzzleError:
-        old = None
+    old = _read(path)
     if isinstance(old, dict) and isinstance(old.get("inputs"), dict) and old["inputs"] != rec["inputs"]:
-        try:
-            earlier = read_json(_earlier_path(path))
-        except PuzzleError:
-            earlier = {}
+        earlier = _read(_earlier_path(path))
         earlier = earlier if isinstance(earlier, dict) else {}
         earlier.pop(_inputs_key(old["inputs"]), None)
         earlier[_inputs_key(old["inputs"])] = old  # the newest last; the oldest dropped beyond EARLIER_RECORDS
@@ -470,23 +468,26 @@ def _write_record(path: Path, rec: dict) -> None:
 
 
 def _write_table(path: Path, rec: dict) -> None:
-    """DIR/fusion/<name>.csv: the candidate runs' table of the record `rec` (`path` is its <name>.json)."""
+    """DIR/fusion/<name>.csv: the candidate runs' table of the record `rec` (`path` is its <name>.json), written
+    where it differs."""
     from .io import atomic_write_text
 
-    atomic_write_text(path.with_suffix(".csv"), pd.DataFrame(rec["runs"]).to_csv(index=False))
+    table, csv = pd.DataFrame(rec["runs"]).to_csv(index=False), path.with_suffix(".csv")
+    try:
+        same = csv.read_text(encoding="utf-8") == table
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same:
+        atomic_write_text(csv, table)
 
 
 def _make_latest(path: Path, rec: dict) -> None:
-    """Make the record `rec` (taken from the earlier records) DIR/fusion/<name>.json again, with its table."""
-    from .io import read_json
-
-    try:
-        latest = read_json(path)
-    except PuzzleError:
-        latest = None
+    """Make the record `rec` (taken from the earlier records) DIR/fusion/<name>.json again, and its table
+    <name>.csv (breaker: an interruption between the two left another call's table beside a finished record)."""
+    latest = _read(path)
     if not isinstance(latest, dict) or latest.get("inputs") != rec["inputs"]:
         _write_record(path, rec)
-        _write_table(path, rec)
+    _write_table(path, rec)
 
 
 def _whole_record(rec, inputs: dict) -> bool:
@@ -554,7 +555,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
             message names the run's children that have one), max_kl_increase below 0 or NaN, or an export folder
             that cannot be replaced (before any work).
     """
-    from .io import atomic_write_json, atomic_write_text, read_json
+    from .io import atomic_write_json
     from .pipeline import evaluate, read_architecture
     from .refine import realize_blocks, selection_kl
     from .scoring.quality import evaluate_model
@@ -591,6 +592,11 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     inputs = json.loads(json.dumps(inputs))
     folder = run.out / "fusion"
     done_path, rows_path = folder / f"{name}.json", folder / f"{name}.runs.json"
+    for path in (folder, done_path, rows_path, _earlier_path(done_path), done_path.with_suffix(".csv")):
+        if path.exists() and path.is_dir() != (path == folder):  # breaker: refused only after all the work
+            raise PuzzleError(f"{path} is a {'folder' if path.is_dir() else 'file'} where a "
+                              f"{'file' if path.is_dir() else 'folder'} belongs; move it away and run the command "
+                              f"again")
     saved = _saved_record(done_path, inputs)
     if saved is not None and export and saved["kept"] and not _own_export(dest, saved):
         # only the export is missing or another's (fresh user: it was evaluated and timed again): rebuilt and written
@@ -614,15 +620,12 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     t0 = time.perf_counter()
     child = realize_blocks(run, blocks, stage)  # on the parent's device and dtype, as refine scores; timed on target
     rows, base_kl = {}, None
-    try:
-        kept_rows = read_json(rows_path)
-        base = kept_rows.get("base_score_kl_nats") if isinstance(kept_rows, dict) else None
-        if kept_rows.get("inputs") == rows_inputs and _finite(base) and base > 0 \
-                and isinstance(kept_rows.get("rows"), dict):  # breaker: a base of 0 broke the relative increases
-            base_kl = float(base)
-            rows = {k: r for k, r in kept_rows["rows"].items() if _valid_row(r) and r["layers"] == k}
-    except (PuzzleError, AttributeError):
-        pass
+    kept_rows = _read(rows_path)
+    base = kept_rows.get("base_score_kl_nats") if isinstance(kept_rows, dict) else None
+    if isinstance(kept_rows, dict) and kept_rows.get("inputs") == rows_inputs and _finite(base) and base > 0 \
+            and isinstance(kept_rows.get("rows"), dict):  # breaker: a base of 0 broke the relative increases
+        base_kl = float(base)
+        rows = {k: r for k, r in kept_rows["rows"].items() if _valid_row(r) and r["layers"] == k}
     if base_kl is None:
         base_kl = selection_kl(run, child)
 
@@ -701,8 +704,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
         _export_fused(run, plain, dest, provenance, name, kept, distilled, out["fusion_id"])
         out.update({"export": str(dest), "export_files": _export_files(dest)})
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
-    atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
     _write_record(done_path, out)
+    _write_table(done_path, out)  # after the record: a rerun that finds the record writes a table cut off here
     note = _earlier_export_note(dest, name, out)
     return {**out, **({"earlier_export": note} if note else {})}
 

@@ -255,10 +255,19 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
            "folder is left as it was" in summary
     kept_rows["rows"]["1-2"] = stored
     rows_file.write_text(json.dumps(kept_rows))
-    # going back to the earlier settings takes their record from the earlier ones (breaker: it timed again)
+    # going back to the earlier settings takes their record from the earlier ones (breaker: it timed again), and
+    # the table beside it is theirs again (breaker: an interrupted call could leave another's)
+    (run.out / "fusion" / "child-fuse.earlier.json.bak").write_text(
+        (run.out / "fusion" / "child-fuse.earlier.json").read_text())
+    (run.out / "fusion" / "child-fuse.earlier.json").write_text("[" * 100_000 + "]" * 100_000)  # no traceback
+    assert fusion.fuse_child(run, "child-fuse", max_kl_increase=0.3, measure=False, export=False)["kept"] == [[1, 3]]
+    (run.out / "fusion" / "child-fuse.earlier.json.bak").rename(run.out / "fusion" / "child-fuse.earlier.json")
+    scored.clear()
+    (run.out / "fusion" / "child-fuse.csv").write_text("another call's table\n")
     back = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
     assert scored == [] and back["fusion_id"] == rec["fusion_id"] and back["kept"] == [[1, 3]]
     assert json.loads((run.out / "fusion" / "child-fuse.json").read_text())["fusion_id"] == rec["fusion_id"]
+    assert "True" in (run.out / "fusion" / "child-fuse.csv").read_text()  # the kept run's row
     # truncated weights are not the record's export: rebuilt and written again (breaker: called current)
     (dest / "model.safetensors").write_bytes((dest / "model.safetensors").read_bytes()[:1000])
     capsys.readouterr()
@@ -331,6 +340,12 @@ def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_
         fuse_child(run, "child-mixed", measure=False, export=False)
     with pytest.raises(PuzzleError, match="no architecture named 'child-9x'"):
         fuse_child(run, "child-9x", measure=False, export=False)
+    (run.out / "fusion" / "child-fuse.earlier.json").mkdir(parents=True)  # refused before any work (breaker)
+    monkeypatch.setattr("puzzle.refine.selection_kl", lambda *a, **k: pytest.fail("work before the refusal"))
+    with pytest.raises(PuzzleError, match="child-fuse.earlier.json is a folder where a file belongs"):
+        fuse_child(run, "child-fuse", measure=False, export=False)
+    monkeypatch.undo()
+    shutil.rmtree(run.out / "fusion")
     (run.out / "export" / "child-fuse-fused").mkdir(parents=True)
     (run.out / "export" / "child-fuse-fused" / "notes.txt").write_text("mine")
     with pytest.raises(PuzzleError, match="puzzle fuse exports to .*child-fuse-fused\\); or give --no-export"):
