@@ -88,14 +88,14 @@ def children(run, table, speedups, k: int) -> list[dict]:
     return out
 
 
-def child_key(run, choice, ids: torch.Tensor) -> dict:
-    """What a child's saved figures depend on: its architecture, the scoring ids, the evaluation split, the parent
-    and the score table (a rebuilt library is rescored)."""
+def inputs_key(run, ids: torch.Tensor) -> dict:
+    """What every child's saved figures depend on besides its architecture: the scoring ids, the evaluation split,
+    the parent and the score table (a rebuilt library is rescored)."""
     from puzzle.baselines import row_inputs
     from puzzle.io import tensor_sha256
 
-    return {"choice": list(choice), "ids": tensor_sha256(ids), "eval": tensor_sha256(run.tokens.eval),
-            "parent": run.parent_fingerprint, "table": row_inputs(run)["score_table_sha256"]}
+    return {"ids": tensor_sha256(ids), "eval": tensor_sha256(run.tokens.eval), "parent": run.parent_fingerprint,
+            "table": row_inputs(run)["score_table_sha256"]}
 
 
 def _child_path(out: Path, key: dict) -> Path:
@@ -167,9 +167,9 @@ def main(argv=None) -> int:
         logp = parent_logprobs(run.parent.model, ids, chunk=run.config.score.chunk)
         eval_logp = parent_eval_logprobs(run)
         rows = children(run, table, speedups, args.k)
-        kls = []
+        kls, inputs = [], inputs_key(run, ids)  # hashed once, not per child
         for i, row in enumerate(rows):
-            key = child_key(run, row["choice"], ids)
+            key = {"choice": list(row["choice"]), **inputs}
             saved = load_child(out, key)
             if saved is None:
                 model = build_child(run, {"choice": list(row["choice"])}, "bld")

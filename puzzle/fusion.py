@@ -556,7 +556,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
             that cannot be replaced (before any work).
     """
     from .io import atomic_write_json
-    from .pipeline import evaluate, read_architecture
+    from .pipeline import evaluate, parent_eval_logprobs, read_architecture
     from .refine import realize_blocks, selection_kl
     from .scoring.quality import evaluate_model
 
@@ -683,7 +683,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
         plain = to_plain_model(composed)
         del composed
         out.update({"fused_layers": plain.config.num_hidden_layers, "fused_score_kl_nats": selection_kl(run, plain),
-                    "fused_kl_nats": evaluate_model(plain, run.tokens.eval, _parent_eval(run),
+                    "fused_kl_nats": evaluate_model(plain, run.tokens.eval, parent_eval_logprobs(run),
                                                     chunk=run.config.score.chunk)["kl_nats"],
                     "params": child.num_parameters(), "fused_params": plain.num_parameters(),
                     "fused_architecture": [b.id for b in plain.config.blocks]})
@@ -768,12 +768,6 @@ def _records(table: pd.DataFrame) -> list[dict]:
     return out
 
 
-def _parent_eval(run):
-    from .pipeline import parent_eval_logprobs
-
-    return parent_eval_logprobs(run)
-
-
 def _bar(run, total: int, done: int, desc: str):
     if not run.progress:
         return None
@@ -817,7 +811,9 @@ def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
     """Add `puzzle fuse`: FFN Fusion of a searched child, the runs that cost little, exported."""
     p = subparsers.add_parser("fuse", help="FFN Fusion: run the FFNs of consecutive attention-free layers of a child "
                                            "in parallel as one wide FFN, where it costs little; exported")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
+    from .cli import _add_common, add_max_contention_flag
+
+    _add_common(p)  # --out, --debug, --no-progress, as every stage command's
     p.add_argument("--name", required=True, help="searched child to fuse (DIR/search/<name>.json), e.g. child-2x")
     p.add_argument("--max-kl-increase", type=float, default=MAX_KL_INCREASE, metavar="F",
                    help="fuse a run when, fused alone, it raises the child's scoring-split KL by at most this "
@@ -832,11 +828,7 @@ def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip timing the fused child against the parent and the unfused child")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip writing DIR/export/<name>-fused")
-    from .cli import add_max_contention_flag
-
     add_max_contention_flag(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.set_defaults(func=fuse_main)
     return p
 
