@@ -689,15 +689,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
             sessions.append(session_rows(measured, [n for n in unique if n in given]))
         timing = pd.concat(sessions, ignore_index=True).drop_duplicates("name").set_index("name")
         if not (rows_dir / "parent.json").is_file():
-            p = timing.loc["parent"]
-            parent_q = evaluate(run, run.parent.model, "parent")
-            atomic_write_json(rows_dir / "parent.json", {
-                "name": "parent", "method": "parent", "training": "none", "target_speedup": 1.0, "predicted_speedup": 1.0,
-                "speedup": 1.0, "throughput_tok_s": float(p["throughput_tok_s"]), "kl_nats": 0.0, "score_kl_nats": 0.0,
-                "predicted_kl_nats": 0.0, "lm_loss": parent_q["lm_loss"], "top1_agree": 1.0, "params": float(p["params"]),
-                "memory_mib": float(p["memory_mib"]), "runtime_ms": float(p["runtime_ms"]), "note": "",
-                "contention_cores": contention_cores(p.get("contention_cores")),
-                "architecture": "parent", "inputs": inputs})
+            atomic_write_json(rows_dir / "parent.json", parent_row(run, timing.loc["parent"], inputs))
         for c in group:
             m = timing.loc[timed[c.name]]
             atomic_write_json(rows_dir / f"{c.name}.json", {
@@ -715,6 +707,22 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     parent = read_json(rows_dir / "parent.json")
     rows = [parent] + [row for row in map(finished, candidates) if row is not None]
     return _with_derived(pd.DataFrame(rows), float(parent["throughput_tok_s"]))[ROW_COLUMNS]
+
+
+def parent_row(run, timing: pd.Series, inputs: dict) -> dict:
+    """The parent's model row (DIR/baselines/rows/parent.json, DIR/front_rows/parent.json): its figures from
+    `timing` (the parent's row of `session_rows`: throughput_tok_s, runtime_ms, params, memory_mib, contention_cores),
+    its evaluation-split LM loss (`pipeline.evaluate`, cached) and `inputs` (`row_inputs`)."""
+    from .pipeline import contention_cores, evaluate
+
+    return {"name": "parent", "method": "parent", "training": "none", "target_speedup": 1.0, "predicted_speedup": 1.0,
+            "speedup": 1.0, "throughput_tok_s": float(timing["throughput_tok_s"]), "kl_nats": 0.0,
+            "score_kl_nats": 0.0, "predicted_kl_nats": 0.0,
+            "lm_loss": evaluate(run, run.parent.model, "parent")["lm_loss"], "top1_agree": 1.0,
+            "params": float(timing["params"]), "memory_mib": float(timing["memory_mib"]),
+            "runtime_ms": float(timing["runtime_ms"]), "note": "",
+            "contention_cores": contention_cores(timing.get("contention_cores")), "architecture": "parent",
+            "inputs": inputs}
 
 
 def _export(run, candidate: Candidate, model) -> None:

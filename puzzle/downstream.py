@@ -62,7 +62,8 @@ def parse_tasks(text: str) -> tuple[str, ...]:
 
 def front_model_specs(run) -> list[dict]:
     """The front's models (`plots.front_rows`, without stale rows) as {name, blocks (ids; None for the parent), stage,
-    architecture}, parent first; `build_front_model` builds one."""
+    architecture}, parent first, and for a fused child of `puzzle fuse` "export": its export folder (or the
+    PuzzleError that says why it cannot be used); `build_front_model` builds one."""
     from .pipeline import compact_architecture, parse_compact_architecture
     from .plots import front_rows
 
@@ -85,8 +86,15 @@ def front_model_specs(run) -> list[dict]:
         else:
             raise PuzzleError(f"front row {row.name!r} has no architecture and {record} is missing: "
                               f"rerun `puzzle front` (or `puzzle baselines`) on {run.out}")
-        specs.append({"name": row.name, "blocks": blocks, "stage": stage,
-                      "architecture": compact_architecture(blocks)})
+        spec = {"name": row.name, "blocks": blocks, "stage": stage, "architecture": compact_architecture(blocks)}
+        if row.method == "ffn_fusion":  # `puzzle fuse`'s child: built from its export, not from the library
+            from .fusion import front_row_export
+
+            try:
+                spec["export"] = front_row_export(run, row.name)
+            except PuzzleError as e:  # a result saved before stands; building it again says this
+                spec["export"] = e
+        specs.append(spec)
     return specs
 
 
@@ -98,6 +106,12 @@ def entries_sha(run, library, spec: dict) -> str | None:
 
     if spec["blocks"] is None:
         return "parent"
+    if "export" in spec:  # a fused child: its exported files (`pipeline._export_files`: sizes and sha256)
+        from .pipeline import _export_files
+
+        if not isinstance(spec["export"], Path):
+            return None
+        return hashlib.sha256(json.dumps(_export_files(spec["export"]), sort_keys=True).encode()).hexdigest()[:16]
     parts = []
     for layer, (block, parent_block) in enumerate(zip((BlockConfig.from_id(b) for b in spec["blocks"]),
                                                       run.parent.config.blocks)):
@@ -122,13 +136,21 @@ def front_library(run):
 
 
 def build_front_model(run, spec: dict, library=None):
-    """The model of a `front_model_specs` entry: the run's parent for the parent's, else the child realized from
-    `library` (default `front_library(run)`) at the spec's library stage. Raises PuzzleError for a missing entry."""
+    """The model of a `front_model_specs` entry: the run's parent for the parent's, a fused child loaded from its
+    export, else the child realized from `library` (default `front_library(run)`) at the spec's library stage.
+    Raises PuzzleError for a missing entry or a fused child's export that is gone or another's."""
     from .architecture import BlockConfig
     from .realize import realize_child
 
     if spec["blocks"] is None:
         return run.parent.model
+    if "export" in spec:  # a fused child of `puzzle fuse`, loaded from its export
+        if not isinstance(spec["export"], Path):
+            raise spec["export"]
+        from .parent import load_parent
+
+        return load_parent(spec["export"], dtype=next(run.parent.model.parameters()).dtype,
+                           with_tokenizer=False).model
     library = front_library(run) if library is None else library
     return realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]], spec["stage"])
 

@@ -418,6 +418,9 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 10_000_000 else f"{n:,}"
 
 
+#: bumped when a record gains figures that older ones lack (2: the fused child's front row), so those are made again
+RECORD_VERSION = 2
+
 #: earlier records of a child kept beside DIR/fusion/<name>.json (DIR/fusion/<name>.earlier.json, by inputs), at most
 EARLIER_RECORDS = 8
 
@@ -588,7 +591,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     rows_inputs = _rows_inputs(run, record)
     inputs = {"rows": rows_inputs, "include_leading": include_leading, "distill": distill,
               "max_kl_increase": _tolerance_text(max_kl_increase), "measure": measure,
-              "eval_sha": _tensor_sha(run.tokens.eval), "workload": row_inputs(run)["workload"] if measure else None}
+              "eval_sha": _tensor_sha(run.tokens.eval), "workload": row_inputs(run)["workload"] if measure else None,
+              "record": RECORD_VERSION}
     inputs = json.loads(json.dumps(inputs))
     folder = run.out / "fusion"
     done_path, rows_path = folder / f"{name}.json", folder / f"{name}.runs.json"
@@ -605,12 +609,14 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
             _write_record(done_path, saved)
             _write_table(done_path, saved)
             run.say(f"fuse {name}: exported the recorded fusion again to {dest} (its figures kept)")
+            _place_on_front(run, saved)
             note = _earlier_export_note(dest, name, saved)
             return {**saved, "export": str(dest), **({"earlier_export": note} if note else {})}
     if saved is not None and (not export or not saved["kept"] or _own_export(dest, saved)):
         _make_latest(done_path, saved)
         run.say(f"fuse {name}: done already with these settings ({done_path}; delete it and "
                 f"{_earlier_path(done_path).name} to fuse again, and {rows_path.name} to measure the runs again)")
+        _place_on_front(run, saved)
         shown = {k: v for k, v in saved.items() if k != "export"}  # breaker: --no-export named a folder since moved
         if export and saved["kept"]:
             shown["export"] = str(dest)
@@ -682,17 +688,23 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
                           batch_size=run.config.bld.batch_size, only=distilled)
         plain = to_plain_model(composed)
         del composed
+        quality = evaluate_model(plain, run.tokens.eval, parent_eval_logprobs(run), chunk=run.config.score.chunk)
         out.update({"fused_layers": plain.config.num_hidden_layers, "fused_score_kl_nats": selection_kl(run, plain),
-                    "fused_kl_nats": evaluate_model(plain, run.tokens.eval, parent_eval_logprobs(run),
-                                                    chunk=run.config.score.chunk)["kl_nats"],
+                    "fused_kl_nats": quality["kl_nats"], "fused_lm_loss": quality["lm_loss"],
+                    "fused_top1_agree": quality.get("top1_agree"),
                     "params": child.num_parameters(), "fused_params": plain.num_parameters(),
-                    "fused_architecture": [b.id for b in plain.config.blocks]})
+                    "fused_architecture": [b.id for b in plain.config.blocks],
+                    "distilled_runs": [_run_text(r) for r in kept if list(range(*r)) in distilled]})
         if measure:
+            from .baselines import session_rows
             from .scoring.cost import measure_models
 
             m = measure_models(run.on_target({"parent": run.parent.model, name: child, fused_name: plain}),
                                run.workload(), repeats=run.config.score.measure_repeats, progress=run.progress,
                                max_contention=run.config.score.max_contention).set_index("name")
+            timing = session_rows(m, [fused_name]).set_index("name")  # the front rows' figures (`_front_row`)
+            out["front_timing"] = {"parent": _plain_floats(timing.loc["parent"]),
+                                   "fused": _plain_floats(timing.loc[fused_name]), "row_inputs": row_inputs(run)}
             parent_ms = float(m.loc["parent", "runtime_ms"])
             out.update({"parent_runtime_ms": parent_ms, "runtime_ms": float(m.loc[name, "runtime_ms"]),
                         "fused_runtime_ms": float(m.loc[fused_name, "runtime_ms"]),
@@ -706,8 +718,112 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
     _write_record(done_path, out)
     _write_table(done_path, out)  # after the record: a rerun that finds the record writes a table cut off here
+    _place_on_front(run, out)
     note = _earlier_export_note(dest, name, out)
     return {**out, **({"earlier_export": note} if note else {})}
+
+
+def _plain_floats(row: pd.Series) -> dict:
+    """A timing row as JSON numbers: floats, None where a figure is missing or not finite."""
+    return {k: float(v) if _finite(v) else None for k, v in row.items() if not isinstance(v, str)}
+
+
+def front_row_path(run_dir: Path, fused_name: str) -> Path:
+    """Where `puzzle fuse` puts the fused child on the run's front: DIR/front_rows/<name>-fused.json."""
+    return Path(run_dir) / "front_rows" / f"{fused_name}.json"
+
+
+def _front_row(rec: dict) -> dict | None:
+    """The fused child's model row for `puzzle front` (method "ffn_fusion"; the figures of `baselines.realize_all`'s
+    rows, its speed-up against the parent in the fusion's own timing session), or None for a record that kept no
+    run or was not timed."""
+    from .pipeline import compact_architecture
+
+    timing = rec.get("front_timing")
+    if not rec.get("kept") or not isinstance(timing, dict) or "fused_speedup" not in rec:
+        return None
+    fused = timing["fused"]
+    return {"name": rec["fused_name"], "method": "ffn_fusion", "training": rec["library_stage"],
+            "speedup": rec["fused_speedup"], "throughput_tok_s": fused["throughput_tok_s"],
+            "kl_nats": rec["fused_kl_nats"], "score_kl_nats": rec["fused_score_kl_nats"], "predicted_kl_nats": None,
+            "lm_loss": rec["fused_lm_loss"], "top1_agree": rec.get("fused_top1_agree"),
+            "params": float(rec["fused_params"]), "memory_mib": fused["memory_mib"], "runtime_ms": fused["runtime_ms"],
+            "group_parent_runtime_ms": rec["parent_runtime_ms"], "contention_cores": fused["contention_cores"],
+            "note": f"FFN Fusion of {rec['name']}: layers {', '.join(_run_text(r) for r in rec['kept'])} fused",
+            "architecture": compact_architecture(rec["fused_architecture"]), "inputs": timing["row_inputs"],
+            **_fused_child_key(rec), "fusion_id": rec["fusion_id"]}
+
+
+def _fused_child_key(rec: dict) -> dict:
+    """What makes a fusion's child the same model: the unfused child, its library stage, the runs fused and those
+    distilled (the other settings only decide which runs those are)."""
+    from .pipeline import compact_architecture
+
+    child = rec["inputs"]["rows"]["child"]
+    return {"fused_from": rec["name"], "child_architecture": compact_architecture(child["choice"]),
+            "training": child["library_stage"], "fused_runs": [_run_text(r) for r in rec["kept"]],
+            "distilled_runs": rec.get("distilled_runs", [])}
+
+
+def _place_on_front(run, rec: dict) -> None:
+    """Put the fused child of the record `rec` on the run's front (DIR/front_rows/<name>-fused.json, drawn by `puzzle
+    front` beside our other children; with DIR/front_rows/parent.json from the same timing session where that row is
+    missing or stale). A call that was not timed leaves a row of the same fused child as it is, and removes one of
+    another fusion of the child (saying so)."""
+    from .baselines import _saved_row, parent_row, row_inputs
+    from .io import atomic_write_json
+
+    path = front_row_path(run.out, rec["fused_name"])
+    row = _front_row(rec)
+    if row is None or row["inputs"] != row_inputs(run):
+        earlier = _read(path)
+        same = isinstance(earlier, dict) and rec.get("kept") and all(
+            earlier.get(k) == v for k, v in _fused_child_key(rec).items())
+        if path.is_file() and not same:
+            path.unlink()
+            run.say(f"fuse {rec['name']}: removed {path}, the front's row of an earlier fusion of the child (this "
+                    f"one {'keeps no run' if not rec.get('kept') else 'is not timed: run without --no-measure'})")
+        return
+    if _saved_row(path.with_name("parent.json"), row["inputs"]) is None:
+        atomic_write_json(path.with_name("parent.json"),
+                          parent_row(run, pd.Series(rec["front_timing"]["parent"]), row["inputs"]))
+    if _read(path) != row:
+        atomic_write_json(path, row)
+
+
+def front_row_export(run, name: str) -> Path | None:
+    """The export folder that holds the fused child of DIR/front_rows/<name>.json, for `puzzle front --one-session`
+    and --downstream, which build the front's models again; None where that row is not a fusion's.
+
+    Raises:
+        PuzzleError: DIR/export/<name> is missing or holds another model than the row's (its fusion_id); the message
+            says how to export it again or leave the row out.
+    """
+    from .export import export_info
+
+    row = _read(front_row_path(run.out, name))
+    if not isinstance(row, dict) or row.get("method") != "ffn_fusion":
+        return None
+    dest = run.out / "export" / name
+    if not (isinstance(export_info(dest), dict) and export_info(dest).get("fusion_id") == row.get("fusion_id")
+            and (dest / "config.json").is_file()):
+        raise PuzzleError(f"{name} (DIR/front_rows/{name}.json) is built from its export, but {dest} "
+                          f"{'holds another model' if dest.exists() else 'is missing'}: `puzzle fuse --out {run.out} "
+                          f"--name {row.get('fused_from')}` with the same settings (without --no-export) exports it "
+                          f"again, or move the row out of DIR/front_rows/")
+    return dest
+
+
+def load_front_row_model(run, name: str) -> PuzzleForCausalLM | None:
+    """The fused child of the front row `name` loaded from its export (`front_row_export`) in the parent's dtype, on
+    the CPU; None where that row is not a fusion's. Raises PuzzleError as `front_row_export`."""
+    from .parent import load_parent
+
+    dest = front_row_export(run, name)
+    if dest is None:
+        return None
+    dtype = next(run.parent.model.parameters()).dtype
+    return load_parent(dest, dtype=dtype, with_tokenizer=False).model
 
 
 def _export_fused(run, plain, dest: Path, provenance: dict, name: str, kept, distilled, fusion_id: str) -> None:

@@ -63,7 +63,7 @@ def _available_bytes(device: str) -> int | None:
 
 
 def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = None) -> pd.DataFrame:
-    """Time the parent and every model of the run's front (`plots.front_rows`: ours, refine's, the baselines')
+    """Time the parent and every model of the run's front (`plots.front_rows`: ours, refine's, fuse's, the baselines')
     in one `measure_models` session and write DIR/one_session.json (atomically: an interrupted session leaves the
     earlier file as it was).
 
@@ -81,7 +81,8 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         library stage).
 
     Raises:
-        PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone, the models
+        PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone (or, for a fused
+            child of `puzzle fuse`, whose export folder is gone or another's: `fusion.front_row_export`), the models
             needing more than MEMORY_SHARE of the free memory, or persistent contention (`measure_models`).
     """
     from .architecture import BlockConfig
@@ -123,8 +124,14 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
                            f"one session: {e}; the command that wrote the row (`puzzle baselines`, `puzzle refine "
                            f"--name ...`) writes it again, or move the row out of the front")
 
-    cands = {}
+    cands, fused = {}, {}
     for name, (r, arch) in unique.items():
+        if r["method"] == "ffn_fusion":  # `puzzle fuse`'s child: shallower than the parent, loaded from its export
+            from .fusion import load_front_row_model
+
+            if (model := load_front_row_model(run, name)) is not None:
+                fused[name] = model
+                continue
         try:
             blocks = tuple(BlockConfig.from_id(b) for b in parse_compact_architecture(arch))
             if len(blocks) != len(run.parent.config.blocks):
@@ -135,7 +142,8 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
 
     # the children hold the parent's tensors where they keep its subblocks, and each library entry once
     # (`realize_child(share=True)`): what they need beyond the parent is the entries they use, in the target's dtype,
-    # and a copy of the parent when the target's device or dtype is not the parent's (`Run.on_target`)
+    # and a copy of the parent when the target's device or dtype is not the parent's (`Run.on_target`); a fused child
+    # (`puzzle fuse`) is a whole model of its own
     workload = run.workload()
     weights = list(run.parent.model.parameters())
     copied = not on_workload(run.parent.model, workload)
@@ -145,11 +153,13 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
             for variant, parent_variant in ((block.attention, own.attention), (block.ffn, own.ffn)):
                 if variant.kind != "no_op" and variant != parent_variant:
                     used[(i, variant.id, c.stage)] = subblock_params(run.parent.config, variant)
-    need = workload.torch_dtype.itemsize * (sum(used.values()) + (sum(p.numel() for p in weights) if copied else 0))
+    need = workload.torch_dtype.itemsize * (sum(used.values()) + (sum(p.numel() for p in weights) if copied else 0)
+                                            + sum(m.num_parameters() for m in fused.values()))
     free = _available_bytes(workload.device)
     if free is not None and need > MEMORY_SHARE * free:
         raise PuzzleError(f"timing {len(unique) + 1} models together needs about {need / 2**30:.1f} GiB for the "
-                          f"library entries the children use{' and a copy of the parent' if copied else ''}, over "
+                          f"library entries the children use{' and a copy of the parent' if copied else ''}"
+                          f"{' and the fused children' if fused else ''}, over "
                           f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free now: free memory, or leave some "
                           f"models out of the front (move their rows out of DIR/front_rows/ or DIR/baselines/rows/) "
                           f"and time the others")
@@ -162,6 +172,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
             raise PuzzleError(f"{name} cannot be built again for the one session: {e}") from None
         except ValueError as e:
             raise cannot_build(name, *unique[name], e) from None
+    models.update(run.on_target(fused))
     run.say(f"front: timing the parent and {len(models) - 1} models together, {repeats} interleaved rounds")
     df = measure_models(models, run.workload(), repeats=repeats, progress=run.progress,
                         max_contention=run.config.score.max_contention).set_index("name")

@@ -396,8 +396,8 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
 def _model_row(path: Path) -> dict | None:
     """One model's row file (DIR/front_rows/, DIR/baselines/rows/), or None with a warning when it is damaged: not
     a JSON object, without a name or a method (the name "parent" for the parent alone), or without a speed-up in
-    (0, PLAUSIBLE_SPEEDUP] and an evaluation KL in [0, PLAUSIBLE_KL] (the command that wrote it, `puzzle refine` or
-    `puzzle baselines`, writes it again)."""
+    (0, PLAUSIBLE_SPEEDUP] and an evaluation KL in [0, PLAUSIBLE_KL] (the command that wrote it, `puzzle refine`,
+    `puzzle fuse` or `puzzle baselines`, writes it again)."""
     from .io import read_json
 
     try:
@@ -414,7 +414,8 @@ def _model_row(path: Path) -> dict | None:
                f"an evaluation KL from 0 to {PLAUSIBLE_KL:g} nats)")
         row = row if fine else None
     if row is None:
-        where = "puzzle baselines" if path.parent.name == "rows" else "puzzle refine"
+        where = "puzzle baselines" if path.parent.name == "rows" else \
+            "puzzle fuse" if path.stem.endswith("-fused") else "puzzle refine"
         warnings.warn(f"{why}; left out of the front (`{where}` writes it again)")
     return row
 
@@ -463,10 +464,10 @@ def stale_inputs(inputs: dict, current: dict, missing_is_stale: bool = False) ->
 
 def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
     """Whether `row` was measured on the run's evaluation split, score table and workload as they are now
-    (`current`, the parts it holds), and a front_rows/ row on the child DIR/search/<name>.json holds now; a row
-    that was not is left out of the front with a warning naming the command that measures it again (its KL is on
-    another text, its child comes from another library or another refinement, or its speed-up is of another
-    workload)."""
+    (`current`, the parts it holds), and a front_rows/ row on the child DIR/search/<name>.json holds now (for a
+    fused child of `puzzle fuse`, on the child it was fused from); a row that was not is left out of the front
+    with a warning naming the command that measures it again (its KL is on another text, its child comes from
+    another library or another refinement, or its speed-up is of another workload)."""
     if row.get("name") == "parent":  # its timing scales its source's throughput; its KL is 0 on any text
         return True
     inputs = row.get("inputs") if isinstance(row.get("inputs"), dict) else {}
@@ -474,9 +475,15 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
     if sub == "front_rows" and (searched := _searched_architecture(run_dir, row.get("name"))) is not None \
             and searched != row.get("architecture"):  # e.g. `refine --no-measure` chose another child since
         stale.append("architecture (search/ holds another child of this name now)")
+    fused_from = row.get("fused_from") if row.get("method") == "ffn_fusion" else None  # `puzzle fuse`'s row
+    if sub == "front_rows" and fused_from is not None \
+            and _searched_architecture(run_dir, fused_from) != row.get("child_architecture"):
+        stale.append(f"child (search/{fused_from}.json holds another child now, or none)")
     if stale:
         plain = str(row.get("name")).removesuffix("-diverse").removesuffix("-refined")  # refine takes the plain child
         where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"
+        if fused_from is not None:
+            where = f"puzzle fuse --name {fused_from}"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
                       f"left out of the front (`{where} --out {run_dir}` measures it again)")
     return not stale

@@ -179,6 +179,20 @@ def _fusable_run(tmp_path_factory, dest):
     return run
 
 
+def _make_the_run_cost_half(run):
+    """Edit child-fuse's measured run 1-2 to raise the child's scoring KL by 50 % (the tiny child barely changes);
+    returns the runs file, its edited content and the run's row as measured."""
+    import json
+
+    rows_file = run.out / "fusion" / "child-fuse.runs.json"
+    kept_rows = json.loads(rows_file.read_text())
+    stored = kept_rows["rows"]["1-2"]
+    kept_rows["rows"]["1-2"] = {**stored, "folded_score_kl_nats": 1.5 * kept_rows["base_score_kl_nats"],
+                                "distilled_score_kl_nats": 1.6 * kept_rows["base_score_kl_nats"]}
+    rows_file.write_text(json.dumps(kept_rows))
+    return rows_file, kept_rows, stored
+
+
 def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resumes(tmp_path_factory, tmp_path,
                                                                                     monkeypatch, capsys):
     import json
@@ -239,12 +253,7 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     shutil.move(tmp_path / "moved", dest)
     # another tolerance reuses the runs' figures; one below the run's increase keeps nothing, and the earlier
     # fusion's export folder is named (breaker: it was left unsaid, contradicting the record)
-    rows_file = run.out / "fusion" / "child-fuse.runs.json"
-    kept_rows = json.loads(rows_file.read_text())  # the tiny child barely changes: its run made to cost 50 %
-    stored = kept_rows["rows"]["1-2"]
-    kept_rows["rows"]["1-2"] = {**stored, "folded_score_kl_nats": 1.5 * kept_rows["base_score_kl_nats"],
-                                "distilled_score_kl_nats": 1.6 * kept_rows["base_score_kl_nats"]}
-    rows_file.write_text(json.dumps(kept_rows))
+    rows_file, kept_rows, stored = _make_the_run_cost_half(run)
     scored.clear()
     strict = fusion.fuse_child(run, "child-fuse", max_kl_increase=-0.0, measure=False)
     assert scored == [] and strict["kept"] == [] and "fused_layers" not in strict
@@ -382,3 +391,66 @@ def test_puzzle_fuse_command_times_the_fused_child_and_prints_the_summary(tmp_pa
     rec = json.loads((run.out / "fusion" / "child-fuse.json").read_text())
     assert rec["fused_speedup"] == pytest.approx(rec["parent_runtime_ms"] / rec["fused_runtime_ms"])
     assert rec["speedup"] > 0 and "export" not in rec and not (run.out / "export" / "child-fuse-fused").exists()
+
+
+def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built_for_downstream(tmp_path_factory,
+                                                                                                 tmp_path, recwarn,
+                                                                                                 capsys):
+    """`puzzle fuse` puts its measured, exported child on the front (DIR/front_rows/): drawn by `puzzle front`, built
+    from its export for `--one-session` and `--downstream`, left out once its child is searched again, and removed by
+    a fusion of the child that keeps no run."""
+    import json
+    import shutil
+
+    from puzzle.downstream import build_front_model, entries_sha, front_model_specs
+    from puzzle.fusion import front_row_path, fuse_child
+    from puzzle.one_session import time_front_together
+    from puzzle.plots import front_rows
+
+    run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    shutil.rmtree(run.out / "front_rows", ignore_errors=True)
+    rec = fuse_child(run, "child-fuse", max_kl_increase=10.0)
+    path = front_row_path(run.out, "child-fuse-fused")
+    row = json.loads(path.read_text())
+    assert row["method"] == "ffn_fusion" and row["fused_from"] == "child-fuse" and row["fused_runs"] == ["1-2"]
+    assert row["speedup"] == rec["fused_speedup"] and row["kl_nats"] == rec["fused_kl_nats"]
+    assert (path.parent / "parent.json").is_file()  # its timing session's parent
+    rows = front_rows(run.out).set_index("name")
+    assert rows.loc["child-fuse-fused", "method"] == "ffn_fusion"
+    assert rows.loc["child-fuse-fused", "kl_nats"] == pytest.approx(rec["fused_kl_nats"])
+    assert len(rows.loc["child-fuse-fused", "architecture"].split()) == 3  # the fused child is shallower
+    # --one-session builds it from its export (it cannot be realized from the library: 3 layers, one wide FFN)
+    session = time_front_together(run, repeats=2).set_index("name")
+    assert session.loc["child-fuse-fused", "speedup"] > 0
+    assert "timing" in front_rows(run.out).columns
+    assert front_rows(run.out).set_index("name").loc["child-fuse-fused", "timing"] == "one session"
+    spec = next(s for s in front_model_specs(run) if s["name"] == "child-fuse-fused")
+    model = build_front_model(run, spec)
+    assert model.config.num_hidden_layers == 3 and entries_sha(run, None, spec) is not None
+    # its export gone: the one session says how to export it again; downstream keeps a saved result (no key)
+    shutil.move(run.out / "export" / "child-fuse-fused", tmp_path / "moved")
+    with pytest.raises(PuzzleError, match="child-fuse-fused .*is missing: `puzzle fuse --out .* --name child-fuse`"):
+        time_front_together(run, repeats=2)
+    spec = next(s for s in front_model_specs(run) if s["name"] == "child-fuse-fused")
+    assert entries_sha(run, None, spec) is None
+    with pytest.raises(PuzzleError, match="is missing"):
+        build_front_model(run, spec)
+    shutil.move(tmp_path / "moved", run.out / "export" / "child-fuse-fused")
+    # an untimed call of the same fused child leaves the row; one that keeps no run removes it, and says so
+    fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
+    assert path.is_file()
+    _make_the_run_cost_half(run)
+    capsys.readouterr()
+    assert fuse_child(run, "child-fuse", max_kl_increase=0.1, measure=False, export=False)["kept"] == []
+    said = capsys.readouterr().err
+    assert not path.is_file() and f"removed {path}, the front's row of an earlier fusion of the child (this one " \
+        "keeps no run)" in said
+    fuse_child(run, "child-fuse", max_kl_increase=10.0)  # the first record again: the row back, nothing timed
+    assert json.loads(path.read_text()) == row
+    # the child searched again: the row is left out of the front, the warning names `puzzle fuse`
+    record = run.out / "search" / "child-fuse.json"
+    other = json.loads(record.read_text())
+    record.write_text(json.dumps({**other, "choice": [b.id for b in run.parent.config.blocks]}))
+    recwarn.clear()
+    assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
+    assert any("puzzle fuse --name child-fuse" in str(w.message) for w in recwarn)
