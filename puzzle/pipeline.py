@@ -1435,8 +1435,8 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
     """Refuse a `dest` inside the run `run_dir` that the run's own stages write: anything but a folder DIR/export/<x>
     (DIR/export itself, DIR/children/realized, ...), and DIR/export/<x> where x names one of the run's own models
     other than `name`, the model being exported (None: a trained model, which may take none of them): a searched
-    or refined child (DIR/search/<x>.json, chosen.json's names), a recorded export (DIR/children/exports.json) or
-    a baseline (DIR/baselines/rows/<x>.json). `puzzle run`, `export` and `baselines` write those folders, and a
+    or refined child (DIR/search/<x>.json, chosen.json's names), a recorded export (DIR/children/exports.json), a
+    baseline (DIR/baselines/rows/<x>.json) or a fused child (<child>-fused for DIR/fusion/<child>.json). `puzzle run`, `export` and `baselines` write those folders, and a
     model of another provenance there would be described as theirs or block them.
 
     Raises:
@@ -1457,11 +1457,15 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
             taken |= {str(n) for n in (value if key is None else value[key])}
         except (PuzzleError, OSError, ValueError, KeyError, TypeError):
             pass
-    if target.name in taken - {name}:
+    fused = {p.name.removesuffix(".json") + "-fused" for p in (run_dir / "fusion").glob("*.json")
+             if not p.name.endswith((".runs.json", ".earlier.json"))}  # `puzzle fuse`'s records: <child>.json
+    if target.name in (taken | fused) - {name}:
         baseline = (run_dir / "baselines" / "rows" / f"{target.name}.json").is_file() and not \
             (run_dir / "search" / f"{target.name}.json").is_file()  # reviewer: named run and export for a baseline
         writer = "of the run's baseline {}, which `puzzle baselines` rewrites" if baseline else \
             "of the run's child {}, which `puzzle run` and `puzzle export` rewrite"
+        if target.name in fused - taken:
+            writer = "of the run's fused child {}, which `puzzle fuse` rewrites"
         raise PuzzleError(f"{flag} {dest} is the export folder {writer.format(target.name)}; give another folder"
                           + (f" (leave {flag} out for the default next to it)" if name is None else
                              f", e.g. {run_dir / 'export' / name}"))

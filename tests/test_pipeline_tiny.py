@@ -795,6 +795,11 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
         kind = "baseline greedy-2x, which `puzzle baselines` rewrites" if dest.name == "greedy-2x" else \
             f"child {dest.name}, which `puzzle run` and `puzzle export` rewrite"  # reviewer: run/export named for both
         assert f"is the export folder of the run's {kind}" in capsys.readouterr().err
+    (copy / "fusion").mkdir()  # a fused child's folder, which `puzzle fuse` rewrites
+    (copy / "fusion" / "child-2x.json").write_text("{}")
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest",
+                 str(copy / "export" / "child-2x-fused")]) == 2
+    assert "fused child child-2x-fused, which `puzzle fuse` rewrites" in capsys.readouterr().err
     assert main(["rpo", "--model", two[0], "--out", str(copy / "export" / "po"), "--data", "demo:count",
                  "--no-progress"]) == 2
     assert "is inside the run's export folder" in capsys.readouterr().err and not (copy / "export" / "po").exists()
