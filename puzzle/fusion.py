@@ -418,8 +418,9 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 10_000_000 else f"{n:,}"
 
 
-#: bumped when a record gains figures that older ones lack (2: the fused child's front row), so those are made again
-RECORD_VERSION = 2
+#: bumped when a record or its export gains what older ones lack, so those are made again (2: the fused child's front
+#: row; 3: the unfused child's architecture in the export, which `front_row_export` checks)
+RECORD_VERSION = 3
 
 #: earlier records of a child kept beside DIR/fusion/<name>.json (DIR/fusion/<name>.earlier.json, by inputs), at most
 EARLIER_RECORDS = 8
@@ -713,7 +714,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     out["fusion_id"] = hashlib.sha256(json.dumps({"inputs": inputs, "kept": out["kept"]}, sort_keys=True)
                                       .encode()).hexdigest()[:16]
     if kept and export:
-        _export_fused(run, plain, dest, provenance, name, kept, distilled, out["fusion_id"])
+        _export_fused(run, plain, dest, provenance, {**out, "inputs": inputs}, kept, distilled)
         out.update({"export": str(dest), "export_files": _export_files(dest)})
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
     _write_record(done_path, out)
@@ -796,8 +797,9 @@ def front_row_export(run, name: str) -> Path | None:
     and --downstream, which build the front's models again; None where that row is not a fusion's.
 
     Raises:
-        PuzzleError: DIR/export/<name> is missing or holds another model than the row's (its fusion_id); the message
-            says how to export it again or leave the row out.
+        PuzzleError: DIR/export/<name> is missing or holds another model than the row's (another child fused, other
+            runs or other runs distilled: a call with other settings that fused the same runs exports the same
+            model); the message says how to export it again or leave the row out.
     """
     from .export import export_info
 
@@ -805,8 +807,13 @@ def front_row_export(run, name: str) -> Path | None:
     if not isinstance(row, dict) or row.get("method") != "ffn_fusion":
         return None
     dest = run.out / "export" / name
-    if not (isinstance(export_info(dest), dict) and export_info(dest).get("fusion_id") == row.get("fusion_id")
-            and (dest / "config.json").is_file()):
+    info = export_info(dest)
+    same = isinstance(info, dict) and (dest / "config.json").is_file() and all(
+        info.get(k) == row.get(r) for k, r in (("fused_from", "fused_from"), ("fused_runs", "fused_runs"),
+                                               ("distilled", "distilled_runs"))) \
+        and info.get("fused_child") == {"architecture": row.get("child_architecture"), "library_stage": row.get(
+            "training")}
+    if not same:
         raise PuzzleError(f"{name} (DIR/front_rows/{name}.json) is built from its export, but {dest} "
                           f"{'holds another model' if dest.exists() else 'is missing'}: `puzzle fuse --out {run.out} "
                           f"--name {row.get('fused_from')}` with the same settings (without --no-export) exports it "
@@ -826,14 +833,17 @@ def load_front_row_model(run, name: str) -> PuzzleForCausalLM | None:
     return load_parent(dest, dtype=dtype, with_tokenizer=False).model
 
 
-def _export_fused(run, plain, dest: Path, provenance: dict, name: str, kept, distilled, fusion_id: str) -> None:
-    """Write the fused child `plain` to `dest`, its config.json's "puzzle" entry naming the child, the runs fused,
-    those distilled (as lists of their layers in `distilled`) and the fusion_id `_own_export` checks."""
+def _export_fused(run, plain, dest: Path, provenance: dict, rec: dict, kept, distilled) -> None:
+    """Write the fused child `plain` of the record `rec` to `dest`, its config.json's "puzzle" entry naming the child
+    (and its architecture and library stage, which `front_row_export` checks), the runs fused, those distilled (as
+    lists of their layers in `distilled`) and the fusion_id `_own_export` checks."""
     from .export import export_checkpoint
 
+    key = _fused_child_key(rec)
     result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
-        **provenance, "fused_from": name, "fused_runs": [_run_text(r) for r in kept],
-        "distilled": [_run_text(r) for r in kept if list(range(*r)) in distilled], "fusion_id": fusion_id})
+        **provenance, "fused_from": rec["name"], "fused_runs": [_run_text(r) for r in kept],
+        "distilled": [_run_text(r) for r in kept if list(range(*r)) in distilled], "fusion_id": rec["fusion_id"],
+        "fused_child": {"architecture": key["child_architecture"], "library_stage": key["training"]}})
     run.say_export_warnings(provenance["name"], result.warnings)
 
 
@@ -854,7 +864,7 @@ def _export_again(run, rec: dict, blocks, stage: str, dest: Path, provenance: di
     plain = to_plain_model(composed)
     if not math.isclose(selection_kl(run, plain), rec["fused_score_kl_nats"], rel_tol=1e-5):
         return False
-    _export_fused(run, plain, dest, provenance, rec["name"], kept, distilled, rec["fusion_id"])
+    _export_fused(run, plain, dest, provenance, rec, kept, distilled)
     return True
 
 

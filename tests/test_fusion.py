@@ -403,7 +403,7 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     import shutil
 
     from puzzle.downstream import build_front_model, entries_sha, front_model_specs
-    from puzzle.fusion import front_row_path, fuse_child
+    from puzzle.fusion import front_row_export, front_row_path, fuse_child
     from puzzle.one_session import time_front_together
     from puzzle.plots import front_rows
 
@@ -438,7 +438,7 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     shutil.move(tmp_path / "moved", run.out / "export" / "child-fuse-fused")
     # an untimed call of the same fused child leaves the row; one that keeps no run removes it, and says so
     fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
-    assert path.is_file()
+    assert path.is_file() and front_row_export(run, "child-fuse-fused") is not None  # the same model, re-exported
     _make_the_run_cost_half(run)
     capsys.readouterr()
     assert fuse_child(run, "child-fuse", max_kl_increase=0.1, measure=False, export=False)["kept"] == []
