@@ -226,7 +226,11 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
 
     def same(result: dict, spec: dict) -> bool:
         want, saved_key = keys[spec["name"]], result.get("key")
-        if want["weights"] is None:  # entries gone: a result of this setting and parent stands, whatever its weights
+        if want["weights"] is None and "export" in spec:  # a fused child's export gone: its architecture does not
+            # make it one model (breaker: another fused child's result was copied), so only its own result stands
+            ok = result.get("name") == spec["name"] and isinstance(saved_key, dict) \
+                and {k: v for k, v in saved_key.items() if k != "weights"} == key
+        elif want["weights"] is None:  # entries gone: a result of this setting and parent stands, whatever its weights
             ok = isinstance(saved_key, dict) and {k: v for k, v in saved_key.items() if k != "weights"} in legacy
         else:
             ok = saved_key in (want, *legacy)
@@ -237,6 +241,9 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
     # with the architecture, stage and weights of a finished one (a baseline that picked our child) copies its result
     saved = {p.stem: read_json(p) for p in sorted(out_dir.glob("*.json"))} if out_dir.is_dir() else {}
     todo = [s for s in specs if not (s["name"] in saved and same(saved[s["name"]], s))]
+    for spec in todo:  # a fused child that cannot be built: said before any model is evaluated (breaker: midway)
+        if isinstance(spec.get("export"), PuzzleError):
+            raise spec["export"]
     t_all = time.perf_counter()
     for i, spec in enumerate(todo, 1):
         t0 = time.perf_counter()

@@ -508,6 +508,13 @@ def _whole_record(rec, inputs: dict) -> bool:
         if [tuple(k) if isinstance(k, list) else None for k in rec["kept"]] != kept:
             return False
         fusion_summary(rec)
+        if rec["kept"]:  # what the front row is made of (breaker: a hand-edited one gave a traceback there)
+            _fused_child_key(rec)
+            row = _front_row(rec)
+            parent = rec["front_timing"]["parent"] if row is not None else {}
+            if rec["inputs"].get("measure") and (row is None or not all(_finite(row[k]) for k in FRONT_ROW_NUMBERS)
+                                                 or not all(_finite(parent.get(k)) for k in FRONT_ROW_NUMBERS[3:])):
+                return False
         return True
     except (PuzzleError, KeyError, TypeError, ValueError, AttributeError, IndexError):
         return False
@@ -569,6 +576,11 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
                           f"{max_kl_increase}")
     max_kl_increase = float(max_kl_increase) + 0.0  # -0.0 reads as 0
     record = read_architecture(run, name)
+    fused_name = f"{name}-fused"
+    if (run.out / "search" / f"{fused_name}.json").is_file():  # breaker: the two shared an export folder and a row
+        raise PuzzleError(f"the run has a searched child named {fused_name}, the name the fusion of {name} takes "
+                          f"(its export folder and front row); copy DIR/search/{name}.json under another name and "
+                          f"fuse that, or rename {fused_name}")
     stage = record.get("library_stage", "bld")
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
@@ -576,7 +588,6 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     mixed_leading = [r for r in ffn_runs(config, include_leading=True) if _mixes_linear_and_swiglu(config, r)]
     if not candidates:
         raise PuzzleError(_nothing_to_fuse(run, name, config, mixed, include_leading))
-    fused_name = f"{name}-fused"
     dest = run.out / "export" / fused_name
     provenance = {"name": fused_name, "parent": run.parent.source}
     if export:
@@ -753,6 +764,10 @@ def _front_row(rec: dict) -> dict | None:
             "note": f"FFN Fusion of {rec['name']}: layers {', '.join(_run_text(r) for r in rec['kept'])} fused",
             "architecture": compact_architecture(rec["fused_architecture"]), "inputs": timing["row_inputs"],
             **_fused_child_key(rec), "fusion_id": rec["fusion_id"]}
+
+
+#: the figures a fused child's front row (and the parent's row of its timing session, from the fourth on) must have
+FRONT_ROW_NUMBERS = ("speedup", "kl_nats", "lm_loss", "throughput_tok_s", "params", "runtime_ms", "memory_mib")
 
 
 def _fused_child_key(rec: dict) -> dict:
@@ -1011,6 +1026,12 @@ def fusion_summary(rec: dict) -> str:
     if "fused_speedup" in rec:
         lines.append(f"measured speed-up {rec['speedup']:.3f}x -> {rec['fused_speedup']:.3f}x (runtime "
                      f"{rec['fused_runtime_ms'] / rec['runtime_ms']:.3f} of the unfused child's, one session)")
+        from .pipeline import contention_note
+
+        timing = rec.get("front_timing")
+        busy = timing["fused"].get("contention_cores") if isinstance(timing, dict) else None
+        if note := contention_note({"fused_child": busy}):  # breaker: said only later, by `puzzle front`
+            lines.append(f"warning: {note}")
     if rec.get("export"):
         lines.append(f"exported: {rec['export']}")
     if rec.get("earlier_export"):

@@ -1394,6 +1394,9 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
     # and an untrained export of this name inside the run's own folder is this run's, wherever the run lay then
     also_same = [export_provenance({"name": name, "run": str(run.out.resolve())})]
     earlier = export_info(dest)
+    if earlier and earlier.get("fused_from") and Path(dest).resolve() == (run.out / "export" / name).resolve():
+        raise PuzzleError(f"{dest} holds the fused child of {earlier['fused_from']} (`puzzle fuse`), whose name the "
+                          f"child {name} has too: give this one --dest, or rename it")
     inside = run.out.resolve() in Path(dest).resolve().parents
     if inside and earlier and earlier.get("name") == name and not any(k in earlier for k in TRAINED_KEYS) \
             and earlier.get("stage") != "rpo":
@@ -1834,7 +1837,7 @@ def contention_cores(value) -> float | None:
 
 def front_contention(out: Path, session_used: bool = True) -> dict:
     """The most cores other jobs kept busy while the models `puzzle front` compares were timed: the cost table and
-    the children (DIR/children/machine.json) and the baselines and refined children (the row files of
+    the children (DIR/children/machine.json) and the baselines, refined and fused children (the row files of
     DIR/baselines/rows/ and DIR/front_rows/) and all of them timed together (DIR/one_session.json, only when
     `session_used`: a stale or damaged session the front set aside says nothing of its speed-ups); None where nothing
     is recorded. What `contention_note` reads."""
@@ -1856,7 +1859,7 @@ def front_contention(out: Path, session_used: bool = True) -> dict:
         session = None
     return {"cost_table": contention_cores(machine.get("cost_table")),
             "children": contention_cores(machine.get("children")),
-            "baselines and refined children": max(rows) if rows else None,
+            "baselines, refined and fused children": max(rows) if rows else None,
             "one_session": contention_cores(session)}
 
 
@@ -1867,7 +1870,8 @@ def contention_note(contention: dict) -> str:
 
     default = ScoreConfig().max_contention
     what = {"cost_table": "the cost table was", "children": "the children were",
-            "one_session": "the models timed in one session (one_session.json) were"}
+            "one_session": "the models timed in one session (one_session.json) were",
+            "fused_child": "the fused child (beside the parent and the unfused child) was"}
     over = [f"{what.get(k, f'the {k} were')} timed while other jobs kept {v:.2f} cores busy"
             for k, v in contention.items() if isinstance(v, (int, float)) and v > default]
     if not over:

@@ -409,13 +409,18 @@ def _model_row(path: Path) -> dict | None:
         kl = row.get("kl_nats") if isinstance(row, dict) else None
         fine = (isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("method"), str)
                 and (row["name"] == "parent") == (row["method"] == "parent")
+                and isinstance(row.get("architecture", ""), str)  # breaker: a number gave a pyarrow traceback
+                and (row["method"] != "ffn_fusion" or row["name"] == path.stem and all(
+                    isinstance(row.get(k), str) and row[k] for k in ("fused_from", "child_architecture")))
                 and _finite(speedup) and 0 < speedup <= PLAUSIBLE_SPEEDUP and _finite(kl) and 0 <= kl <= PLAUSIBLE_KL)
         why = (f"{path} is not a model's row (a name, a method, a measured speed-up up to {PLAUSIBLE_SPEEDUP:g} and "
-               f"an evaluation KL from 0 to {PLAUSIBLE_KL:g} nats)")
+               f"an evaluation KL from 0 to {PLAUSIBLE_KL:g} nats; the architecture as text, and for a fused child "
+               f"the child it was fused from)")
         row = row if fine else None
     if row is None:
         where = "puzzle baselines" if path.parent.name == "rows" else \
-            "puzzle fuse" if path.stem.endswith("-fused") else "puzzle refine"
+            "puzzle fuse" if path.stem.endswith("-fused") else \
+            "puzzle refine` or `puzzle fuse" if path.stem == "parent" else "puzzle refine"
         warnings.warn(f"{why}; left out of the front (`{where}` writes it again)")
     return row
 
@@ -453,6 +458,17 @@ def _searched_architecture(run_dir: Path, name) -> str | None:
         return None
 
 
+def _searched_stage(run_dir: Path, name: str) -> str | None:
+    """The library stage of DIR/search/<name>.json ("bld" where it names none), or None without a readable record."""
+    from .io import read_json
+
+    try:
+        record = read_json(run_dir / "search" / f"{name}.json")
+        return str(record.get("library_stage", "bld"))
+    except (PuzzleError, OSError, AttributeError):
+        return None
+
+
 def stale_inputs(inputs: dict, current: dict, missing_is_stale: bool = False) -> list[str]:
     """What a measurement recorded in `inputs` (`baselines.row_inputs`) was taken on that differs from `current`
     (the parts it holds): "evaluation text", "score table", "workload". A part `inputs` lacks is not compared, or
@@ -476,8 +492,9 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
             and searched != row.get("architecture"):  # e.g. `refine --no-measure` chose another child since
         stale.append("architecture (search/ holds another child of this name now)")
     fused_from = row.get("fused_from") if row.get("method") == "ffn_fusion" else None  # `puzzle fuse`'s row
-    if sub == "front_rows" and fused_from is not None \
-            and _searched_architecture(run_dir, fused_from) != row.get("child_architecture"):
+    if sub == "front_rows" and fused_from is not None and (
+            _searched_architecture(run_dir, fused_from) != row.get("child_architecture")
+            or _searched_stage(run_dir, fused_from) != row.get("training")):  # breaker: a stage change kept it
         stale.append(f"child (search/{fused_from}.json holds another child now, or none)")
     if stale:
         plain = str(row.get("name")).removesuffix("-diverse").removesuffix("-refined")  # refine takes the plain child
@@ -569,8 +586,10 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         own = rows["source"].eq(source) & (rows["timing"].ne("one session") if "timing" in rows.columns else True)
         if not own.any():  # every model of it timed in the one session: its parent row is not needed
             continue
+        fused = rows.loc[own, "method"].eq("ffn_fusion")
         command = (f"baselines --out {run_dir}" if source.startswith("baselines")
-                   else f"refine --out {run_dir} --name NAME")
+                   else f"fuse --out {run_dir} --name {rows.loc[own, 'name'].iloc[0].removesuffix('-fused')}"
+                   if fused.all() else f"refine --out {run_dir} --name NAME")
         warnings.warn(f"{run_dir / source / 'parent.json'} is missing: the parent's row of {source}; "
                       f"{', '.join(rows.loc[own, 'name'])} {'is' if own.sum() == 1 else 'are'} drawn from "
                       f"{'its' if own.sum() == 1 else 'their'} own session's speed-up"

@@ -374,8 +374,8 @@ def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path
     and `puzzle front` printed ratios from those timings without a word about the load they were taken under."""
     from puzzle.pipeline import contention_note, front_contention
 
-    assert front_contention(tmp_path) == {"cost_table": None, "children": None, "baselines and refined children": None,
-                                          "one_session": None}
+    assert front_contention(tmp_path) == {"cost_table": None, "children": None,
+                                          "baselines, refined and fused children": None, "one_session": None}
     (tmp_path / "children").mkdir()
     (tmp_path / "children" / "machine.json").write_text(json.dumps({"contention_cores": {"cost_table": 0.1,
                                                                                           "children": 0.2}}))
@@ -385,9 +385,11 @@ def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path
                                                                                  "contention_cores": cores}))
     (tmp_path / "baselines" / "rows" / "cut.json").write_text("{")
     busy = front_contention(tmp_path)
-    assert busy == {"cost_table": 0.1, "children": 0.2, "baselines and refined children": 1.7, "one_session": None}
+    assert busy == {"cost_table": 0.1, "children": 0.2, "baselines, refined and fused children": 1.7,
+                    "one_session": None}
     note = contention_note(busy)
-    assert note.startswith("the baselines and refined children were timed while other jobs kept 1.70 cores busy")
+    assert note.startswith("the baselines, refined and fused children were timed while other jobs kept 1.70 cores "
+                           "busy")
     # `puzzle front --one-session` timed them all again on a busy machine (breaker: ratios printed without a word)
     (tmp_path / "one_session.json").write_text(json.dumps({"contention_cores": 0.996}))
     assert front_contention(tmp_path)["one_session"] == 0.996

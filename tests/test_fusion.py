@@ -402,9 +402,11 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     import json
     import shutil
 
-    from puzzle.downstream import build_front_model, entries_sha, front_model_specs
+    from puzzle.downstream import build_front_model, entries_sha, evaluate_front_downstream, front_model_specs
+    from test_harness import _fake_wheel
     from puzzle.fusion import front_row_export, front_row_path, fuse_child
     from puzzle.one_session import time_front_together
+    from puzzle.pipeline import stage_export
     from puzzle.plots import front_rows
 
     run = _fusable_run(tmp_path_factory, tmp_path / "run")
@@ -427,6 +429,27 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     spec = next(s for s in front_model_specs(run) if s["name"] == "child-fuse-fused")
     model = build_front_model(run, spec)
     assert model.config.num_hidden_layers == 3 and entries_sha(run, None, spec) is not None
+    # downstream: a fused child of the same architecture whose export is gone takes no other model's result (breaker:
+    # it was copied as a twin) and is refused before any model is evaluated (breaker: midway)
+    wheel = _fake_wheel(tmp_path / "olmo.whl")
+    evaluate_front_downstream(run, ("lambada",), limit=2, wheel=wheel, progress=False, names=["child-fuse-fused"])
+    shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-twin.json")
+    twin = front_row_path(run.out, "child-twin-fused")
+    twin.write_text(json.dumps({**row, "name": "child-twin-fused", "fused_from": "child-twin"}))
+    with pytest.raises(PuzzleError, match="child-twin-fused .*is missing"):
+        evaluate_front_downstream(run, ("lambada",), limit=2, wheel=wheel, progress=False)
+    assert not list((run.out / "downstream").glob("*/child-twin-fused.json"))
+    assert not list((run.out / "downstream").glob("*/parent.json"))
+    twin.unlink()
+    # a searched child named as the fusion would be is refused (breaker: they shared an export folder and a row)
+    shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-lead-fused.json")
+    with pytest.raises(PuzzleError, match="a searched child named child-lead-fused, the name the fusion of child-lead"):
+        fuse_child(run, "child-lead", measure=False, export=False)
+    (run.out / "search" / "child-lead-fused.json").unlink()
+    shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-fuse-fused.json")  # and after
+    with pytest.raises(PuzzleError, match="holds the fused child of child-fuse .*give this one --dest, or rename it"):
+        stage_export(run, "child-fuse-fused")
+    (run.out / "search" / "child-fuse-fused.json").unlink()
     # its export gone: the one session says how to export it again; downstream keeps a saved result (no key)
     shutil.move(run.out / "export" / "child-fuse-fused", tmp_path / "moved")
     with pytest.raises(PuzzleError, match="child-fuse-fused .*is missing: `puzzle fuse --out .* --name child-fuse`"):
@@ -447,6 +470,12 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
         "keeps no run)" in said
     fuse_child(run, "child-fuse", max_kl_increase=10.0)  # the first record again: the row back, nothing timed
     assert json.loads(path.read_text()) == row
+    # a hand-edited record's front figures are made again, not a traceback (breaker)
+    record_file = run.out / "fusion" / "child-fuse.json"
+    for edit in ({"front_timing": {"fused": 5}}, {"fused_lm_loss": None}, {"fused_architecture": None}):
+        record_file.write_text(json.dumps({**json.loads(record_file.read_text()), **edit}))
+        again = fuse_child(run, "child-fuse", max_kl_increase=10.0)
+        assert json.loads(path.read_text())["fused_from"] == "child-fuse" and again["fused_lm_loss"] > 0
     # the child searched again: the row is left out of the front, the warning names `puzzle fuse`
     record = run.out / "search" / "child-fuse.json"
     other = json.loads(record.read_text())
@@ -454,3 +483,21 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     recwarn.clear()
     assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
     assert any("puzzle fuse --name child-fuse" in str(w.message) for w in recwarn)
+    record.write_text(json.dumps({**other, "library_stage": "init"}))  # the same layers at another library stage
+    recwarn.clear()
+    assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
+    record.write_text(json.dumps(other))
+    assert "child-fuse-fused" in set(front_rows(run.out)["name"])
+    # hand-edited rows are left out with a warning naming puzzle fuse (breaker: a traceback, or drawn unchecked)
+    good = json.loads(path.read_text())
+    for edit in ({"architecture": 5}, {"fused_from": None}, {"name": "other"}):
+        path.write_text(json.dumps({**good, **edit}))
+        recwarn.clear()
+        assert {"child-fuse-fused", "other"}.isdisjoint(front_rows(run.out)["name"])
+        assert any("`puzzle fuse` writes it again" in str(w.message) for w in recwarn)
+    path.write_text(json.dumps(good))
+    (run.out / "one_session.json").unlink()
+    (path.parent / "parent.json").unlink()
+    recwarn.clear()
+    assert "child-fuse-fused" in set(front_rows(run.out)["name"])
+    assert any(f"`puzzle fuse --out {run.out} --name child-fuse` writes it again" in str(w.message) for w in recwarn)
