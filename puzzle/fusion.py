@@ -955,7 +955,13 @@ def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
     from .cli import _add_common, add_max_contention_flag
 
     _add_common(p)  # --out, --debug, --no-progress, as every stage command's
-    p.add_argument("--name", required=True, help="searched child to fuse (DIR/search/<name>.json), e.g. child-2x")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", action="append", metavar="NAME",
+                       help="searched child to fuse (DIR/search/<name>.json), e.g. child-2x; repeat it or give a "
+                            "comma-separated list for several")
+    which.add_argument("--front", action="store_true",
+                       help="fuse every child of the run's front (DIR/front.csv) that has a run to fuse; the others "
+                            "are skipped with the reason")
     p.add_argument("--max-kl-increase", type=float, default=MAX_KL_INCREASE, metavar="F",
                    help="fuse a run when, fused alone, it raises the child's scoring-split KL by at most this "
                         f"fraction (default {MAX_KL_INCREASE}: 1 %%; inf fuses every run). The runs' figures are kept, "
@@ -975,21 +981,98 @@ def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def fuse_main(args) -> int:
-    """Run `fuse_child` and print its table of candidate runs and a summary of the fused child.
+    """Run `fuse_child` for each named child (or the front's, `--front`) and print each one's table of candidate runs
+    and summary; with several children, a last table of all of them. A child with no run to fuse fails the command
+    when it is the only one named, and is skipped with the reason otherwise.
 
     Raises:
-        PuzzleError: as `fuse_child`, or DIR is no run directory.
+        PuzzleError: as `fuse_child`, DIR is no run directory, --front on a run without DIR/front.csv, or no child
+            of several had a run to fuse.
     """
     from .cli import _stage_run
 
     if not args.max_kl_increase >= 0:  # before anything is read
         raise PuzzleError(f"--max-kl-increase must be a fraction >= 0 of the child's KL (0.01: 1 %), got "
                           f"{args.max_kl_increase}")
+    names = list(dict.fromkeys(n.strip() for given in args.name or () for n in given.split(",") if n.strip()))
+    if args.name is not None and not names:
+        raise PuzzleError("--name needs a child's name, e.g. --name child-2x")
     with _stage_run(args, existing=True, measures=args.measure) as run:
-        rec = fuse_child(run, args.name, include_leading=args.include_leading, max_kl_increase=args.max_kl_increase,
-                         distill=args.distill, measure=args.measure, export=args.export)
-    print(fusion_summary(rec))
+        if args.front:
+            names = front_children(run.out)
+        # every name checked before any work (a misspelt third name fails the call before two are fused)
+        reasons = {n: no_run_to_fuse(run, n, args.include_leading) for n in names} if len(names) > 1 else {}
+        records, skipped = [], {}
+        for i, name in enumerate(names, 1):
+            if len(names) > 1:
+                run.say(f"fuse {i}/{len(names)}: {name}")
+                if why := reasons[name]:
+                    skipped[name] = why
+                    run.say(f"fuse {name}: skipped, {why}")
+                    continue
+            rec = fuse_child(run, name, include_leading=args.include_leading, max_kl_increase=args.max_kl_increase,
+                             distill=args.distill, measure=args.measure, export=args.export)
+            print(fusion_summary(rec) + ("\n" if len(names) > 1 else ""), flush=True)
+            records.append(rec)
+    if not records:
+        raise PuzzleError(f"none of {', '.join(names)} has a run to fuse: " + "; ".join(
+            f"{n}: {why}" for n, why in skipped.items()))
+    if len(names) > 1:
+        print(fusion_table(records, skipped))
     return 0
+
+
+def front_children(run_dir: Path) -> list[str]:
+    """The children of the run's front (DIR/front.csv, the parent left out), in its order.
+
+    Raises:
+        PuzzleError: no readable DIR/front.csv, or one without children.
+    """
+    path = Path(run_dir) / "front.csv"
+    try:
+        names = [str(n) for n in pd.read_csv(path)["name"] if str(n) != "parent"]
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        raise PuzzleError(f"--front fuses the children of {path}, which cannot be read: `puzzle front --out "
+                          f"{run_dir}` writes it, or name the children with --name") from None
+    if not names:
+        raise PuzzleError(f"{path} has no child to fuse: `puzzle front --out {run_dir}` writes it again")
+    return names
+
+
+def no_run_to_fuse(run, name: str, include_leading: bool = False) -> str | None:
+    """Why the searched child `name` has no run to fuse (`fusion_candidates`), or None where it has one.
+
+    Raises:
+        PuzzleError: an unknown or damaged DIR/search/<name>.json (`pipeline.read_architecture`)."""
+    from .pipeline import read_architecture
+
+    blocks = tuple(BlockConfig.from_id(b) for b in read_architecture(run, name)["choice"])
+    config = dataclasses.replace(run.parent.model.config, blocks=blocks)
+    candidates, mixed = fusion_candidates(config, include_leading)
+    if candidates:
+        return None
+    if mixed:
+        return f"its attention-free runs ({', '.join(_run_text(r) for r in mixed)}) mix SwiGLU and linear FFNs"
+    return "no two FFNs in a row with no attention between them"
+
+
+def fusion_table(records: list[dict], skipped: dict[str, str] | None = None) -> str:
+    """One line per fused child (`fuse_child` records): FFNs and runs fused, layers, evaluation KL and measured
+    speed-up unfused -> fused (the speed-ups from each child's own timing session); then the children skipped."""
+    rows = []
+    for rec in records:
+        kept = bool(rec["kept"])
+        rows.append({"child": rec["name"], "runs fused": len(rec["kept"]),
+                     "ffns fused": sum(r["ffns"] for r in rec["runs"] if r["kept"]),
+                     "layers": f"{rec['layers']} -> {rec['fused_layers']}" if kept else str(rec["layers"]),
+                     "evaluation KL": _change(rec["kl_nats"], rec["fused_kl_nats"]) if kept
+                     else f"{rec['kl_nats']:.4g}",
+                     "speed-up": f"{rec['speedup']:.3f}x -> {rec['fused_speedup']:.3f}x"
+                     if "fused_speedup" in rec else "-"})
+    lines = ["fused children (speed-ups measured against the parent, each child in its own session):",
+             pd.DataFrame(rows).to_string(index=False)]
+    lines += [f"skipped {name}: {why}" for name, why in (skipped or {}).items()]
+    return "\n".join(lines)
 
 
 def _change(before: float, after: float) -> str:

@@ -501,3 +501,39 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     recwarn.clear()
     assert "child-fuse-fused" in set(front_rows(run.out)["name"])
     assert any(f"`puzzle fuse --out {run.out} --name child-fuse` writes it again" in str(w.message) for w in recwarn)
+
+
+def test_puzzle_fuse_takes_several_children_or_the_front_and_skips_those_without_a_run(tmp_path_factory, tmp_path,
+                                                                                      capsys):
+    import shutil
+
+    from puzzle.cli import main
+
+    run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    out = str(run.out)
+    flags = ["--out", out, "--max-kl-increase", "10", "--no-measure", "--no-export", "--no-progress"]
+    assert main(["fuse", *flags, "--name", "child-fuse,child-nofuse", "--name", "child-lead"]) == 0
+    captured = capsys.readouterr()
+    assert "fuse child-nofuse: skipped, no two FFNs in a row with no attention between them" in captured.err
+    table = captured.out[captured.out.index("fused children"):]
+    assert "child-fuse" in table and "child-lead" in table and "4 -> 3" in table
+    assert "skipped child-nofuse: no two FFNs in a row" in table
+    assert (run.out / "fusion" / "child-fuse.json").is_file() and (run.out / "fusion" / "child-lead.json").is_file()
+    # a misspelt name fails the call before any work; none of several with a run is an error that says why
+    shutil.rmtree(run.out / "fusion")
+    assert main(["fuse", *flags, "--name", "child-fuse,child-9x"]) == 2
+    assert "no architecture named 'child-9x'" in capsys.readouterr().err and not (run.out / "fusion").exists()
+    assert main(["fuse", *flags, "--name", "child-nofuse,child-mixed"]) == 2
+    err = capsys.readouterr().err
+    assert "none of child-nofuse, child-mixed has a run to fuse: child-nofuse: no two FFNs" in err
+    assert "child-mixed: its attention-free runs (1-2) mix SwiGLU and linear FFNs" in err
+    assert main(["fuse", *flags, "--name", " , "]) == 2
+    assert "--name needs a child's name" in capsys.readouterr().err
+    # --front: the front's children (DIR/front.csv, the parent left out)
+    assert main(["fuse", *flags, "--front"]) == 2
+    assert "--front fuses the children of" in capsys.readouterr().err
+    (run.out / "front.csv").write_text("name,speedup\nparent,1\nchild-nofuse,1.1\nchild-fuse,1.2\n")
+    assert main(["fuse", *flags, "--front"]) == 0
+    captured = capsys.readouterr()
+    assert "fuse 1/2: child-nofuse" in captured.err and "fuse 2/2: child-fuse" in captured.err
+    assert "skipped child-nofuse" in captured.out and (run.out / "fusion" / "child-fuse.json").is_file()
