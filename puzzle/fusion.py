@@ -520,6 +520,38 @@ def _whole_record(rec, inputs: dict) -> bool:
         return False
 
 
+def check_before_work(run, name: str, export: bool = True) -> None:
+    """Refuse, before any work, what would stop the fusion of the child `name` after it: a searched child named
+    <name>-fused (the fusion's export folder and front row), an export folder that cannot be replaced (with
+    `export`), and a file or folder in the way of DIR/fusion/<name>.*.
+
+    Raises:
+        PuzzleError: saying what to move or rename, or to give --no-export.
+    """
+    fused_name = f"{name}-fused"
+    if (run.out / "search" / f"{fused_name}.json").is_file():  # breaker: the two shared an export folder and a row
+        raise PuzzleError(f"the run has a searched child named {fused_name}, the name the fusion of {name} takes "
+                          f"(its export folder and front row); copy DIR/search/{name}.json under another name and "
+                          f"fuse that, or rename {fused_name}")
+    if export:
+        from .export import check_export_target, export_provenance
+
+        dest = run.out / "export" / fused_name
+        try:  # with what the export will be: trained weights there (gkd, sft) are refused now, not after the work
+            check_export_target(dest, overwrite=True, provenance=export_provenance(
+                {"name": fused_name, "parent": run.parent.source}))
+        except PuzzleError as e:  # its advice is for commands with --dest; fuse writes this one folder
+            raise PuzzleError(f"{e} (puzzle fuse exports to {dest}); or give --no-export") from None
+    folder = run.out / "fusion"
+    done_path = folder / f"{name}.json"
+    for path in (folder, done_path, folder / f"{name}.runs.json", _earlier_path(done_path),
+                 done_path.with_suffix(".csv")):
+        if path.exists() and path.is_dir() != (path == folder):  # breaker: refused only after all the work
+            raise PuzzleError(f"{path} is a {'folder' if path.is_dir() else 'file'} where a "
+                              f"{'file' if path.is_dir() else 'folder'} belongs; move it away and run the command "
+                              f"again")
+
+
 def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
     """What to say of an export folder that holds another fusion of `name` than the record `rec` (one that kept no
     run, or was made with --no-export, leaves the folder as it was: fresh user, it was loaded unawares)."""
@@ -577,10 +609,6 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     max_kl_increase = float(max_kl_increase) + 0.0  # -0.0 reads as 0
     record = read_architecture(run, name)
     fused_name = f"{name}-fused"
-    if (run.out / "search" / f"{fused_name}.json").is_file():  # breaker: the two shared an export folder and a row
-        raise PuzzleError(f"the run has a searched child named {fused_name}, the name the fusion of {name} takes "
-                          f"(its export folder and front row); copy DIR/search/{name}.json under another name and "
-                          f"fuse that, or rename {fused_name}")
     stage = record.get("library_stage", "bld")
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
@@ -588,15 +616,9 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     mixed_leading = [r for r in ffn_runs(config, include_leading=True) if _mixes_linear_and_swiglu(config, r)]
     if not candidates:
         raise PuzzleError(_nothing_to_fuse(run, name, config, mixed, include_leading))
+    check_before_work(run, name, export)
     dest = run.out / "export" / fused_name
     provenance = {"name": fused_name, "parent": run.parent.source}
-    if export:
-        from .export import check_export_target, export_provenance
-
-        try:  # with what the export will be: trained weights there (gkd, sft) are refused now, not after the work
-            check_export_target(dest, overwrite=True, provenance=export_provenance(provenance))
-        except PuzzleError as e:  # its advice is for commands with --dest; fuse writes this one folder
-            raise PuzzleError(f"{e} (puzzle fuse exports to {dest}); or give --no-export") from None
     from .baselines import row_inputs
     from .pipeline import _tensor_sha
 
@@ -608,11 +630,6 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     inputs = json.loads(json.dumps(inputs))
     folder = run.out / "fusion"
     done_path, rows_path = folder / f"{name}.json", folder / f"{name}.runs.json"
-    for path in (folder, done_path, rows_path, _earlier_path(done_path), done_path.with_suffix(".csv")):
-        if path.exists() and path.is_dir() != (path == folder):  # breaker: refused only after all the work
-            raise PuzzleError(f"{path} is a {'folder' if path.is_dir() else 'file'} where a "
-                              f"{'file' if path.is_dir() else 'folder'} belongs; move it away and run the command "
-                              f"again")
     saved = _saved_record(done_path, inputs)
     if saved is not None and export and saved["kept"] and not _own_export(dest, saved):
         # only the export is missing or another's (fresh user: it was evaluated and timed again): rebuilt and written
@@ -928,6 +945,19 @@ def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_l
     else:
         why = (f"{name} has no two FFNs in a row (other than no_op) with no attention between them (layers with no_op "
                f"attention: {no_attention or 'none'})")
+    hint = _others_hint(run, config, {name}, include_leading)
+    lead = ""
+    if not include_leading and (with_leading := fusion_candidates(config, include_leading=True)[0]):
+        lead = (f"; with --include-leading (the FFN of the layer before each attention-free one fused too) {name} has "
+                f"{', '.join(_run_text(r) for r in with_leading)}")
+    return f"fuse: {why}; {hint}{lead}"
+
+
+def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
+    """Which searched children of the run other than `names` have a run to fuse (`config`: the parent's, for its
+    layer count), or that none has."""
+    from .io import read_json
+
     others = []
     for path in sorted((run.out / "search").glob("child-*.json")):
         try:
@@ -936,16 +966,11 @@ def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_l
                 continue
         except (PuzzleError, KeyError, TypeError, ValueError):
             continue
-        if path.stem != name and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
-                                                   include_leading)[0]:
+        if path.stem not in names and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
+                                                        include_leading)[0]:
             others.append(path.stem)
-    hint = f"children of this run that have one: {', '.join(others)}" if others else \
+    return f"children of this run that have one: {', '.join(others)}" if others else \
         "none of this run's children has one; children of higher speed-ups drop more attention subblocks"
-    lead = ""
-    if not include_leading and (with_leading := fusion_candidates(config, include_leading=True)[0]):
-        lead = (f"; with --include-leading (the FFN of the layer before each attention-free one fused too) {name} has "
-                f"{', '.join(_run_text(r) for r in with_leading)}")
-    return f"fuse: {why}; {hint}{lead}"
 
 
 def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
@@ -994,14 +1019,15 @@ def fuse_main(args) -> int:
     if not args.max_kl_increase >= 0:  # before anything is read
         raise PuzzleError(f"--max-kl-increase must be a fraction >= 0 of the child's KL (0.01: 1 %), got "
                           f"{args.max_kl_increase}")
-    names = list(dict.fromkeys(n.strip() for given in args.name or () for n in given.split(",") if n.strip()))
-    if args.name is not None and not names:
-        raise PuzzleError("--name needs a child's name, e.g. --name child-2x")
     with _stage_run(args, existing=True, measures=args.measure) as run:
-        if args.front:
-            names = front_children(run.out)
-        # every name checked before any work (a misspelt third name fails the call before two are fused)
-        reasons = {n: no_run_to_fuse(run, n, args.include_leading) for n in names} if len(names) > 1 else {}
+        names = front_children(run.out) if args.front else _given_names(run.out, args.name)
+        # every name checked before any work (breaker: a misspelt or blocked third name failed the call after two
+        # were fused); a front.csv name without a record is skipped (the front is older than the search)
+        reasons = {n: no_run_to_fuse(run, n, args.include_leading, listed=args.front) for n in names} \
+            if len(names) > 1 else {}
+        for name in names:
+            if not reasons.get(name):
+                check_before_work(run, name, args.export)
         records, skipped = [], {}
         for i, name in enumerate(names, 1):
             if len(names) > 1:
@@ -1016,7 +1042,8 @@ def fuse_main(args) -> int:
             records.append(rec)
     if not records:
         raise PuzzleError(f"none of {', '.join(names)} has a run to fuse: " + "; ".join(
-            f"{n}: {why}" for n, why in skipped.items()))
+            f"{n}: {why}" for n, why in skipped.items()) + "; " + _others_hint(
+            run, run.parent.model.config, set(names), args.include_leading))
     if len(names) > 1:
         print(fusion_table(records, skipped))
     return 0
@@ -1029,8 +1056,9 @@ def front_children(run_dir: Path) -> list[str]:
         PuzzleError: no readable DIR/front.csv, or one without children.
     """
     path = Path(run_dir) / "front.csv"
-    try:
-        names = [str(n) for n in pd.read_csv(path)["name"] if str(n) != "parent"]
+    try:  # breaker: duplicates were fused twice, padded names not found
+        names = list(dict.fromkeys(n.strip() for n in pd.read_csv(path, dtype=str, keep_default_na=False)["name"]
+                                   if n.strip() and n.strip() != "parent"))
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
         raise PuzzleError(f"--front fuses the children of {path}, which cannot be read: `puzzle front --out "
                           f"{run_dir}` writes it, or name the children with --name") from None
@@ -1039,21 +1067,46 @@ def front_children(run_dir: Path) -> list[str]:
     return names
 
 
-def no_run_to_fuse(run, name: str, include_leading: bool = False) -> str | None:
-    """Why the searched child `name` has no run to fuse (`fusion_candidates`), or None where it has one.
+def _given_names(run_dir: Path, given) -> list[str]:
+    """The children --name gives: each value split at commas, unless it is itself a searched child's name (breaker:
+    a hand-named record with a comma could no longer be fused); stripped, empty ones dropped, each once.
 
     Raises:
-        PuzzleError: an unknown or damaged DIR/search/<name>.json (`pipeline.read_architecture`)."""
+        PuzzleError: no name at all."""
+    names = []
+    for value in given:
+        names += [value] if (Path(run_dir) / "search" / f"{value}.json").is_file() else value.split(",")
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    if not names:
+        raise PuzzleError("--name needs a child's name, e.g. --name child-2x")
+    return names
+
+
+def no_run_to_fuse(run, name: str, include_leading: bool = False, listed: bool = False) -> str | None:
+    """Why the searched child `name` has no run to fuse (`fusion_candidates`; naming the runs --include-leading would
+    add), or None where it has one. With `listed` (a name DIR/front.csv lists), a missing or damaged record is a
+    reason too.
+
+    Raises:
+        PuzzleError: an unknown or damaged DIR/search/<name>.json (`pipeline.read_architecture`), unless `listed`."""
     from .pipeline import read_architecture
 
-    blocks = tuple(BlockConfig.from_id(b) for b in read_architecture(run, name)["choice"])
+    try:
+        blocks = tuple(BlockConfig.from_id(b) for b in read_architecture(run, name)["choice"])
+    except PuzzleError as e:
+        if not listed:
+            raise
+        return (f"listed in DIR/front.csv but not searched as it is now ({e}; `puzzle front --out {run.out}` writes "
+                f"the front again)")
     config = dataclasses.replace(run.parent.model.config, blocks=blocks)
     candidates, mixed = fusion_candidates(config, include_leading)
     if candidates:
         return None
-    if mixed:
-        return f"its attention-free runs ({', '.join(_run_text(r) for r in mixed)}) mix SwiGLU and linear FFNs"
-    return "no two FFNs in a row with no attention between them"
+    why = (f"its attention-free runs ({', '.join(_run_text(r) for r in mixed)}) mix SwiGLU and linear FFNs" if mixed
+           else "no two FFNs in a row with no attention between them")
+    if not include_leading and (with_leading := fusion_candidates(config, include_leading=True)[0]):
+        why += f" (with --include-leading: {', '.join(_run_text(r) for r in with_leading)})"
+    return why
 
 
 def fusion_table(records: list[dict], skipped: dict[str, str] | None = None) -> str:

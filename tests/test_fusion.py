@@ -527,13 +527,27 @@ def test_puzzle_fuse_takes_several_children_or_the_front_and_skips_those_without
     err = capsys.readouterr().err
     assert "none of child-nofuse, child-mixed has a run to fuse: child-nofuse: no two FFNs" in err
     assert "child-mixed: its attention-free runs (1-2) mix SwiGLU and linear FFNs" in err
+    assert "children of this run that have one: child-fuse, child-lead" in err  # breaker: the hint was lost
+    # what would stop a later child is refused before any work (breaker: after the first was fused)
+    shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-fuse-fused.json")
+    assert main(["fuse", *flags, "--name", "child-lead,child-fuse"]) == 2
+    assert "searched child named child-fuse-fused" in capsys.readouterr().err and not (run.out / "fusion").exists()
+    (run.out / "search" / "child-fuse-fused.json").unlink()
+    # a searched child whose name has a comma is one name (breaker: it could no longer be fused)
+    shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-a,b.json")
+    assert main(["fuse", *flags, "--name", "child-a,b"]) == 0 and (run.out / "fusion" / "child-a,b.json").is_file()
+    (run.out / "search" / "child-a,b.json").unlink()
+    capsys.readouterr()
     assert main(["fuse", *flags, "--name", " , "]) == 2
     assert "--name needs a child's name" in capsys.readouterr().err
     # --front: the front's children (DIR/front.csv, the parent left out)
     assert main(["fuse", *flags, "--front"]) == 2
     assert "--front fuses the children of" in capsys.readouterr().err
-    (run.out / "front.csv").write_text("name,speedup\nparent,1\nchild-nofuse,1.1\nchild-fuse,1.2\n")
+    # (breaker: duplicates fused twice, padded names not found, a name without a record failed the call)
+    (run.out / "front.csv").write_text("name,speedup\nparent,1\nchild-nofuse,1.1\n child-fuse,1.2\nchild-fuse,1.2\n"
+                                       "child-gone,1.3\n,1.4\n")
     assert main(["fuse", *flags, "--front"]) == 0
     captured = capsys.readouterr()
-    assert "fuse 1/2: child-nofuse" in captured.err and "fuse 2/2: child-fuse" in captured.err
+    assert "fuse 1/3: child-nofuse" in captured.err and "fuse 2/3: child-fuse" in captured.err
     assert "skipped child-nofuse" in captured.out and (run.out / "fusion" / "child-fuse.json").is_file()
+    assert "skipped child-gone: listed in DIR/front.csv but not searched as it is now" in captured.out
