@@ -850,7 +850,8 @@ def cmd_front(args) -> int:
         rows = write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run),
                                exclude=stale_greedy_rows(run))
         _print_front_table(run.out, rows)  # with the speed-ups the ratios below use (a one session's, where current)
-        print(f"front, every model ({len(rows)}: the parent, ours and any baselines) -> {run.out / 'front_all.csv'}, "
+        print(f"front, every model ({len(rows)}: the parent, ours and any refined, fused or baseline models) -> "
+              f"{run.out / 'front_all.csv'}, "
               f"{run.out / 'front_all.png'}", file=sys.stderr)
         ratios = rows.attrs["ratios"]
         for name, why in ratios.attrs.get("passed_over", {}).items():

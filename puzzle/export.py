@@ -255,9 +255,13 @@ def _fusion_lines(info: dict | None) -> list[str]:
     runs, distilled = info.get("fused_runs"), info.get("distilled")
     if not info.get("fused_from") or not isinstance(runs, list):
         return []
-    trained = f"Runs {', '.join(map(str, distilled))} were distilled locally toward the layers they replace; the " \
-        "others are the folded parallel form." if isinstance(distilled, list) and distilled else \
-        "Every run is the folded parallel form (none distilled)."
+    if isinstance(distilled, list) and distilled:  # fresh user: "the others" was said of a single run
+        rest = "; the others are the folded parallel form." if len(distilled) < len(runs) else "."
+        trained = (f"{'Runs' if len(distilled) > 1 else 'Run'} {', '.join(map(str, distilled))} "
+                   f"{'were' if len(distilled) > 1 else 'was'} distilled locally toward the layers "
+                   f"{'they replace' if len(distilled) > 1 else 'it replaces'}{rest}")
+    else:
+        trained = "Every run is the folded parallel form (none distilled)."
     return ["## FFN Fusion", "",
             f"Made by `puzzle fuse` from `{info['fused_from']}`: the FFNs of its layers {', '.join(map(str, runs))} "
             "(first-last layer of each run, counted in that child) run in parallel, each run as one layer here, "

@@ -419,8 +419,8 @@ def _count(n: int) -> str:
 
 
 #: bumped when a record or its export gains what older ones lack, so those are made again (2: the fused child's front
-#: row; 3: the unfused child's architecture in the export, which `front_row_export` checks)
-RECORD_VERSION = 3
+#: row; 3: the unfused child's architecture in the export, which `front_row_export` checks; 4: named unfused_child)
+RECORD_VERSION = 4
 
 #: earlier records of a child kept beside DIR/fusion/<name>.json (DIR/fusion/<name>.earlier.json, by inputs), at most
 EARLIER_RECORDS = 8
@@ -569,7 +569,7 @@ def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
 
 
 def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase: float = MAX_KL_INCREASE,
-               distill: bool = True, measure: bool = True, export: bool = True) -> dict:
+               distill: bool = True, measure: bool = True, export: bool = True, retime: bool = False) -> dict:
     """FFN Fusion of the searched child `name`, run by run, keeping the runs that cost little.
 
     Each candidate run (`fusion_candidates`) is fused alone and the child's KL on the scoring split measured
@@ -579,7 +579,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     `max_kl_increase` times the unfused child's. The kept runs are fused together (the blocks that counted distilled
     distilled again on the same teacher states, so as alone), the result becomes a plain shallower child
     (`to_plain_model`), is evaluated on both splits, timed against the parent and the unfused child in one
-    interleaved session (`measure`) and exported as DIR/export/<name>-fused (`export`).
+    interleaved session (`measure`) and exported as DIR/export/<name>-fused (`export`). With `retime`, a finished
+    fusion of these settings is made and timed again (the runs' figures kept), e.g. one timed on a busy machine.
 
     Writes, atomically: DIR/fusion/<name>.runs.json (the candidate runs' rows, one written as each is made, so an
     interrupted call goes on after the last, and kept across other tolerances, timings, `distill` and
@@ -630,7 +631,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     inputs = json.loads(json.dumps(inputs))
     folder = run.out / "fusion"
     done_path, rows_path = folder / f"{name}.json", folder / f"{name}.runs.json"
-    saved = _saved_record(done_path, inputs)
+    saved = None if retime else _saved_record(done_path, inputs)
     if saved is not None and export and saved["kept"] and not _own_export(dest, saved):
         # only the export is missing or another's (fresh user: it was evaluated and timed again): rebuilt and written
         if _export_again(run, saved, blocks, stage, dest, provenance):
@@ -643,8 +644,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
             return {**saved, "export": str(dest), **({"earlier_export": note} if note else {})}
     if saved is not None and (not export or not saved["kept"] or _own_export(dest, saved)):
         _make_latest(done_path, saved)
-        run.say(f"fuse {name}: done already with these settings ({done_path}; delete it and "
-                f"{_earlier_path(done_path).name} to fuse again, and {rows_path.name} to measure the runs again)")
+        run.say(f"fuse {name}: done already with these settings ({done_path}; --retime makes and times it again, "
+                f"and deleting {rows_path.name} measures the runs again)")
         _place_on_front(run, saved)
         shown = {k: v for k, v in saved.items() if k != "export"}  # breaker: --no-export named a folder since moved
         if export and saved["kept"]:
@@ -843,7 +844,7 @@ def front_row_export(run, name: str) -> Path | None:
     same = isinstance(info, dict) and (dest / "config.json").is_file() and all(
         info.get(k) == row.get(r) for k, r in (("fused_from", "fused_from"), ("fused_runs", "fused_runs"),
                                                ("distilled", "distilled_runs"))) \
-        and info.get("fused_child") == {"architecture": row.get("child_architecture"), "library_stage": row.get(
+        and info.get("unfused_child") == {"architecture": row.get("child_architecture"), "library_stage": row.get(
             "training")}
     if not same:
         raise PuzzleError(f"{name} (DIR/front_rows/{name}.json) is built from its export, but {dest} "
@@ -875,7 +876,7 @@ def _export_fused(run, plain, dest: Path, provenance: dict, rec: dict, kept, dis
     result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
         **provenance, "fused_from": rec["name"], "fused_runs": [_run_text(r) for r in kept],
         "distilled": [_run_text(r) for r in kept if list(range(*r)) in distilled], "fusion_id": rec["fusion_id"],
-        "fused_child": {"architecture": key["child_architecture"], "library_stage": key["training"]}})
+        "unfused_child": {"architecture": key["child_architecture"], "library_stage": key["training"]}})
     run.say_export_warnings(provenance["name"], result.warnings)
 
 
@@ -1000,6 +1001,9 @@ def add_fuse_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip timing the fused child against the parent and the unfused child")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip writing DIR/export/<name>-fused")
+    p.add_argument("--retime", action="store_true",
+                   help="make and time a finished fusion of these settings again (the runs' figures are kept), e.g. "
+                        "one timed on a busy machine")
     add_max_contention_flag(p)
     p.set_defaults(func=fuse_main)
     return p
@@ -1019,6 +1023,8 @@ def fuse_main(args) -> int:
     if not args.max_kl_increase >= 0:  # before anything is read
         raise PuzzleError(f"--max-kl-increase must be a fraction >= 0 of the child's KL (0.01: 1 %), got "
                           f"{args.max_kl_increase}")
+    if args.retime and not args.measure:
+        raise PuzzleError("--retime times the fused child again, which --no-measure skips: drop one of them")
     with _stage_run(args, existing=True, measures=args.measure) as run:
         names = front_children(run.out) if args.front else _given_names(run.out, args.name)
         # every name checked before any work (breaker: a misspelt or blocked third name failed the call after two
@@ -1037,7 +1043,7 @@ def fuse_main(args) -> int:
                     run.say(f"fuse {name}: skipped, {why}")
                     continue
             rec = fuse_child(run, name, include_leading=args.include_leading, max_kl_increase=args.max_kl_increase,
-                             distill=args.distill, measure=args.measure, export=args.export)
+                             distill=args.distill, measure=args.measure, export=args.export, retime=args.retime)
             print(fusion_summary(rec) + ("\n" if len(names) > 1 else ""), flush=True)
             records.append(rec)
     if not records:
@@ -1162,12 +1168,14 @@ def fusion_summary(rec: dict) -> str:
     if "fused_speedup" in rec:
         lines.append(f"measured speed-up {rec['speedup']:.3f}x -> {rec['fused_speedup']:.3f}x (runtime "
                      f"{rec['fused_runtime_ms'] / rec['runtime_ms']:.3f} of the unfused child's, one session)")
-        from .pipeline import contention_note
+        from .config import ScoreConfig
 
         timing = rec.get("front_timing")
         busy = timing["fused"].get("contention_cores") if isinstance(timing, dict) else None
-        if note := contention_note({"fused_child": busy}):  # breaker: said only later, by `puzzle front`
-            lines.append(f"warning: {note}")
+        if _finite(busy) and busy > ScoreConfig().max_contention:  # breaker: said only later, by `puzzle front`
+            lines.append(f"warning: timed while other jobs kept {busy:.2f} cores busy (over the default limit "
+                         f"{ScoreConfig().max_contention:g}), so these speed-ups may be off by far more than the "
+                         f"timing noise: --retime on a quiet machine times the fused child again")
     if rec.get("export"):
         lines.append(f"exported: {rec['export']}")
     if rec.get("earlier_export"):

@@ -1846,8 +1846,11 @@ def front_contention(out: Path, session_used: bool = True) -> dict:
     except (PuzzleError, AttributeError):
         machine = {}
     rows = []
-    for sub in ("baselines/rows", "front_rows"):
+    for sub in ("baselines/rows", "front_rows"):  # each model's own session; the parent's row is of one of them, kept
+        # while a later session timed that model again (fresh user: its contention was reported after a quiet retime)
         for path in sorted((out / sub).glob("*.json")) if (out / sub).is_dir() else []:
+            if path.name == "parent.json":
+                continue
             try:
                 rows.append(recorded_contention(read_json(path)))
             except PuzzleError:
@@ -1870,8 +1873,7 @@ def contention_note(contention: dict) -> str:
 
     default = ScoreConfig().max_contention
     what = {"cost_table": "the cost table was", "children": "the children were",
-            "one_session": "the models timed in one session (one_session.json) were",
-            "fused_child": "the fused child (beside the parent and the unfused child) was"}
+            "one_session": "the models timed in one session (one_session.json) were"}
     over = [f"{what.get(k, f'the {k} were')} timed while other jobs kept {v:.2f} cores busy"
             for k, v in contention.items() if isinstance(v, (int, float)) and v > default]
     if not over:

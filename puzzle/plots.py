@@ -889,6 +889,6 @@ def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None
         ratios.attrs["passed_over"] = selected.attrs["passed_over"]
         atomic_write_text(run_dir / "front_ratios.csv", ratios.to_csv(index=False))
         rows.attrs["ratios"] = ratios
-    front_plot(rows, run_dir / "front_all.png", title=title or f"front of {run_dir.name}: our children and baselines",
+    front_plot(rows, run_dir / "front_all.png", title=title or f"front of {run_dir.name}: every model",
                xlabel="measured throughput (generated tokens/s at the run's workload)")
     return rows

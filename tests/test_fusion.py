@@ -220,7 +220,8 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     assert info["distilled"] == (["1-2"] if row["distilled"] else []) and info["fusion_id"] == rec["fusion_id"]
     readme = (dest / "README.md").read_text()
     assert "Made by `puzzle fuse` from `child-fuse`: the FFNs of its layers 1-2" in readme
-    assert ("Runs 1-2 were distilled locally" if row["distilled"] else "none distilled") in readme
+    assert ("Run 1-2 was distilled locally toward the layers it replaces." if row["distilled"] else "none distilled") \
+        in readme
     assert (run.out / "fusion" / "child-fuse.csv").is_file()
 
     scored = []
@@ -381,6 +382,7 @@ def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_
 def test_puzzle_fuse_command_times_the_fused_child_and_prints_the_summary(tmp_path_factory, tmp_path, capsys):
     import json
 
+    from puzzle import fusion
     from puzzle.cli import main
 
     run = _fusable_run(tmp_path_factory, tmp_path / "run")
@@ -391,6 +393,20 @@ def test_puzzle_fuse_command_times_the_fused_child_and_prints_the_summary(tmp_pa
     rec = json.loads((run.out / "fusion" / "child-fuse.json").read_text())
     assert rec["fused_speedup"] == pytest.approx(rec["parent_runtime_ms"] / rec["fused_runtime_ms"])
     assert rec["speedup"] > 0 and "export" not in rec and not (run.out / "export" / "child-fuse-fused").exists()
+    # --retime makes and times a finished fusion again (fresh user: a busy machine's timing could not be redone)
+    assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", "10", "--no-export",
+                 "--no-progress"]) == 0
+    assert "done already with these settings" in capsys.readouterr().err
+    assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", "10", "--no-export",
+                 "--no-progress", "--retime"]) == 0
+    assert "done already" not in capsys.readouterr().err
+    again = json.loads((run.out / "fusion" / "child-fuse.json").read_text())
+    assert again["runs"] == rec["runs"] and again["seconds"] != rec["seconds"]
+    busy = {**again, "front_timing": {**again["front_timing"], "fused": {**again["front_timing"]["fused"],
+                                                                         "contention_cores": 1.2}}}
+    assert "timed while other jobs kept 1.20 cores busy" in fusion.fusion_summary(busy)
+    assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--retime", "--no-measure"]) == 2
+    assert "--retime times the fused child again, which --no-measure skips" in capsys.readouterr().err
 
 
 def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built_for_downstream(tmp_path_factory,
