@@ -895,7 +895,9 @@ def _print_front_table(out: Path, rows=None) -> None:
         timed = rows[rows["timing"].eq("one session")].drop_duplicates("name").set_index("name")["speedup"]
         if shown["name"].isin(timed.index).any():
             shown["speedup"] = [timed.get(n, s) for n, s in zip(shown["name"], shown["speedup"])]
-            where = ", measured speed-ups from the one session (one_session.json)"
+            # fresh user: 1.143x beside budget_met True read as the one session's check
+            where = (", measured speed-ups from the one session (one_session.json); budget_met is each child's "
+                     "check in its own session (front.csv)")
     shown = shown.rename(columns={"speedup": "measured_speedup", "kl_nats": "evaluation_kl"})
     for column in ("target_speedup", "measured_speedup", "evaluation_kl", "predicted_kl_nats"):  # hand edits: "-"
         shown[column] = pd.to_numeric(shown[column], errors="coerce")

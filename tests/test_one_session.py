@@ -47,6 +47,7 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
     assert "timed together" in err and "every model's speed-up is from one interleaved session" in err
     assert re.search(rf"front: [0-9]+ models timed together for {len(before)} names", err)  # the twin timed once
     assert "our front (" in err and "measured speed-ups from the one session" in err  # as the ratios use them
+    assert "budget_met is each child's check in its own session" in err  # not the one session's
     assert _bytes(out) == sources  # the commands' own rows stay as they wrote them
     session = json.loads((out / "one_session.json").read_text())
     assert session["repeats"] == 2 and session["inputs"]["workload"]
