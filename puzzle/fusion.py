@@ -523,7 +523,8 @@ def _whole_record(rec, inputs: dict) -> bool:
 def check_before_work(run, name: str, export: bool = True) -> None:
     """Refuse, before any work, what would stop the fusion of the child `name` after it: a searched child named
     <name>-fused (the fusion's export folder and front row), an export folder that cannot be replaced (with
-    `export`), and a file or folder in the way of DIR/fusion/<name>.*.
+    `export`), and a file or folder in the way of DIR/fusion/<name>.* or of the front rows
+    (DIR/front_rows/<name>-fused.json and parent.json).
 
     Raises:
         PuzzleError: saying what to move or rename, or to give --no-export.
@@ -542,11 +543,11 @@ def check_before_work(run, name: str, export: bool = True) -> None:
                 {"name": fused_name, "parent": run.parent.source}))
         except PuzzleError as e:  # its advice is for commands with --dest; fuse writes this one folder
             raise PuzzleError(f"{e} (puzzle fuse exports to {dest}); or give --no-export") from None
-    folder = run.out / "fusion"
+    folder, rows = run.out / "fusion", run.out / "front_rows"
     done_path = folder / f"{name}.json"
     for path in (folder, done_path, folder / f"{name}.runs.json", _earlier_path(done_path),
-                 done_path.with_suffix(".csv")):
-        if path.exists() and path.is_dir() != (path == folder):  # breaker: refused only after all the work
+                 done_path.with_suffix(".csv"), rows, front_row_path(run.out, fused_name), rows / "parent.json"):
+        if path.exists() and path.is_dir() != (path in (folder, rows)):  # breaker: refused only after all the work
             raise PuzzleError(f"{path} is a {'folder' if path.is_dir() else 'file'} where a "
                               f"{'file' if path.is_dir() else 'folder'} belongs; move it away and run the command "
                               f"again")
@@ -560,6 +561,11 @@ def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
     info = export_info(dest)
     if not info or info.get("fused_from") != name or rec.get("kept") and info.get("fusion_id") == rec.get(
             "fusion_id"):
+        return None
+    key = _fused_child_key(rec)  # breaker: the same model made with other settings (e.g. --no-measure) is not another
+    if rec.get("kept") and info.get("fused_runs") == key["fused_runs"] and info.get("distilled") == key[
+            "distilled_runs"] and info.get("unfused_child") == {"architecture": key["child_architecture"],
+                                                                "library_stage": key["training"]}:
         return None
     runs = info.get("fused_runs")
     shown = f" (runs {', '.join(map(str, runs))})" if isinstance(runs, list) else ""
@@ -1029,14 +1035,15 @@ def fuse_main(args) -> int:
         names = front_children(run.out) if args.front else _given_names(run.out, args.name)
         # every name checked before any work (breaker: a misspelt or blocked third name failed the call after two
         # were fused); a front.csv name without a record is skipped (the front is older than the search)
+        several = len(names) > 1 or args.front  # one --name: fuse_child says why it has no run, with its hints
         reasons = {n: no_run_to_fuse(run, n, args.include_leading, listed=args.front) for n in names} \
-            if len(names) > 1 else {}
-        for name in names:
-            if not reasons.get(name):
+            if several else {}
+        for name in names if several else ():
+            if not reasons[name]:
                 check_before_work(run, name, args.export)
         records, skipped = [], {}
         for i, name in enumerate(names, 1):
-            if len(names) > 1:
+            if several:
                 run.say(f"fuse {i}/{len(names)}: {name}")
                 if why := reasons[name]:
                     skipped[name] = why
@@ -1044,13 +1051,13 @@ def fuse_main(args) -> int:
                     continue
             rec = fuse_child(run, name, include_leading=args.include_leading, max_kl_increase=args.max_kl_increase,
                              distill=args.distill, measure=args.measure, export=args.export, retime=args.retime)
-            print(fusion_summary(rec) + ("\n" if len(names) > 1 else ""), flush=True)
+            print(fusion_summary(rec) + ("\n" if several else ""), flush=True)
             records.append(rec)
     if not records:
         raise PuzzleError(f"none of {', '.join(names)} has a run to fuse: " + "; ".join(
             f"{n}: {why}" for n, why in skipped.items()) + "; " + _others_hint(
             run, run.parent.model.config, set(names), args.include_leading))
-    if len(names) > 1:
+    if several:
         print(fusion_table(records, skipped))
     return 0
 

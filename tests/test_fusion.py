@@ -295,7 +295,9 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     # folder holds another fusion's child exports again (breaker: a stale export was taken as done)
     folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False, export=False)
     assert len(scored) == 1 and export_info(dest)["fusion_id"] == rec["fusion_id"]  # --no-export: left as it was,
-    assert "holds an earlier fusion of child-fuse (runs 1-2), not this one" in fusion.fusion_summary(folded)  # and said
+    # and said where it holds another model (the run distilled there); the same model made otherwise is not another
+    assert ("holds an earlier fusion of child-fuse (runs 1-2), not this one" in fusion.fusion_summary(folded)) == \
+        row["distilled"]
     assert folded["runs"][0]["score_kl_nats"] == row["folded_score_kl_nats"] and not folded["runs"][0]["distilled"]
     folded = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False, distill=False)
     assert export_info(dest)["fusion_id"] == folded["fusion_id"] != rec["fusion_id"]
@@ -549,6 +551,11 @@ def test_puzzle_fuse_takes_several_children_or_the_front_and_skips_those_without
     assert main(["fuse", *flags, "--name", "child-lead,child-fuse"]) == 2
     assert "searched child named child-fuse-fused" in capsys.readouterr().err and not (run.out / "fusion").exists()
     (run.out / "search" / "child-fuse-fused.json").unlink()
+    (run.out / "front_rows" / "child-fuse-fused.json").mkdir(parents=True)  # the front row's place too
+    assert main(["fuse", *flags, "--name", "child-lead,child-fuse"]) == 2
+    assert "child-fuse-fused.json is a folder where a file belongs" in capsys.readouterr().err
+    assert not (run.out / "fusion").exists()
+    (run.out / "front_rows" / "child-fuse-fused.json").rmdir()
     # a searched child whose name has a comma is one name (breaker: it could no longer be fused)
     shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-a,b.json")
     assert main(["fuse", *flags, "--name", "child-a,b"]) == 0 and (run.out / "fusion" / "child-a,b.json").is_file()
@@ -567,3 +574,6 @@ def test_puzzle_fuse_takes_several_children_or_the_front_and_skips_those_without
     assert "fuse 1/3: child-nofuse" in captured.err and "fuse 2/3: child-fuse" in captured.err
     assert "skipped child-nofuse" in captured.out and (run.out / "fusion" / "child-fuse.json").is_file()
     assert "skipped child-gone: listed in DIR/front.csv but not searched as it is now" in captured.out
+    (run.out / "front.csv").write_text("name\nparent\nchild-gone\n")  # one name: the same reason, not a bare error
+    assert main(["fuse", *flags, "--front"]) == 2
+    assert "none of child-gone has a run to fuse: child-gone: listed in DIR/front.csv" in capsys.readouterr().err
