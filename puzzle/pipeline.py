@@ -1439,8 +1439,9 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
     (DIR/export itself, DIR/children/realized, ...), and DIR/export/<x> where x names one of the run's own models
     other than `name`, the model being exported (None: a trained model, which may take none of them): a searched
     or refined child (DIR/search/<x>.json, chosen.json's names), a recorded export (DIR/children/exports.json), a
-    baseline (DIR/baselines/rows/<x>.json) or a fused child (<child>-fused for DIR/fusion/<child>.json). `puzzle run`, `export` and `baselines` write those folders, and a
-    model of another provenance there would be described as theirs or block them.
+    baseline (DIR/baselines/rows/<x>.json) or a fused child (<child>-fused for DIR/fusion/<child>.json). `puzzle
+    run`, `export`, `baselines` and `fuse` write those folders, and a model of another provenance there would be
+    described as theirs or block them.
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
