@@ -872,7 +872,12 @@ def cmd_front(args) -> int:
         from .pipeline import contention_note, front_contention
 
         # ratios at matched speed carry that noise (a session's only where the rows took its speed-ups)
-        if busy := contention_note(front_contention(run.out, session_used="timing" in rows.columns)):
+        contention = front_contention(run.out, session_used="timing" in rows.columns)
+        if busy := contention_note(contention):
+            rows_busy = contention_note({k: v for k, v in contention.items() if k.startswith("baselines")})
+            if rows_busy and "timing" not in rows.columns:  # breaker: it named no command that times them again
+                busy += (f" (`puzzle front --out {run.out} --one-session` times every model of the front again, "
+                         f"together, fused children included)")
             _log(f"front: warning: {busy}")
     return 0
 

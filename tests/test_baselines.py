@@ -528,6 +528,13 @@ def test_an_up_to_date_front_without_baselines_warns_of_a_busy_timing(tmp_path_f
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "is up to date" in err and "front: warning: the children were timed while other jobs kept 0.90 cores" in err
+    # a model row timed on a busy machine (a fused child's, say): the warning names the command that times it again
+    (out / "front_rows").mkdir()
+    (out / "front_rows" / "x-fused.json").write_text(json.dumps({"name": "x-fused", "contention_cores": 1.2}))
+    assert main(["front", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "the baselines, refined and fused children were timed while other jobs kept 1.20 cores" in err
+    assert f"`puzzle front --out {out} --one-session` times every model of the front again" in err
 
 
 def test_the_front_says_which_budgets_of_ours_the_baselines_do_not_hold():
