@@ -655,7 +655,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
         _place_on_front(run, saved)
         shown = {k: v for k, v in saved.items() if k != "export"}  # breaker: --no-export named a folder since moved
         if export and saved["kept"]:
-            shown["export"] = str(dest)
+            shown.update(export=str(dest), export_kept=True)  # fresh user: "exported" read as written again
         note = _earlier_export_note(dest, name, saved)
         return {**shown, **({"earlier_export": note} if note else {})}
 
@@ -1184,7 +1184,8 @@ def fusion_summary(rec: dict) -> str:
                          f"{ScoreConfig().max_contention:g}), so these speed-ups may be off by far more than the "
                          f"timing noise: --retime on a quiet machine times the fused child again")
     if rec.get("export"):
-        lines.append(f"exported: {rec['export']}")
+        lines.append(f"export: {rec['export']} (as recorded, not written again)" if rec.get("export_kept")
+                     else f"exported: {rec['export']}")
     if rec.get("earlier_export"):
         lines.append(rec["earlier_export"])
     return "\n".join(lines)

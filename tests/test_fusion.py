@@ -227,8 +227,10 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     scored = []
     real_kl = refine.selection_kl
     monkeypatch.setattr(refine, "selection_kl", lambda *a, **k: scored.append(1) or real_kl(*a, **k))
-    assert fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)["runs"] == rec["runs"]
-    assert scored == []  # done: nothing scored again
+    done = fusion.fuse_child(run, "child-fuse", max_kl_increase=10.0, measure=False)
+    assert done["runs"] == rec["runs"] and scored == []  # done: nothing scored again
+    assert f"export: {dest} (as recorded, not written again)" in fusion.fusion_summary(done)  # fresh user
+    assert f"exported: {dest}" in fusion.fusion_summary(rec)
     # a copy of the run is done too, its own folder named (breaker: the path was compared as text)
     shutil.copytree(run.out, tmp_path / "copy")
     copied = fusion.fuse_child(open_run(tmp_path / "copy", progress=False), "child-fuse", max_kl_increase=10.0,
