@@ -74,8 +74,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def add_max_contention_flag(p) -> None:
     """--max-contention CORES (score.max_contention) on a command that times models: `run`, `score`, `realize`,
-    `front`, `refine`, `baselines`; `p` is a parser or an argument group. Saved to DIR/config.json with the run's
-    other settings (`_resolve_config`, through `_stage_run` in every command that takes it)."""
+    `front`, `refine`, `baselines`, `fuse`; `p` is a parser or an argument group. Saved to DIR/config.json with the
+    run's other settings (`_resolve_config`, through `_stage_run` in every command that takes it)."""
     p.add_argument("--max-contention", type=float, metavar="CORES",
                    help="cores other processes may keep busy on this process's CPUs before a timing window is "
                         "redone (default: as --preset or DIR/config.json sets it, else 0.25; 'inf' measures "

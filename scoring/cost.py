@@ -397,8 +397,8 @@ def _contention_error(contention: float, limit: float, workload: "Workload", wha
         f"limit (max_contention={limit:g}); they share the cores, cache and memory bandwidth, so timings taken now "
         "would mispredict speed-ups. Stop the other jobs (see `top`) and run the same command again (finished "
         "stages are kept), or accept distorted timings: `--max-contention inf` on the same command (run, score, "
-        "realize, front, refine and baselines take it, and save it to DIR/config.json for the run's later commands); "
-        "in a preset, [score] max_contention.")
+        "realize, front, refine, baselines and fuse take it, and save it to DIR/config.json for the run's later "
+        "commands); in a preset, [score] max_contention.")
 
 
 def _over_limit(guard: Contention, wall: float, contention: float, limit: float) -> bool:

@@ -551,7 +551,7 @@ def test_the_contention_error_names_the_flag_of_every_command_that_times():
 
     error = str(cost._contention_error(0.9, 0.25, W, "the children", 2))
     assert "`--max-contention inf` on the same command" in error
-    assert "realize, front, refine and baselines take it" in error and "take it from DIR/config.json" not in error
+    assert "realize, front, refine, baselines and fuse take it" in error and "take it from DIR/config.json" not in error
 
 
 def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
