@@ -147,10 +147,9 @@ def build_front_model(run, spec: dict, library=None):
     if "export" in spec:  # a fused child of `puzzle fuse`, loaded from its export
         if not isinstance(spec["export"], Path):
             raise spec["export"]
-        from .parent import load_parent
+        from .fusion import load_fused_export
 
-        return load_parent(spec["export"], dtype=next(run.parent.model.parameters()).dtype,
-                           with_tokenizer=False).model
+        return load_fused_export(run, spec["export"])
     library = front_library(run) if library is None else library
     return realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]], spec["stage"])
 

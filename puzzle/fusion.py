@@ -562,11 +562,8 @@ def _earlier_export_note(dest: Path, name: str, rec: dict) -> str | None:
     if not info or info.get("fused_from") != name or rec.get("kept") and info.get("fusion_id") == rec.get(
             "fusion_id"):
         return None
-    key = _fused_child_key(rec)  # breaker: the same model made with other settings (e.g. --no-measure) is not another
-    if rec.get("kept") and info.get("fused_runs") == key["fused_runs"] and info.get("distilled") == key[
-            "distilled_runs"] and info.get("unfused_child") == {"architecture": key["child_architecture"],
-                                                                "library_stage": key["training"]}:
-        return None
+    if rec.get("kept") and _holds(info, _fused_child_key(rec)):  # breaker: the same model made with other settings
+        return None  # (e.g. --no-measure) is not another
     runs = info.get("fused_runs")
     shown = f" (runs {', '.join(map(str, runs))})" if isinstance(runs, list) else ""
     what = "delete it, or export this one (without --no-export)" if rec.get("kept") else \
@@ -749,7 +746,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     out["fusion_id"] = hashlib.sha256(json.dumps({"inputs": inputs, "kept": out["kept"]}, sort_keys=True)
                                       .encode()).hexdigest()[:16]
     if kept and export:
-        _export_fused(run, plain, dest, provenance, {**out, "inputs": inputs}, kept, distilled)
+        _export_fused(run, plain, dest, provenance, {**out, "inputs": inputs})
         out.update({"export": str(dest), "export_files": _export_files(dest)})
     out.update({"seconds": time.perf_counter() - t0, "inputs": inputs})
     _write_record(done_path, out)
@@ -792,6 +789,19 @@ def _front_row(rec: dict) -> dict | None:
 
 #: the figures a fused child's front row (and the parent's row of its timing session, from the fourth on) must have
 FRONT_ROW_NUMBERS = ("speedup", "kl_nats", "lm_loss", "throughput_tok_s", "params", "runtime_ms", "memory_mib")
+
+
+def _export_identity(key: dict) -> dict:
+    """The entries of a fused export's config.json "puzzle" entry that say which model it holds, from a
+    `_fused_child_key` (or a front row, which carries one)."""
+    return {"fused_from": key.get("fused_from"), "fused_runs": key.get("fused_runs"),
+            "distilled": key.get("distilled_runs"),
+            "unfused_child": {"architecture": key.get("child_architecture"), "library_stage": key.get("training")}}
+
+
+def _holds(info, key: dict) -> bool:
+    """Whether the export whose "puzzle" entry is `info` (`export.export_info`) holds the fused child of `key`."""
+    return isinstance(info, dict) and all(info.get(k) == v for k, v in _export_identity(key).items())
 
 
 def _fused_child_key(rec: dict) -> dict:
@@ -846,13 +856,7 @@ def front_row_export(run, name: str) -> Path | None:
     if not isinstance(row, dict) or row.get("method") != "ffn_fusion":
         return None
     dest = run.out / "export" / name
-    info = export_info(dest)
-    same = isinstance(info, dict) and (dest / "config.json").is_file() and all(
-        info.get(k) == row.get(r) for k, r in (("fused_from", "fused_from"), ("fused_runs", "fused_runs"),
-                                               ("distilled", "distilled_runs"))) \
-        and info.get("unfused_child") == {"architecture": row.get("child_architecture"), "library_stage": row.get(
-            "training")}
-    if not same:
+    if not ((dest / "config.json").is_file() and _holds(export_info(dest), row)):
         raise PuzzleError(f"{name} (DIR/front_rows/{name}.json) is built from its export, but {dest} "
                           f"{'holds another model' if dest.exists() else 'is missing'}: `puzzle fuse --out {run.out} "
                           f"--name {row.get('fused_from')}` with the same settings (without --no-export) exports it "
@@ -863,26 +867,25 @@ def front_row_export(run, name: str) -> Path | None:
 def load_front_row_model(run, name: str) -> PuzzleForCausalLM | None:
     """The fused child of the front row `name` loaded from its export (`front_row_export`) in the parent's dtype, on
     the CPU; None where that row is not a fusion's. Raises PuzzleError as `front_row_export`."""
+    dest = front_row_export(run, name)
+    return None if dest is None else load_fused_export(run, dest)
+
+
+def load_fused_export(run, dest: Path) -> PuzzleForCausalLM:
+    """The fused child exported in `dest`, in the parent's dtype, on the CPU (`parent.load_parent`)."""
     from .parent import load_parent
 
-    dest = front_row_export(run, name)
-    if dest is None:
-        return None
-    dtype = next(run.parent.model.parameters()).dtype
-    return load_parent(dest, dtype=dtype, with_tokenizer=False).model
+    return load_parent(dest, dtype=next(run.parent.model.parameters()).dtype, with_tokenizer=False).model
 
 
-def _export_fused(run, plain, dest: Path, provenance: dict, rec: dict, kept, distilled) -> None:
+def _export_fused(run, plain, dest: Path, provenance: dict, rec: dict) -> None:
     """Write the fused child `plain` of the record `rec` to `dest`, its config.json's "puzzle" entry naming the child
-    (and its architecture and library stage, which `front_row_export` checks), the runs fused, those distilled (as
-    lists of their layers in `distilled`) and the fusion_id `_own_export` checks."""
+    (and its architecture and library stage), the runs fused and those distilled (`_export_identity`, which
+    `front_row_export` checks) and the fusion_id `_own_export` checks."""
     from .export import export_checkpoint
 
-    key = _fused_child_key(rec)
     result = export_checkpoint(plain, run.parent.tokenizer, dest, overwrite=True, extra_info={
-        **provenance, "fused_from": rec["name"], "fused_runs": [_run_text(r) for r in kept],
-        "distilled": [_run_text(r) for r in kept if list(range(*r)) in distilled], "fusion_id": rec["fusion_id"],
-        "unfused_child": {"architecture": key["child_architecture"], "library_stage": key["training"]}})
+        **provenance, **_export_identity(_fused_child_key(rec)), "fusion_id": rec["fusion_id"]})
     run.say_export_warnings(provenance["name"], result.warnings)
 
 
@@ -903,7 +906,7 @@ def _export_again(run, rec: dict, blocks, stage: str, dest: Path, provenance: di
     plain = to_plain_model(composed)
     if not math.isclose(selection_kl(run, plain), rec["fused_score_kl_nats"], rel_tol=1e-5):
         return False
-    _export_fused(run, plain, dest, provenance, rec, kept, distilled)
+    _export_fused(run, plain, dest, provenance, rec)
     return True
 
 

@@ -447,26 +447,22 @@ def _current_row_inputs(run_dir: Path) -> dict:
 
 def _searched_architecture(run_dir: Path, name) -> str | None:
     """The compact architecture DIR/search/<name>.json holds, or None when there is no readable record."""
+    return _searched_child(run_dir, name)[0]
+
+
+def _searched_child(run_dir: Path, name) -> tuple[str | None, str | None]:
+    """The compact architecture and library stage ("bld" where it names none) DIR/search/<name>.json holds, or
+    (None, None) when there is no readable record."""
     from .io import read_json
     from .pipeline import compact_architecture
 
     if not isinstance(name, str) or Path(name).name != name or not name:
-        return None
-    try:
-        return compact_architecture(read_json(run_dir / "search" / f"{name}.json")["choice"])
-    except (PuzzleError, OSError, KeyError, TypeError, ValueError, AttributeError):
-        return None
-
-
-def _searched_stage(run_dir: Path, name: str) -> str | None:
-    """The library stage of DIR/search/<name>.json ("bld" where it names none), or None without a readable record."""
-    from .io import read_json
-
+        return None, None
     try:
         record = read_json(run_dir / "search" / f"{name}.json")
-        return str(record.get("library_stage", "bld"))
-    except (PuzzleError, OSError, AttributeError):
-        return None
+        return compact_architecture(record["choice"]), str(record.get("library_stage", "bld"))
+    except (PuzzleError, OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None, None
 
 
 def stale_inputs(inputs: dict, current: dict, missing_is_stale: bool = False) -> list[str]:
@@ -492,9 +488,9 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
             and searched != row.get("architecture"):  # e.g. `refine --no-measure` chose another child since
         stale.append("architecture (search/ holds another child of this name now)")
     fused_from = row.get("fused_from") if row.get("method") == "ffn_fusion" else None  # `puzzle fuse`'s row
-    if sub == "front_rows" and fused_from is not None and (
-            _searched_architecture(run_dir, fused_from) != row.get("child_architecture")
-            or _searched_stage(run_dir, fused_from) != row.get("training")):  # breaker: a stage change kept it
+    if sub == "front_rows" and fused_from is not None \
+            and _searched_child(run_dir, fused_from) != (row.get("child_architecture"), row.get("training")):
+        # breaker: a stage change kept it
         stale.append(f"child (search/{fused_from}.json holds another child now, or none)")
     if stale:
         plain = str(row.get("name")).removesuffix("-diverse").removesuffix("-refined")  # refine takes the plain child
