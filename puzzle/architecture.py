@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 ATTENTION_KINDS = ("gqa", "linear", "no_op")
@@ -67,9 +68,22 @@ class AttentionConfig:
             return cls("linear")
         if variant_id == "attn-noop":
             return cls("no_op")
-        if variant_id.startswith("attn-kv") and variant_id[7:].isdigit():
-            return cls("gqa", int(variant_id[7:]))
+        if variant_id.startswith("attn-kv") and (heads := _count(variant_id, 7)) is not None:
+            return cls("gqa", heads)
         raise ArchitectureError(f"unknown attention variant id {variant_id!r} (expected attn-kvN, attn-linear, attn-noop)")
+
+
+def _count(variant_id: str, start: int) -> int | None:
+    """The number that ends a variant id from `start` on ("attn-kv1", "ffn-768"), or None where the rest is no ASCII
+    number. Raises ArchitectureError for a number spelt otherwise than `id` spells it ("attn-kv01", "ffn-0768"): one
+    variant under two ids would pass a table's duplicate check and break the search's own checks (breaker)."""
+    digits = variant_id[start:]
+    if not re.fullmatch(r"[0-9]+", digits):
+        return None
+    if str(int(digits)) != digits:
+        raise ArchitectureError(f"variant id {variant_id!r} spells its number with leading zeros: write "
+                                f"{variant_id[:start] + str(int(digits))!r}")
+    return int(digits)
 
 
 @dataclass(frozen=True)
@@ -107,8 +121,8 @@ class FFNConfig:
             return cls("linear")
         if variant_id == "ffn-noop":
             return cls("no_op")
-        if variant_id.startswith("ffn-") and variant_id[4:].isdigit():
-            return cls("swiglu", int(variant_id[4:]))
+        if variant_id.startswith("ffn-") and (width := _count(variant_id, 4)) is not None:
+            return cls("swiglu", width)
         raise ArchitectureError(f"unknown ffn variant id {variant_id!r} (expected ffn-N, ffn-linear, ffn-noop)")
 
 

@@ -244,13 +244,8 @@ def build_choices(table: pd.DataFrame) -> Choices:
             raise PuzzleError(f"layer {layer} has {have} rows but no {lack} rows: a decoupled layer needs both kinds")
         try:
             slots = [(parse(BlockConfig, variant_of[k]), (k,), bool(is_parent[k])) for k in kinds["block"]]
-            coupled = {}  # block id -> its row position
-            for block, (k,), _ in slots:
-                if block.id in coupled:
-                    raise PuzzleError(f"layer {layer} lists the block variant {block.id} twice, as "
-                                      f"{variant_of[coupled[block.id]]!r} and {variant_of[k]!r} in "
-                                      f"{_rows(coupled[block.id], k)}; keep one row per variant")
-                coupled[block.id] = k
+            # block id -> its row position (one spelling per id, so `_check_values` found any block listed twice)
+            coupled = {block.id: k for block, (k,), _ in slots}
             attention = [(parse(AttentionConfig, variant_of[k]), k) for k in kinds["attention"]]
             ffn = [(parse(FFNConfig, variant_of[k]), k) for k in kinds["ffn"]]
         except ArchitectureError as e:

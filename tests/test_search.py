@@ -890,11 +890,13 @@ def test_a_table_cut_since_its_sidecar_was_written_is_refused(tmp_path_factory, 
 def test_a_block_listed_twice_in_a_csv_names_both_rows(tmp_path, capsys):
     table = random_table(16, layers=2, kind="coupled")
     again = table.iloc[[4]].assign(variant=table["variant"].iloc[4].replace("ffn-", "ffn-0"))  # another spelling
-    for copy, words in [(table.iloc[[4]], "lists the block variant attn-kv2+ffn-48 twice, in rows 4 and 19"),
-                        (again, "twice, as 'attn-kv2+ffn-48' and 'attn-kv2+ffn-048' in rows 4 and 19")]:
-        pd.concat([table, copy]).to_csv(tmp_path / "twice.csv", index=False)
-        err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "twice.csv"), "--speedup", "1.2"])
-        assert words in err and "keep one row per variant" in err, err
+    pd.concat([table, table.iloc[[4]]]).to_csv(tmp_path / "twice.csv", index=False)
+    err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "twice.csv"), "--speedup", "1.2"])
+    assert "lists the block variant attn-kv2+ffn-48 twice, in rows 4 and 19" in err and "keep one row per variant" in err
+    # another spelling of the same number is refused as such (breaker: it once passed as a variant of its own)
+    pd.concat([table, again]).to_csv(tmp_path / "twice.csv", index=False)
+    err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "twice.csv"), "--speedup", "1.2"])
+    assert "variant id 'ffn-048' spells its number with leading zeros: write 'ffn-48'" in err, err
 
 
 @needs_fixture

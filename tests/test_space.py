@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.architecture import ArchitectureError, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import PuzzleError
 from puzzle.space import SpaceConfig, attention_variants, build_space, ffn_variants, ffn_widths
 from puzzle.tiny import tiny_parent
@@ -60,3 +60,18 @@ def test_a_child_searched_again_offers_only_cheaper_variants():
     layer0 = build_space(child, SpaceConfig(ffn_fractions=(0.5, 0.25), ffn_multiple=16))[0]
     assert [a.id for a in layer0.attention] == ["attn-linear", "attn-noop"]
     assert [f.id for f in layer0.ffn] == ["ffn-64", "ffn-32", "ffn-linear", "ffn-noop"]
+
+
+@pytest.mark.parametrize("bad, fix", [("attn-kv01", "attn-kv1"), ("ffn-0128", "ffn-128")])
+def test_a_variant_id_with_leading_zeros_is_refused_with_its_spelling(bad, fix):
+    # breaker: 'attn-kv01' beside 'attn-kv1' passed a table's duplicate check, then broke the search's own check
+    with pytest.raises(ArchitectureError, match=re.escape(f"write {fix!r}")):
+        BlockConfig.from_id(bad + "+ffn-noop" if bad.startswith("attn") else "attn-noop+" + bad)
+
+
+@pytest.mark.parametrize("odd", ["attn-kv²", "ffn-٣٢", "ffn- 32", "attn-kv"])
+def test_a_variant_id_with_no_ascii_number_is_unknown(odd):
+    from puzzle.architecture import is_variant_id
+
+    assert not is_variant_id(odd)
+    assert AttentionConfig.from_id("attn-kv3").id == "attn-kv3" and FFNConfig.from_id("ffn-768").id == "ffn-768"
