@@ -898,11 +898,14 @@ def _print_front_table(out: Path, rows=None) -> None:
     where = ""
     if rows is not None and "timing" in rows.columns:  # breaker: the table showed own-session figures beside them
         timed = rows[rows["timing"].eq("one session")].drop_duplicates("name").set_index("name")["speedup"]
-        if shown["name"].isin(timed.index).any():
+        children = shown["name"].ne("parent")  # breaker: the parent alone in the session named every child's figure
+        if (children & shown["name"].isin(timed.index)).any():
             shown["speedup"] = [timed.get(n, s) for n, s in zip(shown["name"], shown["speedup"])]
+            own = shown.loc[children & ~shown["name"].isin(timed.index), "name"].tolist()
             # fresh user: 1.143x beside budget_met True read as the one session's check
-            where = (", measured speed-ups from the one session (one_session.json); budget_met is each child's "
-                     "check in its own session (front.csv)")
+            where = (", measured speed-ups from the one session (one_session.json)"
+                     + (f" except {', '.join(own)} (own session)" if own else "")
+                     + "; budget_met is each child's check in its own session (front.csv)")
     shown = shown.rename(columns={"speedup": "measured_speedup", "kl_nats": "evaluation_kl"})
     for column in ("target_speedup", "measured_speedup", "evaluation_kl", "predicted_kl_nats"):  # hand edits: "-"
         shown[column] = pd.to_numeric(shown[column], errors="coerce")
