@@ -703,6 +703,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     if not resume and (done := _finished_refinement(run, name, inputs, max_rounds)) is not None:
         run.say(f"refine {name}: already refined from the same child, settings and run inputs ({summary_path}); "
                 f"--continue runs more rounds, and deleting {log_path} starts afresh")
+        done.attrs["finished"] = True  # `refine_main` then times the children only where no call has
         return done
     # this call rewrites the log and records before its table: until it writes its own inputs, none stands (reviewer:
     # an interrupted call left the earlier inputs beside its new records, and a plain rerun took the old table). They
@@ -1068,6 +1069,29 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
     return steps, checks, measured
 
 
+def _timed_refinement(run, name: str, steps: pd.DataFrame) -> bool:
+    """Whether a finished refinement's step table (`improve_child`) holds a budget check and a measured speed-up for
+    every step after the plain child, and DIR/front_rows/ a current row (`baselines._saved_row`) for `name`-diverse
+    and `name`-refined as DIR/search/ holds them: what `settle_steps` and `measure_steps` would time again."""
+    from .baselines import _saved_row, row_inputs
+    from .pipeline import compact_architecture, read_architecture_at
+
+    later = steps[steps.get("step", pd.Series(index=steps.index, dtype=object)) != "plain"]
+    if not len(later) or not {"measured_speedup", "budget_met"} <= set(steps.columns) or \
+            later[["measured_speedup", "budget_met"]].isna().any().any():
+        return False
+    inputs = row_inputs(run)
+    for step in ("diverse", "refined"):
+        row = _saved_row(run.out / "front_rows" / f"{name}-{step}.json", inputs)
+        try:
+            record = read_architecture_at(run.out, f"{name}-{step}")
+        except PuzzleError:
+            return False
+        if row is None or row.get("architecture") != compact_architecture(record["choice"]):
+            return False
+    return _saved_row(run.out / "front_rows" / "parent.json", inputs) is not None
+
+
 def measure_steps(run, name: str, measured: pd.DataFrame | None = None) -> pd.DataFrame:
     """Realize, evaluate and time `name`-diverse and `name`-refined against the parent, interleaved in one session
     (`baselines.realize_all`; rows in DIR/front_rows/, reused while their architecture and the run's workload and
@@ -1118,6 +1142,9 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budget-feedback", dest="refine_budget_feedback", type=int, default=None, metavar="N",
                    help="re-solve rounds for a diverse or refined child that measures off its budget (0: check only; "
                         "default: the run's [search] budget_feedback, which this flag does not change)")
+    p.add_argument("--retime", action="store_true",
+                   help="time the diverse and refined children of a finished refinement again, and hold them to the "
+                        "budget again (a rerun otherwise keeps an earlier call's timing)")
     p.add_argument("--no-refine-after-repair", dest="refine_after_repair", action="store_false",
                    help="when the budget feedback re-solves the refined child, stop there (with a hint to refine on "
                         "with --continue); by default refine continues from the re-solved child under the corrected "
@@ -1163,6 +1190,9 @@ def refine_main(args) -> int:
         if args.no_measure:  # breaker: it was ignored without a word
             raise PuzzleError("--budget-feedback holds the children to their budget as measured, and --no-measure "
                               "skips the timing: give one of them")
+    if args.no_measure and args.retime:
+        raise PuzzleError("--retime times the diverse and refined children again, and --no-measure skips their timing: "
+                          "give one of them")
     if args.no_measure and not args.refine_after_repair:
         raise PuzzleError("--no-refine-after-repair acts on the budget feedback's re-solves, and --no-measure skips "
                           "the timing they follow: give one of them")
@@ -1185,7 +1215,13 @@ def refine_main(args) -> int:
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume, seeds=seeds)
-        if not args.no_measure:
+        timed_before = not (args.no_measure or args.retime or args.refine_budget_feedback is not None) and \
+            df.attrs.get("finished") and _timed_refinement(run, args.name, df)
+        if timed_before:  # breaker: each rerun timed them again, rewrote their figures and flipped budget_met
+            run.say(f"refine {args.name}: its diverse and refined children were timed and checked against the budget already "
+                    f"(their rows in {run.out / 'front_rows'}); `--retime` times them again, e.g. where that "
+                    f"machine was busy")
+        elif not args.no_measure:
             from .pipeline import read_architecture
 
             refined = f"{args.name}-refined"

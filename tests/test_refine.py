@@ -550,6 +550,20 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
         assert row["architecture"] == compact_architecture(record["choice"]) and row["speedup"] > 0
         assert summary.loc[name, "measured_speedup"] == pytest.approx(row["speedup"])
         assert row["method"] == ("mip-diverse" if name.endswith("diverse") else "mip-refined")
+    # run again: done, and timed already (breaker: each rerun timed them again and rewrote their figures)
+    again = ["refine", "--out", str(out), "--name", "child-1.5x", "--k", "2", "--min-layers-differ", "1", "--refine-k",
+             "1", "--max-changes", "1", "--rounds", "1", "--select-tokens", "128", "--no-progress"]
+    timed = {p: p.read_bytes() for p in [out / "refine" / "child-1.5x.summary.csv", *(out / "front_rows").glob("*")]}
+    assert main(again) == 0
+    assert "timed and checked against the budget already" in capsys.readouterr().err
+    assert timed == {p: p.read_bytes() for p in timed}
+    assert main(again + ["--retime", "--max-contention", "inf"]) == 0  # timed again, on request
+    err = capsys.readouterr().err
+    assert "already refined" in err and "checked against the budget already" not in err
+    summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
+    for name in ("child-1.5x-diverse", "child-1.5x-refined"):
+        row = json.loads((out / "front_rows" / f"{name}.json").read_text())
+        assert summary.loc[name, "measured_speedup"] == pytest.approx(row["speedup"])
     assert main(["front", "--out", str(out), "--max-contention", "inf", "--no-progress"]) == 0
     drawn = pd.read_csv(out / "front_all.csv").set_index("name")
     assert drawn.loc["child-1.5x-refined", "method"] == "mip-refined"
