@@ -1218,8 +1218,8 @@ def refine_main(args) -> int:
         timed_before = not (args.no_measure or args.retime or args.refine_budget_feedback is not None) and \
             df.attrs.get("finished") and _timed_refinement(run, args.name, df)
         if timed_before:  # breaker: each rerun timed them again, rewrote their figures and flipped budget_met
-            run.say(f"refine {args.name}: its diverse and refined children were timed and checked against the budget already "
-                    f"(their rows in {run.out / 'front_rows'}); `--retime` times them again, e.g. where that "
+            run.say(f"refine {args.name}: its diverse and refined children were timed and checked against the budget "
+                    f"already (their rows in {run.out / 'front_rows'}); `--retime` times them again, e.g. where that "
                     f"machine was busy")
         elif not args.no_measure:
             from .pipeline import read_architecture
