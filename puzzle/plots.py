@@ -236,14 +236,14 @@ FAR_FROM_TARGET = 1.2  # a front's nearest measured model this many times faster
 def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "mip", y: str = "kl_nats") -> pd.DataFrame:
     """Our `y` divided by each baseline's at matched measured speed-up (linear interpolation).
 
-    Each (method, training) front is the parent (speed-up 1, y 0) plus its measured points, sorted
-    by speed-up and made monotone (the best y reached at or above each speed-up); its y at speed-up
-    s is interpolated linearly between neighbours. A method is compared at s only where its points
-    reach s (no extrapolation). Where a front's slowest model is far above s, its y at s comes from
-    the line between the parent and that model, a figure no measured model has: `ours_from` /
-    `baseline_from` name the models each value lies between, at their own measured speed-ups
-    ("parent@1x..child-2x@2.02x"; one name where one model gives it, as a faster model whose y
-    beats a slower one's does on the envelope), and `ours_gap` / `baseline_gap` how far the nearer
+    Each (method, training) front is the parent (speed-up 1, y 0) plus its measured models that no
+    faster one beats (a model with a y as low at a higher speed-up leaves it out), sorted by speed-up,
+    so y rises with speed-up; its y at speed-up s is interpolated linearly between neighbours. A method
+    is compared at s only where its points reach s (no extrapolation). Where a front's slowest model
+    is far above s, its y at s comes from the line between the parent and that model, a figure no
+    measured model has: `ours_from` / `baseline_from` name the models each value lies between, at
+    their own measured speed-ups ("parent@1x..child-2x@2.02x"; one name where a model sits at s),
+    and `ours_gap` / `baseline_gap` how far the nearer
     of them is from s (max(s_model / s, s / s_model); 1 when one sits at s; inf when only the parent
     brackets s), which `ratio_table` flags above FAR_FROM_TARGET.
 
@@ -253,14 +253,16 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
     """
     def curve(part):  # a model without a finite speed-up or y (not measured) is no point of its front
         names = part["name"] if "name" in part else [""] * len(part)
-        pts = sorted((float(s), float(v), str(n)) for s, v, n in zip(part["speedup"], part[y], names)
-                     if math.isfinite(s) and math.isfinite(v))
-        pts = [(1.0, 0.0, "parent")] + [p for p in pts if p[0] > 1.0]
-        best, out = (math.inf, "", math.nan), []
-        for s, v, n in reversed(pts):  # the best y at or above each speed-up, the model that has it, its speed-up
-            best = min(best, (v, n, s))
-            out.append((s, *best))
-        return out[::-1]  # (speed-up on the envelope, y, model, the model's own speed-up)
+        pts = sorted(((float(s), float(v), str(n)) for s, v, n in zip(part["speedup"], part[y], names)
+                      if math.isfinite(s) and math.isfinite(v) and float(s) > 1.0), key=lambda p: (p[0], -p[1], p[2]))
+        best, out = math.inf, []
+        for s, v, n in reversed(pts):  # from the fastest: a model is on the front where no faster one has as low a y
+            if v < best:
+                best = v
+                out.append((s, v, n, s))
+        # breaker: a beaten model once stayed as a point at its own speed-up with the faster one's y, which bent the
+        # line from the parent (a slower, worse model made the front worse) and disagreed with the names it gave
+        return [(1.0, 0.0, "parent", 1.0)] + out[::-1]  # (speed-up, y, model, its speed-up), y rising with speed-up
 
     def label(point):
         return f"{point[2]}@{point[3]:.3g}x"
@@ -798,6 +800,9 @@ def ratio_table(ratios: pd.DataFrame) -> str:
     if "ratio_lo" in ratios.columns and ratios["ratio_lo"].notna().any():
         notes.append("(lo-hi): 5-95 % interval of the ratio from the timing noise of the one session (bootstrap of "
                      "each model's runtime median, `plots.matched_ratio_intervals`; the KLs are held fixed)")
+    if "reached" in ratios.columns and (ratios.dropna(subset=["ratio_lo"])["reached"] < PARTLY_REACHED).any():
+        notes.append("(lo-hi, N%): both fronts reach that speed-up in only N% of the timing-noise draws; the interval "
+                     "is over those draws, so the ratio itself can lie outside it")
     if any(map(_far, ratios.itertuples())):
         notes.append(f"~: our or the baseline's nearest measured model is more than {FAR_FROM_TARGET:g}x faster or "
                      f"slower than that speed-up, so its KL there is interpolated (from the parent at 1x and KL 0 where "
@@ -816,12 +821,16 @@ def _far(row) -> bool:
     return any(isinstance(g, float) and g > FAR_FROM_TARGET for g in gaps)
 
 
+PARTLY_REACHED = 0.95  # a ratio interval over fewer of the timing-noise draws than this says how many
+
+
 def _ratio_cell(row) -> str:
     """A ratio table cell: the ratio, or why there is none (`ratio_table`'s notes)."""
     ratio, ours, theirs = (getattr(row, c, math.nan) for c in ("ratio", "ours_kl_nats", "baseline_kl_nats"))
     if isinstance(ratio, float) and math.isfinite(ratio):
-        lo, hi = (getattr(row, c, math.nan) for c in ("ratio_lo", "ratio_hi"))
-        interval = f" ({lo:.2f}-{hi:.2f})" if _finite(lo) and _finite(hi) else ""
+        lo, hi, reached = (getattr(row, c, math.nan) for c in ("ratio_lo", "ratio_hi", "reached"))
+        some = f", {reached:.0%}" if _finite(reached) and reached < PARTLY_REACHED else ""  # breaker: 0.60 (0.07-0.59)
+        interval = f" ({lo:.2f}-{hi:.2f}{some})" if _finite(lo) and _finite(hi) else ""
         return f"{ratio:.2f}" + ("~" if _far(row) else "") + interval
     if not (isinstance(theirs, float) and math.isfinite(theirs)):
         return "-"

@@ -158,11 +158,15 @@ def test_matched_ratios_interpolate_and_never_extrapolate():
     assert r.loc[1.5, "ours_from"] == "a@1.5x" and r.loc[1.5, "ours_gap"] == 1.0
     assert r.loc[1.5, "baseline_from"] == "c@1.4x..d@1.6x" and r.loc[1.5, "baseline_gap"] == pytest.approx(1.6 / 1.5)
     assert r.loc[2.0, "baseline_from"] == "" and math.isnan(r.loc[2.0, "baseline_gap"])
-    # code review: a point the envelope takes from a faster model is named at that model's own speed-up
+    # a model a faster one beats is no point of the front (breaker: it stayed at its own speed-up with the faster
+    # one's KL, so adding it made the front worse, and the values disagreed with the models they named)
     beaten = rows.assign(kl_nats=[0.0, 0.3, 0.2, 0.8, 1.2])  # b (2x) beats a (1.5x)
     r = matched_ratios(beaten, (1.25, 1.5, 1.75)).set_index("speedup")
-    assert r.loc[1.5, "ours_from"] == "b@2x" and r.loc[1.5, "ours_gap"] == pytest.approx(2 / 1.5)
-    assert r.loc[1.25, "ours_from"] == "parent@1x..b@2x" and r.loc[1.75, "ours_from"] == "b@2x"
+    assert r.loc[1.5, "ours_from"] == "parent@1x..b@2x" and r.loc[1.5, "ours_gap"] == pytest.approx(2 / 1.5)
+    assert r.loc[1.5, "ours_kl_nats"] == pytest.approx(0.1) and r.loc[1.75, "ours_kl_nats"] == pytest.approx(0.15)
+    assert r.loc[1.25, "ours_from"] == "parent@1x..b@2x" and r.loc[1.75, "ours_from"] == "parent@1x..b@2x"
+    without = matched_ratios(beaten[beaten["name"] != "a"], (1.25, 1.5, 1.75))
+    pd.testing.assert_frame_equal(matched_ratios(beaten, (1.25, 1.5, 1.75)), without)
     # a model without a measured KL is no point of its front (not filled in from its neighbour)
     gap = pd.concat([rows, pd.DataFrame([{"name": "e", "method": "layer_removal", "training": "none", "speedup": 1.3,
                                           "kl_nats": float("nan")}])])

@@ -215,6 +215,10 @@ def test_front_rows_take_the_one_sessions_speedups_and_the_ratios_its_intervals(
     text = ratio_table(front_ratios(rows.reset_index(), [1.2], rounds=5))
     assert f"{ratios['ratio']:.2f}~ ({ratios['ratio_lo']:.2f}-{ratios['ratio_hi']:.2f})" in text  # ~: interpolated
     assert "5-95 % interval of the ratio" in text
+    # an interval over part of the draws says how many (breaker: "0.60 (0.07-0.59)" read as a ratio outside its own)
+    part = front_ratios(rows.reset_index(), [1.2], rounds=5).assign(reached=0.516)
+    assert f"({ratios['ratio_lo']:.2f}-{ratios['ratio_hi']:.2f}, 52%)" in ratio_table(part)
+    assert "in only N% of the timing-noise draws" in ratio_table(part) and "only N%" not in text
     # without the session file the rows are their own sessions' again, with no new columns
     (run / "one_session.json").unlink()
     rows = front_rows(run, with_downstream=False).set_index("name")
