@@ -741,7 +741,13 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
     Writes DIR/baselines/baselines.csv and returns it (parent first), with the still-current rows an earlier call
     made for other speed-ups (`_with_earlier_rows`).
     """
-    speedups = tuple(dict.fromkeys(speedups or run.config.search.front_speedups))  # each target once, in order
+    if not speedups:  # the front's targets at or below 1x have the parent as their child: no baseline to build there
+        front = tuple(dict.fromkeys(run.config.search.front_speedups))
+        speedups = tuple(s for s in front if s > 1)
+        if len(speedups) < len(front):  # breaker: `front --front-speedups 1.0` left a run baselines refused
+            run.say(f"baselines: the front's targets {', '.join(f'{s:g}x' for s in front if s <= 1)} are left out "
+                    f"(the parent is at 1x; --speedups sets the targets)")
+    speedups = tuple(dict.fromkeys(speedups))  # each target once, in order
     if not speedups or not all(1 < s < math.inf for s in speedups):
         raise PuzzleError(f"baseline speed-ups must be above 1 and finite (1 is the parent), got {list(speedups)}; set "
                           f"--speedups or the run's front speed-ups")

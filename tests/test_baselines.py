@@ -472,6 +472,32 @@ def test_baselines_command_parses_and_refuses_bad_speedups(tmp_path):
             args.func(args)
 
 
+def test_front_targets_at_or_below_1x_are_left_out_of_the_baselines(tmp_path_factory, monkeypatch):
+    """Breaker: `puzzle front --front-speedups 1.0` saved a target at which `puzzle baselines` refused the run."""
+    from puzzle import baselines
+    from puzzle.baselines import open_run, run_baselines
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    said, planned = [], []
+    run.say = said.append
+
+    def plan(run, speedups, **kwargs):
+        planned.append(speedups)
+        raise KeyboardInterrupt  # the plan is all this test needs
+
+    monkeypatch.setattr(baselines, "plan_baselines", plan)
+    for front, kept in [((0.5, 1.0, 1.5, 1.5), (1.5,)), ((1.0,), None)]:
+        object.__setattr__(run.config.search, "front_speedups", front)
+        if kept is None:
+            with pytest.raises(PuzzleError, match="above 1 and finite"):
+                run_baselines(run, export=False)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                run_baselines(run, export=False)
+            assert planned[-1] == kept
+        assert f"targets {'0.5x, 1x' if kept else '1x'} are left out" in said[-1]
+
+
 def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_factory, tmp_path, capsys):
     import shutil
 
