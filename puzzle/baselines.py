@@ -459,16 +459,30 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
                         f"FFN {w}, {kv} KV heads in every layer", aim=aim)
     reachable = parent_ms / cost.runtime_ms(attention_removal(parent, attn_order, len(attn_order)))
     targets = attention_speedups or speedups
-    seen = set()
+    # one model per architecture (breaker: `--speedups 50` after 2x built the 2x model again as attn-drop-2.45x):
+    # this call's, and the current rows an earlier call left (which `_with_earlier_rows` keeps)
+    from .pipeline import compact_architecture
+
+    built = {}  # compact architecture -> name
+    for path in sorted((run.out / "baselines" / "rows").glob("attn-drop-*.json")):
+        if (row := _saved_row(path, row_inputs(run))) is not None and row.get("method") == "attention_removal":
+            built.setdefault(row.get("architecture"), row.get("name"))
     for s in targets:
         s_eff = min(s, math.floor(reachable * 100) / 100)
-        if s_eff in seen or s_eff <= 1.0:
+        if s_eff <= 1.0:
             continue
-        seen.add(s_eff)
         k = fewest_removals(attn_order, lambda o, m: attention_removal(parent, o, m), cost, parent_ms / s_eff)
-        if k is not None:
-            add(f"attn-drop-{s_eff:g}x", "attention_removal", "none", attention_removal(parent, attn_order, k), s_eff,
-                f"attention removed in {k} layers: {sorted(attn_order[:k])}")
+        if k is None:
+            continue
+        name, blocks = f"attn-drop-{s_eff:g}x", attention_removal(parent, attn_order, k)
+        same = built.setdefault(compact_architecture([b.id for b in blocks]), name)
+        if same != name:
+            if s_eff < s:  # said of a target out of reach only: another within reach needing the same model is plain
+                run.say(f"baselines: attention removal reaches at most {s_eff:g}x here, with the model of {same}")
+            continue
+        if all(c.name != name for c in out):
+            add(name, "attention_removal", "none", blocks, s_eff, f"attention removed in {k} layers: "
+                f"{sorted(attn_order[:k])}")
     atomic_write_json(run.out / "baselines" / "plan.json", [c.to_dict() for c in out])
     return out
 

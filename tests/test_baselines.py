@@ -92,6 +92,28 @@ def test_plan_meets_every_budget_and_realized_rows_are_measured(tmp_path_factory
     assert redone.loc[layers.name, "kl_nats"] != table.set_index("name").loc[layers.name, "kl_nats"]
 
 
+def test_attention_removal_plans_one_model_per_architecture_across_calls(tmp_path_factory, tmp_path):
+    """Breaker: `puzzle baselines --speedups 50` after 2x built the 2x model again as attn-drop-<its reach>x."""
+    import json
+
+    from puzzle.baselines import open_run, row_inputs
+    from puzzle.pipeline import compact_architecture
+
+    run = open_run(tiny_run_copy(tmp_path_factory, tmp_path / "run")[0], progress=False)
+    said = []
+    run.say = said.append
+    attn = [c for c in plan_baselines(run, (1.25, 2.0, 50.0), influence_tokens=256) if c.method == "attention_removal"]
+    assert attn and len({c.blocks for c in attn}) == len(attn)
+    most = attn[-1]  # the model of the largest reach, as an earlier call's row under another name
+    row = {"name": "attn-drop-9x", "method": "attention_removal", "training": "none", "speedup": 2.0, "kl_nats": 1.0,
+           "lm_loss": 3.0, "params": 1.0, "runtime_ms": 1.0, "inputs": row_inputs(run),
+           "architecture": compact_architecture([b.id for b in most.blocks])}
+    (run.out / "baselines" / "rows").mkdir(parents=True, exist_ok=True)
+    (run.out / "baselines" / "rows" / "attn-drop-9x.json").write_text(json.dumps(row))
+    again = [c.name for c in plan_baselines(run, (50.0,), influence_tokens=256) if c.method == "attention_removal"]
+    assert again == [] and re.search(r"reaches at most [0-9.]+x here, with the model of attn-drop-9x$", said[-1])
+
+
 def test_uniform_widths_are_built_and_scored_once_across_calls(tmp_path_factory, tmp_path, monkeypatch):
     """`run_baselines`' second attempt (children short of their target planned again) chose the uniform widths
     again, building and scoring every candidate a second time; a shared `scored` dict keeps the first KLs."""
