@@ -480,10 +480,10 @@ def read_run_config_json(out_dir: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and rerun") from e
+        raise PuzzleError(f"{path} is not valid JSON ({e}); {_rewrite_config(out_dir)}") from e
     if not isinstance(data, dict):
-        raise PuzzleError(f"{path} holds a JSON {type(data).__name__}, not the run's settings (an object); delete it "
-                          "and rerun with the flags you want")
+        raise PuzzleError(f"{path} holds a JSON {type(data).__name__}, not the run's settings (an object); "
+                          f"{_rewrite_config(out_dir)}")
     sections = [f.name for f in dataclasses.fields(RunConfig)]
     foreign = [k for k in data if k not in sections]
     if not data or foreign:  # another program's file ({"model": "resnet", "data": {"path": ...}}) shares a name at most
@@ -495,6 +495,13 @@ def read_run_config_json(out_dir: Path) -> dict:
         raise PuzzleError(f"{path}: the run's {bad[0]!r} section is {json.dumps(data[bad[0]])[:24]}, not an object of "
                           f"settings; write it as {{...}} (or {{}} for the defaults)")
     return data
+
+
+def _rewrite_config(out_dir) -> str:
+    """How to make a damaged DIR/config.json again (breaker: "delete it and rerun" left a folder no stage command
+    took for a run, and `puzzle run` without the run's preset fell back to the demo's parent and was refused)."""
+    return (f"fix it by hand, or delete it and write it again with `puzzle run --out {out_dir} --preset <the run's "
+            f"preset>` and the flags the run was made with (the stages those settings made are kept, not redone)")
 
 
 def load_run_config(out_dir: Path) -> RunConfig:

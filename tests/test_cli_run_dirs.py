@@ -63,6 +63,8 @@ def test_a_damaged_run_config_keeps_its_message(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "not a puzzle run's" not in err and len(err.strip().splitlines()) == 1, err
         assert (out / "config.json").read_text() == text
+        if words.startswith(("holds a JSON", "is not valid")):  # breaker: "delete it and rerun" led nowhere
+            assert f"delete it and write it again with `puzzle run --out {out} --preset <the run's preset>`" in err
 
 
 @pytest.mark.slow
