@@ -2624,9 +2624,12 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
     return ((f"`budget_met` is False for {', '.join(within)} by less than the timing noise (two standard errors of "
              "this session's rounds): the feedback leaves such a child as it is, since another session would as "
              "likely measure it within its budget.") if within else "",
-            (f"`budget_met` is False for {', '.join(over)} by more than the timing noise: the budget feedback's "
-             f"rounds were spent before it met its budget (`children/budget_feedback.json` has each round). More "
-             f"rounds (`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may "
+            (f"`budget_met` is False for {', '.join(over)} by more than the timing noise: "
+             + ("the budget feedback's rounds were spent before it met its budget (`children/budget_feedback.json` "
+                "has each round). More rounds" if rounds != 0 else  # breaker: said of a run with none
+                "the budget feedback re-solves such a child, but this run gives it no rounds (`[search] "
+                "budget_feedback = 0`). Rounds")
+             + f" (`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may "
              f"bring it within.") if over else "")
 
 

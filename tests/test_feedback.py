@@ -399,6 +399,10 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     assert " a (" not in clear and f"puzzle front --out {tmp_path} --remeasure --budget-feedback 3" in clear
     (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 4}))
     assert "--remeasure --budget-feedback 5`" in _clear_miss_note(tmp_path, summary)  # one more than it had
+    assert "rounds were spent" in _clear_miss_note(tmp_path, summary)
+    (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 0}))
+    none = _clear_miss_note(tmp_path, summary)  # breaker: "rounds were spent" was said of a run with none
+    assert "this run gives it no rounds" in none and "spent" not in none and "--budget-feedback 1`" in none
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, "False", True, True])) == note  # from a CSV
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, True, True, True])) == ""
     (tmp_path / "children" / "budget_feedback.json").write_text("{")
