@@ -349,7 +349,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                                    if several else "kept: the corrected limits choose the same child")
                 if several:
                     say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its "
-                        f"{result.column} budget; under the table limit {budgets.describe()} {options}")
+                        f"{result.column} budget; under the table limit {budgets.describe()}: {options}")
                 continue
             if new_key in tried[name]:
                 if not (miss and met[name].get(new_key)):
