@@ -261,10 +261,14 @@ def _check_flags_before_config(args) -> None:
         from .budgets import parse_speedup
 
         try:  # 1.5 or 1.5x, as --speedup takes them
-            [parse_speedup(s) for s in args.front_speedups.split(",")]
+            targets = [parse_speedup(s) for s in args.front_speedups.split(",")]
         except PuzzleError as e:  # the part at fault and why, as --speedup says it
             raise PuzzleError(f"--front-speedups {args.front_speedups!r}: {str(e).removeprefix('--speedup ')}; give "
                               f"speed-ups separated by commas, e.g. 1.25,1.5,2") from None
+        from .config import same_child_name
+
+        if clash := same_child_name(targets):
+            raise PuzzleError(f"--front-speedups {args.front_speedups!r}: {clash}")
 
 
 def _resolve_config(args, out: Path):

@@ -212,6 +212,8 @@ class SearchConfig:
         if not isinstance(self.front_speedups, (list, tuple)) or not self.front_speedups:
             raise PuzzleError(f"{bad}, got {self.front_speedups!r}")
         object.__setattr__(self, "front_speedups", tuple(_speedup(s, bad) for s in self.front_speedups))
+        if clash := same_child_name(self.front_speedups):
+            raise PuzzleError(f"search.front_speedups: {clash}")
 
 
 def check_budget_texts(texts: dict, as_settings: bool = False) -> None:
@@ -232,6 +234,17 @@ def check_budget_texts(texts: dict, as_settings: bool = False) -> None:
             for field in SEARCH_BUDGETS:
                 message = message.replace(f"--{field.replace('_', '-')} ", f"search.{field} ")
         raise PuzzleError(message) from e
+
+
+def same_child_name(speedups) -> str | None:
+    """Why two of the front's targets would name one child ("child-1.25x" for 1.2500001 and 1.25: names keep 6
+    significant digits, and one record replaced the other without a word, breaker), or None."""
+    names = {}
+    for s in dict.fromkeys(float(v) for v in speedups):
+        if (other := names.setdefault(f"{s:g}", s)) != s:
+            return (f"{other!r} and {s!r} would both be child-{s:g}x (children are named with 6 significant digits); "
+                    f"give targets that differ there")
+    return None
 
 
 def _speedup(value, message: str) -> float:

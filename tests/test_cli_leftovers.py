@@ -460,6 +460,23 @@ def test_a_preset_speedup_may_be_written_as_the_flag_takes_it():
             RunConfig.from_dict(raw, "p.toml")
 
 
+def test_front_targets_that_would_name_one_child_are_refused(tmp_path, capsys):
+    """Breaker: --front-speedups 1.2500001,1.25 searched both as child-1.25x, the second record replacing the first."""
+    from puzzle.cli import main
+    from puzzle.config import RunConfig, load_preset
+
+    raw = load_preset("tiny").to_dict()
+    raw["search"]["front_speedups"] = [1.25, 1.5, 1.25]  # the same target twice is one child
+    assert RunConfig.from_dict(raw, "p.toml").search.front_speedups == (1.25, 1.5, 1.25)
+    raw["search"]["front_speedups"] = [1.25, 1.2500001]
+    with pytest.raises(PuzzleError, match=re.escape("search.front_speedups: 1.25 and 1.2500001 would both be "
+                                                    "child-1.25x")):
+        RunConfig.from_dict(raw, "p.toml")
+    assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "run"), "--front-speedups", "1.2500001,1.25"]) == 2
+    assert "--front-speedups '1.2500001,1.25': 1.2500001 and 1.25 would both be child-1.25x" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_temporary_files_of_killed_writes_are_removed_after_a_command_on_the_run(tmp_path, capsys):
     """Breaker: a command killed mid-write (SIGKILL) left `.parent.json.<8>.tmp` and `children/.child-2x.json.<8>.tmp`
     in the run directory through every rerun; a command on the run now removes them, and only them."""
