@@ -143,12 +143,14 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vllm-compatible", action=argparse.BooleanOptionalAction, default=None,
                    help="leave out variants vLLM cannot serve (linear replacements, and a no_op attention in layer 0, "
                         "even in a layer removed whole: the simple rule that keeps an FFN from coming before the first "
-                        "attention); --no-vllm-compatible lets them in again (default: the run's saved setting, else off)")
+                        "attention); --no-vllm-compatible lets them in again (default: with --out the run's saved setting, else "
+                        "off)")
     g.add_argument("--exclude", action="append", default=None, metavar="VARIANT",
                    help="leave a variant out of the search (attention, FFN or block id: attn-linear, ffn-768, "
                         "attn-kv1+ffn-768), repeatable; with --out saved as the run's setting, which the front, the "
                         "budget feedback, `puzzle refine` and the greedy baseline follow; --exclude none clears it "
-                        "(default: the run's saved setting, else none)")
+                        "(default: with --out the run's saved setting, else none; --library PATH reads the table "
+                        "alone, a run directory's too)")
     g.add_argument("--front-speedups", metavar="S,S,...", action=JoinCommas, help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
