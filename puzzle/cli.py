@@ -143,8 +143,8 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vllm-compatible", action=argparse.BooleanOptionalAction, default=None,
                    help="leave out variants vLLM cannot serve (linear replacements, and a no_op attention in layer 0, "
                         "even in a layer removed whole: the simple rule that keeps an FFN from coming before the first "
-                        "attention); --no-vllm-compatible lets them in again (default: with --out the run's saved setting, else "
-                        "off)")
+                        "attention); --no-vllm-compatible lets them in again (default: with --out the run's saved "
+                        "setting, else off)")
     g.add_argument("--exclude", action="append", default=None, metavar="VARIANT",
                    help="leave a variant out of the search (attention, FFN or block id: attn-linear, ffn-768, "
                         "attn-kv1+ffn-768), repeatable; with --out saved as the run's setting, which the front, the "
