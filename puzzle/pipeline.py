@@ -1191,6 +1191,13 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
                f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s")
         run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, {how}"
                 + (" (kept)" if name in kept else ""))
+    same_child: dict[tuple, list[str]] = {}  # breaker: targets a tighter budget collapses into one child, unsaid
+    for name, r in records.items():
+        same_child.setdefault((tuple(r["choice"]), r.get("library_stage", "bld")), []).append(name)
+    for names in (n for n in same_child.values() if len(n) > 1):
+        run.say(f"search: {', '.join(names[:-1])} and {names[-1]} are one child (the same blocks, predicted "
+                f"{records[names[0]]['speedup']:.2f}x), so the front has one point for them (a budget they share, such "
+                f"as memory or parameters, may bind before their speed-up targets)")
     if json_out:
         print(json.dumps(records[main]))
     return records

@@ -939,3 +939,16 @@ def test_children_of_an_earlier_front_are_named_not_dropped_silently(tmp_path_fa
     err = capsys.readouterr().err  # back: the 1.3x children are the earlier ones now
     assert "child-1.3x-init, child-1.3x are children of an earlier budget" in err, err
     assert "child-1.5x-init, child-1.5x are" not in err
+
+
+def test_front_targets_that_give_one_child_are_named_together(tmp_path_factory, tmp_path, capsys):
+    """Breaker: a budget that bound before the speed-ups made child-1.25x and child-2x one child, without a word."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    assert main(["search", "--out", str(out), "--front-speedups", "1.25,1.2501", "--no-progress"]) == 0
+    records = {n: json.loads((out / "search" / f"{n}.json").read_text()) for n in ("child-1.25x", "child-1.2501x")}
+    assert records["child-1.25x"]["choice"] == records["child-1.2501x"]["choice"]  # the tiny table has none between
+    assert "child-1.25x and child-1.2501x are one child (the same blocks, predicted" in capsys.readouterr().err
+    assert main(["search", "--out", str(out), "--front-speedups", "1.25,2", "--no-progress"]) == 0
+    assert "one child" not in capsys.readouterr().err
