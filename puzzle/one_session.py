@@ -265,6 +265,18 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
                       f"edited since, or left out of it): {'it keeps its' if one else 'they keep their'} own session's "
                       f"speed-up beside the others' one-session figures (`puzzle front --out {run_dir} --one-session` "
                       f"times all together again)")
+    from .pipeline import SPEEDUP_MISMATCH
+
+    far = []  # breaker: a parent's runtime edited to 1 ms put every child at 0.1x without a word
+    for r in out:
+        own, one = r.get("speedup_own_session"), r.get("speedup")
+        if r["timing"] == "one session" and r["name"] != "parent" and isinstance(own, (int, float)) and own > 0 \
+                and max(one / own, own / one) > SPEEDUP_MISMATCH:
+            far.append(f"{r['name']} {one:.3g}x against {own:.3g}x")
+    if far:
+        warnings.warn(f"{run_dir / SESSION_FILE} puts {', '.join(far)} in its own session, more than "
+                      f"{SPEEDUP_MISMATCH:g}x apart: a timing spoiled by a busy machine, or an edited file? "
+                      f"(`puzzle front --out {run_dir} --one-session` times all together again)")
     result = pd.DataFrame(out)
     result.attrs.update(rows.attrs, session_rounds=session["repeats"])
     return result

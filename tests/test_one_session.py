@@ -256,6 +256,12 @@ def test_a_session_file_is_checked_whole_and_its_speedups_come_from_its_runtimes
         with pytest.warns(UserWarning, match="is damaged"):
             rows = front_rows(run, with_downstream=False)
         assert "timing" not in rows.columns, case
+    # a parent's runtime edited to 1 ms (breaker: every child drawn at 0.01x without a word): warned, and named
+    slow_parent = {**good, "models": [{**m, "runtime_ms": 1.0} if m["name"] == "parent" else m for m in good["models"]]}
+    (run / "one_session.json").write_text(json.dumps(slow_parent))
+    with pytest.warns(UserWarning, match=r"puts a-refined 0.016x against 1.4x, g 0.0125x against 1.5x in its own "
+                                         r"session, more than 2x apart"):
+        front_rows(run, with_downstream=False)
 
 
 def test_the_timing_note_says_when_the_session_times_nothing_drawn_or_front_csv_was_timed_again(tmp_path):
