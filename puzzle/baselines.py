@@ -463,9 +463,9 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
     # this call's, and the current rows an earlier call left (which `_with_earlier_rows` keeps)
     from .pipeline import compact_architecture
 
-    built = {}  # compact architecture -> name
+    built, inputs = {}, row_inputs(run)  # compact architecture -> name
     for path in sorted((run.out / "baselines" / "rows").glob("attn-drop-*.json")):
-        if (row := _saved_row(path, row_inputs(run))) is not None and row.get("method") == "attention_removal":
+        if (row := _saved_row(path, inputs)) is not None and row.get("method") == "attention_removal":
             built.setdefault(row.get("architecture"), row.get("name"))
     for s in targets:
         s_eff = min(s, math.floor(reachable * 100) / 100)
