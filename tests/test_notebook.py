@@ -26,9 +26,10 @@ def _run_with_front(tmp_path_factory) -> Path:
     return run.out
 
 
-def _execute(run_dir: Path):
+def _execute(run_dir: Path, allow_errors: bool = False):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}).execute()
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(run_dir)}}).execute()
     return nb
 
 
@@ -59,6 +60,22 @@ def test_notebook_keeps_its_figures_where_puzzle_figures_says_and_never_in_the_r
         monkeypatch.setenv("PUZZLE_FIGURES", str(inside))
         with pytest.raises(nbclient.exceptions.CellExecutionError, match="is the run directory or inside it"):
             _execute(run_dir)
+    # run past that error (breaker: the later cells drew into the run, its front.png replaced): they fail instead
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    nb = _execute(run_dir, allow_errors=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     monkeypatch.setenv("PUZZLE_RUN", str(figures))  # not a run: named, with the variable to set
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="set PUZZLE_RUN"):
         _execute(run_dir)
+
+
+def test_a_relative_run_is_found_from_the_repository_root_as_well(tmp_path_factory, monkeypatch):
+    """Breaker: the default PUZZLE_RUN=runs/demo was looked for under notebooks/ (the kernel's folder) only."""
+    run_dir = _run_with_front(tmp_path_factory)
+    kernel_folder = run_dir.parent / "notebooks"  # a run beside notebooks/, as runs/demo is in the repository
+    kernel_folder.mkdir(exist_ok=True)
+    monkeypatch.setenv("PUZZLE_RUN", run_dir.name)
+    monkeypatch.delenv("PUZZLE_FIGURES", raising=False)
+    nb = _execute(kernel_folder)
+    assert str(run_dir.resolve()) in "".join(o.get("text", "") for o in nb.cells[1].outputs)
