@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,10 @@ import pandas as pd
 import torch
 
 from puzzle.architecture import BlockConfig, ModelConfig
-from puzzle.budgets import Budgets
+from puzzle.budgets import Budgets, parse_speedup
+from puzzle.cli import add_max_contention_flag
+from puzzle.config import load_run_config
+from puzzle.errors import PuzzleError
 from puzzle.io import load_table, read_json, save_table
 from puzzle.modeling import PuzzleForCausalLM
 from puzzle.scoring.cost import (Workload, measure_models, measure_non_block_costs,
@@ -46,7 +50,7 @@ def pick_children(table: pd.DataFrame, speedups) -> dict[str, list[str]]:
     out = {}
     for s in speedups:
         sol = solve(table, Budgets(max_runtime_ms=parent_runtime / s), "kl_nats", time_limit_s=30)[0]
-        out[f"child-{s:.2f}x"] = list(sol.choice)
+        out[f"child-{s:g}x"] = list(sol.choice)  # breaker: 2 decimals named 1.499 and 1.501 alike
     return out
 
 
@@ -69,42 +73,52 @@ def main(argv=None) -> int:
     p.add_argument("--cost-repeats", type=int, default=5, help="subblock cost repeats (default 5)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the run's)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall clock, or process CPU time (1 thread)")
+    add_max_contention_flag(p)  # breaker: a busy machine's refusal named a flag this script did not take
     args = p.parse_args(argv)
+    try:
+        table, meta = load_table(args.run / "score" / "score_table.csv")
+        cost_meta = read_json(args.run / "score" / "cost.csv.json")
+        parent_cfg = ModelConfig.from_dict(read_json(args.run / "parent.json")["config"])
+        busy = args.max_contention if args.max_contention is not None else \
+            load_run_config(args.run).score.max_contention  # as the run's own timings take it
+        threads = args.threads or cost_meta.get("num_threads")
+        w = Workload(meta["batch_size"], meta["prompt_len"], meta["gen_len"], meta["dtype"], "cpu", threads)
+        s_max = max_speedup(table)
+        speedups = (list(dict.fromkeys(parse_speedup(s) for s in args.speedups.split(","))) if args.speedups
+                    else list(np.geomspace(1.1, 0.9 * s_max, 5)))
+        children = pick_children(table, speedups)
+        targets = dict(zip(children, speedups))
+        load_before = os.getloadavg()
 
-    table, meta = load_table(args.run / "score" / "score_table.csv")
-    cost_meta = read_json(args.run / "score" / "cost.csv.json")
-    parent_cfg = ModelConfig.from_dict(read_json(args.run / "parent.json")["config"])
-    threads = args.threads or cost_meta.get("num_threads")
-    w = Workload(meta["batch_size"], meta["prompt_len"], meta["gen_len"], meta["dtype"], "cpu", threads)
-    s_max = max_speedup(table)
-    speedups = ([float(s) for s in args.speedups.split(",")] if args.speedups
-                else list(np.geomspace(1.1, 0.9 * s_max, 5)))
-    children = pick_children(table, speedups)
-    load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        attn = sorted(set(table.loc[table["subblock"] == "attention", "variant"]))
+        ffn = sorted(set(table.loc[table["subblock"] == "ffn", "variant"]))
+        fresh = measure_subblock_costs(parent_cfg, attn, ffn, w, repeats=args.cost_repeats, clock=args.clock,
+                                       max_contention=busy)
+        fresh_nb = measure_non_block_costs(parent_cfg, w, repeats=args.cost_repeats, clock=args.clock,
+                                           max_contention=busy)
+        stored_nb = cost_meta["non_block"]
+        cost_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    attn = sorted(set(table.loc[table["subblock"] == "attention", "variant"]))
-    ffn = sorted(set(table.loc[table["subblock"] == "ffn", "variant"]))
-    fresh = measure_subblock_costs(parent_cfg, attn, ffn, w, repeats=args.cost_repeats, clock=args.clock)
-    fresh_nb = measure_non_block_costs(parent_cfg, w, repeats=args.cost_repeats, clock=args.clock)
-    stored_nb = cost_meta["non_block"]
-    cost_s = time.perf_counter() - t0
-
-    torch.manual_seed(0)
-    configs = {"parent": parent_cfg, **{n: parent_cfg.with_blocks([BlockConfig.from_id(b) for b in c])
-                                        for n, c in children.items()}}
-    models = {n: PuzzleForCausalLM(c).eval() for n, c in configs.items()}
-    t0 = time.perf_counter()
-    measured = measure_models(models, w, repeats=args.repeats, clock=args.clock).set_index("name")
-    whole_s = time.perf_counter() - t0
+        torch.manual_seed(0)
+        configs = {"parent": parent_cfg, **{n: parent_cfg.with_blocks([BlockConfig.from_id(b) for b in c])
+                                            for n, c in children.items()}}
+        models = {n: PuzzleForCausalLM(c).eval() for n, c in configs.items()}
+        t0 = time.perf_counter()
+        measured = measure_models(models, w, repeats=args.repeats, clock=args.clock,
+                                  max_contention=busy).set_index("name")
+        whole_s = time.perf_counter() - t0
+    except PuzzleError as e:  # a run without a score table or cost sidecar, a busy machine, a budget out of reach
+        print(f"additivity: error: {e}", file=sys.stderr)
+        return 2
 
     pred = {n: predict_totals(select_rows(fresh, c), fresh_nb, w) for n, c in configs.items()}
     stored = {n: predict_totals(select_rows(table[table["subblock"] != "non_block"], c), stored_nb, w)
               for n, c in configs.items()}
     rows = []
-    for i, name in enumerate(configs):
+    for name in configs:
         m = measured.loc[name]
-        row = {"name": name, "target_speedup": 1.0 if name == "parent" else speedups[i - 1],
+        row = {"name": name, "target_speedup": 1.0 if name == "parent" else targets[name],
                "params": int(m["params"])}
         for q in ("runtime_ms", "prefill_ms", "decode_ms"):
             key = q.removesuffix("_ms")

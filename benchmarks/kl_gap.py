@@ -35,12 +35,15 @@ def main(argv=None) -> int:
         if not (args.run / "search").is_dir():
             raise PuzzleError(f"{args.run / 'search'} is missing: give a run directory after `puzzle run`")
         names = args.names.split(",") if args.names else sorted(p.stem for p in (args.run / "search").glob("child-*.json"))
+        names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+        out = args.out or args.run / "kl_gap"
+        if out.exists() and not out.is_dir():  # breaker: found only after the measurement, as a traceback
+            raise PuzzleError(f"--out {out} is a file; give a folder")
         t0 = time.perf_counter()
         df = kl_gap(open_run(args.run, progress=True), names, tokens=args.tokens, progress=True)
     except PuzzleError as e:
         print(f"kl_gap: error: {e}", file=sys.stderr)
         return 2
-    out = args.out or args.run / "kl_gap"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "kl_gap.csv", df.to_csv(index=False))
     cols = ["name", "subblocks", "predicted_kl_nats", "fresh_sum_kl_nats", "fresh_kl_nats", "eval_sum_kl_nats",

@@ -111,8 +111,9 @@ def main(argv=None) -> int:
         from puzzle.pipeline import load_score_table
         from puzzle.search import check_exclusions, parse_objective
 
-        objectives = [o.strip() for o in args.objectives.split(";") if o.strip()]
-        speedups = [parse_speedup(s) for s in args.speedups.split(",")]
+        # each once (breaker: one given twice failed the closing table after all the work)
+        objectives = list(dict.fromkeys(o.strip() for o in args.objectives.split(";") if o.strip()))
+        speedups = list(dict.fromkeys(parse_speedup(s) for s in args.speedups.split(",")))
         exclude_sets = parse_exclude_sets(args.exclude_sets)
         if not objectives or not speedups or not exclude_sets:
             raise PuzzleError("give at least one objective, one speed-up and one exclude set ('none': the whole table)")
@@ -127,6 +128,8 @@ def main(argv=None) -> int:
         for exclude in exclude_sets:  # a typo would leave nothing out, silently
             check_exclusions(table, exclude)
         out = args.out or args.run / "objectives"
+        if out.exists() and not out.is_dir():  # breaker: a FileExistsError traceback
+            raise PuzzleError(f"--out {out} is a file; give a folder")
         rows = measure(run, table, objectives, speedups, out / "rows.json", exclude_sets)
     except PuzzleError as e:
         print(f"objectives: error: {e}", file=sys.stderr)

@@ -1133,6 +1133,11 @@ def test_objectives_benchmark_realizes_each_objectives_choice(tmp_path_factory, 
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before  # the run is only read
     capsys.readouterr()
     assert bench.main(argv) == 0 and "eval KL" not in capsys.readouterr().err  # every row resumed, none redone
+    twice = ["--run", str(run_dir), "--objectives", "kl_nats;kl_nats;cosine;greedy", "--speedups", "1.5,1.50", "--out",
+             str(tmp_path / "o")]  # breaker: a duplicate failed the closing table after all the work
+    assert bench.main(twice) == 0 and len(pd.read_csv(tmp_path / "o" / "objectives.csv")) == 3
+    (tmp_path / "file").write_text("")
+    assert bench.main([*argv[:-1], str(tmp_path / "file")]) == 2 and "is a file" in capsys.readouterr().err
     assert bench.main([*argv[:3], "kl_nats;nonsense", "--out", str(tmp_path / "bad")]) == 2
     assert "no column nonsense" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 

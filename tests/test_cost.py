@@ -643,3 +643,24 @@ def test_to_workload_gives_the_model_itself_or_a_copy_on_the_target():
     if not torch.cuda.is_available():
         with pytest.raises(PuzzleError, match="CUDA"):
             to_workload(model, Workload(1, 4, 2, device="cuda", dtype="bfloat16"))
+
+
+def test_additivity_benchmark_names_each_target_once_and_takes_the_runs_contention_setting(tmp_path_factory, tmp_path,
+                                                                                           capsys):
+    """benchmarks/additivity.py (breaker): 1.5,1.5,2 labelled the 2x child with target 1.5 (names of 2 decimals, targets
+    by position), a busy machine's refusal was a traceback naming --max-contention, which it did not take, and the
+    run's saved setting was not used."""
+    from tiny_run import load_benchmark, tiny_run_dir
+
+    bench = load_benchmark("additivity")
+    run_dir = tiny_run_dir(tmp_path_factory)  # its config.json: max_contention inf, taken by default
+    argv = ["--run", str(run_dir), "--out", str(tmp_path / "o"), "--speedups", "1.25,1.25,1.5", "--repeats", "2",
+            "--cost-repeats", "2"]
+    assert bench.main(argv) == 0
+    rows = pd.read_csv(tmp_path / "o" / "additivity.csv").set_index("name")
+    assert rows["target_speedup"].to_dict() == {"parent": 1.0, "child-1.25x": 1.25, "child-1.5x": 1.5}
+    assert bench.main([*argv[:4], "--speedups", "1.5", "--max-contention", "inf"]) == 0
+    capsys.readouterr()
+    assert bench.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("additivity: error: ") and "Traceback" not in err and not (tmp_path / "o2").exists()
