@@ -16,7 +16,7 @@ may stop at its 20 s limit with a proven bound; the summary names any unproven c
     once (runtime, memory, parameters), several budget levels; plus a stress case whose costs
     carry 1% per-layer noise (no two layers share costs), solved with a 20 s limit.
   * greedy: the greedy baseline on the same budgets, with its score relative to the optimum.
-Writes one CSV row per solve (case, budget, seconds, cpu_s, objective, optimal) and prints a
+Writes one CSV row per solve (case, budget, seconds, cpu_s, objective, bound, optimal) and prints a
 summary. Machines are noisy: compare figures from the same run; on a shared, oversubscribed machine
 cpu_s (this process's CPU time, all threads) estimates an idle machine's wall time better than
 seconds does (use --workers 1 there: CP-SAT's threads then do not wait for each other).
@@ -125,7 +125,8 @@ def run(out: Path, repeats: int, workers: int | None, random_combos: int = 80,
         s = solutions[0]
         records.append({"case": case, "budget": label, "seconds": round(seconds, 4),
                         "cpu_s": None if cpu_s is None else round(cpu_s, 4), "objective": s.objective,
-                        "optimal": s.optimal, "runtime_ms": s.runtime_ms, "memory_mib": s.memory_mib,
+                        # breaker: an unproven case's bound was written nowhere
+                        "bound": s.bound, "optimal": s.optimal, "runtime_ms": s.runtime_ms, "memory_mib": s.memory_mib,
                         "params": s.params, "greedy_objective": None if greedy_solution is None else greedy_solution.objective})
 
     if FIXTURE.is_dir():
@@ -220,7 +221,21 @@ def main() -> int:
         seeds = tuple(int(x) for x in args.random_seeds.split(","))
     except ValueError:
         p.error(f"--random-seeds {args.random_seeds}: give whole numbers, comma-separated, e.g. 3,7,11")
-    df = run(args.out, args.repeats, args.workers, args.random, seeds)
+    # breaker: --repeats 0 failed with an UnboundLocalError, --workers -1 made every CP-SAT model invalid (reported as
+    # "not proven"), --random -1 passed, and a folder as --out failed only after every solve
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--workers", args.workers, 1),
+                               ("--random", args.random, 0)):
+        if value is not None and value < least:
+            p.error(f"{flag} {value}: give {least} or more")
+    if args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; give a CSV file's path")
+    from puzzle.errors import PuzzleError
+
+    try:
+        df = run(args.out, args.repeats, args.workers, args.random, seeds)
+    except PuzzleError as e:  # a damaged library ($PUZZLE_70B_LIBRARY): said, not a traceback
+        print(f"search: error: {e}", file=sys.stderr)
+        return 2
     timed = df[~df["case"].str.endswith("greedy")]
     summary = timed.groupby(["case", "budget"], sort=False)[["seconds", "cpu_s"]].median().reset_index()
     print(summary.to_string(index=False))
@@ -243,7 +258,10 @@ def main() -> int:
         ratio = greedy_rows["greedy_objective"] / greedy_rows["objective"]
         print(f"greedy / optimal summed KL: median {ratio.median():.3f}, max {ratio.max():.3f}")
     unproven = timed.loc[~timed["optimal"].astype(bool), ["case", "budget"]].drop_duplicates()
-    print(f"not proven within the time limit: {len(unproven)} {unproven.values.tolist()}; wrote {args.out}")
+    gaps = timed.loc[~timed["optimal"].astype(bool)]
+    gap = ((gaps["objective"] - gaps["bound"]) / gaps["objective"].abs().clip(lower=1e-12)).max() if len(gaps) else 0.0
+    print(f"not proven within the time limit: {len(unproven)} {unproven.values.tolist()}"
+          + (f" (largest relative gap to the proven bound {gap:.2e})" if len(gaps) else "") + f"; wrote {args.out}")
     return 0
 
 
