@@ -619,6 +619,10 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     candidates, mixed = fusion_candidates(config, include_leading)
     mixed_leading = [r for r in ffn_runs(config, include_leading=True) if _mixes_linear_and_swiglu(config, r)]
     if not candidates:
+        path = front_row_path(run.out, fused_name)
+        if path.is_file():  # breaker: the row of a fusion of an earlier child stayed, and its warning named this call
+            path.unlink()
+            run.say(f"fuse {name}: removed {path}, the front's row of a fusion of an earlier child of this name")
         raise PuzzleError(_nothing_to_fuse(run, name, config, mixed, include_leading))
     check_before_work(run, name, export)
     dest = run.out / "export" / fused_name

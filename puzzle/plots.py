@@ -494,14 +494,31 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
             and _searched_child(run_dir, fused_from) != (row.get("child_architecture"), row.get("training")):
         # breaker: a stage change kept it
         stale.append(f"child (search/{fused_from}.json holds another child now, or none)")
+    # the searched child a refinement or fusion comes from (a fused refined child: the refined one's)
+    plain = str(fused_from or row.get("name")).removesuffix("-diverse").removesuffix("-refined")
+    if sub == "front_rows" and not stale and (children := _searched_names(run_dir)) is not None \
+            and plain not in children:  # breaker: a child a later search left out kept its fused and refined rows,
+        # drawn beside a front whose exclusions or vLLM setting rule them out
+        warnings.warn(f"{row.get('name')} ({sub}) is of {plain}, which is not among the run's children now "
+                      f"(search/chosen.json): left out of the front (a search or front with that target brings it "
+                      f"back; delete {run_dir / sub / (str(row.get('name')) + '.json')} to stop this warning)")
+        return False
     if stale:
-        plain = str(row.get("name")).removesuffix("-diverse").removesuffix("-refined")  # refine takes the plain child
-        where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"
+        where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"  # the plain
         if fused_from is not None:
             where = f"puzzle fuse --name {fused_from}"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
                       f"left out of the front (`{where} --out {run_dir}` measures it again)")
     return not stale
+
+
+def _searched_names(run_dir: Path) -> set[str] | None:
+    """The run's searched children now (DIR/search/chosen.json's names), or None where it cannot be read."""
+    try:
+        names = json.loads((Path(run_dir) / "search" / "chosen.json").read_text()).get("names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else None
 
 
 def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict | None = None,

@@ -173,9 +173,12 @@ def _fusable_run(tmp_path_factory, dest):
     fuse = [b if i in (0, 3) else BlockConfig(NOOP, b.ffn) for i, b in enumerate(parent)]
     mixed = [fuse[0], fuse[1], BlockConfig(NOOP, FFNConfig("linear")), fuse[3]]
     lead = [BlockConfig(parent[0].attention, FFNConfig("linear")), fuse[1], fuse[2], fuse[3]]
-    for name, blocks in (("child-fuse", fuse), ("child-nofuse", parent), ("child-mixed", mixed), ("child-lead", lead)):
+    made = {"child-fuse": fuse, "child-nofuse": parent, "child-mixed": mixed, "child-lead": lead}
+    for name, blocks in made.items():
         (run_dir / "search" / f"{name}.json").write_text(json.dumps({**record, "choice": [b.id for b in blocks],
                                                                      "library_stage": "bld"}))
+    chosen = json.loads((run_dir / "search" / "chosen.json").read_text())  # among the run's children, as searched
+    (run_dir / "search" / "chosen.json").write_text(json.dumps({**chosen, "names": chosen["names"] + list(made)}))
     return run
 
 
@@ -454,6 +457,8 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     wheel = _fake_wheel(tmp_path / "olmo.whl")
     evaluate_front_downstream(run, ("lambada",), limit=2, wheel=wheel, progress=False, names=["child-fuse-fused"])
     shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-twin.json")
+    chosen = json.loads((run.out / "search" / "chosen.json").read_text())
+    (run.out / "search" / "chosen.json").write_text(json.dumps({**chosen, "names": chosen["names"] + ["child-twin"]}))
     twin = front_row_path(run.out, "child-twin-fused")
     twin.write_text(json.dumps({**row, "name": "child-twin-fused", "fused_from": "child-twin"}))
     with pytest.raises(PuzzleError, match="child-twin-fused .*is missing"):
@@ -508,6 +513,25 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
     record.write_text(json.dumps(other))
     assert "child-fuse-fused" in set(front_rows(run.out)["name"])
+    # its child no longer among the run's children (breaker: a later search's front, with exclusions that rule it out,
+    # still drew it): left out, saying how it comes back
+    chosen_file = run.out / "search" / "chosen.json"
+    chosen = json.loads(chosen_file.read_text())
+    chosen_file.write_text(json.dumps({**chosen, "names": [n for n in chosen["names"] if n != "child-fuse"]}))
+    recwarn.clear()
+    assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
+    assert any("is of child-fuse, which is not among the run's children now" in str(w.message) for w in recwarn)
+    chosen_file.write_text(json.dumps(chosen))
+    # searched again into a child with nothing to fuse: fuse removes the row its warning named it for (breaker: it
+    # stayed, and the warning repeated)
+    record.write_text(json.dumps({**other, "choice": [b.id for b in run.parent.config.blocks]}))
+    capsys.readouterr()
+    with pytest.raises(PuzzleError, match="child-fuse"):
+        fuse_child(run, "child-fuse", measure=False, export=False)
+    assert not path.is_file() and f"removed {path}" in capsys.readouterr().err
+    record.write_text(json.dumps(other))
+    fuse_child(run, "child-fuse", max_kl_increase=10.0)  # its record again: the row back, nothing timed
+    assert path.is_file()
     # hand-edited rows are left out with a warning naming puzzle fuse (breaker: a traceback, or drawn unchecked)
     good = json.loads(path.read_text())
     for edit in ({"architecture": 5}, {"fused_from": None}, {"name": "other"}):
