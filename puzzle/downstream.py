@@ -240,9 +240,10 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
     # with the architecture, stage and weights of a finished one (a baseline that picked our child) copies its result
     saved = {p.stem: read_json(p) for p in sorted(out_dir.glob("*.json"))} if out_dir.is_dir() else {}
     todo = [s for s in specs if not (s["name"] in saved and same(saved[s["name"]], s))]
-    for spec in todo:  # a fused child that cannot be built: said before any model is evaluated (breaker: midway)
-        if isinstance(spec.get("export"), PuzzleError):
-            raise spec["export"]
+    from .fusion import all_at_once
+
+    # fused children that cannot be built: said before any model is evaluated (breaker: midway), all at once
+    all_at_once([spec["export"] for spec in todo if isinstance(spec.get("export"), PuzzleError)])
     t_all = time.perf_counter()
     for i, spec in enumerate(todo, 1):
         t0 = time.perf_counter()

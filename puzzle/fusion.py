@@ -843,6 +843,11 @@ def _place_on_front(run, rec: dict) -> None:
                           parent_row(run, pd.Series(rec["front_timing"]["parent"]), row["inputs"]))
     if _read(path) != row:
         atomic_write_json(path, row)
+    try:
+        front_row_export(run, rec["fused_name"])
+    except PuzzleError:  # breaker: `--no-export` put it on the front unsaid, and the front's commands then refused
+        run.say(f"fuse {rec['name']}: {rec['fused_name']} is on the front ({path}) without its export, which `puzzle "
+                f"front --one-session` and `--downstream` build it from: run this again without --no-export")
 
 
 def front_row_export(run, name: str) -> Path | None:
@@ -866,6 +871,16 @@ def front_row_export(run, name: str) -> Path | None:
                           f"--name {row.get('fused_from')}` with the same settings (without --no-export) exports it "
                           f"again, or move the row out of DIR/front_rows/")
     return dest
+
+
+def all_at_once(errors: list) -> None:
+    """Raise the PuzzleErrors of `errors` (each front row's `front_row_export`) as one error that names them all
+    (breaker: `puzzle fuse --front --no-export` left several rows, and each retry named the next); nothing when
+    empty."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise PuzzleError(f"{len(errors)} fused children of the front cannot be built: " + "; ".join(map(str, errors)))
 
 
 def load_front_row_model(run, name: str) -> PuzzleForCausalLM | None:

@@ -124,6 +124,16 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
                            f"one session: {e}; the command that wrote the row (`puzzle baselines`, `puzzle refine "
                            f"--name ...`) writes it again, or move the row out of the front")
 
+    from .fusion import all_at_once, front_row_export
+
+    missing = []  # fused children whose export is gone or another's: named all at once, before any model is built
+    for name, (r, _) in unique.items():
+        if r["method"] == "ffn_fusion":
+            try:
+                front_row_export(run, name)
+            except PuzzleError as e:
+                missing.append(e)
+    all_at_once(missing)
     cands, fused = {}, {}
     for name, (r, arch) in unique.items():
         if r["method"] == "ffn_fusion":  # `puzzle fuse`'s child: shallower than the parent, loaded from its export

@@ -479,6 +479,17 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     shutil.move(run.out / "export" / "child-fuse-fused", tmp_path / "moved")
     with pytest.raises(PuzzleError, match="child-fuse-fused .*is missing: `puzzle fuse --out .* --name child-fuse`"):
         time_front_together(run, repeats=2)
+    # two such rows are named at once (breaker: `fuse --front --no-export`, then each retry named the next)
+    shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-twin.json")
+    twin.write_text(json.dumps({**row, "name": "child-twin-fused", "fused_from": "child-twin",
+                                "architecture": row["architecture"] + " noop/noop"}))  # not timed as child-fuse-fused
+    with pytest.raises(PuzzleError, match="2 fused children of the front cannot be built: child-.*-fused .*; "
+                                          "child-.*-fused "):
+        time_front_together(run, repeats=2)
+    twin.unlink()
+    capsys.readouterr()  # a call without export says the row on the front lacks it (breaker: unsaid)
+    fuse_child(run, "child-fuse", max_kl_increase=10.0, export=False)
+    assert "child-fuse-fused is on the front" in capsys.readouterr().err and path.is_file()
     spec = next(s for s in front_model_specs(run) if s["name"] == "child-fuse-fused")
     assert entries_sha(run, None, spec) is None
     with pytest.raises(PuzzleError, match="is missing"):
