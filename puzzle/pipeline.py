@@ -1442,7 +1442,8 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
 
 
 def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--dest") -> None:
-    """Refuse a `dest` inside the run `run_dir` that the run's own stages write: anything but a folder DIR/export/<x>
+    """Refuse a `dest` inside the run `run_dir` (or inside another run directory, checked as its own, with `name` None)
+    that the run's own stages write: anything but a folder DIR/export/<x>
     (DIR/export itself, DIR/children/realized, ...), and DIR/export/<x> where x names one of the run's own models
     other than `name`, the model being exported (None: a trained model, which may take none of them): a searched
     or refined child (DIR/search/<x>.json, chosen.json's names), a recorded export (DIR/children/exports.json), a
@@ -1456,6 +1457,16 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
     run_dir = Path(run_dir)
     target, out = Path(dest).expanduser().resolve(), run_dir.resolve()
     if out not in target.parents:
+        from .config import read_run_config_json
+
+        for folder in target.parents:  # breaker: another run's fused export was replaced, its front then refused
+            if (folder / "config.json").is_file():
+                try:
+                    read_run_config_json(folder)
+                except PuzzleError:
+                    continue
+                check_run_dest(folder, dest, None, flag)  # its models are not the one exported here
+                return
         return
     if target.parent != (out / "export"):
         raise PuzzleError(f"{flag} {dest} is inside the run {run_dir}; there, only a folder DIR/export/<name> takes "

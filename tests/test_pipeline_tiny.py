@@ -800,6 +800,10 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
     assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest",
                  str(copy / "export" / "child-2x-fused")]) == 2
     assert "fused child child-2x-fused, which `puzzle fuse` rewrites" in capsys.readouterr().err
+    # from another run (breaker: its fused export was replaced, and the run's front refused it after): the same rule
+    assert main(["export", "--out", str(run_dir), "--name", "child-1.5x", "--dest",
+                 str(copy / "export" / "child-2x-fused")]) == 2
+    assert "fused child child-2x-fused, which `puzzle fuse` rewrites" in capsys.readouterr().err
     assert main(["rpo", "--model", two[0], "--out", str(copy / "export" / "po"), "--data", "demo:count",
                  "--no-progress"]) == 2
     assert "is inside the run's export folder" in capsys.readouterr().err and not (copy / "export" / "po").exists()
