@@ -356,8 +356,21 @@ def main() -> int:
     p.add_argument("--names", default="", help="models for --phase downstream (default: all but init-only and diverse)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "front_results", help="report folder")
     args = p.parse_args()
-    speedups = tuple(float(s) for s in args.speedups.split(","))
-    run = open_run(args.run, progress=False)
+    from puzzle.budgets import parse_speedup
+    from puzzle.errors import PuzzleError
+
+    try:  # breaker: 1.5x, 0 or -1 failed as tracebacks or NaN rows; a missing run as a raw PuzzleError
+        speedups = tuple(dict.fromkeys(parse_speedup(s) for s in args.speedups.split(",")))
+        if not all(s > 1 for s in speedups):
+            raise PuzzleError(f"--speedups {args.speedups}: give speed-ups above 1 (1 is the parent)")
+        run = open_run(args.run, progress=False)
+        ours = [p for p in (run.out / "front_rows").glob("*.json") if p.name != "parent.json"]
+        if args.phase == "report" and not ours:
+            raise PuzzleError(f"{run.out / 'front_rows'} holds none of our children to report: run --phase plan, "
+                              f"baselines and ours first")
+    except PuzzleError as e:
+        print(f"front.py: error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     load = os.getloadavg()[0]
     if args.phase == "plan":
