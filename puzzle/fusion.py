@@ -1205,6 +1205,13 @@ def fusion_summary(rec: dict) -> str:
             lines.append(f"warning: timed while other jobs kept {busy:.2f} cores busy (over the default limit "
                          f"{ScoreConfig().max_contention:g}), so these speed-ups may be off by far more than the "
                          f"timing noise: --retime on a quiet machine times the fused child again")
+        from .pipeline import SPEEDUP_MISMATCH
+
+        ratio = rec["fused_runtime_ms"] / rec["runtime_ms"]
+        if not 1 / SPEEDUP_MISMATCH <= ratio <= SPEEDUP_MISMATCH:  # breaker: 1.595x -> 0.091x went on the front unsaid
+            lines.append(f"warning: the fused child measured {ratio:.3g} times the unfused child's runtime, with "
+                         f"{rec['fused_layers']} of its {rec['layers']} layers: a timing gone wrong (a busy "
+                         f"machine?), not the fusion; --retime times it again")
     if rec.get("export"):
         lines.append(f"export: {rec['export']} (as recorded, not written again)" if rec.get("export_kept")
                      else f"exported: {rec['export']}")

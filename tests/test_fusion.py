@@ -412,6 +412,9 @@ def test_puzzle_fuse_command_times_the_fused_child_and_prints_the_summary(tmp_pa
     busy = {**again, "front_timing": {**again["front_timing"], "fused": {**again["front_timing"]["fused"],
                                                                          "contention_cores": 1.2}}}
     assert "timed while other jobs kept 1.20 cores busy" in fusion.fusion_summary(busy)
+    assert "a timing gone wrong" not in fusion.fusion_summary(again)
+    far = {**again, "fused_runtime_ms": 17.5 * again["runtime_ms"]}  # breaker: 1.595x -> 0.091x, unsaid
+    assert "the fused child measured 17.5 times the unfused child's runtime" in fusion.fusion_summary(far)
     assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--retime", "--no-measure"]) == 2
     assert "--retime times the fused child again, which --no-measure skips" in capsys.readouterr().err
 
