@@ -40,12 +40,36 @@ LABELS = {
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write `fig` to `path` atomically, as a PNG.
+
+    Raises:
+        ValueError: `path` is a folder, or names another format than PNG (breaker: a folder raised
+            IsADirectoryError after leaving the temporary file beside it; x.pdf got PNG bytes).
+    """
+    import matplotlib.pyplot as plt
+
     path = Path(path)
+    try:
+        _check_png_path(path)
+    except ValueError:
+        plt.close(fig)
+        raise
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_png_path(path: Path) -> None:
+    """Raise ValueError where `path` is a folder or names another format than PNG (`_save`'s check)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the PNG file to write, e.g. {path / 'figure.png'}")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: the figures are PNGs; give a path ending in .png")
 
 
 #: axis labels (with units) of the columns a front is drawn against, where the caller gives none
@@ -183,8 +207,8 @@ def architecture_map(choices: Mapping[str, Sequence], path: str | Path, *, paren
     from matplotlib.patches import Patch, Rectangle
 
     blocks = {n: [b if isinstance(b, BlockConfig) else BlockConfig.from_id(b) for b in bs] for n, bs in choices.items()}
-    if not blocks or len({len(bs) for bs in blocks.values()}) != 1:
-        raise ValueError("architecture_map needs at least one child, all of the same depth")
+    if not blocks or len({len(bs) for bs in blocks.values()}) != 1 or not next(iter(blocks.values())):
+        raise ValueError("architecture_map needs at least one child, all of the same depth (at least one layer)")
     all_blocks = [b for bs in blocks.values() for b in bs]
     if parent_block is not None:
         kv, width = parent_block.attention.num_kv_heads, parent_block.ffn.intermediate_size

@@ -482,6 +482,17 @@ def test_front_plot_and_architecture_map_write_pngs(tmp_path):
     assert architecture_map(choices, tmp_path / "arch.png", parent_block=parent.parent_block).stat().st_size > 5_000
     with pytest.raises(ValueError, match="same depth"):
         architecture_map({"a": parent.blocks, "b": parent.blocks[:2]}, tmp_path / "bad.png")
+    # breaker: a folder raised IsADirectoryError and left the temporary file beside it, x.pdf got PNG bytes, no layers
+    # a matplotlib error
+    before = sorted(tmp_path.iterdir())
+    for path, words in ((tmp_path, "is a folder"), (tmp_path / "x.pdf", "give a path ending in .png")):
+        with pytest.raises(ValueError, match=words):
+            architecture_map(choices, path)
+        with pytest.raises(ValueError, match=words):
+            front_plot(rows, path)
+    assert sorted(tmp_path.iterdir()) == before
+    with pytest.raises(ValueError, match="at least one layer"):
+        architecture_map({"a": []}, tmp_path / "none.png")
 
 
 def test_baselines_command_parses_and_refuses_bad_speedups(tmp_path):
