@@ -63,6 +63,12 @@ def synthetic_table(num_layers: int = 126, seed: int = 0, hidden: int = 16384, h
     proportionally), linear replacements sit between the narrowest variant and no_op, and a block's
     KL is the two subblock KLs plus a 10% lognormal interaction noise. LM loss = parent loss + KL/2.
     """
+    # breaker: other values gave no parent row (parent_kv 3, parent_ffn 1000), complex KLs (parent_kv 1) or numpy errors
+    if parent_kv != 8 or parent_ffn % 256 or parent_ffn < 2048 or num_layers < 1 or seed < 0 or not cost_noise >= 0:
+        raise ValueError(f"synthetic_table: parent_kv must be 8 (the space's largest KV count), parent_ffn a "
+                         f"multiple of 256 from 2048 on, num_layers >= 1, seed >= 0 and cost_noise >= 0; got "
+                         f"parent_kv={parent_kv}, parent_ffn={parent_ffn}, num_layers={num_layers}, seed={seed}, "
+                         f"cost_noise={cost_noise}")
     rng = np.random.default_rng(seed)
     attn = [AttentionConfig("gqa", kv) for kv in (8, 4, 2, 1)] + [AttentionConfig("linear"), AttentionConfig("no_op")]
     widths = [int(parent_ffn * f) // 256 * 256 for f in (1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)]
