@@ -1442,9 +1442,9 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
 
 
 def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--dest") -> None:
-    """Refuse a `dest` inside the run `run_dir` (or inside another run directory, checked as its own, with `name` None)
-    that the run's own stages write: anything but a folder DIR/export/<x>
-    (DIR/export itself, DIR/children/realized, ...), and DIR/export/<x> where x names one of the run's own models
+    """Refuse a `dest` inside the run `run_dir` (or inside another run directory, checked as its own, with `name`
+    None) that the run's own stages write: anything but a folder DIR/export/<x> (DIR/export itself,
+    DIR/children/realized, ...), and DIR/export/<x> where x names one of the run's own models
     other than `name`, the model being exported (None: a trained model, which may take none of them): a searched
     or refined child (DIR/search/<x>.json, chosen.json's names), a recorded export (DIR/children/exports.json), a
     baseline (DIR/baselines/rows/<x>.json) or a fused child (<child>-fused for DIR/fusion/<child>.json). `puzzle

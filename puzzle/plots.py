@@ -528,7 +528,7 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
                       f"back; delete {run_dir / sub / (str(row.get('name')) + '.json')} to stop this warning)")
         return False
     if stale:
-        where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"  # the plain
+        where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"
         if fused_from is not None:
             where = f"puzzle fuse --name {fused_from}"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
