@@ -987,5 +987,6 @@ def baselines_main(args) -> int:
         if missing:
             print(f"at {s:g}x no model from {', '.join(missing)}: the method cannot reach that speed-up on this run",
                   file=sys.stderr)
-    print(f"wrote {args.out / 'baselines' / 'baselines.csv'}", file=sys.stderr)
+    print(f"wrote {args.out / 'baselines' / 'baselines.csv'}; `puzzle front --out {args.out}` draws them beside our "
+          f"children and writes the ratios at matched speed (front_all.png, front_ratios.csv)", file=sys.stderr)
     return 0

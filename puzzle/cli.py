@@ -867,8 +867,8 @@ def cmd_front(args) -> int:
                   "scoring-split KL" if "selected per target" in set(ratios.get("ours", ())) else "")
         refined = sorted((run.out / "refine").glob("*.summary.csv")) if (run.out / "refine").is_dir() else []
         if refined and not second and not ratios.attrs.get("passed_over") and len(ratios):
-            _log("front: every refinement (DIR/refine/) picks its plain child itself (the lowest scoring-split KL), "
-                 "so the plain MIP table below is also the one for the children a user would take")
+            _log("front: no refinement (DIR/refine/) found a diverse or refined child with a lower scoring-split KL "
+                 "than the plain one, so the plain MIP table below is also the one for the children a user would take")
         print(f"our evaluation KL / each baseline's at matched measured speed-up (below 1: ours is better{second}) -> "
               f"{run.out / 'front_ratios.csv'}\n{ratio_table(ratios)}", file=sys.stderr)
         if len(ratios) and (note := baselines_budget_note(run.config.search)):

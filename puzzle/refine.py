@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -1217,6 +1218,9 @@ def refine_main(args) -> int:
                            resume=args.resume, seeds=seeds)
         timed_before = not (args.no_measure or args.retime or args.refine_budget_feedback is not None) and \
             df.attrs.get("finished") and _timed_refinement(run, args.name, df)
+        if args.retime and df.attrs.get("finished") and not args.no_measure:  # fresh user: it went unsaid
+            run.say(f"refine {args.name}: --retime: timing the diverse and refined children again and checking them "
+                    f"against the budget")
         if timed_before:  # breaker: each rerun timed them again, rewrote their figures and flipped budget_met
             run.say(f"refine {args.name}: its diverse and refined children were timed and checked against the budget "
                     f"already (their rows in {run.out / 'front_rows'}); `--retime` times them again, e.g. where that "
@@ -1253,4 +1257,8 @@ def refine_main(args) -> int:
             atomic_write_text(run.out / "refine" / f"{args.name}.summary.csv", df.to_csv(index=False))
         run.timed("refine_s", time.perf_counter() - t0)  # reviewer: report.md said timings.json added it
     print(df.drop(columns="architecture", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if "changed_layers" in df.columns and (df["step"] != "plain").any() and \
+            (pd.to_numeric(df.loc[df["step"] != "plain", "changed_layers"], errors="coerce") == 0).all():
+        print(f"refine {args.name}: no diverse or refined child scored better on the scoring split: both are the plain "
+              f"child (its own measured speed-up is in {run.out / 'summary.csv'})", file=sys.stderr)
     return 0

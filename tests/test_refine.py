@@ -560,6 +560,7 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
     assert main(again + ["--retime", "--max-contention", "inf"]) == 0  # timed again, on request
     err = capsys.readouterr().err
     assert "already refined" in err and "checked against the budget already" not in err
+    assert "--retime: timing the diverse and refined children again" in err  # fresh user: it went unsaid
     summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
     for name in ("child-1.5x-diverse", "child-1.5x-refined"):
         row = json.loads((out / "front_rows" / f"{name}.json").read_text())
