@@ -883,13 +883,6 @@ def all_at_once(errors: list) -> None:
         raise PuzzleError(f"{len(errors)} fused children of the front cannot be built: " + "; ".join(map(str, errors)))
 
 
-def load_front_row_model(run, name: str) -> PuzzleForCausalLM | None:
-    """The fused child of the front row `name` loaded from its export (`front_row_export`) in the parent's dtype, on
-    the CPU; None where that row is not a fusion's. Raises PuzzleError as `front_row_export`."""
-    dest = front_row_export(run, name)
-    return None if dest is None else load_fused_export(run, dest)
-
-
 def load_fused_export(run, dest: Path) -> PuzzleForCausalLM:
     """The fused child exported in `dest`, in the parent's dtype, on the CPU (`parent.load_parent`)."""
     from .parent import load_parent

@@ -124,24 +124,21 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
                            f"one session: {e}; the command that wrote the row (`puzzle baselines`, `puzzle refine "
                            f"--name ...`) writes it again, or move the row out of the front")
 
-    from .fusion import all_at_once, front_row_export
+    from .fusion import all_at_once, front_row_export, load_fused_export
 
-    missing = []  # fused children whose export is gone or another's: named all at once, before any model is built
+    exports, missing = {}, []  # fused children's export folders; those gone or another's named all at once, first
     for name, (r, _) in unique.items():
         if r["method"] == "ffn_fusion":
             try:
-                front_row_export(run, name)
+                exports[name] = front_row_export(run, name)
             except PuzzleError as e:
                 missing.append(e)
     all_at_once(missing)
     cands, fused = {}, {}
     for name, (r, arch) in unique.items():
-        if r["method"] == "ffn_fusion":  # `puzzle fuse`'s child: shallower than the parent, loaded from its export
-            from .fusion import load_front_row_model
-
-            if (model := load_front_row_model(run, name)) is not None:
-                fused[name] = model
-                continue
+        if exports.get(name) is not None:  # `puzzle fuse`'s child: shallower than the parent, loaded from its export
+            fused[name] = load_fused_export(run, exports[name])
+            continue
         try:
             blocks = tuple(BlockConfig.from_id(b) for b in parse_compact_architecture(arch))
             if len(blocks) != len(run.parent.config.blocks):

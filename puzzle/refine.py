@@ -1077,9 +1077,10 @@ def _timed_refinement(run, name: str, steps: pd.DataFrame) -> bool:
     from .baselines import _saved_row, row_inputs
     from .pipeline import compact_architecture, read_architecture_at
 
-    later = steps[steps.get("step", pd.Series(index=steps.index, dtype=object)) != "plain"]
-    if not len(later) or not {"measured_speedup", "budget_met"} <= set(steps.columns) or \
-            later[["measured_speedup", "budget_met"]].isna().any().any():
+    if not {"step", "measured_speedup", "budget_met"} <= set(steps.columns):
+        return False
+    later = steps[steps["step"] != "plain"]
+    if not len(later) or later[["measured_speedup", "budget_met"]].isna().any().any():
         return False
     inputs = row_inputs(run)
     for step in ("diverse", "refined"):
