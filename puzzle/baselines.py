@@ -926,7 +926,7 @@ def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
     from .cli import JoinCommas, add_max_contention_flag
 
     p.add_argument("--speedups", metavar="S,S,...", default=None, action=JoinCommas,
-                   help="speed-up targets (default: the run's front speed-ups; given twice, both lists)")
+                   help="speed-up targets (default: the run's front speed-ups; repeatable, the lists are joined)")
     p.add_argument("--no-export", action="store_true", help="do not write DIR/export/<name> folders")
     add_max_contention_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -963,9 +964,14 @@ def baselines_budget_note(search) -> str | None:
 
 
 def cmd_presets(args) -> int:
-    from .config import preset_names
+    from .config import preset_names, preset_summary
 
-    print("\n".join(preset_names()))
+    names = preset_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(textwrap.fill(f"{name:<{width}}  {preset_summary(name)}".rstrip(), 100,
+                            subsequent_indent=" " * (width + 2), break_on_hyphens=False))
+    print("\nUse one with `puzzle run --preset NAME`; a preset file of your own is given by its path (name.toml).")
     return 0
 
 

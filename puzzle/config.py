@@ -391,6 +391,18 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("puzzle.presets").iterdir() if p.name.endswith(".toml"))
 
 
+def preset_summary(name: str) -> str:
+    """A packaged preset's first sentence, from the comment at the top of its file ('' when it has none)."""
+    text = resources.files("puzzle.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    head = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        head.append(line.lstrip("#").strip())
+    words = " ".join(head)
+    return words.split(". ")[0].rstrip(".") + "." if words else ""
+
+
 def load_preset(name_or_path: str) -> RunConfig:
     """A RunConfig from a packaged preset name (see `preset_names`) or a .toml file path.
 

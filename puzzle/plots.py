@@ -851,7 +851,7 @@ def ratio_table(ratios: pd.DataFrame) -> str:
                      f"ours_from, baseline_from)")
     if absent := [LABELS[m] for m in BASELINE_METHODS if m not in set(ratios["method"])]:
         notes.append(f"no measured model: {', '.join(absent)} (`puzzle baselines` built none at these targets, has "
-                     f"not run, or its rows were left out as stale: see the warnings above)")
+                     f"not run, or its rows were left out as stale, which a warning above then says)")
     return "\n\n".join(blocks) + "\n" + "\n".join(notes)
 
 

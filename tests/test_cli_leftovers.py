@@ -540,3 +540,18 @@ def test_searched_again_tells_the_two_children_apart(tmp_path, was, now, stage_t
     (tmp_path / "search" / "c.json").write_text(json.dumps({"speedup": now, "library_stage": "bld"}))
     said = _searched_again(types.SimpleNamespace(out=tmp_path), "c")
     assert said == (None if expected is None else f"c was searched again since {expected}")
+
+
+def test_presets_lists_each_packaged_preset_with_what_it_is_for(capsys):
+    """Fresh user: `puzzle presets` printed three bare names; which one to start with was in no output."""
+    from puzzle.cli import main
+    from puzzle.config import preset_names
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for name in preset_names():
+        line = next(x for x in lines if x.startswith(name + " "))
+        assert len(line.split(None, 1)[1]) > 20, line  # a description follows the name
+    assert "tiny random Llama" in out and "SmolLM2-135M-Instruct" in out
+    assert "puzzle run --preset NAME" in out and max(map(len, lines)) <= 100
