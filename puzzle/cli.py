@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .architecture import ArchitectureError
 from .errors import PuzzleError
+from .runlock import run_lock
 
 
 def _log(msg: str) -> None:
@@ -1191,7 +1192,8 @@ def main(argv=None) -> int:
             if not args.debug:
                 warnings.filterwarnings("ignore", category=FutureWarning)
             try:
-                return args.func(args)
+                with run_lock(getattr(args, "out", None), ["puzzle", *argv]):  # one command per run directory
+                    return args.func(args)
             finally:
                 _remove_stale_temp_files(args, started)
     except (PuzzleError, ArchitectureError) as e:
