@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -12,8 +13,20 @@ from puzzle.errors import PuzzleError
 from puzzle.runlock import lock_path, run_lock
 
 
-def _hold_in_another_process(run_dir):
-    """A child process that holds run_dir's lock until its stdin closes; returns it once the lock is held."""
+@pytest.fixture(autouse=True)
+def private_tmp(tmp_path, monkeypatch):
+    """Lock files under this test's folder, not the machine's temporary folder."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    return folder
+
+
+def _hold_in_another_process(run_dir, env=None):
+    """A child process that holds run_dir's locks until its stdin closes; returns it once they are held."""
     code = textwrap.dedent(f"""
         import sys
         from puzzle.runlock import run_lock
@@ -21,9 +34,15 @@ def _hold_in_another_process(run_dir):
             print("held", flush=True)
             sys.stdin.read()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def _release(proc):
+    proc.stdin.close()
+    proc.wait(timeout=60)
 
 
 def test_a_second_command_on_a_run_directory_is_refused_naming_the_first(tmp_path, capsys):
@@ -35,43 +54,107 @@ def test_a_second_command_on_a_run_directory_is_refused_naming_the_first(tmp_pat
         assert main(["front", "--out", str(run), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert f"another puzzle command is working on {run}: pid {proc.pid}" in err, err
-        assert "`puzzle fuse --out" in err and "--name child-2x`" in err and "give another --out" in err, err
+        assert "`puzzle fuse --out" in err and f"--name child-2x` in {os.getcwd()}" in err, err
+        assert "give another --out" in err and "Traceback" not in err
         assert list(run.iterdir()) == []  # the refused command wrote nothing there
         with pytest.raises(PuzzleError, match="another puzzle command"):
             with run_lock(tmp_path / "x" / ".." / "run"):  # the same folder spelt another way
                 pass
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
+        _release(proc)
     with run_lock(run):  # released when that process ended
         pass
+    assert not lock_path(run).exists()  # the holder removes its lock file
+
+
+def test_the_folder_itself_is_locked_across_temporary_folders_and_renames(tmp_path, private_tmp):
+    """Breaker: with another TMPDIR (a batch job's) a second command ran beside the first, and after a rename of the
+    run directory too."""
+    run, other_tmp = tmp_path / "run", tmp_path / "other-tmp"
+    run.mkdir()
+    other_tmp.mkdir()
+    proc = _hold_in_another_process(run, env={"TMPDIR": str(other_tmp)})
+    try:
+        with pytest.raises(PuzzleError, match="another path .before a rename., as another user or with another TMPDIR"):
+            with run_lock(run):
+                pass
+        run.rename(tmp_path / "renamed")
+        with pytest.raises(PuzzleError, match="another puzzle command is working on"):
+            with run_lock(tmp_path / "renamed"):
+                pass
+    finally:
+        _release(proc)
+
+
+def test_a_run_directory_not_made_yet_is_locked_by_its_path(tmp_path):
+    run = tmp_path / "new-run"
+    proc = _hold_in_another_process(run)
+    try:
+        run.mkdir()  # the first command made it meanwhile
+        with pytest.raises(PuzzleError, match=f"pid {proc.pid}"):
+            with run_lock(run):
+                pass
+    finally:
+        _release(proc)
 
 
 def test_a_killed_command_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
+    run.mkdir()
     proc = _hold_in_another_process(run)
     proc.kill()
     proc.wait(timeout=60)
+    assert lock_path(run).exists()  # left by the killed holder, but no longer locked
     with run_lock(run):
-        assert lock_path(run).exists() and not run.exists()  # the lock lives outside the run directory
+        assert lock_path(run).parent.stat().st_mode & 0o777 == 0o700
 
 
-def test_nested_commands_and_torchrun_ranks_take_no_second_lock(tmp_path, monkeypatch):
+def test_nested_commands_and_torchrun_ranks(tmp_path, monkeypatch):
     run = tmp_path / "run"
     with run_lock(run):
         with run_lock(run):  # a command run inside another in the same process
             pass
     proc = _hold_in_another_process(run)
     try:
-        monkeypatch.setenv("WORLD_SIZE", "2")  # ranks of one torchrun job share their run directory
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")  # the other ranks of a torchrun job take none
         with run_lock(run):
             pass
-        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("RANK", "0")  # rank 0 takes it for the job
+        with pytest.raises(PuzzleError, match="another puzzle command"):
+            with run_lock(run):
+                pass
+        monkeypatch.setenv("WORLD_SIZE", "abc")  # breaker: a ValueError traceback for every command with --out
         with pytest.raises(PuzzleError, match="another puzzle command"):
             with run_lock(run):
                 pass
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
+        _release(proc)
     with run_lock(None):  # no run directory (puzzle search --library alone): nothing to lock
         pass
+
+
+def test_a_lock_folder_open_to_others_or_a_planted_link_is_not_used(tmp_path, private_tmp, capsys):
+    """Breaker: another user who made <tmp>/puzzle-locks-<uid> could plant a link there, and the lock emptied the
+    file it pointed to."""
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("keep me")
+    folder = lock_path(run).parent
+    folder.mkdir(mode=0o700)
+    lock_path(run).symlink_to(victim)
+    with run_lock(run):
+        pass
+    assert victim.read_text() == "keep me" and "cannot be used" in capsys.readouterr().err
+    lock_path(run).unlink()
+    folder.chmod(0o777)
+    with run_lock(run):
+        assert not lock_path(run).exists()
+    assert victim.read_text() == "keep me" and "not a folder of this user closed to others" in capsys.readouterr().err
+
+
+def test_odd_bytes_in_the_path_or_the_command_line(tmp_path):
+    """Breaker: a non-UTF-8 byte in --out or another argument gave a UnicodeEncodeError traceback."""
+    run = os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xff")
+    with run_lock(run, ["puzzle", "export", "--out", run, "--name", "x\udcff"]):
+        assert b"\\udcff" in open(lock_path(run), "rb").read()
