@@ -1192,7 +1192,8 @@ def main(argv=None) -> int:
             if not args.debug:
                 warnings.filterwarnings("ignore", category=FutureWarning)
             try:
-                with run_lock(getattr(args, "out", None), ["puzzle", *argv]):  # one command per run directory
+                # one command per run directory; gkd and sft train one child each into its own folders, side by side
+                with run_lock(getattr(args, "out", None), ["puzzle", *argv], shared=command in ("gkd", "sft")):
                     return args.func(args)
             finally:
                 _remove_stale_temp_files(args, started)

@@ -43,6 +43,7 @@ from .errors import PuzzleError, differing_settings
 from .io import (atomic_write_json, atomic_write_text, is_run_directory, load_table, read_json, save_table,
                  tensor_sha256)
 from .library import Library
+from .runlock import claim_folder
 from .search import InfeasibleBudget
 from .space import build_space
 
@@ -112,6 +113,7 @@ class Run:
             if (self.out / name).is_dir():
                 raise PuzzleError(f"{self.out / name} is a folder where a file belongs; move it away")
         self.out.mkdir(parents=True, exist_ok=True)
+        claim_folder(self.out)  # the command's lock on the run directory, now that it exists (puzzle/runlock.py)
         save_run_config(self.config, self.out)
         path = self.out / "timings.json"
         if path.is_file():

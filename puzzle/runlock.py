@@ -2,19 +2,22 @@
 
 Two commands on one run directory at once (a second `puzzle fuse` of the same child, `puzzle front` while `puzzle
 refine` writes the front rows) can overwrite each other's files and time their models against each other's load.
-`run_lock` holds exclusive `flock`s for the duration of a command and refuses a second one, naming the first.
+`run_lock` holds `flock`s for the duration of a command and refuses a second one, naming the first.
 
 Two locks, both released by the kernel when their process ends, however it ends (no stale lock after a kill):
-  * the folder's own: an flock on the run directory itself, when it exists, so its spellings, a rename, another
-    user and another TMPDIR (a batch job's) all meet the same lock;
+  * the folder's own: an flock on the run directory itself, so its spellings, a rename, another user and another
+    TMPDIR (a batch job's) all meet the same lock; a command that makes the folder takes it then (`claim_folder`,
+    from `pipeline.Run`);
   * the path's: an flock on <tmp>/puzzle-locks-<uid>/<sha256 of the resolved path>.lock, which holds for a run
-    directory the command has yet to create and records the holder's pid, command line, folder and start time for
-    the refusal. Its folder must be this user's and closed to others (else it is not used, with a warning), the file
-    is opened without following a link, and the holder removes it when done (a taker checks that the file it
-    locked is still the one at the path, so two commands cannot lock different files of one name).
+    directory still to be made and records the holder's pid, command line, folder and start time for the refusal.
+    Its folder must be this user's and closed to others (else it is not used, with a warning), the file is opened
+    without following a link, and the holder removes it when done (a taker checks that the file it locked is still
+    the one at the path, so two commands cannot lock different files of one name).
 
-Processes of one torchrun job (WORLD_SIZE above 1) share their run directory by design: rank 0 takes the locks for
-the job, the other ranks none.
+gkd and sft take them shared: each trains one child into its own folders, so several run side by side (one per
+GPU), but not beside a command that takes them whole. Processes of one torchrun job (WORLD_SIZE above 1) share their
+run directory by design: rank 0 takes the locks for the job, the other ranks none (nor do ranks started by hand with
+RANK and WORLD_SIZE, but the first).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shlex
 import stat
 import sys
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from .errors import PuzzleError
 
-_HELD: set[bytes] = set()  # run directories this process holds (a command run inside another takes no second lock)
+_HELD: dict[bytes, "_Hold"] = {}  # run directories this process holds (a nested command takes no second lock)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -54,15 +58,27 @@ def lock_path(run_dir: str | os.PathLike) -> Path:
     return Path(tempfile.gettempdir()) / f"puzzle-locks-{os.getuid()}" / f"{key}.lock"
 
 
-def _warn(out, why: str) -> None:
-    print(f"puzzle: warning: {why}, so {out} is not locked against a second puzzle command working there at the "
-          f"same time", file=sys.stderr)
-
-
 def _refuse(out, holder: str) -> PuzzleError:
     return PuzzleError(f"another puzzle command is working on {out}: {holder}. Two commands on one --out at once "
                        f"can overwrite each other's files and time their models under each other's load; wait for it "
                        f"to finish (or stop it), or give another --out")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _holders(notes: bytes) -> str:
+    """The lock file's notes of processes still alive (shared holders append one each; a killed one's stays)."""
+    lines = [x.strip() for x in notes.decode("utf-8", "replace").splitlines() if x.strip()]
+    live = [x for x in lines if not re.match(r"pid \d+,", x) or _alive(int(x.split(",")[0][4:]))]
+    return " and ".join(live) or "another process"
 
 
 def _private_folder(folder: Path) -> bool:
@@ -73,83 +89,128 @@ def _private_folder(folder: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _take_path_lock(resolved: Path, out) -> int | None:
-    """The locked path-lock file's descriptor (None where no lock file can be used: warned).
+class _Hold:
+    """The locks one `run_lock` holds on one run directory."""
+
+    def __init__(self, resolved: Path, out, shared: bool):
+        self.resolved, self.out, self.shared = resolved, out, shared
+        self.mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        self.path_fd: int | None = None
+        self.folder_fd: int | None = None
+
+    def take_path_lock(self, note: str) -> None:
+        """Lock the path lock's file and write `note` in it (none where it cannot be used: warned).
+
+        Raises:
+            PuzzleError: another process holds it (the message names that command).
+        """
+        path = lock_path(self.resolved)
+        try:
+            if not _private_folder(path.parent):
+                self._warn(f"{path.parent} is not a folder of this user closed to others")
+                return
+            for _ in range(100):  # a holder may remove the file between our open and our lock: open again
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                try:
+                    fcntl.flock(fd, self.mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holders(os.pread(fd, 65536, 0))
+                    os.close(fd)
+                    raise _refuse(self.out, holder) from None
+                except BaseException:
+                    os.close(fd)
+                    raise
+                try:
+                    same = os.fstat(fd).st_ino == os.lstat(path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self.path_fd = fd
+                    break
+                os.close(fd)
+            else:
+                raise OSError(errno.EAGAIN, "the lock file kept being replaced", str(path))
+        except OSError as e:
+            self._warn(f"its lock file {path} cannot be used ({e.strerror or e})")
+            return
+        with contextlib.suppress(OSError):  # the note is for a refused command's message only
+            data = note.encode("utf-8", "backslashreplace").replace(b"\n", b" ") + b"\n"
+            if self.shared:  # one line per holder, appended (a refusal names the live ones)
+                append = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+                try:
+                    os.write(append, data)
+                finally:
+                    os.close(append)
+            else:
+                os.ftruncate(self.path_fd, 0)  # a killed holder's longer note must not show through
+                os.pwrite(self.path_fd, data, 0)
+
+    def take_folder_lock(self) -> None:
+        """Lock the run directory itself, where it is an existing folder (not yet made, or a file such as eval's
+        --out x.csv: the path lock alone, until `claim_folder`).
+
+        Raises:
+            PuzzleError: another process holds it.
+        """
+        try:
+            fd = os.open(self.resolved, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, self.mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if self.path_fd is None:
+                raise _refuse(self.out, "a command this one cannot name, as its lock file could not be used (see the "
+                                        "warning above)") from None
+            raise _refuse(self.out, "a command that reached this folder by another path (before a rename), as "
+                                    "another user or with another TMPDIR (a batch job's)") from None
+        except OSError as e:  # a file system without flock on folders (e.g. Lustre mounted without -o flock)
+            os.close(fd)
+            if self.path_fd is None:
+                self._warn(f"it cannot be locked ({e.strerror or e})", alone=False)
+            return
+        self.folder_fd = fd
+
+    def release(self) -> None:
+        if self.folder_fd is not None:
+            os.close(self.folder_fd)
+            self.folder_fd = None
+        if self.path_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if self.shared:  # remove the file only if no other shared holder has it (the conversion may fail)
+                fcntl.flock(self.path_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(lock_path(self.resolved))  # still locked: a taker that opened it finds it gone, opens again
+        os.close(self.path_fd)
+        self.path_fd = None
+
+    def _warn(self, why: str, alone: bool = True) -> None:
+        then = (", so a second command there is refused by the lock on the folder alone, without its details, and "
+                "not before the folder is made") if alone else ", so it is not locked against a second command"
+        print(f"puzzle: warning: {self.out}: {why}{then}", file=sys.stderr)
+
+
+def claim_folder(run_dir: str | os.PathLike) -> None:
+    """Lock a run directory the running command has just made (its `run_lock` began before it existed).
 
     Raises:
-        PuzzleError: another process holds it (the message names that command).
+        PuzzleError: another process made it and holds it (by another path, user or TMPDIR).
     """
-    path = lock_path(resolved)
-    try:
-        if not _private_folder(path.parent):
-            _warn(out, f"{path.parent} is not a folder of this user closed to others")
-            return None
-        for _ in range(100):  # a holder may remove the file between our open and our lock: open again
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-                os.close(fd)
-                raise _refuse(out, holder) from None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                if os.fstat(fd).st_ino == os.lstat(path).st_ino:
-                    return fd
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        raise OSError(errno.EAGAIN, "the lock file kept being replaced", str(path))
-    except OSError as e:
-        _warn(out, f"its lock file {path} cannot be used ({e.strerror or e})")
-        return None
+    hold = _HELD.get(os.fsencode(Path(run_dir).expanduser().resolve()))
+    if hold is not None and hold.folder_fd is None:
+        hold.take_folder_lock()
 
 
 @contextlib.contextmanager
-def _path_lock(resolved: Path, out):
-    """Hold the path lock while the block runs; yields its descriptor or None (`_take_path_lock`)."""
-    fd = _take_path_lock(resolved, out)
-    if fd is None:
-        yield None
-        return
-    try:
-        yield fd
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path(resolved))  # while still locked: a taker that opened it finds it gone, opens again
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _folder_lock(resolved: Path, out):
-    """Hold an flock on the run directory itself, where it is an existing folder."""
-    try:
-        fd = os.open(resolved, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # not made yet, or a file (eval --out x.csv): the path lock alone
-        fd = None
-    if fd is None:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _refuse(out, "a command that reached this folder by another path (before a rename), as another "
-                               "user or with another TMPDIR (a batch job's)") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike | None, argv=None):
+def run_lock(run_dir: str | os.PathLike | None, argv=None, shared: bool = False):
     """Hold the run directory's locks while the block runs.
 
     Args:
         run_dir: the command's --out, or None (nothing to lock).
         argv: the command line recorded for a refused command's message (default: sys.argv).
+        shared: take the locks shared: other shared holders may work beside it (gkd and sft, each training one
+            child into its own folders), no exclusive one.
 
     Raises:
         PuzzleError: another process holds a lock (its message names that command where it can).
@@ -162,15 +223,17 @@ def run_lock(run_dir: str | os.PathLike | None, argv=None):
     if key in _HELD:
         yield
         return
-    with _path_lock(resolved, run_dir) as fd, _folder_lock(resolved, run_dir):
-        if fd is not None:
-            words = shlex.join(str(a) for a in (sys.argv if argv is None else argv))
-            with contextlib.suppress(OSError):
-                where = f" in {os.getcwd()}"
-                note = f"pid {os.getpid()}, `{words}`{where}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                os.pwrite(fd, note.encode("utf-8", "backslashreplace"), 0)
-        _HELD.add(key)
+    hold = _Hold(resolved, run_dir, shared)
+    try:
+        words = shlex.join(str(a) for a in (sys.argv if argv is None else argv))
         try:
-            yield
-        finally:
-            _HELD.discard(key)
+            where = f" in {os.getcwd()}"
+        except OSError:  # the working folder was removed
+            where = ""
+        hold.take_path_lock(f"pid {os.getpid()}, `{words}`{where}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        hold.take_folder_lock()
+        _HELD[key] = hold
+        yield
+    finally:
+        _HELD.pop(key, None)
+        hold.release()

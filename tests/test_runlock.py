@@ -25,12 +25,17 @@ def private_tmp(tmp_path, monkeypatch):
     return folder
 
 
-def _hold_in_another_process(run_dir, env=None):
-    """A child process that holds run_dir's locks until its stdin closes; returns it once they are held."""
+def _hold_in_another_process(run_dir, env=None, make=False, shared=False, command="fuse"):
+    """A child process that holds run_dir's locks until its stdin closes; returns it once they are held.
+    make: it makes run_dir after taking them, as `puzzle run` does on a new run (pipeline.Run)."""
     code = textwrap.dedent(f"""
-        import sys
-        from puzzle.runlock import run_lock
-        with run_lock({str(run_dir)!r}, ["puzzle", "fuse", "--out", {str(run_dir)!r}, "--name", "child-2x"]):
+        import os, sys
+        from puzzle.runlock import claim_folder, run_lock
+        with run_lock({str(run_dir)!r}, ["puzzle", {command!r}, "--out", {str(run_dir)!r}, "--name", "child-2x"],
+                      shared={shared}):
+            if {make}:
+                os.mkdir({str(run_dir)!r})
+                claim_folder({str(run_dir)!r})
             print("held", flush=True)
             sys.stdin.read()
     """)
@@ -158,3 +163,94 @@ def test_odd_bytes_in_the_path_or_the_command_line(tmp_path):
     run = os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xff")
     with run_lock(run, ["puzzle", "export", "--out", run, "--name", "x\udcff"]):
         assert b"\\udcff" in open(lock_path(run), "rb").read()
+
+
+def test_a_run_directory_made_by_the_command_is_locked_as_a_folder_too(tmp_path):
+    """Breaker: `puzzle run` on a new folder held the path lock only, so a command with another TMPDIR (or after a
+    rename) ran beside it for the whole run."""
+    run, other_tmp = tmp_path / "new-run", tmp_path / "other-tmp"
+    other_tmp.mkdir()
+    proc = _hold_in_another_process(run, env={"TMPDIR": str(other_tmp)}, make=True)
+    try:
+        with pytest.raises(PuzzleError, match="another path .before a rename., as another user or with another TMPDIR"):
+            with run_lock(run):
+                pass
+    finally:
+        _release(proc)
+
+
+def test_a_killed_holders_longer_note_does_not_show_through(tmp_path):
+    """Breaker: a shorter note written over a killed holder's kept the old one's tail in the refusal."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock_path(run).parent.mkdir(mode=0o700)
+    lock_path(run).write_text("pid 1, `puzzle front --out run --front-speedups 1.25,1.5,2,3 --remeasure` " + "x" * 300)
+    proc = _hold_in_another_process(run)
+    try:
+        with pytest.raises(PuzzleError) as refused:
+            with run_lock(run):
+                pass
+        assert "xxx" not in str(refused.value) and f"pid {proc.pid}" in str(refused.value)
+    finally:
+        _release(proc)
+
+
+def test_gkd_and_sft_share_the_run_but_not_with_a_whole_lock(tmp_path, capsys):
+    """Breaker: two `puzzle gkd` runs of different children (one per GPU) were refused, for hours."""
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _hold_in_another_process(run, shared=True, command="gkd")
+    try:
+        with run_lock(run, shared=True):  # a second gkd or sft beside it
+            pass
+        assert lock_path(run).exists()  # still held by the other
+        assert main(["export", "--out", str(run)]) == 2
+        assert f"pid {proc.pid}, `puzzle gkd --out" in capsys.readouterr().err
+    finally:
+        _release(proc)
+    assert not lock_path(run).exists()  # the last shared holder removed it
+    proc = _hold_in_another_process(run)
+    try:
+        with pytest.raises(PuzzleError, match="`puzzle fuse"):
+            with run_lock(run, shared=True):  # no gkd beside a whole lock
+                pass
+    finally:
+        _release(proc)
+
+
+def test_a_file_system_without_flock_on_folders_gives_no_traceback(tmp_path, monkeypatch, capsys):
+    """Breaker: ENOSYS from flock on the folder (Lustre without -o flock) ended every command in a traceback."""
+    import fcntl
+    import stat as st
+
+    real = fcntl.flock
+
+    def flock(fd, op):
+        if st.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(38, "Function not implemented")
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(run):
+        assert lock_path(run).exists()  # the path lock still holds
+    assert capsys.readouterr().err == ""  # the path lock still names a second command: nothing to warn of
+
+
+def test_without_a_usable_lock_file_the_folder_lock_still_refuses_and_says_what_it_knows(tmp_path, capsys):
+    """Breaker: with the lock folder open to others the warning said the run was not locked, and the refusal blamed
+    another path, user or TMPDIR."""
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _hold_in_another_process(run)
+    try:
+        lock_path(run).parent.chmod(0o777)
+        with pytest.raises(PuzzleError, match="a command this one cannot name, as its lock file could not be used"):
+            with run_lock(run):
+                pass
+        err = capsys.readouterr().err
+        assert "refused by the lock on the folder alone" in err and "is not locked" not in err, err
+    finally:
+        lock_path(run).parent.chmod(0o700)
+        _release(proc)
