@@ -38,6 +38,7 @@ from .io import atomic_save_safetensors
 from .modeling import KVCache
 from .rpo import (AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, needs_rewards,
                   preference_loss)
+from .runlock import claim_folder
 
 # ------------------------------------------------------------------------------------------------
 # records
@@ -1182,6 +1183,7 @@ def _rpo(args) -> int:
     if "rpo.json" in have:
         _check_earlier_training(args.out, training)
     args.out.mkdir(parents=True, exist_ok=True)
+    claim_folder(args.out)  # the command's lock on --out, now that it exists (puzzle/runlock.py)
     handle = None
     if args.adapters:
         from .adapters import apply_adapters

@@ -7,17 +7,18 @@ refine` writes the front rows) can overwrite each other's files and time their m
 Two locks, both released by the kernel when their process ends, however it ends (no stale lock after a kill):
   * the folder's own: an flock on the run directory itself, so its spellings, a rename, another user and another
     TMPDIR (a batch job's) all meet the same lock; a command that makes the folder takes it then (`claim_folder`,
-    from `pipeline.Run`);
+    from `pipeline.Run` and `puzzle rpo`);
   * the path's: an flock on <tmp>/puzzle-locks-<uid>/<sha256 of the resolved path>.lock, which holds for a run
     directory still to be made and records the holder's pid, command line, folder and start time for the refusal.
     Its folder must be this user's and closed to others (else it is not used, with a warning), the file is opened
-    without following a link, and the holder removes it when done (a taker checks that the file it locked is still
-    the one at the path, so two commands cannot lock different files of one name).
+    without following a link, and its last holder removes it when done (a killed one's stays, unlocked; a taker
+    checks that the file it locked is still the one at the path, so two commands cannot lock different files of one
+    name).
 
-gkd and sft take them shared: each trains one child into its own folders, so several run side by side (one per
-GPU), but not beside a command that takes them whole. Processes of one torchrun job (WORLD_SIZE above 1) share their
-run directory by design: rank 0 takes the locks for the job, the other ranks none (nor do ranks started by hand with
-RANK and WORLD_SIZE, but the first).
+gkd and sft take them shared: several run side by side (one per GPU), but not beside a command that takes them
+whole; each also locks its work folder whole (`also_lock`), so one model is not trained twice at once. Processes of
+one torchrun job (WORLD_SIZE above 1) share their run directory by design: RANK 0 takes the locks for the job, and a
+process with another RANK none, whatever it runs (a shell with those variables left set is not locked).
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def lock_path(run_dir: str | os.PathLike) -> Path:
     return Path(tempfile.gettempdir()) / f"puzzle-locks-{os.getuid()}" / f"{key}.lock"
 
 
-def _refuse(out, holder: str) -> PuzzleError:
-    return PuzzleError(f"another puzzle command is working on {out}: {holder}. Two commands on one --out at once "
-                       f"can overwrite each other's files and time their models under each other's load; wait for it "
-                       f"to finish (or stop it), or give another --out")
+RUN_ADVICE = ("Two commands on one --out at once can overwrite each other's files and time their models under each "
+              "other's load; wait for it to finish (or stop it), or give another --out")
+
+
+def _refuse(out, holder: str, advice: str = RUN_ADVICE) -> PuzzleError:
+    return PuzzleError(f"another puzzle command is working on {out}: {holder}. {advice}")
 
 
 def _alive(pid: int) -> bool:
@@ -92,8 +95,8 @@ def _private_folder(folder: Path) -> bool:
 class _Hold:
     """The locks one `run_lock` holds on one run directory."""
 
-    def __init__(self, resolved: Path, out, shared: bool):
-        self.resolved, self.out, self.shared = resolved, out, shared
+    def __init__(self, resolved: Path, out, shared: bool, advice: str = RUN_ADVICE):
+        self.resolved, self.out, self.shared, self.advice = resolved, out, shared, advice
         self.mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         self.path_fd: int | None = None
         self.folder_fd: int | None = None
@@ -116,7 +119,7 @@ class _Hold:
                 except BlockingIOError:
                     holder = _holders(os.pread(fd, 65536, 0))
                     os.close(fd)
-                    raise _refuse(self.out, holder) from None
+                    raise _refuse(self.out, holder, self.advice) from None
                 except BaseException:
                     os.close(fd)
                     raise
@@ -162,9 +165,9 @@ class _Hold:
             os.close(fd)
             if self.path_fd is None:
                 raise _refuse(self.out, "a command this one cannot name, as its lock file could not be used (see the "
-                                        "warning above)") from None
+                                        "warning above)", self.advice) from None
             raise _refuse(self.out, "a command that reached this folder by another path (before a rename), as "
-                                    "another user or with another TMPDIR (a batch job's)") from None
+                                    "another user or with another TMPDIR (a batch job's)", self.advice) from None
         except OSError as e:  # a file system without flock on folders (e.g. Lustre mounted without -o flock)
             os.close(fd)
             if self.path_fd is None:
@@ -202,6 +205,48 @@ def claim_folder(run_dir: str | os.PathLike) -> None:
         hold.take_folder_lock()
 
 
+WORK_ADVICE = ("One training per work folder at a time: wait for it to finish (or stop it); to train the same model "
+               "again beside it, give another --work and --dest")
+_EXTRA: list[bytes] = []  # folders `also_lock` holds until the command's `run_lock` ends
+
+
+def also_lock(folder: str | os.PathLike, advice: str) -> None:
+    """Hold an exclusive lock on one more folder (a child's training work folder) until the command ends: the end of
+    the `run_lock` around it, else the process's.
+
+    Args:
+        folder: the folder (need not exist yet).
+        advice: what a refused command is told to do.
+
+    Raises:
+        PuzzleError: another process holds it.
+    """
+    if not takes_lock():
+        return
+    resolved = Path(folder).expanduser().resolve()
+    key = os.fsencode(resolved)
+    if key in _HELD:
+        return
+    hold = _Hold(resolved, folder, False, advice)
+    try:
+        hold.take_path_lock(_note(sys.argv))
+        hold.take_folder_lock()
+    except BaseException:
+        hold.release()
+        raise
+    _HELD[key] = hold
+    _EXTRA.append(key)
+
+
+def _note(argv) -> str:
+    words = shlex.join(str(a) for a in argv)
+    try:
+        where = f" in {os.getcwd()}"
+    except OSError:  # the working folder was removed
+        where = ""
+    return f"pid {os.getpid()}, `{words}`{where}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike | None, argv=None, shared: bool = False):
     """Hold the run directory's locks while the block runs.
@@ -223,17 +268,14 @@ def run_lock(run_dir: str | os.PathLike | None, argv=None, shared: bool = False)
     if key in _HELD:
         yield
         return
-    hold = _Hold(resolved, run_dir, shared)
+    hold, extra = _Hold(resolved, run_dir, shared), len(_EXTRA)
     try:
-        words = shlex.join(str(a) for a in (sys.argv if argv is None else argv))
-        try:
-            where = f" in {os.getcwd()}"
-        except OSError:  # the working folder was removed
-            where = ""
-        hold.take_path_lock(f"pid {os.getpid()}, `{words}`{where}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        hold.take_path_lock(_note(sys.argv if argv is None else argv))
         hold.take_folder_lock()
         _HELD[key] = hold
         yield
     finally:
+        while len(_EXTRA) > extra:  # what `also_lock` took meanwhile
+            _HELD.pop(_EXTRA.pop()).release()
         _HELD.pop(key, None)
         hold.release()

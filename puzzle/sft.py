@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from .errors import PuzzleError, require_finite
 from .io import atomic_write_json, atomic_write_text
 from .modeling import PuzzleForCausalLM
+from .runlock import WORK_ADVICE, also_lock
 from .train_utils import (FOLDER_SOURCE, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
                           global_batch, init_distributed, rank_slice, recorded_source, shutdown_distributed, train_loop)
 
@@ -738,6 +739,7 @@ def run_sft_command(args, log=None) -> dict | None:
 
         check_run_dest(args.out, dest)
     work = Path(args.work or f"{dest}.sft-work")
+    also_lock(work, WORK_ADVICE)  # the same model twice at once (the run's lock is shared by gkd and sft)
     inputs = [p for p in (args.model, args.out) if p]
     builtin_tiny = not args.out and means_builtin_tiny(args.model)
     if args.out:  # a run's child: the run relative to dest (to work) when inside it

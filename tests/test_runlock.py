@@ -254,3 +254,38 @@ def test_without_a_usable_lock_file_the_folder_lock_still_refuses_and_says_what_
     finally:
         lock_path(run).parent.chmod(0o700)
         _release(proc)
+
+
+def test_the_same_child_trained_twice_at_once_is_refused(tmp_path, tmp_path_factory, capsys):
+    """Breaker: gkd takes the run's lock shared, so two gkd of one child both trained into DIR/gkd/<name>; the second
+    lost its training at the export and left a checkpoint the first's rerun refused."""
+    import shutil
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_run import tiny_run_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), run)
+    code = textwrap.dedent(f"""
+        import sys
+        from puzzle.runlock import WORK_ADVICE, also_lock, run_lock
+        with run_lock({str(run)!r}, ["puzzle", "gkd", "--out", {str(run)!r}, "--name", "child-1.5x"], shared=True):
+            also_lock({str(run / "gkd" / "child-1.5x")!r}, WORK_ADVICE)
+            print("held", flush=True)
+            sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    try:
+        base = ["gkd", "--out", str(run), "--no-eval", "--no-progress", "--stop-after-steps", "1", "--tokens", "256"]
+        assert main([*base, "--name", "child-1.5x"]) == 2
+        err = capsys.readouterr().err
+        assert f"working on {run / 'gkd' / 'child-1.5x'}: pid {proc.pid}" in err, err
+        assert "One training per work folder at a time" in err and "give another --work and --dest" in err
+        assert not (run / "export" / "child-1.5x-gkd").exists()
+        assert main([*base, "--name", "child-1.25x"]) == 0  # another child beside it
+    finally:
+        _release(proc)
+    with run_lock(run):  # main released the work folder's lock with the run's
+        pass
+    assert list(lock_path(run).parent.iterdir()) == []
