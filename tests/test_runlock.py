@@ -50,6 +50,14 @@ def _release(proc):
     proc.wait(timeout=60)
 
 
+def _refused(run, match=None, shared=False) -> str:
+    """The message of the refusal run_lock(run) meets (the test fails if it is not refused)."""
+    with pytest.raises(PuzzleError, match=match) as refused:
+        with run_lock(run, shared=shared):
+            pass
+    return str(refused.value)
+
+
 def test_a_second_command_on_a_run_directory_is_refused_naming_the_first(tmp_path, capsys):
     """Breaker: two `puzzle fuse` calls on one child at once were not locked against each other."""
     run = tmp_path / "run"
@@ -62,9 +70,7 @@ def test_a_second_command_on_a_run_directory_is_refused_naming_the_first(tmp_pat
         assert "`puzzle fuse --out" in err and f"--name child-2x` in {os.getcwd()}" in err, err
         assert "give another --out" in err and "Traceback" not in err
         assert list(run.iterdir()) == []  # the refused command wrote nothing there
-        with pytest.raises(PuzzleError, match="another puzzle command"):
-            with run_lock(tmp_path / "x" / ".." / "run"):  # the same folder spelt another way
-                pass
+        _refused(tmp_path / "x" / ".." / "run", match="another puzzle command")  # the same folder spelt another way
     finally:
         _release(proc)
     with run_lock(run):  # released when that process ended
@@ -80,13 +86,9 @@ def test_the_folder_itself_is_locked_across_temporary_folders_and_renames(tmp_pa
     other_tmp.mkdir()
     proc = _hold_in_another_process(run, env={"TMPDIR": str(other_tmp)})
     try:
-        with pytest.raises(PuzzleError, match="another path .before a rename., as another user or with another TMPDIR"):
-            with run_lock(run):
-                pass
+        _refused(run, match="another path .before a rename., as another user or with another TMPDIR")
         run.rename(tmp_path / "renamed")
-        with pytest.raises(PuzzleError, match="another puzzle command is working on"):
-            with run_lock(tmp_path / "renamed"):
-                pass
+        _refused(tmp_path / "renamed", match="another puzzle command is working on")
     finally:
         _release(proc)
 
@@ -96,9 +98,7 @@ def test_a_run_directory_not_made_yet_is_locked_by_its_path(tmp_path):
     proc = _hold_in_another_process(run)
     try:
         run.mkdir()  # the first command made it meanwhile
-        with pytest.raises(PuzzleError, match=f"pid {proc.pid}"):
-            with run_lock(run):
-                pass
+        _refused(run, match=f"pid {proc.pid}")
     finally:
         _release(proc)
 
@@ -126,13 +126,9 @@ def test_nested_commands_and_torchrun_ranks(tmp_path, monkeypatch):
         with run_lock(run):
             pass
         monkeypatch.setenv("RANK", "0")  # rank 0 takes it for the job
-        with pytest.raises(PuzzleError, match="another puzzle command"):
-            with run_lock(run):
-                pass
+        _refused(run, match="another puzzle command")
         monkeypatch.setenv("WORLD_SIZE", "abc")  # breaker: a ValueError traceback for every command with --out
-        with pytest.raises(PuzzleError, match="another puzzle command"):
-            with run_lock(run):
-                pass
+        _refused(run, match="another puzzle command")
     finally:
         _release(proc)
     with run_lock(None):  # no run directory (puzzle search --library alone): nothing to lock
@@ -172,9 +168,7 @@ def test_a_run_directory_made_by_the_command_is_locked_as_a_folder_too(tmp_path)
     other_tmp.mkdir()
     proc = _hold_in_another_process(run, env={"TMPDIR": str(other_tmp)}, make=True)
     try:
-        with pytest.raises(PuzzleError, match="another path .before a rename., as another user or with another TMPDIR"):
-            with run_lock(run):
-                pass
+        _refused(run, match="another path .before a rename., as another user or with another TMPDIR")
     finally:
         _release(proc)
 
@@ -187,10 +181,8 @@ def test_a_killed_holders_longer_note_does_not_show_through(tmp_path):
     lock_path(run).write_text("pid 1, `puzzle front --out run --front-speedups 1.25,1.5,2,3 --remeasure` " + "x" * 300)
     proc = _hold_in_another_process(run)
     try:
-        with pytest.raises(PuzzleError) as refused:
-            with run_lock(run):
-                pass
-        assert "xxx" not in str(refused.value) and f"pid {proc.pid}" in str(refused.value)
+        message = _refused(run)
+        assert "xxx" not in message and f"pid {proc.pid}" in message
     finally:
         _release(proc)
 
@@ -211,9 +203,7 @@ def test_gkd_and_sft_share_the_run_but_not_with_a_whole_lock(tmp_path, capsys):
     assert not lock_path(run).exists()  # the last shared holder removed it
     proc = _hold_in_another_process(run)
     try:
-        with pytest.raises(PuzzleError, match="`puzzle fuse"):
-            with run_lock(run, shared=True):  # no gkd beside a whole lock
-                pass
+        _refused(run, match="`puzzle fuse", shared=True)  # no gkd beside a whole lock
     finally:
         _release(proc)
 
@@ -246,9 +236,7 @@ def test_without_a_usable_lock_file_the_folder_lock_still_refuses_and_says_what_
     proc = _hold_in_another_process(run)
     try:
         lock_path(run).parent.chmod(0o777)
-        with pytest.raises(PuzzleError, match="a command this one cannot name, as its lock file could not be used"):
-            with run_lock(run):
-                pass
+        _refused(run, match="a command this one cannot name, as its lock file could not be used")
         err = capsys.readouterr().err
         assert "refused by the lock on the folder alone" in err and "is not locked" not in err, err
     finally:
