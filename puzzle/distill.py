@@ -542,7 +542,8 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
     dest = args.dest or run.out / "export" / f"{args.name}-gkd"
     check_run_dest(run.out, dest)
     work = args.work or run.out / "gkd" / args.name
-    also_lock(work, WORK_ADVICE)  # the same child twice at once (the run's lock is shared by gkd and sft)
+    for folder in (work, dest):  # the same child twice at once (the run's lock is shared by gkd and sft)
+        also_lock(folder, WORK_ADVICE)
     child_ref = f"{args.name} of run {run_ref(run.out, dest)}"  # the run relative to dest when dest is inside it
     check_export_target(Path(dest), overwrite=True, keep=[*run.input_paths(), work],  # before loading and training
                         provenance=export_provenance({"gkd": {"child": child_ref}}), training_pending=True, work=work)
@@ -610,7 +611,8 @@ def _folder_inputs(args) -> GKDInputs:
     from .export import check_export_target, export_provenance, model_ref
 
     dest = Path(args.dest)
-    also_lock(args.work or f"{dest}.gkd-work", WORK_ADVICE)
+    for folder in (args.work or f"{dest}.gkd-work", dest):  # one training per work and export folder
+        also_lock(folder, WORK_ADVICE)
     check_export_target(dest, overwrite=True, keep=[args.child, args.parent, args.work or f"{dest}.gkd-work"],
                         provenance=export_provenance({"gkd": {"child": model_ref(args.child)}}), training_pending=True,
                         work=args.work or f"{dest}.gkd-work")

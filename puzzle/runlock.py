@@ -16,9 +16,10 @@ Two locks, both released by the kernel when their process ends, however it ends 
     name).
 
 gkd and sft take them shared: several run side by side (one per GPU), but not beside a command that takes them
-whole; each also locks its work folder whole (`also_lock`), so one model is not trained twice at once. Processes of
-one torchrun job (WORLD_SIZE above 1) share their run directory by design: RANK 0 takes the locks for the job, and a
-process with another RANK none, whatever it runs (a shell with those variables left set is not locked).
+whole; each also locks its work and export folders whole (`also_lock`), so one model is not trained twice at once.
+Processes of one torchrun job (WORLD_SIZE above 1) share their run directory by design: RANK 0 takes the locks for
+the job, and a process with another RANK none, whatever it runs (a shell with those variables left set is not
+locked).
 """
 
 from __future__ import annotations
@@ -205,14 +206,14 @@ def claim_folder(run_dir: str | os.PathLike) -> None:
         hold.take_folder_lock()
 
 
-WORK_ADVICE = ("One training per work folder at a time: wait for it to finish (or stop it); to train the same model "
-               "again beside it, give another --work and --dest")
+WORK_ADVICE = ("One training per work folder and export folder at a time: wait for it to finish (or stop it); to "
+               "train the same model again beside it, give another --work and another --dest")
 _EXTRA: list[bytes] = []  # folders `also_lock` holds until the command's `run_lock` ends
 
 
 def also_lock(folder: str | os.PathLike, advice: str) -> None:
-    """Hold an exclusive lock on one more folder (a child's training work folder) until the command ends: the end of
-    the `run_lock` around it, else the process's.
+    """Hold an exclusive lock on one more folder (a training's work folder or export) until the command ends: the end
+    of the `run_lock` around it (`cli.main` opens one for every command), else the process's.
 
     Args:
         folder: the folder (need not exist yet).
@@ -260,22 +261,19 @@ def run_lock(run_dir: str | os.PathLike | None, argv=None, shared: bool = False)
     Raises:
         PuzzleError: another process holds a lock (its message names that command where it can).
     """
-    if run_dir is None or not takes_lock():
-        yield
-        return
-    resolved = Path(run_dir).expanduser().resolve()
-    key = os.fsencode(resolved)
-    if key in _HELD:
-        yield
-        return
-    hold, extra = _Hold(resolved, run_dir, shared), len(_EXTRA)
+    extra = len(_EXTRA)
+    resolved = None if run_dir is None or not takes_lock() else Path(run_dir).expanduser().resolve()
+    key = None if resolved is None else os.fsencode(resolved)
+    hold = None if key is None or key in _HELD else _Hold(resolved, run_dir, shared)
     try:
-        hold.take_path_lock(_note(sys.argv if argv is None else argv))
-        hold.take_folder_lock()
-        _HELD[key] = hold
+        if hold is not None:
+            hold.take_path_lock(_note(sys.argv if argv is None else argv))
+            hold.take_folder_lock()
+            _HELD[key] = hold
         yield
     finally:
-        while len(_EXTRA) > extra:  # what `also_lock` took meanwhile
+        while len(_EXTRA) > extra:  # what `also_lock` took meanwhile (with or without a run directory)
             _HELD.pop(_EXTRA.pop()).release()
-        _HELD.pop(key, None)
-        hold.release()
+        if hold is not None:
+            _HELD.pop(key, None)
+            hold.release()

@@ -739,7 +739,8 @@ def run_sft_command(args, log=None) -> dict | None:
 
         check_run_dest(args.out, dest)
     work = Path(args.work or f"{dest}.sft-work")
-    also_lock(work, WORK_ADVICE)  # the same model twice at once (the run's lock is shared by gkd and sft)
+    for folder in (work, dest):  # the same model twice at once (the run's lock is shared by gkd and sft)
+        also_lock(folder, WORK_ADVICE)
     inputs = [p for p in (args.model, args.out) if p]
     builtin_tiny = not args.out and means_builtin_tiny(args.model)
     if args.out:  # a run's child: the run relative to dest (to work) when inside it

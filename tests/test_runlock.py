@@ -269,7 +269,7 @@ def test_the_same_child_trained_twice_at_once_is_refused(tmp_path, tmp_path_fact
         assert main([*base, "--name", "child-1.5x"]) == 2
         err = capsys.readouterr().err
         assert f"working on {run / 'gkd' / 'child-1.5x'}: pid {proc.pid}" in err, err
-        assert "One training per work folder at a time" in err and "give another --work and --dest" in err
+        assert "One training per work folder and export folder at a time" in err and "another --dest" in err
         assert not (run / "export" / "child-1.5x-gkd").exists()
         assert main([*base, "--name", "child-1.25x"]) == 0  # another child beside it
     finally:
@@ -277,3 +277,31 @@ def test_the_same_child_trained_twice_at_once_is_refused(tmp_path, tmp_path_fact
     with run_lock(run):  # main released the work folder's lock with the run's
         pass
     assert list(lock_path(run).parent.iterdir()) == []
+
+
+def test_a_trainings_export_folder_is_locked_too_and_released_without_a_run(tmp_path):
+    """Breaker: a second gkd with the same --dest but another --work trained beside the first, which then lost its
+    training at the export; and without --out the work folders' lock files were never removed."""
+    from puzzle.runlock import WORK_ADVICE, also_lock
+
+    dest = tmp_path / "D"
+    code = textwrap.dedent(f"""
+        import sys
+        from puzzle.runlock import WORK_ADVICE, also_lock, run_lock
+        with run_lock(None):
+            for folder in ({str(tmp_path / "D.gkd-work")!r}, {str(dest)!r}):
+                also_lock(folder, WORK_ADVICE)
+            print("held", flush=True)
+            sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    try:
+        with run_lock(None):
+            also_lock(tmp_path / "W-other", WORK_ADVICE)  # another --work ...
+            with pytest.raises(PuzzleError, match=f"working on {dest}: pid {proc.pid}"):
+                also_lock(dest, WORK_ADVICE)  # ... and the same --dest
+        assert not lock_path(tmp_path / "W-other").exists()  # released and removed with the command
+    finally:
+        _release(proc)
+    assert list(lock_path(dest).parent.iterdir()) == []
