@@ -222,21 +222,32 @@ def also_lock(folder: str | os.PathLike, advice: str) -> None:
     Raises:
         PuzzleError: another process holds it.
     """
-    if not takes_lock():
-        return
+    if (key := _take(folder, sys.argv, advice=advice)) is not None:
+        _EXTRA.append(key)
+
+
+def _take(folder, argv, shared: bool = False, advice: str = RUN_ADVICE) -> bytes | None:
+    """Lock `folder` for this process (`_Hold`); its key in `_HELD`, or None where this process takes no lock on it
+    (no folder, a rank that takes none, or one this process holds already).
+
+    Raises:
+        PuzzleError: another process holds it.
+    """
+    if folder is None or not takes_lock():
+        return None
     resolved = Path(folder).expanduser().resolve()
     key = os.fsencode(resolved)
     if key in _HELD:
-        return
-    hold = _Hold(resolved, folder, False, advice)
+        return None
+    hold = _Hold(resolved, folder, shared, advice)
     try:
-        hold.take_path_lock(_note(sys.argv))
+        hold.take_path_lock(_note(argv))
         hold.take_folder_lock()
     except BaseException:
         hold.release()
         raise
     _HELD[key] = hold
-    _EXTRA.append(key)
+    return key
 
 
 def _note(argv) -> str:
@@ -262,18 +273,11 @@ def run_lock(run_dir: str | os.PathLike | None, argv=None, shared: bool = False)
         PuzzleError: another process holds a lock (its message names that command where it can).
     """
     extra = len(_EXTRA)
-    resolved = None if run_dir is None or not takes_lock() else Path(run_dir).expanduser().resolve()
-    key = None if resolved is None else os.fsencode(resolved)
-    hold = None if key is None or key in _HELD else _Hold(resolved, run_dir, shared)
+    key = _take(run_dir, sys.argv if argv is None else argv, shared)
     try:
-        if hold is not None:
-            hold.take_path_lock(_note(sys.argv if argv is None else argv))
-            hold.take_folder_lock()
-            _HELD[key] = hold
         yield
     finally:
         while len(_EXTRA) > extra:  # what `also_lock` took meanwhile (with or without a run directory)
             _HELD.pop(_EXTRA.pop()).release()
-        if hold is not None:
-            _HELD.pop(key, None)
-            hold.release()
+        if key is not None:
+            _HELD.pop(key).release()
