@@ -333,9 +333,10 @@ def non_finite_parameter(model: nn.Module) -> str | None:
 
 def check_work_folder(work, inputs=(), allowed_under=()) -> None:
     """Refuse a --work folder (checkpoints, logs) that would mix with other files, before any training:
-    a file at or above it, a place inside an exported model folder, or inside one of `inputs` (model
-    folders, a run directory) unless it is under one of `allowed_under` (e.g. RUN/gkd). `..` and symlinks
-    are resolved first. Raises PuzzleError naming what to change."""
+    a file at or above it, a place inside an exported model folder, inside one of `inputs` (model folders,
+    a run directory) or inside any puzzle run directory but its export/ and gkd/ folders, unless it
+    is under one of `allowed_under` (e.g. RUN/gkd). `..` and symlinks are resolved first. Raises PuzzleError
+    naming what to change."""
     from .export import is_export_folder
     from .io import file_in_the_way
 
@@ -352,6 +353,24 @@ def check_work_folder(work, inputs=(), allowed_under=()) -> None:
         folder = Path(given).expanduser().resolve()
         if folder.is_dir() and folder in around:
             raise PuzzleError(f"--work {work} is inside the input {given}; give a folder of its own")
+    # gkd --child X --work RUN wrote its checkpoint among the run's files; RUN/export and RUN/gkd take work folders
+    if (run := next((p for p in around if _is_run_folder(p)), None)) is not None and not (
+            {run / "export", run / "gkd"} & set(around)):
+        raise PuzzleError(f"--work {work} is among the files of the run directory {run}; give a folder of its own, "
+                          f"or one under {run / 'export'}")
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a puzzle run's config.json (`config.read_run_config_json` accepts it)."""
+    from .config import read_run_config_json
+
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        read_run_config_json(folder)
+    except (PuzzleError, OSError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,12 @@ def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
     with pytest.raises(PuzzleError, match="never evaluate on training text"):
         run_gkd_command(_args(tmp_path, tmp_path / "x", "--eval", str(tmp_path / "calib.txt")))
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    from puzzle.config import load_preset, save_run_config
+
+    save_run_config(load_preset("tiny"), (tmp_path / "run").mkdir() or tmp_path / "run")  # a run directory's config
     for extra, words in [(["--stop-after-steps", "0"], "--stop-after-steps must be >= 1"),
+                         (["--work", str(tmp_path / "run")], "among the files of the run"),  # its checkpoint was there
+                         (["--work", str(tmp_path / "run" / "w")], "among the files of the run"),
                          (["--work", str(tmp_path / "calib.txt")], "a file is in the way"),
                          (["--work", str(tmp_path / "out" / "w")], "inside the exported model"),
                          (["--work", str(tmp_path / "child" / ".." / "parent")], "inside the exported model"),
@@ -185,6 +190,9 @@ def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
         with pytest.raises(PuzzleError, match=re.escape(words)):
             run_gkd_command(_args(tmp_path, tmp_path / "y", *extra))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    from puzzle.train_utils import check_work_folder
+
+    check_work_folder(tmp_path / "run" / "export" / "mine.gkd-work")  # where --dest RUN/export/mine puts it: taken
 
 
 def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(tmp_path, capsys):
