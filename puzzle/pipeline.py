@@ -1475,12 +1475,11 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
                           f"a model (the others are the stages'): give one such as "
                           f"{run_dir / 'export' / (name or 'mine')}, or a folder outside the run")
     taken = {p.stem for sub in ("search", "baselines/rows") for p in (run_dir / sub).glob("*.json")} - {"chosen"}
-    for path, key in ((run_dir / "search" / "chosen.json", "names"), (run_dir / EXPORT_STAMPS, None)):
-        try:
-            value = read_json(path)
-            taken |= {str(n) for n in (value if key is None else value[key])}
-        except (PuzzleError, OSError, ValueError, KeyError, TypeError):
-            pass
+    taken |= set(searched_names(run_dir) or [])
+    try:
+        taken |= {str(n) for n in read_json(run_dir / EXPORT_STAMPS)}
+    except (PuzzleError, OSError, ValueError, TypeError):
+        pass
     fused = {p.name.removesuffix(".json") + "-fused" for p in (run_dir / "fusion").glob("*.json")
              if not p.name.endswith((".runs.json", ".earlier.json"))}  # `puzzle fuse`'s records: <child>.json
     if target.name in (taken | fused) - {name}:
@@ -1548,16 +1547,23 @@ def earlier_children(out: Path, current) -> list[str]:
     return found
 
 
+def searched_names(run_dir: Path) -> list[str] | None:
+    """The names of the run's searched children now (DIR/search/chosen.json's `names`, which every search
+    rewrites), in the file's order; None where the file is missing, unreadable or holds no list of names. A name
+    that is not a string (a hand edit) is left out."""
+    try:
+        names = read_json(Path(run_dir) / "search" / "chosen.json").get("names")
+    except (PuzzleError, OSError, AttributeError):
+        return None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else None
+
+
 def exports_from_an_earlier_search(run: Run) -> dict[str, str]:
     """{name: why} for the run's searched children (DIR/search/chosen.json) whose export folder holds an earlier
     search's child (`_searched_again`): `puzzle export` or `puzzle run` writes them again."""
-    try:
-        names = read_json(run.out / "search" / "chosen.json")["names"]
-    except (OSError, ValueError, PuzzleError, KeyError, TypeError):
-        return {}
     found = {}
-    for name in names if isinstance(names, list) else []:
-        if isinstance(name, str) and (run.out / "export" / name).is_dir() \
+    for name in searched_names(run.out) or []:
+        if (run.out / "export" / name).is_dir() \
                 and (why := _searched_again(run, name)) is not None:
             found[name] = why
     return found
@@ -2281,10 +2287,10 @@ def report_out_of_date(run: Run) -> bool:
 def summary_problem(run: Run) -> str | None:
     """Why DIR/summary.csv is not the measurement the current front was drawn from (`measured_summary` for the
     searched children of DIR/search/chosen.json), or None when it is."""
-    try:  # the names alone: reading the records fitted to the run would load the parent, which drawing needs not
-        records = {str(name): {} for name in read_json(run.out / "search" / "chosen.json")["names"]}
-    except (PuzzleError, KeyError, TypeError):
+    # the names alone: reading the records fitted to the run would load the parent, which drawing needs not
+    if (names := searched_names(run.out)) is None:
         return "search/chosen.json is missing or unreadable"
+    records = dict.fromkeys(names, {})
     summary, why = measured_summary(run, records)
     return why or children_rows_problem(run, summary, records)
 

@@ -537,12 +537,11 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
 
 
 def _searched_names(run_dir: Path) -> set[str] | None:
-    """The run's searched children now (DIR/search/chosen.json's names), or None where it cannot be read."""
-    try:
-        names = json.loads((Path(run_dir) / "search" / "chosen.json").read_text()).get("names")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else None
+    """The run's searched children now (`pipeline.searched_names`), or None where they cannot be read."""
+    from .pipeline import searched_names
+
+    names = searched_names(run_dir)
+    return None if names is None else set(names)
 
 
 def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict | None = None,
