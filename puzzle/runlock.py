@@ -209,6 +209,7 @@ def claim_folder(run_dir: str | os.PathLike) -> None:
 WORK_ADVICE = ("One training per work folder and export folder at a time: wait for it to finish (or stop it); to "
                "train the same model again beside it, give another --work and another --dest")
 _EXTRA: list[bytes] = []  # folders `also_lock` holds until the command's `run_lock` ends
+_COMMAND: list = []  # the command line of the innermost `run_lock`, which `also_lock` records too
 
 
 def also_lock(folder: str | os.PathLike, advice: str) -> None:
@@ -222,7 +223,7 @@ def also_lock(folder: str | os.PathLike, advice: str) -> None:
     Raises:
         PuzzleError: another process holds it.
     """
-    if (key := _take(folder, sys.argv, advice=advice)) is not None:
+    if (key := _take(folder, _COMMAND[-1] if _COMMAND else sys.argv, advice=advice)) is not None:
         _EXTRA.append(key)
 
 
@@ -273,10 +274,13 @@ def run_lock(run_dir: str | os.PathLike | None, argv=None, shared: bool = False)
         PuzzleError: another process holds a lock (its message names that command where it can).
     """
     extra = len(_EXTRA)
-    key = _take(run_dir, sys.argv if argv is None else argv, shared)
+    argv = sys.argv if argv is None else argv
+    key = _take(run_dir, argv, shared)
+    _COMMAND.append(argv)
     try:
         yield
     finally:
+        _COMMAND.pop()
         while len(_EXTRA) > extra:  # what `also_lock` took meanwhile (with or without a run directory)
             _HELD.pop(_EXTRA.pop()).release()
         if key is not None:

@@ -269,6 +269,7 @@ def test_the_same_child_trained_twice_at_once_is_refused(tmp_path, tmp_path_fact
         assert main([*base, "--name", "child-1.5x"]) == 2
         err = capsys.readouterr().err
         assert f"working on {run / 'gkd' / 'child-1.5x'}: pid {proc.pid}" in err, err
+        assert f"`puzzle gkd --out {run} --name child-1.5x`" in err, err  # the command's line, not sys.argv's
         assert "One training per work folder and export folder at a time" in err and "another --dest" in err
         assert not (run / "export" / "child-1.5x-gkd").exists()
         assert main([*base, "--name", "child-1.25x"]) == 0  # another child beside it
