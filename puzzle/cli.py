@@ -713,7 +713,10 @@ def cmd_realize(args) -> int:
 
 def cmd_export(args) -> int:
     from .pipeline import export_child
+    from .runlock import EXPORT_ADVICE, also_lock
 
+    if args.dest is not None:  # another run's export to the same folder (the run lock covers DIR/export)
+        also_lock(args.dest, EXPORT_ADVICE)
     with _stage_run(args, existing=True) as run:
         name = _child_name(args, run, "export")
         result, why = export_child(run, name, dest=args.dest, untie=True if args.untie_embeddings else None)

@@ -529,7 +529,8 @@ def export_folder_problem(path: Path) -> str | None:
 def remove_stale_temp(out_dir: Path) -> list[str]:
     """Remove the hidden `.NAME.*.tmp` / `.NAME.*.old` folders beside `out_dir` that an export killed mid-write
     (SIGKILL, out of memory) left, partial safetensors and all (reviewer: they stayed for good); returns their
-    names. Exports of one name are not run at once, so none of them is another export's work."""
+    names. Exports of one name are not run at once (the commands lock their destination: `runlock.also_lock`), so
+    none of them is another export's work."""
     out_dir = Path(out_dir)
     gone = []
     # mkdtemp's names: prefix, 8 random characters, suffix (not `.child.v2.<8>.tmp`, another export's: reviewer)

@@ -16,7 +16,9 @@ Two locks, both released by the kernel when their process ends, however it ends 
     name).
 
 gkd and sft take them shared: several run side by side (one per GPU), but not beside a command that takes them
-whole; each also locks its work and export folders whole (`also_lock`), so one model is not trained twice at once.
+whole; each also locks its work and export folders whole (`also_lock`), so one model is not trained twice at once,
+as `puzzle export --dest` and `puzzle merge` lock theirs (two runs' exports to one folder: one removed the other's
+half-written files).
 Processes of one torchrun job (WORLD_SIZE above 1) share their run directory by design: RANK 0 takes the locks for
 the job, and a process with another RANK none, whatever it runs (a shell with those variables left set is not
 locked).
@@ -208,6 +210,8 @@ def claim_folder(run_dir: str | os.PathLike) -> None:
 
 WORK_ADVICE = ("One training per work folder and export folder at a time: wait for it to finish (or stop it); to "
                "train the same model again beside it, give another --work and another --dest")
+EXPORT_ADVICE = ("One export per folder at a time (the second would write over the first, or remove its files "
+                 "half-written): wait for it to finish (or stop it), or give another --dest")
 _EXTRA: list[bytes] = []  # folders `also_lock` holds until the command's `run_lock` ends
 _COMMAND: list = []  # the command line of the innermost `run_lock`, which `also_lock` records too
 

@@ -306,3 +306,43 @@ def test_a_trainings_export_folder_is_locked_too_and_released_without_a_run(tmp_
     finally:
         _release(proc)
     assert list(lock_path(dest).parent.iterdir()) == []
+
+
+def test_two_writers_of_one_export_folder_are_refused(tmp_path, tmp_path_factory, capsys):
+    """Breaker: `puzzle export --dest D` of two runs at once, one removed the other's half-written folder (a
+    safetensors traceback), and where both finished the second wrote over the first unsaid; merge --dest alike."""
+    import shutil
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_run import tiny_run_dir
+
+    run, dest = tmp_path / "run", tmp_path / "D"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), run)
+    code = textwrap.dedent(f"""
+        import sys
+        from puzzle.runlock import EXPORT_ADVICE, also_lock, run_lock
+        with run_lock(None, ["puzzle", "export", "--out", "other-run", "--dest", {str(dest)!r}]):
+            also_lock({str(dest)!r}, EXPORT_ADVICE)
+            print("held", flush=True)
+            sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    from puzzle.export import export_checkpoint
+    from puzzle.tiny import tiny_parent
+
+    children = []
+    for i in (0, 1):
+        lm = tiny_parent(seed=i)
+        children.append(str(export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"m{i}").path))
+    try:
+        for argv in (["export", "--out", str(run), "--name", "child-1.5x", "--dest", str(dest), "--no-progress"],
+                     ["merge", *children, "--dest", str(dest)]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"working on {dest}: pid {proc.pid}" in err and "give another --dest" in err, err
+            assert not dest.exists()
+    finally:
+        _release(proc)
+    assert main(["merge", *children, "--dest", str(dest)]) == 0 and (dest / "config.json").is_file()
+    assert list(lock_path(dest).parent.iterdir()) == []
