@@ -356,7 +356,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     Raises:
         PuzzleError: out_dir is a file, a non-empty folder without overwrite=True or one that is not an
             earlier export (a run directory, a folder of other files); a bad dtype;
-            a tied config whose LM head is not the embedding.
+            a tied config whose LM head is not the embedding; weights holding NaN or inf, or overflowing
+            `dtype` (`_check_finite`).
     """
     out_dir = Path(out_dir)
     now = export_provenance({"source": dict(model.config.extra), **(extra_info or {})})
@@ -368,13 +369,15 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     if tokenizer is None:
         warnings.append("no tokenizer was given: the folder has none; copy the parent's tokenizer files into it")
 
+    untie = bool(untie_embeddings and config.tie_word_embeddings)
+    state = _state_dict(model, torch_dtype, untie)
+    _check_finite(state, model, torch_dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         mode = file_mode()
         tmp.chmod(mode | (mode & 0o444) >> 2)  # mkdtemp makes it private: a folder as plainly made (x where r)
-        untie = bool(untie_embeddings and config.tie_word_embeddings)
-        save_file(_state_dict(model, torch_dtype, untie), tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         _write_json(tmp / "config.json", _config_json(config, torch_dtype, extra_info, untie))
         _write_json(tmp / "generation_config.json", _generation_config_json(config))
         if tokenizer is not None:
@@ -524,6 +527,26 @@ def export_folder_problem(path: Path) -> str | None:
     if other:
         return f"it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, which an export does not write"
     return None
+
+
+def _check_finite(state: dict[str, torch.Tensor], model, dtype: torch.dtype) -> None:
+    """Refuse to write weights holding NaN or ±inf (breaker: a float16 merge of large weights and a merge of a
+    model with a NaN wrote them unsaid, and every logit of the result was NaN or inf).
+
+    Raises:
+        PuzzleError: naming the first such tensor, and whether the model itself holds it or the stored dtype
+            cannot (it overflows `dtype`).
+    """
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            source = dict(model.named_parameters()).get(name)
+            if source is not None and torch.isfinite(source).all():
+                raise PuzzleError(f"weight {name} overflows {str(dtype).removeprefix('torch.')} (its largest "
+                                  f"magnitude is {source.abs().max().item():.3g}): store it in float32 or bfloat16 "
+                                  f"(--dtype)")
+            raise PuzzleError(f"weight {name} holds NaN or inf values: the model is broken (every output would be "
+                              f"NaN); nothing was written. Check where it came from (a diverged training, a damaged "
+                              f"input folder)")
 
 
 def remove_stale_temp(out_dir: Path) -> list[str]:

@@ -409,6 +409,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: 
     kind = "nemotron-nas" if nas else "hf"
     config = dataclasses.replace(config, extra={**config.extra, "source": kind, "path": str(folder), **(extra or {})})
     model = model_from_state_dict(config, _read_weights(_weight_files(folder)), dtype, what=str(folder), copy=False)
+    # breaker: a model with a NaN weight was evaluated (an accuracy from NaN logits), generated from and merged unsaid
+    if (broken := next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)) is not None:
+        as_loaded = "" if dtype == torch.float32 else f" as loaded in {str(dtype).removeprefix('torch.')}"
+        raise PuzzleError(f"{folder}: the weight {broken} holds NaN or inf values{as_loaded}, so the model's outputs "
+                          f"would be NaN; it is no model to use: export or train it again")
     tokenizer = _load_tokenizer(folder) if with_tokenizer else None
     return LoadedModel(model, tokenizer, config, f"{kind} folder {folder}")
 
@@ -684,7 +689,7 @@ def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None 
     Raises:
         PuzzleError: a missing path, a folder with neither config.json nor one .gguf, a corrupt or
             truncated file, an unsupported architecture or option, weights that do not match the
-            config, or a cache folder that cannot be written.
+            config or hold NaN or inf, or a cache folder that cannot be written.
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise PuzzleError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")

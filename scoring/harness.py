@@ -204,7 +204,7 @@ def loglikelihoods(model, tokenizer, pairs, *, batch_tokens: int = 2048, progres
         continuation longer than the model's positions is scored on its last max_position_embeddings tokens.
 
     Raises:
-        PuzzleError: a pair whose continuation encodes to no token.
+        PuzzleError: a pair whose continuation encodes to no token; log-likelihoods that are not finite.
     """
     model.eval()
     encoded = encode_pairs(tokenizer, pairs)
@@ -239,6 +239,10 @@ def loglikelihoods(model, tokenizer, pairs, *, batch_tokens: int = 2048, progres
                 row_group.append(gi)
                 members.append(m)
         logprob, greedy = _run_batch(model, ctxs, conts, row_group)
+        if not torch.isfinite(torch.as_tensor(logprob)).all():  # breaker: an accuracy was reported from NaN logits
+            raise PuzzleError(f"the model's log-likelihoods are NaN or infinite (its {desc} pass overflowed, e.g. "
+                              f"activations past float16's range, or its weights are broken): an accuracy from them "
+                              f"would mean nothing; evaluate it in float32 or bfloat16")
         for r, m in enumerate(members):
             results[m] = LogLikelihood(float(logprob[r]), bool(greedy[r]), len(conts[r]))
     return results

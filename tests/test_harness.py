@@ -102,6 +102,15 @@ def test_batched_engine_matches_a_plain_forward(tiny, batch_tokens):
         assert r.logprob == pytest.approx(lp, abs=1e-4) and r.is_greedy == greedy and r.tokens == len(cont)
 
 
+def test_non_finite_log_likelihoods_are_refused():
+    """Breaker: `puzzle eval` reported piqa acc 0.6 for a model whose logits were all NaN."""
+    broken = tiny_parent(seed=0)
+    with torch.no_grad():
+        broken.model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(PuzzleError, match="log-likelihoods are NaN or infinite"):
+        loglikelihoods(broken.model, broken.tokenizer, [("The cat sat on", " the mat.")])
+
+
 def test_greedy_flag_on_a_continuation_the_model_predicts(tiny):
     model, tok = tiny.model, tiny.tokenizer
     ctx = tok("The quick brown", add_special_tokens=False)["input_ids"]

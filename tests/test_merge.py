@@ -228,3 +228,33 @@ def test_a_folder_merge_is_stored_in_the_first_inputs_dtype(tmp_path):
         assert json.loads((dest / "config.json").read_text())["torch_dtype"] == str(want).removeprefix("torch.")
     dest = merge_checkpoints([tmp_path / "b0", tmp_path / "b1"], tmp_path / "m32", dtype="float32")  # --dtype wins
     assert {t.dtype for t in load_file(dest / "model.safetensors").values()} == {torch.float32}
+
+
+def test_non_finite_weights_are_refused_where_they_are_loaded_and_written(tmp_path):
+    """Breaker: a float16 merge of large weights wrote inf, a merge with a NaN input wrote NaN, and eval reported
+    an accuracy from the NaN logits of such a folder: no command said anything."""
+    import re
+
+    a, big = tiny_parent(seed=0), tiny_parent(seed=1)
+    export_checkpoint(a.model, a.tokenizer, tmp_path / "a")
+    with torch.no_grad():
+        big.model.model.norm.weight.mul_(1e6)  # finite in float32, past float16's 65504
+    export_checkpoint(big.model, big.tokenizer, tmp_path / "big")
+    with pytest.raises(PuzzleError, match="weight model.norm.weight overflows float16 .* float32 or bfloat16"):
+        merge_checkpoints([tmp_path / "a", tmp_path / "big"], tmp_path / "m16", dtype="float16")
+    assert not (tmp_path / "m16").exists()
+    merge_checkpoints([tmp_path / "a", tmp_path / "big"], tmp_path / "mbf16", dtype="bfloat16")  # it fits there
+    weights = tmp_path / "a" / "model.safetensors"
+    state = load_file(weights)
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    for call in (lambda: load_parent(tmp_path / "a"),
+                 lambda: merge_checkpoints([tmp_path / "a", tmp_path / "big"], tmp_path / "mnan")):
+        with pytest.raises(PuzzleError, match=re.escape("the weight model.norm.weight holds NaN or inf values")):
+            call()
+    assert not (tmp_path / "mnan").exists()
+    with pytest.raises(PuzzleError, match="holds NaN or inf values: the model is broken"):  # a model in memory
+        with torch.no_grad():
+            a.model.model.norm.weight[0] = float("inf")
+        export_checkpoint(a.model, a.tokenizer, tmp_path / "inf")
+    assert not (tmp_path / "inf").exists()
