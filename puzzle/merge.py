@@ -279,6 +279,24 @@ def stored_dtype(folder: Path) -> str | None:
     return None
 
 
+def _check_same_vocabulary(paths, tokenizers) -> None:
+    """Refuse inputs whose tokenizers map a token to different ids (breaker: two ids swapped in one input's
+    tokenizer.json were merged unsaid, under the first input's tokenizer): a row of the embedding and LM head is
+    then a different token in each model. Inputs without a tokenizer are not compared.
+
+    Raises:
+        PuzzleError: naming the inputs and one token whose id differs.
+    """
+    vocabs = [(p, t.get_vocab()) for p, t in zip(paths, tokenizers) if t is not None]
+    for path, vocab in vocabs[1:]:
+        first_path, first = vocabs[0]
+        if vocab != first:
+            token = next((k for k in sorted(set(first) | set(vocab)) if first.get(k) != vocab.get(k)), None)
+            raise PuzzleError(f"{first_path} and {path} have different tokenizers (the token {token!r} is id "
+                              f"{first.get(token)} in one and {vocab.get(token)} in the other), so the same row of "
+                              f"their embeddings is not the same token; merge only models of one tokenizer")
+
+
 def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     """Merge model folders into an exported folder, or state-dict files into a .safetensors file.
 
@@ -294,8 +312,8 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
         The written path.
 
     Raises:
-        PuzzleError: mixed input kinds, a missing path, different architectures, a `dest` that is an input or
-            a model an input was derived from (`derived_from`), or one that would replace something else.
+        PuzzleError: mixed input kinds, a missing path, different architectures or tokenizers, a `dest` that is an
+            input or a model an input was derived from (`derived_from`), or one that would replace something else.
     """
     paths = [Path(p).expanduser() for p in paths]
     for p in paths:
@@ -350,6 +368,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             raise PuzzleError(f"--dest {dest} is the model {model} was derived from (its config.json records "
                               f"{recorded}); merging into it would replace that model; give a new folder")
     loaded = [load_parent(p) for p in paths]
+    _check_same_vocabulary(paths, [lm.tokenizer for lm in loaded])
     # the inputs by their weights: a moved input is the same merge, one whose weights changed is another
     record["inputs_sha"] = [weights_sha(lm.model)[:16] for lm in loaded]
     check_export_target(dest, overwrite=True, keep=paths, provenance=export_provenance({"merge": record}),

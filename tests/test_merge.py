@@ -258,3 +258,19 @@ def test_non_finite_weights_are_refused_where_they_are_loaded_and_written(tmp_pa
             a.model.model.norm.weight[0] = float("inf")
         export_checkpoint(a.model, a.tokenizer, tmp_path / "inf")
     assert not (tmp_path / "inf").exists()
+
+
+def test_inputs_of_different_tokenizers_are_refused(tmp_path):
+    """Breaker: two token ids swapped in one input's tokenizer.json were merged unsaid (the first's kept)."""
+    for i in (0, 1):
+        lm = tiny_parent(seed=i)
+        export_checkpoint(lm.model, lm.tokenizer, tmp_path / f"m{i}")
+    path = tmp_path / "m1" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = [k for k, v in vocab.items() if v in (50, 51)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(data))
+    with pytest.raises(PuzzleError, match="have different tokenizers .* is id (50|51) in one and (50|51) in the other"):
+        merge_checkpoints([tmp_path / "m0", tmp_path / "m1"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
