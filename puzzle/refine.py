@@ -706,6 +706,14 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 f"--continue runs more rounds, and deleting {log_path} starts afresh")
         done.attrs["finished"] = True  # `refine_main` then times the children only where no call has
         return done
+    # an earlier call of these same arguments killed after its candidates were logged (breaker: the rerun realized and
+    # scored every candidate again): its children are evaluated and recorded, not searched for again
+    pending_path = run.out / "refine" / f"{name}.pending.json"
+    call = json.loads(json.dumps({"resume": bool(resume), "max_rounds": max_rounds, "inputs": inputs}, default=str))
+    if (pending := _pending_steps(pending_path, log_path, call)) is not None:
+        run.say(f"refine {name}: the candidates of an interrupted call with these settings are kept ({log_path}); "
+                f"evaluating the children it chose")
+        return _record_steps(run, name, record, pending, tokens, pending_path)
     # this call rewrites the log and records before its table: until it writes its own inputs, none stands (reviewer:
     # an interrupted call left the earlier inputs beside its new records, and a plain rerun took the old table). They
     # wait in <name>.inputs.earlier.json, which no rerun takes as "done", for a --continue after an interrupt
@@ -843,14 +851,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     diverse_seqs = known(kept_sequences[0]) if earlier is not None else now
     refined_seqs = max(diverse_seqs, now, *([known(kept_sequences[1])] if earlier is not None else []))
     chosen_on = {"diverse": diverse_seqs, "refined": refined_seqs}
-    steps = [("plain", name, tuple(record["choice"]), 0.0),
-             ("diverse", f"{name}-diverse", tuple(best), diverse_s),
-             ("refined", f"{name}-refined", refined, refine_s)]
-    out = []
-    for step, child_name, choice, seconds in steps:
-        rec = record if step == "plain" else {**record_for(run, child_name, choice, stage, budgets, f"mip-{step}"),
-                                              "vllm_compatible": vllm, SELECTION_KEY: chosen_on[step],
-                                              **({"exclude": list(exclude)} if exclude else {})}
+    records, seconds = {}, {"diverse": diverse_s, "refined": refine_s}
+    for step, choice in (("diverse", tuple(best)), ("refined", refined)):
+        rec = {**record_for(run, f"{name}-{step}", choice, stage, budgets, f"mip-{step}"), "vllm_compatible": vllm,
+               SELECTION_KEY: chosen_on[step], **({"exclude": list(exclude)} if exclude else {})}
         if step == "diverse":  # which candidate the diverse step kept: "mip" or a seed's method
             rec["picked_from"] = picked_from
         prior = kept_records.get(step)
@@ -858,14 +862,48 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             rec.update({key: prior[key] for key in FEEDBACK_KEYS if key in prior})
         elif step == "refined" and round_budgets != budgets:  # a new child, refined under the feedback's limits
             rec[FEEDBACK_BUDGETS_KEY] = round_budgets.to_dict()
+        records[step] = rec
+    finished = None if inputs is None else {**inputs, "rounds": rounds_before + max_rounds}
+    pending = {"call": call, "log_sha256": hashlib.sha256(log_path.read_bytes()).hexdigest(), "records": records,
+               "seconds": seconds, "inputs": finished}
+    atomic_write_json(pending_path, pending)
+    return _record_steps(run, name, record, pending, tokens, pending_path)
+
+
+def _pending_steps(pending_path: Path, log_path: Path, call: dict) -> dict | None:
+    """What an `improve_child` call of the same arguments (`call`) chose before it was interrupted, from
+    DIR/refine/<name>.pending.json, written once its log (<name>.csv) was: the -diverse and -refined records, the
+    seconds of each step, and the inputs record to write; None when there is none, it is damaged, it was another
+    call's, or the log is not the one it was written beside."""
+    from .io import read_json
+
+    try:
+        pending = read_json(pending_path)
+        ok = pending["call"] == call and pending["log_sha256"] == hashlib.sha256(log_path.read_bytes()).hexdigest() \
+            and all(isinstance(pending["records"].get(step), dict) for step in ("diverse", "refined")) \
+            and all(float(pending["seconds"][step]) >= 0 for step in ("diverse", "refined"))
+    except (PuzzleError, OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return pending if ok else None
+
+
+def _record_steps(run, name: str, record: dict, pending: dict, tokens: int | None, pending_path: Path) -> pd.DataFrame:
+    """Write the -diverse and -refined records of `pending` (`_pending_steps`), evaluate the three steps' children
+    into DIR/refine/<name>.summary.csv (`_step_row`), then the inputs record that marks the refinement finished."""
+    folder = run.out / "refine"
+    steps = [("plain", name, record, 0.0)] + [(step, f"{name}-{step}", pending["records"][step],
+                                               float(pending["seconds"][step])) for step in ("diverse", "refined")]
+    out = []
+    for step, child_name, rec, seconds in steps:
         if step != "plain":
             atomic_write_json(run.out / "search" / f"{child_name}.json", rec)
         out.append(_step_row(run, step, child_name, rec, record["choice"], seconds, tokens))
     df = _with_gains(pd.DataFrame(out))
-    atomic_write_text(summary_path, df.to_csv(index=False))
-    if inputs is not None:
-        atomic_write_json(inputs_path, {**inputs, "rounds": rounds_before + max_rounds})
-    waiting.unlink(missing_ok=True)
+    atomic_write_text(folder / f"{name}.summary.csv", df.to_csv(index=False))
+    if pending["inputs"] is not None:
+        atomic_write_json(folder / f"{name}.inputs.json", pending["inputs"])
+    folder.joinpath(f"{name}.inputs.earlier.json").unlink(missing_ok=True)
+    pending_path.unlink(missing_ok=True)
     return df
 
 

@@ -259,6 +259,43 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
     assert "already refined" in capsys.readouterr().err
 
 
+def test_a_refinement_killed_after_its_candidates_keeps_them(run, tmp_path, capsys, monkeypatch):
+    """Breaker: killed between DIR/refine/<name>.csv and <name>.summary.csv (evaluating the steps' children), the
+    rerun realized and scored every diverse and refined candidate again."""
+    import json
+    import shutil
+
+    import puzzle.refine as refine_module
+    from puzzle.baselines import open_run
+
+    shutil.copytree(run.out, tmp_path / "r")
+    copy = open_run(tmp_path / "r", progress=False)
+    shutil.rmtree(copy.out / "refine", ignore_errors=True)
+    settings = dict(k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128, seeds=[])
+    step_row = refine_module._step_row
+
+    def fails(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine_module, "_step_row", fails)
+    with pytest.raises(KeyboardInterrupt):
+        improve_child(copy, "child-1.5x", **settings)
+    folder = copy.out / "refine"
+    assert (folder / "child-1.5x.csv").is_file() and not (folder / "child-1.5x.summary.csv").exists()
+    chosen = json.loads((folder / "child-1.5x.pending.json").read_text())["records"]
+    monkeypatch.setattr(refine_module, "_step_row", step_row)
+    for searcher in ("diverse_candidates", "refine", "seed_choices"):  # the rerun must not search again
+        monkeypatch.setattr(refine_module, searcher, fails)
+    capsys.readouterr()
+    df = improve_child(copy, "child-1.5x", **settings)
+    assert "the candidates of an interrupted call with these settings are kept" in capsys.readouterr().err
+    assert list(df["step"]) == ["plain", "diverse", "refined"] and not (folder / "child-1.5x.pending.json").exists()
+    for step in ("diverse", "refined"):
+        assert json.loads((copy.out / "search" / f"child-1.5x-{step}.json").read_text()) == chosen[step]
+    improve_child(copy, "child-1.5x", **settings)
+    assert "already refined" in capsys.readouterr().err
+
+
 def test_refinement_stays_in_its_trust_region_meets_the_budget_and_only_accepts_gains(run, table):
     blocks, budgets = _child(run)
     history = refine(run, table, budgets, blocks, k=2, max_changes=1, max_rounds=2, tokens=256)
