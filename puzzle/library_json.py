@@ -129,7 +129,7 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         found = (": it has no layer_N keys" if not layer_keys else
                  f": it lacks {', '.join(f'layer_{i}' for i in missing)}" if missing else "")
         raise PuzzleError(f"{file} must map layer_0 ... layer_<L-1> to variants{found}")
-    info = _optional_json(folder / "measurement_info.json")
+    info = _measurement_info(folder / "measurement_info.json")
     parent_file = folder / "parent_block_stats.json"
     parent_stats = _optional_json(parent_file).get("stats", {})
     if not isinstance(parent_stats, dict):
@@ -198,6 +198,28 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
             "non_block": "not in the file: zero costs (fractions are of the parent's blocks only)",
             "prefill_decode": "not in the file: runtime_ms is the block's whole measured runtime"}
     return table, meta
+
+
+def _measurement_info(path: Path) -> dict:
+    """measurement_info.json's workload ({} if there is no file), each field checked (breaker: a batch size of -256
+    and a sequence length of 1e400 went into the search's JSON as they were): batch_size and sequence_length
+    positive whole numbers, gpu and dtype text; a field may be missing or null.
+
+    Raises:
+        PuzzleError: naming the field and what it holds.
+    """
+    info = _optional_json(path)
+    for field in ("batch_size", "sequence_length"):
+        value = info.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 1 or value != int(value)):
+            raise PuzzleError(f"{path}: {field} must be a positive whole number (or null), got {json.dumps(value)}")
+        if value is not None:
+            info[field] = int(value)
+    for field in ("gpu", "dtype"):
+        if info.get(field) is not None and not isinstance(info[field], str):
+            raise PuzzleError(f"{path}: {field} must be text (or null), got {json.dumps(info[field])}")
+    return info
 
 
 def _optional_json(path: Path) -> dict:

@@ -750,6 +750,15 @@ def test_a_malformed_block_library_json_is_one_clear_error(tmp_path):
         read_puzzle_library(tmp_path)
     (tmp_path / "measurement_info.json").write_text('{"batch_size": NaN, "gpu": "H100"}')
     assert read_puzzle_library(tmp_path)[1]["batch_size"] is None  # NaN reads as a missing value
+    for info, words in [('{"batch_size": -256}', r"batch_size must be a positive whole number \(or null\), got -256"),
+                        ('{"sequence_length": 1e400}', "sequence_length must be a positive whole number .* Infinity"),
+                        ('{"batch_size": "x"}', 'batch_size must be a positive whole number .* "x"'),
+                        ('{"gpu": 5}', "gpu must be text")]:  # breaker: they went into the search's JSON as they were
+        (tmp_path / "measurement_info.json").write_text(info)
+        with pytest.raises(PuzzleError, match=words):
+            read_puzzle_library(tmp_path)
+    (tmp_path / "measurement_info.json").write_text('{"batch_size": 256.0, "sequence_length": 1200}')
+    assert read_puzzle_library(tmp_path)[1]["batch_size"] == 256
     (tmp_path / "parent_block_stats.json").write_text('{"stats": {"num_kv_heads": "x", "ffn_intermediate_size": 1}}')
     with pytest.raises(PuzzleError, match="whole-number num_kv_heads"):
         read_puzzle_library(tmp_path)
