@@ -105,9 +105,11 @@ class Budgets:
         for column, bound in self.limits().items():
             total = parent_totals.get(column)
             if total is not None and math.isfinite(float(total)) and 0 < float(total) <= bound:
-                notes.append(f"max_{column}={bound:.6g} is {bound / float(total):.2f}x the parent's "
+                ratio = bound / float(total)  # breaker: 1e308 printed as a 300-digit ratio
+                times = f"{ratio:.2f}x" if ratio < 1e6 else f"{ratio:.3g}x"
+                notes.append(f"max_{column}={bound:.6g} is {times} the parent's "
                              f"{float(total):.6g}: the parent meets it, so it does not bind" if parent_not_best is None
-                             else f"max_{column}={bound:.6g} is {bound / float(total):.2f}x the parent's "
+                             else f"max_{column}={bound:.6g} is {times} the parent's "
                              f"{float(total):.6g}: the parent meets it, but it may still bind ({parent_not_best}, "
                              f"so the best child without it need not be the parent)")
         return notes

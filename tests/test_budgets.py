@@ -136,6 +136,8 @@ def test_bounds_the_parent_meets_are_named_and_tighter_ones_are_not():
     assert notes[1].startswith("max_params=1e+09 is 1.00x")
     assert budgets.above_parent({"runtime_ms": 100.0}) == []  # unknown totals: nothing said
     assert Budgets().above_parent({"memory_mib": 1.0}) == []
+    huge = Budgets(max_runtime_ms=1e308).above_parent({"runtime_ms": 49.7})  # breaker: a 300-digit ratio
+    assert huge[0].startswith("max_runtime_ms=1e+308 is 2.01e+306x the parent's 49.7")
 
 
 def test_a_negative_budget_and_a_speedup_given_to_max_runtime_get_advice():
