@@ -788,11 +788,8 @@ def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
         raise PuzzleError(f"{what} must be a list of variant ids (e.g. [\"attn-linear\"]), got {values!r}")
     ids = [v.strip() for v in items]
-    if [v.lower() for v in ids] == ["none"]:
+    if _none_alone(ids, what):
         return ()
-    if "none" in [v.lower() for v in ids]:
-        raise PuzzleError(f"{what}: 'none' clears the exclusions and cannot be combined with variant ids {ids}; give "
-                          f"either 'none' alone or the ids")
     for v in ids:
         if "," in v:
             raise PuzzleError(f"{what} {v!r}: give one variant id per --exclude (repeat the flag: "
@@ -803,6 +800,19 @@ def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
                               f"attn-noop), an FFN id (ffn-768, ffn-linear, ffn-noop), a block id joining two with "
                               f"'+' (attn-kv1+ffn-768), or 'none' alone to leave nothing out")
     return tuple(sorted(set(ids)))
+
+
+def _none_alone(ids: list[str], what: str = "--exclude") -> bool:
+    """Whether `ids` is "none" alone (any case: leave nothing out).
+
+    Raises:
+        PuzzleError: "none" among variant ids.
+    """
+    lowered = [v.lower() for v in ids]
+    if "none" in lowered and len(ids) > 1:
+        raise PuzzleError(f"{what}: 'none' clears the exclusions and cannot be combined with variant ids {ids}; give "
+                          f"either 'none' alone or the ids")
+    return lowered == ["none"]
 
 
 def uses_excluded(choice: Sequence, exclude: Sequence[str]) -> bool:
@@ -907,7 +917,7 @@ def search_main(args: argparse.Namespace) -> int:
     budgets = resolve_budgets(request, table, parent, meta)
     objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
     exclude = tuple(v.strip() for v in args.exclude or ())
-    exclude = () if [v.lower() for v in exclude] == ["none"] else exclude
+    exclude = () if _none_alone(list(exclude)) else exclude
     check_exclusions(table, exclude)  # names the table's variants
     options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=exclude)
     try:

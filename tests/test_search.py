@@ -861,6 +861,14 @@ def test_a_sum_that_overflows_in_the_objective_is_one_error_line(capsys):
     assert "overflows" in err
 
 
+@needs_fixture
+def test_exclude_none_with_an_id_is_refused_as_in_a_run(capsys):
+    """Breaker: with --library it said "'none' is not a variant of this table" (the help calls it valid)."""
+    err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--speedup", "1.5", "--exclude", "none",
+                                   "--exclude", "attn-noop"])
+    assert "'none' clears the exclusions and cannot be combined with variant ids" in err
+
+
 @pytest.mark.parametrize("layers,renumber,words", [
     ((2, 4, 5, 6), None, "it has 4 layers, without layer(s) 2, 4, 5, 6"),
     ((0,), None, "it has 7 layers, without layer(s) 0"),
