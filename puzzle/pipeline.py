@@ -807,6 +807,9 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
     from .search import REQUIRED_COLUMNS
 
     path = score_table_path(run, stage)
+    if not path.exists():  # breaker: "run the stage that writes it first" named no stage
+        raise PuzzleError(f"{path} does not exist: score the library first (`puzzle score --out {run.out}`, after "
+                          f"`puzzle bld`), or run the whole pipeline with `puzzle run --out {run.out}`")
     table, meta = load_table(path, required_columns=REQUIRED_COLUMNS)  # the sidecar is required
     check_score_target(run, path, meta)
     return table, meta

@@ -609,6 +609,9 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     if (run_dir / "config.json").is_file() and (run_dir / "library").is_dir():
         raise PuzzleError(f"{run_dir} has a block library but no score table yet (score/score_table.csv): run "
                           f"`puzzle score --out {run_dir}` first")
+    if not path.exists():  # breaker: "neither ... nor" never said it is missing
+        raise PuzzleError(f"--library {path} does not exist; give a run directory, a score table .csv or a "
+                          f"block_library.json (or its folder)")
     raise PuzzleError(f"{path} is neither a run directory with score/score_table.csv, a score table .csv, nor a "
                       f"block_library.json (or its folder)")
 

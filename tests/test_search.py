@@ -1394,6 +1394,10 @@ def test_a_runs_library_folder_searches_the_runs_scores(tmp_path_factory, tmp_pa
     for path in (unscored, unscored / "library"):
         with pytest.raises(PuzzleError, match=r"no score table yet .*puzzle score --out"):
             load_search_table(path)
+    with pytest.raises(PuzzleError, match="--library .*nosuch does not exist"):  # breaker: "neither ... nor"
+        load_search_table(tmp_path / "nosuch")
+    assert main(["search", "--out", str(unscored), "--speedup", "1.5", "--no-progress"]) == 2  # breaker: no stage named
+    assert f"score the library first (`puzzle score --out {unscored}`" in capsys.readouterr().err
 
 
 @needs_fixture
