@@ -965,6 +965,12 @@ def search_main(args: argparse.Namespace) -> int:
               "totals, fractions and speed-ups are of the blocks alone, and an absolute --max-memory, --max-params "
               "or --max-runtime is compared with the blocks alone (subtract the embedding and LM head from it)",
               file=sys.stderr)
+    off = table[table["is_parent"].astype(bool) & (table["layer"] >= 0) & (table["kl_nats"].abs() > 1e-9)]
+    if len(off):  # breaker: a parent variant's kl_div of 0.3 was reported as the parent's KL without a word
+        layers = ", ".join(map(str, sorted(set(off["layer"].astype(int)))[:8])) + (", ..." if len(off) > 8 else "")
+        print(f"warning: the parent's own variant scores a KL other than 0 in layer(s) {layers} (sum "
+              f"{off['kl_nats'].sum():.4g} nats): a parent block replaced by itself scores 0, so this table's KL "
+              f"scores may be damaged or of another kind; the search counts them as given", file=sys.stderr)
     if meta.get("missing_sidecar"):
         print(f"note: {meta['missing_sidecar']} (the table's sidecar) does not exist, so the device and workload "
               f"(batch size, prompt and generation lengths) of these costs are unknown", file=sys.stderr)

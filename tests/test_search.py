@@ -1714,3 +1714,17 @@ def test_a_front_from_before_search_exclude_stays_current(tmp_path_factory, tmp_
     assert _front_settings(with_it) == now
     run.config = dataclasses.replace(run.config, search=dataclasses.replace(run.config.search, exclude=("attn-linear",)))
     assert front_inputs(run)["settings"]["search"]["exclude"] == ["attn-linear"]  # a change
+
+
+@needs_fixture
+def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, capsys):
+    """Breaker: a kl_div of 0.3 on layer 0's parent variant was reported as the parent's KL without a word."""
+    from puzzle.cli import main
+
+    def off(library):
+        next(iter(library["layer_0"].values()))["metrics"]["kl_div"] = 0.3  # the first variant is the parent's
+
+    assert main(["search", "--library", str(_damaged_library(tmp_path, layer_edit=off)), "--speedup", "1.5"]) == 0
+    assert "the parent's own variant scores a KL other than 0 in layer(s) 0 (sum 0.3 nats)" in capsys.readouterr().err
+    assert main(["search", "--library", str(FIXTURE), "--speedup", "1.5"]) == 0
+    assert "other than 0" not in capsys.readouterr().err
