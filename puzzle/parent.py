@@ -30,6 +30,7 @@ cached load 2.0 s (sha256 of the file 0.3 s included).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -364,6 +365,20 @@ def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+@contextlib.contextmanager
+def transformers_quiet():
+    """transformers' own warnings and notes silenced (its logging at the error level) inside the block, where puzzle
+    checks the same thing itself and says it in its own words."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _load_tokenizer(folder: Path):
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((folder / n).is_file() for n in names):
@@ -374,14 +389,8 @@ def _load_tokenizer(folder: Path):
     try:
         # trust_remote_code=False: the tokenizer never needs the folder's code, and an exported folder's
         # auto_map would otherwise make transformers stop and ask on the terminal
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # silence "model of type nemotron-nas" notes about the folder's config
-        try:
+        with transformers_quiet():  # silence "model of type nemotron-nas" notes about the folder's config
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        finally:
-            hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         # AutoTokenizer may trip over a model_type it does not know: for a nemotron-nas config with llama3 RoPE
         # scaling, transformers 5's generic config lacks max_position_embeddings (AttributeError)

@@ -659,7 +659,10 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[list[torch.Tensor
     Raises:
         PuzzleError: as `chat_ids`.
     """
-    encoded = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    from .parent import transformers_quiet
+
+    with transformers_quiet():  # breaker: its "Token indices sequence length is longer ..." came before our own error
+        encoded = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return [ids for ids, _ in encoded], all(chat for _, chat in encoded)
 
 
