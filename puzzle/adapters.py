@@ -289,7 +289,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterHandle:
     Returns:
         AdapterHandle; afterwards only adapter factors the spec marks as trained require gradients.
     Raises:
-        PuzzleError: no module matches the targets, or the model already has adapters.
+        PuzzleError: no module matches the targets, a rank above every target's min(d_in, d_out), or the
+            model already has adapters.
     """
     if any(isinstance(m, AdaptedLinear) for m in model.modules()):
         raise PuzzleError("this model already has adapters; merge or remove them first")
@@ -297,6 +298,12 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterHandle:
     if not found:
         raise PuzzleError(f"no linear module named {', '.join(config.targets)} in the decoder layers; "
                           "name existing modules in targets")
+    # a product B·A of rank r adds nothing past min(d_in, d_out) (breaker: rank 100000 on a hidden size of 64 wrote a
+    # 409 MB adapters file)
+    full = max(min(linear.in_features, linear.out_features) for _, linear in found)
+    if config.rank > full:
+        raise PuzzleError(f"adapter rank {config.rank} is above the rank of every adapted map (at most {full}, "
+                          f"min(in, out) of the largest): give --rank {full} or less (LoRA ranks are usually 8 to 64)")
     base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

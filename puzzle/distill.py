@@ -599,6 +599,10 @@ def _folder_inputs(args) -> GKDInputs:
                           f"give --seq-len {positions} or less")
     if args.eval and eval_tokens < seq_len:
         raise PuzzleError(f"--eval-tokens must be at least one sequence (--seq-len {seq_len}), got {eval_tokens}")
+    if (args.calib_tokens or args.tokens) < seq_len:  # breaker: "documents give 0 tokens ... add text" blamed the text
+        flag = "--calib-tokens" if args.calib_tokens else "--tokens"
+        raise PuzzleError(f"{flag} {args.calib_tokens or args.tokens} is less than one sequence (--seq-len {seq_len}); "
+                          f"give {flag} {seq_len} or more, or a shorter --seq-len")
     tokenizer = child_loaded.tokenizer
     train_ids = pack_sources(args.calib, tokenizer, seq_len, args.calib_tokens or args.tokens, args.max_doc_tokens or 0)
     eval_ids = pack_sources(args.eval, tokenizer, seq_len, eval_tokens) if args.eval else None

@@ -26,6 +26,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -527,6 +528,10 @@ def sample(model, prompts: list, max_new_tokens: int, temperature: float = 1.0, 
 # training
 
 
+#: the largest --beta taken: far above the published settings (DPO 0.1, SimPO 2-10), below float32's trouble
+MAX_BETA = 1000.0
+
+
 @dataclass(frozen=True)
 class RPOConfig:
     """Settings of one preference-optimization run (offline or online).
@@ -564,15 +569,20 @@ class RPOConfig:
             raise PuzzleError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         # one message per setting, naming its flag where it has one (reviewer: one message listed all four; nan and
         # inf named no flag)
-        if not is_finite_number(self.temperature) or self.temperature <= 0:
-            raise PuzzleError(f"--temperature (rpo temperature) must be a finite number > 0, got {self.temperature}: "
-                              f"a group's responses are sampled, and greedy decoding (0) would make all k of them alike")
+        if not is_finite_number(self.temperature) or self.temperature <= 0:  # the reason is 0's, not nan's (breaker)
+            why = (": a group's responses are sampled, and greedy decoding (0) would make all k of them alike"
+                   if is_finite_number(self.temperature) else "")
+            raise PuzzleError(f"--temperature (rpo temperature) must be a finite number > 0, got "
+                              f"{self.temperature}{why}")
         if not is_finite_number(self.kl_coef) or self.kl_coef < 0:
             raise PuzzleError(f"--kl-coef (rpo kl_coef) must be a finite number >= 0, got {self.kl_coef}")
         require_finite("rpo", beta=self.beta, eta=self.eta, gamma=self.gamma, lr=self.lr,
                        weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
         if self.beta <= 0 or self.eta <= 0:
             raise PuzzleError(f"beta and eta must be > 0 (got beta={self.beta}, eta={self.eta})")
+        if self.beta > MAX_BETA:  # breaker: 1e30 overflowed the gradient, and 5 steps at loss ln 2 "succeeded"
+            raise PuzzleError(f"--beta {self.beta:g} is above {MAX_BETA:g}: the loss saturates (its gradient vanishes "
+                              f"or overflows float32) and nothing is learned; DPO uses about 0.1, SimPO 2 to 10")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise PuzzleError(f"rpo weight_decay must be >= 0 and max_grad_norm > 0 (got weight_decay="
                               f"{self.weight_decay}, max_grad_norm={self.max_grad_norm})")
@@ -678,6 +688,14 @@ def _check_data(encoded: list[EncodedRecord], config: RPOConfig) -> None:
                           "it as {prompt, chosen, rejected}, give rewards that differ, or drop it")
     for r in encoded:
         check_rewards(config.loss, None if r.rewards is None else torch.tensor(r.rewards))
+    # breaker: pairs whose chosen and rejected were the same text trained at loss ln 2, margin 0, and "succeeded"
+    alike = sum(len({tuple(ids) for ids in r.response_ids}) == 1 for r in encoded)
+    if alike == len(encoded):
+        raise PuzzleError(f"in all {alike} records the responses are the same text, so there is nothing to prefer "
+                          f"and the model would learn nothing; give records whose responses differ")
+    if alike:
+        warnings.warn(f"{alike} of {len(encoded)} records have responses that are the same text: they prefer "
+                      f"nothing, and train nothing")  # one place: said once though checked twice
 
 
 def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, reference=None,

@@ -773,11 +773,18 @@ def run_sft_command(args, log=None) -> dict | None:
         read = [(spec, read_chat_jsonl(spec)) for spec in args.data]
         conversations = [c for _, cs in read for c in cs]
         demo = {k for k, spec in enumerate(spec for spec, cs in read for _ in cs) if spec == DEMO_SPEC}
-        data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
-                                config.seed)
+        from .parent import transformers_quiet
+
+        with transformers_quiet():  # its "Token indices sequence length is longer ..." before our own count of them
+            data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
+                                    config.seed)
         if data.dropped:  # reviewer: --seq-len 128 left out every "thinking on" demo example, with an info line
+            # breaker: the hint named a --seq-len past the model's positions, which is refused
+            keep = (f"--seq-len {data.longest} keeps them all" if data.longest <= positions else
+                    f"the longest has {data.longest} tokens, more than the {positions} positions the model was trained "
+                    f"on, so no --seq-len keeps them all (at most --seq-len {positions})")
             cut = (f"{data.dropped} of {len(conversations)} conversations are longer than --seq-len {config.seq_len} "
-                   f"and left out; --seq-len {data.longest} keeps them all")
+                   f"and left out; {keep}")
             if demo & set(data.dropped_indices):  # the demo set's own conversations (reviewer: not the user's)
                 raise PuzzleError(f"{cut} (the {DEMO_SPEC} set teaches the toggle with its longer 'thinking on' "
                                   f"examples paired with the short 'off' ones; it needs them all)")

@@ -169,6 +169,13 @@ def test_bad_configs_are_refused():
         AdapterConfig(spec="BuA", frozen="B")  # B would stay zero
     with pytest.raises(PuzzleError, match="no linear module"):
         apply_adapters(hetero_child(), AdapterConfig(targets=("nope",)))
+    model = hetero_child()  # breaker: rank 100000 on a hidden size of 64 wrote a 409 MB adapters file
+    from puzzle.adapters import target_modules
+
+    full = max(min(m.in_features, m.out_features) for _, m in target_modules(model, AdapterConfig()))
+    with pytest.raises(PuzzleError, match=f"adapter rank {full + 1} is above .* give --rank {full} or less"):
+        apply_adapters(model, AdapterConfig(rank=full + 1))
+    apply_adapters(model, AdapterConfig(rank=full))  # the largest that adds anything is taken
     model = hetero_child()
     apply_adapters(model, AdapterConfig())
     with pytest.raises(PuzzleError, match="already has adapters"):

@@ -181,6 +181,7 @@ def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
                          (["--work", str(tmp_path / "out" / "w")], "inside the exported model"),
                          (["--work", str(tmp_path / "child" / ".." / "parent")], "inside the exported model"),
                          (["--seq-len", "1"], "--seq-len must be >= 2"),
+                         (["--tokens", "10"], "--tokens 10 is less than one sequence (--seq-len 32)"),  # blamed text
                          (["--device", "tpu"], "--device 'tpu': give auto, cpu or cuda"),  # trained on the CPU
                          (["--temperature", "1e200"], "gkd temperature must be from 0.01 to 100"),  # was a traceback
                          (["--temperature", "1e-9"], "gkd temperature must be from 0.01 to 100"),

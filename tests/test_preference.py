@@ -489,6 +489,30 @@ def test_an_online_run_whose_rewards_all_tie_says_it_learned_nothing(tmp_path, c
     assert "nothing to prefer and the model learned nothing" in capsys.readouterr().err
 
 
+def test_pairs_that_prefer_nothing_and_settings_that_learn_nothing_are_refused(tmp_path, capsys):
+    """Breaker: pairs whose chosen and rejected were the same text, and --beta 1e30, trained at loss ln 2 and margin 0
+    and reported success; --temperature nan was refused for greedy decoding's reason."""
+    parser = argparse.ArgumentParser()
+    add_rpo_parser(parser.add_subparsers())
+    same = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 4
+    write_jsonl(tmp_path / "same.jsonl", same)
+    write_jsonl(tmp_path / "some.jsonl", same + [{"prompt": "p", "chosen": "good", "rejected": "bad"}])
+    base = ["rpo", "--model", "tiny", "--loss", "dpo", "--steps", "1", "--batch-size", "2", "--no-progress"]
+    for extra, words in [(["--data", str(tmp_path / "same.jsonl")], "in all 4 records the responses are the same text"),
+                         (["--data", str(tmp_path / "some.jsonl"), "--beta", "1e30"], "--beta 1e+30 is above 1000"),
+                         (["--data", str(tmp_path / "some.jsonl"), "--adapters", "BA", "--rank", "100000"],
+                          "adapter rank 100000 is above")]:
+        args = parser.parse_args([*base, *extra, "--out", str(tmp_path / "out")])
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            args.func(args)
+        assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="4 of 5 records have responses that are the same text"):
+        args = parser.parse_args([*base, "--data", str(tmp_path / "some.jsonl"), "--out", str(tmp_path / "out")])
+        assert args.func(args) == 0
+    with pytest.raises(PuzzleError, match=r"must be a finite number > 0, got nan$"):
+        RPOConfig(loss="rloo", temperature=float("nan"))
+
+
 def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompts_flags(tmp_path, monkeypatch, capsys):
     """Reviewer: --eval-prompts drew 19 of 32 count prompts from the training ones (the task has 150); a folder an
     online run left while writing model/ (history.csv, model/) was "files no `puzzle rpo` wrote", and its Ctrl-C note

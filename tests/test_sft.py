@@ -465,12 +465,15 @@ def test_the_users_long_conversations_beside_the_demo_set_are_left_out_with_a_wa
     lm = tiny_parent()
     export_checkpoint(lm.model, lm.tokenizer, tmp_path / "model")
     mine = tmp_path / "mine.jsonl"
-    mine.write_text(json.dumps({"prompt": "Tell me a long story.", "response": "word " * 400}) + "\n")
+    mine.write_text(json.dumps({"prompt": "Tell me a long story.", "response": "word " * 600}) + "\n")
     args = parser.parse_args(["sft", "--model", str(tmp_path / "model"), "--data", "demo:reasoning-toggle",
                               "--data", str(mine), "--dest", str(tmp_path / "out"), "--no-progress", "--seq-len", "256",
                               "--stop-after-steps", "1"])
     assert args.func(args) == 0
-    assert "1 of 801 conversations are longer than --seq-len 256 and left out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 of 801 conversations are longer than --seq-len 256 and left out" in err
+    # breaker: the hint named a --seq-len past the model's 2048 positions, which is refused
+    assert "more than the 2048 positions the model was trained on, so no --seq-len keeps them all" in err, err
 
 
 def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_path, capsys):
