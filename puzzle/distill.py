@@ -46,7 +46,7 @@ from .runlock import WORK_ADVICE, also_lock
 from .scoring.quality import position_kl
 from .train_utils import (FOLDER_SOURCE, CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier,
                           check_resumable, check_work_folder, global_batch, init_distributed, rank_slice,
-                          recorded_source, shutdown_distributed, train_loop)
+                          recorded_settings, recorded_source, shutdown_distributed, train_loop)
 
 TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
@@ -673,7 +673,9 @@ def run_gkd_command(args, log=None) -> dict:
         inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
         # a folder's child: as FOLDER_SOURCE, or by its path where a checkpoint of an earlier version recorded that
         extra_meta = {"child_source": inputs.child_source if inputs.child_source != FOLDER_SOURCE else recorded_source(
-            inputs.work / "checkpoint.pt", "child_source", inputs.description["child"], inputs.child_source)}
+            inputs.work / "checkpoint.pt", "child_source", inputs.description["child"], inputs.child_source),
+            # the checkpoint's --checkpoint-every, where only that differs: the same training
+            "config": recorded_settings(inputs.work / "checkpoint.pt", asdict(config))}
         # a checkpoint this call cannot continue, or an export of another training in dest, is refused before
         # anything is written (data, evaluation, cache)
         meta = gkd_meta(config, inputs.parent, inputs.child, inputs.train_ids, extra_meta)

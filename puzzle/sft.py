@@ -52,7 +52,8 @@ from .io import atomic_write_json, atomic_write_text
 from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
 from .train_utils import (FOLDER_SOURCE, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
-                          global_batch, init_distributed, rank_slice, recorded_source, shutdown_distributed, train_loop)
+                          global_batch, init_distributed, rank_slice, recorded_settings, recorded_source,
+                          shutdown_distributed, train_loop)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -795,7 +796,8 @@ def run_sft_command(args, log=None) -> dict | None:
             f"{config.steps(data.input_ids.shape[0])} steps, {env.world_size} process(es)")
         if source == FOLDER_SOURCE:  # or its path, as a checkpoint of an earlier version recorded it
             source = recorded_source(work / "checkpoint.pt", "model_source", what, source)
-        extra_meta = {"model_source": source}
+        # the checkpoint's --checkpoint-every, where only that differs: the same training
+        extra_meta = {"model_source": source, "config": recorded_settings(work / "checkpoint.pt", asdict(config))}
         from . import distributed  # ranks started with other settings or data would drift apart or wait forever
 
         meta = sft_meta(model, data, config, extra_meta)  # a pass over the model's weights: once

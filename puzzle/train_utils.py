@@ -326,6 +326,29 @@ def recorded_source(checkpoint_path: Path, key: str, earlier: str, now: str) -> 
     return earlier if isinstance(meta, dict) and meta.get(key) == earlier else now
 
 
+#: settings that say how a training is run, not what it trains: a resume may change them
+RUN_ONLY_SETTINGS = ("checkpoint_every",)
+
+
+def recorded_settings(checkpoint_path: Path, config: dict) -> dict:
+    """`config` (a training's settings, `asdict(config)`) with the RUN_ONLY_SETTINGS its checkpoint recorded, where
+    the checkpoint at `checkpoint_path` differs from it in those alone: put in the training's meta, a resume with
+    another --checkpoint-every continues that training (breaker: it was refused as other settings) and its export
+    stays that training's (`export.training_ref`); checkpoints are then saved at the new interval. `config` as
+    given otherwise (no checkpoint, an unreadable one, or other settings that differ: `check_resumable` says so)."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        return config
+    try:
+        saved = load_checkpoint(path, mmap=True).get("meta", {}).get("config")
+    except (PuzzleError, AttributeError):
+        return config
+    if not isinstance(saved, dict) or set(saved) != set(config) or any(
+            saved[k] != v for k, v in config.items() if k not in RUN_ONLY_SETTINGS):
+        return config
+    return {**config, **{k: saved[k] for k in RUN_ONLY_SETTINGS if k in saved}}
+
+
 def non_finite_parameter(model: nn.Module) -> str | None:
     """The name of the first parameter holding a NaN or ±inf, or None when all are finite."""
     return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)

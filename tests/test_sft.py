@@ -514,3 +514,24 @@ def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_pat
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(PuzzleError, match="recorded otherwise, by an earlier version"):
         sft()
+
+
+def test_a_resume_may_change_how_often_checkpoints_are_saved(tmp_path):
+    """Breaker: a resume with another --checkpoint-every was refused as a training of other settings."""
+    import argparse
+
+    from puzzle.sft import add_sft_parser
+
+    parser = argparse.ArgumentParser()
+    add_sft_parser(parser.add_subparsers())
+    base = ["sft", "--model", "tiny", "--data", "demo:reasoning-toggle", "--dest", str(tmp_path / "out"),
+            "--seq-len", "256", "--batch-size", "2", "--no-progress"]
+    args = parser.parse_args([*base, "--checkpoint-every", "3", "--stop-after-steps", "3"])
+    assert args.func(args) == 0
+    args = parser.parse_args([*base, "--checkpoint-every", "2", "--stop-after-steps", "2"])
+    assert args.func(args) == 0
+    state = torch.load(tmp_path / "out.sft-work" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 5 and state["meta"]["config"]["checkpoint_every"] == 3  # the training's own setting
+    args = parser.parse_args([*base, "--checkpoint-every", "2", "--lr", "1e-3", "--stop-after-steps", "1"])
+    with pytest.raises(PuzzleError, match="config.lr: 0.0001 -> 0.001"):  # another setting is still refused
+        args.func(args)
