@@ -424,6 +424,13 @@ def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: 
         raise PuzzleError(f"{folder}: the weight {broken} holds NaN or inf values{as_loaded}, so the model's outputs "
                           f"would be NaN; it is no model to use: export or train it again")
     tokenizer = _load_tokenizer(folder) if with_tokenizer else None
+    # breaker: a tokenizer.json giving ids past the embedding passed `puzzle data`, and `puzzle bld` then failed in
+    # F.embedding with a traceback
+    top = max(tokenizer.get_vocab().values(), default=-1) if tokenizer is not None else -1
+    if top >= config.vocab_size:
+        raise PuzzleError(f"{folder}: its tokenizer gives token ids up to {top}, but the model has {config.vocab_size} "
+                          f"(vocab_size in config.json, the embedding's rows), so text would give ids the model cannot "
+                          f"read; give the folder the tokenizer files of the model it was trained with")
     return LoadedModel(model, tokenizer, config, f"{kind} folder {folder}")
 
 

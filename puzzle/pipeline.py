@@ -206,6 +206,7 @@ class Run:
             tokens = prepare_data(self.config.data, tokenizer, self.out / "data", progress=self.progress,
                                   resolved=resolved, write=False)
             if not tokens.reloaded:  # packed now: not written over the splits the library was trained on
+                self._check_packed_length(tokens)
                 self._check_library_calib(tokens.calib)
                 from .data import write_token_splits
 
@@ -235,6 +236,36 @@ class Run:
                               f"as it is: "
                               f"restore the text or settings, or "
                               f"delete {self.out / 'library'} to train a library on the new text")
+
+    def _check_packed_length(self, tokens) -> None:
+        """Refuse splits packed now at another sequence length than the run's splits on disk, once a stage has used
+        those (breaker: data.seq_len 64 -> 32 kept the library, the replace-1-block scores and the cached
+        evaluations of 64-token sequences: they are keyed by the hash of the token stream, which a new length alone
+        leaves as it was).
+
+        Raises:
+            PuzzleError: naming the lengths, the outputs made at the old one and the ways out.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.out / "data" / "tokens.safetensors"), "pt") as f:
+                before = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (OSError, SafetensorError, ValueError):
+            return  # no splits yet, or damaged ones (rebuilt with a warning)
+        now = {k: list(getattr(tokens, k).shape) for k in before if isinstance(getattr(tokens, k, None), torch.Tensor)}
+        if all(before[k][1:] == shape[1:] for k, shape in now.items()):
+            return
+        made = [p for p in (self.out / "library" / "entries", self.out / "score" / "quality_meta.json",
+                            self.out / "children") if p.is_file() or p.is_dir() and any(p.iterdir())]
+        if not made:
+            return
+        lengths = ", ".join(f"{k} {before[k][1]} -> {shape[1]}" for k, shape in now.items()
+                            if before[k][1:] != shape[1:])
+        raise PuzzleError(f"the splits packed now have other sequence lengths than the ones this run's stages used "
+                          f"({lengths} tokens{self._changed_data_settings()}): {', '.join(map(str, made))} were made "
+                          f"on the old ones and would not be redone; {self.out / 'data'} is left as it is: restore "
+                          f"the setting, use another --out, or delete those to make them again at the new length")
 
     def _changed_data_settings(self) -> str:
         """': data.seed 0 -> 7, ...' for the plain data settings that differ from those DIR/data was packed with

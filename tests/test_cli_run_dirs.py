@@ -791,6 +791,25 @@ def test_other_calibration_text_does_not_replace_the_splits_a_library_was_traine
         assert _files(out / "data") == before
 
 
+def test_another_sequence_length_does_not_replace_the_splits_the_stages_used(tmp_path_factory, tmp_path):
+    """Breaker: data.seq_len 64 -> 32 repacked DIR/data and kept the library and scores of 64-token sequences (their
+    keys hash the token stream, which a new length alone leaves as it was)."""
+    from puzzle.config import load_run_config
+    from puzzle.errors import PuzzleError
+    from puzzle.pipeline import Run
+
+    out = _copy(tmp_path_factory, tmp_path)
+    config = load_run_config(out)
+    length = config.data.seq_len
+    before = _files(out / "data")
+    run = Run(out, config.replace(data={"seq_len": length // 2}), progress=False)
+    with pytest.raises(PuzzleError, match=rf"calib {length} -> {length // 2}, .*library/entries, .*is left as it is"):
+        run.tokens  # noqa: B018 (packed here)
+    assert _files(out / "data") == before
+    shutil.rmtree(out / "library"), shutil.rmtree(out / "score"), shutil.rmtree(out / "children", ignore_errors=True)
+    assert Run(out, config.replace(data={"seq_len": length // 2}), progress=False).tokens.calib.shape[1] == length // 2
+
+
 def test_a_config_json_without_a_work_section_is_refused(tmp_path_factory, tmp_path, capsys):
     """Breaker: a config.json whose "score" section was removed got the demo's defaults; front then re-solved on a
     score table made with other settings and saved them, and score then discarded every result."""

@@ -352,6 +352,26 @@ def test_untied_checkpoint_without_lm_head_names_the_fix(tmp_path):
         load_parent(tmp_path)
 
 
+def test_a_tokenizer_with_ids_past_the_embedding_is_refused(tmp_path):
+    """Breaker: ids past vocab_size passed `puzzle data`, and `puzzle bld` failed in F.embedding with a traceback."""
+    import json
+
+    from puzzle.export import export_checkpoint
+    from puzzle.tiny import tiny_parent
+
+    lm = tiny_parent()
+    export_checkpoint(lm.model, lm.tokenizer, tmp_path / "m")
+    path = tmp_path / "m" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    token = next(iter(data["model"]["vocab"]))
+    data["model"]["vocab"][token] = lm.model.config.vocab_size + 101
+    path.write_text(json.dumps(data))
+    with pytest.raises(PuzzleError, match=f"token ids up to {lm.model.config.vocab_size + 101}, but the model has "
+                                          f"{lm.model.config.vocab_size}"):
+        load_parent(tmp_path / "m")
+    load_parent(tmp_path / "m", with_tokenizer=False)  # the weights alone are fine
+
+
 def test_no_weights(tmp_path):
     hf_llama().config.save_pretrained(tmp_path)
     with pytest.raises(PuzzleError, match="no weights") as e:
