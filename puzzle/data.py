@@ -746,7 +746,8 @@ def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_do
         why = (f" ({capped} of them cut at data.max_doc_tokens = {max_doc_tokens} tokens each: --max-doc-tokens 0 "
                f"keeps whole documents)" if capped else "")
         raise PuzzleError(f"{len(docs)} documents give {total} tokens{why}, fewer than one sequence of {seq_len}; "
-                          f"add text or lower seq_len")
+                          f"add text, or use shorter sequences (a run's data.seq_len, in its preset's [data] section; "
+                          f"gkd --child's --seq-len)")
     cut = n_seq * seq_len
     stream_tokens = np.concatenate(pieces)[:cut]
     tokens = torch.from_numpy(stream_tokens).view(n_seq, seq_len)  # (B, T)

@@ -228,7 +228,7 @@ def test_pack_shapes_eos_and_budget(tok):
     assert tokens.shape == (4, 3) and (tokens == 256).sum() == 2 and len(used) == 3  # last EOS is in the tail
     tokens, used = pack_documents(docs, tok, seq_len=2, max_tokens=100, max_doc_tokens=2)  # "ab" "de" "ij"
     assert tokens.flatten().tolist() == list(b"ab") + [256] + list(b"de") + [256] + list(b"ij")
-    with pytest.raises(PuzzleError, match="fewer than one sequence"):
+    with pytest.raises(PuzzleError, match=r"fewer than one sequence of .*data.seq_len, in its preset's \[data\]"):
         pack_documents(docs[:1], tok, seq_len=64, max_tokens=128)
 
 
