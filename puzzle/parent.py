@@ -419,7 +419,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: 
     config = dataclasses.replace(config, extra={**config.extra, "source": kind, "path": str(folder), **(extra or {})})
     model = model_from_state_dict(config, _read_weights(_weight_files(folder)), dtype, what=str(folder), copy=False)
     # breaker: a model with a NaN weight was evaluated (an accuracy from NaN logits), generated from and merged unsaid
-    if (broken := next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)) is not None:
+    from .train_utils import non_finite_parameter
+
+    if (broken := non_finite_parameter(model)) is not None:
         as_loaded = "" if dtype == torch.float32 else f" as loaded in {str(dtype).removeprefix('torch.')}"
         raise PuzzleError(f"{folder}: the weight {broken} holds NaN or inf values{as_loaded}, so the model's outputs "
                           f"would be NaN; it is no model to use: export or train it again")
