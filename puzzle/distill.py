@@ -599,12 +599,13 @@ def _folder_inputs(args) -> GKDInputs:
                           f"give --seq-len {positions} or less")
     if args.eval and eval_tokens < seq_len:
         raise PuzzleError(f"--eval-tokens must be at least one sequence (--seq-len {seq_len}), got {eval_tokens}")
-    if (args.calib_tokens or args.tokens) < seq_len:  # breaker: "documents give 0 tokens ... add text" blamed the text
+    calib_tokens = args.calib_tokens or args.tokens
+    if calib_tokens < seq_len:  # breaker: "documents give 0 tokens ... add text" blamed the text
         flag = "--calib-tokens" if args.calib_tokens else "--tokens"
-        raise PuzzleError(f"{flag} {args.calib_tokens or args.tokens} is less than one sequence (--seq-len {seq_len}); "
+        raise PuzzleError(f"{flag} {calib_tokens} is less than one sequence (--seq-len {seq_len}); "
                           f"give {flag} {seq_len} or more, or a shorter --seq-len")
     tokenizer = child_loaded.tokenizer
-    train_ids = pack_sources(args.calib, tokenizer, seq_len, args.calib_tokens or args.tokens, args.max_doc_tokens or 0)
+    train_ids = pack_sources(args.calib, tokenizer, seq_len, calib_tokens, args.max_doc_tokens or 0)
     eval_ids = pack_sources(args.eval, tokenizer, seq_len, eval_tokens) if args.eval else None
 
     def parent_logp():

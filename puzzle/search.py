@@ -967,7 +967,8 @@ def search_main(args: argparse.Namespace) -> int:
               file=sys.stderr)
     off = table[table["is_parent"].astype(bool) & (table["layer"] >= 0) & (table["kl_nats"].abs() > 1e-9)]
     if len(off):  # breaker: a parent variant's kl_div of 0.3 was reported as the parent's KL without a word
-        layers = ", ".join(map(str, sorted(set(off["layer"].astype(int)))[:8])) + (", ..." if len(off) > 8 else "")
+        named = sorted(set(off["layer"].astype(int)))  # a layer's attention and FFN rows count once
+        layers = ", ".join(map(str, named[:8])) + (", ..." if len(named) > 8 else "")
         print(f"warning: the parent's own variant scores a KL other than 0 in layer(s) {layers} (sum "
               f"{off['kl_nats'].sum():.4g} nats): a parent block replaced by itself scores 0, so this table's KL "
               f"scores may be damaged or of another kind; the search counts them as given", file=sys.stderr)
