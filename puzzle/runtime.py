@@ -479,7 +479,8 @@ class ChildRuntime:
         Sets `last_stats` (GenerateStats).
 
         Raises:
-            PuzzleError: T + max_new_tokens - 1 > max_len, or the errors of `prefill`.
+            PuzzleError: T + max_new_tokens - 1 > max_len; the logits of a step were NaN or infinite (activations
+                that overflow the dtype; checked once at the end, as the EOS flags are); or the errors of `prefill`.
         """
         if max_new_tokens < 1:
             raise PuzzleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -490,7 +491,9 @@ class ChildRuntime:
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         self._sync()
         t0 = time.perf_counter()
-        token = self.prefill(ids, lengths).argmax(-1)  # (B,)
+        logits = self.prefill(ids, lengths)  # (B, V)
+        token = logits.argmax(-1)  # (B,)
+        finite = [torch.isfinite(logits).all()]  # one flag per step, read on the host once at the end
         self._sync()
         t1 = time.perf_counter()
         fill = next(iter(eos)) if eos else None  # what a finished sequence emits: as PuzzleForCausalLM.generate
@@ -502,7 +505,8 @@ class ChildRuntime:
         for i in range(1, max_new_tokens):
             if eos and i % check_every == 0 and bool(all_done[-1]):
                 break
-            self._step()  # writes the argmax into the token buffer: the input of the next step
+            logits = self._step()  # writes the argmax into the token buffer: the input of the next step
+            finite.append(torch.isfinite(logits).all())
             nxt = self._tokens.clone()  # (B,)
             steps += 1
             if eos:
@@ -512,6 +516,12 @@ class ChildRuntime:
             out.append(nxt)
         self._sync()
         t2 = time.perf_counter()
+        bad = (~torch.stack(finite)).nonzero()
+        if len(bad):  # argmax of NaN logits is a token all the same: the answer would be noise, unsaid
+            fix = ("check the weights and the prompt" if self.dtype == torch.float32 else
+                   f"its activations overflow {str(self.dtype).replace('torch.', '')}: run it in float32")
+            raise PuzzleError(f"the model's logits were NaN or infinite at generation step {int(bad[0, 0])} (0: the "
+                              f"prompt's last position); {fix}")
         new = torch.stack(out, dim=1)  # (B, n)
         if eos:
             finished = torch.stack(all_done).nonzero()

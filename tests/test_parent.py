@@ -455,3 +455,20 @@ def test_bad_gguf_files(tmp_path):
     with pytest.raises(PuzzleError, match="linear RoPE scaling without a positive llama.rope.scaling.factor"):
         load_parent(nofactor, cache_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_transformers_quiet_silences_warnings_inside_and_restores_the_level_after_an_error():
+    from transformers.utils import logging as hf_logging
+
+    from puzzle.parent import transformers_quiet
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        with pytest.raises(RuntimeError):
+            with transformers_quiet():
+                assert hf_logging.get_verbosity() == hf_logging.ERROR
+                raise RuntimeError("raised inside")
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+    finally:
+        hf_logging.set_verbosity(before)

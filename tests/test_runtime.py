@@ -130,6 +130,22 @@ def test_generate_equals_model_generate_and_stops_at_eos():
     assert torch.equal(out, expected)
 
 
+def test_generate_refuses_non_finite_logits_and_names_the_step():
+    model = tiny_child(seed=5)
+    ids = _prompts(2, 5, seed=2)
+    rt = ChildRuntime(model, 2, 5 + 10)
+    free = rt.generate(ids, 10)
+    prompt = set(ids.flatten().tolist())
+    step, token = next((k, int(t)) for k in range(1, 10) for t in free[:, 5 + k - 1] if int(t) not in prompt)
+    rt.embed = rt.embed.clone()  # untied from the LM head: only the decode input of that token goes NaN
+    rt.embed[token] = float("nan")  # as an activation that overflows would: after load's finiteness check
+    with pytest.raises(PuzzleError, match=f"NaN or infinite at generation step {step} .*check the weights"):
+        rt.generate(ids, 10)
+    rt.lm_head[3] = float("inf")
+    with pytest.raises(PuzzleError, match="step 0"):
+        rt.generate(ids, 10)
+
+
 def test_no_op_subblocks_cost_nothing_and_caches_follow_each_layers_kv_heads():
     model = tiny_child()
     rt = ChildRuntime(model, batch_size=3, max_len=10)
