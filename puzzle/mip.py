@@ -207,6 +207,8 @@ def build_choices(table: pd.DataFrame) -> Choices:
     if bad:
         raise PuzzleError(f"the score table has unknown subblock kinds {bad}; expected {SUBBLOCKS}")
     _check_values(table)
+    if "kl_nats" in table:  # within KL_ROUNDING below 0 (tables of earlier versions, hand edits): rounding, so 0
+        table = table.assign(kl_nats=pd.to_numeric(table["kl_nats"]).clip(lower=0))
     numeric = [c for c in table.columns if c not in ("layer", "subblock", "variant", "is_parent")
                and pd.api.types.is_numeric_dtype(table[c])]
     is_parent = as_bool(table["is_parent"])

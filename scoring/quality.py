@@ -36,8 +36,9 @@ METRICS = ("kl_nats", "lm_loss", "top1_agree", "cosine")
 
 def position_kl(child_logp: torch.Tensor, parent_logp: torch.Tensor) -> torch.Tensor:
     """KL(p_parent || p_child) in nats at every position: (..., V) fp32 child and parent log-probabilities ->
-    (...) fp32."""
-    return (parent_logp.exp() * (parent_logp - child_logp)).sum(-1)
+    (...) fp32, at least 0 (a child equal to the parent up to rounding sums to about -1e-8, which the search would
+    take for a gain: breaker, a linear attention that reproduced its parent exactly)."""
+    return (parent_logp.exp() * (parent_logp - child_logp)).sum(-1).clamp_min(0)
 
 
 def token_metrics(child_logits: torch.Tensor, parent_logp: torch.Tensor, targets: torch.Tensor | None,

@@ -1728,3 +1728,20 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
     assert "the parent's own variant scores a KL other than 0 in layer(s) 0 (sum 0.3 nats)" in capsys.readouterr().err
     assert main(["search", "--library", str(FIXTURE), "--speedup", "1.5"]) == 0
     assert "other than 0" not in capsys.readouterr().err
+
+
+def test_kl_within_rounding_below_zero_counts_as_zero():
+    """Breaker: a linear attention that reproduced its parent scored -4.4e-08 and the search printed a summed KL of
+    -0.000, preferring it where no budget asked for it; KL is at least 0 (the scorer clamps it, and older tables are
+    read so)."""
+    import torch
+
+    from puzzle.scoring.quality import position_kl
+
+    table = random_table(7)
+    rows = (table["layer"] == 0) & (table["subblock"] == "attention") & ~table["is_parent"].astype(bool)
+    table.loc[rows, "kl_nats"] = -4.4e-8
+    best = solve(table, Budgets())[0]
+    assert best.objective >= 0 and best.kl_nats >= 0
+    logp = torch.log_softmax(torch.randn(3, 11), -1)
+    assert (position_kl(logp, logp) >= 0).all() and position_kl(logp, logp).max() == 0
