@@ -383,7 +383,7 @@ def _load_tokenizer(folder: Path):
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((folder / n).is_file() for n in names):
         raise PuzzleError(f"{folder} has no tokenizer files ({', '.join(names)}); copy them from the original "
-                          "checkpoint, or load with with_tokenizer=False")
+                          "checkpoint (in Python, load_parent(..., with_tokenizer=False) loads the weights alone)")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:

@@ -537,6 +537,13 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     index = lib.write_index() if rank == 0 else lib.index()  # rank 0 writes it (`bld.run_jobs`), after every rank
     run.say(f"bld: {result['trained']} subblocks trained, {result['skipped']} already in the library, "
             f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
+    calib, cfg = run.tokens.calib, run.config.bld
+    if cfg.tokens - result["tokens_per_subblock"] >= calib.shape[1]:  # breaker: 8192 asked, 2944 trained, unsaid
+        need = cfg.tokens + cfg.probe_sequences * calib.shape[1]
+        run.say(f"bld: warning: bld.tokens asks {cfg.tokens} tokens per subblock, but the calibration split holds "
+                f"{calib.shape[0]} sequences of {calib.shape[1]} ({cfg.probe_sequences} of them held out to check "
+                f"progress), so each trained on {result['tokens_per_subblock']}: raise data.calib_tokens to {need} "
+                f"(more text if the sources run short) or lower bld.tokens")
     return index
 
 
@@ -1232,8 +1239,8 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         same_child.setdefault((tuple(r["choice"]), r.get("library_stage", "bld")), []).append(name)
     for names in (n for n in same_child.values() if len(n) > 1):
         run.say(f"search: {', '.join(names[:-1])} and {names[-1]} are one child (the same blocks, predicted "
-                f"{records[names[0]]['speedup']:.2f}x), so the front has one point for them (a budget they share, such "
-                f"as memory or parameters, may bind before their speed-up targets)")
+                f"{records[names[0]]['speedup']:.2f}x): front.csv has a row per target, the plot one point (a budget "
+                f"they share, such as memory or parameters, may bind before their speed-up targets)")
     if json_out:
         print(json.dumps(records[main]))
     return records

@@ -555,3 +555,15 @@ def test_presets_lists_each_packaged_preset_with_what_it_is_for(capsys):
         assert len(line.split(None, 1)[1]) > 20, line  # a description follows the name
     assert "tiny random Llama" in out and "SmolLM2-135M-Instruct" in out
     assert "puzzle run --preset NAME" in out and max(map(len, lines)) <= 100
+
+
+def test_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, capsys):
+    """Breaker: bld.tokens 8192 on the tiny preset's 48 calibration sequences trained 2944 tokens per subblock, and
+    only a docstring said so."""
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--bld-tokens", "8192", "--no-progress"]) == 0
+    assert main(["bld", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "2944 tokens each" in err and "bld.tokens asks 8192" in err and "raise data.calib_tokens to 8320" in err
