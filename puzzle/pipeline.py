@@ -832,6 +832,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def front_csv_damaged(out: Path) -> str | None:
+    """Why DIR/front.csv is not the file DIR/front.json says it wrote (cut, edited), or None: it is, or there is no
+    front.json to say (a front of an earlier version) or no front.csv. Settings changed since are not looked at
+    (`_front_stale` does that)."""
+    path = Path(out) / "front.csv"
+    try:
+        recorded = read_json(Path(out) / "front.json").get("front_csv")
+    except (PuzzleError, OSError, AttributeError):
+        return None
+    if not path.is_file() or not isinstance(recorded, str) or _sha256(path) == recorded:
+        return None
+    return f"{path} is not the file front.json was written with (cut or edited)"
+
+
 def score_table_path(run: Run, stage: str = "bld") -> Path:
     return run.out / "score" / ("score_table.csv" if stage == "bld" else f"score_table_{stage}.csv")
 

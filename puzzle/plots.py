@@ -890,9 +890,38 @@ def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.
         PuzzleError: `run_dir` is no run directory; FileNotFoundError: as `front_rows`.
     """
     from .baselines import open_run, row_inputs, stale_greedy_rows
+    from .pipeline import front_csv_damaged
 
     run = open_run(Path(run_dir), progress=False)
+    if (why := front_csv_damaged(run.out)) is not None:  # breaker: a cut front.csv drew a front without our children
+        raise PuzzleError(f"{why}: `puzzle front --out {run.out}` writes it again (from the measurement when current)")
     return front_rows(run_dir, with_downstream, inputs=row_inputs(run), exclude=stale_greedy_rows(run))
+
+
+def searched_choices(run_dir: str | Path) -> dict[str, list[str]]:
+    """{name: choice (block ids per layer)} of the run's searched children (DIR/search/chosen.json's names), fastest
+    predicted last: what `architecture_map` draws.
+
+    Raises:
+        PuzzleError: no readable chosen.json or child record, naming the command that writes it.
+    """
+    from .io import read_json
+    from .pipeline import searched_names
+
+    search = Path(run_dir) / "search"
+    names = searched_names(Path(run_dir))
+    if not names:
+        raise PuzzleError(f"{search / 'chosen.json'} is missing, unreadable or names no child: `puzzle search --out "
+                          f"{run_dir}` writes it")
+    children = {}
+    for name in names:
+        try:
+            record = read_json(search / f"{name}.json")
+            children[name] = (float(record.get("speedup", 0.0)), [str(b) for b in record["choice"]])
+        except (PuzzleError, OSError, AttributeError, KeyError, TypeError, ValueError):
+            raise PuzzleError(f"{search / (name + '.json')} is missing or damaged (no choice of blocks): `puzzle "
+                              f"search --out {run_dir}` writes it again") from None
+    return {name: choice for name, (_, choice) in sorted(children.items(), key=lambda kv: kv[1][0])}
 
 
 def parent_block_of(run_dir: str | Path) -> BlockConfig:

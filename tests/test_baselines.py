@@ -986,12 +986,19 @@ def test_only_a_front_that_stops_short_of_a_target_is_planned_again():
             cand("attn-drop-1.5x", "attention_removal", "none", 1.5, 1.5)]
     measured = {"greedy-1.5x": 1.45, "greedy-2x": 1.96, "greedy-1.5x-init": 1.47, "layers-1.5x": 1.48,
                 "uniform-1.5x": 1.49, "attn-drop-1.5x": 1.40}
-    table = pd.DataFrame({"name": ["parent", *measured], "speedup": [1.0, *measured.values()]})
+    kind = {c.name: (c.method, c.training) for c in plan}
+    table = pd.DataFrame({"name": ["parent", *measured], "speedup": [1.0, *measured.values()],
+                          "method": ["parent", *(kind[n][0] for n in measured)],
+                          "training": ["none", *(kind[n][1] for n in measured)]})
     short = _short_of_target(table, plan, held={})
     # greedy-1.5x is short, but greedy-2x (1.96x) reaches 1.5x: only greedy's 2x child is planned again
     assert short == {"greedy-2x": (1.96, 2.0, 2.01), "greedy-1.5x-init": (1.47, 1.5, 1.51),
                      "layers-1.5x": (1.48, 1.5, 1.6), "uniform-1.5x": (1.49, 1.5, 1.55)}
     assert set(_short_of_target(table, plan, held={"layers-1.5x": 1.65})) == set(short) - {"layers-1.5x"}
+    # breaker: `--speedups 1.5` alone after a whole call; that call's layers-2x row (2.04x) reaches 1.5x
+    earlier = pd.DataFrame({"name": ["layers-2x"], "speedup": [2.04], "method": ["layer_removal"],
+                            "training": ["none"]})
+    assert "layers-1.5x" not in _short_of_target(pd.concat([table, earlier], ignore_index=True), plan, held={})
 
 
 def test_each_rows_parent_runtime_is_its_own_timing_groups_parent_as_measured(tmp_path_factory, monkeypatch):
@@ -1239,3 +1246,22 @@ def test_rows_of_a_given_session_take_its_timings_and_the_rest_are_timed_afresh(
     assert timed == [["parent", fresh.name]]
     assert mixed.loc[given.name, "speedup"] == pytest.approx(expected["speedup"], rel=1e-12)
     assert mixed.loc[fresh.name, "parent_runtime_ms"] != session.loc["parent", "runtime_ms"]  # its own group's parent
+
+
+def test_baselines_warn_of_busy_timings_and_speedups_far_from_predicted(tmp_path):
+    """Breaker: greedy-1.5x measured 25.49x (predicted 2.10x) with 1 core kept busy by another job, and `puzzle
+    baselines` said neither, as `run` and `front` do."""
+    from puzzle.baselines import timing_warnings
+    from puzzle.io import atomic_write_json
+
+    rows = tmp_path / "baselines" / "rows"
+    body = pd.DataFrame({"name": ["greedy-1.5x", "layers-1.5x", "attn-drop-1.25x"],
+                         "speedup": [25.49, 1.52, 0.10], "predicted_speedup": [2.10, 1.55, 1.26]})
+    for name, busy in zip(body["name"], (1.0, 0.1, None)):
+        atomic_write_json(rows / f"{name}.json", {"name": name, "contention_cores": busy})
+    busy, apart = timing_warnings(tmp_path, body)
+    assert "kept 1.00 cores busy" in busy and f"puzzle front --out {tmp_path} --one-session" in busy
+    assert "greedy-1.5x measured 25.49x against a predicted 2.10x" in apart and "(1 more row as far apart" in apart
+    quiet = body.iloc[[1]]
+    atomic_write_json(rows / "greedy-1.5x.json", {"contention_cores": 0.1})
+    assert timing_warnings(tmp_path, quiet) == []

@@ -79,3 +79,30 @@ def test_a_relative_run_is_found_from_the_repository_root_as_well(tmp_path_facto
     monkeypatch.delenv("PUZZLE_FIGURES", raising=False)
     nb = _execute(kernel_folder)
     assert str(run_dir.resolve()) in "".join(o.get("text", "") for o in nb.cells[1].outputs)
+
+
+def test_a_damaged_front_or_search_record_stops_the_notebook_with_the_command_that_writes_it(tmp_path_factory,
+                                                                                            monkeypatch):
+    """Breaker: a front.csv cut to 200 bytes drew a front without our children and no word; a missing child record
+    or a damaged chosen.json showed a bare FileNotFoundError / JSONDecodeError."""
+    import shutil
+
+    from puzzle import plots
+    from puzzle.errors import PuzzleError
+
+    copy = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(_run_with_front(tmp_path_factory), copy)
+    assert list(plots.searched_choices(copy)) and len(plots.current_front_rows(copy))
+    front = (copy / "front.csv").read_bytes()
+    (copy / "front.csv").write_bytes(front[:200])
+    monkeypatch.setenv("PUZZLE_RUN", str(copy))
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="not the file front.json was written with"):
+        _execute(copy)
+    (copy / "front.csv").write_bytes(front)
+    name = plots.searched_choices(copy)
+    (copy / "search" / f"{next(iter(name))}.json").unlink()
+    with pytest.raises(PuzzleError, match=r"is missing or damaged .*`puzzle search --out"):
+        plots.searched_choices(copy)
+    (copy / "search" / "chosen.json").write_text("{")
+    with pytest.raises(PuzzleError, match="chosen.json is missing, unreadable"):
+        plots.searched_choices(copy)
