@@ -285,7 +285,10 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
                       f"{SPEEDUP_MISMATCH:g}x apart: a timing spoiled by a busy machine, or an edited file? "
                       f"(`puzzle front --out {run_dir} --one-session` times all together again)")
     result = pd.DataFrame(out)
-    result.attrs.update(rows.attrs, session_rounds=session["repeats"])
+    tok_s = timed["parent"].get("throughput_tok_s")  # the throughput axis of rows with this session's speed-ups
+    tok_s = float(tok_s) if isinstance(tok_s, (int, float)) and not isinstance(tok_s, bool) \
+        and math.isfinite(tok_s) and tok_s > 0 else None
+    result.attrs.update(rows.attrs, session_rounds=session["repeats"], session_parent_tok_s=tok_s)
     return result
 
 

@@ -557,7 +557,8 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     are measured against the parent in the same session; where DIR/one_session.json (`puzzle front
     --one-session`) timed a model as drawn, its speed-up from that one session replaces the row's
     (`one_session.apply_one_session`; not with `with_one_session=False`); throughput_tok_s is
-    rescaled to the parent's throughput of the first source, so all rows share one axis.
+    rescaled to the parent's throughput of the first source (of the one session, where it gave the speed-ups), so
+    all rows share one axis.
 
     Returns:
         DataFrame with name, method, training, speedup, throughput_tok_s, kl_nats, predicted_kl_nats,
@@ -618,6 +619,9 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         session_rounds = rows.attrs.get("session_rounds")
     if "timing" in rows.columns:
         columns += ["timing", "speedup_own_session", "runtime_ms", "runtime_iqr_ms"]
+        # the session's parent, as its speed-ups are (breaker: front.csv's busy 45 tok/s times them, the session's
+        # parent ran at 901)
+        reference = rows.attrs.get("session_parent_tok_s") or reference
         if reference is not None:
             rows["throughput_tok_s"] = reference * rows["speedup"]
     for source in orphans:

@@ -63,6 +63,8 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
         assert m["speedup_own_session"] == pytest.approx(before.loc[m["name"], "speedup"], rel=1e-9)
     drawn = pd.read_csv(out / "front_all.csv").set_index("name")
     assert (drawn["timing"] == "one session").all()
+    # breaker: the axis was front.csv's parent (45 tok/s, timed busy) times the session's speed-ups (its parent: 901)
+    assert drawn.loc["parent", "throughput_tok_s"] == pytest.approx(timed["parent"]["throughput_tok_s"])
     for name, row in drawn.iterrows():
         assert row["speedup"] == pytest.approx(timed[name]["speedup"], rel=1e-9)
         assert row["speedup_own_session"] == pytest.approx(before.loc[name, "speedup"], rel=1e-9)
@@ -208,6 +210,10 @@ def test_front_rows_take_the_one_sessions_speedups_and_the_ratios_its_intervals(
     assert rows.loc["a-refined", "speedup_own_session"] == pytest.approx(1.4)
     assert rows.loc["g", "throughput_tok_s"] == pytest.approx(12.5) and (rows["timing"] == "one session").all()
     assert rows.loc["g", "runtime_iqr_ms"] == 2.0
+    session = json.loads((run / "one_session.json").read_text())
+    session["models"][0]["throughput_tok_s"] = 40.0  # the session's parent: the axis of its speed-ups
+    (run / "one_session.json").write_text(json.dumps(session))
+    assert front_rows(run, with_downstream=False).set_index("name").loc["g", "throughput_tok_s"] == pytest.approx(50)
     # ours 0.3 at 1.6x against greedy's 0.6 at 1.25x, both interpolated from the parent (1x, KL 0) at 1.2x
     ratios = front_ratios(rows.reset_index(), [1.2], rounds=5).iloc[0]
     assert ratios["ratio"] == pytest.approx((0.3 * 0.2 / 0.6) / (0.6 * 0.2 / 0.25))
