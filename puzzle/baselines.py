@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from .architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from .budgets import Budgets
 from .errors import PuzzleError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, dir_arg
 from .library import Library
 from .space import LayerSpace
 
@@ -947,7 +947,7 @@ def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
     """Add `puzzle baselines`: realize and measure the baselines on a run directory."""
     p = subparsers.add_parser("baselines", help="greedy, layer removal, attention removal and uniform width children "
                                                 "at the front's speed-ups, realized, evaluated, measured and exported")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle score`)")
+    p.add_argument("--out", type=dir_arg, required=True, metavar="DIR", help="run directory (after `puzzle score`)")
     from .cli import JoinCommas, add_max_contention_flag
 
     p.add_argument("--speedups", metavar="S,S,...", default=None, action=JoinCommas,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .architecture import ArchitectureError
 from .errors import PuzzleError
+from .io import dir_arg
 from .runlock import run_lock
 
 
@@ -34,7 +35,7 @@ def _log(msg: str) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
-    p.add_argument("--out", type=Path, required=out_required, metavar="DIR",
+    p.add_argument("--out", type=dir_arg, required=out_required, metavar="DIR",
                    help="run directory: every stage reads and writes its files here")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PuzzleError, require_finite
-from .io import atomic_save_safetensors, atomic_write_json, read_json, tensor_sha256
+from .io import atomic_save_safetensors, atomic_write_json, dir_arg, read_json, tensor_sha256
 from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
 from .scoring.quality import position_kl
@@ -791,7 +791,7 @@ def add_gkd_parser(subparsers) -> argparse.ArgumentParser:
                                           "NAME) or an exported folder (--child FOLDER --parent PATH --calib FILE...); "
                                           "writes an exported folder. Checkpoints in the work folder; rerun to resume.")
     g = p.add_argument_group("what to train")
-    g.add_argument("--out", type=Path, metavar="DIR", help="run directory holding the child's architecture and library")
+    g.add_argument("--out", type=dir_arg, metavar="DIR", help="run directory holding the child's architecture and library")
     g.add_argument("--name", help="architecture name in DIR/search/<name>.json")
     g.add_argument("--child", metavar="FOLDER", help="an exported child (or any model folder) instead of a run's child")
     g.add_argument("--parent", metavar="PATH", help="the teacher for --child: HF folder, .gguf or nemotron-nas folder")

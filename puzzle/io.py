@@ -15,10 +15,12 @@ import re
 import tempfile
 import time
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .errors import PuzzleError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: the CLI's parser (`dir_arg`) starts without it
+    import pandas as pd
 
 
 def file_mode() -> int:
@@ -120,6 +122,16 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     return atomic_write_bytes(path, data)
 
 
+def dir_arg(value: str) -> Path:
+    """argparse type of a --out DIR flag: the path, refusing an empty one (breaker: `--out ""` was taken as the
+    current folder, unsaid)."""
+    import argparse
+
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty; give a directory (e.g. runs/demo, or . for the current folder)")
+    return Path(value)
+
+
 def is_run_directory(folder: str | os.PathLike) -> bool:
     """Whether `folder` is a puzzle run directory: a config.json naming a parent (a model folder's names a
     model_type instead) beside a search/ or library/ folder."""
@@ -181,6 +193,8 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
     if not isinstance(meta, dict):
         raise PuzzleError(f"{sidecar} must hold a JSON object (the table's sidecar), "
                           f"not a {type(meta).__name__}; rerun the stage that writes the table")
+    import pandas as pd
+
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from .errors import PuzzleError, is_finite_number, require_finite
-from .io import atomic_save_safetensors
+from .io import atomic_save_safetensors, dir_arg
 from .modeling import KVCache
 from .rpo import (AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, needs_rewards,
                   preference_loss)
@@ -938,7 +938,7 @@ def add_rpo_parser(subparsers) -> None:
                                           "offline on preference data or online with a reward")
     p.add_argument("--model", required=True, metavar="PATH",
                    help="model to train: an exported child (nemotron-nas folder), HF folder, .gguf, or 'tiny'")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+    p.add_argument("--out", type=dir_arg, required=True, metavar="DIR",
                    help="output folder: rpo.json, history.csv, model/ (merged HF folder), adapters.safetensors")
     src = p.add_argument_group("data (one of --data, --task, --prompts)")
     src.add_argument("--data", type=Path, metavar="FILE", help="offline: preference records (.jsonl/.json/.parquet): "

@@ -46,7 +46,7 @@ import torch
 from .architecture import BlockConfig
 from .budgets import Budgets
 from .errors import PuzzleError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, dir_arg
 from .search import parse_exclude
 
 _SELECTION_LOGP: dict = {}
@@ -1160,7 +1160,7 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     """Add `puzzle refine`: k diverse solutions and in-context refinement for one searched child."""
     p = subparsers.add_parser("refine", help="choose among k diverse MIP solutions by realized KL on the scoring "
                                              "split, then refine in the child's context until it stops improving")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
+    p.add_argument("--out", type=dir_arg, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
     p.add_argument("--name", required=True, help="searched child to improve (DIR/search/<name>.json)")
     p.add_argument("--k", type=int, default=8, help="diverse MIP solutions to realize (default 8)")
     p.add_argument("--min-layers-differ", type=int, default=2, help="layers each diverse solution changes (default 2)")

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PuzzleError, require_finite
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, dir_arg
 from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
 from .train_utils import (FOLDER_SOURCE, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
@@ -867,7 +867,7 @@ def add_sft_parser(subparsers) -> argparse.ArgumentParser:
                                           "'detailed thinking on/off' toggle.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", metavar="PATH", help="HF folder, .gguf, exported (nemotron-nas) folder, or 'tiny'")
-    g.add_argument("--out", type=Path, metavar="DIR", help="a run directory (with --name: one of its children, or 'parent')")
+    g.add_argument("--out", type=dir_arg, metavar="DIR", help="a run directory (with --name: one of its children, or 'parent')")
     g.add_argument("--name", help="architecture name in DIR/search/, or 'parent'")
     g.add_argument("--data", nargs="+", action="extend", required=True, metavar="FILE",
                    help="chat .jsonl(.gz) files, or demo:reasoning-toggle")

@@ -567,3 +567,14 @@ def test_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, capsys):
     assert main(["bld", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "2944 tokens each" in err and "bld.tokens asks 8192" in err and "raise data.calib_tokens to 8320" in err
+
+
+@pytest.mark.parametrize("command", ["run", "front", "baselines", "refine", "gkd", "sft", "rpo"])
+def test_an_empty_out_is_refused_not_taken_as_the_current_folder(command, capsys):
+    """Breaker: `--out ""` ran in the current folder, unsaid."""
+    from puzzle.cli import main
+
+    for flags in (["--out", ""], ["--out= "]):
+        with pytest.raises(SystemExit) as e:
+            main([command, *flags])
+        assert e.value.code == 2 and "argument --out: is empty; give a directory" in capsys.readouterr().err
