@@ -415,6 +415,10 @@ def test_puzzle_fuse_command_times_the_fused_child_and_prints_the_summary(tmp_pa
     assert "a timing gone wrong" not in fusion.fusion_summary(again)
     far = {**again, "fused_runtime_ms": 17.5 * again["runtime_ms"]}  # breaker: 1.595x -> 0.091x, unsaid
     assert "the fused child measured 17.5 times the unfused child's runtime" in fusion.fusion_summary(far)
+    # breaker: 4 -> 1 layers at 0.28 of the runtime is what the layer count allows, not a timing gone wrong
+    four_to_one = {**again, "layers": 4, "fused_layers": 1, "fused_runtime_ms": 0.28 * again["runtime_ms"]}
+    assert "a timing gone wrong" not in fusion.fusion_summary(four_to_one)
+    assert "a timing gone wrong" in fusion.fusion_summary({**four_to_one, "fused_runtime_ms": 0.1 * again["runtime_ms"]})
     assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--retime", "--no-measure"]) == 2
     assert "--retime times the fused child again, which --no-measure skips" in capsys.readouterr().err
 
