@@ -1112,7 +1112,8 @@ def training_record(args, config: RPOConfig, adapter_config, model) -> dict:
     if reward and reward.startswith("judge:"):
         reward = "judge:" + model_ref(reward[len("judge:"):])
     return {"config": json.loads(json.dumps(config_record(config))), "model": weights_sha(model),
-            "adapters": adapter_config.to_dict() if adapter_config is not None else None,
+            # in JSON form, as read back from rpo.json (a tuple of targets never equalled the saved list: breaker)
+            "adapters": json.loads(json.dumps(adapter_config.to_dict())) if adapter_config is not None else None,
             "data": content(args.data), "prompts": content(args.prompts), "task": args.task,
             "num_prompts": (128 if args.num_prompts is None else args.num_prompts) if args.task else None,
             "reward": reward, "string_prompts": args.string_prompts,

@@ -308,9 +308,12 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     parser = argparse.ArgumentParser()
     add_rpo_parser(parser.add_subparsers())
-    args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(tmp_path / "run"), "--data", str(data),
-                              "--loss", "rpo-bwd-kl", "--steps", "2", "--batch-size", "2", "--adapters", "vBuA",
-                              "--rank", "2", "--aggregate", "mean", "--no-progress"])
+    first = ["rpo", "--model", "tiny", "--out", str(tmp_path / "run"), "--data", str(data), "--loss", "rpo-bwd-kl",
+             "--steps", "2", "--batch-size", "2", "--adapters", "vBuA", "--rank", "2", "--aggregate", "mean",
+             "--no-progress"]
+    args = parser.parse_args(first)
+    assert args.func(args) == 0
+    args = parser.parse_args(first)  # the same training again (fresh user: refused, "--adapters differ")
     assert args.func(args) == 0
     out = json.loads((tmp_path / "run" / "rpo.json").read_text())
     assert out["config"]["loss"] == "rpo-bwd-kl" and out["config"]["logprobs"] == "mean over response tokens"
