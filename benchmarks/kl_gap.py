@@ -20,12 +20,14 @@ from puzzle.baselines import open_run
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_text
 from puzzle.kl_gap import kl_gap
+from puzzle.pipeline import searched_names
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="a finished run directory")
-    p.add_argument("--names", default=None, help="children, comma-separated (default: every search/child-*.json)")
+    p.add_argument("--names", default=None, help="children, comma-separated (default: the run's searched children, "
+                                                 "search/chosen.json's names)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per split to measure on (default 2048)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/kl_gap)")
     args = p.parse_args(argv)
@@ -34,7 +36,12 @@ def main(argv=None) -> int:
             raise PuzzleError(f"--tokens must be >= 1, got {args.tokens}")
         if not (args.run / "search").is_dir():
             raise PuzzleError(f"{args.run / 'search'} is missing: give a run directory after `puzzle run`")
-        names = args.names.split(",") if args.names else sorted(p.stem for p in (args.run / "search").glob("child-*.json"))
+        # the front's children: refine's diverse and refined ones are chosen on the scoring split (fresh user: on
+        # the tiny run they left no fresh sequence to measure on); --names takes them
+        names = args.names.split(",") if args.names else searched_names(args.run)
+        if names is None:
+            raise PuzzleError(f"{args.run / 'search' / 'chosen.json'} is missing or damaged: `puzzle search --out "
+                              f"{args.run}` writes it, or give --names")
         names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
         out = args.out or args.run / "kl_gap"
         if out.exists() and not out.is_dir():  # breaker: found only after the measurement, as a traceback

@@ -157,8 +157,9 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--front-speedups", metavar="S,S,...", action=JoinCommas, help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
-                        "noise (default 2; with 2 or more, rounds before the last may also loosen a child well under its budget; "
-                        "0: check and report only)")
+                        "noise (default: the run's [search] budget_feedback, 2 unless its preset sets another, as "
+                        "tiny's 0; with 2 or more, rounds before the last may also loosen a child well under its "
+                        "budget; 0: check and report only)")
 
 
 #: flags that set one configuration setting as given: (flag's dest, section, setting)

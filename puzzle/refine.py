@@ -242,6 +242,34 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
     return df
 
 
+def _other_settings_text(inputs_path: Path, waiting: Path, inputs: dict, max_rounds: int) -> str:
+    """Why an earlier refinement (its inputs record `inputs_path`, or `waiting` after an interrupted call) is not
+    this call's (`_finished_refinement` found none): "with refine_k=4" for other settings, else fewer rounds, another
+    child or run inputs, or files that do not agree."""
+    from .io import read_json
+
+    for path in (inputs_path, waiting):
+        try:
+            before = read_json(path)
+        except PuzzleError:
+            continue
+        settings = before.get("settings") if isinstance(before, dict) else None
+        if not isinstance(settings, dict):
+            continue
+        now = inputs["settings"]
+        other = [f"{key}={_setting_text(settings.get(key))}" for key in now
+                 if settings.get(key, [] if key == "seeds" else None) != now.get(key)]
+        rounds = before.get("rounds")
+        if other:
+            return f"with {', '.join(other)}"
+        if any(before.get(key) != inputs.get(key) for key in inputs if key != "settings"):
+            return "from another search of the child, another objective or other run inputs"
+        if isinstance(rounds, int) and rounds < max_rounds:
+            return f"with {rounds} round{'s' * (rounds != 1)}, fewer than --rounds {max_rounds} asks"
+        return "by a call whose files do not agree (interrupted or damaged)"
+    return "by a call that recorded no settings (an earlier version, an interrupted one, or damaged)"
+
+
 #: the simple methods whose child for the same budgets joins the diverse step's candidates (`seed_choices`)
 SEED_METHODS = ("greedy", "layer_removal", "no_linear_attention")
 
@@ -720,6 +748,10 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     # (breaker: one interrupted there lost them, and its rerun's refinement was never "done" again)
     inputs_path = run.out / "refine" / f"{name}.inputs.json"
     waiting = inputs_path.with_name(f"{name}.inputs.earlier.json")
+    if not resume and summary_path.is_file():  # fresh user: `--refine-k 2` started afresh without a word
+        why = _other_settings_text(inputs_path, waiting, inputs, max_rounds)
+        run.say(f"refine {name}: the earlier refinement ({summary_path}) was made {why}; this call refines afresh "
+                f"and replaces it (--continue would go on from it)")
     if inputs_path.is_file():
         os.replace(inputs_path, waiting)
     earlier_inputs = None
@@ -819,6 +851,12 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         diverse = diverse_candidates(run, table, budgets, k, min_layers_differ, stage, run.config.search.objective,
                                      tokens, vllm_compatible=vllm, seeds=starts, exclude=exclude)
         diverse_s = time.perf_counter() - t0
+        for method, choice in starts.items():  # fresh user: greedy's seed, one of the MIP's solutions, went unsaid
+            if method not in set(diverse["source"]):
+                same = diverse.loc[diverse["choice"].map(tuple) == tuple(choice), "rank"]
+                run.say(f"refine {name}: the {method} seed is the MIP's solution of rank {int(same.iloc[0])}, "
+                        f"realized once" if len(same) else f"refine {name}: the {method} seed is left out (over "
+                        f"{budgets.describe()} as the table adds it up, not servable by vLLM, or excluded)")
         best = start = diverse.loc[diverse.attrs["best"], "choice"]
         picked_from = str(diverse.loc[diverse.attrs["best"], "source"])
     # --continue from a child the budget feedback re-solved: its rounds keep to the feedback's limits (breaker: under

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -228,9 +229,13 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
     shutil.rmtree(copy.out / "refine", ignore_errors=True)
     settings = dict(k=2, min_layers_differ=1, refine_k=1, max_changes=1, max_rounds=1, tokens=128)
     log = copy.out / "refine" / "child-1.5x.csv"
+    capsys.readouterr()
     improve_child(copy, "child-1.5x", **settings)
     diverse = pd.read_csv(log).query("step == 'diverse'")
     assert set(diverse["source"]) - {"mip"}  # a seed was realized (one the MIP also picked is not added twice)
+    said = capsys.readouterr().err  # fresh user: a seed the MIP also picked went unsaid
+    for method in {"greedy", "layer_removal"} - set(diverse["source"]):
+        assert re.search(f"the {method} seed is the MIP's solution of rank \\d, realized once|no {method} child", said)
     kept = diverse.loc[diverse["score_kl_nats"].idxmin()]
     record = json.loads((copy.out / "search" / "child-1.5x-diverse.json").read_text())
     assert record["picked_from"] == kept["source"] and " ".join(record["choice"]) == kept["choice"]
@@ -705,9 +710,12 @@ def test_a_plain_rerun_of_a_finished_refinement_returns_it_without_scoring_again
     again = improve_child(copy, "child-1.5x", max_rounds=1, **settings)
     assert "already refined" in capsys.readouterr().err
     pd.testing.assert_frame_equal(again, first, check_dtype=False)
-    for changed in ({"max_rounds": 2}, {"max_rounds": 1, "refine_k": 2}):  # more rounds, other settings: redone
+    for changed, why in (({"max_rounds": 2}, "with 1 round, fewer than --rounds 2 asks"),
+                         ({"max_rounds": 1, "refine_k": 2}, "with refine_k=1;")):  # more rounds, other settings: redone
         with pytest.raises(pytest.fail.Exception, match="refined again"):
             improve_child(copy, "child-1.5x", **{**settings, **changed})
+        err = capsys.readouterr().err
+        assert f"was made {why}" in err and "this call refines afresh and replaces it" in err
     # those calls stopped midway (in `refine`): what they leave is not taken as a finished refinement (reviewer)
     assert not (copy.out / "refine" / "child-1.5x.inputs.json").exists()
     monkeypatch.setattr(refine_module, "refine", real_refine)

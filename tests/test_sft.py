@@ -535,3 +535,40 @@ def test_a_resume_may_change_how_often_checkpoints_are_saved(tmp_path):
     args = parser.parse_args([*base, "--checkpoint-every", "2", "--lr", "1e-3", "--stop-after-steps", "1"])
     with pytest.raises(PuzzleError, match="config.lr: 0.0001 -> 0.001"):  # another setting is still refused
         args.func(args)
+
+
+def test_a_finished_rerun_keeps_the_toggle_measurement_of_the_same_training(tmp_path, monkeypatch, capsys):
+    """Fresh user: `sft ... --measure-toggle 40` run again on a finished training answered every question again
+    (2 min 25 s against 2 min 20 s for the whole first call)."""
+    import argparse
+
+    import puzzle.sft as sft
+    from puzzle.sft import add_sft_parser
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n"
+                            for i in range(4)))
+    parser = argparse.ArgumentParser()
+    add_sft_parser(parser.add_subparsers())
+    base = ["sft", "--model", "tiny", "--data", str(data), "--dest", str(tmp_path / "out"), "--seq-len", "64",
+            "--batch-size", "2", "--measure-toggle", "2", "--max-new-tokens", "4", "--no-progress"]
+    args = parser.parse_args(base)
+    assert args.func(args) == 0
+    work = tmp_path / "out.sft-work"
+    first = (work / "toggle.csv").read_bytes()
+    real = sft.toggle_report
+    monkeypatch.setattr(sft, "toggle_report", lambda *a, **k: pytest.fail("answered again"))
+    capsys.readouterr()
+    args = parser.parse_args(base)
+    assert args.func(args) == 0 and (work / "toggle.csv").read_bytes() == first
+    assert "toggle.csv measured this training with these settings: kept" in capsys.readouterr().err
+    summary = json.loads((work / "sft.json").read_text())
+    assert summary["toggle"][0]["answers"] == 2
+    monkeypatch.setattr(sft, "toggle_report", real)
+    for flags in (["--max-new-tokens", "5"], ["--measure-toggle", "3"]):  # another measurement: made again
+        args = parser.parse_args([*base, *flags])
+        assert args.func(args) == 0
+    assert json.loads((work / "sft.json").read_text())["toggle"][0]["answers"] == 3
+    (work / "toggle.csv").write_text("damaged")
+    args = parser.parse_args([*base, "--measure-toggle", "3"])
+    assert args.func(args) == 0 and (work / "toggle.csv").read_text() != "damaged"
