@@ -47,7 +47,7 @@ from .architecture import BlockConfig
 from .budgets import Budgets
 from .errors import PuzzleError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, dir_arg
-from .search import parse_exclude
+from .search import check_min_layers_differ, parse_exclude
 
 _SELECTION_LOGP: dict = {}
 
@@ -721,6 +721,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 f"now is {list(run.config.search.exclude) or 'none'}; refining under the record's (`puzzle search --out "
                 f"{run.out}` with that child's budget solves it under the run's)")
     table, _ = load_score_table(run, stage)
+    if k > 1:  # before any file is touched (breaker: refused later, it had set the finished refinement's inputs aside)
+        check_min_layers_differ(min_layers_differ, int(table.loc[table["subblock"] != "non_block", "layer"].nunique()))
     context = int(run.config.score.select_context)
     log_path, summary_path = run.out / "refine" / f"{name}.csv", run.out / "refine" / f"{name}.summary.csv"
     inputs = _refinement_inputs(run, record, {"k": k, "min_layers_differ": min_layers_differ, "seeds": seeds,
@@ -1219,7 +1221,8 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     # its own dest: `budget_feedback` is the search setting every stage command's flag saves with the run (reviewer)
     p.add_argument("--budget-feedback", dest="refine_budget_feedback", type=int, default=None, metavar="N",
                    help="re-solve rounds for a diverse or refined child that measures off its budget (0: check only; "
-                        "default: the run's [search] budget_feedback, which this flag does not change)")
+                        "default: the run's [search] budget_feedback, which this flag does not change); given, it "
+                        "times a finished refinement's children again, as --retime")
     p.add_argument("--retime", action="store_true",
                    help="time the diverse and refined children of a finished refinement again, and hold them to the "
                         "budget again (a rerun otherwise keeps an earlier call's timing)")
@@ -1298,6 +1301,9 @@ def refine_main(args) -> int:
         if args.retime and df.attrs.get("finished") and not args.no_measure:  # fresh user: it went unsaid
             run.say(f"refine {args.name}: --retime: timing the diverse and refined children again and checking them "
                     f"against the budget")
+        elif args.refine_budget_feedback is not None and df.attrs.get("finished") and not args.no_measure:
+            run.say(f"refine {args.name}: --budget-feedback {args.refine_budget_feedback}: timing the diverse and "
+                    f"refined children again and holding them to the budget with these rounds")  # breaker: unsaid
         if timed_before:  # breaker: each rerun timed them again, rewrote their figures and flipped budget_met
             run.say(f"refine {args.name}: its diverse and refined children were timed and checked against the budget "
                     f"already (their rows in {run.out / 'front_rows'}); `--retime` times them again, e.g. where that "

@@ -455,6 +455,13 @@ class _Search:
 # Public entry points
 
 
+def check_min_layers_differ(min_layers_differ: int, layers: int) -> None:
+    """Raises PuzzleError when diverse children are to differ in more layers than the table has."""
+    if min_layers_differ > layers:
+        raise PuzzleError(f"--min-layers-differ {min_layers_differ}: this table has {layers} layers, so no two "
+                          f"children differ in more; give at most {layers}")
+
+
 def solve(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_compatible: bool = False,
           exclude: Sequence = (), num_solutions: int = 1, min_layers_differ: int = 1,
           time_limit_s: float = 60.0, num_workers: int | None = None, anchor: Sequence | None = None,
@@ -487,10 +494,8 @@ def solve(table: pd.DataFrame, budgets: Budgets, objective="kl_nats", *, vllm_co
             more solutions with `min_layers_differ` above the table's layer count (none could differ that much).
     """
     search = _Search(table, objective, vllm_compatible, exclude, budgets.limits(), num_solutions, num_workers)
-    if num_solutions > 1 and min_layers_differ > search.choices.num_layers:
-        layers = search.choices.num_layers
-        raise PuzzleError(f"--min-layers-differ {min_layers_differ}: this table has {layers} layers, so no two "
-                          f"children differ in more; give at most {layers}")
+    if num_solutions > 1:
+        check_min_layers_differ(min_layers_differ, search.choices.num_layers)
     slots = None
     if anchor is not None:
         if max_changes is None or max_changes < 0:

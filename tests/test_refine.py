@@ -599,10 +599,16 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
     assert main(again) == 0
     assert "timed and checked against the budget already" in capsys.readouterr().err
     assert timed == {p: p.read_bytes() for p in timed}
+    files = {p: p.read_bytes() for p in (out / "refine").iterdir()}
+    assert main(again[:5] + ["--k", "2", "--min-layers-differ", "99"]) == 2  # breaker: refused, it had set the
+    assert "this table has" in capsys.readouterr().err  # finished refinement's inputs aside, and a rerun redid it
+    assert files == {p: p.read_bytes() for p in (out / "refine").iterdir()}
     assert main(again + ["--retime", "--max-contention", "inf"]) == 0  # timed again, on request
     err = capsys.readouterr().err
     assert "already refined" in err and "checked against the budget already" not in err
     assert "--retime: timing the diverse and refined children again" in err  # fresh user: it went unsaid
+    assert main(again + ["--budget-feedback", "0", "--max-contention", "inf"]) == 0  # breaker: it timed them unsaid
+    assert "--budget-feedback 0: timing the diverse and refined children again" in capsys.readouterr().err
     summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
     for name in ("child-1.5x-diverse", "child-1.5x-refined"):
         row = json.loads((out / "front_rows" / f"{name}.json").read_text())
