@@ -60,6 +60,21 @@ def comparable_meta(meta: dict) -> dict:
     return meta
 
 
+def safetensors_complete(path: Path) -> bool:
+    """Whether a .safetensors file is as long as its header says (a cheap check for a cut file, without hashing or
+    loading it: its first 8 bytes give the header's length, the header each tensor's data offsets); False for a
+    missing or unreadable file or header. Format: https://huggingface.co/docs/safetensors (8-byte little-endian
+    header size, JSON header, data)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else None
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        return Path(path).stat().st_size == 8 + n + max(ends, default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,9 +118,13 @@ class Library:
 
         Raises:
             PuzzleError: meta.json exists and differs from `meta` while entries were built, or is damaged (not a JSON
-                object, a folder).
+                object, a folder), or is missing while entries were built.
         """
         path = self.root / "meta.json"
+        if not path.exists() and any((self.root / "entries").glob("L*/*")):  # breaker: entries of bld.tokens 1024
+            raise PuzzleError(f"{path} is missing beside the library's entries, so they cannot be matched to this "
+                              f"parent and these settings (a rerun with --bld-tokens 2048 took 1024-token entries as "
+                              f"its own); delete {self.root} to rebuild the library (or restore the file)")
         if path.exists():
             try:
                 recorded = json.loads(path.read_text())

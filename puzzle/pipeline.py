@@ -669,8 +669,9 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     entry_sha = {j[0]: _entry_sha(run, j[1], j[3], stage) for j in jobs}
 
     def scored(key: str) -> bool:  # a result of this very entry (one without a checksum predates them: kept)
-        row = done.get(key) or bld_log.get(key)
-        return row is not None and row.get("entry_sha256", entry_sha[key]) == entry_sha[key]
+        row = done.get(key) or bld_log.get(key)  # and a finite one (breaker: a NaN result was kept for good)
+        return row is not None and row.get("entry_sha256", entry_sha[key]) == entry_sha[key] \
+            and isinstance(row.get("kl_nats"), (int, float)) and math.isfinite(row["kl_nats"])
 
     todo = [j for j in jobs if not scored(j[0])]
     cache: ParentCache | None = None
@@ -689,6 +690,11 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     for key, layer, subblock, v in todo:
         sub = _candidate_module(run, layer, subblock, v, stage)
         metrics = replace_one_score(run.parent.model, cache, layer, subblock, sub, chunk=cfg.chunk)
+        if not math.isfinite(metrics["kl_nats"]):  # breaker: a NaN weight scored NaN, and the search refused it later
+            where = run.library.weights_path(layer, v.id, stage)
+            raise PuzzleError(f"layer {layer} {subblock} {v.id} ({stage}) scores a KL of {metrics['kl_nats']}: its "
+                              f"weights ({where}) hold NaN or inf, or overflow; delete {where} and run `puzzle bld "
+                              f"--out {run.out}`, which builds it again, then `puzzle score`")
         log.append({"key": key, "layer": layer, "subblock": subblock, "variant": v.id,
                     "entry_sha256": entry_sha[key], **metrics})
         if bar is not None:
@@ -787,23 +793,29 @@ def check_library_entries(run: Run, stages) -> None:
     Raises:
         PuzzleError: naming the first missing entry and how many there are.
     """
+    from .library import safetensors_complete
+
     lib = run.library
     missing = [(ls.layer, v.id, stage) for stage in stages for ls in run.space()
                for variants in (ls.attention, ls.ffn) for v in variants[1:] if v.kind != "no_op"
-               and not (lib.info_path(ls.layer, v.id, stage).is_file() and lib.weights_path(ls.layer, v.id, stage).is_file())]
+               # a cut weights file too (breaker: one scored before passed)
+               and not (lib.info_path(ls.layer, v.id, stage).is_file()
+                        and safetensors_complete(lib.weights_path(ls.layer, v.id, stage)))]
     if missing:
         layer, variant, stage = missing[0]
-        raise PuzzleError(f"the block library in {lib.root} lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} "
-                          f"to score (e.g. layer {layer} {variant} ({stage})); run `puzzle bld --out {run.out}` first")
+        raise PuzzleError(f"the block library in {lib.root} lacks {len(missing)} whole entr"
+                          f"{'y' if len(missing) == 1 else 'ies'} to score (e.g. layer {layer} {variant} ({stage}): "
+                          f"missing or cut); run `puzzle bld --out {run.out}` first, which builds them again")
 
 
 def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
     """Quality and cost → the score tables (trained entries, and init-only entries when configured); `retime`: the
     cost table is timed again (`stage_cost`)."""
     stages = ("bld", "init") if run.config.score.score_init else ("bld",)
-    if (run.out / "library" / "meta.json").is_file():  # a library of another parent, text or settings: as bld says
-        run.library.check_meta(library_meta(run))
+    if (run.out / "library" / "meta.json").is_file() or any((run.out / "library" / "entries").glob("L*/*")):
+        run.library.check_meta(library_meta(run))  # a library of another parent, text or settings (or none): as bld
     check_library_entries(run, stages)  # before the cost measurement, the longest part
+    used, asked = int(scoring_ids(run).numel()), int(run.config.score.tokens)
     costs, non_block = stage_cost(run, retime)
     tables = {}
     for stage in stages:
@@ -818,9 +830,15 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
               **{k: non_block[k] for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")}}
         table = pd.concat([table, pd.DataFrame([nb])], ignore_index=True)[SCORE_COLUMNS]
         save_table(table, score_table_path(run, stage), {**cost_meta(run), "library_stage": stage,
-                                                       "score_tokens": int(run.config.score.tokens)})
+                                                       "score_tokens": used, "score_tokens_asked": asked})
         tables[stage] = table
     run.say(f"score: {len(tables['bld']) - 1} rows per table; tables in {run.out / 'score'}")
+    if used != asked:  # breaker: 100000 asked and recorded, 512 used, unsaid
+        split = run.tokens.score
+        fix = (f"raise data.score_tokens to {asked} for more (more text if the sources run short)"
+               if asked > split.numel() else f"give a multiple of {split.shape[1]}")
+        run.say(f"score: warning: score.tokens asks {asked} tokens, and candidates are scored on whole sequences of "
+                f"the scoring split ({split.shape[0]} of {split.shape[1]} tokens): on {used}; {fix}")
     return tables
 
 

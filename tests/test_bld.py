@@ -141,6 +141,24 @@ def test_library_refuses_other_settings(tmp_path):
     lib.save(0, "ffn", "ffn-8", "bld", {"w": torch.zeros(2)}, {})
     with pytest.raises(PuzzleError, match="differing: bld.lr: 2 -> 1"):
         lib.check_meta({"parent": "a", "bld": {"lr": 1}})
+    (tmp_path / "meta.json").unlink()  # breaker: entries of other settings were then taken as this call's
+    with pytest.raises(PuzzleError, match="meta.json is missing beside the library's entries"):
+        lib.check_meta({"parent": "a", "bld": {"lr": 1}})
+
+
+def test_a_cut_safetensors_file_is_told_from_a_whole_one_by_its_header(tmp_path):
+    from safetensors.torch import save_file
+
+    from puzzle.library import safetensors_complete
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(3, 4), "b": torch.zeros(5)}, str(path))
+    assert safetensors_complete(path)
+    data = path.read_bytes()
+    for cut in (data[:-1], data[:100], data[:4], b"", data + b"x"):
+        path.write_bytes(cut)
+        assert not safetensors_complete(path)
+    assert not safetensors_complete(tmp_path / "missing.safetensors")
 
 
 def test_bld_needs_enough_calibration(parent, tmp_path):

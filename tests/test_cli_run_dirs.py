@@ -971,3 +971,52 @@ def test_front_targets_that_give_one_child_are_named_together(tmp_path_factory, 
     assert "child-1.25x and child-1.2501x are one child (the same blocks, predicted" in capsys.readouterr().err
     assert main(["search", "--out", str(out), "--front-speedups", "1.25,2", "--no-progress"]) == 0
     assert "one child" not in capsys.readouterr().err
+
+
+def test_score_refuses_non_finite_results_and_cut_entries_and_records_the_tokens_it_used(tmp_path_factory, tmp_path,
+                                                                                         capsys):
+    """Breaker: a NaN weight scored NaN, kept in quality_bld.jsonl for good (each rerun gave the search's "lacks values"
+    again); a cut weights file that was scored before passed `score`; --score-tokens 100000 was recorded while 512
+    were used."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from puzzle.cli import main
+    from puzzle.library import sha256_file
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    score = ["score", "--out", str(out), "--max-contention", "inf", "--no-progress"]
+    log = out / "score" / "quality_bld.jsonl"
+    lines = log.read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "kl_nats": float("nan")})
+    log.write_text("\n".join(lines) + "\n")
+    assert main(score) == 0  # the NaN result is scored again, not kept
+    table = pd.read_csv(out / "score" / "score_table.csv")
+    assert table["kl_nats"].notna().all()
+    entry = next(p for p in sorted((out / "library" / "entries").glob("L*/*.bld.safetensors")))
+    weights = load_file(str(entry))
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(entry))
+    info = entry.with_name(entry.name.replace(".safetensors", ".json"))  # the sha256 matched: damage from outside
+    info.write_text(json.dumps({**json.loads(info.read_text()), "sha256": sha256_file(entry)}))
+    capsys.readouterr()
+    assert main(score) == 2
+    err = capsys.readouterr().err
+    assert "scores a KL of nan" in err and f"delete {entry}" in err and "puzzle bld" in err, err
+    entry.unlink()
+    assert main(["bld", "--out", str(out), "--no-progress"]) == 0 and main(score) == 0
+    other = next(p for p in sorted((out / "library" / "entries").glob("L*/*.bld.safetensors")) if p != entry)
+    other.write_bytes(other.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(score) == 2
+    assert "lacks 1 whole entry to score" in capsys.readouterr().err
+    assert main(["bld", "--out", str(out), "--no-progress"]) == 0
+    assert main([*score, "--score-tokens", "100000"]) == 0
+    from puzzle.baselines import open_run
+
+    meta = json.loads((out / "score" / "score_table.csv.json").read_text())
+    assert meta["score_tokens_asked"] == 100000 and meta["score_tokens"] == open_run(out).tokens.score.numel() < 100000
+    assert "score.tokens asks 100000 tokens" in capsys.readouterr().err
