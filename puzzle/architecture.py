@@ -204,33 +204,50 @@ def block_config_entry(block: BlockConfig, num_attention_heads: int, hidden_size
     return {"attention": attention, "ffn": ffn}
 
 
+def _whole(value) -> bool:
+    """A JSON whole number: an int, or a float without a fraction (1536.0); never a bool."""
+    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and value.is_integer())
+
+
 def block_from_entry(entry: dict, num_attention_heads: int, hidden_size: int) -> BlockConfig:
     """Parse one nemotron-nas `block_configs` entry. An exact `intermediate_size` wins over ffn_mult.
 
     Raises ArchitectureError for features this toolkit cannot run (sliding windows, sink tokens,
-    sparsified attention) or inconsistent head counts.
+    sparsified attention), inconsistent head counts, a no_op / replace_with_linear flag that is not true or false
+    (or both set), or a width that is not a whole number >= 1.
     """
     att, ffn = entry.get("attention", {}), entry.get("ffn", {})
     for key in ("window_length", "num_sink_tokens", "sparsify", "unshifted_sink", "use_prefill_window_in_sink_attention"):
         if att.get(key) not in (None, False):
             raise ArchitectureError(f"block_configs attention option {key}={att[key]!r} is not supported; only full causal GQA, linear and no_op")
+    for part, sub in (("attention", att), ("ffn", ffn)):  # breaker: "false" (text) was read as true
+        for flag in ("no_op", "replace_with_linear"):
+            if not (sub.get(flag) is None or isinstance(sub.get(flag), bool)):  # 1 == True: by type
+                raise ArchitectureError(f"block_configs {part} {flag}={sub[flag]!r} must be true or false")
+        if sub.get("no_op") and sub.get("replace_with_linear"):  # it was taken as no_op, unsaid
+            raise ArchitectureError(f"block_configs {part} sets both no_op and replace_with_linear; keep one of them")
     if att.get("no_op"):
         attention = AttentionConfig("no_op")
     elif att.get("replace_with_linear"):
         attention = AttentionConfig("linear")
     else:
         group = att.get("n_heads_in_group")
-        if not isinstance(group, int) or group < 1 or num_attention_heads % group:
+        if not _whole(group) or group < 1 or num_attention_heads % group:
             raise ArchitectureError(f"n_heads_in_group={group!r} must be a positive divisor of num_attention_heads={num_attention_heads}")
-        attention = AttentionConfig("gqa", num_attention_heads // group)
+        attention = AttentionConfig("gqa", num_attention_heads // int(group))
+    width, mult = ffn.get("intermediate_size"), ffn.get("ffn_mult")
     if ffn.get("no_op"):
         ffn_cfg = FFNConfig("no_op")
     elif ffn.get("replace_with_linear"):
         ffn_cfg = FFNConfig("linear")
-    elif ffn.get("intermediate_size"):
-        ffn_cfg = FFNConfig("swiglu", int(ffn["intermediate_size"]))
-    elif ffn.get("ffn_mult") is not None:
-        ffn_cfg = FFNConfig("swiglu", ffn_mult_to_intermediate_size(float(ffn["ffn_mult"]), hidden_size))
+    elif width is not None:  # 64.5 was cut to 64, 0 called missing (breaker)
+        if not _whole(width) or width < 1:
+            raise ArchitectureError(f"block_configs ffn intermediate_size={width!r} must be a whole number >= 1")
+        ffn_cfg = FFNConfig("swiglu", int(width))
+    elif mult is not None:
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)):
+            raise ArchitectureError(f"block_configs ffn ffn_mult={mult!r} must be a number")
+        ffn_cfg = FFNConfig("swiglu", ffn_mult_to_intermediate_size(float(mult), hidden_size))
     else:
         raise ArchitectureError(f"block_configs ffn entry {ffn!r} has neither no_op, replace_with_linear, ffn_mult nor intermediate_size")
     return BlockConfig(attention, ffn_cfg)

@@ -115,8 +115,10 @@ def merge_models(models: list[PuzzleForCausalLM], weights=None, names=None) -> P
     for m, name in zip(models[1:], names[1:]):
         diff = architecture_difference(models[0].config, m.config)
         if diff:
+            tie = ("; export both tied, or both with `puzzle export --untie-embeddings`"
+                   if diff.startswith("tie_word_embeddings") else "")  # breaker: said no fix
             raise PuzzleError(f"{names[0]} and {name} have different architectures ({diff}); only checkpoints of "
-                              "the same architecture can be merged")
+                              f"the same architecture can be merged{tie}")
     from .parent import model_from_state_dict
 
     merged = merge_state_dicts([m.state_dict() for m in models], weights, names)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -481,3 +482,27 @@ def test_a_run_says_the_vllm_explanation_of_repeated_export_warnings_once():
     short = shorten_repeated_warnings(odd, said)
     assert short[0] == odd[0] and short[1].startswith("FFN width 128 (layers [1]) cannot be written as ffn_mult")
     assert short[1].endswith("; ffn_mult cannot express it (as above)") and "TensorRT" not in short[1]
+
+
+def test_block_configs_values_of_the_wrong_type_or_contradictory_are_refused():
+    """Breaker: ffn no_op "false" (text) was read as true, intermediate_size 64.5 cut to 64, 0 called missing, and
+    no_op with replace_with_linear taken as no_op, each without a word."""
+    from puzzle.architecture import ArchitectureError
+
+    gqa = {"n_heads_in_group": 2, "no_op": False, "replace_with_linear": False, "sparsify": None}
+    ffn = {"intermediate_size": 96, "no_op": False, "replace_with_linear": False, "sparsify": None}
+    assert block_from_entry({"attention": gqa, "ffn": ffn}, 4, 64) == BlockConfig(AttentionConfig("gqa", 2),
+                                                                                   FFNConfig("swiglu", 96))
+    assert block_from_entry({"attention": {**gqa, "n_heads_in_group": 2.0}, "ffn": {**ffn, "intermediate_size": 96.0}},
+                            4, 64) == BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
+    for attention, mlp, words in [
+            (gqa, {**ffn, "no_op": "false"}, "ffn no_op='false' must be true or false"),
+            ({**gqa, "replace_with_linear": 1}, ffn, "attention replace_with_linear=1 must be true or false"),
+            (gqa, {**ffn, "intermediate_size": 64.5}, "intermediate_size=64.5 must be a whole number >= 1"),
+            (gqa, {**ffn, "intermediate_size": 0}, "intermediate_size=0 must be a whole number >= 1"),
+            (gqa, {**ffn, "intermediate_size": True}, "must be a whole number"),
+            ({**gqa, "n_heads_in_group": True}, ffn, "n_heads_in_group=True must be a positive divisor"),
+            ({**gqa, "no_op": True, "replace_with_linear": True}, ffn, "both no_op and replace_with_linear"),
+            (gqa, {"ffn_mult": "2.5"}, "ffn_mult='2.5' must be a number")]:
+        with pytest.raises(ArchitectureError, match=re.escape(words)):
+            block_from_entry({"attention": attention, "ffn": mlp}, 4, 64)

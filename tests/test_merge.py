@@ -56,6 +56,16 @@ def test_different_architectures_are_refused_with_the_first_difference():
         merge_models([parent, wide])
     with pytest.raises(PuzzleError, match="layer 0 is attn-kv2\\+ffn-128 in one and attn-kv2\\+ffn-64"):
         merge_models([parent, _with_ffn(parent, 64)])
+    import dataclasses
+
+    from puzzle.parent import model_from_state_dict
+
+    untied = model_from_state_dict(dataclasses.replace(parent.config, tie_word_embeddings=not
+                                                       parent.config.tie_word_embeddings), {
+        **parent.state_dict(), "lm_head.weight": parent.model.embed_tokens.weight.detach().clone()})
+    with pytest.raises(PuzzleError, match="tie_word_embeddings .*export both tied, or both with `puzzle export "
+                                          "--untie-embeddings`"):  # breaker: it said no fix
+        merge_models([parent, untied])
 
 
 def _with_ffn(parent, width):
