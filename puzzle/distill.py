@@ -45,8 +45,8 @@ from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
 from .scoring.quality import position_kl
 from .train_utils import (FOLDER_SOURCE, CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier,
-                          check_resumable, check_work_folder, global_batch, init_distributed, rank_slice,
-                          recorded_settings, recorded_source, shutdown_distributed, train_loop)
+                          check_resumable, check_work_folder, global_batch, init_distributed, peer_lost,
+                          rank_slice, recorded_settings, recorded_source, shutdown_distributed, train_loop)
 
 TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
@@ -752,6 +752,10 @@ def run_gkd_command(args, log=None) -> dict:
             atomic_write_json(summary_path, summary)
         barrier(env)
         return summary
+    except RuntimeError as e:  # another rank stopped: its message says why (breaker: gloo's traceback here)
+        if (lost := peer_lost(env, e)) is not None:
+            raise lost from None
+        raise
     finally:
         shutdown_distributed(env)
 

@@ -52,8 +52,8 @@ from .io import atomic_write_json, atomic_write_text, dir_arg
 from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
 from .train_utils import (FOLDER_SOURCE, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
-                          global_batch, init_distributed, rank_slice, recorded_settings, recorded_source,
-                          shutdown_distributed, train_loop)
+                          global_batch, init_distributed, peer_lost, rank_slice, recorded_settings,
+                          recorded_source, shutdown_distributed, train_loop)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -842,6 +842,10 @@ def run_sft_command(args, log=None) -> dict | None:
             atomic_write_json(work / "sft.json", summary)
         barrier(env)
         return summary
+    except RuntimeError as e:  # another rank stopped: its message says why (breaker: gloo's traceback here)
+        if (lost := peer_lost(env, e)) is not None:
+            raise lost from None
+        raise
     finally:
         shutdown_distributed(env)
 

@@ -26,7 +26,9 @@ import io
 import math
 import os
 import random
+import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -96,10 +98,27 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def shutdown_distributed(env: DistEnv) -> None:
-    """Leave the process group (a no-op for a single process)."""
+    """Leave the process group (a no-op for a single process). Called from a `finally`: on the way out of an error
+    or an interrupt it leaves without the barrier, which the other ranks, still in a step's all-reduce, would never
+    meet (breaker: Ctrl-C to one rank froze both until gloo's timeout); leaving closes this rank's connections, so
+    theirs fail at once (`peer_lost`)."""
     if env.distributed and dist.is_initialized():
-        dist.barrier()
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def peer_lost(env: DistEnv, error: BaseException) -> PuzzleError | None:
+    """The PuzzleError to raise for `error` where another rank stopped (interrupted, refused, killed) and this rank's
+    collective failed with it, else None. Its message says that a rerun resumes from the last checkpoint instead of
+    showing gloo's or NCCL's traceback (breaker)."""
+    text = str(error)
+    if not env.distributed or not isinstance(error, RuntimeError) or not any(
+            word in text for word in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")):
+        return None
+    what = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]  # gloo's source path and advice cut
+    return PuzzleError(f"rank {env.rank}: another rank stopped during a collective operation ({what}); its own "
+                       f"message says why; the same command run again resumes from the last checkpoint")
 
 
 def barrier(env: DistEnv) -> None:

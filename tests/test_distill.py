@@ -334,6 +334,34 @@ def test_ranks_started_with_other_settings_are_refused_instead_of_drifting_or_ha
     assert not (tmp_path / "two" / "model.safetensors").exists()
 
 
+def test_a_rank_interrupted_mid_training_stops_both_at_once(tmp_path):
+    """Breaker: Ctrl-C to one rank sent it to the closing barrier while the other waited in a step's all-reduce, and
+    both froze until gloo's timeout; now it leaves at once and the other says that another rank stopped."""
+    import time
+
+    _folders(tmp_path)
+    worker = WORKER.replace("args = p.parse_args(sys.argv[1:])",
+                            "import os, signal, threading\nif os.environ['RANK'] == '1':\n"
+                            "    threading.Timer(8, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+                            "args = p.parse_args(sys.argv[1:])")
+    (tmp_path / "worker.py").write_text(worker)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "worker.py"), "gkd", "--child", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"),
+           "--calib", str(tmp_path / "calib.txt"), "--dest", str(tmp_path / "two"), "--seq-len", "32",
+           "--tokens", "10000000", "--lr", "3e-3", "--no-progress", "--no-eval", "--device", "cpu"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode != 0 and time.monotonic() - t0 < 120, stderr[-3000:]
+    assert "rank 0: another rank stopped during a collective operation" in stderr, stderr[-3000:]
+    assert not (tmp_path / "two" / "model.safetensors").exists()
+
+
 def test_a_checkpoint_of_the_earlier_version_still_resumes(tmp_path, capsys, monkeypatch):
     """Review: an earlier version recorded a --child folder's path as the checkpoint's child_source; the folder's
     weights hash now identifies it, and such a checkpoint (and its export) must still count as this training."""
