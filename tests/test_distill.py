@@ -351,7 +351,8 @@ def test_a_rank_interrupted_mid_training_stops_both_at_once(tmp_path):
            "--tokens", "10000000", "--lr", "3e-3", "--no-progress", "--no-eval", "--device", "cpu"]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
