@@ -429,7 +429,8 @@ def supervised_finetune(model: PuzzleForCausalLM, data: Packed, config: SFTConfi
     if int((data.labels != IGNORE).sum()) == 0:
         raise PuzzleError("the chat data has no assistant tokens to learn")
     if config.batch_size % env.world_size:
-        raise PuzzleError(f"batch size {config.batch_size} does not divide by {env.world_size} processes")
+        raise PuzzleError(f"batch size {config.batch_size} does not divide by {env.world_size} processes; give a "
+                          f"multiple of {env.world_size}")
     for p in model.parameters():
         p.requires_grad_(True)
     if config.freeze_embeddings:
@@ -790,6 +791,13 @@ def run_sft_command(args, log=None) -> dict | None:
                 raise PuzzleError(f"{cut} (the {DEMO_SPEC} set teaches the toggle with its longer 'thinking on' "
                                   f"examples paired with the short 'off' ones; it needs them all)")
             log(f"sft: warning: {cut}")
+        rows = data.input_ids.shape[0]
+        if config.batch_size > rows:  # breaker: 300 on 3 rows used each row 100 times in "1 epoch"; 100000 hung
+            passes = config.steps(rows) * config.batch_size / rows
+            raise PuzzleError(f"--batch-size {config.batch_size} is more than the {rows} rows the data packs into "
+                              f"at --seq-len {config.seq_len}: each step would take the same rows again (--epochs "
+                              f"{config.epochs:g} would make {passes:.1f} passes); give --batch-size {rows} or less, or "
+                              f"more data")
         learned = int((data.labels != IGNORE).sum())
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "

@@ -572,3 +572,24 @@ def test_a_finished_rerun_keeps_the_toggle_measurement_of_the_same_training(tmp_
     (work / "toggle.csv").write_text("damaged")
     args = parser.parse_args([*base, "--measure-toggle", "3"])
     assert args.func(args) == 0 and (work / "toggle.csv").read_text() != "damaged"
+
+
+def test_a_batch_larger_than_the_packed_rows_is_refused(tmp_path):
+    """Breaker: --batch-size 300 on 3 rows trained '1 epoch' as each row 100 times; 100000 ran one forward pass over
+    100000 rows until killed."""
+    import argparse
+
+    from puzzle.sft import add_sft_parser
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n"
+                            for i in range(3)))
+    parser = argparse.ArgumentParser()
+    add_sft_parser(parser.add_subparsers())
+    args = parser.parse_args(["sft", "--model", "tiny", "--data", str(data), "--dest", str(tmp_path / "out"),
+                              "--seq-len", "64", "--no-pack", "--batch-size", "300", "--epochs", "1", "--no-progress"])
+    with pytest.raises(PuzzleError, match=re.escape("--batch-size 300 is more than the 3 rows the data packs into at "
+                                                    "--seq-len 64: each step would take the same rows again (--epochs "
+                                                    "1 would make 100.0 passes); give --batch-size 3 or less")):
+        args.func(args)
+    assert not (tmp_path / "out").exists()
