@@ -796,8 +796,8 @@ def run_sft_command(args, log=None) -> dict | None:
             passes = config.steps(rows) * config.batch_size / rows
             raise PuzzleError(f"--batch-size {config.batch_size} is more than the {rows} rows the data packs into "
                               f"at --seq-len {config.seq_len}: each step would take the same rows again (--epochs "
-                              f"{config.epochs:g} would make {passes:.1f} passes); give --batch-size {rows} or less, or "
-                              f"more data")
+                              f"{config.epochs:g} would make {passes:.1f} passes); give --batch-size {rows} or less, "
+                              f"or more data")
         learned = int((data.labels != IGNORE).sum())
         log(f"sft: {len(conversations)} conversations -> {data.input_ids.shape[0]} rows of {config.seq_len} tokens "
             f"({learned} learned tokens, {data.dropped} too long and dropped); "
