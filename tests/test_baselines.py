@@ -957,7 +957,7 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
     assert [b.id for b in _greedy_at(run, load_score_table(run, "bld")[0], held["greedy-1.5x"]).blocks] != slow
     assert planned_greedy["planned_speedup"] == pytest.approx(held["greedy-1.5x"])
     assert "planned for" in planned_greedy["note"]
-    assert len(sessions) == 2 and sessions[1] == ["greedy-1.5x"]  # the others' rows were kept
+    assert len(sessions) == 2 and sessions[1] == ["greedy-1.5x"], sessions  # the others' rows were kept
     assert stale_greedy_rows(run) == {}
     again = run_baselines(run, (1.5,), export=False).set_index("name")
     assert len(sessions) == 2 and again["speedup"].equals(table["speedup"])  # nothing timed again

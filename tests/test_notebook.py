@@ -96,8 +96,9 @@ def test_a_damaged_front_or_search_record_stops_the_notebook_with_the_command_th
     front = (copy / "front.csv").read_bytes()
     (copy / "front.csv").write_bytes(front[:200])
     monkeypatch.setenv("PUZZLE_RUN", str(copy))
-    with pytest.raises(nbclient.exceptions.CellExecutionError, match="not the file front.json was written with"):
-        _execute(copy)
+    nb = _execute(copy)  # said where the front is drawn (a hand edit may be meant; `puzzle front` redoes it)
+    said = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "not the file front.json was written with (cut or edited), so its rows are drawn as they stand" in said
     (copy / "front.csv").write_bytes(front)
     name = plots.searched_choices(copy)
     (copy / "search" / f"{next(iter(name))}.json").unlink()
