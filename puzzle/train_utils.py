@@ -114,7 +114,8 @@ def peer_lost(env: DistEnv, error: BaseException) -> PuzzleError | None:
     showing gloo's or NCCL's traceback (breaker)."""
     text = str(error)
     if not env.distributed or not isinstance(error, RuntimeError) or not any(
-            word in text for word in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")):
+            word in text for word in ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+                                      "communicator was aborted")):  # not any gloo/NCCL error: those of this rank stand
         return None
     what = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]  # gloo's source path and advice cut
     return PuzzleError(f"rank {env.rank}: another rank stopped during a collective operation ({what}); its own "
