@@ -777,9 +777,10 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
     for attempt in range(2):  # the second: the children measured short of their target, planned again once
         library = baseline_library(run, [c.blocks for c in plan], progress=progress)
         plan = select_uniform(run, plan, library, scored)
-        table = realize_all(run, plan, library, export=export)
-        short = _short_of_target(_with_earlier_rows(run, table), plan, held)  # alone, planned again a child
-        # whose method reached the target at an earlier call's other target
+        # with the rows an earlier call left for other targets: this call's alone planned again a child whose
+        # method reached the target at another target (breaker)
+        table = _with_earlier_rows(run, realize_all(run, plan, library, export=export))
+        short = _short_of_target(table, plan, held)
         if attempt or not short:
             break
         for name, (measured, target, predicted) in short.items():
@@ -788,7 +789,6 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
                     f"{held[name]:.3f}x by the cost table (once), as our children are held to their budgets")
         atomic_write_json(run.out / "baselines" / HELD_FILE, {"inputs": row_inputs(run), "planned": held})
         plan = plan_baselines(run, speedups, planned=held)
-    table = _with_earlier_rows(run, table)
     atomic_write_text(run.out / "baselines" / "baselines.csv", table.to_csv(index=False))
     run.timed("baselines_s", time.perf_counter() - t0)
     return table

@@ -311,6 +311,25 @@ def test_two_processes_match_one(tmp_path, mode):
 
 
 @pytest.mark.slow
+def _two_ranks(tmp_path, worker: str, tokens: int, timeout: float = 300) -> tuple[int, str]:
+    """`worker` (WORKER edited) run by torchrun on 2 CPU ranks for a gkd of the `_folders` child into tmp_path/two:
+    (exit status, stderr); no process outlives the call."""
+    (tmp_path / "worker.py").write_text(worker)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "worker.py"), "gkd", "--child", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"),
+           "--calib", str(tmp_path / "calib.txt"), "--dest", str(tmp_path / "two"), "--seq-len", "32",
+           "--tokens", str(tokens), "--lr", "3e-3", "--no-progress", "--no-eval", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, stderr
+
+
 def test_ranks_started_with_other_settings_are_refused_instead_of_drifting_or_hanging(tmp_path):
     """Reviewer: a rank given another --lr trained its own replica (exit 0, rank 0's weights saved), and one given
     another --tokens hung at the next collective until gloo's 30-minute timeout."""
@@ -318,19 +337,8 @@ def test_ranks_started_with_other_settings_are_refused_instead_of_drifting_or_ha
     worker = WORKER.replace("args = p.parse_args(sys.argv[1:])", "import os\nargv = sys.argv[1:]\n"
                             "if os.environ['RANK'] == '1':\n    argv[argv.index('--lr') + 1] = '1e-2'\n"
                             "args = p.parse_args(argv)")
-    (tmp_path / "worker.py").write_text(worker)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "worker.py"), "gkd", "--child", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"),
-           "--calib", str(tmp_path / "calib.txt"), "--dest", str(tmp_path / "two"), "--seq-len", "32",
-           "--tokens", "1024", "--lr", "3e-3", "--no-progress", "--no-eval", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode != 0 and "gkd: the 2 ranks were started with different config" in stderr, stderr[-3000:]
+    returncode, stderr = _two_ranks(tmp_path, worker, tokens=1024)
+    assert returncode != 0 and "gkd: the 2 ranks were started with different config" in stderr, stderr[-3000:]
     assert not (tmp_path / "two" / "model.safetensors").exists()
 
 
@@ -344,21 +352,9 @@ def test_a_rank_interrupted_mid_training_stops_both_at_once(tmp_path):
                             "import os, signal, threading\nif os.environ['RANK'] == '1':\n"
                             "    threading.Timer(8, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
                             "args = p.parse_args(sys.argv[1:])")
-    (tmp_path / "worker.py").write_text(worker)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "worker.py"), "gkd", "--child", str(tmp_path / "child"), "--parent", str(tmp_path / "parent"),
-           "--calib", str(tmp_path / "calib.txt"), "--dest", str(tmp_path / "two"), "--seq-len", "32",
-           "--tokens", "10000000", "--lr", "3e-3", "--no-progress", "--no-eval", "--device", "cpu"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode != 0 and time.monotonic() - t0 < 120, stderr[-3000:]
+    returncode, stderr = _two_ranks(tmp_path, worker, tokens=10_000_000, timeout=240)
+    assert returncode != 0 and time.monotonic() - t0 < 120, stderr[-3000:]
     assert "rank 0: another rank stopped during a collective operation" in stderr, stderr[-3000:]
     assert not (tmp_path / "two" / "model.safetensors").exists()
 

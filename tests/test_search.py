@@ -1744,4 +1744,4 @@ def test_kl_within_rounding_below_zero_counts_as_zero():
     best = solve(table, Budgets())[0]
     assert best.objective >= 0 and best.kl_nats >= 0
     logp = torch.log_softmax(torch.randn(3, 11), -1)
-    assert (position_kl(logp, logp) >= 0).all() and position_kl(logp, logp).max() == 0
+    assert torch.equal(position_kl(logp + 1e-6, logp), torch.zeros(3))  # unclamped: -1e-6 at each position
