@@ -721,7 +721,8 @@ def cmd_export(args) -> int:
         also_lock(args.dest, EXPORT_ADVICE)
     with _stage_run(args, existing=True) as run:
         name = _child_name(args, run, "export")
-        result, why = export_child(run, name, dest=args.dest, untie=True if args.untie_embeddings else None)
+        result, why = export_child(run, name, dest=args.dest, untie=True if args.untie_embeddings else None,
+                                   dtype=args.dtype)
         if why is None:
             _log(f"export {name}: {result.path} is up to date (the files its last export wrote, from the same "
                  f"weights and record): kept")
@@ -1064,6 +1065,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "nemotron_nas converter; same logits, one vocabulary x hidden matrix more on disk. A folder "
                         "written so (the run's own or --dest) keeps it on later exports; delete the folder to export "
                         "it tied again")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="stored weights' dtype (default: the one the folder written to stores, else the run's "
+                        "[parent] dtype, float32 in the presets); bfloat16 halves a float32 run's files. A folder "
+                        "written so keeps it on later exports")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("front", help="sweep speed-up targets: front.csv and front.png (quality vs measured throughput); "

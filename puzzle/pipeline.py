@@ -1456,10 +1456,12 @@ def chat_answers(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
     return [greedy_chat(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens).strip() for p in prompts]
 
 
-def stage_export(run: Run, name: str, dest: Path | None = None, model=None, untie: bool = False):
+def stage_export(run: Run, name: str, dest: Path | None = None, model=None, untie: bool = False,
+                 dtype: str | None = None):
     """Write child `name` as an HF folder (nemotron-nas) under DIR/export/<name> (or `dest`), recording the run's own
     export in DIR/children/exports.json (`record_export`). `untie`: store a tied LM head as its own tensor
-    (`export_checkpoint(untie_embeddings=True)`).
+    (`export_checkpoint(untie_embeddings=True)`); `dtype`: the stored weights' dtype name (None: the run's, `[parent]
+    dtype`).
 
     Raises:
         PuzzleError: as `check_export_target` and `check_run_dest`; or the run's own export folder holds a file its
@@ -1498,7 +1500,8 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
     if own:  # while the folder is rewritten its record is void: an interruption leaves no stale file list behind
         record_export(run, name, None)
     result = export_checkpoint(model, run.parent.tokenizer, dest, overwrite=True, also_same=also_same, own=own_export,
-                               extra_info=export_extra_info(run, name, record, dest), untie_embeddings=untie)
+                               extra_info=export_extra_info(run, name, record, dest), untie_embeddings=untie,
+                               dtype=dtype)
     if own:  # the run's own export: what `export_out_of_date` compares with
         record_export(run, name, model)
     run.timed("export_s", time.perf_counter() - t0)
@@ -1671,13 +1674,15 @@ def _own_export_with_its_weights(run: Run, name: str) -> bool:
 
 
 def export_child(run: Run, name: str, dest: Path | None = None, model=None,
-                 untie: bool | None = None) -> tuple[object, str | None]:
+                 untie: bool | None = None, dtype: str | None = None) -> tuple[object, str | None]:
     """`puzzle export` and `puzzle run`: `stage_export`, except that the run's own export folder (DIR/export/<name>)
     is kept when it is up to date (`export_out_of_date`). `model`: the child, when the caller holds it (else built
     here). `untie`: store a tied LM head as its own tensor (True), leave it out (False), or None: as the folder
     written to has it now (left out in a new folder), so a rerun of `puzzle run` or `puzzle export` keeps an export
-    --untie-embeddings wrote. Returns the `ExportResult` and why the folder was written: None when it was kept, "none yet" for a new
-    own folder or any other `dest` (which `stage_export` says it replaced).
+    --untie-embeddings wrote. `dtype` (a name: "bfloat16"): the stored weights' dtype, or None: the one the folder
+    written to stores (`merge.stored_dtype`; the run's `[parent] dtype` in a new folder), so a rerun keeps an export
+    `--dtype` wrote. Returns the `ExportResult` and why the folder was written: None when it was kept, "none yet" for
+    a new own folder or any other `dest` (which `stage_export` says it replaced).
 
     Raises:
         PuzzleError: as `stage_export`.
@@ -1689,17 +1694,29 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None,
         if untie is None and _stored_untied(Path(dest).expanduser()):  # reviewer: re-tied without a word
             run.say(f"export: {dest} holds an export with its own LM head (--untie-embeddings): written so again")
             untie = True
-        return stage_export(run, name, dest=dest, model=model, untie=bool(untie)), "none yet"
+        if dtype is None and (dtype := _kept_dtype(run, Path(dest).expanduser())) is not None:
+            run.say(f"export: {dest} holds an export stored as {dtype} (--dtype): written so again")
+        return stage_export(run, name, dest=dest, model=model, untie=bool(untie), dtype=dtype), "none yet"
     model = model if model is not None else build_child(run, read_architecture(run, name))
     if untie is None:
         untie = bool(model.config.tie_word_embeddings) and _stored_untied(folder)
-    why = export_out_of_date(run, name, model, untie)  # "none yet" without the folder
+    dtype = dtype or _kept_dtype(run, folder) or run.config.parent.dtype
+    why = export_out_of_date(run, name, model, untie, dtype)  # "none yet" without the folder
     if why is None:
         from .export import remove_stale_temp
 
         remove_stale_temp(folder)  # an earlier export killed mid-write left its partial folder beside this one
         return ExportResult(folder, tuple(export_warnings(model.config))), None
-    return stage_export(run, name, dest=dest, model=model, untie=untie), why
+    return stage_export(run, name, dest=dest, model=model, untie=untie, dtype=dtype), why
+
+
+def _kept_dtype(run: Run, folder: Path) -> str | None:
+    """The dtype an export in `folder` stores, where it is not the run's `[parent] dtype` (written with `--dtype`);
+    None otherwise, or when there is no readable export there."""
+    from .merge import stored_dtype
+
+    stored = stored_dtype(folder) if (folder / "config.json").is_file() else None
+    return stored if stored in DTYPE and stored != run.config.parent.dtype else None
 
 
 def _stored_untied(folder: Path) -> bool:
@@ -1738,12 +1755,12 @@ def record_export(run: Run, name: str, model) -> None:
     atomic_write_json(path, stamps)
 
 
-def export_out_of_date(run: Run, name: str, model, untie: bool = False) -> str | None:
+def export_out_of_date(run: Run, name: str, model, untie: bool = False, dtype: str | None = None) -> str | None:
     """Why DIR/export/<name> is not what `stage_export` would write now of `model` (child `name`), or None when it
     is: its files are the ones the last export wrote there, byte for byte (DIR/children/exports.json: size and
     sha256 of each, so a damaged, edited, missing or added file counts), from the same weights (`weights_sha`: a
     rebuilt library entry counts), with the same provenance (`export_extra_info`, this version; "run_at" is only
-    informational: a moved run keeps its exports) and block_configs."""
+    informational: a moved run keeps its exports), block_configs and stored dtype (`dtype`, None: the run's)."""
     from . import __version__
     from .configuration_decilm import config_dict_from_model_config
 
@@ -1781,6 +1798,9 @@ def export_out_of_date(run: Run, name: str, model, untie: bool = False) -> str |
     tied = bool(model.config.tie_word_embeddings and not untie)
     if stored.get("tie_word_embeddings", tied) != tied:
         return "its LM head is stored there" if tied else "its LM head is not stored there (--untie-embeddings)"
+    want_dtype = dtype or run.config.parent.dtype
+    if stored.get("torch_dtype", want_dtype) != want_dtype:
+        return f"it is stored as {stored.get('torch_dtype')}, not {want_dtype}"
     return None
 
 

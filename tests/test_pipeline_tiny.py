@@ -728,6 +728,46 @@ def test_export_untie_embeddings_is_kept_by_later_exports(run_dir, tmp_path, cap
     assert json.loads((outside / "config.json").read_text())["tie_word_embeddings"] is False
 
 
+def test_export_dtype_stores_bfloat16_and_is_kept_by_later_exports(run_dir, tmp_path, capsys):
+    """Leftover: a float32 run could only export float32 (twice a bf16 parent's size). `export --dtype bfloat16`
+    stores bf16 weights that load back to the child's logits within bf16 rounding; a later plain `export` (and
+    `puzzle run`'s) keeps the folder so written, and `--dtype float32` writes it again."""
+    from safetensors import safe_open
+
+    from puzzle.parent import load_parent
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    folder = copy / "export" / "child-1.5x"
+    before = load_parent(folder).model
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dtype", "bfloat16"]) == 0
+    assert "written again (it is stored as float32, not bfloat16)" in capsys.readouterr().err
+
+    def stored():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}, json.loads((folder / "config.json").read_text())
+
+    kinds, config = stored()
+    assert kinds == {"BF16"} and config["torch_dtype"] == "bfloat16"
+    after = load_parent(folder).model
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        want, got = before(ids), after(ids)  # (2, 8, vocab) float32
+    assert (got - want).abs().max() < 0.05 * want.abs().max(), (got - want).abs().max()
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
+    assert "is up to date (the files its last export wrote" in capsys.readouterr().err
+    assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dtype", "float32"]) == 0
+    assert "written again (it is stored as bfloat16, not float32)" in capsys.readouterr().err
+    assert stored()[0] == {"F32"}
+    outside = tmp_path / "bf16"
+    argv = ["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(outside)]
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "holds an export stored as bfloat16 (--dtype): written so again" in capsys.readouterr().err
+    assert json.loads((outside / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
 def test_generate_given_a_run_directory_names_its_exports(run_dir, tmp_path, capsys):
     """Reviewer: child-1.5x was suggested whether or not it was exported, and a run after `puzzle data` alone was
     called an unsupported model_type."""
