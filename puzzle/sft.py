@@ -228,7 +228,7 @@ class Packed:
 
 
 def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True,
-                       seed: int = 0) -> Packed:
+                       seed: int = 0, positions: int | None = None) -> Packed:
     """Lay (ids, labels) examples into rows of `seq_len`, in a seeded order, whole examples only.
 
     pack=False gives one example per row (padded). Examples longer than seq_len are dropped. The label of
@@ -237,7 +237,8 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
     predict it), so packed and unpacked rows learn the same targets.
 
     Raises:
-        PuzzleError: no example fits.
+        PuzzleError: no example fits; naming the --seq-len that keeps the shortest, where it is within the model's
+            `positions` (max_position_embeddings, when given).
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -256,8 +257,11 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
         fill += n
     if not rows:
         shortest = min(len(e[0]) for e in examples) if examples else 0
+        fix = (f"give --seq-len {shortest} or more" + (f" (at most {positions}, the model's positions)" if positions
+                                                      else "") if positions is None or shortest <= positions else
+               f"that is more than the {positions} positions the model was trained on: give shorter conversations")
         raise PuzzleError(f"every conversation is longer than seq_len={seq_len} (the shortest has {shortest} tokens); "
-                          f"raise --seq-len")
+                          f"{fix}")
     N = len(rows)
     input_ids = torch.full((N, seq_len), pad_id, dtype=torch.int64)
     labels = torch.full((N, seq_len), IGNORE, dtype=torch.int64)
@@ -290,8 +294,9 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_sft_data(tokenizer, conversations: list[list[dict]], seq_len: int, pack: bool = True,
-                     train_on_prompt: bool = False, seed: int = 0) -> Packed:
-    """Tokenize, mask and pack conversations (see the module docstring).
+                     train_on_prompt: bool = False, seed: int = 0, positions: int | None = None) -> Packed:
+    """Tokenize, mask and pack conversations (see the module docstring); `positions`: the model's
+    max_position_embeddings, which the fix a refusal names stays within.
 
     Raises:
         PuzzleError: as `tokenize_conversation` and `pack_conversations`, or a chat template that refuses a
@@ -310,7 +315,7 @@ def prepare_sft_data(tokenizer, conversations: list[list[dict]], seq_len: int, p
             raise PuzzleError(f"the chat template failed on conversation {k} of the data ({type(e).__name__}: {e}); "
                               f"fix the template (chat_template.jinja or tokenizer_config.json)") from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack_conversations(examples, seq_len, int(pad if pad is not None else 0), pack, seed)
+    return pack_conversations(examples, seq_len, int(pad if pad is not None else 0), pack, seed, positions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -779,7 +784,7 @@ def run_sft_command(args, log=None) -> dict | None:
 
         with transformers_quiet():  # its "Token indices sequence length is longer ..." before our own count of them
             data = prepare_sft_data(tokenizer, conversations, config.seq_len, config.pack, config.train_on_prompt,
-                                    config.seed)
+                                    config.seed, positions)
         if data.dropped:  # reviewer: --seq-len 128 left out every "thinking on" demo example, with an info line
             # breaker: the hint named a --seq-len past the model's positions, which is refused
             keep = (f"--seq-len {data.longest} keeps them all" if data.longest <= positions else

@@ -318,8 +318,12 @@ def test_a_refused_resume_names_the_setting_and_short_inputs_say_what_they_need(
     # a null (a mixed data set's missing column, as to_json writes it) is no field at all
     assert conversation_from_record({"messages": None, "prompt": "q", "response": "a"}, "f.jsonl, line 1")[-1] == \
         {"role": "assistant", "content": "a"}
-    with pytest.raises(PuzzleError, match=r"longer than seq_len=8 \(the shortest has \d+ tokens\)"):
-        prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(1, 0)], seq_len=8)
+    convs = [r["messages"] for r in reasoning_toggle_examples(1, 0)]
+    with pytest.raises(PuzzleError, match=r"longer than seq_len=8 \(the shortest has (\d+) tokens\); give --seq-len "
+                                          r"\1 or more \(at most 4096, the model's positions\)"):
+        prepare_sft_data(tiny.tokenizer, convs, seq_len=8, positions=4096)
+    with pytest.raises(PuzzleError, match=r"that is more than the 9 positions the model was trained on: give shorter"):
+        prepare_sft_data(tiny.tokenizer, convs, seq_len=8, positions=9)
 
 
 def test_a_template_that_refuses_a_conversation_names_it(tiny):
