@@ -722,7 +722,7 @@ def cmd_export(args) -> int:
     with _stage_run(args, existing=True) as run:
         name = _child_name(args, run, "export")
         result, why = export_child(run, name, dest=args.dest, untie=True if args.untie_embeddings else None,
-                                   dtype=args.dtype)
+                                   dtype=args.export_dtype)
         if why is None:
             _log(f"export {name}: {result.path} is up to date (the files its last export wrote, from the same "
                  f"weights and record): kept")
@@ -1065,7 +1065,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "nemotron_nas converter; same logits, one vocabulary x hidden matrix more on disk. A folder "
                         "written so (the run's own or --dest) keeps it on later exports; delete the folder to export "
                         "it tied again")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", dest="export_dtype", choices=["float32", "bfloat16", "float16"],  # not target.dtype
                    help="stored weights' dtype (default: the one the folder written to stores, else the run's "
                         "[parent] dtype, float32 in the presets); bfloat16 halves a float32 run's files. A folder "
                         "written so keeps it on later exports")

@@ -749,6 +749,8 @@ def test_export_dtype_stores_bfloat16_and_is_kept_by_later_exports(run_dir, tmp_
 
     kinds, config = stored()
     assert kinds == {"BF16"} and config["torch_dtype"] == "bfloat16"
+    # breaker: the flag was saved as the run's target dtype, so the next realize refused the float32 cost table
+    assert json.loads((copy / "config.json").read_text())["target"]["dtype"] == "float32"
     after = load_parent(folder).model
     ids = torch.arange(1, 17).reshape(2, 8)
     with torch.no_grad():
