@@ -402,7 +402,7 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
                         training_pending: bool = False, work=None, also_same=(), own: bool = False) -> None:
     """Refuse an export folder that would lose something. Call it before long work, too.
 
-    Refused: a file; a path under a file; a link (an export replaces the folder, not what a link points
+    Refused: a file; a path under a file; a link or mount point (an export replaces the folder, not what a link points
     to); a name too long for the temporary folder; the current directory or one above it; a folder
     holding or being one of `keep` (the run directory, the inputs, a work folder); a folder inside an
     export (which would then no longer be one) or inside `work` (the training's work folder, which a
@@ -432,6 +432,9 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     if out_dir.is_symlink():
         raise PuzzleError(f"export target {out_dir} is a link (to {os.readlink(out_dir)}); an export replaces the folder "
                           f"itself, so give the folder's own path or a new one")
+    if out_dir.is_dir() and _is_mount_point(out_dir):  # breaker: a container's volume; os.replace gave EBUSY
+        raise PuzzleError(f"export target {out_dir} is a mount point, which an export cannot replace (it writes a "
+                          f"new folder and renames it into place); give a folder inside it, e.g. {out_dir / 'model'}")
     here = Path.cwd().resolve()
     target = out_dir.resolve()
     if target in (here, *here.parents):
@@ -566,6 +569,22 @@ def remove_stale_temp(out_dir: Path) -> list[str]:
     return gone
 
 
+def _is_mount_point(folder: Path) -> bool:
+    """Whether `folder` is a mount point: `os.path.ismount`, or (Linux) listed in /proc/self/mountinfo, which also
+    names a bind mount on the same file system (same device as its parent, so ismount misses it)."""
+    if os.path.ismount(folder):
+        return True
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return False
+    target = str(Path(folder).resolve())
+    # field 5 is the mount point, with space, tab, newline and backslash written as octal escapes (proc(5))
+    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split(" ")[4])
+              for line in lines if len(line.split(" ")) > 4}
+    return target in points
+
+
 def _holds_only_export_work(folder: Path) -> bool:
     """Whether `folder` holds nothing but what an export writes there: the files of an export (a `.tmp` folder) or
     the `previous` export moved aside (an `.old` one); a user's backup named alike is left alone (breaker)."""
@@ -581,6 +600,12 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
         return
     old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-    os.replace(out_dir, old / "previous")
+    try:
+        os.replace(out_dir, old / "previous")
+    except OSError as e:  # e.g. a folder another program holds open on some file systems: the earlier one stays
+        old.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PuzzleError(f"export target {out_dir} cannot be moved aside to be replaced ({e.strerror or e}); give "
+                          f"a new folder, or one inside it") from None
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)

@@ -506,3 +506,27 @@ def test_block_configs_values_of_the_wrong_type_or_contradictory_are_refused():
             (gqa, {"ffn_mult": "2.5"}, "ffn_mult='2.5' must be a number")]:
         with pytest.raises(ArchitectureError, match=re.escape(words)):
             block_from_entry({"attention": attention, "ffn": mlp}, 4, 64)
+
+
+def test_a_mount_point_is_refused_as_an_export_target(tmp_path):
+    """Breaker: `--dest` on an empty mount point (a container's volume) ended in EBUSY's traceback from renaming it
+    aside, leaving a `.old` folder. A bind mount on the same file system is one too (os.path.ismount misses it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from puzzle.export import _is_mount_point
+
+    assert _is_mount_point(Path("/")) and not _is_mount_point(tmp_path)
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to make a mount namespace")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    code = ("from pathlib import Path; from puzzle.export import check_export_target\n"
+            f"check_export_target(Path({str(vol)!r}), overwrite=True)")
+    script = f"mount --bind {vol} {vol} && {sys.executable} -c \"$0\""
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script, code], capture_output=True, text=True)
+    if done.returncode != 0 and "PuzzleError" not in done.stderr:  # no privilege for a mount namespace here
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()[:200]}")
+    assert "is a mount point, which an export cannot replace" in done.stderr, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["vol"]
