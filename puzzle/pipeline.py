@@ -1335,7 +1335,9 @@ def read_architecture(run: Run, name: str) -> dict:
     Warns (UserWarning) when the record was solved on another score table than the run's (`table_sha256`).
 
     Raises:
-        PuzzleError: naming the file and the layer, for a record edited by hand or written for another parent.
+        PuzzleError: naming the file and the layer, for a record edited by hand or written for another parent; on
+            the table it was solved on, a choice that disagrees with its rows or predicted totals
+            (`_check_against_table`).
     """
     record = read_architecture_at(run.out, name)
     path = run.out / "search" / f"{name}.json"
@@ -1353,11 +1355,35 @@ def read_architecture(run: Run, name: str) -> dict:
                               f"(there: {', '.join(v.id for v in offered)}) nor in its library; the file was edited "
                               f"or written for another run: delete it and run `puzzle search` again")
     table = score_table_path(run, stage)
-    if isinstance(record.get("table_sha256"), str) and table.is_file() and record["table_sha256"] != _sha256(table):
+    if not (isinstance(record.get("table_sha256"), str) and table.is_file()):
+        return record
+    if record["table_sha256"] == _sha256(table):
+        if "rows" in record:  # a search's record (refine's are given by their choice alone)
+            _check_against_table(run, path, record, stage)
+    else:
         warnings.warn(f"{path} was solved on another score table than {table} holds now (scored again since, or a "
                       f"search record of an earlier front): its predicted totals are the old table's; `puzzle search` "
                       f"or `puzzle front` with its target solves it on the current table")
     return record
+
+
+def _check_against_table(run: Run, path: Path, record: dict, stage: str) -> None:
+    """Refuse a search record whose choice, table rows and predicted totals disagree on the score table it was
+    solved on (`search.verify`, budgets aside: the budget feedback may loosen a child past them). Breaker: an edited
+    choice was realized and exported beside the old choice's predictions, and the measured speed-up's miss was put
+    down to a busy machine."""
+    from .budgets import Budgets
+    from .search import Solution, VerificationError, verify
+
+    try:
+        table = load_score_table(run, stage)[0]
+    except PuzzleError:  # the stage that reads the table says why
+        return
+    try:
+        verify(Solution.from_dict(record), table, Budgets())
+    except (VerificationError, ArchitectureError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PuzzleError(f"{path}: its choice, table rows and predicted totals disagree on the score table it was "
+                          f"solved on ({e}): the file was edited; delete it and run `puzzle search` again") from None
 
 
 def read_architecture_at(out: Path, name: str) -> dict:
@@ -1381,8 +1407,10 @@ def read_architecture_at(out: Path, name: str) -> dict:
         record = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and run `puzzle search` again") from e
-    if not isinstance(record, dict) or not isinstance(record.get("choice"), list):
-        raise PuzzleError(f"{path} is not an architecture record (no 'choice' list); {hint}")
+    if not isinstance(record, dict) or not isinstance(record.get("choice"), list):  # breaker: the hint named it
+        raise PuzzleError(f"{path} is not an architecture record (no 'choice' list); delete it and run `puzzle "
+                          f"search` again" + (f", or choose another of {others}" if (others := [h for h in have
+                                                                                      if h != name]) else ""))
     for i, block in enumerate(record["choice"]):
         try:
             BlockConfig.from_id(block)
@@ -1394,6 +1422,15 @@ def read_architecture_at(out: Path, name: str) -> dict:
                           f"delete the file and run `puzzle search` again")
     if "budgets" in record and not isinstance(record["budgets"], dict):
         raise PuzzleError(f"{path}: budgets must be an object; delete the file and run `puzzle search` again")
+    for key in ("runtime_ms", "speedup", "kl_nats"):  # the predictions realize and the report set beside measurements
+        value = record.get(key)  # breaker: "abc" or null ended in a traceback after the child was evaluated and timed
+        if key not in record:  # a hand-made record of a choice alone (tests, tools)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (key != "kl_nats" and value <= 0):
+            raise PuzzleError(f"{path}: {key} = {value!r} is not a {'positive ' if key != 'kl_nats' else ''}finite "
+                              f"number (a predicted total of its choice); delete the file and run `puzzle search` "
+                              f"again")
     return record
 
 

@@ -878,6 +878,35 @@ def test_a_search_record_solved_on_an_earlier_score_table_is_said(tmp_path_facto
     assert "puzzle: warning: " in (err := capsys.readouterr().err) and "was solved on another score table" in err
 
 
+def test_a_search_record_edited_by_hand_is_refused_before_any_work(tmp_path_factory, tmp_path, capsys):
+    """Breaker: a record whose choice was edited was realized and exported beside the old choice's predictions (the
+    speed-up's miss put down to a busy machine); runtime_ms "abc" or speedup null ended in a traceback after the
+    child was evaluated and timed; a record that is not an object listed itself among the names to choose."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    path = out / "search" / "child-1.5x.json"
+    good = json.loads(path.read_text())
+    edits = {"choice": {**good, "choice": ["attn-noop+ffn-noop"] * len(good["choice"])},
+             "runtime_ms": {**good, "runtime_ms": "abc"}, "speedup": {**good, "speedup": None},
+             "kl_nats": {**good, "kl_nats": "x"}}
+    for edited, record in edits.items():
+        path.write_text(json.dumps(record))
+        assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 2, edited
+        err = capsys.readouterr().err
+        want = "disagree on the score table it was solved on" if edited == "choice" else f"{edited} = "
+        assert want in err and "delete it and run `puzzle search` again" in err.replace("the file", "it"), err
+        assert not (out / "children" / "realized" / "child-1.5x.json").exists(), edited
+    path.write_text("[]")
+    assert main(["export", "--out", str(out), "--name", "child-1.5x"]) == 2
+    err = capsys.readouterr().err
+    assert "is not an architecture record (no 'choice' list); delete it and run `puzzle search` again" in err
+    assert "'child-1.5x'" not in err and "'child-1.25x'" in err, err
+    path.write_text(json.dumps(good))
+    capsys.readouterr()
+    assert main(["export", "--out", str(out), "--name", "child-1.5x"]) == 0
+
+
 def test_a_preset_over_a_saved_configuration_names_the_settings_it_replaces(tmp_path, capsys):
     """Breaker: a setting edited by hand in config.json went back to the preset's value without a word."""
     from puzzle.cli import main
