@@ -307,7 +307,27 @@ def _resolve_config(args, out: Path):
     resolved = config.replace(**changes)
     if flag("preset"):
         _say_preset_overrides(args.preset, resolved, out, changes)
+        _say_tiny_text_for_a_real_parent(args.preset, resolved)
     return resolved
+
+
+def _say_tiny_text_for_a_real_parent(preset: str, config) -> None:
+    """Warn where a preset file of the user's leaves the text unset, so that a parent other than the tiny one gets the
+    few KB of tiny text (the built-in defaults; breaker: `[data] seq_len = 64` alone gave the SmolLM2 parent 832
+    calibration tokens, with BLD asking 32768 per subblock, and only "fewer than asked" warnings)."""
+    from importlib import resources
+
+    from .config import preset_names
+
+    if preset in preset_names() or config.parent.path == "tiny":
+        return
+    tiny = [f"data.{k}" for k in ("calib_sources", "eval_sources")
+            if any(str(s).startswith("package:tiny_") for s in getattr(config.data, k))]
+    if tiny:
+        _log(f"puzzle: warning: {preset} leaves {' and '.join(tiny)} at the built-in defaults, the few KB of text of "
+             f"the tiny test model, for the parent {config.parent.path}: set them in the file (or give --calib / "
+             f"--eval); a preset file's unset settings are the built-in defaults, not a packaged preset's, so "
+             f"starting from a copy of one ({resources.files('puzzle.presets') / 'smollm2-demo.toml'}) is simplest")
 
 
 def _say_preset_overrides(preset: str, config, out: Path, changes: dict) -> None:

@@ -407,7 +407,7 @@ def load_preset(name_or_path: str) -> RunConfig:
     """A RunConfig from a packaged preset name (see `preset_names`) or a .toml file path.
 
     Raises:
-        PuzzleError: unknown preset, unreadable TOML, or unknown sections/settings.
+        PuzzleError: unknown preset, a file that is not UTF-8 or not TOML, or unknown sections/settings.
     """
     path = Path(name_or_path).expanduser()  # '~/x.toml' passed literally (quoted, or from a script)
     packaged = name_or_path in preset_names()  # a packaged name wins over a folder of that name (e.g. a run ./tiny)
@@ -417,7 +417,11 @@ def load_preset(name_or_path: str) -> RunConfig:
                               f"({', '.join(preset_names())})")
         if not path.is_file():
             raise PuzzleError(f"preset file {path} does not exist")
-        text, where = path.read_text(encoding="utf-8-sig"), str(path)  # a byte-order mark from an editor: read past it
+        try:
+            text, where = path.read_text(encoding="utf-8-sig"), str(path)  # a byte-order mark from an editor: read past it
+        except UnicodeDecodeError as e:  # breaker: a Latin-1 comment or a binary file ended in a traceback
+            raise PuzzleError(f"preset file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, "
+                              f"or give a .toml preset") from None
     else:
         res = resources.files("puzzle.presets") / f"{name_or_path}.toml"
         if not res.is_file():

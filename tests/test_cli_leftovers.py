@@ -578,3 +578,29 @@ def test_an_empty_out_is_refused_not_taken_as_the_current_folder(command, capsys
         with pytest.raises(SystemExit) as e:
             main([command, *flags])
         assert e.value.code == 2 and "argument --out: is empty; give a directory" in capsys.readouterr().err
+
+
+def test_a_preset_file_not_in_utf8_or_leaving_the_text_to_the_tiny_defaults_is_said(tmp_path, capsys):
+    """Breaker: a Latin-1 comment (or a binary file) as --preset ended in UnicodeDecodeError's traceback; `[data]
+    seq_len = 64` alone gave the SmolLM2 parent the tiny test text, with only "fewer than asked" warnings."""
+    from puzzle.cli import main
+
+    (tmp_path / "lat.toml").write_bytes(b"# caf\xe9\n[data]\nseq_len = 64\n")
+    assert main(["data", "--preset", str(tmp_path / "lat.toml"), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert "lat.toml is not UTF-8 text (byte 5: invalid continuation byte); save it as UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "p.toml").write_text('[parent]\npath = "elsewhere"\n[data]\nseq_len = 64\n')
+    assert main(["data", "--preset", str(tmp_path / "p.toml"), "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    err = capsys.readouterr().err  # warned before the parent is loaded (and refused here: no such model)
+    assert "p.toml leaves data.calib_sources and data.eval_sources at the built-in defaults, the few KB of text of " \
+           f"the tiny test model, for the parent {tmp_path / 'elsewhere'}" in err, err
+    assert "smollm2-demo.toml) is simplest" in err
+    calib = tmp_path / "c.txt"
+    calib.write_text("Some text to calibrate on.\n\nAnother document.\n")
+    assert main(["data", "--preset", str(tmp_path / "p.toml"), "--out", str(tmp_path / "c"), "--no-progress",
+                 "--calib", str(calib)]) == 2
+    err = capsys.readouterr().err
+    assert "leaves data.eval_sources at the built-in defaults" in err and "calib_sources at" not in err, err
+    (tmp_path / "t.toml").write_text('[parent]\npath = "tiny"\n[data]\nseq_len = 64\n')  # the tiny parent's own text
+    assert main(["data", "--preset", str(tmp_path / "t.toml"), "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert "built-in defaults" not in capsys.readouterr().err
