@@ -418,7 +418,7 @@ def load_preset(name_or_path: str) -> RunConfig:
         if not path.is_file():
             raise PuzzleError(f"preset file {path} does not exist")
         try:
-            text, where = path.read_text(encoding="utf-8-sig"), str(path)  # a byte-order mark from an editor: read past it
+            text, where = path.read_text(encoding="utf-8-sig"), str(path)  # past an editor's byte-order mark
         except UnicodeDecodeError as e:  # breaker: a Latin-1 comment or a binary file ended in a traceback
             raise PuzzleError(f"preset file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, "
                               f"or give a .toml preset") from None
