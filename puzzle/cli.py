@@ -195,16 +195,21 @@ def _base_config(args, out: Path, saved: bool = True):
 
 def _data_flags_raw(args, saved: dict) -> dict:
     """The data settings --calib, --eval and --calib-weights give (sources by `_sources_flag` against the `saved`
-    data section; new calibration sources drop the saved weights; [] from --calib-weights alone: no weights), as
+    data section; new calibration sources drop the saved weights, the same ones reordered keep each source's; [] from
+    --calib-weights alone: no weights), as
     config.json spells them: applied to a saved configuration before it is checked (`_base_config`) and to the
     resolved one (`_resolve_config`)."""
     flag = lambda name: getattr(args, name, None)  # noqa: E731
     as_sources = lambda v: tuple(v) if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) else ()  # noqa: E731
     raw = {}
     if flag("calib"):
-        raw["calib_sources"] = list(_sources_flag(args.calib, as_sources(saved.get("calib_sources"))))
-        if tuple(raw["calib_sources"]) != as_sources(saved.get("calib_sources")):
+        was, weights = as_sources(saved.get("calib_sources")), saved.get("calib_weights")
+        raw["calib_sources"] = list(_sources_flag(args.calib, was))
+        if tuple(raw["calib_sources"]) != was:
             raw["calib_weights"] = []
+            if sorted(raw["calib_sources"]) == sorted(was) and len(set(was)) == len(was) \
+                    and isinstance(weights, list) and len(weights) == len(was):  # the same sources reordered
+                raw["calib_weights"] = [weights[was.index(source)] for source in raw["calib_sources"]]
     if flag("calib_weights") is not None:
         raw["calib_weights"] = list(args.calib_weights)
     if flag("eval"):

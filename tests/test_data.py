@@ -704,6 +704,8 @@ def test_calib_weights_from_presets_config_files_and_flags(tmp_path, monkeypatch
     assert resolve("--calib-weights").calib_weights == ()  # no values: back to document shares
     assert resolve("--calib", "a.txt", "b.txt").calib_weights == (3.0, 1.0)  # same sources keep their weights
     assert resolve("--calib", "c.txt").calib_weights == ()  # other sources drop them
+    assert resolve("--calib", "b.txt", "a.txt").calib_weights == (1.0, 3.0)  # reordered: each keeps its own (breaker)
+    assert resolve("--calib", "a.txt", "a.txt").calib_weights == ()
     new = resolve("--preset", "tiny", "--calib", "c.txt", "d.txt", "--calib-weights", "1", "1")
     assert new.calib_sources == (str(Path("c.txt").absolute()), str(Path("d.txt").absolute()))  # saved absolute
     assert new.calib_weights == (1.0, 1.0)
