@@ -70,7 +70,12 @@ class LogLikelihood:
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    from puzzle.parent import transformers_quiet
+
+    # quiet: transformers' "sequence length is longer than the specified maximum ... indexing errors" is not so
+    # here, where contexts are cut from the left to the model's positions as lm-eval cuts them (breaker)
+    with transformers_quiet():
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def encode_pairs(tokenizer, pairs) -> list[tuple[list[int], list[int]]]:

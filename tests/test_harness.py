@@ -419,3 +419,22 @@ def test_perplexity_stderr_is_a_seeded_bootstrap():
     row, = [r for r in aggregate("lambada", pd.DataFrame({"ll": ll, "acc": 0.0})) if r["metric"] == "perplexity"]
     assert row["value"] == pytest.approx(ppl) and row["stderr"] == se
     assert math.isnan(bootstrap_perplexity_stderr([-1.0]))
+
+
+def test_encoding_a_context_past_the_models_positions_says_nothing_of_indexing_errors(capfd, caplog):
+    """Breaker: `puzzle eval ... --tasks boolq` printed transformers' "Token indices sequence length is longer than
+    the specified maximum ... will result in indexing errors"; the harness cuts contexts from the left as lm-eval
+    does, so no such error happens."""
+    from transformers.utils import logging as hf_logging
+
+    tok = tiny_parent().tokenizer
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        long = " ".join(["word"] * (tok.model_max_length + 50))
+        pairs = encode_pairs(tok, [(long, " yes")])
+        assert len(pairs[0][0]) > tok.model_max_length  # cut later, by the model's positions
+        said = capfd.readouterr().err + caplog.text  # transformers' handler, or pytest's where it propagates
+        assert "indexing errors" not in said, said
+    finally:
+        hf_logging.set_verbosity(before)
