@@ -73,8 +73,8 @@ def merge_state_dicts(state_dicts: list[dict], weights=None, names=None) -> dict
         names: what to call each input in errors.
 
     Raises:
-        PuzzleError: fewer than two inputs, different tensor names or shapes, non-float tensors
-            that differ (integer buffers must be equal to be kept).
+        PuzzleError: fewer than two inputs, different tensor names or shapes, a tensor floating in one input
+            and not in another, non-float tensors that differ (integer buffers must be equal to be kept).
     """
     if len(state_dicts) < 2:
         raise PuzzleError("merging needs at least two checkpoints")
@@ -90,6 +90,10 @@ def merge_state_dicts(state_dicts: list[dict], weights=None, names=None) -> dict
             if tuple(sd[k].shape) != tuple(v.shape):
                 raise PuzzleError(f"{k} is {tuple(v.shape)} in {names[0]} but {tuple(sd[k].shape)} in {name}: "
                                   "not the same architecture, so its weights cannot be averaged")
+            if sd[k].is_floating_point() != v.is_floating_point():  # breaker: averaged or refused by input order
+                kinds = {n: str(t.dtype).removeprefix("torch.") for n, t in ((names[0], v), (name, sd[k]))}
+                raise PuzzleError(f"{k} is {kinds[names[0]]} in {names[0]} but {kinds[name]} in {name}: a float "
+                                  f"tensor and an integer one cannot be averaged; give checkpoints saved alike")
     out = {}
     for k, v in first.items():
         if not v.is_floating_point():

@@ -33,6 +33,12 @@ def test_weighted_average_of_state_dicts():
         merge_state_dicts([a, {**b, "w": torch.ones(3, 2)}])
     with pytest.raises(PuzzleError, match="other tensors"):
         merge_state_dicts([a, {"w": b["w"], "b": b["b"]}])
+    # breaker: an integer copy of a float tensor was averaged in one order and refused in the other
+    as_int = {**b, "w": b["w"].long()}
+    for pair, want in (([a, as_int], "w is float32 in checkpoint 0 but int64 in checkpoint 1"),
+                       ([as_int, a], "w is int64 in checkpoint 0 but float32 in checkpoint 1")):
+        with pytest.raises(PuzzleError, match=want):
+            merge_state_dicts(pair)
 
 
 def test_merged_model_is_the_average_and_runs():
