@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -2679,7 +2680,13 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                  "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
                  "tightest budget, the request resolved on the parent measured in the same session "
                  "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
-    for note in (*budget_miss_notes(run.out, summary), parent_runtime_note(summary)):
+    machine = run.out / "children" / "machine.json"
+    try:
+        drift = read_json(machine).get("drift") if machine.is_file() else None
+    except (PuzzleError, OSError, ValueError, AttributeError):
+        drift = None
+    for note in (*budget_miss_notes(run.out, summary),
+                 parent_runtime_note(summary, drift=drift if isinstance(drift, dict) else None)):
         if note:
             lines += [note, ""]
     init_name = f"{main}-init"
@@ -2789,11 +2796,14 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
              f"bring it within.") if over else "")
 
 
-def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:
+def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: dict | None = None) -> str:
     """A sentence for report.md when the parent itself measured more than `tolerance` (relative) off the cost table's
     prediction of it (each child's predicted runtime x predicted speed-up; the median over children): the children's
     `runtime_error`s then carry the session's machine speed as well, while their speed-ups, each against the parent of
-    the same session, do not (fresh-user run, stop 54: every child at -0.08 without a word); "" otherwise."""
+    the same session, do not (fresh-user run, stop 54: every child at -0.08 without a word); "" otherwise.
+    `drift`: children/machine.json's reference-workload ratios (second session / first); where they moved the other
+    way, the sentence says so rather than call the machine slower or faster (breaker: "ran slower" beside a reference
+    workload that took 0.78 times as long)."""
     try:
         rows = summary.set_index("name")
         parent = rows.loc[["parent"]]
@@ -2810,9 +2820,17 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03) -> str:
     error = expected / measured - 1
     if not math.isfinite(error) or abs(error) <= tolerance:
         return ""
+    ratios = [float(v) for v in (drift or {}).values() if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+    if ratios and (statistics.median(ratios) - 1) * error > 0:  # the reference took less time where the parent more
+        why = (f"the parent ran {'slower' if error < 0 else 'faster'} in this session than the cost table predicts, "
+               f"while the fixed reference workload (Machine speed, below) moved the other way: the gap is in the "
+               f"whole-model timing (other load on the cores it uses, or costs the table's per-subblock sums miss), "
+               f"not in the machine's speed alone")
+    else:
+        why = (f"the machine ran {'slower' if error < 0 else 'faster'} in this session than when the cost table was "
+               f"timed")
     return (f"The parent itself measured {measured:.4g} ms per request against the cost table's {expected:.4g} ms "
-            f"(runtime_error {error:+.3f} on the parent): the machine ran {'slower' if error < 0 else 'faster'} in "
-            "this session than when the cost table was timed, so the children's `runtime_error`s carry that too; "
+            f"(runtime_error {error:+.3f} on the parent): {why}, so the children's `runtime_error`s carry that too; "
             "their speed-ups and budget use, each against the parent of the same session, do not.")
 
 

@@ -438,6 +438,11 @@ def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
     assert "measured 0.5 ms per request against the cost table's 0.2725 ms" in tiny
     assert parent_runtime_note(pd.concat([summary, summary.iloc[:1]])) == ""  # two parent rows: no figure to trust
     assert parent_runtime_note(summary.drop(columns="predicted_speedup")) == ""
+    # breaker: "the machine ran slower" beside a reference workload that took 0.78 times as long the second time
+    other_way = parent_runtime_note(summary, drift={"cpu": 0.78})
+    assert "the parent ran slower in this session than the cost table predicts, while the fixed reference " \
+           "workload (Machine speed, below) moved the other way" in other_way and "machine ran" not in other_way
+    assert "the machine ran slower" in parent_runtime_note(summary, drift={"cpu": 1.2, "x": None})
 
 
 def test_a_memory_miss_is_never_timing_noise():
