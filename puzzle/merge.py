@@ -256,6 +256,17 @@ def _check_state_dict_dest(dest: Path, record: dict) -> None:
 TWICE = "an input is given twice; give each checkpoint once, with --weights for its share"
 
 
+def _refuse_same_weights(paths, shas) -> None:
+    """Refuse two inputs whose weights hash alike (a copy of one checkpoint): their average is that checkpoint
+    (breaker: `merge A copy-of-A` wrote a "merge" that was A, where `merge A A` is refused)."""
+    seen: dict[str, object] = {}
+    for path, sha in zip(paths, shas):
+        if sha in seen:
+            raise PuzzleError(f"{seen[sha]} and {path} hold the same weights (a copy?), so their average is that "
+                              f"checkpoint; give checkpoints that differ, with --weights for their shares")
+        seen[sha] = path
+
+
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -349,6 +360,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
         states = [read_state_dict(p) for p in paths]
         record = {"merged_from": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths)),
                   "inputs_sha": [tensors_sha(sorted(sd.items()))[:16] for sd in states]}
+        _refuse_same_weights(paths, record["inputs_sha"])
         _check_state_dict_dest(dest, record)
         merged = merge_state_dicts(states, weights, [str(p) for p in paths])
         atomic_save_safetensors(merged, dest, metadata={k: json.dumps(v) for k, v in record.items()})
@@ -377,6 +389,7 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     _check_same_vocabulary(paths, [lm.tokenizer for lm in loaded])
     # the inputs by their weights: a moved input is the same merge, one whose weights changed is another
     record["inputs_sha"] = [weights_sha(lm.model)[:16] for lm in loaded]
+    _refuse_same_weights(paths, record["inputs_sha"])
     check_export_target(dest, overwrite=True, keep=paths, provenance=export_provenance({"merge": record}),
                         also_same=(by_path,))
     merged = merge_models([lm.model for lm in loaded], weights, [str(p) for p in paths])

@@ -120,7 +120,10 @@ def test_merge_does_not_write_over_a_model_its_inputs_were_derived_from(tmp_path
     export_checkpoint(lm.model, lm.tokenizer, tmp_path / "base")  # e.g. the parent of a run, or a model to fine-tune
     base = load_parent(tmp_path / "base")
     for i in (0, 1):  # two models trained from it (their config.json records it as their source)
-        export_checkpoint(base.model, base.tokenizer, tmp_path / f"tuned{i}", extra_info={"sft": {"model": f"base {i}"}})
+        tuned = load_parent(tmp_path / "base").model
+        with torch.no_grad():  # weights that differ (a copy of one input is refused)
+            next(tuned.parameters()).mul_(1 + i / 10)
+        export_checkpoint(tuned, base.tokenizer, tmp_path / f"tuned{i}", extra_info={"sft": {"model": f"base {i}"}})
     export_checkpoint(load_parent(tmp_path / "tuned0").model, base.tokenizer, tmp_path / "again")  # two steps away
     before = _files(tmp_path / "base")
     for inputs in (["tuned0", "tuned1"], ["again", "tuned1"]):
@@ -135,10 +138,10 @@ def test_merge_does_not_write_over_a_model_its_inputs_were_derived_from(tmp_path
     args = _parser().parse_args(["merge", str(tmp_path / "tuned0"), str(tmp_path / "tuned1"), "--dest",
                                  str(tmp_path / "soup")])
     assert args.func(args) == 0 and (tmp_path / "soup" / "config.json").is_file()
-    args = _parser().parse_args(["merge", str(tmp_path / "tuned0"), str(tmp_path / "again"), "--dest",
+    args = _parser().parse_args(["merge", str(tmp_path / "again"), str(tmp_path / "tuned1"), "--dest",
                                  str(tmp_path / "soup2")])
     assert args.func(args) == 0
-    before = _files(tmp_path / "again")  # soup2's second input (a plain export), not the one its "source" names
+    before = _files(tmp_path / "again")  # soup2's first input (a plain export), not the one its "source" names
     args = _parser().parse_args(["merge", str(tmp_path / "soup2"), str(tmp_path / "tuned1"), "--dest",
                                  str(tmp_path / "again")])
     with pytest.raises(PuzzleError, match=re.escape(f"--dest {tmp_path / 'again'} is the model")):
@@ -153,7 +156,10 @@ def test_merge_ignores_a_relative_record_it_cannot_place(tmp_path, monkeypatch):
         (tmp_path / folder).mkdir()
         export_checkpoint(lm.model, lm.tokenizer, tmp_path / folder / "base")
     monkeypatch.chdir(tmp_path / "m")
-    export_checkpoint(load_parent("base").model, lm.tokenizer, tmp_path / "m" / "child")  # records 'base'
+    child = load_parent("base").model
+    with torch.no_grad():  # trained since (a copy of an input is refused)
+        next(child.parameters()).mul_(1.1)
+    export_checkpoint(child, lm.tokenizer, tmp_path / "m" / "child")  # records 'base'
     monkeypatch.chdir(tmp_path / "n")  # n/base is unrelated to m/child
     args = _parser().parse_args(["merge", "../m/child", "../m/base", "--dest", "base"])
     assert args.func(args) == 0

@@ -1,7 +1,8 @@
 """Checkpoint merging: weighted averages of the same architecture, refusals of different ones."""
 
-import json
 import argparse
+import json
+import shutil
 
 import pytest
 import torch
@@ -171,8 +172,8 @@ def test_a_state_dict_merge_of_the_earlier_version_is_rerun_and_model_folders_ar
     monkeypatch.chdir(tmp_path)
     lm = tiny_parent(seed=0)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    for name in ("s0", "s1"):
-        save(state, tmp_path / f"{name}.safetensors")
+    for name, scale in (("s0", 1.0), ("s1", 1.5)):  # two checkpoints that differ (a copy of one is refused)
+        save({k: v * scale for k, v in state.items()}, tmp_path / f"{name}.safetensors")
     save(state, tmp_path / "avg.safetensors", metadata={"merged_from": str(["s0.safetensors", "s1.safetensors"]),
                                                         "weights": str([0.5, 0.5])})
     merge_checkpoints(["s0.safetensors", "s1.safetensors"], "avg.safetensors")  # the same merge: replaced
@@ -213,6 +214,11 @@ def test_merge_inputs_are_known_by_their_weights(tmp_path):
     assert (dest / "model.safetensors").read_bytes() == before
     with pytest.raises(PuzzleError, match="an input is given twice"):
         merge_checkpoints([m1, tmp_path / "m1" / ".." / "m1"], tmp_path / "twice")
+    shutil.copytree(m1, tmp_path / "copy")  # breaker: a copy of an input was merged with it into that input
+    shutil.copy(s1, tmp_path / "copy.safetensors")
+    for pair, dest_ in (([m1, tmp_path / "copy"], tmp_path / "c"), ([s1, tmp_path / "copy.safetensors"], avg)):
+        with pytest.raises(PuzzleError, match=r"hold the same weights \(a copy\?\), so their average is that"):
+            merge_checkpoints(pair, dest_)
     with pytest.raises(PuzzleError, match="merge into a folder"):
         merge_checkpoints([m0, m1], tmp_path / "f.safetensors")
     assert not (tmp_path / "f.safetensors").exists()
