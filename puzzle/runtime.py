@@ -776,8 +776,18 @@ def cmd_generate(args) -> int:
         from .assets import model_asset_path
 
         path = str(model_asset_path(path[len("asset:"):]))
-    _refuse_run_directory(Path(path))
-    loaded = load_parent(path, dtype=dtype)
+    if empty := [k for k, p in enumerate(args.prompt, start=1) if not p.strip()]:  # breaker: answered unasked
+        raise PuzzleError(f"--prompt {empty[0]} is empty; give each --prompt a message")
+    from .tiny import means_builtin_tiny
+
+    if means_builtin_tiny(path):  # as `puzzle eval tiny` takes it (breaker: "tiny does not exist")
+        from .tiny import tiny_parent
+
+        loaded = tiny_parent()
+        loaded.model.to(dtype)
+    else:
+        _refuse_run_directory(Path(path))
+        loaded = load_parent(path, dtype=dtype)
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]
     result = answer_prompts(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, device=device,
                             dtype=dtype, use_triton=use_triton, cuda_graphs=False if args.no_cuda_graphs else None)
@@ -796,8 +806,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     """Add `puzzle generate` (greedy chat answers with the child runtime) to the CLI's subparsers."""
     p = subparsers.add_parser("generate", help="greedy chat answers from a model folder (export, HF or GGUF parent), "
                                                "all prompts in one batch on the child runtime")
-    p.add_argument("model", help="model path: an exported child folder, an HF Llama folder or a .gguf file, or "
-                                 "asset:<name> (the packaged parent: asset:smollm2-gguf)")
+    p.add_argument("model", help="model path: an exported child folder, an HF Llama folder or a .gguf file, "
+                                 "asset:<name> (the packaged parent: asset:smollm2-gguf), or 'tiny' (built-in)")
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -326,3 +326,17 @@ def test_answers_stop_at_the_models_own_stop_ids_and_use_every_position(monkeypa
     monkeypatch.setattr(lm.tokenizer, "chat_template", None)  # plain text: an empty prompt is no token
     with pytest.raises(PuzzleError, match="prompt 1 encodes to no token"):
         answer_prompts(model, lm.tokenizer, ["", "Hi"], max_new_tokens=2)
+
+
+def test_generate_takes_the_built_in_tiny_model_and_refuses_an_empty_prompt(capsys, tmp_path, monkeypatch):
+    """Breaker: `puzzle generate tiny` said "tiny does not exist" where `puzzle eval tiny` takes the built-in model;
+    `--prompt ""` was answered without a word."""
+    from puzzle.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no ./tiny folder here
+    argv = ["generate", "tiny", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main([*argv, "--prompt", "The cat"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("> The cat\n") and "decode steps" in out
+    assert main([*argv, "--prompt", "hi", "--prompt", "  "]) == 2
+    assert "--prompt 2 is empty; give each --prompt a message" in capsys.readouterr().err
