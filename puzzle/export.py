@@ -451,6 +451,10 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
     if work is not None and Path(work).expanduser().resolve() in target.parents:
         raise PuzzleError(f"export target {out_dir} is inside the work folder {work}, which a fresh start of the "
                           f"training deletes; give a folder outside it")
+    if (other := next((p for p in target.parents if _is_training_work(p)), None)) is not None:  # breaker: accepted
+        raise PuzzleError(f"export target {out_dir} is inside {other}, the work folder of a gkd or sft training "
+                          f"(its checkpoint.pt), which a fresh start of that training deletes; give a folder outside "
+                          f"it")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite and own):
         if not overwrite:
             raise PuzzleError(f"export folder {out_dir} is not empty; choose another folder or pass overwrite=True")
@@ -470,6 +474,14 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
             hint = _same_training_hint(earlier[0], provenance)
             raise PuzzleError(f"{out_dir} holds trained weights ({earlier[0]}) that this export ({provenance}) would "
                               f"replace; give a new folder, or delete that one first if it is no longer needed{hint}")
+
+
+def _is_training_work(folder: Path) -> bool:
+    """Whether `folder` is a gkd / sft work folder: a checkpoint.pt beside the summary its training writes at the
+    end (gkd.json, sft.json), or in a folder of a default work name (DEST.gkd-work, DEST.sft-work, RUN/gkd/<name>)."""
+    return (folder / "checkpoint.pt").is_file() and (
+        any((folder / f).is_file() for f in ("gkd.json", "sft.json"))
+        or folder.name.endswith((".gkd-work", ".sft-work")) or folder.parent.name == "gkd")
 
 
 def _same_training(earlier: str, now: str | None) -> bool:

@@ -369,6 +369,17 @@ def test_an_export_target_inside_an_export_or_the_work_folder_or_a_link_is_refus
         check_export_target(tmp_path / "work" / "sub", overwrite=True, work=tmp_path / "work")
     check_export_target(tmp_path / "work2", overwrite=True, work=tmp_path / "work")  # beside it: fine
     assert [p.name for p in first.iterdir()] and (tmp_path / "link").is_symlink()
+    # breaker: sft --dest inside a gkd's work folder (another training's) was accepted
+    for work, summary in (("d.gkd-work", None), ("w", "sft.json"), ("run/gkd/child-2x", None)):
+        (tmp_path / work).mkdir(parents=True)
+        (tmp_path / work / "checkpoint.pt").write_bytes(b"")
+        if summary:
+            (tmp_path / work / summary).write_text("{}")
+        with pytest.raises(PuzzleError, match=f"is inside {tmp_path / work}, the work folder of a gkd or sft"):
+            check_export_target(tmp_path / work / "model", overwrite=True)
+    (tmp_path / "project").mkdir()  # a checkpoint.pt of something else
+    (tmp_path / "project" / "checkpoint.pt").write_bytes(b"")
+    check_export_target(tmp_path / "project" / "model", overwrite=True)
 
 
 def test_a_merge_with_other_weights_is_another_merge():
