@@ -247,6 +247,21 @@ def corrected_budgets(record: Mapping, child_measured: Mapping, limits: Mapping,
     return Budgets(**{f"max_{c}": v for c, v in new.items()})
 
 
+def _out_of_reach(error: PuzzleError, budgets: Budgets) -> str:
+    """Why a re-solve under the corrected limits failed, in the limits' own terms: the solver's message advises flags
+    (--speedup at most ...), which the user's request may already meet (fresh user: asked 1.3, told "at most 1.409");
+    here the limit out of reach is the feedback's own, corrected for the measured speed."""
+    from .search import InfeasibleBudget
+
+    limits = budgets.limits()
+    short = [f"the corrected {c} limit {limits[c]:.4g} is under the library's least {v:.4g}"
+             for c, v in getattr(error, "least", {}).items() if c in limits and v > limits[c]]
+    if not isinstance(error, InfeasibleBudget) or not short:
+        return str(error)
+    return ("; ".join(short) + ", in the cost table's terms: the library has no child fast or small enough to make "
+            "up for how far the measurement fell short of the table's prediction")
+
+
 def candidates_text(candidates, kept) -> str:
     """The options a resolve realized, for the log: "4 options realized, scoring-split KL: the MIP's first 1.373,
     trust-region #1 (5 layers from the child) 1.369, ...; kept trust-region #1 (5 layers from the child)"."""
@@ -335,7 +350,8 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 new = resolve(name, record, budgets)
             except PuzzleError as e:
                 entry["action"] = f"kept: {e}"
-                say(f"budget feedback, round {k + 1}: {name}: no child under the corrected limits ({e}); kept")
+                say(f"budget feedback, round {k + 1}: {name}: no child under the corrected limits "
+                    f"({_out_of_reach(e, budgets)}); kept")
                 continue
             options = ""
             if FEEDBACK_CANDIDATES_KEY in new:

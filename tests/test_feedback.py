@@ -228,6 +228,26 @@ def test_a_loosened_child_over_by_less_than_the_noise_goes_back_whatever_the_rou
     assert records["child"]["choice"] == ["A"] and checks["child"].met
 
 
+def test_a_corrected_limit_out_of_reach_is_said_in_its_own_terms_not_as_flags_to_give():
+    """Fresh user: asked --speedup 1.3, the feedback said "no child under the corrected limits (... --speedup at most
+    1.409 ...)", advice the request already met; the limit out of reach was the feedback's own."""
+    from puzzle.search import InfeasibleBudget
+
+    start, _, measure, _ = two_children()
+    said = []
+
+    def resolve(name, rec, budgets):
+        raise InfeasibleBudget(f"no architecture in the library meets max_runtime_ms={budgets.max_runtime_ms:.6g}; "
+                               f"--speedup at most 1.409", {"runtime_ms": 58.0})
+
+    slow = lambda records: measure(records).assign(runtime_ms=[100.0, 75.0])  # noqa: E731  A runs over its budget
+    records, _, _, history = settle({"child": start}, slow, resolve, rounds=1, slack=0.03, say=said.append)
+    assert records["child"]["choice"] == ["A"] and history["child"][0]["action"].startswith("kept: no architecture")
+    text = next(t for t in said if "no child under the corrected limits" in t)
+    assert "the corrected runtime_ms limit " in text and "is under the library's least 58" in text, text
+    assert "--speedup" not in text
+
+
 def test_a_resolve_that_scored_candidates_has_them_in_the_history():
     """A resolve's FEEDBACK_CANDIDATES_KEY goes to the round's history entry, never into the record; a child kept
     because it realized best among them says so (not "the corrected limits choose the same child")."""
