@@ -49,7 +49,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parent", metavar="PATH", help="parent model: HF folder with safetensors, a .gguf file, a "
                                                     "nemotron-nas folder, asset:<name>, or 'tiny'")
     g.add_argument("--calib", nargs="+", action="extend", metavar="FILE", help="calibration/scoring text: .txt, .jsonl(.gz), "
-                                                              "Wikipedia .xml.bz2, HF save_to_disk folder, asset:<name>, "
+                                                              "Wikipedia .xml.bz2, parquet, HF save_to_disk folder, asset:<name>, "
                                                               "or parent-samples[:N] (N tokens sampled from the parent, "
                                                               "written to DIR/data; see puzzle.samples)")
     g.add_argument("--calib-weights", nargs="*", action="extend", type=float, metavar="W",
@@ -59,7 +59,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                         "drops weights saved for other sources")
     g.add_argument("--eval", nargs="+", action="extend", metavar="FILE", help="held-out evaluation text (files, as for --calib)")
     g.add_argument("--text-field", metavar="NAME", help="the text field of .jsonl records and the text column of parquet, "
-                                                        "Arrow and save_to_disk tables (default: text)")
+                                                        "Arrow and save_to_disk tables, for every source (default: text)")
     g.add_argument("--max-doc-tokens", type=int, metavar="N",
                    help="tokens kept of each document in the calibration, scoring and evaluation splits "
                         "(0: whole documents; the demo presets keep 1024, so that many documents share the splits)")
