@@ -1734,7 +1734,9 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None,
             untie = True
         if dtype is None and (dtype := _kept_dtype(run, Path(dest).expanduser())) is not None:
             run.say(f"export: {dest} holds an export stored as {dtype} (--dtype): written so again")
-        return stage_export(run, name, dest=dest, model=model, untie=bool(untie), dtype=dtype), "none yet"
+        result = stage_export(run, name, dest=dest, model=model, untie=bool(untie), dtype=dtype)
+        _say_wider_than_the_parent(run, name, dtype or run.config.parent.dtype)
+        return result, "none yet"
     model = model if model is not None else build_child(run, read_architecture(run, name))
     if untie is None:
         untie = bool(model.config.tie_word_embeddings) and _stored_untied(folder)
@@ -1745,7 +1747,23 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None,
 
         remove_stale_temp(folder)  # an earlier export killed mid-write left its partial folder beside this one
         return ExportResult(folder, tuple(export_warnings(model.config))), None
-    return stage_export(run, name, dest=dest, model=model, untie=untie, dtype=dtype), why
+    result = stage_export(run, name, dest=dest, model=model, untie=untie, dtype=dtype)
+    _say_wider_than_the_parent(run, name, dtype)
+    return result, why
+
+
+def _say_wider_than_the_parent(run: Run, name: str, dtype: str) -> None:
+    """A note where an export is stored wider than its HF parent folder stores its weights (a bf16 parent in a float32
+    run; fresh user: the export was twice the parent's size, unsaid): `--dtype` stores it as the parent does."""
+    from .merge import stored_dtype
+
+    extra = run.parent.config.extra
+    folder = extra.get("path") if extra.get("source") in ("hf", "nemotron-nas") else None
+    parent = stored_dtype(Path(folder)) if isinstance(folder, str) else None
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}
+    if parent in width and dtype in width and width[dtype] > width[parent]:
+        run.say(f"export {name}: note: stored as {dtype} (the run's [parent] dtype), twice the size of the parent's "
+                f"{parent}; `puzzle export --out {run.out} --name {name} --dtype {parent}` stores it as the parent")
 
 
 def _kept_dtype(run: Run, folder: Path) -> str | None:

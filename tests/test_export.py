@@ -541,3 +541,25 @@ def test_a_mount_point_is_refused_as_an_export_target(tmp_path):
         pytest.skip(f"cannot bind-mount here: {done.stderr.strip()[:200]}")
     assert "is a mount point, which an export cannot replace" in done.stderr, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["vol"]
+
+
+def test_an_export_wider_than_its_hf_parent_folder_is_noted(tmp_path):
+    """Fresh user: a bf16 parent folder in a float32 run gave float32 exports, twice its size, unsaid; the note names
+    `--dtype`. A parent stored as float32, or an export stored as the parent, says nothing."""
+    from types import SimpleNamespace
+
+    from puzzle.parent import load_parent
+    from puzzle.pipeline import _say_wider_than_the_parent
+    from puzzle.tiny import tiny_parent
+
+    lm = tiny_parent()
+    export_checkpoint(lm.model, lm.tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    export_checkpoint(lm.model, lm.tokenizer, tmp_path / "fp32")
+    for folder, dtype, noted in (("bf16", "float32", True), ("bf16", "bfloat16", False), ("fp32", "float32", False)):
+        said = []
+        run = SimpleNamespace(parent=load_parent(tmp_path / folder), out=tmp_path / "run", say=said.append)
+        _say_wider_than_the_parent(run, "child-1.5x", dtype)
+        assert bool(said) == noted, (folder, dtype, said)
+        if noted:
+            assert "stored as float32 (the run's [parent] dtype), twice the size of the parent's bfloat16; `puzzle " \
+                   f"export --out {tmp_path / 'run'} --name child-1.5x --dtype bfloat16`" in said[0]
