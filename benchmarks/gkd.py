@@ -18,13 +18,15 @@ sft-toggle: `puzzle sft` on the packaged reasoning-toggle demonstration set
 "detailed thinking on" and "off": the share with a think block, with a well-formed one, and
 correct. The model before SFT is measured the same way. Rows go to W/sft_toggle.csv.
 
-The run directory is read, never written: what the stages need is copied to W/run first.
+The run directory is read, never written: what the stages need is copied to W/run first (once; a later call
+with the same W resumes there, and is refused when W/run was copied from another run or the run was rebuilt).
 Figures depend on machine load: each row records the load average at its start and end.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -39,18 +41,60 @@ sys.path.insert(0, str(REPO))
 
 from puzzle.io import atomic_write_text  # noqa: E402
 
+SOURCE = "gkd_source.json"  # in W/run: the stamp of the run it was copied from
 COPY = ("config.json", "parent.json", "data", "library", "search")
+#: files whose bytes say which run (and which build of it) a working copy was made from
+STAMPED = ("config.json", "parent.json", "data/manifest.json", "library/meta.json", "library/index.csv",
+           "search/chosen.json")
+
+
+def source_stamp(run: Path) -> dict:
+    """Which run a working copy comes from: its resolved path and a hash of the files that change when its
+    data, library or search are rebuilt (plus each search/*.json architecture)."""
+    h = hashlib.sha256()
+    files = [run / f for f in STAMPED] + sorted((run / "search").glob("*.json"))
+    for f in files:
+        h.update(f"{f.relative_to(run).as_posix()}\0".encode())
+        h.update(f.read_bytes() if f.is_file() else b"<missing>")
+        h.update(b"\0")
+    return {"run": str(run.resolve()), "sha256": h.hexdigest()}
 
 
 def working_copy(run: Path, work: Path) -> Path:
-    """W/run: the files of `run` that GKD/SFT read (the original stays untouched)."""
-    dest = work / "run"
+    """W/run: the files of `run` that GKD/SFT read (the original stays untouched), made once and stamped with
+    `source_stamp`; a later call reuses it (GKD resumes there) only for the same, unchanged run.
+
+    Raises:
+        PuzzleError: `run` is no run directory, or W/run was made from another run or from an earlier build of it.
+    """
+    from puzzle.config import load_run_config
+    from puzzle.errors import PuzzleError
+
+    load_run_config(run)  # names the --run given (not W/run) when it is no run directory
+    dest, stamp = work / "run", source_stamp(run)
+    if dest.exists():
+        try:
+            made = json.loads((dest / SOURCE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            made = None
+        if made != stamp:
+            what = ("holds no record of the run it was copied from" if made is None
+                    else f"was copied from {made.get('run')}" if made.get("run") != stamp["run"]
+                    else f"was copied from an earlier build of {stamp['run']} (its config, data, library or search "
+                         f"changed since)")
+            raise PuzzleError(f"{dest} {what}, not from --run {run} as it is now: give another --work, or delete "
+                              f"{dest} (it holds the GKD/SFT work of that run) to start afresh")
+        return dest
+    partial = work / "run.partial"
+    if partial.exists():  # an interrupted copy
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     for name in COPY:
-        src, dst = run / name, dest / name
-        if dst.exists() or not src.exists():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
+        src, dst = run / name, partial / name
+        if src.exists():
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
+    atomic_write_text(partial / SOURCE, json.dumps(stamp, indent=1))
+    partial.rename(dest)
     return dest
 
 
@@ -64,13 +108,11 @@ def _append(path: Path, row: dict) -> None:
 
 
 def downstream(model, tokenizer, limit: int, run_dir: Path) -> dict:
-    from puzzle.data import load_token_splits
     from puzzle.scoring.harness import evaluate_tasks
     from puzzle.scoring.tasks import used_lambada_ids
 
     tasks = ("hellaswag", "arc_easy", "piqa", "lambada")
-    manifest = load_token_splits(run_dir / "data").manifest
-    result = evaluate_tasks(model, tokenizer, tasks, limit=limit, exclude_lambada=used_lambada_ids(manifest))
+    result = evaluate_tasks(model, tokenizer, tasks, limit=limit, exclude_lambada=used_lambada_ids(run_dir))
     t = result.table
     return {f"{r.task}_{r.metric}": float(r.value) for r in t.itertuples() if r.metric in ("acc", "acc_norm")}
 
@@ -200,7 +242,13 @@ def main(argv=None) -> int:
     s.add_argument("--batch-size", type=int, default=8, help="rows per step")
     s.set_defaults(func=cmd_sft_toggle)
     args = p.parse_args(argv)
-    return args.func(args)
+    from puzzle.errors import PuzzleError
+
+    try:
+        return args.func(args)
+    except PuzzleError as e:
+        print(f"gkd: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""benchmarks/*.py as a hostile user runs them: wrong or incomplete run directories, an --out that is a file, reused
+working folders. Each script's main(argv) is called in-process on the cached tiny run."""
+
+import json
+import shutil
+
+import pytest
+
+from tiny_run import assert_refuses, load_benchmark, tiny_run_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tiny_run_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def interrupted(run_dir, tmp_path):
+    """A run stopped after its data stage and part of BLD: config, parent, data and a library, nothing scored."""
+    out = tmp_path / "runi"
+    out.mkdir()
+    for name in ("config.json", "parent.json", "data", "library"):
+        src = run_dir / name
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, out / name)
+    return out
+
+
+# gkd.py
+
+
+def test_gkd_downstream_excludes_the_runs_lambada_passages(run_dir):
+    """--downstream-limit N crashed after GKD: `downstream` gave used_lambada_ids a manifest dict, not the run."""
+    from puzzle.baselines import open_run
+
+    bench = load_benchmark("gkd")
+    run = open_run(run_dir, progress=False)
+    scores = bench.downstream(run.parent.model, run.parent.tokenizer, 1, run_dir)
+    assert scores and all(0 <= v <= 1 for v in scores.values())
+
+
+def test_gkd_refuses_a_working_copy_of_another_run(run_dir, tmp_path, capsys):
+    """A second call with the same --work and another --run trained on a mix of both runs' files."""
+    bench = load_benchmark("gkd")
+    work = tmp_path / "W"
+    assert bench.working_copy(run_dir, work) == work / "run"
+    assert bench.working_copy(run_dir, work) == work / "run"  # the same run: reused (GKD resumes there)
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    argv = ["gkd", "--run", str(other), "--work", str(work), "--tokens", "128"]
+    assert_refuses(bench, argv, f"{work / 'run'} was copied from {run_dir.resolve()}", capsys)
+    # the same run rebuilt since the copy (here: another searched child)
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(run_dir, rebuilt)
+    work2 = tmp_path / "W2"
+    bench.working_copy(rebuilt, work2)
+    (rebuilt / "search" / "chosen.json").write_text(json.dumps({"names": ["child-x"]}))
+    argv = ["gkd", "--run", str(rebuilt), "--work", str(work2), "--tokens", "128"]
+    assert_refuses(bench, argv, "an earlier build of", capsys)
+
+
+@pytest.mark.parametrize("what", ["gkd", "sft-toggle"])
+def test_gkd_names_the_run_given_and_makes_no_work_folder(what, tmp_path, capsys):
+    bench = load_benchmark("gkd")
+    work = tmp_path / "W"
+    assert_refuses(bench, [what, "--run", str(tmp_path / "nonexist"), "--work", str(work)],
+                   str(tmp_path / "nonexist" / "config.json"), capsys)
+    assert not work.exists()
