@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.errors import PuzzleError
 from puzzle.modeling import KVCache, PuzzleForCausalLM
 from puzzle.runtime import ChildRuntime, runtime_step_fns
 
@@ -126,16 +127,26 @@ def random_models(names, device, dtype, seed) -> tuple[dict, dict]:
 
 
 def run_models(run: Path, names, device, dtype) -> tuple[dict, dict, dict]:
-    """The run's parent and exported children (weights from disk), the search's predictions, the run's target."""
-    from puzzle.assets import asset_path
+    """The run's parent (as the run opens it: a model folder, an asset or the built-in tiny) and exported children
+    (weights from disk), the search's predictions, the run's target.
+
+    Raises:
+        PuzzleError: `run` is no run directory, or a child is not exported or not searched there.
+    """
+    from puzzle.baselines import open_run
     from puzzle.parent import load_parent
 
     config = json.loads((run / "config.json").read_text())
-    parent_path = config["parent"]["path"]
-    if parent_path.startswith("asset:"):
-        parent_path = asset_path(parent_path.removeprefix("asset:"))
-    models = {"parent": load_parent(str(parent_path), dtype=dtype, with_tokenizer=False).model.to(device)}
-    names = names or sorted(p.name for p in (run / "export").iterdir() if p.is_dir())
+    if not names and (run / "export").is_dir():
+        names = sorted(p.name for p in (run / "export").iterdir() if p.is_dir())
+    if not names:
+        raise PuzzleError(f"{run / 'export'} holds no exported child: run `puzzle front --out {run}` (or `puzzle "
+                          f"export`) first, or measure the demo children without --run")
+    for name in names:
+        for path in (run / "export" / name / "config.json", run / "search" / f"{name}.json"):
+            if not path.is_file():
+                raise PuzzleError(f"{path} is missing: --children names exported, searched children of {run}")
+    models = {"parent": open_run(run, progress=False).parent.model.to(device=device, dtype=dtype)}
     search = {}
     for name in names:
         models[name] = load_parent(str(run / "export" / name), dtype=dtype, with_tokenizer=False).model.to(device)
@@ -284,9 +295,11 @@ def summarize(models, tasks, samples, search, B, G) -> pd.DataFrame:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    target = {}
-    if args.run is not None:
-        target = json.loads((args.run / "config.json").read_text())["target"]
+    try:
+        target = checked(args)
+    except PuzzleError as e:
+        print(f"runtime: error: {e}", file=sys.stderr)
+        return 2
     device = args.device or target.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda needs a CUDA GPU (none is visible to torch)")
@@ -299,12 +312,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(args.threads or target["threads"]))
 
     t_start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         if args.run is not None:
-            models, search, _ = run_models(args.run, args.children, device, dtype)
+            try:
+                models, search, _ = run_models(args.run, args.children, device, dtype)
+            except PuzzleError as e:
+                print(f"runtime: error: {e}", file=sys.stderr)
+                return 2
         else:
             models, search = random_models(args.children, device, dtype, args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(models["parent"].config.vocab_size, (B, P), generator=gen).to(device)  # (B, P)
         tasks = {("runtime", n): RuntimeRequest(m, prompt, G, device, dtype) for n, m in models.items()}
@@ -338,6 +355,26 @@ def main(argv=None) -> int:
         print(table[shown].to_string(index=False))
     print(f"wrote {args.out / 'runtime.csv'} and {args.out / 'runtime.json'}")
     return 0
+
+
+def checked(args) -> dict:
+    """The run's target ({} without --run), after the checks that need no model.
+
+    Raises:
+        PuzzleError: --out is a file, --run is no run directory, or --children names no demo child (without --run).
+    """
+    if args.out.exists() and not args.out.is_dir():
+        raise PuzzleError(f"--out {args.out} is a file; give a folder")
+    if args.run is None:
+        unknown = [n for n in args.children or () if n not in DEMO_CHILDREN]
+        if unknown:
+            raise PuzzleError(f"--children {' '.join(unknown)}: without --run choose from the demo children "
+                              f"{', '.join(DEMO_CHILDREN)}")
+        return {}
+    from puzzle.config import load_run_config
+
+    load_run_config(args.run)  # no run directory: said here, naming it
+    return json.loads((args.run / "config.json").read_text())["target"]
 
 
 def write(out: Path, table: pd.DataFrame, device, dtype_name, B, P, G, rounds, args, t_start) -> None:

@@ -67,3 +67,36 @@ def test_gkd_names_the_run_given_and_makes_no_work_folder(what, tmp_path, capsys
     assert_refuses(bench, [what, "--run", str(tmp_path / "nonexist"), "--work", str(work)],
                    str(tmp_path / "nonexist" / "config.json"), capsys)
     assert not work.exists()
+
+
+# runtime.py
+
+
+def test_runtime_measures_a_run_of_the_builtin_tiny_parent(run_dir, tmp_path):
+    """--run on a tiny run failed with 'tiny does not exist': the parent is opened as the run opens it."""
+    import pandas as pd
+
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import stage_export
+
+    bench = load_benchmark("runtime")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    stage_export(open_run(run, progress=False), "child-1.5x")
+    out = tmp_path / "O"
+    assert bench.main(["--run", str(run), "--out", str(out), "--repeats", "1", "--no-parts", "--no-eager",
+                       "--children", "child-1.5x", "--threads", "1"]) == 0
+    assert list(pd.read_csv(out / "runtime.csv")["name"]) == ["parent", "child-1.5x"]
+
+
+def test_runtime_refuses_in_one_line(run_dir, interrupted, tmp_path, capsys):
+    bench = load_benchmark("runtime")
+    out = tmp_path / "O"
+    assert_refuses(bench, ["--run", str(tmp_path / "nonexist"), "--out", str(out)], "config.json does not exist",
+                   capsys)
+    assert_refuses(bench, ["--children", "bogus", "--out", str(out)], "choose from the demo children", capsys)
+    assert_refuses(bench, ["--run", str(interrupted), "--out", str(out)], "holds no exported child", capsys)
+    assert_refuses(bench, ["--run", str(run_dir), "--children", "child-9x", "--out", str(out)], "child-9x", capsys)
+    (tmp_path / "file").write_text("")
+    assert_refuses(bench, ["--run", str(run_dir), "--out", str(tmp_path / "file")], "is a file", capsys)
+    assert not out.exists()
