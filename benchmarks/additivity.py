@@ -6,10 +6,12 @@ re-measures the subblock and non-block costs for the run's workload, then measur
 the children as whole models in one interleaved session (scoring/cost.py `measure_models`) and
 writes the error table:
 
-    name, target_speedup, predicted_ms, measured_ms, rel_error (= predicted / measured - 1),
-    ratio_error (error of the predicted speed-up over the parent, which cancels machine drift),
-    the same for prefill and decode, and stored_rel_error: the error when predicting from the
-    run's own (older) cost table instead of the fresh one.
+    name, target_speedup, params, measured_speedup, predicted_runtime_ms, measured_runtime_ms,
+    runtime_rel_error (= predicted / measured - 1), runtime_ratio_error (error of the predicted
+    speed-up over the parent, which cancels machine drift), the same for prefill and decode
+    (predicted_prefill_ms, ..., prefill_rel_error, prefill_ratio_error, decode_*), stored_rel_error:
+    the runtime's error when predicting from the run's own (older) cost table instead of the fresh
+    one, and architecture.
 
 Models carry random weights (latency does not depend on their values), so no library is loaded.
 
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
     add_max_contention_flag(p)  # breaker: a busy machine's refusal named a flag this script did not take
     args = p.parse_args(argv)
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise PuzzleError(f"--out {args.out} is a file; give a folder")
         table, meta = load_table(args.run / "score" / "score_table.csv")
         cost_meta = read_json(args.run / "score" / "cost.csv.json")
         parent_cfg = ModelConfig.from_dict(read_json(args.run / "parent.json")["config"])

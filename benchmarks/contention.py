@@ -276,7 +276,7 @@ MEASUREMENTS = {"neighbours": neighbours, "windows": windows, "fingerprint": fin
                 "interleave": interleave}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the <measurement>.csv files")
     p.add_argument("--only", choices=sorted(MEASUREMENTS), action="append",
@@ -284,7 +284,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, help="a finished run directory (for --only speedups)")
     p.add_argument("--repeats", type=int, default=3, help="rounds per whole-model measurement (speedups, interleave)")
     p.add_argument("--sessions", type=int, default=4, help="pairs of sessions (interleave)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     needs_run = ("speedups", "interleave")
     chosen = args.only or [m for m in MEASUREMENTS if m not in needs_run or args.run]
     for name in needs_run:
@@ -294,6 +294,17 @@ def main() -> None:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.sessions < 2:
         p.error(f"--sessions must be >= 2 (a spread across sessions), got {args.sessions}")
+    problem = None
+    if args.out.exists() and not args.out.is_dir():
+        problem = f"--out {args.out} is a file; give a folder"
+    elif args.run is not None and any(name in chosen for name in needs_run):
+        missing = [f for f in ("config.json", "front.csv") if not (args.run / f).is_file()]
+        if missing:
+            problem = (f"--run {args.run} is no finished run directory ({' and '.join(missing)} missing): give one "
+                       f"after `puzzle run`")
+    if problem:
+        print(f"contention: error: {problem}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for name in chosen:
         try:
@@ -307,7 +318,8 @@ def main() -> None:
             raise SystemExit(f"contention.py: error: {e}") from None
         atomic_write_text(args.out / f"{name}.csv", df.to_csv(index=False))
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

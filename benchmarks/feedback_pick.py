@@ -116,6 +116,9 @@ def replay_all(args) -> int:
     factors = parse_factors(args.factors)
     if not 1 <= args.candidates <= 16:
         raise PuzzleError(f"--candidates must be from 1 to 16 (as [search] feedback_candidates), got {args.candidates}")
+    out = args.out or args.run / "feedback_pick"
+    if out.exists() and not out.is_dir():
+        raise PuzzleError(f"--out {out} is a file; give a folder")
     run = open_run(args.run, progress=False)
     run.config = run.config.replace(search={"feedback_candidates": args.candidates})
     names = read_json(args.run / "search" / "chosen.json")["names"]
@@ -127,7 +130,6 @@ def replay_all(args) -> int:
     records = {n: r for n, r in records.items() if n not in skipped}
     if not records:
         raise PuzzleError(f"no searched child of {args.run} has a runtime budget to replay")
-    out = args.out or args.run / "feedback_pick"
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()
     for name, record in records.items():
@@ -140,7 +142,7 @@ def replay_all(args) -> int:
         raise PuzzleError("no child meets any of the replayed limits; give factors nearer 1 (--factors)")
     summary = summarize(pd.DataFrame(rows))
     atomic_write_text(out / "feedback_pick_summary.csv", summary.to_csv(index=False))
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))  # tiny runs' KLs are ~1e-3
     ratio = summary["picked_over_mip_first"].dropna()
     print(f"\n{len(rows)} children realized in {time.perf_counter() - t0:.0f} s; picked / MIP's first: geometric "
           f"mean {np.exp(np.log(ratio).mean()):.3f} over {len(ratio)} re-solves, from {ratio.min():.3f} to "
@@ -162,6 +164,10 @@ def main(argv=None) -> int:
     except PuzzleError as e:
         print(f"feedback_pick: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("feedback_pick: interrupted; the rows of the re-solves done are in the output folder's "
+              "feedback_pick.csv (a rerun starts afresh)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -206,13 +206,15 @@ def main(argv=None) -> int:
         for flag in ("diverse", "rounds", "refine_k", "max_changes", "select_tokens", "context_tokens"):
             if getattr(args, flag) < 1:
                 raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        out = args.out or args.run / "headroom"
+        if out.exists() and not out.is_dir():
+            raise PuzzleError(f"--out {out} is a file; give a folder")
         run = open_run(args.run, progress=not args.no_progress)
         table, _ = load_score_table(run, args.stage)
         splits = views(run, args.select_tokens, args.context_tokens)
     except PuzzleError as e:
         print(f"headroom: error: {e}", file=sys.stderr)
         return 2
-    out = args.out or args.run / "headroom"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("diverse", "rounds", "refine_k", "max_changes", "select_tokens",
                                                 "context_tokens", "stage")}

@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -199,6 +200,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if min(args.rows, args.tokens, args.repeats, args.warmup_tokens) < 1 or args.nll_rows < 0:
         raise SystemExit("--rows, --tokens, --repeats and --warmup-tokens must be >= 1, --nll-rows >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        print(f"sampling: error: --out {args.out} is a file; give a folder", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = list(dict.fromkeys(args.paths))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu sums all threads' time; use --threads 1 or --clock wall")
+    if args.out.exists() and not args.out.is_dir():  # breaker: found only after the measuring, as a traceback
+        print(f"scoring: error: --out {args.out} is a file; give a folder", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
 
     from puzzle.assets import asset_path

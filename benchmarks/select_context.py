@@ -156,6 +156,8 @@ def main(argv=None) -> int:
                               f"comma-separated")
         if not speedups or args.k < 1 or args.tokens < 1:
             raise PuzzleError("give at least one --speedups value, --k >= 1 and --tokens >= 1")
+        if out.exists() and not out.is_dir():
+            raise PuzzleError(f"--out {out} is a file; give a folder")
         if not (args.run / "library").is_dir():
             raise PuzzleError(f"{args.run / 'library'} is missing: give a run directory after `puzzle run`")
         run = open_run(args.run, progress=False)

@@ -100,3 +100,36 @@ def test_runtime_refuses_in_one_line(run_dir, interrupted, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert_refuses(bench, ["--run", str(run_dir), "--out", str(tmp_path / "file")], "is a file", capsys)
     assert not out.exists()
+
+
+# --out that is a file: said before any work, in one line
+
+
+@pytest.mark.parametrize("name,argv", [
+    ("scoring", []), ("sampling", []), ("contention", ["--only", "windows"]), ("additivity", ["--run", "{run}"]),
+    ("headroom", ["--run", "{run}"]), ("feedback_pick", ["--run", "{run}"]), ("select_context", ["--run", "{run}"]),
+    ("kl_gap", ["--run", "{run}"]), ("objectives", ["--run", "{run}"]), ("runtime", []),
+])
+def test_an_out_file_is_refused_first(name, argv, run_dir, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("")
+    argv = [a.format(run=run_dir) for a in argv] + ["--out", str(out)]
+    assert_refuses(load_benchmark(name), argv, f"--out {out} is a file", capsys)
+
+
+def test_contention_refuses_an_unfinished_run(interrupted, tmp_path, capsys):
+    bench = load_benchmark("contention")
+    assert_refuses(bench, ["--only", "speedups", "--run", str(interrupted), "--out", str(tmp_path / "O")],
+                   "front.csv missing", capsys)
+
+
+def test_feedback_pick_stops_in_one_line_on_ctrl_c(run_dir, tmp_path, monkeypatch, capsys):
+    bench = load_benchmark("feedback_pick")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "replay", interrupt)
+    assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "O")]) == 130
+    assert capsys.readouterr().err.strip() == ("feedback_pick: interrupted; the rows of the re-solves done are in the "
+                                               "output folder's feedback_pick.csv (a rerun starts afresh)")
