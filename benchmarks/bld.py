@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 from puzzle import bld  # noqa: E402
 from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig  # noqa: E402
 from puzzle.bld import BLDConfig, Job, LayerTargets, build_entry, decoupled_jobs, parent_targets, run_jobs  # noqa: E402
+from puzzle.errors import PuzzleError  # noqa: E402
 from puzzle.library import Library  # noqa: E402
 from puzzle.space import SpaceConfig, build_space  # noqa: E402
 
@@ -79,6 +80,37 @@ def token_splits(tokenizer, work: Path, calib_tokens: int):
 
 def load() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+#: SmolLM2-135M's sizes: `child` rebuilds children of runs of this parent only (its demo data and parent are fixed)
+SMOLLM2_SIZES = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "layers": 30}
+
+
+def check_out(out: Path) -> None:
+    """Raises PuzzleError: --out is a file."""
+    if out.exists() and not out.is_dir():
+        raise PuzzleError(f"--out {out} is a file; give a folder")
+
+
+def smollm2_child(run: Path, name: str) -> dict:
+    """search/<name>.json of a SmolLM2-135M run, checked before the parent is loaded.
+
+    Raises:
+        PuzzleError: `run` is no run directory, has no searched child `name`, or its parent is not SmolLM2-135M.
+    """
+    from puzzle.config import load_run_config
+    from puzzle.io import read_json
+
+    load_run_config(run)
+    path = run / "search" / f"{name}.json"
+    if not path.is_file():
+        raise PuzzleError(f"{path} is missing: give --name of a searched child of {run} (`puzzle search` writes them)")
+    parent = read_json(run / "parent.json")["config"]
+    sizes = {**{k: parent.get(k) for k in SMOLLM2_SIZES if k != "layers"}, "layers": len(parent.get("blocks", ()))}
+    if sizes != SMOLLM2_SIZES:
+        raise PuzzleError(f"{run}'s parent ({', '.join(f'{k} {v}' for k, v in sizes.items())}) is not SmolLM2-135M: "
+                          f"`bld.py child` rebuilds children of SmolLM2-135M runs only (the demo's parent and data)")
+    return read_json(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +167,7 @@ def matmul_rates(repeats: int = 5) -> dict:
 
 def cmd_throughput(args) -> None:
     out = Path(args.out)
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_smollm2()
     config = lm.model.config
@@ -268,6 +301,7 @@ def _train(config, layer, jobs, tg, cos, sin, n_train, cfg):
 def cmd_curves(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_smollm2()
     config = lm.model.config
@@ -322,11 +356,12 @@ def cmd_child(args) -> None:
     from puzzle.scoring.quality import evaluate_model, parent_logprobs
 
     out = Path(args.out)
+    check_out(out)
+    record = smollm2_child(Path(args.run), args.name)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_smollm2()
     config = lm.model.config
     T, n_probe = 256, 2
-    record = json.loads((Path(args.run) / "search" / f"{args.name}.json").read_text())
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     jobs = {}
     for i, (b, p) in enumerate(zip(blocks, config.blocks)):
@@ -384,10 +419,22 @@ def cmd_schedule(args) -> None:
     from puzzle.space import LayerSpace
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     run = open_run(Path(args.run), progress=False)
-    layers = [int(x) for x in args.layers.split(",")]
+    try:
+        layers = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise PuzzleError(f"--layers {args.layers!r}: give layer numbers, comma-separated") from None
     variants = set(args.variants.split(","))
+    known = {ls.layer: {v.id for v in (*ls.attention[1:], *ls.ffn[1:])} for ls in run.space()}
+    if not set(layers) <= set(known):
+        raise PuzzleError(f"--layers {args.layers}: {run.out}'s parent has layers 0 to {len(known) - 1}")
+    if not any(variants & known[i] for i in layers):
+        raise PuzzleError(f"--variants {args.variants}: none is in {run.out}'s space at layers {args.layers}; "
+                          f"choose from {', '.join(sorted(set().union(*(known[i] for i in layers))))}")
+    if not (run.out / "data" / "manifest.json").is_file():
+        raise PuzzleError(f"{run.out / 'data'} is missing: give a run directory after `puzzle data`")
+    out.mkdir(parents=True, exist_ok=True)
     space = []
     for ls in run.space():  # the chosen variants at the chosen layers; elsewhere the parent's (nothing to train)
         if ls.layer in layers:
@@ -443,12 +490,17 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_child)
     p = sub.add_parser("schedule", parents=[common], help="held-out NMSE per (batch size, lr) at a run's BLD budget")
     p.add_argument("--run", required=True, help="a run directory after `puzzle data` (its data and BLD settings)")
-    p.add_argument("--layers", default="4,16,24", help="layers to distill")
+    p.add_argument("--layers", default="4,16,24", help="layers to distill (the defaults of --layers and --variants "
+                                                       "fit a SmolLM2-135M run)")
     p.add_argument("--variants", default="attn-kv1,ffn-768,ffn-256", help="variant ids to train at those layers")
     p.add_argument("--settings", default="4:2e-3,1:2e-3,1:5e-3,2:5e-3,4:1e-2,1:1e-2,2:1e-2", help="batch:lr pairs")
     p.set_defaults(func=cmd_schedule)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except PuzzleError as e:
+        print(f"bld: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -133,3 +133,20 @@ def test_feedback_pick_stops_in_one_line_on_ctrl_c(run_dir, tmp_path, monkeypatc
     assert bench.main(["--run", str(run_dir), "--out", str(tmp_path / "O")]) == 130
     assert capsys.readouterr().err.strip() == ("feedback_pick: interrupted; the rows of the re-solves done are in the "
                                                "output folder's feedback_pick.csv (a rerun starts afresh)")
+
+
+# bld.py
+
+
+def test_bld_refuses_runs_it_cannot_use(run_dir, interrupted, tmp_path, capsys):
+    bench = load_benchmark("bld")
+    out = tmp_path / "O"
+    # SmolLM2's default layers on the tiny parent trained nothing, then failed with KeyError 'final_nmse'
+    assert_refuses(bench, ["schedule", "--run", str(interrupted), "--out", str(out)], "has layers 0 to 3", capsys)
+    assert_refuses(bench, ["schedule", "--run", str(interrupted), "--out", str(out), "--layers", "1",
+                           "--variants", "ffn-1"], "none is in", capsys)
+    assert_refuses(bench, ["child", "--run", str(tmp_path / "nonexist"), "--out", str(out)], "nonexist", capsys)
+    # a tiny run's child was rebuilt from SmolLM2 (ValueError)
+    assert_refuses(bench, ["child", "--run", str(run_dir), "--out", str(out), "--budgets", "256,512"],
+                   "is not SmolLM2-135M", capsys)
+    assert not out.exists()
