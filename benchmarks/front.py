@@ -334,7 +334,7 @@ def machine_speed(run, out: Path) -> None:
     print(msg or "machine speed: " + ", ".join(f"{k} x{v:.2f}" for k, v in drift.items()) + " (remeasure / cost table)")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="run directory (after `puzzle run`)")
     p.add_argument("--phase", required=True, choices=["plan", "baselines", "refine", "ours", "fusion", "remeasure", "downstream", "report"],
@@ -354,8 +354,10 @@ def main() -> int:
     p.add_argument("--tasks", default="lambada,arc_easy,piqa", help="downstream tasks (--phase downstream)")
     p.add_argument("--limit", type=int, default=100, help="documents per downstream task (--phase downstream)")
     p.add_argument("--names", default="", help="models for --phase downstream (default: all but init-only and diverse)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "front_results", help="report folder")
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "front_results",
+                   help="report folder of --phase report (default: benchmarks/front_results inside this repository, "
+                        "git-ignored)")
+    args = p.parse_args(argv)
     from puzzle.budgets import parse_speedup
     from puzzle.errors import PuzzleError
 
@@ -365,14 +367,28 @@ def main() -> int:
             raise PuzzleError(f"--speedups {args.speedups}: give speed-ups above 1 (1 is the parent)")
         run = open_run(args.run, progress=False)
         ours = [p for p in (run.out / "front_rows").glob("*.json") if p.name != "parent.json"]
+        if args.phase == "report" and args.out.exists() and not args.out.is_dir():
+            raise PuzzleError(f"--out {args.out} is a file; give a folder")
         if args.phase == "report" and not ours:
             raise PuzzleError(f"{run.out / 'front_rows'} holds none of our children to report: run --phase plan, "
                               f"baselines and ours first")
     except PuzzleError as e:
-        print(f"front.py: error: {e}", file=sys.stderr)
+        print(f"front: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     load = os.getloadavg()[0]
+    try:
+        run_phase(run, args, speedups)
+    except PuzzleError as e:  # breaker: a run stopped before scoring failed --phase plan as a raw PuzzleError
+        print(f"front: error: {e}", file=sys.stderr)
+        return 2
+    print(f"phase {args.phase}: {time.perf_counter() - t0:.0f} s, load average {load:.1f} -> {os.getloadavg()[0]:.1f}",
+          file=sys.stderr)
+    return 0
+
+
+def run_phase(run, args, speedups) -> None:
+    """--phase of `main`."""
     if args.phase == "plan":
         phase_plan(run, speedups, not args.interpolate_costs)
     elif args.phase == "baselines":
@@ -397,9 +413,6 @@ def main() -> int:
         phase_fusion(run, [n for n in names if n not in missing])
     else:
         phase_report(run, args.out, speedups)
-    print(f"phase {args.phase}: {time.perf_counter() - t0:.0f} s, load average {load:.1f} -> {os.getloadavg()[0]:.1f}",
-          file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

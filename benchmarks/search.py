@@ -216,7 +216,8 @@ def run(out: Path, repeats: int, workers: int | None, random_combos: int = 80,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "search_times.csv", help="CSV of solve times")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "search_times.csv",
+                   help="CSV of solve times (default: benchmarks/search_times.csv inside this repository, git-ignored)")
     p.add_argument("--repeats", type=int, default=3, help="solves per budget (the median is reported)")
     p.add_argument("--workers", type=int, default=None, help="CP-SAT threads (default: CPU count, at most 8)")
     p.add_argument("--random", type=int, default=80, help="random three-budget combinations on the library, per seed")

@@ -174,13 +174,30 @@ def main(argv=None) -> int:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each model's trained checkpoint (OUT/work/) once its row is written")
     args = p.parse_args(argv)
+    try:
+        return uplift(args)
+    except PuzzleError as e:
+        print(f"uplift: error: {e}", file=sys.stderr)
+        return 2
 
+
+def uplift(args) -> int:
+    """The GKD of each model `pick_models` picks, the table and the ratios.
+
+    Raises:
+        PuzzleError: --out is a file, --run is no finished run (no config, or no front rows), or as the stages.
+    """
     from puzzle.baselines import open_run
     from puzzle.distill import GKDConfig, run_train_tokens
     from puzzle.downstream import front_library, front_model_specs
 
+    out = args.out or args.run / f"uplift-{args.speedup:g}x"
+    if out.exists() and not out.is_dir():  # breaker: NotADirectoryError after the GKD of the first model
+        raise PuzzleError(f"--out {out} is a file; give a folder")
     run = open_run(args.run)
-    out = args.out or run.out / f"uplift-{args.speedup:g}x"
+    if not any((run.out / f).exists() for f in ("front.csv", "front_rows", "baselines/rows")):
+        raise PuzzleError(f"{run.out} has no front.csv, front_rows/ or baselines/rows/: run `puzzle run` (or `puzzle "
+                          f"front`) and `puzzle baselines` first")
     models = pick_models(run, args.speedup, [m for m in args.methods.split(",") if m])
     specs = {s["name"]: s for s in front_model_specs(run)}
     library = front_library(run)

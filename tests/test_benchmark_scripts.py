@@ -108,7 +108,8 @@ def test_runtime_refuses_in_one_line(run_dir, interrupted, tmp_path, capsys):
 @pytest.mark.parametrize("name,argv", [
     ("scoring", []), ("sampling", []), ("contention", ["--only", "windows"]), ("additivity", ["--run", "{run}"]),
     ("headroom", ["--run", "{run}"]), ("feedback_pick", ["--run", "{run}"]), ("select_context", ["--run", "{run}"]),
-    ("kl_gap", ["--run", "{run}"]), ("objectives", ["--run", "{run}"]), ("runtime", []),
+    ("kl_gap", ["--run", "{run}"]), ("objectives", ["--run", "{run}"]), ("runtime", []), ("uplift", ["--run", "{run}"]),
+    ("front", ["--run", "{run}", "--phase", "report"]), ("bld", ["schedule", "--run", "{run}"]),
 ])
 def test_an_out_file_is_refused_first(name, argv, run_dir, tmp_path, capsys):
     out = tmp_path / "file"
@@ -150,3 +151,15 @@ def test_bld_refuses_runs_it_cannot_use(run_dir, interrupted, tmp_path, capsys):
     assert_refuses(bench, ["child", "--run", str(run_dir), "--out", str(out), "--budgets", "256,512"],
                    "is not SmolLM2-135M", capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name,argv,says", [
+    ("uplift", [], "has no front.csv"), ("front", ["--phase", "plan"], "score_table.csv does not exist"),
+])
+def test_an_unfinished_run_is_refused_in_one_line(name, argv, says, interrupted, capsys):
+    assert_refuses(load_benchmark(name), ["--run", str(interrupted), *argv], says, capsys)
+
+
+def test_uplift_names_a_missing_run(tmp_path, capsys):
+    assert_refuses(load_benchmark("uplift"), ["--run", str(tmp_path / "nonexist")], "config.json does not exist",
+                   capsys)
