@@ -13,6 +13,9 @@ Phases (each a separate process, so each stays short on a shared 2-core machine)
     python benchmarks/rpo_demo.py train --work DIR --loss L [--online] [--hhh]
     python benchmarks/rpo_demo.py report --work DIR           DIR/rpo_demo.csv and DIR/rpo_demo.md
 
+prepare and train take --child FOLDER, the exported child (default: $PUZZLE_DEMO_CHILD, else
+/tmp/demo1/export/child-1.5x).
+
 Everything trains Tied-LoRA adapters (spec BA untied = plain LoRA, `puzzle.adapters`) on the child,
 with π_ref the starting child: offline through the cached reference log-probs, online a frozen copy.
 """
@@ -30,6 +33,7 @@ import pandas as pd
 import torch
 
 from puzzle.adapters import AdapterConfig, apply_adapters
+from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.parent import load_parent
 from puzzle.pipeline import markdown_table
@@ -38,21 +42,45 @@ from puzzle.preference import (RPOConfig, best_worst_pair, encode_records, evalu
                                record_from_dict, reference_logprobs, sample_groups, train_offline, train_online)
 from puzzle.rewards import TASKS, LikelihoodJudge
 
-CHILD = Path(os.environ.get("PUZZLE_DEMO_CHILD", "/tmp/demo1/export/child-1.5x"))
+DEFAULT_CHILD = "/tmp/demo1/export/child-1.5x"  # the demo run's 1.5x child
+CHILD = Path(os.environ.get("PUZZLE_DEMO_CHILD", DEFAULT_CHILD))
 BIGBENCH = Path(os.environ.get("PUZZLE_CACHE", Path.home() / ".cache" / "puzzle")) / "sdists" / "bigbench-1.0.0.tar.gz"
 TASK_NAMES = ("count", "repeat", "reverse")
 
 
-def load_models():
-    """(child, parent) LoadedModels; the child shares the parent's tokenizer (an export's tokenizer folder
-    makes transformers ask about remote code, a 15 s wait without a terminal)."""
+def load_models(path: Path):
+    """(child, parent) LoadedModels; the child (the exported folder `path`) shares the parent's tokenizer (an
+    export's tokenizer folder makes transformers ask about remote code, a 15 s wait without a terminal)."""
     import dataclasses
 
     from puzzle.assets import asset_path
 
+    check_child(path)
     parent = load_parent(str(asset_path("smollm2-gguf")))
-    child = dataclasses.replace(load_parent(CHILD, with_tokenizer=False), tokenizer=parent.tokenizer)
-    return child, parent
+    child = load_parent(path, with_tokenizer=False)
+    check_vocabulary(path, child.model, parent.tokenizer)
+    return dataclasses.replace(child, tokenizer=parent.tokenizer), parent
+
+
+def check_child(path: Path) -> None:
+    """Raises PuzzleError: `path` is no exported model folder."""
+    if not (path / "config.json").is_file():
+        raise PuzzleError(f"--child {path} is no exported model folder ({path / 'config.json'} is missing): give "
+                          f"--child FOLDER (`puzzle export` or `puzzle run` writes DIR/export/<child>), or set "
+                          f"PUZZLE_DEMO_CHILD")
+
+
+def check_vocabulary(path: Path, model, tokenizer) -> None:
+    """Raises PuzzleError: the tokenizer (SmolLM2's) has ids past the child's embedding (IndexError later)."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise PuzzleError(f"--child {path} has a vocabulary of {model.config.vocab_size} tokens, the SmolLM2 "
+                          f"tokenizer of the data {len(tokenizer)}: give a child of a SmolLM2-135M run")
+
+
+def check_work(work: Path) -> None:
+    """Raises PuzzleError: --work is a file."""
+    if work.exists() and not work.is_dir():
+        raise PuzzleError(f"--work {work} is a file; give a folder")
 
 
 def prompts(n_per_task: int, seed: int, exclude: list = ()) -> list:
@@ -96,7 +124,7 @@ def cmd_prepare(args) -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    child, parent = load_models()
+    child, parent = load_models(args.child)
     judge = LikelihoodJudge(parent.model, parent.tokenizer)
     train, held_out = train_prompts(args), held_out_prompts(args)
     assert not {json.dumps(p) for p in train} & {json.dumps(p) for p in held_out}
@@ -122,14 +150,17 @@ def cmd_prepare(args) -> None:
                                                           "seconds": time.perf_counter() - t0})
     atomic_write_json(work / "prepare.json", {"train_prompts": len(train), "held_out_prompts": len(held_out),
                                               "groups": len(rows), "pairs": len(pair_rows), "k": args.k,
-                                              "max_new_tokens": args.max_new_tokens, "child": str(CHILD),
+                                              "max_new_tokens": args.max_new_tokens, "child": str(args.child),
                                               "load": os.getloadavg(), "seconds": time.perf_counter() - t0})
 
 
 def cmd_train(args) -> None:
     work = args.work
+    if not (work / "results" / "before.json").is_file():
+        raise PuzzleError(f"{work / 'results' / 'before.json'} is missing: run `rpo_demo.py prepare --work {work}` "
+                          f"first")
     t0 = time.perf_counter()
-    child, parent = load_models()
+    child, parent = load_models(args.child)
     judge = LikelihoodJudge(parent.model, parent.tokenizer)
     model, tok = child.model, child.tokenizer
     ref_model = frozen_copy(model)
@@ -164,6 +195,9 @@ def cmd_train(args) -> None:
 
 def cmd_report(args) -> None:
     work = args.work
+    if not (work / "results" / "before.json").is_file():
+        raise PuzzleError(f"{work / 'results' / 'before.json'} is missing: run `rpo_demo.py prepare --work {work}` "
+                          f"first")
     before = json.loads((work / "results" / "before.json").read_text())
     rows = []
     for path in sorted((work / "results").glob("*.json")):
@@ -193,6 +227,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("phase", choices=["prepare", "train", "report"], help="which phase to run")
     p.add_argument("--work", type=Path, required=True, help="work folder (results under DIR/results)")
+    p.add_argument("--child", type=Path, default=CHILD,
+                   help=f"exported child folder (default: $PUZZLE_DEMO_CHILD, else {DEFAULT_CHILD})")
     p.add_argument("--loss", default="rpo-bwd-kl", help="loss to train (train phase)")
     p.add_argument("--online", action="store_true", help="online: sample from the policy each step")
     p.add_argument("--hhh", action="store_true", help="also measure HHH implicit-reward accuracy after training")
@@ -213,8 +249,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core machine)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    {"prepare": cmd_prepare, "train": cmd_train, "report": cmd_report}[args.phase](args)
+    try:
+        check_work(args.work)
+        if args.phase != "report":
+            check_child(args.child)
+        torch.set_num_threads(args.threads)
+        {"prepare": cmd_prepare, "train": cmd_train, "report": cmd_report}[args.phase](args)
+    except PuzzleError as e:
+        print(f"rpo_demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,6 +14,7 @@ block_causal_mask); the loop here is a plain AdamW loop over the parameters that
 (`sft.supervised_finetune` turns every parameter trainable, so it cannot train adapters as is).
 
     python benchmarks/tied_lora.py run --work DIR --config NAME   one configuration (a process each)
+        [--child FOLDER]   the child (default: $PUZZLE_DEMO_CHILD, else /tmp/demo1/export/child-1.5x)
     python benchmarks/tied_lora.py run --work DIR --config NAME --lr 1e-2   the same at another learning rate
     python benchmarks/tied_lora.py report --work DIR              DIR/tied_lora.csv and .md
 """
@@ -33,13 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.adapters import AdapterConfig, apply_adapters
+from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, atomic_write_text
 from puzzle.parent import load_parent
 from puzzle.pipeline import markdown_table
 from puzzle.sft import (IGNORE, block_causal_mask, prepare_sft_data, reasoning_toggle_examples,
                         reasoning_toggle_heldout, toggle_conversation)
 
-CHILD = Path(os.environ.get("PUZZLE_DEMO_CHILD", "/tmp/demo1/export/child-1.5x"))
+DEFAULT_CHILD = "/tmp/demo1/export/child-1.5x"  # the demo run's 1.5x child
+CHILD = Path(os.environ.get("PUZZLE_DEMO_CHILD", DEFAULT_CHILD))
 CONFIGS = {
     "base": None,
     "peft-lora": "peft",
@@ -54,11 +57,35 @@ DEFAULT_LR = 2e-3
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def load_child():
+def load_child(path: Path):
     from puzzle.assets import asset_path
 
+    check_child(path)
     tokenizer = load_parent(str(asset_path("smollm2-gguf"))).tokenizer
-    return dataclasses.replace(load_parent(CHILD, with_tokenizer=False), tokenizer=tokenizer)
+    child = load_parent(path, with_tokenizer=False)
+    check_vocabulary(path, child.model, tokenizer)
+    return dataclasses.replace(child, tokenizer=tokenizer)
+
+
+def check_child(path: Path) -> None:
+    """Raises PuzzleError: `path` is no exported model folder."""
+    if not (path / "config.json").is_file():
+        raise PuzzleError(f"--child {path} is no exported model folder ({path / 'config.json'} is missing): give "
+                          f"--child FOLDER (`puzzle export` or `puzzle run` writes DIR/export/<child>), or set "
+                          f"PUZZLE_DEMO_CHILD")
+
+
+def check_vocabulary(path: Path, model, tokenizer) -> None:
+    """Raises PuzzleError: the tokenizer (SmolLM2's) has ids past the child's embedding (IndexError later)."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise PuzzleError(f"--child {path} has a vocabulary of {model.config.vocab_size} tokens, the SmolLM2 "
+                          f"tokenizer of the data {len(tokenizer)}: give a child of a SmolLM2-135M run")
+
+
+def check_work(work: Path) -> None:
+    """Raises PuzzleError: --work is a file."""
+    if work.exists() and not work.is_dir():
+        raise PuzzleError(f"--work {work} is a file; give a folder")
 
 
 def data(tokenizer, args):
@@ -110,7 +137,7 @@ def attach(model, name: str, rank: int):
 def cmd_run(args) -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    child = load_child()
+    child = load_child(args.child)
     model = child.model
     train, held = data(child.tokenizer, args)
     trainable = attach(model, args.config, args.rank)
@@ -153,12 +180,15 @@ def cmd_report(args) -> None:
     for name in CONFIGS:
         for path in sorted(args.work.glob(f"{name}*.json")):
             r = json.loads(path.read_text())
-            if r["config"] != name:
+            if not isinstance(r, dict) or r.get("config") != name:
                 continue
             rows.append({"config": name, "lr": r["lr"], "trainable_params": r["trainable_params"], "steps": r["steps"],
                          "held_out_loss_nats": round(r["held_out_loss_nats"], 4),
                          "train_loss_last_nats": None if r["train_loss_last"] is None else round(r["train_loss_last"], 4),
                          "train_s": round(r["train_seconds"]), "load_1min": round(r["load"][0], 1)})
+    if not rows:
+        raise PuzzleError(f"{args.work} holds no configuration's results: run `tied_lora.py run --work "
+                          f"{args.work} --config NAME` first")
     df = pd.DataFrame(rows)
     lora = df.loc[df.config == "peft-lora", "trainable_params"]
     if len(lora):
@@ -180,6 +210,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("phase", choices=["run", "report"], help="train one configuration, or tabulate")
     p.add_argument("--work", type=Path, required=True, help="results folder")
+    p.add_argument("--child", type=Path, default=CHILD,
+                   help=f"exported child folder (default: $PUZZLE_DEMO_CHILD, else {DEFAULT_CHILD})")
     p.add_argument("--config", choices=list(CONFIGS), default="tied-vBuA", help="configuration to run")
     p.add_argument("--rank", type=int, default=8, help="adapter rank r (all configurations)")
     p.add_argument("--steps", type=int, default=40, help="optimiser steps (all configurations)")
@@ -192,9 +224,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order")
     args = p.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    {"run": cmd_run, "report": cmd_report}[args.phase](args)
+    try:
+        check_work(args.work)
+        if args.phase == "run":
+            check_child(args.child)
+            args.work.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(args.threads)
+        {"run": cmd_run, "report": cmd_report}[args.phase](args)
+    except PuzzleError as e:
+        print(f"tied_lora: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

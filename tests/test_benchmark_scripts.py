@@ -163,3 +163,33 @@ def test_an_unfinished_run_is_refused_in_one_line(name, argv, says, interrupted,
 def test_uplift_names_a_missing_run(tmp_path, capsys):
     assert_refuses(load_benchmark("uplift"), ["--run", str(tmp_path / "nonexist")], "config.json does not exist",
                    capsys)
+
+
+# tied_lora.py and rpo_demo.py
+
+
+@pytest.mark.parametrize("name,phase", [("tied_lora", "run"), ("rpo_demo", "prepare"), ("rpo_demo", "train")])
+def test_demo_scripts_name_a_missing_child(name, phase, tmp_path, capsys):
+    argv = [phase, "--work", str(tmp_path / "W"), "--child", str(tmp_path / "nope")]
+    assert_refuses(load_benchmark(name), argv, f"--child {tmp_path / 'nope'} is no exported model folder", capsys)
+
+
+@pytest.mark.parametrize("name", ["tied_lora", "rpo_demo"])
+def test_demo_reports_refuse_a_work_file_or_folder_without_results(name, tmp_path, capsys):
+    bench = load_benchmark(name)
+    (tmp_path / "file").write_text("")
+    assert_refuses(bench, ["report", "--work", str(tmp_path / "file")], "is a file", capsys)
+    assert_refuses(bench, ["report", "--work", str(tmp_path / "W")], "first", capsys)
+
+
+def test_tied_lora_refuses_a_child_of_another_vocabulary(run_dir, tmp_path, capsys):
+    """A tiny run's child (299 tokens) failed with IndexError on the SmolLM2 tokenizer's ids."""
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import stage_export
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    stage_export(open_run(run, progress=False), "child-1.5x")
+    capsys.readouterr()  # the export's notes
+    argv = ["run", "--work", str(tmp_path / "W"), "--config", "base", "--child", str(run / "export" / "child-1.5x")]
+    assert_refuses(load_benchmark("tied_lora"), argv, "has a vocabulary of 299 tokens", capsys)
