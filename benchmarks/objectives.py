@@ -37,6 +37,7 @@ from puzzle.budgets import Budgets, parse_speedup  # noqa: E402
 from puzzle.errors import PuzzleError  # noqa: E402
 from puzzle.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
+OFF_TARGET = 0.03  # a child predicted this far (relative) from its target speed-up is warned of
 DEFAULT_OBJECTIVES = "kl_nats;lm_loss;cosine;top1_agree;kl_nats=1,top1_agree=2;greedy"
 
 
@@ -142,8 +143,18 @@ def main(argv=None) -> int:
     for column, what in (("eval_kl_nats", "evaluation KL"), ("score_kl_nats", "scoring-split KL")):
         kl = df.pivot(index="row", columns="speedup", values=column).loc[names]
         kl[f"mean / {base}"] = (kl / kl.loc[base]).mean(axis=1)
-        with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-            print(f"{what} (nats) at matched predicted runtime; columns: speed-up\n{kl}")
+        with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):  # tiny runs: ~1e-3
+            print(f"{what} (nats) under each target's runtime budget; columns: target speed-up\n{kl}")
+    # each row's child meets its budget, but not all reach the same speed-up (breaker: greedy's 1.75x beside the
+    # MIP's 1.53x at 1.5 was printed as "matched"): the KLs compare as far as these agree
+    speed = df.pivot(index="row", columns="speedup", values="predicted_speedup").loc[names]
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+        print(f"predicted speed-up of each child; columns: target speed-up\n{speed}")
+    off = df[(df["predicted_speedup"] / df["speedup"] - 1).abs() > OFF_TARGET]
+    for r in off.itertuples():
+        print(f"warning: {r.row} at {r.speedup:g}x is predicted {r.predicted_speedup:.3f}x, "
+              f"{r.predicted_speedup / r.speedup - 1:+.1%} off its target: its KL is not at a matched runtime",
+              file=sys.stderr)
     print(f"wrote {out / 'objectives.csv'}")
     return 0
 
