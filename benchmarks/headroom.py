@@ -100,8 +100,9 @@ def views(run, select_tokens: int, context_tokens: int) -> dict[str, SplitView]:
     start = max(n, scoring_ids(run).shape[0])
     if start >= score.shape[0]:
         raise PuzzleError(f"the scoring split holds {score.shape[0]} sequences of {seq} tokens and --select-tokens "
-                          f"{select_tokens} and the score table use the first {start} sequences: none stays held out; give "
-                          f"--select-tokens at most {(score.shape[0] - 1) * seq}, or raise data.score_tokens")
+                          f"{select_tokens} and the score table use the first {start} sequences: none stays held "
+                          f"out; give --select-tokens at most {(score.shape[0] - 1) * seq}, or raise "
+                          f"data.score_tokens")
     return {"oracle": SplitView(run, run.tokens.eval, context_tokens, "oracle"),
             "honest": SplitView(run, score[:n], context_tokens, "honest"),
             "heldout": SplitView(run, score[start:], context_tokens, "heldout")}
