@@ -82,7 +82,9 @@ class AdapterConfig:
         if self.spec not in SPECS:
             raise PuzzleError(f"adapter spec {self.spec!r} is not one of {', '.join(SPECS)} (u or v absent means identity)")
         if any(c not in "ABuv" or c not in self.spec for c in self.frozen) or len(set(self.frozen)) != len(self.frozen):
-            raise PuzzleError(f"frozen={self.frozen!r}: name factors of spec {self.spec!r} once each (A, B, u, v)")
+            # breaker: the list named u and v for spec BA, which has neither
+            raise PuzzleError(f"frozen={self.frozen!r}: name factors of spec {self.spec!r} once each (its factors: "
+                              f"{', '.join(self.spec)})")
         if self.rank < 1:
             raise PuzzleError(f"adapter rank must be >= 1, got {self.rank}")
         if self.linear_subblocks not in ("skip", "adapt"):

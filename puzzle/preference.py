@@ -6,7 +6,8 @@
                prompt added). Only response tokens are scored; an EOS token ends every response.
     reference  π_ref is a frozen copy of the starting model, or its log-probs precomputed once and
                cached on disk (atomic safetensors file keyed by the data's tokens and the model's weights).
-    offline    `train_offline`: the losses of `puzzle.rpo` on fixed data.
+    offline    `train_offline`: the losses of `puzzle.rpo` on fixed data (`puzzle rpo --data` refuses rloo, a
+               policy gradient on the policy's own samples).
     online     `train_online`: each step samples K responses per prompt from the current policy
                (`sample`, temperature sampling with a KV cache), scores them with a reward function
                (`puzzle.rewards`), and optimises: pair losses on the best and worst of the K, rpo-multi
@@ -111,6 +112,10 @@ def record_from_dict(d: dict, where: str = "record") -> PreferenceRecord:
         if has[0] != has[1]:
             raise PuzzleError(f"{where}: give both chosen_reward and rejected_reward, or neither")
         rewards = (_reward(d["chosen_reward"], where), _reward(d["rejected_reward"], where)) if all(has) else None
+        if rewards is not None and rewards[0] < rewards[1]:  # breaker: dpo and the reward losses trained opposite ways
+            raise PuzzleError(f"{where}: chosen_reward {rewards[0]:g} is below rejected_reward {rewards[1]:g}, so the "
+                              f"pair contradicts itself (dpo follows the labels, the rpo losses the rewards); swap "
+                              f"chosen and rejected, or fix the rewards")
         responses, is_pair = (chosen, rejected), True
     elif "responses" in d:
         prompt = d.get("prompt")
@@ -231,6 +236,7 @@ class EncodedRecord:
     response_ids: tuple[tuple[int, ...], ...]
     rewards: tuple[float, ...] | None
     is_pair: bool = False
+    truncated: bool = False  # a response was cut to max_response_tokens
 
 
 def encode_prompt(tokenizer, prompt, string_prompts: str = "raw") -> list[int]:
@@ -271,16 +277,28 @@ def encode_records(tokenizer, records: list[PreferenceRecord], *, max_prompt_tok
 
     A group of two responses whose rewards differ becomes a pair, its better response first (a group's order
     means nothing: pair losses and their margins take column 0 as the chosen response)."""
-    out = []
+    from .parent import transformers_quiet
+
+    out, cut_prompts, cut_responses = [], 0, 0
     for r in records:
-        prompt = encode_prompt(tokenizer, r.prompt, string_prompts)[-max_prompt_tokens:]
-        responses = tuple(tuple(encode_response(tokenizer, t, append_eos)[:max_response_tokens]) for t in r.responses)
+        with transformers_quiet():  # its "indexing errors" note on a long text: cut here, as said below (breaker)
+            prompt = encode_prompt(tokenizer, r.prompt, string_prompts)
+            whole = [encode_response(tokenizer, t, append_eos) for t in r.responses]
+        cut_prompts += len(prompt) > max_prompt_tokens
+        cut_responses += sum(len(x) > max_response_tokens for x in whole)
+        prompt = prompt[-max_prompt_tokens:]
+        responses = tuple(tuple(x[:max_response_tokens]) for x in whole)
         if any(len(x) == 0 for x in responses):
             raise PuzzleError("a response has no tokens; drop empty responses or keep append_eos=True")
-        record = EncodedRecord(tuple(prompt), responses, r.rewards, r.is_pair)
+        record = EncodedRecord(tuple(prompt), responses, r.rewards, r.is_pair,
+                               truncated=any(len(x) > max_response_tokens for x in whole))
         if not r.is_pair and len(responses) == 2 and r.rewards is not None:
             record = _pair_of(record) or record  # rewards that tie leave a group (no chosen response)
         out.append(record)
+    if cut_prompts or cut_responses:  # breaker: a 40000-token prompt was cut to its last 512 without a word
+        warnings.warn(f"{cut_prompts} prompt(s) longer than {max_prompt_tokens} tokens keep their last "
+                      f"{max_prompt_tokens}, {cut_responses} response(s) longer than {max_response_tokens} tokens "
+                      f"their first {max_response_tokens}")
     return out
 
 
@@ -627,6 +645,7 @@ def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    metrics["lr"] = opt.param_groups[0]["lr"]  # the rate this step took (breaker: logged after sched.step: ahead)
     opt.step()
     sched.step()
     return metrics
@@ -690,12 +709,22 @@ def _check_data(encoded: list[EncodedRecord], config: RPOConfig) -> None:
         check_rewards(config.loss, None if r.rewards is None else torch.tensor(r.rewards))
     # breaker: pairs whose chosen and rejected were the same text trained at loss ln 2, margin 0, and "succeeded"
     alike = sum(len({tuple(ids) for ids in r.response_ids}) == 1 for r in encoded)
+    cut = (f" (after each response is cut to its first {config.max_response_tokens} tokens)"
+           if any(r.truncated for r in encoded) else "")  # breaker: texts differing past the cut read as "the same"
     if alike == len(encoded):
-        raise PuzzleError(f"in all {alike} records the responses are the same text, so there is nothing to prefer "
-                          f"and the model would learn nothing; give records whose responses differ")
+        raise PuzzleError(f"in all {alike} records the responses are the same text{cut}, so there is nothing to "
+                          f"prefer and the model would learn nothing; give records whose responses differ"
+                          + (" within that many tokens" if cut else ""))
     if alike:
-        warnings.warn(f"{alike} of {len(encoded)} records have responses that are the same text: they prefer "
+        warnings.warn(f"{alike} of {len(encoded)} records have responses that are the same text{cut}: they prefer "
                       f"nothing, and train nothing")  # one place: said once though checked twice
+    # breaker: pairs whose rewards all tie trained at loss 0, margin 0, and "succeeded" under the reward losses (a
+    # tied record among others does train: it holds its margin at 0 once the policy moves)
+    tied = sum(r.rewards is not None and len(set(r.rewards)) == 1 for r in encoded) if needs_rewards(config.loss) else 0
+    if tied == len(encoded):
+        raise PuzzleError(f"in all {tied} records every response has the same reward, so {config.loss}, whose "
+                          f"target is each record's reward difference, starts at its optimum (the policy is its "
+                          f"reference) and learns nothing; give rewards that differ")
 
 
 def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, reference=None,
@@ -745,7 +774,7 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
             with torch.no_grad():
                 ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
         metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
-        rows.append({"step": step + 1, **metrics, "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+        rows.append({"step": step + 1, **metrics, "seconds": time.perf_counter() - t0})
     model.eval()
     _check_finite_weights(model, config)
     return pd.DataFrame(rows)
@@ -774,7 +803,8 @@ def _pair_of(e: EncodedRecord) -> EncodedRecord | None:
     """`best_worst_pair` of a sampled group as token ids (None when all rewards tie)."""
     if (ends := _best_worst(e.rewards)) is None:
         return None
-    return EncodedRecord(e.prompt_ids, tuple(e.response_ids[i] for i in ends), tuple(e.rewards[i] for i in ends), True)
+    return EncodedRecord(e.prompt_ids, tuple(e.response_ids[i] for i in ends), tuple(e.rewards[i] for i in ends), True,
+                         e.truncated)
 
 
 def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, reference=None,
@@ -827,7 +857,8 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
                     ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
             metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
             row.update(metrics)
-        row.update({"lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+        row.setdefault("lr", sched.get_last_lr()[0])  # no step taken: the rate the next one takes
+        row.update({"seconds": time.perf_counter() - t0})
         rows.append(row)
     model.eval()
     _check_finite_weights(model, config)
@@ -1048,6 +1079,10 @@ def _check_rpo_flags(args) -> None:
         raise PuzzleError("--reference chooses how offline (--data) runs keep π_ref; online runs use a frozen copy")
     if args.kl_coef != 0 and args.loss != "rloo":
         raise PuzzleError(f"--kl-coef is RLOO's KL penalty; --loss {args.loss} does not use it")
+    if args.data is not None and args.loss == "rloo":  # breaker: on fixed responses its loss fell without bound
+        raise PuzzleError("--loss rloo is a policy gradient on the policy's own samples (online: --task, or --prompts "
+                          "with --reward); --data trains offline on given responses: use dpo, ipo, simpo or an rpo "
+                          "loss")
     if args.task is None and (given := [f for f in ("--num-prompts", "--eval-prompts") if online[f] is not None]):
         raise PuzzleError(f"{', '.join(given)} count --task prompts; with --prompts the file decides")
     if args.task is not None and args.reward:

@@ -234,9 +234,11 @@ def test_two_response_groups_train_pair_losses_best_first(tiny):
             train_offline(model, enc, config, frozen_copy(model))
         with pytest.raises(PuzzleError, match="needs pairs"):
             preference_accuracy(ref, ref, enc)
-    # losses on rewards take a tied group: their target margin is 0
-    enc = encode_records(tiny.tokenizer, [record_from_dict({**group, "rewards": [0.5, 0.5]})])
+    # losses on rewards take a tied group among others (its target margin is 0); tied groups alone learn nothing
+    enc = encode_records(tiny.tokenizer, [record_from_dict({**group, "rewards": [0.5, 0.5]}), record_from_dict(group)])
     train_offline(model, enc, RPOConfig(loss="rpo-sq", steps=1, batch_size=1), frozen_copy(model))
+    with pytest.raises(PuzzleError, match="every response has the same reward"):
+        train_offline(model, enc[:1], RPOConfig(loss="rpo-sq", steps=1, batch_size=1), frozen_copy(model))
 
 
 def test_online_rloo_and_rpo_with_adapters(tiny):
@@ -588,3 +590,42 @@ def test_group_losses_log_no_pair_margin_for_groups_of_two(tmp_path):
         assert args.func(args) == 0
         history = pd.read_csv(tmp_path / loss / "history.csv")
         assert ("margin" in history.columns) == has and ("accuracy" in history.columns) == has, loss
+
+
+def test_contradicting_tied_or_cut_preferences_and_offline_rloo_are_said(tmp_path):
+    """Breaker: a pair whose chosen_reward was below its rejected_reward trained toward chosen under dpo and away
+    from it under rpo-bwd-kl; --loss rloo on --data fell without bound; pairs whose rewards tie trained nothing under
+    the reward losses and "succeeded"; responses differing past the 256-token cut were called "the same text"; the lr
+    column of history.csv was a step ahead; --freeze u for spec BA listed u among the factors."""
+    import pandas as pd
+
+    def data(name, *records):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        return str(path)
+
+    pair = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    inverted = data("inverted", {**pair, "chosen_reward": 0, "rejected_reward": 1})
+    args = _rpo_args("--out", str(tmp_path / "o1"), "--data", inverted, "--steps", "1")
+    with pytest.raises(PuzzleError, match="line 1: chosen_reward 0 is below rejected_reward 1, so the pair"):
+        args.func(args)
+    good = data("good", {**pair, "chosen_reward": 1, "rejected_reward": 0})
+    args = _rpo_args("--out", str(tmp_path / "o2"), "--data", good, "--loss", "rloo", "--steps", "1")
+    with pytest.raises(PuzzleError, match="--loss rloo is a policy gradient on the policy's own samples"):
+        args.func(args)
+    tied = data("tied", {**pair, "chosen_reward": 1, "rejected_reward": 1})
+    args = _rpo_args("--out", str(tmp_path / "o3"), "--data", tied, "--loss", "rpo-sq", "--steps", "1")
+    with pytest.raises(PuzzleError, match="every response has the same reward, so rpo-sq"):
+        args.func(args)
+    long = data("long", {"prompt": "a", "chosen": "x " * 600 + "A", "rejected": "x " * 600 + "B"})
+    args = _rpo_args("--out", str(tmp_path / "o4"), "--data", long, "--loss", "dpo", "--steps", "1")
+    with pytest.warns(UserWarning, match=r"0 prompt\(s\) longer than 512 tokens .* 2 response\(s\) longer than 256"):
+        with pytest.raises(PuzzleError, match="the same text \\(after each response is cut to its first 256 tokens"):
+            args.func(args)
+    args = _rpo_args("--out", str(tmp_path / "o5"), "--data", good, "--loss", "dpo", "--steps", "3",
+                     "--warmup-steps", "5", "--lr", "1e-5")
+    assert args.func(args) == 0
+    lrs = pd.read_csv(tmp_path / "o5" / "history.csv")["lr"].tolist()
+    assert lrs == pytest.approx([2e-6, 4e-6, 6e-6])  # step k trains at lr * k / warmup
+    with pytest.raises(PuzzleError, match=r"name factors of spec 'BA' once each \(its factors: B, A\)"):
+        AdapterConfig(spec="BA", frozen="u")
