@@ -1077,6 +1077,8 @@ def _check_rpo_flags(args) -> None:
         raise PuzzleError(f"{', '.join(given)} set the online sampling; --data trains offline on its responses")
     if args.data is None and args.reference is not None:
         raise PuzzleError("--reference chooses how offline (--data) runs keep π_ref; online runs use a frozen copy")
+    if args.reference is not None and not needs_reference(args.loss, args.kl_coef):  # breaker: a copy never used
+        raise PuzzleError(f"--loss {args.loss} uses no reference model π_ref; drop --reference")
     if args.kl_coef != 0 and args.loss != "rloo":
         raise PuzzleError(f"--kl-coef is RLOO's KL penalty; --loss {args.loss} does not use it")
     if args.data is not None and args.loss == "rloo":  # breaker: on fixed responses its loss fell without bound
@@ -1253,6 +1255,10 @@ def _rpo(args) -> int:
         encoded = encode_records(tokenizer, records, max_prompt_tokens=config.max_prompt_tokens,
                                  max_response_tokens=config.max_response_tokens, string_prompts=args.string_prompts)
         _check_data(encoded, config)  # before the reference log-probs (a forward pass over the data) are computed
+        if config.batch_size > len(encoded):  # breaker: 100 on 8 records took each about 12 times per step
+            raise PuzzleError(f"--batch-size {config.batch_size} is more than the {len(encoded)} records: each step "
+                              f"would take the same records again; give --batch-size {len(encoded)} or less, or "
+                              f"more data")
         reference = None
         if uses_ref:  # π_ref is the model before training: its cached log-probs need no copy of it
             reference = (reference_logprobs(model, encoded, args.out / "ref_cache", progress=progress)

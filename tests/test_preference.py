@@ -622,8 +622,14 @@ def test_contradicting_tied_or_cut_preferences_and_offline_rloo_are_said(tmp_pat
     with pytest.warns(UserWarning, match=r"0 prompt\(s\) longer than 512 tokens .* 2 response\(s\) longer than 256"):
         with pytest.raises(PuzzleError, match="the same text \\(after each response is cut to its first 256 tokens"):
             args.func(args)
+    args = _rpo_args("--out", str(tmp_path / "o6"), "--data", good, "--loss", "dpo", "--steps", "1")
+    with pytest.raises(PuzzleError, match="--batch-size 4 is more than the 1 records"):  # each step: one record 4x
+        args.func(args)
+    args = _rpo_args("--out", str(tmp_path / "o7"), "--data", good, "--loss", "simpo", "--reference", "copy")
+    with pytest.raises(PuzzleError, match="--loss simpo uses no reference model"):  # a copy never used
+        args.func(args)
     args = _rpo_args("--out", str(tmp_path / "o5"), "--data", good, "--loss", "dpo", "--steps", "3",
-                     "--warmup-steps", "5", "--lr", "1e-5")
+                     "--warmup-steps", "5", "--lr", "1e-5", "--batch-size", "1")
     assert args.func(args) == 0
     lrs = pd.read_csv(tmp_path / "o5" / "history.csv")["lr"].tolist()
     assert lrs == pytest.approx([2e-6, 4e-6, 6e-6])  # step k trains at lr * k / warmup
