@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -714,8 +715,14 @@ def run_gkd_command(args, log=None) -> dict:
             f"batches of {config.batch_size * seq_len})")
         log(f"gkd: training on {inputs.description['train_data']}; {steps} steps of {config.batch_size} x {seq_len} "
             f"tokens, {env.world_size} process(es){rounded}")
+        from .scoring.cost import Contention
+
+        busy = Contention()  # other processes' load on this machine's cores while it trains (one process only: the
+        busy.start()  # other ranks of a torchrun job would count as load)
         result = distill(inputs.child, inputs.parent, inputs.train_ids, config, inputs.work, env=env, fsdp=args.fsdp,
                          progress=progress, stop_after_steps=args.stop_after_steps, extra_meta=extra_meta)
+        contention = busy.stop()[1]
+        contention = None if env.world_size > 1 or not math.isfinite(contention) else round(contention, 2)
         if not result.train.finished:
             log(f"gkd: stopped after step {result.train.steps_done} of {result.train.total_steps}; "
                 "rerun the same command to continue")
@@ -729,6 +736,7 @@ def run_gkd_command(args, log=None) -> dict:
                        "fsdp": args.fsdp, "steps": result.train.steps_done, "tokens_trained": result.tokens_trained,
                        "epochs": round(result.epochs, 4), "train_tok_s": round(result.tok_s, 2),
                        "train_s": round(result.train.seconds, 1), "resumed_from_step": result.train.resumed_from,
+                       "contention_cores": contention,
                        "before": before, "after": after,
                        "recovery_fraction": recovery_fraction(before["kl_nats"], after["kl_nats"]) if evaluate else None,
                        "history": result.train.history}
@@ -738,7 +746,8 @@ def run_gkd_command(args, log=None) -> dict:
                 except PuzzleError:
                     earlier = None
                 if isinstance(earlier, dict) and earlier.get("steps") == summary["steps"]:
-                    summary.update({k: earlier[k] for k in ("train_tok_s", "train_s") if k in earlier})
+                    summary.update({k: earlier[k] for k in ("train_tok_s", "train_s", "contention_cores")
+                                    if k in earlier})
             from .export import export_checkpoint
 
             exported = export_checkpoint(result.model, inputs.tokenizer, inputs.dest, overwrite=True,
@@ -781,9 +790,16 @@ def cmd_gkd(args) -> int:
         else:  # breaker: a resume went unsaid, as sft says it
             rate = f"{summary['train_tok_s']:.0f} tok/s" + (
                 f"; resumed from step {resumed} of {summary['steps']}" if resumed else "")
+            if (summary.get("contention_cores") or 0) > CONTENTION_NOTE_CORES:  # helper: tok/s swung with load
+                rate += (f"; other processes kept {summary['contention_cores']:.2f} cores busy meanwhile, so the rate "
+                         f"is below this machine's when idle")
         log(f"gkd: {summary['tokens_trained']} tokens ({rate}); exported to {summary['dest']} "
             f"({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+#: other processes' busy cores during training above which `puzzle gkd` says its tok/s reflects the load
+CONTENTION_NOTE_CORES = 0.25
 
 
 def add_gkd_parser(subparsers) -> argparse.ArgumentParser:
