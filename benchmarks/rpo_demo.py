@@ -42,6 +42,9 @@ from puzzle.preference import (RPOConfig, best_worst_pair, encode_records, evalu
                                record_from_dict, reference_logprobs, sample_groups, train_offline, train_online)
 from puzzle.rewards import TASKS, LikelihoodJudge
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's checks of the demo child
+from tied_lora import check_child, check_vocabulary, check_work  # noqa: E402
+
 DEFAULT_CHILD = "/tmp/demo1/export/child-1.5x"  # the demo run's 1.5x child
 CHILD = Path(os.environ.get("PUZZLE_DEMO_CHILD", DEFAULT_CHILD))
 BIGBENCH = Path(os.environ.get("PUZZLE_CACHE", Path.home() / ".cache" / "puzzle")) / "sdists" / "bigbench-1.0.0.tar.gz"
@@ -60,27 +63,6 @@ def load_models(path: Path):
     child = load_parent(path, with_tokenizer=False)
     check_vocabulary(path, child.model, parent.tokenizer)
     return dataclasses.replace(child, tokenizer=parent.tokenizer), parent
-
-
-def check_child(path: Path) -> None:
-    """Raises PuzzleError: `path` is no exported model folder."""
-    if not (path / "config.json").is_file():
-        raise PuzzleError(f"--child {path} is no exported model folder ({path / 'config.json'} is missing): give "
-                          f"--child FOLDER (`puzzle export` or `puzzle run` writes DIR/export/<child>), or set "
-                          f"PUZZLE_DEMO_CHILD")
-
-
-def check_vocabulary(path: Path, model, tokenizer) -> None:
-    """Raises PuzzleError: the tokenizer (SmolLM2's) has ids past the child's embedding (IndexError later)."""
-    if len(tokenizer) > model.config.vocab_size:
-        raise PuzzleError(f"--child {path} has a vocabulary of {model.config.vocab_size} tokens, the SmolLM2 "
-                          f"tokenizer of the data {len(tokenizer)}: give a child of a SmolLM2-135M run")
-
-
-def check_work(work: Path) -> None:
-    """Raises PuzzleError: --work is a file."""
-    if work.exists() and not work.is_dir():
-        raise PuzzleError(f"--work {work} is a file; give a folder")
 
 
 def prompts(n_per_task: int, seed: int, exclude: list = ()) -> list:
