@@ -2869,10 +2869,14 @@ def bld_comparison_caveat(speedup_bld: float, speedup_init: float, tolerance: fl
 def bld_level_caveat(kl_bld: float, kl_init: float, bld_tokens: int, tolerance: float = 0.02,
                      predicted: tuple[float, float] | None = None) -> str:
     """A sentence for report.md when the BLD child's evaluation KL is within `tolerance` (relative) of the init-only
-    child's, or above it: one run then shows no gain from the library's training, "" otherwise. `predicted`: the two
-    children's summed replace-1-block KL (BLD, init-only), named where it ranked them the other way."""
-    if not (math.isfinite(kl_bld) and math.isfinite(kl_init)) or kl_init <= 0 or kl_bld < kl_init * (1 - tolerance):
+    child's, or above it: one run then shows no gain from the library's training. `predicted`: the two
+    children's summed replace-1-block KL (BLD, init-only), named where it ranked them the other way. A BLD child more
+    than `tolerance` better gets the verdict in one sentence (fresh user: the section gave the numbers alone)."""
+    if not (math.isfinite(kl_bld) and math.isfinite(kl_init)) or kl_init <= 0:
         return ""
+    if kl_bld < kl_init * (1 - tolerance):
+        return (f" The BLD child's KL is {1 - kl_bld / kl_init:.0%} below the init-only one's: the library's training "
+                f"pays at this budget.")
     if kl_bld <= kl_init * (1 + tolerance):
         return (f" The BLD child is not {tolerance:.0%} better here: with up to {bld_tokens} training tokens per "
                 "subblock (bld.tokens) this run's library training does not show at this budget; a longer BLD, or a "

@@ -357,7 +357,8 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     level = bld_level_caveat(1.558, 1.549, 16384)
     assert "not 2% better" in level and "16384 training tokens per subblock (bld.tokens)" in level
     assert bld_level_caveat(1.52, 1.549, 16384) != ""  # 1.9 % better: within the tolerance
-    assert bld_level_caveat(1.40, 1.549, 16384) == ""  # 10 % better: nothing to add
+    assert bld_level_caveat(1.40, 1.549, 16384) == (" The BLD child's KL is 10% below the init-only one's: the "
+                                                     "library's training pays at this budget.")  # the verdict alone
     assert bld_level_caveat(float("nan"), 1.5, 1) == "" and bld_level_caveat(1.0, 0.0, 1) == ""
     # fresh user (stop 54): a BLD child 7 % worse was reported as only "not 2% better"
     worse = bld_level_caveat(1.827, 1.707, 16384, predicted=(1.219, 1.674))
