@@ -688,6 +688,28 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) 
 # entry point
 
 
+def load_model_spec(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A model named as the commands name one: "tiny" (the built-in tiny model, `tiny.tiny_parent`, in `dtype`),
+    asset:<name> (a packaged model, `assets.model_asset_path`) or a path (`load_parent`). Whether a word "tiny" means
+    the built-in model or a folder ./tiny is the caller's (`tiny.means_builtin_tiny`; a run's parent.path "tiny" is
+    always the built-in one).
+
+    Raises:
+        PuzzleError: as `assets.model_asset_path` and `load_parent`.
+    """
+    if spec == "tiny":
+        from .tiny import tiny_parent
+
+        loaded = tiny_parent()
+        loaded.model.to(dtype)
+        return loaded
+    if spec.startswith("asset:"):
+        from .assets import model_asset_path
+
+        spec = str(model_asset_path(spec[len("asset:"):]))
+    return load_parent(spec, dtype=dtype)
+
+
 def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None = None, cache_dir=None,
                 with_tokenizer: bool = True) -> LoadedModel:
     """Load a Llama-family model from an HF folder, a nemotron-nas folder or a GGUF file.

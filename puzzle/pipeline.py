@@ -2698,13 +2698,14 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                  "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
                  "tightest budget, the request resolved on the parent measured in the same session "
                  "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
-    machine = run.out / "children" / "machine.json"
+    machine = run.out / "children" / "machine.json"  # read once: the parent's note and "Machine speed" below
     try:
-        drift = read_json(machine).get("drift") if machine.is_file() else None
-    except (PuzzleError, OSError, ValueError, AttributeError):
-        drift = None
-    for note in (*budget_miss_notes(run.out, summary),
-                 parent_runtime_note(summary, drift=drift if isinstance(drift, dict) else None)):
+        m = read_json(machine) if machine.is_file() else {}
+    except (PuzzleError, OSError, ValueError):
+        m = {}
+    m = m if isinstance(m, dict) else {}
+    drift = {k: v for k, v in m["drift"].items() if v is not None} if isinstance(m.get("drift"), dict) else {}
+    for note in (*budget_miss_notes(run.out, summary), parent_runtime_note(summary, drift=drift)):
         if note:
             lines += [note, ""]
     init_name = f"{main}-init"
@@ -2717,11 +2718,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                   + bld_comparison_caveat(a["speedup"], b["speedup"])
                   + bld_level_caveat(a["kl_nats"], b["kl_nats"], run.config.bld.tokens,
                                      predicted=(a["predicted_kl_nats"], b["predicted_kl_nats"])), ""]
-    machine = run.out / "children" / "machine.json"
     mismatched = [n for n in (speedup_mismatch_note(r, run.out) for r in summary.iloc[1:].to_dict("records")) if n]
     if machine.is_file() or mismatched:
-        m = read_json(machine) if machine.is_file() else {}
-        drift = {k: v for k, v in m.get("drift", {}).items() if v is not None}
         busy = contention_note(m.get("contention_cores") if isinstance(m.get("contention_cores"), dict) else {})
         if drift or busy or mismatched:
             lines += ["## Machine speed", ""]

@@ -284,14 +284,13 @@ def encode_records(tokenizer, records: list[PreferenceRecord], *, max_prompt_tok
         with transformers_quiet():  # its "indexing errors" note on a long text: cut here, as said below (breaker)
             prompt = encode_prompt(tokenizer, r.prompt, string_prompts)
             whole = [encode_response(tokenizer, t, append_eos) for t in r.responses]
-        cut_prompts += len(prompt) > max_prompt_tokens
-        cut_responses += sum(len(x) > max_response_tokens for x in whole)
+        long = sum(len(x) > max_response_tokens for x in whole)
+        cut_prompts, cut_responses = cut_prompts + (len(prompt) > max_prompt_tokens), cut_responses + long
         prompt = prompt[-max_prompt_tokens:]
         responses = tuple(tuple(x[:max_response_tokens]) for x in whole)
         if any(len(x) == 0 for x in responses):
             raise PuzzleError("a response has no tokens; drop empty responses or keep append_eos=True")
-        record = EncodedRecord(tuple(prompt), responses, r.rewards, r.is_pair,
-                               truncated=any(len(x) > max_response_tokens for x in whole))
+        record = EncodedRecord(tuple(prompt), responses, r.rewards, r.is_pair, truncated=long > 0)
         if not r.is_pair and len(responses) == 2 and r.rewards is not None:
             record = _pair_of(record) or record  # rewards that tie leave a group (no chosen response)
         out.append(record)

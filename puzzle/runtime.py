@@ -761,7 +761,7 @@ def _refuse_run_directory(path: Path) -> None:
 
 def cmd_generate(args) -> int:
     """`puzzle generate`: load a model folder (export, HF, GGUF), answer the prompts, print answers and speed."""
-    from .parent import load_parent
+    from .parent import load_model_spec
 
     if args.max_new_tokens < 1:
         raise PuzzleError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -771,23 +771,14 @@ def cmd_generate(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PuzzleError(f"--device {device}: this machine has no CUDA device; give --device cpu")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    path = args.model
-    if path.startswith("asset:"):  # fresh user: `--parent` takes the packaged parent so, `generate` did not
-        from .assets import model_asset_path
-
-        path = str(model_asset_path(path[len("asset:"):]))
     if empty := [k for k, p in enumerate(args.prompt, start=1) if not p.strip()]:  # breaker: answered unasked
         raise PuzzleError(f"--prompt {empty[0]} is empty; give each --prompt a message")
     from .tiny import means_builtin_tiny
 
-    if means_builtin_tiny(path):  # as `puzzle eval tiny` takes it (breaker: "tiny does not exist")
-        from .tiny import tiny_parent
-
-        loaded = tiny_parent()
-        loaded.model.to(dtype)
-    else:
-        _refuse_run_directory(Path(path))
-        loaded = load_parent(path, dtype=dtype)
+    # asset:<name> as `--parent` takes it (fresh user), tiny as `puzzle eval tiny` (breaker: "tiny does not exist")
+    path = "./tiny" if args.model == "tiny" and not means_builtin_tiny(args.model) else args.model
+    _refuse_run_directory(Path(path))  # nothing to read for "tiny" or asset:<name>
+    loaded = load_model_spec(path, dtype)
     use_triton = {"auto": None, "on": True, "off": False}[args.triton]
     result = answer_prompts(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, device=device,
                             dtype=dtype, use_triton=use_triton, cuda_graphs=False if args.no_cuda_graphs else None)

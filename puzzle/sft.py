@@ -257,9 +257,11 @@ def pack_conversations(examples: list[tuple[list[int], list[int]]], seq_len: int
         fill += n
     if not rows:
         shortest = min(len(e[0]) for e in examples) if examples else 0
-        fix = (f"give --seq-len {shortest} or more" + (f" (at most {positions}, the model's positions)" if positions
-                                                      else "") if positions is None or shortest <= positions else
-               f"that is more than the {positions} positions the model was trained on: give shorter conversations")
+        if positions is not None and shortest > positions:
+            fix = f"that is more than the {positions} positions the model was trained on: give shorter conversations"
+        else:
+            fix = f"give --seq-len {shortest} or more" + (f" (at most {positions}, the model's positions)"
+                                                           if positions is not None else "")
         raise PuzzleError(f"every conversation is longer than seq_len={seq_len} (the shortest has {shortest} tokens); "
                           f"{fix}")
     N = len(rows)

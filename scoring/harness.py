@@ -489,20 +489,6 @@ def _is_run_dir(path: Path) -> bool:
         return False
 
 
-def _load_parent_path(path: str, dtype: torch.dtype):
-    if path == "tiny":
-        from puzzle.tiny import tiny_parent
-
-        return tiny_parent()
-    from puzzle.parent import load_parent
-
-    if path.startswith("asset:"):
-        from puzzle.assets import asset_path
-
-        path = str(asset_path(path[len("asset:"):]))
-    return load_parent(path, dtype=dtype)
-
-
 def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = torch.float32) -> EvalModel:
     """Load what `puzzle eval` evaluates, without writing anything.
 
@@ -520,6 +506,7 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
     Raises:
         PuzzleError: a missing path or architecture, or a run directory without `child`.
     """
+    from puzzle.parent import load_model_spec
     from puzzle.tiny import means_builtin_tiny
 
     builtin = means_builtin_tiny(spec)
@@ -537,7 +524,7 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
         from puzzle.pipeline import check_parent_path, check_parent_weights
 
         check_parent_path(config.parent.path, path)
-        parent = _load_parent_path(config.parent.path, run_dtype)
+        parent = load_model_spec(config.parent.path, run_dtype)
 
         check_parent_weights(path, parent.model, config.parent)  # the run's library was made from this parent
         exclude = used_lambada_ids(path) if (path / "data" / "manifest.json").is_file() else set()
@@ -554,7 +541,7 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
         return EvalModel(model.to(dtype), parent.tokenizer, f"{path.name}:{child}", f"run {path}, child {child}", exclude)
     if child is not None:
         raise PuzzleError(f"--child is for run directories; {spec} is a model path")
-    loaded = _load_parent_path(spec, dtype)
+    loaded = load_model_spec(spec, dtype)
     if loaded.tokenizer is None:
         raise PuzzleError(f"{spec} has no tokenizer; the harness needs one")
     return EvalModel(loaded.model, loaded.tokenizer, Path(spec).name or spec, loaded.source)
