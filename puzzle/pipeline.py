@@ -2090,6 +2090,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         return measured.set_index("name")
 
     def resolve(name: str, record: dict, budgets) -> dict:  # written below once its round is decided, not now
+        t0 = time.perf_counter()
         options = feedback_options(run, name, record, budgets)
         if len(options) == 1:
             return next(iter(options.values()))[1]
@@ -2100,6 +2101,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
             if best is None or kl < best[1]:  # the first of equal KLs
                 best = (key, kl, model)
             del model
+        run.timed("budget_feedback_s", time.perf_counter() - t0)  # the re-solves' options (a demo run: 141 s untold)
         built.setdefault((best[0], record.get("library_stage", "bld")), best[2])
         return {**options[best[0]][1], FEEDBACK_CANDIDATES_KEY: scored}  # settle says them with its round
 
