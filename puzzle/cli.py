@@ -693,7 +693,15 @@ def cmd_search(args) -> int:
             raise PuzzleError(f"--library searches a table read-only and takes no {', '.join(run_only)}; give either "
                               "--library PATH (read-only) or --out DIR (solves the run's budgets for realize, export "
                               "and front)")
-        return search_main(args)
+        try:
+            return search_main(args)
+        except PuzzleError:  # leftover: a failed search left an earlier --output file in place without a word
+            from .search import is_search_output
+
+            if args.output and Path(args.output).is_file() and is_search_output(Path(args.output)):
+                print(f"note: --output {args.output} was not written; it still holds an earlier search's solutions",
+                      file=sys.stderr)
+            raise
     if args.out is None:
         raise PuzzleError("puzzle search needs --out DIR (a run directory after `puzzle score`) or --library PATH "
                           "(a block library: a run directory, its score/score_table.csv, or the Puzzle authors' "

@@ -768,12 +768,12 @@ def check_search_args(args: argparse.Namespace) -> None:
                               f"the path of a new or regular file")
         if not out.parent.is_dir():
             raise PuzzleError(f"--output {out}: the folder {out.parent} does not exist; create it first")
-        if out.is_file() and not _is_search_output(out):  # e.g. the score table, its sidecar, a run's config.json
+        if out.is_file() and not is_search_output(out):  # e.g. the score table, its sidecar, a run's config.json
             raise PuzzleError(f"--output {out} exists and is not an earlier `puzzle search --output` file, so it is "
                               f"left as it is; give a new path")
 
 
-def _is_search_output(path: Path) -> bool:
+def is_search_output(path: Path) -> bool:
     """Whether `path` holds what `puzzle search --output` writes (a JSON object with choice and objective)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))

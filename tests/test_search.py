@@ -981,6 +981,16 @@ def test_search_command_reads_a_run_directory(tmp_path, capsys):
     args = parser.parse_args(["--library", str(tmp_path), "--max-runtime", "1ms"])
     with pytest.raises(PuzzleError, match=r"raise --max-runtime .*\(or --speedup at most [0-9.]+; --min-throughput at most [0-9.]+x\)"):
         search_main(args)
+    # through the CLI with the same --output: the earlier file is kept, and said to be the earlier search's (leftover)
+    from puzzle.cli import main
+
+    capsys.readouterr()
+    earlier = (tmp_path / "search.json").read_bytes()
+    assert main(["search", "--library", str(tmp_path), "--max-runtime", "1ms", "--output",
+                 str(tmp_path / "search.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {tmp_path / 'search.json'} was not written; it still holds an earlier search's" in err
+    assert (tmp_path / "search.json").read_bytes() == earlier
 
 
 def test_read_only_search_refuses_what_it_would_ignore_or_break(tmp_path, capsys):
