@@ -251,6 +251,8 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
         if twin is not None:
             saved[spec["name"]] = {**twin, "name": spec["name"], "same_as": twin["name"]}
             atomic_write_json(out_dir / f"{spec['name']}.json", saved[spec["name"]])
+            print(f"downstream {i}/{len(todo)} {spec['name']}: acc {twin['downstream_acc']:.3f}, copied from "
+                  f"{twin['name']} (the same architecture and weights)", file=sys.stderr, flush=True)
             continue
         model = build_front_model(run, spec, library)
         result = evaluate_tasks(model, run.parent.tokenizer, tasks, limit=limit, seed=seed, exclude_lambada=exclude,

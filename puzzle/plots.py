@@ -544,6 +544,23 @@ def _searched_names(run_dir: Path) -> set[str] | None:
     return None if names is None else set(names)
 
 
+def _front_architectures(run_dir: Path, front: pd.DataFrame) -> list:
+    """Each front.csv row's architecture (compact form) from DIR/summary.csv, the measurement the front was drawn
+    from: a row whose name and evaluation KL it holds alike; None where it does not (a breaker: front_all.csv gave
+    the baselines' architectures and none of our children's)."""
+    try:
+        summary = pd.read_csv(run_dir / "summary.csv", usecols=["name", "kl_nats", "architecture"])
+    except (OSError, ValueError, pd.errors.ParserError):
+        return [None] * len(front)
+    known = {n: (kl, a) for n, kl, a in summary.itertuples(index=False) if isinstance(a, str)}
+    out = []
+    for name, kl in zip(front["name"], front["kl_nats"]):
+        hit = known.get(name)
+        same = hit is not None and isinstance(kl, (int, float)) and math.isclose(hit[0], kl, rel_tol=1e-9, abs_tol=1e-12)
+        out.append(hit[1] if same else None)
+    return out
+
+
 def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict | None = None,
                exclude: dict[str, str] | None = None, with_one_session: bool = True) -> pd.DataFrame:
     """Every realized model of a run directory as tidy front rows (what `front_plot` draws).
@@ -562,7 +579,7 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
 
     Returns:
         DataFrame with name, method, training, speedup, throughput_tok_s, kl_nats, predicted_kl_nats,
-        lm_loss, params, architecture (compact form; empty for front.csv rows), source (the file it came
+        lm_loss, params, architecture (compact form; a front.csv row's from DIR/summary.csv), source (the file it came
         from); parent first. With a current DIR/one_session.json also timing ("one session" or "own
         session"), speedup_own_session, runtime_ms and runtime_iqr_ms (ms per request), and
         attrs["session_rounds"] its rounds (else None). With
@@ -578,6 +595,7 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         df = pd.read_csv(run_dir / "front.csv")
         df["method"] = ["parent" if n == "parent" else "mip" for n in df["name"]]
         df["training"] = ["none" if n == "parent" else "bld" for n in df["name"]]
+        df["architecture"] = _front_architectures(run_dir, df)
         parts.append(df.assign(source="front.csv"))
     current = json.loads(json.dumps(inputs, default=str)) if inputs is not None else _current_row_inputs(run_dir)
     for sub in ("front_rows", "baselines/rows"):

