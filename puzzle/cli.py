@@ -894,7 +894,9 @@ def cmd_front(args) -> int:
         # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
         from .baselines import row_inputs, stale_greedy_rows
 
-        rows = write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run),
+        from .pipeline import reached_front_speedups
+
+        rows = write_front_all(run.out, speedups=reached_front_speedups(run), inputs=row_inputs(run),
                                exclude=stale_greedy_rows(run))
         _print_front_table(run.out, rows)  # with the speed-ups the ratios below use (a one session's, where current)
         print(f"front, every model ({len(rows)}: the parent, ours and any refined, fused or baseline models) -> "

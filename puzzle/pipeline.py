@@ -2416,7 +2416,7 @@ def redraw_front_all(run: Run) -> None:
     from .baselines import row_inputs, stale_greedy_rows
     from .plots import write_front_all
 
-    write_front_all(run.out, speedups=run.config.search.front_speedups, inputs=row_inputs(run),
+    write_front_all(run.out, speedups=reached_front_speedups(run), inputs=row_inputs(run),
                     exclude=stale_greedy_rows(run))
     run.say(f"run: front_all.csv/png and front_ratios.csv drawn again from this front (`puzzle front --out {run.out}` "
             "prints the ratios)")
@@ -2900,6 +2900,20 @@ def bld_level_caveat(kl_bld: float, kl_init: float, bld_tokens: int, tolerance: 
 
 
 _REPORT_UNREACHABLE, _REPORT_TIMES = "## Front targets out of reach", "## Time per stage (s)"
+
+
+def reached_front_speedups(run: Run) -> tuple[float, ...]:
+    """The run's front speed-ups less the targets its last search found out of reach (DIR/search/chosen.json's
+    `unreachable_front`): the speed-ups the ratio table compares at (breaker: a 1e+09x column of "-" after the
+    front said that target was left out)."""
+    chosen = run.out / "search" / "chosen.json"
+    try:
+        missed = read_json(chosen).get("unreachable_front") if chosen.is_file() else None
+        missed = set(missed.get("targets") or ()) if isinstance(missed, dict) else set()
+    except (PuzzleError, OSError, AttributeError, TypeError):
+        missed = set()
+    kept = tuple(s for s in run.config.search.front_speedups if f"{s:g}" not in missed)
+    return kept or tuple(run.config.search.front_speedups)
 
 
 def _unreachable_section(run: Run) -> list[str]:

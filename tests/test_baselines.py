@@ -1265,3 +1265,22 @@ def test_baselines_warn_of_busy_timings_and_speedups_far_from_predicted(tmp_path
     quiet = body.iloc[[1]]
     atomic_write_json(rows / "greedy-1.5x.json", {"contention_cores": 0.1})
     assert timing_warnings(tmp_path, quiet) == []
+
+
+def test_the_ratio_table_leaves_out_front_targets_the_search_found_out_of_reach(tmp_path):
+    """Breaker: `puzzle front --front-speedups 1.5,2,3,1e9` said 1e+09x was left out of the front, then printed a
+    1e+09x ratio column of "-"; the speed-ups compared are the front's less chosen.json's unreachable targets."""
+    import json
+    from types import SimpleNamespace
+
+    from puzzle.pipeline import reached_front_speedups
+
+    run = SimpleNamespace(out=tmp_path, config=SimpleNamespace(search=SimpleNamespace(front_speedups=(1.5, 2.0, 1e9))))
+    assert reached_front_speedups(run) == (1.5, 2.0, 1e9)  # no search yet: all of them
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "chosen.json").write_text(json.dumps(
+        {"main": "child-1.5x", "names": ["child-1.5x", "child-2x"],
+         "unreachable_front": {"targets": ["1e+09"], "reasons": {"1e+09": "out of reach"}}}))
+    assert reached_front_speedups(run) == (1.5, 2.0)
+    (tmp_path / "search" / "chosen.json").write_text("[1, 2]")  # damaged: the front's targets, as before
+    assert reached_front_speedups(run) == (1.5, 2.0, 1e9)
