@@ -1112,7 +1112,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_budget_flags(p)
     p.add_argument("--downstream", metavar="TASK,TASK,...", nargs="?", const="lambada,arc_easy,piqa",
                    help="also evaluate every front model zero-shot on these tasks (default when given alone: "
-                        "lambada,arc_easy,piqa) and draw accuracy vs throughput beside the KL front (front_all.png)")
+                        "lambada,arc_easy,piqa; 'all': every task of `puzzle eval`) and draw accuracy vs throughput beside the KL "
+                        "front (front_all.png)")
     p.add_argument("--downstream-limit", type=int, default=None, metavar="N",
                    help=f"documents per task, the same fixed-seed subset for every model (0: all; default "
                         f"{DOWNSTREAM_LIMIT})")

@@ -50,13 +50,20 @@ def primary_metric(task: str) -> str:
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
-    """'lambada,arc_easy' -> ('lambada', 'arc_easy'), a task named twice kept once. Raises PuzzleError for an empty
-    list or an unknown task."""
+    """'lambada,arc_easy' -> ('lambada', 'arc_easy'), a task named twice kept once; 'all' (alone): every task, as
+    `puzzle eval --tasks all`. Raises PuzzleError for an empty list or an unknown task."""
+    from .scoring.tasks import TASK_METRICS
+
+    if str(text).strip() == "all":  # breaker: refused here although `puzzle eval --tasks all` takes it
+        return tuple(TASK_METRICS)
     tasks = tuple(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))  # each task once, in order
     if not tasks:
         raise PuzzleError(f"--downstream {text!r}: name at least one task, e.g. {','.join(DEFAULT_TASKS)}")
     for t in tasks:
-        primary_metric(t)
+        try:
+            primary_metric(t)
+        except PuzzleError as e:
+            raise PuzzleError(f"--downstream {text!r}: {e} (comma-separated), or 'all'") from None
     return tasks
 
 

@@ -31,8 +31,11 @@ def test_compact_architecture_round_trips():
 def test_task_names_and_metrics_are_checked():
     assert parse_tasks("lambada, arc_easy") == ("lambada", "arc_easy")
     assert primary_metric("hellaswag") == "acc_norm" and primary_metric("lambada") == "acc"
-    with pytest.raises(PuzzleError, match="squad"):
+    with pytest.raises(PuzzleError, match=r"--downstream 'lambada,squad': unknown task 'squad'; choose from .*, or 'all'"):
         parse_tasks("lambada,squad")
+    from puzzle.scoring.harness import TASKS
+
+    assert parse_tasks("all") == tuple(TASKS)  # as `puzzle eval --tasks all` (breaker: refused here)
     with pytest.raises(PuzzleError, match="at least one task"):
         parse_tasks(" , ")
 
