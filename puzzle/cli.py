@@ -545,6 +545,8 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
         if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError, KeyboardInterrupt)):
             if _take_back(out, had, top) and isinstance(e, KeyboardInterrupt):
                 e.puzzle_note = f"nothing was finished, so {args.out} is as it was"  # for main's message
+        elif before is None and isinstance(e, KeyboardInterrupt) and not out.exists():  # breaker: "finished work is
+            e.puzzle_note = f"nothing was finished, and {args.out} was not made"  # saved" of a folder never made
         if before is None and run is not None and config_path.is_file():  # kept for the work a stage finished
             from .config import save_run_config
 

@@ -517,6 +517,13 @@ def test_an_interrupted_command_takes_back_a_new_out_holding_only_bookkeeping(tm
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err  # not "finished work is saved": there was none
     assert err.endswith(f"puzzle: interrupted; nothing was finished, so {out} is as it was\n"), err
+    import puzzle.cli
+
+    monkeypatch.setattr(puzzle.cli, "_resolve_config", interrupted)  # before the folder is made (breaker: the
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 130  # line said work was saved)
+    assert not (tmp_path / "new").exists()
+    err = capsys.readouterr().err
+    assert err.endswith(f"puzzle: interrupted; nothing was finished, and {out} was not made\n"), err
 
 
 def test_the_parent_weights_hash_ignores_the_path_and_sees_weights_and_dtype():
