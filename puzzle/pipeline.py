@@ -717,7 +717,9 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
                 r = done[key]
                 rows.append({"layer": ls.layer, "subblock": subblock, "variant": v.id, "is_parent": False,
                              **{m: r[m] for m in ("kl_nats", "lm_loss", "top1_agree", "cosine")}})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs.update(scored=len(todo), kept=len(jobs) - len(todo))  # for stage_score's line
+    return table
 
 
 def cost_meta(run: Run) -> dict:
@@ -818,9 +820,10 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
     check_library_entries(run, stages)  # before the cost measurement, the longest part
     used, asked = int(scoring_ids(run).numel()), int(run.config.score.tokens)
     costs, non_block = stage_cost(run, retime)
-    tables = {}
+    tables, counts = {}, {}
     for stage in stages:
         quality = score_quality(run, stage)
+        counts[stage] = (quality.attrs.get("scored", 0), quality.attrs.get("kept", 0))
         table = quality.merge(costs, on=["subblock", "variant"], how="left", validate="many_to_one")
         if table["runtime_ms"].isna().any():
             missing = table.loc[table["runtime_ms"].isna(), "variant"].unique()
@@ -833,7 +836,11 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
         save_table(table, score_table_path(run, stage), {**cost_meta(run), "library_stage": stage,
                                                        "score_tokens": used, "score_tokens_asked": asked})
         tables[stage] = table
-    run.say(f"score: {len(tables['bld']) - 1} rows per table; tables in {run.out / 'score'}")
+    # what a rerun kept (breaker: a resumed score said only what a fresh one says, where bld says what it kept)
+    kept = "; ".join(f"{stage}: {new} candidate{'s' if new != 1 else ''} scored, {old} kept from an earlier call"
+                     for stage, (new, old) in counts.items()) if any(old for _, old in counts.values()) else ""
+    run.say(f"score: {len(tables['bld']) - 1} rows per table{f' ({kept})' if kept else ''}; tables in "
+            f"{run.out / 'score'}")
     if used != asked:  # breaker: 100000 asked and recorded, 512 used, unsaid
         split = run.tokens.score
         fix = (f"raise data.score_tokens to {asked} for more (more text if the sources run short)"

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -452,6 +453,7 @@ def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_
     after = [json.loads(line) for line in (copy / "score" / "quality_bld.jsonl").read_text().splitlines()]
     assert [r["key"] for r in after[len(before):]] == ["0:attention:attn-kv1:bld"]  # that entry alone, scored again
     assert after[-1]["entry_sha256"] == sha
+    assert re.search(r"score: \d+ rows per table \(bld: 1 candidate scored, \d+ kept from an earlier call", err.getvalue())
     assert "timing the children again (the score or cost tables changed" in err.getvalue()
 
 
