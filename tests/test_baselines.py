@@ -1284,3 +1284,21 @@ def test_the_ratio_table_leaves_out_front_targets_the_search_found_out_of_reach(
     assert reached_front_speedups(run) == (1.5, 2.0)
     (tmp_path / "search" / "chosen.json").write_text("[1, 2]")  # damaged: the front's targets, as before
     assert reached_front_speedups(run) == (1.5, 2.0, 1e9)
+
+
+def test_the_out_of_reach_lines_name_attention_removals_fastest_model_by_its_measured_speed_up():
+    """Breaker: `plan_baselines` said attention removal reaches at most 1.77x (with the model of attn-drop-1.5x), then
+    the command said "at 2x attention removal reaches at most 1.5x", the model's target, not its reach."""
+    from puzzle.baselines import out_of_reach_lines
+
+    body = pd.DataFrame([
+        {"name": "greedy-2x", "method": "greedy", "target_speedup": 2.0, "speedup": 1.97},
+        {"name": "layers-2x", "method": "layer_removal", "target_speedup": 2.0, "speedup": 2.04},
+        {"name": "attn-drop-1.25x", "method": "attention_removal", "target_speedup": 1.25, "speedup": 1.26},
+        {"name": "attn-drop-1.5x", "method": "attention_removal", "target_speedup": 1.5, "speedup": 1.74},
+    ])
+    lines = out_of_reach_lines(body, (2.0,))
+    assert lines[0] == "at 2x attention removal is out of reach on this run: its fastest model is attn-drop-1.5x " \
+                       "(measured 1.74x)"
+    assert lines[1] == "at 2x no model from uniform_width: the method cannot reach that speed-up on this run"
+    assert out_of_reach_lines(body, (1.25,))[-1].startswith("at 1.25x no model from greedy, layer_removal, ")
