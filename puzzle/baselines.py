@@ -739,7 +739,9 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
         return pd.DataFrame(columns=ROW_COLUMNS)
     parent = read_json(rows_dir / "parent.json")
     rows = [parent] + [row for row in map(finished, candidates) if row is not None]
-    return _with_derived(pd.DataFrame(rows), float(parent["throughput_tok_s"]))[ROW_COLUMNS]
+    table = _with_derived(pd.DataFrame(rows), float(parent["throughput_tok_s"]))[ROW_COLUMNS]
+    table.attrs["kept"] = len(candidates) - len(todo)  # rows of an earlier call, neither evaluated nor timed again
+    return table
 
 
 def parent_row(run, timing: pd.Series, inputs: dict) -> dict:
@@ -798,7 +800,11 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
         plan = select_uniform(run, plan, library, scored)
         # with the rows an earlier call left for other targets: this call's alone planned again a child whose
         # method reached the target at another target (breaker)
-        table = _with_earlier_rows(run, realize_all(run, plan, library, export=export))
+        realized = realize_all(run, plan, library, export=export)
+        if not attempt and (kept := realized.attrs.get("kept", 0)):  # breaker: a rerun said nothing of what it kept
+            run.say(f"baselines: {kept} of {len(plan)} models kept from an earlier call (evaluated and timed then)"
+                    + ("" if kept < len(plan) else "; nothing evaluated or timed again"))
+        table = _with_earlier_rows(run, realized)
         short = _short_of_target(table, plan, held)
         if attempt or not short:
             break

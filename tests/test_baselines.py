@@ -959,8 +959,11 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
     assert "planned for" in planned_greedy["note"]
     assert len(sessions) == 2 and sessions[1] == ["greedy-1.5x"], sessions  # the others' rows were kept
     assert stale_greedy_rows(run) == {}
+    capsys.readouterr()
     again = run_baselines(run, (1.5,), export=False).set_index("name")
-    assert len(sessions) == 2 and again["speedup"].equals(table["speedup"])  # nothing timed again
+    assert len(sessions) == 2 and again["speedup"].equals(table["speedup"])  # nothing timed again, and said so
+    assert re.search(r"baselines: (\d+) of \1 models kept from an earlier call \(evaluated and timed then\); nothing "
+                     r"evaluated or timed again", "".join(capsys.readouterr()))
     assert json.loads((run_dir / "baselines" / HELD_FILE).read_text())["planned"] == held
     assert held_speedups(run) == held
     saved = json.loads((run_dir / "baselines" / HELD_FILE).read_text())
