@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_forward_only, is_hopper, launch_interpreted, next_power_of_2, num_programs_hint, runs_interpreted
+from .utils import (check_forward_only, check_same_device, is_hopper, launch_interpreted, next_power_of_2,
+                    num_programs_hint, runs_interpreted, softmax_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,6 +172,8 @@ def _check(q, k_cache, v_cache, lengths):
         )
     if not q.dtype.is_floating_point:  # the reference truncated int32 scores (reviewer)
         raise ValueError(f"decode attention takes floating-point q and caches; got {q.dtype}")
+    check_same_device("decode attention", q=q, k_cache=k_cache, v_cache=v_cache,
+                      lengths=lengths if isinstance(lengths, torch.Tensor) else None)
     if S_max < 1 and B * H:
         raise ValueError(f"decode attention: the cache holds no position (S_max = 0); it must hold the new token")
     if isinstance(lengths, torch.Tensor):
@@ -218,7 +221,7 @@ def decode_attention(
     check_forward_only("decode attention", q, k_cache, v_cache)
     B, H, _, D = q.shape
     G, S_max = k_cache.shape[1], k_cache.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = softmax_scale("decode attention", scale, D)
     interpreted = runs_interpreted(q)
     if num_splits is not None and (isinstance(num_splits, bool) or not _is_index(num_splits) or num_splits < 1):
         raise ValueError(f"decode attention: num_splits must be an int >= 1 (or None to choose); got {num_splits!r}")
@@ -262,15 +265,18 @@ def decode_attention(
 def decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: int | torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """Plain torch, in fp32: the same contract as `decode_attention`."""
+    """Plain torch, in fp32 (float64 inputs in float64): the same contract as `decode_attention`; cache positions
+    at or past a sequence's length are never read, whatever they hold (NaN, inf: an uninitialised cache)."""
     _check(q, k_cache, v_cache, lengths)
     B, H, _, D = q.shape
     G, S_max = k_cache.shape[1], k_cache.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k_cache.float().repeat_interleave(H // G, dim=1)  # (B, H, S_max, D)
-    v = v_cache.float().repeat_interleave(H // G, dim=1)  # (B, H, S_max, D)
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, 1, S_max)
+    scale = softmax_scale("decode attention", scale, D)
+    ct = torch.promote_types(q.dtype, torch.float32)  # breaker: float64 went through fp32 (gradcheck failed)
     lengths = torch.as_tensor(lengths, device=q.device).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
     hidden = torch.arange(S_max, device=q.device) >= lengths  # (B or 1, 1, 1, S_max)
+    k = k_cache.to(ct).repeat_interleave(H // G, dim=1)  # (B, H, S_max, D)
+    v = v_cache.to(ct).repeat_interleave(H // G, dim=1)  # (B, H, S_max, D)
+    v = v.masked_fill(hidden.transpose(-1, -2), 0.0)  # breaker: 0 * inf past the length gave NaN
+    scores = (q.to(ct) @ k.transpose(-1, -2)) * scale  # (B, H, 1, S_max)
     scores = scores.masked_fill(hidden, float("-inf"))
     return (scores.softmax(-1) @ v).to(q.dtype)  # (B, H, 1, D)

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_forward_only, is_hopper, launch_interpreted, next_power_of_2, runs_interpreted
+from .utils import (check_forward_only, check_same_device, is_hopper, launch_interpreted, next_power_of_2,
+                    runs_interpreted, softmax_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"prefill attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not q.dtype.is_floating_point:  # the reference truncated int32 scores (reviewer)
         raise ValueError(f"prefill attention takes floating-point q, k, v; got {q.dtype}")
+    check_same_device("prefill attention", q=q, k=k, v=v)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -163,7 +165,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     check_forward_only("prefill attention", q, k, v)
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = softmax_scale("prefill attention", scale, D)
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -188,14 +190,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def prefill_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """Plain torch, in fp32: the same contract as `prefill_attention`."""
+    """Plain torch, in fp32 (float64 inputs in float64): the same contract as `prefill_attention`."""
     _check(q, k, v)
     B, H, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k.float().repeat_interleave(H // G, dim=1)  # (B, H, S, D)
-    v = v.float().repeat_interleave(H // G, dim=1)  # (B, H, S, D)
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
+    scale = softmax_scale("prefill attention", scale, D)
+    ct = torch.promote_types(q.dtype, torch.float32)  # breaker: float64 went through fp32 (gradcheck failed)
+    k = k.to(ct).repeat_interleave(H // G, dim=1)  # (B, H, S, D)
+    v = v.to(ct).repeat_interleave(H // G, dim=1)  # (B, H, S, D)
+    scores = (q.to(ct) @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
     q_pos = torch.arange(S - T, S, device=q.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=q.device)[None, :]  # (1, S)
     scores = scores.masked_fill(k_pos > q_pos, float("-inf"))

@@ -22,10 +22,10 @@ import math
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .utils import KERNEL_DTYPES, is_hopper, launch_interpreted, next_power_of_2, num_programs_hint, runs_interpreted
+from .utils import (KERNEL_DTYPES, check_same_device, is_hopper, launch_interpreted, next_power_of_2, num_programs_hint,
+                    refuse_double_backward, runs_interpreted)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,8 +172,8 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(x.shape), h.view(x.shape)
 
     @staticmethod
-    @once_differentiable  # a gradient of the gradient raises instead of losing its graph (reviewer)
     def backward(ctx, dy, dh_out=None):
+        refuse_double_backward("rms_norm")
         h, weight, rstd = ctx.saved_tensors
         if dy is None:  # only h was used downstream
             dy = torch.zeros_like(h)
@@ -218,6 +218,7 @@ def _check(x, weight, residual, dtypes=KERNEL_DTYPES):
         raise ValueError(
             f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
         )
+    check_same_device("rms_norm", x=x, weight=weight, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,9 +228,10 @@ def _check(x, weight, residual, dtypes=KERNEL_DTYPES):
 def rms_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch: the same contract as `rms_norm` (differentiable by torch autograd), float64 allowed too."""
+    """Plain torch: the same contract as `rms_norm` (differentiable by torch autograd), float64 allowed too (computed
+    in float64; other dtypes in fp32)."""
     _check(x, weight, residual, dtypes=(*KERNEL_DTYPES, torch.float64))
     h = x if residual is None else x + residual  # (..., C)
-    hf = h.float()
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))  # breaker: float64 went through fp32 (gradcheck failed)
     xhat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xhat.to(h.dtype), h

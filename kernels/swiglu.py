@@ -17,10 +17,9 @@ import math
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .utils import KERNEL_DTYPES, is_hopper, launch_interpreted, runs_interpreted
+from .utils import KERNEL_DTYPES, check_same_device, is_hopper, launch_interpreted, refuse_double_backward, runs_interpreted
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,8 +139,8 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_fwd(gate, up)
 
     @staticmethod
-    @once_differentiable  # a gradient of the gradient raises instead of losing its graph (reviewer)
     def backward(ctx, dy):
+        refuse_double_backward("swiglu")
         gate, up = ctx.saved_tensors
         return swiglu_bwd(dy, gate, up)
 
@@ -167,6 +166,7 @@ def _check(gate, up, dtypes=KERNEL_DTYPES):
                          f"{tuple(gate.shape)}")
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+    check_same_device("swiglu", gate=gate, up=up)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

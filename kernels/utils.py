@@ -166,6 +166,48 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def refuse_double_backward(name: str) -> None:
+    """Called first in a Triton backward: with create_graph=True (autograd on inside the backward) the gradient would
+    come back without a graph, so a second derivative built on it would be dropped without a word (breaker:
+    `once_differentiable` raised only when nothing else was backpropagated with it).
+
+    Raises:
+        RuntimeError: autograd is on, i.e. the gradient was asked for with create_graph=True."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: the Triton backward is not differentiable (a gradient asked for with "
+                           f"create_graph=True); use the reference (`ops` with use_triton=False) for higher derivatives")
+
+
+def check_same_device(name: str, **tensors) -> None:
+    """Refuse tensors on more than one device (None entries are skipped): a kernel launch would read another
+    device's memory, and the error came from deep inside torch or Triton (breaker: a meta weight).
+
+    Raises:
+        ValueError: naming each tensor's device."""
+    given = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len({t.device for t in given.values()}) > 1:
+        raise ValueError(f"{name}: the tensors are on different devices ("
+                         f"{', '.join(f'{k} on {t.device}' for k, t in given.items())}); move them to one device")
+
+
+def softmax_scale(name: str, scale, head_dim: int) -> float:
+    """The softmax scale as a Python float: 1 / sqrt(head_dim) when `scale` is None; a number or a one-element tensor
+    otherwise (breaker: a 0-dim tensor failed inside Triton's interpreter).
+
+    Raises:
+        ValueError: a head dim of 0 (1 / sqrt(0)), or a scale that is not one real number."""
+    import math
+
+    if head_dim < 1:
+        raise ValueError(f"{name}: head dim D = {head_dim}; give q, k and v at least one feature per head")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        return float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: scale must be a real number (or a one-element tensor); got {scale!r}") from None
+
+
 def check_forward_only(name: str, *tensors: torch.Tensor) -> None:
     """Refuse inputs a forward-only kernel would detach: with autograd on, a tensor that requires grad would get
     an output without a graph (the attention kernels have no backward; `ops` sends such inputs to the reference).

@@ -144,14 +144,16 @@ def test_review_of_stop_38_grid_second_order_grads_dtypes_lengths_and_forward_on
     k, v = (torch.randn(40, 1, 5, 16, generator=gen) for _ in range(2))
     torch.testing.assert_close(prefill_attention(q, k, v), prefill_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
 
+    # a gradient with create_graph=True is refused where it is asked for: was x.grad == 2 x (the penalty ignored),
+    # and with a plain sum the penalty's gradient was dropped even beside another term (breaker: no error at all)
     x, w = torch.randn(3, 9, generator=gen, requires_grad=True), torch.randn(9, generator=gen)
-    (gx,) = torch.autograd.grad(rms_norm(x, w)[0].pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):  # was x.grad == 2 x: the penalty ignored
-        ((x ** 2).sum() + gx.pow(2).sum()).backward()
     g, u = (torch.randn(2, 5, generator=gen, requires_grad=True) for _ in range(2))
-    (gg,) = torch.autograd.grad(swiglu(g, u).pow(2).sum(), g, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        ((g ** 2).sum() + gg.pow(2).sum()).backward()
+    for loss, wrt in ((lambda: rms_norm(x, w)[0].pow(2).sum(), x), (lambda: rms_norm(x, w)[0].sum(), x),
+                      (lambda: swiglu(g, u).pow(2).sum(), g), (lambda: swiglu(g, u).sum(), g)):
+        with pytest.raises(RuntimeError, match="the Triton backward is not differentiable .*create_graph=True"):
+            torch.autograd.grad(loss(), wrt, create_graph=True)
+        (first,) = torch.autograd.grad(loss(), wrt)  # a plain gradient as before
+        assert first.shape == wrt.shape and torch.isfinite(first).all()
 
     qi, ki = torch.ones(1, 2, 3, 4, dtype=torch.int32), torch.ones(1, 2, 3, 4, dtype=torch.int32)
     for call in (lambda: ops.prefill_attention(qi, ki, ki), lambda: ops.decode_attention(qi[:, :, :1], ki, ki, 2)):
@@ -178,3 +180,53 @@ def test_review_of_stop_38_grid_second_order_grads_dtypes_lengths_and_forward_on
     assert out.requires_grad
     with pytest.raises(ValueError, match="no backward"):
         ops.prefill_attention(qg, k, v, use_triton=True)
+
+
+def test_references_compute_float64_in_float64_and_decode_never_reads_past_a_length():
+    """Breaker: the references promised float64 but computed it in fp32 (gradcheck failed); the decode reference
+    (what `ops` runs on CPU) gave NaN where the unused cache held inf, which the kernel ignores."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm_reference(a, b)[0], (x, w))
+    q = torch.randn(1, 2, 3, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda a: prefill_attention_reference(a, k, v), (q,))
+    assert torch.autograd.gradcheck(lambda a: decode_attention_reference(a[:, :, :1], k, v, 3), (q,))
+
+    q, k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 1, 8, 16), torch.randn(2, 1, 8, 16)
+    lengths = torch.tensor([5, 3])
+    clean = decode_attention_reference(q, k, v, lengths)
+    for junk in (float("inf"), float("nan")):
+        kj, vj = k.clone(), v.clone()
+        kj[0, :, 5:], vj[0, :, 5:], kj[1, :, 3:], vj[1, :, 3:] = junk, junk, junk, junk
+        torch.testing.assert_close(decode_attention_reference(q, kj, vj, lengths), clean)
+        torch.testing.assert_close(decode_attention(q, kj, vj, lengths), clean, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_refuse_a_zero_head_dim_tensors_on_two_devices_and_take_a_tensor_scale():
+    """Breaker: D = 0 divided by zero, a 0-dim tensor scale failed inside Triton's interpreter, and tensors on two
+    devices failed deep in torch (a meta weight: 'Cannot copy out of meta tensor')."""
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 1, 3, 16)
+    for fn in (prefill_attention, prefill_attention_reference):
+        torch.testing.assert_close(fn(q, k, k, torch.tensor(0.3)), prefill_attention_reference(q, k, k, 0.3),
+                                   atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="head dim D = 0"):
+            fn(torch.randn(1, 2, 3, 0), torch.randn(1, 1, 3, 0), torch.randn(1, 1, 3, 0))
+        with pytest.raises(ValueError, match="scale must be a real number"):
+            fn(q, k, k, torch.ones(2))
+    for fn in (decode_attention, decode_attention_reference):
+        torch.testing.assert_close(fn(q[:, :, :1], k, k, 2, torch.tensor(0.3)),
+                                   decode_attention_reference(q[:, :, :1], k, k, 2, 0.3), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="head dim D = 0"):
+            fn(torch.randn(1, 2, 1, 0), torch.randn(1, 1, 3, 0), torch.randn(1, 1, 3, 0), 2)
+        with pytest.raises(ValueError, match=r"different devices \(q on cpu, k_cache on meta, v_cache on cpu"):
+            fn(q[:, :, :1], k.to("meta"), k, 2)
+        with pytest.raises(ValueError, match="lengths on meta"):
+            fn(q[:, :, :1], k, k, torch.tensor([2], device="meta"))
+    with pytest.raises(ValueError, match=r"rms_norm: the tensors are on different devices \(x on cpu, weight on meta"):
+        rms_norm(torch.ones(3, 4), torch.ones(4, device="meta"))
+    with pytest.raises(ValueError, match="swiglu: the tensors are on different devices"):
+        swiglu(torch.ones(3, 4), torch.ones(3, 4, device="meta"))
+    with pytest.raises(ValueError, match="prefill attention: the tensors are on different devices"):
+        prefill_attention(q, k, k.to("meta"))
