@@ -673,6 +673,10 @@ def run_gkd_command(args, log=None) -> dict:
     try:
         progress = not args.no_progress and env.is_main
         inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
+        if config.batch_size > len(inputs.train_ids):  # breaker: 100000 a step from 48 sequences took 15.7 GB
+            raise PuzzleError(f"--batch-size {config.batch_size} is more than the {len(inputs.train_ids)} sequences of "
+                              f"the training split ({inputs.description['train_data']}); give --batch-size "
+                              f"{len(inputs.train_ids)} or less, or more training text")
         # a folder's child: as FOLDER_SOURCE, or by its path where a checkpoint of an earlier version recorded that
         extra_meta = {"child_source": inputs.child_source if inputs.child_source != FOLDER_SOURCE else recorded_source(
             inputs.work / "checkpoint.pt", "child_source", inputs.description["child"], inputs.child_source),

@@ -408,3 +408,13 @@ def test_a_checkpoint_temp_file_left_by_a_killed_save_is_removed_on_the_next_cal
     left.write_bytes(b"half a checkpoint")
     run_gkd_command(_args(tmp_path, tmp_path / "out", "--no-eval", "--tokens", "256"))
     assert not left.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(tmp_path):
+    """Breaker: --batch-size 100000 over a 48-sequence split printed one step of 6,400,000 tokens and took 15.7 GB
+    before it was killed; sft refused the same mistake."""
+    _folders(tmp_path)
+    with pytest.raises(PuzzleError, match=r"--batch-size 100000 is more than the \d+ sequences of the training split "
+                                          r"\(.*\); give --batch-size \d+ or less, or more training text"):
+        run_gkd_command(_args(tmp_path, tmp_path / "out", "--no-eval", "--tokens", "256", "--batch-size", "100000"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.gkd-work").exists()
