@@ -1240,6 +1240,23 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def plain_timing_note(out: Path, name: str) -> str:
+    """Where the plain child `name`'s own measured speed-up is: DIR/summary.csv (the front's measurement) or
+    DIR/children/realized/<name>.json (`puzzle realize`), else the commands that time it (breaker: the refine line
+    named DIR/summary.csv on a run that had none)."""
+    summary = Path(out) / "summary.csv"
+    try:
+        if summary.is_file() and name in set(pd.read_csv(summary, usecols=["name"])["name"]):
+            return f"its own measured speed-up is in {summary}"
+    except (OSError, ValueError, pd.errors.ParserError):
+        pass
+    realized = Path(out) / "children" / "realized" / f"{name}.json"
+    if realized.is_file():
+        return f"its own measured speed-up is in {realized}"
+    return (f"it has not been timed yet: `puzzle front --out {out}` or `puzzle realize --out {out} --name {name}` "
+            f"times it")
+
+
 def refine_main(args) -> int:
     """Run `improve_child`, then (unless --no-measure) `settle_steps` (--budget-feedback rounds) and `measure_steps`,
     and print the step table (with measured_speedup, budget_use and budget_met for the diverse and refined children).
@@ -1343,5 +1360,5 @@ def refine_main(args) -> int:
     if "changed_layers" in df.columns and (df["step"] != "plain").any() and \
             (pd.to_numeric(df.loc[df["step"] != "plain", "changed_layers"], errors="coerce") == 0).all():
         print(f"refine {args.name}: no diverse or refined child scored better on the scoring split: both are the plain "
-              f"child (its own measured speed-up is in {run.out / 'summary.csv'})", file=sys.stderr)
+              f"child ({plain_timing_note(run.out, args.name)})", file=sys.stderr)
     return 0

@@ -1342,3 +1342,18 @@ def test_select_context_benchmark_keeps_its_children_across_an_interruption(tmp_
     assert len(built) == children and "(1 kept from an earlier call)" in capsys.readouterr().out
     monkeypatch.setattr(pipeline, "build_child", None)  # a third call measures nothing
     assert bench.main(argv) == 0 and f"({children} kept from an earlier call)" in capsys.readouterr().out
+
+
+def test_the_plain_childs_timing_is_named_where_it_is_or_the_command_that_makes_it(tmp_path):
+    """Breaker: refine's last line said the plain child's speed-up is in DIR/summary.csv on a run that had none."""
+    from puzzle.refine import plain_timing_note
+
+    assert plain_timing_note(tmp_path, "child-1.2x") == (f"it has not been timed yet: `puzzle front --out {tmp_path}` "
+                                                         f"or `puzzle realize --out {tmp_path} --name child-1.2x` times it")
+    (tmp_path / "children" / "realized").mkdir(parents=True)
+    (tmp_path / "children" / "realized" / "child-1.2x.json").write_text("{}")
+    assert plain_timing_note(tmp_path, "child-1.2x").endswith(str(tmp_path / "children/realized/child-1.2x.json"))
+    (tmp_path / "summary.csv").write_text("name,speedup\nparent,1\nchild-1.5x,1.5\n")  # another child's
+    assert "realized" in plain_timing_note(tmp_path, "child-1.2x")
+    (tmp_path / "summary.csv").write_text("name,speedup\nparent,1\nchild-1.2x,1.2\n")
+    assert plain_timing_note(tmp_path, "child-1.2x") == f"its own measured speed-up is in {tmp_path / 'summary.csv'}"
