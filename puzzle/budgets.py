@@ -245,8 +245,18 @@ def parse_time_ms(text: str, parent_ms, flag: str = "--max-runtime") -> float:
 
 
 def parse_memory_mib(text: str, parent_mib, flag: str = "--max-memory") -> float:
-    """A memory bound in MiB: a fraction, or bytes with a binary (KiB, MiB, GiB) or decimal (KB, MB, GB) unit."""
-    return _parse(text, parent_mib if callable(parent_mib) else (lambda: float(parent_mib)), flag, "memory", _MEMORY_UNITS_MIB)
+    """A memory bound in MiB: a fraction, or bytes with a binary (KiB, MiB, GiB) or decimal (KB, MB, GB) unit.
+
+    Raises:
+        PuzzleError: besides `_parse`'s, a count of bytes ("B") under 1 MiB, which is a count of parameters mistyped
+            (breaker: --max-memory 3B was 3 bytes, and the child had no block left)."""
+    value = _parse(text, parent_mib if callable(parent_mib) else (lambda: float(parent_mib)), flag, "memory",
+                   _MEMORY_UNITS_MIB)
+    if value < 1 and re.fullmatch(_NUMBER + r"\s*[bB]", str(text).strip()):
+        number = str(text).strip()[:-1].strip()
+        raise PuzzleError(f"{flag} {text!r} is {value * 2**20:g} bytes, in which no block fits: for gigabytes give "
+                          f"{number}GB or {number}GiB; for {number} billion parameters give --max-params {number}B")
+    return value
 
 
 def parse_params(text: str, parent_params, flag: str = "--max-params") -> float:

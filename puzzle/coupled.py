@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .architecture import BlockConfig
 from .bld import BLDConfig, Job, run_jobs
 from .library import Library
+from .mip import as_bool
 from .modeling import DecoderBlock, PuzzleForCausalLM
 
 COST_COLUMNS = ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")
@@ -56,7 +57,7 @@ def narrow_blocks(table: pd.DataFrame, budgets_list: Sequence, top_k: int, objec
     from .search import solve
 
     parent = {}
-    for r in table[(table["subblock"].isin(["attention", "ffn"])) & table["is_parent"].astype(bool)].itertuples():
+    for r in table[(table["subblock"].isin(["attention", "ffn"])) & as_bool(table["is_parent"])].itertuples():
         parent.setdefault(int(r.layer), {})[r.subblock] = r.variant
     chosen: dict[int, set] = {}
     for budgets in budgets_list:

@@ -954,10 +954,12 @@ def parent_block_of(run_dir: str | Path) -> BlockConfig:
     Raises:
         PuzzleError: the run has no readable score table (`puzzle score` writes it).
     """
+    from .mip import as_bool
+
     path = Path(run_dir) / "score" / "score_table.csv"
     try:
         table = pd.read_csv(path)
-        own = table[(table["layer"] == 0) & table["is_parent"].astype(bool)].set_index("subblock")["variant"]
+        own = table[(table["layer"] == 0) & as_bool(table["is_parent"])].set_index("subblock")["variant"]
         return BlockConfig.from_id(f"{own['attention']}+{own['ffn']}")
     except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:
         raise PuzzleError(f"{path} has no parent rows to read the parent's block from ({e}); run `puzzle score` "

@@ -970,7 +970,7 @@ def search_main(args: argparse.Namespace) -> int:
               "totals, fractions and speed-ups are of the blocks alone, and an absolute --max-memory, --max-params "
               "or --max-runtime is compared with the blocks alone (subtract the embedding and LM head from it)",
               file=sys.stderr)
-    off = table[table["is_parent"].astype(bool) & (table["layer"] >= 0) & (table["kl_nats"].abs() > 1e-9)]
+    off = table[as_bool(table["is_parent"]) & (table["layer"] >= 0) & (table["kl_nats"].abs() > 1e-9)]
     if len(off):  # breaker: a parent variant's kl_div of 0.3 was reported as the parent's KL without a word
         named = sorted(set(off["layer"].astype(int)))  # a layer's attention and FFN rows count once
         layers = ", ".join(map(str, named[:8])) + (", ..." if len(named) > 8 else "")
@@ -988,7 +988,7 @@ def search_main(args: argparse.Namespace) -> int:
         print(f"warning: solution {empty_child[0]} has a total runtime of 0 (speed-up undefined): this table's non-block "
               f"row (embedding, LM head) costs nothing, so removing every block looks free; its objective "
               f"({objective}) is {solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in "
-              f"(e.g. --speedup 10)",
+              f"(these: {budgets.describe()}; e.g. --speedup 10)",
               file=sys.stderr)
     if args.output:
         try:

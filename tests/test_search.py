@@ -1738,6 +1738,16 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
     assert "the parent's own variant scores a KL other than 0 in layer(s) 0 (sum 0.3 nats)" in capsys.readouterr().err
     assert main(["search", "--library", str(FIXTURE), "--speedup", "1.5"]) == 0
     assert "other than 0" not in capsys.readouterr().err
+    # a budget no block fits in: the empty child's warning names the budgets given (breaker: it named --speedup only)
+    assert main(["search", "--library", str(FIXTURE), "--max-memory", "0.0001"]) == 0
+    assert re.search(r"warning: solution 0 has a total runtime of 0 .*Ask for a budget some blocks fit in \(these: "
+                     r"max_memory_mib=[0-9.]+; e\.g\. --speedup 10\)", capsys.readouterr().err)
+    # is_parent written yes/no, as mip.as_bool reads it (breaker: "no" read as true named every layer)
+    table = random_table(21, layers=3)
+    table["is_parent"] = table["is_parent"].map({True: "yes", False: "no"})
+    table.to_csv(tmp_path / "yesno.csv", index=False)
+    assert main(["search", "--library", str(tmp_path / "yesno.csv"), "--speedup", "1.2"]) == 0
+    assert "other than 0" not in capsys.readouterr().err
 
 
 def test_kl_within_rounding_below_zero_counts_as_zero():
