@@ -154,7 +154,9 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
                         "budget feedback, `puzzle refine` and the greedy baseline follow; --exclude none clears it "
                         "(default: with --out the run's saved setting, else none; --library PATH reads the table "
                         "alone, a run directory's too)")
-    g.add_argument("--front-speedups", metavar="S,S,...", action=JoinCommas, help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3")
+    g.add_argument("--front-speedups", metavar="S,S,...", action=JoinCommas,
+                   help="speed-up targets of the front sweep, e.g. 1.25,1.5,2,3 (with `search --library`: the optimal "
+                        "child at each, solved as one sweep, printed as a table or --json)")
     g.add_argument("--budget-feedback", type=int, metavar="N",
                    help="re-solve rounds when a child's measured speed or size misses its budget by more than the timing "
                         "noise (default: the run's [search] budget_feedback, 2 unless its preset sets another, as "
@@ -689,7 +691,7 @@ def cmd_search(args) -> int:
         if not str(args.library).strip():  # Path('') would read as the current folder
             raise PuzzleError("--library is empty; give a run directory, a score table .csv or a block library "
                               "(its block_library.json or folder)")
-        run_only = [flag for flag, given in [("--out", args.out), ("--front-speedups", args.front_speedups is not None),
+        run_only = [flag for flag, given in [("--out", args.out),
                                              ("--budget-feedback", args.budget_feedback is not None)] if given]
         if run_only:
             raise PuzzleError(f"--library searches a table read-only and takes no {', '.join(run_only)}; give either "

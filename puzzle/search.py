@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -779,7 +780,8 @@ def is_search_output(path: Path) -> bool:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and {"choice", "objective", "budgets"} <= set(record)
+    return isinstance(record, dict) and ({"choice", "objective", "budgets"} <= set(record)
+                                         or isinstance(record.get("front"), list) and "source" in record)
 
 
 def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
@@ -906,6 +908,113 @@ def resolve_budgets(request: BudgetRequest, table: pd.DataFrame, parent: Mapping
         raise
 
 
+def front_targets(text: str) -> tuple[float, ...]:
+    """'1.25,1.5,2' -> (1.25, 1.5, 2.0), each target once, in order.
+
+    Raises:
+        PuzzleError: a part that is not a speed-up (`budgets.parse_speedup`), naming --front-speedups."""
+    from .budgets import parse_speedup
+
+    targets = []
+    for part in str(text).split(","):
+        try:
+            targets.append(parse_speedup(part))
+        except PuzzleError as e:
+            raise PuzzleError(f"--front-speedups {text!r}: {str(e).removeprefix('--speedup ')}; give speed-ups "
+                              f"separated by commas, e.g. 1.25,1.5,2") from None
+    return tuple(dict.fromkeys(targets))
+
+
+def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, parent: Mapping[str, float],
+                objective: str, options: dict) -> int:
+    """`puzzle search --library PATH --front-speedups S,S,...`: the optimal child at each speed-up target (with the
+    other budgets given), solved as one sweep (`sweep`: the table's pruning and LP shared), printed as a table or
+    one JSON object {"front": [...], ...}; a target no child reaches is a row with its reason. Returns 0.
+
+    Raises:
+        PuzzleError: another runtime bound (--speedup, --max-runtime, --min-throughput), --num-solutions or
+            --greedy given with it, or a target that is not a speed-up."""
+    clash = [f for f, given in (("--speedup", request.speedup), ("--max-runtime", request.max_runtime),
+                                ("--min-throughput", request.min_throughput)) if given is not None]
+    if clash:
+        raise PuzzleError(f"--front-speedups sets the runtime bound of each point; leave out {', '.join(clash)} (the "
+                          f"other budgets, --max-memory, --max-params, --max-prefill and --max-decode, hold at every "
+                          f"point)")
+    if args.greedy or args.num_solutions != 1:
+        raise PuzzleError("--front-speedups solves one MIP child per target; leave out --greedy and --num-solutions "
+                          "(run them at one --speedup)")
+    targets = front_targets(args.front_speedups)
+    budgets_list = [resolve_budgets(dataclasses.replace(request, speedup=str(s)), table, parent, meta) for s in targets]
+    check_exclusions(table, options["exclude"])
+    t0 = time.perf_counter()
+    results = sweep(table, budgets_list, objective, time_limit_s=args.time_limit, on_infeasible="skip", **options)
+    sweep_s = time.perf_counter() - t0
+    front = []
+    for s, budgets, found in zip(targets, budgets_list, results):
+        if found:
+            front.append({"target_speedup": s, **found[0].to_dict()})
+            continue
+        try:  # the reason, as one solve says it (the binding resource and its least value)
+            solve(table, budgets, objective, time_limit_s=args.time_limit, **options)
+            why = "no solution within --time-limit"
+        except PuzzleError as e:
+            why = str(e)
+        front.append({"target_speedup": s, "infeasible": why})
+    if all("infeasible" in p for p in front):
+        raise PuzzleError(f"no front target is reachable under these budgets: {front[0]['infeasible']}")
+    record = _finite({"front": front, "parent": dict(parent), "objective_name": objective, "sweep_s": round(sweep_s, 4),
+                      "source": str(args.library),
+                      **({"non_block": meta["non_block"]} if meta.get("non_block") else {})})
+    for note in _table_notes(table, meta):
+        print(note, file=sys.stderr)
+    if args.output:
+        from .io import atomic_write_json
+
+        try:
+            atomic_write_json(args.output, record)
+        except OSError as e:
+            raise PuzzleError(f"--output {args.output} cannot be written ({e.strerror or e}); give a path in a folder "
+                              f"you can write to") from None
+    if args.json:
+        print(json.dumps(record, allow_nan=False))
+        return 0
+    num = lambda p, k: math.nan if p.get(k) is None else p[k]  # noqa: E731  (printed "-")
+    rows = [{"target": f"{p['target_speedup']:g}x", **{k: num(p, k) for k in ("objective", "speedup", "runtime_ms",
+                                                                             "memory_mib", "params")},
+             "status": "infeasible" if "infeasible" in p else "optimal" if p["optimal"] else "not proven",
+             "solve_s": num(p, "solve_s")} for p in front]
+    others = Budgets(**{k: v for k, v in budgets_list[0].to_dict().items() if k != "max_runtime_ms"}).describe()
+    print(f"front over {len(targets)} speed-up targets ({objective}; other budgets: "
+          f"{others.replace('no budget', 'none')}), solved in {sweep_s:.2f} s")
+    print(pd.DataFrame(rows).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.6g}"))
+    for p in front:
+        if "infeasible" in p:
+            print(f"{p['target_speedup']:g}x: {p['infeasible']}")
+    return 0
+
+
+def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
+    """Notes on the table itself, said with every search of it: costs of the blocks alone (the published library),
+    a parent variant scoring a KL other than 0, a missing sidecar."""
+    notes = []
+    if meta.get("non_block"):  # the published library: blocks only (its file gives no vocabulary size)
+        notes.append("note: this library's costs cover its blocks only (the file has no embedding or LM-head costs): "
+                     "totals, fractions and speed-ups are of the blocks alone, and an absolute --max-memory, "
+                     "--max-params or --max-runtime is compared with the blocks alone (subtract the embedding and LM "
+                     "head from it)")
+    off = table[as_bool(table["is_parent"]) & (table["layer"] >= 0) & (table["kl_nats"].abs() > 1e-9)]
+    if len(off):  # breaker: a parent variant's kl_div of 0.3 was reported as the parent's KL without a word
+        named = sorted(set(off["layer"].astype(int)))  # a layer's attention and FFN rows count once
+        layers = ", ".join(map(str, named[:8])) + (", ..." if len(named) > 8 else "")
+        notes.append(f"warning: the parent's own variant scores a KL other than 0 in layer(s) {layers} (sum "
+                     f"{off['kl_nats'].sum():.4g} nats): a parent block replaced by itself scores 0, so this table's "
+                     f"KL scores may be damaged or of another kind; the search counts them as given")
+    if meta.get("missing_sidecar"):
+        notes.append(f"note: {meta['missing_sidecar']} (the table's sidecar) does not exist, so the device and "
+                     f"workload (batch size, prompt and generation lengths) of these costs are unknown")
+    return notes
+
+
 def search_main(args: argparse.Namespace) -> int:
     """`puzzle search --library PATH [budgets] [--json]`: solve, print, optionally write JSON. Returns 0.
 
@@ -922,12 +1031,14 @@ def search_main(args: argparse.Namespace) -> int:
                                for f in ("max_runtime", "max_prefill", "max_decode", "max_memory", "max_params",
                                          "speedup", "min_throughput")})
     parent = parent_totals(table)
-    budgets = resolve_budgets(request, table, parent, meta)
     objective = "kl_nats" if getattr(args, "objective", None) is None else args.objective
     exclude = tuple(v.strip() for v in args.exclude or ())
     exclude = () if _none_alone(list(exclude)) else exclude
-    check_exclusions(table, exclude)  # names the table's variants
     options = dict(vllm_compatible=bool(getattr(args, "vllm_compatible", False)), exclude=exclude)
+    if getattr(args, "front_speedups", None) is not None:  # a sweep of speed-up targets: one child per target
+        return _sweep_main(args, table, meta, request, parent, objective, options)
+    budgets = resolve_budgets(request, table, parent, meta)
+    check_exclusions(table, exclude)  # names the table's variants
     try:
         if args.greedy:
             solutions = [greedy(table, budgets, objective, **options)]
@@ -964,22 +1075,10 @@ def search_main(args: argparse.Namespace) -> int:
         notes = budgets.above_parent(parent, why)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if meta.get("non_block"):  # the published library: blocks only (its file gives no vocabulary size)
+    if meta.get("non_block"):
         record["non_block"] = meta["non_block"]
-        print("note: this library's costs cover its blocks only (the file has no embedding or LM-head costs): "
-              "totals, fractions and speed-ups are of the blocks alone, and an absolute --max-memory, --max-params "
-              "or --max-runtime is compared with the blocks alone (subtract the embedding and LM head from it)",
-              file=sys.stderr)
-    off = table[as_bool(table["is_parent"]) & (table["layer"] >= 0) & (table["kl_nats"].abs() > 1e-9)]
-    if len(off):  # breaker: a parent variant's kl_div of 0.3 was reported as the parent's KL without a word
-        named = sorted(set(off["layer"].astype(int)))  # a layer's attention and FFN rows count once
-        layers = ", ".join(map(str, named[:8])) + (", ..." if len(named) > 8 else "")
-        print(f"warning: the parent's own variant scores a KL other than 0 in layer(s) {layers} (sum "
-              f"{off['kl_nats'].sum():.4g} nats): a parent block replaced by itself scores 0, so this table's KL "
-              f"scores may be damaged or of another kind; the search counts them as given", file=sys.stderr)
-    if meta.get("missing_sidecar"):
-        print(f"note: {meta['missing_sidecar']} (the table's sidecar) does not exist, so the device and workload "
-              f"(batch size, prompt and generation lengths) of these costs are unknown", file=sys.stderr)
+    for note in _table_notes(table, meta):
+        print(note, file=sys.stderr)
     empty_child = [n for n, s in enumerate(solutions) if not s.runtime_ms > 0]
     if parent["runtime_ms"] == 0:  # every runtime is 0: no block was removed for free, the costs say nothing
         print(f"warning: {_zero_runtime(table)}, so runtime and speed-up say nothing about these children; "

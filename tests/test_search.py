@@ -1061,8 +1061,8 @@ def test_search_command_without_a_run_or_library_says_which_to_give(capsys):
     assert "needs --out DIR" in capsys.readouterr().err
     assert main(["search", "--library", "", "--speedup", "2"]) == 2  # was read as the current folder
     assert "--library is empty" in capsys.readouterr().err
-    assert main(["search", "--library", "x.csv", "--front-speedups", "", "--speedup", "2"]) == 2  # was ignored
-    assert "takes no --front-speedups" in capsys.readouterr().err
+    assert main(["search", "--library", "x.csv", "--budget-feedback", "1", "--speedup", "2"]) == 2  # was ignored
+    assert "takes no --budget-feedback" in capsys.readouterr().err
 
 
 def test_stage_commands_refuse_a_directory_no_stage_wrote(tmp_path, capsys):
@@ -1765,3 +1765,39 @@ def test_kl_within_rounding_below_zero_counts_as_zero():
     assert best.objective >= 0 and best.kl_nats >= 0
     logp = torch.log_softmax(torch.randn(3, 11), -1)
     assert torch.equal(position_kl(logp + 1e-6, logp), torch.zeros(3))  # unclamped: -1e-6 at each position
+
+
+@needs_fixture
+def test_a_front_sweep_on_a_library_solves_each_target_as_one_search_would(tmp_path, capsys):
+    """`puzzle search --library PATH --front-speedups S,S,...` (breaker: refused with --library, so a user had no
+    one-command sweep): each point is the child `--speedup S` with the same other budgets finds, a target out of
+    reach is a row with its reason, and the other runtime bounds are refused."""
+    from puzzle.cli import main
+
+    lib = str(FIXTURE)
+    out = tmp_path / "front.json"
+    assert main(["search", "--library", lib, "--front-speedups", "1.5,2,2", "--max-memory", "0.8", "--json",
+                 "--output", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == record and [p["target_speedup"] for p in record["front"]] == [1.5, 2.0]
+    for point in record["front"]:
+        assert main(["search", "--library", lib, "--speedup", f"{point['target_speedup']:g}", "--max-memory", "0.8",
+                     "--json"]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert point["optimal"] and point["objective"] == pytest.approx(alone["objective"], rel=1e-9)
+        assert point["speedup"] >= point["target_speedup"]
+        assert point["memory_mib"] <= 0.8 * record["parent"]["memory_mib"]
+    assert main(["search", "--library", lib, "--front-speedups", "1.5,9", "--exclude", "attn-noop",
+                 "--output", str(out)]) == 0  # an earlier sweep's file is replaced
+    text = capsys.readouterr().out
+    assert re.search(r"^ +9x +- +- .* infeasible +-$", text, re.M), text
+    assert "9x: no architecture in the library with the variants --exclude leave meets max_runtime_ms=" in text
+    assert json.loads(out.read_text())["front"][1]["infeasible"].startswith("no architecture")
+    for flags, words in [(["--speedup", "2"], "leave out --speedup"), (["--num-solutions", "2"], "leave out --greedy"),
+                         (["--front-speedups", "1.5,abc"], "'abc' is not a speed-up"),
+                         (["--max-params", "0.05", "--exclude", "attn-noop"],
+                          "no front target is reachable under these budgets: ")]:
+        args = ["search", "--library", lib, *(["--front-speedups", "1.5,2"] if "--front-speedups" not in flags else []),
+                *flags]
+        assert main(args) == 2
+        assert words in capsys.readouterr().err, flags
