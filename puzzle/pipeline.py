@@ -2917,7 +2917,7 @@ def reached_front_speedups(run: Run) -> tuple[float, ...]:
     try:
         missed = read_json(chosen).get("unreachable_front") if chosen.is_file() else None
         missed = set(missed.get("targets") or ()) if isinstance(missed, dict) else set()
-    except (PuzzleError, OSError, AttributeError, TypeError):
+    except (PuzzleError, OSError, ValueError, AttributeError, TypeError):
         missed = set()
     kept = tuple(s for s in run.config.search.front_speedups if f"{s:g}" not in missed)
     return kept or tuple(run.config.search.front_speedups)

@@ -552,11 +552,12 @@ def _front_architectures(run_dir: Path, front: pd.DataFrame) -> list:
         summary = pd.read_csv(run_dir / "summary.csv", usecols=["name", "kl_nats", "architecture"])
     except (OSError, ValueError, pd.errors.ParserError):
         return [None] * len(front)
-    known = {n: (kl, a) for n, kl, a in summary.itertuples(index=False) if isinstance(a, str)}
+    kls = pd.to_numeric(summary["kl_nats"], errors="coerce")  # a hand-edited cell: no match, not a traceback
+    known = {n: (kl, a) for n, kl, a in zip(summary["name"], kls, summary["architecture"]) if isinstance(a, str)}
     out = []
-    for name, kl in zip(front["name"], front["kl_nats"]):
+    for name, kl in zip(front["name"], pd.to_numeric(front["kl_nats"], errors="coerce")):
         hit = known.get(name)
-        same = hit is not None and isinstance(kl, (int, float)) and math.isclose(hit[0], kl, rel_tol=1e-9, abs_tol=1e-12)
+        same = hit is not None and math.isclose(hit[0], kl, rel_tol=1e-9, abs_tol=1e-12)  # NaN matches nothing
         out.append(hit[1] if same else None)
     return out
 
