@@ -172,15 +172,14 @@ def _check(q, k_cache, v_cache, lengths):
         )
     if not q.dtype.is_floating_point:  # the reference truncated int32 scores (reviewer)
         raise ValueError(f"decode attention takes floating-point q and caches; got {q.dtype}")
-    check_same_device("decode attention", q=q, k_cache=k_cache, v_cache=v_cache,
-                      lengths=lengths if isinstance(lengths, torch.Tensor) else None)
+    check_same_device("decode attention", q=q, k_cache=k_cache, v_cache=v_cache)  # lengths: the kernel's own check
     if S_max < 1 and B * H:
         raise ValueError(f"decode attention: the cache holds no position (S_max = 0); it must hold the new token")
     if isinstance(lengths, torch.Tensor):
         if lengths.shape != (B,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"decode attention: lengths must be an int or a (B={B},) integer tensor; got "
                              f"{lengths.dtype} {tuple(lengths.shape)}")
-        if not lengths.is_cuda and lengths.numel() and not bool(((lengths >= 1) & (lengths <= S_max)).all()):
+        if lengths.device.type == "cpu" and lengths.numel() and not bool(((lengths >= 1) & (lengths <= S_max)).all()):
             # checked where it costs no device sync; on CUDA a length past S_max would read past the cache
             raise ValueError(f"decode attention: lengths {lengths.tolist()} outside [1, {S_max}] (the cache holds "
                              f"{S_max} positions)")
@@ -219,6 +218,8 @@ def decode_attention(
     """
     _check(q, k_cache, v_cache, lengths)
     check_forward_only("decode attention", q, k_cache, v_cache)
+    # the kernel reads the lengths on q's device (the reference moves them there)
+    check_same_device("decode attention", q=q, lengths=lengths if isinstance(lengths, torch.Tensor) else None)
     B, H, _, D = q.shape
     G, S_max = k_cache.shape[1], k_cache.shape[2]
     scale = softmax_scale("decode attention", scale, D)

@@ -203,9 +203,12 @@ def softmax_scale(name: str, scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     try:
-        return float(scale)
+        value = None if isinstance(scale, (str, bytes, bool)) else float(scale)  # not "0.5" or True
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name}: scale must be a real number (or a one-element tensor); got {scale!r}") from None
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"{name}: scale must be a finite real number (or a one-element tensor); got {scale!r}")
+    return value
 
 
 def check_forward_only(name: str, *tensors: torch.Tensor) -> None:

@@ -254,8 +254,9 @@ def parse_memory_mib(text: str, parent_mib, flag: str = "--max-memory") -> float
                    _MEMORY_UNITS_MIB)
     if value < 1 and re.fullmatch(_NUMBER + r"\s*[bB]", str(text).strip()):
         number = str(text).strip()[:-1].strip()
-        raise PuzzleError(f"{flag} {text!r} is {value * 2**20:g} bytes, in which no block fits: for gigabytes give "
-                          f"{number}GB or {number}GiB; for {number} billion parameters give --max-params {number}B")
+        meant = (f": for gigabytes give {number}GB or {number}GiB; for {number} billion parameters give --max-params "
+                 f"{number}B" if float(number) < 1000 else "; give the size with a unit such as MB or GiB")
+        raise PuzzleError(f"{flag} {text!r} is {value * 2**20:g} bytes, under 1 MiB{meant}")
     return value
 
 

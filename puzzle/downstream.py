@@ -57,6 +57,8 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     if str(text).strip() == "all":  # breaker: refused here although `puzzle eval --tasks all` takes it
         return tuple(TASK_METRICS)
     tasks = tuple(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))  # each task once, in order
+    if "all" in tasks:
+        raise PuzzleError(f"--downstream {text!r}: 'all' stands alone (every task); give it alone or name the tasks")
     if not tasks:
         raise PuzzleError(f"--downstream {text!r}: name at least one task, e.g. {','.join(DEFAULT_TASKS)}")
     for t in tasks:
@@ -258,8 +260,10 @@ def evaluate_front_downstream(run, tasks=DEFAULT_TASKS, *, limit: int | None = 1
         if twin is not None:
             saved[spec["name"]] = {**twin, "name": spec["name"], "same_as": twin["name"]}
             atomic_write_json(out_dir / f"{spec['name']}.json", saved[spec["name"]])
-            print(f"downstream {i}/{len(todo)} {spec['name']}: acc {twin['downstream_acc']:.3f}, copied from "
-                  f"{twin['name']} (the same architecture and weights)", file=sys.stderr, flush=True)
+            acc = twin["downstream_acc"]
+            print(f"downstream {i}/{len(todo)} {spec['name']}: acc "
+                  f"{f'{acc:.3f}' if isinstance(acc, (int, float)) else acc}, copied from {twin['name']} (the same "
+                  f"architecture and weights)", file=sys.stderr, flush=True)
             continue
         model = build_front_model(run, spec, library)
         result = evaluate_tasks(model, run.parent.tokenizer, tasks, limit=limit, seed=seed, exclude_lambada=exclude,

@@ -780,8 +780,12 @@ def is_search_output(path: Path) -> bool:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and ({"choice", "objective", "budgets"} <= set(record)
-                                         or isinstance(record.get("front"), list) and "source" in record)
+    if not isinstance(record, dict):
+        return False
+    front = record.get("front")  # a sweep's (--front-speedups): each point with its target
+    return {"choice", "objective", "budgets"} <= set(record) or (
+        {"source", "sweep_s", "objective_name"} <= set(record) and isinstance(front, list)
+        and all(isinstance(p, dict) and "target_speedup" in p for p in front))
 
 
 def parse_exclude(values, what: str = "--exclude") -> tuple[str, ...]:
@@ -944,29 +948,39 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
         raise PuzzleError("--front-speedups solves one MIP child per target; leave out --greedy and --num-solutions "
                           "(run them at one --speedup)")
     targets = front_targets(args.front_speedups)
+    if len(targets) < len(str(args.front_speedups).split(",")):
+        print(f"note: --front-speedups {args.front_speedups!r}: a target given twice is solved once", file=sys.stderr)
     budgets_list = [resolve_budgets(dataclasses.replace(request, speedup=str(s)), table, parent, meta) for s in targets]
     check_exclusions(table, options["exclude"])
     t0 = time.perf_counter()
     results = sweep(table, budgets_list, objective, time_limit_s=args.time_limit, on_infeasible="skip", **options)
-    sweep_s = time.perf_counter() - t0
     front = []
     for s, budgets, found in zip(targets, budgets_list, results):
-        if found:
-            front.append({"target_speedup": s, **found[0].to_dict()})
-            continue
-        try:  # the reason, as one solve says it (the binding resource and its least value)
-            solve(table, budgets, objective, time_limit_s=args.time_limit, **options)
-            why = "no solution within --time-limit"
-        except PuzzleError as e:
-            why = str(e)
-        front.append({"target_speedup": s, "infeasible": why})
+        if not found:  # the reason, as one solve says it (the binding resource and its least value)
+            try:
+                found = [solve(table, budgets, objective, time_limit_s=args.time_limit, **options)[0]]
+            except PuzzleError as e:  # its hint in this command's terms (it refuses the runtime flags)
+                why = re.sub(r"raise --max-runtime to at least \S+ \(or --speedup at most ([0-9.e+-]+); "
+                             r"--min-throughput at most [^)]*\)", r"give --front-speedups targets of at most \1", str(e))
+                front.append({"target_speedup": s, "infeasible": why})
+                continue
+        front.append({"target_speedup": s, **found[0].to_dict()})
+        for note in budgets.above_parent(parent):  # e.g. a target at or below 1: the parent meets it
+            print(f"note: at {s:g}x: {note}", file=sys.stderr)
+    sweep_s = time.perf_counter() - t0
     if all("infeasible" in p for p in front):
         raise PuzzleError(f"no front target is reachable under these budgets: {front[0]['infeasible']}")
+    scalar = lambda v: v if isinstance(v, (int, float, str, type(None))) else str(v)  # noqa: E731
     record = _finite({"front": front, "parent": dict(parent), "objective_name": objective, "sweep_s": round(sweep_s, 4),
+                      "workload": {k: scalar(meta[k]) for k in ("device", "dtype", "batch_size", "prompt_len",
+                                                                "gen_len", "sequence_length") if k in meta},
                       "source": str(args.library),
                       **({"non_block": meta["non_block"]} if meta.get("non_block") else {})})
     for note in _table_notes(table, meta):
         print(note, file=sys.stderr)
+    if getattr(args, "roofline", None):  # as a single search says which costs these are
+        print(f"note: costs are roofline estimates for {args.roofline} in {args.roofline_dtype} (--roofline-dtype): "
+              f"lower bounds, to plan with; measure on the GPU before trusting absolute times", file=sys.stderr)
     if args.output:
         from .io import atomic_write_json
 
@@ -984,7 +998,7 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
              "status": "infeasible" if "infeasible" in p else "optimal" if p["optimal"] else "not proven",
              "solve_s": num(p, "solve_s")} for p in front]
     others = Budgets(**{k: v for k, v in budgets_list[0].to_dict().items() if k != "max_runtime_ms"}).describe()
-    print(f"front over {len(targets)} speed-up targets ({objective}; other budgets: "
+    print(f"front over {len(targets)} speed-up target{'s' if len(targets) != 1 else ''} ({objective}; other budgets: "
           f"{others.replace('no budget', 'none')}), solved in {sweep_s:.2f} s")
     print(pd.DataFrame(rows).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.6g}"))
     for p in front:

@@ -1305,3 +1305,7 @@ def test_the_out_of_reach_lines_name_attention_removals_fastest_model_by_its_mea
                        "(measured 1.74x)"
     assert lines[1] == "at 2x no model from uniform_width: the method cannot reach that speed-up on this run"
     assert out_of_reach_lines(body, (1.25,))[-1].startswith("at 1.25x no model from greedy, layer_removal, ")
+    body.loc[2, "speedup"] = 1.9  # a lower target measured faster: the fastest as measured (reviewer)
+    assert "its fastest model is attn-drop-1.25x (measured 1.9x)" in out_of_reach_lines(body, (2.0,))[0]
+    body["speedup"] = float("nan")
+    assert "its fastest model is attn-drop-1.5x (not measured)" in out_of_reach_lines(body, (2.0,))[0]

@@ -181,13 +181,15 @@ def test_main_child_names_are_plain_ascii_and_keep_the_budget_spelling():
     assert name == "child-mem50%-decode3_ms" and name.isascii()
 
 
-@pytest.mark.parametrize("text", ["3B", "40b", "1000 B"])
+@pytest.mark.parametrize("text", ["3B", "40b", "999 B"])
 def test_a_memory_budget_of_a_few_bytes_is_refused_as_a_mistyped_count(text):
     """Breaker: --max-memory 3B was read as 3 bytes and every block was removed; B under 1 MiB is refused with the
     forms meant (gigabytes, or --max-params for billions of parameters). A count of bytes over 1 MiB still reads."""
     number = text[:-1].strip()
-    with pytest.raises(PuzzleError, match=rf"--max-memory '{text}' is [0-9.]+ bytes, in which no block fits: for "
+    with pytest.raises(PuzzleError, match=rf"--max-memory '{text}' is [0-9.]+ bytes, under 1 MiB: for "
                                           rf"gigabytes give {number}GB or {number}GiB; for {number} billion "
                                           rf"parameters give --max-params {number}B"):
         parse_memory_mib(text, PARENT["memory_mib"])
+    with pytest.raises(PuzzleError, match=r"is 1e\+06 bytes, under 1 MiB; give the size with a unit such as MB"):
+        parse_memory_mib("1000000B", PARENT["memory_mib"])  # reviewer: "give 1000000GB" was absurd
     assert parse_memory_mib("2097152B", PARENT["memory_mib"]) == pytest.approx(2.0)

@@ -36,6 +36,8 @@ def test_task_names_and_metrics_are_checked():
     from puzzle.scoring.harness import TASKS
 
     assert parse_tasks("all") == tuple(TASKS)  # as `puzzle eval --tasks all` (breaker: refused here)
+    with pytest.raises(PuzzleError, match="'all' stands alone"):
+        parse_tasks("all,lambada")
     with pytest.raises(PuzzleError, match="at least one task"):
         parse_tasks(" , ")
 

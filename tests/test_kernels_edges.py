@@ -213,8 +213,9 @@ def test_kernels_refuse_a_zero_head_dim_tensors_on_two_devices_and_take_a_tensor
                                    atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="head dim D = 0"):
             fn(torch.randn(1, 2, 3, 0), torch.randn(1, 1, 3, 0), torch.randn(1, 1, 3, 0))
-        with pytest.raises(ValueError, match="scale must be a real number"):
-            fn(q, k, k, torch.ones(2))
+        for bad in (torch.ones(2), "0.5", True, float("nan")):
+            with pytest.raises(ValueError, match="scale must be a finite real number"):
+                fn(q, k, k, bad)
     for fn in (decode_attention, decode_attention_reference):
         torch.testing.assert_close(fn(q[:, :, :1], k, k, 2, torch.tensor(0.3)),
                                    decode_attention_reference(q[:, :, :1], k, k, 2, 0.3), atol=1e-5, rtol=1e-5)
@@ -222,8 +223,8 @@ def test_kernels_refuse_a_zero_head_dim_tensors_on_two_devices_and_take_a_tensor
             fn(torch.randn(1, 2, 1, 0), torch.randn(1, 1, 3, 0), torch.randn(1, 1, 3, 0), 2)
         with pytest.raises(ValueError, match=r"different devices \(q on cpu, k_cache on meta, v_cache on cpu"):
             fn(q[:, :, :1], k.to("meta"), k, 2)
-        with pytest.raises(ValueError, match="lengths on meta"):
-            fn(q[:, :, :1], k, k, torch.tensor([2], device="meta"))
+    with pytest.raises(ValueError, match="lengths on meta"):  # the kernel's; the reference moves them to q's device
+        decode_attention(q[:, :, :1], k, k, torch.tensor([2], device="meta"))
     with pytest.raises(ValueError, match=r"rms_norm: the tensors are on different devices \(x on cpu, weight on meta"):
         rms_norm(torch.ones(3, 4), torch.ones(4, device="meta"))
     with pytest.raises(ValueError, match="swiglu: the tensors are on different devices"):

@@ -1792,6 +1792,12 @@ def test_a_front_sweep_on_a_library_solves_each_target_as_one_search_would(tmp_p
     text = capsys.readouterr().out
     assert re.search(r"^ +9x +- +- .* infeasible +-$", text, re.M), text
     assert "9x: no architecture in the library with the variants --exclude leave meets max_runtime_ms=" in text
+    assert re.search(r"give --front-speedups targets of at most [0-9.]+, or leave fewer", text)  # its own terms
+    assert "--speedup at most" not in text
+    foreign = tmp_path / "other.json"  # another tool's file with a front list is not replaced (reviewer)
+    foreign.write_text(json.dumps({"front": [], "source": "x", "model": "m"}))
+    assert main(["search", "--library", lib, "--front-speedups", "1.5", "--output", str(foreign)]) == 2
+    assert "is not an earlier `puzzle search --output` file" in capsys.readouterr().err
     assert json.loads(out.read_text())["front"][1]["infeasible"].startswith("no architecture")
     for flags, words in [(["--speedup", "2"], "leave out --speedup"), (["--num-solutions", "2"], "leave out --greedy"),
                          (["--front-speedups", "1.5,abc"], "'abc' is not a speed-up"),
