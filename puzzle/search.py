@@ -961,7 +961,8 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
                 found = [solve(table, budgets, objective, time_limit_s=args.time_limit, **options)[0]]
             except PuzzleError as e:  # its hint in this command's terms (it refuses the runtime flags)
                 why = re.sub(r"raise --max-runtime to at least \S+ \(or --speedup at most ([0-9.e+-]+); "
-                             r"--min-throughput at most [^)]*\)", r"give --front-speedups targets of at most \1", str(e))
+                             r"--min-throughput at most [^)]*\)", r"give --front-speedups targets of at most \1",
+                             str(e))
                 front.append({"target_speedup": s, "infeasible": why})
                 continue
         front.append({"target_speedup": s, **found[0].to_dict()})

@@ -532,7 +532,7 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
         assert "candidates" not in first and not any("options realized" in m for m in said)
         return
     tried = first["candidates"]
-    assert run.timings["budget_feedback_s"] > before_s  # the options' realizing and scoring (a demo run: 141 s in no stage)
+    assert run.timings["budget_feedback_s"] > before_s  # the options' realizing, scoring (a demo: 141 s in no stage)
     assert len(tried) >= 2 and tried[0]["source"] == "the MIP's first"  # the child itself is over: not a candidate
     assert all(t["source"].startswith("trust-region #") and t["source"].endswith("from the child)") for t in tried[1:])
     assert len({t["source"] for t in tried}) == len(tried)  # each named apart (a fresh user: two alike)
