@@ -991,9 +991,11 @@ def timing_note(rows, out: Path) -> str:
         return f"no model's speed-up is from the one session (one_session.json times none as drawn now): {again}"
     note = ("every model's speed-up is from one interleaved session (one_session.json)" if not own else
             f"speed-ups from one interleaved session (one_session.json), except {', '.join(own)} (own session)")
-    if front_csv_retimed(out):
-        note += (f"; front.csv's children were timed again since (`--remeasure`), and the one session's figures stand "
-                 f"for them, so that all are from one session ({again})")
+    stand = rows.loc[rows["timing"].eq("one session") & rows["name"].ne("parent")
+                     & (rows["source"].eq("front.csv") if "source" in rows.columns else True), "name"].tolist()
+    if front_csv_retimed(out) and stand:  # fresh user: said of children the one session no longer covered
+        note += (f"; front.csv's children were timed again since (`--remeasure` or a new search), and the one "
+                 f"session's figures stand for {', '.join(stand)}, so that those drawn are from one session ({again})")
     return note
 
 

@@ -474,8 +474,11 @@ def lift_negative_kl(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+MIN_GAIN_NATS = 1e-3  # a refinement round accepts its best candidate only where it lowers the scoring-split KL by more
+
+
 def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max_changes: int = 6,
-           max_rounds: int = 5, min_gain: float = 1e-3, stage: str = "bld", tokens: int | None = None,
+           max_rounds: int = 5, min_gain: float = MIN_GAIN_NATS, stage: str = "bld", tokens: int | None = None,
            progress: bool = False, vllm_compatible: bool = False, exclude: Sequence[str] = ()) -> pd.DataFrame:
     """Improve the child `start` by rounds of in-context re-scoring and re-solving (module docstring), choosing
     among the variants `vllm_compatible` and `exclude` leave in.
@@ -1359,6 +1362,7 @@ def refine_main(args) -> int:
     print(df.drop(columns="architecture", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if "changed_layers" in df.columns and (df["step"] != "plain").any() and \
             (pd.to_numeric(df.loc[df["step"] != "plain", "changed_layers"], errors="coerce") == 0).all():
-        print(f"refine {args.name}: no diverse or refined child scored better on the scoring split: both are the plain "
-              f"child ({plain_timing_note(run.out, args.name)})", file=sys.stderr)
+        print(f"refine {args.name}: no diverse or refined child scored better on the scoring split (a round accepts a "
+              f"child only where it lowers the KL by more than {MIN_GAIN_NATS:g} nats): both are the plain child "
+              f"({plain_timing_note(run.out, args.name)})", file=sys.stderr)
     return 0

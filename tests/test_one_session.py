@@ -284,4 +284,10 @@ def test_the_timing_note_says_when_the_session_times_nothing_drawn_or_front_csv_
     rows["timing"] = "one session"
     assert not front_csv_retimed(tmp_path) and timing_note(rows, tmp_path).startswith("every model's speed-up is from")
     (tmp_path / "front.csv").write_text("name\nparent\nchild\n")  # `puzzle front --remeasure` wrote it again
-    assert front_csv_retimed(tmp_path) and "timed again since (`--remeasure`)" in timing_note(rows, tmp_path)
+    assert front_csv_retimed(tmp_path)
+    assert "timed again since (`--remeasure` or a new search), and the one session's figures stand for a, b," in \
+        timing_note(rows, tmp_path)
+    rows["source"] = ["front.csv", "front.csv", "baselines/rows"]  # a re-searched child: its own session (fresh user:
+    rows["timing"] = ["one session", "own session", "one session"]  # the note said the session's figure stood for it)
+    note = timing_note(rows, tmp_path)
+    assert "except a (own session)" in note and "timed again since" not in note
