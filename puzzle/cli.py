@@ -990,7 +990,8 @@ def timing_note(rows, out: Path) -> str:
     if len(own) >= len(rows) - 1:  # the parent alone
         return f"no model's speed-up is from the one session (one_session.json times none as drawn now): {again}"
     note = ("every model's speed-up is from one interleaved session (one_session.json)" if not own else
-            f"speed-ups from one interleaved session (one_session.json), except {', '.join(own)} (own session)")
+            f"speed-ups from one interleaved session (one_session.json), except {', '.join(own)} (own session), so the "
+            f"ratios carry no 5-95 % intervals")  # breaker: they went without a word
     stand = rows.loc[rows["timing"].eq("one session") & rows["name"].ne("parent")
                      & (rows["source"].eq("front.csv") if "source" in rows.columns else True), "name"].tolist()
     if front_csv_retimed(out) and stand:  # fresh user: said of children the one session no longer covered

@@ -200,10 +200,17 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         "inputs": json.loads(json.dumps(inputs, default=str)), "repeats": repeats, "seconds": round(seconds, 1),
         "front_csv_sha256": _sha256(front_csv) if front_csv.is_file() else None,
         "contention_cores": df.attrs.get("contention_cores"), "rounds_dropped": df.attrs.get("rounds_dropped"),
-        "machine": machine_record(df.attrs), "models": out})
+        "machine": machine_record(df.attrs), "models": out, "models_sha256": _models_sha256(out)})
     table = pd.DataFrame(out)
     table.attrs.update(seconds=seconds, timed=len(models))
     return table
+
+
+def _models_sha256(models: list) -> str:
+    """The sha256 of a session's models as JSON (sorted keys): a hand-edited runtime changes it."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(models, sort_keys=True).encode()).hexdigest()
 
 
 def read_session(run_dir: Path, current: dict) -> dict | None:
@@ -234,6 +241,12 @@ def read_session(run_dir: Path, current: dict) -> dict | None:
                       f"runtime_iqr_ms >= 0, and repeats from 2 to 1000): the front is drawn with each model's own "
                       f"session ({again})")
         return None
+    # hand-edited figures (breaker: a child's runtime edited was drawn without a word); a file of an earlier version
+    # has no checksum and is read as before
+    if "models_sha256" in session and session["models_sha256"] != _models_sha256(models):
+        warnings.warn(f"{path} was edited since it was written (its models' figures no longer match the checksum it "
+                      f"keeps): the front is drawn with each model's own session ({again})")
+        return None
     stale = stale_inputs(inputs, current, missing_is_stale=True)
     if stale:
         warnings.warn(f"{path} was timed for another {' and '.join(stale)} than the run's now: the front is drawn "
@@ -262,8 +275,8 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
         if same:
             r.update(speedup_own_session=r["speedup"], speedup=parent_ms / float(m["runtime_ms"]), timing="one session",
                      runtime_ms=m.get("runtime_ms"), runtime_iqr_ms=m.get("runtime_iqr_ms"))
-        else:
-            r.update(speedup_own_session=r["speedup"], timing="own session")
+        else:  # its runtime from another session than the parent row's: none (breaker: 151 ms beside 4.6x)
+            r.update(speedup_own_session=r["speedup"], timing="own session", runtime_ms=None, runtime_iqr_ms=None)
             missed.append(r["name"])
         out.append(r)
     if missed:
@@ -282,8 +295,9 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
             far.append(f"{r['name']} {one:.3g}x against {own:.3g}x")
     if far:
         warnings.warn(f"{run_dir / SESSION_FILE} puts {', '.join(far)} in its own session, more than "
-                      f"{SPEEDUP_MISMATCH:g}x apart: a timing spoiled by a busy machine, or an edited file? "
-                      f"(`puzzle front --out {run_dir} --one-session` times all together again)")
+                      f"{SPEEDUP_MISMATCH:g}x apart: a timing spoiled by a busy machine, in the one session or in "
+                      f"the row's own (the command that made the row, e.g. `puzzle baselines`, times it again; "
+                      f"`puzzle front --out {run_dir} --one-session` the one session), or an edited file?")
     result = pd.DataFrame(out)
     tok_s = timed["parent"].get("throughput_tok_s")  # the throughput axis of rows with this session's speed-ups
     tok_s = float(tok_s) if isinstance(tok_s, (int, float)) and not isinstance(tok_s, bool) \

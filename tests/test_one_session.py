@@ -1,5 +1,6 @@
 """`puzzle front --one-session`: every model of the front timed again together, and the front drawn from it."""
 
+import copy
 import json
 import re
 import shutil
@@ -100,7 +101,15 @@ def test_a_model_changed_since_the_session_keeps_its_own_speedup_and_is_named(ru
         warnings.simplefilter("error")
         assert (current_front_rows(out)["timing"] == "one session").all()
     changed = next(m for m in session["models"] if m["source"] == "baselines/rows")
+    from puzzle.one_session import _models_sha256
+
+    edited = copy.deepcopy(session)  # a figure edited by hand: set aside, said (breaker: drawn without a word)
+    next(m for m in edited["models"] if m["name"] != "parent")["runtime_ms"] *= 0.8
+    (out / "one_session.json").write_text(json.dumps(edited))
+    with pytest.warns(UserWarning, match="one_session.json was edited since it was written"):
+        assert "timing" not in current_front_rows(out).columns
     changed["architecture"] = "noop/noop " + changed["architecture"].split(" ", 1)[1]  # "another child since"
+    session["models_sha256"] = _models_sha256(session["models"])  # as a session of that other child would write
     (out / "one_session.json").write_text(json.dumps(session))
     with pytest.warns(UserWarning, match=f"did not time {changed['name']} as drawn now"), \
             pytest.warns(UserWarning, match=f"parent.json is missing.*; {changed['name']} is drawn from its own"):
@@ -108,15 +117,17 @@ def test_a_model_changed_since_the_session_keeps_its_own_speedup_and_is_named(ru
     (tmp_path / "parent.json").rename(out / "baselines" / "rows" / "parent.json")
     assert rows.loc[changed["name"], "timing"] == "own session"
     assert rows.loc[changed["name"], "speedup"] == pytest.approx(changed["speedup_own_session"])
+    assert pd.isna(rows.loc[changed["name"], "runtime_ms"])  # another session's runtime is not set beside this one's
     assert (rows.drop(index=changed["name"])["timing"] == "one session").all()
     capsys.readouterr()
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
-    assert f"except {changed['name']} (own session)" in capsys.readouterr().err
+    assert f"except {changed['name']} (own session), so the ratios carry no 5-95 % intervals" in capsys.readouterr().err
     # every child of front.csv searched again since (breaker): the parent alone in the session names none of them
     ours = json.loads((out / "one_session.json").read_text())
     for m in ours["models"]:
         if m["method"] == "mip":
             m["architecture"] = "noop/noop " + m["architecture"].split(" ", 1)[1]
+    ours["models_sha256"] = _models_sha256(ours["models"])
     (out / "one_session.json").write_text(json.dumps(ours))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the session's "did not time" warnings, tested above
