@@ -419,6 +419,22 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
     return base.assign(ratio_lo=q[0], ratio_median=q[1], ratio_hi=q[2], reached=ok.mean(axis=0))
 
 
+def _warn_missing_baseline_rows(run_dir: Path, have: set[str]) -> None:
+    """Warn of the models DIR/baselines/baselines.csv lists whose row file (DIR/baselines/rows/<name>.json) is gone:
+    the front and its ratios are drawn without them (breaker: a deleted row moved a ratio from 1.00 to 0.49 without a
+    word). Nothing when there is no readable baselines.csv."""
+    try:
+        listed = pd.read_csv(run_dir / "baselines" / "baselines.csv", usecols=["name"])["name"].astype(str)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return
+    gone = [n for n in dict.fromkeys(listed) if n != "parent" and n not in have]
+    if gone:
+        warnings.warn(f"{run_dir / 'baselines' / 'baselines.csv'} lists {', '.join(gone)}, whose row file"
+                      f"{'s are' if len(gone) > 1 else ' is'} missing from {run_dir / 'baselines' / 'rows'}: the front "
+                      f"and its ratios are drawn without {'them' if len(gone) > 1 else 'it'} (`puzzle baselines --out "
+                      f"{run_dir}` builds {'them' if len(gone) > 1 else 'it'} again)")
+
+
 def _model_row(path: Path) -> dict | None:
     """One model's row file (DIR/front_rows/, DIR/baselines/rows/), or None with a warning when it is damaged: not
     a JSON object, without a name or a method (the name "parent" for the parent alone), or without a speed-up in
@@ -601,6 +617,8 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
     current = json.loads(json.dumps(inputs, default=str)) if inputs is not None else _current_row_inputs(run_dir)
     for sub in ("front_rows", "baselines/rows"):
         files = sorted((run_dir / sub).glob("*.json")) if (run_dir / sub).is_dir() else []
+        if sub == "baselines/rows":
+            _warn_missing_baseline_rows(run_dir, {p.stem for p in files})
         found = [row for row in map(_model_row, files) if row is not None and _row_is_current(row, current, sub, run_dir)]
         if sub == "baselines/rows" and exclude:
             for row in [r for r in found if r.get("name") in exclude]:

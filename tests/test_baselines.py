@@ -332,6 +332,12 @@ def test_damaged_row_files_are_left_out_of_the_front_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="model a-refined has rows in front_rows and baselines/rows with other figures"):
         rows = front_rows(tmp_path, with_downstream=False)
     assert rows.set_index("name").loc["a-refined", "speedup"] == 1.4
+    # a row file baselines.csv lists deleted: said (breaker: a ratio moved from 1.00 to 0.49 without a word)
+    (tmp_path / "baselines" / "rows" / "a-refined.json").unlink()
+    (tmp_path / "baselines" / "baselines.csv").write_text("name,speedup\nparent,1\ngreedy-1.5x,1.5\n")
+    with pytest.warns(UserWarning, match=r"baselines.csv lists greedy-1.5x, whose row file is missing from .*: the "
+                                         r"front and its ratios are drawn without it \(`puzzle baselines --out"):
+        front_rows(tmp_path, with_downstream=False)
 
 
 def test_a_missing_parent_row_is_named_and_its_models_still_drawn(tmp_path):
