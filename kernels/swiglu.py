@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import KERNEL_DTYPES, check_same_device, is_hopper, launch_interpreted, refuse_double_backward, runs_interpreted
+from .utils import (KERNEL_DTYPES, check_same_device, is_hopper, launch_interpreted, refuse_double_backward,
+                    runs_interpreted)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

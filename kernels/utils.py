@@ -175,7 +175,8 @@ def refuse_double_backward(name: str) -> None:
         RuntimeError: autograd is on, i.e. the gradient was asked for with create_graph=True."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{name}: the Triton backward is not differentiable (a gradient asked for with "
-                           f"create_graph=True); use the reference (`ops` with use_triton=False) for higher derivatives")
+                           f"create_graph=True); use the reference (`ops` with use_triton=False) for higher "
+                           f"derivatives")
 
 
 def check_same_device(name: str, **tensors) -> None:

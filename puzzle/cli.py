@@ -636,12 +636,9 @@ def _saved(args):
 
 def _log_unreachable_front(run) -> None:
     """Repeat the search's warning on front targets no child reached (DIR/search/chosen.json), if any."""
-    from .io import read_json
-    from .pipeline import unreachable_front_message
+    from .pipeline import unreachable_front, unreachable_front_message
 
-    path = run.out / "search" / "chosen.json"
-    missed = read_json(path).get("unreachable_front") if path.is_file() else None
-    if missed:
+    if missed := unreachable_front(run.out):
         _log(f"front: warning: {unreachable_front_message(missed)}")
 
 
@@ -820,7 +817,6 @@ def _time_front_together(run, repeats: int) -> None:
 
 def cmd_front(args) -> int:
     from .pipeline import UNREADABLE_CHILDREN, front_is_current, stage_front
-    from .plots import write_front_all
 
     tasks = None
     if args.downstream is not None:
@@ -893,15 +889,10 @@ def cmd_front(args) -> int:
     if not _draws_front_all(run.out, tasks):
         _print_front_table(run.out)
     else:
+        from .pipeline import draw_front_all
         from .plots import ratio_table
 
-        # our front and the baselines' (puzzle baselines / refine) on one plot, and the ratios at matched speed
-        from .baselines import row_inputs, stale_greedy_rows
-
-        from .pipeline import reached_front_speedups
-
-        rows = write_front_all(run.out, speedups=reached_front_speedups(run), inputs=row_inputs(run),
-                               exclude=stale_greedy_rows(run))
+        rows = draw_front_all(run)  # our front and the baselines' on one plot, and the ratios at matched speed
         _print_front_table(run.out, rows)  # with the speed-ups the ratios below use (a one session's, where current)
         print(f"front, every model ({len(rows)}: the parent, ours and any refined, fused or baseline models) -> "
               f"{run.out / 'front_all.csv'}, "
@@ -1119,8 +1110,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_budget_flags(p)
     p.add_argument("--downstream", metavar="TASK,TASK,...", nargs="?", const="lambada,arc_easy,piqa",
                    help="also evaluate every front model zero-shot on these tasks (default when given alone: "
-                        "lambada,arc_easy,piqa; 'all': every task of `puzzle eval`) and draw accuracy vs throughput beside the KL "
-                        "front (front_all.png)")
+                        "lambada,arc_easy,piqa; 'all': every task of `puzzle eval`) and draw accuracy vs throughput "
+                        "beside the KL front (front_all.png)")
     p.add_argument("--downstream-limit", type=int, default=None, metavar="N",
                    help=f"documents per task, the same fixed-seed subset for every model (0: all; default "
                         f"{DOWNSTREAM_LIMIT})")

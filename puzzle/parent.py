@@ -688,9 +688,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) 
 # entry point
 
 
-def load_model_spec(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model_spec(spec: str, dtype: torch.dtype = torch.float32, progress: bool = False) -> LoadedModel:
     """A model named as the commands name one: "tiny" (the built-in tiny model, `tiny.tiny_parent`, in `dtype`),
-    asset:<name> (a packaged model, `assets.model_asset_path`) or a path (`load_parent`). Whether a word "tiny" means
+    asset:<name> (a packaged model, `assets.model_asset_path`, with a progress bar where `progress`) or a path
+    (`load_parent`). A run's parent is loaded by it too (`pipeline.Run.parent`). Whether a word "tiny" means
     the built-in model or a folder ./tiny is the caller's (`tiny.means_builtin_tiny`; a run's parent.path "tiny" is
     always the built-in one).
 
@@ -706,7 +707,7 @@ def load_model_spec(spec: str, dtype: torch.dtype = torch.float32) -> LoadedMode
     if spec.startswith("asset:"):
         from .assets import model_asset_path
 
-        spec = str(model_asset_path(spec[len("asset:"):]))
+        spec = str(model_asset_path(spec[len("asset:"):], progress=progress))
     return load_parent(spec, dtype=dtype)
 
 

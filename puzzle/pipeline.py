@@ -163,20 +163,10 @@ class Run:
             t0 = time.perf_counter()
             path = self.config.parent.path
             check_parent_path(path, self.out)
-            if path == "tiny":
-                from .tiny import tiny_parent
+            from .parent import load_model_spec
 
-                loaded = tiny_parent()
-                loaded.model.to(DTYPE[self.config.parent.dtype])  # its weights are made in fp32 (breaker: the
-                # configured parent.dtype was recorded and ignored)
-            else:
-                from .parent import load_parent
-
-                if path.startswith("asset:"):
-                    from .assets import model_asset_path
-
-                    path = str(model_asset_path(path[len("asset:"):], progress=self.progress))
-                loaded = load_parent(path, dtype=DTYPE[self.config.parent.dtype])
+            # "tiny" is the built-in model in the configured dtype (breaker: its fp32 was recorded as parent.dtype)
+            loaded = load_model_spec(path, DTYPE[self.config.parent.dtype], progress=self.progress)
             for p in loaded.model.parameters():
                 p.requires_grad_(False)
             now = check_parent_weights(self.out, loaded.model, self.config.parent)
@@ -2415,16 +2405,22 @@ def front_all_older(run: Run) -> bool:
         return False
 
 
+def draw_front_all(run: Run) -> pd.DataFrame:
+    """DIR/front_all.csv/png and DIR/front_ratios.csv (`plots.write_front_all`) for the run as it is now: its rows'
+    inputs, stale greedy rows left out, the ratios at the front targets the search reached. Returns the rows."""
+    from .baselines import row_inputs, stale_greedy_rows
+    from .plots import write_front_all
+
+    return write_front_all(run.out, speedups=reached_front_speedups(run), inputs=row_inputs(run),
+                           exclude=stale_greedy_rows(run))
+
+
 def redraw_front_all(run: Run) -> None:
     """Draw DIR/front_all.csv/png and DIR/front_ratios.csv again from the front just measured or evaluated, when
     `puzzle front` drew them before (they would keep the old figures); `puzzle front` prints the ratios."""
     if not (run.out / "front_all.csv").is_file():
         return
-    from .baselines import row_inputs, stale_greedy_rows
-    from .plots import write_front_all
-
-    write_front_all(run.out, speedups=reached_front_speedups(run), inputs=row_inputs(run),
-                    exclude=stale_greedy_rows(run))
+    draw_front_all(run)
     run.say(f"run: front_all.csv/png and front_ratios.csv drawn again from this front (`puzzle front --out {run.out}` "
             "prints the ratios)")
 
@@ -2909,24 +2905,31 @@ def bld_level_caveat(kl_bld: float, kl_init: float, bld_tokens: int, tolerance: 
 _REPORT_UNREACHABLE, _REPORT_TIMES = "## Front targets out of reach", "## Time per stage (s)"
 
 
-def reached_front_speedups(run: Run) -> tuple[float, ...]:
-    """The run's front speed-ups less the targets its last search found out of reach (DIR/search/chosen.json's
-    `unreachable_front`): the speed-ups the ratio table compares at (breaker: a 1e+09x column of "-" after the
-    front said that target was left out)."""
-    chosen = run.out / "search" / "chosen.json"
+def unreachable_front(out: Path) -> dict | None:
+    """DIR/search/chosen.json's `unreachable_front` (targets, reasons, largest_speedup: the front targets the last
+    search found out of reach), or None when there are none or the file is missing or damaged."""
+    chosen = Path(out) / "search" / "chosen.json"
     try:
         missed = read_json(chosen).get("unreachable_front") if chosen.is_file() else None
-        missed = set(missed.get("targets") or ()) if isinstance(missed, dict) else set()
-    except (PuzzleError, OSError, ValueError, AttributeError, TypeError):
-        missed = set()
-    kept = tuple(s for s in run.config.search.front_speedups if f"{s:g}" not in missed)
+    except (PuzzleError, OSError, ValueError, AttributeError):
+        return None
+    return missed if isinstance(missed, dict) and missed else None
+
+
+def reached_front_speedups(run: Run) -> tuple[float, ...]:
+    """The run's front speed-ups less the targets its last search found out of reach (`unreachable_front`): the
+    speed-ups the ratio table compares at (breaker: a 1e+09x column of "-" after the front said that target was left
+    out)."""
+    missed = unreachable_front(run.out) or {}
+    targets = missed.get("targets")
+    targets = set(map(str, targets)) if isinstance(targets, list) else set()
+    kept = tuple(s for s in run.config.search.front_speedups if f"{s:g}" not in targets)
     return kept or tuple(run.config.search.front_speedups)
 
 
 def _unreachable_section(run: Run) -> list[str]:
-    """report.md's lines on the front targets no child reached (DIR/search/chosen.json), [] when there are none."""
-    chosen = run.out / "search" / "chosen.json"
-    missed = read_json(chosen).get("unreachable_front") if chosen.is_file() else None
+    """report.md's lines on the front targets no child reached (`unreachable_front`), [] when there are none."""
+    missed = unreachable_front(run.out)
     return [_REPORT_UNREACHABLE, "", unreachable_front_message(missed) + ".", ""] if missed else []
 
 

@@ -971,11 +971,8 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
     sweep_s = time.perf_counter() - t0
     if all("infeasible" in p for p in front):
         raise PuzzleError(f"no front target is reachable under these budgets: {front[0]['infeasible']}")
-    scalar = lambda v: v if isinstance(v, (int, float, str, type(None))) else str(v)  # noqa: E731
     record = _finite({"front": front, "parent": dict(parent), "objective_name": objective, "sweep_s": round(sweep_s, 4),
-                      "workload": {k: scalar(meta[k]) for k in ("device", "dtype", "batch_size", "prompt_len",
-                                                                "gen_len", "sequence_length") if k in meta},
-                      "source": str(args.library),
+                      "workload": _workload(meta), "source": str(args.library),
                       **({"non_block": meta["non_block"]} if meta.get("non_block") else {})})
     for note in _table_notes(table, meta):
         print(note, file=sys.stderr)
@@ -983,13 +980,7 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
         print(f"note: costs are roofline estimates for {args.roofline} in {args.roofline_dtype} (--roofline-dtype): "
               f"lower bounds, to plan with; measure on the GPU before trusting absolute times", file=sys.stderr)
     if args.output:
-        from .io import atomic_write_json
-
-        try:
-            atomic_write_json(args.output, record)
-        except OSError as e:
-            raise PuzzleError(f"--output {args.output} cannot be written ({e.strerror or e}); give a path in a folder "
-                              f"you can write to") from None
+        _write_output(args.output, record)
     if args.json:
         print(json.dumps(record, allow_nan=False))
         return 0
@@ -1006,6 +997,27 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
         if "infeasible" in p:
             print(f"{p['target_speedup']:g}x: {p['infeasible']}")
     return 0
+
+
+def _workload(meta: dict) -> dict:
+    """The table's workload (device, dtype, batch size, lengths) as JSON-ready scalars, for a search's record."""
+    scalar = lambda v: v if isinstance(v, (int, float, str, type(None))) else str(v)  # noqa: E731
+    return {k: scalar(meta[k]) for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len", "sequence_length")
+            if k in meta}
+
+
+def _write_output(path, record: dict) -> None:
+    """Write a search's record to --output `path` (atomically; non-finite numbers as null).
+
+    Raises:
+        PuzzleError: the path cannot be written (e.g. a folder of /proc that takes no new file)."""
+    from .io import atomic_write_json
+
+    try:
+        atomic_write_json(path, _finite(record))
+    except OSError as e:
+        raise PuzzleError(f"--output {path} cannot be written ({e.strerror or e}); give a path in a folder you can "
+                          f"write to") from None
 
 
 def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
@@ -1036,8 +1048,6 @@ def search_main(args: argparse.Namespace) -> int:
     Raises:
         PuzzleError: see `check_search_args`, `check_exclusions`, `load_search_table`, `resolve_budgets` and `solve`.
     """
-    from .io import atomic_write_json
-
     check_search_args(args)
     table, meta = load_search_table(args.library)
     if getattr(args, "roofline", None):
@@ -1064,10 +1074,8 @@ def search_main(args: argparse.Namespace) -> int:
         if hint := throughput_hint(e, request.min_throughput, meta):
             raise InfeasibleBudget(f"{e}{hint}", e.least) from None
         raise
-    scalar = lambda v: v if isinstance(v, (int, float, str, type(None))) else str(v)  # noqa: E731
     record = {**solutions[0].to_dict(), "parent": dict(parent),  # (non-finite numbers become null on output)
-              "workload": {k: scalar(meta[k]) for k in ("device", "dtype", "batch_size", "prompt_len", "gen_len",
-                                                        "sequence_length") if k in meta}, "source": str(args.library)}
+              "workload": _workload(meta), "source": str(args.library)}
     if len(solutions) > 1:
         record["alternatives"] = [s.to_dict() for s in solutions[1:]]
     short = None
@@ -1105,11 +1113,7 @@ def search_main(args: argparse.Namespace) -> int:
               f"(these: {budgets.describe()}; e.g. --speedup 10)",
               file=sys.stderr)
     if args.output:
-        try:
-            atomic_write_json(args.output, _finite(record))
-        except OSError as e:  # e.g. a folder of a system file system (/proc) that takes no new file
-            raise PuzzleError(f"--output {args.output} cannot be written ({e.strerror or e}); give a path in a folder "
-                              f"you can write to") from None
+        _write_output(args.output, record)
     if args.json:
         print(json.dumps(_finite(record), allow_nan=False))
         if short:
