@@ -932,6 +932,7 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
     real, sessions = cost.measure_models, []
 
     def planned_times(models, workload, **kw):  # each child at its predicted speed-up, greedy's first one at 1.425x
+        # (by name: greedy-1.5x-init may be the same architecture, as it was in CI)
         sessions.append(sorted(set(models) - {"parent"}))
         df = real(models, workload, **kw)
         plan = json.loads((run_dir / "baselines" / "plan.json").read_text())
@@ -940,7 +941,7 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
         for name, model in models.items():
             if name != "parent":
                 blocks = [b.id for b in model.config.blocks]
-                speedup = 1.425 if blocks == slow else predicted[tuple(blocks)] * (1 + 1e-6)
+                speedup = 1.425 if name == "greedy-1.5x" and blocks == slow else predicted[tuple(blocks)] * (1 + 1e-6)
                 df.loc[df["name"] == name, "runtime_ms"] = parent_ms / speedup
         return df
 

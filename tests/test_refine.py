@@ -770,8 +770,12 @@ def test_continue_starts_afresh_when_the_plain_child_was_searched_again_under_an
             path = copy.out / "search" / "child-1.5x.json"
             record = json.loads(path.read_text())
             record.pop("rows")  # a choice edited beside the rows it was solved as is refused (read_architecture)
-            path.write_text(json.dumps({**record, "choice": json.loads(
-                (copy.out / "search" / "child-1.5x-diverse.json").read_text())["choice"][::-1]}))
+            # one changed layer back to the parent's block: another choice whatever the tiny run's timings chose (CI:
+            # the diverse child's choice reversed was the plain one)
+            parent_ids = [b.id for b in copy.parent.config.blocks]
+            i = next(i for i, (b, p) in enumerate(zip(record["choice"], parent_ids)) if b != p)
+            path.write_text(json.dumps({**record, "choice": [*record["choice"][:i], parent_ids[i],
+                                                             *record["choice"][i + 1:]]}))
             (copy.out / "refine" / "child-1.5x.inputs.json").unlink(missing_ok=True)
         capsys.readouterr()
         df = improve_child(copy, "child-1.5x", **settings, resume=True)
