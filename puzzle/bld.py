@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .architecture import AttentionConfig, BlockConfig, FFNConfig, is_variant_id
-from .errors import PuzzleError, is_finite_number
+from .errors import MAX_LEARNING_RATE, PuzzleError, is_finite_number
 from .init import (ATTN_PREFIXES, FFN_INITS, FFN_PREFIXES, KV_INITS, LINEAR_INITS, KVGroupStats, channel_scores_from_sums,
                    compose_block, ffn_forward_stats, greedy_channel_removal, init_attention, init_ffn, ridge_solve)
 from .library import Library
@@ -134,7 +134,9 @@ class BLDConfig:
         if self.seed >= 2 ** 63:
             raise PuzzleError(f"bld.seed (--seed) must be below 2**63, got {self.seed}")
         inf = math.inf
-        for name, what, ok in (("lr", "a finite number > 0", lambda v: 0 < v < inf),
+        lr_range = (f"a learning rate in (0, {MAX_LEARNING_RATE:g}): about 1e-4 to 1e-3 (a rate of 1 or more destroys "
+                    f"the weights in a step)")
+        for name, what, ok in (("lr", lr_range, lambda v: 0 < v < MAX_LEARNING_RATE),
                                ("linear_lr_scale", "a finite number > 0", lambda v: 0 < v < inf),
                                ("weight_decay", "a finite number >= 0", lambda v: 0 <= v < inf),
                                ("grad_clip", "a finite number >= 0 (0: no clipping)", lambda v: 0 <= v < inf),

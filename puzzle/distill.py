@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import PuzzleError, require_finite
+from .errors import PuzzleError, require_finite, require_learning_rate
 from .io import atomic_save_safetensors, atomic_write_json, dir_arg, read_json, tensor_sha256
 from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
@@ -104,6 +104,7 @@ class GKDConfig:
     def __post_init__(self) -> None:
         require_finite("gkd", temperature=self.temperature, cosine_weight=self.cosine_weight,
                        kl_weight=self.kl_weight, lm_weight=self.lm_weight)
+        require_learning_rate("gkd", self.lr)
         self.optim()  # lr, warmup, decay, clip: finite and in range
         for name, least in (("tokens", 1), ("batch_size", 1), ("micro_batch_size", 0)):  # named as the flag
             if getattr(self, name) < least:

@@ -23,6 +23,24 @@ def require_finite(what: str, **values) -> None:
         raise PuzzleError(f"{what}: {', '.join(bad)}: give a finite number")
 
 
+#: the largest AdamW learning rate any training stage takes: each step moves a weight by up to about lr, and a model's
+#: weights are about unit scale, so a rate of 1 or more wipes them out in a step or two (breaker: sft --lr 1e6 ended
+#: at ln(vocab), a uniform guess, with a zero gradient, and exported it as trained)
+MAX_LEARNING_RATE = 1.0
+
+
+def require_learning_rate(what: str, lr, name: str = "--lr") -> None:
+    """Refuse an AdamW learning rate that is not a finite number in (0, MAX_LEARNING_RATE) before any work.
+
+    Raises:
+        PuzzleError: naming `what` (e.g. "sft"), the setting `name` and the usual range.
+    """
+    if not (is_finite_number(lr) and 0 < lr < MAX_LEARNING_RATE):
+        raise PuzzleError(f"{what}: {name} {lr!r} is not a learning rate in (0, {MAX_LEARNING_RATE:g}): AdamW moves "
+                          f"each weight by up to about that much per step, so a rate of 1 or more destroys the model; "
+                          f"fine-tuning uses about 1e-6 to 1e-4, BLD about 1e-4 to 1e-3")
+
+
 def differing_settings(saved: dict, meta: dict, prefix: str = "") -> list[str]:
     """The keys where two metas differ, nested dicts by their dotted keys ("config.checkpoint_every", with the
     saved and new values for a setting): reviewer, "differs in ['config']" named no setting."""

@@ -35,7 +35,7 @@ from statistics import NormalDist
 import pandas as pd
 import torch
 
-from .errors import PuzzleError, is_finite_number, require_finite
+from .errors import PuzzleError, is_finite_number, require_finite, require_learning_rate
 from .io import atomic_save_safetensors, dir_arg
 from .modeling import KVCache
 from .rpo import (AGGREGATES, LOSSES, PAIR_LOSSES, check_loss, check_rewards, needs_reference, needs_rewards,
@@ -81,9 +81,18 @@ def _response_text(value, where: str) -> tuple[tuple[dict, ...], str]:
     raise PuzzleError(f"{where}: a response must be a string or a list of chat messages")
 
 
+#: the largest reward magnitude the data may hold: the RPO losses square eta-scaled reward differences in float32
+#: (at most 3.4e38), so 1e300 became inf there and was reported as a missing reward (breaker)
+MAX_REWARD = 1e9
+
+
 def _reward(value, where: str) -> float:
     if not is_finite_number(value):
         raise PuzzleError(f"{where}: rewards must be finite numbers, got {value!r}")
+    if abs(value) > MAX_REWARD:
+        raise PuzzleError(f"{where}: reward {value:g} is beyond +-{MAX_REWARD:g}: the losses square scaled reward "
+                          f"differences in float32, which overflow; rescale the rewards (a common factor on "
+                          f"them acts as that factor on --eta)")
     return float(value)
 
 
@@ -615,8 +624,7 @@ class RPOConfig:
                 raise PuzzleError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k < 2:
             raise PuzzleError(f"k must be >= 2 (responses to compare per prompt), got {self.k}")
-        if self.lr <= 0:
-            raise PuzzleError(f"lr must be > 0, got {self.lr}")
+        require_learning_rate("rpo", self.lr)
 
     @property
     def logprob_label(self) -> str:
@@ -643,11 +651,29 @@ def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
         raise PuzzleError(f"rpo {config.loss}: the loss became {metrics['loss']}; lower the learning rate (or beta)")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))  # before clipping
     metrics["lr"] = opt.param_groups[0]["lr"]  # the rate this step took (breaker: logged after sched.step: ahead)
     opt.step()
     sched.step()
     return metrics
+
+
+def training_summary(config: RPOConfig, history: pd.DataFrame) -> str:
+    """rpo's last line on its training (breaker: it ended with the files it wrote, no figure): the loss of the first
+    and last steps that took one, and for pair losses the batch's implicit-reward margin and accuracy, for online
+    losses the sampled responses' mean reward, at both ends."""
+    def ends(column, fmt):
+        values = history[column].dropna() if column in history else pd.Series(dtype=float)
+        return f"{format(values.iloc[0], fmt)} -> {format(values.iloc[-1], fmt)}" if len(values) else None
+
+    if (loss := ends("loss", ".4f")) is None:
+        return f"rpo {config.loss}: no step took a loss ({len(history)} steps)"
+    parts = [f"loss {loss} over {len(history)} steps"]
+    for column, label, fmt in (("margin", "margin", ".3f"), ("accuracy", "accuracy", ".0%"),
+                               ("reward_mean", "sampled reward", ".3f")):
+        if (span := ends(column, fmt)) is not None:
+            parts.append(f"{label} {span}")
+    return f"rpo {config.loss}: " + "; ".join(parts) + " (first and last step's batch)"
 
 
 def _check_finite_weights(model, config: RPOConfig) -> None:
@@ -1203,6 +1229,10 @@ def _rpo(args) -> int:
                        warmup_steps=args.warmup_steps, seed=args.seed, k=4 if args.k is None else args.k,
                        max_new_tokens=48 if args.max_new_tokens is None else args.max_new_tokens,
                        temperature=1.0 if args.temperature is None else args.temperature)
+    if config.warmup_steps > config.steps:  # breaker: --steps 3 --warmup-steps 100 trained at 3 % of --lr, unsaid
+        say(f"rpo: warning: --warmup-steps {config.warmup_steps} is more than --steps {config.steps}, so the learning "
+            f"rate rises only to {config.steps / config.warmup_steps:.0%} of --lr; give --warmup-steps {config.steps} "
+            f"or fewer, or more --steps")
     progress = not args.no_progress
     from .export import check_export_target
 
@@ -1301,5 +1331,10 @@ def _rpo(args) -> int:
     atomic_write_json(args.out / "rpo.json", {"config": config_record(config), "summary": summary,
                                               "adapters": handle.config.to_dict() if handle is not None else None,
                                               "training": training})
+    from .train_utils import stalled_gradient_note
+
+    say(training_summary(config, history))
+    if note := stalled_gradient_note(history.to_dict("records"), "rpo"):
+        say(note)
     say(f"wrote {args.out / 'model'} and {args.out / 'history.csv'}")
     return 0

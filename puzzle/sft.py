@@ -47,13 +47,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .errors import PuzzleError, require_finite
+from .errors import PuzzleError, require_finite, require_learning_rate
 from .io import atomic_write_json, atomic_write_text, dir_arg
 from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
 from .train_utils import (FOLDER_SOURCE, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
                           global_batch, init_distributed, peer_lost, rank_slice, recorded_settings,
-                          recorded_source, shutdown_distributed, train_loop)
+                          recorded_source, shutdown_distributed, stalled_gradient_note, train_loop)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -365,6 +365,7 @@ class SFTConfig:
                 raise PuzzleError(f"sft {name} (--{name.replace('_', '-')}) must be {want}, got {getattr(self, name)}")
         if self.checkpoint_every < 1:
             raise PuzzleError(f"sft checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
+        require_learning_rate("sft", self.lr)
         self.optim()  # lr, warmup, decay, clip: finite and in range
 
     def optim(self) -> OptimSettings:
@@ -894,6 +895,8 @@ def cmd_sft(args) -> int:
                f"; resumed from step {resumed} of {summary['steps']}" if resumed else "")
         log(f"sft: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} nats/token{how}; exported to "
             f"{summary['dest']} ({time.perf_counter() - t0:.0f} s)")
+        if note := stalled_gradient_note(summary.get("history", []), "sft"):
+            log(note)
         for row in summary.get("toggle", []):
             log(f"sft: toggle {row['mode']:>3}: think {row['think_fraction']:.0%}, well-formed "
                 f"{row['well_formed_fraction']:.0%}, correct {row['correct_fraction']:.0%} of {row['answers']}")

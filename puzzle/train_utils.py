@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import PuzzleError, differing_settings, require_finite
+from .errors import PuzzleError, differing_settings, require_finite, require_learning_rate
 from .io import atomic_write_bytes
 from .modeling import PuzzleForCausalLM
 
@@ -369,6 +369,20 @@ def recorded_settings(checkpoint_path: Path, config: dict) -> dict:
     return {**config, **{k: saved[k] for k in RUN_ONLY_SETTINGS if k in saved}}
 
 
+def stalled_gradient_note(history, what: str) -> str | None:
+    """A warning where the gradient norm was exactly 0 on the last steps of `history` (dicts or a DataFrame's records
+    with "grad_norm"; at least 2 steps and the last quarter of them), else None: the loss saturated, typically after a
+    learning rate high enough to push the logits into one flat or one-hot answer (breaker: sft at --lr 1e6 ended at
+    ln(vocab), a uniform guess, with a zero gradient from step 2, and exported it as trained)."""
+    norms = [r.get("grad_norm") for r in history]
+    tail = norms[-max(2, len(norms) // 4):]
+    if len(norms) < 2 or not all(isinstance(n, (int, float)) and n == 0 for n in tail):
+        return None
+    return (f"{what}: warning: the gradient was 0 on the last {len(tail)} of {len(norms)} steps, so the model stopped "
+            f"learning: its loss saturated, as a learning rate far too high does; check its answers (`puzzle "
+            f"generate`) and train again with a lower --lr")
+
+
 def non_finite_parameter(model: nn.Module) -> str | None:
     """The name of the first parameter holding a NaN or ±inf, or None when all are finite."""
     return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
@@ -431,7 +445,8 @@ class OptimSettings:
     def __post_init__(self) -> None:
         require_finite("optimizer", lr=self.lr, warmup_fraction=self.warmup_fraction,
                        min_lr_fraction=self.min_lr_fraction, weight_decay=self.weight_decay, grad_clip=self.grad_clip)
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+        require_learning_rate("optimizer", self.lr, "lr")
+        if self.weight_decay < 0 or self.grad_clip < 0:
             raise PuzzleError(f"lr must be > 0, weight_decay and grad_clip >= 0 (grad_clip 0: off); got lr={self.lr}, "
                               f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
         if not (0 <= self.warmup_fraction <= 1 and 0 <= self.min_lr_fraction <= 1):

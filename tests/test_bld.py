@@ -178,8 +178,14 @@ def test_bld_shards_by_rank_without_overlap(parent, calib, tmp_path):
 def test_bad_bld_settings_are_refused():
     with pytest.raises(PuzzleError, match="linear_init"):
         BLDConfig(linear_init="magic")
-    with pytest.raises(PuzzleError, match="bld.lr must be a finite number > 0, got 0"):
+    with pytest.raises(PuzzleError, match=r"bld.lr must be a learning rate in \(0, 1\).*got 0"):
         BLDConfig(lr=0)
+    with pytest.raises(PuzzleError, match=r"bld.lr must be a learning rate in \(0, 1\).*got 2"):  # wipes the weights
+        BLDConfig(lr=2)
+
+
+BLD_LR = ("bld.lr must be a learning rate in (0, 1): about 1e-4 to 1e-3 (a rate of 1 or more destroys the weights in a "
+          "step)")
 
 
 @pytest.mark.parametrize("setting,value,words", [
@@ -187,9 +193,9 @@ def test_bad_bld_settings_are_refused():
     ("tokens", 0, "bld.tokens (--bld-tokens) must be a whole number >= 1, got 0"),
     ("batch_size", 2.5, "bld.batch_size must be a whole number >= 1, got 2.5"),
     ("probe_sequences", -1, "bld.probe_sequences must be a whole number >= 0, got -1"),
-    ("lr", "x", "bld.lr must be a finite number > 0, got 'x'"),
-    ("lr", float("nan"), "bld.lr must be a finite number > 0, got nan"),
-    ("lr", float("inf"), "bld.lr must be a finite number > 0, got inf"),
+    ("lr", "x", f"{BLD_LR}, got 'x'"),
+    ("lr", float("nan"), f"{BLD_LR}, got nan"),
+    ("lr", float("inf"), f"{BLD_LR}, got inf"),
     ("warmup_fraction", 2, "bld.warmup_fraction must be a number from 0 to 1, got 2"),
     ("grad_clip", -1, "bld.grad_clip must be a finite number >= 0 (0: no clipping), got -1"),
     ("checkpoint_s", "a", "bld.checkpoint_s must be a number of seconds >= 0, got 'a'"),
@@ -215,12 +221,12 @@ def test_lr_scales_pick_the_most_specific_key():
     from puzzle.architecture import BlockConfig
     from puzzle.bld import Job, subblock_lr
 
-    cfg = BLDConfig(lr=1.0, lr_scales={"attn-kv1": 3.0, "gqa": 2.0, "linear": 0.5, "block": 0.25})
-    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 1))) == 3.0
-    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 2))) == 2.0
-    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("linear"))) == 0.5
-    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("swiglu", 64))) == 1.0
-    assert subblock_lr(cfg, Job(0, "block", BlockConfig.from_id("attn-kv1+ffn-64"))) == 0.25
+    cfg = BLDConfig(lr=0.5, lr_scales={"attn-kv1": 3.0, "gqa": 2.0, "linear": 0.5, "block": 0.25})
+    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 1))) == 1.5
+    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 2))) == 1.0
+    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("linear"))) == 0.25
+    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("swiglu", 64))) == 0.5
+    assert subblock_lr(cfg, Job(0, "block", BlockConfig.from_id("attn-kv1+ffn-64"))) == 0.125
     with pytest.raises(PuzzleError, match="lr_scales key"):
         BLDConfig(lr_scales={"attention-ish": 1.0})
     with pytest.raises(PuzzleError, match="positive"):

@@ -51,6 +51,9 @@ def test_reads_pairs_groups_and_chat_prompts(tmp_path):
            ({"prompt": "x", "chosen": "a", "rejected": "b", "chosen_reward": 1}, "both chosen_reward"),
            ({"prompt": "x", "responses": ["a", "b"], "rewards": [1.0]}, "one number per response"),
            ({"prompt": "x", "responses": ["a", "b"], "rewards": [1.0, None]}, "finite numbers"),
+           # breaker: float32 made these inf, then said "some rewards are missing or not finite"
+           ({"prompt": "x", "chosen": "a", "rejected": "b", "chosen_reward": 1e300, "rejected_reward": -1e300},
+            r"reward 1e\+300 is beyond \+-1e\+09: the losses square scaled reward differences in float32"),
            ({"text": "x"}, "expected a pair")]
     for d, msg in bad:
         with pytest.raises(PuzzleError, match=msg):
@@ -306,7 +309,7 @@ def test_evaluation_helpers(tiny):
     assert list(df.columns) == ["prompt_index", "sample", "reward", "response"] and len(df) == 3
 
 
-def test_cli_offline_run_writes_the_model_and_history(tmp_path):
+def test_cli_offline_run_writes_the_model_and_history(tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     parser = argparse.ArgumentParser()
     add_rpo_parser(parser.add_subparsers())
@@ -315,6 +318,9 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path):
              "--no-progress"]
     args = parser.parse_args(first)
     assert args.func(args) == 0
+    # breaker: it ended with the files it wrote and no figure of the training
+    assert re.search(r"rpo rpo-bwd-kl: loss \d\.\d{4} -> \d\.\d{4} over 2 steps; margin -?\d\.\d{3} -> -?\d\.\d{3}; "
+                     r"accuracy \d+% -> \d+% \(first and last step's batch\)\n", capsys.readouterr().err)
     args = parser.parse_args(first)  # the same training again (fresh user: refused, "--adapters differ")
     assert args.func(args) == 0
     out = json.loads((tmp_path / "run" / "rpo.json").read_text())
@@ -421,6 +427,35 @@ def test_cli_online_run_whose_last_rewards_all_tie_writes_valid_json(tmp_path, m
 
     out = json.loads((tmp_path / "r" / "rpo.json").read_text(), parse_constant=strict)
     assert out["summary"]["final_loss"] is None
+
+
+def test_a_stalled_gradient_and_a_warmup_past_the_last_step_are_said(tmp_path, capsys):
+    """Breaker: `--lr 1e6` ended at ln(vocab) with a zero gradient and exported the model as trained (now refused
+    above 1; a zero gradient on the last steps is said at any rate); `--steps 3 --warmup-steps 100` trained at 3 % of
+    --lr without a word."""
+    import pandas as pd
+
+    from puzzle.preference import RPOConfig, training_summary
+    from puzzle.train_utils import stalled_gradient_note
+
+    history = [{"step": i, "loss": 5.7, "grad_norm": 0.0 if i > 1 else 3.0} for i in range(1, 9)]
+    assert stalled_gradient_note(history, "sft").startswith("sft: warning: the gradient was 0 on the last 2 of 8 steps")
+    assert stalled_gradient_note(history[:1], "sft") is None  # one step tells nothing
+    assert stalled_gradient_note([*history, {"grad_norm": 1e-9}], "sft") is None
+    assert stalled_gradient_note([{"loss": 1.0}, {"loss": 0.5}], "rpo") is None  # no norms recorded
+    online = pd.DataFrame({"loss": [float("nan"), 0.7, 0.5], "reward_mean": [0.1, 0.2, 0.4]})
+    assert training_summary(RPOConfig(loss="rloo"), online) == \
+        "rpo rloo: loss 0.7000 -> 0.5000 over 3 steps; sampled reward 0.100 -> 0.400 (first and last step's batch)"
+    assert training_summary(RPOConfig(loss="rloo"), online.assign(loss=float("nan"))) == \
+        "rpo rloo: no step took a loss (3 steps)"
+    with pytest.raises(PuzzleError, match=r"rpo: --lr 1000000.0 is not a learning rate in \(0, 1\)"):
+        RPOConfig(lr=1e6)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    args = _rpo_args("--out", str(tmp_path / "r"), "--data", str(data), "--loss", "dpo", "--steps", "3",
+                     "--warmup-steps", "100", "--batch-size", "2")
+    assert args.func(args) == 0
+    assert "rpo: warning: --warmup-steps 100 is more than --steps 3, so the learning rate rises only to 3% of --lr; " \
+        "give --warmup-steps 3 or fewer, or more --steps" in capsys.readouterr().err
 
 
 def test_hhh_alignment_reader_takes_subtask_examples_and_skips_the_parent_task(tmp_path):

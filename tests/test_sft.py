@@ -223,13 +223,17 @@ def test_ctrl_c_mid_run_checkpoints_the_last_finished_step(tiny, tmp_path, monke
         assert torch.equal(a, b)
 
 
-def test_settings_that_are_not_finite_and_a_diverged_last_step_are_refused(tiny, tmp_path):
-    for bad, words in [({"lr": math.inf}, "lr=inf"), ({"epochs": math.nan}, "epochs=nan"),
+def test_settings_that_are_not_finite_and_a_diverged_last_step_are_refused(tiny, tmp_path, monkeypatch):
+    for bad, words in [({"lr": math.inf}, "--lr inf is not a learning rate"), ({"epochs": math.nan}, "epochs=nan"),
                        ({"warmup_fraction": 2.0}, "fractions in [0, 1]"), ({"grad_clip": -1.0}, "grad_clip >= 0"),
                        ({"checkpoint_every": 0}, "checkpoint_every")]:
         with pytest.raises(PuzzleError, match=re.escape(words)):
             SFTConfig(**bad)
     data = prepare_sft_data(tiny.tokenizer, [r["messages"] for r in reasoning_toggle_examples(2, 0)], seq_len=256)
+    with pytest.raises(PuzzleError, match=r"sft: --lr 2.0 is not a learning rate in \(0, 1\)"):  # breaker: 1e6 ran
+        SFTConfig(lr=2.0)
+    for module in ("puzzle.sft", "puzzle.train_utils"):  # past the lr check, for the guard behind it
+        monkeypatch.setattr(f"{module}.require_learning_rate", lambda *a, **k: None)
     cfg = SFTConfig(epochs=1, seq_len=256, batch_size=2, lr=1e38, warmup_fraction=0.0, grad_clip=0.0)  # one step
     with pytest.raises(PuzzleError, match="weights became non-finite"):  # the loss before it was finite
         supervised_finetune(tiny_parent().model, data, cfg, tmp_path / "w")
@@ -415,7 +419,9 @@ def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
     for extra, words in [(["--device", "tpu"], "give auto, cpu or cuda"), (["--stop-after-steps", "0"], ">= 1"),
                          (["--measure-toggle", "-1"], "--measure-toggle must be >= 0"),
                          (["--work", str(model / "w")], "inside the exported model"),
-                         (["--seq-len", "100000"], "longer than the"), (["--lr", "nan"], "lr=nan"),
+                         (["--seq-len", "100000"], "longer than the"),
+                         (["--lr", "nan"], "--lr nan is not a learning rate"),
+                         (["--lr", "1e6"], "--lr 1000000.0 is not a learning rate in (0, 1)"),  # breaker: trained
                          # reviewer: these two failed only after training (and export), or trained without a mode
                          (["--measure-toggle", "1500"], "--measure-toggle 1500: cannot make 1500 distinct"),
                          (["--seq-len", "128"], "are longer than --seq-len 128 and left out; --seq-len 240 keeps")]:
