@@ -964,11 +964,15 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
     assert [b.id for b in _greedy_at(run, load_score_table(run, "bld")[0], held["greedy-1.5x"]).blocks] != slow
     assert planned_greedy["planned_speedup"] == pytest.approx(held["greedy-1.5x"])
     assert "planned for" in planned_greedy["note"]
-    assert len(sessions) == 2 and sessions[1] == ["greedy-1.5x"], sessions  # the others' rows were kept
+    first = [n for s in sessions[:-1] for n in s]  # the first run: one timing group or more (uniform width's
+    # children join when the measured table lets it reach 1.5x, as on CI-like timings), each child timed once
+    assert len(first) == len(set(first)) and "greedy-1.5x" in first, sessions
+    assert sessions[-1] == ["greedy-1.5x"], sessions  # the others' rows were kept
     assert stale_greedy_rows(run) == {}
     capsys.readouterr()
+    timed_before = len(sessions)
     again = run_baselines(run, (1.5,), export=False).set_index("name")
-    assert len(sessions) == 2 and again["speedup"].equals(table["speedup"])  # nothing timed again, and said so
+    assert len(sessions) == timed_before and again["speedup"].equals(table["speedup"])  # nothing timed again, said
     assert re.search(r"baselines: (\d+) of \1 models kept from an earlier call \(evaluated and timed then\); nothing "
                      r"evaluated or timed again", "".join(capsys.readouterr()))
     assert json.loads((run_dir / "baselines" / HELD_FILE).read_text())["planned"] == held
@@ -1018,7 +1022,10 @@ def test_each_rows_parent_runtime_is_its_own_timing_groups_parent_as_measured(tm
     from puzzle.baselines import baseline_library, open_run
 
     run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
-    plan = [c for c in plan_baselines(run, (1.5,), influence_tokens=256) if c.training != "bld"][:3]
+    # not uniform width: its children need entries of their own that baseline_library(run, []) lacks (whether it is
+    # planned at all hangs on the measured table)
+    plan = [c for c in plan_baselines(run, (1.5,), influence_tokens=256)
+            if c.training != "bld" and c.method != "uniform_width"][:3]
     timed, real = [], puzzle.scoring.cost.measure_models
 
     def measure_models(models, *args, **kwargs):
