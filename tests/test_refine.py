@@ -197,10 +197,16 @@ def test_with_vllm_compatible_the_layer_removal_seed_keeps_layer_0(run, table, m
 
 def test_diverse_candidates_add_the_seeds_that_fit_and_are_new(run, table):
     from puzzle.refine import seed_choices
+    from puzzle.search import solve
 
     _, budgets = _child(run)
     seeds = seed_choices(run, table, budgets)
     plain = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128)
+    # the MIP's third child fits and is new whatever the timings made of the seed methods' children (greedy's is the
+    # MIP's own on some tables)
+    third = solve(table, budgets, run.config.search.objective, num_solutions=3, min_layers_differ=1)
+    assert len(third) == 3
+    seeds["third"] = tuple(b.id for b in third[2].blocks)
     too_slow = tuple(b.id for b in run.parent.config.blocks)  # the parent breaks the runtime budget
     unknown = ("attn-nosuch+ffn-nosuch",) * len(too_slow)
     df = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128,
