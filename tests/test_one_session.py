@@ -99,6 +99,8 @@ def test_a_model_changed_since_the_session_keeps_its_own_speedup_and_is_named(ru
     (out / "baselines" / "rows" / "parent.json").rename(tmp_path / "parent.json")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # a session timed beside other jobs may put a model 2x off its own row: said, and no concern of this test
+        warnings.filterwarnings("ignore", message=r".*more than \d+x apart: a timing spoiled by a busy machine")
         assert (current_front_rows(out)["timing"] == "one session").all()
     changed = next(m for m in session["models"] if m["source"] == "baselines/rows")
     from puzzle.one_session import _models_sha256
