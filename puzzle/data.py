@@ -172,6 +172,10 @@ def strip_wiki_markup(text: str) -> str:
 # Readers: one per file type, each returns [Document]
 
 
+class NotText(PuzzleError):
+    """A file read as text that is not UTF-8 text: another encoding, or binary (it holds NUL bytes)."""
+
+
 def _open_text(path: Path):
     # utf-8-sig: a leading byte-order mark (Windows editors write one) is dropped, plain UTF-8 reads the same
     return gzip.open(path, "rt", encoding="utf-8-sig") if path.name.endswith(".gz") else open(path, encoding="utf-8-sig")
@@ -206,6 +210,9 @@ def read_text_file(path: Path, source: str, mode: str = "paragraph") -> list[Doc
     or the whole file ("file"). Raises PuzzleError for an unknown mode."""
     with _open_text(path) as f:
         text = f.read()
+    if "\0" in text:  # valid UTF-8 as far as NUL goes, but no text holds one (breaker: a .dat read as a document)
+        raise NotText(f"{path} holds NUL bytes: a binary file, not text; give a text, jsonl, parquet or wiki dump "
+                      f"file")
     if mode == "paragraph":
         parts = re.split(r"\n\s*\n", text)
     elif mode == "line":
@@ -304,19 +311,19 @@ def read_wiki_dump(path: Path, source: str, min_chars: int = 200) -> list[Docume
     return docs
 
 
-def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[Document]:
+def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out: bool = False) -> list[Document]:
     """A parquet file, an Arrow file, or an HF `save_to_disk` folder (its `train` split when it is a
-    DatasetDict): one document per row of column `text_field`. Raises PuzzleError when the column
-    is missing or a DatasetDict has no `train` split and several others."""
+    DatasetDict, or with `held_out` its first of HELD_OUT_SPLITS): one document per row of column `text_field`.
+    Raises PuzzleError when the column is missing or a DatasetDict has none of those splits and several others."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         splits = read_json(path / "dataset_dict.json").get("splits", [])
-        split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+        split = next((s for s in _wanted_splits(held_out) if s in splits), splits[0] if len(splits) == 1 else None)
         if split is None:
             raise PuzzleError(f"{path} holds splits {splits}; point at one of its split folders")
-        return read_arrow_table(path / split, source, text_field)
+        return read_arrow_table(path / split, source, text_field, held_out)
     files = sorted(path.glob("*.arrow")) + sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if path.is_dir():
         others = sorted(f.name for f in path.iterdir() if not f.name.startswith(".") and f not in files
@@ -325,7 +332,7 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text") -> list[
             warnings.warn(f"data source {source}: {len(others)} file(s) or folder(s) beside the tables of {path} left "
                           f"out, only its .parquet/.arrow tables are read ({', '.join(others[:3])}"
                           f"{' ...' if len(others) > 3 else ''}); give other files as sources of their own")
-        files = _train_split(files, path, source)
+        files = _one_split(files, path, source, held_out)
     docs, blank = [], 0
     for file in files:
         if file.suffix == ".parquet":
@@ -377,24 +384,35 @@ def _split_name(rel: Path) -> str | None:
     return None
 
 
-def _train_split(files: list[Path], root: Path, spec: str) -> list[Path]:
+#: the splits an evaluation source's dataset folder is read from, the first it holds (breaker: --eval of a hub folder
+#: read its train split, the one a calibration copy of the same dataset reads)
+HELD_OUT_SPLITS = ("test", "validation", "valid", "val", "dev", "eval")
+
+
+def _wanted_splits(held_out: bool) -> tuple[str, ...]:
+    return HELD_OUT_SPLITS if held_out else ("train",)
+
+
+def _one_split(files: list[Path], root: Path, spec: str, held_out: bool = False) -> list[Path]:
     """The table files of a dataset folder to read: all of them when they belong to one split (or name none), else
-    the train split's, with a warning naming the splits left out.
+    the train split's (with `held_out`, for an evaluation source: the first of HELD_OUT_SPLITS it holds), with a
+    warning naming the splits left out.
 
     Raises:
-        PuzzleError: the files name several splits and none is train (say which one to read)."""
+        PuzzleError: the files name several splits and none of those (say which one to read)."""
     splits: dict[str | None, list[Path]] = {}
     for file in files:
         splits.setdefault(_split_name(file.relative_to(root)), []).append(file)
     named = sorted(k for k in splits if k is not None)
     if len(named) < 2:
         return files
-    if "train" not in splits:
+    if (pick := next((s for s in _wanted_splits(held_out) if s in splits), None)) is None:
         raise PuzzleError(f"data source {spec} holds the splits {named}; give the folder or files of one of them")
-    left = sorted(str(f.relative_to(root)) for k, fs in splits.items() if k != "train" for f in fs)
-    warnings.warn(f"data source {spec} holds the splits {named}: reading its train split only "
+    left = sorted(str(f.relative_to(root)) for k, fs in splits.items() if k != pick for f in fs)
+    role = " (an evaluation source: a held-out split)" if held_out else ""
+    warnings.warn(f"data source {spec} holds the splits {named}: reading its {pick} split only{role} "
                   f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''} left out; give a split's files to read it)")
-    return splits["train"]
+    return splits[pick]
 
 
 def resolve_source(spec: str, cache_dir=None) -> Path:
@@ -476,7 +494,7 @@ def _recorded_source_sha(out_dir: Path) -> dict[str, str]:
 
 
 def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragraph", min_chars: int = 1,
-                   cache_dir=None) -> list[Document]:
+                   cache_dir=None, held_out: bool = False) -> list[Document]:
     """Read the documents of one source, dispatching on its type.
 
     `.xml(.bz2)` / `*pages-articles*.bz2`: Wikipedia dump; `.jsonl(.gz)`: JSON lines (incl. oe-eval
@@ -484,38 +502,56 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
     folder: table column `text_field`; a folder with table files deeper down (a hub dataset's
     `data/train-*.parquet`): every file but its .md card and LICENSE-like files; any other folder: every file in it (doc ids
     prefixed with the file's relative path); anything else: UTF-8 text split by `txt_mode`. Table
-    files that name several splits are read from the train split only (`_train_split`). Documents
-    shorter than `min_chars` are dropped.
+    files that name several splits are read from the train split only, or with `held_out` (an evaluation source)
+    from the first of HELD_OUT_SPLITS they name (`_one_split`). Hidden files (a name or folder starting with '.') are
+    never read (`_folder_files`); in a folder of files, one that is binary or not UTF-8 is left out with a warning.
+    Documents shorter than `min_chars` are dropped.
 
     Raises:
         PuzzleError: missing file, unreadable content, or no documents ("... is empty").
     """
     path = resolve_source(spec, cache_dir)
     if path.is_dir() and not _is_table_folder(path):
-        docs, skipped = [], []
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        docs, skipped, binary = [], [], []
+        files = _folder_files(path)
         tables = [f for f in files if f.suffix.lower() in (".parquet", ".arrow")]
         if tables:  # a hub-style dataset (data/train-*.parquet beside README.md): its tables of one split, no card
             cards = [f for f in files if f.suffix.lower() == ".md" or f.stem.lower().startswith(_CARD_NAMES)]
             skipped = [str(f.relative_to(path)) for f in cards]
-            picked = set(_train_split(tables, path, spec))
+            picked = set(_one_split(tables, path, spec, held_out))
             files = [f for f in files if f not in cards and (f not in tables or f in picked)]
         for file in files:
             rel = file.relative_to(path)
             if file.name.lower().endswith(_NOT_TEXT):  # e.g. a dataset's metadata .json beside its text files
                 skipped.append(str(rel))
                 continue
-            docs += [Document(d.text, f"{rel}:{d.doc_id}", spec) for d in _read_path(file, spec, text_field, txt_mode)]
+            try:
+                read = _read_path(file, spec, text_field, txt_mode, held_out)
+            except NotText:  # an image or other binary beside the text (breaker: read as a document, or the end)
+                binary.append(str(rel))
+                continue
+            docs += [Document(d.text, f"{rel}:{d.doc_id}", spec) for d in read]
         if skipped:
             kind = "(a dataset card) beside its tables" if tables else "of a kind not read as text"
             warnings.warn(f"data source {spec}: {len(skipped)} file(s) {kind} left out "
                           f"({', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''})")
+        if binary:
+            warnings.warn(f"data source {spec}: {len(binary)} file(s) that are not UTF-8 text (binary, or another "
+                          f"encoding) left out ({', '.join(binary[:3])}{' ...' if len(binary) > 3 else ''}); save "
+                          f"text as UTF-8 to have it read")
     else:
-        docs = _read_path(path, spec, text_field, txt_mode)
+        docs = _read_path(path, spec, text_field, txt_mode, held_out)
     docs = [d for d in docs if len(d.text) >= max(min_chars, 1)]
     if not docs:
         raise PuzzleError(f"data source {spec} is empty: give a file with text")
     return docs
+
+
+def _folder_files(path: Path) -> list[Path]:
+    """The files of a folder source, sorted, hidden ones left out (a name starting with '.', or inside such a folder:
+    .git, .DS_Store), which are neither read nor part of its sha256 (breaker: a changed dotfile repacked the splits)."""
+    return sorted(p for p in path.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
 def _is_table_folder(path: Path) -> bool:
@@ -528,12 +564,13 @@ _NOT_TEXT = (".tar.gz", ".json.gz", ".csv.gz", ".tsv.gz", ".json", ".csv", ".tsv
              ".jsonl.zst", ".txt.bz2", ".txt.xz", ".txt.zst", ".zip", ".tar", ".tgz")
 
 
-def _read_path(path: Path, spec: str, text_field: str, txt_mode: str) -> list[Document]:
-    """Dispatch one file (or table folder) to its reader by name; unreadable content -> PuzzleError."""
+def _read_path(path: Path, spec: str, text_field: str, txt_mode: str, held_out: bool = False) -> list[Document]:
+    """Dispatch one file (or table folder) to its reader by name; unreadable content -> PuzzleError (NotText for a
+    file that is not UTF-8 text)."""
     name = path.name.lower()
     try:
         if path.is_dir() or name.endswith((".parquet", ".arrow")):
-            return read_arrow_table(path, spec, text_field)
+            return read_arrow_table(path, spec, text_field, held_out)
         if name.endswith((".xml", ".xml.bz2")) or (name.endswith(".bz2") and "pages-articles" in name):
             return read_wiki_dump(path, spec)
         if name.endswith((".jsonl", ".jsonl.gz")):
@@ -544,7 +581,7 @@ def _read_path(path: Path, spec: str, text_field: str, txt_mode: str) -> list[Do
                               f"array: one object per line makes it .jsonl; gzip is the one compression read)")
         return read_text_file(path, spec, mode="line" if name.endswith(".cor") else txt_mode)
     except UnicodeDecodeError as e:
-        raise PuzzleError(f"{path} is not UTF-8 text ({e}); give a text, jsonl, parquet or wiki dump file") from e
+        raise NotText(f"{path} is not UTF-8 text ({e}); give a text, jsonl, parquet or wiki dump file") from e
     except (OSError, EOFError, ValueError, zlib.error) as e:  # bad gzip/bz2, not Arrow/parquet, ...
         raise PuzzleError(f"{path} cannot be read ({e}); check that the file is complete and of the type "
                           f"its name says") from e
@@ -570,9 +607,16 @@ def same_text_key(text: str) -> str:
 CONTAMINATION_NGRAM = 13
 
 
+#: scripts written without spaces between words (CJK ideographs, kana): each character is a word for the
+#: contamination test (breaker: a Chinese evaluation passage copied into calibration was one "word" and passed)
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+")
+
+
 def _word_ngrams(text: str, n: int = CONTAMINATION_NGRAM) -> set[int]:
-    """Hashes of the n-grams of `text`'s lower-cased words (runs of letters and digits)."""
-    words = re.findall(r"\w+", text.lower())
+    """Hashes of the n-grams of `text`'s lower-cased words (runs of letters and digits; in scripts written without
+    spaces, each character)."""
+    words = _WORD.findall(text.lower())
     return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
 
 
@@ -1000,7 +1044,7 @@ def source_sha256(spec: str, cache_dir=None) -> str:
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in _folder_files(path):
         h.update(os.fsencode(file.relative_to(path)) + b"\0" + sha256_file(file).encode())
     return h.hexdigest()
 
@@ -1116,7 +1160,8 @@ def pack_eval_split(config: DataConfig, tokenizer, cache_dir=None) -> torch.Tens
         PuzzleError: as `prepare_data` for the evaluation sources (missing or empty, too few tokens).
     """
     docs = [d for spec in config.eval_sources
-            for d in read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)]
+            for d in read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir,
+                                    held_out=True)]
     return _pack_eval(config, tokenizer, docs)[0]
 
 
@@ -1133,6 +1178,32 @@ def _pack_eval(config: DataConfig, tokenizer, documents: list[Document], progres
                      progress=progress, desc="tokenize eval", cut=cut)
     except PuzzleError as e:
         raise PuzzleError(f"eval split: {e}") from None
+
+
+def source_lines(manifest: dict) -> list[str]:
+    """What each data source gave, one line per source of `manifest` (`prepare_data`'s): its role, the documents read
+    (and for calibration, kept once repeats and evaluation overlaps are left out) and its tokens per split, with why
+    where it gave none (breaker: a 10 MB document and a second copy of a file gave nothing, and nothing said so)."""
+    splits = manifest.get("splits", {}) if isinstance(manifest, dict) else {}
+    lines = []
+    for source in manifest.get("sources", []) if isinstance(manifest, dict) else []:
+        spec, role = source.get("spec"), source.get("role")
+        names = ("calib", "score") if role == "calib" else ("eval",)
+        tokens = {k: int((splits.get(k, {}).get("source_tokens") or {}).get(spec, 0)) for k in names}
+        read = source.get("documents", 0)
+        line = f"data: {role} source {spec}: {read:,} document{'s' if read != 1 else ''} read"
+        if "kept_documents" in source and source["kept_documents"] != read:
+            line += (f", {source['kept_documents']:,} of them kept ({read - source['kept_documents']:,} repeat a text "
+                     f"read before or overlap the evaluation text)")
+        if any(tokens.values()):
+            lines.append(line + "; tokens " + ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
+        elif source.get("kept_documents", 1) == 0:
+            lines.append(line + "; no tokens: it adds no text of its own to the other sources")
+        else:
+            lines.append(line + "; no tokens: the splits filled from the other sources' documents first (they are "
+                                "taken in one seeded order across sources; --calib-weights gives each calibration "
+                                "source its share)")
+    return lines
 
 
 def write_token_splits(splits: TokenSplits, out_dir) -> None:
@@ -1193,9 +1264,13 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             recorded = _recorded_source_sha(out_dir)
             if changed := [spec for spec, digest in settings["source_sha256"].items()
                            if recorded.get(spec, digest) != digest]:
+                # breaker: an evaluation file's edit was said to spoil the library and score table, which a run kept
+                what = ("evaluations made on the old evaluation split no longer stand; a library and score table stand "
+                        "while the calibration and scoring splits come out as before" if set(changed) <=
+                        set(config.eval_sources) else
+                        "a library, score table or child made from the old splits no longer matches them")
                 warnings.warn(f"data source {', '.join(changed)} changed since the token splits in {out_dir} were "
-                              f"packed from it (its sha256 differs): packing them again; a library, score table or "
-                              f"child made from the old splits no longer matches them")
+                              f"packed from it (its sha256 differs): packing them again; {what}")
         else:
             if gone:
                 warnings.warn(f"data source {', '.join(gone)} no longer exists; using the token splits packed from it "
@@ -1212,7 +1287,8 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         if spec in resolved:  # a generated source: its jsonl file, documents named by the spec
             return [Document(d.text, d.doc_id, spec)
                     for d in read_documents(str(resolved[spec]), "text", min_chars=config.min_doc_chars)]
-        return read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir)
+        return read_documents(spec, config.text_field, config.txt_mode, config.min_doc_chars, cache_dir,
+                              held_out=spec in config.eval_sources)
 
     per_source = {spec: read(spec) for spec in config.calib_sources + config.eval_sources}
     splits = split_documents([d for s in config.calib_sources for d in per_source[s]],
@@ -1242,9 +1318,9 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                              cut=eval_cut)
     dirty = {k: contaminated(splits[k], eval_packed[1]) for k in ("calib", "score")}
     if n_dirty := sum(map(len, dirty.values())):
-        warnings.warn(f"{n_dirty} calibration document(s) share a run of {CONTAMINATION_NGRAM} words with the "
-                      f"evaluation split's passages; they are left out of the calibration and scoring splits, so the "
-                      f"evaluation stays held out")
+        warnings.warn(f"{n_dirty} calibration document(s) share a run of {CONTAMINATION_NGRAM} words (characters in "
+                      f"Chinese or Japanese) with the evaluation split's passages; they are left out of the "
+                      f"calibration and scoring splits, so the evaluation stays held out")
         splits = {**splits, **{k: [d for i, d in enumerate(splits[k]) if i not in dirty[k]] for k in dirty}}
     for split in SPLITS:
         cut: list = eval_cut if split == "eval" else []  # documents max_doc_tokens cut
@@ -1279,11 +1355,15 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         summary[split] = {"sequences": tokens.shape[0], "tokens": tokens.numel(), "requested_tokens": budgets[split],
                           "documents": len(used), "available_documents": len(splits[split]), "doc_ids": doc_ids,
                           "source_tokens": source_tokens, "sha256": tensor_sha256(tokens)}
+    kept = {}  # calibration documents per source once repeats and evaluation overlaps are left out
+    for d in splits["calib"] + splits["score"]:
+        kept[d.source] = kept.get(d.source, 0) + 1
     manifest = {
         "settings_sha256": sha,
         "settings": settings,
         "sources": [{"spec": spec, "role": "calib" if spec in config.calib_sources else "eval",
                      "sha256": settings["source_sha256"][spec], "documents": len(docs),
+                     **({"kept_documents": kept.get(spec, 0)} if spec in config.calib_sources else {}),
                      "chars": sum(len(d.text) for d in docs)} for spec, docs in per_source.items()],
         "splits": summary,
     }

@@ -1086,3 +1086,63 @@ def test_calibration_text_sharing_13_words_with_the_evaluation_split_is_left_out
     # the evaluation split does not depend on --seed
     other = dataclasses.replace(config, seed=1)
     assert torch.equal(pack_eval_split(config, tok), pack_eval_split(other, tok))
+
+
+def test_a_data_breakers_findings(tmp_path, tok, capsys):
+    """A breaker's user text: a Chinese evaluation passage copied into calibration (one "word" to the 13-gram test)
+    went through; a binary file in a folder was read as a document and an image ended the source; a changed dotfile
+    repacked the splits; a hub folder given as --eval was read from its train split; a source that gave no tokens,
+    and a rerun that reused the splits, went unsaid; an evaluation file's edit was said to spoil the library."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from puzzle.data import contaminated, source_lines, source_sha256
+
+    cjk = "在一个遥远的山村里住着一位老人他每天清晨都会去河边打水然后回家做饭"
+    assert contaminated([Document("前言。" + cjk[1:] + "后记。", "c", "c")], [Document(cjk, "e", "e")]) == {0}
+    assert contaminated([Document("完全不同的另一段文字内容没有任何重复的地方啊", "c", "c")], [Document(cjk, "e", "e")]) == set()
+
+    folder = tmp_path / "texts"
+    (folder / ".git").mkdir(parents=True)
+    (folder / "a.txt").write_text("One text.\n\nAnother text.")
+    (folder / "zz.dat").write_bytes(b"abc\x00\x01def")
+    (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / ".notes").write_text("hidden")
+    with pytest.warns(UserWarning, match=r"2 file\(s\) that are not UTF-8 text .* left out \(image.png, zz.dat\)"):
+        assert [d.text for d in read_documents(str(folder))] == ["One text.", "Another text."]
+    with pytest.raises(PuzzleError, match="holds NUL bytes: a binary file"):
+        read_documents(str(folder / "zz.dat"))  # given alone: refused
+    digest = source_sha256(str(folder))
+    (folder / ".notes").write_text("edited")
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/other\n")
+    assert source_sha256(str(folder)) == digest  # neither read nor hashed
+
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["train row"]}), hub / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": ["validation row"]}), hub / "data" / "validation-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": ["test row"]}), hub / "data" / "test-00000-of-00001.parquet")
+    with pytest.warns(UserWarning, match=r"reading its test split only \(an evaluation source: a held-out split\)"):
+        assert [d.text for d in read_documents(str(hub), held_out=True)] == ["test row"]
+    with pytest.warns(UserWarning, match="reading its train split only"):
+        assert [d.text for d in read_documents(str(hub))] == ["train row"]
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"Calibration paragraph {i} about a subject of its own, number {i}." * 4
+                                 for i in range(60)))
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib.read_text().split("\n\n")))
+    evals = tmp_path / "eval.txt"
+    evals.write_text("\n\n".join(f"Evaluation passage {i} of its own words, item {i}." * 4 for i in range(20)))
+    config = DataConfig(calib_sources=(str(calib), str(copy)), eval_sources=(str(evals),), seq_len=16,
+                        calib_tokens=256, score_tokens=64, eval_tokens=64)
+    packed = prepare_data(config, tok, tmp_path / "out")
+    lines = source_lines(packed.manifest)
+    assert lines[0].startswith(f"data: calib source {calib}: 60 documents read; tokens calib ")
+    assert lines[1] == (f"data: calib source {copy}: 60 documents read, 0 of them kept (60 repeat a text read before "
+                        f"or overlap the evaluation text); no tokens: it adds no text of its own to the other sources")
+    assert lines[2].startswith(f"data: eval source {evals}: 20 documents read; tokens eval 64")
+    evals.write_text(evals.read_text() + "\n\nOne more evaluation passage, new.")
+    with pytest.warns(UserWarning, match="evaluations made on the old evaluation split no longer stand; a library"):
+        prepare_data(config, tok, tmp_path / "out")
