@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .architecture import AttentionConfig, BlockConfig, FFNConfig, is_variant_id
-from .errors import MAX_LEARNING_RATE, PuzzleError, is_finite_number
+from .errors import LEARNING_RATE_RANGE, MAX_LEARNING_RATE, PuzzleError, is_finite_number
 from .init import (ATTN_PREFIXES, FFN_INITS, FFN_PREFIXES, KV_INITS, LINEAR_INITS, KVGroupStats, channel_scores_from_sums,
                    compose_block, ffn_forward_stats, greedy_channel_removal, init_attention, init_ffn, ridge_solve)
 from .library import Library
@@ -134,9 +134,7 @@ class BLDConfig:
         if self.seed >= 2 ** 63:
             raise PuzzleError(f"bld.seed (--seed) must be below 2**63, got {self.seed}")
         inf = math.inf
-        lr_range = (f"a learning rate in (0, {MAX_LEARNING_RATE:g}): about 1e-4 to 1e-3 (a rate of 1 or more destroys "
-                    f"the weights in a step)")
-        for name, what, ok in (("lr", lr_range, lambda v: 0 < v < MAX_LEARNING_RATE),
+        for name, what, ok in (("lr", LEARNING_RATE_RANGE, lambda v: 0 < v < MAX_LEARNING_RATE),
                                ("linear_lr_scale", "a finite number > 0", lambda v: 0 < v < inf),
                                ("weight_decay", "a finite number >= 0", lambda v: 0 <= v < inf),
                                ("grad_clip", "a finite number >= 0 (0: no clipping)", lambda v: 0 <= v < inf),
@@ -154,6 +152,12 @@ class BLDConfig:
             if not is_finite_number(value) or not value > 0:  # bools refused too (reviewer: {ffn = true} read as 1)
                 raise PuzzleError(f"bld.lr_scales[{key!r}] must be a positive number, got {value!r}")
         object.__setattr__(self, "lr_scales", {k: float(scales[k]) for k in sorted(scales)})
+        # the rate an entry trains at is lr times its scale (`subblock_lr`): held to the same range (reviewer)
+        key, scale = max({"linear_lr_scale": self.linear_lr_scale,
+                          **{f"lr_scales[{k!r}]": v for k, v in self.lr_scales.items()}}.items(), key=lambda kv: kv[1])
+        if self.lr * scale >= MAX_LEARNING_RATE:
+            raise PuzzleError(f"bld.lr {self.lr:g} times bld.{key} {scale:g} trains at {self.lr * scale:g}, which is "
+                              f"not {LEARNING_RATE_RANGE}; lower one of them")
 
 
 def normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,7 @@ def iter_json_lines(path: Path):
                     raise PuzzleError(f"{path}, line {i + 1}: not a JSON object; give one object per line")
                 yield i + 1, record
     except UnicodeDecodeError as e:
-        raise PuzzleError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+        raise NotText(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise PuzzleError(f"{path} cannot be read ({e}); a .gz file must be gzip-compressed JSON lines") from e
 
@@ -324,7 +324,7 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out
         if split is None:
             raise PuzzleError(f"{path} holds splits {splits}; point at one of its split folders")
         return read_arrow_table(path / split, source, text_field, held_out)
-    files = sorted(path.glob("*.arrow")) + sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    files = _tables(path) if path.is_dir() else [path]
     if path.is_dir():
         others = sorted(f.name for f in path.iterdir() if not f.name.startswith(".") and f not in files
                         and f.name not in _SAVE_TO_DISK_META)
@@ -556,7 +556,14 @@ def _folder_files(path: Path) -> list[Path]:
 
 def _is_table_folder(path: Path) -> bool:
     return ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-            or any(path.glob("*.arrow")) or any(path.glob("*.parquet")))
+            or bool(_tables(path)))
+
+
+def _tables(folder: Path) -> list[Path]:
+    """The .arrow then .parquet tables directly in `folder`, sorted, hidden ones left out (macOS `._train.parquet`
+    copies: `_folder_files`)."""
+    return [f for pattern in ("*.arrow", "*.parquet") for f in sorted(folder.glob(pattern))
+            if not f.name.startswith(".")]
 
 
 #: structured or compressed files `_read_path` refuses instead of reading them as plain text
@@ -1076,7 +1083,17 @@ def _settings(config: DataConfig, tokenizer, cache_dir, resolved: dict | None = 
         settings["calib_weights"] = list(config.calib_weights)
     else:  # absent, as before the setting existed: unweighted data keeps its settings hash (no rebuild)
         del settings["calib_weights"]
+    if any(_is_folder(spec, cache_dir) for spec in config.eval_sources if spec not in known_sha | resolved):
+        settings["eval_split"] = "held_out"  # a dataset folder's test/validation split since (reviewer: splits
+        # packed from its train split before were reused without a word); absent otherwise, as before
     return settings
+
+
+def _is_folder(spec: str, cache_dir) -> bool:
+    try:
+        return resolve_source(spec, cache_dir).is_dir()
+    except PuzzleError:  # missing: `check_sources` and the readers say so
+        return False
 
 
 def _settings_sha(settings: dict) -> str:
@@ -1198,7 +1215,11 @@ def source_lines(manifest: dict) -> list[str]:
         if any(tokens.values()):
             lines.append(line + "; tokens " + ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
         elif source.get("kept_documents", 1) == 0:
-            lines.append(line + "; no tokens: it adds no text of its own to the other sources")
+            lines.append(line + "; no tokens: every document repeats another source's text or overlaps the "
+                                "evaluation text")
+        elif role == "eval":
+            lines.append(line + "; no tokens: the evaluation split filled from the other evaluation sources' "
+                                "documents first (data.eval_tokens sets its size)")
         else:
             lines.append(line + "; no tokens: the splits filled from the other sources' documents first (they are "
                                 "taken in one seeded order across sources; --calib-weights gives each calibration "

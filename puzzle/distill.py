@@ -111,8 +111,8 @@ class GKDConfig:
                 raise PuzzleError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         if self.checkpoint_every < 1:
             raise PuzzleError(f"gkd checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise PuzzleError(f"gkd lr and temperature must be positive (lr={self.lr}, temperature={self.temperature})")
+        if self.temperature <= 0:
+            raise PuzzleError(f"gkd temperature must be positive, got {self.temperature}")
         if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:  # 1e200: tau**2 overflows
             raise PuzzleError(f"gkd temperature must be from {TEMPERATURE_RANGE[0]} to {TEMPERATURE_RANGE[1]} (usual: "
                               f"1 to 20), got {self.temperature}")
@@ -562,11 +562,13 @@ def _run_inputs(args, progress: bool, log) -> GKDInputs:
                      save_data=save_data)
 
 
-def pack_sources(sources, tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0) -> torch.Tensor:
-    """Text sources (files, folders, asset:<name>; see puzzle.data.read_documents) -> (N, T) int64 tokens."""
+def pack_sources(sources, tokenizer, seq_len: int, max_tokens: int, max_doc_tokens: int = 0,
+                 held_out: bool = False) -> torch.Tensor:
+    """Text sources (files, folders, asset:<name>; see puzzle.data.read_documents; `held_out`: evaluation text, a
+    dataset folder's test or validation split) -> (N, T) int64 tokens."""
     from .data import pack_documents, read_documents
 
-    docs = [d for spec in sources for d in read_documents(spec)]
+    docs = [d for spec in sources for d in read_documents(spec, held_out=held_out)]
     ids, _ = pack_documents(docs, tokenizer, seq_len, max_tokens, max_doc_tokens)
     return ids
 
@@ -608,7 +610,7 @@ def _folder_inputs(args) -> GKDInputs:
                           f"give {flag} {seq_len} or more, or a shorter --seq-len")
     tokenizer = child_loaded.tokenizer
     train_ids = pack_sources(args.calib, tokenizer, seq_len, calib_tokens, args.max_doc_tokens or 0)
-    eval_ids = pack_sources(args.eval, tokenizer, seq_len, eval_tokens) if args.eval else None
+    eval_ids = pack_sources(args.eval, tokenizer, seq_len, eval_tokens, held_out=True) if args.eval else None
 
     def parent_logp():
         from .scoring.quality import parent_logprobs

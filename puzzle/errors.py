@@ -29,6 +29,12 @@ def require_finite(what: str, **values) -> None:
 MAX_LEARNING_RATE = 1.0
 
 
+#: what a learning rate is, for messages: its range and why
+LEARNING_RATE_RANGE = (f"a learning rate in (0, {MAX_LEARNING_RATE:g}): AdamW moves each weight by up to about that "
+                       f"much per step, so a rate of 1 or more destroys the model; fine-tuning uses about 1e-6 to "
+                       f"1e-4, BLD about 1e-4 to 1e-3")
+
+
 def require_learning_rate(what: str, lr, name: str = "--lr") -> None:
     """Refuse an AdamW learning rate that is not a finite number in (0, MAX_LEARNING_RATE) before any work.
 
@@ -36,9 +42,7 @@ def require_learning_rate(what: str, lr, name: str = "--lr") -> None:
         PuzzleError: naming `what` (e.g. "sft"), the setting `name` and the usual range.
     """
     if not (is_finite_number(lr) and 0 < lr < MAX_LEARNING_RATE):
-        raise PuzzleError(f"{what}: {name} {lr!r} is not a learning rate in (0, {MAX_LEARNING_RATE:g}): AdamW moves "
-                          f"each weight by up to about that much per step, so a rate of 1 or more destroys the model; "
-                          f"fine-tuning uses about 1e-6 to 1e-4, BLD about 1e-4 to 1e-3")
+        raise PuzzleError(f"{what}: {name} {lr!r} is not {LEARNING_RATE_RANGE}")
 
 
 def differing_settings(saved: dict, meta: dict, prefix: str = "") -> list[str]:

@@ -501,11 +501,10 @@ def stage_data(run: Run):
     tokens = run.tokens
     from .data import source_lines
 
+    for line in source_lines(tokens.manifest):
+        run.say(line)
     if tokens.reloaded:  # breaker: a rerun said nothing of the splits being the earlier ones
         run.say(f"data: the token splits in {run.out / 'data'} are reused (packed from the same sources and settings)")
-    else:
-        for line in source_lines(tokens.manifest):
-            run.say(line)
     run.say(f"data: calib {tuple(tokens.calib.shape)}, score {tuple(tokens.score.shape)}, eval {tuple(tokens.eval.shape)} (sequences x tokens)")
     return tokens
 

@@ -659,12 +659,15 @@ def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
 
 
 def training_summary(config: RPOConfig, history: pd.DataFrame) -> str:
-    """rpo's last line on its training (breaker: it ended with the files it wrote, no figure): the loss of the first
-    and last steps that took one, and for pair losses the batch's implicit-reward margin and accuracy, for online
-    losses the sampled responses' mean reward, at both ends."""
+    """rpo's last line on its training (breaker: it ended with the files it wrote, no figure): at the first and last
+    steps that took a loss, that loss, and for pair losses the batch's implicit-reward margin and accuracy, for online
+    losses the sampled responses' mean reward."""
+    took = history[history["loss"].notna()] if "loss" in history else history.iloc[:0]
+
     def ends(column, fmt):
-        values = history[column].dropna() if column in history else pd.Series(dtype=float)
-        return f"{format(values.iloc[0], fmt)} -> {format(values.iloc[-1], fmt)}" if len(values) else None
+        values = took[column] if column in took else pd.Series(dtype=float)
+        return f"{format(values.iloc[0], fmt)} -> {format(values.iloc[-1], fmt)}" if values.notna().all() and \
+            len(values) else None
 
     if (loss := ends("loss", ".4f")) is None:
         return f"rpo {config.loss}: no step took a loss ({len(history)} steps)"
@@ -673,7 +676,7 @@ def training_summary(config: RPOConfig, history: pd.DataFrame) -> str:
                                ("reward_mean", "sampled reward", ".3f")):
         if (span := ends(column, fmt)) is not None:
             parts.append(f"{label} {span}")
-    return f"rpo {config.loss}: " + "; ".join(parts) + " (first and last step's batch)"
+    return f"rpo {config.loss}: " + "; ".join(parts) + " (first and last step that took a loss)"
 
 
 def _check_finite_weights(model, config: RPOConfig) -> None:
@@ -1334,7 +1337,9 @@ def _rpo(args) -> int:
     from .train_utils import stalled_gradient_note
 
     say(training_summary(config, history))
-    if note := stalled_gradient_note(history.to_dict("records"), "rpo"):
+    # steps whose sampled rewards all tied have a zero gradient by design (RLOO's advantages are 0): not a stall
+    trained = history[history["groups_with_signal"] > 0] if "groups_with_signal" in history else history
+    if note := stalled_gradient_note(trained.to_dict("records"), "rpo"):
         say(note)
     say(f"wrote {args.out / 'model'} and {args.out / 'history.csv'}")
     return 0

@@ -447,7 +447,7 @@ class OptimSettings:
                        min_lr_fraction=self.min_lr_fraction, weight_decay=self.weight_decay, grad_clip=self.grad_clip)
         require_learning_rate("optimizer", self.lr, "lr")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise PuzzleError(f"lr must be > 0, weight_decay and grad_clip >= 0 (grad_clip 0: off); got lr={self.lr}, "
+            raise PuzzleError(f"weight_decay and grad_clip must be >= 0 (grad_clip 0: off); got "
                               f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
         if not (0 <= self.warmup_fraction <= 1 and 0 <= self.min_lr_fraction <= 1):
             raise PuzzleError(f"warmup_fraction and min_lr_fraction are fractions in [0, 1]; got "

@@ -7,7 +7,7 @@ import torch
 
 from puzzle.architecture import AttentionConfig, FFNConfig
 from puzzle.bld import BLDConfig, build_library, lr_at, normalized_mse
-from puzzle.errors import PuzzleError
+from puzzle.errors import LEARNING_RATE_RANGE, PuzzleError
 from puzzle.init import (ffn_channel_scores, init_attention, init_ffn, ridge_lstsq)
 from puzzle.library import Library
 from puzzle.space import SpaceConfig, build_space
@@ -184,8 +184,7 @@ def test_bad_bld_settings_are_refused():
         BLDConfig(lr=2)
 
 
-BLD_LR = ("bld.lr must be a learning rate in (0, 1): about 1e-4 to 1e-3 (a rate of 1 or more destroys the weights in a "
-          "step)")
+BLD_LR = f"bld.lr must be {LEARNING_RATE_RANGE}"
 
 
 @pytest.mark.parametrize("setting,value,words", [
@@ -221,21 +220,31 @@ def test_lr_scales_pick_the_most_specific_key():
     from puzzle.architecture import BlockConfig
     from puzzle.bld import Job, subblock_lr
 
-    cfg = BLDConfig(lr=0.5, lr_scales={"attn-kv1": 3.0, "gqa": 2.0, "linear": 0.5, "block": 0.25})
-    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 1))) == 1.5
-    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 2))) == 1.0
-    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("linear"))) == 0.25
-    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("swiglu", 64))) == 0.5
-    assert subblock_lr(cfg, Job(0, "block", BlockConfig.from_id("attn-kv1+ffn-64"))) == 0.125
+    cfg = BLDConfig(lr=0.25, lr_scales={"attn-kv1": 3.0, "gqa": 2.0, "linear": 0.5, "block": 0.25})
+    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 1))) == 0.75
+    assert subblock_lr(cfg, Job(0, "attention", AttentionConfig("gqa", 2))) == 0.5
+    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("linear"))) == 0.125
+    assert subblock_lr(cfg, Job(0, "ffn", FFNConfig("swiglu", 64))) == 0.25
+    assert subblock_lr(cfg, Job(0, "block", BlockConfig.from_id("attn-kv1+ffn-64"))) == 0.0625
+    # the rate an entry trains at is held below 1 as the base rate is (reviewer: 0.5 x 10 trained at 5)
+    with pytest.raises(PuzzleError, match=r"bld.lr 0.5 times bld.lr_scales\['ffn'\] 10 trains at 5, which is not a "
+                                          r"learning rate in \(0, 1\)"):
+        BLDConfig(lr=0.5, lr_scales={"ffn": 10.0, "gqa": 0.5})
+    with pytest.raises(PuzzleError, match=r"bld.lr 0.001 times bld.linear_lr_scale 1000 trains at 1"):
+        BLDConfig(lr=1e-3, linear_lr_scale=1000.0)
     with pytest.raises(PuzzleError, match="lr_scales key"):
         BLDConfig(lr_scales={"attention-ish": 1.0})
     with pytest.raises(PuzzleError, match="positive"):
         BLDConfig(lr_scales={"ffn": -1.0})
 
 
-def test_a_diverging_entry_stops_alone_with_a_message(parent, calib, tmp_path):
+def test_a_diverging_entry_stops_alone_with_a_message(parent, calib, tmp_path, monkeypatch):
+    import puzzle.bld
+
     lib = Library(tmp_path)
-    cfg = BLDConfig(tokens=256, batch_size=2, lr=1e-3, lr_scales={"ffn-64": 1e30})
+    cfg = BLDConfig(tokens=256, batch_size=2, lr=1e-3)
+    real = puzzle.bld.subblock_lr  # a rate past what BLDConfig takes, for ffn-64 alone: its entries diverge
+    monkeypatch.setattr(puzzle.bld, "subblock_lr", lambda c, job: 1e27 if job.id == "ffn-64" else real(c, job))
     with pytest.warns(UserWarning, match="non-finite"):
         result = build_library(parent, calib, _space(parent), cfg, lib)
     assert sorted(result["diverged"]) == ["0:ffn-64", "1:ffn-64"] and result["trained"] == 8

@@ -1109,7 +1109,8 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
     (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (folder / ".notes").write_text("hidden")
-    with pytest.warns(UserWarning, match=r"2 file\(s\) that are not UTF-8 text .* left out \(image.png, zz.dat\)"):
+    (folder / "latin.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}).encode().replace(b"\\u00e9", b"\xe9"))
+    with pytest.warns(UserWarning, match=r"3 file\(s\) that are not UTF-8 text .* \(image.png, latin.jsonl, zz.dat\)"):
         assert [d.text for d in read_documents(str(folder))] == ["One text.", "Another text."]
     with pytest.raises(PuzzleError, match="holds NUL bytes: a binary file"):
         read_documents(str(folder / "zz.dat"))  # given alone: refused
@@ -1127,6 +1128,15 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
         assert [d.text for d in read_documents(str(hub), held_out=True)] == ["test row"]
     with pytest.warns(UserWarning, match="reading its train split only"):
         assert [d.text for d in read_documents(str(hub))] == ["train row"]
+    saved = tmp_path / "saved"  # a save_to_disk DatasetDict: the same choice
+    for split in ("train", "validation"):
+        (saved / split).mkdir(parents=True)
+        pq.write_table(pa.table({"text": [f"{split} record"]}), saved / split / "data.parquet")
+    (saved / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+    assert [d.text for d in read_documents(str(saved), held_out=True)] == ["validation record"]
+    assert [d.text for d in read_documents(str(saved))] == ["train record"]
+    (saved / "train" / "._data.parquet").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # a macOS copy's shadow file
+    assert [d.text for d in read_documents(str(saved))] == ["train record"]  # not read (a hidden table)
 
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"Calibration paragraph {i} about a subject of its own, number {i}." * 4
@@ -1141,8 +1151,19 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
     lines = source_lines(packed.manifest)
     assert lines[0].startswith(f"data: calib source {calib}: 60 documents read; tokens calib ")
     assert lines[1] == (f"data: calib source {copy}: 60 documents read, 0 of them kept (60 repeat a text read before "
-                        f"or overlap the evaluation text); no tokens: it adds no text of its own to the other sources")
+                        f"or overlap the evaluation text); no tokens: every document repeats another source's text or "
+                        f"overlaps the evaluation text")
     assert lines[2].startswith(f"data: eval source {evals}: 20 documents read; tokens eval 64")
     evals.write_text(evals.read_text() + "\n\nOne more evaluation passage, new.")
     with pytest.warns(UserWarning, match="evaluations made on the old evaluation split no longer stand; a library"):
         prepare_data(config, tok, tmp_path / "out")
+    (hub / "data" / "test-00000-of-00001.parquet").write_bytes(b"")  # the hub folder as --eval: its test split
+    pq.write_table(pa.table({"text": [f"Held-out test passage {i}, words of its own." * 3 for i in range(8)]}),
+                   hub / "data" / "test-00000-of-00001.parquet")
+    config = DataConfig(calib_sources=(str(calib),), eval_sources=(str(hub),), seq_len=16, calib_tokens=256,
+                        score_tokens=64, eval_tokens=64)
+    with pytest.warns(UserWarning, match="reading its test split only"):
+        packed = prepare_data(config, tok, tmp_path / "hub-out")
+    assert packed.manifest["settings"]["eval_split"] == "held_out"
+    used = set(packed.manifest["splits"]["eval"]["doc_ids"][str(hub)])
+    assert used and used <= {f"data/test-00000-of-00001.parquet:{i}" for i in range(8)}

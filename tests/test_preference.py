@@ -320,7 +320,7 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path, capsys):
     assert args.func(args) == 0
     # breaker: it ended with the files it wrote and no figure of the training
     assert re.search(r"rpo rpo-bwd-kl: loss \d\.\d{4} -> \d\.\d{4} over 2 steps; margin -?\d\.\d{3} -> -?\d\.\d{3}; "
-                     r"accuracy \d+% -> \d+% \(first and last step's batch\)\n", capsys.readouterr().err)
+                     r"accuracy \d+% -> \d+% \(first and last step that took a loss\)\n", capsys.readouterr().err)
     args = parser.parse_args(first)  # the same training again (fresh user: refused, "--adapters differ")
     assert args.func(args) == 0
     out = json.loads((tmp_path / "run" / "rpo.json").read_text())
@@ -429,7 +429,7 @@ def test_cli_online_run_whose_last_rewards_all_tie_writes_valid_json(tmp_path, m
     assert out["summary"]["final_loss"] is None
 
 
-def test_a_stalled_gradient_and_a_warmup_past_the_last_step_are_said(tmp_path, capsys):
+def test_a_stalled_gradient_and_a_warmup_past_the_last_step_are_said(tmp_path, capsys, monkeypatch):
     """Breaker: `--lr 1e6` ended at ln(vocab) with a zero gradient and exported the model as trained (now refused
     above 1; a zero gradient on the last steps is said at any rate); `--steps 3 --warmup-steps 100` trained at 3 % of
     --lr without a word."""
@@ -445,7 +445,8 @@ def test_a_stalled_gradient_and_a_warmup_past_the_last_step_are_said(tmp_path, c
     assert stalled_gradient_note([{"loss": 1.0}, {"loss": 0.5}], "rpo") is None  # no norms recorded
     online = pd.DataFrame({"loss": [float("nan"), 0.7, 0.5], "reward_mean": [0.1, 0.2, 0.4]})
     assert training_summary(RPOConfig(loss="rloo"), online) == \
-        "rpo rloo: loss 0.7000 -> 0.5000 over 3 steps; sampled reward 0.100 -> 0.400 (first and last step's batch)"
+        "rpo rloo: loss 0.7000 -> 0.5000 over 3 steps; sampled reward 0.200 -> 0.400 (first and last step that " \
+        "took a loss)"  # the rows of one step: the first step took no loss (its rewards all tied)
     assert training_summary(RPOConfig(loss="rloo"), online.assign(loss=float("nan"))) == \
         "rpo rloo: no step took a loss (3 steps)"
     with pytest.raises(PuzzleError, match=r"rpo: --lr 1000000.0 is not a learning rate in \(0, 1\)"):
@@ -456,6 +457,14 @@ def test_a_stalled_gradient_and_a_warmup_past_the_last_step_are_said(tmp_path, c
     assert args.func(args) == 0
     assert "rpo: warning: --warmup-steps 100 is more than --steps 3, so the learning rate rises only to 3% of --lr; " \
         "give --warmup-steps 3 or fewer, or more --steps" in capsys.readouterr().err
+    from puzzle.rewards import SyntheticTask  # RLOO on rewards that all tie: a zero gradient by design, no stall
+
+    monkeypatch.setattr(SyntheticTask, "score", lambda self, prompt, response: 0.5)
+    args = _rpo_args("--out", str(tmp_path / "o"), "--task", "count", "--num-prompts", "2", "--loss", "rloo",
+                     "--steps", "4", "--batch-size", "2", "--k", "2", "--max-new-tokens", "2")
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    assert "got the same reward, so there was nothing to prefer" in err and "the gradient was 0" not in err
 
 
 def test_hhh_alignment_reader_takes_subtask_examples_and_skips_the_parent_task(tmp_path):

@@ -225,7 +225,8 @@ def test_ctrl_c_mid_run_checkpoints_the_last_finished_step(tiny, tmp_path, monke
 
 def test_settings_that_are_not_finite_and_a_diverged_last_step_are_refused(tiny, tmp_path, monkeypatch):
     for bad, words in [({"lr": math.inf}, "--lr inf is not a learning rate"), ({"epochs": math.nan}, "epochs=nan"),
-                       ({"warmup_fraction": 2.0}, "fractions in [0, 1]"), ({"grad_clip": -1.0}, "grad_clip >= 0"),
+                       ({"warmup_fraction": 2.0}, "fractions in [0, 1]"),
+                       ({"grad_clip": -1.0}, "grad_clip must be >= 0"),
                        ({"checkpoint_every": 0}, "checkpoint_every")]:
         with pytest.raises(PuzzleError, match=re.escape(words)):
             SFTConfig(**bad)
