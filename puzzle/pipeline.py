@@ -1263,7 +1263,7 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
         run.say(f"search: kept {', '.join(kept)}: an earlier session's budget feedback re-solved "
                 f"{'it' if len(kept) == 1 else 'them'} under table limits corrected by measured speed (same budget, "
                 "objective and tables); to solve afresh, delete "
-                + " and ".join(str(run.out / "search" / f"{n}.json") for n in kept))
+                + ", ".join(f"{n}.json" for n in kept) + f" in {run.out / 'search'}")  # fresh user: "a and b and c"
     for name, r in records.items():
         how = (f"picked by the budget feedback's realized KL ({r[FEEDBACK_PICK_KEY]}), not the MIP's optimum"
                if isinstance(r.get(FEEDBACK_PICK_KEY), str) else

@@ -1129,8 +1129,13 @@ def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp
         {**plain[other], "solved_choice": plain[other]["choice"],
          "budget_feedback": [{"round": 0, "choice": plain[other]["choice"], "action": "kept"}]}))
     kept_bytes = kept_as_solved.read_bytes()
-    records = stage_search(Run(out, config, progress=False))
+    said = []
+    run = Run(out, config, progress=False)
+    run.log = said.append
+    records = stage_search(run)
     assert records[name] == settled and json.loads(path.read_text()) == settled
+    assert any(f"to solve afresh, delete {name}.json in {out / 'search'}" in m for m in said), said  # a list, not
+    # "a and b and c" (fresh user)
     assert records[other]["choice"] == plain[other]["choice"] and kept_as_solved.read_bytes() == kept_bytes
     # an objective that fails on the init table: nothing in search/ changes
     before = {p.name: p.read_bytes() for p in (out / "search").iterdir()}
