@@ -376,8 +376,11 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             entry["action"] = "tightened" if miss else "loosened"
             if not miss:
                 loosened.add(name)
+            # the new child's summed KL (fresh user: the report's predicted KL was not the one search had printed)
+            kl = (f" (summed KL {record['kl_nats']:.3f} -> {new['kl_nats']:.3f} nats)"
+                  if all(isinstance(r.get("kl_nats"), (int, float)) for r in (record, new)) else "")
             say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} budget; "
-                f"{entry['action']} the table limit to {budgets.describe()}" + (f"; {options}" if options else ""))
+                f"{entry['action']} the table limit to {budgets.describe()}{kl}" + (f"; {options}" if options else ""))
             changed[name] = new
         if not changed:
             break

@@ -548,6 +548,7 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
     assert selection_kl(run, built) == pytest.approx(other["selection_kl"], rel=1e-6)
     # said with the round that re-solved it, after why (a fresh user: the options came before the round's line)
     assert any(m.startswith(f"budget feedback, round 1: {name}: measured ") and "; tightened the table limit to " in m
+               and f" (summed KL {record['kl_nats']:.3f} -> {final['kl_nats']:.3f} nats); " in m  # as the report
                and f"; {len(tried)} options realized, scoring-split KL: the MIP's first " in m
                and m.endswith(f"; kept {picked['source']}") for m in said), said
     limits = Budgets.from_dict(final["budgets"]).limits()
