@@ -2716,7 +2716,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         m = {}
     m = m if isinstance(m, dict) else {}
     drift = {k: v for k, v in m["drift"].items() if v is not None} if isinstance(m.get("drift"), dict) else {}
-    for note in (*budget_miss_notes(run.out, summary), parent_runtime_note(summary, drift=drift)):
+    busy = m.get("contention_cores", {}).get("children") if isinstance(m.get("contention_cores"), dict) else None
+    for note in (*budget_miss_notes(run.out, summary), parent_runtime_note(summary, drift=drift, busy=busy)):
         if note:
             lines += [note, ""]
     init_name = f"{main}-init"
@@ -2823,14 +2824,16 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
              f"bring it within.") if over else "")
 
 
-def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: dict | None = None) -> str:
+def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: dict | None = None,
+                        busy: float | None = None) -> str:
     """A sentence for report.md when the parent itself measured more than `tolerance` (relative) off the cost table's
     prediction of it (each child's predicted runtime x predicted speed-up; the median over children): the children's
     `runtime_error`s then carry the session's machine speed as well, while their speed-ups, each against the parent of
     the same session, do not (fresh-user run, stop 54: every child at -0.08 without a word); "" otherwise.
     `drift`: children/machine.json's reference-workload ratios (second session / first); where they moved the other
     way, the sentence says so rather than call the machine slower or faster (breaker: "ran slower" beside a reference
-    workload that took 0.78 times as long)."""
+    workload that took 0.78 times as long); `busy`, the cores other jobs kept busy during the children's measurement,
+    rules out other load as a cause below 0.1 cores (fresh user: "other load" beside 0.016 cores)."""
     try:
         rows = summary.set_index("name")
         parent = rows.loc[["parent"]]
@@ -2848,11 +2851,13 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
     if not math.isfinite(error) or abs(error) <= tolerance:
         return ""
     ratios = [float(v) for v in (drift or {}).values() if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+    quiet = isinstance(busy, (int, float)) and busy < 0.1
+    cause = (f"costs the table's per-subblock sums miss: other jobs kept only {busy:.2f} cores busy" if quiet else
+             "other load on the cores it uses, or costs the table's per-subblock sums miss")
     if ratios and (statistics.median(ratios) - 1) * error > 0:  # the reference took less time where the parent more
         why = (f"the parent ran {'slower' if error < 0 else 'faster'} in this session than the cost table predicts, "
                f"while the fixed reference workload (Machine speed, below) moved the other way: the gap is in the "
-               f"whole-model timing (other load on the cores it uses, or costs the table's per-subblock sums miss), "
-               f"not in the machine's speed alone")
+               f"whole-model timing ({cause}), not in the machine's speed alone")
     else:
         why = (f"the machine ran {'slower' if error < 0 else 'faster'} in this session than when the cost table was "
                f"timed")
