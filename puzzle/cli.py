@@ -667,7 +667,9 @@ def cmd_data(args) -> int:
 def cmd_bld(args) -> int:
     from .pipeline import stage_bld
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    from .distributed import env_rank_world
+
+    rank, world, _ = env_rank_world()  # checked before the run is opened (breaker: RANK=2 of 2 trained nothing)
     with _stage_run(args) as run:
         stage_bld(run, rank=rank, world_size=world)
     return 0

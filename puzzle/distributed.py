@@ -37,8 +37,34 @@ BARRIER_TIMEOUT = timedelta(hours=24)
 
 
 def env_rank_world() -> tuple[int, int, int]:
-    """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment; (0, 1, 0) outside torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment, or set by hand to shard `puzzle bld` over shells;
+    (0, 1, 0) outside torchrun; LOCAL_RANK defaults to RANK.
+
+    Raises:
+        PuzzleError: a value that is no whole number, WORLD_SIZE below 1, RANK outside 0..WORLD_SIZE-1, or one of
+            RANK and WORLD_SIZE set without the other (breaker: RANK=2 of 2 trained nothing and exited 0, WORLD_SIZE=2
+            alone trained half as rank 0, WORLD_SIZE=0 and RANK=x ended in tracebacks).
+    """
+    from .errors import PuzzleError
+
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(name, "").strip()
+        try:
+            values[name] = int(text) if text else None
+        except ValueError:
+            raise PuzzleError(f"environment variable {name}={text!r} is not a whole number (torchrun sets RANK and "
+                              f"WORLD_SIZE; set by hand, give both, e.g. RANK=0 WORLD_SIZE=2)") from None
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if (rank is None) != (world is None) and not (rank == 0 or world == 1):
+        raise PuzzleError(f"environment variable {'WORLD_SIZE' if rank is None else 'RANK'} is set without "
+                          f"{'RANK' if rank is None else 'WORLD_SIZE'}: give both (e.g. RANK=0 WORLD_SIZE=2), or "
+                          f"neither for one process")
+    rank, world = rank or 0, 1 if world is None else world
+    if world < 1 or not 0 <= rank < world:
+        raise PuzzleError(f"environment variables RANK={rank} WORLD_SIZE={world}: WORLD_SIZE must be at least 1 and "
+                          f"RANK from 0 to WORLD_SIZE-1 ({max(world - 1, 0)})")
+    return rank, world, rank if values["LOCAL_RANK"] is None else values["LOCAL_RANK"]
 
 
 def local_device() -> torch.device:

@@ -372,8 +372,12 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     untie = bool(untie_embeddings and config.tie_word_embeddings)
     state = _state_dict(model, torch_dtype, untie)
     _check_finite(state, model, torch_dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    except OSError as e:  # breaker: a --dest under /proc ended in a FileNotFoundError traceback
+        raise PuzzleError(f"cannot make the export's folder beside {out_dir} ({e.strerror or e}); give a destination "
+                          f"on a file system you can write to") from e
     try:
         mode = file_mode()
         tmp.chmod(mode | (mode & 0o444) >> 2)  # mkdtemp makes it private: a folder as plainly made (x where r)

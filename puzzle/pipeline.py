@@ -532,8 +532,13 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     if result["trained"]:
         run.timed("bld_s", time.perf_counter() - t0)
     index = lib.write_index() if rank == 0 else lib.index()  # rank 0 writes it (`bld.run_jobs`), after every rank
-    run.say(f"bld: {result['trained']} subblocks trained, {result['skipped']} already in the library, "
+    shard = f" by rank {rank} of {world_size} (the other entries are the other ranks')" if world_size > 1 else ""
+    run.say(f"bld: {result['trained']} subblocks trained{shard}, {result['skipped']} already in the library, "
             f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
+    if world_size > 1 and not distributed.in_group(world_size):  # breaker: ranks started by hand in two shells
+        run.say(f"bld: ranks started without torchrun do not wait for each other, so {lib.root / 'index.csv'} lists "
+                f"what was on disk when this one ended; once every rank has finished, `puzzle bld --out {run.out}` "
+                f"(one process) completes the index and trains anything a rank left")
     calib, cfg = run.tokens.calib, run.config.bld
     if cfg.tokens - result["tokens_per_subblock"] >= calib.shape[1]:  # breaker: 8192 asked, 2944 trained, unsaid
         need = cfg.tokens + cfg.probe_sequences * calib.shape[1]
@@ -1359,16 +1364,53 @@ def read_architecture(run: Run, name: str) -> dict:
                               f"(there: {', '.join(v.id for v in offered)}) nor in its library; the file was edited "
                               f"or written for another run: delete it and run `puzzle search` again")
     table = score_table_path(run, stage)
-    if not (isinstance(record.get("table_sha256"), str) and table.is_file()):
+    if not isinstance(record.get("table_sha256"), str):  # written by hand: its predictions are the table's now
+        return _with_table_totals(run, path, record, stage) if table.is_file() else record
+    if not table.is_file():
         return record
     if record["table_sha256"] == _sha256(table):
         if "rows" in record:  # a search's record (refine's are given by their choice alone)
             _check_against_table(run, path, record, stage)
+        else:
+            record = _with_table_totals(run, path, record, stage)
     else:
         warnings.warn(f"{path} was solved on another score table than {table} holds now (scored again since, or a "
                       f"search record of an earlier front): its predicted totals are the old table's; `puzzle search` "
                       f"or `puzzle front` with its target solves it on the current table")
     return record
+
+
+#: the predicted totals a record without table rows is checked on (`_with_table_totals`)
+_CHECKED_TOTALS = ("runtime_ms", "kl_nats")
+
+
+def _with_table_totals(run: Run, path: Path, record: dict, stage: str) -> dict:
+    """A record of a choice without table rows (written by hand, refine's, or edited and its rows dropped) with its
+    predicted totals on the run's score table: all of them the table's where runtime_ms or kl_nats is missing
+    (breaker: a choice alone was evaluated and timed, then realize ended in a KeyError), else those two checked and
+    any other missing total filled in (breaker: an edited choice kept child-2x's 2.44x beside a measured 8.58x).
+
+    Raises:
+        PuzzleError: a given runtime_ms or kl_nats more than 1e-6 (relative) off the choice's on the table."""
+    from .budgets import Budgets
+    from .refine import record_for
+
+    try:
+        fresh = record_for(run, path.stem, record["choice"], stage, Budgets(), record.get("method"))
+    except (PuzzleError, KeyError, ValueError):  # no table to read, or a choice it lacks: the stage that reads says
+        return record
+    for key in _CHECKED_TOTALS:
+        given, table_value = record.get(key), fresh.get(key)
+        if isinstance(given, (int, float)) and isinstance(table_value, (int, float)) \
+                and not math.isclose(given, table_value, rel_tol=1e-6, abs_tol=1e-9):
+            raise PuzzleError(f"{path}: its {key} {given:.6g} is not its choice's on the run's score table "
+                              f"({table_value:.6g}): the file was edited; delete its predicted totals (runtime_ms, "
+                              f"speedup, kl_nats, ...) to have them taken from the table, or delete the file and run "
+                              f"`puzzle search` again")
+    totals = {k: v for k, v in fresh.items() if k not in ("name", "method", "budgets", "choice", "library_stage")}
+    if all(isinstance(record.get(key), (int, float)) for key in _CHECKED_TOTALS):
+        return {**totals, **record}
+    return {**record, **totals}
 
 
 def _check_against_table(run: Run, path: Path, record: dict, stage: str) -> None:

@@ -87,8 +87,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise PuzzleError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    from .distributed import env_rank_world
+
+    rank, world, local = env_rank_world()
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -184,3 +184,42 @@ def test_a_temp_file_left_by_a_killed_process_is_removed_when_the_library_is_don
     left.write_bytes(b"half a checkpoint")
     build_library(parent, calib, space, BLDConfig(tokens=128, batch_size=2, lr=1e-3), Library(tmp_path / "lib"))
     assert not left.exists() and not list((tmp_path / "lib").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2: WORLD_SIZE must be at least 1 and RANK from 0 to"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 WORLD_SIZE=0"),
+    ({"RANK": "1"}, "RANK is set without WORLD_SIZE"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set without RANK"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not a whole number")])
+def test_rank_and_world_size_set_by_hand_are_checked_before_any_work(tmp_path, monkeypatch, capsys, env, words):
+    """Breaker: RANK=2 of 2 (or -1, or RANK=1 alone) trained nothing and exited 0, WORLD_SIZE=2 alone trained half as
+    rank 0 without a word, and WORLD_SIZE=0 or RANK=x ended in tracebacks."""
+    from puzzle.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["bld", "--out", str(tmp_path / "run"), "--preset", "tiny", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("puzzle: error: environment variable") and words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # nothing made
+
+
+def test_a_rank_started_by_hand_says_the_index_waits_for_the_others(tmp_path, monkeypatch, capsys):
+    """Breaker: two shells with RANK=0/1 WORLD_SIZE=2 each said "10 subblocks trained", and rank 0's index.csv
+    listed 23 of 40 entries without a word."""
+    from puzzle.cli import main
+
+    run = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(run), "--bld-tokens", "256", "--no-progress"]) == 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    capsys.readouterr()
+    assert main(["bld", "--out", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "subblocks trained by rank 1 of 2 (the other entries are the other ranks')" in err
+    assert f"once every rank has finished, `puzzle bld --out {run}` (one process) completes the index" in err

@@ -168,7 +168,8 @@ def _fusable_run(tmp_path_factory, dest):
 
     run_dir, _ = tiny_run_copy(tmp_path_factory, dest)
     record = json.loads((run_dir / "search" / "child-1.5x.json").read_text())
-    record.pop("rows")  # made by hand: a choice beside the rows of another is refused (read_architecture)
+    for key in ("rows", "runtime_ms", "kl_nats"):  # made by hand: a choice beside the rows or predicted totals of
+        record.pop(key)  # another is refused (read_architecture); without them, the totals are the table's
     run = open_run(run_dir, progress=False)
     parent = run.parent.config.blocks
     fuse = [b if i in (0, 3) else BlockConfig(NOOP, b.ffn) for i, b in enumerate(parent)]

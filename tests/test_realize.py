@@ -53,3 +53,33 @@ def test_shared_children_hold_the_parents_tensors_and_each_entry_once_and_comput
     used = {(i, v.id, "bld") for blocks in children for i, (b, p) in enumerate(zip(blocks, parent.config.blocks))
             for v, pv in ((b.attention, p.attention), (b.ffn, p.ffn)) if v.kind != "no_op" and v != pv}
     assert set(entries) == used and used  # one tensor set per (layer, variant, stage) the children use
+
+
+def test_a_hand_written_choice_is_realized_with_the_tables_predictions_and_an_edited_one_is_refused(tmp_path_factory,
+                                                                                                   tmp_path, capsys):
+    """Breaker: a record of a choice alone was evaluated and timed, then `puzzle realize` ended in a KeyError; an
+    edited choice whose rows were dropped kept child-2x's predicted 2.44x beside a measured 8.58x."""
+    from puzzle.budgets import Budgets
+    from puzzle.cli import main
+    from puzzle.errors import PuzzleError
+    from puzzle.pipeline import read_architecture
+    from puzzle.refine import record_for
+    from tiny_run import tiny_run_copy
+
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    run = open_run(run_dir, progress=False)
+    searched = json.loads((run_dir / "search" / "child-1.5x.json").read_text())
+    choice = [b.id for b in run.parent.config.blocks][:1] + searched["choice"][1:]  # another choice than the search's
+    (run_dir / "search" / "bare.json").write_text(json.dumps({"choice": choice}))
+    table = record_for(run, "bare", choice, "bld", Budgets(), None)
+    bare = read_architecture(run, "bare")
+    assert bare["runtime_ms"] == table["runtime_ms"] and bare["kl_nats"] == table["kl_nats"]
+    assert bare["speedup"] == pytest.approx(table["speedup"])
+    edited = {k: v for k, v in searched.items() if k != "rows"}
+    (run_dir / "search" / "edited.json").write_text(json.dumps({**edited, "choice": choice}))
+    with pytest.raises(PuzzleError, match=r"edited.json: its runtime_ms .* is not its choice's on the run's score "
+                                          r"table \(.*\): the file was edited; delete its predicted totals"):
+        read_architecture(run, "edited")
+    assert main(["realize", "--out", str(run_dir), "--name", "bare", "--max-contention", "inf", "--no-progress"]) == 0
+    realized = json.loads((run_dir / "children" / "realized" / "bare.json").read_text())
+    assert realized["predicted_speedup"] == pytest.approx(table["speedup"])

@@ -784,8 +784,10 @@ def test_continue_starts_afresh_when_the_plain_child_was_searched_again_under_an
             # the diverse child's choice reversed was the plain one)
             parent_ids = [b.id for b in copy.parent.config.blocks]
             i = next(i for i, (b, p) in enumerate(zip(record["choice"], parent_ids)) if b != p)
-            path.write_text(json.dumps({**record, "choice": [*record["choice"][:i], parent_ids[i],
-                                                             *record["choice"][i + 1:]]}))
+            choice = [*record["choice"][:i], parent_ids[i], *record["choice"][i + 1:]]
+            totals = record_for(copy, "child-1.5x", choice, "bld", Budgets(), "mip")  # the new choice's predictions
+            path.write_text(json.dumps({**record, **{k: v for k, v in totals.items() if k not in ("name", "method")},
+                                        "budgets": record["budgets"]}))
             (copy.out / "refine" / "child-1.5x.inputs.json").unlink(missing_ok=True)
         capsys.readouterr()
         df = improve_child(copy, "child-1.5x", **settings, resume=True)
