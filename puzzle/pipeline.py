@@ -1441,7 +1441,9 @@ def read_architecture_at(out: Path, name: str) -> dict:
             message lists the names there are.
     """
     out = Path(out)
-    have = sorted(p.stem for p in (out / "search").glob("child-*.json")) if (out / "search").is_dir() else []
+    # every record of search/ (breaker: a hand-written or baseline name was read but not listed), not its sweep file
+    have = sorted(p.stem for p in (out / "search").glob("*.json") if p.stem != "chosen") \
+        if (out / "search").is_dir() else []
     hint = f"choose one of {have}" if have else "run `puzzle search` first"
     if not name or len(name) > 200 or name == "chosen" or Path(name).name != name:  # before any file call
         raise PuzzleError(f"no architecture named {name[:60]!r} in {out / 'search'}; {hint}")

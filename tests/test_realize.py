@@ -83,3 +83,6 @@ def test_a_hand_written_choice_is_realized_with_the_tables_predictions_and_an_ed
     assert main(["realize", "--out", str(run_dir), "--name", "bare", "--max-contention", "inf", "--no-progress"]) == 0
     realized = json.loads((run_dir / "children" / "realized" / "bare.json").read_text())
     assert realized["predicted_speedup"] == pytest.approx(table["speedup"])
+    capsys.readouterr()  # a name that is no record lists every record, the hand-written ones too (breaker)
+    assert main(["realize", "--out", str(run_dir), "--name", "nosuch", "--no-progress"]) == 2
+    assert "'bare', " in capsys.readouterr().err
