@@ -551,12 +551,12 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
 def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str) -> dict:
     """A DIR/search/<name>.json record for a given architecture: predicted totals from the score table."""
     from .pipeline import load_score_table
-    from .search import anchor_slots, build_choices, parent_totals
+    from .search import anchor_slots, build_choices
 
     table, _ = load_score_table(run, stage)
     choices = build_choices(table)
     totals = choices.totals(anchor_slots(choices, list(choice)))
-    parent = parent_totals(table)
+    parent = choices.totals(choices.parent_slot)  # `search.parent_totals`, on the choices built here (not twice)
     clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
     return {"name": name, "library_stage": stage, "method": method, "choice": list(choice),
             **{c: clean(v) for c, v in totals.items()}, "speedup": parent["runtime_ms"] / totals["runtime_ms"],
