@@ -434,7 +434,11 @@ def resolve_source(spec: str, cache_dir=None) -> Path:
         raise PuzzleError("a data source is empty; give an existing text/jsonl/parquet file or folder")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise PuzzleError(f"data source {spec} does not exist; give an existing text/jsonl/parquet file or folder")
+        # breaker: a quoted "data/*.txt" reached us unexpanded and read as a missing file
+        what = ("it looks like a file pattern that the shell did not expand (quoted?): leave it unquoted so that the "
+                "shell lists the files, or give the folder that holds them") if any(c in spec for c in "*?[") \
+            else "give an existing text/jsonl/parquet file or folder"
+        raise PuzzleError(f"data source {spec} does not exist; {what}")
     if not (path.is_file() or path.is_dir()):  # a FIFO or device would block or never end
         raise PuzzleError(f"data source {spec} is not a regular file or folder; give a text/jsonl/parquet file")
     return path

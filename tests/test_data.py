@@ -173,8 +173,10 @@ def test_folder_of_files_and_packaged_text(tmp_path):
 
 
 def test_missing_and_empty_sources_raise(tmp_path):
-    with pytest.raises(PuzzleError, match="does not exist"):
+    with pytest.raises(PuzzleError, match="does not exist; give an existing"):
         read_documents(str(tmp_path / "missing.txt"))
+    with pytest.raises(PuzzleError, match="does not exist; it looks like a file pattern that the shell did not expand"):
+        read_documents(str(tmp_path / "*.txt"))  # quoted on the command line
     (tmp_path / "empty.txt").write_text("\n \n\n")
     with pytest.raises(PuzzleError, match="is empty: give a file with text"):
         read_documents(str(tmp_path / "empty.txt"))
