@@ -676,6 +676,9 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
             and isinstance(row.get("kl_nats"), (int, float)) and math.isfinite(row["kl_nats"])
 
     todo = [j for j in jobs if not scored(j[0])]
+    # no_op rows bld scored in this run (stage-independent), not kept from an earlier call of this stage (breaker:
+    # a fresh run's score line said "init: ... 8 kept from an earlier call")
+    shared = sum(1 for j in jobs if j[0] not in done and scored(j[0]))
     cache: ParentCache | None = None
     parent_path = run.out / "score" / "parent_quality.json"
     parent_loss = _saved_parent_loss(parent_path)
@@ -719,7 +722,7 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
                 rows.append({"layer": ls.layer, "subblock": subblock, "variant": v.id, "is_parent": False,
                              **{m: r[m] for m in ("kl_nats", "lm_loss", "top1_agree", "cosine")}})
     table = pd.DataFrame(rows)
-    table.attrs.update(scored=len(todo), kept=len(jobs) - len(todo))  # for stage_score's line
+    table.attrs.update(scored=len(todo), kept=len(jobs) - len(todo) - shared, shared=shared)  # for stage_score's line
     return table
 
 

@@ -48,6 +48,8 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
             assert (run_dir / "export" / name / "config.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "Greedy chat answers" in report and "Does BLD matter?" in report and "budget_use" in report
+    # the init table takes bld's no_op scores: a fresh run kept nothing from an earlier call
+    assert re.search(r"score: \d+ rows per table; tables in", RUN_LOG["stderr"]), RUN_LOG["stderr"][-2000:]
     cost = json.loads((run_dir / "score" / "cost.csv.json").read_text())  # the contention check's record
     assert isinstance(cost["rounds_dropped"], int) and (cost["contention_cores"] is None or cost["contention_cores"] >= 0)
     machine = json.loads((run_dir / "children" / "machine.json").read_text())  # the machine's speed, table vs children
