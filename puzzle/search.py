@@ -1037,8 +1037,11 @@ def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
                      f"{off['kl_nats'].sum():.4g} nats): a parent block replaced by itself scores 0, so this table's "
                      f"KL scores may be damaged or of another kind; the search counts them as given")
     if meta.get("missing_sidecar"):
+        layers = int(table["layer"].max()) + 1 if (table["layer"] >= 0).any() else 0
         notes.append(f"note: {meta['missing_sidecar']} (the table's sidecar) does not exist, so the device and "
-                     f"workload (batch size, prompt and generation lengths) of these costs are unknown")
+                     f"workload (batch size, prompt and generation lengths) of these costs are unknown, and the "
+                     f"table's rows are not checked against the count it was written with: it is searched as a "
+                     f"parent of {layers} layers")  # breaker: a table cut after its last layer went unnoticed
     return notes
 
 

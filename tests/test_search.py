@@ -944,6 +944,7 @@ def test_a_score_table_csv_needs_no_sidecar_but_a_run_directory_does(tmp_path, c
     out = capsys.readouterr()
     assert json.loads(out.out)["speedup"] >= 1.5 and json.loads(out.out)["workload"] == {}
     assert "some.csv.json (the table's sidecar) does not exist" in out.err and "unknown" in out.err
+    assert "searched as a parent of 3 layers" in out.err  # a table cut after its last layer reads as a smaller parent
     err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "some.csv"), "--min-throughput", "100tok/s"])
     assert "needs the table's workload" in err and "some.csv.json" in err
     save_table(table, tmp_path / "run" / "score" / "score_table.csv", {"device": "cpu"})
