@@ -106,8 +106,9 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         sequence_length (measurement_info.json), source path and a note on non-block costs.
 
     Raises:
-        PuzzleError: a missing or unreadable file, a variant that cannot be mapped, two variant names of
-            one layer for the same block (naming both), a parent_block_stats.json whose sizes are not
+        PuzzleError: a missing or unreadable file, a key given twice in one object (a variant listed twice), a
+            variant that cannot be mapped, two variant names of one layer for the same block (naming both), a
+            parent_block_stats.json whose sizes are not
             whole numbers or name a block some layer lacks, or (without that file) a layer that lacks the
             library's widest block, the parent's.
     """
@@ -116,9 +117,12 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     if not file.is_file():
         raise PuzzleError(f"{file} does not exist; point --library at block_library.json or its folder")
     try:
-        library = json.loads(file.read_text(encoding="utf-8"))
+        library = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_refuse_repeated_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PuzzleError(f"{file} is not valid JSON ({e})") from e
+    except _RepeatedKey as e:  # breaker: a variant listed twice was read as its last copy, without a word
+        raise PuzzleError(f"{file} lists the key {str(e)[:200]!r} twice in one object (JSON readers keep the last "
+                          f"copy); delete one of them") from None
     if not isinstance(library, dict):
         raise PuzzleError(f"{file} must be a JSON object mapping layer_0 ... layer_<L-1> to variants, "
                           f"not a {type(library).__name__}")
@@ -220,6 +224,20 @@ def _measurement_info(path: Path) -> dict:
         if info.get(field) is not None and not isinstance(info[field], str):
             raise PuzzleError(f"{path}: {field} must be text (or null), got {json.dumps(info[field])}")
     return info
+
+
+class _RepeatedKey(ValueError):
+    """A key that one JSON object of block_library.json holds twice."""
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: the object as a dict. Raises _RepeatedKey (the key) for a key given twice."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen[key] = value
+    return seen
 
 
 def _optional_json(path: Path) -> dict:

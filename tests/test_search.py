@@ -744,6 +744,10 @@ def test_a_malformed_block_library_json_is_one_clear_error(tmp_path):
         (tmp_path / "block_library.json").write_text(json.dumps(library))
         with pytest.raises(PuzzleError, match=words):
             read_puzzle_library(tmp_path)
+    entry = json.dumps({name: good})[1:-1]  # a variant listed twice (breaker: its last copy was searched)
+    (tmp_path / "block_library.json").write_text(f'{{"layer_0": {{{entry}, {entry}}}}}')
+    with pytest.raises(PuzzleError, match=r"lists the key 'attention = 8 kv heads .*' twice in one object"):
+        read_puzzle_library(tmp_path)
     (tmp_path / "block_library.json").write_text(json.dumps({"layer_0": {name: good}}))
     (tmp_path / "measurement_info.json").write_text("[1]")
     with pytest.raises(PuzzleError, match="measurement_info.json must hold a JSON object"):
