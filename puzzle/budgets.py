@@ -316,6 +316,7 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
 
 
 def suggest_fraction(needed: float, parent_total: float) -> float:
-    """The smallest fraction with 3 decimals whose bound admits `needed` (rounded up, never down)."""
-    fraction = needed / parent_total * (1 + 1e-7)  # a hair of room: the solver rounds costs up
-    return math.ceil(fraction * 1000) / 1000
+    """The smallest fraction with 3 decimals whose bound admits `needed` (rounded up, never down, but not past a
+    fraction that holds it exactly: the solver admits a total up to a budget's (1 + 5e-10), `mip.BUDGET_RTOL`, and
+    its rounding of costs is far finer, so a float hair over 0.9 is 0.9, breaker: "at least 0.901" where 0.9 solved)."""
+    return math.ceil(needed / parent_total * 1000 * (1 - 1e-10)) / 1000

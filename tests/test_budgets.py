@@ -127,6 +127,8 @@ def test_suggested_fraction_rounds_up():
     assert suggest_fraction(143.2, 298.0) == 0.481  # 0.48054 -> never rounded down
     assert suggest_fraction(0.48 * 300.0, 300.0) >= 0.48
     assert suggest_fraction(100.0, 300.0) * 300.0 >= 100.0
+    assert suggest_fraction(180.0, 200.0) == 0.9 and suggest_fraction(0.9 * 7.1, 7.1) == 0.9  # exactly: not 0.901
+    assert suggest_fraction(0.9 * (1 + 1e-9) * 200.0, 200.0) == 0.901  # beyond the solver's tolerance: up
 
 
 def test_bounds_the_parent_meets_are_named_and_tighter_ones_are_not():

@@ -355,7 +355,7 @@ def test_infeasible_budget_names_resource_and_smallest_value():
     message = str(e.value)
     assert "max_runtime_ms" in message and f"{fastest:.6g} ms" in message and "--max-runtime" in message
     suggested = float(message.rsplit("at least", 1)[1].split("(")[0])
-    assert suggested * parent["runtime_ms"] >= fastest
+    assert suggested * parent["runtime_ms"] >= fastest * (1 - 5e-10)  # within the solver's BUDGET_RTOL
     solve(table, Budgets(max_runtime_ms=suggested * parent["runtime_ms"]))  # the advice works
     speedup = float(message.rsplit("--speedup at most", 1)[1].split(";")[0])  # and its speed-up form
     assert f"--min-throughput at most {speedup:g}x)" in message
