@@ -979,10 +979,17 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
     if getattr(args, "roofline", None):  # as a single search says which costs these are
         print(f"note: costs are roofline estimates for {args.roofline} in {args.roofline_dtype} (--roofline-dtype): "
               f"lower bounds, to plan with; measure on the GPU before trusting absolute times", file=sys.stderr)
+    for p, budgets in zip(front, budgets_list):  # as one search warns (breaker: the sweep's empty child went unsaid)
+        if "infeasible" not in p and not p.get("runtime_ms", 1.0) > 0 and parent["runtime_ms"] > 0:
+            warning = _empty_child_warning(f"the child at {p['target_speedup']:g}x", objective, budgets, p["objective"])
+            print(f"warning: {warning.replace('--max-runtime', 'the --front-speedups target')}", file=sys.stderr)
     if args.output:
         _write_output(args.output, record)
     if args.json:
         print(json.dumps(record, allow_nan=False))
+        for p in front:  # the JSON holds the reasons; stderr says that some targets are out of reach (breaker)
+            if "infeasible" in p:
+                print(f"note: {p['target_speedup']:g}x is out of reach: {p['infeasible']}", file=sys.stderr)
         return 0
     num = lambda p, k: math.nan if p.get(k) is None else p[k]  # noqa: E731  (printed "-")
     rows = [{"target": f"{p['target_speedup']:g}x", **{k: num(p, k) for k in ("objective", "speedup", "runtime_ms",
@@ -1043,6 +1050,24 @@ def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
                      f"table's rows are not checked against the count it was written with: it is searched as a "
                      f"parent of {layers} layers")  # breaker: a table cut after its last layer went unnoticed
     return notes
+
+
+def _empty_child_warning(which: str, objective, budgets: Budgets, value: float) -> str:
+    """Why a child of total runtime 0 (every block removed) was chosen, and what to ask for instead: a quality
+    objective where the objective rewards a lower cost, else a looser budget (breaker: "e.g. --speedup 10" was
+    advised for a --max-params budget and for --objective runtime_ms)."""
+    costs = [c for c, w in parse_objective(objective).items() if c in BUDGET_FLAGS and w > 0]
+    if costs:
+        advice = (f"the objective weighs {', '.join(costs)}, a cost, and removing every block costs least: search "
+                  f"on a quality score (--objective kl_nats, the default) and give the cost as a budget "
+                  f"({', '.join(BUDGET_FLAGS[c] for c in costs)})")
+    else:
+        flags = sorted({BUDGET_FLAGS[c] for c in budgets.limits()})
+        advice = (f"no block fits these budgets ({budgets.describe()}) except by removing all: loosen "
+                  f"{' or '.join(flags)}" if flags else "add a budget")
+    return (f"{which} has a total runtime of 0 (speed-up undefined): this table's non-block row (embedding, LM "
+            f"head) costs nothing, so removing every block looks free; its objective ({objective}) is {value:.4g}. "
+            f"{advice[0].upper()}{advice[1:]}")
 
 
 def search_main(args: argparse.Namespace) -> int:
@@ -1110,10 +1135,7 @@ def search_main(args: argparse.Namespace) -> int:
         print(f"warning: {_zero_runtime(table)}, so runtime and speed-up say nothing about these children; "
               f"remeasure runtime_ms to compare them by speed", file=sys.stderr)
     elif empty_child:
-        print(f"warning: solution {empty_child[0]} has a total runtime of 0 (speed-up undefined): this table's non-block "
-              f"row (embedding, LM head) costs nothing, so removing every block looks free; its objective "
-              f"({objective}) is {solutions[empty_child[0]].objective:.4g}. Ask for a budget some blocks fit in "
-              f"(these: {budgets.describe()}; e.g. --speedup 10)",
+        print(f"warning: {_empty_child_warning(f'solution {empty_child[0]}', objective, budgets, solutions[empty_child[0]].objective)}",
               file=sys.stderr)
     if args.output:
         _write_output(args.output, record)

@@ -1759,8 +1759,12 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
     assert "other than 0" not in capsys.readouterr().err
     # a budget no block fits in: the empty child's warning names the budgets given (breaker: it named --speedup only)
     assert main(["search", "--library", str(FIXTURE), "--max-memory", "0.0001"]) == 0
-    assert re.search(r"warning: solution 0 has a total runtime of 0 .*Ask for a budget some blocks fit in \(these: "
-                     r"max_memory_mib=[0-9.]+; e\.g\. --speedup 10\)", capsys.readouterr().err)
+    assert re.search(r"warning: solution 0 has a total runtime of 0 .*No block fits these budgets \(max_memory_mib="
+                     r"[0-9.]+\) except by removing all: loosen --max-memory$", capsys.readouterr().err.strip())
+    # a cost as the objective: the advice is the objective, not a budget (breaker: "e.g. --speedup 10" for both)
+    assert main(["search", "--library", str(FIXTURE), "--speedup", "2", "--objective", "runtime_ms"]) == 0
+    assert "The objective weighs runtime_ms, a cost, and removing every block costs least: search on a quality " \
+        "score (--objective kl_nats, the default) and give the cost as a budget (--max-runtime)" in capsys.readouterr().err
     # is_parent written yes/no, as mip.as_bool reads it (breaker: "no" read as true named every layer)
     table = random_table(21, layers=3)
     table["is_parent"] = table["is_parent"].map({True: "yes", False: "no"})
@@ -1813,6 +1817,13 @@ def test_a_front_sweep_on_a_library_solves_each_target_as_one_search_would(tmp_p
     assert "9x: no architecture in the library with the variants --exclude leave meets max_runtime_ms=" in text
     assert re.search(r"give --front-speedups targets of at most [0-9.]+, or leave fewer", text)  # its own terms
     assert "--speedup at most" not in text
+    assert main(["search", "--library", lib, "--front-speedups", "1.5,9", "--exclude", "attn-noop", "--json"]) == 0
+    err = capsys.readouterr().err  # the JSON holds the reason; stderr says it too (breaker: unsaid)
+    assert "note: 9x is out of reach: no architecture in the library with the variants --exclude leave" in err
+    assert main(["search", "--library", lib, "--front-speedups", "1.5,1e9", "--json"]) == 0  # only the empty child
+    err = capsys.readouterr().err  # reaches 1e9x on this blocks-only library: warned as a single search warns
+    assert "warning: the child at 1e+09x has a total runtime of 0" in err and "the child at 1.5x" not in err
+    assert err.strip().endswith("except by removing all: loosen the --front-speedups target")
     foreign = tmp_path / "other.json"  # another tool's file with a front list is not replaced (reviewer)
     foreign.write_text(json.dumps({"front": [], "source": "x", "model": "m"}))
     assert main(["search", "--library", lib, "--front-speedups", "1.5", "--output", str(foreign)]) == 2
