@@ -1135,7 +1135,8 @@ def search_main(args: argparse.Namespace) -> int:
         print(f"warning: {_zero_runtime(table)}, so runtime and speed-up say nothing about these children; "
               f"remeasure runtime_ms to compare them by speed", file=sys.stderr)
     elif empty_child:
-        print(f"warning: {_empty_child_warning(f'solution {empty_child[0]}', objective, budgets, solutions[empty_child[0]].objective)}",
+        first = solutions[empty_child[0]]
+        print(f"warning: {_empty_child_warning(f'solution {empty_child[0]}', objective, budgets, first.objective)}",
               file=sys.stderr)
     if args.output:
         _write_output(args.output, record)

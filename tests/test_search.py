@@ -1764,7 +1764,8 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
     # a cost as the objective: the advice is the objective, not a budget (breaker: "e.g. --speedup 10" for both)
     assert main(["search", "--library", str(FIXTURE), "--speedup", "2", "--objective", "runtime_ms"]) == 0
     assert "The objective weighs runtime_ms, a cost, and removing every block costs least: search on a quality " \
-        "score (--objective kl_nats, the default) and give the cost as a budget (--max-runtime)" in capsys.readouterr().err
+        "score (--objective kl_nats, the default) and give the cost as a budget (--max-runtime)" \
+        in capsys.readouterr().err
     # is_parent written yes/no, as mip.as_bool reads it (breaker: "no" read as true named every layer)
     table = random_table(21, layers=3)
     table["is_parent"] = table["is_parent"].map({True: "yes", False: "no"})
