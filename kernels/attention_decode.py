@@ -205,14 +205,15 @@ def decode_attention(
         q: (B, H, 1, D) fp32, fp16 or bf16; any strides.
         k_cache, v_cache: (B, G, S_max, D), same dtype; H must be a multiple of G.
         lengths: valid cache positions per sequence, counting the new token: an int shared by the batch, or a
-            (B,) integer tensor on q's device with values in [1, S_max] (not checked, to avoid a sync).
+            (B,) integer tensor on q's device with values in [1, S_max] (checked on the CPU; on a GPU not checked,
+            to avoid a device sync).
         scale: softmax scale; 1 / sqrt(D) when None.
         num_splits: chunks of the keys per (sequence, KV head), >= 1; chosen from the SM count when None.
     Returns:
         (B, H, 1, D) in q's dtype.
     Raises:
-        ValueError: H not a multiple of G, an int length outside [1, S_max] (or not an integer), num_splits < 1,
-            or mismatched shapes or dtypes.
+        ValueError: H not a multiple of G, an int length (or a CPU tensor's) outside [1, S_max] or not an integer,
+            num_splits < 1, or mismatched shapes or dtypes.
     Note:
         On CUDA the first call per shape class autotunes (several launches); warm up before capturing a CUDA graph.
     """

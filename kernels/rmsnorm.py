@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .utils import (KERNEL_DTYPES, check_same_device, is_hopper, launch_interpreted, next_power_of_2, num_programs_hint,
-                    refuse_double_backward, runs_interpreted)
+                    real_number, refuse_double_backward, runs_interpreted)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,14 +191,16 @@ def rms_norm(
         x: (..., C) fp32, fp16 or bf16; at least one dimension.
         weight: (C,) any float dtype, any stride; the output dtype is the promotion of x's and weight's.
         residual: optional (..., C), same shape and dtype as x, added to x before the norm.
-        eps: added to the mean square.
+        eps: added to the mean square: a number >= 0, or a one-element tensor.
     Returns:
         y: (..., C) = weight * norm(x + residual);
         h: (..., C) = x + residual in x's dtype (the new residual stream); x itself when residual is None.
     Raises:
-        ValueError: shapes or dtypes that do not match, a 0-dim x, an x not in fp32/fp16/bf16.
+        ValueError: shapes or dtypes that do not match, a 0-dim x, an x not in fp32/fp16/bf16, an eps that is not
+            one finite number >= 0.
     """
     _check(x, weight, residual)
+    eps = real_number("rms_norm", "eps", eps, least=0.0)  # breaker: a tensor eps failed inside Triton's interpreter
     if residual is None:
         return RMSNormFunction.apply(x, weight, None, eps), x
     return RMSNormFunction.apply(x, weight, residual, eps)
@@ -231,6 +233,7 @@ def rms_norm_reference(
     """Plain torch: the same contract as `rms_norm` (differentiable by torch autograd), float64 allowed too (computed
     in float64; other dtypes in fp32)."""
     _check(x, weight, residual, dtypes=(*KERNEL_DTYPES, torch.float64))
+    eps = real_number("rms_norm", "eps", eps, least=0.0)
     h = x if residual is None else x + residual  # (..., C)
     hf = h.to(torch.promote_types(h.dtype, torch.float32))  # breaker: float64 went through fp32 (gradcheck failed)
     xhat = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)

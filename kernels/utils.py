@@ -203,13 +203,25 @@ def softmax_scale(name: str, scale, head_dim: int) -> float:
         raise ValueError(f"{name}: head dim D = {head_dim}; give q, k and v at least one feature per head")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    return real_number(name, "scale", scale)
+
+
+def real_number(name: str, what: str, value, least: float = -float("inf")) -> float:
+    """`value` (a number or a one-element tensor) as a Python float, for a kernel's scalar argument.
+
+    Raises:
+        ValueError: not one finite real number (text, a bool, None, a tensor of several values), or below `least`."""
+    import math
+
     try:
-        value = None if isinstance(scale, (str, bytes, bool)) else float(scale)  # not "0.5" or True
+        number = None if isinstance(value, (str, bytes, bool)) else float(value)  # not "0.5" or True
     except (TypeError, ValueError, RuntimeError):
-        value = None
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"{name}: scale must be a finite real number (or a one-element tensor); got {scale!r}")
-    return value
+        number = None
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name}: {what} must be a finite real number (or a one-element tensor); got {value!r}")
+    if number < least:
+        raise ValueError(f"{name}: {what} must be at least {least:g}; got {number:g}")
+    return number
 
 
 def check_forward_only(name: str, *tensors: torch.Tensor) -> None:

@@ -223,6 +223,13 @@ def test_kernels_refuse_a_zero_head_dim_tensors_on_two_devices_and_take_a_tensor
             fn(torch.randn(1, 2, 1, 0), torch.randn(1, 1, 3, 0), torch.randn(1, 1, 3, 0), 2)
         with pytest.raises(ValueError, match=r"different devices \(q on cpu, k_cache on meta, v_cache on cpu"):
             fn(q[:, :, :1], k.to("meta"), k, 2)
+    x, w = torch.randn(2, 8), torch.rand(8)  # rms_norm's eps as attention's scale (breaker: a tensor eps failed inside
+    for fn in (rms_norm, rms_norm_reference):  # Triton's interpreter, None gave an AttributeError there)
+        torch.testing.assert_close(fn(x, w, eps=torch.tensor(1e-3))[0], rms_norm_reference(x, w, eps=1e-3)[0])
+        for bad, words in ((None, "finite real number"), ("a", "finite real number"), (torch.ones(2), "finite real"),
+                           (float("nan"), "finite real number"), (-1e-6, "eps must be at least 0")):
+            with pytest.raises(ValueError, match=f"rms_norm: .*{words}"):
+                fn(x, w, eps=bad)
     with pytest.raises(ValueError, match="lengths on meta"):  # the kernel's; the reference moves them to q's device
         decode_attention(q[:, :, :1], k, k, torch.tensor([2], device="meta"))
     with pytest.raises(ValueError, match=r"rms_norm: the tensors are on different devices \(x on cpu, weight on meta"):
