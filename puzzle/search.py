@@ -290,8 +290,9 @@ class _Search:
             layer, slot = (int(i) for i in np.argwhere(np.isnan(self.objective) & self.allowed)[0])
             raise PuzzleError(f"objective {self.weights}: the score table lacks values of "
                               f"{', '.join(f'{c} ({n} layer choices)' for c, n in gaps.items() if n)}, the "
-                              f"first in layer {layer} {ch.blocks[layer][slot].id}; rescore (`puzzle score`) or pick "
-                              f"another objective")
+                              f"first in layer {layer} {ch.blocks[layer][slot].id}; pick another objective, or "
+                              f"fill them in (`puzzle score` rescores a run's table; a block_library.json or a table "
+                              f"written by hand: give the values in the file)")
         with np.errstate(over="ignore"):
             total = float(np.abs(np.where(self.allowed, self.objective, 0.0)).sum()) + abs(self.objective_base)
         if not math.isfinite(total):

@@ -1147,7 +1147,8 @@ def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp
     init = pd.read_csv(out / "score" / "score_table_init.csv")
     init.loc[init["variant"] == "ffn-64", "lm_loss"] = float("nan")
     init.to_csv(out / "score" / "score_table_init.csv", index=False)
-    with pytest.raises(PuzzleError, match="lacks values of lm_loss"):
+    with pytest.raises(PuzzleError, match=r"lacks values of lm_loss .*pick another objective, or fill them in \(`puzzle "
+                                          r"score` rescores a run's table"):
         stage_search(Run(out, config.replace(search={"objective": "lm_loss"}), progress=False))
     assert {p.name: p.read_bytes() for p in (out / "search").iterdir()} == before
     # the score table the record was solved on changed: solve again (a table rewritten with the same bytes keeps it)
