@@ -304,7 +304,8 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
 
 
 class LibraryChain:
-    """Looks an entry up in several libraries in turn (duck-types `Library.load` for `realize_child`)."""
+    """Looks an entry up in several libraries in turn (duck-types `Library` for `realize_child`: has, recorded, load,
+    info)."""
 
     def __init__(self, *libraries: Library):
         self.libraries = libraries
@@ -317,6 +318,9 @@ class LibraryChain:
             if lib.has(layer, variant, stage):
                 return lib.load(layer, variant, stage)
         return self.libraries[0].load(layer, variant, stage)  # raises the usual PuzzleError
+
+    def recorded(self, layer: int, variant: str, stage: str) -> dict:
+        return next((info for lib in self.libraries if (info := lib.recorded(layer, variant, stage))), {})
 
     def info(self, layer: int, variant: str, stage: str) -> dict:
         for lib in self.libraries:

@@ -58,6 +58,10 @@ from .space import LayerSpace, trainable
 LR_KEYS = ("attention", "ffn", "block", "gqa", "swiglu", "linear")
 
 
+#: the most diverse decoupled solutions per budget that coupled BLD takes its blocks from (`BLDConfig.coupled_top_k`)
+MAX_COUPLED_TOP_K = 64
+
+
 @dataclass(frozen=True)
 class BLDConfig:
     """Blockwise-local-distillation settings.
@@ -88,7 +92,7 @@ class BLDConfig:
         layers_per_group: parent layers held on the compute device at a time (0: the whole parent
             stays where it is; for a parent read from safetensors, 0 means 1).
         coupled_top_k: coupled BLD (coupled.py) trains the blocks used by the k best decoupled
-            solutions of every budget, per layer; 0 turns the coupled stage off.
+            solutions of every budget, per layer; 0 turns the coupled stage off; at most MAX_COUPLED_TOP_K.
         coupled_tokens: calibration tokens per block in coupled BLD (0: `tokens`).
         train: False stops after the init entries (an init-only library, for comparisons).
         seed: seeds the batch order (the same for every entry).
@@ -133,6 +137,9 @@ class BLDConfig:
                 raise PuzzleError(f"bld.{name}{flag} must be a whole number {what}, got {value!r}")
         if self.seed >= 2 ** 63:
             raise PuzzleError(f"bld.seed (--seed) must be below 2**63, got {self.seed}")
+        if self.coupled_top_k > MAX_COUPLED_TOP_K:  # breaker: 10**6 solved for minutes without a word
+            raise PuzzleError(f"bld.coupled_top_k must be at most {MAX_COUPLED_TOP_K} (each is one more diverse MIP "
+                              f"solution per budget, whose blocks are trained), got {self.coupled_top_k}")
         inf = math.inf
         for name, what, ok in (("lr", LEARNING_RATE_RANGE, lambda v: 0 < v < MAX_LEARNING_RATE),
                                ("linear_lr_scale", "a finite number > 0", lambda v: 0 < v < inf),
@@ -656,7 +663,8 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
     if job.kind != "block" and not library.has(job.layer, job.id, "init"):
         library.save(job.layer, job.kind, job.id, "init", sub.state_dict(),
                      {**info, "tokens": 0, "final_nmse": init_nmse, "status": "ok", "train_s": 0.0})
-    if not cfg.train or library.has(job.layer, job.id, "bld"):  # init-only, or only the init copy was missing
+    # init-only, or only the init copy was missing (a block has none: one here is trained again, `run_jobs`)
+    if not cfg.train or job.kind != "block" and library.has(job.layer, job.id, "bld"):
         return info
     t0 = time.perf_counter()
     steps = math.ceil(n_train / cfg.batch_size)
@@ -698,7 +706,8 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
                           f"{init_nmse:.4g} to {final:.4g}; the block keeps its composed start")
         warnings.warn(result.message)
         final = init_nmse
-    bld_info = {**info, "kept_start": kept_start, "tokens": result.tokens, "final_nmse": final, "train_nmse": result.train_nmse,
+    bld_info = {**info, "kept_start": kept_start, "tokens": result.tokens, "planned_tokens": n_train * T,
+                "final_nmse": final, "train_nmse": result.train_nmse,
                 "status": result.status, "message": result.message, "train_s": time.perf_counter() - t0,
                 "method": method, "resumed_at_step": result.resumed_at_step, "loss_curve": result.loss_curve,
                 "probe_curve": result.probe_curve}
@@ -748,6 +757,15 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
     # an entry whose trained weights stand but whose init-only copy is missing or corrupt gets that copy back
     todo = [j for j in mine if not library.has(j.layer, j.id, stage)
             or cfg.train and j.kind != "block" and not library.has(j.layer, j.id, "init")]
+    # a coupled block trained on another token count (bld.coupled_tokens, which the library's meta leaves out: it
+    # changes no decoupled entry) is trained again (breaker: kept without a word)
+    retrain = [j for j in mine if j.kind == "block" and j not in todo
+               and library.recorded(j.layer, j.id, stage).get("planned_tokens") not in (None, n_train * calib.shape[1])]
+    if retrain:
+        warnings.warn(f"{len(retrain)} coupled block entr{'y was' if len(retrain) == 1 else 'ies were'} trained on "
+                      f"another number of tokens (e.g. layer {retrain[0].layer} {retrain[0].id}); trained again on "
+                      f"{n_train * calib.shape[1]}")
+        todo += retrain
     device = torch.device(device) if device is not None else default_device()
     t0, diverged = time.perf_counter(), []
     peak_mib = 0.0

@@ -604,12 +604,10 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
         raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
                           f"first with `puzzle run --out {args.out}` (or `puzzle data`, `bld` and `score`)")
     config = _resolve_config(args, args.out) if need_config else load_run_config(args.out)
-    if config.bld.coupled_top_k and getattr(args, "command", None) in ("run", "bld"):  # it was ignored unsaid
-        raise PuzzleError(f"bld.coupled_top_k = {config.bld.coupled_top_k}: `puzzle {args.command}` runs decoupled BLD "
-                          f"only; "
-                          f"coupled BLD is a library step (`puzzle.coupled.stage_coupled(run)` after `puzzle score`, "
-                          f"children built with `realize_child_coupled`); set coupled_top_k to 0 in the preset or "
-                          f"{args.out / 'config.json'}")
+    if config.bld.coupled_top_k and getattr(args, "command", None) == "bld":  # reviewer: it was ignored unsaid
+        _log(f"bld: note: bld.coupled_top_k = {config.bld.coupled_top_k}: this command trains the decoupled library; "
+             f"the coupled blocks are narrowed from a search on its scores, so `puzzle run --out {args.out}` trains "
+             f"them after scoring (or `puzzle.coupled.stage_coupled(run)` after `puzzle score`)")
     if measures:
         from .scoring.cost import check_device_available
 

@@ -12,10 +12,10 @@ layer are too many. Puzzle's hybrid flow (Bercovich et al. 2024, Sec. 3) narrows
    (the parent's weights for a parent part) and trained on the layer's delta h_out - h_in with the
    normalized MSE (bld.py, kind "block"; library entries `attn-kv1+ffn-768.bld`);
 4. `score_blocks`: replace-1-block with the whole layer replaced, in the same metrics as the
-   decoupled rows; `block_rows` adds the costs (attention row + FFN row of the cost table);
+   decoupled rows; `block_rows` adds the costs (attention row + FFN row of the score table);
 5. the search runs again on the table with both kinds: a block row replaces the pair of rows that
    builds the same block (search.py);
-6. `realize_child_coupled`: a layer whose block has a coupled entry takes it.
+6. `realize.realize_child` (every command's): a layer whose block has a coupled entry takes it.
 
 `stage_coupled` runs steps 2-5 on a pipeline run directory (see its docstring for the wiring).
 """
@@ -167,9 +167,12 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
     rows = []
     for i, b in items:
         key = f"{i}:block:{b.id}:{stage}"
-        if key not in done:
+        sha = library.recorded_sha256(i, b.id, stage)
+        # a score of this very entry (breaker: a block trained again kept its old score; a row without a checksum
+        # predates them, and is kept as decoupled scores are)
+        if key not in done or done[key].get("entry_sha256", sha) != sha:
             module = block_module(parent.config, library, i, b, stage).to(dtype)
-            done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id,
+            done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id, "entry_sha256": sha,
                          **replace_block_score(parent, cache, i, module, chunk)}
             if log is not None:
                 log.append(done[key])
@@ -188,8 +191,8 @@ def block_rows(quality: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
 
     Args:
         quality: from `score_blocks`.
-        costs: the measured subblock cost table (subblock, variant, prefill_ms, decode_ms,
-            runtime_ms, memory_mib, params; no_op rows are zero).
+        costs: measured subblock costs, one row per variant (variant, prefill_ms, decode_ms, runtime_ms,
+            memory_mib, params; no_op rows are zero): the score table's rows, or the cost table.
 
     Raises:
         KeyError: a subblock variant without a cost row.
@@ -199,7 +202,10 @@ def block_rows(quality: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     for r in quality.to_dict("records"):
         b = BlockConfig.from_id(r["variant"])
         a, f = by_id.loc[b.attention.id], by_id.loc[b.ffn.id]
-        rows.append({**r, **{c: float(a[c]) + float(f[c]) for c in COST_COLUMNS}})
+        # params stay whole numbers (breaker: a float column wrote the decoupled rows as 12352.0 in the next call, and
+        # the changed score_table_decoupled.csv timed the front again)
+        rows.append({**r, **{c: int(a[c]) + int(f[c]) if c == "params" else float(a[c]) + float(f[c])
+                             for c in COST_COLUMNS}})
     return pd.DataFrame(rows)
 
 
@@ -207,24 +213,17 @@ def block_rows(quality: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
 # Assembling children that use coupled entries
 
 
-@torch.no_grad()
 def realize_child_coupled(parent: PuzzleForCausalLM, library: Library | None, blocks: Sequence[BlockConfig],
                           stage: str = "bld") -> PuzzleForCausalLM:
-    """realize.realize_child, then every layer whose block has a coupled `stage` entry takes that entry.
+    """The child as `realize.realize_child` builds it, which every command uses: a layer whose block has a coupled
+    `stage` entry takes that entry (kept under this name for code written before realize_child did so).
 
-    Identical to realize_child when the library holds no block entries.
+    Raises:
+        PuzzleError: as realize_child (a damaged coupled entry too).
     """
     from .realize import realize_child
 
-    child = realize_child(parent, library, blocks, stage)
-    if library is None:
-        return child
-    dtype = next(child.parameters()).dtype
-    for i, block in enumerate(blocks):
-        if "+" in block.id and library.has(i, block.id, stage):
-            state = library.load(i, block.id, stage)
-            child.model.layers[i].load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    return child.eval()
+    return realize_child(parent, library, blocks, stage)
 
 
 def coupled_layers(library: Library, blocks: Sequence[BlockConfig], stage: str = "bld") -> list[int]:
@@ -244,15 +243,14 @@ def stage_coupled(run) -> pd.DataFrame:
     the main request and every front speed-up. Block scores resume from
     DIR/score/quality_blocks.jsonl. Does nothing when run.config.bld.coupled_top_k is 0.
 
-    Wiring in pipeline.run_all: call it between stage_score and stage_search, and build children
-    with `realize_child_coupled` instead of `realize_child` (pipeline.build_child).
+    Call it between `puzzle score` and `puzzle search`; every command then builds children with the coupled entries
+    the search chose (`realize.realize_child`).
 
     Returns:
         The score table the search should use.
     """
     from .io import save_table
-    from .pipeline import SCORE_COLUMNS, cost_meta, front_request, load_score_table, main_budget_request, stage_cost
-    from .scoring.quality import ResultLog, parent_cache
+    from .pipeline import front_request, load_score_table, main_budget_request
     from .search import parent_totals
 
     cfg = run.config.bld
@@ -270,19 +268,53 @@ def stage_coupled(run) -> pd.DataFrame:
                            vllm_compatible=run.config.search.vllm_compatible, exclude=run.config.search.exclude)
     result = build_coupled_library(run.parent.model, run.tokens.calib, blocks, cfg, run.library, progress=run.progress)
     run.timed("bld_coupled_s", time.perf_counter() - t0)
+    combined = add_block_rows(run, decoupled, meta)
+    run.say(f"coupled BLD: {sum(map(len, blocks.values()))} blocks over {len(blocks)} layers ({result['trained']} "
+            f"trained now); score table extended with the {(combined['subblock'] == 'block').sum()} blocks of the "
+            f"library")
+    return combined
+
+
+def library_blocks(library: Library, stage: str = "bld") -> dict[int, list[BlockConfig]]:
+    """{layer: [BlockConfig, ...]} of every coupled entry of the library (by its info file), sorted by id."""
+    found: dict[int, list[BlockConfig]] = {}
+    for info in sorted((library.root / "entries").glob(f"L*/*+*.{stage}.json")):
+        try:
+            layer, block = int(info.parent.name[1:]), BlockConfig.from_id(info.name[:-len(f".{stage}.json")])
+        except ValueError:  # not an entry of this library's naming (ArchitectureError too): not a block
+            continue
+        found.setdefault(layer, []).append(block)
+    return {i: sorted(bs, key=lambda b: b.id) for i, bs in sorted(found.items())}
+
+
+def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Write DIR/score/score_table.csv as `decoupled` plus one block row for every coupled entry of the run's
+    library (`library_blocks`: realize takes such an entry wherever its block is chosen, so the search must score
+    it as the block, not as its two subblocks), scored replace-1-block (resumed from DIR/score/quality_blocks.jsonl)
+    and costed as its two subblocks' rows of `decoupled`. Returns the table written.
+
+    Raises:
+        PuzzleError: a coupled entry that is corrupt (`block_module`)."""
+    from .io import save_table
+    from .pipeline import SCORE_COLUMNS, cost_meta
+    from .scoring.quality import ResultLog, parent_cache
+
     t0 = time.perf_counter()
-    sc = run.config.score
-    ids = run.tokens.score
-    ids = ids[:max(1, min(ids.shape[0], sc.tokens // ids.shape[1]))]
-    cache = parent_cache(run.parent.model, ids, chunk=sc.chunk, stride=sc.position_stride)
-    quality = score_blocks(run.parent.model, run.library, cache, blocks, chunk=sc.chunk,
-                           log=ResultLog(run.out / "score" / "quality_blocks.jsonl"), progress=run.progress)
-    costs, _ = stage_cost(run)
-    rows = block_rows(quality, costs) if len(quality) else pd.DataFrame(columns=SCORE_COLUMNS)
-    combined = pd.concat([decoupled, rows[SCORE_COLUMNS]], ignore_index=True)[SCORE_COLUMNS]
+    blocks = library_blocks(run.library)
+    rows = pd.DataFrame(columns=SCORE_COLUMNS)
+    if blocks:
+        sc = run.config.score
+        ids = run.tokens.score
+        ids = ids[:max(1, min(ids.shape[0], sc.tokens // ids.shape[1]))]
+        cache = parent_cache(run.parent.model, ids, chunk=sc.chunk, stride=sc.position_stride)
+        quality = score_blocks(run.parent.model, run.library, cache, blocks, chunk=sc.chunk,
+                               log=ResultLog(run.out / "score" / "quality_blocks.jsonl"), progress=run.progress)
+        # the costs of the table the blocks join, one row per variant (breaker: a missing cost.csv was timed again
+        # here, and the block rows got the new timings beside the decoupled rows' old ones)
+        costs = decoupled[decoupled["layer"] >= 0].drop_duplicates("variant")
+        rows = block_rows(quality, costs)[SCORE_COLUMNS]
+    combined = pd.concat([decoupled, rows], ignore_index=True)[SCORE_COLUMNS] if len(rows) else decoupled
     save_table(combined, run.out / "score" / "score_table.csv", {**cost_meta(run), **{k: v for k, v in meta.items()
-               if k not in ("columns", "rows")}, "coupled_blocks": len(rows)})
+               if k not in ("columns", "rows", "coupled_blocks")}, "coupled_blocks": len(rows)})
     run.timed("score_blocks_s", time.perf_counter() - t0)
-    run.say(f"coupled BLD: {len(rows)} blocks over {len(blocks)} layers ({result['trained']} trained now); "
-            f"score table extended")
     return combined

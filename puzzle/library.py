@@ -38,7 +38,8 @@ STAGES = ("init", "bld")
 KINDS = ("attention", "ffn", "block")
 INDEX_COLUMNS = ["layer", "subblock", "variant", "stage", "init", "tokens", "init_nmse", "final_nmse", "status",
                  "lr", "params", "train_s", "file", "sha256"]
-# BLD settings that change where and how fast a library is built, never its entries: a rerun may change them
+# BLD settings that change where and how fast a library is built, never its decoupled entries: a rerun may change
+# them (a coupled block trained on another coupled_tokens is trained again: bld.run_jobs)
 RESOURCE_SETTINGS = ("checkpoint_s", "layers_per_group", "coupled_top_k", "coupled_tokens")
 # Meta keys that say which entries were asked for, not how an entry is made: an entry depends only on
 # the parent, the calibration tokens, the BLD settings and its own variant, so a rerun may widen or
@@ -165,6 +166,20 @@ class Library:
             warnings.warn(f"library entry {weights} is missing or does not match its checksum; it will be redone")
             return False
         return True
+
+    def recorded(self, layer: int, variant: str, stage: str) -> dict:
+        """The entry's info as its file holds it, weights unchecked ({} when missing or unreadable)."""
+        try:
+            info = json.loads(self.info_path(layer, variant, stage).read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def recorded_sha256(self, layer: int, variant: str, stage: str) -> str | None:
+        """The sha256 the entry's info records for its weights, unchecked (None when its info cannot be read):
+        what a score of the entry is keyed by."""
+        sha = self.recorded(layer, variant, stage).get("sha256")
+        return sha if isinstance(sha, str) else None
 
     def info(self, layer: int, variant: str, stage: str) -> dict:
         """The entry's info (tokens, normalized MSEs, status, loss curve, ...).

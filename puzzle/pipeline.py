@@ -556,12 +556,7 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
 def _entry_sha(run: Run, layer: int, variant, stage: str) -> str | None:
     """The sha256 a library entry's info records for its weights (None for no_op, which has none, or an entry whose
     info cannot be read: scoring then loads it and says what is wrong)."""
-    if variant.kind == "no_op":
-        return None
-    try:
-        return json.loads(run.library.info_path(layer, variant.id, stage).read_text()).get("sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return None if variant.kind == "no_op" else run.library.recorded_sha256(layer, variant.id, stage)
 
 
 def _candidate_module(run: Run, layer: int, subblock: str, variant, stage: str):
@@ -818,6 +813,8 @@ def check_library_entries(run: Run, stages) -> None:
 def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
     """Quality and cost → the score tables (trained entries, and init-only entries when configured); `retime`: the
     cost table is timed again (`stage_cost`)."""
+    from .coupled import add_block_rows, library_blocks
+
     stages = ("bld", "init") if run.config.score.score_init else ("bld",)
     if (run.out / "library" / "meta.json").is_file() or any((run.out / "library" / "entries").glob("L*/*")):
         run.library.check_meta(library_meta(run))  # a library of another parent, text or settings (or none): as bld
@@ -845,6 +842,11 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
                      for stage, (new, old) in counts.items()) if any(old for _, old in counts.values()) else ""
     run.say(f"score: {len(tables['bld']) - 1} rows per table{f' ({kept})' if kept else ''}; tables in "
             f"{run.out / 'score'}")
+    if library_blocks(run.library):  # breaker: the coupled block rows were dropped, and realize still built them
+        table, meta = load_score_table(run, "bld")
+        tables["bld"] = add_block_rows(run, table, meta)
+        run.say(f"score: the bld table keeps a block row for each of the library's "
+                f"{(tables['bld']['subblock'] == 'block').sum()} coupled entries (`puzzle.coupled.stage_coupled`)")
     if used != asked:  # breaker: 100000 asked and recorded, 512 used, unsaid
         split = run.tokens.score
         fix = (f"raise data.score_tokens to {asked} for more (more text if the sources run short)"
@@ -2366,7 +2368,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def run_all(run: Run) -> pd.DataFrame:
-    """The main job: data → BLD → scoring → search → realize, evaluate, measure → export → front → report.
+    """The main job: data → BLD → scoring (→ coupled BLD when bld.coupled_top_k > 0) → search → realize, evaluate,
+    measure → export → front → report.
 
     A rerun of a finished run (front.json current, `front_is_current`; summary.csv agreeing, `measured_summary`)
     times and evaluates nothing again: it rewrites only exports that are missing or out of date and a report
@@ -2378,6 +2381,10 @@ def run_all(run: Run) -> pd.DataFrame:
     stage_data(run)
     stage_bld(run)
     stage_score(run)
+    if run.config.bld.coupled_top_k:  # Puzzle's hybrid flow: blocks of the best decoupled children trained coupled
+        from .coupled import stage_coupled
+
+        stage_coupled(run)
     records = stage_search(run)
     main = read_json(run.out / "search" / "chosen.json")["main"]
     stale = front_is_current(run)

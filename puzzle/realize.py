@@ -1,8 +1,10 @@
 """Assemble a child from the parent, the block library and a per-layer architecture.
 
 A subblock equal to the parent layer's keeps the parent's weights; a no_op subblock has none; any
-other variant loads its library entry ("bld": trained; "init": initialised only). The embedding,
-final norm and LM head are the parent's. The result is our own `PuzzleForCausalLM`, built from the
+other variant loads its library entry ("bld": trained; "init": initialised only). A layer whose whole
+block has a coupled entry (`coupled.stage_coupled`: the block trained as one unit, and scored as the
+score table's block row that the search chose in place of its two subblocks' rows) takes that entry
+instead. The embedding, final norm and LM head are the parent's. The result is our own `PuzzleForCausalLM`, built from the
 block configs (no patched HF class).
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .architecture import BlockConfig
+from .errors import PuzzleError
 from .library import Library
 from .modeling import PuzzleForCausalLM
 
@@ -22,6 +25,28 @@ FFN_PREFIXES = ("post_attention_layernorm.", "mlp.")
 
 def _subset(state: dict, prefixes) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def _has_coupled_entry(library: Library | None, layer: int, block: BlockConfig, stage: str) -> bool:
+    """Whether the library holds a coupled entry of the whole `block` at `layer` (its info, unchecked: a damaged
+    entry is refused by `_coupled_entry`, not built from its subblocks without a word)."""
+    if library is None or (block.attention.kind == "no_op" and block.ffn.kind == "no_op"):
+        return False
+    return bool(library.recorded(layer, block.id, stage))
+
+
+def _coupled_entry(library: Library, layer: int, block: BlockConfig, stage: str) -> dict:
+    """The coupled entry's weights (the whole layer's state dict).
+
+    Raises:
+        PuzzleError: the entry's weights are missing or do not match its checksum."""
+    try:
+        return library.load(layer, block.id, stage)
+    except PuzzleError:
+        raise PuzzleError(f"the coupled library entry of layer {layer} {block.id} ({stage}) is missing or corrupt: "
+                          f"run `puzzle run` (bld.coupled_top_k > 0) or `puzzle.coupled.stage_coupled(run)` again, "
+                          f"which trains it again, or delete its files (L{layer:03d}/{block.id}.{stage}.*) to build "
+                          f"the layer from its decoupled entries") from None
 
 
 @torch.no_grad()
@@ -46,7 +71,7 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
         without gradients).
 
     Raises:
-        PuzzleError: a needed library entry is missing or corrupt.
+        PuzzleError: a needed library entry is missing or corrupt (a coupled one too).
         ValueError: a non-parent, non-no_op variant and no library.
     """
     config = parent.config.with_blocks(blocks)
@@ -54,6 +79,16 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
     entries = {} if entries is None else entries
     state = {k: v for k, v in parent.state_dict().items() if not k.startswith("model.layers.")}
     for i, (block, parent_block) in enumerate(zip(config.blocks, parent.config.blocks)):
+        if block != parent_block and _has_coupled_entry(library, i, block, stage):
+            # breaker: `puzzle realize` built the decoupled pair where the search had chosen the coupled block row
+            key = (i, block.id, stage)
+            sub = entries.get(key) if share else None
+            if sub is None:
+                sub = _coupled_entry(library, i, block, stage)
+                if share:
+                    entries[key] = sub = {k: v.to(device=like.device, dtype=like.dtype) for k, v in sub.items()}
+            state.update({f"model.layers.{i}.{k}": v for k, v in sub.items()})
+            continue
         parent_layer = parent.model.layers[i].state_dict()
         parts = [(block.attention, parent_block.attention, ATTN_PREFIXES),
                  (block.ffn, parent_block.ffn, FFN_PREFIXES)]

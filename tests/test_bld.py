@@ -1,6 +1,7 @@
 """Inits, blockwise local distillation and the library on disk, on the tiny parent."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -201,7 +202,9 @@ BLD_LR = f"bld.lr must be {LEARNING_RATE_RANGE}"
     # reviewer: a seed of another kind crashed in torch.manual_seed after the data stage
     ("seed", "3", "bld.seed (--seed) must be a whole number from -2**63, got '3'"),
     ("seed", 1.5, "bld.seed (--seed) must be a whole number from -2**63, got 1.5"),
-    ("seed", 2 ** 64, "bld.seed (--seed) must be below 2**63")])
+    ("seed", 2 ** 64, "bld.seed (--seed) must be below 2**63"),
+    ("coupled_top_k", 10 ** 6, "bld.coupled_top_k must be at most 64"),  # breaker: minutes of solving, unsaid
+    ("coupled_top_k", 1.5, "bld.coupled_top_k must be a whole number >= 0, got 1.5")])
 def test_each_bad_bld_setting_in_a_config_file_is_named_with_its_value(setting, value, words):
     """A preset or config.json's [bld] value out of range names its setting and value (was a TypeError's text for a
     string, one message for three settings, and NaN or a fraction of 2 went through)."""
@@ -304,6 +307,12 @@ def test_coupled_blocks_train_from_their_decoupled_entries(parent, calib, tmp_pa
     assert info["final_nmse"] < info["init_nmse"]
     assert not lib.info_path(1, "attn-kv1+ffn-64", "init").exists()  # blocks have no init-only entry
     assert build_coupled_library(parent, calib, blocks, cfg, lib)["trained"] == 0  # resumes
+    fewer = BLDConfig(tokens=256, batch_size=2, lr=1e-3, coupled_tokens=128)  # breaker: kept without a word
+    with pytest.warns(UserWarning, match="2 coupled block entries were trained on another number of tokens"):
+        assert build_coupled_library(parent, calib, blocks, fewer, lib)["trained"] == 2
+    assert lib.info(1, "attn-kv1+ffn-64", "bld")["planned_tokens"] < info["planned_tokens"]
+    assert build_coupled_library(parent, calib, blocks, fewer, lib)["trained"] == 0  # resumes with the new count
+    assert build_coupled_library(parent, calib, blocks, cfg, lib)["trained"] == 2  # and back
     # scoring: the parent's own layer as a "block" changes nothing
     cache = parent_cache(parent, calib[:2, :16], chunk=2)
     same = replace_block_score(parent, cache, 1, parent.model.layers[1], chunk=2)
@@ -503,6 +512,43 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
         max_runtime_ms=0.8 * float(table[table["is_parent"]]["runtime_ms"].sum())))[0]
     child = realize_child_coupled(run.parent.model, run.library, list(sol.blocks))
     assert child(torch.randint(3, 200, (1, 8))).shape[-1] == run.parent.config.vocab_size
+    # every command's builder takes the coupled entry the search chose (breaker: `puzzle realize` built the decoupled
+    # pair where the search had predicted the block row), shared across children as one_session holds them
+    from puzzle.architecture import BlockConfig
+    from puzzle.pipeline import build_child
+    from puzzle.realize import realize_child
+
+    row = blocks.iloc[0]
+    arch = list(run.parent.config.blocks)
+    arch[int(row.layer)] = BlockConfig.from_id(row.variant)
+    entry = run.library.load(int(row.layer), row.variant, "bld")
+    built = build_child(run, {"choice": [b.id for b in arch]})
+    shared = realize_child(run.parent.model, run.library, arch, share=True, entries={})
+    for model in (built, shared):
+        layer = model.model.layers[int(row.layer)].state_dict()
+        assert set(layer) == set(entry) and all(torch.equal(layer[k], entry[k]) for k in entry)
+    cols = ["layer", "variant", "runtime_ms", "memory_mib", "params"]
+    log = tmp_path / "score" / "quality_blocks.jsonl"  # a score of an entry trained since is scored again (breaker:
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # the old score was kept)
+    assert all(r["entry_sha256"] == run.library.recorded_sha256(r["layer"], r["variant"], "bld") for r in lines)
+    log.write_text("".join(json.dumps({**r, "kl_nats": 123.0, "entry_sha256": "0" * 64}) + "\n" for r in lines[:1]) +
+                   "".join(json.dumps(r) + "\n" for r in lines[1:]))
+    for cost in (tmp_path / "score").glob("cost.csv*"):  # the blocks take the table's costs (breaker: a missing
+        cost.unlink()  # cost table was timed again, and the block rows got other timings than the decoupled rows)
+    again = stage_coupled(run)
+    assert 123.0 not in set(again["kl_nats"]) and len(again) == len(table)
+    assert not (tmp_path / "score" / "cost.csv").exists() and again[cols].equals(table[cols])
+    said = []  # `puzzle score` keeps a block row for every coupled entry (breaker: it dropped them, unsaid)
+    run.log = said.append
+    stage_score(run)
+    keys = ["layer", "subblock", "variant", "kl_nats"]  # (the costs were timed again: cost.csv was deleted above)
+    assert load_score_table(run, "bld")[0][keys].equals(again[keys]) and any(
+        f"keeps a block row for each of the library's {len(blocks)} coupled entries" in m for m in said)
+    weights = run.library.weights_path(int(row.layer), row.variant, "bld")
+    weights.write_bytes(weights.read_bytes()[:-8])  # damaged: refused, not built from its subblocks without a word
+    with pytest.raises(PuzzleError, match=rf"coupled library entry of layer {int(row.layer)} {re.escape(row.variant)} "
+                                          r"\(bld\) is missing or corrupt: run `puzzle run` .*stage_coupled\(run\)` again"):
+        build_child(run, {"choice": [b.id for b in arch]})
 
 
 def test_sharding_balances_the_work_and_covers_every_job_once(parent):

@@ -433,22 +433,47 @@ def test_repeated_list_flags_add_up_instead_of_keeping_the_last():
     assert p.parse_args(["merge", "a", "b", "--weights", "1", "--weights", "2", "--dest", "d"]).weights == [1.0, 2.0]
 
 
-def test_a_configuration_asking_for_coupled_bld_is_refused_by_the_commands(tmp_path, capsys):
-    """Reviewer: bld.coupled_top_k in a preset or config.json was ignored without a word (the commands run decoupled
-    BLD only; coupled BLD is the library step puzzle.coupled.stage_coupled)."""
+def test_a_configuration_asking_for_coupled_bld_runs_it_in_puzzle_run(tmp_path, capsys):
+    """Reviewer: bld.coupled_top_k in a preset or config.json was ignored without a word. `puzzle bld` says that the
+    coupled blocks follow scoring; `puzzle run` trains and scores them (Puzzle's hybrid flow), the search chooses
+    among block rows, and the children are built with the coupled entries they chose (breaker: `puzzle realize`
+    built the decoupled pair where the search had predicted the block)."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
     from puzzle.cli import main
+    from puzzle.library import Library
 
     out = _tiny_run(tmp_path / "run")
     config = json.loads((out / "config.json").read_text())
     config["bld"]["coupled_top_k"] = 2
     (out / "config.json").write_text(json.dumps(config))
-    before = _files(out)
-    assert main(["bld", "--out", str(out), "--no-progress"]) == 2
+    assert main(["bld", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "bld.coupled_top_k = 2" in err and "stage_coupled" in err and "Traceback" not in err
-    assert _files(out) == before
-    assert main(["export", "--out", str(out), "--name", "nosuch", "--no-progress"]) == 2  # other commands: not that
-    assert "coupled" not in capsys.readouterr().err
+    assert "bld.coupled_top_k = 2: this command trains the decoupled library" in err and "puzzle run --out" in err
+    assert not list((out / "library" / "entries").glob("L*/*+*"))
+    assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"coupled BLD: \d+ blocks over \d+ layers \(\d+ trained now\)", err), err[-3000:]
+    table = pd.read_csv(out / "score" / "score_table.csv")
+    blocks = table[table["subblock"] == "block"]
+    assert len(blocks) > 0 and json.loads((out / "score" / "score_table.csv.json").read_text())["coupled_blocks"] \
+        == len(blocks)
+    chosen = {}
+    for path in (out / "search").glob("child-*.json"):
+        record = json.loads(path.read_text())
+        if record.get("library_stage", "bld") == "bld" and "rows" in record:
+            rows = [table.iloc[r] for layer_rows in record["rows"] for r in layer_rows]
+            chosen.update({(int(r["layer"]), r["variant"]): path.stem for r in rows if r["subblock"] == "block"})
+    assert chosen, "no child chose a coupled block on the tiny preset"
+    (layer, block), name = next(iter(chosen.items()))
+    entry = Library(out / "library").load(layer, block, "bld")
+    exported = load_file(out / "export" / name / "model.safetensors")
+    for key, value in entry.items():  # the export holds the coupled entry's weights in that layer
+        assert torch.equal(exported[f"model.layers.{layer}.{key}"], value), key
+    assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0  # a rerun redoes nothing
+    err = capsys.readouterr().err  # (breaker: the block rows' float params rewrote the tables, and the front was timed)
+    assert "(0 trained now)" in err and "timing the children again" not in err, err[-3000:]
 
 
 def test_a_preset_speedup_may_be_written_as_the_flag_takes_it():
