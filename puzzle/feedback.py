@@ -144,8 +144,10 @@ class Check:
         return f"{self.use:.{digits}f}"
 
     def to_dict(self) -> dict:
-        return {"met": self.met, "use": round(self.use, 4), "column": self.column, "se": round(self.se, 4),
-                "ratios": {c: round(v, 4) for c, v in self.ratios.items()},
+        # use and ratios to 9 decimals, which `use_text` may print (breaker: 1.00349 stored as 1.0035 was said as
+        # "1.003" by the measurement and "1.004" by the front's note)
+        return {"met": self.met, "use": round(self.use, 9), "column": self.column, "se": round(self.se, 4),
+                "ratios": {c: round(v, 9) for c, v in self.ratios.items()},
                 "limits": {c: round(v, 4) for c, v in self.limits.items()}}
 
 
