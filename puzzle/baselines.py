@@ -304,8 +304,7 @@ def cost_model(run, extra_ffn_widths=(), measure: bool = True) -> CostModel:
 
 
 class LibraryChain:
-    """Looks an entry up in several libraries in turn (duck-types `Library` for `realize_child`: has, recorded, load,
-    info)."""
+    """Looks an entry up in several libraries in turn (duck-types `Library.load` for `realize_child`)."""
 
     def __init__(self, *libraries: Library):
         self.libraries = libraries
@@ -318,9 +317,6 @@ class LibraryChain:
             if lib.has(layer, variant, stage):
                 return lib.load(layer, variant, stage)
         return self.libraries[0].load(layer, variant, stage)  # raises the usual PuzzleError
-
-    def recorded(self, layer: int, variant: str, stage: str) -> dict:
-        return next((info for lib in self.libraries if (info := lib.recorded(layer, variant, stage))), {})
 
     def info(self, layer: int, variant: str, stage: str) -> dict:
         for lib in self.libraries:
@@ -357,10 +353,13 @@ def baseline_library(run, blocks_list, progress: bool = False) -> LibraryChain:
 
 
 def realize(run, candidate: Candidate, library=None):
-    """The candidate as a PuzzleForCausalLM (entries from `library`, default the run's)."""
+    """The candidate as a PuzzleForCausalLM (entries from `library`, default the run's; the coupled entries of the
+    block rows it chose, for a child chosen on the score table: `pipeline.coupled_blocks`)."""
+    from .pipeline import coupled_blocks
     from .realize import realize_child
 
-    return realize_child(run.parent.model, library or run.library, candidate.blocks, candidate.stage)
+    return realize_child(run.parent.model, library or run.library, candidate.blocks, candidate.stage,
+                         coupled=coupled_blocks(run, candidate.blocks, candidate.stage, candidate.method))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -969,7 +969,7 @@ def _print_front_table(out: Path, rows=None) -> None:
         for note in budget_miss_notes(out, summary[summary["name"].isin(shown["name"])]):
             if note:
                 _log(f"front: {note}")
-    except (OSError, ValueError, pd.errors.ParserError):
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):  # reviewer: a summary.csv without a name column
         pass
 
 

@@ -153,6 +153,9 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
                  stage: str = "bld", chunk: int = 4, log=None, progress: bool = False) -> pd.DataFrame:
     """Replace-1-block quality of every coupled entry (resumable through `log`, a scoring.quality.ResultLog).
 
+    `cache`: the parent's (scoring.quality.parent_cache), or a function that makes it, called only when some block
+    is scored (a rerun that finds every score in `log` costs no parent pass).
+
     Returns:
         One row per block: layer, subblock="block", variant (block id), is_parent=False and the metrics.
     """
@@ -171,6 +174,7 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
         # a score of this very entry (breaker: a block trained again kept its old score; a row without a checksum
         # predates them, and is kept as decoupled scores are)
         if key not in done or done[key].get("entry_sha256", sha) != sha:
+            cache = cache() if callable(cache) else cache
             module = block_module(parent.config, library, i, b, stage).to(dtype)
             done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id, "entry_sha256": sha,
                          **replace_block_score(parent, cache, i, module, chunk)}
@@ -215,15 +219,19 @@ def block_rows(quality: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
 
 def realize_child_coupled(parent: PuzzleForCausalLM, library: Library | None, blocks: Sequence[BlockConfig],
                           stage: str = "bld") -> PuzzleForCausalLM:
-    """The child as `realize.realize_child` builds it, which every command uses: a layer whose block has a coupled
-    `stage` entry takes that entry (kept under this name for code written before realize_child did so).
+    """`realize.realize_child` with every layer whose block has a coupled `stage` entry taking that entry (the
+    commands take those of the block rows a search chose: `pipeline.coupled_blocks`).
+
+    Identical to realize_child when the library holds no block entries.
 
     Raises:
-        PuzzleError: as realize_child (a damaged coupled entry too).
+        PuzzleError: as realize_child.
     """
     from .realize import realize_child
 
-    return realize_child(parent, library, blocks, stage)
+    coupled = [] if library is None else [(i, b.id) for i, b in enumerate(blocks)
+                                          if trainable_block(b) and library.has(i, b.id, stage)]
+    return realize_child(parent, library, blocks, stage, coupled=coupled)
 
 
 def coupled_layers(library: Library, blocks: Sequence[BlockConfig], stage: str = "bld") -> list[int]:
@@ -266,6 +274,11 @@ def stage_coupled(run) -> pd.DataFrame:
     budgets = [r.resolve(totals, meta) for r in requests]
     blocks = narrow_blocks(decoupled, budgets, cfg.coupled_top_k, run.config.search.objective,
                            vllm_compatible=run.config.search.vllm_compatible, exclude=run.config.search.exclude)
+    # and the library's blocks of earlier narrowings that the table can hold, so that one trained on another
+    # bld.coupled_tokens is trained again (breaker: they stayed beside the new ones, of another token budget)
+    for i, earlier in library_blocks(run.library, table=decoupled).items():
+        blocks[i] = sorted({*blocks.get(i, ()), *earlier}, key=lambda b: b.id)
+    blocks = dict(sorted(blocks.items()))
     result = build_coupled_library(run.parent.model, run.tokens.calib, blocks, cfg, run.library, progress=run.progress)
     run.timed("bld_coupled_s", time.perf_counter() - t0)
     combined = add_block_rows(run, decoupled, meta)
@@ -275,40 +288,46 @@ def stage_coupled(run) -> pd.DataFrame:
     return combined
 
 
-def library_blocks(library: Library, stage: str = "bld") -> dict[int, list[BlockConfig]]:
-    """{layer: [BlockConfig, ...]} of every coupled entry of the library (by its info file), sorted by id."""
+def library_blocks(library: Library, stage: str = "bld", table: pd.DataFrame | None = None
+                   ) -> dict[int, list[BlockConfig]]:
+    """{layer: [BlockConfig, ...]} of every coupled entry of the library (by its info file), sorted by id; with
+    `table` (a decoupled score table), only the blocks whose two subblocks it holds at their layer (reviewer: a
+    block of a width since left out of the space would put it back into the search)."""
+    have = None if table is None else set(zip(table["layer"].astype(int), table["variant"].astype(str)))
     found: dict[int, list[BlockConfig]] = {}
     for info in sorted((library.root / "entries").glob(f"L*/*+*.{stage}.json")):
         try:
             layer, block = int(info.parent.name[1:]), BlockConfig.from_id(info.name[:-len(f".{stage}.json")])
         except ValueError:  # not an entry of this library's naming (ArchitectureError too): not a block
             continue
-        found.setdefault(layer, []).append(block)
+        if have is None or {(layer, block.attention.id), (layer, block.ffn.id)} <= have:
+            found.setdefault(layer, []).append(block)
     return {i: sorted(bs, key=lambda b: b.id) for i, bs in sorted(found.items())}
 
 
 def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
     """Write DIR/score/score_table.csv as `decoupled` plus one block row for every coupled entry of the run's
-    library (`library_blocks`: realize takes such an entry wherever its block is chosen, so the search must score
-    it as the block, not as its two subblocks), scored replace-1-block (resumed from DIR/score/quality_blocks.jsonl)
-    and costed as its two subblocks' rows of `decoupled`. Returns the table written.
+    library (`library_blocks`) whose two subblocks `decoupled` holds at its layer, scored replace-1-block (resumed
+    from DIR/score/quality_blocks.jsonl) and costed as those two rows. The search then weighs the block in place of
+    its two subblocks (`mip.build_choices`), and the chosen ones are built from their entries
+    (`pipeline.coupled_blocks`). Returns the table written.
 
     Raises:
         PuzzleError: a coupled entry that is corrupt (`block_module`)."""
     from .io import save_table
-    from .pipeline import SCORE_COLUMNS, cost_meta
+    from .pipeline import SCORE_COLUMNS, cost_meta, scoring_ids
     from .scoring.quality import ResultLog, parent_cache
 
     t0 = time.perf_counter()
-    blocks = library_blocks(run.library)
+    blocks = library_blocks(run.library, table=decoupled)  # reviewer: a block of a width left out failed at its cost
     rows = pd.DataFrame(columns=SCORE_COLUMNS)
     if blocks:
         sc = run.config.score
-        ids = run.tokens.score
-        ids = ids[:max(1, min(ids.shape[0], sc.tokens // ids.shape[1]))]
-        cache = parent_cache(run.parent.model, ids, chunk=sc.chunk, stride=sc.position_stride)
-        quality = score_blocks(run.parent.model, run.library, cache, blocks, chunk=sc.chunk,
-                               log=ResultLog(run.out / "score" / "quality_blocks.jsonl"), progress=run.progress)
+        ids = scoring_ids(run)
+        quality = score_blocks(run.parent.model, run.library,
+                               lambda: parent_cache(run.parent.model, ids, chunk=sc.chunk, stride=sc.position_stride),
+                               blocks, chunk=sc.chunk, log=ResultLog(run.out / "score" / "quality_blocks.jsonl"),
+                               progress=run.progress)
         # the costs of the table the blocks join, one row per variant (breaker: a missing cost.csv was timed again
         # here, and the block rows got the new timings beside the decoupled rows' old ones)
         costs = decoupled[decoupled["layer"] >= 0].drop_duplicates("variant")

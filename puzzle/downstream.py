@@ -95,7 +95,8 @@ def front_model_specs(run) -> list[dict]:
         else:
             raise PuzzleError(f"front row {row.name!r} has no architecture and {record} is missing: "
                               f"rerun `puzzle front` (or `puzzle baselines`) on {run.out}")
-        spec = {"name": row.name, "blocks": blocks, "stage": stage, "architecture": compact_architecture(blocks)}
+        spec = {"name": row.name, "blocks": blocks, "stage": stage, "architecture": compact_architecture(blocks),
+                "method": row.method}
         if row.method == "ffn_fusion":  # `puzzle fuse`'s child: built from its export, not from the library
             from .fusion import front_row_export
 
@@ -122,8 +123,15 @@ def entries_sha(run, library, spec: dict) -> str | None:
             return None
         return hashlib.sha256(json.dumps(_export_files(spec["export"]), sort_keys=True).encode()).hexdigest()[:16]
     parts = []
-    for layer, (block, parent_block) in enumerate(zip((BlockConfig.from_id(b) for b in spec["blocks"]),
-                                                      run.parent.config.blocks)):
+    blocks = [BlockConfig.from_id(b) for b in spec["blocks"]]
+    coupled = _coupled_of(run, blocks, spec)
+    for layer, (block, parent_block) in enumerate(zip(blocks, run.parent.config.blocks)):
+        if (layer, block.id) in coupled:  # the layer is its coupled entry (`build_front_model`)
+            try:
+                parts.append(str(library.info(layer, block.id, spec["stage"]).get("sha256")))
+            except (PuzzleError, AttributeError, OSError, ValueError):
+                return None
+            continue
         for variant, own in ((block.attention, parent_block.attention), (block.ffn, parent_block.ffn)):
             if variant.kind == "no_op" or variant == own:
                 parts.append(variant.id)
@@ -160,7 +168,15 @@ def build_front_model(run, spec: dict, library=None):
 
         return load_fused_export(run, spec["export"])
     library = front_library(run) if library is None else library
-    return realize_child(run.parent.model, library, [BlockConfig.from_id(b) for b in spec["blocks"]], spec["stage"])
+    blocks = [BlockConfig.from_id(b) for b in spec["blocks"]]
+    return realize_child(run.parent.model, library, blocks, spec["stage"], coupled=_coupled_of(run, blocks, spec))
+
+
+def _coupled_of(run, blocks, spec: dict) -> frozenset:
+    """The layers of a front model built from coupled entries (`pipeline.coupled_blocks`, by the row's method)."""
+    from .pipeline import coupled_blocks
+
+    return coupled_blocks(run, blocks, spec["stage"], spec.get("method", "mip"))
 
 
 def _summarize(table: pd.DataFrame, tasks) -> dict:

@@ -641,7 +641,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     saved = None if retime else _saved_record(done_path, inputs)
     if saved is not None and export and saved["kept"] and not _own_export(dest, saved):
         # only the export is missing or another's (fresh user: it was evaluated and timed again): rebuilt and written
-        if _export_again(run, saved, blocks, stage, dest, provenance):
+        if _export_again(run, saved, blocks, stage, dest, provenance, record.get("method", "mip")):
             saved = {**saved, "export": str(dest), "export_files": _export_files(dest)}
             _write_record(done_path, saved)
             _write_table(done_path, saved)
@@ -661,7 +661,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
         return {**shown, **({"earlier_export": note} if note else {})}
 
     t0 = time.perf_counter()
-    child = realize_blocks(run, blocks, stage)  # on the parent's device and dtype, as refine scores; timed on target
+    # on the parent's device and dtype, as refine scores (timed on target); the child as the front builds it
+    child = realize_blocks(run, blocks, stage, record.get("method", "mip"))
     rows, base_kl = {}, None
     kept_rows = _read(rows_path)
     base = kept_rows.get("base_score_kl_nats") if isinstance(kept_rows, dict) else None
@@ -901,13 +902,13 @@ def _export_fused(run, plain, dest: Path, provenance: dict, rec: dict) -> None:
     run.say_export_warnings(provenance["name"], result.warnings)
 
 
-def _export_again(run, rec: dict, blocks, stage: str, dest: Path, provenance: dict) -> bool:
+def _export_again(run, rec: dict, blocks, stage: str, dest: Path, provenance: dict, method: str = "mip") -> bool:
     """Rebuild the fused child of the finished record `rec` (its kept runs, the distilled ones distilled again on the
     same calibration text) and export it, when its scoring-split KL is the record's (to 1e-5 relative); False (and
     nothing written) otherwise, so that the caller fuses again in full."""
     from .refine import realize_blocks, selection_kl
 
-    child = realize_blocks(run, blocks, stage)
+    child = realize_blocks(run, blocks, stage, method)
     kept = [tuple(r) for r in rec["kept"]]
     by_layers = {r["layers"]: r for r in rec["runs"]}
     distilled = [list(range(*r)) for r in kept if by_layers.get(_run_text(r), {}).get("distilled")]

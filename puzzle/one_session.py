@@ -88,7 +88,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     from .architecture import BlockConfig
     from .baselines import Candidate, LibraryChain, row_inputs
     from .library import Library
-    from .pipeline import _sha256, parse_compact_architecture
+    from .pipeline import _sha256, coupled_blocks, parse_compact_architecture
     from .plots import front_rows
     from .realize import realize_child
     from .scoring.cost import measure_models, on_workload
@@ -174,7 +174,8 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     entries: dict = {}
     for name, c in cands.items():
         try:
-            models[name] = realize_child(models["parent"], library, c.blocks, c.stage, share=True, entries=entries)
+            models[name] = realize_child(models["parent"], library, c.blocks, c.stage, share=True, entries=entries,
+                                         coupled=coupled_blocks(run, c.blocks, c.stage, c.method))
         except PuzzleError as e:  # a library entry missing or damaged: its own message says `puzzle bld` rebuilds it
             raise PuzzleError(f"{name} cannot be built again for the one session: {e}") from None
         except ValueError as e:

@@ -842,11 +842,15 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
                      for stage, (new, old) in counts.items()) if any(old for _, old in counts.values()) else ""
     run.say(f"score: {len(tables['bld']) - 1} rows per table{f' ({kept})' if kept else ''}; tables in "
             f"{run.out / 'score'}")
-    if library_blocks(run.library):  # breaker: the coupled block rows were dropped, and realize still built them
-        table, meta = load_score_table(run, "bld")
-        tables["bld"] = add_block_rows(run, table, meta)
-        run.say(f"score: the bld table keeps a block row for each of the library's "
-                f"{(tables['bld']['subblock'] == 'block').sum()} coupled entries (`puzzle.coupled.stage_coupled`)")
+    if coupled := sum(map(len, library_blocks(run.library).values())):
+        if run.config.bld.coupled_top_k:  # breaker: the coupled block rows were dropped without a word
+            table, meta = load_score_table(run, "bld")
+            tables["bld"] = add_block_rows(run, table, meta)
+            run.say(f"score: the bld table keeps a block row for each of the library's "
+                    f"{(tables['bld']['subblock'] == 'block').sum()} coupled entries (coupled BLD)")
+        else:  # breaker: 0 did not switch coupled BLD off for a library that had it
+            run.say(f"score: the library's {coupled} coupled entries are left out of the table (bld.coupled_top_k = "
+                    f"0): the children are built from subblocks")
     if used != asked:  # breaker: 100000 asked and recorded, 512 used, unsaid
         split = run.tokens.score
         fix = (f"raise data.score_tokens to {asked} for more (more text if the sources run short)"
@@ -1492,10 +1496,35 @@ def read_architecture_at(out: Path, name: str) -> dict:
 
 
 def build_child(run: Run, record: dict, stage: str | None = None):
+    """The child of a search record (`read_architecture`) as a PuzzleForCausalLM, at `stage` (default the record's
+    library stage), with the coupled entries of the block rows it chose (`coupled_blocks`)."""
     from .realize import realize_child
 
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
-    return realize_child(run.parent.model, run.library, blocks, stage or record.get("library_stage", "bld"))
+    stage = stage or record.get("library_stage", "bld")
+    return realize_child(run.parent.model, run.library, blocks, stage,
+                         coupled=coupled_blocks(run, blocks, stage, record.get("method", "mip")))
+
+
+#: the methods whose children are chosen on the run's score table, block rows included: their layers take the
+#: coupled entries of the blocks they chose (`coupled_blocks`); the other baselines, refine's in-context choices
+#: (a decoupled table) and kl_gap's breakdown are built from subblocks
+TABLE_CHOSEN_METHODS = ("mip", "mip-diverse", "greedy")
+
+
+def coupled_blocks(run: Run, blocks, stage: str, method: str = "mip") -> frozenset[tuple[int, str]]:
+    """(layer, block id) of `blocks` that the run's bld score table holds as a block row (`coupled.add_block_rows`)
+    for a child of a TABLE_CHOSEN_METHODS method at the "bld" stage: the layers `realize_child` builds from their
+    coupled entries, as the search weighed them. Empty otherwise, or when the table cannot be read."""
+    if stage != "bld" or method not in TABLE_CHOSEN_METHODS:
+        return frozenset()
+    try:
+        table = pd.read_csv(score_table_path(run, "bld"), usecols=["layer", "subblock", "variant"])
+    except (OSError, ValueError, pd.errors.ParserError):
+        return frozenset()
+    rows = table[table["subblock"] == "block"]
+    have = set(zip(rows["layer"].astype(int), rows["variant"].astype(str)))
+    return frozenset((i, b.id) for i, b in enumerate(blocks) if (i, b.id) in have)
 
 
 _EVAL_LOGP: dict = {}

@@ -1,16 +1,16 @@
 """Assemble a child from the parent, the block library and a per-layer architecture.
 
 A subblock equal to the parent layer's keeps the parent's weights; a no_op subblock has none; any
-other variant loads its library entry ("bld": trained; "init": initialised only). A layer whose whole
-block has a coupled entry (`coupled.stage_coupled`: the block trained as one unit, and scored as the
-score table's block row that the search chose in place of its two subblocks' rows) takes that entry
-instead. The embedding, final norm and LM head are the parent's. The result is our own `PuzzleForCausalLM`, built from the
+other variant loads its library entry ("bld": trained; "init": initialised only). A layer the caller
+names as coupled takes its whole block's coupled entry instead (`coupled.stage_coupled`: the block
+trained as one unit, scored as the score table's block row that the search chose in place of its two
+subblocks' rows). The embedding, final norm and LM head are the parent's. The result is our own `PuzzleForCausalLM`, built from the
 block configs (no patched HF class).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -25,14 +25,6 @@ FFN_PREFIXES = ("post_attention_layernorm.", "mlp.")
 
 def _subset(state: dict, prefixes) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefixes)}
-
-
-def _has_coupled_entry(library: Library | None, layer: int, block: BlockConfig, stage: str) -> bool:
-    """Whether the library holds a coupled entry of the whole `block` at `layer` (its info, unchecked: a damaged
-    entry is refused by `_coupled_entry`, not built from its subblocks without a word)."""
-    if library is None or (block.attention.kind == "no_op" and block.ffn.kind == "no_op"):
-        return False
-    return bool(library.recorded(layer, block.id, stage))
 
 
 def _coupled_entry(library: Library, layer: int, block: BlockConfig, stage: str) -> dict:
@@ -51,7 +43,8 @@ def _coupled_entry(library: Library, layer: int, block: BlockConfig, stage: str)
 
 @torch.no_grad()
 def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Sequence[BlockConfig],
-                  stage: str = "bld", *, share: bool = False, entries: dict | None = None) -> PuzzleForCausalLM:
+                  stage: str = "bld", *, share: bool = False, entries: dict | None = None,
+                  coupled: Collection[tuple[int, str]] = ()) -> PuzzleForCausalLM:
     """Build the child with `blocks[i]` at layer i.
 
     Args:
@@ -65,6 +58,9 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
             parameters are the parent's. False (the default): every weight is the child's own copy.
         entries: with `share`, a dict the caller keeps across calls: (layer, variant id, stage) -> that entry's
             tensors as loaded, so children that use the same library entry hold it once.
+        coupled: (layer, block id) pairs whose layer takes the block's coupled entry (`coupled.stage_coupled`)
+            instead of its two subblocks' entries: the block rows a search chose (`pipeline.coupled_blocks`). Empty
+            (the default): every layer is built from its subblocks.
 
     Returns:
         A new PuzzleForCausalLM in eval mode, same dtype as the parent (with `share`, on its device too, and
@@ -79,8 +75,10 @@ def realize_child(parent: PuzzleForCausalLM, library: Library | None, blocks: Se
     entries = {} if entries is None else entries
     state = {k: v for k, v in parent.state_dict().items() if not k.startswith("model.layers.")}
     for i, (block, parent_block) in enumerate(zip(config.blocks, parent.config.blocks)):
-        if block != parent_block and _has_coupled_entry(library, i, block, stage):
+        if (i, block.id) in coupled:
             # breaker: `puzzle realize` built the decoupled pair where the search had chosen the coupled block row
+            if library is None:
+                raise ValueError(f"layer {i} needs the coupled library entry {block.id} but no library was given")
             key = (i, block.id, stage)
             sub = entries.get(key) if share else None
             if sub is None:

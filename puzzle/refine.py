@@ -183,10 +183,15 @@ def context_table_weights(run, ids: torch.Tensor, positions: torch.Tensor) -> to
     return weights[:, positions]  # (N, T) -> (N, T')
 
 
-def realize_blocks(run, blocks, stage: str = "bld"):
+def realize_blocks(run, blocks, stage: str = "bld", method: str | None = None):
+    """The child of `blocks` built from the run's library at `stage`; with `method` (a search record's), the coupled
+    entries of the block rows it chose (`pipeline.coupled_blocks`), else from subblocks alone (refine's in-context
+    scores and kl_gap's breakdown are of subblocks)."""
+    from .pipeline import coupled_blocks
     from .realize import realize_child
 
-    return realize_child(run.parent.model, run.library, blocks, stage)
+    coupled = coupled_blocks(run, blocks, stage, method) if method is not None else ()
+    return realize_child(run.parent.model, run.library, blocks, stage, coupled=coupled)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -724,6 +729,11 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                 f"now is {list(run.config.search.exclude) or 'none'}; refining under the record's (`puzzle search --out "
                 f"{run.out}` with that child's budget solves it under the run's)")
     table, _ = load_score_table(run, stage)
+    if (table["subblock"] == "block").any():  # reviewer: refused by `context_table` after minutes of realizing
+        raise PuzzleError(f"refine re-scores subblocks in the child's context, and {run.out / 'score'}'s table holds "
+                          f"coupled block rows (coupled BLD: bld.coupled_top_k > 0), which it cannot re-score; refine "
+                          f"a run without them (set bld.coupled_top_k to 0 in {run.out / 'config.json'} and run "
+                          f"`puzzle score --out {run.out}` again, which leaves them out)")
     if k > 1:  # before any file is touched (breaker: refused later, it had set the finished refinement's inputs aside)
         check_min_layers_differ(min_layers_differ, int(table.loc[table["subblock"] != "non_block", "layer"].nunique()))
     context = int(run.config.score.select_context)

@@ -515,7 +515,7 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
     # every command's builder takes the coupled entry the search chose (breaker: `puzzle realize` built the decoupled
     # pair where the search had predicted the block row), shared across children as one_session holds them
     from puzzle.architecture import BlockConfig
-    from puzzle.pipeline import build_child
+    from puzzle.pipeline import build_child, coupled_blocks
     from puzzle.realize import realize_child
 
     row = blocks.iloc[0]
@@ -523,10 +523,16 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
     arch[int(row.layer)] = BlockConfig.from_id(row.variant)
     entry = run.library.load(int(row.layer), row.variant, "bld")
     built = build_child(run, {"choice": [b.id for b in arch]})
-    shared = realize_child(run.parent.model, run.library, arch, share=True, entries={})
+    coupled = coupled_blocks(run, arch, "bld")
+    assert coupled == {(int(row.layer), row.variant)}
+    shared = realize_child(run.parent.model, run.library, arch, share=True, entries={}, coupled=coupled)
     for model in (built, shared):
         layer = model.model.layers[int(row.layer)].state_dict()
         assert set(layer) == set(entry) and all(torch.equal(layer[k], entry[k]) for k in entry)
+    # a child not chosen on the table (a layer-removal or width baseline, refine's re-scoring) is built from subblocks
+    assert coupled_blocks(run, arch, "bld", "attention_removal") == frozenset() == coupled_blocks(run, arch, "init")
+    plain = realize_child(run.parent.model, run.library, arch).model.layers[int(row.layer)].state_dict()
+    assert not all(torch.equal(plain[k], entry[k]) for k in entry)
     cols = ["layer", "variant", "runtime_ms", "memory_mib", "params"]
     log = tmp_path / "score" / "quality_blocks.jsonl"  # a score of an entry trained since is scored again (breaker:
     lines = [json.loads(line) for line in log.read_text().splitlines()]  # the old score was kept)

@@ -474,6 +474,16 @@ def test_a_configuration_asking_for_coupled_bld_runs_it_in_puzzle_run(tmp_path, 
     assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0  # a rerun redoes nothing
     err = capsys.readouterr().err  # (breaker: the block rows' float params rewrote the tables, and the front was timed)
     assert "(0 trained now)" in err and "timing the children again" not in err, err[-3000:]
+    before = _files(out)  # refine re-scores subblocks: refused before any work (reviewer: after minutes of it)
+    assert main(["refine", "--out", str(out), "--name", name, "--no-progress", "--max-contention", "inf"]) == 2
+    assert "holds coupled block rows (coupled BLD: bld.coupled_top_k > 0), which it cannot re-score" in \
+        capsys.readouterr().err and _files(out) == before
+    config = json.loads((out / "config.json").read_text())  # 0 switches it off for the library it made (breaker)
+    config["bld"]["coupled_top_k"] = 0
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    assert "coupled entries are left out of the table (bld.coupled_top_k = 0)" in capsys.readouterr().err
+    assert "block" not in set(pd.read_csv(out / "score" / "score_table.csv")["subblock"])
 
 
 def test_a_preset_speedup_may_be_written_as_the_flag_takes_it():
