@@ -4,8 +4,8 @@ A subblock equal to the parent layer's keeps the parent's weights; a no_op subbl
 other variant loads its library entry ("bld": trained; "init": initialised only). A layer the caller
 names as coupled takes its whole block's coupled entry instead (`coupled.stage_coupled`: the block
 trained as one unit, scored as the score table's block row that the search chose in place of its two
-subblocks' rows). The embedding, final norm and LM head are the parent's. The result is our own `PuzzleForCausalLM`, built from the
-block configs (no patched HF class).
+subblocks' rows). The embedding, final norm and LM head are the parent's. The result is our own
+`PuzzleForCausalLM`, built from the block configs (no patched HF class).
 """
 
 from __future__ import annotations
