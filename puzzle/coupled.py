@@ -15,7 +15,8 @@ layer are too many. Puzzle's hybrid flow (Bercovich et al. 2024, Sec. 3) narrows
    decoupled rows; `block_rows` adds the costs (attention row + FFN row of the score table);
 5. the search runs again on the table with both kinds: a block row replaces the pair of rows that
    builds the same block (search.py);
-6. `realize.realize_child` (every command's): a layer whose block has a coupled entry takes it.
+6. the children the search chose on that table (`pipeline.coupled_blocks`) take the coupled entry of
+   each block row they chose (`realize.realize_child(coupled=...)`).
 
 `stage_coupled` runs steps 2-5 on a pipeline run directory (see its docstring for the wiring).
 """
@@ -251,8 +252,8 @@ def stage_coupled(run) -> pd.DataFrame:
     the main request and every front speed-up. Block scores resume from
     DIR/score/quality_blocks.jsonl. Does nothing when run.config.bld.coupled_top_k is 0.
 
-    Call it between `puzzle score` and `puzzle search`; every command then builds children with the coupled entries
-    the search chose (`realize.realize_child`).
+    `puzzle run` calls it between scoring and the search when bld.coupled_top_k > 0; the commands then build a
+    searched child's layers from the coupled entries of the block rows it chose (`pipeline.coupled_blocks`).
 
     Returns:
         The score table the search should use.
