@@ -649,6 +649,11 @@ def cmd_run(args) -> int:
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss", "speedup",
             "predicted_speedup"]
     _log("\n" + summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    from .pipeline import budget_miss_notes
+
+    for note in budget_miss_notes(args.out, summary):  # fresh user (stop 69): the main child's 1.45x beside its
+        if note:  # 1.5x budget was explained only mid-log
+            _log(f"run: {note}")
     _log_unreachable_front(run)
     _log(f"\nsummary: {args.out / 'summary.csv'}   front: {args.out / 'front.png'}   report: {args.out / 'report.md'}")
     return 0

@@ -368,6 +368,11 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     assert bld_level_caveat(1.52, 1.549, 16384) != ""  # 1.9 % better: within the tolerance
     assert bld_level_caveat(1.40, 1.549, 16384) == (" The BLD child's KL is 10% below the init-only one's: the "
                                                      "library's training pays at this budget.")  # the verdict alone
+    # fresh user (stop 69): "pays" beside an init-only child 7 % faster, which replaces more of the parent
+    hedged = bld_level_caveat(1.906, 2.012, 16384, init_faster_by=0.073)
+    assert hedged.startswith(" The BLD child's KL is 5% below the init-only one's, but the init-only child is the 7% "
+                             "faster one") and "does not settle whether the library's training pays" in hedged
+    assert bld_level_caveat(1.40, 1.549, 16384, init_faster_by=0.02).endswith("training pays at this budget.")
     assert bld_level_caveat(float("nan"), 1.5, 1) == "" and bld_level_caveat(1.0, 0.0, 1) == ""
     # fresh user (stop 54): a BLD child 7 % worse was reported as only "not 2% better"
     worse = bld_level_caveat(1.827, 1.707, 16384, predicted=(1.219, 1.674))
