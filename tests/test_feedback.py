@@ -384,6 +384,30 @@ def test_the_bld_comparison_says_when_the_bld_child_is_not_better():
     assert "times the init-only one's" in bld_level_caveat(1.0, 1e-12, 16384)
 
 
+def test_puzzle_run_ends_with_the_budget_notes_under_its_table(tmp_path, capsys, monkeypatch):
+    """Fresh user (stop 69): the main child's 1.45x beside its 1.5x budget was explained only in the middle of the
+    log; the run's final table is followed by the budget_met notes."""
+    import puzzle.pipeline
+    from puzzle.cli import main
+
+    def run_all(run):  # the run's stages replaced by their outcome: a summary and the feedback's final checks
+        (run.out / "children").mkdir(parents=True, exist_ok=True)
+        final = {"child-1.5x": {"met": False, "use": 1.034, "column": "runtime_ms", "se": 0.019,
+                                "ratios": {"runtime_ms": 1.034}, "limits": {"runtime_ms": 9.0}}}
+        (run.out / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 2}))
+        return pd.DataFrame({"name": ["parent", "child-1.5x"], "params": [10, 5], "memory_mib": [1.0, 0.5],
+                             "prefill_tok_s": [1.0, 1.4], "decode_tok_s": [1.0, 1.4], "kl_nats": [0.0, 1.9],
+                             "lm_loss": [4.2, 5.9], "speedup": [1.0, 1.45], "predicted_speedup": [1.0, 1.5],
+                             "budget_met": [None, False]})
+
+    monkeypatch.setattr(puzzle.pipeline, "run_all", run_all)
+    assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    table_end = err.index("child-1.5x", err.index("predicted_speedup"))
+    assert err.index("run: `budget_met` is False for child-1.5x (1.034, standard error 0.019) by less than the timing "
+                     "noise") > table_end
+
+
 def test_puzzle_fronts_table_says_why_budget_met_is_false(tmp_path, capsys):
     """Fresh user (stop 59): `puzzle front` printed budget_met False for a child within the timing noise with no
     word (report.md and the run's log had it)."""
