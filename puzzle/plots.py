@@ -162,6 +162,22 @@ def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str |
                     label="parent")
     if log_y:
         ax.set_yscale("log")
+        _plain_log_ticks(ax, rows.loc[(rows["method"] != "parent") & (rows[y] > 0), y])
+
+
+def _plain_log_ticks(ax, values: pd.Series) -> None:
+    """Tick labels of a log KL axis as plain numbers (fresh user, stop 69: a demo front of KLs 1.2 to 4.3 read
+    "2x10^0, 3x10^0, 4x10^0", with no tick near its lowest point): within a decade, about six evenly spaced ticks;
+    over more, matplotlib's log ticks, labelled plainly."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator, NullFormatter
+
+    if len(values) and float(values.max()) < 10 * float(values.min()):
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def kind_is_attention(variant) -> bool:

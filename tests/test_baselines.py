@@ -483,6 +483,21 @@ def test_front_plot_and_architecture_map_write_pngs(tmp_path):
         {"name": "c", "method": "uniform_width", "training": "bld", "throughput_tok_s": 14.0, "kl_nats": 0.7},
     ])
     assert front_plot(rows, tmp_path / "front.png").stat().st_size > 10_000
+    import matplotlib.pyplot as plt
+
+    from puzzle.plots import _plain_log_ticks
+
+    for kls, plain in (((1.198, 1.906, 3.128), True), ((4e-4, 1.5e-3, 4.7e-3), False)):  # fresh user: 2x10^0, 3x10^0
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3], kls)
+        ax.set_yscale("log")
+        _plain_log_ticks(ax, pd.Series(kls))
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        plt.close(fig)
+        assert labels and not any("10^" in t or "times" in t for t in labels), labels  # not mathtext 2x10^0
+        if plain:  # within a decade: evenly spaced plain numbers, one near the lowest point
+            assert min(float(t) for t in labels) <= 1.2 * min(kls) and len(labels) >= 4
     parent = tiny_parent().config
     choices = {"a": parent.blocks, "b": attention_removal(parent, [0, 1], 2), "c": [b.id for b in uniform_width(parent, 64, 1)]}
     assert architecture_map(choices, tmp_path / "arch.png", parent_block=parent.parent_block).stat().st_size > 5_000
