@@ -459,25 +459,31 @@ def test_a_configuration_asking_for_coupled_bld_runs_it_in_puzzle_run(tmp_path, 
     blocks = table[table["subblock"] == "block"]
     assert len(blocks) > 0 and json.loads((out / "score" / "score_table.csv.json").read_text())["coupled_blocks"] \
         == len(blocks)
-    chosen = {}
+    def holds_entry(name, layer, block):  # the export's layer is the coupled entry, tensor for tensor
+        entry = Library(out / "library").load(layer, block, "bld")
+        exported = load_file(out / "export" / name / "model.safetensors")
+        return all(torch.equal(exported[f"model.layers.{layer}.{key}"], value) for key, value in entry.items())
+
+    chosen = {}  # the block rows the run's children chose (which ones depends on the measured costs)
     for path in (out / "search").glob("child-*.json"):
         record = json.loads(path.read_text())
         if record.get("library_stage", "bld") == "bld" and "rows" in record:
             rows = [table.iloc[r] for layer_rows in record["rows"] for r in layer_rows]
             chosen.update({(int(r["layer"]), r["variant"]): path.stem for r in rows if r["subblock"] == "block"})
-    assert chosen, "no child chose a coupled block on the tiny preset"
-    (layer, block), name = next(iter(chosen.items()))
-    entry = Library(out / "library").load(layer, block, "bld")
-    exported = load_file(out / "export" / name / "model.safetensors")
-    for key, value in entry.items():  # the export holds the coupled entry's weights in that layer
-        assert torch.equal(exported[f"model.layers.{layer}.{key}"], value), key
+    assert all(holds_entry(name, layer, block) for (layer, block), name in chosen.items())
     assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0  # a rerun redoes nothing
     err = capsys.readouterr().err  # (breaker: the block rows' float params rewrote the tables, and the front was timed)
     assert "(0 trained now)" in err and "timing the children again" not in err, err[-3000:]
     before = _files(out)  # refine re-scores subblocks: refused before any work (reviewer: after minutes of it)
-    assert main(["refine", "--out", str(out), "--name", name, "--no-progress", "--max-contention", "inf"]) == 2
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--no-progress", "--max-contention", "inf"]) == 2
     assert "holds coupled block rows (coupled BLD: bld.coupled_top_k > 0), which it cannot re-score" in \
         capsys.readouterr().err and _files(out) == before
+    layer, block = int(blocks["layer"].iloc[0]), str(blocks["variant"].iloc[0])  # a record that takes a block row,
+    choice = [b.id for b in tiny_parent().config.blocks]  # whatever the search chose on this machine's costs
+    choice[layer] = block
+    (out / "search" / "child-hand.json").write_text(json.dumps({"choice": choice}))
+    assert main(["export", "--out", str(out), "--name", "child-hand", "--no-progress"]) == 0
+    assert holds_entry("child-hand", layer, block)
     config = json.loads((out / "config.json").read_text())  # 0 switches it off for the library it made (breaker)
     config["bld"]["coupled_top_k"] = 0
     (out / "config.json").write_text(json.dumps(config))
