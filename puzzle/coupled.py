@@ -226,12 +226,12 @@ def realize_child_coupled(parent: PuzzleForCausalLM, library: Library | None, bl
     Identical to realize_child when the library holds no block entries.
 
     Raises:
-        PuzzleError: as realize_child.
+        PuzzleError: as realize_child, and for a coupled entry whose weights are missing or damaged.
     """
     from .realize import realize_child
 
-    coupled = [] if library is None else [(i, b.id) for i, b in enumerate(blocks)
-                                          if trainable_block(b) and library.has(i, b.id, stage)]
+    coupled = [] if library is None else [(i, b.id) for i, b in enumerate(blocks)  # by its info: a damaged entry
+                                          if trainable_block(b) and library.recorded(i, b.id, stage)]  # is refused
     return realize_child(parent, library, blocks, stage, coupled=coupled)
 
 

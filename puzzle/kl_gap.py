@@ -70,10 +70,11 @@ def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFra
         `names` holds -diverse or -refined children, beyond the sequences `puzzle refine` chose them on.
 
     Raises:
-        PuzzleError: an unknown child, or a scoring split with no sequences beyond those the score
+        PuzzleError: an unknown child, a child that takes coupled blocks, or a scoring split with no sequences
+            beyond those the score
             table used (and, for children `puzzle refine` chose, beyond those it chose them on).
     """
-    from .pipeline import read_architecture
+    from .pipeline import coupled_blocks, read_architecture
     from .refine import _subblock, realize_blocks
     from .scoring.quality import parent_cache, replace_one_scores
 
@@ -95,6 +96,10 @@ def kl_gap(run, names, tokens: int = 1024, progress: bool = False) -> pd.DataFra
     for name, rec in records.items():
         stage = rec.get("library_stage", "bld")
         blocks = [BlockConfig.from_id(b) for b in rec["choice"]]
+        if coupled := coupled_blocks(run, blocks, stage, rec.get("method", "mip"), record=rec):
+            # reviewer: built from subblocks here, its breakdown compared another model than the one exported
+            raise PuzzleError(f"{name} takes coupled blocks in layer(s) {sorted(i for i, _ in coupled)} (coupled BLD), "
+                              f"and this breakdown is by subblocks; leave it out")
         subs = []
         for layer, (b, pb) in enumerate(zip(blocks, run.parent.config.blocks)):
             for subblock, v, pv in (("attention", b.attention, pb.attention), ("ffn", b.ffn, pb.ffn)):

@@ -37,8 +37,8 @@ def _coupled_entry(library: Library, layer: int, block: BlockConfig, stage: str)
     except PuzzleError:
         raise PuzzleError(f"the coupled library entry of layer {layer} {block.id} ({stage}) is missing or corrupt: "
                           f"run `puzzle run` (bld.coupled_top_k > 0) or `puzzle.coupled.stage_coupled(run)` again, "
-                          f"which trains it again, or delete its files (L{layer:03d}/{block.id}.{stage}.*) to build "
-                          f"the layer from its decoupled entries") from None
+                          f"which trains it again; or set bld.coupled_top_k to 0 and run `puzzle score` and `puzzle "
+                          f"search` again, which build the children from subblocks") from None
 
 
 @torch.no_grad()

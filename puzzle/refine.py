@@ -732,8 +732,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     if (table["subblock"] == "block").any():  # reviewer: refused by `context_table` after minutes of realizing
         raise PuzzleError(f"refine re-scores subblocks in the child's context, and {run.out / 'score'}'s table holds "
                           f"coupled block rows (coupled BLD: bld.coupled_top_k > 0), which it cannot re-score; refine "
-                          f"a run without them (set bld.coupled_top_k to 0 in {run.out / 'config.json'} and run "
-                          f"`puzzle score --out {run.out}` again, which leaves them out)")
+                          f"a run without them (set bld.coupled_top_k to 0 in {run.out / 'config.json'}, then run "
+                          f"`puzzle score --out {run.out}`, which leaves them out, and `puzzle search`)")
     if k > 1:  # before any file is touched (breaker: refused later, it had set the finished refinement's inputs aside)
         check_min_layers_differ(min_layers_differ, int(table.loc[table["subblock"] != "non_block", "layer"].nunique()))
     context = int(run.config.score.select_context)

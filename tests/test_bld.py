@@ -534,6 +534,8 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
         assert set(layer) == set(entry) and all(torch.equal(layer[k], entry[k]) for k in entry)
     # a child not chosen on the table (a layer-removal or width baseline, refine's re-scoring) is built from subblocks
     assert coupled_blocks(run, arch, "bld", "attention_removal") == frozenset() == coupled_blocks(run, arch, "init")
+    # a record solved on another table than the run's now: its block rows are not the table's (reviewer)
+    assert coupled_blocks(run, arch, "bld", record={"table_sha256": "0" * 64}) == frozenset()
     plain = realize_child(run.parent.model, run.library, arch).model.layers[int(row.layer)].state_dict()
     assert not trained or not all(torch.equal(plain[k], entry[k]) for k in entry)
     cols = ["layer", "variant", "runtime_ms", "memory_mib", "params"]
