@@ -95,17 +95,14 @@ def phase_refine(run, name, k, refine_k, max_changes, rounds) -> None:
 def phase_fusion(run, names) -> None:
     """FFN Fusion of each named child: evaluation KL (fused as is, and after local distillation of the fused
     blocks on calibration text) and measured speed, unfused vs fused, interleaved."""
-    from puzzle.architecture import BlockConfig
     from puzzle.fusion import distill_fused, ffn_runs, fuse_ffn_runs
-    from puzzle.pipeline import evaluate
-    from puzzle.realize import realize_child
+    from puzzle.pipeline import build_child, evaluate
     from puzzle.scoring.cost import measure_models
 
     rows = []
     for name in names:
         rec = read_json(run.out / "search" / f"{name}.json")
-        child = realize_child(run.parent.model, run.library, [BlockConfig.from_id(b) for b in rec["choice"]],
-                              rec.get("library_stage", "bld"))
+        child = build_child(run, rec)  # as the pipeline builds it (the coupled entries of the block rows it chose)
         if not ffn_runs(child.config, include_leading=True):
             print(f"fusion: {name} has no two FFNs with no attention between them, so nothing to fuse; skipped",
                   file=sys.stderr)

@@ -408,7 +408,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: 
     d = _read_json(folder / "config.json")
     if is_run_directory(folder):
         raise PuzzleError(f"{folder} is a puzzle run directory, not a model folder: give one of its exports "
-                          f"({folder / 'export'}/NAME), or to train a child of the run, --out {folder} --name NAME")
+                          f"({folder / 'export'}/NAME) (`puzzle gkd` and `puzzle sft` also train a child of the run "
+                          f"itself: --out {folder} --name NAME)")
     nas = d.get("model_type") in NAS_MODEL_TYPES or "block_configs" in d
     try:
         config = model_config_from_nemotron_nas(d) if nas else model_config_from_hf(d)

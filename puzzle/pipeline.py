@@ -1515,6 +1515,12 @@ TABLE_CHOSEN_METHODS = ("mip", "greedy")
 
 def coupled_blocks(run: Run, blocks, stage: str, method: str = "mip",
                    record: dict | None = None) -> frozenset[tuple[int, str]]:
+    """`coupled_blocks_at` of the run's directory."""
+    return coupled_blocks_at(run.out, blocks, stage, method, record)
+
+
+def coupled_blocks_at(out: Path, blocks, stage: str, method: str = "mip",
+                      record: dict | None = None) -> frozenset[tuple[int, str]]:
     """(layer, block id) of `blocks` that the run's bld score table holds as a block row (`coupled.add_block_rows`)
     for a child of a TABLE_CHOSEN_METHODS method solved at the "bld" stage: the layers `realize_child` builds from
     their coupled entries, as the search weighed them. Empty otherwise, when the table cannot be read, or for a
@@ -1522,7 +1528,7 @@ def coupled_blocks(run: Run, blocks, stage: str, method: str = "mip",
     record without table_sha256, written by hand, is taken on the table as it is)."""
     if stage != "bld" or method not in TABLE_CHOSEN_METHODS:
         return frozenset()
-    path = score_table_path(run, "bld")
+    path = Path(out) / "score" / "score_table.csv"  # score_table_path's, without a Run (puzzle eval --child)
     try:
         solved_on = record.get("table_sha256") if record is not None else None
         if isinstance(solved_on, str) and solved_on != _sha256(path):

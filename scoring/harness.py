@@ -532,12 +532,14 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
             return EvalModel(parent.model.to(dtype), parent.tokenizer, f"{path.name}:parent", parent.source, exclude)
         from puzzle.architecture import BlockConfig
         from puzzle.library import Library
-        from puzzle.pipeline import read_architecture_at
+        from puzzle.pipeline import coupled_blocks_at, read_architecture_at
         from puzzle.realize import realize_child
 
         record = read_architecture_at(path, child)  # refuses paths, "chosen" and malformed records
         blocks = [BlockConfig.from_id(b) for b in record["choice"]]
-        model = realize_child(parent.model, Library(path / "library"), blocks, record.get("library_stage", "bld"))
+        stage = record.get("library_stage", "bld")  # built as `pipeline.build_child` builds it (breaker: the coupled
+        coupled = coupled_blocks_at(path, blocks, stage, record.get("method", "mip"), record)  # blocks were left out)
+        model = realize_child(parent.model, Library(path / "library"), blocks, stage, coupled=coupled)
         return EvalModel(model.to(dtype), parent.tokenizer, f"{path.name}:{child}", f"run {path}, child {child}", exclude)
     if child is not None:
         raise PuzzleError(f"--child is for run directories; {spec} is a model path")

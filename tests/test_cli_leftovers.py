@@ -484,6 +484,11 @@ def test_a_configuration_asking_for_coupled_bld_runs_it_in_puzzle_run(tmp_path, 
     (out / "search" / "child-hand.json").write_text(json.dumps({"choice": choice}))
     assert main(["export", "--out", str(out), "--name", "child-hand", "--no-progress"]) == 0
     assert holds_entry("child-hand", layer, block)
+    from puzzle.scoring.harness import load_eval_model  # `puzzle eval RUN --child` builds it so too (breaker: it
+
+    built = load_eval_model(str(out), "child-hand").model.model.layers[layer].state_dict()  # took the pair)
+    entry = Library(out / "library").load(layer, block, "bld")
+    assert all(torch.equal(built[k], v.to(built[k].dtype)) for k, v in entry.items())
     config = json.loads((out / "config.json").read_text())  # 0 switches it off for the library it made (breaker)
     config["bld"]["coupled_top_k"] = 0
     (out / "config.json").write_text(json.dumps(config))
