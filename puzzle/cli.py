@@ -1194,12 +1194,16 @@ def _own_folders() -> set[Path]:
 
 def _one_line_warnings(show):
     """A `warnings.showwarning` that prints this package's warnings on one line, `puzzle: warning: ...` (e.g. a
-    damaged file being rebuilt), and passes any other library's to `show`."""
+    damaged file being rebuilt), each text once per command (breaker: a record solved on another score table was
+    warned about twice per export, once per read), and passes any other library's to `show`."""
     own = _own_folders()
+    said: set[str] = set()
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, UserWarning) and Path(filename).resolve().parent in own:
-            print(f"puzzle: warning: {message}", file=file or sys.stderr, flush=True)
+            if str(message) not in said:
+                said.add(str(message))
+                print(f"puzzle: warning: {message}", file=file or sys.stderr, flush=True)
         else:
             show(message, category, filename, lineno, file, line)
 
