@@ -717,7 +717,7 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
                 rows.append({"layer": ls.layer, "subblock": subblock, "variant": v.id, "is_parent": False,
                              **{m: r[m] for m in ("kl_nats", "lm_loss", "top1_agree", "cosine")}})
     table = pd.DataFrame(rows)
-    table.attrs.update(scored=len(todo), kept=len(jobs) - len(todo) - shared, shared=shared)  # for stage_score's line
+    table.attrs.update(scored=len(todo), kept=len(jobs) - len(todo) - shared)  # for stage_score's line
     return table
 
 

@@ -982,8 +982,9 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
               f"lower bounds, to plan with; measure on the GPU before trusting absolute times", file=sys.stderr)
     for p, budgets in zip(front, budgets_list):  # as one search warns (breaker: the sweep's empty child went unsaid)
         if "infeasible" not in p and not p.get("runtime_ms", 1.0) > 0 and parent["runtime_ms"] > 0:
-            warning = _empty_child_warning(f"the child at {p['target_speedup']:g}x", objective, budgets, p["objective"])
-            print(f"warning: {warning.replace('--max-runtime', 'the --front-speedups target')}", file=sys.stderr)
+            warning = _empty_child_warning(f"the child at {p['target_speedup']:g}x", objective, budgets, p["objective"],
+                                           {**BUDGET_FLAGS, "runtime_ms": "the --front-speedups target"})
+            print(f"warning: {warning}", file=sys.stderr)
     if args.output:
         _write_output(args.output, record)
     if args.json:
@@ -1053,17 +1054,19 @@ def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
     return notes
 
 
-def _empty_child_warning(which: str, objective, budgets: Budgets, value: float) -> str:
+def _empty_child_warning(which: str, objective, budgets: Budgets, value: float,
+                         budget_flags: Mapping[str, str] = BUDGET_FLAGS) -> str:
     """Why a child of total runtime 0 (every block removed) was chosen, and what to ask for instead: a quality
     objective where the objective rewards a lower cost, else a looser budget (breaker: "e.g. --speedup 10" was
-    advised for a --max-params budget and for --objective runtime_ms)."""
+    advised for a --max-params budget and for --objective runtime_ms). `budget_flags`: how the command names
+    each budget ({column: flag})."""
     costs = [c for c, w in parse_objective(objective).items() if c in BUDGET_FLAGS and w > 0]
     if costs:
         advice = (f"the objective weighs {', '.join(costs)}, a cost, and removing every block costs least: search "
                   f"on a quality score (--objective kl_nats, the default) and give the cost as a budget "
-                  f"({', '.join(BUDGET_FLAGS[c] for c in costs)})")
+                  f"({', '.join(budget_flags[c] for c in costs)})")
     else:
-        flags = sorted({BUDGET_FLAGS[c] for c in budgets.limits()})
+        flags = sorted({budget_flags[c] for c in budgets.limits()})
         advice = (f"no block fits these budgets ({budgets.describe()}) except by removing all: loosen "
                   f"{' or '.join(flags)}" if flags else "add a budget")
     return (f"{which} has a total runtime of 0 (speed-up undefined): this table's non-block row (embedding, LM "
