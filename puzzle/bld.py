@@ -689,8 +689,13 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
     else:
         name = f"layer {job.layer} {job.id}"
         start = {k: v.detach().clone() for k, v in sub.state_dict().items()} if job.kind == "block" else None
-        resume = library.load_partial(job.layer, job.id)
-        save = (lambda ck: library.save_partial(job.layer, job.id, ck))
+        resume, planned = library.load_partial(job.layer, job.id), n_train * T
+        if resume is not None and resume.get("planned_tokens", planned) != planned:
+            # reviewer: a block checkpoint of another bld.coupled_tokens resumed under this plan's steps and schedule
+            warnings.warn(f"{name}: its training checkpoint was planned for {resume['planned_tokens']} tokens, this "
+                          f"run plans {planned}; that entry restarts")
+            resume = None
+        save = (lambda ck: library.save_partial(job.layer, job.id, {**ck, "planned_tokens": planned}))
         result = train_entry(sub, train_forward, x_train[:n_train], target[:n_train], cos[:n_train], sin[:n_train], cfg,
                              order, lr, probe=lambda: _probe_nmse(sub, forward, probe_data, cfg), resume=resume,
                              checkpoint=save, on_step=on_step, name=name)
@@ -724,6 +729,12 @@ def default_device(rank: int = 0) -> torch.device:
     return distributed.local_device()
 
 
+def planned_tokens(calib: torch.Tensor, cfg: BLDConfig, tokens: int | None = None) -> int:
+    """Calibration tokens each entry trains on: `tokens` (default cfg.tokens) in whole sequences of `calib` (N, T),
+    at least one, at most the N - cfg.probe_sequences not held out (0 or less when none is left)."""
+    return min(calib.shape[0] - cfg.probe_sequences, max(1, (tokens or cfg.tokens) // calib.shape[1])) * calib.shape[1]
+
+
 def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, library: Library, progress: bool = False,
              rank: int = 0, world_size: int = 1, device=None, tokens: int | None = None) -> dict:
     """Build (or resume) the library entries of `jobs` that belong to this rank.
@@ -743,7 +754,7 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
         PuzzleError: too few calibration sequences.
     """
     n_probe = cfg.probe_sequences
-    n_train = min(calib.shape[0] - n_probe, max(1, (tokens or cfg.tokens) // calib.shape[1]))
+    n_train = planned_tokens(calib, cfg, tokens) // calib.shape[1]
     if n_train < 1:
         raise PuzzleError(f"BLD needs more than {n_probe} calibration sequences, got {calib.shape[0]}; "
                           f"give more calibration text or lower bld.probe_sequences")

@@ -23,6 +23,7 @@ layer are too many. Puzzle's hybrid flow (Bercovich et al. 2024, Sec. 3) narrows
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .architecture import BlockConfig
-from .bld import BLDConfig, Job, run_jobs
+from .bld import BLDConfig, Job, planned_tokens, run_jobs
+from .errors import PuzzleError
 from .library import Library
 from .mip import as_bool
 from .modeling import DecoderBlock, PuzzleForCausalLM
@@ -54,8 +56,7 @@ def narrow_blocks(table: pd.DataFrame, budgets_list: Sequence, top_k: int, objec
         {layer: [BlockConfig, ...]} sorted by id; the parent's block and no_op+no_op are left out
         (nothing to train). Budgets no child meets are skipped.
     """
-    from .errors import PuzzleError
-    from .search import solve
+    from .search import InfeasibleBudget, solve
 
     parent = {}
     for r in table[(table["subblock"].isin(["attention", "ffn"])) & as_bool(table["is_parent"])].itertuples():
@@ -65,7 +66,7 @@ def narrow_blocks(table: pd.DataFrame, budgets_list: Sequence, top_k: int, objec
         try:
             solutions = solve(table, budgets, objective, vllm_compatible=vllm_compatible, num_solutions=top_k,
                               time_limit_s=time_limit_s, exclude=exclude)
-        except PuzzleError:
+        except InfeasibleBudget:  # reviewer: every PuzzleError was taken so, e.g. an exclusion that empties a layer
             continue
         for sol in solutions:
             for i, block in enumerate(sol.blocks):
@@ -174,11 +175,17 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
         sha = library.recorded_sha256(i, b.id, stage)
         # a score of this very entry (breaker: a block trained again kept its old score; a row without a checksum
         # predates them, and is kept as decoupled scores are)
-        if key not in done or done[key].get("entry_sha256", sha) != sha:
+        # and a finite one (reviewer: a NaN score was kept for good, and the search refused the table)
+        if key not in done or done[key].get("entry_sha256", sha) != sha or not _finite(done[key].get("kl_nats")):
             cache = cache() if callable(cache) else cache
             module = block_module(parent.config, library, i, b, stage).to(dtype)
-            done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id, "entry_sha256": sha,
-                         **replace_block_score(parent, cache, i, module, chunk)}
+            metrics = replace_block_score(parent, cache, i, module, chunk)
+            if not math.isfinite(metrics["kl_nats"]):
+                where = library.weights_path(i, b.id, stage)
+                raise PuzzleError(f"layer {i} block {b.id} ({stage}) scores a KL of {metrics['kl_nats']}: its "
+                                  f"weights ({where}) hold NaN or inf, or overflow; delete {where} and run `puzzle "
+                                  f"run`, which trains it again")
+            done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id, "entry_sha256": sha, **metrics}
             if log is not None:
                 log.append(done[key])
         r = done[key]
@@ -189,6 +196,11 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
     if bar is not None:
         bar.close()
     return pd.DataFrame(rows)
+
+
+def _finite(value) -> bool:
+    """A logged metric that is a finite number (JSON may hold NaN)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def block_rows(quality: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
@@ -259,7 +271,7 @@ def stage_coupled(run) -> pd.DataFrame:
         The score table the search should use.
     """
     from .io import save_table
-    from .pipeline import front_request, load_score_table, main_budget_request
+    from .pipeline import front_request, load_score_table, main_budget_request, short_calib_warning
     from .search import parent_totals
 
     cfg = run.config.bld
@@ -275,6 +287,10 @@ def stage_coupled(run) -> pd.DataFrame:
     budgets = [r.resolve(totals, meta) for r in requests]
     blocks = narrow_blocks(decoupled, budgets, cfg.coupled_top_k, run.config.search.objective,
                            vllm_compatible=run.config.search.vllm_compatible, exclude=run.config.search.exclude)
+    if not blocks:  # reviewer: nothing was trained, and nothing said why
+        run.say(f"coupled BLD: warning: the {cfg.coupled_top_k} best children of the {len(budgets)} budgets (main and "
+                f"front) hold no block to train (no child meets them, or they keep the parent's blocks or remove "
+                f"whole layers)")
     # and the library's blocks of earlier narrowings that the table can hold, so that one trained on another
     # bld.coupled_tokens is trained again (breaker: they stayed beside the new ones, of another token budget)
     for i, earlier in library_blocks(run.library, table=decoupled).items():
@@ -282,6 +298,9 @@ def stage_coupled(run) -> pd.DataFrame:
     blocks = dict(sorted(blocks.items()))
     result = build_coupled_library(run.parent.model, run.tokens.calib, blocks, cfg, run.library, progress=run.progress)
     run.timed("bld_coupled_s", time.perf_counter() - t0)
+    if result["trained"]:  # breaker: coupled_tokens above the calibration split was capped without a word
+        short_calib_warning(run, "coupled BLD", "bld.coupled_tokens" if cfg.coupled_tokens else "bld.tokens",
+                            cfg.coupled_tokens or cfg.tokens, result["tokens_per_subblock"])
     combined = add_block_rows(run, decoupled, meta)
     run.say(f"coupled BLD: {sum(map(len, blocks.values()))} blocks over {len(blocks)} layers ({result['trained']} "
             f"trained now); score table extended with the {(combined['subblock'] == 'block').sum()} blocks of the "
@@ -321,6 +340,15 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
 
     t0 = time.perf_counter()
     blocks = library_blocks(run.library, table=decoupled)  # reviewer: a block of a width left out failed at its cost
+    plan = planned_tokens(run.tokens.calib, run.config.bld, run.config.bld.coupled_tokens)
+    stale = [(i, b.id) for i, bs in blocks.items() for b in bs  # reviewer: `puzzle score` kept them (run_jobs retrains)
+             if run.library.recorded(i, b.id, "bld").get("planned_tokens") not in (None, plan)]
+    if stale:
+        blocks = {i: kept for i, bs in blocks.items() if (kept := [b for b in bs if (i, b.id) not in stale])}
+        run.say(f"score: {len(stale)} coupled entr{'y was' if len(stale) == 1 else 'ies were'} trained on another "
+                f"number of tokens than bld.coupled_tokens plans ({plan}; e.g. layer {stale[0][0]} {stale[0][1]}) and "
+                f"{'is' if len(stale) == 1 else 'are'} left out of the table; `puzzle run --out {run.out}` trains "
+                f"{'it' if len(stale) == 1 else 'them'} again")
     rows = pd.DataFrame(columns=SCORE_COLUMNS)
     if blocks:
         sc = run.config.score

@@ -539,14 +539,20 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
         run.say(f"bld: ranks started without torchrun do not wait for each other, so {lib.root / 'index.csv'} lists "
                 f"what was on disk when this one ended; once every rank has finished, `puzzle bld --out {run.out}` "
                 f"(one process) completes the index and trains anything a rank left")
-    calib, cfg = run.tokens.calib, run.config.bld
-    if cfg.tokens - result["tokens_per_subblock"] >= calib.shape[1]:  # breaker: 8192 asked, 2944 trained, unsaid
-        need = cfg.tokens + cfg.probe_sequences * calib.shape[1]
-        run.say(f"bld: warning: bld.tokens asks {cfg.tokens} tokens per subblock, but the calibration split holds "
-                f"{calib.shape[0]} sequences of {calib.shape[1]} ({cfg.probe_sequences} of them held out to check "
-                f"progress), so each trained on {result['tokens_per_subblock']}: raise data.calib_tokens to {need} "
-                f"(more text if the sources run short) or lower bld.tokens")
+    short_calib_warning(run, "bld", "bld.tokens", run.config.bld.tokens, result["tokens_per_subblock"])
     return index
+
+
+def short_calib_warning(run: Run, stage: str, setting: str, asked: int, trained: int) -> None:
+    """Say when an entry trained on fewer tokens than `setting` asked (`asked`), because the calibration split is
+    shorter (breaker: 8192 asked, 2944 trained, unsaid), and which setting to raise."""
+    calib, cfg = run.tokens.calib, run.config.bld
+    if asked - trained >= calib.shape[1]:
+        need = asked + cfg.probe_sequences * calib.shape[1]
+        run.say(f"{stage}: warning: {setting} asks {asked} tokens per entry, but the calibration split holds "
+                f"{calib.shape[0]} sequences of {calib.shape[1]} ({cfg.probe_sequences} of them held out to check "
+                f"progress), so each trained on {trained}: raise data.calib_tokens to {need} "
+                f"(more text if the sources run short) or lower {setting}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -100,3 +100,24 @@ def test_sigkill_twice_then_resume_equals_an_uninterrupted_run(tmp_path):
         wa, wb = Library(out).load(r.layer, r.variant, r.stage), Library(ref_dir).load(r.layer, r.variant, r.stage)
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_planned_for_other_tokens_restarts_its_entry(tmp_path):
+    """Reviewer: a block checkpoint written under one bld.coupled_tokens (a resource setting the library's meta leaves
+    out) was resumed under another plan's steps and schedule, and the entry recorded the new plan."""
+    import pytest
+
+    from puzzle.bld import BLDConfig, build_library
+    from puzzle.space import SpaceConfig, build_space
+    from puzzle.tiny import tiny_parent
+
+    parent = tiny_parent(seed=0).model
+    calib = torch.randint(3, 299, (18, 32), generator=torch.Generator().manual_seed(1))
+    space = build_space(parent.config, SpaceConfig(ffn_fractions=(0.5,), ffn_multiple=16))[:1]
+    library = Library(tmp_path / "lib")
+    library.save_partial(0, "ffn-64", {"planned_tokens": 999, "step": 3})  # read only if its plan were this one
+    with pytest.warns(UserWarning, match="layer 0 ffn-64: its training checkpoint was planned for 999 tokens, this "
+                                         "run plans 512; that entry restarts"):
+        build_library(parent, calib, space, BLDConfig(tokens=512, batch_size=2, lr=1e-3), library)
+    info = library.info(0, "ffn-64", "bld")
+    assert info["resumed_at_step"] == 0 and info["planned_tokens"] == info["tokens"] == 512

@@ -621,6 +621,29 @@ def test_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, capsys):
     assert "2944 tokens each" in err and "bld.tokens asks 8192" in err and "raise data.calib_tokens to 8320" in err
 
 
+def test_coupled_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, capsys):
+    """Breaker: bld.coupled_tokens above the calibration split trained the blocks on what the split holds, unsaid."""
+    import pandas as pd
+
+    from puzzle.cli import main
+
+    out = _tiny_run(tmp_path / "run")
+    config = json.loads((out / "config.json").read_text())
+    config["bld"].update(coupled_top_k=1, coupled_tokens=8192)
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    err = capsys.readouterr().err
+    assert "coupled BLD: warning: bld.coupled_tokens asks 8192 tokens per entry" in err, err[-3000:]
+    assert "raise data.calib_tokens to 8320 (more text if the sources run short) or lower bld.coupled_tokens" in err
+    trained = (pd.read_csv(out / "score" / "score_table.csv")["subblock"] == "block").sum()
+    config["bld"]["coupled_tokens"] = 128  # `puzzle score` alone leaves out the blocks of the other plan (reviewer)
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    err = capsys.readouterr().err
+    assert trained > 0 and f"score: {trained} coupled entr" in err and "(128; e.g. layer" in err, err[-3000:]
+    assert "block" not in set(pd.read_csv(out / "score" / "score_table.csv")["subblock"])
+
+
 @pytest.mark.parametrize("command", ["run", "front", "baselines", "refine", "gkd", "sft", "rpo"])
 def test_an_empty_out_is_refused_not_taken_as_the_current_folder(command, capsys):
     """Breaker: `--out ""` ran in the current folder, unsaid."""
