@@ -209,3 +209,32 @@ def test_objectives_warns_of_a_child_off_its_target(run_dir, tmp_path, capsys):
     for objective, row in df.iterrows():
         off = abs(row["predicted_speedup"] / 1.5 - 1) > bench.OFF_TARGET
         assert (f"warning: {objective} at 1.5x is predicted" in captured.err) == off
+
+
+# coupled.py
+
+
+def test_coupled_compares_both_tables_at_the_same_budgets(run_dir, tmp_path, capsys):
+    """benchmarks/coupled.py: each speed-up solved on the decoupled and the coupled table under one runtime limit;
+    the coupled child takes the block rows it chose from their entries; a run without block rows is refused."""
+    import pandas as pd
+
+    from puzzle.baselines import open_run
+    from puzzle.coupled import stage_coupled
+
+    bench = load_benchmark("coupled")
+    assert_refuses(bench, ["--run", str(run_dir)], "has no coupled block rows", capsys)
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["bld"]["coupled_top_k"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    stage_coupled(open_run(out, progress=False))
+    capsys.readouterr()
+    assert_refuses(bench, ["--run", str(out), "--speedups", "1.5,x"], "'x' is not a speed-up", capsys)
+    assert bench.main(["--run", str(out), "--speedups", "1.25,1.5", "--out", str(tmp_path / "b")]) == 0
+    df = pd.read_csv(tmp_path / "b" / "coupled.csv")
+    assert list(df["table"]) == ["decoupled", "coupled"] * 2 and list(df["speedup"]) == [1.25, 1.25, 1.5, 1.5]
+    assert (df["eval_kl"] > 0).all() and (df.loc[df["table"] == "decoupled", "coupled_blocks"] == 0).all()
+    assert df.loc[df["table"] == "coupled", "coupled_blocks"].sum() > 0  # the search chose block rows
+    assert "coupled / decoupled" in capsys.readouterr().out
