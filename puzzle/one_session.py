@@ -93,7 +93,6 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     from .realize import realize_child
     from .scoring.cost import measure_models, on_workload
     from .scoring.machine import machine_record
-    from .scoring.memory import subblock_params
 
     if not isinstance(repeats, int) or not 2 <= repeats <= 1000:
         raise PuzzleError(f"--repeats must be a whole number from 2 to 1000 (rounds of the one session), got {repeats}")
@@ -154,12 +153,8 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     workload = run.workload()
     weights = list(run.parent.model.parameters())
     copied = not on_workload(run.parent.model, workload)
-    used = {}
-    for c in cands.values():
-        for i, (block, own) in enumerate(zip(c.blocks, run.parent.config.blocks)):
-            for variant, parent_variant in ((block.attention, own.attention), (block.ffn, own.ffn)):
-                if variant.kind != "no_op" and variant != parent_variant:
-                    used[(i, variant.id, c.stage)] = subblock_params(run.parent.config, variant)
+    coupled = {name: coupled_blocks(run, c.blocks, c.stage, c.method) for name, c in cands.items()}
+    used = entry_params(run.parent.config, cands, coupled)
     need = workload.torch_dtype.itemsize * (sum(used.values()) + (sum(p.numel() for p in weights) if copied else 0)
                                             + sum(m.num_parameters() for m in fused.values()))
     free = _available_bytes(workload.device)
@@ -175,7 +170,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     for name, c in cands.items():
         try:
             models[name] = realize_child(models["parent"], library, c.blocks, c.stage, share=True, entries=entries,
-                                         coupled=coupled_blocks(run, c.blocks, c.stage, c.method))
+                                         coupled=coupled[name])
         except PuzzleError as e:  # a library entry missing or damaged: its own message says `puzzle bld` rebuilds it
             raise PuzzleError(f"{name} cannot be built again for the one session: {e}") from None
         except ValueError as e:
@@ -319,3 +314,23 @@ def front_csv_retimed(run_dir: Path) -> bool:
         return False
     path = run_dir / "front.csv"
     return isinstance(recorded, str) and path.is_file() and _sha256(path) != recorded
+
+
+def entry_params(config, cands: dict, coupled: dict) -> dict:
+    """{(layer, entry id, stage): parameters} of the library entries that the candidates `cands` ({name: Candidate})
+    use beyond the parent's own subblocks: a subblock entry once however many children share it, and a coupled
+    entry (`coupled`: {name: {(layer, block id)}}, `pipeline.coupled_blocks`) with both its subblocks' weights,
+    which it holds apart from the decoupled entries (reviewer: they were left out of the memory estimate)."""
+    from .scoring.memory import subblock_params
+
+    used = {}
+    for name, c in cands.items():
+        for i, (block, own) in enumerate(zip(c.blocks, config.blocks)):
+            if (i, block.id) in coupled.get(name, ()):
+                used[(i, block.id, c.stage)] = sum(subblock_params(config, v) for v in (block.attention, block.ffn)
+                                                   if v.kind != "no_op")
+                continue
+            for variant, parent_variant in ((block.attention, own.attention), (block.ffn, own.ffn)):
+                if variant.kind != "no_op" and variant != parent_variant:
+                    used[(i, variant.id, c.stage)] = subblock_params(config, variant)
+    return used

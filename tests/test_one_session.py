@@ -304,3 +304,25 @@ def test_the_timing_note_says_when_the_session_times_nothing_drawn_or_front_csv_
     rows["timing"] = ["one session", "own session", "one session"]  # the note said the session's figure stood for it)
     note = timing_note(rows, tmp_path)
     assert "except a (own session)" in note and "timed again since" not in note
+
+
+def test_the_memory_estimate_counts_coupled_entries_whole():
+    """Reviewer: the one session's memory estimate left out the coupled entries the children are built with; each
+    holds both its subblocks' weights, apart from the decoupled entries (which another child may use too)."""
+    import math
+
+    from puzzle.architecture import BlockConfig
+    from puzzle.baselines import Candidate
+    from puzzle.one_session import entry_params
+    from puzzle.scoring.memory import subblock_params
+    from puzzle.tiny import tiny_parent
+
+    config = tiny_parent().config
+    parent = [b.id for b in config.blocks]
+    block = BlockConfig.from_id("attn-kv2+ffn-64")  # the parent's attention with a narrower FFN
+    blocks = tuple(BlockConfig.from_id(b) for b in [block.id] + parent[1:])
+    cands = {"a": Candidate("a", "mip", "bld", blocks, 1.5, math.nan, math.nan),
+             "b": Candidate("b", "uniform_width", "bld", blocks, 1.5, math.nan, math.nan)}
+    used = entry_params(config, cands, {"a": {(0, block.id)}, "b": frozenset()})
+    whole = subblock_params(config, block.attention) + subblock_params(config, block.ffn)
+    assert used == {(0, block.id, "bld"): whole, (0, block.ffn.id, "bld"): subblock_params(config, block.ffn)}
