@@ -234,8 +234,9 @@ def _record_text(record: dict, text_field: str) -> str | None:
                  for m in record["messages"] if isinstance(m, dict)]
         turns = [(role, text) for role, text in turns if text and text.strip()]
         return "\n\n".join(f"{role}: {text}" for role, text in turns) if turns else None
-    if isinstance(record.get("turns"), list):
-        return "\n\n".join(str(t) for t in record["turns"])
+    if isinstance(record.get("turns"), list):  # the text turns (breaker: null and 3 became "None" and "3")
+        turns = [t for t in record["turns"] if isinstance(t, str) and t.strip()]
+        return "\n\n".join(turns) if turns else None
     return None
 
 
@@ -251,10 +252,36 @@ def _content_text(content) -> str | None:
     return None
 
 
-def _oe_eval_passage(record: dict) -> str:
-    """An oe-eval request (LAMBADA bpb): the context plus the held-out continuation (last word)."""
-    request = record["request"]
-    return request["context"] + request.get("continuation", "")
+def _oe_eval_passage(record: dict, where: str) -> tuple[int, str]:
+    """(doc_id, passage) of an oe-eval request (LAMBADA bpb): the context plus the held-out continuation (last word).
+
+    Raises:
+        PuzzleError: a doc_id that is no whole number, or a context or continuation that is no string (`where`:
+            the file and line)."""
+    request, doc_id = record["request"], record["doc_id"]
+    if isinstance(doc_id, str):  # "12", as some exports write it
+        try:
+            doc_id = int(doc_id)
+        except ValueError:
+            pass
+    if isinstance(doc_id, bool) or not isinstance(doc_id, int):  # breaker: null crashed in int()
+        raise PuzzleError(f"{where}: an oe-eval request whose doc_id is {doc_id!r}; give each request a whole-number "
+                          f"doc_id")
+    context, continuation = request["context"], request.get("continuation", "")
+    if not isinstance(context, str) or not isinstance(continuation, str):
+        raise PuzzleError(f"{where}: an oe-eval request whose context or continuation is not a string; give both "
+                          f"as strings")
+    return doc_id, context + continuation
+
+
+def _valid_unicode(text: str) -> tuple[str, bool]:
+    """`text` with each lone surrogate (a JSON escape such as \\ud83d without its pair, which no UTF-8 file can
+    hold) replaced by U+FFFD, and whether there was one."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), True
 
 
 def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Document]:
@@ -265,16 +292,21 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
 
     Raises PuzzleError on a line that is not JSON or a record without text.
     """
-    docs, seen = [], set()
+    docs, seen, broken = [], set(), []
     for lineno, record in iter_json_lines(path):
         if isinstance(record.get("request"), dict) and "context" in record["request"] and "doc_id" in record:
-            doc_id = int(record["doc_id"])
+            doc_id, passage = _oe_eval_passage(record, f"{path}, line {lineno}")
             if doc_id >= 1_000_000 or doc_id in seen:
                 continue
             seen.add(doc_id)
-            docs.append(Document(_oe_eval_passage(record).strip(), str(doc_id), source))
+            passage, bad = _valid_unicode(passage)
+            broken += [lineno] if bad else []
+            docs.append(Document(passage.strip(), str(doc_id), source))
             continue
         text = _record_text(record, text_field)
+        if text is not None:  # breaker: a lone surrogate escape crashed the split's hashing
+            text, bad = _valid_unicode(text)
+            broken += [lineno] if bad else []
         if text is None and text_field in record:  # null, a number, a list: there, but not text
             raise PuzzleError(f"{path}, line {lineno}: field {text_field!r} is not a string (got "
                               f"{type(record[text_field]).__name__}); give each record its text as a string")
@@ -283,6 +315,10 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
                               f"name the text field with --text-field")
         doc_id = record.get("id", record.get("question_id", lineno - 1))
         docs.append(Document(text.strip(), str(doc_id), source))
+    if broken:
+        warnings.warn(f"{path}: {len(broken)} record{'s' if len(broken) > 1 else ''} (line {broken[0]}"
+                      f"{' and others' if len(broken) > 1 else ''}) {'hold' if len(broken) > 1 else 'holds'} a lone surrogate escape (half of an emoji's "
+                      f"\\ud83d\\ude00 pair, say), which is no character: read with U+FFFD in its place")
     return docs
 
 

@@ -88,6 +88,28 @@ def test_text_reader_modes(tmp_path):
     assert read_documents(str(f))[1] == Document("next block", "1", str(f))
 
 
+def test_jsonl_reader_survives_what_scraped_and_exported_files_hold(tmp_path):
+    """Breaker: a lone surrogate escape crashed the split's hashing with a traceback, oe-eval requests with a null
+    doc_id or continuation crashed in int() and str +, and chat turns null and 3 became the text "None" and "3"."""
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "broken emoji \\ud83d here"}\n{"text": "a pair \\ud83d\\ude00"}\n'
+                 '{"turns": ["Hi?", null, 3, "Bye."]}\n{"turns": [null]}\n', encoding="utf-8")
+    with pytest.raises(PuzzleError, match="line 4: no 'text' field"):  # no text turn at all
+        read_documents(str(f))
+    f.write_text(f.read_text().rsplit("\n", 2)[0] + "\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"1 record \(line 1\) holds a lone surrogate escape"):
+        docs = read_documents(str(f))
+    assert [d.text for d in docs] == ["broken emoji \ufffd here", "a pair \U0001F600", "Hi?\n\nBye."]
+    g = tmp_path / "requests.jsonl"
+    for doc_id, continuation, says in [("null", '" end"', "doc_id is None"), ('"x1"', '" end"', "doc_id is 'x1'"),
+                                       ("3", "null", "context or continuation is not a string")]:
+        g.write_text('{"request": {"context": "A", "continuation": %s}, "doc_id": %s}\n' % (continuation, doc_id))
+        with pytest.raises(PuzzleError, match=f"line 1: an oe-eval request whose {says}"):
+            read_documents(str(g))
+    g.write_text('{"request": {"context": "A", "continuation": " end"}, "doc_id": "12"}\n')
+    assert read_documents(str(g)) == [Document("A end", "12", str(g))]
+
+
 def test_jsonl_reader_text_messages_turns_and_gz(tmp_path):
     f = tmp_path / "a.jsonl.gz"
     rows = [{"text": "plain", "id": "p1"},
