@@ -963,7 +963,9 @@ class DataConfig:
         if sum(is_parent_samples(s) for s in self.calib_sources) > 1:
             raise PuzzleError(f"give {PARENT_SAMPLES} once among the calibration sources")
         if shared := set(self.calib_sources) & set(self.eval_sources):
-            raise PuzzleError(f"{sorted(shared)} appear in both calibration and evaluation sources; keep them apart")
+            raise PuzzleError(f"{sorted(shared)} appear in both calibration and evaluation sources; keep them apart "
+                              f"(a dataset folder with a train and a test split: give each split's files, e.g. --calib "
+                              f"DIR/data/train-*.parquet --eval DIR/data/test-*.parquet)")
         for name, least in (("seq_len", 2), ("calib_tokens", 1), ("score_tokens", 1), ("eval_tokens", 1),
                             ("min_doc_chars", 0), ("max_doc_tokens", 0), ("seed", -2 ** 63)):
             value = getattr(self, name)  # 64.5 or "64" (a hand-edited preset or config.json) failed deep in packing
