@@ -1176,9 +1176,24 @@ def expand_home(args: argparse.Namespace) -> None:
     for unquoted words; a script or a quoted argument passes `~` through literally."""
     for name, value in vars(args).items():
         if isinstance(value, Path):
-            setattr(args, name, value.expanduser())
+            setattr(args, name, _expanded(value))
         elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
-            setattr(args, name, [v.expanduser() for v in value])
+            setattr(args, name, [_expanded(v) for v in value])
+
+
+def _expanded(path: Path) -> Path:
+    """`path` with a leading `~` or `~user` expanded.
+
+    Raises:
+        PuzzleError: `~user` names no user of this machine (breaker: a traceback from every command)."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise PuzzleError(_NO_HOME.format(path=path)) from None
+
+
+#: the error of a path whose leading `~user` cannot be expanded (Path.expanduser's RuntimeError)
+_NO_HOME = "{path}: its leading ~ names no user of this machine (or no home folder); give the path written out"
 
 
 def _own_folders() -> set[Path]:
@@ -1239,7 +1254,11 @@ def main(argv=None) -> int:
     if unknown:  # argparse would name `puzzle --help`, which does not list a command's options
         parser.exit(2, f"puzzle: error: unrecognized arguments: {' '.join(unknown)} "
                        f"(`{getattr(args, 'help_prog', parser.prog)} --help` lists the options)\n")
-    expand_home(args)
+    try:
+        expand_home(args)
+    except PuzzleError as e:
+        print(f"puzzle: error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -1259,6 +1278,12 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"puzzle: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a path that is no flag's (merge's inputs, generate's model) with an unknown ~user
+        if args.debug or "home directory" not in str(e):
+            raise
+        named = next((a for a in map(str, argv) if a.startswith("~")), "a path")
+        print(f"puzzle: error: {_NO_HOME.format(path=named)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout stopped (`puzzle search --json | head`): no traceback
         devnull = os.open(os.devnull, os.O_WRONLY)

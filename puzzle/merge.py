@@ -64,8 +64,9 @@ def architecture_difference(a: ModelConfig, b: ModelConfig) -> str | None:
     return None
 
 
-def merge_state_dicts(state_dicts: list[dict], weights=None, names=None) -> dict[str, torch.Tensor]:
-    """Σ_i w_i · state_dicts[i], tensor by tensor, in fp32, cast to the first's dtypes.
+def merge_state_dicts(state_dicts: list[dict], weights=None, names=None, dtype: torch.dtype | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Σ_i w_i · state_dicts[i], tensor by tensor, in fp32, cast to `dtype` (default: the first's dtypes).
 
     Args:
         state_dicts: name -> tensor maps with the same names and shapes.
@@ -104,7 +105,7 @@ def merge_state_dicts(state_dicts: list[dict], weights=None, names=None) -> dict
         acc = torch.zeros(v.shape, dtype=torch.float32)
         for wi, sd in zip(w, state_dicts):
             acc += wi * sd[k].float()
-        out[k] = acc.to(v.dtype)
+        out[k] = acc.to(dtype or v.dtype)
     return out
 
 
@@ -314,6 +315,23 @@ def _check_same_vocabulary(paths, tokenizers) -> None:
                               f"their embeddings is not the same token; merge only models of one tokenizer")
 
 
+def _check_merged_finite(merged: dict, states: list[dict], names: list[str]) -> None:
+    """Refuse a merged state dict holding NaN or ±inf, as an export refuses one (`export._check_finite`; breaker: a
+    state-dict merge wrote them unsaid, where a folder merge refuses).
+
+    Raises:
+        PuzzleError: naming the first such tensor, and whether an input holds it or the stored dtype overflows."""
+    for key, tensor in merged.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            broken = [n for n, sd in zip(names, states) if not torch.isfinite(sd[key]).all()]
+            if broken:
+                raise PuzzleError(f"{key} holds NaN or inf values in {broken[0]}: the merge would be broken; nothing "
+                                  f"was written. Check where that checkpoint came from (a diverged training?)")
+            largest = max(sd[key].float().abs().max().item() for sd in states)
+            raise PuzzleError(f"{key} overflows {str(tensor.dtype).removeprefix('torch.')} (its largest magnitude is "
+                              f"{largest:.3g}): store it in float32 or bfloat16 (--dtype); nothing was written")
+
+
 def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
     """Merge model folders into an exported folder, or state-dict files into a .safetensors file.
 
@@ -323,14 +341,15 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             export (not of trained weights of another provenance: `export.check_export_target`) or, for a file,
             an earlier merge of the same inputs and weights.
         weights: positive weights, one per input (normalised; default equal).
-        dtype: for folders, the stored dtype (default: the first model's).
+        dtype: the stored dtype (default: the first input's, tensor by tensor for state dicts).
 
     Returns:
         The written path.
 
     Raises:
         PuzzleError: mixed input kinds, a missing path, different architectures or tokenizers, a `dest` that is an
-            input or a model an input was derived from (`derived_from`), or one that would replace something else.
+            input or a model an input was derived from (`derived_from`), one that would replace something else, or
+            a merge that holds NaN or inf (an input does, or it overflows the stored dtype).
     """
     paths = [Path(p).expanduser() for p in paths]
     for p in paths:
@@ -359,10 +378,13 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             raise PuzzleError(TWICE)
         states = [read_state_dict(p) for p in paths]
         record = {"merged_from": [model_ref(p) for p in paths], "weights": normalized_weights(weights, len(paths)),
-                  "inputs_sha": [tensors_sha(sorted(sd.items()))[:16] for sd in states]}
+                  "inputs_sha": [tensors_sha(sorted(sd.items()))[:16] for sd in states],
+                  **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
         _refuse_same_weights(paths, record["inputs_sha"])
         _check_state_dict_dest(dest, record)
-        merged = merge_state_dicts(states, weights, [str(p) for p in paths])
+        merged = merge_state_dicts(states, weights, [str(p) for p in paths],  # breaker: --dtype was ignored here
+                                   dtype=getattr(torch, record["dtype"]) if dtype is not None else None)
+        _check_merged_finite(merged, states, [str(p) for p in paths])
         atomic_save_safetensors(merged, dest, metadata={k: json.dumps(v) for k, v in record.items()})
         return dest
     from .export import check_export_target, export_checkpoint, export_provenance

@@ -178,6 +178,11 @@ def test_every_path_flag_expands_a_literal_tilde(tmp_path, monkeypatch, capsys):
     assert main(["export", "--out", "~/no-run"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "no-run") in err and "~/" not in err
+    # a ~user of no user of this machine (breaker: a RuntimeError traceback from every command)
+    for argv in (["export", "--out", "~no-such-user-x/run", "--name", "c"],
+                 ["merge", "~no-such-user-x/a", str(tmp_path), "--dest", str(tmp_path / "m")]):
+        assert main(argv) == 2
+        assert "puzzle: error: ~no-such-user-x/" in capsys.readouterr().err
 
 
 def test_a_preset_path_with_a_literal_tilde(tmp_path, monkeypatch):

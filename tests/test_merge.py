@@ -296,3 +296,27 @@ def test_inputs_of_different_tokenizers_are_refused(tmp_path):
     with pytest.raises(PuzzleError, match="have different tokenizers .* is id (50|51) in one and (50|51) in the other"):
         merge_checkpoints([tmp_path / "m0", tmp_path / "m1"], tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_state_dict_merge_takes_dtype_and_refuses_nan_and_overflow(tmp_path):
+    """Breaker: --dtype was ignored for .safetensors inputs, and a state-dict merge wrote NaN (an input's) and inf
+    (a float16 first input averaged with 1e6) where a folder merge refuses both."""
+    from safetensors.torch import load_file, save_file
+
+    from puzzle.merge import merge_checkpoints
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([3])}, a)
+    save_file({"w": torch.tensor([3.0, 4.0]), "n": torch.tensor([3])}, b)
+    out = load_file(merge_checkpoints([a, b], tmp_path / "m.safetensors", dtype="bfloat16"))
+    assert out["w"].dtype == torch.bfloat16 and out["w"].tolist() == [2.0, 3.0] and out["n"].dtype == torch.int64
+    save_file({"w": torch.tensor([float("nan"), 1.0]), "n": torch.tensor([3])}, b)
+    with pytest.raises(PuzzleError, match=f"w holds NaN or inf values in {b}"):
+        merge_checkpoints([a, b], tmp_path / "nan.safetensors")
+    save_file({"w": torch.tensor([1.0, 1.0], dtype=torch.float16), "n": torch.tensor([3])}, a)
+    save_file({"w": torch.tensor([1e6, 1.0]), "n": torch.tensor([3])}, b)
+    with pytest.raises(PuzzleError, match=r"w overflows float16 \(its largest magnitude is 1e\+06\): store it in "
+                                          r"float32 or bfloat16 \(--dtype\)"):
+        merge_checkpoints([a, b], tmp_path / "inf.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists() and not (tmp_path / "inf.safetensors").exists()
+    assert load_file(merge_checkpoints([a, b], tmp_path / "f32.safetensors", dtype="float32"))["w"][0] == 500000.5
