@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import sys
 import time
@@ -367,7 +369,8 @@ def realize(run, candidate: Candidate, library=None):
 
 
 def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None, attention_speedups=None,
-                   influence_tokens: int = 4096, measure_costs: bool = True, planned=None) -> list[Candidate]:
+                   influence_tokens: int = 4096, measure_costs: bool = True, planned=None,
+                   quiet: bool = False) -> list[Candidate]:
     """Every baseline child for each speed-up target (runtime ≤ parent / s), before realizing.
 
     Args:
@@ -381,6 +384,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
         planned: {name: speed-up} to plan a greedy, layer-removal or uniform-width child for instead of its target
             (`held_speedups`; a uniform one by its name without '-kvN'); where that is out of the method's reach, its
             target is planned for.
+        quiet: leave out the notes and warnings (a second plan of one call: the first said them).
 
     Returns:
         Candidates: greedy (bld, init), layer_removal, attention_removal, uniform_width (one per KV
@@ -389,6 +393,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
     from .pipeline import load_score_table
     from .space import attention_variants
 
+    say = (lambda message: None) if quiet else run.say
     parent = run.parent.config
     calib = run.tokens.calib
     n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
@@ -403,7 +408,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
     kv_heads = uniform_kv_heads or sorted({a.num_kv_heads for a in attention_variants(parent, run.config.space)
                                            if a.kind == "gqa"}, reverse=True)
     if not uniform_width_applies(parent):
-        run.say("baselines: uniform width is left out: the parent's layers differ (a searched child?), so one FFN "
+        say("baselines: uniform width is left out: the parent's layers differ (a searched child?), so one FFN "
                 "width and KV-head count in every layer is not a pruning of it")
         widths, kv_heads = [], []
     cost = cost_model(run, widths, measure=measure_costs)
@@ -441,12 +446,12 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
             if g is None:
                 continue
             if all(b == NOOP_BLOCK for b in g.blocks):
-                run.say(f"baselines: warning: greedy ({stage}) reaches {s:g}x only by removing every layer")
+                say(f"baselines: warning: greedy ({stage}) reaches {s:g}x only by removing every layer")
             add(name, "greedy", stage, g.blocks, s, "score table of the run's library", g.kl_nats, aim)
         k, aim = first_reached(f"layers-{s:g}x", s, lambda a: fewest_removals(
             layer_order, lambda o, m: layer_removal(parent, o, m), cost, parent_ms / a))
         if k is not None and k == len(layer_order):
-            run.say(f"baselines: warning: layer removal reaches {s:g}x only by removing all {k} layers (embedding and "
+            say(f"baselines: warning: layer removal reaches {s:g}x only by removing all {k} layers (embedding and "
                     f"LM head left); its layers-{s:g}x row is such a model")
         if k is not None:
             add(f"layers-{s:g}x", "layer_removal", "none", layer_removal(parent, layer_order, k), s,
@@ -481,7 +486,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
         same = built.setdefault(compact_architecture([b.id for b in blocks]), name)
         if same != name:
             if s_eff < s:  # said of a target out of reach only: another within reach needing the same model is plain
-                run.say(f"baselines: attention removal reaches at most {s_eff:g}x here, with the model of {same}")
+                say(f"baselines: attention removal reaches at most {s_eff:g}x here, with the model of {same}")
             continue
         if all(c.name != name for c in out):
             add(name, "attention_removal", "none", blocks, s_eff, f"attention removed in {k} layers: "
@@ -638,21 +643,45 @@ def row_inputs(run) -> dict:
             "eval_sha": _tensor_sha(run.tokens.eval)}
 
 
+def sealed_row(row: dict) -> dict:
+    """`row` (a model row of DIR/baselines/rows/ or DIR/front_rows/) with `row_sha256`: the sha256 of its other
+    fields as JSON (sorted keys, as the file stores them), which a row edited by hand no longer matches
+    (`row_edited`; breaker: a kl_nats set by hand was drawn and its ratio printed, and `puzzle baselines` kept it)."""
+    clean = json.loads(json.dumps({k: v for k, v in row.items() if k != "row_sha256"}, default=str))
+    return {**clean, "row_sha256": _row_sha256(clean)}
+
+
+def _row_sha256(row: dict) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
+
+
+def row_edited(row: dict) -> bool:
+    """Whether `row` carries a `row_sha256` (`sealed_row`) that its fields no longer match: edited since it was
+    written. A row without one (written before rows were sealed) is taken as it is."""
+    seal = row.get("row_sha256")
+    return seal is not None and seal != _row_sha256({k: v for k, v in row.items() if k != "row_sha256"})
+
+
+def _read_row(path: Path):
+    """The JSON value of a row file, or None where it is missing or unreadable."""
+    from .io import read_json
+
+    try:
+        return read_json(path) if path.is_file() else None
+    except PuzzleError:
+        return None
+
+
 def _saved_row(path: Path, inputs: dict) -> dict | None:
     """The model row in `path` (DIR/baselines/rows/, DIR/front_rows/) when it is whole (its figures are numbers) and
     was made for `inputs` (`row_inputs`: the run's workload, score table and evaluation split); else None (a
     missing, unreadable, hand-edited or stale row, which `realize_all` redoes)."""
-    from .io import read_json
-
-    try:
-        row = read_json(path) if path.is_file() else None
-    except PuzzleError:
-        return None
+    row = _read_row(path)
     numbers = ("speedup", "kl_nats", "lm_loss", "params", "runtime_ms") + (
         ("throughput_tok_s",) if path.name == "parent.json" else ())
     whole = isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
                                           for k in numbers)
-    return row if whole and row.get("inputs") == inputs else None
+    return row if whole and row.get("inputs") == inputs and not row_edited(row) else None
 
 
 def realize_all(run, candidates: list[Candidate], library=None, export: bool = True, group_size: int = 4,
@@ -701,6 +730,9 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
 
     for path in rows_dir.glob("*.json"):  # rows for another workload or score table would be drawn by `puzzle front`
         if saved(path) is None:
+            if isinstance(row := _read_row(path), dict) and row_edited(row):
+                warnings.warn(f"{path} was edited since it was written (its figures no longer match its checksum): "
+                              f"that model is evaluated and timed again")
             path.unlink()
     given = set() if measured is None else set(measured.index) - {"parent"}
     todo = [c for c in candidates if c.name in given or finished(c) is None]
@@ -729,10 +761,10 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
             sessions.append(session_rows(measured, [n for n in unique if n in given]))
         timing = pd.concat(sessions, ignore_index=True).drop_duplicates("name").set_index("name")
         if not (rows_dir / "parent.json").is_file():
-            atomic_write_json(rows_dir / "parent.json", parent_row(run, timing.loc["parent"], inputs))
+            atomic_write_json(rows_dir / "parent.json", sealed_row(parent_row(run, timing.loc["parent"], inputs)))
         for c in group:
             m = timing.loc[timed[c.name]]
-            atomic_write_json(rows_dir / f"{c.name}.json", {
+            atomic_write_json(rows_dir / f"{c.name}.json", sealed_row({
                 "name": c.name, "method": c.method, "training": c.training, "target_speedup": c.target_speedup,
                 "planned_speedup": c.plan_speedup, "predicted_speedup": c.predicted_speedup,
                 "speedup": float(m["speedup"]), **quality[c.name],
@@ -740,7 +772,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "memory_mib": float(m["memory_mib"]), "runtime_ms": float(m["runtime_ms"]), "note": c.note,
                 "group_parent_runtime_ms": float(m["parent_runtime_ms"]),
                 "contention_cores": contention_cores(m.get("contention_cores")),
-                "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs})
+                "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs}))
         del models
     if not (rows_dir / "parent.json").is_file():
         return pd.DataFrame(columns=ROW_COLUMNS)
@@ -820,7 +852,7 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
             run.say(f"baselines: {name} measured {measured:.3f}x, short of its {target:g}x target: planned again for "
                     f"{held[name]:.3f}x by the cost table (once), as our children are held to their budgets")
         atomic_write_json(run.out / "baselines" / HELD_FILE, {"inputs": row_inputs(run), "planned": held})
-        plan = plan_baselines(run, speedups, planned=held)
+        plan = plan_baselines(run, speedups, planned=held, quiet=True)  # its warnings said by the first plan (breaker)
     atomic_write_text(run.out / "baselines" / "baselines.csv", table.to_csv(index=False))
     run.timed("baselines_s", time.perf_counter() - t0)
     return table
@@ -868,7 +900,8 @@ def _short_of_target(table: pd.DataFrame, plan: list[Candidate], held: dict) -> 
     reached = speed.groupby([table["method"], table["training"]]).max().to_dict()  # breaker: `--speedups 1.25`
     return {c.name: (float(rows.loc[c.name, "speedup"]), c.target_speedup, c.predicted_speedup) for c in plan
             if c.method in HELD_METHODS and c.name not in held and c.name in rows.index
-            and not reached.get((c.method, c.training), 0.0) >= c.target_speedup}
+            and not reached.get((c.method, c.training), 0.0) >= c.target_speedup
+            and not (c.blocks and all(b == NOOP_BLOCK for b in c.blocks))}  # breaker: every layer removed, "planned again" for more
 
 
 def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:

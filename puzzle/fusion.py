@@ -825,7 +825,7 @@ def _place_on_front(run, rec: dict) -> None:
     front` beside our other children; with DIR/front_rows/parent.json from the same timing session where that row is
     missing or stale). A call that was not timed leaves a row of the same fused child as it is, and removes one of
     another fusion of the child (saying so)."""
-    from .baselines import _saved_row, parent_row, row_inputs
+    from .baselines import _saved_row, parent_row, row_inputs, sealed_row
     from .io import atomic_write_json
 
     path = front_row_path(run.out, rec["fused_name"])
@@ -841,8 +841,8 @@ def _place_on_front(run, rec: dict) -> None:
         return
     if _saved_row(path.with_name("parent.json"), row["inputs"]) is None:
         atomic_write_json(path.with_name("parent.json"),
-                          parent_row(run, pd.Series(rec["front_timing"]["parent"]), row["inputs"]))
-    if _read(path) != row:
+                          sealed_row(parent_row(run, pd.Series(rec["front_timing"]["parent"]), row["inputs"])))
+    if _read(path) != (row := sealed_row(row)):
         atomic_write_json(path, row)
     try:
         front_row_export(run, rec["fused_name"])

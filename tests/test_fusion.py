@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from puzzle.architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
+from puzzle.baselines import sealed_row
 from puzzle.errors import PuzzleError
 from puzzle.fusion import FusedFFNBlock, ffn_runs, fuse_ffn_runs, fuse_layers, to_plain_model
 from puzzle.modeling import PuzzleForCausalLM
@@ -469,7 +470,7 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     chosen = json.loads((run.out / "search" / "chosen.json").read_text())
     (run.out / "search" / "chosen.json").write_text(json.dumps({**chosen, "names": chosen["names"] + ["child-twin"]}))
     twin = front_row_path(run.out, "child-twin-fused")
-    twin.write_text(json.dumps({**row, "name": "child-twin-fused", "fused_from": "child-twin"}))
+    twin.write_text(json.dumps(sealed_row({**row, "name": "child-twin-fused", "fused_from": "child-twin"})))
     with pytest.raises(PuzzleError, match="child-twin-fused .*is missing"):
         evaluate_front_downstream(run, ("lambada",), limit=2, wheel=wheel, progress=False)
     assert not list((run.out / "downstream").glob("*/child-twin-fused.json"))
@@ -490,8 +491,8 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
         time_front_together(run, repeats=2)
     # two such rows are named at once (breaker: `fuse --front --no-export`, then each retry named the next)
     shutil.copy(run.out / "search" / "child-fuse.json", run.out / "search" / "child-twin.json")
-    twin.write_text(json.dumps({**row, "name": "child-twin-fused", "fused_from": "child-twin",
-                                "architecture": row["architecture"] + " noop/noop"}))  # not timed as child-fuse-fused
+    twin.write_text(json.dumps(sealed_row({**row, "name": "child-twin-fused", "fused_from": "child-twin",  # not
+                                           "architecture": row["architecture"] + " noop/noop"})))  # timed as the other
     with pytest.raises(PuzzleError, match="2 fused children of the front cannot be built: child-.*-fused .*; "
                                           "child-.*-fused "):
         time_front_together(run, repeats=2)

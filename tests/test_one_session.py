@@ -9,6 +9,7 @@ import warnings
 import pandas as pd
 import pytest
 
+from puzzle.baselines import sealed_row
 from tiny_run import tiny_run_dir
 
 
@@ -37,7 +38,7 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
     rows_dir = out / "baselines" / "rows"
     original = next(r for r in map(json.loads, (p.read_text() for p in sorted(rows_dir.glob("*.json"))))
                     if r["name"] != "parent")
-    (rows_dir / "twin.json").write_text(json.dumps({**original, "name": "twin"}))
+    (rows_dir / "twin.json").write_text(json.dumps(sealed_row({**original, "name": "twin"})))
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
     before = pd.read_csv(out / "front_all.csv").set_index("name")
     assert "timing" not in before.columns and "twin" in before.index
@@ -166,7 +167,7 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     # a row whose parameter count was edited by hand (was a ValueError traceback; the need is counted from the
     # library entries the children use now)
     row = json.loads((out / "baselines" / "rows" / "layers-1.5x.json").read_text())
-    (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps({**row, "params": "lots"}))
+    (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps(sealed_row({**row, "params": "lots"})))
     monkeypatch.setattr(one_session, "_available_bytes", lambda device: 1024)
     timed = []
     monkeypatch.setattr("puzzle.scoring.cost.measure_models", lambda *a, **k: timed.append(1))
@@ -176,7 +177,8 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     assert not timed and not (out / "one_session.json").exists()
     # a row whose architecture cannot be built: the error names the model and what to do
     monkeypatch.undo()
-    (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps({**row, "architecture": "xyz qq"}))
+    bad = sealed_row({**row, "architecture": "xyz qq"})
+    (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps(bad))
     assert main(["front", "--out", str(out), "--one-session", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "layers-1.5x (baselines/rows: its architecture 'xyz qq') cannot be built again" in err
@@ -326,3 +328,34 @@ def test_the_memory_estimate_counts_coupled_entries_whole():
     used = entry_params(config, cands, {"a": {(0, block.id)}, "b": frozenset()})
     whole = subblock_params(config, block.attention) + subblock_params(config, block.ffn)
     assert used == {(0, block.id, "bld"): whole, (0, block.ffn.id, "bld"): subblock_params(config, block.ffn)}
+
+
+def test_a_row_edited_by_hand_is_left_out_and_measured_again(run_with_baselines, tmp_path, capsys):
+    """Breaker: a baseline row's kl_nats set to 1e-6 by hand was drawn and gave a ratio of 209, without a word, and
+    `puzzle baselines` then kept it ("12 of 12 models kept") and wrote it into baselines.csv."""
+    from puzzle.cli import main
+    from puzzle.plots import current_front_rows
+
+    out = tmp_path / "run"
+    shutil.copytree(run_with_baselines, out)
+    path = out / "baselines" / "rows" / "layers-1.5x.json"
+    row = json.loads(path.read_text())
+    assert "row_sha256" in row
+    path.write_text(json.dumps({**row, "kl_nats": 1e-6}))
+    with pytest.warns(UserWarning, match="layers-1.5x.json was edited since it was written"):
+        assert "layers-1.5x" not in set(current_front_rows(out)["name"])
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    assert "layers-1.5x.json was edited since it was written" in capsys.readouterr().err
+    assert json.loads(path.read_text())["kl_nats"] == pytest.approx(row["kl_nats"])  # evaluated again
+
+
+def test_the_notebooks_rows_say_when_front_csv_is_missing(run_with_baselines, tmp_path):
+    """Breaker: with front.csv deleted the notebook drew the baselines alone under "front of RUN", unsaid."""
+    from puzzle.plots import current_front_rows
+
+    out = tmp_path / "run"
+    shutil.copytree(run_with_baselines, out)
+    (out / "front.csv").unlink()
+    with pytest.warns(UserWarning, match=r"front.csv is missing, so the front holds no child of ours: `puzzle front"):
+        rows = current_front_rows(out)
+    assert "mip" not in set(rows["method"]) and len(rows) > 1
