@@ -725,7 +725,7 @@ def split_documents(calib_docs: list[Document], eval_docs: list[Document], score
 def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int, cut: list | None = None):
     """(document, token ids) in the order of `docs`, tokenized lazily in batches growing from 8 to 512
     documents, so that a consumer that stops early leaves the rest untokenized. Ids are cut to
-    `max_doc_tokens` (0: all) and carry no EOS; `cut`, when given, gets the doc_id of each document cut so."""
+    `max_doc_tokens` (0: all) and carry no EOS; `cut`, when given, gets each document cut so."""
     start, batch = 0, 8
     while start < len(docs):
         chunk = docs[start:start + batch]
@@ -734,7 +734,7 @@ def _tokenized(docs: list[Document], tokenizer, max_doc_tokens: int, cut: list |
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         for d, t in zip(chunk, ids):
             if cut is not None and max_doc_tokens > 0 and len(t) > max_doc_tokens:
-                cut.append(d.doc_id)
+                cut.append(d)  # the document, not its doc_id: two sources' ids overlap (breaker: miscounted)
             yield d, (t[:max_doc_tokens] if max_doc_tokens > 0 else t)
         start, batch = start + len(chunk), min(batch * 2, 512)  # grow: few docs for small budgets
 
@@ -833,7 +833,7 @@ def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_do
         bar.close()
     n_seq = min(total, want) // seq_len
     if n_seq == 0:
-        capped = len({d.doc_id for _, d in used} & set(cut or ()))
+        capped = len({d for _, d in used} & set(cut or ()))
         why = (f" ({capped} of them cut at data.max_doc_tokens = {max_doc_tokens} tokens each: --max-doc-tokens 0 "
                f"keeps whole documents)" if capped else "")
         raise PuzzleError(f"{len(docs)} documents give {total} tokens{why}, fewer than one sequence of {seq_len}; "
@@ -1411,7 +1411,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         tensors[split] = tokens
         if tokens.numel() < budgets[split] // config.seq_len * config.seq_len:
             warnings.warn(short_split_message(split, tokens.numel(), budgets[split], config.max_doc_tokens,
-                                              len({d.doc_id for d in used} & set(cut)), len(used)))
+                                              len(set(used) & set(cut)), len(used)))
         doc_ids: dict[str, list[str]] = {}
         for d in used:
             doc_ids.setdefault(d.source, []).append(d.doc_id)

@@ -843,6 +843,16 @@ def test_a_split_short_because_documents_were_cut_names_max_doc_tokens(tmp_path,
     # breaker: a cap so low that a split holds not one sequence failed without naming the cap
     with pytest.raises(PuzzleError, match=r"cut at data.max_doc_tokens = 2 tokens each: --max-doc-tokens 0"):
         prepare_data(dataclasses.replace(config, max_doc_tokens=2), tok, tmp_path / "data-tiny-cap")
+    # two sources whose documents share doc ids ("0", "1", ...: both .txt files): every cut document is counted
+    # (breaker: 39 of 64 were said, all 64 cut)
+    (tmp_path / "other.txt").write_text("\n\n".join(" ".join(f"other{i}-{j}" for j in range(300)) for i in range(8)))
+    two = dataclasses.replace(config, calib_sources=(str(tmp_path / "calib.txt"), str(tmp_path / "other.txt")),
+                              calib_tokens=20000, score_tokens=256)
+    with pytest.warns(UserWarning) as caught:
+        data = prepare_data(two, tok, tmp_path / "data-two")
+    said = [str(w.message) for w in caught if str(w.message).startswith("calib split")]
+    documents = sum(map(len, data.manifest["splits"]["calib"]["doc_ids"].values()))
+    assert len(said) == 1 and f"{documents} of its {documents} documents were cut" in said[0], said
 
 
 def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_said(tmp_path, tok):
