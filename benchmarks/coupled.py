@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     out = args.out or args.run / "coupled-bench"
     try:
         try:
-            speedups = [parse_speedup(s) for s in args.speedups.split(",") if s.strip()]
+            speedups = list(dict.fromkeys(parse_speedup(s) for s in args.speedups.split(",") if s.strip()))
         except PuzzleError as e:
             raise PuzzleError(f"--speedups {args.speedups!r}: {str(e).removeprefix('--speedup ')}; give speed-ups "
                               f"separated by commas, e.g. 1.25,1.5,2") from None

@@ -153,7 +153,7 @@ def phase_remeasure(run, repeats: int) -> None:
     one session's (the grouped figure is kept as speedup_grouped), for --phase report, which reads the rows.
     Writes DIR/remeasure.csv.
     """
-    from puzzle.baselines import stale_greedy_rows
+    from puzzle.baselines import sealed_row, stale_greedy_rows
     from puzzle.one_session import time_front_together
     from puzzle.scoring.machine import machine_record
 
@@ -172,7 +172,7 @@ def phase_remeasure(run, repeats: int) -> None:
                 row.update({"speedup": float(m["speedup"]), "speedup_grouped": grouped,
                             "runtime_ms": float(m["runtime_ms"]), "runtime_iqr_ms": float(m["runtime_iqr_ms"]),
                             "group_parent_runtime_ms": parent_ms, "remeasured_repeats": repeats})
-            atomic_write_json(path, row)
+            atomic_write_json(path, sealed_row(row))  # its checksum follows (reviewer: else drawn as edited)
     session = read_json(run.out / "one_session.json")
     out = table.reset_index().rename(columns={"speedup_own_session": "speedup_grouped"})
     out = out[["name", "method", "training", "speedup", "speedup_grouped", "runtime_ms", "runtime_iqr_ms"]]
@@ -206,6 +206,7 @@ def evaluate_fused(run, model, name) -> dict:
 
 
 def phase_report(run, out: Path, speedups) -> None:
+    from puzzle.baselines import row_edited
     from puzzle.pipeline import parent_label
     from puzzle.plots import architecture_map, front_plot, matched_ratio_intervals, matched_ratios, selected_children
 
@@ -214,7 +215,11 @@ def phase_report(run, out: Path, speedups) -> None:
     for path in (run.out / "front_rows", run.out / "baselines" / "rows"):
         if path.is_dir():
             parts += [read_json(p) for p in sorted(path.glob("*.json"))]
-    rows = pd.DataFrame(parts).drop_duplicates("name")
+    edited = [r.get("name") for r in parts if row_edited(r)]  # as `puzzle front` leaves them out (reviewer)
+    if edited:
+        print(f"front: rows edited since they were written are left out: {', '.join(map(str, edited))}",
+              file=sys.stderr)
+    rows = pd.DataFrame([r for r in parts if not row_edited(r)]).drop_duplicates("name")
     from puzzle.downstream import downstream_rows
 
     acc = downstream_rows(run.out)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from .architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from .budgets import Budgets
 from .errors import PuzzleError
-from .io import atomic_write_json, atomic_write_text, dir_arg
+from .io import atomic_write_json, atomic_write_text, dir_arg, read_json_or_none
 from .library import Library
 from .space import LayerSpace
 
@@ -370,7 +370,7 @@ def realize(run, candidate: Candidate, library=None):
 
 def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None, attention_speedups=None,
                    influence_tokens: int = 4096, measure_costs: bool = True, planned=None,
-                   quiet: bool = False) -> list[Candidate]:
+                   say=None) -> list[Candidate]:
     """Every baseline child for each speed-up target (runtime ≤ parent / s), before realizing.
 
     Args:
@@ -384,7 +384,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
         planned: {name: speed-up} to plan a greedy, layer-removal or uniform-width child for instead of its target
             (`held_speedups`; a uniform one by its name without '-kvN'); where that is out of the method's reach, its
             target is planned for.
-        quiet: leave out the notes and warnings (a second plan of one call: the first said them).
+        say: callable(message) for the notes and warnings (default run.say; `run_baselines` says each once).
 
     Returns:
         Candidates: greedy (bld, init), layer_removal, attention_removal, uniform_width (one per KV
@@ -393,7 +393,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
     from .pipeline import load_score_table
     from .space import attention_variants
 
-    say = (lambda message: None) if quiet else run.say
+    say = say or run.say
     parent = run.parent.config
     calib = run.tokens.calib
     n = max(1, min(calib.shape[0], influence_tokens // calib.shape[1]))
@@ -409,7 +409,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
                                            if a.kind == "gqa"}, reverse=True)
     if not uniform_width_applies(parent):
         say("baselines: uniform width is left out: the parent's layers differ (a searched child?), so one FFN "
-                "width and KV-head count in every layer is not a pruning of it")
+            "width and KV-head count in every layer is not a pruning of it")
         widths, kv_heads = [], []
     cost = cost_model(run, widths, measure=measure_costs)
     parent_ms = cost.runtime_ms(parent.blocks)
@@ -452,7 +452,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
             layer_order, lambda o, m: layer_removal(parent, o, m), cost, parent_ms / a))
         if k is not None and k == len(layer_order):
             say(f"baselines: warning: layer removal reaches {s:g}x only by removing all {k} layers (embedding and "
-                    f"LM head left); its layers-{s:g}x row is such a model")
+                f"LM head left); its layers-{s:g}x row is such a model")
         if k is not None:
             add(f"layers-{s:g}x", "layer_removal", "none", layer_removal(parent, layer_order, k), s,
                 f"{k} layers removed: {sorted(layer_order[:k])}", aim=aim)
@@ -645,7 +645,7 @@ def row_inputs(run) -> dict:
 
 def sealed_row(row: dict) -> dict:
     """`row` (a model row of DIR/baselines/rows/ or DIR/front_rows/) with `row_sha256`: the sha256 of its other
-    fields as JSON (sorted keys, as the file stores them), which a row edited by hand no longer matches
+    fields as JSON (sorted keys, of the values as the file stores them), which a row edited by hand no longer matches
     (`row_edited`; breaker: a kl_nats set by hand was drawn and its ratio printed, and `puzzle baselines` kept it)."""
     clean = json.loads(json.dumps({k: v for k, v in row.items() if k != "row_sha256"}, default=str))
     return {**clean, "row_sha256": _row_sha256(clean)}
@@ -662,21 +662,13 @@ def row_edited(row: dict) -> bool:
     return seal is not None and seal != _row_sha256({k: v for k, v in row.items() if k != "row_sha256"})
 
 
-def _read_row(path: Path):
-    """The JSON value of a row file, or None where it is missing or unreadable."""
-    from .io import read_json
-
-    try:
-        return read_json(path) if path.is_file() else None
-    except PuzzleError:
-        return None
 
 
 def _saved_row(path: Path, inputs: dict) -> dict | None:
     """The model row in `path` (DIR/baselines/rows/, DIR/front_rows/) when it is whole (its figures are numbers) and
     was made for `inputs` (`row_inputs`: the run's workload, score table and evaluation split); else None (a
     missing, unreadable, hand-edited or stale row, which `realize_all` redoes)."""
-    row = _read_row(path)
+    row = read_json_or_none(path)
     numbers = ("speedup", "kl_nats", "lm_loss", "params", "runtime_ms") + (
         ("throughput_tok_s",) if path.name == "parent.json" else ())
     whole = isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
@@ -730,9 +722,10 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
 
     for path in rows_dir.glob("*.json"):  # rows for another workload or score table would be drawn by `puzzle front`
         if saved(path) is None:
-            if isinstance(row := _read_row(path), dict) and row_edited(row):
+            if isinstance(row := read_json_or_none(path), dict) and row_edited(row):
                 warnings.warn(f"{path} was edited since it was written (its figures no longer match its checksum): "
-                              f"that model is evaluated and timed again")
+                              f"removed; the command that built it (`puzzle baselines`, `refine` or `fuse`) measures "
+                              f"it again")
             path.unlink()
     given = set() if measured is None else set(measured.index) - {"parent"}
     todo = [c for c in candidates if c.name in given or finished(c) is None]
@@ -827,7 +820,14 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
                           f"--speedups or the run's front speed-ups")
     t0 = time.perf_counter()
     held = held_speedups(run)
-    plan = plan_baselines(run, speedups, planned=held)
+    said: set = set()
+
+    def say_once(message: str) -> None:  # the second plan's repeats of the first's left out (breaker: said twice)
+        if message not in said:
+            said.add(message)
+            run.say(message)
+
+    plan = plan_baselines(run, speedups, planned=held, say=say_once)
     if export:  # a folder that cannot be replaced fails now, not after hours of realizing
         from .export import check_export_target
 
@@ -852,7 +852,7 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
             run.say(f"baselines: {name} measured {measured:.3f}x, short of its {target:g}x target: planned again for "
                     f"{held[name]:.3f}x by the cost table (once), as our children are held to their budgets")
         atomic_write_json(run.out / "baselines" / HELD_FILE, {"inputs": row_inputs(run), "planned": held})
-        plan = plan_baselines(run, speedups, planned=held, quiet=True)  # its warnings said by the first plan (breaker)
+        plan = plan_baselines(run, speedups, planned=held, say=say_once)
     atomic_write_text(run.out / "baselines" / "baselines.csv", table.to_csv(index=False))
     run.timed("baselines_s", time.perf_counter() - t0)
     return table
@@ -901,7 +901,8 @@ def _short_of_target(table: pd.DataFrame, plan: list[Candidate], held: dict) -> 
     return {c.name: (float(rows.loc[c.name, "speedup"]), c.target_speedup, c.predicted_speedup) for c in plan
             if c.method in HELD_METHODS and c.name not in held and c.name in rows.index
             and not reached.get((c.method, c.training), 0.0) >= c.target_speedup
-            and not (c.blocks and all(b == NOOP_BLOCK for b in c.blocks))}  # breaker: every layer removed, "planned again" for more
+            # breaker: every layer removed, "planned again" for more
+            and not (c.blocks and all(b == NOOP_BLOCK for b in c.blocks))}
 
 
 def _with_earlier_rows(run, table: pd.DataFrame) -> pd.DataFrame:

@@ -1192,6 +1192,15 @@ def _expanded(path: Path) -> Path:
         raise PuzzleError(_NO_HOME.format(path=path)) from None
 
 
+def _expands(word: str) -> bool:
+    """Whether `word`'s leading `~` or `~user` can be expanded (`_expanded`)."""
+    try:
+        Path(word).expanduser()
+        return True
+    except RuntimeError:
+        return False
+
+
 #: the error of a path whose leading `~user` cannot be expanded (Path.expanduser's RuntimeError)
 _NO_HOME = "{path}: its leading ~ names no user of this machine (or no home folder); give the path written out"
 
@@ -1282,7 +1291,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # a path that is no flag's (merge's inputs, generate's model) with an unknown ~user
         if args.debug or "home directory" not in str(e):
             raise
-        named = next((a for a in map(str, argv) if a.startswith("~")), "a path")
+        named = next((a for a in map(str, argv) if a.startswith("~") and not _expands(a)), "a path")
         print(f"puzzle: error: {_NO_HOME.format(path=named)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout stopped (`puzzle search --json | head`): no traceback

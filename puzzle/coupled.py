@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import pandas as pd
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from .architecture import BlockConfig
 from .bld import BLDConfig, Job, planned_tokens, run_jobs
-from .errors import PuzzleError
+from .errors import PuzzleError, is_finite_number
 from .library import Library
 from .mip import as_bool
 from .modeling import DecoderBlock, PuzzleForCausalLM
@@ -66,7 +67,10 @@ def narrow_blocks(table: pd.DataFrame, budgets_list: Sequence, top_k: int, objec
         try:
             solutions = solve(table, budgets, objective, vllm_compatible=vllm_compatible, num_solutions=top_k,
                               time_limit_s=time_limit_s, exclude=exclude)
-        except InfeasibleBudget:  # reviewer: every PuzzleError was taken so, e.g. an exclusion that empties a layer
+        except InfeasibleBudget:
+            continue
+        except PuzzleError as e:  # reviewer: said, not swallowed (a time-out, an exclusion that empties a layer)
+            warnings.warn(f"coupled BLD: the budget {budgets} is left out of the narrowing: {e}")
             continue
         for sol in solutions:
             for i, block in enumerate(sol.blocks):
@@ -176,15 +180,18 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
         # a score of this very entry (breaker: a block trained again kept its old score; a row without a checksum
         # predates them, and is kept as decoupled scores are)
         # and a finite one (reviewer: a NaN score was kept for good, and the search refused the table)
-        if key not in done or done[key].get("entry_sha256", sha) != sha or not _finite(done[key].get("kl_nats")):
+        if key not in done or done[key].get("entry_sha256", sha) != sha \
+                or not is_finite_number(done[key].get("kl_nats")):
             cache = cache() if callable(cache) else cache
             module = block_module(parent.config, library, i, b, stage).to(dtype)
             metrics = replace_block_score(parent, cache, i, module, chunk)
-            if not math.isfinite(metrics["kl_nats"]):
-                where = library.weights_path(i, b.id, stage)
-                raise PuzzleError(f"layer {i} block {b.id} ({stage}) scores a KL of {metrics['kl_nats']}: its "
-                                  f"weights ({where}) hold NaN or inf, or overflow; delete {where} and run `puzzle "
-                                  f"run`, which trains it again")
+            if not math.isfinite(metrics["kl_nats"]):  # a block is optional: the search takes its two subblocks
+                warnings.warn(f"layer {i} block {b.id} ({stage}) scores a KL of {metrics['kl_nats']}: its weights "
+                              f"({library.weights_path(i, b.id, stage)}) hold NaN or inf, or overflow; it is left out "
+                              f"of the score table (deleting its files has `puzzle run` train it again)")
+                if bar is not None:
+                    bar.update(1)
+                continue
             done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id, "entry_sha256": sha, **metrics}
             if log is not None:
                 log.append(done[key])
@@ -196,11 +203,6 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
     if bar is not None:
         bar.close()
     return pd.DataFrame(rows)
-
-
-def _finite(value) -> bool:
-    """A logged metric that is a finite number (JSON may hold NaN)."""
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def block_rows(quality: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
@@ -345,8 +347,9 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
              if run.library.recorded(i, b.id, "bld").get("planned_tokens") not in (None, plan)]
     if stale:
         blocks = {i: kept for i, bs in blocks.items() if (kept := [b for b in bs if (i, b.id) not in stale])}
+        setting = "bld.coupled_tokens" if run.config.bld.coupled_tokens else "bld.tokens"
         run.say(f"score: {len(stale)} coupled entr{'y was' if len(stale) == 1 else 'ies were'} trained on another "
-                f"number of tokens than bld.coupled_tokens plans ({plan}; e.g. layer {stale[0][0]} {stale[0][1]}) and "
+                f"number of tokens than {setting} plans ({plan}; e.g. layer {stale[0][0]} {stale[0][1]}) and "
                 f"{'is' if len(stale) == 1 else 'are'} left out of the table; `puzzle run --out {run.out}` trains "
                 f"{'it' if len(stale) == 1 else 'them'} again")
     rows = pd.DataFrame(columns=SCORE_COLUMNS)
@@ -360,7 +363,7 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
         # the costs of the table the blocks join, one row per variant (breaker: a missing cost.csv was timed again
         # here, and the block rows got the new timings beside the decoupled rows' old ones)
         costs = decoupled[decoupled["layer"] >= 0].drop_duplicates("variant")
-        rows = block_rows(quality, costs)[SCORE_COLUMNS]
+        rows = block_rows(quality, costs)[SCORE_COLUMNS] if len(quality) else rows  # (every block left out: NaN)
     combined = pd.concat([decoupled, rows], ignore_index=True)[SCORE_COLUMNS] if len(rows) else decoupled
     save_table(combined, run.out / "score" / "score_table.csv", {**cost_meta(run), **{k: v for k, v in meta.items()
                if k not in ("columns", "rows", "coupled_blocks")}, "coupled_blocks": len(rows)})

@@ -264,6 +264,8 @@ def _oe_eval_passage(record: dict, where: str) -> tuple[int, str]:
             doc_id = int(doc_id)
         except ValueError:
             pass
+    elif isinstance(doc_id, float) and doc_id.is_integer():  # 12.0 (reviewer: int() took it before)
+        doc_id = int(doc_id)
     if isinstance(doc_id, bool) or not isinstance(doc_id, int):  # breaker: null crashed in int()
         raise PuzzleError(f"{where}: an oe-eval request whose doc_id is {doc_id!r}; give each request a whole-number "
                           f"doc_id")
@@ -316,9 +318,10 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
         doc_id = record.get("id", record.get("question_id", lineno - 1))
         docs.append(Document(text.strip(), str(doc_id), source))
     if broken:
-        warnings.warn(f"{path}: {len(broken)} record{'s' if len(broken) > 1 else ''} (line {broken[0]}"
-                      f"{' and others' if len(broken) > 1 else ''}) {'hold' if len(broken) > 1 else 'holds'} a lone surrogate escape (half of an emoji's "
-                      f"\\ud83d\\ude00 pair, say), which is no character: read with U+FFFD in its place")
+        many = len(broken) > 1
+        warnings.warn(f"{path}: {len(broken)} record{'s' if many else ''} (line {broken[0]}"
+                      f"{' and others' if many else ''}) {'hold' if many else 'holds'} a lone surrogate escape (half "
+                      f"of an emoji's \\ud83d\\ude00 pair, say), which is no character: read with U+FFFD in its place")
     return docs
 
 

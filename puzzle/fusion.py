@@ -431,14 +431,10 @@ def _inputs_key(inputs: dict) -> str:
 
 
 def _read(path: Path):
-    """The JSON value in `path`, or None where it is missing, damaged or unreadable (RecursionError included: a
-    hand-edited file nested too deep; breaker)."""
-    from .io import read_json
+    """`io.read_json_or_none` (breaker: a hand-edited file nested too deep raised RecursionError)."""
+    from .io import read_json_or_none
 
-    try:
-        return read_json(path) if path.is_file() else None
-    except (PuzzleError, RecursionError, OSError):
-        return None
+    return read_json_or_none(path)
 
 
 def _saved_record(path: Path, inputs: dict) -> dict | None:

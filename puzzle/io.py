@@ -158,6 +158,15 @@ def read_json(path: str | os.PathLike) -> dict:
         raise PuzzleError(f"{path} is not valid JSON ({e}); delete it and rerun the stage that writes it") from e
 
 
+def read_json_or_none(path: str | os.PathLike):
+    """The JSON value in `path`, or None where it is missing, damaged or unreadable (RecursionError included: a
+    hand-edited file nested too deep)."""
+    try:
+        return read_json(path) if Path(path).is_file() else None
+    except (PuzzleError, RecursionError, OSError):
+        return None
+
+
 def save_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
     """Write a tidy table as CSV plus a JSON sidecar (`<path>.json`) holding `meta` and the columns."""
     path = Path(path)

@@ -72,6 +72,7 @@ def merge_state_dicts(state_dicts: list[dict], weights=None, names=None, dtype: 
         state_dicts: name -> tensor maps with the same names and shapes.
         weights: one positive weight per state dict (normalised to sum 1; default equal).
         names: what to call each input in errors.
+        dtype: the merged tensors' dtype (default: each the first input's).
 
     Raises:
         PuzzleError: fewer than two inputs, different tensor names or shapes, a tensor floating in one input
@@ -351,6 +352,8 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
             input or a model an input was derived from (`derived_from`), one that would replace something else, or
             a merge that holds NaN or inf (an input does, or it overflows the stored dtype).
     """
+    if dtype is not None and str(dtype).removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
+        raise PuzzleError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     paths = [Path(p).expanduser() for p in paths]
     for p in paths:
         if not p.exists():

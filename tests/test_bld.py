@@ -555,6 +555,18 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
     keys = ["layer", "subblock", "variant", "kl_nats"]  # (the costs were timed again: cost.csv was deleted above)
     assert load_score_table(run, "bld")[0][keys].equals(again[keys]) and any(
         f"keeps a block row for each of the library's {len(blocks)} coupled entries" in m for m in said)
+    from puzzle.coupled import score_blocks  # a block scoring NaN is left out with a word (reviewer: it stopped
+    from puzzle.scoring.quality import parent_cache  # `puzzle score`, and rebuilding it could give NaN again)
+
+    info = run.library.info(int(row.layer), row.variant, "bld")
+    run.library.save(int(row.layer), "block", row.variant, "bld",
+                     {k: torch.full_like(v, float("nan")) for k, v in entry.items()},
+                     {k: v for k, v in info.items() if k not in ("file", "sha256", "params")})
+    with pytest.warns(UserWarning, match=rf"layer {int(row.layer)} block {re.escape(row.variant)} \(bld\) scores a "
+                                         r"KL of nan: .* it is left out of the score table"):
+        scored = score_blocks(run.parent.model, run.library, lambda: parent_cache(run.parent.model, run.tokens.score),
+                              {int(row.layer): [BlockConfig.from_id(row.variant)]})
+    assert len(scored) == 0
     weights = run.library.weights_path(int(row.layer), row.variant, "bld")
     weights.write_bytes(weights.read_bytes()[:-8])  # damaged: refused, not built from its subblocks without a word
     with pytest.raises(PuzzleError, match=rf"coupled library entry of layer {int(row.layer)} {re.escape(row.variant)} "

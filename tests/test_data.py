@@ -108,6 +108,8 @@ def test_jsonl_reader_survives_what_scraped_and_exported_files_hold(tmp_path):
             read_documents(str(g))
     g.write_text('{"request": {"context": "A", "continuation": " end"}, "doc_id": "12"}\n')
     assert read_documents(str(g)) == [Document("A end", "12", str(g))]
+    g.write_text('{"request": {"context": "A", "continuation": " end"}, "doc_id": 12.0}\n')
+    assert read_documents(str(g)) == [Document("A end", "12", str(g))]
 
 
 def test_jsonl_reader_text_messages_turns_and_gz(tmp_path):

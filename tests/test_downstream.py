@@ -223,7 +223,8 @@ def test_uplift_benchmark_gives_every_model_the_same_gkd_and_rates_before_and_af
     attn = json.loads(attn_path.read_text())  # or less, as this tiny run's timings go (CI once built attn-drop-1.46x)
     attn_path.unlink()
     (rows_dir / "attn-drop-1.5x.json").write_text(json.dumps(sealed_row({
-        **attn, "name": "attn-drop-1.5x", "target_speedup": 1.5, "speedup": 1.2, "architecture": layers["architecture"]})))
+        **attn, "name": "attn-drop-1.5x", "target_speedup": 1.5, "speedup": 1.2,
+        "architecture": layers["architecture"]})))
     (out / "refine").mkdir(exist_ok=True)  # a refinement `puzzle front` passes over: the plain child stands, said
     (out / "refine" / "child-1.5x.summary.csv").write_text("step,name,score_kl_nats\n")
     bench = load_benchmark("uplift")
