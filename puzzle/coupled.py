@@ -343,15 +343,18 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
     t0 = time.perf_counter()
     blocks = library_blocks(run.library, table=decoupled)  # reviewer: a block of a width left out failed at its cost
     plan = planned_tokens(run.tokens.calib, run.config.bld, run.config.bld.coupled_tokens)
-    stale = [(i, b.id) for i, bs in blocks.items() for b in bs  # reviewer: `puzzle score` kept them (run_jobs retrains)
-             if run.library.recorded(i, b.id, "bld").get("planned_tokens") not in (None, plan)]
-    if stale:
-        blocks = {i: kept for i, bs in blocks.items() if (kept := [b for b in bs if (i, b.id) not in stale])}
-        setting = "bld.coupled_tokens" if run.config.bld.coupled_tokens else "bld.tokens"
-        run.say(f"score: {len(stale)} coupled entr{'y was' if len(stale) == 1 else 'ies were'} trained on another "
-                f"number of tokens than {setting} plans ({plan}; e.g. layer {stale[0][0]} {stale[0][1]}) and "
-                f"{'is' if len(stale) == 1 else 'are'} left out of the table; `puzzle run --out {run.out}` trains "
-                f"{'it' if len(stale) == 1 else 'them'} again")
+    setting = "bld.coupled_tokens" if run.config.bld.coupled_tokens else "bld.tokens"
+    left_out = {  # each left out with a word; `puzzle run` (stage_coupled: run_jobs) trains them again
+        f"trained on another number of tokens than {setting} plans ({plan})":  # reviewer: `puzzle score` kept them
+            lambda i, b: run.library.recorded(i, b.id, "bld").get("planned_tokens") not in (None, plan),
+        "missing or damaged": lambda i, b: not run.library.has(i, b.id, "bld")}  # breaker: `puzzle run` stopped
+    for why, out in left_out.items():
+        if gone := [(i, b.id) for i, bs in blocks.items() for b in bs if out(i, b)]:
+            blocks = {i: kept for i, bs in blocks.items() if (kept := [b for b in bs if (i, b.id) not in gone])}
+            one = len(gone) == 1
+            run.say(f"score: {len(gone)} coupled entr{'y' if one else 'ies'} (e.g. layer {gone[0][0]} {gone[0][1]}) "
+                    f"{'is' if one else 'are'} {why}: left out of the table; `puzzle run --out {run.out}` trains "
+                    f"{'it' if one else 'them'} again")
     rows = pd.DataFrame(columns=SCORE_COLUMNS)
     if blocks:
         sc = run.config.score

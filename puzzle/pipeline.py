@@ -906,6 +906,10 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
                           f"`puzzle bld`), or run the whole pipeline with `puzzle run --out {run.out}`")
     table, meta = load_table(path, required_columns=REQUIRED_COLUMNS)  # the sidecar is required
     check_score_target(run, path, meta)
+    if not run.config.bld.coupled_top_k and (table["subblock"] == "block").any():  # breaker: `front` said it applied
+        warnings.warn(f"{path} holds coupled block rows, but bld.coupled_top_k is 0 now: the search still chooses "
+                      f"them and the children are built with them until `puzzle score --out {run.out}` (or `puzzle "
+                      f"run`) scores the table again without them")
     return table, meta
 
 

@@ -554,8 +554,10 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
 
 
 def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str) -> dict:
-    """A DIR/search/<name>.json record for a given architecture: predicted totals from the score table."""
-    from .pipeline import load_score_table
+    """A DIR/search/<name>.json record for a given architecture: predicted totals from the score table, and that
+    table's sha256 (breaker: a refined child's record, checked on a table scored since with coupled block rows, was
+    refused as edited by hand)."""
+    from .pipeline import _sha256, load_score_table, score_table_path
     from .search import anchor_slots, build_choices
 
     table, _ = load_score_table(run, stage)
@@ -565,7 +567,8 @@ def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str
     clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
     return {"name": name, "library_stage": stage, "method": method, "choice": list(choice),
             **{c: clean(v) for c, v in totals.items()}, "speedup": parent["runtime_ms"] / totals["runtime_ms"],
-            "budgets": budgets.to_dict(), "parent": {c: clean(v) for c, v in parent.items()}}
+            "budgets": budgets.to_dict(), "parent": {c: clean(v) for c, v in parent.items()},
+            "table_sha256": _sha256(score_table_path(run, stage))}
 
 
 def _earlier_refinement(log_path: Path, summary_path: Path) -> tuple[pd.DataFrame, dict] | None:

@@ -497,9 +497,25 @@ def test_a_configuration_asking_for_coupled_bld_runs_it_in_puzzle_run(tmp_path, 
     config = json.loads((out / "config.json").read_text())  # 0 switches it off for the library it made (breaker)
     config["bld"]["coupled_top_k"] = 0
     (out / "config.json").write_text(json.dumps(config))
+    assert main(["search", "--out", str(out), "--no-progress"]) == 0  # the table keeps its block rows until scored
+    assert "holds coupled block rows, but bld.coupled_top_k is 0 now" in capsys.readouterr().err  # (breaker: unsaid)
     assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
-    assert "coupled entries are left out of the table (bld.coupled_top_k = 0)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "coupled entries are left out of the table (bld.coupled_top_k = 0)" in err
+    assert "holds coupled block rows, but" not in err
     assert "block" not in set(pd.read_csv(out / "score" / "score_table.csv")["subblock"])
+    # a refined child (built from subblocks, on the decoupled table) stays buildable once the block rows are back
+    # (breaker: its record, without the table's sha256, was refused as "edited" on the table with block rows)
+    assert main(["search", "--out", str(out), "--no-progress"]) == 0
+    assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--no-progress", "--max-contention", "inf",
+                 "--no-measure"]) == 0
+    config["bld"]["coupled_top_k"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--out", str(out), "--name", "child-1.5x-refined", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert "was solved on another score table" in capsys.readouterr().err
 
 
 def test_a_preset_speedup_may_be_written_as_the_flag_takes_it():
@@ -645,8 +661,19 @@ def test_coupled_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, c
     (out / "config.json").write_text(json.dumps(config))
     assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
     err = capsys.readouterr().err
-    assert trained > 0 and f"score: {trained} coupled entr" in err and "(128; e.g. layer" in err, err[-3000:]
+    assert trained > 0 and f"score: {trained} coupled entr" in err, err[-3000:]
+    assert "trained on another number of tokens than bld.coupled_tokens plans (128): left out of the table" in err
     assert "block" not in set(pd.read_csv(out / "score" / "score_table.csv")["subblock"])
+    # a coupled entry whose info is damaged: `puzzle run` trains it again (breaker: scoring stopped it, naming
+    # `puzzle bld`, which trains no coupled entry)
+    assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    info = sorted((out / "library" / "entries").glob("L*/*+*.bld.json"))[0]
+    info.write_text('{"layer": 3, trunc')
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    err = capsys.readouterr().err
+    assert "coupled entry (e.g. layer" in err and "is missing or damaged: left out of the table" in err, err[-3000:]
+    assert "(1 trained now)" in err and json.loads(info.read_text())["planned_tokens"] == 128
 
 
 @pytest.mark.parametrize("command", ["run", "front", "baselines", "refine", "gkd", "sft", "rpo"])
