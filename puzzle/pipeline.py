@@ -1294,6 +1294,9 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
                f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s")
         run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, {how}"
                 + (" (kept)" if name in kept else ""))
+        if r.get("kl_nats") == 0 and math.isclose(r.get("speedup", 0), 1.0, rel_tol=1e-9):  # breaker: unsaid
+            run.say(f"search: note: {name} is the parent itself: its budgets hold for the parent (a --speedup at or "
+                    f"below 1?), so no child is faster")
     same_child: dict[tuple, list[str]] = {}  # breaker: targets a tighter budget collapses into one child, unsaid
     for name, r in records.items():
         same_child.setdefault((tuple(r["choice"]), r.get("library_stage", "bld")), []).append(name)

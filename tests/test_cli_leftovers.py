@@ -711,3 +711,18 @@ def test_a_preset_file_not_in_utf8_or_leaving_the_text_to_the_tiny_defaults_is_s
     (tmp_path / "t.toml").write_text('[parent]\npath = "tiny"\n[data]\nseq_len = 64\n')  # the tiny parent's own text
     assert main(["data", "--preset", str(tmp_path / "t.toml"), "--out", str(tmp_path / "d"), "--no-progress"]) == 0
     assert "built-in defaults" not in capsys.readouterr().err
+
+
+def test_a_search_whose_child_is_the_parent_says_so(tmp_path, capsys):
+    """Breaker: `puzzle search --out RUN --speedup 0.5` wrote child-0.5x, the parent itself, without a word (the
+    --library form says that such a bound does not bind)."""
+    from puzzle.cli import main
+
+    out = _tiny_run(tmp_path / "run")
+    assert main(["bld", "--out", str(out), "--no-progress"]) == 0
+    assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--out", str(out), "--speedup", "0.5", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "search: note: child-0.5x is the parent itself: its budgets hold for the parent" in err, err
+    assert "child-1.5x is the parent itself" not in err
