@@ -163,7 +163,8 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
     is scored (a rerun that finds every score in `log` costs no parent pass).
 
     Returns:
-        One row per block: layer, subblock="block", variant (block id), is_parent=False and the metrics.
+        One row per block: layer, subblock="block", variant (block id), is_parent=False and the metrics; a block
+        whose KL is NaN or inf (weights that hold them, or overflow) is left out with a warning.
     """
     done = log.read() if log is not None else {}
     dtype = next(parent.parameters()).dtype
