@@ -662,8 +662,6 @@ def row_edited(row: dict) -> bool:
     return seal is not None and seal != _row_sha256({k: v for k, v in row.items() if k != "row_sha256"})
 
 
-
-
 def _saved_row(path: Path, inputs: dict) -> dict | None:
     """The model row in `path` (DIR/baselines/rows/, DIR/front_rows/) when it is whole (its figures are numbers) and
     was made for `inputs` (`row_inputs`: the run's workload, score table and evaluation split); else None (a

@@ -754,7 +754,8 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
         PuzzleError: too few calibration sequences.
     """
     n_probe = cfg.probe_sequences
-    n_train = planned_tokens(calib, cfg, tokens) // calib.shape[1]
+    plan = planned_tokens(calib, cfg, tokens)
+    n_train = plan // calib.shape[1]
     if n_train < 1:
         raise PuzzleError(f"BLD needs more than {n_probe} calibration sequences, got {calib.shape[0]}; "
                           f"give more calibration text or lower bld.probe_sequences")
@@ -771,11 +772,11 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
     # a coupled block trained on another token count (bld.coupled_tokens, which the library's meta leaves out: it
     # changes no decoupled entry) is trained again (breaker: kept without a word)
     retrain = [j for j in mine if j.kind == "block" and j not in todo
-               and library.recorded(j.layer, j.id, stage).get("planned_tokens") not in (None, n_train * calib.shape[1])]
+               and library.recorded(j.layer, j.id, stage).get("planned_tokens") not in (None, plan)]
     if retrain:
         warnings.warn(f"{len(retrain)} coupled block entr{'y was' if len(retrain) == 1 else 'ies were'} trained on "
                       f"another number of tokens (e.g. layer {retrain[0].layer} {retrain[0].id}); trained again on "
-                      f"{n_train * calib.shape[1]}")
+                      f"{plan}")
         todo += retrain
     device = torch.device(device) if device is not None else default_device()
     t0, diverged = time.perf_counter(), []

@@ -1195,9 +1195,9 @@ def _expanded(path: Path) -> Path:
 def _expands(word: str) -> bool:
     """Whether `word`'s leading `~` or `~user` can be expanded (`_expanded`)."""
     try:
-        Path(word).expanduser()
+        _expanded(Path(word))
         return True
-    except RuntimeError:
+    except PuzzleError:
         return False
 
 

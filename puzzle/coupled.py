@@ -164,7 +164,7 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
 
     Returns:
         One row per block: layer, subblock="block", variant (block id), is_parent=False and the metrics; a block
-        whose KL is NaN or inf (weights that hold them, or overflow) is left out with a warning.
+        whose entry cannot be loaded, or whose KL is NaN or inf, is left out with a warning.
     """
     done = log.read() if log is not None else {}
     dtype = next(parent.parameters()).dtype
@@ -184,12 +184,15 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
         if key not in done or done[key].get("entry_sha256", sha) != sha \
                 or not is_finite_number(done[key].get("kl_nats")):
             cache = cache() if callable(cache) else cache
-            module = block_module(parent.config, library, i, b, stage).to(dtype)
-            metrics = replace_block_score(parent, cache, i, module, chunk)
-            if not math.isfinite(metrics["kl_nats"]):  # a block is optional: the search takes its two subblocks
-                warnings.warn(f"layer {i} block {b.id} ({stage}) scores a KL of {metrics['kl_nats']}: its weights "
-                              f"({library.weights_path(i, b.id, stage)}) hold NaN or inf, or overflow; it is left out "
-                              f"of the score table (deleting its files has `puzzle run` train it again)")
+            try:
+                module = block_module(parent.config, library, i, b, stage).to(dtype)
+                metrics = replace_block_score(parent, cache, i, module, chunk)
+                if not math.isfinite(metrics["kl_nats"]):
+                    raise PuzzleError(f"its weights ({library.weights_path(i, b.id, stage)}) hold NaN or inf, or "
+                                      f"overflow: a KL of {metrics['kl_nats']}")
+            except PuzzleError as e:  # a block is optional: the search takes its two subblocks
+                warnings.warn(f"layer {i} block {b.id} ({stage}) is left out of the score table: {e} (`puzzle run` "
+                              f"trains a missing or damaged entry again; delete the files of a NaN one)")
                 if bar is not None:
                     bar.update(1)
                 continue
@@ -348,7 +351,8 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
     left_out = {  # each left out with a word; `puzzle run` (stage_coupled: run_jobs) trains them again
         f"trained on another number of tokens than {setting} plans ({plan})":  # reviewer: `puzzle score` kept them
             lambda i, b: run.library.recorded(i, b.id, "bld").get("planned_tokens") not in (None, plan),
-        "missing or damaged": lambda i, b: not run.library.has(i, b.id, "bld")}  # breaker: `puzzle run` stopped
+        # breaker: an unreadable info stopped `puzzle run` (damaged weights: `score_blocks` leaves the block out)
+        "missing or damaged": lambda i, b: run.library.recorded_sha256(i, b.id, "bld") is None}
     for why, out in left_out.items():
         if gone := [(i, b.id) for i, bs in blocks.items() for b in bs if out(i, b)]:
             blocks = {i: kept for i, bs in blocks.items() if (kept := [b for b in bs if (i, b.id) not in gone])}

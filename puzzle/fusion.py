@@ -50,6 +50,7 @@ from torch import nn
 
 from .architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from .errors import PuzzleError
+from .io import read_json_or_none
 from .modeling import DecoderBlock, LinearFFN, PuzzleForCausalLM, RMSNorm, SwiGLU, build_attention
 
 
@@ -430,21 +431,14 @@ def _inputs_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read(path: Path):
-    """`io.read_json_or_none` (breaker: a hand-edited file nested too deep raised RecursionError)."""
-    from .io import read_json_or_none
-
-    return read_json_or_none(path)
-
-
 def _saved_record(path: Path, inputs: dict) -> dict | None:
     """The finished fusion made from `inputs`: DIR/fusion/<name>.json, or one of the earlier records kept beside it
     (`EARLIER_RECORDS`; breaker: a call with other settings replaced the record, and going back timed again), when
     it is whole (`_whole_record`); else None, and a damaged or hand-edited record is made again."""
-    rec = _read(path)
+    rec = read_json_or_none(path)
     if _whole_record(rec, inputs):
         return rec
-    earlier = _read(_earlier_path(path))
+    earlier = read_json_or_none(_earlier_path(path))
     earlier = earlier.get(_inputs_key(inputs)) if isinstance(earlier, dict) else None
     return earlier if _whole_record(earlier, inputs) else None
 
@@ -457,9 +451,9 @@ def _write_record(path: Path, rec: dict) -> None:
     """Write the record to `path` atomically, the one it replaces (other inputs) kept in the earlier records."""
     from .io import atomic_write_json
 
-    old = _read(path)
+    old = read_json_or_none(path)
     if isinstance(old, dict) and isinstance(old.get("inputs"), dict) and old["inputs"] != rec["inputs"]:
-        earlier = _read(_earlier_path(path))
+        earlier = read_json_or_none(_earlier_path(path))
         earlier = earlier if isinstance(earlier, dict) else {}
         earlier.pop(_inputs_key(old["inputs"]), None)
         earlier[_inputs_key(old["inputs"])] = old  # the newest last; the oldest dropped beyond EARLIER_RECORDS
@@ -484,7 +478,7 @@ def _write_table(path: Path, rec: dict) -> None:
 def _make_latest(path: Path, rec: dict) -> None:
     """Make the record `rec` (taken from the earlier records) DIR/fusion/<name>.json again, and its table
     <name>.csv (breaker: an interruption between the two left another call's table beside a finished record)."""
-    latest = _read(path)
+    latest = read_json_or_none(path)
     if not isinstance(latest, dict) or latest.get("inputs") != rec["inputs"]:
         _write_record(path, rec)
     _write_table(path, rec)
@@ -660,7 +654,7 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     # on the parent's device and dtype, as refine scores (timed on target); the child as the front builds it
     child = realize_blocks(run, blocks, stage, record.get("method", "mip"))
     rows, base_kl = {}, None
-    kept_rows = _read(rows_path)
+    kept_rows = read_json_or_none(rows_path)
     base = kept_rows.get("base_score_kl_nats") if isinstance(kept_rows, dict) else None
     if isinstance(kept_rows, dict) and kept_rows.get("inputs") == rows_inputs and _finite(base) and base > 0 \
             and isinstance(kept_rows.get("rows"), dict):  # breaker: a base of 0 broke the relative increases
@@ -827,7 +821,7 @@ def _place_on_front(run, rec: dict) -> None:
     path = front_row_path(run.out, rec["fused_name"])
     row = _front_row(rec)
     if row is None or row["inputs"] != row_inputs(run):
-        earlier = _read(path)
+        earlier = read_json_or_none(path)
         same = isinstance(earlier, dict) and rec.get("kept") and all(
             earlier.get(k) == v for k, v in _fused_child_key(rec).items())
         if path.is_file() and not same:
@@ -838,7 +832,7 @@ def _place_on_front(run, rec: dict) -> None:
     if _saved_row(path.with_name("parent.json"), row["inputs"]) is None:
         atomic_write_json(path.with_name("parent.json"),
                           sealed_row(parent_row(run, pd.Series(rec["front_timing"]["parent"]), row["inputs"])))
-    if _read(path) != (row := sealed_row(row)):
+    if read_json_or_none(path) != (row := sealed_row(row)):
         atomic_write_json(path, row)
     try:
         front_row_export(run, rec["fused_name"])
@@ -858,7 +852,7 @@ def front_row_export(run, name: str) -> Path | None:
     """
     from .export import export_info
 
-    row = _read(front_row_path(run.out, name))
+    row = read_json_or_none(front_row_path(run.out, name))
     if not isinstance(row, dict) or row.get("method") != "ffn_fusion":
         return None
     dest = run.out / "export" / name

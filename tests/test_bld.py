@@ -562,8 +562,8 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
     run.library.save(int(row.layer), "block", row.variant, "bld",
                      {k: torch.full_like(v, float("nan")) for k, v in entry.items()},
                      {k: v for k, v in info.items() if k not in ("file", "sha256", "params")})
-    with pytest.warns(UserWarning, match=rf"layer {int(row.layer)} block {re.escape(row.variant)} \(bld\) scores a "
-                                         r"KL of nan: .* it is left out of the score table"):
+    with pytest.warns(UserWarning, match=rf"layer {int(row.layer)} block {re.escape(row.variant)} \(bld\) is left "
+                                         r"out of the score table: its weights .* overflow: a KL of nan"):
         scored = score_blocks(run.parent.model, run.library, lambda: parent_cache(run.parent.model, run.tokens.score),
                               {int(row.layer): [BlockConfig.from_id(row.variant)]})
     assert len(scored) == 0
@@ -572,6 +572,11 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
     with pytest.raises(PuzzleError, match=rf"coupled library entry of layer {int(row.layer)} {re.escape(row.variant)} "
                                           r"\(bld\) is missing or corrupt: run `puzzle run` .*stage_coupled\(run\)` again"):
         build_child(run, {"choice": [b.id for b in arch]})
+    with pytest.warns(UserWarning, match=rf"layer {int(row.layer)} block {re.escape(row.variant)} \(bld\) is left "
+                                         r"out of the score table: .*`puzzle run` trains a missing or damaged entry"):
+        assert len(score_blocks(run.parent.model, run.library, lambda: parent_cache(run.parent.model,
+                                                                                    run.tokens.score),
+                                {int(row.layer): [BlockConfig.from_id(row.variant)]})) == 0  # (scoring stopped)
 
 
 def test_sharding_balances_the_work_and_covers_every_job_once(parent):
