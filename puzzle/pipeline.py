@@ -545,8 +545,12 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
 
 def short_calib_warning(run: Run, stage: str, setting: str, asked: int, trained: int) -> None:
     """Say when an entry trained on fewer tokens than `setting` asked (`asked`), because the calibration split is
-    shorter (breaker: 8192 asked, 2944 trained, unsaid), and which setting to raise."""
+    shorter (breaker: 8192 asked, 2944 trained, unsaid), and which setting to raise; or on more, because entries
+    train on whole sequences and at least one."""
     calib, cfg = run.tokens.calib, run.config.bld
+    if trained > asked:  # leftover: bld.coupled_tokens = 1 trained a whole sequence without a word
+        run.say(f"{stage}: note: {setting} = {asked} is less than one calibration sequence, so each entry trained on "
+                f"one sequence of {calib.shape[1]} tokens")
     if asked - trained >= calib.shape[1]:
         need = asked + cfg.probe_sequences * calib.shape[1]
         run.say(f"{stage}: warning: {setting} asks {asked} tokens per entry, but the calibration split holds "

@@ -642,6 +642,18 @@ def test_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, capsys):
     assert "2944 tokens each" in err and "bld.tokens asks 8192" in err and "raise data.calib_tokens to 8320" in err
 
 
+def test_bld_says_when_its_tokens_round_up_to_one_sequence(tmp_path, capsys):
+    """Leftover: bld.tokens (or bld.coupled_tokens) below one calibration sequence trained a whole one, unsaid."""
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--bld-tokens", "1", "--no-progress"]) == 0
+    assert main(["bld", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "bld: note: bld.tokens = 1 is less than one calibration sequence, so each entry trained on one sequence of" \
+        in err, err[-2000:]
+
+
 def test_coupled_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, capsys):
     """Breaker: bld.coupled_tokens above the calibration split trained the blocks on what the split holds, unsaid."""
     import pandas as pd
