@@ -180,25 +180,31 @@ def score_blocks(parent: PuzzleForCausalLM, library: Library, cache, blocks: dic
         sha = library.recorded_sha256(i, b.id, stage)
         # a score of this very entry (breaker: a block trained again kept its old score; a row without a checksum
         # predates them, and is kept as decoupled scores are)
-        # and a finite one (reviewer: a NaN score was kept for good, and the search refused the table)
-        if key not in done or done[key].get("entry_sha256", sha) != sha \
-                or not is_finite_number(done[key].get("kl_nats")):
-            cache = cache() if callable(cache) else cache
-            try:
+        # and a finite one (reviewer: a NaN score was kept for good, and the search refused the table), unless the
+        # log holds this very entry's NaN score (leftover: it was scored again on every call)
+        same = key in done and done[key].get("entry_sha256", sha) == sha
+        logged_nan = same and sha is not None and not is_finite_number(done[key].get("kl_nats"))
+        try:
+            if logged_nan:
+                raise PuzzleError(f"its weights ({library.weights_path(i, b.id, stage)}) hold NaN or inf, or "
+                                  f"overflow: a KL of {done[key].get('kl_nats')} when this entry was scored")
+            if not same or not is_finite_number(done[key].get("kl_nats")):
+                cache = cache() if callable(cache) else cache
                 module = block_module(parent.config, library, i, b, stage).to(dtype)
                 metrics = replace_block_score(parent, cache, i, module, chunk)
+                done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id, "entry_sha256": sha,
+                             **metrics}
+                if log is not None and (sha is not None or math.isfinite(metrics["kl_nats"])):
+                    log.append(done[key])
                 if not math.isfinite(metrics["kl_nats"]):
                     raise PuzzleError(f"its weights ({library.weights_path(i, b.id, stage)}) hold NaN or inf, or "
                                       f"overflow: a KL of {metrics['kl_nats']}")
-            except PuzzleError as e:  # a block is optional: the search takes its two subblocks
-                warnings.warn(f"layer {i} block {b.id} ({stage}) is left out of the score table: {e} (`puzzle run` "
-                              f"trains a missing or damaged entry again; delete the files of a NaN one)")
-                if bar is not None:
-                    bar.update(1)
-                continue
-            done[key] = {"key": key, "layer": i, "subblock": "block", "variant": b.id, "entry_sha256": sha, **metrics}
-            if log is not None:
-                log.append(done[key])
+        except PuzzleError as e:  # a block is optional: the search takes its two subblocks
+            warnings.warn(f"layer {i} block {b.id} ({stage}) is left out of the score table: {e} (`puzzle run` "
+                          f"trains a missing or damaged entry again; delete the files of a NaN one)")
+            if bar is not None:
+                bar.update(1)
+            continue
         r = done[key]
         rows.append({"layer": i, "subblock": "block", "variant": b.id, "is_parent": False,
                      **{m: r[m] for m in ("kl_nats", "lm_loss", "top1_agree", "cosine")}})

@@ -556,17 +556,25 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
     assert load_score_table(run, "bld")[0][keys].equals(again[keys]) and any(
         f"keeps a block row for each of the library's {len(blocks)} coupled entries" in m for m in said)
     from puzzle.coupled import score_blocks  # a block scoring NaN is left out with a word (reviewer: it stopped
-    from puzzle.scoring.quality import parent_cache  # `puzzle score`, and rebuilding it could give NaN again)
+    from puzzle.scoring.quality import ResultLog, parent_cache  # `puzzle score`; rebuilding could give NaN again)
 
     info = run.library.info(int(row.layer), row.variant, "bld")
     run.library.save(int(row.layer), "block", row.variant, "bld",
                      {k: torch.full_like(v, float("nan")) for k, v in entry.items()},
                      {k: v for k, v in info.items() if k not in ("file", "sha256", "params")})
+    nan_log = ResultLog(tmp_path / "nan.jsonl")
     with pytest.warns(UserWarning, match=rf"layer {int(row.layer)} block {re.escape(row.variant)} \(bld\) is left "
                                          r"out of the score table: its weights .* overflow: a KL of nan"):
         scored = score_blocks(run.parent.model, run.library, lambda: parent_cache(run.parent.model, run.tokens.score),
-                              {int(row.layer): [BlockConfig.from_id(row.variant)]})
+                              {int(row.layer): [BlockConfig.from_id(row.variant)]}, log=nan_log)
     assert len(scored) == 0
+
+    def no_pass():
+        raise AssertionError("the parent pass ran again")
+
+    with pytest.warns(UserWarning, match=r"is left out of the score table: .* a KL of nan when this entry was scored"):
+        assert len(score_blocks(run.parent.model, run.library, no_pass,  # (leftover: it was scored on every call)
+                                {int(row.layer): [BlockConfig.from_id(row.variant)]}, log=nan_log)) == 0
     weights = run.library.weights_path(int(row.layer), row.variant, "bld")
     weights.write_bytes(weights.read_bytes()[:-8])  # damaged: refused, not built from its subblocks without a word
     with pytest.raises(PuzzleError, match=rf"coupled library entry of layer {int(row.layer)} {re.escape(row.variant)} "
