@@ -649,6 +649,7 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
     forward = _entry_forward(job.kind)
     x, target = tg.io(job.kind)
     probe = slice(n_train, N) if N > n_train else slice(0, 1)
+    planned = n_train * T  # calibration tokens this plan trains each entry on
     probe_data = (x[probe], target[probe], cos[probe], sin[probe])
     train_forward, normed = _train_forward(job)
     x_train = tg.normed(job.kind) if normed else x
@@ -689,7 +690,7 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
     else:
         name = f"layer {job.layer} {job.id}"
         start = {k: v.detach().clone() for k, v in sub.state_dict().items()} if job.kind == "block" else None
-        resume, planned = library.load_partial(job.layer, job.id), n_train * T
+        resume = library.load_partial(job.layer, job.id)
         if resume is not None and resume.get("planned_tokens", planned) != planned:
             # reviewer: a block checkpoint of another bld.coupled_tokens resumed under this plan's steps and schedule
             warnings.warn(f"{name}: its training checkpoint was planned for {resume['planned_tokens']} tokens, this "
@@ -711,7 +712,7 @@ def build_entry(config, layer, job: Job, tg: LayerTargets, cos, sin, n_train: in
                           f"{init_nmse:.4g} to {final:.4g}; the block keeps its composed start")
         warnings.warn(result.message)
         final = init_nmse
-    bld_info = {**info, "kept_start": kept_start, "tokens": result.tokens, "planned_tokens": n_train * T,
+    bld_info = {**info, "kept_start": kept_start, "tokens": result.tokens, "planned_tokens": planned,
                 "final_nmse": final, "train_nmse": result.train_nmse,
                 "status": result.status, "message": result.message, "train_s": time.perf_counter() - t0,
                 "method": method, "resumed_at_step": result.resumed_at_step, "loss_curve": result.loss_curve,

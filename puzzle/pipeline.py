@@ -1947,22 +1947,24 @@ def export_out_of_date(run: Run, name: str, model, untie: bool = False, dtype: s
         return f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} not as its export wrote them"
     if (searched := _searched_again(run, name)) is not None:
         return searched
-    if stamp.get("weights") != weights_sha(model):
-        return "the child's weights changed (a library entry rebuilt)"
     try:
         stored = json.loads((dest / "config.json").read_text(encoding="utf-8"))
         record = read_architecture(run, name)
     except (OSError, ValueError, PuzzleError):
         return "its config.json or the child's record is unreadable"
-    want = json.loads(json.dumps({"version": __version__, "source": dict(model.config.extra),
-                                  **export_extra_info(run, name, record, dest)}, default=str))
     blocks = json.loads(json.dumps(config_dict_from_model_config(model.config)["block_configs"], default=str))
     info = stored.get("puzzle") if isinstance(stored, dict) else None
     if not isinstance(info, dict):
         return "its config.json names no puzzle export"
+    if stored.get("block_configs") != blocks:  # (leftover: a new architecture was said as a rebuilt library entry)
+        return "another architecture"
+    if stamp.get("weights") != weights_sha(model):
+        return "the child's weights changed (a library entry rebuilt)"
+    want = json.loads(json.dumps({"version": __version__, "source": dict(model.config.extra),
+                                  **export_extra_info(run, name, record, dest)}, default=str))
     info, want = ({k: v for k, v in d.items() if k != "run_at"} for d in (info, want))
-    if info != want or stored.get("block_configs") != blocks:
-        return "another version, provenance or architecture"
+    if info != want:
+        return "another version or provenance"
     tied = bool(model.config.tie_word_embeddings and not untie)
     if stored.get("tie_word_embeddings", tied) != tied:
         return "its LM head is stored there" if tied else "its LM head is not stored there (--untie-embeddings)"

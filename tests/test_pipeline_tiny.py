@@ -884,6 +884,13 @@ def test_an_export_of_an_earlier_search_is_named_as_such(run_dir, tmp_path, caps
     assert main(["export", "--out", str(copy), "--name", "child-1.5x"]) == 0
     assert "written again (child-1.5x was searched again since (predicted speed-up" in capsys.readouterr().err
     assert exports_from_an_earlier_search(Run(copy, load_run_config(copy), progress=False)) == {}
+    from puzzle.pipeline import build_child, export_out_of_date  # a child of another choice is said as such (leftover:
+    run = Run(copy, load_run_config(copy), progress=False)  # "a library entry rebuilt")
+    record = json.loads(path.read_text())
+    assert export_out_of_date(run, "child-1.5x", build_child(run, record)) is None
+    other = {**record, "choice": [record["choice"][-1]] + record["choice"][1:-1] + [record["choice"][0]]}
+    assert other["choice"] != record["choice"]
+    assert export_out_of_date(run, "child-1.5x", build_child(run, other)) == "another architecture"
 
 
 def test_every_command_that_changes_the_main_budget_says_so(run_dir, tmp_path, capsys):
