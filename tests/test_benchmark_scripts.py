@@ -238,3 +238,27 @@ def test_coupled_compares_both_tables_at_the_same_budgets(run_dir, tmp_path, cap
     assert (df["eval_kl"] > 0).all() and (df.loc[df["table"] == "decoupled", "coupled_blocks"] == 0).all()
     assert df.loc[df["table"] == "coupled", "coupled_blocks"].sum() > 0  # the search chose block rows
     assert "coupled / decoupled" in capsys.readouterr().out
+
+
+# front.py
+
+
+def test_front_phases_run_in_order_and_report_ratios(run_dir, tmp_path, capsys):
+    """Leftover: benchmarks/front.py's phases (the README's side-by-side table) had no test but its refusals. Plan,
+    baselines, ours, remeasure and report on a copy of the tiny run, one target."""
+    import pandas as pd
+
+    bench = load_benchmark("front")
+    run, out = tmp_path / "run", tmp_path / "report"
+    shutil.copytree(run_dir, run)
+    for phase in ("plan", "baselines", "ours", "remeasure", "report"):
+        argv = ["--run", str(run), "--phase", phase, "--speedups", "1.5", "--repeats", "2", "--out", str(out)]
+        assert bench.main(argv) == 0, capsys.readouterr().err[-2000:]
+        assert f"phase {phase}: " in capsys.readouterr().err
+    timed = pd.read_csv(out / "remeasure.csv")
+    rows = [json.loads(p.read_text()) for d in ("front_rows", "baselines/rows") for p in (run / d).glob("*.json")]
+    assert {r["name"] for r in rows} <= set(timed["name"]) and len(rows) > 5  # every model timed in the one session
+    ratios = pd.read_csv(out / "ratios.csv")
+    removal = ratios[(ratios["method"] == "layer_removal") & (ratios["ours"] == "plain MIP")]
+    assert len(removal) == 1 and removal["ratio"].iloc[0] > 0  # ours / layer removal, read at 1.5x
+    assert (out / "front.png").stat().st_size > 0 and (out / "architectures.png").stat().st_size > 0
