@@ -910,11 +910,33 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
                           f"`puzzle bld`), or run the whole pipeline with `puzzle run --out {run.out}`")
     table, meta = load_table(path, required_columns=REQUIRED_COLUMNS)  # the sidecar is required
     check_score_target(run, path, meta)
+    n_layers = _parent_layers(run)
+    layers = set(pd.to_numeric(table.loc[table["subblock"] != "non_block", "layer"], errors="coerce"))
+    if layers != set(range(n_layers)):  # breaker: a 5-layer table for a 4-layer parent was searched, and realize
+        odd = sorted(map(str, layers - set(range(n_layers))))  # then refused the child the search wrote again
+        missing = sorted(set(range(n_layers)) - layers)
+        raise PuzzleError(f"{path} does not hold layers 0 to {n_layers - 1} of the run's parent"
+                          f"{' (it has layer ' + ', '.join(odd[:5]) + ')' if odd else ''}"
+                          f"{' (it lacks layer ' + ', '.join(map(str, missing[:5])) + ')' if missing else ''}: "
+                          f"score the library again with `puzzle score --out {run.out}`")
     if not run.config.bld.coupled_top_k and (table["subblock"] == "block").any():  # breaker: `front` said it applied
         warnings.warn(f"{path} holds coupled block rows, but bld.coupled_top_k is 0 now: the search still chooses "
                       f"them and the children are built with them until `puzzle score --out {run.out}` (or `puzzle "
                       f"run`) scores the table again without them")
     return table, meta
+
+
+def _parent_layers(run: Run) -> int:
+    """The parent's number of layers: of the loaded parent, else as DIR/parent.json records it (no weights loaded
+    for a search), else of the parent loaded now."""
+    if run._parent is None:
+        try:
+            blocks = read_json(run.out / "parent.json")["config"]["blocks"]
+            if isinstance(blocks, list) and blocks:
+                return len(blocks)
+        except (PuzzleError, OSError, ValueError, KeyError, TypeError):
+            pass
+    return len(run.parent.config.blocks)
 
 
 #: the flag that sets each workload field of a cost table's sidecar (`cost_meta`)

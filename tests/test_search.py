@@ -908,6 +908,27 @@ def test_a_table_cut_since_its_sidecar_was_written_is_refused(tmp_path_factory, 
     assert "or delete the sidecar" not in _one_error_line(capsys, ["search", "--out", str(out), "--speedup", "1.2"])
 
 
+def test_a_run_table_with_a_layer_the_parent_lacks_is_refused(tmp_path_factory, tmp_path, capsys):
+    """Breaker: a score table given a fifth layer (sidecar row count edited alike) for a 4-layer parent was searched;
+    `realize` then refused the 5-block child and told the user to search again, which wrote it again."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    path = out / "score" / "score_table.csv"
+    table = pd.read_csv(path)
+    blocks = table[table["subblock"] != "non_block"]
+    extra = blocks[blocks["layer"] == blocks["layer"].max()].assign(layer=blocks["layer"].max() + 1)
+    table = pd.concat([blocks, extra, table[table["subblock"] == "non_block"]])
+    table.to_csv(path, index=False)
+    sidecar = json.loads(Path(str(path) + ".json").read_text())
+    Path(str(path) + ".json").write_text(json.dumps({**sidecar, "rows": len(table)}))
+    err = _one_error_line(capsys, ["search", "--out", str(out), "--speedup", "1.2"])
+    assert f"{path} does not hold layers 0 to 3 of the run's parent (it has layer 4)" in err, err
+    assert f"score the library again with `puzzle score --out {out}`" in err
+    assert not (out / "search" / "child-1.2x.json").exists()
+
+
 def test_a_block_listed_twice_in_a_csv_names_both_rows(tmp_path, capsys):
     table = random_table(16, layers=2, kind="coupled")
     again = table.iloc[[4]].assign(variant=table["variant"].iloc[4].replace("ffn-", "ffn-0"))  # another spelling
