@@ -179,10 +179,18 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         parent = stated_parent or overall  # the widest block (most KV heads, then the widest FFN) unless stated
         if parent not in seen:
             kv, width = parent.attention.num_kv_heads, parent.ffn.intermediate_size
+            # delete the stats only where the widest block is then in every layer (breaker: that advice led to the
+            # other refusal, "restore it, or name the parent's sizes")
+            others = [k for k, bs in per_layer.items() if parent in bs.values()]
+            if all(overall in bs.values() for bs in per_layer.values()):
+                fix = (f"correct those stats or delete {parent_file.name} (the widest variant, {overall.id}, is then "
+                       f"the parent)")
+            else:
+                fix = (f"restore that variant in {key}{' (' + str(len(others)) + ' other layers have it)' if others else ''}"
+                       f", or correct those stats")
             raise PuzzleError(f"{parent_file} names the parent block {parent.id} (num_kv_heads {kv}, "
                               f"ffn_intermediate_size {width}), but {key} of {file} has no such variant (its widest "
-                              f"is {widest.id}); correct those stats or delete {parent_file.name} (the widest variant "
-                              f"is then the parent)")
+                              f"is {widest.id}); {fix}")
         for name, v in variants.items():
             stats, metrics = v.get("stats", {}), v.get("metrics", {})
             where = f"{file}: {key} variant {name!r}"

@@ -808,6 +808,9 @@ def test_a_layer_without_the_parents_block_is_named_when_no_parent_file_names_it
         del library["layer_5"][next(iter(library["layer_5"]))]  # the 100 % / 100 % variant
 
     lib = _damaged_library(tmp_path, layer_edit=drop_parent)
+    err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--max-runtime", "0.6"])
+    assert "restore that variant in layer_5 (79 other layers have it), or correct those stats" in err, err
+    assert "delete" not in err  # (breaker: deleting the stats as told led to the refusal below)
     (lib / "parent_block_stats.json").unlink()
     err = _one_error_line(capsys, ["search", "--library", str(lib), "--json", "--max-runtime", "0.6"])
     assert "layer_5 has no variant of the parent block attn-kv8+ffn-28672" in err and "parent_block_stats.json" in err
