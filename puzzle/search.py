@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -605,6 +606,9 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     if path.is_dir() and (path / "score" / "score_table.csv").is_file():
         return load_table(path / "score" / "score_table.csv", required_columns=REQUIRED_COLUMNS)
     if path.is_dir() and (path / "score_table.csv").is_file():  # a run's score/ folder
+        if (path / "block_library.json").is_file():  # breaker: which one was read showed only in --json's source
+            warnings.warn(f"{path} holds both score_table.csv and block_library.json: searching score_table.csv "
+                          f"(give --library {path / 'block_library.json'} for the other)")
         return load_table(path / "score_table.csv", required_columns=REQUIRED_COLUMNS)
     if path.is_dir() and (path / "block_library.json").is_file() or path.suffix.lower() == ".json" and path.is_file():
         return read_puzzle_library(path)

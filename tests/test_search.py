@@ -932,6 +932,22 @@ def test_a_run_table_with_a_layer_the_parent_lacks_is_refused(tmp_path_factory, 
     assert not (out / "search" / "child-1.2x.json").exists()
 
 
+@needs_fixture
+def test_a_folder_with_a_table_and_a_block_library_says_which_it_searches(tmp_path_factory, tmp_path, capsys):
+    """Breaker: which of the two was read showed only in --json's "source"."""
+    import shutil
+
+    from puzzle.cli import main
+
+    both = tmp_path / "both"
+    shutil.copytree(tiny_run_dir(tmp_path_factory) / "score", both)
+    shutil.copyfile(FIXTURE / "block_library.json", both / "block_library.json")
+    assert main(["search", "--library", str(both), "--speedup", "1.2", "--json"]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)["choice"]) == 4  # the tiny table, not the 80-layer library
+    assert f"{both} holds both score_table.csv and block_library.json: searching score_table.csv" in out.err
+
+
 def test_a_block_listed_twice_in_a_csv_names_both_rows(tmp_path, capsys):
     table = random_table(16, layers=2, kind="coupled")
     again = table.iloc[[4]].assign(variant=table["variant"].iloc[4].replace("ffn-", "ffn-0"))  # another spelling
