@@ -317,9 +317,23 @@ def allowed_slots(choices: Choices, vllm_compatible: bool, exclude: Sequence) ->
         why = (" (--vllm-compatible keeps an attention in layer 0, and this library offers none there: the parent "
                "has none; vLLM cannot serve such a model)" if vllm_compatible and 0 in empty
                and all(b.attention.kind == "no_op" for b, ok in zip(choices.blocks[0], choices.valid[0]) if ok) else "")
-        raise PuzzleError(f"layers {empty.tolist()} have no choice left after {filter_flags(vllm_compatible, exclude)}"
-                          f"{why}; allow at least one of their variants")
+        many = len(empty) > 1
+        raise PuzzleError(f"layer{'s' if many else ''} {layer_ranges(empty.tolist())} {'have' if many else 'has'} no "
+                          f"choice left after {filter_flags(vllm_compatible, exclude)}{why}; allow at least one of "
+                          f"{'their' if many else 'its'} variants")
     return mask
+
+
+def layer_ranges(layers: Sequence[int]) -> str:
+    """Sorted layer numbers as ranges: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" (breaker: an exclusion emptying all 80
+    layers of a library listed every number)."""
+    spans: list[list[int]] = []
+    for i in sorted(layers):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def prune_dominated(dims: Sequence[np.ndarray], alive: np.ndarray, k: int = 1) -> np.ndarray:

@@ -1583,6 +1583,14 @@ def test_throughput_hint_writes_large_rates_out_and_names_the_runtime_clause():
     assert throughput_hint(InfeasibleBudget("m", {"memory_mib": 5.0}), "9tok/s", {"batch_size": 1, "gen_len": 1}) == ""
 
 
+def test_layers_without_a_choice_are_named_as_ranges():
+    """Breaker: an exclusion that emptied every layer of the 80-layer library listed all 80 numbers."""
+    from puzzle.mip import layer_ranges
+
+    assert layer_ranges([]) == "" and layer_ranges([4]) == "4"
+    assert layer_ranges([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8" and layer_ranges(range(80)) == "0-79"
+
+
 def test_vllm_compatible_names_its_layer_0_rule_when_the_library_has_no_attention_there():
     """Breaker: a parent without attention in layer 0 searched with --vllm-compatible got "layers [0] have no choice
     left ... allow at least one of their variants", which nothing could."""
@@ -1590,7 +1598,7 @@ def test_vllm_compatible_names_its_layer_0_rule_when_the_library_has_no_attentio
     keep = ~((table["layer"] == 0) & (table["subblock"] == "attention") & (table["variant"] != "attn-noop"))
     table = table[keep].reset_index(drop=True)
     table.loc[(table["layer"] == 0) & (table["subblock"] == "attention"), "is_parent"] = True
-    with pytest.raises(PuzzleError, match=r"layers \[0\] have no choice left .*keeps an attention in layer 0, and this "
+    with pytest.raises(PuzzleError, match=r"layer 0 has no choice left .*keeps an attention in layer 0, and this "
                                           r"library offers none there"):
         solve(table, fraction_budgets(table, runtime_ms=0.9), vllm_compatible=True)
 
