@@ -592,8 +592,10 @@ def _folder_inputs(args) -> GKDInputs:
         raise PuzzleError(f"--seq-len must be >= 2 (tokens per sequence), got {seq_len}")
     if args.eval_tokens is not None and not args.eval:
         raise PuzzleError("--eval-tokens needs --eval FILE ... (the evaluation text to pack)")
+    from .pipeline import check_dest_in_a_run
     from .tiny import means_builtin_tiny, tiny_parent
 
+    check_dest_in_a_run(args.dest, "gkd")  # before loading anything
     # "tiny": the built-in tiny model (unless ./tiny exists), as eval, sft and rpo take it
     child_loaded, parent_loaded = (tiny_parent() if means_builtin_tiny(spec) else load_parent(spec)
                                    for spec in (args.child, args.parent))

@@ -400,10 +400,9 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
               **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
     by_path = export_provenance({"merge": record})  # as an earlier version recorded a merge: its inputs' paths
     check_export_target(dest, overwrite=True, keep=paths)  # before loading: a folder of other files, a link, ...
-    from .pipeline import check_run_dest, enclosing_run
+    from .pipeline import check_dest_in_a_run
 
-    if (run_dir := enclosing_run(dest)) is not None:  # e.g. a run's export of a child or a baseline
-        check_run_dest(run_dir, dest)
+    check_dest_in_a_run(dest, "merged")  # e.g. a run's export of a child or a baseline
     if twice:
         raise PuzzleError(TWICE)
     for source, model, recorded in derived_from(paths):  # e.g. the parent of a run, which merge cannot see

@@ -1691,7 +1691,8 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
     return result
 
 
-def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--dest") -> None:
+def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--dest",
+                   label: str | None = None) -> None:
     """Refuse a `dest` inside the run `run_dir` (or inside another run directory, checked as its own, with `name`
     None) that the run's own stages write: anything but a folder DIR/export/<x> (DIR/export itself,
     DIR/children/realized, ...), and DIR/export/<x> where x names one of the run's own models
@@ -1699,7 +1700,8 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
     or refined child (DIR/search/<x>.json, chosen.json's names), a recorded export (DIR/children/exports.json), a
     baseline (DIR/baselines/rows/<x>.json) or a fused child (<child>-fused for DIR/fusion/<child>.json). `puzzle
     run`, `export`, `baselines` and `fuse` write those folders, and a model of another provenance there would be
-    described as theirs or block them.
+    described as theirs or block them. `label`: with `name` None, the refusal suggests DIR/export/<x>-<label>
+    (for a command whose `flag` has no default next to the run's models).
 
     Raises:
         PuzzleError: naming the folder and what to give instead.
@@ -1738,13 +1740,23 @@ def check_run_dest(run_dir: Path, dest, name: str | None = None, flag: str = "--
         if target.name in fused - taken:
             writer = "of the run's fused child {}, which `puzzle fuse` rewrites"
         raise PuzzleError(f"{flag} {dest} is the export folder {writer.format(target.name)}; give another folder"
-                          + (f" (leave {flag} out for the default next to it)" if name is None else
-                             f", e.g. {run_dir / 'export' / name}"))
+                          + (f", e.g. {run_dir / 'export' / name}" if name is not None else
+                             f", e.g. {Path(dest).with_name(target.name + '-' + label)}" if label else
+                             f" (leave {flag} out for the default next to it)"))
 
 
 def enclosing_run(path) -> Path | None:
     """The run directory (`io.is_run_directory`) `path` lies inside, the nearest one above it, or None."""
     return next((f for f in Path(path).expanduser().resolve().parents if is_run_directory(f)), None)
+
+
+def check_dest_in_a_run(dest, label: str, flag: str = "--dest") -> None:
+    """`check_run_dest` for a trained model written to `dest` by a command given a model folder, not a run's child
+    (`merge`, `sft --model`, `gkd --child`): where `dest` lies inside a run directory, it must not be a folder of
+    that run's own models (breaker: `sft --dest run/export/child-2x` replaced the run's export, and `puzzle run` then
+    refused to go on). `label` ("sft", "gkd", "merged") names the folder suggested instead."""
+    if (run_dir := enclosing_run(dest)) is not None:
+        check_run_dest(run_dir, dest, None, flag, label)
 
 
 def export_extra_info(run: Run, name: str, record: dict, dest: Path) -> dict:

@@ -744,10 +744,12 @@ def run_sft_command(args, log=None) -> dict | None:
     from .tiny import means_builtin_tiny
 
     dest = Path(args.dest)
-    if args.out:
-        from .pipeline import check_run_dest
+    from .pipeline import check_dest_in_a_run, check_run_dest
 
+    if args.out:
         check_run_dest(args.out, dest)
+    else:
+        check_dest_in_a_run(dest, "sft")
     work = Path(args.work or f"{dest}.sft-work")
     for folder in (work, dest):  # the same model twice at once (the run's lock is shared by gkd and sft)
         also_lock(folder, WORK_ADVICE)

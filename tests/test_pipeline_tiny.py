@@ -841,6 +841,15 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
         kind = "baseline greedy-2x, which `puzzle baselines` rewrites" if dest.name == "greedy-2x" else \
             f"child {dest.name}, which `puzzle run` and `puzzle export` rewrite"  # reviewer: run/export named for both
         assert f"is the export folder of the run's {kind}" in capsys.readouterr().err
+    chat = tmp_path / "chat.jsonl"  # breaker 3: sft --model and gkd --child replaced the run's own export
+    chat.write_text('{"prompt": "what is 1+1?", "response": "2"}\n' * 4)
+    dest = copy / "export" / "child-1.5x"
+    for argv in (["sft", "--model", two[0], "--data", str(chat)],
+                 ["gkd", "--child", two[0], "--parent", "tiny", "--calib", "package:tiny_corpus.txt"]):
+        assert main([*argv, "--dest", str(dest), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "is the export folder of the run's child child-1.5x" in err, err
+        assert f"e.g. {dest.with_name('child-1.5x-' + argv[0])}" in err and not dest.exists()
     (copy / "fusion").mkdir()  # a fused child's folder, which `puzzle fuse` rewrites
     (copy / "fusion" / "child-2x.json").write_text("{}")
     assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest",
