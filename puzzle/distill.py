@@ -649,6 +649,9 @@ def run_gkd_command(args, log=None) -> dict:
     (also written to WORK/gkd.json). Under torchrun every rank trains; rank 0 evaluates and writes."""
     config = config_from_args(args)
     log = log or (lambda msg: None)
+    from .parent import local_model_arg
+
+    args.child, args.parent = local_model_arg(args.child), local_model_arg(args.parent)
     if args.out is not None and args.child is not None:
         raise PuzzleError("give either --out DIR --name NAME (a run's child) or --child FOLDER, not both")
     if args.out is None and args.child is None:

@@ -429,6 +429,9 @@ def cmd_merge(args) -> int:
     from .runlock import EXPORT_ADVICE, also_lock
 
     also_lock(args.dest, EXPORT_ADVICE)  # one writer per destination (another merge, an export --dest)
+    from .parent import local_model_arg
+
+    args.checkpoints = [local_model_arg(c) for c in args.checkpoints]
     dest = merge_checkpoints(args.checkpoints, args.dest, args.weights, args.dtype)
     w = normalized_weights(args.weights, len(args.checkpoints))
     print(f"merged {len(args.checkpoints)} checkpoints with weights {[round(x, 4) for x in w]} -> {dest}",

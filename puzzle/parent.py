@@ -712,6 +712,21 @@ def load_model_spec(spec: str, dtype: torch.dtype = torch.float32, progress: boo
     return load_parent(spec, dtype=dtype)
 
 
+def local_model_arg(spec):
+    """A model given on the command line, as a local path: asset:<name> becomes the packaged model's file
+    (`assets.model_asset_path`), anything else (a path, "tiny", None) is returned as given (breaker: sft, rpo, gkd
+    and merge said "asset:smollm2-gguf does not exist", though it is the default parent).
+
+    Raises:
+        PuzzleError: as `assets.model_asset_path` (an unknown asset, or one that is not a model).
+    """
+    if isinstance(spec, str) and spec.startswith("asset:"):
+        from .assets import model_asset_path
+
+        return str(model_asset_path(spec[len("asset:"):]))
+    return spec
+
+
 def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None = None, cache_dir=None,
                 with_tokenizer: bool = True) -> LoadedModel:
     """Load a Llama-family model from an HF folder, a nemotron-nas folder or a GGUF file.

@@ -1218,6 +1218,11 @@ def _rpo(args) -> int:
     from .rewards import get_task
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    from .parent import local_model_arg
+
+    args.model = local_model_arg(args.model)
+    if (args.reward or "").startswith("judge:asset:"):
+        args.reward = "judge:" + local_model_arg(args.reward[len("judge:"):])
     sources = [x is not None for x in (args.data, args.task, args.prompts)]
     if sum(sources) != 1:
         raise PuzzleError("give exactly one of --data (offline), --task or --prompts (online)")

@@ -731,6 +731,9 @@ def run_sft_command(args, log=None) -> dict | None:
     log = log or (lambda msg: None)
     config = config_from_args(args)
     _check_sft_flags(args)
+    from .parent import local_model_arg
+
+    args.model = local_model_arg(args.model)
     if args.model and args.out:
         raise PuzzleError("give either --model PATH or --out DIR --name NAME, not both")
     if not args.model and (not args.out or not args.name):

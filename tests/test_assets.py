@@ -165,3 +165,12 @@ def test_a_text_asset_given_for_a_model_is_refused_before_any_fetch(tmp_path, mo
     assert main(["run", "--parent", "asset:lee-news", "--preset", "tiny", "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 2
     assert not fetched
+    # the training commands take asset names too, and say as much of a wrong one (breaker: "does not exist")
+    for argv in (["sft", "--model", "asset:lambada", "--data", "demo:reasoning-toggle", "--dest", str(tmp_path / "s")],
+                 ["rpo", "--model", "asset:lambada", "--data", "demo:count", "--out", str(tmp_path / "p")],
+                 ["gkd", "--child", "asset:lambada", "--parent", "tiny", "--calib", "package:tiny_corpus.txt",
+                  "--dest", str(tmp_path / "g")],
+                 ["merge", "asset:lambada", "tiny", "--dest", str(tmp_path / "m")]):
+        with pytest.raises(PuzzleError, match=r"asset:lambada is not a model"):
+            main([*argv, "--debug"])
+    assert not fetched

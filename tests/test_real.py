@@ -87,3 +87,15 @@ def test_generate_takes_the_packaged_parent_by_its_asset_name(run_dir, capsys):
     assert main(["generate", "asset:smollm2-gguf", "--prompt", "What is the capital of France?",
                  "--max-new-tokens", "12", "--device", "cpu"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_training_commands_take_the_packaged_parent_by_its_asset_name(tmp_path, capsys):
+    """Breaker: sft, rpo, gkd and merge said "asset:smollm2-gguf does not exist", though it is the default parent.
+    gkd loads both models before it checks the batch against the packed text, which refuses this one."""
+    from puzzle.cli import main
+
+    assert main(["gkd", "--child", "asset:smollm2-gguf", "--parent", "asset:smollm2-gguf", "--calib",
+                 "package:tiny_corpus.txt", "--seq-len", "32", "--tokens", "64", "--batch-size", "4096",
+                 "--dest", str(tmp_path / "g"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" not in err and "--batch-size 4096 is more than the" in err, err
