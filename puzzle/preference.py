@@ -1076,11 +1076,13 @@ def _load_model(path: str):
     return load_parent(path)
 
 
-def _read_prompts(path: Path) -> list:
+def _read_prompts(path: Path, task=None) -> list:
     """The prompts of a --prompts file (a 'prompt' string or 'messages' list per line). Raises PuzzleError, naming the
     line, on a record without one or an empty prompt (blank, or messages without text; reviewer: a blank prompt
-    trained in chat mode, and raw mode refused it only after the model loaded, naming no line)."""
+    trained in chat mode, and raw mode refused it only after the model loaded, naming no line), or one that `task`
+    (a rewards.SyntheticTask, --reward NAME) cannot grade (breaker: it stopped the training when first sampled)."""
     from .data import iter_json_lines
+    from .rewards import prompt_text
 
     prompts = []
     for line, d in iter_json_lines(Path(path)):
@@ -1091,6 +1093,10 @@ def _read_prompts(path: Path) -> list:
             raise PuzzleError(f"{path}, line {line}: needs a 'prompt' string or 'messages' list")
         if not (value.strip() if isinstance(value, str) else any(m["content"].strip() for m in value)):
             raise PuzzleError(f"{path}, line {line}: the prompt is empty; an empty prompt cannot condition a response")
+        if task is not None and not task.accepts(value):
+            raise PuzzleError(f"{path}, line {line}: --reward {task.name} cannot grade this prompt "
+                              f"({prompt_text(value)[:60]!r}); its prompts read {task.prompt_form}: give prompts of "
+                              f"that form, or another --reward")
         prompts.append(value)
     if not prompts:
         raise PuzzleError(f"{path} holds no prompts")
@@ -1264,7 +1270,8 @@ def _rpo(args) -> int:
                           f"model folders only; rpo writes rpo.json, history.csv and model/: give a folder "
                           f"elsewhere, e.g. {run_dir / 'rpo' / args.out.name}")
     records = read_preference_data(args.data) if args.data is not None else None  # bad data fails before any work
-    prompts = _read_prompts(args.prompts) if args.prompts is not None else None
+    graded = get_task(args.reward) if args.reward and not args.reward.startswith("judge:") else None
+    prompts = _read_prompts(args.prompts, graded) if args.prompts is not None else None
     held_out = []
     if args.task:  # the task's prompts, the held-out ones apart from the training ones, before the model loads
         task = get_task(args.task)

@@ -127,6 +127,22 @@ class SyntheticTask:
     def __call__(self, prompts: list, responses: list[str]) -> list[float]:
         return [self.score(p, r) for p, r in zip(prompts, responses)]
 
+    def accepts(self, prompt) -> bool:
+        """Whether `score` can grade answers to `prompt` (a --prompts file is checked whole before training)."""
+        try:
+            self.score(prompt, "")
+        except PuzzleError:
+            return False
+        return True
+
+    @property
+    def prompt_form(self) -> str:
+        """How this task's prompts read, for a refusal."""
+        return ("'Count from A to B' (whole numbers A and B)" if self.name == "count" else
+                "an instruction, a colon and the words: 'Repeat these words exactly, in the same order: red blue green'"
+                if self.name == "repeat" else
+                "an instruction, a colon and the words: 'Write these words in reverse order: red blue green'")
+
 
 TASKS = {
     "count": SyntheticTask("count", "count from a to b; positional partial credit"),

@@ -605,7 +605,7 @@ def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompt
 
     for i, record in enumerate(({"prompt": "   "}, {"messages": [{"role": "user", "content": " "}]})):
         path = tmp_path / f"p{i}.jsonl"
-        path.write_text(json.dumps({"prompt": "Say hi."}) + "\n" + json.dumps(record) + "\n")
+        path.write_text(json.dumps({"prompt": "Count from 1 to 4."}) + "\n" + json.dumps(record) + "\n")
         for mode in ("raw", "chat"):
             args = _rpo_args("--out", str(tmp_path / f"e{i}{mode}"), "--prompts", str(path), "--reward", "count",
                              "--string-prompts", mode, "--steps", "1")
@@ -613,6 +613,16 @@ def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompt
             with pytest.raises(PuzzleError, match=rf"p{i}.jsonl, line 2: the prompt is empty"):
                 args.func(args)
             monkeypatch.undo()
+    path = tmp_path / "mixed.jsonl"  # a prompt the reward cannot grade (breaker: it stopped training when sampled)
+    path.write_text(json.dumps({"prompt": "Count from 1 to 4."}) + "\n" + json.dumps({"prompt": "hello"}) + "\n")
+    for reward, words in (("count", "'Count from A to B'"), ("reverse", "'Write these words in reverse order: ")):
+        args = _rpo_args("--out", str(tmp_path / "mixed"), "--prompts", str(path), "--reward", reward, "--steps", "1")
+        monkeypatch.setattr(preference, "_load_model", lambda path: pytest.fail("loaded the model first"))
+        line = 2 if reward == "count" else 1
+        with pytest.raises(PuzzleError, match=rf"mixed.jsonl, line {line}: --reward {reward} cannot grade this prompt "
+                                              rf".*its prompts read .*{re.escape(words)}"):
+            args.func(args)
+        monkeypatch.undo()
     for flag, value, words in (("--temperature", "0", "--temperature (rpo temperature) must be a finite number > 0, got 0.0"),
                                ("--temperature", "nan", "--temperature (rpo temperature) must be a finite number > 0"),
                                ("--kl-coef", "-1", "--kl-coef (rpo kl_coef) must be a finite number >= 0, got -1.0"),
