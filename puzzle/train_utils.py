@@ -298,6 +298,9 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
 def _check_meta(path: Path, saved: dict, meta: dict) -> None:
     if saved != meta:
         keys = differing_settings(saved, meta)
+        # a resume may change how often it checkpoints (`recorded_settings`): not among what must go back (breaker)
+        run_only = {f"config.{k}" for k in RUN_ONLY_SETTINGS}
+        keys = [k for k in keys if k.split(":")[0] not in run_only] or keys
         raise PuzzleError(f"checkpoint {path} was made with other settings or inputs (differs in {keys}); "
                           f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
 
