@@ -606,6 +606,9 @@ class RPOConfig:
                        weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
         if self.beta <= 0 or self.eta <= 0:
             raise PuzzleError(f"beta and eta must be > 0 (got beta={self.beta}, eta={self.eta})")
+        if self.gamma < 0:  # breaker: accepted, while beta, eta and kl_coef are checked
+            raise PuzzleError(f"--gamma (SimPO's target reward margin: how far the chosen response's reward should "
+                              f"exceed the rejected one's) must be >= 0, got {self.gamma}")
         if self.beta > MAX_BETA:  # breaker: 1e30 overflowed the gradient, and 5 steps at loss ln 2 "succeeded"
             raise PuzzleError(f"--beta {self.beta:g} is above {MAX_BETA:g}: the loss saturates (its gradient vanishes "
                               f"or overflows float32) and nothing is learned; DPO uses about 0.1, SimPO 2 to 10")

@@ -626,7 +626,8 @@ def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompt
     for flag, value, words in (("--temperature", "0", "--temperature (rpo temperature) must be a finite number > 0, got 0.0"),
                                ("--temperature", "nan", "--temperature (rpo temperature) must be a finite number > 0"),
                                ("--kl-coef", "-1", "--kl-coef (rpo kl_coef) must be a finite number >= 0, got -1.0"),
-                               ("--kl-coef", "inf", "--kl-coef (rpo kl_coef) must be a finite number >= 0, got inf")):
+                               ("--kl-coef", "inf", "--kl-coef (rpo kl_coef) must be a finite number >= 0, got inf"),
+                               ("--gamma", "-3", "--gamma (SimPO's target reward margin")):
         extra = ["--loss", "rloo"] if flag == "--kl-coef" else []
         args = _rpo_args("--out", str(tmp_path / "f"), "--task", "count", flag, value, "--steps", "1", *extra)
         with pytest.raises(PuzzleError, match=re.escape(words)):
