@@ -504,6 +504,9 @@ def read_run_config_json(out_dir: Path) -> dict:
             configuration: no key, a key that is not one of RunConfig's sections, or a section that is not an object.
     """
     path = Path(out_dir) / "config.json"
+    if Path(out_dir).is_file():  # breaker: `gkd --out run/config.json` named run/config.json/config.json
+        raise PuzzleError(f"{out_dir} is a file, not a run directory; give the run's folder"
+                          f"{f' ({Path(out_dir).parent})' if Path(out_dir).name == 'config.json' else ''}")
     if not path.is_file():
         raise PuzzleError(f"{path} does not exist: start with `puzzle run --out {out_dir}` (or `puzzle data --out {out_dir}`)")
     try:

@@ -738,3 +738,16 @@ def test_a_search_whose_child_is_the_parent_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "search: note: child-0.5x is the parent itself: its budgets hold for the parent" in err, err
     assert "child-1.5x is the parent itself" not in err
+
+
+def test_a_file_given_as_the_run_directory_is_named_as_such(tmp_path, capsys):
+    """Breaker: `gkd --out run/config.json` said "run/config.json/config.json does not exist: start with `puzzle run
+    --out run/config.json`"."""
+    from puzzle.cli import main
+
+    (tmp_path / "run").mkdir()
+    config = tmp_path / "run" / "config.json"
+    config.write_text("{}")
+    assert main(["gkd", "--out", str(config), "--name", "child-2x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config} is a file, not a run directory; give the run's folder ({tmp_path / 'run'})" in err, err
