@@ -771,4 +771,9 @@ def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None 
         return _load_gguf(ggufs[0], dtype, cache_dir, with_tokenizer)
     if len(ggufs) > 1:
         raise PuzzleError(f"{path} holds {len(ggufs)} .gguf files ({_few([g.name for g in ggufs], 3)}); pick one with gguf_file=")
-    raise PuzzleError(f"{path} has neither a config.json nor a .gguf file; pass an HF model folder, a nemotron-nas folder or a .gguf file")
+    # breaker: `puzzle rpo --out` writes its model to OUT/model
+    if (path / "model" / "config.json").is_file():
+        raise PuzzleError(f"{path} has neither a config.json nor a .gguf file, but {path / 'model'} holds a model: "
+                          f"pass that")
+    raise PuzzleError(f"{path} has neither a config.json nor a .gguf file; pass an HF model folder, a nemotron-nas "
+                      f"folder or a .gguf file")

@@ -317,6 +317,10 @@ def test_missing_path_and_empty_folder(tmp_path):
         load_parent(tmp_path / "nowhere")
     with pytest.raises(PuzzleError, match="neither a config.json nor a .gguf"):
         load_parent(tmp_path)
+    (tmp_path / "rpo" / "model").mkdir(parents=True)  # an rpo --out folder (breaker: its model/ went unnamed)
+    (tmp_path / "rpo" / "model" / "config.json").write_text("{}")
+    with pytest.raises(PuzzleError, match=rf"but {re.escape(str(tmp_path / 'rpo' / 'model'))} holds a model: pass"):
+        load_parent(tmp_path / "rpo")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "config.json").write_text("{not json")
     with pytest.raises(PuzzleError, match="config.json cannot be read as JSON"):
