@@ -441,15 +441,22 @@ def _warn_missing_baseline_rows(run_dir: Path, have: set[str]) -> None:
     the front and its ratios are drawn without them (breaker: a deleted row moved a ratio from 1.00 to 0.49 without a
     word). Nothing when there is no readable baselines.csv."""
     try:
-        listed = pd.read_csv(run_dir / "baselines" / "baselines.csv", usecols=["name"])["name"].astype(str)
-    except (OSError, ValueError, pd.errors.ParserError):
+        listed = pd.read_csv(run_dir / "baselines" / "baselines.csv")
+        names = listed["name"].astype(str)
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
         return
-    gone = [n for n in dict.fromkeys(listed) if n != "parent" and n not in have]
+    gone = [n for n in dict.fromkeys(names) if n != "parent" and n not in have]
     if gone:
+        # their targets, which the front's may no longer hold (breaker: the command named built the front's targets
+        # only, and the row then left baselines.csv without a word)
+        targets = pd.to_numeric(listed.loc[names.isin(gone), "target_speedup"], errors="coerce") \
+            if "target_speedup" in listed.columns else pd.Series(dtype=float)
+        targets = sorted({float(t) for t in targets if 1 < t < math.inf})
+        flag = f" --speedups {','.join(f'{t:g}' for t in targets)}" if targets else ""
         warnings.warn(f"{run_dir / 'baselines' / 'baselines.csv'} lists {', '.join(gone)}, whose row file"
                       f"{'s are' if len(gone) > 1 else ' is'} missing from {run_dir / 'baselines' / 'rows'}: the front "
                       f"and its ratios are drawn without {'them' if len(gone) > 1 else 'it'} (`puzzle baselines --out "
-                      f"{run_dir}` builds {'them' if len(gone) > 1 else 'it'} again)")
+                      f"{run_dir}{flag}` builds {'them' if len(gone) > 1 else 'it'} again)")
 
 
 def _model_row(path: Path) -> dict | None:
