@@ -838,11 +838,12 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
         # with the rows an earlier call left for other targets: this call's alone planned again a child whose
         # method reached the target at another target (breaker)
         realized = realize_all(run, plan, library, export=export)
-        if not attempt and (kept := realized.attrs.get("kept", 0)):  # breaker: a rerun said nothing of what it kept
-            run.say(f"baselines: {kept} of {len(plan)} models kept from an earlier call (evaluated and timed then)"
-                    + ("" if kept < len(plan) else "; nothing evaluated or timed again"))
         table = _with_earlier_rows(run, realized)
         short = _short_of_target(table, plan, held)
+        if not attempt and (kept := realized.attrs.get("kept", 0)):  # breaker: a rerun said nothing of what it kept
+            run.say(f"baselines: {kept} of {len(plan)} models kept from an earlier call (evaluated and timed then)"
+                    + ("" if kept < len(plan) or short else "; nothing evaluated or timed again"))  # (nor planned
+            # again below: breaker, it said so, then timed a child planned again)
         if attempt or not short:
             break
         for name, (measured, target, predicted) in short.items():
