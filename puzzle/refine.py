@@ -92,6 +92,50 @@ def selection_kl(run, model, tokens: int | None = None) -> float:
     return float(evaluate_model(model, ids, parent_logp, chunk=run.config.score.chunk, weights=weights)["kl_nats"])
 
 
+#: DIR/refine/<MEMO_FILE>: every child's realized selection KL and every in-context table a refinement computed, by
+#: what they depend on (`_memo_key`), so an interrupted `puzzle refine` (or another call over the same children)
+#: takes them up again instead of realizing and scoring them anew (breaker: an interrupt kept nothing of minutes)
+MEMO_FILE = "memo.jsonl"
+
+
+def _memo_key(run, kind: str, blocks, stage: str, ids: torch.Tensor, **extra) -> str:
+    """sha256 of what a `kind` result for the child `blocks` depends on: the child, the library stage and its entries
+    (DIR/library/index.csv, which records each entry's sha256), the score table it was solved on, the parent, the
+    scoring sequences `ids` and the position weighting (score.select_context), and `extra` settings."""
+    from .pipeline import _sha256, _tensor_sha, score_table_path
+
+    index, table = run.library.root / "index.csv", score_table_path(run, stage)
+    payload = {"kind": kind, "choice": [b.id for b in blocks], "stage": stage, "ids": _tensor_sha(ids),
+               "parent": run.parent_fingerprint, "library": _sha256(index) if index.is_file() else None,
+               "table": _sha256(table) if table.is_file() else None,
+               "select_context": int(run.config.score.select_context), **extra}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _memo(run):
+    """DIR/refine/memo.jsonl as a ResultLog; None where `run.out` is no run directory (a benchmark's view of a run
+    with another scoring split, whose results do not belong in it)."""
+    from .scoring.quality import ResultLog
+
+    return ResultLog(run.out / "refine" / MEMO_FILE) if (Path(run.out) / "config.json").is_file() else None
+
+
+def candidate_kl(run, blocks, stage: str = "bld", tokens: int | None = None) -> float:
+    """`selection_kl` of the child `blocks` (subblocks of the library at `stage`, `realize_blocks`), taken from
+    DIR/refine/memo.jsonl where a call before computed it from the same inputs (`_memo_key`), else computed and
+    added there."""
+    blocks = [b if isinstance(b, BlockConfig) else BlockConfig.from_id(b) for b in blocks]
+    memo = _memo(run)
+    key = _memo_key(run, "selection_kl", blocks, stage, selection_ids(run, tokens)) if memo is not None else None
+    found = memo.read().get(key) if memo is not None else None
+    if found is not None and isinstance(found.get("kl_nats"), float) and math.isfinite(found["kl_nats"]):
+        return found["kl_nats"]
+    kl = selection_kl(run, realize_blocks(run, blocks, stage), tokens)
+    if memo is not None:
+        memo.append({"key": key, "kl_nats": kl})
+    return kl
+
+
 def _selection_logp(run, ids: torch.Tensor) -> torch.Tensor:
     """(N, T, V) fp32 parent log-probabilities of the selection ids, kept for the run's latest ids."""
     from .scoring.quality import parent_logprobs
@@ -238,7 +282,7 @@ def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, m
     rows = []
     for rank, (source, choice, predicted, speedup) in enumerate(todo):
         t1 = time.perf_counter()
-        kl = selection_kl(run, realize_blocks(run, [BlockConfig.from_id(b) for b in choice], stage), tokens)
+        kl = candidate_kl(run, choice, stage, tokens)
         rows.append({"rank": rank, "source": source, "predicted_kl_nats": predicted, "score_kl_nats": kl,
                      "predicted_speedup": speedup, "solve_s": solve_s if rank == 0 else 0.0,
                      "realize_s": time.perf_counter() - t1, "choice": choice})
@@ -417,6 +461,18 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     cfg = run.config.score
     ids = run.tokens.score
     ids = ids[:max(1, min(ids.shape[0], cfg.tokens // ids.shape[1]))]
+    memo = _memo(run)
+    key = _memo_key(run, "context_table", blocks, stage, ids, stride=cfg.position_stride) if memo is not None else None
+    found = memo.read().get(key) if memo is not None else None
+    out = table.copy()
+    out["context_kl_nats"], out["context_lm_loss"] = 0.0, 0.0
+    body = out.index[out["subblock"].isin(["attention", "ffn"])]
+    labels = {label: f"{out.loc[label, 'layer']}:{out.loc[label, 'subblock']}:{out.loc[label, 'variant']}"
+              for label in body}
+    if found is not None and isinstance(found.get("rows"), dict) and set(labels.values()) <= set(found["rows"]):
+        for label, name in labels.items():  # an earlier call's scores of this very child (`_memo_key`)
+            out.loc[label, ["context_kl_nats", "context_lm_loss"]] = found["rows"][name]
+        return _shifted(out, body), float(found["base_kl"])
     child = realize_blocks(run, blocks, stage)
     cache = parent_cache(child, ids, chunk=cfg.chunk, stride=cfg.position_stride)  # the child's activations
     ref = parent_cache(run.parent.model, ids, chunk=cfg.chunk, stride=cfg.position_stride)
@@ -428,9 +484,6 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     sums = token_metrics(child.head(cache.h[-1][:, cache.positions]), cache.logp, targets, weights)
     base_kl = weighted_kl(sums)
     base_loss = sums["lm_loss"] / max(1, sums["lm_tokens"])
-    out = table.copy()
-    out["context_kl_nats"], out["context_lm_loss"] = 0.0, 0.0
-    body = out.index[out["subblock"].isin(["attention", "ffn"])]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -449,6 +502,16 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
             bar.update(1)
     if bar is not None:
         bar.close()
+    if memo is not None:
+        memo.append({"key": key, "base_kl": float(base_kl), "rows": {
+            name: [float(out.loc[label, "context_kl_nats"]), float(out.loc[label, "context_lm_loss"])]
+            for label, name in labels.items()}})
+    return _shifted(out, body), float(base_kl)
+
+
+def _shifted(out: pd.DataFrame, body) -> pd.DataFrame:
+    """`context_table`'s table from its context_kl_nats / context_lm_loss columns: kl_nats and lm_loss relative to
+    the parent's variant of each layer and subblock, the other metrics cleared."""
     is_parent = out["is_parent"].astype(str).str.lower().isin(["true", "1"]) & out.index.isin(body)
     ref_rows = out[is_parent].set_index(["layer", "subblock"])
     for col, ctx in (("kl_nats", "context_kl_nats"), ("lm_loss", "context_lm_loss")):
@@ -458,7 +521,7 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     for col in ("top1_agree", "cosine"):
         if col in out.columns:
             out[col] = np.nan
-    return out, float(base_kl)
+    return out
 
 
 def lift_negative_kl(table: pd.DataFrame) -> pd.DataFrame:
@@ -505,7 +568,7 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
 
     current = tuple(b if isinstance(b, BlockConfig) else BlockConfig.from_id(b) for b in start)
     t0 = time.perf_counter()
-    current_kl = selection_kl(run, realize_blocks(run, current, stage), tokens)
+    current_kl = candidate_kl(run, current, stage, tokens)
     rows = [{"round": 0, "accepted": True, "predicted_kl_nats": current_kl, "score_kl_nats": current_kl,
              "changed_layers": 0, "context_s": 0.0, "solve_s": 0.0, "realize_s": time.perf_counter() - t0,
              "choice": tuple(b.id for b in current)}]
@@ -528,7 +591,7 @@ def refine(run, table: pd.DataFrame, budgets: Budgets, start, *, k: int = 4, max
             t1 = time.perf_counter()
             # the current child's realized KL on the selection tokens + the in-context change (table tokens)
             predicted = current_kl + float(ctx.loc[[lab for rows_ in s.rows for lab in rows_], "context_kl_nats"].sum())
-            kl = selection_kl(run, realize_blocks(run, s.blocks, stage), tokens)
+            kl = candidate_kl(run, s.blocks, stage, tokens)
             tried.append({"round": r, "accepted": False, "predicted_kl_nats": predicted, "score_kl_nats": kl,
                           "changed_layers": sum(a != b for a, b in zip(s.blocks, current)), "context_s": context_s,
                           "solve_s": solve_s, "realize_s": time.perf_counter() - t1, "choice": s.choice})

@@ -62,6 +62,32 @@ def test_in_the_parent_context_the_scores_are_the_replace_one_scores(run, table)
     pd.testing.assert_series_equal(ctx["runtime_ms"], table["runtime_ms"])  # costs untouched
 
 
+def test_realized_kls_and_in_context_tables_are_kept_for_a_rerun(table, tmp_path_factory, tmp_path, monkeypatch):
+    """Breaker: an interrupted `puzzle refine` kept nothing of minutes of realizing and re-scoring. Each child's
+    selection KL and each in-context table is kept in DIR/refine/memo.jsonl by what it depends on, and taken up
+    again; another library (its index), scoring split or select_context computes anew."""
+    from puzzle import refine as refine_mod
+    from puzzle.baselines import open_run
+    from puzzle.refine import MEMO_FILE, candidate_kl
+
+    copy = open_run(tiny_run_copy(tmp_path_factory, tmp_path / "run")[0], progress=False)
+    blocks, _ = _child(copy)
+    kl, (ctx, base) = candidate_kl(copy, blocks), context_table(copy, blocks, table)
+    assert len((copy.out / "refine" / MEMO_FILE).read_text().splitlines()) == 2
+    built = []
+    realize = refine_mod.realize_blocks
+    monkeypatch.setattr(refine_mod, "realize_blocks", lambda *a, **k: built.append(a) or realize(*a, **k))
+    assert candidate_kl(copy, [b.id for b in blocks]) == kl and not built
+    again, base_again = context_table(copy, blocks, table)
+    assert base_again == base and not built
+    pd.testing.assert_frame_equal(again, ctx)
+    index = copy.library.root / "index.csv"  # a library entry rebuilt: its index records another sha256
+    index.write_text(index.read_text() + "\n")
+    assert candidate_kl(copy, blocks) == pytest.approx(kl) and len(built) == 1
+    copy.config = dataclasses.replace(copy.config, score=dataclasses.replace(copy.config.score, select_context=4))
+    assert candidate_kl(copy, blocks) != kl and len(built) == 2
+
+
 def test_with_select_context_the_in_context_scores_are_weighted_as_selection_kl(table, tmp_path_factory, tmp_path):
     """score.select_context N > 0: the child's KL and every in-context delta are means weighted by the parent's
     context weights at the scored positions (the selection weights' first rows, from their file), as the
