@@ -904,8 +904,10 @@ def cmd_front(args) -> int:
               f"{run.out / 'front_all.png'}", file=sys.stderr)
         ratios = rows.attrs["ratios"]
         for name, why in ratios.attrs.get("passed_over", {}).items():
+            drawn = ("; its diverse and refined children stay in front_all as the measured models they are"
+                     if "earlier search" in why else "")  # breaker: they were drawn, unsaid, while greedy's went
             _log(f"front: {name} is compared as searched: {why} (`puzzle refine --out {run.out} --name {name}` again, "
-                 f"with the earlier refinement's flags)")
+                 f"with the earlier refinement's flags){drawn}")
         second = ("; second table: per target, the plain, diverse or refined child (`puzzle refine`) with the lowest "
                   "scoring-split KL" if "selected per target" in set(ratios.get("ours", ())) else "")
         refined = sorted((run.out / "refine").glob("*.summary.csv")) if (run.out / "refine").is_dir() else []
