@@ -186,8 +186,8 @@ def read_puzzle_library(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
                 fix = (f"correct those stats or delete {parent_file.name} (the widest variant, {overall.id}, is then "
                        f"the parent)")
             else:
-                fix = (f"restore that variant in {key}{' (' + str(len(others)) + ' other layers have it)' if others else ''}"
-                       f", or correct those stats")
+                have = f" ({len(others)} other layers have it)" if others else ""
+                fix = f"restore that variant in {key}{have}, or correct those stats"
             raise PuzzleError(f"{parent_file} names the parent block {parent.id} (num_kv_heads {kv}, "
                               f"ffn_intermediate_size {width}), but {key} of {file} has no such variant (its widest "
                               f"is {widest.id}); {fix}")

@@ -258,7 +258,12 @@ def test_front_phases_run_in_order_and_report_ratios(run_dir, tmp_path, capsys):
     timed = pd.read_csv(out / "remeasure.csv")
     rows = [json.loads(p.read_text()) for d in ("front_rows", "baselines/rows") for p in (run / d).glob("*.json")]
     assert {r["name"] for r in rows} <= set(timed["name"]) and len(rows) > 5  # every model timed in the one session
-    ratios = pd.read_csv(out / "ratios.csv")
-    removal = ratios[(ratios["method"] == "layer_removal") & (ratios["ours"] == "plain MIP")]
-    assert len(removal) == 1 and removal["ratio"].iloc[0] > 0  # ours / layer removal, read at 1.5x
+    ratios = pd.read_csv(out / "ratios.csv")  # ours / each baseline at 1.5x, where both fronts reach it (timing)
+    plain = ratios[ratios["ours"] == "plain MIP"]
+    assert {"greedy", "layer_removal"} <= set(plain["method"])  # (the others where their plan reaches 1.5x)
+    for _, r in plain.iterrows():
+        if pd.notna(r["ratio"]):
+            assert r["ratio"] == pytest.approx(r["ours_kl_nats"] / r["baseline_kl_nats"]), r.to_dict()
+        else:  # a front that stops short of 1.5x as measured
+            assert pd.isna(r["ours_kl_nats"]) or pd.isna(r["baseline_kl_nats"]), r.to_dict()
     assert (out / "front.png").stat().st_size > 0 and (out / "architectures.png").stat().st_size > 0

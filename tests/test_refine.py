@@ -71,6 +71,7 @@ def test_realized_kls_and_in_context_tables_are_kept_for_a_rerun(table, tmp_path
     from puzzle.refine import MEMO_FILE, candidate_kl
 
     copy = open_run(tiny_run_copy(tmp_path_factory, tmp_path / "run")[0], progress=False)
+    (copy.out / "refine" / MEMO_FILE).unlink(missing_ok=True)  # what tests on the shared tiny run kept there
     blocks, _ = _child(copy)
     kl, (ctx, base) = candidate_kl(copy, blocks), context_table(copy, blocks, table)
     assert len((copy.out / "refine" / MEMO_FILE).read_text().splitlines()) == 2

@@ -317,7 +317,8 @@ def test_a_refused_resume_names_the_setting_and_short_inputs_say_what_they_need(
 
     saved = {"stage": "sft", "config": {"lr": 1e-4, "checkpoint_every": 50}, "data": "a" * 64}
     with pytest.raises(PuzzleError, match=re.escape("differs in ['config.lr: 0.0001 -> 0.001', 'data']")):
-        _check_meta(tmp_path / "c.pt", saved, {**saved, "config": {"lr": 1e-3, "checkpoint_every": 5}, "data": "b" * 64})
+        _check_meta(tmp_path / "c.pt", saved,
+                    {**saved, "config": {"lr": 1e-3, "checkpoint_every": 5}, "data": "b" * 64})
     # how often it checkpoints is no setting to go back to, unless nothing else differs (breaker: it was listed)
     with pytest.raises(PuzzleError, match=re.escape("differs in ['config.checkpoint_every: 50 -> 5']")):
         _check_meta(tmp_path / "c.pt", saved, {**saved, "config": {"lr": 1e-4, "checkpoint_every": 5}})
