@@ -119,6 +119,23 @@ def export_info(folder) -> dict | None:
     return info if isinstance(info, dict) else {}
 
 
+def shown_provenance(info: dict | None, folder) -> str:
+    """`export_provenance` of an export's "puzzle" entry as a message shows it: a run recorded relative to the
+    export's `folder` ("../..") named by its path, or where that leads to no run (a folder copied out of it) by
+    its "run_at" (breaker: `sft` said it "replaced the export of child-2x of run ../..")."""
+    from .io import is_run_directory
+
+    shown = export_provenance(info)
+    ref = info.get("run") if isinstance(info, dict) else None
+    if isinstance(ref, str) and ref and not Path(ref).is_absolute() and f" of run {ref}" in shown:
+        where = os.path.normpath(Path(folder).absolute() / ref)
+        at = info.get("run_at")
+        if not is_run_directory(Path(where)) and isinstance(at, str) and at:
+            where = at
+        shown = shown.replace(f" of run {ref}", f" of run {where}")
+    return shown
+
+
 def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
     """(export_provenance, trained) of the export now in out_dir, or None when there is none."""
     info = export_info(out_dir)
@@ -363,6 +380,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     now = export_provenance({"source": dict(model.config.extra), **(extra_info or {})})
     check_export_target(out_dir, overwrite, provenance=None if replace_trained else now, also_same=also_same, own=own)
     earlier = (_earlier_export(out_dir) or (None, False))[0]
+    shown = shown_provenance(export_info(out_dir), out_dir) if earlier is not None else None
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)
     warnings = export_warnings(config)
@@ -399,7 +417,7 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     remove_stale_temp(out_dir)  # what an earlier export killed mid-write left beside it
-    return ExportResult(out_dir, tuple(warnings), replaced=earlier if earlier not in (None, now, *also_same) else None)
+    return ExportResult(out_dir, tuple(warnings), replaced=shown if earlier not in (None, now, *also_same) else None)
 
 
 def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None,

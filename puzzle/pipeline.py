@@ -1678,16 +1678,8 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
         record_export(run, name, model)
     run.timed("export_s", time.perf_counter() - t0)
     run.say_export_warnings(name, result.warnings)
-    if result.replaced:  # an earlier run recorded relative to the folder is named as a path
-        ref = (earlier or {}).get("run")
-        shown = result.replaced
-        if isinstance(ref, str) and ref and not Path(ref).is_absolute():
-            where = os.path.normpath(Path(dest).absolute() / ref)
-            at = (earlier or {}).get("run_at")  # a folder copied out of its run: the relative path leads elsewhere
-            if not is_run_directory(Path(where)) and isinstance(at, str) and at:
-                where = at
-            shown = shown.replace(f" of run {ref}", f" of run {where}")
-        run.say(f"export {name}: replaced the export of {shown} that was in {result.path}")
+    if result.replaced:  # an earlier run recorded relative to the folder is named as a path (`shown_provenance`)
+        run.say(f"export {name}: replaced the export of {result.replaced} that was in {result.path}")
     return result
 
 

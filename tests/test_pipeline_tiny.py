@@ -318,6 +318,15 @@ def test_export_messages_name_the_run_and_come_after_the_writing(run_dir, tmp_pa
         assert main(["export", "--out", str(copy), "--name", "child-1.5x", "--dest", str(elsewhere)]) == 0
     said = err.getvalue()  # the run it was written from (run_at), not the folder ../.. leads to from the copy
     assert any(f"replaced the export of child-2x of run {r.resolve()} " in said for r in (copy, run_dir)), said
+    shutil.rmtree(elsewhere)  # gkd (sft, merge) into such a folder names the run alike (breaker: "of run ../..")
+    shutil.copytree(copy / "export" / "child-2x", elsewhere)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["gkd", "--child", str(run_dir / "export" / "child-1.5x"), "--parent", "tiny", "--calib",
+                     "package:tiny_corpus.txt", "--seq-len", "32", "--tokens", "64", "--batch-size", "2", "--dest",
+                     str(elsewhere), "--no-progress"]) == 0
+    said = err.getvalue()
+    assert any(f"replaced the export of child-2x of run {r.resolve()} " in said for r in (copy, run_dir)), said
 
 
 def test_a_main_budget_out_of_reach_names_a_cost_table_timed_on_a_busy_machine(run_dir, tmp_path):
