@@ -119,6 +119,12 @@ def export_info(folder) -> dict | None:
     return info if isinstance(info, dict) else {}
 
 
+def count_text(n: int) -> str:
+    """A parameter count as text: millions from 10M up, else every digit (breaker: a tiny model's export said "0.0M
+    parameters")."""
+    return f"{n / 1e6:.1f}M" if n >= 10_000_000 else f"{n:,}"
+
+
 def shown_provenance(info: dict | None, folder) -> str:
     """`export_provenance` of an export's "puzzle" entry as a message shows it: a run recorded relative to the
     export's `folder` ("../..") named by its path, or where that leads to no run (a folder copied out of it) by
@@ -306,7 +312,7 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
         "",
         "A Llama-family decoder whose layers differ, found by Puzzle (distillation-based neural architecture search).",
         f"{config.num_hidden_layers} layers, hidden size {C}, {H} query heads of dim {config.head_dim}, "
-        f"vocabulary {config.vocab_size}, {num_parameters / 1e6:.1f}M parameters, stored as {str(dtype).removeprefix('torch.')}.",
+        f"vocabulary {config.vocab_size}, {count_text(num_parameters)} parameters, stored as {str(dtype).removeprefix('torch.')}.",
         "",
         "## Load",
         "",

@@ -415,10 +415,6 @@ def _tolerance_text(value: float) -> str:
     return "inf" if value == math.inf else f"{value:g}"
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 10_000_000 else f"{n:,}"
-
-
 #: bumped when a record or its export gains what older ones lack, so those are made again (2: the fused child's front
 #: row; 3: the unfused child's architecture in the export, which `front_row_export` checks; 4: named unfused_child)
 RECORD_VERSION = 4
@@ -1163,6 +1159,8 @@ def fusion_summary(rec: dict) -> str:
     for r in rec.get("trimmed") or []:  # breaker: the leading layer was dropped without a word
         lines.append(f"layers {_run_text(r)} mix SwiGLU and linear FFNs with the leading layer {r[0]}: fused without "
                      f"it ({_run_text((r[0] + 1, r[1]))})")
+    from .export import count_text
+
     name, fused = rec["name"], rec["fused_name"]
     if not rec["kept"]:
         best = min(rec["runs"], key=lambda r: r["relative_increase"])
@@ -1174,8 +1172,8 @@ def fusion_summary(rec: dict) -> str:
         return "\n".join(lines)
     ffns = sum(r["ffns"] for r in rec["runs"] if r["kept"])
     lines.append(f"{fused}: {ffns} FFNs fused into {len(rec['kept'])} block{'s' * (len(rec['kept']) > 1)} "
-                 f"({rec['layers']} -> {rec['fused_layers']} layers, {_count(rec['params'])} -> "
-                 f"{_count(rec['fused_params'])} parameters); scoring-split KL "
+                 f"({rec['layers']} -> {rec['fused_layers']} layers, {count_text(rec['params'])} -> "
+                 f"{count_text(rec['fused_params'])} parameters); scoring-split KL "
                  f"{_change(rec['score_kl_nats'], rec['fused_score_kl_nats'])}, evaluation KL "
                  f"{_change(rec['kl_nats'], rec['fused_kl_nats'])}")
     if "fused_speedup" in rec:

@@ -18,6 +18,7 @@ Notation: B batch, T new tokens, S cached + new positions, C hidden size, V voca
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -165,14 +166,23 @@ class DeciLMForCausalLM(PreTrainedModel, GenerationMixin):
             CausalLMOutputWithPast (a tuple when return_dict=False).
 
         Raises:
-            ValueError: both or neither of input_ids and inputs_embeds, or a non-2D attention mask.
+            ValueError: both or neither of input_ids and inputs_embeds, or a non-2D attention mask (a 4D one:
+                a static or compiled cache, which this model does not support).
         """
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be (B, S) with 1 = token, 0 = padding; got shape {tuple(attention_mask.shape)}")
+            # a 4D mask is what generate() builds for a static or compiled cache (breaker: named as the user's mask)
+            static = (" (generate() builds such a mask for cache_implementation='static' or a compiled cache, which "
+                      "this model does not support: leave cache_implementation unset for its own dynamic cache)"
+                      if attention_mask.dim() == 4 else "")
+            raise ValueError(f"attention_mask must be (B, S) with 1 = token, 0 = padding; got shape "
+                             f"{tuple(attention_mask.shape)}{static}")
+        if kwargs.get("output_attentions"):  # breaker: attentions came back None without a word
+            warnings.warn("output_attentions is not supported (attention runs in fused SDPA kernels): the output's "
+                          "attentions is None")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if not use_cache:
             cache = None

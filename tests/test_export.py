@@ -104,6 +104,18 @@ def test_loads_with_remote_code_and_matches_logits(exported):
     assert (got_masked - want).abs().max().item() <= 1e-4
 
 
+def test_unsupported_generate_options_are_named(exported):
+    """Breaker: cache_implementation='static' failed as "attention_mask must be (B, S) ...; got shape (1, 1, 9, 12)",
+    a mask the user never passed, and output_attentions=True gave None without a word."""
+    _, _, _, hf = exported
+    x = prompt(5, 6, 7)
+    with pytest.raises(ValueError, match=r"cache_implementation='static' or a compiled cache, which this model does "
+                                         r"not support"):
+        hf.generate(x, cache_implementation="static", max_new_tokens=2, do_sample=False)
+    with pytest.warns(UserWarning, match="output_attentions is not supported"):
+        assert hf(x, output_attentions=True).attentions is None
+
+
 def test_the_projects_own_loader_reopens_every_export(exported):
     """`load_parent` on an export (what generate, gkd, sft, merge and rpo do): the llama3-RoPE variant raised an
     AttributeError from AutoTokenizer, whose generic config for nemotron-nas lacks max_position_embeddings."""
@@ -224,7 +236,8 @@ def test_folder_is_self_contained(exported):
     assert not [n for n in names if n.startswith(".")]
     assert not [p.name for p in result.path.parent.iterdir() if p.name != "child"]  # no temp leftovers
     for name in CODE_FILES:
-        assert set(get_imports(result.path / name)) <= {"__future__", "dataclasses", "math", "torch", "transformers"}
+        assert set(get_imports(result.path / name)) <= {"__future__", "dataclasses", "math", "torch", "transformers",
+                                                         "warnings"}  # the standard library and what transformers needs
     weights = load_file(result.path / "model.safetensors")
     assert ("lm_head.weight" in weights) != child.config.tie_word_embeddings  # a tied head is stored once
     assert set(weights) | ({"lm_head.weight"} if child.config.tie_word_embeddings else set()) == set(child.state_dict())
@@ -563,3 +576,12 @@ def test_an_export_wider_than_its_hf_parent_folder_is_noted(tmp_path):
         if noted:
             assert "stored as float32 (the run's [parent] dtype), twice the size of the parent's bfloat16; `puzzle " \
                    f"export --out {tmp_path / 'run'} --name child-1.5x --dtype bfloat16`" in said[0]
+
+
+def test_the_readme_gives_a_small_models_parameters_in_full(exported):
+    """Breaker: a tiny export's README said "0.0M parameters"."""
+    from puzzle.export import count_text
+
+    child, _, result, _ = exported
+    assert count_text(54_272) == "54,272" and count_text(134_515_008) == "134.5M"
+    assert f"{count_text(child.num_parameters())} parameters" in (result.path / "README.md").read_text()
