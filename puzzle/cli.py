@@ -649,11 +649,15 @@ def cmd_run(args) -> int:
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats", "lm_loss", "speedup",
             "predicted_speedup"]
     _log("\n" + summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    from .pipeline import budget_miss_notes
+    from .pipeline import budget_miss_notes, resolved_by_feedback
 
     for note in budget_miss_notes(args.out, summary):  # fresh user (stop 69): the main child's 1.45x beside its
         if note:  # 1.5x budget was explained only mid-log
             _log(f"run: {note}")
+    # fresh user: the table's predicted_speedup differed from the search's lines above, unexplained
+    if again := resolved_by_feedback(args.out, summary["name"]):
+        _log(f"run: the budget feedback re-solved {', '.join(again)} after timing {'them' if len(again) > 1 else 'it'}: "
+             f"predicted_speedup is the re-solved child's, not the first solve's that the search printed")
     _log_unreachable_front(run)
     _log(f"\nsummary: {args.out / 'summary.csv'}   front: {args.out / 'front.png'}   report: {args.out / 'report.md'}")
     return 0

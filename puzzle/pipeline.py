@@ -2384,6 +2384,21 @@ def parent_label(run: Run) -> str:
     return Path(source).name or source
 
 
+def resolved_by_feedback(out: Path, names) -> list[str]:
+    """The children of `names` whose record (DIR/search/<name>.json) the budget feedback re-solved: its `choice` is
+    no longer the search's first solve (`solved_choice`). Unreadable records are left out."""
+    found = []
+    for name in names:
+        try:
+            record = read_json(Path(out) / "search" / f"{name}.json")
+        except (PuzzleError, OSError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("solved_choice"), list) \
+                and record["solved_choice"] != record.get("choice"):
+            found.append(str(name))
+    return found
+
+
 def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     """front.csv and front.png: evaluation KL vs measured throughput, parent marked."""
     import matplotlib

@@ -751,3 +751,17 @@ def test_a_file_given_as_the_run_directory_is_named_as_such(tmp_path, capsys):
     assert main(["gkd", "--out", str(config), "--name", "child-2x"]) == 2
     err = capsys.readouterr().err
     assert f"{config} is a file, not a run directory; give the run's folder ({tmp_path / 'run'})" in err, err
+
+
+def test_children_the_budget_feedback_re_solved_are_named(tmp_path):
+    """Fresh user: the run's closing table gave predicted speed-ups other than the search's lines, unexplained."""
+    from puzzle.pipeline import resolved_by_feedback
+
+    (tmp_path / "search").mkdir()
+    records = {"a": {"choice": ["x"], "solved_choice": ["y"]},  # re-solved
+               "b": {"choice": ["x"], "solved_choice": ["x"]},  # settled on the first solve
+               "c": {"choice": ["x"]}}  # never timed
+    for name, record in records.items():
+        (tmp_path / "search" / f"{name}.json").write_text(json.dumps(record))
+    (tmp_path / "search" / "d.json").write_text("{not json")
+    assert resolved_by_feedback(tmp_path, ["parent", "a", "b", "c", "d"]) == ["a"]
