@@ -49,7 +49,8 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
     report = (run_dir / "report.md").read_text()
     assert "Greedy chat answers" in report and "Does BLD matter?" in report and "budget_use" in report
     # the init table takes bld's no_op scores: a fresh run kept nothing from an earlier call
-    assert re.search(r"score: \d+ rows per table; tables in", RUN_LOG["stderr"]), RUN_LOG["stderr"][-2000:]
+    assert re.search(r"score: \d+ rows per table \(a row per layer and variant over 4 layers, the parent's own and "
+                     r"no_op variants included\); tables in", RUN_LOG["stderr"]), RUN_LOG["stderr"][-2000:]
     cost = json.loads((run_dir / "score" / "cost.csv.json").read_text())  # the contention check's record
     assert isinstance(cost["rounds_dropped"], int) and (cost["contention_cores"] is None or cost["contention_cores"] >= 0)
     machine = json.loads((run_dir / "children" / "machine.json").read_text())  # the machine's speed, table vs children
@@ -464,7 +465,8 @@ def test_a_replaced_library_entry_is_scored_and_its_children_measured_again(run_
     after = [json.loads(line) for line in (copy / "score" / "quality_bld.jsonl").read_text().splitlines()]
     assert [r["key"] for r in after[len(before):]] == ["0:attention:attn-kv1:bld"]  # that entry alone, scored again
     assert after[-1]["entry_sha256"] == sha
-    assert re.search(r"score: \d+ rows per table \(bld: 1 candidate scored, \d+ kept from an earlier call", err.getvalue())
+    assert re.search(r"score: \d+ rows per table \(.*\); bld: 1 candidate scored, \d+ kept from an earlier call",
+                     err.getvalue())
     assert "timing the children again (the score or cost tables changed" in err.getvalue()
 
 
