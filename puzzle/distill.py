@@ -649,9 +649,6 @@ def run_gkd_command(args, log=None) -> dict:
     (also written to WORK/gkd.json). Under torchrun every rank trains; rank 0 evaluates and writes."""
     config = config_from_args(args)
     log = log or (lambda msg: None)
-    from .parent import local_model_arg
-
-    args.child, args.parent = local_model_arg(args.child), local_model_arg(args.parent)
     if args.out is not None and args.child is not None:
         raise PuzzleError("give either --out DIR --name NAME (a run's child) or --child FOLDER, not both")
     if args.out is None and args.child is None:
@@ -675,6 +672,9 @@ def run_gkd_command(args, log=None) -> dict:
         raise PuzzleError(f"--max-doc-tokens must be >= 0 (0: no cap), got {args.max_doc_tokens}")
     if args.device not in ("auto", "cpu", "cuda"):  # under torchrun each process takes cuda:LOCAL_RANK
         raise PuzzleError(f"--device {args.device!r}: give auto, cpu or cuda")
+    from .parent import local_model_arg
+
+    args.child, args.parent = local_model_arg(args.child), local_model_arg(args.parent)  # asset:<name>, once checked
     env = init_distributed(args.device)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)
