@@ -731,14 +731,14 @@ def run_sft_command(args, log=None) -> dict | None:
     log = log or (lambda msg: None)
     config = config_from_args(args)
     _check_sft_flags(args)
-    from .parent import local_model_arg
-
-    args.model = local_model_arg(args.model)
     if args.model and args.out:
         raise PuzzleError("give either --model PATH or --out DIR --name NAME, not both")
     if not args.model and (not args.out or not args.name):
         raise PuzzleError("give --model PATH (HF folder, .gguf, exported folder) or --out DIR --name NAME "
                           "(a run's child, or 'parent')")
+    from .parent import local_model_arg
+
+    args.model = local_model_arg(args.model)  # asset:<name> as the packaged model's file
     if args.dest is None:
         if not args.out:
             raise PuzzleError("give --dest FOLDER for the fine-tuned model")
