@@ -100,6 +100,13 @@ def process_group(rank: int, world_size: int, device=None):
             dist.destroy_process_group()
 
 
+def joins_group(world_size: int) -> bool:
+    """Whether this process is, or is about to be (`process_group`: MASTER_ADDR set, as torchrun sets it), one of a
+    process group of `world_size` > 1 ranks that wait for each other (breaker: `in_group` asked before the group
+    existed, or after it was gone, took torchrun's ranks for ranks started without it)."""
+    return world_size > 1 and dist.is_available() and (dist.is_initialized() or "MASTER_ADDR" in os.environ)
+
+
 def in_group(world_size: int) -> bool:
     """Whether this process is one of a process group of `world_size` > 1 ranks (torchrun with MASTER_ADDR)."""
     return world_size > 1 and dist.is_available() and dist.is_initialized()

@@ -525,17 +525,25 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     from . import distributed
 
     lib = run.library
-    lib.check_meta(library_meta(run), replace_unbuilt=world_size == 1 or distributed.in_group(world_size))
+    grouped = distributed.joins_group(world_size)  # torchrun's ranks wait for each other; ranks started by hand not
+    lib.check_meta(library_meta(run), replace_unbuilt=world_size == 1 or grouped)
     t0 = time.perf_counter()
-    result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
-                           progress=run.progress, rank=rank, world_size=world_size)
+    try:
+        result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
+                               progress=run.progress, rank=rank, world_size=world_size)
+    except RuntimeError as e:  # breaker: a rank killed during BLD gave the others gloo's traceback
+        from .train_utils import DistEnv, peer_lost
+
+        if (lost := peer_lost(DistEnv(rank=rank, world_size=world_size), e)) is None:
+            raise
+        raise PuzzleError(str(lost).replace("from the last checkpoint", "(the entries finished are kept)")) from None
     if result["trained"]:
         run.timed("bld_s", time.perf_counter() - t0)
     index = lib.write_index() if rank == 0 else lib.index()  # rank 0 writes it (`bld.run_jobs`), after every rank
     shard = f" by rank {rank} of {world_size} (the other entries are the other ranks')" if world_size > 1 else ""
     run.say(f"bld: {result['trained']} subblocks trained{shard}, {result['skipped']} already in the library, "
             f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
-    if world_size > 1 and not distributed.in_group(world_size):  # breaker: ranks started by hand in two shells
+    if world_size > 1 and not grouped:  # breaker: ranks started by hand in two shells
         run.say(f"bld: ranks started without torchrun do not wait for each other, so {lib.root / 'index.csv'} lists "
                 f"what was on disk when this one ended; once every rank has finished, `puzzle bld --out {run.out}` "
                 f"(one process) completes the index and trains anything a rank left")

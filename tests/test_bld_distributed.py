@@ -25,10 +25,17 @@ def test_torchrun_two_cpu_ranks_build_the_same_library_as_one_process(tmp_path):
     _puzzle("data", "--preset", "tiny", "--out", str(one), "--bld-tokens", "512", "--no-progress")
     shutil.copytree(one, two)
     _puzzle("bld", "--out", str(one), "--no-progress")
+    # a library begun with other settings and no entry yet is replaced under torchrun too (breaker: its ranks said
+    # it "was built with other settings", as one process does not)
+    (two / "library").mkdir()
+    meta = json.loads((one / "library" / "meta.json").read_text())
+    meta["bld"]["tokens"] = 1024
+    (two / "library" / "meta.json").write_text(json.dumps(meta))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "puzzle", "bld", "--out", str(two), "--no-progress"]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "ranks started without torchrun" not in done.stderr  # (breaker: said after every torchrun bld)
     a, b = Library(one / "library").index(), Library(two / "library").index()
     assert len(a) == len(b) > 0 and (two / "library" / "index.csv").is_file()
     cols = ["layer", "subblock", "variant", "stage", "init", "tokens", "status"]
@@ -223,3 +230,26 @@ def test_a_rank_started_by_hand_says_the_index_waits_for_the_others(tmp_path, mo
     err = capsys.readouterr().err
     assert "subblocks trained by rank 1 of 2 (the other entries are the other ranks')" in err
     assert f"once every rank has finished, `puzzle bld --out {run}` (one process) completes the index" in err
+
+
+def test_a_rank_lost_during_bld_is_said_in_one_line(tmp_path_factory, tmp_path, monkeypatch):
+    """Breaker: `kill -9` of one hand-started rank gave the other gloo's traceback ("Connection closed by peer")."""
+    from puzzle import bld
+    from puzzle.baselines import open_run
+    from puzzle.errors import PuzzleError
+    from puzzle.pipeline import stage_bld
+
+    from tiny_run import tiny_run_copy
+
+    run = open_run(tiny_run_copy(tmp_path_factory, tmp_path / "run")[0], progress=False)
+
+    def lost(*_, **__):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:1")
+
+    monkeypatch.setattr(bld, "build_library", lost)
+    with pytest.raises(PuzzleError, match=r"rank 0: another rank stopped during a collective operation \(Connection "
+                                          r"closed by peer .*the same command run again resumes \(the entries"):
+        stage_bld(run, rank=0, world_size=2)
+    monkeypatch.setattr(bld, "build_library", lambda *_, **__: (_ for _ in ()).throw(RuntimeError("this rank's own")))
+    with pytest.raises(RuntimeError, match="this rank's own"):  # an error of this rank stands as it is
+        stage_bld(run, rank=0, world_size=2)
