@@ -136,12 +136,18 @@ def check_ranks_agree(world_size: int, parts: dict, what: str) -> None:
 
 
 def digests(meta: dict) -> dict:
-    """{key: sha256 of the value as JSON} of a training's meta (`distill.gkd_meta`, `sft.sft_meta`), for
-    `check_ranks_agree`."""
+    """A training's meta (`distill.gkd_meta`, `sft.sft_meta`) as `check_ranks_agree` compares it: a dict's entries
+    by their dotted keys ("config.lr"), each value a short number or text as it is (so a refusal names it; breaker:
+    "config: rank 0 d83efa2d98, rank 1 9b9ab7e0e4"), anything else as the sha256 of its JSON."""
     import hashlib
     import json
 
-    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest() for k, v in meta.items()}
+    def shown(value):
+        plain = isinstance(value, (bool, int, float, str, type(None))) and len(repr(value)) <= 10
+        return value if plain else hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {f"{k}.{sub}" if isinstance(v, dict) else k: shown(x)
+            for k, v in meta.items() for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
 def barrier_if_group(world_size: int, device=None) -> None:

@@ -164,7 +164,8 @@ RANKS_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case,words", [("settings", "ranks were started with different calibration tokens, settings"),
+@pytest.mark.parametrize("case,words", [("settings", "ranks were started with different calibration tokens, "
+                                                     "settings.tokens (calibration tokens: rank 0 "),
                                         ("folder", "must be one folder that every rank")])
 def test_ranks_started_differently_or_on_unshared_folders_are_refused(tmp_path, case, words):
     """Reviewer: ranks with other settings (or spaces) built a library for no single space, and a rank writing to a

@@ -341,7 +341,8 @@ def test_ranks_started_with_other_settings_are_refused_instead_of_drifting_or_ha
                             "if os.environ['RANK'] == '1':\n    argv[argv.index('--lr') + 1] = '1e-2'\n"
                             "args = p.parse_args(argv)")
     returncode, stderr = _two_ranks(tmp_path, worker, tokens=1024)
-    assert returncode != 0 and "gkd: the 2 ranks were started with different config" in stderr, stderr[-3000:]
+    assert returncode != 0 and "gkd: the 2 ranks were started with different config.lr (config.lr: rank 0 0.0" in \
+        stderr and "rank 1 0.01)" in stderr, stderr[-3000:]  # the setting and its values (breaker: two hashes)
     assert not (tmp_path / "two" / "model.safetensors").exists()
 
 
