@@ -656,8 +656,9 @@ def cmd_run(args) -> int:
             _log(f"run: {note}")
     # fresh user: the table's predicted_speedup differed from the search's lines above, unexplained
     if again := resolved_by_feedback(args.out, summary["name"]):
-        _log(f"run: the budget feedback re-solved {', '.join(again)} after timing {'them' if len(again) > 1 else 'it'}: "
-             f"predicted_speedup is the re-solved child's, not the first solve's that the search printed")
+        them = "them" if len(again) > 1 else "it"
+        _log(f"run: the budget feedback re-solved {', '.join(again)} after timing {them}: predicted_speedup is the "
+             f"re-solved child's, not the first solve's that the search printed")
     _log_unreachable_front(run)
     _log(f"\nsummary: {args.out / 'summary.csv'}   front: {args.out / 'front.png'}   report: {args.out / 'report.md'}")
     return 0

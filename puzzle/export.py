@@ -312,7 +312,8 @@ def _readme(config: ModelConfig, dtype: torch.dtype, warnings: list[str], num_pa
         "",
         "A Llama-family decoder whose layers differ, found by Puzzle (distillation-based neural architecture search).",
         f"{config.num_hidden_layers} layers, hidden size {C}, {H} query heads of dim {config.head_dim}, "
-        f"vocabulary {config.vocab_size}, {count_text(num_parameters)} parameters, stored as {str(dtype).removeprefix('torch.')}.",
+        f"vocabulary {config.vocab_size}, {count_text(num_parameters)} parameters, stored as "
+        f"{str(dtype).removeprefix('torch.')}.",
         "",
         "## Load",
         "",

@@ -858,7 +858,7 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
     # what a rerun kept (breaker: a resumed score said only what a fresh one says, where bld says what it kept)
     kept = "; ".join(f"{stage}: {new} candidate{'s' if new != 1 else ''} scored, {old} kept from an earlier call"
                      for stage, (new, old) in counts.items()) if any(old for _, old in counts.values()) else ""
-    layers = int(tables["bld"]["layer"].max()) + 1  # fresh user: 240 rows beside 180 scored and 120 trained, unexplained
+    layers = int(tables["bld"]["layer"].max()) + 1  # fresh user: 240 rows beside 180 scored, 120 trained, unsaid
     run.say(f"score: {len(tables['bld']) - 1} rows per table (a row per layer and variant over {layers} layers, the "
             f"parent's own and no_op variants included){f'; {kept}' if kept else ''}; tables in {run.out / 'score'}")
     if coupled := sum(map(len, library_blocks(run.library).values())):
