@@ -91,6 +91,12 @@ def process_group(rank: int, world_size: int, device=None):
         device = torch.device(device) if device is not None else local_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # ranks started by hand: torchrun stops the others if one fails,
+            import sys  # these wait for it up to BARRIER_TIMEOUT (breaker: silently, until killed)
+
+            print(f"rank {rank}: waiting for the other {world_size - 1} rank(s) at {os.environ['MASTER_ADDR']}:"
+                  f"{os.environ.get('MASTER_PORT', '?')}; each must be started with the same command, and one that "
+                  f"stopped is waited for: stop this one (Ctrl-C) and start them again", file=sys.stderr, flush=True)
         dist.init_process_group(backend_for(device), rank=rank, world_size=world_size, timeout=BARRIER_TIMEOUT)
         created = True
     try:

@@ -254,3 +254,24 @@ def test_a_rank_lost_during_bld_is_said_in_one_line(tmp_path_factory, tmp_path, 
     monkeypatch.setattr(bld, "build_library", lambda *_, **__: (_ for _ in ()).throw(RuntimeError("this rank's own")))
     with pytest.raises(RuntimeError, match="this rank's own"):  # an error of this rank stands as it is
         stage_bld(run, rank=0, world_size=2)
+
+
+def test_a_rank_started_by_hand_says_it_waits_for_the_others(monkeypatch, capsys):
+    """Breaker: a rank started by hand (RANK, WORLD_SIZE, MASTER_ADDR) whose peer had stopped waited for it without a
+    word until killed; under torchrun (TORCHELASTIC_RUN_ID), which stops the others itself, nothing is said."""
+    from puzzle import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29571")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with distributed.process_group(1, 2, device="cpu"):
+        pass
+    assert "rank 1: waiting for the other 1 rank(s) at 127.0.0.1:29571" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    with distributed.process_group(0, 2, device="cpu"):
+        pass
+    assert len(calls) == 2 and capsys.readouterr().err == ""
