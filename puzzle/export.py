@@ -386,8 +386,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
     out_dir = Path(out_dir)
     now = export_provenance({"source": dict(model.config.extra), **(extra_info or {})})
     check_export_target(out_dir, overwrite, provenance=None if replace_trained else now, also_same=also_same, own=own)
-    earlier = (_earlier_export(out_dir) or (None, False))[0]
-    shown = shown_provenance(export_info(out_dir), out_dir) if earlier is not None else None
+    info = export_info(out_dir)  # the export now in out_dir (None: none)
+    earlier = export_provenance(info) if info is not None else None
     config = model.config
     torch_dtype = _resolve_dtype(model, dtype)
     warnings = export_warnings(config)
@@ -424,7 +424,8 @@ def export_checkpoint(model: PuzzleForCausalLM, tokenizer, out_dir: str | os.Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     remove_stale_temp(out_dir)  # what an earlier export killed mid-write left beside it
-    return ExportResult(out_dir, tuple(warnings), replaced=shown if earlier not in (None, now, *also_same) else None)
+    replaced = shown_provenance(info, out_dir) if earlier not in (None, now, *also_same) else None
+    return ExportResult(out_dir, tuple(warnings), replaced=replaced)
 
 
 def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provenance: str | None = None,

@@ -534,9 +534,9 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     except RuntimeError as e:  # breaker: a rank killed during BLD gave the others gloo's traceback
         from .train_utils import DistEnv, peer_lost
 
-        if (lost := peer_lost(DistEnv(rank=rank, world_size=world_size), e)) is None:
+        if (lost := peer_lost(DistEnv(rank=rank, world_size=world_size), e, "(the entries finished are kept)")) is None:
             raise
-        raise PuzzleError(str(lost).replace("from the last checkpoint", "(the entries finished are kept)")) from None
+        raise lost from None
     if result["trained"]:
         run.timed("bld_s", time.perf_counter() - t0)
     index = lib.write_index() if rank == 0 else lib.index()  # rank 0 writes it (`bld.run_jobs`), after every rank
@@ -1156,7 +1156,7 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     s = run.config.search
     try:
         record = read_json(path)
-        if not isinstance(record.get("solved_choice"), list) or record["solved_choice"] == record.get("choice"):
+        if not re_solved(record):
             return None  # never settled (or written before `solved_choice`), or the feedback kept the solve's child
         same = (record.get("library_stage", "bld") == stage
                 and record.get("request") == {k: v for k, v in vars(request).items() if v}
@@ -2338,6 +2338,13 @@ EARLIER_SESSIONS = 5  # earlier feedback sessions a settled record keeps
 RESOLVE_ACTIONS = ("tightened", "loosened", "reverted")  # feedback.settle's actions that changed the child
 
 
+def re_solved(record) -> bool:
+    """Whether the budget feedback re-solved a search record: its `choice` is not the search's first solve
+    (`solved_choice`, which a record never measured, or written before it existed, lacks)."""
+    return isinstance(record, dict) and isinstance(record.get("solved_choice"), list) \
+        and record["solved_choice"] != record.get("choice")
+
+
 def earlier_feedback(record: dict) -> list[dict]:
     """The feedback sessions that explain a settled record's child, oldest first: [{rounds, history}, ...].
 
@@ -2348,8 +2355,8 @@ def earlier_feedback(record: dict) -> list[dict]:
     `--budget-feedback` still says why the child was re-solved (reviewer: the history was overwritten).
     A record whose child is the plain solve's needs none: [] for it, and for one never measured.
     """
-    choice, solved, history = record.get("choice"), record.get("solved_choice"), record.get("budget_feedback")
-    if not isinstance(solved, list) or solved == choice:
+    history = record.get("budget_feedback")
+    if not re_solved(record):
         return []
     before = record.get("budget_feedback_earlier")
     before = [e for e in before if isinstance(e, dict)] if isinstance(before, list) else []
@@ -2402,8 +2409,7 @@ def resolved_by_feedback(out: Path, names) -> list[str]:
             record = read_json(Path(out) / "search" / f"{name}.json")
         except (PuzzleError, OSError):
             continue
-        if isinstance(record, dict) and isinstance(record.get("solved_choice"), list) \
-                and record["solved_choice"] != record.get("choice"):
+        if re_solved(record):
             found.append(str(name))
     return found
 

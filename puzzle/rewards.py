@@ -137,11 +137,8 @@ class SyntheticTask:
 
     @property
     def prompt_form(self) -> str:
-        """How this task's prompts read, for a refusal."""
-        return ("'Count from A to B' (whole numbers A and B)" if self.name == "count" else
-                "an instruction, a colon and the words: 'Repeat these words exactly, in the same order: red blue green'"
-                if self.name == "repeat" else
-                "an instruction, a colon and the words: 'Write these words in reverse order: red blue green'")
+        """How this task's prompts read, for a refusal: one that `prompts` writes."""
+        return f"like {prompt_text(self.prompts(1)[0])!r}"
 
 
 TASKS = {

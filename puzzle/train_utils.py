@@ -109,9 +109,9 @@ def shutdown_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def peer_lost(env: DistEnv, error: BaseException) -> PuzzleError | None:
+def peer_lost(env: DistEnv, error: BaseException, resumes: str = "from the last checkpoint") -> PuzzleError | None:
     """The PuzzleError to raise for `error` where another rank stopped (interrupted, refused, killed) and this rank's
-    collective failed with it, else None. Its message says that a rerun resumes from the last checkpoint instead of
+    collective failed with it, else None. Its message says that a rerun resumes (`resumes`: from where) instead of
     showing gloo's or NCCL's traceback (breaker)."""
     text = str(error)
     if not env.distributed or not isinstance(error, RuntimeError) or not any(
@@ -120,7 +120,7 @@ def peer_lost(env: DistEnv, error: BaseException) -> PuzzleError | None:
         return None
     what = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]  # gloo's source path and advice cut
     return PuzzleError(f"rank {env.rank}: another rank stopped during a collective operation ({what}); its own "
-                       f"message says why; the same command run again resumes from the last checkpoint")
+                       f"message says why; the same command run again resumes {resumes}")
 
 
 def barrier(env: DistEnv) -> None:

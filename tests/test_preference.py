@@ -615,7 +615,7 @@ def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompt
             monkeypatch.undo()
     path = tmp_path / "mixed.jsonl"  # a prompt the reward cannot grade (breaker: it stopped training when sampled)
     path.write_text(json.dumps({"prompt": "Count from 1 to 4."}) + "\n" + json.dumps({"prompt": "hello"}) + "\n")
-    for reward, words in (("count", "'Count from A to B'"), ("reverse", "'Write these words in reverse order: ")):
+    for reward, words in (("count", "like 'Count from "), ("reverse", "like 'Write these words in reverse order: ")):
         args = _rpo_args("--out", str(tmp_path / "mixed"), "--prompts", str(path), "--reward", reward, "--steps", "1")
         monkeypatch.setattr(preference, "_load_model", lambda path: pytest.fail("loaded the model first"))
         line = 2 if reward == "count" else 1
