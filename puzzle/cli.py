@@ -731,7 +731,7 @@ def cmd_search(args) -> int:
     from .pipeline import stage_search
 
     with _stage_run(args, existing=True) as run:  # a budget that fails is not kept; a new one is said (`_stage_run`)
-        stage_search(run, json_out=args.json)
+        stage_search(run, json_out=args.json, alone=True)
     return 0
 
 
@@ -878,12 +878,9 @@ def cmd_front(args) -> int:
 
             if not _draws_front_all(run.out, tasks) and (busy := contention_note(front_contention(run.out))):
                 _log(f"front: warning: {busy}")  # (else said with the ratios below)
-        from .pipeline import exports_from_an_earlier_search, report_out_of_date
+        from .pipeline import report_out_of_date, say_earlier_exports
 
-        for name, why in exports_from_an_earlier_search(run).items():  # run exports the BLD children alone
-            _log(f"front: {run.out / 'export' / name} is out of date ({why}): `puzzle export --out {run.out} --name "
-                 f"{name}`" + ("" if name.endswith("-init") else f" or `puzzle run --out {run.out}`")
-                 + " writes it again")
+        say_earlier_exports(run, "front")
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")

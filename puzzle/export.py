@@ -55,8 +55,10 @@ class ExportResult:
     replaced: str | None = None  # what the folder held before, when it was another model's export
 
 
-def export_provenance(info: dict | None) -> str:
-    """A short description of an export from its config.json "puzzle" entry ("child-1.5x", "gkd of ...")."""
+def export_provenance(info: dict | None, by_path: bool = False) -> str:
+    """A short description of an export from its config.json "puzzle" entry ("child-1.5x", "gkd of ...").
+    Compared to tell one export from another: a merge's inputs by their weights' hashes, sorted; `by_path`: as a
+    message shows it, the inputs by the paths recorded, in their order (breaker: a refusal named hashes alone)."""
     info = info if isinstance(info, dict) else {}
     for stage, key in (("gkd", "child"), ("sft", "model")):
         if isinstance(info.get(stage), dict):
@@ -66,11 +68,12 @@ def export_provenance(info: dict | None) -> str:
         merge = info["merge"]
         inputs, weights = list(map(str, merge.get("inputs") or [])), merge.get("weights")
         shas = merge.get("inputs_sha")
-        if isinstance(shas, list) and len(shas) == len(inputs):  # by their weights (`pipeline.weights_sha`)
+        if isinstance(shas, list) and len(shas) == len(inputs) and not by_path:  # by weights (`weights_sha`)
             inputs = [f"weights {sha}" for sha in map(str, shas)]
         if isinstance(weights, list) and len(weights) == len(inputs):
             inputs = [f"{i} x{w:.6g}" if isinstance(w, (int, float)) else f"{i} x{w}" for i, w in zip(inputs, weights)]
-        return f"merge of {', '.join(sorted(inputs))}" + (f" as {merge['dtype']}" if merge.get("dtype") else "")
+        return f"merge of {', '.join(inputs if by_path else sorted(inputs))}" + (
+            f" as {merge['dtype']}" if merge.get("dtype") else "")
     if info.get("stage") == "rpo":
         return f"rpo ({info.get('loss', '?')}) of {info.get('source', '?')}"
     if info.get("name"):
@@ -502,7 +505,10 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
             and earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0]))
         if provenance is not None and earlier is not None and earlier[1] and not same:
             hint = _same_training_hint(earlier[0], provenance)
-            raise PuzzleError(f"{out_dir} holds trained weights ({earlier[0]}) that this export ({provenance}) would "
+            shown = export_provenance(export_info(out_dir), by_path=True)  # a merge by paths, not hashes
+            shown += ", inputs as recorded then" if shown.startswith("merge of ") else ""
+            this = "" if provenance.startswith("merge of weights ") else f" ({provenance})"  # the inputs just typed
+            raise PuzzleError(f"{out_dir} holds trained weights ({shown}) that this export{this} would "
                               f"replace; give a new folder, or delete that one first if it is no longer needed{hint}")
 
 

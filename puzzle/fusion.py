@@ -967,7 +967,7 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     layer count), or that none has."""
     from .io import read_json
 
-    others = []
+    others, chosen = [], set()  # chosen: the attention variants the children took instead of the parent's
     for path in sorted((run.out / "search").glob("child-*.json")):
         try:
             blocks = [BlockConfig.from_id(b) for b in read_json(path)["choice"]]
@@ -975,11 +975,20 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
                 continue
         except (PuzzleError, KeyError, TypeError, ValueError):
             continue
+        chosen |= {b.attention.id for b, p in zip(blocks, config.blocks) if b.attention != p.attention}
         if path.stem not in names and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
                                                         include_leading)[0]:
             others.append(path.stem)
-    return f"children of this run that have one: {', '.join(others)}" if others else \
-        "none of this run's children has one; children of higher speed-ups drop more attention subblocks"
+    if others:
+        return f"children of this run that have one: {', '.join(others)}"
+    # breaker: "children of higher speed-ups drop more attention subblocks" sent a user to --speedup 3, whose
+    # children dropped the FFNs too; on the tiny preset the search takes linear or fewer-KV-head attention instead
+    saved = set(run.config.search.exclude)  # --exclude replaces the saved list: keep it in the command
+    leave_out = " ".join(f"--exclude {v}" for v in sorted(saved | chosen - {"attn-noop"}) + ["ffn-noop"] * (
+        "ffn-noop" not in saved))
+    return ("none of this run's children has one: fusion needs two attention-free layers in a row that keep their "
+            f"FFN; a search without the cheaper variants its children took (`puzzle search --out {run.out} "
+            f"{leave_out}`, saved as the run's setting: `--exclude none` clears it) may drop attention whole instead")
 
 
 def add_fuse_parser(subparsers) -> argparse.ArgumentParser:

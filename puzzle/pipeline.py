@@ -1245,14 +1245,14 @@ def _refuse_objective_outside(run: Run, columns, where: str, why: str) -> None:
         raise PuzzleError(f"search.objective {run.config.search.objective!r} ({where}) names {unknown}, {why}")
 
 
-def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
+def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[str, dict]:
     """Solve the main budget (on trained and, when scored, on init-only entries) and the front sweep.
 
     Records the budget feedback settled are kept (`settled_record`). Every solve finishes before
     anything is written, so a budget that fails leaves DIR/search/ as it was. Writes
     DIR/search/<name>.json per architecture and DIR/search/chosen.json, and brings the section of an
     existing DIR/report.md on front targets out of reach up to date (`update_report_front`); returns
-    {name: record}.
+    {name: record}. `alone`: `puzzle search` by itself, which then names the exports it left out of date.
     """
     t0 = time.perf_counter()
     request, main = main_budget_request(run)
@@ -1323,6 +1323,8 @@ def stage_search(run: Run, json_out: bool = False) -> dict[str, dict]:
                 f"{'it' if len(kept) == 1 else 'them'} under table limits corrected by measured speed (same budget, "
                 "objective and tables); to solve afresh, delete "
                 + ", ".join(f"{n}.json" for n in kept) + f" in {run.out / 'search'}")  # fresh user: "a and b and c"
+    if alone:  # breaker: a search left the exports of its children's earlier choices without a word
+        say_earlier_exports(run, "search")
     for name, r in records.items():
         how = (f"picked by the budget feedback's realized KL ({r[FEEDBACK_PICK_KEY]}), not the MIP's optimum"
                if isinstance(r.get(FEEDBACK_PICK_KEY), str) else
@@ -1828,6 +1830,15 @@ def exports_from_an_earlier_search(run: Run) -> dict[str, str]:
                 and (why := _searched_again(run, name)) is not None:
             found[name] = why
     return found
+
+
+def say_earlier_exports(run: Run, stage: str) -> None:
+    """Say, as `stage`, each export folder of `exports_from_an_earlier_search` and the command that writes it again
+    (`puzzle run` exports the BLD children alone, not the -init ones)."""
+    for name, why in exports_from_an_earlier_search(run).items():
+        run.say(f"{stage}: {run.out / 'export' / name} is out of date ({why}): `puzzle export --out {run.out} --name "
+                f"{name}`" + ("" if name.endswith("-init") else f" or `puzzle run --out {run.out}`")
+                + " writes it again")
 
 
 EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/export/<name>: files and weights

@@ -624,3 +624,25 @@ def test_puzzle_fuse_takes_several_children_or_the_front_and_skips_those_without
     (run.out / "front.csv").write_text("name\nparent\nchild-gone\n")  # one name: the same reason, not a bare error
     assert main(["fuse", *flags, "--front"]) == 2
     assert "none of child-gone has a run to fuse: child-gone: listed in DIR/front.csv" in capsys.readouterr().err
+
+
+def test_a_run_without_a_child_to_fuse_names_the_search_that_gives_one(tmp_path_factory, tmp_path, capsys):
+    """Breaker: "children of higher speed-ups drop more attention subblocks" sent a user to --speedup 3 on the tiny
+    preset, whose children dropped the FFNs too; the hint now names the variants to leave out, and following it
+    gives children with a run to fuse."""
+    import re
+    import shlex
+
+    from puzzle.cli import main
+    from tiny_run import tiny_run_copy
+
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    flags = ["--out", str(run_dir), "--name", "child-1.5x", "--max-kl-increase", "10", "--no-measure",
+             "--no-export", "--no-progress"]
+    assert main(["fuse", *flags]) == 2
+    err = capsys.readouterr().err
+    hint = re.search(r"none of this run's children has one: .*\(`(puzzle search [^`]*)`", err)
+    assert hint and hint.group(1).endswith("--exclude ffn-noop"), err
+    assert main(shlex.split(hint.group(1))[1:] + ["--no-progress"]) == 0
+    assert main(["fuse", *flags[:2], "--name", "child-1.5x,child-1.5x-init", *flags[4:]]) == 0
+    assert "runs fused" in capsys.readouterr().out  # (the init-only child: the tiny run's BLD one narrows its FFNs)

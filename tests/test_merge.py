@@ -125,8 +125,11 @@ def test_a_merge_with_other_weights_does_not_replace_an_earlier_merge(tmp_path):
     merge_checkpoints([m0, m1], dest, [1, 3])
     before = (dest / "model.safetensors").read_bytes()
     for weights, dtype in (([1, 1], None), ([1, 3], "bfloat16")):
-        with pytest.raises(PuzzleError, match="holds trained weights"):
+        with pytest.raises(PuzzleError, match="holds trained weights") as refused:
             merge_checkpoints([m0, m1], dest, weights, dtype)
+        # by the paths recorded, in the order given (breaker: "merge of weights 6be53b... x0.1, ...", by hash)
+        assert f"(merge of {m0} x0.25, {m1} x0.75, inputs as recorded then) that this export would" \
+            in str(refused.value)
     assert (dest / "model.safetensors").read_bytes() == before
     merge_checkpoints([m1, m0], dest, [3, 1])  # the same merge
     assert (dest / "model.safetensors").read_bytes() == before

@@ -911,6 +911,10 @@ def test_an_export_of_an_earlier_search_is_named_as_such(run_dir, tmp_path, caps
     other = {**record, "choice": [record["choice"][-1]] + record["choice"][1:-1] + [record["choice"][0]]}
     assert other["choice"] != record["choice"]
     assert export_out_of_date(run, "child-1.5x", build_child(run, other)) == "another architecture"
+    capsys.readouterr()  # `search` by itself names the exports it leaves out of date (breaker: it said nothing)
+    assert main(["search", "--out", str(copy), "--exclude", "attn-kv1", "--exclude", "attn-linear"]) == 0
+    assert f"search: {copy / 'export' / 'child-1.5x'} is out of date (child-1.5x was searched again since (predicted" \
+        in capsys.readouterr().err
 
 
 def test_every_command_that_changes_the_main_budget_says_so(run_dir, tmp_path, capsys):
