@@ -201,7 +201,10 @@ def iter_json_lines(path: Path):
                 yield i + 1, record
     except UnicodeDecodeError as e:
         raise NotText(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    except EOFError as e:  # breaker: a cut-off download was told to be gzip-compressed, which it is
+        raise PuzzleError(f"{path} ends before its gzip stream does ({e}): the file is cut short (an interrupted "
+                          f"download or copy?); fetch or copy it again") from e
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise PuzzleError(f"{path} cannot be read ({e}); a .gz file must be gzip-compressed JSON lines") from e
 
 
@@ -534,6 +537,15 @@ def _recorded_source_sha(out_dir: Path) -> dict[str, str]:
         return {}
     return {k: v for k, v in recorded.items() if isinstance(k, str) and isinstance(v, str)} \
         if isinstance(recorded, dict) else {}
+
+
+def _recorded_split_sha(out_dir: Path) -> dict[str, str]:
+    """{split: sha256 of its tokens} as DIR/data's manifest.json records them ({} when it cannot be read)."""
+    try:
+        splits = json.loads((Path(out_dir) / "manifest.json").read_text())["splits"]
+        return {k: splits[k]["sha256"] for k in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragraph", min_chars: int = 1,
@@ -1320,6 +1332,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     gone = check_sources(config, packed_in=out_dir)  # deleted since packing, with their recorded sha256
     settings = _settings(config, tokenizer, cache_dir, resolved, known_sha=gone)
     sha = _settings_sha(settings)
+    changed_note = None  # (what changed, what that spoils, the earlier splits' sha256): said once packed again
     if (out_dir / "manifest.json").exists() or (out_dir / "tokens.safetensors").exists():  # one alone is damage
         try:
             packed = load_token_splits(out_dir, expect_settings_sha=sha)
@@ -1335,8 +1348,12 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                         "while the calibration and scoring splits come out as before" if set(changed) <=
                         set(config.eval_sources) else
                         "a library, score table or child made from the old splits no longer matches them")
-                warnings.warn(f"data source {', '.join(changed)} changed since the token splits in {out_dir} were "
-                              f"packed from it (its sha256 differs): packing them again; {what}")
+                changed_note = (f"data source {', '.join(changed)} changed since the token splits in {out_dir} "
+                                f"were packed from it (its sha256 differs)", what, _recorded_split_sha(out_dir))
+            elif recorded and set(recorded) != set(settings["source_sha256"]):  # breaker: other files, unsaid
+                changed_note = (f"the token splits in {out_dir} were packed from other sources ({', '.join(recorded)}; "
+                                f"now {', '.join(settings['source_sha256'])})", "a library, score table or child made "
+                                f"from the old splits no longer matches them", _recorded_split_sha(out_dir))
         else:
             if gone:
                 warnings.warn(f"data source {', '.join(gone)} no longer exists; using the token splits packed from it "
@@ -1434,6 +1451,11 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
         "splits": summary,
     }
     packed = TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
+    if changed_note:  # breaker: a folder's unread README edited was said to spoil the library that a run then kept
+        said, what, was = changed_note
+        same = bool(was) and all(was.get(k) == summary[k]["sha256"] for k in SPLITS)
+        warnings.warn(f"{said}, but the token splits packed again come out as before: what was made from them stands"
+                      if same else f"{said}: packed them again; {what}")
     if write:
         write_token_splits(packed, out_dir)
     return packed

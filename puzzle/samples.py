@@ -50,16 +50,26 @@ def sample_tokens(spec: str, calib_tokens: int, score_tokens: int, score_fractio
     sum of `DataConfig.calib_weights` (1 without weights: as if the samples were the only source).
 
     Raises:
-        PuzzleError: N that is not a whole number of at least 1.
+        PuzzleError: N that is not a whole number of at least 1, or above MAX_OVER_NEED times what the splits take
+            (`parent-samples` alone).
     """
+    need = max(calib_tokens / (1.0 - score_fraction), score_tokens / score_fraction)
+    auto = int(math.ceil(need * AUTO_MARGIN))  # the samples as the only calibration source
     if spec == PARENT_SAMPLES:
-        need = max(calib_tokens / (1.0 - score_fraction), score_tokens / score_fraction)
         return int(math.ceil(need * share * AUTO_MARGIN))
     text = spec[len(PARENT_SAMPLES) + 1:].strip().replace("_", "")
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise PuzzleError(f"data source {spec!r}: give `{PARENT_SAMPLES}` (as many tokens as the splits need) or "
                           f"`{PARENT_SAMPLES}:N` with N a whole number of tokens, e.g. {PARENT_SAMPLES}:30000")
+    if int(text) > MAX_OVER_NEED * auto:  # breaker: 999999999999 started sampling with an ETA of 21,509 h
+        raise PuzzleError(f"data source {spec!r}: {int(text):,} tokens is over {MAX_OVER_NEED} times the {auto:,} the "
+                          f"calibration and scoring splits take (`{PARENT_SAMPLES}` alone samples those); give a "
+                          f"smaller N, or raise the splits' tokens (--bld-tokens, --score-tokens) first")
     return int(text)
+
+
+#: `parent-samples:N` above this many times what the splits take is refused: sampled, never packed
+MAX_OVER_NEED = 100
 
 
 def draw_tokens(logits: torch.Tensor, generator: torch.Generator, cdf: torch.Tensor | None = None) -> torch.Tensor:

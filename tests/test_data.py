@@ -134,7 +134,10 @@ def test_jsonl_reader_text_messages_turns_and_gz(tmp_path):
     assert list(iter_json_lines(tmp_path / "bom.jsonl")) == [(1, {"text": "ok"})]
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip")
-    for name, words in [("latin1.jsonl", "is not UTF-8 text"), ("junk.jsonl.gz", "must be gzip-compressed")]:
+    cut = gzip.compress(b'{"text": "ok"}\n' * 200)  # breaker: a cut-off file was told to be gzip-compressed
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut[:len(cut) // 2])
+    for name, words in [("latin1.jsonl", "is not UTF-8 text"), ("junk.jsonl.gz", "must be gzip-compressed"),
+                        ("cut.jsonl.gz", "ends before its gzip stream does .*: the file is cut short")]:
         with pytest.raises(PuzzleError, match=words):
             list(iter_json_lines(tmp_path / name))
 
@@ -530,14 +533,24 @@ def test_a_source_changed_since_packing_is_named_when_the_splits_are_packed_agai
         warnings.simplefilter("error")
         prepare_data(dataclasses.replace(config, seed=2), tok, out)  # other settings, same text: re-packed silently
         prepare_data(config, tok, out)
+    changed = f"data source {calib} changed since the token splits in {out} were packed from it (its sha256 differs)"
+    calib.write_text(calib.read_text() + "\n\n\n")  # (breaker: a folder's README, never read, said to spoil all)
+    with pytest.warns(UserWarning, match=re.escape(f"{changed}, but the token splits packed again come out as before: "
+                                                   f"what was made from them stands")):
+        prepare_data(config, tok, out)
     calib.write_text(calib.read_text()[::-1])
-    with pytest.warns(UserWarning, match=re.escape(f"data source {calib} changed since the token splits in {out} were "
-                                                   f"packed from it (its sha256 differs): packing them again")):
+    with pytest.warns(UserWarning, match=re.escape(f"{changed}: packed them again; a library, score table or child")):
         prepare_data(config, tok, out)
     calib.unlink()
     evals.unlink()  # both gone: both named
     with pytest.warns(UserWarning, match=re.escape(f"data source {evals}, {calib} no longer exists")):
         prepare_data(config, tok, out)
+    shutil.copy(packaged_text_path("tiny_eval.txt"), evals)
+    other = tmp_path / "other.txt"  # other files: said too (breaker: repacked without a word)
+    shutil.copy(packaged_text_path("tiny_corpus.txt"), other)
+    with pytest.warns(UserWarning, match=re.escape(f"the token splits in {out} were packed from other sources ({calib},"
+                                                   f" {evals}; now {other}, {evals}): packed them again; a library")):
+        prepare_data(dataclasses.replace(config, calib_sources=(str(other),)), tok, out)
 
 
 def test_relative_source_paths_are_saved_absolute(tmp_path, monkeypatch):
@@ -1190,7 +1203,8 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
                         f"or overlap the evaluation text); no tokens: every document repeats another source's text or "
                         f"overlaps the evaluation text")
     assert lines[2].startswith(f"data: eval source {evals}: 20 documents read; tokens eval 64")
-    evals.write_text(evals.read_text() + "\n\nOne more evaluation passage, new.")
+    # (a passage added at the end left the 64 packed tokens as they were: now said as such)
+    evals.write_text(evals.read_text().replace("Evaluation", "Held-out"))
     with pytest.warns(UserWarning, match="evaluations made on the old evaluation split no longer stand; a library"):
         prepare_data(config, tok, tmp_path / "out")
     (hub / "data" / "test-00000-of-00001.parquet").write_bytes(b"")  # the hub folder as --eval: its test split

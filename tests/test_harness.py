@@ -287,6 +287,11 @@ def test_load_a_run_child_without_writing(tmp_path, tiny):
         load_eval_model(str(run))
     with pytest.raises(PuzzleError, match="no architecture"):
         load_eval_model(str(run), "child-y")
+    import shutil
+
+    shutil.rmtree(run / "search")  # breaker: "pass --child parent or one of ['(none searched yet)']"
+    with pytest.raises(PuzzleError, match=r"pass --child parent \(no child is searched yet: `puzzle run` or"):
+        load_eval_model(str(run))
 
 
 def test_tiny_means_the_folder_when_one_is_called_tiny(tmp_path, tiny, monkeypatch, capsys):
@@ -457,3 +462,28 @@ def test_encoding_a_context_past_the_models_positions_says_nothing_of_indexing_e
         assert "indexing errors" not in said, said
     finally:
         hf_logging.set_verbosity(before)
+
+
+def test_an_interrupted_evaluation_says_which_tasks_it_saved(tiny, tmp_path, monkeypatch):
+    """Breaker: Ctrl-C in the first task said "finished work is saved" of a folder never made; the note names the
+    tasks saved, or that none had finished."""
+    import puzzle.scoring.harness as harness
+
+    docs = _toy_docs()
+    kwargs = dict(limit=5, seed=0, docs=docs, parts_dir=tmp_path / "parts", parts_key={"model": "tiny"})
+    scored = harness.loglikelihoods
+
+    def stop_at_lambada(model, tokenizer, pairs, desc=None, **k):
+        if desc == "lambada":
+            raise KeyboardInterrupt
+        return scored(model, tokenizer, pairs, desc=desc, **k)
+
+    monkeypatch.setattr(harness, "loglikelihoods", stop_at_lambada)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        evaluate_tasks(tiny.model, tiny.tokenizer, ["lambada"], **kwargs)
+    assert stopped.value.puzzle_note.startswith("no task had finished, so nothing is saved; ")
+    assert not (tmp_path / "parts").exists()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        evaluate_tasks(tiny.model, tiny.tokenizer, ["arc_easy", "lambada"], **kwargs)
+    assert stopped.value.puzzle_note.startswith(f"arc_easy finished and saved in {tmp_path / 'parts'}/; ")
+    assert (tmp_path / "parts" / "arc_easy.csv").is_file() and not (tmp_path / "parts" / "lambada.csv").exists()

@@ -26,6 +26,10 @@ def test_spec_token_counts_and_bad_specs():
     for bad in ("parent-samples:0", "parent-samples:-5", "parent-samples:1e4", "parent-samples:", "parent-samples:x"):
         with pytest.raises(PuzzleError, match="parent-samples:N"):
             sample_tokens(bad, 1000, 100, 0.2)
+    assert sample_tokens("parent-samples:137500", 1000, 100, 0.2) == 137500  # 100 x the 1,375 the splits take
+    with pytest.raises(PuzzleError, match="137,501 tokens is over 100 times the 1,375 the calibration and scoring "
+                                          "splits take"):  # breaker: 999999999999 sampled with an ETA of 21,509 h
+        sample_tokens("parent-samples:137501", 1000, 100, 0.2)
 
 
 def test_data_config_refuses_misplaced_specs():
