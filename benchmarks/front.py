@@ -122,7 +122,8 @@ def phase_fusion(run, names) -> None:
             del distilled
             m = measure_models({"parent": run.parent.model, name: child, tag: fused}, run.workload(),
                                repeats=3, max_contention=run.config.score.max_contention).set_index("name")
-            rows.append({"child": name, "fused": tag, "include_leading": leading, "runs": str(runs),
+            rows.append({"child": name, "fused": tag, "include_leading": leading,
+                         "runs": ", ".join(f"{a}-{b - 1}" for a, b in runs),  # layers, as `puzzle fuse` says them
                          "fused_ffns": sum(e - s for s, e in runs), "kl_nats": q0["kl_nats"], "fused_kl_nats": q1["kl_nats"],
                          "fused_distilled_kl_nats": q2["kl_nats"], "distill_s": distill_s,
                          "local_nmse": json.dumps([(r["nmse_before"], r["nmse_after"]) for r in local]),
