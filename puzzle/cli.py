@@ -1063,7 +1063,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="puzzle",
         description="Turn a Llama-family parent LLM into a faster child for a hardware budget: blockwise local "
                     "distillation (bld), replace-1-block scoring (score), mixed-integer search (search), "
-                    "assembly and measurement (realize), export, and the accuracy-throughput front.")
+                    "assembly and measurement (realize), export, and the quality-throughput front.")
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
 
     p = sub.add_parser("run", help="the whole pipeline: data, bld, score, search, realize, export, front, report")

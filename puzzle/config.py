@@ -141,7 +141,7 @@ class SearchConfig:
         ("1200tok/s") or a multiple of the parent's ("1.5x"), a runtime bound (budgets.py). The
         main child meets all that are given; the front's points keep the memory and parameter
         budgets and sweep the runtime.
-    front_speedups: speed-up targets of the accuracy-throughput front.
+    front_speedups: speed-up targets of the quality-throughput front.
     exclude: variant ids the run's searches leave out (attention, FFN or block ids, as `puzzle search --exclude`):
         the main child, the front, the budget feedback's re-solves, `puzzle refine` and the greedy baseline
         choose from the rest of the library. CLI: --exclude VARIANT (repeatable; --exclude none clears it).

@@ -1,4 +1,4 @@
-"""Pictures: the accuracy-throughput front with baselines, and per-layer architecture maps of children.
+"""Pictures: the quality-throughput front with baselines, and per-layer architecture maps of children.
 
 Both functions take plain tables (what DIR/front.csv, DIR/baselines/baselines.csv and
 DIR/search/*.json hold), draw with matplotlib's Agg backend (no display needed), write a PNG
@@ -73,7 +73,7 @@ def _check_png_path(path: Path) -> None:
 
 
 #: axis labels (with units) of the columns a front is drawn against, where the caller gives none
-_AXIS_LABELS = {"throughput_tok_s": "measured throughput, generated tokens/s",
+_AXIS_LABELS = {"throughput_tok_s": "measured speed-up x the run's parent throughput, generated tokens/s",  # (front_rows)
                 "speedup": "measured speed-up over the parent (x)"}
 
 
@@ -1038,5 +1038,5 @@ def write_front_all(run_dir: str | Path, title: str | None = None, speedups=None
         atomic_write_text(run_dir / "front_ratios.csv", ratios.to_csv(index=False))
         rows.attrs["ratios"] = ratios
     front_plot(rows, run_dir / "front_all.png", title=title or f"front of {run_dir.name}: every model",
-               xlabel="measured throughput (generated tokens/s at the run's workload)")
+               xlabel="measured speed-up x the run's parent throughput (generated tokens/s at its workload)")
     return rows

@@ -506,6 +506,9 @@ def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
     assert "the parent ran slower in this session than the cost table predicts, while the fixed reference " \
            "workload (Machine speed, below) moved the other way" in other_way and "machine ran" not in other_way
     assert "the machine ran slower" in parent_runtime_note(summary, drift={"cpu": 1.2, "x": None})
+    mixed = parent_runtime_note(summary, drift={"compute": 1.11, "memory": 0.79})  # reviewer: "the other way"
+    assert "the parent ran slower in this session than the cost table predicts; of the fixed reference workload " \
+           "(Machine speed, below), the compute part moved the same way and the memory part the other" in mixed
     quiet = parent_runtime_note(summary, drift={"cpu": 0.78}, busy=0.016)  # fresh user: "other load" beside 0.016
     assert "(costs the table's per-subblock sums miss: other jobs kept only 0.02 cores busy)" in quiet
     assert "other load" in parent_runtime_note(summary, drift={"cpu": 0.78}, busy=0.4)
