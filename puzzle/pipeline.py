@@ -744,9 +744,12 @@ def cost_meta(run: Run) -> dict:
             "gen_len": w.gen_len}
 
 
-def _stale_timing(meta: dict, threads: int, max_contention: float) -> str | None:
-    """Why a saved cost table must be timed again for these settings (None: it can be reused)."""
+def _stale_timing(meta: dict, threads: int, max_contention: float, repeats: int | None = None) -> str | None:
+    """Why a saved cost table must be timed again for these settings (None: it can be reused); `repeats`:
+    score.cost_repeats now (a table that records none, from an earlier version, is kept)."""
     recorded, contention = meta.get("num_threads"), meta.get("contention_cores")
+    if repeats is not None and isinstance(meta.get("cost_repeats"), int) and meta["cost_repeats"] != repeats:
+        return f"timed with {meta['cost_repeats']} repeats per variant and score.cost_repeats is now {repeats}"
     if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int)):
         return f"recorded with an unreadable thread count {recorded!r}"
     if recorded not in (None, threads):
@@ -777,7 +780,7 @@ def stage_cost(run: Run, retime: bool = False) -> tuple[pd.DataFrame, dict]:
     elif path.is_file():
         try:
             df, meta = load_table(path, expect=expect)
-            stale = _stale_timing(meta, w.threads(), limit)
+            stale = _stale_timing(meta, w.threads(), limit, run.config.score.cost_repeats)  # breaker: kept unsaid
             if stale:
                 run.say(f"score: the cost table was {stale}; timing it again")
             elif {v.id for v in attn + ffn} <= set(df["variant"]):
@@ -798,7 +801,7 @@ def stage_cost(run: Run, retime: bool = False) -> tuple[pd.DataFrame, dict]:
                                         max_contention=limit)
     run.timed("cost_s", time.perf_counter() - t0)
     contention = max_ignoring_nan(df.attrs["contention_cores"], non_block["contention_cores"])
-    save_table(df, path, {**expect, **w.meta(), "non_block": non_block,
+    save_table(df, path, {**expect, **w.meta(), "non_block": non_block, "cost_repeats": run.config.score.cost_repeats,
                           "rounds_dropped": df.attrs["rounds_dropped"] + non_block["rounds_dropped"],
                           "contention_cores": None if math.isnan(contention) else round(contention, 3),
                           **machine_record(df.attrs)})
@@ -3203,14 +3206,19 @@ def front_inputs(run: Run) -> dict:
 def _front_settings(config, parent_path: bool = True):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
     depend on: the report section, score.max_contention, the default score.select_context, an empty search.exclude,
-    the default search.feedback_candidates (any, with no budget_feedback round) and, with `parent_path=False`,
+    the default search.feedback_candidates (any, with no budget_feedback round), search.budget_slack with no round,
+    score.chunk and bld.checkpoint_s (a changed score table or library the front's table hashes catch) and, with
+    `parent_path=False`,
     parent.path (for a run whose parent.json records the parent's weights hash: every stage that loads the parent
     then accepts only those weights wherever they lie, `check_parent_weights`, so a moved parent is the same
     parent). Other values (None, a damaged record) as they are."""
     if not isinstance(config, dict):
         return config
     config = {k: v for k, v in config.items() if k != "report"}
-    for section, key in (("score", "max_contention"), *(() if parent_path else (("parent", "path"),))):
+    # breaker: bld.checkpoint_s and score.chunk (how often a training saves, sequences per forward pass) timed
+    # every child again; what they change, a library or a score table, the front's table hashes catch
+    for section, key in (("score", "max_contention"), ("score", "chunk"), ("bld", "checkpoint_s"),
+                         *(() if parent_path else (("parent", "path"),))):
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k != key}
     if isinstance(config.get("score"), dict) and config["score"].get("select_context") == ScoreConfig.select_context:
@@ -3225,6 +3233,8 @@ def _front_settings(config, parent_path: bool = True):
         # the default: as a front.json written before search.feedback_candidates existed; with no feedback round
         # it chooses nothing (breaker: changing it on a budget_feedback 0 run timed the front again)
         config["search"] = {k: v for k, v in config["search"].items() if k != "feedback_candidates"}
+    if isinstance(search, dict) and search.get("budget_feedback") == 0:  # the slack steers feedback rounds alone
+        config["search"] = {k: v for k, v in config["search"].items() if k != "budget_slack"}
     return config
 
 

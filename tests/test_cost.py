@@ -576,6 +576,10 @@ def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
     assert _stale_timing({**ok, "contention_cores": 0.7}, 2, float("inf")) is None
     assert "unreadable contention '0.3'" in _stale_timing({**ok, "contention_cores": "0.3"}, 2, 0.25)  # hand-edited
     assert "unreadable thread count '2'" in _stale_timing({**ok, "num_threads": "2"}, 2, 0.25)
+    # breaker: a changed score.cost_repeats kept the table without a word; a table that records none is kept
+    assert "timed with 3 repeats per variant and score.cost_repeats is now 5" in \
+        _stale_timing({**ok, "cost_repeats": 3}, 2, 0.25, 5)
+    assert _stale_timing({**ok, "cost_repeats": 5}, 2, 0.25, 5) is None and _stale_timing(ok, 2, 0.25, 5) is None
 
 
 @linux_only

@@ -638,6 +638,12 @@ def test_the_default_feedback_candidates_leaves_an_earlier_front_current():
     no_rounds = {**earlier, "search": {**earlier["search"], "budget_feedback": 0}}  # it chooses nothing then
     assert _front_settings({**no_rounds, "search": {**no_rounds["search"], "feedback_candidates": 1}}) \
         == _front_settings(no_rounds)
+    # breaker: settings no measurement depends on timed every child again
+    assert _front_settings({**no_rounds, "search": {**no_rounds["search"], "budget_slack": 0.1}}) \
+        == _front_settings(no_rounds)
+    assert _front_settings({**config, "search": {**config["search"], "budget_slack": 0.1}}) != _front_settings(config)
+    for section, key, value in (("bld", "checkpoint_s", 10.0), ("score", "chunk", 1)):
+        assert _front_settings({**config, section: {**config[section], key: value}}) == _front_settings(config)
 
 
 def test_the_default_select_context_leaves_an_earlier_front_current():
