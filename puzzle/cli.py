@@ -131,9 +131,10 @@ def speedup_flag(text: str) -> float:
 
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budgets (fractions of the parent's totals, or absolute with units)",
-                             "Any combination holds at once; of several runtime bounds (--speedup, --max-runtime, "
-                             "--min-throughput) the tightest wins. Units are case-insensitive; GB/MB are powers of "
-                             "10, GiB/MiB powers of 2.")
+                             "Any combination holds at once, and replaces the preset's or the run's saved main "
+                             "budget (give every bound that should hold); of several runtime bounds (--speedup, "
+                             "--max-runtime, --min-throughput) the tightest wins. Units are case-insensitive; GB/MB "
+                             "are powers of 10, GiB/MiB powers of 2.")
     g.add_argument("--speedup", type=speedup_flag, action=GivenOnce, metavar="S", help="runtime budget as a speed-up over the parent (same as --max-runtime 1/S)")
     g.add_argument("--max-runtime", action=GivenOnce, metavar="F", help="runtime budget for the workload: a fraction ('0.67') or '250ms', '1.2s'")
     g.add_argument("--max-memory", action=GivenOnce, metavar="F", help="memory budget (weights + KV cache): a fraction ('0.8') or '2GiB', '300MiB'")
@@ -312,29 +313,59 @@ def _resolve_config(args, out: Path):
         changes["data"]["seed"] = args.seed
         changes["bld"]["seed"] = args.seed
     resolved = config.replace(**changes)
+    if not (out / "config.json").is_file():  # (on a saved run `_log_saved_changes` says a changed budget)
+        _say_budget_replaced(args, config, resolved)
     if flag("preset"):
         _say_preset_overrides(args.preset, resolved, out, changes)
         _say_tiny_text_for_a_real_parent(args.preset, resolved)
     return resolved
 
 
+def _say_budget_replaced(args, preset, config) -> None:
+    """Say that this command's budget flags replace the main budget of the `preset` they apply to, not add to it
+    (breaker: `--preset tiny --max-params 0.99` dropped tiny's speedup 1.5 without a word)."""
+    from .config import SEARCH_BUDGETS
+
+    budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
+    text = lambda b: ", ".join(f"{k} {v}" for k, v in b.items()) or "none"  # noqa: E731
+    if any(getattr(args, f, None) is not None for f in SEARCH_BUDGETS) and budget(preset) \
+            and not budget(preset).items() <= budget(config).items():
+        _log(f"{args.command}: note: the budget flags replace the preset's main budget "
+             f"({text(budget(preset))}): the main budget is {text(budget(config))}; give every bound that should "
+             f"hold (e.g. both --speedup and --max-params)")
+
+
 def _say_tiny_text_for_a_real_parent(preset: str, config) -> None:
-    """Warn where a preset file of the user's leaves the text unset, so that a parent other than the tiny one gets the
-    few KB of tiny text (the built-in defaults; breaker: `[data] seq_len = 64` alone gave the SmolLM2 parent 832
-    calibration tokens, with BLD asking 32768 per subblock, and only "fewer than asked" warnings)."""
+    """Warn where the text of a parent other than the tiny one is the few KB of the tiny test model: a preset file of
+    the user's that leaves it unset (the built-in defaults; breaker: `[data] seq_len = 64` alone gave the SmolLM2
+    parent 832 calibration tokens, with BLD asking 32768 per subblock, and only "fewer than asked" warnings), or one
+    that sets it so, or the packaged tiny preset with --parent (breaker: the first was said of a file that set
+    them, the last not at all)."""
+    import tomllib
     from importlib import resources
 
     from .config import preset_names
 
-    if preset in preset_names() or config.parent.path == "tiny":
+    if config.parent.path == "tiny":
         return
-    tiny = [f"data.{k}" for k in ("calib_sources", "eval_sources")
+    tiny = [k for k in ("calib_sources", "eval_sources")
             if any(str(s).startswith("package:tiny_") for s in getattr(config.data, k))]
-    if tiny:
-        _log(f"puzzle: warning: {preset} leaves {' and '.join(tiny)} at the built-in defaults, the few KB of text of "
+    try:  # the keys the file sets itself (it was read as a preset already)
+        given = set() if preset in preset_names() else \
+            set(tomllib.loads(Path(preset).expanduser().read_text(encoding="utf-8")).get("data", {}))
+    except (OSError, ValueError, AttributeError):
+        given = set()
+    unset = [f"data.{k}" for k in tiny if k not in given and preset not in preset_names()]
+    chosen = [f"data.{k}" for k in tiny if f"data.{k}" not in unset]
+    if unset:
+        _log(f"puzzle: warning: {preset} leaves {' and '.join(unset)} at the built-in defaults, the few KB of text of "
              f"the tiny test model, for the parent {config.parent.path}: set them in the file (or give --calib / "
              f"--eval); a preset file's unset settings are the built-in defaults, not a packaged preset's, so "
              f"starting from a copy of one ({resources.files('puzzle.presets') / 'smollm2-demo.toml'}) is simplest")
+    if chosen:
+        _log(f"puzzle: warning: the preset {preset} gives {' and '.join(chosen)} the few KB of text of the tiny test "
+             f"model, for the parent {config.parent.path}: too little to distill or score it on; give text of your "
+             f"own (--calib / --eval) or start from a preset made for a real parent (smollm2-demo)")
 
 
 def _say_preset_overrides(preset: str, config, out: Path, changes: dict) -> None:

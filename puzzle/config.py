@@ -415,8 +415,10 @@ def load_preset(name_or_path: str) -> RunConfig:
         if path.is_dir():
             raise PuzzleError(f"preset {path} is a folder; give a preset .toml file or a packaged preset name "
                               f"({', '.join(preset_names())})")
-        if not path.is_file():
-            raise PuzzleError(f"preset file {path} does not exist")
+        if not path.is_file():  # breaker: `--preset tiny.toml` named no packaged preset
+            packaged_name = f" (the packaged preset is `--preset {path.stem}`, without .toml)" \
+                if path.stem in preset_names() else f"; packaged presets: {', '.join(preset_names())}"
+            raise PuzzleError(f"preset file {path} does not exist{packaged_name}")
         try:
             text, where = path.read_text(encoding="utf-8-sig"), str(path)  # past an editor's byte-order mark
         except UnicodeDecodeError as e:  # breaker: a Latin-1 comment or a binary file ended in a traceback

@@ -1081,6 +1081,7 @@ class TokenSplits:
     eval: torch.Tensor
     manifest: dict
     reloaded: bool = False
+    note: str = ""  # what changed since the splits in the folder were packed: said when these are written over them
 
 
 class DamagedSplits(PuzzleError):
@@ -1254,10 +1255,12 @@ def _pack_eval(config: DataConfig, tokenizer, documents: list[Document], progres
         raise PuzzleError(f"eval split: {e}") from None
 
 
-def source_lines(manifest: dict) -> list[str]:
+def source_lines(manifest: dict, reloaded: bool = False) -> list[str]:
     """What each data source gave, one line per source of `manifest` (`prepare_data`'s): its role, the documents read
     (and for calibration, kept once repeats and evaluation overlaps are left out) and its tokens per split, with why
-    where it gave none (breaker: a 10 MB document and a second copy of a file gave nothing, and nothing said so)."""
+    where it gave none (breaker: a 10 MB document and a second copy of a file gave nothing, and nothing said so).
+    `reloaded`: splits packed by an earlier call, whose reading the lines recall (breaker: "12 documents read" of a
+    file deleted since)."""
     splits = manifest.get("splits", {}) if isinstance(manifest, dict) else {}
     lines = []
     for source in manifest.get("sources", []) if isinstance(manifest, dict) else []:
@@ -1265,7 +1268,8 @@ def source_lines(manifest: dict) -> list[str]:
         names = ("calib", "score") if role == "calib" else ("eval",)
         tokens = {k: int((splits.get(k, {}).get("source_tokens") or {}).get(spec, 0)) for k in names}
         read = source.get("documents", 0)
-        line = f"data: {role} source {spec}: {read:,} document{'s' if read != 1 else ''} read"
+        line = f"data: {role} source {spec}: {read:,} document{'s' if read != 1 else ''} read" + (
+            " when packed" if reloaded else "")
         if "kept_documents" in source and source["kept_documents"] != read:
             line += (f", {source['kept_documents']:,} of them kept ({read - source['kept_documents']:,} repeat a text "
                      f"read before or overlap the evaluation text)")
@@ -1285,11 +1289,14 @@ def source_lines(manifest: dict) -> list[str]:
 
 
 def write_token_splits(splits: TokenSplits, out_dir) -> None:
-    """Write `splits` (from `prepare_data`) to out_dir: tokens first, then the manifest that describes them."""
+    """Write `splits` (from `prepare_data`) to out_dir: tokens first, then the manifest that describes them; then
+    warn with their `note` (what changed since the splits they replace were packed)."""
     out_dir = Path(out_dir)
     atomic_save_safetensors({k: getattr(splits, k) for k in SPLITS}, out_dir / "tokens.safetensors",
                             metadata={"settings_sha256": splits.manifest["settings_sha256"]})
     atomic_write_json(out_dir / "manifest.json", splits.manifest)
+    if splits.note:
+        warnings.warn(splits.note)
 
 
 def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progress: bool = False,
@@ -1450,12 +1457,14 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                      "chars": sum(len(d.text) for d in docs)} for spec, docs in per_source.items()],
         "splits": summary,
     }
-    packed = TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest)
+    note = ""
     if changed_note:  # breaker: a folder's unread README edited was said to spoil the library that a run then kept
         said, what, was = changed_note
         same = bool(was) and all(was.get(k) == summary[k]["sha256"] for k in SPLITS)
-        warnings.warn(f"{said}, but the token splits packed again come out as before: what was made from them stands"
-                      if same else f"{said}: packed them again; {what}")
+        note = (f"{said}, but the token splits packed again come out as before: what was made from them stands"
+                if same else f"{said}: packed them again; {what}")
+    # said once written (breaker: "packed them again" before a refusal that left the folder as it was)
+    packed = TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest, note=note)
     if write:
         write_token_splits(packed, out_dir)
     return packed

@@ -243,7 +243,10 @@ def model_config_from_nemotron_nas(config_dict: dict) -> ModelConfig:
     d, what = config_dict, "nemotron-nas config"
     model_type, archs = d.get("model_type"), d.get("architectures") or []
     if model_type not in NAS_MODEL_TYPES and not any(a in NAS_ARCHITECTURES for a in archs):
-        raise PuzzleError(f"model_type {model_type!r} (architectures {archs}) is not nemotron-nas; {_SUPPORTED}")
+        held = ("; it holds block_configs, which only nemotron-nas configs have, so it is read as one: set its "
+                "model_type back to 'nemotron-nas' or remove block_configs") if "block_configs" in d else ""
+        raise PuzzleError(f"model_type {model_type!r} (architectures {archs}) is not nemotron-nas{held}; "
+                          f"{_SUPPORTED}")  # (breaker: "'mistral' supported" beside a refused 'mistral')
     entries = d.get("block_configs")
     if not isinstance(entries, list) or not entries:
         raise PuzzleError(f"{what} has no block_configs list; export the model again (one entry per layer)")

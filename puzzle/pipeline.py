@@ -500,7 +500,7 @@ def stage_data(run: Run):
     tokens = run.tokens
     from .data import source_lines
 
-    for line in source_lines(tokens.manifest):
+    for line in source_lines(tokens.manifest, tokens.reloaded):
         run.say(line)
     if tokens.reloaded:  # breaker: a rerun said nothing of the splits being the earlier ones
         run.say(f"data: the token splits in {run.out / 'data'} are reused (packed from the same sources and settings)")

@@ -720,6 +720,18 @@ def test_a_preset_file_not_in_utf8_or_leaving_the_text_to_the_tiny_defaults_is_s
                  "--calib", str(calib)]) == 2
     err = capsys.readouterr().err
     assert "leaves data.eval_sources at the built-in defaults" in err and "calib_sources at" not in err, err
+    # breaker: a file that sets the tiny text itself was said to leave it unset; the packaged tiny preset with
+    # --parent got no word
+    (tmp_path / "s.toml").write_text('[parent]\npath = "elsewhere"\n[data]\nseq_len = 64\ncalib_sources = '
+                                     '["package:tiny_corpus.txt"]\n')
+    assert main(["data", "--preset", str(tmp_path / "s.toml"), "--out", str(tmp_path / "e"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "leaves data.eval_sources at the built-in defaults" in err and "calib_sources at" not in err, err
+    assert f"the preset {tmp_path / 's.toml'} gives data.calib_sources the few KB of text of the tiny test model" in err
+    assert main(["data", "--preset", "tiny", "--parent", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "f"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the preset tiny gives data.calib_sources and data.eval_sources the few KB of text" in err, err
     (tmp_path / "t.toml").write_text('[parent]\npath = "tiny"\n[data]\nseq_len = 64\n')  # the tiny parent's own text
     assert main(["data", "--preset", str(tmp_path / "t.toml"), "--out", str(tmp_path / "d"), "--no-progress"]) == 0
     assert "built-in defaults" not in capsys.readouterr().err
@@ -765,3 +777,31 @@ def test_children_the_budget_feedback_re_solved_are_named(tmp_path):
         (tmp_path / "search" / f"{name}.json").write_text(json.dumps(record))
     (tmp_path / "search" / "d.json").write_text("{not json")
     assert resolved_by_feedback(tmp_path, ["parent", "a", "b", "c", "d"]) == ["a"]
+
+
+def test_budget_flags_on_a_new_run_say_they_replace_the_presets_budget(tmp_path, capsys):
+    """Breaker: `--preset tiny --max-params 0.99` dropped tiny's speedup 1.5 without a word (the help said "any
+    combination holds at once"); given with it, nothing is said."""
+    from puzzle.cli import _resolve_config, build_parser
+
+    def resolve(*flags):
+        args = build_parser().parse_args(["run", "--out", str(tmp_path / "r"), "--preset", "tiny", *flags])
+        return _resolve_config(args, tmp_path / "r").search
+
+    assert resolve("--max-params", "0.99").speedup is None
+    assert "run: note: the budget flags replace the preset's main budget (speedup 1.5): the main budget is " \
+           "max_params 0.99" in capsys.readouterr().err
+    assert resolve("--speedup", "1.5", "--max-params", "0.99").speedup == 1.5
+    assert "replace the preset's main budget" not in capsys.readouterr().err
+
+
+def test_a_missing_preset_file_named_like_a_packaged_preset_names_it(tmp_path, monkeypatch):
+    """Breaker: `--preset tiny.toml` (no such file) said only that the file does not exist."""
+    from puzzle.config import load_preset
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PuzzleError, match=r"preset file tiny.toml does not exist \(the packaged preset is "
+                                          r"`--preset tiny`, without .toml\)"):
+        load_preset("tiny.toml")
+    with pytest.raises(PuzzleError, match="preset file mine.toml does not exist; packaged presets: smollm2-demo"):
+        load_preset("mine.toml")

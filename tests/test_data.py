@@ -1203,6 +1203,8 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
                         f"or overlap the evaluation text); no tokens: every document repeats another source's text or "
                         f"overlaps the evaluation text")
     assert lines[2].startswith(f"data: eval source {evals}: 20 documents read; tokens eval 64")
+    assert source_lines(packed.manifest, reloaded=True)[2].startswith(  # breaker: "read" of a file deleted since
+        f"data: eval source {evals}: 20 documents read when packed; tokens eval 64")
     # (a passage added at the end left the 64 packed tokens as they were: now said as such)
     evals.write_text(evals.read_text().replace("Evaluation", "Held-out"))
     with pytest.warns(UserWarning, match="evaluations made on the old evaluation split no longer stand; a library"):

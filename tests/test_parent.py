@@ -170,6 +170,10 @@ def test_nemotron_nas_folder_matches_in_memory_model(tmp_path):
     bad["block_configs"][2]["attention"]["window_length"] = 64
     with pytest.raises(PuzzleError, match=r"block_configs\[2\].*window_length"):
         model_config_from_nemotron_nas(bad)
+    mistral = {**json.loads((tmp_path / "config.json").read_text()), "model_type": "mistral",
+               "architectures": ["MistralForCausalLM"]}  # breaker: refused beside "'mistral' ... supported"
+    with pytest.raises(PuzzleError, match="it holds block_configs, which only nemotron-nas configs have"):
+        model_config_from_nemotron_nas(mistral)
 
 
 # ----------------------------------------------------------------------------------------------
