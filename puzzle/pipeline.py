@@ -2465,8 +2465,9 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     if len(init):
         ax.plot(init["throughput_tok_s"], init["kl_nats"], "s", color="tab:red", label="child from init-only entries")
         for r in init.itertuples():  # labelled as the others (fresh user: the square alone had no speed-up)
-            ax.annotate(f"{target(r.name, r.predicted_speedup):g}x -> {r.speedup:.2f}x", (r.throughput_tok_s, r.kl_nats),
-                        textcoords="offset points", xytext=(4, -10), fontsize=8, color="tab:red")
+            ax.annotate(f"{target(r.name, r.predicted_speedup):g}x -> {r.speedup:.2f}x",
+                        (r.throughput_tok_s, r.kl_nats), textcoords="offset points", xytext=(4, -10), fontsize=8,
+                        color="tab:red")
     ax.set_xlabel(f"measured throughput (generated tok/s, {run.workload().device}, B={run.config.target.batch_size}, "
                   f"P={run.config.target.prompt_len}, G={run.config.target.gen_len})", fontsize=8)
     ax.set_ylabel("evaluation KL(parent || child), nats/token")

@@ -72,8 +72,9 @@ def _check_png_path(path: Path) -> None:
         raise ValueError(f"{path}: the figures are PNGs; give a path ending in .png")
 
 
-#: axis labels (with units) of the columns a front is drawn against, where the caller gives none
-_AXIS_LABELS = {"throughput_tok_s": "measured speed-up x the run's parent throughput, generated tokens/s",  # (front_rows)
+#: axis labels (with units) of the columns a front is drawn against, where the caller gives none (throughput as
+#: `front_rows` rescales it: one scale for models timed in other sessions)
+_AXIS_LABELS = {"throughput_tok_s": "measured speed-up x the run's parent throughput, generated tokens/s",
                 "speedup": "measured speed-up over the parent (x)"}
 
 
