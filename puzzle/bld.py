@@ -749,7 +749,8 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
 
     Returns:
         {"trained", "skipped", "diverged" (list of "layer:id"), "seconds", "tokens_per_subblock",
-         "peak_parent_mib" (parent weights held at once, for a source that loads layers)}.
+         "peak_parent_mib" (parent weights held at once, for a source that loads layers), "removed_tmp" (the
+         temporary files of a killed writer removed from the library, relative paths)}.
 
     Raises:
         PuzzleError: too few calibration sequences.
@@ -795,6 +796,7 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
         if bar is not None:
             bar.close()
     distributed.barrier_if_group(world_size, device)
+    removed = []  # temporary files of a killed writer, relative to the library (breaker: removed unsaid)
     if rank == 0 and (world_size == 1 or distributed.in_group(world_size)):  # every rank done: no writer is left
         # (ranks split by hand, without a group, may still be writing: nothing is checked or cleaned for them)
         missing = [f"layer {j.layer} {j.id}" for j in jobs  # by file (`has` would hash every entry again)
@@ -807,11 +809,12 @@ def run_jobs(parent, calib: torch.Tensor, jobs: list[Job], cfg: BLDConfig, libra
                               f"rank finished ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): {where}")
         for tmp in library.root.rglob(".*.tmp"):  # left by a process killed mid-write (SIGTERM/SIGKILL)
             tmp.unlink(missing_ok=True)
+            removed.append(tmp.relative_to(library.root))
     if rank == 0:
         library.write_index()
     return {"trained": len(todo), "skipped": len(mine) - len(todo), "diverged": diverged,
             "seconds": time.perf_counter() - t0, "tokens_per_subblock": n_train * calib.shape[1],
-            "peak_parent_mib": peak_mib}
+            "peak_parent_mib": peak_mib, "removed_tmp": removed}
 
 
 def _plan_digest(jobs: list[Job], cfg: BLDConfig, ids: torch.Tensor) -> dict:
@@ -867,7 +870,8 @@ def build_library(parent, calib: torch.Tensor, space: list[LayerSpace], cfg: BLD
         device: compute device (default: cuda:LOCAL_RANK when available, else the CPU).
 
     Returns:
-        {"trained", "skipped", "diverged", "seconds", "tokens_per_subblock", "peak_parent_mib"}.
+        {"trained", "skipped", "diverged", "seconds", "tokens_per_subblock", "peak_parent_mib", "removed_tmp"
+        (the temporary files of a killed writer removed from the library, paths relative to it)}.
 
     Raises:
         PuzzleError: too few calibration sequences.

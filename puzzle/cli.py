@@ -1269,6 +1269,34 @@ def _one_line_warnings(show):
     return show_warning
 
 
+_TERMINATED: list = []  # a SIGTERM `_terminate_as_interrupt` turned into an interrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Within the block, take SIGTERM (a scheduler's preemption, `kill`, `timeout`) as Ctrl-C: the command stops as
+    an interrupt does, saving what it saves then and saying so (breaker: SIGTERM ended it without a word). Only in
+    the main thread, where SIGTERM has its default action, and not in a torchrun worker (torchrun stops its ranks
+    with SIGTERM when one fails)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or "TORCHELASTIC_RUN_ID" in os.environ \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def as_interrupt(signum, frame):
+        _TERMINATED.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)  # through SIGINT's handler: a block that holds Ctrl-C holds this too
+
+    signal.signal(signal.SIGTERM, as_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _remove_stale_temp_files(args, started: float) -> None:
     """After a command on a run directory: remove the temporary files of atomic writes that a killed command left
     there (breaker: `.parent.json.<8>.tmp` and `children/.child-2x.json.<8>.tmp` stayed through every rerun);
@@ -1314,7 +1342,8 @@ def main(argv=None) -> int:
                 warnings.filterwarnings("ignore", category=FutureWarning)
             try:
                 # one command per run directory; gkd and sft train one child each into its own folders, side by side
-                with run_lock(getattr(args, "out", None), ["puzzle", *argv], shared=command in ("gkd", "sft")):
+                with run_lock(getattr(args, "out", None), ["puzzle", *argv], shared=command in ("gkd", "sft")), \
+                        _terminate_as_interrupt():
                     return args.func(args)
             finally:
                 _remove_stale_temp_files(args, started)
@@ -1341,5 +1370,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:
         said = getattr(e, "puzzle_note", None) or "finished work is saved, rerun the same command to resume"
-        print(f"puzzle: interrupted; {said}", file=sys.stderr)
-        return 130
+        terminated = bool(_TERMINATED)
+        _TERMINATED.clear()
+        print(f"puzzle: {'stopped (SIGTERM)' if terminated else 'interrupted'}; {said}", file=sys.stderr)
+        return 143 if terminated else 130  # as a shell reports a process ended by the signal

@@ -546,6 +546,9 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
         run.say(f"bld: ranks started without torchrun do not wait for each other, so {lib.root / 'index.csv'} lists "
                 f"what was on disk when this one ended; once every rank has finished, `puzzle bld --out {run.out}` "
                 f"(one process) completes the index and trains anything a rank left")
+    if gone := result.get("removed_tmp"):
+        run.say(f"bld: removed {len(gone)} temporary file(s) an interrupted command left in {lib.root} "
+                f"({', '.join(map(str, gone[:3]))}{' ...' if len(gone) > 3 else ''})")
     short_calib_warning(run, "bld", "bld.tokens", run.config.bld.tokens, result["tokens_per_subblock"])
     return index
 

@@ -600,3 +600,18 @@ def test_sharding_balances_the_work_and_covers_every_job_once(parent):
     assert max(loads) - min(loads) <= max(cost(j) for j in jobs)  # LPT: within one job of each other
     round_robin = [sum(cost(j) for j in shard(jobs, r, 3)) for r in range(3)]
     assert max(loads) <= max(round_robin)
+
+
+def test_a_killed_writers_temporary_files_in_the_library_are_said_when_removed(tmp_path_factory, tmp_path, capsys):
+    """Breaker: bld removed `.<entry>.<8>.tmp` files of a killed writer from the library without a word, while
+    the command's own count of removed temporary files named only those elsewhere in the run."""
+    from puzzle.cli import main
+    from tiny_run import tiny_run_copy
+
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    left = run_dir / "library" / "entries" / "L001" / ".ffn-32.bld.safetensors.abcd1234.tmp"
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.write_bytes(b"half")
+    assert main(["bld", "--out", str(run_dir), "--no-progress"]) == 0
+    assert not left.exists()
+    assert "bld: removed 1 temporary file(s) an interrupted command left in" in capsys.readouterr().err

@@ -805,3 +805,20 @@ def test_a_missing_preset_file_named_like_a_packaged_preset_names_it(tmp_path, m
         load_preset("tiny.toml")
     with pytest.raises(PuzzleError, match="preset file mine.toml does not exist; packaged presets: smollm2-demo"):
         load_preset("mine.toml")
+
+
+def test_sigterm_stops_a_command_as_an_interrupt_does():
+    """Breaker: `timeout -s TERM` (or a scheduler's preemption) ended a command without a word, where Ctrl-C saves
+    what it can and says so; the handler is the default again afterwards."""
+    import os
+    import signal
+    import time
+
+    from puzzle import cli
+
+    with pytest.raises(KeyboardInterrupt):
+        with cli._terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the interrupt comes first)
+    assert cli._TERMINATED and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    cli._TERMINATED.clear()
