@@ -953,6 +953,8 @@ def cmd_front(args) -> int:
             _log(f"front: {note}")
         if len(ratios):
             _log(f"front: {timing_note(rows, run.out)}")
+        if same := same_model_note(rows):
+            _log(f"front: {same}")
         from .pipeline import contention_note, front_contention
 
         # ratios at matched speed carry that noise (a session's only where the rows took its speed-ups)
@@ -1011,6 +1013,28 @@ def _print_front_table(out: Path, rows=None) -> None:
                 _log(f"front: {note}")
     except (OSError, ValueError, KeyError, pd.errors.ParserError):  # reviewer: a summary.csv without a name column
         pass
+
+
+def same_model_note(rows, spread: float = 0.10) -> str:
+    """A note naming the front's models that are one model (the same layers and the same evaluation KL: a method
+    that reaches no further, or two methods that choose alike) whose measured speed-ups lie more than `spread` apart:
+    one model drawn as points far apart (reviewer: greedy and uniform width, 0.64x to 2.38x); "" otherwise."""
+    import pandas as pd
+
+    if not {"name", "architecture", "kl_nats", "speedup"} <= set(rows.columns):
+        return ""
+    models = rows[rows["name"].ne("parent")].assign(kl=lambda d: pd.to_numeric(d["kl_nats"], errors="coerce").round(9))
+    parts = []
+    for _, group in models.dropna(subset=["kl", "speedup"]).groupby(["architecture", "kl"], sort=False):
+        low, high = group["speedup"].min(), group["speedup"].max()
+        if len(group) > 1 and low > 0 and high / low - 1 > spread:
+            names = group["name"].tolist()
+            parts.append(f"{', '.join(names[:-1])} and {names[-1]} (measured {low:.2f}x to {high:.2f}x)")
+    if not parts:
+        return ""
+    return ("one model drawn as several points: " + "; ".join(parts) + (" are one model" if len(parts) == 1 else
+            ": each group is one model") + " (the same layers, the same evaluation KL), so the spread of its measured "
+            "speed-ups is timing noise, not its speed")
 
 
 def timing_note(rows, out: Path) -> str:

@@ -822,3 +822,21 @@ def test_sigterm_stops_a_command_as_an_interrupt_does():
             time.sleep(5)  # (the interrupt comes first)
     assert cli._TERMINATED and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     cli._TERMINATED.clear()
+
+
+def test_one_model_measured_as_several_front_points_is_named():
+    """Reviewer: greedy-1.25x/1.5x/2x and uniform-2x were one model (the same layers and KL), drawn from 0.64x to
+    2.38x without a word."""
+    import pandas as pd
+
+    from puzzle.cli import same_model_note
+
+    rows = pd.DataFrame({"name": ["parent", "greedy-1.25x", "greedy-2x", "uniform-2x", "child-2x"],
+                         "architecture": ["parent", "kv1/128 x4", "kv1/128 x4", "kv1/128 x4", "kv1/64 x4"],
+                         "kl_nats": [0.0, 0.004329, 0.004329, 0.004329, 0.005],
+                         "speedup": [1.0, 0.6429, 2.375, 1.112, 2.0]})
+    assert same_model_note(rows) == ("one model drawn as several points: greedy-1.25x, greedy-2x and uniform-2x "
+                                     "(measured 0.64x to 2.38x) are one model (the same layers, the same evaluation "
+                                     "KL), so the spread of its measured speed-ups is timing noise, not its speed")
+    assert same_model_note(rows.assign(speedup=[1.0, 2.0, 2.05, 2.1, 2.0])) == ""  # within 10 %
+    assert same_model_note(rows.drop(columns="architecture")) == ""
