@@ -322,17 +322,22 @@ def _resolve_config(args, out: Path):
 
 
 def _say_budget_replaced(args, preset, config) -> None:
-    """Say that this command's budget flags replace the main budget of the `preset` they apply to, not add to it
-    (breaker: `--preset tiny --max-params 0.99` dropped tiny's speedup 1.5 without a word)."""
+    """Say which bounds of the `preset`'s main budget this command's budget flags dropped without giving one of the
+    same kind (a runtime bound: --speedup, --max-runtime, --min-throughput; each other resource its own): the flags
+    replace the preset's budget, they do not add to it (breaker: `--preset tiny --max-params 0.99` dropped tiny's
+    speedup 1.5 without a word; reviewer: `--speedup 2` over speedup 1.5 was warned about too)."""
     from .config import SEARCH_BUDGETS
 
-    budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
-    text = lambda b: ", ".join(f"{k} {v}" for k, v in b.items()) or "none"  # noqa: E731
-    if any(getattr(args, f, None) is not None for f in SEARCH_BUDGETS) and budget(preset) \
-            and not budget(preset).items() <= budget(config).items():
-        _log(f"{args.command}: note: the budget flags replace the preset's main budget "
-             f"({text(budget(preset))}): the main budget is {text(budget(config))}; give every bound that should "
-             f"hold (e.g. both --speedup and --max-params)")
+    if not any(getattr(args, f, None) is not None for f in SEARCH_BUDGETS):
+        return
+    runtime = ("speedup", "max_runtime", "min_throughput")
+    kind = lambda k: "runtime" if k in runtime else k  # noqa: E731
+    was = {k: getattr(preset.search, k) for k in SEARCH_BUDGETS if getattr(preset.search, k)}
+    given = {kind(k) for k in SEARCH_BUDGETS if getattr(config.search, k)}
+    if dropped := {k: v for k, v in was.items() if kind(k) not in given}:
+        name = getattr(args, "preset", None) or "smollm2-demo"
+        _log(f"{args.command}: note: the budget flags replace the main budget of the preset {name}, so its "
+             + ", ".join(f"{k} {v}" for k, v in dropped.items()) + " no longer holds; give that flag too to keep it")
 
 
 def _say_tiny_text_for_a_real_parent(preset: str, config) -> None:
@@ -352,7 +357,7 @@ def _say_tiny_text_for_a_real_parent(preset: str, config) -> None:
             if any(str(s).startswith("package:tiny_") for s in getattr(config.data, k))]
     try:  # the keys the file sets itself (it was read as a preset already)
         given = set() if preset in preset_names() else \
-            set(tomllib.loads(Path(preset).expanduser().read_text(encoding="utf-8")).get("data", {}))
+            set(tomllib.loads(Path(preset).expanduser().read_text(encoding="utf-8-sig")).get("data", {}))
     except (OSError, ValueError, AttributeError):
         given = set()
     unset = [f"data.{k}" for k in tiny if k not in given and preset not in preset_names()]
@@ -1312,6 +1317,8 @@ def _terminate_as_interrupt():
 
     def as_interrupt(signum, frame):
         _TERMINATED.append(signum)
+        if not callable(signal.getsignal(signal.SIGINT)):  # ignored (a job started with `&` by a script): raise here
+            raise KeyboardInterrupt  # (reviewer: re-sent as SIGINT it was ignored, and `kill` stopped nothing)
         os.kill(os.getpid(), signal.SIGINT)  # through SIGINT's handler: a block that holds Ctrl-C holds this too
 
     signal.signal(signal.SIGTERM, as_interrupt)

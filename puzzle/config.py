@@ -417,7 +417,8 @@ def load_preset(name_or_path: str) -> RunConfig:
                               f"({', '.join(preset_names())})")
         if not path.is_file():  # breaker: `--preset tiny.toml` named no packaged preset
             packaged_name = f" (the packaged preset is `--preset {path.stem}`, without .toml)" \
-                if path.stem in preset_names() else f"; packaged presets: {', '.join(preset_names())}"
+                if path.stem in preset_names() and Path(name_or_path).parent == Path(".") else \
+                f"; packaged presets: {', '.join(preset_names())}"
             raise PuzzleError(f"preset file {path} does not exist{packaged_name}")
         try:
             text, where = path.read_text(encoding="utf-8-sig"), str(path)  # past an editor's byte-order mark

@@ -1070,6 +1070,13 @@ class DataConfig:
         share = weights[spec] / sum(weights.values()) if weights else 1.0
         return sample_tokens(spec, self.calib_tokens, self.score_tokens, self.score_fraction, share)
 
+    def parent_sample_limit(self) -> int:
+        """The most tokens `parent-samples:N` may sample: `samples.MAX_OVER_NEED` times what `parent-samples` alone
+        samples for these splits (as the only calibration source)."""
+        from .samples import MAX_OVER_NEED, PARENT_SAMPLES, sample_tokens
+
+        return MAX_OVER_NEED * sample_tokens(PARENT_SAMPLES, self.calib_tokens, self.score_tokens, self.score_fraction)
+
 
 @dataclass(frozen=True)
 class TokenSplits:
@@ -1339,7 +1346,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     gone = check_sources(config, packed_in=out_dir)  # deleted since packing, with their recorded sha256
     settings = _settings(config, tokenizer, cache_dir, resolved, known_sha=gone)
     sha = _settings_sha(settings)
-    changed_note = None  # (what changed, what that spoils, the earlier splits' sha256): said once packed again
+    changed_note = None  # (what changed, the earlier splits' sha256): said once the splits are packed again
     if (out_dir / "manifest.json").exists() or (out_dir / "tokens.safetensors").exists():  # one alone is damage
         try:
             packed = load_token_splits(out_dir, expect_settings_sha=sha)
@@ -1350,17 +1357,11 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
             recorded = _recorded_source_sha(out_dir)
             if changed := [spec for spec, digest in settings["source_sha256"].items()
                            if recorded.get(spec, digest) != digest]:
-                # breaker: an evaluation file's edit was said to spoil the library and score table, which a run kept
-                what = ("evaluations made on the old evaluation split no longer stand; a library and score table stand "
-                        "while the calibration and scoring splits come out as before" if set(changed) <=
-                        set(config.eval_sources) else
-                        "a library, score table or child made from the old splits no longer matches them")
                 changed_note = (f"data source {', '.join(changed)} changed since the token splits in {out_dir} "
-                                f"were packed from it (its sha256 differs)", what, _recorded_split_sha(out_dir))
+                                f"were packed from it (its sha256 differs)", _recorded_split_sha(out_dir))
             elif recorded and set(recorded) != set(settings["source_sha256"]):  # breaker: other files, unsaid
                 changed_note = (f"the token splits in {out_dir} were packed from other sources ({', '.join(recorded)}; "
-                                f"now {', '.join(settings['source_sha256'])})", "a library, score table or child made "
-                                f"from the old splits no longer matches them", _recorded_split_sha(out_dir))
+                                f"now {', '.join(settings['source_sha256'])})", _recorded_split_sha(out_dir))
         else:
             if gone:
                 warnings.warn(f"data source {', '.join(gone)} no longer exists; using the token splits packed from it "
@@ -1459,10 +1460,14 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     }
     note = ""
     if changed_note:  # breaker: a folder's unread README edited was said to spoil the library that a run then kept
-        said, what, was = changed_note
-        same = bool(was) and all(was.get(k) == summary[k]["sha256"] for k in SPLITS)
+        said, was = changed_note  # what it spoils, by the splits that came out otherwise (breaker: an evaluation
+        moved = [k for k in SPLITS if was.get(k) != summary[k]["sha256"]]  # file's edit "spoiled" the library)
         note = (f"{said}, but the token splits packed again come out as before: what was made from them stands"
-                if same else f"{said}: packed them again; {what}")
+                if not moved else
+                f"{said}: packed them again; evaluations made on the old evaluation split no longer stand; a library "
+                f"and score table stand, the calibration and scoring splits coming out as before" if moved == ["eval"]
+                else f"{said}: packed them again; a library, score table or child made from the old splits no longer "
+                     f"matches them")
     # said once written (breaker: "packed them again" before a refusal that left the folder as it was)
     packed = TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest, note=note)
     if write:

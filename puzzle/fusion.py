@@ -984,8 +984,8 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     # breaker: "children of higher speed-ups drop more attention subblocks" sent a user to --speedup 3, whose
     # children dropped the FFNs too; on the tiny preset the search takes linear or fewer-KV-head attention instead
     saved = set(run.config.search.exclude)  # --exclude replaces the saved list: keep it in the command
-    leave_out = " ".join(f"--exclude {v}" for v in sorted(saved | chosen - {"attn-noop"}) + ["ffn-noop"] * (
-        "ffn-noop" not in saved))
+    leave_out = " ".join(f"--exclude {v}" for v in sorted((saved | chosen) - {"attn-noop"}) + ["ffn-noop"] * (
+        "ffn-noop" not in saved))  # (an attn-noop the run excluded is let in again: fusion needs it)
     return ("none of this run's children has one: fusion needs two attention-free layers in a row that keep their "
             f"FFN; a search without the cheaper variants its children took (`puzzle search --out {run.out} "
             f"{leave_out}`, saved as the run's setting: `--exclude none` clears it) may drop attention whole instead")

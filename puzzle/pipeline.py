@@ -287,7 +287,7 @@ class Run:
         path = ensure_parent_samples(parent.model, parent.tokenizer, folder or self.out / "data", data.parent_sample_tokens(),
                                      seed=data.seed, length=max(data.seq_len, 64), parent_fingerprint=self.parent_fingerprint,
                                      tokenizer_sha256=tokenizer_fingerprint(parent.tokenizer), progress=self.progress,
-                                     log=self.say)
+                                     log=self.say, limit=data.parent_sample_limit())
         return {spec: path}
 
     @property
@@ -2441,12 +2441,18 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
 
     front = summary[summary["library_stage"].isin(["parent", "bld"])].copy()
 
-    def target(name: str, predicted: float) -> float:  # the requested speed-up; the prediction when none was asked
+    def asked(name: str) -> float | None:  # the requested speed-up (None: a budget of other resources)
         if name == "parent":
             return 1.0
         path = run.out / "search" / f"{name}.json"
         speedup = (read_json(path).get("request") or {}).get("speedup") if path.is_file() else None
-        return parse_speedup(speedup) if speedup else float(predicted)
+        return parse_speedup(speedup) if speedup else None
+
+    def target(name: str, predicted: float) -> float:  # the requested speed-up; the prediction when none was asked
+        return asked(name) or float(predicted)
+
+    def label(name: str, measured: float) -> str:  # reviewer: a predicted speed-up was shown as the target
+        return f"{asked(name):g}x -> {measured:.2f}x" if asked(name) else f"{measured:.2f}x measured"
 
     front.insert(1, "target_speedup", [target(n, p) for n, p in zip(front["name"], front["predicted_speedup"])])
     cols = ["name", "target_speedup", "predicted_speedup", "speedup", "budget_met", "throughput_tok_s", "runtime_ms",
@@ -2460,17 +2466,16 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     ax.plot(kids["throughput_tok_s"], kids["kl_nats"], "o-", color="tab:blue",
             label="children (BLD library, MIP): target -> measured speed-up")
     for r in kids.itertuples():
-        ax.annotate(f"{r.target_speedup:g}x -> {r.speedup:.2f}x", (r.throughput_tok_s, r.kl_nats),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(label(r.name, r.speedup), (r.throughput_tok_s, r.kl_nats), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
     p = front[front["name"] == "parent"].iloc[0]
     ax.plot([p["throughput_tok_s"]], [p["kl_nats"]], "*", color="black", markersize=12, label="parent")
     init = summary[summary["library_stage"] == "init"]
     if len(init):
         ax.plot(init["throughput_tok_s"], init["kl_nats"], "s", color="tab:red", label="child from init-only entries")
         for r in init.itertuples():  # labelled as the others (fresh user: the square alone had no speed-up)
-            ax.annotate(f"{target(r.name, r.predicted_speedup):g}x -> {r.speedup:.2f}x",
-                        (r.throughput_tok_s, r.kl_nats), textcoords="offset points", xytext=(4, -10), fontsize=8,
-                        color="tab:red")
+            ax.annotate(label(r.name, r.speedup), (r.throughput_tok_s, r.kl_nats), textcoords="offset points",
+                        xytext=(4, -10), fontsize=8, color="tab:red")
     ax.set_xlabel(f"measured throughput (generated tok/s, {run.workload().device}, B={run.config.target.batch_size}, "
                   f"P={run.config.target.prompt_len}, G={run.config.target.gen_len})", fontsize=8)
     ax.set_ylabel("evaluation KL(parent || child), nats/token")
@@ -3049,16 +3054,16 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
     ratios = {k: float(v) for k, v in (drift or {}).items()
               if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
     other_way = [k for k, v in ratios.items() if (v - 1) * error > 0]  # less time where the parent took more
+    same_way = [k for k, v in ratios.items() if (v - 1) * error < 0]  # (a ratio of exactly 1 moved neither way)
     quiet = isinstance(busy, (int, float)) and busy < 0.1
     cause = (f"costs the table's per-subblock sums miss: other jobs kept only {busy:.2f} cores busy" if quiet else
              "other load on the cores it uses, or costs the table's per-subblock sums miss")
     ran = f"the parent ran {'slower' if error < 0 else 'faster'} in this session than the cost table predicts"
-    if other_way and len(other_way) == len(ratios):
+    if other_way and not same_way:
         why = (f"{ran}, while the fixed reference workload (Machine speed, below) moved the other way: the gap is in "
                f"the whole-model timing ({cause}), not in the machine's speed alone")
     elif other_way:  # reviewer: "moved the other way" of a reference whose compute part moved the same way
-        same = [k for k in ratios if k not in other_way]
-        why = (f"{ran}; of the fixed reference workload (Machine speed, below), the {' and '.join(same)} part moved "
+        why = (f"{ran}; of the fixed reference workload (Machine speed, below), the {' and '.join(same_way)} part moved "
                f"the same way and the {' and '.join(other_way)} part the other: the gap is in the machine's speed, "
                f"the whole-model timing ({cause}), or both")
     else:

@@ -50,25 +50,20 @@ def sample_tokens(spec: str, calib_tokens: int, score_tokens: int, score_fractio
     sum of `DataConfig.calib_weights` (1 without weights: as if the samples were the only source).
 
     Raises:
-        PuzzleError: N that is not a whole number of at least 1, or above MAX_OVER_NEED times what the splits take
-            (`parent-samples` alone).
+        PuzzleError: N that is not a whole number of at least 1.
     """
-    need = max(calib_tokens / (1.0 - score_fraction), score_tokens / score_fraction)
-    auto = int(math.ceil(need * AUTO_MARGIN))  # the samples as the only calibration source
     if spec == PARENT_SAMPLES:
+        need = max(calib_tokens / (1.0 - score_fraction), score_tokens / score_fraction)
         return int(math.ceil(need * share * AUTO_MARGIN))
     text = spec[len(PARENT_SAMPLES) + 1:].strip().replace("_", "")
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise PuzzleError(f"data source {spec!r}: give `{PARENT_SAMPLES}` (as many tokens as the splits need) or "
                           f"`{PARENT_SAMPLES}:N` with N a whole number of tokens, e.g. {PARENT_SAMPLES}:30000")
-    if int(text) > MAX_OVER_NEED * auto:  # breaker: 999999999999 started sampling with an ETA of 21,509 h
-        raise PuzzleError(f"data source {spec!r}: {int(text):,} tokens is over {MAX_OVER_NEED} times the {auto:,} the "
-                          f"calibration and scoring splits take (`{PARENT_SAMPLES}` alone samples those); give a "
-                          f"smaller N, or raise the splits' tokens (--bld-tokens, --score-tokens) first")
     return int(text)
 
 
-#: `parent-samples:N` above this many times what the splits take is refused: sampled, never packed
+#: `parent-samples:N` above this many times what the splits take (`parent-samples` alone) is refused before
+#: sampling (`ensure_parent_samples`' `limit`): tokens sampled for hours, never packed
 MAX_OVER_NEED = 100
 
 
@@ -205,7 +200,7 @@ def _read_done(folder: Path, identity: dict) -> tuple[list[dict], int]:
 
 def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, length: int = 256, batch_size: int = 64,
                           parent_fingerprint: str = "", tokenizer_sha256: str = "", progress: bool = False,
-                          log=None) -> Path:
+                          log=None, limit: int | None = None) -> Path:
     """Write (or finish, or reuse) `folder/parent_samples.jsonl` holding at least `tokens` sampled tokens.
 
     Each line is {"text", "batch", "tokens"}; `folder/parent_samples.json` records who sampled
@@ -224,13 +219,15 @@ def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, leng
         parent_fingerprint, tokenizer_sha256: identity of the parent and tokenizer, recorded.
         progress: show a progress bar (tokens, rate, ETA).
         log: callable taking a message line, or None.
+        limit: the most tokens to sample (`DataConfig.parent_sample_limit`); more asked is refused before sampling,
+            samples already held are used whatever their count.
 
     Returns:
         The path of the jsonl file (a source `puzzle.data.read_documents` reads).
 
     Raises:
-        PuzzleError: a tokenizer with neither BOS nor EOS, non-positive sizes, or 4 batches in a
-            row without a document (a parent that ends its text at once).
+        PuzzleError: a tokenizer with neither BOS nor EOS, non-positive sizes, `tokens` over `limit` where more
+            are to be sampled, or 4 batches in a row without a document (a parent that ends its text at once).
     """
     if tokens < 1 or length < MIN_DOC_TOKENS or batch_size < 1:
         raise PuzzleError(f"parent samples: tokens ({tokens}) and batch_size ({batch_size}) must be >= 1 and "
@@ -259,6 +256,10 @@ def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, leng
                 log(f"data: parent samples cut to the {have:,} tokens of their first {last + 1} batches, as a fresh "
                     f"run for {tokens:,} tokens samples them")
         return path
+    if limit is not None and tokens > limit:  # breaker: 999999999999 started sampling with an ETA of 21,509 h
+        raise PuzzleError(f"parent samples: {tokens:,} tokens asked, over {limit:,} ({MAX_OVER_NEED} times what the "
+                          f"calibration and scoring splits take, which `{PARENT_SAMPLES}` alone samples); give a "
+                          f"smaller N in {PARENT_SAMPLES}:N, or raise data.calib_tokens / data.score_tokens first")
     if log is not None:
         log(f"data: sampling {tokens - have:,} more tokens from the parent ({have:,} done) into {path}")
     bar = None

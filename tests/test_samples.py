@@ -1,6 +1,7 @@
 """The `parent-samples` calibration source: parsing, sampling, resume, and a run's data stage."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def parent():
     return tiny_parent()
 
 
-def test_spec_token_counts_and_bad_specs():
+def test_spec_token_counts_and_bad_specs(tmp_path):
     assert sample_tokens("parent-samples:30000", 1000, 100, 0.2) == 30000
     assert sample_tokens("parent-samples:30_000", 1000, 100, 0.2) == 30000
     # auto: enough for both splits if the samples were the only source, 10 % more
@@ -26,10 +27,14 @@ def test_spec_token_counts_and_bad_specs():
     for bad in ("parent-samples:0", "parent-samples:-5", "parent-samples:1e4", "parent-samples:", "parent-samples:x"):
         with pytest.raises(PuzzleError, match="parent-samples:N"):
             sample_tokens(bad, 1000, 100, 0.2)
-    assert sample_tokens("parent-samples:137500", 1000, 100, 0.2) == 137500  # 100 x the 1,375 the splits take
-    with pytest.raises(PuzzleError, match="137,501 tokens is over 100 times the 1,375 the calibration and scoring "
-                                          "splits take"):  # breaker: 999999999999 sampled with an ETA of 21,509 h
-        sample_tokens("parent-samples:137501", 1000, 100, 0.2)
+    # breaker: 999999999999 sampled with an ETA of 21,509 h; refused before sampling, not with the configuration
+    # (a saved run asking for more stays readable)
+    config = DataConfig(calib_sources=("parent-samples:9000001",), eval_sources=("e.txt",), seq_len=64,
+                        calib_tokens=64000, score_tokens=1600, score_fraction=0.2)
+    assert config.parent_sample_tokens() == 9000001 and config.parent_sample_limit() == 100 * 88000
+    tokenizer = types.SimpleNamespace(bos_token_id=1, eos_token_id=2)
+    with pytest.raises(PuzzleError, match="parent samples: 9,000,001 tokens asked, over 8,800,000 \\(100 times what"):
+        ensure_parent_samples(None, tokenizer, tmp_path, 9000001, seed=0, limit=config.parent_sample_limit())
 
 
 def test_data_config_refuses_misplaced_specs():
