@@ -340,11 +340,14 @@ class _Search:
         words, unit = _COST_WORDS[column]
         parent = self.parent[column]
         share = f" ({smallest / parent:.3g} of the parent)" if parent > 0 else ""
-        advice = (f"raise {BUDGET_FLAGS[column]} to at least {suggest_fraction(smallest, parent):g}"
-                  if parent > 0 else f"raise {BUDGET_FLAGS[column]} to at least {smallest:.6g} {unit}")
+        # both forms the flag takes (breaker: a budget given in ms was told a fraction alone)
+        absolute = _round_up(smallest) + ("" if unit == "parameters" else unit)  # 7.72197ms, 0.1680MiB, 30000
+        also = ""
         if column == "runtime_ms" and parent > 0 and smallest > 0:  # the same limit as a speed-up, as a user may ask
             most = math.floor(parent / smallest * 1000) / 1000
-            advice += f" (or --speedup at most {most:g}; --min-throughput at most {most:g}x)"
+            also = f", or --speedup at most {most:g}; --min-throughput at most {most:g}x"
+        advice = (f"raise {BUDGET_FLAGS[column]} to at least {suggest_fraction(smallest, parent):g} (or {absolute}"
+                  f"{also})" if parent > 0 else f"raise {BUDGET_FLAGS[column]} to at least {absolute}")
         scope = f" with the variants {self.filtered} leave" if self.filtered else ""
         if self.filtered:
             advice += f", or leave fewer variants out ({self.filtered})"
@@ -965,7 +968,7 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
             try:
                 found = [solve(table, budgets, objective, time_limit_s=args.time_limit, **options)[0]]
             except PuzzleError as e:  # its hint in this command's terms (it refuses the runtime flags)
-                why = re.sub(r"raise --max-runtime to at least \S+ \(or --speedup at most ([0-9.e+-]+); "
+                why = re.sub(r"raise --max-runtime to at least \S+ \(or \S+, or --speedup at most ([0-9.e+-]+); "
                              r"--min-throughput at most [^)]*\)", r"give --front-speedups targets of at most \1",
                              str(e))
                 front.append({"target_speedup": s, "infeasible": why})
