@@ -3063,9 +3063,9 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
         why = (f"{ran}, while the fixed reference workload (Machine speed, below) moved the other way: the gap is in "
                f"the whole-model timing ({cause}), not in the machine's speed alone")
     elif other_way:  # reviewer: "moved the other way" of a reference whose compute part moved the same way
-        why = (f"{ran}; of the fixed reference workload (Machine speed, below), the {' and '.join(same_way)} part moved "
-               f"the same way and the {' and '.join(other_way)} part the other: the gap is in the machine's speed, "
-               f"the whole-model timing ({cause}), or both")
+        why = (f"{ran}; of the fixed reference workload (Machine speed, below), the {' and '.join(same_way)} part "
+               f"moved the same way and the {' and '.join(other_way)} part the other: the gap is in the machine's "
+               f"speed, the whole-model timing ({cause}), or both")
     else:
         why = (f"the machine ran {'slower' if error < 0 else 'faster'} in this session than when the cost table was "
                f"timed")
