@@ -353,6 +353,9 @@ def _say_tiny_text_for_a_real_parent(preset: str, config) -> None:
 
     if config.parent.path == "tiny":
         return
+    if preset in preset_names() and not config.parent.path.startswith("asset:") \
+            and not Path(config.parent.path).exists():  # a mistyped --parent is refused alone, in one line
+        return
     tiny = [k for k in ("calib_sources", "eval_sources")
             if any(str(s).startswith("package:tiny_") for s in getattr(config.data, k))]
     try:  # the keys the file sets itself (it was read as a preset already)

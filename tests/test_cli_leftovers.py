@@ -728,7 +728,8 @@ def test_a_preset_file_not_in_utf8_or_leaving_the_text_to_the_tiny_defaults_is_s
     err = capsys.readouterr().err
     assert "leaves data.eval_sources at the built-in defaults" in err and "calib_sources at" not in err, err
     assert f"the preset {tmp_path / 's.toml'} gives data.calib_sources the few KB of text of the tiny test model" in err
-    assert main(["data", "--preset", "tiny", "--parent", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "f"),
+    (tmp_path / "model").mkdir()  # (a --parent that does not exist is refused alone, in one line)
+    assert main(["data", "--preset", "tiny", "--parent", str(tmp_path / "model"), "--out", str(tmp_path / "f"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "the preset tiny gives data.calib_sources and data.eval_sources the few KB of text" in err, err
