@@ -321,6 +321,18 @@ def _resolve_config(args, out: Path):
     return resolved
 
 
+def _main_budget(config) -> dict:
+    """The search budgets a configuration sets ({"speedup": 1.5, ...}; unset ones left out)."""
+    from .config import SEARCH_BUDGETS
+
+    return {k: getattr(config.search, k) for k in SEARCH_BUDGETS if getattr(config.search, k)}
+
+
+def _budget_text(budget: dict) -> str:
+    """`_main_budget` as messages say it: "speedup 1.5, max_params 0.99" (not a dict's repr), or "none"."""
+    return ", ".join(f"{k} {v}" for k, v in budget.items()) or "none"
+
+
 def _say_budget_replaced(args, preset, config) -> None:
     """Say which bounds of the `preset`'s main budget this command's budget flags dropped without giving one of the
     same kind (a runtime bound: --speedup, --max-runtime, --min-throughput; each other resource its own): the flags
@@ -332,12 +344,11 @@ def _say_budget_replaced(args, preset, config) -> None:
         return
     runtime = ("speedup", "max_runtime", "min_throughput")
     kind = lambda k: "runtime" if k in runtime else k  # noqa: E731
-    was = {k: getattr(preset.search, k) for k in SEARCH_BUDGETS if getattr(preset.search, k)}
-    given = {kind(k) for k in SEARCH_BUDGETS if getattr(config.search, k)}
-    if dropped := {k: v for k, v in was.items() if kind(k) not in given}:
+    given = {kind(k) for k in _main_budget(config)}
+    if dropped := {k: v for k, v in _main_budget(preset).items() if kind(k) not in given}:
         name = getattr(args, "preset", None) or "smollm2-demo"
         _log(f"{args.command}: note: the budget flags replace the main budget of the preset {name}, so its "
-             + ", ".join(f"{k} {v}" for k, v in dropped.items()) + " no longer holds; give that flag too to keep it")
+             f"{_budget_text(dropped)} no longer holds; give that flag too to keep it")
 
 
 def _say_tiny_text_for_a_real_parent(preset: str, config) -> None:
@@ -601,13 +612,10 @@ def _log_saved_changes(args, saved, config) -> None:
     """Say that the command changed the run's main budget (DIR/config.json's search budgets), which names the
     main child that realize, export, front and the report use, or its score.select_context, by which the choices on
     the scoring split are made; nothing when it did not or no valid one was saved."""
-    from .config import SEARCH_BUDGETS
-
-    budget = lambda c: {k: getattr(c.search, k) for k in SEARCH_BUDGETS if getattr(c.search, k)}  # noqa: E731
-    text = lambda b: ", ".join(f"{k} {v}" for k, v in b.items()) or "none"  # noqa: E731 (not a dict's repr)
-    if saved is not None and budget(saved) != budget(config):
-        _log(f"{args.command}: the run's main budget is now {text(budget(config))} (was {text(budget(saved))}; saved "
-             f"to {args.out / 'config.json'}, so realize, export, front and report use it)")
+    if saved is not None and _main_budget(saved) != _main_budget(config):
+        _log(f"{args.command}: the run's main budget is now {_budget_text(_main_budget(config))} (was "
+             f"{_budget_text(_main_budget(saved))}; saved to {args.out / 'config.json'}, so realize, export, front and "
+             f"report use it)")
     before, now = (c.score.select_context for c in (saved, config)) if saved is not None else (None, None)
     if before != now:  # breaker: `refine --select-context` changed it without a word
         _log(f"{args.command}: the run's --select-context is now {now} (was {before}; saved to "

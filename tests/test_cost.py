@@ -582,6 +582,15 @@ def test_contention_limits_are_checked_and_stale_tables_are_timed_again():
     assert _stale_timing({**ok, "cost_repeats": 5}, 2, 0.25, 5) is None and _stale_timing(ok, 2, 0.25, 5) is None
 
 
+def test_a_scored_runs_cost_table_records_its_repeats(tmp_path_factory):
+    """What `_stale_timing` compares: `stage_cost` writes score.cost_repeats beside the table (the tiny run: 3)."""
+    from puzzle.io import load_table
+    from tiny_run import tiny_run_dir
+
+    _, meta = load_table(tiny_run_dir(tmp_path_factory) / "score" / "cost.csv")
+    assert meta["cost_repeats"] == 3
+
+
 @linux_only
 def test_busy_time_of_the_allowed_cpus_adds_up_to_the_machine_total():
     from puzzle.scoring.cost import _machine_busy_s
