@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,31 +327,43 @@ def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = 
 class ResultLog:
     """Append-only JSON-lines log of finished candidates, so scoring resumes after an interruption.
 
-    Each line is flushed and fsynced; a torn last line (killed mid-write) is ignored on reading.
+    Each line is flushed and fsynced; a torn last line (killed mid-write) is ignored on reading and cut off by the
+    next append. Any other line that is no result (a damaged or hand-edited file) is skipped too, with a warning
+    naming the file and its line numbers, so what those lines held is computed again.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def read(self) -> dict:
-        done = {}
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+        """The logged rows by their "key". Warns (UserWarning) of skipped lines other than a torn last one."""
+        done, skipped = {}, []
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines() if self.path.is_file() else []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("key"), str):
                 done[row["key"]] = row
+            elif line.strip() and number < len(lines):  # the last line may be torn by a kill mid-write: no news
+                skipped.append(number)
+        if skipped:
+            shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            many = len(skipped) > 1
+            warnings.warn(f"{self.path}: line{'s' * many} {shown} {'are' if many else 'is'} not a logged result "
+                          f"(damaged or edited); what {'they' if many else 'it'} held is computed again", stacklevel=2)
         return done
 
     def append(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        torn = False
         if self.path.is_file() and self.path.stat().st_size:
-            with open(self.path, "rb") as f:
+            with open(self.path, "r+b") as f:
                 f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
+                if f.read(1) != b"\n":  # a line torn by a kill mid-write: cut it off, so it never sits mid-file
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -131,3 +131,16 @@ def test_result_log_survives_a_torn_line(tmp_path):
         f.write('{"key": "b", "v"')  # killed mid-write
     log.append({"key": "c", "v": 3})
     assert sorted(log.read()) == ["a", "c"]
+    assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 2  # the torn line was cut off, not kept mid-file
+
+
+def test_result_log_names_damaged_lines(tmp_path):
+    """A damaged line other than a torn last one is skipped with a warning naming the file and the line."""
+    path = tmp_path / "q.jsonl"
+    log = ResultLog(path)
+    log.append({"key": "a", "v": 1})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "v"\n[1, 2]\n{"no_key": 1}\n')
+    log.append({"key": "c", "v": 3})
+    with pytest.warns(UserWarning, match=r"q\.jsonl: lines 2, 3, 4 are not a logged result"):
+        assert sorted(log.read()) == ["a", "c"]
