@@ -1161,6 +1161,10 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
     s = run.config.search
     try:
         record = read_json(path)
+    except PuzzleError:  # damaged: say so, as the solve rewrites it (and any budget-feedback history it held)
+        warnings.warn(f"{path} is not valid JSON; solving {name!r} afresh, which rewrites it", stacklevel=2)
+        return None
+    try:
         if not re_solved(record):
             return None  # never settled (or written before `solved_choice`), or the feedback kept the solve's child
         same = (record.get("library_stage", "bld") == stage

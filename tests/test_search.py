@@ -1278,6 +1278,24 @@ def test_a_settled_record_that_breaks_the_vllm_layer_rule_is_solved_again(tmp_pa
     assert stage_search(run)[name]["solved_choice"] == ["x"]
 
 
+def test_a_damaged_search_record_is_named_before_it_is_solved_again(tmp_path_factory, tmp_path):
+    """A search record cut short (or edited into invalid JSON) is named in a warning, since the solve rewrites it."""
+    import shutil
+
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, stage_search
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    run = Run(out, load_run_config(out), progress=False)
+    path = out / "search" / "child-1.25x.json"
+    whole = path.read_text()
+    path.write_text(whole[: len(whole) // 2])
+    with pytest.warns(UserWarning, match=r"child-1\.25x\.json is not valid JSON; solving 'child-1\.25x' afresh"):
+        stage_search(run)
+    assert json.loads(path.read_text())["choice"] == json.loads(whole)["choice"]
+
+
 @pytest.mark.parametrize("objective, words", [
     ("kl_nats=0", "every weight is 0"), ("kl_nats=nan", "finite"), ("lm_loss=inf", "finite"),
     ("kl_nats=1,kl_nats=2", "twice"), (" , ", "empty"), ("kl_nats=", "write 'column' or"),
