@@ -2973,6 +2973,11 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                                                                     if res.warnings else ""))
         lines.append("")
     lines += _unreachable_section(run)
+    lines += ["## Against simpler methods", "",  # a fresh user looked here for the baselines (stop 72's leftovers)
+              f"This report holds the searched children alone. `puzzle baselines --out {run.out}` builds greedy, layer "
+              "removal, attention removal and uniform width at the front's speed-ups; `puzzle front --out "
+              f"{run.out}` then draws them beside this front (front_all.png, front_all.csv) and writes our KL over "
+              "theirs at matched speed-up (front_ratios.csv).", ""]
     lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
               "stage adds its time); total_s adds up the `puzzle run` invocations that finished. The figures below are "
               "those at the time of this report; DIR/timings.json goes on adding the time of later commands "
