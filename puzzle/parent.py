@@ -284,7 +284,7 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict, dtype: torch.dt
     """Build a PuzzleForCausalLM of `config` holding exactly the tensors of `state_dict`.
 
     Keys follow HF Llama / DeciLM names (see modeling.py). With tied embeddings a stored
-    `lm_head.weight` is ignored (as transformers does); HF's old `rotary_emb.inv_freq` buffers are
+    `lm_head.weight` must equal the embedding (it is then dropped); HF's old `rotary_emb.inv_freq` buffers are
     ignored. The model is built on the meta device and takes the tensors cast to `dtype`, so no
     time is spent on a random init. With copy=False, tensors already in `dtype` are used as they
     are (the loaders pass fresh tensors read from disk); the default copies, so the new model never
@@ -292,11 +292,17 @@ def model_from_state_dict(config: ModelConfig, state_dict: dict, dtype: torch.dt
     Returns the model in eval mode.
 
     Raises:
-        PuzzleError: missing or unexpected keys, or a tensor whose shape differs from the config's.
+        PuzzleError: missing or unexpected keys, a tensor whose shape differs from the config's, or a stored
+            lm_head.weight unlike the embedding it is configured to be tied to.
     """
     sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and (head := sd.pop("lm_head.weight", None)) is not None:
+        embed = sd.get("model.embed_tokens.weight")
+        if embed is not None and not (head.shape == embed.shape and torch.equal(head, embed.to(head.dtype))):
+            raise PuzzleError(  # breaker: it was dropped, where transformers >= 5 keeps such a head (and unties)
+                f"{what}: config.json ties the embeddings (tie_word_embeddings=true), but the stored lm_head.weight "
+                "differs from model.embed_tokens.weight; set tie_word_embeddings to false in config.json to use the "
+                "stored head, as transformers does")
     with torch.device("meta"):
         model = PuzzleForCausalLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

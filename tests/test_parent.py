@@ -360,6 +360,18 @@ def test_untied_checkpoint_without_lm_head_names_the_fix(tmp_path):
         load_parent(tmp_path)
 
 
+def test_a_tied_config_beside_a_distinct_stored_head_is_refused(tmp_path):
+    """Breaker: a config that ties the embeddings over weights whose stored lm_head differs dropped that head without
+    a word, where transformers keeps it: every KL would have been against another model than the user's."""
+    import json
+
+    save_hf(hf_llama(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(PuzzleError, match="set tie_word_embeddings to false in config.json"):
+        load_parent(tmp_path)
+
+
 def test_a_tokenizer_with_ids_past_the_embedding_is_refused(tmp_path):
     """Breaker: ids past vocab_size passed `puzzle data`, and `puzzle bld` failed in F.embedding with a traceback."""
     import json
