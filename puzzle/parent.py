@@ -38,6 +38,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import shutil
 import struct
 import tempfile
@@ -353,6 +354,13 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message without terminal colour codes (torch.load's carry them), or its
+    type's name when it has no message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     """All tensors of the given safetensors / pytorch_model.bin files, by name."""
     state_dict: dict[str, torch.Tensor] = {}
@@ -363,8 +371,12 @@ def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
             else:  # weights_only: tensors and containers only, no code runs while unpickling
                 part = torch.load(f, map_location="cpu", weights_only=True)
         except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PuzzleError(f"{f} cannot be read ({first_line}); it is corrupt or truncated: download or export it again") from e
+            if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+                raise PuzzleError(  # breaker: it was called corrupt, with torch's colour codes in the message
+                    f"{f} holds objects other than tensors, which puzzle does not unpickle (unpickling can run code); "
+                    "if you trust the file, save its tensors with safetensors (model.safetensors) and remove it") from e
+            raise PuzzleError(f"{f} cannot be read ({_first_line(e)}); it is corrupt or truncated: download or export "
+                              "it again") from e
         if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
             raise PuzzleError(f"{f} does not hold a plain state dict of tensors; save the weights with safetensors")
         twice = sorted(set(part) & set(state_dict))

@@ -102,6 +102,20 @@ def test_pytorch_bin_folder_loads(tmp_path):
         assert_same_logits(loaded, hf(IDS).logits)
 
 
+class _NotATensor:  # a custom object in a pickled state dict (module level: torch.save pickles it by name)
+    pass
+
+
+def test_a_pytorch_bin_holding_other_objects_is_named_as_such(tmp_path):
+    """Breaker: a .bin holding a custom object beside its tensors was called corrupt, with torch's colour codes."""
+    hf = hf_llama()
+    hf.config.save_pretrained(tmp_path)
+    torch.save({**hf.state_dict(), "extra": _NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(PuzzleError, match="holds objects other than tensors") as caught:
+        load_parent(tmp_path, with_tokenizer=False)
+    assert "\x1b" not in str(caught.value) and "corrupt" not in str(caught.value)
+
+
 def test_hf_config_parsing_old_layouts():
     d = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=1).to_dict()
