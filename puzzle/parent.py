@@ -217,6 +217,10 @@ def model_config_from_hf(config_dict: dict) -> ModelConfig:
     model_type, archs = d.get("model_type"), d.get("architectures") or []
     if model_type in NAS_MODEL_TYPES or "block_configs" in d:
         raise PuzzleError("this config.json is a nemotron-nas config (block_configs); read it with model_config_from_nemotron_nas")
+    if model_type is None and archs and len(set(archs)) == 1 and archs[0] in LLAMA_ARCHITECTURES:
+        raise PuzzleError(  # breaker: a supported architecture was called unsupported
+            f"config.json has no model_type, though its architectures ({archs[0]}) are supported; add "
+            f'"model_type": "{LLAMA_MODEL_TYPES[LLAMA_ARCHITECTURES.index(archs[0])]}" to it')
     if model_type not in LLAMA_MODEL_TYPES or any(a not in LLAMA_ARCHITECTURES for a in archs):
         raise PuzzleError(f"model_type {model_type!r} (architectures {archs}) is not supported; {_SUPPORTED}")
     _check_llama_family(d, what)
@@ -784,7 +788,11 @@ def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None 
             return _load_gguf(path, dtype, cache_dir, with_tokenizer)
         if path.name == "config.json":
             return _load_folder(path.parent, dtype, with_tokenizer)
-        raise PuzzleError(f"{path} is a file but not a .gguf; pass a .gguf file or the folder that holds config.json")
+        with open(path, "rb") as f:
+            gguf = f.read(4) == b"GGUF"
+        raise PuzzleError(f"{path} is a GGUF file by its contents; rename it to end in .gguf, as puzzle tells "
+                          "GGUF files by their suffix" if gguf else  # breaker: it said "not a .gguf" of a renamed one
+                          f"{path} is a file but not a .gguf; pass a .gguf file or the folder that holds config.json")
     if (path / "config.json").is_file():
         return _load_folder(path, dtype, with_tokenizer)
     ggufs = sorted(path.glob("*.gguf"))

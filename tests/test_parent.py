@@ -106,6 +106,15 @@ class _NotATensor:  # a custom object in a pickled state dict (module level: tor
     pass
 
 
+def test_a_config_without_model_type_names_the_one_to_add():
+    d = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=1).to_dict()
+    d.pop("model_type", None)
+    d["architectures"] = ["LlamaForCausalLM"]
+    with pytest.raises(PuzzleError, match='add "model_type": "llama" to it'):
+        model_config_from_hf(d)
+
+
 def test_a_pytorch_bin_holding_other_objects_is_named_as_such(tmp_path):
     """Breaker: a .bin holding a custom object beside its tensors was called corrupt, with torch's colour codes."""
     hf = hf_llama()
@@ -346,6 +355,9 @@ def test_missing_path_and_empty_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(PuzzleError, match="not a .gguf"):
         load_parent(tmp_path / "notes.txt")
+    (tmp_path / "renamed.bin").write_bytes(b"GGUF" + bytes(60))  # breaker: a GGUF by its magic, named otherwise
+    with pytest.raises(PuzzleError, match="is a GGUF file by its contents; rename it to end in .gguf"):
+        load_parent(tmp_path / "renamed.bin")
 
 
 def test_corrupt_safetensors(tmp_path):
