@@ -675,7 +675,7 @@ def run_gkd_command(args, log=None) -> dict:
     from .parent import local_model_arg
 
     args.child, args.parent = local_model_arg(args.child), local_model_arg(args.parent)  # asset:<name>, once checked
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, fsdp=args.fsdp)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)
     try:

@@ -91,19 +91,98 @@ def process_group(rank: int, world_size: int, device=None):
         device = torch.device(device) if device is not None else local_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if "TORCHELASTIC_RUN_ID" not in os.environ:  # ranks started by hand: torchrun stops the others if one fails,
-            import sys  # these wait for it up to BARRIER_TIMEOUT (breaker: silently, until killed)
-
-            print(f"rank {rank}: waiting for the other {world_size - 1} rank(s) at {os.environ['MASTER_ADDR']}:"
-                  f"{os.environ.get('MASTER_PORT', '?')}; each must be started with the same command, and one that "
-                  f"stopped is waited for: stop this one (Ctrl-C) and start them again", file=sys.stderr, flush=True)
-        dist.init_process_group(backend_for(device), rank=rank, world_size=world_size, timeout=BARRIER_TIMEOUT)
+        join_group(backend_for(device), rank, world_size, BARRIER_TIMEOUT)
         created = True
     try:
         yield
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def join_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
+    """Create the default process group from the environment: torchrun's (env://), or that of ranks started by hand
+    with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, which first meet through `_meet_by_hand`.
+
+    `timeout` bounds each collective operation afterwards (torch.distributed's own timeout).
+
+    Raises:
+        PuzzleError: see `_meet_by_hand` (ranks started by hand).
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun met the ranks already, and stops the others if one fails
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        return
+    store = _meet_by_hand(rank, world_size)
+    store.set_timeout(timeout)  # its short connect timeout no longer applies
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+#: how long ranks started by hand wait for each other before they give up (each can be stopped with Ctrl-C before)
+MEET_TIMEOUT = timedelta(minutes=30)
+
+
+def _meet_by_hand(rank: int, world_size: int, timeout: timedelta = MEET_TIMEOUT, poll_s: float = 0.5):
+    """The TCPStore through which ranks started by hand (no torchrun) meet, once all `world_size` have joined.
+
+    Rank 0 serves the store at MASTER_ADDR:MASTER_PORT; the others connect once it listens. Every rank writes its
+    WORLD_SIZE under its own key and waits for the others' keys in Python, so Ctrl-C and SIGTERM stop a rank that
+    waits (breaker: torch's own rendezvous waited 24 h inside C and ignored them), and ranks started with different
+    WORLD_SIZE values are refused at once instead of waiting for a rank that never comes.
+
+    Raises:
+        PuzzleError: MASTER_PORT missing or not a port number, WORLD_SIZE values that differ between ranks, or
+            ranks still missing after `timeout` (named).
+    """
+    import socket
+    import sys
+    import time
+
+    from .errors import PuzzleError
+
+    host, port_text = os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT", "").strip()
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise PuzzleError(f"MASTER_PORT={port_text!r}: ranks started by hand need MASTER_PORT, a free port on "
+                          f"MASTER_ADDR ({host}) that rank 0 listens on, e.g. MASTER_PORT=29500, the same for every rank")
+    print(f"rank {rank}: waiting for the other {world_size - 1} rank(s) at {host}:{port_text}; start each with the "
+          f"same command (Ctrl-C stops this one)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while rank > 0:  # rank 0's store listening yet? Asked in Python (torch's client logs every failed try)
+        try:
+            socket.create_connection((host, int(port_text)), timeout=1).close()
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise PuzzleError(f"rank {rank}: rank 0 did not open the meeting point {host}:{port_text} within "
+                                  f"{timeout} ({e}); start rank 0 with the same MASTER_ADDR and MASTER_PORT") from e
+            time.sleep(poll_s)
+    try:
+        store = dist.TCPStore(host, int(port_text), world_size, is_master=rank == 0, timeout=timedelta(seconds=30),
+                              wait_for_workers=False)
+    except (RuntimeError, OSError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+        raise PuzzleError(f"rank {rank}: cannot {'serve' if rank == 0 else 'reach'} the ranks' meeting point "
+                          f"{host}:{port_text} ({str(e).strip().splitlines()[0][:160]}); "
+                          f"{'give a free MASTER_PORT' if rank == 0 else 'check that rank 0 runs there'}") from e
+    keys = [f"puzzle/meet/rank{r}" for r in range(world_size)]
+    while True:
+        try:
+            store.set(keys[rank], str(world_size))  # this rank's WORLD_SIZE under its key
+            here = [r for r in range(world_size) if store.check([keys[r]])]
+            sizes = {r: int(store.get(keys[r])) for r in here}
+        except RuntimeError as e:  # rank 0 stopped: its store is gone
+            raise PuzzleError(f"rank {rank}: rank 0's meeting point {host}:{port_text} closed (rank 0 stopped: its "
+                              f"own message says why); start every rank again") from e
+        if other := {r: n for r, n in sizes.items() if n != world_size}:
+            raise PuzzleError(f"rank {rank} was started with WORLD_SIZE={world_size}, but " + ", ".join(
+                f"rank {r} with WORLD_SIZE={n}" for r, n in sorted(other.items())) + "; start every rank with the same "
+                "WORLD_SIZE")
+        if len(here) == world_size:
+            return store
+        if time.monotonic() > deadline:
+            missing = [r for r in range(world_size) if r not in here]
+            raise PuzzleError(f"rank {rank}: rank(s) {', '.join(map(str, missing))} of {world_size} did not join at "
+                              f"{host}:{port_text} within {timeout}; start them with the same command and "
+                              f"MASTER_ADDR/MASTER_PORT, and this one again")
+        time.sleep(poll_s)
 
 
 def joins_group(world_size: int) -> bool:

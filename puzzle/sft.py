@@ -775,7 +775,7 @@ def run_sft_command(args, log=None) -> dict | None:
                         provenance=export_provenance({"sft": {"model": what}}), training_pending=True, work=work)
     # a run's export folder takes new folders: the default DEST and its work folder are there
     check_work_folder(work, inputs, [args.out / "export"] if args.out else [])
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, fsdp=args.fsdp)
     if not env.is_main:
         log = lambda msg: None  # noqa: E731
     try:

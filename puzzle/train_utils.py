@@ -56,12 +56,14 @@ class DistEnv:
     Attributes:
         rank, world_size, local_rank: as torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
         device: where this process computes (cuda:LOCAL_RANK when CUDA is used, else cpu).
+        owns_group: `init_distributed` created the process group (`shutdown_distributed` leaves it).
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -72,30 +74,39 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Read torchrun's environment and join its process group (gloo on CPU, NCCL on CUDA).
+def init_distributed(device: str = "auto", fsdp: bool = False) -> DistEnv:
+    """Read torchrun's environment (or RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by hand) and join its
+    process group (gloo on CPU, NCCL on CUDA; `distributed.join_group`).
 
     Args:
         device: "cpu", "cuda" or "auto" (CUDA when available).
+        fsdp: FSDP will shard the model: a group is made for one process too (torchrun --nproc_per_node 1).
 
     Returns:
         DistEnv; a single process (no RANK/WORLD_SIZE set) gets rank 0 of 1 and no process group.
 
     Raises:
-        PuzzleError: device "cuda" without CUDA.
+        PuzzleError: device "cuda" without CUDA; several ranks, or fsdp, without MASTER_ADDR; see
+            `distributed.env_rank_world` and `distributed.join_group`.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise PuzzleError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    from .distributed import env_rank_world
+    from .distributed import env_rank_world, join_group
 
     rank, world, local = env_rank_world()
+    if (world > 1 or fsdp) and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
+        raise PuzzleError(  # breaker: both ended in torch's traceback, --fsdp after the evaluation before training
+            "FSDP needs a process group: start the command with torchrun (even --nproc_per_node 1)" if world == 1 else
+            f"RANK={rank} WORLD_SIZE={world} without MASTER_ADDR: start the ranks with torchrun, or set MASTER_ADDR "
+            "(rank 0's host) and MASTER_PORT (a free port there) for every rank")
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistEnv(rank, world, local, dev)
+    owns = (world > 1 or fsdp) and not dist.is_initialized()
+    if owns:
+        join_group("nccl" if use_cuda else "gloo", rank, world, dist.default_pg_timeout)
+    return DistEnv(rank, world, local, dev, owns_group=owns)
 
 
 def shutdown_distributed(env: DistEnv) -> None:
@@ -103,7 +114,7 @@ def shutdown_distributed(env: DistEnv) -> None:
     or an interrupt it leaves without the barrier, which the other ranks, still in a step's all-reduce, would never
     meet (breaker: Ctrl-C to one rank froze both until gloo's timeout); leaving closes this rank's connections, so
     theirs fail at once (`peer_lost`)."""
-    if env.distributed and dist.is_initialized():
+    if (env.distributed or env.owns_group) and dist.is_initialized():
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()

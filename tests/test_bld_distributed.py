@@ -6,10 +6,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 
 import pytest
 import torch
 
+from puzzle.errors import PuzzleError
 from puzzle.library import Library
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -142,7 +144,6 @@ RANKS_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from puzzle import distributed
     from puzzle.bld import BLDConfig, build_library
-    from puzzle.errors import PuzzleError
     from puzzle.library import Library
     from puzzle.space import SpaceConfig, build_space
     from puzzle.tiny import tiny_parent
@@ -266,12 +267,84 @@ def test_a_rank_started_by_hand_says_it_waits_for_the_others(monkeypatch, capsys
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: calls.append(k))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: None)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29571")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    with distributed.process_group(1, 2, device="cpu"):
-        pass
-    assert "rank 1: waiting for the other 1 rank(s) at 127.0.0.1:29571" in capsys.readouterr().err
+    with pytest.raises(PuzzleError, match=r"rank\(s\) 1 of 2 did not join at 127\.0\.0\.1:\d+ within"):
+        distributed._meet_by_hand(0, 2, timeout=timedelta(seconds=1), poll_s=0.1)
+    assert "rank 0: waiting for the other 1 rank(s) at 127.0.0.1:" in capsys.readouterr().err
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     with distributed.process_group(0, 2, device="cpu"):
         pass
-    assert len(calls) == 2 and capsys.readouterr().err == ""
+    assert len(calls) == 1 and capsys.readouterr().err == ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sizes, words", [
+    ((2, 2), None), ((2, 3), "rank {r} was started with WORLD_SIZE={me}, but rank {other} with WORLD_SIZE={them}")])
+def test_ranks_started_by_hand_meet_or_name_their_different_world_sizes(monkeypatch, sizes, words):
+    """Breaker: ranks started by hand waited in torch's rendezvous (24 h, deaf to Ctrl-C), also when their
+    WORLD_SIZE values differed; they now meet in Python (`_meet_by_hand`) and refuse different values at once."""
+    import threading
+
+    from puzzle import distributed
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    got = {}
+
+    def rank(r):
+        try:
+            got[r] = distributed._meet_by_hand(r, sizes[r], timeout=timedelta(seconds=20), poll_s=0.05)
+        except PuzzleError as e:
+            got[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if words is None:
+        assert all(isinstance(got[r], distributed.dist.TCPStore) for r in (0, 1)), got
+    else:  # each refuses, naming the other's value (rank 1 may instead find rank 0's store gone)
+        assert str(got[0]).startswith(words.format(r=0, me=2, other=1, them=3)), got
+        assert isinstance(got[1], PuzzleError), got
+
+
+def test_a_rank_waiting_by_hand_stops_on_ctrl_c(tmp_path):
+    """Breaker: SIGINT and SIGTERM did not stop a rank waiting for a missing peer (kill -9 did)."""
+    import signal
+    import time
+
+    script = "from puzzle.distributed import _meet_by_hand\n_meet_by_hand(0, 2)\n"
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    assert "waiting for the other 1 rank(s)" in proc.stderr.readline()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=30) != 0 and "KeyboardInterrupt" in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("env, fsdp, words", [
+    ({"RANK": "0", "WORLD_SIZE": "2"}, False, "RANK=0 WORLD_SIZE=2 without MASTER_ADDR: start the ranks with torchrun"),
+    ({}, True, "FSDP needs a process group: start the command with torchrun")])
+def test_gkd_and_sft_ranks_without_a_meeting_point_are_refused_first(monkeypatch, env, fsdp, words):
+    """Breaker: `gkd --fsdp` in one process, and gkd/sft ranks by hand without MASTER_ADDR, ended in torch's
+    traceback (--fsdp only after the evaluation before training)."""
+    from puzzle.train_utils import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PuzzleError, match=words):
+        init_distributed("cpu", fsdp=fsdp)
