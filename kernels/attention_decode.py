@@ -123,8 +123,13 @@ _INTERPRETER_BLOCK_N = 16
 _CHUNK_ALIGN = 128  # chunk sizes are multiples of every BLOCK_N below
 
 
-def _configs(hopper: bool) -> list[triton.Config]:
-    if hopper:
+def _configs(hopper: bool, wide: bool = False) -> list[triton.Config]:
+    """The autotuner's tiles. `wide`: head rows of more than 512 bytes (fp32 with head_dim over 128), where the usual
+    Hopper tiles need 215-623 KB of shared memory (compiled for sm_90 at head_dim 256, 16 and 64 query heads per KV
+    head), over an H100's 227 KiB; the wide ones need 50-148 KB (tests/test_kernels_compile.py)."""
+    if wide:
+        shapes = [(64, 4, 1), (32, 4, 2), (16, 4, 2)]
+    elif hopper:
         shapes = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
     else:
         shapes = [(64, 4, 2), (32, 4, 3), (128, 8, 2)]
@@ -132,8 +137,8 @@ def _configs(hopper: bool) -> list[triton.Config]:
 
 
 @functools.cache
-def _tuned(hopper: bool):
-    return triton.autotune(configs=_configs(hopper), key=["BLOCK_H", "BLOCK_D"])(_decode_partial_kernel)
+def _tuned(hopper: bool, wide: bool = False):
+    return triton.autotune(configs=_configs(hopper, wide), key=["BLOCK_H", "BLOCK_D"])(_decode_partial_kernel)
 
 
 def _num_splits(batch_kv_heads: int, span: int, device: torch.device) -> int:
@@ -255,7 +260,9 @@ def decode_attention(
                            BLOCK_N=_INTERPRETER_BLOCK_N, BLOCK_D=block_d, DOT_PRECISION=precision)
         launch_interpreted(_decode_merge_kernel, (B * H,), *merge_args, BLOCK_P=block_p, BLOCK_D=block_d)
     else:
-        _tuned(is_hopper(q.device))[(B * G, n_splits)](*args, BLOCK_H=block_h, BLOCK_D=block_d, DOT_PRECISION=precision)
+        wide = q.element_size() * block_d > 512
+        _tuned(is_hopper(q.device), wide)[(B * G, n_splits)](*args, BLOCK_H=block_h, BLOCK_D=block_d,
+                                                             DOT_PRECISION=precision)
         _decode_merge_kernel[(B * H,)](*merge_args, BLOCK_P=block_p, BLOCK_D=block_d)
     return out
 

@@ -111,8 +111,13 @@ def _prefill_attention_kernel(
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}  # small tiles: the odd test lengths span several of them
 
 
-def _configs(hopper: bool) -> list[triton.Config]:
-    if hopper:  # 228 KiB of shared memory per SM, wgmma wants 64-row multiples and 8 warps for 128-row tiles
+def _configs(hopper: bool, wide: bool = False) -> list[triton.Config]:
+    """The autotuner's tiles. `wide`: head rows of more than 512 bytes (fp32 with head_dim over 128), for which none
+    of the usual tiles fits an SM's shared memory (breaker, compiled for sm_90: 279-426 KB at fp32 head_dim 256, over
+    the 227 KiB of an H100); the autotuner skips any tile that does not fit, so each list keeps one that does."""
+    if wide:  # fp32, head_dim 256, sm_90 and sm_80 alike: 140 / 148 / 68 KB (tests/test_kernels_compile.py)
+        shapes = [(64, 32, 4, 2), (64, 64, 4, 1), (32, 16, 4, 2)]
+    elif hopper:  # 228 KiB of shared memory per SM, wgmma wants 64-row multiples and 8 warps for 128-row tiles
         shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
     else:  # Ampere-class and older: smaller tiles and fewer stages
         shapes = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
@@ -120,8 +125,8 @@ def _configs(hopper: bool) -> list[triton.Config]:
 
 
 @functools.cache
-def _tuned(hopper: bool):
-    return triton.autotune(configs=_configs(hopper), key=["BLOCK_D", "t_bucket"])(_prefill_attention_kernel)
+def _tuned(hopper: bool, wide: bool = False):
+    return triton.autotune(configs=_configs(hopper, wide), key=["BLOCK_D", "t_bucket"])(_prefill_attention_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,7 +184,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                            **_INTERPRETER_CONFIG)
     else:
         grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))  # noqa: E731
-        _tuned(is_hopper(q.device))[grid](*args, BLOCK_D=block_d, DOT_PRECISION=precision)
+        wide = q.element_size() * block_d > 512
+        _tuned(is_hopper(q.device), wide)[grid](*args, BLOCK_D=block_d, DOT_PRECISION=precision)
     return out
 
 

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _compile_all() -> list[str]:
-    """Compile one Hopper configuration of each kernel in bf16; returns 'name: shared bytes' lines."""
+    """Compile one Hopper configuration of each kernel in bf16, and every prefill and decode tile for wide rows (fp32,
+    head_dim 256); returns 'name: shared bytes' lines."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,10 +39,17 @@ def _compile_all() -> list[str]:
     lines = [
         compile_one(attention_prefill._prefill_attention_kernel, dict.fromkeys("QKVO", bf16), ("qk_scale",),
                     {"BLOCK_D": 128, "DOT_PRECISION": None}, attention_prefill._configs(True)[0]),
+        *(compile_one(attention_prefill._prefill_attention_kernel, dict.fromkeys("QKVO", "*fp32"), ("qk_scale",),
+                      {"BLOCK_D": 256, "DOT_PRECISION": "ieee"}, config).replace(":", f" fp32 d256 {i}:")
+          for i, config in enumerate(attention_prefill._configs(True, wide=True))),  # breaker: none fitted
         compile_one(attention_decode._decode_partial_kernel,
                     {**dict.fromkeys("QKV", bf16), "LENGTHS": "*i32", **dict.fromkeys(["ACC", "M", "L"], "*fp32")},
                     ("qk_scale",), {"BLOCK_H": 16, "BLOCK_D": 128, "DOT_PRECISION": None},
                     attention_decode._configs(True)[0]),
+        *(compile_one(attention_decode._decode_partial_kernel,
+                      {**dict.fromkeys("QKV", "*fp32"), "LENGTHS": "*i32", **dict.fromkeys(["ACC", "M", "L"], "*fp32")},
+                      ("qk_scale",), {"BLOCK_H": 64, "BLOCK_D": 256, "DOT_PRECISION": "ieee"}, config
+                      ).replace(":", f" fp32 d256 {i}:") for i, config in enumerate(attention_decode._configs(True, True))),
         compile_one(attention_decode._decode_merge_kernel, {**dict.fromkeys(["ACC", "M", "L"], "*fp32"), "O": bf16},
                     (), {"BLOCK_P": 4, "BLOCK_D": 128}, triton.Config({}, num_warps=4)),
         compile_one(rmsnorm._rms_norm_fwd_kernel, {**dict.fromkeys("XRWYH", bf16), "RSTD": "*fp32"}, ("eps",),
@@ -70,7 +78,7 @@ def test_every_kernel_compiles_for_hopper():
     done = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = dict(line.split(": ") for line in done.stdout.strip().splitlines())
-    assert len(compiled) == 7
+    assert len(compiled) == 13
     assert all(int(shared) <= 227 * 1024 for shared in compiled.values())  # an H100/H200 SM's shared memory
 
 
