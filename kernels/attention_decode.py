@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (check_forward_only, check_same_device, is_hopper, launch_interpreted, next_power_of_2,
-                    num_programs_hint, runs_interpreted, softmax_scale)
+from .utils import (KERNEL_DTYPES, check_forward_only, check_same_device, is_hopper, launch_interpreted,
+                    next_power_of_2, num_programs_hint, runs_interpreted, softmax_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,8 +175,8 @@ def _check(q, k_cache, v_cache, lengths):
         raise ValueError(
             f"decode attention: q, k_cache, v_cache dtypes differ ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})"
         )
-    if not q.dtype.is_floating_point:  # the reference truncated int32 scores (reviewer)
-        raise ValueError(f"decode attention takes floating-point q and caches; got {q.dtype}")
+    if q.dtype not in (*KERNEL_DTYPES, torch.float64):  # int32 truncated scores, fp8 failed in torch
+        raise ValueError(f"decode attention takes q and caches in fp32, fp16 or bf16 (float64 in the reference); got {q.dtype}")
     check_same_device("decode attention", q=q, k_cache=k_cache, v_cache=v_cache)  # lengths: the kernel's own check
     if S_max < 1 and B * H:
         raise ValueError(f"decode attention: the cache holds no position (S_max = 0); it must hold the new token")

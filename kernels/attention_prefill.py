@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (check_forward_only, check_same_device, is_hopper, launch_interpreted, next_power_of_2,
-                    runs_interpreted, softmax_scale)
+from .utils import (KERNEL_DTYPES, check_forward_only, check_same_device, is_hopper, launch_interpreted,
+                    next_power_of_2, runs_interpreted, softmax_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,8 +147,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"prefill attention: {S} keys for {T} queries; the keys must include every query position")
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"prefill attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not q.dtype.is_floating_point:  # the reference truncated int32 scores (reviewer)
-        raise ValueError(f"prefill attention takes floating-point q, k, v; got {q.dtype}")
+    if q.dtype not in (*KERNEL_DTYPES, torch.float64):  # int32 truncated scores, fp8 failed in torch
+        raise ValueError(f"prefill attention takes q, k, v in fp32, fp16 or bf16 (float64 in the reference); got {q.dtype}")
     check_same_device("prefill attention", q=q, k=k, v=v)
 
 

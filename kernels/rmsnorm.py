@@ -189,7 +189,7 @@ def rms_norm(
 
     Args:
         x: (..., C) fp32, fp16 or bf16; at least one dimension.
-        weight: (C,) any float dtype, any stride; the output dtype is the promotion of x's and weight's.
+        weight: (C,) fp32, fp16, bf16 or float64, any stride; the output dtype is the promotion of x's and weight's.
         residual: optional (..., C), same shape and dtype as x, added to x before the norm.
         eps: added to the mean square: a number >= 0, or a one-element tensor.
     Returns:
@@ -207,11 +207,12 @@ def rms_norm(
 
 
 def _check(x, weight, residual, dtypes=KERNEL_DTYPES):
-    """Raises ValueError unless x is (..., C) in `dtypes` (the kernels': fp32, fp16, bf16), weight a float (C,)
-    and residual None or x's shape and dtype."""
-    if x.dim() == 0 or x.dtype not in dtypes or not weight.is_floating_point():
-        raise ValueError(f"rms_norm: x must be (..., C) in {', '.join(map(str, dtypes))} and weight a float tensor; "
-                         f"got x {x.dtype} {tuple(x.shape)}, weight {weight.dtype}")
+    """Raises ValueError unless x is (..., C) in `dtypes` (the kernels': fp32, fp16, bf16), weight (C,) in those or
+    float64, and residual None or x's shape and dtype."""
+    if x.dim() == 0 or x.dtype not in dtypes or weight.dtype not in (*KERNEL_DTYPES, torch.float64):
+        raise ValueError(f"rms_norm: x must be (..., C) in {', '.join(map(str, dtypes))} and weight fp32, fp16, bf16 "
+                         f"or float64; got x {x.dtype} {tuple(x.shape)}, weight "
+                         f"{weight.dtype}")
     if weight.shape != (x.shape[-1],):
         raise ValueError(
             f"rms_norm: weight has shape {tuple(weight.shape)}; expected ({x.shape[-1]},) for x {tuple(x.shape)}"

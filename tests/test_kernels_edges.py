@@ -95,6 +95,8 @@ def test_zero_width_rows_and_bad_dtypes():
         swiglu(torch.tensor(1.0), torch.tensor(2.0))
     with pytest.raises(ValueError, match="x must be"):
         rms_norm(torch.ones(2, 8, dtype=torch.int32), torch.ones(8))  # was all zeros
+    with pytest.raises(ValueError, match="weight fp32, fp16, bf16 or float64"):  # breaker: fp8 failed in torch
+        rms_norm(torch.randn(2, 8), torch.ones(8).to(torch.float8_e4m3fn))
     y, _ = rms_norm_reference(torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64))
     assert y.dtype == torch.float64  # the reference (the CPU runtime's path) still takes float64
 
@@ -156,9 +158,11 @@ def test_review_of_stop_38_grid_second_order_grads_dtypes_lengths_and_forward_on
         assert first.shape == wrt.shape and torch.isfinite(first).all()
 
     qi, ki = torch.ones(1, 2, 3, 4, dtype=torch.int32), torch.ones(1, 2, 3, 4, dtype=torch.int32)
-    for call in (lambda: ops.prefill_attention(qi, ki, ki), lambda: ops.decode_attention(qi[:, :, :1], ki, ki, 2)):
-        with pytest.raises(ValueError, match="floating-point"):
-            call()
+    f8 = qi.to(torch.float8_e4m3fn)  # breaker: fp8 passed the check and failed in torch ("Promotion for Float8")
+    for a, b in ((qi, ki), (f8, f8)):
+        for call in (lambda: ops.prefill_attention(a, b, b), lambda: ops.decode_attention(a[:, :, :1], b, b, 2)):
+            with pytest.raises(ValueError, match=r"in fp32, fp16 or bf16 \(float64 in the reference\)"):
+                call()
     with pytest.raises(ValueError, match="takes fp32, fp16 or bf16"):
         prefill_attention(q.double(), k.double(), v.double())
     q1, kc = torch.randn(3, 4, 1, 8, generator=gen), torch.randn(3, 2, 50, 8, generator=gen)
