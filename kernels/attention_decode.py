@@ -124,9 +124,10 @@ _CHUNK_ALIGN = 128  # chunk sizes are multiples of every BLOCK_N below
 
 
 def _configs(hopper: bool, wide: bool = False) -> list[triton.Config]:
-    """The autotuner's tiles. `wide`: head rows of more than 512 bytes (fp32 with head_dim over 128), where the usual
-    Hopper tiles need 215-623 KB of shared memory (compiled for sm_90 at head_dim 256, 16 and 64 query heads per KV
-    head), over an H100's 227 KiB; the wide ones need 50-148 KB (tests/test_kernels_compile.py)."""
+    """The autotuner's tiles. `wide`: head rows of more than 512 bytes (fp32 head_dim over 128, 16-bit over 256),
+    where the usual Hopper tiles need 215-623 KB of shared memory (compiled for sm_90 at fp32 head_dim 256, 16 and 64
+    query heads per KV head), over an H100's 227 KiB; the wide ones need 50-148 KB there (tests/test_kernels_compile.py;
+    not checked past 1024-byte rows)."""
     if wide:
         shapes = [(64, 4, 1), (32, 4, 2), (16, 4, 2)]
     elif hopper:
@@ -176,7 +177,8 @@ def _check(q, k_cache, v_cache, lengths):
             f"decode attention: q, k_cache, v_cache dtypes differ ({q.dtype}, {k_cache.dtype}, {v_cache.dtype})"
         )
     if q.dtype not in (*KERNEL_DTYPES, torch.float64):  # int32 truncated scores, fp8 failed in torch
-        raise ValueError(f"decode attention takes q and caches in fp32, fp16 or bf16 (float64 in the reference); got {q.dtype}")
+        raise ValueError(f"decode attention takes q and caches in fp32, fp16 or bf16 (float64 in the reference); "
+                         f"got {q.dtype}")
     check_same_device("decode attention", q=q, k_cache=k_cache, v_cache=v_cache)  # lengths: the kernel's own check
     if S_max < 1 and B * H:
         raise ValueError(f"decode attention: the cache holds no position (S_max = 0); it must hold the new token")

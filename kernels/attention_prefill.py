@@ -112,9 +112,10 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}  # small tiles: the odd tes
 
 
 def _configs(hopper: bool, wide: bool = False) -> list[triton.Config]:
-    """The autotuner's tiles. `wide`: head rows of more than 512 bytes (fp32 with head_dim over 128), for which none
-    of the usual tiles fits an SM's shared memory (breaker, compiled for sm_90: 279-426 KB at fp32 head_dim 256, over
-    the 227 KiB of an H100); the autotuner skips any tile that does not fit, so each list keeps one that does."""
+    """The autotuner's tiles. `wide`: head rows of more than 512 bytes (fp32 with head_dim over 128, fp16/bf16 over
+    256), for which none of the usual tiles fits an SM's shared memory (breaker, compiled for sm_90: 279-426 KB at
+    fp32 head_dim 256, over the 227 KiB of an H100); the autotuner skips any tile that does not fit, so each list
+    keeps one that does. The wide tiles are checked at 1024-byte rows (head_dim 256 in fp32), not beyond."""
     if wide:  # fp32, head_dim 256, sm_90 and sm_80 alike: 140 / 148 / 68 KB (tests/test_kernels_compile.py)
         shapes = [(64, 32, 4, 2), (64, 64, 4, 1), (32, 16, 4, 2)]
     elif hopper:  # 228 KiB of shared memory per SM, wgmma wants 64-row multiples and 8 warps for 128-row tiles
@@ -148,7 +149,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"prefill attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.dtype not in (*KERNEL_DTYPES, torch.float64):  # int32 truncated scores, fp8 failed in torch
-        raise ValueError(f"prefill attention takes q, k, v in fp32, fp16 or bf16 (float64 in the reference); got {q.dtype}")
+        raise ValueError(f"prefill attention takes q, k, v in fp32, fp16 or bf16 (float64 in the reference); "
+                         f"got {q.dtype}")
     check_same_device("prefill attention", q=q, k=k, v=v)
 
 

@@ -211,8 +211,7 @@ def _check(x, weight, residual, dtypes=KERNEL_DTYPES):
     float64, and residual None or x's shape and dtype."""
     if x.dim() == 0 or x.dtype not in dtypes or weight.dtype not in (*KERNEL_DTYPES, torch.float64):
         raise ValueError(f"rms_norm: x must be (..., C) in {', '.join(map(str, dtypes))} and weight fp32, fp16, bf16 "
-                         f"or float64; got x {x.dtype} {tuple(x.shape)}, weight "
-                         f"{weight.dtype}")
+                         f"or float64; got x {x.dtype} {tuple(x.shape)}, weight {weight.dtype}")
     if weight.shape != (x.shape[-1],):
         raise ValueError(
             f"rms_norm: weight has shape {tuple(weight.shape)}; expected ({x.shape[-1]},) for x {tuple(x.shape)}"

@@ -100,21 +100,22 @@ def process_group(rank: int, world_size: int, device=None):
             dist.destroy_process_group()
 
 
-def join_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
+def join_group(backend: str, rank: int, world_size: int, timeout: timedelta | None = None) -> None:
     """Create the default process group from the environment: torchrun's (env://), or that of ranks started by hand
     with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, which first meet through `_meet_by_hand`.
 
-    `timeout` bounds each collective operation afterwards (torch.distributed's own timeout).
+    `timeout` bounds each collective operation afterwards; None keeps torch.distributed's default for the backend.
 
     Raises:
         PuzzleError: see `_meet_by_hand` (ranks started by hand).
     """
+    given = {"timeout": timeout} if timeout is not None else {}
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun met the ranks already, and stops the others if one fails
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, **given)
         return
     store = _meet_by_hand(rank, world_size)
-    store.set_timeout(timeout)  # its short connect timeout no longer applies
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    store.set_timeout(timeout or dist.default_pg_timeout)  # its short connect timeout no longer applies
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **given)
 
 
 #: how long ranks started by hand wait for each other before they give up (each can be stopped with Ctrl-C before)
@@ -125,64 +126,90 @@ def _meet_by_hand(rank: int, world_size: int, timeout: timedelta = MEET_TIMEOUT,
     """The TCPStore through which ranks started by hand (no torchrun) meet, once all `world_size` have joined.
 
     Rank 0 serves the store at MASTER_ADDR:MASTER_PORT; the others connect once it listens. Every rank writes its
-    WORLD_SIZE under its own key and waits for the others' keys in Python, so Ctrl-C and SIGTERM stop a rank that
-    waits (breaker: torch's own rendezvous waited 24 h inside C and ignored them), and ranks started with different
-    WORLD_SIZE values are refused at once instead of waiting for a rank that never comes.
+    WORLD_SIZE under its own key, waits for the others' keys, then counts itself in and waits for the count, all in
+    Python, so Ctrl-C and SIGTERM stop a rank that waits (breaker: torch's own rendezvous waited 24 h inside C and
+    ignored them); a rank stopped so takes its key and count back (reviewer: the others met without it), and ranks
+    started with different WORLD_SIZE values are refused at once instead of waiting for a rank that never comes.
 
     Raises:
-        PuzzleError: MASTER_PORT missing or not a port number, WORLD_SIZE values that differ between ranks, or
-            ranks still missing after `timeout` (named).
+        PuzzleError: MASTER_PORT missing or not a port number or not free on rank 0, rank 0 gone, WORLD_SIZE values
+            that differ between ranks, or ranks still missing after `timeout` (named).
     """
     import socket
     import sys
     import time
 
-    from .errors import PuzzleError
+    from .errors import PuzzleError, first_line
 
     host, port_text = os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT", "").strip()
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise PuzzleError(f"MASTER_PORT={port_text!r}: ranks started by hand need MASTER_PORT, a free port on "
-                          f"MASTER_ADDR ({host}) that rank 0 listens on, e.g. MASTER_PORT=29500, the same for every rank")
-    print(f"rank {rank}: waiting for the other {world_size - 1} rank(s) at {host}:{port_text}; start each with the "
-          f"same command (Ctrl-C stops this one)", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + timeout.total_seconds()
-    while rank > 0:  # rank 0's store listening yet? Asked in Python (torch's client logs every failed try)
+                          f"MASTER_ADDR ({host}) that rank 0 listens on, e.g. MASTER_PORT=29500, the same for all")
+    where, deadline = f"{host}:{port_text}", time.monotonic() + timeout.total_seconds()
+
+    def rank_0_gone() -> bool:  # asked in Python: torch's client logs every failed try, with a C++ stack
         try:
             socket.create_connection((host, int(port_text)), timeout=1).close()
-            break
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise PuzzleError(f"rank {rank}: rank 0 did not open the meeting point {host}:{port_text} within "
-                                  f"{timeout} ({e}); start rank 0 with the same MASTER_ADDR and MASTER_PORT") from e
-            time.sleep(poll_s)
+            return False
+        except OSError:
+            return True
+
+    def say_waiting():
+        if world_size > 1:
+            print(f"rank {rank}: waiting for the other {world_size - 1} rank(s) at {where}; start each with the same "
+                  f"command (Ctrl-C stops this one)", file=sys.stderr, flush=True)
+
+    if rank > 0:
+        say_waiting()
+    while rank > 0 and rank_0_gone():
+        if time.monotonic() > deadline:
+            raise PuzzleError(f"rank {rank}: rank 0 did not open the meeting point {where} within {timeout}; start "
+                              f"rank 0 with the same MASTER_ADDR and MASTER_PORT")
+        time.sleep(poll_s)
     try:
-        store = dist.TCPStore(host, int(port_text), world_size, is_master=rank == 0, timeout=timedelta(seconds=30),
+        store = dist.TCPStore(host, int(port_text), world_size, is_master=rank == 0, timeout=timedelta(seconds=5),
                               wait_for_workers=False)
     except (RuntimeError, OSError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
-        raise PuzzleError(f"rank {rank}: cannot {'serve' if rank == 0 else 'reach'} the ranks' meeting point "
-                          f"{host}:{port_text} ({str(e).strip().splitlines()[0][:160]}); "
+        raise PuzzleError(f"rank {rank}: cannot {'serve' if rank == 0 else 'reach'} the ranks' meeting point {where} "
+                          f"({first_line(e)[:160]}); "
                           f"{'give a free MASTER_PORT' if rank == 0 else 'check that rank 0 runs there'}") from e
-    keys = [f"puzzle/meet/rank{r}" for r in range(world_size)]
-    while True:
-        try:
-            store.set(keys[rank], str(world_size))  # this rank's WORLD_SIZE under its key
-            here = [r for r in range(world_size) if store.check([keys[r]])]
-            sizes = {r: int(store.get(keys[r])) for r in here}
-        except RuntimeError as e:  # rank 0 stopped: its store is gone
-            raise PuzzleError(f"rank {rank}: rank 0's meeting point {host}:{port_text} closed (rank 0 stopped: its "
-                              f"own message says why); start every rank again") from e
-        if other := {r: n for r, n in sizes.items() if n != world_size}:
-            raise PuzzleError(f"rank {rank} was started with WORLD_SIZE={world_size}, but " + ", ".join(
-                f"rank {r} with WORLD_SIZE={n}" for r, n in sorted(other.items())) + "; start every rank with the same "
-                "WORLD_SIZE")
-        if len(here) == world_size:
-            return store
-        if time.monotonic() > deadline:
-            missing = [r for r in range(world_size) if r not in here]
-            raise PuzzleError(f"rank {rank}: rank(s) {', '.join(map(str, missing))} of {world_size} did not join at "
-                              f"{host}:{port_text} within {timeout}; start them with the same command and "
-                              f"MASTER_ADDR/MASTER_PORT, and this one again")
-        time.sleep(poll_s)
+    if rank == 0:
+        say_waiting()
+    keys, ready, counted = [f"puzzle/meet/rank{r}" for r in range(world_size)], "puzzle/meet/ready", False
+    try:
+        store.set(keys[rank], str(world_size))  # this rank's WORLD_SIZE under its key
+        while True:
+            if rank > 0 and rank_0_gone():
+                raise PuzzleError(f"rank {rank}: rank 0's meeting point {where} closed (rank 0 stopped: its own "
+                                  f"message says why); start every rank again")
+            try:
+                here = [r for r in range(world_size) if store.check([keys[r]])]
+                sizes = {r: int(store.get(keys[r])) for r in here}  # get waits (the store's timeout) for a key
+            except RuntimeError:  # that a stopping rank took back meanwhile (DistStoreError): look again
+                time.sleep(poll_s)
+                continue
+            if other := {r: n for r, n in sizes.items() if n != world_size}:
+                counted = None  # its key stays: the others see the mismatch too (and are refused, not left waiting)
+                raise PuzzleError(f"rank {rank} was started with WORLD_SIZE={world_size}, but " + ", ".join(
+                    f"rank {r} with WORLD_SIZE={n}" for r, n in sorted(other.items())) + "; start every rank with "
+                    "the same WORLD_SIZE")
+            if len(here) == world_size and not counted:
+                counted = bool(store.add(ready, 1))
+            if counted and store.add(ready, 0) >= world_size:
+                return store
+            if time.monotonic() > deadline:
+                missing = [r for r in range(world_size) if r not in here] or ["(one that stopped meanwhile)"]
+                raise PuzzleError(f"rank {rank}: rank(s) {', '.join(map(str, missing))} of {world_size} did not join "
+                                  f"at {where} within {timeout}; start them with the same command and "
+                                  f"MASTER_ADDR/MASTER_PORT, and this one again")
+            time.sleep(poll_s)
+    except BaseException:  # Ctrl-C, SIGTERM (as KeyboardInterrupt), a refusal: the others must not meet without it
+        if counted is not None and (rank == 0 or not rank_0_gone()):
+            with contextlib.suppress(Exception):
+                if counted:
+                    store.add(ready, -1)
+                store.delete_key(keys[rank])
+        raise
 
 
 def joins_group(world_size: int) -> bool:

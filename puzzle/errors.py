@@ -5,6 +5,15 @@ class PuzzleError(Exception):
     """A problem the user can fix: the message names the problem and what to change."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message without terminal colour codes (torch.load's carry them), or its
+    type's name when it has no message: for a one-line PuzzleError that quotes a library's error."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def is_finite_number(value) -> bool:
     """Whether `value` is a finite real int or float (not NaN, ±inf, text or a boolean)."""
     import math

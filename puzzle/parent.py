@@ -38,7 +38,6 @@ import math
 import mmap
 import os
 import pickle
-import re
 import shutil
 import struct
 import tempfile
@@ -60,7 +59,7 @@ from .architecture import (
     ModelConfig,
     block_from_entry,
 )
-from .errors import PuzzleError, is_finite_number
+from .errors import PuzzleError, first_line, is_finite_number
 from .io import atomic_save_safetensors, atomic_write_json, is_run_directory
 from .modeling import PuzzleForCausalLM, rope_inv_freq
 
@@ -358,13 +357,6 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message without terminal colour codes (torch.load's carry them), or its
-    type's name when it has no message."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     """All tensors of the given safetensors / pytorch_model.bin files, by name."""
     state_dict: dict[str, torch.Tensor] = {}
@@ -379,7 +371,7 @@ def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
                 raise PuzzleError(  # breaker: it was called corrupt, with torch's colour codes in the message
                     f"{f} holds objects other than tensors, which puzzle does not unpickle (unpickling can run code); "
                     "if you trust the file, save its tensors with safetensors (model.safetensors) and remove it") from e
-            raise PuzzleError(f"{f} cannot be read ({_first_line(e)}); it is corrupt or truncated: download or export "
+            raise PuzzleError(f"{f} cannot be read ({first_line(e)}); it is corrupt or truncated: download or export "
                               "it again") from e
         if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
             raise PuzzleError(f"{f} does not hold a plain state dict of tensors; save the weights with safetensors")
@@ -424,7 +416,7 @@ def _load_tokenizer(folder: Path):
                 return PreTrainedTokenizerFast.from_pretrained(str(folder))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass
-        raise PuzzleError(f"the tokenizer in {folder} cannot be loaded ({str(e).strip().splitlines()[0]}); "
+        raise PuzzleError(f"the tokenizer in {folder} cannot be loaded ({first_line(e)}); "
                           "copy the tokenizer files from the original checkpoint again") from e
 
 
@@ -649,7 +641,7 @@ def _convert_into(path: Path, tmp: Path, target: Path, rope_scaling: dict | None
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
-        raise PuzzleError(f"transformers cannot read {path} ({str(e).strip().splitlines()[0]}); "
+        raise PuzzleError(f"transformers cannot read {path} ({first_line(e)}); "
                           "check the file or convert the model to safetensors") from e
     d = hf_model.config.to_dict()
     d.pop("quantization_config", None)
@@ -788,8 +780,11 @@ def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None 
             return _load_gguf(path, dtype, cache_dir, with_tokenizer)
         if path.name == "config.json":
             return _load_folder(path.parent, dtype, with_tokenizer)
-        with open(path, "rb") as f:
-            gguf = f.read(4) == b"GGUF"
+        try:
+            with open(path, "rb") as f:
+                gguf = f.read(4) == b"GGUF"
+        except OSError:  # unreadable: said as before (reviewer: a PermissionError's traceback)
+            gguf = False
         raise PuzzleError(f"{path} is a GGUF file by its contents; rename it to end in .gguf, as puzzle tells "
                           "GGUF files by their suffix" if gguf else  # breaker: it said "not a .gguf" of a renamed one
                           f"{path} is a file but not a .gguf; pass a .gguf file or the folder that holds config.json")

@@ -74,6 +74,10 @@ class DistEnv:
         return self.world_size > 1
 
 
+#: the refusal of --fsdp outside a process group (`init_distributed` for the commands, `wrap_for_training` for code)
+FSDP_NEEDS_GROUP = "FSDP needs a process group: start the command with torchrun (even --nproc_per_node 1)"
+
+
 def init_distributed(device: str = "auto", fsdp: bool = False) -> DistEnv:
     """Read torchrun's environment (or RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by hand) and join its
     process group (gloo on CPU, NCCL on CUDA; `distributed.join_group`).
@@ -97,7 +101,7 @@ def init_distributed(device: str = "auto", fsdp: bool = False) -> DistEnv:
     rank, world, local = env_rank_world()
     if (world > 1 or fsdp) and not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
         raise PuzzleError(  # breaker: both ended in torch's traceback, --fsdp after the evaluation before training
-            "FSDP needs a process group: start the command with torchrun (even --nproc_per_node 1)" if world == 1 else
+            FSDP_NEEDS_GROUP if world == 1 else
             f"RANK={rank} WORLD_SIZE={world} without MASTER_ADDR: start the ranks with torchrun, or set MASTER_ADDR "
             "(rank 0's host) and MASTER_PORT (a free port there) for every rank")
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
@@ -105,7 +109,7 @@ def init_distributed(device: str = "auto", fsdp: bool = False) -> DistEnv:
         torch.cuda.set_device(dev)
     owns = (world > 1 or fsdp) and not dist.is_initialized()
     if owns:
-        join_group("nccl" if use_cuda else "gloo", rank, world, dist.default_pg_timeout)
+        join_group("nccl" if use_cuda else "gloo", rank, world)  # torch's timeout for the backend
     return DistEnv(rank, world, local, dev, owns_group=owns)
 
 
@@ -194,7 +198,7 @@ def wrap_for_training(model: PuzzleForCausalLM, env: DistEnv, fsdp: bool = False
         from torch.distributed.fsdp import fully_shard
 
         if not env.distributed and not dist.is_initialized():
-            raise PuzzleError("FSDP needs a process group: start the command with torchrun (even --nproc_per_node 1)")
+            raise PuzzleError(FSDP_NEEDS_GROUP)
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(wrapped)

@@ -324,12 +324,17 @@ def evaluate_model(model, ids: torch.Tensor, parent_logp: torch.Tensor | None = 
     return out
 
 
+#: (path, skipped line numbers) a ResultLog warned of in this process: refine reads its memo once per child
+_WARNED_LOGS: set = set()
+
+
 class ResultLog:
     """Append-only JSON-lines log of finished candidates, so scoring resumes after an interruption.
 
-    Each line is flushed and fsynced; a torn last line (killed mid-write) is ignored on reading and cut off by the
-    next append. Any other line that is no result (a damaged or hand-edited file) is skipped too, with a warning
-    naming the file and its line numbers, so what those lines held is computed again.
+    Each line is flushed and fsynced; a torn last line (killed mid-write, so no newline ends the file) is ignored on
+    reading and cut off by the next append. Any other line that is no result (a damaged or hand-edited file) is
+    skipped too, with a warning naming the file and its line numbers (once per process), so what those lines held is
+    computed again unless a later line holds it.
     """
 
     def __init__(self, path: str | Path):
@@ -338,7 +343,8 @@ class ResultLog:
     def read(self) -> dict:
         """The logged rows by their "key". Warns (UserWarning) of skipped lines other than a torn last one."""
         done, skipped = {}, []
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines() if self.path.is_file() else []
+        text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.is_file() else ""
+        lines = text.splitlines()
         for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
@@ -346,24 +352,36 @@ class ResultLog:
                 row = None
             if isinstance(row, dict) and isinstance(row.get("key"), str):
                 done[row["key"]] = row
-            elif line.strip() and number < len(lines):  # the last line may be torn by a kill mid-write: no news
+            elif line.strip() and (number < len(lines) or text.endswith("\n")):  # not a torn last line: news
                 skipped.append(number)
-        if skipped:
+        if skipped and (str(self.path), tuple(skipped)) not in _WARNED_LOGS:
+            _WARNED_LOGS.add((str(self.path), tuple(skipped)))
             shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
             many = len(skipped) > 1
             warnings.warn(f"{self.path}: line{'s' * many} {shown} {'are' if many else 'is'} not a logged result "
-                          f"(damaged or edited); what {'they' if many else 'it'} held is computed again", stacklevel=2)
+                          f"(damaged or edited) and {'are' if many else 'is'} skipped; what {'they' if many else 'it'} "
+                          f"held is computed again unless a later line holds it", stacklevel=2)
         return done
 
     def append(self, row: dict) -> None:
+        """Add `row` (JSON-serialisable, with a "key") as one line, flushed and fsynced; a torn last line is cut off
+        first, and a whole one that lacks its newline (a hand edit) gets one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        start = ""
         if self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a line torn by a kill mid-write: cut it off, so it never sits mid-file
+                if f.read(1) != b"\n":  # no newline at the end: a line torn by a kill mid-write, or an edit
                     f.seek(0)
-                    f.truncate(f.read().rfind(b"\n") + 1)
+                    data = f.read()
+                    cut = data.rfind(b"\n") + 1
+                    try:
+                        json.loads(data[cut:])
+                        start = "\n"  # a whole line (reviewer: it was cut off, and lost)
+                    except (ValueError, RecursionError):  # torn: cut it off, so it never sits mid-file
+                        f.seek(0)
+                        f.truncate(cut)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(start + json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -259,7 +259,8 @@ def test_a_rank_lost_during_bld_is_said_in_one_line(tmp_path_factory, tmp_path, 
 
 def test_a_rank_started_by_hand_says_it_waits_for_the_others(monkeypatch, capsys):
     """Breaker: a rank started by hand (RANK, WORLD_SIZE, MASTER_ADDR) whose peer had stopped waited for it without a
-    word until killed; under torchrun (TORCHELASTIC_RUN_ID), which stops the others itself, nothing is said."""
+    word until killed; it now says so (`_meet_by_hand`) and names the missing rank at its deadline. Under torchrun
+    (TORCHELASTIC_RUN_ID), which stops the others itself, `process_group` says nothing."""
     from puzzle import distributed
 
     calls = []
@@ -318,7 +319,8 @@ def test_ranks_started_by_hand_meet_or_name_their_different_world_sizes(monkeypa
 
 
 def test_a_rank_waiting_by_hand_stops_on_ctrl_c(tmp_path):
-    """Breaker: SIGINT and SIGTERM did not stop a rank waiting for a missing peer (kill -9 did)."""
+    """Breaker: SIGINT and SIGTERM did not stop a rank waiting for a missing peer (kill -9 did). SIGINT here; the
+    commands turn SIGTERM into the same KeyboardInterrupt (cli._terminate_as_interrupt)."""
     import signal
     import time
 
@@ -348,3 +350,70 @@ def test_gkd_and_sft_ranks_without_a_meeting_point_are_refused_first(monkeypatch
         monkeypatch.setenv(name, value)
     with pytest.raises(PuzzleError, match=words):
         init_distributed("cpu", fsdp=fsdp)
+
+
+_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from puzzle.distributed import join_group
+rank = int(sys.argv[1])
+join_group("gloo", rank, 2)
+t = torch.tensor([rank + 1.0])
+dist.all_reduce(t)
+print(t.item())
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_started_by_hand_form_a_working_group():
+    """`join_group` without torchrun: the ranks meet (`_meet_by_hand`) and the store carries torch's own group."""
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert [o[0].split() for o in outs] == [["3.0"], ["3.0"]]
+
+
+def test_a_rank_stopped_while_waiting_is_not_met(monkeypatch):
+    """Reviewer: a rank stopped with Ctrl-C while it waited left its key behind, and the other ranks met without it
+    (then waited inside torch's rendezvous). It takes its key back, so they go on waiting for it."""
+    import signal
+    import threading
+    import time
+
+    from puzzle import distributed
+
+    port = str(_free_port())
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", port)
+    got = {}
+
+    def rank(r):  # rank 0 waits longer than it takes to start, stop and follow up with the others
+        try:
+            got[r] = distributed._meet_by_hand(r, 3, timeout=timedelta(seconds=12 if r == 0 else 3), poll_s=0.05)
+        except PuzzleError as e:
+            got[r] = e
+
+    first = threading.Thread(target=rank, args=(0,))
+    first.start()
+    script = "from puzzle.distributed import _meet_by_hand\n_meet_by_hand(1, 3)\n"
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "waiting for the other 2 rank(s)" in proc.stderr.readline()
+        time.sleep(1.0)  # it has written its key
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        proc.kill()
+    last = threading.Thread(target=rank, args=(2,))
+    last.start()
+    first.join(60)
+    last.join(60)
+    assert isinstance(got[2], PuzzleError) and "rank(s) 1 of 3 did not join" in str(got[2]), got
+    assert isinstance(got[0], PuzzleError) and "rank(s) 1, 2 of 3 did not join" in str(got[0]), got  # 2 gave up

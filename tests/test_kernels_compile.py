@@ -49,7 +49,8 @@ def _compile_all() -> list[str]:
         *(compile_one(attention_decode._decode_partial_kernel,
                       {**dict.fromkeys("QKV", "*fp32"), "LENGTHS": "*i32", **dict.fromkeys(["ACC", "M", "L"], "*fp32")},
                       ("qk_scale",), {"BLOCK_H": 64, "BLOCK_D": 256, "DOT_PRECISION": "ieee"}, config
-                      ).replace(":", f" fp32 d256 {i}:") for i, config in enumerate(attention_decode._configs(True, True))),
+                      ).replace(":", f" fp32 d256 {i}:")
+          for i, config in enumerate(attention_decode._configs(True, wide=True))),
         compile_one(attention_decode._decode_merge_kernel, {**dict.fromkeys(["ACC", "M", "L"], "*fp32"), "O": bf16},
                     (), {"BLOCK_P": 4, "BLOCK_D": 128}, triton.Config({}, num_warps=4)),
         compile_one(rmsnorm._rms_norm_fwd_kernel, {**dict.fromkeys("XRWYH", bf16), "RSTD": "*fp32"}, ("eps",),

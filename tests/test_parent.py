@@ -122,7 +122,15 @@ def test_a_pytorch_bin_holding_other_objects_is_named_as_such(tmp_path):
     torch.save({**hf.state_dict(), "extra": _NotATensor()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(PuzzleError, match="holds objects other than tensors") as caught:
         load_parent(tmp_path, with_tokenizer=False)
-    assert "\x1b" not in str(caught.value) and "corrupt" not in str(caught.value)
+    assert "corrupt" not in str(caught.value)
+
+
+def test_first_line_drops_colour_codes():
+    """torch.load's messages carry terminal colour codes; quoted in a one-line error they showed as raw escapes."""
+    from puzzle.errors import first_line
+
+    assert first_line(RuntimeError("\x1b[1mWeights only\x1b[0m load failed.\nmore")) == "Weights only load failed."
+    assert first_line(ValueError("")) == "ValueError"
 
 
 def test_hf_config_parsing_old_layouts():

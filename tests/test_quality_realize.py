@@ -1,5 +1,7 @@
 """Replace-1-block scoring, whole-model evaluation, and assembling children from a library."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -144,3 +146,12 @@ def test_result_log_names_damaged_lines(tmp_path):
     log.append({"key": "c", "v": 3})
     with pytest.warns(UserWarning, match=r"q\.jsonl: lines 2, 3, 4 are not a logged result"):
         assert sorted(log.read()) == ["a", "c"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: refine reads its memo once per child
+        assert sorted(log.read()) == ["a", "c"]
+    with open(path, "a") as f:
+        f.write('{"key": "d", "v": 4}')  # a whole line without its newline (reviewer: the next append cut it off)
+    log.append({"key": "e", "v": 5})
+    path.write_text(path.read_text() + "{broken}\n")  # a complete damaged last line is news too
+    with pytest.warns(UserWarning, match=r"lines 2, 3, 4, 8 are not a logged result"):
+        assert sorted(log.read()) == ["a", "c", "d", "e"]
