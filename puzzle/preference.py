@@ -503,10 +503,16 @@ def sample(model, prompts: list, max_new_tokens: int, temperature: float = 1.0, 
         generator: a torch.Generator for reproducible samples.
     Returns:
         B lists of new token ids, each ending at its first EOS (included) or after max_new_tokens.
+    Raises:
+        PuzzleError: temperature below 0, or the longest prompt and max_new_tokens past the model's positions.
     """
     if temperature < 0:
         raise PuzzleError(f"temperature must be >= 0, got {temperature}")
     B, P = len(prompts), max(len(p) for p in prompts)
+    if P + max_new_tokens > (positions := model.config.max_position_embeddings):  # breaker: 100000 was cached
+        raise PuzzleError(f"a prompt of {P} tokens and {max_new_tokens} new ones pass the {positions} positions the "
+                          f"model was trained on; give max_new_tokens (--max-new-tokens) {max(positions - P, 0)} or "
+                          f"less, or shorter prompts")
     param = next(model.parameters())
     device = param.device
     ids = torch.full((B, P), pad_token_id, dtype=torch.long)
@@ -625,9 +631,13 @@ class RPOConfig:
         for name in ("steps", "batch_size", "max_prompt_tokens", "max_response_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise PuzzleError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.k < 2:
-            raise PuzzleError(f"k must be >= 2 (responses to compare per prompt), got {self.k}")
+        if not 2 <= self.k <= MAX_K:  # breaker: --k 100000 sampled every response at once, 24 GB and a kill
+            raise PuzzleError(f"k must be from 2 to {MAX_K} (responses to compare per prompt; RLOO and GRPO use about "
+                              f"4 to 64), got {self.k}")
         require_learning_rate("rpo", self.lr)
+        if self.warmup_steps > self.steps:  # breaker: 1000 of 2 steps trained at 1e-8 and said nothing
+            warnings.warn(f"warmup_steps {self.warmup_steps} is more than steps {self.steps}: the learning rate rises "
+                          f"to only {self.steps / self.warmup_steps:.2g} of lr by the last step", stacklevel=3)
 
     @property
     def logprob_label(self) -> str:
@@ -635,6 +645,10 @@ class RPOConfig:
         if self.loss == "simpo":
             return "mean over response tokens (SimPO's definition)"
         return "sum over response tokens" if self.aggregate == "sum" else "mean over response tokens"
+
+
+#: the most responses per prompt (--k) a run samples; responses are sampled SAMPLE_CHUNK sequences at a time
+MAX_K, SAMPLE_CHUNK = 1024, 64
 
 
 def _optimizer(model, config: RPOConfig):
@@ -815,8 +829,9 @@ def sample_groups(model, tokenizer, prompts: list, prompt_ids: list, reward_fn, 
                   temperature: float, top_k: int = 0, generator=None) -> tuple[list[PreferenceRecord], list[EncodedRecord]]:
     """K sampled responses per prompt, scored: (records with texts and rewards, the same as token ids)."""
     rep_ids = [p for p in prompt_ids for _ in range(k)]
-    new = sample(model, rep_ids, max_new_tokens, temperature, top_k, tokenizer.eos_token_id,
-                 tokenizer.pad_token_id or 0, generator)
+    new = [y for at in range(0, len(rep_ids), SAMPLE_CHUNK)  # a KV cache of SAMPLE_CHUNK rows at a time
+           for y in sample(model, rep_ids[at:at + SAMPLE_CHUNK], max_new_tokens, temperature, top_k,
+                           tokenizer.eos_token_id, tokenizer.pad_token_id or 0, generator)]
     texts = [tokenizer.decode(y, skip_special_tokens=True) for y in new]
     rewards = [float(r) for r in reward_fn([p for p in prompts for _ in range(k)], texts)]
     if len(rewards) != len(texts) or not all(math.isfinite(r) for r in rewards):
@@ -862,7 +877,12 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
         raise PuzzleError("online training samples new responses each step; pass a frozen reference model, not cached log-probs")
     if needs_reference(config.loss, config.kl_coef) and reference is None:
         raise PuzzleError(f"{config.loss} needs a reference model: pass frozen_copy(model)")
-    prompt_ids = [encode_prompt(tokenizer, p, string_prompts)[-config.max_prompt_tokens:] for p in prompts]
+    whole = [encode_prompt(tokenizer, p, string_prompts) for p in prompts]
+    if cut := sum(len(ids) > config.max_prompt_tokens for ids in whole):  # breaker: cut without a word
+        warnings.warn(f"{cut} prompt(s) longer than {config.max_prompt_tokens} tokens keep their last "
+                      f"{config.max_prompt_tokens}: the model samples without their beginning (an instruction there "
+                      f"included), while the reward still sees the whole prompt")
+    prompt_ids = [ids[-config.max_prompt_tokens:] for ids in whole]
     params, opt, sched = _optimizer(model, config)
     gen = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
@@ -1128,6 +1148,8 @@ def _check_rpo_flags(args) -> None:
         raise PuzzleError("--reward is for --prompts; a --task brings its own reward")
     if args.prompts is not None and not args.reward:
         raise PuzzleError("--prompts needs --reward (a task name or judge:PATH)")
+    if args.adapters is not None and not args.adapters.strip():  # breaker: '' ran full fine-tuning without a word
+        raise PuzzleError("--adapters is empty; give a spec (BA, BuA, vBA or vBuA), or drop it for full fine-tuning")
     if not args.adapters and (args.rank is not None or args.untied or args.freeze):
         raise PuzzleError("--rank, --untied and --freeze shape the adapters; add --adapters SPEC (e.g. vBuA), or drop "
                           "them for full fine-tuning")

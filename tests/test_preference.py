@@ -264,6 +264,40 @@ def test_online_rloo_and_rpo_with_adapters(tiny):
     RPOConfig(loss="rpo-multi", temperature=0.5)
 
 
+def test_online_limits_said_before_they_cost_memory(tiny, monkeypatch):
+    """Breaker: --k 100000 sampled every response in one batch (24 GB, killed); --max-new-tokens 100000 cached past the
+    model's positions; a 12k-token prompt lost its instruction without a word; warmup past the steps trained at 1e-8."""
+    from puzzle import preference
+
+    with pytest.raises(PuzzleError, match=r"k must be from 2 to 1024"):
+        RPOConfig(loss="rloo", k=100_000)
+    with pytest.warns(UserWarning, match=r"warmup_steps 1000 is more than steps 2: the learning rate rises to only"):
+        RPOConfig(loss="dpo", steps=2, warmup_steps=1000)
+    positions = tiny.model.config.max_position_embeddings
+    with pytest.raises(PuzzleError, match=rf"pass the {positions} positions .*-tokens\) {positions - 3} or less"):
+        sample(tiny.model, [[1, 2, 3]], positions)
+    rows = []  # responses are sampled SAMPLE_CHUNK rows at a time
+    real = preference.sample
+    monkeypatch.setattr(preference, "sample", lambda model, prompts, *a: rows.append(len(prompts)) or real(
+        model, prompts, *a))
+    monkeypatch.setattr(preference, "SAMPLE_CHUNK", 4)
+    task = TASKS["repeat"]
+    (turn,) = task.prompts(1, seed=0)[0]
+    long_prompt = ({**turn, "content": turn["content"] + " filler" * 600},)  # past max_prompt_tokens (512)
+    with pytest.warns(UserWarning, match=r"1 prompt\(s\) longer than 512 tokens keep their last 512"):
+        train_online(tiny.model, tiny.tokenizer, [long_prompt, *task.prompts(1, seed=1)], task,
+                     RPOConfig(loss="rpo-multi", steps=1, batch_size=2, k=5, max_new_tokens=2), frozen_copy(tiny.model))
+    assert rows == [4, 4, 2]
+
+
+def test_cli_empty_adapter_spec_is_refused(tmp_path):
+    """Breaker: `--adapters ''` ran full fine-tuning and recorded no adapters."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    args = _rpo_args("--out", str(tmp_path / "o"), "--data", str(data), "--loss", "dpo", "--adapters", "")
+    with pytest.raises(PuzzleError, match="--adapters is empty"):
+        args.func(args)
+
+
 def test_rewards_are_graded_and_verifiable(tiny):
     count, repeat, reverse = TASKS["count"], TASKS["repeat"], TASKS["reverse"]
     p = [{"role": "user", "content": "Count from 3 to 7. Write only the numbers, separated by commas."}]
