@@ -154,8 +154,9 @@ def read_preference_data(path) -> list[PreferenceRecord]:
     """
     path = Path(path)
     if not path.is_file():
-        raise PuzzleError(f"preference data {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}; "
-                          f"give a .jsonl, .json or .parquet file of preference records")
+        what = "is a folder, not a file" if path.is_dir() else "is not a regular file" if path.exists() else \
+            "does not exist"  # breaker: /dev/null "did not exist"
+        raise PuzzleError(f"preference data {path} {what}; give a .jsonl, .json or .parquet file of preference records")
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
         from .data import iter_json_lines
@@ -304,9 +305,10 @@ def encode_records(tokenizer, records: list[PreferenceRecord], *, max_prompt_tok
             record = _pair_of(record) or record  # rewards that tie leave a group (no chosen response)
         out.append(record)
     if cut_prompts or cut_responses:  # breaker: a 40000-token prompt was cut to its last 512 without a word
-        warnings.warn(f"{cut_prompts} prompt(s) longer than {max_prompt_tokens} tokens keep their last "
-                      f"{max_prompt_tokens}, {cut_responses} response(s) longer than {max_response_tokens} tokens "
-                      f"their first {max_response_tokens}")
+        parts = [f"{cut_prompts} prompt(s) longer than {max_prompt_tokens} tokens keep their last {max_prompt_tokens}",
+                 f"{cut_responses} response(s) longer than {max_response_tokens} tokens keep their first "
+                 f"{max_response_tokens}"]
+        warnings.warn(", ".join(part for part, n in zip(parts, (cut_prompts, cut_responses)) if n))  # breaker: "0 ..."
     return out
 
 

@@ -290,6 +290,13 @@ def test_online_limits_said_before_they_cost_memory(tiny, monkeypatch):
     assert rows == [4, 4, 2]
 
 
+def test_preference_data_that_is_no_regular_file_is_named_so():
+    from puzzle.preference import read_preference_data
+
+    with pytest.raises(PuzzleError, match="/dev/null is not a regular file"):  # breaker: it "did not exist"
+        read_preference_data("/dev/null")
+
+
 def test_cli_empty_adapter_spec_is_refused(tmp_path):
     """Breaker: `--adapters ''` ran full fine-tuning and recorded no adapters."""
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
@@ -708,7 +715,7 @@ def test_contradicting_tied_or_cut_preferences_and_offline_rloo_are_said(tmp_pat
         args.func(args)
     long = data("long", {"prompt": "a", "chosen": "x " * 600 + "A", "rejected": "x " * 600 + "B"})
     args = _rpo_args("--out", str(tmp_path / "o4"), "--data", long, "--loss", "dpo", "--steps", "1")
-    with pytest.warns(UserWarning, match=r"0 prompt\(s\) longer than 512 tokens .* 2 response\(s\) longer than 256"):
+    with pytest.warns(UserWarning, match=r"^2 response\(s\) longer than 256 tokens keep their first 256$"):
         with pytest.raises(PuzzleError, match="the same text \\(after each response is cut to its first 256 tokens"):
             args.func(args)
     args = _rpo_args("--out", str(tmp_path / "o6"), "--data", good, "--loss", "dpo", "--steps", "1")
