@@ -183,11 +183,13 @@ def _meet_by_hand(rank: int, world_size: int, timeout: timedelta = MEET_TIMEOUT,
                 raise PuzzleError(f"rank {rank}: rank 0's meeting point {where} closed (rank 0 stopped: its own "
                                   f"message says why); start every rank again")
             try:
-                here = [r for r in range(world_size) if store.check([keys[r]])]
-                sizes = {r: int(store.get(keys[r])) for r in here}  # get waits (the store's timeout) for a key
-            except RuntimeError:  # that a stopping rank took back meanwhile (DistStoreError): look again
+                sizes = {r: store.get(keys[r]) for r in range(world_size) if store.check([keys[r]])}
+            except RuntimeError:  # get waits (the store's timeout) for a key a stopping rank took back meanwhile
                 time.sleep(poll_s)
                 continue
+            # a value not (yet) whole, as a rank stopped mid-write can leave (CI saw b''), is no rank here
+            sizes = {r: int(v) for r, v in sizes.items() if v.strip().isdigit()}
+            here = sorted(sizes)
             if other := {r: n for r, n in sizes.items() if n != world_size}:
                 counted = None  # its key stays: the others see the mismatch too (and are refused, not left waiting)
                 raise PuzzleError(f"rank {rank} was started with WORLD_SIZE={world_size}, but " + ", ".join(
