@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .utils import (KERNEL_DTYPES, check_forward_only, check_same_device, is_hopper, launch_interpreted,
-                    next_power_of_2, num_programs_hint, runs_interpreted, softmax_scale)
+                    next_power_of_2, num_programs_hint, runs_interpreted, softmax_scale, wide_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def decode_attention(
                            BLOCK_N=_INTERPRETER_BLOCK_N, BLOCK_D=block_d, DOT_PRECISION=precision)
         launch_interpreted(_decode_merge_kernel, (B * H,), *merge_args, BLOCK_P=block_p, BLOCK_D=block_d)
     else:
-        wide = q.element_size() * block_d > 512
+        wide = wide_rows(q, block_d)
         _tuned(is_hopper(q.device), wide)[(B * G, n_splits)](*args, BLOCK_H=block_h, BLOCK_D=block_d,
                                                              DOT_PRECISION=precision)
         _decode_merge_kernel[(B * H,)](*merge_args, BLOCK_P=block_p, BLOCK_D=block_d)

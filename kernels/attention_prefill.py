@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .utils import (KERNEL_DTYPES, check_forward_only, check_same_device, is_hopper, launch_interpreted,
-                    next_power_of_2, runs_interpreted, softmax_scale)
+                    next_power_of_2, runs_interpreted, softmax_scale, wide_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                            **_INTERPRETER_CONFIG)
     else:
         grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))  # noqa: E731
-        wide = q.element_size() * block_d > 512
+        wide = wide_rows(q, block_d)
         _tuned(is_hopper(q.device), wide)[grid](*args, BLOCK_D=block_d, DOT_PRECISION=precision)
     return out
 

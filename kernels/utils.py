@@ -156,6 +156,12 @@ def num_programs_hint(device: torch.device) -> int:
     return _sm_count(_index(device))
 
 
+def wide_rows(t: torch.Tensor, block_d: int) -> bool:
+    """Whether `t`'s head rows, padded to `block_d` elements, take more than 512 bytes (fp32 with head_dim over 128,
+    16-bit over 256): the attention kernels then take their wide tiles, which fit an SM's shared memory."""
+    return t.element_size() * block_d > 512
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (>= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())

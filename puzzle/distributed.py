@@ -175,7 +175,8 @@ def _meet_by_hand(rank: int, world_size: int, timeout: timedelta = MEET_TIMEOUT,
                           f"{'give a free MASTER_PORT' if rank == 0 else 'check that rank 0 runs there'}") from e
     if rank == 0:
         say_waiting()
-    keys, ready, counted = [f"puzzle/meet/rank{r}" for r in range(world_size)], "puzzle/meet/ready", False
+    keys, ready = [f"puzzle/meet/rank{r}" for r in range(world_size)], "puzzle/meet/ready"
+    counted, keep_key = False, False
     try:
         store.set(keys[rank], str(world_size))  # this rank's WORLD_SIZE under its key
         while True:
@@ -191,12 +192,13 @@ def _meet_by_hand(rank: int, world_size: int, timeout: timedelta = MEET_TIMEOUT,
             sizes = {r: int(v) for r, v in sizes.items() if v.strip().isdigit()}
             here = sorted(sizes)
             if other := {r: n for r, n in sizes.items() if n != world_size}:
-                counted = None  # its key stays: the others see the mismatch too (and are refused, not left waiting)
+                keep_key = True  # the others see the mismatch too (and are refused, not left waiting)
                 raise PuzzleError(f"rank {rank} was started with WORLD_SIZE={world_size}, but " + ", ".join(
                     f"rank {r} with WORLD_SIZE={n}" for r, n in sorted(other.items())) + "; start every rank with "
                     "the same WORLD_SIZE")
             if len(here) == world_size and not counted:
-                counted = bool(store.add(ready, 1))
+                store.add(ready, 1)
+                counted = True
             if counted and store.add(ready, 0) >= world_size:
                 return store
             if time.monotonic() > deadline:
@@ -206,7 +208,7 @@ def _meet_by_hand(rank: int, world_size: int, timeout: timedelta = MEET_TIMEOUT,
                                   f"MASTER_ADDR/MASTER_PORT, and this one again")
             time.sleep(poll_s)
     except BaseException:  # Ctrl-C, SIGTERM (as KeyboardInterrupt), a refusal: the others must not meet without it
-        if counted is not None and (rank == 0 or not rank_0_gone()):
+        if not keep_key and (rank == 0 or not rank_0_gone()):
             with contextlib.suppress(Exception):
                 if counted:
                     store.add(ready, -1)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .architecture import ModelConfig
-from .errors import PuzzleError
+from .errors import PuzzleError, first_line
 from .modeling import PuzzleForCausalLM
 
 
@@ -146,7 +146,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any reader failure is a bad file for the user)
-        raise PuzzleError(f"{path} cannot be read as a state dict ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise PuzzleError(f"{path} cannot be read as a state dict ({first_line(e)})") from e
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
