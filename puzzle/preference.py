@@ -628,14 +628,15 @@ class RPOConfig:
                               f"only for the distribution it samples from, and log-probs are scored at temperature 1 "
                               f"over the whole vocabulary (got temperature={self.temperature}, top_k={self.top_k}); "
                               f"drop --temperature (and keep top_k 0), or use a pair loss or rpo-multi")
-        if self.warmup_steps < 0 or self.top_k < 0:
-            raise PuzzleError(f"warmup_steps and top_k must be >= 0 (got {self.warmup_steps}, {self.top_k})")
-        for name in ("steps", "batch_size", "max_prompt_tokens", "max_response_tokens", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise PuzzleError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # each named by its flag where it has one (leftover: "warmup_steps and top_k must be >= 0" for --warmup-steps)
+        flag = lambda name: f"--{name.replace('_', '-')} (rpo {name})" if name in RPO_FLAGS else f"rpo {name}"  # noqa
+        for name, least in (("warmup_steps", 0), ("top_k", 0), ("steps", 1), ("batch_size", 1),
+                            ("max_prompt_tokens", 1), ("max_response_tokens", 1), ("max_new_tokens", 1)):
+            if getattr(self, name) < least:
+                raise PuzzleError(f"{flag(name)} must be >= {least}, got {getattr(self, name)}")
         if not 2 <= self.k <= MAX_K:  # breaker: --k 100000 sampled every response at once, 24 GB and a kill
-            raise PuzzleError(f"k must be from 2 to {MAX_K} (responses to compare per prompt; RLOO and GRPO use about "
-                              f"4 to 64), got {self.k}")
+            raise PuzzleError(f"--k (rpo k) must be from 2 to {MAX_K} (responses to compare per prompt; RLOO and GRPO "
+                              f"use about 4 to 64), got {self.k}")
         require_learning_rate("rpo", self.lr)
         if self.warmup_steps > self.steps:  # breaker: 1000 of 2 steps trained at 1e-8 and said nothing
             warnings.warn(f"warmup_steps {self.warmup_steps} is more than steps {self.steps}: the learning rate rises "
@@ -648,6 +649,9 @@ class RPOConfig:
             return "mean over response tokens (SimPO's definition)"
         return "sum over response tokens" if self.aggregate == "sum" else "mean over response tokens"
 
+
+#: RPOConfig fields that `puzzle rpo` sets from a flag of the same name (--warmup-steps for warmup_steps)
+RPO_FLAGS = ("warmup_steps", "steps", "batch_size", "max_new_tokens", "k")
 
 #: the most responses per prompt (--k) a run samples; responses are sampled SAMPLE_CHUNK sequences at a time
 MAX_K, SAMPLE_CHUNK = 1024, 64
@@ -744,9 +748,13 @@ def _check_data(encoded: list[EncodedRecord], config: RPOConfig) -> None:
     if not encoded:
         raise PuzzleError("no preference records to train on")
     if config.loss in PAIR_LOSSES and any(len(r.response_ids) != 2 for r in encoded):
-        raise PuzzleError(f"{config.loss} trains on pairs; this data has groups of K != 2 responses. Use rpo-multi "
-                          "or rloo, or turn each rewarded group into its best and worst responses "
-                          "(puzzle.preference.best_worst_pair)")
+        # leftover: groups without rewards were pointed at best_worst_pair, which needs rewards
+        rewarded = all(r.rewards is not None for r in encoded if len(r.response_ids) != 2)
+        raise PuzzleError(f"{config.loss} trains on pairs; this data has groups of K != 2 responses. " + (
+            "Use rpo-multi or rloo, or turn each rewarded group into its best and worst responses "
+            "(puzzle.preference.best_worst_pair)" if rewarded else
+            "Give those groups a reward per response (then rpo-multi or rloo train on them), or write each as "
+            "{prompt, chosen, rejected}"))
     if config.loss in PAIR_LOSSES and not needs_rewards(config.loss) and not all(r.is_pair for r in encoded):
         first = next(i for i, r in enumerate(encoded) if not r.is_pair)
         raise PuzzleError(f"{config.loss} trains on pairs with a chosen response; record {first} (counting from 0) is "

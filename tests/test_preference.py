@@ -180,6 +180,24 @@ def test_best_worst_pairs_of_records_and_of_sampled_groups_agree():
         best_worst_pair(record_from_dict({"prompt": "p", "chosen": "a", "rejected": "b"}))
 
 
+def test_pair_losses_on_groups_point_to_what_each_group_lacks_and_flags_by_name():
+    """Leftover: groups of 3 without rewards were pointed at best_worst_pair (which needs rewards), and
+    --warmup-steps -1 said "warmup_steps and top_k must be >= 0"."""
+    from puzzle.preference import EncodedRecord, _check_data
+
+    bare = EncodedRecord((1,), ((2,), (3,), (4,)), None)
+    with pytest.raises(PuzzleError, match=r"Give those groups a reward per response") as info:
+        _check_data([bare], RPOConfig(loss="dpo"))
+    assert "best_worst_pair" not in str(info.value)
+    with pytest.raises(PuzzleError, match=r"best and worst responses \(puzzle.preference.best_worst_pair\)"):
+        _check_data([EncodedRecord((1,), ((2,), (3,), (4,)), (0.1, 0.5, 0.9))], RPOConfig(loss="dpo"))
+    for kwargs, words in [({"warmup_steps": -1}, "--warmup-steps (rpo warmup_steps) must be >= 0, got -1"),
+                          ({"top_k": -2}, "rpo top_k must be >= 0, got -2"),
+                          ({"batch_size": 0}, "--batch-size (rpo batch_size) must be >= 1, got 0"),
+                          ({"max_prompt_tokens": 0}, "rpo max_prompt_tokens must be >= 1, got 0")]:
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            RPOConfig(loss="dpo", **kwargs)
+
 def test_sampling_greedy_matches_generate_and_padding_is_invisible(tiny):
     model, eos = tiny.model, tiny.tokenizer.eos_token_id
     prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62]]
@@ -269,7 +287,7 @@ def test_online_limits_said_before_they_cost_memory(tiny, monkeypatch):
     model's positions; a 12k-token prompt lost its instruction without a word; warmup past the steps trained at 1e-8."""
     from puzzle import preference
 
-    with pytest.raises(PuzzleError, match=r"k must be from 2 to 1024"):
+    with pytest.raises(PuzzleError, match=r"--k \(rpo k\) must be from 2 to 1024"):
         RPOConfig(loss="rloo", k=100_000)
     with pytest.warns(UserWarning, match=r"warmup_steps 1000 is more than steps 2: the learning rate rises to only"):
         RPOConfig(loss="dpo", steps=2, warmup_steps=1000)
