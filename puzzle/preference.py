@@ -454,6 +454,16 @@ def reference_logprobs(ref_model, encoded: list[EncodedRecord], cache_dir=None, 
     return ReferenceLogprobs(sums, counts, key)
 
 
+def _drop_stale_references(cache_dir: Path, key: str, say) -> None:
+    """Remove the reference log-prob files in an rpo output's own `cache_dir` other than the one keyed `key` (an
+    interrupted run on other data or weights left them; this folder's run will never read them again)."""
+    stale = [f for f in Path(cache_dir).glob("ref_logprobs-*.safetensors") if f.name != f"ref_logprobs-{key}.safetensors"]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if stale:  # leftover: they stayed in the folder for good
+        say(f"rpo: removed {len(stale)} reference log-prob file(s) of other data or weights from {cache_dir}")
+
+
 def _legacy_cache_file(cache_dir, ref_model, prompts: list, responses: list) -> Path | None:
     """The cache file an earlier version would have written for these data and weights (its key, 32 hex digits,
     hashed the whole config, `extra` included); looked for only when `cache_dir` holds such files, since it
@@ -1342,6 +1352,8 @@ def _rpo(args) -> int:
         if uses_ref:  # π_ref is the model before training: its cached log-probs need no copy of it
             reference = (reference_logprobs(model, encoded, args.out / "ref_cache", progress=progress)
                          if args.reference in (None, "cache") else frozen_copy(model))
+            if isinstance(reference, ReferenceLogprobs):
+                _drop_stale_references(args.out / "ref_cache", reference.key, say)
         say(f"offline {config.loss} on {len(encoded)} records from {args.data} ({config.logprob_label})")
         history = train_offline(model, encoded, config, reference, progress=progress)
         summary["data"] = str(args.data)

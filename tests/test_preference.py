@@ -425,9 +425,14 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path, capsys):
     assert (mine / "history.csv").read_text() == "my notes"
     interrupted = tmp_path / "interrupted"
     (interrupted / "ref_cache").mkdir(parents=True)  # what a run stopped before its end leaves: rerun it there
+    stale = interrupted / "ref_cache" / f"ref_logprobs-{'0' * 16}-{'1' * 16}.safetensors"  # of other data
+    stale.write_bytes(b"{}")
     args = parser.parse_args(["rpo", "--model", "tiny", "--out", str(interrupted), "--data", str(data), "--steps", "1",
                               "--batch-size", "2", "--no-progress"])
+    capsys.readouterr()
     assert args.func(args) == 0 and (interrupted / "rpo.json").is_file()
+    assert not stale.exists() and len(list((interrupted / "ref_cache").iterdir())) == 1  # leftover: kept for good
+    assert "removed 1 reference log-prob file(s) of other data or weights" in capsys.readouterr().err
     for extra, words in [(["--num-prompts", "0"], "--num-prompts must be >= 1"),  # used to spin forever
                          (["--reward", "count"], "a --task brings its own reward"),
                          (["--reference", "copy"], "online runs use a frozen copy")]:
