@@ -169,7 +169,9 @@ def _check(q, k_cache, v_cache, lengths):
         raise ValueError(f"decode attention: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must "
                          f"both be (B={B}, G, S_max, D={D})")
     G, S_max = k_cache.shape[1], k_cache.shape[2]
-    if G < 1 or H % G != 0:
+    if G < 1:  # leftover: G = 0 was told to "choose a KV-head count that divides 0"
+        raise ValueError(f"decode attention: k and v hold no KV head (G = 0); give at least one")
+    if H % G != 0:
         raise ValueError(f"decode attention: {H} query heads cannot share {G} KV heads (H must be a multiple of G); "
                          f"choose a KV-head count that divides {H}")
     if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
@@ -193,7 +195,7 @@ def _check(q, k_cache, v_cache, lengths):
         return
     if isinstance(lengths, bool) or not _is_index(lengths):  # 10.5 is no length (the kernel would cut it to 10)
         raise ValueError(f"decode attention: lengths must be an int or a (B={B},) integer tensor; got {lengths!r}")
-    if not 1 <= operator.index(lengths) <= S_max:
+    if B * H and not 1 <= operator.index(lengths) <= S_max:  # an empty batch takes any int, as it takes (0,)
         raise ValueError(f"decode attention: length {lengths!r} outside [1, {S_max}] (the cache holds {S_max} "
                          "positions)")
 
