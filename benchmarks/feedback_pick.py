@@ -80,7 +80,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (child, factor): options, the MIP's first child's, the pick's and the best option's evaluation KL."""
     out = []
     for (child, factor), g in rows.groupby(["child", "factor"], sort=False):
-        first = g[g["source"].str.endswith("the MIP's first")]  # "the child, the MIP's first" where they coincide
+        first = g[g["source"].str.contains("the MIP's first", regex=False)]  # also with the child or a trust region
         pick = g[g["picked"]].iloc[0]
         out.append({"child": child, "factor": factor, "options": len(g), "picked": pick["source"],
                     "mip_first_eval_kl": float(first["eval_kl"].iloc[0]) if len(first) else float("nan"),

@@ -1121,6 +1121,10 @@ def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, 
     for i, x in enumerate(near, 1):
         changes = sum(a != b for a, b in zip(x.choice, current))
         source = f"trust-region #{i} ({changes} layer{'s' if changes != 1 else ''} from the child)"
+        if tuple(x.choice) in options:  # leftover: the log went "the MIP's first, trust-region #2", #1 unnamed
+            label, known = options[tuple(x.choice)]
+            options[tuple(x.choice)] = (f"{label}, trust-region #{i}", known)
+            continue
         # the 2nd and later solutions are optimal only given the earlier ones, in the trust region: no claim of
         # optimality or a bound for the budget (breaker: "optimal" with a summed KL above the MIP's first)
         options.setdefault(tuple(x.choice), (source, {**_record_of(run, name, request, stage, x, scored[0], table_sha),
