@@ -30,7 +30,6 @@ from .errors import PuzzleError
 from .io import atomic_write_json, read_json
 
 SESSION_FILE = "one_session.json"
-MEMORY_SHARE = 0.7  # of the memory available now, the most the models timed together may take
 
 
 def _architecture(row: dict, run_dir: Path) -> str | None:
@@ -41,25 +40,6 @@ def _architecture(row: dict, run_dir: Path) -> str | None:
     if isinstance(arch, str) and arch.strip():
         return arch
     return _searched_architecture(run_dir, row.get("name"))
-
-
-def _available_bytes(device: str) -> int | None:
-    """Memory free for new models on `device` (bytes), or None when it cannot be read."""
-    import os
-
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
-    try:  # MemAvailable counts the page cache the kernel can give back; free pages alone do not
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = None) -> pd.DataFrame:
@@ -91,7 +71,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     from .pipeline import _sha256, coupled_blocks, parse_compact_architecture
     from .plots import front_rows
     from .realize import realize_child
-    from .scoring.cost import measure_models, on_workload
+    from .scoring.cost import MEMORY_SHARE, available_bytes, measure_models, on_workload
     from .scoring.machine import machine_record
 
     if not isinstance(repeats, int) or not 2 <= repeats <= 1000:
@@ -157,7 +137,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     used = entry_params(run.parent.config, cands, coupled)
     need = workload.torch_dtype.itemsize * (sum(used.values()) + (sum(p.numel() for p in weights) if copied else 0)
                                             + sum(m.num_parameters() for m in fused.values()))
-    free = _available_bytes(workload.device)
+    free = available_bytes(workload.device)
     if free is not None and need > MEMORY_SHARE * free:
         raise PuzzleError(f"timing {len(unique) + 1} models together needs about {need / 2**30:.1f} GiB for the "
                           f"library entries the children use{' and a copy of the parent' if copied else ''}"

@@ -520,6 +520,55 @@ def check_device_available(device: str) -> None:
                           f"give cuda:0 … cuda:{torch.cuda.device_count() - 1}")
 
 
+#: of the memory available now, the most one timing's models, KV caches and activations may take
+MEMORY_SHARE = 0.7
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory free for new allocations on `device` (bytes), or None when it cannot be read."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:  # MemAvailable counts the page cache the kernel can give back; free pages alone do not
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def workload_bytes(configs: Sequence[ModelConfig], workload: Workload) -> int:
+    """A lower bound of the bytes a timing of models of `configs` allocates beyond their weights: each one's KV
+    cache at (B, P + G) (`memory.kv_cache_bytes` per gqa layer, all held at once) and the largest layer's prefill
+    activations, B · P · (4 C + (H + 2 G) D + 3 F) elements (residual, norm and attention outputs; q, k, v; the
+    SwiGLU's gate, up and product) in the workload dtype."""
+    B, P, dtype = workload.batch_size, workload.prompt_len, workload.torch_dtype
+    kv = sum(memory.kv_cache_bytes(c, b.attention, B, workload.kv_len, workload.dtype) for c in configs
+             for b in c.blocks)
+    act = max(4 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+              + 3 * c.intermediate_size for c in configs)
+    return kv + B * P * act * dtype.itemsize
+
+
+def check_workload_fits(configs: Sequence[ModelConfig], workload: Workload, what: str) -> None:
+    """Refuse a timing whose KV caches and activations alone (`workload_bytes`) would take more than MEMORY_SHARE of
+    the memory free on the workload's device: allocating them would fail, or get the process killed.
+
+    Raises:
+        PuzzleError: naming the bytes needed and the target settings that set them (breaker: `puzzle score
+            --prompt-len 100000000` was killed by the kernel's OOM killer, --batch-size 100000000 ended in a
+            traceback from the allocator)."""
+    need, free = workload_bytes(configs, workload), available_bytes(workload.device)
+    if free is not None and need > MEMORY_SHARE * free:
+        raise PuzzleError(
+            f"timing {what} at batch {workload.batch_size}, prompt {workload.prompt_len} + {workload.gen_len} generated "
+            f"tokens needs at least {need / 2**30:.1f} GiB for KV caches and activations, over {MEMORY_SHARE:.0%} of "
+            f"the {free / 2**30:.1f} GiB free now on {workload.device}: lower --batch-size, --prompt-len or --gen-len "
+            f"(the run's [target] settings), or free memory")
+
+
 def _check_target(workload: Workload, clock: str, pin_allocator: bool) -> str:
     """Raise PuzzleError for a clock unknown or unfit for the device, or a CUDA workload without CUDA.
 
@@ -779,6 +828,7 @@ def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ff
     working_set = int((working_set_mib * memory.MIB) if working_set_mib is not None
                       else 2 * last_level_cache_bytes(workload.device))
     allocator = _check_target(workload, clock, pin_allocator)
+    check_workload_fits([config], workload, "the subblock variants")
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         tasks = []
@@ -982,6 +1032,9 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
         raise PuzzleError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     for model in models.values():
         _check_model(model, workload)
+    configs = [m.config for m in models.values()]  # a round's caches are held together when it goes by step
+    check_workload_fits(configs if interleave == "step" else [max(configs, key=lambda c: workload_bytes([c], workload))],
+                        workload, f"{len(models)} model{'s' if len(models) > 1 else ''}")
     B, P, G = workload.batch_size, workload.prompt_len, workload.gen_len
     device, dtype = torch.device(workload.device), workload.torch_dtype
     names = list(models)

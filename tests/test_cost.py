@@ -677,3 +677,29 @@ def test_additivity_benchmark_names_each_target_once_and_takes_the_runs_contenti
     assert bench.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("additivity: error: ") and "Traceback" not in err and not (tmp_path / "o2").exists()
+
+
+def test_a_workload_whose_caches_cannot_fit_is_refused_before_timing_and_the_setting_put_back(tmp_path_factory,
+                                                                                              tmp_path, capsys):
+    """Breaker: `puzzle score --prompt-len 100000000` was killed by the OOM killer (the setting stayed saved), and
+    --batch-size 100000000 ended in the allocator's traceback."""
+    from puzzle.cli import main
+    from puzzle.scoring.cost import check_workload_fits, workload_bytes
+    from tiny_run import tiny_run_copy
+
+    config, w = tiny_config(), Workload(batch_size=3, prompt_len=10, gen_len=6)
+    kv = sum(KVCache(config, 3, 16, torch.float32, "meta").nbytes() for _ in range(2))  # two models' caches
+    assert workload_bytes([config, config], w) == kv + 3 * 10 * (4 * 64 + (4 + 2 * 2) * 16 + 3 * 128) * 4
+    check_workload_fits([config], w, "a model")  # a few KB: fits
+    with pytest.raises(PuzzleError, match=r"timing 2 models at batch 3, prompt 100000000 \+ 6 generated tokens needs "
+                                          r"at least .* GiB .* lower --batch-size, --prompt-len or --gen-len"):
+        check_workload_fits([config, config], Workload(batch_size=3, prompt_len=100_000_000, gen_len=6), "2 models")
+    run, files = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    before = (run / "config.json").read_bytes()
+    for flag, value in (("--prompt-len", "100000000"), ("--batch-size", "100000000")):
+        assert main(["score", "--out", str(run), "--no-progress", "--retime", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert "for KV caches and activations" in err and "Traceback" not in err, err
+        assert (run / "config.json").read_bytes() == before  # the setting is put back: search reads the old one
+    files.pop(run / "config.json")  # put back byte for byte; nothing else written
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "config.json"} == files

@@ -155,7 +155,6 @@ def test_a_model_changed_since_the_session_keeps_its_own_speedup_and_is_named(ru
 
 def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_with_baselines, tmp_path, monkeypatch,
                                                                            capsys):
-    from puzzle import one_session
     from puzzle.cli import main
 
     out = tmp_path / "run"
@@ -168,7 +167,7 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     # library entries the children use now)
     row = json.loads((out / "baselines" / "rows" / "layers-1.5x.json").read_text())
     (out / "baselines" / "rows" / "layers-1.5x.json").write_text(json.dumps(sealed_row({**row, "params": "lots"})))
-    monkeypatch.setattr(one_session, "_available_bytes", lambda device: 1024)
+    monkeypatch.setattr("puzzle.scoring.cost.available_bytes", lambda device: 1024)
     timed = []
     monkeypatch.setattr("puzzle.scoring.cost.measure_models", lambda *a, **k: timed.append(1))
     assert main(["front", "--out", str(out), "--one-session", "--no-progress"]) == 2
