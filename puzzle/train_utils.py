@@ -25,6 +25,7 @@ import contextlib
 import io
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import PuzzleError, differing_settings, require_finite, require_learning_rate
+from .errors import PuzzleError, differing_settings, first_line, require_finite, require_learning_rate
 from .io import atomic_write_bytes
 from .modeling import PuzzleForCausalLM
 
@@ -303,8 +304,10 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise PuzzleError(f"checkpoint {path} cannot be read ({e}); delete it to start over") from e
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # breaker: random bytes
+        # breaker: an empty file read "cannot be read ()" (first_line gives the type's name then)
+        why = "not a torch file of tensors" if isinstance(e, pickle.UnpicklingError) else first_line(e)
+        raise PuzzleError(f"checkpoint {path} cannot be read ({why}); delete it to start over") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise PuzzleError(f"checkpoint {path} has another format; delete it to start over")
     return ckpt
@@ -407,6 +410,11 @@ def non_finite_parameter(model: nn.Module) -> str | None:
     return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
 
 
+#: what gkd and sft write into a work folder (besides `io.TEMP_FILE`s of an interrupted write)
+WORK_FILES = frozenset({"checkpoint.pt", "gkd.json", "sft.json", "toggle.csv", "eval_before.json",
+                        "teacher_cache.safetensors"})
+
+
 def check_work_folder(work, inputs=(), allowed_under=()) -> None:
     """Refuse a --work folder (checkpoints, logs) that would mix with other files, before any training:
     a file at or above it, a place inside an exported model folder, inside one of `inputs` (model folders,
@@ -424,6 +432,7 @@ def check_work_folder(work, inputs=(), allowed_under=()) -> None:
     if (export := next((p for p in around if p.is_dir() and is_export_folder(p)), None)) is not None:
         raise PuzzleError(f"--work {work} is inside the exported model {export}; give a folder of its own")
     if any(Path(a).expanduser().resolve() in around for a in allowed_under):
+        _check_own_files(work)
         return
     for given in inputs:
         folder = Path(given).expanduser().resolve()
@@ -434,6 +443,18 @@ def check_work_folder(work, inputs=(), allowed_under=()) -> None:
             {run / "export", run / "gkd"} & set(around)):
         raise PuzzleError(f"--work {work} is among the files of the run directory {run}; give a folder of its own, "
                           f"or one under {run / 'export'}")
+    _check_own_files(work)
+
+
+def _check_own_files(work: Path) -> None:
+    """Refuse a work folder holding files other than WORK_FILES and the temp files of their killed writes (breaker:
+    `sft --work u` wrote checkpoint.pt and sft.json among a user's own files, and replaced theirs)."""
+    ours = lambda name: name in WORK_FILES or (  # noqa: E731
+        name.startswith(".") and name.endswith(".tmp") and name[1:-4].rsplit(".", 1)[0] in WORK_FILES)
+    if work.is_dir() and (foreign := sorted(p.name for p in work.iterdir() if not ours(p.name))):
+        raise PuzzleError(f"--work {work} holds files no gkd or sft training wrote ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or an earlier "
+                          f"training's work folder to resume it")
 
 
 def _is_run_folder(folder: Path) -> bool:

@@ -434,6 +434,20 @@ def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
         with pytest.raises(PuzzleError, match=re.escape(words)):
             args.func(args)
     assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "out").exists()
+    # breaker: a --work folder of the user's own files took checkpoint.pt and sft.json among them (replacing theirs);
+    # a checkpoint.pt of random bytes ended in torch's UnpicklingError traceback
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(PuzzleError, match=r"--work .*mine holds files no gkd or sft training wrote \(notes.txt\)"):
+        (args := parser.parse_args(base + ["--work", str(mine)])).func(args)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "checkpoint.pt").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(PuzzleError, match=r"checkpoint .*checkpoint.pt cannot be read \(not a torch file of tensors\); "
+                                          r"delete it to start over"):
+        (args := parser.parse_args(base + ["--work", str(junk)])).func(args)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and not (tmp_path / "out").exists()
 
 
 def test_a_run_child_fine_tunes_with_the_default_work_folder(tmp_path_factory, tmp_path):
