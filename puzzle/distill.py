@@ -578,7 +578,7 @@ FOLDER_SEQ_LEN = 256
 FOLDER_EVAL_TOKENS = 4096
 
 
-def _folder_inputs(args) -> GKDInputs:
+def _folder_inputs(args, log) -> GKDInputs:
     from .parent import load_parent
 
     if not args.parent or not args.calib or not args.dest:
@@ -613,6 +613,12 @@ def _folder_inputs(args) -> GKDInputs:
     tokenizer = child_loaded.tokenizer
     train_ids = pack_sources(args.calib, tokenizer, seq_len, calib_tokens, args.max_doc_tokens or 0)
     eval_ids = pack_sources(args.eval, tokenizer, seq_len, eval_tokens, held_out=True) if args.eval else None
+    # breaker: --calib-tokens 10000000 and --eval-tokens 100000000 packed what the text held without a word
+    for flag, asked, ids in (("--calib-tokens", args.calib_tokens, train_ids),
+                             ("--eval-tokens", args.eval_tokens, eval_ids)):
+        if asked is not None and ids is not None and ids.numel() < asked:
+            log(f"gkd: {flag} {asked}: the text holds {ids.numel()} tokens in whole sequences of --seq-len {seq_len}; "
+                f"packed those")
 
     def parent_logp():
         from .scoring.quality import parent_logprobs
@@ -680,11 +686,14 @@ def run_gkd_command(args, log=None) -> dict:
         log = lambda msg: None  # noqa: E731  (one voice for all processes)
     try:
         progress = not args.no_progress and env.is_main
-        inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args)
+        inputs = _run_inputs(args, progress, log) if args.out is not None else _folder_inputs(args, log)
         if config.batch_size > len(inputs.train_ids):  # breaker: 100000 a step from 48 sequences took 15.7 GB
             raise PuzzleError(f"--batch-size {config.batch_size} is more than the {len(inputs.train_ids)} sequences of "
                               f"the training split ({inputs.description['train_data']}); give --batch-size "
                               f"{len(inputs.train_ids)} or less, or more training text")
+        if config.tokens > inputs.train_ids.numel():  # breaker: --tokens 200000 on 31k tokens, 6 passes unsaid
+            log(f"gkd: --tokens {config.tokens} is more than the {inputs.train_ids.numel()} training tokens: the "
+                f"training text is seen about {config.tokens / inputs.train_ids.numel():.1f} times (epochs)")
         # a folder's child: as FOLDER_SOURCE, or by its path where a checkpoint of an earlier version recorded that
         extra_meta = {"child_source": inputs.child_source if inputs.child_source != FOLDER_SOURCE else recorded_source(
             inputs.work / "checkpoint.pt", "child_source", inputs.description["child"], inputs.child_source),

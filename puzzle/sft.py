@@ -899,7 +899,7 @@ def cmd_sft(args) -> int:
         how = ("; all steps done by an earlier call, only exported" if resumed >= summary["steps"] else
                f"; resumed from step {resumed} of {summary['steps']}" if resumed else "")
         log(f"sft: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} nats/token{how}; exported to "
-            f"{summary['dest']} ({time.perf_counter() - t0:.0f} s)")
+            f"{summary['dest']} ({time.perf_counter() - t0:.0f} s in all)")
         if note := stalled_gradient_note(summary.get("history", []), "sft"):
             log(note)
         for row in summary.get("toggle", []):

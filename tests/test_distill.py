@@ -160,6 +160,21 @@ def _args(tmp_path, dest, *extra):
                          "--tokens", "1024", "--lr", "3e-3", "--no-progress", *extra])
 
 
+def test_token_counts_past_the_text_are_said(tmp_path):
+    """Breaker: --calib-tokens 10000000 and --eval-tokens 100000000 packed what the text held, and --tokens past the
+    packed text trained it several times over, all without a word."""
+    _folders(tmp_path)
+    said = []
+    summary = run_gkd_command(_args(tmp_path, tmp_path / "out", "--eval", str(tmp_path / "eval.txt"), "--eval-tokens",
+                                    "100000000", "--calib-tokens", "10000000", "--tokens", "40000"), log=said.append)
+    packed = round(summary["tokens_trained"] / summary["epochs"])
+    assert any(m.startswith("gkd: --calib-tokens 10000000: the text holds ") and "whole sequences of --seq-len 32" in m
+               for m in said), said
+    assert any(m.startswith("gkd: --eval-tokens 100000000: the text holds ") for m in said), said
+    assert any(m.startswith(f"gkd: --tokens 40000 is more than the {packed} training tokens: the training text is seen "
+                            f"about {40000 / packed:.1f} times") for m in said), said
+
+
 def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
     _folders(tmp_path)
     summary = run_gkd_command(_args(tmp_path, tmp_path / "out", "--eval", str(tmp_path / "eval.txt")))
