@@ -64,8 +64,13 @@ class PreferenceRecord:
 
 
 def _messages(value, where: str) -> tuple[dict, ...]:
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
-        raise PuzzleError(f"{where}: chat messages must be objects with string 'role' and 'content'")
+    """Chat messages as (role, content) dicts, roles as `sft.ROLES` (breaker: rpo took "tool", which sft refuses)."""
+    from .sft import ROLES
+
+    if not value:  # breaker: {"prompt": []} ended in the chat template's ValueError traceback
+        raise PuzzleError(f"{where}: the list of messages is empty; an empty prompt cannot condition a response")
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ROLES for m in value):
+        raise PuzzleError(f"{where}: chat messages must be objects with a 'role' in {ROLES} and a string 'content'")
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
@@ -374,6 +379,14 @@ def batched_logprobs(model, prompts: list, responses: list, batch_size: int = 8,
     return torch.cat(sums), torch.cat(counts)
 
 
+@torch.no_grad()
+def _chunked_logprobs(model, batch: list) -> torch.Tensor:
+    """(R,) float64 summed log-probs of the flattened responses of `batch`, in `token_chunks` pieces."""
+    prompts, responses = _flat(batch)
+    return torch.cat([response_logprobs(model, prompts[c], responses[c])[0].double() for c in
+                      token_chunks(prompts, responses)])
+
+
 def weights_sha256(model) -> str:
     """sha256 of a model's architecture (its config without `extra`, which holds where it was loaded from, as
     `pipeline.weights_sha` leaves it out) and every parameter and buffer, in name order (a cache key): the same
@@ -665,6 +678,23 @@ RPO_FLAGS = ("warmup_steps", "steps", "batch_size", "max_new_tokens", "k")
 
 #: the most responses per prompt (--k) a run samples; responses are sampled SAMPLE_CHUNK sequences at a time
 MAX_K, SAMPLE_CHUNK = 1024, 64
+#: padded tokens (responses x longest prompt + response) one forward of a training step takes with gradients: a
+#: larger batch is trained in chunks (`_train_step`); SmolLM2-135M keeps about 1.5 MB of activations per token
+GRAD_CHUNK_TOKENS = 1024
+
+
+def token_chunks(prompts: list, responses: list, budget: int | None = None) -> list[slice]:
+    """Consecutive slices of the N (prompt, response) pairs, each padding to at most `budget` tokens (pairs x the
+    longest pair in the slice; default GRAD_CHUNK_TOKENS), one pair at least: the pieces `response_logprobs` runs at
+    a time."""
+    budget = GRAD_CHUNK_TOKENS if budget is None else budget
+    chunks, start, longest = [], 0, 0
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        longest = max(longest, len(p) + len(r))
+        if i > start and (i - start + 1) * longest > budget:
+            chunks.append(slice(start, i))
+            start, longest = i, len(p) + len(r)
+    return chunks + [slice(start, len(prompts))] if len(prompts) else chunks
 
 
 def _optimizer(model, config: RPOConfig):
@@ -678,12 +708,29 @@ def _optimizer(model, config: RPOConfig):
 
 
 def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
-    """One optimiser step on `batch`: loss, backward, gradient clipping, AdamW and scheduler step. Returns the metrics."""
-    loss, metrics = _records_loss(model, batch, config, ref_sum)
+    """One optimiser step on `batch`: loss, backward, gradient clipping, AdamW and scheduler step. Returns the metrics.
+
+    Every loss reaches the weights only through the responses' summed log-probs s (N,). A batch past
+    GRAD_CHUNK_TOKENS padded tokens is therefore trained in two passes with the same gradient: s without gradients,
+    the loss's gradient g = dL/ds on a detached copy, then per `token_chunks` piece a forward with gradients and
+    backward(g[piece]), so activations are held for one piece at a time (leftover: --k 64 on SmolLM2 peaked at
+    7.7 GB, growing with k; 512 would not fit 24 GB). It costs one more forward without gradients."""
+    prompts, responses = _flat(batch)
+    pieces = token_chunks(prompts, responses)
+    if len(pieces) == 1:
+        loss, metrics = _records_loss(model, batch, config, ref_sum)
+    else:
+        with torch.no_grad():
+            parts = [response_logprobs(model, prompts[c], responses[c]) for c in pieces]
+        sum_logp = torch.cat([s for s, _ in parts]).detach().requires_grad_(True)
+        loss, metrics = _loss_of_logprobs(sum_logp, torch.cat([c for _, c in parts]), batch, config, ref_sum)
     if not math.isfinite(metrics["loss"]):
         raise PuzzleError(f"rpo {config.loss}: the loss became {metrics['loss']}; lower the learning rate (or beta)")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if len(pieces) > 1 and sum_logp.grad is not None:  # (N,) dL/ds, then each piece's log-probs, with gradients
+        for c in pieces:
+            response_logprobs(model, prompts[c], responses[c])[0].backward(sum_logp.grad[c].to(sum_logp.dtype))
     metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))  # before clipping
     metrics["lr"] = opt.param_groups[0]["lr"]  # the rate this step took (breaker: logged after sched.step: ahead)
     opt.step()
@@ -722,8 +769,14 @@ def _check_finite_weights(model, config: RPOConfig) -> None:
 
 def _records_loss(model, batch: list[EncodedRecord], config: RPOConfig, ref_sum: torch.Tensor | None):
     """Mean loss over a batch of records and per-batch metrics; ref_sum (R,) for the flattened responses."""
-    prompts, responses = _flat(batch)
-    sum_logp, counts = response_logprobs(model, prompts, responses)
+    sum_logp, counts = response_logprobs(model, *_flat(batch))
+    return _loss_of_logprobs(sum_logp, counts, batch, config, ref_sum)
+
+
+def _loss_of_logprobs(sum_logp: torch.Tensor, counts: torch.Tensor, batch: list[EncodedRecord], config: RPOConfig,
+                      ref_sum: torch.Tensor | None):
+    """`_records_loss` from the policy's summed log-probs (R,) and response token counts (R,) of the flattened
+    responses of `batch`."""
     dtype = sum_logp.dtype
     losses, margins, correct, offset = [], [], [], 0
     Ks = [len(r.response_ids) for r in batch]
@@ -836,8 +889,7 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         if use_ref and isinstance(reference, ReferenceLogprobs):
             ref_sum = torch.cat([reference.sum_logp[offsets[i]:offsets[i + 1]] for i in idx])
         elif use_ref:
-            with torch.no_grad():
-                ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
+            ref_sum = _chunked_logprobs(reference, batch)
         metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
         rows.append({"step": step + 1, **metrics, "seconds": time.perf_counter() - t0})
     model.eval()
@@ -924,8 +976,7 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
             model.train()
             ref_sum = None
             if needs_reference(config.loss, config.kl_coef):
-                with torch.no_grad():
-                    ref_sum = response_logprobs(reference, *_flat(batch))[0].double()
+                ref_sum = _chunked_logprobs(reference, batch)
             metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
             row.update(metrics)
         row.setdefault("lr", sched.get_last_lr()[0])  # no step taken: the rate the next one takes

@@ -198,6 +198,16 @@ def test_pair_losses_on_groups_point_to_what_each_group_lacks_and_flags_by_name(
         with pytest.raises(PuzzleError, match=re.escape(words)):
             RPOConfig(loss="dpo", **kwargs)
 
+def test_empty_message_lists_and_roles_sft_refuses_are_named_with_their_record():
+    """Breaker: an offline {"prompt": [], ...} ended in the chat template's ValueError traceback; rpo took a "tool"
+    message that sft refuses."""
+    for record, words in [({"prompt": [], "chosen": "x", "rejected": "y"}, "the list of messages is empty"),
+                          ({"prompt": [{"role": "tool", "content": "x"}], "chosen": "x", "rejected": "y"},
+                           "chat messages must be objects with a 'role' in ('system', 'user', 'assistant')")]:
+        with pytest.raises(PuzzleError, match=re.escape(f"data.jsonl, line 3, prompt: {words}")):
+            record_from_dict(record, "data.jsonl, line 3")
+
+
 def test_sampling_greedy_matches_generate_and_padding_is_invisible(tiny):
     model, eos = tiny.model, tiny.tokenizer.eos_token_id
     prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62]]
@@ -261,6 +271,37 @@ def test_two_response_groups_train_pair_losses_best_first(tiny):
     with pytest.raises(PuzzleError, match="every response has the same reward"):
         train_offline(model, enc[:1], RPOConfig(loss="rpo-sq", steps=1, batch_size=1), frozen_copy(model))
 
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo", "rloo", "rpo-multi"])
+def test_a_step_past_the_token_chunk_takes_the_one_pass_gradient(loss, monkeypatch):
+    """Leftover: a step's forward with gradients took all k responses at once (--k 64 on SmolLM2 peaked at 7.7 GB,
+    growing with k). Past GRAD_CHUNK_TOKENS it runs in pieces: the same gradient, one piece's activations at a time."""
+    from puzzle import preference
+    from puzzle.preference import EncodedRecord, _optimizer, _train_step, token_chunks
+
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda n: tuple(torch.randint(1, 200, (n,), generator=gen).tolist())  # noqa: E731
+    K = 2 if loss in ("dpo", "simpo") else 5
+    batch = [EncodedRecord(ids(4 + g), tuple(ids(3 + (g + j) % 4) for j in range(K)),
+                           tuple(float(j == g % K) + 0.1 * j for j in range(K)), is_pair=K == 2) for g in range(3)]
+    ref_sum = torch.randn(3 * K, generator=gen, dtype=torch.float64) - 20 if preference.needs_reference(loss, 0) else None
+    grads = []
+    for budget in (10_000, 12):  # one pass; pieces of at most 12 padded tokens
+        monkeypatch.setattr(preference, "GRAD_CHUNK_TOKENS", budget)
+        model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        config = RPOConfig(loss=loss, steps=1, batch_size=3)
+        params, opt, sched = _optimizer(model, config)
+        metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
+        grads.append((metrics, [p.grad.clone() for p in params]))  # the gradient of the step, before clipping
+    (one, g1), (chunked, g2) = grads
+    assert len(token_chunks(*preference._flat(batch), budget=12)) >= 4
+    assert one["loss"] == pytest.approx(chunked["loss"], rel=1e-5) and one["grad_norm"] > 0
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert [len(range(*c.indices(4))) for c in token_chunks([(1,)] * 4, [(2, 3)] * 4, budget=7)] == [2, 2]
+    assert token_chunks([(1,) * 9], [(2,)], budget=4) == [slice(0, 1)]  # a pair longer than the budget: alone
 
 def test_online_rloo_and_rpo_with_adapters(tiny):
     model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model
