@@ -72,6 +72,10 @@ class TargetConfig:
             raise PuzzleError(f"target.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 
+#: the most timing rounds score.cost_repeats and score.measure_repeats take (as `puzzle front --one-session --repeats`)
+MAX_REPEATS = 1000
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """Replace-1-block scoring and cost measurement.
@@ -109,8 +113,10 @@ class ScoreConfig:
 
         for name in ("cost_repeats", "measure_repeats"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise PuzzleError(f"score.{name} must be a whole number of timing rounds >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_REPEATS:
+                # breaker: 1000000 timed on for good, with no estimate
+                raise PuzzleError(f"score.{name} must be a whole number of timing rounds from 1 to {MAX_REPEATS}, "
+                                  f"got {value!r}")
         for name in ("tokens", "position_stride", "chunk"):  # CLI: --score-tokens
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

@@ -504,6 +504,10 @@ def test_run_config_takes_max_contention_in_cores(tmp_path):
             path.write_text(f"[score]\n{name} = {bad}\n")
             with pytest.raises(PuzzleError, match=f"score.{name} must be a whole number"):
                 load_preset(str(path))
+    for name in ("cost_repeats", "measure_repeats"):  # breaker: 1000000 timed on for good
+        path.write_text(f"[score]\n{name} = 1000001\n")
+        with pytest.raises(PuzzleError, match=f"score.{name} must be a whole number of timing rounds from 1 to 1000"):
+            load_preset(str(path))
     path.write_text("[score]\nmeasure_repeats = 7\n")
     assert load_preset(str(path)).score.measure_repeats == 7
     assert load_preset("smollm2-demo").score.measure_repeats == 5 and load_preset("tiny").score.measure_repeats == 3
