@@ -959,7 +959,7 @@ def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.
         PuzzleError: `run_dir` is no run directory; FileNotFoundError: as `front_rows`.
     """
     from .baselines import open_run, row_inputs, stale_greedy_rows
-    from .pipeline import front_csv_damaged
+    from .pipeline import front_csv_damaged, front_is_current
 
     run = open_run(Path(run_dir), progress=False)
     if (why := front_csv_damaged(run.out)) is not None:  # breaker: a cut front.csv drew a front without our children
@@ -968,6 +968,9 @@ def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.
     elif not (run.out / "front.csv").is_file():  # breaker: the notebook drew the baselines alone as the run's front
         warnings.warn(f"{run.out / 'front.csv'} is missing, so the front holds no child of ours: `puzzle front --out "
                       f"{run.out}` writes it (from summary.csv when current, else by measuring the children)")
+    elif (why := front_is_current(run)) is not None:  # breaker: a front timed at batch 2 drawn after a rescore at 16
+        warnings.warn(f"{run.out / 'front.csv'} is out of date ({why}), so its rows are drawn as they stand: "
+                      f"`puzzle front --out {run.out}` measures it again")
     return front_rows(run_dir, with_downstream, inputs=row_inputs(run), exclude=stale_greedy_rows(run))
 
 

@@ -1,5 +1,7 @@
 """The notebook under notebooks/ runs top to bottom on a tiny run directory and draws its figures."""
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -92,7 +94,16 @@ def test_a_damaged_front_or_search_record_stops_the_notebook_with_the_command_th
 
     copy = tmp_path_factory.mktemp("damaged") / "run"
     shutil.copytree(_run_with_front(tmp_path_factory), copy)
-    assert list(plots.searched_choices(copy)) and len(plots.current_front_rows(copy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a current front draws without a word
+        assert list(plots.searched_choices(copy)) and len(plots.current_front_rows(copy))
+    # breaker: a front timed at batch 2 was drawn without a word after the run was rescored at batch 16
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "target": {**config["target"], "batch_size": 16}}))
+    with pytest.warns(UserWarning, match=r"front.csv is out of date \(the settings changed \(target.batch_size: "
+                                         r"2 -> 16\)\), so its rows are drawn as they stand: `puzzle front --out"):
+        plots.current_front_rows(copy)
+    (copy / "config.json").write_text(json.dumps(config))
     front = (copy / "front.csv").read_bytes()
     (copy / "front.csv").write_bytes(front[:200])
     monkeypatch.setenv("PUZZLE_RUN", str(copy))
