@@ -584,8 +584,13 @@ def _folder_inputs(args, log) -> GKDInputs:
     if not args.parent or not args.calib or not args.dest:
         raise PuzzleError("with --child FOLDER also give --parent PATH (the teacher), --calib FILE ... (training text) "
                           "and --dest FOLDER")
-    if args.eval and set(args.eval) & set(args.calib):
-        raise PuzzleError("--calib and --eval share sources; never evaluate on training text")
+    from .io import refuse_repeated
+
+    refuse_repeated("--calib", args.calib)
+    if args.eval:
+        refuse_repeated("--eval", args.eval)
+        refuse_repeated("--calib and --eval together", [*args.calib, *args.eval],  # `a` and `./a` too
+                        "never evaluate on training text: give --eval other files")
     seq_len = args.seq_len if args.seq_len is not None else FOLDER_SEQ_LEN
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else FOLDER_EVAL_TOKENS
     if seq_len < 2:

@@ -45,6 +45,21 @@ def file_in_the_way(path: str | os.PathLike) -> Path | None:
     return above if above is not None and not above.is_dir() else None
 
 
+def refuse_repeated(flag: str, specs, advice: str = "give each file once") -> None:
+    """Refuse a file named twice in one flag's list (`a ./a` too: existing paths compare resolved), which would be read
+    twice and weigh double without a word (breaker: `sft --data a a` trained on 40 conversations of 20).
+
+    Raises:
+        PuzzleError: naming the flag and the file."""
+    seen: dict = {}
+    for spec in specs:
+        key = Path(spec).resolve() if Path(spec).exists() else str(spec)
+        if key in seen:
+            raise PuzzleError(f"{flag} names {seen[key]}{f' (as {spec})' if str(spec) != str(seen[key]) else ''} "
+                              f"twice; {advice}")
+        seen[key] = spec
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file + fsync + rename); creates parent folders.
 

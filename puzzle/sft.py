@@ -746,6 +746,9 @@ def run_sft_command(args, log=None) -> dict | None:
     from .export import check_export_target, export_provenance, model_ref, run_ref, training_ref
     from .tiny import means_builtin_tiny
 
+    from .io import refuse_repeated
+
+    refuse_repeated("--data", args.data)
     dest = Path(args.dest)
     from .pipeline import check_dest_in_a_run, check_run_dest
 

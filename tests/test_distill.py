@@ -175,6 +175,21 @@ def test_token_counts_past_the_text_are_said(tmp_path):
                             f"about {40000 / packed:.1f} times") for m in said), said
 
 
+def test_a_file_named_twice_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """Breaker: `gkd --calib a a` (or `a ./a`) packed the text twice without a word; --calib and --eval were compared
+    as strings, so `--calib a --eval ./a` evaluated on the training text."""
+    _folders(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for extra, words in [(["--calib", "./calib.txt"], r"--calib names \S+calib.txt \(as ./calib.txt\) twice; give each "
+                                                      r"file once"),  # `_args` gives calib.txt by its whole path
+                         (["--eval", "eval.txt", "eval.txt"], r"--eval names eval.txt twice"),
+                         (["--eval", "./calib.txt"], r"--calib and --eval together names \S+calib.txt \(as "
+                                                     r"./calib.txt\) twice; never evaluate on training text")]:
+        with pytest.raises(PuzzleError, match=words):
+            run_gkd_command(_args(tmp_path, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_on_exported_folders_writes_an_exported_folder(tmp_path):
     _folders(tmp_path)
     summary = run_gkd_command(_args(tmp_path, tmp_path / "out", "--eval", str(tmp_path / "eval.txt")))

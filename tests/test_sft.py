@@ -429,7 +429,10 @@ def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
                          (["--lr", "1e6"], "--lr 1000000.0 is not a learning rate in (0, 1)"),  # breaker: trained
                          # reviewer: these two failed only after training (and export), or trained without a mode
                          (["--measure-toggle", "1500"], "--measure-toggle 1500: cannot make 1500 distinct"),
-                         (["--seq-len", "128"], "are longer than --seq-len 128 and left out; --seq-len 240 keeps")]:
+                         (["--seq-len", "128"], "are longer than --seq-len 128 and left out; --seq-len 240 keeps"),
+                         # breaker: the same file twice trained on 40 conversations of 20
+                         (["--data", "demo:reasoning-toggle", "demo:reasoning-toggle"],
+                          "--data names demo:reasoning-toggle twice; give each file once")]:
         args = parser.parse_args(base + extra)
         with pytest.raises(PuzzleError, match=re.escape(words)):
             args.func(args)
