@@ -470,7 +470,8 @@ def reference_logprobs(ref_model, encoded: list[EncodedRecord], cache_dir=None, 
 def _drop_stale_references(cache_dir: Path, key: str, say) -> None:
     """Remove the reference log-prob files in an rpo output's own `cache_dir` other than the one keyed `key` (an
     interrupted run on other data or weights left them; this folder's run will never read them again)."""
-    stale = [f for f in Path(cache_dir).glob("ref_logprobs-*.safetensors") if f.name != f"ref_logprobs-{key}.safetensors"]
+    keep = f"ref_logprobs-{key}.safetensors"
+    stale = [f for f in Path(cache_dir).glob("ref_logprobs-*.safetensors") if f.name != keep]
     for f in stale:
         f.unlink(missing_ok=True)
     if stale:  # leftover: they stayed in the folder for good

@@ -563,10 +563,10 @@ def check_workload_fits(configs: Sequence[ModelConfig], workload: Workload, what
     need, free = workload_bytes(configs, workload), available_bytes(workload.device)
     if free is not None and need > MEMORY_SHARE * free:
         raise PuzzleError(
-            f"timing {what} at batch {workload.batch_size}, prompt {workload.prompt_len} + {workload.gen_len} generated "
-            f"tokens needs at least {need / 2**30:.1f} GiB for KV caches and activations, over {MEMORY_SHARE:.0%} of "
-            f"the {free / 2**30:.1f} GiB free now on {workload.device}: lower --batch-size, --prompt-len or --gen-len "
-            f"(the run's [target] settings), or free memory")
+            f"timing {what} at batch {workload.batch_size}, prompt {workload.prompt_len} + {workload.gen_len} "
+            f"generated tokens needs at least {need / 2**30:.1f} GiB for KV caches and activations, over "
+            f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free now on {workload.device}: lower --batch-size, "
+            f"--prompt-len or --gen-len (the run's [target] settings), or free memory")
 
 
 def _check_target(workload: Workload, clock: str, pin_allocator: bool) -> str:
@@ -1033,8 +1033,8 @@ def measure_models(models: Mapping[str, PuzzleForCausalLM], workload: Workload, 
     for model in models.values():
         _check_model(model, workload)
     configs = [m.config for m in models.values()]  # a round's caches are held together when it goes by step
-    check_workload_fits(configs if interleave == "step" else [max(configs, key=lambda c: workload_bytes([c], workload))],
-                        workload, f"{len(models)} model{'s' if len(models) > 1 else ''}")
+    held = configs if interleave == "step" else [max(configs, key=lambda c: workload_bytes([c], workload))]
+    check_workload_fits(held, workload, f"{len(models)} model{'s' if len(models) > 1 else ''}")
     B, P, G = workload.batch_size, workload.prompt_len, workload.gen_len
     device, dtype = torch.device(workload.device), workload.torch_dtype
     names = list(models)

@@ -581,7 +581,8 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
         return
     tried = first["candidates"]
     assert run.timings["budget_feedback_s"] > before_s  # the options' realizing, scoring (a demo: 141 s in no stage)
-    assert len(tried) >= 2 and tried[0]["source"].startswith("the MIP's first")  # the child itself is over: not a candidate
+    # the child itself is over: not a candidate
+    assert len(tried) >= 2 and tried[0]["source"].startswith("the MIP's first")
     assert all(t["source"].startswith("trust-region #") and t["source"].endswith("from the child)") for t in tried[1:])
     assert len({t["source"] for t in tried}) == len(tried)  # each named apart (a fresh user: two alike)
     picked = min(tried, key=lambda t: t["selection_kl"])
@@ -679,7 +680,8 @@ def test_the_feedback_pick_benchmark_replays_re_solves_and_refuses_bad_input(tmp
     assert set(rows["factor"]) <= {0.97, 1.03} and rows[["selection_kl", "eval_kl"]].notna().all().all()
     for (_, _), g in rows.groupby(["child", "factor"]):
         assert g["picked"].sum() == 1 and g.loc[g["picked"], "selection_kl"].iloc[0] == g["selection_kl"].min()
-        assert g["source"].str.contains("the MIP's first", regex=False).sum() == 1  # named also where it is the child itself
+        # named also where it is the child itself
+        assert g["source"].str.contains("the MIP's first", regex=False).sum() == 1
     assert len(summary) == rows.groupby(["child", "factor"]).ngroups and summary["picked_over_mip_first"].notna().all()
     assert "picked / MIP's first: geometric mean" in capsys.readouterr().out
 

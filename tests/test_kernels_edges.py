@@ -176,7 +176,8 @@ def test_review_of_stop_38_grid_second_order_grads_dtypes_lengths_and_forward_on
     assert empty.shape == (0, 4, 1, 8)
     # leftover: an empty batch took a (0,) tensor of lengths but refused the int 1 ("outside [1, 0]")
     assert decode_attention(q1[:0], kc[:0, :, :0], kc[:0, :, :0], 1).shape == (0, 4, 1, 8)
-    for call in (lambda: prefill_attention(q, k[:, :0], v[:, :0]), lambda: decode_attention(q1, kc[:, :0], kc[:, :0], 2)):
+    for call in (lambda: prefill_attention(q, k[:, :0], v[:, :0]),
+                 lambda: decode_attention(q1, kc[:, :0], kc[:, :0], 2)):
         with pytest.raises(ValueError, match=r"hold no KV head \(G = 0\); give at least one"):  # "divides 4"
             call()
 

@@ -284,7 +284,8 @@ def test_a_step_past_the_token_chunk_takes_the_one_pass_gradient(loss, monkeypat
     K = 2 if loss in ("dpo", "simpo") else 5
     batch = [EncodedRecord(ids(4 + g), tuple(ids(3 + (g + j) % 4) for j in range(K)),
                            tuple(float(j == g % K) + 0.1 * j for j in range(K)), is_pair=K == 2) for g in range(3)]
-    ref_sum = torch.randn(3 * K, generator=gen, dtype=torch.float64) - 20 if preference.needs_reference(loss, 0) else None
+    uses_ref = preference.needs_reference(loss, 0)
+    ref_sum = torch.randn(3 * K, generator=gen, dtype=torch.float64) - 20 if uses_ref else None
     grads = []
     for budget in (10_000, 12):  # one pass; pieces of at most 12 padded tokens
         monkeypatch.setattr(preference, "GRAD_CHUNK_TOKENS", budget)
