@@ -888,8 +888,11 @@ def cmd_front(args) -> int:
         raise PuzzleError("--downstream-limit only applies with --downstream TASK,...; add --downstream or drop it")
     if args.repeats is not None and not args.one_session:
         raise PuzzleError("--repeats sets the rounds of --one-session; add --one-session or drop it")
-    if args.one_session and not 2 <= (args.repeats if args.repeats is not None else ONE_SESSION_REPEATS) <= 1000:
-        raise PuzzleError(f"--repeats must be from 2 to 1000 (rounds of the one session), got {args.repeats}")
+    from .config import MAX_REPEATS
+
+    repeats = args.repeats if args.repeats is not None else ONE_SESSION_REPEATS
+    if args.one_session and not 2 <= repeats <= MAX_REPEATS:
+        raise PuzzleError(f"--repeats must be from 2 to {MAX_REPEATS} (rounds of the one session), got {args.repeats}")
     # refused or interrupted before its search wrote: the run as it was; after: the new settings with their choices
     with _stage_run(args, existing=True) as run:
         from .pipeline import changed_data_sources, stage_data
@@ -1412,6 +1415,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:
         said = getattr(e, "puzzle_note", None) or "finished work is saved, rerun the same command to resume"
+        out = getattr(args, "out", None)
+        if not hasattr(e, "puzzle_note") and isinstance(out, Path) and not out.exists():  # breaker: stopped before
+            said = f"nothing was finished, and {out} was not made"  # the stage began, "finished work is saved"
         terminated = bool(_TERMINATED)
         _TERMINATED.clear()
         print(f"puzzle: {'stopped (SIGTERM)' if terminated else 'interrupted'}; {said}", file=sys.stderr)

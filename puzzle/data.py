@@ -297,7 +297,7 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
 
     Raises PuzzleError on a line that is not JSON or a record without text.
     """
-    docs, seen, broken = [], set(), []
+    docs, seen, broken, blank = [], set(), [], []
     for lineno, record in iter_json_lines(path):
         if isinstance(record.get("request"), dict) and "context" in record["request"] and "doc_id" in record:
             doc_id, passage = _oe_eval_passage(record, f"{path}, line {lineno}")
@@ -318,8 +318,14 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
         if text is None:
             raise PuzzleError(f"{path}, line {lineno}: no {text_field!r} field (nor 'messages' or 'turns'); "
                               f"name the text field with --text-field")
+        if not text.strip():  # breaker: dropped later without a word, where a table's blank rows are said
+            blank.append(lineno)
+            continue
         doc_id = record.get("id", record.get("question_id", lineno - 1))
         docs.append(Document(text.strip(), str(doc_id), source))
+    if blank:
+        warnings.warn(f"data source {source}: {len(blank)} record(s) of {path} with blank {text_field!r} text (line "
+                      f"{blank[0]}{' and others' if len(blank) > 1 else ''}), skipped")
     if broken:
         many = len(broken) > 1
         warnings.warn(f"{path}: {len(broken)} record{'s' if many else ''} (line {broken[0]}"
@@ -388,8 +394,8 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out
             raise PuzzleError(f"{file} has no column {text_field!r} (columns: {table.column_names}); "
                               f"name the text column with --text-field")
         column = table.column(text_field)
-        import pyarrow as pa
-
+        if pa.types.is_dictionary(column.type):  # breaker: pandas' Categorical strings were refused as "not text"
+            column = column.cast(column.type.value_type)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
                 or getattr(pa.types, "is_string_view", lambda t: False)(column.type)):
             raise PuzzleError(f"{file}: column {text_field!r} holds {column.type}, not text; name the text column "

@@ -524,6 +524,9 @@ def test_an_interrupted_command_takes_back_a_new_out_holding_only_bookkeeping(tm
     assert not (tmp_path / "new").exists()
     err = capsys.readouterr().err
     assert err.endswith(f"puzzle: interrupted; nothing was finished, and {out} was not made\n"), err
+    monkeypatch.setattr(puzzle.cli, "_stage_run", interrupted)  # before any stage's run was opened (breaker: 1 s in)
+    assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err.endswith(f"puzzle: interrupted; nothing was finished, and {out} was not made\n")
 
 
 def test_the_parent_weights_hash_ignores_the_path_and_sees_weights_and_dtype():

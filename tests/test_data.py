@@ -161,6 +161,20 @@ def test_lee_cor_is_one_document_per_line(tmp_path):
     assert [d.text for d in read_documents(str(f), txt_mode="paragraph")] == ["First article here.", "Second article."]
 
 
+def test_blank_jsonl_records_are_said_and_categorical_parquet_text_is_read(tmp_path):
+    """Breaker: blank jsonl records were dropped without a word (a table's blank rows are said); pandas' Categorical
+    text column was refused as "not text", with advice to name another column."""
+    import pandas as pd
+
+    f = tmp_path / "ws.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("one doc", "   \n ", "two doc", "")))
+    with pytest.warns(UserWarning, match=r"2 record\(s\) of .*ws.jsonl with blank 'text' text \(line 2 and others\), "
+                                         r"skipped"):
+        assert [d.text for d in read_documents(str(f))] == ["one doc", "two doc"]
+    pd.DataFrame({"text": pd.Categorical(["a doc", "b doc", "a doc"])}).to_parquet(tmp_path / "cat.parquet")
+    assert [d.text for d in read_documents(str(tmp_path / "cat.parquet"))] == ["a doc", "b doc", "a doc"]
+
+
 def test_parquet_and_save_to_disk_folder(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
