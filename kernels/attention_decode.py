@@ -170,7 +170,7 @@ def _check(q, k_cache, v_cache, lengths):
                          f"both be (B={B}, G, S_max, D={D})")
     G, S_max = k_cache.shape[1], k_cache.shape[2]
     if G < 1:  # leftover: G = 0 was told to "choose a KV-head count that divides 0"
-        raise ValueError(f"decode attention: k and v hold no KV head (G = 0); give at least one")
+        raise ValueError("decode attention: k and v hold no KV head (G = 0); give at least one")
     if H % G != 0:
         raise ValueError(f"decode attention: {H} query heads cannot share {G} KV heads (H must be a multiple of G); "
                          f"choose a KV-head count that divides {H}")
@@ -183,7 +183,7 @@ def _check(q, k_cache, v_cache, lengths):
                          f"got {q.dtype}")
     check_same_device("decode attention", q=q, k_cache=k_cache, v_cache=v_cache)  # lengths: the kernel's own check
     if S_max < 1 and B * H:
-        raise ValueError(f"decode attention: the cache holds no position (S_max = 0); it must hold the new token")
+        raise ValueError("decode attention: the cache holds no position (S_max = 0); it must hold the new token")
     if isinstance(lengths, torch.Tensor):
         if lengths.shape != (B,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"decode attention: lengths must be an int or a (B={B},) integer tensor; got "

@@ -142,7 +142,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape != v.shape or Bk != B or Dk != D:
         raise ValueError(f"prefill attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, G, S, D={D})")
     if G < 1:  # leftover: G = 0 was told to "choose a KV-head count that divides 0"
-        raise ValueError(f"prefill attention: k and v hold no KV head (G = 0); give at least one")
+        raise ValueError("prefill attention: k and v hold no KV head (G = 0); give at least one")
     if H % G != 0:
         raise ValueError(f"prefill attention: {H} query heads cannot share {G} KV heads (H must be a multiple of G); "
                          f"choose a KV-head count that divides {H}")

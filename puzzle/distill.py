@@ -589,7 +589,8 @@ def _folder_inputs(args, log) -> GKDInputs:
     refuse_repeated("--calib", args.calib)
     if args.eval:
         refuse_repeated("--eval", args.eval)
-        refuse_repeated("--calib and --eval together", [*args.calib, *args.eval],  # `a` and `./a` too
+        # `a` and `./a` too; a folder of splits gives --calib its train split and --eval its held-out one (reviewer)
+        refuse_repeated("--calib and --eval together", [p for p in (*args.calib, *args.eval) if not Path(p).is_dir()],
                         "never evaluate on training text: give --eval other files")
     seq_len = args.seq_len if args.seq_len is not None else FOLDER_SEQ_LEN
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else FOLDER_EVAL_TOKENS
@@ -621,7 +622,7 @@ def _folder_inputs(args, log) -> GKDInputs:
     # breaker: --calib-tokens 10000000 and --eval-tokens 100000000 packed what the text held without a word
     for flag, asked, ids in (("--calib-tokens", args.calib_tokens, train_ids),
                              ("--eval-tokens", args.eval_tokens, eval_ids)):
-        if asked is not None and ids is not None and ids.numel() < asked:
+        if asked is not None and ids is not None and ids.numel() < asked // seq_len * seq_len:  # (whole sequences)
             log(f"gkd: {flag} {asked}: the text holds {ids.numel()} tokens in whole sequences of --seq-len {seq_len}; "
                 f"packed those")
 
@@ -696,9 +697,10 @@ def run_gkd_command(args, log=None) -> dict:
             raise PuzzleError(f"--batch-size {config.batch_size} is more than the {len(inputs.train_ids)} sequences of "
                               f"the training split ({inputs.description['train_data']}); give --batch-size "
                               f"{len(inputs.train_ids)} or less, or more training text")
-        if config.tokens > inputs.train_ids.numel():  # breaker: --tokens 200000 on 31k tokens, 6 passes unsaid
+        trained = config.steps(inputs.train_ids.shape[1]) * config.batch_size * inputs.train_ids.shape[1]
+        if trained > inputs.train_ids.numel():  # breaker: --tokens 200000 on 31k tokens, 6 passes unsaid
             log(f"gkd: --tokens {config.tokens} is more than the {inputs.train_ids.numel()} training tokens: the "
-                f"training text is seen about {config.tokens / inputs.train_ids.numel():.1f} times (epochs)")
+                f"training text is seen about {trained / inputs.train_ids.numel():.1f} times (epochs)")
         # a folder's child: as FOLDER_SOURCE, or by its path where a checkpoint of an earlier version recorded that
         extra_meta = {"child_source": inputs.child_source if inputs.child_source != FOLDER_SOURCE else recorded_source(
             inputs.work / "checkpoint.pt", "child_source", inputs.description["child"], inputs.child_source),

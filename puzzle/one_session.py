@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import MAX_REPEATS
 from .errors import PuzzleError
 from .io import atomic_write_json, read_json
 
@@ -74,8 +75,9 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     from .scoring.cost import MEMORY_SHARE, available_bytes, measure_models, on_workload
     from .scoring.machine import machine_record
 
-    if not isinstance(repeats, int) or not 2 <= repeats <= 1000:
-        raise PuzzleError(f"--repeats must be a whole number from 2 to 1000 (rounds of the one session), got {repeats}")
+    if not isinstance(repeats, int) or not 2 <= repeats <= MAX_REPEATS:
+        raise PuzzleError(f"--repeats must be a whole number from 2 to {MAX_REPEATS} (rounds of the one session), "
+                          f"got {repeats}")
     t0 = time.perf_counter()
     inputs = row_inputs(run)
     try:
@@ -208,14 +210,14 @@ def read_session(run_dir: Path, current: dict) -> dict | None:
         names = [m["name"] for m in models] if ok else []
         repeats = session["repeats"]
         ok = (ok and "parent" in names and len(set(names)) == len(names) and isinstance(repeats, int)
-              and not isinstance(repeats, bool) and 2 <= repeats <= 1000)  # one entry per name, the parent's too
+              and not isinstance(repeats, bool) and 2 <= repeats <= MAX_REPEATS)  # one entry per name, the parent's
         inputs = session["inputs"]
         if not ok or not isinstance(inputs, dict):
             raise TypeError
     except (PuzzleError, KeyError, TypeError):
         warnings.warn(f"{path} is damaged (it needs the parent and each model once, with runtime_ms > 0 and "
-                      f"runtime_iqr_ms >= 0, and repeats from 2 to 1000): the front is drawn with each model's own "
-                      f"session ({again})")
+                      f"runtime_iqr_ms >= 0, and repeats from 2 to {MAX_REPEATS}): the front is drawn with each "
+                      f"model's own session ({again})")
         return None
     # hand-edited figures (breaker: a child's runtime edited was drawn without a word); a file of an earlier version
     # has no checksum and is read as before

@@ -970,7 +970,7 @@ def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.
                       f"{run.out}` writes it (from summary.csv when current, else by measuring the children)")
     elif (why := front_is_current(run)) is not None:  # breaker: a front timed at batch 2 drawn after a rescore at 16
         warnings.warn(f"{run.out / 'front.csv'} is out of date ({why}), so its rows are drawn as they stand: "
-                      f"`puzzle front --out {run.out}` measures it again")
+                      f"`puzzle front --out {run.out}` brings it up to date")
     return front_rows(run_dir, with_downstream, inputs=row_inputs(run), exclude=stale_greedy_rows(run))
 
 

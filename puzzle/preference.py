@@ -380,11 +380,18 @@ def batched_logprobs(model, prompts: list, responses: list, batch_size: int = 8,
 
 
 @torch.no_grad()
-def _chunked_logprobs(model, batch: list) -> torch.Tensor:
-    """(R,) float64 summed log-probs of the flattened responses of `batch`, in `token_chunks` pieces."""
+def _chunked_logprobs(model, prompts: list, responses: list, pieces: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` without gradients, one `token_chunks` piece at a time: (N,) sums in the model's dtype (fp32
+    at least), (N,) token counts."""
+    parts = [response_logprobs(model, prompts[c], responses[c]) for c in pieces]
+    return torch.cat([s for s, _ in parts]), torch.cat([c for _, c in parts])
+
+
+def _reference_sums(reference, batch: list) -> torch.Tensor:
+    """(R,) float64 summed log-probs of π_ref (a frozen copy) over the flattened responses of `batch`, in pieces."""
     prompts, responses = _flat(batch)
-    return torch.cat([response_logprobs(model, prompts[c], responses[c])[0].double() for c in
-                      token_chunks(prompts, responses)])
+    pieces = token_chunks(prompts, responses, grad_chunk_tokens(reference))
+    return _chunked_logprobs(reference, prompts, responses, pieces)[0].double()
 
 
 def weights_sha256(model) -> str:
@@ -679,16 +686,36 @@ RPO_FLAGS = ("warmup_steps", "steps", "batch_size", "max_new_tokens", "k")
 
 #: the most responses per prompt (--k) a run samples; responses are sampled SAMPLE_CHUNK sequences at a time
 MAX_K, SAMPLE_CHUNK = 1024, 64
-#: padded tokens (responses x longest prompt + response) one forward of a training step takes with gradients: a
-#: larger batch is trained in chunks (`_train_step`); SmolLM2-135M keeps about 1.5 MB of activations per token
-GRAD_CHUNK_TOKENS = 1024
+#: activation bytes one forward of a training step may keep for its backward (on CUDA at least half the memory free
+#: then): a larger step is trained in pieces (`_train_step`)
+GRAD_CHUNK_BYTES = 2 * 2**30
 
 
-def token_chunks(prompts: list, responses: list, budget: int | None = None) -> list[slice]:
+def activation_bytes_per_token(model) -> int:
+    """Estimated bytes of activations a forward with gradients keeps per token for the backward: L · (10 C + 3 F)
+    elements in the model's dtype (per layer the residual stream, norms, q, k, v and attention outputs, about 10
+    widths of C, and the SwiGLU's gate, up and product). SmolLM2-135M: 1.24 MB; measured about 1.5 MB (`puzzle rpo
+    --k 64`: 7.7 GB peak on 3584 padded tokens, before the pieces)."""
+    c = model.config
+    itemsize = next(model.parameters()).element_size()
+    return len(c.blocks) * (10 * c.hidden_size + 3 * c.intermediate_size) * itemsize
+
+
+def grad_chunk_tokens(model) -> int:
+    """Padded tokens (responses x the longest prompt + response) one forward with gradients takes: GRAD_CHUNK_BYTES,
+    or on CUDA half the device's free memory where more, over `activation_bytes_per_token`."""
+    from .scoring.cost import available_bytes
+
+    budget, device = GRAD_CHUNK_BYTES, next(model.parameters()).device
+    if device.type == "cuda":
+        budget = max(budget, (available_bytes(str(device)) or 0) // 2)
+    return max(1, budget // activation_bytes_per_token(model))
+
+
+def token_chunks(prompts: list, responses: list, budget: int) -> list[slice]:
     """Consecutive slices of the N (prompt, response) pairs, each padding to at most `budget` tokens (pairs x the
-    longest pair in the slice; default GRAD_CHUNK_TOKENS), one pair at least: the pieces `response_logprobs` runs at
-    a time."""
-    budget = GRAD_CHUNK_TOKENS if budget is None else budget
+    longest pair in the slice), one pair at least (a longer pair is a piece alone): the pieces `response_logprobs`
+    runs at a time."""
     chunks, start, longest = [], 0, 0
     for i, (p, r) in enumerate(zip(prompts, responses)):
         longest = max(longest, len(p) + len(r))
@@ -712,19 +739,18 @@ def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
     """One optimiser step on `batch`: loss, backward, gradient clipping, AdamW and scheduler step. Returns the metrics.
 
     Every loss reaches the weights only through the responses' summed log-probs s (N,). A batch past
-    GRAD_CHUNK_TOKENS padded tokens is therefore trained in two passes with the same gradient: s without gradients,
-    the loss's gradient g = dL/ds on a detached copy, then per `token_chunks` piece a forward with gradients and
-    backward(g[piece]), so activations are held for one piece at a time (leftover: --k 64 on SmolLM2 peaked at
-    7.7 GB, growing with k; 512 would not fit 24 GB). It costs one more forward without gradients."""
+    `grad_chunk_tokens` padded tokens is therefore trained in two passes with the same gradient: s without
+    gradients, the loss's gradient g = dL/ds on a detached copy, then per `token_chunks` piece a forward with
+    gradients and backward(g[piece]), so activations are held for one piece at a time (leftover: --k 64 on SmolLM2
+    peaked at 7.7 GB, growing with k; 512 would not fit 24 GB). It costs one more forward without gradients."""
     prompts, responses = _flat(batch)
-    pieces = token_chunks(prompts, responses)
+    pieces = token_chunks(prompts, responses, grad_chunk_tokens(model))
     if len(pieces) == 1:
         loss, metrics = _records_loss(model, batch, config, ref_sum)
     else:
-        with torch.no_grad():
-            parts = [response_logprobs(model, prompts[c], responses[c]) for c in pieces]
-        sum_logp = torch.cat([s for s, _ in parts]).detach().requires_grad_(True)
-        loss, metrics = _loss_of_logprobs(sum_logp, torch.cat([c for _, c in parts]), batch, config, ref_sum)
+        sum_logp, counts = _chunked_logprobs(model, prompts, responses, pieces)
+        sum_logp.requires_grad_(True)
+        loss, metrics = _loss_of_logprobs(sum_logp, counts, batch, config, ref_sum)
     if not math.isfinite(metrics["loss"]):
         raise PuzzleError(f"rpo {config.loss}: the loss became {metrics['loss']}; lower the learning rate (or beta)")
     opt.zero_grad(set_to_none=True)
@@ -890,7 +916,7 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         if use_ref and isinstance(reference, ReferenceLogprobs):
             ref_sum = torch.cat([reference.sum_logp[offsets[i]:offsets[i + 1]] for i in idx])
         elif use_ref:
-            ref_sum = _chunked_logprobs(reference, batch)
+            ref_sum = _reference_sums(reference, batch)
         metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
         rows.append({"step": step + 1, **metrics, "seconds": time.perf_counter() - t0})
     model.eval()
@@ -977,7 +1003,7 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
             model.train()
             ref_sum = None
             if needs_reference(config.loss, config.kl_coef):
-                ref_sum = _chunked_logprobs(reference, batch)
+                ref_sum = _reference_sums(reference, batch)
             metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
             row.update(metrics)
         row.setdefault("lr", sched.get_last_lr()[0])  # no step taken: the rate the next one takes

@@ -410,7 +410,7 @@ def non_finite_parameter(model: nn.Module) -> str | None:
     return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
 
 
-#: what gkd and sft write into a work folder (besides `io.TEMP_FILE`s of an interrupted write)
+#: what gkd and sft write into a work folder (besides the hidden temp files of an interrupted write)
 WORK_FILES = frozenset({"checkpoint.pt", "gkd.json", "sft.json", "toggle.csv", "eval_before.json",
                         "teacher_cache.safetensors"})
 
@@ -447,10 +447,10 @@ def check_work_folder(work, inputs=(), allowed_under=()) -> None:
 
 
 def _check_own_files(work: Path) -> None:
-    """Refuse a work folder holding files other than WORK_FILES and the temp files of their killed writes (breaker:
-    `sft --work u` wrote checkpoint.pt and sft.json among a user's own files, and replaced theirs)."""
-    ours = lambda name: name in WORK_FILES or (  # noqa: E731
-        name.startswith(".") and name.endswith(".tmp") and name[1:-4].rsplit(".", 1)[0] in WORK_FILES)
+    """Refuse a work folder holding files other than WORK_FILES and hidden ones (the temp files of killed writes,
+    .nfs files of a checkpoint still open on NFS, .DS_Store) (breaker: `sft --work u` wrote checkpoint.pt and
+    sft.json among a user's own files, and replaced theirs)."""
+    ours = lambda name: name in WORK_FILES or name.startswith(".")  # noqa: E731
     if work.is_dir() and (foreign := sorted(p.name for p in work.iterdir() if not ours(p.name))):
         raise PuzzleError(f"--work {work} holds files no gkd or sft training wrote ({', '.join(foreign[:3])}"
                           f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or an earlier "

@@ -525,9 +525,13 @@ MEMORY_SHARE = 0.7
 
 
 def available_bytes(device: str) -> int | None:
-    """Memory free for new allocations on `device` (bytes), or None when it cannot be read."""
+    """Memory free for new allocations on `device` (bytes), or None when it cannot be read. On CUDA: the device's
+    free memory plus what PyTorch's caching allocator holds unused (freed tensors of an earlier timing), on the
+    device named (cuda:N), not the current one."""
     if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
+        dev = torch.device(device)
+        unused = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return int(torch.cuda.mem_get_info(dev)[0] + unused)
     try:  # MemAvailable counts the page cache the kernel can give back; free pages alone do not
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -541,14 +545,15 @@ def available_bytes(device: str) -> int | None:
 
 def workload_bytes(configs: Sequence[ModelConfig], workload: Workload) -> int:
     """A lower bound of the bytes a timing of models of `configs` allocates beyond their weights: each one's KV
-    cache at (B, P + G) (`memory.kv_cache_bytes` per gqa layer, all held at once) and the largest layer's prefill
-    activations, B · P · (4 C + (H + 2 G) D + 3 F) elements (residual, norm and attention outputs; q, k, v; the
-    SwiGLU's gate, up and product) in the workload dtype."""
+    cache at (B, P + G) (`memory.kv_cache_bytes` per gqa layer, all held at once) and one layer's prefill
+    activations at their peak, B · P · (2 C + max(2 (H + G) D, 3 F)) elements in the workload dtype (the residual
+    stream and the normed input; then either q, k, v and the attention output, or the SwiGLU's gate, up and
+    product: without gradients the two subblocks' are never held together)."""
     B, P, dtype = workload.batch_size, workload.prompt_len, workload.torch_dtype
     kv = sum(memory.kv_cache_bytes(c, b.attention, B, workload.kv_len, workload.dtype) for c in configs
              for b in c.blocks)
-    act = max(4 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-              + 3 * c.intermediate_size for c in configs)
+    act = max(2 * c.hidden_size + max(2 * (c.num_attention_heads + c.num_key_value_heads) * c.head_dim,
+                                      3 * c.intermediate_size) for c in configs)
     return kv + B * P * act * dtype.itemsize
 
 
@@ -828,7 +833,8 @@ def measure_subblock_costs(config: ModelConfig, attention_variants: Iterable, ff
     working_set = int((working_set_mib * memory.MIB) if working_set_mib is not None
                       else 2 * last_level_cache_bytes(workload.device))
     allocator = _check_target(workload, clock, pin_allocator)
-    check_workload_fits([config], workload, "the subblock variants")
+    # at least one copy of one layer (its cache and activations): the benchmarks hold 1 to L copies per variant
+    check_workload_fits([dataclasses.replace(config, blocks=config.blocks[:1])], workload, "the subblock variants")
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         tasks = []

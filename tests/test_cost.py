@@ -693,7 +693,7 @@ def test_a_workload_whose_caches_cannot_fit_is_refused_before_timing_and_the_set
 
     config, w = tiny_config(), Workload(batch_size=3, prompt_len=10, gen_len=6)
     kv = sum(KVCache(config, 3, 16, torch.float32, "meta").nbytes() for _ in range(2))  # two models' caches
-    assert workload_bytes([config, config], w) == kv + 3 * 10 * (4 * 64 + (4 + 2 * 2) * 16 + 3 * 128) * 4
+    assert workload_bytes([config, config], w) == kv + 3 * 10 * (2 * 64 + max(2 * (4 + 2) * 16, 3 * 128)) * 4
     check_workload_fits([config], w, "a model")  # a few KB: fits
     with pytest.raises(PuzzleError, match=r"timing 2 models at batch 3, prompt 100000000 \+ 6 generated tokens needs "
                                           r"at least .* GiB .* lower --batch-size, --prompt-len or --gen-len"):

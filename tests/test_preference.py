@@ -198,6 +198,7 @@ def test_pair_losses_on_groups_point_to_what_each_group_lacks_and_flags_by_name(
         with pytest.raises(PuzzleError, match=re.escape(words)):
             RPOConfig(loss="dpo", **kwargs)
 
+
 def test_empty_message_lists_and_roles_sft_refuses_are_named_with_their_record():
     """Breaker: an offline {"prompt": [], ...} ended in the chat template's ValueError traceback; rpo took a "tool"
     message that sft refuses."""
@@ -275,7 +276,7 @@ def test_two_response_groups_train_pair_losses_best_first(tiny):
 @pytest.mark.parametrize("loss", ["dpo", "simpo", "rloo", "rpo-multi"])
 def test_a_step_past_the_token_chunk_takes_the_one_pass_gradient(loss, monkeypatch):
     """Leftover: a step's forward with gradients took all k responses at once (--k 64 on SmolLM2 peaked at 7.7 GB,
-    growing with k). Past GRAD_CHUNK_TOKENS it runs in pieces: the same gradient, one piece's activations at a time."""
+    growing with k). Past `grad_chunk_tokens` it runs in pieces: the same gradient, one piece's activations at a time."""
     from puzzle import preference
     from puzzle.preference import EncodedRecord, _optimizer, _train_step, token_chunks
 
@@ -288,7 +289,7 @@ def test_a_step_past_the_token_chunk_takes_the_one_pass_gradient(loss, monkeypat
     ref_sum = torch.randn(3 * K, generator=gen, dtype=torch.float64) - 20 if uses_ref else None
     grads = []
     for budget in (10_000, 12):  # one pass; pieces of at most 12 padded tokens
-        monkeypatch.setattr(preference, "GRAD_CHUNK_TOKENS", budget)
+        monkeypatch.setattr(preference, "grad_chunk_tokens", lambda model, budget=budget: budget)
         model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model
         for p in model.parameters():
             p.requires_grad_(True)
@@ -303,6 +304,10 @@ def test_a_step_past_the_token_chunk_takes_the_one_pass_gradient(loss, monkeypat
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert [len(range(*c.indices(4))) for c in token_chunks([(1,)] * 4, [(2, 3)] * 4, budget=7)] == [2, 2]
     assert token_chunks([(1,) * 9], [(2,)], budget=4) == [slice(0, 1)]  # a pair longer than the budget: alone
+    monkeypatch.undo()  # the budget on a CPU: GRAD_CHUNK_BYTES over L (10 C + 3 F) fp32 activations per token
+    assert preference.activation_bytes_per_token(model) == 2 * (10 * 32 + 3 * 64) * 4
+    assert preference.grad_chunk_tokens(model) == 2 * 2**30 // (2 * (10 * 32 + 3 * 64) * 4)
+
 
 def test_online_rloo_and_rpo_with_adapters(tiny):
     model = tiny_parent(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64).model

@@ -447,6 +447,7 @@ def test_command_line_values_that_would_fail_late_are_refused_first(tmp_path):
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "checkpoint.pt").write_bytes(bytes(range(256)) * 20)
+    (junk / ".DS_Store").write_bytes(b"")  # hidden files are no user's work (reviewer: .nfs files of NFS, too)
     with pytest.raises(PuzzleError, match=r"checkpoint .*checkpoint.pt cannot be read \(not a torch file of tensors\); "
                                           r"delete it to start over"):
         (args := parser.parse_args(base + ["--work", str(junk)])).func(args)
