@@ -276,7 +276,7 @@ def test_two_response_groups_train_pair_losses_best_first(tiny):
 @pytest.mark.parametrize("loss", ["dpo", "simpo", "rloo", "rpo-multi"])
 def test_a_step_past_the_token_chunk_takes_the_one_pass_gradient(loss, monkeypatch):
     """Leftover: a step's forward with gradients took all k responses at once (--k 64 on SmolLM2 peaked at 7.7 GB,
-    growing with k). Past `grad_chunk_tokens` it runs in pieces: the same gradient, one piece's activations at a time."""
+    growing with k). Past `grad_chunk_tokens` it runs in pieces: the same gradient, a piece's activations at a time."""
     from puzzle import preference
     from puzzle.preference import EncodedRecord, _optimizer, _train_step, token_chunks
 
