@@ -706,4 +706,4 @@ def test_a_workload_whose_caches_cannot_fit_is_refused_before_timing_and_the_set
         assert "for KV caches and activations" in err and "Traceback" not in err, err
         assert (run / "config.json").read_bytes() == before  # the setting is put back: search reads the old one
     files.pop(run / "config.json")  # put back byte for byte; nothing else written
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "config.json"} == files
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p != run / "config.json"} == files
