@@ -2473,9 +2473,13 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     # each point named by its target and measured speed-up (reviewer: "0.68x" beside "0.68x", which child is which?)
     ax.plot(kids["throughput_tok_s"], kids["kl_nats"], "o-", color="tab:blue",
             label="children (BLD library, MIP): target -> measured speed-up")
-    for r in kids.itertuples():
+    # below and right of a point, off the rising curve; the fastest one's to its left, inside the axes (fresh
+    # user: "3x -> 3.12x" ran into the right edge, "1.5x -> 1.55x" sat on the curve)
+    for i, r in enumerate(kids.itertuples()):
+        last = i == len(kids) - 1
         ax.annotate(label(r.name, r.speedup), (r.throughput_tok_s, r.kl_nats), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+                    xytext=(-8, 0) if last else (6, -10), ha="right" if last else "left",
+                    va="center" if last else "baseline", fontsize=8)
     p = front[front["name"] == "parent"].iloc[0]
     ax.plot([p["throughput_tok_s"]], [p["kl_nats"]], "*", color="black", markersize=12, label="parent")
     init = summary[summary["library_stage"] == "init"]
@@ -2938,7 +2942,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                   + bld_comparison_caveat(a["speedup"], b["speedup"])
                   + bld_level_caveat(a["kl_nats"], b["kl_nats"], run.config.bld.tokens,
                                      predicted=(a["predicted_kl_nats"], b["predicted_kl_nats"]),
-                                     init_faster_by=b["speedup"] / a["speedup"] - 1 if a["speedup"] > 0 else 0.0), ""]
+                                     init_faster_by=b["speedup"] / a["speedup"] - 1 if a["speedup"] > 0 else 0.0)
+                  + feedback_asymmetry_caveat(resolved_by_feedback(run.out, [main, init_name]), main, init_name), ""]
     mismatched = [n for n in (speedup_mismatch_note(r, run.out) for r in summary.iloc[1:].to_dict("records")) if n]
     if machine.is_file() or mismatched:
         busy = contention_note(m.get("contention_cores") if isinstance(m.get("contention_cores"), dict) else {})
@@ -3100,6 +3105,17 @@ def bld_comparison_caveat(speedup_bld: float, speedup_init: float, tolerance: fl
     return (f" The two were timed {apart:.0%} apart (the {faster} child is faster), so "
             "this compares children of different speed as well as the libraries; front.png places each at its "
             "measured throughput.")
+
+
+def feedback_asymmetry_caveat(resolved: list[str], bld: str, init: str) -> str:
+    """A sentence for report.md's "Does BLD matter?" when the budget feedback re-solved one of the two children and
+    not the other (`resolved_by_feedback`): the re-solved one was also picked among realized options (fresh user:
+    "same search and budget" beside an init-only child re-solved under a looser limit and the BLD child kept)."""
+    if len(resolved) != 1:
+        return ""
+    other = init if resolved[0] == bld else bld
+    return (f" The budget feedback re-solved {resolved[0]} under a limit corrected by its measured speed but kept "
+            f"{other} as first solved, so the two were not chosen alike (children/budget_feedback.json says why).")
 
 
 def bld_level_caveat(kl_bld: float, kl_init: float, bld_tokens: int, tolerance: float = 0.02,

@@ -356,6 +356,13 @@ def test_the_bld_comparison_says_when_the_two_children_were_timed_apart():
 
     assert "5% apart (the BLD child is faster)" in bld_comparison_caveat(1.566, 1.489)
     assert bld_comparison_caveat(1.50, 1.52) == ""
+    from puzzle.pipeline import feedback_asymmetry_caveat  # fresh user: "same search and budget" beside a re-solve
+
+    assert feedback_asymmetry_caveat(["c-init"], "c", "c-init") == (
+        " The budget feedback re-solved c-init under a limit corrected by its measured speed but kept c as first "
+        "solved, so the two were not chosen alike (children/budget_feedback.json says why).")
+    assert feedback_asymmetry_caveat([], "c", "c-init") == ""
+    assert feedback_asymmetry_caveat(["c", "c-init"], "c", "c-init") == ""  # both re-solved: alike
     assert bld_comparison_caveat(float("nan"), 1.5) == ""
 
 
@@ -695,4 +702,4 @@ def test_headroom_in_the_last_round_is_kept_and_said():
     assert calls == ["A"] and records["child"]["choice"] == ["A"]
     assert history["child"][0]["action"] == "kept: more than the slack under its budget, but the last round only " \
                                             "tightens"
-    assert len(said) == 1 and "one more round (--budget-feedback 2) would loosen it" in said[0], said
+    assert len(said) == 1 and "Rerunning with --budget-feedback 2 would loosen it to use the headroom" in said[0], said
