@@ -229,17 +229,18 @@ def read_text_file(path: Path, source: str, mode: str = "paragraph") -> list[Doc
 
 def _record_text(record: dict, text_field: str) -> str | None:
     """The text of one JSON record: `text_field`, chat `messages` rendered as "Role: content"
-    paragraphs, or MT-Bench style `turns`."""
+    paragraphs, or MT-Bench style `turns` ("" when they hold no text: a blank record, skipped and said); None when the
+    record has none of them."""
     if isinstance(record.get(text_field), str):
         return record[text_field]
     if isinstance(record.get("messages"), list):
         turns = [(str(m.get("role", "user")).capitalize(), _content_text(m.get("content")))
                  for m in record["messages"] if isinstance(m, dict)]
         turns = [(role, text) for role, text in turns if text and text.strip()]
-        return "\n\n".join(f"{role}: {text}" for role, text in turns) if turns else None
+        return "\n\n".join(f"{role}: {text}" for role, text in turns)
     if isinstance(record.get("turns"), list):  # the text turns (breaker: null and 3 became "None" and "3")
         turns = [t for t in record["turns"] if isinstance(t, str) and t.strip()]
-        return "\n\n".join(turns) if turns else None
+        return "\n\n".join(turns)
     return None
 
 
@@ -324,8 +325,8 @@ def read_jsonl(path: Path, source: str, text_field: str = "text") -> list[Docume
         doc_id = record.get("id", record.get("question_id", lineno - 1))
         docs.append(Document(text.strip(), str(doc_id), source))
     if blank:
-        warnings.warn(f"data source {source}: {len(blank)} record(s) of {path} with blank {text_field!r} text (line "
-                      f"{blank[0]}{' and others' if len(blank) > 1 else ''}), skipped")
+        warnings.warn(f"data source {source}: {len(blank)} record(s) of {path} with blank text ({text_field!r}, "
+                      f"messages or turns; line {blank[0]}{' and others' if len(blank) > 1 else ''}), skipped")
     if broken:
         many = len(broken) > 1
         warnings.warn(f"{path}: {len(broken)} record{'s' if many else ''} (line {broken[0]}"
@@ -435,6 +436,17 @@ def _split_name(rel: Path) -> str | None:
 #: the splits an evaluation source's dataset folder is read from, the first it holds (breaker: --eval of a hub folder
 #: read its train split, the one a calibration copy of the same dataset reads)
 HELD_OUT_SPLITS = ("test", "validation", "valid", "val", "dev", "eval")
+
+
+def has_splits(path) -> bool:
+    """Whether `path` is an HF `save_to_disk` folder holding a train split and a held-out one (HELD_OUT_SPLITS): it
+    then gives a calibration source its train split and an evaluation source the other, so it may be both."""
+    path = Path(path)
+    try:
+        splits = read_json(path / "dataset_dict.json").get("splits", []) if path.is_dir() else []
+    except (PuzzleError, OSError, AttributeError):
+        return False
+    return "train" in splits and any(s in splits for s in HELD_OUT_SPLITS)
 
 
 def _wanted_splits(held_out: bool) -> tuple[str, ...]:

@@ -584,13 +584,14 @@ def _folder_inputs(args, log) -> GKDInputs:
     if not args.parent or not args.calib or not args.dest:
         raise PuzzleError("with --child FOLDER also give --parent PATH (the teacher), --calib FILE ... (training text) "
                           "and --dest FOLDER")
+    from .data import has_splits
     from .io import refuse_repeated
 
     refuse_repeated("--calib", args.calib)
     if args.eval:
         refuse_repeated("--eval", args.eval)
-        # `a` and `./a` too; a folder of splits gives --calib its train split and --eval its held-out one (reviewer)
-        refuse_repeated("--calib and --eval together", [p for p in (*args.calib, *args.eval) if not Path(p).is_dir()],
+        # `a` and `./a` too; a dataset folder of a train and a held-out split gives one to each (reviewer)
+        refuse_repeated("--calib and --eval together", [p for p in (*args.calib, *args.eval) if not has_splits(p)],
                         "never evaluate on training text: give --eval other files")
     seq_len = args.seq_len if args.seq_len is not None else FOLDER_SEQ_LEN
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else FOLDER_EVAL_TOKENS

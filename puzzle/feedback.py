@@ -345,7 +345,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                     entry["action"] = "kept: more than the slack under its budget, but the last round only tightens"
                     say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} "
                         f"budget; kept, as it meets the budget: the last round only tightens (a looser child would "
-                        f"not be checked). Rerunning with --budget-feedback {rounds + 1} would loosen it to use the "
+                        f"not be checked). Rerunning with --budget-feedback {rounds + 1} could loosen it to use the "
                         f"headroom, for a child of lower KL at about the budget's speed")  # fresh user: what for?
                 continue
             budgets = corrected_budgets(record, measured.loc[name], result.limits, tighten_only=last or miss)

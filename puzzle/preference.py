@@ -686,29 +686,31 @@ RPO_FLAGS = ("warmup_steps", "steps", "batch_size", "max_new_tokens", "k")
 
 #: the most responses per prompt (--k) a run samples; responses are sampled SAMPLE_CHUNK sequences at a time
 MAX_K, SAMPLE_CHUNK = 1024, 64
-#: activation bytes one forward of a training step may keep for its backward (on CUDA at least half the memory free
+#: activation bytes one forward of a training step may keep for its backward on a CPU (on CUDA half the memory free
 #: then): a larger step is trained in pieces (`_train_step`)
 GRAD_CHUNK_BYTES = 2 * 2**30
 
 
 def activation_bytes_per_token(model) -> int:
-    """Estimated bytes of activations a forward with gradients keeps per token for the backward: L · (10 C + 3 F)
-    elements in the model's dtype (per layer the residual stream, norms, q, k, v and attention outputs, about 10
-    widths of C, and the SwiGLU's gate, up and product). SmolLM2-135M: 1.24 MB; measured about 1.5 MB (`puzzle rpo
+    """Estimated bytes of activations a forward with gradients keeps per token for the backward: per layer 10 C + 3 F
+    elements in the model's dtype (the residual stream, norms, q, k, v and attention outputs, about 10 widths of C,
+    and the SwiGLU's gate, up and product; F the block's own width, 0 without a SwiGLU), plus 3 V fp32 values for the
+    LM head (logits, their log-softmax and its gradient). SmolLM2-135M: 1.83 MB; measured about 1.5 MB (`puzzle rpo
     --k 64`: 7.7 GB peak on 3584 padded tokens, before the pieces)."""
     c = model.config
     itemsize = next(model.parameters()).element_size()
-    return len(c.blocks) * (10 * c.hidden_size + 3 * c.intermediate_size) * itemsize
+    widths = sum(10 * c.hidden_size + 3 * (b.ffn.intermediate_size or 0) for b in c.blocks)
+    return widths * itemsize + 3 * c.vocab_size * 4
 
 
 def grad_chunk_tokens(model) -> int:
     """Padded tokens (responses x the longest prompt + response) one forward with gradients takes: GRAD_CHUNK_BYTES,
-    or on CUDA half the device's free memory where more, over `activation_bytes_per_token`."""
+    or on CUDA half the device's free memory (when it can be read), over `activation_bytes_per_token`."""
     from .scoring.cost import available_bytes
 
     budget, device = GRAD_CHUNK_BYTES, next(model.parameters()).device
-    if device.type == "cuda":
-        budget = max(budget, (available_bytes(str(device)) or 0) // 2)
+    if device.type == "cuda" and (free := available_bytes(str(device))) is not None:
+        budget = free // 2  # reviewer: a 2 GiB floor could exceed what a small GPU has left
     return max(1, budget // activation_bytes_per_token(model))
 
 

@@ -447,11 +447,11 @@ def check_work_folder(work, inputs=(), allowed_under=()) -> None:
 
 
 def _check_own_files(work: Path) -> None:
-    """Refuse a work folder holding files other than WORK_FILES and hidden ones (the temp files of killed writes,
+    """Refuse a work folder holding files other than WORK_FILES and hidden files (the temp files of killed writes,
     .nfs files of a checkpoint still open on NFS, .DS_Store) (breaker: `sft --work u` wrote checkpoint.pt and
     sft.json among a user's own files, and replaced theirs)."""
-    ours = lambda name: name in WORK_FILES or name.startswith(".")  # noqa: E731
-    if work.is_dir() and (foreign := sorted(p.name for p in work.iterdir() if not ours(p.name))):
+    ours = lambda p: p.name in WORK_FILES or p.name.startswith(".") and not p.is_dir()  # noqa: E731 (.git: no)
+    if work.is_dir() and (foreign := sorted(p.name for p in work.iterdir() if not ours(p))):
         raise PuzzleError(f"--work {work} holds files no gkd or sft training wrote ({', '.join(foreign[:3])}"
                           f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or an earlier "
                           f"training's work folder to resume it")

@@ -94,8 +94,10 @@ def test_jsonl_reader_survives_what_scraped_and_exported_files_hold(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_text('{"text": "broken emoji \\ud83d here"}\n{"text": "a pair \\ud83d\\ude00"}\n'
                  '{"turns": ["Hi?", null, 3, "Bye."]}\n{"turns": [null]}\n', encoding="utf-8")
-    with pytest.raises(PuzzleError, match="line 4: no 'text' field"):  # no text turn at all
-        read_documents(str(f))
+    # no text turn at all: a blank record, skipped and said (reviewer: "no 'text' field (nor 'messages' or 'turns')")
+    with pytest.warns(UserWarning, match=r"1 record\(s\) of .*a.jsonl with blank text \('text', messages or turns; "
+                                         r"line 4\), skipped"):
+        assert len(read_documents(str(f))) == 3
     f.write_text(f.read_text().rsplit("\n", 2)[0] + "\n", encoding="utf-8")
     with pytest.warns(UserWarning, match=r"1 record \(line 1\) holds a lone surrogate escape"):
         docs = read_documents(str(f))
@@ -167,9 +169,11 @@ def test_blank_jsonl_records_are_said_and_categorical_parquet_text_is_read(tmp_p
     import pandas as pd
 
     f = tmp_path / "ws.jsonl"
-    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("one doc", "   \n ", "two doc", "")))
-    with pytest.warns(UserWarning, match=r"2 record\(s\) of .*ws.jsonl with blank 'text' text \(line 2 and others\), "
-                                         r"skipped"):
+    rows = [{"text": "one doc"}, {"text": "   \n "}, {"text": "two doc"}, {"text": ""},
+            {"messages": [{"role": "user", "content": "  "}]}, {"turns": [" "]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match=r"4 record\(s\) of .*ws.jsonl with blank text \('text', messages or turns; "
+                                         r"line 2 and others\), skipped"):
         assert [d.text for d in read_documents(str(f))] == ["one doc", "two doc"]
     pd.DataFrame({"text": pd.Categorical(["a doc", "b doc", "a doc"])}).to_parquet(tmp_path / "cat.parquet")
     assert [d.text for d in read_documents(str(tmp_path / "cat.parquet"))] == ["a doc", "b doc", "a doc"]
@@ -189,6 +193,10 @@ def test_parquet_and_save_to_disk_folder(tmp_path):
         w.write_table(table)
     (ds / "state.json").write_text("{}")
     (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    from puzzle.data import has_splits  # it may be gkd's --calib and --eval at once; a plain folder or file may not
+
+    assert has_splits(tmp_path / "ds") and not has_splits(tmp_path / "ds" / "train")
+    assert not has_splits(tmp_path / "t.parquet")
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

@@ -174,7 +174,7 @@ def test_token_counts_past_the_text_are_said(tmp_path):
     assert any(m.startswith(f"gkd: --tokens 40000 is more than the {packed} training tokens: the training text is seen "
                             f"about {summary['tokens_trained'] / packed:.1f} times") for m in said), said
     said.clear()  # reviewer: 1000 of 32-token sequences packs 992 tokens, which is no shortage of text
-    run_gkd_command(_args(tmp_path, tmp_path / "out2", "--calib-tokens", "1000", "--tokens", "992"), log=said.append)
+    run_gkd_command(_args(tmp_path, tmp_path / "out2", "--calib-tokens", "1000", "--tokens", "1000"), log=said.append)
     assert not [m for m in said if "the text holds" in m or "seen about" in m], said
 
 

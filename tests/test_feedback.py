@@ -702,4 +702,4 @@ def test_headroom_in_the_last_round_is_kept_and_said():
     assert calls == ["A"] and records["child"]["choice"] == ["A"]
     assert history["child"][0]["action"] == "kept: more than the slack under its budget, but the last round only " \
                                             "tightens"
-    assert len(said) == 1 and "Rerunning with --budget-feedback 2 would loosen it to use the headroom" in said[0], said
+    assert len(said) == 1 and "Rerunning with --budget-feedback 2 could loosen it to use the headroom" in said[0], said

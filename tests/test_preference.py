@@ -304,9 +304,10 @@ def test_a_step_past_the_token_chunk_takes_the_one_pass_gradient(loss, monkeypat
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert [len(range(*c.indices(4))) for c in token_chunks([(1,)] * 4, [(2, 3)] * 4, budget=7)] == [2, 2]
     assert token_chunks([(1,) * 9], [(2,)], budget=4) == [slice(0, 1)]  # a pair longer than the budget: alone
-    monkeypatch.undo()  # the budget on a CPU: GRAD_CHUNK_BYTES over L (10 C + 3 F) fp32 activations per token
-    assert preference.activation_bytes_per_token(model) == 2 * (10 * 32 + 3 * 64) * 4
-    assert preference.grad_chunk_tokens(model) == 2 * 2**30 // (2 * (10 * 32 + 3 * 64) * 4)
+    monkeypatch.undo()  # the budget on a CPU: GRAD_CHUNK_BYTES over L (10 C + 3 F) + 3 V fp32 values per token
+    per_token = 2 * (10 * 32 + 3 * 64) * 4 + 3 * model.config.vocab_size * 4
+    assert preference.activation_bytes_per_token(model) == per_token
+    assert preference.grad_chunk_tokens(model) == 2 * 2**30 // per_token
 
 
 def test_online_rloo_and_rpo_with_adapters(tiny):
