@@ -366,24 +366,22 @@ def _flat(encoded: list[EncodedRecord]) -> tuple[list, list]:
     return prompts, responses
 
 
-@torch.no_grad()
 def batched_logprobs(model, prompts: list, responses: list, batch_size: int = 8, progress: bool = False):
     """`response_logprobs` over many responses in batches, without gradients -> (N,) float64, (N,) int64."""
-    from tqdm.auto import tqdm
-
-    sums, counts = [], []
-    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="reference log-probs", leave=False):
-        s, c = response_logprobs(model, prompts[i:i + batch_size], responses[i:i + batch_size])
-        sums.append(s.double().cpu())
-        counts.append(c)
-    return torch.cat(sums), torch.cat(counts)
+    pieces = [slice(i, i + batch_size) for i in range(0, len(prompts), batch_size)]
+    sums, counts = _chunked_logprobs(model, prompts, responses, pieces, progress)
+    return sums.double().cpu(), counts
 
 
 @torch.no_grad()
-def _chunked_logprobs(model, prompts: list, responses: list, pieces: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_logprobs` without gradients, one `token_chunks` piece at a time: (N,) sums in the model's dtype (fp32
-    at least), (N,) token counts."""
-    parts = [response_logprobs(model, prompts[c], responses[c]) for c in pieces]
+def _chunked_logprobs(model, prompts: list, responses: list, pieces: list[slice],
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` without gradients, one piece at a time (`token_chunks`, or batches): (N,) sums in the
+    model's dtype (fp32 at least), (N,) token counts."""
+    from tqdm.auto import tqdm
+
+    parts = [response_logprobs(model, prompts[c], responses[c])
+             for c in tqdm(pieces, disable=not progress, desc="reference log-probs", leave=False)]
     return torch.cat([s for s, _ in parts]), torch.cat([c for _, c in parts])
 
 
@@ -670,8 +668,9 @@ class RPOConfig:
                               f"use about 4 to 64), got {self.k}")
         require_learning_rate("rpo", self.lr)
         if self.warmup_steps > self.steps:  # breaker: 1000 of 2 steps trained at 1e-8 and said nothing
-            warnings.warn(f"warmup_steps {self.warmup_steps} is more than steps {self.steps}: the learning rate rises "
-                          f"to only {self.steps / self.warmup_steps:.2g} of lr by the last step", stacklevel=3)
+            warnings.warn(f"{flag('warmup_steps')} {self.warmup_steps} is more than {flag('steps')} {self.steps}, so "
+                          f"the learning rate rises only to {self.steps / self.warmup_steps:.0%} of --lr; give "
+                          f"--warmup-steps {self.steps} or fewer, or more --steps", stacklevel=3)
 
     @property
     def logprob_label(self) -> str:
@@ -1368,10 +1367,6 @@ def _rpo(args) -> int:
                        warmup_steps=args.warmup_steps, seed=args.seed, k=4 if args.k is None else args.k,
                        max_new_tokens=48 if args.max_new_tokens is None else args.max_new_tokens,
                        temperature=1.0 if args.temperature is None else args.temperature)
-    if config.warmup_steps > config.steps:  # breaker: --steps 3 --warmup-steps 100 trained at 3 % of --lr, unsaid
-        say(f"rpo: warning: --warmup-steps {config.warmup_steps} is more than --steps {config.steps}, so the learning "
-            f"rate rises only to {config.steps / config.warmup_steps:.0%} of --lr; give --warmup-steps {config.steps} "
-            f"or fewer, or more --steps")
     progress = not args.no_progress
     from .export import check_export_target
 

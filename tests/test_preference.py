@@ -337,7 +337,8 @@ def test_online_limits_said_before_they_cost_memory(tiny, monkeypatch):
 
     with pytest.raises(PuzzleError, match=r"--k \(rpo k\) must be from 2 to 1024"):
         RPOConfig(loss="rloo", k=100_000)
-    with pytest.warns(UserWarning, match=r"warmup_steps 1000 is more than steps 2: the learning rate rises to only"):
+    with pytest.warns(UserWarning, match=r"--warmup-steps \(rpo warmup_steps\) 1000 is more than --steps \(rpo "
+                                         r"steps\) 2, so the learning rate rises only to 0% of --lr"):
         RPOConfig(loss="dpo", steps=2, warmup_steps=1000)
     positions = tiny.model.config.max_position_embeddings
     with pytest.raises(PuzzleError, match=rf"pass the {positions} positions .*-tokens\) {positions - 3} or less"):
@@ -566,9 +567,12 @@ def test_a_stalled_gradient_and_a_warmup_past_the_last_step_are_said(tmp_path, c
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     args = _rpo_args("--out", str(tmp_path / "r"), "--data", str(data), "--loss", "dpo", "--steps", "3",
                      "--warmup-steps", "100", "--batch-size", "2")
-    assert args.func(args) == 0
-    assert "rpo: warning: --warmup-steps 100 is more than --steps 3, so the learning rate rises only to 3% of --lr; " \
-        "give --warmup-steps 3 or fewer, or more --steps" in capsys.readouterr().err
+    with pytest.warns(UserWarning) as said:  # once (the command said it a second time, in other words)
+        assert args.func(args) == 0
+    assert [str(w.message) for w in said if "warmup" in str(w.message)] == [
+        "--warmup-steps (rpo warmup_steps) 100 is more than --steps (rpo steps) 3, so the learning rate rises only to "
+        "3% of --lr; give --warmup-steps 3 or fewer, or more --steps"]
+    assert "warmup" not in capsys.readouterr().err
     from puzzle.rewards import SyntheticTask  # RLOO on rewards that all tie: a zero gradient by design, no stall
 
     monkeypatch.setattr(SyntheticTask, "score", lambda self, prompt, response: 0.5)
