@@ -345,7 +345,12 @@ def test_a_row_edited_by_hand_is_left_out_and_measured_again(run_with_baselines,
         assert "layers-1.5x" not in set(current_front_rows(out)["name"])
     assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
     assert "layers-1.5x.json was edited since it was written" in capsys.readouterr().err
-    assert json.loads(path.read_text())["kl_nats"] == pytest.approx(row["kl_nats"])  # evaluated again
+    # evaluated again: not the hand edit, and sealed (CI: the re-timed cut may remove another number of layers, so
+    # its KL need not be the first one's)
+    assert json.loads(path.read_text())["kl_nats"] > 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "layers-1.5x" in set(current_front_rows(out)["name"])
 
 
 def test_the_notebooks_rows_say_when_front_csv_is_missing(run_with_baselines, tmp_path):
