@@ -18,7 +18,7 @@ import os
 
 import torch
 import triton
-import triton.language as tl
+import triton.language as tl  # noqa: F401  (read by _patch_lang through this module's globals)
 from triton.language import core as tl_core  # noqa: F401  (read by _patch_lang through this module's globals)
 from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction

@@ -237,8 +237,8 @@ def check_budget_texts(texts: dict, as_settings: bool = False) -> None:
     except PuzzleError as e:
         message = str(e)
         if as_settings:
-            for field in SEARCH_BUDGETS:
-                message = message.replace(f"--{field.replace('_', '-')} ", f"search.{field} ")
+            for name in SEARCH_BUDGETS:
+                message = message.replace(f"--{name.replace('_', '-')} ", f"search.{name} ")
         raise PuzzleError(message) from e
 
 

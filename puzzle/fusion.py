@@ -945,8 +945,6 @@ def _bar(run, total: int, done: int, desc: str):
 
 def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_leading: bool) -> str:
     """Why `name` has no run to fuse, and which of the run's searched children have one."""
-    from .io import read_json
-
     no_attention = [i for i, b in enumerate(config.blocks) if b.attention.kind == "no_op"]
     if mixed:  # breaker: "has no two FFNs in a row" was said of a child whose runs mix kinds
         why = (f"{name}'s runs of FFNs with no attention between them ({', '.join(_run_text(r) for r in mixed)}) mix "

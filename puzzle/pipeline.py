@@ -2889,8 +2889,6 @@ def report_stamp(run: Run, exported: dict) -> dict:
 
 def _in_run(run: Run, path: Path) -> str:
     """`path` relative to the run directory when it lies inside it (a moved run's report stays true), else resolved."""
-    import os
-
     path, out = Path(path).resolve(), run.out.resolve()
     return os.path.relpath(path, out) if out in path.parents else str(path)
 

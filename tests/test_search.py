@@ -897,8 +897,6 @@ def test_a_table_cut_since_its_sidecar_was_written_is_refused(tmp_path_factory, 
     children with a layer too few; the sidecar's row count now catches it."""
     import shutil
 
-    from puzzle.cli import main
-
     out = tmp_path / "run"
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
     path = out / "score" / "score_table.csv"
