@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PuzzleError
-from .io import file_mode
+from .io import file_mode, sha256_file
 
 CACHE_ENV = "PUZZLE_CACHE"
 ASSETS_DIR_ENV = "PUZZLE_ASSETS_DIR"
@@ -187,15 +187,6 @@ def _materialize(name: str, archive: Path, target: Path, wheels: Path) -> Path:
 def ensure_assets(names, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Path]:
     """`asset_path` for each name; returns {name: path}. Raises PuzzleError as `asset_path` does."""
     return {name: asset_path(name, cache_dir=cache_dir, progress=progress) for name in names}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_asset_path(name: str, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:

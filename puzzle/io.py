@@ -45,19 +45,39 @@ def file_in_the_way(path: str | os.PathLike) -> Path | None:
     return above if above is not None and not above.is_dir() else None
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def refuse_repeated(flag: str, specs, advice: str = "give each file once") -> None:
-    """Refuse a file named twice in one flag's list (`a ./a` too: existing paths compare resolved), which would be read
-    twice and weigh double without a word (breaker: `sft --data a a` trained on 40 conversations of 20).
+    """Refuse a file named twice in one flag's list, which would be read twice and weigh double without a word
+    (breaker: `sft --data a a` trained on 40 conversations of 20). Existing paths compare resolved (`a ./a`), and
+    files of one size by their bytes (a hard link or a copy of `a`); folders and asset names compare by name.
 
     Raises:
         PuzzleError: naming the flag and the file."""
     seen: dict = {}
+    by_size: dict[int, list] = {}
     for spec in specs:
-        key = Path(spec).resolve() if Path(spec).exists() else str(spec)
+        path = Path(spec)
+        key = path.resolve() if path.exists() else str(spec)
         if key in seen:
             raise PuzzleError(f"{flag} names {seen[key]}{f' (as {spec})' if str(spec) != str(seen[key]) else ''} "
                               f"twice; {advice}")
         seen[key] = spec
+        if path.is_file() and path.stat().st_size:  # empty files hold no text to weigh double
+            by_size.setdefault(path.stat().st_size, []).append(spec)
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        first: dict[str, str] = {}
+        for spec in same_size:
+            if (other := first.setdefault(sha256_file(spec), spec)) != spec:
+                raise PuzzleError(f"{flag} names {other} and {spec}, which hold the same bytes (a copy or a link of "
+                                  f"one file); {advice}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

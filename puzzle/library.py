@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from .errors import PuzzleError, differing_settings
+from .io import sha256_file  # noqa: F401  (imported from here by sft, pipeline, scoring)
 from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 STAGES = ("init", "bld")
@@ -74,14 +75,6 @@ def safetensors_complete(path: Path) -> bool:
         return Path(path).stat().st_size == 8 + n + max(ends, default=0)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return False
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Library:

@@ -849,3 +849,15 @@ def test_one_model_measured_as_several_front_points_is_named():
                                      "KL), so the spread of its measured speed-ups is timing noise, not its speed")
     assert same_model_note(rows.assign(speedup=[1.0, 2.0, 2.05, 2.1, 2.0])) == ""  # within 10 %
     assert same_model_note(rows.drop(columns="architecture")) == ""
+
+
+def test_refuse_repeated_compares_bytes_only_of_files_that_could_be_copies(tmp_path):
+    """Files of one size are compared by their bytes (a copy is refused); other files of that size, empty files and
+    names that are no file (assets) pass."""
+    from puzzle.io import refuse_repeated
+
+    for name, text in (("a.txt", "one text"), ("b.txt", "two text"), ("c.txt", "one text"), ("e1", ""), ("e2", "")):
+        (tmp_path / name).write_text(text)
+    refuse_repeated("--data", [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "e1", tmp_path / "e2", "asset:x"])
+    with pytest.raises(PuzzleError, match=r"--data names \S+a.txt and \S+c.txt, which hold the same bytes"):
+        refuse_repeated("--data", [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"])

@@ -187,7 +187,14 @@ def test_a_file_named_twice_is_refused_before_anything_loads(tmp_path, monkeypat
                                                       r"file once"),  # `_args` gives calib.txt by its whole path
                          (["--eval", "eval.txt", "eval.txt"], r"--eval names eval.txt twice"),
                          (["--eval", "./calib.txt"], r"--calib and --eval together names \S+calib.txt \(as "
-                                                     r"./calib.txt\) twice; never evaluate on training text")]:
+                                                     r"./calib.txt\) twice; never evaluate on training text"),
+                         # a copy or a hard link was read as other text (stop 74's leftover)
+                         (["--eval", "copy.txt"], r"--calib and --eval together names \S+calib.txt and copy.txt, "
+                                                  r"which hold the same bytes \(a copy or a link of one file\)"),
+                         (["--calib", "link.txt"], r"--calib names \S+calib.txt and link.txt, which hold the same")]:
+        (tmp_path / "copy.txt").write_bytes((tmp_path / "calib.txt").read_bytes())
+        if not (tmp_path / "link.txt").exists():
+            os.link(tmp_path / "calib.txt", tmp_path / "link.txt")
         with pytest.raises(PuzzleError, match=words):
             run_gkd_command(_args(tmp_path, tmp_path / "out", *extra))
     assert not (tmp_path / "out").exists()
