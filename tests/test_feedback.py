@@ -703,3 +703,36 @@ def test_headroom_in_the_last_round_is_kept_and_said():
     assert history["child"][0]["action"] == "kept: more than the slack under its budget, but the last round only " \
                                             "tightens"
     assert len(said) == 1 and "Rerunning with --budget-feedback 2 could loosen it to use the headroom" in said[0], said
+
+
+def test_an_option_the_trust_region_finds_again_is_named_both_ways(tmp_path_factory, monkeypatch):
+    """Whether the MIP's first child is also the trust region's #1 depends on the tiny run's timings; here the trust
+    region's solve is made to return it first, so the combined label is checked on every run (stop 74's leftover)."""
+    import puzzle.search as search
+    from puzzle import pipeline
+    from puzzle.baselines import open_run
+
+    run = open_run(tiny_run_dir(tmp_path_factory), progress=False)
+    run.config = run.config.replace(search={"feedback_candidates": 3})
+    name = "child-1.25x"
+    record = json.loads((run.out / "search" / f"{name}.json").read_text())
+    budgets = Budgets.from_dict(record["budgets"])
+    real, firsts = search.solve, []
+
+    def first_again(*args, **kw):  # the trust region's solutions, the MIP's first put before them
+        solutions = real(*args, **kw)
+        if kw.get("anchor") is None:
+            firsts.append(solutions[0])
+            return solutions
+        return [firsts[0], *(x for x in solutions if x.choice != firsts[0].choice)]
+
+    monkeypatch.setattr(search, "solve", first_again)
+    options = pipeline.feedback_options(run, name, record, budgets)
+    first = tuple(firsts[0].choice)
+    source, rec = options[first]
+    assert source in ("the MIP's first, trust-region #1", "the child, the MIP's first, trust-region #1"), options
+    assert rec["optimal"] is True  # the MIP's first keeps its proof whatever else found it
+    assert [s for s, _ in options.values()].count(source) == 1
+    numbers = sorted(int(part.split()[1][1:]) for s, _ in options.values() for part in s.split(", ")
+                     if part.startswith("trust-region #"))
+    assert numbers == list(range(1, len(numbers) + 1)), options
