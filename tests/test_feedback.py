@@ -736,3 +736,4 @@ def test_an_option_the_trust_region_finds_again_is_named_both_ways(tmp_path_fact
     numbers = sorted(int(part.split()[1][1:]) for s, _ in options.values() for part in s.split(", ")
                      if part.startswith("trust-region #"))
     assert numbers == list(range(1, len(numbers) + 1)), options
+

@@ -1113,3 +1113,31 @@ def test_the_tiny_parent_takes_the_configured_parent_dtype(tmp_path):
     run = Run(tmp_path / "run", load_preset("tiny").replace(parent={"dtype": "bfloat16"}), progress=False)
     assert all(p.dtype == torch.bfloat16 for p in run.parent.model.parameters())
     assert run.parent.model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_the_written_report_says_when_the_feedback_re_solved_one_of_the_two_bld_children(run_dir, tmp_path):
+    """report.md's "Does BLD matter?" carries `feedback_asymmetry_caveat` when only the init-only twin's record was
+    re-solved (stop 74's leftover: tested as a function alone); with neither re-solved it says nothing of it."""
+    from puzzle import pipeline
+    from puzzle.baselines import open_run
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    run = open_run(out, progress=False)
+    main = json.loads((out / "search" / "chosen.json").read_text())["main"]
+    summary = pd.read_csv(out / "summary.csv")
+    answers = {name: ["an answer"] * len(run.config.report.prompts) for name in summary["name"]}
+
+    def report() -> str:
+        pipeline.write_report(run, summary, answers, {}, main)
+        return (out / "report.md").read_text()
+
+    assert "Does BLD matter?" in report() and "The budget feedback re-solved" not in report()
+    path = out / "search" / f"{main}-init.json"
+    record = json.loads(path.read_text())
+    other = ["attn-no_op+ffn-no_op"] * len(record["choice"])  # a first solve the feedback replaced
+    path.write_text(json.dumps({**record, "solved_choice": other}))
+    text = report()
+    assert (f"The budget feedback re-solved {main}-init under a limit corrected by its measured speed but kept {main} "
+            "as first solved, so the two were not chosen alike") in text
+    assert text.index("The budget feedback re-solved") > text.index("## Does BLD matter?")
