@@ -23,12 +23,17 @@ RUN_LOG = {}  # what `puzzle run` said on stderr
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-run")
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):  # the preset's front, and a target no child of the library reaches
-        code = main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9",
-                     "--max-contention", "inf"])
-    RUN_LOG["stderr"] = err.getvalue()
+    for attempt in range(3):
+        out = tmp_path_factory.mktemp("tiny-run")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # the preset's front, and a target no child of the library reaches
+            code = main(["run", "--preset", "tiny", "--out", str(out), "--no-progress", "--front-speedups",
+                         "1.25,1.5,2,1e9", "--max-contention", "inf"])
+        RUN_LOG["stderr"] = err.getvalue()
+        # a cost table timed beside other jobs can put the tiny parent's 1.5x out of reach (max_contention is off
+        # here): a fresh run, so that the log holds one run's lines
+        if code == 0 or "no architecture in the library meets" not in RUN_LOG["stderr"] or attempt == 2:
+            break
     assert code == 0, RUN_LOG["stderr"][-3000:]
     return out
 
