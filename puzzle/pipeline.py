@@ -2135,14 +2135,16 @@ def cost_table_fingerprint(out: Path) -> dict:
     return machine_record(_cost_sidecar(out))
 
 
-def check_machine_drift(run: Run, attrs: dict, folder: Path | None = None) -> dict:
+def check_machine_drift(run: Run, attrs: dict, folder: Path | None = None, rounds: list | None = None) -> dict:
     """Compare the whole-model measurement's machine fingerprint with the cost table's.
 
     Writes FOLDER/machine.json (default DIR/children, the front's measurement)
     ({"cost_table": ..., "children": ..., "drift": {"compute", "memory"}:
     measurement / table, NaN where either is missing}) and says so when a part is off by more than
     `machine.DRIFT_WARN`: the predicted speed-ups came from a table timed on a machine running at
-    another speed. Returns the drift.
+    another speed. `rounds`: a list this call appends its drift (as written) to, one per budget-feedback
+    round; from the second round on machine.json also holds them all as "drift_rounds" (a warning said in an
+    earlier round stays on record when the last round's drift is small). Returns the drift.
     """
     from .scoring.machine import drift_message, machine_drift, machine_record
 
@@ -2150,10 +2152,12 @@ def check_machine_drift(run: Run, attrs: dict, folder: Path | None = None) -> di
     now = machine_record(attrs)
     drift = machine_drift(table, now)
     contention = {"cost_table": recorded_contention(_cost_sidecar(run.out)), "children": recorded_contention(attrs)}
+    written = {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()}
+    if rounds is not None:
+        rounds.append(written)
+    every = {"drift_rounds": rounds} if rounds is not None and len(rounds) > 1 else {}
     atomic_write_json(Path(folder or run.out / "children") / "machine.json",
-                      {"cost_table": table, "children": now,
-                       "drift": {k: (None if math.isnan(v) else round(v, 4)) for k, v in drift.items()},
-                       "contention_cores": contention})
+                      {"cost_table": table, "children": now, "drift": written, **every, "contention_cores": contention})
     msg = drift_message(drift, "the cost table's timing", "the children's measurement")
     if msg:
         run.say(f"measure: {msg}")
@@ -2246,6 +2250,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     from .scoring.cost import measure_models
 
     built: dict[tuple, object] = {}
+    drifts: list[dict] = []  # the machine's drift in each measurement round, for children/machine.json
 
     def child(record):
         key = (tuple(record["choice"]), record.get("library_stage", "bld"))
@@ -2259,7 +2264,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
                                   run.workload(), repeats=run.config.score.measure_repeats,
                                   progress=run.progress, max_contention=run.config.score.max_contention)
         run.timed("measure_s", time.perf_counter() - t0)  # adds up over the feedback's sessions
-        check_machine_drift(run, measured.attrs)
+        check_machine_drift(run, measured.attrs, rounds=drifts)
         return measured.set_index("name")
 
     def resolve(name: str, record: dict, budgets) -> dict:  # written below once its round is decided, not now
@@ -2954,7 +2959,7 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                       "children took " + ", ".join(f"{v:.2f} times as long ({k})" for k, v in drift.items())
                       + " the second time as the first; a figure far from 1.00 means the machine's speed drifted "
                       "between the two, and predicted "
-                      "speed-ups may be off by about as much.", ""]
+                      "speed-ups may be off by about as much." + drift_rounds_text(m.get("drift_rounds")), ""]
         if busy:
             lines += [f"**Warning:** {busy[0].upper()}{busy[1:]}.", ""]
     lines += ["## Architectures", "",  # the notation, which the fresh-user run found explained nowhere (stop 54)
@@ -3039,6 +3044,24 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
                 "budget_feedback = 0`). Rounds")
              + f" (`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may "
              f"bring it within.") if over else "")
+
+
+def drift_rounds_text(rounds) -> str:
+    """A sentence on the machine's drift over the budget feedback's measurement rounds (children/machine.json's
+    "drift_rounds", written by `check_machine_drift`): its range per part, the report's figure being the last
+    round's (a warning said in an earlier round was on record nowhere, stop 73's leftover). "" for one round."""
+    if not isinstance(rounds, list) or len(rounds) < 2 or not all(isinstance(r, dict) for r in rounds):
+        return ""
+    spans = {}
+    for part in dict.fromkeys(k for r in rounds for k in r):
+        values = [v for r in rounds if isinstance(v := r.get(part), (int, float)) and math.isfinite(v)]
+        if values:
+            spans[part] = f"{min(values):.2f}-{max(values):.2f}" if max(values) - min(values) >= 0.005 \
+                else f"{values[0]:.2f}"
+    if not spans:
+        return ""
+    return (f" Over the budget feedback's {len(rounds)} measurement rounds the figure was "
+            + ", ".join(f"{v} ({k})" for k, v in spans.items()) + "; those above are the last round's.")
 
 
 def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: dict | None = None,

@@ -155,3 +155,26 @@ def test_a_measured_speedup_far_from_the_prediction_is_warned_about():
     assert "4.0 times apart" in speedup_mismatch_note({"name": "c", "speedup": 6.0, "predicted_speedup": 1.5})
     for bad in (float("nan"), 0.0, None, float("inf")):  # the parent's row, a failed timing: nothing to compare
         assert speedup_mismatch_note({"name": "c", "speedup": bad, "predicted_speedup": 1.5}) is None
+
+
+def test_every_feedback_round_s_drift_stays_on_record_and_in_the_report_sentence(tmp_path):
+    """Stop 73's leftover: each budget-feedback round warned of its own drift, but machine.json (and the report)
+    held only the last round's; `rounds` collects them as "drift_rounds", and the report names their range."""
+    from puzzle.pipeline import check_machine_drift, drift_rounds_text
+
+    (tmp_path / "score").mkdir()
+    said = []
+    run = SimpleNamespace(out=tmp_path, say=said.append)
+    table = {"reference_compute_ms": 8.0, "reference_memory_ms": 13.0, "reference_samples": 40, "reference_bytes": 64}
+    (tmp_path / "score" / "cost.csv.json").write_text(json.dumps(table))
+    rounds = []
+    check_machine_drift(run, {**table, "reference_memory_ms": 19.5}, rounds=rounds)  # round 0: warned
+    assert "drift_rounds" not in json.loads((tmp_path / "children" / "machine.json").read_text())
+    check_machine_drift(run, {**table, "reference_memory_ms": 13.13}, rounds=rounds)  # round 1: quiet
+    rec = json.loads((tmp_path / "children" / "machine.json").read_text())
+    assert rec["drift"] == {"compute": 1.0, "memory": 1.01} and len(said) == 1
+    assert rec["drift_rounds"] == [{"compute": 1.0, "memory": 1.5}, {"compute": 1.0, "memory": 1.01}]
+    assert drift_rounds_text(rec["drift_rounds"]) == (" Over the budget feedback's 2 measurement rounds the figure was "
+                                                      "1.00 (compute), 1.01-1.50 (memory); those above are the last "
+                                                      "round's.")
+    assert drift_rounds_text([{"compute": None}, {"compute": None}]) == drift_rounds_text(None) == ""
