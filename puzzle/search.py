@@ -973,6 +973,11 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
                              str(e))
                 front.append({"target_speedup": s, "infeasible": why})
                 continue
+        if parent["runtime_ms"] > 0 and _every_block_removed(found[0]):  # reached by the empty model alone (breaker)
+            front.append({"target_speedup": s, "infeasible": _empty_child_warning(
+                "the only child that meets it", objective, budgets, found[0].objective,
+                {**BUDGET_FLAGS, "runtime_ms": "the --front-speedups target"})})
+            continue
         front.append({"target_speedup": s, **found[0].to_dict()})
         for note in budgets.above_parent(parent):  # e.g. a target at or below 1: the parent meets it
             print(f"note: at {s:g}x: {note}", file=sys.stderr)
@@ -987,11 +992,6 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
     if getattr(args, "roofline", None):  # as a single search says which costs these are
         print(f"note: costs are roofline estimates for {args.roofline} in {args.roofline_dtype} (--roofline-dtype): "
               f"lower bounds, to plan with; measure on the GPU before trusting absolute times", file=sys.stderr)
-    for p, budgets in zip(front, budgets_list):  # as one search warns (breaker: the sweep's empty child went unsaid)
-        if "infeasible" not in p and not p.get("runtime_ms", 1.0) > 0 and parent["runtime_ms"] > 0:
-            warning = _empty_child_warning(f"the child at {p['target_speedup']:g}x", objective, budgets, p["objective"],
-                                           {**BUDGET_FLAGS, "runtime_ms": "the --front-speedups target"})
-            print(f"warning: {warning}", file=sys.stderr)
     if args.output:
         _write_output(args.output, record)
     if args.json:
@@ -1061,6 +1061,13 @@ def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
     return notes
 
 
+def _every_block_removed(solution: Solution) -> bool:
+    """Whether `solution` removes every block (attention and FFN no_op in every layer) and costs no runtime: on a
+    table whose non-block row costs nothing (the Puzzle authors' library) it meets any runtime budget."""
+    return not solution.runtime_ms > 0 and all(b.attention.kind == "no_op" and b.ffn.kind == "no_op"
+                                               for b in solution.blocks)
+
+
 def _empty_child_warning(which: str, objective, budgets: Budgets, value: float,
                          budget_flags: Mapping[str, str] = BUDGET_FLAGS) -> str:
     """Why a child of total runtime 0 (every block removed) was chosen, and what to ask for instead: a quality
@@ -1113,6 +1120,11 @@ def search_main(args: argparse.Namespace) -> int:
         if hint := throughput_hint(e, request.min_throughput, meta):
             raise InfeasibleBudget(f"{e}{hint}", e.least) from None
         raise
+    if parent["runtime_ms"] > 0 and _every_block_removed(solutions[0]):  # breaker: exit 0, an empty model in --json
+        given = [f for f, v in (("--max-runtime", request.max_runtime), ("--speedup", request.speedup),
+                                ("--min-throughput", request.min_throughput)) if v is not None]
+        raise PuzzleError(_empty_child_warning("the best child", objective, budgets, solutions[0].objective,
+                                               {**BUDGET_FLAGS, "runtime_ms": " or ".join(given) or "--max-runtime"}))
     record = {**solutions[0].to_dict(), "parent": dict(parent),  # (non-finite numbers become null on output)
               "workload": _workload(meta), "source": str(args.library)}
     if len(solutions) > 1:

@@ -1824,15 +1824,16 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
     assert "the parent's own variant scores a KL other than 0 in layer(s) 0 (sum 0.3 nats)" in capsys.readouterr().err
     assert main(["search", "--library", str(FIXTURE), "--speedup", "1.5"]) == 0
     assert "other than 0" not in capsys.readouterr().err
-    # a budget no block fits in: the empty child's warning names the budgets given (breaker: it named --speedup only)
-    assert main(["search", "--library", str(FIXTURE), "--max-memory", "0.0001"]) == 0
-    assert re.search(r"warning: solution 0 has a total runtime of 0 .*No block fits these budgets \(max_memory_mib="
-                     r"[0-9.]+\) except by removing all: loosen --max-memory$", capsys.readouterr().err.strip())
+    # a budget no block fits in: the empty child is refused, naming the budgets given (breaker: it named --speedup
+    # only; a later breaker: exit 0 with every block removed in --json, for --speedup 1e9 and --greedy too)
+    for flags in (["--max-memory", "0.0001"], ["--max-memory", "0.0001", "--json"], ["--speedup", "1e9", "--greedy"]):
+        err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), *flags])
+        assert re.search(r"the best child has a total runtime of 0 .*No block fits these budgets \((max_memory_mib|"
+                         r"max_runtime_ms)=[0-9.e+-]+\) except by removing all: loosen --(max-memory|speedup)", err), err
     # a cost as the objective: the advice is the objective, not a budget (breaker: "e.g. --speedup 10" for both)
-    assert main(["search", "--library", str(FIXTURE), "--speedup", "2", "--objective", "runtime_ms"]) == 0
+    err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--speedup", "2", "--objective", "runtime_ms"])
     assert "The objective weighs runtime_ms, a cost, and removing every block costs least: search on a quality " \
-        "score (--objective kl_nats, the default) and give the cost as a budget (--max-runtime)" \
-        in capsys.readouterr().err
+        "score (--objective kl_nats, the default) and give the cost as a budget (--speedup)" in err
     # is_parent written yes/no, as mip.as_bool reads it (breaker: "no" read as true named every layer)
     table = random_table(21, layers=3)
     table["is_parent"] = table["is_parent"].map({True: "yes", False: "no"})
@@ -1889,9 +1890,11 @@ def test_a_front_sweep_on_a_library_solves_each_target_as_one_search_would(tmp_p
     err = capsys.readouterr().err  # the JSON holds the reason; stderr says it too (breaker: unsaid)
     assert "note: 9x is out of reach: no architecture in the library with the variants --exclude leave" in err
     assert main(["search", "--library", lib, "--front-speedups", "1.5,1e9", "--json"]) == 0  # only the empty child
-    err = capsys.readouterr().err  # reaches 1e9x on this blocks-only library: warned as a single search warns
-    assert "warning: the child at 1e+09x has a total runtime of 0" in err and "the child at 1.5x" not in err
-    assert err.strip().endswith("except by removing all: loosen the --front-speedups target")
+    captured = capsys.readouterr()  # reaches 1e9x on this blocks-only library: out of reach, as a single search says
+    point = json.loads(captured.out)["front"][1]
+    assert point["target_speedup"] == 1e9 and list(point) == ["target_speedup", "infeasible"]
+    assert "note: 1e+09x is out of reach: the only child that meets it has a total runtime of 0" in captured.err
+    assert captured.err.strip().endswith("except by removing all: loosen the --front-speedups target")
     foreign = tmp_path / "other.json"  # another tool's file with a front list is not replaced (reviewer)
     foreign.write_text(json.dumps({"front": [], "source": "x", "model": "m"}))
     assert main(["search", "--library", lib, "--front-speedups", "1.5", "--output", str(foreign)]) == 2
