@@ -600,6 +600,10 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     record = read_architecture(run, name)
     fused_name = f"{name}-fused"
     stage = record.get("library_stage", "bld")
+    if stage != "bld":  # breaker: its fusion was exported and drawn on front_all beside the BLD children
+        raise PuzzleError(f"{name} is searched on the {stage} library, for report.md's comparison with BLD, and is "
+                          f"kept off the exports and the front: fuse a child of the trained library (`puzzle fuse "
+                          f"--out {run.out} --name {name.removesuffix('-' + stage)}`)")
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
     candidates, mixed = fusion_candidates(config, include_leading)
@@ -952,8 +956,8 @@ def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_l
     else:
         why = (f"{name} has no two FFNs in a row (other than no_op) with no attention between them (layers with no_op "
                f"attention: {no_attention or 'none'})")
-    hint = _others_hint(run, config, {name}, include_leading)
-    lead = ""
+    hint = _others_hint(run, run.parent.model.config, {name}, include_leading)  # the parent's: the child's hid
+    lead = ""  # the attention variants the child itself took from the hint (it repeated the search just run)
     if not include_leading and (with_leading := fusion_candidates(config, include_leading=True)[0]):
         lead = (f"; with --include-leading (the FFN of the layer before each attention-free one fused too) {name} has "
                 f"{', '.join(_run_text(r) for r in with_leading)}")
@@ -968,13 +972,14 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     others, chosen = [], set()  # chosen: the attention variants the children took instead of the parent's
     for path in sorted((run.out / "search").glob("child-*.json")):
         try:
-            blocks = [BlockConfig.from_id(b) for b in read_json(path)["choice"]]
+            record = read_json(path)
+            blocks = [BlockConfig.from_id(b) for b in record["choice"]]
             if len(blocks) != len(config.blocks):
                 continue
         except (PuzzleError, KeyError, TypeError, ValueError):
             continue
         chosen |= {b.attention.id for b, p in zip(blocks, config.blocks) if b.attention != p.attention}
-        if path.stem not in names and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
+        if record.get("library_stage", "bld") == "bld" and path.stem not in names and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
                                                         include_leading)[0]:
             others.append(path.stem)
     if others:
@@ -982,6 +987,10 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     # breaker: "children of higher speed-ups drop more attention subblocks" sent a user to --speedup 3, whose
     # children dropped the FFNs too; on the tiny preset the search takes linear or fewer-KV-head attention instead
     saved = set(run.config.search.exclude)  # --exclude replaces the saved list: keep it in the command
+    if chosen - {"attn-noop"} <= saved and "ffn-noop" in saved:  # the hint would repeat the search just run
+        return ("none of this run's children has one, and its search already leaves out the cheaper attention they "
+                f"took instead of the parent's ({' '.join(f'--exclude {v}' for v in sorted(saved))}): they keep the parent's "
+                "attention between their attention-free layers; a higher speed-up target drops more of it")
     leave_out = " ".join(f"--exclude {v}" for v in sorted((saved | chosen) - {"attn-noop"}) + ["ffn-noop"] * (
         "ffn-noop" not in saved))  # (an attn-noop the run excluded is let in again: fusion needs it)
     return ("none of this run's children has one: fusion needs two attention-free layers in a row that keep their "
