@@ -305,11 +305,11 @@ def main(argv=None) -> int:
         sys.exit("--device cuda needs a CUDA GPU (none is visible to torch)")
     dtype_name = args.dtype or target.get("dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = DTYPES[dtype_name]
-    B = args.batch_size or target.get("batch_size") or 4
-    P = args.prompt_len or target.get("prompt_len") or 128
-    G = args.gen_len or target.get("gen_len") or 32
-    if args.threads or target.get("threads"):
-        torch.set_num_threads(int(args.threads or target["threads"]))
+    given = lambda value, key, default: value if value is not None else target.get(key) or default  # noqa: E731
+    B, P, G = given(args.batch_size, "batch_size", 4), given(args.prompt_len, "prompt_len", 128), \
+        given(args.gen_len, "gen_len", 32)
+    if threads := given(args.threads, "threads", None):
+        torch.set_num_threads(int(threads))
 
     t_start = time.perf_counter()
     with torch.no_grad():
@@ -361,10 +361,15 @@ def checked(args) -> dict:
     """The run's target ({} without --run), after the checks that need no model.
 
     Raises:
-        PuzzleError: --out is a file, --run is no run directory, or --children names no demo child (without --run).
+        PuzzleError: --out is a file, a size, --repeats or --threads below 1, --run is no run directory, or
+            --children names no demo child (without --run).
     """
     if args.out.exists() and not args.out.is_dir():
         raise PuzzleError(f"--out {args.out} is a file; give a folder")
+    for flag, value in (("--batch-size", args.batch_size), ("--prompt-len", args.prompt_len),
+                        ("--gen-len", args.gen_len), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:  # breaker: 0 became the default, --repeats 0 a NameError
+            raise PuzzleError(f"{flag} must be at least 1, got {value}")
     if args.run is None:
         unknown = [n for n in args.children or () if n not in DEMO_CHILDREN]
         if unknown:

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from puzzle.architecture import FFNConfig
+from puzzle.errors import PuzzleError
 from puzzle.init import init_ffn
 from puzzle.io import atomic_write_json, save_table
 from puzzle.scoring.quality import parent_cache, replace_one_score, replace_one_scores
@@ -71,25 +72,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu sums all threads' time; use --threads 1 or --clock wall")
-    if args.out.exists() and not args.out.is_dir():  # breaker: found only after the measuring, as a traceback
-        print(f"scoring: error: --out {args.out} is a file; give a folder", file=sys.stderr)
+    try:
+        tokens_list, layers = checked(args)
+        from puzzle.assets import asset_path
+        from puzzle.parent import load_parent
+
+        path = str(asset_path(args.parent[6:])) if args.parent.startswith("asset:") else args.parent
+        model = load_parent(path).model
+        cfg = model.config
+        L = cfg.num_hidden_layers
+        if not all(0 <= i < L for i in layers):
+            raise PuzzleError(f"--layers {args.layers}: the parent has layers 0 to {L - 1}")
+    except PuzzleError as e:  # breaker: tracebacks for a missing parent and a layer past the last
+        print(f"scoring: error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-
-    from puzzle.assets import asset_path
-    from puzzle.parent import load_parent
-
-    path = str(asset_path(args.parent[6:])) if args.parent.startswith("asset:") else args.parent
-    model = load_parent(path).model
     for q in model.parameters():
         q.requires_grad_(False)
-    cfg = model.config
-    L = cfg.num_hidden_layers
     load_before = os.getloadavg()
     rows = []
     gen = torch.Generator().manual_seed(0)
-    tokens_list = [int(t) for t in args.tokens.split(",")]
-    layers = [int(x) for x in args.layers.split(",")]
     for n_tok in tokens_list:
         ids = torch.randint(0, cfg.vocab_size, (max(1, n_tok // args.seq_len), args.seq_len), generator=gen)
         t_cache = measure(lambda: parent_cache(model, ids, chunk=args.chunk, stride=args.stride), args.clock, 1)
@@ -147,6 +149,31 @@ def main(argv=None) -> int:
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(json.dumps(extrapolation, indent=1))
     return 0
+
+
+def checked(args) -> tuple[list[int], list[int]]:
+    """(--tokens, --layers) as lists, after the checks that need no model.
+
+    Raises:
+        PuzzleError: --out is a file; a count below 1; --tokens not whole multiples of --seq-len; fewer than two
+            distinct --layers (the fit of time per token over the layers after the candidate needs two)."""
+    if args.out.exists() and not args.out.is_dir():  # breaker: found only after the measuring, as a traceback
+        raise PuzzleError(f"--out {args.out} is a file; give a folder")
+    for flag in ("seq_len", "stride", "chunk", "repeats", "threads"):
+        if getattr(args, flag) < 1:  # breaker: --stride 0 wrote results
+            raise PuzzleError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+        layers = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise PuzzleError(f"--tokens {args.tokens!r} and --layers {args.layers!r} must be whole numbers separated "
+                          f"by commas") from None
+    if not all(t >= args.seq_len and t % args.seq_len == 0 for t in tokens):  # breaker: --tokens 0 wrote results
+        raise PuzzleError(f"--tokens {args.tokens}: each must be a whole multiple of --seq-len {args.seq_len}")
+    if len(set(layers)) < 2:  # breaker: one layer gave a degenerate fit and extrapolations that looked valid
+        raise PuzzleError(f"--layers {args.layers}: give at least two distinct layers (the extrapolation fits the "
+                          f"time per token over the layers after each)")
+    return tokens, layers
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ def test_runtime_refuses_in_one_line(run_dir, interrupted, tmp_path, capsys):
     assert_refuses(bench, ["--run", str(run_dir), "--children", "child-9x", "--out", str(out)], "child-9x", capsys)
     (tmp_path / "file").write_text("")
     assert_refuses(bench, ["--run", str(run_dir), "--out", str(tmp_path / "file")], "is a file", capsys)
+    for flag, bad in (("--repeats", "0"), ("--gen-len", "0"), ("--batch-size", "0"), ("--prompt-len", "-5")):
+        assert_refuses(bench, ["--run", str(run_dir), "--out", str(out), flag, bad], f"{flag} must be at least 1, "
+                       f"got {bad}", capsys)  # breaker: a NameError, the run's value used, a torch traceback
     assert not out.exists()
 
 
@@ -267,3 +270,17 @@ def test_front_phases_run_in_order_and_report_ratios(run_dir, tmp_path, capsys):
         else:  # a front that stops short of 1.5x as measured
             assert pd.isna(r["ours_kl_nats"]) or pd.isna(r["baseline_kl_nats"]), r.to_dict()
     assert (out / "front.png").stat().st_size > 0 and (out / "architectures.png").stat().st_size > 0
+
+
+def test_scoring_refuses_bad_counts_and_a_missing_parent_in_one_line(tmp_path, capsys):
+    """Breaker: --stride 0 and --tokens 0 wrote results, one --layers value a degenerate fit that looked valid, and a
+    missing --parent ended in a traceback."""
+    bench = load_benchmark("scoring")
+    out = tmp_path / "O"
+    for argv, says in [(["--stride", "0"], "--stride must be at least 1, got 0"),
+                       (["--tokens", "0"], "--tokens 0: each must be a whole multiple of --seq-len 256"),
+                       (["--tokens", "256,x"], "must be whole numbers separated by commas"),
+                       (["--layers", "5,5"], "--layers 5,5: give at least two distinct layers"),
+                       (["--parent", str(tmp_path / "nonexistent")], "does not exist")]:
+        assert_refuses(bench, [*argv, "--out", str(out)], says, capsys)
+    assert not out.exists()
