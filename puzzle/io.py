@@ -203,10 +203,13 @@ def read_json_or_none(path: str | os.PathLike):
 
 
 def save_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
-    """Write a tidy table as CSV plus a JSON sidecar (`<path>.json`) holding `meta` and the columns."""
+    """Write a tidy table as CSV plus a JSON sidecar (`<path>.json`) holding `meta`, the columns, the row count and
+    the CSV's sha256 (`load_table` tells a table edited since from one written so)."""
     path = Path(path)
-    atomic_write_text(path, df.to_csv(index=False))
-    atomic_write_json(path.with_suffix(path.suffix + ".json"), {**meta, "columns": list(df.columns), "rows": len(df)})
+    text = df.to_csv(index=False)
+    atomic_write_text(path, text)
+    atomic_write_json(path.with_suffix(path.suffix + ".json"), {**meta, "columns": list(df.columns), "rows": len(df),
+                                                                "sha256": hashlib.sha256(text.encode()).hexdigest()})
     return path
 
 
@@ -250,7 +253,9 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
         raise PuzzleError(f"table {path} separates its columns by {sep!r}, not by commas; write it as a "
                           f"comma-separated CSV with the columns {list(required_columns)}")
     if missing:
-        fix = ("it was written by another version, rerun its stage" if sidecar_required else
+        fix = ("it was cut or edited since it was written (its bytes differ from the sha256 its sidecar recorded), "
+               "rerun its stage" if _bytes_changed(path, meta) else
+               "it was written by another version, rerun its stage" if sidecar_required else
                f"the table needs the columns {list(required_columns)}")
         raise PuzzleError(f"table {path} lacks columns {missing}; {fix}")
     for key, want in (expect or {}).items():
@@ -263,4 +268,32 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
         hand = "" if sidecar_required or expect else " (or delete the sidecar of a table edited on purpose)"
         raise PuzzleError(f"table {path} has {len(df)} rows, but its sidecar {sidecar.name} recorded {rows}: the table "
                           f"was cut or edited since; rerun the stage that writes it{hand}")
+    if _bytes_changed(path, meta):  # breaker: a hand-edited score table was taken as a new one without a word
+        meta = {**meta, EDITED_KEY: str(path)}  # the callers say it
     return df, meta
+
+
+def _bytes_changed(path: Path, meta: dict) -> bool:
+    """Whether the table at `path` differs from the sha256 its sidecar `meta` recorded (False without one)."""
+    return isinstance(meta.get("sha256"), str) and sha256_file(path) != meta["sha256"]
+
+
+def table_changed_since_written(path: str | os.PathLike) -> bool:
+    """Whether a `save_table` table was cut or edited since it was written: its bytes differ from the sha256 its
+    sidecar recorded. False where the table, its sidecar or the recorded sha256 is missing or unreadable."""
+    path = Path(path)
+    meta = read_json_or_none(path.with_suffix(path.suffix + ".json"))
+    return isinstance(meta, dict) and path.is_file() and _bytes_changed(path, meta)
+
+
+#: the key `load_table` adds to a table's meta when the CSV's bytes differ from the sha256 its sidecar recorded
+EDITED_KEY = "edited_since_written"
+
+
+def edited_table_note(meta: dict, rewrite: str) -> str | None:
+    """A sentence for a table `load_table` found edited since it was written (values changed, rows kept), or None.
+    `rewrite`: how to write it afresh (a command)."""
+    if not meta.get(EDITED_KEY):
+        return None
+    return (f"{meta[EDITED_KEY]} was edited since it was written (its bytes differ from the sha256 its sidecar "
+            f"recorded): it is used as it is now; {rewrite} writes it afresh")

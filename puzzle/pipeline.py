@@ -40,8 +40,8 @@ import torch
 from .architecture import ArchitectureError, BlockConfig
 from .config import SEARCH_BUDGETS, RunConfig, ScoreConfig, SearchConfig, save_run_config
 from .errors import PuzzleError, differing_settings
-from .io import (atomic_write_json, atomic_write_text, is_run_directory, load_table, read_json, save_table,
-                 tensor_sha256)
+from .io import (atomic_write_json, atomic_write_text, edited_table_note, is_run_directory, load_table, read_json,
+                 save_table, table_changed_since_written, tensor_sha256)
 from .library import Library
 from .runlock import claim_folder
 from .search import InfeasibleBudget
@@ -924,6 +924,8 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
                           f"`puzzle bld`), or run the whole pipeline with `puzzle run --out {run.out}`")
     table, meta = load_table(path, required_columns=REQUIRED_COLUMNS)  # the sidecar is required
     check_score_target(run, path, meta)
+    if edited := edited_table_note(meta, f"`puzzle score --out {run.out}`"):  # breaker: taken as a new score unsaid
+        warnings.warn(edited)
     n_layers = _parent_layers(run)
     layers = set(pd.to_numeric(table.loc[table["subblock"] != "non_block", "layer"], errors="coerce"))
     if layers != set(range(n_layers)):  # breaker: a 5-layer table for a 4-layer parent was searched, and realize
@@ -1445,6 +1447,10 @@ def read_architecture(run: Run, name: str) -> dict:
             _check_against_table(run, path, record, stage)
         else:
             record = _with_table_totals(run, path, record, stage)
+    elif table_changed_since_written(table):  # breaker: a cut table was said to be "scored again since"
+        warnings.warn(f"{table} was cut or edited since `puzzle score` wrote it (its bytes differ from the sha256 its "
+                      f"sidecar recorded): `puzzle score --out {run.out}` writes it afresh; {path}'s predicted totals "
+                      f"are those of the table it was solved on")
     else:
         warnings.warn(f"{path} was solved on another score table than {table} holds now (scored again since, or a "
                       f"search record of an earlier front): its predicted totals are the old table's; `puzzle search` "

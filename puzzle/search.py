@@ -39,6 +39,7 @@ import pandas as pd
 from .architecture import BlockConfig
 from .budgets import BUDGET_FLAGS, BudgetRequest, Budgets, suggest_fraction
 from .errors import PuzzleError
+from .io import edited_table_note
 from .mip import (BUDGET_RTOL, COST_COLUMNS, REQUIRED_COLUMNS, SCORE_COLUMNS, TIE_BREAK, Choices, DualLP,  # noqa: F401
                   allowed_slots, as_bool, build_choices, filter_flags, fitting_slots, prune_dominated, repair,
                   solve_core)
@@ -1058,6 +1059,8 @@ def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
                      f"workload (batch size, prompt and generation lengths) of these costs are unknown, and the "
                      f"table's rows are not checked against the count it was written with: it is searched as a "
                      f"parent of {layers} layers")  # breaker: a table cut after its last layer went unnoticed
+    if edited := edited_table_note(meta, "rerunning the stage that wrote it (`puzzle score` for a run's table)"):
+        notes.append(f"note: {edited}")
     return notes
 
 

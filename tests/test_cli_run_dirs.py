@@ -14,7 +14,7 @@ import warnings
 import pandas as pd
 import pytest
 
-from tiny_run import tiny_run_dir
+from tiny_run import reseal_table, tiny_run_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -882,6 +882,7 @@ def test_a_search_record_solved_on_an_earlier_score_table_is_said(tmp_path_facto
         read_architecture(run, "child-1.5x")  # the table it was solved on
     table = out / "score" / "score_table.csv"
     table.write_text(table.read_text() + "\n")  # scored again: other bytes
+    reseal_table(table)
     with pytest.warns(UserWarning, match=re.escape(f"{out / 'search' / 'child-1.5x.json'} was solved on another score "
                                                    f"table than {table} holds now")):
         read_architecture(run, "child-1.5x")
@@ -1011,7 +1012,11 @@ def test_front_targets_that_give_one_child_are_named_together(tmp_path_factory, 
     assert records["child-1.25x"]["choice"] == records["child-1.2501x"]["choice"]  # the tiny table has none between
     assert "child-1.25x and child-1.2501x are one child (the same blocks, predicted" in capsys.readouterr().err
     assert main(["search", "--out", str(out), "--front-speedups", "1.25,2", "--no-progress"]) == 0
-    assert "one child" not in capsys.readouterr().err
+    said = re.findall(r"search: (.+) are one child", capsys.readouterr().err)
+    for names in said:  # only children of the same blocks (on a table timed under load, 1.25x can be the main 1.5x)
+        choices = {json.dumps(json.loads((out / "search" / f"{n}.json").read_text())["choice"])
+                   for n in re.split(r", | and ", names)}
+        assert len(choices) == 1, said
 
 
 def test_score_refuses_non_finite_results_and_cut_entries_and_records_the_tokens_it_used(tmp_path_factory, tmp_path,

@@ -19,7 +19,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import save_table
 from puzzle.search import (InfeasibleBudget, Solution, VerificationError, add_search_arguments, build_choices, greedy,
                            parent_totals, search_main, solve, sweep, verify)
-from tiny_run import tiny_run_dir
+from tiny_run import reseal_table, tiny_run_dir
 
 # the Puzzle authors' 70B library: ../shared/fixtures next to the repository, or $PUZZLE_70B_LIBRARY (a clone elsewhere)
 FIXTURE = Path(os.environ.get("PUZZLE_70B_LIBRARY") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -909,6 +909,41 @@ def test_a_table_cut_since_its_sidecar_was_written_is_refused(tmp_path_factory, 
     assert "or delete the sidecar" not in _one_error_line(capsys, ["search", "--out", str(out), "--speedup", "1.2"])
 
 
+def test_a_score_table_edited_since_it_was_written_is_said_to_be_so(tmp_path_factory, tmp_path, capsys):
+    """Breaker: one KL value of a run's score table edited by hand (rows kept) was searched as a new score, and the
+    run called its children "searched again since"; the sidecar's sha256 now tells, and both searches say it."""
+    import shutil
+    import warnings
+
+    from puzzle.baselines import open_run
+    from puzzle.cli import main
+    from puzzle.pipeline import load_score_table, read_architecture
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    path = out / "score" / "score_table.csv"
+    run = open_run(out, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as written: nothing said
+        load_score_table(run)
+    assert main(["search", "--library", str(out), "--speedup", "1.2", "--json"]) == 0
+    assert "was edited since" not in capsys.readouterr().err
+    table = pd.read_csv(path)
+    table.loc[table["kl_nats"] > 0, "kl_nats"] = table.loc[table["kl_nats"] > 0, "kl_nats"].iloc[0] / 2
+    table.to_csv(path, index=False)
+    with pytest.warns(UserWarning, match=f"{re.escape(str(path))} was edited since it was written .*: it is used as "
+                                         f"it is now; `puzzle score --out {re.escape(str(out))}` writes it afresh"):
+        load_score_table(run)
+    assert main(["search", "--library", str(out), "--speedup", "1.2", "--json"]) == 0
+    assert f"note: {path} was edited since it was written" in capsys.readouterr().err
+    # a record solved on the table before the edit: the table is said to be edited, not "scored again since"
+    with pytest.warns(UserWarning, match=f"{re.escape(str(path))} was cut or edited since `puzzle score` wrote it"):
+        read_architecture(run, "child-1.25x")
+    path.write_text(path.read_text()[:100])  # cut inside the header's next row: not "written by another version"
+    err = _one_error_line(capsys, ["search", "--library", str(out), "--speedup", "1.2"])
+    assert "lacks columns" in err and "it was cut or edited since it was written" in err and "version" not in err
+
+
 def test_a_run_table_with_a_layer_the_parent_lacks_is_refused(tmp_path_factory, tmp_path, capsys):
     """Breaker: a score table given a fifth layer (sidecar row count edited alike) for a 4-layer parent was searched;
     `realize` then refused the 5-block child and told the user to search again, which wrote it again."""
@@ -922,8 +957,7 @@ def test_a_run_table_with_a_layer_the_parent_lacks_is_refused(tmp_path_factory, 
     extra = blocks[blocks["layer"] == blocks["layer"].max()].assign(layer=blocks["layer"].max() + 1)
     table = pd.concat([blocks, extra, table[table["subblock"] == "non_block"]])
     table.to_csv(path, index=False)
-    sidecar = json.loads(Path(str(path) + ".json").read_text())
-    Path(str(path) + ".json").write_text(json.dumps({**sidecar, "rows": len(table)}))
+    reseal_table(path)  # the sidecar edited alike
     err = _one_error_line(capsys, ["search", "--out", str(out), "--speedup", "1.2"])
     assert f"{path} does not hold layers 0 to 3 of the run's parent (it has layer 4)" in err, err
     assert f"score the library again with `puzzle score --out {out}`" in err
@@ -1197,8 +1231,10 @@ def test_search_keeps_children_the_budget_feedback_settled(tmp_path_factory, tmp
     assert stage_search(Run(out, config, progress=False))[name] == settled
     original = table.read_bytes()
     table.write_bytes(original + b"\n")
+    reseal_table(table)  # as `puzzle score` writes a table again
     assert "budget_feedback" not in stage_search(Run(out, config, progress=False))[name]
     table.write_bytes(original)
+    reseal_table(table)
     path.write_text(json.dumps(settled))
     assert stage_search(Run(out, config, progress=False))[name] == settled  # the same table again: kept
     # hand-broken records are solved again, not kept
