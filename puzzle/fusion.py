@@ -979,8 +979,9 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
         except (PuzzleError, KeyError, TypeError, ValueError):
             continue
         chosen |= {b.attention.id for b, p in zip(blocks, config.blocks) if b.attention != p.attention}
-        if record.get("library_stage", "bld") == "bld" and path.stem not in names and fusion_candidates(dataclasses.replace(config, blocks=tuple(blocks)),
-                                                        include_leading)[0]:
+        child = dataclasses.replace(config, blocks=tuple(blocks))
+        if record.get("library_stage", "bld") == "bld" and path.stem not in names \
+                and fusion_candidates(child, include_leading)[0]:  # (the init-only twin is not fused)
             others.append(path.stem)
     if others:
         return f"children of this run that have one: {', '.join(others)}"
@@ -988,9 +989,10 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     # children dropped the FFNs too; on the tiny preset the search takes linear or fewer-KV-head attention instead
     saved = set(run.config.search.exclude)  # --exclude replaces the saved list: keep it in the command
     if chosen - {"attn-noop"} <= saved and "ffn-noop" in saved:  # the hint would repeat the search just run
+        given = " ".join(f"--exclude {v}" for v in sorted(saved))
         return ("none of this run's children has one, and its search already leaves out the cheaper attention they "
-                f"took instead of the parent's ({' '.join(f'--exclude {v}' for v in sorted(saved))}): they keep the parent's "
-                "attention between their attention-free layers; a higher speed-up target drops more of it")
+                f"took instead of the parent's ({given}): they keep the parent's attention between their "
+                "attention-free layers; a higher speed-up target drops more of it")
     leave_out = " ".join(f"--exclude {v}" for v in sorted((saved | chosen) - {"attn-noop"}) + ["ffn-noop"] * (
         "ffn-noop" not in saved))  # (an attn-noop the run excluded is let in again: fusion needs it)
     return ("none of this run's children has one: fusion needs two attention-free layers in a row that keep their "

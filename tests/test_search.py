@@ -1865,7 +1865,8 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
     for flags in (["--max-memory", "0.0001"], ["--max-memory", "0.0001", "--json"], ["--speedup", "1e9", "--greedy"]):
         err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), *flags])
         assert re.search(r"the best child has a total runtime of 0 .*No block fits these budgets \((max_memory_mib|"
-                         r"max_runtime_ms)=[0-9.e+-]+\) except by removing all: loosen --(max-memory|speedup)", err), err
+                         r"max_runtime_ms)=[0-9.e+-]+\) except by removing all: loosen --(max-memory|speedup)",
+                         err), err
     # a cost as the objective: the advice is the objective, not a budget (breaker: "e.g. --speedup 10" for both)
     err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--speedup", "2", "--objective", "runtime_ms"])
     assert "The objective weighs runtime_ms, a cost, and removing every block costs least: search on a quality " \
