@@ -6,6 +6,7 @@ cost table's prediction, so the feedback law can be checked exactly. The tiny pi
 """
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -519,6 +520,14 @@ def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
     quiet = parent_runtime_note(summary, drift={"cpu": 0.78}, busy=0.016)  # fresh user: "other load" beside 0.016
     assert "(costs the table's per-subblock sums miss: other jobs kept only 0.02 cores busy)" in quiet
     assert "other load" in parent_runtime_note(summary, drift={"cpu": 0.78}, busy=0.4)
+    # reviewer: a table timed under load predicted 4351 ms for a parent measured at 72 ms, beside a reference workload
+    # that moved 0.91 / 1.31 times; the note offered the machine's speed
+    spoiled = summary.assign(runtime_ms=[72.37, 60.0, 50.0], predicted_runtime_ms=[float("nan"), 3481.0, 2901.0])
+    note = parent_runtime_note(spoiled, drift={"compute": 0.91, "memory": 1.31}, out=Path("/r"))
+    assert "a gap of 60.1 times, far beyond what the fixed reference workload moved, so the cost table itself was " \
+           "most likely timed while other jobs or throttling slowed it" in note and "`puzzle score --out /r --retime`" \
+           in note, note
+    assert "gap of" not in parent_runtime_note(spoiled, drift={"compute": 40.0})  # the machine's speed explains it
 
 
 def test_a_memory_miss_is_never_timing_noise():
