@@ -2479,11 +2479,19 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     front = front[cols].sort_values("throughput_tok_s")
     atomic_write_text(run.out / "front.csv", front.to_csv(index=False))
 
+    from .plots import on_front
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     kids = front[front["name"] != "parent"]
-    # each point named by its target and measured speed-up (reviewer: "0.68x" beside "0.68x", which child is which?)
-    ax.plot(kids["throughput_tok_s"], kids["kl_nats"], "o-", color="tab:blue",
+    p = front[front["name"] == "parent"].iloc[0]
+    # each point named by its target and measured speed-up (reviewer: "0.68x" beside "0.68x", which child is which?);
+    # the line joins the children on the front alone (reviewer: it went through a child slower than the parent)
+    keep = pd.Series(on_front(kids["throughput_tok_s"], kids["kl_nats"], above=p["throughput_tok_s"]), index=kids.index)
+    ax.plot(kids.loc[keep, "throughput_tok_s"], kids.loc[keep, "kl_nats"], "o-", color="tab:blue",
             label="children (BLD library, MIP): target -> measured speed-up")
+    if (~keep).any():
+        ax.plot(kids.loc[~keep, "throughput_tok_s"], kids.loc[~keep, "kl_nats"], "o", color="tab:blue", alpha=0.3,
+                label="faded: beaten by a faster child (or slower than the parent)")
     # below and right of a point, off the rising curve; the fastest one's to its left, inside the axes (fresh
     # user: "3x -> 3.12x" ran into the right edge, "1.5x -> 1.55x" sat on the curve)
     for i, r in enumerate(kids.itertuples()):
@@ -2491,7 +2499,6 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
         ax.annotate(label(r.name, r.speedup), (r.throughput_tok_s, r.kl_nats), textcoords="offset points",
                     xytext=(-8, 0) if last else (6, -10), ha="right" if last else "left",
                     va="center" if last else "baseline", fontsize=8)
-    p = front[front["name"] == "parent"].iloc[0]
     ax.plot([p["throughput_tok_s"]], [p["kl_nats"]], "*", color="black", markersize=12, label="parent")
     init = summary[summary["library_stage"] == "init"]
     if len(init):

@@ -122,7 +122,7 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
     fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 4.8), dpi=120, squeeze=False)
     for ax, (col, log, ylabel) in zip(axes[0], panels):
         err = f"{col}_stderr" if col != y and f"{col}_stderr" in rows.columns else None
-        _draw_series(ax, rows, x, col, log, err)
+        _draw_series(ax, rows, x, col, log, err, lower_is_better=col == y)  # accuracy: higher is better
         ax.set_xlabel(xlabel or _AXIS_LABELS.get(x, x))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
@@ -137,10 +137,14 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
     return out
 
 
-def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str | None) -> None:
-    """One line per (method, training) of `y` against `x` on `ax`, the parent as a dotted vertical line."""
+def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str | None,
+                 lower_is_better: bool = True) -> None:
+    """One line per (method, training) of `y` against `x` on `ax` through the models on its front (`on_front`), the
+    others as faded, unjoined markers; the parent as a dotted vertical line."""
     rows = rows[["name", "method", "training", x, y] + ([err] if err else [])].dropna(subset=[x, y])
     parent = rows[rows["method"] == "parent"]
+    px = float(parent[x].iloc[0]) if len(parent) else -math.inf
+    beaten_drawn = False
     for (method, training), part in rows[rows["method"] != "parent"].groupby(["method", "training"], sort=False):
         color, marker, line = STYLE.get(method, ("tab:gray", "o", "-"))
         init = training == "init"
@@ -149,10 +153,20 @@ def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str |
         part = part.sort_values(x)
         label = LABELS.get(method, method) + (", init only" if init else ", after BLD" if training == "bld" and method
                                                not in ("mip", "mip-diverse", "mip-refined", "ffn_fusion") else "")
-        ax.plot(part[x], part[y], marker=marker, linestyle="--" if init and line != "none" else line, color=color,
-                markerfacecolor="none" if init else color, label=label, alpha=0.9)
+        keep = pd.Series(on_front(part[x], part[y], lower_is_better, above=px), index=part.index)
+        front, beaten = part[keep], part[~keep]
+        face = "none" if init else color
+        ax.plot(front[x], front[y], marker=marker, linestyle="--" if init and line != "none" else line, color=color,
+                markerfacecolor=face, label=label, alpha=0.9)
+        if len(beaten):
+            ax.plot(beaten[x], beaten[y], marker=marker, linestyle="none", color=color, markerfacecolor=face,
+                    alpha=0.3)
+            beaten_drawn = True
         if err:
             ax.errorbar(part[x], part[y], yerr=part[err], fmt="none", ecolor=color, alpha=0.5, capsize=2)
+    if beaten_drawn:  # a legend entry says what the faded markers are
+        ax.plot([], [], marker="o", linestyle="none", color="gray", alpha=0.3,
+                label="faded: beaten by a faster model of its series (or slower than the parent)")
     if len(parent):
         px = float(parent[x].iloc[0])
         ax.axvline(px, color="black", linewidth=0.8, linestyle=":")
@@ -275,6 +289,23 @@ def _legend_order(vid: str):
 FAR_FROM_TARGET = 1.2  # a front's nearest measured model this many times faster or slower than the target: flagged
 
 
+def on_front(xs, ys, lower_is_better: bool = True, above: float = -math.inf) -> list[bool]:
+    """For each point (x: speed or throughput, higher is faster), whether it is on its front: finite, x above
+    `above` (the parent's, where a slower model is beaten by the parent itself), and no faster point has as good a y
+    (lower KL; higher accuracy with `lower_is_better` False). Of points alike in x and y the first one given is kept.
+    `matched_ratios` reads its fronts so, and the plots draw the line through these points alone (reviewer: the
+    line zigzagged through slower, worse models the ratios leave out)."""
+    xs, ys = [float(v) for v in xs], [float(v) for v in ys]
+    sign = 1.0 if lower_is_better else -1.0
+    usable = [i for i in range(len(xs)) if math.isfinite(xs[i]) and math.isfinite(ys[i]) and xs[i] > above]
+    keep, best = [False] * len(xs), math.inf
+    for i in sorted(usable, key=lambda i: (-xs[i], sign * ys[i])):  # from the fastest; of one x, the best first
+        if sign * ys[i] < best:
+            best = sign * ys[i]
+            keep[i] = True
+    return keep
+
+
 def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "mip", y: str = "kl_nats") -> pd.DataFrame:
     """Our `y` divided by each baseline's at matched measured speed-up (linear interpolation).
 
@@ -295,16 +326,12 @@ def matched_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), ours: str = "m
     """
     def curve(part):  # a model without a finite speed-up or y (not measured) is no point of its front
         names = part["name"] if "name" in part else [""] * len(part)
-        pts = sorted(((float(s), float(v), str(n)) for s, v, n in zip(part["speedup"], part[y], names)
-                      if math.isfinite(s) and math.isfinite(v) and float(s) > 1.0), key=lambda p: (p[0], -p[1], p[2]))
-        best, out = math.inf, []
-        for s, v, n in reversed(pts):  # from the fastest: a model is on the front where no faster one has as low a y
-            if v < best:
-                best = v
-                out.append((s, v, n, s))
         # breaker: a beaten model once stayed as a point at its own speed-up with the faster one's y, which bent the
         # line from the parent (a slower, worse model made the front worse) and disagreed with the names it gave
-        return [(1.0, 0.0, "parent", 1.0)] + out[::-1]  # (speed-up, y, model, its speed-up), y rising with speed-up
+        keep = on_front(part["speedup"], part[y], above=1.0)
+        out = sorted((float(s), float(v), str(n), float(s))
+                     for s, v, n, k in zip(part["speedup"], part[y], names, keep) if k)
+        return [(1.0, 0.0, "parent", 1.0)] + out  # (speed-up, y, model, its speed-up), y rising with speed-up
 
     def label(point):
         return f"{point[2]}@{point[3]:.3g}x"

@@ -481,6 +481,42 @@ def test_ratio_intervals_carry_the_timing_noise_and_collapse_without_it():
             matched_ratio_intervals(**{"rounds": 7, **bad})
 
 
+def test_the_plotted_line_joins_the_models_on_the_front_alone():
+    """Reviewer: front_all.png joined every model of a series in throughput order, so the line zigzagged through a
+    slower, worse greedy child (and ours through a child slower than the parent) that front_ratios.csv leaves out;
+    those are faded, unjoined markers now, and the ratios and the plot read one front (`on_front`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from puzzle.plots import _draw_series, on_front
+
+    assert on_front([362, 854, 1901], [4.46e-4, 2.31e-4, 1.5e-3]) == [False, True, True]
+    assert on_front([5, 30, 40], [0.1, 0.2, 0.3], above=10) == [False, True, True]  # slower than the parent
+    assert on_front([1, 2, 2, float("nan")], [0.5, 0.4, 0.4, 0.1]) == [False, True, False, False]  # the first of two
+    assert on_front([1, 2], [0.6, 0.7], lower_is_better=False) == [False, True]  # accuracy: higher is better
+    assert on_front([1, 2], [0.7, 0.6], lower_is_better=False) == [True, True]
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "throughput_tok_s": 221.0, "kl_nats": 0.0},
+        {"name": "greedy-1.5x", "method": "greedy", "training": "bld", "throughput_tok_s": 362.0, "kl_nats": 4.46e-4},
+        {"name": "greedy-1.25x", "method": "greedy", "training": "bld", "throughput_tok_s": 854.0, "kl_nats": 2.31e-4},
+        {"name": "greedy-2x", "method": "greedy", "training": "bld", "throughput_tok_s": 1901.0, "kl_nats": 1.5e-3},
+        {"name": "child-1.5x", "method": "mip", "training": "bld", "throughput_tok_s": 65.0, "kl_nats": 4.46e-4},
+        {"name": "child-2x", "method": "mip", "training": "bld", "throughput_tok_s": 683.0, "kl_nats": 1.5e-3},
+    ])
+    fig, ax = plt.subplots()
+    _draw_series(ax, rows, "throughput_tok_s", "kl_nats", True, None)
+    lines = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    plt.close(fig)
+    assert lines["greedy, same library, after BLD"] == [854.0, 1901.0]
+    assert lines["ours (MIP, BLD library)"] == [683.0]
+    assert [362.0] in lines.values() and [65.0] in lines.values()  # drawn, faded and unjoined
+    assert any(label.startswith("faded: beaten by a faster model") for label in lines)
+    ratios = matched_ratios(rows.assign(speedup=rows["throughput_tok_s"] / 221.0), speedups=(2.0,))
+    assert "greedy-1.5x" not in ratios["baseline_from"].iloc[0] and "child-1.5x" not in ratios["ours_from"].iloc[0]
+
+
 def test_front_plot_and_architecture_map_write_pngs(tmp_path):
     rows = pd.DataFrame([
         {"name": "parent", "method": "parent", "training": "none", "throughput_tok_s": 10.0, "kl_nats": 0.0},
