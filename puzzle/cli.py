@@ -951,9 +951,9 @@ def cmd_front(args) -> int:
 
         rows = draw_front_all(run)  # our front and the baselines' on one plot, and the ratios at matched speed
         _print_front_table(run.out, rows)  # with the speed-ups the ratios below use (a one session's, where current)
-        print(f"front, every model ({len(rows)}: the parent, ours and any refined, fused or baseline models) -> "
-              f"{run.out / 'front_all.csv'}, "
-              f"{run.out / 'front_all.png'}", file=sys.stderr)
+        print(f"front, every model ({len(rows)}: the parent, ours but the init-only comparison child, and any "
+              f"refined, fused or baseline models) -> {run.out / 'front_all.csv'}, {run.out / 'front_all.png'}",
+              file=sys.stderr)
         ratios = rows.attrs["ratios"]
         for name, why in ratios.attrs.get("passed_over", {}).items():
             drawn = ("; its diverse and refined children stay in front_all as the measured models they are"
