@@ -883,15 +883,15 @@ def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.Dat
     Returns:
         One row per (ours, speedup, method, training) with ours_kl_nats, baseline_kl_nats and ratio
         (NaN where a front does not reach the speed-up), and where each KL comes from (`matched_ratios`:
-        ours_from, baseline_from, ours_gap, baseline_gap); with `rounds` also ratio_lo, ratio_median, ratio_hi
-        and reached. Empty when the rows hold no baseline.
+        ours_from, baseline_from, ours_gap, baseline_gap), and same_model (`_same_models`); with `rounds` also
+        ratio_lo, ratio_median, ratio_hi and reached. Empty when the rows hold no baseline.
     """
     keep = rows["method"].isin(("parent", "mip") + BASELINE_METHODS)
     columns = ["speedup", "method", "training", "ours_kl_nats", "baseline_kl_nats", "ratio", "ours", "ours_from",
                "baseline_from", "ours_gap", "baseline_gap"] + (
         ["ratio_lo", "ratio_median", "ratio_hi", "reached"] if rounds else [])
     if not rows.loc[keep, "method"].isin(BASELINE_METHODS).any() or not (rows["method"] == "mip").any():
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=columns + ["same_model"])
     speedups = tuple(sorted({float(s) for s in speedups}))
 
     def ratios(part: pd.DataFrame) -> pd.DataFrame:
@@ -904,7 +904,22 @@ def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.Dat
         theirs = rows[rows["method"].isin(("parent",) + BASELINE_METHODS)]
         parts.append(ratios(pd.concat([theirs, selected.drop(columns="picked_from")], ignore_index=True))
                      .assign(ours="selected per target"))
-    return pd.concat(parts, ignore_index=True)[columns]
+    out = pd.concat(parts, ignore_index=True)
+    models = pd.concat([rows, selected], ignore_index=True) if selected is not None else rows
+    out["same_model"] = [_same_models(o, b, models) for o, b in zip(out["ours_from"], out["baseline_from"])]
+    return out[columns + ["same_model"]]
+
+
+def _same_models(ours_from: str, baseline_from: str, rows: pd.DataFrame) -> str:
+    """The baseline models a ratio reads that have the architecture of a model our KL there comes from, as
+    "greedy-1.25x=child-1.25x" ("" where none): one model, timed at two speed-ups, on both sides of a ratio
+    (reviewer: greedy's 1.25x child, ours measured apart, gave a ratio of 12.98 between a model and itself)."""
+    if "architecture" not in rows.columns:
+        return ""
+    arch = {str(n): a for n, a in zip(rows["name"], rows["architecture"]) if isinstance(a, str) and a}
+    names = lambda text: [part.rsplit("@", 1)[0] for part in str(text or "").split("..") if part]  # noqa: E731
+    ours = {arch[n]: n for n in names(ours_from) if n in arch}
+    return ", ".join(f"{n}={ours[arch[n]]}" for n in names(baseline_from) if arch.get(n) in ours)
 
 
 def ratio_table(ratios: pd.DataFrame) -> str:
@@ -944,6 +959,9 @@ def ratio_table(ratios: pd.DataFrame) -> str:
                      f"slower than that speed-up, so its KL there is interpolated (from the parent at 1x and KL 0 where "
                      f"the front's slowest model is faster): a figure no measured model has (front_ratios.csv: "
                      f"ours_from, baseline_from)")
+    if "same_model" in ratios.columns and ratios["same_model"].fillna("").astype(bool).any():
+        notes.append("=: the ratio reads one model on both sides, timed at two speed-ups (front_ratios.csv: "
+                     "same_model): it measures the timing noise between them, not the methods")
     if absent := [LABELS[m] for m in BASELINE_METHODS if m not in set(ratios["method"])]:
         notes.append(f"no measured model: {', '.join(absent)} (`puzzle baselines` built none at these targets, has "
                      f"not run, or its rows were left out as stale, which a warning above then says)")
@@ -967,7 +985,8 @@ def _ratio_cell(row) -> str:
         lo, hi, reached = (getattr(row, c, math.nan) for c in ("ratio_lo", "ratio_hi", "reached"))
         some = f", {reached:.0%}" if _finite(reached) and reached < PARTLY_REACHED else ""  # breaker: 0.60 (0.07-0.59)
         interval = f" ({lo:.2f}-{hi:.2f}{some})" if _finite(lo) and _finite(hi) else ""
-        return f"{ratio:.2f}" + ("~" if _far(row) else "") + interval
+        return f"{ratio:.2f}" + ("~" if _far(row) else "") + ("=" if getattr(row, "same_model", "") else "") \
+            + interval
     if not (isinstance(theirs, float) and math.isfinite(theirs)):
         return "-"
     if not (isinstance(ours, float) and math.isfinite(ours)):

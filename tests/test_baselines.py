@@ -517,6 +517,32 @@ def test_the_plotted_line_joins_the_models_on_the_front_alone():
     assert "greedy-1.5x" not in ratios["baseline_from"].iloc[0] and "child-1.5x" not in ratios["ours_from"].iloc[0]
 
 
+def test_a_ratio_that_reads_one_model_on_both_sides_is_marked():
+    """Reviewer: greedy's 1.25x child and ours were one architecture measured at 3.86x and 1.20x, and the ratio of 12.98
+    read as "ours is 13 times worse" with nothing said; front_ratios.csv names the pair (same_model) and the table
+    marks it "="."""
+    from puzzle.plots import front_ratios, ratio_table
+
+    same, other = "kv1/64 kv1/64", "kv2/128 noop/64"
+    rows = pd.DataFrame([
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0, "architecture": ""},
+        {"name": "child-1.25x", "method": "mip", "training": "bld", "speedup": 1.2, "kl_nats": 2.3e-4,
+         "architecture": same},
+        {"name": "child-2x", "method": "mip", "training": "bld", "speedup": 3.09, "kl_nats": 1.5e-3,
+         "architecture": other},
+        {"name": "greedy-1.25x", "method": "greedy", "training": "bld", "speedup": 3.86, "kl_nats": 2.3e-4,
+         "architecture": same},
+        {"name": "layers-1.25x", "method": "layer_removal", "training": "none", "speedup": 1.3, "kl_nats": 0.01,
+         "architecture": "x"},
+    ])
+    ratios = front_ratios(rows, (1.25,)).set_index("method")
+    assert ratios.loc["greedy", "same_model"] == "greedy-1.25x=child-1.25x"
+    assert ratios.loc["layer_removal", "same_model"] == ""
+    text = ratio_table(ratios.reset_index())
+    assert f"{ratios.loc['greedy', 'ratio']:.2f}~=" in text and "=: the ratio reads one model on both sides" in text
+    assert "=: the ratio" not in ratio_table(ratios.reset_index().assign(same_model=""))
+
+
 def test_front_plot_and_architecture_map_write_pngs(tmp_path):
     rows = pd.DataFrame([
         {"name": "parent", "method": "parent", "training": "none", "throughput_tok_s": 10.0, "kl_nats": 0.0},
