@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
@@ -155,13 +156,19 @@ def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str |
                                                not in ("mip", "mip-diverse", "mip-refined", "ffn_fusion") else "")
         keep = pd.Series(on_front(part[x], part[y], lower_is_better, above=px), index=part.index)
         front, beaten = part[keep], part[~keep]
-        face = "none" if init else color
+        # a hollow, larger diamond: the refined pick's plus stays visible inside it where both are one model (reviewer)
+        face = "none" if init or method == "mip-diverse" else color
+        size = 9 if method == "mip-diverse" else 6
         ax.plot(front[x], front[y], marker=marker, linestyle="--" if init and line != "none" else line, color=color,
-                markerfacecolor=face, label=label, alpha=0.9)
+                markerfacecolor=face, markersize=size, label=label, alpha=0.9)
         if len(beaten):
             ax.plot(beaten[x], beaten[y], marker=marker, linestyle="none", color=color, markerfacecolor=face,
-                    alpha=0.3)
+                    markersize=size, alpha=0.3)
             beaten_drawn = True
+        for r in part.itertuples():  # each point's target (reviewer: which baseline point is which took the CSV)
+            if (target := re.search(r"-([0-9.]+x)(-init)?$", str(r.name))) and lower_is_better:  # the KL panel
+                ax.annotate(target.group(1), (getattr(r, x), getattr(r, y)), textcoords="offset points",
+                            xytext=(3, 3), fontsize=6, color=color, alpha=0.8)
         if err:
             ax.errorbar(part[x], part[y], yerr=part[err], fmt="none", ecolor=color, alpha=0.5, capsize=2)
     if beaten_drawn:  # a legend entry says what the faded markers are
