@@ -2979,11 +2979,12 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
             lines += [f"**Warning:** {busy[0].upper()}{busy[1:]}.", ""]
     lines += ["## Architectures", "",  # the notation, which the fresh-user run found explained nowhere (stop 54)
               "One entry per layer, attention/FFN: `kvN` attention with N KV heads, a number the FFN's intermediate "
-              "width, `linear` a learned linear map in place of the subblock, `noop` the subblock removed; `parent` "
-              "is the parent's own architecture. DIR/search/<name>.json writes the same layers as block ids "
-              "(`kv3/1536` is `attn-kv3+ffn-1536`).", ""]
-    for r in summary.itertuples():
-        lines.append(f"- **{r.name}**: {r.architecture}")
+              "width, `linear` a learned linear map in place of the subblock, `noop` the subblock removed. "
+              "DIR/search/<name>.json writes the same layers as block ids (`kv3/1536` is `attn-kv3+ffn-1536`).", ""]
+    for r in summary.itertuples():  # the parent's own layers too (reviewer: "parent" alone hid what a child kept)
+        arch = compact_architecture([b.id for b in run.parent.model.config.blocks]) if r.name == "parent" \
+            else r.architecture
+        lines.append(f"- **{r.name}**: {arch}")
     lines += ["", "## Greedy chat answers", ""]
     prompts = run.config.report.prompts
     for i, prompt in enumerate(prompts):

@@ -54,6 +54,7 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
     report = (run_dir / "report.md").read_text()
     assert "Greedy chat answers" in report and "Does BLD matter?" in report and "budget_use" in report
     assert f"`puzzle baselines --out {run_dir}` builds greedy" in report  # where the simpler methods are
+    assert re.search(r"^- \*\*parent\*\*: (kv\d+/\d+ ?){4}$", report, re.M), report  # its own layers (reviewer)
     # the init table takes bld's no_op scores: a fresh run kept nothing from an earlier call
     assert re.search(r"score: \d+ rows per table \(a row per layer and variant over 4 layers, the parent's own and "
                      r"no_op variants included\); tables in", RUN_LOG["stderr"]), RUN_LOG["stderr"][-2000:]
