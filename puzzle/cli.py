@@ -1342,16 +1342,18 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _remove_stale_temp_files(args, started: float) -> None:
+def _remove_stale_temp_files(args, started: float, alone: bool) -> None:
     """After a command on a run directory: remove the temporary files of atomic writes that a killed command left
     there (breaker: `.parent.json.<8>.tmp` and `children/.child-2x.json.<8>.tmp` stayed through every rerun);
-    `io.remove_stale_temp_files` leaves those of writes still in progress."""
+    `io.remove_stale_temp_files` leaves those of writes still in progress. `alone`: the command held the run's lock
+    alone, so any file from before it started is a dead writer's, however recent (breaker: a rerun within a minute
+    of a kill left them)."""
     from .io import is_run_directory, remove_stale_temp_files
 
     out = getattr(args, "out", None)
     try:
         if out is not None and is_run_directory(out):
-            gone = remove_stale_temp_files(out, started)
+            gone = remove_stale_temp_files(out, started, grace_s=0.0 if alone else None)
             if gone:
                 print(f"puzzle: removed {len(gone)} temporary file(s) an interrupted command left in {out} "
                       f"({', '.join(p.name for p in gone[:3])}{' ...' if len(gone) > 3 else ''})", file=sys.stderr)
@@ -1391,7 +1393,7 @@ def main(argv=None) -> int:
                         _terminate_as_interrupt():
                     return args.func(args)
             finally:
-                _remove_stale_temp_files(args, started)
+                _remove_stale_temp_files(args, started, alone=command not in ("gkd", "sft"))
     except (PuzzleError, ArchitectureError) as e:
         if args.debug:
             raise

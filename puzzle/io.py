@@ -110,18 +110,19 @@ TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 TEMP_GRACE_S = 60.0  # a temporary file this long untouched is no write in progress (one write, fsync, rename)
 
 
-def remove_stale_temp_files(root: str | os.PathLike, before: float) -> list[Path]:
+def remove_stale_temp_files(root: str | os.PathLike, before: float, grace_s: float | None = None) -> list[Path]:
     """Remove the temporary files under `root` that `atomic_write_bytes` left behind when its process was killed
     mid-write (SIGKILL, out of memory: its own clean-up never ran), so they do not pile up in a run directory.
 
     Only regular files named like its temporaries, last modified before `before` (a time.time(), the start
     of the calling command: files of writes it made itself, or that another process started meanwhile, are
-    left) and over TEMP_GRACE_S ago, and not locked (a write in progress holds an flock on its file until it
-    closes it, also through a long write or fsync that leaves its time unchanged: reviewer) are removed.
-    Returns the removed paths; files that vanish or cannot be removed meanwhile are skipped.
+    left) and over `grace_s` ago (default TEMP_GRACE_S; 0 for a command that held the run's lock alone, so no
+    other writer can be between creating a file and locking it), and not locked (a write in progress holds an
+    flock on its file until it closes it, also through a long write or fsync that leaves its time unchanged:
+    reviewer) are removed. Returns the removed paths; files that vanish or cannot be removed meanwhile are skipped.
     """
     root, removed = Path(root), []
-    latest = min(before, time.time() - TEMP_GRACE_S)
+    latest = min(before, time.time() - (TEMP_GRACE_S if grace_s is None else grace_s))
     if not root.is_dir():
         return removed
     for path in root.rglob(".*.tmp"):
