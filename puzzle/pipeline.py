@@ -640,7 +640,11 @@ def check_score_meta(run: Run) -> None:
         stale = list((run.out / "score").glob("quality_*.jsonl")) + [run.out / "score" / "parent_quality.json"]
         for f in stale:
             f.unlink(missing_ok=True)
-        run.say("score: the library, the scoring text or the scoring settings changed; earlier replace-1-block results were discarded")
+        changed = differing_settings(comparable(old), comparable(meta))  # breaker: which one went unsaid
+        named = {"score_tokens_sha": "score_tokens_sha (the scoring text: score.tokens or the data)"}
+        changed = [named.get(c.split(":")[0], c) for c in changed]
+        run.say(f"score: the library, the scoring text or the scoring settings changed ({'; '.join(changed[:4])}"
+                f"{'; ...' if len(changed) > 4 else ''}); earlier replace-1-block results were discarded")
     atomic_write_json(path, meta)
 
 

@@ -698,6 +698,21 @@ def test_damaged_score_records_keep_the_replace_one_block_results(tmp_path_facto
     assert results() == before and meta_path.read_bytes() == meta
     assert json.loads(parent_path.read_text()) == json.loads(parent)  # the same loss, computed again
     pd.testing.assert_frame_equal(quality(), table)
+    # results of other settings are discarded, and the setting is named (breaker: "the scoring settings changed")
+    from puzzle.config import load_run_config
+    from puzzle.pipeline import Run, check_score_meta
+
+    saved = json.loads(meta)
+    meta_path.write_text(json.dumps({**saved, "position_stride": saved["position_stride"] + 1,
+                                     "score_tokens_sha": "0" * 16}))
+    said = []
+    run = Run(out, load_run_config(out), progress=False)
+    run.say = said.append
+    check_score_meta(run)
+    assert any(m.startswith("score: the library, the scoring text or the scoring settings changed (position_stride: "
+                            f"{saved['position_stride'] + 1} -> {saved['position_stride']}; score_tokens_sha (the "
+                            "scoring text: score.tokens or the data)); earlier") for m in said), said
+    assert not results()
     for damaged in (b"[]", b'{"library": 3}'):  # valid JSON, not the record: damaged alike
         meta_path.write_bytes(damaged)
         assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
