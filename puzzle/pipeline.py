@@ -1304,6 +1304,11 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
                   f"time it again: `puzzle score --out {run.out} --retime`")
         if not any(w in str(e) for w in ("runtime", "prefill", "decode", "throughput")):  # memory, parameters:
             raise e from None  # computed, not timed (reviewer: the timing's contention was noted beside them)
+        if (share := non_block_share(scored("bld")[0])) > NON_BLOCK_SUSPECT_SHARE:  # breaker: 160 ms for 1.3
+            raise InfeasibleBudget(
+                f"the cost table times the embedding and LM head at {share:.0%} of the parent's runtime, which leaves "
+                f"no child much to save: most likely a busy or throttled machine spoiled that timing, so time it "
+                f"again first (`puzzle score --out {run.out} --retime`); as the table stands, {e}", e.least) from None
         raise InfeasibleBudget(f"{e} (note: {note}; {retime})" if note else f"{e} ({retime})", e.least) from None
     if run.config.score.score_init and score_table_path(run, "init").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
@@ -2174,6 +2179,21 @@ def check_machine_drift(run: Run, attrs: dict, folder: Path | None = None, round
     if note := contention_note(contention):
         run.say(f"measure: warning: {note}")
     return drift
+
+
+#: a cost table that puts the non-block part (embedding, LM head) above this share of the parent's runtime is taken
+#: for one timed on a busy machine when a runtime budget is out of reach (Llama-family parents: about 0.2-0.3)
+NON_BLOCK_SUSPECT_SHARE = 0.6
+
+
+def non_block_share(table: pd.DataFrame) -> float:
+    """The non-block row's runtime_ms over the parent's total (`search.parent_totals`) in a score table that the
+    search read; 0.0 where the parent's runtime is not positive."""
+    from .search import parent_totals
+
+    parent = parent_totals(table)["runtime_ms"]
+    non_block = float(pd.to_numeric(table.loc[table["subblock"] == "non_block", "runtime_ms"]).sum())
+    return non_block / parent if parent > 0 and math.isfinite(parent) else 0.0
 
 
 def _cost_sidecar(out: Path) -> dict:

@@ -944,6 +944,25 @@ def test_a_score_table_edited_since_it_was_written_is_said_to_be_so(tmp_path_fac
     assert "lacks columns" in err and "it was cut or edited since it was written" in err and "version" not in err
 
 
+def test_a_main_budget_out_of_reach_by_a_spoiled_non_block_timing_says_retime_first(tmp_path_factory, tmp_path,
+                                                                                       capsys):
+    """Breaker: on a loaded machine the embedding and LM head were timed at 160 ms (1.3 ms quiet), no child met the
+    main budget, and the message led with raising --max-runtime (a useless child); `--retime` came last."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    path = out / "score" / "score_table.csv"
+    table = pd.read_csv(path)
+    table.loc[table["subblock"] == "non_block", "runtime_ms"] *= 200
+    table.to_csv(path, index=False)
+    reseal_table(path)
+    err = _one_error_line(capsys, ["search", "--out", str(out), "--speedup", "1.5"])
+    assert re.search(r"error: the cost table times the embedding and LM head at \d+% of the parent's runtime, which "
+                     r"leaves no child much to save: .*time it again first \(`puzzle score --out \S+ --retime`\); as "
+                     r"the table stands, no architecture in the library meets", err), err
+
+
 def test_a_run_table_with_a_layer_the_parent_lacks_is_refused(tmp_path_factory, tmp_path, capsys):
     """Breaker: a score table given a fifth layer (sidecar row count edited alike) for a 4-layer parent was searched;
     `realize` then refused the 5-block child and told the user to search again, which wrote it again."""
