@@ -23,7 +23,7 @@ from pathlib import Path
 from .architecture import ArchitectureError
 from .errors import PuzzleError
 from .io import dir_arg
-from .runlock import run_lock
+from .runlock import run_lock, takes_lock
 
 
 def _log(msg: str) -> None:
@@ -1387,13 +1387,15 @@ def main(argv=None) -> int:
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             if not args.debug:
                 warnings.filterwarnings("ignore", category=FutureWarning)
+            held = False  # the run's lock, alone: not refused by another holder, not shared, not a rank that takes none
             try:
                 # one command per run directory; gkd and sft train one child each into its own folders, side by side
                 with run_lock(getattr(args, "out", None), ["puzzle", *argv], shared=command in ("gkd", "sft")), \
                         _terminate_as_interrupt():
+                    held = command not in ("gkd", "sft") and takes_lock()
                     return args.func(args)
             finally:
-                _remove_stale_temp_files(args, started, alone=command not in ("gkd", "sft"))
+                _remove_stale_temp_files(args, started, alone=held)
     except (PuzzleError, ArchitectureError) as e:
         if args.debug:
             raise

@@ -61,6 +61,8 @@ def refuse_repeated(flag: str, specs, advice: str = "give each file once") -> No
 
     Raises:
         PuzzleError: naming the flag and the file."""
+    import filecmp
+
     seen: dict = {}
     by_size: dict[int, list] = {}
     for spec in specs:
@@ -70,14 +72,21 @@ def refuse_repeated(flag: str, specs, advice: str = "give each file once") -> No
             raise PuzzleError(f"{flag} names {seen[key]}{f' (as {spec})' if str(spec) != str(seen[key]) else ''} "
                               f"twice; {advice}")
         seen[key] = spec
-        if path.is_file() and path.stat().st_size:  # empty files hold no text to weigh double
-            by_size.setdefault(path.stat().st_size, []).append(spec)
+        try:
+            if path.is_file() and (size := path.stat().st_size):  # empty files hold no text to weigh double
+                by_size.setdefault(size, []).append(spec)
+        except OSError:  # unreadable: said by the reader, with its own advice
+            continue
     for same_size in (group for group in by_size.values() if len(group) > 1):
-        first: dict[str, str] = {}
-        for spec in same_size:
-            if (other := first.setdefault(sha256_file(spec), spec)) != spec:
-                raise PuzzleError(f"{flag} names {other} and {spec}, which hold the same bytes (a copy or a link of "
-                                  f"one file); {advice}")
+        for i, spec in enumerate(same_size):
+            for other in same_size[:i]:
+                try:  # a hard link shares the inode; filecmp stops at the first differing block
+                    same = os.path.samefile(other, spec) or filecmp.cmp(other, spec, shallow=False)
+                except OSError:
+                    continue
+                if same:
+                    raise PuzzleError(f"{flag} names {other} and {spec}, which hold the same bytes (a copy or a link "
+                                      f"of one file); {advice}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -209,6 +218,7 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
     path = Path(path)
     text = df.to_csv(index=False)
     atomic_write_text(path, text)
+    meta = {k: v for k, v in meta.items() if k != EDITED_KEY}  # a meta read by `load_table` (reviewer: coupled.py)
     atomic_write_json(path.with_suffix(path.suffix + ".json"), {**meta, "columns": list(df.columns), "rows": len(df),
                                                                 "sha256": hashlib.sha256(text.encode()).hexdigest()})
     return path
@@ -226,9 +236,13 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
             {"missing_sidecar": <the sidecar's path>} (device and workload unknown). With `expect`
             the sidecar is always required.
 
+    Returns:
+        (table, meta): meta is the sidecar's, with EDITED_KEY (the table's path) added where the table's bytes
+        differ from the sha256 the sidecar recorded (edited since it was written; `edited_table_note` says it).
+
     Raises:
         PuzzleError: missing file or (required) sidecar, missing columns, a sidecar that disagrees
-            with `expect`, or a row count other than the one the sidecar recorded.
+            with `expect`, a row count other than the one the sidecar recorded, or a table cut inside its last row.
     """
     path = Path(path)
     if not path.is_file():
@@ -269,7 +283,12 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
         hand = "" if sidecar_required or expect else " (or delete the sidecar of a table edited on purpose)"
         raise PuzzleError(f"table {path} has {len(df)} rows, but its sidecar {sidecar.name} recorded {rows}: the table "
                           f"was cut or edited since; rerun the stage that writes it{hand}")
+    meta = {k: v for k, v in meta.items() if k != EDITED_KEY}  # only this load says it
     if _bytes_changed(path, meta):  # breaker: a hand-edited score table was taken as a new one without a word
+        if not path.read_bytes().endswith(b"\n"):  # to_csv ends every row so: cut inside its last row (reviewer)
+            raise PuzzleError(f"table {path} ends inside a row (no newline after its last one) and differs from the "
+                              f"sha256 its sidecar recorded: the table was cut since (or saved without its last "
+                              f"newline); rerun the stage that writes it")
         meta = {**meta, EDITED_KEY: str(path)}  # the callers say it
     return df, meta
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import numbers
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -166,7 +166,8 @@ def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str |
                     markersize=size, alpha=0.3)
             beaten_drawn = True
         for r in part.itertuples():  # each point's target (reviewer: which baseline point is which took the CSV)
-            if (target := re.search(r"-([0-9.]+x)(-init)?$", str(r.name))) and lower_is_better:  # the KL panel
+            # "child-1.5x", "greedy-1.25x-init", "child-1.5x-refined", "uniform-1.5x-kv2" (reviewer: some unlabelled)
+            if (target := re.search(r"-([0-9.]+x)(?:-[A-Za-z][A-Za-z0-9]*)*$", str(r.name))) and lower_is_better:
                 ax.annotate(target.group(1), (getattr(r, x), getattr(r, y)), textcoords="offset points",
                             xytext=(3, 3), fontsize=6, color=color, alpha=0.8)
         if err:
@@ -923,10 +924,12 @@ def _same_models(ours_from: str, baseline_from: str, rows: pd.DataFrame) -> str:
     (reviewer: greedy's 1.25x child, ours measured apart, gave a ratio of 12.98 between a model and itself)."""
     if "architecture" not in rows.columns:
         return ""
-    arch = {str(n): a for n, a in zip(rows["name"], rows["architecture"]) if isinstance(a, str) and a}
+    training = rows["training"] if "training" in rows.columns else [None] * len(rows)
+    model = {str(n): (a, t) for n, a, t in zip(rows["name"], rows["architecture"], training)
+             if isinstance(a, str) and a and n != "parent"}  # one model: its layers and its training (reviewer:
     names = lambda text: [part.rsplit("@", 1)[0] for part in str(text or "").split("..") if part]  # noqa: E731
-    ours = {arch[n]: n for n in names(ours_from) if n in arch}
-    return ", ".join(f"{n}={ours[arch[n]]}" for n in names(baseline_from) if arch.get(n) in ours)
+    ours = {model[n]: n for n in names(ours_from) if n in model}  # "parent=parent", an init-only twin's layers)
+    return ", ".join(f"{n}={ours[model[n]]}" for n in names(baseline_from) if model.get(n) in ours)
 
 
 def ratio_table(ratios: pd.DataFrame) -> str:
@@ -966,7 +969,7 @@ def ratio_table(ratios: pd.DataFrame) -> str:
                      f"slower than that speed-up, so its KL there is interpolated (from the parent at 1x and KL 0 where "
                      f"the front's slowest model is faster): a figure no measured model has (front_ratios.csv: "
                      f"ours_from, baseline_from)")
-    if "same_model" in ratios.columns and ratios["same_model"].fillna("").astype(bool).any():
+    if "same_model" in ratios.columns and any(isinstance(v, str) and v for v in ratios["same_model"]):
         notes.append("=: the ratio reads one model on both sides, timed at two speed-ups (front_ratios.csv: "
                      "same_model): it measures the timing noise between them, not the methods")
     if absent := [LABELS[m] for m in BASELINE_METHODS if m not in set(ratios["method"])]:
@@ -992,8 +995,8 @@ def _ratio_cell(row) -> str:
         lo, hi, reached = (getattr(row, c, math.nan) for c in ("ratio_lo", "ratio_hi", "reached"))
         some = f", {reached:.0%}" if _finite(reached) and reached < PARTLY_REACHED else ""  # breaker: 0.60 (0.07-0.59)
         interval = f" ({lo:.2f}-{hi:.2f}{some})" if _finite(lo) and _finite(hi) else ""
-        return f"{ratio:.2f}" + ("~" if _far(row) else "") + ("=" if getattr(row, "same_model", "") else "") \
-            + interval
+        same = getattr(row, "same_model", "")
+        return f"{ratio:.2f}" + ("~" if _far(row) else "") + ("=" if isinstance(same, str) and same else "") + interval
     if not (isinstance(theirs, float) and math.isfinite(theirs)):
         return "-"
     if not (isinstance(ours, float) and math.isfinite(ours)):

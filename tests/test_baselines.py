@@ -248,7 +248,8 @@ def _refined_run(tmp_path, score_kl, measured=("a-diverse", "a-refined"), archit
         steps.insert(2, "architecture", [compact[n] for n in choices])
     steps.to_csv(tmp_path / "refine" / "a.summary.csv", index=False)
     rows = pd.DataFrame([
-        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0, "architecture": ""},
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0,
+         "architecture": "parent"},  # as front.csv's parent row has it
         {"name": "a", "method": "mip", "training": "bld", "speedup": 1.5, "kl_nats": 0.3, "architecture": ""},
         {"name": "g", "method": "greedy", "training": "bld", "speedup": 1.5, "kl_nats": 0.6, "architecture": "x"}]
         + [{"name": n, "method": "mip-" + n.split("-")[1], "training": "bld", "speedup": 1.5, "kl_nats": kl,
@@ -525,7 +526,8 @@ def test_a_ratio_that_reads_one_model_on_both_sides_is_marked():
 
     same, other = "kv1/64 kv1/64", "kv2/128 noop/64"
     rows = pd.DataFrame([
-        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0, "architecture": ""},
+        {"name": "parent", "method": "parent", "training": "none", "speedup": 1.0, "kl_nats": 0.0,
+         "architecture": "parent"},  # as front.csv's parent row has it
         {"name": "child-1.25x", "method": "mip", "training": "bld", "speedup": 1.2, "kl_nats": 2.3e-4,
          "architecture": same},
         {"name": "child-2x", "method": "mip", "training": "bld", "speedup": 3.09, "kl_nats": 1.5e-3,
@@ -538,6 +540,12 @@ def test_a_ratio_that_reads_one_model_on_both_sides_is_marked():
     ratios = front_ratios(rows, (1.25,)).set_index("method")
     assert ratios.loc["greedy", "same_model"] == "greedy-1.25x=child-1.25x"
     assert ratios.loc["layer_removal", "same_model"] == ""
+    slow = front_ratios(rows.assign(speedup=[1.0, 1.6, 3.09, 3.86, 1.3]), (1.25,)).set_index("method")
+    assert slow.loc["layer_removal", "ours_from"].startswith("parent@1x..") and \
+        slow.loc["layer_removal", "baseline_from"].startswith("parent@1x..")  # both from the parent: not one model
+    assert slow.loc["layer_removal", "same_model"] == ""  # (reviewer: "parent=parent")
+    twin = rows.assign(training=["none", "bld", "bld", "init", "none"])  # an init-only greedy child: other weights
+    assert front_ratios(twin, (1.25,)).set_index("method").loc["greedy", "same_model"] == ""
     text = ratio_table(ratios.reset_index())
     assert f"{ratios.loc['greedy', 'ratio']:.2f}~=" in text and "=: the ratio reads one model on both sides" in text
     assert "=: the ratio" not in ratio_table(ratios.reset_index().assign(same_model=""))

@@ -579,6 +579,22 @@ def test_temporary_files_of_killed_writes_are_removed_after_a_command_on_the_run
     for p in stale[:2]:
         p.write_bytes(b"{")
         os.utime(p, (hour_ago, hour_ago))
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom puzzle.runlock import run_lock\n"
+                               f"with run_lock({str(run)!r}, ['holder']):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:  # a command the lock refused held nothing: a recent file may be the holder's (reviewer), old ones go
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["search", "--out", str(run)]) == 2
+        assert "removed 2 temporary file(s)" in capsys.readouterr().err and recent.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    for p in stale[:2]:
+        p.write_bytes(b"{")
+        os.utime(p, (hour_ago, hour_ago))
     assert main(["search", "--out", str(run)]) == 2
     assert "removed 3 temporary file(s) an interrupted command left" in capsys.readouterr().err
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept) and folder.is_dir()

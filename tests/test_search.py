@@ -939,7 +939,17 @@ def test_a_score_table_edited_since_it_was_written_is_said_to_be_so(tmp_path_fac
     # a record solved on the table before the edit: the table is said to be edited, not "scored again since"
     with pytest.warns(UserWarning, match=f"{re.escape(str(path))} was cut or edited since `puzzle score` wrote it"):
         read_architecture(run, "child-1.25x")
-    path.write_text(path.read_text()[:100])  # cut inside the header's next row: not "written by another version"
+    from puzzle.io import EDITED_KEY, load_table, save_table
+
+    edited, meta = load_table(path)  # a meta read so and saved with another table (coupled.py does) is not "edited"
+    assert meta[EDITED_KEY] == str(path)
+    save_table(edited, tmp_path / "again.csv", meta)
+    assert EDITED_KEY not in load_table(tmp_path / "again.csv")[1]  # (reviewer: the note became permanent)
+    text = path.read_text()
+    path.write_text(text[:-5])  # cut inside its last row: the row count holds, a NaN would pass (reviewer)
+    with pytest.raises(PuzzleError, match=r"ends inside a row \(no newline after its last one\) .* was cut since"):
+        load_table(path)
+    path.write_text(text[:100])  # cut inside the header's next row: not "written by another version"
     err = _one_error_line(capsys, ["search", "--library", str(out), "--speedup", "1.2"])
     assert "lacks columns" in err and "it was cut or edited since it was written" in err and "version" not in err
 
