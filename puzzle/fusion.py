@@ -600,10 +600,9 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     record = read_architecture(run, name)
     fused_name = f"{name}-fused"
     stage = record.get("library_stage", "bld")
-    if stage != "bld":  # breaker: its fusion was exported and drawn on front_all beside the BLD children
-        raise PuzzleError(f"{name} is searched on the {stage} library, for report.md's comparison with BLD, and is "
-                          f"kept off the exports and the front: fuse a child of the trained library (`puzzle fuse "
-                          f"--out {run.out} --name {name.removesuffix('-' + stage)}`)")
+    if why := _comparison_child(record):  # breaker: its fusion was exported and drawn on front_all
+        raise PuzzleError(f"{name} is {why}: fuse a child of the trained library (`puzzle fuse --out {run.out} "
+                          f"--name {name.removesuffix('-' + stage)}`)")
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
     candidates, mixed = fusion_candidates(config, include_leading)
@@ -956,8 +955,9 @@ def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_l
     else:
         why = (f"{name} has no two FFNs in a row (other than no_op) with no attention between them (layers with no_op "
                f"attention: {no_attention or 'none'})")
-    hint = _others_hint(run, run.parent.model.config, {name}, include_leading)  # the parent's: the child's hid
-    lead = ""  # the attention variants the child itself took from the hint (it repeated the search just run)
+    # the parent's config: the child's hid the attention variants the child itself took (the hint repeated the search)
+    hint = _others_hint(run, run.parent.model.config, {name}, include_leading)
+    lead = ""
     if not include_leading and (with_leading := fusion_candidates(config, include_leading=True)[0]):
         lead = (f"; with --include-leading (the FFN of the layer before each attention-free one fused too) {name} has "
                 f"{', '.join(_run_text(r) for r in with_leading)}")
@@ -988,11 +988,11 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     # breaker: "children of higher speed-ups drop more attention subblocks" sent a user to --speedup 3, whose
     # children dropped the FFNs too; on the tiny preset the search takes linear or fewer-KV-head attention instead
     saved = set(run.config.search.exclude)  # --exclude replaces the saved list: keep it in the command
-    if chosen - {"attn-noop"} <= saved and "ffn-noop" in saved:  # the hint would repeat the search just run
-        given = " ".join(f"--exclude {v}" for v in sorted(saved))
-        return ("none of this run's children has one, and its search already leaves out the cheaper attention they "
-                f"took instead of the parent's ({given}): they keep the parent's attention between their "
-                "attention-free layers; a higher speed-up target drops more of it")
+    if chosen - {"attn-noop"} <= saved and "ffn-noop" in saved and "attn-noop" not in saved:
+        given = " ".join(f"--exclude {v}" for v in sorted(saved))  # the hint would repeat the search just run
+        return ("none of this run's children has one, and leaving out the attention variants they took would repeat "
+                f"the search as it stands ({given}): they keep attention between their attention-free layers; a "
+                "higher speed-up target drops more of it")
     leave_out = " ".join(f"--exclude {v}" for v in sorted((saved | chosen) - {"attn-noop"}) + ["ffn-noop"] * (
         "ffn-noop" not in saved))  # (an attn-noop the run excluded is let in again: fusion needs it)
     return ("none of this run's children has one: fusion needs two attention-free layers in a row that keep their "
@@ -1125,12 +1125,15 @@ def no_run_to_fuse(run, name: str, include_leading: bool = False, listed: bool =
     from .pipeline import read_architecture
 
     try:
-        blocks = tuple(BlockConfig.from_id(b) for b in read_architecture(run, name)["choice"])
+        record = read_architecture(run, name)
+        blocks = tuple(BlockConfig.from_id(b) for b in record["choice"])
     except PuzzleError as e:
         if not listed:
             raise
         return (f"listed in DIR/front.csv but not searched as it is now ({e}; `puzzle front --out {run.out}` writes "
                 f"the front again)")
+    if why := _comparison_child(record):  # skipped before any work (reviewer: refused after the others were fused)
+        return why
     config = dataclasses.replace(run.parent.model.config, blocks=blocks)
     candidates, mixed = fusion_candidates(config, include_leading)
     if candidates:
@@ -1140,6 +1143,15 @@ def no_run_to_fuse(run, name: str, include_leading: bool = False, listed: bool =
     if not include_leading and (with_leading := fusion_candidates(config, include_leading=True)[0]):
         why += f" (with --include-leading: {', '.join(_run_text(r) for r in with_leading)})"
     return why
+
+
+def _comparison_child(record: dict) -> str | None:
+    """Why a search record is not fused: a child of the untrained (init-only) library, or None."""
+    stage = record.get("library_stage", "bld")
+    if stage == "bld":
+        return None
+    return (f"searched on the {stage} library, for report.md's comparison with BLD, and kept off the exports and "
+            f"the front")
 
 
 def fusion_table(records: list[dict], skipped: dict[str, str] | None = None) -> str:

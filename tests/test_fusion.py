@@ -365,6 +365,9 @@ def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_
     with pytest.raises(PuzzleError, match=r"child-fuse-init is searched on the init library, for report.md's "
                                           r"comparison with BLD, .*\(`puzzle fuse --out \S+ --name child-fuse`\)$"):
         fuse_child(run, "child-fuse-init", measure=False, export=False)
+    from puzzle.fusion import no_run_to_fuse  # among several names: skipped before any work (reviewer)
+
+    assert no_run_to_fuse(run, "child-fuse-init").startswith("searched on the init library")
     (run.out / "fusion" / "child-fuse.earlier.json").mkdir(parents=True)  # refused before any work (breaker)
     monkeypatch.setattr("puzzle.refine.selection_kl", lambda *a, **k: pytest.fail("work before the refusal"))
     with pytest.raises(PuzzleError, match="child-fuse.earlier.json is a folder where a file belongs"):
@@ -661,4 +664,4 @@ def test_a_run_without_a_child_to_fuse_names_the_search_that_gives_one(tmp_path_
     # the tiny table's children end with a fusable child or keep the parent's attention between attention-free
     # layers (the timings decide): said so, not sent to the same search again
     assert err is None and "runs fused" in capsys.readouterr().out or \
-        "its search already leaves out the cheaper attention they took" in err, err
+        "leaving out the attention variants they took would repeat the search as it stands" in err, err
