@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import mmap
@@ -60,7 +59,7 @@ from .architecture import (
     block_from_entry,
 )
 from .errors import PuzzleError, first_line, is_finite_number
-from .io import atomic_save_safetensors, atomic_write_json, is_run_directory
+from .io import atomic_save_safetensors, atomic_write_json, is_run_directory, sha256_file
 from .modeling import PuzzleForCausalLM, rope_inv_freq
 
 LLAMA_MODEL_TYPES = ("llama", "mistral")
@@ -605,12 +604,7 @@ def _check_gguf(path: Path, header: _GGUFHeader) -> None:
         raise PuzzleError(f"{path}: RoPE covers {rot} of {key_len} head dims (partial rotary), which is not supported")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file  # (a file's sha256, read in chunks)
 
 
 def default_cache_dir() -> Path:

@@ -976,7 +976,7 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
                 continue
         if parent["runtime_ms"] > 0 and _every_block_removed(found[0]):  # reached by the empty model alone (breaker)
             front.append({"target_speedup": s, "infeasible": _empty_child_warning(
-                "the only child that meets it", objective, budgets, found[0].objective,
+                "the best child that meets it", objective, budgets, found[0].objective,
                 {**BUDGET_FLAGS, "runtime_ms": "the --front-speedups target"})})
             continue
         front.append({"target_speedup": s, **found[0].to_dict()})

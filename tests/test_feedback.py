@@ -528,6 +528,11 @@ def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
            "most likely timed while other jobs or throttling slowed it" in note and "`puzzle score --out /r --retime`" \
            in note, note
     assert "gap of" not in parent_runtime_note(spoiled, drift={"compute": 40.0})  # the machine's speed explains it
+    unrecorded = parent_runtime_note(spoiled, out=Path("/r"))  # no reference reading: nothing said of it (reviewer)
+    assert "a gap of 60.1 times so the cost table itself" in unrecorded and "reference" not in unrecorded
+    slow = parent_runtime_note(spoiled.assign(runtime_ms=[20000.0, 60.0, 50.0]), drift={"compute": 1.1}, out=Path("/r"))
+    assert "so this session was most likely run while other jobs or throttling slowed it (the parent measured " \
+           "slower than the table predicts); `puzzle front --out /r --remeasure` times it again" in slow, slow
 
 
 def test_a_memory_miss_is_never_timing_noise():
@@ -745,4 +750,3 @@ def test_an_option_the_trust_region_finds_again_is_named_both_ways(tmp_path_fact
     numbers = sorted(int(part.split()[1][1:]) for s, _ in options.values() for part in s.split(", ")
                      if part.startswith("trust-region #"))
     assert numbers == list(range(1, len(numbers) + 1)), options
-
