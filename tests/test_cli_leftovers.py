@@ -592,6 +592,12 @@ def test_temporary_files_of_killed_writes_are_removed_after_a_command_on_the_run
     finally:
         holder.kill()
         holder.wait()
+    from types import SimpleNamespace
+
+    from puzzle.cli import _remove_stale_temp_files
+
+    _remove_stale_temp_files(SimpleNamespace(out=run), time.time(), alone=False)  # gkd, sft: they share the lock
+    assert recent.exists()
     for p in stale[:2]:
         p.write_bytes(b"{")
         os.utime(p, (hour_ago, hour_ago))
