@@ -1120,7 +1120,7 @@ def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, 
         near = []
     options = {current: ("the child", record)} if budgets.met_by(record) else {}
     if tuple(first["choice"]) in options:  # the child is the MIP's first too (benchmarks/feedback_pick.py: both)
-        options[current] = ("the child, the MIP's first", first)
+        options[current] = ("the child = the MIP's first", first)  # " = ": the log lists options with commas
     options.setdefault(tuple(first["choice"]), ("the MIP's first", first))
     table_sha = first["table_sha256"]
     for i, x in enumerate(near, 1):
@@ -1128,7 +1128,8 @@ def feedback_options(run: Run, name: str, record: dict, budgets) -> dict[tuple, 
         source = f"trust-region #{i} ({changes} layer{'s' if changes != 1 else ''} from the child)"
         if tuple(x.choice) in options:  # leftover: the log went "the MIP's first, trust-region #2", #1 unnamed
             label, known = options[tuple(x.choice)]
-            options[tuple(x.choice)] = (f"{label}, trust-region #{i}", known)
+            options[tuple(x.choice)] = (f"{label} = trust-region #{i}", known)  # (fresh user: with ", " the
+            # log's "the MIP's first, trust-region #1 3.850" read as two options)
             continue
         # the 2nd and later solutions are optimal only given the earlier ones, in the trust region: no claim of
         # optimality or a bound for the budget (breaker: "optimal" with a summed KL above the MIP's first)
@@ -2173,8 +2174,9 @@ def check_machine_drift(run: Run, attrs: dict, folder: Path | None = None, round
     atomic_write_json(Path(folder or run.out / "children") / "machine.json",
                       {"cost_table": table, "children": now, "drift": written, **every, "contention_cores": contention})
     msg = drift_message(drift, "the cost table's timing", "the children's measurement")
-    if msg:
-        run.say(f"measure: {msg}")
+    if msg:  # the front's measurement: the command that times it again (fresh user: the warning named none)
+        again = f" (`puzzle front --out {run.out} --remeasure` times the children again)" if folder is None else ""
+        run.say(f"measure: {msg[:-1] if msg.endswith('.') else msg}{again}.")
     if note := contention_note(contention):
         run.say(f"measure: warning: {note}")
     return drift

@@ -627,8 +627,8 @@ def test_a_re_solve_keeps_the_realized_best_of_its_candidates(tmp_path_factory, 
     assert near and all(r["optimal"] is False and r["bound"] is None and r["feedback_pick"].startswith("trust-region")
                         for r in near)
     assert all(r["optimal"] is True for source, r in options.values() if "the MIP's first" in source)
-    # an option found twice is named both ways (leftover: "the MIP's first, trust-region #2", #1 unnamed)
-    numbers = sorted(int(part.split()[1][1:]) for source, _ in options.values() for part in source.split(", ")
+    # an option found twice is named both ways (leftover: "the MIP's first = trust-region #2", #1 unnamed)
+    numbers = sorted(int(part.split()[1][1:]) for source, _ in options.values() for part in source.split(" = ")
                      if part.startswith("trust-region #"))
     assert numbers == list(range(1, len(numbers) + 1)), options
     if picked["source"].startswith("trust-region #"):
@@ -744,9 +744,9 @@ def test_an_option_the_trust_region_finds_again_is_named_both_ways(tmp_path_fact
     options = pipeline.feedback_options(run, name, record, budgets)
     first = tuple(firsts[0].choice)
     source, rec = options[first]
-    assert source in ("the MIP's first, trust-region #1", "the child, the MIP's first, trust-region #1"), options
+    assert source in ("the MIP's first = trust-region #1", "the child = the MIP's first = trust-region #1"), options
     assert rec["optimal"] is True  # the MIP's first keeps its proof whatever else found it
     assert [s for s, _ in options.values()].count(source) == 1
-    numbers = sorted(int(part.split()[1][1:]) for s, _ in options.values() for part in s.split(", ")
+    numbers = sorted(int(part.split()[1][1:]) for s, _ in options.values() for part in s.split(" = ")
                      if part.startswith("trust-region #"))
     assert numbers == list(range(1, len(numbers) + 1)), options

@@ -83,6 +83,7 @@ def test_the_pipeline_compares_the_children_with_the_cost_table(tmp_path):
     assert rec["cost_table"]["reference_memory_ms"] == 13.0 and rec["children"]["reference_memory_ms"] == 19.5
     assert rec["drift"] == {"compute": 1.0, "memory": 1.5}
     assert len(said) == 1 and "its memory part took 1.50x as long" in said[0]
+    assert said[0].endswith(f"(`puzzle front --out {tmp_path} --remeasure` times the children again).")  # fresh user
     # a table timed before fingerprints were recorded: nothing to compare, nothing said
     (tmp_path / "score" / "cost.csv.json").write_text(json.dumps({"rounds_dropped": 0}))
     assert all(math.isnan(v) for v in check_machine_drift(run, table).values()) and len(said) == 1
