@@ -1361,7 +1361,14 @@ def _remove_stale_temp_files(args, started: float, alone: bool) -> None:
         pass
 
 
+#: seconds between progress-bar updates when stderr is no terminal (a log file): tqdm writes each update after a
+#: carriage return, so a redirected demo log held lines thousands of characters long (fresh user, stop 75)
+LOG_PROGRESS_INTERVAL_S = "30"
+
+
 def main(argv=None) -> int:
+    if not sys.stderr.isatty():  # read by tqdm when it is first imported (below, with torch); a user's own setting wins
+        os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
     try:
         argv = sys.argv[1:] if argv is None else list(argv)  # a list: read twice (an iterator would be used up)
         command = argv[0] if argv and not str(argv[0]).startswith("-") else None

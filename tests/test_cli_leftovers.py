@@ -889,3 +889,18 @@ def test_refuse_repeated_compares_bytes_only_of_files_that_could_be_copies(tmp_p
     refuse_repeated("--data", [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "e1", tmp_path / "e2", "asset:x"])
     with pytest.raises(PuzzleError, match=r"--data names \S+a.txt and \S+c.txt, which hold the same bytes"):
         refuse_repeated("--data", [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"])
+
+
+def test_progress_bars_update_seldom_in_a_log_file(monkeypatch, capsys):
+    """Fresh user: tqdm's updates, each after a carriage return, made a redirected demo log of lines thousands of
+    characters long; with stderr no terminal, bars update every LOG_PROGRESS_INTERVAL_S seconds (a user's own
+    TQDM_MININTERVAL wins)."""
+    import os
+
+    from puzzle.cli import LOG_PROGRESS_INTERVAL_S, main
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    assert main(["presets"]) == 0  # (pytest's captured stderr is no terminal)
+    assert os.environ["TQDM_MININTERVAL"] == LOG_PROGRESS_INTERVAL_S
+    monkeypatch.setenv("TQDM_MININTERVAL", "5")
+    assert main(["presets"]) == 0 and os.environ["TQDM_MININTERVAL"] == "5"
