@@ -52,8 +52,8 @@ from puzzle.architecture import BlockConfig
 from puzzle.baselines import open_run
 from puzzle.budgets import Budgets
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_text, read_json, tensor_sha256
-from puzzle.pipeline import _sha256, load_score_table, score_table_path
+from puzzle.io import atomic_write_text, read_json, sha256_file, tensor_sha256
+from puzzle.pipeline import load_score_table, score_table_path
 from puzzle.search import anchor_slots, build_choices, greedy, parent_totals, solve
 
 
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("diverse", "rounds", "refine_k", "max_changes", "select_tokens",
                                                 "context_tokens", "stage")}
-    settings.update(table_sha=_sha256(score_table_path(run, args.stage)),
+    settings.update(table_sha=sha256_file(score_table_path(run, args.stage)),
                     objective=str(run.config.search.objective), vllm_compatible=run.config.search.vllm_compatible,
                     **({"exclude": list(run.config.search.exclude)} if run.config.search.exclude else {}),
                     parent=run.parent_fingerprint,

@@ -62,12 +62,13 @@ def measure(run, table: pd.DataFrame, objectives: list[str], speedups: list[floa
     """One row per (objective, variants left out, speed-up) on the run's BLD score `table`, resuming from
     `rows_path` (rows of the same table only)."""
     from puzzle.architecture import BlockConfig
-    from puzzle.pipeline import _sha256, build_child, parent_eval_logprobs, score_table_path
+    from puzzle.io import sha256_file
+    from puzzle.pipeline import build_child, parent_eval_logprobs, score_table_path
     from puzzle.refine import selection_kl
     from puzzle.scoring.quality import evaluate_model
     from puzzle.search import greedy, parent_totals, solve
 
-    table_sha = _sha256(score_table_path(run, "bld"))
+    table_sha = sha256_file(score_table_path(run, "bld"))
     saved = read_json(rows_path) if rows_path.is_file() else {}
     rows = saved.get("rows", {}) if saved.get("score_table_sha256") == table_sha else {}
     parent = parent_totals(table)

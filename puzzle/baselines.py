@@ -635,11 +635,12 @@ def row_inputs(run) -> dict:
     run is now: the workload it is timed for (`pipeline.cost_meta` and the thread count), the score table (a
     rebuilt library rescored gives new weights and a new table) by sha256, and the evaluation split (its sha256
     prefix). `realize_all` records it in each row and redoes rows that differ; `plots.front_rows` leaves them out."""
-    from .pipeline import _sha256, _tensor_sha, cost_meta
+    from .io import sha256_file
+    from .pipeline import _tensor_sha, cost_meta
 
     table_path = run.out / "score" / "score_table.csv"
     return {"workload": {**cost_meta(run), "threads": run.config.target.threads},
-            "score_table_sha256": _sha256(table_path) if table_path.is_file() else None,
+            "score_table_sha256": sha256_file(table_path) if table_path.is_file() else None,
             "eval_sha": _tensor_sha(run.tokens.eval)}
 
 

@@ -1128,7 +1128,7 @@ def source_sha256(spec: str, cache_dir=None) -> str:
         if name not in ASSETS:
             raise PuzzleError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
         return ASSETS[name].sha256
-    from .assets import sha256_file
+    from .io import sha256_file
 
     path = resolve_source(spec, cache_dir)
     if path.is_file():
@@ -1153,7 +1153,7 @@ def _settings(config: DataConfig, tokenizer, cache_dir, resolved: dict | None = 
               known_sha: dict | None = None) -> dict:
     """What identifies packed splits: the data config, each source's sha256 (`known_sha` gives it for a source
     that can no longer be read), the tokenizer's fingerprint and the manifest format."""
-    from .assets import sha256_file
+    from .io import sha256_file
 
     resolved, known_sha = resolved or {}, known_sha or {}
     sources = {spec: known_sha[spec] if spec in known_sha else

@@ -32,8 +32,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from .errors import PuzzleError, differing_settings
-from .io import sha256_file  # noqa: F401  (imported from here by sft, pipeline, scoring)
-from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 STAGES = ("init", "bld")
 KINDS = ("attention", "ffn", "block")

@@ -69,7 +69,8 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     from .architecture import BlockConfig
     from .baselines import Candidate, LibraryChain, row_inputs
     from .library import Library
-    from .pipeline import _sha256, coupled_blocks, parse_compact_architecture
+    from .io import sha256_file
+    from .pipeline import coupled_blocks, parse_compact_architecture
     from .plots import front_rows
     from .realize import realize_child
     from .scoring.cost import MEMORY_SHARE, available_bytes, measure_models, on_workload
@@ -176,7 +177,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     front_csv = run.out / "front.csv"
     atomic_write_json(run.out / SESSION_FILE, {
         "inputs": json.loads(json.dumps(inputs, default=str)), "repeats": repeats, "seconds": round(seconds, 1),
-        "front_csv_sha256": _sha256(front_csv) if front_csv.is_file() else None,
+        "front_csv_sha256": sha256_file(front_csv) if front_csv.is_file() else None,
         "contention_cores": df.attrs.get("contention_cores"), "rounds_dropped": df.attrs.get("rounds_dropped"),
         "machine": machine_record(df.attrs), "models": out, "models_sha256": _models_sha256(out)})
     table = pd.DataFrame(out)
@@ -287,7 +288,7 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
 def front_csv_retimed(run_dir: Path) -> bool:
     """Whether DIR/front.csv changed since DIR/one_session.json timed its children (`puzzle front --remeasure`
     wrote it again); False without a readable session or front.csv."""
-    from .pipeline import _sha256
+    from .io import sha256_file
 
     run_dir = Path(run_dir)
     try:
@@ -295,7 +296,7 @@ def front_csv_retimed(run_dir: Path) -> bool:
     except (PuzzleError, AttributeError):
         return False
     path = run_dir / "front.csv"
-    return isinstance(recorded, str) and path.is_file() and _sha256(path) != recorded
+    return isinstance(recorded, str) and path.is_file() and sha256_file(path) != recorded
 
 
 def entry_params(config, cands: dict, coupled: dict) -> dict:

@@ -604,9 +604,6 @@ def _check_gguf(path: Path, header: _GGUFHeader) -> None:
         raise PuzzleError(f"{path}: RoPE covers {rot} of {key_len} head dims (partial rotary), which is not supported")
 
 
-_sha256 = sha256_file  # (a file's sha256, read in chunks)
-
-
 def default_cache_dir() -> Path:
     """$PUZZLE_CACHE, else ~/.cache/puzzle."""
     return Path(os.environ.get("PUZZLE_CACHE") or "~/.cache/puzzle").expanduser()
@@ -671,7 +668,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir, with_tokenizer: bool) 
     header = _read_gguf_header(path)
     _check_gguf(path, header)
     rope_scaling = _gguf_rope_scaling(path, header)
-    sha = _sha256(path)
+    sha = sha256_file(path)
     folder = Path(cache_dir or default_cache_dir()).expanduser() / "gguf" / f"{path.stem}-{sha[:16]}-v{GGUF_CACHE_VERSION}"
     hit = (folder / "config.json").is_file()
     if not hit:

@@ -892,9 +892,6 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
 # search
 
 
-_sha256 = sha256_file  # (a file's sha256; the name baselines and refine import)
-
-
 def front_csv_damaged(out: Path) -> str | None:
     """Why DIR/front.csv is not the file DIR/front.json says it wrote (cut, edited), or None: it is, or there is no
     front.json to say (a front of an earlier version) or no front.csv. Settings changed since are not looked at
@@ -904,7 +901,7 @@ def front_csv_damaged(out: Path) -> str | None:
         recorded = read_json(Path(out) / "front.json").get("front_csv")
     except (PuzzleError, OSError, AttributeError):
         return None
-    if not path.is_file() or not isinstance(recorded, str) or _sha256(path) == recorded:
+    if not path.is_file() or not isinstance(recorded, str) or sha256_file(path) == recorded:
         return None
     return f"{path} is not the file front.json was written with (cut or edited)"
 
@@ -1083,7 +1080,7 @@ def _record_of(run: Run, name: str, request, stage: str, solution, table: pd.Dat
     return {"name": name, "library_stage": stage, **solution.to_dict(), "vllm_compatible": s.vllm_compatible,
             **({"exclude": list(s.exclude)} if s.exclude else {}),  # absent when none: earlier records stay the same
             "parent": parent_totals(table), "request": {k: v for k, v in vars(request).items() if v},
-            "table_sha256": table_sha or _sha256(score_table_path(run, stage))}
+            "table_sha256": table_sha or sha256_file(score_table_path(run, stage))}
 
 
 FEEDBACK_MAX_CHANGES = 6  # the feedback's trust region: layers a re-solve may change around the child it corrects
@@ -1182,7 +1179,7 @@ def settled_record(run: Run, name: str, request, stage: str) -> dict | None:
                 and dict(record.get("objective_weights") or {}) == parse_objective(s.objective)
                 and bool(record.get("vllm_compatible", False)) == s.vllm_compatible
                 and list(record.get("exclude") or []) == list(s.exclude)
-                and record.get("table_sha256") == _sha256(score_table_path(run, stage)))
+                and record.get("table_sha256") == sha256_file(score_table_path(run, stage)))
         if not same:
             return None
         solution = Solution.from_dict(record)
@@ -1451,7 +1448,7 @@ def read_architecture(run: Run, name: str) -> dict:
         return _with_table_totals(run, path, record, stage) if table.is_file() else record
     if not table.is_file():
         return record
-    if record["table_sha256"] == _sha256(table):
+    if record["table_sha256"] == sha256_file(table):
         if "rows" in record:  # a search's record (refine's are given by their choice alone)
             _check_against_table(run, path, record, stage)
         else:
@@ -1609,7 +1606,7 @@ def coupled_blocks_at(out: Path, blocks, stage: str, method: str = "mip",
     path = Path(out) / "score" / "score_table.csv"  # score_table_path's, without a Run (puzzle eval --child)
     try:
         solved_on = record.get("table_sha256") if record is not None else None
-        if isinstance(solved_on, str) and solved_on != _sha256(path):
+        if isinstance(solved_on, str) and solved_on != sha256_file(path):
             return frozenset()
         table = pd.read_csv(path, usecols=["layer", "subblock", "variant"])
     except (OSError, ValueError, pd.errors.ParserError):
@@ -1875,8 +1872,6 @@ EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/ex
 def _export_files(folder: Path) -> dict:
     """{file name: [size in bytes, sha256]} of the files in an export folder (about 0.4 s per GB here); a folder
     or link in it as [None, "not a file"], which no export writes."""
-    from .library import sha256_file
-
     return {f.name: [f.stat().st_size, sha256_file(f)] if f.is_file() and not f.is_symlink() else [None, "not a file"]
             for f in sorted(folder.iterdir())}
 
@@ -2700,8 +2695,8 @@ def report_out_of_date(run: Run) -> bool:
         return False
     try:
         stamp = read_json(run.out / "report.json")
-        return stamp.get("summary_csv") != _sha256(run.out / "summary.csv") or \
-            stamp.get("front_json") != _sha256(run.out / "front.json")
+        return stamp.get("summary_csv") != sha256_file(run.out / "summary.csv") or \
+            stamp.get("front_json") != sha256_file(run.out / "front.json")
     except (PuzzleError, OSError, AttributeError):
         return True
 
@@ -2757,7 +2752,7 @@ def measured_summary(run: Run, records: dict[str, dict], stamp: str = "summary_c
         summary = pd.read_csv(path)[SUMMARY_COLUMNS]
     except (PuzzleError, OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError):
         return None, "summary.csv is missing or unreadable"
-    if stored != (summary_timings_sha(path) if stamp == "summary_timings" else _sha256(path)):
+    if stored != (summary_timings_sha(path) if stamp == "summary_timings" else sha256_file(path)):
         return None, "summary.csv is not the file front.json was written with (edited, or from another measurement)"
     names = list(summary["name"].astype(str))
     if len(set(names)) != len(names) or set(names) != {"parent", *records}:
@@ -2932,7 +2927,7 @@ def report_stamp(run: Run, exported: dict) -> dict:
     front.json by sha256, and the exports' folders (relative to the run) and warnings."""
     return json.loads(json.dumps({
         "report": run.config.to_dict().get("report"),
-        "summary_csv": _sha256(run.out / "summary.csv"), "front_json": _sha256(run.out / "front.json"),
+        "summary_csv": sha256_file(run.out / "summary.csv"), "front_json": sha256_file(run.out / "front.json"),
         "exported": {n: {"path": _in_run(run, r.path), "warnings": list(r.warnings)} for n, r in sorted(exported.items())}},
         default=str))
 
@@ -3122,8 +3117,9 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
     way, the sentence says so rather than call the machine slower or faster (breaker: "ran slower" beside a reference
     workload that took 0.78 times as long); `busy`, the cores other jobs kept busy during the children's measurement,
     rules out other load as a cause below 0.1 cores (fresh user: "other load" beside 0.016 cores). A gap of more
-    than SPOILED_TABLE_FACTOR times either way, beyond what the reference workload moved, is put down to the cost
-    table's timing, with `puzzle score --out OUT --retime` (reviewer: a table timed under load predicted the tiny
+    than SPOILED_TABLE_FACTOR times, beyond what the reference workload moved, is put down to the cost table's timing
+    where the parent measured faster than predicted (`puzzle score --out OUT --retime`), to this session's where it
+    measured slower (`puzzle front --out OUT --remeasure`) (reviewer: a table timed under load predicted the tiny
     parent at 4351 ms against 72 ms measured, and the note offered the machine's speed)."""
     try:
         rows = summary.set_index("name")
@@ -3315,7 +3311,7 @@ def front_inputs(run: Run) -> dict:
         children = {str(n): list(read_json(run.out / "search" / f"{n}.json")["choice"]) for n in names}
     except (PuzzleError, OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         pass
-    tables = {t.name: _sha256(t) for t in sorted((run.out / "score").glob("*.csv")) if _is_front_table(t.name)} \
+    tables = {t.name: sha256_file(t) for t in sorted((run.out / "score").glob("*.csv")) if _is_front_table(t.name)} \
         if (run.out / "score").is_dir() else {}
     data, splits = None, None
     try:  # the splits' settings with every source's and the tokenizer's sha256: another evaluation text, same path
@@ -3376,8 +3372,8 @@ def write_front_inputs(run: Run, drawn: bool = True) -> None:
     the two times nothing again)."""
     summary = run.out / "summary.csv"
     atomic_write_json(run.out / "front.json", {**front_inputs(run),
-                                               "front_csv": _sha256(run.out / "front.csv") if drawn else None,
-                                               "summary_csv": _sha256(summary) if summary.is_file() else None,
+                                               "front_csv": sha256_file(run.out / "front.csv") if drawn else None,
+                                               "summary_csv": sha256_file(summary) if summary.is_file() else None,
                                                "summary_timings": summary_timings_sha(summary)})
 
 
@@ -3402,7 +3398,7 @@ def front_is_current(run: Run) -> str | None:
         return "no front.json (a front from an earlier version, or one whose writing was interrupted)"
     try:
         stored = read_json(stamp)
-        csv_sha = _sha256(path)
+        csv_sha = sha256_file(path)
         have = set(pd.read_csv(path)["name"].astype(str))
         if not (isinstance(stored, dict) and isinstance(stored.get("settings"), dict)
                 and isinstance(stored.get("tables") or {}, dict)):

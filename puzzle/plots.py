@@ -176,7 +176,6 @@ def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str |
         ax.plot([], [], marker="o", linestyle="none", color="gray", alpha=0.3,
                 label="faded: beaten by a faster model of its series (or slower than the parent)")
     if len(parent):
-        px = float(parent[x].iloc[0])
         ax.axvline(px, color="black", linewidth=0.8, linestyle=":")
         ax.annotate("parent", (px, 0.98), xycoords=("data", "axes fraction"), fontsize=8, ha="right", va="top",
                     rotation=90)

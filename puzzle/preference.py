@@ -1297,7 +1297,7 @@ def training_record(args, config: RPOConfig, adapter_config, model) -> dict:
     its weights (`pipeline.weights_sha`: a moved model is the same), --data and --prompts by their contents (sha256),
     a judge by its resolved path; not --eval-prompts, which evaluates and trains nothing."""
     from .export import model_ref
-    from .library import sha256_file
+    from .io import sha256_file
     from .pipeline import weights_sha
 
     def content(path):

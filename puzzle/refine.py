@@ -102,12 +102,13 @@ def _memo_key(run, kind: str, blocks, stage: str, ids: torch.Tensor, **extra) ->
     """sha256 of what a `kind` result for the child `blocks` depends on: the child, the library stage and its entries
     (DIR/library/index.csv, which records each entry's sha256), the score table it was solved on, the parent, the
     scoring sequences `ids` and the position weighting (score.select_context), and `extra` settings."""
-    from .pipeline import _sha256, _tensor_sha, score_table_path
+    from .io import sha256_file
+    from .pipeline import _tensor_sha, score_table_path
 
     index, table = run.library.root / "index.csv", score_table_path(run, stage)
     payload = {"kind": kind, "choice": [b.id for b in blocks], "stage": stage, "ids": _tensor_sha(ids),
-               "parent": run.parent_fingerprint, "library": _sha256(index) if index.is_file() else None,
-               "table": _sha256(table) if table.is_file() else None,
+               "parent": run.parent_fingerprint, "library": sha256_file(index) if index.is_file() else None,
+               "table": sha256_file(table) if table.is_file() else None,
                "select_context": int(run.config.score.select_context), **extra}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -620,7 +621,8 @@ def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str
     """A DIR/search/<name>.json record for a given architecture: predicted totals from the score table, and that
     table's sha256 (breaker: a refined child's record, checked on a table scored since with coupled block rows, was
     refused as edited by hand)."""
-    from .pipeline import _sha256, load_score_table, score_table_path
+    from .io import sha256_file
+    from .pipeline import load_score_table, score_table_path
     from .search import anchor_slots, build_choices
 
     table, _ = load_score_table(run, stage)
@@ -631,7 +633,7 @@ def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str
     return {"name": name, "library_stage": stage, "method": method, "choice": list(choice),
             **{c: clean(v) for c, v in totals.items()}, "speedup": parent["runtime_ms"] / totals["runtime_ms"],
             "budgets": budgets.to_dict(), "parent": {c: clean(v) for c, v in parent.items()},
-            "table_sha256": _sha256(score_table_path(run, stage))}
+            "table_sha256": sha256_file(score_table_path(run, stage))}
 
 
 def _earlier_refinement(log_path: Path, summary_path: Path) -> tuple[pd.DataFrame, dict] | None:

