@@ -534,9 +534,7 @@ def _current_row_inputs(run_dir: Path) -> dict:
     have been measured on to be drawn with the run's front now: the evaluation split (its sha256 prefix, as
     DIR/data/manifest.json records it) and the score table (DIR/score/score_table.csv by sha256). A part that
     cannot be read is left out (not checked)."""
-    import hashlib
-
-    from .io import read_json
+    from .io import read_json, sha256_file
 
     current = {}
     try:
@@ -545,7 +543,7 @@ def _current_row_inputs(run_dir: Path) -> dict:
         pass
     table = run_dir / "score" / "score_table.csv"
     if table.is_file():
-        current["score_table_sha256"] = hashlib.sha256(table.read_bytes()).hexdigest()
+        current["score_table_sha256"] = sha256_file(table)
     return current
 
 

@@ -46,7 +46,7 @@ import torch
 from .architecture import BlockConfig
 from .budgets import Budgets
 from .errors import PuzzleError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, dir_arg
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, dir_arg, sha256_file
 from .search import check_min_layers_differ, parse_exclude
 
 _SELECTION_LOGP: dict = {}
@@ -102,7 +102,6 @@ def _memo_key(run, kind: str, blocks, stage: str, ids: torch.Tensor, **extra) ->
     """sha256 of what a `kind` result for the child `blocks` depends on: the child, the library stage and its entries
     (DIR/library/index.csv, which records each entry's sha256), the score table it was solved on, the parent, the
     scoring sequences `ids` and the position weighting (score.select_context), and `extra` settings."""
-    from .io import sha256_file
     from .pipeline import _tensor_sha, score_table_path
 
     index, table = run.library.root / "index.csv", score_table_path(run, stage)
@@ -621,7 +620,6 @@ def record_for(run, name: str, choice, stage: str, budgets: Budgets, method: str
     """A DIR/search/<name>.json record for a given architecture: predicted totals from the score table, and that
     table's sha256 (breaker: a refined child's record, checked on a table scored since with coupled block rows, was
     refused as edited by hand)."""
-    from .io import sha256_file
     from .pipeline import load_score_table, score_table_path
     from .search import anchor_slots, build_choices
 
@@ -985,7 +983,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
             rec[FEEDBACK_BUDGETS_KEY] = round_budgets.to_dict()
         records[step] = rec
     finished = None if inputs is None else {**inputs, "rounds": rounds_before + max_rounds}
-    pending = {"call": call, "log_sha256": hashlib.sha256(log_path.read_bytes()).hexdigest(), "records": records,
+    pending = {"call": call, "log_sha256": sha256_file(log_path), "records": records,
                "seconds": seconds, "inputs": finished}
     atomic_write_json(pending_path, pending)
     return _record_steps(run, name, record, pending, tokens, pending_path)
@@ -1000,7 +998,7 @@ def _pending_steps(pending_path: Path, log_path: Path, call: dict) -> dict | Non
 
     try:
         pending = read_json(pending_path)
-        ok = pending["call"] == call and pending["log_sha256"] == hashlib.sha256(log_path.read_bytes()).hexdigest() \
+        ok = pending["call"] == call and pending["log_sha256"] == sha256_file(log_path) \
             and all(isinstance(pending["records"].get(step), dict) for step in ("diverse", "refined")) \
             and all(float(pending["seconds"][step]) >= 0 for step in ("diverse", "refined"))
     except (PuzzleError, OSError, KeyError, TypeError, ValueError, AttributeError):
