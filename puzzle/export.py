@@ -654,6 +654,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         old.rmdir()
         shutil.rmtree(tmp, ignore_errors=True)
         raise PuzzleError(f"export target {out_dir} cannot be moved aside to be replaced ({e.strerror or e}); give "
-                          f"a new folder, or one inside it") from None
+                          f"a new folder path, or make {out_dir} and the folder that holds it writable") from None
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)

@@ -1695,14 +1695,14 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
         also_same.append(export_provenance(earlier))
     own = Path(dest).resolve() == (run.out / "export" / name).resolve()
     own_export = own and _own_export_with_its_weights(run, name)  # rewritten even with a damaged config.json
-    check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
-                        provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}),
-                        also_same=also_same, own=own_export)
     written = _recorded_export_files(run, name) if own and Path(dest).is_dir() else None
     if written is not None and (extra := sorted(f.name for f in Path(dest).iterdir() if f.name not in written)):
         raise PuzzleError(f"{dest} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which its export "
                           f"did not write (DIR/{EXPORT_STAMPS}); move {'it' if len(extra) == 1 else 'them'} out of "
                           f"the folder, which exporting again replaces")
+    check_export_target(dest, overwrite=True, keep=run.input_paths(),  # before building
+                        provenance=export_provenance({"name": name, "run": run_ref(run.out, dest)}),
+                        also_same=also_same, own=own_export)
     model = model if model is not None else build_child(run, record)
     t0 = time.perf_counter()
     if own:  # while the folder is rewritten its record is void: an interruption leaves no stale file list behind
@@ -1869,6 +1869,23 @@ def say_earlier_exports(run: Run, stage: str) -> None:
 EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/export/<name>: files and weights
 
 
+def _export_names() -> set[str]:
+    """The file names an export writes (`export.EXPORT_FILES`, `CODE_FILES`, `TOKENIZER_FILES`)."""
+    from .export import CODE_FILES, EXPORT_FILES, TOKENIZER_FILES
+
+    return {*EXPORT_FILES, *CODE_FILES, *TOKENIZER_FILES}
+
+
+def _users_files(run: Run, name: str) -> list[str]:
+    """Names of the files in DIR/export/<name> that its last export did not write (DIR/children/exports.json) and that
+    no export writes (a user's notes), which `export_out_of_date` passes over; [] without a record."""
+    written, folder = _recorded_export_files(run, name), run.out / "export" / name
+    if written is None or not folder.is_dir():
+        return []
+    return sorted(f.name for f in folder.iterdir() if f.name not in written and f.name not in _export_names()
+                  and f.is_file() and not f.is_symlink())
+
+
 def _export_files(folder: Path) -> dict:
     """{file name: [size in bytes, sha256]} of the files in an export folder (about 0.4 s per GB here); a folder
     or link in it as [None, "not a file"], which no export writes."""
@@ -1927,6 +1944,10 @@ def export_child(run: Run, name: str, dest: Path | None = None, model=None,
         from .export import remove_stale_temp
 
         remove_stale_temp(folder)  # an earlier export killed mid-write left its partial folder beside this one
+        if users := _users_files(run, name):  # breaker: a notes file made every rerun of `puzzle run` fail
+            run.say(f"export {name}: {folder} also holds {', '.join(users[:3])}{' ...' if len(users) > 3 else ''}, "
+                    f"which its export did not write: left as it is (an export written again there is refused "
+                    f"until {'it is' if len(users) == 1 else 'they are'} moved out)")
         return ExportResult(folder, tuple(export_warnings(model.config))), None
     result = stage_export(run, name, dest=dest, model=model, untie=untie, dtype=dtype)
     _say_wider_than_the_parent(run, name, dtype)
@@ -2011,7 +2032,9 @@ def export_out_of_date(run: Run, name: str, model, untie: bool = False, dtype: s
             raise TypeError
     except (PuzzleError, OSError, ValueError, KeyError, TypeError):
         return f"no record of what its export wrote in {EXPORT_STAMPS}"
-    changed = sorted(f for f in {*files, *stamp["files"]} if files.get(f) != stamp["files"].get(f))
+    # a file of a name no export writes (a user's notes) changes nothing an export loads: left as it is
+    changed = sorted(f for f in {*files, *stamp["files"]} if files.get(f) != stamp["files"].get(f)
+                     and (f in stamp["files"] or f in _export_names() or files[f][0] is None))
     if changed:
         return f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} not as its export wrote them"
     if (searched := _searched_again(run, name)) is not None:

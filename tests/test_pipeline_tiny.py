@@ -721,6 +721,31 @@ def test_export_keeps_an_up_to_date_export_and_mends_its_own_damaged_config(run_
     assert "is not an earlier export" in capsys.readouterr().err
 
 
+def test_a_users_file_in_an_up_to_date_export_is_kept_and_blocks_only_a_rewrite(run_dir, tmp_path, capsys):
+    """Breaker: a notes file in the run's own export made `puzzle export` refuse a folder that was up to date ("not
+    an earlier export"), and every rerun of `puzzle run` failed with it; now the export is kept with a note, and one
+    out of date is refused naming the file to move."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    folder = copy / "export" / "child-2x"
+    (folder / "NOTES.txt").write_text("mine")
+    inode = (folder / "model.safetensors").stat().st_ino
+    assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0
+    err = capsys.readouterr().err
+    assert "also holds NOTES.txt, which its export did not write: left as it is" in err and "kept" in err
+    assert (folder / "model.safetensors").stat().st_ino == inode and (folder / "NOTES.txt").read_text() == "mine"
+    with (folder / "README.md").open("a") as f:  # out of date now: rewriting would delete the user's file
+        f.write("edited\n")
+    assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 2
+    assert "holds NOTES.txt, which its export did not write" in capsys.readouterr().err
+    assert (folder / "NOTES.txt").read_text() == "mine"
+    (folder / "NOTES.txt").unlink()
+    assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0
+    assert "written again (README.md not as its export wrote them)" in capsys.readouterr().err
+
+
 def test_export_untie_embeddings_is_kept_by_later_exports(run_dir, tmp_path, capsys):
     """`puzzle export --untie-embeddings` stores the tied parent's LM head (TensorRT-LLM reads it by name); a later
     plain `export` keeps that folder as it is, and the flag on a tied folder writes it again."""
