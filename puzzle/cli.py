@@ -193,6 +193,9 @@ def _base_config(args, out: Path, saved: bool = True):
         if isinstance(raw.get("data"), dict):  # and the data flags the data settings (as `_resolve_config` sets them)
             raw["data"] = {**raw["data"], **_data_flags_raw(args, raw["data"])}
         return saved_run_config(raw, out / "config.json", missing)
+    if saved and getattr(args, "command", None) not in (None, "run"):  # breaker: `bld` on a folder whose `data` failed
+        _log(f"{args.command}: {out} holds no run (no config.json): it starts one with the default preset smollm2-demo "
+             f"(--preset names another; `puzzle presets` lists them)")
     return load_preset("smollm2-demo")
 
 
@@ -659,7 +662,17 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
         from .scoring.cost import check_device_available
 
         check_device_available(config.target.device)
-    return Run(args.out, config, progress=not args.no_progress, log=_log)
+    return Run(args.out, config, progress=not args.no_progress, log=_log, save_config=not _follower_rank(args))
+
+
+def _follower_rank(args) -> bool:
+    """Whether this `puzzle bld` is a rank other than 0 of a process group (torchrun, or MASTER_ADDR set by hand)."""
+    from .distributed import env_rank_world, joins_group
+
+    if getattr(args, "command", None) != "bld":
+        return False
+    rank, world, _ = env_rank_world()
+    return rank > 0 and joins_group(world)
 
 
 # ------------------------------------------------------------------------------------------------

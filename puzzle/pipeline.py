@@ -92,6 +92,9 @@ class Run:
     #: set when a search writes its choices (DIR/search/): from then on DIR/config.json describes them, and work made
     #: from them (children measured, records re-solved on measured speed) follows, so a later failure keeps both
     settled: bool = field(default=False, repr=False)
+    #: False for a torchrun rank other than 0 (`puzzle bld`): rank 0 saves DIR/config.json, and a rank the others
+    #: refuse for other settings, stopped by torchrun before it could put the file back, leaves no setting of its own
+    save_config: bool = field(default=True, repr=False)
     _target_parent: tuple | None = field(default=None, repr=False)  # ((device, dtype), the parent there): `on_target`
     _warned: set = field(default_factory=set, repr=False)  # explanations said in full: `say_export_warnings`
 
@@ -114,7 +117,8 @@ class Run:
                 raise PuzzleError(f"{self.out / name} is a folder where a file belongs; move it away")
         self.out.mkdir(parents=True, exist_ok=True)
         claim_folder(self.out)  # the command's lock on the run directory, now that it exists (puzzle/runlock.py)
-        save_run_config(self.config, self.out)
+        if self.save_config or not (self.out / "config.json").is_file():
+            save_run_config(self.config, self.out)
         path = self.out / "timings.json"
         if path.is_file():
             try:
@@ -519,17 +523,24 @@ def library_meta(run: Run) -> dict:
 
 def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     """Build (or resume) the block library; returns its index."""
-    from .bld import build_library
+    from .bld import build_library, planned_tokens
 
     from . import distributed
 
     lib = run.library
     grouped = distributed.joins_group(world_size)  # torchrun's ranks wait for each other; ranks started by hand not
-    lib.check_meta(library_meta(run), replace_unbuilt=world_size == 1 or grouped)
+    meta = library_meta(run)
+    if (plan := planned_tokens(run.tokens.calib, run.config.bld)) > 0:  # before training (breaker: said only after)
+        short_calib_warning(run, "bld", "bld.tokens", run.config.bld.tokens, plan)
     t0 = time.perf_counter()
     try:
-        result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
-                               progress=run.progress, rank=rank, world_size=world_size)
+        with distributed.process_group(rank, world_size):
+            # the ranks agree before any writes meta.json (breaker: a rank refused for --bld-tokens 1024 had
+            # replaced the unbuilt library's meta, so its setting stayed in config.json and the rerun used it)
+            distributed.check_ranks_agree(world_size, distributed.digests(meta), "bld")
+            lib.check_meta(meta, replace_unbuilt=world_size == 1 or grouped)
+            result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
+                                   progress=run.progress, rank=rank, world_size=world_size)
     except RuntimeError as e:  # breaker: a rank killed during BLD gave the others gloo's traceback
         from .train_utils import DistEnv, peer_lost
 
@@ -543,13 +554,15 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     run.say(f"bld: {result['trained']} subblocks trained{shard}, {result['skipped']} already in the library, "
             f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
     if world_size > 1 and not grouped:  # breaker: ranks started by hand in two shells
-        run.say(f"bld: ranks started without torchrun do not wait for each other, so {lib.root / 'index.csv'} lists "
-                f"what was on disk when this one ended; once every rank has finished, `puzzle bld --out {run.out}` "
-                f"(one process) completes the index and trains anything a rank left")
+        index_file = lib.root / "index.csv"
+        what = (f"{index_file} lists what was on disk when this one ended" if rank == 0 else
+                f"rank 0 writes {index_file} when it ends, listing what is on disk then")  # breaker: rank 1 wrote none
+        run.say(f"bld: ranks started without torchrun do not wait for each other, so {what}; once every rank has "
+                f"finished, `puzzle bld --out {run.out}` (one process) completes the index and trains anything a rank "
+                f"left")
     if gone := result.get("removed_tmp"):
         run.say(f"bld: removed {len(gone)} temporary file(s) an interrupted command left in {lib.root} "
                 f"({', '.join(map(str, gone[:3]))}{' ...' if len(gone) > 3 else ''})")
-    short_calib_warning(run, "bld", "bld.tokens", run.config.bld.tokens, result["tokens_per_subblock"])
     return index
 
 
@@ -559,13 +572,13 @@ def short_calib_warning(run: Run, stage: str, setting: str, asked: int, trained:
     train on whole sequences and at least one."""
     calib, cfg = run.tokens.calib, run.config.bld
     if trained > asked:  # leftover: bld.coupled_tokens = 1 trained a whole sequence without a word
-        run.say(f"{stage}: note: {setting} = {asked} is less than one calibration sequence, so each entry trained on "
+        run.say(f"{stage}: note: {setting} = {asked} is less than one calibration sequence, so each entry trains on "
                 f"one sequence of {calib.shape[1]} tokens")
     if asked - trained >= calib.shape[1]:
         need = asked + cfg.probe_sequences * calib.shape[1]
         run.say(f"{stage}: warning: {setting} asks {asked} tokens per entry, but the calibration split holds "
                 f"{calib.shape[0]} sequences of {calib.shape[1]} ({cfg.probe_sequences} of them held out to check "
-                f"progress), so each trained on {trained}: raise data.calib_tokens to {need} "
+                f"progress), so each trains on {trained}: raise data.calib_tokens to {need} "
                 f"(more text if the sources run short) or lower {setting}")
 
 

@@ -179,6 +179,25 @@ def test_ranks_started_differently_or_on_unshared_folders_are_refused(tmp_path, 
     assert done.returncode != 0 and words in done.stderr, done.stderr[-3000:]
 
 
+def test_ranks_refused_for_other_settings_leave_the_run_as_it_was(tmp_path):
+    """Breaker: of two torchrun ranks, the one started with --bld-tokens 1024 replaced the unbuilt library's meta.json
+    before the ranks were compared; both were refused, yet config.json kept 1024, and the plain rerun trained on it."""
+    run = tmp_path / "run"
+    _puzzle("data", "--preset", "tiny", "--out", str(run), "--bld-tokens", "512", "--no-progress")
+    before = (run / "config.json").read_bytes()
+    script = tmp_path / "rank.py"  # torchrun starts every rank with one command line: the rank picks its flag
+    script.write_text("import os, sys\nfrom puzzle.cli import main\nrank = int(os.environ['RANK'])\n"
+                      f"sys.exit(main(['bld', '--out', {str(run)!r}, '--no-progress', '--bld-tokens', "
+                      "str(512 * (1 + rank))]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "ranks were started with different bld.tokens (bld.tokens: rank 0 512, rank 1 " \
+        "1024)" in done.stderr, done.stderr[-3000:]
+    assert (run / "config.json").read_bytes() == before
+    assert not (run / "library" / "meta.json").exists() or \
+        json.loads((run / "library" / "meta.json").read_text())["bld"]["tokens"] == 512
+
+
 def test_a_temp_file_left_by_a_killed_process_is_removed_when_the_library_is_done(tmp_path):
     """Reviewer: SIGTERM/SIGKILL mid-write left .<file>.<random>.tmp files (a checkpoint may be GBs) for good."""
     from puzzle.bld import BLDConfig, build_library

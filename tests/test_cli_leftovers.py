@@ -678,7 +678,7 @@ def test_bld_says_when_its_tokens_round_up_to_one_sequence(tmp_path, capsys):
     assert main(["data", "--preset", "tiny", "--out", str(out), "--bld-tokens", "1", "--no-progress"]) == 0
     assert main(["bld", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "bld: note: bld.tokens = 1 is less than one calibration sequence, so each entry trained on one sequence of" \
+    assert "bld: note: bld.tokens = 1 is less than one calibration sequence, so each entry trains on one sequence of" \
         in err, err[-2000:]
 
 

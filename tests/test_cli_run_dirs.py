@@ -86,6 +86,20 @@ def test_a_failed_budget_is_not_kept_in_a_new_runs_configuration(tmp_path, capsy
     assert (out / "search" / "child-1.5x.json").is_file()
 
 
+def test_a_stage_on_a_folder_without_a_run_says_it_starts_the_default_preset(tmp_path, capsys):
+    """Breaker: `puzzle bld --out T`, after `puzzle data` had failed there, started BLD of the SmolLM2 demo without
+    a word; `puzzle run` (whose first command the README gives with --preset) and a --preset say nothing more."""
+    from puzzle.cli import _base_config
+
+    config = _base_config(argparse.Namespace(command="bld", preset=None), tmp_path / "T")
+    assert config.parent.path.startswith("asset:")  # the demo's packaged parent
+    assert f"bld: {tmp_path / 'T'} holds no run (no config.json): it starts one with the default preset " \
+           "smollm2-demo (--preset names another" in capsys.readouterr().err
+    _base_config(argparse.Namespace(command="run", preset=None), tmp_path / "T")
+    _base_config(argparse.Namespace(command="bld", preset="tiny"), tmp_path / "T")
+    assert capsys.readouterr().err == ""
+
+
 def test_take_back_removes_only_new_bookkeeping(tmp_path):
     from puzzle.cli import _first_missing, _listing, _take_back
 
