@@ -342,7 +342,8 @@ class _Search:
         parent = self.parent[column]
         share = f" ({smallest / parent:.3g} of the parent)" if parent > 0 else ""
         # both forms the flag takes (breaker: a budget given in ms was told a fraction alone)
-        absolute = _round_up(smallest) + ("" if unit == "parameters" else unit)  # 7.72197ms, 0.1680MiB, 30000
+        # 7.72197ms, 0.1680MiB, 19.2K (a bare count reads as a fraction: breaker, "or 19200" was refused)
+        absolute = _count_text(smallest) if unit == "parameters" else _round_up(smallest) + unit
         also = ""
         if column == "runtime_ms" and parent > 0 and smallest > 0:  # the same limit as a speed-up, as a user may ask
             most = math.floor(parent / smallest * 1000) / 1000
@@ -731,6 +732,12 @@ def _round_up(x: float) -> str:
     return f"{math.ceil(x / step * (1 - 1e-12)) * step:.6g}"
 
 
+def _count_text(x: float) -> str:
+    """A parameter count as `--max-params` reads it, rounded up as `_round_up`: 19200 -> '19.2K', 1.24e9 -> '1.24B'."""
+    scale, unit = next(((v, u) for v, u in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if x >= v), (1e3, "K"))
+    return _round_up(x / scale) + unit
+
+
 def _finite(obj):
     """`obj` with every non-finite float (NaN, ±inf) as None, so that the JSON written is strict."""
     if isinstance(obj, float):
@@ -977,7 +984,7 @@ def _sweep_main(args, table: pd.DataFrame, meta: dict, request: BudgetRequest, p
         if parent["runtime_ms"] > 0 and _every_block_removed(found[0]):  # reached by the empty model alone (breaker)
             front.append({"target_speedup": s, "infeasible": _empty_child_warning(
                 "the best child that meets it", objective, budgets, found[0].objective,
-                {**BUDGET_FLAGS, "runtime_ms": "the --front-speedups target"})})
+                {**BUDGET_FLAGS, "runtime_ms": "the --front-speedups target"}, table, parent, options)})
             continue
         front.append({"target_speedup": s, **found[0].to_dict()})
         for note in budgets.above_parent(parent):  # e.g. a target at or below 1: the parent meets it
@@ -1071,12 +1078,48 @@ def _every_block_removed(solution: Solution) -> bool:
                                                for b in solution.blocks)
 
 
+def least_keeping_a_block(table: pd.DataFrame, column: str, options: Mapping | None = None) -> float:
+    """The least total of cost `column` over children that keep at least one block (not every layer's attention
+    and FFN no_op), among the slots `options` (vllm_compatible, exclude) allow: each layer's cheapest slot, but in
+    the one layer where it costs least a slot that keeps a block (the minimum is separable per layer). inf when
+    no allowed slot keeps one."""
+    choices = build_choices(table)
+    allowed = allowed_slots(choices, **{"vllm_compatible": False, "exclude": (), **(options or {})})
+    keeps = np.array([[not (b.attention.kind == "no_op" and b.ffn.kind == "no_op") for b in blocks]
+                      + [False] * (choices.valid.shape[1] - len(blocks)) for blocks in choices.blocks])
+    values = choices.values[column]  # (L, V)
+    cheapest = np.where(allowed, values, np.inf).min(1)  # (L,)
+    kept = np.where(allowed & keeps, values, np.inf).min(1)  # (L,)
+    return float(choices.base[column] + cheapest.sum() + (kept - cheapest).min())
+
+
+def _least_text(table: pd.DataFrame, budgets: Budgets, parent: Mapping[str, float], budget_flags: Mapping[str, str],
+                options: Mapping | None) -> str:
+    """'; a child that keeps a block needs --max-memory of 66.0079MiB or more' for each budgeted cost: what to loosen
+    the budgets to (breaker: the all-removed child's refusal on the authors' 70B library named no value)."""
+    parts = []
+    for column in budgets.limits():
+        least = least_keeping_a_block(table, column, options)
+        if not math.isfinite(least):
+            continue
+        unit = _COST_WORDS[column][1]
+        value = _count_text(least) if unit == "parameters" else _round_up(least) + unit
+        if column == "runtime_ms" and parent.get("runtime_ms", 0) > 0 and least > 0:
+            most = math.floor(parent["runtime_ms"] / least * 1000) / 1000
+            parts.append(f"{budget_flags[column]} of {most:g} or less (a runtime of {value} or more)")
+        else:
+            parts.append(f"{budget_flags[column]} of {value} or more")
+    return f"; a child that keeps a block needs {' and '.join(parts)}" if parts else ""
+
+
 def _empty_child_warning(which: str, objective, budgets: Budgets, value: float,
-                         budget_flags: Mapping[str, str] = BUDGET_FLAGS) -> str:
+                         budget_flags: Mapping[str, str] = BUDGET_FLAGS, table: pd.DataFrame | None = None,
+                         parent: Mapping[str, float] | None = None, options: Mapping | None = None) -> str:
     """Why a child of total runtime 0 (every block removed) was chosen, and what to ask for instead: a quality
     objective where the objective rewards a lower cost, else a looser budget (breaker: "e.g. --speedup 10" was
-    advised for a --max-params budget and for --objective runtime_ms). `budget_flags`: how the command names
-    each budget ({column: flag})."""
+    advised for a --max-params budget and for --objective runtime_ms), with the least value of each budget a child
+    that keeps a block reaches, given `table` and `parent` (its totals). `budget_flags`: how the command names
+    each budget ({column: flag}); `options`: the search's slot filters (vllm_compatible, exclude)."""
     costs = [c for c, w in parse_objective(objective).items() if c in BUDGET_FLAGS and w > 0]
     if costs:
         advice = (f"the objective weighs {', '.join(costs)}, a cost, and removing every block costs least: search "
@@ -1084,8 +1127,9 @@ def _empty_child_warning(which: str, objective, budgets: Budgets, value: float,
                   f"({', '.join(budget_flags[c] for c in costs)})")
     else:
         flags = sorted({budget_flags[c] for c in budgets.limits()})
+        least = _least_text(table, budgets, parent or {}, budget_flags, options) if table is not None else ""
         advice = (f"no block fits these budgets ({budgets.describe()}) except by removing all: loosen "
-                  f"{' or '.join(flags)}" if flags else "add a budget")
+                  f"{' or '.join(flags)}{least}" if flags else "add a budget")
     return (f"{which} has a total runtime of 0 (speed-up undefined): this table's non-block row (embedding, LM "
             f"head) costs nothing, so removing every block looks free; its objective ({objective}) is {value:.4g}. "
             f"{advice[0].upper()}{advice[1:]}")
@@ -1127,7 +1171,8 @@ def search_main(args: argparse.Namespace) -> int:
         given = [f for f, v in (("--max-runtime", request.max_runtime), ("--speedup", request.speedup),
                                 ("--min-throughput", request.min_throughput)) if v is not None]
         raise PuzzleError(_empty_child_warning("the best child", objective, budgets, solutions[0].objective,
-                                               {**BUDGET_FLAGS, "runtime_ms": " or ".join(given) or "--max-runtime"}))
+                                               {**BUDGET_FLAGS, "runtime_ms": " or ".join(given) or "--max-runtime"},
+                                               table, parent, options))
     record = {**solutions[0].to_dict(), "parent": dict(parent),  # (non-finite numbers become null on output)
               "workload": _workload(meta), "source": str(args.library)}
     if len(solutions) > 1:

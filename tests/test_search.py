@@ -1896,6 +1896,15 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
         assert re.search(r"the best child has a total runtime of 0 .*No block fits these budgets \((max_memory_mib|"
                          r"max_runtime_ms)=[0-9.e+-]+\) except by removing all: loosen --(max-memory|speedup)",
                          err), err
+    # the least budget a child that keeps a block needs is named and reached (breaker: no value was given); a count
+    # is given with a unit, as --max-params reads it (breaker: "or 19200" was refused as a fraction above 10)
+    for flag, value, unit in [("--speedup", "1e9", ""), ("--max-memory", "1MiB", "MiB"), ("--max-params", "1K", "M")]:
+        err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), flag, value])
+        least = re.search(rf"a child that keeps a block needs {flag} of ([0-9.]+{unit}) or (less|more)", err)
+        assert least, err
+        assert main(["search", "--library", str(FIXTURE), flag, least[1], "--json"]) == 0
+        record = json.loads(capsys.readouterr().out)
+        assert record["runtime_ms"] > 0 and any(b != "attn-noop+ffn-noop" for b in record["choice"]), record["choice"]
     # a cost as the objective: the advice is the objective, not a budget (breaker: "e.g. --speedup 10" for both)
     err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--speedup", "2", "--objective", "runtime_ms"])
     assert "The objective weighs runtime_ms, a cost, and removing every block costs least: search on a quality " \
@@ -1960,7 +1969,8 @@ def test_a_front_sweep_on_a_library_solves_each_target_as_one_search_would(tmp_p
     point = json.loads(captured.out)["front"][1]
     assert point["target_speedup"] == 1e9 and list(point) == ["target_speedup", "infeasible"]
     assert "note: 1e+09x is out of reach: the best child that meets it has a total runtime of 0" in captured.err
-    assert captured.err.strip().endswith("except by removing all: loosen the --front-speedups target")
+    assert "except by removing all: loosen the --front-speedups target; a child that keeps a block needs the " \
+        "--front-speedups target of 778.285 or less" in captured.err
     foreign = tmp_path / "other.json"  # another tool's file with a front list is not replaced (reviewer)
     foreign.write_text(json.dumps({"front": [], "source": "x", "model": "m"}))
     assert main(["search", "--library", lib, "--front-speedups", "1.5", "--output", str(foreign)]) == 2
