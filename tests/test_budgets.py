@@ -160,6 +160,10 @@ def test_a_negative_budget_and_a_speedup_given_to_max_runtime_get_advice():
             throughput_to_runtime_ms(text, 100.0, {"batch_size": 1, "gen_len": 1})
     with pytest.raises(PuzzleError, match="give a value above zero"):
         parse_memory_mib("-0MiB", 100.0)
+    for text in ("0,5", "0x1p-1"):  # numbers that merely start with 0 (breaker: told to give a value above zero)
+        with pytest.raises(PuzzleError) as e:
+            parse_memory_mib(text, 100.0)
+        assert "above zero" not in str(e.value) and ("point (0.5)" in str(e.value)) == (text == "0,5")
     with pytest.raises(PuzzleError, match=r"A speed-up is --speedup 1.5x \(or --min-throughput 1.5x\)"):
         parse_time_ms("1.5x", 100.0)
     with pytest.raises(PuzzleError) as e:  # --max-prefill has no speed-up form to point to
