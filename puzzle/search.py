@@ -305,6 +305,9 @@ class _Search:
             if np.isnan(ch.values[c][self.allowed]).any() or not math.isfinite(ch.base[c]):
                 flags = "--max-runtime, --speedup or --min-throughput" if c == "runtime_ms" else BUDGET_FLAGS.get(c, c)
                 other = "--max-memory" if c == "runtime_ms" else "--max-runtime"
+                if np.isnan(ch.values[c][self.allowed]).all():  # breaker: "fill them in" for the authors' library
+                    raise PuzzleError(f"{flags} budgets {c}, but the table gives no {c} (as a table with one runtime "
+                                      f"per block does); budget a resource the table gives, e.g. {other}")
                 raise PuzzleError(f"a budget on {c} ({flags}) needs {c} for every row and the non-block row, but the "
                                   f"table has missing values; fill them in or budget another resource (e.g. {other})")
         tie = ch.values.get(TIE_BREAK)

@@ -1560,6 +1560,9 @@ def test_a_budget_the_table_cannot_give_and_a_csv_not_separated_by_commas_are_na
     err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--max-prefill", "0.5"])
     assert "--max-prefill budgets prefill_ms, but the table has no parent prefill_ms total" in err
     assert "budget a resource the table gives, e.g. --max-runtime" in err and "absolute value" not in err
+    for flag in ("--max-prefill", "--max-decode"):  # an absolute one alike (breaker: told to fill the values in)
+        err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), flag, "10ms"])
+        assert f"{flag} budgets {flag[6:]}_ms, but the table gives no {flag[6:]}_ms" in err and "fill them in" not in err
     table = random_table(0, layers=3, kind="mixed")
     table.to_csv(tmp_path / "semi.csv", index=False, sep=";")
     err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "semi.csv"), "--speedup", "1.5"])
