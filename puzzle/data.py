@@ -613,8 +613,11 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
                           f"encoding) left out ({', '.join(binary[:3])}{' ...' if len(binary) > 3 else ''}); save "
                           f"text as UTF-8 to have it read")
     else:
-        docs = _read_path(path, spec, text_field, txt_mode, held_out)
+        docs, binary = _read_path(path, spec, text_field, txt_mode, held_out), []
     docs = [d for d in docs if len(d.text) >= max(min_chars, 1)]
+    if not docs and binary:  # breaker: a folder of binary files was called empty
+        raise PuzzleError(f"data source {spec} holds no UTF-8 text (its {len(binary)} file(s) are binary or of another "
+                          f"encoding): give a folder or file with text, saved as UTF-8")
     if not docs:
         raise PuzzleError(f"data source {spec} is empty: give a file with text")
     return docs
@@ -869,7 +872,8 @@ def _pack(docs: list[Document], tokenizer, seq_len: int, max_tokens: int, max_do
         capped = len({d for _, d in used} & set(cut or ()))
         why = (f" ({capped} of them cut at data.max_doc_tokens = {max_doc_tokens} tokens each: --max-doc-tokens 0 "
                f"keeps whole documents)" if capped else "")
-        raise PuzzleError(f"{len(docs)} documents give {total} tokens{why}, fewer than one sequence of {seq_len}; "
+        raise PuzzleError(f"{len(docs)} document{'s' if len(docs) != 1 else ''} give{'s' if len(docs) == 1 else ''} "
+                          f"{total} tokens{why}, fewer than one sequence of {seq_len}; "
                           f"add text, or use shorter sequences (a run's data.seq_len, in its preset's [data] section; "
                           f"gkd --child's --seq-len)")
     cut = n_seq * seq_len
@@ -1310,7 +1314,23 @@ def source_lines(manifest: dict, reloaded: bool = False) -> list[str]:
             lines.append(line + "; no tokens: the splits filled from the other sources' documents first (they are "
                                 "taken in one seeded order across sources; --calib-weights gives each calibration "
                                 "source its share)")
-    return lines
+    return lines + _weight_shortfall(manifest, splits)
+
+
+def _weight_shortfall(manifest: dict, splits: dict) -> list[str]:
+    """A warning where --calib-weights asked a source for a share of the calibration tokens that it gave less than
+    half of, because it ran out of documents (breaker: 1:1 gave 4 % / 96 %, said only in the per-source lines)."""
+    settings = manifest.get("settings") or {}
+    weights, sources = settings.get("calib_weights") or [], settings.get("calib_sources") or []
+    got = (splits.get("calib", {}).get("source_tokens") or {}) if isinstance(splits.get("calib"), dict) else {}
+    total = sum(int(v) for v in got.values()) if isinstance(got, dict) else 0
+    if len(weights) != len(sources) or len(sources) < 2 or total <= 0:
+        return []
+    short = [(spec, w / sum(weights), int(got.get(spec, 0)) / total) for spec, w in zip(sources, weights)]
+    short = [(spec, asked, gave) for spec, asked, gave in short if gave < asked / 2]
+    return [f"data: warning: --calib-weights asked {spec} for {asked:.0%} of the calibration tokens and it gave "
+            f"{gave:.1%}: it ran out of documents, so the other sources filled the split (more text from it, or "
+            f"data.calib_tokens lower, keeps the shares)" for spec, asked, gave in short]
 
 
 def write_token_splits(splits: TokenSplits, out_dir) -> None:

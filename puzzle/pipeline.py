@@ -262,13 +262,15 @@ class Run:
                           f"the setting, use another --out, or delete those to make them again at the new length")
 
     def _changed_data_settings(self) -> str:
-        """': data.seed 0 -> 7, ...' for the plain data settings that differ from those DIR/data was packed with
+        """': data.seed 0 -> 7, ...' for the plain data settings (numbers, text, the source lists) that differ from those DIR/data was packed with
         (breaker: the refusal named none); '' when none differ or the manifest cannot be read."""
         try:
             old = json.loads((self.out / "data" / "manifest.json").read_text())["settings"]
             now = json.loads(json.dumps(dataclasses.asdict(self.config.data), default=str))
-            keys = [k for k in old if k in now and isinstance(old[k], (int, float, str, bool, type(None)))
-                    and "sha256" not in k]
+            plain = lambda v: isinstance(v, (int, float, str, bool, type(None)))  # noqa: E731
+            # the source lists too (breaker: another --calib was refused without naming data.calib_sources)
+            keys = [k for k in old if k in now and "sha256" not in k and (
+                plain(old[k]) or isinstance(old[k], list) and all(map(plain, old[k])))]
         except (OSError, ValueError, KeyError, TypeError):
             return ""
         diff = differing_settings({k: old[k] for k in keys}, {k: now[k] for k in keys}, "data.")
@@ -551,7 +553,8 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
         run.timed("bld_s", time.perf_counter() - t0)
     index = lib.write_index() if rank == 0 else lib.index()  # rank 0 writes it (`bld.run_jobs`), after every rank
     shard = f" by rank {rank} of {world_size} (the other entries are the other ranks')" if world_size > 1 else ""
-    run.say(f"bld: {result['trained']} subblocks trained{shard}, {result['skipped']} already in the library, "
+    run.say(f"bld: {result['trained']} subblock{'s' if result['trained'] != 1 else ''} trained{shard}, "
+            f"{result['skipped']} already in the library, "
             f"{result['tokens_per_subblock']} tokens each, {result['seconds']:.0f} s")
     if world_size > 1 and not grouped:  # breaker: ranks started by hand in two shells
         index_file = lib.root / "index.csv"

@@ -827,6 +827,7 @@ def test_other_calibration_text_does_not_replace_the_splits_a_library_was_traine
         assert main([command, "--out", str(out), "--calib", str(tmp_path / "other.txt"), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert "differs from the one the library" in err and "is left as it is" in err, err
+        assert "changed since: data.calib_sources, or the evaluation text" in err, err  # (breaker: named none)
         assert "packed them again" not in err and "other sources" not in err  # breaker: said before the refusal
         assert _files(out / "data") == before
 

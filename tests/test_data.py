@@ -703,6 +703,13 @@ def test_calib_weights_a_source_that_runs_out_stops_contributing(tmp_path, tok):
         few_tokens = sum(len(few_texts[i]) + 1 for i in ids[split])  # bytes + EOS
         expected = {long_src: budget - few_tokens, **({str(few): few_tokens} if few_tokens else {})}
         assert splits[split]["source_tokens"] == expected
+    from puzzle.data import source_lines  # said as a warning (breaker: 1:1 gave 4 % / 96 %, said only per source)
+
+    warned = [line for line in source_lines(out.manifest) if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"data: warning: --calib-weights asked {few} for 50% of the "
+                                                     f"calibration tokens and it gave 0.")
+    balanced = prepare_data(_weighted_config(_two_sources(tmp_path), calib_weights=(1, 1)), tok, tmp_path / "data2")
+    assert not [line for line in source_lines(balanced.manifest) if "warning" in line]
 
 
 def test_no_calib_weights_keep_the_old_order_and_settings(tmp_path, tok):
@@ -1185,6 +1192,10 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
         assert [d.text for d in read_documents(str(folder))] == ["One text.", "Another text."]
     with pytest.raises(PuzzleError, match="holds NUL bytes: a binary file"):
         read_documents(str(folder / "zz.dat"))  # given alone: refused
+    (tmp_path / "binary").mkdir()  # a folder of binary files alone is named so (breaker: called empty)
+    (tmp_path / "binary" / "zz.dat").write_bytes(b"abc\x00\x01def")
+    with pytest.warns(UserWarning), pytest.raises(PuzzleError, match=r"holds no UTF-8 text \(its 1 file\(s\) are"):
+        read_documents(str(tmp_path / "binary"))
     digest = source_sha256(str(folder))
     (folder / ".notes").write_text("edited")
     (folder / ".git" / "HEAD").write_text("ref: refs/heads/other\n")
