@@ -62,8 +62,8 @@ def env_rank_world() -> tuple[int, int, int]:
                           f"neither for one process")
     rank, world = rank or 0, 1 if world is None else world
     if world < 1 or not 0 <= rank < world:
-        raise PuzzleError(f"environment variables RANK={rank} WORLD_SIZE={world}: WORLD_SIZE must be at least 1 and "
-                          f"RANK from 0 to WORLD_SIZE-1 ({max(world - 1, 0)})")
+        rule = f"RANK from 0 to WORLD_SIZE-1 ({world - 1})" if world >= 1 else "WORLD_SIZE at least 1 (the processes)"
+        raise PuzzleError(f"environment variables RANK={rank} WORLD_SIZE={world}: give {rule}")
     return rank, world, rank if values["LOCAL_RANK"] is None else values["LOCAL_RANK"]
 
 

@@ -215,9 +215,9 @@ def test_a_temp_file_left_by_a_killed_process_is_removed_when_the_library_is_don
 
 
 @pytest.mark.parametrize("env,words", [
-    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2: WORLD_SIZE must be at least 1 and RANK from 0 to"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 WORLD_SIZE=2: give RANK from 0 to WORLD_SIZE-1 (1)"),
     ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 WORLD_SIZE=2"),
-    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 WORLD_SIZE=0"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 WORLD_SIZE=0: give WORLD_SIZE at least 1"),
     ({"RANK": "1"}, "RANK is set without WORLD_SIZE"),
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set without RANK"),
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not a whole number")])
