@@ -336,6 +336,14 @@ class _Search:
             smallest = float(self.choices.base[column] + values.min(1).sum())
             if smallest > bound * (1 + BUDGET_RTOL):
                 broken.append(self._message(column, bound, smallest, "", budgets))
+        rest = {c: b for c, b in budgets.limits().items() if c not in self._least}
+        if broken and len(rest) > 1:  # the others may conflict with each other too (breaker: said only once the
+            others = Budgets(**{f"max_{c}": b for c, b in rest.items()})  # first was loosened)
+            costs, rhs = [self.choices.values[c] for c in self.columns], self.rhs(others)
+            if DualLP(self.objective, costs, fitting_slots(costs, rhs, self.allowed)).multipliers(rhs) is None:
+                alone = dict(self._least)
+                broken.append(self._joint_infeasible(others))
+                self._least = {**self._least, **alone}
         if broken:
             raise InfeasibleBudget("; and ".join(broken), self._least)
 
