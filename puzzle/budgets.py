@@ -195,12 +195,20 @@ class BudgetRequest:
 
 def _sign_advice(text) -> str:
     """' A budget is a limit above zero: drop the minus sign.' for a negative value, ' ... give a value above
-    zero.' for zero; '' otherwise (reviewer: only some flags said it)."""
+    zero.' for zero (reviewer: only some flags said it); for a comma in a number, to leave out a thousands separator
+    ('19,200', '1,024MiB') or write a decimal comma as a point ('0,5', '1,5x'; breaker); '' otherwise."""
     s = str(text).strip()
+    unit = r"\s*[A-Za-zµ%/×]*"
     # a zero with a unit at most ('0', '0MiB', '0 %'), not a number that merely starts with 0 (breaker: '0,5')
-    if (m := re.fullmatch(_NUMBER + r"\s*[A-Za-zµ%/×]*", s.removeprefix("-").strip())) and float(m.group(1)) == 0:
+    if (m := re.fullmatch(_NUMBER + unit, s.removeprefix("-").strip())) and float(m.group(1)) == 0:
         return " A budget is a limit above zero: give a value above zero."
-    return " A budget is a limit above zero: drop the minus sign." if s.startswith("-") else ""
+    if s.startswith("-"):
+        return " A budget is a limit above zero: drop the minus sign."
+    if re.fullmatch(r"[0-9]{1,3}(,[0-9]{3})+" + unit, s):
+        return f" Write the number without separators ({s.replace(',', '')})."
+    if re.fullmatch(r"[0-9]+,[0-9]+" + unit, s):
+        return f" Write a decimal with a point ({s.replace(',', '.')})."
+    return ""
 
 
 def parse_fraction(text: str) -> float | None:
@@ -227,9 +235,7 @@ def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float],
     m = re.fullmatch(_NUMBER + r"\s*([A-Za-zµ]+)", s)
     unit = None if m is None else (m.group(2) if case_sensitive else m.group(2).lower())
     if m is None or unit not in units:
-        advice = _sign_advice(s)  # reviewer: the two commonest slips got only the list of forms
-        if not advice and re.fullmatch(r"[0-9]+,[0-9]+\s*[A-Za-zµ%]*", s):  # breaker: a decimal comma
-            advice = f" Write a decimal with a point ({s.replace(',', '.')})."
+        advice = _sign_advice(s)  # reviewer: the commonest slips got only the list of forms
         if not advice and re.fullmatch(_NUMBER + r"\s*[xX×]", s) and "runtime" in flag:
             advice = f" A speed-up is --speedup {s} (or --min-throughput {s}); --max-runtime takes a fraction or a time."
         raise PuzzleError(f"{flag} {text!r} is not a budget this tool reads.{advice} Accepted: {_FORMS[kind]}")

@@ -352,15 +352,7 @@ class _Search:
         words, unit = _COST_WORDS[column]
         parent = self.parent[column]
         share = f" ({smallest / parent:.3g} of the parent)" if parent > 0 else ""
-        # both forms the flag takes (breaker: a budget given in ms was told a fraction alone)
-        # 7.72197ms, 0.1680MiB, 19.2K (a bare count reads as a fraction: breaker, "or 19200" was refused)
-        absolute = _count_text(smallest) if unit == "parameters" else _round_up(smallest) + unit
-        also = ""
-        if column == "runtime_ms" and parent > 0 and smallest > 0:  # the same limit as a speed-up, as a user may ask
-            most = math.floor(parent / smallest * 1000) / 1000
-            also = f", or --speedup at most {most:g}; --min-throughput at most {most:g}x"
-        advice = (f"raise {BUDGET_FLAGS[column]} to at least {suggest_fraction(smallest, parent):g} (or {absolute}"
-                  f"{also})" if parent > 0 else f"raise {BUDGET_FLAGS[column]} to at least {absolute}")
+        advice = f"raise {BUDGET_FLAGS[column]} {_at_least(column, smallest, parent)}"
         scope = f" with the variants {self.filtered} leave" if self.filtered else ""
         if self.filtered:
             advice += f", or leave fewer variants out ({self.filtered})"
@@ -743,6 +735,22 @@ def _round_up(x: float) -> str:
     return f"{math.ceil(x / step * (1 - 1e-12)) * step:.6g}"
 
 
+def _at_least(column: str, least: float, parent: float) -> str:
+    """'to at least 0.115 (or 19.2K)': a budget flag's value that admits a total `least` of cost `column`, in each
+    form the flag reads (a fraction of the `parent` total, an absolute value with its unit; for runtime also
+    --speedup and --min-throughput, as a user may ask; breaker: a budget given in ms was told a fraction alone)."""
+    unit = _COST_WORDS[column][1]
+    # 7.72197ms, 0.1680MiB, 19.2K (a bare count reads as a fraction: breaker, "or 19200" was refused)
+    absolute = _count_text(least) if unit == "parameters" else _round_up(least) + unit
+    if not parent > 0:
+        return f"to at least {absolute}"
+    also = ""
+    if column == "runtime_ms" and least > 0:
+        most = math.floor(parent / least * 1000) / 1000
+        also = f", or --speedup at most {most:g}; --min-throughput at most {most:g}x"
+    return f"to at least {suggest_fraction(least, parent):g} (or {absolute}{also})"
+
+
 def _count_text(x: float) -> str:
     """A parameter count as `--max-params` reads it, rounded up as `_round_up`: 19200 -> '19.2K', 1.24e9 -> '1.24B'."""
     scale, unit = next(((v, u) for v, u in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if x >= v), (1e3, "K"))
@@ -1105,22 +1113,23 @@ def least_keeping_a_block(table: pd.DataFrame, column: str, options: Mapping | N
 
 
 def _least_text(table: pd.DataFrame, budgets: Budgets, parent: Mapping[str, float], budget_flags: Mapping[str, str],
-                options: Mapping | None) -> str:
-    """'; a child that keeps a block needs --max-memory of 66.0079MiB or more' for each budgeted cost: what to loosen
-    the budgets to (breaker: the all-removed child's refusal on the authors' 70B library named no value)."""
-    parts = []
-    for column in budgets.limits():
+                options: Mapping | None) -> tuple[str, list[str]]:
+    """'; a child that keeps a block needs --max-memory raised to at least 0.001 (or 66.0079MiB)': for each budget
+    below the least total a child that keeps a block has, what to loosen it to (breaker: the all-removed child's
+    refusal on the authors' 70B library named no value), and those budgets' columns. A front sweep (`budget_flags`
+    names its target for runtime) is given its highest target instead."""
+    parts, binding = [], []
+    for column, bound in budgets.limits().items():
         least = least_keeping_a_block(table, column, options)
-        if not math.isfinite(least):
+        if not (math.isfinite(least) and least > bound * (1 + BUDGET_RTOL)):  # one a child already meets: unnamed
             continue
-        unit = _COST_WORDS[column][1]
-        value = _count_text(least) if unit == "parameters" else _round_up(least) + unit
-        if column == "runtime_ms" and parent.get("runtime_ms", 0) > 0 and least > 0:
-            most = math.floor(parent["runtime_ms"] / least * 1000) / 1000
-            parts.append(f"{budget_flags[column]} of {most:g} or less (a runtime of {value} or more)")
+        binding.append(column)
+        total = float(parent.get(column, 0) or 0)
+        if column == "runtime_ms" and "front-speedups" in budget_flags[column] and total > 0 and least > 0:
+            parts.append(f"--front-speedups targets of at most {math.floor(total / least * 1000) / 1000:g}")
         else:
-            parts.append(f"{budget_flags[column]} of {value} or more")
-    return f"; a child that keeps a block needs {' and '.join(parts)}" if parts else ""
+            parts.append(f"{BUDGET_FLAGS[column]} raised {_at_least(column, least, total)}")
+    return (f"; a child that keeps a block needs {' and '.join(parts)}" if parts else ""), binding
 
 
 def _empty_child_warning(which: str, objective, budgets: Budgets, value: float,
@@ -1137,8 +1146,9 @@ def _empty_child_warning(which: str, objective, budgets: Budgets, value: float,
                   f"on a quality score (--objective kl_nats, the default) and give the cost as a budget "
                   f"({', '.join(budget_flags[c] for c in costs)})")
     else:
-        flags = sorted({budget_flags[c] for c in budgets.limits()})
-        least = _least_text(table, budgets, parent or {}, budget_flags, options) if table is not None else ""
+        least, binding = _least_text(table, budgets, parent or {}, budget_flags, options) if table is not None \
+            else ("", [])
+        flags = sorted({budget_flags[c] for c in binding or budgets.limits()})  # the ones to loosen, where known
         advice = (f"no block fits these budgets ({budgets.describe()}) except by removing all: loosen "
                   f"{' or '.join(flags)}{least}" if flags else "add a budget")
     return (f"{which} has a total runtime of 0 (speed-up undefined): this table's non-block row (embedding, LM "

@@ -1,6 +1,7 @@
 """Budget strings: fractions of the parent, absolute values with units, and clear errors."""
 
 import math
+import re
 
 import pytest
 
@@ -164,6 +165,11 @@ def test_a_negative_budget_and_a_speedup_given_to_max_runtime_get_advice():
         with pytest.raises(PuzzleError) as e:
             parse_memory_mib(text, 100.0)
         assert "above zero" not in str(e.value) and ("point (0.5)" in str(e.value)) == (text == "0,5")
+    for call, words in [(lambda: parse_memory_mib("1,024MiB", 100.0), "without separators (1024MiB)"),
+                        (lambda: parse_speedup("1,5"), "with a point (1.5)"),  # every budget flag alike (reviewer)
+                        (lambda: throughput_to_runtime_ms("1,5x", 100.0, workload), "with a point (1.5x)")]:
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            call()
     with pytest.raises(PuzzleError, match=r"A speed-up is --speedup 1.5x \(or --min-throughput 1.5x\)"):
         parse_time_ms("1.5x", 100.0)
     with pytest.raises(PuzzleError) as e:  # --max-prefill has no speed-up form to point to

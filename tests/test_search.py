@@ -1909,13 +1909,24 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
                          err), err
     # the least budget a child that keeps a block needs is named and reached (breaker: no value was given); a count
     # is given with a unit, as --max-params reads it (breaker: "or 19200" was refused as a fraction above 10)
-    for flag, value, unit in [("--speedup", "1e9", ""), ("--max-memory", "1MiB", "MiB"), ("--max-params", "1K", "M")]:
-        err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), flag, value])
-        least = re.search(rf"a child that keeps a block needs {flag} of ([0-9.]+{unit}) or (less|more)", err)
-        assert least, err
-        assert main(["search", "--library", str(FIXTURE), flag, least[1], "--json"]) == 0
-        record = json.loads(capsys.readouterr().out)
-        assert record["runtime_ms"] > 0 and any(b != "attn-noop+ffn-noop" for b in record["choice"]), record["choice"]
+    # every form of the advice is read by its flag and reached (reviewer: a speed-up was advised to --max-runtime)
+    runtime = r"--max-runtime raised to at least ([0-9.]+) \(or ([0-9.]+ms), or --speedup at most ([0-9.]+); " \
+              r"--min-throughput at most ([0-9.]+x)\)"
+    for flags, pattern, forms in [
+            (["--speedup", "1e9"], runtime, ["--max-runtime", "--max-runtime", "--speedup", "--min-throughput"]),
+            (["--min-throughput", "1e9x"], runtime, ["--max-runtime", "--max-runtime", "--speedup", "--min-throughput"]),
+            (["--max-memory", "1MiB"], r"--max-memory raised to at least ([0-9.]+) \(or ([0-9.]+MiB)\)",
+             ["--max-memory"] * 2),
+            (["--max-params", "1K", "--max-memory", "0.5"],  # the memory budget is met: not named
+             r"loosen --max-params; .*--max-params raised to at least ([0-9.]+) \(or ([0-9.]+M)\)$",
+             ["--max-params"] * 2)]:
+        err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), *flags])
+        least = re.search(pattern, err.strip())
+        assert least and ("max-memory raised" in err) == (flags[0] == "--max-memory"), err
+        for flag, value in zip(forms, least.groups()):
+            assert main(["search", "--library", str(FIXTURE), flag, value, "--json"]) == 0, (flag, value)
+            record = json.loads(capsys.readouterr().out)
+            assert record["runtime_ms"] > 0 and any(b != "attn-noop+ffn-noop" for b in record["choice"])
     # a cost as the objective: the advice is the objective, not a budget (breaker: "e.g. --speedup 10" for both)
     err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), "--speedup", "2", "--objective", "runtime_ms"])
     assert "The objective weighs runtime_ms, a cost, and removing every block costs least: search on a quality " \
@@ -1980,8 +1991,8 @@ def test_a_front_sweep_on_a_library_solves_each_target_as_one_search_would(tmp_p
     point = json.loads(captured.out)["front"][1]
     assert point["target_speedup"] == 1e9 and list(point) == ["target_speedup", "infeasible"]
     assert "note: 1e+09x is out of reach: the best child that meets it has a total runtime of 0" in captured.err
-    assert "except by removing all: loosen the --front-speedups target; a child that keeps a block needs the " \
-        "--front-speedups target of 778.285 or less" in captured.err
+    assert captured.err.strip().endswith("except by removing all: loosen the --front-speedups target; a child that "
+                                         "keeps a block needs --front-speedups targets of at most 778.285")
     foreign = tmp_path / "other.json"  # another tool's file with a front list is not replaced (reviewer)
     foreign.write_text(json.dumps({"front": [], "source": "x", "model": "m"}))
     assert main(["search", "--library", lib, "--front-speedups", "1.5", "--output", str(foreign)]) == 2
