@@ -584,12 +584,13 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     top = _first_missing(out)
     had = _listing(out) if before is None else set()  # a folder that holds no run yet: empty, or the user's files
     saved = _saved(args) if before is not None else None
+    follower = _follower_rank(args)  # leaves DIR/config.json to rank 0, also on failure (`Run.save_config`)
     run = None
     try:
         run = _run_for(args, existing=existing, measures=measures)
         yield run
     except BaseException as e:
-        if run is not None and run.settled:  # the search's choices and what was made from them stay, as they agree
+        if follower or run is not None and run.settled:  # the search's choices and what was made from them stay
             raise
         if before is not None and (not config_path.is_file() or config_path.read_bytes() != before):
             from .io import atomic_write_bytes

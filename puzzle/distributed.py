@@ -251,6 +251,17 @@ def check_ranks_agree(world_size: int, parts: dict, what: str) -> None:
                           f"({by_rank}); start every rank with the same command, flags, preset and data")
 
 
+def every_rank_ok(world_size: int, ok: bool) -> bool:
+    """Whether every rank of the group passed a check that each makes on its own (`ok`: this rank's outcome); `ok`
+    itself outside a group. Every rank must call it, so that a rank refused alone stops the others at once instead
+    of leaving them waiting in their next collective call."""
+    if not in_group(world_size):
+        return ok
+    every: list = [None] * world_size
+    dist.all_gather_object(every, bool(ok))
+    return all(every)
+
+
 def digests(meta: dict) -> dict:
     """A training's meta (`distill.gkd_meta`, `sft.sft_meta`) as `check_ranks_agree` compares it: a dict's entries
     by their dotted keys ("config.lr"), each value a short number or text as it is (so a refusal names it; breaker:

@@ -540,7 +540,14 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
             # the ranks agree before any writes meta.json (breaker: a rank refused for --bld-tokens 1024 had
             # replaced the unbuilt library's meta, so its setting stayed in config.json and the rerun used it)
             distributed.check_ranks_agree(world_size, distributed.digests(meta), "bld")
-            lib.check_meta(meta, replace_unbuilt=world_size == 1 or grouped)
+            try:
+                lib.check_meta(meta, replace_unbuilt=world_size == 1 or grouped)
+                refusal = None
+            except PuzzleError as e:  # e.g. per-node run folders that differ: every rank stops (reviewer)
+                refusal = e
+            if not distributed.every_rank_ok(world_size, refusal is None):
+                raise refusal or PuzzleError(f"bld: another rank refused the library in {lib.root} (its message "
+                                             f"says why); no rank trained")
             result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
                                    progress=run.progress, rank=rank, world_size=world_size)
     except RuntimeError as e:  # breaker: a rank killed during BLD gave the others gloo's traceback

@@ -198,6 +198,45 @@ def test_ranks_refused_for_other_settings_leave_the_run_as_it_was(tmp_path):
         json.loads((run / "library" / "meta.json").read_text())["bld"]["tokens"] == 512
 
 
+def test_a_check_one_rank_fails_stops_every_rank(tmp_path):
+    """Reviewer: a library refused on one rank alone (per-node run folders that differ) left the others waiting in
+    their next collective call; `every_rank_ok` tells every rank of the one refusal."""
+    script = tmp_path / "ok.py"
+    script.write_text("import sys\nfrom puzzle import distributed\nrank, world, _ = distributed.env_rank_world()\n"
+                      "with distributed.process_group(rank, world):\n"
+                      "    print(f'rank {rank}:', distributed.every_rank_ok(world, rank == 0),"
+                      " distributed.every_rank_ok(world, True))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("False True") == 2 and "rank 0" in done.stdout and "rank 1" in done.stdout, done.stdout
+
+
+def test_a_rank_other_than_0_leaves_config_json_to_rank_0(tmp_path, monkeypatch, capsys):
+    """Reviewer: a rank > 0 saved its own flags in config.json, and on failure put back the file it had read at its
+    start over what rank 0 had saved since; now it neither saves nor restores the file."""
+    from puzzle import pipeline
+    from puzzle.cli import main
+
+    run = tmp_path / "run"
+    assert main(["data", "--preset", "tiny", "--out", str(run), "--bld-tokens", "256", "--no-progress"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["bld"]["tokens"] = 512
+    by_rank_0 = json.dumps(config).encode()
+
+    def refused(run, rank, world_size):
+        assert json.loads((run.out / "config.json").read_text())["bld"]["tokens"] == 256  # not this rank's 1024
+        (run.out / "config.json").write_bytes(by_rank_0)  # rank 0 saved its settings meanwhile
+        raise PuzzleError("refused")
+
+    monkeypatch.setattr(pipeline, "stage_bld", refused)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(["bld", "--out", str(run), "--bld-tokens", "1024", "--no-progress"]) == 2
+    assert (run / "config.json").read_bytes() == by_rank_0
+
+
 def test_a_temp_file_left_by_a_killed_process_is_removed_when_the_library_is_done(tmp_path):
     """Reviewer: SIGTERM/SIGKILL mid-write left .<file>.<random>.tmp files (a checkpoint may be GBs) for good."""
     from puzzle.bld import BLDConfig, build_library
@@ -250,6 +289,7 @@ def test_a_rank_started_by_hand_says_the_index_waits_for_the_others(tmp_path, mo
     assert main(["bld", "--out", str(run), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "subblocks trained by rank 1 of 2 (the other entries are the other ranks')" in err
+    assert f"so rank 0 writes {run / 'library' / 'index.csv'} when it ends" in err  # (breaker: rank 1 wrote none)
     assert f"once every rank has finished, `puzzle bld --out {run}` (one process) completes the index" in err
 
 
