@@ -613,11 +613,14 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
                           f"encoding) left out ({', '.join(binary[:3])}{' ...' if len(binary) > 3 else ''}); save "
                           f"text as UTF-8 to have it read")
     else:
-        docs, binary = _read_path(path, spec, text_field, txt_mode, held_out), []
+        docs, binary, files, skipped = _read_path(path, spec, text_field, txt_mode, held_out), [], [], []
+    read = len(files) - len(binary) - len(skipped) if binary else 0  # files read as text beside the binary ones
     docs = [d for d in docs if len(d.text) >= max(min_chars, 1)]
     if not docs and binary:  # breaker: a folder of binary files was called empty
-        raise PuzzleError(f"data source {spec} holds no UTF-8 text (its {len(binary)} file(s) are binary or of another "
-                          f"encoding): give a folder or file with text, saved as UTF-8")
+        others = (f", and its {read} other file(s) hold no text of {max(min_chars, 1)} characters or more" if read
+                  else "")
+        raise PuzzleError(f"data source {spec} gives no text: its {len(binary)} file(s) that are binary or of another "
+                          f"encoding were left out{others}; give a folder or file with text, saved as UTF-8")
     if not docs:
         raise PuzzleError(f"data source {spec} is empty: give a file with text")
     return docs

@@ -18,6 +18,7 @@ the end, so an interrupted export leaves no half-written checkpoint.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -552,6 +553,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 #: files an export writes besides CODE_FILES and TOKENIZER_FILES
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "README.md", "chat_template.jinja",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+#: every file name an export writes
+EXPORT_NAMES = frozenset(EXPORT_FILES) | frozenset(CODE_FILES) | frozenset(TOKENIZER_FILES)
 
 
 def is_export_folder(path: Path) -> bool:
@@ -639,7 +642,7 @@ def _holds_only_export_work(folder: Path) -> bool:
     names = {p.name for p in folder.iterdir()}
     if folder.name.endswith(".old"):
         return names <= {"previous"}
-    return names <= set(EXPORT_FILES) | set(CODE_FILES) | set(TOKENIZER_FILES)
+    return names <= EXPORT_NAMES
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -653,7 +656,9 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     except OSError as e:  # e.g. a folder another program holds open on some file systems: the earlier one stays
         old.rmdir()
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = ("lift what keeps it from being renamed (its permissions, an immutable attribute: lsattr)"
+                 if e.errno in (errno.EPERM, errno.EACCES) else "close the programs that hold it open")
         raise PuzzleError(f"export target {out_dir} cannot be moved aside to be replaced ({e.strerror or e}); give "
-                          f"a new folder path, or make {out_dir} and the folder that holds it writable") from None
+                          f"a new folder path, or {cause}") from None
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)

@@ -262,8 +262,9 @@ class Run:
                           f"the setting, use another --out, or delete those to make them again at the new length")
 
     def _changed_data_settings(self) -> str:
-        """': data.seed 0 -> 7, ...' for the plain data settings (numbers, text, the source lists) that differ from those DIR/data was packed with
-        (breaker: the refusal named none); '' when none differ or the manifest cannot be read."""
+        """': data.seed 0 -> 7, ...' for the plain data settings (numbers, text, the source lists) that differ from
+        those DIR/data was packed with (breaker: the refusal named none); '' when none differ or the manifest cannot
+        be read."""
         try:
             old = json.loads((self.out / "data" / "manifest.json").read_text())["settings"]
             now = json.loads(json.dumps(dataclasses.asdict(self.config.data), default=str))
@@ -1718,7 +1719,8 @@ def stage_export(run: Run, name: str, dest: Path | None = None, model=None, unti
         also_same.append(export_provenance(earlier))
     own = Path(dest).resolve() == (run.out / "export" / name).resolve()
     own_export = own and _own_export_with_its_weights(run, name)  # rewritten even with a damaged config.json
-    written = _recorded_export_files(run, name) if own and Path(dest).is_dir() else None
+    # (a link is left to `check_export_target`'s refusal, not told to empty the folder it points to)
+    written = _recorded_export_files(run, name) if own and Path(dest).is_dir() and not Path(dest).is_symlink() else None
     if written is not None and (extra := sorted(f.name for f in Path(dest).iterdir() if f.name not in written)):
         raise PuzzleError(f"{dest} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which its export "
                           f"did not write (DIR/{EXPORT_STAMPS}); move {'it' if len(extra) == 1 else 'them'} out of "
@@ -1892,21 +1894,26 @@ def say_earlier_exports(run: Run, stage: str) -> None:
 EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/export/<name>: files and weights
 
 
-def _export_names() -> set[str]:
-    """The file names an export writes (`export.EXPORT_FILES`, `CODE_FILES`, `TOKENIZER_FILES`)."""
-    from .export import CODE_FILES, EXPORT_FILES, TOKENIZER_FILES
+#: kinds of file a loader may read beside an export's own (weights, configs such as adapter_config.json, code)
+_LOADED_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".py", ".model", ".gguf", ".jinja")
 
-    return {*EXPORT_FILES, *CODE_FILES, *TOKENIZER_FILES}
+
+def _a_users(entry: str, written) -> bool:
+    """Whether a file or folder named `entry` in an export folder is a user's, which no loader reads (notes, a
+    notebook's checkpoints): one its last export did not write (`written`), of no name an export writes and of no
+    kind a loader reads (`_LOADED_SUFFIXES`)."""
+    from .export import EXPORT_NAMES
+
+    return entry not in written and entry not in EXPORT_NAMES and not entry.lower().endswith(_LOADED_SUFFIXES)
 
 
 def _users_files(run: Run, name: str) -> list[str]:
-    """Names of the files in DIR/export/<name> that its last export did not write (DIR/children/exports.json) and that
-    no export writes (a user's notes), which `export_out_of_date` passes over; [] without a record."""
+    """Names of the user's files and folders in DIR/export/<name> (`_a_users`), which `export_out_of_date` passes
+    over; [] without a record of what its export wrote."""
     written, folder = _recorded_export_files(run, name), run.out / "export" / name
     if written is None or not folder.is_dir():
         return []
-    return sorted(f.name for f in folder.iterdir() if f.name not in written and f.name not in _export_names()
-                  and f.is_file() and not f.is_symlink())
+    return sorted(f.name for f in folder.iterdir() if _a_users(f.name, written))
 
 
 def _export_files(folder: Path) -> dict:
@@ -2039,7 +2046,8 @@ def record_export(run: Run, name: str, model) -> None:
 def export_out_of_date(run: Run, name: str, model, untie: bool = False, dtype: str | None = None) -> str | None:
     """Why DIR/export/<name> is not what `stage_export` would write now of `model` (child `name`), or None when it
     is: its files are the ones the last export wrote there, byte for byte (DIR/children/exports.json: size and
-    sha256 of each, so a damaged, edited, missing or added file counts), from the same weights (`weights_sha`: a
+    sha256 of each, so a damaged, edited, missing or added file counts, but for a user's notes: `_a_users`), from
+    the same weights (`weights_sha`: a
     rebuilt library entry counts), with the same provenance (`export_extra_info`, this version; "run_at" is only
     informational: a moved run keeps its exports), block_configs and stored dtype (`dtype`, None: the run's)."""
     from . import __version__
@@ -2055,9 +2063,9 @@ def export_out_of_date(run: Run, name: str, model, untie: bool = False, dtype: s
             raise TypeError
     except (PuzzleError, OSError, ValueError, KeyError, TypeError):
         return f"no record of what its export wrote in {EXPORT_STAMPS}"
-    # a file of a name no export writes (a user's notes) changes nothing an export loads: left as it is
+    # a user's file or folder (notes: `_a_users`) changes nothing a loader reads: left as it is
     changed = sorted(f for f in {*files, *stamp["files"]} if files.get(f) != stamp["files"].get(f)
-                     and (f in stamp["files"] or f in _export_names() or files[f][0] is None))
+                     and not _a_users(f, stamp["files"]))
     if changed:
         return f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} not as its export wrote them"
     if (searched := _searched_again(run, name)) is not None:

@@ -1194,8 +1194,13 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
         read_documents(str(folder / "zz.dat"))  # given alone: refused
     (tmp_path / "binary").mkdir()  # a folder of binary files alone is named so (breaker: called empty)
     (tmp_path / "binary" / "zz.dat").write_bytes(b"abc\x00\x01def")
-    with pytest.warns(UserWarning), pytest.raises(PuzzleError, match=r"holds no UTF-8 text \(its 1 file\(s\) are"):
+    with pytest.warns(UserWarning), pytest.raises(PuzzleError, match=r"gives no text: its 1 file\(s\) that are binary "
+                                                                     r"or of another encoding were left out; give"):
         read_documents(str(tmp_path / "binary"))
+    (tmp_path / "binary" / "short.txt").write_text("hi")  # and a text file too short (reviewer: unsaid)
+    with pytest.warns(UserWarning), pytest.raises(PuzzleError, match=r"left out, and its 1 other file\(s\) hold no "
+                                                                     r"text of 10 characters or more"):
+        read_documents(str(tmp_path / "binary"), min_chars=10)
     digest = source_sha256(str(folder))
     (folder / ".notes").write_text("edited")
     (folder / ".git" / "HEAD").write_text("ref: refs/heads/other\n")

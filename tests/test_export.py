@@ -585,3 +585,30 @@ def test_the_readme_gives_a_small_models_parameters_in_full(exported):
     child, _, result, _ = exported
     assert count_text(54_272) == "54,272" and count_text(134_515_008) == "134.5M"
     assert f"{count_text(child.num_parameters())} parameters" in (result.path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("code, words", [(1, "lift what keeps it from being renamed"),
+                                         (16, "close the programs that hold it open")])
+def test_an_export_folder_that_cannot_be_moved_aside_names_what_to_do(tmp_path, monkeypatch, code, words):
+    """Breaker: an immutable earlier export (chattr +i) was told to give 'one inside it', which is then refused as
+    inside an export; the advice now follows the cause (EPERM here, EBUSY: a folder held open), and the earlier
+    export and the parent folder are left as they were."""
+    from puzzle import export
+    from puzzle.errors import PuzzleError
+
+    out, tmp = tmp_path / "model", tmp_path / ".model.abcdefgh.tmp"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    tmp.mkdir()
+    replace = os.replace
+
+    def refuse(src, dst):
+        if Path(src) == out:
+            raise OSError(code, os.strerror(code))
+        replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", refuse)
+    with pytest.raises(PuzzleError, match=f"cannot be moved aside to be replaced .*; give a new folder path, or "
+                                          f"{words}"):
+        export._move_into_place(tmp, out)
+    assert (out / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

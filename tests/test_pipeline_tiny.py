@@ -731,10 +731,18 @@ def test_a_users_file_in_an_up_to_date_export_is_kept_and_blocks_only_a_rewrite(
     shutil.copytree(run_dir, copy)
     folder = copy / "export" / "child-2x"
     (folder / "NOTES.txt").write_text("mine")
+    (folder / ".ipynb_checkpoints").mkdir()  # a notebook's folder alike (reviewer: counted as a change)
     inode = (folder / "model.safetensors").stat().st_ino
     assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0
     err = capsys.readouterr().err
-    assert "also holds NOTES.txt, which its export did not write: left as it is" in err and "kept" in err
+    assert "also holds .ipynb_checkpoints, NOTES.txt, which its export did not write: left as it is" in err, err
+    assert "kept" in err
+    (folder / "adapter_config.json").write_text("{}")  # a file loaders read makes it out of date (reviewer)
+    assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 2
+    assert "holds .ipynb_checkpoints, NOTES.txt, adapter_config.json, which its export did not write" in \
+        capsys.readouterr().err
+    (folder / "adapter_config.json").unlink()
+    (folder / ".ipynb_checkpoints").rmdir()
     assert (folder / "model.safetensors").stat().st_ino == inode and (folder / "NOTES.txt").read_text() == "mine"
     with (folder / "README.md").open("a") as f:  # out of date now: rewriting would delete the user's file
         f.write("edited\n")

@@ -1570,7 +1570,8 @@ def test_a_budget_the_table_cannot_give_and_a_csv_not_separated_by_commas_are_na
     assert "budget a resource the table gives, e.g. --max-runtime" in err and "absolute value" not in err
     for flag in ("--max-prefill", "--max-decode"):  # an absolute one alike (breaker: told to fill the values in)
         err = _one_error_line(capsys, ["search", "--library", str(FIXTURE), flag, "10ms"])
-        assert f"{flag} budgets {flag[6:]}_ms, but the table gives no {flag[6:]}_ms" in err and "fill them in" not in err
+        assert f"{flag} budgets {flag[6:]}_ms, but the table gives no {flag[6:]}_ms" in err
+        assert "fill them in" not in err
     table = random_table(0, layers=3, kind="mixed")
     table.to_csv(tmp_path / "semi.csv", index=False, sep=";")
     err = _one_error_line(capsys, ["search", "--library", str(tmp_path / "semi.csv"), "--speedup", "1.5"])
@@ -1914,7 +1915,8 @@ def test_a_parent_variant_with_a_kl_other_than_zero_is_warned_about(tmp_path, ca
               r"--min-throughput at most ([0-9.]+x)\)"
     for flags, pattern, forms in [
             (["--speedup", "1e9"], runtime, ["--max-runtime", "--max-runtime", "--speedup", "--min-throughput"]),
-            (["--min-throughput", "1e9x"], runtime, ["--max-runtime", "--max-runtime", "--speedup", "--min-throughput"]),
+            (["--min-throughput", "1e9x"], runtime,
+             ["--max-runtime", "--max-runtime", "--speedup", "--min-throughput"]),
             (["--max-memory", "1MiB"], r"--max-memory raised to at least ([0-9.]+) \(or ([0-9.]+MiB)\)",
              ["--max-memory"] * 2),
             (["--max-params", "1K", "--max-memory", "0.5"],  # the memory budget is met: not named
