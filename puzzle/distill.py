@@ -811,8 +811,13 @@ def cmd_gkd(args) -> int:
     if summary and summary.get("finished"):
         b, a = summary["before"], summary["after"]
         if b and a:
-            log(f"gkd: eval KL {b['kl_nats']:.4f} -> {a['kl_nats']:.4f} nats/token (recovery "
-                f"{summary['recovery_fraction']:.1%}), LM loss {b['lm_loss']:.4f} -> {a['lm_loss']:.4f}")
+            recovery = summary["recovery_fraction"]  # NaN where the child started at KL 0 (the parent itself)
+            shown = f" (recovery {recovery:.1%})" if math.isfinite(recovery) else " (the child matched the parent)"
+            log(f"gkd: eval KL {b['kl_nats']:.4f} -> {a['kl_nats']:.4f} nats/token{shown}, LM loss "
+                f"{b['lm_loss']:.4f} -> {a['lm_loss']:.4f}")
+            if a["kl_nats"] > b["kl_nats"]:  # breaker: a child made worse exited 0 without a word
+                log("gkd: warning: the evaluation KL rose: the exported child is further from the parent than "
+                    "before; train on more tokens (--tokens) or with a lower --lr, or keep the child as it was")
         resumed = summary["resumed_from_step"]
         if resumed >= summary["steps"]:  # nothing left to train: no rate to report
             rate = f"all {summary['steps']} steps done by an earlier call"

@@ -434,8 +434,8 @@ def cmd_merge(args) -> int:
     args.checkpoints = [local_model_arg(c) for c in args.checkpoints]
     dest = merge_checkpoints(args.checkpoints, args.dest, args.weights, args.dtype)
     w = normalized_weights(args.weights, len(args.checkpoints))
-    print(f"merged {len(args.checkpoints)} checkpoints with weights {[round(x, 4) for x in w]} -> {dest}",
-          file=sys.stderr)
+    shown = ", ".join(f"{x:.4g}" for x in w)  # 4 significant digits: 1e-300 is not 0.0 (breaker)
+    print(f"merged {len(args.checkpoints)} checkpoints with weights [{shown}] -> {dest}", file=sys.stderr)
     return 0
 
 

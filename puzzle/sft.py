@@ -79,7 +79,9 @@ def conversation_from_record(record: dict, where: str) -> list[dict]:
     if isinstance(record.get("messages"), list):
         messages = record["messages"]
     elif isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        messages = ([{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else [])
+        # a system of another type is refused below, as in the messages form (breaker: 5 was dropped unsaid); a null
+        # is a missing column
+        messages = [{"role": "system", "content": record["system"]}] if record.get("system") is not None else []
         messages += [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     else:
         raise PuzzleError(f"{where}: expected 'messages' (a list of {{role, content}}) or 'prompt' and 'response' strings")

@@ -313,19 +313,26 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     return ckpt
 
 
-def _check_meta(path: Path, saved: dict, meta: dict) -> None:
+def _check_meta(path: Path, saved: dict, meta: dict, finished: bool = False) -> None:
+    """Refuse a checkpoint of other settings or inputs than `meta`, naming them; `finished`: it is the end of a
+    training, so nothing is to be resumed (breaker: a second gkd of the same child was told to resume)."""
     if saved != meta:
         keys = differing_settings(saved, meta)
         # a resume may change how often it checkpoints (`recorded_settings`): not among what must go back (breaker)
         run_only = {f"config.{k}" for k in RUN_ONLY_SETTINGS}
         keys = [k for k in keys if k.split(":")[0] not in run_only] or keys
+        if finished:
+            raise PuzzleError(f"{path.parent} holds the finished checkpoint of a training with other settings or "
+                              f"inputs (differs in {keys}): give this training a work folder of its own (--work DIR), "
+                              f"or delete {path} if that training's checkpoint is no longer needed")
         raise PuzzleError(f"checkpoint {path} was made with other settings or inputs (differs in {keys}); "
-                          f"use the same settings to resume, or delete {path} (or choose another work folder) to start over")
+                          f"use the same settings to resume, or delete {path} (or choose another work folder: --work "
+                          f"DIR) to start over")
 
 
 def _check_resume(path: Path, ckpt: dict, meta: dict, total_steps: int, fsdp: bool) -> None:
     """Refuse a checkpoint `train_loop` cannot continue: other settings or inputs, FSDP or not, another step count."""
-    _check_meta(path, ckpt["meta"], meta)
+    _check_meta(path, ckpt["meta"], meta, finished=ckpt.get("step") == ckpt.get("total_steps"))
     if bool(ckpt.get("fsdp")) != fsdp:
         raise PuzzleError(f"checkpoint {path} was written {'with' if ckpt.get('fsdp') else 'without'} FSDP; "
                           "its optimizer state is laid out for that: resume the same way, or delete it")
@@ -369,7 +376,9 @@ def recorded_source(checkpoint_path: Path, key: str, earlier: str, now: str) -> 
 
 
 #: settings that say how a training is run, not what it trains: a resume may change them
-RUN_ONLY_SETTINGS = ("checkpoint_every",)
+#: settings a resume may change: how often it checkpoints, and how many rows each forward takes (the gradient is the
+#: same sum, so a resume may lower it where memory runs short; breaker: refused as other settings)
+RUN_ONLY_SETTINGS = ("checkpoint_every", "micro_batch_size")
 
 
 def recorded_settings(checkpoint_path: Path, config: dict) -> dict:
@@ -589,6 +598,10 @@ def train_loop(model: PuzzleForCausalLM, step_fn, *, total_steps: int, optim: Op
             opt.zero_grad(set_to_none=True)
             metrics = step_fn(wrapped, step)
             if not math.isfinite(metrics["loss"]):
+                if step == 0:  # no update yet: the learning rate is not the cause (breaker: --lm-weight 1e38)
+                    raise PuzzleError(f"{desc}: the loss is {metrics['loss']} at the first step, before any update: "
+                                      f"check the loss weights (too large to add up) and that the model's outputs are "
+                                      f"finite")
                 raise PuzzleError(f"{desc}: the loss became {metrics['loss']} at step {step + 1}; lower the learning rate")
             norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
             if hasattr(norm, "full_tensor"):  # FSDP: a DTensor

@@ -459,3 +459,51 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(tmp_p
                                           r"\(.*\); give --batch-size \d+ or less, or more training text"):
         run_gkd_command(_args(tmp_path, tmp_path / "out", "--no-eval", "--tokens", "256", "--batch-size", "100000"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.gkd-work").exists()
+
+
+def test_a_finished_checkpoint_of_other_settings_is_not_offered_for_a_resume(tmp_path):
+    """Breaker: a second gkd of the same child (another --tokens and --dest) met the first one's finished checkpoint
+    in the default work folder and was told to use the same settings to resume; a finished one now names --work."""
+    from puzzle.train_utils import _check_resume
+
+    path = tmp_path / "gkd" / "child" / "checkpoint.pt"
+    meta = {"config": {"tokens": 10}}
+    for step, words in [(5, "holds the finished checkpoint of a training with other settings or inputs (differs in "
+                            "['config.tokens: 2048 -> 10']): give this training a work folder of its own (--work DIR)"),
+                        (3, "was made with other settings or inputs (differs in ['config.tokens: 2048 -> 10']); use "
+                            "the same settings to resume")]:
+        ckpt = {"meta": {"config": {"tokens": 2048}}, "step": step, "total_steps": 5}
+        with pytest.raises(PuzzleError) as e:
+            _check_resume(path, ckpt, meta, 5, False)
+        assert words in str(e.value), str(e.value)
+
+
+def test_a_loss_not_finite_before_any_update_blames_the_loss_not_the_learning_rate(tmp_path):
+    """Breaker: `gkd --lm-weight 1e38` was told "the loss became inf at step 1; lower the learning rate", though no
+    update had happened yet."""
+    parent = sharp_parent().model
+    with pytest.raises(PuzzleError, match="the loss is inf at the first step, before any update: check the loss "
+                                          "weights"):
+        distill(child_of(parent), parent, random_ids(8, 32, 0), GKDConfig(tokens=4 * 32, lm_weight=1e38,
+                                                                           kl_weight=1e38, **FAST), tmp_path)
+
+
+def test_a_gkd_that_raised_the_kl_is_warned_about(monkeypatch, capsys):
+    """Breaker: a gkd that made the child worse ("recovery -27.6%") exited without a word, and one whose child was
+    the parent itself said "recovery nan%"."""
+    import argparse
+
+    import puzzle.distill as distill_module
+
+    summary = {"finished": True, "before": {"kl_nats": 0.5, "lm_loss": 3.0}, "after": {"kl_nats": 0.6, "lm_loss": 3.1},
+               "recovery_fraction": -0.2, "resumed_from_step": 0, "steps": 2, "train_tok_s": 100.0,
+               "tokens_trained": 256, "dest": "d"}
+    monkeypatch.setattr(distill_module, "run_gkd_command", lambda args, log: summary)
+    assert distill_module.cmd_gkd(argparse.Namespace()) == 0
+    err = capsys.readouterr().err
+    assert "(recovery -20.0%)" in err and "gkd: warning: the evaluation KL rose" in err
+    summary.update(before={"kl_nats": 0.0, "lm_loss": 3.0}, after={"kl_nats": 0.0, "lm_loss": 3.0},
+                   recovery_fraction=float("nan"))
+    assert distill_module.cmd_gkd(argparse.Namespace()) == 0
+    err = capsys.readouterr().err
+    assert "(the child matched the parent)" in err and "nan" not in err and "warning" not in err

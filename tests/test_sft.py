@@ -36,6 +36,9 @@ def test_both_record_forms_and_clear_errors(tmp_path):
     assert pair == [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hello"}]
     assert conversation_from_record({"messages": CHAT}, "x") == CHAT
+    assert conversation_from_record({"prompt": "Hi", "response": "Hello", "system": None}, "x") == pair[1:]
+    with pytest.raises(PuzzleError, match="a string content, got {'role': 'system', 'content': 5}"):
+        conversation_from_record({"prompt": "Hi", "response": "Hello", "system": 5}, "x")  # breaker: dropped unsaid
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(PuzzleError, match="line 2: no assistant message"):
@@ -565,6 +568,10 @@ def test_a_resume_may_change_how_often_checkpoints_are_saved(tmp_path):
     assert args.func(args) == 0
     state = torch.load(tmp_path / "out.sft-work" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 5 and state["meta"]["config"]["checkpoint_every"] == 3  # the training's own setting
+    args = parser.parse_args([*base, "--micro-batch-size", "1", "--stop-after-steps", "1"])  # breaker: refused
+    assert args.func(args) == 0
+    state = torch.load(tmp_path / "out.sft-work" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 6 and state["meta"]["config"]["micro_batch_size"] == 0
     args = parser.parse_args([*base, "--checkpoint-every", "2", "--lr", "1e-3", "--stop-after-steps", "1"])
     with pytest.raises(PuzzleError, match="config.lr: 0.0001 -> 0.001"):  # another setting is still refused
         args.func(args)
