@@ -2047,9 +2047,9 @@ def export_out_of_date(run: Run, name: str, model, untie: bool = False, dtype: s
     """Why DIR/export/<name> is not what `stage_export` would write now of `model` (child `name`), or None when it
     is: its files are the ones the last export wrote there, byte for byte (DIR/children/exports.json: size and
     sha256 of each, so a damaged, edited, missing or added file counts, but for a user's notes: `_a_users`), from
-    the same weights (`weights_sha`: a
-    rebuilt library entry counts), with the same provenance (`export_extra_info`, this version; "run_at" is only
-    informational: a moved run keeps its exports), block_configs and stored dtype (`dtype`, None: the run's)."""
+    the same weights (`weights_sha`: a rebuilt library entry counts), with the same provenance (`export_extra_info`,
+    this version; "run_at" is only informational: a moved run keeps its exports), block_configs and stored dtype
+    (`dtype`, None: the run's)."""
     from . import __version__
     from .configuration_decilm import config_dict_from_model_config
 
@@ -3011,10 +3011,11 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
              f"batch {w.batch_size}, prompt {w.prompt_len}, generate {w.gen_len}. Evaluation text: "
              f"{', '.join(run.config.data.eval_sources)}; calibration/scoring text: {', '.join(run.config.data.calib_sources)}.",
              "", "## Summary", "",
-             markdown_table(summary[["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "kl_nats",
-                                      "lm_loss", "speedup", "predicted_speedup", "runtime_error", "budget_met",
+             markdown_table(summary[["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s",
+                                      "throughput_tok_s", "kl_nats", "lm_loss", "speedup", "predicted_speedup", "runtime_error", "budget_met",
                                       "budget_use", "library_stage"]]),
              "", "`speedup` is measured (parent runtime / child runtime for the workload, same session); "
+                 "`throughput_tok_s`: generated tokens per second of that workload, front.png's x-axis; "
                  "`runtime_error` = predicted / measured runtime - 1; `budget_use` = measured / limit of the child's "
                  "tightest budget, the request resolved on the parent measured in the same session "
                  "(children/budget_feedback.json: its standard error, and what `--budget-feedback N` changed).", ""]
@@ -3054,8 +3055,10 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
             lines += ["A fixed reference workload (scoring/machine.py) timed with the cost table and again with the "
                       "children took " + ", ".join(f"{v:.2f} times as long ({k})" for k, v in drift.items())
                       + " the second time as the first; a figure far from 1.00 means the machine's speed drifted "
-                      "between the two, and predicted "
-                      "speed-ups may be off by about as much." + drift_rounds_text(m.get("drift_rounds")), ""]
+                      "between the two. A drift that slows all work alike cancels in a speed-up (predicted and "
+                      "measured are both ratios to the parent); one that strikes compute and memory traffic "
+                      "unlike moves measured speed-ups away from the predicted ones."
+                      + _prediction_gap_text(summary) + drift_rounds_text(m.get("drift_rounds")), ""]
         if busy:
             lines += [f"**Warning:** {busy[0].upper()}{busy[1:]}.", ""]
     lines += ["## Architectures", "",  # the notation, which the fresh-user run found explained nowhere (stop 54)
@@ -3133,7 +3136,8 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
     more = min(rounds + 1, 10) if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0 else 3
     return ((f"`budget_met` is False for {', '.join(within)} by less than the timing noise (two standard errors of "
              "this session's rounds): the feedback leaves such a child as it is, since another session would as "
-             "likely measure it within its budget.") if within else "",
+             f"likely measure it within its budget (`puzzle front --out {out} --remeasure` times the children again; "
+             "a child needed strictly within it wants a budget set a little tighter).") if within else "",
             (f"`budget_met` is False for {', '.join(over)} by more than the timing noise: "
              + ("the budget feedback's rounds were spent before it met its budget (`children/budget_feedback.json` "
                 "has each round). More rounds" if rounds != 0 else  # breaker: said of a run with none
@@ -3141,6 +3145,15 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
                 "budget_feedback = 0`). Rounds")
              + f" (`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may "
              f"bring it within.") if over else "")
+
+
+def _prediction_gap_text(summary: pd.DataFrame) -> str:
+    """' Here the children measured within 4.6 % of their predicted speed-ups.' from summary.csv's rows (fresh user:
+    the drift note read as a 19 % error where every child was within 5 %); '' without a child of both figures."""
+    rows = summary.iloc[1:]
+    gap = (pd.to_numeric(rows["speedup"], errors="coerce")
+           / pd.to_numeric(rows["predicted_speedup"], errors="coerce") - 1).abs().dropna()
+    return f" Here the children measured within {gap.max():.1%} of their predicted speed-ups." if len(gap) else ""
 
 
 def drift_rounds_text(rounds) -> str:

@@ -465,6 +465,7 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     note = _within_noise_note(tmp_path, summary)
     assert note.startswith("`budget_met` is False for a (1.00001, standard error 0.006) by less than the timing noise")
     assert " b (" not in note and " c (" not in note  # a real miss, and memory is not timed: no noise
+    assert f"(`puzzle front --out {tmp_path} --remeasure` times the children again" in note  # a next step (fresh user)
     clear = _clear_miss_note(tmp_path, summary)  # a fresh user: 7 standard errors over, no word in the report
     assert clear.startswith("`budget_met` is False for b (1.050 of its runtime_ms budget, standard error 0.006), c (")
     assert " a (" not in clear and f"puzzle front --out {tmp_path} --remeasure --budget-feedback 3" in clear

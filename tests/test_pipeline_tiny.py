@@ -53,6 +53,8 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
             assert (run_dir / "export" / name / "config.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "Greedy chat answers" in report and "Does BLD matter?" in report and "budget_use" in report
+    assert "decode_tok_s | throughput_tok_s | kl_nats" in report  # front.png's axis in a table (fresh user)
+    assert re.search(r"decode_tok_s +throughput_tok_s +kl_nats", RUN_LOG["stderr"])  # and in the printed one
     assert f"`puzzle baselines --out {run_dir}` builds greedy" in report  # where the simpler methods are
     assert re.search(r"^- \*\*parent\*\*: (kv\d+/\d+ ?){4}$", report, re.M), report  # its own layers (reviewer)
     # the init table takes bld's no_op scores: a fresh run kept nothing from an earlier call
@@ -63,6 +65,8 @@ def test_run_writes_the_summary_front_and_exports(run_dir):
     machine = json.loads((run_dir / "children" / "machine.json").read_text())  # the machine's speed, table vs children
     assert cost["reference_memory_ms"] == machine["cost_table"]["reference_memory_ms"] > 0
     assert machine["children"]["reference_memory_ms"] > 0 and machine["drift"]["memory"] > 0
+    gap = (summary["speedup"].iloc[1:] / summary["predicted_speedup"].iloc[1:] - 1).abs().max()
+    assert f"Here the children measured within {gap:.1%} of their predicted speed-ups." in report  # (fresh user)
     feedback = json.loads((run_dir / "children" / "budget_feedback.json").read_text())  # budgets checked as measured
     for name in chosen["names"]:
         row = summary.set_index("name").loc[name]
@@ -191,16 +195,17 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
 
     (copy / "export" / "child-2x" / "tokenizer_notes.txt").write_text("mine")  # a user's file is never deleted
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 2
-    assert "holds tokenizer_notes.txt, which" in err.getvalue()
+    with contextlib.redirect_stderr(err):  # and an export up to date beside it is kept, saying so (breaker: refused)
+        assert main(["export", "--out", str(copy), "--name", "child-2x"]) == 0
+    assert "also holds tokenizer_notes.txt, which its export did not write: left as it is" in err.getvalue()
     (copy / "export" / "child-2x" / "tokenizer_notes.txt").unlink()
-    (copy / "export" / "child-2x" / "sub").mkdir()  # a folder in an export: no longer current, and kept
+    (copy / "export" / "child-2x" / "sub").mkdir()  # a user's folder alike: a rerun of `puzzle run` keeps both
     (copy / "export" / "child-2x" / "sub" / "x.txt").write_text("mine")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(args) == 2
-    assert "holds sub, which" in err.getvalue(), err.getvalue()[-1500:]
+        assert main(args) == 0
+    assert "also holds sub, which" in err.getvalue(), err.getvalue()[-1500:]
+    assert (copy / "export" / "child-2x" / "sub" / "x.txt").read_text() == "mine"
     shutil.rmtree(copy / "export" / "child-2x" / "sub")
 
     from puzzle.config import load_run_config
