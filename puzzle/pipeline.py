@@ -3012,7 +3012,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
              f"{', '.join(run.config.data.eval_sources)}; calibration/scoring text: {', '.join(run.config.data.calib_sources)}.",
              "", "## Summary", "",
              markdown_table(summary[["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s",
-                                      "throughput_tok_s", "kl_nats", "lm_loss", "speedup", "predicted_speedup", "runtime_error", "budget_met",
+                                      "throughput_tok_s", "kl_nats", "lm_loss", "speedup", "predicted_speedup",
+                                      "runtime_error", "budget_met",
                                       "budget_use", "library_stage"]]),
              "", "`speedup` is measured (parent runtime / child runtime for the workload, same session); "
                  "`throughput_tok_s`: generated tokens per second of that workload, front.png's x-axis; "
