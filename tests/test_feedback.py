@@ -404,7 +404,8 @@ def test_puzzle_run_ends_with_the_budget_notes_under_its_table(tmp_path, capsys,
                                 "ratios": {"runtime_ms": 1.034}, "limits": {"runtime_ms": 9.0}}}
         (run.out / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 2}))
         return pd.DataFrame({"name": ["parent", "child-1.5x"], "params": [10, 5], "memory_mib": [1.0, 0.5],
-                             "prefill_tok_s": [1.0, 1.4], "decode_tok_s": [1.0, 1.4], "kl_nats": [0.0, 1.9],
+                             "prefill_tok_s": [1.0, 1.4], "decode_tok_s": [1.0, 1.4], "throughput_tok_s": [1.0, 1.4],
+                             "kl_nats": [0.0, 1.9],
                              "lm_loss": [4.2, 5.9], "speedup": [1.0, 1.45], "predicted_speedup": [1.0, 1.5],
                              "budget_met": [None, False]})
 
