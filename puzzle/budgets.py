@@ -196,15 +196,21 @@ class BudgetRequest:
 def _sign_advice(text) -> str:
     """' A budget is a limit above zero: drop the minus sign.' for a negative value, ' ... give a value above
     zero.' for zero (reviewer: only some flags said it); for a comma in a number, to leave out a thousands separator
-    ('19,200', '1,024MiB') or write a decimal comma as a point ('0,5', '1,5x'; breaker); '' otherwise."""
+    before a unit ('1,024MiB'), to write a decimal comma as a point ('0,5', '1,5x'; breaker), or both readings where
+    only the user knows which was meant ('1,500'); '' otherwise."""
     s = str(text).strip()
-    unit = r"\s*[A-Za-zµ%/×]*"
     # a zero with a unit at most ('0', '0MiB', '0 %'), not a number that merely starts with 0 (breaker: '0,5')
-    if (m := re.fullmatch(_NUMBER + unit, s.removeprefix("-").strip())) and float(m.group(1)) == 0:
+    if (m := re.fullmatch(_NUMBER + r"\s*[A-Za-zµ%/×]*", s.removeprefix("-").strip())) and float(m.group(1)) == 0:
         return " A budget is a limit above zero: give a value above zero."
     if s.startswith("-"):
         return " A budget is a limit above zero: drop the minus sign."
-    if re.fullmatch(r"[0-9]{1,3}(,[0-9]{3})+" + unit, s):
+    unit = r"(\s*[A-Za-zµ%/×_]*)"
+    if m := re.fullmatch(r"[1-9][0-9]{0,2}(?:,[0-9]{3})+" + unit, s):  # '1,024MiB': a separator before a unit
+        if m.group(1).strip().lower() not in ("", "x", "×", "%"):
+            return f" Write the number without separators ({s.replace(',', '')})."
+        if s.count(",") == 1:  # '1,500' or '1,500x': a separator or a decimal comma, which only the user knows
+            return (f" A comma is not read: write {s.replace(',', '')} (no separator) or {s.replace(',', '.')} (a "
+                    f"decimal point).")
         return f" Write the number without separators ({s.replace(',', '')})."
     if re.fullmatch(r"[0-9]+,[0-9]+" + unit, s):
         return f" Write a decimal with a point ({s.replace(',', '.')})."

@@ -708,7 +708,7 @@ def cmd_run(args) -> int:
     with _stage_run(args, measures=True) as run:
         summary = run_all(run)
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "throughput_tok_s", "kl_nats",
-            "lm_loss", "speedup", "predicted_speedup"]  # throughput: front.png's axis (fresh user: shown nowhere)
+            "lm_loss", "speedup", "predicted_speedup"]  # throughput: front.png's axis (fresh user: not in the log)
     _log("\n" + summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     from .pipeline import budget_miss_notes, resolved_by_feedback
 

@@ -585,7 +585,7 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
     """
     path = resolve_source(spec, cache_dir)
     if path.is_dir() and not _is_table_folder(path):
-        docs, skipped, binary = [], [], []
+        docs, skipped, binary, texts = [], [], [], 0  # texts: files read as text
         files = _folder_files(path)
         tables = [f for f in files if f.suffix.lower() in (".parquet", ".arrow")]
         if tables:  # a hub-style dataset (data/train-*.parquet beside README.md): its tables of one split, no card
@@ -604,6 +604,7 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
                 binary.append(str(rel))
                 continue
             docs += [Document(d.text, f"{rel}:{d.doc_id}", spec) for d in read]
+            texts += 1
         if skipped:
             kind = "(a dataset card) beside its tables" if tables else "of a kind not read as text"
             warnings.warn(f"data source {spec}: {len(skipped)} file(s) {kind} left out "
@@ -613,11 +614,10 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
                           f"encoding) left out ({', '.join(binary[:3])}{' ...' if len(binary) > 3 else ''}); save "
                           f"text as UTF-8 to have it read")
     else:
-        docs, binary, files, skipped = _read_path(path, spec, text_field, txt_mode, held_out), [], [], []
-    read = len(files) - len(binary) - len(skipped) if binary else 0  # files read as text beside the binary ones
+        docs, binary, texts = _read_path(path, spec, text_field, txt_mode, held_out), [], 1
     docs = [d for d in docs if len(d.text) >= max(min_chars, 1)]
     if not docs and binary:  # breaker: a folder of binary files was called empty
-        others = (f", and its {read} other file(s) hold no text of {max(min_chars, 1)} characters or more" if read
+        others = (f", and its {texts} other file(s) hold no text of {max(min_chars, 1)} characters or more" if texts
                   else "")
         raise PuzzleError(f"data source {spec} gives no text: its {len(binary)} file(s) that are binary or of another "
                           f"encoding were left out{others}; give a folder or file with text, saved as UTF-8")

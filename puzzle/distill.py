@@ -705,7 +705,7 @@ def run_gkd_command(args, log=None) -> dict:
         # a folder's child: as FOLDER_SOURCE, or by its path where a checkpoint of an earlier version recorded that
         extra_meta = {"child_source": inputs.child_source if inputs.child_source != FOLDER_SOURCE else recorded_source(
             inputs.work / "checkpoint.pt", "child_source", inputs.description["child"], inputs.child_source),
-            # the checkpoint's --checkpoint-every, where only that differs: the same training
+            # the checkpoint's --checkpoint-every / --micro-batch-size, where only those differ: the same training
             "config": recorded_settings(inputs.work / "checkpoint.pt", asdict(config))}
         # a checkpoint this call cannot continue, or an export of another training in dest, is refused before
         # anything is written (data, evaluation, cache)
@@ -812,7 +812,8 @@ def cmd_gkd(args) -> int:
         b, a = summary["before"], summary["after"]
         if b and a:
             recovery = summary["recovery_fraction"]  # NaN where the child started at KL 0 (the parent itself)
-            shown = f" (recovery {recovery:.1%})" if math.isfinite(recovery) else " (the child matched the parent)"
+            shown = (f" (recovery {recovery:.1%})" if math.isfinite(recovery) else
+                     " (it started as the parent: no recovery to measure)")
             log(f"gkd: eval KL {b['kl_nats']:.4f} -> {a['kl_nats']:.4f} nats/token{shown}, LM loss "
                 f"{b['lm_loss']:.4f} -> {a['lm_loss']:.4f}")
             if a["kl_nats"] > b["kl_nats"]:  # breaker: a child made worse exited 0 without a word

@@ -657,7 +657,8 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         old.rmdir()
         shutil.rmtree(tmp, ignore_errors=True)
         cause = ("lift what keeps it from being renamed (its permissions, an immutable attribute: lsattr)"
-                 if e.errno in (errno.EPERM, errno.EACCES) else "close the programs that hold it open")
+                 if e.errno in (errno.EPERM, errno.EACCES) else "close the programs that hold it open"
+                 if e.errno in (errno.EBUSY, errno.ETXTBSY) else "check the folder and the file system it lies on")
         raise PuzzleError(f"export target {out_dir} cannot be moved aside to be replaced ({e.strerror or e}); give "
                           f"a new folder path, or {cause}") from None
     os.replace(tmp, out_dir)

@@ -544,11 +544,13 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
             try:
                 lib.check_meta(meta, replace_unbuilt=world_size == 1 or grouped)
                 refusal = None
-            except PuzzleError as e:  # e.g. per-node run folders that differ: every rank stops (reviewer)
-                refusal = e
+            except Exception as e:  # noqa: BLE001  (a refusal, a full disk): every rank stops at once (reviewer:
+                refusal = e  # per-node run folders that differ left the others in their next collective call)
             if not distributed.every_rank_ok(world_size, refusal is None):
-                raise refusal or PuzzleError(f"bld: another rank refused the library in {lib.root} (its message "
-                                             f"says why); no rank trained")
+                if refusal is not None:
+                    raise refusal
+                raise PuzzleError(f"bld: another rank refused the library in {lib.root} (its message says why); no "
+                                  f"rank trained")
             result = build_library(run.parent.model, run.tokens.calib, run.space(), run.config.bld, lib,
                                    progress=run.progress, rank=rank, world_size=world_size)
     except RuntimeError as e:  # breaker: a rank killed during BLD gave the others gloo's traceback
@@ -1895,7 +1897,8 @@ EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/ex
 
 
 #: kinds of file a loader may read beside an export's own (weights, configs such as adapter_config.json, code)
-_LOADED_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".py", ".model", ".gguf", ".jinja")
+_LOADED_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".py", ".model", ".gguf", ".jinja", ".tiktoken",
+                    ".msgpack", ".h5", ".onnx")
 
 
 def _a_users(entry: str, written) -> bool:

@@ -746,9 +746,15 @@ def _at_least(column: str, least: float, parent: float) -> str:
         return f"to at least {absolute}"
     also = ""
     if column == "runtime_ms" and least > 0:
-        most = math.floor(parent / least * 1000) / 1000
-        also = f", or --speedup at most {most:g}; --min-throughput at most {most:g}x"
+        most = _speedup_at_most(parent, least)
+        also = f", or --speedup at most {most}; --min-throughput at most {most}x"
     return f"to at least {suggest_fraction(least, parent):g} (or {absolute}{also})"
+
+
+def _speedup_at_most(parent_ms: float, least_ms: float) -> str:
+    """The parent's runtime over a child's least one, rounded down to 3 decimals and written in full, so that the
+    printed speed-up admits that child (reviewer: `:g` rounded 1234.567 up to 1234.57, which it does not)."""
+    return f"{math.floor(parent_ms / least_ms * 1000) / 1000:.10g}"
 
 
 def _count_text(x: float) -> str:
@@ -1126,7 +1132,7 @@ def _least_text(table: pd.DataFrame, budgets: Budgets, parent: Mapping[str, floa
         binding.append(column)
         total = float(parent.get(column, 0) or 0)
         if column == "runtime_ms" and "front-speedups" in budget_flags[column] and total > 0 and least > 0:
-            parts.append(f"--front-speedups targets of at most {math.floor(total / least * 1000) / 1000:g}")
+            parts.append(f"--front-speedups targets of at most {_speedup_at_most(total, least)}")
         else:
             parts.append(f"{BUDGET_FLAGS[column]} raised {_at_least(column, least, total)}")
     return (f"; a child that keeps a block needs {' and '.join(parts)}" if parts else ""), binding

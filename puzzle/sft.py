@@ -822,7 +822,7 @@ def run_sft_command(args, log=None) -> dict | None:
             f"{config.steps(data.input_ids.shape[0])} steps, {env.world_size} process(es)")
         if source == FOLDER_SOURCE:  # or its path, as a checkpoint of an earlier version recorded it
             source = recorded_source(work / "checkpoint.pt", "model_source", what, source)
-        # the checkpoint's --checkpoint-every, where only that differs: the same training
+        # the checkpoint's --checkpoint-every / --micro-batch-size, where only those differ: the same training
         extra_meta = {"model_source": source, "config": recorded_settings(work / "checkpoint.pt", asdict(config))}
         from . import distributed  # ranks started with other settings or data would drift apart or wait forever
 

@@ -375,17 +375,18 @@ def recorded_source(checkpoint_path: Path, key: str, earlier: str, now: str) -> 
     return earlier if isinstance(meta, dict) and meta.get(key) == earlier else now
 
 
-#: settings that say how a training is run, not what it trains: a resume may change them
-#: settings a resume may change: how often it checkpoints, and how many rows each forward takes (the gradient is the
-#: same sum, so a resume may lower it where memory runs short; breaker: refused as other settings)
+#: settings that say how a training is run, not what it trains, which a resume may change: how often it checkpoints,
+#: and how many rows each forward takes (the same gradient up to rounding, so a resume may lower it where memory runs
+#: short; breaker: refused as other settings)
 RUN_ONLY_SETTINGS = ("checkpoint_every", "micro_batch_size")
 
 
 def recorded_settings(checkpoint_path: Path, config: dict) -> dict:
     """`config` (a training's settings, `asdict(config)`) with the RUN_ONLY_SETTINGS its checkpoint recorded, where
     the checkpoint at `checkpoint_path` differs from it in those alone: put in the training's meta, a resume with
-    another --checkpoint-every continues that training (breaker: it was refused as other settings) and its export
-    stays that training's (`export.training_ref`); checkpoints are then saved at the new interval. `config` as
+    another --checkpoint-every or --micro-batch-size continues that training (breaker: it was refused as other
+    settings) and its export stays that training's (`export.training_ref`); checkpoints are then saved at the new
+    interval, with the new rows per forward. `config` as
     given otherwise (no checkpoint, an unreadable one, or other settings that differ: `check_resumable` says so)."""
     path = Path(checkpoint_path)
     if not path.is_file():

@@ -212,6 +212,28 @@ def test_a_check_one_rank_fails_stops_every_rank(tmp_path):
     assert done.stdout.count("False True") == 2 and "rank 0" in done.stdout and "rank 1" in done.stdout, done.stdout
 
 
+def test_a_library_refused_on_one_rank_stops_both_ranks_of_bld(tmp_path):
+    """Reviewer: `stage_bld` with a library refused on rank 1 alone (per-node run folders that differ) must stop rank 0
+    too, at once, rather than leave it waiting in its next collective call."""
+    run = tmp_path / "run"
+    _puzzle("data", "--preset", "tiny", "--out", str(run), "--bld-tokens", "256", "--no-progress")
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys\nfrom puzzle.cli import main\nfrom puzzle.errors import PuzzleError\n"
+                      "from puzzle.library import Library\nkeep = Library.check_meta\n"
+                      "def check(self, meta, replace_unbuilt=True):\n"
+                      "    if os.environ['RANK'] == '1':\n"
+                      "        raise PuzzleError('this rank refuses the library')\n"
+                      "    return keep(self, meta, replace_unbuilt)\n"
+                      f"Library.check_meta = check\ncode = main(['bld', '--out', {str(run)!r}, '--no-progress'])\n"
+                      "import time; time.sleep(3 if os.environ['RANK'] == '1' else 0)  # rank 0 says its part first\n"
+                      "sys.exit(code)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "this rank refuses the library" in done.stderr, done.stderr[-3000:]
+    assert "another rank refused the library" in done.stderr, done.stderr[-3000:]
+    assert not list((run / "library").glob("entries/L*/*")) if (run / "library").is_dir() else True
+
+
 def test_a_rank_other_than_0_leaves_config_json_to_rank_0(tmp_path, monkeypatch, capsys):
     """Reviewer: a rank > 0 saved its own flags in config.json, and on failure put back the file it had read at its
     start over what rank 0 had saved since; now it neither saves nor restores the file."""

@@ -167,7 +167,8 @@ def test_a_negative_budget_and_a_speedup_given_to_max_runtime_get_advice():
         assert "above zero" not in str(e.value) and ("point (0.5)" in str(e.value)) == (text == "0,5")
     for call, words in [(lambda: parse_memory_mib("1,024MiB", 100.0), "without separators (1024MiB)"),
                         (lambda: parse_speedup("1,5"), "with a point (1.5)"),  # every budget flag alike (reviewer)
-                        (lambda: throughput_to_runtime_ms("1,5x", 100.0, workload), "with a point (1.5x)")]:
+                        (lambda: throughput_to_runtime_ms("1,5x", 100.0, workload), "with a point (1.5x)"),
+                        (lambda: parse_speedup("1,500"), "write 1500 (no separator) or 1.500 (a decimal point)")]:
         with pytest.raises(PuzzleError, match=re.escape(words)):
             call()
     with pytest.raises(PuzzleError, match=r"A speed-up is --speedup 1.5x \(or --min-throughput 1.5x\)"):

@@ -506,4 +506,4 @@ def test_a_gkd_that_raised_the_kl_is_warned_about(monkeypatch, capsys):
                    recovery_fraction=float("nan"))
     assert distill_module.cmd_gkd(argparse.Namespace()) == 0
     err = capsys.readouterr().err
-    assert "(the child matched the parent)" in err and "nan" not in err and "warning" not in err
+    assert "(it started as the parent: no recovery to measure)" in err and "nan" not in err and "warning" not in err

@@ -588,7 +588,8 @@ def test_the_readme_gives_a_small_models_parameters_in_full(exported):
 
 
 @pytest.mark.parametrize("code, words", [(1, "lift what keeps it from being renamed"),
-                                         (16, "close the programs that hold it open")])
+                                         (16, "close the programs that hold it open"),
+                                         (18, "check the folder and the file system it lies on")])
 def test_an_export_folder_that_cannot_be_moved_aside_names_what_to_do(tmp_path, monkeypatch, code, words):
     """Breaker: an immutable earlier export (chattr +i) was told to give 'one inside it', which is then refused as
     inside an export; the advice now follows the cause (EPERM here, EBUSY: a folder held open), and the earlier
