@@ -761,7 +761,10 @@ def run_gkd_command(args, log=None) -> dict:
             if evaluate and parent_logp is None:
                 parent_logp = inputs.parent_eval_logp()
             after = evaluate_against_parent(result.model, inputs.eval_ids, parent_logp) if evaluate else None
-            summary = {**inputs.description, "finished": True, "config": asdict(config), "world_size": env.world_size,
+            # the training's settings, as its checkpoint holds them (reviewer: a resume with another
+            # --micro-batch-size recorded the resuming call's)
+            summary = {**inputs.description, "finished": True, "config": extra_meta["config"],
+                       "world_size": env.world_size,
                        "fsdp": args.fsdp, "steps": result.train.steps_done, "tokens_trained": result.tokens_trained,
                        "epochs": round(result.epochs, 4), "train_tok_s": round(result.tok_s, 2),
                        "train_s": round(result.train.seconds, 1), "resumed_from_step": result.train.resumed_from,

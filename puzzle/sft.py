@@ -843,11 +843,13 @@ def run_sft_command(args, log=None) -> dict | None:
             from .io import sha256_file
 
             exported = export_checkpoint(result.model, tokenizer, dest, overwrite=True,
-                                         extra_info={"sft": {"model": what, "data": list(args.data),
-                                                             "config": asdict(config), "training": training}})
+                                         extra_info={"sft": {"model": what, "data": list(args.data),  # the
+                                                             "config": extra_meta["config"],  # training's settings
+                                                             "training": training}})
             if exported.replaced:
                 log(f"sft: replaced the export of {exported.replaced} that was in {exported.path}")
-            summary = {"model": what, "data": list(args.data), "config": asdict(config), "rows": data.input_ids.shape[0],
+            summary = {"model": what, "data": list(args.data), "config": extra_meta["config"],
+                       "rows": data.input_ids.shape[0],
                        "learned_tokens": learned, "dropped": data.dropped, "steps": result.steps_done,
                        "resumed_from_step": result.resumed_from,
                        "train_s": round(result.seconds, 1), "dest": str(exported.path),

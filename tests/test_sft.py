@@ -575,6 +575,10 @@ def test_a_resume_may_change_how_often_checkpoints_are_saved(tmp_path):
     args = parser.parse_args([*base, "--checkpoint-every", "2", "--lr", "1e-3", "--stop-after-steps", "1"])
     with pytest.raises(PuzzleError, match="config.lr: 0.0001 -> 0.001"):  # another setting is still refused
         args.func(args)
+    args = parser.parse_args([*base, "--micro-batch-size", "1"])  # the rest: its export records the training's own
+    assert args.func(args) == 0
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["puzzle"]["sft"]["config"]
+    assert recorded["micro_batch_size"] == 0 and recorded["checkpoint_every"] == 3
 
 
 def test_a_finished_rerun_keeps_the_toggle_measurement_of_the_same_training(tmp_path, monkeypatch, capsys):
