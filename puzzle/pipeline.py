@@ -893,9 +893,6 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
     # what a rerun kept (breaker: a resumed score said only what a fresh one says, where bld says what it kept)
     kept = "; ".join(f"{stage}: {new} candidate{'s' if new != 1 else ''} scored, {old} kept from an earlier call"
                      for stage, (new, old) in counts.items()) if any(old for _, old in counts.values()) else ""
-    layers = int(tables["bld"]["layer"].max()) + 1  # fresh user: 240 rows beside 180 scored, 120 trained, unsaid
-    run.say(f"score: {len(tables['bld']) - 1} rows per table (a row per layer and variant over {layers} layers, the "
-            f"parent's own and no_op variants included){f'; {kept}' if kept else ''}; tables in {run.out / 'score'}")
     if coupled := sum(map(len, library_blocks(run.library).values())):
         if run.config.bld.coupled_top_k:  # breaker: the coupled block rows were dropped without a word
             table, meta = load_score_table(run, "bld")
@@ -905,6 +902,12 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
         else:  # breaker: 0 did not switch coupled BLD off for a library that had it
             run.say(f"score: the library's {coupled} coupled entries are left out of the table (bld.coupled_top_k = "
                     f"0): the children are built from subblocks")
+    layers = int(tables["bld"]["layer"].max()) + 1  # fresh user: 240 rows beside 180 scored, 120 trained, unsaid
+    rows = {stage: int((t["subblock"] != "non_block").sum()) for stage, t in tables.items()}
+    shown = (f"{rows['bld']} rows per table" if len(set(rows.values())) == 1 else  # breaker: the block rows uncounted
+             ", ".join(f"{n} rows in the {stage} table" for stage, n in rows.items()))
+    run.say(f"score: {shown} (a row per layer and variant over {layers} layers, the parent's own and no_op variants "
+            f"included){f'; {kept}' if kept else ''}; tables in {run.out / 'score'}")
     if used != asked:  # breaker: 100000 asked and recorded, 512 used, unsaid
         split = run.tokens.score
         fix = (f"raise data.score_tokens to {asked} for more (more text if the sources run short)"
@@ -936,6 +939,23 @@ def score_table_path(run: Run, stage: str = "bld") -> Path:
     return run.out / "score" / ("score_table.csv" if stage == "bld" else f"score_table_{stage}.csv")
 
 
+def library_changed_since_scored(run_dir: Path) -> list[str]:
+    """The library settings that differ between DIR/library/meta.json (the library now) and the library the
+    replace-1-block scores were computed for (DIR/score/quality_meta.json), as "bld.tokens: 2048 -> 1024"; [] when
+    they agree (resource and informational settings aside: `library.comparable_meta`) or either file is missing or
+    unreadable (`puzzle bld` and `puzzle score` name those)."""
+    from .library import comparable_meta
+
+    try:
+        now = json.loads((run_dir / "library" / "meta.json").read_text(encoding="utf-8"))
+        scored = json.loads((run_dir / "score" / "quality_meta.json").read_text(encoding="utf-8"))["library"]
+        if not (isinstance(now, dict) and isinstance(scored, dict)):
+            return []
+        return differing_settings(comparable_meta(scored), comparable_meta(now))
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
     """DIR/score/score_table[_init].csv and its sidecar, for the run's target (`check_score_target`).
 
@@ -961,6 +981,11 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
                           f"{' (it has layer ' + ', '.join(odd[:5]) + ')' if odd else ''}"
                           f"{' (it lacks layer ' + ', '.join(map(str, missing[:5])) + ')' if missing else ''}: "
                           f"score the library again with `puzzle score --out {run.out}`")
+    if changed := library_changed_since_scored(run.out):  # breaker: a rebuilt library was searched on old scores
+        warnings.warn(f"the library in {run.out / 'library'} was built with other settings since {path} was scored "
+                      f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): the table's scores describe "
+                      f"the earlier library, while the children are built from this one; score it again with "
+                      f"`puzzle score --out {run.out}`")
     if not run.config.bld.coupled_top_k and (table["subblock"] == "block").any():  # breaker: `front` said it applied
         warnings.warn(f"{path} holds coupled block rows, but bld.coupled_top_k is 0 now: the search still chooses "
                       f"them and the children are built with them until `puzzle score --out {run.out}` (or `puzzle "

@@ -1151,7 +1151,8 @@ def add_rpo_parser(subparsers) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order and the samples")
     tr.add_argument("--k", type=int, help="online: responses sampled per prompt (default 4)")
     tr.add_argument("--max-new-tokens", type=int, help="online: tokens per sampled response (default 48)")
-    tr.add_argument("--temperature", type=float, help="online: sampling temperature, > 0 (default 1)")
+    tr.add_argument("--temperature", type=float, help="online: sampling temperature, > 0 (default 1; rloo takes 1 "
+                                                      "only: its gradient needs samples of the policy itself)")
     ad = p.add_argument_group("adapters (default: full fine-tuning)")
     ad.add_argument("--adapters", metavar="SPEC", help="Tied-LoRA factors in use: BA, BuA, vBA or vBuA (B, A: the "
                     "rank-r matrices; u, v: per-layer scaling vectors; all trained unless --freeze names them)")

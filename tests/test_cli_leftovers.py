@@ -512,7 +512,9 @@ def test_a_configuration_asking_for_coupled_bld_runs_it_in_puzzle_run(tmp_path, 
     config["bld"]["coupled_top_k"] = 2
     (out / "config.json").write_text(json.dumps(config))
     assert main(["score", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
-    capsys.readouterr()
+    counted = re.search(r"score: (\d+) rows in the bld table, (\d+) rows in the init table", capsys.readouterr().err)
+    blocks = (pd.read_csv(out / "score" / "score_table.csv")["subblock"] == "block").sum()
+    assert counted and int(counted[1]) == int(counted[2]) + blocks > int(counted[2])  # (breaker: uncounted)
     assert main(["export", "--out", str(out), "--name", "child-1.5x-refined", "--no-progress"]) == 0, \
         capsys.readouterr().err
     assert "was solved on another score table" in capsys.readouterr().err

@@ -100,6 +100,25 @@ def test_a_stage_on_a_folder_without_a_run_says_it_starts_the_default_preset(tmp
     assert capsys.readouterr().err == ""
 
 
+def test_a_library_rebuilt_since_scoring_is_said_by_the_stages_that_read_the_table(tmp_path_factory, tmp_path,
+                                                                                     capsys):
+    """Breaker: after `rm -rf library; puzzle bld --bld-tokens 1024`, search, realize and front used the old scores
+    without a word (only `score` saw the change)."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    assert main(["search", "--out", str(out), "--no-progress"]) == 0
+    assert "was built with other settings since" not in capsys.readouterr().err
+    meta = json.loads((out / "library" / "meta.json").read_text())
+    tokens = meta["bld"]["tokens"]
+    meta["bld"]["tokens"] = tokens // 2  # as a rebuild with --bld-tokens would record it
+    (out / "library" / "meta.json").write_text(json.dumps(meta))
+    assert main(["search", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"was built with other settings since {out / 'score' / 'score_table.csv'} was scored (bld.tokens: " \
+           f"{tokens} -> {tokens // 2})" in err and f"`puzzle score --out {out}`" in err, err
+
+
 def test_take_back_removes_only_new_bookkeeping(tmp_path):
     from puzzle.cli import _first_missing, _listing, _take_back
 
