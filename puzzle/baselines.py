@@ -435,12 +435,14 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
                 return got, aim
         return None, s
 
+    tables = {}  # each stage's table read (and checked) once, not once per speed-up
+    for stage in ("bld", "init"):
+        try:
+            tables[stage] = load_score_table(run, stage)[0]
+        except PuzzleError:  # no init-only table in this run
+            pass
     for s in speedups:
-        for stage in ("bld", "init"):
-            try:
-                table = load_score_table(run, stage)[0]
-            except PuzzleError:  # no init-only table in this run
-                continue
+        for stage, table in tables.items():
             name = f"greedy-{s:g}x" + ("-init" if stage == "init" else "")
             g, aim = first_reached(name, s, lambda a: _greedy_at(run, table, a))
             if g is None:

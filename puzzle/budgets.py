@@ -206,11 +206,9 @@ def _sign_advice(text) -> str:
         return " A budget is a limit above zero: drop the minus sign."
     unit = r"(\s*[A-Za-zµ%/×_]*)"
     if m := re.fullmatch(r"[1-9][0-9]{0,2}(?:,[0-9]{3})+" + unit, s):  # '1,024MiB': a separator before a unit
-        if m.group(1).strip().lower() not in ("", "x", "×", "%"):
-            return f" Write the number without separators ({s.replace(',', '')})."
-        if s.count(",") == 1:  # '1,500' or '1,500x': a separator or a decimal comma, which only the user knows
+        if s.count(",") == 1 and m.group(1).strip().lower() in ("", "x", "×", "%"):  # '1,500x': a separator or a
             return (f" A comma is not read: write {s.replace(',', '')} (no separator) or {s.replace(',', '.')} (a "
-                    f"decimal point).")
+                    f"decimal point).")  # decimal comma, which only the user knows
         return f" Write the number without separators ({s.replace(',', '')})."
     if re.fullmatch(r"[0-9]+,[0-9]+" + unit, s):
         return f" Write a decimal with a point ({s.replace(',', '.')})."

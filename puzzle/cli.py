@@ -587,7 +587,7 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
     follower = _follower_rank(args)  # leaves DIR/config.json to rank 0, also on failure (`Run.save_config`)
     run = None
     try:
-        run = _run_for(args, existing=existing, measures=measures)
+        run = _run_for(args, existing=existing, measures=measures, save_config=not follower)
         yield run
     except BaseException as e:
         if follower or run is not None and run.settled:  # the search's choices and what was made from them stay
@@ -637,9 +637,11 @@ def _search_flags_dropped(args, config):
     return dataclasses.replace(config, search=_base_config(args, args.out, saved=False).search)
 
 
-def _run_for(args, need_config: bool = True, existing: bool = False, measures: bool = False):
+def _run_for(args, need_config: bool = True, existing: bool = False, measures: bool = False,
+             save_config: bool = True):
     """The Run for `args.out`; `existing`: refuse a directory that no earlier stage wrote (nothing is created);
-    `measures`: the command times models, so a CUDA target this machine lacks is refused before anything is written."""
+    `measures`: the command times models, so a CUDA target this machine lacks is refused before anything is written;
+    `save_config`: False for a bld rank other than 0 (`_follower_rank`, `Run.save_config`)."""
     from .config import load_run_config
     from .pipeline import Run
 
@@ -663,7 +665,7 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
         from .scoring.cost import check_device_available
 
         check_device_available(config.target.device)
-    return Run(args.out, config, progress=not args.no_progress, log=_log, save_config=not _follower_rank(args))
+    return Run(args.out, config, progress=not args.no_progress, log=_log, save_config=save_config)
 
 
 def _follower_rank(args) -> bool:

@@ -614,7 +614,7 @@ def read_documents(spec: str, text_field: str = "text", txt_mode: str = "paragra
                           f"encoding) left out ({', '.join(binary[:3])}{' ...' if len(binary) > 3 else ''}); save "
                           f"text as UTF-8 to have it read")
     else:
-        docs, binary, texts = _read_path(path, spec, text_field, txt_mode, held_out), [], 1
+        docs, binary, texts = _read_path(path, spec, text_field, txt_mode, held_out), [], 0  # (binary: none)
     docs = [d for d in docs if len(d.text) >= max(min_chars, 1)]
     if not docs and binary:  # breaker: a folder of binary files was called empty
         others = (f", and its {texts} other file(s) hold no text of {max(min_chars, 1)} characters or more" if texts

@@ -980,7 +980,7 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
             continue
         chosen |= {b.attention.id for b, p in zip(blocks, config.blocks) if b.attention != p.attention}
         child = dataclasses.replace(config, blocks=tuple(blocks))
-        if record.get("library_stage", "bld") == "bld" and path.stem not in names \
+        if _comparison_child(record) is None and path.stem not in names \
                 and fusion_candidates(child, include_leading)[0]:  # (the init-only twin is not fused)
             others.append(path.stem)
     if others:

@@ -57,14 +57,15 @@ def assert_refuses(bench, argv, says: str, capsys) -> None:
 def reseal_table(path) -> None:
     """Record a hand-edited table's row count and sha256 in its sidecar, as `puzzle.io.save_table` writes them: the
     table then reads as written so (a test's stand-in for a stage that wrote it again)."""
-    import hashlib
     import json
     from pathlib import Path
 
     import pandas as pd
 
+    from puzzle.io import sha256_file
+
     path = Path(path)
     sidecar = path.with_suffix(path.suffix + ".json")
     meta = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**meta, "rows": len(pd.read_csv(path)),
-                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}))
+                                   "sha256": sha256_file(path)}))
