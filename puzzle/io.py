@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -257,8 +258,9 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
                           f"not a {type(meta).__name__}; rerun the stage that writes the table")
     import pandas as pd
 
+    data = path.read_bytes()  # read once: parsed, hashed and looked at for a cut last row
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(BytesIO(data))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         fix = "delete it and rerun the stage that writes it" if sidecar_required else "give a CSV with a header row"
         raise PuzzleError(f"table {path} cannot be read ({e}); {fix}") from e
@@ -269,7 +271,7 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
                           f"comma-separated CSV with the columns {list(required_columns)}")
     if missing:
         fix = ("it was cut or edited since it was written (its bytes differ from the sha256 its sidecar recorded), "
-               "rerun its stage" if _bytes_changed(path, meta) else
+               "rerun its stage" if _bytes_changed(data, meta) else
                "it was written by another version, rerun its stage" if sidecar_required else
                f"the table needs the columns {list(required_columns)}")
         raise PuzzleError(f"table {path} lacks columns {missing}; {fix}")
@@ -284,8 +286,8 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
         raise PuzzleError(f"table {path} has {len(df)} rows, but its sidecar {sidecar.name} recorded {rows}: the table "
                           f"was cut or edited since; rerun the stage that writes it{hand}")
     meta = {k: v for k, v in meta.items() if k != EDITED_KEY}  # only this load says it
-    if _bytes_changed(path, meta):  # breaker: a hand-edited score table was taken as a new one without a word
-        if not path.read_bytes().endswith(b"\n"):  # to_csv ends every row so: cut inside its last row (reviewer)
+    if _bytes_changed(data, meta):  # breaker: a hand-edited score table was taken as a new one without a word
+        if not data.endswith(b"\n"):  # to_csv ends every row so: cut inside its last row (reviewer)
             raise PuzzleError(f"table {path} ends inside a row (no newline after its last one) and differs from the "
                               f"sha256 its sidecar recorded: the table was cut since (or saved without its last "
                               f"newline); rerun the stage that writes it")
@@ -293,9 +295,9 @@ def load_table(path: str | os.PathLike, required_columns=(), expect: dict | None
     return df, meta
 
 
-def _bytes_changed(path: Path, meta: dict) -> bool:
-    """Whether the table at `path` differs from the sha256 its sidecar `meta` recorded (False without one)."""
-    return isinstance(meta.get("sha256"), str) and sha256_file(path) != meta["sha256"]
+def _bytes_changed(data: bytes, meta: dict) -> bool:
+    """Whether a table's bytes `data` differ from the sha256 its sidecar `meta` recorded (False without one)."""
+    return isinstance(meta.get("sha256"), str) and hashlib.sha256(data).hexdigest() != meta["sha256"]
 
 
 def table_changed_since_written(path: str | os.PathLike) -> bool:
@@ -303,7 +305,7 @@ def table_changed_since_written(path: str | os.PathLike) -> bool:
     sidecar recorded. False where the table, its sidecar or the recorded sha256 is missing or unreadable."""
     path = Path(path)
     meta = read_json_or_none(path.with_suffix(path.suffix + ".json"))
-    return isinstance(meta, dict) and path.is_file() and _bytes_changed(path, meta)
+    return isinstance(meta, dict) and path.is_file() and _bytes_changed(path.read_bytes(), meta)
 
 
 #: the key `load_table` adds to a table's meta when the CSV's bytes differ from the sha256 its sidecar recorded
