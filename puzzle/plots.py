@@ -165,11 +165,14 @@ def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str |
             ax.plot(beaten[x], beaten[y], marker=marker, linestyle="none", color=color, markerfacecolor=face,
                     markersize=size, alpha=0.3)
             beaten_drawn = True
+        targets: dict[tuple, list[str]] = {}  # a point's targets: one child of several targets is one label
         for r in part.itertuples():  # each point's target (reviewer: which baseline point is which took the CSV)
             # "child-1.5x", "greedy-1.25x-init", "child-1.5x-refined", "uniform-1.5x-kv2" (reviewer: some unlabelled)
             if (target := re.search(r"-([0-9.]+x)(?:-[A-Za-z][A-Za-z0-9]*)*$", str(r.name))) and lower_is_better:
-                ax.annotate(target.group(1), (getattr(r, x), getattr(r, y)), textcoords="offset points",
-                            xytext=(3, 3), fontsize=6, color=color, alpha=0.8)
+                targets.setdefault((getattr(r, x), getattr(r, y)), []).append(target.group(1))
+        for point, names in targets.items():
+            ax.annotate("/".join(dict.fromkeys(names)), point, textcoords="offset points", xytext=(3, 3), fontsize=6,
+                        color=color, alpha=0.8)
         if err:
             ax.errorbar(part[x], part[y], yerr=part[err], fmt="none", ecolor=color, alpha=0.5, capsize=2)
     if beaten_drawn:  # a legend entry says what the faded markers are
