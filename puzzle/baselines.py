@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from .architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
 from .budgets import Budgets
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .io import atomic_write_json, atomic_write_text, dir_arg, read_json_or_none
 from .library import Library
 from .space import LayerSpace
@@ -993,7 +993,7 @@ def timing_warnings(out: Path, body: pd.DataFrame) -> list[str]:
     from .io import read_json
     from .pipeline import contention_note, recorded_contention, speedup_mismatch_note
 
-    again = f"puzzle front --out {out} --one-session"  # times every model of the front again, together
+    again = f"puzzle front --out {shell_arg(out)} --one-session"  # times every model of the front again, together
     busy = []
     for name in body["name"]:
         try:
@@ -1074,6 +1074,7 @@ def baselines_main(args) -> int:
         print(line, file=sys.stderr)
     for note in timing_warnings(args.out, body):
         print(f"baselines: warning: {note}", file=sys.stderr)
-    print(f"wrote {args.out / 'baselines' / 'baselines.csv'}; `puzzle front --out {args.out}` draws them beside our "
-          f"children and writes the ratios at matched speed (front_all.png, front_ratios.csv)", file=sys.stderr)
+    print(f"wrote {args.out / 'baselines' / 'baselines.csv'}; `puzzle front --out "
+          f"{shell_arg(args.out)}` draws them beside our children and writes the ratios at matched "
+          "speed (front_all.png, front_ratios.csv)", file=sys.stderr)
     return 0

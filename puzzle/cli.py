@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from .architecture import ArchitectureError
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .io import dir_arg
 from .runlock import run_lock, takes_lock
 
@@ -655,12 +655,13 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
         read_run_config_json(args.out)
     if existing and not (args.out / "config.json").is_file():
         raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
-                          f"first with `puzzle run --out {args.out}` (or `puzzle data`, `bld` and `score`)")
+                          f"first with `puzzle run --out {shell_arg(args.out)}` (or `puzzle data`, `bld` and `score`)")
     config = _resolve_config(args, args.out) if need_config else load_run_config(args.out)
     if config.bld.coupled_top_k and getattr(args, "command", None) == "bld":  # reviewer: it was ignored unsaid
         _log(f"bld: note: bld.coupled_top_k = {config.bld.coupled_top_k}: this command trains the decoupled library; "
-             f"the coupled blocks are narrowed from a search on its scores, so `puzzle run --out {args.out}` trains "
-             f"them after scoring (or `puzzle.coupled.stage_coupled(run)` after `puzzle score`)")
+             "the coupled blocks are narrowed from a search on its scores, so `puzzle run --out "
+             f"{shell_arg(args.out)}` trains them after scoring (or `puzzle.coupled.stage_coupled(run)` after `puzzle "
+             "score`)")
     if measures:
         from .scoring.cost import check_device_available
 
@@ -949,7 +950,7 @@ def cmd_front(args) -> int:
         say_earlier_exports(run, "front")
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
-                 f"version): `puzzle run --out {run.out}` writes it again (nothing is timed for it)")
+                 f"version): `puzzle run --out {shell_arg(run.out)}` writes it again (nothing is timed for it)")
         if args.one_session:
             _time_front_together(run, args.repeats if args.repeats is not None else ONE_SESSION_REPEATS)
     if tasks:
@@ -974,8 +975,8 @@ def cmd_front(args) -> int:
         for name, why in ratios.attrs.get("passed_over", {}).items():
             drawn = ("; its diverse and refined children stay in front_all as the measured models they are"
                      if "earlier search" in why else "")  # breaker: they were drawn, unsaid, while greedy's went
-            _log(f"front: {name} is compared as searched: {why} (`puzzle refine --out {run.out} --name {name}` again, "
-                 f"with the earlier refinement's flags){drawn}")
+            _log(f"front: {name} is compared as searched: {why} (`puzzle refine --out {shell_arg(run.out)} --name "
+                 f"{name}` again, with the earlier refinement's flags){drawn}")
         second = ("; second table: per target, the plain, diverse or refined child (`puzzle refine`) with the lowest "
                   "scoring-split KL" if "selected per target" in set(ratios.get("ours", ())) else "")
         refined = sorted((run.out / "refine").glob("*.summary.csv")) if (run.out / "refine").is_dir() else []
@@ -997,8 +998,8 @@ def cmd_front(args) -> int:
         if busy := contention_note(contention):
             rows_busy = contention_note({k: v for k, v in contention.items() if k.startswith("baselines")})
             if rows_busy and "timing" not in rows.columns:  # breaker: it named no command that times them again
-                busy += (f" (`puzzle front --out {run.out} --one-session` times every model of the front again, "
-                         f"together, fused children included)")
+                busy += (f" (`puzzle front --out {shell_arg(run.out)} --one-session` times every model of the front "
+                         "again, together, fused children included)")
             _log(f"front: warning: {busy}")
     return 0
 
@@ -1075,13 +1076,13 @@ def same_model_note(rows, spread: float = 0.10) -> str:
 def timing_note(rows, out: Path) -> str:
     """Which timing sessions the front's speed-ups (and so the ratios at matched speed-up) come from."""
     if "timing" not in rows.columns:
-        return (f"each model's speed-up is from its own timing session (`puzzle run`, `refine`, `baselines`); on a "
-                f"shared machine they drift between sessions: `puzzle front --out {out} --one-session` times them all "
-                f"together")
+        return ("each model's speed-up is from its own timing session (`puzzle run`, `refine`, `baselines`); on a "
+                f"shared machine they drift between sessions: `puzzle front --out {shell_arg(out)} --one-session` "
+                "times them all together")
     from .one_session import front_csv_retimed
 
     own = rows.loc[rows["timing"].ne("one session"), "name"].tolist()
-    again = f"`puzzle front --out {out} --one-session` times them all together again"
+    again = f"`puzzle front --out {shell_arg(out)} --one-session` times them all together again"
     if len(own) >= len(rows) - 1:  # the parent alone
         return f"no model's speed-up is from the one session (one_session.json times none as drawn now): {again}"
     note = ("every model's speed-up is from one interleaved session (one_session.json)" if not own else

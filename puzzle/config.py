@@ -21,7 +21,7 @@ from pathlib import Path
 from .bld import BLDConfig
 from .budgets import MAX_FRACTION, BudgetRequest
 from .data import DataConfig
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .space import SpaceConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -517,7 +517,8 @@ def read_run_config_json(out_dir: Path) -> dict:
         raise PuzzleError(f"{out_dir} is a file, not a run directory; give the run's folder"
                           f"{f' ({Path(out_dir).parent})' if Path(out_dir).name == 'config.json' else ''}")
     if not path.is_file():
-        raise PuzzleError(f"{path} does not exist: start with `puzzle run --out {out_dir}` (or `puzzle data --out {out_dir}`)")
+        raise PuzzleError(f"{path} does not exist: start with `puzzle run --out {shell_arg(out_dir)}` (or `puzzle data "
+                          f"--out {shell_arg(out_dir)}`)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -541,8 +542,9 @@ def read_run_config_json(out_dir: Path) -> dict:
 def _rewrite_config(out_dir) -> str:
     """How to make a damaged DIR/config.json again (breaker: "delete it and rerun" left a folder no stage command
     took for a run, and `puzzle run` without the run's preset fell back to the demo's parent and was refused)."""
-    return (f"fix it by hand, or delete it and write it again with `puzzle run --out {out_dir} --preset <the run's "
-            f"preset>` and the flags the run was made with (the stages those settings made are kept, not redone)")
+    return (f"fix it by hand, or delete it and write it again with `puzzle run --out {shell_arg(out_dir)} --preset "
+            "<the run's preset>` and the flags the run was made with (the stages those settings made are kept, not "
+            "redone)")
 
 
 def load_run_config(out_dir: Path) -> RunConfig:

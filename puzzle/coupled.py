@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .architecture import BlockConfig
 from .bld import BLDConfig, Job, planned_tokens, run_jobs
-from .errors import PuzzleError, is_finite_number
+from .errors import PuzzleError, is_finite_number, shell_arg
 from .library import Library
 from .mip import as_bool
 from .modeling import DecoderBlock, PuzzleForCausalLM
@@ -364,8 +364,8 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
             blocks = {i: kept for i, bs in blocks.items() if (kept := [b for b in bs if (i, b.id) not in gone])}
             one = len(gone) == 1
             run.say(f"score: {len(gone)} coupled entr{'y' if one else 'ies'} (e.g. layer {gone[0][0]} {gone[0][1]}) "
-                    f"{'is' if one else 'are'} {why}: left out of the table; `puzzle run --out {run.out}` trains "
-                    f"{'it' if one else 'them'} again")
+                    f"{'is' if one else 'are'} {why}: left out of the table; `puzzle run --out {shell_arg(run.out)}` "
+                    f"trains {'it' if one else 'them'} again")
     rows = pd.DataFrame(columns=SCORE_COLUMNS)
     if blocks:
         sc = run.config.score

@@ -70,3 +70,11 @@ def differing_settings(saved: dict, meta: dict, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{k}")
     return out
+
+
+def shell_arg(value) -> str:
+    """`value` (a path, mostly) as one shell word for a command a message suggests: quoted where it holds spaces or
+    shell characters (`shlex.quote`), as it is otherwise (breaker: `--out r sp ü` split a run folder in three)."""
+    import shlex
+
+    return shlex.quote(str(value))

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .architecture import AttentionConfig, BlockConfig, FFNConfig, ModelConfig
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .io import read_json_or_none
 from .modeling import DecoderBlock, LinearFFN, PuzzleForCausalLM, RMSNorm, SwiGLU, build_attention
 
@@ -601,8 +601,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     fused_name = f"{name}-fused"
     stage = record.get("library_stage", "bld")
     if why := _comparison_child(record):  # breaker: its fusion was exported and drawn on front_all
-        raise PuzzleError(f"{name} is {why}: fuse a child of the trained library (`puzzle fuse --out {run.out} "
-                          f"--name {name.removesuffix('-' + stage)}`)")
+        raise PuzzleError(f"{name} is {why}: fuse a child of the trained library (`puzzle fuse --out "
+                          f"{shell_arg(run.out)} --name {name.removesuffix('-' + stage)}`)")
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
     candidates, mixed = fusion_candidates(config, include_leading)
@@ -857,9 +857,9 @@ def front_row_export(run, name: str) -> Path | None:
     dest = run.out / "export" / name
     if not ((dest / "config.json").is_file() and _holds(export_info(dest), row)):
         raise PuzzleError(f"{name} (DIR/front_rows/{name}.json) is built from its export, but {dest} "
-                          f"{'holds another model' if dest.exists() else 'is missing'}: `puzzle fuse --out {run.out} "
-                          f"--name {row.get('fused_from')}` with the same settings (without --no-export) exports it "
-                          f"again, or move the row out of DIR/front_rows/")
+                          f"{'holds another model' if dest.exists() else 'is missing'}: `puzzle fuse --out "
+                          f"{shell_arg(run.out)} --name {row.get('fused_from')}` with the same settings (without "
+                          "--no-export) exports it again, or move the row out of DIR/front_rows/")
     return dest
 
 
@@ -996,7 +996,7 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     leave_out = " ".join(f"--exclude {v}" for v in sorted((saved | chosen) - {"attn-noop"}) + ["ffn-noop"] * (
         "ffn-noop" not in saved))  # (an attn-noop the run excluded is let in again: fusion needs it)
     return ("none of this run's children has one: fusion needs two attention-free layers in a row that keep their "
-            f"FFN; a search without the cheaper variants its children took (`puzzle search --out {run.out} "
+            f"FFN; a search without the cheaper variants its children took (`puzzle search --out {shell_arg(run.out)} "
             f"{leave_out}`, saved as the run's setting: `--exclude none` clears it) may drop attention whole instead")
 
 
@@ -1096,7 +1096,7 @@ def front_children(run_dir: Path) -> list[str]:
         raise PuzzleError(f"--front fuses the children of {path}, which cannot be read: `puzzle front --out "
                           f"{run_dir}` writes it, or name the children with --name") from None
     if not names:
-        raise PuzzleError(f"{path} has no child to fuse: `puzzle front --out {run_dir}` writes it again")
+        raise PuzzleError(f"{path} has no child to fuse: `puzzle front --out {shell_arg(run_dir)}` writes it again")
     return names
 
 
@@ -1130,8 +1130,8 @@ def no_run_to_fuse(run, name: str, include_leading: bool = False, listed: bool =
     except PuzzleError as e:
         if not listed:
             raise
-        return (f"listed in DIR/front.csv but not searched as it is now ({e}; `puzzle front --out {run.out}` writes "
-                f"the front again)")
+        return (f"listed in DIR/front.csv but not searched as it is now ({e}; `puzzle front --out "
+                f"{shell_arg(run.out)}` writes the front again)")
     if why := _comparison_child(record):  # skipped before any work (reviewer: refused after the others were fused)
         return why
     config = dataclasses.replace(run.parent.model.config, blocks=blocks)

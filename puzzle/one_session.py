@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import MAX_REPEATS
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .io import atomic_write_json, read_json
 
 SESSION_FILE = "one_session.json"
@@ -84,19 +84,21 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
     try:
         rows = front_rows(run.out, with_downstream=False, inputs=inputs, exclude=exclude, with_one_session=False)
     except FileNotFoundError:
-        raise PuzzleError(f"{run.out} has no front to time: `puzzle run --out {run.out}` (or `puzzle front`) first") \
+        raise PuzzleError(f"{run.out} has no front to time: `puzzle run --out {shell_arg(run.out)}` (or `puzzle "
+                          "front`) first") \
             from None
     kids = [r for r in rows.to_dict("records") if r["name"] != "parent"]
     if not kids:
-        raise PuzzleError(f"{run.out} has no child on its front to time: `puzzle front --out {run.out}` first")
+        raise PuzzleError(f"{run.out} has no child on its front to time: `puzzle front --out {shell_arg(run.out)}` "
+                          "first")
     library = LibraryChain(run.library, Library(run.out / "baselines" / "library"))
     plan, timed_as, first = [], {}, {}
     for r in kids:
         arch = _architecture(r, run.out)
         if arch is None:
             raise PuzzleError(f"{r['name']} ({r['source']}) has no architecture to build it from (no row architecture, "
-                              f"no DIR/search/{r['name']}.json): `puzzle front --out {run.out} --remeasure` solves the "
-                              f"front again")
+                              f"no DIR/search/{r['name']}.json): `puzzle front --out {shell_arg(run.out)} --remeasure` "
+                              "solves the front again")
         timed_as[r["name"]] = first.setdefault((arch, str(r["training"])), r["name"])
         plan.append((r, arch))
     unique = {r["name"]: (r, arch) for r, arch in plan if timed_as[r["name"]] == r["name"]}
@@ -201,7 +203,7 @@ def read_session(run_dir: Path, current: dict) -> dict | None:
     path = Path(run_dir) / SESSION_FILE
     if not path.is_file():
         return None
-    again = f"`puzzle front --out {run_dir} --one-session` times the front together again"
+    again = f"`puzzle front --out {shell_arg(run_dir)} --one-session` times the front together again"
     try:
         session = read_json(path)
         models = session["models"]
@@ -262,8 +264,8 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
         one = len(missed) == 1
         warnings.warn(f"{run_dir / SESSION_FILE} did not time {', '.join(missed)} as drawn now (built, changed or "
                       f"edited since, or left out of it): {'it keeps its' if one else 'they keep their'} own session's "
-                      f"speed-up beside the others' one-session figures (`puzzle front --out {run_dir} --one-session` "
-                      f"times all together again)")
+                      f"speed-up beside the others' one-session figures (`puzzle front --out {shell_arg(run_dir)} "
+                      "--one-session` times all together again)")
     from .pipeline import SPEEDUP_MISMATCH
 
     far = []  # breaker: a parent's runtime edited to 1 ms put every child at 0.1x without a word
@@ -276,7 +278,7 @@ def apply_one_session(rows: pd.DataFrame, run_dir: Path, current: dict) -> pd.Da
         warnings.warn(f"{run_dir / SESSION_FILE} puts {', '.join(far)} in its own session, more than "
                       f"{SPEEDUP_MISMATCH:g}x apart: a timing spoiled by a busy machine, in the one session or in "
                       f"the row's own (the command that made the row, e.g. `puzzle baselines`, times it again; "
-                      f"`puzzle front --out {run_dir} --one-session` the one session), or an edited file?")
+                      f"`puzzle front --out {shell_arg(run_dir)} --one-session` the one session), or an edited file?")
     result = pd.DataFrame(out)
     tok_s = timed["parent"].get("throughput_tok_s")  # the throughput axis of rows with this session's speed-ups
     tok_s = float(tok_s) if isinstance(tok_s, (int, float)) and not isinstance(tok_s, bool) \

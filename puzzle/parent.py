@@ -58,7 +58,7 @@ from .architecture import (
     ModelConfig,
     block_from_entry,
 )
-from .errors import PuzzleError, first_line, is_finite_number
+from .errors import PuzzleError, first_line, is_finite_number, shell_arg
 from .io import atomic_save_safetensors, atomic_write_json, is_run_directory, sha256_file
 from .modeling import PuzzleForCausalLM, rope_inv_freq
 
@@ -425,7 +425,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: 
     if is_run_directory(folder):
         raise PuzzleError(f"{folder} is a puzzle run directory, not a model folder: give one of its exports "
                           f"({folder / 'export'}/NAME) (`puzzle gkd` and `puzzle sft` also train a child of the run "
-                          f"itself: --out {folder} --name NAME)")
+                          f"itself: --out {shell_arg(folder)} --name NAME)")
     nas = d.get("model_type") in NAS_MODEL_TYPES or "block_configs" in d
     try:
         config = model_config_from_nemotron_nas(d) if nas else model_config_from_hf(d)

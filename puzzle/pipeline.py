@@ -39,7 +39,7 @@ import torch
 
 from .architecture import ArchitectureError, BlockConfig
 from .config import SEARCH_BUDGETS, RunConfig, ScoreConfig, SearchConfig, save_run_config
-from .errors import PuzzleError, differing_settings
+from .errors import PuzzleError, differing_settings, shell_arg
 from .io import (atomic_write_json, atomic_write_text, edited_table_note, is_run_directory, load_table, read_json,
                  save_table, sha256_file, table_changed_since_written, tensor_sha256)
 from .library import Library
@@ -338,11 +338,11 @@ def check_parent_path(path: str, out: Path) -> None:
              "asset:smollm2-gguf) or tiny")
     if not (out / "parent.json").is_file():  # a new run: a mistyped path, not a moved model (fresh user)
         raise PuzzleError(f"the parent {path} does not exist (--parent, or parent.path of the preset); give {kinds}")
-    raise PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in {out / 'config.json'}); "
-                      f"if it was mistyped, give {kinds}; "
-                      f"if the run's model moved, give its new path once with `puzzle data --out {out} --parent "
-                      f"NEW_PATH` (run, data, bld and score take --parent and save it; the same weights keep the run's "
-                      f"library, scores and children), else put the model back or give a path that exists")
+    raise PuzzleError(f"the run's parent {path} does not exist (--parent, or parent.path in {out / 'config.json'}); if "
+                      f"it was mistyped, give {kinds}; if the run's model moved, give its new path once with `puzzle "
+                      f"data --out {shell_arg(out)} --parent NEW_PATH` (run, data, bld and score take --parent and "
+                      "save it; the same weights keep the run's library, scores and children), else put the model "
+                      "back or give a path that exists")
 
 
 #: values per parameter `weights_sha` hashes (evenly strided, the first included)
@@ -571,8 +571,8 @@ def stage_bld(run: Run, rank: int = 0, world_size: int = 1) -> pd.DataFrame:
         what = (f"{index_file} lists what was on disk when this one ended" if rank == 0 else
                 f"rank 0 writes {index_file} when it ends, listing what is on disk then")  # breaker: rank 1 wrote none
         run.say(f"bld: ranks started without torchrun do not wait for each other, so {what}; once every rank has "
-                f"finished, `puzzle bld --out {run.out}` (one process) completes the index and trains anything a rank "
-                f"left")
+                f"finished, `puzzle bld --out {shell_arg(run.out)}` (one process) completes the index and trains "
+                "anything a rank left")
     if gone := result.get("removed_tmp"):
         run.say(f"bld: removed {len(gone)} temporary file(s) an interrupted command left in {lib.root} "
                 f"({', '.join(map(str, gone[:3]))}{' ...' if len(gone) > 3 else ''})")
@@ -744,7 +744,7 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
             where = run.library.weights_path(layer, v.id, stage)
             raise PuzzleError(f"layer {layer} {subblock} {v.id} ({stage}) scores a KL of {metrics['kl_nats']}: its "
                               f"weights ({where}) hold NaN or inf, or overflow; delete {where} and run `puzzle bld "
-                              f"--out {run.out}`, which builds it again, then `puzzle score`")
+                              f"--out {shell_arg(run.out)}`, which builds it again, then `puzzle score`")
         log.append({"key": key, "layer": layer, "subblock": subblock, "variant": v.id,
                     "entry_sha256": entry_sha[key], **metrics})
         if bar is not None:
@@ -858,9 +858,10 @@ def check_library_entries(run: Run, stages) -> None:
                         and safetensors_complete(lib.weights_path(ls.layer, v.id, stage)))]
     if missing:
         layer, variant, stage = missing[0]
-        raise PuzzleError(f"the block library in {lib.root} lacks {len(missing)} whole entr"
-                          f"{'y' if len(missing) == 1 else 'ies'} to score (e.g. layer {layer} {variant} ({stage}): "
-                          f"missing or cut); run `puzzle bld --out {run.out}` first, which builds them again")
+        raise PuzzleError(f"the block library in {lib.root} lacks {len(missing)} whole "
+                          f"entr{'y' if len(missing) == 1 else 'ies'} to score (e.g. layer {layer} {variant} "
+                          f"({stage}): missing or cut); run `puzzle bld --out {shell_arg(run.out)}` first, which "
+                          "builds them again")
 
 
 def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
@@ -882,7 +883,7 @@ def stage_score(run: Run, retime: bool = False) -> dict[str, pd.DataFrame]:
         if table["runtime_ms"].isna().any():
             missing = table.loc[table["runtime_ms"].isna(), "variant"].unique()
             raise PuzzleError(f"no cost measured for variants {list(missing)}; time the cost table again: `puzzle score "
-                              f"--out {run.out} --retime`")
+                              f"--out {shell_arg(run.out)} --retime`")
         nb = {"layer": -1, "subblock": "non_block", "variant": "non_block", "is_parent": True, "kl_nats": 0.0,
               "lm_loss": float("nan"), "top1_agree": float("nan"), "cosine": float("nan"),
               **{k: non_block[k] for k in ("prefill_ms", "decode_ms", "runtime_ms", "memory_mib", "params")}}
@@ -966,11 +967,13 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
 
     path = score_table_path(run, stage)
     if not path.exists():  # breaker: "run the stage that writes it first" named no stage
-        raise PuzzleError(f"{path} does not exist: score the library first (`puzzle score --out {run.out}`, after "
-                          f"`puzzle bld`), or run the whole pipeline with `puzzle run --out {run.out}`")
+        raise PuzzleError(f"{path} does not exist: score the library first (`puzzle score --out {shell_arg(run.out)}`, "
+                          "after `puzzle bld`), or run the whole pipeline with `puzzle run --out "
+                          f"{shell_arg(run.out)}`")
     table, meta = load_table(path, required_columns=REQUIRED_COLUMNS)  # the sidecar is required
     check_score_target(run, path, meta)
-    if edited := edited_table_note(meta, f"`puzzle score --out {run.out}`"):  # breaker: taken as a new score unsaid
+    # breaker: a hand-edited table was taken as a new score unsaid
+    if edited := edited_table_note(meta, f"`puzzle score --out {shell_arg(run.out)}`"):
         warnings.warn(edited)
     n_layers = _parent_layers(run)
     layers = set(pd.to_numeric(table.loc[table["subblock"] != "non_block", "layer"], errors="coerce"))
@@ -980,16 +983,16 @@ def load_score_table(run: Run, stage: str = "bld") -> tuple[pd.DataFrame, dict]:
         raise PuzzleError(f"{path} does not hold layers 0 to {n_layers - 1} of the run's parent"
                           f"{' (it has layer ' + ', '.join(odd[:5]) + ')' if odd else ''}"
                           f"{' (it lacks layer ' + ', '.join(map(str, missing[:5])) + ')' if missing else ''}: "
-                          f"score the library again with `puzzle score --out {run.out}`")
+                          f"score the library again with `puzzle score --out {shell_arg(run.out)}`")
     if changed := library_changed_since_scored(run.out):  # breaker: a rebuilt library was searched on old scores
         warnings.warn(f"the library in {run.out / 'library'} was built with other settings since {path} was scored "
                       f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): the table's scores describe "
                       f"the earlier library, while the children are built from this one; score it again with "
-                      f"`puzzle score --out {run.out}`")
+                      f"`puzzle score --out {shell_arg(run.out)}`")
     if not run.config.bld.coupled_top_k and (table["subblock"] == "block").any():  # breaker: `front` said it applied
-        warnings.warn(f"{path} holds coupled block rows, but bld.coupled_top_k is 0 now: the search still chooses "
-                      f"them and the children are built with them until `puzzle score --out {run.out}` (or `puzzle "
-                      f"run`) scores the table again without them")
+        warnings.warn(f"{path} holds coupled block rows, but bld.coupled_top_k is 0 now: the search still chooses them "
+                      f"and the children are built with them until `puzzle score --out {shell_arg(run.out)}` (or "
+                      "`puzzle run`) scores the table again without them")
     return table, meta
 
 
@@ -1032,9 +1035,10 @@ def check_score_target(run: Run, path: Path, meta: dict | None = None) -> None:
         was = ", ".join(f"{k}={old!r}" for k, (old, _) in differ.items())
         now = ", ".join(f"{k}={new!r}" for k, (_, new) in differ.items())
         back = " ".join(f"{TARGET_FLAGS[k]} {old}" for k, (old, _) in differ.items() if k in TARGET_FLAGS)
-        raise PuzzleError(f"{path} was timed for {was}, but the run's target is now {now} (DIR/config.json, saved "
-                          f"by an earlier command's flag): time it for this target with `puzzle score --out {run.out}` "
-                          f"(minutes), or go back with `puzzle score --out {run.out} {back}`")
+        raise PuzzleError(f"{path} was timed for {was}, but the run's target is now {now} (DIR/config.json, saved by "
+                          "an earlier command's flag): time it for this target with `puzzle score --out "
+                          f"{shell_arg(run.out)}` (minutes), or go back with `puzzle score --out {shell_arg(run.out)} "
+                          f"{back}`")
 
 
 #: how the main child's name spells each budget field (config.SEARCH_BUDGETS, BudgetRequest's fields)
@@ -1257,7 +1261,7 @@ def check_objective_names(run: Run) -> None:
     _refuse_objective_outside(run, known, f"a preset's [search] objective, or saved in {run.out / 'config.json'}",
                               f"not columns of the score tables ({known}); set kl_nats, lm_loss, cosine or a weighted "
                               f"sum such as 'kl_nats=1,lm_loss=0.5' there (or, once the run has scores, with "
-                              f"`puzzle search --out {run.out} --objective ...`)")
+                              f"`puzzle search --out {shell_arg(run.out)} --objective ...`)")
 
 
 def check_exclusion_names(run: Run) -> None:
@@ -1297,9 +1301,9 @@ def check_objective_columns(run: Run, table: pd.DataFrame) -> None:
     """
     numeric = {c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])}
     _refuse_objective_outside(run, numeric, f"--objective, or saved in {run.out / 'config.json'}",
-                              f"not numeric columns of the score table; `puzzle search --out {run.out} --objective "
-                              f"kl_nats` (or lm_loss, cosine, a weighted sum such as 'kl_nats=1,lm_loss=0.5') sets "
-                              f"another")
+                              f"not numeric columns of the score table; `puzzle search --out {shell_arg(run.out)} "
+                              "--objective kl_nats` (or lm_loss, cosine, a weighted sum such as "
+                              "'kl_nats=1,lm_loss=0.5') sets another")
 
 
 def _refuse_objective_outside(run: Run, columns, where: str, why: str) -> None:
@@ -1349,14 +1353,15 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
             e = InfeasibleBudget(f"{e}{hint}", e.least)
         note = contention_note({"cost_table": recorded_contention(_cost_sidecar(run.out))})
         retime = (f"if the cost table was timed while the machine was busy or throttled (its timings then run high), "
-                  f"time it again: `puzzle score --out {run.out} --retime`")
+                  f"time it again: `puzzle score --out {shell_arg(run.out)} --retime`")
         if not any(w in str(e) for w in ("runtime", "prefill", "decode", "throughput")):  # memory, parameters:
             raise e from None  # computed, not timed (reviewer: the timing's contention was noted beside them)
         if share := spoiled_non_block_share(scored("bld")[0]):  # breaker: timed at 160 ms for 1.3
             raise InfeasibleBudget(
-                f"the cost table times the embedding and LM head at {share:.0%} of the parent's runtime, which leaves "
-                f"no child much to save: most likely a busy or throttled machine spoiled that timing, so time it "
-                f"again first (`puzzle score --out {run.out} --retime`); as the table stands, {e}", e.least) from None
+                f"the cost table times the embedding and LM head at {share:.0%} of the parent's "
+                "runtime, which leaves no child much to save: most likely a busy or throttled "
+                "machine spoiled that timing, so time it again first (`puzzle score --out "
+                f"{shell_arg(run.out)} --retime`); as the table stands, {e}", e.least) from None
         raise InfeasibleBudget(f"{e} (note: {note}; {retime})" if note else f"{e} ({retime})", e.least) from None
     if run.config.score.score_init and score_table_path(run, "init").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
@@ -1506,8 +1511,8 @@ def read_architecture(run: Run, name: str) -> dict:
             record = _with_table_totals(run, path, record, stage)
     elif table_changed_since_written(table):  # breaker: a cut table was said to be "scored again since"
         warnings.warn(f"{table} was cut or edited since `puzzle score` wrote it (its bytes differ from the sha256 its "
-                      f"sidecar recorded): `puzzle score --out {run.out}` writes it afresh; {path}'s predicted totals "
-                      f"are those of the table it was solved on")
+                      f"sidecar recorded): `puzzle score --out {shell_arg(run.out)}` writes it afresh; {path}'s "
+                      "predicted totals are those of the table it was solved on")
     else:
         warnings.warn(f"{path} was solved on another score table than {table} holds now (scored again since, or a "
                       f"search record of an earlier front): its predicted totals are the old table's; `puzzle search` "
@@ -1913,9 +1918,9 @@ def say_earlier_exports(run: Run, stage: str) -> None:
     """Say, as `stage`, each export folder of `exports_from_an_earlier_search` and the command that writes it again
     (`puzzle run` exports the BLD children alone, not the -init ones)."""
     for name, why in exports_from_an_earlier_search(run).items():
-        run.say(f"{stage}: {run.out / 'export' / name} is out of date ({why}): `puzzle export --out {run.out} --name "
-                f"{name}`" + ("" if name.endswith("-init") else f" or `puzzle run --out {run.out}`")
-                + " writes it again")
+        again = "" if name.endswith("-init") else f" or `puzzle run --out {shell_arg(run.out)}`"
+        run.say(f"{stage}: {run.out / 'export' / name} is out of date ({why}): `puzzle export --out "
+                f"{shell_arg(run.out)} --name {name}`{again} writes it again")
 
 
 EXPORT_STAMPS = "children/exports.json"  # what `stage_export` wrote into DIR/export/<name>: files and weights
@@ -2023,7 +2028,8 @@ def _say_wider_than_the_parent(run: Run, name: str, dtype: str) -> None:
     width = {"float32": 4, "bfloat16": 2, "float16": 2}
     if parent in width and dtype in width and width[dtype] > width[parent]:
         run.say(f"export {name}: note: stored as {dtype} (the run's [parent] dtype), twice the size of the parent's "
-                f"{parent}; `puzzle export --out {run.out} --name {name} --dtype {parent}` stores it as the parent")
+                f"{parent}; `puzzle export --out {shell_arg(run.out)} --name {name} --dtype {parent}` stores it as the "
+                "parent")
 
 
 def _kept_dtype(run: Run, folder: Path) -> str | None:
@@ -2156,7 +2162,7 @@ def stage_realize(run: Run, name: str, stage: str | None = None) -> dict:
         row.update(library_stage=stage, predicted_kl_nats=float("nan"))
     path = folder / (f"{name}.{stage}.json" if other else f"{name}.json")
     atomic_write_json(path, row)
-    if note := speedup_mismatch_note(row, run.out, f"puzzle realize --out {run.out} --name {name}"
+    if note := speedup_mismatch_note(row, run.out, f"puzzle realize --out {shell_arg(run.out)} --name {name}"
                                                          + (f" --stage {stage}" if other else "")):
         run.say(f"realize: warning: {note}")
     run.say(f"realize {name}: measured speed-up {row['speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x), "
@@ -2252,7 +2258,8 @@ def check_machine_drift(run: Run, attrs: dict, folder: Path | None = None, round
                       {"cost_table": table, "children": now, "drift": written, **every, "contention_cores": contention})
     msg = drift_message(drift, "the cost table's timing", "the children's measurement")
     if msg:  # the front's measurement: the command that times it again (fresh user: the warning named none)
-        again = f" (`puzzle front --out {run.out} --remeasure` times the children again)" if folder is None else ""
+        again = (f" (`puzzle front --out {shell_arg(run.out)} --remeasure` times the children again)"
+                 if folder is None else "")
         run.say(f"measure: {msg[:-1] if msg.endswith('.') else msg}{again}.")
     if note := contention_note(contention):
         run.say(f"measure: warning: {note}")
@@ -2465,10 +2472,10 @@ def speedup_mismatch_note(row: dict, out: Path | str = "DIR", again: str | None 
     if max(measured / predicted, predicted / measured) <= SPEEDUP_MISMATCH:
         return None
     return (f"{row['name']} measured {measured:.2f}x against a predicted {predicted:.2f}x, "
-            f"{max(measured / predicted, predicted / measured):.1f} times apart: the cost table's timing "
-            f"(`puzzle score`) or this measurement ran on a busy or throttled machine. Time the child again when "
-            f"the machine is quiet (`{again or f'puzzle front --out {out} --remeasure'}`), or the cost table (`puzzle "
-            f"score --out {out} --retime`) if the children's timings hold")
+            f"{max(measured / predicted, predicted / measured):.1f} times apart: the cost table's timing (`puzzle "
+            "score`) or this measurement ran on a busy or throttled machine. Time the child again when the machine is "
+            f"quiet (`{again or f'puzzle front --out {shell_arg(out)} --remeasure'}`), or the cost table (`puzzle "
+            f"score --out {shell_arg(out)} --retime`) if the children's timings hold")
 
 
 def evaluate_all(run: Run, models: dict) -> dict[str, dict]:
@@ -2707,9 +2714,9 @@ def run_all(run: Run) -> pd.DataFrame:
         write_front(run, summary, main)
         redraw_front_all(run)
     elif not reevaluated:  # a finished run: the measured children stand; what is missing or out of date is written again
-        run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and "
-                f"tables (front.json): no child evaluated or timed again (`puzzle front --out {run.out} --remeasure` "
-                "times them again)")
+        run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and tables "
+                f"(front.json): no child evaluated or timed again (`puzzle front --out {shell_arg(run.out)} "
+                "--remeasure` times them again)")
         children = _LazyChildren(run, records)  # the BLD children to check their exports; others for a new report
     exported = {}
     for name, rec in records.items():
@@ -2784,8 +2791,8 @@ def redraw_front_all(run: Run) -> None:
     if not (run.out / "front_all.csv").is_file():
         return
     draw_front_all(run)
-    run.say(f"run: front_all.csv/png and front_ratios.csv drawn again from this front (`puzzle front --out {run.out}` "
-            "prints the ratios)")
+    run.say("run: front_all.csv/png and front_ratios.csv drawn again from this front (`puzzle front --out "
+            f"{shell_arg(run.out)}` prints the ratios)")
 
 
 def report_out_of_date(run: Run) -> bool:
@@ -2823,8 +2830,8 @@ def redraw_front(run: Run) -> None:
     records = {name: read_architecture(run, name) for name in chosen["names"]}
     summary, why = measured_summary(run, records)
     if summary is None:
-        raise PuzzleError(f"front.png cannot be drawn again: {why}; `puzzle front --out {run.out} --remeasure` "
-                          "measures the front anew")
+        raise PuzzleError(f"front.png cannot be drawn again: {why}; `puzzle front --out {shell_arg(run.out)} "
+                          "--remeasure` measures the front anew")
     write_front(run, summary, chosen["main"])
 
 
@@ -3133,10 +3140,10 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         lines.append("")
     lines += _unreachable_section(run)
     lines += ["## Against simpler methods", "",  # a fresh user looked here for the baselines (stop 72's leftovers)
-              f"This report holds the searched children alone. `puzzle baselines --out {run.out}` builds greedy, layer "
-              "removal, attention removal and uniform width at the front's speed-ups; `puzzle front --out "
-              f"{run.out}` then draws them beside this front (front_all.png, front_all.csv) and writes our KL over "
-              "theirs at matched speed-up (front_ratios.csv).", ""]
+              f"This report holds the searched children alone. `puzzle baselines --out {shell_arg(run.out)}` "
+              "builds greedy, layer removal, attention removal and uniform width at the front's speed-ups; "
+              f"`puzzle front --out {shell_arg(run.out)}` then draws them beside this front (front_all.png, "
+              "front_all.csv) and writes our KL over theirs at matched speed-up (front_ratios.csv).", ""]
     lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
               "stage adds its time); total_s adds up the `puzzle run` invocations that finished. The figures below are "
               "those at the time of this report; DIR/timings.json goes on adding the time of later commands "
@@ -3181,17 +3188,18 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
             continue
     rounds = record.get("rounds") if isinstance(record, dict) else None
     more = min(rounds + 1, 10) if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0 else 3
-    return ((f"`budget_met` is False for {', '.join(within)} by less than the timing noise (two standard errors of "
-             "this session's rounds): the feedback leaves such a child as it is, since another session would as "
-             f"likely measure it within its budget (`puzzle front --out {out} --remeasure` times the children again; "
-             "a child needed strictly within it wants a budget set a little tighter).") if within else "",
+    return ((f"`budget_met` is False for {', '.join(within)} by less than the timing noise (two "
+             "standard errors of this session's rounds): the feedback leaves such a child as it "
+             "is, since another session would as likely measure it within its budget (`puzzle "
+             f"front --out {shell_arg(out)} --remeasure` times the children again; a child needed "
+             "strictly within it wants a budget set a little tighter).") if within else "",
             (f"`budget_met` is False for {', '.join(over)} by more than the timing noise: "
              + ("the budget feedback's rounds were spent before it met its budget (`children/budget_feedback.json` "
                 "has each round). More rounds" if rounds != 0 else  # breaker: said of a run with none
                 "the budget feedback re-solves such a child, but this run gives it no rounds (`[search] "
                 "budget_feedback = 0`). Rounds")
-             + f" (`puzzle front --out {out} --remeasure --budget-feedback {more}`) or a quieter machine may "
-             f"bring it within.") if over else "")
+             + f" (`puzzle front --out {shell_arg(out)} --remeasure --budget-feedback {more}`) or a quieter machine "
+               "may bring it within.") if over else "")
 
 
 def _prediction_gap_text(summary: pd.DataFrame) -> str:
@@ -3272,8 +3280,8 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
     factor = max(expected / measured, measured / expected)
     if factor > SPOILED_TABLE_FACTOR and all(max(v, 1 / v) * SPOILED_TABLE_FACTOR < factor for v in ratios.values()):
         beyond = ", far beyond what the fixed reference workload moved," if ratios else ""  # (none recorded: unsaid)
-        rerun = (f"`puzzle score --out {out} --retime`" if out is not None else "`puzzle score --retime`") \
-            if error > 0 else (f"`puzzle front --out {out} --remeasure`" if out is not None else
+        rerun = (f"`puzzle score --out {shell_arg(out)} --retime`" if out is not None else "`puzzle score --retime`") \
+            if error > 0 else (f"`puzzle front --out {shell_arg(out)} --remeasure`" if out is not None else
                                "`puzzle front --remeasure`")
         # reviewer: a parent measured slower than predicted puts the blame on this session, not on the table
         slowed = "the cost table itself was most likely timed" if error > 0 else "this session was most likely run"

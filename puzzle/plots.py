@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .architecture import BlockConfig
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 
 # (method, training) -> legend label; methods as in puzzle.baselines.METHODS
 STYLE = {
@@ -611,7 +611,7 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
         if fused_from is not None:
             where = f"puzzle fuse --name {fused_from}"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
-                      f"left out of the front (`{where} --out {run_dir}` measures it again)")
+                      f"left out of the front (`{where} --out {shell_arg(run_dir)}` measures it again)")
     return not stale
 
 
@@ -686,7 +686,8 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         if sub == "baselines/rows" and exclude:
             for row in [r for r in found if r.get("name") in exclude]:
                 warnings.warn(f"{row['name']} ({sub}): {exclude[row['name']]}, so it is left out of the front as out "
-                              f"of baselines.csv (`puzzle baselines --out {run_dir}` builds greedy's child again)")
+                              f"of baselines.csv (`puzzle baselines --out {shell_arg(run_dir)}` builds greedy's child "
+                              "again)")
             found = [r for r in found if r.get("name") not in exclude]
         if found:
             parts.append(pd.DataFrame(found).assign(source=sub))
@@ -729,9 +730,9 @@ def front_rows(run_dir: str | Path, with_downstream: bool = True, inputs: dict |
         if not own.any():  # every model of it timed in the one session: its parent row is not needed
             continue
         fused = rows.loc[own, "method"].eq("ffn_fusion")
-        command = (f"baselines --out {run_dir}" if source.startswith("baselines")
-                   else f"fuse --out {run_dir} --name {rows.loc[own, 'name'].iloc[0].removesuffix('-fused')}"
-                   if fused.all() else f"refine --out {run_dir} --name NAME")
+        command = (f"baselines --out {shell_arg(run_dir)}" if source.startswith("baselines")
+                   else f"fuse --out {shell_arg(run_dir)} --name {rows.loc[own, 'name'].iloc[0].removesuffix('-fused')}"
+                   if fused.all() else f"refine --out {shell_arg(run_dir)} --name NAME")
         warnings.warn(f"{run_dir / source / 'parent.json'} is missing: the parent's row of {source}; "
                       f"{', '.join(rows.loc[own, 'name'])} {'is' if own.sum() == 1 else 'are'} drawn from "
                       f"{'its' if own.sum() == 1 else 'their'} own session's speed-up"
@@ -1019,14 +1020,14 @@ def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.
 
     run = open_run(Path(run_dir), progress=False)
     if (why := front_csv_damaged(run.out)) is not None:  # breaker: a cut front.csv drew a front without our children
-        warnings.warn(f"{why}, so its rows are drawn as they stand: `puzzle front --out {run.out}` writes it again "
-                      f"(from the measurement when current)")
+        warnings.warn(f"{why}, so its rows are drawn as they stand: `puzzle front --out {shell_arg(run.out)}` writes "
+                      "it again (from the measurement when current)")
     elif not (run.out / "front.csv").is_file():  # breaker: the notebook drew the baselines alone as the run's front
         warnings.warn(f"{run.out / 'front.csv'} is missing, so the front holds no child of ours: `puzzle front --out "
                       f"{run.out}` writes it (from summary.csv when current, else by measuring the children)")
     elif (why := front_is_current(run)) is not None:  # breaker: a front timed at batch 2 drawn after a rescore at 16
         warnings.warn(f"{run.out / 'front.csv'} is out of date ({why}), so its rows are drawn as they stand: "
-                      f"`puzzle front --out {run.out}` brings it up to date")
+                      f"`puzzle front --out {shell_arg(run.out)}` brings it up to date")
     return front_rows(run_dir, with_downstream, inputs=row_inputs(run), exclude=stale_greedy_rows(run))
 
 
@@ -1052,7 +1053,7 @@ def searched_choices(run_dir: str | Path) -> dict[str, list[str]]:
             children[name] = (float(record.get("speedup", 0.0)), [str(b) for b in record["choice"]])
         except (PuzzleError, OSError, AttributeError, KeyError, TypeError, ValueError):
             raise PuzzleError(f"{search / (name + '.json')} is missing or damaged (no choice of blocks): `puzzle "
-                              f"search --out {run_dir}` writes it again") from None
+                              f"search --out {shell_arg(run_dir)}` writes it again") from None
     return {name: choice for name, (_, choice) in sorted(children.items(), key=lambda kv: kv[1][0])}
 
 

@@ -45,7 +45,7 @@ import torch
 
 from .architecture import BlockConfig
 from .budgets import Budgets
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, dir_arg, sha256_file
 from .search import check_min_layers_differ, parse_exclude
 
@@ -672,7 +672,7 @@ def _searched_exclusions(run, name: str, record: Mapping) -> tuple[str, ...]:
         PuzzleError: a damaged value, naming the record and the command that writes it again.
     """
     return parse_exclude(record.get("exclude") or [], f"exclude in {run.out / 'search' / f'{name}.json'} "
-                                                      f"(`puzzle search --out {run.out}` writes it again)")
+                                                      f"(`puzzle search --out {shell_arg(run.out)}` writes it again)")
 
 
 def _record_exclude(record: Mapping) -> tuple[str, ...] | None:
@@ -799,7 +799,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
         raise PuzzleError(f"refine re-scores subblocks in the child's context, and {run.out / 'score'}'s table holds "
                           f"coupled block rows (coupled BLD: bld.coupled_top_k > 0), which it cannot re-score; refine "
                           f"a run without them (set bld.coupled_top_k to 0 in {run.out / 'config.json'}, then run "
-                          f"`puzzle score --out {run.out}`, which leaves them out, and `puzzle search`)")
+                          f"`puzzle score --out {shell_arg(run.out)}`, which leaves them out, and `puzzle search`)")
     if k > 1:  # before any file is touched (breaker: refused later, it had set the finished refinement's inputs aside)
         check_min_layers_differ(min_layers_differ, int(table.loc[table["subblock"] != "non_block", "layer"].nunique()))
     context = int(run.config.score.select_context)
@@ -1332,8 +1332,8 @@ def plain_timing_note(out: Path, name: str) -> str:
     realized = Path(out) / "children" / "realized" / f"{name}.json"
     if realized.is_file():
         return f"its own measured speed-up is in {realized}"
-    return (f"it has not been timed yet: `puzzle front --out {out}` or `puzzle realize --out {out} --name {name}` "
-            f"times it")
+    return (f"it has not been timed yet: `puzzle front --out {shell_arg(out)}` or `puzzle realize --out "
+            f"{shell_arg(out)} --name {name}` times it")
 
 
 def refine_main(args) -> int:
@@ -1425,9 +1425,9 @@ def refine_main(args) -> int:
                 if not repaired:
                     break
             if repaired:
-                run.say(f"{repair}`puzzle refine --out {run.out} --name {args.name} --continue` refines on from it "
-                        f"under them (a re-solve can lose much of what the refinement rounds found: README, \"Budget "
-                        f"feedback after refinement\")")
+                run.say(f"{repair}`puzzle refine --out {shell_arg(run.out)} --name {args.name} --continue` refines on "
+                        "from it under them (a re-solve can lose much of what the refinement rounds found: README, "
+                        "\"Budget feedback after refinement\")")
             timed = measure_steps(run, args.name, session).set_index("name")["speedup"]
             df["measured_speedup"] = df["name"].map(timed)  # empty for the plain child: its own is in DIR/summary.csv
             # the budget check of the feedback's last session (the plain child's own is in DIR/summary.csv)

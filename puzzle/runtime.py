@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .modeling import PuzzleForCausalLM
 
 
@@ -756,7 +756,8 @@ def _refuse_run_directory(path: Path) -> None:
     exports = sorted(str(p) for p in (folder / "export").glob("*") if (p / "config.json").is_file())
     raise PuzzleError(f"{path} is a puzzle run directory, not a model; " + (
         f"pass one of its exported models: {', '.join(exports[:4])}" + (" ..." if len(exports) > 4 else "")
-        if exports else f"it has no exported model yet (`puzzle export --out {folder}` writes the run's child)"))
+        if exports else f"it has no exported model yet (`puzzle export --out {shell_arg(folder)}` writes the run's "
+                        "child)"))
 
 
 def cmd_generate(args) -> int:

@@ -38,7 +38,7 @@ import pandas as pd
 
 from .architecture import BlockConfig
 from .budgets import BUDGET_FLAGS, BudgetRequest, Budgets, suggest_fraction
-from .errors import PuzzleError
+from .errors import PuzzleError, shell_arg
 from .io import edited_table_note
 from .mip import (BUDGET_RTOL, COST_COLUMNS, REQUIRED_COLUMNS, SCORE_COLUMNS, TIE_BREAK, Choices, DualLP,  # noqa: F401
                   allowed_slots, as_bool, build_choices, filter_flags, fitting_slots, prune_dominated, repair,
@@ -627,7 +627,7 @@ def load_search_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         return load_table(run_dir / "score" / "score_table.csv", required_columns=REQUIRED_COLUMNS)
     if (run_dir / "config.json").is_file() and (run_dir / "library").is_dir():
         raise PuzzleError(f"{run_dir} has a block library but no score table yet (score/score_table.csv): run "
-                          f"`puzzle score --out {run_dir}` first")
+                          f"`puzzle score --out {shell_arg(run_dir)}` first")
     if not path.exists():  # breaker: "neither ... nor" never said it is missing
         raise PuzzleError(f"--library {path} does not exist; give a run directory, a score table .csv or a "
                           f"block_library.json (or its folder)")
