@@ -434,14 +434,23 @@ def _load_folder(folder: Path, dtype: torch.dtype, with_tokenizer: bool, extra: 
                           f"fix it or export the model again") from e
     kind = "nemotron-nas" if nas else "hf"
     config = dataclasses.replace(config, extra={**config.extra, "source": kind, "path": str(folder), **(extra or {})})
-    model = model_from_state_dict(config, _read_weights(_weight_files(folder)), dtype, what=str(folder), copy=False)
+    weights = _read_weights(_weight_files(folder))
+    model = model_from_state_dict(config, weights, dtype, what=str(folder), copy=False)
     # breaker: a model with a NaN weight was evaluated (an accuracy from NaN logits), generated from and merged unsaid
     from .train_utils import non_finite_parameter
 
     if (broken := non_finite_parameter(model)) is not None:
-        as_loaded = "" if dtype == torch.float32 else f" as loaded in {str(dtype).removeprefix('torch.')}"
+        name = str(dtype).removeprefix("torch.")
+        stored = weights.get(broken)
+        if dtype != torch.float32 and stored is not None and bool(torch.isfinite(stored.float()).all()):
+            # breaker: weights of 1e6 overflowed float16 and were called NaN, "no model to use"; float32 ran it
+            raise PuzzleError(f"{folder}: the weight {broken} overflows {name} (its stored values are finite, up to "
+                              f"{stored.float().abs().max().item():.4g}, past {name}'s range); load the model in "
+                              f"float32 (--dtype float32)")
+        as_loaded = "" if dtype == torch.float32 else f" as loaded in {name}"
         raise PuzzleError(f"{folder}: the weight {broken} holds NaN or inf values{as_loaded}, so the model's outputs "
                           f"would be NaN; it is no model to use: export or train it again")
+    del weights
     tokenizer = _load_tokenizer(folder) if with_tokenizer else None
     # breaker: a tokenizer.json giving ids past the embedding passed `puzzle data`, and `puzzle bld` then failed in
     # F.embedding with a traceback
@@ -790,5 +799,8 @@ def load_parent(path, dtype: torch.dtype = torch.float32, gguf_file: str | None 
     if (path / "model" / "config.json").is_file():
         raise PuzzleError(f"{path} has neither a config.json nor a .gguf file, but {path / 'model'} holds a model: "
                           f"pass that")
+    if inside := sorted(p.parent.name for p in path.glob("*/config.json")):  # breaker: `generate run/export`
+        raise PuzzleError(f"{path} has neither a config.json nor a .gguf file, but its folders "
+                          f"{_few(inside, 4)} hold models: pass one of them")
     raise PuzzleError(f"{path} has neither a config.json nor a .gguf file; pass an HF model folder, a nemotron-nas "
                       f"folder or a .gguf file")

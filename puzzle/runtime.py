@@ -698,6 +698,10 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     encoded, chat = encode_prompts(tokenizer, prompts)
     lengths = [len(e) for e in encoded]
     if empty := [i + 1 for i, n in enumerate(lengths) if n == 0]:  # reviewer: said in terms of the cache
+        if chat:  # breaker: a template that renders nothing was said to be missing
+            raise PuzzleError(f"the model's chat template renders prompt {empty[0]} to no token; mend "
+                              f"chat_template.jinja (or tokenizer_config.json's chat_template) in the model folder, or "
+                              f"delete it to give the prompts as plain text")
         raise PuzzleError(f"prompt {empty[0]} encodes to no token (the model has no chat template to add any); give "
                           f"it some text")
     T = max(lengths)
@@ -787,7 +791,8 @@ def cmd_generate(args) -> int:
         print(f"note: {args.model} has no chat template, so each prompt went in as plain text (the answers continue "
               f"it)", file=sys.stderr)
     for prompt, answer in zip(result.prompts, result.answers):
-        print(f"> {prompt}\n{answer}\n")
+        # breaker: a tiny child's eight newlines printed as a blank line, which looked broken
+        print(f"> {prompt}\n{answer or '(no text: the answer was whitespace alone, or it stopped at once)'}\n")
     s = result.stats
     print(f"[{result.device} {result.dtype}, batch {len(result.prompts)}: prefill {s.prefill_ms:.0f} ms, "
           f"{s.steps} decode steps at {s.decode_tok_s:.1f} tok/s]")

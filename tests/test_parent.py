@@ -93,6 +93,17 @@ def test_hf_sharded_folder_and_bf16(tmp_path):
     assert torch.equal(there_and_back.model.rotary_emb.inv_freq, loaded.model.model.rotary_emb.inv_freq)
 
 
+def test_weights_past_float16_s_range_are_told_to_load_in_float32(tmp_path):
+    """Breaker: finite weights of 1e6 overflowed float16 and were called NaN, "no model to use"; float32 ran them."""
+    hf = hf_llama()
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(1e6)
+    save_hf(hf, tmp_path)
+    assert load_parent(tmp_path, with_tokenizer=False).model is not None  # float32 holds them
+    with pytest.raises(PuzzleError, match=r"model.embed_tokens.weight overflows float16 .* load the model in float32"):
+        load_parent(tmp_path, dtype=torch.float16, with_tokenizer=False)
+
+
 def test_pytorch_bin_folder_loads(tmp_path):
     hf = hf_llama()
     hf.config.save_pretrained(tmp_path)
@@ -356,6 +367,10 @@ def test_missing_path_and_empty_folder(tmp_path):
     (tmp_path / "rpo" / "model" / "config.json").write_text("{}")
     with pytest.raises(PuzzleError, match=rf"but {re.escape(str(tmp_path / 'rpo' / 'model'))} holds a model: pass"):
         load_parent(tmp_path / "rpo")
+    (tmp_path / "export" / "child-2x").mkdir(parents=True)  # a run's export folder (breaker: its children unnamed)
+    (tmp_path / "export" / "child-2x" / "config.json").write_text("{}")
+    with pytest.raises(PuzzleError, match="but its folders child-2x hold models: pass one of them"):
+        load_parent(tmp_path / "export")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "config.json").write_text("{not json")
     with pytest.raises(PuzzleError, match="config.json cannot be read as JSON"):

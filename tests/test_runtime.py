@@ -326,6 +326,9 @@ def test_answers_stop_at_the_models_own_stop_ids_and_use_every_position(monkeypa
     monkeypatch.setattr(lm.tokenizer, "chat_template", None)  # plain text: an empty prompt is no token
     with pytest.raises(PuzzleError, match="prompt 1 encodes to no token"):
         answer_prompts(model, lm.tokenizer, ["", "Hi"], max_new_tokens=2)
+    monkeypatch.setattr(lm.tokenizer, "chat_template", "{% for m in messages %}{% endfor %}")  # renders nothing
+    with pytest.raises(PuzzleError, match="the model's chat template renders prompt 1 to no token; mend"):
+        answer_prompts(model, lm.tokenizer, ["Hi"], max_new_tokens=2)  # breaker: "the model has no chat template"
 
 
 def test_generate_takes_the_built_in_tiny_model_and_refuses_an_empty_prompt(capsys, tmp_path, monkeypatch):
@@ -338,5 +341,6 @@ def test_generate_takes_the_built_in_tiny_model_and_refuses_an_empty_prompt(caps
     assert main([*argv, "--prompt", "The cat"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("> The cat\n") and "decode steps" in out
+    assert out.split("\n")[1].strip()  # a blank answer is said (breaker: eight newlines printed as an empty line)
     assert main([*argv, "--prompt", "hi", "--prompt", "  "]) == 2
     assert "--prompt 2 is empty; give each --prompt a message" in capsys.readouterr().err
