@@ -1585,6 +1585,10 @@ def read_architecture_at(out: Path, name: str) -> dict:
     have = sorted(p.stem for p in (out / "search").glob("*.json") if p.stem != "chosen") \
         if (out / "search").is_dir() else []
     hint = f"choose one of {have}" if have else "run `puzzle search` first"
+    if (now := [n for n in searched_names(out) or [] if n in have]) and len(now) < len(have):
+        # breaker: children of an earlier --front-speedups were offered as the run's own
+        hint = (f"choose one of the run's searched children {now} (the others there, {[n for n in have if n not in now]}"
+                f", are records of an earlier search or of refine, baselines or a hand)")
     if not name or len(name) > 200 or name == "chosen" or Path(name).name != name:  # before any file call
         raise PuzzleError(f"no architecture named {name[:60]!r} in {out / 'search'}; {hint}")
     path = out / "search" / f"{name}.json"

@@ -1038,12 +1038,18 @@ def test_children_of_an_earlier_front_are_named_not_dropped_silently(tmp_path_fa
     """Reviewer: after another --speedup or --front-speedups, the earlier children's records and exports stayed
     beside the current ones without a word."""
     from puzzle.cli import main
+    from puzzle.errors import PuzzleError
+    from puzzle.pipeline import read_architecture_at
 
     out = _copy(tmp_path_factory, tmp_path)
     assert main(["search", "--out", str(out), "--speedup", "1.3", "--front-speedups", "1.25", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "child-1.5x-init, child-1.5x are children of an earlier budget" in err and "stay as they were" in err, err
     assert (out / "search" / "child-1.5x.json").is_file()  # kept: a user's files are not deleted
+    # the run's own children are told from the earlier ones
+    with pytest.raises(PuzzleError, match=r"choose one of the run's searched children \['child-1.3x', "
+                                          r"'child-1.3x-init', 'child-1.25x'\] \(the others there, \['child-1.5x'"):
+        read_architecture_at(out, "nope")  # breaker: refine offered an earlier --front-speedups's children alike
     assert main(["search", "--out", str(out), "--speedup", "1.5", "--front-speedups", "1.25,1.5,2",
                  "--no-progress"]) == 0
     err = capsys.readouterr().err  # back: the 1.3x children are the earlier ones now
