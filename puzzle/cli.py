@@ -996,7 +996,8 @@ def cmd_front(args) -> int:
         # ratios at matched speed carry that noise (a session's only where the rows took its speed-ups)
         contention = front_contention(run.out, session_used="timing" in rows.columns)
         if busy := contention_note(contention):
-            rows_busy = contention_note({k: v for k, v in contention.items() if k.startswith("baselines")})
+            rows_busy = contention_note({k: v for k, v in contention.items()
+                                         if k not in ("cost_table", "children", "one_session")})
             if rows_busy and "timing" not in rows.columns:  # breaker: it named no command that times them again
                 busy += (f" (`puzzle front --out {shell_arg(run.out)} --one-session` times every model of the front "
                          "again, together, fused children included)")

@@ -2316,32 +2316,36 @@ def contention_cores(value) -> float | None:
 
 def front_contention(out: Path, session_used: bool = True) -> dict:
     """The most cores other jobs kept busy while the models `puzzle front` compares were timed: the cost table and
-    the children (DIR/children/machine.json) and the baselines, refined and fused children (the row files of
-    DIR/baselines/rows/ and DIR/front_rows/) and all of them timed together (DIR/one_session.json, only when
+    the children (DIR/children/machine.json) and the baselines, diverse, refined and fused children (the row files of
+    DIR/baselines/rows/ and DIR/front_rows/, under one key naming the kinds there are) and all of them timed together (DIR/one_session.json, only when
     `session_used`: a stale or damaged session the front set aside says nothing of its speed-ups); None where nothing
     is recorded. What `contention_note` reads."""
     try:
         machine = read_json(out / "children" / "machine.json").get("contention_cores") or {}
     except (PuzzleError, AttributeError):
         machine = {}
-    rows = []
+    rows: dict[str, float] = {}  # the kind of model -> the most cores busy over its rows
     for sub in ("baselines/rows", "front_rows"):  # each model's own session; the parent's row is of one of them, kept
         # while a later session timed that model again (fresh user: its contention was reported after a quiet retime)
         for path in sorted((out / sub).glob("*.json")) if (out / sub).is_dir() else []:
             if path.name == "parent.json":
                 continue
             try:
-                rows.append(recorded_contention(read_json(path)))
+                cores = recorded_contention(read_json(path))
             except PuzzleError:
                 continue
-    rows = [v for v in rows if v is not None]
+            kind = ("baselines" if sub.startswith("baselines") else "fused children" if path.stem.endswith("-fused")
+                    else "refine's children")  # breaker: all three were named where one kind was timed
+            if cores is not None:
+                rows[kind] = max(cores, rows.get(kind, cores))
     try:  # `puzzle front --one-session`'s timing of them all
         session = read_json(out / "one_session.json").get("contention_cores") if session_used else None
     except (PuzzleError, AttributeError):
         session = None
     return {"cost_table": contention_cores(machine.get("cost_table")),
             "children": contention_cores(machine.get("children")),
-            "baselines, refined and fused children": max(rows) if rows else None,
+            **({", ".join(list(rows)[:-1]) + " and " * (len(rows) > 1) + list(rows)[-1]: max(rows.values())}
+               if rows else {}),
             "one_session": contention_cores(session)}
 
 
