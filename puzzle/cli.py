@@ -789,8 +789,8 @@ def cmd_search(args) -> int:
     if library_only:
         verb = "works" if len(library_only) == 1 else "work"
         raise PuzzleError(f"{', '.join(library_only)} {verb} on a read-only search of a table: `puzzle search "
-                          f"--library {args.out} ...` (the run is left as it is); `puzzle search --out DIR` solves the run's own "
-                          "budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
+                          f"--library {shell_arg(args.out)} ...` (the run is left as it is); `puzzle search --out DIR` "
+                          "solves the run's own budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
                           "--min-throughput, --objective, --vllm-compatible, --exclude) for realize, export and front")
     from .pipeline import stage_search
 

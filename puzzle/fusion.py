@@ -1094,7 +1094,7 @@ def front_children(run_dir: Path) -> list[str]:
                                    if n.strip() and n.strip() != "parent"))
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
         raise PuzzleError(f"--front fuses the children of {path}, which cannot be read: `puzzle front --out "
-                          f"{run_dir}` writes it, or name the children with --name") from None
+                          f"{shell_arg(run_dir)}` writes it, or name the children with --name") from None
     if not names:
         raise PuzzleError(f"{path} has no child to fuse: `puzzle front --out {shell_arg(run_dir)}` writes it again")
     return names

@@ -494,7 +494,7 @@ def _warn_missing_baseline_rows(run_dir: Path, have: set[str]) -> None:
         warnings.warn(f"{run_dir / 'baselines' / 'baselines.csv'} lists {', '.join(gone)}, whose row file"
                       f"{'s are' if len(gone) > 1 else ' is'} missing from {run_dir / 'baselines' / 'rows'}: the front "
                       f"and its ratios are drawn without {'them' if len(gone) > 1 else 'it'} (`puzzle baselines --out "
-                      f"{run_dir}{flag}` builds {'them' if len(gone) > 1 else 'it'} again)")
+                      f"{shell_arg(run_dir)}{flag}` builds {'them' if len(gone) > 1 else 'it'} again)")
 
 
 def _model_row(path: Path) -> dict | None:
@@ -1024,7 +1024,8 @@ def current_front_rows(run_dir: str | Path, with_downstream: bool = True) -> pd.
                       "it again (from the measurement when current)")
     elif not (run.out / "front.csv").is_file():  # breaker: the notebook drew the baselines alone as the run's front
         warnings.warn(f"{run.out / 'front.csv'} is missing, so the front holds no child of ours: `puzzle front --out "
-                      f"{run.out}` writes it (from summary.csv when current, else by measuring the children)")
+                      f"{shell_arg(run.out)}` writes it (from summary.csv when current, else by measuring the "
+                      "children)")
     elif (why := front_is_current(run)) is not None:  # breaker: a front timed at batch 2 drawn after a rescore at 16
         warnings.warn(f"{run.out / 'front.csv'} is out of date ({why}), so its rows are drawn as they stand: "
                       f"`puzzle front --out {shell_arg(run.out)}` brings it up to date")
@@ -1045,7 +1046,7 @@ def searched_choices(run_dir: str | Path) -> dict[str, list[str]]:
     names = searched_names(Path(run_dir))
     if not names:
         raise PuzzleError(f"{search / 'chosen.json'} is missing, unreadable or names no child: `puzzle search --out "
-                          f"{run_dir}` writes it")
+                          f"{shell_arg(run_dir)}` writes it")
     children = {}
     for name in names:
         try:

@@ -793,7 +793,7 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     if exclude != run.config.search.exclude:  # breaker: a child of an earlier search was refined without a word
         run.say(f"refine {name}: its record was searched with exclusions {list(exclude) or 'none'}, the run's setting "
                 f"now is {list(run.config.search.exclude) or 'none'}; refining under the record's (`puzzle search --out "
-                f"{run.out}` with that child's budget solves it under the run's)")
+                f"{shell_arg(run.out)}` with that child's budget solves it under the run's)")
     table, _ = load_score_table(run, stage)
     if (table["subblock"] == "block").any():  # reviewer: refused by `context_table` after minutes of realizing
         raise PuzzleError(f"refine re-scores subblocks in the child's context, and {run.out / 'score'}'s table holds "
