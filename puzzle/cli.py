@@ -790,8 +790,9 @@ def cmd_search(args) -> int:
         verb = "works" if len(library_only) == 1 else "work"
         raise PuzzleError(f"{', '.join(library_only)} {verb} on a read-only search of a table: `puzzle search "
                           f"--library {shell_arg(args.out)} ...` (the run is left as it is); `puzzle search --out DIR` "
-                          "solves the run's own budgets (--speedup, --max-runtime, --max-memory, --max-prefill, --max-decode, --max-params, "
-                          "--min-throughput, --objective, --vllm-compatible, --exclude) for realize, export and front")
+                          "solves the run's own budgets (--speedup, --max-runtime, --max-memory, --max-prefill, "
+                          "--max-decode, --max-params, --min-throughput, --objective, --vllm-compatible, --exclude) for "
+                          "realize, export and front")
     from .pipeline import stage_search
 
     with _stage_run(args, existing=True) as run:  # a budget that fails is not kept; a new one is said (`_stage_run`)
