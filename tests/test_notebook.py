@@ -118,3 +118,20 @@ def test_a_damaged_front_or_search_record_stops_the_notebook_with_the_command_th
     (copy / "search" / "chosen.json").write_text("{")
     with pytest.raises(PuzzleError, match="chosen.json is missing, unreadable"):
         plots.searched_choices(copy)
+
+
+def test_a_run_searched_but_not_measured_still_gets_its_architecture_map(tmp_path_factory, monkeypatch):
+    """Breaker: on a run whose front was not measured yet the notebook stopped at the front's cell, so the
+    architecture map, which needs the search alone, was never drawn."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("searched") / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), copy)
+    for made in ("front.csv", "front_rows", "baselines"):
+        shutil.rmtree(copy / made) if (copy / made).is_dir() else (copy / made).unlink(missing_ok=True)
+    monkeypatch.setenv("PUZZLE_RUN", str(copy))
+    monkeypatch.delenv("PUZZLE_FIGURES", raising=False)
+    nb = _execute(copy)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert "no front to draw yet" in "".join(o.get("text", "") for o in outputs)
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1  # the architecture map
