@@ -197,8 +197,10 @@ def model_asset_path(name: str, cache_dir: str | os.PathLike | None = None, prog
     Raises:
         PuzzleError: unknown name, an asset that is not a model (naming the model assets), or as `asset_path`.
     """
-    asset = _lookup(name)
     models = sorted(n for n, a in ASSETS.items() if a.filename.endswith(".gguf"))
+    if name not in ASSETS:  # breaker: the text and task assets were offered where a model belongs
+        raise PuzzleError(f"unknown model asset {name!r}; the packaged models: {', '.join(f'asset:{n}' for n in models)}")
+    asset = ASSETS[name]
     if not asset.filename.endswith(".gguf"):
         raise PuzzleError(f"asset:{name} is not a model ({asset.description}); the packaged models: "
                           f"{', '.join(f'asset:{n}' for n in models)}")

