@@ -347,7 +347,7 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
     Raises:
         PuzzleError: a coupled entry that is corrupt (`block_module`)."""
     from .io import save_table
-    from .pipeline import SCORE_COLUMNS, cost_meta, scoring_ids
+    from .pipeline import SCORE_COLUMNS, cost_meta, read_own_log, scoring_ids
     from .scoring.quality import ResultLog, parent_cache
 
     t0 = time.perf_counter()
@@ -370,10 +370,11 @@ def add_block_rows(run, decoupled: pd.DataFrame, meta: dict) -> pd.DataFrame:
     if blocks:
         sc = run.config.score
         ids = scoring_ids(run)
+        log = ResultLog(run.out / "score" / "quality_blocks.jsonl")
+        read_own_log(run, log)  # damaged lines warned of once, then set aside
         quality = score_blocks(run.parent.model, run.library,
                                lambda: parent_cache(run.parent.model, ids, chunk=sc.chunk, stride=sc.position_stride),
-                               blocks, chunk=sc.chunk, log=ResultLog(run.out / "score" / "quality_blocks.jsonl"),
-                               progress=run.progress)
+                               blocks, chunk=sc.chunk, log=log, progress=run.progress)
         # the costs of the table the blocks join, one row per variant (breaker: a missing cost.csv was timed again
         # here, and the block rows got the new timings beside the decoupled rows' old ones)
         costs = decoupled[decoupled["layer"] >= 0].drop_duplicates("variant")

@@ -690,6 +690,17 @@ def _saved_parent_loss(path: Path) -> float | None:
     return None
 
 
+def read_own_log(run: Run, log) -> dict:
+    """A score log's results (`ResultLog.read`, which warns of damaged lines), its damaged lines then set aside in
+    <log>.skipped (`ResultLog.set_aside_skipped`) and said, so no later command warns of them again. For a log of
+    the run's own stages: the run lock is held, so no other process appends to it meanwhile."""
+    done = log.read()
+    if (aside := log.set_aside_skipped()) is not None:
+        run.say(f"score: the skipped lines of {log.path.name} are moved to {aside} (kept there, and not warned of "
+                f"again)")
+    return done
+
+
 def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     """Replace-1-subblock quality of every non-parent variant of every layer (resumable).
 
@@ -701,7 +712,7 @@ def score_quality(run: Run, stage: str = "bld") -> pd.DataFrame:
     check_score_meta(run)
     ids = scoring_ids(run)
     log = ResultLog(run.out / "score" / f"quality_{stage}.jsonl")
-    done = log.read()
+    done = read_own_log(run, log)
     space = run.space()
     jobs = []
     for ls in space:

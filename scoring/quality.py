@@ -340,17 +340,22 @@ class ResultLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    @staticmethod
+    def _result(line: str | bytes) -> dict | None:
+        """The logged result a line holds (a JSON object with a string "key"), else None."""
+        try:
+            row = json.loads(line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        return row if isinstance(row, dict) and isinstance(row.get("key"), str) else None
+
     def read(self) -> dict:
         """The logged rows by their "key". Warns (UserWarning) of skipped lines other than a torn last one."""
         done, skipped = {}, []
         text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.is_file() else ""
         lines = text.splitlines()
         for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                row = None
-            if isinstance(row, dict) and isinstance(row.get("key"), str):
+            if (row := self._result(line)) is not None:
                 done[row["key"]] = row
             elif line.strip() and (number < len(lines) or text.endswith("\n")):  # not a torn last line: news
                 skipped.append(number)
@@ -362,6 +367,28 @@ class ResultLog:
                           f"(damaged or edited) and {'are' if many else 'is'} skipped; what {'they' if many else 'it'} "
                           f"held is computed again unless a later line holds it", stacklevel=2)
         return done
+
+    def set_aside_skipped(self) -> Path | None:
+        """Move the lines `read` skips (damaged or edited; a torn last line stays for `append`) out of the log: they
+        are appended to <log>.skipped and the log is rewritten without them (atomically), so they are warned of once,
+        not at every later read (stop 76's leftover). Only for a log no other process appends to meanwhile (the run
+        lock held). Returns the .skipped file, or None where no line was set aside."""
+        from puzzle.io import atomic_write_bytes
+
+        if not self.path.is_file():
+            return None
+        *lines, tail = self.path.read_bytes().split(b"\n")  # tail: b"" after a last newline, else a torn line
+        moved = [line for line in lines if line.strip() and self._result(line) is None]
+        if not moved:
+            return None
+        aside = self.path.with_name(self.path.name + ".skipped")
+        with open(aside, "ab") as f:  # first: a kill between the two writes keeps the lines in both, never neither
+            f.write(b"".join(line + b"\n" for line in moved))
+            f.flush()
+            os.fsync(f.fileno())
+        kept = [line for line in lines if not line.strip() or self._result(line) is not None]
+        atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept) + tail)
+        return aside
 
     def append(self, row: dict) -> None:
         """Add `row` (JSON-serialisable, with a "key") as one line, flushed and fsynced; a torn last line is cut off

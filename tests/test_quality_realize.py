@@ -10,8 +10,8 @@ from puzzle.bld import BLDConfig, build_library
 from puzzle.init import attention_subblock, ffn_subblock, init_attention
 from puzzle.library import Library
 from puzzle.realize import realize_child
-from puzzle.scoring.quality import (ResultLog, context_weights, evaluate_model, parent_cache, parent_logprobs,
-                                    replace_one_score, scored_positions)
+from puzzle.scoring.quality import (_WARNED_LOGS, ResultLog, context_weights, evaluate_model, parent_cache,
+                                    parent_logprobs, replace_one_score, scored_positions)
 from puzzle.space import SpaceConfig, build_space
 from puzzle.tiny import tiny_parent
 
@@ -155,3 +155,19 @@ def test_result_log_names_damaged_lines(tmp_path):
     path.write_text(path.read_text() + "{broken}\n")  # a complete damaged last line is news too
     with pytest.warns(UserWarning, match=r"lines 2, 3, 4, 8 are not a logged result"):
         assert sorted(log.read()) == ["a", "c", "d", "e"]
+    # set aside by the log's one writer (`puzzle score`, run lock held): kept in .skipped, and not warned of again
+    with open(path, "ab") as f:
+        f.write(b'{"key": "f", "v": 6}\n\xff\xfe not text\n{"key": "g", "v"')  # and a torn last line
+    with pytest.warns(UserWarning):
+        before = log.read()
+    aside = log.set_aside_skipped()
+    assert aside == tmp_path / "q.jsonl.skipped"
+    assert aside.read_bytes() == b'{"key": "b", "v"\n[1, 2]\n{"no_key": 1}\n{broken}\n\xff\xfe not text\n'
+    assert path.read_bytes().endswith(b'{"key": "f", "v": 6}\n{"key": "g", "v"')  # the torn line is append's
+    _WARNED_LOGS.clear()  # as in a new process: it finds nothing to warn of
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert log.read() == before
+    assert log.set_aside_skipped() is None
+    log.append({"key": "h", "v": 8})
+    assert sorted(log.read()) == ["a", "c", "d", "e", "f", "h"]
