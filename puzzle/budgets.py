@@ -263,6 +263,13 @@ def parse_memory_mib(text: str, parent_mib, flag: str = "--max-memory") -> float
     Raises:
         PuzzleError: besides `_parse`'s, a count of bytes ("B") under 1 MiB, which is a count of parameters mistyped
             (breaker: --max-memory 3B was 3 bytes, and the child had no block left)."""
+    written = str(text).strip()
+    if bits := re.fullmatch(_NUMBER + r"\s*([KMGT]i?)b", written):  # breaker: '4Gb' (gigabits) was read as 4 GB
+        number, prefix = bits.groups()
+        unit = {"K": "kilobits", "M": "megabits", "G": "gigabits", "T": "terabits", "Ki": "kibibits",
+                "Mi": "mebibits", "Gi": "gibibits", "Ti": "tebibits"}[prefix]
+        raise PuzzleError(f"{flag} {text!r} reads as {number} {unit} (a lowercase b); memory is in bytes: give "
+                          f"{number}{prefix}B")
     value = _parse(text, parent_mib if callable(parent_mib) else (lambda: float(parent_mib)), flag, "memory",
                    _MEMORY_UNITS_MIB)
     if value < 1 and re.fullmatch(_NUMBER + r"\s*[bB]", str(text).strip()):

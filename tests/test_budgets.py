@@ -206,3 +206,14 @@ def test_a_memory_budget_of_a_few_bytes_is_refused_as_a_mistyped_count(text):
     with pytest.raises(PuzzleError, match=r"is 1e\+06 bytes, under 1 MiB; give the size with a unit such as MB"):
         parse_memory_mib("1000000B", PARENT["memory_mib"])  # reviewer: "give 1000000GB" was absurd
     assert parse_memory_mib("2097152B", PARENT["memory_mib"]) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("text, unit, meant", [("4Gb", "gigabits", "4GB"), ("512 Mb", "megabits", "512MB"),
+                                               ("2Gib", "gibibits", "2GiB")])
+def test_a_memory_budget_in_bits_is_refused_with_the_bytes_meant(text, unit, meant):
+    """Stop 76's leftover: '4Gb' (gigabits, a lowercase b) was read as 4 GB. All-lowercase '4gb' still reads as GB."""
+    number = text.split("G")[0].split("M")[0].strip()
+    with pytest.raises(PuzzleError, match=rf"'{text}' reads as {number} {unit} \(a lowercase b\); memory is in "
+                                          rf"bytes: give {meant}$"):
+        parse_memory_mib(text, PARENT["memory_mib"])
+    assert parse_memory_mib("4gb", PARENT["memory_mib"]) == parse_memory_mib("4GB", PARENT["memory_mib"])
