@@ -862,11 +862,15 @@ def check_library_entries(run: Run, stages) -> None:
     from .library import safetensors_complete
 
     lib = run.library
-    missing = [(ls.layer, v.id, stage) for stage in stages for ls in run.space()
-               for variants in (ls.attention, ls.ffn) for v in variants[1:] if v.kind != "no_op"
-               # a cut weights file too (breaker: one scored before passed)
-               and not (lib.info_path(ls.layer, v.id, stage).is_file()
-                        and safetensors_complete(lib.weights_path(ls.layer, v.id, stage)))]
+    entries = [(ls.layer, v.id, stage) for stage in stages for ls in run.space()
+               for variants in (ls.attention, ls.ffn) for v in variants[1:] if v.kind != "no_op"]
+    # a cut weights file too (breaker: one scored before passed)
+    missing = [e for e in entries if not (lib.info_path(*e).is_file() and safetensors_complete(lib.weights_path(*e)))]
+    if missing and not any(lib.info_path(*e).is_file() or lib.weights_path(*e).is_file() for e in entries):
+        # stop 76's leftover: a run without a library was told its entries were missing or cut
+        raise PuzzleError(f"the run has no block library to score yet (no entry in {lib.root}): run `puzzle bld "
+                          f"--out {shell_arg(run.out)}` first, or `puzzle run --out {shell_arg(run.out)}` for every "
+                          f"stage")
     if missing:
         layer, variant, stage = missing[0]
         raise PuzzleError(f"the block library in {lib.root} lacks {len(missing)} whole "

@@ -1131,3 +1131,15 @@ def test_score_refuses_non_finite_results_and_cut_entries_and_records_the_tokens
     meta = json.loads((out / "score" / "score_table.csv.json").read_text())
     assert meta["score_tokens_asked"] == 100000 and meta["score_tokens"] == open_run(out).tokens.score.numel() < 100000
     assert "score.tokens asks 100000 tokens" in capsys.readouterr().err
+
+
+def test_score_on_a_run_without_a_library_says_to_build_it(tmp_path, capsys):
+    """Stop 76's leftover: `puzzle score --retime` on a new folder said its library's entries were "missing or cut"
+    and that bld "builds them again"."""
+    from puzzle.cli import main
+
+    out = tmp_path / "new run"
+    assert main(["score", "--out", str(out), "--preset", "tiny", "--retime", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the run has no block library to score yet" in err and f"run `puzzle bld --out '{out}'` first" in err, err
+    assert not out.exists()  # a refused command leaves no run behind
