@@ -39,6 +39,7 @@ import json
 import random
 import re
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,7 +120,23 @@ def read_chat_jsonl(spec: str) -> list[list[dict]]:
     conversations = [conversation_from_record(record, f"{path}, line {lineno}") for lineno, record in iter_json_lines(path)]
     if not conversations:
         raise PuzzleError(f"{path} holds no conversations")
+    if near := toggle_look_alikes(conversations):  # stop 76's leftover: "Detailed Thinking On" was trained unsaid
+        warnings.warn(f"{path}: {len(near)} system message(s) read like the reasoning toggle but are not its exact "
+                      f"text ({', '.join(repr(t) for t in sorted(set(near))[:3])}); the toggle is "
+                      f"{REASONING_ON!r} / {REASONING_OFF!r} (as Llama-Nemotron and --measure-toggle use it), so "
+                      f"the model learns these as other system messages; write them exactly to train the toggle")
     return conversations
+
+
+def toggle_look_alikes(conversations: list[list[dict]]) -> list[str]:
+    """The system messages that spell the reasoning toggle otherwise: the same words once case, punctuation and
+    spacing are set aside ('Detailed Thinking: ON', 'detailed_thinking off'), but not REASONING_ON/OFF exactly."""
+    def words(text: str) -> str:
+        return " ".join(re.findall(r"[a-z]+", text.lower()))
+
+    exact = (REASONING_ON, REASONING_OFF)
+    return [m["content"] for c in conversations for m in c if m["role"] == "system"
+            and m["content"] not in exact and words(m["content"]) in exact]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,6 +49,23 @@ def test_both_record_forms_and_clear_errors(tmp_path):
         conversation_from_record({"text": "x"}, "x")
 
 
+def test_system_messages_that_spell_the_toggle_otherwise_are_warned_of(tmp_path):
+    """Stop 76's leftover: 'Detailed Thinking: ON' was trained as one more system message, unsaid."""
+    import warnings
+
+    path = tmp_path / "chat.jsonl"
+    records = [{"system": s, "prompt": "Hi", "response": "Hello"}
+               for s in ("Detailed Thinking: ON", "detailed thinking off", "detailed_thinking off", "Be brief")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(UserWarning, match=r"2 system message\(s\) read like the reasoning toggle but are not its exact "
+                                         r"text \('Detailed Thinking: ON', 'detailed_thinking off'\)"):
+        assert len(read_chat_jsonl(str(path))) == 4
+    path.write_text("".join(json.dumps({**r, "system": "detailed thinking on"}) + "\n" for r in records))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the exact toggle: nothing to say
+        read_chat_jsonl(str(path))
+
+
 def test_only_assistant_turns_are_learned(tiny):
     tok = tiny.tokenizer
     ids, labels = tokenize_conversation(tok, CHAT)
