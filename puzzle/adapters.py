@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +307,16 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterHandle:
     if config.rank > full:
         raise PuzzleError(f"adapter rank {config.rank} is above the rank of every adapted map (at most {full}, "
                           f"min(in, out) of the largest): give --rank {full} or less (LoRA ranks are usually 8 to 64)")
+    narrow: dict[str, int] = {}  # map name -> its least rank below config.rank (k_proj of few KV heads, say)
+    for path, linear in found:
+        if (width := min(linear.in_features, linear.out_features)) < config.rank:
+            name = path.rsplit(".", 1)[-1]
+            narrow[name] = min(width, narrow.get(name, width))
+    if narrow:  # stop 76's leftover: a rank above the narrower maps' went unsaid
+        widths = ", ".join(f"{name} ({width})" for name, width in sorted(narrow.items(), key=lambda kv: kv[1]))
+        warnings.warn(f"adapter rank {config.rank} is above the rank of some adapted maps, min(in, out): {widths}; "
+                      f"there the rank past it adds parameters but nothing a smaller rank could not learn (give "
+                      f"--rank {min(narrow.values())} or less to stay within every map)")
     base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
