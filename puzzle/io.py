@@ -160,12 +160,33 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
 
 
 def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """safetensors.torch.save_file, atomically. Tensors are made contiguous; metadata values become strings."""
+    """safetensors.torch.save_file, atomically. Tensors are made contiguous; metadata values become strings, written
+    in sorted order (`_sorted_metadata`), so the same tensors and metadata give the same bytes."""
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous() for k, v in tensors.items()},
                 metadata={k: str(v) for k, v in (metadata or {}).items()})
-    return atomic_write_bytes(path, data)
+    return atomic_write_bytes(path, _sorted_metadata(data))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """A safetensors file's bytes with its header's __metadata__ entries in sorted order. safetensors writes them
+    from a hash map, in an order that changes from call to call (stop 76's leftover: two saves of the same adapters
+    differed); the tensors' entries are already sorted. The file is returned as it was where the rewritten header
+    would not have the very same length (an escaping the two JSON writers spell differently)."""
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = data[8:8 + n]
+    header = json.loads(raw)
+    if not isinstance(header.get("__metadata__"), dict):
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body = raw.rstrip(b" ")
+    if len(text) != len(body):
+        return data
+    return data[:8] + text + raw[len(body):] + data[8 + n:]
 
 
 def dir_arg(value: str) -> Path:
