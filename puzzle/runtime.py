@@ -722,8 +722,8 @@ def answer_prompts(model: PuzzleForCausalLM, tokenizer, prompts: Sequence[str], 
     rt = ChildRuntime(model, len(prompts), T + max_new_tokens - 1, device, dtype, use_triton, cuda_graphs)
     out = rt.generate(ids, max_new_tokens, eos_token_id=list(stops), lengths=lengths).cpu()
     answers = []
-    for row in out[:, T:].tolist():
-        answers.append(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True).strip())
+    for row in out[:, T:].tolist():  # a character cut by --max-new-tokens decodes to U+FFFD: dropped (stop 76)
+        answers.append(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True).rstrip("\ufffd").strip())
     return Answers(tuple(prompts), tuple(answers), rt.last_stats, str(rt.device), str(rt.dtype).removeprefix("torch."),
                    chat)
 

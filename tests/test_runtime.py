@@ -326,6 +326,10 @@ def test_answers_stop_at_the_models_own_stop_ids_and_use_every_position(monkeypa
     monkeypatch.setattr(lm.tokenizer, "chat_template", None)  # plain text: an empty prompt is no token
     with pytest.raises(PuzzleError, match="prompt 1 encodes to no token"):
         answer_prompts(model, lm.tokenizer, ["", "Hi"], max_new_tokens=2)
+    cut = type(lm.tokenizer).decode  # a character cut by --max-new-tokens: its bytes decode to U+FFFD, dropped
+    monkeypatch.setattr(type(lm.tokenizer), "decode", lambda self, ids, **kw: cut(self, ids, **kw) + " caf\ufffd")
+    assert answer_prompts(model, lm.tokenizer, ["Hi"], max_new_tokens=2).answers[0].endswith(" caf")
+    monkeypatch.setattr(type(lm.tokenizer), "decode", cut)
     monkeypatch.setattr(lm.tokenizer, "chat_template", "{% for m in messages %}{% endfor %}")  # renders nothing
     with pytest.raises(PuzzleError, match="the model's chat template renders prompt 1 to no token; mend"):
         answer_prompts(model, lm.tokenizer, ["Hi"], max_new_tokens=2)  # breaker: "the model has no chat template"
