@@ -2480,6 +2480,16 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
 SPEEDUP_MISMATCH = 2.0  # measured vs predicted speed-up off by more than this factor: a timing gone wrong, not the model
 
 
+def _keeps_no_block(architecture) -> bool:
+    """Whether a row's `architecture` (`compact_architecture`'s text) removes every attention and FFN subblock."""
+    try:
+        blocks = [BlockConfig.from_id(b) for b in parse_compact_architecture(architecture)] \
+            if isinstance(architecture, str) and architecture.strip() else []
+    except (ArchitectureError, ValueError):
+        return False
+    return bool(blocks) and all(b.attention.kind == "no_op" and b.ffn.kind == "no_op" for b in blocks)
+
+
 def speedup_mismatch_note(row: dict, out: Path | str = "DIR", again: str | None = None) -> str | None:
     """A warning when a child's measured speed-up (`row["speedup"]`) and the cost table's prediction
     (`row["predicted_speedup"]`) differ by more than a factor SPEEDUP_MISMATCH either way; else None.
@@ -2494,6 +2504,11 @@ def speedup_mismatch_note(row: dict, out: Path | str = "DIR", again: str | None 
         return None
     if max(measured / predicted, predicted / measured) <= SPEEDUP_MISMATCH:
         return None
+    if _keeps_no_block(row.get("architecture")):  # breaker: a baseline that removed every layer blamed the machine
+        return (f"{row['name']} measured {measured:.2f}x against a predicted {predicted:.2f}x: it keeps no block "
+                f"(every layer removed), so what is left is the model's fixed cost per call (embedding, LM head and "
+                f"the framework's own work), which the cost table's sum of per-block timings does not hold; the "
+                f"measured speed-up is the one to go by")
     return (f"{row['name']} measured {measured:.2f}x against a predicted {predicted:.2f}x, "
             f"{max(measured / predicted, predicted / measured):.1f} times apart: the cost table's timing (`puzzle "
             "score`) or this measurement ran on a busy or throttled machine. Time the child again when the machine is "

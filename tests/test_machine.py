@@ -154,6 +154,10 @@ def test_a_measured_speedup_far_from_the_prediction_is_warned_about():
     named = speedup_mismatch_note({"name": "c", "speedup": 0.2, "predicted_speedup": 2.0}, "/runs/a", "puzzle realize X")
     assert "(`puzzle realize X`)" in named and "puzzle score --out /runs/a --retime" in named
     assert "4.0 times apart" in speedup_mismatch_note({"name": "c", "speedup": 6.0, "predicted_speedup": 1.5})
+    # a child that keeps no block: the table's sum misses the fixed cost per call, not the machine (breaker)
+    empty = speedup_mismatch_note({"name": "greedy-10x", "speedup": 4.74, "predicted_speedup": 3239.09,
+                                   "architecture": "noop/noop noop/noop"})
+    assert "it keeps no block (every layer removed)" in empty and "busy" not in empty
     # a folder with a space is one shell word in the commands it names (breaker: `--out r sp ü` split it in three)
     spaced = speedup_mismatch_note({"name": "c", "speedup": 0.2, "predicted_speedup": 2.0}, "/runs/r sp ü")
     assert "`puzzle front --out '/runs/r sp ü' --remeasure`" in spaced and "score --out '/runs/r sp ü' --retime" in spaced
