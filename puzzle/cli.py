@@ -879,7 +879,12 @@ def _time_front_together(run, repeats: int) -> None:
 
     with warnings.catch_warnings():  # the rows it leaves out are warned of once, as the front is drawn next
         warnings.simplefilter("ignore")  # (breaker: every such warning came twice with --one-session)
-        table = time_front_together(run, repeats, exclude=stale_greedy_rows(run))
+        try:
+            table = time_front_together(run, repeats, exclude=stale_greedy_rows(run))
+        except KeyboardInterrupt as e:  # breaker: "rerun the same command to resume", and the rerun began at round 0
+            e.puzzle_note = (f"one session's rounds count only together, so none are kept: the same command times "
+                             f"every model again from the first round ({run.out / SESSION_FILE} is as it was)")
+            raise
     show = table.assign(change=table["speedup"] / table["speedup_own_session"] - 1)
     print(show[["name", "source", "training", "speedup_own_session", "speedup", "change"]].to_string(
         index=False, formatters={"speedup_own_session": "{:.3f}x".format, "speedup": "{:.3f}x".format,

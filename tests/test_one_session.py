@@ -163,6 +163,15 @@ def test_one_session_refuses_bad_rounds_and_too_little_memory_before_timing(run_
     assert "--repeats sets the rounds of --one-session" in capsys.readouterr().err
     assert main(["front", "--out", str(out), "--one-session", "--repeats", "1"]) == 2
     assert "--repeats must be from 2 to 1000" in capsys.readouterr().err
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("puzzle.scoring.cost.measure_models", interrupted)  # Ctrl-C within the session's rounds
+    assert main(["front", "--out", str(out), "--one-session", "--no-progress"]) == 130
+    err = capsys.readouterr().err  # breaker: "rerun the same command to resume", and the rerun began at round 0
+    assert "one session's rounds count only together, so none are kept" in err and "resume" not in err, err
+    assert not (out / "one_session.json").exists()
+    monkeypatch.undo()
     # a row whose parameter count was edited by hand (was a ValueError traceback; the need is counted from the
     # library entries the children use now)
     row = json.loads((out / "baselines" / "rows" / "layers-1.5x.json").read_text())
