@@ -871,6 +871,23 @@ def _draws_front_all(out: Path, tasks) -> bool:
 ONE_SESSION_REPEATS = 7
 
 
+def _targets_without_baselines(rows, ratios) -> list[float]:
+    """The speed-ups of the ratio table (`ratios`) at which no baseline row of `rows` (front_all's) was built, when
+    some baseline was: a front target added since `puzzle baselines` ran. A baseline's target is in its name
+    ('greedy-1.5x-init', 'uniform-2x-kv1')."""
+    import re
+
+    from .plots import BASELINE_METHODS
+
+    if not len(ratios):
+        return []
+    built = [float(m.group(1)) for n in rows.loc[rows["method"].isin(BASELINE_METHODS), "name"]
+             if (m := re.search(r"-([0-9]*\.?[0-9]+)x(?:-|$)", str(n)))]
+    if not built:
+        return []
+    return sorted(s for s in set(ratios["speedup"]) if not any(abs(b - s) <= 1e-6 * s for b in built))
+
+
 def _time_front_together(run, repeats: int) -> None:
     """`puzzle front --one-session`: every model of the front timed again in one session (`one_session`), with a
     table of each model's speed-up from its own session and from this one."""
@@ -991,6 +1008,9 @@ def cmd_front(args) -> int:
                  "than the plain one, so the plain MIP table below is also the one for the children a user would take")
         print(f"our evaluation KL / each baseline's at matched measured speed-up (below 1: ours is better{second}) -> "
               f"{run.out / 'front_ratios.csv'}\n{ratio_table(ratios)}", file=sys.stderr)
+        if unbuilt := _targets_without_baselines(rows, ratios):  # breaker: "-: does not reach" where none was built
+            _log(f"front: no baseline was built for {', '.join(f'{t:g}x' for t in unbuilt)} (a target `puzzle "
+                 f"baselines` has not run for): `puzzle baselines --out {shell_arg(run.out)}` builds them")
         if len(ratios) and (note := baselines_budget_note(run.config.search)):
             _log(f"front: {note}")
         if len(ratios):

@@ -1429,3 +1429,16 @@ def test_the_out_of_reach_lines_name_attention_removals_fastest_model_by_its_mea
     assert "its fastest model is attn-drop-1.25x (measured 1.9x)" in out_of_reach_lines(body, (2.0,))[0]
     body["speedup"] = float("nan")
     assert "its fastest model is attn-drop-1.5x (not measured)" in out_of_reach_lines(body, (2.0,))[0]
+
+
+def test_a_front_target_no_baseline_was_built_for_is_named():
+    """Breaker: after `puzzle front --front-speedups 1.25,3`, the 3x column read "-: the baseline does not reach
+    that speed-up" for every baseline, though none was ever built for 3x."""
+    from puzzle.cli import _targets_without_baselines
+
+    rows = pd.DataFrame({"name": ["parent", "child-1.25x", "greedy-1.25x-init", "layers-1.25x"],
+                         "method": ["parent", "mip", "greedy", "layer_removal"]})  # front_all's rows
+    ratios = pd.DataFrame({"speedup": [1.25, 1.25, 3.0, 3.0], "method": ["greedy", "layer_removal"] * 2})
+    assert _targets_without_baselines(rows, ratios) == [3.0]
+    assert _targets_without_baselines(rows[rows["method"].isin(["parent", "mip"])], ratios) == []  # none built
+    assert _targets_without_baselines(rows, ratios.iloc[:0]) == []
