@@ -915,21 +915,29 @@ def front_ratios(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), selected: pd.Dat
                      .assign(ours="selected per target"))
     out = pd.concat(parts, ignore_index=True)
     models = pd.concat([rows, selected], ignore_index=True) if selected is not None else rows
-    out["same_model"] = [_same_models(o, b, models) for o, b in zip(out["ours_from"], out["baseline_from"])]
+    model = _model_keys(models)  # once, not per ratio row (stop 76's leftover)
+    out["same_model"] = [_same_models(o, b, model) for o, b in zip(out["ours_from"], out["baseline_from"])]
     return out[columns + ["same_model"]]
 
 
-def _same_models(ours_from: str, baseline_from: str, rows: pd.DataFrame) -> str:
+def _model_keys(rows: pd.DataFrame) -> dict[str, tuple]:
+    """{name: (architecture, training)} of the rows but the parent's: one model is one such key ({} without an
+    architecture column)."""
+    if "architecture" not in rows.columns:
+        return {}
+    training = rows["training"] if "training" in rows.columns else [None] * len(rows)
+    return {str(n): (a, t) for n, a, t in zip(rows["name"], rows["architecture"], training)
+            if isinstance(a, str) and a and n != "parent"}  # one model: its layers and its training (reviewer:
+    # "parent=parent", an init-only twin's layers)
+
+
+def _same_models(ours_from: str, baseline_from: str, model: dict[str, tuple]) -> str:
     """The baseline models a ratio reads that have the architecture of a model our KL there comes from, as
     "greedy-1.25x=child-1.25x" ("" where none): one model, timed at two speed-ups, on both sides of a ratio
-    (reviewer: greedy's 1.25x child, ours measured apart, gave a ratio of 12.98 between a model and itself)."""
-    if "architecture" not in rows.columns:
-        return ""
-    training = rows["training"] if "training" in rows.columns else [None] * len(rows)
-    model = {str(n): (a, t) for n, a, t in zip(rows["name"], rows["architecture"], training)
-             if isinstance(a, str) and a and n != "parent"}  # one model: its layers and its training (reviewer:
+    (reviewer: greedy's 1.25x child, ours measured apart, gave a ratio of 12.98 between a model and itself).
+    `model`: `_model_keys` of the rows the ratios read."""
     names = lambda text: [part.rsplit("@", 1)[0] for part in str(text or "").split("..") if part]  # noqa: E731
-    ours = {model[n]: n for n in names(ours_from) if n in model}  # "parent=parent", an init-only twin's layers)
+    ours = {model[n]: n for n in names(ours_from) if n in model}
     return ", ".join(f"{n}={ours[model[n]]}" for n in names(baseline_from) if model.get(n) in ours)
 
 
