@@ -258,14 +258,18 @@ def loglikelihoods(model, tokenizer, pairs, *, batch_tokens: int = 2048, progres
 
 
 def doc_metrics(task: str, doc: Doc, scores: list[LogLikelihood]) -> dict:
-    """Per-document metrics of `task` from the option scores (see the module docstring)."""
+    """Per-document metrics of `task` from the option scores (see the module docstring), with the gold option's index
+    and the one the model picks (`pred`; `pred_norm` by length-normalised log-likelihood where acc_norm is a metric),
+    so a --details table shows a bias toward one option (breaker: BoolQ's 0.32 could not be told from a wrong gold)."""
     lls = np.array([s.logprob for s in scores])
     if task == "lambada":
         return {"acc": float(scores[0].is_greedy), "ll": float(lls[0])}
     lengths = np.array([float(len(t)) for t in doc.norm_texts])
-    out = {"acc": float(np.argmax(lls) == doc.gold)}
+    pred = int(np.argmax(lls))
+    out = {"acc": float(pred == doc.gold), "gold": int(doc.gold), "pred": pred}
     if "acc_norm" in TASK_METRICS[task]:
-        out["acc_norm"] = float(np.argmax(lls / lengths) == doc.gold)
+        out["pred_norm"] = int(np.argmax(lls / lengths))
+        out["acc_norm"] = float(out["pred_norm"] == doc.gold)
     return out
 
 

@@ -137,7 +137,8 @@ def test_acc_and_acc_norm_as_lm_eval_defines_them():
     doc = Doc("0", ("q",) * 2, (" a", " bbbbbbbbbb"), 1, ("a", "bbbbbbbbbb"))
     scores = [LogLikelihood(-2.0, False, 1), LogLikelihood(-5.0, False, 3)]
     m = doc_metrics("arc_easy", doc, scores)
-    assert m == {"acc": 0.0, "acc_norm": 1.0}  # -2/1 < -5/10: the long answer wins once normalised by characters
+    assert m == {"acc": 0.0, "acc_norm": 1.0, "gold": 1, "pred": 0, "pred_norm": 1}  # -2/1 < -5/10: the long
+    # answer wins once normalised by characters; the picks are kept for a --details table (breaker)
     assert "acc_norm" not in doc_metrics("winogrande", doc, scores)
     lam = doc_metrics("lambada", Doc("0", ("q",), (" w",), 0, ("w",)), [LogLikelihood(-1.5, True, 1)])
     assert lam == {"acc": 1.0, "ll": -1.5}
