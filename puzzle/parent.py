@@ -611,6 +611,25 @@ def _check_gguf(path: Path, header: _GGUFHeader) -> None:
     rot, key_len = meta.get("llama.rope.dimension_count"), meta.get("llama.attention.key_length")
     if rot and key_len and rot != key_len:
         raise PuzzleError(f"{path}: RoPE covers {rot} of {key_len} head dims (partial rotary), which is not supported")
+    # breaker: a file without its shape passed, and transformers built a default 7B Llama around it (killed at 24 GB)
+    shape = ("llama.block_count", "llama.embedding_length", "llama.attention.head_count", "llama.feed_forward_length")
+    if lacks := [k for k in shape if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), int) or meta[k] < 1]:
+        raise PuzzleError(f"{path} lacks the model's shape in its metadata ({', '.join(lacks)}), so transformers would "
+                          f"build a default Llama around it; give a GGUF written by llama.cpp's converter")
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise PuzzleError(f"{path} holds no vocabulary (tokenizer.ggml.tokens); give a GGUF written with its "
+                          f"tokenizer by llama.cpp's converter")
+    per_layer = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+    names = ["token_embd.weight", "output_norm.weight",
+             *(f"blk.{i}.{t}.weight" for i in range(meta["llama.block_count"]) for t in per_layer)]
+    if absent := [n for n in names if n not in header.tensors]:
+        raise PuzzleError(f"{path} lacks {len(absent)} of the {len(names)} weights its metadata's "
+                          f"{meta['llama.block_count']} layers need (e.g. {', '.join(absent[:3])}); the file is not a "
+                          f"whole Llama model")
+    embed = header.tensors["token_embd.weight"][0]
+    if len(embed) != 2 or embed[-1] != meta["llama.embedding_length"]:
+        raise PuzzleError(f"{path}: token_embd.weight has the shape {list(embed)}, but the metadata's "
+                          f"llama.embedding_length is {meta['llama.embedding_length']}; the file is inconsistent")
 
 
 def default_cache_dir() -> Path:

@@ -510,6 +510,23 @@ def test_bad_gguf_files(tmp_path):
     w.close()
     with pytest.raises(PuzzleError, match="'qwen2' model"):
         load_parent(tmp_path / "qwen.gguf", cache_dir=tmp_path / "c")
+    # breaker: a llama GGUF without its shape was converted as a default 7B Llama (killed for memory at 24 GB)
+    (tmp_path / "bare").mkdir()
+    w = gguf.GGUFWriter(str(tmp_path / "bare" / "b.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(PuzzleError, match=r"lacks the model's shape in its metadata \(llama.block_count, "
+                                          r"llama.embedding_length, .*build a default Llama"):
+        load_parent(tmp_path / "bare" / "b.gguf", cache_dir=tmp_path / "c")
+    (tmp_path / "cut").mkdir()  # whole metadata, a layer's weights missing
+    hf = hf_llama(num_hidden_layers=2)
+    two = write_gguf(tmp_path / "cut" / "two.gguf", hf, extra=lambda w: w.add_block_count(3))
+    with pytest.raises(PuzzleError, match=r"lacks 9 of the 29 weights its metadata's 3 layers need \(e.g. "
+                                          r"blk.2.attn_norm.weight"):
+        load_parent(two, cache_dir=tmp_path / "c")
     good = write_gguf(tmp_path / "t.gguf", hf_llama(num_hidden_layers=1))
     good.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(PuzzleError, match="truncated"):
