@@ -362,7 +362,8 @@ def read_wiki_dump(path: Path, source: str, min_chars: int = 200) -> list[Docume
 
 def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out: bool = False) -> list[Document]:
     """A parquet file, an Arrow file, or an HF `save_to_disk` folder (its `train` split when it is a
-    DatasetDict, or with `held_out` its first of HELD_OUT_SPLITS): one document per row of column `text_field`.
+    DatasetDict, or with `held_out` its first of HELD_OUT_SPLITS): one document per row of column `text_field`, or
+    of a chat `messages` or `turns` column where the table has no such text column (rendered as `_record_text`).
     Raises PuzzleError when the column is missing or a DatasetDict has none of those splits and several others."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -372,6 +373,8 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out
         split = next((s for s in _wanted_splits(held_out) if s in splits), splits[0] if len(splits) == 1 else None)
         if split is None:
             raise PuzzleError(f"{path} holds splits {splits}; point at one of its split folders")
+        if held_out and splits == ["train"]:
+            _warn_train_split_only(source)
         return read_arrow_table(path / split, source, text_field, held_out)
     files = _tables(path) if path.is_dir() else [path]
     if path.is_dir():
@@ -382,7 +385,7 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out
                           f"out, only its .parquet/.arrow tables are read ({', '.join(others[:3])}"
                           f"{' ...' if len(others) > 3 else ''}); give other files as sources of their own")
         files = _one_split(files, path, source, held_out)
-    docs, blank = [], 0
+    docs, blank, read_column = [], 0, text_field
     for file in files:
         if file.suffix == ".parquet":
             table = pq.read_table(file)
@@ -391,6 +394,18 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out
                 table = pa.ipc.open_stream(file).read_all()
             except pa.ArrowInvalid:
                 table = pa.ipc.open_file(file).read_all()
+        chat = next((c for c in ("messages", "turns") if c in table.column_names), None)
+        if chat is not None and (text_field not in table.column_names or text_field == chat):
+            # chat rows, as a jsonl record's (breaker: "name the text column with --text-field", and then
+            # --text-field messages was refused as "not text")
+            read_column = chat
+            for i, value in enumerate(table.column(chat).to_pylist()):
+                text = _record_text({chat: value}, text_field) if isinstance(value, list) else None
+                if text and text.strip():
+                    docs.append(Document(text.strip(), f"{file.name}:{i}" if len(files) > 1 else str(i), source))
+                else:
+                    blank += 1
+            continue
         if text_field not in table.column_names:
             raise PuzzleError(f"{file} has no column {text_field!r} (columns: {table.column_names}); "
                               f"name the text column with --text-field")
@@ -407,7 +422,7 @@ def read_arrow_table(path: Path, source: str, text_field: str = "text", held_out
             else:
                 blank += 1
     if blank:  # a table's missing values are skipped (a jsonl record's null text is refused: its line is named)
-        warnings.warn(f"data source {source}: {blank} row(s) of column {text_field!r} null or blank, skipped")
+        warnings.warn(f"data source {source}: {blank} row(s) of column {read_column!r} null or blank, skipped")
     return docs
 
 
@@ -453,6 +468,13 @@ def _wanted_splits(held_out: bool) -> tuple[str, ...]:
     return HELD_OUT_SPLITS if held_out else ("train",)
 
 
+def _warn_train_split_only(source: str) -> None:
+    """Say that an evaluation source with a train split alone is read (breaker: read as held-out text unsaid)."""
+    warnings.warn(f"data source {source} holds only a train split, read as the evaluation text (an evaluation source "
+                  f"reads a test or validation split where it has one); fine where the run does not calibrate on the "
+                  f"same data set")
+
+
 def _one_split(files: list[Path], root: Path, spec: str, held_out: bool = False) -> list[Path]:
     """The table files of a dataset folder to read: all of them when they belong to one split (or name none), else
     the train split's (with `held_out`, for an evaluation source: the first of HELD_OUT_SPLITS it holds), with a
@@ -464,6 +486,8 @@ def _one_split(files: list[Path], root: Path, spec: str, held_out: bool = False)
     for file in files:
         splits.setdefault(_split_name(file.relative_to(root)), []).append(file)
     named = sorted(k for k in splits if k is not None)
+    if held_out and named == ["train"]:
+        _warn_train_split_only(spec)
     if len(named) < 2:
         return files
     if (pick := next((s for s in _wanted_splits(held_out) if s in splits), None)) is None:

@@ -179,6 +179,22 @@ def test_blank_jsonl_records_are_said_and_categorical_parquet_text_is_read(tmp_p
     assert [d.text for d in read_documents(str(tmp_path / "cat.parquet"))] == ["a doc", "b doc", "a doc"]
 
 
+def test_chat_parquet_is_read_as_chat_jsonl_is(tmp_path):
+    """Breaker: a parquet of hub chat rows (`messages`) was refused with "name the text column with --text-field", and
+    --text-field messages then as "not text"; the same records as .jsonl were read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chats = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend"}], []]
+    pq.write_table(pa.table({"messages": chats}), tmp_path / "chat.parquet")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chats[0]}) + "\n")
+    want = [d.text for d in read_documents(str(tmp_path / "chat.jsonl"))]
+    assert want == ["User: Hi there\n\nAssistant: Hello, friend"]
+    for field in ("text", "messages"):
+        with pytest.warns(UserWarning, match=r"1 row\(s\) of column 'messages' null or blank, skipped"):
+            assert [d.text for d in read_documents(str(tmp_path / "chat.parquet"), text_field=field)] == want
+
+
 def test_parquet_and_save_to_disk_folder(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -1215,6 +1231,13 @@ def test_a_data_breakers_findings(tmp_path, tok, capsys):
         assert [d.text for d in read_documents(str(hub), held_out=True)] == ["test row"]
     with pytest.warns(UserWarning, match="reading its train split only"):
         assert [d.text for d in read_documents(str(hub))] == ["train row"]
+    (hub / "data" / "validation-00000-of-00001.parquet").unlink()
+    (hub / "data" / "test-00000-of-00001.parquet").unlink()  # a train split alone: said for an evaluation (breaker)
+    with pytest.warns(UserWarning, match="holds only a train split, read as the evaluation text"):
+        assert [d.text for d in read_documents(str(hub), held_out=True)] == ["train row"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [d.text for d in read_documents(str(hub))] == ["train row"]  # calibration: nothing to say
     saved = tmp_path / "saved"  # a save_to_disk DatasetDict: the same choice
     for split in ("train", "validation"):
         (saved / split).mkdir(parents=True)
