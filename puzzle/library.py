@@ -61,6 +61,12 @@ def comparable_meta(meta: dict) -> dict:
     return meta
 
 
+def meta_digest(meta: dict) -> str:
+    """A short sha256 of `comparable_meta(meta)`: what each entry records of the library's meta.json
+    (`library_meta_sha`), so a damaged or lost meta.json can be written again from entries that all agree."""
+    return hashlib.sha256(json.dumps(comparable_meta(meta), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def safetensors_complete(path: Path) -> bool:
     """Whether a .safetensors file is as long as its header says (a cheap check for a cut file, without hashing or
     loading it: its first 8 bytes give the header's length, the header each tensor's data offsets); False for a
@@ -81,6 +87,7 @@ class Library:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._meta_sha: str | None = None  # `meta_digest` of the meta `check_meta` accepted, recorded by `save`
 
     # -- paths ---------------------------------------------------------------------------------
     def _stem(self, layer: int, variant: str, stage: str) -> Path:
@@ -114,7 +121,11 @@ class Library:
                 object, a folder), or is missing while entries were built.
         """
         path = self.root / "meta.json"
+        self._meta_sha = meta_digest(meta)
         if not path.exists() and any((self.root / "entries").glob("L*/*")):  # breaker: entries of bld.tokens 1024
+            if self._entries_record_meta("is missing"):
+                atomic_write_json(path, meta)
+                return
             raise PuzzleError(f"{path} is missing beside the library's entries, so they cannot be matched to this "
                               f"parent and these settings (a rerun with --bld-tokens 2048 took 1024-token entries as "
                               f"its own); delete {self.root} to rebuild the library (or restore the file)")
@@ -123,6 +134,9 @@ class Library:
                 recorded = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 recorded = e
+            if not isinstance(recorded, dict) and path.is_file() and self._entries_record_meta("is damaged"):
+                atomic_write_json(path, meta)
+                return
             if not isinstance(recorded, dict):  # the entries' parent and settings can no longer be checked
                 raise PuzzleError(f"{path} is damaged ({recorded}), so the library's entries cannot be matched to this "
                                   f"parent and these settings; delete {self.root} to rebuild the library (or restore "
@@ -139,6 +153,22 @@ class Library:
             if recorded == json.loads(json.dumps(meta, default=str)):
                 return
         atomic_write_json(path, meta)
+
+    def _entries_record_meta(self, what: str) -> bool:
+        """Whether every entry info of the library records the meta `check_meta` was given (`library_meta_sha`), so
+        meta.json, which `what` ("is missing", "is damaged"), may be written again from them (stop 76's leftover: the
+        whole library had to be deleted); warns when so. False where an entry lacks the record (an earlier
+        version's) or names other settings, or an info file cannot be read."""
+        infos = sorted((self.root / "entries").glob("L*/*.json"))
+        try:
+            recorded = {json.loads(f.read_text()).get("library_meta_sha") for f in infos}
+        except (OSError, ValueError, AttributeError):
+            return False
+        if not infos or recorded != {self._meta_sha}:
+            return False
+        warnings.warn(f"{self.root / 'meta.json'} {what}; each of the library's {len(infos)} entries records the "
+                      f"parent and settings it was built for, and they all match this run's, so it is written again")
+        return True
 
     # -- entries ---------------------------------------------------------------------------------
     def has(self, layer: int, variant: str, stage: str) -> bool:
@@ -191,7 +221,8 @@ class Library:
         params = sum(t.numel() for t in state.values())
         atomic_write_json(self.info_path(layer, variant, stage), {
             "layer": layer, "subblock": subblock, "variant": variant, "stage": stage, "params": params,
-            **info, "file": str(weights.relative_to(self.root)), "sha256": sha256_file(weights)})
+            **info, "file": str(weights.relative_to(self.root)), "sha256": sha256_file(weights),
+            **({"library_meta_sha": self._meta_sha} if self._meta_sha else {})})
         if stage == "bld":
             self.partial_path(layer, variant).unlink(missing_ok=True)
 

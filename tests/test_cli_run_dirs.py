@@ -582,11 +582,27 @@ def test_the_parent_weights_hash_ignores_the_path_and_sees_weights_and_dtype():
     assert weights_sha(tiny_parent().model.to(torch.bfloat16)) != base
 
 
-def test_a_damaged_library_meta_is_one_line_not_a_traceback(tmp_path_factory, tmp_path, capsys):
-    """Breaker: an empty or non-object DIR/library/meta.json gave a JSONDecodeError or AttributeError traceback in bld."""
+def test_a_damaged_library_meta_is_written_again_from_its_entries_or_one_line_not_a_traceback(tmp_path_factory,
+                                                                                              tmp_path, capsys):
+    """Breaker: an empty or non-object DIR/library/meta.json gave a JSONDecodeError or AttributeError traceback in bld.
+    Stop 76's leftover: the whole library then had to be deleted; entries that all record the run's settings
+    (`library_meta_sha`) have it written again."""
     from puzzle.cli import main
 
     out = _copy(tmp_path_factory, tmp_path)
+    meta = (out / "library" / "meta.json").read_bytes()
+    for text in ("", "[1, 2]", '{"parent":', None):
+        if text is None:
+            (out / "library" / "meta.json").unlink()
+        else:
+            (out / "library" / "meta.json").write_text(text)
+        assert main(["bld", "--out", str(out), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert "records the parent and settings it was built for, and they all match this run's, so it is written " \
+               "again" in err, err
+        assert json.loads((out / "library" / "meta.json").read_bytes()) == json.loads(meta)
+    info = next((out / "library" / "entries").glob("L*/*.json"))  # an entry of an earlier version: no record
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "library_meta_sha"}))
     for text in ("", "[1, 2]", '{"parent":'):
         (out / "library" / "meta.json").write_text(text)
         assert main(["bld", "--out", str(out), "--no-progress"]) == 2
