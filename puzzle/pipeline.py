@@ -3488,7 +3488,8 @@ def _front_settings(config, parent_path: bool = True):
     """A configuration dict (`RunConfig.to_dict`, or one DIR/front.json stored) without what a front does not
     depend on: the report section, score.max_contention, the default score.select_context, an empty search.exclude,
     the default search.feedback_candidates (any, with no budget_feedback round), search.budget_slack with no round,
-    score.chunk and bld.checkpoint_s (a changed score table or library the front's table hashes catch) and, with
+    score.chunk, score.tokens, score.position_stride and bld.checkpoint_s (a changed score table or library the
+    front's table hashes catch) and, with
     `parent_path=False`,
     parent.path (for a run whose parent.json records the parent's weights hash: every stage that loads the parent
     then accepts only those weights wherever they lie, `check_parent_weights`, so a moved parent is the same
@@ -3498,7 +3499,10 @@ def _front_settings(config, parent_path: bool = True):
     config = {k: v for k, v in config.items() if k != "report"}
     # breaker: bld.checkpoint_s and score.chunk (how often a training saves, sequences per forward pass) timed
     # every child again; what they change, a library or a score table, the front's table hashes catch
-    for section, key in (("score", "max_contention"), ("score", "chunk"), ("bld", "checkpoint_s"),
+    # and score.tokens, score.position_stride: which text and positions score the table (breaker: --score-tokens 300
+    # for 256 left the table byte for byte and still timed every child again)
+    for section, key in (("score", "max_contention"), ("score", "chunk"), ("score", "tokens"),
+                         ("score", "position_stride"), ("bld", "checkpoint_s"),
                          *(() if parent_path else (("parent", "path"),))):
         if isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k != key}

@@ -670,7 +670,8 @@ def test_the_default_feedback_candidates_leaves_an_earlier_front_current():
     assert _front_settings({**no_rounds, "search": {**no_rounds["search"], "budget_slack": 0.1}}) \
         == _front_settings(no_rounds)
     assert _front_settings({**config, "search": {**config["search"], "budget_slack": 0.1}}) != _front_settings(config)
-    for section, key, value in (("bld", "checkpoint_s", 10.0), ("score", "chunk", 1)):
+    for section, key, value in (("bld", "checkpoint_s", 10.0), ("score", "chunk", 1), ("score", "tokens", 300),
+                                ("score", "position_stride", 2)):  # a changed table its hash catches (breaker)
         assert _front_settings({**config, section: {**config[section], key: value}}) == _front_settings(config)
 
 
