@@ -1393,6 +1393,11 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
     if missed:  # the front keeps the points it reaches, and says which it does not
         chosen["unreachable_front"] = {"targets": list(missed), "reasons": missed,
                                        "largest_speedup": largest_front_speedup(run, tables.get("bld"))}
+        if len(missed) == len(run.config.search.front_speedups):  # breaker: --front-speedups 50 was saved, and the
+            # measured front lost its points, where --speedup 50 is refused with the run as it was
+            every = unreachable_front_message(chosen["unreachable_front"]).replace(" and left out of the front", "")
+            raise InfeasibleBudget(f"{every}; as no front target is in reach, nothing was searched and the run is as "
+                                   f"it was")
         run.say(f"search: warning: {unreachable_front_message(chosen['unreachable_front'])}")
     run.settled = True  # the choices written next are the configuration's: a later failure keeps both (cli._stage_run)
     for name, record in list(records.items()):

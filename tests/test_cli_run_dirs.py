@@ -1159,3 +1159,19 @@ def test_score_on_a_run_without_a_library_says_to_build_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the run has no block library to score yet" in err and f"run `puzzle bld --out '{out}'` first" in err, err
     assert not out.exists()  # a refused command leaves no run behind
+
+
+def test_front_targets_all_out_of_reach_are_refused_with_the_run_as_it_was(tmp_path_factory, tmp_path, capsys):
+    """Breaker: `--front-speedups 50` (the library reaches 7.49x) was saved to config.json and the measured front lost
+    its points, where `--speedup 50` is refused with the run as it was."""
+    from puzzle.cli import main
+
+    out = _copy(tmp_path_factory, tmp_path)
+    before = {p: p.read_bytes() for p in (out / "config.json", out / "search" / "chosen.json")}
+    assert main(["search", "--out", str(out), "--front-speedups", "50,60", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "front targets 50x, 60x are out of reach: the largest speed-up a child of this library reaches" in err, err
+    assert "as no front target is in reach, nothing was searched and the run is as it was" in err
+    assert {p: p.read_bytes() for p in before} == before
+    assert main(["search", "--out", str(out), "--front-speedups", "1.25,50", "--no-progress"]) == 0  # one in reach
+    assert "front target 50x is out of reach and left out of the front" in capsys.readouterr().err
