@@ -64,13 +64,17 @@ class TargetConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PuzzleError(f"target.{name} must be a whole number >= 1, got {value!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise PuzzleError(f"target.threads must be a whole number >= 1 or null, got {self.threads!r}")
+                                         or not 1 <= self.threads <= MAX_THREADS):  # breaker: 1e17 crashed torch
+            raise PuzzleError(f"target.threads must be a whole number from 1 to {MAX_THREADS} or null (torch's "
+                              f"default), got {self.threads!r}")
         from .scoring.cost import is_device_name
 
         if not is_device_name(self.device):
             raise PuzzleError(f"target.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
+
+#: the most CPU threads target.threads takes (more than any CPU a timing runs on has cores)
+MAX_THREADS = 4096
 
 #: the most timing rounds score.cost_repeats and score.measure_repeats take (as `puzzle front --one-session --repeats`)
 MAX_REPEATS = 1000

@@ -106,6 +106,7 @@ import platform
 import re
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -601,7 +602,12 @@ class _fixed_threads:
 
     def __enter__(self):
         self.saved = torch.get_num_threads()
-        torch.set_num_threads(self.workload.threads())
+        threads = self.workload.threads()
+        if self.workload.num_threads is not None and threads > (os.cpu_count() or threads):  # breaker: 64 on 2 cores
+            warnings.warn(f"target.threads {threads} is more than this machine's {os.cpu_count()} CPUs: the threads "
+                          f"share cores, and the timings run slow (give at most {os.cpu_count()}, or null for torch's "
+                          f"default)")
+        torch.set_num_threads(threads)
         self.mode = torch.inference_mode()
         self.mode.__enter__()
         return self

@@ -707,3 +707,20 @@ def test_a_workload_whose_caches_cannot_fit_is_refused_before_timing_and_the_set
         assert (run / "config.json").read_bytes() == before  # the setting is put back: search reads the old one
     files.pop(run / "config.json")  # put back byte for byte; nothing else written
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p != run / "config.json"} == files
+
+
+def test_a_thread_count_past_any_machine_is_refused_and_one_past_this_machine_is_warned_of(monkeypatch):
+    """Breaker: target.threads = 1e17 passed the configuration and crashed torch.set_num_threads with a traceback;
+    64 threads on 2 cores timed about 40x slow without a word."""
+    from puzzle.config import MAX_THREADS, TargetConfig
+    from puzzle.scoring import cost
+
+    with pytest.raises(PuzzleError, match=rf"target.threads must be a whole number from 1 to {MAX_THREADS}"):
+        TargetConfig(threads=10**17)
+    monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    with pytest.warns(UserWarning, match=r"target.threads 3 is more than this machine's 2 CPUs: the threads share "
+                                         r"cores, and the timings run slow"):
+        with cost._fixed_threads(Workload(batch_size=1, prompt_len=4, gen_len=2, num_threads=3)):
+            assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
