@@ -1413,6 +1413,13 @@ LOG_PROGRESS_INTERVAL_S = "30"
 def main(argv=None) -> int:
     if not sys.stderr.isatty():  # read by tqdm when it is first imported (below, with torch); a user's own setting wins
         os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
+    if (interval := os.environ.get("TQDM_MININTERVAL")) is not None:  # breaker: '30s' was tqdm's traceback on import,
+        try:  # for every command
+            float(interval)
+        except ValueError:
+            print(f"puzzle: error: TQDM_MININTERVAL must be a number of seconds between progress updates (e.g. 30), "
+                  f"got {interval!r}; set another or unset it", file=sys.stderr)
+            return 2
     try:
         argv = sys.argv[1:] if argv is None else list(argv)  # a list: read twice (an iterator would be used up)
         command = argv[0] if argv and not str(argv[0]).startswith("-") else None

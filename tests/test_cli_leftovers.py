@@ -906,3 +906,16 @@ def test_progress_bars_update_seldom_in_a_log_file(monkeypatch, capsys):
     assert os.environ["TQDM_MININTERVAL"] == LOG_PROGRESS_INTERVAL_S
     monkeypatch.setenv("TQDM_MININTERVAL", "5")
     assert main(["presets"]) == 0 and os.environ["TQDM_MININTERVAL"] == "5"
+
+
+def test_a_progress_interval_that_is_no_number_is_one_line(monkeypatch, capsys):
+    """Breaker: TQDM_MININTERVAL=30s (the README names the variable) was tqdm's ValueError traceback for every
+    command, `puzzle presets` too."""
+    from puzzle.cli import main
+
+    monkeypatch.setenv("TQDM_MININTERVAL", "30s")
+    assert main(["presets"]) == 2
+    assert "TQDM_MININTERVAL must be a number of seconds between progress updates (e.g. 30), got '30s'" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("TQDM_MININTERVAL", "2.5")
+    assert main(["presets"]) == 0
