@@ -151,6 +151,9 @@ class BLDConfig:
             value = getattr(self, name)  # NaN fails every test
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
                 raise PuzzleError(f"bld.{name} must be {what}, got {value!r}")
+        if self.lr_scales is not None and not isinstance(self.lr_scales, dict):  # breaker: 0, "" and [] became {}
+            raise PuzzleError(f"bld.lr_scales must be a table of variant id -> multiplier (e.g. {{ffn-linear = 2.0}}), "
+                              f"got {self.lr_scales!r}")
         scales = dict(self.lr_scales or {})
         for key, value in scales.items():
             if key not in LR_KEYS and not is_variant_id(key):

@@ -524,7 +524,7 @@ def read_run_config_json(out_dir: Path) -> dict:
         raise PuzzleError(f"{path} does not exist: start with `puzzle run --out {shell_arg(out_dir)}` (or `puzzle data "
                           f"--out {shell_arg(out_dir)}`)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # an editor's BOM, as presets take it
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PuzzleError(f"{path} is not valid JSON ({e}); {_rewrite_config(out_dir)}") from e
     if not isinstance(data, dict):

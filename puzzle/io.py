@@ -206,7 +206,7 @@ def is_run_directory(folder: str | os.PathLike) -> bool:
     if not (folder / "config.json").is_file() or not ((folder / "search").is_dir() or (folder / "library").is_dir()):
         return False
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "parent" in config and "model_type" not in config

@@ -752,7 +752,7 @@ def _refuse_run_directory(path: Path) -> None:
     unsupported model_type)."""
     folder = path.parent if path.name == "config.json" else path
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return
     if not (isinstance(config, dict) and "parent" in config and "model_type" not in config):

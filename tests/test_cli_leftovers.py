@@ -919,3 +919,23 @@ def test_a_progress_interval_that_is_no_number_is_one_line(monkeypatch, capsys):
         capsys.readouterr().err
     monkeypatch.setenv("TQDM_MININTERVAL", "2.5")
     assert main(["presets"]) == 0
+
+
+def test_lr_scales_that_are_no_table_are_refused_and_a_config_json_bom_is_read(tmp_path_factory, tmp_path):
+    """Breaker: bld.lr_scales = 0 (or "", []) was saved as {} unsaid; a config.json an editor saved with a byte-order
+    mark was refused as not JSON, while presets with one are read."""
+    import shutil
+
+    from puzzle.bld import BLDConfig
+    from puzzle.config import load_run_config
+    from puzzle.io import is_run_directory
+    from tiny_run import tiny_run_dir
+
+    for bad in (0, "", []):
+        with pytest.raises(PuzzleError, match="bld.lr_scales must be a table of variant id -> multiplier"):
+            BLDConfig(lr_scales=bad)
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    config = (out / "config.json").read_bytes()
+    (out / "config.json").write_bytes(b"\xef\xbb\xbf" + config)
+    assert is_run_directory(out) and load_run_config(out).to_dict()["bld"]["tokens"] == 512
