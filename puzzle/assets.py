@@ -199,7 +199,8 @@ def model_asset_path(name: str, cache_dir: str | os.PathLike | None = None, prog
     """
     models = sorted(n for n, a in ASSETS.items() if a.filename.endswith(".gguf"))
     if name not in ASSETS:  # breaker: the text and task assets were offered where a model belongs
-        raise PuzzleError(f"unknown model asset {name!r}; the packaged models: {', '.join(f'asset:{n}' for n in models)}")
+        raise PuzzleError(f"unknown model asset {name!r}; the packaged models: "
+                          f"{', '.join(f'asset:{n}' for n in models)}")
     asset = ASSETS[name]
     if not asset.filename.endswith(".gguf"):
         raise PuzzleError(f"asset:{name} is not a model ({asset.description}); the packaged models: "

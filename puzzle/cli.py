@@ -791,8 +791,8 @@ def cmd_search(args) -> int:
         raise PuzzleError(f"{', '.join(library_only)} {verb} on a read-only search of a table: `puzzle search "
                           f"--library {shell_arg(args.out)} ...` (the run is left as it is); `puzzle search --out DIR` "
                           "solves the run's own budgets (--speedup, --max-runtime, --max-memory, --max-prefill, "
-                          "--max-decode, --max-params, --min-throughput, --objective, --vllm-compatible, --exclude) for "
-                          "realize, export and front")
+                          "--max-decode, --max-params, --min-throughput, --objective, --vllm-compatible, --exclude) "
+                          "for realize, export and front")
     from .pipeline import stage_search
 
     with _stage_run(args, existing=True) as run:  # a budget that fails is not kept; a new one is said (`_stage_run`)
@@ -873,8 +873,8 @@ ONE_SESSION_REPEATS = 7
 
 def _targets_without_baselines(rows, ratios) -> list[float]:
     """The speed-ups of the ratio table (`ratios`) at which no baseline row of `rows` (front_all's) was built, when
-    some baseline was: a front target added since `puzzle baselines` ran. A baseline's target is in its name
-    ('greedy-1.5x-init', 'uniform-2x-kv1')."""
+    some baseline was: a front target added since `puzzle baselines` ran, or one out of every method's reach. A
+    baseline's target is in its name ('greedy-1.5x-init', 'uniform-2x-kv1', 'layers-1e+09x')."""
     import re
 
     from .plots import BASELINE_METHODS
@@ -882,7 +882,7 @@ def _targets_without_baselines(rows, ratios) -> list[float]:
     if not len(ratios):
         return []
     built = [float(m.group(1)) for n in rows.loc[rows["method"].isin(BASELINE_METHODS), "name"]
-             if (m := re.search(r"-([0-9]*\.?[0-9]+)x(?:-|$)", str(n)))]
+             if (m := re.search(r"-([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)x(?:-|$)", str(n)))]
     if not built:
         return []
     return sorted(s for s in set(ratios["speedup"]) if not any(abs(b - s) <= 1e-6 * s for b in built))
@@ -1009,8 +1009,9 @@ def cmd_front(args) -> int:
         print(f"our evaluation KL / each baseline's at matched measured speed-up (below 1: ours is better{second}) -> "
               f"{run.out / 'front_ratios.csv'}\n{ratio_table(ratios)}", file=sys.stderr)
         if unbuilt := _targets_without_baselines(rows, ratios):  # breaker: "-: does not reach" where none was built
-            _log(f"front: no baseline was built for {', '.join(f'{t:g}x' for t in unbuilt)} (a target `puzzle "
-                 f"baselines` has not run for): `puzzle baselines --out {shell_arg(run.out)}` builds them")
+            _log(f"front: no baseline model at {', '.join(f'{t:g}x' for t in unbuilt)} (a target `puzzle baselines` "
+                 f"has not run for, or one out of every method's reach): `puzzle baselines --out "
+                 f"{shell_arg(run.out)}` builds what it can")
         if len(ratios) and (note := baselines_budget_note(run.config.search)):
             _log(f"front: {note}")
         if len(ratios):

@@ -179,7 +179,8 @@ def _sorted_metadata(data: bytes) -> bytes:
     (n,) = struct.unpack("<Q", data[:8])
     raw = data[8:8 + n]
     header = json.loads(raw)
-    if not isinstance(header.get("__metadata__"), dict):
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or list(meta) == sorted(meta):  # nothing to reorder: no copy of a large file
         return data
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -154,6 +154,15 @@ class Library:
                 return
         atomic_write_json(path, meta)
 
+    def _recorded_meta_sha(self) -> str | None:
+        """`meta_digest` of the library's meta.json, for an entry saved by a process that did not check it (the
+        coupled stage's; reviewer: its entries carried no digest); None where the file is missing or damaged."""
+        try:
+            recorded = json.loads((self.root / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return meta_digest(recorded) if isinstance(recorded, dict) else None
+
     def _entries_record_meta(self, what: str) -> bool:
         """Whether every entry info of the library records the meta `check_meta` was given (`library_meta_sha`), so
         meta.json, which `what` ("is missing", "is damaged"), may be written again from them (stop 76's leftover: the
@@ -162,7 +171,7 @@ class Library:
         infos = sorted((self.root / "entries").glob("L*/*.json"))
         try:
             recorded = {json.loads(f.read_text()).get("library_meta_sha") for f in infos}
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, TypeError):  # TypeError: a digest edited into a list
             return False
         if not infos or recorded != {self._meta_sha}:
             return False
@@ -222,7 +231,7 @@ class Library:
         atomic_write_json(self.info_path(layer, variant, stage), {
             "layer": layer, "subblock": subblock, "variant": variant, "stage": stage, "params": params,
             **info, "file": str(weights.relative_to(self.root)), "sha256": sha256_file(weights),
-            **({"library_meta_sha": self._meta_sha} if self._meta_sha else {})})
+            **({"library_meta_sha": digest} if (digest := self._meta_sha or self._recorded_meta_sha()) else {})})
         if stage == "bld":
             self.partial_path(layer, variant).unlink(missing_ok=True)
 

@@ -663,7 +663,8 @@ def check_score_meta(run: Run) -> None:
             raise PuzzleError(f"the replace-1-block results in {run.out / 'score'} were computed for another parent "
                               f"(fingerprint {old['library'].get('parent')}, this one {meta['library']['parent']}); give "
                               f"the run its own parent again (--parent), or delete {path} to score this parent afresh")
-        stale = list((run.out / "score").glob("quality_*.jsonl")) + [run.out / "score" / "parent_quality.json"]
+        # the logs and the damaged lines set aside beside them (<log>.skipped: of the old settings too, reviewer)
+        stale = list((run.out / "score").glob("quality_*.jsonl*")) + [run.out / "score" / "parent_quality.json"]
         for f in stale:
             f.unlink(missing_ok=True)
         changed = differing_settings(comparable(old), comparable(meta))  # breaker: which one went unsaid
@@ -866,7 +867,7 @@ def check_library_entries(run: Run, stages) -> None:
                for variants in (ls.attention, ls.ffn) for v in variants[1:] if v.kind != "no_op"]
     # a cut weights file too (breaker: one scored before passed)
     missing = [e for e in entries if not (lib.info_path(*e).is_file() and safetensors_complete(lib.weights_path(*e)))]
-    if missing and not any(lib.info_path(*e).is_file() or lib.weights_path(*e).is_file() for e in entries):
+    if missing and not any((lib.root / "entries").glob("L*/*")):  # (one of another space is a library, reviewer)
         # stop 76's leftover: a run without a library was told its entries were missing or cut
         raise PuzzleError(f"the run has no block library to score yet (no entry in {lib.root}): run `puzzle bld "
                           f"--out {shell_arg(run.out)}` first, or `puzzle run --out {shell_arg(run.out)}` for every "
@@ -1396,8 +1397,8 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
         if len(missed) == len(run.config.search.front_speedups):  # breaker: --front-speedups 50 was saved, and the
             # measured front lost its points, where --speedup 50 is refused with the run as it was
             every = unreachable_front_message(chosen["unreachable_front"]).replace(" and left out of the front", "")
-            raise InfeasibleBudget(f"{every}; as no front target is in reach, nothing was searched and the run is as "
-                                   f"it was")
+            raise InfeasibleBudget(f"{every}; as no front target is in reach, nothing was written and the run is as "
+                                   f"it was (--front-speedups sets the targets)")
         run.say(f"search: warning: {unreachable_front_message(chosen['unreachable_front'])}")
     run.settled = True  # the choices written next are the configuration's: a later failure keeps both (cli._stage_run)
     for name, record in list(records.items()):
@@ -1604,17 +1605,21 @@ def read_architecture_at(out: Path, name: str) -> dict:
     # every record of search/ (breaker: a hand-written or baseline name was read but not listed), not its sweep file
     have = sorted(p.stem for p in (out / "search").glob("*.json") if p.stem != "chosen") \
         if (out / "search").is_dir() else []
-    hint = f"choose one of {have}" if have else "run `puzzle search` first"
-    if (now := [n for n in searched_names(out) or [] if n in have]) and len(now) < len(have):
-        # breaker: children of an earlier --front-speedups were offered as the run's own
-        hint = (f"choose one of the run's searched children {now} (the others there, {[n for n in have if n not in now]}"
-                f", are records of an earlier search or of refine, baselines or a hand)")
+
+    def hint() -> str:  # on the error paths alone (reviewer: chosen.json was read on every successful read too)
+        if (now := [n for n in searched_names(out) or [] if n in have]) and len(now) < len(have):
+            # breaker: children of an earlier --front-speedups were offered as the run's own
+            return (f"choose one of the run's searched children {now} (the others there, "
+                    f"{[n for n in have if n not in now]}, are records of an earlier search or written by refine, "
+                    f"baselines or by hand)")
+        return f"choose one of {have}" if have else "run `puzzle search` first"
+
     if not name or len(name) > 200 or name == "chosen" or Path(name).name != name:  # before any file call
-        raise PuzzleError(f"no architecture named {name[:60]!r} in {out / 'search'}; {hint}")
+        raise PuzzleError(f"no architecture named {name[:60]!r} in {out / 'search'}; {hint()}")
     path = out / "search" / f"{name}.json"
     if not path.is_file():
         raise PuzzleError(f"no architecture named {name!r} in {out / 'search'}"
-                          f"{' (that path is not a file)' if path.exists() else ''}; {hint}")
+                          f"{' (that path is not a file)' if path.exists() else ''}; {hint()}")
     try:
         record = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
@@ -2336,10 +2341,10 @@ def contention_cores(value) -> float | None:
 
 def front_contention(out: Path, session_used: bool = True) -> dict:
     """The most cores other jobs kept busy while the models `puzzle front` compares were timed: the cost table and
-    the children (DIR/children/machine.json) and the baselines, diverse, refined and fused children (the row files of
-    DIR/baselines/rows/ and DIR/front_rows/, under one key naming the kinds there are) and all of them timed together (DIR/one_session.json, only when
-    `session_used`: a stale or damaged session the front set aside says nothing of its speed-ups); None where nothing
-    is recorded. What `contention_note` reads."""
+    the children (DIR/children/machine.json), each kind of model with row files (DIR/baselines/rows/: "baselines";
+    DIR/front_rows/: "refined and diverse children", "fused children"; a key only where it has rows) and all of them
+    timed together (DIR/one_session.json, only when `session_used`: a stale or damaged session the front set aside
+    says nothing of its speed-ups); None where nothing is recorded. What `contention_note` reads."""
     try:
         machine = read_json(out / "children" / "machine.json").get("contention_cores") or {}
     except (PuzzleError, AttributeError):
@@ -2355,7 +2360,7 @@ def front_contention(out: Path, session_used: bool = True) -> dict:
             except PuzzleError:
                 continue
             kind = ("baselines" if sub.startswith("baselines") else "fused children" if path.stem.endswith("-fused")
-                    else "refine's children")  # breaker: all three were named where one kind was timed
+                    else "refined and diverse children")  # breaker: all three were named where one kind was timed
             if cores is not None:
                 rows[kind] = max(cores, rows.get(kind, cores))
     try:  # `puzzle front --one-session`'s timing of them all
@@ -2364,8 +2369,7 @@ def front_contention(out: Path, session_used: bool = True) -> dict:
         session = None
     return {"cost_table": contention_cores(machine.get("cost_table")),
             "children": contention_cores(machine.get("children")),
-            **({", ".join(list(rows)[:-1]) + " and " * (len(rows) > 1) + list(rows)[-1]: max(rows.values())}
-               if rows else {}),
+            **rows,  # each kind its own figure (reviewer: one key for all gave refine's 0.2 the baselines' 1.7)
             "one_session": contention_cores(session)}
 
 
@@ -2422,9 +2426,14 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         run.timed("measure_s", time.perf_counter() - t0)  # adds up over the feedback's sessions
         check_machine_drift(run, measured.attrs, rounds=drifts)
         measured = measured.set_index("name")
+        rounds = dict(measured.attrs.get("runtime_rounds_ms") or {})  # the paired noise `feedback.check` reads
         for name, record in recs.items():
             if name not in measured.index:
                 measured.loc[name] = measured.loc[first[key_of(record)]]
+                if first[key_of(record)] in rounds:
+                    rounds[name] = rounds[first[key_of(record)]]
+        if rounds:
+            measured.attrs = {**measured.attrs, "runtime_rounds_ms": rounds}
         return measured
 
     def resolve(name: str, record: dict, budgets) -> dict:  # written below once its round is decided, not now

@@ -428,7 +428,9 @@ def test_front_contention_reads_the_runs_and_the_rows_timing_conditions(tmp_path
     assert note.startswith("the baselines were timed while other jobs kept 1.70 cores busy")
     (tmp_path / "front_rows").mkdir()
     (tmp_path / "front_rows" / "c-1.5x-refined.json").write_text(json.dumps({"contention_cores": 0.2}))
-    assert front_contention(tmp_path)["baselines and refine's children"] == 1.7
+    assert {k: v for k, v in front_contention(tmp_path).items() if v} == {"cost_table": 0.1, "children": 0.2,
+                                                                          "baselines": 1.7,
+                                                                          "refined and diverse children": 0.2}
     # `puzzle front --one-session` timed them all again on a busy machine (breaker: ratios printed without a word)
     (tmp_path / "one_session.json").write_text(json.dumps({"contention_cores": 0.996}))
     assert front_contention(tmp_path)["one_session"] == 0.996
@@ -1436,9 +1438,10 @@ def test_a_front_target_no_baseline_was_built_for_is_named():
     that speed-up" for every baseline, though none was ever built for 3x."""
     from puzzle.cli import _targets_without_baselines
 
-    rows = pd.DataFrame({"name": ["parent", "child-1.25x", "greedy-1.25x-init", "layers-1.25x"],
-                         "method": ["parent", "mip", "greedy", "layer_removal"]})  # front_all's rows
-    ratios = pd.DataFrame({"speedup": [1.25, 1.25, 3.0, 3.0], "method": ["greedy", "layer_removal"] * 2})
+    rows = pd.DataFrame({"name": ["parent", "child-1.25x", "greedy-1.25x-init", "layers-1.25x", "layers-1e+09x"],
+                         "method": ["parent", "mip", "greedy", "layer_removal", "layer_removal"]})  # front_all's
+    ratios = pd.DataFrame({"speedup": [1.25, 1.25, 3.0, 3.0, 1e9], "method": ["greedy", "layer_removal"] * 2 +
+                           ["greedy"]})
     assert _targets_without_baselines(rows, ratios) == [3.0]
     assert _targets_without_baselines(rows[rows["method"].isin(["parent", "mip"])], ratios) == []  # none built
     assert _targets_without_baselines(rows, ratios.iloc[:0]) == []

@@ -502,6 +502,9 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
     table = stage_coupled(run)
     blocks = table[table["subblock"] == "block"]
     assert len(blocks) > 0 and (tmp_path / "score" / "score_table_decoupled.csv").is_file()
+    from puzzle.library import meta_digest
+
+    digest = meta_digest(json.loads((tmp_path / "library" / "meta.json").read_text()))
     reread, meta = load_score_table(run, "bld")
     assert meta["coupled_blocks"] == len(blocks) and (reread["subblock"] == "block").sum() == len(blocks)
     for r in blocks.itertuples():  # each block row costs what its two subblocks cost together
@@ -509,6 +512,9 @@ def test_stage_coupled_extends_the_score_table_with_block_rows(tmp_path):
         parts = table[(table["layer"] == r.layer) & table["variant"].isin([a, f])]
         assert r.runtime_ms == pytest.approx(parts["runtime_ms"].sum())
         assert run.library.has(r.layer, r.variant, "bld")
+        # the library's settings recorded, as every entry's (reviewer: the coupled stage's carried none, so a damaged
+        # meta.json could not be written again from them)
+        assert run.library.info(int(r.layer), r.variant, "bld")["library_meta_sha"] == digest
     sol = solve(reread, __import__("puzzle.budgets", fromlist=["Budgets"]).Budgets(
         max_runtime_ms=0.8 * float(table[table["is_parent"]]["runtime_ms"].sum())))[0]
     child = realize_child_coupled(run.parent.model, run.library, list(sol.blocks))

@@ -1087,6 +1087,8 @@ def test_front_targets_that_give_one_child_are_named_together(tmp_path_factory, 
     summary = pd.read_csv(out / "summary.csv").set_index("name")
     for column in ("runtime_ms", "throughput_tok_s", "speedup", "kl_nats"):
         assert summary.loc["child-1.25x", column] == summary.loc["child-1.2501x", column], column
+    final = json.loads((out / "children" / "budget_feedback.json").read_text())["final"]  # the paired noise of
+    assert final["child-1.25x"]["se"] == final["child-1.2501x"]["se"] > 0  # the one session for both (reviewer)
     assert main(["search", "--out", str(out), "--front-speedups", "1.25,2", "--no-progress"]) == 0
     said = re.findall(r"search: (.+) are one child", capsys.readouterr().err)
     for names in said:  # only children of the same blocks (on a table timed under load, 1.25x can be the main 1.5x)
@@ -1171,7 +1173,7 @@ def test_front_targets_all_out_of_reach_are_refused_with_the_run_as_it_was(tmp_p
     assert main(["search", "--out", str(out), "--front-speedups", "50,60", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "front targets 50x, 60x are out of reach: the largest speed-up a child of this library reaches" in err, err
-    assert "as no front target is in reach, nothing was searched and the run is as it was" in err
+    assert "as no front target is in reach, nothing was written and the run is as it was" in err
     assert {p: p.read_bytes() for p in before} == before
     assert main(["search", "--out", str(out), "--front-speedups", "1.25,50", "--no-progress"]) == 0  # one in reach
     assert "front target 50x is out of reach and left out of the front" in capsys.readouterr().err

@@ -717,10 +717,10 @@ def test_a_thread_count_past_any_machine_is_refused_and_one_past_this_machine_is
 
     with pytest.raises(PuzzleError, match=rf"target.threads must be a whole number from 1 to {MAX_THREADS}"):
         TargetConfig(threads=10**17)
-    monkeypatch.setattr(cost.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cost.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # the CPUs it may use
     before = torch.get_num_threads()
-    with pytest.warns(UserWarning, match=r"target.threads 3 is more than this machine's 2 CPUs: the threads share "
-                                         r"cores, and the timings run slow"):
+    with pytest.warns(UserWarning, match=r"target.threads 3 is more than the 2 CPUs this process may use: the "
+                                         r"threads share cores, and the timings run slow"):
         with cost._fixed_threads(Workload(batch_size=1, prompt_len=4, gen_len=2, num_threads=3)):
             assert torch.get_num_threads() == 3
     assert torch.get_num_threads() == before

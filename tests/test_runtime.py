@@ -345,6 +345,16 @@ def test_generate_takes_the_built_in_tiny_model_and_refuses_an_empty_prompt(caps
     assert main([*argv, "--prompt", "The cat"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("> The cat\n") and "decode steps" in out
-    assert out.split("\n")[1].strip()  # a blank answer is said (breaker: eight newlines printed as an empty line)
+    import dataclasses
+
+    from puzzle import runtime  # a blank answer is said (breaker: eight newlines printed as an empty line)
+
+    real = runtime.answer_prompts
+    monkeypatch.setattr(runtime, "answer_prompts",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), answers=("",)))
+    assert main([*argv, "--prompt", "The cat"]) == 0
+    assert capsys.readouterr().out.split("\n")[1] == \
+        "(no text: the answer was whitespace alone, or it stopped at once)"
+    monkeypatch.setattr(runtime, "answer_prompts", real)
     assert main([*argv, "--prompt", "hi", "--prompt", "  "]) == 2
     assert "--prompt 2 is empty; give each --prompt a message" in capsys.readouterr().err
