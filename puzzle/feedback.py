@@ -319,6 +319,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
     for k in range(rounds + 1):
         last = k >= rounds - 1
         changed = {}
+        quiet: list[str] = []  # the children this round keeps without a line of their own, said with the round's others
         for name, record in records.items():
             if not record.get("request"):
                 continue
@@ -347,6 +348,10 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                         f"budget; kept, as it meets the budget: the last round only tightens (a looser child would "
                         f"not be checked). Rerunning with --budget-feedback {rounds + 1} could loosen it to use the "
                         f"headroom, for a child of lower KL at about the budget's speed")  # fresh user: what for?
+                elif k < rounds:
+                    why = "under it by the slack and the timing noise at most" if result.met else \
+                        "over by less than the timing noise"
+                    quiet.append(f"{name} ({result.use_text()}: {why})")
                 continue
             budgets = corrected_budgets(record, measured.loc[name], result.limits, tighten_only=last or miss)
             try:
@@ -369,10 +374,13 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                 if several:
                     say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its "
                         f"{result.column} budget; under the table limit {budgets.describe()}: {options}")
+                else:
+                    quiet.append(f"{name} ({result.use_text()}: the corrected limits choose the same child)")
                 continue
             if new_key in tried[name]:
                 if not (miss and met[name].get(new_key)):
                     entry["action"] = "kept: the corrected limits choose a child measured before"
+                    quiet.append(f"{name} ({result.use_text()}: the corrected limits choose a child measured before)")
                     continue
                 new = tried[name][new_key]
             tried[name][new_key] = new
@@ -387,6 +395,8 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             changed[name] = new
         if not changed:
             break
+        if quiet:  # fresh user: each round named 4 of the 5 children, and why the fifth was left went unsaid
+            say(f"budget feedback, round {k + 1}: kept {', '.join(quiet)}")
         records.update(changed)
         measured = measure(records)
     return records, measured, checks, history

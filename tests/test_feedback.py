@@ -232,6 +232,24 @@ def test_a_loosened_child_over_by_less_than_the_noise_goes_back_whatever_the_rou
     assert records["child"]["choice"] == ["A"] and checks["child"].met
 
 
+def test_a_round_names_the_children_it_keeps_without_a_line_of_their_own():
+    """Fresh user: each round's lines named 4 of the 5 children; the fifth, within its budget's slack, was kept
+    unsaid."""
+    start, resolve, measure, _ = two_children()
+    steady = {**start, "choice": ["S"], "runtime_ms": 66.0}  # measured at 0.99 of its budget: within the slack
+
+    def both(records):
+        df = measure({"child": records["child"]})
+        df.loc["steady"] = {"runtime_ms": 66.0, "runtime_iqr_ms": 0.0}
+        return df
+
+    said = []
+    settle({"child": start, "steady": steady}, both, resolve, rounds=2, slack=0.03, say=said.append)
+    assert said[0].startswith("budget feedback, round 1: child: measured 0.825 of its runtime_ms budget; loosened")
+    assert said[1] == ("budget feedback, round 1: kept steady (0.990: under it by the slack and the timing noise at "
+                       "most)"), said
+
+
 def test_a_corrected_limit_out_of_reach_is_said_in_its_own_terms_not_as_flags_to_give():
     """Fresh user: asked --speedup 1.3, the feedback said "no child under the corrected limits (... --speedup at most
     1.409 ...)", advice the request already met; the limit out of reach was the feedback's own."""
