@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import warnings
@@ -215,6 +216,7 @@ class AdapterHandle:
     groups: dict
     base_requires_grad: dict = dataclasses.field(default_factory=dict)
     active: bool = True
+    base_sha: str | None = None  # `base_weights_sha` of the model before it was adapted: the file records it
 
     def parameters(self, trainable_only: bool = True) -> list[nn.Parameter]:
         """Distinct adapter Parameters (shared A and B once)."""
@@ -283,6 +285,21 @@ class AdapterHandle:
         return out
 
 
+def base_weights_sha(model: nn.Module) -> str:
+    """A short sha256 of a model's parameter names, shapes and a strided sample of their values rounded to bfloat16
+    (the same weights in float32 or bfloat16 agree): what an adapter file records of the model it was trained on
+    (`pipeline.tensors_sha`'s sample)."""
+    from .pipeline import WEIGHTS_SHA_SAMPLE
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // WEIGHTS_SHA_SAMPLE)][:WEIGHTS_SHA_SAMPLE]
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterHandle:
     """Wrap the target linear maps of `model` with (tied) low-rank adapters; freeze the base weights.
 
@@ -297,6 +314,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterHandle:
     """
     if any(isinstance(m, AdaptedLinear) for m in model.modules()):
         raise PuzzleError("this model already has adapters; merge or remove them first")
+    base_sha = base_weights_sha(model)
     found = target_modules(model, config)
     if not found:
         raise PuzzleError(f"no linear module named {', '.join(config.targets)} in the decoder layers; "
@@ -344,7 +362,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterHandle:
         parent_path, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_path), leaf, wrapper)
         modules[path] = wrapper
-    return AdapterHandle(model, config, modules, groups, base_requires_grad)
+    return AdapterHandle(model, config, modules, groups, base_requires_grad, base_sha=base_sha)
 
 
 def expected_trainable_parameters(model: nn.Module, config: AdapterConfig) -> int:
@@ -370,7 +388,8 @@ def save_adapters(handle: AdapterHandle, path) -> Path:
     if not handle.active:
         raise PuzzleError("these adapters were merged or removed; save before merging")
     meta = {"format": str(FORMAT_VERSION), "config": json.dumps(handle.config.to_dict()),
-            "modules": json.dumps({p: m.group for p, m in handle.modules.items()})}
+            "modules": json.dumps({p: m.group for p, m in handle.modules.items()}),
+            **({"base_sha": handle.base_sha} if handle.base_sha else {})}
     return atomic_save_safetensors(handle.state_dict(), path, meta)
 
 
@@ -393,6 +412,10 @@ def load_adapters(model: nn.Module, path) -> AdapterHandle:
     config = AdapterConfig.from_dict(json.loads(meta["config"]))
     saved_modules = json.loads(meta["modules"])
     handle = apply_adapters(model, config)
+    if meta.get("base_sha") and handle.base_sha != meta["base_sha"]:  # breaker: taken on any weights of the shape
+        warnings.warn(f"{path} was trained on other base weights than this model's (the same architecture): its "
+                      f"low-rank changes were learned against those, so the adapted model is not the trained one; "
+                      f"load it into the model it was trained on")
     if {p: m.group for p, m in handle.modules.items()} != saved_modules:
         handle.remove()
         raise PuzzleError(f"{path} was saved for other modules than this model has; load it into the same architecture")

@@ -141,10 +141,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     or the "model" entry of a training checkpoint (puzzle.train_utils)."""
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if "modules" in meta and "config" in meta:  # breaker: factors averaged one by one, and the file unloadable
+                raise PuzzleError(f"{path} is a (Tied-)LoRA adapter file: its factors do not average into the average "
+                                  f"of their weight changes (v*(B@(u*A)) is a product), so they are not merged; merge "
+                                  f"the models they were folded into instead (`puzzle rpo`'s OUT/model)")
             return load_file(path)
         sd = torch.load(path, map_location="cpu", weights_only=True)
+    except PuzzleError:
+        raise
     except Exception as e:  # noqa: BLE001  (any reader failure is a bad file for the user)
         raise PuzzleError(f"{path} cannot be read as a state dict ({first_line(e)})") from e
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):

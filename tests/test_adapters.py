@@ -1,5 +1,7 @@
 """Tied-LoRA adapters: identity at init, parameter counts, ties through save/load, exact merge, heterogeneous children."""
 
+import warnings
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -116,7 +118,9 @@ def test_save_stores_shared_factors_once_and_load_restores_the_ties(tmp_path):
     assert sum(k.startswith("u.") for k in keys) == len(handle.modules)
 
     fresh = hetero_child()  # same base weights
-    loaded = load_adapters(fresh, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the base it was trained on: nothing to say
+        loaded = load_adapters(fresh, path)
     torch.testing.assert_close(fresh(IDS), expected, atol=1e-6, rtol=0)
     up0, up2 = loaded.modules["model.layers.0.mlp.up_proj"], loaded.modules["model.layers.2.mlp.up_proj"]
     assert up0.lora_A is up2.lora_A and up0.lora_B is up2.lora_B
@@ -131,6 +135,15 @@ def test_save_stores_shared_factors_once_and_load_restores_the_ties(tmp_path):
     with pytest.raises(PuzzleError, match="other modules"):
         load_adapters(other, path)
     assert not any(isinstance(m, AdaptedLinear) for m in other.modules())  # a refused load leaves no wrappers
+    tuned = hetero_child()  # the same shapes, other weights (breaker: loaded without a word)
+    with torch.no_grad():
+        next(tuned.parameters()).add_(0.5)
+    with pytest.warns(UserWarning, match="was trained on other base weights than this model's"):
+        load_adapters(tuned, path)
+    from puzzle.merge import read_state_dict  # its factors do not average into the average of its ΔW (breaker)
+
+    with pytest.raises(PuzzleError, match=r"is a \(Tied-\)LoRA adapter file: its factors do not average"):
+        read_state_dict(path)
 
 
 @pytest.mark.parametrize("spec,frozen,tied", [("vBuA", "", True), ("BA", "", False), ("vBuA", "AB", True)])
