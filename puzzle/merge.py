@@ -365,8 +365,9 @@ def merge_checkpoints(paths, dest, weights=None, dtype=None) -> Path:
         raise PuzzleError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     paths = [Path(p).expanduser() for p in paths]
     for p in paths:
-        if not p.exists():
-            raise PuzzleError(f"{p} does not exist")
+        if not p.exists():  # breaker: 'tiny' (a model sft and rpo take) was said not to exist
+            raise PuzzleError(f"{p} does not exist" + ("; merge takes model folders or state-dict files, not the "
+                                                       "built-in tiny model" if str(p) == "tiny" else ""))
     kinds = {_is_state_dict_file(p) for p in paths}
     if len(kinds) > 1:
         raise PuzzleError("give only model folders or only state-dict files, not both")

@@ -323,3 +323,13 @@ def test_a_state_dict_merge_takes_dtype_and_refuses_nan_and_overflow(tmp_path):
         merge_checkpoints([a, b], tmp_path / "inf.safetensors")
     assert not (tmp_path / "nan.safetensors").exists() and not (tmp_path / "inf.safetensors").exists()
     assert load_file(merge_checkpoints([a, b], tmp_path / "f32.safetensors", dtype="float32"))["w"][0] == 500000.5
+
+
+def test_the_built_in_tiny_model_is_named_as_no_merge_input(tmp_path, monkeypatch):
+    """Breaker: `puzzle merge tiny FOLDER` said only "tiny does not exist", though sft and rpo take 'tiny'."""
+    from puzzle.merge import merge_checkpoints
+
+    monkeypatch.chdir(tmp_path)  # no ./tiny here
+    with pytest.raises(PuzzleError, match="tiny does not exist; merge takes model folders or state-dict files, not "
+                                          "the built-in tiny model"):
+        merge_checkpoints(["tiny", "tiny"], tmp_path / "out")
