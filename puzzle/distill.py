@@ -47,7 +47,8 @@ from .runlock import WORK_ADVICE, also_lock
 from .scoring.quality import position_kl
 from .train_utils import (FOLDER_SOURCE, CausalLMForward, DistEnv, OptimSettings, TrainResult, barrier,
                           check_resumable, check_work_folder, global_batch, init_distributed, peer_lost,
-                          rank_slice, recorded_settings, recorded_source, shutdown_distributed, train_loop)
+                          rank_slice, recorded_settings, recorded_source, shutdown_distributed, train_loop,
+                          with_earlier_training)
 
 TEACHERS = ("online", "cache")
 AMP_DTYPES = ("float32", "bfloat16")
@@ -772,14 +773,10 @@ def run_gkd_command(args, log=None) -> dict:
                        "before": before, "after": after,
                        "recovery_fraction": recovery_fraction(before["kl_nats"], after["kl_nats"]) if evaluate else None,
                        "history": result.train.history}
-            if result.train.resumed_from >= result.train.steps_done:  # nothing trained by this call: the rate and
-                try:  # time of the call that trained stand (they read 0 before)
-                    earlier = read_json(summary_path) if summary_path.is_file() else None
-                except PuzzleError:
-                    earlier = None
-                if isinstance(earlier, dict) and earlier.get("steps") == summary["steps"]:
-                    summary.update({k: earlier[k] for k in ("train_tok_s", "train_s", "contention_cores")
-                                    if k in earlier})
+            if result.train.resumed_from >= result.train.steps_done:  # nothing trained by this call: the rate, time
+                # and start of the calls that trained stand (they read 0 before)
+                summary = with_earlier_training(summary, summary_path, ("train_tok_s", "train_s", "contention_cores",
+                                                                         "resumed_from_step"))
             from .export import export_checkpoint
 
             exported = export_checkpoint(result.model, inputs.tokenizer, inputs.dest, overwrite=True,
@@ -823,14 +820,18 @@ def cmd_gkd(args) -> int:
                 log("gkd: warning: the evaluation KL rose: the exported child is further from the parent than "
                     "before; train on more tokens (--tokens) or with a lower --lr, or keep the child as it was")
         resumed = summary["resumed_from_step"]
-        if resumed >= summary["steps"]:  # nothing left to train: no rate to report
+        if summary.get("only_exported") or resumed >= summary["steps"]:  # nothing left to train: no rate to report
             rate = f"all {summary['steps']} steps done by an earlier call"
-        else:  # breaker: a resume went unsaid, as sft says it
-            rate = f"{summary['train_tok_s']:.0f} tok/s" + (
-                f"; resumed from step {resumed} of {summary['steps']}" if resumed else "")
-            if (summary.get("contention_cores") or 0) > CONTENTION_NOTE_CORES:  # helper: tok/s swung with load
-                rate += (f"; other processes kept {summary['contention_cores']:.2f} cores busy meanwhile, so the rate "
-                         f"is below this machine's when idle")
+        elif resumed:  # breaker: a resume went unsaid, as sft says it; the rate is this call's steps' (breaker: it
+            # stood beside the whole training's tokens)
+            rate = (f"resumed from step {resumed} of {summary['steps']}: this call's {summary['steps'] - resumed} steps "
+                    f"at {summary['train_tok_s']:.0f} tok/s")
+        else:
+            rate = f"{summary['train_tok_s']:.0f} tok/s"
+        trained = not summary.get("only_exported") and resumed < summary["steps"]
+        if trained and (summary.get("contention_cores") or 0) > CONTENTION_NOTE_CORES:  # helper: tok/s swung with load
+            rate += (f"; other processes kept {summary['contention_cores']:.2f} cores busy meanwhile, so the rate is "
+                     f"below this machine's when idle")
         log(f"gkd: {summary['tokens_trained']} tokens ({rate}); exported to {summary['dest']} "
             f"({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -1335,6 +1335,11 @@ def _check_earlier_training(out: Path, record: dict) -> None:
             old = old if isinstance(old, dict) else {}
             keys = sorted(keys + [k for k in set(old) | set(new) if old.get(k) != new.get(k)
                                   and k not in ("logprobs", "losses_available")] or ["config"])
+        was, now = earlier.get("adapters"), record.get("adapters")
+        if "adapters" in keys and isinstance(was, dict) and isinstance(now, dict):  # breaker: --untied was named
+            flags = {"spec": "--adapters", "rank": "--rank", "tied": "--untied", "frozen": "--freeze"}  # --adapters
+            keys = sorted(set(keys) - {"adapters"} | {flags.get(k, "adapters").lstrip("-")
+                                                       for k in set(was) | set(now) if was.get(k) != now.get(k)})
         names = {"model": "the model's weights", "data": "--data (contents)", "prompts": "--prompts (contents)"}
         raise PuzzleError(f"--out {out} holds a finished rpo training with other settings or inputs "
                           f"({', '.join(names.get(k, '--' + k.replace('_', '-')) for k in keys)} differ), which this "

@@ -54,7 +54,8 @@ from .modeling import PuzzleForCausalLM
 from .runlock import WORK_ADVICE, also_lock
 from .train_utils import (FOLDER_SOURCE, DistEnv, OptimSettings, TrainResult, barrier, check_work_folder,
                           global_batch, init_distributed, peer_lost, rank_slice, recorded_settings,
-                          recorded_source, shutdown_distributed, stalled_gradient_note, train_loop)
+                          recorded_source, shutdown_distributed, stalled_gradient_note, train_loop,
+                          with_earlier_training)
 
 ROLES = ("system", "user", "assistant")
 DEMO_SPEC = "demo:reasoning-toggle"  # the demonstration set below, built in memory (nothing shipped)
@@ -872,6 +873,8 @@ def run_sft_command(args, log=None) -> dict | None:
                        "train_s": round(result.seconds, 1), "dest": str(exported.path),
                        "first_loss": result.history[0]["loss"], "last_loss": result.history[-1]["loss"],
                        "history": result.history}
+            if result.resumed_from >= result.steps_done:  # only exported: the training's own figures stand
+                summary = with_earlier_training(summary, work / "sft.json")
             if args.measure_toggle:
                 summary["toggle_inputs"] = {"training": training, "steps": result.steps_done,
                                             "questions": args.measure_toggle, "max_new_tokens": args.max_new_tokens}
@@ -920,7 +923,8 @@ def cmd_sft(args) -> int:
     summary = run_sft_command(args, log)
     if summary and summary.get("dest"):
         resumed = summary.get("resumed_from_step", 0)
-        how = ("; all steps done by an earlier call, only exported" if resumed >= summary["steps"] else
+        how = ("; all steps done by an earlier call, only exported"
+               if summary.get("only_exported") or resumed >= summary["steps"] else
                f"; resumed from step {resumed} of {summary['steps']}" if resumed else "")
         log(f"sft: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} nats/token{how}; exported to "
             f"{summary['dest']} ({time.perf_counter() - t0:.0f} s in all)")

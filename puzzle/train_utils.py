@@ -401,6 +401,19 @@ def recorded_settings(checkpoint_path: Path, config: dict) -> dict:
     return {**config, **{k: saved[k] for k in RUN_ONLY_SETTINGS if k in saved}}
 
 
+def with_earlier_training(summary: dict, path: Path, keys=("train_s", "resumed_from_step")) -> dict:
+    """`summary` of a call that trained no step (all done by earlier calls, it only exported), with the training's
+    own figures (`keys`) as the earlier call's record at `path` holds them, and "only_exported": True (breaker: a
+    plain rerun wrote train_s 0 and resumed_from_step 59 over the training's 57 s from step 0). As it is where the
+    earlier record is missing, unreadable or of another step count."""
+    from .io import read_json_or_none
+
+    earlier = read_json_or_none(path) if path.is_file() else None
+    if isinstance(earlier, dict) and earlier.get("steps") == summary.get("steps"):
+        summary = {**summary, **{k: earlier[k] for k in keys if k in earlier}}
+    return {**summary, "only_exported": True}
+
+
 def stalled_gradient_note(history, what: str) -> str | None:
     """A warning where the gradient norm was exactly 0 on the last steps of `history` (dicts or a DataFrame's records
     with "grad_norm"; at least 2 steps and the last quarter of them), else None: the loss saturated, typically after a

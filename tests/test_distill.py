@@ -251,7 +251,9 @@ def test_cli_refuses_child_only_flags_with_a_run_and_reports_a_finished_resume(t
     assert isinstance(summary["contention_cores"], float) and summary["contention_cores"] >= 0
     assert args.func(args) == 0  # every step is in the checkpoint: no rate to report, not "0 tok/s"
     assert "all 8 steps done by an earlier call" in capsys.readouterr().err
-    assert json.loads((tmp_path / "out.gkd-work" / "gkd.json").read_text())["train_tok_s"] == rate > 0  # kept
+    rerun = json.loads((tmp_path / "out.gkd-work" / "gkd.json").read_text())
+    assert rerun["train_tok_s"] == rate > 0 and rerun["train_s"] == summary["train_s"]  # kept, and where the
+    assert rerun["resumed_from_step"] == 0 and rerun["only_exported"]  # training began (breaker: 8 written over 0)
     args.child = f"{tmp_path / 'child'}/"  # the same training, spelled otherwise: still a rerun, not another model
     assert args.func(args) == 0
     (tmp_path / "link").symlink_to(tmp_path / "child")  # its checkpoint too: the model's fingerprint ignores the path

@@ -806,3 +806,17 @@ def test_contradicting_tied_or_cut_preferences_and_offline_rloo_are_said(tmp_pat
     assert lrs == pytest.approx([2e-6, 4e-6, 6e-6])  # step k trains at lr * k / warmup
     with pytest.raises(PuzzleError, match=r"name factors of spec 'BA' once each \(its factors: B, A\)"):
         AdapterConfig(spec="BA", frozen="u")
+
+
+def test_a_refused_rerun_names_the_adapter_flag_that_changed(tmp_path):
+    """Breaker: adding --untied to a finished adapter training was refused as "--adapters differ"."""
+    from puzzle.preference import _check_earlier_training
+
+    record = {"config": {"lr": 1e-4}, "adapters": {"spec": "vBuA", "tied": True, "rank": 8, "frozen": ""}}
+    (tmp_path / "rpo.json").write_text(json.dumps({"training": record}))
+    for change, flag in (({"tied": False}, "--untied"), ({"rank": 4}, "--rank"), ({"spec": "BA", "rank": 4},
+                                                                                    "--adapters, --rank")):
+        with pytest.raises(PuzzleError, match=re.escape(f"({flag} differ)")):
+            _check_earlier_training(tmp_path, {**record, "adapters": {**record["adapters"], **change}})
+    with pytest.raises(PuzzleError, match=re.escape("(--adapters differ)")):  # adapters given or dropped
+        _check_earlier_training(tmp_path, {**record, "adapters": None})

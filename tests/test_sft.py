@@ -556,8 +556,11 @@ def test_another_training_into_the_same_dest_is_refused_before_it_trains(tmp_pat
             sft("--work", str(work), *extra)
         assert not work.exists() and (out / "model.safetensors").read_bytes() == before
     capsys.readouterr()
+    first = json.loads((tmp_path / "out.sft-work" / "sft.json").read_text())
     assert sft() == 0  # a rerun of the same training replaces it
     assert "all steps done by an earlier call, only exported" in capsys.readouterr().err  # breaker: it said nothing
+    rerun = json.loads((tmp_path / "out.sft-work" / "sft.json").read_text())  # the training's own figures stand
+    assert (rerun["train_s"], rerun["resumed_from_step"]) == (first["train_s"], 0) and rerun["only_exported"]
     trained = (out / "model.safetensors").read_bytes()
     (tmp_path / "model").rename(tmp_path / "moved")  # breaker: a moved model was refused, then its checkpoint too
     base[2] = str(tmp_path / "moved")
