@@ -824,8 +824,8 @@ def cmd_gkd(args) -> int:
             rate = f"all {summary['steps']} steps done by an earlier call"
         elif resumed:  # breaker: a resume went unsaid, as sft says it; the rate is this call's steps' (breaker: it
             # stood beside the whole training's tokens)
-            rate = (f"resumed from step {resumed} of {summary['steps']}: this call's {summary['steps'] - resumed} steps "
-                    f"at {summary['train_tok_s']:.0f} tok/s")
+            rate = (f"resumed from step {resumed} of {summary['steps']}: this call's {summary['steps'] - resumed} "
+                    f"steps at {summary['train_tok_s']:.0f} tok/s")
         else:
             rate = f"{summary['train_tok_s']:.0f} tok/s"
         trained = not summary.get("only_exported") and resumed < summary["steps"]
