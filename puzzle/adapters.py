@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import warnings
@@ -287,17 +286,11 @@ class AdapterHandle:
 
 def base_weights_sha(model: nn.Module) -> str:
     """A short sha256 of a model's parameter names, shapes and a strided sample of their values rounded to bfloat16
-    (the same weights in float32 or bfloat16 agree): what an adapter file records of the model it was trained on
-    (`pipeline.tensors_sha`'s sample)."""
-    from .pipeline import WEIGHTS_SHA_SAMPLE
+    (the same weights in float32 or bfloat16 agree; `pipeline.tensors_sha`): what an adapter file records of the model
+    it was trained on."""
+    from .pipeline import tensors_sha
 
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // WEIGHTS_SHA_SAMPLE)][:WEIGHTS_SHA_SAMPLE]
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(sample.to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_sha(model.named_parameters(), rounded_to=torch.bfloat16)[:16]
 
 
 def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterHandle:

@@ -359,15 +359,16 @@ def weights_sha(model) -> str:
     return tensors_sha(model.named_parameters(), json.dumps(d, sort_keys=True, default=str))
 
 
-def tensors_sha(named_tensors, header: str = "") -> str:
+def tensors_sha(named_tensors, header: str = "", rounded_to: torch.dtype | None = None) -> str:
     """sha256 of `header` and of each (name, tensor)'s name, shape and `WEIGHTS_SHA_SAMPLE` evenly strided values in
-    float32 (`weights_sha`'s sample; also what identifies a state-dict file's weights in `puzzle merge`)."""
+    float32 (`weights_sha`'s sample; also what identifies a state-dict file's weights in `puzzle merge`), each value
+    first rounded to `rounded_to` where given (bfloat16: the same weights held in float32 or bfloat16 agree)."""
     h = hashlib.sha256(header.encode())
     for name, p in named_tensors:
         flat = p.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // WEIGHTS_SHA_SAMPLE)][:WEIGHTS_SHA_SAMPLE]
         h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(sample.float().cpu().contiguous().numpy().tobytes())
+        h.update((sample if rounded_to is None else sample.to(rounded_to)).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

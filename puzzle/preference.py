@@ -1337,7 +1337,7 @@ def _check_earlier_training(out: Path, record: dict) -> None:
                                   and k not in ("logprobs", "losses_available")] or ["config"])
         was, now = earlier.get("adapters"), record.get("adapters")
         if "adapters" in keys and isinstance(was, dict) and isinstance(now, dict):  # breaker: --untied was named
-            flags = {"spec": "--adapters", "rank": "--rank", "tied": "--untied", "frozen": "--freeze"}  # --adapters
+            flags = {"spec": "--adapters", "rank": "--rank", "tied": "--untied", "frozen": "--freeze"}  # else adapters
             keys = sorted(set(keys) - {"adapters"} | {flags.get(k, "adapters").lstrip("-")
                                                        for k in set(was) | set(now) if was.get(k) != now.get(k)})
         names = {"model": "the model's weights", "data": "--data (contents)", "prompts": "--prompts (contents)"}
