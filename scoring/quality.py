@@ -353,8 +353,9 @@ class ResultLog:
         """The logged rows by their "key". Warns (UserWarning) of skipped lines other than a torn last one."""
         done, skipped = {}, []
         text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.is_file() else ""
-        lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []  # JSON lines end
-        # in "\n" alone (a U+2028 inside a string is no line end), as `set_aside_skipped` splits them
+        lines = text.split("\n")  # JSON lines end in "\n" alone (a U+2028 in a string is no line end), as
+        if lines[-1] == "":  # `set_aside_skipped` splits them; "" after the last newline (or of an empty file)
+            lines.pop()
         for number, line in enumerate(lines, 1):
             if (row := self._result(line)) is not None:
                 done[row["key"]] = row
