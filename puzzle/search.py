@@ -1096,11 +1096,15 @@ def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
     return notes
 
 
+def _keeps_no_block(solution: Solution) -> bool:
+    """Whether `solution` removes every block: attention and FFN no_op in every layer."""
+    return all(b.attention.kind == "no_op" and b.ffn.kind == "no_op" for b in solution.blocks)
+
+
 def _every_block_removed(solution: Solution) -> bool:
-    """Whether `solution` removes every block (attention and FFN no_op in every layer) and costs no runtime: on a
-    table whose non-block row costs nothing (the Puzzle authors' library) it meets any runtime budget."""
-    return not solution.runtime_ms > 0 and all(b.attention.kind == "no_op" and b.ffn.kind == "no_op"
-                                               for b in solution.blocks)
+    """Whether `solution` removes every block (`_keeps_no_block`) and costs no runtime: on a table whose non-block
+    row costs nothing (the Puzzle authors' library) it meets any runtime budget."""
+    return not solution.runtime_ms > 0 and _keeps_no_block(solution)
 
 
 def least_keeping_a_block(table: pd.DataFrame, column: str, options: Mapping | None = None) -> float:
@@ -1202,6 +1206,8 @@ def search_main(args: argparse.Namespace) -> int:
                                                table, parent, options))
     record = {**solutions[0].to_dict(), "parent": dict(parent),  # (non-finite numbers become null on output)
               "workload": _workload(meta), "source": str(args.library)}
+    if getattr(args, "roofline", None):  # breaker: --json gave device "cuda" alone, as if measured
+        record["costs"] = f"roofline estimates for {args.roofline} in {args.roofline_dtype}, not measured"
     if len(solutions) > 1:
         record["alternatives"] = [s.to_dict() for s in solutions[1:]]
     short = None
@@ -1215,10 +1221,14 @@ def search_main(args: argparse.Namespace) -> int:
         record["note"] = short
     if not budgets.limits():  # reviewer: the parent came back (objective 0) without a word in --json mode
         why = _parent_not_best(table, objective, parent, options)
-        print("note: no budget given, so " + ("the best child is the parent itself" if why is None else
-              f"the child is the best one without budgets ({why})") + "; add one or more of --speedup, "
-              "--max-runtime, --max-memory, --max-params, --min-throughput, --max-prefill, --max-decode",
-              file=sys.stderr)
+        choices = build_choices(table)
+        own = [choices.blocks[layer][slot] for layer, slot in enumerate(choices.parent_slot)]
+        what = ("the best child is the parent itself" if why is None and list(solutions[0].blocks) == own else
+                f"the child ties with the parent under the objective {objective} (the solver's pick among equal "
+                f"scores)" if why is None else  # breaker: "the parent itself" of a smaller child
+                f"the child is the best one without budgets ({why})")
+        print(f"note: no budget given, so {what}; add one or more of --speedup, --max-runtime, --max-memory, "
+              f"--max-params, --min-throughput, --max-prefill, --max-decode", file=sys.stderr)
     notes = budgets.above_parent(parent)
     if notes and (why := _parent_not_best(table, objective, parent, options)):
         notes = budgets.above_parent(parent, why)
@@ -1236,6 +1246,10 @@ def search_main(args: argparse.Namespace) -> int:
         first = solutions[empty_child[0]]
         print(f"warning: {_empty_child_warning(f'solution {empty_child[0]}', objective, budgets, first.objective)}",
               file=sys.stderr)
+    if hollow := [n for n, s in enumerate(solutions) if s.runtime_ms > 0 and _keeps_no_block(s)]:
+        print(f"warning: solution {hollow[0]} keeps no block (every layer's attention and FFN removed): its predicted "
+              f"{objective} sums replace-1-block scores, which say little of a model with no block left; realize it "
+              f"to measure it, or ask for less", file=sys.stderr)  # breaker: printed as any child, unsaid
     if args.output:
         _write_output(args.output, record)
     if args.json:

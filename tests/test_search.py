@@ -1552,6 +1552,15 @@ def test_a_runs_library_folder_searches_the_runs_scores(tmp_path_factory, tmp_pa
 
     assert main(["search", "--library", str(run / "library"), "--roofline", "H100", "--speedup", "1.5"]) == 0
     assert "costs: roofline estimates for H100 in bfloat16" in capsys.readouterr().out  # which dtype they assume
+    assert main(["search", "--library", str(run / "library"), "--roofline", "H100", "--speedup", "1.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["costs"] == "roofline estimates for H100 in bfloat16, not measured"
+    fastest = load_search_table(run)[0]  # every block removed: said (breaker: printed as any child)
+    from puzzle.search import Budgets, solve
+
+    hollow = solve(fastest, Budgets(), "runtime_ms")[0]
+    assert all(b.attention.kind == "no_op" and b.ffn.kind == "no_op" for b in hollow.blocks)
+    assert main(["search", "--library", str(run / "library"), "--max-runtime", f"{hollow.runtime_ms * 1.0001}ms"]) == 0
+    assert "warning: solution 0 keeps no block (every layer's attention and FFN removed)" in capsys.readouterr().err
     unscored = tmp_path / "unscored"
     shutil.copytree(run, unscored, ignore=shutil.ignore_patterns("score"))
     for path in (unscored, unscored / "library"):
@@ -1726,6 +1735,13 @@ def test_a_bound_the_parent_meets_is_said_to_bind_where_the_parent_is_not_the_be
     assert main(["search", "--library", str(lib), "--json", "--objective", "lm_loss"]) == 0  # breaker: not the parent
     err = capsys.readouterr().err
     assert "note: no budget given, so the child is the best one without budgets (under the objective lm_loss" in err
+    tie = table.copy()  # every variant scores 0: a child ties with the parent (breaker: called "the parent itself")
+    tie["lm_loss"] = 0.0
+    tie.to_csv(lib, index=False)
+    assert main(["search", "--library", str(lib), "--json", "--objective", "lm_loss"]) == 0
+    err = capsys.readouterr().err
+    assert ("the best child is the parent itself" in err) != ("the child ties with the parent under the objective "
+                                                               "lm_loss" in err), err
 
 
 def test_a_variant_whose_stats_contradict_its_name_is_refused():
