@@ -599,8 +599,10 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
             if run is not None:  # the settings of work a stage wrote with this command's flags stay with it
                 _keep_worked_settings(out, run.config, work)
         if before is None and out.is_dir() and isinstance(e, (PuzzleError, ArchitectureError, KeyboardInterrupt)):
-            if _take_back(out, had, top) and isinstance(e, KeyboardInterrupt):
-                e.puzzle_note = f"nothing was finished, so {args.out} is as it was"  # for main's message
+            if _take_back(out, had, top) and isinstance(e, KeyboardInterrupt):  # for main's message
+                e.puzzle_note = (f"nothing was finished, and {args.out} was not made" if top is not None and not
+                                 top.exists() else f"nothing was finished, so {args.out} is as it was")  # breaker:
+                # "is as it was" of a folder that had never existed
         elif before is None and isinstance(e, KeyboardInterrupt) and not out.exists():  # breaker: "finished work is
             e.puzzle_note = f"nothing was finished, and {args.out} was not made"  # saved" of a folder never made
         if before is None and run is not None and config_path.is_file():  # kept for the work a stage finished

@@ -7,6 +7,7 @@ fsynced, then renamed over the target (rename is atomic on POSIX file systems).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -90,6 +91,24 @@ def refuse_repeated(flag: str, specs, advice: str = "give each file once") -> No
                                       f"of one file); {advice}")
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM (Ctrl-C, `kill`) until the block ends, where they act as usual: for a few steps that
+    must happen together (a temporary file made and its clean-up armed; a file written and the fact recorded).
+    Does nothing where the platform has no signal mask."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file + fsync + rename); creates parent folders.
 
@@ -100,18 +119,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     if path.is_dir():
         raise PuzzleError(f"{path} is a folder where a file belongs; move it away and run the command again")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: `remove_stale_temp_files` leaves a locked file alone
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with signals_deferred():  # breaker: a Ctrl-C between mkstemp and the try left the temporary file behind
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: `remove_stale_temp_files` leaves a locked file alone
+            os.fchmod(fd, file_mode())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 

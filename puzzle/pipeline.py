@@ -41,7 +41,7 @@ from .architecture import ArchitectureError, BlockConfig
 from .config import SEARCH_BUDGETS, RunConfig, ScoreConfig, SearchConfig, save_run_config
 from .errors import PuzzleError, differing_settings, shell_arg
 from .io import (atomic_write_json, atomic_write_text, edited_table_note, is_run_directory, load_table, read_json,
-                 save_table, sha256_file, table_changed_since_written, tensor_sha256)
+                 save_table, sha256_file, signals_deferred, table_changed_since_written, tensor_sha256)
 from .library import Library
 from .runlock import claim_folder
 from .search import InfeasibleBudget
@@ -1401,7 +1401,6 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
             raise InfeasibleBudget(f"{every}; as no front target is in reach, nothing was written and the run is as "
                                    f"it was (--front-speedups sets the targets)")
         run.say(f"search: warning: {unreachable_front_message(chosen['unreachable_front'])}")
-    run.settled = True  # the choices written next are the configuration's: a later failure keeps both (cli._stage_run)
     for name, record in list(records.items()):
         if name in kept:
             continue
@@ -1410,7 +1409,11 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
             continue
         atomic_write_json(run.out / "search" / f"{name}.json", record)
     run.timed("search_s", time.perf_counter() - t0)
-    atomic_write_json(run.out / "search" / "chosen.json", chosen)
+    # the choices and the configuration go together: a later failure keeps both (cli._stage_run), one before this
+    # leaves both as they were (breaker: an interrupt left config.json at 3x beside the 1.5x choices)
+    with signals_deferred():
+        atomic_write_json(run.out / "search" / "chosen.json", chosen)
+        run.settled = True
     update_report_front(run)  # a report written before names the targets out of reach as they are now
     if earlier := earlier_children(run.out, records):  # reviewer: left beside the current ones without a word
         run.say(f"search: {', '.join(earlier)} {'is a child' if len(earlier) == 1 else 'are children'} of an earlier "

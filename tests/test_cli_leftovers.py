@@ -939,3 +939,47 @@ def test_lr_scales_that_are_no_table_are_refused_and_a_config_json_bom_is_read(t
     config = (out / "config.json").read_bytes()
     (out / "config.json").write_bytes(b"\xef\xbb\xbf" + config)
     assert is_run_directory(out) and load_run_config(out).to_dict()["bld"]["tokens"] == 512
+
+
+def test_signals_deferred_holds_ctrl_c_until_the_block_ends():
+    """Breaker: a Ctrl-C between mkstemp and its clean-up left search/.chosen.json.XXXX.tmp behind."""
+    import os
+    import signal
+
+    from puzzle.io import signals_deferred
+
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached = True  # held: the block ends first
+    assert reached
+
+
+def test_a_search_interrupted_before_its_choices_leaves_the_configuration_as_it_was(tmp_path_factory, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Breaker: Ctrl-C while `puzzle search --speedup 3` wrote its files left config.json at 3x beside chosen.json's
+    1.5x choices, and `puzzle export` then exported child-3x as the main child."""
+    import shutil
+
+    from puzzle import pipeline
+    from puzzle.cli import main
+    from tiny_run import tiny_run_dir
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    before = {p: p.read_bytes() for p in (out / "config.json", out / "search" / "chosen.json")}
+    write = pipeline.atomic_write_json
+
+    def interrupted(path, data):
+        if Path(path).name == "chosen.json":
+            raise KeyboardInterrupt
+        return write(path, data)
+
+    monkeypatch.setattr(pipeline, "atomic_write_json", interrupted)
+    assert main(["search", "--out", str(out), "--speedup", "1.3", "--no-progress"]) == 130
+    assert {p: p.read_bytes() for p in before} == before
+    monkeypatch.undo()
+    assert main(["search", "--out", str(out), "--speedup", "1.3", "--no-progress"]) == 0  # and then it settles
+    assert json.loads((out / "search" / "chosen.json").read_text())["main"] == "child-1.3x"
+    assert json.loads((out / "config.json").read_text())["search"]["speedup"] == 1.3

@@ -549,7 +549,11 @@ def test_an_interrupted_command_takes_back_a_new_out_holding_only_bookkeeping(tm
     assert main(["data", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 130
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err  # not "finished work is saved": there was none
-    assert err.endswith(f"puzzle: interrupted; nothing was finished, so {out} is as it was\n"), err
+    assert err.endswith(f"puzzle: interrupted; nothing was finished, and {out} was not made\n"), err  # (breaker:
+    (tmp_path / "mine").mkdir()  # "is as it was" of a folder never made); a folder of the user's is as it was
+    assert main(["data", "--preset", "tiny", "--out", str(tmp_path / "mine"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.endswith(f"nothing was finished, so {tmp_path / 'mine'} is as it was\n")
+    (tmp_path / "mine").rmdir()
     import puzzle.cli
 
     monkeypatch.setattr(puzzle.cli, "_resolve_config", interrupted)  # before the folder is made (breaker: the
