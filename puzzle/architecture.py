@@ -137,6 +137,11 @@ class BlockConfig:
         """Stable id 'attn-kv3+ffn-1536' (safe in file names)."""
         return f"{self.attention.id}+{self.ffn.id}"
 
+    @property
+    def removed(self) -> bool:
+        """Whether the block is skipped whole: its attention and its FFN are both no_op."""
+        return self.attention.kind == "no_op" and self.ffn.kind == "no_op"
+
     @classmethod
     def from_id(cls, block_id: str) -> "BlockConfig":
         attn, sep, ffn = block_id.partition("+")

@@ -447,7 +447,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
             g, aim = first_reached(name, s, lambda a: _greedy_at(run, table, a))
             if g is None:
                 continue
-            if all(b == NOOP_BLOCK for b in g.blocks):
+            if all(b.removed for b in g.blocks):
                 say(f"baselines: warning: greedy ({stage}) reaches {s:g}x only by removing every layer")
             add(name, "greedy", stage, g.blocks, s, "score table of the run's library", g.kl_nats, aim)
         k, aim = first_reached(f"layers-{s:g}x", s, lambda a: fewest_removals(

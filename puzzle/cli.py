@@ -877,14 +877,12 @@ def _targets_without_baselines(rows, ratios) -> list[float]:
     """The speed-ups of the ratio table (`ratios`) at which no baseline row of `rows` (front_all's) was built, when
     some baseline was: a front target added since `puzzle baselines` ran, or one out of every method's reach. A
     baseline's target is in its name ('greedy-1.5x-init', 'uniform-2x-kv1', 'layers-1e+09x')."""
-    import re
-
-    from .plots import BASELINE_METHODS
+    from .plots import BASELINE_METHODS, target_in_name
 
     if not len(ratios):
         return []
-    built = [float(m.group(1)) for n in rows.loc[rows["method"].isin(BASELINE_METHODS), "name"]
-             if (m := re.search(r"-([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)x(?:-|$)", str(n)))]
+    built = [float(t) for n in rows.loc[rows["method"].isin(BASELINE_METHODS), "name"]
+             if (t := target_in_name(n)) is not None]
     if not built:
         return []
     return sorted(s for s in set(ratios["speedup"]) if not any(abs(b - s) <= 1e-6 * s for b in built))

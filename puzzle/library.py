@@ -225,13 +225,14 @@ class Library:
 
     def save(self, layer: int, subblock: str, variant: str, stage: str, state: dict[str, torch.Tensor], info: dict) -> None:
         """Write one entry's weights, then its info (with the weights' sha256) last; drop its checkpoint."""
+        self._meta_sha = self._meta_sha or self._recorded_meta_sha()  # read once per process, not per entry
         weights = atomic_save_safetensors({k: v.detach().cpu() for k, v in state.items()},
                                           self.weights_path(layer, variant, stage))
         params = sum(t.numel() for t in state.values())
         atomic_write_json(self.info_path(layer, variant, stage), {
             "layer": layer, "subblock": subblock, "variant": variant, "stage": stage, "params": params,
             **info, "file": str(weights.relative_to(self.root)), "sha256": sha256_file(weights),
-            **({"library_meta_sha": digest} if (digest := self._meta_sha or self._recorded_meta_sha()) else {})})
+            **({"library_meta_sha": self._meta_sha} if self._meta_sha else {})})
         if stage == "bld":
             self.partial_path(layer, variant).unlink(missing_ok=True)
 

@@ -2505,7 +2505,7 @@ def _keeps_no_block(architecture) -> bool:
             if isinstance(architecture, str) and architecture.strip() else []
     except (ArchitectureError, ValueError):
         return False
-    return bool(blocks) and all(b.attention.kind == "no_op" and b.ffn.kind == "no_op" for b in blocks)
+    return bool(blocks) and all(b.removed for b in blocks)
 
 
 def speedup_mismatch_note(row: dict, out: Path | str = "DIR", again: str | None = None) -> str | None:

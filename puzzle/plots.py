@@ -138,6 +138,13 @@ def front_plot(rows: pd.DataFrame, path: str | Path, *, x: str = "throughput_tok
     return out
 
 
+def target_in_name(name) -> str | None:
+    """The speed-up target a model's name carries, as written: 'child-1.5x' -> '1.5', 'greedy-1.25x-init' -> '1.25',
+    'uniform-1.5x-kv2' -> '1.5', 'layers-1e+09x' -> '1e+09'; None for a name without one ('parent')."""
+    found = re.search(r"-([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)x(?:-[A-Za-z][A-Za-z0-9]*)*$", str(name))
+    return found.group(1) if found else None
+
+
 def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str | None,
                  lower_is_better: bool = True) -> None:
     """One line per (method, training) of `y` against `x` on `ax` through the models on its front (`on_front`), the
@@ -168,8 +175,8 @@ def _draw_series(ax, rows: pd.DataFrame, x: str, y: str, log_y: bool, err: str |
         targets: dict[tuple, list[str]] = {}  # a point's targets: one child of several targets is one label
         for r in part.itertuples():  # each point's target (reviewer: which baseline point is which took the CSV)
             # "child-1.5x", "greedy-1.25x-init", "child-1.5x-refined", "uniform-1.5x-kv2" (reviewer: some unlabelled)
-            if (target := re.search(r"-([0-9.]+x)(?:-[A-Za-z][A-Za-z0-9]*)*$", str(r.name))) and lower_is_better:
-                targets.setdefault((getattr(r, x), getattr(r, y)), []).append(target.group(1))
+            if (target := target_in_name(r.name)) is not None and lower_is_better:
+                targets.setdefault((getattr(r, x), getattr(r, y)), []).append(f"{target}x")
         for point, names in targets.items():
             ax.annotate("/".join(dict.fromkeys(names)), point, textcoords="offset points", xytext=(3, 3), fontsize=6,
                         color=color, alpha=0.8)

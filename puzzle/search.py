@@ -892,12 +892,16 @@ def check_exclusions(table: pd.DataFrame, exclude) -> None:
                           f"or a block id joining two of them with '+' (e.g. {choices.blocks[0][-1].id})")
 
 
+def _parent_blocks(choices) -> list:
+    """The parent's block in each layer of `build_choices`' `choices`."""
+    return [choices.blocks[layer][slot] for layer, slot in enumerate(choices.parent_slot)]
+
+
 def _parent_not_best(table: pd.DataFrame, objective, parent: Mapping[str, float], options: dict) -> str | None:
     """Why a bound the parent meets may still bind (reviewer: "it does not bind" was said where it did): the parent's
     own variants are excluded, or the best child without budgets (a solve without them) scores better than the
     parent under `objective` (an objective other than KL); None when the parent is that best child."""
-    choices = build_choices(table)
-    own = [choices.blocks[layer][slot] for layer, slot in enumerate(choices.parent_slot)]
+    own = _parent_blocks(build_choices(table))
     excluded = [e for e in options.get("exclude", ()) if any(e in (b.id, b.attention.id, b.ffn.id) for b in own)]
     if excluded:
         return f"--exclude {excluded[0]} leaves out the parent's own variant"
@@ -1098,7 +1102,7 @@ def _table_notes(table: pd.DataFrame, meta: dict) -> list[str]:
 
 def _keeps_no_block(solution: Solution) -> bool:
     """Whether `solution` removes every block: attention and FFN no_op in every layer."""
-    return all(b.attention.kind == "no_op" and b.ffn.kind == "no_op" for b in solution.blocks)
+    return all(b.removed for b in solution.blocks)
 
 
 def _every_block_removed(solution: Solution) -> bool:
@@ -1114,7 +1118,7 @@ def least_keeping_a_block(table: pd.DataFrame, column: str, options: Mapping | N
     no allowed slot keeps one."""
     choices = build_choices(table)
     allowed = allowed_slots(choices, **{"vllm_compatible": False, "exclude": (), **(options or {})})
-    keeps = np.array([[not (b.attention.kind == "no_op" and b.ffn.kind == "no_op") for b in blocks]
+    keeps = np.array([[not b.removed for b in blocks]
                       + [False] * (choices.valid.shape[1] - len(blocks)) for blocks in choices.blocks])
     values = choices.values[column]  # (L, V)
     cheapest = np.where(allowed, values, np.inf).min(1)  # (L,)
@@ -1221,8 +1225,7 @@ def search_main(args: argparse.Namespace) -> int:
         record["note"] = short
     if not budgets.limits():  # reviewer: the parent came back (objective 0) without a word in --json mode
         why = _parent_not_best(table, objective, parent, options)
-        choices = build_choices(table)
-        own = [choices.blocks[layer][slot] for layer, slot in enumerate(choices.parent_slot)]
+        own = _parent_blocks(build_choices(table))
         what = ("the best child is the parent itself" if why is None and list(solutions[0].blocks) == own else
                 f"the child ties with the parent under the objective {objective} (the solver's pick among equal "
                 f"scores)" if why is None else  # breaker: "the parent itself" of a smaller child
