@@ -1411,6 +1411,26 @@ def _remove_stale_temp_files(args, started: float, alone: bool) -> None:
 LOG_PROGRESS_INTERVAL_S = "30"
 
 
+#: the commands whose processes share one job under torchrun (or RANK and WORLD_SIZE set by hand)
+SHARDED_COMMANDS = ("bld", "gkd", "sft")
+
+
+def _one_process_refusal(command: str | None) -> str | None:
+    """Why `command` does not run as one of several ranks (WORLD_SIZE above 1), or None: it runs. Breaker: `torchrun
+    --nproc_per_node 2 -m puzzle run --out DIR` ran the whole pipeline twice into one run directory, the second rank
+    without the run's lock (`runlock.takes_lock`), both timing their models under the other's load."""
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    if command in (None, "presets", *SHARDED_COMMANDS) or not world.isdigit() or int(world) <= 1:
+        return None
+    then = (f"; e.g. `torchrun --nproc_per_node {world} -m puzzle bld --out DIR` after `puzzle data --out DIR ...`, "
+            f"then `puzzle {command} --out DIR` in one process, which keeps the library built" if command == "run"
+            else "")
+    return (f"puzzle {command} runs in one process, and WORLD_SIZE={world} makes this one of {world} (torchrun, or "
+            f"RANK and WORLD_SIZE left set in this shell): start it without torchrun, with RANK and WORLD_SIZE unset "
+            f"(`env -u RANK -u WORLD_SIZE puzzle {command} ...`); the commands that share their work between "
+            f"processes are {', '.join(SHARDED_COMMANDS)}{then}")
+
+
 def main(argv=None) -> int:
     if not sys.stderr.isatty():  # read by tqdm when it is first imported (below, with torch); a user's own setting wins
         os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
@@ -1440,6 +1460,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if (refusal := _one_process_refusal(command)) is not None:
+        print(f"puzzle: error: {refusal}", file=sys.stderr)
+        return 2
     started = time.time()
     try:
         with warnings.catch_warnings():

@@ -20,8 +20,8 @@ whole; each also locks its work and export folders whole (`also_lock`), so one m
 as `puzzle export --dest` and `puzzle merge` lock theirs (two runs' exports to one folder: one removed the other's
 half-written files).
 Processes of one torchrun job (WORLD_SIZE above 1) share their run directory by design: RANK 0 takes the locks for
-the job, and a process with another RANK none, whatever it runs (a shell with those variables left set is not
-locked).
+the job, and a process with another RANK none; only bld, gkd and sft run as one of several processes, the other
+commands refuse WORLD_SIZE above 1 (`cli._one_process_refusal`: a shell with those variables left set included).
 """
 
 from __future__ import annotations

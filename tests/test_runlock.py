@@ -346,3 +346,21 @@ def test_two_writers_of_one_export_folder_are_refused(tmp_path, tmp_path_factory
         _release(proc)
     assert main(["merge", *children, "--dest", str(dest)]) == 0 and (dest / "config.json").is_file()
     assert list(lock_path(dest).parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["run"], ["score"], ["search"], ["realize"], ["front"], ["eval", "MODEL"]])
+def test_one_process_commands_refuse_to_be_one_of_several_ranks(tmp_path, monkeypatch, capsys, argv):
+    """Breaker: `torchrun --nproc_per_node 2 -m puzzle run` ran the pipeline twice into one folder, rank 1 unlocked."""
+    from puzzle.cli import _one_process_refusal
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"puzzle {argv[0]} runs in one process" in err and "env -u RANK -u WORLD_SIZE" in err
+    assert ("puzzle bld --out DIR" in err) == (argv[0] == "run")
+    assert not (tmp_path / "run").exists()
+    assert all(_one_process_refusal(c) is None for c in ("bld", "gkd", "sft", "presets", None))
+    for world in ("1", "", "abc"):  # one process, or no torchrun job (as `runlock.takes_lock` reads it)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert _one_process_refusal(argv[0]) is None
