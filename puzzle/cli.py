@@ -1291,7 +1291,8 @@ def _add_later_parsers(sub) -> None:
 
 
 #: file-system errors the user fixes outside the program (a read-only or full disk, permissions, a long name)
-_USER_FIXABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENAMETOOLONG, errno.EDQUOT}
+_USER_FIXABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENAMETOOLONG, errno.EDQUOT,
+                        errno.ENOTDIR}  # ENOTDIR: a file where a folder of the path belongs
 
 
 def expand_home(args: argparse.Namespace) -> None:

@@ -601,8 +601,11 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     fused_name = f"{name}-fused"
     stage = record.get("library_stage", "bld")
     if why := _comparison_child(record):  # breaker: its fusion was exported and drawn on front_all
-        raise PuzzleError(f"{name} is {why}: fuse a child of the trained library (`puzzle fuse --out "
-                          f"{shell_arg(run.out)} --name {name.removesuffix('-' + stage)}`)")
+        twin = name.removesuffix("-" + stage)
+        # breaker: the trained twin was named where it had no run to fuse either (the hint's command then failed)
+        hint = (f"`puzzle fuse --out {shell_arg(run.out)} --name {twin}`" if _has_run(run, twin, include_leading)
+                else _others_hint(run, run.parent.model.config, {name}, include_leading))
+        raise PuzzleError(f"{name} is {why}: fuse a child of the trained library ({hint})")
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
     config = dataclasses.replace(run.parent.model.config, blocks=tuple(blocks))
     candidates, mixed = fusion_candidates(config, include_leading)
@@ -962,6 +965,19 @@ def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_l
         lead = (f"; with --include-leading (the FFN of the layer before each attention-free one fused too) {name} has "
                 f"{', '.join(_run_text(r) for r in with_leading)}")
     return f"fuse: {why}; {hint}{lead}"
+
+
+def _has_run(run, name: str, include_leading: bool) -> bool:
+    """Whether the run's searched child `name` is one of the trained library with a run of FFNs to fuse."""
+    from .pipeline import read_architecture
+
+    try:
+        record = read_architecture(run, name)
+        config = dataclasses.replace(run.parent.model.config,
+                                     blocks=tuple(BlockConfig.from_id(b) for b in record["choice"]))
+    except (PuzzleError, KeyError, TypeError, ValueError):
+        return False
+    return _comparison_child(record) is None and bool(fusion_candidates(config, include_leading)[0])
 
 
 def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:

@@ -1622,8 +1622,15 @@ def read_architecture_at(out: Path, name: str) -> dict:
         raise PuzzleError(f"no architecture named {name[:60]!r} in {out / 'search'}; {hint()}")
     path = out / "search" / f"{name}.json"
     if not path.is_file():
+        from .export import is_export_folder
+
+        # breaker: `puzzle eval DIR --child child-2x-fused` was told only of the searched names
+        folder = out / "export" / name
+        export = (f"; {folder} is an exported model of this run (a fused or trained child has no search record), "
+                  f"which `puzzle eval` and `puzzle generate` read as a model folder: `puzzle eval {shell_arg(folder)}`"
+                  if is_export_folder(folder) else "")
         raise PuzzleError(f"no architecture named {name!r} in {out / 'search'}"
-                          f"{' (that path is not a file)' if path.exists() else ''}; {hint()}")
+                          f"{' (that path is not a file)' if path.exists() else ''}; {hint()}{export}")
     try:
         record = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
@@ -3115,6 +3122,7 @@ def report_is_current(run: Run, exported: dict) -> bool:
 def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict, main: str) -> None:
     """report.md: the summary table, predicted vs measured, BLD vs init-only, chat answers, timings."""
     w = run.workload()
+    where = run.out.absolute()  # in the commands it suggests (breaker: `--out run` worked from one folder alone)
     lines = [f"# Puzzle run: {run.out.resolve().name}", "",
              f"Parent: {run.parent.source}. Workload: {w.device} ({w.meta().get('device_name', '')}), {w.dtype}, "
              f"batch {w.batch_size}, prompt {w.prompt_len}, generate {w.gen_len}. Evaluation text: "
@@ -3137,8 +3145,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     m = m if isinstance(m, dict) else {}
     drift = {k: v for k, v in m["drift"].items() if v is not None} if isinstance(m.get("drift"), dict) else {}
     busy = m.get("contention_cores", {}).get("children") if isinstance(m.get("contention_cores"), dict) else None
-    for note in (*budget_miss_notes(run.out, summary),
-                 parent_runtime_note(summary, drift=drift, busy=busy, out=run.out)):
+    for note in (*budget_miss_notes(where, summary),
+                 parent_runtime_note(summary, drift=drift, busy=busy, out=where)):
         if note:
             lines += [note, ""]
     init_name = f"{main}-init"
@@ -3154,7 +3162,7 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                                      predicted=(a["predicted_kl_nats"], b["predicted_kl_nats"]),
                                      init_faster_by=b["speedup"] / a["speedup"] - 1 if a["speedup"] > 0 else 0.0)
                   + feedback_asymmetry_caveat(resolved_by_feedback(run.out, [main, init_name]), main, init_name), ""]
-    mismatched = [n for n in (speedup_mismatch_note(r, run.out) for r in summary.iloc[1:].to_dict("records")) if n]
+    mismatched = [n for n in (speedup_mismatch_note(r, where) for r in summary.iloc[1:].to_dict("records")) if n]
     if machine.is_file() or mismatched:
         busy = contention_note(m.get("contention_cores") if isinstance(m.get("contention_cores"), dict) else {})
         if drift or busy or mismatched:
@@ -3196,9 +3204,9 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
         lines.append("")
     lines += _unreachable_section(run)
     lines += ["## Against simpler methods", "",  # a fresh user looked here for the baselines (stop 72's leftovers)
-              f"This report holds the searched children alone. `puzzle baselines --out {shell_arg(run.out)}` "
+              f"This report holds the searched children alone. `puzzle baselines --out {shell_arg(where)}` "
               "builds greedy, layer removal, attention removal and uniform width at the front's speed-ups; "
-              f"`puzzle front --out {shell_arg(run.out)}` then draws them beside this front (front_all.png, "
+              f"`puzzle front --out {shell_arg(where)}` then draws them beside this front (front_all.png, "
               "front_all.csv) and writes our KL over theirs at matched speed-up (front_ratios.csv).", ""]
     lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
               "stage adds its time); total_s adds up the `puzzle run` invocations that finished. The figures below are "

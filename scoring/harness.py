@@ -585,6 +585,9 @@ def _parse_tasks(text: str) -> list[str]:
     return names
 
 
+_NOT_CSV = {".json", ".jsonl", ".parquet", ".tsv", ".xlsx"}  # outputs of other formats, refused by name
+
+
 def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
     """Refuse outputs that would overwrite something `puzzle eval` did not write, before any work: a folder,
     a path inside the model folder (or the model file itself) or inside any exported model, or an existing
@@ -598,7 +601,14 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
     for flag, path, earlier in (("--out", Path(out), _is_eval_table), ("--details", details, _is_eval_details)):
         if path is None:
             continue
+        if path.suffix.lower() in _NOT_CSV:  # breaker: --details d.jsonl held CSV rows (--out's .json: below)
+            if flag == "--details" or path.suffix.lower() != ".json":
+                raise PuzzleError(f"{flag} {path}: it is written as CSV; give a .csv path such as "
+                                  f"{path.with_suffix('.csv')}")
         where = path.expanduser().resolve()  # `..` and symlinks resolved: the folder the file would land in
+        # breaker: a file where a folder of the path belongs was a traceback (for --details after every task ran)
+        if (above := next((p for p in where.parents if p.exists()), None)) is not None and not above.is_dir():
+            raise PuzzleError(f"{flag} {path}: {above} is a file, not a folder; give a path in a folder")
         if inside is not None and (where == inside or inside in where.parents):
             raise PuzzleError(f"{flag} {path} is inside the model being evaluated ({model}); write it elsewhere")
         if (export := next((p for p in where.parents if p.is_dir() and is_export_folder(p)), None)) is not None:

@@ -1,5 +1,7 @@
 """FFN Fusion: the fused wide FFN is exactly the sum of the per-layer FFNs on one input; fused models run."""
 
+import re
+
 import pytest
 import torch
 
@@ -229,6 +231,10 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     assert ("Run 1-2 was distilled locally toward the layers it replaces." if row["distilled"] else "none distilled") \
         in readme
     assert (run.out / "fusion" / "child-fuse.csv").is_file()
+    from puzzle.pipeline import read_architecture_at  # breaker: `eval DIR --child <fused>` was not told of its folder
+
+    with pytest.raises(PuzzleError, match=f"{re.escape(str(dest))} is an exported model of this run"):
+        read_architecture_at(run.out, "child-fuse-fused")
 
     scored = []
     real_kl = refine.selection_kl
@@ -365,6 +371,12 @@ def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_
     with pytest.raises(PuzzleError, match=r"child-fuse-init is searched on the init library, for report.md's "
                                           r"comparison with BLD, .*\(`puzzle fuse --out \S+ --name child-fuse`\)$"):
         fuse_child(run, "child-fuse-init", measure=False, export=False)
+    nofuse = json.loads((run.out / "search" / "child-nofuse.json").read_text())  # breaker: its twin has no run either
+    (run.out / "search" / "child-nofuse-init.json").write_text(json.dumps({**nofuse, "library_stage": "init"}))
+    with pytest.raises(PuzzleError, match=r"child-nofuse-init is searched on the init library, .*fuse a child of the "
+                                          r"trained library \(children of this run that have one: child-fuse, "
+                                          r"child-lead\)$"):
+        fuse_child(run, "child-nofuse-init", measure=False, export=False)
     from puzzle.fusion import no_run_to_fuse  # among several names: skipped before any work (reviewer)
 
     assert no_run_to_fuse(run, "child-fuse-init").startswith("searched on the init library")

@@ -924,6 +924,15 @@ def test_export_and_eval_outputs_inside_the_runs_folders_are_refused(run_dir, tm
     assert main(["eval", str(run_dir / "export" / "child-2x"), "--tasks", "lambada", "--limit", "2", "--out",
                  str(out)]) == 2
     assert "is inside the exported model" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "a_file").write_text("mine")  # breaker: tracebacks, --details' after every task had run
+    for flags, words in ((["--out", str(tmp_path / "a_file" / "x.csv")], "a_file is a file, not a folder"),
+                         (["--details", str(tmp_path / "a_file" / "d.csv")], "a_file is a file, not a folder"),
+                         (["--details", str(tmp_path / "d.jsonl")], "it is written as CSV; give a .csv path"),
+                         (["--out", str(tmp_path / "e.parquet")], "give a .csv path such as")):
+        assert main(["eval", str(run_dir / "export" / "child-2x"), "--tasks", "lambada", "--limit", "2",
+                     "--out", str(tmp_path / "e.csv"), *flags]) == 2
+        assert words in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "mine" and not list(tmp_path.glob("[de].*"))
 
 
 def test_an_export_of_an_earlier_search_is_named_as_such(run_dir, tmp_path, capsys):
