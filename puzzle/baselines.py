@@ -856,8 +856,29 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
         atomic_write_json(run.out / "baselines" / HELD_FILE, {"inputs": row_inputs(run), "planned": held})
         plan = plan_baselines(run, speedups, planned=held, say=say_once)
     atomic_write_text(run.out / "baselines" / "baselines.csv", table.to_csv(index=False))
+    if not export:
+        _say_earlier_exports(run, plan)
     run.timed("baselines_s", time.perf_counter() - t0)
     return table
+
+
+def _say_earlier_exports(run, plan: list[Candidate]) -> None:
+    """Say each export folder of a planned baseline that holds another architecture than this call's child, which
+    --no-export leaves in place (breaker: export/greedy-1.25x held an earlier search's greedy child, unsaid)."""
+    from .configuration_decilm import config_dict_from_model_config
+
+    for c in plan:
+        path = run.out / "export" / c.name / "config.json"
+        if not path.is_file():
+            continue
+        try:
+            held = json.loads(path.read_text(encoding="utf-8")).get("block_configs")
+        except (OSError, ValueError, AttributeError):
+            held = None
+        now = config_dict_from_model_config(dataclasses.replace(run.parent.model.config, blocks=tuple(c.blocks)))
+        if held != json.loads(json.dumps(now["block_configs"])):
+            run.say(f"baselines: {path.parent} holds another {c.name} than this call's (an earlier call's), left in "
+                    f"place by --no-export: `puzzle baselines --out {shell_arg(run.out)}` without it writes it again")
 
 
 HELD_FILE = "held.json"

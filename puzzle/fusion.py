@@ -378,6 +378,19 @@ def fusion_candidates(config: ModelConfig, include_leading: bool = False) -> tup
     return candidates, mixed
 
 
+def has_run_to_fuse(choice: Sequence[str]) -> bool:
+    """Whether a child's block ids (a search record's choice) hold a run `fusion_candidates` fuses, with or without
+    --include-leading.
+
+    Raises:
+        ArchitectureError: an id that is not a block's (`BlockConfig.from_id`).
+    """
+    from types import SimpleNamespace
+
+    layers = SimpleNamespace(blocks=tuple(BlockConfig.from_id(b) for b in choice))  # all that the runs are read from
+    return bool(fusion_candidates(layers, include_leading=True)[0])
+
+
 def _run_text(run) -> str:
     return f"{run[0]}-{run[1] - 1}"
 
@@ -615,6 +628,12 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
         if path.is_file():  # breaker: the row of a fusion of an earlier child stayed, and its warning named this call
             path.unlink()
             run.say(f"fuse {name}: removed {path}, the front's row of a fusion of an earlier child of this name")
+        from .export import export_info, is_export_folder
+
+        dest = run.out / "export" / fused_name
+        if is_export_folder(dest) and (export_info(dest) or {}).get("fused_from") == name:  # breaker: kept unsaid
+            run.say(f"fuse {name}: {dest} holds the fusion of an earlier child of this name (left in place; it is not "
+                    f"the fusion of {name} as searched now)")
         raise PuzzleError(_nothing_to_fuse(run, name, config, mixed, include_leading))
     check_before_work(run, name, export)
     dest = run.out / "export" / fused_name
@@ -985,7 +1004,8 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
     layer count), or that none has."""
     from .io import read_json
 
-    others, chosen = [], set()  # chosen: the attention variants the children took instead of the parent's
+    others, chosen, mixed = [], set(), False  # chosen: the attention variants the children took instead of the
+    # parent's; mixed: a child has an attention-free run of SwiGLU and linear FFNs
     for path in sorted((run.out / "search").glob("child-*.json")):
         try:
             record = read_json(path)
@@ -996,14 +1016,21 @@ def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:
             continue
         chosen |= {b.attention.id for b, p in zip(blocks, config.blocks) if b.attention != p.attention}
         child = dataclasses.replace(config, blocks=tuple(blocks))
-        if _comparison_child(record) is None and path.stem not in names \
-                and fusion_candidates(child, include_leading)[0]:  # (the init-only twin is not fused)
-            others.append(path.stem)
+        if _comparison_child(record) is None:  # (the init-only twin is not fused)
+            fusable, mixes = fusion_candidates(child, include_leading)
+            mixed = mixed or bool(mixes)
+            if fusable and path.stem not in names:
+                others.append(path.stem)
     if others:
         return f"children of this run that have one: {', '.join(others)}"
+    saved = set(run.config.search.exclude)  # --exclude replaces the saved list: keep it in the command
+    if mixed and "ffn-linear" not in saved:  # breaker: the hint below blamed attention where the FFN kinds mixed
+        given = " ".join(f"--exclude {v}" for v in sorted(saved | {"ffn-linear"}))
+        return ("none of this run's children has one of a single FFN kind: their attention-free runs mix SwiGLU and "
+                f"linear FFNs; a search without linear FFNs (`puzzle search --out {shell_arg(run.out)} {given}`, "
+                "saved as the run's setting: `--exclude none` clears it) keeps the runs of one kind")
     # breaker: "children of higher speed-ups drop more attention subblocks" sent a user to --speedup 3, whose
     # children dropped the FFNs too; on the tiny preset the search takes linear or fewer-KV-head attention instead
-    saved = set(run.config.search.exclude)  # --exclude replaces the saved list: keep it in the command
     if chosen - {"attn-noop"} <= saved and "ffn-noop" in saved and "attn-noop" not in saved:
         given = " ".join(f"--exclude {v}" for v in sorted(saved))  # the hint would repeat the search just run
         return ("none of this run's children has one, and leaving out the attention variants they took would repeat "
@@ -1078,6 +1105,7 @@ def fuse_main(args) -> int:
             if not reasons[name]:
                 check_before_work(run, name, args.export)
         records, skipped = [], {}
+        t0 = time.perf_counter()
         for i, name in enumerate(names, 1):
             if several:
                 run.say(f"fuse {i}/{len(names)}: {name}")
@@ -1089,6 +1117,8 @@ def fuse_main(args) -> int:
                              distill=args.distill, measure=args.measure, export=args.export, retime=args.retime)
             print(fusion_summary(rec) + ("\n" if several else ""), flush=True)
             records.append(rec)
+        if records:  # breaker: every other command's seconds were in timings.json
+            run.timed("fuse_s", time.perf_counter() - t0)
     if not records:
         raise PuzzleError(f"none of {', '.join(names)} has a run to fuse: " + "; ".join(
             f"{n}: {why}" for n, why in skipped.items()) + "; " + _others_hint(

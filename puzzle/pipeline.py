@@ -3094,9 +3094,11 @@ def children_rows_problem(run: Run, summary: pd.DataFrame, records: dict[str, di
 
 def report_stamp(run: Run, exported: dict) -> dict:
     """What report.md was written from, as DIR/report.json records it: the report settings, summary.csv and
-    front.json by sha256, and the exports' folders (relative to the run) and warnings."""
+    front.json by sha256, the exports' folders (relative to the run) and warnings, the run's path (its commands
+    name it) and whether baselines are built (its section on them says so)."""
     return json.loads(json.dumps({
-        "report": run.config.to_dict().get("report"),
+        "report": run.config.to_dict().get("report"), "run_at": str(run.out.absolute()),
+        "baselines": (run.out / "baselines" / "baselines.csv").is_file(),
         "summary_csv": sha256_file(run.out / "summary.csv"), "front_json": sha256_file(run.out / "front.json"),
         "exported": {n: {"path": _in_run(run, r.path), "warnings": list(r.warnings)} for n, r in sorted(exported.items())}},
         default=str))
@@ -3203,15 +3205,18 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
                                                                     if res.warnings else ""))
         lines.append("")
     lines += _unreachable_section(run)
+    built = (run.out / "baselines" / "baselines.csv").is_file()  # breaker: after baselines ran, said as if not
     lines += ["## Against simpler methods", "",  # a fresh user looked here for the baselines (stop 72's leftovers)
               f"This report holds the searched children alone. `puzzle baselines --out {shell_arg(where)}` "
               "builds greedy, layer removal, attention removal and uniform width at the front's speed-ups; "
               f"`puzzle front --out {shell_arg(where)}` then draws them beside this front (front_all.png, "
-              "front_all.csv) and writes our KL over theirs at matched speed-up (front_ratios.csv).", ""]
+              "front_all.csv) and writes our KL over theirs at matched speed-up (front_ratios.csv)."
+              + (" Here the baselines are built (baselines/baselines.csv)." if built else ""), ""]
     lines += [_REPORT_TIMES, "", "Seconds add up over every command run on this directory (a resumed or repeated "
               "stage adds its time); total_s adds up the `puzzle run` invocations that finished. The figures below are "
               "those at the time of this report; DIR/timings.json goes on adding the time of later commands "
-              "(baselines_s, refine_s, and the stages `puzzle front` runs again, such as search_s and measure_s).", "",
+              "(baselines_s, refine_s, fuse_s, and the stages `puzzle front` runs again, such as search_s and "
+              "measure_s).", "",
               json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone

@@ -615,11 +615,26 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
         return False
     if stale:
         where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"
+        does = "measures it again"
         if fused_from is not None:
             where = f"puzzle fuse --name {fused_from}"
+            if not _has_run_to_fuse(run_dir, fused_from):  # breaker: "measures it again" only removed the row
+                does = "removes its row: the child there now has no run to fuse"
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
-                      f"left out of the front (`{where} --out {shell_arg(run_dir)}` measures it again)")
+                      f"left out of the front (`{where} --out {shell_arg(run_dir)}` {does})")
     return not stale
+
+
+def _has_run_to_fuse(run_dir: Path, name: str) -> bool:
+    """Whether DIR/search/<name>.json holds a child with a run to fuse (`fusion.has_run_to_fuse`); True where it cannot
+    be read (`puzzle fuse` then says why)."""
+    from .fusion import has_run_to_fuse
+    from .io import read_json
+
+    try:
+        return has_run_to_fuse(read_json(run_dir / "search" / f"{name}.json")["choice"])
+    except (PuzzleError, OSError, KeyError, TypeError, ValueError, AttributeError):  # ValueError: ArchitectureError
+        return True
 
 
 def _searched_names(run_dir: Path) -> set[str] | None:

@@ -663,6 +663,14 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     assert (reached["ratio"] == reached["ours_kl_nats"] / reached["baseline_kl_nats"]).all()
     assert ratios.loc[ratios["ratio"].isna(), ["ours_kl_nats", "baseline_kl_nats"]].isna().any(axis=1).all()
     assert (out / "front_all.png").stat().st_size > 0 and (out / "front.png").is_file()
+    # report.md's section says the baselines are built, and its commands give the run's absolute path (breaker)
+    from puzzle.pipeline import write_report
+
+    run = open_run(out, progress=False)
+    write_report(run, pd.read_csv(out / "summary.csv"), {}, {}, "child-1.5x")
+    report = (out / "report.md").read_text()
+    assert "Here the baselines are built (baselines/baselines.csv)." in report
+    assert f"`puzzle baselines --out {out.absolute()}`" in report
     # the stage commands that read a run directory without a preset flag
     assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 0
     assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "exp"), "--no-progress"]) == 0
@@ -671,6 +679,14 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     assert main(["export", "--out", str(out), "--dest", str(tmp_path / "main"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "main" / "config.json").read_text())["puzzle"]["name"] == "child-1.5x"
     assert main(["export", "--out", str(out), "--name", "", "--dest", str(tmp_path / "e"), "--no-progress"]) == 2
+    # an export of another greedy child under the name: --no-export says it is left (breaker: it was not said)
+    name = table["name"].iloc[1]
+    (out / "export" / name).mkdir(parents=True, exist_ok=True)
+    (out / "export" / name / "config.json").write_text(json.dumps({"block_configs": []}))
+    capsys.readouterr()
+    assert main(["baselines", "--out", str(out), "--speedups", "1.5", "--no-export", "--no-progress"]) == 0
+    assert f"{out / 'export' / name} holds another {name} than this call's (an earlier call's), left in place by " \
+        "--no-export" in capsys.readouterr().err
 
 
 def test_an_up_to_date_front_without_baselines_warns_of_a_busy_timing(tmp_path_factory, tmp_path, capsys):

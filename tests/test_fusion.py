@@ -349,6 +349,18 @@ def test_puzzle_fuse_takes_a_run_without_its_leading_layer_where_that_layer_mixe
         fusion_summary(rec)
 
 
+def test_a_run_whose_children_mix_ffn_kinds_is_told_to_leave_out_linear_ffns(tmp_path_factory, tmp_path):
+    """Breaker: the hint blamed the attention the children kept where their attention-free runs mixed FFN kinds."""
+    from puzzle.fusion import fuse_child
+
+    run = _fusable_run(tmp_path_factory, tmp_path / "run")
+    for name in ("child-fuse", "child-lead"):
+        (run.out / "search" / f"{name}.json").unlink()
+    with pytest.raises(PuzzleError, match=r"mix SwiGLU and linear FFNs, .*; none of this run's children has one of a "
+                                          r"single FFN kind: .*`puzzle search --out \S+ --exclude ffn-linear`"):
+        fuse_child(run, "child-mixed", measure=False, export=False)
+
+
 def test_puzzle_fuse_refuses_a_child_without_a_run_and_a_negative_tolerance(tmp_path_factory, tmp_path, capsys,
                                                                              monkeypatch):
     import json
@@ -423,6 +435,7 @@ def test_puzzle_fuse_command_times_the_fused_child_and_prints_the_summary(tmp_pa
     rec = json.loads((run.out / "fusion" / "child-fuse.json").read_text())
     assert rec["fused_speedup"] == pytest.approx(rec["parent_runtime_ms"] / rec["fused_runtime_ms"])
     assert rec["speedup"] > 0 and "export" not in rec and not (run.out / "export" / "child-fuse-fused").exists()
+    assert json.loads((run.out / "timings.json").read_text())["fuse_s"] > 0  # breaker: not recorded
     # --retime makes and times a finished fusion again (fresh user: a busy machine's timing could not be redone)
     assert main(["fuse", "--out", str(run.out), "--name", "child-fuse", "--max-kl-increase", "10", "--no-export",
                  "--no-progress"]) == 0
@@ -548,10 +561,13 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     record.write_text(json.dumps({**other, "choice": [b.id for b in run.parent.config.blocks]}))
     recwarn.clear()
     assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
-    assert any("puzzle fuse --name child-fuse" in str(w.message) for w in recwarn)
+    assert any("puzzle fuse --name child-fuse" in str(w.message) and "removes its row: the child there now has no "
+               "run to fuse" in str(w.message) for w in recwarn)  # breaker: "measures it again"
     record.write_text(json.dumps({**other, "library_stage": "init"}))  # the same layers at another library stage
     recwarn.clear()
     assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
+    assert any("puzzle fuse --name child-fuse" in str(w.message) and "measures it again" in str(w.message)
+               for w in recwarn)
     record.write_text(json.dumps(other))
     assert "child-fuse-fused" in set(front_rows(run.out)["name"])
     # its child no longer among the run's children (breaker: a later search's front, with exclusions that rule it out,
@@ -569,7 +585,9 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     capsys.readouterr()
     with pytest.raises(PuzzleError, match="child-fuse"):
         fuse_child(run, "child-fuse", measure=False, export=False)
-    assert not path.is_file() and f"removed {path}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert not path.is_file() and f"removed {path}" in err
+    assert f"{run.out / 'export' / 'child-fuse-fused'} holds the fusion of an earlier child of this name" in err
     record.write_text(json.dumps(other))
     fuse_child(run, "child-fuse", max_kl_increase=10.0)  # its record again: the row back, nothing timed
     assert path.is_file()
