@@ -6,7 +6,8 @@ For each searched child (default: every DIR/search/child-*.json) `puzzle.kl_gap.
 summed replace-1 KL of its subblocks and the realized child's KL on scoring-split tokens the score
 table did not use and on the evaluation split, and the four ratios between them (selection,
 compounding on scoring text, transfer to the evaluation text, compounding there). Writes
-DIR/kl_gap.csv (default DIR: <run>/kl_gap) and prints the table. Reads the run; writes nothing into it.
+DIR/kl_gap.csv (default DIR: <run>/kl_gap) and prints the table. Reads the run; writes nothing into it but that
+default folder.
 """
 
 from __future__ import annotations

@@ -116,6 +116,9 @@ def main(argv=None) -> int:
         # each once (breaker: one given twice failed the closing table after all the work)
         objectives = list(dict.fromkeys(o.strip() for o in args.objectives.split(";") if o.strip()))
         speedups = list(dict.fromkeys(parse_speedup(s) for s in args.speedups.split(",")))
+        if slow := [s for s in speedups if s <= 1]:  # breaker: 0.5 ran, every objective giving the parent itself
+            raise PuzzleError(f"--speedups {', '.join(f'{s:g}' for s in slow)}: give speed-ups above 1 (at 1 or "
+                              f"below, every objective's child is the parent)")
         exclude_sets = parse_exclude_sets(args.exclude_sets)
         if not objectives or not speedups or not exclude_sets:
             raise PuzzleError("give at least one objective, one speed-up and one exclude set ('none': the whole table)")

@@ -15,9 +15,10 @@ the weighted scoring KL with the evaluation KL over the children, the evaluation
 picks, and the best evaluation KL among them (an oracle that sees the evaluation text). N = 0 is the plain mean.
 
 Writes DIR/select_context_children.csv (one row per child: its evaluation KL and weighted KL per window) and
-DIR/select_context.csv (the summary; printed). DIR defaults to <run>/select_context; the run is only read. Each
-child's figures are saved in DIR/children/ as it is measured, so an interrupted call (Ctrl-C: exit 130) goes on from
-them when run again.
+DIR/select_context.csv (the summary; printed). DIR defaults to <run>/select_context. Of the run's own files it adds
+to <run>/refine/memo.jsonl alone: choosing the diverse children realizes them, and their selection KL is kept there as
+`puzzle refine` keeps it (keyed by what it depends on, and reused by a later refine). Each child's figures are saved
+in DIR/children/ as it is measured, so an interrupted call (Ctrl-C: exit 130) goes on from them when run again.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
     """Front rows of ours (as `puzzle front` selects it) and of each baseline built for `speedup`, parent first.
 
     Raises:
-        SystemExit: our child or a baseline asked for is missing, naming the command that makes it.
+        PuzzleError: our child is missing, a baseline is unknown, or none is built for `speedup`, naming the command
+            that makes it.
     """
     from puzzle.plots import current_front_rows, selected_children
 
@@ -76,21 +77,25 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
             print(f"{name}: the plain child, not refine's pick: {why}", file=sys.stderr)
     ours = ours[ours["picked_from"] == plain]
     if ours.empty:
-        raise SystemExit(f"{run.out} has no searched child {plain}: run `puzzle front --out {run.out}` with "
+        raise PuzzleError(f"{run.out} has no searched child {plain}: run `puzzle front --out {run.out}` with "
                          f"{speedup:g} among its speed-ups")
     built = rows["name"].map(built_for)
-    chosen = []
+    chosen, missing = [], []
     for method in dict.fromkeys(methods):  # a method named twice is compared once
         if method not in BASELINE_METHODS:
-            raise SystemExit(f"unknown baseline {method!r}; choose from {', '.join(BASELINE_METHODS)}")
+            raise PuzzleError(f"unknown baseline {method!r}; choose from {', '.join(BASELINE_METHODS)}")
         # after the same BLD where the method has trainable parts (greedy, uniform width), else as built
         found = rows[(rows["method"] == method) & (rows["training"] != "init") & built]
         if found.empty:
-            print(f"{method}: no model built for {speedup:g}x (`puzzle baselines --out {run.out} --speedups "
-                  f"{speedup:g}`; a method that cannot reach it builds none, or one for a lower target; a row "
-                  f"from older tables than the run's is not current): left out",
-                  file=sys.stderr)
+            missing.append(method)
         chosen.append(found.head(1))
+    if all(c.empty for c in chosen):  # breaker: our child alone was trained, then an empty table was printed
+        raise PuzzleError(f"no baseline is built for {speedup:g}x, so there is nothing to compare our child with: run "
+                         f"`puzzle baselines --out {run.out} --speedups {speedup:g}` first")
+    for method in missing:
+        print(f"{method}: no model built for {speedup:g}x (`puzzle baselines --out {run.out} --speedups {speedup:g}`; "
+              f"a method that cannot reach it builds none, or one for a lower target; a row from older tables than "
+              f"the run's is not current): left out", file=sys.stderr)
     parent = rows[rows["name"] == "parent"]
     return pd.concat([parent, ours.drop(columns="picked_from"), *chosen], ignore_index=True)
 

@@ -378,9 +378,9 @@ def fusion_candidates(config: ModelConfig, include_leading: bool = False) -> tup
     return candidates, mixed
 
 
-def has_run_to_fuse(choice: Sequence[str]) -> bool:
-    """Whether a child's block ids (a search record's choice) hold a run `fusion_candidates` fuses, with or without
-    --include-leading.
+def has_run_to_fuse(choice: Sequence[str], include_leading: bool = True) -> bool:
+    """Whether a child's block ids (a search record's choice) hold a run `fusion_candidates` fuses (by default with
+    --include-leading, which finds every run that fuses without it too).
 
     Raises:
         ArchitectureError: an id that is not a block's (`BlockConfig.from_id`).
@@ -388,7 +388,7 @@ def has_run_to_fuse(choice: Sequence[str]) -> bool:
     from types import SimpleNamespace
 
     layers = SimpleNamespace(blocks=tuple(BlockConfig.from_id(b) for b in choice))  # all that the runs are read from
-    return bool(fusion_candidates(layers, include_leading=True)[0])
+    return bool(fusion_candidates(layers, include_leading)[0])
 
 
 def _run_text(run) -> str:
@@ -992,11 +992,9 @@ def _has_run(run, name: str, include_leading: bool) -> bool:
 
     try:
         record = read_architecture(run, name)
-        config = dataclasses.replace(run.parent.model.config,
-                                     blocks=tuple(BlockConfig.from_id(b) for b in record["choice"]))
+        return _comparison_child(record) is None and has_run_to_fuse(record["choice"], include_leading)
     except (PuzzleError, KeyError, TypeError, ValueError):
         return False
-    return _comparison_child(record) is None and bool(fusion_candidates(config, include_leading)[0])
 
 
 def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:

@@ -214,6 +214,43 @@ def test_objectives_warns_of_a_child_off_its_target(run_dir, tmp_path, capsys):
         assert (f"warning: {objective} at 1.5x is predicted" in captured.err) == off
 
 
+def test_objectives_refuses_a_slow_down_and_uplift_a_run_without_baselines(run_dir, tmp_path, capsys):
+    """Breaker: --speedups 0.5 ran (every child the parent); uplift trained our child alone, then printed an empty
+    table."""
+    assert_refuses(load_benchmark("objectives"), ["--run", str(run_dir), "--speedups", "0.5,2", "--out",
+                                                  str(tmp_path / "O")], "--speedups 0.5: give speed-ups above 1",
+                   capsys)
+    from puzzle.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["front", "--out", str(run), "--no-progress", "--max-contention", "inf"]) == 0
+    capsys.readouterr()
+    assert_refuses(load_benchmark("uplift"), ["--run", str(run), "--out", str(tmp_path / "U")],
+                   "no baseline is built for 1.5x, so there is nothing to compare our child with", capsys)
+    assert not (tmp_path / "U").exists()
+
+
+def test_search_refuses_an_out_under_a_file_and_a_library_variable_that_names_nothing(tmp_path, monkeypatch, capsys):
+    """Breaker: a file in --out's path failed after every solve; a mistyped PUZZLE_70B_LIBRARY dropped the 70B rows
+    and exited 0."""
+    import sys
+
+    (tmp_path / "f").write_text("")
+    bench = load_benchmark("search")
+    for argv, says in ((["--out", str(tmp_path / "f" / "x.csv")], "is a file, not a folder"),):
+        monkeypatch.setattr(sys, "argv", ["search.py", *argv])
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert says in capsys.readouterr().err
+    monkeypatch.setenv("PUZZLE_70B_LIBRARY", str(tmp_path / "nope"))
+    bench = load_benchmark("search")  # FIXTURE is read from the variable at import
+    monkeypatch.setattr(sys, "argv", ["search.py", "--out", str(tmp_path / "x.csv")])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert f"PUZZLE_70B_LIBRARY={tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
 # coupled.py
 
 
