@@ -96,13 +96,14 @@ def views(run, select_tokens: int, context_tokens: int) -> dict[str, SplitView]:
     from puzzle.pipeline import scoring_ids
 
     score, seq = run.tokens.score, run.tokens.score.shape[1]
-    n = max(1, select_tokens // seq)
-    start = max(n, scoring_ids(run).shape[0])
-    if start >= score.shape[0]:
-        raise PuzzleError(f"the scoring split holds {score.shape[0]} sequences of {seq} tokens and --select-tokens "
-                          f"{select_tokens} and the score table use the first {start} sequences: none stays held "
-                          f"out; give --select-tokens at most {(score.shape[0] - 1) * seq}, or raise "
-                          f"data.score_tokens")
+    n, scored = max(1, select_tokens // seq), scoring_ids(run).shape[0]
+    start = max(n, scored)
+    if start >= score.shape[0]:  # breaker: "holds 8 sequences ... use the first 32 sequences" was hard to read
+        fix = (f"give --select-tokens at most {(score.shape[0] - 1) * seq}, or raise data.score_tokens"
+               if scored < score.shape[0] else "raise data.score_tokens (the split's size) above score.tokens")
+        raise PuzzleError(f"the scoring split holds {score.shape[0]} sequences of {seq} tokens; --select-tokens "
+                          f"{select_tokens} chooses on the first {n} and the score table was scored on the first "
+                          f"{scored}, so none stays held out; {fix}")
     return {"oracle": SplitView(run, run.tokens.eval, context_tokens, "oracle"),
             "honest": SplitView(run, score[:n], context_tokens, "honest"),
             "heldout": SplitView(run, score[start:], context_tokens, "heldout")}

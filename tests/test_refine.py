@@ -891,7 +891,8 @@ def test_headroom_benchmark_chooses_on_the_split_of_its_mode_and_resumes(tmp_pat
     assert bench.main([*argv, "--modes", "oracle,psychic"]) == 2
     assert "--modes takes oracle and/or honest" in capsys.readouterr().err
     assert bench.main([*argv[:-3], "--select-tokens", "512", "--out", str(tmp_path / "bad")]) == 2
-    assert "none stays held out" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    err = capsys.readouterr().err
+    assert "none stays held out; give --select-tokens at most" in err and not (tmp_path / "bad").exists()
     # other settings start afresh and say so; an honest mode added after an oracle one runs the oracle again
     other = [*argv[:-3], "--rounds", "1", "--modes", "oracle", "--out", str(tmp_path / "h"), "--no-progress"]
     assert bench.main(other) == 0 and "starting afresh" in capsys.readouterr().err
