@@ -244,8 +244,10 @@ def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float],
             advice = f" A speed-up is --speedup {s} (or --min-throughput {s}); --max-runtime takes a fraction or a time."
         raise PuzzleError(f"{flag} {text!r} is not a budget this tool reads.{advice} Accepted: {_FORMS[kind]}")
     value = float(m.group(1)) * units[unit]
-    if not 0 < value < math.inf:
-        raise PuzzleError(f"{flag} {text!r} must be above zero and finite")
+    if not 0 < value < math.inf:  # breaker: 1e308GiB overflows to inf, and was told to be above zero
+        why = "is too large (it overflows in base units)" if math.isfinite(float(m.group(1))) and value == math.inf \
+            else "must be above zero and finite"
+        raise PuzzleError(f"{flag} {text!r} {why}")
     return value
 
 

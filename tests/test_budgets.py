@@ -48,6 +48,8 @@ def test_malformed_budget_names_flag_and_forms(parse, text):
 def test_an_infinite_absolute_budget_names_its_flag(parse, text):
     with pytest.raises(PuzzleError, match="--the-flag .* must be above zero and finite"):
         parse(text, 100.0, "--the-flag")
+    with pytest.raises(PuzzleError, match="--the-flag .* is too large"):  # finite, but inf in base units (breaker)
+        parse(text.replace("1e400", "1e308").replace("ms", "s"), 100.0, "--the-flag")
 
 
 def test_bare_number_above_limit_asks_for_a_unit():
