@@ -913,6 +913,19 @@ def _time_front_together(run, repeats: int) -> None:
 
 
 def cmd_front(args) -> int:
+    timed: list = []  # holds True once --one-session's timings are written (`_front`)
+    try:
+        return _front(args, timed)
+    except KeyboardInterrupt as e:  # breaker: after the session, "rerun the same command" timed every model again
+        if timed and not hasattr(e, "puzzle_note"):
+            e.puzzle_note = (f"the one session's timings are kept in {args.out / 'one_session.json'}; `puzzle front "
+                             f"--out {shell_arg(args.out)}` without --one-session draws the front and its ratios from "
+                             f"them{' (with --downstream, evaluating what is left)' if args.downstream else ''}")
+        raise
+
+
+def _front(args, timed: list) -> int:
+    """`puzzle front`; appends True to `timed` once the one session's timings are written."""
     from .pipeline import UNREADABLE_CHILDREN, front_is_current, stage_front
 
     tasks = None
@@ -968,14 +981,21 @@ def cmd_front(args) -> int:
 
             if not _draws_front_all(run.out, tasks) and (busy := contention_note(front_contention(run.out))):
                 _log(f"front: warning: {busy}")  # (else said with the ratios below)
-        from .pipeline import report_out_of_date, say_earlier_exports
+        from .pipeline import children_without_export, report_out_of_date, say_earlier_exports
 
         say_earlier_exports(run, "front")
+        if unexported := children_without_export(run):  # breaker: export/child-3x of a new target was missing, unsaid
+            them = "them" if len(unexported) > 1 else "it"
+            _log(f"front: {', '.join(unexported)} {'have' if len(unexported) > 1 else 'has'} no export folder (front "
+                 f"exports nothing): `puzzle run --out {shell_arg(run.out)}` writes {them} (nothing is timed again), "
+                 f"or `puzzle export --out {shell_arg(run.out)} --name "
+                 f"{unexported[0] if len(unexported) == 1 else 'NAME'}`{' one' if len(unexported) > 1 else ''}")
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {shell_arg(run.out)}` writes it again (nothing is timed for it)")
         if args.one_session:
             _time_front_together(run, args.repeats if args.repeats is not None else ONE_SESSION_REPEATS)
+            timed.append(True)
     if tasks:
         from .downstream import evaluate_front_downstream
 

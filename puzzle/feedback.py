@@ -393,10 +393,11 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} budget; "
                 f"{entry['action']} the table limit to {budgets.describe()}{kl}" + (f"; {options}" if options else ""))
             changed[name] = new
+        if quiet:  # fresh user: each round named 4 of the 5 children, and why the fifth was left went unsaid; also in
+            # a round that changes nothing (breaker: why rounds 2 and 3 did not loosen a child 9 % under went unsaid)
+            say(f"budget feedback, round {k + 1}: kept {', '.join(quiet)}")
         if not changed:
             break
-        if quiet:  # fresh user: each round named 4 of the 5 children, and why the fifth was left went unsaid
-            say(f"budget feedback, round {k + 1}: kept {', '.join(quiet)}")
         records.update(changed)
         measured = measure(records)
     return records, measured, checks, history

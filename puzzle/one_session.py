@@ -7,8 +7,8 @@ VM the same baseline children read up to 5.6 % faster against the parent in a la
 greedy's 1.25x child 1.242x, then 1.312x), which moved the ratios at 1.25x by up to 0.25. Timed together,
 every model shares the same rounds, so the ratios at matched speed-up compare like with like.
 
-`time_front_together` realizes the parent and every model `puzzle front` draws (one per architecture and
-library stage: two names for one child are timed once), measures them with `scoring.cost.measure_models`
+`time_front_together` realizes the parent and every model `puzzle front` draws (one per architecture: two names
+for one child, or one architecture at two library stages, are timed once), measures them with `scoring.cost.measure_models`
 (every round all models, in a new random order, steps interleaved on a CPU; medians over `repeats` rounds)
 and writes DIR/one_session.json. `apply_one_session` puts those speed-ups in the front's rows where they
 still belong to the model drawn (same name, architecture and library stage; same workload, score table and
@@ -99,7 +99,9 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
             raise PuzzleError(f"{r['name']} ({r['source']}) has no architecture to build it from (no row architecture, "
                               f"no DIR/search/{r['name']}.json): `puzzle front --out {shell_arg(run.out)} --remeasure` "
                               "solves the front again")
-        timed_as[r["name"]] = first.setdefault((arch, str(r["training"])), r["name"])
+        # by architecture alone: the runtime does not depend on the weights (breaker: greedy-1.25x and its -init twin,
+        # one architecture, were timed apart and read 0.995x and 2.130x in one session)
+        timed_as[r["name"]] = first.setdefault(arch, r["name"])
         plan.append((r, arch))
     unique = {r["name"]: (r, arch) for r, arch in plan if timed_as[r["name"]] == r["name"]}
 

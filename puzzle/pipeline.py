@@ -1954,6 +1954,20 @@ def exports_from_an_earlier_search(run: Run) -> dict[str, str]:
     return found
 
 
+def children_without_export(run: Run) -> list[str]:
+    """The run's searched children of the trained library (`searched_names`, not the init-only comparison ones) with no
+    DIR/export/<name> folder: `puzzle run` exports each, `puzzle front` none (a front target added since)."""
+    missing = []
+    for name in searched_names(run.out) or []:
+        try:
+            stage = read_json(run.out / "search" / f"{name}.json").get("library_stage", "bld")
+        except (PuzzleError, OSError, AttributeError):
+            continue
+        if stage == "bld" and not (run.out / "export" / name).exists():
+            missing.append(name)
+    return missing
+
+
 def say_earlier_exports(run: Run, stage: str) -> None:
     """Say, as `stage`, each export folder of `exports_from_an_earlier_search` and the command that writes it again
     (`puzzle run` exports the BLD children alone, not the -init ones)."""

@@ -1088,6 +1088,9 @@ def test_front_targets_that_give_one_child_are_named_together(tmp_path_factory, 
     assert "child-1.25x and child-1.2501x are one child (the same blocks, predicted" in capsys.readouterr().err
     # timed once: one figure in every row, so the plot's one point (breaker: timed twice, 0.75x and 0.83x, two points)
     assert main(["front", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
+    # the run's copy holds no export/: each child is named with the command that writes it (breaker: unsaid)
+    assert re.search(r"front: (child-[0-9.]+x, )+child-[0-9.]+x have no export folder \(front exports nothing\): "
+                     r"`puzzle run --out \S+` writes them", capsys.readouterr().err)
     summary = pd.read_csv(out / "summary.csv").set_index("name")
     for column in ("runtime_ms", "throughput_tok_s", "speedup", "kl_nats"):
         assert summary.loc["child-1.25x", column] == summary.loc["child-1.2501x", column], column

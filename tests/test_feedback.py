@@ -248,6 +248,9 @@ def test_a_round_names_the_children_it_keeps_without_a_line_of_their_own():
     assert said[0].startswith("budget feedback, round 1: child: measured 0.825 of its runtime_ms budget; loosened")
     assert said[1] == ("budget feedback, round 1: kept steady (0.990: under it by the slack and the timing noise at "
                        "most)"), said
+    said.clear()  # a round that changes nothing says them too (breaker: rounds 2 and 3 went unsaid)
+    settle({"child": start, "steady": steady}, both, resolve, rounds=3, slack=0.03, say=said.append)
+    assert said[-1].startswith("budget feedback, round 3: kept steady (0.990") and "round 3: child:" in said[-2]
 
 
 def test_a_corrected_limit_out_of_reach_is_said_in_its_own_terms_not_as_flags_to_give():
