@@ -8,9 +8,9 @@ greedy's 1.25x child 1.242x, then 1.312x), which moved the ratios at 1.25x by up
 every model shares the same rounds, so the ratios at matched speed-up compare like with like.
 
 `time_front_together` realizes the parent and every model `puzzle front` draws (one per architecture: two names
-for one child, or one architecture at two library stages, are timed once), measures them with `scoring.cost.measure_models`
-(every round all models, in a new random order, steps interleaved on a CPU; medians over `repeats` rounds)
-and writes DIR/one_session.json. `apply_one_session` puts those speed-ups in the front's rows where they
+for one child, or one architecture at two library stages, are timed once), measures them with
+`scoring.cost.measure_models` (every round all models, in a new random order, steps interleaved on a CPU; medians
+over `repeats` rounds) and writes DIR/one_session.json. `apply_one_session` puts those speed-ups in the front's rows where they
 still belong to the model drawn (same name, architecture and library stage; same workload, score table and
 evaluation text), keeping each row's own figure as speedup_own_session; the source files (front.csv,
 front_rows/, baselines/rows/) stay as their commands wrote them, so deleting the file undoes it.
