@@ -236,18 +236,20 @@ def main() -> int:
             p.error(f"{flag} {value}: give {least} or more")
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give a CSV file's path")
-    if (above := next((d for d in args.out.absolute().parents if d.exists()), None)) is not None and not above.is_dir():
-        p.error(f"--out {args.out}: {above} is a file, not a folder; give a path in a folder")  # breaker: after every
-        # solve, a traceback
-    if os.environ.get("PUZZLE_70B_LIBRARY") and not FIXTURE.exists():  # breaker: a typo dropped the 70B rows, exit 0
-        p.error(f"PUZZLE_70B_LIBRARY={FIXTURE} does not exist; set it to the library's folder (or its "
+    from puzzle.io import file_in_the_way
+
+    if (above := file_in_the_way(args.out)) is not None:  # breaker: after every solve, a traceback
+        p.error(f"--out {args.out}: {above} is a file, not a folder; give a path in a folder")
+    if os.environ.get("PUZZLE_70B_LIBRARY") and not FIXTURE.is_dir():  # breaker: a typo dropped the 70B rows, exit 0
+        p.error(f"PUZZLE_70B_LIBRARY={FIXTURE} is no folder; set it to the library's folder (the one holding "
                 f"block_library.json), or unset it for ../shared/fixtures/puzzle-llama-3.3-70b-instruct")
     from puzzle.errors import PuzzleError
 
     try:
         df = run(args.out, args.repeats, args.workers, args.random, seeds)
     except PuzzleError as e:  # a damaged library ($PUZZLE_70B_LIBRARY): said, not a traceback
-        fix = str(e).replace("point --library at", "point PUZZLE_70B_LIBRARY at")  # this script has no --library
+        fix = str(e).replace("point --library at block_library.json or its folder",  # this script has no --library
+                             "point PUZZLE_70B_LIBRARY at the folder that holds it")
         print(f"search: error: {fix}", file=sys.stderr)
         return 2
     timed = df[~df["case"].str.endswith("greedy")]

@@ -78,8 +78,10 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
     ours = ours[ours["picked_from"] == plain]
     if ours.empty:
         raise PuzzleError(f"{run.out} has no searched child {plain}: run `puzzle front --out {run.out}` with "
-                         f"{speedup:g} among its speed-ups")
+                          f"{speedup:g} among its speed-ups")
     built = rows["name"].map(built_for)
+    if not methods:
+        raise PuzzleError(f"--methods names no baseline; give some of {', '.join(BASELINE_METHODS)}")
     chosen, missing = [], []
     for method in dict.fromkeys(methods):  # a method named twice is compared once
         if method not in BASELINE_METHODS:
@@ -91,7 +93,7 @@ def pick_models(run, speedup: float, methods) -> pd.DataFrame:
         chosen.append(found.head(1))
     if all(c.empty for c in chosen):  # breaker: our child alone was trained, then an empty table was printed
         raise PuzzleError(f"no baseline is built for {speedup:g}x, so there is nothing to compare our child with: run "
-                         f"`puzzle baselines --out {run.out} --speedups {speedup:g}` first")
+                          f"`puzzle baselines --out {run.out} --speedups {speedup:g}` first")
     for method in missing:
         print(f"{method}: no model built for {speedup:g}x (`puzzle baselines --out {run.out} --speedups {speedup:g}`; "
               f"a method that cannot reach it builds none, or one for a lower target; a row from older tables than "

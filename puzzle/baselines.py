@@ -743,11 +743,11 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                                "score_kl_nats": selection_kl(run, models[c.name])}
             if export:
                 _export(run, c, models[c.name])
-        # one timing per architecture: two names for one child (a refinement that kept the diverse pick) are
-        # timed once, not twice with two noise draws
+        # one timing per architecture: two names for one child (a refinement that kept the diverse pick), or one
+        # architecture at two library stages (the runtime does not depend on the weights), are timed once, not
+        # twice with two noise draws (as `one_session.time_front_together`)
         same = {}
-        timed = {c.name: same.setdefault((compact_architecture([b.id for b in c.blocks]), c.training), c.name)
-                 for c in group}
+        timed = {c.name: same.setdefault(compact_architecture([b.id for b in c.blocks]), c.name) for c in group}
         unique = {n: models[n] for n in dict.fromkeys(timed.values())}
         fresh = {n: m for n, m in unique.items() if n not in given}
         sessions = [measure_against_parent(run, fresh, group_size=len(fresh))] if fresh else []
@@ -863,8 +863,9 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
 
 
 def _say_earlier_exports(run, plan: list[Candidate]) -> None:
-    """Say each export folder of a planned baseline that holds another architecture than this call's child, which
-    --no-export leaves in place (breaker: export/greedy-1.25x held an earlier search's greedy child, unsaid)."""
+    """Say each export folder of a planned baseline that holds another architecture or training than this call's
+    child, which --no-export leaves in place (breaker: export/greedy-1.25x held an earlier search's greedy child,
+    unsaid). A library trained again since, under the same architecture and training, is not told apart."""
     from .configuration_decilm import config_dict_from_model_config
 
     for c in plan:
@@ -872,11 +873,12 @@ def _say_earlier_exports(run, plan: list[Candidate]) -> None:
         if not path.is_file():
             continue
         try:
-            held = json.loads(path.read_text(encoding="utf-8")).get("block_configs")
+            config = json.loads(path.read_text(encoding="utf-8"))
+            held = config.get("block_configs"), (config.get("puzzle") or {}).get("training")
         except (OSError, ValueError, AttributeError):
             held = None
         now = config_dict_from_model_config(dataclasses.replace(run.parent.model.config, blocks=tuple(c.blocks)))
-        if held != json.loads(json.dumps(now["block_configs"])):
+        if held != (json.loads(json.dumps(now["block_configs"])), c.training):
             run.say(f"baselines: {path.parent} holds another {c.name} than this call's (an earlier call's), left in "
                     f"place by --no-export: `puzzle baselines --out {shell_arg(run.out)}` without it writes it again")
 

@@ -888,9 +888,10 @@ def _targets_without_baselines(rows, ratios) -> list[float]:
     return sorted(s for s in set(ratios["speedup"]) if not any(abs(b - s) <= 1e-6 * s for b in built))
 
 
-def _time_front_together(run, repeats: int) -> None:
+def _time_front_together(run, repeats: int, timed: list) -> None:
     """`puzzle front --one-session`: every model of the front timed again in one session (`one_session`), with a
-    table of each model's speed-up from its own session and from this one."""
+    table of each model's speed-up from its own session and from this one; appends True to `timed` once the
+    session's file is written."""
     from .baselines import stale_greedy_rows
     from .one_session import SESSION_FILE, time_front_together
 
@@ -898,6 +899,7 @@ def _time_front_together(run, repeats: int) -> None:
         warnings.simplefilter("ignore")  # (breaker: every such warning came twice with --one-session)
         try:
             table = time_front_together(run, repeats, exclude=stale_greedy_rows(run))
+            timed.append(True)
         except KeyboardInterrupt as e:  # breaker: "rerun the same command to resume", and the rerun began at round 0
             e.puzzle_note = (f"one session's rounds count only together, so none are kept: the same command times "
                              f"every model again from the first round ({run.out / SESSION_FILE} is as it was)")
@@ -918,9 +920,11 @@ def cmd_front(args) -> int:
         return _front(args, timed)
     except KeyboardInterrupt as e:  # breaker: after the session, "rerun the same command" timed every model again
         if timed and not hasattr(e, "puzzle_note"):
+            downstream = "" if args.downstream is None else f" --downstream {shell_arg(args.downstream)}" + (
+                "" if args.downstream_limit is None else f" --downstream-limit {args.downstream_limit}")
             e.puzzle_note = (f"the one session's timings are kept in {args.out / 'one_session.json'}; `puzzle front "
-                             f"--out {shell_arg(args.out)}` without --one-session draws the front and its ratios from "
-                             f"them{' (with --downstream, evaluating what is left)' if args.downstream else ''}")
+                             f"--out {shell_arg(args.out)}{downstream}` (without --one-session) draws the front and "
+                             f"its ratios from them" + (", evaluating what is left" if downstream else ""))
         raise
 
 
@@ -989,13 +993,12 @@ def _front(args, timed: list) -> int:
             _log(f"front: {', '.join(unexported)} {'have' if len(unexported) > 1 else 'has'} no export folder (front "
                  f"exports nothing): `puzzle run --out {shell_arg(run.out)}` writes {them} (nothing is timed again), "
                  f"or `puzzle export --out {shell_arg(run.out)} --name "
-                 f"{unexported[0] if len(unexported) == 1 else 'NAME'}`{' one' if len(unexported) > 1 else ''}")
+                 f"{unexported[0] if len(unexported) == 1 else 'NAME'}`{' each' if len(unexported) > 1 else ''}")
         if report_out_of_date(run):
             _log(f"front: {run.out / 'report.md'} was not written from this front (an earlier one, or an earlier "
                  f"version): `puzzle run --out {shell_arg(run.out)}` writes it again (nothing is timed for it)")
         if args.one_session:
-            _time_front_together(run, args.repeats if args.repeats is not None else ONE_SESSION_REPEATS)
-            timed.append(True)
+            _time_front_together(run, args.repeats if args.repeats is not None else ONE_SESSION_REPEATS, timed)
     if tasks:
         from .downstream import evaluate_front_downstream
 
@@ -1440,8 +1443,10 @@ def _one_process_refusal(command: str | None) -> str | None:
     """Why `command` does not run as one of several ranks (WORLD_SIZE above 1), or None: it runs. Breaker: `torchrun
     --nproc_per_node 2 -m puzzle run --out DIR` ran the whole pipeline twice into one run directory, the second rank
     without the run's lock (`runlock.takes_lock`), both timing their models under the other's load."""
-    world = os.environ.get("WORLD_SIZE", "").strip()
-    if command in (None, "presets", *SHARDED_COMMANDS) or not world.isdigit() or int(world) <= 1:
+    from .runlock import env_world_size
+
+    world = env_world_size()  # as the run lock reads it (reviewer: '²' passed isdigit, then int() failed)
+    if command in (None, "presets", *SHARDED_COMMANDS) or world <= 1:
         return None
     then = (f"; e.g. `torchrun --nproc_per_node {world} -m puzzle bld --out DIR` after `puzzle data --out DIR ...`, "
             f"then `puzzle {command} --out DIR` in one process, which keeps the library built" if command == "run"

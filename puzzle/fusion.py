@@ -616,7 +616,8 @@ def fuse_child(run, name: str, *, include_leading: bool = False, max_kl_increase
     if why := _comparison_child(record):  # breaker: its fusion was exported and drawn on front_all
         twin = name.removesuffix("-" + stage)
         # breaker: the trained twin was named where it had no run to fuse either (the hint's command then failed)
-        hint = (f"`puzzle fuse --out {shell_arg(run.out)} --name {twin}`" if _has_run(run, twin, include_leading)
+        hint = (f"`puzzle fuse --out {shell_arg(run.out)} --name {twin}`"
+                if no_run_to_fuse(run, twin, include_leading, listed=True) is None
                 else _others_hint(run, run.parent.model.config, {name}, include_leading))
         raise PuzzleError(f"{name} is {why}: fuse a child of the trained library ({hint})")
     blocks = [BlockConfig.from_id(b) for b in record["choice"]]
@@ -984,17 +985,6 @@ def _nothing_to_fuse(run, name: str, config: ModelConfig, mixed: list, include_l
         lead = (f"; with --include-leading (the FFN of the layer before each attention-free one fused too) {name} has "
                 f"{', '.join(_run_text(r) for r in with_leading)}")
     return f"fuse: {why}; {hint}{lead}"
-
-
-def _has_run(run, name: str, include_leading: bool) -> bool:
-    """Whether the run's searched child `name` is one of the trained library with a run of FFNs to fuse."""
-    from .pipeline import read_architecture
-
-    try:
-        record = read_architecture(run, name)
-        return _comparison_child(record) is None and has_run_to_fuse(record["choice"], include_leading)
-    except (PuzzleError, KeyError, TypeError, ValueError):
-        return False
 
 
 def _others_hint(run, config: ModelConfig, names, include_leading: bool) -> str:

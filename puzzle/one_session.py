@@ -10,9 +10,9 @@ every model shares the same rounds, so the ratios at matched speed-up compare li
 `time_front_together` realizes the parent and every model `puzzle front` draws (one per architecture: two names
 for one child, or one architecture at two library stages, are timed once), measures them with
 `scoring.cost.measure_models` (every round all models, in a new random order, steps interleaved on a CPU; medians
-over `repeats` rounds) and writes DIR/one_session.json. `apply_one_session` puts those speed-ups in the front's rows where they
-still belong to the model drawn (same name, architecture and library stage; same workload, score table and
-evaluation text), keeping each row's own figure as speedup_own_session; the source files (front.csv,
+over `repeats` rounds) and writes DIR/one_session.json. `apply_one_session` puts those speed-ups in the front's rows
+where they still belong to the model drawn (same name, architecture and library stage; same workload, score table
+and evaluation text), keeping each row's own figure as speedup_own_session; the source files (front.csv,
 front_rows/, baselines/rows/) stay as their commands wrote them, so deleting the file undoes it.
 """
 
@@ -58,8 +58,7 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
         One row per model: name, source, method, training, speedup_own_session (the row's figure before),
         speedup (parent runtime / runtime in this session), runtime_ms, runtime_iqr_ms (milliseconds per request
         at the run's workload), throughput_tok_s (`scoring.cost.throughputs`); parent first. attrs: "seconds"
-        (wall time of the whole call), "timed" (models measured, the parent included: one per architecture and
-        library stage).
+        (wall time of the whole call), "timed" (models measured, the parent included: one per architecture).
 
     Raises:
         PuzzleError: repeats outside 2-1000, no front yet, a model whose library entries are gone (or, for a fused
@@ -93,7 +92,9 @@ def time_front_together(run, repeats: int = 7, exclude: dict[str, str] | None = 
                           "first")
     library = LibraryChain(run.library, Library(run.out / "baselines" / "library"))
     plan, timed_as, first = [], {}, {}
-    for r in kids:
+    # a model of the trained library first: it is the one built for its architecture (the init-only twin's entries
+    # may be gone where the trained ones are not)
+    for r in sorted(kids, key=lambda r: str(r["training"]) == "init"):
         arch = _architecture(r, run.out)
         if arch is None:
             raise PuzzleError(f"{r['name']} ({r['source']}) has no architecture to build it from (no row architecture, "

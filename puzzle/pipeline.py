@@ -3111,7 +3111,7 @@ def report_stamp(run: Run, exported: dict) -> dict:
     front.json by sha256, the exports' folders (relative to the run) and warnings, the run's path (its commands
     name it) and whether baselines are built (its section on them says so)."""
     return json.loads(json.dumps({
-        "report": run.config.to_dict().get("report"), "run_at": str(run.out.absolute()),
+        "report": run.config.to_dict().get("report"), "run_at": str(run.out.resolve()),
         "baselines": (run.out / "baselines" / "baselines.csv").is_file(),
         "summary_csv": sha256_file(run.out / "summary.csv"), "front_json": sha256_file(run.out / "front.json"),
         "exported": {n: {"path": _in_run(run, r.path), "warnings": list(r.warnings)} for n, r in sorted(exported.items())}},
@@ -3138,7 +3138,8 @@ def report_is_current(run: Run, exported: dict) -> bool:
 def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict, main: str) -> None:
     """report.md: the summary table, predicted vs measured, BLD vs init-only, chat answers, timings."""
     w = run.workload()
-    where = run.out.absolute()  # in the commands it suggests (breaker: `--out run` worked from one folder alone)
+    where = Path(os.path.abspath(run.out))  # in the commands it suggests (breaker: `--out run` worked from one
+    # folder alone); abspath: `..` collapsed, links kept as the user named them
     lines = [f"# Puzzle run: {run.out.resolve().name}", "",
              f"Parent: {run.parent.source}. Workload: {w.device} ({w.meta().get('device_name', '')}), {w.dtype}, "
              f"batch {w.batch_size}, prompt {w.prompt_len}, generate {w.gen_len}. Evaluation text: "

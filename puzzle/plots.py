@@ -617,24 +617,35 @@ def _row_is_current(row: dict, current: dict, sub: str, run_dir: Path) -> bool:
         where = "puzzle baselines" if sub.startswith("baselines") else f"puzzle refine --name {plain}"
         does = "measures it again"
         if fused_from is not None:
-            where = f"puzzle fuse --name {fused_from}"
-            if not _has_run_to_fuse(run_dir, fused_from):  # breaker: "measures it again" only removed the row
-                does = "removes its row: the child there now has no run to fuse"
+            where, does = _fuse_again(run_dir, fused_from, run_dir / sub / f"{row.get('name')}.json")
         warnings.warn(f"{row.get('name')} ({sub}) was measured on another {' and '.join(stale)} than the run's now: "
                       f"left out of the front (`{where} --out {shell_arg(run_dir)}` {does})")
     return not stale
 
 
-def _has_run_to_fuse(run_dir: Path, name: str) -> bool:
-    """Whether DIR/search/<name>.json holds a child with a run to fuse (`fusion.has_run_to_fuse`); True where it cannot
-    be read (`puzzle fuse` then says why)."""
+def _fuse_again(run_dir: Path, name: str, row_path: Path) -> tuple[str, str]:
+    """The `puzzle fuse` command (without --out) for the fused child of the searched child `name`, with the
+    --include-leading its fusion record (DIR/fusion/<name>.json) was made with, and what it does now: "measures it
+    again", or, where DIR/search/<name>.json holds a child with no run to fuse (`fusion.has_run_to_fuse`; breaker: the
+    command only removed the row) or one of the init-only library (which fuse refuses), what happens instead."""
     from .fusion import has_run_to_fuse
     from .io import read_json
 
     try:
-        return has_run_to_fuse(read_json(run_dir / "search" / f"{name}.json")["choice"])
+        leading = read_json(run_dir / "fusion" / f"{name}.json")["settings"]["include_leading"] is True
+    except (PuzzleError, OSError, KeyError, TypeError):
+        leading = False
+    command = f"puzzle fuse --name {name}" + (" --include-leading" if leading else "")
+    try:
+        record = read_json(run_dir / "search" / f"{name}.json")
+        if record.get("library_stage", "bld") != "bld":
+            return command, (f"refuses it: {name} is a child of the init-only library now; delete {row_path} to stop "
+                             f"this warning")
+        if not has_run_to_fuse(record["choice"], leading):
+            return command, "removes its row: the child there now has no run to fuse"
     except (PuzzleError, OSError, KeyError, TypeError, ValueError, AttributeError):  # ValueError: ArchitectureError
-        return True
+        pass  # unreadable: `puzzle fuse` says why
+    return command, "measures it again"
 
 
 def _searched_names(run_dir: Path) -> set[str] | None:

@@ -51,9 +51,14 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it; 1 where it is unset or no whole number (no torchrun job)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def takes_lock() -> bool:
     """Whether this process locks its run directory: yes outside torchrun, and rank 0 of a torchrun job."""
-    return _env_int("WORLD_SIZE", 1) <= 1 or _env_int("RANK", 0) == 0
+    return env_world_size() <= 1 or _env_int("RANK", 0) == 0
 
 
 def lock_path(run_dir: str | os.PathLike) -> Path:

@@ -595,6 +595,7 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
     if details is not None and Path(details).resolve() in (Path(out).resolve(), Path(f"{out}.json").resolve()):
         raise PuzzleError("--details names the table or its FILE.json sidecar; give another path")
     from puzzle.export import is_export_folder
+    from puzzle.io import file_in_the_way
 
     source = Path(model).expanduser()
     inside = source.resolve() if source.exists() and not _is_run_dir(source) else None
@@ -607,7 +608,7 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
                                   f"{path.with_suffix('.csv')}")
         where = path.expanduser().resolve()  # `..` and symlinks resolved: the folder the file would land in
         # breaker: a file where a folder of the path belongs was a traceback (for --details after every task ran)
-        if (above := next((p for p in where.parents if p.exists()), None)) is not None and not above.is_dir():
+        if (above := file_in_the_way(where)) is not None:
             raise PuzzleError(f"{flag} {path}: {above} is a file, not a folder; give a path in a folder")
         if inside is not None and (where == inside or inside in where.parents):
             raise PuzzleError(f"{flag} {path} is inside the model being evaluated ({model}); write it elsewhere")

@@ -670,7 +670,7 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     write_report(run, pd.read_csv(out / "summary.csv"), {}, {}, "child-1.5x")
     report = (out / "report.md").read_text()
     assert "Here the baselines are built (baselines/baselines.csv)." in report
-    assert f"`puzzle baselines --out {out.absolute()}`" in report
+    assert f"`puzzle baselines --out {out.absolute()}`" in report  # (tmp_path: absolute, no `..`)
     # the stage commands that read a run directory without a preset flag
     assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 0
     assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "exp"), "--no-progress"]) == 0

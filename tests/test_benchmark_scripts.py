@@ -248,7 +248,7 @@ def test_search_refuses_an_out_under_a_file_and_a_library_variable_that_names_no
     monkeypatch.setattr(sys, "argv", ["search.py", "--out", str(tmp_path / "x.csv")])
     with pytest.raises(SystemExit):
         bench.main()
-    assert f"PUZZLE_70B_LIBRARY={tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert f"PUZZLE_70B_LIBRARY={tmp_path / 'nope'} is no folder" in capsys.readouterr().err
 
 
 # coupled.py

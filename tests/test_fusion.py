@@ -566,7 +566,13 @@ def test_a_timed_fusion_is_drawn_on_the_front_timed_in_the_one_session_and_built
     record.write_text(json.dumps({**other, "library_stage": "init"}))  # the same layers at another library stage
     recwarn.clear()
     assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
-    assert any("puzzle fuse --name child-fuse" in str(w.message) and "measures it again" in str(w.message)
+    assert any("puzzle fuse --name child-fuse" in str(w.message) and "refuses it: child-fuse is a child of the "
+               "init-only library now" in str(w.message) for w in recwarn)  # reviewer: "measures it again"
+    lead = json.loads((run.out / "search" / "child-lead.json").read_text())["choice"]
+    record.write_text(json.dumps({**other, "choice": lead}))  # another child with a run to fuse: fused and timed
+    recwarn.clear()
+    assert "child-fuse-fused" not in set(front_rows(run.out)["name"])
+    assert any("`puzzle fuse --name child-fuse --out" in str(w.message) and "measures it again" in str(w.message)
                for w in recwarn)
     record.write_text(json.dumps(other))
     assert "child-fuse-fused" in set(front_rows(run.out)["name"])

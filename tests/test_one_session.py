@@ -39,6 +39,9 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
     original = next(r for r in map(json.loads, (p.read_text() for p in sorted(rows_dir.glob("*.json"))))
                     if r["name"] != "parent")
     (rows_dir / "twin.json").write_text(json.dumps(sealed_row({**original, "name": "twin"})))
+    assert original["training"] != "init"  # and at the other library stage (reviewer: the test held one stage)
+    (rows_dir / "twin-init.json").write_text(json.dumps(sealed_row({**original, "name": "twin-init",
+                                                                    "training": "init"})))
     assert main(["front", "--out", str(out), "--no-progress"]) == 0
     before = pd.read_csv(out / "front_all.csv").set_index("name")
     assert "timing" not in before.columns and "twin" in before.index
@@ -72,7 +75,7 @@ def test_one_session_times_every_drawn_model_together_and_the_front_uses_it(run_
         assert row["speedup_own_session"] == pytest.approx(before.loc[name, "speedup"], rel=1e-9)
         assert row["throughput_tok_s"] == pytest.approx(drawn.loc["parent", "throughput_tok_s"] * row["speedup"])
     # one architecture under two names (e.g. greedy picking our child) shares one timing
-    twins = drawn.loc[[original["name"], "twin"]]
+    twins = drawn.loc[[original["name"], "twin", "twin-init"]]
     assert twins["architecture"].nunique() == 1 and twins["speedup"].nunique() == 1
     for _, same in drawn.reset_index().groupby("architecture"):  # at any library stage (breaker: -init timed apart)
         assert same["speedup"].nunique() == 1
@@ -104,7 +107,7 @@ def test_an_interrupt_after_the_one_session_names_the_command_that_draws_from_it
     assert main(["front", "--out", str(out), "--no-progress", "--one-session", "--repeats", "2"]) == 130
     err = capsys.readouterr().err
     assert f"interrupted; the one session's timings are kept in {out / 'one_session.json'}; `puzzle front --out " \
-        f"{out}` without --one-session draws the front and its ratios from them" in err
+        f"{out}` (without --one-session) draws the front and its ratios from them" in err
     monkeypatch.undo()
     assert main(["front", "--out", str(out), "--no-progress"]) == 0  # drawn from the kept session
     assert "every model's speed-up is from one interleaved session" in capsys.readouterr().err

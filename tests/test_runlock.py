@@ -361,6 +361,6 @@ def test_one_process_commands_refuse_to_be_one_of_several_ranks(tmp_path, monkey
     assert ("puzzle bld --out DIR" in err) == (argv[0] == "run")
     assert not (tmp_path / "run").exists()
     assert all(_one_process_refusal(c) is None for c in ("bld", "gkd", "sft", "presets", None))
-    for world in ("1", "", "abc"):  # one process, or no torchrun job (as `runlock.takes_lock` reads it)
+    for world in ("1", "", "abc", "²"):  # one process, or no torchrun job (as `runlock.takes_lock` reads it)
         monkeypatch.setenv("WORLD_SIZE", world)
         assert _one_process_refusal(argv[0]) is None
