@@ -311,6 +311,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
     """
     records = dict(records)
     measured = measure(records)
+    sessions = 1
     history = {name: [] for name in records}
     tried: dict[str, dict[tuple, dict]] = {name: {tuple(r["choice"]): r} for name, r in records.items()}
     met: dict[str, dict[tuple, bool]] = {name: {} for name in records}  # latest verdict per architecture, oldest first
@@ -349,7 +350,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
                         f"not be checked). Rerunning with --budget-feedback {rounds + 1} could loosen it to use the "
                         f"headroom, for a child of lower KL at about the budget's speed")  # fresh user: what for?
                 elif k < rounds:
-                    why = "under it by the slack and the timing noise at most" if result.met else \
+                    why = "within the slack and the timing noise of its budget" if result.met else \
                         "over by less than the timing noise"
                     quiet.append(f"{name} ({result.use_text()}: {why})")
                 continue
@@ -400,4 +401,8 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             break
         records.update(changed)
         measured = measure(records)
+        sessions += 1
+    if sessions > 1:  # fresh user: the log's last round said 1.001 of a budget, summary.csv 0.965 from a later session
+        say(f"budget feedback: the children's final figures (summary.csv's speedup, budget_met and budget_use) are "
+            f"from the last of its {sessions} timing sessions, every child timed again in it")
     return records, measured, checks, history
