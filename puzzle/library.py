@@ -126,9 +126,11 @@ class Library:
             if self._entries_record_meta("is missing"):
                 atomic_write_json(path, meta)
                 return
-            raise PuzzleError(f"{path} is missing beside the library's entries, so they cannot be matched to this "
-                              f"parent and these settings (a rerun with --bld-tokens 2048 took 1024-token entries as "
-                              f"its own); delete {self.root} to rebuild the library (or restore the file)")
+            # (a breaker's rerun with --bld-tokens 2048 had taken 1024-token entries as its own)
+            raise PuzzleError(f"{path} is missing beside the library's entries, and they do not all record these "
+                              f"settings (entries an earlier version wrote record none), so they cannot be matched to "
+                              f"this parent and these settings; delete {self.root} to rebuild the library (or restore "
+                              f"the file)")
         if path.exists():
             try:
                 recorded = json.loads(path.read_text())
@@ -138,9 +140,10 @@ class Library:
                 atomic_write_json(path, meta)
                 return
             if not isinstance(recorded, dict):  # the entries' parent and settings can no longer be checked
-                raise PuzzleError(f"{path} is damaged ({recorded}), so the library's entries cannot be matched to this "
-                                  f"parent and these settings; delete {self.root} to rebuild the library (or restore "
-                                  f"the file)")
+                raise PuzzleError(f"{path} is damaged ({recorded}), and the library's entries do not all record these "
+                                  f"settings (entries an earlier version wrote record none), so they cannot be matched "
+                                  f"to this parent and these settings; delete {self.root} to rebuild the library (or "
+                                  f"restore the file)")
             old, new = comparable_meta(recorded), comparable_meta(meta)
             if old != new and replace_unbuilt and not any((self.root / "entries").glob("L*/*")):  # nothing built yet
                 atomic_write_json(path, meta)

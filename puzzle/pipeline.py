@@ -2803,6 +2803,8 @@ def run_all(run: Run) -> pd.DataFrame:
         run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and tables "
                 f"(front.json): no child evaluated or timed again (`puzzle front --out {shell_arg(run.out)} "
                 "--remeasure` times them again)")
+        if busy := contention_note(front_contention(run.out)):  # breaker: said by `front`, not by this reuse
+            run.say(f"run: warning: {busy}")
         children = _LazyChildren(run, records)  # the BLD children to check their exports; others for a new report
     exported = {}
     for name, rec in records.items():
@@ -2820,6 +2822,9 @@ def run_all(run: Run) -> pd.DataFrame:
         run.say(f"run: {run.out / 'report.md'} is up to date: kept as it is")
         run.timed("total_s", time.perf_counter() - t_start)
         return summary
+    if not measured and not reevaluated and (run.out / "report.md").is_file():  # breaker: rewritten unsaid
+        run.say(f"run: writing {run.out / 'report.md'} again: it was written from other files or by an earlier "
+                f"version (its chat answers are generated again)")
     t0 = time.perf_counter()
     models = {"parent": run.parent.model, **{name: children[name] for name in records}}
     answers = {name: chat_answers(m, run.parent.tokenizer, cfg.prompts, cfg.max_new_tokens) for name, m in models.items()}

@@ -412,11 +412,14 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
     (copy / "children" / "machine.json").write_text(json.dumps({**machine, "contention_cores":
                                                                 {"cost_table": 0.0, "children": 1.25}}))
     (copy / "report.json").unlink()  # the report is written again from the run's files
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
         assert main(["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups",
                      "1.25,1.5,2,1e9", "--max-contention", "inf"]) == 0
     report = (copy / "report.md").read_text()
     assert "**Warning:** The children were timed while other jobs kept 1.25 cores busy" in report
+    said = err.getvalue()  # and the log says both, where a reused front said neither (breaker: an upgraded run)
+    assert "run: warning: the children were timed while other jobs kept 1.25 cores busy" in said, said
+    assert f"run: writing {copy / 'report.md'} again: it was written from other files or by an earlier version" in said
     # a child measured far from its prediction is flagged there too (the rule: test_machine.py)
     import puzzle.pipeline
 
