@@ -602,10 +602,6 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
     for flag, path, earlier in (("--out", Path(out), _is_eval_table), ("--details", details, _is_eval_details)):
         if path is None:
             continue
-        if path.suffix.lower() in _NOT_CSV:  # breaker: --details d.jsonl held CSV rows (--out's .json: below)
-            if flag == "--details" or path.suffix.lower() != ".json":
-                raise PuzzleError(f"{flag} {path}: it is written as CSV; give a .csv path such as "
-                                  f"{path.with_suffix('.csv')}")
         where = path.expanduser().resolve()  # `..` and symlinks resolved: the folder the file would land in
         # breaker: a file where a folder of the path belongs was a traceback (for --details after every task ran)
         if (above := file_in_the_way(where)) is not None:
@@ -620,6 +616,10 @@ def _check_eval_outputs(model: str, out: Path, details: Path | None) -> None:
                 raise PuzzleError(f"{flag}: {p} is a folder; give a file path (e.g. {p / 'eval.csv'})")
         if path.exists() and not earlier(path):
             raise PuzzleError(f"{flag} {path} exists and is not an earlier `puzzle eval` output; give a new path")
+        if path.suffix.lower() in _NOT_CSV:  # breaker: --details d.jsonl held CSV rows (--out's .json: below)
+            if flag == "--details" or path.suffix.lower() != ".json":
+                raise PuzzleError(f"{flag} {path}: it is written as CSV; give a .csv path such as "
+                                  f"{path.with_suffix('.csv')}")
     if Path(out).suffix.lower() == ".json":  # the table is CSV, and its sidecar would be FILE.json.json
         stem = Path(out).with_suffix("")
         raise PuzzleError(f"--out {out}: the table is CSV (its settings go to a FILE.json sidecar next to it); give "

@@ -134,16 +134,21 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     shutil.copytree(run_dir, copy)
     args = ["run", "--preset", "tiny", "--out", str(copy), "--no-progress", "--front-speedups", "1.25,1.5,2,1e9",
             "--max-contention", "inf"]
-    files = ["summary.csv", "front.csv", "front.json", "report.md", "export/child-1.5x/model.safetensors",
+    files = ["summary.csv", "front.csv", "front.json", "export/child-1.5x/model.safetensors",
              "export/child-2x/model.safetensors"]
     before = {f: (copy / f).stat().st_mtime_ns for f in files}
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(args) == 0
     said = err.getvalue()
-    assert "no child evaluated or timed again" in said and "report.md is up to date" in said, said[-2000:]
-    assert "timing the children again" not in said and "replaced the export" not in said
-    assert {f: (copy / f).stat().st_mtime_ns for f in files} == before  # nothing rewritten
+    assert "no child evaluated or timed again" in said and "timing the children again" not in said, said[-2000:]
+    assert "replaced the export" not in said
+    assert {f: (copy / f).stat().st_mtime_ns for f in files} == before  # nothing rewritten but the report, whose
+    assert f"writing {copy / 'report.md'} again" in said  # commands name the run's path (a breaker: `--out run`)
+    assert f"--out {copy}`" in (copy / "report.md").read_text()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert main(args) == 0
+    assert "report.md is up to date" in err.getvalue()
 
     shutil.rmtree(copy / "export" / "child-2x")  # a deleted export and report come back, nothing else is rewritten
     (copy / "report.md").unlink()
@@ -151,7 +156,7 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     with contextlib.redirect_stderr(err):
         assert main(args) == 0
     assert (copy / "export" / "child-2x" / "model.safetensors").is_file()
-    assert (copy / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns == before[files[4]]
+    assert (copy / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns == before[files[3]]
     assert (copy / "summary.csv").stat().st_mtime_ns == before["summary.csv"]
     assert "Greedy chat answers" in (copy / "report.md").read_text() and "`export/child-2x`" in (copy / "report.md").read_text()
     info = json.loads((copy / "export" / "child-2x" / "config.json").read_text())["puzzle"]
@@ -163,7 +168,7 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     with contextlib.redirect_stderr(err):
         assert main(args) == 0
     assert "export child-1.5x: written again (README.md not as its export wrote them)" in err.getvalue()
-    before[files[4]] = (copy / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns
+    before[files[3]] = (copy / "export" / "child-1.5x" / "model.safetensors").stat().st_mtime_ns
 
     weights = copy / "export" / "child-1.5x" / "model.safetensors"  # a damaged export file is written again
     with open(weights, "r+b") as f:
@@ -178,7 +183,7 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     assert "timing the children again (the settings changed" in err.getvalue()
     assert (copy / "export" / "child-1.25x" / "tokenizer.json").is_file()
     assert (copy / "export" / "child-1.25x" / "modeling.py").is_file()
-    assert weights.stat().st_mtime_ns != before[files[4]] and (copy / "export" / "child-1.75x").is_dir()
+    assert weights.stat().st_mtime_ns != before[files[3]] and (copy / "export" / "child-1.75x").is_dir()
     assert (copy / "export" / "child-2x" / "model.safetensors").stat().st_mtime_ns == kept  # unchanged: kept
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(args) == 0  # back to the fixture's front
