@@ -3376,7 +3376,10 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
                f"speed, the whole-model timing ({cause}), or both")
     factor = max(expected / measured, measured / expected)
     moved = max((max(v, 1 / v) for v in ratios.values()), default=None)
-    if not other_way and moved is not None and moved - 1 < 0.75 * (factor - 1):  # fresh user: "ran slower" beside
+    if not other_way and not same_way and ratios:  # the reference workload took exactly as long: not the machine
+        why = (f"{ran}, by {factor:.2f} times, while the fixed reference workload (Machine speed, below) did not move: "
+               f"the gap is in the whole-model timing ({cause})")
+    elif not other_way and moved is not None and moved - 1 < 0.75 * (factor - 1):  # fresh user: "ran slower" beside
         # a reference workload that took 1.01x and 1.08x as long, for a parent 15 % off: it explains less than 3/4
         why = (f"{ran}, by {factor:.2f} times, more than the fixed reference workload moved (Machine speed, below: "
                f"{moved:.2f} times at most): part of the gap is the machine's speed, the rest is in the whole-model "

@@ -545,6 +545,9 @@ def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
     assert "the parent ran slower in this session than the cost table predicts, by 1.16 times, more than the fixed " \
            "reference workload moved (Machine speed, below: 1.08 times at most): part of the gap is the machine's " \
            "speed, the rest is in the whole-model timing" in part and "the machine ran" not in part, part
+    still = parent_runtime_note(summary, drift={"compute": 1.0})  # the reference took exactly as long
+    assert "while the fixed reference workload (Machine speed, below) did not move: the gap is in the whole-model " \
+           "timing" in still and "machine's speed" not in still, still
     mixed = parent_runtime_note(summary, drift={"compute": 1.11, "memory": 0.79})  # reviewer: "the other way"
     assert "the parent ran slower in this session than the cost table predicts; of the fixed reference workload " \
            "(Machine speed, below), the compute part moved the same way and the memory part the other" in mixed
