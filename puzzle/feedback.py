@@ -403,6 +403,6 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
         measured = measure(records)
         sessions += 1
     if sessions > 1:  # fresh user: the log's last round said 1.001 of a budget, summary.csv 0.965 from a later session
-        say(f"budget feedback: the children's final figures (summary.csv's speedup, budget_met and budget_use) are "
-            f"from the last of its {sessions} timing sessions, every child timed again in it")
+        say(f"budget feedback: the children's final speed-ups and budget checks are from the last of its {sessions} "
+            f"timing sessions, every architecture timed again in it")
     return records, measured, checks, history

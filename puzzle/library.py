@@ -128,9 +128,9 @@ class Library:
                 return
             # (a breaker's rerun with --bld-tokens 2048 had taken 1024-token entries as its own)
             raise PuzzleError(f"{path} is missing beside the library's entries, and they do not all record these "
-                              f"settings (entries an earlier version wrote record none), so they cannot be matched to "
-                              f"this parent and these settings; delete {self.root} to rebuild the library (or restore "
-                              f"the file)")
+                              f"settings (some record other settings, or none: an earlier version's), so they cannot "
+                              f"be matched to this parent and these settings; delete {self.root} to rebuild the "
+                              f"library (or restore the file)")
         if path.exists():
             try:
                 recorded = json.loads(path.read_text())
@@ -140,9 +140,11 @@ class Library:
                 atomic_write_json(path, meta)
                 return
             if not isinstance(recorded, dict):  # the entries' parent and settings can no longer be checked
-                raise PuzzleError(f"{path} is damaged ({recorded}), and the library's entries do not all record these "
-                                  f"settings (entries an earlier version wrote record none), so they cannot be matched "
-                                  f"to this parent and these settings; delete {self.root} to rebuild the library (or "
+                unchecked = "" if not path.is_file() else (  # (a folder there: the entries were not asked)
+                    ", and the library's entries do not all record these settings (some record other settings, or "
+                    "none: an earlier version's)")
+                raise PuzzleError(f"{path} is damaged ({recorded}){unchecked}, so the entries cannot be matched to "
+                                  f"this parent and these settings; delete {self.root} to rebuild the library (or "
                                   f"restore the file)")
             old, new = comparable_meta(recorded), comparable_meta(meta)
             if old != new and replace_unbuilt and not any((self.root / "entries").glob("L*/*")):  # nothing built yet

@@ -2364,6 +2364,16 @@ def contention_cores(value) -> float | None:
     return round(float(value), 3)
 
 
+def machine_contention(out: Path) -> dict:
+    """The cores other jobs kept busy while the cost table and the children were timed (DIR/children/machine.json's
+    contention_cores, what report.md warns of); {} where nothing readable is recorded."""
+    try:
+        cores = read_json(out / "children" / "machine.json").get("contention_cores")
+    except (PuzzleError, OSError, AttributeError):
+        return {}
+    return cores if isinstance(cores, dict) else {}
+
+
 def front_contention(out: Path, session_used: bool = True) -> dict:
     """The most cores other jobs kept busy while the models `puzzle front` compares were timed: the cost table and
     the children (DIR/children/machine.json), each kind of model with row files (DIR/baselines/rows/: "baselines";
@@ -2400,7 +2410,8 @@ def front_contention(out: Path, session_used: bool = True) -> dict:
 
 def contention_note(contention: dict) -> str:
     """A warning when the cost table or the children were timed while other jobs kept more cores busy than the
-    default limit (`ScoreConfig.max_contention`; accepted because --max-contention raised it), else ""."""
+    default limit (`ScoreConfig.max_contention`; accepted because --max-contention, or the run's saved
+    score.max_contention, raised it), else ""."""
     from .config import ScoreConfig
 
     default = ScoreConfig().max_contention
@@ -2410,9 +2421,9 @@ def contention_note(contention: dict) -> str:
             for k, v in contention.items() if isinstance(v, (int, float)) and v > default]
     if not over:
         return ""
-    return (f"{' and '.join(over)}, over the default limit {default:g} (accepted because --max-contention raised "
-            f"it): measured speed-ups and budget checks may be off by far more than the timing noise; time them again "
-            f"on a quiet machine with --max-contention {default:g}")
+    return (f"{' and '.join(over)}, over the default limit {default:g} (accepted because --max-contention or the "
+            f"run's saved score.max_contention raised it): measured speed-ups and budget checks may be off by far "
+            f"more than the timing noise; time them again on a quiet machine with --max-contention {default:g}")
 
 
 def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFrame, dict, dict]:
@@ -2705,18 +2716,11 @@ def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
     # below and right of a point, off the rising curve; the fastest one's to its left, inside the axes (fresh
     # user: "3x -> 3.12x" ran into the right edge, "1.5x -> 1.55x" sat on the curve)
     kid_points = points(kids)
-    ax.autoscale_view()  # the limits the points are placed by, for the distance between labels below
-    shown = None  # display position of the last point labelled below and right of it
     for i, (point, rows) in enumerate(kid_points.items()):
         last = i == len(kid_points) - 1
-        at = ax.transData.transform(point)
-        # a point within 30 px of the last one labelled below-right has its label above-left (two close targets:
-        # "1.3x -> 1.31x" lay on "1.25x -> 1.29x")
-        flip = not last and shown is not None and math.dist(at, shown) < 30
         ax.annotate(label([r.name for r in rows], rows[0].speedup), point, textcoords="offset points",
-                    xytext=(-8, 0) if last else (-6, 8) if flip else (6, -10), ha="right" if last or flip else "left",
+                    xytext=(-8, 0) if last else (6, -10), ha="right" if last else "left",
                     va="center" if last else "baseline", fontsize=8)
-        shown = None if flip else at
     ax.plot([p["throughput_tok_s"]], [p["kl_nats"]], "*", color="black", markersize=12, label="parent")
     init = summary[summary["library_stage"] == "init"]
     if len(init):
@@ -2803,9 +2807,9 @@ def run_all(run: Run) -> pd.DataFrame:
         run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and tables "
                 f"(front.json): no child evaluated or timed again (`puzzle front --out {shell_arg(run.out)} "
                 "--remeasure` times them again)")
-        if busy := contention_note(front_contention(run.out)):  # breaker: said by `front`, not by this reuse
-            run.say(f"run: warning: {busy}")
         children = _LazyChildren(run, records)  # the BLD children to check their exports; others for a new report
+    if not measured and (busy := contention_note(machine_contention(run.out))):  # breaker: said by `front`, not by a
+        run.say(f"run: warning: {busy}")  # run that reused the timings (as report.md reads them: machine.json)
     exported = {}
     for name, rec in records.items():
         if rec.get("library_stage", "bld") == "bld":
@@ -2823,8 +2827,8 @@ def run_all(run: Run) -> pd.DataFrame:
         run.timed("total_s", time.perf_counter() - t_start)
         return summary
     if not measured and not reevaluated and (run.out / "report.md").is_file():  # breaker: rewritten unsaid
-        run.say(f"run: writing {run.out / 'report.md'} again: it was written from other files or by an earlier "
-                f"version (its chat answers are generated again)")
+        run.say(f"run: writing {run.out / 'report.md'} again ({report_stale_reason(run, exported)}; its chat answers "
+                f"are generated again)")
     t0 = time.perf_counter()
     models = {"parent": run.parent.model, **{name: children[name] for name in records}}
     answers = {name: chat_answers(m, run.parent.tokenizer, cfg.prompts, cfg.max_new_tokens) for name, m in models.items()}
@@ -3138,6 +3142,24 @@ def _in_run(run: Run, path: Path) -> str:
     return os.path.relpath(path, out) if out in path.parents else str(path)
 
 
+#: what a change of each part of `report_stamp` means, for `report_stale_reason`
+_STAMP_PARTS = {"run_at": "the run was moved or is reached by another path", "report": "the report settings changed",
+                "baselines": "baselines were built or removed since", "summary_csv": "summary.csv changed",
+                "front_json": "the front changed", "exported": "the exports changed"}
+
+
+def report_stale_reason(run: Run, exported: dict) -> str:
+    """Why DIR/report.md is not current (`report_is_current`): the parts of `report_stamp` that changed, in words."""
+    try:
+        recorded = read_json(run.out / "report.json")
+    except (PuzzleError, OSError, ValueError):
+        recorded = None
+    now = report_stamp(run, exported)
+    if not isinstance(recorded, dict) or set(recorded) != set(now):
+        return "its record report.json is missing, or from an earlier version"
+    return ", ".join(_STAMP_PARTS[k] for k in now if recorded[k] != now[k]) or "it was written from other files"
+
+
 def report_is_current(run: Run, exported: dict) -> bool:
     """Whether DIR/report.md was written (`write_report`) from what the run holds now (`report_stamp`)."""
     path = run.out / "report.json"
@@ -3376,7 +3398,7 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
                f"speed, the whole-model timing ({cause}), or both")
     factor = max(expected / measured, measured / expected)
     moved = max((max(v, 1 / v) for v in ratios.values()), default=None)
-    if not other_way and not same_way and ratios:  # the reference workload took exactly as long: not the machine
+    if ratios and moved - 1 < STILL_REFERENCE:  # the reference workload took as long (within 0.5 %): not the machine
         why = (f"{ran}, by {factor:.2f} times, while the fixed reference workload (Machine speed, below) did not move: "
                f"the gap is in the whole-model timing ({cause})")
     elif not other_way and moved is not None and moved - 1 < 0.75 * (factor - 1):  # fresh user: "ran slower" beside
@@ -3400,6 +3422,10 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
             f"(runtime_error {error:+.3f} on the parent): {why}, so the children's `runtime_error`s carry that too; "
             "their speed-ups and budget use, each against the parent of the same session, do not.")
 
+
+#: a reference-workload ratio within this of 1 (either way) counts as the machine's speed unmoved
+#: (`parent_runtime_note`)
+STILL_REFERENCE = 0.005
 
 #: how many times off the cost table's prediction of the parent (beyond the reference workload's own drift) puts the
 #: gap down to the table's timing in `parent_runtime_note`

@@ -143,8 +143,8 @@ def test_a_finished_run_reruns_without_timing_and_rewrites_only_what_is_missing(
     said = err.getvalue()
     assert "no child evaluated or timed again" in said and "timing the children again" not in said, said[-2000:]
     assert "replaced the export" not in said
-    assert {f: (copy / f).stat().st_mtime_ns for f in files} == before  # nothing rewritten but the report, whose
-    assert f"writing {copy / 'report.md'} again" in said  # commands name the run's path (a breaker: `--out run`)
+    assert {f: (copy / f).stat().st_mtime_ns for f in files} == before  # nothing rewritten but the report:
+    assert f"writing {copy / 'report.md'} again (the run was moved" in said  # its commands name the run's path
     assert f"--out {copy}`" in (copy / "report.md").read_text()
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert main(args) == 0
@@ -424,7 +424,8 @@ def test_timings_accepted_on_a_busy_machine_are_flagged_in_the_log_and_the_repor
     assert "**Warning:** The children were timed while other jobs kept 1.25 cores busy" in report
     said = err.getvalue()  # and the log says both, where a reused front said neither (breaker: an upgraded run)
     assert "run: warning: the children were timed while other jobs kept 1.25 cores busy" in said, said
-    assert f"run: writing {copy / 'report.md'} again: it was written from other files or by an earlier version" in said
+    assert f"run: writing {copy / 'report.md'} again (its record report.json is missing, or from an earlier " \
+        "version; its chat answers are generated again)" in said
     # a child measured far from its prediction is flagged there too (the rule: test_machine.py)
     import puzzle.pipeline
 
