@@ -282,6 +282,21 @@ def check_measurement(measured: pd.DataFrame, name: str, request: Mapping,
                  paired)
 
 
+#: a `measure` table's attrs key: why its session is too busy to correct limits by (`settle` then checks only)
+BUSY_SESSION_KEY = "busy_session"
+
+
+def mark_busy_session(measured: pd.DataFrame, limit: float) -> pd.DataFrame:
+    """`measured` (a `measure_models` table) with BUSY_SESSION_KEY in its attrs where other jobs kept more than `limit`
+    cores busy during its session (its attrs' contention_cores; a run accepts such timings with --max-contention, but
+    `settle` corrects no limit by them: a refine breaker's busy session re-solved a 1.5x child to 9.95x)."""
+    busy = measured.attrs.get("contention_cores")
+    if isinstance(busy, numbers.Real) and not isinstance(busy, bool) and math.isfinite(busy) and busy > limit:
+        measured.attrs = {**measured.attrs, BUSY_SESSION_KEY: f"other jobs kept {busy:.2f} cores busy while this "
+                                                              f"session was timed (the default limit: {limit:g})"}
+    return measured
+
+
 def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
            resolve: Callable[[str, dict, Budgets], dict], *, rounds: int, slack: float,
            workload_meta: Mapping | None = None, say: Callable[[str], None] = lambda msg: None):
@@ -318,7 +333,13 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
     loosened: set[str] = set()
     checks: dict[str, Check] = {}  # the latest session's, which is the final one when the loop ends
     for k in range(rounds + 1):
-        last = k >= rounds - 1
+        busy = measured.attrs.get(BUSY_SESSION_KEY) if k < rounds else None
+        if busy:  # a refine breaker: a session 87x slow moved the child 0.77 -> 2.9 -> 0.15 of its budget, re-solved
+            say(f"budget feedback, round {k + 1}: no limit corrected: {busy}, so its speed-ups are too noisy to "
+                f"correct the cost table by; the children are checked as they are (time them again on a quieter "
+                f"machine)")
+        final = k == rounds or bool(busy)  # checked only: no re-solve after it
+        last = final or k >= rounds - 1
         changed = {}
         quiet: list[str] = []  # the children this round keeps without a line of their own, said with the round's others
         for name, record in records.items():
@@ -335,21 +356,23 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             back = [c for c, ok in met[name].items() if ok and c != key]
             # back in the last round, or in any round when the miss is within the noise (a clear one is corrected
             # below): reviewer, with 3 rounds a loosened child over by less than the noise stayed over for good
-            if k < rounds and (last or not miss) and name in loosened and not result.met and back:
+            if not final and (last or not miss) and name in loosened and not result.met and back:
                 entry["action"] = "reverted: the looser child went over its budget"
                 say(f"budget feedback, round {k + 1}: {name}: the looser child measured {result.use:.3f} of its "
                     f"{result.column} budget; back to the last one that met it")
                 changed[name] = tried[name][back[-1]]
                 continue
-            if k == rounds or not (miss or (headroom and not last)):
+            if final or not (miss or (headroom and not last)):
                 entry["action"] = "kept" if result.met or miss else "kept: over by less than the timing noise"
-                if k < rounds and headroom and not miss:  # a fresh user: 5.7 % under, not loosened, not a word
+                if busy:
+                    entry["action"] = "kept: timed on a busy machine, not corrected"
+                elif k < rounds and headroom and not miss:  # a fresh user: 5.7 % under, not loosened, not a word
                     entry["action"] = "kept: more than the slack under its budget, but the last round only tightens"
                     say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} "
                         f"budget; kept, as it meets the budget: the last round only tightens (a looser child would "
                         f"not be checked). Rerunning with --budget-feedback {rounds + 1} could loosen it to use the "
                         f"headroom, for a child of lower KL at about the budget's speed")  # fresh user: what for?
-                elif k < rounds:
+                elif not final:
                     why = "within the slack and the timing noise of its budget" if result.met else \
                         "over by less than the timing noise"
                     quiet.append(f"{name} ({result.use_text()}: {why})")

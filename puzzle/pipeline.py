@@ -2436,7 +2436,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     rewritten to DIR/search/ and the checks go to DIR/children/budget_feedback.json.
     Returns (summary table, parent first; {name: child model}; {name: final record}).
     """
-    from .feedback import FEEDBACK_CANDIDATES_KEY, settle
+    from .feedback import FEEDBACK_CANDIDATES_KEY, mark_busy_session, settle
     from .scoring.cost import measure_models
 
     built: dict[tuple, object] = {}
@@ -2470,7 +2470,7 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
                     rounds[name] = rounds[first[key_of(record)]]
         if rounds:
             measured.attrs = {**measured.attrs, "runtime_rounds_ms": rounds}
-        return measured
+        return mark_busy_session(measured, ScoreConfig().max_contention)  # settle corrects no limit by a busy one
 
     def resolve(name: str, record: dict, budgets) -> dict:  # written below once its round is decided, not now
         t0 = time.perf_counter()

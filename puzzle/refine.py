@@ -1115,7 +1115,8 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
         PuzzleError: as `pipeline.read_architecture` or `load_score_table`, a damaged budget request or child record
             (before any timing; `feedback_limits`), rounds outside 0..feedback.MAX_ROUNDS.
     """
-    from .feedback import FEEDBACK_CANDIDATES_KEY, check_rounds, measured_limits, settle
+    from .config import ScoreConfig
+    from .feedback import FEEDBACK_CANDIDATES_KEY, check_rounds, mark_busy_session, measured_limits, settle
     from .pipeline import _over_budget_note, check_machine_drift, earlier_feedback, load_score_table, read_architecture
     from .scoring.cost import measure_models
     from .search import solve
@@ -1161,7 +1162,7 @@ def settle_steps(run, name: str, steps: pd.DataFrame | None = None, *, refine_k:
             per_round = dict(attrs.get("runtime_rounds_ms") or {})
             per_round.update({n: per_round[timed[n]] for n in twins if timed[n] in per_round})
             measured.attrs = {**attrs, **({"runtime_rounds_ms": per_round} if per_round else {})}
-        return measured
+        return mark_busy_session(measured, ScoreConfig().max_contention)  # settle corrects no limit by a busy one
 
     now = int(selection_ids(run, tokens).shape[0])
     contexts: dict[tuple, pd.DataFrame] = {}

@@ -786,3 +786,31 @@ def test_an_option_the_trust_region_finds_again_is_named_both_ways(tmp_path_fact
     numbers = sorted(int(part.split()[1][1:]) for s, _ in options.values() for part in s.split(" = ")
                      if part.startswith("trust-region #"))
     assert numbers == list(range(1, len(numbers) + 1)), options
+
+
+def test_a_busy_session_corrects_no_limit_and_is_said():
+    """Refine breaker: a session timed beside a busy core (reference 87x slow) moved a child 0.77 -> 2.9 -> 0.15 of
+    its budget; each was taken as the machine's truth and the limits re-solved until the 1.5x child read 9.95x."""
+    from puzzle.feedback import BUSY_SESSION_KEY, mark_busy_session
+
+    start, resolve, measure, calls = two_children()
+
+    def busy(records):
+        df = measure(records)
+        df.attrs["contention_cores"] = 1.02
+        return mark_busy_session(df, 0.25)
+
+    said = []
+    records, _, checks, history = settle({"child": start}, busy, resolve, rounds=3, slack=0.03, say=said.append)
+    assert records["child"]["choice"] == start["choice"] and calls == ["A"]  # measured once, nothing re-solved
+    assert [e["action"] for e in history["child"]] == ["kept: timed on a busy machine, not corrected"]
+    assert said == ["budget feedback, round 1: no limit corrected: other jobs kept 1.02 cores busy while this session "
+                    "was timed (the default limit: 0.25), so its speed-ups are too noisy to correct the cost table by; "
+                    "the children are checked as they are (time them again on a quieter machine)"]
+    for quiet in (0.25, None, float("nan"), True):  # at the limit, unrecorded or unreadable: not marked
+        df = measure({"child": start})
+        df.attrs["contention_cores"] = quiet
+        assert BUSY_SESSION_KEY not in mark_busy_session(df, 0.25).attrs
+    calls.clear()
+    settle({"child": start}, measure, resolve, rounds=3, slack=0.03)  # a quiet one: A, 18 % under, loosened to C
+    assert calls[:2] == ["A", "C"]
