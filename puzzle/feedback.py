@@ -290,8 +290,9 @@ def mark_busy_session(measured: pd.DataFrame, limit: float) -> pd.DataFrame:
     """`measured` (a `measure_models` table) with BUSY_SESSION_KEY in its attrs where other jobs kept more than `limit`
     cores busy during its session (its attrs' contention_cores; a run accepts such timings with --max-contention, but
     `settle` corrects no limit by them: a refine breaker's busy session re-solved a 1.5x child to 9.95x)."""
-    busy = measured.attrs.get("contention_cores")
-    if isinstance(busy, numbers.Real) and not isinstance(busy, bool) and math.isfinite(busy) and busy > limit:
+    from .pipeline import recorded_contention
+
+    if (busy := recorded_contention(measured.attrs)) is not None and busy > limit:
         measured.attrs = {**measured.attrs, BUSY_SESSION_KEY: f"other jobs kept {busy:.2f} cores busy while this "
                                                               f"session was timed (the default limit: {limit:g})"}
     return measured

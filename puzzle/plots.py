@@ -628,7 +628,7 @@ def _fuse_again(run_dir: Path, name: str, row_path: Path) -> tuple[str, str]:
     --include-leading its fusion record (DIR/fusion/<name>.json) was made with, and what it does now: "measures it
     again", or, where DIR/search/<name>.json holds a child with no run to fuse (`fusion.has_run_to_fuse`; breaker: the
     command only removed the row) or one of the init-only library (which fuse refuses), what happens instead."""
-    from .fusion import has_run_to_fuse
+    from .fusion import _comparison_child, has_run_to_fuse
     from .io import read_json
 
     try:
@@ -638,7 +638,7 @@ def _fuse_again(run_dir: Path, name: str, row_path: Path) -> tuple[str, str]:
     command = f"puzzle fuse --name {name}" + (" --include-leading" if leading else "")
     try:
         record = read_json(run_dir / "search" / f"{name}.json")
-        if record.get("library_stage", "bld") != "bld":
+        if _comparison_child(record):  # as fuse refuses it
             return command, (f"refuses it: {name} is a child of the init-only library now; delete {row_path} to stop "
                              f"this warning")
         if not has_run_to_fuse(record["choice"], leading):
