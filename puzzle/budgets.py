@@ -41,7 +41,7 @@ BUDGET_FLAGS = {
 
 MAX_FRACTION = 10.0  # a bare number above this is almost surely an absolute value missing its unit
 
-_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+_NUMBER = r"((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)"  # as Python's float reads: 5, 5., .5, 5.5e3
 _TIME_UNITS_MS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "sec": 1e3, "min": 6e4}
 _MEMORY_UNITS_MIB = {
     "b": 1 / 2**20, "kib": 1 / 2**10, "mib": 1.0, "gib": 2**10, "tib": 2**20,
@@ -227,6 +227,19 @@ def parse_fraction(text: str) -> float | None:
     return None
 
 
+def _unit_example(number: float, kind: str) -> str:
+    """' (e.g. 19.2K for 19200 parameters)' for a bare number above MAX_FRACTION, in `kind`'s commonest unit (breaker:
+    "add a unit" alone left the form to guess); '' for a number at or below zero, or not finite."""
+    if not MAX_FRACTION < number < math.inf:
+        return ""
+    if kind == "params":
+        letter, size = next(((k, v) for k, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)) if number >= v),
+                            ("", 1.0))
+        return f" (e.g. {number / size:g}{letter} for {number:g} parameters)" if letter else ""
+    unit = {"time": "ms", "memory": "MiB"}.get(kind)
+    return f" (e.g. {number:g}{unit})" if unit else ""
+
+
 def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float], case_sensitive=False) -> float:
     """Shared rule: a bare fraction of `parent_total()` or a number with one of `units`."""
     s = str(text).strip().replace("\u03bc", "µ").replace("\u039c", "µ")  # Greek mu (either case): micro sign
@@ -234,7 +247,8 @@ def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float],
     if fraction is not None:
         if not 0 < fraction <= MAX_FRACTION:
             raise PuzzleError(f"{flag} {text!r}: a bare number is a fraction of the parent's total and must be in "
-                              f"(0, {MAX_FRACTION:g}]; for an absolute value add a unit. Accepted: {_FORMS[kind]}")
+                              f"(0, {MAX_FRACTION:g}]; for an absolute value add a unit{_unit_example(fraction, kind)}."
+                              f" Accepted: {_FORMS[kind]}")
         return fraction * parent_total()
     m = re.fullmatch(_NUMBER + r"\s*([A-Za-zµ]+)", s)
     unit = None if m is None else (m.group(2) if case_sensitive else m.group(2).lower())
@@ -334,7 +348,18 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
                  for k, v in (("batch_size", batch), ("gen_len", gen)) if not whole(v)]
         raise PuzzleError(f"--min-throughput {text!r}: tokens per second need the table's workload, and it lacks "
                           f"{' and '.join(lacks)}; give --max-runtime or a multiple of the parent's rate (1.5x)")
-    return 1000.0 * float(batch) * float(gen) / float(m.group(1))
+    runtime_ms = 1000.0 * float(batch) * float(gen) / float(m.group(1))
+    try:
+        parent_ms = parent_runtime_ms() if callable(parent_runtime_ms) else float(parent_runtime_ms)
+    except PuzzleError:  # a table without the parent's runtime: the rate stands alone
+        return runtime_ms
+    if runtime_ms > parent_ms * MAX_FRACTION:  # breaker: 1e-300tok/s was taken as a limit of 1e304 ms, no budget
+        least = 1000.0 * float(batch) * float(gen) / (parent_ms * MAX_FRACTION)
+        step = 10.0 ** (math.floor(math.log10(least)) - 3)  # 4 significant digits, rounded up: the value is accepted
+        raise PuzzleError(f"--min-throughput {text!r} is below {1 / MAX_FRACTION:g} of the parent's rate (the parent "
+                          f"generates {least * MAX_FRACTION:.4g} tok/s at this workload), the floor --speedup has "
+                          f"too: give at least {math.ceil(least / step) * step:.4g}tok/s")
+    return runtime_ms
 
 
 def suggest_fraction(needed: float, parent_total: float) -> float:

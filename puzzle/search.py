@@ -426,8 +426,9 @@ class _Search:
                               f"give them in ordinary units (ms, MiB, nats)") from e
 
     def _joint_infeasible(self, budgets: Budgets) -> str:
-        """Message for budgets each reachable alone but not together: per budget, its minimum under the others."""
-        self._least = {}
+        """Message for budgets each reachable alone but not together: per budget, its minimum under the others, each
+        a way out (breaker: only the first budget's was named, though loosening another was enough too)."""
+        self._least, ways = {}, []
         limits, costs = budgets.limits(), [self.choices.values[c] for c in self.columns]
         for column, bound in limits.items():
             others = Budgets(**{f"max_{c}": b for c, b in limits.items() if c != column})
@@ -442,7 +443,9 @@ class _Search:
             if slots is not None:
                 smallest = self.choices.totals(slots)[column]
                 context = f" together with {others.describe()}" if others.limits() else ""
-                return self._message(column, bound, smallest, context, budgets)
+                ways.append(self._message(column, bound, smallest, context, budgets))
+        if ways:
+            return "; or: ".join(ways)
         return f"no architecture in the library meets {budgets.describe()} together; loosen the budgets"
 
     def _solution(self, slots, budgets, optimal, bound, seconds, method="mip") -> Solution:

@@ -12,7 +12,8 @@ from puzzle.errors import PuzzleError
 PARENT = {"runtime_ms": 400.0, "prefill_ms": 100.0, "decode_ms": 3.0, "memory_mib": 2048.0, "params": 1.0e9}
 
 
-@pytest.mark.parametrize("text, value", [("0.67", 0.67), ("67%", 0.67), ("1/1.5", 1 / 1.5), (" 0.5 ", 0.5), ("2e-1", 0.2)])
+@pytest.mark.parametrize("text, value", [("0.67", 0.67), ("67%", 0.67), ("1/1.5", 1 / 1.5), (" 0.5 ", 0.5), ("2e-1", 0.2),
+                                         ("5.", 5.0), (".5", 0.5), ("5.e-1", 0.5), ("50.%", 0.5)])  # as float() reads
 def test_fractions(text, value):
     assert parse_fraction(text) == pytest.approx(value)
 
@@ -55,6 +56,12 @@ def test_an_infinite_absolute_budget_names_its_flag(parse, text):
 def test_bare_number_above_limit_asks_for_a_unit():
     with pytest.raises(PuzzleError, match="add a unit"):
         parse_time_ms("250", 400.0)
+    # with the form in the flag's commonest unit, which parses (breaker: "add a unit" left it to guess)
+    for parse, text, example in [(parse_time_ms, "250", "250ms"), (parse_memory_mib, "512", "512MiB"),
+                                 (parse_params, "19200", "19.2K"), (parse_params, "7e9", "7B")]:
+        with pytest.raises(PuzzleError, match=re.escape(f"add a unit (e.g. {example}")):
+            parse(text, 100.0)
+        assert parse(example, 100.0) == pytest.approx(float(text))  # in ms, MiB or parameters: the value meant
 
 
 def test_fraction_is_computed_only_when_needed():
@@ -95,6 +102,17 @@ def test_throughput_becomes_a_latency_bound():
     for batch in ("abc", [2], -2, 1e308, 2.5, True, float("nan")):  # a sidecar's workload, as written by hand
         with pytest.raises(PuzzleError, match="lacks batch_size .*not a whole number"):
             throughput_to_runtime_ms("2048tok/s", 400.0, {"batch_size": batch, "gen_len": 64})
+
+
+def test_a_rate_below_a_tenth_of_the_parents_is_refused_as_speedup_is():
+    """--min-throughput in tok/s has the floor its 'x' form and --speedup have (breaker: 1e-300tok/s was taken as a
+    runtime limit of 1e304 ms); the least rate the message names is accepted."""
+    workload = {"batch_size": 8, "gen_len": 64}  # the parent: 8 * 64 tokens in 400 ms, 1280 tok/s
+    for text in ("1e-300tok/s", "127tok/s"):
+        with pytest.raises(PuzzleError, match=r"below 0.1 of the parent's rate .* give at least 128tok/s"):
+            throughput_to_runtime_ms(text, 400.0, workload)
+    assert throughput_to_runtime_ms("128tok/s", 400.0, workload) == pytest.approx(4000.0)
+    assert throughput_to_runtime_ms("128tok/s", lambda: 400.0, workload) == pytest.approx(4000.0)
 
 
 def test_request_resolves_against_parent_and_tightest_runtime_wins():
