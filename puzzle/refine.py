@@ -1252,6 +1252,40 @@ def _timed_refinement(run, name: str, steps: pd.DataFrame) -> bool:
     return _saved_row(run.out / "front_rows" / "parent.json", inputs) is not None
 
 
+_TIMING_COLUMNS = ("measured_speedup", "budget_use", "budget_met")
+
+
+def _saved_steps(path: Path) -> pd.DataFrame | None:
+    """DIR/refine/<name>.summary.csv as an earlier call left it, or None where there is none or it is unreadable."""
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _untimed_steps(run, name: str, steps: pd.DataFrame, before: pd.DataFrame | None) -> pd.DataFrame:
+    """After a --no-measure call: `steps` with the earlier call's measured speed-up and budget check (`before`, its
+    summary table) for each step whose child has the same layers, where those and DIR/front_rows/ still hold for
+    every step (`_timed_refinement`); the table is then written again and the run says so. Otherwise `steps` as
+    they are, and the run says the children are untimed and how to time them without refining again."""
+    summary_path = run.out / "refine" / f"{name}.summary.csv"
+    if before is not None and {"name", "architecture", *_TIMING_COLUMNS} <= set(before.columns):
+        old = {row["name"]: row for _, row in before.iterrows()}
+        merged = steps.copy()
+        for column in _TIMING_COLUMNS:
+            merged[column] = [old[n][column] if step != "plain" and n in old and old[n]["architecture"] == arch
+                              else None for step, n, arch in zip(steps["step"], steps["name"], steps["architecture"])]
+        if _timed_refinement(run, name, merged):
+            atomic_write_text(summary_path, merged.to_csv(index=False))
+            run.say(f"refine {name}: --no-measure: the diverse and refined children have the layers timed before, "
+                    f"so their measured speed-up and budget check are kept ({summary_path})")
+            return merged
+    run.say(f"refine {name}: --no-measure: the diverse and refined children are not timed, so `puzzle front` leaves "
+            f"them out; the same command without --no-measure (and without --continue) times them without refining "
+            f"again")
+    return steps
+
+
 def measure_steps(run, name: str, measured: pd.DataFrame | None = None) -> pd.DataFrame:
     """Realize, evaluate and time `name`-diverse and `name`-refined against the parent, interleaved in one session
     (`baselines.realize_all`; rows in DIR/front_rows/, reused while their architecture and the run's workload and
@@ -1390,9 +1424,12 @@ def refine_main(args) -> int:
             raise PuzzleError(f"--select-tokens {args.select_tokens}: choices are made on whole sequences of "
                               f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
         t0 = time.perf_counter()
+        before = _saved_steps(run.out / "refine" / f"{args.name}.summary.csv") if args.no_measure else None
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume, seeds=seeds)
+        if args.no_measure:  # breaker: a --continue --no-measure dropped the timings of children it left unchanged
+            df = _untimed_steps(run, args.name, df, before)
         timed_before = not (args.no_measure or args.retime or args.refine_budget_feedback is not None) and \
             df.attrs.get("finished") and _timed_refinement(run, args.name, df)
         if args.retime and df.attrs.get("finished") and not args.no_measure:  # fresh user: it went unsaid

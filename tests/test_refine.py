@@ -976,7 +976,8 @@ def _refined_run(tmp_path_factory, tmp_path, monkeypatch, factor: float):
             df.loc[df["name"] == name, "runtime_ms"] = ms * (factor if choice == solved["choice"] else 1.0)
         df.loc[:, [c for c in df.columns if c.endswith("_iqr_ms")]] = 0.0
         df.attrs.pop("runtime_rounds_ms", None)
-        return df
+        df.attrs["contention_cores"] = 0.0  # runtimes of the table alone: no other job's load is in them (the
+        return df  # feedback corrected no limit by a session a test run beside it had made busy)
 
     monkeypatch.setattr(cost, "measure_models", predicted_times)
     return out, flags, plain, solved, sessions
@@ -1172,6 +1173,36 @@ def test_refine_goes_on_from_a_child_the_budget_feedback_re_solved(tmp_path_fact
     assert record["budget_feedback"][-1]["check"]["met"]
     summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")
     assert bool(summary.loc["child-1.5x-refined", "budget_met"])
+
+
+def test_no_measure_keeps_the_timings_of_unchanged_children_and_says_when_there_are_none(
+        tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """A --no-measure call keeps the earlier call's measured speed-up and budget check where every step's child has
+    the layers timed before (breaker: a --continue --no-measure dropped them from the step table without a word), and
+    otherwise says that the children are untimed and which command times them."""
+    from puzzle.baselines import open_run
+    from puzzle.cli import main
+    from puzzle.refine import _untimed_steps
+
+    out, flags, *_ = _refined_run(tmp_path_factory, tmp_path, monkeypatch, 1.0)
+    assert "--no-measure: the diverse and refined children are not timed" in "".join(capsys.readouterr())
+    summary = out / "refine" / "child-1.5x.summary.csv"
+    assert main(["refine", *flags]) == 0  # finds the refinement done and times its children
+    timed = pd.read_csv(summary)
+    assert timed.loc[timed["step"] != "plain", "measured_speedup"].notna().all()
+    capsys.readouterr()
+    assert main(["refine", *flags, "--no-measure"]) == 0
+    assert "have the layers timed before, so their measured speed-up and budget check are kept" in \
+        "".join(capsys.readouterr())
+    pd.testing.assert_frame_equal(pd.read_csv(summary), timed)
+    # a step whose child changed since its timing: nothing is carried over, and the run says so
+    other = timed.assign(architecture=timed["architecture"].where(timed["step"] != "refined", "elsewhere"))
+    steps = timed.drop(columns=["measured_speedup", "budget_use", "budget_met"])
+    kept = _untimed_steps(open_run(out, progress=False), "child-1.5x", steps, other)
+    assert "measured_speedup" not in kept.columns
+    assert "the same command without --no-measure (and without --continue) times them" in \
+        "".join(capsys.readouterr())
+    pd.testing.assert_frame_equal(pd.read_csv(summary), timed)  # the table on disk is left as it was
 
 
 def test_damaged_feedback_limits_are_passed_over_and_damaged_budgets_refused(run, capsys):
