@@ -67,6 +67,21 @@ LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 NAS_MODEL_TYPES = ("nemotron-nas", "deci")
 NAS_ARCHITECTURES = ("DeciLMForCausalLM",)
 GGUF_CACHE_VERSION = 1  # bump when the cached folder's layout or the conversion changes
+# what a model type near the Llama family does that PuzzleForCausalLM does not (from transformers' modeling files)
+_UNLIKE_LLAMA = {
+    "qwen2": "it has biases on the query, key and value projections but not on the output one (attention_bias sets "
+             "all four)",
+    "qwen3": "it normalizes each head's queries and keys (q_norm, k_norm)",
+    "gemma": "its FFN is GeGLU, its RMSNorm scales by 1 + weight and its embeddings by sqrt(hidden_size)",
+    "gemma2": "its FFN is GeGLU, it caps logits and has norms after attention and FFN",
+    "gemma3": "its FFN is GeGLU, it normalizes queries and keys and mixes sliding-window layers",
+    "mixtral": "its FFN is a mixture of experts",
+    "olmo2": "its norms follow attention and FFN, and it normalizes queries and keys",
+    "granite": "it scales embeddings, residuals, attention and logits by multipliers",
+    "phi3": "its tensors are fused (qkv_proj, gate_up_proj)",
+    "gpt2": "it uses LayerNorm, a GELU FFN and learned positions",
+}
+
 _SUPPORTED = ("supported: Llama-family decoders (GQA attention + SwiGLU + RMSNorm + RoPE) as an HF folder "
               "(model_type 'llama', or 'mistral' without a sliding window), a nemotron-nas folder (block_configs) or a "
               "llama GGUF file")
@@ -110,7 +125,7 @@ def _read_json(path: Path) -> dict:
 
 def _require(d: dict, key: str, what: str):
     if d.get(key) is None:
-        raise PuzzleError(f"{what} config lacks {key!r}; the config.json is incomplete: copy it again from the original checkpoint")
+        raise PuzzleError(f"{what} lacks {key!r}; the config.json is incomplete: copy it again from the original checkpoint")
     return d[key]
 
 
@@ -130,8 +145,14 @@ def _rope(d: dict) -> tuple[float, dict | None]:
         scaling, theta = dict(d.get("rope_scaling") or {}), d.get("rope_theta", 10000.0)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise PuzzleError(f"RoPE scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}); "
-                          "use a checkpoint without it or with Llama 3 / linear scaling")
+        # breaker: "use a checkpoint without it" was the advice for every type; dynamic NTK scaling changes the base
+        # only past max_position_embeddings (transformers' _compute_dynamic_ntk_parameters), so below it is plain RoPE
+        advice = (f"dynamic NTK scaling is plain RoPE up to max_position_embeddings "
+                  f"({d.get('max_position_embeddings')}): to use the model within those lengths, remove rope_scaling "
+                  f"(or rope_parameters' rope_type) from config.json" if rope_type == "dynamic" else
+                  "this tool's attention cannot run such a model as it was trained")
+        raise PuzzleError(f"RoPE scaling type {rope_type!r} is not supported (supported: "
+                          f"{', '.join(SUPPORTED_ROPE_TYPES)}); {advice}")
     if rope_type == "default":
         return float(theta), None
     need = ("factor",) if rope_type == "linear" else (
@@ -220,7 +241,8 @@ def model_config_from_hf(config_dict: dict) -> ModelConfig:
             f"config.json has no model_type, though its architectures ({archs[0]}) are supported; add "
             f'"model_type": "{LLAMA_MODEL_TYPES[LLAMA_ARCHITECTURES.index(archs[0])]}" to it')
     if model_type not in LLAMA_MODEL_TYPES or any(a not in LLAMA_ARCHITECTURES for a in archs):
-        raise PuzzleError(f"model_type {model_type!r} (architectures {archs}) is not supported; {_SUPPORTED}")
+        unlike = f" ({_UNLIKE_LLAMA[model_type]})" if model_type in _UNLIKE_LLAMA else ""
+        raise PuzzleError(f"model_type {model_type!r} (architectures {archs}) is not supported{unlike}; {_SUPPORTED}")
     _check_llama_family(d, what)
     fields = _shared_fields(d, what)
     kv = int(d.get("num_key_value_heads") or fields["num_attention_heads"])

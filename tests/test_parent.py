@@ -462,16 +462,35 @@ def _config_dict(**overrides):
 @pytest.mark.parametrize("overrides, message", [
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "RoPE scaling type 'yarn'"),
-    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
+    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}),
+     r"'dynamic'.*plain RoPE up to max_position_embeddings \(2048\): .* remove rope_scaling"),
     (dict(pretraining_tp=2), "pretraining_tp=2"),
     (dict(sliding_window=4096), "sliding-window"),
     (dict(quantization_config={"quant_method": "gptq"}), "quantized checkpoints"),
-    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), "model_type 'qwen2'"),
+    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+     r"model_type 'qwen2' .* \(it has biases on the query, key and value projections but not on the output one"),
+    (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]), r"qwen3.*\(it normalizes each head's queries"),
+    (dict(model_type="phi", architectures=["PhiForCausalLM"]), r"model_type 'phi' \(architectures .*\) is not supported; "),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}), "lacks"),
 ])
 def test_config_refusals(overrides, message):
     with pytest.raises(PuzzleError, match=message):
         model_config_from_hf(_config_dict(**overrides))
+
+
+def test_dynamic_rope_removed_as_the_refusal_says_loads_as_plain_rope():
+    """The dynamic-scaling advice holds: transformers' dynamic NTK frequencies within max_position_embeddings are
+    plain RoPE's, so the config without it describes the same model there."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dynamic = LlamaConfig(**_config_dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}))
+    plain = LlamaConfig(**_config_dict())
+    inv_dynamic, _ = ROPE_INIT_FUNCTIONS["dynamic"](dynamic, "cpu", seq_len=dynamic.max_position_embeddings)
+    dim = plain.hidden_size // plain.num_attention_heads  # plain RoPE (Su et al., 2021): theta^(-2i/d)
+    inv_plain = 1.0 / plain.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    torch.testing.assert_close(inv_dynamic, inv_plain)
+    assert model_config_from_hf(_config_dict()).rope_scaling is None
 
 
 def test_config_fields_of_the_wrong_type_are_one_line_errors(tmp_path):
