@@ -707,10 +707,11 @@ def _log_unreachable_front(run) -> None:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_all
+    from .pipeline import run_all, search_choices
 
     # measures: a missing CUDA device is refused before the data and BLD stages, not at the first timing
     with _stage_run(args, measures=True) as run:
+        before = search_choices(args.out)  # what an earlier call's feedback re-solved, the search prints as it is
         summary = run_all(run)
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "throughput_tok_s", "kl_nats",
             "lm_loss", "speedup", "predicted_speedup"]  # throughput: front.png's axis (fresh user: not in the log)
@@ -720,11 +721,12 @@ def cmd_run(args) -> int:
     for note in budget_miss_notes(args.out, summary):  # fresh user (stop 69): the main child's 1.45x beside its
         if note:  # 1.5x budget was explained only mid-log
             _log(f"run: {note}")
-    # fresh user: the table's predicted_speedup differed from the search's lines above, unexplained
-    if again := resolved_by_feedback(args.out, summary["name"]):
+    # fresh user: the table's predicted_speedup differed from the search's lines above, unexplained (only for a child
+    # this call re-solved: one re-solved before was printed as it is, "(kept)")
+    if again := resolved_by_feedback(args.out, summary["name"], since=before):
         them = "them" if len(again) > 1 else "it"
         _log(f"run: the budget feedback re-solved {', '.join(again)} after timing {them}: predicted_speedup is the "
-             f"re-solved child's, not the first solve's that the search printed")
+             f"re-solved child's, not the search's figure printed above")
     _log_unreachable_front(run)
     _log(f"\nsummary: {args.out / 'summary.csv'}   front: {args.out / 'front.png'}   report: {args.out / 'report.md'}")
     return 0

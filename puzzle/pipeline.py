@@ -2649,17 +2649,31 @@ def parent_label(run: Run) -> str:
     return Path(source).name or source
 
 
-def resolved_by_feedback(out: Path, names) -> list[str]:
+def resolved_by_feedback(out: Path, names, since: dict[str, list] | None = None) -> list[str]:
     """The children of `names` whose record (DIR/search/<name>.json) the budget feedback re-solved: its `choice` is
-    no longer the search's first solve (`solved_choice`). Unreadable records are left out."""
+    no longer the search's first solve (`solved_choice`). Unreadable records are left out; with `since`
+    (`search_choices` taken earlier), so is a record whose choice is still the one it held then."""
     found = []
     for name in names:
         try:
             record = read_json(Path(out) / "search" / f"{name}.json")
         except (PuzzleError, OSError):
             continue
-        if re_solved(record):
+        if re_solved(record) and (since is None or record.get("choice") != since.get(str(name))):
             found.append(str(name))
+    return found
+
+
+def search_choices(out: Path) -> dict[str, list]:
+    """{name: choice} of the readable records in DIR/search/ now, for `resolved_by_feedback`'s `since`."""
+    found = {}
+    for path in sorted((Path(out) / "search").glob("*.json")):
+        try:
+            record = read_json(path)
+        except (PuzzleError, OSError):
+            continue
+        if isinstance(record, dict) and "choice" in record:
+            found[path.stem] = record["choice"]
     return found
 
 

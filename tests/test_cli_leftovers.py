@@ -808,6 +808,14 @@ def test_children_the_budget_feedback_re_solved_are_named(tmp_path):
         (tmp_path / "search" / f"{name}.json").write_text(json.dumps(record))
     (tmp_path / "search" / "d.json").write_text("{not json")
     assert resolved_by_feedback(tmp_path, ["parent", "a", "b", "c", "d"]) == ["a"]
+    # a child re-solved before the call (its record as it was then) is not named: the search printed it as it is
+    from puzzle.pipeline import search_choices
+
+    before = search_choices(tmp_path)
+    assert before == {"a": ["x"], "b": ["x"], "c": ["x"]}  # the damaged record left out
+    assert resolved_by_feedback(tmp_path, ["a", "b"], since=before) == []
+    (tmp_path / "search" / "b.json").write_text(json.dumps({"choice": ["z"], "solved_choice": ["x"]}))
+    assert resolved_by_feedback(tmp_path, ["a", "b"], since=before) == ["b"]  # re-solved in this call
 
 
 def test_budget_flags_on_a_new_run_say_they_replace_the_presets_budget(tmp_path, capsys):
