@@ -1343,7 +1343,7 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-refine-after-repair", dest="refine_after_repair", action="store_false",
                    help="when the budget feedback re-solves the refined child, stop there (with a hint to refine on "
                         "with --continue); by default refine continues from the re-solved child under the corrected "
-                        "limits once, for up to --rounds rounds, and times the children again")
+                        "limits once, for up to --rounds rounds, and holds the children to the budget again")
     from .cli import add_max_contention_flag, add_select_context_flag
 
     add_max_contention_flag(p)
@@ -1448,7 +1448,7 @@ def refine_main(args) -> int:
             refined = f"{args.name}-refined"
             repair = f"refine {args.name}: the budget feedback re-solved {refined} under corrected limits; "
             for attempt in range(2 if args.refine_after_repair else 1):
-                if attempt:  # once: as --continue, from the child the feedback re-solved, then timed again
+                if attempt:  # once: as --continue, from the child the feedback re-solved, then held to the budget again
                     run.say(f"{repair}refining on from it under them, {args.rounds} round{'s' * (args.rounds > 1)} at "
                             f"most (--no-refine-after-repair stops at the re-solve; README, \"Budget feedback after "
                             f"refinement\")")
