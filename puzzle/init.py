@@ -170,7 +170,8 @@ def init_ffn(config: ModelConfig, parent_layer: DecoderBlock, variant: FFNConfig
         channel_scores: (F_parent,) from `ffn_channel_scores`; the top `width` are kept.
         channels: (width,) explicit kept channels (e.g. `greedy_channel_removal`); wins over scores.
         lstsq_data: (X, Y) with X (n, C) normed inputs and Y (n, C) parent FFN outputs, for a
-            least-squares linear init; None uses W_down . W_up.
+            least-squares linear init; None uses W_down . W_up (biases dropped: a linear subblock has none, as
+            the nemotron-nas format's linear_mlp).
 
     Raises:
         ValueError: a narrower width without channel scores or channels, or a width above the parent's.
@@ -308,7 +309,8 @@ def init_attention(config: ModelConfig, parent_layer: DecoderBlock, variant: Att
 
     Args:
         lstsq_data: (X, Y), X (n, C) normed inputs and Y (n, C) parent attention outputs, for a
-            least-squares linear init; None uses W_o . W_v.
+            least-squares linear init; None uses W_o . W_v. A linear subblock has no bias (the nemotron-nas
+            format's linear_attn has none), so a parent's attention biases leave W_o . b_v + b_o out of it.
         kv_init: "mean_pool" or "top_groups" (module docstring).
         group_scores: (G,) from `kv_group_scores` / `KVGroupStats`, needed by "top_groups".
 
