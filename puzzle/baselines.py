@@ -609,10 +609,12 @@ def session_rows(measured: pd.DataFrame, names, group: int = 0, parent_tok_s: fl
     return pd.DataFrame(rows)
 
 
-ROW_COLUMNS = ["name", "method", "training", "target_speedup", "predicted_speedup", "speedup", "throughput_tok_s",
-               "kl_nats", "score_kl_nats", "predicted_kl_nats", "lm_loss", "top1_agree", "params", "memory_mib",
-               "runtime_ms", "parent_runtime_ms", "note", "architecture"]
-DERIVED_COLUMNS = ("throughput_tok_s", "parent_runtime_ms")  # filled in from the saved rows (`_with_derived`)
+ROW_COLUMNS = ["name", "method", "training", "target_speedup", "planned_speedup", "predicted_speedup", "speedup",
+               "throughput_tok_s", "kl_nats", "score_kl_nats", "predicted_kl_nats", "lm_loss", "top1_agree", "params",
+               "memory_mib", "runtime_ms", "parent_runtime_ms", "note", "architecture"]
+# filled in from the saved rows (`_with_derived`); planned_speedup too, which the parent's row and rows saved before it
+# was a column lack (a README checker: the README named the row's planned_speedup, which baselines.csv had not)
+DERIVED_COLUMNS = ("throughput_tok_s", "parent_runtime_ms", "planned_speedup")
 
 
 def _with_derived(table: pd.DataFrame, parent_tok_s: float) -> pd.DataFrame:
@@ -620,16 +622,22 @@ def _with_derived(table: pd.DataFrame, parent_tok_s: float) -> pd.DataFrame:
     group as measured (a saved row's `group_parent_runtime_ms` or a table's parent_runtime_ms; the parent row's
     own runtime; runtime_ms x speedup only for a row without either), so that speedup = parent_runtime_ms /
     runtime_ms can be checked (groups are timed apart, so a row's runtime_ms is comparable only with its own
-    group's parent); and throughput_tok_s, `parent_tok_s` (the parent's throughput in the first group) x
-    speedup, which puts every row on the first group's scale."""
+    group's parent); throughput_tok_s, `parent_tok_s` (the parent's throughput in the first group) x
+    speedup, which puts every row on the first group's scale; and planned_speedup, a saved row's (its target where
+    the row has none; empty for the parent)."""
     derived = table["runtime_ms"] * table["speedup"]
     measured = pd.Series(math.nan, index=table.index)
     for column in ("group_parent_runtime_ms", "parent_runtime_ms"):  # a saved row's; a table's filled in before
         if column in table:
             measured = measured.fillna(table[column])
     measured = measured.where(table["name"] != "parent", table["runtime_ms"])
+    planned = pd.to_numeric(table["planned_speedup"], errors="coerce") if "planned_speedup" in table else math.nan
     return table.assign(parent_runtime_ms=measured.fillna(derived).astype(float),
-                        throughput_tok_s=parent_tok_s * table["speedup"])
+                        throughput_tok_s=parent_tok_s * table["speedup"],
+                        # the speed-up the child was planned for: its target, or the target made up for a table
+                        # error once it measured short (`held_speedups`); the parent's row has none
+                        planned_speedup=pd.Series(planned, index=table.index).fillna(table["target_speedup"])
+                        .where(table["name"] != "parent"))
 
 
 def row_inputs(run) -> dict:

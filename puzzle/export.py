@@ -146,6 +146,13 @@ def shown_provenance(info: dict | None, folder) -> str:
     return shown
 
 
+def _run_by_path(text: str, folder) -> str:
+    """`text` (an `export_provenance`) with a run recorded relative to the export `folder` (`run_ref`: "../..")
+    named by its path, as `shown_provenance` names it."""
+    return re.sub(r" of run ((?:\.\.)(?:/\.\.)*)(?=[ )]|$)",
+                  lambda m: f" of run {os.path.normpath(Path(folder).absolute() / m.group(1))}", text)
+
+
 def _earlier_export(out_dir: Path) -> tuple[str, bool] | None:
     """(export_provenance, trained) of the export now in out_dir, or None when there is none."""
     info = export_info(out_dir)
@@ -506,9 +513,11 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
             and earlier[0].split(" ", 1)[0] == provenance.split(" ", 1)[0]))
         if provenance is not None and earlier is not None and earlier[1] and not same:
             hint = _same_training_hint(earlier[0], provenance)
-            shown = export_provenance(export_info(out_dir), by_path=True)  # a merge by paths, not hashes
+            # a merge by paths, not hashes; a run recorded relative to the export, by its path (a README checker:
+            # "gkd of child-2x of run ../.." on both sides)
+            shown = _run_by_path(export_provenance(export_info(out_dir), by_path=True), out_dir)
             shown += ", inputs as recorded then" if shown.startswith("merge of ") else ""
-            this = "" if provenance.startswith("merge of weights ") else f" ({provenance})"  # the inputs just typed
+            this = "" if provenance.startswith("merge of weights ") else f" ({_run_by_path(provenance, out_dir)})"
             raise PuzzleError(f"{out_dir} holds trained weights ({shown}) that this export{this} would "
                               f"replace; give a new folder, or delete that one first if it is no longer needed{hint}")
 

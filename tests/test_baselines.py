@@ -1078,6 +1078,11 @@ def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_
     assert [b.id for b in _greedy_at(run, load_score_table(run, "bld")[0], held["greedy-1.5x"]).blocks] != slow
     assert planned_greedy["planned_speedup"] == pytest.approx(held["greedy-1.5x"])
     assert "planned for" in planned_greedy["note"]
+    listed = pd.read_csv(run_dir / "baselines" / "baselines.csv").set_index("name")  # the CSV names it too
+    assert listed.loc["greedy-1.5x", "planned_speedup"] == pytest.approx(held["greedy-1.5x"])
+    others = listed.drop(index=["parent", "greedy-1.5x"])
+    assert (others["planned_speedup"] == others["target_speedup"]).all() and pd.isna(listed.loc["parent",
+                                                                                              "planned_speedup"])
     first = [n for s in sessions[:-1] for n in s]  # the first run: one timing group or more (uniform width's
     # children join when the measured table lets it reach 1.5x, as on CI-like timings), each child timed once
     assert len(first) == len(set(first)) and "greedy-1.5x" in first, sessions

@@ -613,3 +613,17 @@ def test_an_export_folder_that_cannot_be_moved_aside_names_what_to_do(tmp_path, 
                                           f"{words}"):
         export._move_into_place(tmp, out)
     assert (out / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_refused_replacement_names_a_run_recorded_relative_to_the_export_by_its_path(tmp_path):
+    """README checker: gkd's refusal to replace a trained export of the run said "gkd of child-2x of run ../.." for
+    both trainings; the run is named by its path, an absolute record and other text left as they are."""
+    from puzzle.export import _run_by_path
+
+    folder = tmp_path / "run" / "export" / "child-2x-gkd"
+    assert _run_by_path("gkd of child-2x of run ../.. (training 0123456789abcdef)", folder) == \
+        f"gkd of child-2x of run {tmp_path / 'run'} (training 0123456789abcdef)"
+    assert _run_by_path("child-2x of run ../..", folder) == f"child-2x of run {tmp_path / 'run'}"
+    for text in ("sft of child-2x of run /abs/run (training 0123456789abcdef)", "child of run ..x",
+                 "merge of weights a, b"):
+        assert _run_by_path(text, folder) == text
