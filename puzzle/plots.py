@@ -449,8 +449,9 @@ def matched_ratio_intervals(rows: pd.DataFrame, speedups=(1.25, 1.5, 2.0), *, ro
         raise ValueError(f"rows need exactly one parent row (method 'parent'), got {len(parent)}")
     missing = rows[["runtime_ms", "runtime_iqr_ms"]].isna().any(axis=1)
     if missing.any():
-        raise ValueError(f"runtime_ms / runtime_iqr_ms missing for {list(rows.loc[missing, 'name'])}: measure them "
-                         "(benchmarks/front.py --phase remeasure)")
+        raise ValueError(f"runtime_ms / runtime_iqr_ms missing for {list(rows.loc[missing, 'name'])}: time the models "
+                         "in one session (`puzzle front --out DIR --one-session`, or in a checkout "
+                         "benchmarks/front.py --phase remeasure)")
     runtime, iqr = rows["runtime_ms"].to_numpy(float), rows["runtime_iqr_ms"].to_numpy(float)
     bad = ~(np.isfinite(runtime) & (runtime > 0) & np.isfinite(iqr) & (iqr >= 0))
     if bad.any():

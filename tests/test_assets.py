@@ -138,7 +138,7 @@ def test_real_demo_assets_documents_and_tokenize_speed():
     lambada = read_documents("asset:lambada")
     assert 100 <= len(wiki) <= 106 and len(lee) == 300 and len(lambada) == 5153
     wiki_chars = sum(len(d.text) for d in wiki)
-    assert 2_000_000 < wiki_chars < 3_500_000  # ASSETS.md: about 2.5 MB of prose
+    assert 2_000_000 < wiki_chars < 3_500_000  # the project's asset notes: about 2.5 MB of prose
     assert not any("{{" in d.text or "[[" in d.text or "<ref" in d.text for d in wiki)
 
     docs = wiki + lee
