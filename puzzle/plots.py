@@ -999,8 +999,8 @@ def ratio_table(ratios: pd.DataFrame) -> str:
         for label in wide.index:
             lines.append(label.ljust(width) + "".join(f"{cells.get((label, c), '-'):>{col}}" for c in wide.columns))
         blocks.append("\n".join(lines))
-    notes = ["-: the baseline does not reach that speed-up; ours -: our front does not; 0/0: both KLs are 0; inf: only "
-             "the baseline's is"]
+    notes = ["-: the baseline does not reach that speed-up; ours -: our front does not; both -: neither does; 0/0: "
+             "both KLs are 0; inf: only the baseline's is"]
     if "ratio_lo" in ratios.columns and ratios["ratio_lo"].notna().any():
         notes.append("(lo-hi): 5-95 % interval of the ratio from the timing noise of the one session (bootstrap of "
                      "each model's runtime median, `plots.matched_ratio_intervals`; the KLs are held fixed)")
@@ -1040,9 +1040,12 @@ def _ratio_cell(row) -> str:
         interval = f" ({lo:.2f}-{hi:.2f}{some})" if _finite(lo) and _finite(hi) else ""
         same = getattr(row, "same_model", "")
         return f"{ratio:.2f}" + ("~" if _far(row) else "") + ("=" if isinstance(same, str) and same else "") + interval
-    if not (isinstance(theirs, float) and math.isfinite(theirs)):
+    reached = [isinstance(v, float) and math.isfinite(v) for v in (ours, theirs)]
+    if not any(reached):  # a math checker: "-" blamed the baseline where our front did not reach it either
+        return "both -"
+    if not reached[1]:
         return "-"
-    if not (isinstance(ours, float) and math.isfinite(ours)):
+    if not reached[0]:
         return "ours -"
     return ("0/0" if ours == 0 else "inf") if theirs == 0 else "-"
 

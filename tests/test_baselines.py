@@ -1221,6 +1221,8 @@ def test_ratio_table_says_which_front_is_missing_and_degenerate_fronts_still_dra
     layers_line = next(line for line in text.splitlines() if line.startswith("layer removal"))
     assert greedy_line.split()[-1] == "-" and layers_line.split()[-1] == "-"  # ours and layers stop at 2x / 1.4x
     assert "ours -" in greedy_line  # ours does not reach 2.2x, greedy does
+    assert layers_line.endswith("both -") and "both -: neither does" in text  # neither (a math checker: "-" blamed
+    # layer removal alone)
     assert "no measured model: attention removal, uniform width (Minitron-style)" in text
     zero = rows.assign(kl_nats=0.0)
     assert "0/0" in ratio_table(front_ratios(zero, [1.1]))
