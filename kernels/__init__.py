@@ -10,5 +10,6 @@ Function where a backward exists, torch reference):
     ops                the four ops above: Triton on CUDA tensors, the torch reference elsewhere
     utils              compiled-or-interpreted launches, device facts
 
-On CPU tensors the kernels run in Triton's interpreter (slow; for tests). Needs triton (the `kernels` extra).
+On CPU tensors the kernels run in Triton's interpreter (slow; for tests). Needs triton (installed with
+puzzle on Linux; PyPI has no triton for macOS or Windows).
 """

@@ -741,16 +741,25 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     if not (rows_dir / "parent.json").is_file() and not todo:
         todo = list(candidates)
     groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)][:max_groups]
-    for group in groups:
+    bar = None
+    if run.progress and groups:  # a fresh user (stop 79): minutes without a line, no sign of life
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(map(len, groups)), desc="baselines (realize, evaluate, time)", unit="model")
+    for k, group in enumerate(groups, 1):
         models = {c.name: realize(run, c, library) for c in group}
         quality = {}
         for c in group:
+            if bar is not None:
+                bar.set_postfix_str(f"{c.name}: evaluate" + (", export" if export else ""))
             q = evaluate(run, models[c.name], c.name)
             quality[c.name] = {"kl_nats": q["kl_nats"], "lm_loss": q["lm_loss"],
                                "top1_agree": q.get("top1_agree", math.nan),
                                "score_kl_nats": selection_kl(run, models[c.name])}
             if export:
                 _export(run, c, models[c.name])
+        if bar is not None:
+            bar.set_postfix_str(f"timing group {k} of {len(groups)} beside the parent")
         # one timing per architecture: two names for one child (a refinement that kept the diverse pick), or one
         # architecture at two library stages (the runtime does not depend on the weights), are timed once, not
         # twice with two noise draws (as `one_session.time_front_together`)
@@ -775,7 +784,11 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "group_parent_runtime_ms": float(m["parent_runtime_ms"]),
                 "contention_cores": contention_cores(m.get("contention_cores")),
                 "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs}))
+        if bar is not None:
+            bar.update(len(group))
         del models
+    if bar is not None:
+        bar.close()
     if not (rows_dir / "parent.json").is_file():
         return pd.DataFrame(columns=ROW_COLUMNS)
     parent = read_json(rows_dir / "parent.json")

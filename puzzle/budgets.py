@@ -54,7 +54,8 @@ _FORMS = {
     "memory": "a fraction of the parent's (0.5, 50%) or a size with a unit (2GiB, 512MiB, 300MB)",
     "params": "a fraction of the parent's (0.5, 50%) or a count with a unit (60M, 1.2B, 500K)",
     "speedup": "a factor of at least 0.1 (1.5 or 1.5x; below 1 the child may be slower than the parent)",
-    "throughput": "generated tokens per second (1200tok/s) or a multiple of the parent's (1.5x)",
+    "throughput": "generated tokens per second (1200tok/s) or a multiple of the parent's (1.5x), at least 0.1 of "
+                  "the parent's rate",
 }
 
 
@@ -227,17 +228,16 @@ def parse_fraction(text: str) -> float | None:
     return None
 
 
-def _unit_example(number: float, kind: str) -> str:
+def _unit_example(text: str, number: float, kind: str) -> str:
     """' (e.g. 19.2K for 19200 parameters)' for a bare number above MAX_FRACTION, in `kind`'s commonest unit (breaker:
-    "add a unit" alone left the form to guess); '' for a number at or below zero, or not finite."""
+    "add a unit" alone left the form to guess): the number as typed, a count with `count_text`; '' for a number at
+    or below zero, or not finite."""
     if not MAX_FRACTION < number < math.inf:
         return ""
     if kind == "params":
-        letter, size = next(((k, v) for k, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)) if number >= v),
-                            ("", 1.0))
-        return f" (e.g. {number / size:g}{letter} for {number:g} parameters)" if letter else ""
+        return f" (e.g. {count_text(number)} for {text} parameters)" if number >= 1e3 else ""
     unit = {"time": "ms", "memory": "MiB"}.get(kind)
-    return f" (e.g. {number:g}{unit})" if unit else ""
+    return f" (e.g. {text}{unit})" if unit else ""
 
 
 def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float], case_sensitive=False) -> float:
@@ -246,9 +246,10 @@ def _parse(text, parent_total, flag: str, kind: str, units: Mapping[str, float],
     fraction = parse_fraction(s)
     if fraction is not None:
         if not 0 < fraction <= MAX_FRACTION:
+            example = _unit_example(s, fraction, kind)
             raise PuzzleError(f"{flag} {text!r}: a bare number is a fraction of the parent's total and must be in "
-                              f"(0, {MAX_FRACTION:g}]; for an absolute value add a unit{_unit_example(fraction, kind)}."
-                              f" Accepted: {_FORMS[kind]}")
+                              f"(0, {MAX_FRACTION:g}]; for an absolute value add a unit{example}. Accepted: "
+                              f"{_FORMS[kind]}")
         return fraction * parent_total()
     m = re.fullmatch(_NUMBER + r"\s*([A-Za-zµ]+)", s)
     unit = None if m is None else (m.group(2) if case_sensitive else m.group(2).lower())
@@ -355,11 +356,26 @@ def throughput_to_runtime_ms(text: str, parent_runtime_ms, workload: Mapping) ->
         return runtime_ms
     if runtime_ms > parent_ms * MAX_FRACTION:  # breaker: 1e-300tok/s was taken as a limit of 1e304 ms, no budget
         least = 1000.0 * float(batch) * float(gen) / (parent_ms * MAX_FRACTION)
-        step = 10.0 ** (math.floor(math.log10(least)) - 3)  # 4 significant digits, rounded up: the value is accepted
         raise PuzzleError(f"--min-throughput {text!r} is below {1 / MAX_FRACTION:g} of the parent's rate (the parent "
-                          f"generates {least * MAX_FRACTION:.4g} tok/s at this workload), the floor --speedup has "
-                          f"too: give at least {math.ceil(least / step) * step:.4g}tok/s")
+                          f"generates {least * MAX_FRACTION:.1f} tok/s at this workload), the floor --speedup has "
+                          f"too: give at least {round_up_text(least, 4)}tok/s")
     return runtime_ms
+
+
+def round_up_text(x: float, digits: int = 6) -> str:
+    """`x` with `digits` significant digits, rounded up, so that a budget of the printed value admits `x` (the
+    1e-12 keeps a float hair over a printed value from rounding up a step)."""
+    if not (math.isfinite(x) and x > 0):
+        return f"{x:.{digits}g}"
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return f"{math.ceil(x / step * (1 - 1e-12)) * step:.{max(digits, 6)}g}"  # 16390, not 1.639e+04
+
+
+def count_text(x: float) -> str:
+    """A parameter count as `--max-params` reads it, rounded up as `round_up_text`: 19200 -> '19.2K', 1.24e9 ->
+    '1.24B'."""
+    scale, unit = next(((v, u) for v, u in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if x >= v), (1e3, "K"))
+    return round_up_text(x / scale) + unit
 
 
 def suggest_fraction(needed: float, parent_total: float) -> float:

@@ -707,11 +707,10 @@ def _log_unreachable_front(run) -> None:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_all, search_choices
+    from .pipeline import run_all
 
     # measures: a missing CUDA device is refused before the data and BLD stages, not at the first timing
     with _stage_run(args, measures=True) as run:
-        before = search_choices(args.out)  # what an earlier call's feedback re-solved, the search prints as it is
         summary = run_all(run)
     cols = ["name", "params", "memory_mib", "prefill_tok_s", "decode_tok_s", "throughput_tok_s", "kl_nats",
             "lm_loss", "speedup", "predicted_speedup"]  # throughput: front.png's axis (fresh user: not in the log)
@@ -722,14 +721,37 @@ def cmd_run(args) -> int:
         if note:  # 1.5x budget was explained only mid-log
             _log(f"run: {note}")
     # fresh user: the table's predicted_speedup differed from the search's lines above, unexplained (only for a child
-    # this call re-solved: one re-solved before was printed as it is, "(kept)")
-    if again := resolved_by_feedback(args.out, summary["name"], since=before):
+    # whose first solve the search printed: one an earlier session re-solved was printed as it is, "(kept)")
+    if again := [n for n in resolved_by_feedback(args.out, summary["name"]) if n in run.printed_solves]:
         them = "them" if len(again) > 1 else "it"
         _log(f"run: the budget feedback re-solved {', '.join(again)} after timing {them}: predicted_speedup is the "
              f"re-solved child's, not the search's figure printed above")
     _log_unreachable_front(run)
     _log(f"\nsummary: {args.out / 'summary.csv'}   front: {args.out / 'front.png'}   report: {args.out / 'report.md'}")
+    _log(_next_steps(args.out, summary))  # a fresh user (stop 79): the run ended with no word of what comes next
     return 0
+
+
+def _next_steps(out: Path, summary) -> str:
+    """The commands a user runs after `puzzle run`, for the run's main child (DIR/search/chosen.json's, else the
+    first child of `summary`), with the run's absolute path."""
+    from .io import read_json
+
+    try:
+        main = read_json(out / "search" / "chosen.json").get("main")
+    except (PuzzleError, OSError, AttributeError):
+        main = None
+    children = [str(n) for n in summary["name"] if n != "parent"]
+    main = main if main in children else (children[0] if children else None)
+    if main is None:
+        return ""
+    where, folder = shell_arg(Path(out).absolute()), Path(out).absolute() / "export" / main
+    ask = (f"; `puzzle generate {shell_arg(folder)} --prompt \"...\"` answers a prompt"
+           if (folder / "config.json").is_file() else "")
+    return (f"next: `puzzle baselines --out {where} --no-export` compares with simpler methods at the front's "
+            f"speed-ups (`--speedups` picks fewer; report.md, \"Against simpler methods\"); `puzzle refine --out "
+            f"{where} --name {main}` searches past the summed KL; `puzzle gkd --out {where} --name {main}` uplifts "
+            f"the child by global KD{ask} (README, \"After the search: refine, compare, uplift, align\")")
 
 
 def cmd_data(args) -> int:

@@ -129,13 +129,14 @@ def count_text(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 10_000_000 else f"{n:,}"
 
 
-def shown_provenance(info: dict | None, folder) -> str:
+def shown_provenance(info: dict | None, folder, by_path: bool = False) -> str:
     """`export_provenance` of an export's "puzzle" entry as a message shows it: a run recorded relative to the
     export's `folder` ("../..") named by its path, or where that leads to no run (a folder copied out of it) by
-    its "run_at" (breaker: `sft` said it "replaced the export of child-2x of run ../..")."""
+    its "run_at" (breaker: `sft` said it "replaced the export of child-2x of run ../.."); so is a run that a gkd or
+    sft entry names relative to it (`_run_by_path`)."""
     from .io import is_run_directory
 
-    shown = export_provenance(info)
+    shown = export_provenance(info, by_path=by_path)
     ref = info.get("run") if isinstance(info, dict) else None
     if isinstance(ref, str) and ref and not Path(ref).is_absolute() and f" of run {ref}" in shown:
         where = os.path.normpath(Path(folder).absolute() / ref)
@@ -143,7 +144,7 @@ def shown_provenance(info: dict | None, folder) -> str:
         if not is_run_directory(Path(where)) and isinstance(at, str) and at:
             where = at
         shown = shown.replace(f" of run {ref}", f" of run {where}")
-    return shown
+    return _run_by_path(shown, folder)
 
 
 def _run_by_path(text: str, folder) -> str:
@@ -515,7 +516,7 @@ def check_export_target(out_dir: Path, overwrite: bool = False, keep=(), provena
             hint = _same_training_hint(earlier[0], provenance)
             # a merge by paths, not hashes; a run recorded relative to the export, by its path (a README checker:
             # "gkd of child-2x of run ../.." on both sides)
-            shown = _run_by_path(export_provenance(export_info(out_dir), by_path=True), out_dir)
+            shown = shown_provenance(export_info(out_dir), out_dir, by_path=True)
             shown += ", inputs as recorded then" if shown.startswith("merge of ") else ""
             this = "" if provenance.startswith("merge of weights ") else f" ({_run_by_path(provenance, out_dir)})"
             raise PuzzleError(f"{out_dir} holds trained weights ({shown}) that this export{this} would "

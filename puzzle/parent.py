@@ -125,7 +125,8 @@ def _read_json(path: Path) -> dict:
 
 def _require(d: dict, key: str, what: str):
     if d.get(key) is None:
-        raise PuzzleError(f"{what} lacks {key!r}; the config.json is incomplete: copy it again from the original checkpoint")
+        raise PuzzleError(f"{what} lacks {key!r}; the config.json is incomplete: copy it again from the original "
+                          f"checkpoint")
     return d[key]
 
 
@@ -147,9 +148,10 @@ def _rope(d: dict) -> tuple[float, dict | None]:
     if rope_type not in SUPPORTED_ROPE_TYPES:
         # breaker: "use a checkpoint without it" was the advice for every type; dynamic NTK scaling changes the base
         # only past max_position_embeddings (transformers' _compute_dynamic_ntk_parameters), so below it is plain RoPE
-        advice = (f"dynamic NTK scaling is plain RoPE up to max_position_embeddings "
-                  f"({d.get('max_position_embeddings')}): to use the model within those lengths, remove rope_scaling "
-                  f"(or rope_parameters' rope_type) from config.json" if rope_type == "dynamic" else
+        limit = d.get("max_position_embeddings")
+        within = f"max_position_embeddings ({limit})" if limit is not None else "the config's max_position_embeddings"
+        advice = (f"dynamic NTK scaling is plain RoPE up to {within}: to use the model within those lengths, remove "
+                  f"rope_scaling (or rope_parameters' rope_type) from config.json" if rope_type == "dynamic" else
                   "this tool's attention cannot run such a model as it was trained")
         raise PuzzleError(f"RoPE scaling type {rope_type!r} is not supported (supported: "
                           f"{', '.join(SUPPORTED_ROPE_TYPES)}); {advice}")

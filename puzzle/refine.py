@@ -1266,8 +1266,10 @@ def _saved_steps(path: Path) -> pd.DataFrame | None:
 def _untimed_steps(run, name: str, steps: pd.DataFrame, before: pd.DataFrame | None) -> pd.DataFrame:
     """After a --no-measure call: `steps` with the earlier call's measured speed-up and budget check (`before`, its
     summary table) for each step whose child has the same layers, where those and DIR/front_rows/ still hold for
-    every step (`_timed_refinement`); the table is then written again and the run says so. Otherwise `steps` as
-    they are, and the run says the children are untimed and how to time them without refining again."""
+    every step (`_timed_refinement`); the table is then written again and the run says so. Otherwise `steps` without
+    timing columns (a finished refinement's saved table has them), and the run says the children are untimed and
+    how to time them: without refining again where the refinement is recorded as finished (its inputs record,
+    DIR/refine/<name>.inputs.json), else by refining afresh."""
     summary_path = run.out / "refine" / f"{name}.summary.csv"
     if before is not None and {"name", "architecture", *_TIMING_COLUMNS} <= set(before.columns):
         old = {row["name"]: row for _, row in before.iterrows()}
@@ -1280,10 +1282,13 @@ def _untimed_steps(run, name: str, steps: pd.DataFrame, before: pd.DataFrame | N
             run.say(f"refine {name}: --no-measure: the diverse and refined children have the layers timed before, "
                     f"so their measured speed-up and budget check are kept ({summary_path})")
             return merged
+    # reviewer: after a --continue with other round settings, that command refined afresh
+    how = ("the same command without --no-measure (and without --continue) times them without refining again"
+           if (run.out / "refine" / f"{name}.inputs.json").is_file() else "this refinement is not recorded as "
+           "finished, so `puzzle refine` without --no-measure refines afresh and times the children it makes")
     run.say(f"refine {name}: --no-measure: the diverse and refined children are not timed, so `puzzle front` leaves "
-            f"them out; the same command without --no-measure (and without --continue) times them without refining "
-            f"again")
-    return steps
+            f"them out; {how}")
+    return steps.drop(columns=list(_TIMING_COLUMNS), errors="ignore")  # a finished refinement's table had them
 
 
 def measure_steps(run, name: str, measured: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -324,7 +324,7 @@ class ChildRuntime:
             try:
                 import triton  # noqa: F401
             except ImportError:
-                raise PuzzleError("use_triton=True needs the triton package (pip install triton); or pass "
+                raise PuzzleError("use_triton=True needs the triton package (pip install triton, on Linux); or pass "
                                   "use_triton=False for the torch path") from None
         self.cuda_graphs = cuda if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and not cuda:

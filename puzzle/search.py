@@ -38,6 +38,8 @@ import pandas as pd
 
 from .architecture import BlockConfig
 from .budgets import BUDGET_FLAGS, BudgetRequest, Budgets, suggest_fraction
+from .budgets import count_text as _count_text
+from .budgets import round_up_text as _round_up
 from .errors import PuzzleError, shell_arg
 from .io import edited_table_note
 from .mip import (BUDGET_RTOL, COST_COLUMNS, REQUIRED_COLUMNS, SCORE_COLUMNS, TIE_BREAK, Choices, DualLP,  # noqa: F401
@@ -53,6 +55,9 @@ _COST_WORDS = {"runtime_ms": ("the fastest child takes", "ms"), "prefill_ms": ("
 
 class VerificationError(PuzzleError):
     """A solution that breaks a budget or the one-choice-per-layer rule, or whose totals are wrong."""
+
+
+JOINT_INFEASIBLE_S = 30.0  # seconds for the least values an infeasibility message names, over all its budgets
 
 
 class InfeasibleBudget(PuzzleError):
@@ -430,6 +435,7 @@ class _Search:
         a way out (breaker: only the first budget's was named, though loosening another was enough too)."""
         self._least, ways = {}, []
         limits, costs = budgets.limits(), [self.choices.values[c] for c in self.columns]
+        deadline = time.perf_counter() + JOINT_INFEASIBLE_S  # one solve per budget, all within it
         for column, bound in limits.items():
             others = Budgets(**{f"max_{c}": b for c, b in limits.items() if c != column})
             rhs = self.rhs(others)
@@ -439,7 +445,11 @@ class _Search:
             lam = lp.multipliers(rhs)
             if lam is None:
                 continue
-            slots, _, _ = self._core(objective, costs, rhs, lam, alive, [], 1, 30.0)
+            left = max(deadline - time.perf_counter(), 1.0)
+            try:
+                slots, _, _ = self._core(objective, costs, rhs, lam, alive, [], 1, left)
+            except PuzzleError:  # out of time for this budget: the others' ways out are still named
+                continue
             if slots is not None:
                 smallest = self.choices.totals(slots)[column]
                 context = f" together with {others.describe()}" if others.limits() else ""
@@ -730,14 +740,6 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     _add_once(g, "--output", metavar="FILE", default=None, help="also write the solutions as JSON to FILE")
 
 
-def _round_up(x: float) -> str:
-    """`x` with 6 significant digits, rounded up, so that a budget of the printed value admits `x`."""
-    if not (math.isfinite(x) and x > 0):
-        return f"{x:.6g}"
-    step = 10.0 ** (math.floor(math.log10(x)) - 5)
-    return f"{math.ceil(x / step * (1 - 1e-12)) * step:.6g}"
-
-
 def _at_least(column: str, least: float, parent: float) -> str:
     """'to at least 0.115 (or 19.2K)': a budget flag's value that admits a total `least` of cost `column`, in each
     form the flag reads (a fraction of the `parent` total, an absolute value with its unit; for runtime also
@@ -758,12 +760,6 @@ def _speedup_at_most(parent_ms: float, least_ms: float) -> str:
     """The parent's runtime over a child's least one, rounded down to 3 decimals and written in full, so that the
     printed speed-up admits that child (reviewer: `:g` rounded 1234.567 up to 1234.57, which it does not)."""
     return f"{math.floor(parent_ms / least_ms * 1000) / 1000:.10g}"
-
-
-def _count_text(x: float) -> str:
-    """A parameter count as `--max-params` reads it, rounded up as `_round_up`: 19200 -> '19.2K', 1.24e9 -> '1.24B'."""
-    scale, unit = next(((v, u) for v, u in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if x >= v), (1e3, "K"))
-    return _round_up(x / scale) + unit
 
 
 def _finite(obj):

@@ -12,8 +12,9 @@ from puzzle.errors import PuzzleError
 PARENT = {"runtime_ms": 400.0, "prefill_ms": 100.0, "decode_ms": 3.0, "memory_mib": 2048.0, "params": 1.0e9}
 
 
-@pytest.mark.parametrize("text, value", [("0.67", 0.67), ("67%", 0.67), ("1/1.5", 1 / 1.5), (" 0.5 ", 0.5), ("2e-1", 0.2),
-                                         ("5.", 5.0), (".5", 0.5), ("5.e-1", 0.5), ("50.%", 0.5)])  # as float() reads
+@pytest.mark.parametrize("text, value", [("0.67", 0.67), ("67%", 0.67), ("1/1.5", 1 / 1.5), (" 0.5 ", 0.5),
+                                         ("2e-1", 0.2), ("5.", 5.0), (".5", 0.5), ("5.e-1", 0.5),  # as float() reads
+                                         ("50.%", 0.5)])
 def test_fractions(text, value):
     assert parse_fraction(text) == pytest.approx(value)
 

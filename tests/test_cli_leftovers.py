@@ -808,14 +808,6 @@ def test_children_the_budget_feedback_re_solved_are_named(tmp_path):
         (tmp_path / "search" / f"{name}.json").write_text(json.dumps(record))
     (tmp_path / "search" / "d.json").write_text("{not json")
     assert resolved_by_feedback(tmp_path, ["parent", "a", "b", "c", "d"]) == ["a"]
-    # a child re-solved before the call (its record as it was then) is not named: the search printed it as it is
-    from puzzle.pipeline import search_choices
-
-    before = search_choices(tmp_path)
-    assert before == {"a": ["x"], "b": ["x"], "c": ["x"]}  # the damaged record left out
-    assert resolved_by_feedback(tmp_path, ["a", "b"], since=before) == []
-    (tmp_path / "search" / "b.json").write_text(json.dumps({"choice": ["z"], "solved_choice": ["x"]}))
-    assert resolved_by_feedback(tmp_path, ["a", "b"], since=before) == ["b"]  # re-solved in this call
 
 
 def test_budget_flags_on_a_new_run_say_they_replace_the_presets_budget(tmp_path, capsys):
@@ -991,3 +983,23 @@ def test_a_search_interrupted_before_its_choices_leaves_the_configuration_as_it_
     assert main(["search", "--out", str(out), "--speedup", "1.3", "--no-progress"]) == 0  # and then it settles
     assert json.loads((out / "search" / "chosen.json").read_text())["main"] == "child-1.3x"
     assert json.loads((out / "config.json").read_text())["search"]["speedup"] == 1.3
+
+
+def test_puzzle_run_ends_with_the_next_commands_for_its_main_child(tmp_path):
+    """A fresh user (stop 79): `puzzle run` ended with the files' paths and no word of what to run next."""
+    import pandas as pd
+
+    from puzzle.cli import _next_steps
+
+    summary = pd.DataFrame({"name": ["parent", "child-1.25x", "child-1.5x"]})
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "chosen.json").write_text(json.dumps({"main": "child-1.5x"}))
+    said = _next_steps(tmp_path, summary)
+    assert said.startswith(f"next: `puzzle baselines --out {tmp_path} --no-export`")
+    assert f"`puzzle refine --out {tmp_path} --name child-1.5x`" in said and "puzzle generate" not in said
+    (tmp_path / "export" / "child-1.5x").mkdir(parents=True)
+    (tmp_path / "export" / "child-1.5x" / "config.json").write_text("{}")  # exported: a prompt can be answered
+    assert f"`puzzle generate {tmp_path / 'export' / 'child-1.5x'} --prompt" in _next_steps(tmp_path, summary)
+    (tmp_path / "search" / "chosen.json").write_text("{not json")  # the first child, where the record is unreadable
+    assert "--name child-1.25x`" in _next_steps(tmp_path, summary)
+    assert _next_steps(tmp_path, summary.iloc[:1]) == ""  # no child: nothing to suggest

@@ -470,7 +470,8 @@ def _config_dict(**overrides):
     (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
      r"model_type 'qwen2' .* \(it has biases on the query, key and value projections but not on the output one"),
     (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]), r"qwen3.*\(it normalizes each head's queries"),
-    (dict(model_type="phi", architectures=["PhiForCausalLM"]), r"model_type 'phi' \(architectures .*\) is not supported; "),
+    (dict(model_type="phi", architectures=["PhiForCausalLM"]),
+     r"model_type 'phi' \(architectures .*\) is not supported; "),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}), "lacks"),
 ])
 def test_config_refusals(overrides, message):

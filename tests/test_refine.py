@@ -1197,12 +1197,15 @@ def test_no_measure_keeps_the_timings_of_unchanged_children_and_says_when_there_
     pd.testing.assert_frame_equal(pd.read_csv(summary), timed)
     # a step whose child changed since its timing: nothing is carried over, and the run says so
     other = timed.assign(architecture=timed["architecture"].where(timed["step"] != "refined", "elsewhere"))
-    steps = timed.drop(columns=["measured_speedup", "budget_use", "budget_met"])
-    kept = _untimed_steps(open_run(out, progress=False), "child-1.5x", steps, other)
-    assert "measured_speedup" not in kept.columns
+    kept = _untimed_steps(open_run(out, progress=False), "child-1.5x", timed, other)  # as a finished one's table
+    assert not {"measured_speedup", "budget_use", "budget_met"} & set(kept.columns)  # none shown as measured
     assert "the same command without --no-measure (and without --continue) times them" in \
         "".join(capsys.readouterr())
     pd.testing.assert_frame_equal(pd.read_csv(summary), timed)  # the table on disk is left as it was
+    (out / "refine" / "child-1.5x.inputs.json").unlink()  # not recorded as finished: a rerun refines afresh
+    _untimed_steps(open_run(out, progress=False), "child-1.5x", timed, other)
+    assert "not recorded as finished, so `puzzle refine` without --no-measure refines afresh" in \
+        "".join(capsys.readouterr())
 
 
 def test_damaged_feedback_limits_are_passed_over_and_damaged_budgets_refused(run, capsys):
