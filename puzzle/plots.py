@@ -1040,7 +1040,7 @@ def _ratio_cell(row) -> str:
         interval = f" ({lo:.2f}-{hi:.2f}{some})" if _finite(lo) and _finite(hi) else ""
         same = getattr(row, "same_model", "")
         return f"{ratio:.2f}" + ("~" if _far(row) else "") + ("=" if isinstance(same, str) and same else "") + interval
-    reached = [isinstance(v, float) and math.isfinite(v) for v in (ours, theirs)]
+    reached = [_finite(v) for v in (ours, theirs)]
     if not any(reached):  # a math checker: "-" blamed the baseline where our front did not reach it either
         return "both -"
     if not reached[1]:
