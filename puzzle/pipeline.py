@@ -3404,9 +3404,9 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
         why = (f"{ran}, while the fixed reference workload (Machine speed, below) moved the other way: the gap is in "
                f"the whole-model timing ({cause}), not in the machine's speed alone")
     elif other_way:  # reviewer: "moved the other way" of a reference whose compute part moved the same way
-        why = (f"{ran}; of the fixed reference workload (Machine speed, below), the {' and '.join(same_way)} part "
-               f"moved the same way and the {' and '.join(other_way)} part the other: the gap is in the machine's "
-               f"speed, the whole-model timing ({cause}), or both")
+        why = (f"{ran}; the fixed reference workload (Machine speed, below) cannot say why, as its "
+               f"{' and '.join(same_way)} part moved the same way and its {' and '.join(other_way)} part the other: "
+               f"the gap is in the machine's speed, the whole-model timing ({cause}), or both")
     factor = max(expected / measured, measured / expected)
     moved = max((max(v, 1 / v) for v in ratios.values()), default=None)
     if ratios and moved - 1 < STILL_REFERENCE:  # the reference workload took as long (within 0.5 %): not the machine
@@ -3429,9 +3429,11 @@ def parent_runtime_note(summary: pd.DataFrame, tolerance: float = 0.03, drift: d
         slowed = "the cost table itself was most likely timed" if error > 0 else "this session was most likely run"
         why = (f"a gap of {factor:.3g} times{beyond} so {slowed} while other jobs or throttling slowed it (the parent "
                f"measured {'faster' if error > 0 else 'slower'} than the table predicts); {rerun} times it again")
+    # a fresh user (stop 79) took the children's runtime_errors for a biased prediction: the consequence comes first
     return (f"The parent itself measured {measured:.4g} ms per request against the cost table's {expected:.4g} ms "
-            f"(runtime_error {error:+.3f} on the parent): {why}, so the children's `runtime_error`s carry that too; "
-            "their speed-ups and budget use, each against the parent of the same session, do not.")
+            f"(runtime_error {error:+.3f} on the parent), so the children's `runtime_error`s carry about as much: "
+            f"they set this session's timings against the table's, while their speed-ups and budget use, each "
+            f"against the parent of the same session, do not. Why: {why}.")
 
 
 #: a reference-workload ratio within this of 1 (either way) counts as the machine's speed unmoved

@@ -550,8 +550,10 @@ def test_the_report_says_when_the_parent_itself_ran_off_its_prediction():
         assert "while the fixed reference workload (Machine speed, below) did not move: the gap is in the " \
                "whole-model timing" in still and "machine's speed" not in still, still
     mixed = parent_runtime_note(summary, drift={"compute": 1.11, "memory": 0.79})  # reviewer: "the other way"
-    assert "the parent ran slower in this session than the cost table predicts; of the fixed reference workload " \
-           "(Machine speed, below), the compute part moved the same way and the memory part the other" in mixed
+    assert "the parent ran slower in this session than the cost table predicts; the fixed reference workload " \
+           "(Machine speed, below) cannot say why, as its compute part moved the same way and its memory part the " \
+           "other" in mixed
+    assert "(runtime_error -0.080 on the parent), so the children's `runtime_error`s carry about as much" in mixed
     quiet = parent_runtime_note(summary, drift={"cpu": 0.78}, busy=0.016)  # fresh user: "other load" beside 0.016
     assert "(costs the table's per-subblock sums miss: other jobs kept only 0.02 cores busy)" in quiet
     assert "other load" in parent_runtime_note(summary, drift={"cpu": 0.78}, busy=0.4)
