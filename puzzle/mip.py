@@ -988,6 +988,7 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
         previous = max((value(s) for s in others), default=lower)
         threshold = previous + max(previous - lower, 1e-6 * max(1.0, abs(lower)))
     full = float(np.where(alive, red, 0.0).max(1).sum())  # beyond this gap the threshold removes nothing
+    dp_too_big = False
     while True:
         complete = threshold - lower > full
         keep = alive if complete else alive & (red <= threshold - lower + tol)
@@ -995,10 +996,14 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
         share = 0.5 * (deadline - time.perf_counter())  # the rest for CP-SAT
         if others:  # diversity rows multiply the DP's states; CP-SAT proves those fast (`DIVERSE_DP_S`)
             share = min(share, DIVERSE_DP_S)
-        status, slots, bound = _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, tie,
-                                         time.perf_counter() + share,
-                                         ceiling=math.inf if complete else threshold + tol)
+        if others and dp_too_big:  # once too big with diversity rows, it stays so after a restart (70B library,
+            status = "TOO_BIG"  # 5 solutions 20 layers apart: each retry spent 1.1-1.8 s before CP-SAT)
+        else:
+            status, slots, bound = _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, tie,
+                                             time.perf_counter() + share,
+                                             ceiling=math.inf if complete else threshold + tol)
         if status == "TOO_BIG":
+            dp_too_big = True
             left = deadline - time.perf_counter()
             restart = -math.inf if complete else lower + RESTART * (threshold - lower)
             status, slots, bound = _cp_solve(objective, costs, rhs, keep, red, None if complete else gap, others,

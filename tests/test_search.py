@@ -162,6 +162,26 @@ def test_three_budgets_solve_to_the_brute_force_optimum_with_the_completion_boun
             assert solution.optimal and solution.objective == pytest.approx(best[0], rel=1e-9), (cap, fractions)
 
 
+def test_diverse_solves_go_to_cp_sat_once_the_dp_is_too_big(monkeypatch):
+    """With diversity rows, a DP found too big is not tried again after CP-SAT's restarts (on the 70B library each
+    retry spent 1.1-1.8 s); the solutions keep their objectives."""
+    import puzzle.mip as mip
+
+    table = random_table(3, layers=5, kind="mixed")
+    budgets = fraction_budgets(table, runtime_ms=0.7)
+    expected = solve(table, budgets, num_solutions=3, min_layers_differ=2)
+    real, tries = mip._dp_solve, []
+
+    def too_big(*args, **kwargs):  # args[7]: the earlier solutions to differ from
+        tries.append(len(args[7]) > 0)
+        return ("TOO_BIG", None, None) if len(args[7]) else real(*args, **kwargs)
+
+    monkeypatch.setattr(mip, "_dp_solve", too_big)
+    got = solve(table, budgets, num_solutions=3, min_layers_differ=2)
+    assert [s.objective for s in got] == pytest.approx([s.objective for s in expected], rel=1e-9)
+    assert all(s.optimal for s in got) and tries.count(True) == len(got) - 1  # one DP try per further solution
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_a_narrow_beam_for_the_first_solution_leaves_the_optimum_proven(seed, monkeypatch):
     """The beam DP that improves the first solution under several budgets (one state per layer here, so it cuts
