@@ -946,7 +946,7 @@ def _cp_solve(objective, costs, rhs, keep, red, cut, others, min_differ, hint, t
 
 
 def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit, *, tie=None, workers=1,
-               scales=None, starts=()):
+               scales=None, starts=(), dp_memo: dict | None = None):
     """Steps 2-4: the best slot choice over the `alive` slots meeting every cost row.
 
     Args:
@@ -960,6 +960,9 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
         tie: (L, V) values minimised among equally scored solutions (runtime), or None.
         workers: CP-SAT threads. scales: per cost row, the size of a typical total (for greedy
             repair ratios). starts: earlier solutions offered as first solutions.
+        dp_memo: shared by the solves of one diverse sequence: the fewest earlier solutions with which the DP was too
+            big ("too_big_with"); a solve with at least as many goes straight to CP-SAT (more diversity rows, more
+            states).
 
     Returns:
         ((L,) int slots, or None when no slot choice meets the rows; proven optimal; lower bound).
@@ -988,7 +991,8 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
         previous = max((value(s) for s in others), default=lower)
         threshold = previous + max(previous - lower, 1e-6 * max(1.0, abs(lower)))
     full = float(np.where(alive, red, 0.0).max(1).sum())  # beyond this gap the threshold removes nothing
-    dp_too_big = False
+    dp_memo = {} if dp_memo is None else dp_memo
+    dp_too_big = bool(others) and len(others) >= dp_memo.get("too_big_with", math.inf)
     while True:
         complete = threshold - lower > full
         keep = alive if complete else alive & (red <= threshold - lower + tol)
@@ -996,14 +1000,16 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
         share = 0.5 * (deadline - time.perf_counter())  # the rest for CP-SAT
         if others:  # diversity rows multiply the DP's states; CP-SAT proves those fast (`DIVERSE_DP_S`)
             share = min(share, DIVERSE_DP_S)
-        if others and dp_too_big:  # once too big with diversity rows, it stays so after a restart (70B library,
+        if dp_too_big:  # once too big with diversity rows, it stays so after a restart (70B library,
             status = "TOO_BIG"  # 5 solutions 20 layers apart: each retry spent 1.1-1.8 s before CP-SAT)
         else:
             status, slots, bound = _dp_solve(objective, costs, rhs, keep, red, lam, gap, others, min_differ, tie,
                                              time.perf_counter() + share,
                                              ceiling=math.inf if complete else threshold + tol)
         if status == "TOO_BIG":
-            dp_too_big = True
+            if others:  # (without diversity rows a restart's smaller problem may fit the DP again)
+                dp_too_big = True
+                dp_memo["too_big_with"] = min(len(others), dp_memo.get("too_big_with", math.inf))
             left = deadline - time.perf_counter()
             restart = -math.inf if complete else lower + RESTART * (threshold - lower)
             status, slots, bound = _cp_solve(objective, costs, rhs, keep, red, None if complete else gap, others,

@@ -391,7 +391,7 @@ class _Search:
             changed = np.ones(alive.shape)
             changed[layers, anchor] = 0.0
             costs, rhs, starts = costs + [changed], rhs + [float(max_changes)], [anchor] + list(starts)
-        found, results, begin = [], Solutions(), start
+        found, results, begin, dp_memo = [], Solutions(), start, {}
         for _ in range(num_solutions):
             remaining = time_limit_s - (time.perf_counter() - begin)
             if found and remaining <= 0:
@@ -399,7 +399,7 @@ class _Search:
                 break
             try:
                 slots, optimal, bound = self._core(self.objective, costs, rhs, lam, alive, found, min_layers_differ,
-                                                   remaining, starts)
+                                                   remaining, starts, dp_memo)
             except PuzzleError:  # no solution within the time left
                 if not found:
                     raise
@@ -419,13 +419,13 @@ class _Search:
         self.solutions.extend(found)
         return results
 
-    def _core(self, objective, costs, rhs, lam, alive, others, min_differ, time_limit, starts=()):
+    def _core(self, objective, costs, rhs, lam, alive, others, min_differ, time_limit, starts=(), dp_memo=None):
         scales = [max(abs(self.parent.get(c, 1.0)), 1e-12) for c in self.columns]
         scales += [1.0] * (len(costs) - len(self.columns))  # trust-region rows count layers
         try:  # (every solution is checked by `verify` afterwards, so numpy's overflow warnings add nothing)
             with np.errstate(over="ignore", invalid="ignore"):
                 return solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit, tie=self.tie,
-                                  workers=self.workers, scales=scales, starts=starts)
+                                  workers=self.workers, scales=scales, starts=starts, dp_memo=dp_memo)
         except OverflowError as e:  # costs or scores far from 1 (e.g. 1e-300 ms) do not scale to integers
             raise PuzzleError(f"the table's costs or scores span too many orders of magnitude for the solver ({e}); "
                               f"give them in ordinary units (ms, MiB, nats)") from e

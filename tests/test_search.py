@@ -163,8 +163,8 @@ def test_three_budgets_solve_to_the_brute_force_optimum_with_the_completion_boun
 
 
 def test_diverse_solves_go_to_cp_sat_once_the_dp_is_too_big(monkeypatch):
-    """With diversity rows, a DP found too big is not tried again after CP-SAT's restarts (on the 70B library each
-    retry spent 1.1-1.8 s); the solutions keep their objectives."""
+    """With diversity rows, a DP found too big is not tried again after CP-SAT's restarts, nor for the later
+    solutions, which have more rows (on the 70B library each retry spent 1.1-1.8 s); the objectives stay."""
     import puzzle.mip as mip
 
     table = random_table(3, layers=5, kind="mixed")
@@ -179,7 +179,7 @@ def test_diverse_solves_go_to_cp_sat_once_the_dp_is_too_big(monkeypatch):
     monkeypatch.setattr(mip, "_dp_solve", too_big)
     got = solve(table, budgets, num_solutions=3, min_layers_differ=2)
     assert [s.objective for s in got] == pytest.approx([s.objective for s in expected], rel=1e-9)
-    assert all(s.optimal for s in got) and tries.count(True) == len(got) - 1  # one DP try per further solution
+    assert all(s.optimal for s in got) and tries.count(True) == 1  # one DP try in all: the later ones have more rows
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
