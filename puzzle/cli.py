@@ -550,6 +550,27 @@ def _take_back(out: Path, had: set[Path], top: Path | None = None) -> bool:
     return True
 
 
+def _put_back_max_contention(config_path: Path, before: bytes) -> None:
+    """Put DIR/config.json's score.max_contention back as it was in `before` (its earlier bytes), where a failed
+    command changed it: it says how timings are accepted, not what the search's choices were made with, so it is
+    saved only when the command succeeds. Unreadable files are left as they are."""
+    from .io import atomic_write_text
+
+    try:
+        old, now = json.loads(before), json.loads(config_path.read_text(encoding="utf-8"))
+        was, score = old.get("score", {}), now["score"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if not isinstance(was, dict) or not isinstance(score, dict) or \
+            was.get("max_contention") == score.get("max_contention"):
+        return
+    if "max_contention" in was:
+        score["max_contention"] = was["max_contention"]
+    else:
+        score.pop("max_contention", None)
+    atomic_write_text(config_path, json.dumps(now, indent=2) + "\n")
+
+
 @contextlib.contextmanager
 def _stage_run(args, existing: bool = False, measures: bool = False):
     """The Run of a stage command (`_run_for`), and what a failure leaves of --out.
@@ -591,7 +612,9 @@ def _stage_run(args, existing: bool = False, measures: bool = False):
         yield run
     except BaseException as e:
         if follower or run is not None and run.settled:  # the search's choices and what was made from them stay
-            raise
+            if not follower and before is not None:  # but not a timing flag of the failed command (a breaker:
+                _put_back_max_contention(config_path, before)  # `front --remeasure --max-contention 0.25`, refused,
+            raise  # kept 0.25, and later commands on the run were refused for it)
         if before is not None and (not config_path.is_file() or config_path.read_bytes() != before):
             from .io import atomic_write_bytes
 
@@ -657,7 +680,8 @@ def _run_for(args, need_config: bool = True, existing: bool = False, measures: b
         read_run_config_json(args.out)
     if existing and not (args.out / "config.json").is_file():
         raise PuzzleError(f"{args.out} is not a run directory (no config.json): check the path, or create the run "
-                          f"first with `puzzle run --out {shell_arg(args.out)}` (or `puzzle data`, `bld` and `score`)")
+                          f"first with `puzzle run --out {shell_arg(args.out)} --preset NAME` (`puzzle presets` lists "
+                          f"them; without --preset, the SmolLM2 demo) or `puzzle data`, `bld` and `score`")
     config = _resolve_config(args, args.out) if need_config else load_run_config(args.out)
     if config.bld.coupled_top_k and getattr(args, "command", None) == "bld":  # reviewer: it was ignored unsaid
         _log(f"bld: note: bld.coupled_top_k = {config.bld.coupled_top_k}: this command trains the decoupled library; "
@@ -745,13 +769,20 @@ def _next_steps(out: Path, summary) -> str:
     main = main if main in children else (children[0] if children else None)
     if main is None:
         return ""
-    where, folder = shell_arg(Path(out).absolute()), Path(out).absolute() / "export" / main
-    ask = (f"; `puzzle generate {shell_arg(folder)} --prompt \"...\"` answers a prompt"
-           if (folder / "config.json").is_file() else "")
-    return (f"next: `puzzle baselines --out {where} --no-export` compares with simpler methods at the front's "
-            f"speed-ups (`--speedups` picks fewer; report.md, \"Against simpler methods\"); `puzzle refine --out "
-            f"{where} --name {main}` searches past the summed KL; `puzzle gkd --out {where} --name {main}` uplifts "
-            f"the child by global KD{ask} (README, \"After the search: refine, compare, uplift, align\")")
+    base = Path(out).absolute()
+    where, folder, gkd = shell_arg(base), base / "export" / main, base / "export" / f"{main}-gkd"
+    steps = [f"`puzzle front --out {where}` compares with the baselines built (front_ratios.csv)"
+             if (base / "baselines" / "baselines.csv").is_file() else
+             f"`puzzle baselines --out {where} --no-export` compares with simpler methods at the front's speed-ups "
+             f"(`--speedups` picks fewer; report.md, \"Against simpler methods\")"]
+    if not (base / "refine" / f"{main}.summary.csv").is_file():  # a breaker: the line named what was done already
+        steps.append(f"`puzzle refine --out {where} --name {main}` searches past the summed KL")
+    if not (gkd / "config.json").is_file():
+        steps.append(f"`puzzle gkd --out {where} --name {main}` uplifts the child by global KD")
+    ask = gkd if (gkd / "config.json").is_file() else folder
+    if (ask / "config.json").is_file():
+        steps.append(f"`puzzle generate {shell_arg(ask)} --prompt \"...\"` answers a prompt")
+    return f"next: {'; '.join(steps)} (README, \"After the search: refine, compare, uplift, align\")"
 
 
 def cmd_data(args) -> int:

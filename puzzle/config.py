@@ -521,8 +521,9 @@ def read_run_config_json(out_dir: Path) -> dict:
         raise PuzzleError(f"{out_dir} is a file, not a run directory; give the run's folder"
                           f"{f' ({Path(out_dir).parent})' if Path(out_dir).name == 'config.json' else ''}")
     if not path.is_file():
-        raise PuzzleError(f"{path} does not exist: start with `puzzle run --out {shell_arg(out_dir)}` (or `puzzle data "
-                          f"--out {shell_arg(out_dir)}`)")
+        raise PuzzleError(f"{path} does not exist: check the path, or start with `puzzle run --out "
+                          f"{shell_arg(out_dir)} --preset NAME` (`puzzle presets` lists them; without --preset, the "
+                          f"SmolLM2 demo) or `puzzle data --out {shell_arg(out_dir)}`")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))  # an editor's BOM, as presets take it
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -1381,7 +1381,8 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
                 f"the cost table times the embedding and LM head at {share:.0%} of the parent's "
                 "runtime, which leaves no child much to save: most likely a busy or throttled "
                 "machine spoiled that timing, so time it again first (`puzzle score --out "
-                f"{shell_arg(run.out)} --retime`); as the table stands, {e}", e.least) from None
+                f"{shell_arg(run.out)} --retime`, then this command again); as the table stands, {e}",
+                e.least) from None  # (a breaker following the suggestions had to guess the second step)
         raise InfeasibleBudget(f"{e} (note: {note}; {retime})" if note else f"{e} ({retime})", e.least) from None
     if run.config.score.score_init and score_table_path(run, "init").is_file():
         records[f"{main}-init"] = solve_or_keep(f"{main}-init", request, "init")
@@ -1621,7 +1622,7 @@ def read_architecture_at(out: Path, name: str) -> dict:
             return (f"choose one of the run's searched children {now} (the others there, "
                     f"{[n for n in have if n not in now]}, are records of an earlier search or written by refine, "
                     f"baselines or by hand)")
-        return f"choose one of {have}" if have else "run `puzzle search` first"
+        return f"choose one of {have}" if have else f"run `puzzle search --out {shell_arg(out)}` first"
 
     if not name or len(name) > 200 or name == "chosen" or Path(name).name != name:  # before any file call
         raise PuzzleError(f"no architecture named {name[:60]!r} in {out / 'search'}; {hint()}")
@@ -3263,12 +3264,15 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
     lines += _unreachable_section(run)
     built = (run.out / "baselines" / "baselines.csv").is_file()  # breaker: after baselines ran, said as if not
     lines += ["## Against simpler methods", "",  # a fresh user looked here for the baselines (stop 72's leftovers)
-              f"This report holds the searched children alone. `puzzle baselines --out {shell_arg(where)}` "
-              "builds greedy, layer removal, attention removal and uniform width at the front's speed-ups (on the "
-              "demo 11 minutes and 5.6 GB of exports for 1.25x and 1.5x alone: `--speedups` picks the targets, "
-              f"`--no-export` skips the exports); `puzzle front --out {shell_arg(where)}` then draws them beside "
-              "this front (front_all.png, front_all.csv) and writes our KL over theirs at matched speed-up "
-              "(front_ratios.csv)." + (" Here the baselines are built (baselines/baselines.csv)." if built else "")
+              "This report holds the searched children alone. "
+              + (f"The baselines are built (baselines/baselines.csv): `puzzle front --out {shell_arg(where)}` draws "
+                 "them beside this front (front_all.png, front_all.csv) and writes our KL over theirs at matched "
+                 "speed-up (front_ratios.csv)." if built else  # a breaker: "alone ... Here the baselines are built"
+                 f"`puzzle baselines --out {shell_arg(where)}` builds greedy, layer removal, attention removal and "
+                 "uniform width at the front's speed-ups (on the demo 11 minutes and 5.6 GB of exports for 1.25x and "
+                 "1.5x alone: `--speedups` picks the targets, `--no-export` skips the exports); `puzzle front --out "
+                 f"{shell_arg(where)}` then draws them beside this front (front_all.png, front_all.csv) and writes "
+                 "our KL over theirs at matched speed-up (front_ratios.csv).")
               # a fresh user (stop 79) read the plain child's 1.03-1.20 against greedy as a failure of the method
               + " Expect the plain MIP child to be about as good as greedy selection from the same library and as "
               "layer removal, not better: on the demo's runs its KL came out at 0.9-1.3 times theirs at 1.25x and "
@@ -3311,26 +3315,48 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
                     and all(math.isfinite(v) for v in ratios.values())):  # a hand-edited or disagreeing file
                 continue
             if check.significant_miss():  # breaker: a text ratio raised here
-                over.append(f"{row['name']} ({check.use_text()} of its {check.column} budget, standard error "
-                            f"{check.se:.3f})")
+                over.append((str(row["name"]), f"{row['name']} ({check.use_text()} of its {check.column} budget, "
+                                                f"standard error {check.se:.3f})"))
             else:
                 within.append(f"{row['name']} ({check.use_text()}, standard error {check.se:.3f})")
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
     rounds = record.get("rounds") if isinstance(record, dict) else None
     more = min(rounds + 1, 10) if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0 else 3
+    # why the rounds did not bring each one within (a breaker followed "more rounds" 1 -> 2 -> 3 -> 4, where every
+    # session was busy and corrected nothing, or the library had no faster child)
+    busy, stuck, spent = [], [], []
+    for name, text in over:
+        actions = [str(h.get("action", "")) for h in (record.get("children") or {}).get(name) or []
+                   if isinstance(h, dict)] if isinstance(record.get("children"), dict) else []
+        (busy if any(a.startswith("kept: timed on a busy machine") for a in actions) else
+         stuck if any(a.startswith("kept: no architecture") for a in actions) else spent).append(text)
+    parts = []
+    if spent:
+        parts.append(f"`budget_met` is False for {', '.join(spent)} by more than the timing noise: "
+                     + ("the budget feedback's rounds were spent before it met its budget "
+                        "(`children/budget_feedback.json` has each round). More rounds" if rounds != 0 else
+                        # breaker: said of a run with none
+                        "the budget feedback re-solves such a child, but this run gives it no rounds (`[search] "
+                        "budget_feedback = 0`). Rounds")
+                     + f" (`puzzle front --out {shell_arg(out)} --remeasure --budget-feedback {more}`) or a quieter "
+                       "machine may bring it within.")
+    if busy:
+        parts.append(f"`budget_met` is False for {', '.join(busy)} by more than the timing noise, and the budget "
+                     f"feedback corrected no limit for it, as its sessions were timed while other jobs kept the cores "
+                     f"busy: more rounds on a busy machine do the same; time the children again when it is quiet "
+                     f"(`puzzle front --out {shell_arg(out)} --remeasure`).")
+    if stuck:
+        parts.append(f"`budget_met` is False for {', '.join(stuck)} by more than the timing noise, and no child of "
+                     f"the library meets the limits the budget feedback corrected by its measured speed "
+                     f"(`children/budget_feedback.json`): more rounds do not help; a looser budget, or a library with "
+                     f"faster variants, does.")
     return ((f"`budget_met` is False for {', '.join(within)} by less than the timing noise (two "
              "standard errors of this session's rounds): the feedback leaves such a child as it "
              "is, since another session would as likely measure it within its budget (`puzzle "
              f"front --out {shell_arg(out)} --remeasure` times the children again; a child needed "
              "strictly within it wants a budget set a little tighter).") if within else "",
-            (f"`budget_met` is False for {', '.join(over)} by more than the timing noise: "
-             + ("the budget feedback's rounds were spent before it met its budget (`children/budget_feedback.json` "
-                "has each round). More rounds" if rounds != 0 else  # breaker: said of a run with none
-                "the budget feedback re-solves such a child, but this run gives it no rounds (`[search] "
-                "budget_feedback = 0`). Rounds")
-             + f" (`puzzle front --out {shell_arg(out)} --remeasure --budget-feedback {more}`) or a quieter machine "
-               "may bring it within.") if over else "")
+            " ".join(parts))
 
 
 def _prediction_gap_text(summary: pd.DataFrame) -> str:

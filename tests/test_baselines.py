@@ -669,8 +669,9 @@ def test_front_realize_and_export_commands_on_a_run_with_baselines(tmp_path_fact
     run = open_run(out, progress=False)
     write_report(run, pd.read_csv(out / "summary.csv"), {}, {}, "child-1.5x")
     report = (out / "report.md").read_text()
-    assert "Here the baselines are built (baselines/baselines.csv)." in report
-    assert f"`puzzle baselines --out {out.absolute()}`" in report  # (tmp_path: absolute, no `..`)
+    assert "The baselines are built (baselines/baselines.csv)" in report
+    assert f"`puzzle front --out {out.absolute()}` draws them" in report  # (tmp_path: absolute, no `..`)
+    assert "puzzle baselines --out" not in report  # built: not suggested again (a breaker read both)
     # the stage commands that read a run directory without a preset flag
     assert main(["realize", "--out", str(out), "--name", "child-1.5x", "--no-progress"]) == 0
     assert main(["export", "--out", str(out), "--name", "child-1.5x", "--dest", str(tmp_path / "exp"), "--no-progress"]) == 0

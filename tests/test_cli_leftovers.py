@@ -1003,3 +1003,32 @@ def test_puzzle_run_ends_with_the_next_commands_for_its_main_child(tmp_path):
     (tmp_path / "search" / "chosen.json").write_text("{not json")  # the first child, where the record is unreadable
     assert "--name child-1.25x`" in _next_steps(tmp_path, summary)
     assert _next_steps(tmp_path, summary.iloc[:1]) == ""  # no child: nothing to suggest
+    # what was done is not suggested again (a breaker: the line never changed): front for the baselines built, no
+    # refine or gkd once made, and the prompt to the gkd child
+    (tmp_path / "search" / "chosen.json").write_text(json.dumps({"main": "child-1.5x"}))
+    for path in ("baselines/baselines.csv", "refine/child-1.5x.summary.csv", "export/child-1.5x-gkd/config.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    done = _next_steps(tmp_path, summary)
+    assert done.startswith(f"next: `puzzle front --out {tmp_path}` compares with the baselines built")
+    assert "puzzle refine" not in done and "puzzle gkd" not in done and "puzzle baselines" not in done
+    assert f"`puzzle generate {tmp_path / 'export' / 'child-1.5x-gkd'} --prompt" in done
+
+
+def test_a_failed_command_after_the_search_keeps_the_choices_settings_but_not_its_max_contention(tmp_path):
+    """A breaker: `puzzle front --remeasure --max-contention 0.25` re-solved (the choices' settings stay), was refused
+    at the timing, and left max_contention 0.25 in config.json, so that later commands on the run were refused."""
+    from puzzle.cli import _put_back_max_contention
+
+    path = tmp_path / "config.json"
+    before = json.dumps({"score": {"repeats": 7, "max_contention": "inf"}, "search": {"speedup": "1.5"}}).encode()
+    path.write_text(json.dumps({"score": {"repeats": 7, "max_contention": 0.25}, "search": {"speedup": "2"}}))
+    _put_back_max_contention(path, before)
+    assert json.loads(path.read_text()) == {"score": {"repeats": 7, "max_contention": "inf"},
+                                            "search": {"speedup": "2"}}  # the search's settings as the choices
+    path.write_text(json.dumps({"score": {"max_contention": 3.0}}))
+    _put_back_max_contention(path, json.dumps({"score": {}}).encode())  # not set before: the default again
+    assert json.loads(path.read_text()) == {"score": {}}
+    path.write_text("{not json")
+    _put_back_max_contention(path, before)  # unreadable: left as it is
+    assert path.read_text() == "{not json"

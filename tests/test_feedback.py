@@ -499,6 +499,21 @@ def test_the_report_says_which_budget_misses_are_within_the_timing_noise(tmp_pat
     (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 0}))
     none = _clear_miss_note(tmp_path, summary)  # breaker: "rounds were spent" was said of a run with none
     assert "this run gives it no rounds" in none and "spent" not in none and "--budget-feedback 1`" in none
+    # a breaker followed "more rounds" 1 -> 2 -> 3 -> 4 where every session was busy, or the library had no faster
+    # child: those misses say so, and no more rounds
+    children = {"b": [{"round": 0, "action": "kept: timed on a busy machine, not corrected"}],
+                "c": [{"round": 0, "action": "kept: no architecture in the library meets max_memory_mib=8.9"}]}
+    (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 2,
+                                                                             "children": children}))
+    why = _clear_miss_note(tmp_path, summary)
+    assert why.startswith("`budget_met` is False for b (1.050 of its runtime_ms budget, standard error 0.006) by more "
+                          "than the timing noise, and the budget feedback corrected no limit for it, as its sessions "
+                          "were timed while other jobs kept the cores busy")
+    assert f"(`puzzle front --out {tmp_path} --remeasure`)" in why and "--budget-feedback" not in why
+    assert "`budget_met` is False for c (" in why and "no child of the library meets the limits" in why
+    (tmp_path / "children" / "budget_feedback.json").write_text(json.dumps({"final": final, "rounds": 2,
+                                                                             "children": {"b": ["x", None]}}))
+    assert "rounds were spent" in _clear_miss_note(tmp_path, summary)  # odd entries: the rounds' note, as before
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, "False", True, True])) == note  # from a CSV
     assert _within_noise_note(tmp_path, summary.assign(budget_met=[None, True, True, True])) == ""
     (tmp_path / "children" / "budget_feedback.json").write_text("{")
