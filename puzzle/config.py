@@ -246,13 +246,14 @@ def check_budget_texts(texts: dict, as_settings: bool = False) -> None:
         raise PuzzleError(message) from e
 
 
-def same_child_name(speedups) -> str | None:
+def same_child_name(speedups, prefix: str = "child") -> str | None:
     """Why two of the front's targets would name one child ("child-1.25x" for 1.2500001 and 1.25: names keep 6
-    significant digits, and one record replaced the other without a word, breaker), or None."""
+    significant digits, and one record replaced the other without a word, breaker), or None. `prefix`: the name's
+    first part (the baselines' "greedy", "layers", ...: their two models of one name crashed `puzzle baselines`)."""
     names = {}
     for s in dict.fromkeys(float(v) for v in speedups):
         if (other := names.setdefault(f"{s:g}", s)) != s:
-            return (f"{other!r} and {s!r} would both be child-{s:g}x (children are named with 6 significant digits); "
+            return (f"{other!r} and {s!r} would both be {prefix}-{s:g}x (models are named with 6 significant digits); "
                     f"give targets that differ there")
     return None
 

@@ -1308,7 +1308,7 @@ def measure_steps(run, name: str, measured: pd.DataFrame | None = None) -> pd.Da
     from .baselines import realize_all, searched_candidate
 
     return realize_all(run, [searched_candidate(run, f"{name}-{step}") for step in ("diverse", "refined")],
-                       export=False, rows_dir=run.out / "front_rows", measured=measured)
+                       export=False, rows_dir=run.out / "front_rows", measured=measured, what="refine")
 
 
 # ------------------------------------------------------------------------------------------------

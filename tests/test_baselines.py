@@ -1029,6 +1029,57 @@ def test_two_names_for_one_architecture_are_timed_once(tmp_path_factory, monkeyp
     assert table.loc[twin.name, "speedup"] == table.loc[layers.name, "speedup"] > 0
 
 
+def test_targets_that_name_one_model_are_refused_and_busy_or_stale_rows_redone_with_a_word(tmp_path_factory, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A breaker: --speedups 1.25,1.250001 named two models greedy-1.25x (a traceback after some rows were written),
+    1.0000001 named greedy-1x; rows timed beside more busy cores than a stricter --max-contention allows were kept
+    (and the user was told to rerun with that very flag); rows of another workload were removed without a word."""
+    import dataclasses
+
+    import puzzle.baselines
+    from puzzle.baselines import baseline_library, open_run, run_baselines
+
+    run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")  # its export folder is written
+    run = open_run(run_dir, progress=False)
+    for targets, words in [((1.25, 1.250001), "1.25 and 1.250001 would both be greedy-1.25x"),
+                           ((1.0000001,), "1.0000001 is 1x in the 6 significant digits")]:
+        with pytest.raises(PuzzleError, match=re.escape(words)):
+            run_baselines(run, targets, export=False)
+    layers = next(c for c in plan_baselines(run, (1.5,), influence_tokens=256) if c.method == "layer_removal")
+    timed, real = [], puzzle.baselines.measure_against_parent
+
+    def busy(run, models, **kw):  # a session beside 1.3 busy cores
+        timed.append(sorted(models))
+        df = real(run, models, **kw)
+        return df.assign(contention_cores=1.3)
+
+    monkeypatch.setattr(puzzle.baselines, "measure_against_parent", busy)
+    rows = run.out / "busy_rows"
+    realize_all(run, [layers], baseline_library(run, []), export=False, rows_dir=rows)
+    run.config = run.config.replace(score={"max_contention": float("inf")})
+    realize_all(run, [layers], baseline_library(run, []), export=False, rows_dir=rows)
+    assert len(timed) == 1  # kept where busy timings are accepted
+    run.config = run.config.replace(score={"max_contention": 0.25})
+    realize_all(run, [layers], baseline_library(run, []), export=False, rows_dir=rows)
+    assert len(timed) == 2  # redone under the stricter limit
+    capsys.readouterr()
+    run.config = dataclasses.replace(run.config, target=dataclasses.replace(run.config.target, gen_len=9))
+    realize_all(run, [layers], baseline_library(run, []), export=False, rows_dir=rows)
+    said = capsys.readouterr().err
+    assert f"baselines: 2 saved rows made for another workload, score table or evaluation split ({layers.name}, " \
+           f"parent) removed" in said, said
+    # an export asked for after a --no-export call: realized again and exported, not evaluated or timed again
+    import shutil
+
+    timed.clear()
+    shutil.rmtree(run.out / "export" / layers.name, ignore_errors=True)  # (an earlier test's, copied with the run)
+    run.config = run.config.replace(score={"max_contention": float("inf")})  # its busy row accepted
+    realize_all(run, [layers], baseline_library(run, []), export=True, rows_dir=rows)
+    assert timed == [] and (run.out / "export" / layers.name / "config.json").is_file()
+    said = capsys.readouterr().err
+    assert f"baselines: exported {layers.name} (evaluated and timed by an earlier call, kept)" in said
+
+
 def test_a_baseline_measured_short_of_its_target_is_planned_again_once(tmp_path_factory, tmp_path, monkeypatch, capsys):
     """A greedy child that measures short of its target speed-up is planned again once, for target x planned /
     measured by the cost table, and reaches its target (a front that stops short of a target has no figure there);
@@ -1456,6 +1507,11 @@ def test_the_out_of_reach_lines_name_attention_removals_fastest_model_by_its_mea
     assert "its fastest model is attn-drop-1.25x (measured 1.9x)" in out_of_reach_lines(body, (2.0,))[0]
     body["speedup"] = float("nan")
     assert "its fastest model is attn-drop-1.5x (not measured)" in out_of_reach_lines(body, (2.0,))[0]
+    # a model that measured past the target, built for a lower one (one architecture for two targets), reaches it:
+    # no line (a breaker: attn-drop-1.05x, measured 1.48x, was called out of reach at 1.1x)
+    body["speedup"] = [1.97, 2.04, 1.26, 2.1]
+    assert out_of_reach_lines(body, (2.0,)) == ["at 2x no model from uniform_width: the method cannot reach that "
+                                               "speed-up on this run"]
 
 
 def test_a_front_target_no_baseline_was_built_for_is_named():
