@@ -512,10 +512,10 @@ def out_of_reach_lines(body: pd.DataFrame, speedups) -> list[str]:
             # "at most 1.77x"; a later one: attn-drop-1.05x, measured 1.48x, was called out of reach at 1.1x, with a
             # faster model beside it, where one architecture served two targets)
             measured = pd.to_numeric(every["speedup"], errors="coerce")
-            fastest = every.loc[measured.idxmax() if measured.notna().any() else every["target_speedup"].idxmax()]
-            speed = (f"measured {measured[fastest.name]:.3g}x" if math.isfinite(measured[fastest.name])
-                     else "not measured")
             if not (measured >= s - 1e-9).any():  # a model that reaches s is no model out of reach
+                fastest = every.loc[measured.idxmax() if measured.notna().any() else every["target_speedup"].idxmax()]
+                speed = (f"measured {measured[fastest.name]:.3g}x" if math.isfinite(measured[fastest.name])
+                         else "not measured")
                 lines.append(f"at {s:g}x attention removal is out of reach on this run: its fastest model is "
                              f"{fastest['name']} ({speed})")
         if missing:
@@ -699,14 +699,15 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     the same architecture and training are timed once and share the figures). Each finished row is
     written to `rows_dir` (default DIR/baselines/rows/<name>.json) and reused on a rerun, so a long
     sweep can be run `max_groups` groups at a time; a row whose architecture or library stage is not
-    the candidate's, or that was made for another workload or score table, or lacks the export asked
-    for, is redone (and with it the parent's row when that is stale).
+    the candidate's, or that was made for another workload or score table, is redone (and with it the parent's row
+    when that is stale); one that lacks the export asked for is realized again and exported, not redone.
 
     measured: a `scoring.cost.measure_models` session (indexed by name, with the parent) that already timed some
     candidates under their names (`refine.settle_steps`' last one, which checked them against their budget): their
     rows take its figures instead of a new timing, and are redone even where a saved row stands, so that a row and
     its budget check come from one session. `what`: the command named in its messages and progress bar.
-    A saved row timed while other jobs kept more cores busy than the run's score.max_contention allows is redone.
+    A saved row timed while other jobs kept more cores busy than the run's score.max_contention allows is redone
+    (the parent's too, which redoes every row).
 
     Returns:
         One row per finished model (ROW_COLUMNS), parent first. Each child is timed against the parent in its
@@ -714,26 +715,25 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
         throughput_tok_s is the parent's throughput in the first group times the speed-up (`_with_derived`).
     """
     from .io import read_json
-    from .pipeline import compact_architecture, evaluate
+    from .pipeline import compact_architecture, contention_cores, evaluate
     from .refine import selection_kl
-
-    from .pipeline import contention_cores
 
     rows_dir = Path(rows_dir or run.out / "baselines" / "rows")
     rows_dir.mkdir(parents=True, exist_ok=True)
     inputs = row_inputs(run)
     saved = lambda path: _saved_row(path, inputs)  # noqa: E731
 
-    def finished(c: Candidate) -> dict | None:
+    def busy(row: dict) -> bool:  # a breaker: a stricter --max-contention kept rows timed beside 1.03 busy cores,
+        cores = contention_cores(row.get("contention_cores"))  # and then told to rerun with that very flag
+        return cores is not None and cores > run.config.score.max_contention
+
+    def finished(c: Candidate, written: bool = False) -> dict | None:
         """The candidate's saved row, when there is one for its architecture, library stage and the
-        run's workload and score table, timed within the run's max_contention."""
+        run's workload and score table, timed within the run's max_contention (or `written` by this call)."""
         row = saved(rows_dir / f"{c.name}.json")
         same = row is not None and (row.get("architecture") == compact_architecture([b.id for b in c.blocks])
                                     and row.get("training") == c.training)
-        busy = contention_cores(row.get("contention_cores")) if same else None
-        if busy is not None and busy > run.config.score.max_contention:  # a breaker: a stricter --max-contention
-            return None  # kept rows timed beside 1.03 busy cores, and then told to rerun with that very flag
-        return row if same else None
+        return row if same and (written or not busy(row)) else None
 
     stale = []
     for path in rows_dir.glob("*.json"):  # rows for another workload or score table would be drawn by `puzzle front`
@@ -746,9 +746,11 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 stale.append(path.stem)
             path.unlink()
     if stale:  # a breaker: rows of another workload were deleted and rebuilt without a word
-        run.say(f"{what}: {len(stale)} saved row{'s' * (len(stale) > 1)} made for another workload, score table or "
-                f"evaluation split ({', '.join(sorted(stale)[:6])}{', ...' if len(stale) > 6 else ''}) removed; "
-                f"the models this call plans are evaluated and timed again")
+        run.say(f"{what}: {len(stale)} saved row{'s' * (len(stale) > 1)} damaged or made for another workload, score "
+                f"table or evaluation split ({', '.join(sorted(stale)[:6])}{', ...' if len(stale) > 6 else ''}) "
+                f"removed; the models this call plans are evaluated and timed again")
+    if isinstance(parent := saved(rows_dir / "parent.json"), dict) and busy(parent):  # the rows' throughput scale
+        (rows_dir / "parent.json").unlink()  # (a reviewer: redone children beside a parent row timed busy)
     given = set() if measured is None else set(measured.index) - {"parent"}
     todo = [c for c in candidates if c.name in given or finished(c) is None]
     if not (rows_dir / "parent.json").is_file() and not todo:
@@ -764,6 +766,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
         run.say(f"{what}: exported {', '.join(c.name for c in unexported)} (evaluated and timed by an earlier call, "
                 f"kept)")
     groups = [todo[i:i + group_size] for i in range(0, len(todo), group_size)][:max_groups]
+    written: set[str] = set()  # the rows this call writes
     bar = None
     if run.progress and groups:  # a fresh user (stop 79): minutes without a line, no sign of life
         from tqdm.auto import tqdm
@@ -808,6 +811,7 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
                 "group_parent_runtime_ms": float(m["parent_runtime_ms"]),
                 "contention_cores": contention_cores(m.get("contention_cores")),
                 "architecture": compact_architecture([b.id for b in c.blocks]), "inputs": inputs}))
+        written.update(c.name for c in group)
         if bar is not None:
             bar.update(len(group))
         del models
@@ -816,7 +820,8 @@ def realize_all(run, candidates: list[Candidate], library=None, export: bool = T
     if not (rows_dir / "parent.json").is_file():
         return pd.DataFrame(columns=ROW_COLUMNS)
     parent = read_json(rows_dir / "parent.json")
-    rows = [parent] + [row for row in map(finished, candidates) if row is not None]
+    # the rows this call wrote whatever their timing's contention (the run's limit accepted it; a reviewer)
+    rows = [parent] + [row for c in candidates if (row := finished(c, c.name in written)) is not None]
     table = _with_derived(pd.DataFrame(rows), float(parent["throughput_tok_s"]))[ROW_COLUMNS]
     table.attrs["kept"] = len(candidates) - len(todo)  # rows of an earlier call, neither evaluated nor timed again
     return table
@@ -854,6 +859,7 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
     Writes DIR/baselines/baselines.csv and returns it (parent first), with the still-current rows an earlier call
     made for other speed-ups (`_with_earlier_rows`).
     """
+    given = bool(speedups)
     if not speedups:  # the front's targets at or below 1x have the parent as their child: no baseline to build there
         front = tuple(dict.fromkeys(run.config.search.front_speedups))
         speedups = tuple(s for s in front if s > 1)
@@ -867,11 +873,12 @@ def run_baselines(run, speedups=None, export: bool = True, progress: bool = Fals
     from .config import same_child_name
 
     # a breaker: 1.25 and 1.250001 named two models greedy-1.25x each (a traceback), 1.0000001 named greedy-1x
-    if clash := same_child_name(speedups, prefix="greedy"):
-        raise PuzzleError(f"--speedups: {clash}")
+    where = "--speedups" if given else "the run's front speed-ups (--speedups sets others)"
     if ones := [s for s in speedups if f"{s:g}" == "1"]:
-        raise PuzzleError(f"--speedups: {ones[0]!r} is 1x in the 6 significant digits models are named with, the "
+        raise PuzzleError(f"{where}: {ones[0]!r} is 1x in the 6 significant digits models are named with, the "
                           f"parent's speed; give a target clearly above 1, e.g. 1.05")
+    if clash := same_child_name(speedups, prefix="greedy"):
+        raise PuzzleError(f"{where}: {clash}")
     t0 = time.perf_counter()
     held = held_speedups(run)
     said: set = set()

@@ -552,9 +552,18 @@ def _take_back(out: Path, had: set[Path], top: Path | None = None) -> bool:
 
 def _put_back_max_contention(config_path: Path, before: bytes) -> None:
     """Put DIR/config.json's score.max_contention back as it was in `before` (its earlier bytes), where a failed
-    command changed it: it says how timings are accepted, not what the search's choices were made with, so it is
-    saved only when the command succeeds. Unreadable files are left as they are."""
+    command made it stricter: it says how timings are accepted, not what the search's choices were made with. A
+    looser one stays, as timings it accepted may have been written (a cost table retimed under it would be stale under
+    the old limit; a reviewer). Unreadable files are left as they are."""
     from .io import atomic_write_text
+
+    from .config import ScoreConfig
+
+    def limit(value) -> float:  # as the configuration reads it: a number or its text ("inf"); else the default
+        try:
+            return float(ScoreConfig().max_contention if value is None else value)
+        except (TypeError, ValueError):
+            return math.nan
 
     try:
         old, now = json.loads(before), json.loads(config_path.read_text(encoding="utf-8"))
@@ -562,7 +571,7 @@ def _put_back_max_contention(config_path: Path, before: bytes) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     if not isinstance(was, dict) or not isinstance(score, dict) or \
-            was.get("max_contention") == score.get("max_contention"):
+            not limit(score.get("max_contention")) < limit(was.get("max_contention")):
         return
     if "max_contention" in was:
         score["max_contention"] = was["max_contention"]

@@ -962,7 +962,7 @@ def solve_core(objective, costs, rhs, lam, alive, others, min_differ, time_limit
             repair ratios). starts: earlier solutions offered as first solutions.
         dp_memo: shared by the solves of one diverse sequence: the fewest earlier solutions with which the DP was too
             big ("too_big_with"); a solve with at least as many goes straight to CP-SAT (more diversity rows, more
-            states).
+            states). A DP out of its time share reads as too big as well: that costs speed only, CP-SAT solves.
 
     Returns:
         ((L,) int slots, or None when no slot choice meets the rows; proven optimal; lower bound).

@@ -3326,11 +3326,15 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
     # why the rounds did not bring each one within (a breaker followed "more rounds" 1 -> 2 -> 3 -> 4, where every
     # session was busy and corrected nothing, or the library had no faster child)
     busy, stuck, spent = [], [], []
+    busy_kept, none_kept = "kept: timed on a busy machine", "kept: no architecture"
     for name, text in over:
-        actions = [str(h.get("action", "")) for h in (record.get("children") or {}).get(name) or []
-                   if isinstance(h, dict)] if isinstance(record.get("children"), dict) else []
-        (busy if any(a.startswith("kept: timed on a busy machine") for a in actions) else
-         stuck if any(a.startswith("kept: no architecture") for a in actions) else spent).append(text)
+        history = record.get("children").get(name) if isinstance(record.get("children"), dict) else None
+        actions = [str(h.get("action", "")) for h in history if isinstance(h, dict)] \
+            if isinstance(history, list) else []  # (a hand-edited file: no history, the rounds' note)
+        # the last round that re-solved, or kept the child for one of these reasons, says how it ended (a reviewer:
+        # a busy round after re-solves, a re-solve after a round with no child)
+        last = next((a for a in reversed(actions) if a.startswith((*RESOLVE_ACTIONS, busy_kept, none_kept))), "")
+        (busy if last.startswith(busy_kept) else stuck if last.startswith(none_kept) else spent).append(text)
     parts = []
     if spent:
         parts.append(f"`budget_met` is False for {', '.join(spent)} by more than the timing noise: "
@@ -3343,9 +3347,9 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
                        "machine may bring it within.")
     if busy:
         parts.append(f"`budget_met` is False for {', '.join(busy)} by more than the timing noise, and the budget "
-                     f"feedback corrected no limit for it, as its sessions were timed while other jobs kept the cores "
-                     f"busy: more rounds on a busy machine do the same; time the children again when it is quiet "
-                     f"(`puzzle front --out {shell_arg(out)} --remeasure`).")
+                     f"feedback's last session corrected no limit for it, as it was timed while other jobs kept the "
+                     f"cores busy: more rounds on a busy machine do the same; time the children again when it is "
+                     f"quiet (`puzzle front --out {shell_arg(out)} --remeasure`).")
     if stuck:
         parts.append(f"`budget_met` is False for {', '.join(stuck)} by more than the timing noise, and no child of "
                      f"the library meets the limits the budget feedback corrected by its measured speed "

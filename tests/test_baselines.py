@@ -1066,8 +1066,8 @@ def test_targets_that_name_one_model_are_refused_and_busy_or_stale_rows_redone_w
     run.config = dataclasses.replace(run.config, target=dataclasses.replace(run.config.target, gen_len=9))
     realize_all(run, [layers], baseline_library(run, []), export=False, rows_dir=rows)
     said = capsys.readouterr().err
-    assert f"baselines: 2 saved rows made for another workload, score table or evaluation split ({layers.name}, " \
-           f"parent) removed" in said, said
+    assert f"baselines: 2 saved rows damaged or made for another workload, score table or evaluation split " \
+           f"({layers.name}, parent) removed" in said, said
     # an export asked for after a --no-export call: realized again and exported, not evaluated or timed again
     import shutil
 

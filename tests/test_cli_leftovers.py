@@ -1017,7 +1017,8 @@ def test_puzzle_run_ends_with_the_next_commands_for_its_main_child(tmp_path):
 
 def test_a_failed_command_after_the_search_keeps_the_choices_settings_but_not_its_max_contention(tmp_path):
     """A breaker: `puzzle front --remeasure --max-contention 0.25` re-solved (the choices' settings stay), was refused
-    at the timing, and left max_contention 0.25 in config.json, so that later commands on the run were refused."""
+    at the timing, and left max_contention 0.25 in config.json, so that later commands on the run were refused; a
+    looser limit stays (timings it accepted may be written)."""
     from puzzle.cli import _put_back_max_contention
 
     path = tmp_path / "config.json"
@@ -1026,9 +1027,34 @@ def test_a_failed_command_after_the_search_keeps_the_choices_settings_but_not_it
     _put_back_max_contention(path, before)
     assert json.loads(path.read_text()) == {"score": {"repeats": 7, "max_contention": "inf"},
                                             "search": {"speedup": "2"}}  # the search's settings as the choices
-    path.write_text(json.dumps({"score": {"max_contention": 3.0}}))
+    path.write_text(json.dumps({"score": {"max_contention": 0.1}}))
     _put_back_max_contention(path, json.dumps({"score": {}}).encode())  # not set before: the default again
     assert json.loads(path.read_text()) == {"score": {}}
+    path.write_text(json.dumps({"score": {"max_contention": 3.0}}))  # looser: what it accepted may be written
+    _put_back_max_contention(path, json.dumps({"score": {"max_contention": 0.25}}).encode())  # (a reviewer: a table
+    # retimed under it), so it stays
+    assert json.loads(path.read_text()) == {"score": {"max_contention": 3.0}}
     path.write_text("{not json")
     _put_back_max_contention(path, before)  # unreadable: left as it is
     assert path.read_text() == "{not json"
+
+
+def test_a_front_refused_after_its_search_keeps_the_runs_max_contention(tmp_path_factory, tmp_path, monkeypatch,
+                                                                       capsys):
+    """The call site of `_put_back_max_contention`: `puzzle front --remeasure --max-contention 0.1` searches (the run
+    is then settled), is refused at the timing, and leaves the run's limit as it was."""
+    from puzzle.cli import main
+    from puzzle.errors import PuzzleError
+    from tiny_run import tiny_run_copy
+
+    out, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
+    before = json.loads((out / "config.json").read_text())["score"].get("max_contention")
+    assert before in ("inf", float("inf"))  # the tiny run's, saved by its --max-contention inf
+
+    def refused(*args, **kwargs):
+        raise PuzzleError("other jobs kept the cores busy (as a timing under the limit is refused)")
+
+    monkeypatch.setattr("puzzle.scoring.cost.measure_models", refused)
+    assert main(["front", "--out", str(out), "--remeasure", "--max-contention", "0.1", "--no-progress"]) == 2
+    assert "other jobs kept the cores busy" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["score"].get("max_contention") == before

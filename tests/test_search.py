@@ -1004,8 +1004,8 @@ def test_a_main_budget_out_of_reach_by_a_spoiled_non_block_timing_says_retime_fi
     reseal_table(path)
     err = _one_error_line(capsys, ["search", "--out", str(out), "--speedup", "1.5"])
     assert re.search(r"error: the cost table times the embedding and LM head at \d+% of the parent's runtime, which "
-                     r"leaves no child much to save: .*time it again first \(`puzzle score --out \S+ --retime`\); as "
-                     r"the table stands, no architecture in the library meets", err), err
+                     r"leaves no child much to save: .*time it again first \(`puzzle score --out \S+ --retime`, then "
+                     r"this command again\); as the table stands, no architecture in the library meets", err), err
 
 
 def test_a_run_table_with_a_layer_the_parent_lacks_is_refused(tmp_path_factory, tmp_path, capsys):
