@@ -230,12 +230,12 @@ def parse_fraction(text: str) -> float | None:
 
 def _unit_example(text: str, number: float, kind: str) -> str:
     """' (e.g. 19.2K for 19200 parameters)' for a bare number above MAX_FRACTION, in `kind`'s commonest unit (breaker:
-    "add a unit" alone left the form to guess): the number as typed, a count with `count_text`; '' for a number at
-    or below zero, or not finite."""
+    "add a unit" alone left the form to guess): the number as typed, a count with `params_budget_text`; '' for a
+    number at or below zero, or not finite."""
     if not MAX_FRACTION < number < math.inf:
         return ""
     if kind == "params":
-        return f" (e.g. {count_text(number)} for {text} parameters)" if number >= 1e3 else ""
+        return f" (e.g. {params_budget_text(number)} for {text} parameters)" if number >= 1e3 else ""
     unit = {"time": "ms", "memory": "MiB"}.get(kind)
     return f" (e.g. {text}{unit})" if unit else ""
 
@@ -371,9 +371,9 @@ def round_up_text(x: float, digits: int = 6) -> str:
     return f"{math.ceil(x / step * (1 - 1e-12)) * step:.{max(digits, 6)}g}"  # 16390, not 1.639e+04
 
 
-def count_text(x: float) -> str:
+def params_budget_text(x: float) -> str:
     """A parameter count as `--max-params` reads it, rounded up as `round_up_text`: 19200 -> '19.2K', 1.24e9 ->
-    '1.24B'."""
+    '1.24B' (`export.count_text` writes counts for reading, not for the flag)."""
     scale, unit = next(((v, u) for v, u in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if x >= v), (1e3, "K"))
     return round_up_text(x / scale) + unit
 

@@ -555,9 +555,8 @@ def _put_back_max_contention(config_path: Path, before: bytes) -> None:
     command made it stricter: it says how timings are accepted, not what the search's choices were made with. A
     looser one stays, as timings it accepted may have been written (a cost table retimed under it would be stale under
     the old limit; a reviewer). Unreadable files are left as they are."""
-    from .io import atomic_write_text
-
     from .config import ScoreConfig
+    from .io import atomic_write_text
 
     def limit(value) -> float:  # as the configuration reads it: a number or its text ("inf"); else the default
         try:

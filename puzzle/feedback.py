@@ -284,6 +284,8 @@ def check_measurement(measured: pd.DataFrame, name: str, request: Mapping,
 
 #: a `measure` table's attrs key: why its session is too busy to correct limits by (`settle` then checks only)
 BUSY_SESSION_KEY = "busy_session"
+#: the history action of a child such a session checked only (`pipeline.budget_miss_notes` reads it)
+KEPT_BUSY = "kept: timed on a busy machine, not corrected"
 
 
 def mark_busy_session(measured: pd.DataFrame, limit: float) -> pd.DataFrame:
@@ -366,7 +368,7 @@ def settle(records: Mapping[str, dict], measure: Callable[[dict], pd.DataFrame],
             if final or not (miss or (headroom and not last)):
                 entry["action"] = "kept" if result.met or miss else "kept: over by less than the timing noise"
                 if busy:
-                    entry["action"] = "kept: timed on a busy machine, not corrected"
+                    entry["action"] = KEPT_BUSY
                 elif k < rounds and headroom and not miss:  # a fresh user: 5.7 % under, not loosened, not a word
                     entry["action"] = "kept: more than the slack under its budget, but the last round only tightens"
                     say(f"budget feedback, round {k + 1}: {name}: measured {result.use_text()} of its {result.column} "

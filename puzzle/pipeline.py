@@ -3295,7 +3295,7 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
     1.00001), those over by more once its rounds were spent (a fresh user, stop 56: 1.036, 7 standard errors over,
     with no word)); "" for a part with no such child, both "" when the file is unreadable. A hand-edited or
     disagreeing entry counts as no child."""
-    from .feedback import Check
+    from .feedback import KEPT_BUSY, Check
 
     try:
         record = read_json(out / "children" / "budget_feedback.json")
@@ -3326,15 +3326,15 @@ def budget_miss_notes(out: Path, summary: pd.DataFrame) -> tuple[str, str]:
     # why the rounds did not bring each one within (a breaker followed "more rounds" 1 -> 2 -> 3 -> 4, where every
     # session was busy and corrected nothing, or the library had no faster child)
     busy, stuck, spent = [], [], []
-    busy_kept, none_kept = "kept: timed on a busy machine", "kept: no architecture"
+    none_kept = "kept: no architecture"  # settle's `kept: {e}` for the re-solve's InfeasibleBudget (search.py)
     for name, text in over:
         history = record.get("children").get(name) if isinstance(record.get("children"), dict) else None
         actions = [str(h.get("action", "")) for h in history if isinstance(h, dict)] \
             if isinstance(history, list) else []  # (a hand-edited file: no history, the rounds' note)
         # the last round that re-solved, or kept the child for one of these reasons, says how it ended (a reviewer:
         # a busy round after re-solves, a re-solve after a round with no child)
-        last = next((a for a in reversed(actions) if a.startswith((*RESOLVE_ACTIONS, busy_kept, none_kept))), "")
-        (busy if last.startswith(busy_kept) else stuck if last.startswith(none_kept) else spent).append(text)
+        last = next((a for a in reversed(actions) if a.startswith((*RESOLVE_ACTIONS, KEPT_BUSY, none_kept))), "")
+        (busy if last.startswith(KEPT_BUSY) else stuck if last.startswith(none_kept) else spent).append(text)
     parts = []
     if spent:
         parts.append(f"`budget_met` is False for {', '.join(spent)} by more than the timing noise: "

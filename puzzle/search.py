@@ -37,9 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .architecture import BlockConfig
-from .budgets import BUDGET_FLAGS, BudgetRequest, Budgets, suggest_fraction
-from .budgets import count_text as _count_text
-from .budgets import round_up_text as _round_up
+from .budgets import BUDGET_FLAGS, BudgetRequest, Budgets, params_budget_text, round_up_text, suggest_fraction
 from .errors import PuzzleError, shell_arg
 from .io import edited_table_note
 from .mip import (BUDGET_RTOL, COST_COLUMNS, REQUIRED_COLUMNS, SCORE_COLUMNS, TIE_BREAK, Choices, DualLP,  # noqa: F401
@@ -362,7 +360,8 @@ class _Search:
         if self.filtered:
             advice += f", or leave fewer variants out ({self.filtered})"
         return (f"no architecture in the library{scope} meets max_{column}={bound:.6g}{context}; "
-                f"{words} {_round_up(smallest)} {unit}{share}{' under the other budgets' if context else ''}: {advice}")
+                f"{words} {round_up_text(smallest)} {unit}{share}"
+                f"{' under the other budgets' if context else ''}: {advice}")
 
     def solve(self, budgets: Budgets, num_solutions=1, min_layers_differ=1, time_limit_s=60.0, anchor=None,
               max_changes=None) -> Solutions:
@@ -746,7 +745,7 @@ def _at_least(column: str, least: float, parent: float) -> str:
     --speedup and --min-throughput, as a user may ask; breaker: a budget given in ms was told a fraction alone)."""
     unit = _COST_WORDS[column][1]
     # 7.72197ms, 0.1680MiB, 19.2K (a bare count reads as a fraction: breaker, "or 19200" was refused)
-    absolute = _count_text(least) if unit == "parameters" else _round_up(least) + unit
+    absolute = params_budget_text(least) if unit == "parameters" else round_up_text(least) + unit
     if not parent > 0:
         return f"to at least {absolute}"
     also = ""
