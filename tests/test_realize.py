@@ -69,7 +69,10 @@ def test_a_hand_written_choice_is_realized_with_the_tables_predictions_and_an_ed
     run_dir, _ = tiny_run_copy(tmp_path_factory, tmp_path / "run")
     run = open_run(run_dir, progress=False)
     searched = json.loads((run_dir / "search" / "child-1.5x.json").read_text())
-    choice = [b.id for b in run.parent.config.blocks][:1] + searched["choice"][1:]  # another choice than the search's
+    parent_ids = [b.id for b in run.parent.config.blocks]
+    changed = next(i for i, (b, p) in enumerate(zip(searched["choice"], parent_ids)) if b != p)
+    choice = list(searched["choice"])
+    choice[changed] = parent_ids[changed]  # another choice than the search's: one cheaper block is the parent's again
     (run_dir / "search" / "bare.json").write_text(json.dumps({"choice": choice}))
     table = record_for(run, "bare", choice, "bld", Budgets(), None)
     bare = read_architecture(run, "bare")
