@@ -1236,10 +1236,11 @@ def test_exclude_leaves_its_variants_out_of_every_refine_candidate(run, table):
     _, budgets = _child(run)
     plain = diverse_candidates(run, table, budgets, k=2, min_layers_differ=1, tokens=128)
     parent = {sub for b in run.parent.config.blocks for sub in (b.attention.id, b.ffn.id)}
-    used = pd.Series([sub for c in plain["choice"] for b in map(BlockConfig.from_id, c)
+    used = pd.Series([sub for b in map(BlockConfig.from_id, plain["choice"][0])
                       for sub in (b.attention.id, b.ffn.id) if sub not in parent])
     assert len(used), "the tiny child should change a subblock, or leaving one out tests nothing"
-    ex = [used.value_counts().index[0]]  # the variant the plain children use most
+    ex = [used.value_counts().index[0]]  # the variant the first plain child uses most (an audit: the most used by
+    # both children may be one the first child lacks, which the timings of another machine can pick)
     assert uses_excluded(plain["choice"][0], ex)  # so the given seed below is dropped for the exclusion alone
     seeds = seed_choices(run, table, budgets, exclude=ex)
     assert "greedy" in seeds and not uses_excluded(seeds["greedy"], ex)
