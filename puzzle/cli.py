@@ -1020,6 +1020,10 @@ def _front(args, timed: list) -> int:
         if changed_data_sources(run):  # a text edited in place: packed again, so the front is measured on it
             stage_data(run)
         stale = "--remeasure" if args.remeasure else front_is_current(run)
+        if args.remeasure:  # an interrupted call's timings, which a plain rerun keeps, are timed again
+            from .pipeline import PENDING_MEASUREMENT
+
+            (run.out / "children" / PENDING_MEASUREMENT).unlink(missing_ok=True)
         if stale == UNREADABLE_CHILDREN:  # solved again first: the same children keep their timings
             from .pipeline import stage_search
 

@@ -1541,15 +1541,21 @@ def read_architecture(run: Run, name: str) -> dict:
         else:
             record = _with_table_totals(run, path, record, stage)
     elif table_changed_since_written(table):  # breaker: a cut table was said to be "scored again since"
-        warnings.warn(f"{table} was cut or edited since `puzzle score` wrote it (its bytes differ from the sha256 its "
-                      f"sidecar recorded): `puzzle score --out {shell_arg(run.out)}` writes it afresh; {path}'s "
-                      "predicted totals are those of the table it was solved on")
+        if (said := (str(table), sha256_file(table))) not in _CUT_TABLES_SAID:  # once, not once per child (breaker)
+            _CUT_TABLES_SAID.add(said)
+            warnings.warn(f"{table} was cut or edited since `puzzle score` wrote it (its bytes differ from the sha256 "
+                          f"its sidecar recorded): `puzzle score --out {shell_arg(run.out)}` writes it afresh; the "
+                          f"searched children's predicted totals ({path.name} and the others) are those of the table "
+                          f"they were solved on")
     else:
         warnings.warn(f"{path} was solved on another score table than {table} holds now (scored again since, or a "
                       f"search record of an earlier front): its predicted totals are the old table's; `puzzle search` "
                       f"or `puzzle front` with its target solves it on the current table")
     return record
 
+
+#: (table path, its sha256) whose cut or edit `read_architecture` has said in this process
+_CUT_TABLES_SAID: set[tuple[str, str]] = set()
 
 #: the predicted totals a record without table rows is checked on (`_with_table_totals`)
 _CHECKED_TOTALS = ("runtime_ms", "kl_nats")
@@ -2495,22 +2501,29 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
         return {**options[best[0]][1], FEEDBACK_CANDIDATES_KEY: scored}  # settle says them with its round
 
     s = run.config.search
-    # the plain solve's child of each budget (a record the feedback settled before carries it along)
-    solved = {name: r.get("solved_choice", r["choice"]) for name, r in records.items()}
-    earlier = {name: earlier_feedback(r) for name, r in records.items()}
-    records, measured, checks, history = settle(records, measure, resolve, rounds=s.budget_feedback,
-                                                slack=s.budget_slack, workload_meta=run.workload().meta(),
-                                                say=run.say)
-    for name, record in records.items():
-        rewritten = {k: v for k, v in record.items() if k != "budget_feedback_earlier"}
-        atomic_write_json(run.out / "search" / f"{name}.json",
-                          {**rewritten, "solved_choice": solved[name], "budget_feedback": history.get(name, []),
-                           "budget_feedback_rounds": s.budget_feedback,
-                           **({"budget_feedback_earlier": earlier[name]} if earlier[name] else {})})
-    atomic_write_json(run.out / "children" / "budget_feedback.json",
-                      {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
-                       "final": {n: c.to_dict() for n, c in checks.items()},
-                       **({"earlier": {n: e for n, e in earlier.items() if e}} if any(earlier.values()) else {})})
+    pending = run.out / "children" / PENDING_MEASUREMENT
+    if (kept := _pending_measurement(run, records, pending)) is not None:  # a breaker: interrupted while evaluating,
+        measured, checks, history = kept  # the front's rerun timed every child again (75 % of the stage)
+        run.say(f"measure: the children's timings from an interrupted call stand ({pending}): evaluated, not timed "
+                f"again")
+    else:
+        # the plain solve's child of each budget (a record the feedback settled before carries it along)
+        solved = {name: r.get("solved_choice", r["choice"]) for name, r in records.items()}
+        earlier = {name: earlier_feedback(r) for name, r in records.items()}
+        records, measured, checks, history = settle(records, measure, resolve, rounds=s.budget_feedback,
+                                                    slack=s.budget_slack, workload_meta=run.workload().meta(),
+                                                    say=run.say)
+        for name, record in records.items():
+            rewritten = {k: v for k, v in record.items() if k != "budget_feedback_earlier"}
+            atomic_write_json(run.out / "search" / f"{name}.json",
+                              {**rewritten, "solved_choice": solved[name], "budget_feedback": history.get(name, []),
+                               "budget_feedback_rounds": s.budget_feedback,
+                               **({"budget_feedback_earlier": earlier[name]} if earlier[name] else {})})
+        atomic_write_json(run.out / "children" / "budget_feedback.json",
+                          {"rounds": s.budget_feedback, "slack": s.budget_slack, "children": history,
+                           "final": {n: c.to_dict() for n, c in checks.items()},
+                           **({"earlier": {n: e for n, e in earlier.items() if e}} if any(earlier.values()) else {})})
+        _write_pending_measurement(run, records, measured, checks, history, pending)
     for name, c in checks.items():
         if not c.met:
             run.say(f"measure: {name} measured {c.use_text()} of its {c.column} budget: over it"
@@ -2530,7 +2543,54 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     atomic_write_text(run.out / "summary.csv", summary.to_csv(index=False))
     write_front_inputs(run, drawn=False)  # the measurement's stamp: interrupted before the front, a rerun keeps it
+    pending.unlink(missing_ok=True)  # its timings are in summary.csv now
     return summary, children, records
+
+
+#: DIR/children/<this>: a measurement's settled timings, written before the children are evaluated and removed once
+#: summary.csv holds them, so that a call interrupted in between is not timed again by its rerun
+PENDING_MEASUREMENT = "measured.pending.json"
+
+
+def _pending_inputs(run: Run, records: dict[str, dict]) -> dict:
+    """What a pending measurement stands for: `front_inputs` (settings, searched choices, tables, data) less the
+    evaluation split's hash, each child's choice and library stage, and score.max_contention (which `front_inputs`
+    leaves out: a stricter --max-contention times again)."""
+    inputs = front_inputs(run)
+    inputs["splits"] = {k: v for k, v in (inputs.get("splits") or {}).items() if k != "eval"}
+    return json.loads(json.dumps({**inputs, "max_contention": run.config.score.max_contention,
+                                  "records": {n: [list(r["choice"]), r.get("library_stage", "bld")]
+                                              for n, r in sorted(records.items())}}, default=str))
+
+
+def _write_pending_measurement(run: Run, records: dict[str, dict], measured: pd.DataFrame, checks: dict,
+                               history: dict, path: Path) -> None:
+    """DIR/children/PENDING_MEASUREMENT: the settled `measured` rows (by name), `checks` and `history` of
+    `realize_and_measure`, with `_pending_inputs` of the final `records` (as DIR/search/ now holds them)."""
+    rows = json.loads(measured.reset_index().to_json(orient="records"))  # numpy numbers as JSON ones
+    atomic_write_json(path, {"inputs": _pending_inputs(run, records), "measured": rows,
+                             "checks": {n: c.to_dict() for n, c in checks.items()}, "history": history})
+
+
+def _pending_measurement(run: Run, records: dict[str, dict], path: Path) -> tuple[pd.DataFrame, dict, dict] | None:
+    """(measured, checks, history) of a pending measurement of these `records` (`_write_pending_measurement`), or
+    None: none there, unreadable, or made for other inputs (then removed)."""
+    from .feedback import Check
+
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json(path)
+        if saved["inputs"] != _pending_inputs(run, records):
+            raise ValueError("other inputs")
+        measured = pd.DataFrame(saved["measured"]).set_index("name")
+        checks = {n: Check(**c) for n, c in saved["checks"].items()}
+        if not {"parent", *records} <= set(measured.index) or set(checks) - set(records):
+            raise ValueError("other children")
+        return measured, checks, dict(saved["history"])
+    except (PuzzleError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        path.unlink(missing_ok=True)
+        return None
 
 
 SPEEDUP_MISMATCH = 2.0  # measured vs predicted speed-up off by more than this factor: a timing gone wrong, not the model

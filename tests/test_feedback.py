@@ -6,6 +6,7 @@ cost table's prediction, so the feedback law can be checked exactly. The tiny pi
 """
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -841,3 +842,63 @@ def test_a_busy_session_corrects_no_limit_and_is_said():
     calls.clear()
     settle({"child": start}, measure, resolve, rounds=3, slack=0.03)  # a quiet one: A, 18 % under, loosened to C
     assert calls[:2] == ["A", "C"]
+
+
+def test_a_measurement_interrupted_while_the_children_are_evaluated_is_not_timed_again(tmp_path_factory, tmp_path,
+                                                                                         monkeypatch):
+    """Breaker: `puzzle front` interrupted after its timing session, while it evaluated the children, kept none of the
+    timings (75 % of the stage), and its rerun timed every child again with other figures. The settled timings wait
+    in children/measured.pending.json; a rerun of the same children evaluates them and keeps the timings, another
+    --max-contention times them again, and summary.csv's writing removes the file."""
+    import shutil
+
+    import puzzle.scoring.cost as cost
+    from puzzle import pipeline
+    from puzzle.baselines import open_run
+    from puzzle.pipeline import PENDING_MEASUREMENT, realize_and_measure
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    for path in (out / "children").glob("*.quality.json"):  # evaluated afresh, as after a new search
+        path.unlink()
+    run = open_run(out, progress=False)
+    run.config = run.config.replace(score={"max_contention": math.inf})
+
+    def records():  # as the rerun's search reads them (the feedback may have rewritten them)
+        return {n: json.loads((out / "search" / f"{n}.json").read_text())
+                for n in json.loads((out / "search" / "chosen.json").read_text())["names"]}
+
+    evaluate_all = pipeline.evaluate_all
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        realize_and_measure(run, records())
+    pending = out / "children" / PENDING_MEASUREMENT
+    timed = {row["name"]: row["runtime_ms"] for row in json.loads(pending.read_text())["measured"]}
+    assert set(timed) == {"parent", *records()}
+
+    def timed_again(*args, **kw):
+        raise AssertionError("the children were timed again")
+
+    monkeypatch.setattr(pipeline, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(cost, "measure_models", timed_again)
+    said = []
+    run.say = said.append
+    summary, _, _ = realize_and_measure(run, records())
+    assert dict(zip(summary["name"], summary["runtime_ms"])) == pytest.approx(timed)
+    assert any("timings from an interrupted call stand" in m for m in said) and not pending.exists()
+    # another --max-contention than the pending timings': timed again
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "evaluate_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        realize_and_measure(run, records())
+    assert pending.is_file()
+    run.config = run.config.replace(score={"max_contention": 0.5})
+    monkeypatch.setattr(pipeline, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(cost, "measure_models", timed_again)
+    with pytest.raises(AssertionError, match="timed again"):
+        realize_and_measure(run, records())
+    assert not pending.exists()

@@ -973,6 +973,9 @@ def test_a_score_table_edited_since_it_was_written_is_said_to_be_so(tmp_path_fac
     # a record solved on the table before the edit: the table is said to be edited, not "scored again since"
     with pytest.warns(UserWarning, match=f"{re.escape(str(path))} was cut or edited since `puzzle score` wrote it"):
         read_architecture(run, "child-1.25x")
+    with warnings.catch_warnings():  # said once, not once per child (breaker: three times, then an error)
+        warnings.simplefilter("error")
+        read_architecture(run, "child-1.5x")
     from puzzle.io import EDITED_KEY, load_table, save_table
 
     edited, meta = load_table(path)  # a meta read so and saved with another table (coupled.py does) is not "edited"
