@@ -604,6 +604,10 @@ def _folder_inputs(args, log) -> GKDInputs:
     from .tiny import means_builtin_tiny, tiny_parent
 
     check_dest_in_a_run(args.dest, "gkd")  # before loading anything
+    if str(args.child) == str(args.parent) or Path(args.child).resolve() == Path(args.parent).resolve():
+        raise PuzzleError(f"--child and --parent are the same model ({args.child}): distilled from itself it learns "
+                          f"nothing (its KL to the teacher is 0 from the start); give the teacher, the model the child "
+                          f"was made from, as --parent")  # a breaker: exported with nothing trained
     # "tiny": the built-in tiny model (unless ./tiny exists), as eval, sft and rpo take it
     child_loaded, parent_loaded = (tiny_parent() if means_builtin_tiny(spec) else load_parent(spec)
                                    for spec in (args.child, args.parent))

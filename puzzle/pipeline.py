@@ -2193,7 +2193,8 @@ def export_out_of_date(run: Run, name: str, model, untie: bool = False, dtype: s
         return "its LM head is stored there" if tied else "its LM head is not stored there (--untie-embeddings)"
     want_dtype = dtype or run.config.parent.dtype
     if stored.get("torch_dtype", want_dtype) != want_dtype:
-        return f"it is stored as {stored.get('torch_dtype')}, not {want_dtype}"
+        # (a breaker read "stored as float32, not bfloat16" as the flag ignored)
+        return f"it was stored as {stored.get('torch_dtype')}, {want_dtype} is asked for"
     return None
 
 

@@ -1136,8 +1136,8 @@ def add_rpo_parser(subparsers) -> None:
     lo = p.add_argument_group("loss")
     lo.add_argument("--loss", default="rpo-bwd-kl", choices=list(LOSSES), help="loss (default rpo-bwd-kl)")
     lo.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (default 0.1)")
-    lo.add_argument("--eta", type=float, default=1.0, help="η, scale of the explicit rewards (default 1)")
-    lo.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin γ (default 0.5)")
+    lo.add_argument("--eta", type=float, help="η, scale of the explicit rewards (the rpo losses; default 1)")
+    lo.add_argument("--gamma", type=float, help="SimPO's target margin γ (default 0.5)")
     lo.add_argument("--aggregate", choices=list(AGGREGATES), default="sum",
                     help="token log-probs summed (default) or averaged over the response")
     lo.add_argument("--kl-coef", type=float, default=0.0, help="RLOO: KL penalty on the reward (default 0)")
@@ -1238,6 +1238,11 @@ def _check_rpo_flags(args) -> None:
         raise PuzzleError(f"--loss {args.loss} uses no reference model π_ref; drop --reference")
     if args.kl_coef != 0 and args.loss != "rloo":
         raise PuzzleError(f"--kl-coef is RLOO's KL penalty; --loss {args.loss} does not use it")
+    if args.gamma is not None and args.loss != "simpo":  # breaker: accepted and ignored by dpo
+        raise PuzzleError(f"--gamma is SimPO's target margin; --loss {args.loss} does not use it")
+    if args.eta is not None and (args.loss == "rloo" or not needs_rewards(args.loss)):  # (the rpo losses scale r*)
+        raise PuzzleError(f"--eta scales the explicit rewards of the rpo losses (rpo-sq, rpo-fwd-kl, rpo-bwd-kl, "
+                          f"rpo-multi); --loss {args.loss} does not use it")
     if args.data is not None and args.loss == "rloo":  # breaker: on fixed responses its loss fell without bound
         raise PuzzleError("--loss rloo is a policy gradient on the policy's own samples (online: --task, or --prompts "
                           "with --reward); --data trains offline on given responses: use dpo, ipo, simpo or an rpo "
@@ -1346,6 +1351,17 @@ def _check_earlier_training(out: Path, record: dict) -> None:
                           f"one would replace; give a new --out, or delete that folder first if it is no longer needed")
 
 
+def _finished_training(out: Path, record: dict, adapters: bool) -> bool:
+    """Whether `out` holds `record`'s training finished: its rpo.json names that training, and model/ (with
+    adapters.safetensors where `adapters`) is there, as `_rpo` writes them last."""
+    try:
+        earlier = json.loads((out / "rpo.json").read_text()).get("training")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return earlier == record and (out / "model" / "config.json").is_file() \
+        and any((out / "model").glob("*.safetensors")) and (not adapters or (out / "adapters.safetensors").is_file())
+
+
 def _rpo(args) -> int:
     import sys
 
@@ -1368,7 +1384,8 @@ def _rpo(args) -> int:
 
         adapter_config = AdapterConfig(spec=args.adapters, frozen=args.freeze, rank=8 if args.rank is None else args.rank,
                                        tied=not args.untied)  # a bad spec is refused before the model loads
-    config = RPOConfig(loss=args.loss, beta=args.beta, eta=args.eta, gamma=args.gamma, aggregate=args.aggregate,
+    config = RPOConfig(loss=args.loss, beta=args.beta, eta=1.0 if args.eta is None else args.eta,
+                       gamma=0.5 if args.gamma is None else args.gamma, aggregate=args.aggregate,
                        kl_coef=args.kl_coef, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        warmup_steps=args.warmup_steps, seed=args.seed, k=4 if args.k is None else args.k,
                        max_new_tokens=48 if args.max_new_tokens is None else args.max_new_tokens,
@@ -1408,6 +1425,10 @@ def _rpo(args) -> int:
     training = training_record(args, config, adapter_config if args.adapters else None, model)
     if "rpo.json" in have:
         _check_earlier_training(args.out, training)
+        if _finished_training(args.out, training, bool(args.adapters)):  # a breaker: trained all again (gkd and
+            say(f"rpo: {args.out} holds this training, finished by an earlier call (the same settings, inputs and "
+                f"model): nothing trained again; delete {args.out / 'rpo.json'} to train afresh")  # sft say so)
+            return 0
     args.out.mkdir(parents=True, exist_ok=True)
     claim_folder(args.out)  # the command's lock on --out, now that it exists (puzzle/runlock.py)
     handle = None

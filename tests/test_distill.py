@@ -431,6 +431,12 @@ def test_the_built_in_tiny_model_can_be_the_teacher(tmp_path, monkeypatch):
     args = p.parse_args(["gkd", "--child", "tiny-child", "--parent", "tiny", "--calib", "calib.txt", "--dest", "out",
                          "--seq-len", "32", "--tokens", "256", "--no-progress"])
     assert args.func(args) == 0 and (tmp_path / "out" / "config.json").is_file()
+    for child in ("tiny-child", str(tmp_path / "tiny-child")):  # a breaker: the child its own teacher "succeeded"
+        args = p.parse_args(["gkd", "--child", "tiny-child", "--parent", child, "--calib", "calib.txt", "--dest",
+                             "again", "--seq-len", "32", "--tokens", "256", "--no-progress"])
+        with pytest.raises(PuzzleError, match="^--child and --parent are the same model .*give the teacher"):
+            args.func(args)
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("field,value", [("tokens", 0), ("tokens", -5), ("batch_size", 0), ("micro_batch_size", -1)])

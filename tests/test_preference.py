@@ -430,7 +430,10 @@ def test_cli_offline_run_writes_the_model_and_history(tmp_path, capsys):
     assert re.search(r"rpo rpo-bwd-kl: loss \d\.\d{4} -> \d\.\d{4} over 2 steps; margin -?\d\.\d{3} -> -?\d\.\d{3}; "
                      r"accuracy \d+% -> \d+% \(first and last step that took a loss\)\n", capsys.readouterr().err)
     args = parser.parse_args(first)  # the same training again (fresh user: refused, "--adapters differ")
-    assert args.func(args) == 0
+    made = (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert args.func(args) == 0  # and not trained again (a breaker: it trained every step again)
+    assert "finished by an earlier call" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns == made
     out = json.loads((tmp_path / "run" / "rpo.json").read_text())
     assert out["config"]["loss"] == "rpo-bwd-kl" and out["config"]["logprobs"] == "mean over response tokens"
     assert (tmp_path / "run" / "model" / "config.json").is_file()
@@ -744,10 +747,16 @@ def test_online_review_findings_held_out_prompts_interrupted_folder_empty_prompt
                                ("--kl-coef", "-1", "--kl-coef (rpo kl_coef) must be a finite number >= 0, got -1.0"),
                                ("--kl-coef", "inf", "--kl-coef (rpo kl_coef) must be a finite number >= 0, got inf"),
                                ("--gamma", "-3", "--gamma (SimPO's target reward margin")):
-        extra = ["--loss", "rloo"] if flag == "--kl-coef" else []
+        extra = {"--kl-coef": ["--loss", "rloo"], "--gamma": ["--loss", "simpo"]}.get(flag, [])
         args = _rpo_args("--out", str(tmp_path / "f"), "--task", "count", flag, value, "--steps", "1", *extra)
         with pytest.raises(PuzzleError, match=re.escape(words)):
             args.func(args)
+    for flag, loss in (("--gamma", "dpo"), ("--gamma", "rpo-sq"), ("--eta", "dpo"), ("--eta", "simpo"),
+                       ("--eta", "rloo")):  # a breaker: accepted and ignored
+        args = _rpo_args("--out", str(tmp_path / "g"), "--task", "count", flag, "3", "--loss", loss, "--steps", "1")
+        with pytest.raises(PuzzleError, match=rf"^{flag} .*; --loss {loss} does not use it"):
+            args.func(args)
+    assert not (tmp_path / "g").exists()
 
 
 def test_group_losses_log_no_pair_margin_for_groups_of_two(tmp_path):
