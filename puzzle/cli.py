@@ -1458,24 +1458,56 @@ def _terminate_as_interrupt():
     the main thread, where SIGTERM has its default action, and not in a torchrun worker (torchrun stops its ranks
     with SIGTERM when one fails)."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread() or "TORCHELASTIC_RUN_ID" in os.environ \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if not _owns_signals() or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, _sigterm_as_interrupt):
         yield
         return
-
-    def as_interrupt(signum, frame):
-        _TERMINATED.append(signum)
-        if not callable(signal.getsignal(signal.SIGINT)):  # ignored (a job started with `&` by a script): raise here
-            raise KeyboardInterrupt  # (reviewer: re-sent as SIGINT it was ignored, and `kill` stopped nothing)
-        os.kill(os.getpid(), signal.SIGINT)  # through SIGINT's handler: a block that holds Ctrl-C holds this too
-
-    signal.signal(signal.SIGTERM, as_interrupt)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _owns_signals() -> bool:
+    """Whether this call may set the process's signal handlers: in the main thread, not in a torchrun worker."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread() and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def _sigterm_as_interrupt(signum, frame):
+    """SIGTERM's handler while a command runs (`_terminate_as_interrupt`, and from the start of the `puzzle` process,
+    `main`): noted, then acted on as Ctrl-C."""
+    import signal
+
+    _TERMINATED.append(signum)
+    if not callable(signal.getsignal(signal.SIGINT)):  # ignored (a job started with `&` by a script): raise here
+        raise KeyboardInterrupt  # (reviewer: re-sent as SIGINT it was ignored, and `kill` stopped nothing)
+    os.kill(os.getpid(), signal.SIGINT)  # through SIGINT's handler: a block that holds Ctrl-C holds this too
+
+
+def _exit_at_once_on_a_late_signal(rc: int) -> None:
+    """After the command returned `rc`, while Python shuts down (about a second after torch): Ctrl-C or SIGTERM
+    ends the process at once with `rc` and one line (a breaker: it died there without a word, 130 or 143 for work
+    that had finished). Only in the `puzzle` process's main thread, where the handlers are Python's or ours."""
+    import signal
+
+    if not _owns_signals():
+        return
+
+    def ended(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        said = ("its work is done and saved, nothing to redo" if rc == 0 else f"its exit status {rc} stands")
+        with contextlib.suppress(OSError):
+            os.write(2, f"puzzle: interrupted after the command ended: {said}\n".encode())
+        os._exit(rc)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL, _sigterm_as_interrupt):
+            signal.signal(sig, ended)
 
 
 def _remove_stale_temp_files(args, started: float, alone: bool) -> None:
@@ -1525,6 +1557,23 @@ def _one_process_refusal(command: str | None) -> str | None:
 
 
 def main(argv=None) -> int:
+    """The `puzzle` command: `argv` its arguments (default sys.argv[1:]). Returns the exit status.
+
+    Called with no `argv` (as the `puzzle` script and `python -m puzzle` call it), it is the process: SIGTERM stops
+    it as Ctrl-C does from the start (a breaker: one in its first second, while torch loads, ended it without a
+    word), and a signal after the command ended ends it at once with the command's status."""
+    import signal
+
+    entry = argv is None and _owns_signals()
+    if entry and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    rc = _main(argv)
+    if entry:
+        _exit_at_once_on_a_late_signal(rc)
+    return rc
+
+
+def _main(argv=None) -> int:
     if not sys.stderr.isatty():  # read by tqdm when it is first imported (below, with torch); a user's own setting wins
         os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
     if (interval := os.environ.get("TQDM_MININTERVAL")) is not None:  # breaker: '30s' was tqdm's traceback on import,
@@ -1539,8 +1588,10 @@ def main(argv=None) -> int:
         command = argv[0] if argv and not str(argv[0]).startswith("-") else None
         parser = build_parser(command)  # may import torch on the way: Ctrl-C here is an interrupt like any other
     except KeyboardInterrupt:
-        print("puzzle: interrupted", file=sys.stderr)
-        return 130
+        terminated = bool(_TERMINATED)
+        _TERMINATED.clear()
+        print(f"puzzle: {'stopped (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would name `puzzle --help`, which does not list a command's options
         parser.exit(2, f"puzzle: error: unrecognized arguments: {' '.join(unknown)} "

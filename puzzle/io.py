@@ -95,14 +95,33 @@ def refuse_repeated(flag: str, specs, advice: str = "give each file once") -> No
 def signals_deferred():
     """Hold SIGINT and SIGTERM (Ctrl-C, `kill`) until the block ends, where they act as usual: for a few steps that
     must happen together (a temporary file made and its clean-up armed; a file written and the fact recorded).
-    Does nothing where the platform has no signal mask."""
+    In the main thread the signals' handlers note them during the block and raise them again at its end: a signal
+    mask would hold them in this thread alone, and the kernel hands a signal to any thread that does not block it
+    (torch's own threads), whose Python handler then ran in the block (CI: a test of this held nothing, now and
+    then). Elsewhere (another thread sets no handlers) the thread's signal mask holds them, where the platform has
+    one."""
     import signal
+    import threading
 
+    held: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s, handler in previous.items():
+            if handler not in (signal.SIG_IGN, None):  # an ignored signal stays ignored; None: set outside Python
+                signal.signal(s, lambda signum, frame: held.append(signum))
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                if handler not in (signal.SIG_IGN, None):
+                    signal.signal(s, handler)
+            for signum in dict.fromkeys(held):  # as usual now, in the order they came
+                signal.raise_signal(signum)
+        return
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:

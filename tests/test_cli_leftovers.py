@@ -863,6 +863,34 @@ def test_sigterm_stops_a_command_as_an_interrupt_does():
         cli._TERMINATED.clear()
 
 
+@pytest.mark.parametrize("sig,rc", [("SIGTERM", 0), ("SIGINT", 0), ("SIGTERM", 2)])
+def test_a_signal_after_the_command_ended_exits_at_once_with_its_status(sig, rc):
+    """Breaker: Ctrl-C or SIGTERM in the second Python takes to shut down after a finished command ended the process
+    without a word, 130 or 143 for finished work."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\nfrom puzzle import cli\n"
+            f"cli._exit_at_once_on_a_late_signal({rc})\nos.kill(os.getpid(), signal.{sig})\ntime.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == rc
+    said = "its work is done and saved, nothing to redo" if rc == 0 else f"its exit status {rc} stands"
+    assert done.stderr == f"puzzle: interrupted after the command ended: {said}\n"
+
+
+def test_sigterm_while_the_process_starts_is_said():
+    """Breaker: SIGTERM in the first second of `puzzle eval` (torch loading) ended it silently; Ctrl-C there said
+    "puzzle: interrupted"."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, time\nfrom puzzle import cli\n"
+            "def slow(command):\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
+            "cli.build_parser = slow\nsys.argv = ['puzzle', 'presets']\nsys.exit(cli.main())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and done.stderr == "puzzle: stopped (SIGTERM)\n"
+
+
 def test_one_model_measured_as_several_front_points_is_named():
     """Reviewer: greedy-1.25x/1.5x/2x and uniform-2x were one model (the same layers and KL), drawn from 0.64x to
     2.38x without a word."""
@@ -954,6 +982,19 @@ def test_signals_deferred_holds_ctrl_c_until_the_block_ends():
             os.kill(os.getpid(), signal.SIGINT)
             reached = True  # held: the block ends first
     assert reached
+    import torch  # noqa: F401  (its threads: the kernel may hand them the signal, which a thread's mask did not hold)
+
+    from puzzle import cli
+
+    reached = False  # SIGTERM as a command takes it (`cli._terminate_as_interrupt`), held as well
+    with pytest.raises(KeyboardInterrupt), cli._terminate_as_interrupt():
+        with signals_deferred():
+            for _ in range(20):
+                os.kill(os.getpid(), signal.SIGTERM)
+                torch.ones(256, 256) @ torch.ones(256, 256)
+            reached = True
+    assert reached and cli._TERMINATED and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    cli._TERMINATED.clear()
 
 
 def test_a_search_interrupted_before_its_choices_leaves_the_configuration_as_it_was(tmp_path_factory, tmp_path,
