@@ -1,3 +1,3 @@
-from puzzle.cli import main
+from puzzle.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -1020,10 +1020,6 @@ def _front(args, timed: list) -> int:
         if changed_data_sources(run):  # a text edited in place: packed again, so the front is measured on it
             stage_data(run)
         stale = "--remeasure" if args.remeasure else front_is_current(run)
-        if args.remeasure:  # an interrupted call's timings, which a plain rerun keeps, are timed again
-            from .pipeline import PENDING_MEASUREMENT
-
-            (run.out / "children" / PENDING_MEASUREMENT).unlink(missing_ok=True)
         if stale == UNREADABLE_CHILDREN:  # solved again first: the same children keep their timings
             from .pipeline import stage_search
 
@@ -1039,8 +1035,11 @@ def _front(args, timed: list) -> int:
         elif stale:
             if (run.out / "front.csv").is_file():
                 _log(f"front: solving, building and timing the front's children again ({stale})")
-            stage_front(run)
+            stage_front(run, remeasure=bool(args.remeasure))  # (an interrupted call's timings: timed again)
         else:
+            from .pipeline import drop_pending_measurement
+
+            drop_pending_measurement(run)  # an interrupted call's of other settings: the front stands as it is
             if not (run.out / "front.png").is_file():  # deleted: drawn again from the measurement it belongs to
                 from .pipeline import redraw_front
 
@@ -1556,24 +1555,31 @@ def _one_process_refusal(command: str | None) -> str | None:
             f"processes are {', '.join(SHARDED_COMMANDS)}{then}")
 
 
-def main(argv=None) -> int:
-    """The `puzzle` command: `argv` its arguments (default sys.argv[1:]). Returns the exit status.
-
-    Called with no `argv` (as the `puzzle` script and `python -m puzzle` call it), it is the process: SIGTERM stops
-    it as Ctrl-C does from the start (a breaker: one in its first second, while torch loads, ended it without a
-    word), and a signal after the command ended ends it at once with the command's status."""
+def entry() -> int:
+    """The `puzzle` process (the `puzzle` script, `python -m puzzle`): `main` on sys.argv, with SIGTERM taken as Ctrl-C
+    from the start (a breaker: one in its first second, while torch loads, ended it without a word) and a signal after
+    the command ended ending it at once with the command's status (`_exit_at_once_on_a_late_signal`). Returns the
+    exit status. A caller in its own process (a notebook, a test) calls `main`, which leaves the handlers as they
+    were."""
     import signal
 
-    entry = argv is None and _owns_signals()
-    if entry and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    owns = _owns_signals()
+    if owns and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    rc = _main(argv)
-    if entry:
+    try:
+        rc = main()
+    except KeyboardInterrupt:  # between the steps `main` guards (its arguments' parsing): one line as well
+        terminated = bool(_TERMINATED)
+        _TERMINATED.clear()
+        print(f"puzzle: {'stopped (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        rc = 143 if terminated else 130
+    if owns:
         _exit_at_once_on_a_late_signal(rc)
     return rc
 
 
-def _main(argv=None) -> int:
+def main(argv=None) -> int:
+    """The `puzzle` command on `argv` (default sys.argv[1:]). Returns the exit status."""
     if not sys.stderr.isatty():  # read by tqdm when it is first imported (below, with torch); a user's own setting wins
         os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
     if (interval := os.environ.get("TQDM_MININTERVAL")) is not None:  # breaker: '30s' was tqdm's traceback on import,

@@ -115,7 +115,8 @@ def signals_deferred():
             for s, handler in previous.items():
                 if handler not in (signal.SIG_IGN, None):
                     signal.signal(s, handler)
-            for signum in dict.fromkeys(held):  # as usual now, in the order they came
+            # as usual now, SIGTERM first: the first that raises ends the loop, and a kill outranks a Ctrl-C
+            for signum in sorted(set(held), key=lambda s: s != signal.SIGTERM):
                 signal.raise_signal(signum)
         return
     if not hasattr(signal, "pthread_sigmask"):

@@ -1544,9 +1544,9 @@ def read_architecture(run: Run, name: str) -> dict:
         if (said := (str(table), sha256_file(table))) not in _CUT_TABLES_SAID:  # once, not once per child (breaker)
             _CUT_TABLES_SAID.add(said)
             warnings.warn(f"{table} was cut or edited since `puzzle score` wrote it (its bytes differ from the sha256 "
-                          f"its sidecar recorded): `puzzle score --out {shell_arg(run.out)}` writes it afresh; the "
-                          f"searched children's predicted totals ({path.name} and the others) are those of the table "
-                          f"they were solved on")
+                          f"its sidecar recorded): `puzzle score --out {shell_arg(run.out)}` writes it afresh; "
+                          f"{path.name}'s predicted totals, and any other searched child's, are those of the table it "
+                          f"was solved on")
     else:
         warnings.warn(f"{path} was solved on another score table than {table} holds now (scored again since, or a "
                       f"search record of an earlier front): its predicted totals are the old table's; `puzzle search` "
@@ -2553,10 +2553,16 @@ def realize_and_measure(run: Run, records: dict[str, dict]) -> tuple[pd.DataFram
 PENDING_MEASUREMENT = "measured.pending.json"
 
 
+def drop_pending_measurement(run: Run) -> None:
+    """Remove DIR/children/PENDING_MEASUREMENT: where the front is drawn from other timings, or timed again."""
+    (run.out / "children" / PENDING_MEASUREMENT).unlink(missing_ok=True)
+
+
 def _pending_inputs(run: Run, records: dict[str, dict]) -> dict:
-    """What a pending measurement stands for: `front_inputs` (settings, searched choices, tables, data) less the
-    evaluation split's hash, each child's choice and library stage, and score.max_contention (which `front_inputs`
-    leaves out: a stricter --max-contention times again)."""
+    """What a pending measurement stands for: `front_inputs` (settings, searched choices, tables, the data settings'
+    hash, which covers every text) with the packed evaluation split's own hash left out, each child's choice and
+    library stage, and score.max_contention (which `front_inputs` leaves out: a stricter --max-contention times
+    again)."""
     inputs = front_inputs(run)
     inputs["splits"] = {k: v for k, v in (inputs.get("splits") or {}).items() if k != "eval"}
     return json.loads(json.dumps({**inputs, "max_contention": run.config.score.max_contention,
@@ -2568,7 +2574,8 @@ def _write_pending_measurement(run: Run, records: dict[str, dict], measured: pd.
                                history: dict, path: Path) -> None:
     """DIR/children/PENDING_MEASUREMENT: the settled `measured` rows (by name), `checks` and `history` of
     `realize_and_measure`, with `_pending_inputs` of the final `records` (as DIR/search/ now holds them)."""
-    rows = json.loads(measured.reset_index().to_json(orient="records"))  # numpy numbers as JSON ones
+    rows = [{k: v.item() if hasattr(v, "item") else v for k, v in row.items()}  # numpy numbers as Python's (exact)
+            for row in measured.reset_index().to_dict("records")]
     atomic_write_json(path, {"inputs": _pending_inputs(run, records), "measured": rows,
                              "checks": {n: c.to_dict() for n, c in checks.items()}, "history": history})
 
@@ -2731,7 +2738,9 @@ def resolved_by_feedback(out: Path, names) -> list[str]:
 
 
 def write_front(run: Run, summary: pd.DataFrame, main: str) -> pd.DataFrame:
-    """front.csv and front.png: evaluation KL vs measured throughput, parent marked."""
+    """front.csv and front.png: evaluation KL vs measured throughput, parent marked. An interrupted measurement's
+    timings (PENDING_MEASUREMENT) are dropped: the front drawn is the run's."""
+    drop_pending_measurement(run)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -2871,6 +2880,7 @@ def run_all(run: Run) -> pd.DataFrame:
         write_front(run, summary, main)
         redraw_front_all(run)
     elif not reevaluated:  # a finished run: the measured children stand; what is missing or out of date is written again
+        drop_pending_measurement(run)  # (an interrupted call's of other settings: the run's front is this one)
         run.say(f"run: {run.out / 'summary.csv'} and front.csv match the run's settings, searched children and tables "
                 f"(front.json): no child evaluated or timed again (`puzzle front --out {shell_arg(run.out)} "
                 "--remeasure` times them again)")
@@ -3807,13 +3817,16 @@ def front_is_current(run: Run) -> str | None:
     return None
 
 
-def stage_front(run: Run) -> pd.DataFrame:
+def stage_front(run: Run, remeasure: bool = False) -> pd.DataFrame:
     """Solve every front budget, realize, evaluate and measure the children, write front.csv/png.
 
     The parent is loaded first: a parent that cannot be loaded (moved, or a config.json edited by hand) fails the
-    stage before the search re-solves and rewrites DIR/search/ (budget-feedback records included)."""
+    stage before the search re-solves and rewrites DIR/search/ (budget-feedback records included). `remeasure`: an
+    interrupted call's timings (PENDING_MEASUREMENT), which are otherwise kept, are timed again."""
     run.parent  # noqa: B018 (loaded here, used by realize_and_measure)
     records = stage_search(run)
     main = read_json(run.out / "search" / "chosen.json")["main"]
+    if remeasure:
+        drop_pending_measurement(run)
     summary, _, _ = realize_and_measure(run, records)
     return write_front(run, summary, main)

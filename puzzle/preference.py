@@ -1351,15 +1351,18 @@ def _check_earlier_training(out: Path, record: dict) -> None:
                           f"one would replace; give a new --out, or delete that folder first if it is no longer needed")
 
 
-def _finished_training(out: Path, record: dict, adapters: bool) -> bool:
-    """Whether `out` holds `record`'s training finished: its rpo.json names that training, and model/ (with
-    adapters.safetensors where `adapters`) is there, as `_rpo` writes them last."""
+def _finished_training(out: Path, record: dict, adapters: bool, held_out: bool) -> bool:
+    """Whether `out` holds `record`'s training finished: its rpo.json (written last) names that training, model/ is
+    there (with adapters.safetensors where `adapters`), and where `held_out` prompts are asked for, their rewards (a
+    reviewer: an --eval-prompts added on a rerun was not acted on)."""
     try:
-        earlier = json.loads((out / "rpo.json").read_text()).get("training")
+        earlier = json.loads((out / "rpo.json").read_text())
+        trained, summary = earlier.get("training"), earlier.get("summary")
     except (OSError, ValueError, AttributeError):
         return False
-    return earlier == record and (out / "model" / "config.json").is_file() \
-        and any((out / "model").glob("*.safetensors")) and (not adapters or (out / "adapters.safetensors").is_file())
+    return trained == record and (out / "model" / "config.json").is_file() \
+        and any((out / "model").glob("*.safetensors")) and (not adapters or (out / "adapters.safetensors").is_file()) \
+        and (not held_out or isinstance(summary, dict) and "reward_after" in summary)
 
 
 def _rpo(args) -> int:
@@ -1384,8 +1387,8 @@ def _rpo(args) -> int:
 
         adapter_config = AdapterConfig(spec=args.adapters, frozen=args.freeze, rank=8 if args.rank is None else args.rank,
                                        tied=not args.untied)  # a bad spec is refused before the model loads
-    config = RPOConfig(loss=args.loss, beta=args.beta, eta=1.0 if args.eta is None else args.eta,
-                       gamma=0.5 if args.gamma is None else args.gamma, aggregate=args.aggregate,
+    config = RPOConfig(loss=args.loss, beta=args.beta, aggregate=args.aggregate,
+                       **{k: v for k, v in (("eta", args.eta), ("gamma", args.gamma)) if v is not None},
                        kl_coef=args.kl_coef, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        warmup_steps=args.warmup_steps, seed=args.seed, k=4 if args.k is None else args.k,
                        max_new_tokens=48 if args.max_new_tokens is None else args.max_new_tokens,
@@ -1425,9 +1428,9 @@ def _rpo(args) -> int:
     training = training_record(args, config, adapter_config if args.adapters else None, model)
     if "rpo.json" in have:
         _check_earlier_training(args.out, training)
-        if _finished_training(args.out, training, bool(args.adapters)):  # a breaker: trained all again (gkd and
+        if _finished_training(args.out, training, bool(args.adapters), held_out=bool(held_out)):  # a breaker:
             say(f"rpo: {args.out} holds this training, finished by an earlier call (the same settings, inputs and "
-                f"model): nothing trained again; delete {args.out / 'rpo.json'} to train afresh")  # sft say so)
+                f"model): nothing trained again; delete {args.out / 'rpo.json'} to train afresh")  # trained all again
             return 0
     args.out.mkdir(parents=True, exist_ok=True)
     claim_folder(args.out)  # the command's lock on --out, now that it exists (puzzle/runlock.py)

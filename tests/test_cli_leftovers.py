@@ -875,7 +875,8 @@ def test_a_signal_after_the_command_ended_exits_at_once_with_its_status(sig, rc)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == rc
     said = "its work is done and saved, nothing to redo" if rc == 0 else f"its exit status {rc} stands"
-    assert done.stderr == f"puzzle: interrupted after the command ended: {said}\n"
+    assert done.stderr.endswith(f"\npuzzle: interrupted after the command ended: {said}\n") or \
+        done.stderr == f"puzzle: interrupted after the command ended: {said}\n"
 
 
 def test_sigterm_while_the_process_starts_is_said():
@@ -886,9 +887,10 @@ def test_sigterm_while_the_process_starts_is_said():
 
     code = ("import os, signal, sys, time\nfrom puzzle import cli\n"
             "def slow(command):\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
-            "cli.build_parser = slow\nsys.argv = ['puzzle', 'presets']\nsys.exit(cli.main())\n")
+            "cli.build_parser = slow\nsys.argv = ['puzzle', 'presets']\nsys.exit(cli.entry())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 143 and done.stderr == "puzzle: stopped (SIGTERM)\n"
+    assert done.returncode == 143 and done.stderr.splitlines()[-1:] == ["puzzle: stopped (SIGTERM)"]
+    assert "Traceback" not in done.stderr
 
 
 def test_one_model_measured_as_several_front_points_is_named():
@@ -986,15 +988,18 @@ def test_signals_deferred_holds_ctrl_c_until_the_block_ends():
 
     from puzzle import cli
 
-    reached = False  # SIGTERM as a command takes it (`cli._terminate_as_interrupt`), held as well
-    with pytest.raises(KeyboardInterrupt), cli._terminate_as_interrupt():
-        with signals_deferred():
-            for _ in range(20):
-                os.kill(os.getpid(), signal.SIGTERM)
-                torch.ones(256, 256) @ torch.ones(256, 256)
-            reached = True
-    assert reached and cli._TERMINATED and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    cli._TERMINATED.clear()
+    reached = False  # SIGTERM as a command takes it (`cli._terminate_as_interrupt`), held as well, and raised
+    try:  # first where a Ctrl-C came too (the first raised ends the block)
+        with pytest.raises(KeyboardInterrupt), cli._terminate_as_interrupt():
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(20):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    torch.ones(256, 256) @ torch.ones(256, 256)
+                reached = True
+        assert reached and cli._TERMINATED and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        cli._TERMINATED.clear()
 
 
 def test_a_search_interrupted_before_its_choices_leaves_the_configuration_as_it_was(tmp_path_factory, tmp_path,

@@ -902,3 +902,12 @@ def test_a_measurement_interrupted_while_the_children_are_evaluated_is_not_timed
     with pytest.raises(AssertionError, match="timed again"):
         realize_and_measure(run, records())
     assert not pending.exists()
+    monkeypatch.undo()  # a front drawn from other timings drops them (a reviewer: kept for weeks, then reused)
+    monkeypatch.setattr(pipeline, "evaluate_all", interrupted)
+    run.config = run.config.replace(score={"max_contention": math.inf})
+    with pytest.raises(KeyboardInterrupt):
+        realize_and_measure(run, records())
+    assert pending.is_file()
+    main = json.loads((out / "search" / "chosen.json").read_text())["main"]
+    pipeline.write_front(run, pd.read_csv(out / "summary.csv"), main)
+    assert not pending.exists()
