@@ -736,8 +736,9 @@ def _optimizer(model, config: RPOConfig):
     return params, opt, sched
 
 
-def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
+def _train_step(model, batch, config, ref_sum, params, opt, sched, update: bool = True) -> dict:
     """One optimiser step on `batch`: loss, backward, gradient clipping, AdamW and scheduler step. Returns the metrics.
+    With `update` False the caller takes the AdamW and scheduler step (`_Checkpoints.finish_step`).
 
     Every loss reaches the weights only through the responses' summed log-probs s (N,). A batch past
     `grad_chunk_tokens` padded tokens is therefore trained in two passes with the same gradient: s without
@@ -761,9 +762,93 @@ def _train_step(model, batch, config, ref_sum, params, opt, sched) -> dict:
             response_logprobs(model, prompts[c], responses[c])[0].backward(sum_logp.grad[c].to(sum_logp.dtype))
     metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))  # before clipping
     metrics["lr"] = opt.param_groups[0]["lr"]  # the rate this step took (breaker: logged after sched.step: ahead)
-    opt.step()
-    sched.step()
+    if update:
+        opt.step()
+        sched.step()
     return metrics
+
+
+#: seconds between two checkpoints of an rpo training (and one when it is interrupted), and its file in --out
+CHECKPOINT_EVERY_S = 300.0
+RPO_CHECKPOINT = "checkpoint.pt"
+
+
+class _Checkpoints:
+    """An rpo training's checkpoint at `path` (DIR/checkpoint.pt): the trained parameters (by name: all of them, or the
+    adapters'), AdamW's and the scheduler's states, the batch order and generators, and the history, at the last
+    finished step. Saved every CHECKPOINT_EVERY_S seconds and when the training is interrupted (then the
+    KeyboardInterrupt carries the note `cli.main` prints); `meta` (the training's record, `training_record`) must
+    match to resume. A step's update, its history row and the state after it are made together, Ctrl-C held
+    (`io.signals_deferred`), so a checkpoint is never of half a step. `path` None: no checkpoints."""
+
+    def __init__(self, path: Path | None, meta: dict | None, model, opt, sched, gen: torch.Generator, steps: int):
+        self.path, self.meta, self.model, self.opt, self.sched, self.gen = path, meta, model, opt, sched, gen
+        self.steps, self.done, self.saved, self.order, self.rows = steps, 0, 0, [], []
+        self.last = time.monotonic()
+
+    def resume(self) -> int:
+        """Load the checkpoint of this training, where there is one: returns its finished steps (0: none)."""
+        from .train_utils import load_checkpoint, set_rng_state
+
+        if self.path is None or not self.path.is_file():
+            self.state = self._state()
+            return 0
+        ckpt = load_checkpoint(self.path)
+        if ckpt.get("meta") != self.meta or ckpt.get("steps") != self.steps:
+            raise PuzzleError(f"{self.path} is the checkpoint of another rpo training (other settings, inputs or "
+                              f"--steps); rerun that command to finish it, or delete the file to start this one")
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in ckpt["trainable"].items():
+                named[name].copy_(tensor)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.gen.set_state(ckpt["generator"])
+        set_rng_state(ckpt["rng"])
+        self.done = self.saved = int(ckpt["step"])
+        self.order, self.rows = list(ckpt["order"]), list(ckpt["history"])
+        self.state = self._state()
+        return self.done
+
+    def _state(self) -> tuple:
+        from .train_utils import rng_state
+
+        return list(self.order), self.gen.get_state(), rng_state()
+
+    def finish_step(self, row: dict, update: bool) -> None:
+        """The step's AdamW and scheduler update (where `update`), its history `row`, and the state after it, made
+        together; then a checkpoint when CHECKPOINT_EVERY_S have passed since the last."""
+        from .io import signals_deferred
+
+        with signals_deferred():
+            if update:
+                self.opt.step()
+                self.sched.step()
+            self.rows.append(row)
+            self.done += 1
+            self.state = self._state()
+        if self.path is not None and time.monotonic() - self.last >= CHECKPOINT_EVERY_S and self.done < self.steps:
+            self.save()
+
+    def save(self) -> None:
+        from .train_utils import save_checkpoint
+
+        order, generator, rng = self.state
+        trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_checkpoint(self.path, {"meta": self.meta, "steps": self.steps, "step": self.done, "trainable": trainable,
+                                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                                    "order": order, "generator": generator, "rng": rng, "history": self.rows})
+        self.saved, self.last = self.done, time.monotonic()
+
+    def interrupted(self, e: KeyboardInterrupt) -> None:
+        """Save the last finished step (where not saved yet) and note it on `e` for `cli.main`'s message."""
+        if self.path is None:
+            return
+        if self.done > self.saved:
+            self.save()
+        if self.saved:
+            e.puzzle_note = (f"rpo saved its training at step {self.saved} of {self.steps} in {self.path}; the same "
+                             f"command resumes from it")
 
 
 def training_summary(config: RPOConfig, history: pd.DataFrame) -> str:
@@ -874,7 +959,7 @@ def _check_data(encoded: list[EncodedRecord], config: RPOConfig) -> None:
 
 
 def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, reference=None,
-                  progress: bool = False) -> pd.DataFrame:
+                  progress: bool = False, checkpoint: Path | None = None, meta: dict | None = None) -> pd.DataFrame:
     """Optimise `model` in place on fixed preference data.
 
     Args:
@@ -884,6 +969,8 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         config: RPOConfig.
         reference: a ReferenceLogprobs for exactly these records (`reference_logprobs`), a frozen
             model (`frozen_copy`) evaluated on each batch, or None for losses without π_ref.
+        checkpoint, meta: the training's checkpoint file and record (`_Checkpoints`): resumed from where it holds
+            this training, saved every CHECKPOINT_EVERY_S seconds and on Ctrl-C. None: no checkpoints.
     Returns:
         History, one row per step: step, loss, margin (mean Δπ for pairs; pair losses only), accuracy
         (share of pairs with Δπ > 0; pair losses only), lr, tokens, seconds.
@@ -904,25 +991,30 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         _check_reference(reference, *_flat(encoded))
     params, opt, sched = _optimizer(model, config)
     gen = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
-    rows = []
+    ck = _Checkpoints(checkpoint, meta, model, opt, sched, gen, config.steps)
+    start = ck.resume()
     model.train()
-    for step in tqdm(range(config.steps), disable=not progress, desc=f"rpo {config.loss}"):
-        t0 = time.perf_counter()
-        while len(order) < config.batch_size:
-            order += torch.randperm(len(encoded), generator=gen).tolist()
-        idx, order = order[:config.batch_size], order[config.batch_size:]
-        batch = [encoded[i] for i in idx]
-        ref_sum = None
-        if use_ref and isinstance(reference, ReferenceLogprobs):
-            ref_sum = torch.cat([reference.sum_logp[offsets[i]:offsets[i + 1]] for i in idx])
-        elif use_ref:
-            ref_sum = _reference_sums(reference, batch)
-        metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
-        rows.append({"step": step + 1, **metrics, "seconds": time.perf_counter() - t0})
+    try:
+        for step in tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+                         desc=f"rpo {config.loss}"):
+            t0 = time.perf_counter()
+            while len(ck.order) < config.batch_size:
+                ck.order += torch.randperm(len(encoded), generator=gen).tolist()
+            idx, ck.order = ck.order[:config.batch_size], ck.order[config.batch_size:]
+            batch = [encoded[i] for i in idx]
+            ref_sum = None
+            if use_ref and isinstance(reference, ReferenceLogprobs):
+                ref_sum = torch.cat([reference.sum_logp[offsets[i]:offsets[i + 1]] for i in idx])
+            elif use_ref:
+                ref_sum = _reference_sums(reference, batch)
+            metrics = _train_step(model, batch, config, ref_sum, params, opt, sched, update=False)
+            ck.finish_step({"step": step + 1, **metrics, "seconds": time.perf_counter() - t0}, update=True)
+    except KeyboardInterrupt as e:
+        ck.interrupted(e)
+        raise
     model.eval()
     _check_finite_weights(model, config)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(ck.rows)
 
 
 def sample_groups(model, tokenizer, prompts: list, prompt_ids: list, reward_fn, k: int, max_new_tokens: int,
@@ -954,7 +1046,8 @@ def _pair_of(e: EncodedRecord) -> EncodedRecord | None:
 
 
 def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, reference=None,
-                 string_prompts: str = "raw", progress: bool = False) -> pd.DataFrame:
+                 string_prompts: str = "raw", progress: bool = False, checkpoint: Path | None = None,
+                 meta: dict | None = None) -> pd.DataFrame:
     """Online preference optimization: sample, score, optimise, repeat.
 
     Each step takes `batch_size` prompts, samples `k` responses per prompt from the current policy,
@@ -966,6 +1059,7 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
         model: the policy (trained in place); reference: a frozen model (`frozen_copy`) or None for
             losses without π_ref (simpo, rloo without kl_coef).
         prompts: strings or chat messages; reward_fn: see `puzzle.rewards`.
+        checkpoint, meta: as `train_offline`'s.
     Returns:
         History per step: step, reward_mean, reward_std (of the sampled responses, before the
         update), groups (prompts that contributed), groups_with_signal (sampled groups whose rewards differ: none
@@ -985,34 +1079,38 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
     prompt_ids = [ids[-config.max_prompt_tokens:] for ids in whole]
     params, opt, sched = _optimizer(model, config)
     gen = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
-    rows = []
-    for step in tqdm(range(config.steps), disable=not progress, desc=f"online {config.loss}"):
-        t0 = time.perf_counter()
-        while len(order) < config.batch_size:
-            order += torch.randperm(len(prompts), generator=gen).tolist()
-        idx, order = order[:config.batch_size], order[config.batch_size:]
-        model.eval()
-        _, groups = sample_groups(model, tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
-                                  reward_fn, config.k, config.max_new_tokens, config.temperature, config.top_k, gen)
-        all_rewards = torch.tensor([r for g in groups for r in g.rewards])
-        batch = [p for p in map(_pair_of, groups) if p is not None] if config.loss in PAIR_LOSSES else groups
-        row = {"step": step + 1, "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
-               "groups": len(batch), "groups_with_signal": sum(len(set(g.rewards)) > 1 for g in groups),
-               "loss": float("nan")}
-        if batch:
-            model.train()
-            ref_sum = None
-            if needs_reference(config.loss, config.kl_coef):
-                ref_sum = _reference_sums(reference, batch)
-            metrics = _train_step(model, batch, config, ref_sum, params, opt, sched)
-            row.update(metrics)
-        row.setdefault("lr", sched.get_last_lr()[0])  # no step taken: the rate the next one takes
-        row.update({"seconds": time.perf_counter() - t0})
-        rows.append(row)
+    ck = _Checkpoints(checkpoint, meta, model, opt, sched, gen, config.steps)
+    start = ck.resume()
+    try:
+        for step in tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+                         desc=f"online {config.loss}"):
+            t0 = time.perf_counter()
+            while len(ck.order) < config.batch_size:
+                ck.order += torch.randperm(len(prompts), generator=gen).tolist()
+            idx, ck.order = ck.order[:config.batch_size], ck.order[config.batch_size:]
+            model.eval()
+            _, groups = sample_groups(model, tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
+                                      reward_fn, config.k, config.max_new_tokens, config.temperature, config.top_k, gen)
+            all_rewards = torch.tensor([r for g in groups for r in g.rewards])
+            batch = [p for p in map(_pair_of, groups) if p is not None] if config.loss in PAIR_LOSSES else groups
+            row = {"step": step + 1, "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                   "groups": len(batch), "groups_with_signal": sum(len(set(g.rewards)) > 1 for g in groups),
+                   "loss": float("nan")}
+            if batch:
+                model.train()
+                ref_sum = None
+                if needs_reference(config.loss, config.kl_coef):
+                    ref_sum = _reference_sums(reference, batch)
+                row.update(_train_step(model, batch, config, ref_sum, params, opt, sched, update=False))
+            row.setdefault("lr", sched.get_last_lr()[0])  # no step taken: the rate the next one takes
+            row.update({"seconds": time.perf_counter() - t0})
+            ck.finish_step(row, update=bool(batch))
+    except KeyboardInterrupt as e:
+        ck.interrupted(e)
+        raise
     model.eval()
     _check_finite_weights(model, config)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(ck.rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1120,7 +1218,8 @@ def add_rpo_parser(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="PATH",
                    help="model to train: an exported child (nemotron-nas folder), HF folder, .gguf, or 'tiny'")
     p.add_argument("--out", type=dir_arg, required=True, metavar="DIR",
-                   help="output folder: rpo.json, history.csv, model/ (merged HF folder), adapters.safetensors")
+                   help="output folder: rpo.json, history.csv, model/ (merged HF folder), adapters.safetensors; "
+                        "checkpoint.pt while it trains")
     src = p.add_argument_group("data (one of --data, --task, --prompts)")
     src.add_argument("--data", type=Path, metavar="FILE", help="offline: preference records (.jsonl/.json/.parquet): "
                      "{prompt, chosen, rejected[, chosen_reward, rejected_reward]} or {prompt, responses, rewards}")
@@ -1290,8 +1389,8 @@ def cmd_rpo(args) -> int:
                 p.rmdir()  # only an empty folder goes
             except OSError:
                 break
-        if isinstance(e, KeyboardInterrupt):  # for main's message: rpo trains in one go, without checkpoints
-            e.puzzle_note = "rpo keeps no training checkpoint, so a rerun trains from the start" + (
+        if isinstance(e, KeyboardInterrupt) and not hasattr(e, "puzzle_note"):  # for main's message (a saved
+            e.puzzle_note = "no training step was saved, so a rerun trains from the start" + (  # step says so itself)
                 f" (the reference log-probs in {args.out / 'ref_cache'}, when made, are reused)"
                 if args.data is not None else "")  # online runs make no reference cache (reviewer)
         raise
@@ -1402,8 +1501,9 @@ def _rpo(args) -> int:
     # an export of model/ killed mid-write leaves its hidden temp folder (`export.remove_stale_temp` clears it later)
     have = {n for n in have if not re.fullmatch(r"\.model\.[A-Za-z0-9_]+\.(tmp|old)", n)}
     # an interrupted run left its reference cache (offline) or its history (online, stopped while writing model/)
-    interrupted = have <= {"ref_cache", "history.csv", "model", "adapters.safetensors"} and (
-        "ref_cache" in have or "history.csv" in have and _rpo_history(args.out / "history.csv"))
+    interrupted = have <= {"ref_cache", "history.csv", "model", "adapters.safetensors", RPO_CHECKPOINT} and (
+        "ref_cache" in have or RPO_CHECKPOINT in have
+        or "history.csv" in have and _rpo_history(args.out / "history.csv"))
     if have and "rpo.json" not in have and not interrupted:
         raise PuzzleError(f"--out {args.out} holds files no `puzzle rpo` wrote; give a new or empty folder "
                           f"(an interrupted rpo output, or a finished one of the same settings, is replaced)")
@@ -1445,6 +1545,9 @@ def _rpo(args) -> int:
             p.requires_grad_(True)
     uses_ref = needs_reference(config.loss, config.kl_coef)
     summary: dict = {"model": loaded.source, "logprobs": config.logprob_label}
+    resumable = {"checkpoint": args.out / RPO_CHECKPOINT, "meta": training}
+    if (args.out / RPO_CHECKPOINT).is_file():
+        say(f"rpo: resuming the interrupted training from {args.out / RPO_CHECKPOINT}")
     if records is not None:
         encoded = encode_records(tokenizer, records, max_prompt_tokens=config.max_prompt_tokens,
                                  max_response_tokens=config.max_response_tokens, string_prompts=args.string_prompts)
@@ -1460,7 +1563,7 @@ def _rpo(args) -> int:
             if isinstance(reference, ReferenceLogprobs):
                 _drop_stale_references(args.out / "ref_cache", reference.key, say)
         say(f"offline {config.loss} on {len(encoded)} records from {args.data} ({config.logprob_label})")
-        history = train_offline(model, encoded, config, reference, progress=progress)
+        history = train_offline(model, encoded, config, reference, progress=progress, **resumable)
         summary["data"] = str(args.data)
     else:
         if args.task:
@@ -1473,7 +1576,8 @@ def _rpo(args) -> int:
             summary["reward_before"] = mean_ci(before.reward)
         reference = frozen_copy(model) if uses_ref else None
         say(f"online {config.loss}: {len(prompts)} prompts, k={config.k} ({config.logprob_label})")
-        history = train_online(model, tokenizer, prompts, reward_fn, config, reference, args.string_prompts, progress)
+        history = train_online(model, tokenizer, prompts, reward_fn, config, reference, args.string_prompts, progress,
+                               **resumable)
         if len(history) and not history["groups_with_signal"].any():
             say(f"warning: in all {len(history)} steps every sampled group's {config.k} responses got the same reward, "
                 f"so there was nothing to prefer and the model learned nothing (weight decay aside); more --steps, a larger --k or "
@@ -1498,6 +1602,7 @@ def _rpo(args) -> int:
     atomic_write_json(args.out / "rpo.json", {"config": config_record(config), "summary": summary,
                                               "adapters": handle.config.to_dict() if handle is not None else None,
                                               "training": training})
+    (args.out / RPO_CHECKPOINT).unlink(missing_ok=True)  # the training is in model/ now
     from .train_utils import stalled_gradient_note
 
     say(training_summary(config, history))

@@ -4,6 +4,7 @@ import argparse
 import json
 import re
 
+import pandas as pd
 import pytest
 import torch
 
@@ -617,8 +618,8 @@ def test_hhh_alignment_reader_takes_subtask_examples_and_skips_the_parent_task(t
 
 
 def test_an_interrupted_rpo_says_a_rerun_starts_over(tmp_path, monkeypatch, capsys):
-    """Breaker: Ctrl-C in `puzzle rpo` said "finished work is saved, rerun the same command to resume", but rpo
-    trains without checkpoints."""
+    """Breaker: Ctrl-C in `puzzle rpo` said "finished work is saved, rerun the same command to resume", before any
+    step was saved."""
     from puzzle import preference
     from puzzle.cli import main
 
@@ -628,7 +629,51 @@ def test_an_interrupted_rpo_says_a_rerun_starts_over(tmp_path, monkeypatch, caps
     monkeypatch.setattr(preference, "_rpo", interrupted)
     assert main(["rpo", "--model", "tiny", "--out", str(tmp_path / "r"), "--task", "count", "--no-progress"]) == 130
     err = capsys.readouterr().err
-    assert "rpo keeps no training checkpoint, so a rerun trains from the start" in err and "resume" not in err, err
+    assert "no training step was saved, so a rerun trains from the start" in err and "resume" not in err, err
+
+
+@pytest.mark.parametrize("source", ["offline", "online"])
+def test_an_interrupted_rpo_resumes_from_its_last_finished_step(tmp_path, monkeypatch, capsys, source):
+    """Breaker: an interrupted `puzzle rpo` kept no checkpoint, and its rerun trained every step again. Ctrl-C in
+    step 3 of 4 saves step 2; the rerun resumes there and ends with the weights and history of a training that was
+    never interrupted; a rerun of other settings is refused while the checkpoint stands."""
+    from puzzle import preference
+    from puzzle.cli import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    given = ["--data", str(data), "--loss", "dpo"] if source == "offline" else \
+        ["--task", "count", "--num-prompts", "4", "--k", "2", "--max-new-tokens", "3", "--loss", "rloo"]
+
+    def argv(out, *extra):
+        return ["rpo", "--model", "tiny", "--out", str(tmp_path / out), *given, "--steps", "4", "--batch-size", "2",
+                "--no-progress", *extra]
+
+    assert main(argv("whole")) == 0
+    step = preference._train_step
+    calls = []
+
+    def interrupted_in_the_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args, **kw)
+
+    monkeypatch.setattr(preference, "_train_step", interrupted_in_the_third)
+    capsys.readouterr()
+    assert main(argv("cut")) == 130
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    assert f"rpo saved its training at step 2 of 4 in {checkpoint}; the same command resumes from it" in err, err
+    monkeypatch.undo()
+    assert main(argv("cut", "--lr", "1e-4")) == 2  # another training's checkpoint: refused, kept
+    assert "is the checkpoint of another rpo training" in capsys.readouterr().err and checkpoint.is_file()
+    assert main(argv("cut")) == 0
+    assert "resuming the interrupted training" in capsys.readouterr().err and not checkpoint.exists()
+    whole, cut = (pd.read_csv(tmp_path / d / "history.csv") for d in ("whole", "cut"))
+    assert list(cut["step"]) == [1, 2, 3, 4]
+    pd.testing.assert_frame_equal(cut.drop(columns="seconds"), whole.drop(columns="seconds"))
+    assert (tmp_path / "cut" / "model" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
 
 
 def test_a_folder_given_as_data_is_called_a_folder(tmp_path):
