@@ -1580,15 +1580,19 @@ def entry() -> int:
 
 def main(argv=None) -> int:
     """The `puzzle` command on `argv` (default sys.argv[1:]). Returns the exit status."""
-    if not sys.stderr.isatty():  # read by tqdm when it is first imported (below, with torch); a user's own setting wins
+    logged = not sys.stderr.isatty()
+    if logged:  # read by tqdm when it is first imported (below, with torch); a user's own setting wins
         os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL_S)
-    if (interval := os.environ.get("TQDM_MININTERVAL")) is not None:  # breaker: '30s' was tqdm's traceback on import,
-        try:  # for every command
-            float(interval)
-        except ValueError:
-            print(f"puzzle: error: TQDM_MININTERVAL must be a number of seconds between progress updates (e.g. 30), "
-                  f"got {interval!r}; set another or unset it", file=sys.stderr)
-            return 2
+    for name in ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):  # breaker: '30s' was tqdm's traceback on import,
+        if (interval := os.environ.get(name)) is not None:  # for every command
+            try:
+                float(interval)
+            except ValueError:
+                print(f"puzzle: error: {name} must be a number of seconds between progress updates (e.g. 30), "
+                      f"got {interval!r}; set another or unset it", file=sys.stderr)
+                return 2
+    if logged:  # tqdm's monitor also refreshes a bar idle for maxinterval (10 s): a fresh user's log had lines in
+        os.environ.setdefault("TQDM_MAXINTERVAL", os.environ["TQDM_MININTERVAL"])  # pairs, 12-18 s apart
     try:
         argv = sys.argv[1:] if argv is None else list(argv)  # a list: read twice (an iterator would be used up)
         command = argv[0] if argv and not str(argv[0]).startswith("-") else None

@@ -932,10 +932,13 @@ def test_progress_bars_update_seldom_in_a_log_file(monkeypatch, capsys):
     from puzzle.cli import LOG_PROGRESS_INTERVAL_S, main
 
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.delenv("TQDM_MAXINTERVAL", raising=False)
     assert main(["presets"]) == 0  # (pytest's captured stderr is no terminal)
-    assert os.environ["TQDM_MININTERVAL"] == LOG_PROGRESS_INTERVAL_S
+    # and tqdm's monitor refreshes an idle bar no sooner (a fresh user: lines in pairs, 12-18 s apart)
+    assert os.environ["TQDM_MININTERVAL"] == os.environ["TQDM_MAXINTERVAL"] == LOG_PROGRESS_INTERVAL_S
     monkeypatch.setenv("TQDM_MININTERVAL", "5")
-    assert main(["presets"]) == 0 and os.environ["TQDM_MININTERVAL"] == "5"
+    monkeypatch.delenv("TQDM_MAXINTERVAL")
+    assert main(["presets"]) == 0 and os.environ["TQDM_MININTERVAL"] == os.environ["TQDM_MAXINTERVAL"] == "5"
 
 
 def test_a_progress_interval_that_is_no_number_is_one_line(monkeypatch, capsys):
@@ -949,6 +952,8 @@ def test_a_progress_interval_that_is_no_number_is_one_line(monkeypatch, capsys):
         capsys.readouterr().err
     monkeypatch.setenv("TQDM_MININTERVAL", "2.5")
     assert main(["presets"]) == 0
+    monkeypatch.setenv("TQDM_MAXINTERVAL", "ten")
+    assert main(["presets"]) == 2 and "TQDM_MAXINTERVAL must be a number" in capsys.readouterr().err
 
 
 def test_lr_scales_that_are_no_table_are_refused_and_a_config_json_bom_is_read(tmp_path_factory, tmp_path):
