@@ -92,10 +92,18 @@ def test_generate_takes_the_packaged_parent_by_its_asset_name(run_dir, capsys):
 def test_training_commands_take_the_packaged_parent_by_its_asset_name(tmp_path, capsys):
     """Breaker: sft, rpo, gkd and merge said "asset:smollm2-gguf does not exist", though it is the default parent.
     gkd loads both models before it checks the batch against the packed text, which refuses this one."""
+    import shutil
+
+    from puzzle.assets import model_asset_path
     from puzzle.cli import main
 
-    assert main(["gkd", "--child", "asset:smollm2-gguf", "--parent", "asset:smollm2-gguf", "--calib",
-                 "package:tiny_corpus.txt", "--seq-len", "32", "--tokens", "64", "--batch-size", "4096",
-                 "--dest", str(tmp_path / "g"), "--no-progress"]) == 2
+    gkd = ["gkd", "--calib", "package:tiny_corpus.txt", "--seq-len", "32", "--tokens", "64", "--batch-size", "4096",
+           "--dest", str(tmp_path / "g"), "--no-progress"]
+    path = model_asset_path("smollm2-gguf")  # one asset as both: both names read as the file, refused as one model
+    assert main([*gkd, "--child", "asset:smollm2-gguf", "--parent", "asset:smollm2-gguf"]) == 2
+    assert f"--child and --parent are the same model ({path})" in capsys.readouterr().err
+    child = tmp_path / path.name  # a copy as the child (the teacher by its asset name)
+    shutil.copyfile(path, child)
+    assert main([*gkd, "--child", str(child), "--parent", "asset:smollm2-gguf"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" not in err and "--batch-size 4096 is more than the" in err, err
