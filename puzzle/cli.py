@@ -1468,6 +1468,10 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+#: commands that write nothing, so an interrupted one has nothing to resume
+_NOTHING_TO_RESUME = ("presets", "generate")
+
+
 def _owns_signals() -> bool:
     """Whether this call may set the process's signal handlers: in the main thread, not in a torchrun worker."""
     import threading
@@ -1575,6 +1579,12 @@ def entry() -> int:
         rc = 143 if terminated else 130
     if owns:
         _exit_at_once_on_a_late_signal(rc)
+        # and no Python shutdown: it restores the default handlers first, then torch's teardown takes about 0.3 s in
+        # which a signal killed the process without a word (a breaker); every file the command wrote is closed
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(rc)
     return rc
 
 
@@ -1656,6 +1666,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         said = getattr(e, "puzzle_note", None) or "finished work is saved, rerun the same command to resume"
         out = getattr(args, "out", None)
+        if command in _NOTHING_TO_RESUME:  # a breaker: `presets` was to "resume"
+            said = "nothing was written"
         if not hasattr(e, "puzzle_note") and isinstance(out, Path) and not out.exists():  # breaker: stopped before
             said = f"nothing was finished, and {out} was not made"  # the stage began, "finished work is saved"
         terminated = bool(_TERMINATED)

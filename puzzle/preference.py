@@ -793,10 +793,8 @@ class _Checkpoints:
         if self.path is None or not self.path.is_file():
             self.state = self._state()
             return 0
+        _check_checkpoint(self.path, self.meta, self.steps)
         ckpt = load_checkpoint(self.path)
-        if ckpt.get("meta") != self.meta or ckpt.get("steps") != self.steps:
-            raise PuzzleError(f"{self.path} is the checkpoint of another rpo training (other settings, inputs or "
-                              f"--steps); rerun that command to finish it, or delete the file to start this one")
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in ckpt["trainable"].items():
@@ -1433,21 +1431,45 @@ def _check_earlier_training(out: Path, record: dict) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if isinstance(earlier, dict) and earlier != record:
-        keys = sorted(k for k in set(earlier) | set(record) if earlier.get(k) != record.get(k) and k != "config")
-        old, new = earlier.get("config"), record["config"]
-        if old != new:  # the loss and optimisation settings, by their flags (not the labels derived from them)
-            old = old if isinstance(old, dict) else {}
-            keys = sorted(keys + [k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                                  and k not in ("logprobs", "losses_available")] or ["config"])
-        was, now = earlier.get("adapters"), record.get("adapters")
-        if "adapters" in keys and isinstance(was, dict) and isinstance(now, dict):  # breaker: --untied was named
-            flags = {"spec": "--adapters", "rank": "--rank", "tied": "--untied", "frozen": "--freeze"}  # else adapters
-            keys = sorted(set(keys) - {"adapters"} | {flags.get(k, "adapters").lstrip("-")
-                                                       for k in set(was) | set(now) if was.get(k) != now.get(k)})
-        names = {"model": "the model's weights", "data": "--data (contents)", "prompts": "--prompts (contents)"}
         raise PuzzleError(f"--out {out} holds a finished rpo training with other settings or inputs "
-                          f"({', '.join(names.get(k, '--' + k.replace('_', '-')) for k in keys)} differ), which this "
-                          f"one would replace; give a new --out, or delete that folder first if it is no longer needed")
+                          f"({_differences(earlier, record)} differ), which this one would replace; give a new --out, "
+                          f"or delete that folder first if it is no longer needed")
+
+
+def _differences(earlier: dict, record: dict) -> str:
+    """The flags and inputs in which two `training_record`s differ, as a user names them ('--lr, --data (contents)')."""
+    keys = sorted(k for k in set(earlier) | set(record) if earlier.get(k) != record.get(k) and k != "config")
+    old, new = earlier.get("config"), record["config"]
+    if old != new:  # the loss and optimisation settings, by their flags (not the labels derived from them)
+        old = old if isinstance(old, dict) else {}
+        keys = sorted(keys + [k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                              and k not in ("logprobs", "losses_available")] or ["config"])
+    was, now = earlier.get("adapters"), record.get("adapters")
+    if "adapters" in keys and isinstance(was, dict) and isinstance(now, dict):  # breaker: --untied was named
+        flags = {"spec": "--adapters", "rank": "--rank", "tied": "--untied", "frozen": "--freeze"}  # else adapters
+        keys = sorted(set(keys) - {"adapters"} | {flags.get(k, "adapters").lstrip("-")
+                                                   for k in set(was) | set(now) if was.get(k) != now.get(k)})
+    names = {"model": "the model's weights", "data": "--data (contents)", "prompts": "--prompts (contents)"}
+    return ", ".join(names.get(k, "--" + k.replace("_", "-")) for k in keys)
+
+
+def _check_checkpoint(path: Path, record: dict, steps: int) -> None:
+    """Refuse a checkpoint (`_Checkpoints`) of another training than `record` of `steps` steps, naming what differs.
+
+    Raises:
+        PuzzleError: another training's checkpoint, or an unreadable one (`train_utils.load_checkpoint`).
+    """
+    from .train_utils import load_checkpoint
+
+    saved = load_checkpoint(path, mmap=True)
+    earlier = saved.get("meta") if isinstance(saved.get("meta"), dict) else {}
+    if earlier == record and saved.get("steps") == steps:
+        return
+    named = _differences(earlier, record).split(", ") if earlier != record and "config" in earlier else []
+    named += ["--steps"] if saved.get("steps") != steps else []
+    what = ", ".join(dict.fromkeys(n for n in named if n)) or "its settings"
+    raise PuzzleError(f"{path} is the checkpoint of another rpo training ({what} differ); rerun that command to "
+                      f"finish it, or delete the file to start this one")
 
 
 def _finished_training(out: Path, record: dict, adapters: bool, held_out: bool) -> bool:
@@ -1497,9 +1519,14 @@ def _rpo(args) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise PuzzleError(f"--out {args.out} is a file; give a folder for rpo.json, history.csv and model/")
+    from .io import TEMP_FILE, remove_stale_temp_files
+
+    # a checkpoint's write killed (SIGKILL) leaves its temporary file: removed (a breaker: the folder was refused as
+    # one "no rpo wrote" for good); one a write in progress holds locked stays, and is no file of the user's either
+    remove_stale_temp_files(args.out, time.time(), grace_s=0)
     have = {p.name for p in args.out.iterdir()} if args.out.is_dir() else set()
     # an export of model/ killed mid-write leaves its hidden temp folder (`export.remove_stale_temp` clears it later)
-    have = {n for n in have if not re.fullmatch(r"\.model\.[A-Za-z0-9_]+\.(tmp|old)", n)}
+    have = {n for n in have if not re.fullmatch(r"\.model\.[A-Za-z0-9_]+\.(tmp|old)", n) and not TEMP_FILE.fullmatch(n)}
     # an interrupted run left its reference cache (offline) or its history (online, stopped while writing model/)
     interrupted = have <= {"ref_cache", "history.csv", "model", "adapters.safetensors", RPO_CHECKPOINT} and (
         "ref_cache" in have or RPO_CHECKPOINT in have
@@ -1526,6 +1553,8 @@ def _rpo(args) -> int:
     loaded = _load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     training = training_record(args, config, adapter_config if args.adapters else None, model)
+    if RPO_CHECKPOINT in have:  # before the reference log-probs and any word of resuming (a breaker: a refused
+        _check_checkpoint(args.out / RPO_CHECKPOINT, training, config.steps)  # rerun replaced them first)
     if "rpo.json" in have:
         _check_earlier_training(args.out, training)
         if _finished_training(args.out, training, bool(args.adapters), held_out=bool(held_out)):  # a breaker:

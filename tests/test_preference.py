@@ -665,8 +665,14 @@ def test_an_interrupted_rpo_resumes_from_its_last_finished_step(tmp_path, monkey
     checkpoint = tmp_path / "cut" / "checkpoint.pt"
     assert f"rpo saved its training at step 2 of 4 in {checkpoint}; the same command resumes from it" in err, err
     monkeypatch.undo()
-    assert main(argv("cut", "--lr", "1e-4")) == 2  # another training's checkpoint: refused, kept
-    assert "is the checkpoint of another rpo training" in capsys.readouterr().err and checkpoint.is_file()
+    left = tmp_path / "cut" / ".checkpoint.pt.k1ll3d00.tmp"  # a checkpoint write killed (breaker: refused for good)
+    left.write_bytes(b"half a checkpoint")
+    cache = {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file() and "ref_cache" in p.parts}
+    assert main(argv("cut", "--lr", "1e-4")) == 2  # another training's checkpoint: refused before any work, kept
+    err = capsys.readouterr().err
+    assert f"{checkpoint} is the checkpoint of another rpo training (--lr differ)" in err and "resuming" not in err
+    assert checkpoint.is_file() and not left.exists()
+    assert {p: p.read_bytes() for p in cache} == cache  # (breaker: the refused rerun replaced them first)
     assert main(argv("cut")) == 0
     assert "resuming the interrupted training" in capsys.readouterr().err and not checkpoint.exists()
     whole, cut = (pd.read_csv(tmp_path / d / "history.csv") for d in ("whole", "cut"))
