@@ -808,6 +808,14 @@ class _Checkpoints:
         self.state = self._state()
         return self.done
 
+    def next_batch(self, items: int, size: int) -> list[int]:
+        """The next `size` of `items` indices: passes over them in orders the seeded generator draws, one after the
+        other (the order left over is part of the checkpoint)."""
+        while len(self.order) < size:
+            self.order += torch.randperm(items, generator=self.gen).tolist()
+        idx, self.order = self.order[:size], self.order[size:]
+        return idx
+
     def _state(self) -> tuple:
         from .train_utils import rng_state
 
@@ -996,9 +1004,7 @@ def train_offline(model, encoded: list[EncodedRecord], config: RPOConfig, refere
         for step in tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                          desc=f"rpo {config.loss}"):
             t0 = time.perf_counter()
-            while len(ck.order) < config.batch_size:
-                ck.order += torch.randperm(len(encoded), generator=gen).tolist()
-            idx, ck.order = ck.order[:config.batch_size], ck.order[config.batch_size:]
+            idx = ck.next_batch(len(encoded), config.batch_size)
             batch = [encoded[i] for i in idx]
             ref_sum = None
             if use_ref and isinstance(reference, ReferenceLogprobs):
@@ -1083,9 +1089,7 @@ def train_online(model, tokenizer, prompts: list, reward_fn, config: RPOConfig, 
         for step in tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                          desc=f"online {config.loss}"):
             t0 = time.perf_counter()
-            while len(ck.order) < config.batch_size:
-                ck.order += torch.randperm(len(prompts), generator=gen).tolist()
-            idx, ck.order = ck.order[:config.batch_size], ck.order[config.batch_size:]
+            idx = ck.next_batch(len(prompts), config.batch_size)
             model.eval()
             _, groups = sample_groups(model, tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
                                       reward_fn, config.k, config.max_new_tokens, config.temperature, config.top_k, gen)
