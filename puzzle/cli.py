@@ -1481,7 +1481,7 @@ def _owns_signals() -> bool:
 
 def _sigterm_as_interrupt(signum, frame):
     """SIGTERM's handler while a command runs (`_terminate_as_interrupt`, and from the start of the `puzzle` process,
-    `main`): noted, then acted on as Ctrl-C."""
+    `entry`): noted, then acted on as Ctrl-C."""
     import signal
 
     _TERMINATED.append(signum)
@@ -1491,9 +1491,9 @@ def _sigterm_as_interrupt(signum, frame):
 
 
 def _exit_at_once_on_a_late_signal(rc: int) -> None:
-    """After the command returned `rc`, while Python shuts down (about a second after torch): Ctrl-C or SIGTERM
-    ends the process at once with `rc` and one line (a breaker: it died there without a word, 130 or 143 for work
-    that had finished). Only in the `puzzle` process's main thread, where the handlers are Python's or ours."""
+    """After the command returned `rc`, until the process ends (`entry`): Ctrl-C or SIGTERM ends it at once with `rc`
+    and one line (a breaker: it died there without a word, 130 or 143 for work that had finished). Only in the
+    `puzzle` process's main thread, where the handlers are Python's or ours."""
     import signal
 
     if not _owns_signals():
