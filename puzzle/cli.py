@@ -1490,6 +1490,13 @@ def _sigterm_as_interrupt(signum, frame):
     os.kill(os.getpid(), signal.SIGINT)  # through SIGINT's handler: a block that holds Ctrl-C holds this too
 
 
+def _flush_standard_streams() -> None:
+    """stdout and stderr flushed, before `os._exit` (which flushes nothing); a closed or broken one is passed over."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def _exit_at_once_on_a_late_signal(rc: int) -> None:
     """After the command returned `rc`, until the process ends (`entry`): Ctrl-C or SIGTERM ends it at once with `rc`
     and one line (a breaker: it died there without a word, 130 or 143 for work that had finished). Only in the
@@ -1500,9 +1507,7 @@ def _exit_at_once_on_a_late_signal(rc: int) -> None:
         return
 
     def ended(signum, frame):
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush_standard_streams()
         said = ("its work is done and saved, nothing to redo" if rc == 0 else f"its exit status {rc} stands")
         with contextlib.suppress(OSError):
             os.write(2, f"puzzle: interrupted after the command ended: {said}\n".encode())
@@ -1581,9 +1586,7 @@ def entry() -> int:
         _exit_at_once_on_a_late_signal(rc)
         # and no Python shutdown: it restores the default handlers first, then torch's teardown takes about 0.3 s in
         # which a signal killed the process without a word (a breaker); every file the command wrote is closed
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush_standard_streams()
         os._exit(rc)
     return rc
 

@@ -1535,13 +1535,13 @@ def read_architecture(run: Run, name: str) -> dict:
         return _with_table_totals(run, path, record, stage) if table.is_file() else record
     if not table.is_file():
         return record
-    if record["table_sha256"] == sha256_file(table):
+    if record["table_sha256"] == (table_sha := sha256_file(table)):
         if "rows" in record:  # a search's record (refine's are given by their choice alone)
             _check_against_table(run, path, record, stage)
         else:
             record = _with_table_totals(run, path, record, stage)
     elif table_changed_since_written(table):  # breaker: a cut table was said to be "scored again since"
-        if (said := (str(table), sha256_file(table))) not in _CUT_TABLES_SAID:  # once, not once per child (breaker)
+        if (said := (str(table), table_sha)) not in _CUT_TABLES_SAID:  # once, not once per child (breaker)
             _CUT_TABLES_SAID.add(said)
             warnings.warn(f"{table} was cut or edited since `puzzle score` wrote it (its bytes differ from the sha256 "
                           f"its sidecar recorded): `puzzle score --out {shell_arg(run.out)}` writes it afresh; "

@@ -785,13 +785,13 @@ class _Checkpoints:
         self.path, self.meta, self.model, self.opt, self.sched, self.gen = path, meta, model, opt, sched, gen
         self.steps, self.done, self.saved, self.order, self.rows = steps, 0, 0, [], []
         self.last = time.monotonic()
+        self.state = self._state()  # (order, generator, global RNG) after the last finished step
 
     def resume(self) -> int:
         """Load the checkpoint of this training, where there is one: returns its finished steps (0: none)."""
         from .train_utils import load_checkpoint, set_rng_state
 
         if self.path is None or not self.path.is_file():
-            self.state = self._state()
             return 0
         _check_checkpoint(self.path, self.meta, self.steps)
         ckpt = load_checkpoint(self.path)
@@ -1422,7 +1422,7 @@ def training_record(args, config: RPOConfig, adapter_config, model) -> dict:
             "reference": ("copy" if args.reference == "copy" else "cache") if args.data is not None else None}
 
 
-def _check_earlier_training(out: Path, record: dict) -> None:
+def _check_earlier_training(out: Path, record: dict) -> dict | None:
     """Refuse to replace a finished rpo training in `out` by another (trained weights are replaced only by a rerun
     of the same training, as for gkd, sft and merge). An rpo.json of an earlier version (no "training") is
     replaced, as it was then.
@@ -1431,13 +1431,15 @@ def _check_earlier_training(out: Path, record: dict) -> None:
         PuzzleError: naming the settings that differ.
     """
     try:
-        earlier = json.loads((out / "rpo.json").read_text()).get("training")
+        saved = json.loads((out / "rpo.json").read_text())
+        earlier = saved.get("training")
     except (OSError, ValueError, AttributeError):
-        return
+        return None
     if isinstance(earlier, dict) and earlier != record:
         raise PuzzleError(f"--out {out} holds a finished rpo training with other settings or inputs "
                           f"({_differences(earlier, record)} differ), which this one would replace; give a new --out, "
                           f"or delete that folder first if it is no longer needed")
+    return saved
 
 
 def _differences(earlier: dict, record: dict) -> str:
@@ -1476,15 +1478,14 @@ def _check_checkpoint(path: Path, record: dict, steps: int) -> None:
                       f"finish it, or delete the file to start this one")
 
 
-def _finished_training(out: Path, record: dict, adapters: bool, held_out: bool) -> bool:
-    """Whether `out` holds `record`'s training finished: its rpo.json (written last) names that training, model/ is
-    there (with adapters.safetensors where `adapters`), and where `held_out` prompts are asked for, their rewards (a
-    reviewer: an --eval-prompts added on a rerun was not acted on)."""
-    try:
-        earlier = json.loads((out / "rpo.json").read_text())
-        trained, summary = earlier.get("training"), earlier.get("summary")
-    except (OSError, ValueError, AttributeError):
+def _finished_training(out: Path, saved: dict | None, record: dict, adapters: bool, held_out: bool) -> bool:
+    """Whether `out` holds `record`'s training finished: its rpo.json (written last; `saved`, as
+    `_check_earlier_training` read it) names that training, model/ is there (with adapters.safetensors where
+    `adapters`), and where `held_out` prompts are asked for, their rewards (a reviewer: an --eval-prompts added on a
+    rerun was not acted on)."""
+    if not isinstance(saved, dict):
         return False
+    trained, summary = saved.get("training"), saved.get("summary")
     return trained == record and (out / "model" / "config.json").is_file() \
         and any((out / "model").glob("*.safetensors")) and (not adapters or (out / "adapters.safetensors").is_file()) \
         and (not held_out or isinstance(summary, dict) and "reward_after" in summary)
@@ -1560,8 +1561,8 @@ def _rpo(args) -> int:
     if RPO_CHECKPOINT in have:  # before the reference log-probs and any word of resuming (a breaker: a refused
         _check_checkpoint(args.out / RPO_CHECKPOINT, training, config.steps)  # rerun replaced them first)
     if "rpo.json" in have:
-        _check_earlier_training(args.out, training)
-        if _finished_training(args.out, training, bool(args.adapters), held_out=bool(held_out)):  # a breaker:
+        earlier = _check_earlier_training(args.out, training)
+        if _finished_training(args.out, earlier, training, bool(args.adapters), held_out=bool(held_out)):  # breaker:
             say(f"rpo: {args.out} holds this training, finished by an earlier call (the same settings, inputs and "
                 f"model): nothing trained again; delete {args.out / 'rpo.json'} to train afresh")  # trained all again
             return 0
