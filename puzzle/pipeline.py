@@ -1435,7 +1435,7 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
         how = (f"picked by the budget feedback's realized KL ({r[FEEDBACK_PICK_KEY]}), not the MIP's optimum"
                if isinstance(r.get(FEEDBACK_PICK_KEY), str) else
                f"{'optimal' if r['optimal'] else 'not proven optimal'} in {r['solve_s']:.2f} s")
-        run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.3f} nats, {how}"
+        run.say(f"search: {name}: predicted speed-up {r['speedup']:.2f}x, summed KL {r['kl_nats']:.4g} nats, {how}"
                 + (" (kept)" if name in kept else ""))
         if name not in kept:
             run.printed_solves.add(name)
@@ -3353,7 +3353,8 @@ def write_report(run: Run, summary: pd.DataFrame, answers: dict, exported: dict,
               "stage adds its time); total_s adds up the `puzzle run` invocations that finished. The figures below are "
               "those at the time of this report; DIR/timings.json goes on adding the time of later commands "
               "(baselines_s, refine_s, fuse_s, and the stages `puzzle front` runs again, such as search_s and "
-              "measure_s).", "",
+              "measure_s). The totals of baselines, refine and fuse include the evaluations they made, which "
+              "evaluate_s counts as well: the figures overlap and do not add up to the time spent.", "",
               json.dumps(run.timings, indent=1), ""]
     atomic_write_text(run.out / "report.md", "\n".join(lines))
     atomic_write_json(run.out / "report.json", report_stamp(run, exported))  # after: an interrupted report is redone

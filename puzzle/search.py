@@ -814,7 +814,9 @@ def check_search_args(args: argparse.Namespace) -> None:
 
 
 def is_search_output(path: Path) -> bool:
-    """Whether `path` holds what `puzzle search --output` writes (a JSON object with choice and objective)."""
+    """Whether `path` holds what `puzzle search --output` writes (a JSON object with choice, objective, budgets, the
+    workload and the table's source; a run's own DIR/search/<child>.json has the first three alone: a breaker's
+    --output replaced one, and `puzzle export` then wrote another architecture under the child's name)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -822,7 +824,7 @@ def is_search_output(path: Path) -> bool:
     if not isinstance(record, dict):
         return False
     front = record.get("front")  # a sweep's (--front-speedups): each point with its target
-    return {"choice", "objective", "budgets"} <= set(record) or (
+    return {"choice", "objective", "budgets", "workload", "source"} <= set(record) or (
         {"source", "sweep_s", "objective_name"} <= set(record) and isinstance(front, list)
         and all(isinstance(p, dict) and "target_speedup" in p for p in front))
 

@@ -113,6 +113,12 @@ def test_attention_removal_plans_one_model_per_architecture_across_calls(tmp_pat
     (run.out / "baselines" / "rows" / "attn-drop-9x.json").write_text(json.dumps(row))
     again = [c.name for c in plan_baselines(run, (50.0,), influence_tokens=256) if c.method == "attention_removal"]
     assert again == [] and re.search(r"reaches at most [0-9.]+x here, with the model of attn-drop-9x$", said[-1])
+    # an auditor: a target within reach whose model an earlier one has was left out of the table without a word
+    said.clear()
+    twice = [c.name for c in plan_baselines(run, (1.25, 1.2501), influence_tokens=256)
+             if c.method == "attention_removal"]
+    assert twice == ["attn-drop-1.25x"] and re.search(
+        r"attention removal at 1\.2501x removes the same \d+ attention subblocks as attn-drop-1\.25x", said[-1]), said
 
 
 def test_uniform_widths_are_built_and_scored_once_across_calls(tmp_path_factory, tmp_path, monkeypatch):
@@ -562,6 +568,15 @@ def test_front_plot_and_architecture_map_write_pngs(tmp_path):
     ])
     assert front_plot(rows, tmp_path / "front.png").stat().st_size > 10_000
     import matplotlib.pyplot as plt
+
+    from puzzle.plots import _draw_series
+
+    for names, note in ((["parent", "a", "b", "c"], False), (["parent", "child-1.5x", "greedy-2x", "c"], True)):
+        fig, ax = plt.subplots()  # an auditor read a greedy point's target "2x" as its measured speed-up
+        _draw_series(ax, rows.assign(name=names), "throughput_tok_s", "kl_nats", True, None)
+        legend = [line.get_label() for line in ax.get_lines()]
+        plt.close(fig)
+        assert ("labels: the model's speed-up target (x axis: as measured)" in legend) == note, legend
 
     from puzzle.plots import _plain_log_ticks
 

@@ -275,6 +275,8 @@ def test_puzzle_fuse_keeps_the_runs_within_the_tolerance_exports_them_and_resume
     summary = fusion.fusion_summary(strict)
     assert "no run within --max-kl-increase 0; the least costly, layers 1-2, raised the scoring-split KL by 50.0 %" \
         in summary
+    tiny = {**strict, "runs": [{**r, "relative_increase": 5.7e-7} for r in strict["runs"]]}  # breaker: "0.0 %"
+    assert "raised the scoring-split KL by 5.7e-05 %; nothing exported" in fusion.fusion_summary(tiny)
     assert f"{dest} holds an earlier fusion of child-fuse (runs 1-2), not this one: this one keeps no run, so the " \
            "folder is left as it was" in summary
     kept_rows["rows"]["1-2"] = stored

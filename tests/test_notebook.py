@@ -135,3 +135,7 @@ def test_a_run_searched_but_not_measured_still_gets_its_architecture_map(tmp_pat
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert "no front to draw yet" in "".join(o.get("text", "") for o in outputs)
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1  # the architecture map
+    shutil.rmtree(copy / "search")  # a breaker: bld and score done, not searched: the map's cell raised
+    outputs = [o for c in _execute(copy).cells if c.cell_type == "code" for o in c.outputs]
+    assert f"nothing searched yet: `puzzle search --out {copy}`" in "".join(o.get("text", "") for o in outputs)
+    assert not [o for o in outputs if "image/png" in o.get("data", {})]

@@ -1600,6 +1600,11 @@ def test_a_runs_library_folder_searches_the_runs_scores(tmp_path_factory, tmp_pa
         load_search_table(tmp_path / "nosuch")
     assert main(["search", "--out", str(unscored), "--speedup", "1.5", "--no-progress"]) == 2  # breaker: no stage named
     assert f"score the library first (`puzzle score --out {unscored}`" in capsys.readouterr().err
+    record = sorted((run / "search").glob("child-*.json"))[0]  # a run's own record (breaker: replaced by --output)
+    shutil.copy(record, tmp_path / record.name)
+    assert main(["search", "--library", str(run), "--speedup", "1.5", "--output", str(tmp_path / record.name)]) == 2
+    assert "is not an earlier `puzzle search --output` file" in capsys.readouterr().err
+    assert (tmp_path / record.name).read_bytes() == record.read_bytes()
 
 
 @needs_fixture
