@@ -1440,8 +1440,11 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
         if name not in kept:
             run.printed_solves.add(name)
         if r.get("kl_nats") == 0 and math.isclose(r.get("speedup", 0), 1.0, rel_tol=1e-9):  # breaker: unsaid
-            run.say(f"search: note: {name} is the parent itself: its budgets hold for the parent (a --speedup at or "
-                    f"below 1?), so no child is faster")
+            from .budgets import Budgets
+
+            held = Budgets.from_dict(r.get("budgets") or {}).describe()  # a breaker: --max-memory 8MB above the
+            run.say(f"search: note: {name} is the parent itself: its budgets ({held}) hold for the parent, so no "
+                    f"child is faster or smaller")  # parent was asked "a --speedup at or below 1?"
     same_child: dict[tuple, list[str]] = {}  # breaker: targets a tighter budget collapses into one child, unsaid
     for name, r in records.items():
         same_child.setdefault((tuple(r["choice"]), r.get("library_stage", "bld")), []).append(name)

@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -746,7 +746,8 @@ def _other_plain_child(summary_path: Path, record: dict, earlier_inputs, objecti
 
 def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
                   max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None,
-                  resume: bool = False, seeds: Sequence[str] = SEED_METHODS) -> pd.DataFrame:
+                  resume: bool = False, seeds: Sequence[str] = SEED_METHODS,
+                  given: Collection[str] = ("k", "min_layers_differ", "seeds")) -> pd.DataFrame:
     """Plain MIP → best of k diverse (and the `seeds` methods' children, `seed_choices`) → refined in context,
     for the searched child `name`.
 
@@ -755,8 +756,9 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
     step and, in the diverse step, its source).
     resume: continue an earlier call's refinement from <name>-refined for up to `max_rounds` more
     rounds (its diverse step and rounds are kept, rounds numbered on, seconds added up; the run says
-    when this call's k, min_layers_differ or seeds differ from the kept diverse step's, and that the
-    result will not count as finished where its rounds' settings differ); without those files, or
+    when this call's k, min_layers_differ or seeds differ from the kept diverse step's, of those the caller
+    set (`given`; not defaults), and that the result will not count as finished where its rounds'
+    settings differ); without those files, or
     where the earlier refinement chose under another score.select_context, it starts afresh. Without
     `resume`, a refinement already finished from the same inputs (`_refinement_inputs`) with at least
     `max_rounds` rounds in all is not redone: its saved step table is returned, and the run says so.
@@ -890,7 +892,8 @@ def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, ref
                     asked = {key: inputs["settings"][key] for key in ("k", "min_layers_differ", "seeds")}
                     inputs["settings"].update({key: kept_settings[key] for key in ("k", "min_layers_differ")})
                     inputs["settings"]["seeds"] = kept_settings.get("seeds", [])  # the diverse step's, as k
-                    unused = {key: value for key, value in asked.items() if inputs["settings"][key] != value}
+                    unused = {key: value for key, value in asked.items()
+                              if key in given and inputs["settings"][key] != value}
                     if unused:  # the kept diverse step is not redone: say that these settings had no effect
                         kept_text = ", ".join(f"{key}={_setting_text(inputs['settings'][key])}" for key in unused)
                         asked_text = ", ".join(f"{key}={_setting_text(value)}" for key, value in unused.items())
@@ -1321,9 +1324,11 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
                                              "split, then refine in the child's context until it stops improving")
     p.add_argument("--out", type=dir_arg, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
     p.add_argument("--name", required=True, help="searched child to improve (DIR/search/<name>.json)")
-    p.add_argument("--k", type=int, default=8, help="diverse MIP solutions to realize (default 8)")
-    p.add_argument("--min-layers-differ", type=int, default=2, help="layers each diverse solution changes (default 2)")
-    p.add_argument("--seeds", default=",".join(SEED_METHODS), metavar="METHODS",
+    # None: not given (the defaults below); a --continue names only the given ones that it does not use (breaker)
+    p.add_argument("--k", type=int, default=None, help="diverse MIP solutions to realize (default 8)")
+    p.add_argument("--min-layers-differ", type=int, default=None,
+                   help="layers each diverse solution changes (default 2)")
+    p.add_argument("--seeds", default=None, metavar="METHODS",
                    help="simple methods whose child for the same budgets joins the diverse candidates, comma-separated "
                         f"among {', '.join(SEED_METHODS)} (the last: the MIP's child with linear attention left out); "
                         "'none' for the MIP's alone; default all")
@@ -1396,6 +1401,10 @@ def refine_main(args) -> int:
     from .cli import _stage_run
     from .feedback import check_rounds
 
+    given = frozenset(key for key in ("k", "min_layers_differ", "seeds") if getattr(args, key) is not None)
+    args.k = 8 if args.k is None else args.k
+    args.min_layers_differ = 2 if args.min_layers_differ is None else args.min_layers_differ
+    args.seeds = ",".join(SEED_METHODS) if args.seeds is None else args.seeds
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
             raise PuzzleError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -1432,7 +1441,7 @@ def refine_main(args) -> int:
         before = _saved_steps(run.out / "refine" / f"{args.name}.summary.csv") if args.no_measure else None
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
-                           resume=args.resume, seeds=seeds)
+                           resume=args.resume, seeds=seeds, given=given)
         if args.no_measure:  # breaker: a --continue --no-measure dropped the timings of children it left unchanged
             df = _untimed_steps(run, args.name, df, before)
         timed_before = not (args.no_measure or args.retime or args.refine_budget_feedback is not None) and \
@@ -1459,7 +1468,7 @@ def refine_main(args) -> int:
                             f"refinement\")")
                     df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ,
                                        refine_k=args.refine_k, max_changes=args.max_changes, max_rounds=args.rounds,
-                                       tokens=args.select_tokens, resume=True, seeds=seeds)
+                                       tokens=args.select_tokens, resume=True, seeds=seeds, given=given)
                 before = read_architecture(run, refined)["choice"]
                 df, checks, session = settle_steps(run, args.name, df, refine_k=args.refine_k,
                                                    max_changes=args.max_changes, tokens=args.select_tokens,

@@ -101,7 +101,9 @@ def ffn_variants(parent: ModelConfig, space: SpaceConfig) -> list[FFNConfig]:
         raise PuzzleError(f"space.ffn_fractions {list(space.ffn_fractions)} ask for FFNs narrower than the parent's "
                           f"{parent.intermediate_size} channels, but widths are multiples of space.ffn_multiple="
                           f"{space.ffn_multiple}, which leaves none; lower ffn_multiple (e.g. "
-                          f"{max(1, parent.intermediate_size // 8)})")
+                          f"{max(1, parent.intermediate_size // 8)}: `ffn_multiple = "
+                          f"{max(1, parent.intermediate_size // 8)}` under `[space]` in a copy of "
+                          f"puzzle/presets/smollm2-demo.toml, given as --preset FILE.toml)")
     out += [FFNConfig("swiglu", w) for w in widths]
     if space.linear:
         out.append(FFNConfig("linear"))

@@ -299,6 +299,9 @@ def test_a_finished_refinement_is_redone_for_other_seeds_and_continues_with_its_
     assert "is not used" not in capsys.readouterr().err
     improve_child(copy, "child-1.5x", **{**settings, "max_rounds": 3}, seeds=[])
     assert "already refined" in capsys.readouterr().err
+    improve_child(copy, "child-1.5x", **{**settings, "k": 3}, resume=True, given=("k",))  # breaker: the default
+    said = capsys.readouterr().err  # seeds were named as this call's where only --k was given
+    assert "made with k=2; this call's k=3 is not used" in said and "seeds=" not in said
 
 
 def test_a_refinement_killed_after_its_candidates_keeps_them(run, tmp_path, capsys, monkeypatch):
