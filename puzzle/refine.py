@@ -96,6 +96,9 @@ def selection_kl(run, model, tokens: int | None = None) -> float:
 #: what they depend on (`_memo_key`), so an interrupted `puzzle refine` (or another call over the same children)
 #: takes them up again instead of realizing and scoring them anew (breaker: an interrupt kept nothing of minutes)
 MEMO_FILE = "memo.jsonl"
+#: the keys of results taken from DIR/refine/<MEMO_FILE> in this process, per run directory (`refine_main` says how
+#: many an earlier call left: a breaker's rerun after Ctrl-C did not say that it took up the interrupted call's work)
+MEMO_HITS: dict[str, set[str]] = {}
 
 
 def _memo_key(run, kind: str, blocks, stage: str, ids: torch.Tensor, **extra) -> str:
@@ -129,6 +132,7 @@ def candidate_kl(run, blocks, stage: str = "bld", tokens: int | None = None) -> 
     key = _memo_key(run, "selection_kl", blocks, stage, selection_ids(run, tokens)) if memo is not None else None
     found = memo.read().get(key) if memo is not None else None
     if found is not None and isinstance(found.get("kl_nats"), float) and math.isfinite(found["kl_nats"]):
+        MEMO_HITS.setdefault(str(run.out), set()).add(key)
         return found["kl_nats"]
     kl = selection_kl(run, realize_blocks(run, blocks, stage), tokens)
     if memo is not None:
@@ -470,6 +474,7 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
     labels = {label: f"{out.loc[label, 'layer']}:{out.loc[label, 'subblock']}:{out.loc[label, 'variant']}"
               for label in body}
     if found is not None and isinstance(found.get("rows"), dict) and set(labels.values()) <= set(found["rows"]):
+        MEMO_HITS.setdefault(str(run.out), set()).add(key)
         for label, name in labels.items():  # an earlier call's scores of this very child (`_memo_key`)
             out.loc[label, ["context_kl_nats", "context_lm_loss"]] = found["rows"][name]
         return _shifted(out, body), float(found["base_kl"])
@@ -1439,9 +1444,15 @@ def refine_main(args) -> int:
                               f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
         t0 = time.perf_counter()
         before = _saved_steps(run.out / "refine" / f"{args.name}.summary.csv") if args.no_measure else None
+        MEMO_HITS.pop(str(run.out), None)
+        memo = _memo(run)
+        earlier = set(memo.read()) if memo is not None else set()  # (within this call a child can be met twice)
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
                            resume=args.resume, seeds=seeds, given=given)
+        if hits := len(MEMO_HITS.pop(str(run.out), set()) & earlier):
+            run.say(f"refine {args.name}: {hits} realized KL{'s' * (hits > 1)} or in-context table{'s' * (hits > 1)} "
+                    f"taken from an earlier call ({run.out / 'refine' / MEMO_FILE}), not computed again")
         if args.no_measure:  # breaker: a --continue --no-measure dropped the timings of children it left unchanged
             df = _untimed_steps(run, args.name, df, before)
         timed_before = not (args.no_measure or args.retime or args.refine_budget_feedback is not None) and \

@@ -82,6 +82,7 @@ def test_realized_kls_and_in_context_tables_are_kept_for_a_rerun(table, tmp_path
     again, base_again = context_table(copy, blocks, table)
     assert base_again == base and not built
     pd.testing.assert_frame_equal(again, ctx)
+    assert len(refine_mod.MEMO_HITS.pop(str(copy.out))) == 2  # what `refine_main` says it took up
     index = copy.library.root / "index.csv"  # a library entry rebuilt: its index records another sha256
     index.write_text(index.read_text() + "\n")
     assert candidate_kl(copy, blocks) == pytest.approx(kl) and len(built) == 1
@@ -606,6 +607,25 @@ def test_a_refused_or_interrupted_refine_leaves_config_json_byte_for_byte(run, t
     assert "--select-context is now" not in capsys.readouterr().err
 
 
+def test_a_refinement_that_takes_up_an_earlier_calls_results_says_so(tmp_path_factory, tmp_path, capsys):
+    """Breaker: the rerun of a refine interrupted by Ctrl-C took up the children it had realized and scored (memo.jsonl)
+    without a word; a fresh call says nothing of the kind."""
+    import shutil
+
+    from puzzle.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir(tmp_path_factory), out)
+    shutil.rmtree(out / "refine", ignore_errors=True)
+    flags = ["refine", "--out", str(out), "--name", "child-1.5x", "--min-layers-differ", "1", "--refine-k", "1",
+             "--max-changes", "1", "--rounds", "1", "--select-tokens", "128", "--no-measure", "--no-progress"]
+    assert main(flags + ["--k", "2"]) == 0
+    assert "taken from an earlier call" not in capsys.readouterr().err
+    assert main(flags + ["--k", "3"]) == 0  # afresh, with the first call's children among its candidates
+    assert re.search(r"refine child-1\.5x: \d+ realized KLs? or in-context tables? taken from an earlier call \(.*"
+                     r"memo\.jsonl\), not computed again", capsys.readouterr().err)
+
+
 def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_factory, tmp_path, capsys):
     """`puzzle refine` realizes and times the diverse and refined children against the parent (DIR/front_rows/);
     `puzzle front` then draws them, and compares the child picked by scoring-split KL when it is not the plain one."""
@@ -623,7 +643,8 @@ def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_
     assert main(["refine", "--out", str(out), "--name", "child-1.5x", "--k", "2", "--min-layers-differ", "1",
                  "--refine-k", "1", "--max-changes", "1", "--rounds", "1", "--select-tokens", "128",
                  "--max-contention", "inf", "--no-progress"]) == 0
-    assert "measured_speedup" in capsys.readouterr().out
+    captured = capsys.readouterr()  # a fresh refinement takes nothing from an earlier call (nor says so)
+    assert "measured_speedup" in captured.out and "taken from an earlier call" not in captured.err
     assert json.loads((out / "timings.json").read_text())["refine_s"] > 0  # reviewer: report.md said it is added
     summary = pd.read_csv(out / "refine" / "child-1.5x.summary.csv").set_index("name")  # printed and kept
     for name in ("child-1.5x-diverse", "child-1.5x-refined"):
