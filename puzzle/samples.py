@@ -58,7 +58,8 @@ def sample_tokens(spec: str, calib_tokens: int, score_tokens: int, score_fractio
     text = spec[len(PARENT_SAMPLES) + 1:].strip().replace("_", "")
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise PuzzleError(f"data source {spec!r}: give `{PARENT_SAMPLES}` (as many tokens as the splits need) or "
-                          f"`{PARENT_SAMPLES}:N` with N a whole number of tokens, e.g. {PARENT_SAMPLES}:30000")
+                          f"`{PARENT_SAMPLES}:N` with N a whole number of tokens of at least 1, e.g. "
+                          f"{PARENT_SAMPLES}:30000")
     return int(text)
 
 
@@ -261,7 +262,8 @@ def ensure_parent_samples(model, tokenizer, folder, tokens: int, seed: int, leng
                           f"calibration and scoring splits take, which `{PARENT_SAMPLES}` alone samples); give a "
                           f"smaller N in {PARENT_SAMPLES}:N, or raise data.calib_tokens / data.score_tokens first")
     if log is not None:
-        log(f"data: sampling {tokens - have:,} more tokens from the parent ({have:,} done) into {path}")
+        log(f"data: sampling {tokens - have:,} more tokens from the parent ({have:,} done) into {path}, in whole "
+            f"batches of {batch_size} rows of up to {length} tokens")  # a breaker: N=1 sampled ~4,000 tokens unsaid
     bar = None
     if progress:
         from tqdm.auto import tqdm

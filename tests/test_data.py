@@ -931,6 +931,11 @@ def test_a_split_packed_short_and_calibration_text_shared_with_evaluation_are_sa
                "asked for (data.eval_tokens, a preset's [data] setting)" in m for m in said), said
     assert any(m.startswith("2 calibration document(s) repeat the text of an evaluation document") for m in said), said
     assert not any(m.startswith(("calib split", "score split")) for m in said), said  # those got their budgets
+    twice = dataclasses.replace(config, calib_sources=config.calib_sources * 2)  # a breaker: read once, unsaid
+    with pytest.warns(UserWarning, match=f"^--calib lists {re.escape(str(tmp_path / 'calib.txt'))} more than once; "
+                                         "documents are kept once"):
+        again = prepare_data(twice, tok, tmp_path / "data-twice")
+    assert torch.equal(again.calib, packed.calib)  # the same splits as the source given once
     with warnings.catch_warnings():  # the packaged tiny preset fills every budget it asks for
         warnings.simplefilter("error")
         from puzzle.config import load_preset

@@ -25,7 +25,7 @@ def test_spec_token_counts_and_bad_specs(tmp_path):
     assert sample_tokens("parent-samples", 16896, 4096, 0.2) == int(-(-max(16896 / 0.8, 4096 / 0.2) * 1.1 // 1))
     assert sample_tokens("parent-samples", 800, 1000, 0.2) == 5500  # the score split can be the larger need
     for bad in ("parent-samples:0", "parent-samples:-5", "parent-samples:1e4", "parent-samples:", "parent-samples:x"):
-        with pytest.raises(PuzzleError, match="parent-samples:N"):
+        with pytest.raises(PuzzleError, match="parent-samples:N` with N a whole number of tokens of at least 1"):
             sample_tokens(bad, 1000, 100, 0.2)
     # breaker: 999999999999 sampled with an ETA of 21,509 h; refused before sampling, not with the configuration
     # (a saved run asking for more stays readable)
@@ -89,7 +89,10 @@ def test_sampling_follows_the_parent_distribution(parent):
 
 def test_resume_and_extension_give_the_same_text(parent, tmp_path):
     kw = dict(seed=7, length=32, batch_size=4, parent_fingerprint="p", tokenizer_sha256="t")
-    whole = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "whole", 300, **kw)
+    said = []  # a breaker: N=1 sampled a whole batch without a word
+    whole = ensure_parent_samples(parent.model, parent.tokenizer, tmp_path / "whole", 300, **kw, log=said.append)
+    assert said == [f"data: sampling 300 more tokens from the parent (0 done) into {whole}, in whole batches of 4 "
+                    f"rows of up to 32 tokens"]
     lines = whole.read_text().splitlines()
     assert sum(json.loads(x)["tokens"] for x in lines) >= 300
     # in two calls (an interrupted stage, or a raised token count): the same file
