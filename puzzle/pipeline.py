@@ -595,8 +595,9 @@ def short_calib_warning(run: Run, stage: str, setting: str, asked: int, trained:
         need = asked + cfg.probe_sequences * calib.shape[1]
         run.say(f"{stage}: warning: {setting} asks {asked} tokens per entry, but the calibration split holds "
                 f"{calib.shape[0]} sequences of {calib.shape[1]} ({cfg.probe_sequences} of them held out to check "
-                f"progress), so each trains on {trained}: raise data.calib_tokens to {need} "
-                f"(more text if the sources run short) or lower {setting}")
+                f"progress), so each trains on {trained}: raise data.calib_tokens to {need} (`calib_tokens = {need}` "
+                f"under `[data]` in a preset file given as --preset FILE.toml; more text if the sources run short) "
+                f"or lower {setting}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -697,7 +697,8 @@ def test_coupled_bld_says_when_the_calibration_split_caps_its_tokens(tmp_path, c
     assert main(["run", "--out", str(out), "--no-progress", "--max-contention", "inf"]) == 0
     err = capsys.readouterr().err
     assert "coupled BLD: warning: bld.coupled_tokens asks 8192 tokens per entry" in err, err[-3000:]
-    assert "raise data.calib_tokens to 8320 (more text if the sources run short) or lower bld.coupled_tokens" in err
+    assert "raise data.calib_tokens to 8320 (`calib_tokens = 8320` under `[data]` in a preset file given as --preset " \
+        "FILE.toml; more text if the sources run short) or lower bld.coupled_tokens" in err
     trained = (pd.read_csv(out / "score" / "score_table.csv")["subblock"] == "block").sum()
     config["bld"]["coupled_tokens"] = 128  # `puzzle score` alone leaves out the blocks of the other plan (reviewer)
     (out / "config.json").write_text(json.dumps(config))
