@@ -491,7 +491,7 @@ def plan_baselines(run, speedups, *, uniform_kv_heads=None, uniform_widths=None,
                 say(f"baselines: attention removal reaches at most {s_eff:g}x here, with the model of {same}")
             else:  # an auditor: attn-drop-1.5x was missing from the table without a word
                 say(f"baselines: attention removal at {s:g}x removes the same {k} attention subblocks as {same}, "
-                    f"which stands for both targets")
+                    f"which stands for this target too")
             continue
         if all(c.name != name for c in out):
             add(name, "attention_removal", "none", blocks, s_eff, f"attention removed in {k} layers: "

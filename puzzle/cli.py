@@ -1233,7 +1233,13 @@ def cmd_presets(args) -> int:
     for name in names:
         print(textwrap.fill(f"{name:<{width}}  {preset_summary(name)}".rstrip(), 100,
                             subsequent_indent=" " * (width + 2), break_on_hyphens=False))
-    print("\nUse one with `puzzle run --preset NAME`; a preset file of your own is given by its path (name.toml).")
+    from importlib import resources
+
+    print("\n" + textwrap.fill(
+        "Use one with `puzzle run --preset NAME`; a preset file of your own is given by its path (name.toml). To change "
+        f"a setting no flag sets, copy one of {resources.files('puzzle.presets')}/NAME.toml, edit it and give the copy "
+        "(a file's unset settings take the built-in defaults, not a packaged preset's).", 100,
+        break_on_hyphens=False, break_long_words=False))
     return 0
 
 

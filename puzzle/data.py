@@ -1449,7 +1449,7 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
     for flag, specs in (("--calib", config.calib_sources), ("--eval", config.eval_sources)):
         if twice := sorted({spec for spec in specs if specs.count(spec) > 1}):  # a breaker: read once, unsaid
             warnings.warn(f"{flag} lists {', '.join(twice)} more than once; documents are kept once, so each is read "
-                          f"once (--calib-weights sets a source's share)")
+                          f"once" + (" (--calib-weights sets a source's share)" if flag == "--calib" else ""))
     per_source = {spec: read(spec) for spec in config.calib_sources + config.eval_sources}
     splits = split_documents([d for s in config.calib_sources for d in per_source[s]],
                              [d for s in config.eval_sources for d in per_source[s]],

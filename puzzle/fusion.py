@@ -1228,7 +1228,7 @@ def fusion_summary(rec: dict) -> str:
     name, fused = rec["name"], rec["fused_name"]
     if not rec["kept"]:
         best = min(rec["runs"], key=lambda r: r["relative_increase"])
-        pct = 100 * best["relative_increase"]  # a breaker: 5.7e-05 of the KL read "0.0 %", as if no increase
+        pct = 100 * best["relative_increase"]  # a breaker: 5.7e-05 % read "0.0 %", as if no increase
         pct = f"{pct:.1f}" if abs(pct) >= 0.1 or pct == 0 else f"{pct:.2g}"
         lines.append(f"fuse {name}: no run within --max-kl-increase {rec['settings']['max_kl_increase']}; the least "
                      f"costly, layers {best['layers']}, raised the scoring-split KL by {pct} %; nothing exported")

@@ -595,9 +595,8 @@ def short_calib_warning(run: Run, stage: str, setting: str, asked: int, trained:
         need = asked + cfg.probe_sequences * calib.shape[1]
         run.say(f"{stage}: warning: {setting} asks {asked} tokens per entry, but the calibration split holds "
                 f"{calib.shape[0]} sequences of {calib.shape[1]} ({cfg.probe_sequences} of them held out to check "
-                f"progress), so each trains on {trained}: raise data.calib_tokens to {need} (`calib_tokens = {need}` "
-                f"under `[data]` in a preset file given as --preset FILE.toml; more text if the sources run short) "
-                f"or lower {setting}")
+                f"progress), so each trains on {trained}: raise data.calib_tokens to {need} in "
+                f"{run.out / 'config.json'} (no flag sets it; more text if the sources run short) or lower {setting}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1443,9 +1442,11 @@ def stage_search(run: Run, json_out: bool = False, alone: bool = False) -> dict[
         if r.get("kl_nats") == 0 and math.isclose(r.get("speedup", 0), 1.0, rel_tol=1e-9):  # breaker: unsaid
             from .budgets import Budgets
 
-            held = Budgets.from_dict(r.get("budgets") or {}).describe()  # a breaker: --max-memory 8MB above the
-            run.say(f"search: note: {name} is the parent itself: its budgets ({held}) hold for the parent, so no "
-                    f"child is faster or smaller")  # parent was asked "a --speedup at or below 1?"
+            # a breaker: after --max-memory 8MB (above the parent's) it asked "a --speedup at or below 1?"
+            held = Budgets.from_dict(r.get("budgets") or {}).describe()
+            held = "it has no budget" if held == "no budget" else f"its budgets ({held}) hold for the parent"
+            run.say(f"search: note: {name} is the parent itself: {held}, so the search keeps it (KL 0); tighten "
+                    f"them for a smaller or faster child")
     same_child: dict[tuple, list[str]] = {}  # breaker: targets a tighter budget collapses into one child, unsaid
     for name, r in records.items():
         same_child.setdefault((tuple(r["choice"]), r.get("library_stage", "bld")), []).append(name)

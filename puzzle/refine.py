@@ -97,8 +97,10 @@ def selection_kl(run, model, tokens: int | None = None) -> float:
 #: takes them up again instead of realizing and scoring them anew (breaker: an interrupt kept nothing of minutes)
 MEMO_FILE = "memo.jsonl"
 #: the keys of results taken from DIR/refine/<MEMO_FILE> in this process, per run directory (`refine_main` says how
-#: many an earlier call left: a breaker's rerun after Ctrl-C did not say that it took up the interrupted call's work)
+#: many an earlier call left: a breaker's rerun after Ctrl-C did not say that it took up the interrupted call's work;
+#: those of the budget feedback's repair, after the step table is printed, go unsaid)
 MEMO_HITS: dict[str, set[str]] = {}
+MEMO_MADE: dict[str, set[str]] = {}  # the keys this process computed and added (an unusable earlier row's included)
 
 
 def _memo_key(run, kind: str, blocks, stage: str, ids: torch.Tensor, **extra) -> str:
@@ -137,6 +139,7 @@ def candidate_kl(run, blocks, stage: str = "bld", tokens: int | None = None) -> 
     kl = selection_kl(run, realize_blocks(run, blocks, stage), tokens)
     if memo is not None:
         memo.append({"key": key, "kl_nats": kl})
+        MEMO_MADE.setdefault(str(run.out), set()).add(key)
     return kl
 
 
@@ -511,6 +514,7 @@ def context_table(run, blocks, table: pd.DataFrame, stage: str = "bld",
         memo.append({"key": key, "base_kl": float(base_kl), "rows": {
             name: [float(out.loc[label, "context_kl_nats"]), float(out.loc[label, "context_lm_loss"])]
             for label, name in labels.items()}})
+        MEMO_MADE.setdefault(str(run.out), set()).add(key)
     return _shifted(out, body), float(base_kl)
 
 
@@ -1406,7 +1410,7 @@ def refine_main(args) -> int:
     from .cli import _stage_run
     from .feedback import check_rounds
 
-    given = frozenset(key for key in ("k", "min_layers_differ", "seeds") if getattr(args, key) is not None)
+    set_flags = frozenset(key for key in ("k", "min_layers_differ", "seeds") if getattr(args, key) is not None)
     args.k = 8 if args.k is None else args.k
     args.min_layers_differ = 2 if args.min_layers_differ is None else args.min_layers_differ
     args.seeds = ",".join(SEED_METHODS) if args.seeds is None else args.seeds
@@ -1444,13 +1448,13 @@ def refine_main(args) -> int:
                               f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
         t0 = time.perf_counter()
         before = _saved_steps(run.out / "refine" / f"{args.name}.summary.csv") if args.no_measure else None
-        MEMO_HITS.pop(str(run.out), None)
+        MEMO_HITS.pop(str(run.out), None), MEMO_MADE.pop(str(run.out), None)
         memo = _memo(run)
         earlier = set(memo.read()) if memo is not None else set()  # (within this call a child can be met twice)
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,
                            max_changes=args.max_changes, max_rounds=args.rounds, tokens=args.select_tokens,
-                           resume=args.resume, seeds=seeds, given=given)
-        if hits := len(MEMO_HITS.pop(str(run.out), set()) & earlier):
+                           resume=args.resume, seeds=seeds, given=set_flags)
+        if hits := len(MEMO_HITS.pop(str(run.out), set()) & earlier - MEMO_MADE.pop(str(run.out), set())):
             run.say(f"refine {args.name}: {hits} realized KL{'s' * (hits > 1)} or in-context table{'s' * (hits > 1)} "
                     f"taken from an earlier call ({run.out / 'refine' / MEMO_FILE}), not computed again")
         if args.no_measure:  # breaker: a --continue --no-measure dropped the timings of children it left unchanged
@@ -1479,7 +1483,7 @@ def refine_main(args) -> int:
                             f"refinement\")")
                     df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ,
                                        refine_k=args.refine_k, max_changes=args.max_changes, max_rounds=args.rounds,
-                                       tokens=args.select_tokens, resume=True, seeds=seeds, given=given)
+                                       tokens=args.select_tokens, resume=True, seeds=seeds, given=set_flags)
                 before = read_architecture(run, refined)["choice"]
                 df, checks, session = settle_steps(run, args.name, df, refine_k=args.refine_k,
                                                    max_changes=args.max_changes, tokens=args.select_tokens,

@@ -102,8 +102,8 @@ def ffn_variants(parent: ModelConfig, space: SpaceConfig) -> list[FFNConfig]:
                           f"{parent.intermediate_size} channels, but widths are multiples of space.ffn_multiple="
                           f"{space.ffn_multiple}, which leaves none; lower ffn_multiple (e.g. "
                           f"{max(1, parent.intermediate_size // 8)}: `ffn_multiple = "
-                          f"{max(1, parent.intermediate_size // 8)}` under `[space]` in a copy of "
-                          f"puzzle/presets/smollm2-demo.toml, given as --preset FILE.toml)")
+                          f"{max(1, parent.intermediate_size // 8)}` under `[space]` in a copy of the run's preset "
+                          f"file, given as --preset FILE.toml; `puzzle presets` says where they are)")
     out += [FFNConfig("swiglu", w) for w in widths]
     if space.linear:
         out.append(FFNConfig("linear"))

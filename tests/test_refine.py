@@ -624,6 +624,9 @@ def test_a_refinement_that_takes_up_an_earlier_calls_results_says_so(tmp_path_fa
     assert main(flags + ["--k", "3"]) == 0  # afresh, with the first call's children among its candidates
     assert re.search(r"refine child-1\.5x: \d+ realized KLs? or in-context tables? taken from an earlier call \(.*"
                      r"memo\.jsonl\), not computed again", capsys.readouterr().err)
+    assert main(flags + ["--k", "4", "--continue"]) == 0  # reviewer: through the CLI --k was never named unused
+    err = capsys.readouterr().err  # (the --seeds list took the name of the flags given), nor the default seeds
+    assert "keeps the diverse step, made with k=3; this call's k=4 is not used" in err and "seeds=" not in err, err
 
 
 def test_refine_times_its_children_and_front_draws_them_and_their_pick(tmp_path_factory, tmp_path, capsys):
