@@ -1236,9 +1236,9 @@ def cmd_presets(args) -> int:
     from importlib import resources
 
     print("\n" + textwrap.fill(
-        "Use one with `puzzle run --preset NAME`; a preset file of your own is given by its path (name.toml). To change "
-        f"a setting no flag sets, copy one of {resources.files('puzzle.presets')}/NAME.toml, edit it and give the copy "
-        "(a file's unset settings take the built-in defaults, not a packaged preset's).", 100,
+        "Use one with `puzzle run --preset NAME`; a preset file of your own is given by its path (name.toml). To "
+        f"change a setting no flag sets, copy one of {resources.files('puzzle.presets')}/NAME.toml, edit it and "
+        "give the copy (a file's unset settings take the built-in defaults, not a packaged preset's).", 100,
         break_on_hyphens=False, break_long_words=False))
     return 0
 
