@@ -1371,6 +1371,10 @@ def write_token_splits(splits: TokenSplits, out_dir) -> None:
         warnings.warn(splits.note)
 
 
+#: what each token split is read by, for the note on splits that a changed source moved
+_MADE_FROM = {"calib": "a library (BLD)", "score": "a score table's quality scores", "eval": "evaluations"}
+
+
 def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progress: bool = False,
                  resolved: dict | None = None, write: bool = True) -> TokenSplits:
     """Read, split, tokenize and pack the data; write `tokens.safetensors` and `manifest.json`.
@@ -1535,8 +1539,11 @@ def prepare_data(config: DataConfig, tokenizer, out_dir, cache_dir=None, progres
                 if not moved else
                 f"{said}: packed them again; evaluations made on the old evaluation split no longer stand; a library "
                 f"and score table stand, the calibration and scoring splits coming out as before" if moved == ["eval"]
-                else f"{said}: packed them again; a library, score table or child made from the old splits no longer "
-                     f"matches them")
+                else f"{said}: packed them again; the {' and '.join(moved)} split{'s' * (len(moved) > 1)} came out "
+                     f"otherwise, so {' and '.join(_MADE_FROM[k] for k in moved)} made from the old "
+                     f"one{'s' * (len(moved) > 1)} no longer match{'es' * (len(moved) == 1)}")
+    # (a breaker: "a library ... no longer matches" where the calibration split had come out as before, and bld kept
+    # the library, rightly)
     # said once written (breaker: "packed them again" before a refusal that left the folder as it was)
     packed = TokenSplits(tensors["calib"], tensors["score"], tensors["eval"], manifest, note=note)
     if write:

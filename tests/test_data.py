@@ -577,8 +577,20 @@ def test_a_source_changed_since_packing_is_named_when_the_splits_are_packed_agai
                                                    f"what was made from them stands")):
         prepare_data(config, tok, out)
     calib.write_text(calib.read_text()[::-1])
-    with pytest.warns(UserWarning, match=re.escape(f"{changed}: packed them again; a library, score table or child")):
+    with pytest.warns(UserWarning, match=re.escape(f"{changed}: packed them again; the calib and score splits came out "
+                                                   "otherwise, so a library (BLD) and a score table's quality scores "
+                                                   "made from the old ones no longer match")):
         prepare_data(config, tok, out)
+    # a paragraph added: the note names the splits that moved, as the manifests say (a breaker: "a library no longer
+    # matches" where the calibration split came out as before and bld rightly kept the library)
+    before = json.loads((out / "manifest.json").read_text())["splits"]
+    calib.write_text(calib.read_text() + "\n\nOne more paragraph of calibration text, long enough to be a document.")
+    with pytest.warns(UserWarning, match=re.escape(changed)) as caught:
+        prepare_data(config, tok, out)
+    after = json.loads((out / "manifest.json").read_text())["splits"]
+    moved = [k for k in ("calib", "score", "eval") if before[k]["sha256"] != after[k]["sha256"]]
+    said = next(str(w.message) for w in caught if str(w.message).startswith(changed))
+    assert moved and f"the {' and '.join(moved)} split{'s' * (len(moved) > 1)} came out otherwise" in said, said
     calib.unlink()
     evals.unlink()  # both gone: both named
     with pytest.warns(UserWarning, match=re.escape(f"data source {evals}, {calib} no longer exists")):
@@ -587,7 +599,8 @@ def test_a_source_changed_since_packing_is_named_when_the_splits_are_packed_agai
     other = tmp_path / "other.txt"  # other files: said too (breaker: repacked without a word)
     shutil.copy(packaged_text_path("tiny_corpus.txt"), other)
     with pytest.warns(UserWarning, match=re.escape(f"the token splits in {out} were packed from other sources ({calib},"
-                                                   f" {evals}; now {other}, {evals}): packed them again; a library")):
+                                                   f" {evals}; now {other}, {evals}): packed them again; the calib and "
+                                                   "score splits came out otherwise")):
         prepare_data(dataclasses.replace(config, calib_sources=(str(other),)), tok, out)
 
 
