@@ -249,7 +249,13 @@ def realize_blocks(run, blocks, stage: str = "bld", method: str | None = None):
 # Step 1: k diverse solutions, realized, the best by realized KL kept
 
 
-def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = 8, min_layers_differ: int = 2,
+#: diverse MIP solutions realized, and the layers each differs in, where the caller gives none (`puzzle refine`'s
+#: --k and --min-layers-differ, which it resolves itself to know which of them were given)
+DEFAULT_K, DEFAULT_MIN_LAYERS_DIFFER = 8, 2
+
+
+def diverse_candidates(run, table: pd.DataFrame, budgets: Budgets, k: int = DEFAULT_K,
+                       min_layers_differ: int = DEFAULT_MIN_LAYERS_DIFFER,
                        stage: str = "bld", objective: str = "kl_nats", tokens: int | None = None,
                        vllm_compatible: bool = False, seeds: Mapping[str, Sequence[str]] | None = None,
                        exclude: Sequence[str] = ()) -> pd.DataFrame:
@@ -753,7 +759,8 @@ def _other_plain_child(summary_path: Path, record: dict, earlier_inputs, objecti
     return len(plain) == 1 and plain.iloc[0] != compact_architecture(record["choice"])
 
 
-def improve_child(run, name: str, *, k: int = 8, min_layers_differ: int = 2, refine_k: int = 4,
+def improve_child(run, name: str, *, k: int = DEFAULT_K, min_layers_differ: int = DEFAULT_MIN_LAYERS_DIFFER,
+                  refine_k: int = 4,
                   max_changes: int = 6, max_rounds: int = 4, tokens: int | None = None,
                   resume: bool = False, seeds: Sequence[str] = SEED_METHODS,
                   given: Collection[str] = ("k", "min_layers_differ", "seeds")) -> pd.DataFrame:
@@ -1334,9 +1341,9 @@ def add_refine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=dir_arg, required=True, metavar="DIR", help="run directory (after `puzzle search`)")
     p.add_argument("--name", required=True, help="searched child to improve (DIR/search/<name>.json)")
     # None: not given (the defaults below); a --continue names only the given ones that it does not use (breaker)
-    p.add_argument("--k", type=int, default=None, help="diverse MIP solutions to realize (default 8)")
+    p.add_argument("--k", type=int, default=None, help=f"diverse MIP solutions to realize (default {DEFAULT_K})")
     p.add_argument("--min-layers-differ", type=int, default=None,
-                   help="layers each diverse solution changes (default 2)")
+                   help=f"layers each diverse solution changes (default {DEFAULT_MIN_LAYERS_DIFFER})")
     p.add_argument("--seeds", default=None, metavar="METHODS",
                    help="simple methods whose child for the same budgets joins the diverse candidates, comma-separated "
                         f"among {', '.join(SEED_METHODS)} (the last: the MIP's child with linear attention left out); "
@@ -1411,8 +1418,8 @@ def refine_main(args) -> int:
     from .feedback import check_rounds
 
     set_flags = frozenset(key for key in ("k", "min_layers_differ", "seeds") if getattr(args, key) is not None)
-    args.k = 8 if args.k is None else args.k
-    args.min_layers_differ = 2 if args.min_layers_differ is None else args.min_layers_differ
+    args.k = DEFAULT_K if args.k is None else args.k
+    args.min_layers_differ = DEFAULT_MIN_LAYERS_DIFFER if args.min_layers_differ is None else args.min_layers_differ
     args.seeds = ",".join(SEED_METHODS) if args.seeds is None else args.seeds
     for flag in ("k", "refine_k", "rounds", "min_layers_differ", "max_changes"):
         if getattr(args, flag) < 1:
@@ -1448,7 +1455,8 @@ def refine_main(args) -> int:
                               f"{seq_len} tokens; give a multiple of {seq_len}, e.g. {near}")
         t0 = time.perf_counter()
         before = _saved_steps(run.out / "refine" / f"{args.name}.summary.csv") if args.no_measure else None
-        MEMO_HITS.pop(str(run.out), None), MEMO_MADE.pop(str(run.out), None)
+        MEMO_HITS.pop(str(run.out), None)
+        MEMO_MADE.pop(str(run.out), None)
         memo = _memo(run)
         earlier = set(memo.read()) if memo is not None else set()  # (within this call a child can be met twice)
         df = improve_child(run, args.name, k=args.k, min_layers_differ=args.min_layers_differ, refine_k=args.refine_k,

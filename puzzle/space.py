@@ -98,12 +98,12 @@ def ffn_variants(parent: ModelConfig, space: SpaceConfig) -> list[FFNConfig]:
     out = [FFNConfig("swiglu", parent.intermediate_size)]
     widths = ffn_widths(parent.intermediate_size, space.ffn_fractions, space.ffn_multiple)
     if not widths and any(f < 1 for f in space.ffn_fractions):  # reviewer: the space lost them without a word
+        lower = max(1, parent.intermediate_size // 8)
         raise PuzzleError(f"space.ffn_fractions {list(space.ffn_fractions)} ask for FFNs narrower than the parent's "
                           f"{parent.intermediate_size} channels, but widths are multiples of space.ffn_multiple="
-                          f"{space.ffn_multiple}, which leaves none; lower ffn_multiple (e.g. "
-                          f"{max(1, parent.intermediate_size // 8)}: `ffn_multiple = "
-                          f"{max(1, parent.intermediate_size // 8)}` under `[space]` in a copy of the run's preset "
-                          f"file, given as --preset FILE.toml; `puzzle presets` says where they are)")
+                          f"{space.ffn_multiple}, which leaves none; lower ffn_multiple (e.g. {lower}: "
+                          f"`ffn_multiple = {lower}` under `[space]` in a copy of the run's preset file, given as "
+                          f"--preset FILE.toml; `puzzle presets` says where they are)")
     out += [FFNConfig("swiglu", w) for w in widths]
     if space.linear:
         out.append(FFNConfig("linear"))
